@@ -1,0 +1,4 @@
+from sigil.interfaces.cli.main import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Command-line interfaces: the click commands and the orchestrator/monitor they drive."""

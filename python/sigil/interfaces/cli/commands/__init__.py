@@ -1,0 +1,1 @@
+"""One module per command group; imported only when its command runs."""

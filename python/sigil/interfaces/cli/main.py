@@ -1,0 +1,97 @@
+"""The ``sigil`` command group.
+
+Subcommands are registered by import path and imported only when invoked (or
+when their own ``--help`` is shown), so ``sigil --help`` imports click and
+nothing else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from sigil import __version__
+
+# name -> (module, attribute, one-line help shown by `sigil --help`)
+_COMMANDS: dict[str, tuple[str, str, str]] = {
+    "orchestrate": (
+        "sigil.interfaces.cli.commands.orchestrate",
+        "orchestrate",
+        "Run the agent pipeline on a task under a token budget.",
+    ),
+    "monitor": (
+        "sigil.interfaces.cli.commands.monitor",
+        "monitor",
+        "Watch a session's log live (dashboard, stream, minimal, json).",
+    ),
+    "sessions": (
+        "sigil.interfaces.cli.commands.sessions",
+        "sessions",
+        "List sessions with status, tokens and size.",
+    ),
+    "logs": (
+        "sigil.interfaces.cli.commands.logs",
+        "logs",
+        "Rotate, archive and clean up session logs.",
+    ),
+    "config": (
+        "sigil.interfaces.cli.commands.config",
+        "config",
+        "Show the effective configuration and where it comes from.",
+    ),
+    "export": (
+        "sigil.interfaces.cli.commands.export",
+        "export",
+        "Export a session as an OpenTelemetry trace (OTLP).",
+    ),
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(name for name, spec in _COMMANDS.items() if _available(spec[0]))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        spec = _COMMANDS.get(cmd_name)
+        if spec is None or not _available(spec[0]):
+            return None
+        module = importlib.import_module(spec[0])
+        command: click.Command = getattr(module, spec[1])
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Use the static help lines so that `sigil --help` imports no command module.
+        rows = [
+            (name, _COMMANDS[name][2]) for name in self.list_commands(ctx)
+        ]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def _available(module: str) -> bool:
+    """True when the command's module ships in this installation."""
+    return importlib.util.find_spec(module) is not None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="sigil")
+def cli() -> None:
+    """sigil: run LLM agent pipelines under a token budget and watch them live.
+
+    Every event of a session is one JSON line in
+    ~/.sigil/logs/sessions/<id>/execution.jsonl (or under $SIGIL_HOME);
+    `sigil orchestrate` writes it and `sigil monitor` reads it.
+    """
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        cli.main(prog_name="sigil")
+    except KeyboardInterrupt:  # pragma: no cover - click handles most cases
+        sys.exit(130)

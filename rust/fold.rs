@@ -1,0 +1,659 @@
+//! Folding a session's events into totals without keeping the events
+//! (ARCHITECTURE.md "Where speed comes from", contracts 2 and 6).
+//!
+//! Memory is bounded: per-component and per-event-type maps are capped, the
+//! kept samples (malformed lines, seq gaps, last entries) are capped by count
+//! and by bytes, and files are read in fixed-size chunks.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::parse::{for_each_line, parse_line, Event, Malformed, RawEvent};
+
+/// Distinct component / event-type names kept; the rest fold into `OTHER`.
+pub const MAX_NAMES: usize = 256;
+pub const OTHER: &str = "(other)";
+/// Samples of malformed lines and seq gaps kept for display.
+pub const MAX_SAMPLES: usize = 100;
+/// Bytes the last-N ring may hold, whatever N is.
+pub const MAX_RING_BYTES: usize = 8 << 20;
+pub const READ_CHUNK: usize = 1 << 20;
+pub const DEFAULT_MAX_LINE: usize = 1 << 20;
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ComponentTotals {
+    pub tokens: u64,
+    pub operations: u64,
+    pub latency_ms: f64,
+    pub errors: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunTotals {
+    pub number: u64,
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+    pub status: String,
+    pub tokens: u64,
+    pub budget: Option<u64>,
+    pub components: HashMap<String, ComponentTotals>,
+}
+
+/// Only the metadata keys the fold needs; everything else is skipped unparsed.
+#[derive(Deserialize, Default)]
+struct MetaKeys<'a> {
+    #[serde(borrow, default)]
+    latency_ms: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    budget: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    status: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    run: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    allocations: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    dropped: Option<&'a RawValue>,
+}
+
+impl<'a> MetaKeys<'a> {
+    fn of(raw: Option<&'a RawValue>) -> MetaKeys<'a> {
+        raw.and_then(|r| serde_json::from_str(r.get()).ok())
+            .unwrap_or_default()
+    }
+}
+
+fn num<T: for<'de> Deserialize<'de>>(raw: Option<&RawValue>) -> Option<T> {
+    raw.and_then(|r| serde_json::from_str(r.get()).ok())
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoldState {
+    pub last_n: usize,
+    pub lines: u64,
+    pub entries: u64,
+    pub malformed: u64,
+    pub malformed_samples: Vec<Malformed>,
+    pub oversize_lines: u64,
+    pub torn_tail: bool,
+    pub tokens: u64,
+    pub event_counts: HashMap<String, u64>,
+    pub components: HashMap<String, ComponentTotals>,
+    pub status: String,
+    pub budget: Option<u64>,
+    pub allocations: Vec<(String, u64)>,
+    pub runs: u64,
+    pub run: RunTotals,
+    pub first_timestamp: Option<String>,
+    pub last_timestamp: Option<String>,
+    pub max_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub seq_gaps: u64,
+    pub seq_missing: u64,
+    pub seq_regressions: u64,
+    pub gap_samples: Vec<(u64, u64)>,
+    pub dropped_events: u64,
+    pub last_entries: VecDeque<Event>,
+    ring_bytes: usize,
+}
+
+impl FoldState {
+    pub fn new(last_n: usize) -> Self {
+        FoldState {
+            last_n,
+            lines: 0,
+            entries: 0,
+            malformed: 0,
+            malformed_samples: Vec::new(),
+            oversize_lines: 0,
+            torn_tail: false,
+            tokens: 0,
+            event_counts: HashMap::new(),
+            components: HashMap::new(),
+            status: "waiting".to_string(),
+            budget: None,
+            allocations: Vec::new(),
+            runs: 0,
+            run: RunTotals::default(),
+            first_timestamp: None,
+            last_timestamp: None,
+            max_seq: None,
+            last_seq: None,
+            seq_gaps: 0,
+            seq_missing: 0,
+            seq_regressions: 0,
+            gap_samples: Vec::new(),
+            dropped_events: 0,
+            last_entries: VecDeque::new(),
+            ring_bytes: 0,
+        }
+    }
+
+    /// Fold one line (without `\n`) found at `offset`.
+    pub fn feed_line(&mut self, line: &[u8], offset: u64) {
+        self.lines += 1;
+        match parse_line(line) {
+            Ok(event) => self.feed_event(&event, offset),
+            Err(reason) => self.note_malformed(offset, reason),
+        }
+    }
+
+    pub fn note_malformed(&mut self, offset: u64, reason: String) {
+        self.malformed += 1;
+        if self.malformed_samples.len() < MAX_SAMPLES {
+            self.malformed_samples.push(Malformed { offset, reason });
+        }
+    }
+
+    /// An oversize line is counted apart from malformed ones but sampled with them,
+    /// so the monitor can show where it was.
+    pub fn note_oversize(&mut self, offset: u64, len: u64) {
+        self.oversize_lines += 1;
+        self.lines += 1;
+        if self.malformed_samples.len() < MAX_SAMPLES {
+            self.malformed_samples.push(Malformed {
+                offset,
+                reason: format!("line of {len} bytes exceeds the line limit"),
+            });
+        }
+    }
+
+    pub fn feed_event(&mut self, e: &RawEvent<'_>, offset: u64) {
+        self.entries += 1;
+        self.tokens += e.tokens;
+        if self.first_timestamp.is_none() {
+            self.first_timestamp = Some(e.timestamp.to_string());
+        }
+        self.last_timestamp = Some(e.timestamp.to_string());
+        bump(&mut self.event_counts, &e.event_type, 1);
+        self.track_seq(e.seq);
+
+        let kind: &str = &e.event_type;
+        let needs_meta = matches!(
+            kind,
+            "session_start"
+                | "session_complete"
+                | "session_error"
+                | "step_complete"
+                | "step_error"
+                | "events_dropped"
+        );
+        let meta = if needs_meta {
+            MetaKeys::of(e.metadata)
+        } else {
+            MetaKeys::default()
+        };
+
+        match kind {
+            "session_start" => {
+                self.runs += 1;
+                let number = num::<u64>(meta.run).unwrap_or(self.runs);
+                if let Some(b) = num::<u64>(meta.budget) {
+                    self.budget = Some(b);
+                }
+                if let Some(a) = num::<HashMap<String, u64>>(meta.allocations) {
+                    let mut a: Vec<(String, u64)> = a.into_iter().collect();
+                    a.sort();
+                    a.truncate(MAX_NAMES);
+                    self.allocations = a;
+                }
+                self.status = "running".to_string();
+                self.run = RunTotals {
+                    number,
+                    started_at: Some(e.timestamp.to_string()),
+                    ended_at: None,
+                    status: "running".to_string(),
+                    tokens: 0,
+                    budget: self.budget,
+                    components: HashMap::new(),
+                };
+            }
+            "session_complete" | "session_error" => {
+                let declared: Option<String> = num(meta.status);
+                let status = match (kind, declared.as_deref()) {
+                    (_, Some(s @ ("complete" | "error" | "budget_exceeded"))) => s.to_string(),
+                    ("session_complete", _) => "complete".to_string(),
+                    _ => "error".to_string(),
+                };
+                self.status = status.clone();
+                self.run.status = status;
+                self.run.ended_at = Some(e.timestamp.to_string());
+            }
+            "events_dropped" => {
+                self.dropped_events += num::<u64>(meta.dropped).unwrap_or(0);
+            }
+            _ => {}
+        }
+
+        let is_step = matches!(kind, "step_complete" | "step_error");
+        let latency = if is_step {
+            num::<f64>(meta.latency_ms)
+                .filter(|v| v.is_finite())
+                .unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        for totals in [&mut self.components, &mut self.run.components] {
+            let c = component_entry(totals, &e.component);
+            c.tokens += e.tokens;
+            if is_step {
+                c.operations += 1;
+                c.latency_ms += latency;
+                if kind == "step_error" {
+                    c.errors += 1;
+                }
+            }
+        }
+        self.run.tokens += e.tokens;
+
+        if self.last_n > 0 {
+            let size = e.approx_size();
+            self.last_entries.push_back(e.to_owned_event(offset));
+            self.ring_bytes += size;
+            while self.last_entries.len() > self.last_n
+                || (self.ring_bytes > MAX_RING_BYTES && self.last_entries.len() > 1)
+            {
+                if let Some(old) = self.last_entries.pop_front() {
+                    self.ring_bytes = self.ring_bytes.saturating_sub(owned_size(&old));
+                }
+            }
+        }
+    }
+
+    fn track_seq(&mut self, seq: Option<u64>) {
+        let Some(seq) = seq else { return };
+        if let Some(last) = self.last_seq {
+            if seq > last + 1 {
+                self.seq_gaps += 1;
+                self.seq_missing += seq - last - 1;
+                if self.gap_samples.len() < MAX_SAMPLES {
+                    self.gap_samples.push((last, seq));
+                }
+            } else if seq <= last {
+                self.seq_regressions += 1;
+            }
+        }
+        self.last_seq = Some(seq);
+        self.max_seq = Some(self.max_seq.map_or(seq, |m| m.max(seq)));
+    }
+}
+
+fn owned_size(e: &Event) -> usize {
+    e.timestamp.len()
+        + e.session_id.len()
+        + e.event_type.len()
+        + e.component.len()
+        + e.message.len()
+        + e.metadata.len()
+        + 64
+}
+
+fn bump(map: &mut HashMap<String, u64>, key: &str, by: u64) {
+    if let Some(v) = map.get_mut(key) {
+        *v += by;
+    } else if map.len() < MAX_NAMES {
+        map.insert(key.to_string(), by);
+    } else {
+        *map.entry(OTHER.to_string()).or_insert(0) += by;
+    }
+}
+
+fn component_entry<'m>(
+    map: &'m mut HashMap<String, ComponentTotals>,
+    key: &str,
+) -> &'m mut ComponentTotals {
+    let key = if map.contains_key(key) || map.len() < MAX_NAMES {
+        key
+    } else {
+        OTHER
+    };
+    if !map.contains_key(key) {
+        map.insert(key.to_string(), ComponentTotals::default());
+    }
+    map.get_mut(key).expect("inserted above")
+}
+
+/// Splits a byte stream into bounded lines: a line longer than `max_line` is
+/// skipped as it streams past, never held whole. The result does not depend on
+/// how the stream is chunked.
+pub struct LineSplitter {
+    pub max_line: usize,
+    partial: Vec<u8>,
+    /// Offset of the first byte of the line being accumulated or skipped.
+    line_start: u64,
+    skipping: Skip,
+    /// Offset just past the last byte fed.
+    pub position: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Skip {
+    No,
+    /// An oversize line: this many bytes of it went by.
+    Oversize(u64),
+    /// The rest of a line we joined mid-way (tailing from the end): not counted.
+    Silent,
+}
+
+pub enum Piece<'a> {
+    Line(&'a [u8], u64),
+    Oversize(u64, u64),
+}
+
+impl LineSplitter {
+    pub fn new(max_line: usize, position: u64) -> Self {
+        LineSplitter {
+            max_line: max_line.max(1),
+            partial: Vec::new(),
+            line_start: position,
+            skipping: Skip::No,
+            position,
+        }
+    }
+
+    /// Bytes of an unfinished line held (or skipped) at the end of the stream.
+    pub fn pending(&self) -> u64 {
+        self.position - self.line_start
+    }
+
+    /// Offset where the unfinished line starts (a resume point).
+    pub fn line_start(&self) -> u64 {
+        self.line_start
+    }
+
+    /// Forget the unfinished line (a torn tail, or a restart at `position`).
+    pub fn reset(&mut self, position: u64) {
+        self.partial.clear();
+        self.partial.shrink_to(64 << 10);
+        self.skipping = Skip::No;
+        self.line_start = position;
+        self.position = position;
+    }
+
+    /// Discard up to the next newline without counting it (tailing from the end).
+    pub fn skip_to_next_line(&mut self) {
+        self.partial.clear();
+        self.skipping = Skip::Silent;
+        self.line_start = self.position;
+    }
+
+    pub fn feed(&mut self, data: &[u8], mut out: impl FnMut(Piece<'_>)) {
+        let base = self.position;
+        self.position += data.len() as u64;
+        let mut start = 0usize;
+        for nl in memchr::memchr_iter(b'\n', data) {
+            let seg = &data[start..nl];
+            let line_start = self.line_start;
+            match std::mem::replace(&mut self.skipping, Skip::No) {
+                Skip::Oversize(n) => out(Piece::Oversize(line_start, n + seg.len() as u64)),
+                Skip::Silent => {}
+                Skip::No => {
+                    let len = self.partial.len() + seg.len();
+                    if len > self.max_line {
+                        out(Piece::Oversize(line_start, len as u64));
+                    } else if self.partial.is_empty() {
+                        out(Piece::Line(seg, line_start));
+                    } else {
+                        self.partial.extend_from_slice(seg);
+                        out(Piece::Line(&self.partial, line_start));
+                    }
+                    self.partial.clear();
+                }
+            }
+            start = nl + 1;
+            self.line_start = base + start as u64;
+        }
+        let rest = &data[start..];
+        if rest.is_empty() {
+            return;
+        }
+        match &mut self.skipping {
+            Skip::Oversize(n) => *n += rest.len() as u64,
+            Skip::Silent => {}
+            Skip::No => {
+                let len = self.partial.len() + rest.len();
+                if len > self.max_line {
+                    self.skipping = Skip::Oversize(len as u64);
+                    self.partial.clear();
+                    self.partial.shrink_to(64 << 10);
+                } else {
+                    self.partial.extend_from_slice(rest);
+                }
+            }
+        }
+    }
+}
+
+/// Feed a file from `start` to its current end into `fold`. Returns the offset
+/// just past the last complete line (where a tailer should resume).
+pub fn fold_reader(
+    fold: &mut FoldState,
+    reader: &mut impl Read,
+    start: u64,
+    max_line: usize,
+) -> io::Result<u64> {
+    let mut splitter = LineSplitter::new(max_line, start);
+    let mut buf = vec![0u8; READ_CHUNK];
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        splitter.feed(&buf[..n], |piece| feed_piece(fold, piece));
+    }
+    fold.torn_tail = splitter.pending() > 0;
+    Ok(splitter.line_start())
+}
+
+pub fn feed_piece(fold: &mut FoldState, piece: Piece<'_>) {
+    match piece {
+        Piece::Line(line, off) => fold.feed_line(line, off),
+        Piece::Oversize(off, len) => fold.note_oversize(off, len),
+    }
+}
+
+pub fn fold_path(fold: &mut FoldState, path: &Path, max_line: usize) -> io::Result<u64> {
+    let mut file = File::open(path)?;
+    fold_reader(fold, &mut file, 0, max_line)
+}
+
+/// Parse every complete line of `data` (used by the Python `parse_*` helpers).
+pub fn parse_all(
+    data: &[u8],
+    base_offset: u64,
+    mut ok: impl FnMut(RawEvent<'_>, u64),
+    mut bad: impl FnMut(Malformed),
+) -> usize {
+    for_each_line(data, base_offset, |line, off| match parse_line(line) {
+        Ok(e) => ok(e, off),
+        Err(reason) => bad(Malformed {
+            offset: off,
+            reason,
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(kind: &str, comp: &str, tokens: u64, seq: u64, meta: &str) -> String {
+        format!(
+            r#"{{"timestamp":"2026-01-11T10:00:{:02}+00:00","session_id":"s","event_type":"{kind}","component":"{comp}","message":"m","tokens":{tokens},"metadata":{meta},"seq":{seq}}}"#,
+            seq % 60
+        )
+    }
+
+    fn session() -> String {
+        [
+            line(
+                "session_start",
+                "orchestrator",
+                0,
+                0,
+                r#"{"budget":1000,"allocations":{"routing":10},"run":1}"#,
+            ),
+            line("step_complete", "routing", 50, 1, r#"{"latency_ms":12.5}"#),
+            line("token_consumption", "reasoning", 7, 2, "{}"),
+            line("step_error", "reasoning", 0, 3, r#"{"latency_ms":3}"#),
+            line(
+                "step_complete",
+                "reasoning",
+                100,
+                5,
+                r#"{"latency_ms":"bad"}"#,
+            ),
+            line(
+                "session_complete",
+                "orchestrator",
+                0,
+                6,
+                r#"{"status":"complete","total_tokens":157}"#,
+            ),
+        ]
+        .join("\n")
+            + "\n"
+    }
+
+    #[test]
+    fn folds_a_session() {
+        let mut f = FoldState::new(3);
+        let data = session();
+        let end = fold_reader(&mut f, &mut data.as_bytes(), 0, 1 << 20).unwrap();
+        assert_eq!(end, data.len() as u64);
+        assert_eq!(f.tokens, 157);
+        assert_eq!(f.entries, 6);
+        assert_eq!(f.status, "complete");
+        assert_eq!(f.budget, Some(1000));
+        assert_eq!(f.allocations, vec![("routing".to_string(), 10)]);
+        let r = &f.components["reasoning"];
+        assert_eq!((r.tokens, r.operations, r.errors), (107, 2, 1));
+        assert_eq!(r.latency_ms, 3.0);
+        assert_eq!(f.components["routing"].latency_ms, 12.5);
+        assert_eq!((f.seq_gaps, f.seq_missing, f.max_seq), (1, 1, Some(6)));
+        assert_eq!(f.gap_samples, vec![(3, 5)]);
+        assert_eq!(f.last_entries.len(), 3);
+        assert_eq!(
+            f.last_entries.back().unwrap().event_type,
+            "session_complete"
+        );
+        assert_eq!(f.run.number, 1);
+        assert_eq!(f.run.tokens, 157);
+        assert!(!f.torn_tail);
+    }
+
+    #[test]
+    fn a_new_run_resets_run_totals_but_not_session_totals() {
+        let mut f = FoldState::new(0);
+        let mut data = session();
+        data += &line(
+            "session_start",
+            "orchestrator",
+            0,
+            7,
+            r#"{"budget":1000,"run":2}"#,
+        );
+        data += "\n";
+        data += &line("step_complete", "routing", 5, 8, "{}");
+        data += "\n";
+        fold_reader(&mut f, &mut data.as_bytes(), 0, 1 << 20).unwrap();
+        assert_eq!(f.tokens, 162);
+        assert_eq!(f.run.tokens, 5);
+        assert_eq!(f.run.number, 2);
+        assert_eq!(f.status, "running");
+        assert_eq!(f.runs, 2);
+    }
+
+    #[test]
+    fn budget_exceeded_status_comes_from_metadata() {
+        let mut f = FoldState::new(0);
+        let data = line(
+            "session_error",
+            "orchestrator",
+            0,
+            0,
+            r#"{"status":"budget_exceeded"}"#,
+        ) + "\n";
+        fold_reader(&mut f, &mut data.as_bytes(), 0, 1 << 20).unwrap();
+        assert_eq!(f.status, "budget_exceeded");
+    }
+
+    #[test]
+    fn malformed_oversize_and_torn_lines_are_counted() {
+        let mut f = FoldState::new(0);
+        let big = "x".repeat(5000);
+        let data = format!(
+            "{}\nnot json\n{big}\n{}\n{{\"torn",
+            line("step_complete", "routing", 1, 0, "{}"),
+            line("step_complete", "routing", 2, 1, "{}")
+        );
+        let end = fold_reader(&mut f, &mut data.as_bytes(), 0, 1000).unwrap();
+        assert_eq!(f.tokens, 3);
+        assert_eq!(f.malformed, 1);
+        assert_eq!(f.oversize_lines, 1);
+        assert!(f.torn_tail);
+        assert_eq!(end as usize, data.len() - "{\"torn".len());
+        assert_eq!(
+            f.malformed_samples[0].offset as usize,
+            data.find("not json").unwrap()
+        );
+    }
+
+    #[test]
+    fn splitter_handles_any_chunking() {
+        let data = b"aa\nbbbbbbbbbbbb\ncc\n\ndd";
+        for chunk in 1..data.len() {
+            let mut s = LineSplitter::new(5, 0);
+            let mut got = vec![];
+            for c in data.chunks(chunk) {
+                s.feed(c, |p| match p {
+                    Piece::Line(l, o) => got.push((String::from_utf8_lossy(l).to_string(), o)),
+                    Piece::Oversize(o, n) => got.push((format!("<{n}>"), o)),
+                });
+            }
+            assert_eq!(
+                got,
+                vec![
+                    ("aa".to_string(), 0),
+                    ("<12>".to_string(), 3),
+                    ("cc".to_string(), 16),
+                    ("".to_string(), 19)
+                ],
+                "chunk {chunk}"
+            );
+            assert_eq!(s.pending(), 2);
+            assert_eq!(s.line_start(), 20);
+        }
+    }
+
+    #[test]
+    fn skip_to_next_line_drops_the_partial_silently() {
+        let mut s = LineSplitter::new(100, 10);
+        s.skip_to_next_line();
+        let mut got = vec![];
+        s.feed(b"tail\nnext\n", |p| match p {
+            Piece::Line(l, o) => got.push((l.to_vec(), o)),
+            Piece::Oversize(..) => panic!("not oversize"),
+        });
+        assert_eq!(got, vec![(b"next".to_vec(), 15)]);
+    }
+
+    #[test]
+    fn name_maps_are_capped() {
+        let mut f = FoldState::new(0);
+        for i in 0..(MAX_NAMES + 50) {
+            let l = line("step_complete", &format!("c{i}"), 1, i as u64, "{}");
+            f.feed_line(l.as_bytes(), 0);
+        }
+        assert_eq!(f.components.len(), MAX_NAMES + 1);
+        assert_eq!(f.components[OTHER].tokens, 50);
+        assert_eq!(f.tokens, (MAX_NAMES + 50) as u64);
+    }
+}

@@ -1,0 +1,856 @@
+//! `sigil._native`: the Python binding over the pure-Rust hot paths.
+//!
+//! This file only converts types and errors; the logic lives in `writer`,
+//! `tailer`, `parse` and `fold`, which know nothing of Python. Every call that
+//! touches the disk or loops over bytes releases the GIL.
+
+pub mod errors;
+pub mod fold;
+pub mod parse;
+pub mod tailer;
+pub mod writer;
+
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+
+use crate::errors::{guard, guard_io, os_error, value_error};
+use crate::fold::{FoldState, DEFAULT_MAX_LINE};
+use crate::parse::{Event, Malformed};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn panic_err(what: &str, detail: String) -> PyErr {
+    PyRuntimeError::new_err(format!(
+        "internal error in sigil._native ({what}): {detail}; please report it"
+    ))
+}
+
+/// Run blocking I/O without the GIL and with panics caught.
+fn detached_io<T: Send>(
+    py: Python<'_>,
+    what: &str,
+    path: Option<&std::path::Path>,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> PyResult<T> {
+    match py.detach(|| guard_io(f)) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(os_error(&e, path)),
+        Err(detail) => Err(panic_err(what, detail)),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Parsed records
+
+/// One parsed event. Fields are plain attributes; `metadata` is parsed from
+/// its JSON text on first access.
+#[pyclass(frozen, module = "sigil._native", name = "ParsedEntry")]
+pub struct PyEntry {
+    event: Event,
+    metadata: OnceLock<Py<PyAny>>,
+}
+
+#[pymethods]
+impl PyEntry {
+    #[getter]
+    fn timestamp(&self) -> &str {
+        &self.event.timestamp
+    }
+    #[getter]
+    fn session_id(&self) -> &str {
+        &self.event.session_id
+    }
+    #[getter]
+    fn event_type(&self) -> &str {
+        &self.event.event_type
+    }
+    #[getter]
+    fn component(&self) -> &str {
+        &self.event.component
+    }
+    #[getter]
+    fn message(&self) -> &str {
+        &self.event.message
+    }
+    #[getter]
+    fn tokens(&self) -> u64 {
+        self.event.tokens
+    }
+    #[getter]
+    fn seq(&self) -> Option<u64> {
+        self.event.seq
+    }
+    #[getter]
+    fn offset(&self) -> u64 {
+        self.event.offset
+    }
+    #[getter]
+    fn metadata_json(&self) -> &str {
+        &self.event.metadata
+    }
+    #[getter]
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(v) = self.metadata.get() {
+            return Ok(v.bind(py).clone());
+        }
+        let value: serde_json::Value = serde_json::from_str(&self.event.metadata)
+            .map_err(|e| value_error(format!("metadata is not valid JSON: {e}")))?;
+        let obj = json_to_py(py, &value)?;
+        let _ = self.metadata.set(obj.clone().unbind());
+        Ok(obj)
+    }
+
+    /// The entry as a dict with the log line's keys.
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("timestamp", &self.event.timestamp)?;
+        d.set_item("session_id", &self.event.session_id)?;
+        d.set_item("event_type", &self.event.event_type)?;
+        d.set_item("component", &self.event.component)?;
+        d.set_item("message", &self.event.message)?;
+        d.set_item("tokens", self.event.tokens)?;
+        d.set_item("metadata", self.metadata(py)?)?;
+        d.set_item("seq", self.event.seq)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ParsedEntry(seq={:?}, event_type={:?}, component={:?}, tokens={}, offset={})",
+            self.event.seq,
+            self.event.event_type,
+            self.event.component,
+            self.event.tokens,
+            self.event.offset
+        )
+    }
+}
+
+fn entry(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyEntry>> {
+    Bound::new(
+        py,
+        PyEntry {
+            event,
+            metadata: OnceLock::new(),
+        },
+    )
+}
+
+fn json_to_py<'py>(py: Python<'py>, v: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
+    use serde_json::Value;
+    Ok(match v {
+        Value::Null => py.None().into_bound(py),
+        Value::Bool(b) => b.into_pyobject(py)?.to_owned().into_any(),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                i.into_pyobject(py)?.into_any()
+            } else if let Some(u) = n.as_u64() {
+                u.into_pyobject(py)?.into_any()
+            } else {
+                n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any()
+            }
+        }
+        Value::String(s) => PyString::new(py, s).into_any(),
+        Value::Array(a) => {
+            let items = a
+                .iter()
+                .map(|x| json_to_py(py, x))
+                .collect::<PyResult<Vec<_>>>()?;
+            PyList::new(py, items)?.into_any()
+        }
+        Value::Object(o) => {
+            let d = PyDict::new(py);
+            for (k, x) in o {
+                d.set_item(k, json_to_py(py, x)?)?;
+            }
+            d.into_any()
+        }
+    })
+}
+
+fn malformed_list<'py>(py: Python<'py>, bad: &[Malformed]) -> PyResult<Bound<'py, PyList>> {
+    let items = bad
+        .iter()
+        .map(|m| {
+            PyTuple::new(
+                py,
+                [
+                    m.offset.into_pyobject(py)?.into_any(),
+                    PyString::new(py, &m.reason).into_any(),
+                ],
+            )
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    PyList::new(py, items)
+}
+
+fn entries_result<'py>(
+    py: Python<'py>,
+    events: Vec<Event>,
+    bad: &[Malformed],
+) -> PyResult<Bound<'py, PyTuple>> {
+    let list = PyList::empty(py);
+    for e in events {
+        list.append(entry(py, e)?)?;
+    }
+    PyTuple::new(py, [list.into_any(), malformed_list(py, bad)?.into_any()])
+}
+
+fn parse_chunks(chunks: &[&[u8]], base_offset: u64, split: bool) -> (Vec<Event>, Vec<Malformed>) {
+    let mut events = Vec::new();
+    let mut bad = Vec::new();
+    let mut offset = base_offset;
+    for chunk in chunks {
+        if split {
+            let used = fold::parse_all(
+                chunk,
+                offset,
+                |e, off| events.push(e.to_owned_event(off)),
+                |m| bad.push(m),
+            );
+            if used < chunk.len() {
+                bad.push(Malformed {
+                    offset: offset + used as u64,
+                    reason: "incomplete last line (no newline)".to_string(),
+                });
+            }
+        } else {
+            let line = chunk.strip_suffix(b"\n").unwrap_or(chunk);
+            match parse::parse_line(line) {
+                Ok(e) => events.push(e.to_owned_event(offset)),
+                Err(reason) => bad.push(Malformed { offset, reason }),
+            }
+            // Lines are taken to be consecutive, each followed by one newline.
+            offset += line.len() as u64 + 1;
+            continue;
+        }
+        offset += chunk.len() as u64;
+    }
+    (events, bad)
+}
+
+/// Parse lines (each `bytes`, with or without its newline) into
+/// `(entries, malformed)`; `malformed` holds `(byte_offset, reason)` pairs.
+#[pyfunction]
+#[pyo3(signature = (lines, base_offset = 0))]
+fn parse_lines<'py>(
+    py: Python<'py>,
+    lines: Vec<PyBackedBytes>,
+    base_offset: u64,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (events, bad) = guard("parse_lines", || {
+        Ok(py.detach(|| {
+            let chunks: Vec<&[u8]> = lines.iter().map(|b| &b[..]).collect();
+            parse_chunks(&chunks, base_offset, false)
+        }))
+    })?;
+    entries_result(py, events, &bad)
+}
+
+/// Parse a block of newline-separated lines; an unterminated last line is
+/// reported as malformed.
+#[pyfunction]
+#[pyo3(signature = (data, base_offset = 0))]
+fn parse_bytes<'py>(
+    py: Python<'py>,
+    data: PyBackedBytes,
+    base_offset: u64,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let (events, bad) = guard("parse_bytes", || {
+        Ok(py.detach(|| parse_chunks(&[&data[..]], base_offset, true)))
+    })?;
+    entries_result(py, events, &bad)
+}
+
+// ---------------------------------------------------------------------------
+// Fold
+
+/// Accumulates a session's totals across files (rotated segments, then the
+/// live file through a `Tailer`).
+#[pyclass(frozen, module = "sigil._native", name = "Fold")]
+pub struct PyFold {
+    state: Mutex<FoldState>,
+}
+
+#[pymethods]
+impl PyFold {
+    #[new]
+    #[pyo3(signature = (last_n = 100))]
+    fn new(last_n: usize) -> Self {
+        PyFold {
+            state: Mutex::new(FoldState::new(last_n)),
+        }
+    }
+
+    /// Fold a whole file; returns the offset just past its last complete line.
+    #[pyo3(signature = (path, max_line_bytes = DEFAULT_MAX_LINE))]
+    fn feed_file(&self, py: Python<'_>, path: PathBuf, max_line_bytes: usize) -> PyResult<u64> {
+        let p = path.clone();
+        detached_io(py, "Fold.feed_file", Some(&path), || {
+            let mut st = lock(&self.state);
+            fold::fold_path(&mut st, &p, max_line_bytes)
+        })
+    }
+
+    /// Fold a block of bytes (whole lines; a trailing partial line is ignored
+    /// and reported as a torn tail).
+    #[pyo3(signature = (data, base_offset = 0))]
+    fn feed_bytes(&self, py: Python<'_>, data: PyBackedBytes, base_offset: u64) -> PyResult<u64> {
+        detached_io(py, "Fold.feed_bytes", None, || {
+            let mut st = lock(&self.state);
+            let mut reader = &data[..];
+            fold::fold_reader(&mut st, &mut reader, base_offset, DEFAULT_MAX_LINE)
+        })
+    }
+
+    fn summary<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let st = lock(&self.state).clone();
+        summary_dict(py, st)
+    }
+}
+
+fn components_dict<'py>(
+    py: Python<'py>,
+    comps: &std::collections::HashMap<String, fold::ComponentTotals>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let mut names: Vec<&String> = comps.keys().collect();
+    names.sort();
+    for name in names {
+        let c = &comps[name];
+        let cd = PyDict::new(py);
+        cd.set_item("tokens", c.tokens)?;
+        cd.set_item("operations", c.operations)?;
+        cd.set_item("latency_ms", c.latency_ms)?;
+        cd.set_item("errors", c.errors)?;
+        d.set_item(name, cd)?;
+    }
+    Ok(d)
+}
+
+fn summary_dict(py: Python<'_>, st: FoldState) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("lines", st.lines)?;
+    d.set_item("entries", st.entries)?;
+    d.set_item("malformed", st.malformed)?;
+    d.set_item(
+        "malformed_samples",
+        malformed_list(py, &st.malformed_samples)?,
+    )?;
+    d.set_item("oversize_lines", st.oversize_lines)?;
+    d.set_item("torn_tail", st.torn_tail)?;
+    d.set_item("tokens", st.tokens)?;
+    let counts = PyDict::new(py);
+    let mut kinds: Vec<(&String, &u64)> = st.event_counts.iter().collect();
+    kinds.sort();
+    for (k, v) in kinds {
+        counts.set_item(k, v)?;
+    }
+    d.set_item("event_counts", counts)?;
+    d.set_item("components", components_dict(py, &st.components)?)?;
+    d.set_item("status", &st.status)?;
+    d.set_item("budget", st.budget)?;
+    let alloc = PyDict::new(py);
+    for (k, v) in &st.allocations {
+        alloc.set_item(k, v)?;
+    }
+    d.set_item("allocations", alloc)?;
+    d.set_item("runs", st.runs)?;
+    let run = PyDict::new(py);
+    run.set_item("number", st.run.number)?;
+    run.set_item("started_at", &st.run.started_at)?;
+    run.set_item("ended_at", &st.run.ended_at)?;
+    run.set_item("status", &st.run.status)?;
+    run.set_item("tokens", st.run.tokens)?;
+    run.set_item("budget", st.run.budget)?;
+    run.set_item("components", components_dict(py, &st.run.components)?)?;
+    d.set_item("run", run)?;
+    d.set_item("first_timestamp", &st.first_timestamp)?;
+    d.set_item("last_timestamp", &st.last_timestamp)?;
+    d.set_item("max_seq", st.max_seq)?;
+    d.set_item("last_seq", st.last_seq)?;
+    d.set_item("seq_gaps", st.seq_gaps)?;
+    d.set_item("seq_missing", st.seq_missing)?;
+    d.set_item("seq_regressions", st.seq_regressions)?;
+    d.set_item(
+        "gap_samples",
+        PyList::new(py, st.gap_samples.iter().copied())?,
+    )?;
+    d.set_item("dropped_events", st.dropped_events)?;
+    let last = PyList::empty(py);
+    for e in st.last_entries {
+        last.append(entry(py, e)?)?;
+    }
+    d.set_item("last_entries", last)?;
+    Ok(d)
+}
+
+/// Fold one file into a summary dict, in one call without the GIL.
+#[pyfunction]
+#[pyo3(signature = (path, last_n = 100, max_line_bytes = DEFAULT_MAX_LINE))]
+fn fold_file<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    last_n: usize,
+    max_line_bytes: usize,
+) -> PyResult<Bound<'py, PyDict>> {
+    let p = path.clone();
+    let st = detached_io(py, "fold_file", Some(&path), move || {
+        let mut st = FoldState::new(last_n);
+        fold::fold_path(&mut st, &p, max_line_bytes)?;
+        Ok(st)
+    })?;
+    summary_dict(py, st)
+}
+
+/// The `seq` of the last valid event in a file, reading backwards from its end
+/// (at most `max_scan_bytes`); None when none is found.
+#[pyfunction]
+#[pyo3(signature = (path, max_scan_bytes = 64 << 20))]
+fn tail_max_seq(py: Python<'_>, path: PathBuf, max_scan_bytes: u64) -> PyResult<Option<u64>> {
+    let p = path.clone();
+    detached_io(py, "tail_max_seq", Some(&path), move || {
+        scan_last_seq(&p, max_scan_bytes)
+    })
+}
+
+fn scan_last_seq(path: &std::path::Path, max_scan: u64) -> io::Result<Option<u64>> {
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let block = 64u64 << 10;
+    let mut carry: Vec<u8> = Vec::new();
+    while end > 0 && len - end < max_scan {
+        let start = end.saturating_sub(block);
+        let mut buf = vec![0u8; (end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut buf)?;
+        buf.extend_from_slice(&carry);
+        // Lines wholly inside `buf` (after its first newline unless at 0).
+        let first = if start == 0 {
+            0
+        } else {
+            match memchr::memchr(b'\n', &buf) {
+                Some(i) => i + 1,
+                None => {
+                    carry = buf;
+                    if carry.len() as u64 > DEFAULT_MAX_LINE as u64 {
+                        carry.clear(); // an oversize line: skip it
+                    }
+                    end = start;
+                    continue;
+                }
+            }
+        };
+        let body = &buf[first..];
+        let mut best = None;
+        for line in body.split(|b| *b == b'\n').rev() {
+            if let Ok(e) = parse::parse_line(line) {
+                if let Some(s) = e.seq {
+                    best = Some(s);
+                    break;
+                }
+            }
+        }
+        if best.is_some() {
+            return Ok(best);
+        }
+        carry = buf[..first].to_vec();
+        end = start;
+    }
+    Ok(None)
+}
+
+// ---------------------------------------------------------------------------
+// Writer
+
+/// Buffered append-only line writer with a background flush thread.
+#[pyclass(frozen, module = "sigil._native", name = "AppendWriter")]
+pub struct PyAppendWriter {
+    inner: writer::AppendWriter,
+    path: PathBuf,
+}
+
+fn write_err(e: writer::WriteError) -> PyErr {
+    value_error(e.to_string())
+}
+
+#[pymethods]
+impl PyAppendWriter {
+    #[new]
+    #[pyo3(signature = (path, *, buffer_bytes = 1024, flush_interval = 0.1, fsync = "interval",
+                        max_buffer_bytes = 8 << 20, session_id = "", start_seq = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        buffer_bytes: usize,
+        flush_interval: f64,
+        fsync: &str,
+        max_buffer_bytes: usize,
+        session_id: &str,
+        start_seq: u64,
+    ) -> PyResult<Self> {
+        let policy = writer::FsyncPolicy::parse(fsync).ok_or_else(|| {
+            value_error(format!(
+                "fsync must be 'always', 'interval' or 'never', not {fsync:?}"
+            ))
+        })?;
+        if buffer_bytes == 0 {
+            return Err(value_error("buffer_bytes must be positive"));
+        }
+        if !(flush_interval.is_finite() && flush_interval > 0.0 && flush_interval <= 3600.0) {
+            return Err(value_error(
+                "flush_interval must be between 0 and 3600 seconds",
+            ));
+        }
+        if max_buffer_bytes < buffer_bytes {
+            return Err(value_error(
+                "max_buffer_bytes must be at least buffer_bytes",
+            ));
+        }
+        let cfg = writer::WriterConfig {
+            buffer_bytes,
+            flush_interval: Duration::from_secs_f64(flush_interval),
+            fsync: policy,
+            max_buffer_bytes,
+            session_id: session_id.to_string(),
+        };
+        let p = path.clone();
+        let inner = detached_io(py, "AppendWriter()", Some(&path), move || {
+            writer::AppendWriter::open(p, cfg, start_seq)
+        })?;
+        Ok(PyAppendWriter { inner, path })
+    }
+
+    /// Queue one line (`bytes` or `str`, with or without its trailing newline).
+    fn write(&self, line: &Bound<'_, PyAny>) -> PyResult<()> {
+        if let Ok(b) = line.cast::<PyBytes>() {
+            return self.inner.write_line(b.as_bytes()).map_err(write_err);
+        }
+        if let Ok(s) = line.cast::<PyString>() {
+            return self
+                .inner
+                .write_line(s.to_str()?.as_bytes())
+                .map_err(write_err);
+        }
+        Err(pyo3::exceptions::PyTypeError::new_err(format!(
+            "write() takes bytes or str, not {}",
+            line.get_type().name()?
+        )))
+    }
+
+    /// Format one event as a JSON line, assign its `seq`, queue it; returns the seq.
+    #[pyo3(signature = (session_id, event_type, component, message, tokens = 0, metadata = None, timestamp = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn write_event(
+        &self,
+        session_id: &str,
+        event_type: &str,
+        component: &str,
+        message: &str,
+        tokens: i64,
+        metadata: Option<&[u8]>,
+        timestamp: Option<&str>,
+    ) -> PyResult<u64> {
+        if tokens < 0 {
+            return Err(value_error(format!("tokens must be >= 0, not {tokens}")));
+        }
+        self.inner
+            .write_event(
+                session_id,
+                event_type,
+                component,
+                message,
+                tokens as u64,
+                metadata,
+                timestamp,
+            )
+            .map_err(write_err)
+    }
+
+    /// Write everything queued now (and fsync unless the policy is `never`).
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        detached_io(py, "AppendWriter.flush", Some(&self.path), || {
+            self.inner.flush(false)
+        })
+    }
+
+    /// Flush, fsync and stop the background thread. Idempotent.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        detached_io(py, "AppendWriter.close", Some(&self.path), || {
+            self.inner.close()
+        })
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.is_closed()
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    #[getter]
+    fn next_seq(&self) -> u64 {
+        self.inner.next_seq()
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("lines", s.lines_accepted)?;
+        d.set_item("lines_written", s.lines_written)?;
+        d.set_item("bytes", s.bytes_written)?;
+        d.set_item("flushes", s.flushes)?;
+        d.set_item("fsyncs", s.fsyncs)?;
+        d.set_item("dropped_lines", s.dropped_lines)?;
+        d.set_item("reopens", s.reopens)?;
+        d.set_item("torn_tails_repaired", s.torn_tails_repaired)?;
+        d.set_item("buffered_bytes", s.buffered_bytes)?;
+        match s.last_error {
+            Some((errno, msg)) => {
+                d.set_item("last_errno", errno)?;
+                d.set_item("last_error", msg)?;
+            }
+            None => {
+                d.set_item("last_errno", py.None())?;
+                d.set_item("last_error", py.None())?;
+            }
+        }
+        Ok(d)
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "AppendWriter({:?}, closed={})",
+            self.path.display().to_string(),
+            self.inner.is_closed()
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tailer
+
+#[pyclass(frozen, module = "sigil._native", name = "Tailer")]
+pub struct PyTailer {
+    inner: Mutex<tailer::Tailer>,
+    path: PathBuf,
+}
+
+fn checkpoint_from(obj: &Bound<'_, PyAny>) -> PyResult<tailer::Checkpoint> {
+    let v: Vec<u64> = obj.extract().map_err(|_| {
+        value_error("checkpoint must be a tuple (dev, ino, offset[, fp_len, fp_crc]) of ints >= 0")
+    })?;
+    match v.as_slice() {
+        [dev, ino, offset] => Ok(tailer::Checkpoint {
+            dev: *dev,
+            ino: *ino,
+            offset: *offset,
+            fp_len: 0,
+            fp_crc: 0,
+        }),
+        [dev, ino, offset, fp_len, fp_crc] => Ok(tailer::Checkpoint {
+            dev: *dev,
+            ino: *ino,
+            offset: *offset,
+            fp_len: *fp_len,
+            fp_crc: u32::try_from(*fp_crc).map_err(|_| value_error("fp_crc out of range"))?,
+        }),
+        _ => Err(value_error(
+            "checkpoint must have 3 or 5 items: (dev, ino, offset[, fp_len, fp_crc])",
+        )),
+    }
+}
+
+const DEFAULT_BATCH_LINES: usize = 65_536;
+const DEFAULT_BATCH_BYTES: usize = 16 << 20;
+
+#[pymethods]
+impl PyTailer {
+    #[new]
+    #[pyo3(signature = (path, *, start = "beginning", checkpoint = None, max_line_bytes = DEFAULT_MAX_LINE))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        start: &str,
+        checkpoint: Option<&Bound<'_, PyAny>>,
+        max_line_bytes: usize,
+    ) -> PyResult<Self> {
+        let start = match start {
+            "beginning" => tailer::Start::Beginning,
+            "end" => tailer::Start::End,
+            other => {
+                return Err(value_error(format!(
+                    "start must be 'beginning' or 'end', not {other:?}"
+                )))
+            }
+        };
+        if max_line_bytes == 0 {
+            return Err(value_error("max_line_bytes must be positive"));
+        }
+        let cp = checkpoint.map(checkpoint_from).transpose()?;
+        let p = path.clone();
+        let t = detached_io(py, "Tailer()", Some(&path), move || {
+            tailer::Tailer::new(p, start, cp, max_line_bytes)
+        })?;
+        Ok(PyTailer {
+            inner: Mutex::new(t),
+            path,
+        })
+    }
+
+    /// New complete lines (without their newline), exactly once each.
+    #[pyo3(signature = (max_lines = DEFAULT_BATCH_LINES, max_bytes = DEFAULT_BATCH_BYTES))]
+    fn read_lines<'py>(
+        &self,
+        py: Python<'py>,
+        max_lines: usize,
+        max_bytes: usize,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let (data, ends) = detached_io(py, "Tailer.read_lines", Some(&self.path), || {
+            let mut t = lock(&self.inner);
+            let mut data = Vec::new();
+            let mut ends = Vec::new();
+            t.poll(max_lines.max(1), max_bytes.max(1), |o| {
+                if let tailer::Out::Line(l, _) = o {
+                    data.extend_from_slice(l);
+                    ends.push(data.len());
+                }
+            })?;
+            Ok((data, ends))
+        })?;
+        let mut start = 0;
+        let list = PyList::empty(py);
+        for end in ends {
+            list.append(PyBytes::new(py, &data[start..end]))?;
+            start = end;
+        }
+        Ok(list)
+    }
+
+    /// New complete lines parsed: `(entries, malformed)`; oversize lines are
+    /// reported in `malformed` with their length.
+    #[pyo3(signature = (max_lines = DEFAULT_BATCH_LINES, max_bytes = DEFAULT_BATCH_BYTES))]
+    fn read_entries<'py>(
+        &self,
+        py: Python<'py>,
+        max_lines: usize,
+        max_bytes: usize,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let (events, bad) = detached_io(py, "Tailer.read_entries", Some(&self.path), || {
+            let mut t = lock(&self.inner);
+            let mut events = Vec::new();
+            let mut bad = Vec::new();
+            t.poll(max_lines.max(1), max_bytes.max(1), |o| match o {
+                tailer::Out::Line(l, off) => match parse::parse_line(l) {
+                    Ok(e) => events.push(e.to_owned_event(off)),
+                    Err(reason) => bad.push(Malformed {
+                        offset: off,
+                        reason,
+                    }),
+                },
+                tailer::Out::Oversize(off, len) => bad.push(Malformed {
+                    offset: off,
+                    reason: format!("line of {len} bytes exceeds the line limit"),
+                }),
+            })?;
+            Ok((events, bad))
+        })?;
+        entries_result(py, events, &bad)
+    }
+
+    /// Fold everything available now into `fold` (no Python object per line).
+    /// Returns the number of lines folded.
+    fn fold_into(&self, py: Python<'_>, fold: &PyFold) -> PyResult<u64> {
+        detached_io(py, "Tailer.fold_into", Some(&self.path), || {
+            let mut t = lock(&self.inner);
+            let mut st = lock(&fold.state);
+            let mut n = 0u64;
+            loop {
+                let more = t.poll(usize::MAX, 64 << 20, |o| {
+                    n += 1;
+                    match o {
+                        tailer::Out::Line(l, off) => st.feed_line(l, off),
+                        tailer::Out::Oversize(off, len) => st.note_oversize(off, len),
+                    }
+                })?;
+                if !more {
+                    break;
+                }
+            }
+            Ok(n)
+        })
+    }
+
+    /// Block (without the GIL) until the file changes or `timeout` seconds pass.
+    fn wait(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
+        if !(timeout.is_finite() && timeout >= 0.0) {
+            return Err(value_error("timeout must be a finite number >= 0"));
+        }
+        let d = Duration::from_secs_f64(timeout.min(86_400.0));
+        detached_io(py, "Tailer.wait", None, || Ok(lock(&self.inner).wait(d)))
+    }
+
+    /// `(dev, ino, offset, fp_len, fp_crc)` of the open file, or None.
+    fn checkpoint(&self) -> Option<(u64, u64, u64, u64, u32)> {
+        lock(&self.inner)
+            .checkpoint()
+            .map(|c| (c.dev, c.ino, c.offset, c.fp_len, c.fp_crc))
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = lock(&self.inner).stats.clone();
+        let d = PyDict::new(py);
+        d.set_item("lines", s.lines)?;
+        d.set_item("bytes_read", s.bytes_read)?;
+        d.set_item("rotations", s.rotations)?;
+        d.set_item("truncations", s.truncations)?;
+        d.set_item("fingerprint_changes", s.fingerprint_changes)?;
+        d.set_item("oversize_lines", s.oversize_lines)?;
+        d.set_item("torn_lines", s.torn_lines)?;
+        d.set_item("checkpoint_restored", s.checkpoint_restored)?;
+        Ok(d)
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyAppendWriter>()?;
+    m.add_class::<PyTailer>()?;
+    m.add_class::<PyFold>()?;
+    m.add_class::<PyEntry>()?;
+    m.add_function(wrap_pyfunction!(parse_lines, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(fold_file, m)?)?;
+    m.add_function(wrap_pyfunction!(tail_max_seq, m)?)?;
+    m.add("MAX_LINE_BYTES", DEFAULT_MAX_LINE)?;
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! Parsing one JSON line into an event (ARCHITECTURE.md contracts 1 and 6).
+//!
+//! Pure Rust: no Python here. A line is valid when it is a JSON object with the
+//! spec's required string fields, a non-negative integer `tokens` (default 0),
+//! an optional non-negative integer `seq` and an optional object `metadata`.
+//! Anything else is reported as malformed with a reason; nothing panics.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// An event borrowed from the line it was parsed from.
+#[derive(Debug, Deserialize)]
+pub struct RawEvent<'a> {
+    #[serde(borrow)]
+    pub timestamp: Cow<'a, str>,
+    #[serde(borrow)]
+    pub session_id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub event_type: Cow<'a, str>,
+    #[serde(borrow)]
+    pub component: Cow<'a, str>,
+    #[serde(borrow)]
+    pub message: Cow<'a, str>,
+    #[serde(default)]
+    pub tokens: u64,
+    #[serde(default)]
+    pub seq: Option<u64>,
+    #[serde(default, borrow)]
+    pub metadata: Option<&'a RawValue>,
+}
+
+/// An event that owns its data, for records handed to Python.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub timestamp: String,
+    pub session_id: String,
+    pub event_type: String,
+    pub component: String,
+    pub message: String,
+    pub tokens: u64,
+    pub seq: Option<u64>,
+    /// The metadata object's JSON text (`{}` when absent), parsed on demand.
+    pub metadata: String,
+    /// Byte offset of the line's first byte in its file.
+    pub offset: u64,
+}
+
+impl RawEvent<'_> {
+    pub fn to_owned_event(&self, offset: u64) -> Event {
+        Event {
+            timestamp: self.timestamp.to_string(),
+            session_id: self.session_id.to_string(),
+            event_type: self.event_type.to_string(),
+            component: self.component.to_string(),
+            message: self.message.to_string(),
+            tokens: self.tokens,
+            seq: self.seq,
+            metadata: self
+                .metadata
+                .map(|m| m.get().to_string())
+                .unwrap_or_else(|| "{}".to_string()),
+            offset,
+        }
+    }
+
+    /// Bytes this event would keep alive if owned (used to bound buffers).
+    pub fn approx_size(&self) -> usize {
+        self.timestamp.len()
+            + self.session_id.len()
+            + self.event_type.len()
+            + self.component.len()
+            + self.message.len()
+            + self.metadata.map_or(2, |m| m.get().len())
+            + 64
+    }
+}
+
+/// Why a line was rejected.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Malformed {
+    pub offset: u64,
+    pub reason: String,
+}
+
+/// Parse one line (without its `\n`). A trailing `\r` is tolerated.
+pub fn parse_line(line: &[u8]) -> Result<RawEvent<'_>, String> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err("empty line".to_string());
+    }
+    if std::str::from_utf8(line).is_err() {
+        return Err("invalid UTF-8".to_string());
+    }
+    // serde would also accept an array in place of a struct; events are objects.
+    let first = line.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Err(
+            match serde_json::from_slice::<serde::de::IgnoredAny>(line) {
+                Ok(_) => "not a JSON object".to_string(),
+                Err(e) => describe(e),
+            },
+        );
+    }
+    let event: RawEvent<'_> = serde_json::from_slice(line).map_err(describe)?;
+    if let Some(meta) = event.metadata {
+        if !meta.get().starts_with('{') {
+            return Err("`metadata` is not an object".to_string());
+        }
+    }
+    Ok(event)
+}
+
+fn describe(err: serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let text = err.to_string();
+    // serde_json appends " at line 1 column N"; the byte offset says more.
+    let text = match text.rfind(" at line ") {
+        Some(pos) => text[..pos].to_string(),
+        None => text,
+    };
+    match err.classify() {
+        Category::Syntax | Category::Eof => format!("invalid JSON: {text}"),
+        Category::Data => {
+            if text.starts_with("invalid type") && text.contains("expected struct") {
+                "not a JSON object".to_string()
+            } else {
+                text
+            }
+        }
+        Category::Io => text,
+    }
+}
+
+/// Split `data` into lines and parse them. Returns the complete lines' events and
+/// rejects; `consumed` is the number of bytes up to and including the last `\n`
+/// (a trailing partial line is left for the caller).
+pub fn for_each_line<'a>(
+    data: &'a [u8],
+    base_offset: u64,
+    mut on_line: impl FnMut(&'a [u8], u64),
+) -> usize {
+    let mut start = 0usize;
+    for nl in memchr::memchr_iter(b'\n', data) {
+        on_line(&data[start..nl], base_offset + start as u64);
+        start = nl + 1;
+    }
+    start
+}
+
+/// Write `s` as a JSON string literal (with quotes) the way orjson does:
+/// UTF-8 kept as is, `"` and `\` escaped, control characters escaped.
+pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => b"",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        if escape.is_empty() {
+            out.extend_from_slice(b"\\u00");
+            out.push(HEX[(b >> 4) as usize]);
+            out.push(HEX[(b & 0xf) as usize]);
+        } else {
+            out.extend_from_slice(escape);
+        }
+        start = i + 1;
+    }
+    out.extend_from_slice(&bytes[start..]);
+    out.push(b'"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"timestamp":"2026-01-11T10:15:33.234567","session_id":"s","event_type":"step_complete","component":"routing","message":"ok","tokens":50,"metadata":{"latency_ms":1100},"seq":3}"#;
+
+    #[test]
+    fn parses_a_valid_line() {
+        let e = parse_line(GOOD.as_bytes()).unwrap();
+        assert_eq!(e.tokens, 50);
+        assert_eq!(e.seq, Some(3));
+        assert_eq!(e.component, "routing");
+        assert_eq!(e.metadata.unwrap().get(), r#"{"latency_ms":1100}"#);
+    }
+
+    #[test]
+    fn tokens_default_to_zero_and_seq_is_optional() {
+        let line =
+            r#"{"timestamp":"t","session_id":"s","event_type":"x","component":"c","message":"m"}"#;
+        let e = parse_line(line.as_bytes()).unwrap();
+        assert_eq!(e.tokens, 0);
+        assert_eq!(e.seq, None);
+        assert!(e.metadata.is_none());
+    }
+
+    #[test]
+    fn rejects_bad_lines_with_reasons() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "empty"),
+            (b"   ", "empty"),
+            (b"{not json", "invalid JSON"),
+            (b"[1,2]", "not a JSON object"),
+            (b"42", "not a JSON object"),
+            (b"\xff\xfe{}", "invalid UTF-8"),
+            (br#"{"timestamp":"t","session_id":"s","event_type":"x","component":"c"}"#, "missing field `message`"),
+            (br#"{"timestamp":"t","session_id":"s","event_type":"x","component":"c","message":"m","tokens":-5}"#, "invalid value"),
+            (br#"{"timestamp":"t","session_id":"s","event_type":"x","component":"c","message":"m","tokens":1.5}"#, "invalid type"),
+            (br#"{"timestamp":"t","session_id":"s","event_type":"x","component":"c","message":"m","tokens":"7"}"#, "invalid type"),
+            (br#"{"timestamp":"t","session_id":"s","event_type":"x","component":"c","message":"m","metadata":[1]}"#, "metadata"),
+            (br#"{"timestamp":1,"session_id":"s","event_type":"x","component":"c","message":"m"}"#, "invalid type"),
+        ];
+        for (line, want) in cases {
+            let err = parse_line(line).unwrap_err();
+            assert!(
+                err.contains(want),
+                "{:?}: {err}",
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
+
+    #[test]
+    fn escaped_strings_are_decoded() {
+        let line = r#"{"timestamp":"t","session_id":"s","event_type":"x","component":"c","message":"a\"b\nc\u00e9"}"#;
+        let e = parse_line(line.as_bytes()).unwrap();
+        assert_eq!(e.message, "a\"b\nc\u{e9}");
+    }
+
+    #[test]
+    fn splits_lines_and_reports_offsets() {
+        let data = b"ab\ncd\nef";
+        let mut seen = vec![];
+        let consumed = for_each_line(data, 10, |l, off| seen.push((l.to_vec(), off)));
+        assert_eq!(consumed, 6);
+        assert_eq!(seen, vec![(b"ab".to_vec(), 10), (b"cd".to_vec(), 13)]);
+    }
+
+    #[test]
+    fn json_string_escaping_round_trips() {
+        for s in [
+            "plain",
+            "quote\"back\\slash",
+            "ctl\u{1}\u{1f}\n\t\r\u{8}\u{c}",
+            "ünïcødé ✓",
+        ] {
+            let mut out = vec![];
+            push_json_str(&mut out, s);
+            let back: String = serde_json::from_slice(&out).unwrap();
+            assert_eq!(back, s);
+        }
+        let mut out = vec![];
+        push_json_str(&mut out, "\u{1}");
+        assert_eq!(out, br#""\u0001""#);
+    }
+}

@@ -1,0 +1,722 @@
+//! The inode-aware tailer (ARCHITECTURE.md contract 5).
+//!
+//! Follows a path, not an inode: the open file is identified by (device, inode)
+//! plus a checksum of its first bytes, so a reused inode is not taken for the
+//! old file. On rotation (rename, then a new file at the path) the old file is
+//! read to its end before switching; on truncation (or a changed first-bytes
+//! checksum) reading restarts at 0. A line is handed out only once its `\n` has
+//! arrived, and lines over the limit are skipped as they stream past.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::fold::{LineSplitter, Piece};
+
+/// Bytes of the file's head used as its fingerprint.
+pub const FINGERPRINT_BYTES: u64 = 256;
+const READ_CHUNK: usize = 256 << 10;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    Beginning,
+    End,
+}
+
+/// Where a tailer stands: enough to resume without rereading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub dev: u64,
+    pub ino: u64,
+    pub offset: u64,
+    /// Length and CRC32 of the first bytes (0, 0 when unknown).
+    pub fp_len: u64,
+    pub fp_crc: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TailerStats {
+    pub lines: u64,
+    pub bytes_read: u64,
+    pub rotations: u64,
+    pub truncations: u64,
+    pub fingerprint_changes: u64,
+    pub oversize_lines: u64,
+    pub torn_lines: u64,
+    pub reopens: u64,
+    pub checkpoint_restored: bool,
+}
+
+struct Current {
+    file: File,
+    dev: u64,
+    ino: u64,
+    fp_len: u64,
+    fp_crc: u32,
+}
+
+pub struct Tailer {
+    path: PathBuf,
+    cur: Option<Current>,
+    splitter: LineSplitter,
+    start: Start,
+    /// Offset at which to begin when a checkpoint could be restored.
+    pending_checkpoint: Option<Checkpoint>,
+    pub stats: TailerStats,
+    notify: Notifier,
+}
+
+/// One piece of output: a complete line with its offset, or an oversize line.
+pub enum Out<'a> {
+    Line(&'a [u8], u64),
+    Oversize(u64, u64),
+}
+
+fn fingerprint(file: &File, len: u64) -> io::Result<(u64, u32)> {
+    let want = len.min(FINGERPRINT_BYTES) as usize;
+    let mut buf = [0u8; FINGERPRINT_BYTES as usize];
+    let mut got = 0;
+    while got < want {
+        match file.read_at(&mut buf[got..want], got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((got as u64, crc32fast::hash(&buf[..got])))
+}
+
+fn open_current(path: &Path) -> io::Result<Option<Current>> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let meta = file.metadata()?;
+    let (fp_len, fp_crc) = fingerprint(&file, meta.len())?;
+    Ok(Some(Current {
+        file,
+        dev: meta.dev(),
+        ino: meta.ino(),
+        fp_len,
+        fp_crc,
+    }))
+}
+
+impl Tailer {
+    pub fn new(
+        path: impl Into<PathBuf>,
+        start: Start,
+        checkpoint: Option<Checkpoint>,
+        max_line: usize,
+    ) -> io::Result<Self> {
+        let path = path.into();
+        let notify = Notifier::new(&path);
+        let mut t = Tailer {
+            path,
+            cur: None,
+            splitter: LineSplitter::new(max_line, 0),
+            start,
+            pending_checkpoint: checkpoint,
+            stats: TailerStats::default(),
+            notify,
+        };
+        t.try_open()?;
+        Ok(t)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Open the file at the path if none is open; apply the start position or
+    /// checkpoint the first time a file is found.
+    fn try_open(&mut self) -> io::Result<bool> {
+        if self.cur.is_some() {
+            return Ok(true);
+        }
+        if let Some(cp) = self.pending_checkpoint.take() {
+            if let Some(cur) = self.find_checkpointed(&cp)? {
+                self.cur = Some(cur);
+                self.splitter.reset(cp.offset);
+                self.stats.checkpoint_restored = true;
+                return Ok(true);
+            }
+            // The checkpointed file is gone: everything at the path is new.
+            self.start = Start::Beginning;
+        }
+        let Some(cur) = open_current(&self.path)? else {
+            return Ok(false);
+        };
+        let len = cur.file.metadata()?.len();
+        let (pos, mid_line) = match self.start {
+            Start::Beginning => (0, false),
+            Start::End => (len, len > 0 && last_byte(&cur.file, len)? != b'\n'),
+        };
+        self.splitter.reset(pos);
+        if mid_line {
+            self.splitter.skip_to_next_line();
+        }
+        // Only the first file honours `End`; files found after a rotation are new.
+        self.start = Start::Beginning;
+        self.cur = Some(cur);
+        Ok(true)
+    }
+
+    /// The checkpointed file at the path, or renamed beside it (rotated), if its
+    /// identity and first bytes still match.
+    fn find_checkpointed(&self, cp: &Checkpoint) -> io::Result<Option<Current>> {
+        let mut candidates = vec![self.path.clone()];
+        if let Some(dir) = self.path.parent() {
+            if let Ok(rd) = fs::read_dir(dir) {
+                for entry in rd.flatten() {
+                    if entry.path() != self.path {
+                        candidates.push(entry.path());
+                    }
+                }
+            }
+        }
+        for p in candidates {
+            let Ok(meta) = fs::symlink_metadata(&p) else {
+                continue;
+            };
+            if !meta.is_file() || meta.dev() != cp.dev || meta.ino() != cp.ino {
+                continue;
+            }
+            if meta.len() < cp.offset {
+                return Ok(None);
+            }
+            let Some(cur) = open_current(&p)? else {
+                continue;
+            };
+            if cp.fp_len > 0 {
+                let (len, crc) = fingerprint(&cur.file, cp.fp_len)?;
+                if len != cp.fp_len || crc != cp.fp_crc {
+                    return Ok(None); // same inode, different file
+                }
+            }
+            return Ok(Some(cur));
+        }
+        Ok(None)
+    }
+
+    pub fn checkpoint(&self) -> Option<Checkpoint> {
+        self.cur.as_ref().map(|c| Checkpoint {
+            dev: c.dev,
+            ino: c.ino,
+            offset: self.splitter.line_start(),
+            fp_len: c.fp_len,
+            fp_crc: c.fp_crc,
+        })
+    }
+
+    /// Read complete new lines, at most `max_lines` and about `max_bytes`
+    /// (whole lines), calling `out` for each. Returns true when more is waiting.
+    pub fn poll(
+        &mut self,
+        max_lines: usize,
+        max_bytes: usize,
+        mut out: impl FnMut(Out<'_>),
+    ) -> io::Result<bool> {
+        let mut lines = 0usize;
+        let mut bytes = 0usize;
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            if !self.try_open()? {
+                return Ok(false);
+            }
+            self.check_truncation()?;
+            // Drain the open file.
+            loop {
+                if lines >= max_lines || bytes >= max_bytes {
+                    return Ok(true);
+                }
+                let cur = self.cur.as_ref().expect("opened above");
+                let pos = self.splitter.position;
+                let want = READ_CHUNK.min(max_bytes - bytes).max(1);
+                let n = match cur.file.read_at(&mut buf[..want], pos) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                if n == 0 {
+                    break;
+                }
+                // Never hand out more lines than asked: feed only up to the line
+                // that reaches the limit, the rest is read again next time.
+                let chunk = &buf[..n];
+                let room = max_lines - lines;
+                let cut = cut_after_lines(chunk, room);
+                let stats = &mut self.stats;
+                self.splitter.feed(&chunk[..cut], |p| match p {
+                    Piece::Line(l, o) => {
+                        stats.lines += 1;
+                        lines += 1;
+                        out(Out::Line(l, o))
+                    }
+                    Piece::Oversize(o, len) => {
+                        stats.oversize_lines += 1;
+                        out(Out::Oversize(o, len))
+                    }
+                });
+                self.stats.bytes_read += cut as u64;
+                bytes += cut;
+                self.refresh_fingerprint()?;
+            }
+            // At the end of the open file: has the path moved on to a new file?
+            if !self.follow_rotation()? {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Restart at 0 when the file shrank below our position or its first bytes
+    /// changed (copytruncate, or a new file that reused the inode).
+    fn check_truncation(&mut self) -> io::Result<()> {
+        let cur = self.cur.as_ref().expect("caller opened");
+        let len = cur.file.metadata()?.len();
+        let mut restart = len < self.splitter.position;
+        if !restart && cur.fp_len > 0 {
+            let (l, crc) = fingerprint(&cur.file, cur.fp_len)?;
+            if l != cur.fp_len || crc != cur.fp_crc {
+                restart = true;
+                self.stats.fingerprint_changes += 1;
+            }
+        }
+        if restart {
+            self.stats.truncations += 1;
+            if self.splitter.pending() > 0 {
+                self.stats.torn_lines += 1;
+            }
+            self.splitter.reset(0);
+            let (fp_len, fp_crc) = fingerprint(&cur.file, len)?;
+            let cur = self.cur.as_mut().expect("caller opened");
+            cur.fp_len = fp_len;
+            cur.fp_crc = fp_crc;
+        }
+        Ok(())
+    }
+
+    /// Lengthen the fingerprint while the file is shorter than its full size.
+    fn refresh_fingerprint(&mut self) -> io::Result<()> {
+        let cur = self.cur.as_mut().expect("caller opened");
+        if cur.fp_len < FINGERPRINT_BYTES && self.splitter.position > cur.fp_len {
+            let (l, crc) = fingerprint(&cur.file, self.splitter.position)?;
+            cur.fp_len = l;
+            cur.fp_crc = crc;
+        }
+        Ok(())
+    }
+
+    /// Switch to the file now at the path, if it is a different file that has
+    /// content. Until the new file has content the writer may still be
+    /// finishing the old one, so we stay on it (this keeps lines in order).
+    fn follow_rotation(&mut self) -> io::Result<bool> {
+        let cur = self.cur.as_ref().expect("caller opened");
+        let meta = match fs::metadata(&self.path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if meta.dev() == cur.dev && meta.ino() == cur.ino {
+            return Ok(false);
+        }
+        if meta.len() == 0 {
+            return Ok(false);
+        }
+        // The new file has data: everything the writer put in the old file was
+        // written before that, so one more drain of the old file completes it.
+        let old_len = cur.file.metadata()?.len();
+        if old_len > self.splitter.position {
+            return Ok(true); // the caller drains, then comes back here
+        }
+        if self.splitter.pending() > 0 {
+            self.stats.torn_lines += 1;
+        }
+        self.cur = None;
+        self.stats.rotations += 1;
+        self.start = Start::Beginning;
+        self.splitter.reset(0);
+        self.try_open()
+    }
+
+    /// Whether a poll now would find something (new bytes, a new file).
+    pub fn has_news(&self) -> bool {
+        match &self.cur {
+            None => self.path.exists(),
+            Some(cur) => {
+                let grown = cur
+                    .file
+                    .metadata()
+                    .map(|m| m.len() != self.splitter.position)
+                    .unwrap_or(true);
+                if grown {
+                    return true;
+                }
+                match fs::metadata(&self.path) {
+                    Ok(m) => (m.dev(), m.ino()) != (cur.dev, cur.ino) && m.len() > 0,
+                    Err(_) => false,
+                }
+            }
+        }
+    }
+
+    /// Block until the file (or its directory) changes, or `timeout` passes.
+    /// Returns true if something may have changed.
+    pub fn wait(&mut self, timeout: Duration) -> bool {
+        if self.has_news() {
+            return true;
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return self.has_news();
+            }
+            if self.notify.wait(deadline - now) && self.has_news() {
+                return true;
+            }
+            if self.has_news() {
+                return true;
+            }
+        }
+    }
+}
+
+fn last_byte(file: &File, len: u64) -> io::Result<u8> {
+    let mut b = [0u8; 1];
+    file.read_exact_at(&mut b, len - 1)?;
+    Ok(b[0])
+}
+
+/// Length of the prefix of `chunk` holding at most `room` newlines (all of the
+/// chunk if it has fewer).
+fn cut_after_lines(chunk: &[u8], room: usize) -> usize {
+    if room == 0 {
+        return 0;
+    }
+    match memchr::memchr_iter(b'\n', chunk).nth(room - 1) {
+        Some(i) => i + 1,
+        None => chunk.len(),
+    }
+}
+
+/// Wakes on changes in the file's directory: inotify on Linux, polling elsewhere.
+struct Notifier {
+    dir: PathBuf,
+    #[cfg(target_os = "linux")]
+    fd: i32,
+    #[cfg(target_os = "linux")]
+    watching: bool,
+}
+
+const POLL_SLICE: Duration = Duration::from_millis(50);
+
+#[cfg(target_os = "linux")]
+impl Notifier {
+    fn new(path: &Path) -> Self {
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        // SAFETY: plain syscall; a negative fd means polling.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        let mut n = Notifier {
+            dir,
+            fd,
+            watching: false,
+        };
+        n.ensure_watch();
+        n
+    }
+
+    fn ensure_watch(&mut self) {
+        if self.watching || self.fd < 0 {
+            return;
+        }
+        use std::os::unix::ffi::OsStrExt;
+        let Ok(c) = std::ffi::CString::new(self.dir.as_os_str().as_bytes()) else {
+            return;
+        };
+        let mask = libc::IN_MODIFY
+            | libc::IN_CREATE
+            | libc::IN_MOVED_TO
+            | libc::IN_MOVED_FROM
+            | libc::IN_DELETE
+            | libc::IN_ATTRIB
+            | libc::IN_CLOSE_WRITE
+            | libc::IN_DELETE_SELF
+            | libc::IN_MOVE_SELF;
+        // SAFETY: valid fd and NUL-terminated path.
+        let wd = unsafe { libc::inotify_add_watch(self.fd, c.as_ptr(), mask) };
+        self.watching = wd >= 0;
+    }
+
+    /// Wait for an event; returns true if one arrived.
+    fn wait(&mut self, timeout: Duration) -> bool {
+        self.ensure_watch();
+        if !self.watching {
+            std::thread::sleep(timeout.min(POLL_SLICE));
+            return false;
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // Cap each wait so a change the kernel does not report (another mount,
+        // NFS) is still seen within a poll slice.
+        let ms = ms.min(1000);
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms.max(1)) };
+        if r <= 0 {
+            return false;
+        }
+        self.drain();
+        true
+    }
+
+    fn drain(&mut self) {
+        let mut buf = [0u8; 4096];
+        loop {
+            // SAFETY: reading into a local buffer from our own fd.
+            let n = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
+            if n <= 0 {
+                break;
+            }
+            // IN_IGNORED (the directory went away): watch again when it is back.
+            let mut off = 0usize;
+            let n = n as usize;
+            let header = std::mem::size_of::<libc::inotify_event>();
+            while off + header <= n {
+                // SAFETY: the kernel wrote whole events into the buffer.
+                let ev: libc::inotify_event =
+                    unsafe { std::ptr::read_unaligned(buf.as_ptr().add(off).cast()) };
+                if ev.mask & (libc::IN_IGNORED | libc::IN_DELETE_SELF | libc::IN_MOVE_SELF) != 0 {
+                    self.watching = false;
+                }
+                off += header + ev.len as usize;
+            }
+        }
+        if !self.watching && self.fd >= 0 {
+            // Re-create the instance so stale watches do not linger.
+            // SAFETY: closing and reopening our own fd.
+            unsafe {
+                libc::close(self.fd);
+                self.fd = libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC);
+            }
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        if self.fd >= 0 {
+            // SAFETY: our own fd, closed once.
+            unsafe { libc::close(self.fd) };
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+impl Notifier {
+    fn new(path: &Path) -> Self {
+        Notifier {
+            dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+        }
+    }
+
+    fn wait(&mut self, timeout: Duration) -> bool {
+        let _ = &self.dir;
+        std::thread::sleep(timeout.min(POLL_SLICE));
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn collect(t: &mut Tailer) -> Vec<String> {
+        let mut v = vec![];
+        t.poll(usize::MAX, usize::MAX, |o| match o {
+            Out::Line(l, _) => v.push(String::from_utf8_lossy(l).to_string()),
+            Out::Oversize(_, n) => v.push(format!("<{n}>")),
+        })
+        .unwrap();
+        v
+    }
+
+    fn append(path: &Path, s: &str) {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap();
+        f.write_all(s.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn waits_for_the_file_and_hands_out_whole_lines_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut t = Tailer::new(&path, Start::Beginning, None, 1 << 20).unwrap();
+        assert!(collect(&mut t).is_empty());
+        append(&path, "a\nb");
+        assert_eq!(collect(&mut t), vec!["a"]);
+        append(&path, "c\n");
+        assert_eq!(collect(&mut t), vec!["bc"]);
+        assert!(collect(&mut t).is_empty());
+    }
+
+    #[test]
+    fn follows_rename_rotation_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        append(&path, "1\n");
+        let mut t = Tailer::new(&path, Start::Beginning, None, 1 << 20).unwrap();
+        assert_eq!(collect(&mut t), vec!["1"]);
+        append(&path, "2\n");
+        fs::rename(&path, dir.path().join("f.1")).unwrap();
+        append(&dir.path().join("f.1"), "3\n"); // late write to the old file
+        assert_eq!(collect(&mut t), vec!["2", "3"]);
+        fs::write(&path, "").unwrap(); // empty new file: stay on the old one
+        append(&dir.path().join("f.1"), "4\n");
+        assert_eq!(collect(&mut t), vec!["4"]);
+        append(&path, "5\n");
+        assert_eq!(collect(&mut t), vec!["5"]);
+        assert_eq!(t.stats.rotations, 1);
+    }
+
+    #[test]
+    fn truncation_restarts_at_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        append(&path, "aaaa\nbbbb\n");
+        let mut t = Tailer::new(&path, Start::Beginning, None, 1 << 20).unwrap();
+        assert_eq!(collect(&mut t).len(), 2);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        append(&path, "c\n");
+        assert_eq!(collect(&mut t), vec!["c"]);
+        assert_eq!(t.stats.truncations, 1);
+    }
+
+    #[test]
+    fn copytruncate_refilled_past_offset_is_caught_by_the_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        append(&path, "old-1\n");
+        let mut t = Tailer::new(&path, Start::Beginning, None, 1 << 20).unwrap();
+        assert_eq!(collect(&mut t), vec!["old-1"]);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        append(&path, "new-1\nnew-2\n");
+        assert_eq!(collect(&mut t), vec!["new-1", "new-2"]);
+        assert_eq!(t.stats.fingerprint_changes, 1);
+    }
+
+    #[test]
+    fn oversize_lines_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        append(&path, &format!("a\n{}\nb\n", "x".repeat(100)));
+        let mut t = Tailer::new(&path, Start::Beginning, None, 10).unwrap();
+        assert_eq!(collect(&mut t), vec!["a", "<100>", "b"]);
+        assert_eq!(t.stats.oversize_lines, 1);
+    }
+
+    #[test]
+    fn start_at_end_skips_existing_and_partial() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        append(&path, "old\npart");
+        let mut t = Tailer::new(&path, Start::End, None, 1 << 20).unwrap();
+        append(&path, "ial\nnew\n");
+        assert_eq!(collect(&mut t), vec!["new"]);
+    }
+
+    #[test]
+    fn checkpoint_resumes_and_rejects_a_different_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        append(&path, "1\n2\n");
+        let mut t = Tailer::new(&path, Start::Beginning, None, 1 << 20).unwrap();
+        collect(&mut t);
+        let cp = t.checkpoint().unwrap();
+        append(&path, "3\n");
+        let mut t2 = Tailer::new(&path, Start::Beginning, Some(cp), 1 << 20).unwrap();
+        assert_eq!(collect(&mut t2), vec!["3"]);
+        assert!(t2.stats.checkpoint_restored);
+        // Same identity claimed, different first bytes: start over.
+        let bad = Checkpoint {
+            fp_crc: cp.fp_crc ^ 1,
+            ..cp
+        };
+        let mut t3 = Tailer::new(&path, Start::Beginning, Some(bad), 1 << 20).unwrap();
+        assert_eq!(collect(&mut t3), vec!["1", "2", "3"]);
+        // The checkpointed file was rotated: it is found beside the path.
+        fs::rename(&path, dir.path().join("f.1")).unwrap();
+        append(&path, "4\n");
+        let mut t4 = Tailer::new(&path, Start::Beginning, Some(cp), 1 << 20).unwrap();
+        assert_eq!(collect(&mut t4), vec!["3", "4"]);
+    }
+
+    #[test]
+    fn max_lines_limits_a_poll_without_losing_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        append(&path, "1\n2\n3\n4\n5\n");
+        let mut t = Tailer::new(&path, Start::Beginning, None, 1 << 20).unwrap();
+        let mut all = vec![];
+        loop {
+            let mut got = vec![];
+            let more = t
+                .poll(2, usize::MAX, |o| {
+                    if let Out::Line(l, _) = o {
+                        got.push(String::from_utf8_lossy(l).to_string())
+                    }
+                })
+                .unwrap();
+            assert!(got.len() <= 2);
+            all.extend(got);
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(all, vec!["1", "2", "3", "4", "5"]);
+    }
+
+    #[test]
+    fn wait_wakes_on_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        append(&path, "");
+        let mut t = Tailer::new(&path, Start::Beginning, None, 1 << 20).unwrap();
+        assert!(!t.wait(Duration::from_millis(20)));
+        let p2 = path.clone();
+        let h = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            append(&p2, "x\n");
+        });
+        let start = Instant::now();
+        assert!(t.wait(Duration::from_secs(5)));
+        assert!(start.elapsed() < Duration::from_secs(2));
+        h.join().unwrap();
+        assert_eq!(collect(&mut t), vec!["x"]);
+    }
+}
