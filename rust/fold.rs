@@ -5,7 +5,7 @@
 //! kept samples (malformed lines, seq gaps, last entries) are capped by count
 //! and by bytes, and files are read in fixed-size chunks.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
@@ -13,6 +13,7 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::fxhash::FxMap as HashMap;
 use crate::parse::{for_each_line, parse_line, Event, Malformed, RawEvent};
 
 /// Distinct component / event-type names kept; the rest fold into `OTHER`.
@@ -33,6 +34,15 @@ pub struct ComponentTotals {
     pub errors: u64,
 }
 
+impl ComponentTotals {
+    fn add(&mut self, o: &ComponentTotals) {
+        self.tokens += o.tokens;
+        self.operations += o.operations;
+        self.latency_ms += o.latency_ms;
+        self.errors += o.errors;
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunTotals {
     pub number: u64,
@@ -42,6 +52,20 @@ pub struct RunTotals {
     pub tokens: u64,
     pub budget: Option<u64>,
     pub components: HashMap<String, ComponentTotals>,
+}
+
+impl RunTotals {
+    /// Add the events that continue this run (a later part of the same file).
+    fn absorb(&mut self, o: &RunTotals) {
+        self.tokens += o.tokens;
+        for (k, c) in &o.components {
+            with_component(&mut self.components, k, |x| x.add(c));
+        }
+        if o.ended_at.is_some() {
+            self.ended_at.clone_from(&o.ended_at);
+            self.status.clone_from(&o.status);
+        }
+    }
 }
 
 /// Only the metadata keys the fold needs; everything else is skipped unparsed.
@@ -89,6 +113,13 @@ pub struct FoldState {
     pub allocations: Vec<(String, u64)>,
     pub runs: u64,
     pub run: RunTotals,
+    /// Run totals accumulated before this fold's first `session_start`: in a
+    /// fold of the second half of a file they belong to the first half's run.
+    head: Option<RunTotals>,
+    /// The current run's number was counted from this fold's start (no declared
+    /// number since), so a merge offsets it by the preceding run's number.
+    run_number_local: bool,
+    pub first_seq: Option<u64>,
     pub first_timestamp: Option<String>,
     pub last_timestamp: Option<String>,
     pub max_seq: Option<u64>,
@@ -98,7 +129,9 @@ pub struct FoldState {
     pub seq_regressions: u64,
     pub gap_samples: Vec<(u64, u64)>,
     pub dropped_events: u64,
-    pub last_entries: VecDeque<Event>,
+    /// The last `last_n` valid lines, raw, with their offsets; their buffers
+    /// are reused so folding allocates nothing per line.
+    ring: VecDeque<(u64, Vec<u8>)>,
     ring_bytes: usize,
 }
 
@@ -113,13 +146,16 @@ impl FoldState {
             oversize_lines: 0,
             torn_tail: false,
             tokens: 0,
-            event_counts: HashMap::new(),
-            components: HashMap::new(),
+            event_counts: HashMap::default(),
+            components: HashMap::default(),
             status: "waiting".to_string(),
             budget: None,
             allocations: Vec::new(),
             runs: 0,
             run: RunTotals::default(),
+            head: None,
+            run_number_local: false,
+            first_seq: None,
             first_timestamp: None,
             last_timestamp: None,
             max_seq: None,
@@ -129,7 +165,7 @@ impl FoldState {
             seq_regressions: 0,
             gap_samples: Vec::new(),
             dropped_events: 0,
-            last_entries: VecDeque::new(),
+            ring: VecDeque::new(),
             ring_bytes: 0,
         }
     }
@@ -138,9 +174,40 @@ impl FoldState {
     pub fn feed_line(&mut self, line: &[u8], offset: u64) {
         self.lines += 1;
         match parse_line(line) {
-            Ok(event) => self.feed_event(&event, offset),
+            Ok(event) => {
+                self.feed_event(&event);
+                self.remember(line, offset);
+            }
             Err(reason) => self.note_malformed(offset, reason),
         }
+    }
+
+    fn remember(&mut self, line: &[u8], offset: u64) {
+        if self.last_n == 0 {
+            return;
+        }
+        let mut slot = if self.ring.len() >= self.last_n {
+            self.ring.pop_front().map(|(_, v)| v).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        self.ring_bytes = self.ring_bytes - slot.len() + line.len();
+        slot.clear();
+        slot.extend_from_slice(line);
+        self.ring.push_back((offset, slot));
+        while self.ring_bytes > MAX_RING_BYTES && self.ring.len() > 1 {
+            if let Some((_, old)) = self.ring.pop_front() {
+                self.ring_bytes -= old.len();
+            }
+        }
+    }
+
+    /// The last `last_n` valid events, oldest first.
+    pub fn last_entries(&self) -> Vec<Event> {
+        self.ring
+            .iter()
+            .filter_map(|(off, line)| parse_line(line).ok().map(|e| e.to_owned_event(*off)))
+            .collect()
     }
 
     pub fn note_malformed(&mut self, offset: u64, reason: String) {
@@ -163,13 +230,16 @@ impl FoldState {
         }
     }
 
-    pub fn feed_event(&mut self, e: &RawEvent<'_>, offset: u64) {
+    pub fn feed_event(&mut self, e: &RawEvent<'_>) {
         self.entries += 1;
         self.tokens += e.tokens;
         if self.first_timestamp.is_none() {
             self.first_timestamp = Some(e.timestamp.to_string());
         }
-        self.last_timestamp = Some(e.timestamp.to_string());
+        // Reuse the buffer: no allocation per line.
+        let last = self.last_timestamp.get_or_insert_with(String::new);
+        last.clear();
+        last.push_str(&e.timestamp);
         bump(&mut self.event_counts, &e.event_type, 1);
         self.track_seq(e.seq);
 
@@ -192,7 +262,11 @@ impl FoldState {
         match kind {
             "session_start" => {
                 self.runs += 1;
-                let number = num::<u64>(meta.run).unwrap_or(self.runs);
+                // An undeclared run number follows the previous run's.
+                let declared = num::<u64>(meta.run);
+                let chain = self.runs == 1 || self.run_number_local;
+                self.run_number_local = declared.is_none() && chain;
+                let number = declared.unwrap_or(self.run.number + 1);
                 if let Some(b) = num::<u64>(meta.budget) {
                     self.budget = Some(b);
                 }
@@ -203,6 +277,11 @@ impl FoldState {
                     self.allocations = a;
                 }
                 self.status = "running".to_string();
+                let previous = std::mem::take(&mut self.run);
+                if self.runs == 1 {
+                    // What came before the first start (for merging folds of a split file).
+                    self.head = Some(previous);
+                }
                 self.run = RunTotals {
                     number,
                     started_at: Some(e.timestamp.to_string()),
@@ -210,7 +289,7 @@ impl FoldState {
                     status: "running".to_string(),
                     tokens: 0,
                     budget: self.budget,
-                    components: HashMap::new(),
+                    components: HashMap::default(),
                 };
             }
             "session_complete" | "session_error" => {
@@ -238,8 +317,7 @@ impl FoldState {
         } else {
             0.0
         };
-        for totals in [&mut self.components, &mut self.run.components] {
-            let c = component_entry(totals, &e.component);
+        let update = |c: &mut ComponentTotals| {
             c.tokens += e.tokens;
             if is_step {
                 c.operations += 1;
@@ -248,25 +326,23 @@ impl FoldState {
                     c.errors += 1;
                 }
             }
-        }
+        };
+        with_component(&mut self.components, &e.component, update);
+        with_component(&mut self.run.components, &e.component, update);
         self.run.tokens += e.tokens;
-
-        if self.last_n > 0 {
-            let size = e.approx_size();
-            self.last_entries.push_back(e.to_owned_event(offset));
-            self.ring_bytes += size;
-            while self.last_entries.len() > self.last_n
-                || (self.ring_bytes > MAX_RING_BYTES && self.last_entries.len() > 1)
-            {
-                if let Some(old) = self.last_entries.pop_front() {
-                    self.ring_bytes = self.ring_bytes.saturating_sub(owned_size(&old));
-                }
-            }
-        }
     }
 
     fn track_seq(&mut self, seq: Option<u64>) {
         let Some(seq) = seq else { return };
+        if self.first_seq.is_none() {
+            self.first_seq = Some(seq);
+        }
+        self.check_seq_step(seq);
+        self.last_seq = Some(seq);
+        self.max_seq = Some(self.max_seq.map_or(seq, |m| m.max(seq)));
+    }
+
+    fn check_seq_step(&mut self, seq: u64) {
         if let Some(last) = self.last_seq {
             if seq > last + 1 {
                 self.seq_gaps += 1;
@@ -278,19 +354,87 @@ impl FoldState {
                 self.seq_regressions += 1;
             }
         }
-        self.last_seq = Some(seq);
-        self.max_seq = Some(self.max_seq.map_or(seq, |m| m.max(seq)));
     }
-}
 
-fn owned_size(e: &Event) -> usize {
-    e.timestamp.len()
-        + e.session_id.len()
-        + e.event_type.len()
-        + e.component.len()
-        + e.message.len()
-        + e.metadata.len()
-        + 64
+    /// Append the fold of what directly follows this fold's input.
+    pub fn merge(&mut self, b: FoldState) {
+        self.lines += b.lines;
+        self.entries += b.entries;
+        self.malformed += b.malformed;
+        self.oversize_lines += b.oversize_lines;
+        self.tokens += b.tokens;
+        self.dropped_events += b.dropped_events;
+        self.torn_tail = b.torn_tail;
+        for m in b.malformed_samples {
+            if self.malformed_samples.len() < MAX_SAMPLES {
+                self.malformed_samples.push(m);
+            }
+        }
+        for (k, v) in &b.event_counts {
+            bump(&mut self.event_counts, k, *v);
+        }
+        for (k, c) in &b.components {
+            with_component(&mut self.components, k, |x| x.add(c));
+        }
+        if b.runs == 0 {
+            self.run.absorb(&b.run);
+        } else {
+            if let Some(h) = &b.head {
+                self.run.absorb(h);
+            }
+            let mut run = b.run;
+            if b.run_number_local {
+                run.number += self.run.number;
+            }
+            if run.budget.is_none() {
+                run.budget = self.budget;
+            }
+            self.run_number_local = b.run_number_local && (self.runs == 0 || self.run_number_local);
+            let before = std::mem::replace(&mut self.run, run);
+            if self.runs == 0 {
+                self.head = Some(before);
+            }
+            self.runs += b.runs;
+        }
+        if b.status != "waiting" {
+            self.status = b.status;
+        }
+        if b.budget.is_some() {
+            self.budget = b.budget;
+        }
+        if !b.allocations.is_empty() {
+            self.allocations = b.allocations;
+        }
+        if self.first_timestamp.is_none() {
+            self.first_timestamp = b.first_timestamp;
+        }
+        if b.last_timestamp.is_some() {
+            self.last_timestamp = b.last_timestamp;
+        }
+        if let Some(first) = b.first_seq {
+            self.check_seq_step(first);
+            if self.first_seq.is_none() {
+                self.first_seq = Some(first);
+            }
+        }
+        self.seq_gaps += b.seq_gaps;
+        self.seq_missing += b.seq_missing;
+        self.seq_regressions += b.seq_regressions;
+        for g in b.gap_samples {
+            if self.gap_samples.len() < MAX_SAMPLES {
+                self.gap_samples.push(g);
+            }
+        }
+        if let Some(m) = b.max_seq {
+            self.max_seq = Some(self.max_seq.map_or(m, |x| x.max(m)));
+        }
+        if b.last_seq.is_some() {
+            self.last_seq = b.last_seq;
+        }
+        for (off, line) in b.ring {
+            self.remember(&line, off);
+        }
+    }
 }
 
 fn bump(map: &mut HashMap<String, u64>, key: &str, by: u64) {
@@ -303,19 +447,18 @@ fn bump(map: &mut HashMap<String, u64>, key: &str, by: u64) {
     }
 }
 
-fn component_entry<'m>(
-    map: &'m mut HashMap<String, ComponentTotals>,
+/// Update a component's totals with one hash lookup in the common case.
+fn with_component(
+    map: &mut HashMap<String, ComponentTotals>,
     key: &str,
-) -> &'m mut ComponentTotals {
-    let key = if map.contains_key(key) || map.len() < MAX_NAMES {
-        key
-    } else {
-        OTHER
-    };
-    if !map.contains_key(key) {
-        map.insert(key.to_string(), ComponentTotals::default());
+    update: impl FnOnce(&mut ComponentTotals),
+) {
+    if let Some(c) = map.get_mut(key) {
+        update(c);
+        return;
     }
-    map.get_mut(key).expect("inserted above")
+    let key = if map.len() < MAX_NAMES { key } else { OTHER };
+    update(map.entry(key.to_string()).or_default());
 }
 
 /// Splits a byte stream into bounded lines: a line longer than `max_line` is
@@ -459,9 +602,140 @@ pub fn feed_piece(fold: &mut FoldState, piece: Piece<'_>) {
     }
 }
 
+/// Files smaller than this are folded on one thread.
+pub const PARALLEL_MIN_BYTES: u64 = 8 << 20;
+
+/// Fold a whole file, splitting it at line boundaries across `threads` threads
+/// when it is large, then merging the parts in order.
 pub fn fold_path(fold: &mut FoldState, path: &Path, max_line: usize) -> io::Result<u64> {
-    let mut file = File::open(path)?;
-    fold_reader(fold, &mut file, 0, max_line)
+    fold_path_with(fold, path, max_line, fold_threads())
+}
+
+/// Threads used for a large fold: the machine's cores, at most 8.
+pub fn fold_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
+pub fn fold_path_with(
+    fold: &mut FoldState,
+    path: &Path,
+    max_line: usize,
+    threads: usize,
+) -> io::Result<u64> {
+    let file = File::open(path)?;
+    fold_range(fold, &file, 0, None, max_line, threads)
+}
+
+/// Reads a file through `pread` from `pos` up to `end` (or its end), so that
+/// several threads can share one descriptor.
+struct At<'a> {
+    file: &'a File,
+    pos: u64,
+    end: Option<u64>,
+}
+
+impl Read for At<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let want = match self.end {
+            Some(end) => (end.saturating_sub(self.pos)).min(buf.len() as u64) as usize,
+            None => buf.len(),
+        };
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// Fold `file` from `start` (a line start) to `end` (or its end), split at
+/// line boundaries across `threads` threads when the range is large. Returns
+/// the offset just past the last complete line.
+pub fn fold_range(
+    fold: &mut FoldState,
+    file: &File,
+    start: u64,
+    end: Option<u64>,
+    max_line: usize,
+    threads: usize,
+) -> io::Result<u64> {
+    let len = match end {
+        Some(e) => e,
+        None => file.metadata()?.len(),
+    };
+    if threads < 2 || len.saturating_sub(start) < PARALLEL_MIN_BYTES {
+        let mut r = At {
+            file,
+            pos: start,
+            end,
+        };
+        return fold_reader(fold, &mut r, start, max_line);
+    }
+    let span = len - start;
+    let mut cuts = vec![start];
+    for i in 1..threads as u64 {
+        let at = next_line_start(file, start + span * i / threads as u64, len)?;
+        if at > *cuts.last().unwrap_or(&start) && at < len {
+            cuts.push(at);
+        }
+    }
+    let last_n = fold.last_n;
+    let ranges: Vec<(u64, Option<u64>)> = cuts
+        .iter()
+        .enumerate()
+        .map(|(i, &lo)| (lo, cuts.get(i + 1).copied().or(end)))
+        .collect();
+    let parts: Vec<io::Result<(FoldState, u64)>> = std::thread::scope(|s| {
+        let handles: Vec<_> = ranges
+            .iter()
+            .map(|&(lo, hi)| {
+                s.spawn(move || -> io::Result<(FoldState, u64)> {
+                    let mut part = FoldState::new(last_n);
+                    let mut r = At {
+                        file,
+                        pos: lo,
+                        end: hi,
+                    };
+                    let resume = fold_reader(&mut part, &mut r, lo, max_line)?;
+                    Ok((part, resume))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("fold thread panicked")))
+            })
+            .collect()
+    });
+    let mut resume = start;
+    for part in parts {
+        let (part, r) = part?;
+        fold.merge(part);
+        resume = r;
+    }
+    Ok(resume)
+}
+
+/// The offset just after the first newline at or after `at` (or `len`).
+fn next_line_start(file: &File, at: u64, len: u64) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut pos = at;
+    while pos < len {
+        let n = file.read_at(&mut buf, pos)?;
+        if n == 0 {
+            break;
+        }
+        if let Some(i) = memchr::memchr(b'\n', &buf[..n]) {
+            return Ok(pos + i as u64 + 1);
+        }
+        pos += n as u64;
+    }
+    Ok(len)
 }
 
 /// Parse every complete line of `data` (used by the Python `parse_*` helpers).
@@ -539,14 +813,97 @@ mod tests {
         assert_eq!(f.components["routing"].latency_ms, 12.5);
         assert_eq!((f.seq_gaps, f.seq_missing, f.max_seq), (1, 1, Some(6)));
         assert_eq!(f.gap_samples, vec![(3, 5)]);
-        assert_eq!(f.last_entries.len(), 3);
-        assert_eq!(
-            f.last_entries.back().unwrap().event_type,
-            "session_complete"
-        );
+        let last = f.last_entries();
+        assert_eq!(last.len(), 3);
+        assert_eq!(last[2].event_type, "session_complete");
+        assert_eq!(last[0].seq, Some(3));
         assert_eq!(f.run.number, 1);
         assert_eq!(f.run.tokens, 157);
         assert!(!f.torn_tail);
+    }
+
+    fn busy_session() -> String {
+        let mut lines = vec![
+            line("step_complete", "routing", 3, 0, "{}"), // before any start
+            line("session_start", "orchestrator", 0, 1, r#"{"budget":500}"#),
+            line("step_complete", "memory", 9, 2, r#"{"latency_ms":4}"#),
+            "garbage".to_string(),
+            line("session_complete", "orchestrator", 0, 3, "{}"),
+            line(
+                "session_start",
+                "orchestrator",
+                0,
+                4,
+                r#"{"budget":700,"run":5}"#,
+            ),
+            line("step_error", "reasoning", 0, 7, r#"{"latency_ms":1}"#),
+            line("token_consumption", "reasoning", 11, 6, "{}"),
+            line(
+                "session_start",
+                "orchestrator",
+                0,
+                8,
+                r#"{"allocations":{"a":1}}"#,
+            ),
+            line("step_complete", "planning", 2, 9, "{}"),
+            line(
+                "session_error",
+                "orchestrator",
+                0,
+                10,
+                r#"{"status":"budget_exceeded"}"#,
+            ),
+        ];
+        lines.push(line("events_dropped", "logger", 0, 11, r#"{"dropped":4}"#));
+        lines.join("\n") + "\n"
+    }
+
+    #[test]
+    fn merging_split_folds_equals_one_fold() {
+        let data = busy_session();
+        let mut whole = FoldState::new(4);
+        fold_reader(&mut whole, &mut data.as_bytes(), 0, 1 << 20).unwrap();
+        assert_eq!(whole.runs, 3);
+        assert_eq!(whole.run.number, 6); // counted after an explicit run 5
+        let starts: Vec<usize> = std::iter::once(0)
+            .chain(data.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        for &a in &starts {
+            for &b in starts.iter().filter(|&&b| b >= a) {
+                let mut merged = FoldState::new(4);
+                let mut off = 0;
+                for (lo, hi) in [(0, a), (a, b), (b, data.len())] {
+                    let mut part = FoldState::new(4);
+                    off = fold_reader(&mut part, &mut &data.as_bytes()[lo..hi], lo as u64, 1 << 20)
+                        .unwrap();
+                    merged.merge(part);
+                }
+                assert_eq!(off as usize, data.len());
+                assert_eq!(merged, whole, "split at {a} and {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn parallel_fold_of_a_large_file_equals_one_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.jsonl");
+        let block = busy_session();
+        let mut text = String::new();
+        while (text.len() as u64) < PARALLEL_MIN_BYTES + 1000 {
+            text.push_str(&block);
+        }
+        text.push_str("{\"torn");
+        std::fs::write(&path, &text).unwrap();
+        let mut one = FoldState::new(10);
+        let end1 = fold_path_with(&mut one, &path, 1 << 20, 1).unwrap();
+        for threads in [2, 3, 8] {
+            let mut many = FoldState::new(10);
+            let end = fold_path_with(&mut many, &path, 1 << 20, threads).unwrap();
+            assert_eq!(end, end1);
+            assert_eq!(many, one, "{threads} threads");
+        }
+        assert!(one.torn_tail);
     }
 
     #[test]

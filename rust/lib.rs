@@ -6,6 +6,7 @@
 
 pub mod errors;
 pub mod fold;
+pub mod fxhash;
 pub mod parse;
 pub mod tailer;
 pub mod writer;
@@ -124,13 +125,13 @@ impl PyEntry {
     }
 
     fn __repr__(&self) -> String {
+        let seq = self
+            .event
+            .seq
+            .map_or_else(|| "None".to_string(), |s| s.to_string());
         format!(
-            "ParsedEntry(seq={:?}, event_type={:?}, component={:?}, tokens={}, offset={})",
-            self.event.seq,
-            self.event.event_type,
-            self.event.component,
-            self.event.tokens,
-            self.event.offset
+            "ParsedEntry(seq={seq}, event_type={:?}, component={:?}, tokens={}, offset={})",
+            self.event.event_type, self.event.component, self.event.tokens, self.event.offset
         )
     }
 }
@@ -320,7 +321,7 @@ impl PyFold {
 
 fn components_dict<'py>(
     py: Python<'py>,
-    comps: &std::collections::HashMap<String, fold::ComponentTotals>,
+    comps: &fxhash::FxMap<String, fold::ComponentTotals>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     let mut names: Vec<&String> = comps.keys().collect();
@@ -387,7 +388,7 @@ fn summary_dict(py: Python<'_>, st: FoldState) -> PyResult<Bound<'_, PyDict>> {
     )?;
     d.set_item("dropped_events", st.dropped_events)?;
     let last = PyList::empty(py);
-    for e in st.last_entries {
+    for e in st.last_entries() {
         last.append(entry(py, e)?)?;
     }
     d.set_item("last_entries", last)?;
@@ -788,20 +789,7 @@ impl PyTailer {
         detached_io(py, "Tailer.fold_into", Some(&self.path), || {
             let mut t = lock(&self.inner);
             let mut st = lock(&fold.state);
-            let mut n = 0u64;
-            loop {
-                let more = t.poll(usize::MAX, 64 << 20, |o| {
-                    n += 1;
-                    match o {
-                        tailer::Out::Line(l, off) => st.feed_line(l, off),
-                        tailer::Out::Oversize(off, len) => st.note_oversize(off, len),
-                    }
-                })?;
-                if !more {
-                    break;
-                }
-            }
-            Ok(n)
+            t.fold_available(&mut st)
         })
     }
 

@@ -64,17 +64,6 @@ impl RawEvent<'_> {
             offset,
         }
     }
-
-    /// Bytes this event would keep alive if owned (used to bound buffers).
-    pub fn approx_size(&self) -> usize {
-        self.timestamp.len()
-            + self.session_id.len()
-            + self.event_type.len()
-            + self.component.len()
-            + self.message.len()
-            + self.metadata.map_or(2, |m| m.get().len())
-            + 64
-    }
 }
 
 /// Why a line was rejected.
@@ -87,6 +76,9 @@ pub struct Malformed {
 /// Parse one line (without its `\n`). A trailing `\r` is tolerated.
 pub fn parse_line(line: &[u8]) -> Result<RawEvent<'_>, String> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if let Some(event) = fast_parse(line) {
+        return Ok(event);
+    }
     if line.iter().all(|b| b.is_ascii_whitespace()) {
         return Err("empty line".to_string());
     }
@@ -110,6 +102,105 @@ pub fn parse_line(line: &[u8]) -> Result<RawEvent<'_>, String> {
         }
     }
     Ok(event)
+}
+
+/// The layout sigil's own writer produces, with no escapes in its strings:
+/// `{"timestamp":"..","session_id":"..","event_type":"..","component":"..",
+/// "message":"..","tokens":N,"metadata":{..},"seq":N}`. Parsed by hand in one
+/// pass (the metadata object is still validated by serde); anything else
+/// returns `None` and goes through the general parser, so results are the same.
+fn fast_parse(line: &[u8]) -> Option<RawEvent<'_>> {
+    let text = std::str::from_utf8(line).ok()?;
+    let mut c = Cursor { s: text, i: 0 };
+    c.lit("{\"timestamp\":")?;
+    let timestamp = c.plain_str()?;
+    c.lit(",\"session_id\":")?;
+    let session_id = c.plain_str()?;
+    c.lit(",\"event_type\":")?;
+    let event_type = c.plain_str()?;
+    c.lit(",\"component\":")?;
+    let component = c.plain_str()?;
+    c.lit(",\"message\":")?;
+    let message = c.plain_str()?;
+    c.lit(",\"tokens\":")?;
+    let tokens = c.uint()?;
+    c.lit(",\"metadata\":")?;
+    // The metadata object runs up to the `,"seq":N}` that ends the line.
+    let rest = text[c.i..].strip_suffix('}')?;
+    let digits = rest.len() - rest.trim_end_matches(|ch: char| ch.is_ascii_digit()).len();
+    let (meta, seq_text) = rest.split_at(rest.len() - digits);
+    let meta = meta.strip_suffix(",\"seq\":")?;
+    let seq = Cursor { s: seq_text, i: 0 }.uint_all()?;
+    if !meta.starts_with('{') {
+        return None;
+    }
+    let metadata: &RawValue = serde_json::from_str(meta).ok()?;
+    Some(RawEvent {
+        timestamp: Cow::Borrowed(timestamp),
+        session_id: Cow::Borrowed(session_id),
+        event_type: Cow::Borrowed(event_type),
+        component: Cow::Borrowed(component),
+        message: Cow::Borrowed(message),
+        tokens,
+        seq: Some(seq),
+        metadata: Some(metadata),
+    })
+}
+
+struct Cursor<'a> {
+    s: &'a str,
+    i: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn lit(&mut self, want: &str) -> Option<()> {
+        if self.s[self.i..].starts_with(want) {
+            self.i += want.len();
+            Some(())
+        } else {
+            None
+        }
+    }
+
+    /// A string without escapes or control characters.
+    fn plain_str(&mut self) -> Option<&'a str> {
+        let bytes = self.s.as_bytes();
+        if bytes.get(self.i) != Some(&b'"') {
+            return None;
+        }
+        let start = self.i + 1;
+        let len = memchr::memchr2(b'"', b'\\', &bytes[start..])?;
+        let end = start + len;
+        if bytes[end] != b'"' || bytes[start..end].iter().any(|&b| b < 0x20) {
+            return None;
+        }
+        self.i = end + 1;
+        Some(&self.s[start..end])
+    }
+
+    /// A non-negative JSON integer (no sign, fraction, exponent or leading zero).
+    fn uint(&mut self) -> Option<u64> {
+        let bytes = self.s.as_bytes();
+        let start = self.i;
+        let mut v: u64 = 0;
+        while let Some(&b) = bytes.get(self.i) {
+            if !b.is_ascii_digit() {
+                break;
+            }
+            v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+            self.i += 1;
+        }
+        let n = self.i - start;
+        if n == 0 || (n > 1 && bytes[start] == b'0') {
+            return None;
+        }
+        Some(v)
+    }
+
+    fn uint_all(mut self) -> Option<u64> {
+        let v = self.uint()?;
+        (self.i == self.s.len()).then_some(v)
+    }
 }
 
 fn describe(err: serde_json::Error) -> String {
@@ -231,6 +322,45 @@ mod tests {
                 String::from_utf8_lossy(line)
             );
         }
+    }
+
+    #[test]
+    fn fast_path_agrees_with_the_general_parser() {
+        let lines = [
+            GOOD.to_string(),
+            GOOD.replace(r#""seq":3}"#, r#""seq":0}"#),
+            GOOD.replace(r#""tokens":50"#, r#""tokens":0"#),
+            GOOD.replace(
+                r#"{"latency_ms":1100}"#,
+                r#"{"a":{"b":[1,"x}"]},"seq":"no"}"#,
+            ),
+            GOOD.replace(r#""message":"ok""#, r#""message":"café ✓""#),
+        ];
+        for line in &lines {
+            let fast = fast_parse(line.as_bytes()).expect("fast path applies");
+            let slow: RawEvent<'_> = serde_json::from_str(line).unwrap();
+            assert_eq!(fast.to_owned_event(0), slow.to_owned_event(0), "{line}");
+        }
+        // Shapes the fast path must leave to the general parser (or reject).
+        let odd = [
+            GOOD.replace(r#""tokens":50"#, r#""tokens":050"#),
+            GOOD.replace(r#""tokens":50"#, r#""tokens":-50"#),
+            GOOD.replace(r#""seq":3}"#, r#""seq":3} "#),
+            GOOD.replace(r#""message":"ok""#, r#""message":"o\"k""#),
+            GOOD.replace(r#"{"latency_ms":1100}"#, r#"{"latency_ms":}"#),
+            GOOD.replace(r#"{"latency_ms":1100}"#, "[1]"),
+            GOOD.replace(r#""seq":3}"#, r#""seq":99999999999999999999}"#),
+        ];
+        for line in &odd {
+            assert!(fast_parse(line.as_bytes()).is_none(), "{line}");
+        }
+        assert!(parse_line(odd[0].as_bytes()).is_err());
+        assert!(parse_line(odd[1].as_bytes()).is_err());
+        assert_eq!(parse_line(odd[2].as_bytes()).unwrap().seq, Some(3));
+        assert_eq!(parse_line(odd[3].as_bytes()).unwrap().message, "o\"k");
+        assert!(parse_line(odd[4].as_bytes()).is_err());
+        assert!(parse_line(odd[5].as_bytes()).is_err());
+        assert!(parse_line(odd[6].as_bytes()).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::fold::{LineSplitter, Piece};
+use crate::fold::{fold_range, fold_threads, FoldState, LineSplitter, Piece, PARALLEL_MIN_BYTES};
 
 /// Bytes of the file's head used as its fingerprint.
 pub const FINGERPRINT_BYTES: u64 = 256;
@@ -66,6 +66,7 @@ pub struct Tailer {
     pending_checkpoint: Option<Checkpoint>,
     pub stats: TailerStats,
     notify: Notifier,
+    buf: Vec<u8>,
 }
 
 /// One piece of output: a complete line with its offset, or an oversize line.
@@ -123,6 +124,7 @@ impl Tailer {
             pending_checkpoint: checkpoint,
             stats: TailerStats::default(),
             notify,
+            buf: Vec::new(),
         };
         t.try_open()?;
         Ok(t)
@@ -219,11 +221,25 @@ impl Tailer {
         &mut self,
         max_lines: usize,
         max_bytes: usize,
+        out: impl FnMut(Out<'_>),
+    ) -> io::Result<bool> {
+        // One read buffer for the tailer's life: no allocation per poll.
+        let mut buf = std::mem::take(&mut self.buf);
+        buf.resize(READ_CHUNK, 0);
+        let result = self.poll_with(&mut buf, max_lines, max_bytes, out);
+        self.buf = buf;
+        result
+    }
+
+    fn poll_with(
+        &mut self,
+        buf: &mut [u8],
+        max_lines: usize,
+        max_bytes: usize,
         mut out: impl FnMut(Out<'_>),
     ) -> io::Result<bool> {
         let mut lines = 0usize;
         let mut bytes = 0usize;
-        let mut buf = vec![0u8; READ_CHUNK];
         loop {
             if !self.try_open()? {
                 return Ok(false);
@@ -341,6 +357,46 @@ impl Tailer {
         self.start = Start::Beginning;
         self.splitter.reset(0);
         self.try_open()
+    }
+
+    /// Fold everything available now into `fold`: a large unread stretch of the
+    /// open file in parallel (no per-line callback), the rest line by line.
+    pub fn fold_available(&mut self, fold: &mut FoldState) -> io::Result<u64> {
+        let lines_before = fold.lines;
+        if self.try_open()? {
+            self.check_truncation()?;
+            let cur = self.cur.as_ref().expect("opened above");
+            let pos = self.splitter.position;
+            let len = cur.file.metadata()?.len();
+            if self.splitter.pending() == 0 && len.saturating_sub(pos) >= PARALLEL_MIN_BYTES {
+                let torn_before = fold.torn_tail;
+                let resume = fold_range(
+                    fold,
+                    &cur.file,
+                    pos,
+                    Some(len),
+                    self.splitter.max_line,
+                    fold_threads(),
+                )?;
+                // The partial line after `resume`, if any, is read again below.
+                fold.torn_tail = torn_before;
+                self.stats.bytes_read += resume - pos;
+                self.stats.lines += fold.lines - lines_before;
+                self.splitter.reset(resume);
+                self.refresh_fingerprint()?;
+            }
+        }
+        loop {
+            let more = self.poll(usize::MAX, 64 << 20, |o| match o {
+                Out::Line(l, off) => fold.feed_line(l, off),
+                Out::Oversize(off, len) => fold.note_oversize(off, len),
+            })?;
+            if !more {
+                break;
+            }
+        }
+        fold.torn_tail = self.splitter.pending() > 0;
+        Ok(fold.lines - lines_before)
     }
 
     /// Whether a poll now would find something (new bytes, a new file).
@@ -699,6 +755,29 @@ mod tests {
             }
         }
         assert_eq!(all, vec!["1", "2", "3", "4", "5"]);
+    }
+
+    #[test]
+    fn fold_available_folds_a_large_file_in_parallel_then_tails_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let line = r#"{"timestamp":"t","session_id":"s","event_type":"step_complete","component":"routing","message":"m","tokens":3,"metadata":{},"seq":0}"#;
+        let n = (PARALLEL_MIN_BYTES as usize / line.len()) + 100;
+        let mut text = String::with_capacity(n * (line.len() + 1));
+        for _ in 0..n {
+            text.push_str(line);
+            text.push('\n');
+        }
+        text.push_str("{\"part");
+        append(&path, &text);
+        let mut t = Tailer::new(&path, Start::Beginning, None, 1 << 20).unwrap();
+        let mut fold = FoldState::new(5);
+        assert_eq!(t.fold_available(&mut fold).unwrap(), n as u64);
+        assert_eq!(fold.tokens, 3 * n as u64);
+        assert!(fold.torn_tail);
+        append(&path, "ial\n");
+        assert_eq!(collect(&mut t), vec!["{\"partial"]);
+        assert_eq!(t.stats.lines, n as u64 + 1);
     }
 
     #[test]

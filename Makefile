@@ -1,0 +1,46 @@
+# The README's commands call these targets; .ci/run runs `make test`.
+PYTHON ?= python3
+PYTEST_ARGS ?=
+BENCH_JSON ?= bench-results.json
+
+.PHONY: install test lint fmt rust-test pytest bench bench-quick
+
+install:
+	$(PYTHON) -m pip install --quiet '.[test]'
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	$(PYTHON) -m ruff check python tests benches scripts
+
+fmt:
+	cargo fmt
+	$(PYTHON) -m ruff check --fix python tests benches scripts
+
+rust-test:
+	cargo test
+
+pytest:
+	$(PYTHON) -m pytest tests -q $(PYTEST_ARGS)
+
+# Quick mode: few rounds, still checked against the spec's limits.
+bench-quick:
+	SIGIL_BENCH_QUICK=1 $(PYTHON) -m pytest benches -q -p no:cacheprovider \
+		--benchmark-only --benchmark-warmup=off --benchmark-min-rounds=1 \
+		--benchmark-max-time=0.2 --benchmark-json=$(BENCH_JSON)
+	$(PYTHON) scripts/check_bench.py $(BENCH_JSON)
+
+bench:
+	$(PYTHON) -m pytest benches -q --benchmark-only --benchmark-json=$(BENCH_JSON)
+	$(PYTHON) scripts/check_bench.py $(BENCH_JSON)
+
+# Everything CI checks, in order: Rust format, lints and tests; the Python
+# install with test extras; ruff; pytest; benchmarks in quick mode.
+test:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo test
+	$(MAKE) install
+	$(PYTHON) -m ruff check python tests benches scripts
+	$(MAKE) pytest
+	$(MAKE) bench-quick

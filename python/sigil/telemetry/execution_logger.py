@@ -1,0 +1,335 @@
+"""Structured event log of a session (spec 4.2; ARCHITECTURE.md contracts 1 to 4).
+
+:class:`ExecutionLogger` appends one JSON line per event to
+``<log_path>/sessions/<id>/execution.jsonl`` through the native
+:class:`~sigil._native.AppendWriter`: ``log_event`` formats the line and hands
+it to an in-memory buffer, and a background thread writes and fsyncs it, so
+logging never waits for the disk (the spec's sample awaited ``aiofiles`` writes
+on the event loop and never fsynced). Each event gets a ``seq`` that rises by
+one across restarts of the writer, so a reader can tell a gap from a quiet
+period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+
+from sigil import _native
+from sigil.core.paths import (
+    LOG_FILE_NAME,
+    resolve_log_path,
+    rotated_segments,
+    validate_session_id,
+)
+
+__all__ = [
+    "ExecutionLogger",
+    "LogEntry",
+    "SyncExecutionLogger",
+    "log_execution_event",
+]
+
+_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+
+
+def _default(obj: object) -> object:
+    """Serialise what orjson cannot (paths, exceptions, sets) rather than lose the event."""
+    if isinstance(obj, set | frozenset | tuple):
+        return list(obj)
+    return str(obj)
+
+
+def dumps(obj: object) -> bytes:
+    """orjson with a fallback for unusual values; the one serialiser of the write path."""
+    return orjson.dumps(obj, default=_default, option=_OPTS)
+
+
+@dataclass(slots=True)
+class LogEntry:
+    """A single log entry for the execution log (spec 4.2.2, plus ``seq``)."""
+
+    timestamp: str
+    session_id: str
+    event_type: str
+    component: str
+    message: str
+    tokens: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+    seq: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "timestamp": self.timestamp,
+            "session_id": self.session_id,
+            "event_type": self.event_type,
+            "component": self.component,
+            "message": self.message,
+            "tokens": self.tokens,
+            "metadata": self.metadata,
+        }
+        if self.seq is not None:
+            d["seq"] = self.seq
+        return d
+
+    def to_bytes(self) -> bytes:
+        """The JSON line, without its newline."""
+        return dumps(self.to_dict())
+
+    def to_json(self) -> str:
+        """The JSON line as text (spec interface)."""
+        return self.to_bytes().decode()
+
+    @classmethod
+    def from_json(cls, line: str | bytes) -> LogEntry:
+        """Parse one line, validated like the monitor validates it.
+
+        Raises ``ValueError`` saying what is wrong with the line.
+        """
+        data = line.encode() if isinstance(line, str) else line
+        entries, malformed = _native.parse_lines([data])
+        if malformed:
+            raise ValueError(f"malformed log line: {malformed[0][1]}")
+        return cls.from_parsed(entries[0])
+
+    @classmethod
+    def from_parsed(cls, entry: _native.ParsedEntry) -> LogEntry:
+        return cls(
+            timestamp=entry.timestamp,
+            session_id=entry.session_id,
+            event_type=entry.event_type,
+            component=entry.component,
+            message=entry.message,
+            tokens=entry.tokens,
+            metadata=dict(entry.metadata),
+            seq=entry.seq,
+        )
+
+
+class Sanitizer(Protocol):
+    def sanitize_string(self, value: str) -> str: ...
+
+    def sanitize_dict(self, data: dict[str, Any]) -> dict[str, Any]: ...
+
+
+def _default_sanitizer() -> Sanitizer | None:
+    from sigil.telemetry.sanitization import LogSanitizer
+
+    return LogSanitizer()
+
+
+class ExecutionLogger:
+    """Asynchronous (and synchronous) logger for pipeline execution events.
+
+    ``log_event`` is non-blocking: it formats the event and queues it; the
+    native writer flushes every ``flush_interval`` seconds or when
+    ``buffer_size`` bytes are queued, and fsyncs per the ``fsync`` policy
+    (``always`` | ``interval`` | ``never``). ``close()`` flushes and fsyncs.
+
+    ``sanitizer``: ``True`` (default) scrubs secrets from every message and
+    metadata value with :class:`~sigil.telemetry.sanitization.LogSanitizer`;
+    ``False``/``None`` turns it off; or pass your own object with
+    ``sanitize_string`` and ``sanitize_dict``.
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        log_path: str | os.PathLike[str] | None = None,
+        buffer_size: int = 1024,
+        flush_interval: float = 0.1,
+        *,
+        fsync: str = "interval",
+        sanitizer: Sanitizer | bool | None = True,
+        max_buffer_bytes: int = 8 << 20,
+    ) -> None:
+        self.session_id = validate_session_id(session_id)
+        self.log_path = resolve_log_path(log_path)
+        self.buffer_size = buffer_size
+        self.flush_interval = flush_interval
+        self.fsync = fsync
+        self.max_buffer_bytes = max_buffer_bytes
+        if fsync not in ("always", "interval", "never"):
+            raise ValueError(f"fsync must be 'always', 'interval' or 'never', not {fsync!r}")
+        if sanitizer is True:
+            self._sanitizer: Sanitizer | None = _default_sanitizer()
+        elif sanitizer is False or sanitizer is None:
+            self._sanitizer = None
+        else:
+            self._sanitizer = sanitizer
+        self._writer: _native.AppendWriter | None = None
+        self._open_lock = threading.Lock()
+
+    # -- paths -------------------------------------------------------------
+
+    @property
+    def session_dir(self) -> Path:
+        return self.log_path / "sessions" / self.session_id
+
+    @property
+    def log_file(self) -> Path:
+        """The current session's log file path."""
+        return self.session_dir / LOG_FILE_NAME
+
+    @property
+    def next_seq(self) -> int:
+        """The ``seq`` the next event will get (opens the log if needed)."""
+        return self._open().next_seq
+
+    @property
+    def initialized(self) -> bool:
+        return self._writer is not None and not self._writer.closed
+
+    # -- opening -----------------------------------------------------------
+
+    def _open(self) -> _native.AppendWriter:
+        writer = self._writer
+        if writer is not None and not writer.closed:
+            return writer
+        with self._open_lock:
+            if self._writer is None or self._writer.closed:
+                self._writer = _native.AppendWriter(
+                    self.log_file,
+                    buffer_bytes=self.buffer_size,
+                    flush_interval=self.flush_interval,
+                    fsync=self.fsync,
+                    max_buffer_bytes=self.max_buffer_bytes,
+                    session_id=self.session_id,
+                    start_seq=self._recover_next_seq(),
+                )
+            return self._writer
+
+    def _recover_next_seq(self) -> int:
+        """Continue ``seq`` after the last event of the live file or, if it has
+        none yet (just rotated), of the newest rotated segment."""
+        candidates = [self.log_file, *reversed(rotated_segments(self.session_dir))]
+        for path in candidates:
+            try:
+                last = _native.tail_max_seq(path)
+            except FileNotFoundError:
+                continue
+            if last is not None:
+                return last + 1
+        return 0
+
+    def initialize_sync(self) -> None:
+        """Create the directories and open the file (idempotent)."""
+        self._open()
+
+    async def initialize(self) -> None:
+        """Create the directories and open the file, off the event loop."""
+        if not self.initialized:
+            await asyncio.to_thread(self._open)
+
+    # -- logging -----------------------------------------------------------
+
+    def log_event_sync(
+        self,
+        event_type: str,
+        component: str,
+        message: str,
+        tokens: int = 0,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Log one event; returns its ``seq``. Never waits for the disk."""
+        if type(tokens) is not int or tokens < 0:
+            raise ValueError(f"tokens must be a non-negative int, not {tokens!r}")
+        writer = self._writer
+        if writer is None or writer.closed:
+            writer = self._open()
+        sanitizer = self._sanitizer
+        meta: bytes | None = None
+        if sanitizer is not None:
+            message = sanitizer.sanitize_string(message)
+            if metadata:
+                meta = dumps(sanitizer.sanitize_dict(dict(metadata)))
+        elif metadata:
+            meta = dumps(metadata)
+        return writer.write_event(
+            self.session_id, event_type, component, message, tokens, meta
+        )
+
+    async def log_event(
+        self,
+        event_type: str,
+        component: str,
+        message: str,
+        tokens: int = 0,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Log one execution event (spec 4.2.2); returns its ``seq``.
+
+        Non-blocking: the event is queued and written by the native writer's
+        background thread.
+        """
+        if not self.initialized:
+            await self.initialize()
+        return self.log_event_sync(event_type, component, message, tokens, metadata)
+
+    # -- flushing and closing ---------------------------------------------
+
+    def flush_sync(self) -> None:
+        """Write and fsync what is queued; raises ``OSError`` if the disk fails."""
+        if self._writer is not None and not self._writer.closed:
+            self._writer.flush()
+
+    async def flush(self) -> None:
+        await asyncio.to_thread(self.flush_sync)
+
+    def close_sync(self) -> None:
+        """Flush, fsync and close. Idempotent; raises ``OSError`` if the disk fails."""
+        writer = self._writer
+        if writer is not None:
+            writer.close()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.close_sync)
+
+    def stats(self) -> dict[str, Any]:
+        """The writer's counters: lines, bytes, flushes, fsyncs, dropped lines, last error."""
+        if self._writer is None:
+            return {}
+        return dict(self._writer.stats())
+
+    @asynccontextmanager
+    async def session(self) -> AsyncIterator[ExecutionLogger]:
+        """``async with logger.session() as log:`` opens, yields, then closes."""
+        await self.initialize()
+        try:
+            yield self
+        finally:
+            await self.close()
+
+    def __enter__(self) -> ExecutionLogger:
+        self.initialize_sync()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close_sync()
+
+
+#: The same class, used through its ``*_sync`` methods by code without an event loop.
+SyncExecutionLogger = ExecutionLogger
+
+
+async def log_execution_event(
+    session_id: str,
+    event_type: str,
+    component: str,
+    message: str,
+    tokens: int = 0,
+    metadata: Mapping[str, Any] | None = None,
+    log_path: str | os.PathLike[str] | None = None,
+) -> int:
+    """Log a single event with a temporary logger (spec 4.2.2). Returns its ``seq``."""
+    logger = ExecutionLogger(session_id=session_id, log_path=log_path)
+    async with logger.session():
+        return await logger.log_event(event_type, component, message, tokens, metadata)

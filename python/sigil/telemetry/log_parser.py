@@ -1,0 +1,252 @@
+"""Reading session logs: parse, fold and tail over the native core (contracts 5 and 6).
+
+``fold_session`` turns a whole session (its rotated segments, then the live
+file) into a :class:`SessionSummary` in native code with the GIL released and
+no Python object per line. :class:`SessionTailer` does the same once
+(``catch_up``) and then hands out new entries exactly once as they arrive,
+following rotation and truncation. Nothing is dropped silently: malformed and
+oversize lines are counted and their byte offsets kept.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sigil import _native
+from sigil.core.paths import LOG_FILE_NAME, resolve_log_path, rotated_segments, validate_session_id
+
+__all__ = [
+    "ComponentTotals",
+    "MalformedLine",
+    "ParseResult",
+    "ParsedEntry",
+    "RunTotals",
+    "SessionSummary",
+    "SessionTailer",
+    "fold_file",
+    "fold_session",
+    "parse_bytes",
+    "parse_lines",
+]
+
+#: A parsed event: ``timestamp, session_id, event_type, component, message,
+#: tokens, seq, offset`` and ``metadata`` (parsed on first access).
+ParsedEntry = _native.ParsedEntry
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedLine:
+    """A line that is not a valid event, where it starts and why it was rejected."""
+
+    offset: int
+    reason: str
+
+
+@dataclass(slots=True)
+class ParseResult:
+    entries: list[ParsedEntry]
+    malformed: list[MalformedLine]
+
+
+def _result(raw: tuple[list[ParsedEntry], list[tuple[int, str]]]) -> ParseResult:
+    entries, bad = raw
+    return ParseResult(entries, [MalformedLine(off, why) for off, why in bad])
+
+
+def parse_lines(lines: list[bytes], base_offset: int = 0) -> ParseResult:
+    """Parse consecutive lines (``bytes``, with or without their newline)."""
+    return _result(_native.parse_lines(lines, base_offset))
+
+
+def parse_bytes(data: bytes, base_offset: int = 0) -> ParseResult:
+    """Parse a block of newline-terminated lines."""
+    return _result(_native.parse_bytes(data, base_offset))
+
+
+@dataclass(slots=True)
+class ComponentTotals:
+    tokens: int = 0
+    operations: int = 0
+    latency_ms: float = 0.0
+    errors: int = 0
+
+
+@dataclass(slots=True)
+class RunTotals:
+    """The latest pipeline run of a session (ARCHITECTURE.md contract 11)."""
+
+    number: int = 0
+    started_at: str | None = None
+    ended_at: str | None = None
+    status: str = "waiting"
+    tokens_used: int = 0
+    budget: int | None = None
+    components: dict[str, ComponentTotals] = field(default_factory=dict)
+
+
+def _components(raw: dict[str, dict[str, Any]]) -> dict[str, ComponentTotals]:
+    return {name: ComponentTotals(**values) for name, values in raw.items()}
+
+
+@dataclass(slots=True)
+class SessionSummary:
+    """Totals of a session's events (all runs), from one native fold."""
+
+    tokens_used: int = 0
+    entries: int = 0
+    lines: int = 0
+    malformed: int = 0
+    malformed_samples: list[MalformedLine] = field(default_factory=list)
+    oversize_lines: int = 0
+    torn_tail: bool = False
+    event_counts: dict[str, int] = field(default_factory=dict)
+    components: dict[str, ComponentTotals] = field(default_factory=dict)
+    status: str = "waiting"
+    budget: int | None = None
+    allocations: dict[str, int] = field(default_factory=dict)
+    runs: int = 0
+    run: RunTotals = field(default_factory=RunTotals)
+    first_timestamp: str | None = None
+    last_timestamp: str | None = None
+    max_seq: int | None = None
+    last_seq: int | None = None
+    seq_gaps: int = 0
+    seq_missing: int = 0
+    seq_regressions: int = 0
+    gap_samples: list[tuple[int, int]] = field(default_factory=list)
+    dropped_events: int = 0
+    last_entries: list[ParsedEntry] = field(default_factory=list)
+    #: Files folded, oldest first (rotated segments, then the live file).
+    files: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def from_native(cls, d: dict[str, Any], files: list[Path] | None = None) -> SessionSummary:
+        run = d["run"]
+        return cls(
+            tokens_used=d["tokens"],
+            entries=d["entries"],
+            lines=d["lines"],
+            malformed=d["malformed"],
+            malformed_samples=[MalformedLine(o, r) for o, r in d["malformed_samples"]],
+            oversize_lines=d["oversize_lines"],
+            torn_tail=d["torn_tail"],
+            event_counts=dict(d["event_counts"]),
+            components=_components(d["components"]),
+            status=d["status"],
+            budget=d["budget"],
+            allocations=dict(d["allocations"]),
+            runs=d["runs"],
+            run=RunTotals(
+                number=run["number"],
+                started_at=run["started_at"],
+                ended_at=run["ended_at"],
+                status=run["status"] or "waiting",
+                tokens_used=run["tokens"],
+                budget=run["budget"],
+                components=_components(run["components"]),
+            ),
+            first_timestamp=d["first_timestamp"],
+            last_timestamp=d["last_timestamp"],
+            max_seq=d["max_seq"],
+            last_seq=d["last_seq"],
+            seq_gaps=d["seq_gaps"],
+            seq_missing=d["seq_missing"],
+            seq_regressions=d["seq_regressions"],
+            gap_samples=[tuple(g) for g in d["gap_samples"]],  # type: ignore[misc]
+            dropped_events=d["dropped_events"],
+            last_entries=list(d["last_entries"]),
+            files=list(files or []),
+        )
+
+
+def fold_file(path: str | os.PathLike[str], last_n: int = 100) -> SessionSummary:
+    """Fold one file (GIL released, memory independent of the file's size)."""
+    return SessionSummary.from_native(_native.fold_file(Path(path), last_n), [Path(path)])
+
+
+def fold_session(
+    session_id: str, log_path: str | os.PathLike[str] | None = None, last_n: int = 100
+) -> SessionSummary:
+    """Fold a whole session: its rotated segments, oldest first, then the live file.
+
+    A session that has no log yet folds to an empty summary with status ``waiting``.
+    """
+    tailer = SessionTailer(session_id, log_path)
+    return tailer.catch_up(last_n)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class SessionTailer:
+    """Follows a session's ``execution.jsonl`` across rotation and truncation.
+
+    Call :meth:`catch_up` once to fold what is there (rotated segments
+    included), then :meth:`read` for new entries and :meth:`wait` to sleep until
+    there are some. Every complete line is handed out exactly once.
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        log_path: str | os.PathLike[str] | None = None,
+        *,
+        start: str = "beginning",
+        max_line_bytes: int = _native.MAX_LINE_BYTES,
+    ) -> None:
+        self.session_id = validate_session_id(session_id)
+        self.session_dir = resolve_log_path(log_path) / "sessions" / session_id
+        self.path = self.session_dir / LOG_FILE_NAME
+        self._tailer = _native.Tailer(self.path, start=start, max_line_bytes=max_line_bytes)
+        self._caught_up = start == "end"
+
+    def catch_up(self, last_n: int = 100) -> SessionSummary:
+        """Fold rotated segments and everything in the live file so far.
+
+        The live file is read through the tailer itself, so the next
+        :meth:`read` continues exactly after the last line folded.
+        """
+        fold = _native.Fold(last_n)
+        files: list[Path] = []
+        if not self._caught_up:
+            checkpoint = self._tailer.checkpoint()
+            live = checkpoint[:2] if checkpoint else _identity(self.path)
+            for segment in rotated_segments(self.session_dir):
+                # A segment the tailer already holds open is read through it.
+                if _identity(segment) == live:
+                    continue
+                try:
+                    fold.feed_file(segment)
+                except FileNotFoundError:
+                    continue  # archived or removed meanwhile
+                files.append(segment)
+            self._caught_up = True
+        self._tailer.fold_into(fold)
+        files.append(self.path)
+        return SessionSummary.from_native(fold.summary(), files)
+
+    def read(self, max_lines: int = 65536) -> ParseResult:
+        """New complete entries since the last call (each exactly once)."""
+        return _result(self._tailer.read_entries(max_lines))
+
+    def read_lines(self, max_lines: int = 65536) -> list[bytes]:
+        return self._tailer.read_lines(max_lines)
+
+    def wait(self, timeout: float) -> bool:
+        """Block, without the GIL, until the log changes or ``timeout`` seconds pass."""
+        return self._tailer.wait(timeout)
+
+    def checkpoint(self) -> tuple[int, int, int, int, int] | None:
+        return self._tailer.checkpoint()
+
+    def stats(self) -> dict[str, Any]:
+        """Lines, bytes, rotations, truncations, oversize and torn lines seen."""
+        return dict(self._tailer.stats())
