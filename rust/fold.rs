@@ -14,7 +14,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::fxhash::FxMap as HashMap;
-use crate::parse::{for_each_line, parse_line, Event, Malformed, RawEvent};
+use crate::parse::{
+    for_each_line, is_json, parse_line, parse_line_lazy, Event, Malformed, RawEvent,
+};
 
 /// Distinct component / event-type names kept; the rest fold into `OTHER`.
 pub const MAX_NAMES: usize = 256;
@@ -85,11 +87,17 @@ struct MetaKeys<'a> {
     dropped: Option<&'a RawValue>,
 }
 
-impl<'a> MetaKeys<'a> {
-    fn of(raw: Option<&'a RawValue>) -> MetaKeys<'a> {
-        raw.and_then(|r| serde_json::from_str(r.get()).ok())
-            .unwrap_or_default()
-    }
+/// Event types whose metadata the fold reads.
+fn needs_meta(kind: &str) -> bool {
+    matches!(
+        kind,
+        "session_start"
+            | "session_complete"
+            | "session_error"
+            | "step_complete"
+            | "step_error"
+            | "events_dropped"
+    )
 }
 
 fn num<T: for<'de> Deserialize<'de>>(raw: Option<&RawValue>) -> Option<T> {
@@ -173,13 +181,28 @@ impl FoldState {
     /// Fold one line (without `\n`) found at `offset`.
     pub fn feed_line(&mut self, line: &[u8], offset: u64) {
         self.lines += 1;
-        match parse_line(line) {
-            Ok(event) => {
-                self.feed_event(&event);
-                self.remember(line, offset);
+        let (event, checked) = match parse_line_lazy(line, false) {
+            Ok(parsed) => parsed,
+            Err(reason) => return self.note_malformed(offset, reason),
+        };
+        // Parse the metadata keys the fold needs; on the fast path this is also
+        // the metadata's validation (one pass instead of two).
+        let meta = if needs_meta(&event.event_type) {
+            match event.metadata.map(serde_json::from_str::<MetaKeys<'_>>) {
+                Some(Ok(m)) => m,
+                Some(Err(_)) if !checked => {
+                    return self.note_malformed(offset, "invalid JSON in `metadata`".into())
+                }
+                _ => MetaKeys::default(),
             }
-            Err(reason) => self.note_malformed(offset, reason),
-        }
+        } else {
+            if !checked && !event.metadata.is_none_or(is_json) {
+                return self.note_malformed(offset, "invalid JSON in `metadata`".into());
+            }
+            MetaKeys::default()
+        };
+        self.feed_event(&event, &meta);
+        self.remember(line, offset);
     }
 
     fn remember(&mut self, line: &[u8], offset: u64) {
@@ -230,7 +253,7 @@ impl FoldState {
         }
     }
 
-    pub fn feed_event(&mut self, e: &RawEvent<'_>) {
+    fn feed_event(&mut self, e: &RawEvent<'_>, meta: &MetaKeys<'_>) {
         self.entries += 1;
         self.tokens += e.tokens;
         if self.first_timestamp.is_none() {
@@ -244,21 +267,6 @@ impl FoldState {
         self.track_seq(e.seq);
 
         let kind: &str = &e.event_type;
-        let needs_meta = matches!(
-            kind,
-            "session_start"
-                | "session_complete"
-                | "session_error"
-                | "step_complete"
-                | "step_error"
-                | "events_dropped"
-        );
-        let meta = if needs_meta {
-            MetaKeys::of(e.metadata)
-        } else {
-            MetaKeys::default()
-        };
-
         match kind {
             "session_start" => {
                 self.runs += 1;
@@ -926,6 +934,19 @@ mod tests {
         assert_eq!(f.run.number, 2);
         assert_eq!(f.status, "running");
         assert_eq!(f.runs, 2);
+    }
+
+    #[test]
+    fn invalid_metadata_on_the_fast_path_is_malformed() {
+        for kind in ["step_complete", "token_consumption"] {
+            let mut f = FoldState::new(0);
+            let bad = line(kind, "routing", 5, 0, r#"{"latency_ms":}"#);
+            let good = line(kind, "routing", 7, 1, r#"{"latency_ms":2}"#);
+            f.feed_line(bad.as_bytes(), 0);
+            f.feed_line(good.as_bytes(), 100);
+            assert_eq!((f.malformed, f.tokens, f.entries), (1, 7, 1), "{kind}");
+            assert!(f.malformed_samples[0].reason.contains("metadata"));
+        }
     }
 
     #[test]

@@ -27,8 +27,14 @@ pub struct RawEvent<'a> {
     pub tokens: u64,
     #[serde(default)]
     pub seq: Option<u64>,
-    #[serde(default, borrow)]
-    pub metadata: Option<&'a RawValue>,
+    /// The metadata object's JSON text.
+    #[serde(default, borrow, deserialize_with = "raw_text")]
+    pub metadata: Option<&'a str>,
+}
+
+fn raw_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de str>, D::Error> {
+    let raw: Option<&'de RawValue> = Option::deserialize(d)?;
+    Ok(raw.map(RawValue::get))
 }
 
 /// An event that owns its data, for records handed to Python.
@@ -57,10 +63,7 @@ impl RawEvent<'_> {
             message: self.message.to_string(),
             tokens: self.tokens,
             seq: self.seq,
-            metadata: self
-                .metadata
-                .map(|m| m.get().to_string())
-                .unwrap_or_else(|| "{}".to_string()),
+            metadata: self.metadata.unwrap_or("{}").to_string(),
             offset,
         }
     }
@@ -75,9 +78,16 @@ pub struct Malformed {
 
 /// Parse one line (without its `\n`). A trailing `\r` is tolerated.
 pub fn parse_line(line: &[u8]) -> Result<RawEvent<'_>, String> {
+    parse_line_lazy(line, true).map(|(e, _)| e)
+}
+
+/// Like [`parse_line`], but on the fast path the metadata object's JSON may be
+/// left for the caller to validate (the fold parses it anyway for the keys it
+/// needs). Returns whether the metadata was validated.
+pub fn parse_line_lazy(line: &[u8], validate_meta: bool) -> Result<(RawEvent<'_>, bool), String> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    if let Some(event) = fast_parse(line) {
-        return Ok(event);
+    if let Some(event) = fast_parse(line, validate_meta) {
+        return Ok((event, validate_meta));
     }
     if line.iter().all(|b| b.is_ascii_whitespace()) {
         return Err("empty line".to_string());
@@ -97,11 +107,11 @@ pub fn parse_line(line: &[u8]) -> Result<RawEvent<'_>, String> {
     }
     let event: RawEvent<'_> = serde_json::from_slice(line).map_err(describe)?;
     if let Some(meta) = event.metadata {
-        if !meta.get().starts_with('{') {
+        if !meta.starts_with('{') {
             return Err("`metadata` is not an object".to_string());
         }
     }
-    Ok(event)
+    Ok((event, true))
 }
 
 /// The layout sigil's own writer produces, with no escapes in its strings:
@@ -109,7 +119,7 @@ pub fn parse_line(line: &[u8]) -> Result<RawEvent<'_>, String> {
 /// "message":"..","tokens":N,"metadata":{..},"seq":N}`. Parsed by hand in one
 /// pass (the metadata object is still validated by serde); anything else
 /// returns `None` and goes through the general parser, so results are the same.
-fn fast_parse(line: &[u8]) -> Option<RawEvent<'_>> {
+fn fast_parse(line: &[u8], validate_meta: bool) -> Option<RawEvent<'_>> {
     let text = std::str::from_utf8(line).ok()?;
     let mut c = Cursor { s: text, i: 0 };
     c.lit("{\"timestamp\":")?;
@@ -131,10 +141,12 @@ fn fast_parse(line: &[u8]) -> Option<RawEvent<'_>> {
     let (meta, seq_text) = rest.split_at(rest.len() - digits);
     let meta = meta.strip_suffix(",\"seq\":")?;
     let seq = Cursor { s: seq_text, i: 0 }.uint_all()?;
-    if !meta.starts_with('{') {
+    if !meta.starts_with('{') || !meta.ends_with('}') {
         return None;
     }
-    let metadata: &RawValue = serde_json::from_str(meta).ok()?;
+    if validate_meta && !is_json(meta) {
+        return None;
+    }
     Some(RawEvent {
         timestamp: Cow::Borrowed(timestamp),
         session_id: Cow::Borrowed(session_id),
@@ -143,8 +155,13 @@ fn fast_parse(line: &[u8]) -> Option<RawEvent<'_>> {
         message: Cow::Borrowed(message),
         tokens,
         seq: Some(seq),
-        metadata: Some(metadata),
+        metadata: Some(meta),
     })
+}
+
+/// Whether `text` is one valid JSON value.
+pub fn is_json(text: &str) -> bool {
+    serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
 }
 
 struct Cursor<'a> {
@@ -285,7 +302,7 @@ mod tests {
         assert_eq!(e.tokens, 50);
         assert_eq!(e.seq, Some(3));
         assert_eq!(e.component, "routing");
-        assert_eq!(e.metadata.unwrap().get(), r#"{"latency_ms":1100}"#);
+        assert_eq!(e.metadata.unwrap(), r#"{"latency_ms":1100}"#);
     }
 
     #[test]
@@ -337,7 +354,7 @@ mod tests {
             GOOD.replace(r#""message":"ok""#, r#""message":"café ✓""#),
         ];
         for line in &lines {
-            let fast = fast_parse(line.as_bytes()).expect("fast path applies");
+            let fast = fast_parse(line.as_bytes(), true).expect("fast path applies");
             let slow: RawEvent<'_> = serde_json::from_str(line).unwrap();
             assert_eq!(fast.to_owned_event(0), slow.to_owned_event(0), "{line}");
         }
@@ -352,7 +369,7 @@ mod tests {
             GOOD.replace(r#""seq":3}"#, r#""seq":99999999999999999999}"#),
         ];
         for line in &odd {
-            assert!(fast_parse(line.as_bytes()).is_none(), "{line}");
+            assert!(fast_parse(line.as_bytes(), true).is_none(), "{line}");
         }
         assert!(parse_line(odd[0].as_bytes()).is_err());
         assert!(parse_line(odd[1].as_bytes()).is_err());
