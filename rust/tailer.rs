@@ -327,24 +327,34 @@ impl Tailer {
         Ok(())
     }
 
-    /// Switch to the file now at the path, if it is a different file that has
-    /// content. Until the new file has content the writer may still be
-    /// finishing the old one, so we stay on it (this keeps lines in order).
+    /// Move on from the current file once the path names another file.
+    ///
+    /// Rotated segments sit beside the path as `<stem>_<stamp>[_<n>]<ext>`
+    /// (sigil's rotator; names sort in the order they were made). If the
+    /// current file is one of them and a later one exists, that is the next
+    /// file: this way a tailer that sleeps through several rotations still
+    /// reads every segment, in order. Otherwise the next file is the one at the
+    /// path, once it has content: until then the writer may still be finishing
+    /// the old file, so we stay on it (this keeps lines in order).
     fn follow_rotation(&mut self) -> io::Result<bool> {
         let cur = self.cur.as_ref().expect("caller opened");
-        let meta = match fs::metadata(&self.path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        let at_path = match fs::metadata(&self.path) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
-        if meta.dev() == cur.dev && meta.ino() == cur.ino {
+        if let Some(m) = &at_path {
+            if m.dev() == cur.dev && m.ino() == cur.ino {
+                return Ok(false);
+            }
+        }
+        let next_segment = self.segment_after(cur.dev, cur.ino);
+        let new_has_data = at_path.as_ref().is_some_and(|m| m.len() > 0);
+        if next_segment.is_none() && !new_has_data {
             return Ok(false);
         }
-        if meta.len() == 0 {
-            return Ok(false);
-        }
-        // The new file has data: everything the writer put in the old file was
-        // written before that, so one more drain of the old file completes it.
+        // Everything the writer put in the old file was written before the
+        // next file got data, so one more drain of the old file completes it.
         let old_len = cur.file.metadata()?.len();
         if old_len > self.splitter.position {
             return Ok(true); // the caller drains, then comes back here
@@ -352,11 +362,52 @@ impl Tailer {
         if self.splitter.pending() > 0 {
             self.stats.torn_lines += 1;
         }
-        self.cur = None;
         self.stats.rotations += 1;
         self.start = Start::Beginning;
         self.splitter.reset(0);
+        if let Some(next) = next_segment {
+            if let Some(cur) = open_current(&next)? {
+                self.cur = Some(cur);
+                return Ok(true);
+            }
+        }
+        self.cur = None;
         self.try_open()
+    }
+
+    /// The rotated segment that follows the file (dev, ino), if that file is a
+    /// segment and a later one exists.
+    fn segment_after(&self, dev: u64, ino: u64) -> Option<PathBuf> {
+        let dir = self.path.parent()?;
+        let name = self.path.file_name()?.to_str()?;
+        let (stem, ext) = match name.rfind('.') {
+            Some(i) if i > 0 => (&name[..i], &name[i..]),
+            _ => (name, ""),
+        };
+        let prefix = format!("{stem}_");
+        let mut segments: Vec<(String, u64, PathBuf, u64, u64)> = fs::read_dir(dir)
+            .ok()?
+            .flatten()
+            .filter_map(|entry| {
+                let n = entry.file_name().into_string().ok()?;
+                let middle = n.strip_prefix(&prefix)?.strip_suffix(ext)?;
+                let meta = fs::symlink_metadata(entry.path()).ok()?;
+                if !meta.is_file() {
+                    return None;
+                }
+                let (base, counter) = segment_key(middle);
+                Some((
+                    base.to_string(),
+                    counter,
+                    entry.path(),
+                    meta.dev(),
+                    meta.ino(),
+                ))
+            })
+            .collect();
+        segments.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        let i = segments.iter().position(|s| s.3 == dev && s.4 == ino)?;
+        segments.get(i + 1).map(|s| s.2.clone())
     }
 
     /// Fold everything available now into `fold`: a large unread stretch of the
@@ -440,6 +491,19 @@ impl Tailer {
             }
         }
     }
+}
+
+/// `20260111_101532_3` sorts as ("20260111_101532", 3): a numeric collision
+/// counter, so `_10` comes after `_9`.
+fn segment_key(middle: &str) -> (&str, u64) {
+    if let Some((base, n)) = middle.rsplit_once('_') {
+        if base.contains('_') {
+            if let Ok(n) = n.parse::<u64>() {
+                return (base, n);
+            }
+        }
+    }
+    (middle, 0)
 }
 
 fn last_byte(file: &File, len: u64) -> io::Result<u8> {
@@ -648,6 +712,29 @@ mod tests {
         append(&path, "5\n");
         assert_eq!(collect(&mut t), vec!["5"]);
         assert_eq!(t.stats.rotations, 1);
+    }
+
+    #[test]
+    fn reads_every_segment_when_rotated_several_times_between_polls() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("execution.jsonl");
+        append(&path, "1\n");
+        let mut t = Tailer::new(&path, Start::Beginning, None, 1 << 20).unwrap();
+        assert_eq!(collect(&mut t), vec!["1"]);
+        append(&path, "2\n");
+        let seg = |s: &str| dir.path().join(format!("execution_{s}.jsonl"));
+        fs::rename(&path, seg("20260101_000000")).unwrap();
+        append(&path, "3\n");
+        fs::rename(&path, seg("20260101_000000_2")).unwrap();
+        append(&path, "4\n");
+        fs::rename(&path, seg("20260101_000000_10")).unwrap();
+        append(&path, "5\n");
+        fs::rename(&path, seg("20260101_000001")).unwrap();
+        fs::write(&path, "").unwrap();
+        assert_eq!(collect(&mut t), vec!["2", "3", "4", "5"]);
+        append(&path, "6\n");
+        assert_eq!(collect(&mut t), vec!["6"]);
+        assert_eq!(t.stats.rotations, 4);
     }
 
     #[test]

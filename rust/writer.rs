@@ -84,6 +84,10 @@ struct State {
     dropped_pending: u64,
     flush_requested: bool,
     closed: bool,
+    /// While flushes fail, the background thread retries at most once per
+    /// interval. Kept here, not in `Io`, so the thread never takes the `io`
+    /// lock while holding this one (lock order is always io, then state).
+    retry_at: Option<Instant>,
     next_seq: u64,
     lines_accepted: u64,
     dropped_lines: u64,
@@ -95,7 +99,6 @@ struct Io {
     needs_newline: bool,
     dirty: bool,
     last_fsync: Instant,
-    retry_at: Option<Instant>,
     lines_written: u64,
     bytes_written: u64,
     flushes: u64,
@@ -221,6 +224,7 @@ impl AppendWriter {
                 dropped_pending: 0,
                 flush_requested: false,
                 closed: false,
+                retry_at: None,
                 next_seq: start_seq,
                 lines_accepted: 0,
                 dropped_lines: 0,
@@ -232,7 +236,6 @@ impl AppendWriter {
                 needs_newline: torn,
                 dirty: false,
                 last_fsync: Instant::now(),
-                retry_at: None,
                 lines_written: 0,
                 bytes_written: 0,
                 flushes: 0,
@@ -455,7 +458,7 @@ fn background(shared: Arc<Shared>) {
                 if st.closed {
                     break;
                 }
-                let retry_wait = lock_retry_at(&shared);
+                let retry_wait = st.retry_at.filter(|at| *at > Instant::now());
                 let ready = (st.buf.len() >= shared.cfg.buffer_bytes || st.flush_requested)
                     && retry_wait.is_none();
                 if ready {
@@ -490,12 +493,6 @@ fn background(shared: Arc<Shared>) {
     }
 }
 
-/// While a flush is failing, retry at most once per flush interval.
-fn lock_retry_at(shared: &Shared) -> Option<Instant> {
-    let io = lock(&shared.io);
-    io.retry_at.filter(|at| *at > Instant::now())
-}
-
 fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
     let mut io = lock(&shared.io);
     let (mut data, dropped, head_partial) = {
@@ -509,7 +506,7 @@ fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
     let result = write_batch(shared, &mut io, &mut data, dropped, head_partial);
     match result {
         Ok(()) => {
-            io.retry_at = None;
+            lock(&shared.state).retry_at = None;
             let due = match sync {
                 Sync::Now => io.dirty,
                 Sync::IfDue => io.dirty && io.last_fsync.elapsed() >= interval,
@@ -530,8 +527,8 @@ fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
         }
         Err((e, rest, rest_partial)) => {
             io.last_error = Some(err_of(&e));
-            io.retry_at = Some(Instant::now() + interval);
             let mut st = lock(&shared.state);
+            st.retry_at = Some(Instant::now() + interval);
             if !rest.is_empty() {
                 let mut merged = rest;
                 merged.extend_from_slice(&st.buf);
@@ -895,6 +892,31 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         w.close().unwrap();
+    }
+
+    #[test]
+    fn flush_from_callers_never_deadlocks_with_the_background_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = WriterConfig {
+            flush_interval: Duration::from_millis(1),
+            buffer_bytes: 64,
+            ..cfg()
+        };
+        let w = Arc::new(AppendWriter::open(dir.path().join("f"), c, 0).unwrap());
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (w2, d2) = (Arc::clone(&w), Arc::clone(&done));
+        let flusher = std::thread::spawn(move || {
+            while !d2.load(std::sync::atomic::Ordering::Relaxed) {
+                w2.flush(false).unwrap();
+            }
+        });
+        for i in 0..20_000 {
+            w.write_line(format!("line {i}").as_bytes()).unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        flusher.join().unwrap();
+        w.close().unwrap();
+        assert_eq!(w.stats().lines_written, 20_000);
     }
 
     #[test]

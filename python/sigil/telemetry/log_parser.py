@@ -178,14 +178,6 @@ def fold_session(
     return tailer.catch_up(last_n)
 
 
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_dev, st.st_ino)
-
-
 class SessionTailer:
     """Follows a session's ``execution.jsonl`` across rotation and truncation.
 
@@ -205,29 +197,35 @@ class SessionTailer:
         self.session_id = validate_session_id(session_id)
         self.session_dir = resolve_log_path(log_path) / "sessions" / session_id
         self.path = self.session_dir / LOG_FILE_NAME
+        self._max_line_bytes = max_line_bytes
         self._tailer = _native.Tailer(self.path, start=start, max_line_bytes=max_line_bytes)
         self._caught_up = start == "end"
 
     def catch_up(self, last_n: int = 100) -> SessionSummary:
         """Fold rotated segments and everything in the live file so far.
 
-        The live file is read through the tailer itself, so the next
-        :meth:`read` continues exactly after the last line folded.
+        The first call restarts the native tailer at the oldest rotated segment:
+        it reads the segments in order and then the live file, all through one
+        descriptor chain, so a rotation while catching up loses nothing and
+        counts nothing twice. The next :meth:`read` continues exactly after the
+        last line folded.
         """
         fold = _native.Fold(last_n)
         files: list[Path] = []
         if not self._caught_up:
-            checkpoint = self._tailer.checkpoint()
-            live = checkpoint[:2] if checkpoint else _identity(self.path)
-            for segment in rotated_segments(self.session_dir):
-                # A segment the tailer already holds open is read through it.
-                if _identity(segment) == live:
-                    continue
+            segments = rotated_segments(self.session_dir)
+            for oldest in segments:
                 try:
-                    fold.feed_file(segment)
+                    st = oldest.lstat()
                 except FileNotFoundError:
-                    continue  # archived or removed meanwhile
-                files.append(segment)
+                    continue  # archived or removed meanwhile: try the next one
+                self._tailer = _native.Tailer(
+                    self.path,
+                    checkpoint=(st.st_dev, st.st_ino, 0),
+                    max_line_bytes=self._max_line_bytes,
+                )
+                files = segments[segments.index(oldest) :]
+                break
             self._caught_up = True
         self._tailer.fold_into(fold)
         files.append(self.path)

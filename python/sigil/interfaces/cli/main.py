@@ -90,8 +90,25 @@ def cli() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    Errors are one line on stderr: click's own usage errors (an unknown
+    option, a missing value) print "Usage:" and "Try ..." lines too, so they
+    are caught here and shown as ``Error: <what> (see 'sigil CMD --help')``.
+    Exit codes: 2 for usage errors, the command's own code otherwise.
+    """
     try:
-        cli.main(prog_name="sigil")
-    except KeyboardInterrupt:  # pragma: no cover - click handles most cases
+        result = cli.main(prog_name="sigil", standalone_mode=False)
+    except click.UsageError as e:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        click.echo(f"Error: {e.format_message()}{hint}", err=True)
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        click.echo(f"Error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
         sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)

@@ -1,0 +1,619 @@
+"""Effective settings: defaults < ``config.yaml`` < environment < command line.
+
+This is contract 9 of ARCHITECTURE.md. The file is ``<sigil home>/config.yaml``
+with the keys of the spec's Appendix A (plus the ``provider``, ``errors``,
+``export`` and ``pipeline`` sections the implementation needs). Every value is checked strictly
+(``true`` is not a number, ``"10"`` is not an integer) because a setting that is
+silently coerced or ignored is worse than one that stops the command: a bad value
+raises :class:`ConfigError`, whose one-line message names the key and where it
+came from; an unknown key only warns, so that an old sigil can read a newer file.
+
+Each setting remembers its source (``default``, ``config``, ``env`` or ``cli``)
+so that ``sigil config show`` can explain why a value is what it is.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import click
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ErrorSettings",
+    "ExportSettings",
+    "LoggingSettings",
+    "MonitoringSettings",
+    "PipelineSettings",
+    "ProviderSettings",
+    "Settings",
+    "Source",
+    "TokenBudgetSettings",
+    "config_file_path",
+    "load_settings",
+]
+
+Source = Literal["default", "config", "env", "cli"]
+
+CONFIG_FILE_NAME = "config.yaml"
+
+
+class ConfigError(click.ClickException, ValueError):
+    """A setting with a wrong type or value, or a config file that cannot be read.
+
+    It is a :class:`click.ClickException` so that any command that loads settings
+    prints the one-line message and exits 2 (a usage error) without each command
+    having to catch it, and a :class:`ValueError` for library callers.
+    """
+
+    exit_code = 2
+
+
+def _home(env: Mapping[str, str]) -> Path:
+    configured = env.get("SIGIL_HOME")
+    return Path(configured).expanduser() if configured else Path.home() / ".sigil"
+
+
+def config_file_path() -> Path:
+    """``<sigil home>/config.yaml`` (``$SIGIL_HOME`` or ``~/.sigil``)."""
+    return _home(os.environ) / CONFIG_FILE_NAME
+
+
+def _default_log_path() -> str:
+    return str(_home(os.environ) / "logs")
+
+
+def _default_allocations() -> dict[str, int]:
+    # Spec 6.3; the remaining 26,000 of the 256,000 default total is the reserve.
+    return {
+        "routing": 10_000,
+        "memory": 30_000,
+        "planning": 20_000,
+        "reasoning": 150_000,
+        "contracts": 10_000,
+        "validation": 10_000,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    path: str = field(default_factory=_default_log_path)
+    buffer_size_bytes: int = 1024
+    flush_interval_seconds: float = 0.1
+    max_batch_size: int = 100
+    fsync: str = "interval"
+    max_file_size_mb: float = 10
+    retention_days: int = 7
+    archive_retention_days: int = 30
+    sanitize_logs: bool = True
+    additional_patterns: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class MonitoringSettings:
+    default_mode: str = "dashboard"
+    refresh_rate_hz: float = 10
+    show_component_breakdown: bool = True
+    show_budget_bar: bool = True
+    show_forecast: bool = True
+    show_latency: bool = True
+    highlight_slowest: bool = True
+    latency_warning_ms: float = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class TokenBudgetSettings:
+    default_total: int = 256_000
+    allocations: dict[str, int] = field(default_factory=_default_allocations)
+    warning_threshold: float = 0.5
+    critical_threshold: float = 0.8
+    exceeded_threshold: float = 0.95
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSettings:
+    name: str = "offline"
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-4o-mini"
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorSettings:
+    max_retries: int = 3
+    backoff_base: float = 1.0
+    backoff_max: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class ExportSettings:
+    otlp_endpoint: str | None = None
+    otlp_protocol: str = "http/protobuf"
+    otlp_headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    # Step slot (routing, memory, ...) -> "module:attribute" of a replacement step;
+    # the orchestrator checks the slots and imports the steps.
+    steps: dict[str, str] = field(default_factory=dict)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "logging": LoggingSettings,
+    "monitoring": MonitoringSettings,
+    "token_budget": TokenBudgetSettings,
+    "provider": ProviderSettings,
+    "errors": ErrorSettings,
+    "export": ExportSettings,
+    "pipeline": PipelineSettings,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The effective settings, one frozen dataclass per section."""
+
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
+    token_budget: TokenBudgetSettings = field(default_factory=TokenBudgetSettings)
+    provider: ProviderSettings = field(default_factory=ProviderSettings)
+    errors: ErrorSettings = field(default_factory=ErrorSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    config_path: Path = field(default_factory=config_file_path)
+    # Dotted key -> where its value came from; keys absent here are defaults.
+    sources: Mapping[str, Source] = field(default_factory=dict)
+
+    def source(self, key: str) -> Source:
+        """Where the setting ``key`` (``"section.name"``) got its value."""
+        section, _, name = key.partition(".")
+        if name not in _SCHEMA.get(section, {}):
+            raise KeyError(f"unknown setting {key!r}")
+        return self.sources.get(key, "default")
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """Nested plain dict (lists and dicts copied), ready for JSON or YAML."""
+        out: dict[str, dict[str, Any]] = {}
+        for section, keys in _SCHEMA.items():
+            values = getattr(self, section)
+            out[section] = {key: _plain(getattr(values, key)) for key in keys}
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------
+# Validation: each validator returns the (normalised) value or raises _Invalid.
+
+
+class _Invalid(Exception):
+    """A value's problem, phrased to follow "<where>: <key>: "."""
+
+
+Validator = Callable[[Any], Any]
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool | int | float | str) or value is None:
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _integer(minimum: int) -> Validator:
+    def check(value: Any) -> int:
+        if not _is_int(value) or value < minimum:
+            raise _Invalid(f"expected an integer >= {minimum}, got {_describe(value)}")
+        return int(value)
+
+    return check
+
+
+def _positive_number(value: Any) -> float:
+    if not _is_number(value) or not value > 0:
+        raise _Invalid(f"expected a number > 0, got {_describe(value)}")
+    return value  # type: ignore[no-any-return]
+
+
+def _non_negative_number(value: Any) -> float:
+    if not _is_number(value) or not value >= 0:
+        raise _Invalid(f"expected a number >= 0, got {_describe(value)}")
+    return value  # type: ignore[no-any-return]
+
+
+def _fraction(value: Any) -> float:
+    if not _is_number(value) or not 0 < value <= 1:
+        raise _Invalid(f"expected a number in (0, 1], got {_describe(value)}")
+    return value  # type: ignore[no-any-return]
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _choice(*options: str) -> Validator:
+    def check(value: Any) -> str:
+        if value not in options or not isinstance(value, str):
+            shown = ", ".join(repr(o) for o in options)
+            raise _Invalid(f"expected one of {shown}, got {_describe(value)}")
+        return value
+
+    return check
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(f"expected a non-empty string, got {_describe(value)}")
+    return value
+
+
+def _path(value: Any) -> str:
+    return str(Path(_text(value)).expanduser())
+
+
+def _url(value: Any) -> str:
+    text = _text(value)
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise _Invalid(f"expected an http:// or https:// URL, got {text!r}")
+    return text
+
+
+def _optional_url(value: Any) -> str | None:
+    return None if value is None else _url(value)
+
+
+_ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _env_name(value: Any) -> str:
+    if not isinstance(value, str) or not _ENV_NAME_RE.fullmatch(value):
+        raise _Invalid(f"expected an environment variable name, got {_describe(value)}")
+    return value
+
+
+def _allocations(value: Any) -> dict[str, int]:
+    if not isinstance(value, dict):
+        raise _Invalid(f"expected a mapping of component to tokens, got {_describe(value)}")
+    out: dict[str, int] = {}
+    for component, tokens in value.items():
+        if not isinstance(component, str) or not component:
+            raise _Invalid(f"component names must be strings, got {_describe(component)}")
+        if not _is_int(tokens) or tokens < 0:
+            raise _Invalid(f"{component}: expected an integer >= 0, got {_describe(tokens)}")
+        out[component] = tokens
+    return out
+
+
+def _string_map(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise _Invalid(f"expected a mapping of strings to strings, got {_describe(value)}")
+    return dict(value)
+
+
+def _patterns(value: Any) -> list[tuple[str, str]]:
+    """``[[pattern, replacement], ...]`` or ``[{pattern: ..., replacement: ...}, ...]``."""
+    if not isinstance(value, list):
+        raise _Invalid(f"expected a list of [pattern, replacement] pairs, got {_describe(value)}")
+    out: list[tuple[str, str]] = []
+    for index, item in enumerate(value):
+        if isinstance(item, dict) and set(item) == {"pattern", "replacement"}:
+            pair = (item["pattern"], item["replacement"])
+        elif isinstance(item, list) and len(item) == 2:
+            pair = (item[0], item[1])
+        else:
+            raise _Invalid(f"item {index}: expected [pattern, replacement], got {_describe(item)}")
+        if not all(isinstance(part, str) for part in pair) or not pair[0]:
+            raise _Invalid(f"item {index}: pattern and replacement must be strings")
+        try:
+            re.compile(pair[0])
+        except re.error as exc:
+            raise _Invalid(f"item {index}: invalid regular expression {pair[0]!r}: {exc}") from None
+        out.append(pair)
+    return out
+
+
+_SCHEMA: dict[str, dict[str, Validator]] = {
+    "logging": {
+        "path": _path,
+        "buffer_size_bytes": _integer(1),
+        "flush_interval_seconds": _positive_number,
+        "max_batch_size": _integer(1),
+        "fsync": _choice("interval", "always", "never"),
+        "max_file_size_mb": _positive_number,
+        "retention_days": _integer(0),
+        "archive_retention_days": _integer(0),
+        "sanitize_logs": _boolean,
+        "additional_patterns": _patterns,
+    },
+    "monitoring": {
+        "default_mode": _choice("dashboard", "stream", "minimal", "json"),
+        "refresh_rate_hz": _positive_number,
+        "show_component_breakdown": _boolean,
+        "show_budget_bar": _boolean,
+        "show_forecast": _boolean,
+        "show_latency": _boolean,
+        "highlight_slowest": _boolean,
+        "latency_warning_ms": _non_negative_number,
+    },
+    "token_budget": {
+        "default_total": _integer(1),
+        "allocations": _allocations,
+        "warning_threshold": _fraction,
+        "critical_threshold": _fraction,
+        "exceeded_threshold": _fraction,
+    },
+    "provider": {
+        "name": _choice("offline", "openai"),
+        "base_url": _url,
+        "model": _text,
+        "api_key_env": _env_name,
+        "timeout_seconds": _positive_number,
+    },
+    "errors": {
+        "max_retries": _integer(0),
+        "backoff_base": _non_negative_number,
+        "backoff_max": _non_negative_number,
+    },
+    "export": {
+        "otlp_endpoint": _optional_url,
+        "otlp_protocol": _choice("http/protobuf", "http/json", "grpc"),
+        "otlp_headers": _string_map,
+    },
+    "pipeline": {
+        "steps": _string_map,
+    },
+}
+
+
+# ---------------------------------------------------------------------------
+# Environment variables: their text is parsed, then validated like any value.
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise _Invalid(f"expected an integer, got {text!r}") from None
+
+
+def _parse_otlp_headers(text: str) -> dict[str, str]:
+    # The OpenTelemetry format: comma-separated key=value, values percent-encoded.
+    headers: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise _Invalid(f"expected key=value pairs separated by commas, got {item!r}")
+        headers[urllib.parse.unquote(key.strip())] = urllib.parse.unquote(value.strip())
+    return headers
+
+
+def _as_is(text: str) -> str:
+    return text
+
+
+# (variable names, first set wins) -> (dotted key, parser)
+_ENVIRONMENT: list[tuple[tuple[str, ...], str, Callable[[str], Any]]] = [
+    (("SIGIL_LOG_PATH",), "logging.path", _as_is),
+    (("SIGIL_FSYNC",), "logging.fsync", _as_is),
+    (("SIGIL_MONITOR_MODE",), "monitoring.default_mode", _as_is),
+    (("SIGIL_BUDGET",), "token_budget.default_total", _parse_int),
+    (("SIGIL_PROVIDER",), "provider.name", _as_is),
+    (("SIGIL_MODEL",), "provider.model", _as_is),
+    (("SIGIL_BASE_URL", "OPENAI_BASE_URL"), "provider.base_url", _as_is),
+    (("OTEL_EXPORTER_OTLP_ENDPOINT",), "export.otlp_endpoint", _as_is),
+    (("OTEL_EXPORTER_OTLP_PROTOCOL",), "export.otlp_protocol", _as_is),
+    (("OTEL_EXPORTER_OTLP_HEADERS",), "export.otlp_headers", _parse_otlp_headers),
+]
+
+ENVIRONMENT_VARIABLES: dict[str, str] = {names[0]: key for names, key, _ in _ENVIRONMENT}
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+
+
+def load_settings(
+    overrides: Mapping[str, object] | None = None,
+    *,
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge defaults, the config file, the environment and ``overrides``.
+
+    ``overrides`` holds command-line values by dotted key
+    (``{"token_budget.default_total": 1000}``); a ``None`` value means the flag
+    was not given and is skipped, so commands can pass their options straight
+    through. ``path`` defaults to :func:`config_file_path` and ``env`` to
+    ``os.environ``; a missing file means "all defaults".
+    """
+    env = os.environ if env is None else env
+    config_path = Path(path).expanduser() if path else _home(env) / CONFIG_FILE_NAME
+    values: dict[str, dict[str, Any]] = {section: {} for section in _SCHEMA}
+    # The default log path follows the home of *this* environment, not os.environ's.
+    values["logging"]["path"] = str(_home(env) / "logs")
+    sources: dict[str, Source] = {}
+    where: dict[str, str] = {}
+
+    def assign(key: str, raw: Any, source: Source, origin: str, text: str | None = None) -> None:
+        section, _, name = key.partition(".")
+        try:
+            values[section][name] = _SCHEMA[section][name](raw)
+        except _Invalid as exc:
+            if text is not None and (line := _key_line(text, section, name)) is not None:
+                origin = f"{origin}:{line}"
+            raise ConfigError(f"{origin}: {key}: {exc}") from None
+        sources[key] = source
+        where[key] = origin
+
+    text = _read_text(config_path)
+    for key, raw in _config_items(config_path, text):
+        assign(key, raw, "config", str(config_path), text)
+
+    for names, key, parse in _ENVIRONMENT:
+        var = next((name for name in names if env.get(name)), None)
+        if var is None:
+            continue
+        origin = f"environment variable {var}"
+        try:
+            parsed = parse(env[var])
+        except _Invalid as exc:
+            raise ConfigError(f"{origin}: {key}: {exc}") from None
+        assign(key, parsed, "env", origin)
+
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        section, _, name = key.partition(".")
+        if name not in _SCHEMA.get(section, {}):
+            raise ConfigError(f"command line: unknown setting {key!r}")
+        assign(key, raw, "cli", "command line")
+
+    merged = {section: _SECTIONS[section](**fields) for section, fields in values.items()}
+    settings = Settings(**merged, config_path=config_path, sources=dict(sources))
+    _check_consistency(settings, where)
+    return settings
+
+
+def _check_consistency(settings: Settings, where: Mapping[str, str]) -> None:
+    """Rules across keys; the error names the key set closest to the user."""
+    budget = settings.token_budget
+    pairs = [
+        (
+            "warning_threshold",
+            budget.warning_threshold,
+            "critical_threshold",
+            budget.critical_threshold,
+        ),
+        (
+            "critical_threshold",
+            budget.critical_threshold,
+            "exceeded_threshold",
+            budget.exceeded_threshold,
+        ),
+    ]
+    for low_name, low, high_name, high in pairs:
+        if low >= high:
+            key = _closest(settings, f"token_budget.{low_name}", f"token_budget.{high_name}")
+            raise ConfigError(
+                f"{where.get(key, 'defaults')}: {key}: token_budget.{low_name} ({low}) must be"
+                f" below token_budget.{high_name} ({high})"
+            )
+    errors = settings.errors
+    if errors.backoff_base > errors.backoff_max:
+        key = _closest(settings, "errors.backoff_base", "errors.backoff_max")
+        raise ConfigError(
+            f"{where.get(key, 'defaults')}: {key}: errors.backoff_base ({errors.backoff_base})"
+            f" must not exceed errors.backoff_max ({errors.backoff_max})"
+        )
+
+
+_PRECEDENCE: dict[Source, int] = {"default": 0, "config": 1, "env": 2, "cli": 3}
+
+
+def _closest(settings: Settings, *keys: str) -> str:
+    return max(keys, key=lambda k: _PRECEDENCE[settings.source(k)])
+
+
+def _read_text(config_path: Path) -> str | None:
+    try:
+        return config_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{config_path}: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{config_path}: cannot read the config file: {exc.strerror}") from None
+
+
+def _config_items(config_path: Path, text: str | None) -> list[tuple[str, Any]]:
+    """The file's known ``(dotted key, value)`` pairs; unknown keys are warned about."""
+    if text is None:
+        return []
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        position = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{config_path}{position}: invalid YAML: {problem}") from None
+    if document is None:
+        return []
+    if not isinstance(document, dict):
+        raise ConfigError(
+            f"{config_path}: expected a mapping of sections (logging, monitoring, ...),"
+            f" got {_describe(document)}"
+        )
+    items: list[tuple[str, Any]] = []
+    for section, body in document.items():
+        if section not in _SCHEMA:
+            _warn_unknown(config_path, None, str(section), list(_SCHEMA))
+            continue
+        if body is None:
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(
+                f"{config_path}: {section}: expected a mapping, got {_describe(body)}"
+            )
+        for name, value in body.items():
+            key = f"{section}.{name}"
+            if name not in _SCHEMA[section]:
+                _warn_unknown(config_path, section, str(name), list(_SCHEMA[section]))
+                continue
+            items.append((key, value))
+    return items
+
+
+def _warn_unknown(config_path: Path, section: str | None, name: str, known: list[str]) -> None:
+    prefix = f"{section}." if section else ""
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {prefix}{close[0]!s}?)" if close else ""
+    print(
+        f"sigil: warning: {config_path}: unknown setting {prefix}{name} ignored{hint}",
+        file=sys.stderr,
+    )
+
+
+def _key_line(text: str, section: str, name: str) -> int | None:
+    """1-based line of ``section.name`` in the YAML text, for error messages only."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return None
+    node: Any = root
+    for wanted in (section, name):
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        found = next(((k, v) for k, v in node.value if getattr(k, "value", None) == wanted), None)
+        if found is None:
+            return None
+        key_node, node = found
+    return int(key_node.start_mark.line) + 1

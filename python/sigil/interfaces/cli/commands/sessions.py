@@ -1,0 +1,297 @@
+"""``sigil sessions``: list sessions with status, tokens and size.
+
+A finished session has ``tokens.json`` and ``metrics.json`` (written by the
+orchestrator when a run ends, spec 7.2.2 and 7.2.3, plus ``status`` and
+``runs``), so listing it reads two small files rather than its log. The log is
+folded (natively, without a Python object per line) only when those summaries
+are missing or older than the log, i.e. while a run is going on or after one
+that crashed. Archived sessions are listed from the summaries at the front of
+their tar.gz (see :mod:`sigil.telemetry.log_rotation`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+@dataclass(slots=True)
+class SessionRow:
+    session_id: str
+    status: str
+    started_at: str | None
+    duration_seconds: float | None
+    tokens_used: int | None
+    budget: int | None
+    runs: int | None
+    size_bytes: int
+    archived: bool
+    path: str
+
+
+@click.command("sessions", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--log-path",
+    "-l",
+    metavar="DIR",
+    help="Base log directory (default: logging.path, ~/.sigil/logs).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON array of sessions.")
+def sessions(log_path: str | None, as_json: bool) -> None:
+    """List sessions: ID, status, start, duration, tokens used/budget, size, archived.
+
+    Status is running (its lock is held), complete, error, budget_exceeded,
+    incomplete (its writer stopped before the end) or waiting (no run yet).
+    """
+    from sigil.core.config import load_settings
+
+    settings = load_settings({"logging.path": log_path})
+    rows = list_sessions(Path(settings.logging.path))
+    if as_json:
+        click.echo(json.dumps([asdict(row) for row in rows], indent=2))
+        return
+    if not rows:
+        click.echo(f"no sessions in {settings.logging.path}")
+        return
+    _print_table(rows)
+
+
+def list_sessions(log_path: Path) -> list[SessionRow]:
+    """Rows for live and archived sessions, newest start first."""
+    from sigil.core.paths import SESSION_ID_RE
+    from sigil.telemetry.log_rotation import archived_sessions
+
+    rows: list[SessionRow] = []
+    try:
+        entries = sorted(os.scandir(log_path / "sessions"), key=lambda e: e.name)
+    except FileNotFoundError:
+        entries = []
+    except NotADirectoryError:
+        raise click.UsageError(f"log path {str(log_path)!r} is not a directory") from None
+    for entry in entries:
+        if SESSION_ID_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+            rows.append(_live_row(Path(entry.path)))
+    for archives in archived_sessions(log_path).values():
+        rows.extend(_archived_row(archive) for archive in archives)
+    rows.sort(key=lambda row: _sort_key(row.started_at), reverse=True)
+    return rows
+
+
+def _live_row(session_dir: Path) -> SessionRow:
+    from sigil.core.locks import is_session_locked
+    from sigil.core.paths import LOG_FILE_NAME, rotated_segments
+
+    locked = is_session_locked(session_dir)
+    logs = [*rotated_segments(session_dir), session_dir / LOG_FILE_NAME]
+    newest_log = max((_mtime(path) for path in logs), default=0.0)
+    tokens, metrics = (_read_json(session_dir / name) for name in ("tokens.json", "metrics.json"))
+    # A summary older than the log describes an earlier run (contract 11).
+    fresh = tokens is not None and _mtime(session_dir / "tokens.json") >= newest_log
+    row = SessionRow(
+        session_id=session_dir.name,
+        status="unknown",
+        started_at=None,
+        duration_seconds=None,
+        tokens_used=None,
+        budget=None,
+        runs=None,
+        size_bytes=_tree_size(session_dir),
+        archived=False,
+        path=str(session_dir),
+    )
+    if fresh and not locked:
+        _apply_summaries(row, tokens or {}, metrics or {})
+    else:
+        _apply_fold(row, session_dir)
+    if locked:
+        row.status = "running"
+    elif row.status == "running":
+        row.status = "incomplete"  # no final event and nobody holds the lock (contract 7)
+    return row
+
+
+def _archived_row(archive: Path) -> SessionRow:
+    from sigil.telemetry.log_rotation import read_archived_summaries
+
+    summaries = read_archived_summaries(archive)
+    row = SessionRow(
+        session_id=archive.name.split(".", 1)[0],
+        status="unknown",
+        started_at=None,
+        duration_seconds=None,
+        tokens_used=None,
+        budget=None,
+        runs=None,
+        size_bytes=_mtime_size(archive)[1],
+        archived=True,
+        path=str(archive),
+    )
+    tokens = _loads(summaries.get("tokens.json"))
+    metrics = _loads(summaries.get("metrics.json"))
+    if tokens is not None or metrics is not None:
+        _apply_summaries(row, tokens or {}, metrics or {})
+    return row
+
+
+def _apply_summaries(row: SessionRow, tokens: dict[str, Any], metrics: dict[str, Any]) -> None:
+    row.status = _text(metrics.get("status")) or _text(tokens.get("status")) or "complete"
+    row.tokens_used = _int(tokens.get("total_used"))
+    row.budget = _int(tokens.get("total_budget"))
+    row.runs = _int(metrics.get("runs")) or _int(tokens.get("runs"))
+    duration = metrics.get("duration_seconds")
+    if isinstance(duration, int | float) and not isinstance(duration, bool):
+        row.duration_seconds = float(duration)
+    started = _text(metrics.get("started_at")) or _text(tokens.get("started_at"))
+    ended = _parse_time(_text(metrics.get("timestamp")) or _text(tokens.get("timestamp")))
+    if started is None and ended is not None and row.duration_seconds is not None:
+        started = (ended - timedelta(seconds=row.duration_seconds)).isoformat()
+    row.started_at = started
+
+
+def _apply_fold(row: SessionRow, session_dir: Path) -> None:
+    try:
+        from sigil.telemetry.log_parser import fold_session
+    except ImportError:  # the native core is not built: show what the files say
+        return
+    try:
+        summary = fold_session(session_dir.name, session_dir.parent.parent, last_n=0)
+    except (OSError, ValueError) as exc:
+        row.status = f"unreadable ({exc.__class__.__name__})"
+        return
+    row.status = summary.status
+    row.tokens_used = summary.tokens_used
+    row.budget = summary.budget
+    row.runs = summary.runs
+    row.started_at = summary.first_timestamp
+    first, last = _parse_time(summary.first_timestamp), _parse_time(summary.last_timestamp)
+    if first is not None and last is not None:
+        row.duration_seconds = max(0.0, (last - first).total_seconds())
+
+
+# -- output ---------------------------------------------------------------------
+
+_HEADERS = ("ID", "STATUS", "STARTED", "DURATION", "TOKENS", "SIZE", "ARCHIVED")
+
+
+def _print_table(rows: list[SessionRow]) -> None:
+    table = [_HEADERS, *(_cells(row) for row in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(_HEADERS))]
+    for line in table:
+        click.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
+
+
+def _cells(row: SessionRow) -> tuple[str, ...]:
+    started = _parse_time(row.started_at)
+    if started is None:
+        shown_start = "-"
+    else:
+        local = started.astimezone() if started.tzinfo else started
+        shown_start = local.strftime("%Y-%m-%d %H:%M:%S")
+    tokens = "-" if row.tokens_used is None else f"{row.tokens_used:,}"
+    if row.budget is not None:
+        tokens += f"/{row.budget:,}"
+    archived = Path(row.path).parent.name if row.archived else "-"
+    return (
+        row.session_id,
+        row.status,
+        shown_start,
+        _duration(row.duration_seconds),
+        tokens,
+        _size(row.size_bytes),
+        archived,
+    )
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def _size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# -- small readers -------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as file:
+        return _loads(file.read())
+
+
+def _loads(data: bytes | None) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def _sort_key(started_at: str | None) -> float:
+    parsed = _parse_time(started_at)
+    if parsed is None:
+        return float("-inf")
+    return parsed.timestamp()
+
+
+def _mtime(path: Path) -> float:
+    return _mtime_size(path)[0]
+
+
+def _mtime_size(path: Path) -> tuple[float, int]:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return (0.0, 0)
+    return (st.st_mtime, st.st_size)
+
+
+def _tree_size(directory: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            total += _mtime_size(Path(root) / name)[1]
+    return total

@@ -1,0 +1,360 @@
+"""Secret scrubbing: every secret of the corpus redacted, ordinary text byte-identical."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from sigil.core.config import Settings, load_settings
+from sigil.telemetry.sanitization import REDACTED, LogSanitizer, sanitizer_from_settings
+
+# (name, text, the secret part that must be gone). Shapes follow each provider's
+# documented format; none of these is a live credential.
+SECRETS: list[tuple[str, str, str]] = [
+    ("aws_access_key", "using key AKIAIOSFODNN7EXAMPLE for s3", "AKIAIOSFODNN7EXAMPLE"),
+    ("aws_sts_key", "creds ASIAY34FZKBOKMUTVV7A expire soon", "ASIAY34FZKBOKMUTVV7A"),
+    (
+        "aws_secret_ini",
+        "aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+    ),
+    (
+        "aws_secret_env",
+        "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+        "wJalrXUtnFEMI",
+    ),
+    ("github_ghp", "push with ghp_16C7e42F292c6912E7710c838347Ae178B4a", "16C7e42F292c69"),
+    ("github_gho", "gho_16C7e42F292c6912E7710c838347Ae178B4a", "16C7e42F292c69"),
+    ("github_ghu", "ghu_16C7e42F292c6912E7710c838347Ae178B4a", "16C7e42F292c69"),
+    ("github_ghs", "GITHUB_TOKEN=ghs_16C7e42F292c6912E7710c838347Ae178B4a", "16C7e42F292c69"),
+    (
+        "github_ghr",
+        "ghr_1B4a2e77838347a7E420ce178F2E7c6912E169246c34E1ccbF66C46812d16D5B1A9Dc86A1498",
+        "1B4a2e77838347a7",
+    ),
+    (
+        "github_fine_grained",
+        "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123",
+        "11ABCDEFG0123456789",
+    ),
+    ("gitlab", "clone with glpat-Ab3dEf9hIjK1mNoPqRsT", "Ab3dEf9hIjK1mNoPqRsT"),
+    ("slack_bot", "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx", "AbCdEfGhIjKl"),
+    (
+        "slack_user",
+        "xoxp-123456789012-123456789012-123456789012-0123456789abcdef0123456789abcdef",
+        "0123456789abcdef0123",
+    ),
+    ("slack_app", "xoxa-2-123456789012-abcdefABCDEF", "abcdefABCDEF"),
+    ("slack_refresh", "xoxr-123456789012-abcdefghijKL", "abcdefghijKL"),
+    (
+        "slack_webhook",
+        "posting to https://hooks.slack.com/services/T0A1B2C3D/B0A1B2C3D/"
+        "aBcDeFgHiJkLmNoPqRsTuVwX ok",
+        "aBcDeFgHiJkLmNoPqRsTuVwX",
+    ),
+    (
+        "jwt",
+        "id_token: eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6Ikpv"
+        "aG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c",
+        "SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c",
+    ),
+    (
+        "openai_legacy",
+        "OPENAI_API_KEY=sk-abcdefghijklmnopqrstT3BlbkFJabcdefghijklmnopqrst",
+        "T3BlbkFJabcdef",
+    ),
+    (
+        "openai_in_prose",
+        "calling with sk-abcdefghijklmnopqrstT3BlbkFJabcdefghijklmnopqrst now",
+        "T3BlbkFJabcdef",
+    ),
+    (
+        "openai_project",
+        "key sk-proj-Ab3_dEf-GhIjKlMnOpQrStUvWxYz0123456789abcdEFGH-x_Y",
+        "GhIjKlMnOpQrStUvWxYz",
+    ),
+    (
+        "openai_service_account",
+        "sk-svcacct-Ab3_dEfGhIjKlMnOpQrStUvWxYz0123456789",
+        "Ab3_dEfGhIjKlMnOpQrSt",
+    ),
+    (
+        "anthropic",
+        "x-api-key: sk-ant-api03-AbCdEfGhIjKlMnOpQrStUvWxYz0123456789_-AbCdEfGhIjKlMnOp-AAAA",
+        "AbCdEfGhIjKlMnOpQrStUvWxYz0123456789",
+    ),
+    ("stripe", "charge with sk_live_4eC39HqLyjWDarjtT1zdp7dc", "4eC39HqLyjWDarjtT1zdp7dc"),
+    ("google", "maps key AIzaSyDdI0hCZtE6vySjMm-WEfRq3CPzqKqqsHI", "SyDdI0hCZtE6vySjMm"),
+    ("huggingface", "HF_TOKEN=hf_abcdefghijklmnopqrstuvwxyzABCDEFGH", "abcdefghijklmnopqrst"),
+    (
+        "pem_rsa",
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIEpAIBAAKCAQEA3Tz2mr7SZiAMfQyuvBjM9Oi\nabc==\n"
+        "-----END RSA PRIVATE KEY-----",
+        "MIIEpAIBAAKCAQEA3Tz2mr7SZiAMfQyuvBjM9Oi",
+    ),
+    (
+        "pem_openssh",
+        "key:\n-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAE\n"
+        "-----END OPENSSH PRIVATE KEY-----\nthanks",
+        "b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAE",
+    ),
+    (
+        "pem_truncated",
+        "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC (cut)",
+        "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC",
+    ),
+    ("url_password", "postgres://admin:s3cr3t-P4ss@db.internal:5432/app", "s3cr3t-P4ss"),
+    ("url_password_with_at", "redis://:p@ssw0rd@cache:6379/0", "p@ssw0rd"),
+    ("url_password_https", "GET https://bob:hunter2hunter2@example.com/x", "hunter2hunter2"),
+    ("bearer", "Authorization: Bearer abcdef0123456789abcdef", "abcdef0123456789abcdef"),
+    ("bearer_lowercase", "header bearer Zm9vYmFyYmF6cXV4MTIz", "Zm9vYmFyYmF6cXV4MTIz"),
+    ("basic_auth", "Authorization: Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA"),
+    ("password_pair", "login failed with password=hunter2", "hunter2"),
+    ("password_json", '{"password": "correct horse battery staple"}', "horse battery"),
+    ("password_python_repr", "{'password': 'hunter2'}", "hunter2"),
+    ("password_escaped_json", '{\\"db_password\\": \\"hunter2\\"}', "hunter2"),
+    ("passwd_upper", "PASSWD: swordfish", "swordfish"),
+    ("password_flag", "ran tool --password swordfish --verbose", "swordfish"),
+    ("client_secret", "client_secret=abcDEF123ghi", "abcDEF123ghi"),
+    ("secret_yaml", "secret: topsecretvalue", "topsecretvalue"),
+    ("token_pair", "token=abc123def456ghi", "abc123def456ghi"),
+    ("access_token_query", "GET /cb?access_token=ya29a0AfH6SMBx3&state=1", "ya29a0AfH6SMBx3"),
+    ("api_key_pair", "api_key=12345abcde", "12345abcde"),
+    ("api_key_header", "X-Api-Key: 0f3c9a7e5d1b", "0f3c9a7e5d1b"),
+    ("visa_spaced", "card 4111 1111 1111 1111 charged", "4111 1111 1111 1111"),
+    ("visa_plain", "card number 4111111111111111.", "4111111111111111"),
+    ("mastercard_dashed", "pay 5555-5555-5555-4444 now", "5555-5555-5555-4444"),
+    ("amex_grouped", "amex 3782 822463 10005", "3782 822463 10005"),
+    ("amex_plain", "amex 378282246310005", "378282246310005"),
+]
+
+# Text that must come out byte-identical: what sigil's own logs are made of.
+ORDINARY: list[str] = [
+    "Retrieved 5 relevant memories",
+    "Consumed 150 tokens (total 12,500 of 256,000)",
+    "Intent classified as: lead_analysis",
+    "token: 512",
+    "max_tokens=4096 prompt_tokens=1200 completion_tokens=300",
+    "bos_token: <s> eos_token=</s> pad_token: [PAD]",
+    "tokens: 150, token_count=42, token_type: bearer",
+    "request 550e8400-e29b-41d4-a716-446655440000 done",
+    "uuid=123e4567-e89b-12d3-a456-426614174000",
+    "2026-01-11T10:15:32.123456+00:00",
+    "2026-01-11T10:15:32.123456",
+    "ts=1736590532123456 ns=1736590532123456789 ms=1736590532123",
+    "sha256 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    "hash=d41d8cd98f00b204e9800998ecf8427e commit 4111111111111111abcdef1234567890abcdef12",
+    "mail bob@example.com about invoice 4411",
+    "tokens 4000 1000 2000 3000 5000",
+    "phone +1 555 123 4567",
+    "price 1234567890123.45 and 0.4111111111111111",
+    "order id 1234567890123456",
+    "1234-5678-9012-3456 is not a card",
+    "5555 5555 5555 4445 fails Luhn",
+    "IBAN DE89 3704 0044 0532 0130 00",
+    "http://example.com:8080/path?email=a@b.com",
+    "ssh://git@github.com/org/repo.git",
+    "user@host:~$ ls",
+    "Bearer of bad news",
+    "bearer token missing",
+    "task-1234567890123456789012 done",
+    "sk-learn-pipeline-version-2024-final",
+    "disk-abcdefghijklmnopqrstuvwxyz",
+    "Asia/Tokyo timezone",
+    "password reset requested for user 42",
+    "the secret of success",
+    "auth: ok",
+    "auth=required",
+    "credentials: none",
+    "PWD=/home/user/project",
+    "key=value monkey=banana api_version=2024-01-01",
+    "latency 1100ms (warning at 5000ms)",
+    "eyJ is a prefix",
+    "ghp_short glpat-short xoxb-short sk-short",
+    "sessions/test-1/execution.jsonl",
+    "budget 256,000 tokens; 4111 used",
+    "card ending 1111",
+    '{"timestamp":"2026-01-11T10:15:33.234567","event_type":"step_complete","tokens":50}',
+    # Accents, em and en dashes, curly quotes, Arabic-Indic digits (not card digits).
+    "\u00dcn\u00efc\u00f6d\u00e9 \u2014 dashes \u2013 \u201cquotes\u201d "
+    "\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669\u0660\u0661\u0662\u0663\u0664\u0665\u0666",
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def sanitizer() -> LogSanitizer:
+    return LogSanitizer()
+
+
+@pytest.mark.parametrize(("name", "text", "secret"), SECRETS, ids=[s[0] for s in SECRETS])
+def test_every_secret_is_redacted(
+    sanitizer: LogSanitizer, name: str, text: str, secret: str
+) -> None:
+    cleaned = sanitizer.sanitize_string(text)
+    assert secret not in cleaned, cleaned
+    assert "***" in cleaned
+    assert sanitizer.sanitize_string(cleaned) == cleaned  # idempotent
+
+
+@pytest.mark.parametrize("text", ORDINARY)
+def test_ordinary_text_is_untouched(sanitizer: LogSanitizer, text: str) -> None:
+    assert sanitizer.sanitize_string(text) == text
+
+
+def test_redaction_keeps_the_context(sanitizer: LogSanitizer) -> None:
+    assert (
+        sanitizer.sanitize_string("postgres://admin:pw@db:5432/app")
+        == f"postgres://admin:{REDACTED}@db:5432/app"
+    )
+    assert sanitizer.sanitize_string('{"password": "a b"}') == f'{{"password": "{REDACTED}"}}'
+    assert sanitizer.sanitize_string("Bearer abcdef0123456789") == f"Bearer {REDACTED}"
+    assert (
+        sanitizer.sanitize_string("api_key=sk-abcdefghijklmnopqrstuvwxyz0123")
+        == "api_key=***API_KEY***"
+    )
+    assert sanitizer.sanitize_string("card 4111111111111111") == "card ***CARD_NUMBER***"
+
+
+def test_secret_inside_a_serialised_event(sanitizer: LogSanitizer) -> None:
+    line = (
+        '{"event_type":"step_error","message":"401 for key sk-proj-abcdefghijklmnopqrstuvwx'
+        'yz0123","metadata":{"url":"https://u:pw1@api.example.com"}}'
+    )
+    cleaned = sanitizer.sanitize_string(line)
+    assert "abcdefghijklmnopqrstuvwxyz0123" not in cleaned
+    assert "pw1" not in cleaned
+    assert cleaned.startswith('{"event_type":"step_error"')
+
+
+def test_dicts_lists_and_tuples_recursively(sanitizer: LogSanitizer) -> None:
+    data: dict[str, Any] = {
+        "latency_ms": 1100,
+        "intent": "lead_analysis",
+        "nested": {"headers": {"Authorization": "Bearer abcdef0123456789abcdef"}},
+        "list": ["ok", "password=hunter2", 5, {"k": "AKIAIOSFODNN7EXAMPLE"}],
+        "tuple": ("fine", "ghp_16C7e42F292c6912E7710c838347Ae178B4a"),
+        "ok": None,
+    }
+    cleaned = sanitizer.sanitize_dict(data)
+    assert cleaned["latency_ms"] == 1100 and cleaned["intent"] == "lead_analysis"
+    assert cleaned["nested"]["headers"]["Authorization"] == REDACTED
+    assert cleaned["list"][0] == "ok" and cleaned["list"][2] == 5
+    assert "hunter2" not in cleaned["list"][1]
+    assert cleaned["list"][3] == {"k": "***AWS_ACCESS_KEY***"}
+    assert isinstance(cleaned["tuple"], tuple)
+    assert cleaned["tuple"] == ("fine", "***GITHUB_TOKEN***")
+    # The input is never mutated.
+    assert data["list"][1] == "password=hunter2"
+    assert data["nested"]["headers"]["Authorization"].startswith("Bearer abc")
+
+
+def test_credential_named_keys_are_redacted_whatever_the_value(sanitizer: LogSanitizer) -> None:
+    data = {
+        "password": "x",
+        "api_key": "plain",
+        "OPENAI_API_KEY": "whatever",
+        "client_secret": "abc",
+        "aws_secret_access_key": "abc",
+        "refresh_token": "abc",
+        "credentials": "abc",
+        "token": "Hello",  # a text token in an LLM stream, not a credential
+        "max_tokens": "4096",
+        "secret_name": "prod-db",
+        "password_hint": "the usual",
+        "api_key_env": "OPENAI_API_KEY",
+        "empty_password": "",
+        "password_count": 3,
+    }
+    cleaned = sanitizer.sanitize_dict(data)
+    for key in ("password", "api_key", "OPENAI_API_KEY", "client_secret"):
+        assert cleaned[key] == REDACTED, key
+    for key in ("aws_secret_access_key", "refresh_token", "credentials"):
+        assert cleaned[key] == REDACTED, key
+    for key in ("token", "max_tokens", "secret_name", "password_hint", "api_key_env"):
+        assert cleaned[key] == data[key], key
+    assert cleaned["empty_password"] == "" and cleaned["password_count"] == 3
+
+
+def test_unchanged_containers_are_returned_as_is(sanitizer: LogSanitizer) -> None:
+    data = {"a": "plain", "b": [1, "two", ("three",)], "c": {"d": "e"}}
+    assert sanitizer.sanitize_dict(data) is data
+    text = "nothing to hide"
+    assert sanitizer.sanitize_string(text) is text
+    changed = {"a": "plain", "b": "password=x"}
+    result = sanitizer.sanitize_dict(changed)
+    assert result is not changed and list(result) == ["a", "b"]
+
+
+@dataclass(slots=True)
+class Entry:
+    timestamp: str
+    session_id: str
+    event_type: str
+    component: str
+    message: str
+    tokens: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+    seq: int | None = None
+
+
+def test_sanitize_entry_copies_and_keeps_other_fields(sanitizer: LogSanitizer) -> None:
+    entry = Entry(
+        "2026-01-11T10:15:32+00:00",
+        "s1",
+        "step_error",
+        "reasoning",
+        "auth failed for token=abc123def456ghi",
+        7,
+        {"url": "redis://:pw@h:1"},
+        seq=41,
+    )
+    cleaned = sanitizer.sanitize_entry(entry)
+    assert cleaned is not entry
+    assert "abc123def456ghi" not in cleaned.message
+    assert cleaned.metadata == {"url": f"redis://:{REDACTED}@h:1"}
+    assert (cleaned.seq, cleaned.tokens, cleaned.session_id) == (41, 7, "s1")
+    assert entry.message.endswith("abc123def456ghi")
+
+
+def test_additional_patterns_apply_case_insensitively() -> None:
+    sanitizer = LogSanitizer(
+        additional_patterns=[(r"[\w.+-]+@[\w-]+\.[\w.]+", "***EMAIL***"), ("acme-\\d+", "ACME")]
+    )
+    assert (
+        sanitizer.sanitize_string("mail Bob@Example.com re ACME-42") == "mail ***EMAIL*** re ACME"
+    )
+    assert sanitizer.sanitize_dict({"to": "bob@example.com"}) == {"to": "***EMAIL***"}
+
+
+def test_sanitizer_from_settings(tmp_path: Any) -> None:
+    assert isinstance(sanitizer_from_settings(Settings()), LogSanitizer)
+    (tmp_path / "config.yaml").write_text(
+        "logging:\n  additional_patterns: [['internal-[0-9]+', '***INTERNAL***']]\n"
+    )
+    with_patterns = sanitizer_from_settings(load_settings(env={"SIGIL_HOME": str(tmp_path)}))
+    assert with_patterns is not None
+    assert with_patterns.sanitize_string("host internal-7") == "host ***INTERNAL***"
+    (tmp_path / "config.yaml").write_text("logging:\n  sanitize_logs: false\n")
+    assert sanitizer_from_settings(load_settings(env={"SIGIL_HOME": str(tmp_path)})) is None
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        "a_" * 300_000,  # long identifier chains (base64url, snake_case)
+        "password=" * 60_000,
+        "1234 " * 120_000,
+        "eyJ" + "a" * 600_000,
+        "x://a:" + "b" * 600_000,
+        "-----BEGIN PRIVATE KEY-----" * 20_000,
+    ],
+    ids=["chains", "pairs", "digits", "jwt-head", "url-head", "pem-heads"],
+)
+def test_large_adversarial_strings_stay_linear(sanitizer: LogSanitizer, blob: str) -> None:
+    started = time.perf_counter()
+    sanitizer.sanitize_string(blob)
+    assert time.perf_counter() - started < 2.0
