@@ -12,6 +12,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use serde_json::Value;
 
 use crate::fxhash::FxMap as HashMap;
 use crate::parse::{
@@ -28,6 +29,8 @@ pub const MAX_RING_BYTES: usize = 8 << 20;
 pub const READ_CHUNK: usize = 1 << 20;
 pub const DEFAULT_MAX_LINE: usize = 1 << 20;
 
+/// Token sums saturate at `u64::MAX` rather than wrap: a log that claims more
+/// than 2^64 tokens is shown as the maximum, never as a small number.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ComponentTotals {
     pub tokens: u64,
@@ -38,7 +41,7 @@ pub struct ComponentTotals {
 
 impl ComponentTotals {
     fn add(&mut self, o: &ComponentTotals) {
-        self.tokens += o.tokens;
+        self.tokens = self.tokens.saturating_add(o.tokens);
         self.operations += o.operations;
         self.latency_ms += o.latency_ms;
         self.errors += o.errors;
@@ -59,7 +62,7 @@ pub struct RunTotals {
 impl RunTotals {
     /// Add the events that continue this run (a later part of the same file).
     fn absorb(&mut self, o: &RunTotals) {
-        self.tokens += o.tokens;
+        self.tokens = self.tokens.saturating_add(o.tokens);
         for (k, c) in &o.components {
             with_component(&mut self.components, k, |x| x.add(c));
         }
@@ -85,6 +88,48 @@ struct MetaKeys<'a> {
     allocations: Option<&'a RawValue>,
     #[serde(borrow, default)]
     dropped: Option<&'a RawValue>,
+}
+
+/// The metadata values the fold uses, read leniently: a value of the wrong
+/// type counts as absent (the event itself is valid).
+#[derive(Default)]
+struct FoldMeta {
+    latency_ms: Option<f64>,
+    budget: Option<u64>,
+    status: Option<String>,
+    run: Option<u64>,
+    allocations: Option<HashMap<String, u64>>,
+    dropped: Option<u64>,
+}
+
+impl FoldMeta {
+    fn from_keys(k: &MetaKeys<'_>) -> Self {
+        FoldMeta {
+            latency_ms: num(k.latency_ms),
+            budget: num(k.budget),
+            status: num(k.status),
+            run: num(k.run),
+            allocations: num(k.allocations),
+            dropped: num(k.dropped),
+        }
+    }
+
+    fn from_map(m: &serde_json::Map<String, Value>) -> Self {
+        fn get<T: for<'de> Deserialize<'de>>(
+            m: &serde_json::Map<String, Value>,
+            k: &str,
+        ) -> Option<T> {
+            m.get(k).and_then(|v| T::deserialize(v).ok())
+        }
+        FoldMeta {
+            latency_ms: get(m, "latency_ms"),
+            budget: get(m, "budget"),
+            status: get(m, "status"),
+            run: get(m, "run"),
+            allocations: get(m, "allocations"),
+            dropped: get(m, "dropped"),
+        }
+    }
 }
 
 /// Event types whose metadata the fold reads.
@@ -187,19 +232,24 @@ impl FoldState {
         };
         // Parse the metadata keys the fold needs; on the fast path this is also
         // the metadata's validation (one pass instead of two).
-        let meta = if needs_meta(&event.event_type) {
-            match event.metadata.map(serde_json::from_str::<MetaKeys<'_>>) {
-                Some(Ok(m)) => m,
-                Some(Err(_)) if !checked => {
-                    return self.note_malformed(offset, "invalid JSON in `metadata`".into())
+        let meta = match event.metadata {
+            Some(text) if needs_meta(&event.event_type) => {
+                match serde_json::from_str::<MetaKeys<'_>>(text) {
+                    Ok(keys) => FoldMeta::from_keys(&keys),
+                    // Duplicate keys make the struct parse fail on valid JSON:
+                    // read them as a map, the last value winning as in Python.
+                    Err(_) => match serde_json::from_str::<serde_json::Map<String, Value>>(text) {
+                        Ok(map) => FoldMeta::from_map(&map),
+                        Err(_) => {
+                            return self.note_malformed(offset, "invalid JSON in `metadata`".into())
+                        }
+                    },
                 }
-                _ => MetaKeys::default(),
             }
-        } else {
-            if !checked && !event.metadata.is_none_or(is_json) {
+            Some(text) if !checked && !is_json(text) => {
                 return self.note_malformed(offset, "invalid JSON in `metadata`".into());
             }
-            MetaKeys::default()
+            _ => FoldMeta::default(),
         };
         self.feed_event(&event, &meta);
         self.remember(line, offset);
@@ -253,9 +303,9 @@ impl FoldState {
         }
     }
 
-    fn feed_event(&mut self, e: &RawEvent<'_>, meta: &MetaKeys<'_>) {
+    fn feed_event(&mut self, e: &RawEvent<'_>, meta: &FoldMeta) {
         self.entries += 1;
-        self.tokens += e.tokens;
+        self.tokens = self.tokens.saturating_add(e.tokens);
         if self.first_timestamp.is_none() {
             self.first_timestamp = Some(e.timestamp.to_string());
         }
@@ -271,14 +321,14 @@ impl FoldState {
             "session_start" => {
                 self.runs += 1;
                 // An undeclared run number follows the previous run's.
-                let declared = num::<u64>(meta.run);
+                let declared = meta.run;
                 let chain = self.runs == 1 || self.run_number_local;
                 self.run_number_local = declared.is_none() && chain;
                 let number = declared.unwrap_or(self.run.number + 1);
-                if let Some(b) = num::<u64>(meta.budget) {
+                if let Some(b) = meta.budget {
                     self.budget = Some(b);
                 }
-                if let Some(a) = num::<HashMap<String, u64>>(meta.allocations) {
+                if let Some(a) = meta.allocations.clone() {
                     let mut a: Vec<(String, u64)> = a.into_iter().collect();
                     a.sort();
                     a.truncate(MAX_NAMES);
@@ -301,7 +351,7 @@ impl FoldState {
                 };
             }
             "session_complete" | "session_error" => {
-                let declared: Option<String> = num(meta.status);
+                let declared = meta.status.clone();
                 let status = match (kind, declared.as_deref()) {
                     (_, Some(s @ ("complete" | "error" | "budget_exceeded"))) => s.to_string(),
                     ("session_complete", _) => "complete".to_string(),
@@ -312,21 +362,21 @@ impl FoldState {
                 self.run.ended_at = Some(e.timestamp.to_string());
             }
             "events_dropped" => {
-                self.dropped_events += num::<u64>(meta.dropped).unwrap_or(0);
+                self.dropped_events = self
+                    .dropped_events
+                    .saturating_add(meta.dropped.unwrap_or(0));
             }
             _ => {}
         }
 
         let is_step = matches!(kind, "step_complete" | "step_error");
         let latency = if is_step {
-            num::<f64>(meta.latency_ms)
-                .filter(|v| v.is_finite())
-                .unwrap_or(0.0)
+            meta.latency_ms.filter(|v| v.is_finite()).unwrap_or(0.0)
         } else {
             0.0
         };
         let update = |c: &mut ComponentTotals| {
-            c.tokens += e.tokens;
+            c.tokens = c.tokens.saturating_add(e.tokens);
             if is_step {
                 c.operations += 1;
                 c.latency_ms += latency;
@@ -337,7 +387,7 @@ impl FoldState {
         };
         with_component(&mut self.components, &e.component, update);
         with_component(&mut self.run.components, &e.component, update);
-        self.run.tokens += e.tokens;
+        self.run.tokens = self.run.tokens.saturating_add(e.tokens);
     }
 
     fn track_seq(&mut self, seq: Option<u64>) {
@@ -370,8 +420,8 @@ impl FoldState {
         self.entries += b.entries;
         self.malformed += b.malformed;
         self.oversize_lines += b.oversize_lines;
-        self.tokens += b.tokens;
-        self.dropped_events += b.dropped_events;
+        self.tokens = self.tokens.saturating_add(b.tokens);
+        self.dropped_events = self.dropped_events.saturating_add(b.dropped_events);
         self.torn_tail = b.torn_tail;
         for m in b.malformed_samples {
             if self.malformed_samples.len() < MAX_SAMPLES {

@@ -551,7 +551,7 @@ impl PyAppendWriter {
     }
 
     /// Format one event as a JSON line, assign its `seq`, queue it; returns the seq.
-    #[pyo3(signature = (session_id, event_type, component, message, tokens = 0, metadata = None, timestamp = None))]
+    #[pyo3(signature = (session_id, event_type, component, message, tokens = None, metadata = None, timestamp = None))]
     #[allow(clippy::too_many_arguments)]
     fn write_event(
         &self,
@@ -559,22 +559,22 @@ impl PyAppendWriter {
         event_type: &str,
         component: &str,
         message: &str,
-        tokens: i64,
+        tokens: Option<&Bound<'_, PyAny>>,
         metadata: Option<&[u8]>,
         timestamp: Option<&str>,
     ) -> PyResult<u64> {
-        if tokens < 0 {
-            return Err(value_error(format!("tokens must be >= 0, not {tokens}")));
-        }
+        let tokens: u64 = match tokens {
+            None => 0,
+            Some(t) => t.extract().map_err(|_| {
+                value_error(format!(
+                    "tokens must be an int from 0 to 2**64-1, not {}",
+                    t.repr().map_or_else(|_| "?".to_string(), |r| r.to_string())
+                ))
+            })?,
+        };
         self.inner
             .write_event(
-                session_id,
-                event_type,
-                component,
-                message,
-                tokens as u64,
-                metadata,
-                timestamp,
+                session_id, event_type, component, message, tokens, metadata, timestamp,
             )
             .map_err(write_err)
     }

@@ -126,7 +126,11 @@ impl Tailer {
             notify,
             buf: Vec::new(),
         };
-        t.try_open()?;
+        if !t.try_open()? {
+            // `End` means the end of the file as it is now; a file that appears
+            // later is new, and all of it is read.
+            t.start = Start::Beginning;
+        }
         Ok(t)
     }
 
@@ -781,6 +785,15 @@ mod tests {
         let mut t = Tailer::new(&path, Start::Beginning, None, 10).unwrap();
         assert_eq!(collect(&mut t), vec!["a", "<100>", "b"]);
         assert_eq!(t.stats.oversize_lines, 1);
+    }
+
+    #[test]
+    fn start_at_end_of_a_missing_file_reads_it_all_once_it_appears() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut t = Tailer::new(&path, Start::End, None, 1 << 20).unwrap();
+        append(&path, "a\nb\n");
+        assert_eq!(collect(&mut t), vec!["a", "b"]);
     }
 
     #[test]

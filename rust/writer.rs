@@ -290,9 +290,11 @@ impl AppendWriter {
         timestamp: Option<&str>,
     ) -> Result<u64, WriteError> {
         if let Some(m) = metadata {
-            if !(m.first() == Some(&b'{') && m.last() == Some(&b'}'))
-                || memchr::memchr(b'\n', m).is_some()
-            {
+            // One JSON object on one line, or the event would be written malformed.
+            let valid = m.first() == Some(&b'{')
+                && memchr::memchr(b'\n', m).is_none()
+                && serde_json::from_slice::<serde::de::IgnoredAny>(m).is_ok();
+            if !valid {
                 return Err(WriteError::BadMetadata);
             }
         }
@@ -375,13 +377,9 @@ impl AppendWriter {
 
     /// Flush, fsync, stop the background thread. Idempotent.
     pub fn close(&self) -> io::Result<()> {
-        {
-            let mut st = lock(&self.shared.state);
-            if st.closed && lock(&self.thread).is_none() {
-                return Ok(());
-            }
-            st.closed = true;
-        }
+        // No early return for an already-closed writer: if an earlier close
+        // failed (disk full), this one tries again to write what is held.
+        lock(&self.shared.state).closed = true;
         self.shared.wake.notify_all();
         if let Some(handle) = lock(&self.thread).take() {
             let _ = handle.join();
@@ -530,13 +528,24 @@ fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
             let mut st = lock(&shared.state);
             st.retry_at = Some(Instant::now() + interval);
             if !rest.is_empty() {
+                // Lines queued while the write failed go after what it kept back;
+                // the newest whole lines that no longer fit are dropped and counted.
+                let room = shared.cfg.max_buffer_bytes.saturating_sub(rest.len());
+                let newer = std::mem::take(&mut st.buf);
+                let keep = whole_lines_within(&newer, room);
+                let lost = memchr::memchr_iter(b'\n', &newer[keep..]).count() as u64;
+                if lost > 0 {
+                    st.dropping = true;
+                    st.dropped_pending += lost;
+                    st.dropped_lines += lost;
+                }
                 let mut merged = rest;
-                merged.extend_from_slice(&st.buf);
+                merged.extend_from_slice(&newer[..keep]);
                 st.buf = merged;
                 st.head_partial = rest_partial;
+            } else if rest_partial {
+                st.head_partial = true;
             }
-            // A failed flush keeps what it holds; new lines are dropped only when
-            // the bound is reached (push_locked).
             if st.buf.len() >= shared.cfg.max_buffer_bytes {
                 st.dropping = true;
             }
@@ -571,7 +580,10 @@ fn write_batch(
         head_partial = false;
     }
     let mut out = std::mem::take(data);
-    if io.needs_newline && !head_partial {
+    // The newline that repairs a torn tail is added here on every attempt until
+    // one write gets it into the file, so it is never part of what is kept back.
+    let repair = usize::from(io.needs_newline && !head_partial);
+    if repair == 1 {
         out.insert(0, b'\n');
     }
     let data_len = out.len();
@@ -630,14 +642,27 @@ fn write_batch(
             } else {
                 data_len
             };
-            let rest = out[written.min(keep_to)..keep_to].to_vec();
-            let partial = written > 0 && out[written - 1] != b'\n';
-            if partial {
+            let rest = out[written.max(repair).min(keep_to)..keep_to].to_vec();
+            // Nothing written: the rest starts where it started before.
+            let partial = if written > 0 {
+                out[written - 1] != b'\n'
+            } else {
+                head_partial
+            };
+            if written > 0 && partial {
                 io.partial_ident = Some(io.ident);
             }
             Err((e, rest, partial))
         }
     }
+}
+
+/// Length of the longest prefix of `buf` made of whole lines and at most `room` bytes.
+fn whole_lines_within(buf: &[u8], room: usize) -> usize {
+    if buf.len() <= room {
+        return buf.len();
+    }
+    memchr::memrchr(b'\n', &buf[..room]).map_or(0, |i| i + 1)
 }
 
 /// Reopen the path if it was renamed away or replaced (rotation).

@@ -1,0 +1,360 @@
+"""ExecutionLogger and the session readers over real files and processes (spec 4.2, App. D)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from sigil._native import fold_file, parse_bytes
+from sigil.telemetry.execution_logger import (
+    ExecutionLogger,
+    SyncExecutionLogger,
+    log_execution_event,
+)
+from sigil.telemetry.log_parser import SessionTailer, fold_session
+
+ROTATED = "execution_20260101_000000.jsonl"
+
+
+def log_file(log_path: Path, session_id: str) -> Path:
+    return log_path / "sessions" / session_id / "execution.jsonl"
+
+
+def seqs_in(path: Path) -> list[int]:
+    entries, bad = parse_bytes(path.read_bytes())
+    assert bad == [], bad
+    return [e.seq for e in entries]  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------
+# The spec's API
+
+
+def test_appendix_d_example_works_as_written(sigil_home: Path):
+    async def main() -> None:
+        async with ExecutionLogger(session_id="test-1").session() as logger:
+            await logger.log_event(
+                event_type="step_complete",
+                component="routing",
+                message="Intent classified",
+                tokens=50,
+                metadata={"intent": "lead_analysis"},
+            )
+
+    asyncio.run(main())
+    path = log_file(sigil_home / "logs", "test-1")
+    entries, bad = parse_bytes(path.read_bytes())
+    assert bad == []
+    assert [e.to_dict() | {"timestamp": None} for e in entries] == [
+        {
+            "timestamp": None,
+            "session_id": "test-1",
+            "event_type": "step_complete",
+            "component": "routing",
+            "message": "Intent classified",
+            "tokens": 50,
+            "metadata": {"intent": "lead_analysis"},
+            "seq": 0,
+        }
+    ]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for d in (path.parent, path.parent.parent, sigil_home / "logs"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+
+
+def test_the_async_api(tmp_path: Path):
+    async def main() -> tuple[list[int], dict]:
+        logger = ExecutionLogger("async-1", log_path=tmp_path, flush_interval=3600)
+        assert not logger.initialized
+        seqs = [await logger.log_event("step_complete", "routing", f"m{i}", i) for i in range(3)]
+        assert logger.initialized
+        await logger.flush()
+        assert seqs_in(logger.log_file) == [0, 1, 2]  # flush() wrote it
+        seqs.append(await logger.log_event("session_complete", "orchestrator", "done"))
+        await logger.close()
+        await logger.close()  # idempotent
+        return seqs, logger.stats()
+
+    seqs, stats = asyncio.run(main())
+    assert seqs == [0, 1, 2, 3]
+    assert seqs_in(log_file(tmp_path, "async-1")) == [0, 1, 2, 3]
+    assert stats["lines"] == 4 and stats["fsyncs"] >= 1
+
+
+def test_the_sync_twin(tmp_path: Path):
+    assert SyncExecutionLogger is ExecutionLogger
+    with ExecutionLogger("sync-1", log_path=tmp_path, flush_interval=3600) as logger:
+        assert logger.next_seq == 0
+        assert logger.log_event_sync("step_complete", "routing", "a", 5, {"k": [1]}) == 0
+        assert logger.log_event_sync("step_complete", "routing", "b") == 1
+        logger.flush_sync()
+        assert seqs_in(logger.log_file) == [0, 1]
+        for bad in (-1, 1.5, True, "3"):
+            with pytest.raises(ValueError, match="tokens"):
+                logger.log_event_sync("x", "c", "m", bad)  # type: ignore[arg-type]
+        assert logger.next_seq == 2
+    entries, _ = parse_bytes(log_file(tmp_path, "sync-1").read_bytes())
+    assert entries[0].metadata == {"k": [1]} and entries[0].tokens == 5
+    # logging after close reopens the file and continues the seq
+    assert logger.log_event_sync("step_complete", "routing", "c") == 2
+    logger.close_sync()
+    assert seqs_in(log_file(tmp_path, "sync-1")) == [0, 1, 2]
+
+
+def test_log_execution_event_helper(tmp_path: Path):
+    async def main() -> list[int]:
+        return [
+            await log_execution_event("helper-1", "step_complete", "c", f"{i}", log_path=tmp_path)
+            for i in range(3)
+        ]
+
+    assert asyncio.run(main()) == [0, 1, 2]
+    assert seqs_in(log_file(tmp_path, "helper-1")) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "session_id", ["../x", "", "a" * 65, "a/b", "..", ".", "a b", "x\x00", "ü", None, 42]
+)
+def test_invalid_session_ids_are_rejected_before_anything_is_created(
+    tmp_path: Path, session_id: object
+):
+    logs = tmp_path / "logs"
+    with pytest.raises(ValueError):
+        ExecutionLogger(session_id, log_path=logs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        SessionTailer(session_id, log_path=logs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        fold_session(session_id, log_path=logs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        asyncio.run(log_execution_event(session_id, "x", "c", "m", log_path=logs))  # type: ignore[arg-type]
+    assert not logs.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_longest_valid_session_id_is_accepted(tmp_path: Path):
+    sid = "a-Z_9" * 12 + "abcd"
+    assert len(sid) == 64
+    with ExecutionLogger(sid, log_path=tmp_path) as logger:
+        logger.log_event_sync("x", "c", "m")
+    assert seqs_in(log_file(tmp_path, sid)) == [0]
+
+
+# ---------------------------------------------------------------------------
+# seq across reopen and rotation
+
+
+def test_seq_continues_when_the_session_is_reopened(tmp_path: Path):
+    def run(n: int) -> list[int]:
+        with ExecutionLogger("cont-1", log_path=tmp_path) as logger:
+            return [logger.log_event_sync("step_complete", "c", "m") for _ in range(n)]
+
+    assert run(3) == [0, 1, 2]
+    assert run(2) == [3, 4]
+    live = log_file(tmp_path, "cont-1")
+    # rotated away: the next logger starts a new live file and continues the seq
+    os.rename(live, live.parent / ROTATED)
+    assert run(2) == [5, 6]
+    assert seqs_in(live.parent / ROTATED) == [0, 1, 2, 3, 4]
+    assert seqs_in(live) == [5, 6]
+    # rotated again, and an empty live file left behind (opened, nothing logged)
+    os.rename(live, live.parent / "execution_20260101_000000_2.jsonl")
+    with ExecutionLogger("cont-1", log_path=tmp_path) as logger:
+        logger.initialize_sync()
+    assert live.read_bytes() == b""
+    assert run(1) == [7]
+    # a crash left a torn line: the seq continues after the last whole event
+    with open(live, "ab") as f:
+        f.write(b'{"timestamp":"2026-01-11T10:00:00+00:00","session_id":"cont-1","seq":99')
+    assert run(1) == [8]
+    entries, bad = parse_bytes(live.read_bytes())
+    assert [e.seq for e in entries] == [7, 8]
+    assert len(bad) == 1 and "invalid JSON" in bad[0][1]
+
+
+def test_rotation_under_an_open_logger_keeps_the_seq(tmp_path: Path):
+    with ExecutionLogger("rot-1", log_path=tmp_path, flush_interval=3600) as logger:
+        for _ in range(3):
+            logger.log_event_sync("step_complete", "c", "m")
+        logger.flush_sync()
+        os.rename(logger.log_file, logger.session_dir / ROTATED)
+        for _ in range(2):
+            logger.log_event_sync("step_complete", "c", "m")
+        logger.flush_sync()
+        assert logger.stats()["reopens"] == 1
+    assert seqs_in(logger.session_dir / ROTATED) == [0, 1, 2]
+    assert seqs_in(logger.log_file) == [3, 4]
+
+
+# ---------------------------------------------------------------------------
+# log_event never waits for the disk
+
+
+def test_log_event_completes_without_suspending(tmp_path: Path):
+    """After the file is open, log_event awaits nothing: the coroutine finishes on
+    its first step (no disk I/O, no hand-off to a thread)."""
+
+    async def main() -> None:
+        logger = ExecutionLogger("nowait-1", log_path=tmp_path, fsync="always", buffer_size=1)
+        await logger.initialize()
+        for i in range(100):
+            coro = logger.log_event("step_complete", "routing", f"event {i}", tokens=1)
+            with pytest.raises(StopIteration) as done:
+                coro.send(None)
+            assert done.value.value == i
+        await logger.close()
+
+    asyncio.run(main())
+    assert seqs_in(log_file(tmp_path, "nowait-1")) == list(range(100))
+
+
+def test_logging_10000_events_keeps_the_event_loop_responsive(tmp_path: Path):
+    async def main() -> tuple[float, list[int], dict]:
+        logger = ExecutionLogger("lag-1", log_path=tmp_path, fsync="always", buffer_size=1)
+        await logger.initialize()
+        lags: list[float] = []
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                await asyncio.sleep(0.001)
+                lags.append(time.perf_counter() - t0 - 0.001)
+
+        tick = asyncio.create_task(ticker())
+        seqs = []
+        for i in range(10_000):
+            seqs.append(await logger.log_event("step_complete", "routing", f"event {i}", 1))
+            if i % 100 == 99:
+                await asyncio.sleep(0)  # a pipeline yields between steps
+        stop.set()
+        await tick
+        await logger.close()
+        return max(lags, default=0.0), seqs, logger.stats()
+
+    max_lag, seqs, stats = asyncio.run(main())
+    assert seqs == list(range(10_000))
+    assert stats["lines_written"] == 10_000
+    # Each log_event fsyncing on the loop would be 10,000 fsyncs; the background
+    # thread batches them.
+    assert stats["fsyncs"] < 5_000, stats
+    # generous: 100 events between yields must not stall the loop for long
+    assert max_lag < 1.0, max_lag
+
+
+# ---------------------------------------------------------------------------
+# Reading a session: fold_session and SessionTailer
+
+
+def test_fold_session_over_rotated_segments_and_the_live_file(tmp_path: Path):
+    assert fold_session("none-1", log_path=tmp_path).status == "waiting"
+    names = [ROTATED, "execution_20260101_000000_2.jsonl", "execution_20260102_000000.jsonl"]
+    with ExecutionLogger("fold-1", log_path=tmp_path, flush_interval=3600) as logger:
+        logger.log_event_sync("session_start", "orchestrator", "start", 0, {"budget": 500})
+        for k, name in enumerate(names):
+            for i in range(10):
+                logger.log_event_sync("step_complete", f"c{k}", f"{k}/{i}", tokens=i)
+            logger.flush_sync()
+            os.rename(logger.log_file, logger.session_dir / name)
+        for i in range(5):
+            logger.log_event_sync("step_complete", "live", f"live/{i}", tokens=100)
+        logger.log_event_sync("session_complete", "orchestrator", "done")
+    summary = fold_session("fold-1", log_path=tmp_path, last_n=3)
+    assert summary.files == [logger.session_dir / n for n in names] + [logger.log_file]
+    assert summary.entries == 1 + 30 + 5 + 1
+    assert summary.tokens_used == 3 * 45 + 500
+    assert summary.max_seq == 36 and summary.seq_gaps == 0 and summary.seq_regressions == 0
+    assert summary.budget == 500
+    assert summary.status == "complete"
+    assert {k: c.tokens for k, c in summary.components.items()} == {
+        "orchestrator": 0,
+        "c0": 45,
+        "c1": 45,
+        "c2": 45,
+        "live": 500,
+    }
+    assert [e.seq for e in summary.last_entries] == [34, 35, 36]
+    # the same as folding the files one after another by hand
+    by_hand = sum(fold_file(p)["tokens"] for p in summary.files)
+    assert by_hand == summary.tokens_used
+
+
+LIVE_WRITER = """
+import os, sys, time
+from sigil.telemetry.execution_logger import ExecutionLogger
+log_path, n, rotate_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+logger = ExecutionLogger("live-1", log_path=log_path, flush_interval=0.002, fsync="never",
+                         sanitizer=False)
+logger.initialize_sync()
+for i in range(n):
+    logger.log_event_sync("step_complete", "routing", f"event {i}", tokens=i % 13)
+    if i == rotate_at:
+        logger.flush_sync()
+        print("ready", flush=True)
+        sys.stdin.readline()
+        os.rename(logger.log_file, logger.session_dir / "execution_20260101_000000.jsonl")
+        print("rotated", flush=True)
+    if i % 50 == 0:
+        time.sleep(0.001)
+logger.close_sync()
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("tailer_opened", ["before_rotation", "after_rotation"])
+def test_catch_up_then_read_continues_exactly_after_the_fold(tmp_path: Path, tailer_opened: str):
+    n, rotate_at = 20_000, 3_000
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LIVE_WRITER, str(tmp_path), str(n), str(rotate_at)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin and proc.stdout
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        tailer = None
+        if tailer_opened == "before_rotation":
+            tailer = SessionTailer("live-1", log_path=tmp_path)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "rotated"
+        if tailer is None:
+            tailer = SessionTailer("live-1", log_path=tmp_path)
+        summary = tailer.catch_up(last_n=10)
+        # The fold saw a prefix of the session: seq 0..M without gaps.
+        m = summary.max_seq
+        assert m is not None and m >= rotate_at
+        assert summary.entries == m + 1
+        assert (summary.seq_gaps, summary.seq_regressions, summary.malformed) == (0, 0, 0)
+        assert [e.seq for e in summary.last_entries] == list(range(m - 9, m + 1))
+        got: list[int] = []
+        deadline = time.monotonic() + 60
+        while (not got or got[-1] < n - 1) and time.monotonic() < deadline:
+            result = tailer.read()
+            assert result.malformed == []
+            got += [e.seq for e in result.entries]  # type: ignore[misc]
+            if not result.entries:
+                tailer.wait(0.05)
+    finally:
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "done" in out
+    # read() continued exactly after the fold: nothing twice, nothing lost
+    assert got == list(range(m + 1, n))
+    assert tailer.read().entries == []
+    stats = tailer.stats()
+    assert stats["truncations"] == 0
+    # and the whole session folds to all n events
+    whole = fold_session("live-1", log_path=tmp_path)
+    assert (whole.entries, whole.max_seq, whole.seq_gaps) == (n, n - 1, 0)
+    assert whole.tokens_used == sum(i % 13 for i in range(n))
+    assert orjson.loads(tailer.path.read_bytes().splitlines()[-1])["seq"] == n - 1
