@@ -1,0 +1,184 @@
+"""The session lock (ARCHITECTURE.md contract 7: a session is alive while its lock is held).
+
+``sigil orchestrate`` holds an exclusive, non-blocking ``flock`` on
+``sessions/<id>/.lock`` for as long as a run is in progress. The kernel drops the
+lock when the holder's process dies -- even on ``kill -9`` -- so a monitor that sees
+no final event *and* a free lock knows the writer is gone, with no PID file or
+heartbeat to go stale.
+
+``flock`` locks belong to an open file description, so a second
+:class:`SessionLock` on the same directory conflicts with the first even inside one
+process; that is what lets the tests exercise "second orchestrator refused"
+without a second process. The lock file is never deleted: unlinking a lock file
+that another process has open lets two holders lock two different inodes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+from types import TracebackType
+
+from sigil.core.paths import LOCK_FILE_NAME
+
+__all__ = ["SessionBusy", "SessionLock", "is_session_locked", "lock_holder_pid"]
+
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+
+
+class SessionBusy(RuntimeError):
+    """Another process holds the session's lock: a run is already in progress."""
+
+
+class SessionLock:
+    """Exclusive lock on ``<session_dir>/.lock``, usable as a context manager.
+
+    ``acquire()`` creates the session directory (0700) and the lock file (0600)
+    when missing, takes the lock without blocking, and writes the holder's PID into
+    the file (for diagnostics only: the lock itself is the source of truth).
+    """
+
+    __slots__ = ("_fd", "path", "session_dir")
+
+    def __init__(self, session_dir: Path) -> None:
+        self.session_dir = Path(session_dir)
+        self.path = self.session_dir / LOCK_FILE_NAME
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        """True while this object holds the lock."""
+        return self._fd is not None
+
+    def acquire(self, *, record_pid: bool = True) -> SessionLock:
+        """Take the lock or raise :class:`SessionBusy` at once (never waits).
+
+        With ``record_pid=False`` the lock file is left as it was, so a caller that
+        may still refuse the run (and must then have written nothing) can check
+        first and call :meth:`record_pid` once it goes ahead.
+        """
+        if self._fd is not None:
+            return self
+        _make_private_dirs(self.session_dir)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                who = f" by process {holder}" if holder else ""
+                raise SessionBusy(
+                    f"session {self.session_dir.name!r} is already running{who}; "
+                    "wait for it to finish or use another --session"
+                ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        if record_pid:
+            self.record_pid()
+        return self
+
+    def record_pid(self) -> None:
+        """Write this process's PID into the held lock file (for diagnostics)."""
+        if self._fd is None:
+            raise RuntimeError("record_pid() needs the lock to be held")
+        # Permissions are fixed whatever the umask (contract 8); we own the file now.
+        os.fchmod(self._fd, _FILE_MODE)
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Drop the lock (idempotent). The file stays for the next holder."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> SessionLock:
+        return self.acquire()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __del__(self) -> None:  # pragma: no cover - safety net for a forgotten release
+        if getattr(self, "_fd", None) is not None:
+            self.release()
+
+
+def is_session_locked(session_dir: Path) -> bool:
+    """True when some process holds the session's lock.
+
+    Tries a non-blocking *shared* lock and releases it at once, so two monitors
+    probing together do not see each other as the writer. Creates nothing: a
+    missing directory or lock file means "not locked".
+    """
+    try:
+        fd = os.open(Path(session_dir) / LOCK_FILE_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except NotADirectoryError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError as exc:  # pragma: no cover - e.g. ENOLCK on exotic file systems
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return True
+            raise
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def lock_holder_pid(session_dir: Path) -> int | None:
+    """The PID written by the current holder, or None when the lock is free or unknown."""
+    if not is_session_locked(session_dir):
+        return None
+    try:
+        fd = os.open(Path(session_dir) / LOCK_FILE_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return _read_pid(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _make_private_dirs(path: Path) -> None:
+    """Create ``path`` and missing parents as 0700, whatever the umask (contract 8)."""
+    missing: list[Path] = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=_DIR_MODE)
+        except FileExistsError:
+            continue
+        os.chmod(directory, _DIR_MODE)

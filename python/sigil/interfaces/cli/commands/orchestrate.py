@@ -1,0 +1,355 @@
+"""``sigil orchestrate``: run the pipeline on a task under a token budget.
+
+The command only parses and checks its arguments, then hands over to
+:class:`~sigil.interfaces.cli.orchestrator.Orchestrator`. Everything that can be
+wrong with the input is checked before anything is written, and reported as one
+line with exit status 2. Heavy imports (the orchestrator, the native writer, the
+tokenizer) happen inside the command so that ``sigil --help`` and
+``sigil orchestrate --help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import click
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sigil.interfaces.cli.orchestrator import Orchestrator, PipelineResult
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_BUDGET = 3
+EXIT_INTERRUPTED = 130
+
+PROVIDERS = ("offline", "openai")
+
+_EPILOG = """\b
+Exit status:
+  0  the pipeline completed
+  1  the pipeline failed (a required step failed, or the run was interrupted)
+  2  bad usage: invalid option, session ID, task, budget, provider or config,
+     or the session is already running (nothing is written)
+  3  the token budget ran out before the pipeline finished
+
+\b
+Examples:
+  sigil orchestrate --task "Analyze Acme Corp"
+  sigil orchestrate --task "Analyze Acme Corp" --session acme-1 --budget 5000
+  sigil orchestrate --session acme-1 --resume
+  sigil monitor --session acme-1          (in another terminal)
+"""
+
+
+class UsageFailure(click.UsageError):
+    """A usage error shown as one line (click's default adds usage and a hint)."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"Error: {self.format_message()}", err=True)
+
+
+class OneLineErrorsCommand(click.Command):
+    """Reports click's own parsing errors (unknown option, missing value) as one line."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            if isinstance(exc, UsageFailure):
+                raise
+            raise UsageFailure(exc.format_message(), ctx) from None
+
+
+def _usage(message: str) -> NoReturn:
+    raise UsageFailure(message)
+
+
+def _parse_budget(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        value = int(text.strip().replace("_", ""))
+    except ValueError:
+        _usage(f"--budget must be a positive integer (a number of tokens), got {text!r}")
+    if value < 1:
+        _usage(f"--budget must be a positive integer (a number of tokens), got {text!r}")
+    return value
+
+
+def make_session_id() -> str:
+    """A readable, unique session ID such as ``20260111-101532-brisk-otter-3f2a``."""
+    import secrets
+    from datetime import datetime
+
+    adjectives = (
+        "amber", "brisk", "calm", "deft", "eager", "fond", "gentle", "hardy", "keen",
+        "lucid", "mellow", "nimble", "plucky", "quiet", "rapid", "steady", "tidy", "vivid",
+        "wise", "zesty",
+    )  # fmt: skip
+    nouns = (
+        "badger", "crane", "dolphin", "falcon", "gecko", "heron", "ibis", "jaguar", "koala",
+        "lynx", "marten", "newt", "otter", "panda", "quail", "raven", "stoat", "tapir",
+        "viper", "wren",
+    )  # fmt: skip
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{secrets.choice(adjectives)}-{secrets.choice(nouns)}-{secrets.token_hex(2)}"
+
+
+@click.command(
+    "orchestrate",
+    cls=OneLineErrorsCommand,
+    epilog=_EPILOG,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.option("--task", "-t", metavar="TEXT", help="The task to run the pipeline on.")
+@click.option(
+    "--session",
+    "-s",
+    "session_id",
+    metavar="ID",
+    help="Session ID (letters, digits, '-', '_'; up to 64). Default: a new readable ID. "
+    "An existing session gets a new run under the same budget.",
+)
+@click.option(
+    "--budget",
+    "-b",
+    metavar="N",
+    help="Session token budget. Default: the session's own budget, else "
+    "token_budget.default_total (256,000).",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the session's interrupted run (its writer died): completed steps are "
+    "not run again and their tokens stay counted. Needs --session.",
+)
+@click.option(
+    "--log-path",
+    metavar="DIR",
+    help="Base log directory (default: logging.path, i.e. ~/.sigil/logs).",
+)
+@click.option(
+    "--provider",
+    "-p",
+    metavar="NAME",
+    help="Model provider for the reasoning step: offline (default, no network) or openai "
+    "(any OpenAI-compatible server; see provider.* in config.yaml).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def orchestrate(
+    task: str | None,
+    session_id: str | None,
+    budget: str | None,
+    resume: bool,
+    log_path: str | None,
+    provider: str | None,
+    as_json: bool,
+) -> None:
+    """Run the agent pipeline on a task under a token budget.
+
+    Prints the session ID first (point `sigil monitor --session ID` at it), then
+    each step with its tokens and latency, the totals and the result. Every event
+    goes to <log path>/sessions/<ID>/execution.jsonl; tokens.json and metrics.json
+    are written beside it when the run ends.
+    """
+    orchestrator = _build(task, session_id, budget, resume, log_path, provider)
+    code = _run(orchestrator, task, as_json)
+    sys.exit(code)
+
+
+def _build(
+    task: str | None,
+    session_id: str | None,
+    budget_text: str | None,
+    resume: bool,
+    log_path: str | None,
+    provider: str | None,
+) -> Orchestrator:
+    """Check every input and build the orchestrator; writes nothing."""
+    if task is not None and not task.strip():
+        _usage("--task must not be empty")
+    if task is None and not resume:
+        _usage("--task is required: say what the pipeline should do, e.g. --task 'Analyze lead'")
+    if resume and session_id is None:
+        _usage("--resume needs --session ID: the session whose run to continue")
+    budget = _parse_budget(budget_text)
+    if provider is not None and provider not in PROVIDERS:
+        _usage(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
+
+    from sigil.core.paths import InvalidSessionId, validate_session_id
+
+    if session_id is not None:
+        try:
+            validate_session_id(session_id)
+        except InvalidSessionId as exc:
+            _usage(str(exc))
+
+    from sigil.core.config import ConfigError, load_settings
+
+    overrides: dict[str, object] = {"provider.name": provider, "logging.path": log_path}
+    try:
+        settings = load_settings(overrides)
+    except ConfigError as exc:
+        _usage(exc.format_message())
+
+    from pathlib import Path
+
+    base = Path(settings.logging.path).expanduser()
+    if base.exists() and not base.is_dir():
+        _usage(f"log path {base} exists and is not a directory")
+    if settings.provider.name == "openai":
+        _check_openai(settings)
+
+    if session_id is None:
+        session_id = make_session_id()
+        while (base / "sessions" / session_id).exists():  # pragma: no cover - 1 in 10^10
+            session_id = make_session_id()
+
+    from sigil.core.locks import is_session_locked, lock_holder_pid
+    from sigil.interfaces.cli.orchestrator import Orchestrator
+    from sigil.pipeline.base import StepConfigError
+
+    session_dir = base / "sessions" / session_id
+    if is_session_locked(session_dir):
+        pid = lock_holder_pid(session_dir)
+        holder = f" (process {pid})" if pid else ""
+        _usage(f"session {session_id!r} is already running{holder}; use another --session")
+    try:
+        return Orchestrator(
+            session_id,
+            token_budget=budget,
+            log_path=base,
+            settings=settings,
+            resume=resume,
+        )
+    except (StepConfigError, ValueError, TypeError) as exc:
+        _usage(str(exc))
+
+
+def _check_openai(settings: Any) -> None:
+    p = settings.provider
+    key = os.environ.get(p.api_key_env)
+    if not key and "api.openai.com" in p.base_url:
+        _usage(
+            f"provider openai needs an API key: set {p.api_key_env} "
+            "(or point provider.base_url at a local OpenAI-compatible server)"
+        )
+
+
+def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
+    import asyncio
+    import signal
+
+    from sigil.core.locks import SessionBusy
+    from sigil.interfaces.cli.orchestrator import ResumeError
+
+    def announce(orch: Orchestrator) -> None:
+        # The first line, so a monitor can be pointed at the session right away.
+        click.echo(f"Session: {orch.session_id}", err=as_json)
+        if orch.abandoned_run is not None:
+            click.echo(
+                f"note: run {orch.abandoned_run} of this session never finished (its writer "
+                "died); its tokens stay counted. Use --resume to continue such a run.",
+                err=True,
+            )
+        sys.stdout.flush()
+
+    async def main() -> PipelineResult:
+        task_ = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        if task_ is not None:
+            # SIGTERM ends the run cleanly: final event, summary files, lock released.
+            loop.add_signal_handler(signal.SIGTERM, task_.cancel)
+        return await orchestrator.execute(task, {}, on_ready=announce)
+
+    try:
+        result = asyncio.run(main())
+    except (SessionBusy, ResumeError) as exc:
+        raise UsageFailure(str(exc)) from None
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        click.echo("Error: interrupted; the session log records where it stopped", err=True)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if os.environ.get("SIGIL_DEBUG"):
+            raise
+        click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
+        return EXIT_FAILED
+
+    if as_json:
+        import json
+
+        click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
+    else:
+        _print_result(result)
+    if result.status == "complete":
+        return EXIT_OK
+    if result.status == "budget_exceeded":
+        return EXIT_BUDGET
+    return EXIT_FAILED
+
+
+def _print_result(result: PipelineResult) -> None:
+    echo = click.echo
+    resumed = " (resumed)" if result.resumed else ""
+    echo(f"Run {result.run}{resumed} · budget {result.budget:,} tokens")
+    echo("")
+    if not result.steps:
+        echo("  no step ran")
+    else:
+        echo(f"  {'step':<12}{'status':<10}{'tokens':>9}{'latency':>13}  note")
+    for step in result.steps:
+        if step.metadata.get("resumed"):
+            state, note = "ok", "recovered from the log"
+        elif step.success:
+            state = "ok"
+            attempts = step.metadata.get("attempts", 1)
+            note = f"after {attempts} attempts" if attempts and attempts > 1 else ""
+        else:
+            state, note = "failed", _shorten(step.error or "", 60)
+        echo(
+            f"  {step.step!s:<12}{state:<10}{step.tokens_used:>9,}"
+            f"{step.latency_ms:>10.1f} ms  {note}".rstrip()
+        )
+    echo("")
+    pct = result.total_tokens / result.budget * 100 if result.budget else 0.0
+    echo(
+        f"Tokens: {result.run_tokens:,} this run · {result.total_tokens:,} of "
+        f"{result.budget:,} used by the session ({pct:.1f}%) · {result.total_latency_ms:.1f} ms"
+    )
+    if result.quality_score is not None:
+        echo(
+            f"Quality: {result.quality_score:.2f} · recommended action: "
+            f"{result.recommended_action or '-'}"
+        )
+    _print_output(result.final_output)
+    tail = f" — {result.error}" if result.error else ""
+    echo(f"Status: {result.status}{tail}")
+    if result.log_file:
+        echo(f"Log: {result.log_file}")
+
+
+def _print_output(output: Any) -> None:
+    if output is None:
+        return
+    analysis = output.get("result") if isinstance(output, dict) else None
+    if not isinstance(analysis, dict):
+        analysis = output if isinstance(output, dict) else None
+    click.echo("Result:")
+    if analysis is None or "summary" not in analysis:
+        import json
+
+        click.echo("  " + _shorten(json.dumps(output, default=str, ensure_ascii=False), 400))
+        return
+    click.echo(f"  {analysis.get('summary')}")
+    for finding in analysis.get("findings") or []:
+        click.echo(f"  - {finding}")
+    if analysis.get("recommendation"):
+        click.echo(f"  Recommendation: {analysis['recommendation']}")
+
+
+def _shorten(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,1303 @@
+"""The pipeline orchestrator (spec 4.1): runs the steps of a task under a token budget.
+
+``Orchestrator(session_id, token_budget, log_path)`` and ``await execute(task, context)``
+work as in the spec's 4.1.2 and Appendix D. Around the spec's sample code this
+module keeps the contracts of ARCHITECTURE.md:
+
+* **Tokens are logged once** (contract 2). A successful step's tokens are carried
+  by its ``step_complete`` event; tokens spent by an attempt that then failed
+  (a model answered, the answer was unusable) by a ``token_consumption`` event
+  logged before the ``retry_attempt``/``step_error``. Every other event has
+  ``tokens=0``. Both go through :meth:`TokenTracker.track`, so the tracker's total,
+  ``PipelineResult.total_tokens``, ``tokens.json``'s ``total_used`` and the sum of
+  ``tokens`` over the log are the same number in every outcome.
+* **A session is a sequence of runs** (contract 11). A new ``execute`` on a session
+  whose last run ended starts run N+1 in the same log; what earlier runs used stays
+  used against the session budget, so ``total_tokens`` is the session's total and
+  ``run_tokens`` this run's share.
+* **The lock** (contract 7) is held from before the first write to after the last.
+* **Resume** (spec 8.3.3): ``resume=True`` continues a run whose writer died. The
+  log is read back, steps whose ``step_complete`` carries their output are not run
+  again, ``seq`` continues (the logger does that) and the dead run's tokens stay
+  counted -- they are in the log, and the log is the ledger.
+* **The budget is hard between steps**: once it has run out (see
+  :mod:`sigil.telemetry.tokens`) the step in flight completes, the next one does not
+  start, and the run ends with status ``budget_exceeded`` (spec 9.3).
+* **Every step goes through** :class:`~sigil.core.error_handling.ErrorHandler`:
+  transient errors are retried with backoff, a failed optional step (memory,
+  contracts, validation) is skipped, a failed required step or a config/system
+  error ends the run with status ``error``.
+* At the end of every run, whatever its outcome, ``tokens.json``, ``metrics.json``
+  and (when there were errors) ``errors.jsonl`` are written atomically, 0600.
+
+No blocking file I/O runs on the event loop: the lock, the log read-back, the
+memory store and the summary files all go through ``asyncio.to_thread``; logging
+itself only queues bytes for the native writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sigil.core.error_handling import ErrorContext, ErrorHandler, HandledError
+from sigil.core.locks import SessionLock
+from sigil.core.paths import (
+    LOG_FILE_NAME,
+    resolve_log_path,
+    rotated_segments,
+    sigil_home,
+    validate_session_id,
+)
+from sigil.pipeline.base import (
+    CONTEXT_KEYS,
+    STEP_ORDER,
+    Step,
+    StepConfigError,
+    StepContext,
+    StepOutput,
+    is_required,
+    load_step,
+    usage_of,
+)
+from sigil.telemetry.tokens import TokenTracker
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sigil.core.config import Settings
+    from sigil.pipeline.providers import ChatProvider
+    from sigil.telemetry.execution_logger import ExecutionLogger
+
+__all__ = [
+    "BudgetExhaustedError",
+    "Orchestrator",
+    "OrchestratorError",
+    "PipelineError",
+    "PipelineResult",
+    "PipelineStep",
+    "ResumeError",
+    "RunRecord",
+    "StepResult",
+    "read_session_history",
+]
+
+#: Largest step output (compact JSON) kept on its ``step_complete`` event for resume.
+MAX_LOGGED_OUTPUT = 32 * 1024
+ORCHESTRATOR = "orchestrator"
+_FINAL_EVENTS = ("session_complete", "session_error")
+
+
+class PipelineStep(StrEnum):
+    """Pipeline execution steps."""
+
+    ROUTING = "routing"
+    MEMORY = "memory"
+    PLANNING = "planning"
+    REASONING = "reasoning"
+    CONTRACTS = "contracts"
+    VALIDATION = "validation"
+
+
+class OrchestratorError(Exception):
+    """Base of the orchestrator's own errors."""
+
+
+class ResumeError(OrchestratorError, ValueError):
+    """``--resume`` on a session that has no interrupted run (a usage error)."""
+
+
+class PipelineError(OrchestratorError):
+    """A run ended with status ``error`` (raised by :meth:`PipelineResult.raise_for_status`)."""
+
+
+class BudgetExhaustedError(OrchestratorError):
+    """A run ended because the token budget ran out."""
+
+
+@dataclass
+class StepResult:
+    """Result from a single pipeline step.
+
+    ``tokens_used`` is everything the step consumed in this run, failed attempts
+    included; ``metadata`` has ``attempts``, ``input_tokens``, ``output_tokens``,
+    ``model`` and, for a step recovered by ``--resume``, ``resumed: True``.
+    """
+
+    step: PipelineStep | str
+    success: bool
+    tokens_used: int
+    latency_ms: float
+    output: Any
+    error: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["step"] = str(self.step)
+        return data
+
+
+@dataclass
+class PipelineResult:
+    """Complete pipeline execution result.
+
+    ``total_tokens`` is the *session's* consumption (all runs, including a run that
+    died and was resumed): it equals the sum of ``tokens`` over the session's log
+    and ``tokens.json``'s ``total_used``. ``run_tokens`` is this run's share.
+    """
+
+    session_id: str
+    task: str
+    success: bool
+    steps: list[StepResult]
+    total_tokens: int
+    total_latency_ms: float
+    final_output: Any
+    quality_score: float | None = None
+    recommended_action: str | None = None
+    status: str = "complete"
+    run: int = 1
+    run_tokens: int = 0
+    budget: int = 0
+    error: str | None = None
+    resumed: bool = False
+    log_file: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["steps"] = [s.to_dict() for s in self.steps]
+        return data
+
+    def raise_for_status(self) -> PipelineResult:
+        """Raise :class:`BudgetExhaustedError` or :class:`PipelineError` unless complete."""
+        if self.status == "budget_exceeded":
+            raise BudgetExhaustedError(self.error or "token budget exhausted")
+        if self.status != "complete":
+            raise PipelineError(self.error or "pipeline failed")
+        return self
+
+
+# -- the session's history, folded from its log -------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """One run of a session, folded from its events (contract 11's per-run breakdown)."""
+
+    run: int
+    status: str = "running"
+    started_at: str | None = None
+    ended_at: str | None = None
+    last_at: str | None = None
+    task: str | None = None
+    budget: int | None = None
+    tokens_used: int = 0
+    steps_completed: int = 0
+    steps_failed: int = 0
+    components: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: slot -> what its step_complete recorded (for resume)
+    completed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: step_error / retry_attempt events, as errors.jsonl records (for resume)
+    error_events: list[dict[str, Any]] = field(default_factory=list)
+
+    def component(self, name: str) -> dict[str, float]:
+        comp = self.components.get(name)
+        if comp is None:
+            comp = self.components[name] = {
+                "tokens": 0,
+                "operations": 0,
+                "latency_ms": 0.0,
+                "errors": 0,
+                "retries": 0,
+            }
+        return comp
+
+    def apply(
+        self,
+        event_type: str,
+        component: str,
+        message: str,
+        tokens: int,
+        metadata: Mapping[str, Any],
+        timestamp: str | None,
+    ) -> None:
+        """Fold one event of this run (the same rules for the log and the live run)."""
+        self.last_at = timestamp or self.last_at
+        self.tokens_used += tokens
+        comp = self.component(component)
+        comp["tokens"] += tokens
+        if event_type == "step_complete":
+            comp["operations"] += 1
+            comp["latency_ms"] += _number(metadata.get("latency_ms"))
+            self.steps_completed += 1
+            self.completed[component] = {
+                "tokens": tokens,
+                "latency_ms": _number(metadata.get("latency_ms")),
+                "has_output": "output" in metadata,
+                "output": metadata.get("output"),
+                "metadata": dict(metadata),
+            }
+        elif event_type == "step_error":
+            comp["errors"] += 1
+            comp["latency_ms"] += _number(metadata.get("latency_ms"))
+            self.steps_failed += 1
+            self.completed.pop(component, None)
+        elif event_type == "retry_attempt" and component != ORCHESTRATOR:
+            comp["retries"] += 1
+        if event_type in ("step_error", "retry_attempt") and component != ORCHESTRATOR:
+            self.error_events.append(
+                {
+                    "timestamp": timestamp,
+                    "run": self.run,
+                    "component": component,
+                    "event_type": event_type,
+                    "message": message,
+                    **{k: metadata.get(k) for k in _ERROR_KEYS if k in metadata},
+                    "recovered_from_log": True,
+                }
+            )
+        if event_type in _FINAL_EVENTS:
+            status = metadata.get("status")
+            if not isinstance(status, str):
+                status = "complete" if event_type == "session_complete" else "error"
+            self.status = status
+            self.ended_at = timestamp
+
+    @property
+    def duration_seconds(self) -> float:
+        start, end = _parse_ts(self.started_at), _parse_ts(self.ended_at or self.last_at)
+        if start is None or end is None:
+            return 0.0
+        return max(0.0, (end - start).total_seconds())
+
+    def tokens_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "status": self.status,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "budget": self.budget,
+            "tokens_used": self.tokens_used,
+            "components": {
+                name: int(c["tokens"]) for name, c in self.components.items() if c["tokens"]
+            },
+        }
+
+    def metrics_dict(self) -> dict[str, Any]:
+        return {
+            "run": self.run,
+            "status": self.status,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "duration_seconds": round(self.duration_seconds, 3),
+            "steps_completed": self.steps_completed,
+            "steps_failed": self.steps_failed,
+            "tokens_used": self.tokens_used,
+            "components": {
+                name: {
+                    "latency_ms": round(c["latency_ms"], 3),
+                    "operations": int(c["operations"]),
+                    "errors": int(c["errors"]),
+                    "retries": int(c["retries"]),
+                }
+                for name, c in self.components.items()
+                if name != ORCHESTRATOR
+            },
+        }
+
+
+_ERROR_KEYS = (
+    "error",
+    "error_type",
+    "category",
+    "severity",
+    "operation",
+    "retry_count",
+    "max_retries",
+    "should_retry",
+    "suggestion",
+    "attempt",
+    "latency_ms",
+)
+
+
+@dataclass
+class SessionHistory:
+    """Everything earlier runs left in the log."""
+
+    runs: list[RunRecord] = field(default_factory=list)
+    tokens_used: int = 0
+    malformed: int = 0
+    #: tokens logged before any session_start (only in hand-made logs)
+    orphan_tokens: int = 0
+
+    @property
+    def open_run(self) -> RunRecord | None:
+        """The last run, if it never logged a final event (its writer died)."""
+        if self.runs and self.runs[-1].status == "running":
+            return self.runs[-1]
+        return None
+
+    def component_totals(self) -> tuple[dict[str, int], dict[str, int]]:
+        tokens: dict[str, int] = {}
+        ops: dict[str, int] = {}
+        for run in self.runs:
+            for name, c in run.components.items():
+                tokens[name] = tokens.get(name, 0) + int(c["tokens"])
+                ops[name] = ops.get(name, 0) + int(c["operations"])
+        return tokens, ops
+
+
+def read_session_history(session_dir: Path) -> SessionHistory:
+    """Fold a session's log (rotated segments, then the live file) into runs.
+
+    Uses the native parser of :mod:`sigil.telemetry.log_parser`, with the monitor's
+    rules: only newline-terminated lines count (a torn last line is not an event
+    yet), over-long lines are skipped, malformed lines are counted. So the total
+    here equals ``fold_session(...).tokens_used``. Blocking: run it in a thread.
+    """
+    from sigil.telemetry import log_parser
+
+    max_line = int(getattr(log_parser, "MAX_LINE_BYTES", 1 << 20))
+    history = SessionHistory()
+    current: RunRecord | None = None
+    for path in [*rotated_segments(session_dir), session_dir / LOG_FILE_NAME]:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        end = data.rfind(b"\n")
+        if end < 0:
+            continue
+        lines = [line for line in data[: end + 1].split(b"\n")[:-1] if len(line) <= max_line]
+        parsed = log_parser.parse_lines([line for line in lines if line.strip()])
+        history.malformed += len(parsed.malformed)
+        for entry in parsed.entries:
+            tokens = int(entry.tokens)
+            history.tokens_used += tokens
+            event_type = entry.event_type
+            metadata = entry.metadata if isinstance(entry.metadata, dict) else {}
+            if event_type == "session_start":
+                number = metadata.get("run")
+                if not isinstance(number, int) or isinstance(number, bool):
+                    number = (history.runs[-1].run + 1) if history.runs else 1
+                current = RunRecord(
+                    run=number,
+                    started_at=entry.timestamp,
+                    task=metadata.get("task") if isinstance(metadata.get("task"), str) else None,
+                    budget=metadata.get("budget") if _is_count(metadata.get("budget")) else None,
+                )
+                history.runs.append(current)
+            if current is None:
+                history.orphan_tokens += tokens
+                continue
+            current.apply(
+                event_type, entry.component, entry.message, tokens, metadata, entry.timestamp
+            )
+    return history
+
+
+# -- the orchestrator ------------------------------------------------------------------
+
+
+class _RecordingLogger:
+    """Forwards events to the real logger and folds them into the live run's record.
+
+    The tracker, the error handler and the orchestrator all log through it, so the
+    run's per-component totals for ``tokens.json``/``metrics.json`` are built from
+    exactly the events that went to the log, by the same rules as the read-back.
+    """
+
+    def __init__(self, logger: ExecutionLogger, record: RunRecord) -> None:
+        self._logger = logger
+        self.record = record
+
+    def _apply(
+        self, event_type: str, component: str, message: str, tokens: int, metadata: Any
+    ) -> None:
+        now = datetime.now(UTC).isoformat()
+        self.record.apply(event_type, component, message, tokens, metadata or {}, now)
+
+    async def log_event(
+        self,
+        event_type: str,
+        component: str,
+        message: str,
+        tokens: int = 0,
+        metadata: dict[str, Any] | None = None,
+    ) -> int:
+        seq = await self._logger.log_event(event_type, component, message, tokens, metadata)
+        self._apply(event_type, component, message, tokens, metadata)
+        return seq
+
+    def log_event_sync(
+        self,
+        event_type: str,
+        component: str,
+        message: str,
+        tokens: int = 0,
+        metadata: dict[str, Any] | None = None,
+    ) -> int:
+        seq = self._logger.log_event_sync(event_type, component, message, tokens, metadata)
+        self._apply(event_type, component, message, tokens, metadata)
+        return seq
+
+
+@dataclass
+class _Prepared:
+    history: SessionHistory
+    run: RunRecord
+    task: str
+    budget: int
+    resumed: bool
+    #: error events the dead process logged in the run being resumed (for errors.jsonl)
+    dead_errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Orchestrator:
+    """
+    Main pipeline orchestrator for Sigil v2 CLI execution.
+
+    Responsibilities:
+    - Coordinate pipeline step execution
+    - Manage token budgets across steps (and across the runs of a session)
+    - Log all operations for monitoring
+    - Handle errors with graceful degradation
+
+    Attributes:
+        session_id: Unique identifier for this execution session
+        token_budget: Total token budget of the session
+        execution_logger: Logger for monitor observation
+        token_tracker: Tracks token consumption
+        steps: the pipeline's components by slot, in order
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        token_budget: int | None = None,
+        log_path: str | os.PathLike[str] | None = None,
+        *,
+        components: Mapping[str, Step] | None = None,
+        provider: ChatProvider | str | None = None,
+        settings: Settings | None = None,
+        resume: bool = False,
+        error_handler: ErrorHandler | None = None,
+        home: str | os.PathLike[str] | None = None,
+    ) -> None:
+        """
+        Initialize the orchestrator.
+
+        Args:
+            session_id: Unique session identifier (``^[A-Za-z0-9_-]{1,64}$``).
+            token_budget: Session budget; default: the session's recorded budget if it
+                has one, else ``token_budget.default_total`` (256K).
+            log_path: Log directory (default ``logging.path``, i.e. ~/.sigil/logs).
+            components: steps to use instead of the built-in ones, by slot
+                (``routing``, ``memory``, ``planning``, ``reasoning``, ``contracts``,
+                ``validation``); config's ``pipeline.steps`` can do the same.
+            provider: ``"offline"``, ``"openai"`` or a provider object; default from
+                settings (``provider.name``).
+            settings: effective settings; loaded from config/env when omitted
+                (this reads ``config.yaml`` once, synchronously).
+            resume: continue the session's interrupted run instead of starting one.
+            error_handler: replaces the handler built from ``settings.errors``.
+            home: where ``memory.db`` lives (default: the sigil home).
+        """
+        self.session_id = validate_session_id(session_id)
+        if token_budget is not None and (
+            isinstance(token_budget, bool) or not isinstance(token_budget, int) or token_budget < 1
+        ):
+            raise ValueError(f"token budget must be a positive integer, got {token_budget!r}")
+        if settings is None:
+            from sigil.core.config import load_settings
+
+            settings = load_settings()
+        self.settings = settings
+        self._budget_explicit = token_budget is not None
+        self.token_budget: int = (
+            token_budget if token_budget is not None else settings.token_budget.default_total
+        )
+        self.log_path = resolve_log_path(log_path or settings.logging.path)
+        self.session_dir = self.log_path / "sessions" / self.session_id
+        self.home = Path(home) if home is not None else sigil_home()
+        self.resume = resume
+        self.provider = self._make_provider(provider)
+        self.steps: dict[str, Step] = self._make_steps(components)
+
+        from sigil.telemetry.execution_logger import ExecutionLogger
+        from sigil.telemetry.sanitization import sanitizer_from_settings
+
+        sanitizer = sanitizer_from_settings(settings)
+        self.execution_logger = ExecutionLogger(
+            session_id=self.session_id,
+            log_path=self.log_path,
+            buffer_size=settings.logging.buffer_size_bytes,
+            flush_interval=settings.logging.flush_interval_seconds,
+            fsync=settings.logging.fsync,
+            sanitizer=sanitizer if sanitizer is not None else False,
+        )
+        self.token_tracker = TokenTracker.from_settings(
+            settings, total_budget=self.token_budget, logger=self.execution_logger
+        )
+        self.error_handler = error_handler or ErrorHandler.from_settings(settings)
+        self._lock = SessionLock(self.session_dir)
+        self._executed = False
+        #: set when a new run starts on a session whose previous run never ended
+        self.abandoned_run: int | None = None
+        #: the run this orchestrator executes (known once the session is locked)
+        self.run_number: int | None = None
+
+    # -- spec 4.1.2's injectable component attributes ------------------------------
+
+    @property
+    def router(self) -> Step:
+        return self.steps["routing"]
+
+    @router.setter
+    def router(self, step: Step) -> None:
+        self.steps["routing"] = step
+
+    @property
+    def memory_manager(self) -> Step:
+        return self.steps["memory"]
+
+    @memory_manager.setter
+    def memory_manager(self, step: Step) -> None:
+        self.steps["memory"] = step
+
+    @property
+    def planner(self) -> Step:
+        return self.steps["planning"]
+
+    @planner.setter
+    def planner(self, step: Step) -> None:
+        self.steps["planning"] = step
+
+    @property
+    def reasoning_manager(self) -> Step:
+        return self.steps["reasoning"]
+
+    @reasoning_manager.setter
+    def reasoning_manager(self, step: Step) -> None:
+        self.steps["reasoning"] = step
+
+    @property
+    def contract_executor(self) -> Step:
+        return self.steps["contracts"]
+
+    @contract_executor.setter
+    def contract_executor(self, step: Step) -> None:
+        self.steps["contracts"] = step
+
+    @property
+    def log_file(self) -> Path:
+        return self.session_dir / LOG_FILE_NAME
+
+    @property
+    def provider_name(self) -> str:
+        return "offline" if self.provider is None else str(getattr(self.provider, "name", "custom"))
+
+    # -- construction helpers ----------------------------------------------------------
+
+    def _make_provider(self, provider: ChatProvider | str | None) -> ChatProvider | None:
+        name = self.settings.provider.name if provider is None else provider
+        if not isinstance(name, str):
+            return name
+        if name == "offline":
+            return None
+        if name == "openai":
+            from sigil.pipeline.providers import OpenAIChatProvider
+
+            return OpenAIChatProvider.from_settings(self.settings)
+        raise ValueError(f"unknown provider {name!r}: use 'offline' or 'openai'")
+
+    def _make_steps(self, components: Mapping[str, Step] | None) -> dict[str, Step]:
+        from sigil.pipeline.offline import default_steps
+
+        steps = default_steps()
+        for slot, path in _configured_steps(self.settings).items():
+            if slot not in steps:
+                raise StepConfigError(
+                    f"pipeline.steps: unknown step {slot!r}; use one of {', '.join(STEP_ORDER)}"
+                )
+            steps[slot] = load_step(path, slot)
+        for slot, step in (components or {}).items():
+            if slot not in steps:
+                raise ValueError(f"unknown pipeline step {slot!r}; use one of {STEP_ORDER}")
+            if not callable(getattr(step, "run", None)):
+                raise TypeError(f"component for {slot!r} has no run(ctx) method")
+            steps[slot] = step
+        return steps
+
+    # -- execution ---------------------------------------------------------------------------
+
+    async def execute(
+        self,
+        task: str | None = None,
+        context: dict[str, Any] | None = None,
+        *,
+        on_ready: Callable[[Orchestrator], None] | None = None,
+    ) -> PipelineResult:
+        """
+        Execute the full pipeline for a task.
+
+        Args:
+            task: The user's task description (optional with ``resume=True``: the
+                interrupted run's task is read from the log).
+            context: Optional context dictionary, visible to every step.
+            on_ready: called once the session is locked and the run accepted, just
+                before its first event (the CLI prints the session ID there, so
+                nothing is printed for a run that is refused).
+
+        Returns:
+            PipelineResult with execution details. A failed step or an exhausted
+            budget is reported in the result (``status``/``success``); call
+            :meth:`PipelineResult.raise_for_status` to turn it into an exception.
+
+        Raises:
+            SessionBusy: another process is running this session.
+            ResumeError: ``resume=True`` but there is no interrupted run.
+            ValueError: an empty task.
+        """
+        if self._executed:
+            raise OrchestratorError("an Orchestrator runs once; create a new one for a new run")
+        if task is not None and (not isinstance(task, str) or not task.strip()):
+            raise ValueError("task must be a non-empty string")
+        if task is None and not self.resume:
+            raise ValueError("task must be a non-empty string")
+        self._executed = True
+        prepared = await asyncio.to_thread(self._prepare, task)
+        try:
+            if on_ready is not None:
+                on_ready(self)
+            return await self._run(prepared, dict(context or {}))
+        finally:
+            await asyncio.to_thread(self._lock.release)
+
+    def _prepare(self, task: str | None) -> _Prepared:
+        """Lock the session and read its history (blocking: runs in a thread).
+
+        Everything that can refuse the run is checked before anything is written.
+        """
+        if self.resume and not (self.session_dir / LOG_FILE_NAME).exists():
+            raise ResumeError(
+                f"session {self.session_id!r} has no log to resume in {self.log_path}"
+            )
+        self._lock.acquire(record_pid=False)
+        try:
+            history = read_session_history(self.session_dir)
+            open_run = history.open_run
+            if self.resume:
+                if open_run is None:
+                    last = history.runs[-1].status if history.runs else "no run"
+                    raise ResumeError(
+                        f"session {self.session_id!r} has no interrupted run to resume "
+                        f"(last run: {last}); run without --resume to start a new run"
+                    )
+                run = open_run
+                task = task or open_run.task
+                if not task:
+                    raise ResumeError("the interrupted run's task is not in the log; pass --task")
+            else:
+                if open_run is not None:
+                    # Its writer died and the user chose a new run: the dead run's
+                    # tokens stay used; it is reported as incomplete.
+                    open_run.status = "incomplete"
+                    self.abandoned_run = open_run.run
+                number = (history.runs[-1].run + 1) if history.runs else 1
+                run = RunRecord(run=number, started_at=datetime.now(UTC).isoformat(), task=task)
+            budget = self.token_budget
+            if not self._budget_explicit:
+                recorded = (open_run.budget if self.resume and open_run else None) or next(
+                    (r.budget for r in reversed(history.runs) if r.budget), None
+                )
+                budget = recorded or budget
+            run.budget = budget
+            self.token_budget = budget
+            self.run_number = run.run
+            # The run is accepted: from here on it may write.
+            self._lock.record_pid()
+            self._make_current_link()
+        except BaseException:
+            self._lock.release()
+            raise
+        assert task is not None
+        dead_errors = list(run.error_events) if self.resume else []
+        return _Prepared(history, run, task, budget, self.resume, dead_errors)
+
+    def _make_current_link(self) -> None:
+        """Point ``<log_path>/current.jsonl`` at this session's log (atomically)."""
+        link = self.log_path / "current.jsonl"
+        target = Path("sessions") / self.session_id / LOG_FILE_NAME
+        tmp = self.log_path / f".current.{os.getpid()}.tmp"
+        try:
+            tmp.unlink(missing_ok=True)
+            os.symlink(target, tmp)
+            os.replace(tmp, link)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a missing convenience link must not stop a run
+
+    async def _run(self, prep: _Prepared, context: dict[str, Any]) -> PipelineResult:
+        history, record = prep.history, prep.run
+        self.token_budget = prep.budget
+        # The tracker starts from what the log already holds: earlier runs, and on
+        # resume the dead part of this run. The log is the ledger (contract 2).
+        tracker = TokenTracker.from_settings(self.settings, total_budget=prep.budget)
+        comp_tokens, comp_ops = history.component_totals()
+        tracker.restore(history.tokens_used, comp_tokens, comp_ops)
+        log = _RecordingLogger(self.execution_logger, record)
+        tracker.logger = log
+        self.token_tracker = tracker
+        handler = self.error_handler
+        handler.logger = log
+        handled_before = len(handler.handled)
+        tokens_before_run = history.tokens_used - (record.tokens_used if prep.resumed else 0)
+
+        from sigil.pipeline.tokenizer import TOKENIZER_NAME, load_tokenizer
+
+        # Building the tokenizer takes ~150 ms: do it in a thread while the log opens
+        # and session_start goes out, so a monitor sees the run start at once.
+        tokenizer_future = asyncio.ensure_future(load_tokenizer())
+        try:
+            return await self._run_steps(
+                prep,
+                context,
+                log,
+                tracker,
+                handled_before,
+                tokens_before_run,
+                tokenizer_future,
+                TOKENIZER_NAME,
+            )
+        finally:
+            if not tokenizer_future.done():
+                tokenizer_future.cancel()
+            elif not tokenizer_future.cancelled():
+                tokenizer_future.exception()  # retrieved: no "never retrieved" warning
+
+    async def _run_steps(
+        self,
+        prep: _Prepared,
+        context: dict[str, Any],
+        log: _RecordingLogger,
+        tracker: TokenTracker,
+        handled_before: int,
+        tokens_before_run: int,
+        tokenizer_future: asyncio.Future[Any],
+        tokenizer_name: str,
+    ) -> PipelineResult:
+        record = prep.run
+        await self.execution_logger.initialize()
+        tokenizer: Any = None
+        started = time.perf_counter()
+        steps: list[StepResult] = []
+        outputs: dict[str, Any] = {}
+        status, error = "complete", None
+        exhausted_at_start = not tracker.can_continue()
+        budget_event_logged = False
+
+        async def finish() -> PipelineResult:
+            # Reads status and error when called: the outcome decided below.
+            return await self._finish(
+                prep, log, tracker, steps, status, error, started, handled_before,
+                tokens_before_run,
+            )  # fmt: skip
+
+        if prep.resumed:
+            recovered = [s for s in self.steps if record.completed.get(s, {}).get("has_output")]
+            await log.log_event(
+                "retry_attempt",
+                ORCHESTRATOR,
+                f"Resuming run {record.run} of session {self.session_id}: "
+                f"{len(recovered)} completed steps recovered from the log",
+                0,
+                {
+                    "resume": True,
+                    "run": record.run,
+                    "recovered_steps": recovered,
+                    "tokens_before_resume": tracker.used,
+                    "budget": prep.budget,
+                },
+            )
+        else:
+            await log.log_event(
+                "session_start",
+                ORCHESTRATOR,
+                f"Starting pipeline for: {prep.task}",
+                0,
+                {
+                    "task": prep.task,
+                    "budget": prep.budget,
+                    "allocations": tracker.allocations,
+                    "run": record.run,
+                    "thresholds": tracker.thresholds,
+                    "provider": self.provider_name,
+                    "model": self._model_name(tokenizer_name),
+                    "tokenizer": tokenizer_name,
+                    "steps": list(self.steps),
+                    "context_keys": sorted(str(k) for k in context),
+                    "tokens_before_run": tracker.used,
+                },
+            )
+            record.started_at = record.last_at
+
+        try:
+            for slot, step in self.steps.items():
+                done = record.completed.get(slot) if prep.resumed else None
+                if done and done.get("has_output"):
+                    result = StepResult(
+                        step=_step_name(slot),
+                        success=True,
+                        tokens_used=int(done["tokens"]),
+                        latency_ms=float(done["latency_ms"]),
+                        output=done["output"],
+                        metadata={"resumed": True, "attempts": 0},
+                    )
+                    steps.append(result)
+                    outputs[slot] = result.output
+                    context[CONTEXT_KEYS.get(slot, slot)] = result.output
+                    continue
+                if not tracker.can_continue():
+                    status = "budget_exceeded"
+                    error = (
+                        f"token budget exhausted before step {slot}: "
+                        f"{tracker.used:,} of {prep.budget:,} tokens used"
+                    )
+                    if exhausted_at_start and not budget_event_logged:
+                        notice = tracker.exhausted_notice()
+                        meta = notice.metadata() | {"reason": "spent by earlier runs"}
+                        await log.log_event(
+                            notice.event_type, ORCHESTRATOR, notice.message, 0, meta
+                        )
+                        budget_event_logged = True
+                    break
+                if tokenizer is None:
+                    tokenizer = await tokenizer_future
+                result, handled = await self._execute_step(
+                    slot, step, prep.task, context, outputs, tokenizer, record.run, tracker
+                )
+                steps.append(result)
+                if result.success:
+                    outputs[slot] = result.output
+                    context[CONTEXT_KEYS.get(slot, slot)] = result.output
+                    continue
+                if result.metadata.get("stopped_by_budget"):
+                    status, error = "budget_exceeded", f"step {slot} failed: {result.error}"
+                    break
+                fatal = handled is not None and handled.fatal
+                if fatal or is_required(slot, step):
+                    status = "error"
+                    error = f"step {slot} failed: {result.error}"
+                    break
+        except BaseException as exc:
+            # Cancelled, interrupted or a bug in the orchestrator itself: still end the
+            # run properly (final event, summary files) so the log says what happened.
+            status = "error"
+            if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
+                error = "interrupted"
+            else:
+                error = f"internal error: {type(exc).__name__}: {exc}"
+            await finish()
+            raise
+        return await finish()
+
+    def _model_name(self, tokenizer_name: str) -> str:
+        if self.provider is not None:
+            return str(getattr(self.provider, "model", "unknown"))
+        return f"offline ({tokenizer_name})"
+
+    async def _execute_step(
+        self,
+        slot: str,
+        step: Step,
+        task: str,
+        context: dict[str, Any],
+        outputs: dict[str, Any],
+        tokenizer: Any,
+        run: int,
+        tracker: TokenTracker,
+    ) -> tuple[StepResult, HandledError | None]:
+        """Run one step with retries; log its events; never raises for a step failure."""
+        log = tracker.logger
+        assert log is not None
+        title = slot.replace("_", " ").title()
+        await log.log_event("step_start", slot, f"{title} started", 0, {"run": run})
+        step_started = time.perf_counter()
+        spent = 0
+        attempt = 0
+        while True:
+            attempt += 1
+            ctx = StepContext(
+                task=task,
+                session_id=self.session_id,
+                step=slot,
+                attempt=attempt,
+                context=context,
+                outputs=dict(outputs),
+                tokenizer=tokenizer,
+                provider=self.provider,
+                home=self.home,
+                run=run,
+                settings=self.settings,
+                tokens_remaining=tracker.remaining,
+            )
+            attempt_started = time.perf_counter()
+            try:
+                out = await step.run(ctx)
+                if not isinstance(out, StepOutput):
+                    raise TypeError(f"step {slot} returned {type(out).__name__}, not a StepOutput")
+            except Exception as exc:
+                now = time.perf_counter()
+                usage = usage_of(exc)
+                if usage is not None:
+                    spent += usage.total
+                    await tracker.track(
+                        slot,
+                        usage.total,
+                        event_type="token_consumption",
+                        message=f"{title} attempt {attempt} failed; it used {usage.total} tokens",
+                        metadata=_usage_meta(usage.input_tokens, usage.output_tokens, usage.model)
+                        | {"attempt": attempt, "outcome": "failed_attempt", "run": run},
+                    )
+                handled = self.error_handler.handle(
+                    exc,
+                    ErrorContext(
+                        component=slot,
+                        operation=f"{slot}.run",
+                        session_id=self.session_id,
+                        metadata={
+                            "attempt": attempt,
+                            "run": run,
+                            "latency_ms": round((now - step_started) * 1000, 3),
+                            "attempt_latency_ms": round((now - attempt_started) * 1000, 3),
+                        },
+                    ),
+                    retry_count=attempt - 1,
+                )
+                stopped_by_budget = False
+                if handled.should_retry and not tracker.can_continue():
+                    # No new attempt once the budget has run out (spec 9.3).
+                    handled.should_retry = False
+                    handled.suggestion = "Token budget exhausted - not retrying"
+                    handled.message = f"{handled.error_type}: {exc} ({handled.suggestion})"
+                    stopped_by_budget = True
+                await self.error_handler.log_error(handled)
+                if handled.should_retry:
+                    await asyncio.sleep(handled.retry_delay)
+                    continue
+                return (
+                    StepResult(
+                        step=_step_name(slot),
+                        success=False,
+                        tokens_used=spent,
+                        latency_ms=(now - step_started) * 1000,
+                        output=None,
+                        error=handled.message,
+                        metadata={
+                            "attempts": attempt,
+                            "category": handled.category.value,
+                            "error_type": handled.error_type,
+                            "required": is_required(slot, step),
+                            "stopped_by_budget": stopped_by_budget,
+                        },
+                    ),
+                    handled,
+                )
+            now = time.perf_counter()
+            latency_ms = (now - step_started) * 1000
+            spent += out.tokens
+            meta: dict[str, Any] = {
+                "run": run,
+                "attempt": attempt,
+                "latency_ms": round(latency_ms, 3),
+                "attempt_latency_ms": round((now - attempt_started) * 1000, 3),
+                **_usage_meta(out.input_tokens, out.output_tokens, out.model),
+                "tokenizer": tokenizer.name if out.model is None else None,
+            }
+            if meta["tokenizer"] is None:
+                del meta["tokenizer"]
+            for key, value in out.metadata.items():
+                meta.setdefault(key, value)
+            _attach_output(meta, out.output)
+            await tracker.track(
+                slot,
+                out.tokens,
+                event_type="step_complete",
+                message=out.message or f"{title} completed",
+                metadata=meta,
+            )
+            return (
+                StepResult(
+                    step=_step_name(slot),
+                    success=True,
+                    tokens_used=spent,
+                    latency_ms=latency_ms,
+                    output=out.output,
+                    metadata={
+                        "attempts": attempt,
+                        **_usage_meta(out.input_tokens, out.output_tokens, out.model),
+                        **out.metadata,
+                    },
+                ),
+                None,
+            )
+
+    async def _finish(
+        self,
+        prep: _Prepared,
+        log: _RecordingLogger,
+        tracker: TokenTracker,
+        steps: list[StepResult],
+        status: str,
+        error: str | None,
+        started: float,
+        handled_before: int,
+        tokens_before_run: int,
+    ) -> PipelineResult:
+        """Final event, close the log, write the summary files; build the result."""
+        record = prep.run
+        run_latency = sum(s.latency_ms for s in steps if not s.metadata.get("resumed"))
+        total = tracker.used
+        validation = next((s for s in steps if str(s.step) == "validation" and s.success), None)
+        reasoning = next((s for s in steps if str(s.step) == "reasoning" and s.success), None)
+        quality = validation.metadata.get("quality_score") if validation else None
+        action = (validation.metadata.get("action") if validation else None) or (
+            reasoning.metadata.get("action") if reasoning else None
+        )
+        final_output = (
+            validation.output if validation else (reasoning.output if reasoning else None)
+        )
+        failed = [str(s.step) for s in steps if not s.success]
+        summary_meta = {
+            "status": status,
+            "run": record.run,
+            "total_tokens": total,
+            "run_tokens": total - tokens_before_run,
+            "budget": prep.budget,
+            "budget_remaining": max(0, prep.budget - total),
+            "total_latency_ms": round(run_latency, 3),
+            "wall_time_ms": round((time.perf_counter() - started) * 1000, 3),
+            "steps_completed": sum(1 for s in steps if s.success),
+            "steps_failed": len(failed),
+            "failed_steps": failed,
+            "quality_score": quality,
+            "recommended_action": action,
+        }
+        if error:
+            summary_meta["error"] = error
+        try:
+            if status == "complete":
+                message = "Pipeline completed successfully" + (
+                    f" (skipped failed optional steps: {', '.join(failed)})" if failed else ""
+                )
+                await log.log_event("session_complete", ORCHESTRATOR, message, 0, summary_meta)
+            else:
+                await log.log_event(
+                    "session_error", ORCHESTRATOR, f"Pipeline failed: {error}", 0, summary_meta
+                )
+        finally:
+            record.status = status
+            errors = self.error_handler.handled[handled_before:]
+            await self.execution_logger.close()
+            writer_stats = self.execution_logger.stats()
+            await asyncio.to_thread(self._write_summaries, prep, tracker, errors, writer_stats)
+        return PipelineResult(
+            session_id=self.session_id,
+            task=prep.task,
+            success=status == "complete",
+            steps=steps,
+            total_tokens=total,
+            total_latency_ms=run_latency,
+            final_output=final_output,
+            quality_score=quality,
+            recommended_action=action,
+            status=status,
+            run=record.run,
+            run_tokens=total - tokens_before_run,
+            budget=prep.budget,
+            error=error,
+            resumed=prep.resumed,
+            log_file=str(self.log_file),
+        )
+
+    # -- summary files ------------------------------------------------------------------
+
+    def _write_summaries(
+        self,
+        prep: _Prepared,
+        tracker: TokenTracker,
+        errors: list[HandledError],
+        writer_stats: Mapping[str, Any],
+    ) -> None:
+        """tokens.json, metrics.json and errors.jsonl (blocking: runs in a thread)."""
+        now = datetime.now(UTC).isoformat()
+        runs = [r for r in prep.history.runs if r is not prep.run] + [prep.run]
+        status_info = tracker.get_status()
+        components: dict[str, dict[str, Any]] = {}
+        for name, c in status_info["components"].items():
+            if c["allocated"] or c["used"]:
+                components[name] = {
+                    "allocated": c["allocated"],
+                    "used": c["used"],
+                    "utilization": round(c["utilization"], 2),
+                }
+        tokens_doc = {
+            "session_id": self.session_id,
+            "timestamp": now,
+            "status": prep.run.status,
+            "run": prep.run.run,
+            "total_budget": tracker.total,
+            "total_used": status_info["used"],
+            "total_remaining": status_info["remaining"],
+            "utilization_percentage": round(status_info["utilization"], 2),
+            "warning_level": status_info["warning_level"],
+            "thresholds": status_info["thresholds"],
+            "components": components,
+            "runs": [r.tokens_dict() for r in runs],
+        }
+        _atomic_write(self.session_dir / "tokens.json", _json_bytes(tokens_doc))
+
+        metric_components: dict[str, dict[str, Any]] = {}
+        for run in runs:
+            for name, values in run.metrics_dict()["components"].items():
+                agg = metric_components.setdefault(
+                    name, {"latency_ms": 0.0, "operations": 0, "errors": 0, "retries": 0}
+                )
+                for key in agg:
+                    agg[key] += values[key]
+        for agg in metric_components.values():
+            agg["latency_ms"] = round(agg["latency_ms"], 3)
+            ops = agg["operations"]
+            agg["average_latency_ms"] = round(agg["latency_ms"] / ops, 3) if ops else None
+        timed = {n: a for n, a in metric_components.items() if a["operations"]}
+        total_ops = sum(a["operations"] for a in timed.values())
+        metrics_doc = {
+            "session_id": self.session_id,
+            "timestamp": now,
+            "status": prep.run.status,
+            "run": prep.run.run,
+            "duration_seconds": round(sum(r.duration_seconds for r in runs), 3),
+            "steps_completed": sum(r.steps_completed for r in runs),
+            "steps_failed": sum(r.steps_failed for r in runs),
+            "components": metric_components,
+            "slowest_component": max(
+                timed, key=lambda n: (timed[n]["average_latency_ms"], n), default=None
+            ),
+            "fastest_component": min(
+                timed, key=lambda n: (timed[n]["average_latency_ms"], n), default=None
+            ),
+            "average_latency_ms": (
+                round(sum(a["latency_ms"] for a in timed.values()) / total_ops, 3)
+                if total_ops
+                else None
+            ),
+            "runs": [r.metrics_dict() for r in runs],
+            "log": dict(writer_stats),
+        }
+        _atomic_write(self.session_dir / "metrics.json", _json_bytes(metrics_doc))
+
+        records: list[dict[str, Any]] = []
+        records += prep.dead_errors
+        records += [{**h.to_record(), "run": prep.run.run} for h in errors]
+        if records:
+            path = self.session_dir / "errors.jsonl"
+            try:
+                previous = path.read_bytes()
+            except FileNotFoundError:
+                previous = b""
+            if previous and not previous.endswith(b"\n"):
+                previous += b"\n"
+            body = b"".join(_json_bytes(r, indent=False) + b"\n" for r in records)
+            _atomic_write(path, previous + body)
+
+
+def _configured_steps(settings: Any) -> dict[str, str]:
+    """``pipeline.steps`` (slot -> ``"module:attribute"``) from the settings."""
+    steps = getattr(getattr(settings, "pipeline", None), "steps", None)
+    if not isinstance(steps, Mapping):
+        return {}
+    return {str(slot): str(path) for slot, path in steps.items()}
+
+
+def _step_name(slot: str) -> PipelineStep | str:
+    try:
+        return PipelineStep(slot)
+    except ValueError:
+        return slot
+
+
+def _usage_meta(input_tokens: int, output_tokens: int, model: str | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+    if model is not None:
+        meta["model"] = model
+    return meta
+
+
+def _attach_output(meta: dict[str, Any], output: Any) -> None:
+    """Keep the step's output on its event (for ``--resume``) when it is small and JSON."""
+    try:
+        size = len(json.dumps(output, separators=(",", ":"), ensure_ascii=False))
+    except (TypeError, ValueError):
+        meta["output_omitted"] = "not JSON-serialisable"
+        return
+    if size > MAX_LOGGED_OUTPUT:
+        meta["output_omitted"] = f"{size} bytes > {MAX_LOGGED_OUTPUT}"
+        return
+    meta["output"] = output
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return 0.0
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _parse_ts(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _json_bytes(doc: Any, indent: bool = True) -> bytes:
+    text = json.dumps(doc, indent=2 if indent else None, ensure_ascii=False, default=str)
+    return text.encode() + (b"\n" if indent else b"")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``path`` as 0600 via a temporary file, fsync and rename (never half-written)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,73 @@
+"""Pipeline steps that misbehave on purpose, for the end-to-end tests of ``sigil orchestrate``.
+
+They are plugged in the way a user would plug in their own steps: by dotted import
+path under ``pipeline.steps`` in ``config.yaml`` (the tests put this directory on
+``PYTHONPATH``). Nothing in sigil is monkeypatched. Behaviour that must differ
+between two processes of one test (slow before a kill, fast on resume) is chosen
+by environment variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from sigil.pipeline.base import StepContext, StepError, StepOutput, TokenUsage
+from sigil.pipeline.offline import MemoryStep, PlanningStep, ReasoningStep
+
+#: What each failed attempt of FlakyReasoning "consumed" before failing.
+FAILED_ATTEMPT_USAGE = TokenUsage(input_tokens=40, output_tokens=10, model="flaky-model")
+
+
+class FlakyReasoning(ReasoningStep):
+    """Fails ``SIGIL_TEST_FAILURES`` (default 2) times with a transient error, then works.
+
+    Each failed attempt reports the tokens it used, as a model call that timed
+    out mid-answer would: they must be logged once, on a token_consumption event.
+    """
+
+    async def run(self, ctx: StepContext) -> StepOutput:
+        failures = int(os.environ.get("SIGIL_TEST_FAILURES", "2"))
+        if ctx.attempt <= failures:
+            raise StepError(
+                f"model server timed out (attempt {ctx.attempt})",
+                usage=FAILED_ATTEMPT_USAGE,
+                category="transient",
+                retry_after=0.001,
+            )
+        return await super().run(ctx)
+
+
+class FailingReasoning(ReasoningStep):
+    """Always fails with a logic error (reasoning is required: the run fails)."""
+
+    async def run(self, ctx: StepContext) -> StepOutput:
+        raise ValueError("reasoning exploded on purpose")
+
+
+class FailingMemory(MemoryStep):
+    """Always fails with a logic error (memory is optional: the run continues)."""
+
+    async def run(self, ctx: StepContext) -> StepOutput:
+        raise ValueError("memory store corrupted on purpose")
+
+
+class MisconfiguredReasoning(ReasoningStep):
+    """Fails as a missing API key would: a config error stops the run at once."""
+
+    async def run(self, ctx: StepContext) -> StepOutput:
+        raise PermissionError("invalid api key for the model server")
+
+
+class SlowPlanning(PlanningStep):
+    """Sleeps ``SIGIL_TEST_SLOW_SECONDS`` (default 0) before planning: a window for kill -9."""
+
+    async def run(self, ctx: StepContext) -> StepOutput:
+        await asyncio.sleep(float(os.environ.get("SIGIL_TEST_SLOW_SECONDS", "0")))
+        return await super().run(ctx)
+
+
+class NotAStep:
+    """Has no async run(): configuring it must be refused as bad usage."""
+
+    name = "reasoning"
