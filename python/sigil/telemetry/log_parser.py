@@ -11,6 +11,7 @@ oversize lines are counted and their byte offsets kept.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,10 @@ from typing import Any
 from sigil import _native
 from sigil.core.paths import LOG_FILE_NAME, resolve_log_path, rotated_segments, validate_session_id
 
+MAX_LINE_BYTES: int = _native.MAX_LINE_BYTES
+
 __all__ = [
+    "MAX_LINE_BYTES",
     "ComponentTotals",
     "MalformedLine",
     "ParseResult",
@@ -201,20 +205,17 @@ class SessionTailer:
         self._tailer = _native.Tailer(self.path, start=start, max_line_bytes=max_line_bytes)
         self._caught_up = start == "end"
 
-    def catch_up(self, last_n: int = 100) -> SessionSummary:
-        """Fold rotated segments and everything in the live file so far.
+    def _start_at_oldest_segment(self) -> list[Path]:
+        """Point the native tailer at the oldest rotated segment, if any.
 
-        The first call restarts the native tailer at the oldest rotated segment:
-        it reads the segments in order and then the live file, all through one
-        descriptor chain, so a rotation while catching up loses nothing and
-        counts nothing twice. The next :meth:`read` continues exactly after the
-        last line folded.
+        It then reads the segments in order and the live file after them, all
+        through one chain of descriptors, so a rotation while reading loses
+        nothing and counts nothing twice. Returns the files it will read.
         """
-        fold = _native.Fold(last_n)
         files: list[Path] = []
         if not self._caught_up:
             segments = rotated_segments(self.session_dir)
-            for oldest in segments:
+            for i, oldest in enumerate(segments):
                 try:
                     st = oldest.lstat()
                 except FileNotFoundError:
@@ -224,12 +225,30 @@ class SessionTailer:
                     checkpoint=(st.st_dev, st.st_ino, 0),
                     max_line_bytes=self._max_line_bytes,
                 )
-                files = segments[segments.index(oldest) :]
+                files = segments[i:]
                 break
             self._caught_up = True
+        return [*files, self.path]
+
+    def catch_up(self, last_n: int = 100) -> SessionSummary:
+        """Fold rotated segments and everything in the live file so far, natively.
+
+        The next :meth:`read` continues exactly after the last line folded.
+        """
+        fold = _native.Fold(last_n)
+        files = self._start_at_oldest_segment()
         self._tailer.fold_into(fold)
-        files.append(self.path)
         return SessionSummary.from_native(fold.summary(), files)
+
+    def iter_existing(self, batch_lines: int = 65536) -> Iterator[ParseResult]:
+        """Every entry already in the session (segments, then the live file), in
+        batches of bounded size -- for readers that need each event, not totals."""
+        self._start_at_oldest_segment()
+        while True:
+            result = self.read(batch_lines)
+            if not result.entries and not result.malformed:
+                return
+            yield result
 
     def read(self, max_lines: int = 65536) -> ParseResult:
         """New complete entries since the last call (each exactly once)."""

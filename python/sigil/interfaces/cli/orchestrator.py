@@ -53,7 +53,6 @@ from sigil.core.locks import SessionLock
 from sigil.core.paths import (
     LOG_FILE_NAME,
     resolve_log_path,
-    rotated_segments,
     sigil_home,
     validate_session_id,
 )
@@ -365,19 +364,12 @@ def read_session_history(session_dir: Path) -> SessionHistory:
     """
     from sigil.telemetry import log_parser
 
-    max_line = int(getattr(log_parser, "MAX_LINE_BYTES", 1 << 20))
     history = SessionHistory()
     current: RunRecord | None = None
-    for path in [*rotated_segments(session_dir), session_dir / LOG_FILE_NAME]:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            continue
-        end = data.rfind(b"\n")
-        if end < 0:
-            continue
-        lines = [line for line in data[: end + 1].split(b"\n")[:-1] if len(line) <= max_line]
-        parsed = log_parser.parse_lines([line for line in lines if line.strip()])
+    tailer = log_parser.SessionTailer(session_dir.name, session_dir.parent.parent)
+    # Batches of bounded size through the native tailer: memory does not grow
+    # with the log, and lines are read exactly as the monitor reads them.
+    for parsed in tailer.iter_existing():
         history.malformed += len(parsed.malformed)
         for entry in parsed.entries:
             tokens = int(entry.tokens)
