@@ -908,3 +908,53 @@ def test_live_export_scrubs_handed_over_secrets(tmp_path: Path, receiver: HttpRe
     assert report.complete, report
     wire = b"".join(r.SerializeToString() for r in receiver.got.requests)
     assert secret.encode() not in wire and b"REDACTED" in wire
+
+
+def test_orchestrate_export_otlp_flag_sends_the_run_live(
+    tmp_path: Path, receiver: HttpReceiver
+) -> None:
+    """`sigil orchestrate --export-otlp` sends the run's spans while it runs; the
+    spans' tokens add up to tokens.json."""
+    home = tmp_path / "home"
+    home.mkdir()
+    sid = "flag-live"
+    proc = sigil(
+        home,
+        "orchestrate", "--task", "Analyze Acme", "--session", sid, "--export-otlp",
+        OTEL_EXPORTER_OTLP_ENDPOINT=receiver.url,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "OTLP" not in proc.stderr  # complete: nothing to report
+    spans = [s for _, _, s in receiver.got.spans()]
+    tokens = json.loads((session_dir(home, sid) / "tokens.json").read_text())["total_used"]
+    assert spans and sum(attrs(s.attributes)["sigil.tokens"] for s in spans) == tokens
+
+
+def test_orchestrate_export_otlp_with_the_collector_down(
+    tmp_path: Path, receiver: HttpReceiver
+) -> None:
+    """A dead collector leaves the pipeline's result unchanged; the run says what
+    was not sent and how to send it, and that command completes the trace."""
+    home = tmp_path / "home"
+    home.mkdir()
+    baseline = sigil(home, "orchestrate", "--task", "Analyze Acme", "--session", "plain", "--json")
+    assert baseline.returncode == 0, baseline.stderr
+    sid = "flag-down"
+    dead = f"http://127.0.0.1:{closed_port()}"
+    proc = sigil(
+        home,
+        "orchestrate", "--task", "Analyze Acme", "--session", sid, "--export-otlp", "--json",
+        OTEL_EXPORTER_OTLP_ENDPOINT=dead,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result, plain = json.loads(proc.stdout), json.loads(baseline.stdout)
+    assert result["total_tokens"] == plain["total_tokens"]
+    assert result["final_output"] == plain["final_output"]
+    resend = f"sigil export --session {sid} --log-path {home / 'logs'}"
+    assert resend in proc.stderr
+    later = export(home, sid, receiver.url)
+    assert later.returncode == 0, later.stderr
+    spans = [s for _, _, s in receiver.got.spans()]
+    tokens = json.loads((session_dir(home, sid) / "tokens.json").read_text())["total_used"]
+    sent = sum(attrs(s.attributes)["sigil.tokens"] for s in spans)
+    assert sent == tokens == result["total_tokens"]

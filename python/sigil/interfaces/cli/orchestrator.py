@@ -483,6 +483,7 @@ class Orchestrator:
         resume: bool = False,
         error_handler: ErrorHandler | None = None,
         home: str | os.PathLike[str] | None = None,
+        export_otlp: bool = False,
     ) -> None:
         """
         Initialize the orchestrator.
@@ -502,6 +503,10 @@ class Orchestrator:
             resume: continue the session's interrupted run instead of starting one.
             error_handler: replaces the handler built from ``settings.errors``.
             home: where ``memory.db`` lives (default: the sigil home).
+            export_otlp: also send the run's spans over OTLP while it runs (to
+                ``export.otlp_endpoint``, else ``http://localhost:4318``); without
+                this flag spans are sent only when an endpoint is configured
+                (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``config.yaml``).
         """
         self.session_id = validate_session_id(session_id)
         if token_budget is not None and (
@@ -546,6 +551,9 @@ class Orchestrator:
         self.abandoned_run: int | None = None
         #: the run this orchestrator executes (known once the session is locked)
         self.run_number: int | None = None
+        self.export_otlp = export_otlp
+        #: what live OTLP export sent (None when it was off); see ``LiveExportReport``
+        self.otlp_report: Any = None
 
     # -- spec 4.1.2's injectable component attributes ------------------------------
 
@@ -667,12 +675,47 @@ class Orchestrator:
             raise ValueError("task must be a non-empty string")
         self._executed = True
         prepared = await asyncio.to_thread(self._prepare, task)
+        exporter = None
         try:
+            # Before the run's first event: the exporter follows the log from here.
+            exporter = await asyncio.to_thread(self._start_otlp_export)
             if on_ready is not None:
                 on_ready(self)
             return await self._run(prepared, dict(context or {}))
         finally:
+            if exporter is not None:
+                # The run has closed its log, so the exporter reads it to the end.
+                self.otlp_report = await asyncio.to_thread(exporter.shutdown, 5.0)
             await asyncio.to_thread(self._lock.release)
+
+    def _start_otlp_export(self) -> Any:
+        """The live OTLP exporter, when export is asked for or configured.
+
+        Export never fails the run: without the optional packages, or with an
+        endpoint the exporter cannot use, the run goes on and the report says why.
+        """
+        export = self.settings.export
+        endpoint = export.otlp_endpoint or ("http://localhost:4318" if self.export_otlp else None)
+        if endpoint is None:
+            return None
+        from sigil.telemetry.otlp import LiveExportReport, LiveOtlpExporter, OtlpUnavailable
+
+        try:
+            return LiveOtlpExporter(
+                self.session_id,
+                endpoint,
+                export.otlp_headers,
+                export.otlp_protocol,
+                log_path=self.log_path,
+            )
+        except (OtlpUnavailable, ValueError) as exc:
+            self.otlp_report = LiveExportReport(
+                self.session_id,
+                complete=False,
+                error=str(exc),
+                log_path=os.fspath(self.log_path),
+            )
+            return None
 
     def _prepare(self, task: str | None) -> _Prepared:
         """Lock the session and read its history (blocking: runs in a thread).

@@ -138,6 +138,13 @@ def make_session_id() -> str:
     help="Model provider for the reasoning step: offline (default, no network) or openai "
     "(any OpenAI-compatible server; see provider.* in config.yaml).",
 )
+@click.option(
+    "--export-otlp",
+    is_flag=True,
+    help="Also send the run's spans to an OpenTelemetry collector while it runs "
+    "(export.otlp_endpoint / OTEL_EXPORTER_OTLP_ENDPOINT, else http://localhost:4318). "
+    "Needs pip install 'sigil[otlp]'.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def orchestrate(
     task: str | None,
@@ -146,6 +153,7 @@ def orchestrate(
     resume: bool,
     log_path: str | None,
     provider: str | None,
+    export_otlp: bool,
     as_json: bool,
 ) -> None:
     """Run the agent pipeline on a task under a token budget.
@@ -155,7 +163,7 @@ def orchestrate(
     goes to <log path>/sessions/<ID>/execution.jsonl; tokens.json and metrics.json
     are written beside it when the run ends.
     """
-    orchestrator = _build(task, session_id, budget, resume, log_path, provider)
+    orchestrator = _build(task, session_id, budget, resume, log_path, provider, export_otlp)
     code = _run(orchestrator, task, as_json)
     sys.exit(code)
 
@@ -167,6 +175,7 @@ def _build(
     resume: bool,
     log_path: str | None,
     provider: str | None,
+    export_otlp: bool = False,
 ) -> Orchestrator:
     """Check every input and build the orchestrator; writes nothing."""
     if task is not None and not task.strip():
@@ -202,6 +211,13 @@ def _build(
         _usage(f"log path {base} exists and is not a directory")
     if settings.provider.name == "openai":
         _check_openai(settings)
+    if export_otlp:
+        from sigil.telemetry.otlp import OtlpUnavailable, require_otlp
+
+        try:
+            require_otlp(settings.export.otlp_protocol)
+        except OtlpUnavailable as exc:
+            _usage(str(exc))
 
     if session_id is None:
         session_id = make_session_id()
@@ -224,6 +240,7 @@ def _build(
             log_path=base,
             settings=settings,
             resume=resume,
+            export_otlp=export_otlp,
         )
     except (StepConfigError, ValueError, TypeError) as exc:
         _usage(str(exc))
@@ -284,6 +301,10 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
         click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
     else:
         _print_result(result)
+    report = orchestrator.otlp_report
+    if report is not None and not report.complete:
+        # What live export could not send, and the command that sends it later.
+        click.echo(report.summary(), err=True)
     if result.status == "complete":
         return EXIT_OK
     if result.status == "budget_exceeded":
