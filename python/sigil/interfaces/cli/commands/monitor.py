@@ -1,0 +1,146 @@
+"""``sigil monitor``: watch a session's log live (spec 4.3, the second terminal).
+
+Thin on purpose (STYLE.md): parse and check the flags, merge them with the
+settings (contract 9: flags > environment > config.yaml > defaults), then hand
+over to :class:`sigil.interfaces.cli.monitor.ExecutionMonitor`. Imports of the
+monitor, the settings and rich happen inside the command, so ``sigil --help``
+does not pay for them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+_MODES = ("dashboard", "stream", "minimal", "json")
+
+
+class MonitorUsageError(click.ClickException):
+    """Bad input, shown as one line (``Error: ...``) with exit code 2.
+
+    A :class:`click.UsageError` raised inside a command gets the context attached
+    and prints the usage block and a help hint as well; the issue asks for one
+    clear line, which is what a plain ClickException prints.
+    """
+
+    exit_code = 2
+
+
+def _fail(message: str) -> MonitorUsageError:
+    return MonitorUsageError(message)
+
+
+def _check_log_path(path: Path) -> None:
+    """Refuse a log path that cannot be read; a missing one is fine (the writer creates it)."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return
+        probe = probe.parent
+    if not probe.is_dir():
+        raise _fail(f"log path {str(path)!r} is not a directory ({str(probe)!r} is a file)")
+    if not os.access(probe, os.R_OK | os.X_OK):
+        raise _fail(f"log path {str(path)!r} is not readable: check its permissions")
+
+
+def _parse_refresh(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise _fail(f"--refresh-rate must be a number of seconds, got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise _fail(f"--refresh-rate must be above 0 seconds, got {text!r}")
+    return value
+
+
+class MonitorCommand(click.Command):
+    """Reports click's own parsing errors (unknown option, missing value) as one line too."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _fail(exc.format_message()) from None
+
+
+@click.command(
+    "monitor",
+    cls=MonitorCommand,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.option("--session", "-s", "session_id", metavar="ID",
+              help="Session to watch (default: the active one, via current.jsonl).")
+@click.option("--mode", "-m", metavar="|".join(_MODES),
+              help="Display mode (default: monitoring.default_mode, dashboard).")
+@click.option("--refresh-rate", "-r", metavar="SECONDS",
+              help="Seconds between display updates (default: 1 / monitoring.refresh_rate_hz).")
+@click.option("--log-path", "-l", metavar="DIR",
+              help="Base log directory (default: logging.path, ~/.sigil/logs).")
+@click.option("--once", is_flag=True, help="Print the session's current state once and exit.")
+@click.option("--follow", "-f", is_flag=True,
+              help="Do not exit when a run ends: wait for the session's next run.")
+def monitor(
+    session_id: str | None,
+    mode: str | None,
+    refresh_rate: str | None,
+    log_path: str | None,
+    once: bool,
+    follow: bool,
+) -> None:
+    """Watch a session's log live: where the tokens and the time go.
+
+    Exit codes: 0 the run completed, 1 it failed or its writer is gone
+    (incomplete), 2 bad usage, 3 its budget ran out, 130 interrupted.
+    """
+    from sigil.core.paths import InvalidSessionId, resolve_log_path, validate_session_id
+
+    # Check the flags first, so that a typo is reported before any file is touched.
+    if session_id is not None:
+        try:
+            validate_session_id(session_id)
+        except InvalidSessionId as exc:
+            raise _fail(str(exc)) from None
+    if mode is not None and mode not in _MODES:
+        raise _fail(f"--mode must be one of {', '.join(_MODES)}, got {mode!r}")
+    refresh = _parse_refresh(refresh_rate)
+    if once and follow:
+        raise _fail("--once and --follow cannot be used together")
+
+    from sigil.core.config import load_settings
+
+    settings = load_settings({"logging.path": log_path, "monitoring.default_mode": mode})
+    resolved_log_path = resolve_log_path(settings.logging.path)
+    _check_log_path(resolved_log_path)
+    chosen_mode = mode or settings.monitoring.default_mode
+    if chosen_mode not in _MODES:
+        raise _fail(f"monitoring.default_mode must be one of {', '.join(_MODES)}, "
+                    f"got {chosen_mode!r}")
+    if refresh is None:
+        refresh = 1.0 / float(settings.monitoring.refresh_rate_hz)
+
+    import asyncio
+
+    from sigil.interfaces.cli.display import DisplayOptions
+    from sigil.interfaces.cli.monitor import ExecutionMonitor
+
+    runner = ExecutionMonitor(
+        session_id,
+        log_path=resolved_log_path,
+        display_mode=chosen_mode,
+        refresh_rate=refresh,
+        follow=follow,
+        once=once,
+        options=DisplayOptions.from_settings(settings),
+        default_budget=int(settings.token_budget.default_total),
+    )
+    try:
+        code = asyncio.run(runner.run())
+    except KeyboardInterrupt:  # Ctrl-C before the monitor installed its handler
+        code = 130
+    sys.stdout.flush()
+    sys.exit(code)
