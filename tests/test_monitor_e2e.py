@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
 import json
 import os
 import re
@@ -39,7 +38,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 WRITER = [sys.executable, str(Path(__file__).with_name("monitor_writer.py"))]
 COLOR_SGR = re.compile(rb"\x1b\[[0-9;]*(3[0-9]|9[0-7]|38;)[0-9;]*m")
-HAVE_ORCHESTRATE = importlib.util.find_spec("sigil.interfaces.cli.commands.orchestrate") is not None
 
 
 class Terminal:
@@ -561,17 +559,30 @@ def test_log_path_that_is_a_file_is_refused(
         assert "not a directory" in result.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any directory")
-def test_unreadable_log_path_is_refused(
-    run_sigil: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
-) -> None:
+def test_unreadable_log_path_is_refused(sigil_home: Path, tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0)
+    # Root reads any directory; without the DAC capabilities it is refused like anyone.
+    drop = ["-dac_override", "-dac_read_search"]
+    prefix = (
+        ["setpriv", f"--inh-caps={','.join(drop)}", f"--bounding-set={','.join(drop)}"]
+        if os.geteuid() == 0
+        else []
+    )
     try:
-        result = run_sigil("monitor", "--session", "s", "--log-path", str(locked), timeout=20)
+        result = subprocess.run(
+            [*prefix, *SIGIL, "monitor", "--session", "s", "--log-path", str(locked)],
+            env={**os.environ, "SIGIL_HOME": str(sigil_home), "NO_COLOR": "1"},
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        )
     finally:
         locked.chmod(0o700)
-    assert result.returncode == 2 and "not readable" in result.stderr
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "not readable" in result.stderr
 
 
 def test_bad_config_value_is_one_line_and_exit_2(
@@ -587,8 +598,6 @@ def test_bad_config_value_is_one_line_and_exit_2(
 
 # -- with the real orchestrator ----------------------------------------------------------
 
-needs_orchestrate = pytest.mark.skipif(not HAVE_ORCHESTRATE,
-                                       reason="sigil orchestrate is not installed yet")
 
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -664,7 +673,6 @@ def wait_for_log(log_path: Path, session: str, needle: str, timeout: float = 20)
     raise AssertionError(f"{needle!r} never appeared in {log}")
 
 
-@needs_orchestrate
 def test_orchestrate_with_the_monitor_started_first(
     monitor: Callable[..., Terminal], orchestrate: Callable[..., Orchestrator], log_path: Path
 ) -> None:
@@ -681,7 +689,6 @@ def test_orchestrate_with_the_monitor_started_first(
         log_path, "orch-1")
 
 
-@needs_orchestrate
 def test_orchestrate_then_monitor_after_the_end_at_40_columns(
     monitor: Callable[..., Terminal], orchestrate: Callable[..., Orchestrator], log_path: Path
 ) -> None:
@@ -697,7 +704,6 @@ def test_orchestrate_then_monitor_after_the_end_at_40_columns(
     assert summary_numbers(again.text())["used"] == tokens_json(log_path, "orch-2")["total_used"]
 
 
-@needs_orchestrate
 def test_orchestrate_with_the_monitor_killed_and_restarted(
     monitor: Callable[..., Terminal], orchestrate: Callable[..., Orchestrator], log_path: Path
 ) -> None:
@@ -716,7 +722,6 @@ def test_orchestrate_with_the_monitor_killed_and_restarted(
     assert not (log_path / "monitor.pid").exists()
 
 
-@needs_orchestrate
 def test_orchestrate_killed_9_then_resumed(
     monitor: Callable[..., Terminal], orchestrate: Callable[..., Orchestrator], log_path: Path
 ) -> None:
@@ -741,7 +746,6 @@ def test_orchestrate_killed_9_then_resumed(
     assert follower.wait() == 130
 
 
-@needs_orchestrate
 def test_orchestrate_with_two_rotations_and_malformed_lines(
     monitor: Callable[..., Terminal], orchestrate: Callable[..., Orchestrator], log_path: Path
 ) -> None:
@@ -767,7 +771,6 @@ def test_orchestrate_with_two_rotations_and_malformed_lines(
     assert (shown["malformed"], shown["rotations"]) == (3, 2)
 
 
-@needs_orchestrate
 def test_orchestrate_output_piped(env: dict[str, str], orchestrate: Callable[..., Orchestrator],
                                   log_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "monitor.out"
