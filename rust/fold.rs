@@ -57,6 +57,8 @@ pub struct RunTotals {
     pub tokens: u64,
     pub budget: Option<u64>,
     pub components: HashMap<String, ComponentTotals>,
+    /// The metadata of the run's `session_start` (task, thresholds, ...), as JSON.
+    pub start_metadata: Option<String>,
 }
 
 impl RunTotals {
@@ -348,6 +350,7 @@ impl FoldState {
                     tokens: 0,
                     budget: self.budget,
                     components: HashMap::default(),
+                    start_metadata: e.metadata.map(str::to_string),
                 };
             }
             "session_complete" | "session_error" => {

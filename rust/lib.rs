@@ -374,6 +374,14 @@ fn summary_dict(py: Python<'_>, st: FoldState) -> PyResult<Bound<'_, PyDict>> {
     run.set_item("tokens", st.run.tokens)?;
     run.set_item("budget", st.run.budget)?;
     run.set_item("components", components_dict(py, &st.run.components)?)?;
+    let start_meta = match &st.run.start_metadata {
+        Some(text) => match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(v) => json_to_py(py, &v)?,
+            Err(_) => py.None().into_bound(py),
+        },
+        None => py.None().into_bound(py),
+    };
+    run.set_item("start_metadata", start_meta)?;
     d.set_item("run", run)?;
     d.set_item("first_timestamp", &st.first_timestamp)?;
     d.set_item("last_timestamp", &st.last_timestamp)?;

@@ -423,6 +423,21 @@ def test_from_summary_replays_the_start_when_it_is_recent(tmp_path: Path) -> Non
     assert len(state.warnings) == 1
 
 
+def test_from_summary_keeps_the_start_settings_of_a_long_run(tmp_path: Path) -> None:
+    # The run's session_start is far older than the last events kept by the fold:
+    # its thresholds and task still come through the summary.
+    lines = [
+        _line("session_start", "orchestrator", 0, 0, 0,
+              {"budget": 9000, "thresholds": {"warning": 0.4}, "task": "long"}),
+    ] + [_line("step_complete", "reasoning", 1, i, i, {"latency_ms": 1}) for i in range(1, 300)]
+    _write_session(tmp_path, lines, [])
+    summary = fold_session("s1", tmp_path, last_n=10)
+    assert summary.run.start_metadata["task"] == "long"
+    state = SessionState.from_summary(summary, session_id="s1")
+    assert state.thresholds == {"warning": 0.4}
+    assert state.task == "long"
+
+
 def test_from_summary_of_a_missing_session(tmp_path: Path) -> None:
     state = SessionState.from_summary(fold_session("nope", tmp_path), session_id="nope",
                                       default_budget=42)

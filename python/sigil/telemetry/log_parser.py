@@ -89,6 +89,8 @@ class RunTotals:
     tokens_used: int = 0
     budget: int | None = None
     components: dict[str, ComponentTotals] = field(default_factory=dict)
+    #: the run's ``session_start`` metadata (task, budget, allocations, thresholds)
+    start_metadata: dict[str, Any] = field(default_factory=dict)
 
 
 def _components(raw: dict[str, dict[str, Any]]) -> dict[str, ComponentTotals]:
@@ -151,6 +153,7 @@ class SessionSummary:
                 tokens_used=run["tokens"],
                 budget=run["budget"],
                 components=_components(run["components"]),
+                start_metadata=dict(run["start_metadata"] or {}),
             ),
             first_timestamp=d["first_timestamp"],
             last_timestamp=d["last_timestamp"],

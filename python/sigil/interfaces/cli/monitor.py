@@ -432,16 +432,7 @@ class SessionState:
         allocations = _as_allocations(meta.get("allocations"))
         if allocations is not None:
             self.allocations = allocations
-        thresholds = meta.get("thresholds")
-        if isinstance(thresholds, Mapping):
-            self.thresholds = {
-                str(k): float(v)
-                for k, v in thresholds.items()
-                if _as_f64(v) is not None
-            }
-        task = meta.get("task")
-        if isinstance(task, str):
-            self.task = task
+        self._apply_start_settings(meta)
         self.status = "running"
         self.incomplete = False
         self.run = RunState(
@@ -557,6 +548,10 @@ class SessionState:
                 budget=int(run_budget) if run_budget is not None else None,
                 components=_components_from(run.components),
             )
+            start = getattr(run, "start_metadata", None)
+            if isinstance(start, Mapping):
+                # The run's start may be older than the last events kept.
+                state._apply_start_settings(start)
         files = list(getattr(summary, "files", ()) or ())
         state.rotated_segments = state.rotations = max(0, len(files) - 1)
         for sample in list(getattr(summary, "malformed_samples", ()))[:MAX_SAMPLES]:
@@ -580,15 +575,18 @@ class SessionState:
             if kind in _WARNING_EVENTS:
                 self.warnings.append(f"{_clock(entry.timestamp)} {entry.message}")
             elif kind == "session_start":
-                meta = entry.metadata
-                thresholds = meta.get("thresholds")
-                if isinstance(thresholds, Mapping):
-                    self.thresholds = {
-                        str(k): float(v) for k, v in thresholds.items() if _as_f64(v) is not None
-                    }
-                task = meta.get("task")
-                if isinstance(task, str):
-                    self.task = task
+                self._apply_start_settings(entry.metadata)
+
+    def _apply_start_settings(self, meta: Mapping[str, Any]) -> None:
+        """Thresholds and task from a run's ``session_start`` metadata."""
+        thresholds = meta.get("thresholds")
+        if isinstance(thresholds, Mapping):
+            self.thresholds = {
+                str(k): float(v) for k, v in thresholds.items() if _as_f64(v) is not None
+            }
+        task = meta.get("task")
+        if isinstance(task, str):
+            self.task = task
 
     def snapshot(self) -> dict[str, Any]:
         """The comparable totals as plain data (for tests, JSON output and debugging)."""
