@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,3 +57,30 @@ def run_sigil(sigil_home: Path) -> Callable[..., subprocess.CompletedProcess[str
         )
 
     return run
+
+
+def run_py(script: str, *args: object, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a Python script in a fresh interpreter; fail the test with its output if it fails."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        f"subprocess exited {proc.returncode}\n--stdout--\n{proc.stdout}\n--stderr--\n{proc.stderr}"
+    )
+    return proc
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Poll ``predicate`` until it is truthy; fail after a generous deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.002)

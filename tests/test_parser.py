@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
+from conftest import run_py
 from sigil import _native
 from sigil._native import Fold, Tailer, fold_file, parse_bytes, parse_lines, tail_max_seq
 from sigil.telemetry import log_parser
 from sigil.telemetry.execution_logger import LogEntry
-
-
-def run_py(script: str, *args: object, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert proc.returncode == 0, (
-        f"subprocess exited {proc.returncode}\n--stdout--\n{proc.stdout}\n--stderr--\n{proc.stderr}"
-    )
-    return proc
 
 
 def event(
@@ -327,7 +311,7 @@ def test_a_50_mb_line_through_the_tailer_and_the_fold(tmp_path: Path):
         f.write(b"\n")
         f.write(last)
     size = path.stat().st_size
-    report = orjson.loads(run_py(HUGE_LINE, path, size).stdout)
+    report = orjson.loads(run_py(HUGE_LINE, path, size, timeout=120).stdout)
     assert report["max_line"] == 1 << 20
     assert report["seqs"] == [0, 1]
     assert report["tailer_oversize"] == 1

@@ -12,10 +12,7 @@ import signal
 import stat
 import subprocess
 import sys
-import textwrap
 import threading
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,36 +20,14 @@ from typing import Any
 import orjson
 import pytest
 
+from conftest import run_py, wait_for
 from sigil._native import AppendWriter, fold_file, parse_bytes, parse_lines, tail_max_seq
 
 NEVER = 3600.0  # a flush interval that never elapses during a test
 
 
-def run_py(script: str, *args: object, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run a Python script in a fresh interpreter; fail the test with its output if it fails."""
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    assert proc.returncode == 0, (
-        f"subprocess exited {proc.returncode}\n--stdout--\n{proc.stdout}\n--stderr--\n{proc.stderr}"
-    )
-    return proc
 
 
-def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll ``predicate`` until it is truthy; fail after a generous deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.002)
 
 
 def read(path: Path) -> bytes:

@@ -73,15 +73,10 @@ def _default_log_path() -> str:
 
 
 def _default_allocations() -> dict[str, int]:
-    # Spec 6.3; the remaining 26,000 of the 256,000 default total is the reserve.
-    return {
-        "routing": 10_000,
-        "memory": 30_000,
-        "planning": 20_000,
-        "reasoning": 150_000,
-        "contracts": 10_000,
-        "validation": 10_000,
-    }
+    # Spec 6.3, defined once beside the budget code that applies it.
+    from sigil.telemetry.tokens import DEFAULT_ALLOCATIONS
+
+    return dict(DEFAULT_ALLOCATIONS)
 
 
 @dataclass(frozen=True, slots=True)
