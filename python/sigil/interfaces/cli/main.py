@@ -53,11 +53,11 @@ class LazyGroup(click.Group):
     """A group whose subcommands are imported on first use."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(name for name, spec in _COMMANDS.items() if _available(spec[0]))
+        return sorted(_COMMANDS)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         spec = _COMMANDS.get(cmd_name)
-        if spec is None or not _available(spec[0]):
+        if spec is None:
             return None
         module = importlib.import_module(spec[0])
         command: click.Command = getattr(module, spec[1])
@@ -71,11 +71,6 @@ class LazyGroup(click.Group):
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
-
-
-def _available(module: str) -> bool:
-    """True when the command's module ships in this installation."""
-    return importlib.util.find_spec(module) is not None
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
