@@ -248,9 +248,9 @@ impl Tailer {
             if !self.try_open()? {
                 return Ok(false);
             }
-            self.check_truncation()?;
-            // Drain the open file.
-            loop {
+            let len = self.check_truncation()?;
+            // Drain the open file (nothing to read if it has not grown).
+            while self.splitter.position < len || bytes > 0 {
                 if lines >= max_lines || bytes >= max_bytes {
                     return Ok(true);
                 }
@@ -295,11 +295,14 @@ impl Tailer {
 
     /// Restart at 0 when the file shrank below our position or its first bytes
     /// changed (copytruncate, or a new file that reused the inode).
-    fn check_truncation(&mut self) -> io::Result<()> {
+    /// Returns the file's current length.
+    fn check_truncation(&mut self) -> io::Result<u64> {
         let cur = self.cur.as_ref().expect("caller opened");
         let len = cur.file.metadata()?.len();
         let mut restart = len < self.splitter.position;
-        if !restart && cur.fp_len > 0 {
+        // The first bytes only matter when there is something new to read: a
+        // poll that finds nothing costs one fstat (and one stat of the path).
+        if !restart && len > self.splitter.position && cur.fp_len > 0 {
             let (l, crc) = fingerprint(&cur.file, cur.fp_len)?;
             if l != cur.fp_len || crc != cur.fp_crc {
                 restart = true;
@@ -317,7 +320,7 @@ impl Tailer {
             cur.fp_len = fp_len;
             cur.fp_crc = fp_crc;
         }
-        Ok(())
+        Ok(len)
     }
 
     /// Lengthen the fingerprint while the file is shorter than its full size.
