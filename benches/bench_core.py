@@ -167,6 +167,9 @@ def test_fold_sigil(benchmark: Any, size: str, request: pytest.FixtureRequest) -
     n = 10_000 if size == "10k" else 1_000_000
     benchmark.group = f"fold {n:,} entries"
     benchmark.extra_info.update(ops=n, baseline=f"test_fold_python_orjson[{size}]", aim_ratio=10)
+    if size == "1m":
+        # The aim: 10x orjson-per-line Python measured at ~0.7 M/s, i.e. ~7 M/s.
+        benchmark.extra_info["aim_ops_per_s"] = 7_000_000
     rounds = 5 if size == "10k" else 2
     summary = benchmark.pedantic(_native.fold_file, args=(path,), rounds=rounds)
     assert summary["entries"] == n
