@@ -661,3 +661,31 @@ def test_session_lock_semantics(tmp_path: Path) -> None:
     finally:
         second.release()
         second.release()  # idempotent
+
+
+@pytest.mark.parametrize("planted", ["session_dir", "lock_file"])
+def test_a_planted_symlink_is_refused_and_its_target_untouched(
+    sigil_home: Path, tmp_path: Path, planted: str
+) -> None:
+    """A symlink in place of the session directory or its lock file is refused
+    (one line, exit 2), never followed: the file it points at stays as it was."""
+    target_dir = tmp_path / "elsewhere"
+    target_dir.mkdir()
+    precious = target_dir / "precious"
+    precious.write_text("IMPORTANT USER DATA\n")
+    precious.chmod(0o644)
+    sessions = sigil_home / "logs" / "sessions"
+    sessions.mkdir(parents=True)
+    if planted == "session_dir":
+        (sessions / "planted").symlink_to(target_dir)
+    else:
+        (sessions / "planted").mkdir()
+        (sessions / "planted" / ".lock").symlink_to(precious)
+    proc = orchestrate(sigil_home, "--task", "Analyze Acme", "--session", "planted")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "symbolic link" in lines[0], proc.stderr
+    assert "Session:" not in proc.stdout
+    assert precious.read_text() == "IMPORTANT USER DATA\n"
+    assert stat.S_IMODE(precious.stat().st_mode) == 0o644
+    assert sorted(p.name for p in target_dir.iterdir()) == ["precious"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 from types import TracebackType
 
@@ -25,7 +26,6 @@ from sigil.core.paths import LOCK_FILE_NAME
 
 __all__ = ["SessionBusy", "SessionLock", "is_session_locked", "lock_holder_pid"]
 
-_DIR_MODE = 0o700
 _FILE_MODE = 0o600
 
 
@@ -62,9 +62,22 @@ class SessionLock:
         """
         if self._fd is not None:
             return self
-        _make_private_dirs(self.session_dir)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE)
+        from sigil.telemetry.file_security import ensure_private_dir, symlink_error
+
+        # A symlink planted as the session directory or the lock file is refused,
+        # never followed (the lock file is truncated and written below).
+        ensure_private_dir(self.session_dir)
         try:
+            fd = os.open(
+                self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, _FILE_MODE
+            )
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise symlink_error(self.path) from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise symlink_error(self.path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -165,20 +178,3 @@ def _read_pid(fd: int) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
-
-
-def _make_private_dirs(path: Path) -> None:
-    """Create ``path`` and missing parents as 0700, whatever the umask (contract 8)."""
-    missing: list[Path] = []
-    current = path
-    while not current.exists():
-        missing.append(current)
-        if current.parent == current:
-            break
-        current = current.parent
-    for directory in reversed(missing):
-        try:
-            directory.mkdir(mode=_DIR_MODE)
-        except FileExistsError:
-            continue
-        os.chmod(directory, _DIR_MODE)

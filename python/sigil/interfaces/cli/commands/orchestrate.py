@@ -262,6 +262,7 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
 
     from sigil.core.locks import SessionBusy
     from sigil.interfaces.cli.orchestrator import ResumeError
+    from sigil.telemetry.file_security import UnsafePathError
 
     def announce(orch: Orchestrator) -> None:
         # The first line, so a monitor can be pointed at the session right away.
@@ -284,7 +285,7 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
 
     try:
         result = asyncio.run(main())
-    except (SessionBusy, ResumeError) as exc:
+    except (SessionBusy, ResumeError, UnsafePathError) as exc:
         raise UsageFailure(str(exc)) from None
     except (KeyboardInterrupt, asyncio.CancelledError):
         click.echo("Error: interrupted; the session log records where it stopped", err=True)
