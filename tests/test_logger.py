@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -16,10 +17,11 @@ import pytest
 from sigil._native import fold_file, parse_bytes
 from sigil.telemetry.execution_logger import (
     ExecutionLogger,
+    LogEntry,
     SyncExecutionLogger,
     log_execution_event,
 )
-from sigil.telemetry.log_parser import SessionTailer, fold_session
+from sigil.telemetry.log_parser import MAX_LINE_BYTES, SessionTailer, fold_session
 
 ROTATED = "execution_20260101_000000.jsonl"
 
@@ -358,3 +360,49 @@ def test_catch_up_then_read_continues_exactly_after_the_fold(tmp_path: Path, tai
     assert (whole.entries, whole.max_seq, whole.seq_gaps) == (n, n - 1, 0)
     assert whole.tokens_used == sum(i % 13 for i in range(n))
     assert orjson.loads(tailer.path.read_bytes().splitlines()[-1])["seq"] == n - 1
+
+
+def _fold_tokens_and_lines(log_file: Path) -> tuple[int, int, int]:
+    summary = fold_file(log_file)
+    return summary["tokens"], summary["entries"], summary["malformed"] + summary["oversize_lines"]
+
+
+@pytest.mark.parametrize("sanitize", [True, False])
+def test_any_content_is_logged_within_the_readers_line_limit(
+    tmp_path: Path, sanitize: bool
+) -> None:
+    """Content orjson refuses, circular metadata, and values far over the line
+    limit are still logged as one readable line, so their tokens are counted by
+    every reader exactly as by the writer (contract 2)."""
+    circular: dict[str, Any] = {"a": 1}
+    circular["self"] = circular
+    huge = "x" * (3 << 20)
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("big int", {"v": 2**70, "latency_ms": 5}),
+        ("circular", circular),
+        ("huge metadata", {"blob": huge, "input_tokens": 3, "model": "m"}),
+        ("huge message " + huge, {"latency_ms": 1}),
+        ("many keys", {f"k{i}": "v" * 200 for i in range(20_000)}),
+    ]
+    logger = ExecutionLogger("limits", tmp_path, sanitizer=sanitize)
+    for i, (message, meta) in enumerate(cases):
+        logger.log_event_sync("step_complete", "reasoning", message, 10 + i, meta)
+    logger.close_sync()
+    tokens, entries, rejected = _fold_tokens_and_lines(logger.log_file)
+    assert (tokens, entries, rejected) == (sum(10 + i for i in range(len(cases))), len(cases), 0)
+    lines = logger.log_file.read_bytes().splitlines()
+    assert all(len(line) <= MAX_LINE_BYTES for line in lines)
+    big = LogEntry.from_json(lines[0])
+    assert big.metadata["v"] == 2**70
+    kept = LogEntry.from_json(lines[2]).metadata
+    assert kept["input_tokens"] == 3 and kept["model"] == "m"
+    assert kept["metadata_truncated"]["dropped_keys"] == ["blob"]
+    assert LogEntry.from_json(lines[3]).message.endswith("bytes truncated]")
+
+
+def test_tokens_out_of_range_are_refused(tmp_path: Path) -> None:
+    logger = ExecutionLogger("range", tmp_path, sanitizer=False)
+    for bad in (-1, 1 << 63, 1.5, True, "3"):
+        with pytest.raises(ValueError):
+            logger.log_event_sync("x", "c", "m", bad)  # type: ignore[arg-type]
+    logger.close_sync()

@@ -13,6 +13,7 @@ period.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 from collections.abc import AsyncIterator, Mapping
@@ -49,8 +50,60 @@ def _default(obj: object) -> object:
 
 
 def dumps(obj: object) -> bytes:
-    """orjson with a fallback for unusual values; the one serialiser of the write path."""
-    return orjson.dumps(obj, default=_default, option=_OPTS)
+    """Serialise for the log; never raises, so an event is never lost to its content.
+
+    orjson first; it refuses integers beyond 64 bits and circular references,
+    which then go through the standard library (arbitrary integers) or, failing
+    that, are replaced by a note saying why.
+    """
+    try:
+        return orjson.dumps(obj, default=_default, option=_OPTS)
+    except (orjson.JSONEncodeError, TypeError) as exc:
+        try:
+            text = json.dumps(
+                obj, default=str, ensure_ascii=False, allow_nan=False, separators=(",", ":")
+            )
+            return text.encode()
+        except (ValueError, TypeError, RecursionError):
+            return orjson.dumps({"metadata_error": f"metadata could not be serialised: {exc}"})
+
+
+#: The longest line the writer produces: every reader (the tailer, the fold,
+#: the orchestrator's history) skips longer lines, so a longer event would be
+#: counted by the writer and by nobody else.
+MAX_EVENT_BYTES = _native.MAX_LINE_BYTES - 4096
+#: Below these sizes an event cannot come near the limit; nothing is measured.
+_CHEAP_MESSAGE_CHARS = MAX_EVENT_BYTES // 16
+_CHEAP_METADATA_BYTES = MAX_EVENT_BYTES // 4
+#: A metadata value kept whole when the rest must go.
+_SMALL_VALUE_BYTES = 1024
+
+
+def _bounded_message(message: str) -> str:
+    """``message`` cut so that it takes at most a quarter of the line."""
+    limit = MAX_EVENT_BYTES // 4
+    raw = message.encode()
+    if len(raw) <= limit:
+        return message
+    kept = raw[:limit].decode(errors="ignore")
+    return f"{kept}… [{len(raw) - len(kept.encode())} bytes truncated]"
+
+
+def _bounded_metadata(metadata: Mapping[str, Any], encoded: bytes, room: int) -> bytes:
+    """Metadata that fits in ``room`` bytes: small values are kept (token counts,
+    latency, model, status), large ones dropped and named."""
+    kept: dict[str, Any] = {}
+    dropped: list[str] = []
+    used = 256
+    for key, value in metadata.items():
+        piece = dumps({key: value})
+        if len(piece) <= _SMALL_VALUE_BYTES and used + len(piece) <= room // 2:
+            kept[key] = value
+            used += len(piece)
+        else:
+            dropped.append(str(key)[:64])
+    kept["metadata_truncated"] = {"original_bytes": len(encoded), "dropped_keys": dropped[:32]}
+    return dumps(kept)
 
 
 @dataclass(slots=True)
@@ -240,7 +293,7 @@ class ExecutionLogger:
         metadata: Mapping[str, Any] | None = None,
     ) -> int:
         """Log one event; returns its ``seq``. Never waits for the disk."""
-        if type(tokens) is not int or tokens < 0:
+        if type(tokens) is not int or not 0 <= tokens < 1 << 63:
             raise ValueError(f"tokens must be a non-negative int, not {tokens!r}")
         writer = self._writer
         if writer is None or writer.closed:
@@ -250,11 +303,22 @@ class ExecutionLogger:
         if sanitizer is not None:
             message = sanitizer.sanitize_string(message)
             if metadata:
-                meta = dumps(sanitizer.sanitize_dict(dict(metadata)))
+                try:
+                    metadata = sanitizer.sanitize_dict(dict(metadata))
+                except RecursionError:  # a circular structure
+                    metadata = {"metadata_error": "metadata is circular; not logged"}
+                meta = dumps(metadata)
         elif metadata:
             meta = dumps(metadata)
+        if len(message) > _CHEAP_MESSAGE_CHARS or (meta and len(meta) > _CHEAP_METADATA_BYTES):
+            # Keep the line under the readers' limit, or its tokens would be
+            # counted here and skipped by every reader (contract 2).
+            message = _bounded_message(message)
+            room = MAX_EVENT_BYTES - len(message.encode()) - 512
+            if meta is not None and metadata and len(meta) > room:
+                meta = _bounded_metadata(metadata, meta, room)
         return writer.write_event(
-            self.session_id, event_type, component, message, tokens, meta
+            self.session_id, event_type[:128], component[:128], message, tokens, meta
         )
 
     async def log_event(
