@@ -424,6 +424,24 @@ def test_kill_9_then_resume(sigil_home: Path) -> None:
     assert snapshot(sigil_home) == before
 
 
+def test_resume_after_the_dead_runs_log_was_rotated(sigil_home: Path) -> None:
+    """`sigil logs rotate` renames the live log away (the dead writer never makes a
+    new one): the run can still be resumed, and no token is lost or counted twice."""
+    start_and_kill(sigil_home, "rotated")
+    dead_tokens = sum(e["tokens"] for e in events_of(sigil_home, "rotated"))
+    live = session_dir(sigil_home, "rotated") / "execution.jsonl"
+    live.rename(live.with_name("execution_20260101_000000.jsonl"))
+    code, result, stderr = run_json(
+        sigil_home, "--session", "rotated", "--resume", SIGIL_TEST_SLOW_SECONDS="0"
+    )
+    assert code == 0, stderr
+    assert result["resumed"] is True and result["total_tokens"] > dead_tokens
+    summary = fold_session("rotated", sigil_home / "logs")
+    assert summary.tokens_used == result["total_tokens"]
+    tokens = json.loads((session_dir(sigil_home, "rotated") / "tokens.json").read_text())
+    assert tokens["total_used"] == result["total_tokens"]
+
+
 def test_new_run_after_a_crash_keeps_the_dead_runs_tokens(sigil_home: Path) -> None:
     start_and_kill(sigil_home, "crash2")
     dead_tokens = sum(e["tokens"] for e in events_of(sigil_home, "crash2"))
@@ -488,6 +506,19 @@ BAD_INPUTS: list[tuple[str, list[str], Callable[[Path], object] | None, str]] = 
     ("negative-budget", ["--task", TASK, "--budget", "-5"], None, "positive integer"),
     ("text-budget", ["--task", TASK, "--budget", "lots"], None, "positive integer"),
     ("float-budget", ["--task", TASK, "--budget", "1.5"], None, "positive integer"),
+    ("huge-budget", ["--task", TASK, "--budget", "9" * 23], None, "below 2**63"),
+    (
+        "config-huge-budget",
+        ["--task", TASK],
+        lambda h: write_config(h, "token_budget:\n  default_total: " + "9" * 23 + "\n"),
+        "token_budget.default_total",
+    ),
+    (
+        "config-huge-buffer",
+        ["--task", TASK],
+        lambda h: write_config(h, "logging:\n  buffer_size_bytes: 99999999999\n"),
+        "logging.buffer_size_bytes",
+    ),
     ("provider", ["--task", TASK, "--provider", "claude"], None, "unknown provider"),
     ("option", ["--task", TASK, "--bogus"], None, "No such option"),
     ("resume-no-session", ["--resume"], None, "--resume needs --session"),

@@ -219,10 +219,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _integer(minimum: int) -> Validator:
+#: Integers the native code stores in 64 bits.
+_INT_MAX = (1 << 63) - 1
+
+
+def _integer(minimum: int, maximum: int = _INT_MAX) -> Validator:
     def check(value: Any) -> int:
-        if not _is_int(value) or value < minimum:
-            raise _Invalid(f"expected an integer >= {minimum}, got {_describe(value)}")
+        if not _is_int(value) or not minimum <= value <= maximum:
+            raise _Invalid(
+                f"expected an integer from {minimum} to {maximum:,}, got {_describe(value)}"
+            )
         return int(value)
 
     return check
@@ -339,7 +345,8 @@ def _patterns(value: Any) -> list[tuple[str, str]]:
 _SCHEMA: dict[str, dict[str, Validator]] = {
     "logging": {
         "path": _path,
-        "buffer_size_bytes": _integer(1),
+        # The writer holds at most 8 MiB in memory (its bound on what it keeps).
+        "buffer_size_bytes": _integer(1, 8 << 20),
         "flush_interval_seconds": _positive_number,
         "max_batch_size": _integer(1),
         "fsync": _choice("interval", "always", "never"),

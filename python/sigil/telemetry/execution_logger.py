@@ -209,7 +209,8 @@ class ExecutionLogger:
         self.buffer_size = buffer_size
         self.flush_interval = flush_interval
         self.fsync = fsync
-        self.max_buffer_bytes = max_buffer_bytes
+        # The bound on what the writer keeps is never below one buffer.
+        self.max_buffer_bytes = max(max_buffer_bytes, buffer_size)
         if fsync not in ("always", "interval", "never"):
             raise ValueError(f"fsync must be 'always', 'interval' or 'never', not {fsync!r}")
         if sanitizer is True:

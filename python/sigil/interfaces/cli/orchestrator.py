@@ -53,6 +53,7 @@ from sigil.core.locks import SessionLock
 from sigil.core.paths import (
     LOG_FILE_NAME,
     resolve_log_path,
+    rotated_segments,
     sigil_home,
     validate_session_id,
 )
@@ -208,6 +209,11 @@ class RunRecord:
 
     def component(self, name: str) -> dict[str, float]:
         comp = self.components.get(name)
+        if comp is None and len(self.components) >= MAX_COMPONENTS:
+            # Bounded like the native fold and the monitor: a log with endless
+            # component names cannot grow the summaries without limit.
+            name = OTHER_COMPONENT
+            comp = self.components.get(name)
         if comp is None:
             comp = self.components[name] = {
                 "tokens": 0,
@@ -312,6 +318,11 @@ class RunRecord:
         }
 
 
+#: Distinct component names kept per run; the rest fold into ``OTHER_COMPONENT``
+#: (the native fold's bound).
+MAX_COMPONENTS = 256
+OTHER_COMPONENT = "(other)"
+
 _ERROR_KEYS = (
     "error",
     "error_type",
@@ -377,6 +388,11 @@ def read_session_history(session_dir: Path) -> SessionHistory:
             event_type = entry.event_type
             metadata = entry.metadata if isinstance(entry.metadata, dict) else {}
             if event_type == "session_start":
+                if current is not None:
+                    # Only the last run can be resumed: earlier runs keep their
+                    # totals, not their outputs and error records.
+                    current.completed.clear()
+                    current.error_events.clear()
                 number = metadata.get("run")
                 if not isinstance(number, int) or isinstance(number, bool):
                     number = (history.runs[-1].run + 1) if history.runs else 1
@@ -722,7 +738,9 @@ class Orchestrator:
 
         Everything that can refuse the run is checked before anything is written.
         """
-        if self.resume and not (self.session_dir / LOG_FILE_NAME).exists():
+        if self.resume and not (
+            (self.session_dir / LOG_FILE_NAME).exists() or rotated_segments(self.session_dir)
+        ):
             raise ResumeError(
                 f"session {self.session_id!r} has no log to resume in {self.log_path}"
             )

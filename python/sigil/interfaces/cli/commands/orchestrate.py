@@ -74,8 +74,10 @@ def _parse_budget(text: str | None) -> int | None:
         value = int(text.strip().replace("_", ""))
     except ValueError:
         _usage(f"--budget must be a positive integer (a number of tokens), got {text!r}")
-    if value < 1:
-        _usage(f"--budget must be a positive integer (a number of tokens), got {text!r}")
+    if not 1 <= value < 1 << 63:
+        _usage(
+            f"--budget must be a positive integer below 2**63 (a number of tokens), got {text!r}"
+        )
     return value
 
 
