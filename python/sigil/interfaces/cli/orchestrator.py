@@ -776,6 +776,9 @@ class Orchestrator:
             run.budget = budget
             self.token_budget = budget
             self.run_number = run.run
+            # Open the log before the run is accepted: a log that cannot be opened
+            # refuses the run here, before anything else is written.
+            self.execution_logger.initialize_sync()
             # The run is accepted: from here on it may write.
             self._lock.record_pid()
             self._make_current_link()
@@ -848,7 +851,6 @@ class Orchestrator:
         tokenizer_name: str,
     ) -> PipelineResult:
         record = prep.run
-        await self.execution_logger.initialize()
         tokenizer: Any = None
         started = time.perf_counter()
         steps: list[StepResult] = []
