@@ -239,6 +239,18 @@ fn parse_chunks(chunks: &[&[u8]], base_offset: u64, split: bool) -> (Vec<Event>,
     (events, bad)
 }
 
+/// Offsets, seqs and counts are 64-bit; inputs near the top would wrap.
+const MAX_START: u64 = 1 << 62;
+
+fn check_offset(base_offset: u64) -> PyResult<()> {
+    if base_offset > MAX_START {
+        return Err(value_error(format!(
+            "base_offset must be at most 2**62, not {base_offset}"
+        )));
+    }
+    Ok(())
+}
+
 /// Parse lines (each `bytes`, with or without its newline) into
 /// `(entries, malformed)`; `malformed` holds `(byte_offset, reason)` pairs.
 #[pyfunction]
@@ -248,6 +260,7 @@ fn parse_lines<'py>(
     lines: Vec<PyBackedBytes>,
     base_offset: u64,
 ) -> PyResult<Bound<'py, PyTuple>> {
+    check_offset(base_offset)?;
     let (events, bad) = guard("parse_lines", || {
         Ok(py.detach(|| {
             let chunks: Vec<&[u8]> = lines.iter().map(|b| &b[..]).collect();
@@ -266,6 +279,7 @@ fn parse_bytes<'py>(
     data: PyBackedBytes,
     base_offset: u64,
 ) -> PyResult<Bound<'py, PyTuple>> {
+    check_offset(base_offset)?;
     let (events, bad) = guard("parse_bytes", || {
         Ok(py.detach(|| parse_chunks(&[&data[..]], base_offset, true)))
     })?;
@@ -306,6 +320,7 @@ impl PyFold {
     /// and reported as a torn tail).
     #[pyo3(signature = (data, base_offset = 0))]
     fn feed_bytes(&self, py: Python<'_>, data: PyBackedBytes, base_offset: u64) -> PyResult<u64> {
+        check_offset(base_offset)?;
         detached_io(py, "Fold.feed_bytes", None, || {
             let mut st = lock(&self.state);
             let mut reader = &data[..];
@@ -521,6 +536,11 @@ impl PyAppendWriter {
             return Err(value_error(
                 "flush_interval must be between 0 and 3600 seconds",
             ));
+        }
+        if start_seq > MAX_START {
+            return Err(value_error(format!(
+                "start_seq must be at most 2**62, not {start_seq}"
+            )));
         }
         if max_buffer_bytes < buffer_bytes {
             return Err(value_error(

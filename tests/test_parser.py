@@ -653,3 +653,16 @@ def test_tail_max_seq(tmp_path: Path):
 def test_native_module_surface():
     assert _native.MAX_LINE_BYTES == 1 << 20
     assert isinstance(Tailer, type) and isinstance(Fold, type)
+
+
+def test_offsets_near_the_64_bit_limit_are_refused_not_wrapped() -> None:
+    from sigil._native import Fold
+
+    for call in (
+        lambda: parse_lines([b"bad"] * 2, 2**64 - 1),
+        lambda: parse_bytes(b"bad\n", 2**63),
+        lambda: Fold().feed_bytes(b"bad\n", 2**63),
+    ):
+        with pytest.raises(ValueError, match="base_offset"):
+            call()
+    assert [m[0] for m in parse_lines([b"bad"] * 2, 2**62)[1]] == [2**62, 2**62 + 4]

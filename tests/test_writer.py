@@ -826,3 +826,9 @@ def test_kill_9_mid_write_leaves_whole_lines_and_the_next_writer_repairs(tmp_pat
     assert entries2[-1].message == "resumed"
     assert entries2[-1].seq == last_seq + 1
     assert [e.seq for e in entries2] == list(range(last_seq + 2))
+
+
+def test_a_start_seq_near_the_64_bit_limit_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="start_seq"):
+        AppendWriter(tmp_path / "f", start_seq=2**64 - 1)
+    assert not (tmp_path / "f").exists()
