@@ -958,3 +958,29 @@ def test_orchestrate_export_otlp_with_the_collector_down(
     tokens = json.loads((session_dir(home, sid) / "tokens.json").read_text())["total_used"]
     sent = sum(attrs(s.attributes)["sigil.tokens"] for s in spans)
     assert sent == tokens == result["total_tokens"]
+
+
+def test_export_counts_tokens_like_every_other_reader(
+    tmp_path: Path, receiver: HttpReceiver
+) -> None:
+    """A line over the readers' limit is skipped by the fold and the monitor; the
+    export skips it too, so the three agree on the session's tokens."""
+    from sigil.telemetry.log_parser import MAX_LINE_BYTES, fold_session
+
+    home = tmp_path / "home"
+    log_path = home / "logs"
+    write_session(log_path, "big-line")
+    log_file = session_dir(home, "big-line") / "execution.jsonl"
+    huge = json.dumps(
+        {"timestamp": "2026-01-11T10:15:40+00:00", "session_id": "big-line",
+         "event_type": "token_consumption", "component": "reasoning",
+         "message": "x" * (MAX_LINE_BYTES + 10), "tokens": 1000, "metadata": {}}
+    )  # fmt: skip
+    with open(log_file, "a") as f:
+        f.write(huge + "\n")
+    proc = export(home, "big-line", receiver.url)
+    assert proc.returncode == 0, proc.stderr
+    spans = [s for _, _, s in receiver.got.spans()]
+    summary = fold_session("big-line", log_path)
+    assert summary.oversize_lines == 1
+    assert sum(attrs(s.attributes)["sigil.tokens"] for s in spans) == summary.tokens_used

@@ -828,33 +828,34 @@ def iter_session_entries(
 def iter_file_entries(
     path: Path, stats: ReadStats | None = None, chunk_bytes: int = 8 << 20
 ) -> Iterator[Any]:
-    """One log file's entries (see :func:`iter_session_entries`); none if it is gone."""
-    from sigil.telemetry.log_parser import parse_bytes
+    """One log file's entries (see :func:`iter_session_entries`); none if it is gone.
+
+    Read through the native tailer, like the monitor and the fold: batches of
+    bounded size, lines over the line limit skipped (never held whole) and
+    counted with the malformed ones, so every reader agrees on the session's
+    tokens.
+    """
+    from sigil import _native
 
     stats = stats if stats is not None else ReadStats()
-    try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed below, generator-safe
-    except FileNotFoundError:
+    if not path.is_file():
         return
+    tailer = _native.Tailer(path)
     stats.files += 1
-    with handle:
-        offset = 0
-        carry = b""
-        while True:
-            block = handle.read(chunk_bytes)
-            if not block:
-                break
-            data = carry + block
-            cut = data.rfind(b"\n") + 1
-            carry = data[cut:]
-            if cut:
-                result = parse_bytes(data[:cut], offset)
-                offset += cut
-                stats.entries += len(result.entries)
-                stats.malformed += len(result.malformed)
-                yield from result.entries
-        if carry:
-            stats.torn_tail = True
+    batch_lines = max(1, chunk_bytes // 256)
+    while True:
+        entries, malformed = tailer.read_entries(batch_lines, chunk_bytes)
+        if not entries and not malformed:
+            break
+        stats.entries += len(entries)
+        stats.malformed += len(malformed)
+        yield from entries
+    checkpoint = tailer.checkpoint()
+    try:
+        if checkpoint is not None and checkpoint[2] < path.stat().st_size:
+            stats.torn_tail = True  # a last line without its newline: still being written
+    except FileNotFoundError:
+        pass
 
 
 def _next_seq(session_dir: Path) -> int:
