@@ -173,9 +173,10 @@ def test_bad_config_is_one_line_exit_2(sigil_home: Path, run_sigil: Run) -> None
 def test_log_path_that_is_a_file(tmp_path: Path, run_sigil: Run) -> None:
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    result = run_sigil("logs", "rotate", "--log-path", str(a_file))
-    assert result.returncode == 1
-    assert str(a_file) in one_line_error(result)
+    for command in ("rotate", "archive", "cleanup", "maintain"):
+        result = run_sigil("logs", command, "--log-path", str(a_file))
+        assert result.returncode == 2  # bad usage, as for `sigil sessions`
+        assert "is not a directory" in one_line_error(result)
 
 
 # -- sigil sessions -------------------------------------------------------------

@@ -480,6 +480,18 @@ def test_once_prints_and_exits(monitor: Callable[..., Terminal],
     assert "no log for session nothing-here" in missing.text()
 
 
+def test_once_in_json_mode_prints_one_state_and_the_final_object(
+    writer: Callable[[str], Writer], run_sigil: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    w = writer("once-json")
+    w("start 1000", "step routing 12 5")
+    result = run_sigil("monitor", "--session", "once-json", "--once", "--mode", "json")
+    assert result.returncode == 0, result.stderr
+    objects = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [o["type"] for o in objects] == ["state", "final"]
+    assert objects[-1]["tokens_used"] == 12
+
+
 # -- output piped, json, bad input (no terminal needed) ----------------------------------
 
 

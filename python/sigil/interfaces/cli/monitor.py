@@ -923,13 +923,14 @@ class ExecutionMonitor:
 
     async def _once(self, state: SessionState, session_dir: Path) -> int:
         renderer = self._require_renderer()
+        changed = False  # since caught_up() showed the state
         if state.status == "running" and not await asyncio.to_thread(_session_locked, session_dir):
-            state.incomplete = True
+            state.incomplete = changed = True
         outcome = self._outcome(state)
         # A run still going (or not started) is a snapshot, not a failure.
         ended = outcome in FINAL_STATUSES or outcome == "incomplete"
         code = self._code_for(outcome) if ended else EXIT_OK
-        renderer.refresh(state, self.phase, True)
+        renderer.refresh(state, self.phase, changed)
         renderer.finish(state, self.phase, "snapshot" if outcome == "running" else outcome, code)
         return code
 

@@ -108,6 +108,10 @@ def _run(
 
     settings = load_settings({"logging.path": log_path})
     rotator = LogRotator.from_settings(settings)
+    base = rotator.log_path
+    if base.exists() and not base.is_dir():
+        # Bad usage, like `sigil sessions` and `sigil orchestrate` say it.
+        raise click.UsageError(f"log path {str(base)!r} is not a directory")
     try:
         result = action(rotator)
     except MaintenanceBusy as exc:
