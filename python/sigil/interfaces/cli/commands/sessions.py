@@ -189,6 +189,8 @@ def _print_table(rows: list[SessionRow]) -> None:
 
 
 def _cells(row: SessionRow) -> tuple[str, ...]:
+    from sigil.interfaces.cli.display import format_duration
+
     started = _parse_time(row.started_at)
     if started is None:
         shown_start = "-"
@@ -203,23 +205,12 @@ def _cells(row: SessionRow) -> tuple[str, ...]:
         row.session_id,
         row.status,
         shown_start,
-        _duration(row.duration_seconds),
+        format_duration(row.duration_seconds),
         tokens,
         _size(row.size_bytes),
         archived,
     )
 
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 60:
-        return f"{seconds:.1f}s"
-    minutes, secs = divmod(int(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
 
 
 def _size(size: int) -> str:
