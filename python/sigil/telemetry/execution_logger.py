@@ -79,6 +79,28 @@ _CHEAP_METADATA_BYTES = MAX_EVENT_BYTES // 4
 _SMALL_VALUE_BYTES = 1024
 
 
+_orjson_dumps = orjson.dumps
+_TOKENS_LIMIT = 1 << 63
+_MAX_NAME_CHARS = 256
+
+
+def _bounded(
+    event_type: str,
+    component: str,
+    message: str,
+    metadata: Mapping[str, Any] | None,
+    meta: bytes | None,
+) -> tuple[str, str, str, bytes | None]:
+    """Keep the line under the readers' limit, or its tokens would be counted by
+    the writer and skipped by every reader (contract 2)."""
+    event_type, component = event_type[:128], component[:128]
+    message = _bounded_message(message)
+    room = MAX_EVENT_BYTES - len(message.encode()) - 512
+    if meta is not None and metadata and len(meta) > room:
+        meta = _bounded_metadata(metadata, meta, room)
+    return event_type, component, message, meta
+
+
 def _bounded_message(message: str) -> str:
     """``message`` cut so that it takes at most a quarter of the line."""
     limit = MAX_EVENT_BYTES // 4
@@ -293,12 +315,14 @@ class ExecutionLogger:
         tokens: int = 0,
         metadata: Mapping[str, Any] | None = None,
     ) -> int:
-        """Log one event; returns its ``seq``. Never waits for the disk."""
-        if type(tokens) is not int or not 0 <= tokens < 1 << 63:
-            raise ValueError(f"tokens must be a non-negative int, not {tokens!r}")
-        writer = self._writer
-        if writer is None or writer.closed:
-            writer = self._open()
+        """Log one event; returns its ``seq``. Never waits for the disk.
+
+        This is the hot path (about a microsecond): one serialisation and one
+        hand-off to the native writer; the rare slow cases (oversized content,
+        a closed or unopened writer) are handled off the common path.
+        """
+        if type(tokens) is not int or not 0 <= tokens < _TOKENS_LIMIT:
+            raise ValueError(f"tokens must be a non-negative int below 2**63, not {tokens!r}")
         sanitizer = self._sanitizer
         meta: bytes | None = None
         if sanitizer is not None:
@@ -308,18 +332,30 @@ class ExecutionLogger:
                     metadata = sanitizer.sanitize_dict(dict(metadata))
                 except RecursionError:  # a circular structure
                     metadata = {"metadata_error": "metadata is circular; not logged"}
+        if metadata:
+            try:
+                meta = _orjson_dumps(metadata, default=_default, option=_OPTS)
+            except (orjson.JSONEncodeError, TypeError):
                 meta = dumps(metadata)
-        elif metadata:
-            meta = dumps(metadata)
-        if len(message) > _CHEAP_MESSAGE_CHARS or (meta and len(meta) > _CHEAP_METADATA_BYTES):
-            # Keep the line under the readers' limit, or its tokens would be
-            # counted here and skipped by every reader (contract 2).
-            message = _bounded_message(message)
-            room = MAX_EVENT_BYTES - len(message.encode()) - 512
-            if meta is not None and metadata and len(meta) > room:
-                meta = _bounded_metadata(metadata, meta, room)
-        return writer.write_event(
-            self.session_id, event_type[:128], component[:128], message, tokens, meta
+        if (
+            len(message) > _CHEAP_MESSAGE_CHARS
+            or len(event_type) + len(component) > _MAX_NAME_CHARS
+            or (meta is not None and len(meta) > _CHEAP_METADATA_BYTES)
+        ):
+            event_type, component, message, meta = _bounded(
+                event_type, component, message, metadata, meta
+            )
+        writer = self._writer
+        if writer is None:
+            writer = self._open()
+        try:
+            return writer.write_event(self.session_id, event_type, component, message, tokens, meta)
+        except ValueError:
+            if not writer.closed:
+                raise
+        # Logging after close() reopens the log (spec: log_event initialises).
+        return self._open().write_event(
+            self.session_id, event_type, component, message, tokens, meta
         )
 
     async def log_event(
