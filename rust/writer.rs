@@ -360,7 +360,10 @@ impl AppendWriter {
             return;
         }
         st.buf.push(b'\n');
-        if st.buf.len() >= self.shared.cfg.buffer_bytes {
+        // Wake the flusher once, when the buffer crosses the threshold: later
+        // lines ride along with that flush (no wake-up per line).
+        let threshold = self.shared.cfg.buffer_bytes;
+        if before < threshold && st.buf.len() >= threshold {
             self.shared.wake.notify_one();
         }
     }
