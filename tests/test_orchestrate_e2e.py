@@ -567,6 +567,9 @@ BAD_INPUTS: list[tuple[str, list[str], Callable[[Path], object] | None, str]] = 
         "cannot import",
     ),
     ("openai-no-key", ["--task", TASK, "--provider", "openai"], None, "OPENAI_API_KEY"),
+    # /proc refuses new directories, even to root.
+    ("log-path-uncreatable", ["--task", TASK, "--log-path", "/proc/1/nope"], None,
+     "cannot use log path"),
     (
         "log-path-file",
         ["--task", TASK, "--log-path", "{home}/afile"],

@@ -266,7 +266,11 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     from sigil.interfaces.cli.orchestrator import ResumeError
     from sigil.telemetry.file_security import UnsafePathError
 
+    announced = False
+
     def announce(orch: Orchestrator) -> None:
+        nonlocal announced
+        announced = True
         # The first line, so a monitor can be pointed at the session right away.
         click.echo(f"Session: {orch.session_id}", err=as_json)
         if orch.abandoned_run is not None:
@@ -289,6 +293,15 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
         result = asyncio.run(main())
     except (SessionBusy, ResumeError, UnsafePathError) as exc:
         raise UsageFailure(str(exc)) from None
+    except OSError as exc:
+        if announced:
+            click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
+            return EXIT_FAILED
+        # The session's directory or log could not be made: nothing ran.
+        where = exc.filename or orchestrator.log_path
+        raise UsageFailure(
+            f"cannot use log path {orchestrator.log_path}: {exc.strerror or exc} ({where})"
+        ) from None
     except (KeyboardInterrupt, asyncio.CancelledError):
         click.echo("Error: interrupted; the session log records where it stopped", err=True)
         return EXIT_INTERRUPTED
