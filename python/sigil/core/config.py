@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import click
-import yaml
 
 __all__ = [
     "ConfigError",
@@ -560,6 +559,8 @@ def _config_items(config_path: Path, text: str | None) -> list[tuple[str, Any]]:
     """The file's known ``(dotted key, value)`` pairs; unknown keys are warned about."""
     if text is None:
         return []
+    import yaml  # only when there is a config file to read (start-up cost ~10 ms)
+
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -606,6 +607,8 @@ def _warn_unknown(config_path: Path, section: str | None, name: str, known: list
 
 def _key_line(text: str, section: str, name: str) -> int | None:
     """1-based line of ``section.name`` in the YAML text, for error messages only."""
+    import yaml
+
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
