@@ -466,6 +466,27 @@ def test_without_session_follows_current_jsonl(monitor: Callable[..., Terminal],
     assert "Session:   cur-1" in screen and summary_numbers(screen)["used"] == 70
 
 
+def test_a_partial_truncation_never_counts_an_event_twice(
+    monitor: Callable[..., Terminal], writer: Callable[[str], Writer], log_path: Path
+) -> None:
+    """copytruncate that keeps the head of the file: the tailer starts the file
+    again, and the events it re-reads are not added a second time."""
+    w = writer("trunc-1")
+    w("start 1000", "step routing 12 5", "step memory 30 5")
+    term = monitor("--session", "trunc-1", "--mode", "stream")
+    term.wait_for("(30 tokens)")
+    path = log_path / "sessions" / "trunc-1" / "execution.jsonl"
+    head = b"".join(path.read_bytes().splitlines(keepends=True)[:2])  # start + routing
+    with open(path, "r+b") as f:
+        f.truncate(len(head))
+    w("step planning 7 5", "complete")
+    assert w.total == 49
+    assert term.wait() == 0
+    screen = term.text()
+    assert summary_numbers(screen)["used"] == 49
+    assert "re-read after truncation" in screen
+
+
 def test_once_prints_and_exits(monitor: Callable[..., Terminal],
                                writer: Callable[[str], Writer]) -> None:
     w = writer("once-1")

@@ -234,6 +234,19 @@ def test_seq_gaps_and_regressions_are_counted() -> None:
     assert (state.max_seq, state.last_seq) == (5, 3)
 
 
+def test_events_re_read_after_a_truncation_are_counted_once() -> None:
+    state = fold(*(ev("step_complete", "routing", 10, seq=i) for i in range(4)))
+    state.note_reader_stats({"truncations": 1})  # the tailer starts the file again
+    state.update_from_entries(
+        [ev("step_complete", "routing", 10, seq=i) for i in (0, 1, 2, 3, 4)]
+    )
+    assert (state.tokens_used, state.entries, state.rereads) == (50, 5, 4)
+    assert state.seq_regressions == 0 and state.seq_gaps == 0
+    # Out of order without a truncation is not a re-read: it counts.
+    other = fold(ev("x", "c", 5, seq=5), ev("x", "c", 5, seq=3))
+    assert (other.tokens_used, other.seq_regressions, other.rereads) == (10, 1, 0)
+
+
 def test_malformed_and_oversize_lines_are_counted_apart() -> None:
     state = SessionState(session_id="s1")
     state.note_malformed([

@@ -258,6 +258,10 @@ class SessionState:
     # late monitor finds rotated segments where a live one followed rotations.
     rotations: int = field(default=0, compare=False)
     truncations: int = field(default=0, compare=False)
+    #: After a truncation the reader starts the file again: events up to this seq
+    #: were already folded and are skipped (counted in ``rereads``), never added twice.
+    reread_up_to: int | None = field(default=None, compare=False)
+    rereads: int = field(default=0, compare=False)
     rotated_segments: int = field(default=0, compare=False)
     reader_base: dict[str, int] = field(default_factory=dict, compare=False)
     # Display-only: not part of equality (a catch-up keeps only the recent ones).
@@ -358,6 +362,10 @@ class SessionState:
         step events; a ``session_start`` opens a run; the final events close it.
         """
         kind = entry.event_type
+        seq = entry.seq
+        if seq is not None and self.reread_up_to is not None and seq <= self.reread_up_to:
+            self.rereads += 1  # read before the truncation: already in the totals
+            return
         tokens = entry.tokens
         timestamp = entry.timestamp
         self.entries += 1
@@ -367,7 +375,6 @@ class SessionState:
         self.last_timestamp = timestamp
         key = _bounded_key(self.event_counts, kind)
         self.event_counts[key] = self.event_counts.get(key, 0) + 1
-        seq = entry.seq
         if seq is not None:
             self._track_seq(seq)
 
@@ -489,7 +496,12 @@ class SessionState:
             self.reader_base = counts
         base = self.reader_base
         self.rotations = self.rotated_segments + counts["rotations"] - base.get("rotations", 0)
-        self.truncations = counts["truncations"] - base.get("truncations", 0)
+        truncations = counts["truncations"] - base.get("truncations", 0)
+        if truncations > self.truncations and self.max_seq is not None:
+            # The tailer restarted the file at 0: what it hands out next up to
+            # the highest seq seen is a second read of events already counted.
+            self.reread_up_to = self.max_seq
+        self.truncations = truncations
         if stats.get("torn_lines"):
             self.torn_tail = True
 
