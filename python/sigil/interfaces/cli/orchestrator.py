@@ -570,6 +570,7 @@ class Orchestrator:
         self.export_otlp = export_otlp
         #: what live OTLP export sent (None when it was off); see ``LiveExportReport``
         self.otlp_report: Any = None
+        self._exporter: Any = None
 
     # -- spec 4.1.2's injectable component attributes ------------------------------
 
@@ -661,6 +662,7 @@ class Orchestrator:
         context: dict[str, Any] | None = None,
         *,
         on_ready: Callable[[Orchestrator], None] | None = None,
+        keep_exporting: bool = False,
     ) -> PipelineResult:
         """
         Execute the full pipeline for a task.
@@ -672,6 +674,10 @@ class Orchestrator:
             on_ready: called once the session is locked and the run accepted, just
                 before its first event (the CLI prints the session ID there, so
                 nothing is printed for a run that is refused).
+            keep_exporting: return as soon as the run ends and leave live OTLP
+                export sending in the background; call :meth:`finish_export`
+                later (the CLI prints the result first, so a slow or absent
+                collector never holds it back).
 
         Returns:
             PipelineResult with execution details. A failed step or an exhausted
@@ -701,8 +707,18 @@ class Orchestrator:
         finally:
             if exporter is not None:
                 # The run has closed its log, so the exporter reads it to the end.
-                self.otlp_report = await asyncio.to_thread(exporter.shutdown, 5.0)
+                self._exporter = exporter
+                if not keep_exporting:
+                    await asyncio.to_thread(self.finish_export)
             await asyncio.to_thread(self._lock.release)
+
+    def finish_export(self, timeout: float = 5.0) -> Any:
+        """Let live OTLP export send what is left (at most ``timeout`` seconds) and
+        return its report (None when export was off). Blocking; idempotent."""
+        exporter, self._exporter = self._exporter, None
+        if exporter is not None:
+            self.otlp_report = exporter.shutdown(timeout)
+        return self.otlp_report
 
     def _start_otlp_export(self) -> Any:
         """The live OTLP exporter, when export is asked for or configured.

@@ -287,7 +287,7 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
         if task_ is not None:
             # SIGTERM ends the run cleanly: final event, summary files, lock released.
             loop.add_signal_handler(signal.SIGTERM, task_.cancel)
-        return await orchestrator.execute(task, {}, on_ready=announce)
+        return await orchestrator.execute(task, {}, on_ready=announce, keep_exporting=True)
 
     try:
         result = asyncio.run(main())
@@ -317,7 +317,9 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
         click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
     else:
         _print_result(result)
-    report = orchestrator.otlp_report
+    # The result is out; only now wait (bounded) for live export to finish, so a
+    # slow or absent collector never holds back what the user sees.
+    report = orchestrator.finish_export(5.0)
     if report is not None and not report.complete:
         # What live export could not send, and the command that sends it later.
         click.echo(report.summary(), err=True)
