@@ -566,6 +566,8 @@ def test_json_mode_is_ndjson_on_stdout(env: dict[str, str],
         (["--refresh-rate", "fast"], "--refresh-rate must be a number"),
         (["--mode", "fancy"], "--mode must be one of"),
         (["--once", "--follow"], "cannot be used together"),
+        # /proc refuses new directories, even to root: waiting would never end.
+        (["--session", "s", "--log-path", "/proc/1/nope"], "cannot be created"),
         (["--bogus"], "No such option"),
         (["--session"], "requires an argument"),
     ],

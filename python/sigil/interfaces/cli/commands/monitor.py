@@ -34,12 +34,26 @@ def _fail(message: str) -> MonitorUsageError:
 
 
 def _check_log_path(path: Path) -> None:
-    """Refuse a log path that cannot be read; a missing one is fine (the writer creates it)."""
+    """Refuse a log path that cannot be read or made.
+
+    A missing one is created (0700; the monitor keeps ``monitor.pid`` there), so
+    a path that can never exist is refused now instead of waited on forever.
+    """
     probe = path
     while not probe.exists():
         if probe.parent == probe:
             return
         probe = probe.parent
+    if probe != path and probe.is_dir():
+        from sigil.telemetry.file_security import ensure_private_dir
+
+        try:
+            ensure_private_dir(path)
+        except OSError as exc:
+            raise _fail(
+                f"log path {str(path)!r} cannot be created: {exc.strerror or exc}"
+            ) from None
+        return
     if not probe.is_dir():
         raise _fail(f"log path {str(path)!r} is not a directory ({str(probe)!r} is a file)")
     if not os.access(probe, os.R_OK | os.X_OK):
