@@ -208,6 +208,19 @@ def test_elapsed_rate_and_forecast_use_the_run_clock() -> None:
     assert state.seconds_to_budget_end(now) is None
 
 
+def test_no_rate_or_forecast_from_noise_or_for_a_dead_writer() -> None:
+    state = fold(
+        ev("session_start", budget=10_000, at=0),
+        ev("step_complete", "reasoning", 1000, at=0.001, latency_ms=1),
+    )
+    # A millisecond of run time gives no rate (it would read 1,000,000 tok/s).
+    assert state.tokens_per_second(T0 + timedelta(seconds=0.5)) == 0.0
+    later = T0 + timedelta(seconds=10)
+    assert state.seconds_to_budget_end(later) == pytest.approx(90.0)
+    state.incomplete = True  # the writer is gone: the budget will not run out
+    assert state.seconds_to_budget_end(later) is None
+
+
 def test_an_incomplete_run_stops_its_clock_at_the_last_event() -> None:
     state = fold(ev("session_start", at=0), ev("step_complete", "routing", 5, at=3))
     state.incomplete = True

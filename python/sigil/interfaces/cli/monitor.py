@@ -338,16 +338,19 @@ class SessionState:
         return max(timed, key=lambda k: timed[k].total_latency_ms)
 
     def tokens_per_second(self, now: datetime | None = None) -> float:
-        """The current run's token rate (tokens over its elapsed time)."""
+        """The current run's token rate (tokens over its elapsed time).
+
+        Zero until a second has passed: a rate over milliseconds is noise.
+        """
         elapsed = self.elapsed_at(now)
-        if elapsed <= 0:
+        if elapsed < 1.0:
             return 0.0
         return self.run.tokens_used / elapsed
 
     def seconds_to_budget_end(self, now: datetime | None = None) -> float | None:
         """At the current rate, seconds until the session budget runs out (None: never)."""
         rate = self.tokens_per_second(now)
-        if rate <= 0 or self.ended:
+        if rate <= 0 or self.ended or self.incomplete:
             return None
         return self.tokens_remaining / rate
 
