@@ -325,3 +325,19 @@ def test_config_show_bad_file_exits_2_with_one_line(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "logging.retention_days" in lines[0] and "config.yaml" in lines[0]
+
+
+def test_the_per_signal_otlp_variables_win_over_the_general_ones(tmp_path: Path) -> None:
+    env = {
+        "SIGIL_HOME": str(tmp_path),
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://general:4318",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://traces:4318/v1/traces",
+        "OTEL_EXPORTER_OTLP_HEADERS": "a=1",
+        "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "b=2",
+    }
+    settings = load_settings(env=env)
+    assert settings.export.otlp_endpoint == "http://traces:4318/v1/traces"
+    assert settings.export.otlp_headers == {"b": "2"}
+    assert settings.source("export.otlp_endpoint") == "env"
+    general = {k: v for k, v in env.items() if "TRACES" not in k}
+    assert load_settings(env=general).export.otlp_endpoint == "http://general:4318"

@@ -430,9 +430,22 @@ _ENVIRONMENT: list[tuple[tuple[str, ...], str, Callable[[str], Any]]] = [
     (("SIGIL_PROVIDER",), "provider.name", _as_is),
     (("SIGIL_MODEL",), "provider.model", _as_is),
     (("SIGIL_BASE_URL", "OPENAI_BASE_URL"), "provider.base_url", _as_is),
-    (("OTEL_EXPORTER_OTLP_ENDPOINT",), "export.otlp_endpoint", _as_is),
-    (("OTEL_EXPORTER_OTLP_PROTOCOL",), "export.otlp_protocol", _as_is),
-    (("OTEL_EXPORTER_OTLP_HEADERS",), "export.otlp_headers", _parse_otlp_headers),
+    # The per-signal variables (traces) win over the general ones, as in the OTel SDKs.
+    (
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        "export.otlp_endpoint",
+        _as_is,
+    ),
+    (
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        "export.otlp_protocol",
+        _as_is,
+    ),
+    (
+        ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"),
+        "export.otlp_headers",
+        _parse_otlp_headers,
+    ),
 ]
 
 ENVIRONMENT_VARIABLES: dict[str, str] = {names[0]: key for names, key, _ in _ENVIRONMENT}
