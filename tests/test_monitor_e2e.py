@@ -487,6 +487,29 @@ def test_a_partial_truncation_never_counts_an_event_twice(
     assert "re-read after truncation" in screen
 
 
+def test_without_session_an_ended_session_is_not_the_active_one(
+    monitor: Callable[..., Terminal], writer: Callable[[str], Writer], log_path: Path
+) -> None:
+    """Started before the next run, the monitor does not replay the last, finished
+    session that current.jsonl still names: it waits, then tracks the new run."""
+    old = writer("old-1")
+    old("start 1000", "step memory 5 5", "complete")
+    old.finish()
+    link = log_path / "current.jsonl"
+    link.symlink_to(log_path / "sessions" / "old-1" / "execution.jsonl")
+    term = monitor("--mode", "stream")
+    term.wait_for("has ended")
+    assert term.proc.poll() is None  # still waiting
+    new = writer("new-1")
+    new("start 1000")
+    link.unlink()
+    link.symlink_to(log_path / "sessions" / "new-1" / "execution.jsonl")
+    new("step routing 12 5", "complete")
+    assert term.wait() == 0
+    screen = term.text()
+    assert "Session:   new-1" in screen and summary_numbers(screen)["used"] == 12
+
+
 def test_once_prints_and_exits(monitor: Callable[..., Terminal],
                                writer: Callable[[str], Writer]) -> None:
     w = writer("once-1")
@@ -733,8 +756,9 @@ def test_orchestrate_then_monitor_after_the_end_at_40_columns(
     shown = summary_numbers(term.text())
     assert {k: shown[k] for k in ("used", "budget", "components")} == tokens_json_numbers(
         log_path, "orch-2")
-    # Without --session the monitor follows current.jsonl, here the same session.
-    again = monitor("--mode", "minimal", cols=40)
+    # Without --session, --once shows the session current.jsonl names, here the same
+    # one (a live monitor would wait for the next run: this one has ended).
+    again = monitor("--mode", "minimal", "--once", cols=40)
     assert again.wait() == 0
     assert summary_numbers(again.text())["used"] == tokens_json(log_path, "orch-2")["total_used"]
 

@@ -753,6 +753,10 @@ class ExecutionMonitor:
         self._stop_code: int | None = None
         self._stop_event: asyncio.Event | None = None
         self._pid_written = False
+        #: When this monitor started (wall clock, to compare with log mtimes).
+        self._started_wall = time.time()
+        #: The ended session current.jsonl pointed at, while waiting for a new one.
+        self._ended_link: str | None = None
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -864,7 +868,14 @@ class ExecutionMonitor:
                 what = f"session {self.session_id}" if self.session_id else "an active session"
                 renderer.error(f"sigil monitor: no log for {what} under {self.log_path}")
                 return EXIT_FAILED
-            renderer.waiting(self.state, self.phase, f"waiting for {self.log_file}")
+            if self._ended_link is not None:
+                why = (
+                    f"waiting for the next run (the last session, {self._ended_link}, "
+                    "has ended; `--session ID` shows it)"
+                )
+            else:
+                why = f"waiting for {self.log_file}"
+            renderer.waiting(self.state, self.phase, why)
             await self._sleep(_FIND_INTERVAL)
         return None
 
@@ -894,6 +905,18 @@ class ExecutionMonitor:
             validate_session_id(candidate)
         except ValueError:
             return None
+        if not self.once and not _session_locked(target.parent):
+            # The link still names the last session, which has ended (its lock is
+            # free) and was not written since this monitor started: that is not
+            # the active session. Wait for the next run instead of replaying it.
+            try:
+                written = target.stat().st_mtime
+            except OSError:
+                return None
+            if written < self._started_wall:
+                self._ended_link = candidate
+                return None
+        self._ended_link = None
         return candidate
 
     # -- WAITING / TRACKING ------------------------------------------------------------------

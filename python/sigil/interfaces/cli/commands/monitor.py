@@ -88,7 +88,8 @@ class MonitorCommand(click.Command):
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.option("--session", "-s", "session_id", metavar="ID",
-              help="Session to watch (default: the active one, via current.jsonl).")
+              help="Session to watch (default: the running one, or the next to start, "
+                   "via current.jsonl).")
 @click.option("--mode", "-m", metavar="|".join(_MODES),
               help="Display mode (default: monitoring.default_mode, dashboard).")
 @click.option("--refresh-rate", "-r", metavar="SECONDS",
