@@ -84,3 +84,36 @@ def wait_for(what: str, predicate: Callable[[], Any], timeout: float = 10.0) -> 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.002)
+
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def isolated_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment for a CLI subprocess: this test's home, the test step
+    modules importable (``pipeline.steps`` in config), and none of the user's
+    SIGIL_*, OPENAI_* or OTEL_* settings unless passed in ``extra``."""
+    path = os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
+    env = cli_env(home, PYTHONPATH=path, **extra)
+    for var in list(env):
+        if var.startswith("OTEL_") and var not in extra:
+            del env[var]
+    for var in ("SIGIL_LOG_PATH", "SIGIL_BUDGET", "SIGIL_PROVIDER", "SIGIL_BASE_URL",
+                "OPENAI_API_KEY"):
+        if var not in extra:
+            env.pop(var, None)
+    return env
+
+
+def run_cli(
+    home: Path, *args: str, timeout: float = 60, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``sigil <args>`` with :func:`isolated_env`."""
+    return subprocess.run(
+        [*SIGIL, *args],
+        env=isolated_env(home, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

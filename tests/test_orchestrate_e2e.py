@@ -25,13 +25,12 @@ from typing import Any
 
 import pytest
 
-from conftest import cli_env
+from conftest import isolated_env, run_cli
 from sigil.core.locks import SessionLock, is_session_locked
 from sigil.telemetry.log_parser import fold_session
 
 pytestmark = pytest.mark.slow
 
-TESTS_DIR = Path(__file__).resolve().parent
 SIGIL = [sys.executable, "-m", "sigil", "orchestrate"]
 TASK = "Analyze Acme Corp"
 STEPS = ["routing", "memory", "planning", "reasoning", "contracts", "validation"]
@@ -41,26 +40,10 @@ FAST_RETRIES = "errors:\n  max_retries: 3\n  backoff_base: 0.001\n  backoff_max:
 # -- helpers -------------------------------------------------------------------------------
 
 
-def env_for(home: Path, **extra: str) -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
-    env = cli_env(home, PYTHONPATH=path, **extra)
-    env.pop("OPENAI_API_KEY", None)
-    for var in ("SIGIL_LOG_PATH", "SIGIL_BUDGET", "SIGIL_PROVIDER", "SIGIL_BASE_URL"):
-        env.pop(var, None)
-    return env
-
-
 def orchestrate(
     home: Path, *args: str, timeout: float = 60, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*SIGIL, *args],
-        env=env_for(home, **env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_cli(home, "orchestrate", *args, timeout=timeout, **env)
 
 
 def run_json(home: Path, *args: str, **env: str) -> tuple[int, dict[str, Any], str]:
@@ -367,7 +350,7 @@ def start_and_kill(home: Path, sid: str) -> None:
     write_config(home, steps_config(planning="SlowPlanning"))
     proc = subprocess.Popen(
         [*SIGIL, "--task", TASK, "--session", sid],
-        env=env_for(home, SIGIL_TEST_SLOW_SECONDS="60"),
+        env=isolated_env(home, SIGIL_TEST_SLOW_SECONDS="60"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -463,7 +446,7 @@ def test_sigterm_ends_the_run_cleanly(sigil_home: Path) -> None:
     write_config(sigil_home, steps_config(planning="SlowPlanning"))
     proc = subprocess.Popen(
         [*SIGIL, "--task", TASK, "--session", "termed"],
-        env=env_for(sigil_home, SIGIL_TEST_SLOW_SECONDS="60"),
+        env=isolated_env(sigil_home, SIGIL_TEST_SLOW_SECONDS="60"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

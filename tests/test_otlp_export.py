@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import http.server
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from conftest import cli_env
+from conftest import isolated_env, run_cli
 from sigil.telemetry.execution_logger import ExecutionLogger
 from sigil.telemetry.log_parser import fold_session
 from sigil.telemetry.otlp import (
@@ -43,7 +42,6 @@ from sigil.telemetry.otlp import (
     trace_id_for,
 )
 
-TESTS_DIR = Path(__file__).resolve().parent
 SIGIL = [sys.executable, "-m", "sigil"]
 FAST_RETRIES = "errors:\n  max_retries: 3\n  backoff_base: 0.001\n  backoff_max: 0.01\n"
 STEPS = ["routing", "memory", "planning", "reasoning", "contracts", "validation"]
@@ -193,28 +191,10 @@ def hex_id(raw: bytes) -> str:
 # -- running the CLI -----------------------------------------------------------------------
 
 
-def env_for(home: Path, **extra: str) -> dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
-    env = cli_env(home, PYTHONPATH=path, **extra)
-    for var in list(env):
-        if var.startswith("OTEL_") and var not in extra:
-            del env[var]
-    for var in ("SIGIL_LOG_PATH", "SIGIL_BUDGET", "SIGIL_PROVIDER", "OPENAI_API_KEY"):
-        env.pop(var, None)
-    return env
-
-
 def sigil(
     home: Path, *args: str, timeout: float = 60, **env: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*SIGIL, *args],
-        env=env_for(home, **env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_cli(home, *args, timeout=timeout, **env)
 
 
 def export(
@@ -674,7 +654,7 @@ def test_export_without_the_extra_says_how_to_install(
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, "export", "--session", "noextra", "--endpoint", receiver.url],
-        env=env_for(home),
+        env=isolated_env(home),
         capture_output=True,
         text=True,
         timeout=60,
