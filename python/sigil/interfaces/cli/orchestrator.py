@@ -76,6 +76,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from sigil.telemetry.execution_logger import ExecutionLogger
 
 __all__ = [
+    "BudgetConfigError",
     "BudgetExhaustedError",
     "Orchestrator",
     "OrchestratorError",
@@ -111,6 +112,16 @@ class OrchestratorError(Exception):
 
 class ResumeError(OrchestratorError, ValueError):
     """``--resume`` on a session that has no interrupted run (a usage error)."""
+
+
+class BudgetConfigError(OrchestratorError, ValueError):
+    """Configured allocations exceed the session's budget (a usage error)."""
+
+
+def allocations_origin(settings: Settings) -> str:
+    """Where ``token_budget.allocations`` was set, for error messages."""
+    source = settings.source("token_budget.allocations")
+    return str(settings.config_path) if source == "config" else "command line"
 
 
 class PipelineError(OrchestratorError):
@@ -789,6 +800,16 @@ class Orchestrator:
                     (r.budget for r in reversed(history.runs) if r.budget), None
                 )
                 budget = recorded or budget
+                if recorded:
+                    from sigil.core.config import ConfigError, check_allocations
+
+                    try:
+                        check_allocations(
+                            self.settings, recorded, "the session's recorded budget",
+                            allocations_origin(self.settings),
+                        )  # fmt: skip
+                    except ConfigError as exc:
+                        raise BudgetConfigError(exc.format_message()) from None
             run.budget = budget
             self.token_budget = budget
             self.run_number = run.run

@@ -198,11 +198,14 @@ def _build(
         except InvalidSessionId as exc:
             _usage(str(exc))
 
-    from sigil.core.config import ConfigError, load_settings
+    from sigil.core.config import ConfigError, check_allocations, load_settings
+    from sigil.interfaces.cli.orchestrator import allocations_origin
 
     overrides: dict[str, object] = {"provider.name": provider, "logging.path": log_path}
     try:
         settings = load_settings(overrides)
+        if budget is not None:
+            check_allocations(settings, budget, "--budget", allocations_origin(settings))
     except ConfigError as exc:
         _usage(exc.format_message())
 
@@ -263,7 +266,7 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     import signal
 
     from sigil.core.locks import SessionBusy
-    from sigil.interfaces.cli.orchestrator import ResumeError
+    from sigil.interfaces.cli.orchestrator import BudgetConfigError, ResumeError
     from sigil.telemetry.file_security import UnsafePathError
 
     announced = False
@@ -291,7 +294,7 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
 
     try:
         result = asyncio.run(main())
-    except (SessionBusy, ResumeError, UnsafePathError) as exc:
+    except (SessionBusy, ResumeError, BudgetConfigError, UnsafePathError) as exc:
         raise UsageFailure(str(exc)) from None
     except OSError as exc:
         if announced:
