@@ -93,6 +93,8 @@ __all__ = [
 MAX_LOGGED_OUTPUT = 32 * 1024
 ORCHESTRATOR = "orchestrator"
 _FINAL_EVENTS = ("session_complete", "session_error")
+#: Run statuses ``--resume`` continues: the writer died, or the run was interrupted.
+_RESUMABLE = ("running", "interrupted")
 
 
 class PipelineStep(StrEnum):
@@ -366,6 +368,14 @@ class SessionHistory:
             return self.runs[-1]
         return None
 
+    @property
+    def resumable_run(self) -> RunRecord | None:
+        """The last run, if ``--resume`` can continue it: its writer died, or it
+        was interrupted (Ctrl-C, SIGTERM) and recorded so."""
+        if self.runs and self.runs[-1].status in _RESUMABLE:
+            return self.runs[-1]
+        return None
+
     def component_totals(self) -> tuple[dict[str, int], dict[str, int]]:
         tokens: dict[str, int] = {}
         ops: dict[str, int] = {}
@@ -576,6 +586,8 @@ class Orchestrator:
         self._executed = False
         #: set when a new run starts on a session whose previous run never ended
         self.abandoned_run: int | None = None
+        #: set when a new run starts on a session whose previous run was interrupted
+        self.interrupted_run: int | None = None
         #: the run this orchestrator executes (known once the session is locked)
         self.run_number: int | None = None
         self.export_otlp = export_otlp
@@ -707,7 +719,13 @@ class Orchestrator:
         if task is None and not self.resume:
             raise ValueError("task must be a non-empty string")
         self._executed = True
-        prepared = await asyncio.to_thread(self._prepare, task)
+        try:
+            # Cancelling the await would leave the thread taking the lock and
+            # opening the log behind our back: let it finish, then give it all back.
+            prepared = await _to_the_end(asyncio.to_thread(self._prepare, task))
+        except asyncio.CancelledError:
+            await asyncio.to_thread(self._abandon_prepared)
+            raise
         exporter = None
         try:
             # Before the run's first event: the exporter follows the log from here.
@@ -774,7 +792,7 @@ class Orchestrator:
         self._lock.acquire(record_pid=False)
         try:
             history = read_session_history(self.session_dir)
-            open_run = history.open_run
+            open_run = history.resumable_run if self.resume else history.open_run
             if self.resume:
                 if open_run is None:
                     last = history.runs[-1].status if history.runs else "no run"
@@ -794,6 +812,9 @@ class Orchestrator:
                     self.abandoned_run = open_run.run
                 number = (history.runs[-1].run + 1) if history.runs else 1
                 run = RunRecord(run=number, started_at=datetime.now(UTC).isoformat(), task=task)
+                last = history.runs[-1] if history.runs else None
+                if last is not None and last.status == "interrupted":
+                    self.interrupted_run = last.run
             budget = self.token_budget
             if not self._budget_explicit:
                 recorded = (open_run.budget if self.resume and open_run else None) or next(
@@ -823,8 +844,17 @@ class Orchestrator:
             self._lock.release()
             raise
         assert task is not None
-        dead_errors = list(run.error_events) if self.resume else []
+        # A run that was interrupted wrote its own errors.jsonl records; only a
+        # dead writer's are recovered from the log.
+        dead_errors = list(run.error_events) if self.resume and run.status == "running" else []
         return _Prepared(history, run, task, budget, self.resume, dead_errors)
+
+    def _abandon_prepared(self) -> None:
+        """Undo a :meth:`_prepare` whose run was cancelled before its first event."""
+        try:
+            self.execution_logger.close_sync()
+        finally:
+            self._lock.release()
 
     def _make_current_link(self) -> None:
         """Point ``<log_path>/current.jsonl`` at this session's log (atomically)."""
@@ -992,14 +1022,16 @@ class Orchestrator:
         except BaseException as exc:
             # Cancelled, interrupted or a bug in the orchestrator itself: still end the
             # run properly (final event, summary files) so the log says what happened.
-            status = "error"
             if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
-                error = "interrupted"
+                # Ctrl-C / SIGTERM: recorded as such, so --resume can continue it.
+                status, error = "interrupted", "interrupted"
             else:
-                error = f"internal error: {type(exc).__name__}: {exc}"
-            await finish()
+                status, error = "error", f"internal error: {type(exc).__name__}: {exc}"
+            await _to_the_end(finish(), absorb=True)
             raise
-        return await finish()
+        # The run is over: a cancellation now must not cut its final path short
+        # (no tokens.json), and the outcome the log records stands.
+        return await _to_the_end(finish(), absorb=True)
 
     def _model_name(self, tokenizer_name: str) -> str:
         if self.provider is not None:
@@ -1191,6 +1223,9 @@ class Orchestrator:
                     f" (skipped failed optional steps: {', '.join(failed)})" if failed else ""
                 )
                 await log.log_event("session_complete", ORCHESTRATOR, message, 0, summary_meta)
+            elif status == "interrupted":
+                message = f"Pipeline interrupted; continue it with --resume (run {record.run})"
+                await log.log_event("session_error", ORCHESTRATOR, message, 0, summary_meta)
             else:
                 await log.log_event(
                     "session_error", ORCHESTRATOR, f"Pipeline failed: {error}", 0, summary_meta
@@ -1309,6 +1344,37 @@ class Orchestrator:
                 previous += b"\n"
             body = b"".join(_json_bytes(r, indent=False) + b"\n" for r in records)
             _atomic_write(path, previous + body)
+
+
+async def _to_the_end(aw: Any, *, absorb: bool = False) -> Any:
+    """Await ``aw`` to its end even if this task is cancelled meanwhile.
+
+    The final path of a run (final event, close, summary files) and the lock
+    taken by ``_prepare`` must not be cut in half by a second Ctrl-C. A
+    cancellation that arrives meanwhile is re-raised once ``aw`` is done, or,
+    with ``absorb``, dropped (the task's cancel request is withdrawn).
+    """
+    inner = asyncio.ensure_future(aw)
+    cancelled = 0
+    while True:
+        try:
+            result = await asyncio.shield(inner)
+            break
+        except asyncio.CancelledError:
+            if inner.done():
+                if inner.cancelled():
+                    raise
+                result = inner.result()
+                break
+            cancelled += 1
+    if cancelled:
+        task = asyncio.current_task()
+        if not absorb:
+            raise asyncio.CancelledError
+        if task is not None:
+            for _ in range(cancelled):
+                task.uncancel()
+    return result
 
 
 def _configured_steps(settings: Any) -> dict[str, str]:

@@ -23,17 +23,20 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_BUDGET = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + 2, as the shell reports it
+EXIT_TERMINATED = 143  # SIGTERM: 128 + 15
 
 PROVIDERS = ("offline", "openai")
 
 _EPILOG = """\b
 Exit status:
   0  the pipeline completed
-  1  the pipeline failed (a required step failed, or the run was interrupted)
+  1  the pipeline failed (a required step failed)
   2  bad usage: invalid option, session ID, task, budget, provider or config,
      or the session is already running (nothing is written)
   3  the token budget ran out before the pipeline finished
+  130/143  interrupted by SIGINT (Ctrl-C) / SIGTERM: the run is recorded as
+     interrupted; continue it with --resume
 
 \b
 Examples:
@@ -167,7 +170,18 @@ def orchestrate(
     """
     orchestrator = _build(task, session_id, budget, resume, log_path, provider, export_otlp)
     code = _run(orchestrator, task, as_json)
+    _ignore_signals()
     sys.exit(code)
+
+
+def _ignore_signals() -> None:
+    """The run is recorded and its outcome decided: a signal from here on changes
+    nothing. Python restores the default handlers while it shuts down, and a
+    late SIGTERM would then kill the process with its exit code half-reported."""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _build(
@@ -261,9 +275,59 @@ def _check_openai(settings: Any) -> None:
         )
 
 
+class _Signals:
+    """SIGINT and SIGTERM for the whole command, including its shutdown.
+
+    The first signal cancels the run, which then ends through its one final
+    path (final event with status ``interrupted``, summary files, lock
+    released). Every later signal is absorbed: a second Ctrl-C must not cut
+    that path in half (asyncio's own handler raises KeyboardInterrupt wherever
+    the second one lands). Installed before the event loop starts, so no
+    window is left where the default handler applies.
+    """
+
+    def __init__(self) -> None:
+        self.first: int | None = None
+        self._loop: Any = None
+        self._task: Any = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        import signal
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def attach(self, loop: Any, task: Any) -> None:
+        self._loop, self._task = loop, task
+        if self.first is not None:
+            self._deliver()
+
+    def detach(self) -> None:
+        self._loop = self._task = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.first is not None:
+            return  # absorbed: the run is already on its way out
+        self.first = signum
+        self._deliver()
+
+    def _deliver(self) -> None:
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None and not loop.is_closed():
+            # Runs between bytecodes of the main thread: only hand the cancel to
+            # the loop, which does it on its own turn.
+            loop.call_soon_threadsafe(task.cancel)
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        return EXIT_TERMINATED if self.first == signal.SIGTERM else EXIT_INTERRUPTED
+
+
 def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     import asyncio
-    import signal
 
     from sigil.core.locks import SessionBusy
     from sigil.interfaces.cli.orchestrator import BudgetConfigError, ResumeError
@@ -282,16 +346,26 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
                 "died); its tokens stay counted. Use --resume to continue such a run.",
                 err=True,
             )
+        if orch.interrupted_run is not None:
+            click.echo(
+                f"note: run {orch.interrupted_run} of this session was interrupted; its tokens "
+                "stay counted. Use --resume to continue such a run.",
+                err=True,
+            )
         sys.stdout.flush()
 
-    async def main() -> PipelineResult:
-        task_ = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        if task_ is not None:
-            # SIGTERM ends the run cleanly: final event, summary files, lock released.
-            loop.add_signal_handler(signal.SIGTERM, task_.cancel)
-        return await orchestrator.execute(task, {}, on_ready=announce, keep_exporting=True)
+    signals = _Signals()
 
+    async def main() -> PipelineResult:
+        signals.attach(asyncio.get_running_loop(), asyncio.current_task())
+        try:
+            return await orchestrator.execute(task, {}, on_ready=announce, keep_exporting=True)
+        finally:
+            signals.detach()
+
+    # Stays installed until the process exits: a signal while the result is
+    # printed is absorbed too (the run is recorded; the log says how it ended).
+    signals.install()
     try:
         result = asyncio.run(main())
     except (SessionBusy, ResumeError, BudgetConfigError, UnsafePathError) as exc:
@@ -306,8 +380,16 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
             f"cannot use log path {orchestrator.log_path}: {exc.strerror or exc} ({where})"
         ) from None
     except (KeyboardInterrupt, asyncio.CancelledError):
-        click.echo("Error: interrupted; the session log records where it stopped", err=True)
-        return EXIT_INTERRUPTED
+        run = orchestrator.run_number
+        if announced and run is not None:
+            click.echo(
+                f"Interrupted: run {run} is recorded as interrupted; continue it with "
+                f"sigil orchestrate --session {orchestrator.session_id} --resume",
+                err=True,
+            )
+        else:
+            click.echo("Interrupted before the run started; nothing ran", err=True)
+        return signals.exit_code
     except Exception as exc:
         if os.environ.get("SIGIL_DEBUG"):
             raise
