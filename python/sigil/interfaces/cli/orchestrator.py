@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -68,12 +69,28 @@ from sigil.pipeline.base import (
     load_step,
     usage_of,
 )
+from sigil.telemetry.execution_logger import ExecutionLogger
 from sigil.telemetry.tokens import TokenTracker
 
 if TYPE_CHECKING:  # pragma: no cover
     from sigil.core.config import Settings
     from sigil.pipeline.providers import ChatProvider
-    from sigil.telemetry.execution_logger import ExecutionLogger
+
+
+class _SessionLogger(ExecutionLogger):
+    """The run's logger: ``seq`` continues after the session's ledger too.
+
+    The logger recovers the next ``seq`` from the log's tail; when an external
+    rotator has deleted or compressed the segments holding it, the ledger
+    (``tokens.json``'s ``last_seq``) still knows it, and ``seq`` must never go
+    back (contract 1).
+    """
+
+    min_next_seq = 0
+
+    def _recover_next_seq(self) -> int:
+        return max(super()._recover_next_seq(), self.min_next_seq)
+
 
 __all__ = [
     "BudgetConfigError",
@@ -91,6 +108,10 @@ __all__ = [
 
 #: Largest step output (compact JSON) kept on its ``step_complete`` event for resume.
 MAX_LOGGED_OUTPUT = 32 * 1024
+#: ``tokens.json``'s ``ledger_version``: the file is the session's durable ledger.
+LEDGER_VERSION = 1
+#: A ledger is small (a few hundred bytes per run); anything larger is not ours.
+_MAX_LEDGER_BYTES = 64 << 20
 ORCHESTRATOR = "orchestrator"
 _FINAL_EVENTS = ("session_complete", "session_error")
 #: Run statuses ``--resume`` continues: the writer died, or the run was interrupted.
@@ -212,6 +233,12 @@ class RunRecord:
     task: str | None = None
     budget: int | None = None
     tokens_used: int = 0
+    #: the run's ``session_start`` allocations (for summaries rebuilt from the log)
+    allocations: dict[str, int] | None = None
+    #: seq range and number of the events counted for this run (the ledger's)
+    first_seq: int | None = None
+    last_seq: int | None = None
+    events: int = 0
     steps_completed: int = 0
     steps_failed: int = 0
     components: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -245,9 +272,26 @@ class RunRecord:
         tokens: int,
         metadata: Mapping[str, Any],
         timestamp: str | None,
+        seq: int | None = None,
+        *,
+        count: bool = True,
     ) -> None:
-        """Fold one event of this run (the same rules for the log and the live run)."""
+        """Fold one event of this run (the same rules for the log and the live run).
+
+        ``count=False`` is for an event the ledger already counts: only what
+        ``--resume`` needs (completed steps' outputs, error records) is kept.
+        """
+        if not count:
+            if event_type == "step_complete":
+                self.completed[component] = _completed_entry(tokens, metadata)
+            elif event_type == "step_error":
+                self.completed.pop(component, None)
+            return
         self.last_at = timestamp or self.last_at
+        self.events += 1
+        if seq is not None:
+            self.first_seq = seq if self.first_seq is None else min(self.first_seq, seq)
+            self.last_seq = seq if self.last_seq is None else max(self.last_seq, seq)
         self.tokens_used += tokens
         comp = self.component(component)
         comp["tokens"] += tokens
@@ -255,13 +299,7 @@ class RunRecord:
             comp["operations"] += 1
             comp["latency_ms"] += _number(metadata.get("latency_ms"))
             self.steps_completed += 1
-            self.completed[component] = {
-                "tokens": tokens,
-                "latency_ms": _number(metadata.get("latency_ms")),
-                "has_output": "output" in metadata,
-                "output": metadata.get("output"),
-                "metadata": dict(metadata),
-            }
+            self.completed[component] = _completed_entry(tokens, metadata)
         elif event_type == "step_error":
             comp["errors"] += 1
             comp["latency_ms"] += _number(metadata.get("latency_ms"))
@@ -296,6 +334,8 @@ class RunRecord:
         return max(0.0, (end - start).total_seconds())
 
     def tokens_dict(self) -> dict[str, Any]:
+        """The run's entry in ``tokens.json``: its totals and what the ledger needs
+        to stand in for the run's events once the log has lost them."""
         return {
             "run": self.run,
             "status": self.status,
@@ -306,7 +346,56 @@ class RunRecord:
             "components": {
                 name: int(c["tokens"]) for name, c in self.components.items() if c["tokens"]
             },
+            "task": self.task,
+            "allocations": self.allocations,
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "events": self.events,
+            "steps_completed": self.steps_completed,
+            "steps_failed": self.steps_failed,
+            "component_stats": {
+                name: {k: round(v, 3) if k == "latency_ms" else int(v) for k, v in c.items()}
+                for name, c in self.components.items()
+            },
         }
+
+    @classmethod
+    def from_ledger(cls, entry: Mapping[str, Any]) -> RunRecord:
+        """A run as ``tokens.json`` recorded it (raises ValueError if malformed)."""
+        number = entry.get("run")
+        if not _is_count(number):
+            raise ValueError(f"run number {number!r}")
+        record = cls(
+            run=number,
+            status=_text_or(entry.get("status"), "incomplete"),
+            started_at=_text_or(entry.get("started_at"), None),
+            ended_at=_text_or(entry.get("ended_at"), None),
+            task=_text_or(entry.get("task"), None),
+            budget=entry.get("budget") if _is_count(entry.get("budget")) else None,
+            tokens_used=_count(entry.get("tokens_used")),
+            first_seq=_seq_or_none(entry.get("first_seq")),
+            last_seq=_seq_or_none(entry.get("last_seq")),
+            events=_count(entry.get("events")),
+            steps_completed=_count(entry.get("steps_completed")),
+            steps_failed=_count(entry.get("steps_failed")),
+        )
+        allocations = entry.get("allocations")
+        if isinstance(allocations, Mapping):
+            record.allocations = {
+                str(k): v for k, v in allocations.items() if _is_count(v) or v == 0
+            }
+        stats = entry.get("component_stats")
+        if isinstance(stats, Mapping):
+            for name, c in list(stats.items())[:MAX_COMPONENTS]:
+                if isinstance(c, Mapping):
+                    comp = record.component(str(name))
+                    for key in ("tokens", "operations", "errors", "retries"):
+                        comp[key] = _count(c.get(key))
+                    comp["latency_ms"] = _number(c.get("latency_ms"))
+        if sum(int(c["tokens"]) for c in record.components.values()) != record.tokens_used:
+            raise ValueError(f"run {number}: components do not add up to tokens_used")
+        record.last_at = record.ended_at or record.started_at
+        return record
 
     def metrics_dict(self) -> dict[str, Any]:
         return {
@@ -360,6 +449,24 @@ class SessionHistory:
     malformed: int = 0
     #: tokens logged before any session_start (only in hand-made logs)
     orphan_tokens: int = 0
+    #: the highest seq of the session, from the log or the ledger (None: no event yet)
+    last_seq: int | None = None
+    #: events counted (the ledger's, then the log's after it)
+    events: int = 0
+    #: events the ledger and the log both lack (a hole in ``seq``): totals are a lower bound
+    missing_events: int = 0
+    #: the ledger's ``last_seq`` (None without a usable ledger)
+    ledger_seq: int | None = None
+    #: why tokens.json was not usable as a ledger (None when it was, or is absent)
+    ledger_problem: str | None = None
+
+    @property
+    def summaries_stale(self) -> bool:
+        """True when tokens.json does not cover every event of the log (a writer
+        died between its final event and tokens.json, or tokens.json is gone)."""
+        if self.last_seq is None:
+            return False
+        return self.ledger_seq is None or self.ledger_seq < self.last_seq
 
     @property
     def open_run(self) -> RunRecord | None:
@@ -386,17 +493,71 @@ class SessionHistory:
         return tokens, ops
 
 
-def read_session_history(session_dir: Path) -> SessionHistory:
-    """Fold a session's log (rotated segments, then the live file) into runs.
+def read_ledger(session_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``tokens.json`` as a ledger: ``(document, None)``, or ``(None, why not)``.
 
-    Uses the native parser of :mod:`sigil.telemetry.log_parser`, with the monitor's
-    rules: only newline-terminated lines count (a torn last line is not an event
-    yet), over-long lines are skipped, malformed lines are counted. So the total
-    here equals ``fold_session(...).tokens_used``. Blocking: run it in a thread.
+    A missing file is no ledger and no problem; a file that is not a ledger
+    (unreadable, another shape, a version from before the ledger) is reported
+    and ignored: the log alone is folded then.
+    """
+    path = session_dir / "tokens.json"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_LEDGER_BYTES + 1)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"cannot read {path}: {exc.strerror or exc}"
+    if len(raw) > _MAX_LEDGER_BYTES:
+        return None, f"{path} is larger than {_MAX_LEDGER_BYTES} bytes"
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        return None, f"{path} is not JSON: {exc}"
+    if not isinstance(doc, dict) or doc.get("ledger_version") != LEDGER_VERSION:
+        return None, f"{path} is not a ledger (no ledger_version {LEDGER_VERSION})"
+    if _seq_or_none(doc.get("last_seq")) is None or not isinstance(doc.get("runs"), list):
+        return None, f"{path}: last_seq or runs missing"
+    return doc, None
+
+
+def read_session_history(session_dir: Path, *, use_ledger: bool = True) -> SessionHistory:
+    """The session's history: its ledger (``tokens.json``) combined with its log.
+
+    The ledger holds per-run totals up to its ``last_seq``; the log's events
+    after that seq are folded on top of it (contract 2 rules: tokens are
+    additive). Events at or below the ledger's seq are already counted: from
+    them only what ``--resume`` needs is kept. So runs whose events an external
+    rotator renamed away, compressed or deleted keep their totals, the run
+    number and ``seq`` continue, and nothing is counted twice. A hole in ``seq``
+    that neither fills is counted in ``missing_events``.
+
+    The log is read through the native tailer (rotated segments, then the live
+    file) with the monitor's rules: only newline-terminated lines count, over-long
+    lines are skipped, malformed lines are counted. Blocking: run it in a thread.
     """
     from sigil.telemetry import log_parser
 
     history = SessionHistory()
+    ledger, problem = read_ledger(session_dir) if use_ledger else (None, None)
+    history.ledger_problem = problem
+    covered = -1  # events with a seq up to this are in the ledger
+    if ledger is not None:
+        try:
+            runs = [RunRecord.from_ledger(r) for r in ledger["runs"] if isinstance(r, Mapping)]
+        except ValueError as exc:
+            history.ledger_problem = f"{session_dir / 'tokens.json'}: {exc}"
+            runs = []
+            ledger = None
+        if ledger is not None:
+            history.runs = runs
+            history.tokens_used = sum(r.tokens_used for r in runs)
+            history.events = _count(ledger.get("events"))
+            history.missing_events = _count(ledger.get("missing_events"))
+            covered = int(ledger["last_seq"])
+            history.ledger_seq = history.last_seq = covered
+    by_number = {r.run: r for r in history.runs}
+    expected = covered + 1
     current: RunRecord | None = None
     tailer = log_parser.SessionTailer(session_dir.name, session_dir.parent.parent)
     # Batches of bounded size through the native tailer: memory does not grow
@@ -404,10 +565,16 @@ def read_session_history(session_dir: Path) -> SessionHistory:
     for parsed in tailer.iter_existing():
         history.malformed += len(parsed.malformed)
         for entry in parsed.entries:
+            seq = entry.seq
+            count = seq is None or seq > covered
             tokens = int(entry.tokens)
-            history.tokens_used += tokens
             event_type = entry.event_type
             metadata = entry.metadata if isinstance(entry.metadata, dict) else {}
+            if count and seq is not None:
+                if seq > expected:
+                    history.missing_events += seq - expected
+                expected = max(expected, seq + 1)
+                history.last_seq = seq if history.last_seq is None else max(history.last_seq, seq)
             if event_type == "session_start":
                 if current is not None:
                     # Only the last run can be resumed: earlier runs keep their
@@ -415,25 +582,60 @@ def read_session_history(session_dir: Path) -> SessionHistory:
                     current.completed.clear()
                     current.error_events.clear()
                 number = metadata.get("run")
-                if not isinstance(number, int) or isinstance(number, bool):
+                if not _is_count(number):
                     number = (history.runs[-1].run + 1) if history.runs else 1
-                current = RunRecord(
-                    run=number,
-                    started_at=entry.timestamp,
-                    task=metadata.get("task") if isinstance(metadata.get("task"), str) else None,
-                    budget=metadata.get("budget") if _is_count(metadata.get("budget")) else None,
-                )
-                history.runs.append(current)
+                known = by_number.get(number)
+                if known is not None:
+                    current = known  # the ledger has its totals
+                elif count:
+                    budget = metadata.get("budget")
+                    current = RunRecord(
+                        run=number,
+                        started_at=entry.timestamp,
+                        task=_text_or(metadata.get("task"), None),
+                        budget=budget if _is_count(budget) else None,
+                    )
+                    allocations = metadata.get("allocations")
+                    if isinstance(allocations, dict):
+                        current.allocations = {
+                            str(k): v for k, v in allocations.items() if _is_count(v) or v == 0
+                        }
+                    history.runs.append(current)
+                    by_number[number] = current
+                else:
+                    current = None  # a run older than the ledger's first: already counted
+            elif current is None and history.runs and seq is not None:
+                # The log starts inside a run (its start was rotated away): the
+                # ledger's run that holds this seq, or for later events the last one.
+                current = next(
+                    (r for r in history.runs
+                     if r.first_seq is not None and r.first_seq <= seq <= (r.last_seq or -1)),
+                    history.runs[-1] if count else None,
+                )  # fmt: skip
+            if count:
+                history.tokens_used += tokens
+                history.events += 1
             if current is None:
-                history.orphan_tokens += tokens
+                if count:
+                    history.orphan_tokens += tokens
                 continue
             current.apply(
-                event_type, entry.component, entry.message, tokens, metadata, entry.timestamp
-            )
+                event_type, entry.component, entry.message, tokens, metadata, entry.timestamp,
+                seq, count=count,
+            )  # fmt: skip
     return history
 
 
 # -- the orchestrator ------------------------------------------------------------------
+
+
+def _kill_after_event() -> int | None:
+    """``SIGIL_TEST_KILL_AFTER_EVENT=N``: SIGKILL this process right after its Nth
+    event is written and flushed. For the crash tests only, which walk every
+    event boundary of a run with a real kill -9 (a step cannot reach the
+    boundaries between the orchestrator's own events)."""
+    text = os.environ.get("SIGIL_TEST_KILL_AFTER_EVENT")
+    return int(text) if text and text.isdigit() else None
 
 
 class _RecordingLogger:
@@ -447,12 +649,25 @@ class _RecordingLogger:
     def __init__(self, logger: ExecutionLogger, record: RunRecord) -> None:
         self._logger = logger
         self.record = record
+        #: seq of the last event this run wrote (the ledger's ``last_seq``)
+        self.last_seq: int | None = None
+        #: events this process wrote
+        self.events = 0
+        self._kill_after = _kill_after_event()
+
+    def _after(self, seq: int) -> None:
+        self.last_seq = seq
+        self.events += 1
+        if self.events == self._kill_after:
+            # Test hook (see _kill_after_event): a real kill -9 at an exact boundary.
+            self._logger.flush_sync()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _apply(
-        self, event_type: str, component: str, message: str, tokens: int, metadata: Any
+        self, event_type: str, component: str, message: str, tokens: int, metadata: Any, seq: int
     ) -> None:
         now = datetime.now(UTC).isoformat()
-        self.record.apply(event_type, component, message, tokens, metadata or {}, now)
+        self.record.apply(event_type, component, message, tokens, metadata or {}, now, seq)
 
     async def log_event(
         self,
@@ -463,7 +678,8 @@ class _RecordingLogger:
         metadata: dict[str, Any] | None = None,
     ) -> int:
         seq = await self._logger.log_event(event_type, component, message, tokens, metadata)
-        self._apply(event_type, component, message, tokens, metadata)
+        self._apply(event_type, component, message, tokens, metadata, seq)
+        self._after(seq)
         return seq
 
     def log_event_sync(
@@ -475,7 +691,8 @@ class _RecordingLogger:
         metadata: dict[str, Any] | None = None,
     ) -> int:
         seq = self._logger.log_event_sync(event_type, component, message, tokens, metadata)
-        self._apply(event_type, component, message, tokens, metadata)
+        self._apply(event_type, component, message, tokens, metadata, seq)
+        self._after(seq)
         return seq
 
 
@@ -566,11 +783,10 @@ class Orchestrator:
         self.provider = self._make_provider(provider)
         self.steps: dict[str, Step] = self._make_steps(components)
 
-        from sigil.telemetry.execution_logger import ExecutionLogger
         from sigil.telemetry.sanitization import sanitizer_from_settings
 
         sanitizer = sanitizer_from_settings(settings)
-        self.execution_logger = ExecutionLogger(
+        self.execution_logger: ExecutionLogger = _SessionLogger(
             session_id=self.session_id,
             log_path=self.log_path,
             buffer_size=settings.logging.buffer_size_bytes,
@@ -792,6 +1008,10 @@ class Orchestrator:
         self._lock.acquire(record_pid=False)
         try:
             history = read_session_history(self.session_dir)
+            if history.summaries_stale:
+                # The log is the truth: a writer died between its final event and
+                # tokens.json (or it is gone). Whoever notices rebuilds it.
+                self._rebuild_summaries(history)
             open_run = history.resumable_run if self.resume else history.open_run
             if self.resume:
                 if open_run is None:
@@ -834,6 +1054,8 @@ class Orchestrator:
             run.budget = budget
             self.token_budget = budget
             self.run_number = run.run
+            if history.last_seq is not None and isinstance(self.execution_logger, _SessionLogger):
+                self.execution_logger.min_next_seq = history.last_seq + 1
             # Open the log before the run is accepted: a log that cannot be opened
             # refuses the run here, before anything else is written.
             self.execution_logger.initialize_sync()
@@ -1235,7 +1457,11 @@ class Orchestrator:
             errors = self.error_handler.handled[handled_before:]
             await self.execution_logger.close()
             writer_stats = self.execution_logger.stats()
-            await asyncio.to_thread(self._write_summaries, prep, tracker, errors, writer_stats)
+            last_seq = log.last_seq if log.last_seq is not None else prep.history.last_seq
+            events = prep.history.events + log.events
+            await asyncio.to_thread(
+                self._write_summaries, prep, tracker, errors, writer_stats, last_seq, events
+            )
         return PipelineResult(
             session_id=self.session_id,
             task=prep.task,
@@ -1263,74 +1489,21 @@ class Orchestrator:
         tracker: TokenTracker,
         errors: list[HandledError],
         writer_stats: Mapping[str, Any],
+        last_seq: int | None,
+        events: int,
     ) -> None:
         """tokens.json, metrics.json and errors.jsonl (blocking: runs in a thread)."""
-        now = datetime.now(UTC).isoformat()
         runs = [r for r in prep.history.runs if r is not prep.run] + [prep.run]
-        status_info = tracker.get_status()
-        components: dict[str, dict[str, Any]] = {}
-        for name, c in status_info["components"].items():
-            if c["allocated"] or c["used"]:
-                components[name] = {
-                    "allocated": c["allocated"],
-                    "used": c["used"],
-                    "utilization": round(c["utilization"], 2),
-                }
-        tokens_doc = {
-            "session_id": self.session_id,
-            "timestamp": now,
-            "status": prep.run.status,
-            "run": prep.run.run,
-            "total_budget": tracker.total,
-            "total_used": status_info["used"],
-            "total_remaining": status_info["remaining"],
-            "utilization_percentage": round(status_info["utilization"], 2),
-            "warning_level": status_info["warning_level"],
-            "thresholds": status_info["thresholds"],
-            "components": components,
-            "runs": [r.tokens_dict() for r in runs],
-        }
-        _atomic_write(self.session_dir / "tokens.json", _json_bytes(tokens_doc))
-
-        metric_components: dict[str, dict[str, Any]] = {}
-        for run in runs:
-            for name, values in run.metrics_dict()["components"].items():
-                agg = metric_components.setdefault(
-                    name, {"latency_ms": 0.0, "operations": 0, "errors": 0, "retries": 0}
-                )
-                for key in agg:
-                    agg[key] += values[key]
-        for agg in metric_components.values():
-            agg["latency_ms"] = round(agg["latency_ms"], 3)
-            ops = agg["operations"]
-            agg["average_latency_ms"] = round(agg["latency_ms"] / ops, 3) if ops else None
-        timed = {n: a for n, a in metric_components.items() if a["operations"]}
-        total_ops = sum(a["operations"] for a in timed.values())
-        metrics_doc = {
-            "session_id": self.session_id,
-            "timestamp": now,
-            "status": prep.run.status,
-            "run": prep.run.run,
-            "duration_seconds": round(sum(r.duration_seconds for r in runs), 3),
-            "steps_completed": sum(r.steps_completed for r in runs),
-            "steps_failed": sum(r.steps_failed for r in runs),
-            "components": metric_components,
-            "slowest_component": max(
-                timed, key=lambda n: (timed[n]["average_latency_ms"], n), default=None
-            ),
-            "fastest_component": min(
-                timed, key=lambda n: (timed[n]["average_latency_ms"], n), default=None
-            ),
-            "average_latency_ms": (
-                round(sum(a["latency_ms"] for a in timed.values()) / total_ops, 3)
-                if total_ops
-                else None
-            ),
-            "runs": [r.metrics_dict() for r in runs],
-            "log": dict(writer_stats),
-        }
-        _atomic_write(self.session_dir / "metrics.json", _json_bytes(metrics_doc))
-
+        write_summaries(
+            self.session_dir,
+            self.session_id,
+            runs,
+            tracker,
+            last_seq=last_seq,
+            events=events,
+            missing_events=prep.history.missing_events,
+            writer_stats=writer_stats,
+        )
         records: list[dict[str, Any]] = []
         records += prep.dead_errors
         records += [{**h.to_record(), "run": prep.run.run} for h in errors]
@@ -1344,6 +1517,132 @@ class Orchestrator:
                 previous += b"\n"
             body = b"".join(_json_bytes(r, indent=False) + b"\n" for r in records)
             _atomic_write(path, previous + body)
+
+    def _rebuild_summaries(self, history: SessionHistory) -> None:
+        """tokens.json and metrics.json from the history alone (no run in progress)."""
+        if not history.runs:
+            return
+        last = history.runs[-1]
+        budget = next((r.budget for r in reversed(history.runs) if r.budget), None)
+        tb = self.settings.token_budget
+        tracker = TokenTracker(
+            total_budget=budget or self.token_budget,
+            allocations=last.allocations,
+            warning_threshold=tb.warning_threshold,
+            critical_threshold=tb.critical_threshold,
+            exceeded_threshold=tb.exceeded_threshold,
+        )
+        comp_tokens, comp_ops = history.component_totals()
+        tracker.restore(history.tokens_used, comp_tokens, comp_ops)
+        try:
+            write_summaries(
+                self.session_dir,
+                self.session_id,
+                history.runs,
+                tracker,
+                last_seq=history.last_seq,
+                events=history.events,
+                missing_events=history.missing_events,
+                writer_stats={"rebuilt_from_log": True},
+            )
+        except OSError:
+            pass  # still stale; the next reader or writer tries again
+        else:
+            history.ledger_seq = history.last_seq
+
+
+def write_summaries(
+    session_dir: Path,
+    session_id: str,
+    runs: list[RunRecord],
+    tracker: TokenTracker,
+    *,
+    last_seq: int | None,
+    events: int,
+    missing_events: int,
+    writer_stats: Mapping[str, Any],
+) -> None:
+    """Write the session's ``tokens.json`` (the ledger) and ``metrics.json``.
+
+    ``tokens.json`` is the session's durable ledger (ARCHITECTURE.md contract
+    11): per-run totals with their seq ranges and the last ``seq`` they cover,
+    written atomically (temporary file, fsync, rename, fsync of the directory).
+    A later run combines it with whatever log remains (:func:`read_session_history`).
+    Blocking.
+    """
+    now = datetime.now(UTC).isoformat()
+    last = runs[-1]
+    status_info = tracker.get_status()
+    components: dict[str, dict[str, Any]] = {}
+    for name, c in status_info["components"].items():
+        if c["allocated"] or c["used"]:
+            components[name] = {
+                "allocated": c["allocated"],
+                "used": c["used"],
+                "utilization": round(c["utilization"], 2),
+            }
+    tokens_doc = {
+        "session_id": session_id,
+        "timestamp": now,
+        "status": last.status,
+        "run": last.run,
+        "total_budget": tracker.total,
+        "total_used": status_info["used"],
+        "total_remaining": status_info["remaining"],
+        "utilization_percentage": round(status_info["utilization"], 2),
+        "warning_level": status_info["warning_level"],
+        "thresholds": status_info["thresholds"],
+        "components": components,
+        "runs": [r.tokens_dict() for r in runs],
+        "ledger_version": LEDGER_VERSION,
+        "last_seq": last_seq,
+        "events": events,
+        # A hole in seq that neither the log nor the ledger could fill: the
+        # totals above are then a lower bound.
+        "missing_events": missing_events,
+        "data": "incomplete" if missing_events else "complete",
+    }
+    _atomic_write(session_dir / "tokens.json", _json_bytes(tokens_doc))
+
+    metric_components: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for name, values in run.metrics_dict()["components"].items():
+            agg = metric_components.setdefault(
+                name, {"latency_ms": 0.0, "operations": 0, "errors": 0, "retries": 0}
+            )
+            for key in agg:
+                agg[key] += values[key]
+    for agg in metric_components.values():
+        agg["latency_ms"] = round(agg["latency_ms"], 3)
+        ops = agg["operations"]
+        agg["average_latency_ms"] = round(agg["latency_ms"] / ops, 3) if ops else None
+    timed = {n: a for n, a in metric_components.items() if a["operations"]}
+    total_ops = sum(a["operations"] for a in timed.values())
+    metrics_doc = {
+        "session_id": session_id,
+        "timestamp": now,
+        "status": last.status,
+        "run": last.run,
+        "duration_seconds": round(sum(r.duration_seconds for r in runs), 3),
+        "steps_completed": sum(r.steps_completed for r in runs),
+        "steps_failed": sum(r.steps_failed for r in runs),
+        "components": metric_components,
+        "slowest_component": max(
+            timed, key=lambda n: (timed[n]["average_latency_ms"], n), default=None
+        ),
+        "fastest_component": min(
+            timed, key=lambda n: (timed[n]["average_latency_ms"], n), default=None
+        ),
+        "average_latency_ms": (
+            round(sum(a["latency_ms"] for a in timed.values()) / total_ops, 3)
+            if total_ops
+            else None
+        ),
+        "runs": [r.metrics_dict() for r in runs],
+        "log": dict(writer_stats),
+        "last_seq": last_seq,
+    }
+    _atomic_write(session_dir / "metrics.json", _json_bytes(metrics_doc))
 
 
 async def _to_the_end(aw: Any, *, absorb: bool = False) -> Any:
@@ -1410,6 +1709,34 @@ def _attach_output(meta: dict[str, Any], output: Any) -> None:
         meta["output_omitted"] = f"{size} bytes > {MAX_LOGGED_OUTPUT}"
         return
     meta["output"] = output
+
+
+def _completed_entry(tokens: int, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """What a step_complete event recorded, as ``--resume`` uses it."""
+    return {
+        "tokens": tokens,
+        "latency_ms": _number(metadata.get("latency_ms")),
+        "has_output": "output" in metadata,
+        "output": metadata.get("output"),
+        "metadata": dict(metadata),
+    }
+
+
+def _count(value: Any) -> int:
+    """A non-negative integer from a ledger field (anything else counts as 0)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return 0
+
+
+def _seq_or_none(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def _text_or(value: Any, default: str | None) -> str | None:
+    return value if isinstance(value, str) else default
 
 
 def _number(value: Any) -> float:
