@@ -203,6 +203,9 @@ class PipelineResult:
     error: str | None = None
     resumed: bool = False
     log_file: str | None = None
+    #: events of the session that neither its log nor its ledger hold any more
+    #: (a hole in ``seq``): ``total_tokens`` is then a lower bound
+    missing_events: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -804,6 +807,8 @@ class Orchestrator:
         self.abandoned_run: int | None = None
         #: set when a new run starts on a session whose previous run was interrupted
         self.interrupted_run: int | None = None
+        #: events of the session lost from both its log and its ledger (see read_session_history)
+        self.missing_events = 0
         #: the run this orchestrator executes (known once the session is locked)
         self.run_number: int | None = None
         self.export_otlp = export_otlp
@@ -1012,6 +1017,7 @@ class Orchestrator:
                 # The log is the truth: a writer died between its final event and
                 # tokens.json (or it is gone). Whoever notices rebuilds it.
                 self._rebuild_summaries(history)
+            self.missing_events = history.missing_events
             open_run = history.resumable_run if self.resume else history.open_run
             if self.resume:
                 if open_run is None:
@@ -1479,6 +1485,7 @@ class Orchestrator:
             error=error,
             resumed=prep.resumed,
             log_file=str(self.log_file),
+            missing_events=prep.history.missing_events,
         )
 
     # -- summary files ------------------------------------------------------------------

@@ -346,6 +346,13 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
                 "died); its tokens stay counted. Use --resume to continue such a run.",
                 err=True,
             )
+        if orch.missing_events:
+            click.echo(
+                f"warning: {orch.missing_events} events of this session are missing from both "
+                "its log and tokens.json (rotated or deleted before they were counted): its "
+                "totals are incomplete data, a lower bound",
+                err=True,
+            )
         if orch.interrupted_run is not None:
             click.echo(
                 f"note: run {orch.interrupted_run} of this session was interrupted; its tokens "
