@@ -38,6 +38,7 @@ itself only queues bytes for the native writer.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -809,6 +810,9 @@ class Orchestrator:
         self.interrupted_run: int | None = None
         #: events of the session lost from both its log and its ledger (see read_session_history)
         self.missing_events = 0
+        #: set when the log or the summaries could not be written (a full disk): the
+        #: run stopped before its next step; the CLI exits 1 saying so
+        self.recording_error: OSError | None = None
         #: the run this orchestrator executes (known once the session is locked)
         self.run_number: int | None = None
         self.export_otlp = export_otlp
@@ -1229,6 +1233,13 @@ class Orchestrator:
                         )
                         budget_event_logged = True
                     break
+                # A pipeline that cannot record what it spends starts no further
+                # step: what the log holds so far must be on disk first.
+                unrecorded = await self._log_failure()
+                if unrecorded is not None:
+                    self.recording_error = unrecorded
+                    status, error = "interrupted", describe_write_error(unrecorded, self.log_file)
+                    break
                 if tokenizer is None:
                     tokenizer = await tokenizer_future
                 result, handled = await self._execute_step(
@@ -1260,6 +1271,18 @@ class Orchestrator:
         # The run is over: a cancellation now must not cut its final path short
         # (no tokens.json), and the outcome the log records stands.
         return await _to_the_end(finish(), absorb=True)
+
+    async def _log_failure(self) -> OSError | None:
+        """Flush and fsync the log; the error if the disk refused it (ENOSPC, EIO)."""
+        try:
+            await asyncio.to_thread(self.execution_logger.flush_sync)
+        except OSError as exc:
+            return exc
+        stats = self.execution_logger.stats()
+        if stats.get("dropped_lines"):
+            number = stats.get("last_errno") or errno.EIO
+            return OSError(number, str(stats.get("last_error") or os.strerror(number)))
+        return None
 
     def _model_name(self, tokenizer_name: str) -> str:
         if self.provider is not None:
@@ -1461,13 +1484,30 @@ class Orchestrator:
         finally:
             record.status = status
             errors = self.error_handler.handled[handled_before:]
-            await self.execution_logger.close()
+            try:
+                await self.execution_logger.close()
+            except OSError as exc:
+                self.recording_error = self.recording_error or exc
             writer_stats = self.execution_logger.stats()
+            if writer_stats.get("dropped_lines") and self.recording_error is None:
+                number = writer_stats.get("last_errno") or errno.EIO
+                self.recording_error = OSError(number, os.strerror(number))
             last_seq = log.last_seq if log.last_seq is not None else prep.history.last_seq
             events = prep.history.events + log.events
-            await asyncio.to_thread(
-                self._write_summaries, prep, tracker, errors, writer_stats, last_seq, events
-            )
+            if self.recording_error is None:
+                try:
+                    await asyncio.to_thread(
+                        self._write_summaries, prep, tracker, errors, writer_stats, last_seq,
+                        events,
+                    )  # fmt: skip
+                except OSError as exc:
+                    # The log holds the run; the next reader or writer rebuilds the
+                    # summaries from it (they are then older than the log).
+                    self.recording_error = exc
+            # else: the log lacks events; a ledger claiming them would disagree with
+            # it, so the summaries are rebuilt from the log once there is room.
+        if self.recording_error is not None and error is None:
+            error = describe_write_error(self.recording_error, self.session_dir)
         return PipelineResult(
             session_id=self.session_id,
             task=prep.task,
@@ -1718,6 +1758,15 @@ def _attach_output(meta: dict[str, Any], output: Any) -> None:
     meta["output"] = output
 
 
+def describe_write_error(exc: OSError, path: Path) -> str:
+    """ "disk full: cannot write PATH (...)" for ENOSPC/EDQUOT, else the error as is."""
+    where = exc.filename or path
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full: cannot write {where} ({reason})"
+    return f"cannot write {where} ({reason})"
+
+
 def _completed_entry(tokens: int, metadata: Mapping[str, Any]) -> dict[str, Any]:
     """What a step_complete event recorded, as ``--resume`` uses it."""
     return {
@@ -1782,9 +1831,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
             written = os.write(fd, view)
             view = view[written:]
         os.fsync(fd)
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            # Say which file did not fit (a full disk fails the write, not the open).
+            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
         raise
     os.close(fd)
     os.replace(tmp, path)

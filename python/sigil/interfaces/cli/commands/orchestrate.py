@@ -328,9 +328,14 @@ class _Signals:
 
 def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     import asyncio
+    import errno
 
     from sigil.core.locks import SessionBusy
-    from sigil.interfaces.cli.orchestrator import BudgetConfigError, ResumeError
+    from sigil.interfaces.cli.orchestrator import (
+        BudgetConfigError,
+        ResumeError,
+        describe_write_error,
+    )
     from sigil.telemetry.file_security import UnsafePathError
 
     announced = False
@@ -378,8 +383,10 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     except (SessionBusy, ResumeError, BudgetConfigError, UnsafePathError) as exc:
         raise UsageFailure(str(exc)) from None
     except OSError as exc:
-        if announced:
-            click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
+        if announced or exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # Not bad usage: the disk refused what the run had to record.
+            where = orchestrator.session_dir
+            click.echo(f"Error: {describe_write_error(exc, where)}", err=True)
             return EXIT_FAILED
         # The session's directory or log could not be made: nothing ran.
         where = exc.filename or orchestrator.log_path
@@ -415,6 +422,20 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     if report is not None and not report.complete:
         # What live export could not send, and the command that sends it later.
         click.echo(report.summary(), err=True)
+    if orchestrator.recording_error is not None:
+        what = describe_write_error(orchestrator.recording_error, orchestrator.session_dir)
+        if result.status == "interrupted":
+            then = (
+                "; the run stopped before its next step. Free some space, then continue it "
+                f"with sigil orchestrate --session {orchestrator.session_id} --resume"
+            )
+        else:
+            then = (
+                f"; the run ended ({result.status}) and its log holds it: tokens.json and "
+                "metrics.json are rebuilt from the log by the next command once there is room"
+            )
+        click.echo(f"Error: {what}{then}", err=True)
+        return EXIT_FAILED
     if result.status == "complete":
         return EXIT_OK
     if result.status == "budget_exceeded":
