@@ -120,16 +120,24 @@ def test_step_path_to_a_plain_function_is_refused_without_calling_it(
         f"def make(command):\n    pathlib.Path({str(marker)!r}).write_text(command)\n"
         f"def no_args():\n    pathlib.Path({str(marker)!r}).write_text('x')\n    return 42\n"
     )
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent)])}
+    env = isolated_env(sigil_home)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env["PYTHONPATH"]])
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*SIGIL, "orchestrate", "--task", "t", "--session", "s1"],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )
+
     for target in ("os:system", "hostile_steps:make"):
         path = _config(sigil_home, f"pipeline:\n  steps:\n    reasoning: '{target}'\n")
-        proc = run_cli(sigil_home, "orchestrate", "--task", "t", "--session", "s1", **env)
+        proc = run()
         _one_line_usage(proc, str(path), "pipeline.steps.reasoning")
         assert _written(sigil_home) == []
         assert not marker.exists()
     # A zero-argument factory is called, and what it returns must be a step.
     path = _config(sigil_home, "pipeline:\n  steps:\n    reasoning: 'hostile_steps:no_args'\n")
-    proc = run_cli(sigil_home, "orchestrate", "--task", "t", "--session", "s1", **env)
+    proc = run()
     _one_line_usage(proc, str(path), "pipeline.steps.reasoning", "not a step")
     assert _written(sigil_home) == []
 
@@ -154,7 +162,7 @@ def test_non_utf8_task_is_bad_usage_with_nothing_written(sigil_home: Path) -> No
     assert _written(sigil_home) == []
 
 
-@pytest.mark.parametrize("budget", ["١٢٣", "１２３", "12٣"])
+@pytest.mark.parametrize("budget", ["\u0661\u0662\u0663", "\uff11\uff12\uff13", "12\u0663"])
 def test_budget_accepts_ascii_digits_only(sigil_home: Path, budget: str) -> None:
     proc = run_cli(sigil_home, "orchestrate", "--task", "t", "--budget", budget)
     _one_line_usage(proc, "--budget")
@@ -162,7 +170,7 @@ def test_budget_accepts_ascii_digits_only(sigil_home: Path, budget: str) -> None
 
 
 def test_budget_from_the_environment_accepts_ascii_digits_only(sigil_home: Path) -> None:
-    proc = run_cli(sigil_home, "orchestrate", "--task", "t", SIGIL_BUDGET="١٢٣")
+    proc = run_cli(sigil_home, "orchestrate", "--task", "t", SIGIL_BUDGET="\u0661\u0662\u0663")
     _one_line_usage(proc, "SIGIL_BUDGET")
     assert _written(sigil_home) == []
 
@@ -228,10 +236,14 @@ def test_planted_memory_database_symlink_is_refused(sigil_home: Path, tmp_path: 
     outside.write_bytes(b"")
     sigil_home.mkdir(parents=True, mode=0o700)
     (sigil_home / "memory.db").symlink_to(outside)
-    proc = run_cli(sigil_home, "orchestrate", "--task", "t", "--session", "s1")
+    task = "Analyze Acme Corp's latest quarterly report"
+    proc = run_cli(sigil_home, "orchestrate", "--task", task, "--session", "s1")
     assert outside.read_bytes() == b""
     assert "Traceback" not in proc.stderr
-    assert "memory.db" in proc.stderr
+    # The memory step fails (it is optional) and says why; the rest of the run goes on.
+    log = (sigil_home / "logs" / "sessions" / "s1" / "execution.jsonl").read_text()
+    assert "memory.db is a symbolic link" in log
+    assert proc.returncode == 0, proc.stderr
 
 
 if __name__ == "__main__":  # pragma: no cover

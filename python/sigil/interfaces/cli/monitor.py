@@ -1151,15 +1151,16 @@ class ExecutionMonitor:
                 self._renderer.refresh(self.state, self.phase, False)
 
     def _write_pid(self) -> None:
-        """``<log_path>/monitor.pid`` (spec 7.1), 0600 in a 0700 directory (contract 8)."""
+        """``<log_path>/monitor.pid`` (spec 7.1), 0600 in a 0700 directory (contract 8).
+
+        Replaced atomically, so a symlink planted at the name is replaced rather
+        than followed (it would make the monitor write its PID outside its home).
+        """
+        from sigil.telemetry.file_security import write_private_atomic
+
         try:
             self.log_path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.fchmod(fd, 0o600)
-                os.write(fd, f"{os.getpid()}\n".encode())
-            finally:
-                os.close(fd)
+            write_private_atomic(self.pid_file, f"{os.getpid()}\n".encode(), durable=False)
             self._pid_written = True
         except OSError as exc:
             # A read-only log directory can still be monitored; say why there is no pid file.
@@ -1169,8 +1170,10 @@ class ExecutionMonitor:
     def _remove_pid(self) -> None:
         """Remove the pid file if it is still ours (another monitor may have replaced it)."""
         try:
-            content = self.pid_file.read_text().strip()
-            if content == str(os.getpid()):
+            fd = os.open(self.pid_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as file:
+                content = file.read(64).strip()
+            if content == str(os.getpid()).encode():
                 self.pid_file.unlink()
         except OSError:
             pass
