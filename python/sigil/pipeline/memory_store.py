@@ -235,11 +235,6 @@ class MemoryStore:
         finally:
             con.close()
 
-    def ensure(self) -> None:
-        """Create and seed the store if needed (safe when two processes race)."""
-        with self._connect() as con:
-            self._ensure(con)
-
     def _ensure(self, con: sqlite3.Connection) -> None:
         if self._seeded(con):
             return
