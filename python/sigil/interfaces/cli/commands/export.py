@@ -19,23 +19,16 @@ import sys
 
 import click
 
-
-class _BadUsage(click.ClickException):
-    """Bad input: one line (``Error: ...``) and exit code 2.
-
-    Not ``click.UsageError``: inside a command that one finds the current
-    context and prints the usage block and a help hint too, three lines where
-    the user needs one.
-    """
-
-    exit_code = 2
+from sigil.interfaces.cli.errors import OneLineCommand, UsageFailure
 
 
 def _usage(message: str) -> click.ClickException:
-    return _BadUsage(message)
+    return UsageFailure(message)
 
 
-@click.command("export", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(
+    "export", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.option(
     "--session", "-s", "session_id", metavar="ID", required=False, help="The session to export."
 )
