@@ -71,6 +71,7 @@ from sigil.pipeline.base import (
     usage_of,
 )
 from sigil.telemetry.execution_logger import ExecutionLogger
+from sigil.telemetry.file_security import write_private_atomic
 from sigil.telemetry.tokens import TokenTracker
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1821,27 +1822,11 @@ def _json_bytes(doc: Any, indent: bool = True) -> bytes:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` as 0600 via a temporary file, fsync and rename (never half-written)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    """Write ``path`` as 0600, fsynced, never half-written nor through a planted link."""
     try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    except BaseException as exc:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:
-            # Say which file did not fit (a full disk fails the write, not the open).
-            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        write_private_atomic(path, data)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        # Say which file did not fit (a full disk fails the write, not the open).
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
