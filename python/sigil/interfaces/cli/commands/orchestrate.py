@@ -16,15 +16,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from sigil.interfaces.cli.errors import ExitCode, OneLineCommand, UsageFailure
+
 if TYPE_CHECKING:  # pragma: no cover
     from sigil.interfaces.cli.orchestrator import Orchestrator, PipelineResult
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_BUDGET = 3
-EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + 2, as the shell reports it
-EXIT_TERMINATED = 143  # SIGTERM: 128 + 15
 
 PROVIDERS = ("offline", "openai")
 
@@ -45,25 +40,6 @@ Examples:
   sigil orchestrate --session acme-1 --resume
   sigil monitor --session acme-1          (in another terminal)
 """
-
-
-class UsageFailure(click.UsageError):
-    """A usage error shown as one line (click's default adds usage and a hint)."""
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"Error: {self.format_message()}", err=True)
-
-
-class OneLineErrorsCommand(click.Command):
-    """Reports click's own parsing errors (unknown option, missing value) as one line."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            if isinstance(exc, UsageFailure):
-                raise
-            raise UsageFailure(exc.format_message(), ctx) from None
 
 
 def _usage(message: str) -> NoReturn:
@@ -115,7 +91,7 @@ def make_session_id() -> str:
 
 @click.command(
     "orchestrate",
-    cls=OneLineErrorsCommand,
+    cls=OneLineCommand,
     epilog=_EPILOG,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -305,13 +281,12 @@ class _Signals:
         self.first: int | None = None
         self._loop: Any = None
         self._task: Any = None
-        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
         import signal
 
         for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
+            signal.signal(signum, self._handle)
 
     def attach(self, loop: Any, task: Any) -> None:
         self._loop, self._task = loop, task
@@ -338,7 +313,7 @@ class _Signals:
     def exit_code(self) -> int:
         import signal
 
-        return EXIT_TERMINATED if self.first == signal.SIGTERM else EXIT_INTERRUPTED
+        return ExitCode.TERMINATED if self.first == signal.SIGTERM else ExitCode.INTERRUPTED
 
 
 def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
@@ -402,7 +377,7 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
             # Not bad usage: the disk refused what the run had to record.
             where = orchestrator.session_dir
             click.echo(f"Error: {describe_write_error(exc, where)}", err=True)
-            return EXIT_FAILED
+            return ExitCode.FAILED
         # The session's directory or log could not be made: nothing ran.
         where = exc.filename or orchestrator.log_path
         raise UsageFailure(
@@ -423,7 +398,7 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
         if os.environ.get("SIGIL_DEBUG"):
             raise
         click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
-        return EXIT_FAILED
+        return ExitCode.FAILED
 
     if as_json:
         import json
@@ -450,12 +425,12 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
                 "metrics.json are rebuilt from the log by the next command once there is room"
             )
         click.echo(f"Error: {what}{then}", err=True)
-        return EXIT_FAILED
+        return ExitCode.FAILED
     if result.status == "complete":
-        return EXIT_OK
+        return ExitCode.OK
     if result.status == "budget_exceeded":
-        return EXIT_BUDGET
-    return EXIT_FAILED
+        return ExitCode.BUDGET
+    return ExitCode.FAILED
 
 
 def _print_result(result: PipelineResult) -> None:
