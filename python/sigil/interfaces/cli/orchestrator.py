@@ -658,6 +658,8 @@ class _RecordingLogger:
         self.last_seq: int | None = None
         #: events this process wrote
         self.events = 0
+        #: the logger's first report of dropped events (a full or failing disk)
+        self.dropped: OSError | None = None
         self._kill_after = _kill_after_event()
 
     def _after(self, seq: int) -> None:
@@ -667,6 +669,17 @@ class _RecordingLogger:
             # Test hook (see _kill_after_event): a real kill -9 at an exact boundary.
             self._logger.flush_sync()
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def _accepted_despite(self, exc: OSError) -> int:
+        """The logger's report that earlier events were dropped on a failing disk
+        (``EventsDroppedError``): this event was accepted all the same, with the
+        ``seq`` the error carries, and must not be logged again. The drop is
+        kept; the run starts no further step. Any other error propagates."""
+        seq = getattr(exc, "seq", None)
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            raise exc
+        self.dropped = self.dropped or exc
+        return seq
 
     def _apply(
         self, event_type: str, component: str, message: str, tokens: int, metadata: Any, seq: int
@@ -682,7 +695,10 @@ class _RecordingLogger:
         tokens: int = 0,
         metadata: dict[str, Any] | None = None,
     ) -> int:
-        seq = await self._logger.log_event(event_type, component, message, tokens, metadata)
+        try:
+            seq = await self._logger.log_event(event_type, component, message, tokens, metadata)
+        except OSError as exc:
+            seq = self._accepted_despite(exc)
         self._apply(event_type, component, message, tokens, metadata, seq)
         self._after(seq)
         return seq
@@ -695,7 +711,10 @@ class _RecordingLogger:
         tokens: int = 0,
         metadata: dict[str, Any] | None = None,
     ) -> int:
-        seq = self._logger.log_event_sync(event_type, component, message, tokens, metadata)
+        try:
+            seq = self._logger.log_event_sync(event_type, component, message, tokens, metadata)
+        except OSError as exc:
+            seq = self._accepted_despite(exc)
         self._apply(event_type, component, message, tokens, metadata, seq)
         self._after(seq)
         return seq
@@ -1236,7 +1255,7 @@ class Orchestrator:
                     break
                 # A pipeline that cannot record what it spends starts no further
                 # step: what the log holds so far must be on disk first.
-                unrecorded = await self._log_failure()
+                unrecorded = await self._log_failure(log)
                 if unrecorded is not None:
                     self.recording_error = unrecorded
                     status, error = "interrupted", describe_write_error(unrecorded, self.log_file)
@@ -1273,14 +1292,16 @@ class Orchestrator:
         # (no tokens.json), and the outcome the log records stands.
         return await _to_the_end(finish(), absorb=True)
 
-    async def _log_failure(self) -> OSError | None:
+    async def _log_failure(self, log: _RecordingLogger) -> OSError | None:
         """Flush and fsync the log; the error if the disk refused it (ENOSPC, EIO)."""
+        if log.dropped is not None:
+            return log.dropped
         try:
             await asyncio.to_thread(self.execution_logger.flush_sync)
         except OSError as exc:
             return exc
         stats = self.execution_logger.stats()
-        if stats.get("dropped_lines"):
+        if stats.get("dropped_events") or stats.get("dropped_lines"):
             number = stats.get("last_errno") or errno.EIO
             return OSError(number, str(stats.get("last_error") or os.strerror(number)))
         return None
@@ -1490,7 +1511,9 @@ class Orchestrator:
             except OSError as exc:
                 self.recording_error = self.recording_error or exc
             writer_stats = self.execution_logger.stats()
-            if writer_stats.get("dropped_lines") and self.recording_error is None:
+            dropped = writer_stats.get("dropped_events") or writer_stats.get("dropped_lines")
+            self.recording_error = self.recording_error or log.dropped
+            if dropped and self.recording_error is None:
                 number = writer_stats.get("last_errno") or errno.EIO
                 self.recording_error = OSError(number, os.strerror(number))
             last_seq = log.last_seq if log.last_seq is not None else prep.history.last_seq
