@@ -137,3 +137,29 @@ def _kill_and_recover(sigil_home: Path, n: int, *, final: bool) -> None:
     )
     done = [e["component"] for e in events[:run1_end] if e["event_type"] == "step_complete"]
     assert done == STEPS, n  # every step once: none lost, none repeated
+
+
+def test_killed_after_the_final_event_of_a_second_run(sigil_home: Path) -> None:
+    """The issue's case: tokens.json from run 1 exists, run 2's final event is in
+    the log, tokens.json was never rewritten. Readers and the next writer go by
+    the log; the stale tokens.json is rebuilt with both runs."""
+    sigil_home.mkdir(parents=True)
+    (sigil_home / "config.yaml").write_text(CONFIG)
+    proc = _orchestrate(sigil_home, "--task", TASK, "--session", "two", "--budget", "100000")
+    assert proc.returncode == 0, proc.stderr
+    per_run = len(_events(sigil_home, "two"))
+    run1 = _tokens_json(sigil_home, "two")["total_used"]
+    proc = _orchestrate(sigil_home, "--task", TASK, "--session", "two",
+                        SIGIL_TEST_KILL_AFTER_EVENT=str(per_run))  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    events = _events(sigil_home, "two")
+    assert events[-1]["event_type"] == "session_complete" and events[-1]["metadata"]["run"] == 2
+    log_sum = sum(e["tokens"] for e in events)
+    assert log_sum > run1 == _tokens_json(sigil_home, "two")["total_used"]  # stale
+    assert _sessions_row(sigil_home, "two")["tokens_used"] == log_sum
+
+    proc = _orchestrate(sigil_home, "--session", "two", "--resume")
+    assert proc.returncode == 2 and "no interrupted run" in proc.stderr
+    assert _agree(sigil_home, "two", log_sum)[-1]["metadata"]["status"] == "complete"
+    ledger = _tokens_json(sigil_home, "two")
+    assert [(r["run"], r["status"]) for r in ledger["runs"]] == [(1, "complete"), (2, "complete")]
