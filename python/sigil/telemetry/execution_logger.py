@@ -8,6 +8,12 @@ logging never waits for the disk (the spec's sample awaited ``aiofiles`` writes
 on the event loop and never fsynced). Each event gets a ``seq`` that rises by
 one across restarts of the writer, so a reader can tell a gap from a quiet
 period.
+
+Every open logger holds the session's lock (``sessions/<id>/.lock``,
+ARCHITECTURE.md contract 7) from open to close, so readers know the session
+is live while it is quiet, and a second writer of the session -- another
+logger, or ``sigil orchestrate`` -- is refused with
+:class:`~sigil.core.locks.SessionBusy` instead of duplicating ``seq``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any, Protocol
 import orjson
 
 from sigil import _native
+from sigil.core.locks import SessionBusy, SessionLock
 from sigil.core.paths import (
     LOG_FILE_NAME,
     resolve_log_path,
@@ -35,6 +42,7 @@ from sigil.core.paths import (
 __all__ = [
     "ExecutionLogger",
     "LogEntry",
+    "SessionBusy",
     "SyncExecutionLogger",
     "log_execution_event",
 ]
@@ -213,6 +221,15 @@ class ExecutionLogger:
     metadata value with :class:`~sigil.telemetry.sanitization.LogSanitizer`;
     ``False``/``None`` turns it off; or pass your own object with
     ``sanitize_string`` and ``sanitize_dict``.
+
+    Opening the log (the first event, ``initialize``, ``with`` or ``async with
+    .session()``) takes the session's lock and ``close()`` releases it; logging
+    after ``close()`` opens and locks again. While another process or another
+    logger holds the lock, opening raises :class:`~sigil.core.locks.SessionBusy`
+    and nothing is written. ``lock``: a :class:`~sigil.core.locks.SessionLock` of
+    this session that the caller already holds (``sigil orchestrate`` locks the
+    session before it reads its history); the logger uses it and leaves its
+    release to the caller.
     """
 
     def __init__(
@@ -225,6 +242,7 @@ class ExecutionLogger:
         fsync: str = "interval",
         sanitizer: Sanitizer | bool | None = True,
         max_buffer_bytes: int = 8 << 20,
+        lock: SessionLock | None = None,
     ) -> None:
         self.session_id = validate_session_id(session_id)
         self.log_path = resolve_log_path(log_path)
@@ -241,6 +259,13 @@ class ExecutionLogger:
             self._sanitizer = None
         else:
             self._sanitizer = sanitizer
+        if lock is not None and os.path.abspath(lock.session_dir) != os.path.abspath(
+            self.session_dir
+        ):
+            raise ValueError(f"the lock given is for another session ({lock.session_dir})")
+        self._session_lock = lock if lock is not None else SessionLock(self.session_dir)
+        #: True while this logger holds a lock it took itself (and so must release)
+        self._took_lock = False
         self._writer: _native.AppendWriter | None = None
         self._open_lock = threading.Lock()
 
@@ -272,15 +297,26 @@ class ExecutionLogger:
             return writer
         with self._open_lock:
             if self._writer is None or self._writer.closed:
-                self._writer = _native.AppendWriter(
-                    self.log_file,
-                    buffer_bytes=self.buffer_size,
-                    flush_interval=self.flush_interval,
-                    fsync=self.fsync,
-                    max_buffer_bytes=self.max_buffer_bytes,
-                    session_id=self.session_id,
-                    start_seq=self._recover_next_seq(),
-                )
+                # The lock comes first: the next seq is read from the log under it,
+                # so two writers can never both continue from the same event.
+                took = not self._session_lock.held
+                if took:
+                    self._session_lock.acquire()  # SessionBusy when another writer holds it
+                try:
+                    self._writer = _native.AppendWriter(
+                        self.log_file,
+                        buffer_bytes=self.buffer_size,
+                        flush_interval=self.flush_interval,
+                        fsync=self.fsync,
+                        max_buffer_bytes=self.max_buffer_bytes,
+                        session_id=self.session_id,
+                        start_seq=self._recover_next_seq(),
+                    )
+                except BaseException:
+                    if took:
+                        self._session_lock.release()
+                    raise
+                self._took_lock = self._took_lock or took
             return self._writer
 
     def _recover_next_seq(self) -> int:
@@ -386,10 +422,19 @@ class ExecutionLogger:
         await asyncio.to_thread(self.flush_sync)
 
     def close_sync(self) -> None:
-        """Flush, fsync and close. Idempotent; raises ``OSError`` if the disk fails."""
-        writer = self._writer
-        if writer is not None:
-            writer.close()
+        """Flush, fsync, close and release the session's lock (if this logger took
+        it). Idempotent; raises ``OSError`` if the disk fails."""
+        with self._open_lock:
+            writer = self._writer
+            try:
+                if writer is not None:
+                    writer.close()
+            finally:
+                # Released even when the last flush failed: the process is done
+                # writing, and a held lock would keep the session "live".
+                if self._took_lock:
+                    self._took_lock = False
+                    self._session_lock.release()
 
     async def close(self) -> None:
         await asyncio.to_thread(self.close_sync)
