@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SIGIL, isolated_env, run_cli, wait_for
 
+from conftest import SIGIL, isolated_env, run_cli, wait_for
 from sigil._native import parse_bytes
 from sigil.core.locks import SessionBusy, SessionLock, is_session_locked
 from sigil.telemetry.execution_logger import ExecutionLogger
@@ -264,8 +264,10 @@ def test_a_python_api_writer_is_refused_while_orchestrate_runs(
     try:
         wait_for(
             "the run to reach its planning step",
-            lambda: run.poll() is not None
-            or (log.exists() and '"step_start","component":"planning"' in log.read_text()),
+            lambda: (
+                run.poll() is not None
+                or (log.exists() and '"step_start","component":"planning"' in log.read_text())
+            ),
             timeout=60,
         )
         assert run.poll() is None, run.communicate()
@@ -273,7 +275,7 @@ def test_a_python_api_writer_is_refused_while_orchestrate_runs(
         writers.append(writer)
         refusal = writer.expect("busy:")
         assert "already running" in refusal
-        out, err = run.communicate(timeout=120)
+        _out, err = run.communicate(timeout=120)
     finally:
         if run.poll() is None:
             run.kill()
