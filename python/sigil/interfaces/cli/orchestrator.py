@@ -810,6 +810,9 @@ class Orchestrator:
         from sigil.telemetry.sanitization import sanitizer_from_settings
 
         sanitizer = sanitizer_from_settings(settings)
+        # One lock per session and process (contract 7): taken here before the
+        # history is read, handed to the logger, released when the run ends.
+        self._lock = SessionLock(self.session_dir)
         self.execution_logger: ExecutionLogger = _SessionLogger(
             session_id=self.session_id,
             log_path=self.log_path,
@@ -817,12 +820,12 @@ class Orchestrator:
             flush_interval=settings.logging.flush_interval_seconds,
             fsync=settings.logging.fsync,
             sanitizer=sanitizer if sanitizer is not None else False,
+            lock=self._lock,
         )
         self.token_tracker = TokenTracker.from_settings(
             settings, total_budget=self.token_budget, logger=self.execution_logger
         )
         self.error_handler = error_handler or ErrorHandler.from_settings(settings)
-        self._lock = SessionLock(self.session_dir)
         self._executed = False
         #: set when a new run starts on a session whose previous run never ended
         self.abandoned_run: int | None = None
