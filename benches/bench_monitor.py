@@ -35,7 +35,6 @@ import orjson
 import pytest
 
 from conftest import quick, write_session
-from sigil.core.locks import SessionLock
 from sigil.interfaces.cli.display import DisplayOptions, render_dashboard_text
 from sigil.interfaces.cli.monitor import ComponentMetrics, SessionState
 from sigil.telemetry.execution_logger import ExecutionLogger
@@ -390,7 +389,7 @@ def test_memory_python_fold_peak(benchmark: Any, monitor_logs: Path, tmp_path: P
 
 @pytest.fixture
 def live_session(tmp_path: Path) -> Iterator[tuple[Path, ExecutionLogger]]:
-    """A running session: its lock held by this process, a logger open on it.
+    """A running session: a logger open on it (the logger holds the session lock).
 
     Each event is flushed explicitly, so the lag measured is the monitor's own
     (the writer's flush interval is a separate row). The background flush is kept
@@ -398,7 +397,6 @@ def live_session(tmp_path: Path) -> Iterator[tuple[Path, ExecutionLogger]]:
     flush: the writer had a lock-order race between the two when this was written.
     """
     logs = tmp_path / "home" / "logs"
-    lock = SessionLock(logs / "sessions" / "live").acquire()
     logger = ExecutionLogger("live", logs, buffer_size=4 << 20, flush_interval=3600.0,
                              fsync="never", sanitizer=False)
     logger.initialize_sync()
@@ -407,7 +405,6 @@ def live_session(tmp_path: Path) -> Iterator[tuple[Path, ExecutionLogger]]:
     logger.flush_sync()
     yield logs, logger
     logger.close_sync()
-    lock.release()
 
 
 def test_idle_cpu_sigil(benchmark: Any, live_session: tuple[Path, ExecutionLogger],
@@ -522,7 +519,6 @@ def test_lag_log_event_to_screen_default_writer(benchmark: Any, tmp_path: Path) 
     100 ms, no explicit flush): here the writer's flush interval, not the monitor,
     sets the lag. Reported, not enforced."""
     logs = tmp_path / "home" / "logs"
-    lock = SessionLock(logs / "sessions" / "live").acquire()
     logger = ExecutionLogger("live", logs, fsync="never", sanitizer=False)
     logger.initialize_sync()
     logger.log_event_sync("session_start", "orchestrator", "Starting", 0, {"budget": 10**6})
@@ -538,7 +534,6 @@ def test_lag_log_event_to_screen_default_writer(benchmark: Any, tmp_path: Path) 
     finally:
         term.close()
         logger.close_sync()
-        lock.release()
     benchmark.extra_info.update(metric="p99 lag (ms)", value=_p99(lags),
                                 median_ms=statistics.median(lags), max_ms=max(lags))
 
