@@ -20,11 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 
 from conftest import run_py
 from fsfault import run_faulty
-from sigil._native import fold_file, parse_bytes
+from sigil._native import fold_file, parse_bytes, parse_lines
 
 
 def entries_of(path: Path) -> list[Any]:
@@ -405,8 +404,12 @@ print(hung)
 def test_forking_while_the_flush_thread_holds_its_locks_never_hangs_the_child(tmp_path: Path):
     out = run_py(FORK_STORM, tmp_path / "f", timeout=300)
     assert out.stdout.strip() == "0"
-    data = (tmp_path / "f").read_bytes()
-    assert set(data.split(b"\n")[:-1]) == {b"y" * 50}
+    # Whole lines only: the hammered ones and the notices of what a busy disk dropped.
+    lines = (tmp_path / "f").read_bytes().split(b"\n")
+    assert lines[-1] == b""
+    entries, bad = parse_lines([x for x in lines[:-1] if x != b"y" * 50])
+    assert bad == []
+    assert {e.event_type for e in entries} <= {"events_dropped"}
 
 
 # ---------------------------------------------------------------------------
@@ -555,11 +558,10 @@ log.log_event_sync("session_start", "orchestrator", "start", 0)
 log.flush_sync()
 # Fill the disk.
 if mounted:
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\\0" * 4096)
-                f.flush()
         except OSError as e:
             assert e.errno == errno.ENOSPC, e
 else:
@@ -597,17 +599,22 @@ def test_a_full_disk_drop_carries_its_tokens_and_tells_the_caller(tmp_path: Path
         report = orjson.loads(
             run_faulty(FULL_DISK, base, mounted, flag, FSFAULT_ENOSPC=str(flag), **env).stdout
         )
-        path = base / "sessions" / "full" / "execution.jsonl"
-        data = path.read_bytes()
+        data = (base / "sessions" / "full" / "execution.jsonl").read_bytes()
+    path = tmp_path / "execution.jsonl"  # a copy, readable after the unmount
+    path.write_bytes(data)
     stats = report["stats"]
     assert stats["dropped_events"] > 0, stats  # the disk really was full
     assert stats["dropped_tokens"] > 0
-    # The caller was told, once per run of drops, with an OSError subclass that
-    # carries the errno of the failing disk.
-    assert report["raised"], "log_event_sync never said that events were dropped"
-    first = report["raised"][0]
-    assert first["errno"] == errno.ENOSPC
-    assert 0 < first["dropped"] <= stats["dropped_events"]
+    # The caller was told by each call that found drops not reported yet, with an
+    # OSError subclass that carries the errno of the failing disk (ENOBUFS if the
+    # buffer filled before the disk said anything).
+    raised = report["raised"]
+    assert raised, "log_event_sync never said that events were dropped"
+    assert {r["errno"] for r in raised} <= {errno.ENOSPC, errno.ENOBUFS}
+    assert errno.ENOSPC in {r["errno"] for r in raised}
+    assert all(r["dropped"] > 0 for r in raised)
+    assert 0 < sum(r["dropped"] for r in raised) <= stats["dropped_events"]
+    assert sum(r["dropped_tokens"] for r in raised) <= stats["dropped_tokens"]
     # seq still rises by one per event, dropped or not.
     assert report["seqs"] == list(range(1, 3001))
 

@@ -13,6 +13,7 @@ period.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import threading
@@ -33,6 +34,7 @@ from sigil.core.paths import (
 )
 
 __all__ = [
+    "EventsDroppedError",
     "ExecutionLogger",
     "LogEntry",
     "SyncExecutionLogger",
@@ -126,6 +128,30 @@ def _bounded_metadata(metadata: Mapping[str, Any], encoded: bytes, room: int) ->
             dropped.append(str(key)[:64])
     kept["metadata_truncated"] = {"original_bytes": len(encoded), "dropped_keys": dropped[:32]}
     return dumps(kept)
+
+
+class EventsDroppedError(OSError):
+    """Events were dropped: the log could not be written (full or failing disk)
+    and the writer's buffer reached ``max_buffer_bytes``.
+
+    Raised by ``log_event_sync``/``log_event`` by every call that finds drops
+    not reported yet (so, while the disk stays full, by the calls whose events
+    are dropped). The event of that call was accepted all the same, with
+    ``seq``: it is either
+    queued or one of the dropped, whose count and tokens the log's
+    ``events_dropped`` line carries (its ``tokens`` field, so every reader's sum
+    still includes them). Do not log it again: its tokens would count twice.
+    ``errno`` is the disk's error (``ENOSPC``, ``EIO``...), or ``ENOBUFS`` when
+    the buffer filled without one.
+    """
+
+    def __init__(
+        self, code: int, message: str, *, seq: int, dropped_events: int, dropped_tokens: int
+    ) -> None:
+        super().__init__(code, message)
+        self.seq = seq
+        self.dropped_events = dropped_events
+        self.dropped_tokens = dropped_tokens
 
 
 @dataclass(slots=True)
@@ -243,6 +269,10 @@ class ExecutionLogger:
             self._sanitizer = sanitizer
         self._writer: _native.AppendWriter | None = None
         self._open_lock = threading.Lock()
+        # Drops already reported by EventsDroppedError (per writer).
+        self._drops_writer: _native.AppendWriter | None = None
+        self._drops_reported = 0
+        self._drop_tokens_reported = 0
 
     # -- paths -------------------------------------------------------------
 
@@ -317,6 +347,10 @@ class ExecutionLogger:
     ) -> int:
         """Log one event; returns its ``seq``. Never waits for the disk.
 
+        Raises :class:`EventsDroppedError` (an ``OSError``) once after events
+        were dropped on a full or failing disk; the event itself was accepted
+        (see there: do not log it again).
+
         This is the hot path (about a microsecond): one serialisation and one
         hand-off to the native writer; the rare slow cases (oversized content,
         a closed or unopened writer) are handled off the common path.
@@ -349,13 +383,36 @@ class ExecutionLogger:
         if writer is None:
             writer = self._open()
         try:
-            return writer.write_event(self.session_id, event_type, component, message, tokens, meta)
+            seq = writer.write_event(self.session_id, event_type, component, message, tokens, meta)
         except ValueError:
             if not writer.closed:
                 raise
-        # Logging after close() reopens the log (spec: log_event initialises).
-        return self._open().write_event(
-            self.session_id, event_type, component, message, tokens, meta
+            # Logging after close() reopens the log (spec: log_event initialises).
+            writer = self._open()
+            seq = writer.write_event(self.session_id, event_type, component, message, tokens, meta)
+        if writer.dropped_events != self._drops_reported:
+            self._report_drops(writer, seq)
+        return seq
+
+    def _report_drops(self, writer: _native.AppendWriter, seq: int) -> None:
+        """Raise :class:`EventsDroppedError` for drops not reported yet."""
+        if writer is not self._drops_writer:
+            self._drops_writer, self._drops_reported, self._drop_tokens_reported = writer, 0, 0
+        stats = writer.stats()
+        dropped, tokens = stats["dropped_events"], stats["dropped_tokens"]
+        new, new_tokens = dropped - self._drops_reported, tokens - self._drop_tokens_reported
+        self._drops_reported, self._drop_tokens_reported = dropped, tokens
+        if new <= 0:
+            return
+        code = stats["last_errno"] or errno.ENOBUFS
+        cause = stats["last_error"] or "the write buffer is full"
+        raise EventsDroppedError(
+            code,
+            f"{new} events carrying {new_tokens} tokens could not be written to "
+            f"{self.log_file} ({cause}); the log's events_dropped line counts them",
+            seq=seq,
+            dropped_events=new,
+            dropped_tokens=new_tokens,
         )
 
     async def log_event(
