@@ -807,23 +807,22 @@ fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
             record_error(shared, &e);
             let mut st = lock(&shared.state);
             st.retry_at = Some(Instant::now() + interval);
+            let mut lost_lines = Vec::new();
             if !rest.is_empty() {
                 // Lines queued while the write failed go after what it kept back;
                 // the newest whole lines that no longer fit are dropped and counted.
                 let room = shared.cfg.max_buffer_bytes.saturating_sub(rest.len());
-                let newer = std::mem::take(&mut st.buf);
+                let mut newer = std::mem::take(&mut st.buf);
                 let keep = whole_lines_within(&newer, room);
-                let lost = memchr::memchr_iter(b'\n', &newer[keep..]).count() as u64;
+                lost_lines = newer.split_off(keep);
+                let lost = memchr::memchr_iter(b'\n', &lost_lines).count() as u64;
                 if lost > 0 {
-                    let tokens = lines_tokens(&newer[keep..]);
                     st.dropping = true;
                     st.dropped_pending += lost;
-                    st.dropped_tokens_pending = st.dropped_tokens_pending.saturating_add(tokens);
                     bump(&shared.counters.dropped_lines, lost);
-                    bump(&shared.counters.dropped_tokens, tokens);
                 }
                 let mut merged = rest;
-                merged.extend_from_slice(&newer[..keep]);
+                merged.extend_from_slice(&newer);
                 st.buf = merged;
                 st.head_partial = rest_partial;
             } else if rest_partial {
@@ -831,6 +830,15 @@ fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
             }
             if st.buf.len() >= shared.cfg.max_buffer_bytes {
                 st.dropping = true;
+            }
+            drop(st);
+            if !lost_lines.is_empty() {
+                // Parsed without the queue lock (writers wait on it); the io lock,
+                // still held, keeps the notice from being written meanwhile.
+                let tokens = lines_tokens(&lost_lines);
+                let mut st = lock(&shared.state);
+                st.dropped_tokens_pending = st.dropped_tokens_pending.saturating_add(tokens);
+                bump(&shared.counters.dropped_tokens, tokens);
             }
             Err(e)
         }
@@ -913,25 +921,23 @@ fn recover(shared: &Shared, io: &mut Io) -> io::Result<()> {
         // be made durable, so this is never reported as success.
         return Err(io::Error::from_raw_os_error(failed.errno));
     }
-    sync_dirs(shared, io)?;
-    let mut created_in = Vec::new();
-    let opened = open_append(&shared.path, &mut created_in)?;
-    let Some(failed) = io.failed.as_ref() else {
-        return Ok(());
-    };
-    let (base, replay_exact) = if opened.ident == failed.ident {
-        if opened.len == failed.len && failed.len >= failed.synced_len {
-            opened.file.set_len(failed.synced_len)?;
-            (failed.synced_len, true)
+    let (failed_ident, failed_len, failed_synced) = (failed.ident, failed.len, failed.synced_len);
+    let opened = open_append(&shared.path, &mut io.dirs_to_sync)?;
+    let (base, replay_exact) = if opened.ident == failed_ident {
+        if opened.len == failed_len && failed_len >= failed_synced {
+            opened.file.set_len(failed_synced)?;
+            (failed_synced, true)
         } else {
             (opened.len, false) // someone else changed the file: append after them
         }
     } else {
         // The file was renamed away since: cut its uncertain tail there, so
         // that the kept bytes exist once, at the head of the new file.
-        if failed.file.metadata().map(|m| m.len()).ok() == Some(failed.len) {
-            let _ = failed.file.set_len(failed.synced_len);
-            let _ = failed.file.sync_data();
+        if let Some(old) = io.failed.as_ref().map(|f| &f.file) {
+            if old.metadata().map(|m| m.len()).ok() == Some(failed_len) {
+                let _ = old.set_len(failed_synced);
+                let _ = old.sync_data();
+            }
         }
         (opened.len, false)
     };
@@ -949,7 +955,11 @@ fn recover(shared: &Shared, io: &mut Io) -> io::Result<()> {
     let (written, failure) = write_fully(&mut file, &replay);
     let result = match failure {
         Some(e) => Err(e),
-        None => sync_dirs_list(&created_in).and_then(|()| file.sync_data()),
+        None => sync_dirs(shared, io).and_then(|()| {
+            file.sync_data().inspect_err(|_| {
+                bump(&shared.counters.fsync_failures, 1);
+            })
+        }),
     };
     match result {
         Ok(()) => {
@@ -964,7 +974,6 @@ fn recover(shared: &Shared, io: &mut Io) -> io::Result<()> {
                 None => torn,
             };
             io.failed = None;
-            io.dirty = false;
             synced(shared, io);
             bump(&shared.counters.sync_recoveries, 1);
             shared.counters.sync_failed.store(false, Relaxed);
@@ -972,10 +981,7 @@ fn recover(shared: &Shared, io: &mut Io) -> io::Result<()> {
         }
         Err(e) => {
             record_error(shared, &e);
-            if written == replay.len() {
-                bump(&shared.counters.fsync_failures, 1); // the write went in, the sync failed
-            }
-            io.dirs_to_sync.extend(created_in);
+            // Next time, the tail to cut is what this attempt wrote.
             io.failed = Some(Failed {
                 file,
                 ident: opened.ident,
@@ -987,10 +993,6 @@ fn recover(shared: &Shared, io: &mut Io) -> io::Result<()> {
             Err(e)
         }
     }
-}
-
-fn sync_dirs_list(dirs: &[PathBuf]) -> io::Result<()> {
-    dirs.iter().try_for_each(|d| sync_dir(d))
 }
 
 /// Write all of `buf`, retrying short writes; returns how much got in and the error that stopped it.
