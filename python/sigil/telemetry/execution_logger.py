@@ -136,13 +136,13 @@ class EventsDroppedError(OSError):
 
     Raised by ``log_event_sync``/``log_event`` by every call that finds drops
     not reported yet (so, while the disk stays full, by the calls whose events
-    are dropped). The event of that call was accepted all the same, with
-    ``seq``: it is either
-    queued or one of the dropped, whose count and tokens the log's
-    ``events_dropped`` line carries (its ``tokens`` field, so every reader's sum
-    still includes them). Do not log it again: its tokens would count twice.
-    ``errno`` is the disk's error (``ENOSPC``, ``EIO``...), or ``ENOBUFS`` when
-    the buffer filled without one.
+    are dropped); ``dropped_events``/``dropped_tokens`` are those new drops.
+    The event of that call was accepted all the same, with ``seq``: it is
+    either queued or one of the dropped, whose count and tokens the log's
+    ``events_dropped`` line carries (in its ``tokens`` field, so every reader's
+    sum still includes them). Do not log it again: its tokens would count
+    twice. ``errno`` is the disk's error (``ENOSPC``, ``EIO``...), or
+    ``ENOBUFS`` when the buffer filled before the disk reported one.
     """
 
     def __init__(
@@ -347,9 +347,9 @@ class ExecutionLogger:
     ) -> int:
         """Log one event; returns its ``seq``. Never waits for the disk.
 
-        Raises :class:`EventsDroppedError` (an ``OSError``) once after events
-        were dropped on a full or failing disk; the event itself was accepted
-        (see there: do not log it again).
+        Raises :class:`EventsDroppedError` (an ``OSError``) when events were
+        dropped on a full or failing disk since the last such report; the event
+        itself was accepted (see there: do not log it again).
 
         This is the hot path (about a microsecond): one serialisation and one
         hand-off to the native writer; the rare slow cases (oversized content,
