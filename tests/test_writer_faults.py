@@ -188,6 +188,40 @@ def test_the_old_files_fsync_error_at_reopen_is_not_dropped(tmp_path: Path):
     assert new[-1].message == "new"
 
 
+STICKY_NEVER = """
+import json, sys
+from sigil._native import AppendWriter
+path, trigger = sys.argv[1], sys.argv[2]
+# Policy "never" keeps at most max_buffer_bytes of unsynced bytes aside; past
+# that, what a failed sync covered cannot be written again.
+w = AppendWriter(path, fsync="never", flush_interval=3600, buffer_bytes=1024,
+                 max_buffer_bytes=4096)
+for i in range(200):
+    w.write("x" * 99)
+    if i % 10 == 0:
+        w.flush()
+w.flush()
+open(trigger, "w").write("1")
+errors = []
+for _ in range(3):
+    try:
+        w.close()
+        errors.append(None)
+    except OSError as e:
+        errors.append(e.errno)
+print(json.dumps({"errors": errors, "stats": dict(w.stats())}))
+"""
+
+
+def test_a_failed_sync_of_bytes_not_kept_is_never_reported_durable(tmp_path: Path):
+    path, trigger = tmp_path / "f", tmp_path / "eio"
+    report = orjson.loads(run_faulty(STICKY_NEVER, path, trigger, FSFAULT_EIO=str(trigger)).stdout)
+    # Only the first close's sync fails, yet no later close may report success.
+    assert report["errors"] == [errno.EIO] * 3
+    assert report["stats"]["sync_failed"] is True
+    assert report["stats"]["fsync_failures"] == 1
+
+
 # ---------------------------------------------------------------------------
 # 3. Absurd buffer sizes
 
