@@ -148,18 +148,16 @@ def test_the_background_thread_records_a_failed_fsync(tmp_path: Path):
 
 
 STICKY_ROTATION = """
-import json, os, sys, time
+import json, os, sys
 from sigil._native import AppendWriter
 path, trigger = sys.argv[1], sys.argv[2]
-# A small buffer and an interval that never elapses: the background thread
-# writes without syncing, so the old file holds unsynced lines at rotation.
-w = AppendWriter(path, flush_interval=3600, buffer_bytes=64, session_id="s")
+# Policy "never": flush() writes without syncing, so the old file holds unsynced
+# lines at rotation, and the writer syncs it before moving to the new file.
+w = AppendWriter(path, fsync="never", flush_interval=3600, buffer_bytes=1 << 20,
+                 session_id="s")
 for i in range(3):
     w.write_event("s", "step", "c", f"old {i}", tokens=1)
-deadline = time.monotonic() + 20
-while os.path.getsize(path) == 0:
-    assert time.monotonic() < deadline
-    time.sleep(0.005)
+w.flush()
 os.rename(path, path + ".1")
 open(trigger, "w").write("1")  # the old file's sync at reopen fails
 w.write_event("s", "step", "c", "new", tokens=1)
