@@ -505,22 +505,62 @@ pub struct PyAppendWriter {
 }
 
 fn write_err(e: writer::WriteError) -> PyErr {
-    value_error(e.to_string())
+    match e {
+        writer::WriteError::Forked(_) => PyRuntimeError::new_err(e.to_string()),
+        _ => value_error(e.to_string()),
+    }
+}
+
+/// A size argument: any int, out of range being a `ValueError` like any bad size.
+fn size_arg(name: &str, v: Option<&Bound<'_, PyAny>>, default: u64) -> PyResult<u64> {
+    let Some(v) = v else { return Ok(default) };
+    v.extract::<u64>().map_err(|_| {
+        let shown = v.repr().map_or_else(|_| "?".to_string(), |r| r.to_string());
+        value_error(format!(
+            "{name} must be an int from 1 to {} (256 MiB), not {shown}",
+            writer::MAX_BUFFER_BYTES
+        ))
+    })
+}
+
+impl PyAppendWriter {
+    /// A writer is refused in a forked child (its locks may be held by a thread
+    /// that does not exist there).
+    fn owned(&self) -> PyResult<()> {
+        match self.inner.forked_from() {
+            Some(owner) => Err(write_err(writer::WriteError::Forked(owner))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for PyAppendWriter {
+    /// An unclosed writer is closed here: its final write and fsync run with
+    /// the GIL released, so other threads go on while the disk is slow.
+    fn drop(&mut self) {
+        let inner = &self.inner;
+        let close = || {
+            let _ = guard_io(|| inner.close());
+        };
+        if Python::try_attach(|py| py.detach(close)).is_none() {
+            close(); // the interpreter is shutting down: nobody else to wait for us
+        }
+    }
 }
 
 #[pymethods]
 impl PyAppendWriter {
     #[new]
-    #[pyo3(signature = (path, *, buffer_bytes = 1024, flush_interval = 0.1, fsync = "interval",
-                        max_buffer_bytes = 8 << 20, session_id = "", start_seq = 0))]
+    #[pyo3(signature = (path, *, buffer_bytes = None, flush_interval = 0.1, fsync = "interval",
+                        max_buffer_bytes = None, session_id = "", start_seq = 0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         path: PathBuf,
-        buffer_bytes: usize,
+        buffer_bytes: Option<&Bound<'_, PyAny>>,
         flush_interval: f64,
         fsync: &str,
-        max_buffer_bytes: usize,
+        max_buffer_bytes: Option<&Bound<'_, PyAny>>,
         session_id: &str,
         start_seq: u64,
     ) -> PyResult<Self> {
@@ -529,8 +569,18 @@ impl PyAppendWriter {
                 "fsync must be 'always', 'interval' or 'never', not {fsync:?}"
             ))
         })?;
-        if buffer_bytes == 0 {
-            return Err(value_error("buffer_bytes must be positive"));
+        let max = writer::MAX_BUFFER_BYTES as u64;
+        let buffer_bytes = size_arg("buffer_bytes", buffer_bytes, 1024)?;
+        let max_buffer_bytes = size_arg("max_buffer_bytes", max_buffer_bytes, 8 << 20)?;
+        if buffer_bytes == 0 || buffer_bytes > max {
+            return Err(value_error(format!(
+                "buffer_bytes must be from 1 to {max} (256 MiB), not {buffer_bytes}"
+            )));
+        }
+        if max_buffer_bytes > max {
+            return Err(value_error(format!(
+                "max_buffer_bytes must be at most {max} (256 MiB), not {max_buffer_bytes}"
+            )));
         }
         if !(flush_interval.is_finite() && flush_interval > 0.0 && flush_interval <= 3600.0) {
             return Err(value_error(
@@ -548,10 +598,10 @@ impl PyAppendWriter {
             ));
         }
         let cfg = writer::WriterConfig {
-            buffer_bytes,
+            buffer_bytes: buffer_bytes as usize,
             flush_interval: Duration::from_secs_f64(flush_interval),
             fsync: policy,
-            max_buffer_bytes,
+            max_buffer_bytes: max_buffer_bytes as usize,
             session_id: session_id.to_string(),
         };
         let p = path.clone();
@@ -608,13 +658,16 @@ impl PyAppendWriter {
     }
 
     /// Write everything queued now (and fsync unless the policy is `never`).
+    /// After a failed fsync, raises until what it covered is written again and synced.
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        self.owned()?;
         detached_io(py, "AppendWriter.flush", Some(&self.path), || {
             self.inner.flush(false)
         })
     }
 
-    /// Flush, fsync and stop the background thread. Idempotent.
+    /// Flush, fsync and stop the background thread. Idempotent; in a forked
+    /// child a no-op that writes nothing (the parent writes what it queued).
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         detached_io(py, "AppendWriter.close", Some(&self.path), || {
             self.inner.close()
@@ -632,12 +685,21 @@ impl PyAppendWriter {
     }
 
     #[getter]
-    fn next_seq(&self) -> u64 {
-        self.inner.next_seq()
+    fn next_seq(&self) -> PyResult<u64> {
+        self.owned()?;
+        Ok(self.inner.next_seq())
+    }
+
+    /// Events dropped so far because the disk failed or the buffer was full
+    /// (cheap: meant to be checked after each write).
+    #[getter]
+    fn dropped_events(&self) -> u64 {
+        self.inner.dropped_events()
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = self.inner.stats();
+        self.owned()?;
+        let s = py.detach(|| self.inner.stats());
         let d = PyDict::new(py);
         d.set_item("lines", s.lines_accepted)?;
         d.set_item("lines_written", s.lines_written)?;
@@ -645,9 +707,14 @@ impl PyAppendWriter {
         d.set_item("flushes", s.flushes)?;
         d.set_item("fsyncs", s.fsyncs)?;
         d.set_item("dropped_lines", s.dropped_lines)?;
+        d.set_item("dropped_events", s.dropped_lines)?;
+        d.set_item("dropped_tokens", s.dropped_tokens)?;
         d.set_item("reopens", s.reopens)?;
         d.set_item("torn_tails_repaired", s.torn_tails_repaired)?;
         d.set_item("buffered_bytes", s.buffered_bytes)?;
+        d.set_item("fsync_failures", s.fsync_failures)?;
+        d.set_item("sync_recoveries", s.sync_recoveries)?;
+        d.set_item("sync_failed", s.sync_failed)?;
         match s.last_error {
             Some((errno, msg)) => {
                 d.set_item("last_errno", errno)?;
@@ -868,5 +935,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fold_file, m)?)?;
     m.add_function(wrap_pyfunction!(tail_max_seq, m)?)?;
     m.add("MAX_LINE_BYTES", DEFAULT_MAX_LINE)?;
+    m.add("MAX_BUFFER_BYTES", writer::MAX_BUFFER_BYTES)?;
     Ok(())
 }

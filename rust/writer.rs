@@ -2,22 +2,44 @@
 //!
 //! Callers hand over whole lines and return at once; a background thread writes
 //! them with as few `write(2)` calls as possible and fsyncs per policy. The file
-//! is opened O_APPEND|O_CREAT, mode 0600, never through a symlink. A torn tail
-//! left by a crash is repaired by starting on a new line. When the path is
-//! renamed away (rotation), the next flush reopens the path. Disk errors never
-//! reach `write`: the buffer stays under `max_buffer_bytes`, what does not fit
-//! is dropped and counted, and the next successful flush writes one
-//! `events_dropped` line saying how many events were lost.
+//! is opened O_APPEND|O_CREAT, mode 0600, never through a symlink and never if
+//! it is not a regular file (a FIFO would block). A torn tail left by a crash is
+//! repaired by starting on a new line. When the path is renamed away
+//! (rotation), the next flush reopens the path. A file or directory the writer
+//! creates has its directory fsynced at the next sync.
+//!
+//! Disk errors never reach `write`: the buffer stays under `max_buffer_bytes`,
+//! what does not fit is dropped and counted, and the next successful flush
+//! writes one `events_dropped` line saying how many events were lost and, in
+//! its `tokens` field, how many tokens they carried (contract 2: the sum of
+//! `tokens` over the log stays the session's consumption).
+//!
+//! A failed fsync is sticky ("fsyncgate": after a failed fsync the kernel may
+//! have dropped the dirty pages and will not report it again). The bytes
+//! written since the last good sync are kept aside; after a failure every
+//! flush and close fails until they have been written again, to a freshly
+//! opened descriptor, in place of the uncertain tail, and synced.
+//!
+//! A writer belongs to the process that opened it: in a forked child every
+//! use is refused (close is a no-op), so nothing the parent queued is written
+//! twice and no lock the parent's flush thread held at the fork is touched.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::parse::push_json_str;
+
+/// The largest `buffer_bytes` and `max_buffer_bytes` accepted (256 MiB). The
+/// buffer is memory held for one log whose lines are at most 1 MiB each; beyond
+/// this a size can only be a mistake that would take the process down.
+pub const MAX_BUFFER_BYTES: usize = 256 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FsyncPolicy {
@@ -67,12 +89,40 @@ pub struct WriterStats {
     pub flushes: u64,
     pub fsyncs: u64,
     pub dropped_lines: u64,
+    pub dropped_tokens: u64,
     pub reopens: u64,
     pub torn_tails_repaired: u64,
     pub buffered_bytes: u64,
+    pub fsync_failures: u64,
+    pub sync_recoveries: u64,
+    /// A failed fsync whose data is not yet written again and synced.
+    pub sync_failed: bool,
     pub last_error: Option<(i32, String)>,
 }
 
+// ---------------------------------------------------------------------------
+// Fork detection: a generation counter bumped in every forked child, so the
+// check on the write path is one atomic load (getpid is a system call).
+
+static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
+static AT_FORK: Once = Once::new();
+
+extern "C" fn after_fork_in_child() {
+    FORK_GENERATION.fetch_add(1, Relaxed);
+}
+
+fn fork_generation() -> u64 {
+    AT_FORK.call_once(|| {
+        // SAFETY: registers a handler that only touches an atomic, which is
+        // async-signal-safe as a forked child's handlers must be.
+        unsafe {
+            libc::pthread_atfork(None, None, Some(after_fork_in_child));
+        }
+    });
+    FORK_GENERATION.load(Relaxed)
+}
+
+/// The queue: taken by writers and, briefly, by the flusher; never held across I/O.
 struct State {
     buf: Vec<u8>,
     /// The buffer starts with the rest of a line whose head is already in the file
@@ -82,32 +132,73 @@ struct State {
     /// the notice line sits exactly where the events went missing.
     dropping: bool,
     dropped_pending: u64,
+    dropped_tokens_pending: u64,
     flush_requested: bool,
-    closed: bool,
     /// While flushes fail, the background thread retries at most once per
     /// interval. Kept here, not in `Io`, so the thread never takes the `io`
     /// lock while holding this one (lock order is always io, then state).
     retry_at: Option<Instant>,
     next_seq: u64,
-    lines_accepted: u64,
-    dropped_lines: u64,
 }
 
+/// Counters read by `stats()` without any lock that I/O can hold.
+#[derive(Default)]
+struct Counters {
+    lines_accepted: AtomicU64,
+    lines_written: AtomicU64,
+    bytes_written: AtomicU64,
+    flushes: AtomicU64,
+    fsyncs: AtomicU64,
+    dropped_lines: AtomicU64,
+    dropped_tokens: AtomicU64,
+    reopens: AtomicU64,
+    torn_tails_repaired: AtomicU64,
+    fsync_failures: AtomicU64,
+    sync_recoveries: AtomicU64,
+    sync_failed: AtomicBool,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Relaxed);
+}
+
+/// The file side, held by whoever writes or syncs (across the system calls).
 struct Io {
     file: Option<File>,
     ident: (u64, u64),
+    /// The file's length as this writer made it: where its next write lands.
+    len: u64,
     needs_newline: bool,
     dirty: bool,
     last_fsync: Instant,
-    lines_written: u64,
-    bytes_written: u64,
-    flushes: u64,
-    fsyncs: u64,
-    reopens: u64,
-    torn_tails_repaired: u64,
-    last_error: Option<(i32, String)>,
     /// The file holding the head of a half-written line, if any.
     partial_ident: Option<(u64, u64)>,
+    /// What was written to `file` since its last good sync, kept so that a
+    /// failed sync can be redone.
+    unsynced: Vec<u8>,
+    /// The file's length at its last good sync: what is durable.
+    synced_len: u64,
+    /// Bytes were written that `unsynced` does not hold (policy `never` past
+    /// the bound): a failed sync covering them cannot be redone.
+    untracked: bool,
+    /// `unsynced` reached its bound: sync now instead of keeping more.
+    force_sync: bool,
+    /// A sync failed and what it covered is not yet written again and synced.
+    failed: Option<Failed>,
+    /// Directories whose new entries (a created file or directory) are not durable yet.
+    dirs_to_sync: Vec<PathBuf>,
+}
+
+struct Failed {
+    /// The descriptor whose sync failed (kept to cut its uncertain tail if the
+    /// file was renamed away meanwhile).
+    file: File,
+    ident: (u64, u64),
+    synced_len: u64,
+    /// The file's length if nobody but this writer changed it.
+    len: u64,
+    errno: i32,
+    unrecoverable: bool,
 }
 
 struct Shared {
@@ -116,6 +207,11 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     io: Mutex<Io>,
+    counters: Counters,
+    last_error: Mutex<Option<(i32, String)>>,
+    closed: AtomicBool,
+    fork_generation: u64,
+    owner_pid: u32,
 }
 
 pub struct AppendWriter {
@@ -129,21 +225,37 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The errno and the message without Rust's " (os error N)" suffix.
 fn err_of(e: &io::Error) -> (i32, String) {
-    (e.raw_os_error().unwrap_or(0), e.to_string())
+    let text = e.to_string();
+    let text = match text.rfind(" (os error ") {
+        Some(pos) => text[..pos].to_string(),
+        None => text,
+    };
+    (e.raw_os_error().unwrap_or(0), text)
 }
 
-/// Create `dir` and missing parents with mode 0700 whatever the umask.
-pub fn create_private_dirs(dir: &Path) -> io::Result<()> {
+fn record_error(shared: &Shared, e: &io::Error) {
+    *lock(&shared.last_error) = Some(err_of(e));
+}
+
+fn invalid(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, msg.to_string())
+}
+
+/// Create `dir` and missing parents with mode 0700 whatever the umask; the
+/// parent of every directory created is added to `created_in`, whose new
+/// entries must be fsynced to be durable.
+pub fn create_private_dirs(dir: &Path, created_in: &mut Vec<PathBuf>) -> io::Result<()> {
     if dir.as_os_str().is_empty() {
         return Ok(());
     }
     match fs::symlink_metadata(dir) {
         Ok(m) if m.file_type().is_symlink() => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("refusing to use {}: it is a symlink", dir.display()),
-            ))
+            return Err(invalid(&format!(
+                "refusing to use {}: it is a symlink",
+                dir.display()
+            )))
         }
         Ok(m) if m.is_dir() => return Ok(()),
         Ok(_) => {
@@ -157,94 +269,185 @@ pub fn create_private_dirs(dir: &Path) -> io::Result<()> {
     }
     if let Some(parent) = dir.parent() {
         if !parent.exists() {
-            create_private_dirs(parent)?;
+            create_private_dirs(parent, created_in)?;
         }
     }
     match fs::DirBuilder::new().mode(0o700).create(dir) {
-        Ok(()) => fs::set_permissions(dir, fs::Permissions::from_mode(0o700)),
+        Ok(()) => {
+            created_in.push(parent_dir(dir));
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(e),
     }
 }
 
-/// Open `path` for appending: O_APPEND|O_CREAT|O_NOFOLLOW, 0600.
-/// Returns the file, its identity and whether its last byte is not `\n`.
-fn open_append(path: &Path) -> io::Result<(File, (u64, u64), bool)> {
-    if let Some(parent) = path.parent() {
-        create_private_dirs(parent)?;
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| {
-            if e.raw_os_error() == Some(libc::ELOOP) {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("refusing to write {}: it is a symlink", path.display()),
-                )
-            } else {
-                e
-            }
-        })?;
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+struct Opened {
+    file: File,
+    ident: (u64, u64),
+    len: u64,
+    /// The last byte is not `\n`.
+    torn: bool,
+}
+
+/// Open `path` for appending: O_APPEND|O_NOFOLLOW|O_NONBLOCK (so that a FIFO
+/// or device cannot block the open), 0600, a regular file only; O_NONBLOCK is
+/// cleared before use. The directory of a file this call creates (and of any
+/// directory it creates) is added to `created_in`.
+fn open_append(path: &Path, created_in: &mut Vec<PathBuf>) -> io::Result<Opened> {
+    let mut new_dirs = Vec::new();
+    if let Some(parent) = path.parent() {
+        create_private_dirs(parent, &mut new_dirs)?;
+    }
+    created_in.append(&mut new_dirs);
+    let open = |create: bool| {
+        let mut o = OpenOptions::new();
+        o.read(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK);
+        if create {
+            o.create_new(true);
+        }
+        o.open(path)
+    };
+    // The existing file first: only a file created here needs its directory
+    // entry made durable.
+    let opened = match open(false) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match open(true) {
+            Ok(f) => Ok((f, true)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => open(false).map(|f| (f, false)),
+            Err(e) => Err(e),
+        },
+        other => other.map(|f| (f, false)),
+    };
+    let (file, created) = opened.map_err(|e| {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            invalid("refusing to write through a symlink")
+        } else {
+            e
+        }
+    })?;
     let meta = file.metadata()?;
     if !meta.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} is not a regular file", path.display()),
-        ));
+        return Err(invalid("not a regular file"));
+    }
+    // SAFETY: plain fcntl on a descriptor this function owns.
+    unsafe {
+        let fd = file.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    if created {
+        created_in.push(parent_dir(path));
     }
     if meta.mode() & 0o777 != 0o600 {
         file.set_permissions(fs::Permissions::from_mode(0o600))?;
     }
-    let torn = if meta.len() > 0 {
-        let mut last = [0u8; 1];
-        std::os::unix::fs::FileExt::read_exact_at(&file, &mut last, meta.len() - 1)?;
-        last[0] != b'\n'
-    } else {
-        false
-    };
-    Ok((file, (meta.dev(), meta.ino()), torn))
+    let torn = ends_mid_line(&file, meta.len())?;
+    Ok(Opened {
+        file,
+        ident: (meta.dev(), meta.ino()),
+        len: meta.len(),
+        torn,
+    })
+}
+
+fn ends_mid_line(file: &File, len: u64) -> io::Result<bool> {
+    if len == 0 {
+        return Ok(false);
+    }
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, len - 1)?;
+    Ok(last[0] != b'\n')
+}
+
+/// The `tokens` of a JSON line, 0 if it has none (used only for dropped lines:
+/// the drop notice carries their sum).
+fn line_tokens(line: &[u8]) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Tokens {
+        #[serde(default)]
+        tokens: Option<serde_json::Value>,
+    }
+    serde_json::from_slice::<Tokens>(line)
+        .ok()
+        .and_then(|t| t.tokens)
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0)
+}
+
+fn lines_tokens(lines: &[u8]) -> u64 {
+    lines
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(line_tokens)
+        .fold(0u64, u64::saturating_add)
 }
 
 impl AppendWriter {
     pub fn open(path: impl Into<PathBuf>, cfg: WriterConfig, start_seq: u64) -> io::Result<Self> {
         let path = path.into();
-        let (file, ident, torn) = open_append(&path)?;
-        let repaired = u64::from(torn);
+        if !(1..=MAX_BUFFER_BYTES).contains(&cfg.buffer_bytes)
+            || !(1..=MAX_BUFFER_BYTES).contains(&cfg.max_buffer_bytes)
+        {
+            return Err(invalid(&format!(
+                "buffer_bytes and max_buffer_bytes must be from 1 to {MAX_BUFFER_BYTES}"
+            )));
+        }
+        let fork_generation = fork_generation();
+        let mut dirs_to_sync = Vec::new();
+        let opened = open_append(&path, &mut dirs_to_sync)?;
         let shared = Arc::new(Shared {
             path,
             state: Mutex::new(State {
-                buf: Vec::with_capacity(cfg.buffer_bytes.max(64) * 2),
+                // Allocated as lines arrive (with try_reserve), never up front.
+                buf: Vec::new(),
                 head_partial: false,
                 dropping: false,
                 dropped_pending: 0,
+                dropped_tokens_pending: 0,
                 flush_requested: false,
-                closed: false,
                 retry_at: None,
                 next_seq: start_seq,
-                lines_accepted: 0,
-                dropped_lines: 0,
             }),
             wake: Condvar::new(),
             io: Mutex::new(Io {
-                file: Some(file),
-                ident,
-                needs_newline: torn,
+                file: Some(opened.file),
+                ident: opened.ident,
+                len: opened.len,
+                needs_newline: opened.torn,
                 dirty: false,
                 last_fsync: Instant::now(),
-                lines_written: 0,
-                bytes_written: 0,
-                flushes: 0,
-                fsyncs: 0,
-                reopens: 0,
-                torn_tails_repaired: repaired,
-                last_error: None,
                 partial_ident: None,
+                unsynced: Vec::new(),
+                synced_len: opened.len,
+                untracked: false,
+                force_sync: false,
+                failed: None,
+                dirs_to_sync,
             }),
+            counters: Counters {
+                torn_tails_repaired: AtomicU64::new(u64::from(opened.torn)),
+                ..Counters::default()
+            },
+            last_error: Mutex::new(None),
+            closed: AtomicBool::new(false),
+            fork_generation,
+            owner_pid: std::process::id(),
             cfg,
         });
         let bg = Arc::clone(&shared);
@@ -261,23 +464,40 @@ impl AppendWriter {
         &self.shared.path
     }
 
+    /// In a forked child: the pid of the process that owns this writer.
+    pub fn forked_from(&self) -> Option<u32> {
+        (FORK_GENERATION.load(Relaxed) != self.shared.fork_generation)
+            .then_some(self.shared.owner_pid)
+    }
+
     /// Queue one line (a trailing `\n` is optional and never doubled).
-    /// Errors only for a closed writer or a line with an embedded newline.
+    /// Errors only for a closed writer, a forked child or a line with an
+    /// embedded newline; never for the disk.
     pub fn write_line(&self, line: &[u8]) -> Result<(), WriteError> {
+        if let Some(owner) = self.forked_from() {
+            return Err(WriteError::Forked(owner));
+        }
         let line = line.strip_suffix(b"\n").unwrap_or(line);
         if memchr::memchr(b'\n', line).is_some() {
             return Err(WriteError::EmbeddedNewline);
         }
         let mut st = lock(&self.shared.state);
-        if st.closed {
+        if self.shared.closed.load(Relaxed) {
             return Err(WriteError::Closed);
         }
-        self.push_locked(&mut st, |buf| buf.extend_from_slice(line), line.len());
+        self.push_locked(
+            &mut st,
+            |buf| buf.extend_from_slice(line),
+            line.len(),
+            || line_tokens(line),
+        );
         Ok(())
     }
 
     /// Format and queue one event, assigning its `seq` under the buffer lock so
-    /// that seq order is file order even with several writing threads.
+    /// that seq order is file order even with several writing threads. An event
+    /// dropped on a full disk keeps its seq (the gap is counted by readers) and
+    /// its tokens go into the drop notice.
     #[allow(clippy::too_many_arguments)]
     pub fn write_event(
         &self,
@@ -289,6 +509,9 @@ impl AppendWriter {
         metadata: Option<&[u8]>,
         timestamp: Option<&str>,
     ) -> Result<u64, WriteError> {
+        if let Some(owner) = self.forked_from() {
+            return Err(WriteError::Forked(owner));
+        }
         if let Some(m) = metadata {
             // One JSON object on one line, or the event would be written malformed.
             let valid = m.first() == Some(&b'{')
@@ -311,11 +534,11 @@ impl AppendWriter {
             + message.len()
             + metadata.map_or(2, |m| m.len());
         let mut st = lock(&self.shared.state);
-        if st.closed {
+        if self.shared.closed.load(Relaxed) {
             return Err(WriteError::Closed);
         }
         let seq = st.next_seq;
-        st.next_seq += 1;
+        st.next_seq = seq.checked_add(1).ok_or(WriteError::SeqExhausted)?;
         self.push_locked(
             &mut st,
             |out| {
@@ -338,34 +561,46 @@ impl AppendWriter {
                 out.push(b'}');
             },
             estimate,
+            || tokens,
         );
         Ok(seq)
     }
 
-    fn push_locked(&self, st: &mut State, fill: impl FnOnce(&mut Vec<u8>), estimate: usize) {
-        st.lines_accepted += 1;
-        if st.dropping || st.buf.len() + estimate + 1 > self.shared.cfg.max_buffer_bytes {
-            st.dropping = true;
-            st.dropped_pending += 1;
-            st.dropped_lines += 1;
-            return;
-        }
+    fn push_locked(
+        &self,
+        st: &mut State,
+        fill: impl FnOnce(&mut Vec<u8>),
+        estimate: usize,
+        tokens: impl FnOnce() -> u64,
+    ) {
+        let c = &self.shared.counters;
+        bump(&c.lines_accepted, 1);
+        let max = self.shared.cfg.max_buffer_bytes;
+        let fits = !st.dropping
+            && st.buf.len() + estimate < max
+            // Memory that cannot be had is a drop, not an abort.
+            && st.buf.try_reserve(estimate + 1).is_ok();
         let before = st.buf.len();
-        fill(&mut st.buf);
-        if st.buf.len() - before + 1 > self.shared.cfg.max_buffer_bytes {
+        if fits {
+            fill(&mut st.buf);
+            if st.buf.len() < max {
+                st.buf.push(b'\n');
+                // Wake the flusher once, when the buffer crosses the threshold:
+                // later lines ride along with that flush (no wake-up per line).
+                let threshold = self.shared.cfg.buffer_bytes;
+                if before < threshold && st.buf.len() >= threshold {
+                    self.shared.wake.notify_one();
+                }
+                return;
+            }
             st.buf.truncate(before);
-            st.dropping = true;
-            st.dropped_pending += 1;
-            st.dropped_lines += 1;
-            return;
         }
-        st.buf.push(b'\n');
-        // Wake the flusher once, when the buffer crosses the threshold: later
-        // lines ride along with that flush (no wake-up per line).
-        let threshold = self.shared.cfg.buffer_bytes;
-        if before < threshold && st.buf.len() >= threshold {
-            self.shared.wake.notify_one();
-        }
+        let tokens = tokens();
+        st.dropping = true;
+        st.dropped_pending += 1;
+        st.dropped_tokens_pending = st.dropped_tokens_pending.saturating_add(tokens);
+        bump(&c.dropped_lines, 1);
+        bump(&c.dropped_tokens, tokens);
     }
 
     pub fn next_seq(&self) -> u64 {
@@ -373,53 +608,81 @@ impl AppendWriter {
     }
 
     /// Write everything queued; fsync unless the policy is `never` (or `force_fsync`).
+    /// After a failed fsync this fails until what it covered is written again and synced.
     pub fn flush(&self, force_fsync: bool) -> io::Result<()> {
+        if let Some(owner) = self.forked_from() {
+            return Err(io::Error::other(WriteError::Forked(owner).to_string()));
+        }
         let sync = force_fsync || self.shared.cfg.fsync != FsyncPolicy::Never;
         flush_once(&self.shared, if sync { Sync::Now } else { Sync::No })
     }
 
-    /// Flush, fsync, stop the background thread. Idempotent.
+    /// Flush, fsync, stop the background thread. Idempotent; a no-op in a
+    /// forked child (the parent writes what it queued).
     pub fn close(&self) -> io::Result<()> {
+        if self.forked_from().is_some() {
+            return Ok(());
+        }
         // No early return for an already-closed writer: if an earlier close
-        // failed (disk full), this one tries again to write what is held.
-        lock(&self.shared.state).closed = true;
+        // failed (disk full, failed fsync), this one tries again.
+        {
+            let _st = lock(&self.shared.state);
+            self.shared.closed.store(true, Relaxed);
+        }
         self.shared.wake.notify_all();
         if let Some(handle) = lock(&self.thread).take() {
             let _ = handle.join();
         }
         let result = flush_once(&self.shared, Sync::Now);
-        let mut io = lock(&self.shared.io);
         if result.is_ok() {
-            io.file = None;
+            lock(&self.shared.io).file = None;
         }
         result
     }
 
     pub fn is_closed(&self) -> bool {
-        lock(&self.shared.state).closed
+        self.shared.closed.load(Relaxed)
     }
 
+    /// Events dropped so far (one atomic load: cheap enough to check after every write).
+    pub fn dropped_events(&self) -> u64 {
+        self.shared.counters.dropped_lines.load(Relaxed)
+    }
+
+    /// Never waits for I/O: counters are atomics, the queue lock is held only briefly.
     pub fn stats(&self) -> WriterStats {
-        let io = lock(&self.shared.io);
-        let st = lock(&self.shared.state);
+        let c = &self.shared.counters;
+        let buffered_bytes = lock(&self.shared.state).buf.len() as u64;
         WriterStats {
-            lines_accepted: st.lines_accepted,
-            lines_written: io.lines_written,
-            bytes_written: io.bytes_written,
-            flushes: io.flushes,
-            fsyncs: io.fsyncs,
-            dropped_lines: st.dropped_lines,
-            reopens: io.reopens,
-            torn_tails_repaired: io.torn_tails_repaired,
-            buffered_bytes: st.buf.len() as u64,
-            last_error: io.last_error.clone(),
+            lines_accepted: c.lines_accepted.load(Relaxed),
+            lines_written: c.lines_written.load(Relaxed),
+            bytes_written: c.bytes_written.load(Relaxed),
+            flushes: c.flushes.load(Relaxed),
+            fsyncs: c.fsyncs.load(Relaxed),
+            dropped_lines: c.dropped_lines.load(Relaxed),
+            dropped_tokens: c.dropped_tokens.load(Relaxed),
+            reopens: c.reopens.load(Relaxed),
+            torn_tails_repaired: c.torn_tails_repaired.load(Relaxed),
+            buffered_bytes,
+            fsync_failures: c.fsync_failures.load(Relaxed),
+            sync_recoveries: c.sync_recoveries.load(Relaxed),
+            sync_failed: c.sync_failed.load(Relaxed),
+            last_error: lock(&self.shared.last_error).clone(),
         }
     }
 }
 
 impl Drop for AppendWriter {
     fn drop(&mut self) {
-        let _ = self.close();
+        if self.forked_from().is_some() {
+            // The parent's thread does not exist here: never join or detach it.
+            let handle = self.thread.get_mut().unwrap_or_else(|p| p.into_inner());
+            std::mem::forget(handle.take());
+            return;
+        }
+        if !self.shared.closed.load(Relaxed) {
+            let _ = self.close();
+        }
     }
 }
 
@@ -428,15 +691,27 @@ pub enum WriteError {
     Closed,
     EmbeddedNewline,
     BadMetadata,
+    SeqExhausted,
+    /// Used in a forked child; the owner's pid.
+    Forked(u32),
 }
 
 impl std::fmt::Display for WriteError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            WriteError::Closed => "write to a closed AppendWriter",
-            WriteError::EmbeddedNewline => "a line must not contain a newline except at its end",
-            WriteError::BadMetadata => "metadata must be one JSON object on one line",
-        })
+        match self {
+            WriteError::Closed => f.write_str("write to a closed AppendWriter"),
+            WriteError::EmbeddedNewline => {
+                f.write_str("a line must not contain a newline except at its end")
+            }
+            WriteError::BadMetadata => f.write_str("metadata must be one JSON object on one line"),
+            WriteError::SeqExhausted => f.write_str("seq would overflow 64 bits"),
+            WriteError::Forked(owner) => write!(
+                f,
+                "this AppendWriter belongs to process {owner}; a forked child (process {}) \
+                 cannot use it: open a new writer in the child",
+                std::process::id()
+            ),
+        }
     }
 }
 
@@ -451,12 +726,11 @@ enum Sync {
 fn background(shared: Arc<Shared>) {
     let interval = shared.cfg.flush_interval.max(Duration::from_millis(1));
     loop {
-        let closing;
         {
             let mut st = lock(&shared.state);
             let deadline = Instant::now() + interval;
             loop {
-                if st.closed {
+                if shared.closed.load(Relaxed) {
                     break;
                 }
                 let retry_wait = st.retry_at.filter(|at| *at > Instant::now());
@@ -480,9 +754,8 @@ fn background(shared: Arc<Shared>) {
                     .0;
             }
             st.flush_requested = false;
-            closing = st.closed;
         }
-        if closing {
+        if shared.closed.load(Relaxed) {
             return; // close() does the final flush and fsync on its own thread
         }
         let sync = match shared.cfg.fsync {
@@ -490,60 +763,66 @@ fn background(shared: Arc<Shared>) {
             FsyncPolicy::Interval => Sync::IfDue,
             FsyncPolicy::Never => Sync::No,
         };
+        // A failure is recorded (last_error, the sticky sync state) by flush_once.
         let _ = flush_once(&shared, sync);
     }
 }
 
 fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
     let mut io = lock(&shared.io);
-    let (mut data, dropped, head_partial) = {
+    let (mut data, dropped, dropped_tokens, head_partial) = {
         let mut st = lock(&shared.state);
-        let cap = st.buf.capacity().min(1 << 20);
-        let data = std::mem::replace(&mut st.buf, Vec::with_capacity(cap));
+        let mut fresh = Vec::new();
+        let _ = fresh.try_reserve(st.buf.len().min(shared.cfg.buffer_bytes.saturating_mul(2)));
+        let data = std::mem::replace(&mut st.buf, fresh);
         let partial = std::mem::take(&mut st.head_partial);
-        (data, st.dropped_pending, partial)
+        (data, st.dropped_pending, st.dropped_tokens_pending, partial)
     };
     let interval = shared.cfg.flush_interval;
-    let result = write_batch(shared, &mut io, &mut data, dropped, head_partial);
+    let result = match recover(shared, &mut io) {
+        Err(e) => Err((e, data, head_partial)),
+        Ok(()) => write_batch(
+            shared,
+            &mut io,
+            &mut data,
+            (dropped, dropped_tokens),
+            head_partial,
+        ),
+    };
     match result {
         Ok(()) => {
             lock(&shared.state).retry_at = None;
-            let due = match sync {
-                Sync::Now => io.dirty,
-                Sync::IfDue => io.dirty && io.last_fsync.elapsed() >= interval,
-                Sync::No => false,
-            };
+            let due = io.force_sync
+                || match sync {
+                    Sync::Now => io.dirty || !io.dirs_to_sync.is_empty(),
+                    Sync::IfDue => io.dirty && io.last_fsync.elapsed() >= interval,
+                    Sync::No => false,
+                };
             if due {
-                if let Some(f) = io.file.as_ref() {
-                    if let Err(e) = f.sync_data() {
-                        io.last_error = Some(err_of(&e));
-                        return Err(e);
-                    }
-                }
-                io.fsyncs += 1;
-                io.dirty = false;
-                io.last_fsync = Instant::now();
+                sync_now(shared, &mut io)?;
             }
             Ok(())
         }
         Err((e, rest, rest_partial)) => {
-            io.last_error = Some(err_of(&e));
+            record_error(shared, &e);
             let mut st = lock(&shared.state);
             st.retry_at = Some(Instant::now() + interval);
+            let mut lost_lines = Vec::new();
             if !rest.is_empty() {
                 // Lines queued while the write failed go after what it kept back;
                 // the newest whole lines that no longer fit are dropped and counted.
                 let room = shared.cfg.max_buffer_bytes.saturating_sub(rest.len());
-                let newer = std::mem::take(&mut st.buf);
+                let mut newer = std::mem::take(&mut st.buf);
                 let keep = whole_lines_within(&newer, room);
-                let lost = memchr::memchr_iter(b'\n', &newer[keep..]).count() as u64;
+                lost_lines = newer.split_off(keep);
+                let lost = memchr::memchr_iter(b'\n', &lost_lines).count() as u64;
                 if lost > 0 {
                     st.dropping = true;
                     st.dropped_pending += lost;
-                    st.dropped_lines += lost;
+                    bump(&shared.counters.dropped_lines, lost);
                 }
                 let mut merged = rest;
-                merged.extend_from_slice(&newer[..keep]);
+                merged.extend_from_slice(&newer);
                 st.buf = merged;
                 st.head_partial = rest_partial;
             } else if rest_partial {
@@ -552,13 +831,217 @@ fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
             if st.buf.len() >= shared.cfg.max_buffer_bytes {
                 st.dropping = true;
             }
+            drop(st);
+            if !lost_lines.is_empty() {
+                // Parsed without the queue lock (writers wait on it); the io lock,
+                // still held, keeps the notice from being written meanwhile.
+                let tokens = lines_tokens(&lost_lines);
+                let mut st = lock(&shared.state);
+                st.dropped_tokens_pending = st.dropped_tokens_pending.saturating_add(tokens);
+                bump(&shared.counters.dropped_tokens, tokens);
+            }
             Err(e)
         }
     }
 }
 
+/// Make new directory entries durable, then the file's data. A failed file
+/// sync moves the writer into the sticky failed state.
+fn sync_now(shared: &Shared, io: &mut Io) -> io::Result<()> {
+    sync_dirs(shared, io)?;
+    if !io.dirty {
+        io.force_sync = false;
+        return Ok(());
+    }
+    let Some(file) = io.file.as_ref() else {
+        return Ok(());
+    };
+    match file.sync_data() {
+        Ok(()) => {
+            synced(shared, io);
+            Ok(())
+        }
+        Err(e) => Err(fail_sync(shared, io, e)),
+    }
+}
+
+fn sync_dirs(shared: &Shared, io: &mut Io) -> io::Result<()> {
+    while let Some(dir) = io.dirs_to_sync.first() {
+        if let Err(e) = sync_dir(dir) {
+            record_error(shared, &e);
+            return Err(e);
+        }
+        io.dirs_to_sync.remove(0);
+    }
+    Ok(())
+}
+
+/// Everything written to the current file is durable.
+fn synced(shared: &Shared, io: &mut Io) {
+    bump(&shared.counters.fsyncs, 1);
+    io.dirty = false;
+    io.force_sync = false;
+    io.last_fsync = Instant::now();
+    io.synced_len = io.len;
+    io.untracked = false;
+    if io.unsynced.capacity() > 2 * shared.cfg.buffer_bytes.max(4096) {
+        io.unsynced = Vec::new();
+    } else {
+        io.unsynced.clear();
+    }
+}
+
+/// Record a failed sync of the current file: from now on nothing is reported
+/// durable until `recover` has written the kept bytes again and synced them.
+fn fail_sync(shared: &Shared, io: &mut Io, e: io::Error) -> io::Error {
+    record_error(shared, &e);
+    bump(&shared.counters.fsync_failures, 1);
+    shared.counters.sync_failed.store(true, Relaxed);
+    if let Some(file) = io.file.take() {
+        io.failed = Some(Failed {
+            file,
+            ident: io.ident,
+            synced_len: io.synced_len,
+            len: io.len,
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+            unrecoverable: io.untracked,
+        });
+    }
+    e
+}
+
+/// After a failed sync: open the path again, cut the tail the failed sync
+/// covered (its pages may be gone), write the kept bytes again and sync them.
+fn recover(shared: &Shared, io: &mut Io) -> io::Result<()> {
+    let Some(failed) = io.failed.as_ref() else {
+        return Ok(());
+    };
+    if failed.unrecoverable {
+        // What the failed sync covered was not kept (policy `never`): it cannot
+        // be made durable, so this is never reported as success.
+        return Err(io::Error::from_raw_os_error(failed.errno));
+    }
+    let (failed_ident, failed_len, failed_synced) = (failed.ident, failed.len, failed.synced_len);
+    let opened = open_append(&shared.path, &mut io.dirs_to_sync)?;
+    let (base, replay_exact) = if opened.ident == failed_ident {
+        if opened.len == failed_len && failed_len >= failed_synced {
+            opened.file.set_len(failed_synced)?;
+            (failed_synced, true)
+        } else {
+            (opened.len, false) // someone else changed the file: append after them
+        }
+    } else {
+        // The file was renamed away since: cut its uncertain tail there, so
+        // that the kept bytes exist once, at the head of the new file.
+        if let Some(old) = io.failed.as_ref().map(|f| &f.file) {
+            if old.metadata().map(|m| m.len()).ok() == Some(failed_len) {
+                let _ = old.set_len(failed_synced);
+                let _ = old.sync_data();
+            }
+        }
+        (opened.len, false)
+    };
+    let mut file = opened.file;
+    let torn = if replay_exact {
+        ends_mid_line(&file, base)?
+    } else {
+        opened.torn
+    };
+    let mut replay = Vec::new();
+    if torn && io.unsynced.first() != Some(&b'\n') {
+        replay.push(b'\n');
+    }
+    replay.extend_from_slice(&io.unsynced);
+    let (written, failure) = write_fully(&mut file, &replay);
+    let result = match failure {
+        Some(e) => Err(e),
+        None => sync_dirs(shared, io).and_then(|()| {
+            file.sync_data().inspect_err(|_| {
+                bump(&shared.counters.fsync_failures, 1);
+            })
+        }),
+    };
+    match result {
+        Ok(()) => {
+            if opened.ident != io.ident {
+                bump(&shared.counters.reopens, 1);
+            }
+            io.file = Some(file);
+            io.ident = opened.ident;
+            io.len = base + written as u64;
+            io.needs_newline = match replay.last() {
+                Some(b) => *b != b'\n',
+                None => torn,
+            };
+            io.failed = None;
+            synced(shared, io);
+            bump(&shared.counters.sync_recoveries, 1);
+            shared.counters.sync_failed.store(false, Relaxed);
+            Ok(())
+        }
+        Err(e) => {
+            record_error(shared, &e);
+            // Next time, the tail to cut is what this attempt wrote.
+            io.failed = Some(Failed {
+                file,
+                ident: opened.ident,
+                synced_len: base,
+                len: base + written as u64,
+                errno: e.raw_os_error().unwrap_or(libc::EIO),
+                unrecoverable: false,
+            });
+            Err(e)
+        }
+    }
+}
+
+/// Write all of `buf`, retrying short writes; returns how much got in and the error that stopped it.
+fn write_fully(file: &mut File, buf: &[u8]) -> (usize, Option<io::Error>) {
+    let mut written = 0usize;
+    while written < buf.len() {
+        match file.write(&buf[written..]) {
+            Ok(0) => {
+                return (
+                    written,
+                    Some(io::Error::new(io::ErrorKind::WriteZero, "write returned 0")),
+                )
+            }
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return (written, Some(e)),
+        }
+    }
+    (written, None)
+}
+
 /// A failed write: the error, the bytes not written, whether they start mid-line.
 type Unwritten = (io::Error, Vec<u8>, bool);
+
+/// Keep a copy of what was just written until it is synced; past the bound,
+/// sync early (or, under policy `never`, stop keeping).
+fn keep_unsynced(shared: &Shared, io: &mut Io, out: Vec<u8>, written: usize) {
+    if io.untracked {
+        return;
+    }
+    let bound = shared.cfg.max_buffer_bytes;
+    if io.unsynced.len() + written > bound {
+        if shared.cfg.fsync == FsyncPolicy::Never {
+            io.untracked = true;
+            io.unsynced = Vec::new();
+            return;
+        }
+        io.force_sync = true;
+    }
+    if io.unsynced.is_empty() && written == out.len() {
+        io.unsynced = out; // no copy in the common case
+    } else if io.unsynced.try_reserve(written).is_ok() {
+        io.unsynced.extend_from_slice(&out[..written]);
+    } else {
+        io.untracked = true;
+        io.unsynced = Vec::new();
+        io.force_sync = shared.cfg.fsync != FsyncPolicy::Never;
+    }
+}
 
 /// Write the batch (plus the drop notice) to the file; on failure return what
 /// was not written and whether it starts mid-line.
@@ -566,7 +1049,7 @@ fn write_batch(
     shared: &Shared,
     io: &mut Io,
     data: &mut Vec<u8>,
-    dropped: u64,
+    (dropped, dropped_tokens): (u64, u64),
     mut head_partial: bool,
 ) -> Result<(), Unwritten> {
     if data.is_empty() && dropped == 0 {
@@ -591,41 +1074,30 @@ fn write_batch(
     }
     let data_len = out.len();
     if dropped > 0 {
+        let last_error = lock(&shared.last_error).clone();
         out.extend_from_slice(&drop_notice(
             &shared.cfg.session_id,
             dropped,
-            &io.last_error,
+            dropped_tokens,
+            &last_error,
         ));
     }
-    let file = match io.file.as_mut() {
-        Some(f) => f,
-        None => {
-            out.truncate(data_len);
-            return Err((io::Error::other("writer is closed"), out, head_partial));
-        }
+    let Some(file) = io.file.as_mut() else {
+        out.truncate(data_len);
+        return Err((io::Error::other("writer is closed"), out, head_partial));
     };
-    let mut written = 0usize;
-    let mut failure = None;
-    while written < out.len() {
-        match file.write(&out[written..]) {
-            Ok(0) => {
-                failure = Some(io::Error::new(io::ErrorKind::WriteZero, "write returned 0"));
-                break;
-            }
-            Ok(n) => written += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                failure = Some(e);
-                break;
-            }
-        }
-    }
+    let (written, failure) = write_fully(file, &out);
     if written > 0 {
+        let c = &shared.counters;
         io.needs_newline = false;
         io.dirty = true;
-        io.flushes += 1;
-        io.bytes_written += written as u64;
-        io.lines_written += memchr::memchr_iter(b'\n', &out[..written]).count() as u64;
+        io.len += written as u64;
+        bump(&c.flushes, 1);
+        bump(&c.bytes_written, written as u64);
+        bump(
+            &c.lines_written,
+            memchr::memchr_iter(b'\n', &out[..written]).count() as u64,
+        );
     }
     // The notice counts as delivered once any of it is in the file: its rest is
     // then ordinary pending bytes that complete the line.
@@ -633,12 +1105,16 @@ fn write_batch(
     if failure.is_none() || notice_delivered {
         let mut st = lock(&shared.state);
         st.dropped_pending -= dropped;
+        st.dropped_tokens_pending = st.dropped_tokens_pending.saturating_sub(dropped_tokens);
         if st.dropped_pending == 0 {
             st.dropping = false;
         }
     }
     match failure {
-        None => Ok(()),
+        None => {
+            keep_unsynced(shared, io, out, written);
+            Ok(())
+        }
         Some(e) => {
             let keep_to = if notice_delivered {
                 out.len()
@@ -654,6 +1130,9 @@ fn write_batch(
             };
             if written > 0 && partial {
                 io.partial_ident = Some(io.ident);
+            }
+            if written > 0 {
+                keep_unsynced(shared, io, out, written);
             }
             Err((e, rest, partial))
         }
@@ -678,25 +1157,36 @@ fn ensure_current(shared: &Shared, io: &mut Io) -> io::Result<()> {
     if io.file.is_some() && current == Some(io.ident) {
         return Ok(());
     }
-    let (file, ident, torn) = open_append(&shared.path)?;
     if io.file.is_some() {
-        io.reopens += 1;
-        // Make what went to the old file durable before moving on.
-        if let Some(old) = io.file.as_ref() {
-            let _ = old.sync_data();
-        }
+        // Make what went to the old file durable before moving on; a failure
+        // is sticky like any other (the kept bytes go to the new file).
+        sync_now(shared, io)?;
     }
-    io.file = Some(file);
-    io.ident = ident;
-    if torn {
-        io.torn_tails_repaired += 1;
+    let opened = open_append(&shared.path, &mut io.dirs_to_sync)?;
+    if io.file.is_some() {
+        bump(&shared.counters.reopens, 1);
     }
-    io.needs_newline = torn;
+    io.file = Some(opened.file);
+    io.ident = opened.ident;
+    io.len = opened.len;
+    io.synced_len = opened.len;
+    io.dirty = false;
+    io.unsynced.clear();
+    io.untracked = false;
+    if opened.torn {
+        bump(&shared.counters.torn_tails_repaired, 1);
+    }
+    io.needs_newline = opened.torn;
     Ok(())
 }
 
-fn drop_notice(session_id: &str, dropped: u64, last_error: &Option<(i32, String)>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
+fn drop_notice(
+    session_id: &str,
+    dropped: u64,
+    tokens: u64,
+    last_error: &Option<(i32, String)>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(320);
     let mut ts = [0u8; 32];
     let (errno, text) = last_error
         .clone()
@@ -710,10 +1200,18 @@ fn drop_notice(session_id: &str, dropped: u64, last_error: &Option<(i32, String)
     );
     push_json_str(
         &mut out,
-        &format!("{dropped} events were lost while the log could not be written: {text}"),
+        &format!(
+            "{dropped} events carrying {tokens} tokens were lost while the log could not be written: {text}"
+        ),
     );
-    out.extend_from_slice(b",\"tokens\":0,\"metadata\":{\"dropped\":");
+    // The lost events' tokens go in `tokens` (contract 2: every reader's sum
+    // includes them), and again in metadata for whoever wants the split.
+    out.extend_from_slice(b",\"tokens\":");
+    out.extend_from_slice(itoa_u64(tokens, &mut [0u8; 20]));
+    out.extend_from_slice(b",\"metadata\":{\"dropped\":");
     out.extend_from_slice(itoa_u64(dropped, &mut [0u8; 20]));
+    out.extend_from_slice(b",\"dropped_tokens\":");
+    out.extend_from_slice(itoa_u64(tokens, &mut [0u8; 20]));
     out.extend_from_slice(b",\"errno\":");
     out.extend_from_slice(itoa_u64(errno.max(0) as u64, &mut [0u8; 20]));
     out.extend_from_slice(b"}}\n");
@@ -945,6 +1443,82 @@ mod tests {
         flusher.join().unwrap();
         w.close().unwrap();
         assert_eq!(w.stats().lines_written, 20_000);
+    }
+
+    #[test]
+    fn sizes_out_of_range_are_refused_before_anything_is_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        for (buffer_bytes, max_buffer_bytes) in
+            [(1 << 40, 1 << 40), (0, 10), (10, MAX_BUFFER_BYTES + 1)]
+        {
+            let c = WriterConfig {
+                buffer_bytes,
+                max_buffer_bytes,
+                ..cfg()
+            };
+            let err = AppendWriter::open(dir.path().join("f"), c, 0)
+                .err()
+                .unwrap();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        }
+        assert!(!dir.path().join("f").exists());
+    }
+
+    #[test]
+    fn the_drop_notice_carries_the_dropped_events_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let c = WriterConfig {
+            max_buffer_bytes: 600,
+            buffer_bytes: 600,
+            flush_interval: Duration::from_secs(3600),
+            ..cfg()
+        };
+        let w = AppendWriter::open(&path, c, 0).unwrap();
+        let mut sent = 0;
+        for i in 0..20u64 {
+            w.write_event("s", "step", "c", "m", i, None, None).unwrap();
+            sent += i;
+        }
+        w.write_line(br#"{"tokens":1000}"#).unwrap(); // a raw line's tokens count too
+        sent += 1000;
+        w.close().unwrap();
+        let text = read(&path);
+        let total: u64 = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["tokens"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .sum();
+        assert_eq!(total, sent);
+        let notice: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(notice["event_type"], "events_dropped");
+        assert_eq!(notice["metadata"]["dropped_tokens"], notice["tokens"]);
+        let s = w.stats();
+        assert_eq!(notice["metadata"]["dropped"], s.dropped_lines);
+        assert_eq!(notice["tokens"], s.dropped_tokens);
+    }
+
+    #[test]
+    fn a_created_file_queues_its_directory_for_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new/f");
+        let mut dirs = Vec::new();
+        open_append(&path, &mut dirs).unwrap();
+        assert_eq!(dirs, vec![dir.path().to_path_buf(), dir.path().join("new")]);
+        dirs.clear();
+        open_append(&path, &mut dirs).unwrap();
+        assert!(dirs.is_empty(), "an existing file needs no directory fsync");
+    }
+
+    #[test]
+    fn error_messages_lose_the_os_error_suffix() {
+        let e = io::Error::from_raw_os_error(libc::EIO);
+        assert_eq!(err_of(&e), (libc::EIO, "Input/output error".to_string()));
+        assert_eq!(line_tokens(br#"{"a":{"tokens":5},"tokens":7}"#), 7);
+        assert_eq!(line_tokens(b"not json"), 0);
     }
 
     #[test]

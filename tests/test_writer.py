@@ -26,10 +26,6 @@ from sigil._native import AppendWriter, fold_file, parse_bytes, parse_lines, tai
 NEVER = 3600.0  # a flush interval that never elapses during a test
 
 
-
-
-
-
 def read(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -595,7 +591,9 @@ def test_a_full_disk_drops_and_counts_and_recovers(tmp_path: Path):
     assert len(notices) == 1
     notice = entries[notices[0]]
     assert notice.session_id == "full"
-    assert notice.metadata == {"dropped": dropped, "errno": errno.EFBIG}
+    # Each dropped event carried 1 token: the notice carries them (contract 2).
+    assert notice.metadata == {"dropped": dropped, "dropped_tokens": dropped, "errno": errno.EFBIG}
+    assert notice.tokens == dropped
     assert str(dropped) in notice.message
 
     # What is missing is exactly what was counted, and the notice sits where it went missing.

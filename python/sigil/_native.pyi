@@ -9,6 +9,8 @@ from types import TracebackType
 from typing import Any, Literal
 
 MAX_LINE_BYTES: int
+#: The largest ``buffer_bytes``/``max_buffer_bytes`` an AppendWriter accepts (256 MiB).
+MAX_BUFFER_BYTES: int
 
 _Path = str | PathLike[str]
 _Malformed = tuple[int, str]
@@ -53,6 +55,18 @@ class Fold:
     def summary(self) -> dict[str, Any]: ...
 
 class AppendWriter:
+    """Buffered append-only line writer; a background thread writes and fsyncs.
+
+    Sizes above ``MAX_BUFFER_BYTES`` (or below 1) are a ``ValueError``. A failed
+    fsync is sticky: ``flush()``/``close()`` raise ``OSError`` until what it
+    covered has been written again and synced (``stats()["sync_failed"]``).
+    On a full disk, lines past ``max_buffer_bytes`` are dropped and counted
+    (``dropped_events``, ``stats()["dropped_tokens"]``) and one
+    ``events_dropped`` line carries their count and, in ``tokens``, their tokens.
+    In a forked child every use raises ``RuntimeError`` and ``close()`` does
+    nothing: the parent writes what it queued.
+    """
+
     def __init__(
         self,
         path: _Path,
@@ -83,6 +97,8 @@ class AppendWriter:
     def path(self) -> str: ...
     @property
     def next_seq(self) -> int: ...
+    @property
+    def dropped_events(self) -> int: ...
     def stats(self) -> dict[str, Any]: ...
     def __enter__(self) -> AppendWriter: ...
     def __exit__(

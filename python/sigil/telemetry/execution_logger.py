@@ -19,6 +19,7 @@ logger, or ``sigil orchestrate`` -- is refused with
 from __future__ import annotations
 
 import asyncio
+import errno
 import math
 import os
 import re
@@ -43,6 +44,7 @@ from sigil.core.paths import (
 )
 
 __all__ = [
+    "EventsDroppedError",
     "ExecutionLogger",
     "LogEntry",
     "SessionBusy",
@@ -223,6 +225,30 @@ def _bounded_metadata(metadata: Mapping[str, Any], encoded: bytes, room: int) ->
     return dumps(kept)
 
 
+class EventsDroppedError(OSError):
+    """Events were dropped: the log could not be written (full or failing disk)
+    and the writer's buffer reached ``max_buffer_bytes``.
+
+    Raised by ``log_event_sync``/``log_event`` by every call that finds drops
+    not reported yet (so, while the disk stays full, by the calls whose events
+    are dropped); ``dropped_events``/``dropped_tokens`` are those new drops.
+    The event of that call was accepted all the same, with ``seq``: it is
+    either queued or one of the dropped, whose count and tokens the log's
+    ``events_dropped`` line carries (in its ``tokens`` field, so every reader's
+    sum still includes them). Do not log it again: its tokens would count
+    twice. ``errno`` is the disk's error (``ENOSPC``, ``EIO``...), or
+    ``ENOBUFS`` when the buffer filled before the disk reported one.
+    """
+
+    def __init__(
+        self, code: int, message: str, *, seq: int, dropped_events: int, dropped_tokens: int
+    ) -> None:
+        super().__init__(code, message)
+        self.seq = seq
+        self.dropped_events = dropped_events
+        self.dropped_tokens = dropped_tokens
+
+
 @dataclass(slots=True)
 class LogEntry:
     """A single log entry for the execution log (spec 4.2.2, plus ``seq``)."""
@@ -355,6 +381,10 @@ class ExecutionLogger:
         self._took_lock = False
         self._writer: _native.AppendWriter | None = None
         self._open_lock = threading.Lock()
+        # Drops already reported by EventsDroppedError (per writer).
+        self._drops_writer: _native.AppendWriter | None = None
+        self._drops_reported = 0
+        self._drop_tokens_reported = 0
 
     # -- paths -------------------------------------------------------------
 
@@ -440,6 +470,10 @@ class ExecutionLogger:
     ) -> int:
         """Log one event; returns its ``seq``. Never waits for the disk.
 
+        Raises :class:`EventsDroppedError` (an ``OSError``) when events were
+        dropped on a full or failing disk since the last such report; the event
+        itself was accepted (see there: do not log it again).
+
         This is the hot path (about a microsecond): one serialisation and one
         hand-off to the native writer; the rare slow cases (oversized content,
         a closed or unopened writer) are handled off the common path.
@@ -472,13 +506,36 @@ class ExecutionLogger:
         if writer is None:
             writer = self._open()
         try:
-            return writer.write_event(self.session_id, event_type, component, message, tokens, meta)
+            seq = writer.write_event(self.session_id, event_type, component, message, tokens, meta)
         except ValueError:
             if not writer.closed:
                 raise
-        # Logging after close() reopens the log (spec: log_event initialises).
-        return self._open().write_event(
-            self.session_id, event_type, component, message, tokens, meta
+            # Logging after close() reopens the log (spec: log_event initialises).
+            writer = self._open()
+            seq = writer.write_event(self.session_id, event_type, component, message, tokens, meta)
+        if writer.dropped_events != self._drops_reported:
+            self._report_drops(writer, seq)
+        return seq
+
+    def _report_drops(self, writer: _native.AppendWriter, seq: int) -> None:
+        """Raise :class:`EventsDroppedError` for drops not reported yet."""
+        if writer is not self._drops_writer:
+            self._drops_writer, self._drops_reported, self._drop_tokens_reported = writer, 0, 0
+        stats = writer.stats()
+        dropped, tokens = stats["dropped_events"], stats["dropped_tokens"]
+        new, new_tokens = dropped - self._drops_reported, tokens - self._drop_tokens_reported
+        self._drops_reported, self._drop_tokens_reported = dropped, tokens
+        if new <= 0:
+            return
+        code = stats["last_errno"] or errno.ENOBUFS
+        cause = stats["last_error"] or "the write buffer is full"
+        raise EventsDroppedError(
+            code,
+            f"{new} events carrying {new_tokens} tokens could not be written to "
+            f"{self.log_file} ({cause}); the log's events_dropped line counts them",
+            seq=seq,
+            dropped_events=new,
+            dropped_tokens=new_tokens,
         )
 
     async def log_event(
