@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::fxhash::FxMap as HashMap;
 use crate::parse::{
-    for_each_line, is_json, parse_line, parse_line_lazy, Event, Malformed, RawEvent,
+    for_each_line, is_json, parse_general, parse_line, parse_line_lazy, Event, Malformed, RawEvent,
 };
 
 /// Distinct component / event-type names kept; the rest fold into `OTHER`.
@@ -147,6 +147,26 @@ fn needs_meta(kind: &str) -> bool {
     )
 }
 
+/// The metadata values the fold uses. None when the metadata was not
+/// validated (`checked` false) and is not valid JSON; valid JSON always reads.
+fn fold_meta(event: &RawEvent<'_>, checked: bool) -> Option<FoldMeta> {
+    match event.metadata {
+        Some(text) if needs_meta(&event.event_type) => {
+            match serde_json::from_str::<MetaKeys<'_>>(text) {
+                Ok(keys) => Some(FoldMeta::from_keys(&keys)),
+                // Duplicate keys make the struct parse fail on valid JSON:
+                // read them as a map, the last value winning as in Python.
+                Err(_) => match serde_json::from_str::<serde_json::Map<String, Value>>(text) {
+                    Ok(map) => Some(FoldMeta::from_map(&map)),
+                    Err(_) => checked.then(FoldMeta::default),
+                },
+            }
+        }
+        Some(text) if !checked && !is_json(text) => None,
+        _ => Some(FoldMeta::default()),
+    }
+}
+
 fn num<T: for<'de> Deserialize<'de>>(raw: Option<&RawValue>) -> Option<T> {
     raw.and_then(|r| serde_json::from_str(r.get()).ok())
 }
@@ -232,29 +252,24 @@ impl FoldState {
             Ok(parsed) => parsed,
             Err(reason) => return self.note_malformed(offset, reason),
         };
-        // Parse the metadata keys the fold needs; on the fast path this is also
-        // the metadata's validation (one pass instead of two).
-        let meta = match event.metadata {
-            Some(text) if needs_meta(&event.event_type) => {
-                match serde_json::from_str::<MetaKeys<'_>>(text) {
-                    Ok(keys) => FoldMeta::from_keys(&keys),
-                    // Duplicate keys make the struct parse fail on valid JSON:
-                    // read them as a map, the last value winning as in Python.
-                    Err(_) => match serde_json::from_str::<serde_json::Map<String, Value>>(text) {
-                        Ok(map) => FoldMeta::from_map(&map),
-                        Err(_) => {
-                            return self.note_malformed(offset, "invalid JSON in `metadata`".into())
-                        }
-                    },
-                }
+        if let Some(meta) = fold_meta(&event, checked) {
+            self.feed_event(&event, &meta);
+            return self.remember(line, offset);
+        }
+        // The fast path left the metadata unchecked and it did not read: the
+        // general parser decides (the fast path never rules a line malformed).
+        match parse_general(line) {
+            Ok(event) => {
+                let meta = fold_meta(&event, true).unwrap_or_default();
+                self.feed_event(&event, &meta);
+                self.remember(line, offset);
             }
-            Some(text) if !checked && !is_json(text) => {
-                return self.note_malformed(offset, "invalid JSON in `metadata`".into());
+            // Everything but the metadata matched the writer's layout.
+            Err(reason) => {
+                let why = reason.strip_prefix("invalid JSON: ").unwrap_or(&reason);
+                self.note_malformed(offset, format!("invalid JSON in `metadata`: {why}"))
             }
-            _ => FoldMeta::default(),
-        };
-        self.feed_event(&event, &meta);
-        self.remember(line, offset);
+        }
     }
 
     fn remember(&mut self, line: &[u8], offset: u64) {

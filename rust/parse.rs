@@ -89,6 +89,13 @@ pub fn parse_line_lazy(line: &[u8], validate_meta: bool) -> Result<(RawEvent<'_>
     if let Some(event) = fast_parse(line, validate_meta) {
         return Ok((event, validate_meta));
     }
+    parse_general(line).map(|e| (e, true))
+}
+
+/// The general parser (serde): any key order, escapes, extra keys. Decides
+/// every line the fast path does not take.
+pub fn parse_general(line: &[u8]) -> Result<RawEvent<'_>, String> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.iter().all(|b| b.is_ascii_whitespace()) {
         return Err("empty line".to_string());
     }
@@ -111,7 +118,7 @@ pub fn parse_line_lazy(line: &[u8], validate_meta: bool) -> Result<(RawEvent<'_>
             return Err("`metadata` is not an object".to_string());
         }
     }
-    Ok((event, true))
+    Ok(event)
 }
 
 /// The layout sigil's own writer produces, with no escapes in its strings:
@@ -135,13 +142,13 @@ fn fast_parse(line: &[u8], validate_meta: bool) -> Option<RawEvent<'_>> {
     c.lit(",\"tokens\":")?;
     let tokens = c.uint()?;
     c.lit(",\"metadata\":")?;
-    // The metadata object runs up to the `,"seq":N}` that ends the line.
-    let rest = text[c.i..].strip_suffix('}')?;
-    let digits = rest.len() - rest.trim_end_matches(|ch: char| ch.is_ascii_digit()).len();
-    let (meta, seq_text) = rest.split_at(rest.len() - digits);
-    let meta = meta.strip_suffix(",\"seq\":")?;
-    let seq = Cursor { s: seq_text, i: 0 }.uint_all()?;
-    if !meta.starts_with('{') || !meta.ends_with('}') {
+    // The metadata object ends at its matching brace; any other key after it
+    // is not this layout (the general parser takes the line).
+    let meta = c.object()?;
+    c.lit(",\"seq\":")?;
+    let seq = c.uint()?;
+    c.lit("}")?;
+    if c.i != text.len() {
         return None;
     }
     if validate_meta && !is_json(meta) {
@@ -195,6 +202,48 @@ impl<'a> Cursor<'a> {
         Some(&self.s[start..end])
     }
 
+    /// The text of a `{...}` value up to its matching brace, skipping strings.
+    /// Only delimits: the caller validates the JSON inside.
+    fn object(&mut self) -> Option<&'a str> {
+        let bytes = self.s.as_bytes();
+        if bytes.get(self.i) != Some(&b'{') {
+            return None;
+        }
+        let start = self.i;
+        let mut depth = 0usize;
+        let mut i = start;
+        while i < bytes.len() {
+            match bytes[i] {
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        self.i = i + 1;
+                        return Some(&self.s[start..=i]);
+                    }
+                }
+                b'"' => {
+                    // Skip the string: up to the next quote not escaped.
+                    i += 1;
+                    loop {
+                        let n = memchr::memchr2(b'"', b'\\', &bytes[i..])?;
+                        i += n;
+                        if bytes[i] == b'"' {
+                            break;
+                        }
+                        i += 2;
+                        if i > bytes.len() {
+                            return None;
+                        }
+                    }
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        None
+    }
+
     /// A non-negative JSON integer (no sign, fraction, exponent or leading zero).
     fn uint(&mut self) -> Option<u64> {
         let bytes = self.s.as_bytes();
@@ -212,11 +261,6 @@ impl<'a> Cursor<'a> {
             return None;
         }
         Some(v)
-    }
-
-    fn uint_all(mut self) -> Option<u64> {
-        let v = self.uint()?;
-        (self.i == self.s.len()).then_some(v)
     }
 }
 
@@ -378,6 +422,16 @@ mod tests {
         assert!(parse_line(odd[4].as_bytes()).is_err());
         assert!(parse_line(odd[5].as_bytes()).is_err());
         assert!(parse_line(odd[6].as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_key_after_metadata_goes_to_the_general_parser() {
+        let line = GOOD.replace(r#","seq":3}"#, r#","extra":{"x":"}"},"seq":3}"#);
+        assert!(fast_parse(line.as_bytes(), false).is_none());
+        let (e, checked) = parse_line_lazy(line.as_bytes(), false).unwrap();
+        assert!(checked);
+        assert_eq!(e.metadata, Some(r#"{"latency_ms":1100}"#));
+        assert_eq!((e.tokens, e.seq), (50, Some(3)));
     }
 
     #[test]

@@ -666,3 +666,89 @@ def test_offsets_near_the_64_bit_limit_are_refused_not_wrapped() -> None:
         with pytest.raises(ValueError, match="base_offset"):
             call()
     assert [m[0] for m in parse_lines([b"bad"] * 2, 2**62)[1]] == [2**62, 2**62 + 4]
+
+
+# ---------------------------------------------------------------------------
+# Defect 2 (issue 9): the fast path may only fall back to the general parser
+
+
+def varied_lines(n: int, seed: int = 9) -> list[bytes]:
+    """Compact valid event lines in the shapes other writers produce: keys after
+    ``metadata`` (before ``seq``), keys in any order, escapes (``\\"``, ``\\n``,
+    ``\\uXXXX``), non-ASCII names, and metadata that looks like the line's tail."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    names = ["routing", "mémoire", "計画", 'quo"te', "back\\slash", "tab\tc", "🚀"]
+    kinds = ["step_complete", "step_error", "token_consumption", "session_start", "x"]
+    tails = [{}, {"a": '},"seq":1}'}, {"n": [1, {"b": "]"}]}, {"s": '\\"{'}]
+    out = []
+    for i in range(n):
+        meta: dict[str, Any] = dict(rng.choice(tails))
+        if rng.random() < 0.5:
+            meta["latency_ms"] = rng.randrange(0, 5000) / 4
+        d: dict[str, Any] = {
+            "timestamp": f"2026-01-11T10:{i // 60 % 60:02d}:{i % 60:02d}+00:00",
+            "session_id": rng.choice(["s1", "sé", "s\u2028"]),
+            "event_type": rng.choice(kinds),
+            "component": rng.choice(names),
+            "message": rng.choice(["ok", 'with "quotes" and \n', "ünï ✓", "\x01ctl"]),
+            "tokens": rng.randrange(0, 1000),
+            "metadata": meta,
+        }
+        shape = i % 4
+        if shape == 0:  # the writer's layout with a key between metadata and seq
+            d["extra"] = rng.choice([{}, {"k": [1, 2]}, "v", None, 3])
+            d["seq"] = i
+        elif shape == 1:  # any key order, extra keys anywhere
+            d["seq"] = i
+            d["level"] = "info"
+            items = list(d.items())
+            rng.shuffle(items)
+            d = dict(items)
+        elif shape == 2:  # the writer's layout, seq absent, a key at the end
+            d["trailer"] = {"seq": 5}
+        else:  # the writer's layout exactly
+            d["seq"] = i
+        if rng.random() < 0.3:  # \uXXXX escapes for every non-ASCII character
+            out.append(json.dumps(d, separators=(",", ":")).encode())
+        else:
+            out.append(orjson.dumps(d))
+    return out
+
+
+def plain_json_totals(lines: list[bytes]) -> dict[str, Any]:
+    """Totals computed the plain way: json.loads per line."""
+    import json
+
+    counts: dict[str, int] = {}
+    comps: dict[str, int] = {}
+    tokens = 0
+    for raw in lines:
+        d = json.loads(raw)
+        tokens += d["tokens"]
+        counts[d["event_type"]] = counts.get(d["event_type"], 0) + 1
+        comps[d["component"]] = comps.get(d["component"], 0) + d["tokens"]
+    return {"entries": len(lines), "tokens": tokens, "event_counts": counts, "components": comps}
+
+
+def test_the_fold_counts_every_valid_line_whatever_its_key_order(tmp_path: Path):
+    lines = varied_lines(20_000)
+    data = b"\n".join(lines) + b"\n"
+    path = tmp_path / "execution.jsonl"
+    path.write_bytes(data)
+    want = plain_json_totals(lines)
+    fold = Fold(last_n=0)
+    fold.feed_bytes(data)
+    for s in (fold_file(path, last_n=0), fold.summary()):
+        assert s["malformed_samples"][:3] == [] and s["malformed"] == 0
+        got = {
+            "entries": s["entries"],
+            "tokens": s["tokens"],
+            "event_counts": s["event_counts"],
+            "components": {k: v["tokens"] for k, v in s["components"].items()},
+        }
+        assert got == want
+    entries, bad = parse_bytes(data)
+    assert bad == [] and len(entries) == len(lines)
