@@ -868,5 +868,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fold_file, m)?)?;
     m.add_function(wrap_pyfunction!(tail_max_seq, m)?)?;
     m.add("MAX_LINE_BYTES", DEFAULT_MAX_LINE)?;
+    m.add("MAX_DEPTH", parse::MAX_DEPTH)?;
+    m.add("MAX_TOKENS", parse::MAX_TOKENS)?;
     Ok(())
 }

@@ -1,40 +1,147 @@
 //! Parsing one JSON line into an event (ARCHITECTURE.md contracts 1 and 6).
 //!
 //! Pure Rust: no Python here. A line is valid when it is a JSON object with the
-//! spec's required string fields, a non-negative integer `tokens` (default 0),
-//! an optional non-negative integer `seq` and an optional object `metadata`.
-//! Anything else is reported as malformed with a reason; nothing panics.
+//! spec's required string fields, an integer `tokens` from 0 to 2^53 (default
+//! 0), an optional non-negative integer `seq` and an optional object
+//! `metadata`, with no value nested deeper than [`MAX_DEPTH`] levels. Anything
+//! else is reported as malformed with a reason; nothing panics.
 
 use std::borrow::Cow;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+/// The largest `tokens` a line may hold (issue 11): 2^53, the largest integer
+/// every JSON reader (a double in JavaScript, jq) holds exactly, so every
+/// reader gives the same total. A line above it is malformed.
+pub const MAX_TOKENS: u64 = 1 << 53;
+
+/// How deep a value of an event (its `metadata`, or any other key) may nest,
+/// the value itself counting as one level: `{}` is 1, `{"a":[1]}` is 2. The
+/// writer applies the same bound, so a session can never hold a line its
+/// readers refuse; deeper is malformed, never a recursion error.
+pub const MAX_DEPTH: usize = 64;
+
 /// An event borrowed from the line it was parsed from.
-#[derive(Debug, Deserialize)]
+#[derive(Debug)]
 pub struct RawEvent<'a> {
-    #[serde(borrow)]
     pub timestamp: Cow<'a, str>,
-    #[serde(borrow)]
     pub session_id: Cow<'a, str>,
-    #[serde(borrow)]
     pub event_type: Cow<'a, str>,
-    #[serde(borrow)]
     pub component: Cow<'a, str>,
-    #[serde(borrow)]
     pub message: Cow<'a, str>,
-    #[serde(default)]
     pub tokens: u64,
-    #[serde(default)]
     pub seq: Option<u64>,
     /// The metadata object's JSON text.
-    #[serde(default, borrow, deserialize_with = "raw_text")]
     pub metadata: Option<&'a str>,
 }
 
-fn raw_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de str>, D::Error> {
-    let raw: Option<&'de RawValue> = Option::deserialize(d)?;
-    Ok(raw.map(RawValue::get))
+/// The event's keys, in the order of [`Fields`].
+const KEYS: [&str; 8] = [
+    "timestamp",
+    "session_id",
+    "event_type",
+    "component",
+    "message",
+    "tokens",
+    "seq",
+    "metadata",
+];
+
+/// The raw JSON of each event key. A key given twice keeps its last value, as
+/// Python's `json` and orjson do (RFC 8259 leaves duplicates to the reader), so
+/// the fold's totals equal a plain JSON sum whatever the line.
+struct Fields<'a>([Option<&'a RawValue>; 8]);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Key(Option<usize>);
+        impl<'de> Deserialize<'de> for Key {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl serde::de::Visitor<'_> for V {
+                    type Value = Key;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a key")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, k: &str) -> Result<Key, E> {
+                        Ok(Key(KEYS.iter().position(|x| *x == k)))
+                    }
+                }
+                d.deserialize_identifier(V)
+            }
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("struct RawEvent")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = [None; 8];
+                while let Some(Key(k)) = m.next_key()? {
+                    match k {
+                        Some(i) => out[i] = Some(m.next_value::<&'de RawValue>()?),
+                        None => {
+                            m.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(Fields(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'a> Fields<'a> {
+    fn into_event(self) -> Result<RawEvent<'a>, String> {
+        let [ts, sid, kind, comp, msg, tokens, seq, meta] = self.0;
+        let text = |i: usize, raw: Option<&'a RawValue>| -> Result<Cow<'a, str>, String> {
+            let raw = raw.ok_or_else(|| format!("missing field `{}`", KEYS[i]))?;
+            let json = raw.get();
+            // A string without escapes is its own text; RawValue checked it.
+            if json.len() >= 2 && json.starts_with('"') && !json.contains('\\') {
+                return Ok(Cow::Borrowed(&json[1..json.len() - 1]));
+            }
+            serde_json::from_str::<String>(json)
+                .map(Cow::Owned)
+                .map_err(|e| field_error(KEYS[i], e))
+        };
+        let event = RawEvent {
+            timestamp: text(0, ts)?,
+            session_id: text(1, sid)?,
+            event_type: text(2, kind)?,
+            component: text(3, comp)?,
+            message: text(4, msg)?,
+            tokens: match tokens {
+                None => 0,
+                Some(raw) => match serde_json::from_str::<u64>(raw.get()) {
+                    Ok(t) if t <= MAX_TOKENS => t,
+                    Ok(t) => return Err(format!("`tokens` out of range: {t} is above 2**53")),
+                    Err(e) => return Err(field_error("tokens", e)),
+                },
+            },
+            seq: match seq {
+                None => None,
+                Some(raw) => serde_json::from_str(raw.get()).map_err(|e| field_error("seq", e))?,
+            },
+            metadata: meta.map(RawValue::get).filter(|m| *m != "null"),
+        };
+        if let Some(m) = event.metadata {
+            if !m.starts_with('{') {
+                return Err("`metadata` is not an object".to_string());
+            }
+        }
+        Ok(event)
+    }
+}
+
+fn field_error(key: &str, e: serde_json::Error) -> String {
+    format!("`{key}`: {}", describe(e))
 }
 
 /// An event that owns its data, for records handed to Python.
@@ -99,8 +206,12 @@ pub fn parse_general(line: &[u8]) -> Result<RawEvent<'_>, String> {
     if line.iter().all(|b| b.is_ascii_whitespace()) {
         return Err("empty line".to_string());
     }
-    if std::str::from_utf8(line).is_err() {
+    let Ok(text) = std::str::from_utf8(line) else {
         return Err("invalid UTF-8".to_string());
+    };
+    // Bounded here, before serde (whose own limit is 128 and an error).
+    if nesting_exceeds(line, MAX_DEPTH + 1) {
+        return Err(format!("nested deeper than {MAX_DEPTH} levels"));
     }
     // serde would also accept an array in place of a struct; events are objects.
     let first = line.iter().find(|b| !b.is_ascii_whitespace());
@@ -112,13 +223,47 @@ pub fn parse_general(line: &[u8]) -> Result<RawEvent<'_>, String> {
             },
         );
     }
-    let event: RawEvent<'_> = serde_json::from_slice(line).map_err(describe)?;
-    if let Some(meta) = event.metadata {
-        if !meta.starts_with('{') {
-            return Err("`metadata` is not an object".to_string());
+    let fields: Fields<'_> = serde_json::from_str(text).map_err(describe)?;
+    fields.into_event()
+}
+
+/// Whether brackets outside strings nest deeper than `max` anywhere in `line`.
+fn nesting_exceeds(line: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(n) = memchr::memchr3(b'"', b'{', b'[', &line[i..]).map(|n| i + n) {
+        // Closing brackets between here and the last stop lower the depth.
+        depth = depth.saturating_sub(count_closers(&line[i..n]));
+        i = n + 1;
+        match line[n] {
+            b'"' => match skip_string(line, i) {
+                Some(end) => i = end,
+                None => return false, // an unterminated string: invalid JSON anyway
+            },
+            _ => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
         }
     }
-    Ok(event)
+    false
+}
+
+fn count_closers(bytes: &[u8]) -> usize {
+    bytes.iter().filter(|&&b| b == b'}' || b == b']').count()
+}
+
+/// The index just past the closing quote of a string whose body starts at `i`.
+fn skip_string(bytes: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        i += memchr::memchr2(b'"', b'\\', bytes.get(i..)?)?;
+        if bytes[i] == b'"' {
+            return Some(i + 1);
+        }
+        i += 2;
+    }
 }
 
 /// The layout sigil's own writer produces, with no escapes in its strings:
@@ -140,7 +285,7 @@ fn fast_parse(line: &[u8], validate_meta: bool) -> Option<RawEvent<'_>> {
     c.lit(",\"message\":")?;
     let message = c.plain_str()?;
     c.lit(",\"tokens\":")?;
-    let tokens = c.uint()?;
+    let tokens = c.uint().filter(|t| *t <= MAX_TOKENS)?;
     c.lit(",\"metadata\":")?;
     // The metadata object ends at its matching brace; any other key after it
     // is not this layout (the general parser takes the line).
@@ -214,7 +359,12 @@ impl<'a> Cursor<'a> {
         let mut i = start;
         while i < bytes.len() {
             match bytes[i] {
-                b'{' | b'[' => depth += 1,
+                b'{' | b'[' => {
+                    depth += 1;
+                    if depth > MAX_DEPTH {
+                        return None; // the general parser says why
+                    }
+                }
                 b'}' | b']' => {
                     depth -= 1;
                     if depth == 0 {
@@ -223,19 +373,8 @@ impl<'a> Cursor<'a> {
                     }
                 }
                 b'"' => {
-                    // Skip the string: up to the next quote not escaped.
-                    i += 1;
-                    loop {
-                        let n = memchr::memchr2(b'"', b'\\', &bytes[i..])?;
-                        i += n;
-                        if bytes[i] == b'"' {
-                            break;
-                        }
-                        i += 2;
-                        if i > bytes.len() {
-                            return None;
-                        }
-                    }
+                    i = skip_string(bytes, i + 1)?;
+                    continue;
                 }
                 _ => {}
             }
@@ -334,6 +473,168 @@ pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// A second, plain implementation of what a line holds, built on
+/// `serde_json::Value` the way a user would (the last of duplicate keys wins),
+/// for the comparison tests and the fuzz target (`fuzz/`). Never used by the
+/// library itself.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod reference {
+    use serde_json::{Map, Value};
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct RefEvent {
+        pub timestamp: String,
+        pub session_id: String,
+        pub event_type: String,
+        pub component: String,
+        pub message: String,
+        pub tokens: u64,
+        pub seq: Option<u64>,
+        pub metadata: Map<String, Value>,
+    }
+
+    #[derive(Debug)]
+    pub enum Verdict {
+        Valid(Box<RefEvent>),
+        Invalid,
+        /// Beyond what `Value` can hold (a float out of range): not compared.
+        Unknown,
+    }
+
+    pub fn verdict(line: &[u8]) -> Verdict {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let v: Value = match serde_json::from_slice(line) {
+            Ok(v) => v,
+            Err(e) if e.to_string().contains("number out of range") => return Verdict::Unknown,
+            Err(_) => return Verdict::Invalid,
+        };
+        event(v).map_or(Verdict::Invalid, |e| Verdict::Valid(Box::new(e)))
+    }
+
+    fn event(v: Value) -> Option<RefEvent> {
+        let Value::Object(mut o) = v else { return None };
+        let mut text = |k: &str| match o.remove(k) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        };
+        let (timestamp, session_id, event_type, component, message) = (
+            text("timestamp")?,
+            text("session_id")?,
+            text("event_type")?,
+            text("component")?,
+            text("message")?,
+        );
+        let int = |v: &Value| match v {
+            Value::Number(n) if n.is_u64() => n.as_u64(),
+            _ => None,
+        };
+        if o.values().any(|v| depth(v) > super::MAX_DEPTH) {
+            return None;
+        }
+        let tokens = match o.get("tokens") {
+            None => 0,
+            Some(v) => int(v).filter(|t| *t <= super::MAX_TOKENS)?,
+        };
+        let seq = match o.get("seq") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(int(v)?),
+        };
+        let metadata = match o.remove("metadata") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(m)) => m,
+            Some(_) => return None,
+        };
+        Some(RefEvent {
+            timestamp,
+            session_id,
+            event_type,
+            component,
+            message,
+            tokens,
+            seq,
+            metadata,
+        })
+    }
+
+    fn depth(v: &Value) -> usize {
+        match v {
+            Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+            Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Compare the parser with the reference on one line; panics with the line
+    /// on any disagreement.
+    pub fn check_line(line: &[u8]) {
+        let ours = super::parse_line(line);
+        let lazy = super::parse_line_lazy(line, false);
+        let show = String::from_utf8_lossy(line);
+        match verdict(line) {
+            Verdict::Unknown => {}
+            Verdict::Invalid => {
+                assert!(ours.is_err(), "accepted an invalid line: {show}");
+                if let Ok((_, checked)) = lazy {
+                    assert!(!checked, "lazy parse accepted an invalid line: {show}");
+                }
+            }
+            Verdict::Valid(want) => {
+                let got = ours.unwrap_or_else(|e| panic!("rejected a valid line ({e}): {show}"));
+                assert_eq!(got.timestamp, want.timestamp, "{show}");
+                assert_eq!(got.session_id, want.session_id, "{show}");
+                assert_eq!(got.event_type, want.event_type, "{show}");
+                assert_eq!(got.component, want.component, "{show}");
+                assert_eq!(got.message, want.message, "{show}");
+                assert_eq!((got.tokens, got.seq), (want.tokens, want.seq), "{show}");
+                let meta: Value = serde_json::from_str(got.metadata.unwrap_or("{}")).unwrap();
+                assert_eq!(meta, Value::Object(want.metadata), "{show}");
+                assert!(lazy.is_ok(), "lazy parse rejected a valid line: {show}");
+            }
+        }
+    }
+
+    /// Fold `data` (lines split at `\n`, a partial last line left out) and
+    /// compare the totals with a sum over the reference's valid lines.
+    pub fn check_fold(data: &[u8]) {
+        use crate::fold::{fold_reader, FoldState, MAX_NAMES};
+        use std::collections::HashMap;
+        let mut fold = FoldState::new(0);
+        fold_reader(&mut fold, &mut &data[..], 0, 1 << 20).unwrap();
+        let mut lines: Vec<&[u8]> = data.split(|b| *b == b'\n').collect();
+        lines.pop(); // the piece after the last newline is not a line yet
+        let (mut entries, mut tokens, mut bad) = (0u64, 0u64, 0u64);
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        let mut comps: HashMap<String, u64> = HashMap::new();
+        for line in &lines {
+            match verdict(line) {
+                Verdict::Unknown => return,
+                Verdict::Invalid => bad += 1,
+                Verdict::Valid(e) => {
+                    entries += 1;
+                    tokens = tokens.saturating_add(e.tokens);
+                    *counts.entry(e.event_type).or_default() += 1;
+                    let c = comps.entry(e.component).or_default();
+                    *c = c.saturating_add(e.tokens);
+                }
+            }
+        }
+        let show = String::from_utf8_lossy(data);
+        assert_eq!(fold.entries, entries, "{show}");
+        assert_eq!(fold.malformed + fold.oversize_lines, bad, "{show}");
+        assert_eq!(fold.tokens, tokens, "{show}");
+        if counts.len() < MAX_NAMES && comps.len() < MAX_NAMES {
+            let got: HashMap<String, u64> = fold.event_counts.into_iter().collect();
+            assert_eq!(got, counts, "{show}");
+            let got: HashMap<String, u64> = fold
+                .components
+                .into_iter()
+                .map(|(k, c)| (k, c.tokens))
+                .collect();
+            assert_eq!(got, comps, "{show}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,7 +700,7 @@ mod tests {
         ];
         for line in &lines {
             let fast = fast_parse(line.as_bytes(), true).expect("fast path applies");
-            let slow: RawEvent<'_> = serde_json::from_str(line).unwrap();
+            let slow = parse_general(line.as_bytes()).unwrap();
             assert_eq!(fast.to_owned_event(0), slow.to_owned_event(0), "{line}");
         }
         // Shapes the fast path must leave to the general parser (or reject).
@@ -466,5 +767,159 @@ mod tests {
         let mut out = vec![];
         push_json_str(&mut out, "\u{1}");
         assert_eq!(out, br#""\u0001""#);
+    }
+
+    /// A deterministic pseudo-random corpus (so `cargo test` runs what the
+    /// fuzz target does): event lines with keys in any order, extra and
+    /// duplicate keys, wrong types, escapes, non-ASCII, and byte mutations.
+    #[test]
+    fn the_parser_and_the_fold_agree_with_plain_json_on_a_random_corpus() {
+        let mut rng = Rng(0x5eed_1234_abcd_9876);
+        let mut block = Vec::new();
+        for n in 0..20_000 {
+            let line = random_line(&mut rng);
+            reference::check_line(&line);
+            block.extend_from_slice(&line);
+            block.push(b'\n');
+            if n % 50 == 49 {
+                reference::check_fold(&block);
+                block.clear();
+            }
+        }
+    }
+
+    pub(crate) struct Rng(pub u64);
+    impl Rng {
+        pub fn next(&mut self) -> u64 {
+            // xorshift64*
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        pub fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+            &items[self.below(items.len())]
+        }
+    }
+
+    const STRINGS: &[&str] = &[
+        r#""routing""#,
+        r#""step_complete""#,
+        r#""session_start""#,
+        r#""2026-01-11T10:15:33.234567+00:00""#,
+        r#""caf\u00e9 \"q\" \n""#,
+        r#""m\u00e9moire""#,
+        "\"mémoire ✓ 🚀\"",
+        r#""""#,
+        r#""a\\b""#,
+        r#""\ud83d\ude80""#,
+    ];
+    const WRONG: &[&str] = &[
+        "1",
+        "-1",
+        "1.5",
+        "2.0",
+        "1e3",
+        "true",
+        "null",
+        "[]",
+        "{}",
+        r#""7""#,
+        "-0",
+        "18446744073709551616",
+        "9007199254740993",
+    ];
+    const INTS: &[&str] = &[
+        "0",
+        "7",
+        "50",
+        "1100",
+        "9007199254740992",
+        "18446744073709551615",
+    ];
+    // seq = 2^64-1 overflows the fold's seq arithmetic (issue 9 defect 5, fold.rs).
+    const SEQS: &[&str] = &["0", "3", "4", "1100", "9007199254740992"];
+    const METAS: &[&str] = &[
+        "{}",
+        r#"{"latency_ms":1100.5,"model":"gpt-4o-mini"}"#,
+        r#"{"budget":1000,"run":2,"allocations":{"routing":10}}"#,
+        r#"{"a":"},\"seq\":1}","n":[1,{"b":"]"}]}"#,
+        r#"{"status":"error","status":"complete"}"#,
+        r#"{"latency_ms":1,"latency_ms":"x"}"#,
+        r#"{"dropped":4}"#,
+        r#"{"k\u00e9y":"v\\"}"#,
+        "null",
+        "[1]",
+        r#"{"a":}"#,
+        r#"{"a":[}"#,
+        r#"{"deep":[[[[[[[[{"x":[1]}]]]]]]]]}"#,
+    ];
+
+    fn random_line(rng: &mut Rng) -> Vec<u8> {
+        let keys = [
+            "timestamp",
+            "session_id",
+            "event_type",
+            "component",
+            "message",
+            "tokens",
+            "metadata",
+            "seq",
+        ];
+        let mut parts: Vec<String> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let roll = rng.below(100);
+            if roll < 3 {
+                continue; // a missing key
+            }
+            let value = if roll < 8 {
+                rng.pick(WRONG).to_string()
+            } else {
+                match i {
+                    0..=4 => rng.pick(STRINGS).to_string(),
+                    5 => rng.pick(INTS).to_string(),
+                    7 => rng.pick(SEQS).to_string(),
+                    _ => rng.pick(METAS).to_string(),
+                }
+            };
+            parts.push(format!("\"{key}\":{value}"));
+            if rng.below(100) < 4 {
+                parts.push(format!("\"{key}\":{}", rng.pick(WRONG))); // a duplicate
+            }
+        }
+        if rng.below(100) < 30 {
+            let at = rng.below(parts.len() + 1);
+            let extra = format!("\"extra\":{}", rng.pick(METAS));
+            parts.insert(at, extra);
+        }
+        if rng.below(100) < 30 {
+            // any key order
+            for i in (1..parts.len()).rev() {
+                parts.swap(i, rng.below(i + 1));
+            }
+        }
+        let sep = if rng.below(100) < 5 { ", " } else { "," };
+        let mut line = format!("{{{}}}", parts.join(sep)).into_bytes();
+        let mutations = if rng.below(100) < 15 {
+            1 + rng.below(3)
+        } else {
+            0
+        };
+        for _ in 0..mutations {
+            let at = rng.below(line.len());
+            match rng.below(3) {
+                0 => line[at] = *rng.pick(b"{}[]\",:\\0a \x7f\xc3\xa9\xff\r\n"),
+                1 => {
+                    line.remove(at);
+                }
+                _ => line.insert(at, *rng.pick(b"{}\"\\,:9")),
+            }
+        }
+        // A line never holds its newline.
+        line.retain(|b| *b != b'\n');
+        line
     }
 }
