@@ -15,9 +15,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::fxhash::FxMap as HashMap;
-use crate::parse::{
-    for_each_line, is_json, parse_general, parse_line, parse_line_lazy, Event, Malformed, RawEvent,
-};
+use crate::parse::{for_each_line, json_f64, json_u64, parse_line, Event, Malformed, RawEvent};
 
 /// Distinct component / event-type names kept; the rest fold into `OTHER`.
 pub const MAX_NAMES: usize = 256;
@@ -147,24 +145,45 @@ fn needs_meta(kind: &str) -> bool {
     )
 }
 
-/// The metadata values the fold uses. None when the metadata was not
-/// validated (`checked` false) and is not valid JSON; valid JSON always reads.
-fn fold_meta(event: &RawEvent<'_>, checked: bool) -> Option<FoldMeta> {
+/// The metadata values the fold uses (the parser has validated the metadata).
+fn fold_meta(event: &RawEvent<'_>) -> FoldMeta {
     match event.metadata {
-        Some(text) if needs_meta(&event.event_type) => {
-            match serde_json::from_str::<MetaKeys<'_>>(text) {
-                Ok(keys) => Some(FoldMeta::from_keys(&keys)),
-                // Duplicate keys make the struct parse fail on valid JSON:
-                // read them as a map, the last value winning as in Python.
-                Err(_) => match serde_json::from_str::<serde_json::Map<String, Value>>(text) {
-                    Ok(map) => Some(FoldMeta::from_map(&map)),
-                    Err(_) => checked.then(FoldMeta::default),
-                },
+        Some(_) if !needs_meta(&event.event_type) => FoldMeta::default(),
+        // The fast path's index of the top-level values: no second parse.
+        Some(_) if event.meta_index.is_some() => {
+            let keys = [
+                "latency_ms",
+                "budget",
+                "status",
+                "run",
+                "allocations",
+                "dropped",
+            ];
+            let [latency_ms, budget, status, run, allocations, dropped] =
+                event.meta_index.map_or([None; 6], |ix| ix.get_all(keys));
+            FoldMeta {
+                latency_ms: latency_ms.and_then(json_f64),
+                budget: budget.and_then(json_u64),
+                status: text_num(status),
+                run: run.and_then(json_u64),
+                allocations: text_num(allocations),
+                dropped: dropped.and_then(json_u64),
             }
         }
-        Some(text) if !checked && !is_json(text) => None,
-        _ => Some(FoldMeta::default()),
+        Some(text) => match serde_json::from_str::<MetaKeys<'_>>(text) {
+            Ok(keys) => FoldMeta::from_keys(&keys),
+            // Duplicate keys make the struct parse fail on valid JSON:
+            // read them as a map, the last value winning as in Python.
+            Err(_) => serde_json::from_str::<serde_json::Map<String, Value>>(text)
+                .map(|map| FoldMeta::from_map(&map))
+                .unwrap_or_default(),
+        },
+        None => FoldMeta::default(),
     }
+}
+
+fn text_num<T: for<'de> Deserialize<'de>>(text: Option<&str>) -> Option<T> {
+    text.and_then(|t| serde_json::from_str(t).ok())
 }
 
 fn num<T: for<'de> Deserialize<'de>>(raw: Option<&RawValue>) -> Option<T> {
@@ -248,27 +267,12 @@ impl FoldState {
     /// Fold one line (without `\n`) found at `offset`.
     pub fn feed_line(&mut self, line: &[u8], offset: u64) {
         self.lines += 1;
-        let (event, checked) = match parse_line_lazy(line, false) {
-            Ok(parsed) => parsed,
-            Err(reason) => return self.note_malformed(offset, reason),
-        };
-        if let Some(meta) = fold_meta(&event, checked) {
-            self.feed_event(&event, &meta);
-            return self.remember(line, offset);
-        }
-        // The fast path left the metadata unchecked and it did not read: the
-        // general parser decides (the fast path never rules a line malformed).
-        match parse_general(line) {
+        match parse_line(line) {
             Ok(event) => {
-                let meta = fold_meta(&event, true).unwrap_or_default();
-                self.feed_event(&event, &meta);
+                self.feed_event(&event, &fold_meta(&event));
                 self.remember(line, offset);
             }
-            // Everything but the metadata matched the writer's layout.
-            Err(reason) => {
-                let why = reason.strip_prefix("invalid JSON: ").unwrap_or(&reason);
-                self.note_malformed(offset, format!("invalid JSON in `metadata`: {why}"))
-            }
+            Err(reason) => self.note_malformed(offset, reason),
         }
     }
 

@@ -8,6 +8,7 @@ pub mod errors;
 pub mod fold;
 pub mod fxhash;
 pub mod parse;
+pub mod scan;
 pub mod tailer;
 pub mod writer;
 
