@@ -15,7 +15,9 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::fxhash::FxMap as HashMap;
-use crate::parse::{for_each_line, json_f64, json_u64, parse_line, Event, Malformed, RawEvent};
+use crate::parse::{
+    for_each_line, json_f64, json_u64, parse_line, parse_line_picking, Event, Malformed, RawEvent,
+};
 
 /// Distinct component / event-type names kept; the rest fold into `OTHER`.
 pub const MAX_NAMES: usize = 256;
@@ -145,32 +147,30 @@ fn needs_meta(kind: &str) -> bool {
     )
 }
 
+/// The metadata keys the fold reads, picked by the parser's fast path.
+const META_KEYS: [&str; 6] = [
+    "latency_ms",
+    "budget",
+    "status",
+    "run",
+    "allocations",
+    "dropped",
+];
+
 /// The metadata values the fold uses (the parser has validated the metadata).
-fn fold_meta(event: &RawEvent<'_>) -> FoldMeta {
-    match event.metadata {
-        Some(_) if !needs_meta(&event.event_type) => FoldMeta::default(),
-        // The fast path's index of the top-level values: no second parse.
-        Some(_) if event.meta_index.is_some() => {
-            let keys = [
-                "latency_ms",
-                "budget",
-                "status",
-                "run",
-                "allocations",
-                "dropped",
-            ];
-            let [latency_ms, budget, status, run, allocations, dropped] =
-                event.meta_index.map_or([None; 6], |ix| ix.get_all(keys));
-            FoldMeta {
-                latency_ms: latency_ms.and_then(json_f64),
-                budget: budget.and_then(json_u64),
-                status: text_num(status),
-                run: run.and_then(json_u64),
-                allocations: text_num(allocations),
-                dropped: dropped.and_then(json_u64),
-            }
-        }
-        Some(text) => match serde_json::from_str::<MetaKeys<'_>>(text) {
+fn fold_meta(event: &RawEvent<'_>, picks: Option<[Option<&str>; 6]>) -> FoldMeta {
+    match (event.metadata, picks) {
+        (Some(_), _) if !needs_meta(&event.event_type) => FoldMeta::default(),
+        // The fast path picked the values: no second parse.
+        (Some(_), Some([latency_ms, budget, status, run, allocations, dropped])) => FoldMeta {
+            latency_ms: latency_ms.and_then(json_f64),
+            budget: budget.and_then(json_u64),
+            status: text_num(status),
+            run: run.and_then(json_u64),
+            allocations: text_num(allocations),
+            dropped: dropped.and_then(json_u64),
+        },
+        (Some(text), None) => match serde_json::from_str::<MetaKeys<'_>>(text) {
             Ok(keys) => FoldMeta::from_keys(&keys),
             // Duplicate keys make the struct parse fail on valid JSON:
             // read them as a map, the last value winning as in Python.
@@ -178,7 +178,7 @@ fn fold_meta(event: &RawEvent<'_>) -> FoldMeta {
                 .map(|map| FoldMeta::from_map(&map))
                 .unwrap_or_default(),
         },
-        None => FoldMeta::default(),
+        (None, _) => FoldMeta::default(),
     }
 }
 
@@ -267,9 +267,9 @@ impl FoldState {
     /// Fold one line (without `\n`) found at `offset`.
     pub fn feed_line(&mut self, line: &[u8], offset: u64) {
         self.lines += 1;
-        match parse_line(line) {
-            Ok(event) => {
-                self.feed_event(&event, &fold_meta(&event));
+        match parse_line_picking(line, &META_KEYS) {
+            Ok((event, picks)) => {
+                self.feed_event(&event, &fold_meta(&event, picks));
                 self.remember(line, offset);
             }
             Err(reason) => self.note_malformed(offset, reason),

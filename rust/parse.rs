@@ -36,8 +36,6 @@ pub struct RawEvent<'a> {
     pub seq: Option<u64>,
     /// The metadata object's JSON text.
     pub metadata: Option<&'a str>,
-    /// The metadata's top-level values, when the fast path read them.
-    pub meta_index: Option<MetaIndex<'a>>,
 }
 
 /// The event's keys, in the order of [`Fields`].
@@ -146,7 +144,6 @@ impl<'a> Fields<'a> {
                 Some(raw) => serde_json::from_str(raw.get()).map_err(|e| field_error("seq", e))?,
             },
             metadata: meta.map(RawValue::get).filter(|m| *m != "null"),
-            meta_index: None,
         };
         if let Some(m) = event.metadata {
             if !m.starts_with('{') {
@@ -202,11 +199,22 @@ pub struct Malformed {
 
 /// Parse one line (without its `\n`). A trailing `\r` is tolerated.
 pub fn parse_line(line: &[u8]) -> Result<RawEvent<'_>, String> {
+    parse_line_picking(line, &[]).map(|(event, _)| event)
+}
+
+/// [`parse_line`], also picking the JSON text of the metadata's top-level
+/// `keys` (the last value of a key given twice, as Python's `json` reads it)
+/// when the fast path took the line, so the caller need not parse the
+/// metadata again. None when the general parser took it.
+pub fn parse_line_picking<'a, const N: usize>(
+    line: &'a [u8],
+    keys: &[&str; N],
+) -> Result<(RawEvent<'a>, Option<[Option<&'a str>; N]>), String> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    if let Some(event) = fast_parse(line) {
-        return Ok(event);
+    if let Some((event, picks)) = fast_parse(line, keys) {
+        return Ok((event, Some(picks)));
     }
-    parse_general(line)
+    parse_general(line).map(|event| (event, None))
 }
 
 /// The general parser (serde): any key order, escapes, extra keys. Decides
@@ -276,35 +284,6 @@ fn skip_string(bytes: &[u8], mut i: usize) -> Option<usize> {
     }
 }
 
-/// Top-level keys of a metadata object the fast path read, with each value's
-/// JSON text, so the fold need not parse the metadata again. Holds up to
-/// `META_KEYS` keys (an object with more gets no index).
-#[derive(Debug, Clone, Copy)]
-pub struct MetaIndex<'a> {
-    line: &'a str,
-    /// Byte ranges in `line`: key start, key end, value start, value end.
-    pairs: [[u32; 4]; META_KEYS],
-    len: usize,
-}
-
-const META_KEYS: usize = 8;
-
-impl<'a> MetaIndex<'a> {
-    /// The JSON text of each key's value, in one pass; the last value of a
-    /// key given twice, as Python's `json` reads it.
-    pub fn get_all<const N: usize>(&self, keys: [&str; N]) -> [Option<&'a str>; N] {
-        let mut out = [None; N];
-        let bytes = self.line.as_bytes();
-        for p in &self.pairs[..self.len] {
-            let key = bytes.get(p[0] as usize..p[1] as usize);
-            if let Some(i) = keys.iter().position(|k| Some(k.as_bytes()) == key) {
-                out[i] = self.line.get(p[2] as usize..p[3] as usize);
-            }
-        }
-        out
-    }
-}
-
 /// A JSON value's text read as a non-negative integer, as serde reads a
 /// `u64` (a fraction, exponent, sign or anything else is not one).
 pub fn json_u64(text: &str) -> Option<u64> {
@@ -340,16 +319,15 @@ pub fn json_f64(text: &str) -> Option<f64> {
 /// has a non-ASCII byte. Anything else returns `None` and goes to the general
 /// parser, never straight to "malformed", so the result is the general
 /// parser's (the comparison tests and `fuzz/` check it).
-fn fast_parse(line: &[u8]) -> Option<RawEvent<'_>> {
-    // Offsets are kept as u32 in the metadata index.
-    if line.len() > u32::MAX as usize {
-        return None;
-    }
+fn fast_parse<'a, const N: usize>(
+    line: &'a [u8],
+    keys: &[&str; N],
+) -> Option<(RawEvent<'a>, [Option<&'a str>; N])> {
     let mut f = Fast {
         line,
         ix: LineIndex::new(line),
-        meta: [[0; 4]; META_KEYS],
-        meta_len: 0,
+        keys,
+        picks: [None; N],
     };
     let p = f.lit(0, b"{\"timestamp\":\"")?;
     let (ts, p) = f.string_body(p)?;
@@ -389,7 +367,7 @@ fn fast_parse(line: &[u8]) -> Option<RawEvent<'_>> {
     // Every range ends at an ASCII byte (a quote or a delimiter), so each is
     // on a character boundary; `get` keeps that checked.
     let s = |r: (usize, usize)| text.get(r.0..r.1).map(Cow::Borrowed);
-    Some(RawEvent {
+    let event = RawEvent {
         timestamp: s(ts)?,
         session_id: s(sid)?,
         event_type: s(kind)?,
@@ -398,29 +376,31 @@ fn fast_parse(line: &[u8]) -> Option<RawEvent<'_>> {
         tokens,
         seq: Some(seq),
         metadata: Some(text.get(meta_start..meta_end)?),
-        meta_index: (f.meta_len <= META_KEYS).then_some(MetaIndex {
-            line: text,
-            pairs: f.meta,
-            len: f.meta_len,
-        }),
-    })
+    };
+    let mut picks = [None; N];
+    for (pick, range) in picks.iter_mut().zip(f.picks) {
+        if let Some((a, b)) = range {
+            *pick = Some(text.get(a..b)?);
+        }
+    }
+    Some((event, picks))
 }
 
 /// The fast path's cursor: positions in `line`, quotes found through `ix`.
-struct Fast<'a> {
+struct Fast<'a, 'k, const N: usize> {
     line: &'a [u8],
     ix: LineIndex<'a>,
-    meta: [[u32; 4]; META_KEYS],
-    /// Top-level metadata keys seen (more than `META_KEYS`: no index).
-    meta_len: usize,
+    /// Top-level metadata keys to pick, and where their values were seen.
+    keys: &'k [&'k str; N],
+    picks: [Option<(usize, usize)>; N],
 }
 
-impl Fast<'_> {
+impl<const N: usize> Fast<'_, '_, N> {
     /// `want` at `p` (a fixed-size compare the compiler inlines).
     #[inline]
-    fn lit<const N: usize>(&self, p: usize, want: &[u8; N]) -> Option<usize> {
-        let got: &[u8; N] = self.line.get(p..p + N)?.try_into().ok()?;
-        (got == want).then_some(p + N)
+    fn lit<const L: usize>(&self, p: usize, want: &[u8; L]) -> Option<usize> {
+        let got: &[u8; L] = self.line.get(p..p + L)?.try_into().ok()?;
+        (got == want).then_some(p + L)
     }
 
     /// A string whose body starts at `p`: (body range, position of its closing
@@ -496,10 +476,10 @@ impl Fast<'_> {
             let start = self.spaces(p + 1);
             let end = self.value(start, depth)?;
             if depth == 1 {
-                if let Some(slot) = self.meta.get_mut(self.meta_len) {
-                    *slot = [key.0 as u32, key.1 as u32, start as u32, end as u32];
+                let name = &self.line[key.0..key.1];
+                if let Some(i) = self.keys.iter().position(|k| k.as_bytes() == name) {
+                    self.picks[i] = Some((start, end)); // the last one wins
                 }
-                self.meta_len += 1;
             }
             p = self.spaces(end);
             match self.line.get(p)? {
@@ -735,19 +715,16 @@ pub mod reference {
         let ours = super::parse_line(line);
         let show = String::from_utf8_lossy(line);
         let bare = line.strip_suffix(b"\r").unwrap_or(line);
-        if let Some(fast) = super::fast_parse(bare) {
+        if let Some((fast, _)) = super::fast_parse(bare, &[]) {
             let general = super::parse_general(bare).unwrap_or_else(|e| {
                 panic!("fast path took a line the general one rejects ({e}): {show}")
             });
             assert_eq!(fast.to_owned_event(0), general.to_owned_event(0), "{show}");
             let meta = fast.metadata.unwrap_or("{}");
-            if let (Some(ix), Ok(map)) = (
-                fast.meta_index,
-                serde_json::from_str::<Map<String, Value>>(meta),
-            ) {
+            if let Ok(map) = serde_json::from_str::<Map<String, Value>>(meta) {
                 for (k, v) in map {
-                    let [text] = ix.get_all([k.as_str()]);
-                    let text = text.unwrap_or("?");
+                    let (_, picks) = super::fast_parse(bare, &["?", k.as_str()]).unwrap();
+                    let text = picks[1].unwrap_or("?");
                     let got: Value = serde_json::from_str(text).unwrap();
                     assert_eq!(got, v, "key {k}: {show}");
                     // The fold's number readers read as serde does.
@@ -756,11 +733,8 @@ pub mod reference {
                         serde_json::from_str::<u64>(text).ok()
                     );
                     if let Ok(x) = serde_json::from_str::<f64>(text) {
-                        assert_eq!(
-                            super::json_f64(text).map(f64::to_bits),
-                            Some(x.to_bits()),
-                            "{text}"
-                        );
+                        let y = super::json_f64(text).map(f64::to_bits);
+                        assert_eq!(y, Some(x.to_bits()), "{text}");
                     } else {
                         assert!(
                             super::json_f64(text).is_none_or(|x| !x.is_finite()),
@@ -893,7 +867,7 @@ mod tests {
             GOOD.replace(r#""message":"ok""#, r#""message":"café ✓""#),
         ];
         for line in &lines {
-            let fast = fast_parse(line.as_bytes()).expect("fast path applies");
+            let (fast, _) = fast_parse(line.as_bytes(), &[]).expect("fast path applies");
             let slow = parse_general(line.as_bytes()).unwrap();
             assert_eq!(fast.to_owned_event(0), slow.to_owned_event(0), "{line}");
         }
@@ -908,7 +882,7 @@ mod tests {
             GOOD.replace(r#""seq":3}"#, r#""seq":99999999999999999999}"#),
         ];
         for line in &odd {
-            assert!(fast_parse(line.as_bytes()).is_none(), "{line}");
+            assert!(fast_parse(line.as_bytes(), &[]).is_none(), "{line}");
         }
         assert!(parse_line(odd[0].as_bytes()).is_err());
         assert!(parse_line(odd[1].as_bytes()).is_err());
@@ -922,7 +896,7 @@ mod tests {
     #[test]
     fn a_key_after_metadata_goes_to_the_general_parser() {
         let line = GOOD.replace(r#","seq":3}"#, r#","extra":{"x":"}"},"seq":3}"#);
-        assert!(fast_parse(line.as_bytes()).is_none());
+        assert!(fast_parse(line.as_bytes(), &[]).is_none());
         let e = parse_line(line.as_bytes()).unwrap();
         assert_eq!(e.metadata, Some(r#"{"latency_ms":1100}"#));
         assert_eq!((e.tokens, e.seq), (50, Some(3)));
