@@ -16,7 +16,8 @@ use serde_json::Value;
 
 use crate::fxhash::FxMap as HashMap;
 use crate::parse::{
-    for_each_line, json_f64, json_u64, parse_line, parse_line_picking, Event, Malformed, RawEvent,
+    for_each_line, json_f64, json_u64, parse_line, parse_line_picking, Event, Malformed, Picks,
+    RawEvent,
 };
 
 /// Distinct component / event-type names kept; the rest fold into `OTHER`.
@@ -158,7 +159,7 @@ const META_KEYS: [&str; 6] = [
 ];
 
 /// The metadata values the fold uses (the parser has validated the metadata).
-fn fold_meta(event: &RawEvent<'_>, picks: Option<[Option<&str>; 6]>) -> FoldMeta {
+fn fold_meta(event: &RawEvent<'_>, picks: Option<Picks<'_, 6>>) -> FoldMeta {
     match (event.metadata, picks) {
         (Some(_), _) if !needs_meta(&event.event_type) => FoldMeta::default(),
         // The fast path picked the values: no second parse.

@@ -202,6 +202,9 @@ pub fn parse_line(line: &[u8]) -> Result<RawEvent<'_>, String> {
     parse_line_picking(line, &[]).map(|(event, _)| event)
 }
 
+/// The JSON text of each picked metadata key's value (None: not in the line).
+pub type Picks<'a, const N: usize> = [Option<&'a str>; N];
+
 /// [`parse_line`], also picking the JSON text of the metadata's top-level
 /// `keys` (the last value of a key given twice, as Python's `json` reads it)
 /// when the fast path took the line, so the caller need not parse the
@@ -209,7 +212,7 @@ pub fn parse_line(line: &[u8]) -> Result<RawEvent<'_>, String> {
 pub fn parse_line_picking<'a, const N: usize>(
     line: &'a [u8],
     keys: &[&str; N],
-) -> Result<(RawEvent<'a>, Option<[Option<&'a str>; N]>), String> {
+) -> Result<(RawEvent<'a>, Option<Picks<'a, N>>), String> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     if let Some((event, picks)) = fast_parse(line, keys) {
         return Ok((event, Some(picks)));
@@ -322,7 +325,7 @@ pub fn json_f64(text: &str) -> Option<f64> {
 fn fast_parse<'a, const N: usize>(
     line: &'a [u8],
     keys: &[&str; N],
-) -> Option<(RawEvent<'a>, [Option<&'a str>; N])> {
+) -> Option<(RawEvent<'a>, Picks<'a, N>)> {
     let mut f = Fast {
         line,
         ix: LineIndex::new(line),
