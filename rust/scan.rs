@@ -56,8 +56,32 @@ impl<'a> LineIndex<'a> {
         self.line.len().div_ceil(64)
     }
 
-    /// Classify the window of blocks starting at `base`.
+    /// Classify the window of blocks starting at `base`, with the widest SIMD
+    /// this CPU has (chosen at run time; SSE2 is part of x86_64).
     fn fill(&mut self, base: usize) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if x86::has_avx2() {
+                // SAFETY: the CPU has AVX2 (checked at run time just above).
+                unsafe { self.fill_avx2(base) };
+            } else {
+                self.fill_with(base, x86::classify_sse2);
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        self.fill_with(base, |b: &[u8; 64]| classify_portable(b));
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn fill_avx2(&mut self, base: usize) {
+        // SAFETY (of the call inside): the caller checked AVX2; inlined here,
+        // where the feature is enabled.
+        self.fill_with(base, |b: &[u8; 64]| unsafe { x86::classify_avx2(b) });
+    }
+
+    #[inline(always)]
+    fn fill_with(&mut self, base: usize, classify: impl Fn(&[u8; 64]) -> Block) {
         let len = self.line.len();
         let end = self.blocks().min(base + WINDOW);
         self.base = base;
@@ -65,12 +89,13 @@ impl<'a> LineIndex<'a> {
         for block in base..end {
             let start = block * 64;
             let b = if let Some(full) = self.line.get(start..start + 64) {
-                classify(full)
+                classify(full.try_into().unwrap_or(&[b' '; 64]))
             } else if len >= 64 {
                 // The last, partial block: classify the line's last 64 bytes
                 // and drop the quotes of the bytes before the block. (Their
                 // unusual and non-ASCII bytes were counted already.)
-                let b = classify(&self.line[len - 64..]);
+                let tail = &self.line[len - 64..];
+                let b = classify(tail.try_into().unwrap_or(&[b' '; 64]));
                 Block {
                     quotes: b.quotes >> (64 - (len - start)),
                     ..b
@@ -130,24 +155,8 @@ impl<'a> LineIndex<'a> {
     }
 }
 
-/// Classify 64 bytes (`block.len()` is 64). SSE2 is part of every x86_64
-/// CPU, so it needs no runtime check and inlines into the scan loop; other
-/// architectures use the portable classifier.
-#[inline]
-fn classify(block: &[u8]) -> Block {
-    let block: &[u8; 64] = block.try_into().unwrap_or(&[b' '; 64]);
-    #[cfg(target_arch = "x86_64")]
-    {
-        x86::classify_sse2(block)
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        classify_portable(block)
-    }
-}
-
-/// Byte by byte: the reference the SIMD version is tested against, the
-/// classifier on other CPUs, and the SIMD version's rare path.
+/// Byte by byte: the reference the SIMD versions are tested against, the
+/// classifier on other CPUs, and the SIMD versions' rare path.
 fn classify_portable(block: &[u8; 64]) -> Block {
     let mut b = Block::default();
     for (i, &c) in block.iter().enumerate() {
@@ -169,6 +178,53 @@ fn classify_portable(block: &[u8; 64]) -> Block {
 mod x86 {
     use super::Block;
     use std::arch::x86_64::*;
+    use std::sync::atomic::{AtomicU8, Ordering};
+
+    /// Whether the CPU has AVX2, detected once (0: not yet, 1: no, 2: yes).
+    #[inline]
+    pub fn has_avx2() -> bool {
+        static HAS: AtomicU8 = AtomicU8::new(0);
+        match HAS.load(Ordering::Relaxed) {
+            0 => {
+                let yes = std::arch::is_x86_feature_detected!("avx2");
+                HAS.store(if yes { 2 } else { 1 }, Ordering::Relaxed);
+                yes
+            }
+            v => v == 2,
+        }
+    }
+
+    /// The SSE2 classifier with 32-byte vectors.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub unsafe fn classify_avx2(block: &[u8; 64]) -> Block {
+        let quote = _mm256_set1_epi8(b'"' as i8);
+        let backslash = _mm256_set1_epi8(b'\\' as i8);
+        let space = _mm256_set1_epi8(0x20);
+        // SAFETY: two unaligned 32-byte reads within the 64-byte array.
+        let (lo, hi) = unsafe {
+            (
+                _mm256_loadu_si256(block.as_ptr() as *const __m256i),
+                _mm256_loadu_si256(block.as_ptr().add(32) as *const __m256i),
+            )
+        };
+        let q_lo = _mm256_movemask_epi8(_mm256_cmpeq_epi8(lo, quote)) as u32 as u64;
+        let q_hi = _mm256_movemask_epi8(_mm256_cmpeq_epi8(hi, quote)) as u32 as u64;
+        let special =
+            |v| _mm256_or_si256(_mm256_cmpgt_epi8(space, v), _mm256_cmpeq_epi8(v, backslash));
+        let quotes = q_lo | (q_hi << 32);
+        if _mm256_movemask_epi8(_mm256_or_si256(special(lo), special(hi))) == 0 {
+            return Block {
+                quotes,
+                unusual: 0,
+                non_ascii: 0,
+            };
+        }
+        Block {
+            quotes,
+            ..super::classify_portable(block)
+        }
+    }
 
     /// SSE2 is part of x86_64: always available.
     #[inline]
@@ -233,8 +289,12 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             {
                 assert!(same(x86::classify_sse2(&block), want), "{block:?}");
+                if x86::has_avx2() {
+                    // SAFETY: the CPU has AVX2.
+                    let got = unsafe { x86::classify_avx2(&block) };
+                    assert!(same(got, want), "{block:?}");
+                }
             }
-            assert!(same(classify(&block), want));
         }
     }
 
