@@ -3,8 +3,14 @@
 //! Pure Rust: no Python here. A line is valid when it is a JSON object with the
 //! spec's required string fields, an integer `tokens` from 0 to 2^53 (default
 //! 0), an optional non-negative integer `seq` and an optional object
-//! `metadata`, with no value nested deeper than [`MAX_DEPTH`] levels. Anything
+//! `metadata`, with no value nested deeper than [`MAX_DEPTH`] levels; a key
+//! given twice keeps its last value, as Python's `json` reads it. Anything
 //! else is reported as malformed with a reason; nothing panics.
+//!
+//! Two parsers, one verdict: a fast path for the layout sigil's writer
+//! produces, and the general (serde) parser for every other line. The fast
+//! path only ever hands a line to the general parser, never rules it
+//! malformed; `reference` and `fuzz/` compare both with plain JSON.
 
 use std::borrow::Cow;
 
