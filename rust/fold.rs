@@ -376,7 +376,9 @@ impl FoldState {
             "session_complete" | "session_error" => {
                 let declared = meta.status.clone();
                 let status = match (kind, declared.as_deref()) {
-                    (_, Some(s @ ("complete" | "error" | "budget_exceeded"))) => s.to_string(),
+                    (_, Some(s @ ("complete" | "error" | "budget_exceeded" | "interrupted"))) => {
+                        s.to_string()
+                    }
                     ("session_complete", _) => "complete".to_string(),
                     _ => "error".to_string(),
                 };

@@ -175,7 +175,7 @@ def test_final_object_has_the_exit_code() -> None:
     [("complete", "complete", "EXECUTION COMPLETE"),
      ("budget_exceeded", "budget_exceeded", "BUDGET EXCEEDED"),
      (None, "incomplete", "SESSION INCOMPLETE"),
-     (None, "interrupted", "MONITOR STOPPED")],
+     (None, "stopped", "MONITOR STOPPED")],
 )
 @pytest.mark.parametrize("width", [40, 120])
 def test_summary(final: str | None, outcome: str, title: str, width: int) -> None:
@@ -194,7 +194,7 @@ def test_summary(final: str | None, outcome: str, title: str, width: int) -> Non
         assert "INCOMPLETE" in text
         # At 40 columns the command is split with a shell line continuation.
         assert "sigil orchestrate --session demo-1 --resume" in text.replace("\\\n  ", "")
-    if outcome == "interrupted":
+    if outcome == "stopped":
         assert "so far" in text
 
 

@@ -15,6 +15,7 @@ so that ``sigil config show`` can explain why a value is what it is.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import sys
@@ -39,6 +40,7 @@ __all__ = [
     "TokenBudgetSettings",
     "config_file_path",
     "load_settings",
+    "parse_ascii_int",
 ]
 
 Source = Literal["default", "config", "env", "cli"]
@@ -233,20 +235,34 @@ def _integer(minimum: int, maximum: int = _INT_MAX) -> Validator:
     return check
 
 
-def _positive_number(value: Any) -> float:
-    if not _is_number(value) or not value > 0:
-        raise _Invalid(f"expected a number > 0, got {_describe(value)}")
-    return value  # type: ignore[no-any-return]
+def _is_finite_number(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _number(low: float, high: float, *, low_open: bool) -> Validator:
+    """A finite number in ``(low, high]`` (``low_open``) or ``[low, high]``."""
+    shown = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+
+    def check(value: Any) -> float:
+        if (
+            not _is_finite_number(value)
+            or not (value > low if low_open else value >= low)
+            or not value <= high
+        ):
+            raise _Invalid(f"expected a number in {shown}, got {_describe(value)}")
+        return value  # type: ignore[no-any-return]
+
+    return check
 
 
 def _non_negative_number(value: Any) -> float:
-    if not _is_number(value) or not value >= 0:
-        raise _Invalid(f"expected a number >= 0, got {_describe(value)}")
+    if not _is_finite_number(value) or not value >= 0:
+        raise _Invalid(f"expected a finite number >= 0, got {_describe(value)}")
     return value  # type: ignore[no-any-return]
 
 
 def _fraction(value: Any) -> float:
-    if not _is_number(value) or not 0 < value <= 1:
+    if not _is_finite_number(value) or not 0 < value <= 1:
         raise _Invalid(f"expected a number in (0, 1], got {_describe(value)}")
     return value  # type: ignore[no-any-return]
 
@@ -346,10 +362,12 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
         "path": _path,
         # The writer holds at most 8 MiB in memory (its bound on what it keeps).
         "buffer_size_bytes": _integer(1, 8 << 20),
-        "flush_interval_seconds": _positive_number,
+        # The native writer's own bound (rust/lib.rs AppendWriter): checked here so a
+        # wrong value is a config error before anything is written, not a failed run.
+        "flush_interval_seconds": _number(0, 3600, low_open=True),
         "max_batch_size": _integer(1),
         "fsync": _choice("interval", "always", "never"),
-        "max_file_size_mb": _positive_number,
+        "max_file_size_mb": _number(0, 1 << 20, low_open=True),
         "retention_days": _integer(0),
         "archive_retention_days": _integer(0),
         "sanitize_logs": _boolean,
@@ -357,7 +375,7 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
     },
     "monitoring": {
         "default_mode": _choice("dashboard", "stream", "minimal", "json"),
-        "refresh_rate_hz": _positive_number,
+        "refresh_rate_hz": _number(0, 1000, low_open=True),
         "show_component_breakdown": _boolean,
         "show_budget_bar": _boolean,
         "show_forecast": _boolean,
@@ -377,12 +395,12 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
         "base_url": _url,
         "model": _text,
         "api_key_env": _env_name,
-        "timeout_seconds": _positive_number,
+        "timeout_seconds": _number(0, 86_400, low_open=True),
     },
     "errors": {
         "max_retries": _integer(0),
-        "backoff_base": _non_negative_number,
-        "backoff_max": _non_negative_number,
+        "backoff_base": _number(0, 86_400, low_open=False),
+        "backoff_max": _number(0, 86_400, low_open=False),
     },
     "export": {
         "otlp_endpoint": _optional_url,
@@ -399,11 +417,22 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
 # Environment variables: their text is parsed, then validated like any value.
 
 
+#: An integer as a user types one: ASCII digits (``int()`` also takes Arabic-Indic
+#: or full-width digits, which no one means as a budget), optional sign and ``_``.
+_ASCII_INT_RE = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*")
+
+
+def parse_ascii_int(text: str) -> int | None:
+    """``text`` as an integer written in ASCII digits, or None."""
+    text = text.strip()
+    return int(text) if _ASCII_INT_RE.fullmatch(text) else None
+
+
 def _parse_int(text: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise _Invalid(f"expected an integer, got {text!r}") from None
+    value = parse_ascii_int(text)
+    if value is None:
+        raise _Invalid(f"expected an integer in ASCII digits, got {text!r}")
+    return value
 
 
 def _parse_otlp_headers(text: str) -> dict[str, str]:
@@ -557,15 +586,46 @@ def _closest(settings: Settings, *keys: str) -> str:
     return max(keys, key=lambda k: _PRECEDENCE[settings.source(k)])
 
 
+#: The largest config file read. Appendix A's file is a few hundred bytes; the
+#: bound keeps a hostile path (a symlink to /dev/zero, a huge file) from eating memory.
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def _read_text(config_path: Path) -> str | None:
+    """The config file's text, or None when there is none.
+
+    Only a regular file is read (a symlink to one is fine: dotfile managers use
+    them). The open is non-blocking so that a FIFO planted at the path is
+    refused instead of waited on forever, and the size is bounded.
+    """
+    import stat
+
     try:
-        return config_path.read_text(encoding="utf-8")
+        fd = os.open(config_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{config_path}: not UTF-8 text ({exc.reason})") from None
     except OSError as exc:
         raise ConfigError(f"{config_path}: cannot read the config file: {exc.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{config_path}: not a regular file (sigil reads config from one)")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{config_path}: too large ({info.st_size:,} bytes; the limit is "
+                f"{MAX_CONFIG_BYTES:,})"
+            )
+        data = os.read(fd, MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{config_path}: cannot read the config file: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:  # grew while being read
+        raise ConfigError(f"{config_path}: too large (the limit is {MAX_CONFIG_BYTES:,} bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{config_path}: not UTF-8 text ({exc.reason})") from None
 
 
 def _config_items(config_path: Path, text: str | None) -> list[tuple[str, Any]]:

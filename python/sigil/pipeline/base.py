@@ -186,41 +186,63 @@ def is_required(slot: str, step: object) -> bool:
 def load_step(path: str, slot: str) -> Step:
     """Import a step from ``"package.module:attr"`` (or ``"package.module.attr"``).
 
-    ``attr`` may be a class (instantiated without arguments), a factory function,
-    or a ready instance. The loaded object must have an async ``run`` method.
+    ``attr`` may be a step class (instantiated without arguments), a factory that
+    takes no arguments, or a ready instance; what it gives must have an async
+    ``run`` method. Nothing else is called: a path such as ``"os:system"`` names a
+    function that needs arguments, and is refused without being run.
+    Messages start with the setting's key (``pipeline.steps.<slot>``).
     """
+    key = f"pipeline.steps.{slot}"
     if not isinstance(path, str) or not path.strip():
-        raise StepConfigError(f"pipeline step {slot!r}: empty import path")
+        raise StepConfigError(f"{key}: empty import path")
     module_name, sep, attr = path.strip().partition(":")
     if not sep:
         module_name, _, attr = module_name.rpartition(".")
     if not module_name or not attr:
-        raise StepConfigError(
-            f"pipeline step {slot!r}: {path!r} is not an import path like 'pkg.module:Step'"
-        )
+        raise StepConfigError(f"{key}: {path!r} is not an import path like 'pkg.module:Step'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise StepConfigError(
-            f"pipeline step {slot!r}: cannot import {module_name!r}: {exc}"
-        ) from None
+        raise StepConfigError(f"{key}: cannot import {module_name!r}: {exc}") from None
     try:
         target = getattr(module, attr)
     except AttributeError:
         raise StepConfigError(
-            f"pipeline step {slot!r}: module {module_name!r} has no attribute {attr!r}"
+            f"{key}: module {module_name!r} has no attribute {attr!r}"
         ) from None
-    step = target() if callable(target) and not _is_step(target) else target
-    if not _is_step(step):
+    if _is_step(target):
+        step = target
+    elif inspect.isclass(target) or _is_factory(target):
+        try:
+            step = target()
+        except Exception as exc:
+            raise StepConfigError(f"{key}: {path!r} could not build a step: {exc}") from None
+    else:
         raise StepConfigError(
-            f"pipeline step {slot!r}: {path!r} is not a step (needs an async run(ctx) method)"
+            f"{key}: {path!r} is not a step class, a step factory taking no arguments or a step"
         )
+    if not _is_step(step):
+        raise StepConfigError(f"{key}: {path!r} is not a step (needs an async run(ctx) method)")
     if not isinstance(getattr(step, "name", None), str):
         try:
             step.name = slot
         except AttributeError:
-            raise StepConfigError(f"pipeline step {slot!r}: {path!r} has no name") from None
+            raise StepConfigError(f"{key}: {path!r} has no name") from None
     return step
+
+
+def _is_factory(obj: object) -> bool:
+    """A plain function that can be called with no arguments."""
+    if not (inspect.isfunction(obj) or inspect.ismethod(obj)):
+        return False
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return False
+    return all(
+        p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        for p in signature.parameters.values()
+    )
 
 
 def _is_step(obj: object) -> bool:

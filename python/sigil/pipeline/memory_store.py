@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from sigil.telemetry.file_security import check_not_symlink, ensure_private_file
+
 __all__ = ["SEED_MEMORIES", "MemoryItem", "MemoryStore", "fts5_available", "query_terms"]
 
 SCHEMA_VERSION = "1"
@@ -221,19 +223,17 @@ class MemoryStore:
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         _ensure_private_dir(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.close(fd)
+        # The database and SQLite's side files are opened by name: a symlink planted
+        # at any of them would redirect SQLite's writes, so it is refused (contract 8).
+        for side in ("-journal", "-wal", "-shm"):
+            check_not_symlink(self.path.with_name(self.path.name + side))
+        ensure_private_file(self.path)
         con = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
         try:
             con.execute("PRAGMA busy_timeout = 10000")
             yield con
         finally:
             con.close()
-
-    def ensure(self) -> None:
-        """Create and seed the store if needed (safe when two processes race)."""
-        with self._connect() as con:
-            self._ensure(con)
 
     def _ensure(self, con: sqlite3.Connection) -> None:
         if self._seeded(con):

@@ -34,6 +34,7 @@ __all__ = [
     "secure_log_directory",
     "symlink_error",
     "validate_session_id",
+    "write_private_atomic",
 ]
 
 DIR_MODE = 0o700
@@ -170,3 +171,51 @@ def secure_log_directory(path: StrPath) -> None:
                 continue
             if stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) != FILE_MODE:
                 os.chmod(full, FILE_MODE)
+
+
+def write_private_atomic(path: StrPath, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` as a 0600 file, never half-written, never through a link.
+
+    The data goes to a new temporary file in the same directory, created with
+    ``O_EXCL | O_NOFOLLOW`` under an unpredictable name (so a symlink planted at a
+    guessable temporary name is never written through), then renamed over
+    ``path``: a symlink planted at ``path`` itself is replaced, not followed.
+    With ``durable`` the file and then its directory are fsynced, so the new
+    content survives a crash once this returns.
+    """
+    import secrets
+
+    target = Path(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, flags, FILE_MODE)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 64 random bits
+        raise FileExistsError(errno.EEXIST, "no free temporary name", os.fspath(target))
+    try:
+        os.fchmod(fd, FILE_MODE)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if durable:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        dir_fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

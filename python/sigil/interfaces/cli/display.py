@@ -293,6 +293,7 @@ def state_to_dict(
         "truncations": state.truncations,
         "rereads": state.rereads,
         "seq_gaps": state.seq_gaps,
+        "missing_events": state.seq_missing,
         "dropped_events": state.dropped_events,
         "incomplete": state.incomplete and not state.ended,
         "last_timestamp": state.last_timestamp,
@@ -309,7 +310,9 @@ _TITLES = {
     "error": "EXECUTION FAILED",
     "budget_exceeded": "BUDGET EXCEEDED",
     "incomplete": "SESSION INCOMPLETE",
-    "interrupted": "MONITOR STOPPED",
+    "incomplete_data": "DATA MISSING",  # the run says complete, but events are missing
+    "interrupted": "RUN INTERRUPTED",  # the run was stopped by SIGINT/SIGTERM
+    "stopped": "MONITOR STOPPED",  # the user stopped the monitor
     "snapshot": "SESSION RUNNING",  # --once on a run in progress
     "waiting": "WAITING FOR START",  # --once before the first session_start
 }
@@ -330,7 +333,10 @@ def summary_lines(
     """
     rule = "=" * max(10, min(width - 1, 60))
     title = _TITLES.get(outcome, outcome.upper())
-    title_code = {"complete": "1;32", "incomplete": "1;33", "interrupted": "1"}.get(outcome, "1;31")
+    title_code = {
+        "complete": "1;32", "incomplete": "1;33", "incomplete_data": "1;33",
+        "interrupted": "1;33", "stopped": "1",
+    }.get(outcome, "1;31")  # fmt: skip
     run = state.run
     lines = [rule, _sgr(title, title_code, color), rule]
     run_text = f" (run {run.number} of {state.runs})" if state.runs > 1 else ""
@@ -359,9 +365,12 @@ def summary_lines(
     lines.append(f"Rotations: {state.rotations:,}")
     # The malformed count has its own line above, always shown.
     lines.extend(f"Warning:   {p}" for p in read_problems(state, include_malformed=False))
-    if outcome == "incomplete":
-        lines.append("The writer stopped without a final")
-        lines.append("event (its lock is free).")
+    if outcome in ("incomplete", "interrupted"):
+        if outcome == "incomplete":
+            lines.append("The writer stopped without a final")
+            lines.append("event (its lock is free).")
+        else:
+            lines.append("The run was stopped by a signal.")
         lines.append(f"Last event: {state.last_timestamp or 'none'}")
         lines.append("Resume the session with:")
         command = f"sigil orchestrate --session {state.session_id} --resume"
@@ -370,7 +379,10 @@ def summary_lines(
         else:  # still one shell command when pasted
             lines.append("sigil orchestrate \\")
             lines.append(f"  --session {state.session_id} --resume")
-    elif outcome == "interrupted":
+    elif outcome == "incomplete_data":
+        lines.append("Events are missing from the log:")
+        lines.append("the totals are a lower bound.")
+    elif outcome == "stopped":
         lines.append("Totals so far (it may still be running).")
     lines.append(rule)
     return lines

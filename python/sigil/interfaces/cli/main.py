@@ -92,6 +92,8 @@ def main() -> None:
     are caught here and shown as ``Error: <what> (see 'sigil CMD --help')``.
     Exit codes: 2 for usage errors, the command's own code otherwise.
     """
+    from sigil.interfaces.cli.errors import ExitCode
+
     try:
         result = cli.main(prog_name="sigil", standalone_mode=False)
     except click.UsageError as e:
@@ -103,7 +105,7 @@ def main() -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     sys.exit(result if isinstance(result, int) else 0)

@@ -60,7 +60,8 @@ EXIT_BUDGET = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
-FINAL_STATUSES = frozenset({"complete", "error", "budget_exceeded"})
+# The final statuses a run can record (contract 13).
+FINAL_STATUSES = frozenset({"complete", "error", "budget_exceeded", "interrupted"})
 
 # Bounds mirrored from the native fold (rust/fold.rs) so that folding in Python
 # and folding natively give equal states even on hostile input.
@@ -966,7 +967,7 @@ class ExecutionMonitor:
             state.incomplete = changed = True
         outcome = self._outcome(state)
         # A run still going (or not started) is a snapshot, not a failure.
-        ended = outcome in FINAL_STATUSES or outcome == "incomplete"
+        ended = outcome in FINAL_STATUSES or outcome in ("incomplete", "incomplete_data")
         code = self._code_for(outcome) if ended else EXIT_OK
         renderer.refresh(state, self.phase, changed)
         renderer.finish(state, self.phase, "snapshot" if outcome == "running" else outcome, code)
@@ -1099,7 +1100,15 @@ class ExecutionMonitor:
 
     @staticmethod
     def _outcome(state: SessionState) -> str:
+        """The run's final status, unless the reader knows better.
+
+        A run that says ``complete`` while events are missing (a seq gap that no
+        segment fills, or events the writer dropped on a full disk) is
+        ``incomplete_data``: its totals are a lower bound, never "complete".
+        """
         if state.ended:
+            if state.status == "complete" and (state.seq_missing or state.dropped_events):
+                return "incomplete_data"
             return state.status
         if state.incomplete:
             return "incomplete"
@@ -1111,13 +1120,15 @@ class ExecutionMonitor:
             return EXIT_OK
         if outcome == "budget_exceeded":
             return EXIT_BUDGET
+        if outcome == "interrupted":
+            return EXIT_INTERRUPTED  # the run was stopped by a signal (the shell's 130)
         return EXIT_FAILED
 
     def _finish_interrupted(self, code: int) -> int:
         """Ctrl-C: the summary so far, then 130 (143 for SIGTERM)."""
         renderer = self._require_renderer()
         with contextlib.suppress(Exception):
-            renderer.finish(self.state, self.phase, "interrupted", code)
+            renderer.finish(self.state, self.phase, "stopped", code)
         return code
 
     # -- signals and the pid file ---------------------------------------------------------
@@ -1151,15 +1162,16 @@ class ExecutionMonitor:
                 self._renderer.refresh(self.state, self.phase, False)
 
     def _write_pid(self) -> None:
-        """``<log_path>/monitor.pid`` (spec 7.1), 0600 in a 0700 directory (contract 8)."""
+        """``<log_path>/monitor.pid`` (spec 7.1), 0600 in a 0700 directory (contract 8).
+
+        Replaced atomically, so a symlink planted at the name is replaced rather
+        than followed (it would make the monitor write its PID outside its home).
+        """
+        from sigil.telemetry.file_security import write_private_atomic
+
         try:
             self.log_path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.fchmod(fd, 0o600)
-                os.write(fd, f"{os.getpid()}\n".encode())
-            finally:
-                os.close(fd)
+            write_private_atomic(self.pid_file, f"{os.getpid()}\n".encode(), durable=False)
             self._pid_written = True
         except OSError as exc:
             # A read-only log directory can still be monitored; say why there is no pid file.
@@ -1169,8 +1181,10 @@ class ExecutionMonitor:
     def _remove_pid(self) -> None:
         """Remove the pid file if it is still ours (another monitor may have replaced it)."""
         try:
-            content = self.pid_file.read_text().strip()
-            if content == str(os.getpid()):
+            fd = os.open(self.pid_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as file:
+                content = file.read(64).strip()
+            if content == str(os.getpid()).encode():
                 self.pid_file.unlink()
         except OSError:
             pass

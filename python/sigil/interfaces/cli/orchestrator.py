@@ -68,6 +68,7 @@ from sigil.pipeline.base import (
     load_step,
     usage_of,
 )
+from sigil.telemetry.file_security import write_private_atomic
 from sigil.telemetry.tokens import TokenTracker
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1351,24 +1352,5 @@ def _json_bytes(doc: Any, indent: bool = True) -> bytes:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``path`` as 0600 via a temporary file, fsync and rename (never half-written)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Write ``path`` as 0600, fsynced, never half-written nor through a planted link."""
+    write_private_atomic(path, data)

@@ -19,38 +19,55 @@ import sys
 
 import click
 
-
-class _BadUsage(click.ClickException):
-    """Bad input: one line (``Error: ...``) and exit code 2.
-
-    Not ``click.UsageError``: inside a command that one finds the current
-    context and prints the usage block and a help hint too, three lines where
-    the user needs one.
-    """
-
-    exit_code = 2
+from sigil.interfaces.cli.errors import OneLineCommand, UsageFailure
 
 
 def _usage(message: str) -> click.ClickException:
-    return _BadUsage(message)
+    return UsageFailure(message)
 
 
-@click.command("export", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--session", "-s", "session_id", metavar="ID", required=False,
-              help="The session to export.")
-@click.option("--endpoint", "-e", metavar="URL",
-              help="OTLP endpoint, e.g. http://collector:4318 (default:"
-                   " OTEL_EXPORTER_OTLP_ENDPOINT, then export.otlp_endpoint).")
-@click.option("--protocol", "-p", metavar="http/protobuf|grpc",
-              help="OTLP transport (default: OTEL_EXPORTER_OTLP_PROTOCOL, then"
-                   " export.otlp_protocol, http/protobuf).")
-@click.option("--header", "-H", "header_args", metavar="KEY=VALUE", multiple=True,
-              help="Request header, repeatable; added to OTEL_EXPORTER_OTLP_HEADERS"
-                   " and export.otlp_headers.")
-@click.option("--log-path", "-l", metavar="DIR",
-              help="Base log directory (default: logging.path, ~/.sigil/logs).")
-@click.option("--timeout", "timeout_text", metavar="SECONDS", default="10",
-              show_default=True, help="Time allowed per request, retries included.")
+@click.command(
+    "export", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]}
+)
+@click.option(
+    "--session", "-s", "session_id", metavar="ID", required=False, help="The session to export."
+)
+@click.option(
+    "--endpoint",
+    "-e",
+    metavar="URL",
+    help="OTLP endpoint, e.g. http://collector:4318 (default:"
+    " OTEL_EXPORTER_OTLP_ENDPOINT, then export.otlp_endpoint).",
+)
+@click.option(
+    "--protocol",
+    "-p",
+    metavar="http/protobuf|grpc",
+    help="OTLP transport (default: OTEL_EXPORTER_OTLP_PROTOCOL, then"
+    " export.otlp_protocol, http/protobuf).",
+)
+@click.option(
+    "--header",
+    "-H",
+    "header_args",
+    metavar="KEY=VALUE",
+    multiple=True,
+    help="Request header, repeatable; added to OTEL_EXPORTER_OTLP_HEADERS and export.otlp_headers.",
+)
+@click.option(
+    "--log-path",
+    "-l",
+    metavar="DIR",
+    help="Base log directory (default: logging.path, ~/.sigil/logs).",
+)
+@click.option(
+    "--timeout",
+    "timeout_text",
+    metavar="SECONDS",
+    default="10",
+    show_default=True,
+    help="Time allowed per request, retries included.",
+)
 def export(
     session_id: str | None,
     endpoint: str | None,
@@ -132,22 +149,10 @@ def export(
     except ConnectionError as exc:
         raise click.ClickException(f"{exc} ({url})") from None
 
-    from collections.abc import Iterator
-
-    from sigil.core.locks import is_session_locked
-
-    # A held lock means a run is in progress: its open spans go out as they are
-    # now (status unset) and a later export completes them under the same IDs.
-    running = is_session_locked(directory)
-    stats = otlp.ReadStats()
-    builder = otlp.SpanBuilder(session_id)
-
-    def records() -> Iterator[otlp.SpanRecord]:
-        for entry in otlp.iter_session_entries(directory, stats):
-            yield from builder.feed(entry)
-        yield from builder.finish("running" if running else "incomplete")
-
-    result = otlp.export_records(records(), url, headers, chosen_protocol, timeout=timeout)
+    export = otlp.export_session(
+        directory, session_id, url, headers, chosen_protocol, timeout=timeout
+    )
+    result, stats, running = export.result, export.read, export.running
     if stats.malformed:
         click.echo(
             f"sigil: warning: skipped {stats.malformed} malformed lines of session"

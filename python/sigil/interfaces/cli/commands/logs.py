@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from sigil.interfaces.cli.errors import UsageFailure
+
 if TYPE_CHECKING:
     from sigil.telemetry.log_rotation import LogRotator
 
@@ -111,7 +113,7 @@ def _run(
     base = rotator.log_path
     if base.exists() and not base.is_dir():
         # Bad usage, like `sigil sessions` and `sigil orchestrate` say it.
-        raise click.UsageError(f"log path {str(base)!r} is not a directory")
+        raise UsageFailure(f"log path {str(base)!r} is not a directory")
     try:
         result = action(rotator)
     except MaintenanceBusy as exc:

@@ -15,22 +15,13 @@ from pathlib import Path
 
 import click
 
+from sigil.interfaces.cli.errors import OneLineCommand, UsageFailure
+
 _MODES = ("dashboard", "stream", "minimal", "json")
 
 
-class MonitorUsageError(click.ClickException):
-    """Bad input, shown as one line (``Error: ...``) with exit code 2.
-
-    A :class:`click.UsageError` raised inside a command gets the context attached
-    and prints the usage block and a help hint as well; the issue asks for one
-    clear line, which is what a plain ClickException prints.
-    """
-
-    exit_code = 2
-
-
-def _fail(message: str) -> MonitorUsageError:
-    return MonitorUsageError(message)
+def _fail(message: str) -> UsageFailure:
+    return UsageFailure(message)
 
 
 def _check_log_path(path: Path) -> None:
@@ -72,19 +63,9 @@ def _parse_refresh(text: str | None) -> float | None:
     return value
 
 
-class MonitorCommand(click.Command):
-    """Reports click's own parsing errors (unknown option, missing value) as one line too."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            raise _fail(exc.format_message()) from None
-
-
 @click.command(
     "monitor",
-    cls=MonitorCommand,
+    cls=OneLineCommand,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.option("--session", "-s", "session_id", metavar="ID",

@@ -70,15 +70,25 @@ def _usage(message: str) -> NoReturn:
 def _parse_budget(text: str | None) -> int | None:
     if text is None:
         return None
-    try:
-        value = int(text.strip().replace("_", ""))
-    except ValueError:
+    from sigil.core.config import parse_ascii_int
+
+    value = parse_ascii_int(text)
+    if value is None:
         _usage(f"--budget must be a positive integer (a number of tokens), got {text!r}")
     if not 1 <= value < 1 << 63:
         _usage(
             f"--budget must be a positive integer below 2**63 (a number of tokens), got {text!r}"
         )
     return value
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text holding surrogate escapes (bytes the shell passed that are not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def make_session_id() -> str:
@@ -182,6 +192,8 @@ def _build(
     """Check every input and build the orchestrator; writes nothing."""
     if task is not None and not task.strip():
         _usage("--task must not be empty")
+    if task is not None and not _is_utf8(task):
+        _usage("--task is not valid UTF-8 text; check the terminal's or the script's encoding")
     if task is None and not resume:
         _usage("--task is required: say what the pipeline should do, e.g. --task 'Analyze lead'")
     if resume and session_id is None:
@@ -244,7 +256,10 @@ def _build(
             resume=resume,
             export_otlp=export_otlp,
         )
-    except (StepConfigError, ValueError, TypeError) as exc:
+    except StepConfigError as exc:
+        # Steps come only from the config file: name it with the key.
+        _usage(f"{settings.config_path}: {exc}")
+    except (ValueError, TypeError) as exc:
         _usage(str(exc))
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import click
 
+from sigil.interfaces.cli.errors import UsageFailure
+
 
 @dataclass(slots=True)
 class SessionRow:
@@ -73,7 +75,7 @@ def list_sessions(log_path: Path) -> list[SessionRow]:
     except FileNotFoundError:
         entries = []
     except NotADirectoryError:
-        raise click.UsageError(f"log path {str(log_path)!r} is not a directory") from None
+        raise UsageFailure(f"log path {str(log_path)!r} is not a directory") from None
     for entry in entries:
         if SESSION_ID_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
             rows.append(_live_row(Path(entry.path)))
