@@ -276,9 +276,28 @@ plain_events = st.fixed_dictionaries(
 )
 
 
+plain = st.sampled_from(["", "s1", "routing", "step_complete", "2026-01-11T10:15:33+00:00", "é ✓"])
+
+
+@st.composite
+def writer_layout_lines(draw: st.DrawFn) -> bytes:
+    """The writer's key order and plain strings (the fast path's input), with
+    keys between ``metadata`` and ``seq`` sometimes (issue 9 defect 2)."""
+    d: dict[str, Any] = {k: draw(plain) for k in REQUIRED}
+    d["event_type"] = draw(st.sampled_from(["step_complete", "session_start", "x"]))
+    d["tokens"] = draw(st.integers(0, 10**6))
+    d["metadata"] = draw(metadata)
+    d.update(draw(st.dictionaries(st.sampled_from(["extra", "level"]), json_values, max_size=2)))
+    if draw(st.booleans()):
+        d["seq"] = draw(st.integers(0, 2**62))
+    return orjson.dumps(d)
+
+
 @st.composite
 def arbitrary_lines(draw: st.DrawFn) -> bytes:
     """A line as any writer might produce it, or a damaged one."""
+    if draw(st.integers(0, 2)) == 0:
+        return draw(writer_layout_lines())
     d: dict[str, Any] = draw(plain_events)
     if draw(st.integers(0, 9)) == 0:  # a field of the wrong type, or missing
         key = draw(st.sampled_from(KEYS))
