@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
+from conftest import quick, write_session
 from sigil import _native
 from sigil.telemetry.execution_logger import ExecutionLogger
 from sigil.telemetry.log_parser import parse_lines
@@ -146,6 +148,32 @@ def test_parse_10k_json(benchmark: Any, lines_10k: list[bytes]) -> None:
 
 
 # -- folding a whole session ----------------------------------------------
+#
+# Issue 9's targets, checked against rows of the same run: the fold of 1M
+# entries at least 10x orjson-per-line Python with the default threads, at
+# least 6 M entries/s on one thread, and at least 1.5x faster than DuckDB's
+# read_json (explicit columns, 2 threads) at 1M and 10M entries. `cat` of the
+# same file is the floor. The 10M rows (a 2.3 GB file) run only in the full
+# `make bench`: quick mode leaves that size out of the parameters.
+
+FOLD_SIZES = ["10k", "1m"] if quick() else ["10k", "1m", "10m"]
+ENTRIES = {"10k": 10_000, "1m": 1_000_000, "10m": 10_000_000}
+
+
+@pytest.fixture(scope="module")
+def fold_session(request: pytest.FixtureRequest, bench_dir: Path) -> Any:
+    """The session file of a size, written once per module."""
+    cache: dict[str, Path] = {}
+
+    def get(size: str) -> Path:
+        if size not in cache:
+            if size == "10m":
+                cache[size] = write_session(bench_dir / "s10m" / "execution.jsonl", 10_000_000)
+            else:
+                cache[size] = request.getfixturevalue(f"session_{size}")
+        return cache[size]
+
+    return get
 
 
 def _py_fold(path: Path) -> int:
@@ -161,27 +189,107 @@ def _py_fold(path: Path) -> int:
     return tokens
 
 
-@pytest.mark.parametrize("size", ["10k", "1m"])
-def test_fold_sigil(benchmark: Any, size: str, request: pytest.FixtureRequest) -> None:
-    path: Path = request.getfixturevalue(f"session_{size}")
-    n = 10_000 if size == "10k" else 1_000_000
+def _one_thread(fn: Any, *args: Any) -> Any:
+    """Run ``fn`` on one CPU: the fold sizes its thread pool by the CPUs this
+    process may use (sched_getaffinity), so this is its single-thread figure."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        return fn(*args)
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
+@pytest.mark.parametrize("size", FOLD_SIZES)
+def test_fold_sigil(benchmark: Any, size: str, fold_session: Any) -> None:
+    path: Path = fold_session(size)
+    n = ENTRIES[size]
     benchmark.group = f"fold {n:,} entries"
-    benchmark.extra_info.update(ops=n, baseline=f"test_fold_python_orjson[{size}]", aim_ratio=10)
+    benchmark.extra_info.update(
+        ops=n,
+        baselines={
+            f"test_fold_python_orjson[{size}]": 10,
+            f"test_fold_duckdb[{size}]": 1.5 if size != "10k" else None,
+            f"test_fold_cat[{size}]": None,
+        },
+    )
     if size == "1m":
-        # The issue's aim: 10x orjson-per-line Python measured at ~0.7 M/s, i.e. ~7 M/s.
-        benchmark.extra_info["aim_ops_per_s"] = 7_000_000
-    rounds = 5 if size == "10k" else 2
-    summary = benchmark.pedantic(_native.fold_file, args=(path,), rounds=rounds)
+        # 10x orjson-per-line measured at ~1.1 M/s on the reference 2-core machine.
+        benchmark.extra_info["aim_ops_per_s"] = 11_000_000
+    rounds = {"10k": 5, "1m": 3, "10m": 2}[size]
+    summary = benchmark.pedantic(_native.fold_file, args=(path,), rounds=rounds, warmup_rounds=1)
+    assert summary["entries"] == n and summary["malformed"] == 0
+
+
+@pytest.mark.parametrize("size", ["1m"])
+def test_fold_sigil_one_thread(benchmark: Any, size: str, fold_session: Any) -> None:
+    path: Path = fold_session(size)
+    n = ENTRIES[size]
+    benchmark.group = f"fold {n:,} entries"
+    benchmark.extra_info.update(
+        ops=n, baselines={f"test_fold_python_orjson[{size}]": None}, aim_ops_per_s=6_000_000
+    )
+    summary = benchmark.pedantic(
+        _one_thread, args=(_native.fold_file, path), rounds=3, warmup_rounds=1
+    )
     assert summary["entries"] == n
 
 
-@pytest.mark.parametrize("size", ["10k", "1m"])
-def test_fold_python_orjson(benchmark: Any, size: str, request: pytest.FixtureRequest) -> None:
-    path: Path = request.getfixturevalue(f"session_{size}")
-    n = 10_000 if size == "10k" else 1_000_000
+@pytest.mark.parametrize("size", FOLD_SIZES)
+def test_fold_python_orjson(benchmark: Any, size: str, fold_session: Any) -> None:
+    path: Path = fold_session(size)
+    n = ENTRIES[size]
     benchmark.group = f"fold {n:,} entries"
     benchmark.extra_info.update(ops=n)
     benchmark.pedantic(_py_fold, args=(path,), rounds=5 if size == "10k" else 1)
+
+
+def _duckdb_fold(con: Any, path: Path) -> list[tuple[Any, ...]]:
+    """The same totals through DuckDB: every column given, as a user who knows
+    the format would write it (no schema sampling)."""
+    columns = (
+        "{timestamp: 'VARCHAR', session_id: 'VARCHAR', event_type: 'VARCHAR', "
+        "component: 'VARCHAR', message: 'VARCHAR', tokens: 'UBIGINT', metadata: 'JSON', "
+        "seq: 'UBIGINT'}"
+    )
+    query = (
+        "SELECT component, event_type, count(*), sum(tokens), max(seq) "
+        f"FROM read_json(?, format = 'newline_delimited', columns = {columns}) "
+        "GROUP BY ALL"
+    )
+    return con.execute(query, [str(path)]).fetchall()
+
+
+@pytest.mark.parametrize("size", FOLD_SIZES)
+def test_fold_duckdb(benchmark: Any, size: str, fold_session: Any) -> None:
+    import duckdb  # a test-only dependency (pyproject's test extra)
+
+    path: Path = fold_session(size)
+    n = ENTRIES[size]
+    benchmark.group = f"fold {n:,} entries"
+    benchmark.extra_info.update(ops=n)
+    con = duckdb.connect()
+    con.execute("SET threads = 2")
+    rows = benchmark.pedantic(
+        _duckdb_fold, args=(con, path), rounds={"10k": 5, "1m": 3, "10m": 2}[size], warmup_rounds=1
+    )
+    assert sum(r[2] for r in rows) == n
+    con.close()
+
+
+@pytest.mark.parametrize("size", FOLD_SIZES)
+def test_fold_cat(benchmark: Any, size: str, fold_session: Any) -> None:
+    """The floor: `cat` of the file to /dev/null (the page cache is warm)."""
+    path: Path = fold_session(size)
+    n = ENTRIES[size]
+    benchmark.group = f"fold {n:,} entries"
+    benchmark.extra_info.update(ops=n)
+    run = subprocess.run
+    benchmark.pedantic(
+        lambda: run(["cat", str(path)], stdout=subprocess.DEVNULL, check=True),
+        rounds=5,
+        warmup_rounds=1,
+    )
 
 
 # -- tailing ---------------------------------------------------------------
@@ -210,9 +318,7 @@ def _py_tail_all(f: Any) -> int:
 def test_tail_read_sigil(benchmark: Any, session_10k: Path) -> None:
     benchmark.group = "tail read 10,000 lines"
     benchmark.extra_info.update(ops=10_000, baseline="test_tail_read_python")
-    n = benchmark.pedantic(
-        _tail_all, setup=lambda: ((_native.Tailer(session_10k),), {}), rounds=50
-    )
+    n = benchmark.pedantic(_tail_all, setup=lambda: ((_native.Tailer(session_10k),), {}), rounds=50)
     assert n == 10_000
 
 

@@ -16,7 +16,8 @@ use serde_json::Value;
 
 use crate::fxhash::FxMap as HashMap;
 use crate::parse::{
-    for_each_line, is_json, parse_line, parse_line_lazy, Event, Malformed, RawEvent,
+    for_each_line, json_f64, json_u64, parse_line, parse_line_picking, Event, Malformed, Picks,
+    RawEvent,
 };
 
 /// Distinct component / event-type names kept; the rest fold into `OTHER`.
@@ -147,6 +148,45 @@ fn needs_meta(kind: &str) -> bool {
     )
 }
 
+/// The metadata keys the fold reads, picked by the parser's fast path.
+const META_KEYS: [&str; 6] = [
+    "latency_ms",
+    "budget",
+    "status",
+    "run",
+    "allocations",
+    "dropped",
+];
+
+/// The metadata values the fold uses (the parser has validated the metadata).
+fn fold_meta(event: &RawEvent<'_>, picks: Option<Picks<'_, 6>>) -> FoldMeta {
+    match (event.metadata, picks) {
+        (Some(_), _) if !needs_meta(&event.event_type) => FoldMeta::default(),
+        // The fast path picked the values: no second parse.
+        (Some(_), Some([latency_ms, budget, status, run, allocations, dropped])) => FoldMeta {
+            latency_ms: latency_ms.and_then(json_f64),
+            budget: budget.and_then(json_u64),
+            status: text_num(status),
+            run: run.and_then(json_u64),
+            allocations: text_num(allocations),
+            dropped: dropped.and_then(json_u64),
+        },
+        (Some(text), None) => match serde_json::from_str::<MetaKeys<'_>>(text) {
+            Ok(keys) => FoldMeta::from_keys(&keys),
+            // Duplicate keys make the struct parse fail on valid JSON:
+            // read them as a map, the last value winning as in Python.
+            Err(_) => serde_json::from_str::<serde_json::Map<String, Value>>(text)
+                .map(|map| FoldMeta::from_map(&map))
+                .unwrap_or_default(),
+        },
+        (None, _) => FoldMeta::default(),
+    }
+}
+
+fn text_num<T: for<'de> Deserialize<'de>>(text: Option<&str>) -> Option<T> {
+    text.and_then(|t| serde_json::from_str(t).ok())
+}
+
 fn num<T: for<'de> Deserialize<'de>>(raw: Option<&RawValue>) -> Option<T> {
     raw.and_then(|r| serde_json::from_str(r.get()).ok())
 }
@@ -228,33 +268,13 @@ impl FoldState {
     /// Fold one line (without `\n`) found at `offset`.
     pub fn feed_line(&mut self, line: &[u8], offset: u64) {
         self.lines += 1;
-        let (event, checked) = match parse_line_lazy(line, false) {
-            Ok(parsed) => parsed,
-            Err(reason) => return self.note_malformed(offset, reason),
-        };
-        // Parse the metadata keys the fold needs; on the fast path this is also
-        // the metadata's validation (one pass instead of two).
-        let meta = match event.metadata {
-            Some(text) if needs_meta(&event.event_type) => {
-                match serde_json::from_str::<MetaKeys<'_>>(text) {
-                    Ok(keys) => FoldMeta::from_keys(&keys),
-                    // Duplicate keys make the struct parse fail on valid JSON:
-                    // read them as a map, the last value winning as in Python.
-                    Err(_) => match serde_json::from_str::<serde_json::Map<String, Value>>(text) {
-                        Ok(map) => FoldMeta::from_map(&map),
-                        Err(_) => {
-                            return self.note_malformed(offset, "invalid JSON in `metadata`".into())
-                        }
-                    },
-                }
+        match parse_line_picking(line, &META_KEYS) {
+            Ok((event, picks)) => {
+                self.feed_event(&event, &fold_meta(&event, picks));
+                self.remember(line, offset);
             }
-            Some(text) if !checked && !is_json(text) => {
-                return self.note_malformed(offset, "invalid JSON in `metadata`".into());
-            }
-            _ => FoldMeta::default(),
-        };
-        self.feed_event(&event, &meta);
-        self.remember(line, offset);
+            Err(reason) => self.note_malformed(offset, reason),
+        }
     }
 
     fn remember(&mut self, line: &[u8], offset: u64) {

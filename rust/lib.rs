@@ -8,6 +8,7 @@ pub mod errors;
 pub mod fold;
 pub mod fxhash;
 pub mod parse;
+pub mod scan;
 pub mod tailer;
 pub mod writer;
 
@@ -643,12 +644,15 @@ impl PyAppendWriter {
     ) -> PyResult<u64> {
         let tokens: u64 = match tokens {
             None => 0,
-            Some(t) => t.extract().map_err(|_| {
-                value_error(format!(
-                    "tokens must be an int from 0 to 2**64-1, not {}",
-                    t.repr().map_or_else(|_| "?".to_string(), |r| r.to_string())
-                ))
-            })?,
+            Some(t) => match t.extract::<u64>() {
+                Ok(n) if n <= parse::MAX_TOKENS => n,
+                _ => {
+                    return Err(value_error(format!(
+                        "tokens must be an int from 0 to 2**53, not {}",
+                        t.repr().map_or_else(|_| "?".to_string(), |r| r.to_string())
+                    )))
+                }
+            },
         };
         self.inner
             .write_event(
@@ -936,5 +940,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(tail_max_seq, m)?)?;
     m.add("MAX_LINE_BYTES", DEFAULT_MAX_LINE)?;
     m.add("MAX_BUFFER_BYTES", writer::MAX_BUFFER_BYTES)?;
+    m.add("MAX_DEPTH", parse::MAX_DEPTH)?;
+    m.add("MAX_TOKENS", parse::MAX_TOKENS)?;
     Ok(())
 }

@@ -1,40 +1,167 @@
 //! Parsing one JSON line into an event (ARCHITECTURE.md contracts 1 and 6).
 //!
 //! Pure Rust: no Python here. A line is valid when it is a JSON object with the
-//! spec's required string fields, a non-negative integer `tokens` (default 0),
-//! an optional non-negative integer `seq` and an optional object `metadata`.
-//! Anything else is reported as malformed with a reason; nothing panics.
+//! spec's required string fields, an integer `tokens` from 0 to 2^53 (default
+//! 0), an optional non-negative integer `seq` and an optional object
+//! `metadata`, with no value nested deeper than [`MAX_DEPTH`] levels; a key
+//! given twice keeps its last value, as Python's `json` reads it. Anything
+//! else is reported as malformed with a reason; nothing panics.
+//!
+//! Two parsers, one verdict: a fast path for the layout sigil's writer
+//! produces, and the general (serde) parser for every other line. The fast
+//! path only ever hands a line to the general parser, never rules it
+//! malformed; `reference` and `fuzz/` compare both with plain JSON.
 
 use std::borrow::Cow;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::scan::LineIndex;
+
+/// The largest `tokens` a line may hold (issue 11): 2^53, the largest integer
+/// every JSON reader (a double in JavaScript, jq) holds exactly, so every
+/// reader gives the same total. A line above it is malformed.
+pub const MAX_TOKENS: u64 = 1 << 53;
+
+/// How deep a value of an event (its `metadata`, or any other key) may nest,
+/// the value itself counting as one level: `{}` is 1, `{"a":[1]}` is 2. The
+/// writer applies the same bound, so a session can never hold a line its
+/// readers refuse; deeper is malformed, never a recursion error.
+pub const MAX_DEPTH: usize = 64;
+
 /// An event borrowed from the line it was parsed from.
-#[derive(Debug, Deserialize)]
+#[derive(Debug)]
 pub struct RawEvent<'a> {
-    #[serde(borrow)]
     pub timestamp: Cow<'a, str>,
-    #[serde(borrow)]
     pub session_id: Cow<'a, str>,
-    #[serde(borrow)]
     pub event_type: Cow<'a, str>,
-    #[serde(borrow)]
     pub component: Cow<'a, str>,
-    #[serde(borrow)]
     pub message: Cow<'a, str>,
-    #[serde(default)]
     pub tokens: u64,
-    #[serde(default)]
     pub seq: Option<u64>,
     /// The metadata object's JSON text.
-    #[serde(default, borrow, deserialize_with = "raw_text")]
     pub metadata: Option<&'a str>,
 }
 
-fn raw_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de str>, D::Error> {
-    let raw: Option<&'de RawValue> = Option::deserialize(d)?;
-    Ok(raw.map(RawValue::get))
+/// The event's keys, in the order of [`Fields`].
+const KEYS: [&str; 8] = [
+    "timestamp",
+    "session_id",
+    "event_type",
+    "component",
+    "message",
+    "tokens",
+    "seq",
+    "metadata",
+];
+
+/// The raw JSON of each event key. A key given twice keeps its last value, as
+/// Python's `json` and orjson do (RFC 8259 leaves duplicates to the reader), so
+/// the fold's totals equal a plain JSON sum whatever the line.
+struct Fields<'a>([Option<&'a RawValue>; 8]);
+
+impl<'de> Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Key(Option<usize>);
+        impl<'de> Deserialize<'de> for Key {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl serde::de::Visitor<'_> for V {
+                    type Value = Key;
+                    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                        f.write_str("a key")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, k: &str) -> Result<Key, E> {
+                        Ok(Key(KEYS.iter().position(|x| *x == k)))
+                    }
+                }
+                d.deserialize_identifier(V)
+            }
+        }
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("struct RawEvent")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = [None; 8];
+                while let Some(Key(k)) = m.next_key()? {
+                    match k {
+                        Some(i) => {
+                            // Name the key whose value is not JSON (the
+                            // monitor shows this reason).
+                            let v = m.next_value::<&'de RawValue>().map_err(|e| {
+                                let e = e.to_string();
+                                let e = e.rsplit_once(" at line ").map_or(&*e, |(head, _)| head);
+                                serde::de::Error::custom(format!(
+                                    "invalid JSON in `{}`: {e}",
+                                    KEYS[i]
+                                ))
+                            })?;
+                            out[i] = Some(v);
+                        }
+                        None => {
+                            m.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(Fields(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'a> Fields<'a> {
+    fn into_event(self) -> Result<RawEvent<'a>, String> {
+        let [ts, sid, kind, comp, msg, tokens, seq, meta] = self.0;
+        let text = |i: usize, raw: Option<&'a RawValue>| -> Result<Cow<'a, str>, String> {
+            let raw = raw.ok_or_else(|| format!("missing field `{}`", KEYS[i]))?;
+            let json = raw.get();
+            // A string without escapes is its own text; RawValue checked it.
+            if json.len() >= 2 && json.starts_with('"') && !json.contains('\\') {
+                return Ok(Cow::Borrowed(&json[1..json.len() - 1]));
+            }
+            serde_json::from_str::<String>(json)
+                .map(Cow::Owned)
+                .map_err(|e| field_error(KEYS[i], e))
+        };
+        let event = RawEvent {
+            timestamp: text(0, ts)?,
+            session_id: text(1, sid)?,
+            event_type: text(2, kind)?,
+            component: text(3, comp)?,
+            message: text(4, msg)?,
+            tokens: match tokens {
+                None => 0,
+                Some(raw) => match serde_json::from_str::<u64>(raw.get()) {
+                    Ok(t) if t <= MAX_TOKENS => t,
+                    Ok(t) => return Err(format!("`tokens` out of range: {t} is above 2**53")),
+                    Err(e) => return Err(field_error("tokens", e)),
+                },
+            },
+            seq: match seq {
+                None => None,
+                Some(raw) => serde_json::from_str(raw.get()).map_err(|e| field_error("seq", e))?,
+            },
+            metadata: meta.map(RawValue::get).filter(|m| *m != "null"),
+        };
+        if let Some(m) = event.metadata {
+            if !m.starts_with('{') {
+                return Err("`metadata` is not an object".to_string());
+            }
+        }
+        Ok(event)
+    }
+}
+
+fn field_error(key: &str, e: serde_json::Error) -> String {
+    format!("`{key}`: {}", describe(e))
 }
 
 /// An event that owns its data, for records handed to Python.
@@ -78,22 +205,40 @@ pub struct Malformed {
 
 /// Parse one line (without its `\n`). A trailing `\r` is tolerated.
 pub fn parse_line(line: &[u8]) -> Result<RawEvent<'_>, String> {
-    parse_line_lazy(line, true).map(|(e, _)| e)
+    parse_line_picking(line, &[]).map(|(event, _)| event)
 }
 
-/// Like [`parse_line`], but on the fast path the metadata object's JSON may be
-/// left for the caller to validate (the fold parses it anyway for the keys it
-/// needs). Returns whether the metadata was validated.
-pub fn parse_line_lazy(line: &[u8], validate_meta: bool) -> Result<(RawEvent<'_>, bool), String> {
+/// The JSON text of each picked metadata key's value (None: not in the line).
+pub type Picks<'a, const N: usize> = [Option<&'a str>; N];
+
+/// [`parse_line`], also picking the JSON text of the metadata's top-level
+/// `keys` (the last value of a key given twice, as Python's `json` reads it)
+/// when the fast path took the line, so the caller need not parse the
+/// metadata again. None when the general parser took it.
+pub fn parse_line_picking<'a, const N: usize>(
+    line: &'a [u8],
+    keys: &[&str; N],
+) -> Result<(RawEvent<'a>, Option<Picks<'a, N>>), String> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    if let Some(event) = fast_parse(line, validate_meta) {
-        return Ok((event, validate_meta));
+    if let Some((event, picks)) = fast_parse(line, keys) {
+        return Ok((event, Some(picks)));
     }
+    parse_general(line).map(|event| (event, None))
+}
+
+/// The general parser (serde): any key order, escapes, extra keys. Decides
+/// every line the fast path does not take.
+pub fn parse_general(line: &[u8]) -> Result<RawEvent<'_>, String> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
     if line.iter().all(|b| b.is_ascii_whitespace()) {
         return Err("empty line".to_string());
     }
-    if std::str::from_utf8(line).is_err() {
+    let Ok(text) = std::str::from_utf8(line) else {
         return Err("invalid UTF-8".to_string());
+    };
+    // Bounded here, before serde (whose own limit is 128 and an error).
+    if nesting_exceeds(line, MAX_DEPTH + 1) {
+        return Err(format!("nested deeper than {MAX_DEPTH} levels"));
     }
     // serde would also accept an array in place of a struct; events are objects.
     let first = line.iter().find(|b| !b.is_ascii_whitespace());
@@ -105,118 +250,310 @@ pub fn parse_line_lazy(line: &[u8], validate_meta: bool) -> Result<(RawEvent<'_>
             },
         );
     }
-    let event: RawEvent<'_> = serde_json::from_slice(line).map_err(describe)?;
-    if let Some(meta) = event.metadata {
-        if !meta.starts_with('{') {
-            return Err("`metadata` is not an object".to_string());
-        }
-    }
-    Ok((event, true))
+    let fields: Fields<'_> = serde_json::from_str(text).map_err(describe)?;
+    fields.into_event()
 }
 
-/// The layout sigil's own writer produces, with no escapes in its strings:
-/// `{"timestamp":"..","session_id":"..","event_type":"..","component":"..",
-/// "message":"..","tokens":N,"metadata":{..},"seq":N}`. Parsed by hand in one
-/// pass (the metadata object is still validated by serde); anything else
-/// returns `None` and goes through the general parser, so results are the same.
-fn fast_parse(line: &[u8], validate_meta: bool) -> Option<RawEvent<'_>> {
-    let text = std::str::from_utf8(line).ok()?;
-    let mut c = Cursor { s: text, i: 0 };
-    c.lit("{\"timestamp\":")?;
-    let timestamp = c.plain_str()?;
-    c.lit(",\"session_id\":")?;
-    let session_id = c.plain_str()?;
-    c.lit(",\"event_type\":")?;
-    let event_type = c.plain_str()?;
-    c.lit(",\"component\":")?;
-    let component = c.plain_str()?;
-    c.lit(",\"message\":")?;
-    let message = c.plain_str()?;
-    c.lit(",\"tokens\":")?;
-    let tokens = c.uint()?;
-    c.lit(",\"metadata\":")?;
-    // The metadata object runs up to the `,"seq":N}` that ends the line.
-    let rest = text[c.i..].strip_suffix('}')?;
-    let digits = rest.len() - rest.trim_end_matches(|ch: char| ch.is_ascii_digit()).len();
-    let (meta, seq_text) = rest.split_at(rest.len() - digits);
-    let meta = meta.strip_suffix(",\"seq\":")?;
-    let seq = Cursor { s: seq_text, i: 0 }.uint_all()?;
-    if !meta.starts_with('{') || !meta.ends_with('}') {
+/// Whether brackets outside strings nest deeper than `max` anywhere in `line`.
+fn nesting_exceeds(line: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while let Some(n) = memchr::memchr3(b'"', b'{', b'[', &line[i..]).map(|n| i + n) {
+        // Closing brackets between here and the last stop lower the depth.
+        depth = depth.saturating_sub(count_closers(&line[i..n]));
+        i = n + 1;
+        match line[n] {
+            b'"' => match skip_string(line, i) {
+                Some(end) => i = end,
+                None => return false, // an unterminated string: invalid JSON anyway
+            },
+            _ => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+        }
+    }
+    false
+}
+
+fn count_closers(bytes: &[u8]) -> usize {
+    bytes.iter().filter(|&&b| b == b'}' || b == b']').count()
+}
+
+/// The index just past the closing quote of a string whose body starts at `i`.
+fn skip_string(bytes: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        i += memchr::memchr2(b'"', b'\\', bytes.get(i..)?)?;
+        if bytes[i] == b'"' {
+            return Some(i + 1);
+        }
+        i += 2;
+    }
+}
+
+/// A JSON value's text read as a non-negative integer, as serde reads a
+/// `u64` (a fraction, exponent, sign or anything else is not one).
+pub fn json_u64(text: &str) -> Option<u64> {
+    let b = text.as_bytes();
+    if b.is_empty() || b.len() > 20 || (b.len() > 1 && b[0] == b'0') {
         return None;
     }
-    if validate_meta && !is_json(meta) {
-        return None;
-    }
-    Some(RawEvent {
-        timestamp: Cow::Borrowed(timestamp),
-        session_id: Cow::Borrowed(session_id),
-        event_type: Cow::Borrowed(event_type),
-        component: Cow::Borrowed(component),
-        message: Cow::Borrowed(message),
-        tokens,
-        seq: Some(seq),
-        metadata: Some(meta),
+    b.iter().try_fold(0u64, |v, &c| {
+        let d = c.wrapping_sub(b'0');
+        (d <= 9).then_some(())?;
+        v.checked_mul(10)?.checked_add(u64::from(d))
     })
 }
 
-/// Whether `text` is one valid JSON value.
-pub fn is_json(text: &str) -> bool {
-    serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok()
+/// A JSON value's text read as a number, as serde reads an `f64` (the value
+/// nearest the decimal; not a number gives None). Past the double range it
+/// gives an infinity where serde gives an error: callers keep finite values.
+pub fn json_f64(text: &str) -> Option<f64> {
+    // Rust's float grammar also takes "inf", "NaN" and "+1", which JSON does
+    // not: a JSON number starts with a digit or a minus.
+    match text.as_bytes().first() {
+        Some(b'-' | b'0'..=b'9') => text.parse().ok(),
+        _ => None,
+    }
 }
 
-struct Cursor<'a> {
-    s: &'a str,
-    i: usize,
+/// The layout sigil's own writer produces:
+/// `{"timestamp":"..","session_id":"..","event_type":"..","component":"..",
+/// "message":"..","tokens":N,"metadata":{..},"seq":N}` with no backslash or
+/// control byte anywhere. Checked against a SIMD index of the line's quotes
+/// (`scan.rs`) with literal key comparisons, integers parsed directly and the
+/// metadata validated in the same pass; UTF-8 is validated only when the line
+/// has a non-ASCII byte. Anything else returns `None` and goes to the general
+/// parser, never straight to "malformed", so the result is the general
+/// parser's (the comparison tests and `fuzz/` check it).
+fn fast_parse<'a, const N: usize>(
+    line: &'a [u8],
+    keys: &[&str; N],
+) -> Option<(RawEvent<'a>, Picks<'a, N>)> {
+    let mut f = Fast {
+        line,
+        ix: LineIndex::new(line),
+        keys,
+        picks: [None; N],
+    };
+    let p = f.lit(0, b"{\"timestamp\":\"")?;
+    let (ts, p) = f.string_body(p)?;
+    let p = f.lit(p, b"\",\"session_id\":\"")?;
+    let (sid, p) = f.string_body(p)?;
+    let p = f.lit(p, b"\",\"event_type\":\"")?;
+    let (kind, p) = f.string_body(p)?;
+    let p = f.lit(p, b"\",\"component\":\"")?;
+    let (comp, p) = f.string_body(p)?;
+    let p = f.lit(p, b"\",\"message\":\"")?;
+    let (msg, p) = f.string_body(p)?;
+    let p = f.lit(p, b"\",\"tokens\":")?;
+    let (tokens, p) = f.uint(p)?;
+    if tokens > MAX_TOKENS {
+        return None;
+    }
+    let p = f.lit(p, b",\"metadata\":")?;
+    let meta_start = p;
+    let p = f.object(p, 1)?;
+    let meta_end = p;
+    let p = f.lit(p, b",\"seq\":")?;
+    let (seq, p) = f.uint(p)?;
+    if p + 1 != line.len() || line[p] != b'}' {
+        return None;
+    }
+    let seen = f.ix.finish();
+    if seen.unusual {
+        return None;
+    }
+    let text = if seen.non_ascii {
+        std::str::from_utf8(line).ok()?
+    } else {
+        // SAFETY: every byte is below 0x80 (the index saw no other), and
+        // ASCII is valid UTF-8.
+        unsafe { std::str::from_utf8_unchecked(line) }
+    };
+    // Every range ends at an ASCII byte (a quote or a delimiter), so each is
+    // on a character boundary; `get` keeps that checked.
+    let s = |r: (usize, usize)| text.get(r.0..r.1).map(Cow::Borrowed);
+    let event = RawEvent {
+        timestamp: s(ts)?,
+        session_id: s(sid)?,
+        event_type: s(kind)?,
+        component: s(comp)?,
+        message: s(msg)?,
+        tokens,
+        seq: Some(seq),
+        metadata: Some(text.get(meta_start..meta_end)?),
+    };
+    let mut picks = [None; N];
+    for (pick, range) in picks.iter_mut().zip(f.picks) {
+        if let Some((a, b)) = range {
+            *pick = Some(text.get(a..b)?);
+        }
+    }
+    Some((event, picks))
 }
 
-impl<'a> Cursor<'a> {
-    fn lit(&mut self, want: &str) -> Option<()> {
-        if self.s[self.i..].starts_with(want) {
-            self.i += want.len();
-            Some(())
-        } else {
-            None
-        }
+/// The fast path's cursor: positions in `line`, quotes found through `ix`.
+struct Fast<'a, 'k, const N: usize> {
+    line: &'a [u8],
+    ix: LineIndex<'a>,
+    /// Top-level metadata keys to pick, and where their values were seen.
+    keys: &'k [&'k str; N],
+    picks: [Option<(usize, usize)>; N],
+}
+
+impl<const N: usize> Fast<'_, '_, N> {
+    /// `want` at `p` (a fixed-size compare the compiler inlines).
+    #[inline]
+    fn lit<const L: usize>(&self, p: usize, want: &[u8; L]) -> Option<usize> {
+        let got: &[u8; L] = self.line.get(p..p + L)?.try_into().ok()?;
+        (got == want).then_some(p + L)
     }
 
-    /// A string without escapes or control characters.
-    fn plain_str(&mut self) -> Option<&'a str> {
-        let bytes = self.s.as_bytes();
-        if bytes.get(self.i) != Some(&b'"') {
-            return None;
-        }
-        let start = self.i + 1;
-        let len = memchr::memchr2(b'"', b'\\', &bytes[start..])?;
-        let end = start + len;
-        if bytes[end] != b'"' || bytes[start..end].iter().any(|&b| b < 0x20) {
-            return None;
-        }
-        self.i = end + 1;
-        Some(&self.s[start..end])
+    /// A string whose body starts at `p`: (body range, position of its closing
+    /// quote). With no backslash in the line the next quote ends it.
+    #[inline]
+    fn string_body(&mut self, p: usize) -> Option<((usize, usize), usize)> {
+        let end = self.ix.next_quote(p)?;
+        Some(((p, end), end))
     }
 
-    /// A non-negative JSON integer (no sign, fraction, exponent or leading zero).
-    fn uint(&mut self) -> Option<u64> {
-        let bytes = self.s.as_bytes();
-        let start = self.i;
+    /// A JSON integer from 0 to 2^64-1 (no sign, fraction, exponent or
+    /// leading zero): (value, position after it).
+    fn uint(&self, p: usize) -> Option<(u64, usize)> {
+        let digits = self.line.get(p..)?;
         let mut v: u64 = 0;
-        while let Some(&b) = bytes.get(self.i) {
-            if !b.is_ascii_digit() {
+        let mut n = 0;
+        for &b in digits {
+            let d = b.wrapping_sub(b'0');
+            if d > 9 {
                 break;
             }
-            v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
-            self.i += 1;
+            v = v.checked_mul(10)?.checked_add(u64::from(d))?;
+            n += 1;
         }
-        let n = self.i - start;
-        if n == 0 || (n > 1 && bytes[start] == b'0') {
+        if n == 0 || (n > 1 && digits[0] == b'0') {
             return None;
         }
-        Some(v)
+        Some((v, p + n))
     }
 
-    fn uint_all(mut self) -> Option<u64> {
-        let v = self.uint()?;
-        (self.i == self.s.len()).then_some(v)
+    fn spaces(&self, mut p: usize) -> usize {
+        // Tab, CR and LF are control bytes: such lines never reach here.
+        while self.line.get(p) == Some(&b' ') {
+            p += 1;
+        }
+        p
+    }
+
+    /// One JSON value at `p` nested `depth` levels into the metadata; the
+    /// position after it. Validates as serde_json does.
+    fn value(&mut self, p: usize, depth: usize) -> Option<usize> {
+        match *self.line.get(p)? {
+            b'{' => self.object(p, depth + 1),
+            b'[' => self.array(p, depth + 1),
+            b'"' => self.ix.next_quote(p + 1).map(|q| q + 1),
+            b't' => self.lit(p, b"true"),
+            b'f' => self.lit(p, b"false"),
+            b'n' => self.lit(p, b"null"),
+            b'-' | b'0'..=b'9' => self.number(p),
+            _ => None,
+        }
+    }
+
+    /// An object at `p` that is nesting level `depth` (the metadata is 1).
+    fn object(&mut self, p: usize, depth: usize) -> Option<usize> {
+        if depth > MAX_DEPTH || self.line.get(p) != Some(&b'{') {
+            return None;
+        }
+        let mut p = self.spaces(p + 1);
+        if self.line.get(p) == Some(&b'}') {
+            return Some(p + 1);
+        }
+        loop {
+            if self.line.get(p) != Some(&b'"') {
+                return None;
+            }
+            let key_end = self.ix.next_quote(p + 1)?;
+            let key = (p + 1, key_end);
+            p = self.spaces(key_end + 1);
+            if self.line.get(p) != Some(&b':') {
+                return None;
+            }
+            let start = self.spaces(p + 1);
+            let end = self.value(start, depth)?;
+            if depth == 1 {
+                let name = &self.line[key.0..key.1];
+                if let Some(i) = self.keys.iter().position(|k| k.as_bytes() == name) {
+                    self.picks[i] = Some((start, end)); // the last one wins
+                }
+            }
+            p = self.spaces(end);
+            match self.line.get(p)? {
+                b',' => p = self.spaces(p + 1),
+                b'}' => return Some(p + 1),
+                _ => return None,
+            }
+        }
+    }
+
+    fn array(&mut self, p: usize, depth: usize) -> Option<usize> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        let mut p = self.spaces(p + 1);
+        if self.line.get(p) == Some(&b']') {
+            return Some(p + 1);
+        }
+        loop {
+            let end = self.value(p, depth)?;
+            p = self.spaces(end);
+            match self.line.get(p)? {
+                b',' => p = self.spaces(p + 1),
+                b']' => return Some(p + 1),
+                _ => return None,
+            }
+        }
+    }
+
+    /// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`
+    fn number(&self, mut p: usize) -> Option<usize> {
+        let b = self.line;
+        let digits = |p: usize| {
+            b[p.min(b.len())..]
+                .iter()
+                .take_while(|c| c.is_ascii_digit())
+                .count()
+        };
+        if b.get(p) == Some(&b'-') {
+            p += 1;
+        }
+        match b.get(p)? {
+            b'0' => p += 1,
+            b'1'..=b'9' => p += digits(p),
+            _ => return None,
+        }
+        if b.get(p) == Some(&b'.') {
+            let n = digits(p + 1);
+            if n == 0 {
+                return None;
+            }
+            p += 1 + n;
+        }
+        if matches!(b.get(p), Some(b'e' | b'E')) {
+            p += 1;
+            if matches!(b.get(p), Some(b'+' | b'-')) {
+                p += 1;
+            }
+            let n = digits(p);
+            if n == 0 {
+                return None;
+            }
+            p += n;
+        }
+        Some(p)
     }
 }
 
@@ -290,6 +627,191 @@ pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// A second, plain implementation of what a line holds, built on
+/// `serde_json::Value` the way a user would (the last of duplicate keys wins),
+/// for the comparison tests and the fuzz target (`fuzz/`). Never used by the
+/// library itself.
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod reference {
+    use serde_json::{Map, Value};
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct RefEvent {
+        pub timestamp: String,
+        pub session_id: String,
+        pub event_type: String,
+        pub component: String,
+        pub message: String,
+        pub tokens: u64,
+        pub seq: Option<u64>,
+        pub metadata: Map<String, Value>,
+    }
+
+    #[derive(Debug)]
+    pub enum Verdict {
+        Valid(Box<RefEvent>),
+        Invalid,
+        /// Beyond what `Value` can hold (a float out of range): not compared.
+        Unknown,
+    }
+
+    pub fn verdict(line: &[u8]) -> Verdict {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let v: Value = match serde_json::from_slice(line) {
+            Ok(v) => v,
+            Err(e) if e.to_string().contains("number out of range") => return Verdict::Unknown,
+            Err(_) => return Verdict::Invalid,
+        };
+        event(v).map_or(Verdict::Invalid, |e| Verdict::Valid(Box::new(e)))
+    }
+
+    fn event(v: Value) -> Option<RefEvent> {
+        let Value::Object(mut o) = v else { return None };
+        let mut text = |k: &str| match o.remove(k) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        };
+        let (timestamp, session_id, event_type, component, message) = (
+            text("timestamp")?,
+            text("session_id")?,
+            text("event_type")?,
+            text("component")?,
+            text("message")?,
+        );
+        let int = |v: &Value| match v {
+            Value::Number(n) if n.is_u64() => n.as_u64(),
+            _ => None,
+        };
+        if o.values().any(|v| depth(v) > super::MAX_DEPTH) {
+            return None;
+        }
+        let tokens = match o.get("tokens") {
+            None => 0,
+            Some(v) => int(v).filter(|t| *t <= super::MAX_TOKENS)?,
+        };
+        let seq = match o.get("seq") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(int(v)?),
+        };
+        let metadata = match o.remove("metadata") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(m)) => m,
+            Some(_) => return None,
+        };
+        Some(RefEvent {
+            timestamp,
+            session_id,
+            event_type,
+            component,
+            message,
+            tokens,
+            seq,
+            metadata,
+        })
+    }
+
+    fn depth(v: &Value) -> usize {
+        match v {
+            Value::Array(a) => 1 + a.iter().map(depth).max().unwrap_or(0),
+            Value::Object(o) => 1 + o.values().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// Compare the parser with the reference on one line; panics with the line
+    /// on any disagreement.
+    pub fn check_line(line: &[u8]) {
+        let ours = super::parse_line(line);
+        let show = String::from_utf8_lossy(line);
+        let bare = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some((fast, _)) = super::fast_parse(bare, &[]) {
+            let general = super::parse_general(bare).unwrap_or_else(|e| {
+                panic!("fast path took a line the general one rejects ({e}): {show}")
+            });
+            assert_eq!(fast.to_owned_event(0), general.to_owned_event(0), "{show}");
+            let meta = fast.metadata.unwrap_or("{}");
+            if let Ok(map) = serde_json::from_str::<Map<String, Value>>(meta) {
+                for (k, v) in map {
+                    let (_, picks) = super::fast_parse(bare, &["?", k.as_str()]).unwrap();
+                    let text = picks[1].unwrap_or("?");
+                    let got: Value = serde_json::from_str(text).unwrap();
+                    assert_eq!(got, v, "key {k}: {show}");
+                    // The fold's number readers read as serde does.
+                    assert_eq!(
+                        super::json_u64(text),
+                        serde_json::from_str::<u64>(text).ok()
+                    );
+                    if let Ok(x) = serde_json::from_str::<f64>(text) {
+                        let y = super::json_f64(text).map(f64::to_bits);
+                        assert_eq!(y, Some(x.to_bits()), "{text}");
+                    } else {
+                        assert!(
+                            super::json_f64(text).is_none_or(|x| !x.is_finite()),
+                            "{text}"
+                        );
+                    }
+                }
+            }
+        }
+        match verdict(line) {
+            Verdict::Unknown => {}
+            Verdict::Invalid => assert!(ours.is_err(), "accepted an invalid line: {show}"),
+            Verdict::Valid(want) => {
+                let got = ours.unwrap_or_else(|e| panic!("rejected a valid line ({e}): {show}"));
+                assert_eq!(got.timestamp, want.timestamp, "{show}");
+                assert_eq!(got.session_id, want.session_id, "{show}");
+                assert_eq!(got.event_type, want.event_type, "{show}");
+                assert_eq!(got.component, want.component, "{show}");
+                assert_eq!(got.message, want.message, "{show}");
+                assert_eq!((got.tokens, got.seq), (want.tokens, want.seq), "{show}");
+                let meta: Value = serde_json::from_str(got.metadata.unwrap_or("{}")).unwrap();
+                assert_eq!(meta, Value::Object(want.metadata), "{show}");
+            }
+        }
+    }
+
+    /// Fold `data` (lines split at `\n`, a partial last line left out) and
+    /// compare the totals with a sum over the reference's valid lines.
+    pub fn check_fold(data: &[u8]) {
+        use crate::fold::{fold_reader, FoldState, MAX_NAMES};
+        use std::collections::HashMap;
+        let mut fold = FoldState::new(0);
+        fold_reader(&mut fold, &mut &data[..], 0, 1 << 20).unwrap();
+        let mut lines: Vec<&[u8]> = data.split(|b| *b == b'\n').collect();
+        lines.pop(); // the piece after the last newline is not a line yet
+        let (mut entries, mut tokens, mut bad) = (0u64, 0u64, 0u64);
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        let mut comps: HashMap<String, u64> = HashMap::new();
+        for line in &lines {
+            match verdict(line) {
+                Verdict::Unknown => return,
+                Verdict::Invalid => bad += 1,
+                Verdict::Valid(e) => {
+                    entries += 1;
+                    tokens = tokens.saturating_add(e.tokens);
+                    *counts.entry(e.event_type).or_default() += 1;
+                    let c = comps.entry(e.component).or_default();
+                    *c = c.saturating_add(e.tokens);
+                }
+            }
+        }
+        let show = String::from_utf8_lossy(data);
+        assert_eq!(fold.entries, entries, "{show}");
+        assert_eq!(fold.malformed + fold.oversize_lines, bad, "{show}");
+        assert_eq!(fold.tokens, tokens, "{show}");
+        if counts.len() < MAX_NAMES && comps.len() < MAX_NAMES {
+            let got: HashMap<String, u64> = fold.event_counts.into_iter().collect();
+            assert_eq!(got, counts, "{show}");
+            let got: HashMap<String, u64> = fold
+                .components
+                .into_iter()
+                .map(|(k, c)| (k, c.tokens))
+                .collect();
+            assert_eq!(got, comps, "{show}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,8 +876,8 @@ mod tests {
             GOOD.replace(r#""message":"ok""#, r#""message":"café ✓""#),
         ];
         for line in &lines {
-            let fast = fast_parse(line.as_bytes(), true).expect("fast path applies");
-            let slow: RawEvent<'_> = serde_json::from_str(line).unwrap();
+            let (fast, _) = fast_parse(line.as_bytes(), &[]).expect("fast path applies");
+            let slow = parse_general(line.as_bytes()).unwrap();
             assert_eq!(fast.to_owned_event(0), slow.to_owned_event(0), "{line}");
         }
         // Shapes the fast path must leave to the general parser (or reject).
@@ -369,7 +891,7 @@ mod tests {
             GOOD.replace(r#""seq":3}"#, r#""seq":99999999999999999999}"#),
         ];
         for line in &odd {
-            assert!(fast_parse(line.as_bytes(), true).is_none(), "{line}");
+            assert!(fast_parse(line.as_bytes(), &[]).is_none(), "{line}");
         }
         assert!(parse_line(odd[0].as_bytes()).is_err());
         assert!(parse_line(odd[1].as_bytes()).is_err());
@@ -378,6 +900,15 @@ mod tests {
         assert!(parse_line(odd[4].as_bytes()).is_err());
         assert!(parse_line(odd[5].as_bytes()).is_err());
         assert!(parse_line(odd[6].as_bytes()).is_err());
+    }
+
+    #[test]
+    fn a_key_after_metadata_goes_to_the_general_parser() {
+        let line = GOOD.replace(r#","seq":3}"#, r#","extra":{"x":"}"},"seq":3}"#);
+        assert!(fast_parse(line.as_bytes(), &[]).is_none());
+        let e = parse_line(line.as_bytes()).unwrap();
+        assert_eq!(e.metadata, Some(r#"{"latency_ms":1100}"#));
+        assert_eq!((e.tokens, e.seq), (50, Some(3)));
     }
 
     #[test]
@@ -412,5 +943,214 @@ mod tests {
         let mut out = vec![];
         push_json_str(&mut out, "\u{1}");
         assert_eq!(out, br#""\u0001""#);
+    }
+
+    /// A deterministic pseudo-random corpus (so `cargo test` runs what the
+    /// fuzz target does): event lines with keys in any order, extra and
+    /// duplicate keys, wrong types, escapes, non-ASCII, and byte mutations.
+    #[test]
+    fn the_parser_and_the_fold_agree_with_plain_json_on_a_random_corpus() {
+        let mut rng = Rng(0x5eed_1234_abcd_9876);
+        let mut block = Vec::new();
+        for n in 0..20_000 {
+            let line = random_line(&mut rng);
+            reference::check_line(&line);
+            block.extend_from_slice(&line);
+            block.push(b'\n');
+            if n % 50 == 49 {
+                reference::check_fold(&block);
+                block.clear();
+            }
+        }
+    }
+
+    /// The writer's layout, the fast path's input, sometimes damaged.
+    fn writer_layout_line(rng: &mut Rng) -> Vec<u8> {
+        let mut line = format!(
+            r#"{{"timestamp":{},"session_id":{},"event_type":{},"component":{},"message":{},"tokens":{},"metadata":{},"seq":{}}}"#,
+            rng.pick(PLAIN),
+            rng.pick(PLAIN),
+            rng.pick(PLAIN),
+            rng.pick(PLAIN),
+            rng.pick(PLAIN),
+            rng.pick(INTS),
+            rng.pick(METAS),
+            rng.pick(SEQS),
+        )
+        .into_bytes();
+        if rng.below(100) < 20 {
+            let at = rng.below(line.len());
+            line[at] = *rng.pick(b"{}[]\",:\\0a \t\x7f\xc3\xa9\xff\r");
+        }
+        line
+    }
+
+    pub(crate) struct Rng(pub u64);
+    impl Rng {
+        pub fn next(&mut self) -> u64 {
+            // xorshift64*
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        pub fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+        pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+            &items[self.below(items.len())]
+        }
+    }
+
+    const STRINGS: &[&str] = &[
+        r#""routing""#,
+        r#""step_complete""#,
+        r#""session_start""#,
+        r#""2026-01-11T10:15:33.234567+00:00""#,
+        r#""caf\u00e9 \"q\" \n""#,
+        r#""m\u00e9moire""#,
+        "\"mémoire ✓ 🚀\"",
+        r#""""#,
+        r#""a\\b""#,
+        r#""\ud83d\ude80""#,
+    ];
+    const WRONG: &[&str] = &[
+        "1",
+        "-1",
+        "1.5",
+        "2.0",
+        "1e3",
+        "true",
+        "null",
+        "[]",
+        "{}",
+        r#""7""#,
+        "-0",
+        "18446744073709551616",
+        "9007199254740993",
+    ];
+    const INTS: &[&str] = &[
+        "0",
+        "7",
+        "50",
+        "1100",
+        "9007199254740992",
+        "18446744073709551615",
+    ];
+    // seq = 2^64-1 overflows the fold's seq arithmetic (issue 9 defect 5, fold.rs).
+    const SEQS: &[&str] = &["0", "3", "4", "1100", "9007199254740992"];
+    const METAS: &[&str] = &[
+        "{}",
+        r#"{"latency_ms":1100.5,"model":"gpt-4o-mini"}"#,
+        r#"{"budget":1000,"run":2,"allocations":{"routing":10}}"#,
+        r#"{"a":"},\"seq\":1}","n":[1,{"b":"]"}]}"#,
+        r#"{"status":"error","status":"complete"}"#,
+        r#"{"latency_ms":1,"latency_ms":"x"}"#,
+        r#"{"dropped":4}"#,
+        r#"{"k\u00e9y":"v\\"}"#,
+        "null",
+        "[1]",
+        r#"{"a":}"#,
+        r#"{"a":[}"#,
+        r#"{"deep":[[[[[[[[{"x":[1]}]]]]]]]]}"#,
+        r#"{"n":-0,"m":1E+2,"o":0.5e-3,"p":-12.25}"#,
+        r#"{"a":0.1,"b":123456789012345678901234567890,"c":1.7976931348623157e308}"#,
+        r#"{"a":5e-324,"b":2.2250738585072011e-308,"c":943.3567169983137,"d":18446744073709551615}"#,
+        r#"{"latency_ms":13.114189588902203,"budget":18446744073709551616,"run":007}"#,
+        r#"{"n":01}"#,
+        r#"{"n":1.}"#,
+        r#"{"n":.5}"#,
+        r#"{"n":1e}"#,
+        r#"{"n":-}"#,
+        r#"{"n":tru}"#,
+        r#"{"n":nulls}"#,
+        r#"{ "a" : 1 , "b" : [ 1 , { } , [ ] ] }"#,
+        r#"{"a":1,}"#,
+        r#"{,}"#,
+        r#"{"a":[1,]}"#,
+        r#"{"a":1 "b":2}"#,
+        r#"{"a" 1}"#,
+        r#"{"n":1e400}"#,
+        r#"{"k":"}"}}"#,
+        r#"{"1":1,"2":2,"3":3,"4":4,"5":5,"6":6,"7":7,"8":8,"9":9,"latency_ms":4}"#,
+        r#"{"latency_ms":5,"latency_ms":6}"#,
+    ];
+    /// Strings the fast path takes (no backslash).
+    const PLAIN: &[&str] = &[
+        r#""routing""#,
+        r#""step_complete""#,
+        r#""session_start""#,
+        r#""step_error""#,
+        r#""2026-01-11T10:15:33.234567+00:00""#,
+        "\"mémoire ✓ 🚀\"",
+        r#""""#,
+    ];
+
+    fn random_line(rng: &mut Rng) -> Vec<u8> {
+        if rng.below(100) < 40 {
+            return writer_layout_line(rng);
+        }
+        let keys = [
+            "timestamp",
+            "session_id",
+            "event_type",
+            "component",
+            "message",
+            "tokens",
+            "metadata",
+            "seq",
+        ];
+        let mut parts: Vec<String> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let roll = rng.below(100);
+            if roll < 3 {
+                continue; // a missing key
+            }
+            let value = if roll < 8 {
+                rng.pick(WRONG).to_string()
+            } else {
+                match i {
+                    0..=4 => rng.pick(STRINGS).to_string(),
+                    5 => rng.pick(INTS).to_string(),
+                    7 => rng.pick(SEQS).to_string(),
+                    _ => rng.pick(METAS).to_string(),
+                }
+            };
+            parts.push(format!("\"{key}\":{value}"));
+            if rng.below(100) < 4 {
+                parts.push(format!("\"{key}\":{}", rng.pick(WRONG))); // a duplicate
+            }
+        }
+        if rng.below(100) < 30 {
+            let at = rng.below(parts.len() + 1);
+            let extra = format!("\"extra\":{}", rng.pick(METAS));
+            parts.insert(at, extra);
+        }
+        if rng.below(100) < 30 {
+            // any key order
+            for i in (1..parts.len()).rev() {
+                parts.swap(i, rng.below(i + 1));
+            }
+        }
+        let sep = if rng.below(100) < 5 { ", " } else { "," };
+        let mut line = format!("{{{}}}", parts.join(sep)).into_bytes();
+        let mutations = if rng.below(100) < 15 {
+            1 + rng.below(3)
+        } else {
+            0
+        };
+        for _ in 0..mutations {
+            let at = rng.below(line.len());
+            match rng.below(3) {
+                0 => line[at] = *rng.pick(b"{}[]\",:\\0a \x7f\xc3\xa9\xff\r\n"),
+                1 => {
+                    line.remove(at);
+                }
+                _ => line.insert(at, *rng.pick(b"{}\"\\,:9")),
+            }
+        }
+        // A line never holds its newline.
+        line.retain(|b| *b != b'\n');
+        line
     }
 }

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Turn a pytest-benchmark JSON report into pass/fail against the spec's numbers.
 
-Reads the ``extra_info`` conventions documented in ``benches/conftest.py``:
+Reads the ``extra_info`` conventions documented in ``benches/conftest.py``
+(and ``baselines``, ``{row name: aim ratio or None}``, for a row compared
+with several others in its group):
 ``spec_max_s`` (and ``spec_max`` for non-time metrics) fail the run when
 exceeded; ``aim_*`` targets are reported as MISS without failing, because they
 depend on the machine. Prints one line per row with throughput and the ratio
@@ -53,6 +55,15 @@ def check(report: dict[str, Any]) -> int:
             if "aim_ratio" in info:
                 ok = ratio >= info["aim_ratio"]
                 verdicts.append(f"aim {info['aim_ratio']}x: {'MET' if ok else 'MISS'}")
+        # More baselines in the same group: {name: aim ratio or None (shown only)}.
+        for other, aim in (info.get("baselines") or {}).items():
+            base = by_name.get(other)
+            if not base:
+                continue
+            ratio = base["stats"]["mean"] / mean if mean else float("inf")
+            parts.append(f"{ratio:.2f}x vs {other}")
+            if aim is not None:
+                verdicts.append(f"aim {aim}x vs {other}: {'MET' if ratio >= aim else 'MISS'}")
         if "spec_max_s" in info:
             ok = mean <= info["spec_max_s"]
             verdicts.append(f"spec < {_fmt_time(info['spec_max_s'])}: {'PASS' if ok else 'FAIL'}")

@@ -52,7 +52,7 @@ VALID = [
     event(seq=0, message="plain"),
     event(seq=1, message='quote " backslash \\ newline \n tab \t nul \x00 bell \x07'),
     event(seq=2, message="ünïcødé ✓ 日本語 🚀 \u2028", component="répondeur"),
-    event(seq=3, tokens=2**64 - 1, metadata={"nested": {"a": [1, -2, 2.5, None, True]}}),
+    event(seq=3, tokens=2**53, metadata={"nested": {"a": [1, -2, 2.5, None, True]}}),
     event(seq=None, message="no seq"),
 ]
 
@@ -67,7 +67,7 @@ def test_valid_lines_with_escapes_and_unicode():
         assert e.offset == offset
         offset += len(raw) + 1
     assert entries[2].component == "répondeur"
-    assert entries[3].tokens == 2**64 - 1
+    assert entries[3].tokens == 2**53
     assert entries[4].seq is None
 
 
@@ -454,16 +454,17 @@ def summary_key(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_token_totals_never_wrap_around():
-    """Each line's tokens fit in u64, their sum need not: the total must not wrap
-    to a small number (saturate, or refuse the line, but never under-count)."""
-    big = 2**63 - 1  # the largest value the writer accepts
-    data = b"".join(line(seq=i, tokens=big) + b"\n" for i in range(3))
+    """Each line's tokens are at most 2**53, their sum need not fit in u64: the
+    total must not wrap to a small number (saturate, never under-count)."""
+    big = 2**53  # the largest value a line may hold
+    data = b"".join(line(seq=i, tokens=big) + b"\n" for i in range(2100))
     f = Fold(last_n=0)
     f.feed_bytes(data)
     s = f.summary()
-    assert s["tokens"] >= big, s["tokens"]
-    assert s["components"]["routing"]["tokens"] >= big
-    assert s["run"]["tokens"] >= big
+    assert s["entries"] == 2100 and 2100 * big > 2**64
+    assert s["tokens"] == 2**64 - 1
+    assert s["components"]["routing"]["tokens"] == 2**64 - 1
+    assert s["run"]["tokens"] == 2**64 - 1
 
 
 @pytest.mark.parametrize(
@@ -666,3 +667,173 @@ def test_offsets_near_the_64_bit_limit_are_refused_not_wrapped() -> None:
         with pytest.raises(ValueError, match="base_offset"):
             call()
     assert [m[0] for m in parse_lines([b"bad"] * 2, 2**62)[1]] == [2**62, 2**62 + 4]
+
+
+# ---------------------------------------------------------------------------
+# Defect 2 (issue 9): the fast path may only fall back to the general parser
+
+
+def varied_lines(n: int, seed: int = 9) -> list[bytes]:
+    """Compact valid event lines in the shapes other writers produce: keys after
+    ``metadata`` (before ``seq``), keys in any order, escapes (``\\"``, ``\\n``,
+    ``\\uXXXX``), non-ASCII names, and metadata that looks like the line's tail."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    names = ["routing", "mémoire", "計画", 'quo"te', "back\\slash", "tab\tc", "🚀"]
+    kinds = ["step_complete", "step_error", "token_consumption", "session_start", "x"]
+    tails = [{}, {"a": '},"seq":1}'}, {"n": [1, {"b": "]"}]}, {"s": '\\"{'}]
+    out = []
+    for i in range(n):
+        meta: dict[str, Any] = dict(rng.choice(tails))
+        if rng.random() < 0.5:
+            meta["latency_ms"] = rng.randrange(0, 5000) / 4
+        d: dict[str, Any] = {
+            "timestamp": f"2026-01-11T10:{i // 60 % 60:02d}:{i % 60:02d}+00:00",
+            "session_id": rng.choice(["s1", "sé", "s\u2028"]),
+            "event_type": rng.choice(kinds),
+            "component": rng.choice(names),
+            "message": rng.choice(["ok", 'with "quotes" and \n', "ünï ✓", "\x01ctl"]),
+            "tokens": rng.randrange(0, 1000),
+            "metadata": meta,
+        }
+        shape = i % 4
+        if shape == 0:  # the writer's layout with a key between metadata and seq
+            d["extra"] = rng.choice([{}, {"k": [1, 2]}, "v", None, 3])
+            d["seq"] = i
+        elif shape == 1:  # any key order, extra keys anywhere
+            d["seq"] = i
+            d["level"] = "info"
+            items = list(d.items())
+            rng.shuffle(items)
+            d = dict(items)
+        elif shape == 2:  # the writer's layout, seq absent, a key at the end
+            d["trailer"] = {"seq": 5}
+        else:  # the writer's layout exactly
+            d["seq"] = i
+        if rng.random() < 0.3:  # \uXXXX escapes for every non-ASCII character
+            out.append(json.dumps(d, separators=(",", ":")).encode())
+        else:
+            out.append(orjson.dumps(d))
+    return out
+
+
+def plain_json_totals(lines: list[bytes]) -> dict[str, Any]:
+    """Totals computed the plain way: json.loads per line."""
+    import json
+
+    counts: dict[str, int] = {}
+    comps: dict[str, int] = {}
+    tokens = 0
+    for raw in lines:
+        d = json.loads(raw)
+        tokens += d["tokens"]
+        counts[d["event_type"]] = counts.get(d["event_type"], 0) + 1
+        comps[d["component"]] = comps.get(d["component"], 0) + d["tokens"]
+    return {"entries": len(lines), "tokens": tokens, "event_counts": counts, "components": comps}
+
+
+def test_the_fold_counts_every_valid_line_whatever_its_key_order(tmp_path: Path):
+    lines = varied_lines(20_000)
+    data = b"\n".join(lines) + b"\n"
+    path = tmp_path / "execution.jsonl"
+    path.write_bytes(data)
+    want = plain_json_totals(lines)
+    fold = Fold(last_n=0)
+    fold.feed_bytes(data)
+    for s in (fold_file(path, last_n=0), fold.summary()):
+        assert s["malformed_samples"][:3] == [] and s["malformed"] == 0
+        got = {
+            "entries": s["entries"],
+            "tokens": s["tokens"],
+            "event_counts": s["event_counts"],
+            "components": {k: v["tokens"] for k, v in s["components"].items()},
+        }
+        assert got == want
+    entries, bad = parse_bytes(data)
+    assert bad == [] and len(entries) == len(lines)
+
+
+# ---------------------------------------------------------------------------
+# Issue 11 items 11 and 12: one range for tokens, one depth bound, every reader
+
+
+def every_reader(tmp_path: Path, raw: bytes) -> dict[str, Any]:
+    """What each native reader makes of one line: valid (True) or the reason."""
+    path = tmp_path / "one.jsonl"
+    path.write_bytes(raw + b"\n")
+    out: dict[str, Any] = {}
+    entries, bad = parse_lines([raw])
+    out["parse_lines"] = True if entries else bad[0][1]
+    entries, bad = parse_bytes(raw + b"\n")
+    out["parse_bytes"] = True if entries else bad[0][1]
+    s = fold_file(path)
+    out["fold_file"] = True if s["entries"] else s["malformed_samples"][0][1]
+    f = Fold()
+    f.feed_bytes(raw + b"\n")
+    s = f.summary()
+    out["Fold"] = True if s["entries"] else s["malformed_samples"][0][1]
+    entries, bad = Tailer(path).read_entries()
+    out["Tailer"] = True if entries else bad[0][1]
+    out["tail_max_seq"] = tail_max_seq(path) is not None
+    return out
+
+
+def shuffled(raw: bytes) -> bytes:
+    """The same event with its keys in another order (the general parser)."""
+    return orjson.dumps(dict(reversed(list(orjson.loads(raw).items()))))
+
+
+@pytest.mark.parametrize("tokens", [2**53 + 1, 2**63, 2**64 - 1])
+def test_tokens_above_2_53_are_malformed_for_every_reader(tmp_path: Path, tokens: int):
+    for make in (lambda t: line(seq=1, tokens=t), lambda t: shuffled(line(seq=1, tokens=t))):
+        ok = every_reader(tmp_path, make(2**53))
+        assert all(v is True for v in ok.values()), ok
+        verdicts = every_reader(tmp_path, make(tokens))
+        assert verdicts.pop("tail_max_seq") is False
+        for reader, why in verdicts.items():
+            assert why is not True, reader
+            assert "tokens" in why and "2**53" in why, (reader, why)
+    summary = fold_file(tmp_path / "one.jsonl")
+    assert (summary["malformed"], summary["tokens"]) == (1, 0)
+
+
+def nested(depth: int, kind: str = "dict") -> Any:
+    """A value ``depth`` levels deep: {} is 1 level, {"k": {}} is 2."""
+    value: Any = {} if kind == "dict" else []
+    for _ in range(depth - 1):
+        value = {"k": value} if kind == "dict" else [value]
+    return value
+
+
+def test_the_native_module_exposes_the_depth_bound():
+    assert _native.MAX_DEPTH == 64
+
+
+@pytest.mark.parametrize("kind", ["dict", "list"])
+def test_metadata_deeper_than_max_depth_is_malformed_for_every_reader(tmp_path: Path, kind: str):
+    import json
+
+    deepest = {"x": nested(63, kind)}  # 64 levels with the metadata object itself
+    for raw in (line(seq=1, metadata=deepest), shuffled(line(seq=1, metadata=deepest))):
+        ok = every_reader(tmp_path, raw)
+        assert all(v is True for v in ok.values()), ok
+    too_deep = {"x": nested(64, kind)}
+    for depth_line in (
+        line(seq=1, metadata=too_deep),
+        shuffled(line(seq=1, metadata=too_deep)),
+        # orjson refuses to write more than 255 levels: json writes the rest
+        json.dumps(event(seq=1, metadata={"x": nested(125, kind)})).encode(),  # the issue's 126
+        json.dumps(event(seq=1, metadata={"x": nested(900, kind)})).encode(),
+        # any other value of the event is bounded the same way
+        orjson.dumps({**event(seq=1), "extra": nested(65, kind)}),
+    ):
+        verdicts = every_reader(tmp_path, depth_line)
+        assert verdicts.pop("tail_max_seq") is False
+        for reader, why in verdicts.items():
+            assert why is not True, reader
+            assert "nested deeper than 64 levels" in why, (reader, why)
+    # a line that is nothing but brackets is malformed too, never a crash
+    verdicts = every_reader(tmp_path, b"[" * 100_000)
+    assert not any(v is True for v in verdicts.values())

@@ -7,6 +7,8 @@ validator say it should.
 
 from __future__ import annotations
 
+import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from sigil._native import Fold, Tailer, parse_bytes, parse_lines
 
 REQUIRED = ("timestamp", "session_id", "event_type", "component", "message")
 U64 = 2**64
+MAX_TOKENS = 2**53  # issue 11: one range for tokens, for every reader
+MAX_DEPTH = 64
 
 # ---------------------------------------------------------------------------
 # References
@@ -34,6 +38,15 @@ def reference_lines(stream: bytes, max_line: int) -> list[tuple[int, bytes, bool
     return out
 
 
+def depth(value: Any) -> int:
+    """Nesting levels of a JSON value: {} is 1, {"a": [1]} is 2, 7 is 0."""
+    if isinstance(value, dict):
+        return 1 + max(map(depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(depth, value), default=0)
+    return 0
+
+
 def reference_event(line: bytes) -> dict[str, Any] | None:
     """What a valid event line holds (with defaults filled in), or None."""
     if line.endswith(b"\r"):
@@ -46,8 +59,10 @@ def reference_event(line: bytes) -> dict[str, Any] | None:
         return None
     if any(type(obj.get(k)) is not str for k in REQUIRED):
         return None
+    if any(depth(v) > MAX_DEPTH for v in obj.values()):
+        return None
     tokens = obj.get("tokens", 0)
-    if type(tokens) is not int or not 0 <= tokens < U64:
+    if type(tokens) is not int or not 0 <= tokens <= MAX_TOKENS:
         return None
     seq = obj.get("seq")
     if seq is not None and (type(seq) is not int or not 0 <= seq < U64):
@@ -83,7 +98,7 @@ events = st.fixed_dictionaries(
         "event_type": st.sampled_from(["step_complete", "session_start", "x"]) | text,
         "component": text,
         "message": text,
-        "tokens": st.integers(0, U64 - 1),
+        "tokens": st.integers(0, MAX_TOKENS) | st.integers(0, U64 - 1),
         "metadata": st.dictionaries(text, json_values, max_size=4),
     },
     optional={"seq": st.integers(0, U64 - 1)},
@@ -215,3 +230,146 @@ def test_parse_bytes_and_the_fold_agree_on_any_bytes(stream: bytes, base: int):
     if total < U64:  # overflow of the total has its own test in test_parser.py
         assert s["tokens"] == total
     assert [e.offset for e in s["last_entries"]] == [e.offset for e in entries[-5:]]
+
+
+# ---------------------------------------------------------------------------
+# The parser and the fold against plain JSON on arbitrary lines (issue 9 defect 2)
+
+
+def deep(levels: int) -> Any:
+    """A value nested ``levels`` deep inside the metadata (the metadata being 1)."""
+    value: Any = []
+    for _ in range(levels - 2):
+        value = [value]
+    return value
+
+
+KEYS = (*REQUIRED, "tokens", "metadata", "seq")
+WRONG_VALUES = [1, -1, 1.5, 2.0, True, None, [], {}, "7", 2**64, -(2**63)]
+names = st.sampled_from(["routing", "mémoire", 'q"t', "b\\s", "🚀", "\x01"]) | text
+numbers = st.integers(0, 5000) | st.floats(0, 1e6, allow_nan=False)
+metadata = st.fixed_dictionaries(
+    {},
+    optional={
+        "latency_ms": numbers | st.sampled_from(["bad", None, True, [1]]),
+        "budget": st.integers(0, 10**6),
+        "run": st.integers(0, 9),
+        "status": st.sampled_from(["complete", "error", "budget_exceeded", "x"]),
+        "dropped": st.integers(0, 9),
+        "other": json_values | st.integers(62, 66).map(deep),
+    },
+)
+plain_events = st.fixed_dictionaries(
+    {
+        "timestamp": text,
+        "session_id": text,
+        "event_type": st.sampled_from(
+            ["step_complete", "step_error", "session_start", "session_complete", "x"]
+        )
+        | text,
+        "component": names,
+        "message": text,
+        "tokens": st.integers(0, 10**6) | st.integers(MAX_TOKENS - 1, MAX_TOKENS + 1),
+        "metadata": metadata,
+    },
+    optional={"seq": st.integers(0, 2**62)},
+)
+
+
+plain = st.sampled_from(["", "s1", "routing", "step_complete", "2026-01-11T10:15:33+00:00", "é ✓"])
+
+
+@st.composite
+def writer_layout_lines(draw: st.DrawFn) -> bytes:
+    """The writer's key order and plain strings (the fast path's input), with
+    keys between ``metadata`` and ``seq`` sometimes (issue 9 defect 2)."""
+    d: dict[str, Any] = {k: draw(plain) for k in REQUIRED}
+    d["event_type"] = draw(st.sampled_from(["step_complete", "session_start", "x"]))
+    d["tokens"] = draw(st.integers(0, 10**6))
+    d["metadata"] = draw(metadata)
+    d.update(draw(st.dictionaries(st.sampled_from(["extra", "level"]), json_values, max_size=2)))
+    if draw(st.booleans()):
+        d["seq"] = draw(st.integers(0, 2**62))
+    return orjson.dumps(d)
+
+
+@st.composite
+def arbitrary_lines(draw: st.DrawFn) -> bytes:
+    """A line as any writer might produce it, or a damaged one."""
+    if draw(st.integers(0, 2)) == 0:
+        return draw(writer_layout_lines())
+    d: dict[str, Any] = draw(plain_events)
+    if draw(st.integers(0, 9)) == 0:  # a field of the wrong type, or missing
+        key = draw(st.sampled_from(KEYS))
+        if draw(st.booleans()):
+            d[key] = draw(st.sampled_from(WRONG_VALUES))
+        else:
+            d.pop(key, None)
+    extra = draw(st.dictionaries(st.sampled_from(["extra", "level", "x", ""]), json_values))
+    items = list(d.items())
+    for key, value in extra.items():  # anywhere: after metadata, before seq, ...
+        items.insert(draw(st.integers(0, len(items))), (key, value))
+    if draw(st.booleans()):  # any key order
+        items = draw(st.permutations(items))
+    d = dict(items)
+    # ensure_ascii: \uXXXX escapes for every non-ASCII character
+    raw = json.dumps(d, separators=(",", ":"), ensure_ascii=draw(st.booleans())).encode()
+    if draw(st.integers(0, 9)) == 0 and raw.endswith(b"}"):  # a duplicate key: the last wins
+        key = draw(st.sampled_from(KEYS))
+        value = draw(st.sampled_from([*WRONG_VALUES, "s", 5, {"latency_ms": 3}]))
+        raw = raw[:-1] + b',"%s":%s}' % (key.encode(), json.dumps(value).encode())
+    if draw(st.integers(0, 9)) == 0 and raw:  # damage: cut, or a stray byte
+        at = draw(st.integers(0, len(raw) - 1))
+        stray = draw(st.binary(min_size=1, max_size=2))
+        raw = raw[:at] if draw(st.booleans()) else raw[:at] + stray + raw[at:]
+    return raw.replace(b"\n", b"")
+
+
+def reference_totals(lines: list[bytes]) -> dict[str, Any]:
+    """What a plain Python fold over the valid lines gives."""
+    out: dict[str, Any] = {"entries": 0, "malformed": 0, "tokens": 0, "counts": {}, "comps": {}}
+    for raw in lines:
+        e = reference_event(raw)
+        if e is None:
+            out["malformed"] += 1
+            continue
+        kind, tokens = e["event_type"], e["tokens"]
+        out["entries"] += 1
+        out["tokens"] = min(out["tokens"] + tokens, U64 - 1)
+        out["counts"][kind] = out["counts"].get(kind, 0) + 1
+        c = out["comps"].setdefault(e["component"], [0, 0, 0, 0.0])
+        c[0] = min(c[0] + tokens, U64 - 1)
+        if kind in ("step_complete", "step_error"):
+            c[1] += 1
+            c[2] += kind == "step_error"
+            lat = e["metadata"].get("latency_ms")
+            if type(lat) in (int, float) and math.isfinite(lat):
+                c[3] += float(lat)
+    return out
+
+
+@SETTINGS
+@given(lines=st.lists(arbitrary_lines(), max_size=30))
+def test_the_parser_and_the_fold_equal_plain_json_on_any_lines(lines: list[bytes]):
+    entries, bad = parse_lines(lines)
+    got = {e.offset: e.to_dict() for e in entries} | {o: None for o, _ in bad}
+    at = 0
+    for raw in lines:
+        assert got[at] == reference_event(raw), raw
+        at += len(raw) + 1
+
+    fold = Fold(last_n=0)
+    fold.feed_bytes(b"".join(raw + b"\n" for raw in lines))
+    s = fold.summary()
+    want = reference_totals(lines)
+    assert (s["entries"], s["malformed"], s["tokens"]) == (
+        want["entries"],
+        want["malformed"],
+        want["tokens"],
+    )
+    assert s["event_counts"] == want["counts"]
+    comps = {
+        k: [c["tokens"], c["operations"], c["errors"], c["latency_ms"]]
+        for k, c in s["components"].items()
+    }
+    assert comps == want["comps"]

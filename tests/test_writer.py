@@ -362,7 +362,7 @@ def test_write_event_json_shape(tmp_path: Path):
         )
         seq2 = w.write_event("sess", "token_consumption", "memory", "plain")
         seq3 = w.write_event(
-            "sess", "x", "c", "m", tokens=2**63 - 1, timestamp="2026-01-11T10:15:32.123456"
+            "sess", "x", "c", "m", tokens=2**53, timestamp="2026-01-11T10:15:32.123456"
         )
         assert w.next_seq == 44
     assert (seq, seq2, seq3) == (41, 42, 43)
@@ -393,7 +393,7 @@ def test_write_event_json_shape(tmp_path: Path):
     assert (second["metadata"], second["tokens"], second["seq"]) == ({}, 0, 42)
     third = orjson.loads(lines[2])
     assert third["timestamp"] == "2026-01-11T10:15:32.123456"
-    assert third["tokens"] == 2**63 - 1
+    assert third["tokens"] == 2**53
     # the native parser reads back exactly what was written
     assert events(path)[0] == first
 

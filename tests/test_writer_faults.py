@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from conftest import run_py
 from fsfault import run_faulty
@@ -705,3 +706,21 @@ def test_odd_inputs_are_python_errors_not_panics(tmp_path: Path):
     )
     assert out.stdout.strip() == "0"
     assert "internal error" not in out.stderr and "panicked" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("tokens", [2**53 + 1, 2**63, 2**64 - 1])
+def test_the_writer_refuses_tokens_that_every_reader_would_call_malformed(
+    tmp_path: Path, tokens: int
+):
+    """The writer accepts exactly the token range the readers accept (0..=2**53):
+    a line it wrote can never be one that the fold then skips as malformed."""
+    from sigil._native import MAX_TOKENS, AppendWriter, fold_file
+
+    path = tmp_path / "f.jsonl"
+    w = AppendWriter(path, flush_interval=3600, session_id="s")
+    with pytest.raises(ValueError, match=r"tokens must be an int from 0 to 2\*\*53"):
+        w.write_event("s", "x", "c", "m", tokens=tokens)
+    w.write_event("s", "x", "c", "m", tokens=MAX_TOKENS)
+    w.close()
+    summary = fold_file(path)
+    assert (summary["entries"], summary["tokens"], summary["malformed"]) == (1, MAX_TOKENS, 0)

@@ -11,6 +11,11 @@ from typing import Any, Literal
 MAX_LINE_BYTES: int
 #: The largest ``buffer_bytes``/``max_buffer_bytes`` an AppendWriter accepts (256 MiB).
 MAX_BUFFER_BYTES: int
+# How deep an event's metadata (or any value) may nest, the value itself being
+# level 1: {} is 1, {"a": [1]} is 2. Deeper lines are malformed for every reader.
+MAX_DEPTH: int
+# The largest `tokens` a line may hold (2**53); above it the line is malformed.
+MAX_TOKENS: int
 
 _Path = str | PathLike[str]
 _Malformed = tuple[int, str]
