@@ -284,9 +284,14 @@ impl RunTotals {
 
     /// Successful and failed steps of the run.
     pub fn steps(&self) -> (u64, u64) {
-        self.components.iter().fold((0u64, 0u64), |(ok, bad), (_, c)| {
-            (ok.saturating_add(c.operations), bad.saturating_add(c.errors))
-        })
+        self.components
+            .iter()
+            .fold((0u64, 0u64), |(ok, bad), (_, c)| {
+                (
+                    ok.saturating_add(c.operations),
+                    bad.saturating_add(c.errors),
+                )
+            })
     }
 }
 
@@ -397,7 +402,11 @@ pub fn timestamp_micros(text: &str) -> Option<i64> {
         return None;
     }
     let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
     {
         return None;
     }
@@ -820,7 +829,11 @@ impl FoldState {
                     ("session_complete", _) => "complete".to_string(),
                     _ => "error".to_string(),
                 };
-                let reason = meta.reason.as_deref().or(meta.error.as_deref()).map(bounded);
+                let reason = meta
+                    .reason
+                    .as_deref()
+                    .or(meta.error.as_deref())
+                    .map(bounded);
                 self.status.clone_from(&status);
                 let run = self.run_mut();
                 run.status = status;
@@ -850,7 +863,9 @@ impl FoldState {
         });
         let update = |c: &mut ComponentTotals| {
             c.tokens = c.tokens.saturating_add(e.tokens);
-            c.input_tokens = c.input_tokens.saturating_add(meta.input_tokens.unwrap_or(0));
+            c.input_tokens = c
+                .input_tokens
+                .saturating_add(meta.input_tokens.unwrap_or(0));
             c.output_tokens = c
                 .output_tokens
                 .saturating_add(meta.output_tokens.unwrap_or(0));
@@ -1407,6 +1422,39 @@ mod tests {
             ),
         ];
         lines.push(line("events_dropped", "logger", 0, 11, r#"{"dropped":4}"#));
+        // The model's other inputs: retries, errors with reasons, usage, models.
+        lines.extend([
+            line("session_start", "orchestrator", 0, 12, "{}"),
+            line(
+                "retry_attempt",
+                "reasoning",
+                0,
+                13,
+                r#"{"error":"timeout","category":"network","attempt":1}"#,
+            ),
+            line(
+                "token_consumption",
+                "reasoning",
+                40,
+                14,
+                r#"{"input_tokens":30,"output_tokens":10,"model":"m1"}"#,
+            ),
+            line(
+                "step_complete",
+                "reasoning",
+                60,
+                15,
+                r#"{"latency_ms":250,"input_tokens":50,"output_tokens":10,"model":"m2"}"#,
+            ),
+            line("retry_attempt", "orchestrator", 0, 16, r#"{"resume":true}"#),
+            line(
+                "session_error",
+                "orchestrator",
+                0,
+                17,
+                r#"{"status":"interrupted","reason":"SIGTERM"}"#,
+            ),
+        ]);
         lines.join("\n") + "\n"
     }
 
@@ -1415,8 +1463,20 @@ mod tests {
         let data = busy_session();
         let mut whole = FoldState::new(4);
         fold_reader(&mut whole, &mut data.as_bytes(), 0, 1 << 20).unwrap();
-        assert_eq!(whole.runs, 3);
-        assert_eq!(whole.run().number, 6); // counted after an explicit run 5
+        assert_eq!(whole.runs, 4);
+        let numbers: Vec<u64> = whole.run_list.iter().map(|r| r.number).collect();
+        assert_eq!(numbers, vec![1, 5, 6, 7]); // counted after an explicit run 5
+        let r = whole.run();
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_deref()),
+            ("interrupted", Some("SIGTERM"))
+        );
+        let c = &whole.components["reasoning"];
+        assert_eq!((c.retries, c.errors, c.operations), (1, 1, 1));
+        assert_eq!((c.input_tokens, c.output_tokens), (80, 20));
+        assert_eq!(c.model.as_deref(), Some("m2"));
+        assert_eq!(c.last_error.as_ref().map(|e| e.attempt), Some(Some(1)));
+        assert_eq!(whole.components["orchestrator"].retries, 0);
         let starts: Vec<usize> = std::iter::once(0)
             .chain(data.match_indices('\n').map(|(i, _)| i + 1))
             .collect();
@@ -1655,4 +1715,56 @@ mod tests {
         }
     }
 
+    #[test]
+    fn timestamps_read_as_microseconds() {
+        let base = timestamp_micros("2026-01-11T10:00:00+00:00").unwrap();
+        assert_eq!(base, 1_768_125_600_000_000);
+        assert_eq!(timestamp_micros("2026-01-11T10:00:00Z"), Some(base));
+        assert_eq!(timestamp_micros("2026-01-11T10:00:00"), Some(base));
+        assert_eq!(timestamp_micros("2026-01-11T11:30:00+01:30"), Some(base));
+        assert_eq!(timestamp_micros("2026-01-11T09:00:00-0100"), Some(base));
+        assert_eq!(
+            timestamp_micros("2026-01-11T10:00:00.137+00:00"),
+            Some(base + 137_000)
+        );
+        assert_eq!(
+            timestamp_micros("2026-01-11T10:00:00.1234567"),
+            Some(base + 123_456)
+        );
+        assert_eq!(
+            timestamp_micros("1969-12-31T23:59:59+00:00"),
+            Some(-1_000_000)
+        );
+        for bad in [
+            "",
+            "t",
+            "2026-13-01T00:00:00",
+            "2026-01-11T10:00:00+",
+            "2026-01-11T10:00:00.",
+            "2026-01-11T10:00:00Zx",
+            "２026-01-11T10:00:00",
+        ] {
+            assert_eq!(timestamp_micros(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_rate_window_holds_the_last_seconds_of_event_time() {
+        let mut w = RateWindow::default();
+        for s in 0..100 {
+            w.add(s, 10);
+        }
+        w.add(10, 1000); // long before the window: counted in totals only
+        assert_eq!(w.tokens_in(60, 0), 600);
+        assert_eq!(w.tokens_in(60, 30), 300);
+        assert_eq!(w.tokens_in(60, 1000), 0);
+        assert_eq!(w.buckets().len(), WINDOW_SECONDS);
+        let mut a = RateWindow::default();
+        let mut b = RateWindow::default();
+        (0..50).for_each(|s| a.add(s, 10));
+        (50..100).for_each(|s| b.add(s, 10));
+        b.add(10, 1000);
+        a.merge(&b);
+        assert_eq!(a, w);
+    }
 }

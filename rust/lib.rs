@@ -147,7 +147,10 @@ pub(crate) fn entry(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyEntry>
     )
 }
 
-pub(crate) fn json_to_py<'py>(py: Python<'py>, v: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
+pub(crate) fn json_to_py<'py>(
+    py: Python<'py>,
+    v: &serde_json::Value,
+) -> PyResult<Bound<'py, PyAny>> {
     use serde_json::Value;
     Ok(match v {
         Value::Null => py.None().into_bound(py),
@@ -347,7 +350,9 @@ impl PyFold {
     /// A copy of the state. The lock is taken without the GIL: a `feed_file`
     /// in another thread holds it while it reads (issue 9, defect 4).
     fn copy(&self, py: Python<'_>) -> PyResult<FoldState> {
-        guard("Fold.snapshot", || Ok(py.detach(|| lock(&self.state).clone())))
+        guard("Fold.snapshot", || {
+            Ok(py.detach(|| lock(&self.state).clone()))
+        })
     }
 }
 

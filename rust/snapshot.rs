@@ -530,9 +530,7 @@ pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
         first_timestamp: st.first_timestamp.clone(),
         last_timestamp: st.last_timestamp.clone(),
         duration_seconds: duration,
-        average_tokens_per_second: duration
-            .filter(|d| *d > 0.0)
-            .map(|d| st.tokens as f64 / d),
+        average_tokens_per_second: duration.filter(|d| *d > 0.0).map(|d| st.tokens as f64 / d),
         first_seq: st.first_seq,
         last_seq: st.last_seq,
         max_seq: st.max_seq,
@@ -627,8 +625,7 @@ pub fn legacy_summary<'py>(py: Python<'py>, st: &FoldState) -> PyResult<Bound<'p
     run.set_item("number", r.number)?;
     run.set_item("started_at", &r.started_at)?;
     run.set_item("ended_at", &r.ended_at)?;
-    // Before any start the old fold had no status for the run.
-    run.set_item("status", if st.runs == 0 { "" } else { &r.status })?;
+    run.set_item("status", &r.status)?;
     run.set_item("tokens", r.tokens)?;
     run.set_item("budget", r.budget)?;
     run.set_item("components", legacy_components(py, &r.components)?)?;
