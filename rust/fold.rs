@@ -28,6 +28,7 @@
 //! files are read in fixed-size chunks. Counters saturate instead of wrapping:
 //! a log that claims more than 2^64 of something shows the maximum.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read};
@@ -162,6 +163,8 @@ pub struct ComponentTotals {
     /// kept only for `Fold.summary()`'s `latency_ms` until its callers move).
     pub step_latency_ms: f64,
     pub model: Option<String>,
+    /// `model` as JSON text, to skip decoding an unchanged model.
+    model_json: Option<String>,
     pub last_error: Option<LastError>,
 }
 
@@ -183,6 +186,7 @@ impl ComponentTotals {
         self.step_latency_ms += o.step_latency_ms;
         if o.model.is_some() {
             self.model.clone_from(&o.model);
+            self.model_json.clone_from(&o.model_json);
         }
         if o.last_error.is_some() {
             self.last_error.clone_from(&o.last_error);
@@ -233,8 +237,9 @@ pub struct RunTotals {
     number_local: bool,
     pub started_at: Option<String>,
     pub ended_at: Option<String>,
-    /// Timestamp of the run's latest event (the end of a run still going).
-    pub last_at: Option<String>,
+    /// Timestamp of the run's latest event, set when a later run starts: the
+    /// current run's is the fold's `last_timestamp` (no copy per event).
+    last_at: Option<String>,
     pub status: String,
     pub reason: Option<String>,
     pub tokens: u64,
@@ -271,9 +276,6 @@ impl RunTotals {
         self.events = self.events.saturating_add(o.events);
         for (k, c) in o.components.iter() {
             self.components.slot(k).add(c);
-        }
-        if o.last_at.is_some() {
-            self.last_at.clone_from(&o.last_at);
         }
         if o.ended_at.is_some() {
             self.ended_at.clone_from(&o.ended_at);
@@ -460,6 +462,53 @@ pub fn timestamp_micros(text: &str) -> Option<i64> {
     Some(secs * 1_000_000 + micros)
 }
 
+/// The Unix second of the last timestamp read, keyed by its text without the
+/// fraction: consecutive events mostly share a second, so most timestamps are
+/// compared, not parsed. A cache: it takes no part in a fold's equality.
+#[derive(Debug, Clone, Default)]
+struct SecondCache {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+    second: i64,
+}
+
+impl PartialEq for SecondCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl SecondCache {
+    fn second(&mut self, timestamp: &str) -> Option<i64> {
+        let b = timestamp.as_bytes();
+        let parse = || timestamp_micros(timestamp).map(|us| us.div_euclid(1_000_000));
+        if b.len() < 19 {
+            return parse();
+        }
+        let mut end = 19;
+        if b.get(19) == Some(&b'.') {
+            end = 20;
+            while b.get(end).is_some_and(u8::is_ascii_digit) {
+                end += 1;
+            }
+            if end == 20 {
+                return parse(); // "." without digits: invalid, never cached
+            }
+        }
+        let (head, tail) = (&b[..19], &b[end..]);
+        if !self.head.is_empty() && self.head == head && self.tail == tail {
+            return Some(self.second);
+        }
+        let second = parse()?;
+        self.head.clear();
+        self.head.extend_from_slice(head);
+        self.tail.clear();
+        self.tail.extend_from_slice(tail);
+        self.second = second;
+        Some(second)
+    }
+}
+
 /// Only the metadata keys the fold needs; everything else is skipped unparsed.
 #[derive(Deserialize, Default)]
 struct MetaKeys<'a> {
@@ -496,37 +545,38 @@ struct MetaKeys<'a> {
 /// The metadata values the fold uses, read leniently: a value of the wrong
 /// type counts as absent (the event itself is valid).
 #[derive(Default)]
-struct FoldMeta {
+struct FoldMeta<'a> {
     latency_ms: Option<f64>,
     budget: Option<u64>,
-    status: Option<String>,
+    status: Option<Cow<'a, str>>,
     run: Option<u64>,
     allocations: Option<HashMap<String, u64>>,
     dropped: Option<u64>,
-    reason: Option<String>,
-    error: Option<String>,
-    category: Option<String>,
+    reason: Option<Cow<'a, str>>,
+    error: Option<Cow<'a, str>>,
+    category: Option<Cow<'a, str>>,
     attempt: Option<u64>,
-    model: Option<String>,
+    /// The model's JSON text, decoded only when it changes.
+    model: Option<Cow<'a, str>>,
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     resume: Option<bool>,
 }
 
-impl FoldMeta {
-    fn from_keys(k: &MetaKeys<'_>) -> Self {
+impl<'a> FoldMeta<'a> {
+    fn from_keys(k: &MetaKeys<'a>) -> Self {
         FoldMeta {
             latency_ms: num(k.latency_ms),
             budget: num(k.budget),
-            status: num(k.status),
+            status: text(k.status),
             run: num(k.run),
             allocations: num(k.allocations),
             dropped: num(k.dropped),
-            reason: num(k.reason),
-            error: num(k.error),
-            category: num(k.category),
+            reason: text(k.reason),
+            error: text(k.error),
+            category: text(k.category),
             attempt: num(k.attempt),
-            model: num(k.model),
+            model: k.model.map(|r| Cow::Borrowed(r.get())),
             input_tokens: num(k.input_tokens),
             output_tokens: num(k.output_tokens),
             resume: num(k.resume),
@@ -543,15 +593,15 @@ impl FoldMeta {
         FoldMeta {
             latency_ms: get(m, "latency_ms"),
             budget: get(m, "budget"),
-            status: get(m, "status"),
+            status: get::<String>(m, "status").map(Cow::Owned),
             run: get(m, "run"),
             allocations: get(m, "allocations"),
             dropped: get(m, "dropped"),
-            reason: get(m, "reason"),
-            error: get(m, "error"),
-            category: get(m, "category"),
+            reason: get::<String>(m, "reason").map(Cow::Owned),
+            error: get::<String>(m, "error").map(Cow::Owned),
+            category: get::<String>(m, "category").map(Cow::Owned),
             attempt: get(m, "attempt"),
-            model: get(m, "model"),
+            model: m.get("model").map(|v| Cow::Owned(v.to_string())),
             input_tokens: get(m, "input_tokens"),
             output_tokens: get(m, "output_tokens"),
             resume: get(m, "resume"),
@@ -576,6 +626,19 @@ fn needs_meta(kind: &str) -> bool {
 
 fn num<T: for<'de> Deserialize<'de>>(raw: Option<&RawValue>) -> Option<T> {
     raw.and_then(|r| serde_json::from_str(r.get()).ok())
+}
+
+/// A string value, borrowed from the line unless it has escapes (no
+/// allocation per event for a `model` or `status`).
+fn text<'a>(raw: Option<&'a RawValue>) -> Option<Cow<'a, str>> {
+    decode_str(raw?.get())
+}
+
+fn decode_str<'a>(raw: &'a str) -> Option<Cow<'a, str>> {
+    match serde_json::from_str::<&'a str>(raw) {
+        Ok(s) => Some(Cow::Borrowed(s)),
+        Err(_) => serde_json::from_str::<String>(raw).ok().map(Cow::Owned),
+    }
 }
 
 /// `text` cut to at most `MAX_TEXT` bytes, at a character boundary.
@@ -627,6 +690,7 @@ pub struct FoldState {
     pub gap_samples: Vec<(u64, u64)>,
     pub dropped_events: u64,
     pub window: RateWindow,
+    seconds: SecondCache,
     /// The last `last_n` valid lines, raw, with their offsets; their buffers
     /// are reused so folding allocates nothing per line.
     ring: VecDeque<(u64, Vec<u8>)>,
@@ -665,6 +729,7 @@ impl FoldState {
             gap_samples: Vec::new(),
             dropped_events: 0,
             window: RateWindow::default(),
+            seconds: SecondCache::default(),
             ring: VecDeque::new(),
             ring_bytes: 0,
         }
@@ -677,6 +742,15 @@ impl FoldState {
 
     fn run_mut(&mut self) -> &mut RunTotals {
         self.run_list.back_mut().unwrap_or(&mut self.head)
+    }
+
+    /// Timestamp of the latest event of `run` (one of this fold's runs).
+    pub fn last_at<'a>(&'a self, run: &'a RunTotals) -> Option<&'a str> {
+        if std::ptr::eq(run, self.run()) {
+            (run.events > 0).then_some(self.last_timestamp.as_deref()).flatten()
+        } else {
+            run.last_at.as_deref()
+        }
     }
 
     /// Whether a name table of this fold had to use `OTHER`.
@@ -768,7 +842,7 @@ impl FoldState {
         self.sample(Malformed { offset, reason }, true);
     }
 
-    fn start_run(&mut self, e: &RawEvent<'_>, meta: &FoldMeta) {
+    fn start_run(&mut self, e: &RawEvent<'_>, meta: &FoldMeta<'_>) {
         self.runs = self.runs.saturating_add(1);
         // An undeclared run number follows the previous run's.
         let previous = self.run();
@@ -803,11 +877,19 @@ impl FoldState {
         self.run_list.push_back(run);
     }
 
-    fn feed_event(&mut self, e: &RawEvent<'_>, meta: &FoldMeta) {
+    fn feed_event(&mut self, e: &RawEvent<'_>, meta: &FoldMeta<'_>) {
         self.entries = self.entries.saturating_add(1);
         self.tokens = self.tokens.saturating_add(e.tokens);
         if self.first_timestamp.is_none() {
             self.first_timestamp = Some(e.timestamp.to_string());
+        }
+        if e.event_type == "session_start" {
+            // The run this start closes ended with the event before it.
+            let before = self.last_timestamp.clone();
+            let closing = self.run_mut();
+            if closing.events > 0 {
+                closing.last_at = before;
+            }
         }
         // Reuse the buffer: no allocation per line.
         let last = self.last_timestamp.get_or_insert_with(String::new);
@@ -816,8 +898,8 @@ impl FoldState {
         let count = self.event_counts.slot(&e.event_type);
         *count = count.saturating_add(1);
         self.track_seq(e.seq);
-        if let Some(us) = timestamp_micros(&e.timestamp) {
-            self.window.add(us.div_euclid(1_000_000), e.tokens);
+        if let Some(second) = self.seconds.second(&e.timestamp) {
+            self.window.add(second, e.tokens);
         }
 
         let kind: &str = &e.event_type;
@@ -869,9 +951,12 @@ impl FoldState {
             c.output_tokens = c
                 .output_tokens
                 .saturating_add(meta.output_tokens.unwrap_or(0));
-            if let Some(m) = &meta.model {
-                if c.model.as_deref() != Some(m.as_str()) {
-                    c.model = Some(bounded(m));
+            if let Some(json) = meta.model.as_deref() {
+                if c.model_json.as_deref() != Some(json) {
+                    if let Some(m) = decode_str(json) {
+                        c.model = Some(bounded(&m));
+                        c.model_json = Some(json.to_string());
+                    }
                 }
             }
             match kind {
@@ -901,9 +986,6 @@ impl FoldState {
         update(run.components.slot(&e.component));
         run.tokens = run.tokens.saturating_add(e.tokens);
         run.events = run.events.saturating_add(1);
-        let at = run.last_at.get_or_insert_with(String::new);
-        at.clear();
-        at.push_str(&e.timestamp);
     }
 
     fn track_seq(&mut self, seq: Option<u64>) {
@@ -957,7 +1039,17 @@ impl FoldState {
         for (k, c) in b.components.iter() {
             self.components.slot(k).add(c);
         }
-        self.run_mut().absorb(&b.head);
+        let last_of_a = self.last_timestamp.clone();
+        let current = self.run_mut();
+        current.absorb(&b.head);
+        if b.runs > 0 && current.events > 0 {
+            // `b` starts a run: this one ended with b's head, or with a's last event.
+            current.last_at = if b.head.events > 0 {
+                b.head.last_at.clone()
+            } else {
+                last_of_a
+            };
+        }
         let offset = self.run().number;
         let chained = self.run().number_local;
         for mut run in b.run_list {

@@ -280,9 +280,10 @@ impl PyRunSnapshot {
     }
 }
 
-fn run(py: Python<'_>, r: &RunTotals) -> PyResult<Py<PyRunSnapshot>> {
+fn run(py: Python<'_>, st: &FoldState, r: &RunTotals) -> PyResult<Py<PyRunSnapshot>> {
     let (ok, failed) = r.steps();
-    let end = r.ended_at.as_deref().or(r.last_at.as_deref());
+    let last_at = st.last_at(r);
+    let end = r.ended_at.as_deref().or(last_at);
     Py::new(
         py,
         PyRunSnapshot {
@@ -291,7 +292,7 @@ fn run(py: Python<'_>, r: &RunTotals) -> PyResult<Py<PyRunSnapshot>> {
             reason: r.reason.clone(),
             started_at: r.started_at.clone(),
             ended_at: r.ended_at.clone(),
-            last_at: r.last_at.clone(),
+            last_at: last_at.map(str::to_string),
             duration_seconds: seconds_between(r.started_at.as_deref(), end),
             tokens: r.tokens,
             events: r.events,
@@ -526,7 +527,7 @@ pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
         budget: st.budget,
         run_count: st.runs,
         runs_dropped: st.runs_dropped,
-        run: run(py, st.run())?,
+        run: run(py, st, st.run())?,
         first_timestamp: st.first_timestamp.clone(),
         last_timestamp: st.last_timestamp.clone(),
         duration_seconds: duration,
@@ -559,7 +560,7 @@ pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
         runs_kept: st
             .run_list
             .iter()
-            .map(|r| run(py, r))
+            .map(|r| run(py, st, r))
             .collect::<PyResult<_>>()?,
         counts,
         alloc: st.allocations.clone(),
