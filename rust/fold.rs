@@ -747,7 +747,9 @@ impl FoldState {
     /// Timestamp of the latest event of `run` (one of this fold's runs).
     pub fn last_at<'a>(&'a self, run: &'a RunTotals) -> Option<&'a str> {
         if std::ptr::eq(run, self.run()) {
-            (run.events > 0).then_some(self.last_timestamp.as_deref()).flatten()
+            (run.events > 0)
+                .then_some(self.last_timestamp.as_deref())
+                .flatten()
         } else {
             run.last_at.as_deref()
         }
