@@ -58,7 +58,7 @@ def main() -> int:
     # flush and the background thread that the writer had when this was written).
     logger = ExecutionLogger(
         args.session, log_path, buffer_size=4 << 20, flush_interval=3600.0, fsync="never",
-        sanitizer=False, max_buffer_bytes=64 << 20,
+        sanitizer=False, max_buffer_bytes=64 << 20, lock=lock,
     )
     logger.initialize_sync()
     total = 0

@@ -13,7 +13,14 @@ import asyncio
 import os
 
 from sigil.pipeline.base import StepContext, StepError, StepOutput, TokenUsage
-from sigil.pipeline.offline import MemoryStep, PlanningStep, ReasoningStep
+from sigil.pipeline.offline import (
+    ContractsStep,
+    MemoryStep,
+    PlanningStep,
+    ReasoningStep,
+    RoutingStep,
+    ValidationStep,
+)
 
 #: What each failed attempt of FlakyReasoning "consumed" before failing.
 FAILED_ATTEMPT_USAGE = TokenUsage(input_tokens=40, output_tokens=10, model="flaky-model")
@@ -71,3 +78,27 @@ class NotAStep:
     """Has no async run(): configuring it must be refused as bad usage."""
 
     name = "reasoning"
+
+
+def _traced(base: type) -> type:
+    """``base`` that appends its slot to the file ``SIGIL_TEST_TRACE`` each time it runs:
+    which steps really ran, whatever the log could record (the disk-full tests)."""
+
+    class Traced(base):  # type: ignore[valid-type,misc]
+        async def run(self, ctx: StepContext) -> StepOutput:
+            trace = os.environ.get("SIGIL_TEST_TRACE")
+            if trace:
+                with open(trace, "a") as f:
+                    f.write(f"{ctx.step}\n")
+            return await super().run(ctx)
+
+    Traced.__name__ = f"Traced{base.__name__}"
+    return Traced
+
+
+TracedRouting = _traced(RoutingStep)
+TracedMemory = _traced(MemoryStep)
+TracedPlanning = _traced(PlanningStep)
+TracedReasoning = _traced(ReasoningStep)
+TracedContracts = _traced(ContractsStep)
+TracedValidation = _traced(ValidationStep)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import stat
 import subprocess
@@ -14,6 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
+from conftest import run_cli
 from sigil._native import fold_file, parse_bytes
 from sigil.telemetry.execution_logger import (
     ExecutionLogger,
@@ -393,7 +395,8 @@ def test_any_content_is_logged_within_the_readers_line_limit(
     lines = logger.log_file.read_bytes().splitlines()
     assert all(len(line) <= MAX_LINE_BYTES for line in lines)
     big = LogEntry.from_json(lines[0])
-    assert big.metadata["v"] == 2**70
+    # Beyond 64 bits an integer is kept as its decimal string: readers would round it.
+    assert big.metadata["v"] == str(2**70)
     kept = LogEntry.from_json(lines[2]).metadata
     assert kept["input_tokens"] == 3 and kept["model"] == "m"
     assert kept["metadata_truncated"]["dropped_keys"] == ["blob"]
@@ -406,3 +409,139 @@ def test_tokens_out_of_range_are_refused(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             logger.log_event_sync("x", "c", "m", bad)  # type: ignore[arg-type]
     logger.close_sync()
+
+
+# ---------------------------------------------------------------------------
+# Values the log cannot take as they are (issue 11 items 11, 12, 13)
+
+
+def _depth(value: Any) -> int:
+    """Nesting of containers: a flat dict is 1."""
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def _step_complete(home: Path, session: str, component: str) -> list[dict[str, Any]]:
+    lines = log_file(home / "logs", session).read_bytes().splitlines()
+    events = [orjson.loads(line) for line in lines]
+    return [
+        e["metadata"]
+        for e in events
+        if e["event_type"] == "step_complete" and e["component"] == component
+    ]
+
+
+def test_nan_and_huge_ints_replace_only_themselves_in_a_real_run(sigil_home: Path) -> None:
+    """Issue 11 item 13: a step's output holding NaN, infinities and 2**70 used to
+    turn the whole metadata into ``metadata_error``, losing the usage and the
+    output ``--resume`` needs. Only the offending values are replaced: non-finite
+    floats by null, integers beyond 64 bits by their decimal string."""
+    sigil_home.mkdir(parents=True)
+    (sigil_home / "config.yaml").write_text(
+        "pipeline:\n  steps:\n    reasoning: logger_steps:OddNumbersReasoning\n"
+    )
+    proc = run_cli(sigil_home, "orchestrate", "--task", "Analyze lead", "--session", "odd")
+    assert proc.returncode == 0, proc.stderr
+    (meta,) = _step_complete(sigil_home, "odd", "reasoning")
+    assert "metadata_error" not in meta, meta
+    assert (meta["input_tokens"], meta["output_tokens"], meta["model"]) == (120, 80, "odd-model")
+    assert meta["output"] == {
+        "summary": "odd", "score": None, "ceiling": None, "floor": None,
+        "huge": str(2**70), "ok": 7,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("sanitize", [True, False])
+def test_only_the_offending_values_are_replaced(tmp_path: Path, sanitize: bool) -> None:
+    circular: list[Any] = [1]
+    circular.append(circular)
+    meta = {
+        "input_tokens": 3, "model": "m", "nan": math.nan, "inf": [math.inf, -math.inf, 1.5],
+        "big": 2**64, "small": -(2**63) - 1, "u64": 2**64 - 1, "i64": -(2**63),
+        "nested": {"deep": {"big": 2**70, "keep": "yes"}}, "loop": circular,
+    }  # fmt: skip
+    logger = ExecutionLogger("odd", tmp_path, sanitizer=sanitize)
+    logger.log_event_sync("step_complete", "reasoning", "m", 4, meta)
+    logger.close_sync()
+    (line,) = logger.log_file.read_bytes().splitlines()
+    got = orjson.loads(line)["metadata"]
+    assert got["input_tokens"] == 3 and got["model"] == "m"
+    assert got["nan"] is None and got["inf"] == [None, None, 1.5]
+    assert (got["big"], got["small"]) == (str(2**64), str(-(2**63) - 1))
+    assert (got["u64"], got["i64"]) == (2**64 - 1, -(2**63))
+    assert got["nested"] == {"deep": {"big": str(2**70), "keep": "yes"}}
+    assert got["loop"][0] == 1 and isinstance(got["loop"][1], str)
+    assert fold_file(logger.log_file)["tokens"] == 4
+
+
+def test_deep_metadata_is_cut_at_one_bound_and_never_poisons_the_session(
+    sigil_home: Path,
+) -> None:
+    """Issue 11 item 11: a step output nested 126 levels deep was logged whole,
+    and every later ``sigil orchestrate`` on the session exited 1 ("recursion
+    limit exceeded"). The logger cuts metadata at MAX_METADATA_DEPTH (64)
+    levels, the bound every reader applies, and says where it cut."""
+    from sigil.core.limits import DEPTH_MARKER, MAX_METADATA_DEPTH
+
+    assert MAX_METADATA_DEPTH == 64
+    sigil_home.mkdir(parents=True)
+    (sigil_home / "config.yaml").write_text(
+        "pipeline:\n  steps:\n    reasoning: logger_steps:DeepReasoning\n"
+    )
+    for run in (1, 2):
+        proc = run_cli(sigil_home, "orchestrate", "--task", "Analyze lead", "--session", "deep")
+        assert proc.returncode == 0, (run, proc.stderr)
+    metas = _step_complete(sigil_home, "deep", "reasoning")
+    assert len(metas) == 2
+    for meta in metas:
+        assert (meta["input_tokens"], meta["output_tokens"]) == (30, 20)
+        assert _depth(meta) == MAX_METADATA_DEPTH
+        node = meta["output"]["tree"]
+        while isinstance(node, dict):
+            node = node["n"]
+        assert node == DEPTH_MARKER
+
+
+def test_metadata_at_the_depth_bound_is_kept_whole(tmp_path: Path) -> None:
+    from sigil.core.limits import MAX_METADATA_DEPTH
+
+    def nested(levels: int) -> dict[str, Any]:
+        value: Any = 1
+        for _ in range(levels):
+            value = {"n": value}
+        return value
+
+    logger = ExecutionLogger("bound", tmp_path, sanitizer=False)
+    at_bound, over = nested(MAX_METADATA_DEPTH), nested(MAX_METADATA_DEPTH + 1)
+    # The bound counts the metadata object itself as level 1.
+    logger.log_event_sync("x", "c", "m", 1, at_bound)
+    logger.log_event_sync("x", "c", "m", 1, over)
+    logger.log_event_sync("x", "c", "m", 1, {"many": [[1]] * 100, "s": "{[" * 100})
+    logger.close_sync()
+    first, second, third = (
+        orjson.loads(x)["metadata"] for x in logger.log_file.read_bytes().splitlines()
+    )
+    assert first == at_bound
+    assert _depth(second) == MAX_METADATA_DEPTH and second != over
+    assert third == {"many": [[1]] * 100, "s": "{[" * 100}  # many brackets, shallow
+
+
+def test_tokens_beyond_2_pow_53_are_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    """Issue 11 item 12: one valid range for ``tokens``, 0..=2**53 (contract),
+    the range every reader accepts; outside it the logger raises ValueError."""
+    from sigil.core.limits import MAX_TOKENS
+
+    assert MAX_TOKENS == 2**53
+    logger = ExecutionLogger("range53", tmp_path, sanitizer=False)
+    assert logger.log_event_sync("x", "c", "m", 2**53) == 0
+    logger.flush_sync()
+    before = logger.log_file.read_bytes()
+    for bad in (2**53 + 1, 2**63 - 1, 2**64 - 1):
+        with pytest.raises(ValueError, match="2\\*\\*53"):
+            logger.log_event_sync("x", "c", "m", bad)
+    logger.close_sync()
+    assert logger.log_file.read_bytes() == before
+    assert fold_file(logger.log_file)["tokens"] == 2**53

@@ -739,7 +739,8 @@ def test_orchestrate_with_the_monitor_started_first(
     orch = orchestrate("orch-1", "--budget", "50000", slow=0.6)
     # Mid-run: the slow planning step is running, routing and memory are done.
     screen = term.wait_for(lambda s: "RUNNING" in s and "Planning started" in s)
-    assert re.search(r"routing\s+[\d,]+ / 10,000", screen)
+    # Default allocations are the spec's shares of 256K scaled to the budget: 10,000 -> 1,953.
+    assert re.search(r"routing\s+[\d,]+ / 1,953", screen)
     assert orch.wait() == 0
     assert term.wait() == 0
     shown = summary_numbers(term.text())

@@ -215,7 +215,8 @@ def test_appendix_d_tracker_api() -> None:
 
 def test_track_logs_tokens_once_then_budget_events() -> None:
     log = ListLogger()
-    tracker = TokenTracker(total_budget=1000, logger=log)
+    # Absolute 256K allocations: only session levels fire (defaults scale to the budget).
+    tracker = TokenTracker(total_budget=1000, logger=log, allocations=DEFAULT_ALLOCATIONS)
 
     async def main() -> None:
         await tracker.track("routing", 600, operation="classify_intent")
@@ -260,7 +261,7 @@ def test_summary_event_types_cannot_carry_tokens() -> None:
 
 def test_track_sync() -> None:
     log = ListLogger()
-    tracker = TokenTracker(total_budget=100, logger=log)
+    tracker = TokenTracker(total_budget=100, logger=log, allocations=DEFAULT_ALLOCATIONS)
     assert tracker.track_sync("routing", 40) is True
     assert tracker.track_sync("routing", 60) is False
     assert [e["event_type"] for e in log.events] == [
@@ -275,7 +276,7 @@ def test_track_sync() -> None:
 
 def test_restore_counts_earlier_runs_and_does_not_repeat_warnings() -> None:
     log = ListLogger()
-    tracker = TokenTracker(total_budget=1000, logger=log)
+    tracker = TokenTracker(total_budget=1000, logger=log, allocations=DEFAULT_ALLOCATIONS)
     tracker.restore(600, {"routing": 100, "reasoning": 500}, {"routing": 1, "reasoning": 1})
     assert tracker.used == 600 and tracker.remaining == 400
     assert tracker.get_component_status("reasoning")["used"] == 500  # type: ignore[index]

@@ -73,10 +73,22 @@ def _default_log_path() -> str:
     return str(_home(os.environ) / "logs")
 
 
-def _default_allocations() -> dict[str, int]:
-    # Spec 6.3, defined once beside the budget code that applies it.
-    from sigil.telemetry.tokens import DEFAULT_ALLOCATIONS
+#: The budget the spec's allocations (6.3) are written for.
+SPEC_BUDGET = 256_000
+#: Spec 6.3: per-component allocations of the default 256K budget (the rest, 26K, is
+#: reserve). For another budget they are scaled (see ``sigil.telemetry.tokens``);
+#: here, in ``core``, so that config needs nothing from ``telemetry``.
+DEFAULT_ALLOCATIONS: dict[str, int] = {
+    "routing": 10_000,
+    "memory": 30_000,
+    "planning": 20_000,
+    "reasoning": 150_000,
+    "contracts": 10_000,
+    "validation": 10_000,
+}
 
+
+def _default_allocations() -> dict[str, int]:
     return dict(DEFAULT_ALLOCATIONS)
 
 
@@ -570,12 +582,33 @@ def _check_consistency(settings: Settings, where: Mapping[str, str]) -> None:
                 f"{where.get(key, 'defaults')}: {key}: token_budget.{low_name} ({low}) must be"
                 f" below token_budget.{high_name} ({high})"
             )
+    if settings.source("token_budget.allocations") != "default":
+        # Allocations written by the user are absolute: they must fit the budget.
+        key = "token_budget.allocations"
+        check_allocations(settings, budget.default_total, "token_budget.default_total",
+                          where.get(key, "defaults"))  # fmt: skip
     errors = settings.errors
     if errors.backoff_base > errors.backoff_max:
         key = _closest(settings, "errors.backoff_base", "errors.backoff_max")
         raise ConfigError(
             f"{where.get(key, 'defaults')}: {key}: errors.backoff_base ({errors.backoff_base})"
             f" must not exceed errors.backoff_max ({errors.backoff_max})"
+        )
+
+
+def check_allocations(settings: Settings, budget: int, budget_name: str, origin: str) -> None:
+    """Raise :class:`ConfigError` when configured allocations exceed ``budget``.
+
+    Default allocations are proportions, scaled to any budget, so only
+    allocations the user wrote (absolute numbers) can be too large.
+    """
+    if settings.source("token_budget.allocations") == "default":
+        return
+    total = sum(settings.token_budget.allocations.values())
+    if total > budget:
+        raise ConfigError(
+            f"{origin}: token_budget.allocations: the allocations add up to {total:,} tokens,"
+            f" more than the session budget of {budget:,} ({budget_name})"
         )
 
 

@@ -1,7 +1,11 @@
 """The session lock (ARCHITECTURE.md contract 7: a session is alive while its lock is held).
 
-``sigil orchestrate`` holds an exclusive, non-blocking ``flock`` on
-``sessions/<id>/.lock`` for as long as a run is in progress. The kernel drops the
+Every writer of a session -- each open
+:class:`~sigil.telemetry.execution_logger.ExecutionLogger`, and so ``sigil
+orchestrate`` for as long as a run is in progress -- holds an exclusive,
+non-blocking ``flock`` on ``sessions/<id>/.lock``. One process holds at most one
+lock per session: the orchestrator takes it before reading the session's history
+and hands the held lock to its logger. The kernel drops the
 lock when the holder's process dies -- even on ``kill -9`` -- so a monitor that sees
 no final event *and* a free lock knows the writer is gone, with no PID file or
 heartbeat to go stale.
@@ -30,7 +34,8 @@ _FILE_MODE = 0o600
 
 
 class SessionBusy(RuntimeError):
-    """Another process holds the session's lock: a run is already in progress."""
+    """Another writer holds the session's lock: a ``sigil orchestrate`` run or an
+    open ``ExecutionLogger``, in this process or another. Nothing was written."""
 
 
 class SessionLock:
@@ -82,10 +87,11 @@ class SessionLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _read_pid(fd)
-                who = f" by process {holder}" if holder else ""
+                who = f" (process {holder} is writing it)" if holder else ""
                 raise SessionBusy(
                     f"session {self.session_dir.name!r} is already running{who}; "
-                    "wait for it to finish or use another --session"
+                    "a session has one writer at a time: wait for it to finish "
+                    "or use another session ID"
                 ) from None
         except BaseException:
             os.close(fd)

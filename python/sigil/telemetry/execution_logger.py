@@ -8,23 +8,33 @@ logging never waits for the disk (the spec's sample awaited ``aiofiles`` writes
 on the event loop and never fsynced). Each event gets a ``seq`` that rises by
 one across restarts of the writer, so a reader can tell a gap from a quiet
 period.
+
+Every open logger holds the session's lock (``sessions/<id>/.lock``,
+ARCHITECTURE.md contract 7) from open to close, so readers know the session
+is live while it is quiet, and a second writer of the session -- another
+logger, or ``sigil orchestrate`` -- is refused with
+:class:`~sigil.core.locks.SessionBusy` instead of duplicating ``seq``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import math
 import os
+import re
 import threading
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
 
 from sigil import _native
+from sigil.core.limits import DEPTH_MARKER, MAX_METADATA_DEPTH, MAX_TOKENS
+from sigil.core.locks import SessionBusy, SessionLock
 from sigil.core.paths import (
     LOG_FILE_NAME,
     resolve_log_path,
@@ -35,11 +45,13 @@ from sigil.core.paths import (
 __all__ = [
     "ExecutionLogger",
     "LogEntry",
+    "SessionBusy",
     "SyncExecutionLogger",
     "log_execution_event",
 ]
 
 _OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
+_orjson_dumps = orjson.dumps
 
 
 def _default(obj: object) -> object:
@@ -52,20 +64,105 @@ def _default(obj: object) -> object:
 def dumps(obj: object) -> bytes:
     """Serialise for the log; never raises, so an event is never lost to its content.
 
-    orjson first; it refuses integers beyond 64 bits and circular references,
-    which then go through the standard library (arbitrary integers) or, failing
-    that, are replaced by a note saying why.
+    orjson first. What it refuses (integers beyond 64 bits, circular references,
+    nesting past its own limit) is rebuilt by :func:`_json_safe`, which replaces
+    only the offending values; what orjson writes as ``null`` (NaN, infinities)
+    is ``null`` on both paths.
     """
     try:
         return orjson.dumps(obj, default=_default, option=_OPTS)
-    except (orjson.JSONEncodeError, TypeError) as exc:
+    except (orjson.JSONEncodeError, TypeError):
+        return _safe_dumps(obj)
+
+
+def _safe_dumps(obj: object) -> bytes:
+    try:
+        return orjson.dumps(_json_safe(obj, 1, set()), option=_OPTS)
+    except (orjson.JSONEncodeError, TypeError) as exc:  # pragma: no cover - _json_safe's output
+        return orjson.dumps({"metadata_error": f"metadata could not be serialised: {exc}"})
+
+
+#: The integers every JSON reader of the log takes exactly (orjson writes these).
+_INT_MIN, _INT_MAX = -(1 << 63), (1 << 64) - 1
+CIRCULAR_MARKER = "[cut: circular reference]"
+
+
+def _json_safe(value: Any, level: int, active: set[int]) -> Any:
+    """``value`` as plain JSON data, each value the log cannot take replaced alone.
+
+    ``level`` is the nesting level a container at this place would have (the
+    metadata object is level 1): a container past MAX_METADATA_DEPTH becomes
+    DEPTH_MARKER, a reference back to an enclosing container CIRCULAR_MARKER, a
+    non-finite float ``null``, an integer outside 64 bits its decimal string.
+    ``active`` holds the ids of the enclosing containers.
+    """
+    if value is None or isinstance(value, str | bool):
+        return value
+    if isinstance(value, int):
+        return int(value) if _INT_MIN <= value <= _INT_MAX else str(value)
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Mapping | list | tuple | set | frozenset):
+        if level > MAX_METADATA_DEPTH:
+            return DEPTH_MARKER
+        if id(value) in active:
+            return CIRCULAR_MARKER
+        active.add(id(value))
         try:
-            text = json.dumps(
-                obj, default=str, ensure_ascii=False, allow_nan=False, separators=(",", ":")
-            )
-            return text.encode()
-        except (ValueError, TypeError, RecursionError):
-            return orjson.dumps({"metadata_error": f"metadata could not be serialised: {exc}"})
+            if isinstance(value, Mapping):
+                return {_json_key(k): _json_safe(v, level + 1, active) for k, v in value.items()}
+            return [_json_safe(v, level + 1, active) for v in value]
+        finally:
+            active.discard(id(value))
+    # Anything else orjson knows (dataclasses, datetimes, numpy arrays...) as the
+    # JSON it makes of it, then checked like the rest; failing that, its text.
+    try:
+        plain = orjson.loads(orjson.dumps(value, default=_default, option=_OPTS))
+    except (orjson.JSONEncodeError, orjson.JSONDecodeError, TypeError):
+        return str(value)
+    return _json_safe(plain, level, active)
+
+
+def _json_key(key: object) -> object:
+    """A dict key orjson writes as the fast path would (OPT_NON_STR_KEYS), else its text."""
+    if key is None or isinstance(key, str | bool):
+        return key
+    if isinstance(key, int):
+        return int(key) if _INT_MIN <= key <= _INT_MAX else str(key)
+    if isinstance(key, float) and math.isfinite(key):
+        return key
+    return str(key)
+
+
+#: JSON strings, which may hold brackets that are not nesting.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"{}[]")
+_OPENERS = frozenset(b"{[")
+
+
+def _json_depth(encoded: bytes) -> int:
+    """How deep containers nest in the JSON text ``encoded`` (a flat object is 1)."""
+    brackets = _JSON_STRING.sub(b"", encoded).translate(None, _NOT_BRACKETS)
+    return max(accumulate(1 if c in _OPENERS else -1 for c in brackets), default=0)
+
+
+def _encode_metadata(metadata: Mapping[str, Any]) -> tuple[Mapping[str, Any], bytes]:
+    """``metadata`` and its JSON, every value the log cannot take replaced alone
+    (see :func:`_json_safe`); the mapping returned is the one encoded."""
+    try:
+        meta = _orjson_dumps(metadata, default=_default, option=_OPTS)
+    except (orjson.JSONEncodeError, TypeError):
+        meta = None
+    else:
+        # One opener per level at least: below the bound nothing can be too deep,
+        # so the exact count is paid only by metadata with many containers.
+        if (
+            meta.count(b"{") + meta.count(b"[") <= MAX_METADATA_DEPTH
+            or _json_depth(meta) <= MAX_METADATA_DEPTH
+        ):
+            return metadata, meta
+    safe = _json_safe(metadata, 1, set())
+    return safe, _safe_dumps(safe)
 
 
 #: The longest line the writer produces: every reader (the tailer, the fold,
@@ -79,8 +176,6 @@ _CHEAP_METADATA_BYTES = MAX_EVENT_BYTES // 4
 _SMALL_VALUE_BYTES = 1024
 
 
-_orjson_dumps = orjson.dumps
-_TOKENS_LIMIT = 1 << 63
 _MAX_NAME_CHARS = 256
 
 
@@ -213,6 +308,15 @@ class ExecutionLogger:
     metadata value with :class:`~sigil.telemetry.sanitization.LogSanitizer`;
     ``False``/``None`` turns it off; or pass your own object with
     ``sanitize_string`` and ``sanitize_dict``.
+
+    Opening the log (the first event, ``initialize``, ``with`` or ``async with
+    .session()``) takes the session's lock and ``close()`` releases it; logging
+    after ``close()`` opens and locks again. While another process or another
+    logger holds the lock, opening raises :class:`~sigil.core.locks.SessionBusy`
+    and nothing is written. ``lock``: a :class:`~sigil.core.locks.SessionLock` of
+    this session that the caller already holds (``sigil orchestrate`` locks the
+    session before it reads its history); the logger uses it and leaves its
+    release to the caller.
     """
 
     def __init__(
@@ -225,6 +329,7 @@ class ExecutionLogger:
         fsync: str = "interval",
         sanitizer: Sanitizer | bool | None = True,
         max_buffer_bytes: int = 8 << 20,
+        lock: SessionLock | None = None,
     ) -> None:
         self.session_id = validate_session_id(session_id)
         self.log_path = resolve_log_path(log_path)
@@ -241,6 +346,13 @@ class ExecutionLogger:
             self._sanitizer = None
         else:
             self._sanitizer = sanitizer
+        if lock is not None and os.path.abspath(lock.session_dir) != os.path.abspath(
+            self.session_dir
+        ):
+            raise ValueError(f"the lock given is for another session ({lock.session_dir})")
+        self._session_lock = lock if lock is not None else SessionLock(self.session_dir)
+        #: True while this logger holds a lock it took itself (and so must release)
+        self._took_lock = False
         self._writer: _native.AppendWriter | None = None
         self._open_lock = threading.Lock()
 
@@ -272,15 +384,26 @@ class ExecutionLogger:
             return writer
         with self._open_lock:
             if self._writer is None or self._writer.closed:
-                self._writer = _native.AppendWriter(
-                    self.log_file,
-                    buffer_bytes=self.buffer_size,
-                    flush_interval=self.flush_interval,
-                    fsync=self.fsync,
-                    max_buffer_bytes=self.max_buffer_bytes,
-                    session_id=self.session_id,
-                    start_seq=self._recover_next_seq(),
-                )
+                # The lock comes first: the next seq is read from the log under it,
+                # so two writers can never both continue from the same event.
+                took = not self._session_lock.held
+                if took:
+                    self._session_lock.acquire()  # SessionBusy when another writer holds it
+                try:
+                    self._writer = _native.AppendWriter(
+                        self.log_file,
+                        buffer_bytes=self.buffer_size,
+                        flush_interval=self.flush_interval,
+                        fsync=self.fsync,
+                        max_buffer_bytes=self.max_buffer_bytes,
+                        session_id=self.session_id,
+                        start_seq=self._recover_next_seq(),
+                    )
+                except BaseException:
+                    if took:
+                        self._session_lock.release()
+                    raise
+                self._took_lock = self._took_lock or took
             return self._writer
 
     def _recover_next_seq(self) -> int:
@@ -321,8 +444,9 @@ class ExecutionLogger:
         hand-off to the native writer; the rare slow cases (oversized content,
         a closed or unopened writer) are handled off the common path.
         """
-        if type(tokens) is not int or not 0 <= tokens < _TOKENS_LIMIT:
-            raise ValueError(f"tokens must be a non-negative int below 2**63, not {tokens!r}")
+        if type(tokens) is not int or not 0 <= tokens <= MAX_TOKENS:
+            # The one valid range (contract 2): every reader takes it exactly.
+            raise ValueError(f"tokens must be an int in 0..=2**53, not {tokens!r}")
         sanitizer = self._sanitizer
         meta: bytes | None = None
         if sanitizer is not None:
@@ -330,13 +454,12 @@ class ExecutionLogger:
             if metadata:
                 try:
                     metadata = sanitizer.sanitize_dict(dict(metadata))
-                except RecursionError:  # a circular structure
-                    metadata = {"metadata_error": "metadata is circular; not logged"}
+                except RecursionError:
+                    # Circular or very deep: cut those parts, keep and scrub the rest.
+                    safe = _json_safe(metadata, 1, set())
+                    metadata = sanitizer.sanitize_dict(safe)
         if metadata:
-            try:
-                meta = _orjson_dumps(metadata, default=_default, option=_OPTS)
-            except (orjson.JSONEncodeError, TypeError):
-                meta = dumps(metadata)
+            metadata, meta = _encode_metadata(metadata)
         if (
             len(message) > _CHEAP_MESSAGE_CHARS
             or len(event_type) + len(component) > _MAX_NAME_CHARS
@@ -386,10 +509,19 @@ class ExecutionLogger:
         await asyncio.to_thread(self.flush_sync)
 
     def close_sync(self) -> None:
-        """Flush, fsync and close. Idempotent; raises ``OSError`` if the disk fails."""
-        writer = self._writer
-        if writer is not None:
-            writer.close()
+        """Flush, fsync, close and release the session's lock (if this logger took
+        it). Idempotent; raises ``OSError`` if the disk fails."""
+        with self._open_lock:
+            writer = self._writer
+            try:
+                if writer is not None:
+                    writer.close()
+            finally:
+                # Released even when the last flush failed: the process is done
+                # writing, and a held lock would keep the session "live".
+                if self._took_lock:
+                    self._took_lock = False
+                    self._session_lock.release()
 
     async def close(self) -> None:
         await asyncio.to_thread(self.close_sync)

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
+from sigil.core.config import DEFAULT_ALLOCATIONS, SPEC_BUDGET
+
 if TYPE_CHECKING:  # pragma: no cover
     from sigil.core.config import Settings
 
@@ -53,17 +55,17 @@ __all__ = [
     "EventLogger",
     "TokenBudget",
     "TokenTracker",
+    "scaled_allocations",
 ]
 
-#: Spec 6.3: per-component allocations of the default 256K budget (the rest, 26K, is reserve).
-DEFAULT_ALLOCATIONS: dict[str, int] = {
-    "routing": 10_000,
-    "memory": 30_000,
-    "planning": 20_000,
-    "reasoning": 150_000,
-    "contracts": 10_000,
-    "validation": 10_000,
-}
+
+def scaled_allocations(total: int) -> dict[str, int]:
+    """The spec's default allocations (6.3, written for 256,000) in proportion to ``total``.
+
+    Rounded down, so they never add up to more than the budget's share.
+    """
+    return {name: tokens * total // SPEC_BUDGET for name, tokens in DEFAULT_ALLOCATIONS.items()}
+
 
 #: Appendix A: fractions of the session budget.
 DEFAULT_THRESHOLDS: dict[str, float] = {"warning": 0.5, "critical": 0.8, "exceeded": 0.95}
@@ -442,7 +444,9 @@ class TokenTracker:
         self.logger = logger
         self.budget_component = budget_component
         self._lock = threading.Lock()
-        self._setup_allocations(DEFAULT_ALLOCATIONS if allocations is None else allocations)
+        self._setup_allocations(
+            scaled_allocations(total_budget) if allocations is None else allocations
+        )
 
     @classmethod
     def from_settings(
@@ -452,12 +456,18 @@ class TokenTracker:
         total_budget: int | None = None,
         logger: EventLogger | None = None,
     ) -> TokenTracker:
-        """A tracker with the allocations and thresholds of ``settings.token_budget``."""
+        """A tracker with the allocations and thresholds of ``settings.token_budget``.
+
+        Allocations from the config are absolute and kept as given; the defaults
+        are scaled to the budget (``--budget 5000`` gets 5000/256000 of each).
+        """
         tb = settings.token_budget
+        total = tb.default_total if total_budget is None else total_budget
+        configured = settings.source("token_budget.allocations") != "default"
         return cls(
-            total_budget=tb.default_total if total_budget is None else total_budget,
+            total_budget=total,
             logger=logger,
-            allocations=dict(tb.allocations),
+            allocations=dict(tb.allocations) if configured else None,
             warning_threshold=tb.warning_threshold,
             critical_threshold=tb.critical_threshold,
             exceeded_threshold=tb.exceeded_threshold,

@@ -38,8 +38,10 @@ itself only queues bytes for the native writer.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
+import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -68,15 +70,32 @@ from sigil.pipeline.base import (
     load_step,
     usage_of,
 )
+from sigil.telemetry.execution_logger import ExecutionLogger
 from sigil.telemetry.file_security import write_private_atomic
 from sigil.telemetry.tokens import TokenTracker
 
 if TYPE_CHECKING:  # pragma: no cover
     from sigil.core.config import Settings
     from sigil.pipeline.providers import ChatProvider
-    from sigil.telemetry.execution_logger import ExecutionLogger
+
+
+class _SessionLogger(ExecutionLogger):
+    """The run's logger: ``seq`` continues after the session's ledger too.
+
+    The logger recovers the next ``seq`` from the log's tail; when an external
+    rotator has deleted or compressed the segments holding it, the ledger
+    (``tokens.json``'s ``last_seq``) still knows it, and ``seq`` must never go
+    back (contract 1).
+    """
+
+    min_next_seq = 0
+
+    def _recover_next_seq(self) -> int:
+        return max(super()._recover_next_seq(), self.min_next_seq)
+
 
 __all__ = [
+    "BudgetConfigError",
     "BudgetExhaustedError",
     "Orchestrator",
     "OrchestratorError",
@@ -91,8 +110,14 @@ __all__ = [
 
 #: Largest step output (compact JSON) kept on its ``step_complete`` event for resume.
 MAX_LOGGED_OUTPUT = 32 * 1024
+#: ``tokens.json``'s ``ledger_version``: the file is the session's durable ledger.
+LEDGER_VERSION = 1
+#: A ledger is small (a few hundred bytes per run); anything larger is not ours.
+_MAX_LEDGER_BYTES = 64 << 20
 ORCHESTRATOR = "orchestrator"
 _FINAL_EVENTS = ("session_complete", "session_error")
+#: Run statuses ``--resume`` continues: the writer died, or the run was interrupted.
+_RESUMABLE = ("running", "interrupted")
 
 
 class PipelineStep(StrEnum):
@@ -112,6 +137,16 @@ class OrchestratorError(Exception):
 
 class ResumeError(OrchestratorError, ValueError):
     """``--resume`` on a session that has no interrupted run (a usage error)."""
+
+
+class BudgetConfigError(OrchestratorError, ValueError):
+    """Configured allocations exceed the session's budget (a usage error)."""
+
+
+def allocations_origin(settings: Settings) -> str:
+    """Where ``token_budget.allocations`` was set, for error messages."""
+    source = settings.source("token_budget.allocations")
+    return str(settings.config_path) if source == "config" else "command line"
 
 
 class PipelineError(OrchestratorError):
@@ -170,6 +205,9 @@ class PipelineResult:
     error: str | None = None
     resumed: bool = False
     log_file: str | None = None
+    #: events of the session that neither its log nor its ledger hold any more
+    #: (a hole in ``seq``): ``total_tokens`` is then a lower bound
+    missing_events: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -200,6 +238,12 @@ class RunRecord:
     task: str | None = None
     budget: int | None = None
     tokens_used: int = 0
+    #: the run's ``session_start`` allocations (for summaries rebuilt from the log)
+    allocations: dict[str, int] | None = None
+    #: seq range and number of the events counted for this run (the ledger's)
+    first_seq: int | None = None
+    last_seq: int | None = None
+    events: int = 0
     steps_completed: int = 0
     steps_failed: int = 0
     components: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -233,9 +277,26 @@ class RunRecord:
         tokens: int,
         metadata: Mapping[str, Any],
         timestamp: str | None,
+        seq: int | None = None,
+        *,
+        count: bool = True,
     ) -> None:
-        """Fold one event of this run (the same rules for the log and the live run)."""
+        """Fold one event of this run (the same rules for the log and the live run).
+
+        ``count=False`` is for an event the ledger already counts: only what
+        ``--resume`` needs (completed steps' outputs, error records) is kept.
+        """
+        if not count:
+            if event_type == "step_complete":
+                self.completed[component] = _completed_entry(tokens, metadata)
+            elif event_type == "step_error":
+                self.completed.pop(component, None)
+            return
         self.last_at = timestamp or self.last_at
+        self.events += 1
+        if seq is not None:
+            self.first_seq = seq if self.first_seq is None else min(self.first_seq, seq)
+            self.last_seq = seq if self.last_seq is None else max(self.last_seq, seq)
         self.tokens_used += tokens
         comp = self.component(component)
         comp["tokens"] += tokens
@@ -243,13 +304,7 @@ class RunRecord:
             comp["operations"] += 1
             comp["latency_ms"] += _number(metadata.get("latency_ms"))
             self.steps_completed += 1
-            self.completed[component] = {
-                "tokens": tokens,
-                "latency_ms": _number(metadata.get("latency_ms")),
-                "has_output": "output" in metadata,
-                "output": metadata.get("output"),
-                "metadata": dict(metadata),
-            }
+            self.completed[component] = _completed_entry(tokens, metadata)
         elif event_type == "step_error":
             comp["errors"] += 1
             comp["latency_ms"] += _number(metadata.get("latency_ms"))
@@ -284,6 +339,8 @@ class RunRecord:
         return max(0.0, (end - start).total_seconds())
 
     def tokens_dict(self) -> dict[str, Any]:
+        """The run's entry in ``tokens.json``: its totals and what the ledger needs
+        to stand in for the run's events once the log has lost them."""
         return {
             "run": self.run,
             "status": self.status,
@@ -294,7 +351,56 @@ class RunRecord:
             "components": {
                 name: int(c["tokens"]) for name, c in self.components.items() if c["tokens"]
             },
+            "task": self.task,
+            "allocations": self.allocations,
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "events": self.events,
+            "steps_completed": self.steps_completed,
+            "steps_failed": self.steps_failed,
+            "component_stats": {
+                name: {k: round(v, 3) if k == "latency_ms" else int(v) for k, v in c.items()}
+                for name, c in self.components.items()
+            },
         }
+
+    @classmethod
+    def from_ledger(cls, entry: Mapping[str, Any]) -> RunRecord:
+        """A run as ``tokens.json`` recorded it (raises ValueError if malformed)."""
+        number = entry.get("run")
+        if not _is_count(number):
+            raise ValueError(f"run number {number!r}")
+        record = cls(
+            run=number,
+            status=_text_or(entry.get("status"), "incomplete"),
+            started_at=_text_or(entry.get("started_at"), None),
+            ended_at=_text_or(entry.get("ended_at"), None),
+            task=_text_or(entry.get("task"), None),
+            budget=entry.get("budget") if _is_count(entry.get("budget")) else None,
+            tokens_used=_count(entry.get("tokens_used")),
+            first_seq=_seq_or_none(entry.get("first_seq")),
+            last_seq=_seq_or_none(entry.get("last_seq")),
+            events=_count(entry.get("events")),
+            steps_completed=_count(entry.get("steps_completed")),
+            steps_failed=_count(entry.get("steps_failed")),
+        )
+        allocations = entry.get("allocations")
+        if isinstance(allocations, Mapping):
+            record.allocations = {
+                str(k): v for k, v in allocations.items() if _is_count(v) or v == 0
+            }
+        stats = entry.get("component_stats")
+        if isinstance(stats, Mapping):
+            for name, c in list(stats.items())[:MAX_COMPONENTS]:
+                if isinstance(c, Mapping):
+                    comp = record.component(str(name))
+                    for key in ("tokens", "operations", "errors", "retries"):
+                        comp[key] = _count(c.get(key))
+                    comp["latency_ms"] = _number(c.get("latency_ms"))
+        if sum(int(c["tokens"]) for c in record.components.values()) != record.tokens_used:
+            raise ValueError(f"run {number}: components do not add up to tokens_used")
+        record.last_at = record.ended_at or record.started_at
+        return record
 
     def metrics_dict(self) -> dict[str, Any]:
         return {
@@ -348,11 +454,37 @@ class SessionHistory:
     malformed: int = 0
     #: tokens logged before any session_start (only in hand-made logs)
     orphan_tokens: int = 0
+    #: the highest seq of the session, from the log or the ledger (None: no event yet)
+    last_seq: int | None = None
+    #: events counted (the ledger's, then the log's after it)
+    events: int = 0
+    #: events the ledger and the log both lack (a hole in ``seq``): totals are a lower bound
+    missing_events: int = 0
+    #: the ledger's ``last_seq`` (None without a usable ledger)
+    ledger_seq: int | None = None
+    #: why tokens.json was not usable as a ledger (None when it was, or is absent)
+    ledger_problem: str | None = None
+
+    @property
+    def summaries_stale(self) -> bool:
+        """True when tokens.json does not cover every event of the log (a writer
+        died between its final event and tokens.json, or tokens.json is gone)."""
+        if self.last_seq is None:
+            return False
+        return self.ledger_seq is None or self.ledger_seq < self.last_seq
 
     @property
     def open_run(self) -> RunRecord | None:
         """The last run, if it never logged a final event (its writer died)."""
         if self.runs and self.runs[-1].status == "running":
+            return self.runs[-1]
+        return None
+
+    @property
+    def resumable_run(self) -> RunRecord | None:
+        """The last run, if ``--resume`` can continue it: its writer died, or it
+        was interrupted (Ctrl-C, SIGTERM) and recorded so."""
+        if self.runs and self.runs[-1].status in _RESUMABLE:
             return self.runs[-1]
         return None
 
@@ -366,17 +498,71 @@ class SessionHistory:
         return tokens, ops
 
 
-def read_session_history(session_dir: Path) -> SessionHistory:
-    """Fold a session's log (rotated segments, then the live file) into runs.
+def read_ledger(session_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """``tokens.json`` as a ledger: ``(document, None)``, or ``(None, why not)``.
 
-    Uses the native parser of :mod:`sigil.telemetry.log_parser`, with the monitor's
-    rules: only newline-terminated lines count (a torn last line is not an event
-    yet), over-long lines are skipped, malformed lines are counted. So the total
-    here equals ``fold_session(...).tokens_used``. Blocking: run it in a thread.
+    A missing file is no ledger and no problem; a file that is not a ledger
+    (unreadable, another shape, a version from before the ledger) is reported
+    and ignored: the log alone is folded then.
+    """
+    path = session_dir / "tokens.json"
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_MAX_LEDGER_BYTES + 1)
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"cannot read {path}: {exc.strerror or exc}"
+    if len(raw) > _MAX_LEDGER_BYTES:
+        return None, f"{path} is larger than {_MAX_LEDGER_BYTES} bytes"
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        return None, f"{path} is not JSON: {exc}"
+    if not isinstance(doc, dict) or doc.get("ledger_version") != LEDGER_VERSION:
+        return None, f"{path} is not a ledger (no ledger_version {LEDGER_VERSION})"
+    if _seq_or_none(doc.get("last_seq")) is None or not isinstance(doc.get("runs"), list):
+        return None, f"{path}: last_seq or runs missing"
+    return doc, None
+
+
+def read_session_history(session_dir: Path, *, use_ledger: bool = True) -> SessionHistory:
+    """The session's history: its ledger (``tokens.json``) combined with its log.
+
+    The ledger holds per-run totals up to its ``last_seq``; the log's events
+    after that seq are folded on top of it (contract 2 rules: tokens are
+    additive). Events at or below the ledger's seq are already counted: from
+    them only what ``--resume`` needs is kept. So runs whose events an external
+    rotator renamed away, compressed or deleted keep their totals, the run
+    number and ``seq`` continue, and nothing is counted twice. A hole in ``seq``
+    that neither fills is counted in ``missing_events``.
+
+    The log is read through the native tailer (rotated segments, then the live
+    file) with the monitor's rules: only newline-terminated lines count, over-long
+    lines are skipped, malformed lines are counted. Blocking: run it in a thread.
     """
     from sigil.telemetry import log_parser
 
     history = SessionHistory()
+    ledger, problem = read_ledger(session_dir) if use_ledger else (None, None)
+    history.ledger_problem = problem
+    covered = -1  # events with a seq up to this are in the ledger
+    if ledger is not None:
+        try:
+            runs = [RunRecord.from_ledger(r) for r in ledger["runs"] if isinstance(r, Mapping)]
+        except ValueError as exc:
+            history.ledger_problem = f"{session_dir / 'tokens.json'}: {exc}"
+            runs = []
+            ledger = None
+        if ledger is not None:
+            history.runs = runs
+            history.tokens_used = sum(r.tokens_used for r in runs)
+            history.events = _count(ledger.get("events"))
+            history.missing_events = _count(ledger.get("missing_events"))
+            covered = int(ledger["last_seq"])
+            history.ledger_seq = history.last_seq = covered
+    by_number = {r.run: r for r in history.runs}
+    expected = covered + 1
     current: RunRecord | None = None
     tailer = log_parser.SessionTailer(session_dir.name, session_dir.parent.parent)
     # Batches of bounded size through the native tailer: memory does not grow
@@ -384,10 +570,16 @@ def read_session_history(session_dir: Path) -> SessionHistory:
     for parsed in tailer.iter_existing():
         history.malformed += len(parsed.malformed)
         for entry in parsed.entries:
+            seq = entry.seq
+            count = seq is None or seq > covered
             tokens = int(entry.tokens)
-            history.tokens_used += tokens
             event_type = entry.event_type
             metadata = entry.metadata if isinstance(entry.metadata, dict) else {}
+            if count and seq is not None:
+                if seq > expected:
+                    history.missing_events += seq - expected
+                expected = max(expected, seq + 1)
+                history.last_seq = seq if history.last_seq is None else max(history.last_seq, seq)
             if event_type == "session_start":
                 if current is not None:
                     # Only the last run can be resumed: earlier runs keep their
@@ -395,25 +587,60 @@ def read_session_history(session_dir: Path) -> SessionHistory:
                     current.completed.clear()
                     current.error_events.clear()
                 number = metadata.get("run")
-                if not isinstance(number, int) or isinstance(number, bool):
+                if not _is_count(number):
                     number = (history.runs[-1].run + 1) if history.runs else 1
-                current = RunRecord(
-                    run=number,
-                    started_at=entry.timestamp,
-                    task=metadata.get("task") if isinstance(metadata.get("task"), str) else None,
-                    budget=metadata.get("budget") if _is_count(metadata.get("budget")) else None,
-                )
-                history.runs.append(current)
+                known = by_number.get(number)
+                if known is not None:
+                    current = known  # the ledger has its totals
+                elif count:
+                    budget = metadata.get("budget")
+                    current = RunRecord(
+                        run=number,
+                        started_at=entry.timestamp,
+                        task=_text_or(metadata.get("task"), None),
+                        budget=budget if _is_count(budget) else None,
+                    )
+                    allocations = metadata.get("allocations")
+                    if isinstance(allocations, dict):
+                        current.allocations = {
+                            str(k): v for k, v in allocations.items() if _is_count(v) or v == 0
+                        }
+                    history.runs.append(current)
+                    by_number[number] = current
+                else:
+                    current = None  # a run older than the ledger's first: already counted
+            elif current is None and history.runs and seq is not None:
+                # The log starts inside a run (its start was rotated away): the
+                # ledger's run that holds this seq, or for later events the last one.
+                current = next(
+                    (r for r in history.runs
+                     if r.first_seq is not None and r.first_seq <= seq <= (r.last_seq or -1)),
+                    history.runs[-1] if count else None,
+                )  # fmt: skip
+            if count:
+                history.tokens_used += tokens
+                history.events += 1
             if current is None:
-                history.orphan_tokens += tokens
+                if count:
+                    history.orphan_tokens += tokens
                 continue
             current.apply(
-                event_type, entry.component, entry.message, tokens, metadata, entry.timestamp
-            )
+                event_type, entry.component, entry.message, tokens, metadata, entry.timestamp,
+                seq, count=count,
+            )  # fmt: skip
     return history
 
 
 # -- the orchestrator ------------------------------------------------------------------
+
+
+def _kill_after_event() -> int | None:
+    """``SIGIL_TEST_KILL_AFTER_EVENT=N``: SIGKILL this process right after its Nth
+    event is written and flushed. For the crash tests only, which walk every
+    event boundary of a run with a real kill -9 (a step cannot reach the
+    boundaries between the orchestrator's own events)."""
+    text = os.environ.get("SIGIL_TEST_KILL_AFTER_EVENT")
+    return int(text) if text and text.isdigit() else None
 
 
 class _RecordingLogger:
@@ -427,12 +654,38 @@ class _RecordingLogger:
     def __init__(self, logger: ExecutionLogger, record: RunRecord) -> None:
         self._logger = logger
         self.record = record
+        #: seq of the last event this run wrote (the ledger's ``last_seq``)
+        self.last_seq: int | None = None
+        #: events this process wrote
+        self.events = 0
+        #: the logger's first report of dropped events (a full or failing disk)
+        self.dropped: OSError | None = None
+        self._kill_after = _kill_after_event()
+
+    def _after(self, seq: int) -> None:
+        self.last_seq = seq
+        self.events += 1
+        if self.events == self._kill_after:
+            # Test hook (see _kill_after_event): a real kill -9 at an exact boundary.
+            self._logger.flush_sync()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _accepted_despite(self, exc: OSError) -> int:
+        """The logger's report that earlier events were dropped on a failing disk
+        (``EventsDroppedError``): this event was accepted all the same, with the
+        ``seq`` the error carries, and must not be logged again. The drop is
+        kept; the run starts no further step. Any other error propagates."""
+        seq = getattr(exc, "seq", None)
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            raise exc
+        self.dropped = self.dropped or exc
+        return seq
 
     def _apply(
-        self, event_type: str, component: str, message: str, tokens: int, metadata: Any
+        self, event_type: str, component: str, message: str, tokens: int, metadata: Any, seq: int
     ) -> None:
         now = datetime.now(UTC).isoformat()
-        self.record.apply(event_type, component, message, tokens, metadata or {}, now)
+        self.record.apply(event_type, component, message, tokens, metadata or {}, now, seq)
 
     async def log_event(
         self,
@@ -442,8 +695,12 @@ class _RecordingLogger:
         tokens: int = 0,
         metadata: dict[str, Any] | None = None,
     ) -> int:
-        seq = await self._logger.log_event(event_type, component, message, tokens, metadata)
-        self._apply(event_type, component, message, tokens, metadata)
+        try:
+            seq = await self._logger.log_event(event_type, component, message, tokens, metadata)
+        except OSError as exc:
+            seq = self._accepted_despite(exc)
+        self._apply(event_type, component, message, tokens, metadata, seq)
+        self._after(seq)
         return seq
 
     def log_event_sync(
@@ -454,8 +711,12 @@ class _RecordingLogger:
         tokens: int = 0,
         metadata: dict[str, Any] | None = None,
     ) -> int:
-        seq = self._logger.log_event_sync(event_type, component, message, tokens, metadata)
-        self._apply(event_type, component, message, tokens, metadata)
+        try:
+            seq = self._logger.log_event_sync(event_type, component, message, tokens, metadata)
+        except OSError as exc:
+            seq = self._accepted_despite(exc)
+        self._apply(event_type, component, message, tokens, metadata, seq)
+        self._after(seq)
         return seq
 
 
@@ -546,26 +807,35 @@ class Orchestrator:
         self.provider = self._make_provider(provider)
         self.steps: dict[str, Step] = self._make_steps(components)
 
-        from sigil.telemetry.execution_logger import ExecutionLogger
         from sigil.telemetry.sanitization import sanitizer_from_settings
 
         sanitizer = sanitizer_from_settings(settings)
-        self.execution_logger = ExecutionLogger(
+        # One lock per session and process (contract 7): taken here before the
+        # history is read, handed to the logger, released when the run ends.
+        self._lock = SessionLock(self.session_dir)
+        self.execution_logger: ExecutionLogger = _SessionLogger(
             session_id=self.session_id,
             log_path=self.log_path,
             buffer_size=settings.logging.buffer_size_bytes,
             flush_interval=settings.logging.flush_interval_seconds,
             fsync=settings.logging.fsync,
             sanitizer=sanitizer if sanitizer is not None else False,
+            lock=self._lock,
         )
         self.token_tracker = TokenTracker.from_settings(
             settings, total_budget=self.token_budget, logger=self.execution_logger
         )
         self.error_handler = error_handler or ErrorHandler.from_settings(settings)
-        self._lock = SessionLock(self.session_dir)
         self._executed = False
         #: set when a new run starts on a session whose previous run never ended
         self.abandoned_run: int | None = None
+        #: set when a new run starts on a session whose previous run was interrupted
+        self.interrupted_run: int | None = None
+        #: events of the session lost from both its log and its ledger (see read_session_history)
+        self.missing_events = 0
+        #: set when the log or the summaries could not be written (a full disk): the
+        #: run stopped before its next step; the CLI exits 1 saying so
+        self.recording_error: OSError | None = None
         #: the run this orchestrator executes (known once the session is locked)
         self.run_number: int | None = None
         self.export_otlp = export_otlp
@@ -697,7 +967,13 @@ class Orchestrator:
         if task is None and not self.resume:
             raise ValueError("task must be a non-empty string")
         self._executed = True
-        prepared = await asyncio.to_thread(self._prepare, task)
+        try:
+            # Cancelling the await would leave the thread taking the lock and
+            # opening the log behind our back: let it finish, then give it all back.
+            prepared = await _to_the_end(asyncio.to_thread(self._prepare, task))
+        except asyncio.CancelledError:
+            await asyncio.to_thread(self._abandon_prepared)
+            raise
         exporter = None
         try:
             # Before the run's first event: the exporter follows the log from here.
@@ -764,7 +1040,12 @@ class Orchestrator:
         self._lock.acquire(record_pid=False)
         try:
             history = read_session_history(self.session_dir)
-            open_run = history.open_run
+            if history.summaries_stale:
+                # The log is the truth: a writer died between its final event and
+                # tokens.json (or it is gone). Whoever notices rebuilds it.
+                self._rebuild_summaries(history)
+            self.missing_events = history.missing_events
+            open_run = history.resumable_run if self.resume else history.open_run
             if self.resume:
                 if open_run is None:
                     last = history.runs[-1].status if history.runs else "no run"
@@ -784,15 +1065,30 @@ class Orchestrator:
                     self.abandoned_run = open_run.run
                 number = (history.runs[-1].run + 1) if history.runs else 1
                 run = RunRecord(run=number, started_at=datetime.now(UTC).isoformat(), task=task)
+                last = history.runs[-1] if history.runs else None
+                if last is not None and last.status == "interrupted":
+                    self.interrupted_run = last.run
             budget = self.token_budget
             if not self._budget_explicit:
                 recorded = (open_run.budget if self.resume and open_run else None) or next(
                     (r.budget for r in reversed(history.runs) if r.budget), None
                 )
                 budget = recorded or budget
+                if recorded:
+                    from sigil.core.config import ConfigError, check_allocations
+
+                    try:
+                        check_allocations(
+                            self.settings, recorded, "the session's recorded budget",
+                            allocations_origin(self.settings),
+                        )  # fmt: skip
+                    except ConfigError as exc:
+                        raise BudgetConfigError(exc.format_message()) from None
             run.budget = budget
             self.token_budget = budget
             self.run_number = run.run
+            if history.last_seq is not None and isinstance(self.execution_logger, _SessionLogger):
+                self.execution_logger.min_next_seq = history.last_seq + 1
             # Open the log before the run is accepted: a log that cannot be opened
             # refuses the run here, before anything else is written.
             self.execution_logger.initialize_sync()
@@ -803,8 +1099,17 @@ class Orchestrator:
             self._lock.release()
             raise
         assert task is not None
-        dead_errors = list(run.error_events) if self.resume else []
+        # A run that was interrupted wrote its own errors.jsonl records; only a
+        # dead writer's are recovered from the log.
+        dead_errors = list(run.error_events) if self.resume and run.status == "running" else []
         return _Prepared(history, run, task, budget, self.resume, dead_errors)
+
+    def _abandon_prepared(self) -> None:
+        """Undo a :meth:`_prepare` whose run was cancelled before its first event."""
+        try:
+            self.execution_logger.close_sync()
+        finally:
+            self._lock.release()
 
     def _make_current_link(self) -> None:
         """Point ``<log_path>/current.jsonl`` at this session's log (atomically)."""
@@ -951,6 +1256,13 @@ class Orchestrator:
                         )
                         budget_event_logged = True
                     break
+                # A pipeline that cannot record what it spends starts no further
+                # step: what the log holds so far must be on disk first.
+                unrecorded = await self._log_failure(log)
+                if unrecorded is not None:
+                    self.recording_error = unrecorded
+                    status, error = "interrupted", describe_write_error(unrecorded, self.log_file)
+                    break
                 if tokenizer is None:
                     tokenizer = await tokenizer_future
                 result, handled = await self._execute_step(
@@ -972,14 +1284,30 @@ class Orchestrator:
         except BaseException as exc:
             # Cancelled, interrupted or a bug in the orchestrator itself: still end the
             # run properly (final event, summary files) so the log says what happened.
-            status = "error"
             if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt):
-                error = "interrupted"
+                # Ctrl-C / SIGTERM: recorded as such, so --resume can continue it.
+                status, error = "interrupted", "interrupted"
             else:
-                error = f"internal error: {type(exc).__name__}: {exc}"
-            await finish()
+                status, error = "error", f"internal error: {type(exc).__name__}: {exc}"
+            await _to_the_end(finish(), absorb=True)
             raise
-        return await finish()
+        # The run is over: a cancellation now must not cut its final path short
+        # (no tokens.json), and the outcome the log records stands.
+        return await _to_the_end(finish(), absorb=True)
+
+    async def _log_failure(self, log: _RecordingLogger) -> OSError | None:
+        """Flush and fsync the log; the error if the disk refused it (ENOSPC, EIO)."""
+        if log.dropped is not None:
+            return log.dropped
+        try:
+            await asyncio.to_thread(self.execution_logger.flush_sync)
+        except OSError as exc:
+            return exc
+        stats = self.execution_logger.stats()
+        if stats.get("dropped_events") or stats.get("dropped_lines"):
+            number = stats.get("last_errno") or errno.EIO
+            return OSError(number, str(stats.get("last_error") or os.strerror(number)))
+        return None
 
     def _model_name(self, tokenizer_name: str) -> str:
         if self.provider is not None:
@@ -1171,6 +1499,9 @@ class Orchestrator:
                     f" (skipped failed optional steps: {', '.join(failed)})" if failed else ""
                 )
                 await log.log_event("session_complete", ORCHESTRATOR, message, 0, summary_meta)
+            elif status == "interrupted":
+                message = f"Pipeline interrupted; continue it with --resume (run {record.run})"
+                await log.log_event("session_error", ORCHESTRATOR, message, 0, summary_meta)
             else:
                 await log.log_event(
                     "session_error", ORCHESTRATOR, f"Pipeline failed: {error}", 0, summary_meta
@@ -1178,9 +1509,32 @@ class Orchestrator:
         finally:
             record.status = status
             errors = self.error_handler.handled[handled_before:]
-            await self.execution_logger.close()
+            try:
+                await self.execution_logger.close()
+            except OSError as exc:
+                self.recording_error = self.recording_error or exc
             writer_stats = self.execution_logger.stats()
-            await asyncio.to_thread(self._write_summaries, prep, tracker, errors, writer_stats)
+            dropped = writer_stats.get("dropped_events") or writer_stats.get("dropped_lines")
+            self.recording_error = self.recording_error or log.dropped
+            if dropped and self.recording_error is None:
+                number = writer_stats.get("last_errno") or errno.EIO
+                self.recording_error = OSError(number, os.strerror(number))
+            last_seq = log.last_seq if log.last_seq is not None else prep.history.last_seq
+            events = prep.history.events + log.events
+            if self.recording_error is None:
+                try:
+                    await asyncio.to_thread(
+                        self._write_summaries, prep, tracker, errors, writer_stats, last_seq,
+                        events,
+                    )  # fmt: skip
+                except OSError as exc:
+                    # The log holds the run; the next reader or writer rebuilds the
+                    # summaries from it (they are then older than the log).
+                    self.recording_error = exc
+            # else: the log lacks events; a ledger claiming them would disagree with
+            # it, so the summaries are rebuilt from the log once there is room.
+        if self.recording_error is not None and error is None:
+            error = describe_write_error(self.recording_error, self.session_dir)
         return PipelineResult(
             session_id=self.session_id,
             task=prep.task,
@@ -1198,6 +1552,7 @@ class Orchestrator:
             error=error,
             resumed=prep.resumed,
             log_file=str(self.log_file),
+            missing_events=prep.history.missing_events,
         )
 
     # -- summary files ------------------------------------------------------------------
@@ -1208,74 +1563,21 @@ class Orchestrator:
         tracker: TokenTracker,
         errors: list[HandledError],
         writer_stats: Mapping[str, Any],
+        last_seq: int | None,
+        events: int,
     ) -> None:
         """tokens.json, metrics.json and errors.jsonl (blocking: runs in a thread)."""
-        now = datetime.now(UTC).isoformat()
         runs = [r for r in prep.history.runs if r is not prep.run] + [prep.run]
-        status_info = tracker.get_status()
-        components: dict[str, dict[str, Any]] = {}
-        for name, c in status_info["components"].items():
-            if c["allocated"] or c["used"]:
-                components[name] = {
-                    "allocated": c["allocated"],
-                    "used": c["used"],
-                    "utilization": round(c["utilization"], 2),
-                }
-        tokens_doc = {
-            "session_id": self.session_id,
-            "timestamp": now,
-            "status": prep.run.status,
-            "run": prep.run.run,
-            "total_budget": tracker.total,
-            "total_used": status_info["used"],
-            "total_remaining": status_info["remaining"],
-            "utilization_percentage": round(status_info["utilization"], 2),
-            "warning_level": status_info["warning_level"],
-            "thresholds": status_info["thresholds"],
-            "components": components,
-            "runs": [r.tokens_dict() for r in runs],
-        }
-        _atomic_write(self.session_dir / "tokens.json", _json_bytes(tokens_doc))
-
-        metric_components: dict[str, dict[str, Any]] = {}
-        for run in runs:
-            for name, values in run.metrics_dict()["components"].items():
-                agg = metric_components.setdefault(
-                    name, {"latency_ms": 0.0, "operations": 0, "errors": 0, "retries": 0}
-                )
-                for key in agg:
-                    agg[key] += values[key]
-        for agg in metric_components.values():
-            agg["latency_ms"] = round(agg["latency_ms"], 3)
-            ops = agg["operations"]
-            agg["average_latency_ms"] = round(agg["latency_ms"] / ops, 3) if ops else None
-        timed = {n: a for n, a in metric_components.items() if a["operations"]}
-        total_ops = sum(a["operations"] for a in timed.values())
-        metrics_doc = {
-            "session_id": self.session_id,
-            "timestamp": now,
-            "status": prep.run.status,
-            "run": prep.run.run,
-            "duration_seconds": round(sum(r.duration_seconds for r in runs), 3),
-            "steps_completed": sum(r.steps_completed for r in runs),
-            "steps_failed": sum(r.steps_failed for r in runs),
-            "components": metric_components,
-            "slowest_component": max(
-                timed, key=lambda n: (timed[n]["average_latency_ms"], n), default=None
-            ),
-            "fastest_component": min(
-                timed, key=lambda n: (timed[n]["average_latency_ms"], n), default=None
-            ),
-            "average_latency_ms": (
-                round(sum(a["latency_ms"] for a in timed.values()) / total_ops, 3)
-                if total_ops
-                else None
-            ),
-            "runs": [r.metrics_dict() for r in runs],
-            "log": dict(writer_stats),
-        }
-        _atomic_write(self.session_dir / "metrics.json", _json_bytes(metrics_doc))
-
+        write_summaries(
+            self.session_dir,
+            self.session_id,
+            runs,
+            tracker,
+            last_seq=last_seq,
+            events=events,
+            missing_events=prep.history.missing_events,
+            writer_stats=writer_stats,
+        )
         records: list[dict[str, Any]] = []
         records += prep.dead_errors
         records += [{**h.to_record(), "run": prep.run.run} for h in errors]
@@ -1289,6 +1591,163 @@ class Orchestrator:
                 previous += b"\n"
             body = b"".join(_json_bytes(r, indent=False) + b"\n" for r in records)
             _atomic_write(path, previous + body)
+
+    def _rebuild_summaries(self, history: SessionHistory) -> None:
+        """tokens.json and metrics.json from the history alone (no run in progress)."""
+        if not history.runs:
+            return
+        last = history.runs[-1]
+        budget = next((r.budget for r in reversed(history.runs) if r.budget), None)
+        tb = self.settings.token_budget
+        tracker = TokenTracker(
+            total_budget=budget or self.token_budget,
+            allocations=last.allocations,
+            warning_threshold=tb.warning_threshold,
+            critical_threshold=tb.critical_threshold,
+            exceeded_threshold=tb.exceeded_threshold,
+        )
+        comp_tokens, comp_ops = history.component_totals()
+        tracker.restore(history.tokens_used, comp_tokens, comp_ops)
+        try:
+            write_summaries(
+                self.session_dir,
+                self.session_id,
+                history.runs,
+                tracker,
+                last_seq=history.last_seq,
+                events=history.events,
+                missing_events=history.missing_events,
+                writer_stats={"rebuilt_from_log": True},
+            )
+        except OSError:
+            pass  # still stale; the next reader or writer tries again
+        else:
+            history.ledger_seq = history.last_seq
+
+
+def write_summaries(
+    session_dir: Path,
+    session_id: str,
+    runs: list[RunRecord],
+    tracker: TokenTracker,
+    *,
+    last_seq: int | None,
+    events: int,
+    missing_events: int,
+    writer_stats: Mapping[str, Any],
+) -> None:
+    """Write the session's ``tokens.json`` (the ledger) and ``metrics.json``.
+
+    ``tokens.json`` is the session's durable ledger (ARCHITECTURE.md contract
+    11): per-run totals with their seq ranges and the last ``seq`` they cover,
+    written atomically (temporary file, fsync, rename, fsync of the directory).
+    A later run combines it with whatever log remains (:func:`read_session_history`).
+    Blocking.
+    """
+    now = datetime.now(UTC).isoformat()
+    last = runs[-1]
+    status_info = tracker.get_status()
+    components: dict[str, dict[str, Any]] = {}
+    for name, c in status_info["components"].items():
+        if c["allocated"] or c["used"]:
+            components[name] = {
+                "allocated": c["allocated"],
+                "used": c["used"],
+                "utilization": round(c["utilization"], 2),
+            }
+    tokens_doc = {
+        "session_id": session_id,
+        "timestamp": now,
+        "status": last.status,
+        "run": last.run,
+        "total_budget": tracker.total,
+        "total_used": status_info["used"],
+        "total_remaining": status_info["remaining"],
+        "utilization_percentage": round(status_info["utilization"], 2),
+        "warning_level": status_info["warning_level"],
+        "thresholds": status_info["thresholds"],
+        "components": components,
+        "runs": [r.tokens_dict() for r in runs],
+        "ledger_version": LEDGER_VERSION,
+        "last_seq": last_seq,
+        "events": events,
+        # A hole in seq that neither the log nor the ledger could fill: the
+        # totals above are then a lower bound.
+        "missing_events": missing_events,
+        "data": "incomplete" if missing_events else "complete",
+    }
+    _atomic_write(session_dir / "tokens.json", _json_bytes(tokens_doc))
+
+    metric_components: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        for name, values in run.metrics_dict()["components"].items():
+            agg = metric_components.setdefault(
+                name, {"latency_ms": 0.0, "operations": 0, "errors": 0, "retries": 0}
+            )
+            for key in agg:
+                agg[key] += values[key]
+    for agg in metric_components.values():
+        agg["latency_ms"] = round(agg["latency_ms"], 3)
+        ops = agg["operations"]
+        agg["average_latency_ms"] = round(agg["latency_ms"] / ops, 3) if ops else None
+    timed = {n: a for n, a in metric_components.items() if a["operations"]}
+    total_ops = sum(a["operations"] for a in timed.values())
+    metrics_doc = {
+        "session_id": session_id,
+        "timestamp": now,
+        "status": last.status,
+        "run": last.run,
+        "duration_seconds": round(sum(r.duration_seconds for r in runs), 3),
+        "steps_completed": sum(r.steps_completed for r in runs),
+        "steps_failed": sum(r.steps_failed for r in runs),
+        "components": metric_components,
+        "slowest_component": max(
+            timed, key=lambda n: (timed[n]["average_latency_ms"], n), default=None
+        ),
+        "fastest_component": min(
+            timed, key=lambda n: (timed[n]["average_latency_ms"], n), default=None
+        ),
+        "average_latency_ms": (
+            round(sum(a["latency_ms"] for a in timed.values()) / total_ops, 3)
+            if total_ops
+            else None
+        ),
+        "runs": [r.metrics_dict() for r in runs],
+        "log": dict(writer_stats),
+        "last_seq": last_seq,
+    }
+    _atomic_write(session_dir / "metrics.json", _json_bytes(metrics_doc))
+
+
+async def _to_the_end(aw: Any, *, absorb: bool = False) -> Any:
+    """Await ``aw`` to its end even if this task is cancelled meanwhile.
+
+    The final path of a run (final event, close, summary files) and the lock
+    taken by ``_prepare`` must not be cut in half by a second Ctrl-C. A
+    cancellation that arrives meanwhile is re-raised once ``aw`` is done, or,
+    with ``absorb``, dropped (the task's cancel request is withdrawn).
+    """
+    inner = asyncio.ensure_future(aw)
+    cancelled = 0
+    while True:
+        try:
+            result = await asyncio.shield(inner)
+            break
+        except asyncio.CancelledError:
+            if inner.done():
+                if inner.cancelled():
+                    raise
+                result = inner.result()
+                break
+            cancelled += 1
+    if cancelled:
+        task = asyncio.current_task()
+        if not absorb:
+            raise asyncio.CancelledError
+        if task is not None:
+            for _ in range(cancelled):
+                task.uncancel()
+    return result
 
 
 def _configured_steps(settings: Any) -> dict[str, str]:
@@ -1326,6 +1785,43 @@ def _attach_output(meta: dict[str, Any], output: Any) -> None:
     meta["output"] = output
 
 
+def describe_write_error(exc: OSError, path: Path) -> str:
+    """ "disk full: cannot write PATH (...)" for ENOSPC/EDQUOT, else the error as is."""
+    where = exc.filename or path
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full: cannot write {where} ({reason})"
+    return f"cannot write {where} ({reason})"
+
+
+def _completed_entry(tokens: int, metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """What a step_complete event recorded, as ``--resume`` uses it."""
+    return {
+        "tokens": tokens,
+        "latency_ms": _number(metadata.get("latency_ms")),
+        "has_output": "output" in metadata,
+        "output": metadata.get("output"),
+        "metadata": dict(metadata),
+    }
+
+
+def _count(value: Any) -> int:
+    """A non-negative integer from a ledger field (anything else counts as 0)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return 0
+
+
+def _seq_or_none(value: Any) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def _text_or(value: Any, default: str | None) -> str | None:
+    return value if isinstance(value, str) else default
+
+
 def _number(value: Any) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
@@ -1353,4 +1849,10 @@ def _json_bytes(doc: Any, indent: bool = True) -> bytes:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``path`` as 0600, fsynced, never half-written nor through a planted link."""
-    write_private_atomic(path, data)
+    try:
+        write_private_atomic(path, data)
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        # Say which file did not fit (a full disk fails the write, not the open).
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None

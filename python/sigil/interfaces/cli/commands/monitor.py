@@ -91,7 +91,8 @@ def monitor(
     """Watch a session's log live: where the tokens and the time go.
 
     Exit codes: 0 the run completed, 1 it failed or its writer is gone
-    (incomplete), 2 bad usage, 3 its budget ran out, 130 interrupted.
+    (incomplete), 2 bad usage, 3 its budget ran out, 130 interrupted (SIGINT),
+    143 terminated (SIGTERM).
     """
     from sigil.core.paths import InvalidSessionId, resolve_log_path, validate_session_id
 

@@ -16,24 +16,22 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from sigil.interfaces.cli.errors import ExitCode, OneLineCommand, UsageFailure
+
 if TYPE_CHECKING:  # pragma: no cover
     from sigil.interfaces.cli.orchestrator import Orchestrator, PipelineResult
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_BUDGET = 3
-EXIT_INTERRUPTED = 130
 
 PROVIDERS = ("offline", "openai")
 
 _EPILOG = """\b
 Exit status:
   0  the pipeline completed
-  1  the pipeline failed (a required step failed, or the run was interrupted)
+  1  the pipeline failed (a required step failed)
   2  bad usage: invalid option, session ID, task, budget, provider or config,
      or the session is already running (nothing is written)
   3  the token budget ran out before the pipeline finished
+  130/143  interrupted by SIGINT (Ctrl-C) / SIGTERM: the run is recorded as
+     interrupted; continue it with --resume
 
 \b
 Examples:
@@ -42,25 +40,6 @@ Examples:
   sigil orchestrate --session acme-1 --resume
   sigil monitor --session acme-1          (in another terminal)
 """
-
-
-class UsageFailure(click.UsageError):
-    """A usage error shown as one line (click's default adds usage and a hint)."""
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"Error: {self.format_message()}", err=True)
-
-
-class OneLineErrorsCommand(click.Command):
-    """Reports click's own parsing errors (unknown option, missing value) as one line."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            if isinstance(exc, UsageFailure):
-                raise
-            raise UsageFailure(exc.format_message(), ctx) from None
 
 
 def _usage(message: str) -> NoReturn:
@@ -112,7 +91,7 @@ def make_session_id() -> str:
 
 @click.command(
     "orchestrate",
-    cls=OneLineErrorsCommand,
+    cls=OneLineCommand,
     epilog=_EPILOG,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -177,7 +156,18 @@ def orchestrate(
     """
     orchestrator = _build(task, session_id, budget, resume, log_path, provider, export_otlp)
     code = _run(orchestrator, task, as_json)
+    _ignore_signals()
     sys.exit(code)
+
+
+def _ignore_signals() -> None:
+    """The run is recorded and its outcome decided: a signal from here on changes
+    nothing. Python restores the default handlers while it shuts down, and a
+    late SIGTERM would then kill the process with its exit code half-reported."""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _build(
@@ -210,11 +200,14 @@ def _build(
         except InvalidSessionId as exc:
             _usage(str(exc))
 
-    from sigil.core.config import ConfigError, load_settings
+    from sigil.core.config import ConfigError, check_allocations, load_settings
+    from sigil.interfaces.cli.orchestrator import allocations_origin
 
     overrides: dict[str, object] = {"provider.name": provider, "logging.path": log_path}
     try:
         settings = load_settings(overrides)
+        if budget is not None:
+            check_allocations(settings, budget, "--budget", allocations_origin(settings))
     except ConfigError as exc:
         _usage(exc.format_message())
 
@@ -273,12 +266,66 @@ def _check_openai(settings: Any) -> None:
         )
 
 
+class _Signals:
+    """SIGINT and SIGTERM for the whole command, including its shutdown.
+
+    The first signal cancels the run, which then ends through its one final
+    path (final event with status ``interrupted``, summary files, lock
+    released). Every later signal is absorbed: a second Ctrl-C must not cut
+    that path in half (asyncio's own handler raises KeyboardInterrupt wherever
+    the second one lands). Installed before the event loop starts, so no
+    window is left where the default handler applies.
+    """
+
+    def __init__(self) -> None:
+        self.first: int | None = None
+        self._loop: Any = None
+        self._task: Any = None
+
+    def install(self) -> None:
+        import signal
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def attach(self, loop: Any, task: Any) -> None:
+        self._loop, self._task = loop, task
+        if self.first is not None:
+            self._deliver()
+
+    def detach(self) -> None:
+        self._loop = self._task = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.first is not None:
+            return  # absorbed: the run is already on its way out
+        self.first = signum
+        self._deliver()
+
+    def _deliver(self) -> None:
+        loop, task = self._loop, self._task
+        if loop is not None and task is not None and not loop.is_closed():
+            # Runs between bytecodes of the main thread: only hand the cancel to
+            # the loop, which does it on its own turn.
+            loop.call_soon_threadsafe(task.cancel)
+
+    @property
+    def exit_code(self) -> int:
+        import signal
+
+        return ExitCode.TERMINATED if self.first == signal.SIGTERM else ExitCode.INTERRUPTED
+
+
 def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     import asyncio
-    import signal
+    import errno
 
     from sigil.core.locks import SessionBusy
-    from sigil.interfaces.cli.orchestrator import ResumeError
+    from sigil.interfaces.cli.orchestrator import (
+        BudgetConfigError,
+        ResumeError,
+        describe_write_error,
+    )
     from sigil.telemetry.file_security import UnsafePathError
 
     announced = False
@@ -294,37 +341,64 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
                 "died); its tokens stay counted. Use --resume to continue such a run.",
                 err=True,
             )
+        if orch.missing_events:
+            click.echo(
+                f"warning: {orch.missing_events} events of this session are missing from both "
+                "its log and tokens.json (rotated or deleted before they were counted): its "
+                "totals are incomplete data, a lower bound",
+                err=True,
+            )
+        if orch.interrupted_run is not None:
+            click.echo(
+                f"note: run {orch.interrupted_run} of this session was interrupted; its tokens "
+                "stay counted. Use --resume to continue such a run.",
+                err=True,
+            )
         sys.stdout.flush()
 
-    async def main() -> PipelineResult:
-        task_ = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        if task_ is not None:
-            # SIGTERM ends the run cleanly: final event, summary files, lock released.
-            loop.add_signal_handler(signal.SIGTERM, task_.cancel)
-        return await orchestrator.execute(task, {}, on_ready=announce, keep_exporting=True)
+    signals = _Signals()
 
+    async def main() -> PipelineResult:
+        signals.attach(asyncio.get_running_loop(), asyncio.current_task())
+        try:
+            return await orchestrator.execute(task, {}, on_ready=announce, keep_exporting=True)
+        finally:
+            signals.detach()
+
+    # Stays installed until the process exits: a signal while the result is
+    # printed is absorbed too (the run is recorded; the log says how it ended).
+    signals.install()
     try:
         result = asyncio.run(main())
-    except (SessionBusy, ResumeError, UnsafePathError) as exc:
+    except (SessionBusy, ResumeError, BudgetConfigError, UnsafePathError) as exc:
         raise UsageFailure(str(exc)) from None
     except OSError as exc:
-        if announced:
-            click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
-            return EXIT_FAILED
+        if announced or exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # Not bad usage: the disk refused what the run had to record.
+            where = orchestrator.session_dir
+            click.echo(f"Error: {describe_write_error(exc, where)}", err=True)
+            return ExitCode.FAILED
         # The session's directory or log could not be made: nothing ran.
         where = exc.filename or orchestrator.log_path
         raise UsageFailure(
             f"cannot use log path {orchestrator.log_path}: {exc.strerror or exc} ({where})"
         ) from None
     except (KeyboardInterrupt, asyncio.CancelledError):
-        click.echo("Error: interrupted; the session log records where it stopped", err=True)
-        return EXIT_INTERRUPTED
+        run = orchestrator.run_number
+        if announced and run is not None:
+            click.echo(
+                f"Interrupted: run {run} is recorded as interrupted; continue it with "
+                f"sigil orchestrate --session {orchestrator.session_id} --resume",
+                err=True,
+            )
+        else:
+            click.echo("Interrupted before the run started; nothing ran", err=True)
+        return signals.exit_code
     except Exception as exc:
         if os.environ.get("SIGIL_DEBUG"):
             raise
         click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
-        return EXIT_FAILED
+        return ExitCode.FAILED
 
     if as_json:
         import json
@@ -338,11 +412,25 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     if report is not None and not report.complete:
         # What live export could not send, and the command that sends it later.
         click.echo(report.summary(), err=True)
+    if orchestrator.recording_error is not None:
+        what = describe_write_error(orchestrator.recording_error, orchestrator.session_dir)
+        if result.status == "interrupted":
+            then = (
+                "; the run stopped before its next step. Free some space, then continue it "
+                f"with sigil orchestrate --session {orchestrator.session_id} --resume"
+            )
+        else:
+            then = (
+                f"; the run ended ({result.status}) and its log holds it: tokens.json and "
+                "metrics.json are rebuilt from the log by the next command once there is room"
+            )
+        click.echo(f"Error: {what}{then}", err=True)
+        return ExitCode.FAILED
     if result.status == "complete":
-        return EXIT_OK
+        return ExitCode.OK
     if result.status == "budget_exceeded":
-        return EXIT_BUDGET
-    return EXIT_FAILED
+        return ExitCode.BUDGET
+    return ExitCode.FAILED
 
 
 def _print_result(result: PipelineResult) -> None:
