@@ -81,6 +81,12 @@ class LastError:
     def to_dict(self) -> dict[str, Any]: ...
 
 class ComponentSnapshot:
+    """One component's totals. ``operations`` counts successful steps
+    (``step_complete``), ``errors`` failed ones (``step_error``), ``retries`` its
+    ``retry_attempt`` events; latency (total, average, p50/p95/p99 from a fixed
+    bucket histogram, bounds in ``SessionSnapshot.latency_bounds_ms``) covers the
+    successful steps that report ``latency_ms``; ``failed_latency_ms`` the rest."""
+
     @property
     def name(self) -> str: ...
     @property
@@ -153,6 +159,11 @@ class RunSnapshot:
     def to_dict(self) -> dict[str, Any]: ...
 
 class SessionSnapshot:
+    """Every number the views show about a session, from the native fold
+    (contract 12). Rates use event time: ``tokens_in``/``recent_tokens_per_second``
+    look back from the latest event, ``idle`` seconds later (a view passes the
+    wall-clock age of ``last_timestamp`` to show a stalled session's rate)."""
+
     @property
     def lines(self) -> int: ...
     @property
