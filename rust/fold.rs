@@ -76,6 +76,18 @@ pub struct Names<V> {
     index: HashMap<String, usize>,
     /// A name was folded into `OTHER` (a split fold must then be redone in order).
     pub overflowed: bool,
+    /// The slot used last: consecutive events mostly repeat a name (a
+    /// comparison instead of a hash lookup). A cache, outside equality.
+    last: LastSlot,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct LastSlot(Option<usize>);
+
+impl PartialEq for LastSlot {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl<V> Default for Names<V> {
@@ -84,6 +96,7 @@ impl<V> Default for Names<V> {
             items: Vec::new(),
             index: HashMap::default(),
             overflowed: false,
+            last: LastSlot(None),
         }
     }
 }
@@ -91,7 +104,13 @@ impl<V> Default for Names<V> {
 impl<V: Default> Names<V> {
     /// The slot of `key`, or of `OTHER` once the table is full.
     pub fn slot(&mut self, key: &str) -> &mut V {
+        if let Some(i) = self.last.0 {
+            if self.items[i].0 == key {
+                return &mut self.items[i].1;
+            }
+        }
         if let Some(&i) = self.index.get(key) {
+            self.last = LastSlot(Some(i));
             return &mut self.items[i].1;
         }
         let key = if self.items.len() < MAX_NAMES {
