@@ -1,10 +1,34 @@
-//! Folding a session's events into totals without keeping the events
-//! (ARCHITECTURE.md "Where speed comes from", contracts 2 and 6).
+//! The session model: folding a session's events into every number a view
+//! shows, without keeping the events (ARCHITECTURE.md contracts 2, 6, 11, 12
+//! and 13, "Where speed comes from").
 //!
-//! Memory is bounded: per-component and per-event-type maps are capped, the
-//! kept samples (malformed lines, seq gaps, last entries) are capped by count
-//! and by bytes, and files are read in fixed-size chunks.
+//! This is the only place a session's numbers are computed. The rules:
+//! - tokens add up over every event (contract 2); `input_tokens`,
+//!   `output_tokens` and `model` come from the metadata of the events that
+//!   carry them;
+//! - a component's `operations` count its successful steps (`step_complete`),
+//!   `errors` its failed steps (`step_error`), `retries` its `retry_attempt`
+//!   events (a resume notice, `metadata.resume == true`, is not a retry); its
+//!   latency total, average and histogram cover the successful steps that
+//!   report a finite `latency_ms`; the latency failed steps report is kept
+//!   apart (`failed_latency_ms`);
+//! - the last error of a component comes from its latest `step_error` or
+//!   `retry_attempt` (category, message, attempt, timestamp);
+//! - a `session_start` opens a run (its number declared in `metadata.run`,
+//!   else the previous run's plus one); `session_complete`/`session_error`
+//!   close it with `metadata.status` (`complete | error | budget_exceeded |
+//!   interrupted`, else complete/error by event type) and the failure reason
+//!   (`metadata.reason`, else `metadata.error`);
+//! - the recent rate reads the tokens of the last [`WINDOW_SECONDS`] seconds of
+//!   event time, in one-second buckets ending at the latest event.
+//!
+//! Memory is bounded: name tables are capped at [`MAX_NAMES`] names in the
+//! order the file first shows them (the rest fold into [`OTHER`]), the runs
+//! kept are capped, kept samples and texts are capped by count and bytes, and
+//! files are read in fixed-size chunks. Counters saturate instead of wrapping:
+//! a log that claims more than 2^64 of something shows the maximum.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read};
@@ -25,54 +49,483 @@ pub const MAX_NAMES: usize = 256;
 pub const OTHER: &str = "(other)";
 /// Samples of malformed lines and seq gaps kept for display.
 pub const MAX_SAMPLES: usize = 100;
+/// Runs kept with their totals; older ones are dropped (and counted).
+pub const MAX_RUNS: usize = 1000;
+/// Bytes kept of a text taken from metadata (a reason, an error message, a model).
+pub const MAX_TEXT: usize = 1024;
 /// Bytes the last-N ring may hold, whatever N is.
 pub const MAX_RING_BYTES: usize = 8 << 20;
 pub const READ_CHUNK: usize = 1 << 20;
 pub const DEFAULT_MAX_LINE: usize = 1 << 20;
+/// Seconds of event time the recent-rate window can look back.
+pub const WINDOW_SECONDS: usize = 64;
+/// Upper bounds (ms) of the latency histogram's buckets; one more bucket holds the rest.
+pub const LATENCY_BOUNDS_MS: [f64; 18] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5,
+    5e5,
+];
+pub const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_MS.len() + 1;
+/// The statuses a final event may declare (contract 13).
+pub const FINAL_STATUSES: [&str; 4] = ["complete", "error", "budget_exceeded", "interrupted"];
 
-/// Token sums saturate at `u64::MAX` rather than wrap: a log that claims more
-/// than 2^64 tokens is shown as the maximum, never as a small number.
+/// A name table capped at `MAX_NAMES` names, in first-seen order: which names
+/// are kept depends only on the order of the file, never on how a fold was
+/// split (issue 9, defect 9).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Names<V> {
+    items: Vec<(String, V)>,
+    index: HashMap<String, usize>,
+    /// A name was folded into `OTHER` (a split fold must then be redone in order).
+    pub overflowed: bool,
+    /// The slot used last: consecutive events mostly repeat a name (a
+    /// comparison instead of a hash lookup). A cache, outside equality.
+    last: LastSlot,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct LastSlot(Option<usize>);
+
+impl PartialEq for LastSlot {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl<V> Default for Names<V> {
+    fn default() -> Self {
+        Names {
+            items: Vec::new(),
+            index: HashMap::default(),
+            overflowed: false,
+            last: LastSlot(None),
+        }
+    }
+}
+
+impl<V: Default> Names<V> {
+    /// The slot of `key`, or of `OTHER` once the table is full.
+    pub fn slot(&mut self, key: &str) -> &mut V {
+        if let Some(i) = self.last.0 {
+            if self.items[i].0 == key {
+                return &mut self.items[i].1;
+            }
+        }
+        if let Some(&i) = self.index.get(key) {
+            self.last = LastSlot(Some(i));
+            return &mut self.items[i].1;
+        }
+        let key = if self.items.len() < MAX_NAMES {
+            key
+        } else {
+            self.overflowed = true;
+            if let Some(&i) = self.index.get(OTHER) {
+                return &mut self.items[i].1;
+            }
+            OTHER
+        };
+        self.index.insert(key.to_string(), self.items.len());
+        self.items.push((key.to_string(), V::default()));
+        let last = self.items.len() - 1;
+        &mut self.items[last].1
+    }
+}
+
+impl<V> Names<V> {
+    pub fn get(&self, key: &str) -> Option<&V> {
+        self.index.get(key).map(|&i| &self.items[i].1)
+    }
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+    /// Names and values in first-seen order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &V)> {
+        self.items.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+impl<V> std::ops::Index<&str> for Names<V> {
+    type Output = V;
+    fn index(&self, key: &str) -> &V {
+        self.get(key).expect("name in table")
+    }
+}
+
+/// The last failure a component reported.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LastError {
+    pub event_type: String,
+    pub category: Option<String>,
+    pub message: String,
+    pub attempt: Option<u64>,
+    pub timestamp: String,
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ComponentTotals {
     pub tokens: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Successful steps.
     pub operations: u64,
-    pub latency_ms: f64,
+    /// Failed steps.
     pub errors: u64,
+    pub retries: u64,
+    /// Successful steps that reported a finite latency.
+    pub timed: u64,
+    pub latency_ms: f64,
+    pub latency_max_ms: f64,
+    pub histogram: [u64; LATENCY_BUCKETS],
+    pub failed_latency_ms: f64,
+    /// The latency of every step event in file order (the pre-model rule,
+    /// kept only for `Fold.summary()`'s `latency_ms` until its callers move).
+    pub step_latency_ms: f64,
+    pub model: Option<String>,
+    /// `model` as JSON text, to skip decoding an unchanged model.
+    model_json: Option<String>,
+    pub last_error: Option<LastError>,
 }
 
 impl ComponentTotals {
     fn add(&mut self, o: &ComponentTotals) {
         self.tokens = self.tokens.saturating_add(o.tokens);
-        self.operations += o.operations;
+        self.input_tokens = self.input_tokens.saturating_add(o.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(o.output_tokens);
+        self.operations = self.operations.saturating_add(o.operations);
+        self.errors = self.errors.saturating_add(o.errors);
+        self.retries = self.retries.saturating_add(o.retries);
+        self.timed = self.timed.saturating_add(o.timed);
         self.latency_ms += o.latency_ms;
-        self.errors += o.errors;
+        self.latency_max_ms = self.latency_max_ms.max(o.latency_max_ms);
+        for (a, b) in self.histogram.iter_mut().zip(o.histogram.iter()) {
+            *a = a.saturating_add(*b);
+        }
+        self.failed_latency_ms += o.failed_latency_ms;
+        self.step_latency_ms += o.step_latency_ms;
+        if o.model.is_some() {
+            self.model.clone_from(&o.model);
+            self.model_json.clone_from(&o.model_json);
+        }
+        if o.last_error.is_some() {
+            self.last_error.clone_from(&o.last_error);
+        }
+    }
+
+    fn observe_latency(&mut self, ms: f64) {
+        self.timed = self.timed.saturating_add(1);
+        self.latency_ms += ms;
+        self.latency_max_ms = self.latency_max_ms.max(ms);
+        let bucket = LATENCY_BOUNDS_MS
+            .iter()
+            .position(|&b| ms <= b)
+            .unwrap_or(LATENCY_BOUNDS_MS.len());
+        self.histogram[bucket] = self.histogram[bucket].saturating_add(1);
+    }
+
+    /// The `p` quantile (0 < p <= 1) of the successful steps' latency: the
+    /// upper bound of the histogram bucket holding that rank, never above the
+    /// largest latency seen. None without timed steps.
+    pub fn latency_quantile_ms(&self, p: f64) -> Option<f64> {
+        if self.timed == 0 {
+            return None;
+        }
+        let rank = ((p * self.timed as f64).ceil() as u64).clamp(1, self.timed);
+        let mut seen = 0u64;
+        for (i, &n) in self.histogram.iter().enumerate() {
+            seen = seen.saturating_add(n);
+            if seen >= rank {
+                let bound = LATENCY_BOUNDS_MS.get(i).copied().unwrap_or(f64::INFINITY);
+                return Some(bound.min(self.latency_max_ms));
+            }
+        }
+        Some(self.latency_max_ms)
+    }
+
+    /// Mean latency of the successful timed steps.
+    pub fn average_latency_ms(&self) -> Option<f64> {
+        (self.timed > 0).then(|| self.latency_ms / self.timed as f64)
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RunTotals {
     pub number: u64,
+    /// The number was counted from this fold's start, with no declared
+    /// number before it, so a merge offsets it by the preceding run's number.
+    number_local: bool,
     pub started_at: Option<String>,
     pub ended_at: Option<String>,
+    /// Timestamp of the run's latest event, set when a later run starts: the
+    /// current run's is the fold's `last_timestamp` (no copy per event).
+    last_at: Option<String>,
     pub status: String,
+    pub reason: Option<String>,
     pub tokens: u64,
+    pub events: u64,
     pub budget: Option<u64>,
-    pub components: HashMap<String, ComponentTotals>,
+    pub components: Names<ComponentTotals>,
     /// The metadata of the run's `session_start` (task, thresholds, ...), as JSON.
     pub start_metadata: Option<String>,
+}
+
+impl Default for RunTotals {
+    fn default() -> Self {
+        RunTotals {
+            number: 0,
+            number_local: true,
+            started_at: None,
+            ended_at: None,
+            last_at: None,
+            status: "waiting".to_string(),
+            reason: None,
+            tokens: 0,
+            events: 0,
+            budget: None,
+            components: Names::default(),
+            start_metadata: None,
+        }
+    }
 }
 
 impl RunTotals {
     /// Add the events that continue this run (a later part of the same file).
     fn absorb(&mut self, o: &RunTotals) {
         self.tokens = self.tokens.saturating_add(o.tokens);
-        for (k, c) in &o.components {
-            with_component(&mut self.components, k, |x| x.add(c));
+        self.events = self.events.saturating_add(o.events);
+        for (k, c) in o.components.iter() {
+            self.components.slot(k).add(c);
         }
         if o.ended_at.is_some() {
             self.ended_at.clone_from(&o.ended_at);
             self.status.clone_from(&o.status);
+            self.reason.clone_from(&o.reason);
         }
+    }
+
+    /// Successful and failed steps of the run.
+    pub fn steps(&self) -> (u64, u64) {
+        self.components
+            .iter()
+            .fold((0u64, 0u64), |(ok, bad), (_, c)| {
+                (
+                    ok.saturating_add(c.operations),
+                    bad.saturating_add(c.errors),
+                )
+            })
+    }
+}
+
+/// Tokens per second of event time over the last `WINDOW_SECONDS` seconds
+/// ending at the latest event. Its content does not depend on the order the
+/// events were folded in: it holds exactly the events whose second is within
+/// the window of the latest second seen, so split folds merge exactly.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateWindow {
+    /// The latest event second seen (Unix seconds), if any.
+    pub end: Option<i64>,
+    buckets: [u64; WINDOW_SECONDS],
+}
+
+impl Default for RateWindow {
+    fn default() -> Self {
+        RateWindow {
+            end: None,
+            buckets: [0; WINDOW_SECONDS],
+        }
+    }
+}
+
+impl RateWindow {
+    fn slot(sec: i64) -> usize {
+        sec.rem_euclid(WINDOW_SECONDS as i64) as usize
+    }
+
+    pub fn add(&mut self, sec: i64, tokens: u64) {
+        let end = match self.end {
+            None => sec,
+            Some(end) if sec > end => {
+                // Clear the seconds the window moves past.
+                let steps = (sec - end).min(WINDOW_SECONDS as i64);
+                for s in 1..=steps {
+                    self.buckets[Self::slot(end + s)] = 0;
+                }
+                sec
+            }
+            Some(end) => end,
+        };
+        self.end = Some(end);
+        if sec > end - WINDOW_SECONDS as i64 {
+            let b = &mut self.buckets[Self::slot(sec)];
+            *b = b.saturating_add(tokens);
+        }
+    }
+
+    fn merge(&mut self, o: &RateWindow) {
+        let Some(oend) = o.end else { return };
+        for back in 0..WINDOW_SECONDS as i64 {
+            let sec = oend - back;
+            let n = o.buckets[Self::slot(sec)];
+            if n > 0 {
+                self.add(sec, n);
+            } else if back == 0 {
+                self.add(sec, 0);
+            }
+        }
+    }
+
+    /// Tokens of the events in the `seconds` whole seconds ending `idle`
+    /// seconds after the latest event's second.
+    pub fn tokens_in(&self, seconds: u64, idle: u64) -> u64 {
+        let Some(end) = self.end else { return 0 };
+        let now = end.saturating_add(idle.min(1 << 40) as i64);
+        let seconds = seconds.min(WINDOW_SECONDS as u64) as i64;
+        (0..seconds)
+            .map(|back| now - back)
+            .filter(|&s| s <= end && s > end - WINDOW_SECONDS as i64)
+            .map(|s| self.buckets[Self::slot(s)])
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// Nonzero `(second, tokens)` buckets, oldest first.
+    pub fn buckets(&self) -> Vec<(i64, u64)> {
+        let Some(end) = self.end else {
+            return Vec::new();
+        };
+        (0..WINDOW_SECONDS as i64)
+            .rev()
+            .map(|back| end - back)
+            .map(|s| (s, self.buckets[Self::slot(s)]))
+            .filter(|&(_, n)| n > 0)
+            .collect()
+    }
+}
+
+/// An ISO 8601 timestamp as microseconds since the Unix epoch. An offset-less
+/// timestamp is read as UTC: the model only subtracts timestamps, and a
+/// session's timestamps share one form (contract 1).
+pub fn timestamp_micros(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    let digits = |r: std::ops::Range<usize>| -> Option<i64> {
+        let s = b.get(r)?;
+        if s.is_empty() || !s.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        Some(s.iter().fold(0i64, |n, d| n * 10 + i64::from(d - b'0')))
+    };
+    let year = digits(0..4)?;
+    if b.get(4) != Some(&b'-') || b.get(7) != Some(&b'-') || !matches!(b.get(10), Some(b'T' | b' '))
+    {
+        return None;
+    }
+    let (month, day) = (digits(5..7)?, digits(8..10)?);
+    if b.get(13) != Some(&b':') || b.get(16) != Some(&b':') {
+        return None;
+    }
+    let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let mut i = 19;
+    let mut micros = 0i64;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        let frac = &b[start..i.min(start + 6)];
+        micros = frac.iter().fold(0i64, |n, d| n * 10 + i64::from(d - b'0'));
+        for _ in frac.len()..6 {
+            micros *= 10;
+        }
+    }
+    let offset = match b.get(i) {
+        None => 0,
+        Some(b'Z' | b'z') if i + 1 == b.len() => 0,
+        Some(&sign @ (b'+' | b'-')) => {
+            let oh = digits(i + 1..i + 3)?;
+            let om = if b.get(i + 3) == Some(&b':') {
+                (b.len() == i + 6).then_some(())?;
+                digits(i + 4..i + 6)?
+            } else {
+                (b.len() == i + 5).then_some(())?;
+                digits(i + 3..i + 5)?
+            };
+            let secs = oh * 3600 + om * 60;
+            if sign == b'+' {
+                secs
+            } else {
+                -secs
+            }
+        }
+        _ => return None,
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset;
+    Some(secs * 1_000_000 + micros)
+}
+
+/// The Unix second of the last timestamp read, keyed by its text without the
+/// fraction: consecutive events mostly share a second, so most timestamps are
+/// compared, not parsed. A cache: it takes no part in a fold's equality.
+#[derive(Debug, Clone, Default)]
+struct SecondCache {
+    head: Vec<u8>,
+    tail: Vec<u8>,
+    second: i64,
+}
+
+impl PartialEq for SecondCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl SecondCache {
+    fn second(&mut self, timestamp: &str) -> Option<i64> {
+        let b = timestamp.as_bytes();
+        let parse = || timestamp_micros(timestamp).map(|us| us.div_euclid(1_000_000));
+        if b.len() < 19 {
+            return parse();
+        }
+        let mut end = 19;
+        if b.get(19) == Some(&b'.') {
+            end = 20;
+            while b.get(end).is_some_and(u8::is_ascii_digit) {
+                end += 1;
+            }
+            if end == 20 {
+                return parse(); // "." without digits: invalid, never cached
+            }
+        }
+        let (head, tail) = (&b[..19], &b[end..]);
+        if !self.head.is_empty() && self.head == head && self.tail == tail {
+            return Some(self.second);
+        }
+        let second = parse()?;
+        self.head.clear();
+        self.head.extend_from_slice(head);
+        self.tail.clear();
+        self.tail.extend_from_slice(tail);
+        self.second = second;
+        Some(second)
     }
 }
 
@@ -91,29 +544,62 @@ struct MetaKeys<'a> {
     allocations: Option<&'a RawValue>,
     #[serde(borrow, default)]
     dropped: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    reason: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    category: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    attempt: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    output_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    resume: Option<&'a RawValue>,
 }
 
 /// The metadata values the fold uses, read leniently: a value of the wrong
 /// type counts as absent (the event itself is valid).
 #[derive(Default)]
-struct FoldMeta {
+struct FoldMeta<'a> {
     latency_ms: Option<f64>,
     budget: Option<u64>,
-    status: Option<String>,
+    status: Option<Cow<'a, str>>,
     run: Option<u64>,
     allocations: Option<HashMap<String, u64>>,
     dropped: Option<u64>,
+    reason: Option<Cow<'a, str>>,
+    error: Option<Cow<'a, str>>,
+    category: Option<Cow<'a, str>>,
+    attempt: Option<u64>,
+    /// The model's JSON text, decoded only when it changes.
+    model: Option<Cow<'a, str>>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    resume: Option<bool>,
 }
 
-impl FoldMeta {
-    fn from_keys(k: &MetaKeys<'_>) -> Self {
+impl<'a> FoldMeta<'a> {
+    fn from_keys(k: &MetaKeys<'a>) -> Self {
         FoldMeta {
             latency_ms: num(k.latency_ms),
             budget: num(k.budget),
-            status: num(k.status),
+            status: text(k.status),
             run: num(k.run),
             allocations: num(k.allocations),
             dropped: num(k.dropped),
+            reason: text(k.reason),
+            error: text(k.error),
+            category: text(k.category),
+            attempt: num(k.attempt),
+            model: k.model.map(|r| Cow::Borrowed(r.get())),
+            input_tokens: num(k.input_tokens),
+            output_tokens: num(k.output_tokens),
+            resume: num(k.resume),
         }
     }
 
@@ -127,10 +613,18 @@ impl FoldMeta {
         FoldMeta {
             latency_ms: get(m, "latency_ms"),
             budget: get(m, "budget"),
-            status: get(m, "status"),
+            status: get::<String>(m, "status").map(Cow::Owned),
             run: get(m, "run"),
             allocations: get(m, "allocations"),
             dropped: get(m, "dropped"),
+            reason: get::<String>(m, "reason").map(Cow::Owned),
+            error: get::<String>(m, "error").map(Cow::Owned),
+            category: get::<String>(m, "category").map(Cow::Owned),
+            attempt: get(m, "attempt"),
+            model: m.get("model").map(|v| Cow::Owned(v.to_string())),
+            input_tokens: get(m, "input_tokens"),
+            output_tokens: get(m, "output_tokens"),
+            resume: get(m, "resume"),
         }
     }
 }
@@ -144,32 +638,56 @@ fn needs_meta(kind: &str) -> bool {
             | "session_error"
             | "step_complete"
             | "step_error"
+            | "retry_attempt"
+            | "token_consumption"
             | "events_dropped"
     )
 }
 
-/// The metadata keys the fold reads, picked by the parser's fast path.
-const META_KEYS: [&str; 6] = [
+/// The metadata keys the fold reads, picked by the parser's fast path
+/// (the fields of [`MetaKeys`], in this order).
+const META_KEYS: [&str; 14] = [
     "latency_ms",
     "budget",
     "status",
     "run",
     "allocations",
     "dropped",
+    "reason",
+    "error",
+    "category",
+    "attempt",
+    "model",
+    "input_tokens",
+    "output_tokens",
+    "resume",
 ];
 
 /// The metadata values the fold uses (the parser has validated the metadata).
-fn fold_meta(event: &RawEvent<'_>, picks: Option<Picks<'_, 6>>) -> FoldMeta {
+fn fold_meta<'a>(event: &RawEvent<'a>, picks: Option<Picks<'a, 14>>) -> FoldMeta<'a> {
     match (event.metadata, picks) {
         (Some(_), _) if !needs_meta(&event.event_type) => FoldMeta::default(),
         // The fast path picked the values: no second parse.
-        (Some(_), Some([latency_ms, budget, status, run, allocations, dropped])) => FoldMeta {
+        (
+            Some(_),
+            Some(
+                [latency_ms, budget, status, run, allocations, dropped, reason, error, category, attempt, model, input_tokens, output_tokens, resume],
+            ),
+        ) => FoldMeta {
             latency_ms: latency_ms.and_then(json_f64),
             budget: budget.and_then(json_u64),
-            status: text_num(status),
+            status: status.and_then(decode_str),
             run: run.and_then(json_u64),
             allocations: text_num(allocations),
             dropped: dropped.and_then(json_u64),
+            reason: reason.and_then(decode_str),
+            error: error.and_then(decode_str),
+            category: category.and_then(decode_str),
+            attempt: attempt.and_then(json_u64),
+            model: model.map(Cow::Borrowed),
+            input_tokens: input_tokens.and_then(json_u64),
+            output_tokens: output_tokens.and_then(json_u64),
+            resume: text_num(resume),
         },
         (Some(text), None) => match serde_json::from_str::<MetaKeys<'_>>(text) {
             Ok(keys) => FoldMeta::from_keys(&keys),
@@ -191,6 +709,32 @@ fn num<T: for<'de> Deserialize<'de>>(raw: Option<&RawValue>) -> Option<T> {
     raw.and_then(|r| serde_json::from_str(r.get()).ok())
 }
 
+/// A string value, borrowed from the line unless it has escapes (no
+/// allocation per event for a `model` or `status`).
+fn text<'a>(raw: Option<&'a RawValue>) -> Option<Cow<'a, str>> {
+    decode_str(raw?.get())
+}
+
+fn decode_str<'a>(raw: &'a str) -> Option<Cow<'a, str>> {
+    match serde_json::from_str::<&'a str>(raw) {
+        Ok(s) => Some(Cow::Borrowed(s)),
+        Err(_) => serde_json::from_str::<String>(raw).ok().map(Cow::Owned),
+    }
+}
+
+/// `text` cut to at most `MAX_TEXT` bytes, at a character boundary.
+pub fn bounded(text: &str) -> String {
+    if text.len() <= MAX_TEXT {
+        return text.to_string();
+    }
+    let mut end = MAX_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}
+
+/// What a fold of events knows about a session.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FoldState {
     pub last_n: usize,
@@ -198,22 +742,24 @@ pub struct FoldState {
     pub entries: u64,
     pub malformed: u64,
     pub malformed_samples: Vec<Malformed>,
+    /// Which samples are oversize lines (parallel to `malformed_samples`).
+    pub sample_oversize: Vec<bool>,
     pub oversize_lines: u64,
     pub torn_tail: bool,
     pub tokens: u64,
-    pub event_counts: HashMap<String, u64>,
-    pub components: HashMap<String, ComponentTotals>,
+    pub event_counts: Names<u64>,
+    pub components: Names<ComponentTotals>,
     pub status: String,
     pub budget: Option<u64>,
     pub allocations: Vec<(String, u64)>,
+    /// `session_start` events seen.
     pub runs: u64,
-    pub run: RunTotals,
-    /// Run totals accumulated before this fold's first `session_start`: in a
-    /// fold of the second half of a file they belong to the first half's run.
-    head: Option<RunTotals>,
-    /// The current run's number was counted from this fold's start (no declared
-    /// number since), so a merge offsets it by the preceding run's number.
-    run_number_local: bool,
+    /// Events before this fold's first `session_start`: in a fold of the second
+    /// half of a file they continue the first half's run.
+    pub head: RunTotals,
+    /// The latest runs, oldest first (at most `MAX_RUNS`).
+    pub run_list: VecDeque<RunTotals>,
+    pub runs_dropped: u64,
     pub first_seq: Option<u64>,
     pub first_timestamp: Option<String>,
     pub last_timestamp: Option<String>,
@@ -224,6 +770,8 @@ pub struct FoldState {
     pub seq_regressions: u64,
     pub gap_samples: Vec<(u64, u64)>,
     pub dropped_events: u64,
+    pub window: RateWindow,
+    seconds: SecondCache,
     /// The last `last_n` valid lines, raw, with their offsets; their buffers
     /// are reused so folding allocates nothing per line.
     ring: VecDeque<(u64, Vec<u8>)>,
@@ -238,18 +786,19 @@ impl FoldState {
             entries: 0,
             malformed: 0,
             malformed_samples: Vec::new(),
+            sample_oversize: Vec::new(),
             oversize_lines: 0,
             torn_tail: false,
             tokens: 0,
-            event_counts: HashMap::default(),
-            components: HashMap::default(),
+            event_counts: Names::default(),
+            components: Names::default(),
             status: "waiting".to_string(),
             budget: None,
             allocations: Vec::new(),
             runs: 0,
-            run: RunTotals::default(),
-            head: None,
-            run_number_local: false,
+            head: RunTotals::default(),
+            run_list: VecDeque::new(),
+            runs_dropped: 0,
             first_seq: None,
             first_timestamp: None,
             last_timestamp: None,
@@ -260,9 +809,39 @@ impl FoldState {
             seq_regressions: 0,
             gap_samples: Vec::new(),
             dropped_events: 0,
+            window: RateWindow::default(),
+            seconds: SecondCache::default(),
             ring: VecDeque::new(),
             ring_bytes: 0,
         }
+    }
+
+    /// The current run (the latest; before any `session_start`, run 0).
+    pub fn run(&self) -> &RunTotals {
+        self.run_list.back().unwrap_or(&self.head)
+    }
+
+    fn run_mut(&mut self) -> &mut RunTotals {
+        self.run_list.back_mut().unwrap_or(&mut self.head)
+    }
+
+    /// Timestamp of the latest event of `run` (one of this fold's runs).
+    pub fn last_at<'a>(&'a self, run: &'a RunTotals) -> Option<&'a str> {
+        if std::ptr::eq(run, self.run()) {
+            (run.events > 0)
+                .then_some(self.last_timestamp.as_deref())
+                .flatten()
+        } else {
+            run.last_at.as_deref()
+        }
+    }
+
+    /// Whether a name table of this fold had to use `OTHER`.
+    pub fn names_overflowed(&self) -> bool {
+        self.event_counts.overflowed
+            || self.components.overflowed
+            || self.head.components.overflowed
+            || self.run_list.iter().any(|r| r.components.overflowed)
     }
 
     /// Fold one line (without `\n`) found at `offset`.
@@ -305,86 +884,106 @@ impl FoldState {
             .collect()
     }
 
-    pub fn note_malformed(&mut self, offset: u64, reason: String) {
-        self.malformed += 1;
+    fn sample(&mut self, m: Malformed, oversize: bool) {
         if self.malformed_samples.len() < MAX_SAMPLES {
-            self.malformed_samples.push(Malformed { offset, reason });
+            self.malformed_samples.push(m);
+            self.sample_oversize.push(oversize);
         }
+    }
+
+    pub fn note_malformed(&mut self, offset: u64, reason: String) {
+        self.malformed = self.malformed.saturating_add(1);
+        self.sample(Malformed { offset, reason }, false);
     }
 
     /// An oversize line is counted apart from malformed ones but sampled with them,
     /// so the monitor can show where it was.
     pub fn note_oversize(&mut self, offset: u64, len: u64) {
-        self.oversize_lines += 1;
-        self.lines += 1;
-        if self.malformed_samples.len() < MAX_SAMPLES {
-            self.malformed_samples.push(Malformed {
-                offset,
-                reason: format!("line of {len} bytes exceeds the line limit"),
-            });
-        }
+        self.oversize_lines = self.oversize_lines.saturating_add(1);
+        self.lines = self.lines.saturating_add(1);
+        let reason = format!("line of {len} bytes exceeds the line limit");
+        self.sample(Malformed { offset, reason }, true);
     }
 
-    fn feed_event(&mut self, e: &RawEvent<'_>, meta: &FoldMeta) {
-        self.entries += 1;
+    fn start_run(&mut self, e: &RawEvent<'_>, meta: &FoldMeta<'_>) {
+        self.runs = self.runs.saturating_add(1);
+        // An undeclared run number follows the previous run's.
+        let previous = self.run();
+        let number = meta.run.unwrap_or(previous.number.saturating_add(1));
+        let number_local = meta.run.is_none() && previous.number_local;
+        if let Some(b) = meta.budget {
+            self.budget = Some(b);
+        }
+        if let Some(a) = &meta.allocations {
+            let mut a: Vec<(String, u64)> = a.iter().map(|(k, v)| (k.clone(), *v)).collect();
+            a.sort();
+            a.truncate(MAX_NAMES);
+            self.allocations = a;
+        }
+        self.status = "running".to_string();
+        self.push_run(RunTotals {
+            number,
+            number_local,
+            started_at: Some(e.timestamp.to_string()),
+            status: "running".to_string(),
+            budget: self.budget,
+            start_metadata: e.metadata.map(str::to_string),
+            ..RunTotals::default()
+        });
+    }
+
+    fn push_run(&mut self, run: RunTotals) {
+        if self.run_list.len() >= MAX_RUNS {
+            self.run_list.pop_front();
+            self.runs_dropped = self.runs_dropped.saturating_add(1);
+        }
+        self.run_list.push_back(run);
+    }
+
+    fn feed_event(&mut self, e: &RawEvent<'_>, meta: &FoldMeta<'_>) {
+        self.entries = self.entries.saturating_add(1);
         self.tokens = self.tokens.saturating_add(e.tokens);
         if self.first_timestamp.is_none() {
             self.first_timestamp = Some(e.timestamp.to_string());
+        }
+        if e.event_type == "session_start" {
+            // The run this start closes ended with the event before it.
+            let before = self.last_timestamp.clone();
+            let closing = self.run_mut();
+            if closing.events > 0 {
+                closing.last_at = before;
+            }
         }
         // Reuse the buffer: no allocation per line.
         let last = self.last_timestamp.get_or_insert_with(String::new);
         last.clear();
         last.push_str(&e.timestamp);
-        bump(&mut self.event_counts, &e.event_type, 1);
+        let count = self.event_counts.slot(&e.event_type);
+        *count = count.saturating_add(1);
         self.track_seq(e.seq);
+        if let Some(second) = self.seconds.second(&e.timestamp) {
+            self.window.add(second, e.tokens);
+        }
 
         let kind: &str = &e.event_type;
         match kind {
-            "session_start" => {
-                self.runs += 1;
-                // An undeclared run number follows the previous run's.
-                let declared = meta.run;
-                let chain = self.runs == 1 || self.run_number_local;
-                self.run_number_local = declared.is_none() && chain;
-                let number = declared.unwrap_or(self.run.number + 1);
-                if let Some(b) = meta.budget {
-                    self.budget = Some(b);
-                }
-                if let Some(a) = meta.allocations.clone() {
-                    let mut a: Vec<(String, u64)> = a.into_iter().collect();
-                    a.sort();
-                    a.truncate(MAX_NAMES);
-                    self.allocations = a;
-                }
-                self.status = "running".to_string();
-                let previous = std::mem::take(&mut self.run);
-                if self.runs == 1 {
-                    // What came before the first start (for merging folds of a split file).
-                    self.head = Some(previous);
-                }
-                self.run = RunTotals {
-                    number,
-                    started_at: Some(e.timestamp.to_string()),
-                    ended_at: None,
-                    status: "running".to_string(),
-                    tokens: 0,
-                    budget: self.budget,
-                    components: HashMap::default(),
-                    start_metadata: e.metadata.map(str::to_string),
-                };
-            }
+            "session_start" => self.start_run(e, meta),
             "session_complete" | "session_error" => {
-                let declared = meta.status.clone();
-                let status = match (kind, declared.as_deref()) {
-                    (_, Some(s @ ("complete" | "error" | "budget_exceeded" | "interrupted"))) => {
-                        s.to_string()
-                    }
+                let status = match (kind, meta.status.as_deref()) {
+                    (_, Some(s)) if FINAL_STATUSES.contains(&s) => s.to_string(),
                     ("session_complete", _) => "complete".to_string(),
                     _ => "error".to_string(),
                 };
-                self.status = status.clone();
-                self.run.status = status;
-                self.run.ended_at = Some(e.timestamp.to_string());
+                let reason = meta
+                    .reason
+                    .as_deref()
+                    .or(meta.error.as_deref())
+                    .map(bounded);
+                self.status.clone_from(&status);
+                let run = self.run_mut();
+                run.status = status;
+                run.reason = reason;
+                run.ended_at = Some(e.timestamp.to_string());
             }
             "events_dropped" => {
                 self.dropped_events = self
@@ -394,25 +993,62 @@ impl FoldState {
             _ => {}
         }
 
-        let is_step = matches!(kind, "step_complete" | "step_error");
-        let latency = if is_step {
-            meta.latency_ms.filter(|v| v.is_finite()).unwrap_or(0.0)
-        } else {
-            0.0
+        let latency = meta.latency_ms.filter(|v| v.is_finite());
+        let error = match kind {
+            "step_error" => true,
+            "retry_attempt" => meta.resume != Some(true),
+            _ => false,
         };
+        let last_error = error.then(|| LastError {
+            event_type: kind.to_string(),
+            category: meta.category.as_deref().map(bounded),
+            message: bounded(meta.error.as_deref().unwrap_or(&e.message)),
+            attempt: meta.attempt,
+            timestamp: e.timestamp.to_string(),
+        });
         let update = |c: &mut ComponentTotals| {
             c.tokens = c.tokens.saturating_add(e.tokens);
-            if is_step {
-                c.operations += 1;
-                c.latency_ms += latency;
-                if kind == "step_error" {
-                    c.errors += 1;
+            c.input_tokens = c
+                .input_tokens
+                .saturating_add(meta.input_tokens.unwrap_or(0));
+            c.output_tokens = c
+                .output_tokens
+                .saturating_add(meta.output_tokens.unwrap_or(0));
+            if let Some(json) = meta.model.as_deref() {
+                if c.model_json.as_deref() != Some(json) {
+                    if let Some(m) = decode_str(json) {
+                        c.model = Some(bounded(&m));
+                        c.model_json = Some(json.to_string());
+                    }
                 }
             }
+            match kind {
+                "step_complete" => {
+                    c.operations = c.operations.saturating_add(1);
+                    if let Some(ms) = latency {
+                        c.observe_latency(ms);
+                        c.step_latency_ms += ms;
+                    }
+                }
+                "step_error" => {
+                    c.errors = c.errors.saturating_add(1);
+                    if let Some(ms) = latency {
+                        c.failed_latency_ms += ms;
+                        c.step_latency_ms += ms;
+                    }
+                }
+                "retry_attempt" if error => c.retries = c.retries.saturating_add(1),
+                _ => {}
+            }
+            if last_error.is_some() {
+                c.last_error.clone_from(&last_error);
+            }
         };
-        with_component(&mut self.components, &e.component, update);
-        with_component(&mut self.run.components, &e.component, update);
-        self.run.tokens = self.run.tokens.saturating_add(e.tokens);
+        update(self.components.slot(&e.component));
+        let run = self.run_mut();
+        update(run.components.slot(&e.component));
+        run.tokens = run.tokens.saturating_add(e.tokens);
+        run.events = run.events.saturating_add(1);
     }
 
     fn track_seq(&mut self, seq: Option<u64>) {
@@ -425,60 +1061,72 @@ impl FoldState {
         self.max_seq = Some(self.max_seq.map_or(seq, |m| m.max(seq)));
     }
 
+    /// Count a gap or a regression between the previous seq and `seq`. No
+    /// `last + 1`: a seq of 2^64-1 must not overflow (issue 9, defect 5).
     fn check_seq_step(&mut self, seq: u64) {
         if let Some(last) = self.last_seq {
-            if seq > last + 1 {
-                self.seq_gaps += 1;
-                self.seq_missing += seq - last - 1;
-                if self.gap_samples.len() < MAX_SAMPLES {
-                    self.gap_samples.push((last, seq));
+            if seq > last {
+                let missing = seq - last - 1;
+                if missing > 0 {
+                    self.seq_gaps = self.seq_gaps.saturating_add(1);
+                    self.seq_missing = self.seq_missing.saturating_add(missing);
+                    if self.gap_samples.len() < MAX_SAMPLES {
+                        self.gap_samples.push((last, seq));
+                    }
                 }
-            } else if seq <= last {
-                self.seq_regressions += 1;
+            } else {
+                self.seq_regressions = self.seq_regressions.saturating_add(1);
             }
         }
     }
 
-    /// Append the fold of what directly follows this fold's input.
+    /// Append the fold of what directly follows this fold's input. The result
+    /// equals one fold of both inputs, unless `b` had to fold names into
+    /// `OTHER` (see [`FoldState::names_overflowed`]): which names a table
+    /// keeps depends on the names before `b`, so such a part is refolded.
     pub fn merge(&mut self, b: FoldState) {
-        self.lines += b.lines;
-        self.entries += b.entries;
-        self.malformed += b.malformed;
-        self.oversize_lines += b.oversize_lines;
+        self.lines = self.lines.saturating_add(b.lines);
+        self.entries = self.entries.saturating_add(b.entries);
+        self.malformed = self.malformed.saturating_add(b.malformed);
+        self.oversize_lines = self.oversize_lines.saturating_add(b.oversize_lines);
         self.tokens = self.tokens.saturating_add(b.tokens);
         self.dropped_events = self.dropped_events.saturating_add(b.dropped_events);
         self.torn_tail = b.torn_tail;
-        for m in b.malformed_samples {
-            if self.malformed_samples.len() < MAX_SAMPLES {
-                self.malformed_samples.push(m);
-            }
+        for (m, o) in b.malformed_samples.into_iter().zip(b.sample_oversize) {
+            self.sample(m, o);
         }
-        for (k, v) in &b.event_counts {
-            bump(&mut self.event_counts, k, *v);
+        for (k, v) in b.event_counts.iter() {
+            let c = self.event_counts.slot(k);
+            *c = c.saturating_add(*v);
         }
-        for (k, c) in &b.components {
-            with_component(&mut self.components, k, |x| x.add(c));
+        for (k, c) in b.components.iter() {
+            self.components.slot(k).add(c);
         }
-        if b.runs == 0 {
-            self.run.absorb(&b.run);
-        } else {
-            if let Some(h) = &b.head {
-                self.run.absorb(h);
-            }
-            let mut run = b.run;
-            if b.run_number_local {
-                run.number += self.run.number;
+        let last_of_a = self.last_timestamp.clone();
+        let current = self.run_mut();
+        current.absorb(&b.head);
+        if b.runs > 0 && current.events > 0 {
+            // `b` starts a run: this one ended with b's head, or with a's last event.
+            current.last_at = if b.head.events > 0 {
+                b.head.last_at.clone()
+            } else {
+                last_of_a
+            };
+        }
+        let offset = self.run().number;
+        let chained = self.run().number_local;
+        for mut run in b.run_list {
+            if run.number_local {
+                run.number = run.number.saturating_add(offset);
+                run.number_local = chained;
             }
             if run.budget.is_none() {
                 run.budget = self.budget;
             }
-            self.run_number_local = b.run_number_local && (self.runs == 0 || self.run_number_local);
-            let before = std::mem::replace(&mut self.run, run);
-            if self.runs == 0 {
-                self.head = Some(before);
-            }
-            self.runs += b.runs;
+            self.push_run(run);
         }
+        self.runs = self.runs.saturating_add(b.runs);
+        self.runs_dropped = self.runs_dropped.saturating_add(b.runs_dropped);
         if b.status != "waiting" {
             self.status = b.status;
         }
@@ -500,9 +1148,9 @@ impl FoldState {
                 self.first_seq = Some(first);
             }
         }
-        self.seq_gaps += b.seq_gaps;
-        self.seq_missing += b.seq_missing;
-        self.seq_regressions += b.seq_regressions;
+        self.seq_gaps = self.seq_gaps.saturating_add(b.seq_gaps);
+        self.seq_missing = self.seq_missing.saturating_add(b.seq_missing);
+        self.seq_regressions = self.seq_regressions.saturating_add(b.seq_regressions);
         for g in b.gap_samples {
             if self.gap_samples.len() < MAX_SAMPLES {
                 self.gap_samples.push(g);
@@ -514,34 +1162,11 @@ impl FoldState {
         if b.last_seq.is_some() {
             self.last_seq = b.last_seq;
         }
+        self.window.merge(&b.window);
         for (off, line) in b.ring {
             self.remember(&line, off);
         }
     }
-}
-
-fn bump(map: &mut HashMap<String, u64>, key: &str, by: u64) {
-    if let Some(v) = map.get_mut(key) {
-        *v += by;
-    } else if map.len() < MAX_NAMES {
-        map.insert(key.to_string(), by);
-    } else {
-        *map.entry(OTHER.to_string()).or_insert(0) += by;
-    }
-}
-
-/// Update a component's totals with one hash lookup in the common case.
-fn with_component(
-    map: &mut HashMap<String, ComponentTotals>,
-    key: &str,
-    update: impl FnOnce(&mut ComponentTotals),
-) {
-    if let Some(c) = map.get_mut(key) {
-        update(c);
-        return;
-    }
-    let key = if map.len() < MAX_NAMES { key } else { OTHER };
-    update(map.entry(key.to_string()).or_default());
 }
 
 /// Splits a byte stream into bounded lines: a line longer than `max_line` is
@@ -795,8 +1420,19 @@ pub fn fold_range(
             .collect()
     });
     let mut resume = start;
-    for part in parts {
+    for ((lo, _), part) in ranges.iter().zip(parts) {
         let (part, r) = part?;
+        if fold.lines > 0 && part.names_overflowed() {
+            // The names this part folded into `OTHER` depend on the names
+            // before it: fold the rest again in order (a log with over
+            // MAX_NAMES names; issue 9, defect 9).
+            let mut rest = At {
+                file,
+                pos: *lo,
+                end,
+            };
+            return fold_reader(fold, &mut rest, *lo, max_line);
+        }
         fold.merge(part);
         resume = r;
     }
@@ -891,8 +1527,11 @@ mod tests {
         assert_eq!(f.budget, Some(1000));
         assert_eq!(f.allocations, vec![("routing".to_string(), 10)]);
         let r = &f.components["reasoning"];
-        assert_eq!((r.tokens, r.operations, r.errors), (107, 2, 1));
-        assert_eq!(r.latency_ms, 3.0);
+        // One rule: operations are successful steps, errors failed ones; the
+        // latency a failed step reports is kept apart.
+        assert_eq!((r.tokens, r.operations, r.errors, r.timed), (107, 1, 1, 0));
+        assert_eq!((r.latency_ms, r.failed_latency_ms), (0.0, 3.0));
+        assert_eq!(r.average_latency_ms(), None);
         assert_eq!(f.components["routing"].latency_ms, 12.5);
         assert_eq!((f.seq_gaps, f.seq_missing, f.max_seq), (1, 1, Some(6)));
         assert_eq!(f.gap_samples, vec![(3, 5)]);
@@ -900,8 +1539,8 @@ mod tests {
         assert_eq!(last.len(), 3);
         assert_eq!(last[2].event_type, "session_complete");
         assert_eq!(last[0].seq, Some(3));
-        assert_eq!(f.run.number, 1);
-        assert_eq!(f.run.tokens, 157);
+        assert_eq!(f.run().number, 1);
+        assert_eq!(f.run().tokens, 157);
         assert!(!f.torn_tail);
     }
 
@@ -938,6 +1577,39 @@ mod tests {
             ),
         ];
         lines.push(line("events_dropped", "logger", 0, 11, r#"{"dropped":4}"#));
+        // The model's other inputs: retries, errors with reasons, usage, models.
+        lines.extend([
+            line("session_start", "orchestrator", 0, 12, "{}"),
+            line(
+                "retry_attempt",
+                "reasoning",
+                0,
+                13,
+                r#"{"error":"timeout","category":"network","attempt":1}"#,
+            ),
+            line(
+                "token_consumption",
+                "reasoning",
+                40,
+                14,
+                r#"{"input_tokens":30,"output_tokens":10,"model":"m1"}"#,
+            ),
+            line(
+                "step_complete",
+                "reasoning",
+                60,
+                15,
+                r#"{"latency_ms":250,"input_tokens":50,"output_tokens":10,"model":"m2"}"#,
+            ),
+            line("retry_attempt", "orchestrator", 0, 16, r#"{"resume":true}"#),
+            line(
+                "session_error",
+                "orchestrator",
+                0,
+                17,
+                r#"{"status":"interrupted","reason":"SIGTERM"}"#,
+            ),
+        ]);
         lines.join("\n") + "\n"
     }
 
@@ -946,8 +1618,20 @@ mod tests {
         let data = busy_session();
         let mut whole = FoldState::new(4);
         fold_reader(&mut whole, &mut data.as_bytes(), 0, 1 << 20).unwrap();
-        assert_eq!(whole.runs, 3);
-        assert_eq!(whole.run.number, 6); // counted after an explicit run 5
+        assert_eq!(whole.runs, 4);
+        let numbers: Vec<u64> = whole.run_list.iter().map(|r| r.number).collect();
+        assert_eq!(numbers, vec![1, 5, 6, 7]); // counted after an explicit run 5
+        let r = whole.run();
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_deref()),
+            ("interrupted", Some("SIGTERM"))
+        );
+        let c = &whole.components["reasoning"];
+        assert_eq!((c.retries, c.errors, c.operations), (1, 1, 1));
+        assert_eq!((c.input_tokens, c.output_tokens), (80, 20));
+        assert_eq!(c.model.as_deref(), Some("m2"));
+        assert_eq!(c.last_error.as_ref().map(|e| e.attempt), Some(Some(1)));
+        assert_eq!(whole.components["orchestrator"].retries, 0);
         let starts: Vec<usize> = std::iter::once(0)
             .chain(data.match_indices('\n').map(|(i, _)| i + 1))
             .collect();
@@ -1005,8 +1689,8 @@ mod tests {
         data += "\n";
         fold_reader(&mut f, &mut data.as_bytes(), 0, 1 << 20).unwrap();
         assert_eq!(f.tokens, 162);
-        assert_eq!(f.run.tokens, 5);
-        assert_eq!(f.run.number, 2);
+        assert_eq!(f.run().tokens, 5);
+        assert_eq!(f.run().number, 2);
         assert_eq!(f.status, "running");
         assert_eq!(f.runs, 2);
     }
@@ -1108,5 +1792,134 @@ mod tests {
         assert_eq!(f.components.len(), MAX_NAMES + 1);
         assert_eq!(f.components[OTHER].tokens, 50);
         assert_eq!(f.tokens, (MAX_NAMES + 50) as u64);
+    }
+
+    #[test]
+    fn seq_and_run_numbers_at_the_top_of_u64_neither_panic_nor_wrap() {
+        // Issue 9 defect 5: `last + 1` overflowed (a panic in debug builds, a
+        // miscount in release builds) once a seq reached 2^64-1.
+        let m = u64::MAX;
+        let seqs = [m - 2, m, m, 0, m, 0, 5];
+        let lines: Vec<String> = seqs
+            .iter()
+            .map(|&s| line("step_complete", "routing", 1, s, "{}"))
+            .collect();
+        let mut f = FoldState::new(0);
+        for (i, l) in lines.iter().enumerate() {
+            f.feed_line(l.as_bytes(), i as u64);
+        }
+        // m-2 -> m: 1 missing; m -> m, m -> 0, m -> 0: regressions; 0 -> m:
+        // m-1 missing; 0 -> 5: 4 more, which saturates.
+        assert_eq!(f.seq_gaps, 3);
+        assert_eq!(f.seq_missing, u64::MAX);
+        assert_eq!(f.seq_regressions, 3);
+        assert_eq!((f.max_seq, f.last_seq), (Some(m), Some(5)));
+        // The same through a split fold (the merge's seq step).
+        let data = lines.join("\n") + "\n";
+        for cut in data.match_indices('\n').map(|(i, _)| i + 1) {
+            let mut a = FoldState::new(0);
+            fold_reader(&mut a, &mut &data.as_bytes()[..cut], 0, 1 << 20).unwrap();
+            let mut b = FoldState::new(0);
+            fold_reader(&mut b, &mut &data.as_bytes()[cut..], cut as u64, 1 << 20).unwrap();
+            a.merge(b);
+            assert_eq!(
+                (a.seq_gaps, a.seq_missing, a.seq_regressions),
+                (3, u64::MAX, 3)
+            );
+        }
+        // A declared run number of 2^64-1 followed by an undeclared one.
+        let mut f = FoldState::new(0);
+        let run_max = format!(r#"{{"run":{m}}}"#);
+        for (i, meta) in [run_max.as_str(), "{}"].iter().enumerate() {
+            let l = line("session_start", "orchestrator", 0, i as u64, meta);
+            f.feed_line(l.as_bytes(), 0);
+        }
+        assert_eq!(f.runs, 2);
+        assert_eq!(f.entries, 2);
+    }
+
+    #[test]
+    fn the_name_cap_keeps_the_files_first_names_whatever_the_thread_count() {
+        // Issue 9 defect 9: each thread capped its own part, so which names
+        // were kept (and their totals) depended on where the file was split.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("names.jsonl");
+        let mut text = String::new();
+        let mut seq = 0u64;
+        while (text.len() as u64) < 2 * PARALLEL_MIN_BYTES {
+            for i in 0..400 {
+                text.push_str(&line("step_complete", &format!("c{i}"), 1, seq, "{}"));
+                text.push('\n');
+                seq += 1;
+            }
+        }
+        std::fs::write(&path, &text).unwrap();
+        let rounds = seq / 400;
+        let mut one = FoldState::new(0);
+        fold_path_with(&mut one, &path, 1 << 20, 1).unwrap();
+        assert_eq!(one.components.len(), MAX_NAMES + 1);
+        assert_eq!(one.components["c0"].tokens, rounds);
+        assert_eq!(one.components["c255"].tokens, rounds);
+        assert!(one.components.get("c256").is_none());
+        assert_eq!(one.components[OTHER].tokens, 144 * rounds);
+        for threads in [2, 4] {
+            let mut many = FoldState::new(0);
+            fold_path_with(&mut many, &path, 1 << 20, threads).unwrap();
+            assert_eq!(many.components, one.components, "{threads} threads");
+            assert_eq!(many.tokens, one.tokens);
+        }
+    }
+
+    #[test]
+    fn timestamps_read_as_microseconds() {
+        let base = timestamp_micros("2026-01-11T10:00:00+00:00").unwrap();
+        assert_eq!(base, 1_768_125_600_000_000);
+        assert_eq!(timestamp_micros("2026-01-11T10:00:00Z"), Some(base));
+        assert_eq!(timestamp_micros("2026-01-11T10:00:00"), Some(base));
+        assert_eq!(timestamp_micros("2026-01-11T11:30:00+01:30"), Some(base));
+        assert_eq!(timestamp_micros("2026-01-11T09:00:00-0100"), Some(base));
+        assert_eq!(
+            timestamp_micros("2026-01-11T10:00:00.137+00:00"),
+            Some(base + 137_000)
+        );
+        assert_eq!(
+            timestamp_micros("2026-01-11T10:00:00.1234567"),
+            Some(base + 123_456)
+        );
+        assert_eq!(
+            timestamp_micros("1969-12-31T23:59:59+00:00"),
+            Some(-1_000_000)
+        );
+        for bad in [
+            "",
+            "t",
+            "2026-13-01T00:00:00",
+            "2026-01-11T10:00:00+",
+            "2026-01-11T10:00:00.",
+            "2026-01-11T10:00:00Zx",
+            "２026-01-11T10:00:00",
+        ] {
+            assert_eq!(timestamp_micros(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_rate_window_holds_the_last_seconds_of_event_time() {
+        let mut w = RateWindow::default();
+        for s in 0..100 {
+            w.add(s, 10);
+        }
+        w.add(10, 1000); // long before the window: counted in totals only
+        assert_eq!(w.tokens_in(60, 0), 600);
+        assert_eq!(w.tokens_in(60, 30), 300);
+        assert_eq!(w.tokens_in(60, 1000), 0);
+        assert_eq!(w.buckets().len(), WINDOW_SECONDS);
+        let mut a = RateWindow::default();
+        let mut b = RateWindow::default();
+        (0..50).for_each(|s| a.add(s, 10));
+        (50..100).for_each(|s| b.add(s, 10));
+        b.add(10, 1000);
+        a.merge(&b);
+        assert_eq!(a, w);
     }
 }

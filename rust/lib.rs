@@ -9,6 +9,7 @@ pub mod fold;
 pub mod fxhash;
 pub mod parse;
 pub mod scan;
+pub mod snapshot;
 pub mod tailer;
 pub mod writer;
 
@@ -137,7 +138,7 @@ impl PyEntry {
     }
 }
 
-fn entry(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyEntry>> {
+pub(crate) fn entry(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyEntry>> {
     Bound::new(
         py,
         PyEntry {
@@ -147,7 +148,10 @@ fn entry(py: Python<'_>, event: Event) -> PyResult<Bound<'_, PyEntry>> {
     )
 }
 
-fn json_to_py<'py>(py: Python<'py>, v: &serde_json::Value) -> PyResult<Bound<'py, PyAny>> {
+pub(crate) fn json_to_py<'py>(
+    py: Python<'py>,
+    v: &serde_json::Value,
+) -> PyResult<Bound<'py, PyAny>> {
     use serde_json::Value;
     Ok(match v {
         Value::Null => py.None().into_bound(py),
@@ -329,94 +333,28 @@ impl PyFold {
         })
     }
 
+    /// The totals as a dict (the pre-snapshot form; prefer `snapshot()`).
     fn summary<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let st = lock(&self.state).clone();
-        summary_dict(py, st)
+        let st = self.copy(py)?;
+        snapshot::legacy_summary(py, &st)
+    }
+
+    /// A typed snapshot of everything folded so far (cheap: a monitor takes
+    /// one per frame).
+    fn snapshot(&self, py: Python<'_>) -> PyResult<snapshot::PySessionSnapshot> {
+        let st = self.copy(py)?;
+        snapshot::session(py, &st)
     }
 }
 
-fn components_dict<'py>(
-    py: Python<'py>,
-    comps: &fxhash::FxMap<String, fold::ComponentTotals>,
-) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    let mut names: Vec<&String> = comps.keys().collect();
-    names.sort();
-    for name in names {
-        let c = &comps[name];
-        let cd = PyDict::new(py);
-        cd.set_item("tokens", c.tokens)?;
-        cd.set_item("operations", c.operations)?;
-        cd.set_item("latency_ms", c.latency_ms)?;
-        cd.set_item("errors", c.errors)?;
-        d.set_item(name, cd)?;
+impl PyFold {
+    /// A copy of the state. The lock is taken without the GIL: a `feed_file`
+    /// in another thread holds it while it reads (issue 9, defect 4).
+    fn copy(&self, py: Python<'_>) -> PyResult<FoldState> {
+        guard("Fold.snapshot", || {
+            Ok(py.detach(|| lock(&self.state).clone()))
+        })
     }
-    Ok(d)
-}
-
-fn summary_dict(py: Python<'_>, st: FoldState) -> PyResult<Bound<'_, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("lines", st.lines)?;
-    d.set_item("entries", st.entries)?;
-    d.set_item("malformed", st.malformed)?;
-    d.set_item(
-        "malformed_samples",
-        malformed_list(py, &st.malformed_samples)?,
-    )?;
-    d.set_item("oversize_lines", st.oversize_lines)?;
-    d.set_item("torn_tail", st.torn_tail)?;
-    d.set_item("tokens", st.tokens)?;
-    let counts = PyDict::new(py);
-    let mut kinds: Vec<(&String, &u64)> = st.event_counts.iter().collect();
-    kinds.sort();
-    for (k, v) in kinds {
-        counts.set_item(k, v)?;
-    }
-    d.set_item("event_counts", counts)?;
-    d.set_item("components", components_dict(py, &st.components)?)?;
-    d.set_item("status", &st.status)?;
-    d.set_item("budget", st.budget)?;
-    let alloc = PyDict::new(py);
-    for (k, v) in &st.allocations {
-        alloc.set_item(k, v)?;
-    }
-    d.set_item("allocations", alloc)?;
-    d.set_item("runs", st.runs)?;
-    let run = PyDict::new(py);
-    run.set_item("number", st.run.number)?;
-    run.set_item("started_at", &st.run.started_at)?;
-    run.set_item("ended_at", &st.run.ended_at)?;
-    run.set_item("status", &st.run.status)?;
-    run.set_item("tokens", st.run.tokens)?;
-    run.set_item("budget", st.run.budget)?;
-    run.set_item("components", components_dict(py, &st.run.components)?)?;
-    let start_meta = match &st.run.start_metadata {
-        Some(text) => match serde_json::from_str::<serde_json::Value>(text) {
-            Ok(v) => json_to_py(py, &v)?,
-            Err(_) => py.None().into_bound(py),
-        },
-        None => py.None().into_bound(py),
-    };
-    run.set_item("start_metadata", start_meta)?;
-    d.set_item("run", run)?;
-    d.set_item("first_timestamp", &st.first_timestamp)?;
-    d.set_item("last_timestamp", &st.last_timestamp)?;
-    d.set_item("max_seq", st.max_seq)?;
-    d.set_item("last_seq", st.last_seq)?;
-    d.set_item("seq_gaps", st.seq_gaps)?;
-    d.set_item("seq_missing", st.seq_missing)?;
-    d.set_item("seq_regressions", st.seq_regressions)?;
-    d.set_item(
-        "gap_samples",
-        PyList::new(py, st.gap_samples.iter().copied())?,
-    )?;
-    d.set_item("dropped_events", st.dropped_events)?;
-    let last = PyList::empty(py);
-    for e in st.last_entries() {
-        last.append(entry(py, e)?)?;
-    }
-    d.set_item("last_entries", last)?;
-    Ok(d)
 }
 
 /// Fold one file into a summary dict, in one call without the GIL.
@@ -428,13 +366,35 @@ fn fold_file<'py>(
     last_n: usize,
     max_line_bytes: usize,
 ) -> PyResult<Bound<'py, PyDict>> {
+    let st = fold_whole_file(py, path, last_n, max_line_bytes)?;
+    snapshot::legacy_summary(py, &st)
+}
+
+/// Fold one file into a `SessionSnapshot`, in one call without the GIL.
+#[pyfunction]
+#[pyo3(signature = (path, last_n = 100, max_line_bytes = DEFAULT_MAX_LINE))]
+fn fold_file_snapshot(
+    py: Python<'_>,
+    path: PathBuf,
+    last_n: usize,
+    max_line_bytes: usize,
+) -> PyResult<snapshot::PySessionSnapshot> {
+    let st = fold_whole_file(py, path, last_n, max_line_bytes)?;
+    snapshot::session(py, &st)
+}
+
+fn fold_whole_file(
+    py: Python<'_>,
+    path: PathBuf,
+    last_n: usize,
+    max_line_bytes: usize,
+) -> PyResult<FoldState> {
     let p = path.clone();
-    let st = detached_io(py, "fold_file", Some(&path), move || {
+    detached_io(py, "fold_file", Some(&path), move || {
         let mut st = FoldState::new(last_n);
         fold::fold_path(&mut st, &p, max_line_bytes)?;
         Ok(st)
-    })?;
-    summary_dict(py, st)
+    })
 }
 
 /// The `seq` of the last valid event in a file, reading backwards from its end
@@ -937,6 +897,12 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(parse_lines, m)?)?;
     m.add_function(wrap_pyfunction!(parse_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(fold_file, m)?)?;
+    m.add_function(wrap_pyfunction!(fold_file_snapshot, m)?)?;
+    m.add_class::<snapshot::PySessionSnapshot>()?;
+    m.add_class::<snapshot::PyRunSnapshot>()?;
+    m.add_class::<snapshot::PyComponentSnapshot>()?;
+    m.add_class::<snapshot::PyLastError>()?;
+    m.add_class::<snapshot::PyMalformedLine>()?;
     m.add_function(wrap_pyfunction!(tail_max_seq, m)?)?;
     m.add("MAX_LINE_BYTES", DEFAULT_MAX_LINE)?;
     m.add("MAX_BUFFER_BYTES", writer::MAX_BUFFER_BYTES)?;

@@ -800,12 +800,16 @@ pub mod reference {
         assert_eq!(fold.malformed + fold.oversize_lines, bad, "{show}");
         assert_eq!(fold.tokens, tokens, "{show}");
         if counts.len() < MAX_NAMES && comps.len() < MAX_NAMES {
-            let got: HashMap<String, u64> = fold.event_counts.into_iter().collect();
+            let got: HashMap<String, u64> = fold
+                .event_counts
+                .iter()
+                .map(|(k, &n)| (k.to_string(), n))
+                .collect();
             assert_eq!(got, counts, "{show}");
             let got: HashMap<String, u64> = fold
                 .components
-                .into_iter()
-                .map(|(k, c)| (k, c.tokens))
+                .iter()
+                .map(|(k, c)| (k.to_string(), c.tokens))
                 .collect();
             assert_eq!(got, comps, "{show}");
         }

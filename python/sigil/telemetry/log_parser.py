@@ -23,17 +23,22 @@ MAX_LINE_BYTES: int = _native.MAX_LINE_BYTES
 
 __all__ = [
     "MAX_LINE_BYTES",
+    "ComponentSnapshot",
     "ComponentTotals",
     "MalformedLine",
     "ParseResult",
     "ParsedEntry",
+    "RunSnapshot",
     "RunTotals",
+    "SessionModel",
+    "SessionSnapshot",
     "SessionSummary",
     "SessionTailer",
     "fold_file",
     "fold_session",
     "parse_bytes",
     "parse_lines",
+    "snapshot_session",
 ]
 
 #: A parsed event: ``timestamp, session_id, event_type, component, message,
@@ -41,12 +46,26 @@ __all__ = [
 ParsedEntry = _native.ParsedEntry
 
 
-@dataclass(frozen=True, slots=True)
-class MalformedLine:
-    """A line that is not a valid event, where it starts and why it was rejected."""
+#: A line that is not a valid event: ``offset``, ``kind`` (``malformed`` or
+#: ``oversize``) and ``reason`` (a frozen native class).
+MalformedLine = _native.MalformedLine
 
-    offset: int
-    reason: str
+#: Everything the views show about a session at one moment: the native session
+#: model's typed snapshot (contract 12). Runs are :class:`RunSnapshot`,
+#: components :class:`ComponentSnapshot`.
+SessionSnapshot = _native.SessionSnapshot
+RunSnapshot = _native.RunSnapshot
+ComponentSnapshot = _native.ComponentSnapshot
+
+# The native reader's reason for a line over the length bound (rust/lib.rs).
+# Until ``Tailer.read_entries`` hands out MalformedLine objects itself, the kind
+# of its 2-tuples is told from this suffix, here only.
+_OVERSIZE_REASON = "exceeds the line limit"
+
+
+def _malformed(offset: int, reason: str) -> MalformedLine:
+    kind = "oversize" if reason.endswith(_OVERSIZE_REASON) else "malformed"
+    return MalformedLine(offset, reason, kind)
 
 
 @dataclass(slots=True)
@@ -57,7 +76,7 @@ class ParseResult:
 
 def _result(raw: tuple[list[ParsedEntry], list[tuple[int, str]]]) -> ParseResult:
     entries, bad = raw
-    return ParseResult(entries, [MalformedLine(off, why) for off, why in bad])
+    return ParseResult(entries, [_malformed(off, why) for off, why in bad])
 
 
 def parse_lines(lines: list[bytes], base_offset: int = 0) -> ParseResult:
@@ -127,6 +146,18 @@ class SessionSummary:
     last_entries: list[ParsedEntry] = field(default_factory=list)
     #: Files folded, oldest first (rotated segments, then the live file).
     files: list[Path] = field(default_factory=list)
+    #: The typed snapshot of the same fold: every number the fields above hold
+    #: and the rest of the session model (runs, reasons, retries, latency
+    #: percentiles, recent rate). Views move to it; the fields above keep the
+    #: pre-model component rule (operations and latency count failed steps too).
+    snapshot: SessionSnapshot | None = None
+
+    @classmethod
+    def from_fold(cls, fold: _native.Fold, files: list[Path] | None = None) -> SessionSummary:
+        """The summary and the snapshot of one native fold."""
+        summary = cls.from_native(fold.summary(), files)
+        summary.snapshot = fold.snapshot()
+        return summary
 
     @classmethod
     def from_native(cls, d: dict[str, Any], files: list[Path] | None = None) -> SessionSummary:
@@ -136,7 +167,7 @@ class SessionSummary:
             entries=d["entries"],
             lines=d["lines"],
             malformed=d["malformed"],
-            malformed_samples=[MalformedLine(o, r) for o, r in d["malformed_samples"]],
+            malformed_samples=[_malformed(o, r) for o, r in d["malformed_samples"]],
             oversize_lines=d["oversize_lines"],
             torn_tail=d["torn_tail"],
             event_counts=dict(d["event_counts"]),
@@ -171,7 +202,16 @@ class SessionSummary:
 
 def fold_file(path: str | os.PathLike[str], last_n: int = 100) -> SessionSummary:
     """Fold one file (GIL released, memory independent of the file's size)."""
-    return SessionSummary.from_native(_native.fold_file(Path(path), last_n), [Path(path)])
+    fold = _native.Fold(last_n)
+    fold.feed_file(Path(path))
+    return SessionSummary.from_fold(fold, [Path(path)])
+
+
+def snapshot_session(
+    session_id: str, log_path: str | os.PathLike[str] | None = None, last_n: int = 100
+) -> SessionSnapshot:
+    """The session model of a whole session (rotated segments, then the live file)."""
+    return SessionModel(session_id, log_path, last_n=last_n).update()
 
 
 def fold_session(
@@ -241,7 +281,14 @@ class SessionTailer:
         fold = _native.Fold(last_n)
         files = self._start_at_oldest_segment()
         self._tailer.fold_into(fold)
-        return SessionSummary.from_native(fold.summary(), files)
+        return SessionSummary.from_fold(fold, files)
+
+    def fold_into(self, fold: _native.Fold) -> int:
+        """Fold every complete line not yet handed out into ``fold`` (natively,
+        no Python object per line); the first call starts at the oldest rotated
+        segment. Returns the number of lines folded."""
+        self._start_at_oldest_segment()
+        return self._tailer.fold_into(fold)
 
     def iter_existing(self, batch_lines: int = 65536) -> Iterator[ParseResult]:
         """Every entry already in the session (segments, then the live file), in
@@ -270,3 +317,36 @@ class SessionTailer:
     def stats(self) -> dict[str, Any]:
         """Lines, bytes, rotations, truncations, oversize and torn lines seen."""
         return dict(self._tailer.stats())
+
+
+class SessionModel:
+    """The session model, fed incrementally: one native fold of a session's log
+    (rotated segments, then the live file, following rotation and truncation).
+
+    :meth:`update` folds whatever arrived since the last call and returns a
+    :class:`SessionSnapshot`; a monitor calls it once per frame, after
+    :meth:`wait`. Every number a view shows comes from these snapshots.
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        log_path: str | os.PathLike[str] | None = None,
+        *,
+        last_n: int = 100,
+        max_line_bytes: int = _native.MAX_LINE_BYTES,
+    ) -> None:
+        self.tailer = SessionTailer(session_id, log_path, max_line_bytes=max_line_bytes)
+        self.fold = _native.Fold(last_n)
+
+    def update(self) -> SessionSnapshot:
+        """Fold what arrived, then snapshot (both without holding the GIL while waiting)."""
+        self.tailer.fold_into(self.fold)
+        return self.fold.snapshot()
+
+    def snapshot(self) -> SessionSnapshot:
+        return self.fold.snapshot()
+
+    def wait(self, timeout: float) -> bool:
+        """Block, without the GIL, until the log changes or ``timeout`` seconds pass."""
+        return self.tailer.wait(timeout)

@@ -1,0 +1,657 @@
+//! Typed snapshots of the session model (`fold.rs`) for Python: frozen
+//! classes declared in `_native.pyi`, built from a copy of the fold's state
+//! (STYLE.md "Types, not tuples"). Bindings only: every number is computed in
+//! `fold.rs`; this file copies them out.
+
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyTuple};
+
+use crate::fold::{self, ComponentTotals, FoldState, RunTotals, LATENCY_BOUNDS_MS};
+use crate::parse::Event;
+
+/// A line that is not a valid event: where it starts, what kind of problem
+/// (`malformed` or `oversize`) and why.
+#[pyclass(frozen, eq, get_all, module = "sigil._native", name = "MalformedLine")]
+#[derive(Clone, PartialEq)]
+pub struct PyMalformedLine {
+    pub offset: u64,
+    pub kind: &'static str,
+    pub reason: String,
+}
+
+#[pymethods]
+impl PyMalformedLine {
+    #[new]
+    #[pyo3(signature = (offset, reason, kind = "malformed"))]
+    fn new(offset: u64, reason: String, kind: &str) -> PyResult<Self> {
+        let kind = match kind {
+            "malformed" => "malformed",
+            "oversize" => "oversize",
+            other => {
+                return Err(crate::errors::value_error(format!(
+                    "kind must be 'malformed' or 'oversize', not {other:?}"
+                )))
+            }
+        };
+        Ok(PyMalformedLine {
+            offset,
+            kind,
+            reason,
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "MalformedLine(offset={}, kind={:?}, reason={:?})",
+            self.offset, self.kind, self.reason
+        )
+    }
+}
+
+/// The last failure a component reported (`step_error` or `retry_attempt`).
+#[pyclass(frozen, get_all, module = "sigil._native", name = "LastError")]
+pub struct PyLastError {
+    pub event_type: String,
+    pub category: Option<String>,
+    pub message: String,
+    pub attempt: Option<u64>,
+    pub timestamp: String,
+}
+
+#[pymethods]
+impl PyLastError {
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("event_type", &self.event_type)?;
+        d.set_item("category", &self.category)?;
+        d.set_item("message", &self.message)?;
+        d.set_item("attempt", self.attempt)?;
+        d.set_item("timestamp", &self.timestamp)?;
+        Ok(d)
+    }
+}
+
+/// One component's totals (in a session or a run).
+#[pyclass(frozen, get_all, module = "sigil._native", name = "ComponentSnapshot")]
+pub struct PyComponentSnapshot {
+    pub name: String,
+    pub tokens: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub operations: u64,
+    pub errors: u64,
+    pub retries: u64,
+    pub timed_operations: u64,
+    pub latency_ms: f64,
+    pub average_latency_ms: Option<f64>,
+    pub p50_latency_ms: Option<f64>,
+    pub p95_latency_ms: Option<f64>,
+    pub p99_latency_ms: Option<f64>,
+    pub max_latency_ms: Option<f64>,
+    pub failed_latency_ms: f64,
+    pub latency_histogram: Vec<u64>,
+    pub model: Option<String>,
+    pub last_error: Option<Py<PyLastError>>,
+}
+
+#[pymethods]
+impl PyComponentSnapshot {
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("tokens", self.tokens)?;
+        d.set_item("input_tokens", self.input_tokens)?;
+        d.set_item("output_tokens", self.output_tokens)?;
+        d.set_item("operations", self.operations)?;
+        d.set_item("errors", self.errors)?;
+        d.set_item("retries", self.retries)?;
+        d.set_item("timed_operations", self.timed_operations)?;
+        d.set_item("latency_ms", self.latency_ms)?;
+        d.set_item("average_latency_ms", self.average_latency_ms)?;
+        d.set_item("p50_latency_ms", self.p50_latency_ms)?;
+        d.set_item("p95_latency_ms", self.p95_latency_ms)?;
+        d.set_item("p99_latency_ms", self.p99_latency_ms)?;
+        d.set_item("max_latency_ms", self.max_latency_ms)?;
+        d.set_item("failed_latency_ms", self.failed_latency_ms)?;
+        d.set_item("latency_histogram", self.latency_histogram.clone())?;
+        d.set_item("model", &self.model)?;
+        match &self.last_error {
+            Some(e) => d.set_item("last_error", e.get().to_dict(py)?)?,
+            None => d.set_item("last_error", py.None())?,
+        }
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ComponentSnapshot(name={:?}, tokens={}, operations={}, errors={})",
+            self.name, self.tokens, self.operations, self.errors
+        )
+    }
+}
+
+fn component(py: Python<'_>, name: &str, c: &ComponentTotals) -> PyResult<Py<PyComponentSnapshot>> {
+    let last_error = match &c.last_error {
+        Some(e) => Some(Py::new(
+            py,
+            PyLastError {
+                event_type: e.event_type.clone(),
+                category: e.category.clone(),
+                message: e.message.clone(),
+                attempt: e.attempt,
+                timestamp: e.timestamp.clone(),
+            },
+        )?),
+        None => None,
+    };
+    Py::new(
+        py,
+        PyComponentSnapshot {
+            name: name.to_string(),
+            tokens: c.tokens,
+            input_tokens: c.input_tokens,
+            output_tokens: c.output_tokens,
+            operations: c.operations,
+            errors: c.errors,
+            retries: c.retries,
+            timed_operations: c.timed,
+            latency_ms: c.latency_ms,
+            average_latency_ms: c.average_latency_ms(),
+            p50_latency_ms: c.latency_quantile_ms(0.50),
+            p95_latency_ms: c.latency_quantile_ms(0.95),
+            p99_latency_ms: c.latency_quantile_ms(0.99),
+            max_latency_ms: (c.timed > 0).then_some(c.latency_max_ms),
+            failed_latency_ms: c.failed_latency_ms,
+            latency_histogram: c.histogram.to_vec(),
+            model: c.model.clone(),
+            last_error,
+        },
+    )
+}
+
+/// Components sorted by name.
+type Components = Vec<(String, Py<PyComponentSnapshot>)>;
+
+fn components(py: Python<'_>, names: &fold::Names<ComponentTotals>) -> PyResult<Components> {
+    let mut out = names
+        .iter()
+        .map(|(k, c)| Ok((k.to_string(), component(py, k, c)?)))
+        .collect::<PyResult<Components>>()?;
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+fn components_dict<'py>(py: Python<'py>, comps: &Components) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (k, c) in comps {
+        d.set_item(k, c.clone_ref(py))?;
+    }
+    Ok(d)
+}
+
+fn components_plain<'py>(py: Python<'py>, comps: &Components) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (k, c) in comps {
+        d.set_item(k, c.get().to_dict(py)?)?;
+    }
+    Ok(d)
+}
+
+fn seconds_between(a: Option<&str>, b: Option<&str>) -> Option<f64> {
+    let a = fold::timestamp_micros(a?)?;
+    let b = fold::timestamp_micros(b?)?;
+    Some((b.saturating_sub(a)).max(0) as f64 / 1e6)
+}
+
+/// One pipeline run of a session (contract 11).
+#[pyclass(frozen, module = "sigil._native", name = "RunSnapshot")]
+pub struct PyRunSnapshot {
+    #[pyo3(get)]
+    pub number: u64,
+    #[pyo3(get)]
+    pub status: String,
+    #[pyo3(get)]
+    pub reason: Option<String>,
+    #[pyo3(get)]
+    pub started_at: Option<String>,
+    #[pyo3(get)]
+    pub ended_at: Option<String>,
+    #[pyo3(get)]
+    pub last_at: Option<String>,
+    /// From the start to the final event (or to the latest event of a run still going).
+    #[pyo3(get)]
+    pub duration_seconds: Option<f64>,
+    #[pyo3(get)]
+    pub tokens: u64,
+    #[pyo3(get)]
+    pub events: u64,
+    #[pyo3(get)]
+    pub budget: Option<u64>,
+    #[pyo3(get)]
+    pub steps_completed: u64,
+    #[pyo3(get)]
+    pub steps_failed: u64,
+    #[pyo3(get)]
+    pub start_metadata_json: Option<String>,
+    comps: Components,
+}
+
+#[pymethods]
+impl PyRunSnapshot {
+    #[getter]
+    fn components<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        components_dict(py, &self.comps)
+    }
+
+    /// The run's `session_start` metadata (task, thresholds, allocations...).
+    #[getter]
+    fn start_metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        match &self.start_metadata_json {
+            Some(text) => match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(v) => crate::json_to_py(py, &v),
+                Err(_) => Ok(PyDict::new(py).into_any()),
+            },
+            None => Ok(PyDict::new(py).into_any()),
+        }
+    }
+
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("number", self.number)?;
+        d.set_item("status", &self.status)?;
+        d.set_item("reason", &self.reason)?;
+        d.set_item("started_at", &self.started_at)?;
+        d.set_item("ended_at", &self.ended_at)?;
+        d.set_item("last_at", &self.last_at)?;
+        d.set_item("duration_seconds", self.duration_seconds)?;
+        d.set_item("tokens", self.tokens)?;
+        d.set_item("events", self.events)?;
+        d.set_item("budget", self.budget)?;
+        d.set_item("steps_completed", self.steps_completed)?;
+        d.set_item("steps_failed", self.steps_failed)?;
+        d.set_item("components", components_plain(py, &self.comps)?)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "RunSnapshot(number={}, status={:?}, tokens={})",
+            self.number, self.status, self.tokens
+        )
+    }
+}
+
+fn run(py: Python<'_>, st: &FoldState, r: &RunTotals) -> PyResult<Py<PyRunSnapshot>> {
+    let (ok, failed) = r.steps();
+    let last_at = st.last_at(r);
+    let end = r.ended_at.as_deref().or(last_at);
+    Py::new(
+        py,
+        PyRunSnapshot {
+            number: r.number,
+            status: r.status.clone(),
+            reason: r.reason.clone(),
+            started_at: r.started_at.clone(),
+            ended_at: r.ended_at.clone(),
+            last_at: last_at.map(str::to_string),
+            duration_seconds: seconds_between(r.started_at.as_deref(), end),
+            tokens: r.tokens,
+            events: r.events,
+            budget: r.budget,
+            steps_completed: ok,
+            steps_failed: failed,
+            start_metadata_json: r.start_metadata.clone(),
+            comps: components(py, &r.components)?,
+        },
+    )
+}
+
+/// Everything the views show about a session, at one moment (contract 12).
+#[pyclass(frozen, module = "sigil._native", name = "SessionSnapshot")]
+pub struct PySessionSnapshot {
+    #[pyo3(get)]
+    pub lines: u64,
+    #[pyo3(get)]
+    pub entries: u64,
+    #[pyo3(get)]
+    pub tokens: u64,
+    /// `waiting`, `running`, or the latest run's final status.
+    #[pyo3(get)]
+    pub status: String,
+    /// Why the latest run failed, when it did.
+    #[pyo3(get)]
+    pub reason: Option<String>,
+    #[pyo3(get)]
+    pub budget: Option<u64>,
+    /// `session_start` events seen (runs kept in `runs` may be fewer).
+    #[pyo3(get)]
+    pub run_count: u64,
+    #[pyo3(get)]
+    pub runs_dropped: u64,
+    #[pyo3(get)]
+    pub run: Py<PyRunSnapshot>,
+    #[pyo3(get)]
+    pub first_timestamp: Option<String>,
+    #[pyo3(get)]
+    pub last_timestamp: Option<String>,
+    /// From the first event to the latest one (event time).
+    #[pyo3(get)]
+    pub duration_seconds: Option<f64>,
+    #[pyo3(get)]
+    pub average_tokens_per_second: Option<f64>,
+    #[pyo3(get)]
+    pub first_seq: Option<u64>,
+    #[pyo3(get)]
+    pub last_seq: Option<u64>,
+    #[pyo3(get)]
+    pub max_seq: Option<u64>,
+    #[pyo3(get)]
+    pub seq_gaps: u64,
+    #[pyo3(get)]
+    pub seq_missing: u64,
+    #[pyo3(get)]
+    pub seq_regressions: u64,
+    #[pyo3(get)]
+    pub gap_samples: Vec<(u64, u64)>,
+    #[pyo3(get)]
+    pub dropped_events: u64,
+    #[pyo3(get)]
+    pub malformed: u64,
+    #[pyo3(get)]
+    pub oversize_lines: u64,
+    #[pyo3(get)]
+    pub torn_tail: bool,
+    #[pyo3(get)]
+    pub malformed_lines: Vec<PyMalformedLine>,
+    /// `(unix_second, tokens)` of the recent window's nonzero seconds, oldest first.
+    #[pyo3(get)]
+    pub rate_buckets: Vec<(i64, u64)>,
+    #[pyo3(get)]
+    pub window_seconds: usize,
+    #[pyo3(get)]
+    pub latency_bounds_ms: Vec<f64>,
+    comps: Components,
+    runs_kept: Vec<Py<PyRunSnapshot>>,
+    counts: Vec<(String, u64)>,
+    alloc: Vec<(String, u64)>,
+    window: fold::RateWindow,
+    last: Vec<Event>,
+}
+
+#[pymethods]
+impl PySessionSnapshot {
+    #[getter]
+    fn components<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        components_dict(py, &self.comps)
+    }
+
+    /// The runs kept, oldest first.
+    #[getter]
+    fn runs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, self.runs_kept.iter().map(|r| r.clone_ref(py)))
+    }
+
+    #[getter]
+    fn event_counts<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in &self.counts {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
+    }
+
+    #[getter]
+    fn allocations<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in &self.alloc {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
+    }
+
+    /// The last events kept (`last_n`), oldest first.
+    #[getter]
+    fn last_entries<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty(py);
+        for e in &self.last {
+            list.append(crate::entry(py, e.clone())?)?;
+        }
+        Ok(list)
+    }
+
+    /// Tokens of the events in the `seconds` seconds (at most `window_seconds`)
+    /// ending `idle` seconds after the latest event (event time, whole seconds).
+    #[pyo3(signature = (seconds = 60.0, idle = 0.0))]
+    fn tokens_in(&self, seconds: f64, idle: f64) -> u64 {
+        self.window.tokens_in(whole(seconds), whole(idle))
+    }
+
+    /// The recent rate: tokens of the last `seconds` of event time ending
+    /// `idle` seconds after the latest event (a stalled session's rate decays),
+    /// over that span, or over the session's duration plus `idle` when shorter.
+    /// None before two distinct event times.
+    #[pyo3(signature = (seconds = 60.0, idle = 0.0))]
+    fn recent_tokens_per_second(&self, seconds: f64, idle: f64) -> Option<f64> {
+        let idle = if idle.is_finite() { idle.max(0.0) } else { 0.0 };
+        let seconds = if seconds.is_finite() {
+            seconds.clamp(1.0, self.window_seconds as f64)
+        } else {
+            self.window_seconds as f64
+        };
+        let span = seconds.min(self.duration_seconds? + idle);
+        (span > 0.0).then(|| self.window.tokens_in(whole(seconds), whole(idle)) as f64 / span)
+    }
+
+    /// The snapshot as plain data (for JSON views and tests).
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("lines", self.lines)?;
+        d.set_item("entries", self.entries)?;
+        d.set_item("tokens", self.tokens)?;
+        d.set_item("status", &self.status)?;
+        d.set_item("reason", &self.reason)?;
+        d.set_item("budget", self.budget)?;
+        d.set_item("allocations", self.allocations(py)?)?;
+        d.set_item("run_count", self.run_count)?;
+        d.set_item("runs_dropped", self.runs_dropped)?;
+        d.set_item("run", self.run.get().to_dict(py)?)?;
+        let runs = PyList::empty(py);
+        for r in &self.runs_kept {
+            runs.append(r.get().to_dict(py)?)?;
+        }
+        d.set_item("runs", runs)?;
+        d.set_item("components", components_plain(py, &self.comps)?)?;
+        d.set_item("event_counts", self.event_counts(py)?)?;
+        d.set_item("first_timestamp", &self.first_timestamp)?;
+        d.set_item("last_timestamp", &self.last_timestamp)?;
+        d.set_item("duration_seconds", self.duration_seconds)?;
+        d.set_item("average_tokens_per_second", self.average_tokens_per_second)?;
+        d.set_item("first_seq", self.first_seq)?;
+        d.set_item("last_seq", self.last_seq)?;
+        d.set_item("max_seq", self.max_seq)?;
+        d.set_item("seq_gaps", self.seq_gaps)?;
+        d.set_item("seq_missing", self.seq_missing)?;
+        d.set_item("seq_regressions", self.seq_regressions)?;
+        d.set_item("gap_samples", self.gap_samples.clone())?;
+        d.set_item("dropped_events", self.dropped_events)?;
+        d.set_item("malformed", self.malformed)?;
+        d.set_item("oversize_lines", self.oversize_lines)?;
+        d.set_item("torn_tail", self.torn_tail)?;
+        let bad = PyList::empty(py);
+        for m in &self.malformed_lines {
+            let t = PyTuple::new(
+                py,
+                [
+                    m.offset.into_pyobject(py)?.into_any(),
+                    m.kind.into_pyobject(py)?.into_any(),
+                    m.reason.as_str().into_pyobject(py)?.into_any(),
+                ],
+            )?;
+            bad.append(t)?;
+        }
+        d.set_item("malformed_lines", bad)?;
+        d.set_item("rate_buckets", self.rate_buckets.clone())?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "SessionSnapshot(status={:?}, tokens={}, entries={}, runs={})",
+            self.status, self.tokens, self.entries, self.run_count
+        )
+    }
+}
+
+fn whole(seconds: f64) -> u64 {
+    if seconds.is_finite() && seconds > 0.0 {
+        seconds.floor() as u64
+    } else {
+        0
+    }
+}
+
+/// Build the snapshot of `st` (a copy taken under the fold's lock).
+pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
+    let duration = seconds_between(st.first_timestamp.as_deref(), st.last_timestamp.as_deref());
+    let mut counts: Vec<(String, u64)> = st
+        .event_counts
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect();
+    counts.sort();
+    Ok(PySessionSnapshot {
+        lines: st.lines,
+        entries: st.entries,
+        tokens: st.tokens,
+        status: st.status.clone(),
+        reason: st.run().reason.clone(),
+        budget: st.budget,
+        run_count: st.runs,
+        runs_dropped: st.runs_dropped,
+        run: run(py, st, st.run())?,
+        first_timestamp: st.first_timestamp.clone(),
+        last_timestamp: st.last_timestamp.clone(),
+        duration_seconds: duration,
+        average_tokens_per_second: duration.filter(|d| *d > 0.0).map(|d| st.tokens as f64 / d),
+        first_seq: st.first_seq,
+        last_seq: st.last_seq,
+        max_seq: st.max_seq,
+        seq_gaps: st.seq_gaps,
+        seq_missing: st.seq_missing,
+        seq_regressions: st.seq_regressions,
+        gap_samples: st.gap_samples.clone(),
+        dropped_events: st.dropped_events,
+        malformed: st.malformed,
+        oversize_lines: st.oversize_lines,
+        torn_tail: st.torn_tail,
+        malformed_lines: st
+            .malformed_samples
+            .iter()
+            .zip(&st.sample_oversize)
+            .map(|(m, &o)| PyMalformedLine {
+                offset: m.offset,
+                kind: if o { "oversize" } else { "malformed" },
+                reason: m.reason.clone(),
+            })
+            .collect(),
+        rate_buckets: st.window.buckets(),
+        window_seconds: fold::WINDOW_SECONDS,
+        latency_bounds_ms: LATENCY_BOUNDS_MS.to_vec(),
+        comps: components(py, &st.components)?,
+        runs_kept: st
+            .run_list
+            .iter()
+            .map(|r| run(py, st, r))
+            .collect::<PyResult<_>>()?,
+        counts,
+        alloc: st.allocations.clone(),
+        window: st.window.clone(),
+        last: st.last_entries(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The pre-snapshot summary dict, kept until its callers (monitor.py's
+// `SessionState.from_summary`, tests) read snapshots. Its component
+// `operations`/`latency_ms` keep the old rule (every step event counted).
+
+fn legacy_components<'py>(
+    py: Python<'py>,
+    comps: &fold::Names<ComponentTotals>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    let mut names: Vec<(&str, &ComponentTotals)> = comps.iter().collect();
+    names.sort_by(|a, b| a.0.cmp(b.0));
+    for (name, c) in names {
+        let cd = PyDict::new(py);
+        cd.set_item("tokens", c.tokens)?;
+        cd.set_item("operations", c.operations.saturating_add(c.errors))?;
+        cd.set_item("latency_ms", c.step_latency_ms)?;
+        cd.set_item("errors", c.errors)?;
+        d.set_item(name, cd)?;
+    }
+    Ok(d)
+}
+
+pub fn legacy_summary<'py>(py: Python<'py>, st: &FoldState) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("lines", st.lines)?;
+    d.set_item("entries", st.entries)?;
+    d.set_item("malformed", st.malformed)?;
+    let samples = PyList::empty(py);
+    for m in &st.malformed_samples {
+        samples.append((m.offset, m.reason.as_str()))?;
+    }
+    d.set_item("malformed_samples", samples)?;
+    d.set_item("oversize_lines", st.oversize_lines)?;
+    d.set_item("torn_tail", st.torn_tail)?;
+    d.set_item("tokens", st.tokens)?;
+    let counts = PyDict::new(py);
+    let mut kinds: Vec<(&str, &u64)> = st.event_counts.iter().collect();
+    kinds.sort();
+    for (k, v) in kinds {
+        counts.set_item(k, v)?;
+    }
+    d.set_item("event_counts", counts)?;
+    d.set_item("components", legacy_components(py, &st.components)?)?;
+    d.set_item("status", &st.status)?;
+    d.set_item("budget", st.budget)?;
+    let alloc = PyDict::new(py);
+    for (k, v) in &st.allocations {
+        alloc.set_item(k, v)?;
+    }
+    d.set_item("allocations", alloc)?;
+    d.set_item("runs", st.runs)?;
+    let r = st.run();
+    let run = PyDict::new(py);
+    run.set_item("number", r.number)?;
+    run.set_item("started_at", &r.started_at)?;
+    run.set_item("ended_at", &r.ended_at)?;
+    run.set_item("status", &r.status)?;
+    run.set_item("tokens", r.tokens)?;
+    run.set_item("budget", r.budget)?;
+    run.set_item("components", legacy_components(py, &r.components)?)?;
+    let start_meta = match &r.start_metadata {
+        Some(text) => match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(v) => crate::json_to_py(py, &v)?,
+            Err(_) => py.None().into_bound(py),
+        },
+        None => py.None().into_bound(py),
+    };
+    run.set_item("start_metadata", start_meta)?;
+    d.set_item("run", run)?;
+    d.set_item("first_timestamp", &st.first_timestamp)?;
+    d.set_item("last_timestamp", &st.last_timestamp)?;
+    d.set_item("max_seq", st.max_seq)?;
+    d.set_item("last_seq", st.last_seq)?;
+    d.set_item("seq_gaps", st.seq_gaps)?;
+    d.set_item("seq_missing", st.seq_missing)?;
+    d.set_item("seq_regressions", st.seq_regressions)?;
+    d.set_item("gap_samples", st.gap_samples.clone())?;
+    d.set_item("dropped_events", st.dropped_events)?;
+    let last = PyList::empty(py);
+    for e in st.last_entries() {
+        last.append(crate::entry(py, e)?)?;
+    }
+    d.set_item("last_entries", last)?;
+    Ok(d)
+}

@@ -1,0 +1,361 @@
+"""A plain-Python session fold: the reference the native session model is compared with.
+
+It follows the rules written at the top of ``rust/fold.rs``, event by event,
+without any of the native fold's machinery (name tables, split folds, ring
+buffers, rate buckets), and returns the same shape as
+``SessionSnapshot.to_dict()``. Lines are parsed with the native parser (the
+parser has its own comparison with plain JSON); everything after parsing is
+computed here. Test code only (ARCHITECTURE.md contract 12).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sigil._native import parse_lines
+
+MAX_NAMES = 256
+OTHER = "(other)"
+MAX_SAMPLES = 100
+MAX_RUNS = 1000
+MAX_TEXT = 1024
+WINDOW_SECONDS = 64
+LATENCY_BOUNDS_MS = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5,
+    2e5, 5e5,
+]  # fmt: skip
+FINAL_STATUSES = ("complete", "error", "budget_exceeded", "interrupted")
+U64_MAX = (1 << 64) - 1
+META_EVENTS = frozenset(
+    {
+        "session_start",
+        "session_complete",
+        "session_error",
+        "step_complete",
+        "step_error",
+        "retry_attempt",
+        "token_consumption",
+        "events_dropped",
+    }
+)
+
+
+def u64(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= U64_MAX:
+        return value
+    return None
+
+
+def f64(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def bounded(value: str) -> str:
+    return value.encode()[:MAX_TEXT].decode(errors="ignore")
+
+
+def micros(timestamp: str) -> int | None:
+    try:
+        moment = datetime.fromisoformat(timestamp)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return None  # the generated sessions only use aware timestamps
+    return int(moment.timestamp()) * 1_000_000 + moment.microsecond
+
+
+def seconds_between(a: str | None, b: str | None) -> float | None:
+    if a is None or b is None:
+        return None
+    ma, mb = micros(a), micros(b)
+    if ma is None or mb is None:
+        return None
+    return max(0, mb - ma) / 1e6
+
+
+@dataclass
+class Component:
+    tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    operations: int = 0
+    errors: int = 0
+    retries: int = 0
+    latencies: list[float] = field(default_factory=list)
+    failed_latency_ms: float = 0.0
+    model: str | None = None
+    last_error: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        timed = len(self.latencies)
+        total = 0.0
+        for ms in self.latencies:
+            total += ms
+        histogram = [0] * (len(LATENCY_BOUNDS_MS) + 1)
+        for ms in self.latencies:
+            index = next(
+                (i for i, b in enumerate(LATENCY_BOUNDS_MS) if ms <= b), len(LATENCY_BOUNDS_MS)
+            )
+            histogram[index] += 1
+        top = max(self.latencies) if self.latencies else None
+
+        def quantile(p: float) -> float | None:
+            if not timed or top is None:
+                return None
+            rank = min(max(math.ceil(p * timed), 1), timed)
+            seen = 0
+            for i, n in enumerate(histogram):
+                seen += n
+                if seen >= rank:
+                    bound = LATENCY_BOUNDS_MS[i] if i < len(LATENCY_BOUNDS_MS) else math.inf
+                    return min(bound, max(top, 0.0))
+            return top
+
+        return {
+            "tokens": self.tokens,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "operations": self.operations,
+            "errors": self.errors,
+            "retries": self.retries,
+            "timed_operations": timed,
+            "latency_ms": total,
+            "average_latency_ms": total / timed if timed else None,
+            "p50_latency_ms": quantile(0.50),
+            "p95_latency_ms": quantile(0.95),
+            "p99_latency_ms": quantile(0.99),
+            "max_latency_ms": max(top, 0.0) if top is not None else None,
+            "failed_latency_ms": self.failed_latency_ms,
+            "latency_histogram": histogram,
+            "model": self.model,
+            "last_error": self.last_error,
+        }
+
+
+def slot(table: dict[str, Any], name: str, make: Any) -> Any:
+    """The capped name table: the first MAX_NAMES names of the file, the rest in OTHER."""
+    if name not in table:
+        if len(table) >= MAX_NAMES:
+            name = OTHER
+        if name not in table:
+            table[name] = make()
+    return table[name]
+
+
+@dataclass
+class Run:
+    number: int = 0
+    status: str = "waiting"
+    reason: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    last_at: str | None = None
+    tokens: int = 0
+    events: int = 0
+    budget: int | None = None
+    components: dict[str, Component] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        comps = {k: self.components[k].to_dict() for k in sorted(self.components)}
+        return {
+            "number": self.number,
+            "status": self.status,
+            "reason": self.reason,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "last_at": self.last_at,
+            "duration_seconds": seconds_between(self.started_at, self.ended_at or self.last_at),
+            "tokens": self.tokens,
+            "events": self.events,
+            "budget": self.budget,
+            "steps_completed": sum(c["operations"] for c in comps.values()),
+            "steps_failed": sum(c["errors"] for c in comps.values()),
+            "components": comps,
+        }
+
+
+def fold_reference(data: bytes) -> dict[str, Any]:
+    """Fold ``data`` (newline-separated lines; an unterminated last line is torn)."""
+    chunks = data.split(b"\n")
+    torn = chunks[-1] != b""
+    complete = chunks[:-1]
+    state: dict[str, Any] = {
+        "lines": len(complete),
+        "entries": 0,
+        "tokens": 0,
+        "status": "waiting",
+        "budget": None,
+        "allocations": {},
+        "run_count": 0,
+        "first_timestamp": None,
+        "last_timestamp": None,
+        "first_seq": None,
+        "last_seq": None,
+        "max_seq": None,
+        "seq_gaps": 0,
+        "seq_missing": 0,
+        "seq_regressions": 0,
+        "gap_samples": [],
+        "dropped_events": 0,
+        "malformed": 0,
+        "malformed_lines": [],
+    }
+    components: dict[str, Component] = {}
+    counts: dict[str, int] = {}
+    head = Run()
+    runs: list[Run] = []
+    seconds: list[tuple[int, int]] = []
+    offset = 0
+    for raw in complete:
+        entries, bad = parse_lines([raw], offset)
+        line_offset = offset
+        offset += len(raw) + 1
+        if bad:
+            state["malformed"] += 1
+            if len(state["malformed_lines"]) < MAX_SAMPLES:
+                state["malformed_lines"].append((line_offset, "malformed"))
+            continue
+        (e,) = entries
+        kind = e.event_type
+        meta: dict[str, Any] = e.metadata if kind in META_EVENTS else {}
+        state["entries"] += 1
+        state["tokens"] = min(U64_MAX, state["tokens"] + e.tokens)
+        if state["first_timestamp"] is None:
+            state["first_timestamp"] = e.timestamp
+        state["last_timestamp"] = e.timestamp
+        key = e.event_type if e.event_type in counts or len(counts) < MAX_NAMES else OTHER
+        counts[key] = counts.get(key, 0) + 1
+        if e.seq is not None:
+            seq = e.seq
+            if state["first_seq"] is None:
+                state["first_seq"] = seq
+            last = state["last_seq"]
+            if last is not None:
+                if seq > last + 1:
+                    state["seq_gaps"] += 1
+                    state["seq_missing"] = min(U64_MAX, state["seq_missing"] + seq - last - 1)
+                    if len(state["gap_samples"]) < MAX_SAMPLES:
+                        state["gap_samples"].append((last, seq))
+                elif seq <= last:
+                    state["seq_regressions"] += 1
+            state["last_seq"] = seq
+            state["max_seq"] = seq if state["max_seq"] is None else max(state["max_seq"], seq)
+        at = micros(e.timestamp)
+        if at is not None:
+            seconds.append((at // 1_000_000, e.tokens))
+
+        if kind == "session_start":
+            state["run_count"] += 1
+            previous = runs[-1] if runs else head
+            declared = u64(meta.get("run"))
+            number = declared if declared is not None else min(U64_MAX, previous.number + 1)
+            budget = u64(meta.get("budget"))
+            if budget is not None:
+                state["budget"] = budget
+            allocations = meta.get("allocations")
+            if isinstance(allocations, dict) and all(
+                u64(v) is not None for v in allocations.values()
+            ):
+                state["allocations"] = dict(sorted(allocations.items())[:MAX_NAMES])
+            state["status"] = "running"
+            runs.append(
+                Run(
+                    number=number,
+                    status="running",
+                    started_at=e.timestamp,
+                    budget=state["budget"],
+                )
+            )
+            if len(runs) > MAX_RUNS:
+                runs.pop(0)
+        run = runs[-1] if runs else head
+        if kind in ("session_complete", "session_error"):
+            declared_status = meta.get("status")
+            if declared_status in FINAL_STATUSES:
+                status = str(declared_status)
+            else:
+                status = "complete" if kind == "session_complete" else "error"
+            reason = text(meta.get("reason"))
+            if reason is None:
+                reason = text(meta.get("error"))
+            state["status"] = status
+            run.status = status
+            run.reason = bounded(reason) if reason is not None else None
+            run.ended_at = e.timestamp
+        elif kind == "events_dropped":
+            dropped = u64(meta.get("dropped")) or 0
+            state["dropped_events"] = min(U64_MAX, state["dropped_events"] + dropped)
+
+        latency = f64(meta.get("latency_ms"))
+        if latency is not None and not math.isfinite(latency):
+            latency = None
+        is_error = kind == "step_error" or (
+            kind == "retry_attempt" and meta.get("resume") is not True
+        )
+        last_error = None
+        if is_error:
+            message = text(meta.get("error"))
+            category = text(meta.get("category"))
+            last_error = {
+                "event_type": kind,
+                "category": bounded(category) if category is not None else None,
+                "message": bounded(message if message is not None else e.message),
+                "attempt": u64(meta.get("attempt")),
+                "timestamp": e.timestamp,
+            }
+        for table in (components, run.components):
+            c: Component = slot(table, e.component, Component)
+            c.tokens = min(U64_MAX, c.tokens + e.tokens)
+            c.input_tokens = min(U64_MAX, c.input_tokens + (u64(meta.get("input_tokens")) or 0))
+            c.output_tokens = min(U64_MAX, c.output_tokens + (u64(meta.get("output_tokens")) or 0))
+            model = text(meta.get("model"))
+            if model is not None:
+                c.model = bounded(model)
+            if kind == "step_complete":
+                c.operations += 1
+                if latency is not None:
+                    c.latencies.append(latency)
+            elif kind == "step_error":
+                c.errors += 1
+                if latency is not None:
+                    c.failed_latency_ms += latency
+            elif kind == "retry_attempt" and is_error:
+                c.retries += 1
+            if last_error is not None:
+                c.last_error = dict(last_error)
+        run.tokens = min(U64_MAX, run.tokens + e.tokens)
+        run.events += 1
+        run.last_at = e.timestamp
+
+    current = runs[-1] if runs else head
+    duration = seconds_between(state["first_timestamp"], state["last_timestamp"])
+    buckets: dict[int, int] = {}
+    if seconds:
+        end = max(s for s, _ in seconds)
+        for s, n in seconds:
+            if s > end - WINDOW_SECONDS:
+                buckets[s] = buckets.get(s, 0) + n
+    return {
+        **{k: v for k, v in state.items() if k != "malformed_lines"},
+        "reason": current.reason,
+        "runs_dropped": 0,
+        "run": current.to_dict(),
+        "runs": [r.to_dict() for r in runs],
+        "components": {k: components[k].to_dict() for k in sorted(components)},
+        "event_counts": dict(sorted(counts.items())),
+        "duration_seconds": duration,
+        "average_tokens_per_second": state["tokens"] / duration if duration else None,
+        "oversize_lines": 0,
+        "torn_tail": torn,
+        "malformed_lines": state["malformed_lines"],
+        "rate_buckets": sorted((s, n) for s, n in buckets.items() if n > 0),
+    }
