@@ -52,6 +52,9 @@ pub struct TailerStats {
     pub reopens: u64,
     /// gzip-compressed segments read (logrotate's `compress`).
     pub compressed_segments: u64,
+    /// Truncations (copytruncate) after which the unread rest was read from
+    /// the copy beside the file.
+    pub copies_followed: u64,
     /// Compressed segments that ended in a decoding error (read up to it).
     pub corrupt_segments: u64,
     pub checkpoint_restored: bool,
@@ -152,6 +155,9 @@ pub struct Tailer {
     /// Offset at which to begin when a checkpoint could be restored.
     pending_checkpoint: Option<Checkpoint>,
     pub stats: TailerStats,
+    /// While reading the rest of a file from its copytruncate copy: the file
+    /// itself, to go back to from its start once the copy is done.
+    after_copy: Option<Current>,
     notify: Notifier,
     buf: Vec<u8>,
 }
@@ -220,6 +226,7 @@ impl Tailer {
             start,
             pending_checkpoint: checkpoint,
             stats: TailerStats::default(),
+            after_copy: None,
             notify,
             buf: Vec::new(),
         };
@@ -415,6 +422,20 @@ impl Tailer {
         }
         if restart {
             self.stats.truncations += 1;
+            // copytruncate: what we had not read yet is in the copy. Read on
+            // from our offset there (the unfinished line too), then come back
+            // to this file from its start (see `follow_rotation`).
+            if cur.fp_len > 0 {
+                let position = self.splitter.position;
+                if let Some(copy) = self.find_copy(cur, position)? {
+                    self.stats.copies_followed += 1;
+                    if copy.gz.is_some() {
+                        self.stats.compressed_segments += 1;
+                    }
+                    self.after_copy = self.cur.replace(copy);
+                    return self.cur.as_ref().expect("just set").len();
+                }
+            }
             if self.splitter.pending() > 0 {
                 self.stats.torn_lines += 1;
             }
@@ -451,6 +472,22 @@ impl Tailer {
     /// the old file, so we stay on it (this keeps lines in order).
     fn follow_rotation(&mut self) -> io::Result<bool> {
         let cur = self.cur.as_ref().expect("caller opened");
+        if self.after_copy.is_some() {
+            // Done with a copytruncate copy: back to the file it was copied
+            // from (wherever it is now), whose new lines start at 0.
+            if cur.len()? > self.splitter.position {
+                return Ok(true);
+            }
+            if self.splitter.pending() > 0 {
+                self.stats.torn_lines += 1;
+            }
+            let mut orig = self.after_copy.take().expect("checked");
+            let len = orig.file.metadata()?.len();
+            (orig.fp_len, orig.fp_crc) = fingerprint(&orig.file, len)?;
+            self.splitter.reset(0);
+            self.cur = Some(orig);
+            return Ok(true);
+        }
         let at_path = match fs::metadata(&self.path) {
             Ok(m) => Some(m),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -461,7 +498,7 @@ impl Tailer {
                 return Ok(false);
             }
         }
-        let next_segment = self.segment_after(cur.dev, cur.ino);
+        let next_segment = self.segment_after(cur);
         let new_has_data = at_path.as_ref().is_some_and(|m| m.len() > 0);
         if next_segment.is_none() && !new_has_data {
             return Ok(false);
@@ -493,10 +530,45 @@ impl Tailer {
 
     /// The rotated segment that follows the file (dev, ino), if that file is a
     /// segment and a later one exists.
-    fn segment_after(&self, dev: u64, ino: u64) -> Option<PathBuf> {
+    ///
+    /// A file that is no longer among them by inode may be there by content:
+    /// logrotate's `compress` replaces `execution.jsonl.1` with a new file,
+    /// `execution.jsonl.1.gz`, that starts with the same (decompressed) bytes.
+    /// Finding it by its first bytes keeps the chain, so a reader paused
+    /// across several compressed rotations still reads every segment.
+    fn segment_after(&self, cur: &Current) -> Option<PathBuf> {
         let segments = segments::rotated_segments(&self.path);
-        let i = segments.iter().position(|s| s.dev == dev && s.ino == ino)?;
+        let i = match segments
+            .iter()
+            .position(|s| s.dev == cur.dev && s.ino == cur.ino)
+        {
+            Some(i) => i,
+            None if cur.fp_len > 0 => segments
+                .iter()
+                .position(|s| same_head(&s.path, cur.fp_len, cur.fp_crc))?,
+            None => return None,
+        };
         segments.get(i + 1).map(|s| s.path.clone())
+    }
+
+    /// The copy logrotate's `copytruncate` made of the open file before
+    /// truncating it: a segment, other than the open file, whose first bytes are
+    /// the open file's fingerprint and which reaches at least `position`.
+    fn find_copy(&self, cur: &Current, position: u64) -> io::Result<Option<Current>> {
+        for seg in segments::rotated_segments(&self.path) {
+            if (seg.dev, seg.ino) == (cur.dev, cur.ino)
+                || !same_head(&seg.path, cur.fp_len, cur.fp_crc)
+            {
+                continue;
+            }
+            let Some(copy) = open_current(&seg.path)? else {
+                continue;
+            };
+            if copy.gz.is_some() || copy.file.metadata()?.len() >= position {
+                return Ok(Some(copy));
+            }
+        }
+        Ok(None)
     }
 
     /// Fold everything available now into `fold`: a large unread stretch of the
@@ -649,6 +721,24 @@ pub fn scan_last_seq(path: &Path, max_scan: u64, max_line: usize) -> io::Result<
         end = start;
     }
     Ok(None)
+}
+
+/// Whether the file at `path` (decompressed if it is gzip) starts with the
+/// `fp_len` bytes whose CRC is `fp_crc`.
+fn same_head(path: &Path, fp_len: u64, fp_crc: u32) -> bool {
+    let Ok(file) = segments::open_regular(path) else {
+        return false;
+    };
+    let head = match segments::is_gzip(&file) {
+        Ok(false) => fingerprint(&file, fp_len),
+        Ok(true) => segments::gzip_reader(&file).and_then(|r| {
+            let mut buf = Vec::with_capacity(fp_len as usize);
+            r.take(fp_len).read_to_end(&mut buf)?;
+            Ok((buf.len() as u64, crc32fast::hash(&buf)))
+        }),
+        Err(_) => return false,
+    };
+    matches!(head, Ok((len, crc)) if len == fp_len && crc == fp_crc)
 }
 
 /// Whether the first bytes of the open file differ from its fingerprint.

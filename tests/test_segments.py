@@ -216,3 +216,54 @@ def test_symlinked_and_fifo_segments_are_ignored(tmp_path: Path) -> None:
     assert rotated_segments(directory) == []
     summary = fold_session("s1", tmp_path / "logs")
     assert summary.tokens_used == 5
+
+
+def _compress_in_place(path: Path) -> None:
+    """What logrotate's ``compress`` does: a new ``.gz`` file, the original removed."""
+    Path(f"{path}.gz").write_bytes(gzip.compress(path.read_bytes()))
+    path.unlink()
+
+
+def test_a_reader_paused_across_compressed_rotations_reads_every_event(tmp_path: Path) -> None:
+    """logrotate (create, compress) twice while a reader sleeps: the file it
+    holds is gone from the directory (now ``.2.gz``, a new inode), yet it finds
+    its place by the file's first bytes and reads ``.1.gz`` before the new file."""
+    directory = session(tmp_path)
+    live = directory / LOG_FILE_NAME
+    live.write_bytes(b"".join(event(s) for s in range(10)))
+    tailer = Tailer(live)
+    assert len(tailer.read_lines(max_lines=4)) == 4
+    with open(live, "ab") as f:
+        f.write(b"".join(event(s) for s in range(10, 20)))
+    live.rename(directory / "execution.jsonl.1")
+    _compress_in_place(directory / "execution.jsonl.1")
+    live.write_bytes(b"".join(event(s) for s in range(20, 30)))
+    (directory / "execution.jsonl.1.gz").rename(directory / "execution.jsonl.2.gz")
+    live.rename(directory / "execution.jsonl.1")
+    _compress_in_place(directory / "execution.jsonl.1")
+    live.write_bytes(b"".join(event(s) for s in range(30, 35)))
+    seqs = [orjson.loads(line)["seq"] for line in drain(tailer)]
+    assert seqs == list(range(4, 35))
+    assert tailer.stats()["compressed_segments"] == 1
+
+
+def test_copytruncate_while_a_reader_is_behind_loses_nothing(tmp_path: Path) -> None:
+    """logrotate copytruncate (and compress) while a reader has read only part
+    of the file: it reads the rest from the copy, then the file from its start."""
+    directory = session(tmp_path)
+    live = directory / LOG_FILE_NAME
+    live.write_bytes(b"".join(event(s) for s in range(10)))
+    tailer = Tailer(live)
+    assert len(tailer.read_lines(max_lines=3)) == 3
+    with open(live, "ab") as f:
+        f.write(b"".join(event(s) for s in range(10, 20)))
+    shutil.copyfile(live, directory / "execution.jsonl.1")
+    with open(live, "r+b") as f:
+        f.truncate(0)
+    _compress_in_place(directory / "execution.jsonl.1")
+    with open(live, "ab") as f:
+        f.write(b"".join(event(s) for s in range(20, 25)))
+    seqs = [orjson.loads(line)["seq"] for line in drain(tailer)]
+    assert seqs == list(range(3, 25))
+    stats = tailer.stats()
+    assert (stats["truncations"], stats["copies_followed"]) == (1, 1)

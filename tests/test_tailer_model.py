@@ -6,9 +6,11 @@ The model knows the files by identity (an inode), what each holds, which one
 the tailer holds and how many of its lines it has handed out. A read step runs
 the real tailer and the model's rule side by side and compares what each
 delivers. Whatever the steps, the delivered lines are each written line at most
-once, in the order written; only truncation (and copytruncate) and deleting a
-file the tailer never opened lose lines, by design, and every loss shows as a
-seq gap in the fold of what was delivered.
+once, in the order written. Lines are lost only by design: truncated in place
+before the tailer read them, or in a file deleted (or, copied, in a copy it
+cannot reach) while the tailer was elsewhere; every loss shows as a seq gap in
+the fold of what was delivered. copytruncate of the file being read loses
+nothing: the tailer reads the rest from the copy.
 """
 
 from __future__ import annotations
@@ -68,6 +70,8 @@ class TailerMachine(RuleBasedStateMachine):
         # The held file was truncated after the tailer read from it: at its next
         # read it notices (length below its offset, or other first bytes).
         self.restart = False
+        self.copy_pending = False  # ... and the tailer will go on in its copy
+        self.after_copy: int | None = None  # then back to the copied file, from 0
         self.written: list[int] = []
         self.delivered: list[int] = []
         self.truncations = 0
@@ -129,7 +133,13 @@ class TailerMachine(RuleBasedStateMachine):
         self.next_file += 1
         self.files[copy] = ModelFile(list(self.files[self.live].lines))
         self.segments.append(copy)
+        follows_copy = self.held == self.live and self.pos > 0 and not self.restart
         self._truncate_live()
+        if follows_copy:
+            # The tailer finds the copy by the first bytes of the file it had
+            # read from, goes on there from its offset, then back to the path.
+            self.after_copy = self.held
+            self.held, self.restart, self.copy_pending = copy, False, True
 
     @rule()
     def truncate(self) -> None:
@@ -147,6 +157,9 @@ class TailerMachine(RuleBasedStateMachine):
 
     def _model_read(self) -> list[int]:
         out: list[int] = []
+        if self.copy_pending:
+            self.truncations += 1  # noticed (and counted) at this read
+            self.copy_pending = False
         while True:
             if self.held is None:
                 if self.live is None:
@@ -158,6 +171,9 @@ class TailerMachine(RuleBasedStateMachine):
                 self.truncations += 1
             out += held[self.pos :]
             self.pos = len(held)
+            if self.after_copy is not None:
+                self.held, self.pos, self.after_copy = self.after_copy, 0, None
+                continue
             if self.held in self.segments and self.held != self.segments[-1]:
                 self.held = self.segments[self.segments.index(self.held) + 1]
                 self.pos = 0
