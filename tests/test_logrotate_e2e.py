@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from conftest import run_cli
+from conftest import SIGIL, isolated_env, run_cli, wait_for
 from sigil._native import Fold, Tailer
 from sigil.core.paths import LOG_FILE_NAME, rotated_segments
 from sigil.telemetry.log_parser import SessionTailer, fold_session
@@ -167,3 +168,64 @@ def test_events_deleted_by_logrotate_before_a_reader_saw_them_are_counted_missin
     assert summary["seq_missing"] == run_2 > 0
     assert summary["seq_gaps"] == 1
     assert summary["max_seq"] == run_1 + run_2 + run_3 - 1
+
+
+def _states(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.startswith("{")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_following_monitor_paused_across_rotations_counts_every_event(
+    tmp_path: Path, logrotate: str
+) -> None:
+    """Issue 11 items 2 and 3: ``sigil monitor --follow`` stopped (SIGSTOP)
+    while logrotate copytruncates (compressed), a second run writes, logrotate
+    rotates again (create, compressed) and a third run writes. Resumed, it
+    reads the rest of run 1 from the copy, run 2 from the file it held and run
+    3 from the new file: every token, no rereads, nothing missing."""
+    home = tmp_path / "home"
+    home.mkdir()
+    session_dir = home / "logs" / "sessions" / SESSION
+    out = tmp_path / "monitor.out"
+    with open(out, "w") as sink:
+        monitor = subprocess.Popen(
+            [*SIGIL, "monitor", "--session", SESSION, "--follow", "--mode", "json"],
+            env=isolated_env(home),
+            stdout=sink,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        time.sleep(0.5)
+        orchestrate(home)
+        wait_for(
+            "the monitor to see run 1 end",
+            lambda: any(s["run"]["status"] == "complete" for s in _states(out)),
+            timeout=60,
+        )
+        monitor.send_signal(signal.SIGSTOP)
+        rotate(logrotate, home, session_dir, ["copytruncate", "compress"])
+        orchestrate(home)
+        rotate(logrotate, home, session_dir, ["create 0600", "compress"])
+        orchestrate(home)
+        monitor.send_signal(signal.SIGCONT)
+        events = events_on_disk(session_dir)
+        written = sum(e["tokens"] for e in events)
+        wait_for(
+            "the monitor to catch up",
+            lambda: any(s["tokens_used"] == written for s in _states(out)),
+            timeout=60,
+        )
+        monitor.send_signal(signal.SIGINT)
+        assert monitor.wait(timeout=30) == 130, monitor.stderr.read() if monitor.stderr else ""
+    finally:
+        if monitor.poll() is None:
+            monitor.kill()
+            monitor.wait()
+    assert [e["seq"] for e in events] == list(range(len(events)))
+    final = _states(out)[-1]
+    assert final["tokens_used"] == written
+    assert final["events"] == len(events)
+    assert final["runs"] == 3
+    assert (final["missing_events"], final["rereads"], final["seq_gaps"]) == (0, 0, 0)
