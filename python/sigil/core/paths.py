@@ -55,10 +55,6 @@ def session_dir(session_id: str, log_path: str | os.PathLike[str] | None = None)
     return sessions_dir(log_path) / validate_session_id(session_id)
 
 
-def session_log_file(session_id: str, log_path: str | os.PathLike[str] | None = None) -> Path:
-    return session_dir(session_id, log_path) / LOG_FILE_NAME
-
-
 class NotARegularFile(ValueError):
     """A log path that names a FIFO, a symlink, a directory or a device."""
 
