@@ -128,7 +128,7 @@ fn gz_read(g: &mut GzStream, buf: &mut [u8], stats: &mut TailerStats) -> io::Res
                 return Ok(n);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::Other || is_data_error(&e) => {
+            Err(e) if is_data_error(&e) => {
                 // A damaged (or still being written) archive: what decoded so
                 // far is kept, the rest is counted, not guessed at.
                 stats.corrupt_segments += 1;
@@ -140,11 +140,14 @@ fn gz_read(g: &mut GzStream, buf: &mut [u8], stats: &mut TailerStats) -> io::Res
     }
 }
 
+/// A gzip stream that does not decode (damaged, or cut short), as opposed to a
+/// failing disk, whose error (with its errno) is passed on.
 fn is_data_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof
-    )
+    e.raw_os_error().is_none()
+        && matches!(
+            e.kind(),
+            io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof
+        )
 }
 
 pub struct Tailer {
@@ -267,6 +270,8 @@ impl Tailer {
         let len = cur.len()?;
         let (pos, mid_line) = match self.start {
             Start::Beginning => (0, false),
+            // A compressed file is an archive, never the live end of a log:
+            // there is no "end as it is now" to skip to, so all of it is read.
             Start::End if cur.gz.is_some() => (0, false),
             Start::End => (len, len > 0 && last_byte(&cur.file, len)? != b'\n'),
         };
@@ -675,7 +680,7 @@ pub fn scan_last_seq(path: &Path, max_scan: u64, max_line: usize) -> io::Result<
                 Ok(0) => break,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if is_data_error(&e) || e.kind() == io::ErrorKind::Other => break,
+                Err(e) if is_data_error(&e) => break,
                 Err(e) => return Err(e),
             };
             splitter.feed(&buf[..n], |piece| note_seq(piece, &mut found));
