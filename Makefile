@@ -7,6 +7,9 @@ BENCH_JSON ?= bench-results.json
 
 install:
 	$(PYTHON) -m pip install --quiet '.[test]'
+	@# tests/test_logrotate_e2e.py runs Debian's logrotate (never skipped).
+	command -v logrotate >/dev/null || test -x /usr/sbin/logrotate || \
+		{ apt-get update -q && apt-get install -y -q logrotate; }
 
 lint:
 	cargo fmt --check

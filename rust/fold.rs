@@ -1330,7 +1330,7 @@ pub fn fold_path_with(
     max_line: usize,
     threads: usize,
 ) -> io::Result<u64> {
-    let file = File::open(path)?;
+    let file = crate::segments::open_regular(path)?;
     fold_range(fold, &file, 0, None, max_line, threads)
 }
 

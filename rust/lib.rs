@@ -9,11 +9,12 @@ pub mod fold;
 pub mod fxhash;
 pub mod parse;
 pub mod scan;
+pub mod segments;
 pub mod snapshot;
 pub mod tailer;
 pub mod writer;
 
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -398,61 +399,15 @@ fn fold_whole_file(
 }
 
 /// The `seq` of the last valid event in a file, reading backwards from its end
-/// (at most `max_scan_bytes`); None when none is found.
+/// (at most `max_scan_bytes`; a compressed segment is streamed through); None
+/// when none is found.
 #[pyfunction]
 #[pyo3(signature = (path, max_scan_bytes = 64 << 20))]
 fn tail_max_seq(py: Python<'_>, path: PathBuf, max_scan_bytes: u64) -> PyResult<Option<u64>> {
     let p = path.clone();
     detached_io(py, "tail_max_seq", Some(&path), move || {
-        scan_last_seq(&p, max_scan_bytes)
+        tailer::scan_last_seq(&p, max_scan_bytes, DEFAULT_MAX_LINE)
     })
-}
-
-fn scan_last_seq(path: &std::path::Path, max_scan: u64) -> io::Result<Option<u64>> {
-    let mut file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
-    let mut end = len;
-    let block = 64u64 << 10;
-    let mut carry: Vec<u8> = Vec::new();
-    while end > 0 && len - end < max_scan {
-        let start = end.saturating_sub(block);
-        let mut buf = vec![0u8; (end - start) as usize];
-        file.seek(SeekFrom::Start(start))?;
-        file.read_exact(&mut buf)?;
-        buf.extend_from_slice(&carry);
-        // Lines wholly inside `buf` (after its first newline unless at 0).
-        let first = if start == 0 {
-            0
-        } else {
-            match memchr::memchr(b'\n', &buf) {
-                Some(i) => i + 1,
-                None => {
-                    carry = buf;
-                    if carry.len() as u64 > DEFAULT_MAX_LINE as u64 {
-                        carry.clear(); // an oversize line: skip it
-                    }
-                    end = start;
-                    continue;
-                }
-            }
-        };
-        let body = &buf[first..];
-        let mut best = None;
-        for line in body.split(|b| *b == b'\n').rev() {
-            if let Ok(e) = parse::parse_line(line) {
-                if let Some(s) = e.seq {
-                    best = Some(s);
-                    break;
-                }
-            }
-        }
-        if best.is_some() {
-            return Ok(best);
-        }
-        carry = buf[..first].to_vec();
-        end = start;
-    }
-    Ok(None)
 }
 
 // ---------------------------------------------------------------------------
@@ -716,8 +671,35 @@ impl PyAppendWriter {
 
 #[pyclass(frozen, module = "sigil._native", name = "Tailer")]
 pub struct PyTailer {
+    /// Held across reads and each wait slice (I/O): taken only without the GIL.
     inner: Mutex<tailer::Tailer>,
+    /// Stats and checkpoint as of the end of the last call, so that `stats()`
+    /// and `checkpoint()` never wait behind a read or a wait (issue 9, defect 4).
+    published: Mutex<Published>,
     path: PathBuf,
+}
+
+type Published = (tailer::TailerStats, Option<tailer::Checkpoint>);
+
+/// Longest stretch `wait()` spends without the GIL before it checks for
+/// signals, so Ctrl-C is seen within this time (issue 9, defect 8).
+const WAIT_SLICE: Duration = Duration::from_millis(100);
+
+impl PyTailer {
+    /// Run `f` on the tailer without the GIL, then publish its stats.
+    fn with_tailer<T: Send>(
+        &self,
+        py: Python<'_>,
+        what: &str,
+        f: impl FnOnce(&mut tailer::Tailer) -> io::Result<T> + Send,
+    ) -> PyResult<T> {
+        detached_io(py, what, Some(&self.path), || {
+            let mut t = lock(&self.inner);
+            let result = f(&mut t);
+            *lock(&self.published) = (t.stats.clone(), t.checkpoint());
+            result
+        })
+    }
 }
 
 fn checkpoint_from(obj: &Bound<'_, PyAny>) -> PyResult<tailer::Checkpoint> {
@@ -776,8 +758,10 @@ impl PyTailer {
         let t = detached_io(py, "Tailer()", Some(&path), move || {
             tailer::Tailer::new(p, start, cp, max_line_bytes)
         })?;
+        let published = Mutex::new((t.stats.clone(), t.checkpoint()));
         Ok(PyTailer {
             inner: Mutex::new(t),
+            published,
             path,
         })
     }
@@ -790,8 +774,7 @@ impl PyTailer {
         max_lines: usize,
         max_bytes: usize,
     ) -> PyResult<Bound<'py, PyList>> {
-        let (data, ends) = detached_io(py, "Tailer.read_lines", Some(&self.path), || {
-            let mut t = lock(&self.inner);
+        let (data, ends) = self.with_tailer(py, "Tailer.read_lines", |t| {
             let mut data = Vec::new();
             let mut ends = Vec::new();
             t.poll(max_lines.max(1), max_bytes.max(1), |o| {
@@ -820,8 +803,7 @@ impl PyTailer {
         max_lines: usize,
         max_bytes: usize,
     ) -> PyResult<Bound<'py, PyTuple>> {
-        let (events, bad) = detached_io(py, "Tailer.read_entries", Some(&self.path), || {
-            let mut t = lock(&self.inner);
+        let (events, bad) = self.with_tailer(py, "Tailer.read_entries", |t| {
             let mut events = Vec::new();
             let mut bad = Vec::new();
             t.poll(max_lines.max(1), max_bytes.max(1), |o| match o {
@@ -845,26 +827,42 @@ impl PyTailer {
     /// Fold everything available now into `fold` (no Python object per line).
     /// Returns the number of lines folded.
     fn fold_into(&self, py: Python<'_>, fold: &PyFold) -> PyResult<u64> {
-        detached_io(py, "Tailer.fold_into", Some(&self.path), || {
-            let mut t = lock(&self.inner);
+        self.with_tailer(py, "Tailer.fold_into", |t| {
             let mut st = lock(&fold.state);
             t.fold_available(&mut st)
         })
     }
 
     /// Block (without the GIL) until the file changes or `timeout` seconds pass.
+    ///
+    /// Waits in slices of at most 100 ms and runs Python's signal handlers
+    /// between them, so Ctrl-C raises `KeyboardInterrupt` at once.
     fn wait(&self, py: Python<'_>, timeout: f64) -> PyResult<bool> {
         if !(timeout.is_finite() && timeout >= 0.0) {
             return Err(value_error("timeout must be a finite number >= 0"));
         }
-        let d = Duration::from_secs_f64(timeout.min(86_400.0));
-        detached_io(py, "Tailer.wait", None, || Ok(lock(&self.inner).wait(d)))
+        let deadline = std::time::Instant::now() + Duration::from_secs_f64(timeout.min(86_400.0));
+        loop {
+            let slice = deadline
+                .saturating_duration_since(std::time::Instant::now())
+                .min(WAIT_SLICE);
+            let news = detached_io(
+                py,
+                "Tailer.wait",
+                None,
+                || Ok(lock(&self.inner).wait(slice)),
+            )?;
+            if news || std::time::Instant::now() >= deadline {
+                return Ok(news);
+            }
+            py.check_signals()?;
+        }
     }
 
     /// `(dev, ino, offset, fp_len, fp_crc)` of the open file, or None.
     fn checkpoint(&self) -> Option<(u64, u64, u64, u64, u32)> {
-        lock(&self.inner)
-            .checkpoint()
+        lock(&self.published)
+            .1
             .map(|c| (c.dev, c.ino, c.offset, c.fp_len, c.fp_crc))
     }
 
@@ -874,7 +872,7 @@ impl PyTailer {
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let s = lock(&self.inner).stats.clone();
+        let s = lock(&self.published).0.clone();
         let d = PyDict::new(py);
         d.set_item("lines", s.lines)?;
         d.set_item("bytes_read", s.bytes_read)?;
@@ -883,6 +881,9 @@ impl PyTailer {
         d.set_item("fingerprint_changes", s.fingerprint_changes)?;
         d.set_item("oversize_lines", s.oversize_lines)?;
         d.set_item("torn_lines", s.torn_lines)?;
+        d.set_item("compressed_segments", s.compressed_segments)?;
+        d.set_item("copies_followed", s.copies_followed)?;
+        d.set_item("corrupt_segments", s.corrupt_segments)?;
         d.set_item("checkpoint_restored", s.checkpoint_restored)?;
         Ok(d)
     }

@@ -8,12 +8,16 @@
 //! arrived, and lines over the limit are skipped as they stream past.
 
 use std::fs::{self, File};
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use flate2::read::MultiGzDecoder;
+
 use crate::fold::{fold_range, fold_threads, FoldState, LineSplitter, Piece, PARALLEL_MIN_BYTES};
+use crate::parse;
+use crate::segments::{self, PreadReader};
 
 /// Bytes of the file's head used as its fingerprint.
 pub const FINGERPRINT_BYTES: u64 = 256;
@@ -46,7 +50,22 @@ pub struct TailerStats {
     pub oversize_lines: u64,
     pub torn_lines: u64,
     pub reopens: u64,
+    /// gzip-compressed segments read (logrotate's `compress`).
+    pub compressed_segments: u64,
+    /// Truncations (copytruncate) after which the unread rest was read from
+    /// the copy beside the file.
+    pub copies_followed: u64,
+    /// Compressed segments that ended in a decoding error (read up to it).
+    pub corrupt_segments: u64,
     pub checkpoint_restored: bool,
+}
+
+/// A compressed segment, read once from start to end as a stream.
+struct GzStream {
+    decoder: MultiGzDecoder<PreadReader>,
+    /// Decompressed bytes consumed so far.
+    pos: u64,
+    eof: bool,
 }
 
 struct Current {
@@ -55,6 +74,80 @@ struct Current {
     ino: u64,
     fp_len: u64,
     fp_crc: u32,
+    gz: Option<GzStream>,
+}
+
+impl Current {
+    /// The readable length: the file's size, or for a compressed segment its
+    /// decompressed length once known (unbounded until then).
+    fn len(&self) -> io::Result<u64> {
+        match &self.gz {
+            None => Ok(self.file.metadata()?.len()),
+            Some(g) if g.eof => Ok(g.pos),
+            Some(_) => Ok(u64::MAX),
+        }
+    }
+
+    /// Read at `pos`: `pread` for a plain file; for a compressed one, the
+    /// stream (restarted when asked to go back, skipped forward when ahead).
+    /// Returns `Ok(0)` at the end; a corrupt stream ends where it breaks.
+    fn read_at(&mut self, buf: &mut [u8], pos: u64, stats: &mut TailerStats) -> io::Result<usize> {
+        let Some(g) = &mut self.gz else {
+            return self.file.read_at(buf, pos);
+        };
+        if pos < g.pos {
+            *g = GzStream {
+                decoder: segments::gzip_reader(&self.file)?,
+                pos: 0,
+                eof: false,
+            };
+        }
+        while g.pos < pos && !g.eof {
+            let skip = (pos - g.pos).min(buf.len() as u64) as usize;
+            let n = gz_read(g, &mut buf[..skip], stats)?;
+            if n == 0 {
+                return Ok(0);
+            }
+        }
+        if g.eof {
+            return Ok(0);
+        }
+        gz_read(g, buf, stats)
+    }
+}
+
+fn gz_read(g: &mut GzStream, buf: &mut [u8], stats: &mut TailerStats) -> io::Result<usize> {
+    loop {
+        match g.decoder.read(buf) {
+            Ok(0) => {
+                g.eof = true;
+                return Ok(0);
+            }
+            Ok(n) => {
+                g.pos += n as u64;
+                return Ok(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if is_data_error(&e) => {
+                // A damaged (or still being written) archive: what decoded so
+                // far is kept, the rest is counted, not guessed at.
+                stats.corrupt_segments += 1;
+                g.eof = true;
+                return Ok(0);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A gzip stream that does not decode (damaged, or cut short), as opposed to a
+/// failing disk, whose error (with its errno) is passed on.
+fn is_data_error(e: &io::Error) -> bool {
+    e.raw_os_error().is_none()
+        && matches!(
+            e.kind(),
+            io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput | io::ErrorKind::UnexpectedEof
+        )
 }
 
 pub struct Tailer {
@@ -65,6 +158,9 @@ pub struct Tailer {
     /// Offset at which to begin when a checkpoint could be restored.
     pending_checkpoint: Option<Checkpoint>,
     pub stats: TailerStats,
+    /// While reading the rest of a file from its copytruncate copy: the file
+    /// itself, to go back to from its start once the copy is done.
+    after_copy: Option<Current>,
     notify: Notifier,
     buf: Vec<u8>,
 }
@@ -91,19 +187,29 @@ fn fingerprint(file: &File, len: u64) -> io::Result<(u64, u32)> {
 }
 
 fn open_current(path: &Path) -> io::Result<Option<Current>> {
-    let file = match File::open(path) {
+    let file = match segments::open_regular(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
     let meta = file.metadata()?;
     let (fp_len, fp_crc) = fingerprint(&file, meta.len())?;
+    let gz = if segments::is_gzip(&file)? {
+        Some(GzStream {
+            decoder: segments::gzip_reader(&file)?,
+            pos: 0,
+            eof: false,
+        })
+    } else {
+        None
+    };
     Ok(Some(Current {
         file,
         dev: meta.dev(),
         ino: meta.ino(),
         fp_len,
         fp_crc,
+        gz,
     }))
 }
 
@@ -123,6 +229,7 @@ impl Tailer {
             start,
             pending_checkpoint: checkpoint,
             stats: TailerStats::default(),
+            after_copy: None,
             notify,
             buf: Vec::new(),
         };
@@ -146,6 +253,9 @@ impl Tailer {
         }
         if let Some(cp) = self.pending_checkpoint.take() {
             if let Some(cur) = self.find_checkpointed(&cp)? {
+                if cur.gz.is_some() {
+                    self.stats.compressed_segments += 1;
+                }
                 self.cur = Some(cur);
                 self.splitter.reset(cp.offset);
                 self.stats.checkpoint_restored = true;
@@ -157,9 +267,12 @@ impl Tailer {
         let Some(cur) = open_current(&self.path)? else {
             return Ok(false);
         };
-        let len = cur.file.metadata()?.len();
+        let len = cur.len()?;
         let (pos, mid_line) = match self.start {
             Start::Beginning => (0, false),
+            // A compressed file is an archive, never the live end of a log:
+            // there is no "end as it is now" to skip to, so all of it is read.
+            Start::End if cur.gz.is_some() => (0, false),
             Start::End => (len, len > 0 && last_byte(&cur.file, len)? != b'\n'),
         };
         self.splitter.reset(pos);
@@ -192,12 +305,12 @@ impl Tailer {
             if !meta.is_file() || meta.dev() != cp.dev || meta.ino() != cp.ino {
                 continue;
             }
-            if meta.len() < cp.offset {
-                return Ok(None);
-            }
             let Some(cur) = open_current(&p)? else {
                 continue;
             };
+            if cur.gz.is_none() && meta.len() < cp.offset {
+                return Ok(None);
+            }
             if cp.fp_len > 0 {
                 let (len, crc) = fingerprint(&cur.file, cp.fp_len)?;
                 if len != cp.fp_len || crc != cp.fp_crc {
@@ -254,10 +367,10 @@ impl Tailer {
                 if lines >= max_lines || bytes >= max_bytes {
                     return Ok(true);
                 }
-                let cur = self.cur.as_ref().expect("opened above");
+                let cur = self.cur.as_mut().expect("opened above");
                 let pos = self.splitter.position;
                 let want = READ_CHUNK.min(max_bytes - bytes).max(1);
-                let n = match cur.file.read_at(&mut buf[..want], pos) {
+                let n = match cur.read_at(&mut buf[..want], pos, &mut self.stats) {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e),
@@ -298,19 +411,36 @@ impl Tailer {
     /// Returns the file's current length.
     fn check_truncation(&mut self) -> io::Result<u64> {
         let cur = self.cur.as_ref().expect("caller opened");
+        if cur.gz.is_some() {
+            return cur.len(); // an archive: finished, never truncated
+        }
         let len = cur.file.metadata()?.len();
         let mut restart = len < self.splitter.position;
-        // The first bytes only matter when there is something new to read: a
-        // poll that finds nothing costs one fstat (and one stat of the path).
-        if !restart && len > self.splitter.position && cur.fp_len > 0 {
-            let (l, crc) = fingerprint(&cur.file, cur.fp_len)?;
-            if l != cur.fp_len || crc != cur.fp_crc {
-                restart = true;
-                self.stats.fingerprint_changes += 1;
-            }
+        // Same length or longer may still be a new file in the old inode
+        // (copytruncate, then as many bytes or more written before we looked):
+        // its first bytes say so. Checked at equal length too, or a refill to
+        // exactly our offset would hide its lines until the next write. This
+        // costs one pread of at most 256 bytes from the page cache per poll.
+        if !restart && cur.fp_len > 0 && fingerprint_changed(cur)? {
+            restart = true;
+            self.stats.fingerprint_changes += 1;
         }
         if restart {
             self.stats.truncations += 1;
+            // copytruncate: what we had not read yet is in the copy. Read on
+            // from our offset there (the unfinished line too), then come back
+            // to this file from its start (see `follow_rotation`).
+            if cur.fp_len > 0 {
+                let position = self.splitter.position;
+                if let Some(copy) = self.find_copy(cur, position)? {
+                    self.stats.copies_followed += 1;
+                    if copy.gz.is_some() {
+                        self.stats.compressed_segments += 1;
+                    }
+                    self.after_copy = self.cur.replace(copy);
+                    return self.cur.as_ref().expect("just set").len();
+                }
+            }
             if self.splitter.pending() > 0 {
                 self.stats.torn_lines += 1;
             }
@@ -326,7 +456,9 @@ impl Tailer {
     /// Lengthen the fingerprint while the file is shorter than its full size.
     fn refresh_fingerprint(&mut self) -> io::Result<()> {
         let cur = self.cur.as_mut().expect("caller opened");
-        if cur.fp_len < FINGERPRINT_BYTES && self.splitter.position > cur.fp_len {
+        // (A compressed segment's fingerprint is of its whole head already.)
+        if cur.gz.is_none() && cur.fp_len < FINGERPRINT_BYTES && self.splitter.position > cur.fp_len
+        {
             let (l, crc) = fingerprint(&cur.file, self.splitter.position)?;
             cur.fp_len = l;
             cur.fp_crc = crc;
@@ -336,15 +468,31 @@ impl Tailer {
 
     /// Move on from the current file once the path names another file.
     ///
-    /// Rotated segments sit beside the path as `<stem>_<stamp>[_<n>]<ext>`
-    /// (sigil's rotator; names sort in the order they were made). If the
-    /// current file is one of them and a later one exists, that is the next
-    /// file: this way a tailer that sleeps through several rotations still
+    /// Rotated segments sit beside the path under the names `segments` knows
+    /// (sigil's, and logrotate's numbered and dateext ones, maybe compressed).
+    /// If the current file is one of them and a later one exists, that is the
+    /// next file: this way a tailer that sleeps through several rotations still
     /// reads every segment, in order. Otherwise the next file is the one at the
     /// path, once it has content: until then the writer may still be finishing
     /// the old file, so we stay on it (this keeps lines in order).
     fn follow_rotation(&mut self) -> io::Result<bool> {
         let cur = self.cur.as_ref().expect("caller opened");
+        if self.after_copy.is_some() {
+            // Done with a copytruncate copy: back to the file it was copied
+            // from (wherever it is now), whose new lines start at 0.
+            if cur.len()? > self.splitter.position {
+                return Ok(true);
+            }
+            if self.splitter.pending() > 0 {
+                self.stats.torn_lines += 1;
+            }
+            let mut orig = self.after_copy.take().expect("checked");
+            let len = orig.file.metadata()?.len();
+            (orig.fp_len, orig.fp_crc) = fingerprint(&orig.file, len)?;
+            self.splitter.reset(0);
+            self.cur = Some(orig);
+            return Ok(true);
+        }
         let at_path = match fs::metadata(&self.path) {
             Ok(m) => Some(m),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -355,14 +503,14 @@ impl Tailer {
                 return Ok(false);
             }
         }
-        let next_segment = self.segment_after(cur.dev, cur.ino);
+        let next_segment = self.segment_after(cur);
         let new_has_data = at_path.as_ref().is_some_and(|m| m.len() > 0);
         if next_segment.is_none() && !new_has_data {
             return Ok(false);
         }
         // Everything the writer put in the old file was written before the
         // next file got data, so one more drain of the old file completes it.
-        let old_len = cur.file.metadata()?.len();
+        let old_len = cur.len()?;
         if old_len > self.splitter.position {
             return Ok(true); // the caller drains, then comes back here
         }
@@ -374,6 +522,9 @@ impl Tailer {
         self.splitter.reset(0);
         if let Some(next) = next_segment {
             if let Some(cur) = open_current(&next)? {
+                if cur.gz.is_some() {
+                    self.stats.compressed_segments += 1;
+                }
                 self.cur = Some(cur);
                 return Ok(true);
             }
@@ -384,37 +535,45 @@ impl Tailer {
 
     /// The rotated segment that follows the file (dev, ino), if that file is a
     /// segment and a later one exists.
-    fn segment_after(&self, dev: u64, ino: u64) -> Option<PathBuf> {
-        let dir = self.path.parent()?;
-        let name = self.path.file_name()?.to_str()?;
-        let (stem, ext) = match name.rfind('.') {
-            Some(i) if i > 0 => (&name[..i], &name[i..]),
-            _ => (name, ""),
+    ///
+    /// A file that is no longer among them by inode may be there by content:
+    /// logrotate's `compress` replaces `execution.jsonl.1` with a new file,
+    /// `execution.jsonl.1.gz`, that starts with the same (decompressed) bytes.
+    /// Finding it by its first bytes keeps the chain, so a reader paused
+    /// across several compressed rotations still reads every segment.
+    fn segment_after(&self, cur: &Current) -> Option<PathBuf> {
+        let segments = segments::rotated_segments(&self.path);
+        let i = match segments
+            .iter()
+            .position(|s| s.dev == cur.dev && s.ino == cur.ino)
+        {
+            Some(i) => i,
+            None if cur.fp_len > 0 => segments
+                .iter()
+                .position(|s| same_head(&s.path, cur.fp_len, cur.fp_crc))?,
+            None => return None,
         };
-        let prefix = format!("{stem}_");
-        let mut segments: Vec<(String, u64, PathBuf, u64, u64)> = fs::read_dir(dir)
-            .ok()?
-            .flatten()
-            .filter_map(|entry| {
-                let n = entry.file_name().into_string().ok()?;
-                let middle = n.strip_prefix(&prefix)?.strip_suffix(ext)?;
-                let meta = fs::symlink_metadata(entry.path()).ok()?;
-                if !meta.is_file() {
-                    return None;
-                }
-                let (base, counter) = segment_key(middle);
-                Some((
-                    base.to_string(),
-                    counter,
-                    entry.path(),
-                    meta.dev(),
-                    meta.ino(),
-                ))
-            })
-            .collect();
-        segments.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        let i = segments.iter().position(|s| s.3 == dev && s.4 == ino)?;
-        segments.get(i + 1).map(|s| s.2.clone())
+        segments.get(i + 1).map(|s| s.path.clone())
+    }
+
+    /// The copy logrotate's `copytruncate` made of the open file before
+    /// truncating it: a segment, other than the open file, whose first bytes are
+    /// the open file's fingerprint and which reaches at least `position`.
+    fn find_copy(&self, cur: &Current, position: u64) -> io::Result<Option<Current>> {
+        for seg in segments::rotated_segments(&self.path) {
+            if (seg.dev, seg.ino) == (cur.dev, cur.ino)
+                || !same_head(&seg.path, cur.fp_len, cur.fp_crc)
+            {
+                continue;
+            }
+            let Some(copy) = open_current(&seg.path)? else {
+                continue;
+            };
+            if copy.gz.is_some() || copy.file.metadata()?.len() >= position {
+                return Ok(Some(copy));
+            }
+        }
+        Ok(None)
     }
 
     /// Fold everything available now into `fold`: a large unread stretch of the
@@ -425,8 +584,12 @@ impl Tailer {
             self.check_truncation()?;
             let cur = self.cur.as_ref().expect("opened above");
             let pos = self.splitter.position;
-            let len = cur.file.metadata()?.len();
-            if self.splitter.pending() == 0 && len.saturating_sub(pos) >= PARALLEL_MIN_BYTES {
+            let len = cur.len()?;
+            let plain = cur.gz.is_none();
+            if plain
+                && self.splitter.pending() == 0
+                && len.saturating_sub(pos) >= PARALLEL_MIN_BYTES
+            {
                 let torn_before = fold.torn_tail;
                 let resume = fold_range(
                     fold,
@@ -463,11 +626,12 @@ impl Tailer {
             None => self.path.exists(),
             Some(cur) => {
                 let grown = cur
-                    .file
-                    .metadata()
-                    .map(|m| m.len() != self.splitter.position)
+                    .len()
+                    .map(|len| len != self.splitter.position)
                     .unwrap_or(true);
-                if grown {
+                let replaced =
+                    cur.gz.is_none() && cur.fp_len > 0 && fingerprint_changed(cur).unwrap_or(true);
+                if grown || replaced {
                     return true;
                 }
                 match fs::metadata(&self.path) {
@@ -500,17 +664,101 @@ impl Tailer {
     }
 }
 
-/// `20260111_101532_3` sorts as ("20260111_101532", 3): a numeric collision
-/// counter, so `_10` comes after `_9`.
-fn segment_key(middle: &str) -> (&str, u64) {
-    if let Some((base, n)) = middle.rsplit_once('_') {
-        if base.contains('_') {
-            if let Ok(n) = n.parse::<u64>() {
-                return (base, n);
+/// The `seq` of the last valid event in a log file (plain or a compressed
+/// segment); None when none is found. A plain file is read backwards from its
+/// end, at most `max_scan` bytes; a compressed one is streamed through.
+/// Lines are cut by the same `LineSplitter` the tailer and the fold use.
+pub fn scan_last_seq(path: &Path, max_scan: u64, max_line: usize) -> io::Result<Option<u64>> {
+    let file = segments::open_regular(path)?;
+    if segments::is_gzip(&file)? {
+        let mut reader = segments::gzip_reader(&file)?;
+        let mut splitter = LineSplitter::new(max_line, 0);
+        let mut found = None;
+        let mut buf = vec![0u8; READ_CHUNK];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_data_error(&e) => break,
+                Err(e) => return Err(e),
+            };
+            splitter.feed(&buf[..n], |piece| note_seq(piece, &mut found));
+        }
+        return Ok(found);
+    }
+    let len = file.metadata()?.len();
+    let block = 64u64 << 10;
+    let mut end = len;
+    // The start of a line cut by the block below, to be completed by it.
+    let mut carry: Vec<u8> = Vec::new();
+    while end > 0 && len - end < max_scan {
+        let start = end.saturating_sub(block);
+        let mut buf = vec![0u8; (end - start) as usize];
+        file.read_exact_at(&mut buf, start)?;
+        buf.extend_from_slice(&carry);
+        // Whole lines only: the text before the block's first newline may be
+        // the end of a line that starts in an earlier block.
+        let first = if start == 0 {
+            0
+        } else {
+            match memchr::memchr(b'\n', &buf) {
+                Some(i) => i + 1,
+                None if buf.len() > max_line => {
+                    carry.clear(); // inside an oversize line: skip it
+                    end = start;
+                    continue;
+                }
+                None => {
+                    carry = buf;
+                    end = start;
+                    continue;
+                }
             }
+        };
+        let mut found = None;
+        let mut splitter = LineSplitter::new(max_line, start + first as u64);
+        splitter.feed(&buf[first..], |piece| note_seq(piece, &mut found));
+        if found.is_some() {
+            return Ok(found);
+        }
+        carry = buf[..first].to_vec();
+        end = start;
+    }
+    Ok(None)
+}
+
+/// Whether the file at `path` (decompressed if it is gzip) starts with the
+/// `fp_len` bytes whose CRC is `fp_crc`.
+fn same_head(path: &Path, fp_len: u64, fp_crc: u32) -> bool {
+    let Ok(file) = segments::open_regular(path) else {
+        return false;
+    };
+    let head = match segments::is_gzip(&file) {
+        Ok(false) => fingerprint(&file, fp_len),
+        Ok(true) => segments::gzip_reader(&file).and_then(|r| {
+            let mut buf = Vec::with_capacity(fp_len as usize);
+            r.take(fp_len).read_to_end(&mut buf)?;
+            Ok((buf.len() as u64, crc32fast::hash(&buf)))
+        }),
+        Err(_) => return false,
+    };
+    matches!(head, Ok((len, crc)) if len == fp_len && crc == fp_crc)
+}
+
+/// Whether the first bytes of the open file differ from its fingerprint.
+fn fingerprint_changed(cur: &Current) -> io::Result<bool> {
+    let (len, crc) = fingerprint(&cur.file, cur.fp_len)?;
+    Ok(len != cur.fp_len || crc != cur.fp_crc)
+}
+
+/// Keep the `seq` of a valid event line.
+fn note_seq(piece: Piece<'_>, found: &mut Option<u64>) {
+    if let Piece::Line(line, _) = piece {
+        if let Some(seq) = parse::parse_line(line).ok().and_then(|e| e.seq) {
+            *found = Some(seq);
         }
     }
-    (middle, 0)
 }
 
 fn last_byte(file: &File, len: u64) -> io::Result<u8> {
@@ -778,6 +1026,83 @@ mod tests {
         append(&path, "new-1\nnew-2\n");
         assert_eq!(collect(&mut t), vec!["new-1", "new-2"]);
         assert_eq!(t.stats.fingerprint_changes, 1);
+    }
+
+    #[test]
+    fn copytruncate_refilled_to_exactly_the_old_offset_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        append(&path, "old-1\n");
+        let mut t = Tailer::new(&path, Start::Beginning, None, 1 << 20).unwrap();
+        assert_eq!(collect(&mut t), vec!["old-1"]);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        append(&path, "new-1\n"); // the same length as before
+        assert!(t.has_news());
+        assert_eq!(collect(&mut t), vec!["new-1"]);
+        assert_eq!(t.stats.truncations, 1);
+    }
+
+    fn gzip(path: &Path, text: &str) {
+        let mut enc =
+            flate2::write::GzEncoder::new(File::create(path).unwrap(), flate2::Compression::fast());
+        enc.write_all(text.as_bytes()).unwrap();
+        enc.finish().unwrap();
+    }
+
+    #[test]
+    fn follows_logrotate_names_through_compressed_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("execution.jsonl");
+        gzip(&dir.path().join("execution.jsonl.3.gz"), "1\n2\n");
+        gzip(&dir.path().join("execution.jsonl.2.gz"), "3\n");
+        append(&dir.path().join("execution.jsonl.1"), "4\n");
+        append(&path, "5\n");
+        let oldest = fs::metadata(dir.path().join("execution.jsonl.3.gz")).unwrap();
+        let cp = Checkpoint {
+            dev: oldest.dev(),
+            ino: oldest.ino(),
+            offset: 0,
+            fp_len: 0,
+            fp_crc: 0,
+        };
+        let mut t = Tailer::new(&path, Start::Beginning, Some(cp), 1 << 20).unwrap();
+        assert_eq!(collect(&mut t), vec!["1", "2", "3", "4", "5"]);
+        assert_eq!(t.stats.compressed_segments, 2);
+        assert_eq!(t.stats.rotations, 3);
+    }
+
+    fn event(seq: u64) -> String {
+        format!(
+            r#"{{"timestamp":"t","session_id":"s","event_type":"e","component":"c","message":"m","tokens":1,"metadata":{{}},"seq":{seq}}}"#
+        )
+    }
+
+    #[test]
+    fn scan_last_seq_reads_back_over_blocks_junk_and_gzip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let mut text = String::new();
+        for s in 0..3000 {
+            text.push_str(&event(s));
+            text.push('\n');
+        }
+        // A last line with no seq, junk, a torn tail: the last valid seq wins.
+        text.push_str(&format!("not json\n{}\n{{\"torn", "x".repeat(200 << 10)));
+        append(&path, &text);
+        assert_eq!(scan_last_seq(&path, 64 << 20, 1 << 20).unwrap(), Some(2999));
+        // Only the last 1 KiB may be read: the oversize line fills it.
+        assert_eq!(scan_last_seq(&path, 1 << 10, 1 << 20).unwrap(), None);
+        let gz = dir.path().join("f.1.gz");
+        gzip(&gz, &text);
+        assert_eq!(scan_last_seq(&gz, 1, 1 << 20).unwrap(), Some(2999));
+        let empty = dir.path().join("e");
+        append(&empty, "");
+        assert_eq!(scan_last_seq(&empty, 1 << 20, 1 << 20).unwrap(), None);
     }
 
     #[test]

@@ -108,7 +108,13 @@ def export(
         raise _usage(f"--protocol must be http/protobuf or grpc, got {protocol!r}")
 
     from sigil.core.config import load_settings
-    from sigil.core.paths import resolve_log_path, rotated_segments, session_dir
+    from sigil.core.paths import (
+        NotARegularFile,
+        check_log_file,
+        resolve_log_path,
+        rotated_segments,
+        session_dir,
+    )
 
     # ConfigError is a one-line usage error (exit 2) naming the key and its source.
     settings = load_settings(
@@ -137,6 +143,10 @@ def export(
 
     base = resolve_log_path(settings.logging.path)
     directory = session_dir(session_id, base)
+    try:
+        check_log_file(directory / "execution.jsonl")
+    except NotARegularFile as exc:
+        raise _usage(str(exc)) from None
     if not (directory / "execution.jsonl").is_file() and not rotated_segments(directory):
         raise _usage(f"no session {session_id!r} in {base} (sigil sessions lists them)")
 

@@ -113,6 +113,13 @@ def monitor(
     settings = load_settings({"logging.path": log_path, "monitoring.default_mode": mode})
     resolved_log_path = resolve_log_path(settings.logging.path)
     _check_log_path(resolved_log_path)
+    if session_id is not None:
+        from sigil.core.paths import NotARegularFile, check_log_file, session_dir
+
+        try:
+            check_log_file(session_dir(session_id, resolved_log_path) / "execution.jsonl")
+        except NotARegularFile as exc:
+            raise _fail(str(exc)) from None
     chosen_mode = mode or settings.monitoring.default_mode
     if chosen_mode not in _MODES:
         raise _fail(f"monitoring.default_mode must be one of {', '.join(_MODES)}, "
