@@ -358,3 +358,64 @@ def test_large_adversarial_strings_stay_linear(sanitizer: LogSanitizer, blob: st
     started = time.perf_counter()
     sanitizer.sanitize_string(blob)
     assert time.perf_counter() - started < 2.0
+
+
+# -- every file sigil writes, end to end (issue 11 item 9) -----------------------------
+
+
+def _files_under(root: Any) -> dict[str, bytes]:
+    """Every regular file under ``root``, archives unpacked (name -> bytes)."""
+    import tarfile
+    from pathlib import Path
+
+    out: dict[str, bytes] = {}
+    for path in sorted(Path(root).rglob("*")):
+        if not path.is_file():
+            continue
+        out[str(path)] = path.read_bytes()
+        if path.name.endswith(".tar.gz"):
+            with tarfile.open(path, "r:gz") as tar:
+                for member in tar:
+                    extracted = tar.extractfile(member)
+                    if extracted is not None:
+                        out[f"{path}!{member.name}"] = extracted.read()
+    return out
+
+
+@pytest.mark.slow
+def test_no_secret_reaches_any_file_sigil_writes(sigil_home: Any) -> None:
+    """A failing step's error text and the task hold secrets: none of them reaches
+    the log, errors.jsonl, tokens.json, metrics.json or the session's archive."""
+    import os
+
+    from conftest import run_cli
+    from orchestrate_steps import LEAKED_SECRETS
+
+    sigil_home.mkdir(parents=True, exist_ok=True)
+    (sigil_home / "config.yaml").write_text(
+        "errors:\n  max_retries: 1\n  backoff_base: 0.001\n  backoff_max: 0.01\n"
+        "pipeline:\n  steps:\n    reasoning: orchestrate_steps:LeakyReasoning\n"
+    )
+    bearer = "0123456789abcdef0123456789abcdef"
+    api_key = "fedcba9876543210fedcba9876543210"
+    task = f"Analyze Acme with Bearer {bearer} and api_key: {api_key}"
+    proc = run_cli(sigil_home, "orchestrate", "--task", task, "--session", "leak-1", "--json")
+    assert proc.returncode == 1, proc.stderr
+    session = sigil_home / "logs" / "sessions" / "leak-1"
+    assert (session / "errors.jsonl").is_file()
+    secrets = [*LEAKED_SECRETS, bearer, api_key]
+
+    def leaks(files: dict[str, bytes]) -> list[tuple[str, str]]:
+        return [(name, s) for name, data in files.items() for s in secrets if s.encode() in data]
+
+    assert leaks(_files_under(session)) == []
+
+    # Archived, the session keeps no secret either.
+    old = time.time() - 40 * 86400
+    for path in [*session.rglob("*"), session]:
+        os.utime(path, (old, old), follow_symlinks=False)
+    archived = run_cli(sigil_home, "logs", "archive")
+    assert archived.returncode == 0, archived.stderr
+    archives = _files_under(sigil_home / "logs" / "archive")
+    assert any(name.endswith("errors.jsonl") for name in archives)
+    assert leaks(archives) == []
