@@ -124,6 +124,50 @@ SECRETS: list[tuple[str, str, str]] = [
     ("access_token_query", "GET /cb?access_token=ya29a0AfH6SMBx3&state=1", "ya29a0AfH6SMBx3"),
     ("api_key_pair", "api_key=12345abcde", "12345abcde"),
     ("api_key_header", "X-Api-Key: 0f3c9a7e5d1b", "0f3c9a7e5d1b"),
+    (
+        "azure_storage_key",
+        "DefaultEndpointsProtocol=https;AccountName=acme;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlC"
+        "DXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;EndpointSuffix=core.windows.net",
+        "Eby8vdM02xNOcqFlqUwJPLlmEtlC",
+    ),
+    (
+        "azure_service_bus",
+        "Endpoint=sb://acme.servicebus.windows.net/;SharedAccessKeyName=root;"
+        "SharedAccessKey=q1w2E3r4T5y6U7i8O9p0AsDfGhJkLzXcVbNm1234567=",
+        "q1w2E3r4T5y6U7i8O9p0",
+    ),
+    (
+        "azure_sas_signature",
+        "GET https://acme.blob.core.windows.net/c/b?sv=2022-11-02&ss=b&srt=o&sp=r"
+        "&sig=Xy7kP0qLm3Rt9VbN2cW5eA8sD1fG4hJ6kL0zX3cV5bN%3D ok",
+        "Xy7kP0qLm3Rt9VbN2cW5eA8sD1fG4hJ6kL0zX3cV5bN",
+    ),
+    (
+        "azure_ad_client_secret",
+        "client created with value Abc8Q~xYz0123456789AbCdEfGhIjKlMnOpQrStU today",
+        "xYz0123456789AbCdEfGhIj",
+    ),
+    (
+        "generic_high_entropy_pair",
+        "SENTRY_DSN_PRIVATE=Zx9Qm2Lp7Rt4Vb8Nc1Wk5Hs3Jd6Fg0Ya",
+        "Zx9Qm2Lp7Rt4Vb8Nc1Wk5Hs3Jd6Fg0Ya",
+    ),
+    (
+        "generic_high_entropy_yaml",
+        "signing: 7fGh2KqP9xLm4RtZ8vBn3WcY6dJs1AeU0oIp",
+        "7fGh2KqP9xLm4RtZ8vBn3WcY6dJs1AeU0oIp",
+    ),
+    (
+        "stripe_webhook_secret",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLVtd",
+        "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLVtd",
+    ),
+    ("stripe_restricted", "rk_live_51H8aBcDeFgHiJkLmNoPqRsTu", "51H8aBcDeFgHiJkLmNoPqRsTu"),
+    (
+        "slack_app_token",
+        "xapp-1-A0123456789-1234567890123-abcdef0123456789abcdef0123456789",
+        "abcdef0123456789abcdef",
+    ),
     ("visa_spaced", "card 4111 1111 1111 1111 charged", "4111 1111 1111 1111"),
     ("visa_plain", "card number 4111111111111111.", "4111111111111111"),
     ("mastercard_dashed", "pay 5555-5555-5555-4444 now", "5555-5555-5555-4444"),
@@ -177,6 +221,18 @@ ORDINARY: list[str] = [
     "sessions/test-1/execution.jsonl",
     "budget 256,000 tokens; 4111 used",
     "card ending 1111",
+    # Look-alikes of the generic high-entropy rule: hashes, ids, paths, versions.
+    "commit=4bf92f3577b34da6a3ce929d0e0e4736 trace_id: 4bf92f3577b34da6a3ce929d0e0e4736",
+    "digest=sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    "path=/home/user/Projects/Sigil2024/Reports/Q3Summary.md",
+    "model=gpt-4o-2024-08-06 model: claude-3-5-sonnet-20241022",
+    "intent: lead_analysis_with_CompanyResearch2024",
+    "component=ReasoningStepWithRetries2 attempt=3",
+    "sig=short sv=2022-11-02",
+    "AccountName=acme;EndpointSuffix=core.windows.net",
+    "the Q~ operator",
+    "whsec_short rk_live_short",
+    "url=https://docs.example.com/GettingStarted/Install2024",
     '{"timestamp":"2026-01-11T10:15:33.234567","event_type":"step_complete","tokens":50}',
     # Accents, em and en dashes, curly quotes, Arabic-Indic digits (not card digits).
     "\u00dcn\u00efc\u00f6d\u00e9 \u2014 dashes \u2013 \u201cquotes\u201d "
