@@ -102,3 +102,30 @@ TracedPlanning = _traced(PlanningStep)
 TracedReasoning = _traced(ReasoningStep)
 TracedContracts = _traced(ContractsStep)
 TracedValidation = _traced(ValidationStep)
+
+
+#: Secrets LeakyReasoning puts in its error text (shapes of real credentials, none live).
+LEAKED_SECRETS = (
+    "sk-proj-Ab3dEfGhIjKlMnOpQrStUvWxYz0123456789",
+    "AKIAIOSFODNN7EXAMPLE",
+    "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+    "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGH",
+    "ghs_16C7e42F292c6912E7710c838347Ae178B4a",
+    "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx",
+    "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+    "AIzaSyDdI0hCZtE6vySjMm-WEfRq3CPzqKqqsHI",
+    "s3cr3t-P4ssw0rd",
+    "deadbeefcafe0123456789abcdef0123",
+)
+
+
+class LeakyReasoning(ReasoningStep):
+    """Fails with credentials in its error text, as an HTTP client's error often does."""
+
+    async def run(self, ctx: StepContext) -> StepOutput:
+        key, aws, ghp, pat, ghs, slack, stripe, google, password, bearer = LEAKED_SECRETS
+        raise ValueError(
+            f"401 from https://admin:{password}@api.example.com with key {key}, "
+            f"aws {aws}, github {ghp} {pat} {ghs}, slack {slack}, stripe {stripe}, "
+            f"google {google}, Authorization: Bearer {bearer}"
+        )

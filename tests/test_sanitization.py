@@ -124,6 +124,50 @@ SECRETS: list[tuple[str, str, str]] = [
     ("access_token_query", "GET /cb?access_token=ya29a0AfH6SMBx3&state=1", "ya29a0AfH6SMBx3"),
     ("api_key_pair", "api_key=12345abcde", "12345abcde"),
     ("api_key_header", "X-Api-Key: 0f3c9a7e5d1b", "0f3c9a7e5d1b"),
+    (
+        "azure_storage_key",
+        "DefaultEndpointsProtocol=https;AccountName=acme;AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlC"
+        "DXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;EndpointSuffix=core.windows.net",
+        "Eby8vdM02xNOcqFlqUwJPLlmEtlC",
+    ),
+    (
+        "azure_service_bus",
+        "Endpoint=sb://acme.servicebus.windows.net/;SharedAccessKeyName=root;"
+        "SharedAccessKey=q1w2E3r4T5y6U7i8O9p0AsDfGhJkLzXcVbNm1234567=",
+        "q1w2E3r4T5y6U7i8O9p0",
+    ),
+    (
+        "azure_sas_signature",
+        "GET https://acme.blob.core.windows.net/c/b?sv=2022-11-02&ss=b&srt=o&sp=r"
+        "&sig=Xy7kP0qLm3Rt9VbN2cW5eA8sD1fG4hJ6kL0zX3cV5bN%3D ok",
+        "Xy7kP0qLm3Rt9VbN2cW5eA8sD1fG4hJ6kL0zX3cV5bN",
+    ),
+    (
+        "azure_ad_client_secret",
+        "client created with value Abc8Q~xYz0123456789AbCdEfGhIjKlMnOpQrStU today",
+        "xYz0123456789AbCdEfGhIj",
+    ),
+    (
+        "generic_high_entropy_pair",
+        "SENTRY_DSN_PRIVATE=Zx9Qm2Lp7Rt4Vb8Nc1Wk5Hs3Jd6Fg0Ya",
+        "Zx9Qm2Lp7Rt4Vb8Nc1Wk5Hs3Jd6Fg0Ya",
+    ),
+    (
+        "generic_high_entropy_yaml",
+        "signing: 7fGh2KqP9xLm4RtZ8vBn3WcY6dJs1AeU0oIp",
+        "7fGh2KqP9xLm4RtZ8vBn3WcY6dJs1AeU0oIp",
+    ),
+    (
+        "stripe_webhook_secret",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLVtd",
+        "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLVtd",
+    ),
+    ("stripe_restricted", "rk_live_51H8aBcDeFgHiJkLmNoPqRsTu", "51H8aBcDeFgHiJkLmNoPqRsTu"),
+    (
+        "slack_app_token",
+        "xapp-1-A0123456789-1234567890123-abcdef0123456789abcdef0123456789",
+        "abcdef0123456789abcdef",
+    ),
     ("visa_spaced", "card 4111 1111 1111 1111 charged", "4111 1111 1111 1111"),
     ("visa_plain", "card number 4111111111111111.", "4111111111111111"),
     ("mastercard_dashed", "pay 5555-5555-5555-4444 now", "5555-5555-5555-4444"),
@@ -177,6 +221,18 @@ ORDINARY: list[str] = [
     "sessions/test-1/execution.jsonl",
     "budget 256,000 tokens; 4111 used",
     "card ending 1111",
+    # Look-alikes of the generic high-entropy rule: hashes, ids, paths, versions.
+    "commit=4bf92f3577b34da6a3ce929d0e0e4736 trace_id: 4bf92f3577b34da6a3ce929d0e0e4736",
+    "digest=sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+    "path=/home/user/Projects/Sigil2024/Reports/Q3Summary.md",
+    "model=gpt-4o-2024-08-06 model: claude-3-5-sonnet-20241022",
+    "intent: lead_analysis_with_CompanyResearch2024",
+    "component=ReasoningStepWithRetries2 attempt=3",
+    "sig=short sv=2022-11-02",
+    "AccountName=acme;EndpointSuffix=core.windows.net",
+    "the Q~ operator",
+    "whsec_short rk_live_short",
+    "url=https://docs.example.com/GettingStarted/Install2024",
     '{"timestamp":"2026-01-11T10:15:33.234567","event_type":"step_complete","tokens":50}',
     # Accents, em and en dashes, curly quotes, Arabic-Indic digits (not card digits).
     "\u00dcn\u00efc\u00f6d\u00e9 \u2014 dashes \u2013 \u201cquotes\u201d "
@@ -358,3 +414,64 @@ def test_large_adversarial_strings_stay_linear(sanitizer: LogSanitizer, blob: st
     started = time.perf_counter()
     sanitizer.sanitize_string(blob)
     assert time.perf_counter() - started < 2.0
+
+
+# -- every file sigil writes, end to end (issue 11 item 9) -----------------------------
+
+
+def _files_under(root: Any) -> dict[str, bytes]:
+    """Every regular file under ``root``, archives unpacked (name -> bytes)."""
+    import tarfile
+    from pathlib import Path
+
+    out: dict[str, bytes] = {}
+    for path in sorted(Path(root).rglob("*")):
+        if not path.is_file():
+            continue
+        out[str(path)] = path.read_bytes()
+        if path.name.endswith(".tar.gz"):
+            with tarfile.open(path, "r:gz") as tar:
+                for member in tar:
+                    extracted = tar.extractfile(member)
+                    if extracted is not None:
+                        out[f"{path}!{member.name}"] = extracted.read()
+    return out
+
+
+@pytest.mark.slow
+def test_no_secret_reaches_any_file_sigil_writes(sigil_home: Any) -> None:
+    """A failing step's error text and the task hold secrets: none of them reaches
+    the log, errors.jsonl, tokens.json, metrics.json or the session's archive."""
+    import os
+
+    from conftest import run_cli
+    from orchestrate_steps import LEAKED_SECRETS
+
+    sigil_home.mkdir(parents=True, exist_ok=True)
+    (sigil_home / "config.yaml").write_text(
+        "errors:\n  max_retries: 1\n  backoff_base: 0.001\n  backoff_max: 0.01\n"
+        "pipeline:\n  steps:\n    reasoning: orchestrate_steps:LeakyReasoning\n"
+    )
+    bearer = "0123456789abcdef0123456789abcdef"
+    api_key = "fedcba9876543210fedcba9876543210"
+    task = f"Analyze Acme with Bearer {bearer} and api_key: {api_key}"
+    proc = run_cli(sigil_home, "orchestrate", "--task", task, "--session", "leak-1", "--json")
+    assert proc.returncode == 1, proc.stderr
+    session = sigil_home / "logs" / "sessions" / "leak-1"
+    assert (session / "errors.jsonl").is_file()
+    secrets = [*LEAKED_SECRETS, bearer, api_key]
+
+    def leaks(files: dict[str, bytes]) -> list[tuple[str, str]]:
+        return [(name, s) for name, data in files.items() for s in secrets if s.encode() in data]
+
+    assert leaks(_files_under(session)) == []
+
+    # Archived, the session keeps no secret either.
+    old = time.time() - 40 * 86400
+    for path in [*session.rglob("*"), session]:
+        os.utime(path, (old, old), follow_symlinks=False)
+    archived = run_cli(sigil_home, "logs", "archive")
+    assert archived.returncode == 0, archived.stderr
+    archives = _files_under(sigil_home / "logs" / "archive")
+    assert any(name.endswith("errors.jsonl") for name in archives)
+    assert leaks(archives) == []

@@ -9,8 +9,12 @@ UUIDs, timestamps, token counts and hashes alone:
 
 * provider tokens by their fixed prefixes (AWS ``AKIA``/``ASIA``, GitHub
   ``ghp_``/``github_pat_``..., GitLab ``glpat-``, Slack ``xox?-`` and webhook
-  URLs, OpenAI ``sk-``/``sk-proj-``, Anthropic ``sk-ant-``, Stripe, Google, Hugging
-  Face), JWTs and PEM private key blocks;
+  URLs, OpenAI ``sk-``/``sk-proj-``, Anthropic ``sk-ant-``, Stripe keys and
+  ``whsec_`` webhook secrets, Google, Hugging Face), JWTs and PEM private key blocks;
+* Azure: ``AccountKey=``/``SharedAccessKey=`` in connection strings, a URL's SAS
+  ``sig=``, Entra ID client secrets (``xxxNQ~...``);
+* a ``name=value`` or ``name: value`` whose value looks random (24+ characters
+  mixing upper case, lower case and digits, with the entropy of a random string);
 * passwords in URLs (``scheme://user:***@host`` keeps the user and host);
 * ``Bearer``/``Basic`` credentials and ``password=``/``secret:``/``"api_key": "..."``
   pairs; a ``token=`` or ``auth=`` value is redacted only when it looks like a
@@ -29,6 +33,7 @@ runs), so a large blob cannot stall the logger.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -60,6 +65,7 @@ _AWS_GATE = re.compile(r"A(?:KIA|SIA|BIA|CCA)")
 # Every card shape the rule accepts has four digits, an optional separator, four
 # digits. Spelled with [0-9] classes: sre scans those faster than \d{4}.
 _CARD_GATE = re.compile(r"[0-9][0-9][0-9][0-9][ -]?[0-9][0-9][0-9][0-9]")
+_ENTROPY_GATE = re.compile(r"[A-Za-z0-9+/_-]{24}")
 
 
 def _families(value: str) -> list[str]:
@@ -77,8 +83,10 @@ def _families(value: str) -> list[str]:
         found.append("gitlab")
     if "xox" in value or "xapp-" in value or "hooks.slack" in lowered:
         found.append("slack")
-    if "sk-" in value or "k_" in value or "AIza" in value or "hf_" in value:
+    if "sk-" in value or "k_" in value or "AIza" in value or "hf_" in value or "whsec_" in value:
         found.append("apikey")
+    if "Q~" in value or "accountkey" in lowered or "sig=" in lowered:
+        found.append("azure")
     if "://" in value and "@" in value:
         found.append("url")
     if "bearer" in lowered:
@@ -96,6 +104,8 @@ def _families(value: str) -> list[str]:
         found.append("kv")
     if _CARD_GATE.search(value) is not None:
         found.append("card")
+    if (":" in value or "=" in value) and _ENTROPY_GATE.search(value) is not None:
+        found.append("entropy")
     return found
 
 
@@ -146,6 +156,33 @@ def _card(match: re.Match[str]) -> str:
     if _issuer_length_ok(digits) and _luhn_valid(digits):
         return "***CARD_NUMBER***"
     return text
+
+
+def _high_entropy(match: re.Match[str]) -> str:
+    """A ``name=value`` whose value looks random: upper case, lower case and digits
+    mixed (hex hashes and UUIDs are not), close to the entropy a random string of
+    its length has (85 % of log2(length), at most 4.5 bits per character: random
+    base62 passes 19 times in 20 at 24 characters, CamelCase names do not), not a
+    path. The name is kept."""
+    value = match.group("value")
+    if (
+        value[0] in "/-"
+        or value.count("/") >= 2
+        or not any(c.isupper() for c in value)
+        or not any(c.islower() for c in value)
+        or not any(c.isdigit() for c in value)
+        or _entropy(value) < min(4.5, 0.85 * math.log2(len(value)))
+    ):
+        return match.group(0)
+    return match.group("head") + REDACTED
+
+
+def _entropy(value: str) -> float:
+    counts: dict[str, int] = {}
+    for char in value:
+        counts[char] = counts.get(char, 0) + 1
+    n = len(value)
+    return -sum(c / n * math.log2(c / n) for c in counts.values())
 
 
 # Names whose value is a secret whatever it looks like, and names whose value is
@@ -232,6 +269,20 @@ _FAMILIES: tuple[tuple[str, _Rules], ...] = (
             (r"\b[rs]k_(?:live|test)_[A-Za-z0-9]{16,}", "***API_KEY***"),
             (r"\bAIza[0-9A-Za-z_-]{35}", "***API_KEY***"),
             (r"\bhf_[A-Za-z0-9]{30,}", "***API_KEY***"),
+            (r"\bwhsec_[A-Za-z0-9+/=]{24,}", "***API_KEY***"),
+        ),
+    ),
+    (
+        "azure",
+        _rules(
+            # Storage and Service Bus connection strings; the SAS signature of a URL;
+            # Entra ID (Azure AD) client secrets, whose 4th-5th characters are "Q~".
+            (
+                r"(?i)(?P<head>\b(?:AccountKey|SharedAccessKey)=)[A-Za-z0-9+/]{20,}={0,2}",
+                rf"\g<head>{REDACTED}",
+            ),
+            (r"(?i)(?P<head>[?&]sig=)[A-Za-z0-9%+/=]{20,}", rf"\g<head>{REDACTED}"),
+            (r"(?<![\w~.-])[A-Za-z0-9_~.-]{3}[0-9]Q~[A-Za-z0-9_~.-]{31,34}", "***AZURE_SECRET***"),
         ),
     ),
     (
@@ -277,6 +328,18 @@ _FAMILIES: tuple[tuple[str, _Rules], ...] = (
                 _key_value,
             ),
             flags=re.IGNORECASE,
+        ),
+    ),
+    (
+        "entropy",
+        _rules(
+            (
+                # The name starts only where a run of name characters does: tried at
+                # every \b, the rule costs several times more on a long message.
+                r"(?P<head>(?<![A-Za-z0-9_.-])[A-Za-z_][A-Za-z0-9_.-]{0,63}[ \t]*(?:=|:[ \t]*))"
+                r"(?P<value>[A-Za-z0-9+/_-]{24,}={0,2})(?![A-Za-z0-9+/_=.:-])",
+                _high_entropy,
+            ),
         ),
     ),
     (

@@ -810,6 +810,8 @@ class Orchestrator:
         from sigil.telemetry.sanitization import sanitizer_from_settings
 
         sanitizer = sanitizer_from_settings(settings)
+        #: scrubs the task at input and every record of the summary files (issue 11 item 9)
+        self._sanitizer = sanitizer
         # One lock per session and process (contract 7): taken here before the
         # history is read, handed to the logger, released when the run ends.
         self._lock = SessionLock(self.session_dir)
@@ -966,6 +968,10 @@ class Orchestrator:
             raise ValueError("task must be a non-empty string")
         if task is None and not self.resume:
             raise ValueError("task must be a non-empty string")
+        if task is not None and self._sanitizer is not None:
+            # Once, before any step sees it: a step that splits the task into words
+            # (the memory step's query terms) would cut a secret from its context.
+            task = self._sanitizer.sanitize_string(task)
         self._executed = True
         try:
             # Cancelling the await would leave the thread taking the lock and
@@ -1581,6 +1587,9 @@ class Orchestrator:
         records: list[dict[str, Any]] = []
         records += prep.dead_errors
         records += [{**h.to_record(), "run": prep.run.run} for h in errors]
+        if self._sanitizer is not None:
+            # A step's error text is what an HTTP client put there, keys included.
+            records = [self._sanitizer.sanitize_dict(r) for r in records]
         if records:
             path = self.session_dir / "errors.jsonl"
             try:
