@@ -1,10 +1,15 @@
 """Model providers: an OpenAI-compatible chat-completions client.
 
 One client covers OpenAI, vLLM, Ollama, llama.cpp's server and LiteLLM's proxy:
-they all speak ``POST {base_url}/chat/completions``. It uses only the standard
-library (``urllib``), run in a worker thread so the event loop never blocks on the
-network. Token counts come from the response's ``usage``; a server that omits it
-(some local servers do) gets its tokens counted with the offline tokenizer and the
+they all speak ``POST {base_url}/chat/completions``. It uses ``httpx``'s async
+client on the event loop itself, so an in-flight call is cancellable (a signal
+cancels the run's task and the call with it; no worker thread is left blocked in a
+read), and ``timeout`` is one deadline for the whole call (connect, send, wait and
+read the body), not a per-read timeout a slow drip of bytes can stretch forever.
+Redirects are never followed: the API key goes only to ``base_url``, and a 3xx is
+a configuration error naming the server. Credentials in ``base_url`` are refused.
+Token counts come from the response's ``usage``; a server that omits it (some
+local servers do) gets its tokens counted with the offline tokenizer and the
 completion says so (``usage_estimated``).
 
 Failures are classified for :class:`~sigil.core.error_handling.ErrorHandler`
@@ -12,24 +17,23 @@ through the ``category`` attribute of the exceptions:
 
 * 429, 5xx, timeouts, refused or reset connections: **transient** (retried), with
   the ``Retry-After`` header (seconds or an HTTP date) as ``retry_after``;
-* 401 and 403: **config** (a missing or wrong key: abort with a message), 404 too
+* 3xx (a redirect), 401 and 403: **config** (a missing or wrong key: abort with a message), 404 too
   (a wrong base URL or model name);
 * other 4xx: **logic** (the request itself is wrong);
 * a 2xx whose body is not a chat completion: **transient** (proxies sometimes
   return an HTML error page with 200); if the body still reported ``usage``, those
-  tokens travel on the exception so they are counted.
+  tokens travel on the exception so they are counted. A ``usage`` whose counts are
+  not integers in ``0..=2**53`` is such an invalid body (its tokens are unknown).
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
-import http.client
 import json
 import os
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,6 +49,7 @@ __all__ = [
     "ChatProvider",
     "OpenAIChatProvider",
     "ProviderAuthError",
+    "ProviderConfigError",
     "ProviderError",
     "ProviderRequestError",
     "ProviderResponseError",
@@ -54,6 +59,8 @@ __all__ = [
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _MAX_BODY = 16 * 1024 * 1024  # a chat completion is far smaller; refuse to buffer more
+_MAX_ERROR_BODY = 64 * 1024  # an error body only feeds a short snippet
+MAX_TOKENS = 2**53  # the largest count every reader (JSON doubles included) holds exactly
 _SNIPPET = 200
 
 
@@ -113,10 +120,18 @@ class ProviderTransientError(ProviderError):
     category = "transient"
 
 
-class ProviderAuthError(ProviderError):
-    """401/403/404: the key, base URL or model is wrong; retrying will not help."""
+class ProviderConfigError(ProviderError):
+    """The configuration is wrong (key, base URL, model); retrying will not help."""
 
     category = "config"
+
+
+class ProviderAuthError(ProviderConfigError):
+    """401/403/404: the key, base URL or model is wrong."""
+
+
+class ProviderRedirectError(ProviderConfigError):
+    """The server redirected: the key is never sent on to another URL."""
 
 
 class ProviderRequestError(ProviderError):
@@ -169,12 +184,21 @@ class OpenAIChatProvider:
             base_url: the API root, e.g. ``http://127.0.0.1:11434/v1`` for Ollama.
             model: model name sent in each request.
             api_key: sent as ``Authorization: Bearer``; None for servers without auth.
-            timeout: seconds for connecting and for each read of the response.
+            timeout: seconds for the whole call: connect, send, wait, read the body.
             token_counter: object with ``count(text) -> int`` used when a server
                 omits ``usage`` (default: the offline ``cl100k_base`` tokenizer).
         """
-        if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"provider base URL must start with http:// or https://: {base_url}")
+        parts = urllib.parse.urlsplit(base_url)
+        if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+            # Never echoed: the message would carry the password to the terminal.
+            raise ValueError(
+                "provider.base_url must not contain credentials (user:password@); "
+                "put the key in the variable named by provider.api_key_env"
+            )
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"provider base URL must start with http:// or https://: {_safe_url(base_url)}"
+            )
         if timeout <= 0:
             raise ValueError("provider timeout must be > 0")
         self.base_url = base_url.rstrip("/")
@@ -224,13 +248,20 @@ class OpenAIChatProvider:
             payload["response_format"] = {"type": "json_object"}
         body = json.dumps(payload).encode()
         started = time.perf_counter()
-        status, headers, raw = await asyncio.to_thread(self._post, body)
+        try:
+            # One deadline for the whole call; httpx's own timeouts are per phase.
+            async with asyncio.timeout(self.timeout):
+                status, headers, raw = await self._post(body)
+        except TimeoutError:
+            raise self._timed_out() from None
         latency_ms = (time.perf_counter() - started) * 1000
         return self._parse(status, headers, raw, messages, latency_ms)
 
-    # -- transport (runs in a worker thread) ---------------------------------------
+    # -- transport -----------------------------------------------------------------------
 
-    def _post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+    async def _post(self, body: bytes) -> tuple[int, Mapping[str, str], bytes]:
+        import httpx  # lazy: only runs that use a model pay for the import
+
         headers = {
             "Content-Type": "application/json",
             "Accept": "application/json",
@@ -238,33 +269,45 @@ class OpenAIChatProvider:
         }
         if self._api_key:
             headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(
-            f"{self.base_url}/chat/completions", data=body, headers=headers, method="POST"
-        )
+        url = f"{self.base_url}/chat/completions"
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.status, dict(response.headers), _read_bounded(response)
-        except urllib.error.HTTPError as exc:
-            try:
-                raw = _read_bounded(exc)
-            except OSError:
-                raw = b""
-            finally:
-                exc.close()
-            raise self._http_error(exc.code, dict(exc.headers or {}), raw) from None
-        except TimeoutError:
-            raise ProviderTransientError(
-                f"{self._where()} timed out after {self.timeout:g}s"
-            ) from None
-        except urllib.error.URLError as exc:
-            reason = exc.reason
-            if isinstance(reason, TimeoutError):
-                raise ProviderTransientError(
-                    f"{self._where()} timed out after {self.timeout:g}s"
-                ) from None
-            raise ProviderTransientError(f"{self._where()} unreachable: {reason}") from None
-        except (ConnectionError, http.client.HTTPException) as exc:
+            async with (
+                httpx.AsyncClient(timeout=self.timeout, follow_redirects=False) as client,
+                client.stream("POST", url, content=body, headers=headers) as response,
+            ):
+                status = response.status_code
+                if 300 <= status < 400:
+                    raise self._redirect(status, response.headers.get("location"))
+                if status >= 400:
+                    raw = await _read_bounded(response, _MAX_ERROR_BODY, truncate=True)
+                    raise self._http_error(status, dict(response.headers), raw)
+                return status, dict(response.headers), await _read_bounded(response, _MAX_BODY)
+        except httpx.TimeoutException:
+            raise self._timed_out() from None
+        except httpx.ConnectError as exc:
+            raise ProviderTransientError(f"{self._where()} unreachable: {exc}") from None
+        except httpx.TransportError as exc:
             raise ProviderTransientError(f"{self._where()} connection failed: {exc}") from None
+        except httpx.DecodingError as exc:
+            raise ProviderResponseError(
+                f"{self._where()} sent a body that does not decode: {exc}"
+            ) from None
+
+    def _timed_out(self) -> ProviderTransientError:
+        return ProviderTransientError(f"{self._where()} timed out after {self.timeout:g}s")
+
+    def _redirect(self, status: int, location: str | None) -> ProviderRedirectError:
+        target = (
+            f" to {_safe_url(urllib.parse.urljoin(self.base_url + '/', location))}"
+            if location
+            else ""
+        )
+        return ProviderRedirectError(
+            f"{self._where()} answered HTTP {status}, a redirect{target}; sigil never follows "
+            "redirects (the API key would go with it): set provider.base_url to the URL "
+            "that answers",
+            status=status,
+        )
 
     def _where(self) -> str:
         return f"model server {self.base_url}"
@@ -311,7 +354,12 @@ class OpenAIChatProvider:
             raise ProviderResponseError(
                 f"{self._where()} returned JSON that is not an object", status=status
             )
-        usage = _usage_of(data)
+        try:
+            usage = _usage_of(data)
+        except _InvalidUsage as exc:
+            raise ProviderResponseError(
+                f"{self._where()} returned an invalid usage: {exc}", status=status
+            ) from None
         model = data.get("model") if isinstance(data.get("model"), str) else self.model
         try:
             choice = data["choices"][0]
@@ -342,28 +390,62 @@ class OpenAIChatProvider:
         )
 
 
-def _read_bounded(response: Any) -> bytes:
-    data: bytes = response.read(_MAX_BODY + 1)
-    if len(data) > _MAX_BODY:
-        raise ProviderResponseError(f"response body larger than {_MAX_BODY} bytes")
-    return data
+async def _read_bounded(response: Any, limit: int, *, truncate: bool = False) -> bytes:
+    """The body, decoded, at most ``limit`` bytes (past it: cut, or an error)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            if truncate:
+                break
+            raise ProviderResponseError(f"response body larger than {limit} bytes")
+    return b"".join(chunks)[:limit]
+
+
+def _safe_url(url: str) -> str:
+    """``url`` without credentials, query or fragment: fit for a message."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        port = ""
+    return urllib.parse.urlunsplit((parts.scheme, host + port, parts.path, "", ""))
+
+
+class _InvalidUsage(ValueError):
+    """``usage`` holds a count that is not an integer in ``0..=MAX_TOKENS``."""
 
 
 def _usage_of(data: Mapping[str, Any]) -> tuple[int, int] | None:
+    """(input, output) from ``usage``; None when it is absent (estimate locally).
+
+    Raises _InvalidUsage for a count that is present but not a token count: such
+    an answer is as broken as one without content, and its tokens are unknown."""
     usage = data.get("usage")
     if not isinstance(usage, dict):
         return None
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        value = usage.get(key)
+        if value is not None and not _is_count(value):
+            raise _InvalidUsage(f"usage.{key} = {str(value)[:40]} is not a token count (0..2**53)")
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    if _is_count(prompt) and _is_count(completion):
-        return int(prompt), int(completion)
     total = usage.get("total_tokens")
-    if _is_count(prompt) and _is_count(total) and total >= prompt:
-        return int(prompt), int(total) - int(prompt)
-    return None
+    if prompt is not None and completion is None and total is not None and total >= prompt:
+        completion = total - prompt
+    if prompt is None or completion is None:
+        return None
+    if prompt + completion > MAX_TOKENS:
+        raise _InvalidUsage(f"usage totals {prompt} + {completion} tokens, more than 2**53")
+    return int(prompt), int(completion)
 
 
 def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS
 
 
 def _error_detail(raw: bytes) -> str:
