@@ -21,6 +21,8 @@ use crate::segments::{self, PreadReader};
 
 /// Bytes of the file's head used as its fingerprint.
 pub const FINGERPRINT_BYTES: u64 = 256;
+/// Bytes just before the read offset kept to recognise them again (the mark).
+const MARK_BYTES: usize = 32;
 const READ_CHUNK: usize = 256 << 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +77,12 @@ struct Current {
     fp_len: u64,
     fp_crc: u32,
     gz: Option<GzStream>,
+    /// The last bytes read from this file (at most `MARK_BYTES`) and the
+    /// offset they end at: a truncation that keeps the head and regrows past
+    /// our offset before we look changes them (the fingerprint cannot see it).
+    mark: [u8; MARK_BYTES],
+    mark_len: usize,
+    mark_end: u64,
 }
 
 impl Current {
@@ -210,7 +218,19 @@ fn open_current(path: &Path) -> io::Result<Option<Current>> {
         fp_len,
         fp_crc,
         gz,
+        mark: [0; MARK_BYTES],
+        mark_len: 0,
+        mark_end: 0,
     }))
+}
+
+/// Pread exactly `buf.len()` bytes at `at`; false if the file is shorter.
+fn read_exact_at(file: &File, buf: &mut [u8], at: u64) -> io::Result<bool> {
+    match file.read_exact_at(buf, at) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 impl Tailer {
@@ -398,6 +418,7 @@ impl Tailer {
                 self.stats.bytes_read += cut as u64;
                 bytes += cut;
                 self.refresh_fingerprint()?;
+                self.set_mark()?;
             }
             // At the end of the open file: has the path moved on to a new file?
             if !self.follow_rotation()? {
@@ -425,6 +446,11 @@ impl Tailer {
             restart = true;
             self.stats.fingerprint_changes += 1;
         }
+        // The head survived: are the bytes we read last still there? (One
+        // more pread of 32 bytes, only when the file grew.)
+        if !restart && len > self.splitter.position && mark_changed(cur, self.splitter.position)? {
+            restart = true;
+        }
         if restart {
             self.stats.truncations += 1;
             // copytruncate: what we had not read yet is in the copy. Read on
@@ -451,6 +477,25 @@ impl Tailer {
             cur.fp_crc = fp_crc;
         }
         Ok(len)
+    }
+
+    /// Remember the bytes just before the read offset (plain files only).
+    fn set_mark(&mut self) -> io::Result<()> {
+        let end = self.splitter.position;
+        let cur = self.cur.as_mut().expect("caller opened");
+        if cur.gz.is_some() {
+            return Ok(());
+        }
+        let n = end.min(MARK_BYTES as u64) as usize;
+        let mut mark = [0u8; MARK_BYTES];
+        if read_exact_at(&cur.file, &mut mark[..n], end - n as u64)? {
+            cur.mark = mark;
+            cur.mark_len = n;
+            cur.mark_end = end;
+        } else {
+            cur.mark_len = 0; // shrank meanwhile: the next poll sees it
+        }
+        Ok(())
     }
 
     /// Lengthen the fingerprint while the file is shorter than its full size.
@@ -605,6 +650,7 @@ impl Tailer {
                 self.stats.lines += fold.lines - lines_before;
                 self.splitter.reset(resume);
                 self.refresh_fingerprint()?;
+                self.set_mark()?;
             }
         }
         loop {
@@ -744,6 +790,17 @@ fn same_head(path: &Path, fp_len: u64, fp_crc: u32) -> bool {
         Err(_) => return false,
     };
     matches!(head, Ok((len, crc)) if len == fp_len && crc == fp_crc)
+}
+
+/// Whether the bytes just before `position`, read last, are gone (a mark
+/// taken at another offset says nothing).
+fn mark_changed(cur: &Current, position: u64) -> io::Result<bool> {
+    if cur.gz.is_some() || cur.mark_len == 0 || cur.mark_end != position {
+        return Ok(false);
+    }
+    let mut now = [0u8; MARK_BYTES];
+    let n = cur.mark_len;
+    Ok(!read_exact_at(&cur.file, &mut now[..n], position - n as u64)? || now[..n] != cur.mark[..n])
 }
 
 /// Whether the first bytes of the open file differ from its fingerprint.
@@ -1026,6 +1083,32 @@ mod tests {
         append(&path, "new-1\nnew-2\n");
         assert_eq!(collect(&mut t), vec!["new-1", "new-2"]);
         assert_eq!(t.stats.fingerprint_changes, 1);
+    }
+
+    #[test]
+    fn a_truncation_that_keeps_the_head_and_regrows_past_the_offset_is_seen() {
+        // The head (and so the fingerprint) survives, and the file is longer
+        // than our offset again before we look: only the bytes just before the
+        // offset tell that what we read is gone.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let head = format!("{}\n", "h".repeat(300));
+        append(&path, &format!("{head}{}\n", "gone-1"));
+        let mut t = Tailer::new(&path, Start::Beginning, None, 1 << 20).unwrap();
+        assert_eq!(collect(&mut t).len(), 2);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(head.len() as u64)
+            .unwrap();
+        append(&path, "new-1:longer\nnew-2\n");
+        assert!(t.has_news());
+        assert_eq!(
+            collect(&mut t),
+            vec!["h".repeat(300), "new-1:longer".into(), "new-2".into()]
+        );
+        assert_eq!(t.stats.truncations, 1);
     }
 
     #[test]
