@@ -132,6 +132,16 @@ def test_rotation_sorts_after_a_segment_from_the_future(tmp_path: Path) -> None:
     assert rotated_segments(session)[-1] == rotated
 
 
+@pytest.mark.parametrize("other", ["execution.jsonl-29991231", "execution.jsonl-29991231.gz"])
+def test_rotation_sorts_after_a_dated_segment_of_logrotate(tmp_path: Path, other: str) -> None:
+    """Segments named by logrotate's dateext are in the same order as sigil's:
+    the rotator names its segment after the latest of either kind."""
+    session = make_session(tmp_path, "s1", {other: b"old\n", "execution.jsonl": b"new\n"})
+    rotated = LogRotator(tmp_path).rotate(session / "execution.jsonl")
+    assert rotated.name == "execution_29991231_000000_1.jsonl"
+    assert rotated_segments(session) == [session / other, rotated]
+
+
 def test_rotate_refuses_a_symlink(tmp_path: Path) -> None:
     target = tmp_path / "precious.txt"
     target.write_text("keep")

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from sigil.core.locks import SessionBusy, SessionLock, is_session_locked
-from sigil.core.paths import LOCK_FILE_NAME, LOG_FILE_NAME, SESSION_ID_RE
+from sigil.core.paths import LOCK_FILE_NAME, LOG_FILE_NAME, SESSION_ID_RE, segment_sort_key
 from sigil.telemetry.file_security import (
     FILE_MODE,
     UnsafePathError,
@@ -228,15 +228,15 @@ class LogRotator:
         older one, or readers would replay events out of order.
         """
         stem, suffix = file_path.stem, file_path.suffix
-        pattern = re.compile(
-            rf"^{re.escape(stem)}_(?P<stamp>\d{{8}}_\d{{6}})(?:_(?P<n>\d+))?{re.escape(suffix)}$"
-        )
+        # The naming rule is core.paths' (the one the readers follow): the
+        # latest dated segment, whatever wrote it, is the one to sort after.
         latest: tuple[str, int] | None = None
         for name in os.listdir(file_path.parent):
-            match = pattern.match(name)
-            if match:
-                key = (match["stamp"], int(match["n"] or 0))
-                latest = key if latest is None or key > latest else latest
+            key = segment_sort_key(file_path.name, name)
+            if key is not None and key[0] == 0:
+                digits = str(key[1])
+                dated = (f"{digits[:8]}_{digits[8:14]}", key[2])
+                latest = dated if latest is None or dated > latest else latest
         stamp = datetime.now(UTC).strftime(_STAMP_FORMAT)
         n = 0
         if latest is not None and latest >= (stamp, 0):
