@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:  # pragma: no cover
     from sigil.core.config import Settings
-    from sigil.telemetry.tokens import EventLogger
+    from sigil.core.events import EventLogger
 
 __all__ = [
     "ErrorCategory",

@@ -26,6 +26,7 @@ import stat
 from pathlib import Path
 from types import TracebackType
 
+from sigil.core.file_security import ensure_private_dir, symlink_error
 from sigil.core.paths import LOCK_FILE_NAME
 
 __all__ = ["SessionBusy", "SessionLock", "is_session_locked", "lock_holder_pid"]
@@ -67,8 +68,6 @@ class SessionLock:
         """
         if self._fd is not None:
             return self
-        from sigil.telemetry.file_security import ensure_private_dir, symlink_error
-
         # A symlink planted as the session directory or the lock file is refused,
         # never followed (the lock file is truncated and written below).
         ensure_private_dir(self.session_dir)

@@ -1,0 +1,162 @@
+"""The layers point one way (ARCHITECTURE.md, Layers; issue 10).
+
+``core`` imports nothing above it; ``telemetry`` imports ``core`` and is the only
+importer of ``sigil._native``; ``pipeline`` imports both; ``interfaces`` imports
+everything and nothing imports it. The OTLP package reads logs through
+``sigil.telemetry.log_parser``, never the native module directly.
+
+Every module's imports are read from its source with :mod:`ast`, wherever they
+stand: at the top, inside a function (lazy CLI imports) or under
+``TYPE_CHECKING`` (a type-only import still points the dependency the wrong way).
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import sigil
+
+PACKAGE_DIR = Path(sigil.__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Import:
+    module: str  # the importing module
+    target: str  # what it imports, as a dotted name
+    line: int
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(source: str, module: str, *, is_package: bool = False) -> list[Import]:
+    """Every import in ``source``; ``from a import b`` yields both ``a`` and ``a.b``
+    (``b`` may be a module: ``from sigil import _native``)."""
+    found: list[Import] = []
+    package = module if is_package else module.rpartition(".")[0]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [Import(module, alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.append(Import(module, base, node.lineno))
+            found += [Import(module, f"{base}.{a.name}", node.lineno) for a in node.names]
+    return found
+
+
+def all_imports() -> list[Import]:
+    found: list[Import] = []
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        found += imports_of(
+            path.read_text(encoding="utf-8"),
+            module_name(path),
+            is_package=path.name == "__init__.py",
+        )
+    return found
+
+
+def within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def violations(found: list[Import], importer: str, forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(
+        {
+            f"{i.module}:{i.line} imports {i.target}"
+            for i in found
+            if within(i.module, importer) and any(within(i.target, f) for f in forbidden)
+        }
+    )
+
+
+RULES = [
+    ("sigil.core", ("sigil.telemetry", "sigil.pipeline", "sigil.interfaces", "sigil._native")),
+    ("sigil.telemetry", ("sigil.pipeline", "sigil.interfaces")),
+    ("sigil.pipeline", ("sigil.interfaces",)),
+    ("sigil.telemetry.otlp", ("sigil._native",)),
+]
+
+
+@pytest.mark.parametrize(("importer", "forbidden"), RULES, ids=[r[0] for r in RULES])
+def test_layer_imports_point_one_way(importer: str, forbidden: tuple[str, ...]) -> None:
+    assert violations(all_imports(), importer, forbidden) == []
+
+
+def test_only_telemetry_imports_the_native_module() -> None:
+    found = all_imports()
+    # The package's own modules, listed so a rule cannot pass by finding nothing.
+    assert any(i.module == "sigil.telemetry.log_parser" for i in found)
+    bad = sorted(
+        f"{i.module}:{i.line}"
+        for i in found
+        if within(i.target, "sigil._native") and not within(i.module, "sigil.telemetry")
+    )
+    assert bad == []
+
+
+def test_nothing_imports_the_interfaces_but_the_entry_point() -> None:
+    bad = sorted(
+        f"{i.module}:{i.line} imports {i.target}"
+        for i in all_imports()
+        if within(i.target, "sigil.interfaces")
+        and not within(i.module, "sigil.interfaces")
+        and i.module != "sigil.__main__"
+    )
+    assert bad == []
+
+
+def test_the_checker_sees_every_kind_of_import() -> None:
+    """The rules above would pass on a scanner that finds nothing: show that it
+    finds top-level, lazy, type-only, relative and ``from package import module``
+    imports."""
+    source = """
+from __future__ import annotations
+from typing import TYPE_CHECKING
+import sigil.telemetry.tokens
+from sigil import _native
+if TYPE_CHECKING:
+    from sigil.telemetry.tokens import EventLogger
+def lazy():
+    from ..interfaces.cli import main
+    from . import paths
+"""
+    found = imports_of(source, "sigil.core.example")
+    targets = {i.target for i in found}
+    assert {
+        "sigil.telemetry.tokens",
+        "sigil._native",
+        "sigil.telemetry.tokens.EventLogger",
+        "sigil.interfaces.cli",
+        "sigil.core.paths",
+    } <= targets
+    assert violations(found, "sigil.core", RULES[0][1]) == [
+        "sigil.core.example:4 imports sigil.telemetry.tokens",
+        "sigil.core.example:5 imports sigil._native",
+        "sigil.core.example:7 imports sigil.telemetry.tokens",
+        "sigil.core.example:7 imports sigil.telemetry.tokens.EventLogger",
+        "sigil.core.example:9 imports sigil.interfaces.cli",
+        "sigil.core.example:9 imports sigil.interfaces.cli.main",
+    ]
+
+
+def test_core_bounds_are_the_native_parsers_own() -> None:
+    """``core`` may not import the native module, so it states the parser's bounds
+    itself; they must be the parser's, or the writer would accept lines every
+    reader rejects (contract 13)."""
+    from sigil import _native
+    from sigil.core import limits
+
+    assert limits.MAX_METADATA_DEPTH == _native.MAX_DEPTH
+    assert limits.MAX_TOKENS == _native.MAX_TOKENS
