@@ -40,8 +40,7 @@ use serde_json::Value;
 
 use crate::fxhash::FxMap as HashMap;
 use crate::parse::{
-    for_each_line, json_f64, json_u64, parse_line, parse_line_picking, Event, Malformed, Picks,
-    RawEvent,
+    json_f64, json_u64, parse_line, parse_line_picking, Event, Malformed, Picks, RawEvent,
 };
 
 /// Distinct component / event-type names kept; the rest fold into `OTHER`.
@@ -1455,22 +1454,6 @@ fn next_line_start(file: &File, at: u64, len: u64) -> io::Result<u64> {
         pos += n as u64;
     }
     Ok(len)
-}
-
-/// Parse every complete line of `data` (used by the Python `parse_*` helpers).
-pub fn parse_all(
-    data: &[u8],
-    base_offset: u64,
-    mut ok: impl FnMut(RawEvent<'_>, u64),
-    mut bad: impl FnMut(Malformed),
-) -> usize {
-    for_each_line(data, base_offset, |line, off| match parse_line(line) {
-        Ok(e) => ok(e, off),
-        Err(reason) => bad(Malformed {
-            offset: off,
-            reason,
-        }),
-    })
 }
 
 #[cfg(test)]

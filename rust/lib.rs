@@ -1,8 +1,10 @@
 //! `sigil._native`: the Python binding over the pure-Rust hot paths.
 //!
-//! This file only converts types and errors; the logic lives in `writer`,
-//! `tailer`, `parse` and `fold`, which know nothing of Python. Every call that
-//! touches the disk or loops over bytes releases the GIL.
+//! This file holds the bindings: argument checks, conversions between Rust and
+//! Python values, errors, and the GIL. The logic lives in `writer`, `tailer`,
+//! `parse` and `fold`, which know nothing of Python; `snapshot` holds the
+//! session model's typed classes. Every call that touches the disk or loops
+//! over bytes releases the GIL.
 
 pub mod errors;
 pub mod fold;
@@ -27,6 +29,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use crate::errors::{guard, guard_io, os_error, value_error};
 use crate::fold::{FoldState, DEFAULT_MAX_LINE};
 use crate::parse::{Event, Malformed};
+use crate::snapshot::PyMalformedLine;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -184,65 +187,26 @@ pub(crate) fn json_to_py<'py>(
     })
 }
 
-fn malformed_list<'py>(py: Python<'py>, bad: &[Malformed]) -> PyResult<Bound<'py, PyList>> {
-    let items = bad
-        .iter()
-        .map(|m| {
-            PyTuple::new(
-                py,
-                [
-                    m.offset.into_pyobject(py)?.into_any(),
-                    PyString::new(py, &m.reason).into_any(),
-                ],
-            )
-        })
-        .collect::<PyResult<Vec<_>>>()?;
-    PyList::new(py, items)
+/// A reject of the parser (a line that is not an event) as Python sees it.
+fn malformed_line(m: Malformed) -> PyMalformedLine {
+    PyMalformedLine {
+        offset: m.offset,
+        kind: "malformed",
+        reason: m.reason,
+    }
 }
 
 fn entries_result<'py>(
     py: Python<'py>,
     events: Vec<Event>,
-    bad: &[Malformed],
+    bad: Vec<PyMalformedLine>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let list = PyList::empty(py);
     for e in events {
         list.append(entry(py, e)?)?;
     }
-    PyTuple::new(py, [list.into_any(), malformed_list(py, bad)?.into_any()])
-}
-
-fn parse_chunks(chunks: &[&[u8]], base_offset: u64, split: bool) -> (Vec<Event>, Vec<Malformed>) {
-    let mut events = Vec::new();
-    let mut bad = Vec::new();
-    let mut offset = base_offset;
-    for chunk in chunks {
-        if split {
-            let used = fold::parse_all(
-                chunk,
-                offset,
-                |e, off| events.push(e.to_owned_event(off)),
-                |m| bad.push(m),
-            );
-            if used < chunk.len() {
-                bad.push(Malformed {
-                    offset: offset + used as u64,
-                    reason: "incomplete last line (no newline)".to_string(),
-                });
-            }
-        } else {
-            let line = chunk.strip_suffix(b"\n").unwrap_or(chunk);
-            match parse::parse_line(line) {
-                Ok(e) => events.push(e.to_owned_event(offset)),
-                Err(reason) => bad.push(Malformed { offset, reason }),
-            }
-            // Lines are taken to be consecutive, each followed by one newline.
-            offset += line.len() as u64 + 1;
-            continue;
-        }
-        offset += chunk.len() as u64;
-    }
-    (events, bad)
+    let bad = PyList::new(py, bad)?;
+    PyTuple::new(py, [list.into_any(), bad.into_any()])
 }
 
 /// Offsets, seqs and counts are 64-bit; inputs near the top would wrap.
@@ -258,7 +222,7 @@ fn check_offset(base_offset: u64) -> PyResult<()> {
 }
 
 /// Parse lines (each `bytes`, with or without its newline) into
-/// `(entries, malformed)`; `malformed` holds `(byte_offset, reason)` pairs.
+/// `(entries, malformed)`; `malformed` holds `MalformedLine`s.
 #[pyfunction]
 #[pyo3(signature = (lines, base_offset = 0))]
 fn parse_lines<'py>(
@@ -270,10 +234,10 @@ fn parse_lines<'py>(
     let (events, bad) = guard("parse_lines", || {
         Ok(py.detach(|| {
             let chunks: Vec<&[u8]> = lines.iter().map(|b| &b[..]).collect();
-            parse_chunks(&chunks, base_offset, false)
+            parse::parse_chunks(&chunks, base_offset, false)
         }))
     })?;
-    entries_result(py, events, &bad)
+    entries_result(py, events, bad.into_iter().map(malformed_line).collect())
 }
 
 /// Parse a block of newline-separated lines; an unterminated last line is
@@ -287,9 +251,9 @@ fn parse_bytes<'py>(
 ) -> PyResult<Bound<'py, PyTuple>> {
     check_offset(base_offset)?;
     let (events, bad) = guard("parse_bytes", || {
-        Ok(py.detach(|| parse_chunks(&[&data[..]], base_offset, true)))
+        Ok(py.detach(|| parse::parse_chunks(&[&data[..]], base_offset, true)))
     })?;
-    entries_result(py, events, &bad)
+    entries_result(py, events, bad.into_iter().map(malformed_line).collect())
 }
 
 // ---------------------------------------------------------------------------
@@ -702,28 +666,89 @@ impl PyTailer {
     }
 }
 
-fn checkpoint_from(obj: &Bound<'_, PyAny>) -> PyResult<tailer::Checkpoint> {
-    let v: Vec<u64> = obj.extract().map_err(|_| {
-        value_error("checkpoint must be a tuple (dev, ino, offset[, fp_len, fp_crc]) of ints >= 0")
-    })?;
-    match v.as_slice() {
-        [dev, ino, offset] => Ok(tailer::Checkpoint {
-            dev: *dev,
-            ino: *ino,
-            offset: *offset,
-            fp_len: 0,
-            fp_crc: 0,
-        }),
-        [dev, ino, offset, fp_len, fp_crc] => Ok(tailer::Checkpoint {
-            dev: *dev,
-            ino: *ino,
-            offset: *offset,
-            fp_len: *fp_len,
-            fp_crc: u32::try_from(*fp_crc).map_err(|_| value_error("fp_crc out of range"))?,
-        }),
-        _ => Err(value_error(
-            "checkpoint must have 3 or 5 items: (dev, ino, offset[, fp_len, fp_crc])",
-        )),
+/// Where a tailer stands in a file: the file's identity, the offset of the next
+/// line, and the length and CRC-32 of the file's first bytes, by which a reused
+/// inode is told from the file it was (`fp_len` 0: no fingerprint, trusted as
+/// given).
+#[pyclass(
+    frozen,
+    eq,
+    hash,
+    get_all,
+    module = "sigil._native",
+    name = "Checkpoint"
+)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PyCheckpoint {
+    pub dev: u64,
+    pub ino: u64,
+    pub offset: u64,
+    pub fp_len: u64,
+    pub fp_crc: u32,
+}
+
+/// An int argument in `0..=max`; anything else is a `ValueError` (contract 10).
+fn uint_arg(name: &str, v: &Bound<'_, PyAny>, max: u64) -> PyResult<u64> {
+    match v.extract::<u64>() {
+        Ok(n) if n <= max => Ok(n),
+        _ => {
+            let shown = v.repr().map_or_else(|_| "?".to_string(), |r| r.to_string());
+            Err(value_error(format!(
+                "{name} must be an int from 0 to {max}, not {shown}"
+            )))
+        }
+    }
+}
+
+#[pymethods]
+impl PyCheckpoint {
+    #[new]
+    #[pyo3(signature = (dev, ino, offset, fp_len = None, fp_crc = None))]
+    fn new(
+        dev: &Bound<'_, PyAny>,
+        ino: &Bound<'_, PyAny>,
+        offset: &Bound<'_, PyAny>,
+        fp_len: Option<&Bound<'_, PyAny>>,
+        fp_crc: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        Ok(PyCheckpoint {
+            dev: uint_arg("dev", dev, u64::MAX)?,
+            ino: uint_arg("ino", ino, u64::MAX)?,
+            offset: uint_arg("offset", offset, MAX_START)?,
+            fp_len: fp_len.map_or(Ok(0), |v| uint_arg("fp_len", v, u64::MAX))?,
+            fp_crc: fp_crc.map_or(Ok(0), |v| uint_arg("fp_crc", v, u32::MAX.into()))? as u32,
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Checkpoint(dev={}, ino={}, offset={}, fp_len={}, fp_crc={})",
+            self.dev, self.ino, self.offset, self.fp_len, self.fp_crc
+        )
+    }
+}
+
+impl From<tailer::Checkpoint> for PyCheckpoint {
+    fn from(c: tailer::Checkpoint) -> Self {
+        PyCheckpoint {
+            dev: c.dev,
+            ino: c.ino,
+            offset: c.offset,
+            fp_len: c.fp_len,
+            fp_crc: c.fp_crc,
+        }
+    }
+}
+
+impl From<&PyCheckpoint> for tailer::Checkpoint {
+    fn from(c: &PyCheckpoint) -> Self {
+        tailer::Checkpoint {
+            dev: c.dev,
+            ino: c.ino,
+            offset: c.offset,
+            fp_len: c.fp_len,
+            fp_crc: c.fp_crc,
+        }
     }
 }
 
@@ -738,7 +763,7 @@ impl PyTailer {
         py: Python<'_>,
         path: PathBuf,
         start: &str,
-        checkpoint: Option<&Bound<'_, PyAny>>,
+        checkpoint: Option<&Bound<'_, PyCheckpoint>>,
         max_line_bytes: usize,
     ) -> PyResult<Self> {
         let start = match start {
@@ -753,7 +778,7 @@ impl PyTailer {
         if max_line_bytes == 0 {
             return Err(value_error("max_line_bytes must be positive"));
         }
-        let cp = checkpoint.map(checkpoint_from).transpose()?;
+        let cp = checkpoint.map(|c| tailer::Checkpoint::from(c.get()));
         let p = path.clone();
         let t = detached_io(py, "Tailer()", Some(&path), move || {
             tailer::Tailer::new(p, start, cp, max_line_bytes)
@@ -809,19 +834,20 @@ impl PyTailer {
             t.poll(max_lines.max(1), max_bytes.max(1), |o| match o {
                 tailer::Out::Line(l, off) => match parse::parse_line(l) {
                     Ok(e) => events.push(e.to_owned_event(off)),
-                    Err(reason) => bad.push(Malformed {
+                    Err(reason) => bad.push(malformed_line(Malformed {
                         offset: off,
                         reason,
-                    }),
+                    })),
                 },
-                tailer::Out::Oversize(off, len) => bad.push(Malformed {
+                tailer::Out::Oversize(off, len) => bad.push(PyMalformedLine {
                     offset: off,
+                    kind: "oversize",
                     reason: format!("line of {len} bytes exceeds the line limit"),
                 }),
             })?;
             Ok((events, bad))
         })?;
-        entries_result(py, events, &bad)
+        entries_result(py, events, bad)
     }
 
     /// Fold everything available now into `fold` (no Python object per line).
@@ -859,11 +885,9 @@ impl PyTailer {
         }
     }
 
-    /// `(dev, ino, offset, fp_len, fp_crc)` of the open file, or None.
-    fn checkpoint(&self) -> Option<(u64, u64, u64, u64, u32)> {
-        lock(&self.published)
-            .1
-            .map(|c| (c.dev, c.ino, c.offset, c.fp_len, c.fp_crc))
+    /// Where the tailer stands in the open file, or None.
+    fn checkpoint(&self) -> Option<PyCheckpoint> {
+        lock(&self.published).1.map(PyCheckpoint::from)
     }
 
     #[getter]
@@ -889,25 +913,27 @@ impl PyTailer {
     }
 }
 
-#[pymodule]
-fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<PyAppendWriter>()?;
-    m.add_class::<PyTailer>()?;
-    m.add_class::<PyFold>()?;
-    m.add_class::<PyEntry>()?;
-    m.add_function(wrap_pyfunction!(parse_lines, m)?)?;
-    m.add_function(wrap_pyfunction!(parse_bytes, m)?)?;
-    m.add_function(wrap_pyfunction!(fold_file, m)?)?;
-    m.add_function(wrap_pyfunction!(fold_file_snapshot, m)?)?;
-    m.add_class::<snapshot::PySessionSnapshot>()?;
-    m.add_class::<snapshot::PyRunSnapshot>()?;
-    m.add_class::<snapshot::PyComponentSnapshot>()?;
-    m.add_class::<snapshot::PyLastError>()?;
-    m.add_class::<snapshot::PyMalformedLine>()?;
-    m.add_function(wrap_pyfunction!(tail_max_seq, m)?)?;
-    m.add("MAX_LINE_BYTES", DEFAULT_MAX_LINE)?;
-    m.add("MAX_BUFFER_BYTES", writer::MAX_BUFFER_BYTES)?;
-    m.add("MAX_DEPTH", parse::MAX_DEPTH)?;
-    m.add("MAX_TOKENS", parse::MAX_TOKENS)?;
-    Ok(())
+/// The module. Every class guards its state with a mutex or is frozen, and
+/// the GIL is released around I/O, so it runs without the GIL on a
+/// free-threaded Python too.
+#[pymodule(gil_used = false)]
+mod _native {
+    #[pymodule_export]
+    use super::{
+        fold_file, fold_file_snapshot, parse_bytes, parse_lines, tail_max_seq, PyAppendWriter,
+        PyCheckpoint, PyEntry, PyFold, PyTailer,
+    };
+    #[pymodule_export]
+    use crate::snapshot::{
+        PyComponentSnapshot, PyLastError, PyMalformedLine, PyRunSnapshot, PySessionSnapshot,
+    };
+
+    #[pymodule_export]
+    const MAX_LINE_BYTES: usize = crate::fold::DEFAULT_MAX_LINE;
+    #[pymodule_export]
+    const MAX_BUFFER_BYTES: usize = crate::writer::MAX_BUFFER_BYTES;
+    #[pymodule_export]
+    const MAX_DEPTH: usize = crate::parse::MAX_DEPTH;
+    #[pymodule_export]
+    const MAX_TOKENS: u64 = crate::parse::MAX_TOKENS;
 }

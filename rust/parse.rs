@@ -17,6 +17,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::fold::{LineSplitter, Piece};
 use crate::scan::LineIndex;
 
 /// The largest `tokens` a line may hold (issue 11): 2^53, the largest integer
@@ -578,20 +579,48 @@ fn describe(err: serde_json::Error) -> String {
     }
 }
 
-/// Split `data` into lines and parse them. Returns the complete lines' events and
-/// rejects; `consumed` is the number of bytes up to and including the last `\n`
-/// (a trailing partial line is left for the caller).
-pub fn for_each_line<'a>(
-    data: &'a [u8],
+/// Parse bytes a caller hands over (Python's `parse_lines` and `parse_bytes`)
+/// into events and rejects.
+///
+/// With `split`, each chunk is a block of lines, cut by the same
+/// [`LineSplitter`] the tailer and the fold use, and an unterminated last line
+/// is a reject. Without, each chunk is one line, with or without its newline,
+/// the lines taken to be consecutive. Bytes already in memory are not bounded
+/// by the line limit.
+pub fn parse_chunks(
+    chunks: &[&[u8]],
     base_offset: u64,
-    mut on_line: impl FnMut(&'a [u8], u64),
-) -> usize {
-    let mut start = 0usize;
-    for nl in memchr::memchr_iter(b'\n', data) {
-        on_line(&data[start..nl], base_offset + start as u64);
-        start = nl + 1;
+    split: bool,
+) -> (Vec<Event>, Vec<Malformed>) {
+    let mut events = Vec::new();
+    let mut bad = Vec::new();
+    let mut parse = |line: &[u8], offset: u64, bad: &mut Vec<Malformed>| match parse_line(line) {
+        Ok(e) => events.push(e.to_owned_event(offset)),
+        Err(reason) => bad.push(Malformed { offset, reason }),
+    };
+    let mut offset = base_offset;
+    for chunk in chunks {
+        if split {
+            let mut splitter = LineSplitter::new(usize::MAX, offset);
+            splitter.feed(chunk, |piece| {
+                if let Piece::Line(line, off) = piece {
+                    parse(line, off, &mut bad);
+                }
+            });
+            if splitter.pending() > 0 {
+                bad.push(Malformed {
+                    offset: splitter.line_start(),
+                    reason: "incomplete last line (no newline)".to_string(),
+                });
+            }
+            offset += chunk.len() as u64;
+        } else {
+            let line = chunk.strip_suffix(b"\n").unwrap_or(chunk);
+            parse(line, offset, &mut bad);
+            offset += line.len() as u64 + 1;
+        }
     }
-    start
+    (events, bad)
 }
 
 /// Write `s` as a JSON string literal (with quotes) the way orjson does:
@@ -923,12 +952,28 @@ mod tests {
     }
 
     #[test]
-    fn splits_lines_and_reports_offsets() {
-        let data = b"ab\ncd\nef";
-        let mut seen = vec![];
-        let consumed = for_each_line(data, 10, |l, off| seen.push((l.to_vec(), off)));
-        assert_eq!(consumed, 6);
-        assert_eq!(seen, vec![(b"ab".to_vec(), 10), (b"cd".to_vec(), 13)]);
+    fn parse_chunks_splits_lines_and_reports_offsets() {
+        let good =
+            br#"{"timestamp":"t","session_id":"s","event_type":"x","component":"c","message":"m"}"#;
+        let mut data = good.to_vec();
+        data.extend_from_slice(b"\nnot json\n");
+        data.extend_from_slice(good);
+        let (events, bad) = parse_chunks(&[&data], 10, true);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].offset, 10);
+        let at: Vec<u64> = bad.iter().map(|m| m.offset).collect();
+        let torn = 10 + good.len() as u64 + 10;
+        assert_eq!(at, vec![10 + good.len() as u64 + 1, torn]);
+        assert_eq!(bad[1].reason, "incomplete last line (no newline)");
+
+        // One line per chunk, with or without its newline, taken as consecutive.
+        let with_nl = [good.as_slice(), b"\n"].concat();
+        let (events, bad) = parse_chunks(&[&with_nl, good, b"{"], 0, false);
+        let offsets: Vec<u64> = events.iter().map(|e| e.offset).collect();
+        let step = good.len() as u64 + 1;
+        assert_eq!(offsets, vec![0, step]);
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].offset, 2 * step);
     }
 
     #[test]
