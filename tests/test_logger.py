@@ -180,7 +180,7 @@ def test_seq_continues_when_the_session_is_reopened(tmp_path: Path):
     assert run(1) == [8]
     entries, bad = parse_bytes(live.read_bytes())
     assert [e.seq for e in entries] == [7, 8]
-    assert len(bad) == 1 and "invalid JSON" in bad[0][1]
+    assert len(bad) == 1 and "invalid JSON" in bad[0].reason
 
 
 def test_rotation_under_an_open_logger_keeps_the_seq(tmp_path: Path):

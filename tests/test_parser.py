@@ -10,7 +10,15 @@ import pytest
 
 from conftest import run_py
 from sigil import _native
-from sigil._native import Fold, Tailer, fold_file, parse_bytes, parse_lines, tail_max_seq
+from sigil._native import (
+    Fold,
+    MalformedLine,
+    Tailer,
+    fold_file,
+    parse_bytes,
+    parse_lines,
+    tail_max_seq,
+)
 from sigil.telemetry import log_parser
 from sigil.telemetry.execution_logger import LogEntry
 
@@ -199,7 +207,7 @@ def test_each_kind_of_malformed_line_is_reported(case: str, raw: bytes, reason: 
     entries, bad = parse_lines([raw], base_offset=100)
     assert entries == []
     assert len(bad) == 1, case
-    offset, why = bad[0]
+    offset, why = bad[0].offset, bad[0].reason
     assert offset == 100
     assert isinstance(why, str) and why
     assert reason in why, f"{case}: {why!r}"
@@ -218,22 +226,22 @@ def test_a_mixed_batch_never_raises_and_keeps_every_offset():
         offsets.append(at)
         at += len(raw) + 1
     assert [e.offset for e in entries] == offsets[0::2]
-    assert [o for o, _ in bad] == offsets[1::2]
+    assert [m.offset for m in bad] == offsets[1::2]
 
     # the same bytes as one block
     data = b"\n".join(batch) + b"\n"
     entries2, bad2 = parse_bytes(data, base_offset=1000)
     assert [e.offset for e in entries2] == offsets[0::2]
-    assert [o for o, _ in bad2] == offsets[1::2]
-    for (o, why), raw in zip(bad2, batch[1::2], strict=True):
-        assert data[o - 1000 : o - 1000 + len(raw)] == raw, why
+    assert [m.offset for m in bad2] == offsets[1::2]
+    for m, raw in zip(bad2, batch[1::2], strict=True):
+        assert data[m.offset - 1000 : m.offset - 1000 + len(raw)] == raw, m.reason
 
 
 def test_parse_bytes_reports_an_unterminated_last_line():
     good = line(seq=1)
     entries, bad = parse_bytes(good + b"\n" + good)
     assert len(entries) == 1
-    assert bad == [(len(good) + 1, "incomplete last line (no newline)")]
+    assert bad == [MalformedLine(len(good) + 1, "incomplete last line (no newline)")]
     assert parse_bytes(b"") == ([], [])
 
 
@@ -286,7 +294,7 @@ after_fold = rss()
 print(json.dumps({
     "max_line": MAX_LINE_BYTES,
     "seqs": [x.seq for x in entries],
-    "bad": bad,
+    "bad": [[m.offset, m.kind, m.reason] for m in bad],
     "tailer_oversize": t.stats()["oversize_lines"],
     "fold": {k: summary[k] for k in ("entries", "oversize_lines", "malformed", "lines", "tokens")},
     "fold_samples": summary["malformed_samples"],
@@ -315,7 +323,9 @@ def test_a_50_mb_line_through_the_tailer_and_the_fold(tmp_path: Path):
     assert report["max_line"] == 1 << 20
     assert report["seqs"] == [0, 1]
     assert report["tailer_oversize"] == 1
-    assert report["bad"] == [[len(first), f"line of {big} bytes exceeds the line limit"]]
+    assert report["bad"] == [
+        [len(first), "oversize", f"line of {big} bytes exceeds the line limit"]
+    ]
     assert report["fold"] == {
         "entries": 2,
         "oversize_lines": 1,
@@ -666,7 +676,7 @@ def test_offsets_near_the_64_bit_limit_are_refused_not_wrapped() -> None:
     ):
         with pytest.raises(ValueError, match="base_offset"):
             call()
-    assert [m[0] for m in parse_lines([b"bad"] * 2, 2**62)[1]] == [2**62, 2**62 + 4]
+    assert [m.offset for m in parse_lines([b"bad"] * 2, 2**62)[1]] == [2**62, 2**62 + 4]
 
 
 # ---------------------------------------------------------------------------
@@ -765,9 +775,9 @@ def every_reader(tmp_path: Path, raw: bytes) -> dict[str, Any]:
     path.write_bytes(raw + b"\n")
     out: dict[str, Any] = {}
     entries, bad = parse_lines([raw])
-    out["parse_lines"] = True if entries else bad[0][1]
+    out["parse_lines"] = True if entries else bad[0].reason
     entries, bad = parse_bytes(raw + b"\n")
-    out["parse_bytes"] = True if entries else bad[0][1]
+    out["parse_bytes"] = True if entries else bad[0].reason
     s = fold_file(path)
     out["fold_file"] = True if s["entries"] else s["malformed_samples"][0][1]
     f = Fold()
@@ -775,7 +785,7 @@ def every_reader(tmp_path: Path, raw: bytes) -> dict[str, Any]:
     s = f.summary()
     out["Fold"] = True if s["entries"] else s["malformed_samples"][0][1]
     entries, bad = Tailer(path).read_entries()
-    out["Tailer"] = True if entries else bad[0][1]
+    out["Tailer"] = True if entries else bad[0].reason
     out["tail_max_seq"] = tail_max_seq(path) is not None
     return out
 

@@ -151,7 +151,7 @@ def test_any_stream_split_across_appends_is_tailed_exactly_once(
                 if not es and not bs:
                     break
                 entries.extend((e.offset, e.to_dict()) for e in es)
-                bad.extend(offset for offset, _ in bs)
+                bad.extend(m.offset for m in bs)
 
         previous = 0
         for cut in [*cuts, len(stream)]:
@@ -196,7 +196,7 @@ def test_parse_lines_never_raises_and_classifies_every_line(lines: list[bytes], 
     for raw in lines:
         offsets.append(at)
         at += len(raw[:-1] if raw.endswith(b"\n") else raw) + 1
-    by_offset = {e.offset: ("ok", e) for e in entries} | {o: ("bad", r) for o, r in bad}
+    by_offset = {e.offset: ("ok", e) for e in entries} | {m.offset: ("bad", m.reason) for m in bad}
     for raw, offset in zip(lines, offsets, strict=True):
         kind, value = by_offset[offset]
         line = raw[:-1] if raw.endswith(b"\n") else raw
@@ -352,7 +352,7 @@ def reference_totals(lines: list[bytes]) -> dict[str, Any]:
 @given(lines=st.lists(arbitrary_lines(), max_size=30))
 def test_the_parser_and_the_fold_equal_plain_json_on_any_lines(lines: list[bytes]):
     entries, bad = parse_lines(lines)
-    got = {e.offset: e.to_dict() for e in entries} | {o: None for o, _ in bad}
+    got = {e.offset: e.to_dict() for e in entries} | {m.offset: None for m in bad}
     at = 0
     for raw in lines:
         assert got[at] == reference_event(raw), raw

@@ -19,7 +19,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sigil._native import Fold, Tailer, tail_max_seq
+from sigil._native import Checkpoint, Fold, Tailer, tail_max_seq
 from sigil.core.paths import LOG_FILE_NAME, rotated_segments, segment_sort_key
 from sigil.telemetry.log_parser import fold_session
 
@@ -85,7 +85,7 @@ def test_python_and_the_native_tailer_agree_on_the_segment_order(names: set[str]
             return
         first = (directory / ordered[0]).lstat()
         # Started on the oldest segment, the native tailer walks the chain by its own rule.
-        tailer = Tailer(live, checkpoint=(first.st_dev, first.st_ino, 0))
+        tailer = Tailer(live, checkpoint=Checkpoint(first.st_dev, first.st_ino, 0))
         assert drain(tailer) == [n.encode() for n in ordered] + [b"live"]
         compressed = sum(n.endswith(".gz") for n in ordered)
         assert tailer.stats()["compressed_segments"] == compressed
@@ -182,7 +182,7 @@ def test_a_damaged_gzip_segment_is_read_up_to_the_damage_and_counted(tmp_path: P
     live = directory / LOG_FILE_NAME
     live.write_bytes(event(1001))
     oldest = (directory / "execution.jsonl.2.gz").lstat()
-    tailer = Tailer(live, checkpoint=(oldest.st_dev, oldest.st_ino, 0))
+    tailer = Tailer(live, checkpoint=Checkpoint(oldest.st_dev, oldest.st_ino, 0))
     fold = Fold(0)
     tailer.fold_into(fold)
     summary = fold.summary()
@@ -197,11 +197,11 @@ def test_a_gzip_segment_checkpoint_resumes_mid_stream(tmp_path: Path) -> None:
     live = directory / LOG_FILE_NAME
     live.write_bytes(event(10))
     seg = (directory / "execution.jsonl.1.gz").lstat()
-    tailer = Tailer(live, checkpoint=(seg.st_dev, seg.st_ino, 0))
+    tailer = Tailer(live, checkpoint=Checkpoint(seg.st_dev, seg.st_ino, 0))
     first = tailer.read_lines(max_lines=4)
     assert [orjson.loads(line)["seq"] for line in first] == [0, 1, 2, 3]
     checkpoint = tailer.checkpoint()
-    assert checkpoint is not None and checkpoint[2] == sum(len(event(s)) for s in range(4))
+    assert checkpoint is not None and checkpoint.offset == sum(len(event(s)) for s in range(4))
     resumed = Tailer(live, checkpoint=checkpoint)
     assert [orjson.loads(line)["seq"] for line in drain(resumed)] == list(range(4, 11))
 

@@ -14,7 +14,7 @@ import orjson
 import pytest
 
 from conftest import run_py, wait_for
-from sigil._native import AppendWriter, Tailer
+from sigil._native import AppendWriter, Checkpoint, Tailer
 
 NEVER = 3600.0
 
@@ -114,7 +114,8 @@ def test_read_entries_parses_and_reports_offsets(tmp_path: Path):
     path.write_bytes(good + b"\nnot json\n" + good.replace(b'"seq":0', b'"seq":1') + b"\n")
     entries, bad = Tailer(path).read_entries()
     assert [(e.seq, e.offset, e.tokens) for e in entries] == [(0, 0, 3), (1, len(good) + 10, 3)]
-    assert len(bad) == 1 and bad[0][0] == len(good) + 1 and "invalid JSON" in bad[0][1]
+    assert len(bad) == 1 and bad[0].offset == len(good) + 1 and "invalid JSON" in bad[0].reason
+    assert bad[0].kind == "malformed"
 
 
 def test_start_at_end_skips_what_is_there(tmp_path: Path):
@@ -149,9 +150,12 @@ def test_bad_arguments_are_value_errors(tmp_path: Path):
         Tailer(path, start="middle")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         Tailer(path, max_line_bytes=0)
-    for cp in [(1, 2), (1, 2, 3, 4), (1, -2, 3), (1, 2, 3, 4, 2**40), ("a", 2, 3)]:
+    for args in [(1, -2, 3), (1, 2, 3, 4, 2**40), ("a", 2, 3), (1, 2, 2**63), (-1, 2, 3)]:
         with pytest.raises(ValueError):
-            Tailer(path, checkpoint=cp)  # type: ignore[arg-type]
+            Checkpoint(*args)  # type: ignore[arg-type]
+    # the position is a typed Checkpoint, never a tuple read by index
+    with pytest.raises(TypeError):
+        Tailer(path, checkpoint=(1, 2, 3))  # type: ignore[arg-type]
     t = Tailer(path)
     for timeout in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError):
@@ -238,7 +242,7 @@ def test_renamed_and_recreated_100_times_while_a_subprocess_writes(tmp_path: Pat
                 continue
             # Rotate once the tailer follows the file now at the path (it may not
             # have read all of it: it keeps reading the renamed file by descriptor).
-            if cp is not None and cp[:2] == (st.st_dev, st.st_ino) and st.st_size > 0:
+            if cp is not None and (cp.dev, cp.ino) == (st.st_dev, st.st_ino) and st.st_size > 0:
                 os.rename(path, tmp_path / f"execution_{rotations:03d}.jsonl")
                 if rotations % 2 == 0:  # recreate it ourselves; otherwise the writer does
                     os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_APPEND, 0o600))
@@ -340,7 +344,7 @@ def test_oversize_lines_are_skipped_and_counted(tmp_path: Path):
     assert drain(t) == [b"a", exact, b"b"]
     assert t.stats()["oversize_lines"] == 2
     _, bad = Tailer(path, max_line_bytes=100).read_entries()
-    oversize = [(off, why) for off, why in bad if "exceeds" in why]
+    oversize = [(m.offset, m.reason) for m in bad if m.kind == "oversize"]
     assert [off for off, _ in oversize] == [2, 2 + 10_001 + 101]
     assert "10000 bytes" in oversize[0][1]
 
@@ -383,17 +387,20 @@ def test_an_oversize_line_arriving_in_pieces_is_never_held(tmp_path: Path):
 # Checkpoints
 
 
-def test_checkpoint_restores_with_3_and_5_tuples(tmp_path: Path):
+def test_checkpoint_restores_with_and_without_a_fingerprint(tmp_path: Path):
     path = tmp_path / "log.jsonl"
     path.write_bytes(b"1\n2\npart")
     t = Tailer(path)
     assert drain(t) == [b"1", b"2"]
     cp = t.checkpoint()
-    assert cp is not None and len(cp) == 5
+    assert cp is not None and cp.fp_len > 0
     st = os.stat(path)
-    assert cp[:3] == (st.st_dev, st.st_ino, 4)  # the unfinished line is read again
+    # the unfinished line is read again
+    assert (cp.dev, cp.ino, cp.offset) == (st.st_dev, st.st_ino, 4)
+    assert cp == Checkpoint(cp.dev, cp.ino, cp.offset, cp.fp_len, cp.fp_crc)
+    assert len({cp, t.checkpoint()}) == 1  # frozen and hashable: a key for saved positions
     append(path, b"ial\n3\n")
-    for checkpoint in (cp, cp[:3]):
+    for checkpoint in (cp, Checkpoint(cp.dev, cp.ino, cp.offset)):
         t2 = Tailer(path, checkpoint=checkpoint)
         assert drain(t2) == [b"partial", b"3"]
         assert t2.stats()["checkpoint_restored"] is True
@@ -427,7 +434,7 @@ def test_a_checkpoint_whose_inode_was_reused_is_not_trusted(tmp_path: Path):
     t = Tailer(path)
     assert len(drain(t)) == 5
     cp = t.checkpoint()
-    assert cp is not None and cp[2] == len(first)
+    assert cp is not None and cp.offset == len(first)
     del t
     second = b"".join(b"SECOND file with other content, line %d\n" % i for i in range(10))
     assert len(second) > len(first)  # the size check alone would not notice
@@ -436,19 +443,19 @@ def test_a_checkpoint_whose_inode_was_reused_is_not_trusted(tmp_path: Path):
     for _ in range(20):
         path.unlink()
         path.write_bytes(second)
-        if os.stat(path).st_ino == cp[1]:
+        if os.stat(path).st_ino == cp.ino:
             break
     else:
         with open(path, "r+b") as f:
             f.write(second)
-    assert (os.stat(path).st_dev, os.stat(path).st_ino) == cp[:2]
+    assert (os.stat(path).st_dev, os.stat(path).st_ino) == (cp.dev, cp.ino)
     assert path.read_bytes() == second
 
     t2 = Tailer(path, checkpoint=cp)
     assert drain(t2) == second.splitlines()  # from the start, not from the old offset
     assert t2.stats()["checkpoint_restored"] is False
-    # a 3-tuple carries no fingerprint: it is trusted as given
-    t3 = Tailer(path, checkpoint=cp[:3])
+    # a checkpoint without a fingerprint is trusted as given
+    t3 = Tailer(path, checkpoint=Checkpoint(cp.dev, cp.ino, cp.offset))
     assert t3.stats()["checkpoint_restored"] is True
     assert drain(t3) != second.splitlines()
 

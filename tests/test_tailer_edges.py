@@ -230,7 +230,7 @@ def test_stats_and_checkpoint_do_not_freeze_python_while_another_thread_waits(
     if method == "stats":
         assert values[0]["lines"] == 1
     else:
-        assert values[0] is not None and values[0][2] == len(LINE)
+        assert values[0] is not None and values[0].offset == len(LINE)
 
 
 def test_stats_are_current_after_each_read(tmp_path: Path) -> None:
@@ -240,7 +240,8 @@ def test_stats_are_current_after_each_read(tmp_path: Path) -> None:
     assert t.stats()["lines"] == 0
     assert len(t.read_lines(max_lines=2)) == 2
     assert t.stats()["lines"] == 2
-    assert t.checkpoint()[2] == 2 * len(LINE)  # type: ignore[index]
+    cp = t.checkpoint()
+    assert cp is not None and cp.offset == 2 * len(LINE)
     assert len(t.read_lines()) == 1
     assert t.stats()["lines"] == 3
     assert t.stats()["bytes_read"] == 3 * len(LINE)

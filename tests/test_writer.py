@@ -694,7 +694,7 @@ def test_a_torn_tail_is_repaired_once_even_if_the_first_flush_fails(tmp_path: Pa
     data = path.read_bytes()
     assert data.startswith(b'{"torn\n{"timestamp"'), data[:40]
     _, bad = parse_bytes(data)
-    assert bad == [(0, bad[0][1])], f"expected only the torn line to be malformed: {bad}"
+    assert [m.offset for m in bad] == [0], f"expected only the torn line to be malformed: {bad}"
 
 
 HALF_LINE_THEN_ROTATION = """
@@ -802,7 +802,9 @@ def test_kill_9_mid_write_leaves_whole_lines_and_the_next_writer_repairs(tmp_pat
     entries, bad = parse_bytes(data)
     # every line parses, except at most the one torn last line
     if torn:
-        assert bad == [(complete_end, "incomplete last line (no newline)")]
+        assert [(m.offset, m.reason) for m in bad] == [
+            (complete_end, "incomplete last line (no newline)")
+        ]
     else:
         assert bad == []
     assert [e.seq for e in entries] == list(range(len(entries)))
@@ -820,7 +822,7 @@ def test_kill_9_mid_write_leaves_whole_lines_and_the_next_writer_repairs(tmp_pat
         w.write_event("k", "session_start", "orchestrator", "resumed")
     assert w.stats()["torn_tails_repaired"] == 1
     entries2, bad2 = parse_bytes(path.read_bytes())
-    assert len(bad2) == 1 and bad2[0][0] == torn_at and "incomplete" not in bad2[0][1]
+    assert len(bad2) == 1 and bad2[0].offset == torn_at and "incomplete" not in bad2[0].reason
     assert entries2[-1].message == "resumed"
     assert entries2[-1].seq == last_seq + 1
     assert [e.seq for e in entries2] == list(range(last_seq + 2))

@@ -293,7 +293,7 @@ class LogEntry:
         data = line.encode() if isinstance(line, str) else line
         entries, malformed = _native.parse_lines([data])
         if malformed:
-            raise ValueError(f"malformed log line: {malformed[0][1]}")
+            raise ValueError(f"malformed log line: {malformed[0].reason}")
         return cls.from_parsed(entries[0])
 
     @classmethod

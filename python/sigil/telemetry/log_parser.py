@@ -58,8 +58,8 @@ RunSnapshot = _native.RunSnapshot
 ComponentSnapshot = _native.ComponentSnapshot
 
 # The native reader's reason for a line over the length bound (rust/lib.rs).
-# Until ``Tailer.read_entries`` hands out MalformedLine objects itself, the kind
-# of its 2-tuples is told from this suffix, here only.
+# The legacy summary dict's ``malformed_samples`` are 2-tuples: their kind is
+# told from this suffix, here only.
 _OVERSIZE_REASON = "exceeds the line limit"
 
 
@@ -74,9 +74,9 @@ class ParseResult:
     malformed: list[MalformedLine]
 
 
-def _result(raw: tuple[list[ParsedEntry], list[tuple[int, str]]]) -> ParseResult:
+def _result(raw: tuple[list[ParsedEntry], list[MalformedLine]]) -> ParseResult:
     entries, bad = raw
-    return ParseResult(entries, [_malformed(off, why) for off, why in bad])
+    return ParseResult(entries, bad)
 
 
 def parse_lines(lines: list[bytes], base_offset: int = 0) -> ParseResult:
@@ -265,7 +265,7 @@ class SessionTailer:
                     continue  # archived or removed meanwhile: try the next one
                 self._tailer = _native.Tailer(
                     self.path,
-                    checkpoint=(st.st_dev, st.st_ino, 0),
+                    checkpoint=_native.Checkpoint(st.st_dev, st.st_ino, 0),
                     max_line_bytes=self._max_line_bytes,
                 )
                 files = segments[i:]
@@ -311,7 +311,7 @@ class SessionTailer:
         """Block, without the GIL, until the log changes or ``timeout`` seconds pass."""
         return self._tailer.wait(timeout)
 
-    def checkpoint(self) -> tuple[int, int, int, int, int] | None:
+    def checkpoint(self) -> _native.Checkpoint | None:
         return self._tailer.checkpoint()
 
     def stats(self) -> dict[str, Any]:
@@ -350,3 +350,14 @@ class SessionModel:
     def wait(self, timeout: float) -> bool:
         """Block, without the GIL, until the log changes or ``timeout`` seconds pass."""
         return self.tailer.wait(timeout)
+
+
+# ---------------------------------------------------------------------------
+# Readers above this module (the OTLP package) reach the native reader only
+# through it (ARCHITECTURE.md, Layers).
+
+
+def last_seq(path: str | os.PathLike[str]) -> int | None:
+    """The ``seq`` of the last valid event in one log file, or None: read backwards
+    from its end (a compressed segment is streamed through)."""
+    return _native.tail_max_seq(Path(path))

@@ -1211,10 +1211,10 @@ def _has_partial_line(tailer: Any) -> bool:
     will never be completed, so the monitor reports it instead of waiting.
     """
     checkpoint = tailer.checkpoint()
-    if not checkpoint:
+    if checkpoint is None:
         return False
     try:
         size = os.stat(tailer.path).st_size
     except OSError:
         return False
-    return bool(size > checkpoint[2])
+    return bool(size > checkpoint.offset)

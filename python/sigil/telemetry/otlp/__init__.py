@@ -54,7 +54,7 @@ Python with no OpenTelemetry import. The OpenTelemetry packages are an optional 
 from __future__ import annotations
 
 from sigil.telemetry.otlp.live import LiveExportReport, LiveOtlpExporter
-from sigil.telemetry.otlp.reader import ReadStats, iter_file_entries, iter_session_entries
+from sigil.telemetry.otlp.reader import ReadStats, iter_session_entries
 from sigil.telemetry.otlp.spans import (
     SCHEMA_URL,
     SEMCONV_VERSION,
@@ -100,7 +100,6 @@ __all__ = [
     "check_reachable",
     "export_records",
     "export_session",
-    "iter_file_entries",
     "iter_session_entries",
     "parse_header",
     "require_otlp",

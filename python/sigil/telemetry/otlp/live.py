@@ -11,12 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sigil.telemetry.otlp.reader import (
-    _identity,
-    _next_seq,
-    iter_file_entries,
-    iter_session_entries,
-)
+from sigil.telemetry.otlp.reader import iter_session_entries, next_seq
 from sigil.telemetry.otlp.spans import SpanBuilder, SpanRecord, _as_event
 from sigil.telemetry.otlp.transport import (
     DEFAULT_PROTOCOL,
@@ -139,7 +134,7 @@ class LiveOtlpExporter:
         self._tailer: Any = None
         # Events before this seq were written by earlier processes: in follow
         # mode they are folded for context, their spans not sent again.
-        self._first_seq = _next_seq(self._session_dir) if follow_log else 0
+        self._first_seq = next_seq(self._session_dir) if follow_log else 0
         if follow_log:
             self.on_event = _ignore_event  # type: ignore[method-assign]
         if sanitizer is True:
@@ -302,21 +297,15 @@ class LiveOtlpExporter:
             self._feed_entries(result.entries)
 
     def _open_log(self) -> None:
-        """Start following the live file, after folding the rotated segments.
-
-        The tailer pins the live file's identity first, so a rotation in
-        between neither loses a segment nor reads one twice (as
-        ``SessionTailer.catch_up`` does).
-        """
-        from sigil.core.paths import rotated_segments
+        """Start following the log: the rotated segments, oldest first, then the
+        live file, through one chain of descriptors, so a rotation in between
+        neither loses a segment nor reads one twice (as
+        ``SessionTailer.catch_up`` does)."""
         from sigil.telemetry.log_parser import SessionTailer
 
         tailer = SessionTailer(self.session_id, self._log_path)
-        checkpoint = tailer.checkpoint()
-        live = checkpoint[:2] if checkpoint else _identity(tailer.path)
-        for segment in rotated_segments(self._session_dir):
-            if _identity(segment) != live:
-                self._feed_entries(iter_file_entries(segment))
+        for result in tailer.iter_existing():
+            self._feed_entries(result.entries)
         self._tailer = tailer
 
     def _feed_entries(self, entries: Iterable[Any]) -> None:
