@@ -3,7 +3,7 @@ PYTHON ?= python3
 PYTEST_ARGS ?=
 BENCH_JSON ?= bench-results.json
 
-.PHONY: install test lint fmt rust-test pytest bench bench-quick
+.PHONY: install dev test lint fmt rust-test pytest bench bench-quick
 
 install:
 	$(PYTHON) -m pip install --quiet '.[test]'
@@ -11,14 +11,25 @@ install:
 	command -v logrotate >/dev/null || test -x /usr/sbin/logrotate || \
 		{ apt-get update -q && apt-get install -y -q logrotate; }
 
+# An editable build into the active virtualenv, for working on the code:
+# Python changes apply at once; after a Rust change, run it again.
+dev:
+	$(PYTHON) -m pip install --quiet 'maturin>=1.9,<2'
+	$(PYTHON) -m maturin develop --release --extras test
+
+# Needs the extension installed (`make install` or `make dev`): stubtest
+# imports it to check _native.pyi against it.
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	$(PYTHON) -m ruff check python tests benches scripts
+	$(PYTHON) -m ruff format --check python tests benches scripts
+	$(PYTHON) -m mypy.stubtest sigil._native
 
 fmt:
 	cargo fmt
 	$(PYTHON) -m ruff check --fix python tests benches scripts
+	$(PYTHON) -m ruff format python tests benches scripts
 
 rust-test:
 	cargo test
@@ -37,13 +48,11 @@ bench:
 	$(PYTHON) -m pytest benches -q --benchmark-only --benchmark-json=$(BENCH_JSON)
 	$(PYTHON) scripts/check_bench.py $(BENCH_JSON)
 
-# Everything CI checks, in order: Rust format, lints and tests; the Python
-# install with test extras; ruff; pytest; benchmarks in quick mode.
+# Everything CI checks, in order: the Python install with test extras (lint
+# imports the extension); lints; Rust tests; pytest; benchmarks in quick mode.
 test:
-	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
-	cargo test
 	$(MAKE) install
-	$(PYTHON) -m ruff check python tests benches scripts
+	$(MAKE) lint
+	cargo test
 	$(MAKE) pytest
 	$(MAKE) bench-quick

@@ -6,7 +6,7 @@ Use the typed wrappers in ``sigil.telemetry.execution_logger`` and
 
 from os import PathLike
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, final
 
 MAX_LINE_BYTES: int
 #: The largest ``buffer_bytes``/``max_buffer_bytes`` an AppendWriter accepts (256 MiB).
@@ -17,8 +17,31 @@ MAX_DEPTH: int
 # The largest `tokens` a line may hold (2**53); above it the line is malformed.
 MAX_TOKENS: int
 
+__all__ = [
+    "MAX_BUFFER_BYTES",
+    "MAX_DEPTH",
+    "MAX_LINE_BYTES",
+    "MAX_TOKENS",
+    "AppendWriter",
+    "Checkpoint",
+    "ComponentSnapshot",
+    "Fold",
+    "LastError",
+    "MalformedLine",
+    "ParsedEntry",
+    "RunSnapshot",
+    "SessionSnapshot",
+    "Tailer",
+    "fold_file",
+    "fold_file_snapshot",
+    "parse_bytes",
+    "parse_lines",
+    "tail_max_seq",
+]
+
 _Path = str | PathLike[str]
 
+@final
 class ParsedEntry:
     @property
     def timestamp(self) -> str: ...
@@ -54,17 +77,20 @@ def fold_file_snapshot(
 ) -> SessionSnapshot: ...
 def tail_max_seq(path: _Path, max_scan_bytes: int = ...) -> int | None: ...
 
+@final
 class Fold:
-    def __init__(self, last_n: int = 100) -> None: ...
+    def __new__(cls, last_n: int = 100) -> Fold: ...
     def feed_file(self, path: _Path, max_line_bytes: int = ...) -> int: ...
     def feed_bytes(self, data: bytes, base_offset: int = 0) -> int: ...
     def summary(self) -> dict[str, Any]: ...
     def snapshot(self) -> SessionSnapshot: ...
 
+@final
 class MalformedLine:
     """A line that is not an event: where it starts, ``malformed`` or ``oversize``, why."""
 
-    def __init__(self, offset: int, reason: str, kind: str = "malformed") -> None: ...
+    def __new__(cls, offset: int, reason: str, kind: str = "malformed") -> MalformedLine: ...
+    def __eq__(self, value: object, /) -> bool: ...
     @property
     def offset(self) -> int: ...
     @property
@@ -72,6 +98,7 @@ class MalformedLine:
     @property
     def reason(self) -> str: ...
 
+@final
 class LastError:
     @property
     def event_type(self) -> str: ...
@@ -85,6 +112,7 @@ class LastError:
     def timestamp(self) -> str: ...
     def to_dict(self) -> dict[str, Any]: ...
 
+@final
 class ComponentSnapshot:
     """One component's totals. ``operations`` counts successful steps
     (``step_complete``), ``errors`` failed ones (``step_error``), ``retries`` its
@@ -130,6 +158,7 @@ class ComponentSnapshot:
     def last_error(self) -> LastError | None: ...
     def to_dict(self) -> dict[str, Any]: ...
 
+@final
 class RunSnapshot:
     @property
     def number(self) -> int: ...
@@ -163,6 +192,7 @@ class RunSnapshot:
     def components(self) -> dict[str, ComponentSnapshot]: ...
     def to_dict(self) -> dict[str, Any]: ...
 
+@final
 class SessionSnapshot:
     """Every number the views show about a session, from the native fold
     (contract 12). Rates use event time: ``tokens_in``/``recent_tokens_per_second``
@@ -241,6 +271,7 @@ class SessionSnapshot:
     ) -> float | None: ...
     def to_dict(self) -> dict[str, Any]: ...
 
+@final
 class AppendWriter:
     """Buffered append-only line writer; a background thread writes and fsyncs.
 
@@ -254,17 +285,17 @@ class AppendWriter:
     nothing: the parent writes what it queued.
     """
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         path: _Path,
         *,
-        buffer_bytes: int = 1024,
+        buffer_bytes: int | None = None,
         flush_interval: float = 0.1,
         fsync: Literal["always", "interval", "never"] = "interval",
-        max_buffer_bytes: int = ...,
+        max_buffer_bytes: int | None = None,
         session_id: str = "",
         start_seq: int = 0,
-    ) -> None: ...
+    ) -> AppendWriter: ...
     def write(self, line: bytes | str) -> None: ...
     def write_event(
         self,
@@ -272,7 +303,7 @@ class AppendWriter:
         event_type: str,
         component: str,
         message: str,
-        tokens: int = 0,
+        tokens: int | None = None,
         metadata: bytes | None = None,
         timestamp: str | None = None,
     ) -> int: ...
@@ -295,15 +326,16 @@ class AppendWriter:
         tb: TracebackType | None,
     ) -> bool: ...
 
+@final
 class Checkpoint:
     """Where a tailer stands in a file: its identity (``dev``, ``ino``), the offset
     of the next line, and the length and CRC-32 of the file's first bytes, by which
     a reused inode is told from the file it was (``fp_len`` 0: no fingerprint,
     trusted as given). Any argument out of range is a ``ValueError``."""
 
-    def __init__(
-        self, dev: int, ino: int, offset: int, fp_len: int | None = None, fp_crc: int | None = None
-    ) -> None: ...
+    def __new__(
+        cls, dev: int, ino: int, offset: int, fp_len: int | None = None, fp_crc: int | None = None
+    ) -> Checkpoint: ...
     @property
     def dev(self) -> int: ...
     @property
@@ -314,21 +346,22 @@ class Checkpoint:
     def fp_len(self) -> int: ...
     @property
     def fp_crc(self) -> int: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, value: object, /) -> bool: ...
     def __hash__(self) -> int: ...
 
+@final
 class Tailer:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         path: _Path,
         *,
         start: Literal["beginning", "end"] = "beginning",
         checkpoint: Checkpoint | None = None,
         max_line_bytes: int = ...,
-    ) -> None: ...
-    def read_lines(self, max_lines: int = 65536, max_bytes: int = ...) -> list[bytes]: ...
+    ) -> Tailer: ...
+    def read_lines(self, max_lines: int = ..., max_bytes: int = ...) -> list[bytes]: ...
     def read_entries(
-        self, max_lines: int = 65536, max_bytes: int = ...
+        self, max_lines: int = ..., max_bytes: int = ...
     ) -> tuple[list[ParsedEntry], list[MalformedLine]]: ...
     def fold_into(self, fold: Fold) -> int: ...
     def wait(self, timeout: float) -> bool: ...
