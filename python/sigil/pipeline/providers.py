@@ -222,10 +222,6 @@ class OpenAIChatProvider:
             timeout=p.timeout_seconds,
         )
 
-    @property
-    def has_api_key(self) -> bool:
-        return bool(self._api_key)
-
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIChatProvider(base_url={self.base_url!r}, model={self.model!r})"
 

@@ -197,11 +197,6 @@ class ComponentMetrics:
             return 0.0
         return self.total_latency_ms / self.operations
 
-    @property
-    def last_update(self) -> datetime | None:
-        """When the component last logged (parsed on demand, not per event)."""
-        return parse_timestamp(self.last_timestamp)
-
 
 @dataclass(slots=True)
 class RunState:
