@@ -40,8 +40,8 @@ use serde_json::Value;
 
 use crate::fxhash::FxMap as HashMap;
 use crate::parse::{
-    for_each_line, json_f64, json_u64, parse_line, parse_line_picking, Event, Malformed, Picks,
-    RawEvent,
+    for_each_line, json_f64, json_u64, parse_line, parse_line_picking, same_bytes, Event,
+    Malformed, Picks, RawEvent,
 };
 
 /// Distinct component / event-type names kept; the rest fold into `OTHER`.
@@ -55,7 +55,9 @@ pub const MAX_RUNS: usize = 1000;
 pub const MAX_TEXT: usize = 1024;
 /// Bytes the last-N ring may hold, whatever N is.
 pub const MAX_RING_BYTES: usize = 8 << 20;
-pub const READ_CHUNK: usize = 1 << 20;
+/// Small enough that a chunk the kernel just copied is still in the CPU's
+/// cache when it is parsed.
+pub const READ_CHUNK: usize = 256 << 10;
 pub const DEFAULT_MAX_LINE: usize = 1 << 20;
 /// Seconds of event time the recent-rate window can look back.
 pub const WINDOW_SECONDS: usize = 64;
@@ -199,12 +201,15 @@ impl Interner {
             w.copy_from_slice(s);
             u64::from_le_bytes(w)
         };
-        let (x, y) = if n >= 8 {
-            (word(&b[..8]), word(&b[n - 8..]))
-        } else {
-            let mut w = [0u8; 8];
-            w[..n].copy_from_slice(b);
-            (u64::from_le_bytes(w), 0)
+        let half = |s: &[u8]| u64::from(u32::from_le_bytes([s[0], s[1], s[2], s[3]]));
+        let (x, y) = match n {
+            8.. => (word(&b[..8]), word(&b[n - 8..])),
+            4..=7 => (half(&b[..4]), half(&b[n - 4..])),
+            1..=3 => (
+                u64::from(b[0]) << 16 | u64::from(b[n / 2]) << 8 | u64::from(b[n - 1]),
+                0,
+            ),
+            0 => (0, 0),
         };
         let h = (x ^ y.rotate_left(29) ^ (n as u64).rotate_left(53))
             .wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -229,7 +234,7 @@ impl Interner {
                 self.table[i] = self.names.len() as u32;
                 return Some(self.names.len() - 1);
             }
-            if *self.names[v - 1] == *name {
+            if same_bytes(&self.names[v - 1], name) {
                 return Some(v - 1);
             }
             i = (i + 1) & mask;
@@ -1248,7 +1253,11 @@ impl FoldState {
                 .output_tokens
                 .saturating_add(meta.output_tokens.unwrap_or(0));
             if let Some(json) = meta.model.as_deref() {
-                if c.model_json.as_deref() != Some(json) {
+                if !c
+                    .model_json
+                    .as_deref()
+                    .is_some_and(|m| same_bytes(m.as_bytes(), json.as_bytes()))
+                {
                     if let Some(m) = decode_str(json) {
                         c.model = Some(bounded(&m));
                         c.model_json = Some(json.to_string());

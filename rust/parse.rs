@@ -293,6 +293,36 @@ fn skip_string(bytes: &[u8], mut i: usize) -> Option<usize> {
     }
 }
 
+/// `a == b`, inline for the short names and keys the fold compares on every
+/// line (two overlapping word loads instead of a call to `memcmp`).
+#[inline(always)]
+pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    let w8 = |s: &[u8], i: usize| {
+        u64::from_le_bytes([
+            s[i],
+            s[i + 1],
+            s[i + 2],
+            s[i + 3],
+            s[i + 4],
+            s[i + 5],
+            s[i + 6],
+            s[i + 7],
+        ])
+    };
+    let w4 = |s: &[u8], i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    match n {
+        0 => true,
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=7 => w4(a, 0) == w4(b, 0) && w4(a, n - 4) == w4(b, n - 4),
+        8..=16 => w8(a, 0) == w8(b, 0) && w8(a, n - 8) == w8(b, n - 8),
+        _ => a == b,
+    }
+}
+
 /// A JSON value's text read as a non-negative integer, as serde reads a
 /// `u64` (a fraction, exponent, sign or anything else is not one).
 pub fn json_u64(text: &str) -> Option<u64> {
@@ -530,7 +560,11 @@ impl<const N: usize> Fast<'_, '_, N> {
             let end = self.value(start, depth)?;
             if depth == 1 {
                 let name = &self.line[key.0..key.1];
-                if let Some(i) = self.keys.iter().position(|k| k.as_bytes() == name) {
+                if let Some(i) = self
+                    .keys
+                    .iter()
+                    .position(|k| same_bytes(k.as_bytes(), name))
+                {
                     self.picks[i] = Some((start, end)); // the last one wins
                 }
             }
@@ -1016,6 +1050,27 @@ mod tests {
         }
         assert_eq!(short_decimal(b"1100.5"), Some(1100.5));
         assert!(short_decimal(b"01").is_none() && short_decimal(b"1e3").is_none());
+    }
+
+    #[test]
+    fn same_bytes_equals_slice_equality() {
+        let words: Vec<Vec<u8>> = (0..40)
+            .flat_map(|n| {
+                let base: Vec<u8> = (0..n as u8).map(|i| b'a' + i % 26).collect();
+                let mut variants = vec![base.clone()];
+                for at in 0..n {
+                    let mut v = base.clone();
+                    v[at] ^= 1;
+                    variants.push(v);
+                }
+                variants
+            })
+            .collect();
+        for a in &words {
+            for b in &words {
+                assert_eq!(same_bytes(a, b), a == b, "{a:?} {b:?}");
+            }
+        }
     }
 
     #[test]
