@@ -185,56 +185,72 @@ impl<T> PartialEq for Cache<T> {
 /// [`MAX_INTERNED`] names the fold looks names up in its tables directly.
 #[derive(Debug, Clone, Default)]
 struct Interner {
-    /// Open addressing: 0 is empty, else id + 1. Twice `MAX_INTERNED` long.
-    table: Vec<u32>,
+    /// Open addressing, twice `MAX_INTERNED` long: (id + 1, or 0 when empty;
+    /// the name's key). A name of up to 16 bytes is equal to another exactly
+    /// when their keys are, so most lookups never touch `names`.
+    table: Vec<(u32, Key)>,
     names: Vec<Box<[u8]>>,
 }
 
+/// A name's length and two words that hold all of its bytes when it is at
+/// most 16 bytes long (the first and last 8, 4 or 1 bytes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Key(usize, u64, u64);
+
 const MAX_INTERNED: usize = 1024;
 
-impl Interner {
-    #[inline]
-    fn hash(b: &[u8]) -> usize {
+impl Key {
+    #[inline(always)]
+    fn of(b: &[u8]) -> Key {
         let n = b.len();
         let word = |s: &[u8]| {
             let mut w = [0u8; 8];
-            w.copy_from_slice(s);
+            w.copy_from_slice(&s[..8]);
             u64::from_le_bytes(w)
         };
         let half = |s: &[u8]| u64::from(u32::from_le_bytes([s[0], s[1], s[2], s[3]]));
-        let (x, y) = match n {
-            8.. => (word(&b[..8]), word(&b[n - 8..])),
-            4..=7 => (half(&b[..4]), half(&b[n - 4..])),
-            1..=3 => (
+        match n {
+            8.. => Key(n, word(b), word(&b[n - 8..])),
+            4..=7 => Key(n, half(b) | half(&b[n - 4..]) << 32, 0),
+            1..=3 => Key(
+                n,
                 u64::from(b[0]) << 16 | u64::from(b[n / 2]) << 8 | u64::from(b[n - 1]),
                 0,
             ),
-            0 => (0, 0),
-        };
-        let h = (x ^ y.rotate_left(29) ^ (n as u64).rotate_left(53))
+            0 => Key(0, 0, 0),
+        }
+    }
+
+    #[inline(always)]
+    fn hash(self) -> usize {
+        let h = (self.1 ^ self.2.rotate_left(29) ^ (self.0 as u64).rotate_left(53))
             .wrapping_mul(0x9e37_79b9_7f4a_7c15);
         (h >> 40) as usize
     }
+}
 
+impl Interner {
     /// The id of `name`, interning it; None once `MAX_INTERNED` names are held.
     #[inline]
     fn id(&mut self, name: &[u8]) -> Option<usize> {
         if self.table.is_empty() {
-            self.table = vec![0; 2 * MAX_INTERNED];
+            self.table = vec![(0, Key::default()); 2 * MAX_INTERNED];
         }
+        let key = Key::of(name);
         let mask = self.table.len() - 1;
-        let mut i = Self::hash(name) & mask;
+        let mut i = key.hash() & mask;
         loop {
-            let v = self.table[i] as usize;
+            let (v, k) = self.table[i];
+            let v = v as usize;
             if v == 0 {
                 if self.names.len() >= MAX_INTERNED {
                     return None;
                 }
                 self.names.push(name.into());
-                self.table[i] = self.names.len() as u32;
+                self.table[i] = (self.names.len() as u32, key);
                 return Some(self.names.len() - 1);
             }
-            if same_bytes(&self.names[v - 1], name) {
+            if k == key && (name.len() <= 16 || *self.names[v - 1] == *name) {
                 return Some(v - 1);
             }
             i = (i + 1) & mask;
@@ -2118,6 +2134,36 @@ mod tests {
             assert_eq!(many.components, one.components, "{threads} threads");
             assert_eq!(many.tokens, one.tokens);
         }
+    }
+
+    #[test]
+    fn interned_ids_tell_every_name_apart_and_stop_at_the_cap() {
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        for n in 0..40usize {
+            let base: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+            names.push(base.clone());
+            for at in 0..n {
+                let mut v = base.clone();
+                v[at] = b'Z';
+                names.push(v);
+            }
+        }
+        names.sort();
+        names.dedup();
+        assert!(names.len() < MAX_INTERNED);
+        let mut ix = Interner::default();
+        let ids: Vec<usize> = names.iter().map(|n| ix.id(n).unwrap()).collect();
+        assert_eq!(ids, (0..names.len()).collect::<Vec<_>>());
+        for (n, &id) in names.iter().zip(&ids) {
+            assert_eq!(ix.id(n), Some(id), "{n:?}");
+        }
+        let mut i = 0;
+        while ix.names.len() < MAX_INTERNED {
+            assert!(ix.id(format!("more-{i}").as_bytes()).is_some());
+            i += 1;
+        }
+        assert_eq!(ix.id(b"one too many"), None);
+        assert_eq!(ix.id(&names[3]), Some(3));
     }
 
     #[test]
