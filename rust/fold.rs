@@ -40,7 +40,8 @@ use serde_json::Value;
 
 use crate::fxhash::FxMap as HashMap;
 use crate::parse::{
-    json_f64, json_u64, parse_line, parse_line_picking, Event, Malformed, Picks, RawEvent,
+    json_f64, json_u64, parse_line, parse_line_picking, same_bytes, Event, Malformed, Picks,
+    RawEvent,
 };
 
 /// Distinct component / event-type names kept; the rest fold into `OTHER`.
@@ -54,7 +55,9 @@ pub const MAX_RUNS: usize = 1000;
 pub const MAX_TEXT: usize = 1024;
 /// Bytes the last-N ring may hold, whatever N is.
 pub const MAX_RING_BYTES: usize = 8 << 20;
-pub const READ_CHUNK: usize = 1 << 20;
+/// Small enough that a chunk the kernel just copied is still in the CPU's
+/// cache when it is parsed.
+pub const READ_CHUNK: usize = 256 << 10;
 pub const DEFAULT_MAX_LINE: usize = 1 << 20;
 /// Seconds of event time the recent-rate window can look back.
 pub const WINDOW_SECONDS: usize = 64;
@@ -104,32 +107,44 @@ impl<V> Default for Names<V> {
 impl<V: Default> Names<V> {
     /// The slot of `key`, or of `OTHER` once the table is full.
     pub fn slot(&mut self, key: &str) -> &mut V {
+        let i = self.slot_index(key);
+        &mut self.items[i].1
+    }
+
+    /// The index of `key`'s slot (or of `OTHER`'s once the table is full),
+    /// stable for the table's life: slots are only ever appended, so the
+    /// fold caches it per interned name.
+    pub fn slot_index(&mut self, key: &str) -> usize {
         if let Some(i) = self.last.0 {
             if self.items[i].0 == key {
-                return &mut self.items[i].1;
+                return i;
             }
         }
         if let Some(&i) = self.index.get(key) {
             self.last = LastSlot(Some(i));
-            return &mut self.items[i].1;
+            return i;
         }
         let key = if self.items.len() < MAX_NAMES {
             key
         } else {
             self.overflowed = true;
             if let Some(&i) = self.index.get(OTHER) {
-                return &mut self.items[i].1;
+                return i;
             }
             OTHER
         };
         self.index.insert(key.to_string(), self.items.len());
         self.items.push((key.to_string(), V::default()));
-        let last = self.items.len() - 1;
-        &mut self.items[last].1
+        self.items.len() - 1
     }
 }
 
 impl<V> Names<V> {
+    /// The value of a slot [`Names::slot_index`] gave.
+    #[inline]
+    fn at_mut(&mut self, i: usize) -> &mut V {
+        &mut self.items[i].1
+    }
     pub fn get(&self, key: &str) -> Option<&V> {
         self.index.get(key).map(|&i| &self.items[i].1)
     }
@@ -150,6 +165,159 @@ impl<V> std::ops::Index<&str> for Names<V> {
     fn index(&self, key: &str) -> &V {
         self.get(key).expect("name in table")
     }
+}
+
+/// A cache inside a fold: it takes no part in a fold's equality (two folds
+/// of the same events are equal however their caches were filled).
+#[derive(Debug, Clone, Default)]
+struct Cache<T>(T);
+
+impl<T> PartialEq for Cache<T> {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// Names interned per fold into small dense ids (issue 9, "the fold"): a
+/// line's event type and component are found with one cheap hash of their
+/// bytes, and the totals are then updated through slot indexes cached per id,
+/// not through a string-hashed map per table. Bounded: past
+/// [`MAX_INTERNED`] names the fold looks names up in its tables directly.
+#[derive(Debug, Clone, Default)]
+struct Interner {
+    /// Open addressing, twice `MAX_INTERNED` long: (id + 1, or 0 when empty;
+    /// the name's key). A name of up to 16 bytes is equal to another exactly
+    /// when their keys are, so most lookups never touch `names`.
+    table: Vec<(u32, Key)>,
+    names: Vec<Box<[u8]>>,
+}
+
+/// A name's length and two words that hold all of its bytes when it is at
+/// most 16 bytes long (the first and last 8, 4 or 1 bytes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Key(usize, u64, u64);
+
+const MAX_INTERNED: usize = 1024;
+
+impl Key {
+    #[inline(always)]
+    fn of(b: &[u8]) -> Key {
+        let n = b.len();
+        let word = |s: &[u8]| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&s[..8]);
+            u64::from_le_bytes(w)
+        };
+        let half = |s: &[u8]| u64::from(u32::from_le_bytes([s[0], s[1], s[2], s[3]]));
+        match n {
+            8.. => Key(n, word(b), word(&b[n - 8..])),
+            4..=7 => Key(n, half(b) | half(&b[n - 4..]) << 32, 0),
+            1..=3 => Key(
+                n,
+                u64::from(b[0]) << 16 | u64::from(b[n / 2]) << 8 | u64::from(b[n - 1]),
+                0,
+            ),
+            0 => Key(0, 0, 0),
+        }
+    }
+
+    #[inline(always)]
+    fn hash(self) -> usize {
+        let h = (self.1 ^ self.2.rotate_left(29) ^ (self.0 as u64).rotate_left(53))
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (h >> 40) as usize
+    }
+}
+
+impl Interner {
+    /// The id of `name`, interning it; None once `MAX_INTERNED` names are held.
+    #[inline]
+    fn id(&mut self, name: &[u8]) -> Option<usize> {
+        if self.table.is_empty() {
+            self.table = vec![(0, Key::default()); 2 * MAX_INTERNED];
+        }
+        let key = Key::of(name);
+        let mask = self.table.len() - 1;
+        let mut i = key.hash() & mask;
+        loop {
+            let (v, k) = self.table[i];
+            let v = v as usize;
+            if v == 0 {
+                if self.names.len() >= MAX_INTERNED {
+                    return None;
+                }
+                self.names.push(name.into());
+                self.table[i] = (self.names.len() as u32, key);
+                return Some(self.names.len() - 1);
+            }
+            if k == key && (name.len() <= 16 || *self.names[v - 1] == *name) {
+                return Some(v - 1);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+}
+
+/// The event types the fold treats apart, told once per interned name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    SessionStart,
+    SessionComplete,
+    SessionError,
+    StepComplete,
+    StepError,
+    RetryAttempt,
+    TokenConsumption,
+    EventsDropped,
+    Other,
+}
+
+impl Kind {
+    fn of(name: &str) -> Kind {
+        match name {
+            "session_start" => Kind::SessionStart,
+            "session_complete" => Kind::SessionComplete,
+            "session_error" => Kind::SessionError,
+            "step_complete" => Kind::StepComplete,
+            "step_error" => Kind::StepError,
+            "retry_attempt" => Kind::RetryAttempt,
+            "token_consumption" => Kind::TokenConsumption,
+            "events_dropped" => Kind::EventsDropped,
+            _ => Kind::Other,
+        }
+    }
+
+    /// Event types whose metadata the fold reads.
+    fn needs_meta(self) -> bool {
+        self != Kind::Other
+    }
+}
+
+/// Slot indexes cached per interned name (see [`Interner`]).
+#[derive(Debug, Clone, Default)]
+struct Ids {
+    kinds: Interner,
+    /// Per event-type id: its kind and its `event_counts` slot.
+    kind_info: Vec<(Kind, u32)>,
+    comps: Interner,
+    /// Per component id: its slot in the fold's `components`.
+    comp_slot: Vec<u32>,
+    /// Per component id: its slot in the current run's table (`NONE`: not
+    /// looked up since that run became current).
+    run_slot: Vec<u32>,
+}
+
+const NONE: u32 = u32::MAX;
+
+/// Where the last valid lines and the last timestamp of the block being
+/// folded are, as positions in it: copied out once when the block is done
+/// (or when a line needs them), not for every line.
+#[derive(Debug, Clone, Default)]
+struct Pending {
+    /// (file offset, start in the block, length) of the latest lines.
+    lines: VecDeque<(u64, usize, usize)>,
+    /// Start and length of the latest timestamp in the block.
+    timestamp: Option<(usize, usize)>,
 }
 
 /// The last failure a component reported.
@@ -628,21 +796,6 @@ impl<'a> FoldMeta<'a> {
     }
 }
 
-/// Event types whose metadata the fold reads.
-fn needs_meta(kind: &str) -> bool {
-    matches!(
-        kind,
-        "session_start"
-            | "session_complete"
-            | "session_error"
-            | "step_complete"
-            | "step_error"
-            | "retry_attempt"
-            | "token_consumption"
-            | "events_dropped"
-    )
-}
-
 /// The metadata keys the fold reads, picked by the parser's fast path
 /// (the fields of [`MetaKeys`], in this order).
 const META_KEYS: [&str; 14] = [
@@ -663,9 +816,9 @@ const META_KEYS: [&str; 14] = [
 ];
 
 /// The metadata values the fold uses (the parser has validated the metadata).
-fn fold_meta<'a>(event: &RawEvent<'a>, picks: Option<Picks<'a, 14>>) -> FoldMeta<'a> {
+fn fold_meta<'a>(event: &RawEvent<'a>, picks: Option<Picks<'a, 14>>, kind: Kind) -> FoldMeta<'a> {
     match (event.metadata, picks) {
-        (Some(_), _) if !needs_meta(&event.event_type) => FoldMeta::default(),
+        (Some(_), _) if !kind.needs_meta() => FoldMeta::default(),
         // The fast path picked the values: no second parse.
         (
             Some(_),
@@ -775,6 +928,8 @@ pub struct FoldState {
     /// are reused so folding allocates nothing per line.
     ring: VecDeque<(u64, Vec<u8>)>,
     ring_bytes: usize,
+    ids: Cache<Ids>,
+    pending: Cache<Pending>,
 }
 
 impl FoldState {
@@ -812,6 +967,8 @@ impl FoldState {
             seconds: SecondCache::default(),
             ring: VecDeque::new(),
             ring_bytes: 0,
+            ids: Cache::default(),
+            pending: Cache::default(),
         }
     }
 
@@ -845,14 +1002,98 @@ impl FoldState {
 
     /// Fold one line (without `\n`) found at `offset`.
     pub fn feed_line(&mut self, line: &[u8], offset: u64) {
+        self.feed_line_in(line, offset, &[]);
+    }
+
+    /// Fold one line found at `offset`; when the line lies in `block` (the
+    /// buffer being folded), its copy for the last-N ring and the copy of its
+    /// timestamp wait until [`FoldState::flush_block`].
+    #[inline]
+    fn feed_line_in(&mut self, line: &[u8], offset: u64, block: &[u8]) {
         self.lines += 1;
         match parse_line_picking(line, &META_KEYS) {
             Ok((event, picks)) => {
-                self.feed_event(&event, &fold_meta(&event, picks));
-                self.remember(line, offset);
+                let (kind, slot) = self.kind_of(&event.event_type);
+                let meta = fold_meta(&event, picks, kind);
+                self.feed_event(&event, kind, slot, &meta, block);
+                match within(block, line) {
+                    Some(start) if self.last_n > 0 => {
+                        let p = &mut self.pending.0.lines;
+                        if p.len() >= self.last_n {
+                            p.pop_front();
+                        }
+                        p.push_back((offset, start, line.len()));
+                    }
+                    Some(_) => {}
+                    None => {
+                        self.flush_block(block);
+                        self.remember(line, offset);
+                    }
+                }
             }
             Err(reason) => self.note_malformed(offset, reason),
         }
+    }
+
+    /// Copy out what [`FoldState::feed_line_in`] left as positions in `block`.
+    fn flush_block(&mut self, block: &[u8]) {
+        self.flush_timestamp(block);
+        while let Some((offset, start, len)) = self.pending.0.lines.pop_front() {
+            self.remember(&block[start..start + len], offset);
+        }
+    }
+
+    fn flush_timestamp(&mut self, block: &[u8]) {
+        if let Some((start, len)) = self.pending.0.timestamp.take() {
+            let last = self.last_timestamp.get_or_insert_with(String::new);
+            last.clear();
+            // The positions are those of a parsed timestamp's text (UTF-8).
+            last.push_str(&String::from_utf8_lossy(&block[start..start + len]));
+        }
+    }
+
+    /// An event type's kind and `event_counts` slot.
+    #[inline]
+    fn kind_of(&mut self, name: &str) -> (Kind, usize) {
+        let ids = &mut self.ids.0;
+        match ids.kinds.id(name.as_bytes()) {
+            Some(id) => {
+                if id == ids.kind_info.len() {
+                    let slot = self.event_counts.slot_index(name);
+                    ids.kind_info.push((Kind::of(name), slot as u32));
+                }
+                let (kind, slot) = ids.kind_info[id];
+                (kind, slot as usize)
+            }
+            None => (Kind::of(name), self.event_counts.slot_index(name)),
+        }
+    }
+
+    /// A component's slots in the fold's table and in the current run's.
+    #[inline]
+    fn component_slots(&mut self, name: &str) -> (usize, usize) {
+        let ids = &mut self.ids.0;
+        let Some(id) = ids.comps.id(name.as_bytes()) else {
+            let slot = self.components.slot_index(name);
+            let run = self.run_list.back_mut().unwrap_or(&mut self.head);
+            return (slot, run.components.slot_index(name));
+        };
+        if id == ids.comp_slot.len() {
+            ids.comp_slot.push(self.components.slot_index(name) as u32);
+            ids.run_slot.push(NONE);
+        }
+        let mut run_slot = ids.run_slot[id];
+        if run_slot == NONE {
+            let run = self.run_list.back_mut().unwrap_or(&mut self.head);
+            run_slot = run.components.slot_index(name) as u32;
+            ids.run_slot[id] = run_slot;
+        }
+        (ids.comp_slot[id] as usize, run_slot as usize)
+    }
+
+    /// The current run changed: its slots are looked up again.
+    fn new_current_run(&mut self) {
+        self.ids.0.run_slot.fill(NONE);
     }
 
     fn remember(&mut self, line: &[u8], offset: u64) {
@@ -932,6 +1173,7 @@ impl FoldState {
     }
 
     fn push_run(&mut self, run: RunTotals) {
+        self.new_current_run();
         if self.run_list.len() >= MAX_RUNS {
             self.run_list.pop_front();
             self.runs_dropped = self.runs_dropped.saturating_add(1);
@@ -939,38 +1181,51 @@ impl FoldState {
         self.run_list.push_back(run);
     }
 
-    fn feed_event(&mut self, e: &RawEvent<'_>, meta: &FoldMeta<'_>) {
+    fn feed_event(
+        &mut self,
+        e: &RawEvent<'_>,
+        kind: Kind,
+        kind_slot: usize,
+        meta: &FoldMeta<'_>,
+        block: &[u8],
+    ) {
         self.entries = self.entries.saturating_add(1);
         self.tokens = self.tokens.saturating_add(e.tokens);
         if self.first_timestamp.is_none() {
             self.first_timestamp = Some(e.timestamp.to_string());
         }
-        if e.event_type == "session_start" {
+        if kind == Kind::SessionStart {
             // The run this start closes ended with the event before it.
+            self.flush_timestamp(block);
             let before = self.last_timestamp.clone();
             let closing = self.run_mut();
             if closing.events > 0 {
                 closing.last_at = before;
             }
         }
-        // Reuse the buffer: no allocation per line.
-        let last = self.last_timestamp.get_or_insert_with(String::new);
-        last.clear();
-        last.push_str(&e.timestamp);
-        let count = self.event_counts.slot(&e.event_type);
+        // A timestamp in the block is copied out when the block is done.
+        match within(block, e.timestamp.as_bytes()) {
+            Some(start) => self.pending.0.timestamp = Some((start, e.timestamp.len())),
+            None => {
+                self.pending.0.timestamp = None;
+                let last = self.last_timestamp.get_or_insert_with(String::new);
+                last.clear();
+                last.push_str(&e.timestamp);
+            }
+        }
+        let count = self.event_counts.at_mut(kind_slot);
         *count = count.saturating_add(1);
         self.track_seq(e.seq);
         if let Some(second) = self.seconds.second(&e.timestamp) {
             self.window.add(second, e.tokens);
         }
 
-        let kind: &str = &e.event_type;
         match kind {
-            "session_start" => self.start_run(e, meta),
-            "session_complete" | "session_error" => {
+            Kind::SessionStart => self.start_run(e, meta),
+            Kind::SessionComplete | Kind::SessionError => {
                 let status = match (kind, meta.status.as_deref()) {
                     (_, Some(s)) if FINAL_STATUSES.contains(&s) => s.to_string(),
-                    ("session_complete", _) => "complete".to_string(),
+                    (Kind::SessionComplete, _) => "complete".to_string(),
                     _ => "error".to_string(),
                 };
                 let reason = meta
@@ -984,7 +1239,7 @@ impl FoldState {
                 run.reason = reason;
                 run.ended_at = Some(e.timestamp.to_string());
             }
-            "events_dropped" => {
+            Kind::EventsDropped => {
                 self.dropped_events = self
                     .dropped_events
                     .saturating_add(meta.dropped.unwrap_or(0));
@@ -994,12 +1249,12 @@ impl FoldState {
 
         let latency = meta.latency_ms.filter(|v| v.is_finite());
         let error = match kind {
-            "step_error" => true,
-            "retry_attempt" => meta.resume != Some(true),
+            Kind::StepError => true,
+            Kind::RetryAttempt => meta.resume != Some(true),
             _ => false,
         };
         let last_error = error.then(|| LastError {
-            event_type: kind.to_string(),
+            event_type: e.event_type.to_string(),
             category: meta.category.as_deref().map(bounded),
             message: bounded(meta.error.as_deref().unwrap_or(&e.message)),
             attempt: meta.attempt,
@@ -1014,7 +1269,11 @@ impl FoldState {
                 .output_tokens
                 .saturating_add(meta.output_tokens.unwrap_or(0));
             if let Some(json) = meta.model.as_deref() {
-                if c.model_json.as_deref() != Some(json) {
+                if !c
+                    .model_json
+                    .as_deref()
+                    .is_some_and(|m| same_bytes(m.as_bytes(), json.as_bytes()))
+                {
                     if let Some(m) = decode_str(json) {
                         c.model = Some(bounded(&m));
                         c.model_json = Some(json.to_string());
@@ -1022,30 +1281,31 @@ impl FoldState {
                 }
             }
             match kind {
-                "step_complete" => {
+                Kind::StepComplete => {
                     c.operations = c.operations.saturating_add(1);
                     if let Some(ms) = latency {
                         c.observe_latency(ms);
                         c.step_latency_ms += ms;
                     }
                 }
-                "step_error" => {
+                Kind::StepError => {
                     c.errors = c.errors.saturating_add(1);
                     if let Some(ms) = latency {
                         c.failed_latency_ms += ms;
                         c.step_latency_ms += ms;
                     }
                 }
-                "retry_attempt" if error => c.retries = c.retries.saturating_add(1),
+                Kind::RetryAttempt if error => c.retries = c.retries.saturating_add(1),
                 _ => {}
             }
             if last_error.is_some() {
                 c.last_error.clone_from(&last_error);
             }
         };
-        update(self.components.slot(&e.component));
+        let (slot, run_slot) = self.component_slots(&e.component);
+        update(self.components.at_mut(slot));
         let run = self.run_mut();
-        update(run.components.slot(&e.component));
+        update(run.components.at_mut(run_slot));
         run.tokens = run.tokens.saturating_add(e.tokens);
         run.events = run.events.saturating_add(1);
     }
@@ -1165,7 +1425,16 @@ impl FoldState {
         for (off, line) in b.ring {
             self.remember(&line, off);
         }
+        self.new_current_run();
     }
+}
+
+/// Where `part` starts in `block`, when it lies inside it.
+#[inline]
+fn within(block: &[u8], part: &[u8]) -> Option<usize> {
+    let start = (part.as_ptr() as usize).wrapping_sub(block.as_ptr() as usize);
+    (start <= block.len() && part.len() <= block.len() - start && !block.is_empty())
+        .then_some(start)
 }
 
 /// Splits a byte stream into bounded lines: a line longer than `max_line` is
@@ -1296,17 +1565,15 @@ pub fn fold_reader(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        splitter.feed(&buf[..n], |piece| feed_piece(fold, piece));
+        let block = &buf[..n];
+        splitter.feed(block, |piece| match piece {
+            Piece::Line(line, off) => fold.feed_line_in(line, off, block),
+            Piece::Oversize(off, len) => fold.note_oversize(off, len),
+        });
+        fold.flush_block(block);
     }
     fold.torn_tail = splitter.pending() > 0;
     Ok(splitter.line_start())
-}
-
-pub fn feed_piece(fold: &mut FoldState, piece: Piece<'_>) {
-    match piece {
-        Piece::Line(line, off) => fold.feed_line(line, off),
-        Piece::Oversize(off, len) => fold.note_oversize(off, len),
-    }
 }
 
 /// Files smaller than this are folded on one thread.
@@ -1851,6 +2118,36 @@ mod tests {
             assert_eq!(many.components, one.components, "{threads} threads");
             assert_eq!(many.tokens, one.tokens);
         }
+    }
+
+    #[test]
+    fn interned_ids_tell_every_name_apart_and_stop_at_the_cap() {
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        for n in 0..40usize {
+            let base: Vec<u8> = (0..n).map(|i| b'a' + (i % 26) as u8).collect();
+            names.push(base.clone());
+            for at in 0..n {
+                let mut v = base.clone();
+                v[at] = b'Z';
+                names.push(v);
+            }
+        }
+        names.sort();
+        names.dedup();
+        assert!(names.len() < MAX_INTERNED);
+        let mut ix = Interner::default();
+        let ids: Vec<usize> = names.iter().map(|n| ix.id(n).unwrap()).collect();
+        assert_eq!(ids, (0..names.len()).collect::<Vec<_>>());
+        for (n, &id) in names.iter().zip(&ids) {
+            assert_eq!(ix.id(n), Some(id), "{n:?}");
+        }
+        let mut i = 0;
+        while ix.names.len() < MAX_INTERNED {
+            assert!(ix.id(format!("more-{i}").as_bytes()).is_some());
+            i += 1;
+        }
+        assert_eq!(ix.id(b"one too many"), None);
+        assert_eq!(ix.id(&names[3]), Some(3));
     }
 
     #[test]

@@ -294,6 +294,37 @@ fn skip_string(bytes: &[u8], mut i: usize) -> Option<usize> {
     }
 }
 
+#[inline(always)]
+fn word8(s: &[u8], i: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&s[i..i + 8]);
+    u64::from_le_bytes(w)
+}
+
+#[inline(always)]
+fn word4(s: &[u8], i: usize) -> u32 {
+    let mut w = [0u8; 4];
+    w.copy_from_slice(&s[i..i + 4]);
+    u32::from_le_bytes(w)
+}
+
+/// `a == b`, inline for the short names and keys the fold compares on every
+/// line (two overlapping word loads instead of a call to `memcmp`).
+#[inline(always)]
+pub fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len();
+    if n != b.len() {
+        return false;
+    }
+    match n {
+        0 => true,
+        1..=3 => a[0] == b[0] && a[n / 2] == b[n / 2] && a[n - 1] == b[n - 1],
+        4..=7 => word4(a, 0) == word4(b, 0) && word4(a, n - 4) == word4(b, n - 4),
+        8..=16 => word8(a, 0) == word8(b, 0) && word8(a, n - 8) == word8(b, n - 8),
+        _ => a == b,
+    }
+}
+
 /// A JSON value's text read as a non-negative integer, as serde reads a
 /// `u64` (a fraction, exponent, sign or anything else is not one).
 pub fn json_u64(text: &str) -> Option<u64> {
@@ -312,12 +343,53 @@ pub fn json_u64(text: &str) -> Option<u64> {
 /// nearest the decimal; not a number gives None). Past the double range it
 /// gives an infinity where serde gives an error: callers keep finite values.
 pub fn json_f64(text: &str) -> Option<f64> {
+    if let Some(x) = short_decimal(text.as_bytes()) {
+        return Some(x);
+    }
     // Rust's float grammar also takes "inf", "NaN" and "+1", which JSON does
     // not: a JSON number starts with a digit or a minus.
     match text.as_bytes().first() {
         Some(b'-' | b'0'..=b'9') => text.parse().ok(),
         _ => None,
     }
+}
+
+/// A JSON number of at most 15 digits and no exponent (`-?(0|[1-9]\d*)(\.\d+)?`,
+/// a latency such as `1100.5`): its digits as an integer below 2^53 and a
+/// power of ten up to 10^15 are both exact doubles, so one division gives the
+/// correctly rounded value, as the general parser would (Clinger's fast path).
+/// None for anything else (the general parser decides).
+fn short_decimal(b: &[u8]) -> Option<f64> {
+    const POW10: [f64; 16] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+    ];
+    let (neg, digits) = match b.split_first()? {
+        (b'-', rest) => (true, rest),
+        _ => (false, b),
+    };
+    if digits.len() > 16 || digits.is_empty() {
+        return None;
+    }
+    let (mut m, mut n, mut frac, mut dot) = (0u64, 0usize, 0usize, false);
+    for (i, &c) in digits.iter().enumerate() {
+        match c {
+            b'0'..=b'9' => {
+                if i == 1 && digits[0] == b'0' {
+                    return None; // a leading zero
+                }
+                m = m * 10 + u64::from(c - b'0');
+                n += 1;
+                frac += usize::from(dot);
+            }
+            b'.' if !dot && i > 0 && i + 1 < digits.len() => dot = true,
+            _ => return None,
+        }
+    }
+    if n > 15 {
+        return None;
+    }
+    let x = m as f64 / POW10[frac];
+    Some(if neg { -x } else { x })
 }
 
 /// The layout sigil's own writer produces:
@@ -374,24 +446,27 @@ fn fast_parse<'a, const N: usize>(
         // ASCII is valid UTF-8.
         unsafe { std::str::from_utf8_unchecked(line) }
     };
-    // Every range ends at an ASCII byte (a quote or a delimiter), so each is
-    // on a character boundary; `get` keeps that checked.
-    let s = |r: (usize, usize)| text.get(r.0..r.1).map(Cow::Borrowed);
+    // Every range starts just after an ASCII byte (a quote or a delimiter)
+    // and ends at one or at the line's end, and an ASCII byte is never part
+    // of a multi-byte character: each range is on character boundaries.
+    let s = |(a, b): (usize, usize)| {
+        debug_assert!(text.is_char_boundary(a) && text.is_char_boundary(b) && a <= b);
+        // SAFETY: in bounds and on character boundaries (just above).
+        unsafe { text.get_unchecked(a..b) }
+    };
     let event = RawEvent {
-        timestamp: s(ts)?,
-        session_id: s(sid)?,
-        event_type: s(kind)?,
-        component: s(comp)?,
-        message: s(msg)?,
+        timestamp: Cow::Borrowed(s(ts)),
+        session_id: Cow::Borrowed(s(sid)),
+        event_type: Cow::Borrowed(s(kind)),
+        component: Cow::Borrowed(s(comp)),
+        message: Cow::Borrowed(s(msg)),
         tokens,
         seq: Some(seq),
-        metadata: Some(text.get(meta_start..meta_end)?),
+        metadata: Some(s((meta_start, meta_end))),
     };
     let mut picks = [None; N];
     for (pick, range) in picks.iter_mut().zip(f.picks) {
-        if let Some((a, b)) = range {
-            *pick = Some(text.get(a..b)?);
-        }
+        *pick = range.map(s);
     }
     Some((event, picks))
 }
@@ -487,7 +562,11 @@ impl<const N: usize> Fast<'_, '_, N> {
             let end = self.value(start, depth)?;
             if depth == 1 {
                 let name = &self.line[key.0..key.1];
-                if let Some(i) = self.keys.iter().position(|k| k.as_bytes() == name) {
+                if let Some(i) = self
+                    .keys
+                    .iter()
+                    .position(|k| same_bytes(k.as_bytes(), name))
+                {
                     self.picks[i] = Some((start, end)); // the last one wins
                 }
             }
@@ -974,6 +1053,79 @@ mod tests {
         assert_eq!(offsets, vec![0, step]);
         assert_eq!(bad.len(), 1);
         assert_eq!(bad[0].offset, 2 * step);
+    }
+
+    #[test]
+    fn short_decimals_read_as_the_general_parser_reads_them() {
+        let mut rng = Rng(0x0dec_1a57_0000_0001);
+        let mut texts: Vec<String> = [
+            "0",
+            "-0",
+            "0.0",
+            "-0.5",
+            "1100.5",
+            "13.114189588",
+            "999999999999999",
+            "0.000000000000001",
+            "9007199254740.99",
+            "1.5",
+            "00",
+            "01.5",
+            "1.",
+            ".5",
+            "-",
+            "1.2.3",
+            "+1",
+            "1e3",
+            "123456789012345678",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for _ in 0..20_000 {
+            let int = rng.next() % 10u64.pow(1 + rng.below(9) as u32);
+            let frac_digits = rng.below(8);
+            let frac = rng.next() % 10u64.pow(frac_digits as u32 + 1);
+            let sign = if rng.below(4) == 0 { "-" } else { "" };
+            texts.push(format!("{sign}{int}.{frac:0w$}", w = frac_digits + 1));
+        }
+        for t in &texts {
+            let want = serde_json::from_str::<f64>(t).ok().map(f64::to_bits);
+            if let Some(got) = short_decimal(t.as_bytes()) {
+                assert_eq!(Some(got.to_bits()), want, "{t}");
+            }
+            assert_eq!(
+                json_f64(t).map(f64::to_bits),
+                t.parse::<f64>()
+                    .ok()
+                    .filter(|_| { matches!(t.as_bytes()[0], b'-' | b'0'..=b'9') })
+                    .map(f64::to_bits),
+                "{t}"
+            );
+        }
+        assert_eq!(short_decimal(b"1100.5"), Some(1100.5));
+        assert!(short_decimal(b"01").is_none() && short_decimal(b"1e3").is_none());
+    }
+
+    #[test]
+    fn same_bytes_equals_slice_equality() {
+        let words: Vec<Vec<u8>> = (0..40)
+            .flat_map(|n| {
+                let base: Vec<u8> = (0..n as u8).map(|i| b'a' + i % 26).collect();
+                let mut variants = vec![base.clone()];
+                for at in 0..n {
+                    let mut v = base.clone();
+                    v[at] ^= 1;
+                    variants.push(v);
+                }
+                variants
+            })
+            .collect();
+        for a in &words {
+            for b in &words {
+                assert_eq!(same_bytes(a, b), a == b, "{a:?} {b:?}");
+            }
+        }
     }
 
     #[test]
