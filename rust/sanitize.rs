@@ -14,12 +14,13 @@
 //! used them are the same regex without the lookaround, the lookaround checked
 //! in code at the match (a rejected start resumes one character later, as a
 //! backtracking engine would try it), and the card rule's backreference spelled
-//! out as one alternative per separator. Every rule is linear in its input.
+//! out as one alternative per separator. Python's `\s` also matches \x1C-\x1F
+//! (Rust's is Unicode White_Space only), so those are added where `\s` is used.
+//! Every rule is linear in its input.
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
-use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 use regex::{Captures, Regex};
 
 pub const REDACTED: &str = "***REDACTED***";
@@ -73,11 +74,15 @@ const LITERALS: &[(&str, bool)] = &[
     ("token", false),     // 26
     ("auth", false),      // 27
     ("credential", false), // 28
+    ("cookie", false),    // 29 (credential-named keys only)
 ];
 const KV_NAMES: u32 = 0x7f << 22; // literals 22..=28
+/// The literals one of which every credential-named key holds.
+const KEY_NAMES: u32 = KV_NAMES | 1 << 29;
 
 struct Rules {
-    gate: AhoCorasick,
+    /// The literals by their lower-cased first byte.
+    gate: Vec<Vec<GateLit>>,
     pem: Regex,
     jwt: Regex,
     aws: Regex,
@@ -96,6 +101,7 @@ struct Rules {
     entropy: Regex,
     card: Regex,
     digit: Regex,
+    py_word: Regex,
     sensitive_key: Regex,
 }
 
@@ -111,59 +117,61 @@ const WEAK_NAMES: &str = r"token|auth(?:orization)?|credentials?";
 fn rules() -> &'static Rules {
     static RULES: OnceLock<Rules> = OnceLock::new();
     RULES.get_or_init(|| Rules {
-        gate: AhoCorasick::builder()
-            .ascii_case_insensitive(true)
-            .match_kind(MatchKind::Standard)
-            .kind(Some(AhoCorasickKind::DFA))
-            .build(LITERALS.iter().map(|(s, _)| s))
-            .expect("gate automaton"),
+        gate: (0..=255u8)
+            .map(|b| {
+                (0..LITERALS.len())
+                    .filter(|&id| LITERALS[id].0.as_bytes()[0].to_ascii_lowercase() == b)
+                    .map(GateLit::new)
+                    .collect()
+            })
+            .collect(),
         pem: re(concat!(
             r"(?s)-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----",
             r"(?:.*?-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|.*)"
         )),
-        jwt: re(r"\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*"),
-        aws: re(r"\bA(?:KIA|SIA|BIA|CCA)[A-Z0-9]{16}\b"),
+        jwt: re(r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*"),
+        aws: re(r"A(?:KIA|SIA|BIA|CCA)[A-Z0-9]{16}"),
         github: [
-            re(r"\bgh[pousr]_[A-Za-z0-9]{30,251}\b"),
-            re(r"\bgithub_pat_[A-Za-z0-9_]{22,255}"),
+            re(r"gh[pousr]_[A-Za-z0-9]{30,251}"),
+            re(r"github_pat_[A-Za-z0-9_]{22,255}"),
         ],
-        gitlab: re(r"\bgl(?:pat|ptt|dt|rt|soat|cbt|ft|imt)-[A-Za-z0-9_-]{20,}"),
+        gitlab: re(r"gl(?:pat|ptt|dt|rt|soat|cbt|ft|imt)-[A-Za-z0-9_-]{20,}"),
         slack: [
             (
                 re(r"https?://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/-]+"),
                 "***SLACK_WEBHOOK***",
             ),
-            (re(r"\bxox[abeprs]-[A-Za-z0-9-]{10,}"), "***SLACK_TOKEN***"),
-            (re(r"\bxapp-\d-[A-Za-z0-9-]{10,}"), "***SLACK_TOKEN***"),
+            (re(r"xox[abeprs]-[A-Za-z0-9-]{10,}"), "***SLACK_TOKEN***"),
+            (re(r"xapp-\d-[A-Za-z0-9-]{10,}"), "***SLACK_TOKEN***"),
         ],
         apikey: [
-            re(r"\bsk-ant-[A-Za-z0-9_-]{20,}"),
-            re(r"\bsk-(?:proj|svcacct|admin|None)-[A-Za-z0-9_-]{20,}"),
+            re(r"sk-ant-[A-Za-z0-9_-]{20,}"),
+            re(r"sk-(?:proj|svcacct|admin|None)-[A-Za-z0-9_-]{20,}"),
             // Legacy OpenAI keys and most OpenAI-compatible providers: no dashes in
             // the body, which keeps kebab-case names such as "sk-learn-..." out.
-            re(r"\bsk-[A-Za-z0-9]{20,}\b"),
-            re(r"\b[rs]k_(?:live|test)_[A-Za-z0-9]{16,}"),
-            re(r"\bAIza[0-9A-Za-z_-]{35}"),
-            re(r"\bhf_[A-Za-z0-9]{30,}"),
-            re(r"\bwhsec_[A-Za-z0-9+/=]{24,}"),
+            re(r"sk-[A-Za-z0-9]{20,}"),
+            re(r"[rs]k_(?:live|test)_[A-Za-z0-9]{16,}"),
+            re(r"AIza[0-9A-Za-z_-]{35}"),
+            re(r"hf_[A-Za-z0-9]{30,}"),
+            re(r"whsec_[A-Za-z0-9+/=]{24,}"),
         ],
-        azure_conn: re(r"(?i)(?P<head>\b(?:AccountKey|SharedAccessKey)=)[A-Za-z0-9+/]{20,}={0,2}"),
+        azure_conn: re(r"(?i)(?P<head>(?:AccountKey|SharedAccessKey)=)[A-Za-z0-9+/]{20,}={0,2}"),
         azure_sig: re(r"(?i)(?P<head>[?&]sig=)[A-Za-z0-9%+/=]{20,}"),
         // Entra ID (Azure AD) client secrets, whose 4th-5th characters are "Q~";
         // not preceded by [\w~.-] (checked in code).
         azure_entra: re(r"[A-Za-z0-9_~.-]{3}[0-9]Q~[A-Za-z0-9_~.-]{31,34}"),
         // The password may contain '@': the greedy run gives back to the last '@'
         // before the host, and stops at '/', '?', '#' so "host:8080/x?a@b" is left.
-        url: re(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]{0,20}://[^\s:/?#@]*):[^\s/?#]+@"),
+        url: re(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]{0,20}://[^\s\x1C-\x1F:/?#@]*):[^\s\x1C-\x1F/?#]+@"),
         // The credential must hold a digit (checked in code).
-        bearer: re(r"(?i)\b(?P<head>bearer\s+)(?P<v>[A-Za-z0-9._~+/-]{12,})=*"),
+        bearer: re(r"(?i)(?P<head>bearer[\s\x1C-\x1F]+)(?P<v>[A-Za-z0-9._~+/-]{12,})=*"),
         kv_basic: re(concat!(
             r#"(?i)(?P<head>authorization(?:\\?["'])?[ \t]*[:=][ \t]*(?:\\?["'])?basic[ \t]+)"#,
             r"[A-Za-z0-9+/]{4,}={0,2}"
         )),
         kv_flag: re(concat!(
             r"(?i)(?P<name>--(?:password|passwd|pass|token|api-?key|secret|client-secret))",
-            r#"(?P<sep>[ \t]+)(?P<bare>[^\s"']+)"#
+            r#"(?P<sep>[ \t]+)(?P<bare>[^\s\x1C-\x1F"']+)"#
         )),
         kv_pair: re(&format!(
             concat!(
@@ -171,7 +179,7 @@ fn rules() -> &'static Rules {
                 r#"(?P<sep>(?:\\?["'])?[ \t]*[:=][ \t]*)"#,
                 r#"(?:"(?P<dq>(?:[^"\\\n]|\\.)*)""#,
                 r"|'(?P<sq>[^'\n]*)'",
-                r#"|(?:\\["'])?(?P<bare>[^\s"',;&\\]+))"#
+                r#"|(?:\\["'])?(?P<bare>[^\s\x1C-\x1F"',;&\\]+))"#
             ),
             STRONG_NAMES, WEAK_NAMES
         )),
@@ -189,6 +197,7 @@ fn rules() -> &'static Rules {
             r"|[0-9]{4} [0-9]{6} [0-9]{4,5}|[0-9]{4}-[0-9]{6}-[0-9]{4,5}"
         )),
         digit: re(r"\d"),
+        py_word: re(r"[\p{L}\p{N}_]"),
         // Credential-named keys: their string values are redacted whatever they
         // contain. Plain "token" is not one: in LLM pipelines it is a text token.
         sensitive_key: re(concat!(
@@ -201,29 +210,85 @@ fn rules() -> &'static Rules {
     })
 }
 
-/// The families a string can trigger (a bit per family), read in one pass of
-/// the automaton and one byte loop.
-fn families(value: &str) -> u16 {
-    let r = rules();
-    let bytes = value.as_bytes();
-    let mut seen: u32 = 0;
-    for m in r.gate.find_overlapping_iter(bytes) {
-        let id = m.pattern().as_usize();
-        let (lit, exact) = LITERALS[id];
-        if !exact || &bytes[m.start()..m.end()] == lit.as_bytes() {
-            seen |= 1 << id;
+/// Which gate literals occur in `bytes` (a bit per literal), in one pass: at each
+/// byte, only the literals starting with it (case-insensitively) are compared.
+/// (aho-corasick's overlapping search, which the gate needs, measured several
+/// times slower on short strings: it cannot use its prefilter.)
+fn literals_in(bytes: &[u8]) -> u32 {
+    let gate = &rules().gate;
+    let mut seen = 0u32;
+    for (i, &b) in bytes.iter().enumerate() {
+        let candidates = &gate[usize::from(b.to_ascii_lowercase())];
+        if candidates.is_empty() {
+            continue;
+        }
+        // The next 8 bytes as one word, zero-padded at the end.
+        let rest = &bytes[i..];
+        let mut buf = [0u8; 8];
+        let n = rest.len().min(8);
+        buf[..n].copy_from_slice(&rest[..n]);
+        let word = u64::from_le_bytes(buf);
+        for lit in candidates {
+            if (word | lit.fold) & lit.mask == lit.value
+                && (lit.tail.is_empty()
+                    || rest.get(8..8 + lit.tail.len()).is_some_and(|t| t.eq_ignore_ascii_case(lit.tail)))
+            {
+                seen |= 1 << lit.id;
+            }
         }
     }
+    seen
+}
+
+/// A gate literal as a masked 8-byte word (letters folded to lower case when
+/// the literal is case-insensitive), and the bytes past the eighth.
+struct GateLit {
+    id: u32,
+    value: u64,
+    mask: u64,
+    fold: u64,
+    tail: &'static [u8],
+}
+
+impl GateLit {
+    fn new(id: usize) -> Self {
+        let (lit, exact) = LITERALS[id];
+        let b = lit.as_bytes();
+        let (mut value, mut mask, mut fold) = ([0u8; 8], [0u8; 8], [0u8; 8]);
+        for (k, &c) in b.iter().take(8).enumerate() {
+            mask[k] = 0xff;
+            if !exact && c.is_ascii_alphabetic() {
+                // Only ASCII letters become lower-case letters with 0x20 set.
+                fold[k] = 0x20;
+                value[k] = c.to_ascii_lowercase();
+            } else {
+                value[k] = c;
+            }
+        }
+        GateLit {
+            id: id as u32,
+            value: u64::from_le_bytes(value),
+            mask: u64::from_le_bytes(mask),
+            fold: u64::from_le_bytes(fold),
+            tail: b.get(8..).unwrap_or(&[]),
+        }
+    }
+}
+
+/// The families a string can trigger (a bit per family), and the literals seen.
+fn families(value: &str) -> (u16, u32) {
+    let bytes = value.as_bytes();
+    let mut seen = literals_in(bytes);
     if !value.is_ascii() {
         // Lower-casing can turn a non-ASCII character into ASCII (the Kelvin sign
         // into 'k'): the case-insensitive literals are also sought in the lower-cased text.
-        let lowered = value.to_lowercase();
-        for m in r.gate.find_overlapping_iter(lowered.as_bytes()) {
-            let id = m.pattern().as_usize();
-            if !LITERALS[id].1 && lowered.as_bytes()[m.start()..m.end()] == *LITERALS[id].0.as_bytes() {
-                seen |= 1 << id;
-            }
-        }
+        let lowered = literals_in(value.to_lowercase().as_bytes());
+        let insensitive = LITERALS
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, exact))| !exact)
+            .fold(0u32, |m, (id, _)| m | 1 << id);
+        seen |= lowered & insensitive;
     }
     // Single characters and the runs no literal describes.
     let (mut under, mut dash, mut at, mut colon, mut equals) = (false, false, false, false, false);
@@ -295,7 +360,7 @@ fn families(value: &str) -> u16 {
     if (colon || equals) && long_run {
         found |= ENTROPY;
     }
-    found
+    (found, seen)
 }
 
 /// What a rule decides at one match.
@@ -338,21 +403,58 @@ fn substitute(text: &str, re: &Regex, mut judge: impl FnMut(&Captures<'_>) -> Ve
     })
 }
 
-fn replace_with(text: &str, re: &Regex, mark: &str) -> Option<String> {
+/// Python's `\b` at the start of the rules that have one (they start with a
+/// letter), and at the end of those that end with one: Rust's `\b` knows other
+/// word characters (not '¼', but combining marks), so the boundaries are checked here.
+fn bounded(text: &str, c: &Captures<'_>, trail: bool) -> bool {
+    let m = c.get(0).expect("group 0");
+    starts_word(text, m.start()) && (!trail || ends_word(text, m.end()))
+}
+
+fn replace_with(text: &str, re: &Regex, trail: bool, mark: &str) -> Option<String> {
+    substitute(text, re, |c| {
+        if bounded(text, c, trail) {
+            Verdict::Replace(mark.to_string())
+        } else {
+            Verdict::Reject
+        }
+    })
+}
+
+fn replace_plain(text: &str, re: &Regex, mark: &str) -> Option<String> {
     substitute(text, re, |_| Verdict::Replace(mark.to_string()))
 }
 
-fn keep_head(text: &str, re: &Regex) -> Option<String> {
-    substitute(text, re, |c| Verdict::Replace(format!("{}{REDACTED}", &c["head"])))
+fn keep_head(text: &str, re: &Regex, lead: bool) -> Option<String> {
+    substitute(text, re, |c| {
+        if lead && !bounded(text, c, false) {
+            return Verdict::Reject;
+        }
+        Verdict::Replace(format!("{}{REDACTED}", &c["head"]))
+    })
 }
 
 fn char_before(text: &str, at: usize) -> Option<char> {
     text[..at].chars().next_back()
 }
 
-/// Python's `\w` (Unicode word characters).
+/// Python's `\w`: `str.isalnum()` or '_' (letters and numbers of any script).
 fn is_word(c: char) -> bool {
-    c.is_alphanumeric() || c == '_'
+    if c.is_ascii() {
+        return c.is_ascii_alphanumeric() || c == '_';
+    }
+    let mut buf = [0u8; 4];
+    rules().py_word.is_match(c.encode_utf8(&mut buf))
+}
+
+/// Python's `\b` before a match that starts with a word character.
+fn starts_word(text: &str, at: usize) -> bool {
+    !char_before(text, at).is_some_and(is_word)
+}
+
+/// Python's `\b` after a match that ends with a word character.
+fn ends_word(text: &str, at: usize) -> bool {
+    !text[at..].chars().next().is_some_and(is_word)
 }
 
 fn luhn_valid(digits: &[u8]) -> bool {
@@ -475,42 +577,49 @@ fn apply(mut text: Cow<'_, str>, step: impl FnOnce(&str) -> Option<String>) -> C
 
 /// `value` with every secret replaced by a `***...***` mark (borrowed when clean).
 pub fn sanitize(value: &str) -> Cow<'_, str> {
-    let fam = families(value);
+    let (fam, seen) = families(value);
     let mut t = Cow::Borrowed(value);
     if fam == 0 {
         return t;
     }
     let r = rules();
     if fam & PEM != 0 {
-        t = apply(t, |s| replace_with(s, &r.pem, "***PRIVATE_KEY***"));
+        t = apply(t, |s| replace_plain(s, &r.pem, "***PRIVATE_KEY***"));
     }
     if fam & JWT != 0 {
-        t = apply(t, |s| replace_with(s, &r.jwt, "***JWT***"));
+        t = apply(t, |s| replace_with(s, &r.jwt, false, "***JWT***"));
     }
     if fam & AWS != 0 {
-        t = apply(t, |s| replace_with(s, &r.aws, "***AWS_ACCESS_KEY***"));
+        t = apply(t, |s| replace_with(s, &r.aws, true, "***AWS_ACCESS_KEY***"));
     }
     if fam & GITHUB != 0 {
-        for rule in &r.github {
-            t = apply(t, |s| replace_with(s, rule, "***GITHUB_TOKEN***"));
+        for (rule, trail) in r.github.iter().zip([true, false]) {
+            t = apply(t, |s| replace_with(s, rule, trail, "***GITHUB_TOKEN***"));
         }
     }
     if fam & GITLAB != 0 {
-        t = apply(t, |s| replace_with(s, &r.gitlab, "***GITLAB_TOKEN***"));
+        t = apply(t, |s| replace_with(s, &r.gitlab, false, "***GITLAB_TOKEN***"));
     }
     if fam & SLACK != 0 {
-        for (rule, mark) in &r.slack {
-            t = apply(t, |s| replace_with(s, rule, mark));
+        let (webhook, mark) = &r.slack[0];
+        t = apply(t, |s| replace_plain(s, webhook, mark));
+        for (rule, mark) in &r.slack[1..] {
+            t = apply(t, |s| replace_with(s, rule, false, mark));
         }
     }
     if fam & APIKEY != 0 {
-        for rule in &r.apikey {
-            t = apply(t, |s| replace_with(s, rule, "***API_KEY***"));
+        // Each rule only where its own literal is (no mark holds one of these).
+        let needs = [11, 11, 11, 12, 13, 14, 15];
+        let trails = [false, false, true, false, false, false, false];
+        for ((rule, lit), trail) in r.apikey.iter().zip(needs).zip(trails) {
+            if seen & (1 << lit) != 0 {
+                t = apply(t, |s| replace_with(s, rule, trail, "***API_KEY***"));
+            }
         }
     }
     if fam & AZURE != 0 {
-        t = apply(t, |s| keep_head(s, &r.azure_conn));
-        t = apply(t, |s| keep_head(s, &r.azure_sig));
+        t = apply(t, |s| keep_head(s, &r.azure_conn, true));
+        t = apply(t, |s| keep_head(s, &r.azure_sig, false));
         t = apply(t, |s| {
             substitute(s, &r.azure_entra, |c| {
                 let start = c.get(0).expect("group 0").start();
@@ -523,7 +632,13 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
     }
     if fam & URL != 0 {
         t = apply(t, |s| {
-            substitute(s, &r.url, |c| Verdict::Replace(format!("{}:{REDACTED}@", &c["head"])))
+            substitute(s, &r.url, |c| {
+                if bounded(s, c, false) {
+                    Verdict::Replace(format!("{}:{REDACTED}@", &c["head"]))
+                } else {
+                    Verdict::Reject
+                }
+            })
         });
     }
     if fam & BEARER != 0 {
@@ -536,7 +651,7 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
                         let mut buf = [0u8; 4];
                         r.digit.is_match(ch.encode_utf8(&mut buf))
                     });
-                if digit {
+                if digit && bounded(s, c, false) {
                     Verdict::Replace(format!("{}{REDACTED}", &c["head"]))
                 } else {
                     Verdict::Reject
@@ -545,7 +660,7 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
         });
     }
     if fam & KV != 0 {
-        t = apply(t, |s| keep_head(s, &r.kv_basic));
+        t = apply(t, |s| keep_head(s, &r.kv_basic, false));
         t = apply(t, |s| substitute(s, &r.kv_flag, key_value));
         t = apply(t, |s| substitute(s, &r.kv_pair, key_value));
     }
@@ -607,7 +722,9 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
 /// Whether a metadata key names a credential (its string value is redacted
 /// whatever it holds).
 pub fn is_sensitive_key(key: &str) -> bool {
-    rules().sensitive_key.is_match(key)
+    // Most keys hold none of the names: no regex work.
+    let named = literals_in(key.as_bytes()) & KEY_NAMES != 0 || !key.is_ascii();
+    named && rules().sensitive_key.is_match(key)
 }
 
 /// The end (one past the closing quote) of the JSON string starting at
