@@ -45,36 +45,36 @@ const CARD: u16 = 1 << 12;
 /// automaton being ASCII case-insensitive); `false`: matched in the lower-cased
 /// string. Each family's test is at least as loose as its rules.
 const LITERALS: &[(&str, bool)] = &[
-    ("-----", true),      // 0 pem
-    ("eyJ", true),        // 1 jwt
-    ("AKIA", true),       // 2 aws
-    ("ASIA", true),       // 3
-    ("ABIA", true),       // 4
-    ("ACCA", true),       // 5
-    ("gh", true),         // 6 github (with '_')
-    ("gl", true),         // 7 gitlab (with '-')
-    ("xox", true),        // 8 slack
-    ("xapp-", true),      // 9
+    ("-----", true),        // 0 pem
+    ("eyJ", true),          // 1 jwt
+    ("AKIA", true),         // 2 aws
+    ("ASIA", true),         // 3
+    ("ABIA", true),         // 4
+    ("ACCA", true),         // 5
+    ("gh", true),           // 6 github (with '_')
+    ("gl", true),           // 7 gitlab (with '-')
+    ("xox", true),          // 8 slack
+    ("xapp-", true),        // 9
     ("hooks.slack", false), // 10
-    ("sk-", true),        // 11 apikey
-    ("k_", true),         // 12
-    ("AIza", true),       // 13
-    ("hf_", true),        // 14
-    ("whsec_", true),     // 15
-    ("Q~", true),         // 16 azure
-    ("accountkey", false), // 17
-    ("sig=", false),      // 18
-    ("://", true),        // 19 url (with '@')
-    ("bearer", false),    // 20
-    ("--", true),         // 21 kv separators
-    ("pass", false),      // 22 kv names
-    ("pwd", false),       // 23
-    ("secret", false),    // 24
-    ("key", false),       // 25
-    ("token", false),     // 26
-    ("auth", false),      // 27
-    ("credential", false), // 28
-    ("cookie", false),    // 29 (credential-named keys only)
+    ("sk-", true),          // 11 apikey
+    ("k_", true),           // 12
+    ("AIza", true),         // 13
+    ("hf_", true),          // 14
+    ("whsec_", true),       // 15
+    ("Q~", true),           // 16 azure
+    ("accountkey", false),  // 17
+    ("sig=", false),        // 18
+    ("://", true),          // 19 url (with '@')
+    ("bearer", false),      // 20
+    ("--", true),           // 21 kv separators
+    ("pass", false),        // 22 kv names
+    ("pwd", false),         // 23
+    ("secret", false),      // 24
+    ("key", false),         // 25
+    ("token", false),       // 26
+    ("auth", false),        // 27
+    ("credential", false),  // 28
+    ("cookie", false),      // 29 (credential-named keys only)
 ];
 const KV_NAMES: u32 = 0x7f << 22; // literals 22..=28
 /// The literals one of which every credential-named key holds.
@@ -162,7 +162,9 @@ fn rules() -> &'static Rules {
         azure_entra: re(r"[A-Za-z0-9_~.-]{3}[0-9]Q~[A-Za-z0-9_~.-]{31,34}"),
         // The password may contain '@': the greedy run gives back to the last '@'
         // before the host, and stops at '/', '?', '#' so "host:8080/x?a@b" is left.
-        url: re(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]{0,20}://[^\s\x1C-\x1F:/?#@]*):[^\s\x1C-\x1F/?#]+@"),
+        url: re(
+            r"(?P<head>[A-Za-z][A-Za-z0-9+.-]{0,20}://[^\s\x1C-\x1F:/?#@]*):[^\s\x1C-\x1F/?#]+@",
+        ),
         // The credential must hold a digit (checked in code).
         bearer: re(r"(?i)(?P<head>bearer[\s\x1C-\x1F]+)(?P<v>[A-Za-z0-9._~+/-]{12,})=*"),
         kv_basic: re(concat!(
@@ -231,7 +233,9 @@ fn literals_in(bytes: &[u8]) -> u32 {
         for lit in candidates {
             if (word | lit.fold) & lit.mask == lit.value
                 && (lit.tail.is_empty()
-                    || rest.get(8..8 + lit.tail.len()).is_some_and(|t| t.eq_ignore_ascii_case(lit.tail)))
+                    || rest
+                        .get(8..8 + lit.tail.len())
+                        .is_some_and(|t| t.eq_ignore_ascii_case(lit.tail)))
             {
                 seen |= 1 << lit.id;
             }
@@ -373,12 +377,18 @@ enum Verdict {
 }
 
 /// `re.sub` of Python with a function replacement, plus rejected starts.
-fn substitute(text: &str, re: &Regex, mut judge: impl FnMut(&Captures<'_>) -> Verdict) -> Option<String> {
+fn substitute(
+    text: &str,
+    re: &Regex,
+    mut judge: impl FnMut(&Captures<'_>) -> Verdict,
+) -> Option<String> {
     let mut out: Option<String> = None;
     let mut copied = 0;
     let mut pos = 0;
     while pos <= text.len() {
-        let Some(caps) = re.captures_at(text, pos) else { break };
+        let Some(caps) = re.captures_at(text, pos) else {
+            break;
+        };
         let m = caps.get(0).expect("group 0");
         match judge(&caps) {
             Verdict::Reject => {
@@ -395,7 +405,11 @@ fn substitute(text: &str, re: &Regex, mut judge: impl FnMut(&Captures<'_>) -> Ve
             }
         }
         // The rules never match the empty string; guard anyway.
-        pos = if m.end() > m.start() { m.end() } else { m.end() + 1 };
+        pos = if m.end() > m.start() {
+            m.end()
+        } else {
+            m.end() + 1
+        };
     }
     out.map(|mut o| {
         o.push_str(&text[copied..]);
@@ -461,7 +475,7 @@ fn luhn_valid(digits: &[u8]) -> bool {
     let mut total = 0u32;
     for (i, &d) in digits.iter().rev().enumerate() {
         let mut v = u32::from(d - b'0');
-        if i % 2 == 1 {
+        if !i.is_multiple_of(2) {
             v *= 2;
             if v > 9 {
                 v -= 9;
@@ -469,7 +483,7 @@ fn luhn_valid(digits: &[u8]) -> bool {
         }
         total += v;
     }
-    total % 10 == 0
+    total.is_multiple_of(10)
 }
 
 /// Whether some card network issues numbers with this prefix and length.
@@ -477,7 +491,11 @@ fn luhn_valid(digits: &[u8]) -> bool {
 /// e.g. 16-digit microsecond epochs (which start with 1) out.
 fn issuer_length_ok(digits: &[u8]) -> bool {
     let n = digits.len();
-    let num = |k: usize| digits[..k].iter().fold(0u32, |a, &d| a * 10 + u32::from(d - b'0'));
+    let num = |k: usize| {
+        digits[..k]
+            .iter()
+            .fold(0u32, |a, &d| a * 10 + u32::from(d - b'0'))
+    };
     let (two, three, four) = (num(2), num(3), num(4));
     if digits[0] == b'4' {
         return matches!(n, 13 | 16 | 19); // Visa
@@ -598,7 +616,9 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
         }
     }
     if fam & GITLAB != 0 {
-        t = apply(t, |s| replace_with(s, &r.gitlab, false, "***GITLAB_TOKEN***"));
+        t = apply(t, |s| {
+            replace_with(s, &r.gitlab, false, "***GITLAB_TOKEN***")
+        });
     }
     if fam & SLACK != 0 {
         let (webhook, mark) = &r.slack[0];
@@ -668,13 +688,15 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
         t = apply(t, |s| {
             substitute(s, &r.entropy, |c| {
                 let m = c.get(0).expect("group 0");
-                let name_run = |ch: char| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-');
+                let name_run =
+                    |ch: char| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-');
                 if char_before(s, m.start()).is_some_and(name_run) {
                     return Verdict::Reject;
                 }
                 let after = s[m.end()..].chars().next();
                 if after.is_some_and(|ch| {
-                    ch.is_ascii_alphanumeric() || matches!(ch, '+' | '/' | '_' | '=' | '.' | ':' | '-')
+                    ch.is_ascii_alphanumeric()
+                        || matches!(ch, '+' | '/' | '_' | '=' | '.' | ':' | '-')
                 }) {
                     return Verdict::Reject;
                 }
@@ -694,7 +716,8 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
                 let p1 = before.next();
                 let p2 = before.next();
                 if p1.is_some_and(|p| is_word(p) || matches!(p, '.' | '+' | '-'))
-                    || (p1.is_some_and(|p| p == ' ' || p == '-') && p2.is_some_and(|p| p.is_ascii_digit()))
+                    || (p1.is_some_and(|p| p == ' ' || p == '-')
+                        && p2.is_some_and(|p| p.is_ascii_digit()))
                 {
                     return Verdict::Reject;
                 }
@@ -824,7 +847,13 @@ mod tests {
 
     #[test]
     fn clean_text_is_borrowed() {
-        for s in ["", "Reasoning completed", "token: 512", "2024-01-01T00:00:00Z", "a=b"] {
+        for s in [
+            "",
+            "Reasoning completed",
+            "token: 512",
+            "2024-01-01T00:00:00Z",
+            "a=b",
+        ] {
             assert!(matches!(sanitize(s), Cow::Borrowed(_)), "{s}");
         }
     }
@@ -832,16 +861,28 @@ mod tests {
     #[test]
     fn secrets_are_marked() {
         let cases = [
-            ("key sk-proj-Ab3dEfGhIjKlMnOpQrStUvWxYz0123456789", "key ***API_KEY***"),
+            (
+                "key sk-proj-Ab3dEfGhIjKlMnOpQrStUvWxYz0123456789",
+                "key ***API_KEY***",
+            ),
             ("AKIAIOSFODNN7EXAMPLE", "***AWS_ACCESS_KEY***"),
-            ("https://admin:s3cr3t@host/x", "https://admin:***REDACTED***@host/x"),
-            ("Authorization: Bearer 0123456789abcdef0123", "Authorization: Bearer ***REDACTED***"),
+            (
+                "https://admin:s3cr3t@host/x",
+                "https://admin:***REDACTED***@host/x",
+            ),
+            (
+                "Authorization: Bearer 0123456789abcdef0123",
+                "Authorization: Bearer ***REDACTED***",
+            ),
             ("password=hunter2", "password=***REDACTED***"),
             ("token: 512", "token: 512"),
             ("card 4111 1111 1111 1111.", "card ***CARD_NUMBER***."),
             ("ts 1700000000123456", "ts 1700000000123456"),
             ("cfg x=Zk3pQ9vL2mN8rT5wY1aB7cD4", "cfg x=***REDACTED***"),
-            ("id x=0123456789abcdef0123456789abcdef", "id x=0123456789abcdef0123456789abcdef"),
+            (
+                "id x=0123456789abcdef0123456789abcdef",
+                "id x=0123456789abcdef0123456789abcdef",
+            ),
         ];
         for (input, want) in cases {
             assert_eq!(sanitize(input), want, "{input}");
@@ -851,8 +892,14 @@ mod tests {
     #[test]
     fn lookbehind_rejections_resume_one_character_later() {
         // The first candidate start is inside a run (rejected); the real one follows.
-        assert_eq!(sanitize("ab.c=Zk3pQ9vL2mN8rT5wY1aB7cD4"), "ab.c=***REDACTED***");
-        assert_eq!(sanitize("x-abc1Q~abcdefghijklmnopqrstuvwxyz01234"), "x-abc1Q~abcdefghijklmnopqrstuvwxyz01234");
+        assert_eq!(
+            sanitize("ab.c=Zk3pQ9vL2mN8rT5wY1aB7cD4"),
+            "ab.c=***REDACTED***"
+        );
+        assert_eq!(
+            sanitize("x-abc1Q~abcdefghijklmnopqrstuvwxyz01234"),
+            "x-abc1Q~abcdefghijklmnopqrstuvwxyz01234"
+        );
     }
 
     #[test]

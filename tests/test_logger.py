@@ -591,8 +591,13 @@ def test_the_writer_scrubs_and_python_does_not(
 
     monkeypatch.setattr(LogSanitizer, "sanitize_string", counting)
     logger = ExecutionLogger("native", tmp_path)
-    logger.log_event_sync("step_error", "c", "key sk-proj-abcdefghijklmnopqrstuvwxyz0123", 0,
-                          {"password": "hunter2", "url": "https://u:pw1@h.example/x"})
+    logger.log_event_sync(
+        "step_error",
+        "c",
+        "key sk-proj-abcdefghijklmnopqrstuvwxyz0123",
+        0,
+        {"password": "hunter2", "url": "https://u:pw1@h.example/x"},
+    )
     logger.close_sync()
     assert calls == []
     event = orjson.loads(log_file(tmp_path, "native").read_bytes())

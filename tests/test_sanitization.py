@@ -424,9 +424,39 @@ def test_large_adversarial_strings_stay_linear(sanitizer: LogSanitizer, blob: st
 
 #: Text around and between the shapes: separators, quotes, names the rules key on.
 _GLUE = [
-    " ", "=", ": ", '"', "'", ",", "\n", "\t", "/", "@", "://", "-", "_", ".", "?", "&",
-    "password", "token", "api_key", "Authorization: ", "Bearer ", "--token ", "x=",
-    "AccountKey=", "sig=", "é", "٣", "\u212a", "0", "4111", "1234 ", "eyJ", "-----",
+    " ",
+    "=",
+    ": ",
+    '"',
+    "'",
+    ",",
+    "\n",
+    "\t",
+    "/",
+    "@",
+    "://",
+    "-",
+    "_",
+    ".",
+    "?",
+    "&",
+    "password",
+    "token",
+    "api_key",
+    "Authorization: ",
+    "Bearer ",
+    "--token ",
+    "x=",
+    "AccountKey=",
+    "sig=",
+    "é",
+    "٣",
+    "\u212a",
+    "0",
+    "4111",
+    "1234 ",
+    "eyJ",
+    "-----",
 ]
 _PIECES = [text for _, text, _ in SECRETS] + [t for t in ORDINARY if t] + _GLUE
 
@@ -459,9 +489,26 @@ def test_native_rules_agree_with_the_reference_on_any_mix(parts: list[str]) -> N
 def test_sensitive_keys_agree_with_the_reference() -> None:
     from sanitize_reference import _SENSITIVE_KEY
 
-    keys = ["password", "api_key", "OPENAI_API_KEY", "client_secret", "x.y-access_key_id",
-            "token", "max_tokens", "secret_name", "password_hint", "api_key_env", "Set-Cookie",
-            "auth_token", "AUTHORIZATION", "credential", "pwd", "my_pwd_x", "", "pass"]
+    keys = [
+        "password",
+        "api_key",
+        "OPENAI_API_KEY",
+        "client_secret",
+        "x.y-access_key_id",
+        "token",
+        "max_tokens",
+        "secret_name",
+        "password_hint",
+        "api_key_env",
+        "Set-Cookie",
+        "auth_token",
+        "AUTHORIZATION",
+        "credential",
+        "pwd",
+        "my_pwd_x",
+        "",
+        "pass",
+    ]
     for key in keys:
         assert _native.is_sensitive_key(key) == (_SENSITIVE_KEY.fullmatch(key) is not None), key
 
@@ -476,7 +523,7 @@ def test_the_writer_scrubs_metadata_as_sanitize_dict_does(tmp_path: Any) -> None
         "empty_password": "",
         "token": "Hello",
         "nested": {"headers": {"Authorization": "Bearer abcdef0123456789abcdef"}},
-        "list": ["ok", "password=hunter2", 5, {"k": "AKIAIOSFODNN7EXAMPLE"}, ["a\"b\n"]],
+        "list": ["ok", "password=hunter2", 5, {"k": "AKIAIOSFODNN7EXAMPLE"}, ['a"b\n']],
         "escaped": 'quote " and \\ and \u00e9 sk-proj-abcdefghijklmnopqrstuvwxyz0123',
         "api_key": ["in", "a", "list"],
         "corpus": [text for _, text, _ in SECRETS] + list(ORDINARY),
@@ -485,8 +532,14 @@ def test_the_writer_scrubs_metadata_as_sanitize_dict_does(tmp_path: Any) -> None
         "z": None,
     }
     writer = _native.AppendWriter(tmp_path / "log.jsonl", session_id="s", sanitize=True)
-    writer.write_event("s", "step_error", "c", "key sk-proj-abcdefghijklmnopqrstuvwxyz0123",
-                       0, orjson.dumps(metadata))
+    writer.write_event(
+        "s",
+        "step_error",
+        "c",
+        "key sk-proj-abcdefghijklmnopqrstuvwxyz0123",
+        0,
+        orjson.dumps(metadata),
+    )
     writer.close()
     event = orjson.loads((tmp_path / "log.jsonl").read_bytes())
     reference = Reference()

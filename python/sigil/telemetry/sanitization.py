@@ -49,6 +49,7 @@ __all__ = ["REDACTED", "LogSanitizer", "sanitizer_from_settings"]
 
 REDACTED = "***REDACTED***"
 
+
 class _EntryLike(Protocol):
     message: str
     metadata: dict[str, Any]
