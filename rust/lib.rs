@@ -10,6 +10,7 @@ pub mod errors;
 pub mod fold;
 pub mod fxhash;
 pub mod parse;
+pub mod sanitize;
 pub mod scan;
 pub mod segments;
 pub mod snapshot;
@@ -377,6 +378,35 @@ fn tail_max_seq(py: Python<'_>, path: PathBuf, max_scan_bytes: u64) -> PyResult<
 // ---------------------------------------------------------------------------
 // Writer
 
+/// Above this size a string is scrubbed with the GIL released.
+const SANITIZE_DETACH_BYTES: usize = 64 << 10;
+
+/// `value` with every secret replaced by a `***...***` mark: the built-in rules
+/// of `sigil.telemetry.sanitization` (the same object when nothing changed).
+#[pyfunction]
+fn sanitize_string<'py>(value: &Bound<'py, PyString>) -> PyResult<Bound<'py, PyString>> {
+    let py = value.py();
+    let text = value.to_cow()?;
+    let cleaned = if text.len() < SANITIZE_DETACH_BYTES {
+        guard("sanitize_string", || Ok(sanitize::sanitize(&text)))?
+    } else {
+        let text: &str = &text;
+        py.detach(|| guard("sanitize_string", || Ok(sanitize::sanitize(text))))?
+    };
+    Ok(match cleaned {
+        // Clean strings, the common case, are returned without a copy.
+        std::borrow::Cow::Borrowed(_) => value.clone(),
+        std::borrow::Cow::Owned(s) => PyString::new(py, &s),
+    })
+}
+
+/// Whether a metadata key names a credential (its string values are redacted
+/// whatever they hold).
+#[pyfunction]
+fn is_sensitive_key(key: &str) -> bool {
+    sanitize::is_sensitive_key(key)
+}
+
 /// Buffered append-only line writer with a background flush thread.
 #[pyclass(frozen, module = "sigil._native", name = "AppendWriter")]
 pub struct PyAppendWriter {
@@ -432,7 +462,7 @@ impl Drop for PyAppendWriter {
 impl PyAppendWriter {
     #[new]
     #[pyo3(signature = (path, *, buffer_bytes = None, flush_interval = 0.1, fsync = "interval",
-                        max_buffer_bytes = None, session_id = "", start_seq = 0))]
+                        max_buffer_bytes = None, session_id = "", start_seq = 0, sanitize = false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -443,6 +473,7 @@ impl PyAppendWriter {
         max_buffer_bytes: Option<&Bound<'_, PyAny>>,
         session_id: &str,
         start_seq: u64,
+        sanitize: bool,
     ) -> PyResult<Self> {
         let policy = writer::FsyncPolicy::parse(fsync).ok_or_else(|| {
             value_error(format!(
@@ -483,6 +514,7 @@ impl PyAppendWriter {
             fsync: policy,
             max_buffer_bytes: max_buffer_bytes as usize,
             session_id: session_id.to_string(),
+            sanitize,
         };
         let p = path.clone();
         let inner = detached_io(py, "AppendWriter()", Some(&path), move || {
@@ -533,11 +565,13 @@ impl PyAppendWriter {
                 }
             },
         };
-        self.inner
-            .write_event(
-                session_id, event_type, component, message, tokens, metadata, timestamp,
-            )
-            .map_err(write_err)
+        guard("AppendWriter.write_event", || {
+            self.inner
+                .write_event(
+                    session_id, event_type, component, message, tokens, metadata, timestamp,
+                )
+                .map_err(write_err)
+        })
     }
 
     /// Write everything queued now (and fsync unless the policy is `never`).
@@ -920,8 +954,8 @@ impl PyTailer {
 mod _native {
     #[pymodule_export]
     use super::{
-        fold_file, fold_file_snapshot, parse_bytes, parse_lines, tail_max_seq, PyAppendWriter,
-        PyCheckpoint, PyEntry, PyFold, PyTailer,
+        fold_file, fold_file_snapshot, is_sensitive_key, parse_bytes, parse_lines, sanitize_string,
+        tail_max_seq, PyAppendWriter, PyCheckpoint, PyEntry, PyFold, PyTailer,
     };
     #[pymodule_export]
     use crate::snapshot::{

@@ -24,6 +24,7 @@
 //! use is refused (close is a no-op), so nothing the parent queued is written
 //! twice and no lock the parent's flush thread held at the fork is touched.
 
+use std::borrow::Cow;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -67,6 +68,9 @@ pub struct WriterConfig {
     pub max_buffer_bytes: usize,
     /// Used in the `events_dropped` notice line.
     pub session_id: String,
+    /// Scrub secrets from each event's message and metadata strings
+    /// (`sanitize::sanitize`) while formatting it.
+    pub sanitize: bool,
 }
 
 impl Default for WriterConfig {
@@ -77,6 +81,7 @@ impl Default for WriterConfig {
             fsync: FsyncPolicy::Interval,
             max_buffer_bytes: 8 << 20,
             session_id: String::new(),
+            sanitize: false,
         }
     }
 }
@@ -521,6 +526,17 @@ impl AppendWriter {
                 return Err(WriteError::BadMetadata);
             }
         }
+        // Scrubbed before the buffer lock: other writing threads never wait on it.
+        let (message, metadata) = if self.shared.cfg.sanitize {
+            (
+                crate::sanitize::sanitize(message),
+                metadata.map(crate::sanitize::sanitize_json),
+            )
+        } else {
+            (Cow::Borrowed(message), metadata.map(Cow::Borrowed))
+        };
+        let metadata = metadata.as_deref();
+        let message: &str = &message;
         let mut ts_buf = [0u8; 32];
         let ts = match timestamp {
             Some(t) => t,

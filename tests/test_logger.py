@@ -545,3 +545,87 @@ def test_tokens_beyond_2_pow_53_are_refused_and_nothing_is_written(tmp_path: Pat
     logger.close_sync()
     assert logger.log_file.read_bytes() == before
     assert fold_file(logger.log_file)["tokens"] == 2**53
+
+
+# -- the sanitizer on the write path (issue 9) ------------------------------------------
+
+
+def test_sanitizer_on_writes_no_secret_from_the_corpus(tmp_path: Path) -> None:
+    """Every secret of the corpus, as the message, as a metadata value at any
+    depth and in a list, never reaches the log; look-alikes are written as given."""
+    from test_sanitization import ORDINARY, SECRETS
+
+    logger = ExecutionLogger("scrub", tmp_path)  # the sanitizer is on by default
+    for _, text, _ in SECRETS:
+        logger.log_event_sync(
+            "step_error",
+            "reasoning",
+            f"failed: {text}",
+            0,
+            {"error": text, "nested": {"detail": [f"at {text}", 1]}, "output": {"raw": text}},
+        )
+    logger.log_event_sync("step_complete", "reasoning", "ok", 1, {"ordinary": list(ORDINARY)})
+    logger.close_sync()
+    lines = log_file(tmp_path, "scrub").read_text(encoding="utf-8").splitlines()
+    for (name, _, secret), line in zip(SECRETS, lines, strict=False):
+        assert secret not in line, name
+    events = [orjson.loads(line) for line in lines]
+    assert events[-1]["metadata"]["ordinary"] == list(ORDINARY)
+    assert seqs_in(log_file(tmp_path, "scrub")) == list(range(len(SECRETS) + 1))
+
+
+def test_the_writer_scrubs_and_python_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the built-in sanitizer the writer scrubs in its own pass: the Python
+    sanitizer is not run per event (it would double the cost); a sanitizer with
+    extra patterns still runs in Python, after the built-in rules."""
+    from sigil.telemetry.sanitization import LogSanitizer
+
+    calls: list[str] = []
+    scrub = LogSanitizer.sanitize_string
+
+    def counting(self: LogSanitizer, value: str) -> str:
+        calls.append(value)
+        return scrub(self, value)
+
+    monkeypatch.setattr(LogSanitizer, "sanitize_string", counting)
+    logger = ExecutionLogger("native", tmp_path)
+    logger.log_event_sync(
+        "step_error",
+        "c",
+        "key sk-proj-abcdefghijklmnopqrstuvwxyz0123",
+        0,
+        {"password": "hunter2", "url": "https://u:pw1@h.example/x"},
+    )
+    logger.close_sync()
+    assert calls == []
+    event = orjson.loads(log_file(tmp_path, "native").read_bytes())
+    assert event["message"] == "key ***API_KEY***"
+    assert event["metadata"] == {
+        "password": "***REDACTED***",
+        "url": "https://u:***REDACTED***@h.example/x",
+    }
+
+    extra = ExecutionLogger(
+        "extra", tmp_path, sanitizer=LogSanitizer([("acme-[0-9]+", "***ACME***")])
+    )
+    extra.log_event_sync("e", "c", "ACME-7 sk-proj-abcdefghijklmnopqrstuvwxyz0123", 0, {})
+    extra.close_sync()
+    assert calls
+    event = orjson.loads(log_file(tmp_path, "extra").read_bytes())
+    assert event["message"] == "***ACME*** ***API_KEY***"
+
+
+def test_an_oversized_event_is_scrubbed_before_it_is_cut(tmp_path: Path) -> None:
+    """Cutting a long message to size must not cut a secret short of its rule."""
+    from sigil.telemetry.execution_logger import MAX_EVENT_BYTES
+
+    key = "sk-proj-abcdefghijklmnopqrstuvwxyz0123"
+    message = "x" * (MAX_EVENT_BYTES - 30) + " " + key
+    logger = ExecutionLogger("big", tmp_path)
+    logger.log_event_sync("e", "c", message, 0, {"k": "y" * MAX_EVENT_BYTES + " " + key})
+    logger.close_sync()
+    data = log_file(tmp_path, "big").read_text(encoding="utf-8")
+    assert "abcdefghijklmnopqrstuvwxyz0" not in data
+    assert "sk-proj-abcdefgh" not in data

@@ -6,8 +6,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from sigil import _native
 from sigil.core.config import Settings, load_settings
 from sigil.telemetry.sanitization import REDACTED, LogSanitizer, sanitizer_from_settings
 
@@ -414,6 +418,133 @@ def test_large_adversarial_strings_stay_linear(sanitizer: LogSanitizer, blob: st
     started = time.perf_counter()
     sanitizer.sanitize_string(blob)
     assert time.perf_counter() - started < 2.0
+
+
+# -- the native rules (rust/sanitize.rs) against the documented Python reference ------
+
+#: Text around and between the shapes: separators, quotes, names the rules key on.
+_GLUE = [
+    " ",
+    "=",
+    ": ",
+    '"',
+    "'",
+    ",",
+    "\n",
+    "\t",
+    "/",
+    "@",
+    "://",
+    "-",
+    "_",
+    ".",
+    "?",
+    "&",
+    "password",
+    "token",
+    "api_key",
+    "Authorization: ",
+    "Bearer ",
+    "--token ",
+    "x=",
+    "AccountKey=",
+    "sig=",
+    "é",
+    "٣",
+    "\u212a",
+    "0",
+    "4111",
+    "1234 ",
+    "eyJ",
+    "-----",
+]
+_PIECES = [text for _, text, _ in SECRETS] + [t for t in ORDINARY if t] + _GLUE
+
+
+def _texts() -> list[str]:
+    """The corpus, every shape inside text, and shapes glued to each other."""
+    texts = [text for _, text, _ in SECRETS] + list(ORDINARY)
+    for _, text, _ in SECRETS:
+        texts += [f"x {text} y", f"key={text}", f'"{text}"', text[:-1], text + "Z", "a" + text]
+    return texts
+
+
+def test_native_rules_agree_with_the_reference_on_the_corpus() -> None:
+    from sanitize_reference import LogSanitizer as Reference
+
+    reference = Reference()
+    for text in _texts():
+        assert _native.sanitize_string(text) == reference.sanitize_string(text), text
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.sampled_from(_PIECES), st.text(max_size=12)), max_size=8))
+def test_native_rules_agree_with_the_reference_on_any_mix(parts: list[str]) -> None:
+    from sanitize_reference import LogSanitizer as Reference
+
+    text = "".join(parts)
+    assert _native.sanitize_string(text) == Reference().sanitize_string(text)
+
+
+def test_sensitive_keys_agree_with_the_reference() -> None:
+    from sanitize_reference import _SENSITIVE_KEY
+
+    keys = [
+        "password",
+        "api_key",
+        "OPENAI_API_KEY",
+        "client_secret",
+        "x.y-access_key_id",
+        "token",
+        "max_tokens",
+        "secret_name",
+        "password_hint",
+        "api_key_env",
+        "Set-Cookie",
+        "auth_token",
+        "AUTHORIZATION",
+        "credential",
+        "pwd",
+        "my_pwd_x",
+        "",
+        "pass",
+    ]
+    for key in keys:
+        assert _native.is_sensitive_key(key) == (_SENSITIVE_KEY.fullmatch(key) is not None), key
+
+
+def test_the_writer_scrubs_metadata_as_sanitize_dict_does(tmp_path: Any) -> None:
+    """The writer's native pass over the serialised metadata equals the
+    documented dict walk: values scrubbed, credential-named keys redacted, keys kept."""
+    from sanitize_reference import LogSanitizer as Reference
+
+    metadata: dict[str, Any] = {
+        "password": "x",
+        "empty_password": "",
+        "token": "Hello",
+        "nested": {"headers": {"Authorization": "Bearer abcdef0123456789abcdef"}},
+        "list": ["ok", "password=hunter2", 5, {"k": "AKIAIOSFODNN7EXAMPLE"}, ['a"b\n']],
+        "escaped": 'quote " and \\ and \u00e9 sk-proj-abcdefghijklmnopqrstuvwxyz0123',
+        "api_key": ["in", "a", "list"],
+        "corpus": [text for _, text, _ in SECRETS] + list(ORDINARY),
+        "n": 1.5,
+        "t": True,
+        "z": None,
+    }
+    writer = _native.AppendWriter(tmp_path / "log.jsonl", session_id="s", sanitize=True)
+    writer.write_event(
+        "s",
+        "step_error",
+        "c",
+        "key sk-proj-abcdefghijklmnopqrstuvwxyz0123",
+        0,
+        orjson.dumps(metadata),
+    )
+    writer.close()
+    event = orjson.loads((tmp_path / "log.jsonl").read_bytes())
+    reference = Reference()
+    assert event["metadata"] == reference.sanitize_dict(metadata)
+    assert event["message"] == "key ***API_KEY***"
 
 
 # -- every file sigil writes, end to end (issue 11 item 9) -----------------------------

@@ -34,8 +34,10 @@ __all__ = [
     "Tailer",
     "fold_file",
     "fold_file_snapshot",
+    "is_sensitive_key",
     "parse_bytes",
     "parse_lines",
+    "sanitize_string",
     "tail_max_seq",
 ]
 
@@ -76,6 +78,8 @@ def fold_file_snapshot(
     path: _Path, last_n: int = 100, max_line_bytes: int = ...
 ) -> SessionSnapshot: ...
 def tail_max_seq(path: _Path, max_scan_bytes: int = ...) -> int | None: ...
+def sanitize_string(value: str) -> str: ...
+def is_sensitive_key(key: str) -> bool: ...
 
 @final
 class Fold:
@@ -295,6 +299,7 @@ class AppendWriter:
         max_buffer_bytes: int | None = None,
         session_id: str = "",
         start_seq: int = 0,
+        sanitize: bool = False,
     ) -> AppendWriter: ...
     def write(self, line: bytes | str) -> None: ...
     def write_event(

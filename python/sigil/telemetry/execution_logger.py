@@ -322,6 +322,14 @@ def _default_sanitizer() -> Sanitizer | None:
     return LogSanitizer()
 
 
+def _is_builtin(sanitizer: Sanitizer | None) -> bool:
+    """Whether ``sanitizer`` does exactly what the native writer's
+    ``sanitize=True`` does (the built-in rules, no extra patterns)."""
+    from sigil.telemetry.sanitization import LogSanitizer
+
+    return type(sanitizer) is LogSanitizer and sanitizer.builtin_only
+
+
 class ExecutionLogger:
     """Asynchronous (and synchronous) logger for pipeline execution events.
 
@@ -367,11 +375,15 @@ class ExecutionLogger:
         if fsync not in ("always", "interval", "never"):
             raise ValueError(f"fsync must be 'always', 'interval' or 'never', not {fsync!r}")
         if sanitizer is True:
-            self._sanitizer: Sanitizer | None = _default_sanitizer()
-        elif sanitizer is False or sanitizer is None:
-            self._sanitizer = None
-        else:
-            self._sanitizer = sanitizer
+            sanitizer = _default_sanitizer()
+        elif sanitizer is False:
+            sanitizer = None
+        #: Scrubs what is cut to size (before the cut, so no cut secret escapes).
+        self._scrubber: Sanitizer | None = sanitizer
+        #: The writer scrubs each event while formatting it when the sanitizer is
+        #: the built-in one; otherwise the Python object runs per event.
+        self._native_sanitize = _is_builtin(sanitizer)
+        self._sanitizer = None if self._native_sanitize else sanitizer
         if lock is not None and os.path.abspath(lock.session_dir) != os.path.abspath(
             self.session_dir
         ):
@@ -428,6 +440,7 @@ class ExecutionLogger:
                         max_buffer_bytes=self.max_buffer_bytes,
                         session_id=self.session_id,
                         start_seq=self._recover_next_seq(),
+                        sanitize=self._native_sanitize,
                     )
                 except BaseException:
                     if took:
@@ -499,6 +512,12 @@ class ExecutionLogger:
             or len(event_type) + len(component) > _MAX_NAME_CHARS
             or (meta is not None and len(meta) > _CHEAP_METADATA_BYTES)
         ):
+            scrubber = self._scrubber
+            if self._native_sanitize and scrubber is not None:
+                # Cutting to size may cut a secret short of its rule: scrub first.
+                message = scrubber.sanitize_string(message)
+                if metadata:
+                    metadata, meta = _encode_metadata(scrubber.sanitize_dict(dict(metadata)))
             event_type, component, message, meta = _bounded(
                 event_type, component, message, metadata, meta
             )

@@ -1,0 +1,932 @@
+//! Secret scrubbing: the one pattern set of sigil (spec 11.2, issue 9).
+//!
+//! `python/sigil/telemetry/sanitization.py` documents the rules and calls this
+//! module; the writer applies it to an event's message and every metadata
+//! string in the pass that serialises the event.
+//!
+//! A string is first read once by the gate: one Aho-Corasick automaton over the
+//! literal prefixes of every rule family plus a byte loop for the shapes that
+//! are not literals (digit groups of card numbers, long base64-ish runs).
+//! Most strings trigger no family and cost no regex work; the exact rules of a
+//! family run only when its gate fired.
+//!
+//! Rust's `regex` has no lookaround or backreferences; the few Python rules that
+//! used them are the same regex without the lookaround, the lookaround checked
+//! in code at the match (a rejected start resumes one character later, as a
+//! backtracking engine would try it), and the card rule's backreference spelled
+//! out as one alternative per separator. Python's `\s` also matches \x1C-\x1F
+//! (Rust's is Unicode White_Space only), so those are added where `\s` is used.
+//! Every rule is linear in its input.
+
+use std::borrow::Cow;
+use std::sync::OnceLock;
+
+use regex::{Captures, Regex};
+
+pub const REDACTED: &str = "***REDACTED***";
+
+// Rule families, in the order they are applied: specific shapes first, so that
+// "api_key=sk-proj-..." reads "api_key=***API_KEY***" rather than a generic mark.
+const PEM: u16 = 1 << 0;
+const JWT: u16 = 1 << 1;
+const AWS: u16 = 1 << 2;
+const GITHUB: u16 = 1 << 3;
+const GITLAB: u16 = 1 << 4;
+const SLACK: u16 = 1 << 5;
+const APIKEY: u16 = 1 << 6;
+const AZURE: u16 = 1 << 7;
+const URL: u16 = 1 << 8;
+const BEARER: u16 = 1 << 9;
+const KV: u16 = 1 << 10;
+const ENTROPY: u16 = 1 << 11;
+const CARD: u16 = 1 << 12;
+
+/// The gate's literals. `true`: case-sensitive (checked at the match, the
+/// automaton being ASCII case-insensitive); `false`: matched in the lower-cased
+/// string. Each family's test is at least as loose as its rules.
+const LITERALS: &[(&str, bool)] = &[
+    ("-----", true),        // 0 pem
+    ("eyJ", true),          // 1 jwt
+    ("AKIA", true),         // 2 aws
+    ("ASIA", true),         // 3
+    ("ABIA", true),         // 4
+    ("ACCA", true),         // 5
+    ("gh", true),           // 6 github (with '_')
+    ("gl", true),           // 7 gitlab (with '-')
+    ("xox", true),          // 8 slack
+    ("xapp-", true),        // 9
+    ("hooks.slack", false), // 10
+    ("sk-", true),          // 11 apikey
+    ("k_", true),           // 12
+    ("AIza", true),         // 13
+    ("hf_", true),          // 14
+    ("whsec_", true),       // 15
+    ("Q~", true),           // 16 azure
+    ("accountkey", false),  // 17
+    ("sig=", false),        // 18
+    ("://", true),          // 19 url (with '@')
+    ("bearer", false),      // 20
+    ("--", true),           // 21 kv separators
+    ("pass", false),        // 22 kv names
+    ("pwd", false),         // 23
+    ("secret", false),      // 24
+    ("key", false),         // 25
+    ("token", false),       // 26
+    ("auth", false),        // 27
+    ("credential", false),  // 28
+    ("cookie", false),      // 29 (credential-named keys only)
+];
+const KV_NAMES: u32 = 0x7f << 22; // literals 22..=28
+/// The literals one of which every credential-named key holds.
+const KEY_NAMES: u32 = KV_NAMES | 1 << 29;
+
+struct Rules {
+    /// The literals by their lower-cased first byte.
+    gate: Vec<Vec<GateLit>>,
+    pem: Regex,
+    jwt: Regex,
+    aws: Regex,
+    github: [Regex; 2],
+    gitlab: Regex,
+    slack: [(Regex, &'static str); 3],
+    apikey: [Regex; 7],
+    azure_conn: Regex,
+    azure_sig: Regex,
+    azure_entra: Regex,
+    url: Regex,
+    bearer: Regex,
+    kv_basic: Regex,
+    kv_flag: Regex,
+    kv_pair: Regex,
+    entropy: Regex,
+    card: Regex,
+    digit: Regex,
+    py_word: Regex,
+    sensitive_key: Regex,
+}
+
+fn re(pattern: &str) -> Regex {
+    // The patterns are constants covered by the tests below.
+    Regex::new(pattern).expect("built-in sanitizer pattern")
+}
+
+const STRONG_NAMES: &str =
+    r"pass(?:word|wd|phrase)|pwd|secret(?:[_-]?key)?|api[_-]?key|access[_-]?key|private[_-]?key";
+const WEAK_NAMES: &str = r"token|auth(?:orization)?|credentials?";
+
+fn rules() -> &'static Rules {
+    static RULES: OnceLock<Rules> = OnceLock::new();
+    RULES.get_or_init(|| Rules {
+        gate: (0..=255u8)
+            .map(|b| {
+                (0..LITERALS.len())
+                    .filter(|&id| LITERALS[id].0.as_bytes()[0].to_ascii_lowercase() == b)
+                    .map(GateLit::new)
+                    .collect()
+            })
+            .collect(),
+        pem: re(concat!(
+            r"(?s)-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----",
+            r"(?:.*?-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|.*)"
+        )),
+        jwt: re(r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*"),
+        aws: re(r"A(?:KIA|SIA|BIA|CCA)[A-Z0-9]{16}"),
+        github: [
+            re(r"gh[pousr]_[A-Za-z0-9]{30,251}"),
+            re(r"github_pat_[A-Za-z0-9_]{22,255}"),
+        ],
+        gitlab: re(r"gl(?:pat|ptt|dt|rt|soat|cbt|ft|imt)-[A-Za-z0-9_-]{20,}"),
+        slack: [
+            (
+                re(r"https?://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/-]+"),
+                "***SLACK_WEBHOOK***",
+            ),
+            (re(r"xox[abeprs]-[A-Za-z0-9-]{10,}"), "***SLACK_TOKEN***"),
+            (re(r"xapp-\d-[A-Za-z0-9-]{10,}"), "***SLACK_TOKEN***"),
+        ],
+        apikey: [
+            re(r"sk-ant-[A-Za-z0-9_-]{20,}"),
+            re(r"sk-(?:proj|svcacct|admin|None)-[A-Za-z0-9_-]{20,}"),
+            // Legacy OpenAI keys and most OpenAI-compatible providers: no dashes in
+            // the body, which keeps kebab-case names such as "sk-learn-..." out.
+            re(r"sk-[A-Za-z0-9]{20,}"),
+            re(r"[rs]k_(?:live|test)_[A-Za-z0-9]{16,}"),
+            re(r"AIza[0-9A-Za-z_-]{35}"),
+            re(r"hf_[A-Za-z0-9]{30,}"),
+            re(r"whsec_[A-Za-z0-9+/=]{24,}"),
+        ],
+        azure_conn: re(r"(?i)(?P<head>(?:AccountKey|SharedAccessKey)=)[A-Za-z0-9+/]{20,}={0,2}"),
+        azure_sig: re(r"(?i)(?P<head>[?&]sig=)[A-Za-z0-9%+/=]{20,}"),
+        // Entra ID (Azure AD) client secrets, whose 4th-5th characters are "Q~";
+        // not preceded by [\w~.-] (checked in code).
+        azure_entra: re(r"[A-Za-z0-9_~.-]{3}[0-9]Q~[A-Za-z0-9_~.-]{31,34}"),
+        // The password may contain '@': the greedy run gives back to the last '@'
+        // before the host, and stops at '/', '?', '#' so "host:8080/x?a@b" is left.
+        url: re(
+            r"(?P<head>[A-Za-z][A-Za-z0-9+.-]{0,20}://[^\s\x1C-\x1F:/?#@]*):[^\s\x1C-\x1F/?#]+@",
+        ),
+        // The credential must hold a digit (checked in code).
+        bearer: re(r"(?i)(?P<head>bearer[\s\x1C-\x1F]+)(?P<v>[A-Za-z0-9._~+/-]{12,})=*"),
+        kv_basic: re(concat!(
+            r#"(?i)(?P<head>authorization(?:\\?["'])?[ \t]*[:=][ \t]*(?:\\?["'])?basic[ \t]+)"#,
+            r"[A-Za-z0-9+/]{4,}={0,2}"
+        )),
+        kv_flag: re(concat!(
+            r"(?i)(?P<name>--(?:password|passwd|pass|token|api-?key|secret|client-secret))",
+            r#"(?P<sep>[ \t]+)(?P<bare>[^\s\x1C-\x1F"']+)"#
+        )),
+        kv_pair: re(&format!(
+            concat!(
+                r"(?i)(?P<name>{}|{})",
+                r#"(?P<sep>(?:\\?["'])?[ \t]*[:=][ \t]*)"#,
+                r#"(?:"(?P<dq>(?:[^"\\\n]|\\.)*)""#,
+                r"|'(?P<sq>[^'\n]*)'",
+                r#"|(?:\\["'])?(?P<bare>[^\s\x1C-\x1F"',;&\\]+))"#
+            ),
+            STRONG_NAMES, WEAK_NAMES
+        )),
+        // A name=value whose value may be random; the name starts a run of name
+        // characters and the value ends its run (both checked in code).
+        entropy: re(concat!(
+            r"(?P<head>[A-Za-z_][A-Za-z0-9_.-]{0,63}[ \t]*(?:=|:[ \t]*))",
+            r"(?P<value>[A-Za-z0-9+/_-]{24,}={0,2})"
+        )),
+        // 13-19 digits, bare or in groups of 4 (4-6-5 for Amex) with one
+        // separator; not part of a longer number, decimal, word or list (in code).
+        card: re(concat!(
+            r"[0-9]{13,19}",
+            r"|[0-9]{4} [0-9]{4} [0-9]{4} [0-9]{1,7}|[0-9]{4}-[0-9]{4}-[0-9]{4}-[0-9]{1,7}",
+            r"|[0-9]{4} [0-9]{6} [0-9]{4,5}|[0-9]{4}-[0-9]{6}-[0-9]{4,5}"
+        )),
+        digit: re(r"\d"),
+        py_word: re(r"[\p{L}\p{N}_]"),
+        // Credential-named keys: their string values are redacted whatever they
+        // contain. Plain "token" is not one: in LLM pipelines it is a text token.
+        sensitive_key: re(concat!(
+            r"(?i)^(?:[a-z0-9]+[_.-])*?",
+            r"(?:pass(?:word|wd|phrase)?|pwd|secret|client[_-]?secret|secret[_-]?key|api[_-]?key",
+            r"|apikey|access[_-]?key(?:[_-]?id)?|private[_-]?key|auth[_-]?token|access[_-]?token",
+            r"|refresh[_-]?token|session[_-]?token|id[_-]?token|bearer[_-]?token|api[_-]?token",
+            r"|authorization|credentials?|cookie|set[_-]cookie)$"
+        )),
+    })
+}
+
+/// Which gate literals occur in `bytes` (a bit per literal), in one pass: at each
+/// byte, only the literals starting with it (case-insensitively) are compared.
+/// (aho-corasick's overlapping search, which the gate needs, measured several
+/// times slower on short strings: it cannot use its prefilter.)
+fn literals_in(bytes: &[u8]) -> u32 {
+    let gate = &rules().gate;
+    let mut seen = 0u32;
+    for (i, &b) in bytes.iter().enumerate() {
+        let candidates = &gate[usize::from(b.to_ascii_lowercase())];
+        if candidates.is_empty() {
+            continue;
+        }
+        // The next 8 bytes as one word, zero-padded at the end.
+        let rest = &bytes[i..];
+        let mut buf = [0u8; 8];
+        let n = rest.len().min(8);
+        buf[..n].copy_from_slice(&rest[..n]);
+        let word = u64::from_le_bytes(buf);
+        for lit in candidates {
+            if (word | lit.fold) & lit.mask == lit.value
+                && (lit.tail.is_empty()
+                    || rest
+                        .get(8..8 + lit.tail.len())
+                        .is_some_and(|t| t.eq_ignore_ascii_case(lit.tail)))
+            {
+                seen |= 1 << lit.id;
+            }
+        }
+    }
+    seen
+}
+
+/// A gate literal as a masked 8-byte word (letters folded to lower case when
+/// the literal is case-insensitive), and the bytes past the eighth.
+struct GateLit {
+    id: u32,
+    value: u64,
+    mask: u64,
+    fold: u64,
+    tail: &'static [u8],
+}
+
+impl GateLit {
+    fn new(id: usize) -> Self {
+        let (lit, exact) = LITERALS[id];
+        let b = lit.as_bytes();
+        let (mut value, mut mask, mut fold) = ([0u8; 8], [0u8; 8], [0u8; 8]);
+        for (k, &c) in b.iter().take(8).enumerate() {
+            mask[k] = 0xff;
+            if !exact && c.is_ascii_alphabetic() {
+                // Only ASCII letters become lower-case letters with 0x20 set.
+                fold[k] = 0x20;
+                value[k] = c.to_ascii_lowercase();
+            } else {
+                value[k] = c;
+            }
+        }
+        GateLit {
+            id: id as u32,
+            value: u64::from_le_bytes(value),
+            mask: u64::from_le_bytes(mask),
+            fold: u64::from_le_bytes(fold),
+            tail: b.get(8..).unwrap_or(&[]),
+        }
+    }
+}
+
+/// The families a string can trigger (a bit per family), and the literals seen.
+fn families(value: &str) -> (u16, u32) {
+    let bytes = value.as_bytes();
+    let mut seen = literals_in(bytes);
+    if !value.is_ascii() {
+        // Lower-casing can turn a non-ASCII character into ASCII (the Kelvin sign
+        // into 'k'): the case-insensitive literals are also sought in the lower-cased text.
+        let lowered = literals_in(value.to_lowercase().as_bytes());
+        let insensitive = LITERALS
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, exact))| !exact)
+            .fold(0u32, |m, (id, _)| m | 1 << id);
+        seen |= lowered & insensitive;
+    }
+    // Single characters and the runs no literal describes.
+    let (mut under, mut dash, mut at, mut colon, mut equals) = (false, false, false, false, false);
+    let (mut digits, mut sep_after_four, mut card) = (0usize, false, false);
+    let (mut run, mut long_run) = (0usize, false);
+    for &b in bytes {
+        match b {
+            b'_' => under = true,
+            b'-' => dash = true,
+            b'@' => at = true,
+            b':' => colon = true,
+            b'=' => equals = true,
+            _ => {}
+        }
+        if b.is_ascii_digit() {
+            digits += 1;
+            if digits >= 8 || (sep_after_four && digits >= 4) {
+                card = true;
+            }
+        } else {
+            sep_after_four = (b == b' ' || b == b'-') && digits >= 4;
+            digits = 0;
+        }
+        if b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'_' | b'-') {
+            run += 1;
+            long_run |= run >= 24;
+        } else {
+            run = 0;
+        }
+    }
+    let has = |id: u32| seen & (1 << id) != 0;
+    let mut found = 0;
+    if has(0) {
+        found |= PEM;
+    }
+    if has(1) {
+        found |= JWT;
+    }
+    if has(2) || has(3) || has(4) || has(5) {
+        found |= AWS;
+    }
+    if has(6) && under {
+        found |= GITHUB;
+    }
+    if has(7) && dash {
+        found |= GITLAB;
+    }
+    if has(8) || has(9) || has(10) {
+        found |= SLACK;
+    }
+    if has(11) || has(12) || has(13) || has(14) || has(15) {
+        found |= APIKEY;
+    }
+    if has(16) || has(17) || has(18) {
+        found |= AZURE;
+    }
+    if has(19) && at {
+        found |= URL;
+    }
+    if has(20) {
+        found |= BEARER;
+    }
+    if (colon || equals || has(21)) && seen & KV_NAMES != 0 {
+        found |= KV;
+    }
+    if card {
+        found |= CARD;
+    }
+    if (colon || equals) && long_run {
+        found |= ENTROPY;
+    }
+    (found, seen)
+}
+
+/// What a rule decides at one match.
+enum Verdict {
+    /// The lookaround failed: no match here; try one character later.
+    Reject,
+    /// A match, left as it is (scanning resumes after it).
+    Keep,
+    Replace(String),
+}
+
+/// `re.sub` of Python with a function replacement, plus rejected starts.
+fn substitute(
+    text: &str,
+    re: &Regex,
+    mut judge: impl FnMut(&Captures<'_>) -> Verdict,
+) -> Option<String> {
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    let mut pos = 0;
+    while pos <= text.len() {
+        let Some(caps) = re.captures_at(text, pos) else {
+            break;
+        };
+        let m = caps.get(0).expect("group 0");
+        match judge(&caps) {
+            Verdict::Reject => {
+                // The next character boundary after the rejected start.
+                pos = m.start() + text[m.start()..].chars().next().map_or(1, char::len_utf8);
+                continue;
+            }
+            Verdict::Keep => {}
+            Verdict::Replace(new) => {
+                let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
+                o.push_str(&text[copied..m.start()]);
+                o.push_str(&new);
+                copied = m.end();
+            }
+        }
+        // The rules never match the empty string; guard anyway.
+        pos = if m.end() > m.start() {
+            m.end()
+        } else {
+            m.end() + 1
+        };
+    }
+    out.map(|mut o| {
+        o.push_str(&text[copied..]);
+        o
+    })
+}
+
+/// Python's `\b` at the start of the rules that have one (they start with a
+/// letter), and at the end of those that end with one: Rust's `\b` knows other
+/// word characters (not '¼', but combining marks), so the boundaries are checked here.
+fn bounded(text: &str, c: &Captures<'_>, trail: bool) -> bool {
+    let m = c.get(0).expect("group 0");
+    starts_word(text, m.start()) && (!trail || ends_word(text, m.end()))
+}
+
+fn replace_with(text: &str, re: &Regex, trail: bool, mark: &str) -> Option<String> {
+    substitute(text, re, |c| {
+        if bounded(text, c, trail) {
+            Verdict::Replace(mark.to_string())
+        } else {
+            Verdict::Reject
+        }
+    })
+}
+
+fn replace_plain(text: &str, re: &Regex, mark: &str) -> Option<String> {
+    substitute(text, re, |_| Verdict::Replace(mark.to_string()))
+}
+
+fn keep_head(text: &str, re: &Regex, lead: bool) -> Option<String> {
+    substitute(text, re, |c| {
+        if lead && !bounded(text, c, false) {
+            return Verdict::Reject;
+        }
+        Verdict::Replace(format!("{}{REDACTED}", &c["head"]))
+    })
+}
+
+fn char_before(text: &str, at: usize) -> Option<char> {
+    text[..at].chars().next_back()
+}
+
+/// Python's `\w`: `str.isalnum()` or '_' (letters and numbers of any script).
+fn is_word(c: char) -> bool {
+    if c.is_ascii() {
+        return c.is_ascii_alphanumeric() || c == '_';
+    }
+    let mut buf = [0u8; 4];
+    rules().py_word.is_match(c.encode_utf8(&mut buf))
+}
+
+/// Python's `\b` before a match that starts with a word character.
+fn starts_word(text: &str, at: usize) -> bool {
+    !char_before(text, at).is_some_and(is_word)
+}
+
+/// Python's `\b` after a match that ends with a word character.
+fn ends_word(text: &str, at: usize) -> bool {
+    !text[at..].chars().next().is_some_and(is_word)
+}
+
+fn luhn_valid(digits: &[u8]) -> bool {
+    let mut total = 0u32;
+    for (i, &d) in digits.iter().rev().enumerate() {
+        let mut v = u32::from(d - b'0');
+        if !i.is_multiple_of(2) {
+            v *= 2;
+            if v > 9 {
+                v -= 9;
+            }
+        }
+        total += v;
+    }
+    total.is_multiple_of(10)
+}
+
+/// Whether some card network issues numbers with this prefix and length.
+/// Luhn alone passes one random number in ten; a real issuer prefix keeps
+/// e.g. 16-digit microsecond epochs (which start with 1) out.
+fn issuer_length_ok(digits: &[u8]) -> bool {
+    let n = digits.len();
+    let num = |k: usize| {
+        digits[..k]
+            .iter()
+            .fold(0u32, |a, &d| a * 10 + u32::from(d - b'0'))
+    };
+    let (two, three, four) = (num(2), num(3), num(4));
+    if digits[0] == b'4' {
+        return matches!(n, 13 | 16 | 19); // Visa
+    }
+    if (51..=55).contains(&two) || (2221..=2720).contains(&four) {
+        return n == 16; // Mastercard
+    }
+    if two == 34 || two == 37 {
+        return n == 15; // American Express
+    }
+    if four == 6011 || two == 65 || (644..=649).contains(&three) {
+        return (16..=19).contains(&n); // Discover
+    }
+    if (300..=305).contains(&three) || matches!(two, 36 | 38 | 39) {
+        return (14..=19).contains(&n); // Diners Club
+    }
+    if (3528..=3589).contains(&four) {
+        return (16..=19).contains(&n); // JCB
+    }
+    if two == 62 {
+        return (16..=19).contains(&n); // UnionPay
+    }
+    if two == 50 || (56..=58).contains(&two) || two == 67 {
+        return (12..=19).contains(&n); // Maestro
+    }
+    false
+}
+
+/// Shannon entropy in bits per character, summed in first-seen order from 0.0
+/// as Python's `sum` does, so that a value at the threshold is judged the same.
+fn entropy(value: &str) -> f64 {
+    let mut counts: Vec<(u8, u32)> = Vec::new();
+    for &b in value.as_bytes() {
+        match counts.iter_mut().find(|(c, _)| *c == b) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((b, 1)),
+        }
+    }
+    let n = value.len() as f64;
+    let mut sum = 0.0f64;
+    for &(_, c) in &counts {
+        let p = f64::from(c) / n;
+        sum += p * p.log2();
+    }
+    -sum
+}
+
+/// A value that looks random: upper case, lower case and digits mixed (hex
+/// hashes and UUIDs are not), close to the entropy of a random string of its
+/// length (85 % of log2(length), at most 4.5 bits), not a path.
+fn high_entropy(value: &str) -> bool {
+    let b = value.as_bytes();
+    !(b[0] == b'/'
+        || b[0] == b'-'
+        || b.iter().filter(|&&c| c == b'/').count() >= 2
+        || !b.iter().any(u8::is_ascii_uppercase)
+        || !b.iter().any(u8::is_ascii_lowercase)
+        || !b.iter().any(u8::is_ascii_digit)
+        || entropy(value) < f64::min(4.5, 0.85 * (value.len() as f64).log2()))
+}
+
+/// A `token=` or `auth:` value is a secret only when it looks like a credential.
+fn credential_like(value: &str) -> bool {
+    value.chars().count() >= 8
+        && value.bytes().any(|b| b.is_ascii_alphabetic())
+        && rules().digit.is_match(value)
+}
+
+fn key_value(c: &Captures<'_>) -> Verdict {
+    let Some(v) = ["dq", "sq", "bare"].iter().find_map(|g| c.name(g)) else {
+        return Verdict::Keep;
+    };
+    let value = v.as_str();
+    let name = c["name"].to_lowercase();
+    let weak = matches!(
+        name.as_str(),
+        "token" | "auth" | "authorization" | "credential" | "credentials"
+    );
+    let keep = value.starts_with("***") // already redacted by a more specific rule
+        || (name == "pwd" && (value.starts_with('/') || value.starts_with('~'))) // a shell's PWD
+        || (weak && !credential_like(value));
+    if keep || value.is_empty() {
+        return Verdict::Keep;
+    }
+    let m = c.get(0).expect("group 0");
+    let whole = m.as_str();
+    let (s, e) = (v.start() - m.start(), v.end() - m.start());
+    Verdict::Replace(format!("{}{REDACTED}{}", &whole[..s], &whole[e..]))
+}
+
+fn apply(mut text: Cow<'_, str>, step: impl FnOnce(&str) -> Option<String>) -> Cow<'_, str> {
+    if let Some(new) = step(&text) {
+        text = Cow::Owned(new);
+    }
+    text
+}
+
+/// `value` with every secret replaced by a `***...***` mark (borrowed when clean).
+pub fn sanitize(value: &str) -> Cow<'_, str> {
+    let (fam, seen) = families(value);
+    let mut t = Cow::Borrowed(value);
+    if fam == 0 {
+        return t;
+    }
+    let r = rules();
+    if fam & PEM != 0 {
+        t = apply(t, |s| replace_plain(s, &r.pem, "***PRIVATE_KEY***"));
+    }
+    if fam & JWT != 0 {
+        t = apply(t, |s| replace_with(s, &r.jwt, false, "***JWT***"));
+    }
+    if fam & AWS != 0 {
+        t = apply(t, |s| replace_with(s, &r.aws, true, "***AWS_ACCESS_KEY***"));
+    }
+    if fam & GITHUB != 0 {
+        for (rule, trail) in r.github.iter().zip([true, false]) {
+            t = apply(t, |s| replace_with(s, rule, trail, "***GITHUB_TOKEN***"));
+        }
+    }
+    if fam & GITLAB != 0 {
+        t = apply(t, |s| {
+            replace_with(s, &r.gitlab, false, "***GITLAB_TOKEN***")
+        });
+    }
+    if fam & SLACK != 0 {
+        let (webhook, mark) = &r.slack[0];
+        t = apply(t, |s| replace_plain(s, webhook, mark));
+        for (rule, mark) in &r.slack[1..] {
+            t = apply(t, |s| replace_with(s, rule, false, mark));
+        }
+    }
+    if fam & APIKEY != 0 {
+        // Each rule only where its own literal is (no mark holds one of these).
+        let needs = [11, 11, 11, 12, 13, 14, 15];
+        let trails = [false, false, true, false, false, false, false];
+        for ((rule, lit), trail) in r.apikey.iter().zip(needs).zip(trails) {
+            if seen & (1 << lit) != 0 {
+                t = apply(t, |s| replace_with(s, rule, trail, "***API_KEY***"));
+            }
+        }
+    }
+    if fam & AZURE != 0 {
+        t = apply(t, |s| keep_head(s, &r.azure_conn, true));
+        t = apply(t, |s| keep_head(s, &r.azure_sig, false));
+        t = apply(t, |s| {
+            substitute(s, &r.azure_entra, |c| {
+                let start = c.get(0).expect("group 0").start();
+                match char_before(s, start) {
+                    Some(p) if is_word(p) || matches!(p, '~' | '.' | '-') => Verdict::Reject,
+                    _ => Verdict::Replace("***AZURE_SECRET***".to_string()),
+                }
+            })
+        });
+    }
+    if fam & URL != 0 {
+        t = apply(t, |s| {
+            substitute(s, &r.url, |c| {
+                if bounded(s, c, false) {
+                    Verdict::Replace(format!("{}:{REDACTED}@", &c["head"]))
+                } else {
+                    Verdict::Reject
+                }
+            })
+        });
+    }
+    if fam & BEARER != 0 {
+        t = apply(t, |s| {
+            substitute(s, &r.bearer, |c| {
+                let v = c.name("v").expect("group v");
+                // Python's lookahead: a digit within the run or just after it.
+                let digit = v.as_str().bytes().any(|b| b.is_ascii_digit())
+                    || s[v.end()..].chars().next().is_some_and(|ch| {
+                        let mut buf = [0u8; 4];
+                        r.digit.is_match(ch.encode_utf8(&mut buf))
+                    });
+                if digit && bounded(s, c, false) {
+                    Verdict::Replace(format!("{}{REDACTED}", &c["head"]))
+                } else {
+                    Verdict::Reject
+                }
+            })
+        });
+    }
+    if fam & KV != 0 {
+        t = apply(t, |s| keep_head(s, &r.kv_basic, false));
+        t = apply(t, |s| substitute(s, &r.kv_flag, key_value));
+        t = apply(t, |s| substitute(s, &r.kv_pair, key_value));
+    }
+    if fam & ENTROPY != 0 {
+        t = apply(t, |s| {
+            substitute(s, &r.entropy, |c| {
+                let m = c.get(0).expect("group 0");
+                let name_run =
+                    |ch: char| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-');
+                if char_before(s, m.start()).is_some_and(name_run) {
+                    return Verdict::Reject;
+                }
+                let after = s[m.end()..].chars().next();
+                if after.is_some_and(|ch| {
+                    ch.is_ascii_alphanumeric()
+                        || matches!(ch, '+' | '/' | '_' | '=' | '.' | ':' | '-')
+                }) {
+                    return Verdict::Reject;
+                }
+                if high_entropy(&c["value"]) {
+                    Verdict::Replace(format!("{}{REDACTED}", &c["head"]))
+                } else {
+                    Verdict::Keep
+                }
+            })
+        });
+    }
+    if fam & CARD != 0 {
+        t = apply(t, |s| {
+            substitute(s, &r.card, |c| {
+                let m = c.get(0).expect("group 0");
+                let mut before = s[..m.start()].chars().rev();
+                let p1 = before.next();
+                let p2 = before.next();
+                if p1.is_some_and(|p| is_word(p) || matches!(p, '.' | '+' | '-'))
+                    || (p1.is_some_and(|p| p == ' ' || p == '-')
+                        && p2.is_some_and(|p| p.is_ascii_digit()))
+                {
+                    return Verdict::Reject;
+                }
+                let mut after = s[m.end()..].chars();
+                let a1 = after.next();
+                let a2 = after.next();
+                if a1.is_some_and(is_word)
+                    || (a1.is_some_and(|a| matches!(a, '.' | ',' | ' ' | '-'))
+                        && a2.is_some_and(|a| a.is_ascii_digit()))
+                {
+                    return Verdict::Reject;
+                }
+                let digits: Vec<u8> = m.as_str().bytes().filter(u8::is_ascii_digit).collect();
+                if issuer_length_ok(&digits) && luhn_valid(&digits) {
+                    Verdict::Replace("***CARD_NUMBER***".to_string())
+                } else {
+                    Verdict::Keep
+                }
+            })
+        });
+    }
+    t
+}
+
+/// Whether a metadata key names a credential (its string value is redacted
+/// whatever it holds).
+pub fn is_sensitive_key(key: &str) -> bool {
+    // Most keys hold none of the names: no regex work.
+    let named = literals_in(key.as_bytes()) & KEY_NAMES != 0 || !key.is_ascii();
+    named && rules().sensitive_key.is_match(key)
+}
+
+/// The end (one past the closing quote) of the JSON string starting at
+/// `src[start] == b'"'`, and whether it holds an escape.
+fn string_end(src: &[u8], start: usize) -> (usize, bool) {
+    let mut i = start + 1;
+    let mut escaped = false;
+    while let Some(off) = memchr::memchr2(b'"', b'\\', &src[i..]) {
+        i += off;
+        if src[i] == b'\\' {
+            escaped = true;
+            i += 2;
+        } else {
+            return (i + 1, escaped);
+        }
+    }
+    (src.len(), escaped)
+}
+
+/// Sanitise every string of a JSON object (one valid JSON text, as the writer
+/// checks it): values are scrubbed, a non-empty string under a credential-named
+/// key becomes `***REDACTED***`, keys are kept. Everything else is copied byte
+/// for byte; borrowed when nothing changed.
+pub fn sanitize_json(src: &[u8]) -> Cow<'_, [u8]> {
+    let mut out: Option<Vec<u8>> = None;
+    let mut copied = 0;
+    // One flag per open container: true for an object.
+    let mut stack: Vec<bool> = Vec::new();
+    let mut expect_key = false;
+    let mut sensitive = false;
+    let mut i = 0;
+    while i < src.len() {
+        match src[i] {
+            b'{' => {
+                stack.push(true);
+                expect_key = true;
+            }
+            b'[' => {
+                stack.push(false);
+                expect_key = false;
+            }
+            b'}' | b']' => {
+                stack.pop();
+                expect_key = false;
+            }
+            b',' => expect_key = stack.last() == Some(&true),
+            b':' => expect_key = false,
+            b'"' => {
+                let (end, escaped) = string_end(src, i);
+                let body = &src[i + 1..end.saturating_sub(1).max(i + 1)];
+                let text: Cow<'_, str> = if escaped {
+                    match serde_json::from_slice::<String>(&src[i..end]) {
+                        Ok(s) => Cow::Owned(s),
+                        Err(_) => Cow::Borrowed(""),
+                    }
+                } else {
+                    String::from_utf8_lossy(body)
+                };
+                if expect_key {
+                    sensitive = is_sensitive_key(&text);
+                } else {
+                    let in_object = stack.last() == Some(&true);
+                    let new: Option<Cow<'_, str>> = if in_object && sensitive && !text.is_empty() {
+                        Some(Cow::Borrowed(REDACTED))
+                    } else {
+                        match sanitize(&text) {
+                            Cow::Owned(s) => Some(Cow::Owned(s)),
+                            Cow::Borrowed(_) => None,
+                        }
+                    };
+                    if let Some(new) = new {
+                        let o = out.get_or_insert_with(|| Vec::with_capacity(src.len() + 32));
+                        o.extend_from_slice(&src[copied..i]);
+                        crate::parse::push_json_str(o, &new);
+                        copied = end;
+                    }
+                }
+                i = end;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    match out {
+        None => Cow::Borrowed(src),
+        Some(mut o) => {
+            o.extend_from_slice(&src[copied..]);
+            Cow::Owned(o)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_text_is_borrowed() {
+        for s in [
+            "",
+            "Reasoning completed",
+            "token: 512",
+            "2024-01-01T00:00:00Z",
+            "a=b",
+        ] {
+            assert!(matches!(sanitize(s), Cow::Borrowed(_)), "{s}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_marked() {
+        let cases = [
+            (
+                "key sk-proj-Ab3dEfGhIjKlMnOpQrStUvWxYz0123456789",
+                "key ***API_KEY***",
+            ),
+            ("AKIAIOSFODNN7EXAMPLE", "***AWS_ACCESS_KEY***"),
+            (
+                "https://admin:s3cr3t@host/x",
+                "https://admin:***REDACTED***@host/x",
+            ),
+            (
+                "Authorization: Bearer 0123456789abcdef0123",
+                "Authorization: Bearer ***REDACTED***",
+            ),
+            ("password=hunter2", "password=***REDACTED***"),
+            ("token: 512", "token: 512"),
+            ("card 4111 1111 1111 1111.", "card ***CARD_NUMBER***."),
+            ("ts 1700000000123456", "ts 1700000000123456"),
+            ("cfg x=Zk3pQ9vL2mN8rT5wY1aB7cD4", "cfg x=***REDACTED***"),
+            (
+                "id x=0123456789abcdef0123456789abcdef",
+                "id x=0123456789abcdef0123456789abcdef",
+            ),
+        ];
+        for (input, want) in cases {
+            assert_eq!(sanitize(input), want, "{input}");
+        }
+    }
+
+    #[test]
+    fn lookbehind_rejections_resume_one_character_later() {
+        // The first candidate start is inside a run (rejected); the real one follows.
+        assert_eq!(
+            sanitize("ab.c=Zk3pQ9vL2mN8rT5wY1aB7cD4"),
+            "ab.c=***REDACTED***"
+        );
+        assert_eq!(
+            sanitize("x-abc1Q~abcdefghijklmnopqrstuvwxyz01234"),
+            "x-abc1Q~abcdefghijklmnopqrstuvwxyz01234"
+        );
+    }
+
+    #[test]
+    fn json_values_are_scrubbed_keys_kept() {
+        let src = br#"{"password":"x","a":["sk-proj-Ab3dEfGhIjKlMnOpQrStUvWxYz0123456789",1],"n":{"api_key":""},"e":"\u00e9 ok"}"#;
+        let out = sanitize_json(src);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"password":"***REDACTED***","a":["***API_KEY***",1],"n":{"api_key":""},"e":"\u00e9 ok"}"#
+        );
+        let clean = br#"{"model":"gpt-4o-mini","output":{"confidence":0.82}}"#;
+        assert!(matches!(sanitize_json(clean), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn sensitive_keys() {
+        assert!(is_sensitive_key("client_secret"));
+        assert!(is_sensitive_key("OPENAI_API_KEY"));
+        assert!(!is_sensitive_key("token"));
+        assert!(!is_sensitive_key("input_tokens"));
+    }
+
+    #[test]
+    fn large_input_is_linear() {
+        let blob = "a=".repeat(200_000) + &"sk-".repeat(100_000);
+        let t = std::time::Instant::now();
+        let _ = sanitize(&blob);
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+    }
+}
