@@ -888,6 +888,12 @@ class Orchestrator:
         self.steps["contracts"] = step
 
     @property
+    def sanitizer(self) -> Any:
+        """The run's :class:`~sigil.telemetry.sanitization.LogSanitizer` (None when
+        sanitization is off): what the CLI prints goes through it too."""
+        return self._sanitizer
+
+    @property
     def log_file(self) -> Path:
         return self.session_dir / LOG_FILE_NAME
 
