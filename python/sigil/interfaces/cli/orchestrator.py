@@ -433,6 +433,9 @@ class SessionHistory:
     snapshot: SessionSnapshot | None = None
     #: runs that only the ledger knows (their events left the log)
     ledger_only: list[RunRecord] = field(default_factory=list)
+    #: name -> tokens, operations, as the ledger recorded them from the model
+    #: (set when the history is the ledger alone: the log has not changed since)
+    ledger_components: dict[str, dict[str, int]] | None = None
 
     @property
     def summaries_stale(self) -> bool:
@@ -460,6 +463,11 @@ class SessionHistory:
     def component_totals(self) -> tuple[dict[str, int], dict[str, int]]:
         """Tokens and operations per component: the model's, plus, after an
         external rotation, the ledger's for runs the log no longer holds."""
+        if self.ledger_components is not None:
+            return (
+                {n: c["tokens"] for n, c in self.ledger_components.items()},
+                {n: c["operations"] for n, c in self.ledger_components.items()},
+            )
         snap = self.snapshot
         tokens = {n: c.tokens for n, c in snap.components.items()} if snap else {}
         ops = {n: c.operations for n, c in snap.components.items()} if snap else {}
@@ -524,11 +532,30 @@ def read_session_history(session_dir: Path, *, use_ledger: bool = True) -> Sessi
             history.ledger_problem = f"{session_dir / 'tokens.json'}: {exc}"
             ledger = None
             ledger_runs = []
+    if ledger is not None and ledger_runs and ledger_runs[-1].status not in _RESUMABLE:
+        recorded = ledger.get("log_files")
+        components = ledger.get("component_totals")
+        if recorded == _log_files(session_dir) and isinstance(components, dict):
+            # The ledger was written from the model of exactly these files (same
+            # names, sizes, mtimes) and no run is left to resume: it is the
+            # history, with no fold of a log that may hold millions of events.
+            history.runs = ledger_runs
+            history.ledger_components = {
+                str(n): {k: _count(c.get(k)) for k in ("tokens", "operations")}
+                for n, c in components.items()
+                if isinstance(c, Mapping)
+            }
+            history.tokens_used = _count(ledger.get("total_used"))
+            history.events = _count(ledger.get("events"))
+            history.last_seq = history.ledger_seq = int(ledger["last_seq"])
+            history.missing_events = _count(ledger.get("missing_events"))
+            return history
     snap = log_parser.snapshot_at_rest(
         session_dir.name, session_dir.parent.parent, last_n=_RESUME_EVENTS
     )
-    if snap.runs and snap.runs[-1].events > _RESUME_EVENTS:
-        # Room for every event of the last run, which --resume reads back.
+    if snap.runs and snap.runs[-1].status in _RESUMABLE and snap.runs[-1].events > _RESUME_EVENTS:
+        # A run --resume may continue, longer than the events kept: fold again
+        # with room for all of its events (a finished run's are never read back).
         snap = log_parser.snapshot_at_rest(
             session_dir.name, session_dir.parent.parent, last_n=snap.runs[-1].events + 1
         )
@@ -565,6 +592,19 @@ def read_session_history(session_dir: Path, *, use_ledger: bool = True) -> Sessi
     if log_runs:
         _read_back_last_run(log_runs[-1], snap)
     return history
+
+
+def _log_files(session_dir: Path) -> list[dict[str, Any]]:
+    """Name, size and mtime of each file of the session's log, oldest first:
+    what the ledger records to know, later, that the log has not changed."""
+    files = []
+    for path in [*rotated_segments(session_dir), session_dir / LOG_FILE_NAME]:
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        files.append({"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return files
 
 
 def _read_back_last_run(record: RunRecord, snap: SessionSnapshot) -> None:
@@ -1617,6 +1657,7 @@ def write_summaries(
                 "used": c["used"],
                 "utilization": round(c["utilization"], 2),
             }
+    comp_tokens, comp_ops = history.component_totals()
     first_timestamp = next((r.started_at for r in runs if r.started_at), None)
     last_timestamp = (snap.last_timestamp if snap else None) or last.ended_at
     tokens_doc = {
@@ -1636,6 +1677,13 @@ def write_summaries(
         "last_timestamp": last_timestamp,
         "ledger_version": LEDGER_VERSION,
         "last_seq": history.last_seq,
+        # What a new run restores its budget tracker from while the log below is
+        # unchanged (the model's per-component totals, ledger-only runs included).
+        "component_totals": {
+            name: {"tokens": comp_tokens[name], "operations": comp_ops.get(name, 0)}
+            for name in comp_tokens
+        },
+        "log_files": _log_files(session_dir),
         "events": history.events,
         # A hole in seq that neither the log nor the ledger could fill: the
         # totals above are then a lower bound.
