@@ -90,7 +90,13 @@ def list_sessions(log_path: Path) -> list[SessionRow]:
 
 def _live_row(session_dir: Path) -> SessionRow:
     from sigil.core.locks import is_session_locked
-    from sigil.core.paths import LOG_FILE_NAME, NotARegularFile, check_log_file, rotated_segments
+    from sigil.core.paths import (
+        LOCK_FILE_NAME,
+        LOG_FILE_NAME,
+        NotARegularFile,
+        check_log_file,
+        segment_sort_key,
+    )
 
     live_log = session_dir / LOG_FILE_NAME
     try:
@@ -98,9 +104,24 @@ def _live_row(session_dir: Path) -> SessionRow:
         check_log_file(live_log)
     except NotARegularFile as exc:
         raise UsageFailure(str(exc)) from None
-    locked = is_session_locked(session_dir)
-    logs = [*rotated_segments(session_dir), live_log]
-    newest_log = max((_mtime(path) for path in logs), default=0.0)
+    # One pass over the directory gives the size, the log's newest mtime and the
+    # ledger's: a listing of 1,000 sessions makes few system calls per session.
+    size, newest_log, ledger_mtime, has_lock = 0, 0.0, None, False
+    for entry in _scandir(session_dir):
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        size += st.st_size
+        if entry.name == LOG_FILE_NAME or segment_sort_key(LOG_FILE_NAME, entry.name):
+            newest_log = max(newest_log, st.st_mtime)
+        elif entry.name == "tokens.json":
+            ledger_mtime = st.st_mtime
+        elif entry.name == LOCK_FILE_NAME:
+            has_lock = True
+        if entry.is_dir(follow_symlinks=False):
+            size += _tree_size(Path(entry.path))
+    locked = has_lock and is_session_locked(session_dir)
     row = SessionRow(
         session_id=session_dir.name,
         status="unknown",
@@ -109,19 +130,20 @@ def _live_row(session_dir: Path) -> SessionRow:
         tokens_used=None,
         budget=None,
         runs=None,
-        size_bytes=_tree_size(session_dir),
+        size_bytes=size,
         archived=False,
         path=str(session_dir),
     )
-    ledger = None if locked else _read_json(session_dir / "tokens.json")
     # A finished session's ledger stands for its log when it is at least as new
-    # as every segment of it: it was written after the log's last event, so two
-    # small files are read instead of the log (issue 10 item 8).
-    if ledger is not None and _mtime(session_dir / "tokens.json") >= newest_log:
-        if _is_ledger(ledger):
-            _apply_ledger(row, ledger)
-        else:
-            _apply_summaries(row, ledger, _read_json(session_dir / "metrics.json") or {})
+    # as every segment of it: it was written after the log's last event, so one
+    # small file is read instead of the log (issue 10 item 8).
+    ledger = None
+    if not locked and ledger_mtime is not None and ledger_mtime >= newest_log:
+        ledger = _read_json(session_dir / "tokens.json")
+    if ledger is not None and _is_ledger(ledger):
+        _apply_ledger(row, ledger)
+    elif ledger is not None:
+        _apply_summaries(row, ledger, _read_json(session_dir / "metrics.json") or {})
     else:
         _apply_model(row, session_dir, live=locked)
     if locked:
@@ -129,6 +151,14 @@ def _live_row(session_dir: Path) -> SessionRow:
     elif row.status == "running":
         row.status = "incomplete"  # no final event and nobody holds the lock (contract 7)
     return row
+
+
+def _scandir(directory: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _archived_row(archive: Path) -> SessionRow:
