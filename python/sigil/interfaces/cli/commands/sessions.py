@@ -1,12 +1,13 @@
 """``sigil sessions``: list sessions with status, tokens and size.
 
-A finished session has ``tokens.json`` and ``metrics.json`` (written by the
-orchestrator when a run ends, spec 7.2.2 and 7.2.3, plus ``status`` and
-``runs``), so listing it reads two small files rather than its log. The log is
-folded (natively, without a Python object per line) only when those summaries
-are missing or older than the log, i.e. while a run is going on or after one
-that crashed. Archived sessions are listed from the summaries at the front of
-their tar.gz (see :mod:`sigil.telemetry.log_rotation`).
+Every number comes from the native session model (contract 12). A finished
+session's ledger (``tokens.json``, which the orchestrator writes from the model
+when a run ends) stands for its log while it is at least as new as the log, so
+listing it reads one small file. Otherwise the log is read once by one native
+fold per file, with no tailer and so no inotify watcher (issue 10 item 8).
+STARTED is the first run's start; DURATION the wall time from there to the last
+event, or to now while the session is live. Archived sessions are listed from
+the summaries at the front of their tar.gz (see :mod:`sigil.telemetry.log_rotation`).
 """
 
 from __future__ import annotations
