@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
-from conftest import run_cli
 
+from conftest import run_cli
 from sigil.interfaces.cli.orchestrator import read_session_history
 from sigil.telemetry.log_parser import snapshot_session
 
