@@ -124,15 +124,15 @@ def test_cli_commands_on_a_fifo_log_say_so_and_exit_2(tmp_path: Path, args: list
     assert "Traceback" not in proc.stderr
 
 
-def test_sessions_lists_a_fifo_log_as_unreadable_without_hanging(tmp_path: Path) -> None:
-    """A listing does not fail as a whole for one bad session: that row says
-    it is unreadable, the others are listed."""
+def test_sessions_with_a_fifo_log_says_which_file_without_hanging(tmp_path: Path) -> None:
+    """A FIFO at a session's log is bad input (the lead's call, issue 10): one
+    line naming the file, exit 2, and no hang."""
     home = tmp_path / "home"
-    _session_with_fifo(home)
+    fifo = _session_with_fifo(home)
     proc = run_cli(home, "sessions", "--json", timeout=30)
     assert "Traceback" not in proc.stderr
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert '"status": "unreadable (OSError)"' in proc.stdout
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "not a regular file" in proc.stderr and str(fifo) in proc.stderr
 
 
 # ---------------------------------------------------------------------------

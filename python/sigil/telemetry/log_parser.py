@@ -38,6 +38,8 @@ __all__ = [
     "fold_session",
     "parse_bytes",
     "parse_lines",
+    "snapshot_at_rest",
+    "snapshot_files",
     "snapshot_session",
 ]
 
@@ -212,6 +214,37 @@ def snapshot_session(
 ) -> SessionSnapshot:
     """The session model of a whole session (rotated segments, then the live file)."""
     return SessionModel(session_id, log_path, last_n=last_n).update()
+
+
+def snapshot_files(paths: list[Path], last_n: int = 0) -> SessionSnapshot:
+    """The session model of plain (not gzip-compressed) files, folded in order,
+    each read once natively (GIL released) with no tailer and no watcher. A file
+    that vanished meanwhile (archived, rotated away) is skipped."""
+    fold = _native.Fold(last_n)
+    for path in paths:
+        try:
+            fold.feed_file(path)
+        except FileNotFoundError:
+            continue
+    return fold.snapshot()
+
+
+def snapshot_at_rest(
+    session_id: str, log_path: str | os.PathLike[str] | None = None, last_n: int = 0
+) -> SessionSnapshot:
+    """The session model of a whole session read once, for a reader that does not
+    follow it (``sigil sessions``, a new run's history).
+
+    Each segment, then the live file, is folded by one native call; no tailer,
+    so no inotify watcher is opened and closed per session (issue 10 item 8).
+    Compressed segments (logrotate's ``compress``) need the tailer's gzip
+    reader: then the session is read through :class:`SessionModel` instead.
+    """
+    directory = resolve_log_path(log_path) / "sessions" / validate_session_id(session_id)
+    segments = rotated_segments(directory)
+    if any(path.name.endswith(".gz") for path in segments):
+        return SessionModel(session_id, log_path, last_n=last_n).update()
+    return snapshot_files([*segments, directory / LOG_FILE_NAME], last_n)
 
 
 def fold_session(

@@ -77,6 +77,7 @@ from sigil.telemetry.tokens import TokenTracker
 if TYPE_CHECKING:  # pragma: no cover
     from sigil.core.config import Settings
     from sigil.pipeline.providers import ChatProvider
+    from sigil.telemetry.log_parser import RunSnapshot, SessionSnapshot
 
 
 class _SessionLogger(ExecutionLogger):
@@ -223,12 +224,15 @@ class PipelineResult:
         return self
 
 
-# -- the session's history, folded from its log -------------------------------------
+# -- the session's history, read from the session model ----------------------------
 
 
 @dataclass
 class RunRecord:
-    """One run of a session, folded from its events (contract 11's per-run breakdown)."""
+    """One run of a session (contract 11's per-run breakdown), as the native
+    session model folded it from the log (:meth:`from_snapshot`) or, for a run
+    whose events an external rotator took away, as the ledger recorded it
+    (:meth:`from_ledger`). Nothing here adds tokens up (contract 12)."""
 
     run: int
     status: str = "running"
@@ -240,103 +244,54 @@ class RunRecord:
     tokens_used: int = 0
     #: the run's ``session_start`` allocations (for summaries rebuilt from the log)
     allocations: dict[str, int] | None = None
-    #: seq range and number of the events counted for this run (the ledger's)
+    #: seq range and number of the run's events (the ledger's)
     first_seq: int | None = None
     last_seq: int | None = None
     events: int = 0
     steps_completed: int = 0
     steps_failed: int = 0
+    #: name -> tokens, operations, errors, retries, latency_ms (the model's values)
     components: dict[str, dict[str, float]] = field(default_factory=dict)
+    duration_seconds: float = 0.0
     #: slot -> what its step_complete recorded (for resume)
     completed: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: step_error / retry_attempt events, as errors.jsonl records (for resume)
     error_events: list[dict[str, Any]] = field(default_factory=list)
 
-    def component(self, name: str) -> dict[str, float]:
-        comp = self.components.get(name)
-        if comp is None and len(self.components) >= MAX_COMPONENTS:
-            # Bounded like the native fold and the monitor: a log with endless
-            # component names cannot grow the summaries without limit.
-            name = OTHER_COMPONENT
-            comp = self.components.get(name)
-        if comp is None:
-            comp = self.components[name] = {
-                "tokens": 0,
-                "operations": 0,
-                "latency_ms": 0.0,
-                "errors": 0,
-                "retries": 0,
-            }
-        return comp
-
-    def apply(
-        self,
-        event_type: str,
-        component: str,
-        message: str,
-        tokens: int,
-        metadata: Mapping[str, Any],
-        timestamp: str | None,
-        seq: int | None = None,
-        *,
-        count: bool = True,
-    ) -> None:
-        """Fold one event of this run (the same rules for the log and the live run).
-
-        ``count=False`` is for an event the ledger already counts: only what
-        ``--resume`` needs (completed steps' outputs, error records) is kept.
-        """
-        if not count:
-            if event_type == "step_complete":
-                self.completed[component] = _completed_entry(tokens, metadata)
-            elif event_type == "step_error":
-                self.completed.pop(component, None)
-            return
-        self.last_at = timestamp or self.last_at
-        self.events += 1
-        if seq is not None:
-            self.first_seq = seq if self.first_seq is None else min(self.first_seq, seq)
-            self.last_seq = seq if self.last_seq is None else max(self.last_seq, seq)
-        self.tokens_used += tokens
-        comp = self.component(component)
-        comp["tokens"] += tokens
-        if event_type == "step_complete":
-            comp["operations"] += 1
-            comp["latency_ms"] += _number(metadata.get("latency_ms"))
-            self.steps_completed += 1
-            self.completed[component] = _completed_entry(tokens, metadata)
-        elif event_type == "step_error":
-            comp["errors"] += 1
-            comp["latency_ms"] += _number(metadata.get("latency_ms"))
-            self.steps_failed += 1
-            self.completed.pop(component, None)
-        elif event_type == "retry_attempt" and component != ORCHESTRATOR:
-            comp["retries"] += 1
-        if event_type in ("step_error", "retry_attempt") and component != ORCHESTRATOR:
-            self.error_events.append(
-                {
-                    "timestamp": timestamp,
-                    "run": self.run,
-                    "component": component,
-                    "event_type": event_type,
-                    "message": message,
-                    **{k: metadata.get(k) for k in _ERROR_KEYS if k in metadata},
-                    "recovered_from_log": True,
+    @classmethod
+    def from_snapshot(cls, snap: RunSnapshot) -> RunRecord:
+        meta = snap.start_metadata
+        allocations = meta.get("allocations")
+        return cls(
+            run=snap.number,
+            status=snap.status,
+            started_at=snap.started_at,
+            ended_at=snap.ended_at,
+            last_at=snap.last_at,
+            task=_text_or(meta.get("task"), None),
+            budget=snap.budget,
+            tokens_used=snap.tokens,
+            allocations=(
+                {str(k): v for k, v in allocations.items() if _is_count(v) or v == 0}
+                if isinstance(allocations, dict)
+                else None
+            ),
+            events=snap.events,
+            steps_completed=snap.steps_completed,
+            steps_failed=snap.steps_failed,
+            components={
+                name: {
+                    "tokens": c.tokens,
+                    "operations": c.operations,
+                    "errors": c.errors,
+                    "retries": c.retries,
+                    "latency_ms": c.latency_ms,
+                    "failed_latency_ms": c.failed_latency_ms,
                 }
-            )
-        if event_type in _FINAL_EVENTS:
-            status = metadata.get("status")
-            if not isinstance(status, str):
-                status = "complete" if event_type == "session_complete" else "error"
-            self.status = status
-            self.ended_at = timestamp
-
-    @property
-    def duration_seconds(self) -> float:
-        start, end = _parse_ts(self.started_at), _parse_ts(self.ended_at or self.last_at)
-        if start is None or end is None:
-            return 0.0
-        return max(0.0, (end - start).total_seconds())
+                for name, c in snap.components.items()
+            },
+            duration_seconds=snap.duration_seconds or 0.0,
+        )
 
     def tokens_dict(self) -> dict[str, Any]:
         """The run's entry in ``tokens.json``: its totals and what the ledger needs
@@ -358,8 +313,9 @@ class RunRecord:
             "events": self.events,
             "steps_completed": self.steps_completed,
             "steps_failed": self.steps_failed,
+            "duration_seconds": round(self.duration_seconds, 3),
             "component_stats": {
-                name: {k: round(v, 3) if k == "latency_ms" else int(v) for k, v in c.items()}
+                name: {k: round(v, 3) if "latency" in k else int(v) for k, v in c.items()}
                 for name, c in self.components.items()
             },
         }
@@ -372,7 +328,7 @@ class RunRecord:
             raise ValueError(f"run number {number!r}")
         record = cls(
             run=number,
-            status=_text_or(entry.get("status"), "incomplete"),
+            status=_text_or(entry.get("status"), "incomplete") or "incomplete",
             started_at=_text_or(entry.get("started_at"), None),
             ended_at=_text_or(entry.get("ended_at"), None),
             task=_text_or(entry.get("task"), None),
@@ -383,6 +339,7 @@ class RunRecord:
             events=_count(entry.get("events")),
             steps_completed=_count(entry.get("steps_completed")),
             steps_failed=_count(entry.get("steps_failed")),
+            duration_seconds=_number(entry.get("duration_seconds")),
         )
         allocations = entry.get("allocations")
         if isinstance(allocations, Mapping):
@@ -393,10 +350,13 @@ class RunRecord:
         if isinstance(stats, Mapping):
             for name, c in list(stats.items())[:MAX_COMPONENTS]:
                 if isinstance(c, Mapping):
-                    comp = record.component(str(name))
-                    for key in ("tokens", "operations", "errors", "retries"):
-                        comp[key] = _count(c.get(key))
-                    comp["latency_ms"] = _number(c.get("latency_ms"))
+                    counts = {k: _count(c.get(k)) for k in _COUNT_KEYS}
+                    record.components[str(name)] = {
+                        **counts,
+                        "latency_ms": _number(c.get("latency_ms")),
+                        "failed_latency_ms": _number(c.get("failed_latency_ms")),
+                    }
+        # A ledger whose parts disagree with its totals is not trusted.
         if sum(int(c["tokens"]) for c in record.components.values()) != record.tokens_used:
             raise ValueError(f"run {number}: components do not add up to tokens_used")
         record.last_at = record.ended_at or record.started_at
@@ -415,6 +375,7 @@ class RunRecord:
             "components": {
                 name: {
                     "latency_ms": round(c["latency_ms"], 3),
+                    "failed_latency_ms": round(c.get("failed_latency_ms", 0.0), 3),
                     "operations": int(c["operations"]),
                     "errors": int(c["errors"]),
                     "retries": int(c["retries"]),
@@ -425,10 +386,9 @@ class RunRecord:
         }
 
 
-#: Distinct component names kept per run; the rest fold into ``OTHER_COMPONENT``
-#: (the native fold's bound).
+_COUNT_KEYS = ("tokens", "operations", "errors", "retries")
+#: Distinct component names kept per run in a ledger (the native fold's bound).
 MAX_COMPONENTS = 256
-OTHER_COMPONENT = "(other)"
 
 _ERROR_KEYS = (
     "error",
@@ -444,15 +404,20 @@ _ERROR_KEYS = (
     "latency_ms",
 )
 
+#: Events of the last run kept from the fold for ``--resume`` (a run has a few
+#: dozen); a longer run is folded again with room for all of its events.
+_RESUME_EVENTS = 512
+
 
 @dataclass
 class SessionHistory:
-    """Everything earlier runs left in the log."""
+    """Everything earlier runs left: the session model of the log, and the runs
+    only the ledger still knows."""
 
     runs: list[RunRecord] = field(default_factory=list)
     tokens_used: int = 0
     malformed: int = 0
-    #: tokens logged before any session_start (only in hand-made logs)
+    #: tokens logged outside any run the model or the ledger knows
     orphan_tokens: int = 0
     #: the highest seq of the session, from the log or the ledger (None: no event yet)
     last_seq: int | None = None
@@ -464,6 +429,13 @@ class SessionHistory:
     ledger_seq: int | None = None
     #: why tokens.json was not usable as a ledger (None when it was, or is absent)
     ledger_problem: str | None = None
+    #: the native session model of what the log still holds
+    snapshot: SessionSnapshot | None = None
+    #: runs that only the ledger knows (their events left the log)
+    ledger_only: list[RunRecord] = field(default_factory=list)
+    #: name -> tokens, operations, as the ledger recorded them from the model
+    #: (set when the history is the ledger alone: the log has not changed since)
+    ledger_components: dict[str, dict[str, int]] | None = None
 
     @property
     def summaries_stale(self) -> bool:
@@ -489,9 +461,17 @@ class SessionHistory:
         return None
 
     def component_totals(self) -> tuple[dict[str, int], dict[str, int]]:
-        tokens: dict[str, int] = {}
-        ops: dict[str, int] = {}
-        for run in self.runs:
+        """Tokens and operations per component: the model's, plus, after an
+        external rotation, the ledger's for runs the log no longer holds."""
+        if self.ledger_components is not None:
+            return (
+                {n: c["tokens"] for n, c in self.ledger_components.items()},
+                {n: c["operations"] for n, c in self.ledger_components.items()},
+            )
+        snap = self.snapshot
+        tokens = {n: c.tokens for n, c in snap.components.items()} if snap else {}
+        ops = {n: c.operations for n, c in snap.components.items()} if snap else {}
+        for run in self.ledger_only:
             for name, c in run.components.items():
                 tokens[name] = tokens.get(name, 0) + int(c["tokens"])
                 ops[name] = ops.get(name, 0) + int(c["operations"])
@@ -527,108 +507,137 @@ def read_ledger(session_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 
 def read_session_history(session_dir: Path, *, use_ledger: bool = True) -> SessionHistory:
-    """The session's history: its ledger (``tokens.json``) combined with its log.
+    """The session's history: the native session model of its log (rotated
+    segments, logrotate's names and ``.gz`` included, then the live file),
+    combined with its ledger (``tokens.json``).
 
-    The ledger holds per-run totals up to its ``last_seq``; the log's events
-    after that seq are folded on top of it (contract 2 rules: tokens are
-    additive). Events at or below the ledger's seq are already counted: from
-    them only what ``--resume`` needs is kept. So runs whose events an external
-    rotator renamed away, compressed or deleted keep their totals, the run
-    number and ``seq`` continue, and nothing is counted twice. A hole in ``seq``
-    that neither fills is counted in ``missing_events``.
-
-    The log is read through the native tailer (rotated segments, then the live
-    file) with the monitor's rules: only newline-terminated lines count, over-long
-    lines are skipped, malformed lines are counted. Blocking: run it in a thread.
+    Every run whose ``session_start`` the log still holds is taken from the
+    model; runs whose events an external rotator renamed away, compressed or
+    deleted keep the totals the ledger recorded for them. So the run number
+    and ``seq`` continue and nothing is counted twice. A hole in ``seq`` that
+    neither fills is counted in ``missing_events``. Blocking: run it in a thread.
     """
     from sigil.telemetry import log_parser
 
     history = SessionHistory()
     ledger, problem = read_ledger(session_dir) if use_ledger else (None, None)
     history.ledger_problem = problem
-    covered = -1  # events with a seq up to this are in the ledger
+    ledger_runs: list[RunRecord] = []
     if ledger is not None:
         try:
-            runs = [RunRecord.from_ledger(r) for r in ledger["runs"] if isinstance(r, Mapping)]
+            ledger_runs = [
+                RunRecord.from_ledger(r) for r in ledger["runs"] if isinstance(r, Mapping)
+            ]
         except ValueError as exc:
             history.ledger_problem = f"{session_dir / 'tokens.json'}: {exc}"
-            runs = []
             ledger = None
-        if ledger is not None:
-            history.runs = runs
-            history.tokens_used = sum(r.tokens_used for r in runs)
+            ledger_runs = []
+    if ledger is not None and ledger_runs and ledger_runs[-1].status not in _RESUMABLE:
+        recorded = ledger.get("log_files")
+        components = ledger.get("component_totals")
+        if recorded == _log_files(session_dir) and isinstance(components, dict):
+            # The ledger was written from the model of exactly these files (same
+            # names, sizes, mtimes) and no run is left to resume: it is the
+            # history, with no fold of a log that may hold millions of events.
+            history.runs = ledger_runs
+            history.ledger_components = {
+                str(n): {k: _count(c.get(k)) for k in ("tokens", "operations")}
+                for n, c in components.items()
+                if isinstance(c, Mapping)
+            }
+            history.tokens_used = _count(ledger.get("total_used"))
             history.events = _count(ledger.get("events"))
+            history.last_seq = history.ledger_seq = int(ledger["last_seq"])
             history.missing_events = _count(ledger.get("missing_events"))
-            covered = int(ledger["last_seq"])
-            history.ledger_seq = history.last_seq = covered
-    by_number = {r.run: r for r in history.runs}
-    expected = covered + 1
-    current: RunRecord | None = None
-    tailer = log_parser.SessionTailer(session_dir.name, session_dir.parent.parent)
-    # Batches of bounded size through the native tailer: memory does not grow
-    # with the log, and lines are read exactly as the monitor reads them.
-    for parsed in tailer.iter_existing():
-        history.malformed += len(parsed.malformed)
-        for entry in parsed.entries:
-            seq = entry.seq
-            count = seq is None or seq > covered
-            tokens = int(entry.tokens)
-            event_type = entry.event_type
-            metadata = entry.metadata if isinstance(entry.metadata, dict) else {}
-            if count and seq is not None:
-                if seq > expected:
-                    history.missing_events += seq - expected
-                expected = max(expected, seq + 1)
-                history.last_seq = seq if history.last_seq is None else max(history.last_seq, seq)
-            if event_type == "session_start":
-                if current is not None:
-                    # Only the last run can be resumed: earlier runs keep their
-                    # totals, not their outputs and error records.
-                    current.completed.clear()
-                    current.error_events.clear()
-                number = metadata.get("run")
-                if not _is_count(number):
-                    number = (history.runs[-1].run + 1) if history.runs else 1
-                known = by_number.get(number)
-                if known is not None:
-                    current = known  # the ledger has its totals
-                elif count:
-                    budget = metadata.get("budget")
-                    current = RunRecord(
-                        run=number,
-                        started_at=entry.timestamp,
-                        task=_text_or(metadata.get("task"), None),
-                        budget=budget if _is_count(budget) else None,
-                    )
-                    allocations = metadata.get("allocations")
-                    if isinstance(allocations, dict):
-                        current.allocations = {
-                            str(k): v for k, v in allocations.items() if _is_count(v) or v == 0
-                        }
-                    history.runs.append(current)
-                    by_number[number] = current
-                else:
-                    current = None  # a run older than the ledger's first: already counted
-            elif current is None and history.runs and seq is not None:
-                # The log starts inside a run (its start was rotated away): the
-                # ledger's run that holds this seq, or for later events the last one.
-                current = next(
-                    (r for r in history.runs
-                     if r.first_seq is not None and r.first_seq <= seq <= (r.last_seq or -1)),
-                    history.runs[-1] if count else None,
-                )  # fmt: skip
-            if count:
-                history.tokens_used += tokens
-                history.events += 1
-            if current is None:
-                if count:
-                    history.orphan_tokens += tokens
-                continue
-            current.apply(
-                event_type, entry.component, entry.message, tokens, metadata, entry.timestamp,
-                seq, count=count,
-            )  # fmt: skip
+            return history
+    snap = log_parser.snapshot_at_rest(
+        session_dir.name, session_dir.parent.parent, last_n=_RESUME_EVENTS
+    )
+    if snap.runs and snap.runs[-1].status in _RESUMABLE and snap.runs[-1].events > _RESUME_EVENTS:
+        # A run --resume may continue, longer than the events kept: fold again
+        # with room for all of its events (a finished run's are never read back).
+        snap = log_parser.snapshot_at_rest(
+            session_dir.name, session_dir.parent.parent, last_n=snap.runs[-1].events + 1
+        )
+    history.snapshot = snap
+    history.malformed = snap.malformed
+    covered = int(ledger["last_seq"]) if ledger is not None else -1
+    if ledger is not None:
+        history.ledger_seq = covered
+    log_runs = [RunRecord.from_snapshot(r) for r in snap.runs]
+    in_log = {r.run for r in log_runs}
+    history.ledger_only = [r for r in ledger_runs if r.run not in in_log]
+    history.runs = sorted([*history.ledger_only, *log_runs], key=lambda r: r.run)
+    # Tokens before the log's first session_start belong to a run whose start was
+    # rotated away: the ledger counts them when it covers the log's first events.
+    orphan = snap.tokens - sum(r.tokens for r in snap.runs) if not snap.runs_dropped else 0
+    if ledger is not None and snap.first_seq is not None and covered >= snap.first_seq:
+        orphan = 0
+    history.orphan_tokens = orphan
+    if not history.ledger_only:
+        history.tokens_used = snap.tokens  # the model's total, as every view shows it
+        history.events = snap.entries
+    else:
+        history.tokens_used = orphan + sum(r.tokens_used for r in history.runs)
+        history.events = snap.entries + sum(r.events for r in history.ledger_only)
+    seqs = [s for s in (snap.max_seq, covered if ledger is not None else None) if s is not None]
+    history.last_seq = max(seqs) if seqs else None
+    lead_gap = max(0, snap.first_seq - (covered + 1)) if snap.first_seq is not None else 0
+    ledger_missing = _count(ledger.get("missing_events")) if ledger is not None else 0
+    # The ledger counted the holes it saw; the log may still show the same ones.
+    history.missing_events = max(ledger_missing, lead_gap + snap.seq_missing)
+    for run in history.runs[:-1]:
+        if run.status == "running":
+            run.status = "incomplete"  # its writer died and a later run started
+    if log_runs:
+        _read_back_last_run(log_runs[-1], snap)
     return history
+
+
+def _log_files(session_dir: Path) -> list[dict[str, Any]]:
+    """Name, size and mtime of each file of the session's log, oldest first:
+    what the ledger records to know, later, that the log has not changed."""
+    files = []
+    for path in [*rotated_segments(session_dir), session_dir / LOG_FILE_NAME]:
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        files.append({"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return files
+
+
+def _read_back_last_run(record: RunRecord, snap: SessionSnapshot) -> None:
+    """What ``--resume`` needs of the last run: completed steps' outputs and its
+    error records, from the model's last events."""
+    entries = snap.last_entries
+    start = 0
+    for i in range(len(entries) - 1, -1, -1):
+        if entries[i].event_type == "session_start":
+            start = i
+            break
+    for entry in entries[start:]:
+        event_type, component = entry.event_type, entry.component
+        if event_type not in ("step_complete", "step_error", "retry_attempt"):
+            continue
+        metadata = entry.metadata if isinstance(entry.metadata, dict) else {}
+        if event_type == "step_complete":
+            record.completed[component] = _completed_entry(entry.tokens, metadata)
+            continue
+        if event_type == "step_error":
+            record.completed.pop(component, None)
+        if component != ORCHESTRATOR:
+            record.error_events.append(
+                {
+                    "timestamp": entry.timestamp,
+                    "run": record.run,
+                    "component": component,
+                    "event_type": event_type,
+                    "message": entry.message,
+                    **{k: metadata.get(k) for k in _ERROR_KEYS if k in metadata},
+                    "recovered_from_log": True,
+                }
+            )
 
 
 # -- the orchestrator ------------------------------------------------------------------
@@ -644,16 +653,16 @@ def _kill_after_event() -> int | None:
 
 
 class _RecordingLogger:
-    """Forwards events to the real logger and folds them into the live run's record.
+    """Forwards events to the real logger, keeping the seq of the last one and the
+    first report of dropped events.
 
-    The tracker, the error handler and the orchestrator all log through it, so the
-    run's per-component totals for ``tokens.json``/``metrics.json`` are built from
-    exactly the events that went to the log, by the same rules as the read-back.
+    The tracker, the error handler and the orchestrator all log through it. It
+    adds nothing up: the summaries are built from the session model of the log
+    once the run has closed it (contract 12).
     """
 
-    def __init__(self, logger: ExecutionLogger, record: RunRecord) -> None:
+    def __init__(self, logger: ExecutionLogger) -> None:
         self._logger = logger
-        self.record = record
         #: seq of the last event this run wrote (the ledger's ``last_seq``)
         self.last_seq: int | None = None
         #: events this process wrote
@@ -681,12 +690,6 @@ class _RecordingLogger:
         self.dropped = self.dropped or exc
         return seq
 
-    def _apply(
-        self, event_type: str, component: str, message: str, tokens: int, metadata: Any, seq: int
-    ) -> None:
-        now = datetime.now(UTC).isoformat()
-        self.record.apply(event_type, component, message, tokens, metadata or {}, now, seq)
-
     async def log_event(
         self,
         event_type: str,
@@ -699,7 +702,6 @@ class _RecordingLogger:
             seq = await self._logger.log_event(event_type, component, message, tokens, metadata)
         except OSError as exc:
             seq = self._accepted_despite(exc)
-        self._apply(event_type, component, message, tokens, metadata, seq)
         self._after(seq)
         return seq
 
@@ -715,7 +717,6 @@ class _RecordingLogger:
             seq = self._logger.log_event_sync(event_type, component, message, tokens, metadata)
         except OSError as exc:
             seq = self._accepted_despite(exc)
-        self._apply(event_type, component, message, tokens, metadata, seq)
         self._after(seq)
         return seq
 
@@ -886,6 +887,12 @@ class Orchestrator:
     @contract_executor.setter
     def contract_executor(self, step: Step) -> None:
         self.steps["contracts"] = step
+
+    @property
+    def sanitizer(self) -> Any:
+        """The run's :class:`~sigil.telemetry.sanitization.LogSanitizer` (None when
+        sanitization is off): what the CLI prints goes through it too."""
+        return self._sanitizer
 
     @property
     def log_file(self) -> Path:
@@ -1137,7 +1144,7 @@ class Orchestrator:
         tracker = TokenTracker.from_settings(self.settings, total_budget=prep.budget)
         comp_tokens, comp_ops = history.component_totals()
         tracker.restore(history.tokens_used, comp_tokens, comp_ops)
-        log = _RecordingLogger(self.execution_logger, record)
+        log = _RecordingLogger(self.execution_logger)
         tracker.logger = log
         self.token_tracker = tracker
         handler = self.error_handler
@@ -1230,7 +1237,7 @@ class Orchestrator:
                     "tokens_before_run": tracker.used,
                 },
             )
-            record.started_at = record.last_at
+            record.started_at = datetime.now(UTC).isoformat()
 
         try:
             for slot, step in self.steps.items():
@@ -1525,14 +1532,9 @@ class Orchestrator:
             if dropped and self.recording_error is None:
                 number = writer_stats.get("last_errno") or errno.EIO
                 self.recording_error = OSError(number, os.strerror(number))
-            last_seq = log.last_seq if log.last_seq is not None else prep.history.last_seq
-            events = prep.history.events + log.events
             if self.recording_error is None:
                 try:
-                    await asyncio.to_thread(
-                        self._write_summaries, prep, tracker, errors, writer_stats, last_seq,
-                        events,
-                    )  # fmt: skip
+                    await asyncio.to_thread(self._write_summaries, prep, errors, writer_stats)
                 except OSError as exc:
                     # The log holds the run; the next reader or writer rebuilds the
                     # summaries from it (they are then older than the log).
@@ -1566,24 +1568,17 @@ class Orchestrator:
     def _write_summaries(
         self,
         prep: _Prepared,
-        tracker: TokenTracker,
         errors: list[HandledError],
         writer_stats: Mapping[str, Any],
-        last_seq: int | None,
-        events: int,
     ) -> None:
-        """tokens.json, metrics.json and errors.jsonl (blocking: runs in a thread)."""
-        runs = [r for r in prep.history.runs if r is not prep.run] + [prep.run]
-        write_summaries(
-            self.session_dir,
-            self.session_id,
-            runs,
-            tracker,
-            last_seq=last_seq,
-            events=events,
-            missing_events=prep.history.missing_events,
-            writer_stats=writer_stats,
-        )
+        """tokens.json, metrics.json and errors.jsonl (blocking: runs in a thread).
+
+        The run has closed its log: the summaries are built from the session
+        model of the log (and the ledger's older runs), exactly as any later
+        reader would compute them, so they agree with the monitor.
+        """
+        history = read_session_history(self.session_dir)
+        self._write_history(history, writer_stats)
         records: list[dict[str, Any]] = []
         records += prep.dead_errors
         records += [{**h.to_record(), "run": prep.run.run} for h in errors]
@@ -1603,11 +1598,21 @@ class Orchestrator:
 
     def _rebuild_summaries(self, history: SessionHistory) -> None:
         """tokens.json and metrics.json from the history alone (no run in progress)."""
+        try:
+            self._write_history(history, {"rebuilt_from_log": True})
+        except OSError:
+            pass  # still stale; the next reader or writer tries again
+        else:
+            history.ledger_seq = history.last_seq
+
+    def _write_history(self, history: SessionHistory, writer_stats: Mapping[str, Any]) -> None:
         if not history.runs:
             return
         last = history.runs[-1]
         budget = next((r.budget for r in reversed(history.runs) if r.budget), None)
         tb = self.settings.token_budget
+        # The budget view of tokens.json (allocated, used, utilisation per
+        # component) is the tracker's, restored from the model's totals.
         tracker = TokenTracker(
             total_budget=budget or self.token_budget,
             allocations=last.allocations,
@@ -1617,44 +1622,32 @@ class Orchestrator:
         )
         comp_tokens, comp_ops = history.component_totals()
         tracker.restore(history.tokens_used, comp_tokens, comp_ops)
-        try:
-            write_summaries(
-                self.session_dir,
-                self.session_id,
-                history.runs,
-                tracker,
-                last_seq=history.last_seq,
-                events=history.events,
-                missing_events=history.missing_events,
-                writer_stats={"rebuilt_from_log": True},
-            )
-        except OSError:
-            pass  # still stale; the next reader or writer tries again
-        else:
-            history.ledger_seq = history.last_seq
+        write_summaries(
+            self.session_dir, self.session_id, history, tracker, writer_stats=writer_stats
+        )
 
 
 def write_summaries(
     session_dir: Path,
     session_id: str,
-    runs: list[RunRecord],
+    history: SessionHistory,
     tracker: TokenTracker,
     *,
-    last_seq: int | None,
-    events: int,
-    missing_events: int,
     writer_stats: Mapping[str, Any],
 ) -> None:
     """Write the session's ``tokens.json`` (the ledger) and ``metrics.json``.
 
-    ``tokens.json`` is the session's durable ledger (ARCHITECTURE.md contract
-    11): per-run totals with their seq ranges and the last ``seq`` they cover,
-    written atomically (temporary file, fsync, rename, fsync of the directory).
-    A later run combines it with whatever log remains (:func:`read_session_history`).
-    Blocking.
+    Every number comes from the session model (``history.snapshot``) and, for
+    runs an external rotator took out of the log, from the ledger. ``tokens.json``
+    is the session's durable ledger (ARCHITECTURE.md contract 11): per-run totals
+    and the last ``seq`` they cover, written atomically (temporary file, fsync,
+    rename, fsync of the directory). A later run combines it with whatever log
+    remains (:func:`read_session_history`). Blocking.
     """
     now = datetime.now(UTC).isoformat()
+    runs = history.runs
     last = runs[-1]
+    snap = history.snapshot
     status_info = tracker.get_status()
     components: dict[str, dict[str, Any]] = {}
     for name, c in status_info["components"].items():
@@ -1664,68 +1657,87 @@ def write_summaries(
                 "used": c["used"],
                 "utilization": round(c["utilization"], 2),
             }
+    comp_tokens, comp_ops = history.component_totals()
+    first_timestamp = next((r.started_at for r in runs if r.started_at), None)
+    last_timestamp = (snap.last_timestamp if snap else None) or last.ended_at
     tokens_doc = {
         "session_id": session_id,
         "timestamp": now,
         "status": last.status,
         "run": last.run,
         "total_budget": tracker.total,
-        "total_used": status_info["used"],
-        "total_remaining": status_info["remaining"],
+        "total_used": history.tokens_used,
+        "total_remaining": max(0, tracker.total - history.tokens_used),
         "utilization_percentage": round(status_info["utilization"], 2),
         "warning_level": status_info["warning_level"],
         "thresholds": status_info["thresholds"],
         "components": components,
         "runs": [r.tokens_dict() for r in runs],
+        "first_timestamp": first_timestamp,
+        "last_timestamp": last_timestamp,
         "ledger_version": LEDGER_VERSION,
-        "last_seq": last_seq,
-        "events": events,
+        "last_seq": history.last_seq,
+        # What a new run restores its budget tracker from while the log below is
+        # unchanged (the model's per-component totals, ledger-only runs included).
+        "component_totals": {
+            name: {"tokens": comp_tokens[name], "operations": comp_ops.get(name, 0)}
+            for name in comp_tokens
+        },
+        "log_files": _log_files(session_dir),
+        "events": history.events,
         # A hole in seq that neither the log nor the ledger could fill: the
         # totals above are then a lower bound.
-        "missing_events": missing_events,
-        "data": "incomplete" if missing_events else "complete",
+        "missing_events": history.missing_events,
+        "data": "incomplete" if history.missing_events else "complete",
     }
     _atomic_write(session_dir / "tokens.json", _json_bytes(tokens_doc))
 
+    # Per component, as the monitor shows it: operations are successful steps;
+    # latency (total, average, p50, p95) is theirs, from the model's histogram.
     metric_components: dict[str, dict[str, Any]] = {}
-    for run in runs:
-        for name, values in run.metrics_dict()["components"].items():
-            agg = metric_components.setdefault(
-                name, {"latency_ms": 0.0, "operations": 0, "errors": 0, "retries": 0}
-            )
-            for key in agg:
-                agg[key] += values[key]
-    for agg in metric_components.values():
-        agg["latency_ms"] = round(agg["latency_ms"], 3)
-        ops = agg["operations"]
-        agg["average_latency_ms"] = round(agg["latency_ms"] / ops, 3) if ops else None
-    timed = {n: a for n, a in metric_components.items() if a["operations"]}
-    total_ops = sum(a["operations"] for a in timed.values())
+    for name, c in (snap.components if snap else {}).items():
+        if name == ORCHESTRATOR:
+            continue
+        metric_components[name] = {
+            "latency_ms": round(c.latency_ms, 3),
+            "operations": c.operations,
+            "errors": c.errors,
+            "retries": c.retries,
+            "average_latency_ms": _rounded(c.average_latency_ms),
+            "p50_latency_ms": _rounded(c.p50_latency_ms),
+            "p95_latency_ms": _rounded(c.p95_latency_ms),
+            "failed_latency_ms": round(c.failed_latency_ms, 3),
+        }
+    timed = {n: a for n, a in metric_components.items() if a["average_latency_ms"] is not None}
+    counts = snap.event_counts if snap else {}
     metrics_doc = {
         "session_id": session_id,
         "timestamp": now,
         "status": last.status,
         "run": last.run,
-        "duration_seconds": round(sum(r.duration_seconds for r in runs), 3),
-        "steps_completed": sum(r.steps_completed for r in runs),
-        "steps_failed": sum(r.steps_failed for r in runs),
+        "started_at": first_timestamp,
+        "duration_seconds": _rounded(snap.duration_seconds if snap else None),
+        "steps_completed": counts.get("step_complete", 0),
+        "steps_failed": counts.get("step_error", 0),
         "components": metric_components,
+        # Runs whose events left the log count in tokens.json (the ledger); the
+        # component numbers above are the model's of what the log holds.
+        "components_cover_runs": [r.run for r in runs if r not in history.ledger_only],
         "slowest_component": max(
             timed, key=lambda n: (timed[n]["average_latency_ms"], n), default=None
         ),
         "fastest_component": min(
             timed, key=lambda n: (timed[n]["average_latency_ms"], n), default=None
         ),
-        "average_latency_ms": (
-            round(sum(a["latency_ms"] for a in timed.values()) / total_ops, 3)
-            if total_ops
-            else None
-        ),
         "runs": [r.metrics_dict() for r in runs],
         "log": dict(writer_stats),
-        "last_seq": last_seq,
+        "last_seq": history.last_seq,
     }
     _atomic_write(session_dir / "metrics.json", _json_bytes(metrics_doc))
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 async def _to_the_end(aw: Any, *, absorb: bool = False) -> Any:
@@ -1839,16 +1851,6 @@ def _number(value: Any) -> float:
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _parse_ts(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _json_bytes(doc: Any, indent: bool = True) -> bytes:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -316,6 +317,16 @@ class _Signals:
         return ExitCode.TERMINATED if self.first == signal.SIGTERM else ExitCode.INTERRUPTED
 
 
+#: What everything this command prints goes through: the run's sanitizer
+#: (issue 11 item 9; a step's error text is what an HTTP client put there,
+#: credentials included). Set by :func:`_run` once the settings are known.
+_scrub: Callable[[str], str] | None = None
+
+
+def _echo(message: str = "", *, err: bool = False) -> None:
+    click.echo(_scrub(message) if _scrub is not None else message, err=err)
+
+
 def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     import asyncio
     import errno
@@ -328,28 +339,31 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     )
     from sigil.telemetry.file_security import UnsafePathError
 
+    global _scrub
+    sanitizer = orchestrator.sanitizer
+    _scrub = sanitizer.sanitize_string if sanitizer is not None else None
     announced = False
 
     def announce(orch: Orchestrator) -> None:
         nonlocal announced
         announced = True
         # The first line, so a monitor can be pointed at the session right away.
-        click.echo(f"Session: {orch.session_id}", err=as_json)
+        _echo(f"Session: {orch.session_id}", err=as_json)
         if orch.abandoned_run is not None:
-            click.echo(
+            _echo(
                 f"note: run {orch.abandoned_run} of this session never finished (its writer "
                 "died); its tokens stay counted. Use --resume to continue such a run.",
                 err=True,
             )
         if orch.missing_events:
-            click.echo(
+            _echo(
                 f"warning: {orch.missing_events} events of this session are missing from both "
                 "its log and tokens.json (rotated or deleted before they were counted): its "
                 "totals are incomplete data, a lower bound",
                 err=True,
             )
         if orch.interrupted_run is not None:
-            click.echo(
+            _echo(
                 f"note: run {orch.interrupted_run} of this session was interrupted; its tokens "
                 "stay counted. Use --resume to continue such a run.",
                 err=True,
@@ -371,12 +385,12 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     try:
         result = asyncio.run(main())
     except (SessionBusy, ResumeError, BudgetConfigError, UnsafePathError) as exc:
-        raise UsageFailure(str(exc)) from None
+        raise UsageFailure(_scrub(str(exc)) if _scrub else str(exc)) from None
     except OSError as exc:
         if announced or exc.errno in (errno.ENOSPC, errno.EDQUOT):
             # Not bad usage: the disk refused what the run had to record.
             where = orchestrator.session_dir
-            click.echo(f"Error: {describe_write_error(exc, where)}", err=True)
+            _echo(f"Error: {describe_write_error(exc, where)}", err=True)
             return ExitCode.FAILED
         # The session's directory or log could not be made: nothing ran.
         where = exc.filename or orchestrator.log_path
@@ -386,24 +400,24 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         run = orchestrator.run_number
         if announced and run is not None:
-            click.echo(
+            _echo(
                 f"Interrupted: run {run} is recorded as interrupted; continue it with "
                 f"sigil orchestrate --session {orchestrator.session_id} --resume",
                 err=True,
             )
         else:
-            click.echo("Interrupted before the run started; nothing ran", err=True)
+            _echo("Interrupted before the run started; nothing ran", err=True)
         return signals.exit_code
     except Exception as exc:
         if os.environ.get("SIGIL_DEBUG"):
             raise
-        click.echo(f"Error: {type(exc).__name__}: {exc}", err=True)
+        _echo(f"Error: {type(exc).__name__}: {exc}", err=True)
         return ExitCode.FAILED
 
     if as_json:
         import json
 
-        click.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
+        _echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
     else:
         _print_result(result)
     # The result is out; only now wait (bounded) for live export to finish, so a
@@ -411,7 +425,7 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     report = orchestrator.finish_export(5.0)
     if report is not None and not report.complete:
         # What live export could not send, and the command that sends it later.
-        click.echo(report.summary(), err=True)
+        _echo(report.summary(), err=True)
     if orchestrator.recording_error is not None:
         what = describe_write_error(orchestrator.recording_error, orchestrator.session_dir)
         if result.status == "interrupted":
@@ -424,7 +438,7 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
                 f"; the run ended ({result.status}) and its log holds it: tokens.json and "
                 "metrics.json are rebuilt from the log by the next command once there is room"
             )
-        click.echo(f"Error: {what}{then}", err=True)
+        _echo(f"Error: {what}{then}", err=True)
         return ExitCode.FAILED
     if result.status == "complete":
         return ExitCode.OK
@@ -434,7 +448,7 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
 
 
 def _print_result(result: PipelineResult) -> None:
-    echo = click.echo
+    echo = _echo
     resumed = " (resumed)" if result.resumed else ""
     echo(f"Run {result.run}{resumed} · budget {result.budget:,} tokens")
     echo("")
@@ -479,17 +493,17 @@ def _print_output(output: Any) -> None:
     analysis = output.get("result") if isinstance(output, dict) else None
     if not isinstance(analysis, dict):
         analysis = output if isinstance(output, dict) else None
-    click.echo("Result:")
+    _echo("Result:")
     if analysis is None or "summary" not in analysis:
         import json
 
-        click.echo("  " + _shorten(json.dumps(output, default=str, ensure_ascii=False), 400))
+        _echo("  " + _shorten(json.dumps(output, default=str, ensure_ascii=False), 400))
         return
-    click.echo(f"  {analysis.get('summary')}")
+    _echo(f"  {analysis.get('summary')}")
     for finding in analysis.get("findings") or []:
-        click.echo(f"  - {finding}")
+        _echo(f"  - {finding}")
     if analysis.get("recommendation"):
-        click.echo(f"  Recommendation: {analysis['recommendation']}")
+        _echo(f"  Recommendation: {analysis['recommendation']}")
 
 
 def _shorten(text: str, limit: int) -> str:

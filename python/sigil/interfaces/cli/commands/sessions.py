@@ -1,20 +1,21 @@
 """``sigil sessions``: list sessions with status, tokens and size.
 
-A finished session has ``tokens.json`` and ``metrics.json`` (written by the
-orchestrator when a run ends, spec 7.2.2 and 7.2.3, plus ``status`` and
-``runs``), so listing it reads two small files rather than its log. The log is
-folded (natively, without a Python object per line) only when those summaries
-are missing or older than the log, i.e. while a run is going on or after one
-that crashed. Archived sessions are listed from the summaries at the front of
-their tar.gz (see :mod:`sigil.telemetry.log_rotation`).
+Every number comes from the native session model (contract 12). A finished
+session's ledger (``tokens.json``, which the orchestrator writes from the model
+when a run ends) stands for its log while it is at least as new as the log, so
+listing it reads one small file. Otherwise the log is read once by one native
+fold per file, with no tailer and so no inotify watcher (issue 10 item 8).
+STARTED is the first run's start; DURATION the wall time from there to the last
+event, or to now while the session is live. Archived sessions are listed from
+the summaries at the front of their tar.gz (see :mod:`sigil.telemetry.log_rotation`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ class SessionRow:
     size_bytes: int
     archived: bool
     path: str
+    #: the session model's runs, oldest first: run, status, started_at, ended_at,
+    #: tokens_used
+    run_details: list[dict[str, Any]] = field(default_factory=list)
 
 
 @click.command("sessions", context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,14 +91,38 @@ def list_sessions(log_path: Path) -> list[SessionRow]:
 
 def _live_row(session_dir: Path) -> SessionRow:
     from sigil.core.locks import is_session_locked
-    from sigil.core.paths import LOG_FILE_NAME, rotated_segments
+    from sigil.core.paths import (
+        LOCK_FILE_NAME,
+        LOG_FILE_NAME,
+        NotARegularFile,
+        check_log_file,
+        segment_sort_key,
+    )
 
-    locked = is_session_locked(session_dir)
-    logs = [*rotated_segments(session_dir), session_dir / LOG_FILE_NAME]
-    newest_log = max((_mtime(path) for path in logs), default=0.0)
-    tokens, metrics = (_read_json(session_dir / name) for name in ("tokens.json", "metrics.json"))
-    # A summary older than the log describes an earlier run (contract 11).
-    fresh = tokens is not None and _mtime(session_dir / "tokens.json") >= newest_log
+    live_log = session_dir / LOG_FILE_NAME
+    try:
+        # A FIFO at the log would make every reader hang or fail; say which file.
+        check_log_file(live_log)
+    except NotARegularFile as exc:
+        raise UsageFailure(str(exc)) from None
+    # One pass over the directory gives the size, the log's newest mtime and the
+    # ledger's: a listing of 1,000 sessions makes few system calls per session.
+    size, newest_log, ledger_mtime, has_lock = 0, 0.0, None, False
+    for entry in _scandir(session_dir):
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        size += st.st_size
+        if entry.name == LOG_FILE_NAME or segment_sort_key(LOG_FILE_NAME, entry.name):
+            newest_log = max(newest_log, st.st_mtime)
+        elif entry.name == "tokens.json":
+            ledger_mtime = st.st_mtime
+        elif entry.name == LOCK_FILE_NAME:
+            has_lock = True
+        if entry.is_dir(follow_symlinks=False):
+            size += _tree_size(Path(entry.path))
+    locked = has_lock and is_session_locked(session_dir)
     row = SessionRow(
         session_id=session_dir.name,
         status="unknown",
@@ -103,19 +131,35 @@ def _live_row(session_dir: Path) -> SessionRow:
         tokens_used=None,
         budget=None,
         runs=None,
-        size_bytes=_tree_size(session_dir),
+        size_bytes=size,
         archived=False,
         path=str(session_dir),
     )
-    if fresh and not locked:
-        _apply_summaries(row, tokens or {}, metrics or {})
+    # A finished session's ledger stands for its log when it is at least as new
+    # as every segment of it: it was written after the log's last event, so one
+    # small file is read instead of the log (issue 10 item 8).
+    ledger = None
+    if not locked and ledger_mtime is not None and ledger_mtime >= newest_log:
+        ledger = _read_json(session_dir / "tokens.json")
+    if ledger is not None and _is_ledger(ledger):
+        _apply_ledger(row, ledger)
+    elif ledger is not None:
+        _apply_summaries(row, ledger, _read_json(session_dir / "metrics.json") or {})
     else:
-        _apply_fold(row, session_dir)
+        _apply_model(row, session_dir, live=locked)
     if locked:
         row.status = "running"
     elif row.status == "running":
         row.status = "incomplete"  # no final event and nobody holds the lock (contract 7)
     return row
+
+
+def _scandir(directory: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def _archived_row(archive: Path) -> SessionRow:
@@ -136,16 +180,50 @@ def _archived_row(archive: Path) -> SessionRow:
     )
     tokens = _loads(summaries.get("tokens.json"))
     metrics = _loads(summaries.get("metrics.json"))
-    if tokens is not None or metrics is not None:
+    if tokens is not None and _is_ledger(tokens):
+        _apply_ledger(row, tokens)
+    elif tokens is not None or metrics is not None:
         _apply_summaries(row, tokens or {}, metrics or {})
     return row
 
 
+def _is_ledger(doc: dict[str, Any]) -> bool:
+    return doc.get("ledger_version") == 1 and isinstance(doc.get("runs"), list)
+
+
+def _apply_ledger(row: SessionRow, ledger: dict[str, Any]) -> None:
+    """A finished session from its ledger: the runs and totals the orchestrator
+    wrote from the session model when its last run ended."""
+    row.status = _text(ledger.get("status")) or "complete"
+    row.tokens_used = _int(ledger.get("total_used"))
+    row.budget = _int(ledger.get("total_budget"))
+    runs = [r for r in ledger["runs"] if isinstance(r, dict)]
+    row.runs = len(runs)
+    row.run_details = [
+        {
+            "run": _int(r.get("run")),
+            "status": _text(r.get("status")),
+            "started_at": _text(r.get("started_at")),
+            "ended_at": _text(r.get("ended_at")),
+            "tokens_used": _int(r.get("tokens_used")),
+        }
+        for r in runs
+    ]
+    first = _text(ledger.get("first_timestamp")) or next(
+        (s for r in runs if (s := _text(r.get("started_at")))), None
+    )
+    last = _text(ledger.get("last_timestamp")) or next(
+        (e for r in reversed(runs) if (e := _text(r.get("ended_at")))), None
+    )
+    _set_span(row, first, last)
+
+
 def _apply_summaries(row: SessionRow, tokens: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Summaries from before the ledger (no ``ledger_version``)."""
     row.status = _text(metrics.get("status")) or _text(tokens.get("status")) or "complete"
     row.tokens_used = _int(tokens.get("total_used"))
     row.budget = _int(tokens.get("total_budget"))
-    row.runs = _int(metrics.get("runs")) or _int(tokens.get("runs"))
+    row.runs = _run_count(metrics.get("runs")) or _run_count(tokens.get("runs"))
     duration = metrics.get("duration_seconds")
     if isinstance(duration, int | float) and not isinstance(duration, bool):
         row.duration_seconds = float(duration)
@@ -156,24 +234,51 @@ def _apply_summaries(row: SessionRow, tokens: dict[str, Any], metrics: dict[str,
     row.started_at = started
 
 
-def _apply_fold(row: SessionRow, session_dir: Path) -> None:
+def _run_count(value: Any) -> int | None:
+    return len(value) if isinstance(value, list) else _int(value)
+
+
+def _apply_model(row: SessionRow, session_dir: Path, *, live: bool) -> None:
+    """Every number from the native session model, the session read once (no
+    tailer, so no inotify watcher per session)."""
     try:
-        from sigil.telemetry.log_parser import fold_session
+        from sigil.telemetry.log_parser import snapshot_at_rest
     except ImportError:  # the native core is not built: show what the files say
         return
     try:
-        summary = fold_session(session_dir.name, session_dir.parent.parent, last_n=0)
+        snap = snapshot_at_rest(session_dir.name, session_dir.parent.parent, last_n=0)
     except (OSError, ValueError) as exc:
         row.status = f"unreadable ({exc.__class__.__name__})"
         return
-    row.status = summary.status
-    row.tokens_used = summary.tokens_used
-    row.budget = summary.budget
-    row.runs = summary.runs
-    row.started_at = summary.first_timestamp
-    first, last = _parse_time(summary.first_timestamp), _parse_time(summary.last_timestamp)
-    if first is not None and last is not None:
-        row.duration_seconds = max(0.0, (last - first).total_seconds())
+    row.status = snap.status
+    row.tokens_used = snap.tokens
+    row.budget = snap.budget
+    row.runs = snap.run_count
+    row.run_details = [
+        {
+            "run": r.number,
+            "status": r.status,
+            "started_at": r.started_at,
+            "ended_at": r.ended_at,
+            "tokens_used": r.tokens,
+        }
+        for r in snap.runs
+    ]
+    first = next((r.started_at for r in snap.runs if r.started_at), None)
+    # A live session's duration runs to now, not to its latest event.
+    last = datetime.now(UTC).isoformat() if live else snap.last_timestamp
+    _set_span(row, first or snap.first_timestamp, last)
+
+
+def _set_span(row: SessionRow, first: str | None, last: str | None) -> None:
+    """STARTED is the first run's start; DURATION the wall time from there to
+    the last event (to now while the session is live)."""
+    row.started_at = first
+    start, end = _parse_time(first), _parse_time(last)
+    if start is not None and end is not None:
+        if (start.tzinfo is None) != (end.tzinfo is None):
+            start, end = start.replace(tzinfo=UTC), end.replace(tzinfo=UTC)
+        row.duration_seconds = round(max(0.0, (end - start).total_seconds()), 3)
 
 
 # -- output ---------------------------------------------------------------------
@@ -212,7 +317,6 @@ def _cells(row: SessionRow) -> tuple[str, ...]:
         _size(row.size_bytes),
         archived,
     )
-
 
 
 def _size(size: int) -> str:
