@@ -208,6 +208,8 @@ def read_problems(state: SessionState, *, include_malformed: bool = True) -> lis
         problems.append(f"writer dropped {state.dropped_events:,} events")
     if state.truncations:
         problems.append(f"log truncated {state.truncations:,} times")
+    if state.rereads:
+        problems.append(f"{state.rereads:,} events re-read after truncation (counted once)")
     return problems
 
 
@@ -321,6 +323,7 @@ def state_to_dict(
         "torn_tail": state.torn_tail,
         "rotations": state.rotations,
         "truncations": state.truncations,
+        "rereads": state.rereads,
         "seq_gaps": state.seq_gaps,
         "missing_events": state.seq_missing,
         "dropped_events": state.dropped_events,

@@ -157,6 +157,7 @@ class SessionState:
         "max_events",
         "reader_base",
         "rotated_segments",
+        "rereads",
         "rotations",
         "session_id",
         "snap",
@@ -181,6 +182,7 @@ class SessionState:
         self.incomplete = False
         self.rotations = 0
         self.truncations = 0
+        self.rereads = 0
         self.rotated_segments = 0
         self.reader_base: dict[str, int] = {}
         self.events: deque[EntryLike] = deque(maxlen=max(1, max_events))
@@ -237,12 +239,15 @@ class SessionState:
         monitor caught up plus those the tailer followed live since, so the
         count is the same whenever the monitor was started.
         """
-        counts = {k: int(stats.get(k, 0) or 0) for k in ("rotations", "truncations")}
+        counts = {k: int(stats.get(k, 0) or 0) for k in ("rotations", "truncations", "rereads")}
         if at_catch_up:
             self.reader_base = counts
         base = self.reader_base
         self.rotations = self.rotated_segments + counts["rotations"] - base.get("rotations", 0)
         self.truncations = counts["truncations"] - base.get("truncations", 0)
+        # Lines the tailer handed the fold again after a truncation that kept the
+        # head, skipped by seq (never counted twice): shown, so it is not silent.
+        self.rereads = counts["rereads"] - base.get("rereads", 0)
 
     # -- the model's numbers -------------------------------------------------------------
 
