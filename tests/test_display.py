@@ -30,6 +30,7 @@ from sigil.interfaces.cli.display import (
     summary_lines,
     use_color,
 )
+from model_state import Fed
 from sigil.interfaces.cli.monitor import MonitorPhase, SessionState
 from sigil.telemetry.execution_logger import LogEntry
 
@@ -59,25 +60,31 @@ def ev(kind: str, component: str = "orchestrator", tokens: int = 0, at: float = 
     )
 
 
-def make_state(*, final: str | None = None, slow_ms: float = 2100) -> SessionState:
-    state = SessionState(session_id="demo-1")
-    state.update_from_entries([
+def make_fed(*, final: str | None = None, slow_ms: float = 2100) -> Fed:
+    fed = Fed("demo-1")
+    fed.feed(
         ev("session_start", budget=2000, run=1,
            allocations={"routing": 100, "memory": 300, "reasoning": 1500}),
         ev("step_complete", "routing", 50, 1, latency_ms=1100),
         ev("step_complete", "memory", 150, 2, latency_ms=1200),
         ev("token_consumption", "reasoning", 200, 3),
         ev("step_complete", "reasoning", 250, 4, latency_ms=slow_ms),
-        ev("step_error", "validation", 0, 5, latency_ms=100),
+        b"{not json",
+        ev("step_error", "validation", 0, 5, latency_ms=100, category="validation",
+           error="schema mismatch in output", attempt=1),
         ev("budget_warning", "orchestrator", 0, 6),
-    ])
-    state.note_malformed([type("M", (), {"offset": 803, "reason": "expected value"})()])
-    state.rotations = 2
+    )
+    fed.state.rotations = 2
     if final == "complete":
-        state.update_from_entry(ev("session_complete", at=7, status="complete"))
+        fed.feed(ev("session_complete", at=7, status="complete"))
     elif final == "budget_exceeded":
-        state.update_from_entry(ev("session_error", at=7, status="budget_exceeded"))
-    return state
+        fed.feed(ev("session_error", at=7, status="budget_exceeded",
+                    reason="budget of 2,000 tokens exhausted by reasoning"))
+    return fed
+
+
+def make_state(*, final: str | None = None, slow_ms: float = 2100) -> SessionState:
+    return make_fed(final=final, slow_ms=slow_ms).state
 
 
 # -- small pieces -----------------------------------------------------------------------
@@ -149,15 +156,20 @@ def test_state_to_dict_carries_the_same_state() -> None:
     assert obj["status"] == "running" and obj["phase"] == "tracking"
     assert obj["tokens_used"] == 650 and obj["budget"] == 2000
     assert obj["components"]["reasoning"] == {
-        "tokens": 450, "allocated": 1500, "operations": 1, "latency_ms": 2100.0,
-        "avg_latency_ms": 2100.0, "errors": 0,
+        "tokens": 450, "allocated": 1500, "operations": 1, "errors": 0, "retries": 0,
+        "latency_ms": 2100.0, "avg_latency_ms": 2100.0, "p95_latency_ms": 2100.0,
+        "last_error": None,
     }
     assert list(obj["components"])[:3] == ["routing", "memory", "reasoning"]
     assert obj["components"]["validation"]["errors"] == 1
     assert (obj["malformed"], obj["rotations"], obj["events"]) == (1, 2, 7)
     assert obj["run"]["number"] == 1 and obj["run"]["tokens_used"] == 650
     assert obj["elapsed_seconds"] == pytest.approx(10.0)
+    # 650 tokens over 6 s of event time; 4 s since the last event at NOW: the
+    # recent rate counts the idle seconds (650 / 10 s), the average does not.
     assert obj["tokens_per_second"] == pytest.approx(65.0)
+    assert obj["average_tokens_per_second"] == pytest.approx(650 / 6, abs=0.01)
+    assert obj["stalled_seconds"] is None
     assert obj["seconds_to_budget_end"] == pytest.approx(1350 / 65, abs=0.1)
     assert sum(c["tokens"] for c in obj["components"].values()) == obj["tokens_used"]
 
@@ -223,7 +235,7 @@ def test_dashboard_fits_the_width(width: int) -> None:
     for name in ("routing", "memory", "reasoning", "validation"):
         assert name in text
     assert "1 malformed" in text and "2 rotations" in text
-    assert "1 step errors" in text
+    assert "validation error (validation, attempt 1): schema mismatch" in text.replace("\n", "")
     if width >= 60:
         assert re.search(r"reasoning\s+450 / 1,500", text)
         assert "2,100ms/op" in text
@@ -262,8 +274,9 @@ def test_budget_bar_fills_with_the_budget() -> None:
 
 
 def test_recent_events_take_what_height_is_left() -> None:
-    state = make_state()
-    state.update_from_entries([ev("step_complete", "memory", 1, 7 + i) for i in range(30)])
+    fed = make_fed()
+    fed.feed(*(ev("step_complete", "memory", 1, 7 + i) for i in range(30)))
+    state = fed.state
     tall = render_dashboard_text(state, DisplayOptions(max_events=8), width=80, height=60,
                                  now=NOW)
     short = render_dashboard_text(state, DisplayOptions(max_events=8), width=80, height=24,
@@ -309,12 +322,13 @@ def test_dashboard_falls_back_to_stream_without_a_terminal() -> None:
 def test_stream_renderer_data_on_stdout_progress_on_stderr() -> None:
     out, err = io.StringIO(), io.StringIO()
     renderer = StreamRenderer(out, err, DisplayOptions())
-    state = SessionState(session_id="s")
-    state.update_from_entries([ev("step_complete", "routing", 1, i) for i in range(25)])
+    fed = Fed("s")
+    fed.feed(*(ev("step_complete", "routing", 1, i) for i in range(25)))
+    state = fed.state
     renderer.start("watching session s")
     renderer.caught_up(state, MonitorPhase.TRACKING)
-    renderer.on_events(state, [ev("step_complete", "memory", 7, 30)])
-    state.update_from_entry(ev("session_complete", at=31))
+    renderer.on_events(state, fed.feed(ev("step_complete", "memory", 7, 30)))
+    fed.feed(ev("session_complete", at=31))
     renderer.finish(state, MonitorPhase.FINAL, "complete", 0)
     lines = out.getvalue().splitlines()
     assert len([line for line in lines if line.startswith("[")]) == 21
@@ -328,10 +342,11 @@ def test_stream_renderer_data_on_stdout_progress_on_stderr() -> None:
 def test_minimal_renderer_rewrites_one_line_on_a_terminal() -> None:
     out, err = TtyStringIO(), io.StringIO()
     renderer = MinimalRenderer(out, err, DisplayOptions())
-    state = make_state()
+    fed = make_fed()
+    state = fed.state
     renderer.refresh(state, MonitorPhase.TRACKING, True)
     renderer.refresh(state, MonitorPhase.TRACKING, True)  # unchanged: nothing written
-    state.update_from_entry(ev("step_complete", "routing", 150, 8))
+    fed.feed(ev("step_complete", "routing", 150, 8))
     renderer.refresh(state, MonitorPhase.TRACKING, True)
     written = out.getvalue()
     assert written.count("\r") == 2 and "\n" not in written
@@ -353,12 +368,13 @@ def test_minimal_renderer_prints_lines_when_piped() -> None:
 def test_json_renderer_keeps_stdout_pure_ndjson() -> None:
     out, err = io.StringIO(), io.StringIO()
     renderer = JsonRenderer(out, err, DisplayOptions())
-    state = make_state()
+    fed = make_fed()
+    state = fed.state
     renderer.start("watching")
     renderer.caught_up(state, MonitorPhase.TRACKING)
     renderer.refresh(state, MonitorPhase.TRACKING, False)  # nothing new: no object
     renderer.refresh(state, MonitorPhase.TRACKING, True)
-    state.update_from_entry(ev("session_complete", at=8, status="complete"))
+    fed.feed(ev("session_complete", at=8, status="complete"))
     renderer.finish(state, MonitorPhase.FINAL, "complete", 0)
     objects = [orjson.loads(line) for line in out.getvalue().splitlines()]
     assert [o["type"] for o in objects] == ["state", "state", "final"]
@@ -378,9 +394,10 @@ def test_dashboard_renderer_respects_NO_COLOR(monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setenv("TERM", "xterm-256color")
         out = TtyStringIO()
         renderer = DashboardRenderer(out, io.StringIO(), DisplayOptions())
-        state = make_state()
+        fed = make_fed()
+        state = fed.state
         renderer.caught_up(state, MonitorPhase.TRACKING)
-        state.update_from_entry(ev("session_complete", at=8, status="complete"))
+        fed.feed(ev("session_complete", at=8, status="complete"))
         renderer.finish(state, MonitorPhase.FINAL, "complete", 0)
         renderer.close()
         text = out.getvalue()

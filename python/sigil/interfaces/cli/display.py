@@ -335,6 +335,16 @@ def state_to_dict(
     return obj
 
 
+def _labelled(label: str, text: str, width: int) -> list[str]:
+    """``label`` then ``text``, wrapped under itself to stay within ``width`` (never cut)."""
+    import textwrap
+
+    room = max(20, width - 1 - len(label))
+    wrapped = textwrap.wrap(text, room, break_long_words=True, break_on_hyphens=False) or [""]
+    pad = " " * len(label)
+    return [label + wrapped[0], *(pad + line for line in wrapped[1:])]
+
+
 def _round(value: float | None, digits: int = 3) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -379,7 +389,7 @@ def summary_lines(
     lines.append(f"Session:   {state.session_id}{run_text}")
     lines.append(f"Status:    {_status_word(state, None)}")
     if state.reason and state.ended:
-        lines.append(f"Reason:    {state.reason}")
+        lines.extend(_labelled("Reason:    ", state.reason, width))
     lines.append(f"Duration:  {format_duration(state.elapsed_at(now))}")
     lines.append(
         f"Tokens:    {state.tokens_used:,} / {state.total_budget:,} "
@@ -403,7 +413,8 @@ def summary_lines(
             line = f"  {label:<12}{comp.tokens:>10,} tok{latency}"
             failed = f" {comp.errors:,} err" if comp.errors else ""
             lines.append(line + failed if len(line + failed) < width else line)
-    lines.extend(f"Error:     {e}" for e in error_lines(state))
+    for error in error_lines(state):
+        lines.extend(_labelled("Error:     ", error, width))
     # One count per line: short enough for 40 columns, easy to grep.
     lines.append(f"Events:    {state.entries:,}")
     lines.append(f"Malformed: {state.malformed:,}")
@@ -519,13 +530,21 @@ def render_dashboard(
         forecast.append("Rate    ", style="dim")
         forecast.append(f"{_rate(state.recent_rate(now))} tok/s")
         forecast.append(f"  avg {_rate(state.average_rate)}", style="dim")
+        rows.append(forecast)
+        more: list[tuple[str, str]] = []
         stalled = state.stalled_seconds(now)
         if stalled is not None:
-            forecast.append(f"  stalled {format_duration(stalled)}", style="yellow")
+            more.append((f"stalled {format_duration(stalled)}", "yellow"))
         to_end = state.seconds_to_budget_end(now)
         if to_end is not None:
-            forecast.append(f"  budget ends in ~{format_duration(to_end)}", style=level_style)
-        rows.append(forecast)
+            more.append((f"budget ends in ~{format_duration(to_end)}", level_style))
+        for text, style in more:
+            if forecast.cell_len + 2 + len(text) > width:  # narrow: a line of its own
+                forecast = Text(" " * 8, no_wrap=True, overflow="ellipsis")
+                rows.append(forecast)
+            else:
+                forecast.append("  ")
+            forecast.append(text, style=style)
 
     # Components: tokens against allocation, latency, slowest highlighted.
     allocations = dict(options.allocations)
@@ -903,6 +922,11 @@ class DashboardRenderer(Renderer):
         self._live: Live | None = None
         self._notice: str | None = None
         self._resized = False
+
+    @property
+    def width(self) -> int:
+        # rich's idea of the width (the terminal's, or COLUMNS), as the frames use.
+        return self.console.size.width
 
     def _frame(self, state: SessionState, phase: MonitorPhase) -> RenderableType:
         size = self.console.size
