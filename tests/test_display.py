@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
+from model_state import Fed
 from sigil.interfaces.cli.display import (
     DashboardRenderer,
     DisplayOptions,
@@ -30,7 +31,6 @@ from sigil.interfaces.cli.display import (
     summary_lines,
     use_color,
 )
-from model_state import Fed
 from sigil.interfaces.cli.monitor import MonitorPhase, SessionState
 from sigil.telemetry.execution_logger import LogEntry
 
