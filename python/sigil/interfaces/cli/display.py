@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -124,7 +125,7 @@ def _sgr(text: str, code: str, color: bool) -> str:
 def _component_code(name: str) -> str:
     code = _COMPONENT_SGR.get(name)
     if code is None:
-        code = _PALETTE[sum(name.encode()) % len(_PALETTE)]
+        code = _PALETTE[zlib.crc32(name.encode()) % len(_PALETTE)]  # stable per name
     return code
 
 
@@ -567,9 +568,7 @@ def render_dashboard(
             comp = state.components.get(name)
             tokens = comp.tokens if comp else 0
             allocated = allocations.get(name)
-            tokens_text = f"{tokens:,}"
-            if wide and allocated:
-                tokens_text += f" / {allocated:,}"
+            tokens_text = f"{tokens:,} / {allocated:,}" if wide and allocated else f"{tokens:,}"
             share = tokens / allocated if allocated else 0.0
             comp_level = budget_level(share, options) if allocated else "ok"
             cells: list[RenderableType] = [

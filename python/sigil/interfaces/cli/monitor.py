@@ -62,7 +62,6 @@ FINAL_STATUSES = frozenset({"complete", "error", "budget_exceeded", "interrupted
 
 # Events whose message the dashboard keeps in its warnings panel.
 _WARNING_EVENTS = frozenset({"budget_warning", "budget_exceeded", "events_dropped"})
-_FINAL_EVENTS = ("session_complete", "session_error")
 #: The recent rate reads this many seconds of event time (the model keeps 64).
 RATE_WINDOW_SECONDS = 60.0
 #: A running session with no event for this long is shown as stalled.
@@ -375,10 +374,21 @@ class SessionState:
         return self.status
 
     @property
-    def ended_runs(self) -> int:
-        """Final events seen (a run ended at each)."""
-        counts = self.snap.event_counts
-        return sum(int(counts.get(kind, 0)) for kind in _FINAL_EVENTS)
+    def last_ended_run(self) -> RunSnapshot | None:
+        """The latest run with a final event (the current one, or one before it)."""
+        run = self.snap.run
+        if run.ended_at is not None:
+            return run
+        for earlier in reversed(self.snap.runs):
+            if earlier.ended_at is not None:
+                return earlier
+        return None
+
+    @property
+    def ended_key(self) -> tuple[int, str | None, str | None] | None:
+        """Which run ended last, and when: it changes when a run ends."""
+        run = self.last_ended_run
+        return None if run is None else (run.number, run.started_at, run.ended_at)
 
     def elapsed_at(self, now: datetime | None) -> float:
         """Elapsed time of the current run, measured up to ``now`` while it runs.
@@ -869,14 +879,15 @@ class ExecutionMonitor:
         decides the exit code (without ``--follow`` this monitor was watching it).
         """
         renderer = self._require_renderer()
-        runs_before, ended_before = state.runs, state.ended_runs
+        runs_before, ended_before = state.runs, state.ended_key
         fresh = state.update(snapshot)
-        ended_now = state.ended_runs > ended_before
+        ended_now = state.ended_key != ended_before
         started = state.runs > runs_before
         if started and ended_now and state.status == "running":
             # The tracked run ended first, then a new one started.
             renderer.on_events(state, fresh)
-            code = self._end_run(state, self._ended_run_status(state))
+            ended = state.last_ended_run
+            code = self._end_run(state, None if ended is None else ended.status)
             if not self.follow:
                 return code
             self.phase = MonitorPhase.TRACKING
@@ -889,14 +900,6 @@ class ExecutionMonitor:
         renderer.on_events(state, fresh)
         if ended_now and state.ended:
             return self._end_run(state)
-        return None
-
-    @staticmethod
-    def _ended_run_status(state: SessionState) -> str | None:
-        """The final status of the latest run that ended, when a later one is running."""
-        for run in reversed(state.snap.runs):
-            if run.ended_at is not None and run.status in FINAL_STATUSES:
-                return run.status
         return None
 
     def _end_run(self, state: SessionState, status: str | None = None) -> int:
