@@ -13,106 +13,26 @@ orchestrator's ``tokens.json``, or the writer's own running total.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
-import termios
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pyte
 import pytest
 
 from conftest import SIGIL, cli_env
+from terminal import Terminal
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 WRITER = [sys.executable, str(Path(__file__).with_name("monitor_writer.py"))]
 COLOR_SGR = re.compile(rb"\x1b\[[0-9;]*(3[0-9]|9[0-7]|38;)[0-9;]*m")
-
-
-class Terminal:
-    """A process running on a pseudo-terminal of ``cols`` x ``rows``, read by pyte."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], cols: int = 100,
-                 rows: int = 50) -> None:
-        self.master, slave = os.openpty()
-        self._set_size(slave, cols, rows)
-        self.proc = subprocess.Popen(
-            argv, stdin=slave, stdout=slave, stderr=slave, env=env,
-            start_new_session=True, close_fds=True,
-        )
-        os.close(slave)
-        self.screen = pyte.Screen(cols, rows)
-        self.stream = pyte.ByteStream(self.screen)
-        self.raw = bytearray()
-        self.lock = threading.Lock()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    @staticmethod
-    def _set_size(fd: int, cols: int, rows: int) -> None:
-        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-    def _read(self) -> None:
-        while True:
-            try:
-                data = os.read(self.master, 65536)
-            except OSError:  # EIO once the child side is closed
-                break
-            if not data:
-                break
-            with self.lock:
-                self.raw.extend(data)
-                self.stream.feed(data)
-
-    def text(self) -> str:
-        with self.lock:
-            return "\n".join(line.rstrip() for line in self.screen.display)
-
-    def wait_for(self, predicate: Callable[[str], Any] | str, timeout: float = 10.0) -> str:
-        check = (lambda t: predicate in t) if isinstance(predicate, str) else predicate
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.text()
-            if check(text):
-                return text
-            if self.proc.poll() is not None:
-                self.reader.join(1)
-                text = self.text()
-                if check(text):
-                    return text
-                break
-            time.sleep(0.02)
-        raise AssertionError(f"screen never matched {predicate!r}; it shows:\n{self.text()}")
-
-    def resize(self, cols: int, rows: int) -> None:
-        self._set_size(self.master, cols, rows)
-        with self.lock:
-            self.screen.resize(rows, cols)
-        self.proc.send_signal(signal.SIGWINCH)
-
-    def wait(self, timeout: float = 15.0) -> int:
-        rc = self.proc.wait(timeout)
-        self.reader.join(2)
-        return rc
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.reader.join(2)
-        with contextlib.suppress(OSError):
-            os.close(self.master)
 
 
 class Writer:
