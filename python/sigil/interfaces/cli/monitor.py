@@ -149,6 +149,9 @@ class SessionState:
     """
 
     __slots__ = (
+        "_allocations",
+        "_components",
+        "_run",
         "_thresholds_of",
         "default_budget",
         "events",
@@ -178,6 +181,7 @@ class SessionState:
         self.default_budget = default_budget
         self.max_events = max_events
         self.snap: SessionSnapshot = snapshot if snapshot is not None else _empty_snapshot()
+        self._take_parts()
         self.incomplete = False
         self.rotations = 0
         self.truncations = 0
@@ -200,6 +204,7 @@ class SessionState:
         most the ``last_n`` the model keeps: a larger burst is counted, not listed)."""
         new = snapshot.entries - self.snap.entries
         self.snap = snapshot
+        self._take_parts()
         fresh: list[EntryLike] = []
         if new > 0:
             recent = list(snapshot.last_entries)
@@ -207,6 +212,14 @@ class SessionState:
             self._show(fresh)
         self._read_start()
         return fresh
+
+    def _take_parts(self) -> None:
+        # Each getter of the snapshot builds a new dict or object: a frame reads
+        # them many times, so they are taken once per snapshot.
+        snap = self.snap
+        self._components: dict[str, ComponentSnapshot] = snap.components
+        self._allocations: dict[str, int] = snap.allocations
+        self._run: RunSnapshot = snap.run
 
     def _show(self, entries: list[EntryLike]) -> None:
         self.events.extend(entries)
@@ -216,7 +229,7 @@ class SessionState:
 
     def _read_start(self) -> None:
         """Thresholds and task from the current run's ``session_start`` metadata."""
-        run = self.snap.run
+        run = self._run
         key = (run.number, run.started_at)
         if key == self._thresholds_of:
             return
@@ -275,11 +288,11 @@ class SessionState:
 
     @property
     def components(self) -> dict[str, ComponentSnapshot]:
-        return self.snap.components
+        return self._components
 
     @property
     def allocations(self) -> dict[str, int]:
-        return self.snap.allocations
+        return self._allocations
 
     @property
     def runs(self) -> int:
@@ -287,7 +300,7 @@ class SessionState:
 
     @property
     def run(self) -> RunSnapshot:
-        return self.snap.run
+        return self._run
 
     @property
     def entries(self) -> int:
@@ -376,7 +389,7 @@ class SessionState:
     @property
     def last_ended_run(self) -> RunSnapshot | None:
         """The latest run with a final event (the current one, or one before it)."""
-        run = self.snap.run
+        run = self._run
         if run.ended_at is not None:
             return run
         for earlier in reversed(self.snap.runs):
@@ -389,6 +402,11 @@ class SessionState:
         """Which run ended last, and when: it changes when a run ends."""
         run = self.last_ended_run
         return None if run is None else (run.number, run.started_at, run.ended_at)
+
+    @property
+    def elapsed_seconds(self) -> float:
+        """Elapsed time of the current run (the spec's property, with ``now`` implied)."""
+        return self.elapsed_at(None)
 
     def elapsed_at(self, now: datetime | None) -> float:
         """Elapsed time of the current run, measured up to ``now`` while it runs.
