@@ -285,3 +285,31 @@ def test_monitor_json_agrees_with_the_model_and_the_reference(home: Path, case: 
     assert f"Tokens:    {model.tokens:,} / " in screen
     if model.run_count > 1:
         assert f"(run {model.run.number} of {model.run_count})" in screen
+
+
+def test_a_real_failed_run_shows_what_metrics_json_says(home: Path) -> None:
+    """``sigil orchestrate`` with a reasoning step that fails: the monitor's
+    component numbers, slowest component and failure reason are ``metrics.json``'s."""
+    home.mkdir(parents=True)
+    (home / "config.yaml").write_text(
+        "errors:\n  max_retries: 3\n  backoff_base: 0.001\n  backoff_max: 0.01\n"
+        "pipeline:\n  steps:\n    reasoning: orchestrate_steps:FailingReasoning\n"
+    )
+    run = subprocess.run([*SIGIL, "orchestrate", "--task", "Analyze", "--session", "real-1",
+                          "--json"], env=isolated_env(home), capture_output=True, text=True,
+                         timeout=60, check=False)
+    assert run.returncode == 1, run.stderr
+    session = home / "logs" / "sessions" / "real-1"
+    metrics = orjson.loads((session / "metrics.json").read_bytes())
+    code, final = monitor_json(home, "real-1")
+    assert code == 1 and final["status"] == "error" == metrics["status"]
+    for name, comp in metrics["components"].items():
+        shown = final["components"][name]
+        assert (shown["operations"], shown["errors"], shown["retries"]) == (
+            comp["operations"], comp["errors"], comp["retries"])
+        assert shown["avg_latency_ms"] == comp["average_latency_ms"]
+    assert final["components"]["reasoning"]["last_error"]["message"] == (
+        "reasoning exploded on purpose")
+    assert "reasoning exploded on purpose" in final["reason"]
+    _, screen = monitor_screen(home, "real-1", cols=50)
+    assert f"Slowest {metrics['slowest_component']} " in screen, screen
