@@ -152,6 +152,24 @@ def session_truth(log_path: Path, session: str) -> dict[str, Any]:
 # -- the writer-driven scenarios ---------------------------------------------------------
 
 
+def test_a_quiet_live_run_shows_stalled_then_the_rate_again(
+    monitor: Callable[..., Terminal], writer: Callable[[str], Writer]
+) -> None:
+    """During a long model call nothing arrives: the dashboard, redrawn without new
+    events, says "stalled" (the model's recent rate decays); the next event clears it."""
+    term = monitor("--session", "quiet-1")
+    w = writer("quiet-1")
+    w("start 100000", "step routing 500 10")
+    term.wait_for(lambda s: "RUNNING" in s and "Rate" in s)
+    screen = term.wait_for("stalled", timeout=20)
+    rate = re.search(r"Rate\s+([\d,]+) tok/s\s+avg", screen)
+    assert rate is not None, screen
+    w("step memory 200 10")
+    term.wait_for(lambda s: "700 / 100,000" in s and "stalled" not in s)
+    w("complete")
+    assert term.wait() == 0
+
+
 def test_monitor_started_first_follows_the_whole_run(
     monitor: Callable[..., Terminal], writer: Callable[[str], Writer], log_path: Path
 ) -> None:
