@@ -154,6 +154,7 @@ def test_update_returns_the_new_events_and_keeps_warnings() -> None:
     new = fed.feed(*(ev("step_complete", "routing", 1) for _ in range(50)))
     # A burst larger than the model keeps is counted, and its last events listed.
     assert len(new) == 10 and fed.state.entries == 52 and fed.state.tokens_used == 50
+    assert fed.state.unlisted == 40
     assert len(fed.state.events) == 10
     assert any("budget_warning" in w for w in fed.state.warnings)
 

@@ -819,6 +819,9 @@ class StreamRenderer(Renderer):
         self.on_events(state, shown)
 
     def on_events(self, state: SessionState, entries: Sequence[EntryLike]) -> None:
+        if state.unlisted and entries:
+            # A burst larger than the model keeps: counted in every total, not listed.
+            self.notice(f"({state.unlisted:,} events folded, not shown)")
         if not entries:
             return
         color = self.color

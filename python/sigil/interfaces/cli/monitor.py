@@ -166,6 +166,7 @@ class SessionState:
         "task",
         "thresholds",
         "truncations",
+        "unlisted",
         "warnings",
     )
 
@@ -189,6 +190,8 @@ class SessionState:
         self.rotated_segments = 0
         self.reader_base: dict[str, int] = {}
         self.events: deque[EntryLike] = deque(maxlen=max(1, max_events))
+        #: Events of the latest update beyond the ones the model keeps to list.
+        self.unlisted = 0
         self.warnings: deque[str] = deque(maxlen=20)
         self.thresholds: dict[str, float] = {}
         self.task: str | None = None
@@ -210,6 +213,7 @@ class SessionState:
             recent = list(snapshot.last_entries)
             fresh = recent[-new:] if new < len(recent) else recent
             self._show(fresh)
+        self.unlisted = max(0, new - len(fresh))
         self._read_start()
         return fresh
 
