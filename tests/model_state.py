@@ -21,9 +21,7 @@ class Fed:
 
     def feed(self, *items: LogEntry | bytes) -> list[Any]:
         """Feed events (or raw lines, e.g. malformed ones); returns the new entries."""
-        data = b"".join(
-            (i if isinstance(i, bytes) else i.to_bytes()) + b"\n" for i in items
-        )
+        data = b"".join((i if isinstance(i, bytes) else i.to_bytes()) + b"\n" for i in items)
         self.fold.feed_bytes(data, self.offset)
         self.offset += len(data)
         return self.state.update(self.fold.snapshot())

@@ -47,8 +47,9 @@ class TtyStringIO(io.StringIO):
         return True
 
 
-def ev(kind: str, component: str = "orchestrator", tokens: int = 0, at: float = 0,
-       **meta: Any) -> LogEntry:
+def ev(
+    kind: str, component: str = "orchestrator", tokens: int = 0, at: float = 0, **meta: Any
+) -> LogEntry:
     return LogEntry(
         timestamp=(T0 + timedelta(seconds=at)).isoformat(),
         session_id="demo-1",
@@ -63,23 +64,41 @@ def ev(kind: str, component: str = "orchestrator", tokens: int = 0, at: float = 
 def make_fed(*, final: str | None = None, slow_ms: float = 2100) -> Fed:
     fed = Fed("demo-1")
     fed.feed(
-        ev("session_start", budget=2000, run=1,
-           allocations={"routing": 100, "memory": 300, "reasoning": 1500}),
+        ev(
+            "session_start",
+            budget=2000,
+            run=1,
+            allocations={"routing": 100, "memory": 300, "reasoning": 1500},
+        ),
         ev("step_complete", "routing", 50, 1, latency_ms=1100),
         ev("step_complete", "memory", 150, 2, latency_ms=1200),
         ev("token_consumption", "reasoning", 200, 3),
         ev("step_complete", "reasoning", 250, 4, latency_ms=slow_ms),
         b"{not json",
-        ev("step_error", "validation", 0, 5, latency_ms=100, category="validation",
-           error="schema mismatch in output", attempt=1),
+        ev(
+            "step_error",
+            "validation",
+            0,
+            5,
+            latency_ms=100,
+            category="validation",
+            error="schema mismatch in output",
+            attempt=1,
+        ),
         ev("budget_warning", "orchestrator", 0, 6),
     )
     fed.state.rotations = 2
     if final == "complete":
         fed.feed(ev("session_complete", at=7, status="complete"))
     elif final == "budget_exceeded":
-        fed.feed(ev("session_error", at=7, status="budget_exceeded",
-                    reason="budget of 2,000 tokens exhausted by reasoning"))
+        fed.feed(
+            ev(
+                "session_error",
+                at=7,
+                status="budget_exceeded",
+                reason="budget of 2,000 tokens exhausted by reasoning",
+            )
+        )
     return fed
 
 
@@ -100,8 +119,16 @@ def test_use_color_needs_a_terminal_and_no_NO_COLOR() -> None:
 
 @pytest.mark.parametrize(
     ("fraction", "level"),
-    [(0.0, "ok"), (0.4999, "ok"), (0.5, "warning"), (0.79, "warning"), (0.8, "critical"),
-     (0.9499, "critical"), (0.95, "exceeded"), (1.2, "exceeded")],
+    [
+        (0.0, "ok"),
+        (0.4999, "ok"),
+        (0.5, "warning"),
+        (0.79, "warning"),
+        (0.8, "critical"),
+        (0.9499, "critical"),
+        (0.95, "exceeded"),
+        (1.2, "exceeded"),
+    ],
 )
 def test_budget_levels_at_50_80_95(fraction: float, level: str) -> None:
     assert budget_level(fraction, DisplayOptions()) == level
@@ -115,8 +142,13 @@ def test_the_sessions_own_thresholds_win() -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(None, "-"), (4.25, "4.2s"), (65, "1m 05s"), (3 * 3600 + 120, "3h 02m"),
-     (50 * 3600, "2d 02h")],
+    [
+        (None, "-"),
+        (4.25, "4.2s"),
+        (65, "1m 05s"),
+        (3 * 3600 + 120, "3h 02m"),
+        (50 * 3600, "2d 02h"),
+    ],
 )
 def test_format_duration(seconds: float | None, text: str) -> None:
     assert format_duration(seconds) == text
@@ -156,8 +188,14 @@ def test_state_to_dict_carries_the_same_state() -> None:
     assert obj["status"] == "running" and obj["phase"] == "tracking"
     assert obj["tokens_used"] == 650 and obj["budget"] == 2000
     assert obj["components"]["reasoning"] == {
-        "tokens": 450, "allocated": 1500, "operations": 1, "errors": 0, "retries": 0,
-        "latency_ms": 2100.0, "avg_latency_ms": 2100.0, "p95_latency_ms": 2100.0,
+        "tokens": 450,
+        "allocated": 1500,
+        "operations": 1,
+        "errors": 0,
+        "retries": 0,
+        "latency_ms": 2100.0,
+        "avg_latency_ms": 2100.0,
+        "p95_latency_ms": 2100.0,
         "last_error": None,
     }
     assert list(obj["components"])[:3] == ["routing", "memory", "reasoning"]
@@ -184,10 +222,12 @@ def test_final_object_has_the_exit_code() -> None:
 
 @pytest.mark.parametrize(
     ("final", "outcome", "title"),
-    [("complete", "complete", "EXECUTION COMPLETE"),
-     ("budget_exceeded", "budget_exceeded", "BUDGET EXCEEDED"),
-     (None, "incomplete", "SESSION INCOMPLETE"),
-     (None, "stopped", "MONITOR STOPPED")],
+    [
+        ("complete", "complete", "EXECUTION COMPLETE"),
+        ("budget_exceeded", "budget_exceeded", "BUDGET EXCEEDED"),
+        (None, "incomplete", "SESSION INCOMPLETE"),
+        (None, "stopped", "MONITOR STOPPED"),
+    ],
 )
 @pytest.mark.parametrize("width", [40, 120])
 def test_summary(final: str | None, outcome: str, title: str, width: int) -> None:
@@ -221,8 +261,9 @@ def test_summary_in_color_colours_only_the_title() -> None:
 
 @pytest.mark.parametrize("width", [40, 120])
 def test_dashboard_fits_the_width(width: int) -> None:
-    text = render_dashboard_text(make_state(), DisplayOptions(), width=width, height=50, now=NOW,
-                                 phase=MonitorPhase.TRACKING)
+    text = render_dashboard_text(
+        make_state(), DisplayOptions(), width=width, height=50, now=NOW, phase=MonitorPhase.TRACKING
+    )
     lines = text.splitlines()
     assert all(len(line) <= width for line in lines), max(lines, key=len)
     assert "\x1b" not in text
@@ -259,8 +300,12 @@ def test_slowest_is_highlighted_past_the_latency_warning() -> None:
 
 
 def test_settings_turn_parts_off() -> None:
-    options = DisplayOptions(show_budget_bar=False, show_forecast=False,
-                             show_component_breakdown=False, show_latency=False)
+    options = DisplayOptions(
+        show_budget_bar=False,
+        show_forecast=False,
+        show_component_breakdown=False,
+        show_latency=False,
+    )
     text = render_dashboard_text(make_state(), options, width=100, now=NOW)
     assert "Budget" not in text and "tok/s" not in text and "Components" not in text
     assert "650 / 2,000" in text
@@ -269,7 +314,7 @@ def test_settings_turn_parts_off() -> None:
 def test_budget_bar_fills_with_the_budget() -> None:
     text = render_dashboard_text(make_state(), DisplayOptions(), width=50, now=NOW)
     bar = next(line for line in text.splitlines() if line.startswith("Budget"))
-    cells = bar[len("Budget  "):].rstrip()
+    cells = bar[len("Budget  ") :].rstrip()
     assert cells.count("#") == round(0.325 * len(cells))
 
 
@@ -277,10 +322,8 @@ def test_recent_events_take_what_height_is_left() -> None:
     fed = make_fed()
     fed.feed(*(ev("step_complete", "memory", 1, 7 + i) for i in range(30)))
     state = fed.state
-    tall = render_dashboard_text(state, DisplayOptions(max_events=8), width=80, height=60,
-                                 now=NOW)
-    short = render_dashboard_text(state, DisplayOptions(max_events=8), width=80, height=24,
-                                  now=NOW)
+    tall = render_dashboard_text(state, DisplayOptions(max_events=8), width=80, height=60, now=NOW)
+    short = render_dashboard_text(state, DisplayOptions(max_events=8), width=80, height=24, now=NOW)
     assert tall.count("memory step complete") == 8
     assert len(short.splitlines()) <= 24
 

@@ -29,7 +29,12 @@ UPDATE = bool(os.environ.get("SIGIL_UPDATE_GOLDEN"))
 
 
 def _event(
-    seq: int, at: float, kind: str, component: str, message: str, tokens: int,
+    seq: int,
+    at: float,
+    kind: str,
+    component: str,
+    message: str,
+    tokens: int,
     meta: dict[str, object],
 ) -> dict[str, object]:
     whole, frac = divmod(round(at * 1_000_000), 1_000_000)

@@ -28,9 +28,16 @@ from terminal import Terminal
 T0 = datetime(2026, 1, 15, 10, 0, 0, tzinfo=UTC)
 
 
-def line(at: datetime | float, kind: str, component: str = "orchestrator", tokens: int = 0,
-         seq: int = 0, session: str = "m-1", message: str | None = None,
-         **meta: Any) -> dict[str, Any]:
+def line(
+    at: datetime | float,
+    kind: str,
+    component: str = "orchestrator",
+    tokens: int = 0,
+    seq: int = 0,
+    session: str = "m-1",
+    message: str | None = None,
+    **meta: Any,
+) -> dict[str, Any]:
     moment = at if isinstance(at, datetime) else T0 + timedelta(seconds=at)
     return {
         "timestamp": moment.isoformat(timespec="microseconds"),
@@ -58,7 +65,10 @@ def monitor_json(home: Path, session: str) -> tuple[int, dict[str, Any]]:
     """``sigil monitor --mode json --once``: its exit code and final object."""
     proc = subprocess.run(
         [*SIGIL, "monitor", "--session", session, "--mode", "json", "--once"],
-        env=isolated_env(home, TZ="UTC"), capture_output=True, text=True, timeout=60,
+        env=isolated_env(home, TZ="UTC"),
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
     objects = [orjson.loads(x) for x in proc.stdout.splitlines() if x.strip()]
@@ -69,8 +79,7 @@ def monitor_json(home: Path, session: str) -> tuple[int, dict[str, Any]]:
 def monitor_screen(home: Path, session: str, cols: int = 80, rows: int = 80) -> tuple[int, str]:
     """``sigil monitor --once`` (dashboard) on a real terminal of ``cols`` x ``rows``."""
     env = isolated_env(home, TERM="xterm-256color", NO_COLOR="1", TZ="UTC")
-    term = Terminal([*SIGIL, "monitor", "--session", session, "--once"], env, cols=cols,
-                    rows=rows)
+    term = Terminal([*SIGIL, "monitor", "--session", session, "--once"], env, cols=cols, rows=rows)
     try:
         code = term.wait(60)
         return code, term.text()
@@ -147,10 +156,23 @@ def _failed_reasoning() -> list[dict[str, Any]]:
         line(0.9, "step_complete", "routing", 50, latency_ms=900.0),
         line(2.5, "step_complete", "planning", 300, latency_ms=1600.0),
         line(3.0, "step_complete", "planning", 200, latency_ms=400.0),
-        line(16.0, "step_error", "reasoning", 0, latency_ms=13004.9, attempt=3,
-             category="timeout", error="model call timed out after 13 s"),
-        line(16.1, "session_error", status="error", run=1,
-             reason="reasoning failed after 3 attempts: model call timed out after 13 s"),
+        line(
+            16.0,
+            "step_error",
+            "reasoning",
+            0,
+            latency_ms=13004.9,
+            attempt=3,
+            category="timeout",
+            error="model call timed out after 13 s",
+        ),
+        line(
+            16.1,
+            "session_error",
+            status="error",
+            run=1,
+            reason="reasoning failed after 3 attempts: model call timed out after 13 s",
+        ),
     ]
 
 
@@ -192,11 +214,13 @@ def test_a_failed_run_says_why(home: Path) -> None:
     assert code == 1
     flat = " ".join(screen.split())
     assert "EXECUTION FAILED" in screen
-    assert ("Reason: reasoning failed after 3 attempts: model call timed out after 13 s"
-            in flat), screen
+    assert "Reason: reasoning failed after 3 attempts: model call timed out after 13 s" in flat, (
+        screen
+    )
     # The warnings panel: which component, what went wrong, at which attempt.
-    assert ("! reasoning error (timeout, attempt 3): model call timed out after 13 s"
-            in screen), screen
+    assert "! reasoning error (timeout, attempt 3): model call timed out after 13 s" in screen, (
+        screen
+    )
     assert "step errors" not in screen
     code, final = monitor_json(home, "fail-1")
     assert final["reason"] == "reasoning failed after 3 attempts: model call timed out after 13 s"
@@ -237,13 +261,20 @@ def _python_api_session(home: Path, session: str) -> Path:
     logger = ExecutionLogger(session, home / "logs", fsync="never")
     logger.initialize_sync()
     logger.log_event_sync("session_start", "orchestrator", "start", metadata={"budget": 5000})
-    logger.log_event_sync("step_complete", "routing", "routed", tokens=12,
-                          metadata={"latency_ms": 3.5})
-    logger.log_event_sync("step_error", "reasoning", "failed", tokens=7,
-                          metadata={"latency_ms": 40.0, "error": "boom"})
+    logger.log_event_sync(
+        "step_complete", "routing", "routed", tokens=12, metadata={"latency_ms": 3.5}
+    )
+    logger.log_event_sync(
+        "step_error",
+        "reasoning",
+        "failed",
+        tokens=7,
+        metadata={"latency_ms": 40.0, "error": "boom"},
+    )
     logger.log_event_sync("token_consumption", "reasoning", "used", tokens=30)
-    logger.log_event_sync("session_complete", "orchestrator", "done",
-                          metadata={"status": "complete"})
+    logger.log_event_sync(
+        "session_complete", "orchestrator", "done", metadata={"status": "complete"}
+    )
     logger.close_sync()
     return home / "logs" / "sessions" / session / "execution.jsonl"
 
@@ -254,8 +285,11 @@ def test_monitor_json_agrees_with_the_model_and_the_reference(home: Path, case: 
     if case == "python_api":
         path = _python_api_session(home, session)
     else:
-        events = {"failed_step": _failed_reasoning, "interrupted": _interrupted,
-                  "resumed": _resumed}[case]()
+        events = {
+            "failed_step": _failed_reasoning,
+            "interrupted": _interrupted,
+            "resumed": _resumed,
+        }[case]()
         path = write(home, session, events)
     model = fold_file_snapshot(path)
     reference = fold_reference(path.read_bytes())
@@ -295,9 +329,14 @@ def test_a_real_failed_run_shows_what_metrics_json_says(home: Path) -> None:
         "errors:\n  max_retries: 3\n  backoff_base: 0.001\n  backoff_max: 0.01\n"
         "pipeline:\n  steps:\n    reasoning: orchestrate_steps:FailingReasoning\n"
     )
-    run = subprocess.run([*SIGIL, "orchestrate", "--task", "Analyze", "--session", "real-1",
-                          "--json"], env=isolated_env(home), capture_output=True, text=True,
-                         timeout=60, check=False)
+    run = subprocess.run(
+        [*SIGIL, "orchestrate", "--task", "Analyze", "--session", "real-1", "--json"],
+        env=isolated_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert run.returncode == 1, run.stderr
     session = home / "logs" / "sessions" / "real-1"
     metrics = orjson.loads((session / "metrics.json").read_bytes())
@@ -306,10 +345,14 @@ def test_a_real_failed_run_shows_what_metrics_json_says(home: Path) -> None:
     for name, comp in metrics["components"].items():
         shown = final["components"][name]
         assert (shown["operations"], shown["errors"], shown["retries"]) == (
-            comp["operations"], comp["errors"], comp["retries"])
+            comp["operations"],
+            comp["errors"],
+            comp["retries"],
+        )
         assert shown["avg_latency_ms"] == comp["average_latency_ms"]
     assert final["components"]["reasoning"]["last_error"]["message"] == (
-        "reasoning exploded on purpose")
+        "reasoning exploded on purpose"
+    )
     assert "reasoning exploded on purpose" in final["reason"]
     _, screen = monitor_screen(home, "real-1", cols=50)
     assert f"Slowest {metrics['slowest_component']} " in screen, screen

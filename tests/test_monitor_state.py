@@ -29,8 +29,14 @@ T0 = datetime(2026, 1, 11, 10, 15, 32, tzinfo=UTC)
 _seq = itertools.count()
 
 
-def ev(event_type: str, component: str = "orchestrator", tokens: int = 0, *, at: float = 0.0,
-       **metadata: Any) -> LogEntry:
+def ev(
+    event_type: str,
+    component: str = "orchestrator",
+    tokens: int = 0,
+    *,
+    at: float = 0.0,
+    **metadata: Any,
+) -> LogEntry:
     return LogEntry(
         timestamp=(T0 + timedelta(seconds=at)).isoformat(),
         session_id="s1",
@@ -150,7 +156,9 @@ def test_a_short_finished_run_has_a_rate() -> None:
 def test_update_returns_the_new_events_and_keeps_warnings() -> None:
     fed = Fed("s1", last_n=10)
     assert [e.event_type for e in fed.feed(ev("session_start"), ev("budget_warning"))] == [
-        "session_start", "budget_warning"]
+        "session_start",
+        "budget_warning",
+    ]
     new = fed.feed(*(ev("step_complete", "routing", 1) for _ in range(50)))
     # A burst larger than the model keeps is counted, and its last events listed.
     assert len(new) == 10 and fed.state.entries == 52 and fed.state.tokens_used == 50
@@ -168,7 +176,7 @@ def test_malformed_lines_come_from_the_model() -> None:
 def test_a_torn_tail_shows_once_no_writer_will_finish_it(tmp_path: Path) -> None:
     session = tmp_path / "sessions" / "s1"
     session.mkdir(parents=True)
-    (session / "execution.jsonl").write_bytes(ev("session_start").to_bytes() + b"\n{\"torn")
+    (session / "execution.jsonl").write_bytes(ev("session_start").to_bytes() + b'\n{"torn')
     model = SessionModel("s1", tmp_path)
     state = SessionState("s1", snapshot=model.update())
     assert state.snap.torn_tail and not state.torn_tail  # a writer may be mid-line

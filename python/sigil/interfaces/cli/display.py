@@ -597,8 +597,11 @@ def render_dashboard(
     if warnings:
         rows.append(Rule("Warnings", style="yellow", align="left"))
         rows.extend(Text(f"! {w}", style="yellow", overflow="fold") for w in warnings)
-    counts = [f"{state.entries:,} events", f"{state.malformed:,} malformed",
-              f"{state.rotations:,} rotations"]
+    counts = [
+        f"{state.entries:,} events",
+        f"{state.malformed:,} malformed",
+        f"{state.rotations:,} rotations",
+    ]
     for i, packed in enumerate(_pack(counts, width - 8, " · ")):
         info = Text(no_wrap=True, overflow="ellipsis")
         info.append("Log     " if i == 0 else " " * 8, style="dim")
@@ -725,9 +728,19 @@ def _event_text(entry: EntryLike) -> Any:
     return text
 
 
-_SGR_TO_RICH = {"1": "bold", "31": "red", "32": "green", "33": "yellow", "34": "blue",
-                "35": "magenta", "36": "cyan", "92": "bright_green", "94": "bright_blue",
-                "95": "bright_magenta", "96": "bright_cyan"}
+_SGR_TO_RICH = {
+    "1": "bold",
+    "31": "red",
+    "32": "green",
+    "33": "yellow",
+    "34": "blue",
+    "35": "magenta",
+    "36": "cyan",
+    "92": "bright_green",
+    "94": "bright_blue",
+    "95": "bright_magenta",
+    "96": "bright_cyan",
+}
 
 
 def _rich_component_style(name: str) -> str:
@@ -792,8 +805,9 @@ class Renderer:
     def resized(self) -> None:
         return None
 
-    def finish(self, state: SessionState, phase: MonitorPhase, outcome: str,
-               exit_code: int) -> None:
+    def finish(
+        self, state: SessionState, phase: MonitorPhase, outcome: str, exit_code: int
+    ) -> None:
         self._write_summary(self.out, state, outcome)
 
     def close(self) -> None:
@@ -869,8 +883,9 @@ class MinimalRenderer(Renderer):
             self._end_line()
         super().waiting(state, phase, message)
 
-    def finish(self, state: SessionState, phase: MonitorPhase, outcome: str,
-               exit_code: int) -> None:
+    def finish(
+        self, state: SessionState, phase: MonitorPhase, outcome: str, exit_code: int
+    ) -> None:
         self.refresh(state, phase, True)
         self._end_line()
         super().finish(state, phase, outcome, exit_code)
@@ -903,8 +918,9 @@ class JsonRenderer(Renderer):
         if changed:
             self._emit(state_to_dict(state, phase=phase))
 
-    def finish(self, state: SessionState, phase: MonitorPhase, outcome: str,
-               exit_code: int) -> None:
+    def finish(
+        self, state: SessionState, phase: MonitorPhase, outcome: str, exit_code: int
+    ) -> None:
         obj = state_to_dict(state, phase=phase, final=True, exit_code=exit_code)
         obj["outcome"] = outcome
         self._emit(obj)
@@ -933,7 +949,11 @@ class DashboardRenderer(Renderer):
     def _frame(self, state: SessionState, phase: MonitorPhase) -> RenderableType:
         size = self.console.size
         return render_dashboard(
-            state, self.options, phase=phase, width=size.width, height=size.height,
+            state,
+            self.options,
+            phase=phase,
+            width=size.width,
+            height=size.height,
             notice=self._notice,
         )
 
@@ -982,8 +1002,9 @@ class DashboardRenderer(Renderer):
     def resized(self) -> None:
         self._resized = True
 
-    def finish(self, state: SessionState, phase: MonitorPhase, outcome: str,
-               exit_code: int) -> None:
+    def finish(
+        self, state: SessionState, phase: MonitorPhase, outcome: str, exit_code: int
+    ) -> None:
         self._show(state, phase)
         self._stop_live()
         self._write_summary(self.out, state, outcome)

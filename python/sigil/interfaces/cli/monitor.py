@@ -49,7 +49,7 @@ __all__ = [
     "SessionState",
 ]
 
-# Exit codes shared with `sigil orchestrate` (INTERFACES.md).
+# Exit codes shared with `sigil orchestrate` (its --help and the README list them).
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -433,8 +433,7 @@ class SessionState:
         """The component whose successful steps take longest on average (spec 4.3.2),
         by the rule ``metrics.json`` uses, so the two never name different ones."""
         timed = {
-            k: avg for k, c in self.components.items()
-            if (avg := c.average_latency_ms) is not None
+            k: avg for k, c in self.components.items() if (avg := c.average_latency_ms) is not None
         }
         if not timed:
             return None
@@ -484,7 +483,6 @@ def _clock(timestamp: str) -> str:
     """``HH:MM:SS`` of an ISO timestamp, without parsing it (the stream view's column)."""
     _, sep, rest = timestamp.partition("T")
     return rest[:8] if sep else timestamp[:8]
-
 
 
 # ---------------------------------------------------------------------------------------
@@ -579,8 +577,9 @@ class ExecutionMonitor:
         self._stdout = stdout
         self._stderr = stderr
 
-        self.state = SessionState(session_id or "", default_budget=default_budget,
-                                  max_events=last_n)
+        self.state = SessionState(
+            session_id or "", default_budget=default_budget, max_events=last_n
+        )
         self.phase = MonitorPhase.INITIAL
         self.exit_code: int | None = None
         self._renderer: Renderer | None = None
@@ -667,7 +666,8 @@ class ExecutionMonitor:
     async def _run(self) -> int:
         renderer = self._require_renderer()
         target = (
-            f"session {self.session_id}" if self.session_id
+            f"session {self.session_id}"
+            if self.session_id
             else f"the active session ({self.log_path / CURRENT_LINK_NAME})"
         )
         renderer.start(f"watching {target}")
@@ -681,8 +681,9 @@ class ExecutionMonitor:
             if code is not None:
                 return code
             # --follow without --session: current.jsonl now points at another session.
-            self.state = SessionState("", default_budget=self.default_budget,
-                                      max_events=self.last_n)
+            self.state = SessionState(
+                "", default_budget=self.default_budget, max_events=self.last_n
+            )
 
     def _require_renderer(self) -> Renderer:
         assert self._renderer is not None
@@ -768,14 +769,14 @@ class ExecutionMonitor:
 
         renderer = self._require_renderer()
         session_dir = self.log_path / "sessions" / session_id
-        model = await asyncio.to_thread(
-            SessionModel, session_id, self.log_path, last_n=self.last_n
-        )
+        model = await asyncio.to_thread(SessionModel, session_id, self.log_path, last_n=self.last_n)
         try:
             segments = await asyncio.to_thread(rotated_segments, session_dir)
             snapshot = await asyncio.to_thread(model.update)
             state = SessionState(
-                session_id, default_budget=self.default_budget, max_events=self.last_n,
+                session_id,
+                default_budget=self.default_budget,
+                max_events=self.last_n,
                 snapshot=snapshot,
             )
             state.rotated_segments = len(segments)
