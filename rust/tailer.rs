@@ -471,8 +471,9 @@ impl Tailer {
             self.stats.fingerprint_changes += 1;
         }
         // The head survived: are the bytes we read last still there? (One
-        // more pread of 32 bytes, only when the file grew.)
-        if !restart && len > self.splitter.position && mark_changed(cur, self.splitter.position)? {
+        // more pread of 32 bytes; at equal length too, or a refill to exactly
+        // our offset would hide its lines.)
+        if !restart && mark_changed(cur, self.splitter.position)? {
             restart = true;
         }
         if restart {
@@ -705,8 +706,9 @@ impl Tailer {
                     .len()
                     .map(|len| len != self.splitter.position)
                     .unwrap_or(true);
-                let replaced =
-                    cur.gz.is_none() && cur.fp_len > 0 && fingerprint_changed(cur).unwrap_or(true);
+                let replaced = cur.gz.is_none()
+                    && ((cur.fp_len > 0 && fingerprint_changed(cur).unwrap_or(true))
+                        || mark_changed(cur, self.splitter.position).unwrap_or(true));
                 if grown || replaced {
                     return true;
                 }
@@ -1138,6 +1140,26 @@ mod tests {
             collect(&mut t),
             vec!["h".repeat(300), "new-1:longer".into(), "new-2".into()]
         );
+        assert_eq!(t.stats.truncations, 1);
+    }
+
+    #[test]
+    fn a_truncation_that_keeps_the_head_and_refills_to_the_offset_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let head = format!("{}\n", "h".repeat(300));
+        append(&path, &format!("{head}gone-1\n"));
+        let mut t = Tailer::new(&path, Start::Beginning, None, 1 << 20).unwrap();
+        assert_eq!(collect(&mut t).len(), 2);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(head.len() as u64)
+            .unwrap();
+        append(&path, "new-11\n"); // the same length as "gone-1\n"
+        assert!(t.has_news());
+        assert_eq!(collect(&mut t), vec!["h".repeat(300), "new-11".into()]);
         assert_eq!(t.stats.truncations, 1);
     }
 
