@@ -577,7 +577,7 @@ def render_dashboard(
                 _Bar(share, _LEVEL_STYLE[comp_level]) if allocated else Text(""),
             ]
             if show_latency_col:
-                cells.append(_latency_text(comp, name == slowest, options))
+                cells.append(_latency_text(comp, name == slowest, options, p95=width >= 100))
             table.add_row(*cells)
         rows.append(table)
     if options.show_latency and not wide and slowest is not None:
@@ -698,13 +698,19 @@ class _Bar:
         return Measurement(3, options.max_width)
 
 
-def _latency_text(comp: Any, is_slowest: bool, options: DisplayOptions) -> Any:
+def _latency_text(
+    comp: Any, is_slowest: bool, options: DisplayOptions, *, p95: bool = False
+) -> Any:
+    """The model's average latency of successful steps (and, when there is room,
+    its p95 from the latency histogram, as ``metrics.json`` reports them)."""
     from rich.text import Text
 
     avg = None if comp is None else comp.average_latency_ms
     if avg is None:
         return Text("-", style="dim")
     text = format_latency(avg) + "/op"
+    if p95 and comp.p95_latency_ms is not None:
+        text += f" p95 {format_latency(comp.p95_latency_ms)}"
     if is_slowest and avg >= options.latency_warning_ms:
         return Text(text + " slow", style="bold red")
     if is_slowest:
