@@ -708,14 +708,14 @@ def _latency_text(
     avg = None if comp is None else comp.average_latency_ms
     if avg is None:
         return Text("-", style="dim")
-    text = format_latency(avg) + "/op"
-    if p95 and comp.p95_latency_ms is not None:
-        text += f" p95 {format_latency(comp.p95_latency_ms)}"
+    text = Text(format_latency(avg) + "/op")
     if is_slowest and avg >= options.latency_warning_ms:
-        return Text(text + " slow", style="bold red")
-    if is_slowest:
-        return Text(text, style="bold")
-    return Text(text)
+        text = Text(format_latency(avg) + "/op slow", style="bold red")
+    elif is_slowest:
+        text.stylize("bold")
+    if p95 and comp.p95_latency_ms is not None:
+        text.append(f" p95 {format_latency(comp.p95_latency_ms)}", style="dim")
+    return text
 
 
 def _event_text(entry: EntryLike) -> Any:
