@@ -35,10 +35,11 @@ import orjson
 import pytest
 
 from conftest import quick, write_session
+from sigil import _native
 from sigil.interfaces.cli.display import DisplayOptions, render_dashboard_text
-from sigil.interfaces.cli.monitor import ComponentMetrics, SessionState
+from sigil.interfaces.cli.monitor import SessionState
 from sigil.telemetry.execution_logger import ExecutionLogger
-from sigil.telemetry.log_parser import SessionTailer
+from sigil.telemetry.log_parser import SessionModel
 
 pytestmark = pytest.mark.benchmark
 
@@ -193,35 +194,31 @@ def test_startup_python_interpreter(benchmark: Any, tmp_path: Path, size: str) -
 
 
 def _catch_up_and_draw(logs: Path, session: str) -> str:
-    tailer = SessionTailer(session, logs)
-    state = SessionState.from_summary(tailer.catch_up(100), session_id=session)
+    """The monitor's path: one native fold of the session (SessionModel), a snapshot."""
+    model = SessionModel(session, logs, last_n=100)
+    state = SessionState(session, snapshot=model.update())
     return render_dashboard_text(state, DisplayOptions(), width=120, height=40)
 
 
 def _python_catch_up_and_draw(logs: Path, session: str) -> str:
-    """The pure-Python way: orjson per line, the same fold rules, the same frame."""
-    state = SessionState(session_id=session)
+    """The pure-Python way: orjson per line, a fold in dicts, then a frame (drawn
+    from an empty state: the monitor itself never folds in Python)."""
     path = logs / "sessions" / session / "execution.jsonl"
-    components = state.components
+    tokens_used = entries = 0
+    components: dict[str, list[float]] = {}
     with open(path, "rb") as f:
         for line in f:
             e = orjson.loads(line)
             tokens = e["tokens"]
-            state.tokens_used += tokens
-            state.entries += 1
-            comp = components.get(e["component"])
-            if comp is None:
-                comp = components[e["component"]] = ComponentMetrics(e["component"])
-            comp.tokens_used += tokens
-            kind = e["event_type"]
-            if kind in ("step_complete", "step_error"):
-                comp.operations += 1
-                comp.total_latency_ms += e["metadata"].get("latency_ms", 0)
-            elif kind == "session_start":
-                state.status = "running"
-                state.total_budget = e["metadata"].get("budget", state.total_budget)
-                state.run.started_at = e["timestamp"]
-    return render_dashboard_text(state, DisplayOptions(), width=120, height=40)
+            tokens_used += tokens
+            entries += 1
+            comp = components.setdefault(e["component"], [0, 0, 0.0])
+            comp[0] += tokens
+            if e["event_type"] == "step_complete":
+                comp[1] += 1
+                comp[2] += e["metadata"].get("latency_ms", 0)
+    assert entries and tokens_used >= 0
+    return render_dashboard_text(SessionState(session), DisplayOptions(), width=120, height=40)
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -256,7 +253,6 @@ def _busy_state() -> SessionState:
     from sigil.telemetry.execution_logger import LogEntry
 
     t0 = datetime(2026, 1, 11, 10, 15, 32, tzinfo=UTC)
-    state = SessionState(session_id="bench-frame")
     rng = random.Random(7)
     entries = [LogEntry(t0.isoformat(), "b", "session_start", "orchestrator", "Starting", 0,
                         {"budget": 256_000, "allocations": {"routing": 10_000,
@@ -270,8 +266,10 @@ def _busy_state() -> SessionState:
                                 {"latency_ms": rng.uniform(5, 7000)}))
     entries.append(LogEntry((t0 + timedelta(seconds=201)).isoformat(), "b", "budget_warning",
                             "orchestrator", "50% of the budget used", 0, {}))
-    state.update_from_entries(entries)
-    state.malformed, state.rotations = 3, 2
+    fold = _native.Fold(100)
+    fold.feed_bytes(b"".join(e.to_bytes() + b"\n" for e in entries) + b"{bad\n" * 3)
+    state = SessionState("bench-frame", snapshot=fold.snapshot())
+    state.rotations = 2
     return state
 
 
@@ -293,7 +291,7 @@ def _spec_dashboard(state: SessionState) -> str:
     p("\nComponent Token Usage:")
     for name in ["routing", "memory", "planning", "reasoning", "contracts", "validation"]:
         comp = state.components.get(name)
-        used = comp.tokens_used if comp else 0
+        used = comp.tokens if comp else 0
         p(f"  [{name:12}] {used:6,} tokens  {'=' * min(20, int(used / 5000 * 20))}")
     pct = state.budget_percentage
     filled = min(30, int(pct / 100 * 30))
@@ -302,7 +300,7 @@ def _spec_dashboard(state: SessionState) -> str:
     p(f"  Remaining: {state.tokens_remaining:,} tokens")
     slowest = state.slowest_component
     if slowest:
-        p(f"  Slowest:   {slowest} ({state.components[slowest].total_latency_ms:.0f}ms)")
+        p(f"  Slowest:   {slowest} ({state.components[slowest].latency_ms:.0f}ms)")
     for entry in list(state.events)[-5:]:
         p(f"  [{entry.timestamp.split('T')[1].split('.')[0]}] {entry.component}: {entry.message}")
     return out.getvalue()

@@ -942,6 +942,7 @@ impl PyTailer {
         d.set_item("compressed_segments", s.compressed_segments)?;
         d.set_item("copies_followed", s.copies_followed)?;
         d.set_item("corrupt_segments", s.corrupt_segments)?;
+        d.set_item("rereads", s.rereads)?;
         d.set_item("checkpoint_restored", s.checkpoint_restored)?;
         Ok(d)
     }

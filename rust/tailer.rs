@@ -59,6 +59,9 @@ pub struct TailerStats {
     pub copies_followed: u64,
     /// Compressed segments that ended in a decoding error (read up to it).
     pub corrupt_segments: u64,
+    /// Lines skipped by `fold_available` after a truncation that restarted
+    /// the file at 0: their `seq` was folded already (see `reread_guard`).
+    pub rereads: u64,
     pub checkpoint_restored: bool,
 }
 
@@ -171,6 +174,12 @@ pub struct Tailer {
     after_copy: Option<Current>,
     notify: Notifier,
     buf: Vec<u8>,
+    /// Set by `fold_available` to the fold's highest `seq` before it polls: a
+    /// restart of the same file at 0 then arms `reread_guard` with it.
+    seq_high: Option<u64>,
+    /// After such a restart, lines whose `seq` is at most this were read (and
+    /// folded) before: they are skipped until a newer `seq` shows up.
+    reread_guard: Option<u64>,
 }
 
 /// One piece of output: a complete line with its offset, or an oversize line.
@@ -252,6 +261,8 @@ impl Tailer {
             after_copy: None,
             notify,
             buf: Vec::new(),
+            seq_high: None,
+            reread_guard: None,
         };
         if !t.try_open()? {
             // `End` means the end of the file as it is now; a file that appears
@@ -404,10 +415,23 @@ impl Tailer {
                 let room = max_lines - lines;
                 let cut = cut_after_lines(chunk, room);
                 let stats = &mut self.stats;
+                let guard = &mut self.reread_guard;
                 self.splitter.feed(&chunk[..cut], |p| match p {
                     Piece::Line(l, o) => {
                         stats.lines += 1;
                         lines += 1;
+                        if let Some(limit) = *guard {
+                            // Parsed only while the guard is armed (right after
+                            // a restart), so the usual path pays nothing.
+                            match crate::parse::parse_line(l).ok().and_then(|e| e.seq) {
+                                Some(seq) if seq <= limit => {
+                                    stats.rereads += 1;
+                                    return;
+                                }
+                                Some(_) => *guard = None,
+                                None => {}
+                            }
+                        }
                         out(Out::Line(l, o))
                     }
                     Piece::Oversize(o, len) => {
@@ -471,6 +495,9 @@ impl Tailer {
             if self.splitter.pending() > 0 {
                 self.stats.torn_lines += 1;
             }
+            // The same file from 0: what is still at its head was handed out
+            // before (a truncation that kept the head). Only a fold asks.
+            self.reread_guard = self.seq_high;
             self.splitter.reset(0);
             let (fp_len, fp_crc) = fingerprint(&cur.file, len)?;
             let cur = self.cur.as_mut().expect("caller opened");
@@ -626,6 +653,7 @@ impl Tailer {
     /// open file in parallel (no per-line callback), the rest line by line.
     pub fn fold_available(&mut self, fold: &mut FoldState) -> io::Result<u64> {
         let lines_before = fold.lines;
+        self.seq_high = fold.max_seq;
         if self.try_open()? {
             self.check_truncation()?;
             let cur = self.cur.as_ref().expect("opened above");
@@ -634,6 +662,7 @@ impl Tailer {
             let plain = cur.gz.is_none();
             if plain
                 && self.splitter.pending() == 0
+                && self.reread_guard.is_none()
                 && len.saturating_sub(pos) >= PARALLEL_MIN_BYTES
             {
                 let torn_before = fold.torn_tail;
@@ -664,6 +693,7 @@ impl Tailer {
             }
         }
         fold.torn_tail = self.splitter.pending() > 0;
+        self.seq_high = None;
         Ok(fold.lines - lines_before)
     }
 
@@ -1311,6 +1341,36 @@ mod tests {
         append(&path, "ial\n");
         assert_eq!(collect(&mut t), vec!["{\"partial"]);
         assert_eq!(t.stats.lines, n as u64 + 1);
+    }
+
+    #[test]
+    fn a_fold_skips_what_a_head_keeping_truncation_hands_out_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let ev = |seq: u64, tokens: u64| {
+            format!(
+                "{{\"timestamp\":\"2026-01-01T00:00:00+00:00\",\"session_id\":\"s\",\"event_type\":\"x\",\"component\":\"c\",\"message\":\"m\",\"tokens\":{tokens},\"metadata\":{{}},\"seq\":{seq}}}\n"
+            )
+        };
+        append(&path, &format!("{}{}{}", ev(0, 1), ev(1, 10), ev(2, 100)));
+        let mut t = Tailer::new(&path, Start::Beginning, None, 1 << 20).unwrap();
+        let mut fold = FoldState::new(5);
+        assert_eq!(t.fold_available(&mut fold).unwrap(), 3);
+        // Keep the first two lines, then the writer goes on at seq 3.
+        let head = ev(0, 1).len() + ev(1, 10).len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(head as u64)
+            .unwrap();
+        append(&path, &format!("{}{}", ev(3, 1000), ev(4, 10000)));
+        assert_eq!(t.fold_available(&mut fold).unwrap(), 2);
+        assert_eq!(fold.tokens, 11111);
+        assert_eq!((t.stats.truncations, t.stats.rereads), (1, 2));
+        // A plain reader is handed every line, as before.
+        let mut plain = Tailer::new(&path, Start::Beginning, None, 1 << 20).unwrap();
+        assert_eq!(collect(&mut plain).len(), 4);
     }
 
     #[test]

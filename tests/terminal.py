@@ -20,13 +20,19 @@ import pyte
 class Terminal:
     """A process running on a pseudo-terminal of ``cols`` x ``rows``, read by pyte."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], cols: int = 100,
-                 rows: int = 50) -> None:
+    def __init__(
+        self, argv: list[str], env: dict[str, str], cols: int = 100, rows: int = 50
+    ) -> None:
         self.master, slave = os.openpty()
         self._set_size(slave, cols, rows)
         self.proc = subprocess.Popen(
-            argv, stdin=slave, stdout=slave, stderr=slave, env=env,
-            start_new_session=True, close_fds=True,
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
         )
         os.close(slave)
         self.screen = pyte.Screen(cols, rows)

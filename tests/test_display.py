@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 import pytest
 
+from model_state import Fed
 from sigil.interfaces.cli.display import (
     DashboardRenderer,
     DisplayOptions,
@@ -46,8 +47,9 @@ class TtyStringIO(io.StringIO):
         return True
 
 
-def ev(kind: str, component: str = "orchestrator", tokens: int = 0, at: float = 0,
-       **meta: Any) -> LogEntry:
+def ev(
+    kind: str, component: str = "orchestrator", tokens: int = 0, at: float = 0, **meta: Any
+) -> LogEntry:
     return LogEntry(
         timestamp=(T0 + timedelta(seconds=at)).isoformat(),
         session_id="demo-1",
@@ -59,25 +61,49 @@ def ev(kind: str, component: str = "orchestrator", tokens: int = 0, at: float = 
     )
 
 
-def make_state(*, final: str | None = None, slow_ms: float = 2100) -> SessionState:
-    state = SessionState(session_id="demo-1")
-    state.update_from_entries([
-        ev("session_start", budget=2000, run=1,
-           allocations={"routing": 100, "memory": 300, "reasoning": 1500}),
+def make_fed(*, final: str | None = None, slow_ms: float = 2100) -> Fed:
+    fed = Fed("demo-1")
+    fed.feed(
+        ev(
+            "session_start",
+            budget=2000,
+            run=1,
+            allocations={"routing": 100, "memory": 300, "reasoning": 1500},
+        ),
         ev("step_complete", "routing", 50, 1, latency_ms=1100),
         ev("step_complete", "memory", 150, 2, latency_ms=1200),
         ev("token_consumption", "reasoning", 200, 3),
         ev("step_complete", "reasoning", 250, 4, latency_ms=slow_ms),
-        ev("step_error", "validation", 0, 5, latency_ms=100),
+        b"{not json",
+        ev(
+            "step_error",
+            "validation",
+            0,
+            5,
+            latency_ms=100,
+            category="validation",
+            error="schema mismatch in output",
+            attempt=1,
+        ),
         ev("budget_warning", "orchestrator", 0, 6),
-    ])
-    state.note_malformed([type("M", (), {"offset": 803, "reason": "expected value"})()])
-    state.rotations = 2
+    )
+    fed.state.rotations = 2
     if final == "complete":
-        state.update_from_entry(ev("session_complete", at=7, status="complete"))
+        fed.feed(ev("session_complete", at=7, status="complete"))
     elif final == "budget_exceeded":
-        state.update_from_entry(ev("session_error", at=7, status="budget_exceeded"))
-    return state
+        fed.feed(
+            ev(
+                "session_error",
+                at=7,
+                status="budget_exceeded",
+                reason="budget of 2,000 tokens exhausted by reasoning",
+            )
+        )
+    return fed
+
+
+def make_state(*, final: str | None = None, slow_ms: float = 2100) -> SessionState:
+    return make_fed(final=final, slow_ms=slow_ms).state
 
 
 # -- small pieces -----------------------------------------------------------------------
@@ -93,8 +119,16 @@ def test_use_color_needs_a_terminal_and_no_NO_COLOR() -> None:
 
 @pytest.mark.parametrize(
     ("fraction", "level"),
-    [(0.0, "ok"), (0.4999, "ok"), (0.5, "warning"), (0.79, "warning"), (0.8, "critical"),
-     (0.9499, "critical"), (0.95, "exceeded"), (1.2, "exceeded")],
+    [
+        (0.0, "ok"),
+        (0.4999, "ok"),
+        (0.5, "warning"),
+        (0.79, "warning"),
+        (0.8, "critical"),
+        (0.9499, "critical"),
+        (0.95, "exceeded"),
+        (1.2, "exceeded"),
+    ],
 )
 def test_budget_levels_at_50_80_95(fraction: float, level: str) -> None:
     assert budget_level(fraction, DisplayOptions()) == level
@@ -108,8 +142,13 @@ def test_the_sessions_own_thresholds_win() -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(None, "-"), (4.25, "4.2s"), (65, "1m 05s"), (3 * 3600 + 120, "3h 02m"),
-     (50 * 3600, "2d 02h")],
+    [
+        (None, "-"),
+        (4.25, "4.2s"),
+        (65, "1m 05s"),
+        (3 * 3600 + 120, "3h 02m"),
+        (50 * 3600, "2d 02h"),
+    ],
 )
 def test_format_duration(seconds: float | None, text: str) -> None:
     assert format_duration(seconds) == text
@@ -149,15 +188,26 @@ def test_state_to_dict_carries_the_same_state() -> None:
     assert obj["status"] == "running" and obj["phase"] == "tracking"
     assert obj["tokens_used"] == 650 and obj["budget"] == 2000
     assert obj["components"]["reasoning"] == {
-        "tokens": 450, "allocated": 1500, "operations": 1, "latency_ms": 2100.0,
-        "avg_latency_ms": 2100.0, "errors": 0,
+        "tokens": 450,
+        "allocated": 1500,
+        "operations": 1,
+        "errors": 0,
+        "retries": 0,
+        "latency_ms": 2100.0,
+        "avg_latency_ms": 2100.0,
+        "p95_latency_ms": 2100.0,
+        "last_error": None,
     }
     assert list(obj["components"])[:3] == ["routing", "memory", "reasoning"]
     assert obj["components"]["validation"]["errors"] == 1
     assert (obj["malformed"], obj["rotations"], obj["events"]) == (1, 2, 7)
     assert obj["run"]["number"] == 1 and obj["run"]["tokens_used"] == 650
     assert obj["elapsed_seconds"] == pytest.approx(10.0)
+    # 650 tokens over 6 s of event time; 4 s since the last event at NOW: the
+    # recent rate counts the idle seconds (650 / 10 s), the average does not.
     assert obj["tokens_per_second"] == pytest.approx(65.0)
+    assert obj["average_tokens_per_second"] == pytest.approx(650 / 6, abs=0.01)
+    assert obj["stalled_seconds"] is None
     assert obj["seconds_to_budget_end"] == pytest.approx(1350 / 65, abs=0.1)
     assert sum(c["tokens"] for c in obj["components"].values()) == obj["tokens_used"]
 
@@ -172,10 +222,12 @@ def test_final_object_has_the_exit_code() -> None:
 
 @pytest.mark.parametrize(
     ("final", "outcome", "title"),
-    [("complete", "complete", "EXECUTION COMPLETE"),
-     ("budget_exceeded", "budget_exceeded", "BUDGET EXCEEDED"),
-     (None, "incomplete", "SESSION INCOMPLETE"),
-     (None, "stopped", "MONITOR STOPPED")],
+    [
+        ("complete", "complete", "EXECUTION COMPLETE"),
+        ("budget_exceeded", "budget_exceeded", "BUDGET EXCEEDED"),
+        (None, "incomplete", "SESSION INCOMPLETE"),
+        (None, "stopped", "MONITOR STOPPED"),
+    ],
 )
 @pytest.mark.parametrize("width", [40, 120])
 def test_summary(final: str | None, outcome: str, title: str, width: int) -> None:
@@ -209,8 +261,9 @@ def test_summary_in_color_colours_only_the_title() -> None:
 
 @pytest.mark.parametrize("width", [40, 120])
 def test_dashboard_fits_the_width(width: int) -> None:
-    text = render_dashboard_text(make_state(), DisplayOptions(), width=width, height=50, now=NOW,
-                                 phase=MonitorPhase.TRACKING)
+    text = render_dashboard_text(
+        make_state(), DisplayOptions(), width=width, height=50, now=NOW, phase=MonitorPhase.TRACKING
+    )
     lines = text.splitlines()
     assert all(len(line) <= width for line in lines), max(lines, key=len)
     assert "\x1b" not in text
@@ -223,7 +276,7 @@ def test_dashboard_fits_the_width(width: int) -> None:
     for name in ("routing", "memory", "reasoning", "validation"):
         assert name in text
     assert "1 malformed" in text and "2 rotations" in text
-    assert "1 step errors" in text
+    assert "validation error (validation, attempt 1): schema mismatch" in text.replace("\n", "")
     if width >= 60:
         assert re.search(r"reasoning\s+450 / 1,500", text)
         assert "2,100ms/op" in text
@@ -247,8 +300,12 @@ def test_slowest_is_highlighted_past_the_latency_warning() -> None:
 
 
 def test_settings_turn_parts_off() -> None:
-    options = DisplayOptions(show_budget_bar=False, show_forecast=False,
-                             show_component_breakdown=False, show_latency=False)
+    options = DisplayOptions(
+        show_budget_bar=False,
+        show_forecast=False,
+        show_component_breakdown=False,
+        show_latency=False,
+    )
     text = render_dashboard_text(make_state(), options, width=100, now=NOW)
     assert "Budget" not in text and "tok/s" not in text and "Components" not in text
     assert "650 / 2,000" in text
@@ -257,17 +314,16 @@ def test_settings_turn_parts_off() -> None:
 def test_budget_bar_fills_with_the_budget() -> None:
     text = render_dashboard_text(make_state(), DisplayOptions(), width=50, now=NOW)
     bar = next(line for line in text.splitlines() if line.startswith("Budget"))
-    cells = bar[len("Budget  "):].rstrip()
+    cells = bar[len("Budget  ") :].rstrip()
     assert cells.count("#") == round(0.325 * len(cells))
 
 
 def test_recent_events_take_what_height_is_left() -> None:
-    state = make_state()
-    state.update_from_entries([ev("step_complete", "memory", 1, 7 + i) for i in range(30)])
-    tall = render_dashboard_text(state, DisplayOptions(max_events=8), width=80, height=60,
-                                 now=NOW)
-    short = render_dashboard_text(state, DisplayOptions(max_events=8), width=80, height=24,
-                                  now=NOW)
+    fed = make_fed()
+    fed.feed(*(ev("step_complete", "memory", 1, 7 + i) for i in range(30)))
+    state = fed.state
+    tall = render_dashboard_text(state, DisplayOptions(max_events=8), width=80, height=60, now=NOW)
+    short = render_dashboard_text(state, DisplayOptions(max_events=8), width=80, height=24, now=NOW)
     assert tall.count("memory step complete") == 8
     assert len(short.splitlines()) <= 24
 
@@ -309,12 +365,13 @@ def test_dashboard_falls_back_to_stream_without_a_terminal() -> None:
 def test_stream_renderer_data_on_stdout_progress_on_stderr() -> None:
     out, err = io.StringIO(), io.StringIO()
     renderer = StreamRenderer(out, err, DisplayOptions())
-    state = SessionState(session_id="s")
-    state.update_from_entries([ev("step_complete", "routing", 1, i) for i in range(25)])
+    fed = Fed("s")
+    fed.feed(*(ev("step_complete", "routing", 1, i) for i in range(25)))
+    state = fed.state
     renderer.start("watching session s")
     renderer.caught_up(state, MonitorPhase.TRACKING)
-    renderer.on_events(state, [ev("step_complete", "memory", 7, 30)])
-    state.update_from_entry(ev("session_complete", at=31))
+    renderer.on_events(state, fed.feed(ev("step_complete", "memory", 7, 30)))
+    fed.feed(ev("session_complete", at=31))
     renderer.finish(state, MonitorPhase.FINAL, "complete", 0)
     lines = out.getvalue().splitlines()
     assert len([line for line in lines if line.startswith("[")]) == 21
@@ -328,10 +385,11 @@ def test_stream_renderer_data_on_stdout_progress_on_stderr() -> None:
 def test_minimal_renderer_rewrites_one_line_on_a_terminal() -> None:
     out, err = TtyStringIO(), io.StringIO()
     renderer = MinimalRenderer(out, err, DisplayOptions())
-    state = make_state()
+    fed = make_fed()
+    state = fed.state
     renderer.refresh(state, MonitorPhase.TRACKING, True)
     renderer.refresh(state, MonitorPhase.TRACKING, True)  # unchanged: nothing written
-    state.update_from_entry(ev("step_complete", "routing", 150, 8))
+    fed.feed(ev("step_complete", "routing", 150, 8))
     renderer.refresh(state, MonitorPhase.TRACKING, True)
     written = out.getvalue()
     assert written.count("\r") == 2 and "\n" not in written
@@ -353,12 +411,13 @@ def test_minimal_renderer_prints_lines_when_piped() -> None:
 def test_json_renderer_keeps_stdout_pure_ndjson() -> None:
     out, err = io.StringIO(), io.StringIO()
     renderer = JsonRenderer(out, err, DisplayOptions())
-    state = make_state()
+    fed = make_fed()
+    state = fed.state
     renderer.start("watching")
     renderer.caught_up(state, MonitorPhase.TRACKING)
     renderer.refresh(state, MonitorPhase.TRACKING, False)  # nothing new: no object
     renderer.refresh(state, MonitorPhase.TRACKING, True)
-    state.update_from_entry(ev("session_complete", at=8, status="complete"))
+    fed.feed(ev("session_complete", at=8, status="complete"))
     renderer.finish(state, MonitorPhase.FINAL, "complete", 0)
     objects = [orjson.loads(line) for line in out.getvalue().splitlines()]
     assert [o["type"] for o in objects] == ["state", "state", "final"]
@@ -378,9 +437,10 @@ def test_dashboard_renderer_respects_NO_COLOR(monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.setenv("TERM", "xterm-256color")
         out = TtyStringIO()
         renderer = DashboardRenderer(out, io.StringIO(), DisplayOptions())
-        state = make_state()
+        fed = make_fed()
+        state = fed.state
         renderer.caught_up(state, MonitorPhase.TRACKING)
-        state.update_from_entry(ev("session_complete", at=8, status="complete"))
+        fed.feed(ev("session_complete", at=8, status="complete"))
         renderer.finish(state, MonitorPhase.FINAL, "complete", 0)
         renderer.close()
         text = out.getvalue()

@@ -29,7 +29,12 @@ UPDATE = bool(os.environ.get("SIGIL_UPDATE_GOLDEN"))
 
 
 def _event(
-    seq: int, at: float, kind: str, component: str, message: str, tokens: int,
+    seq: int,
+    at: float,
+    kind: str,
+    component: str,
+    message: str,
+    tokens: int,
     meta: dict[str, object],
 ) -> dict[str, object]:
     whole, frac = divmod(round(at * 1_000_000), 1_000_000)
@@ -73,7 +78,8 @@ def fixed_session() -> list[dict[str, object]]:
         (15.7, "token_consumption", "reasoning", "Tokens of a failed attempt", 350,
          {"run": 1, "attempt": 1}),
         (15.8, "retry_attempt", "reasoning", "Retrying reasoning (attempt 2)", 0,
-         {"run": 1, "attempt": 2, "delay_s": 0.1}),
+         {"run": 1, "attempt": 2, "delay_s": 0.1, "category": "timeout",
+          "error": "upstream timed out after 13 s"}),
         (15.9, "step_start", "reasoning", "Reasoning started", 0, {"run": 1, "attempt": 2}),
         (19.9, "step_complete", "reasoning", "Analysis complete", 3900,
          {"run": 1, "attempt": 2, "latency_ms": 4000.0, "input_tokens": 2900,
@@ -107,7 +113,7 @@ def golden_home(tmp_path: Path) -> Path:
     return home
 
 
-def _render(home: Path, mode: str, cols: int, rows: int = 60) -> str:
+def _render(home: Path, mode: str, cols: int, rows: int = 80) -> str:
     env = isolated_env(home, TERM="xterm-256color", NO_COLOR="1", TZ="UTC")
     term = Terminal(
         [*SIGIL, "monitor", "--session", SESSION, "--mode", mode, "--once"],

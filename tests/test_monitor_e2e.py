@@ -13,106 +13,26 @@ orchestrator's ``tokens.json``, or the writer's own running total.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
-import termios
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pyte
 import pytest
 
 from conftest import SIGIL, cli_env
+from terminal import Terminal
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 WRITER = [sys.executable, str(Path(__file__).with_name("monitor_writer.py"))]
 COLOR_SGR = re.compile(rb"\x1b\[[0-9;]*(3[0-9]|9[0-7]|38;)[0-9;]*m")
-
-
-class Terminal:
-    """A process running on a pseudo-terminal of ``cols`` x ``rows``, read by pyte."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], cols: int = 100,
-                 rows: int = 50) -> None:
-        self.master, slave = os.openpty()
-        self._set_size(slave, cols, rows)
-        self.proc = subprocess.Popen(
-            argv, stdin=slave, stdout=slave, stderr=slave, env=env,
-            start_new_session=True, close_fds=True,
-        )
-        os.close(slave)
-        self.screen = pyte.Screen(cols, rows)
-        self.stream = pyte.ByteStream(self.screen)
-        self.raw = bytearray()
-        self.lock = threading.Lock()
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    @staticmethod
-    def _set_size(fd: int, cols: int, rows: int) -> None:
-        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-    def _read(self) -> None:
-        while True:
-            try:
-                data = os.read(self.master, 65536)
-            except OSError:  # EIO once the child side is closed
-                break
-            if not data:
-                break
-            with self.lock:
-                self.raw.extend(data)
-                self.stream.feed(data)
-
-    def text(self) -> str:
-        with self.lock:
-            return "\n".join(line.rstrip() for line in self.screen.display)
-
-    def wait_for(self, predicate: Callable[[str], Any] | str, timeout: float = 10.0) -> str:
-        check = (lambda t: predicate in t) if isinstance(predicate, str) else predicate
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.text()
-            if check(text):
-                return text
-            if self.proc.poll() is not None:
-                self.reader.join(1)
-                text = self.text()
-                if check(text):
-                    return text
-                break
-            time.sleep(0.02)
-        raise AssertionError(f"screen never matched {predicate!r}; it shows:\n{self.text()}")
-
-    def resize(self, cols: int, rows: int) -> None:
-        self._set_size(self.master, cols, rows)
-        with self.lock:
-            self.screen.resize(rows, cols)
-        self.proc.send_signal(signal.SIGWINCH)
-
-    def wait(self, timeout: float = 15.0) -> int:
-        rc = self.proc.wait(timeout)
-        self.reader.join(2)
-        return rc
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        self.reader.join(2)
-        with contextlib.suppress(OSError):
-            os.close(self.master)
 
 
 class Writer:
@@ -121,7 +41,10 @@ class Writer:
     def __init__(self, session: str, log_path: Path, env: dict[str, str]) -> None:
         self.proc = subprocess.Popen(
             [*WRITER, "--session", session, "--log-path", str(log_path)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
         )
         assert self._line() == "ready"
         self.total = 0
@@ -182,8 +105,7 @@ def monitor(env: dict[str, str], terminals: list[Terminal]) -> Callable[..., Ter
                 run_env.pop(key, None)
             else:
                 run_env[key] = value
-        term = Terminal([*SIGIL, "monitor", "--refresh-rate", "0.02", *args], run_env, cols,
-                        rows)
+        term = Terminal([*SIGIL, "monitor", "--refresh-rate", "0.02", *args], run_env, cols, rows)
         terminals.append(term)
         return term
 
@@ -202,7 +124,7 @@ def writer(env: dict[str, str], log_path: Path, writers: list[Writer]) -> Callab
 
 def summary_numbers(screen: str) -> dict[str, Any]:
     """The final summary's numbers, as shown on the screen."""
-    tail = screen[screen.rindex("Session:"):]
+    tail = screen[screen.rindex("Session:") :]
     used, budget = re.search(r"Tokens:\s+([\d,]+) / ([\d,]+)", tail).groups()  # type: ignore[union-attr]
     components = {
         name: int(tokens.replace(",", ""))
@@ -213,8 +135,12 @@ def summary_numbers(screen: str) -> dict[str, Any]:
         key.lower(): int(value.replace(",", ""))
         for key, value in re.findall(r"^(Events|Malformed|Rotations):\s+([\d,]+)", tail, re.M)
     }
-    return {"used": int(used.replace(",", "")), "budget": int(budget.replace(",", "")),
-            "components": components, **counts}
+    return {
+        "used": int(used.replace(",", "")),
+        "budget": int(budget.replace(",", "")),
+        "components": components,
+        **counts,
+    }
 
 
 def session_truth(log_path: Path, session: str) -> dict[str, Any]:
@@ -224,12 +150,31 @@ def session_truth(log_path: Path, session: str) -> dict[str, Any]:
     summary = fold_session(session, log_path)
     return {
         "used": summary.tokens_used,
-        "components": {k: c.tokens for k, c in summary.components.items() if c.tokens or
-                       c.operations},
+        "components": {
+            k: c.tokens for k, c in summary.components.items() if c.tokens or c.operations
+        },
     }
 
 
 # -- the writer-driven scenarios ---------------------------------------------------------
+
+
+def test_a_quiet_live_run_shows_stalled_then_the_rate_again(
+    monitor: Callable[..., Terminal], writer: Callable[[str], Writer]
+) -> None:
+    """During a long model call nothing arrives: the dashboard, redrawn without new
+    events, says "stalled" (the model's recent rate decays); the next event clears it."""
+    term = monitor("--session", "quiet-1")
+    w = writer("quiet-1")
+    w("start 100000", "step routing 500 10")
+    term.wait_for(lambda s: "RUNNING" in s and "Rate" in s)
+    screen = term.wait_for("stalled", timeout=20)
+    rate = re.search(r"Rate\s+([\d,]+) tok/s\s+avg", screen)
+    assert rate is not None, screen
+    w("step memory 200 10")
+    term.wait_for(lambda s: "700 / 100,000" in s and "stalled" not in s)
+    w("complete")
+    assert term.wait() == 0
 
 
 def test_monitor_started_first_follows_the_whole_run(
@@ -287,8 +232,12 @@ def test_monitor_killed_and_restarted_mid_session(
     assert second.wait() == 0
     shown = summary_numbers(second.text())
     assert shown["used"] == w.total == 410
-    assert shown["components"] == {"routing": 100, "memory": 200, "reasoning": 100,
-                                   "validation": 10}
+    assert shown["components"] == {
+        "routing": 100,
+        "memory": 200,
+        "reasoning": 100,
+        "validation": 10,
+    }
     assert not (log_path / "monitor.pid").exists()
 
 
@@ -311,7 +260,7 @@ def test_monitor_started_on_a_dead_session_says_incomplete(
     monitor: Callable[..., Terminal], writer: Callable[[str], Writer]
 ) -> None:
     w = writer("dead-1")
-    w("start 1000", "step routing 40 5", "torn {\"timestamp\": \"2026")
+    w("start 1000", "step routing 40 5", 'torn {"timestamp": "2026')
     w.kill()
     term = monitor("--session", "dead-1")
     assert term.wait() == 1
@@ -328,7 +277,7 @@ def test_rotation_twice_and_malformed_lines_keep_totals_exact(
     w("start 100000", "burst 40 routing 5")
     term.wait_for("200 / 100,000")
     w("rotate execution_20260111_101500.jsonl", "burst 40 memory 7")
-    w("raw this is not json", "raw {\"tokens\": 5}", "raw [1, 2, 3]")
+    w("raw this is not json", 'raw {"tokens": 5}', "raw [1, 2, 3]")
     term.wait_for("480 / 100,000")
     w("rotate execution_20260111_101501.jsonl", "burst 40 reasoning 11", "complete")
     assert term.wait() == 0
@@ -340,8 +289,9 @@ def test_rotation_twice_and_malformed_lines_keep_totals_exact(
     assert len(list((log_path / "sessions" / "rot-1").glob("execution_*.jsonl"))) == 2
 
 
-def test_budget_exceeded_exits_3(monitor: Callable[..., Terminal],
-                                 writer: Callable[[str], Writer]) -> None:
+def test_budget_exceeded_exits_3(
+    monitor: Callable[..., Terminal], writer: Callable[[str], Writer]
+) -> None:
     w = writer("budget-1")
     term = monitor("--session", "budget-1", "--mode", "stream")
     w("start 100", "step reasoning 99 5", "budget")
@@ -349,8 +299,7 @@ def test_budget_exceeded_exits_3(monitor: Callable[..., Terminal],
     assert "BUDGET EXCEEDED" in term.text()
 
 
-def test_narrow_terminal(monitor: Callable[..., Terminal],
-                         writer: Callable[[str], Writer]) -> None:
+def test_narrow_terminal(monitor: Callable[..., Terminal], writer: Callable[[str], Writer]) -> None:
     w = writer("narrow-1")
     term = monitor("--session", "narrow-1", cols=40, rows=60)
     w("start 1000", "step routing 50 1100", "step reasoning 600 6100")
@@ -373,8 +322,9 @@ def test_wide_terminal(monitor: Callable[..., Terminal], writer: Callable[[str],
     assert term.wait() == 0
 
 
-def test_resize_redraws_at_the_new_width(monitor: Callable[..., Terminal],
-                                         writer: Callable[[str], Writer]) -> None:
+def test_resize_redraws_at_the_new_width(
+    monitor: Callable[..., Terminal], writer: Callable[[str], Writer]
+) -> None:
     w = writer("resize-1")
     term = monitor("--session", "resize-1", cols=120, rows=50)
     w("start 1000", "step routing 50 1100")
@@ -387,8 +337,9 @@ def test_resize_redraws_at_the_new_width(monitor: Callable[..., Terminal],
     assert term.wait() == 0
 
 
-def test_colour_and_NO_COLOR(monitor: Callable[..., Terminal],
-                             writer: Callable[[str], Writer]) -> None:
+def test_colour_and_NO_COLOR(
+    monitor: Callable[..., Terminal], writer: Callable[[str], Writer]
+) -> None:
     w = writer("color-1")
     w("start 1000", "step routing 50 5", "complete")
     colored = monitor("--session", "color-1", NO_COLOR=None)
@@ -399,8 +350,9 @@ def test_colour_and_NO_COLOR(monitor: Callable[..., Terminal],
     assert summary_numbers(plain.text())["used"] == summary_numbers(colored.text())["used"] == 50
 
 
-def test_stream_mode_in_a_terminal(monitor: Callable[..., Terminal],
-                                   writer: Callable[[str], Writer]) -> None:
+def test_stream_mode_in_a_terminal(
+    monitor: Callable[..., Terminal], writer: Callable[[str], Writer]
+) -> None:
     w = writer("stream-1")
     term = monitor("--session", "stream-1", "--mode", "stream", NO_COLOR=None)
     w("start 1000", "step routing 50 5")
@@ -410,8 +362,9 @@ def test_stream_mode_in_a_terminal(monitor: Callable[..., Terminal],
     assert b"\x1b[36mrouting\x1b[0m" in bytes(term.raw)  # the component is coloured
 
 
-def test_minimal_mode_rewrites_one_line(monitor: Callable[..., Terminal],
-                                        writer: Callable[[str], Writer]) -> None:
+def test_minimal_mode_rewrites_one_line(
+    monitor: Callable[..., Terminal], writer: Callable[[str], Writer]
+) -> None:
     w = writer("mini-1")
     term = monitor("--session", "mini-1", "--mode", "minimal")
     w("start 1000", "step routing 50 5")
@@ -424,9 +377,9 @@ def test_minimal_mode_rewrites_one_line(monitor: Callable[..., Terminal],
     assert summary_numbers(term.text())["used"] == 75
 
 
-def test_ctrl_c_prints_the_summary_so_far(monitor: Callable[..., Terminal],
-                                          writer: Callable[[str], Writer],
-                                          log_path: Path) -> None:
+def test_ctrl_c_prints_the_summary_so_far(
+    monitor: Callable[..., Terminal], writer: Callable[[str], Writer], log_path: Path
+) -> None:
     w = writer("intr-1")
     term = monitor("--session", "intr-1")
     w("start 1000", "step routing 30 5")
@@ -438,8 +391,9 @@ def test_ctrl_c_prints_the_summary_so_far(monitor: Callable[..., Terminal],
     assert not (log_path / "monitor.pid").exists()
 
 
-def test_follow_waits_for_the_next_run(monitor: Callable[..., Terminal],
-                                       writer: Callable[[str], Writer]) -> None:
+def test_follow_waits_for_the_next_run(
+    monitor: Callable[..., Terminal], writer: Callable[[str], Writer]
+) -> None:
     w = writer("follow-1")
     term = monitor("--session", "follow-1", "--follow", "--mode", "stream")
     w("start 1000 1", "step routing 100 5", "fail")
@@ -453,9 +407,9 @@ def test_follow_waits_for_the_next_run(monitor: Callable[..., Terminal],
     assert term.wait() == 130
 
 
-def test_without_session_follows_current_jsonl(monitor: Callable[..., Terminal],
-                                               writer: Callable[[str], Writer],
-                                               log_path: Path) -> None:
+def test_without_session_follows_current_jsonl(
+    monitor: Callable[..., Terminal], writer: Callable[[str], Writer], log_path: Path
+) -> None:
     term = monitor("--mode", "stream")
     term.wait_for("current.jsonl")
     w = writer("cur-1")
@@ -510,8 +464,9 @@ def test_without_session_an_ended_session_is_not_the_active_one(
     assert "Session:   new-1" in screen and summary_numbers(screen)["used"] == 12
 
 
-def test_once_prints_and_exits(monitor: Callable[..., Terminal],
-                               writer: Callable[[str], Writer]) -> None:
+def test_once_prints_and_exits(
+    monitor: Callable[..., Terminal], writer: Callable[[str], Writer]
+) -> None:
     w = writer("once-1")
     w("start 1000", "step routing 12 5")
     term = monitor("--session", "once-1", "--once")
@@ -539,16 +494,23 @@ def test_once_in_json_mode_prints_one_state_and_the_final_object(
 # -- output piped, json, bad input (no terminal needed) ----------------------------------
 
 
-def test_output_piped_to_a_file_is_plain_stream(env: dict[str, str], tmp_path: Path,
-                                                writer: Callable[[str], Writer]) -> None:
+def test_output_piped_to_a_file_is_plain_stream(
+    env: dict[str, str], tmp_path: Path, writer: Callable[[str], Writer]
+) -> None:
     w = writer("pipe-1")
     w("start 1000", "step routing 50 5", "raw not json", "complete")
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
     run_env = dict(env)
     run_env.pop("NO_COLOR", None)  # no colour anyway: the file is not a terminal
     with open(out, "w") as o, open(err, "w") as e:
-        rc = subprocess.run([*SIGIL, "monitor", "--session", "pipe-1"], stdout=o, stderr=e,
-                            env=run_env, timeout=20, check=False).returncode
+        rc = subprocess.run(
+            [*SIGIL, "monitor", "--session", "pipe-1"],
+            stdout=o,
+            stderr=e,
+            env=run_env,
+            timeout=20,
+            check=False,
+        ).returncode
     assert rc == 0
     text = out.read_text()
     assert "\x1b" not in text
@@ -558,14 +520,25 @@ def test_output_piped_to_a_file_is_plain_stream(env: dict[str, str], tmp_path: P
     assert "watching session pipe-1" in err.read_text()  # progress on stderr
 
 
-def test_json_mode_is_ndjson_on_stdout(env: dict[str, str],
-                                       writer: Callable[[str], Writer]) -> None:
+def test_json_mode_is_ndjson_on_stdout(
+    env: dict[str, str], writer: Callable[[str], Writer]
+) -> None:
     w = writer("json-1")
-    proc = subprocess.Popen([*SIGIL, "monitor", "--session", "json-1", "--mode", "json",
-                             "--refresh-rate", "0.02"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, text=True)
-    w("start 1000", "step routing 50 5", "raw oops", "rotate execution_20260111_101500.jsonl",
-      "step memory 25 5", "complete")
+    proc = subprocess.Popen(
+        [*SIGIL, "monitor", "--session", "json-1", "--mode", "json", "--refresh-rate", "0.02"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    w(
+        "start 1000",
+        "step routing 50 5",
+        "raw oops",
+        "rotate execution_20260111_101500.jsonl",
+        "step memory 25 5",
+        "complete",
+    )
     stdout, stderr = proc.communicate(timeout=20)
     assert proc.returncode == 0
     objects = [json.loads(line) for line in stdout.splitlines()]
@@ -573,7 +546,9 @@ def test_json_mode_is_ndjson_on_stdout(env: dict[str, str],
     assert final["type"] == "final" and final["exit_code"] == 0
     assert final["tokens_used"] == 75 == w.total
     assert {k: v["tokens"] for k, v in final["components"].items() if v["tokens"]} == {
-        "routing": 50, "memory": 25}
+        "routing": 50,
+        "memory": 25,
+    }
     assert (final["malformed"], final["rotations"], final["status"]) == (1, 1, "complete")
     assert all(o["type"] == "state" for o in objects[:-1])
     assert "EXECUTION COMPLETE" in stderr
@@ -657,7 +632,6 @@ def test_bad_config_value_is_one_line_and_exit_2(
 # -- with the real orchestrator ----------------------------------------------------------
 
 
-
 TESTS_DIR = Path(__file__).resolve().parent
 TASK = "Analyze Acme Corp"
 
@@ -668,8 +642,11 @@ def tokens_json(log_path: Path, session: str) -> dict[str, Any]:
 
 def tokens_json_numbers(log_path: Path, session: str) -> dict[str, Any]:
     data = tokens_json(log_path, session)
-    return {"used": data["total_used"], "budget": data["total_budget"],
-            "components": {k: v["used"] for k, v in data["components"].items() if v["used"]}}
+    return {
+        "used": data["total_used"],
+        "budget": data["total_budget"],
+        "components": {k: v["used"] for k, v in data["components"].items() if v["used"]},
+    }
 
 
 class Orchestrator:
@@ -680,21 +657,26 @@ class Orchestrator:
     ``SIGIL_TEST_SLOW_SECONDS`` first: a window in which the run is observably alive.
     """
 
-    def __init__(self, home: Path, env: dict[str, str], session: str, *args: str,
-                 slow: float = 0.0) -> None:
+    def __init__(
+        self, home: Path, env: dict[str, str], session: str, *args: str, slow: float = 0.0
+    ) -> None:
         home.mkdir(parents=True, exist_ok=True)
         config = home / "config.yaml"
         if not config.exists():
             config.write_text("pipeline:\n  steps:\n    planning: orchestrate_steps:SlowPlanning\n")
         run_env = dict(env)
         run_env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
+            filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])
+        )
         run_env["SIGIL_TEST_SLOW_SECONDS"] = str(slow)
         run_env.pop("OPENAI_API_KEY", None)
         task = [] if "--resume" in args else ["--task", TASK]
         self.proc = subprocess.Popen(
             [*SIGIL, "orchestrate", *task, "--session", session, *args],
-            env=run_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=run_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
     def wait(self, timeout: float = 30) -> int:
@@ -745,7 +727,8 @@ def test_orchestrate_with_the_monitor_started_first(
     assert term.wait() == 0
     shown = summary_numbers(term.text())
     assert {k: shown[k] for k in ("used", "budget", "components")} == tokens_json_numbers(
-        log_path, "orch-1")
+        log_path, "orch-1"
+    )
 
 
 def test_orchestrate_then_monitor_after_the_end_at_40_columns(
@@ -756,7 +739,8 @@ def test_orchestrate_then_monitor_after_the_end_at_40_columns(
     assert term.wait() == 0
     shown = summary_numbers(term.text())
     assert {k: shown[k] for k in ("used", "budget", "components")} == tokens_json_numbers(
-        log_path, "orch-2")
+        log_path, "orch-2"
+    )
     # Without --session, --once shows the session current.jsonl names, here the same
     # one (a live monitor would wait for the next run: this one has ended).
     again = monitor("--mode", "minimal", "--once", cols=40)
@@ -778,7 +762,8 @@ def test_orchestrate_with_the_monitor_killed_and_restarted(
     assert second.wait() == 0
     shown = summary_numbers(second.text())
     assert {k: shown[k] for k in ("used", "budget", "components")} == tokens_json_numbers(
-        log_path, "orch-3")
+        log_path, "orch-3"
+    )
     assert not (log_path / "monitor.pid").exists()
 
 
@@ -801,7 +786,8 @@ def test_orchestrate_killed_9_then_resumed(
     screen = follower.wait_for("EXECUTION COMPLETE")
     shown = summary_numbers(screen)
     assert {k: shown[k] for k in ("used", "budget", "components")} == tokens_json_numbers(
-        log_path, "orch-4")
+        log_path, "orch-4"
+    )
     follower.proc.send_signal(signal.SIGINT)
     assert follower.wait() == 130
 
@@ -814,7 +800,7 @@ def test_orchestrate_with_two_rotations_and_malformed_lines(
     # Rotation 1, between the runs, and two lines written by hand into the new file.
     os.rename(session / "execution.jsonl", session / "execution_20260111_101500.jsonl")
     with open(session / "execution.jsonl", "a") as f:
-        f.write("garbage written by hand\n{\"tokens\": \"many\"}\n")
+        f.write('garbage written by hand\n{"tokens": "many"}\n')
     orch = orchestrate("orch-5", slow=1.0)  # run 2
     wait_for_log(log_path, "orch-5", "Planning started")
     term = monitor("--session", "orch-5", NO_COLOR="1")
@@ -827,16 +813,23 @@ def test_orchestrate_with_two_rotations_and_malformed_lines(
     assert term.wait() == 0
     shown = summary_numbers(term.text())
     assert {k: shown[k] for k in ("used", "budget", "components")} == tokens_json_numbers(
-        log_path, "orch-5")
+        log_path, "orch-5"
+    )
     assert (shown["malformed"], shown["rotations"]) == (3, 2)
 
 
-def test_orchestrate_output_piped(env: dict[str, str], orchestrate: Callable[..., Orchestrator],
-                                  log_path: Path, tmp_path: Path) -> None:
+def test_orchestrate_output_piped(
+    env: dict[str, str], orchestrate: Callable[..., Orchestrator], log_path: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "monitor.out"
     with open(out, "w") as o:
-        mon = subprocess.Popen([*SIGIL, "monitor", "--session", "orch-6"], stdout=o,
-                               stderr=subprocess.PIPE, env=env, text=True)
+        mon = subprocess.Popen(
+            [*SIGIL, "monitor", "--session", "orch-6"],
+            stdout=o,
+            stderr=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
         assert orchestrate("orch-6", "--budget", "40000").wait() == 0
         _, err = mon.communicate(timeout=20)
     assert mon.returncode == 0

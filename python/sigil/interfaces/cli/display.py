@@ -1,5 +1,8 @@
 """What ``sigil monitor`` shows: renderers as functions of a :class:`SessionState`.
 
+Every number comes from the state's snapshot of the native session model
+(contract 12); this module formats, it does not count.
+
 The formatting functions (``stream_line``, ``minimal_line``, ``state_to_dict``,
 ``summary_lines``, ``render_dashboard``) take a state and return text or a rich
 renderable; they do no I/O, so they are tested by value at any width. The
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sys
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -121,7 +125,7 @@ def _sgr(text: str, code: str, color: bool) -> str:
 def _component_code(name: str) -> str:
     code = _COMPONENT_SGR.get(name)
     if code is None:
-        code = _PALETTE[sum(name.encode()) % len(_PALETTE)]
+        code = _PALETTE[zlib.crc32(name.encode()) % len(_PALETTE)]  # stable per name
     return code
 
 
@@ -210,6 +214,26 @@ def read_problems(state: SessionState, *, include_malformed: bool = True) -> lis
     return problems
 
 
+def error_lines(state: SessionState, limit: int = 3) -> list[str]:
+    """The last error of each component (the model's ``LastError``), latest first:
+    which component, what went wrong, at which attempt."""
+    lines: list[str] = []
+    for name, err in state.last_errors()[:limit]:
+        what = "retry" if err.event_type == "retry_attempt" else "error"
+        detail = []
+        if err.category:
+            detail.append(err.category)
+        if err.attempt is not None:
+            detail.append(f"attempt {err.attempt}")
+        suffix = f" ({', '.join(detail)})" if detail else ""
+        lines.append(f"{name} {what}{suffix}: {err.message}")
+    return lines
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
 # -- stream and minimal -----------------------------------------------------------------
 
 
@@ -252,21 +276,27 @@ def state_to_dict(
     allocations = state.allocations
     components = {
         name: {
-            "tokens": c.tokens_used,
+            "tokens": c.tokens,
             "allocated": allocations.get(name),
             "operations": c.operations,
-            "latency_ms": round(c.total_latency_ms, 3),
-            "avg_latency_ms": round(c.avg_latency_ms, 3),
             "errors": c.errors,
+            "retries": c.retries,
+            "latency_ms": round(c.latency_ms, 3),
+            "avg_latency_ms": _round(c.average_latency_ms),
+            "p95_latency_ms": _round(c.p95_latency_ms),
+            "last_error": c.last_error.to_dict() if c.last_error else None,
         }
         for name, c in ((n, state.components[n]) for n in ordered_components(state.components))
     }
-    run_components = {name: c.tokens_used for name, c in sorted(state.run.components.items())}
+    run = state.run
+    run_components = {name: c.tokens for name, c in sorted(run.components.items())}
     remaining = state.seconds_to_budget_end(now)
+    stalled = state.stalled_seconds(now)
     obj: dict[str, Any] = {
         "type": "final" if final else "state",
         "session_id": state.session_id,
         "status": state.display_status,
+        "reason": state.reason,
         "phase": getattr(phase, "value", phase),
         "tokens_used": state.tokens_used,
         "budget": state.total_budget,
@@ -274,16 +304,19 @@ def state_to_dict(
         "budget_percentage": round(state.budget_percentage, 4),
         "components": components,
         "run": {
-            "number": state.run.number,
-            "status": state.run.status,
-            "tokens_used": state.run.tokens_used,
+            "number": run.number,
+            "status": run.status,
+            "reason": run.reason,
+            "tokens_used": run.tokens,
             "components": run_components,
-            "started_at": state.run.started_at,
-            "ended_at": state.run.ended_at,
+            "started_at": run.started_at,
+            "ended_at": run.ended_at,
         },
         "runs": state.runs,
         "elapsed_seconds": round(state.elapsed_at(now), 3),
-        "tokens_per_second": round(state.tokens_per_second(now), 3),
+        "tokens_per_second": _round(state.recent_rate(now)),
+        "average_tokens_per_second": _round(state.average_rate),
+        "stalled_seconds": None if stalled is None else round(stalled, 1),
         "seconds_to_budget_end": None if remaining is None else round(remaining, 1),
         "events": state.entries,
         "malformed": state.malformed,
@@ -301,6 +334,20 @@ def state_to_dict(
     if exit_code is not None:
         obj["exit_code"] = exit_code
     return obj
+
+
+def _labelled(label: str, text: str, width: int) -> list[str]:
+    """``label`` then ``text``, wrapped under itself to stay within ``width`` (never cut)."""
+    import textwrap
+
+    room = max(20, width - 1 - len(label))
+    wrapped = textwrap.wrap(text, room, break_long_words=True, break_on_hyphens=False) or [""]
+    pad = " " * len(label)
+    return [label + wrapped[0], *(pad + line for line in wrapped[1:])]
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 # -- the final summary (spec _display_final_summary), every mode ------------------------
@@ -342,6 +389,8 @@ def summary_lines(
     run_text = f" (run {run.number} of {state.runs})" if state.runs > 1 else ""
     lines.append(f"Session:   {state.session_id}{run_text}")
     lines.append(f"Status:    {_status_word(state, None)}")
+    if state.reason and state.ended:
+        lines.extend(_labelled("Reason:    ", state.reason, width))
     lines.append(f"Duration:  {format_duration(state.elapsed_at(now))}")
     lines.append(
         f"Tokens:    {state.tokens_used:,} / {state.total_budget:,} "
@@ -349,16 +398,24 @@ def summary_lines(
     )
     lines.append(f"Remaining: {state.tokens_remaining:,}")
     if state.runs > 1:
-        lines.append(f"This run:  {run.tokens_used:,}")
+        lines.append(f"This run:  {run.tokens:,}")
+    average = state.average_rate
+    if average is not None:
+        lines.append(f"Rate:      {_rate(average)} tok/s")
     if state.components:
         lines.append("Components:")
         for name in ordered_components(state.components):
             comp = state.components[name]
-            if not comp.tokens_used and not comp.operations:
+            if not comp.tokens and not comp.operations and not comp.errors:
                 continue  # e.g. the orchestrator's bookkeeping events
-            latency = f" {format_latency(comp.total_latency_ms)}" if comp.operations else ""
+            avg = comp.average_latency_ms
+            latency = f" {format_latency(avg)}/op" if avg is not None else ""
             label = name if len(name) <= 12 else name[:11] + "~"
-            lines.append(f"  {label:<12}{comp.tokens_used:>10,} tok{latency}")
+            line = f"  {label:<12}{comp.tokens:>10,} tok{latency}"
+            failed = f" {comp.errors:,} err" if comp.errors else ""
+            lines.append(line + failed if len(line + failed) < width else line)
+    for error in error_lines(state):
+        lines.extend(_labelled("Error:     ", error, width))
     # One count per line: short enough for 40 columns, easy to grep.
     lines.append(f"Events:    {state.entries:,}")
     lines.append(f"Malformed: {state.malformed:,}")
@@ -436,6 +493,11 @@ def render_dashboard(
     line.append("  Elapsed ", style="dim")
     line.append(format_duration(state.elapsed_at(now)))
     rows.append(line)
+    if state.reason and state.ended:
+        why = Text(no_wrap=True, overflow="ellipsis")
+        why.append("Reason  ", style="dim")
+        why.append(state.reason, style="red")
+        rows.append(why)
     if notice:
         rows.append(Text(notice, style="yellow", overflow="fold"))
 
@@ -459,17 +521,31 @@ def render_dashboard(
     left.append("Left    ", style="dim")
     left.append(f"{state.tokens_remaining:,}")
     if state.runs > 1:
-        left.append(f"  run {state.run.tokens_used:,}", style="dim")
+        left.append(f"  run {state.run.tokens:,}", style="dim")
     rows.append(left)
     if options.show_forecast:
-        rate = state.tokens_per_second(now)
+        # The recent rate (last minute of event time), the session's average, and
+        # the forecast from the recent rate: a long model call shows as a stall
+        # instead of dragging an average down.
         forecast = Text(no_wrap=True, overflow="ellipsis")
         forecast.append("Rate    ", style="dim")
-        forecast.append(f"{rate:,.0f} tok/s")
+        forecast.append(f"{_rate(state.recent_rate(now))} tok/s")
+        forecast.append(f"  avg {_rate(state.average_rate)}", style="dim")
+        rows.append(forecast)
+        more: list[tuple[str, str]] = []
+        stalled = state.stalled_seconds(now)
+        if stalled is not None:
+            more.append((f"stalled {format_duration(stalled)}", "yellow"))
         to_end = state.seconds_to_budget_end(now)
         if to_end is not None:
-            forecast.append(f"  budget ends in ~{format_duration(to_end)}", style=level_style)
-        rows.append(forecast)
+            more.append((f"budget ends in ~{format_duration(to_end)}", level_style))
+        for text, style in more:
+            if forecast.cell_len + 2 + len(text) > width:  # narrow: a line of its own
+                forecast = Text(" " * 8, no_wrap=True, overflow="ellipsis")
+                rows.append(forecast)
+            else:
+                forecast.append("  ")
+            forecast.append(text, style=style)
 
     # Components: tokens against allocation, latency, slowest highlighted.
     allocations = dict(options.allocations)
@@ -477,7 +553,7 @@ def render_dashboard(
     names = ordered_components(
         set(state.components) | {n for n in allocations if n in COMPONENT_ORDER}
     )
-    names = [n for n in names if n != "orchestrator" or state.components[n].tokens_used]
+    names = [n for n in names if n != "orchestrator" or state.components[n].tokens]
     slowest = state.slowest_component if options.highlight_slowest else None
     if options.show_component_breakdown and names:
         rows.append(Rule("Components", style="dim", align="left"))
@@ -490,11 +566,9 @@ def render_dashboard(
             table.add_column("latency", justify="right", no_wrap=True)
         for name in names:
             comp = state.components.get(name)
-            tokens = comp.tokens_used if comp else 0
+            tokens = comp.tokens if comp else 0
             allocated = allocations.get(name)
-            tokens_text = f"{tokens:,}"
-            if wide and allocated:
-                tokens_text += f" / {allocated:,}"
+            tokens_text = f"{tokens:,} / {allocated:,}" if wide and allocated else f"{tokens:,}"
             share = tokens / allocated if allocated else 0.0
             comp_level = budget_level(share, options) if allocated else "ok"
             cells: list[RenderableType] = [
@@ -503,7 +577,7 @@ def render_dashboard(
                 _Bar(share, _LEVEL_STYLE[comp_level]) if allocated else Text(""),
             ]
             if show_latency_col:
-                cells.append(_latency_text(comp, name == slowest, options))
+                cells.append(_latency_text(comp, name == slowest, options, p95=width >= 100))
             table.add_row(*cells)
         rows.append(table)
     if options.show_latency and not wide and slowest is not None:
@@ -517,16 +591,17 @@ def render_dashboard(
     # Warnings: what could not be read, budget warnings, errors, the writer gone.
     warnings: list[str] = read_problems(state)
     warnings.extend(list(state.warnings)[-3:])
-    errors = sum(c.errors for c in state.components.values())
-    if errors:
-        warnings.append(f"{errors:,} step errors")
+    warnings.extend(error_lines(state))
     if state.incomplete and not state.ended:
         warnings.append("writer gone without a final event")
     if warnings:
         rows.append(Rule("Warnings", style="yellow", align="left"))
         rows.extend(Text(f"! {w}", style="yellow", overflow="fold") for w in warnings)
-    counts = [f"{state.entries:,} events", f"{state.malformed:,} malformed",
-              f"{state.rotations:,} rotations"]
+    counts = [
+        f"{state.entries:,} events",
+        f"{state.malformed:,} malformed",
+        f"{state.rotations:,} rotations",
+    ]
     for i, packed in enumerate(_pack(counts, width - 8, " · ")):
         info = Text(no_wrap=True, overflow="ellipsis")
         info.append("Log     " if i == 0 else " " * 8, style="dim")
@@ -623,18 +698,24 @@ class _Bar:
         return Measurement(3, options.max_width)
 
 
-def _latency_text(comp: Any, is_slowest: bool, options: DisplayOptions) -> Any:
+def _latency_text(
+    comp: Any, is_slowest: bool, options: DisplayOptions, *, p95: bool = False
+) -> Any:
+    """The model's average latency of successful steps (and, when there is room,
+    its p95 from the latency histogram, as ``metrics.json`` reports them)."""
     from rich.text import Text
 
-    if comp is None or comp.operations == 0:
+    avg = None if comp is None else comp.average_latency_ms
+    if avg is None:
         return Text("-", style="dim")
-    avg = comp.avg_latency_ms
-    text = format_latency(avg) + "/op"
+    text = Text(format_latency(avg) + "/op")
     if is_slowest and avg >= options.latency_warning_ms:
-        return Text(text + " slow", style="bold red")
-    if is_slowest:
-        return Text(text, style="bold")
-    return Text(text)
+        text = Text(format_latency(avg) + "/op slow", style="bold red")
+    elif is_slowest:
+        text.stylize("bold")
+    if p95 and comp.p95_latency_ms is not None:
+        text.append(f" p95 {format_latency(comp.p95_latency_ms)}", style="dim")
+    return text
 
 
 def _event_text(entry: EntryLike) -> Any:
@@ -653,9 +734,19 @@ def _event_text(entry: EntryLike) -> Any:
     return text
 
 
-_SGR_TO_RICH = {"1": "bold", "31": "red", "32": "green", "33": "yellow", "34": "blue",
-                "35": "magenta", "36": "cyan", "92": "bright_green", "94": "bright_blue",
-                "95": "bright_magenta", "96": "bright_cyan"}
+_SGR_TO_RICH = {
+    "1": "bold",
+    "31": "red",
+    "32": "green",
+    "33": "yellow",
+    "34": "blue",
+    "35": "magenta",
+    "36": "cyan",
+    "92": "bright_green",
+    "94": "bright_blue",
+    "95": "bright_magenta",
+    "96": "bright_cyan",
+}
 
 
 def _rich_component_style(name: str) -> str:
@@ -720,8 +811,9 @@ class Renderer:
     def resized(self) -> None:
         return None
 
-    def finish(self, state: SessionState, phase: MonitorPhase, outcome: str,
-               exit_code: int) -> None:
+    def finish(
+        self, state: SessionState, phase: MonitorPhase, outcome: str, exit_code: int
+    ) -> None:
         self._write_summary(self.out, state, outcome)
 
     def close(self) -> None:
@@ -747,6 +839,9 @@ class StreamRenderer(Renderer):
         self.on_events(state, shown)
 
     def on_events(self, state: SessionState, entries: Sequence[EntryLike]) -> None:
+        if state.unlisted and entries:
+            # A burst larger than the model keeps: counted in every total, not listed.
+            self.notice(f"({state.unlisted:,} events folded, not shown)")
         if not entries:
             return
         color = self.color
@@ -794,8 +889,9 @@ class MinimalRenderer(Renderer):
             self._end_line()
         super().waiting(state, phase, message)
 
-    def finish(self, state: SessionState, phase: MonitorPhase, outcome: str,
-               exit_code: int) -> None:
+    def finish(
+        self, state: SessionState, phase: MonitorPhase, outcome: str, exit_code: int
+    ) -> None:
         self.refresh(state, phase, True)
         self._end_line()
         super().finish(state, phase, outcome, exit_code)
@@ -828,8 +924,9 @@ class JsonRenderer(Renderer):
         if changed:
             self._emit(state_to_dict(state, phase=phase))
 
-    def finish(self, state: SessionState, phase: MonitorPhase, outcome: str,
-               exit_code: int) -> None:
+    def finish(
+        self, state: SessionState, phase: MonitorPhase, outcome: str, exit_code: int
+    ) -> None:
         obj = state_to_dict(state, phase=phase, final=True, exit_code=exit_code)
         obj["outcome"] = outcome
         self._emit(obj)
@@ -850,10 +947,19 @@ class DashboardRenderer(Renderer):
         self._notice: str | None = None
         self._resized = False
 
+    @property
+    def width(self) -> int:
+        # rich's idea of the width (the terminal's, or COLUMNS), as the frames use.
+        return self.console.size.width
+
     def _frame(self, state: SessionState, phase: MonitorPhase) -> RenderableType:
         size = self.console.size
         return render_dashboard(
-            state, self.options, phase=phase, width=size.width, height=size.height,
+            state,
+            self.options,
+            phase=phase,
+            width=size.width,
+            height=size.height,
             notice=self._notice,
         )
 
@@ -902,8 +1008,9 @@ class DashboardRenderer(Renderer):
     def resized(self) -> None:
         self._resized = True
 
-    def finish(self, state: SessionState, phase: MonitorPhase, outcome: str,
-               exit_code: int) -> None:
+    def finish(
+        self, state: SessionState, phase: MonitorPhase, outcome: str, exit_code: int
+    ) -> None:
         self._show(state, phase)
         self._stop_live()
         self._write_summary(self.out, state, outcome)

@@ -2,17 +2,15 @@
 
 Two halves, kept apart on purpose (STYLE.md "Pure state, separate I/O"):
 
-* :class:`SessionState` is a pure fold of log events into what the screen
-  shows. ``update_from_entry`` does no I/O, so it is tested without files, and
-  :meth:`SessionState.from_summary` starts it from the native catch-up fold so a
-  monitor started late on a 1,000,000-entry session does not replay it in
-  Python. Both paths keep the same rules as the native fold (contract 2: a
-  session's tokens are the sum of ``tokens`` over its events), so they agree.
-* :class:`ExecutionMonitor` does the I/O: it waits for the log, catches up
-  natively, tails through :class:`sigil.telemetry.log_parser.SessionTailer`
-  (which follows rotation and truncation, contract 5), decides when the run has
-  ended or its writer is gone (contract 7) and hands the state to a renderer
-  from :mod:`sigil.interfaces.cli.display`.
+* :class:`SessionState` is what the screen shows: a frozen snapshot of the one
+  native session model (contract 12) plus display-only state (recent events,
+  warning messages, what happened to the files). It computes no totals.
+* :class:`ExecutionMonitor` does the I/O: it waits for the log, then feeds a
+  single native ``Fold`` through :class:`sigil.telemetry.log_parser.SessionModel`'s
+  tailer (which follows rotation and truncation, contract 5) -- the catch-up and
+  every line after it -- takes a snapshot when lines arrived, decides when the
+  run has ended or its writer is gone (contract 7) and hands the state to a
+  renderer from :mod:`sigil.interfaces.cli.display`.
 
 The monitor only reads the session's log; the one file it writes is
 ``<log_path>/monitor.pid`` (spec 7.1).
@@ -28,15 +26,16 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 if TYPE_CHECKING:
+    from sigil._native import ComponentSnapshot, LastError, RunSnapshot, SessionSnapshot
     from sigil.interfaces.cli.display import DisplayOptions, Renderer
+    from sigil.telemetry.log_parser import SessionModel
 
 __all__ = [
     "EXIT_BUDGET",
@@ -44,15 +43,13 @@ __all__ = [
     "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_USAGE",
-    "ComponentMetrics",
     "DisplayMode",
     "ExecutionMonitor",
     "MonitorPhase",
-    "RunState",
     "SessionState",
 ]
 
-# Exit codes shared with `sigil orchestrate` (INTERFACES.md).
+# Exit codes shared with `sigil orchestrate` (its --help and the README list them).
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -63,23 +60,12 @@ EXIT_TERMINATED = 143
 # The final statuses a run can record (contract 13).
 FINAL_STATUSES = frozenset({"complete", "error", "budget_exceeded", "interrupted"})
 
-# Bounds mirrored from the native fold (rust/fold.rs) so that folding in Python
-# and folding natively give equal states even on hostile input.
-MAX_NAMES = 256
-OTHER = "(other)"
-MAX_SAMPLES = 100
-
-# Events whose metadata the fold reads; every other event's metadata is left
-# unparsed (ParsedEntry parses it lazily, so not touching it is the fast path).
-_META_EVENTS = frozenset(
-    {"session_start", "session_complete", "session_error", "step_complete", "step_error",
-     "events_dropped"}
-)
-_STEP_EVENTS = frozenset({"step_complete", "step_error"})
+# Events whose message the dashboard keeps in its warnings panel.
 _WARNING_EVENTS = frozenset({"budget_warning", "budget_exceeded", "events_dropped"})
-_U64_MAX = (1 << 64) - 1
-# The native reader's reason for a line over the length bound (rust/lib.rs).
-_OVERSIZE_REASON = "exceeds the line limit"
+#: The recent rate reads this many seconds of event time (the model keeps 64).
+RATE_WINDOW_SECONDS = 60.0
+#: A running session with no event for this long is shown as stalled.
+STALL_AFTER_SECONDS = 5.0
 
 
 class DisplayMode(StrEnum):
@@ -101,7 +87,7 @@ class MonitorPhase(StrEnum):
 
 
 class EntryLike(Protocol):
-    """What the fold reads from an event: a ``LogEntry`` or a native ``ParsedEntry``."""
+    """What the views read from an event: a native ``ParsedEntry`` (or a ``LogEntry``)."""
 
     @property
     def timestamp(self) -> str: ...
@@ -136,139 +122,234 @@ def parse_timestamp(text: str | None) -> datetime | None:
     return moment
 
 
-# -- metadata readers with the native fold's typing rules (serde into u64 / f64) ---------
+def _empty_snapshot() -> SessionSnapshot:
+    from sigil import _native
+
+    return _native.Fold(0).snapshot()
 
 
-def _as_u64(value: object) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _U64_MAX:
-        return value
-    return None
-
-
-def _as_f64(value: object) -> float | None:
+def _finite(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     number = float(value)
     return number if math.isfinite(number) else None
 
 
-def _as_allocations(value: object) -> dict[str, int] | None:
-    if not isinstance(value, Mapping):
-        return None
-    items: list[tuple[str, int]] = []
-    for key, amount in value.items():
-        checked = _as_u64(amount)
-        if not isinstance(key, str) or checked is None:
-            return None  # the native fold rejects the whole map, and so do we
-        items.append((key, checked))
-    items.sort()
-    return dict(items[:MAX_NAMES])
+class SessionState:
+    """What the monitor shows: the native session model's latest snapshot, plus
+    what only a display keeps (contract 12).
 
-
-def _bounded_key(mapping: Mapping[str, object], key: str) -> str:
-    """``key``, or ``(other)`` once the map holds MAX_NAMES names (bounded memory)."""
-    if key in mapping or len(mapping) < MAX_NAMES:
-        return key
-    return OTHER
-
-
-@dataclass(slots=True)
-class ComponentMetrics:
-    """Metrics for one component (spec 4.3.2).
-
-    ``tokens_used`` counts every event of the component (contract 2); operations,
-    latency and errors come from ``step_complete`` / ``step_error`` events only.
-    ``last_message`` and ``last_timestamp`` are display hints: they do not take
-    part in equality because a native catch-up only knows them for recent events.
+    Every number (tokens, runs, operations, errors, latency, rates, status)
+    reads :attr:`snap`, a frozen ``SessionSnapshot`` of the one native fold the
+    monitor feeds as the tailer delivers lines; nothing here adds anything up.
+    Besides it the state keeps the recent events and warning messages shown,
+    what happened to the files (rotations, truncations: the tailer's, not the
+    events'), and ``incomplete``, which the monitor sets when the writer is gone
+    without a final event.
     """
 
-    name: str
-    tokens_used: int = 0
-    operations: int = 0
-    total_latency_ms: float = 0.0
-    errors: int = 0
-    last_message: str = field(default="", compare=False)
-    last_timestamp: str | None = field(default=None, compare=False)
+    __slots__ = (
+        "_allocations",
+        "_components",
+        "_run",
+        "_thresholds_of",
+        "default_budget",
+        "events",
+        "incomplete",
+        "max_events",
+        "reader_base",
+        "rereads",
+        "rotated_segments",
+        "rotations",
+        "session_id",
+        "snap",
+        "task",
+        "thresholds",
+        "truncations",
+        "unlisted",
+        "warnings",
+    )
+
+    def __init__(
+        self,
+        session_id: str,
+        *,
+        default_budget: int = 256_000,
+        max_events: int = 100,
+        snapshot: SessionSnapshot | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.default_budget = default_budget
+        self.max_events = max_events
+        self.snap: SessionSnapshot = snapshot if snapshot is not None else _empty_snapshot()
+        self._take_parts()
+        self.incomplete = False
+        self.rotations = 0
+        self.truncations = 0
+        self.rereads = 0
+        self.rotated_segments = 0
+        self.reader_base: dict[str, int] = {}
+        self.events: deque[EntryLike] = deque(maxlen=max(1, max_events))
+        #: Events of the latest update beyond the ones the model keeps to list.
+        self.unlisted = 0
+        self.warnings: deque[str] = deque(maxlen=20)
+        self.thresholds: dict[str, float] = {}
+        self.task: str | None = None
+        self._thresholds_of: tuple[int, str | None] | None = None
+        if snapshot is not None:
+            self._show(list(snapshot.last_entries))
+            self._read_start()
+
+    # -- taking a new snapshot -----------------------------------------------------------
+
+    def update(self, snapshot: SessionSnapshot) -> list[EntryLike]:
+        """Show ``snapshot``; returns the events new since the previous one (at
+        most the ``last_n`` the model keeps: a larger burst is counted, not listed)."""
+        new = snapshot.entries - self.snap.entries
+        self.snap = snapshot
+        self._take_parts()
+        fresh: list[EntryLike] = []
+        if new > 0:
+            recent = list(snapshot.last_entries)
+            fresh = recent[-new:] if new < len(recent) else recent
+            self._show(fresh)
+        self.unlisted = max(0, new - len(fresh))
+        self._read_start()
+        return fresh
+
+    def _take_parts(self) -> None:
+        # Each getter of the snapshot builds a new dict or object: a frame reads
+        # them many times, so they are taken once per snapshot.
+        snap = self.snap
+        self._components: dict[str, ComponentSnapshot] = snap.components
+        self._allocations: dict[str, int] = snap.allocations
+        self._run: RunSnapshot = snap.run
+
+    def _show(self, entries: list[EntryLike]) -> None:
+        self.events.extend(entries)
+        for entry in entries:
+            if entry.event_type in _WARNING_EVENTS:
+                self.warnings.append(f"{_clock(entry.timestamp)} {entry.message}")
+
+    def _read_start(self) -> None:
+        """Thresholds and task from the current run's ``session_start`` metadata."""
+        run = self._run
+        key = (run.number, run.started_at)
+        if key == self._thresholds_of:
+            return
+        self._thresholds_of = key
+        meta = run.start_metadata
+        thresholds = meta.get("thresholds")
+        if isinstance(thresholds, Mapping):
+            self.thresholds = {
+                str(k): f for k, v in thresholds.items() if (f := _finite(v)) is not None
+            }
+        task = meta.get("task")
+        if isinstance(task, str):
+            self.task = task
+
+    def note_reader_stats(self, stats: Mapping[str, Any], *, at_catch_up: bool = False) -> None:
+        """Take the tailer's counters of what happened to the file (contract 5).
+
+        Rotations are the session's: segments already rotated away when the
+        monitor caught up plus those the tailer followed live since, so the
+        count is the same whenever the monitor was started.
+        """
+        counts = {k: int(stats.get(k, 0) or 0) for k in ("rotations", "truncations", "rereads")}
+        if at_catch_up:
+            self.reader_base = counts
+        base = self.reader_base
+        self.rotations = self.rotated_segments + counts["rotations"] - base.get("rotations", 0)
+        self.truncations = counts["truncations"] - base.get("truncations", 0)
+        # Lines the tailer handed the fold again after a truncation that kept the
+        # head, skipped by seq (never counted twice): shown, so it is not silent.
+        self.rereads = counts["rereads"] - base.get("rereads", 0)
+
+    # -- the model's numbers -------------------------------------------------------------
 
     @property
-    def avg_latency_ms(self) -> float:
-        """Average latency per operation."""
-        if self.operations == 0:
-            return 0.0
-        return self.total_latency_ms / self.operations
+    def status(self) -> str:
+        return self.snap.status
 
+    @property
+    def reason(self) -> str | None:
+        """Why the latest run failed, when it did."""
+        return self.snap.reason
 
-@dataclass(slots=True)
-class RunState:
-    """Totals of one pipeline run: the events since its ``session_start`` (contract 11)."""
+    @property
+    def tokens_used(self) -> int:
+        return self.snap.tokens
 
-    number: int = 0
-    started_at: str | None = None
-    ended_at: str | None = None
-    status: str = "waiting"
-    tokens_used: int = 0
-    budget: int | None = None
-    components: dict[str, ComponentMetrics] = field(default_factory=dict)
+    @property
+    def budget_declared(self) -> bool:
+        return self.snap.budget is not None
 
+    @property
+    def total_budget(self) -> int:
+        """The budget of the latest ``session_start``, or the configured default."""
+        budget = self.snap.budget
+        return self.default_budget if budget is None else budget
 
-@dataclass(slots=True)
-class SessionState:
-    """Accumulated state of a monitored session: a pure fold of its events.
+    @property
+    def components(self) -> dict[str, ComponentSnapshot]:
+        return self._components
 
-    ``status`` follows the native fold: ``waiting`` until a ``session_start``,
-    then ``running``, then the final event's ``complete`` / ``error`` /
-    ``budget_exceeded``; a later ``session_start`` (a new run on the same
-    session) makes it ``running`` again. ``incomplete`` is set by the monitor,
-    not by the fold, when the writer is gone without a final event.
+    @property
+    def allocations(self) -> dict[str, int]:
+        return self._allocations
 
-    Session totals (``tokens_used``, ``components``) cover all runs; ``run``
-    holds the latest run's. ``total_budget`` is the session budget from the
-    latest ``session_start`` (or the configured default before one is seen).
-    """
+    @property
+    def runs(self) -> int:
+        return self.snap.run_count
 
-    session_id: str
-    status: str = "waiting"
-    total_budget: int = 256_000
-    budget_declared: bool = False
-    tokens_used: int = 0
-    components: dict[str, ComponentMetrics] = field(default_factory=dict)
-    allocations: dict[str, int] = field(default_factory=dict)
-    runs: int = 0
-    run: RunState = field(default_factory=RunState)
-    entries: int = 0
-    event_counts: dict[str, int] = field(default_factory=dict)
-    first_timestamp: str | None = None
-    last_timestamp: str | None = None
-    max_seq: int | None = None
-    last_seq: int | None = None
-    seq_gaps: int = 0
-    seq_missing: int = 0
-    seq_regressions: int = 0
-    dropped_events: int = 0
-    # What could not be read (contract 6); rotations/truncations come from the tailer.
-    malformed: int = 0
-    oversize_lines: int = 0
-    torn_tail: bool = False
-    incomplete: bool = False
-    # What happened to the files, not what the events say: outside equality, since a
-    # late monitor finds rotated segments where a live one followed rotations.
-    rotations: int = field(default=0, compare=False)
-    truncations: int = field(default=0, compare=False)
-    #: After a truncation the reader starts the file again: events up to this seq
-    #: were already folded and are skipped (counted in ``rereads``), never added twice.
-    reread_up_to: int | None = field(default=None, compare=False)
-    rereads: int = field(default=0, compare=False)
-    rotated_segments: int = field(default=0, compare=False)
-    reader_base: dict[str, int] = field(default_factory=dict, compare=False)
-    # Display-only: not part of equality (a catch-up keeps only the recent ones).
-    max_events: int = field(default=100, compare=False)
-    events: deque[EntryLike] = field(default_factory=deque, compare=False)
-    malformed_samples: list[tuple[int, str]] = field(default_factory=list, compare=False)
-    warnings: deque[str] = field(default_factory=lambda: deque(maxlen=20), compare=False)
-    thresholds: dict[str, float] = field(default_factory=dict, compare=False)
-    task: str | None = field(default=None, compare=False)
+    @property
+    def run(self) -> RunSnapshot:
+        return self._run
 
-    # -- the spec's derived values ------------------------------------------------------
+    @property
+    def entries(self) -> int:
+        return self.snap.entries
+
+    @property
+    def first_timestamp(self) -> str | None:
+        return self.snap.first_timestamp
+
+    @property
+    def last_timestamp(self) -> str | None:
+        return self.snap.last_timestamp
+
+    @property
+    def seq_gaps(self) -> int:
+        return self.snap.seq_gaps
+
+    @property
+    def seq_missing(self) -> int:
+        return self.snap.seq_missing
+
+    @property
+    def seq_regressions(self) -> int:
+        return self.snap.seq_regressions
+
+    @property
+    def dropped_events(self) -> int:
+        return self.snap.dropped_events
+
+    @property
+    def malformed(self) -> int:
+        return self.snap.malformed
+
+    @property
+    def oversize_lines(self) -> int:
+        return self.snap.oversize_lines
+
+    @property
+    def malformed_samples(self) -> list[tuple[int, str]]:
+        return [(m.offset, m.reason) for m in self.snap.malformed_lines]
+
+    @property
+    def torn_tail(self) -> bool:
+        """A last line without its newline, once no writer will complete it."""
+        return self.snap.torn_tail and (self.ended or self.incomplete)
 
     @property
     def tokens_remaining(self) -> int:
@@ -298,11 +379,33 @@ class SessionState:
         return self.status in FINAL_STATUSES
 
     @property
+    def live(self) -> bool:
+        """A run is going and its writer is (as far as we know) still there."""
+        return self.status == "running" and not self.incomplete
+
+    @property
     def display_status(self) -> str:
-        """The status to show: the fold's, or ``incomplete`` when the writer is gone."""
+        """The status to show: the model's, or ``incomplete`` when the writer is gone."""
         if self.incomplete and not self.ended:
             return "incomplete"
         return self.status
+
+    @property
+    def last_ended_run(self) -> RunSnapshot | None:
+        """The latest run with a final event (the current one, or one before it)."""
+        run = self._run
+        if run.ended_at is not None:
+            return run
+        for earlier in reversed(self.snap.runs):
+            if earlier.ended_at is not None:
+                return earlier
+        return None
+
+    @property
+    def ended_key(self) -> tuple[int, str | None, str | None] | None:
+        """Which run ended last, and when: it changes when a run ends."""
+        run = self.last_ended_run
+        return None if run is None else (run.number, run.started_at, run.ended_at)
 
     @property
     def elapsed_seconds(self) -> float:
@@ -319,328 +422,61 @@ class SessionState:
         if start is None:
             return 0.0
         end = self.end_time
-        if end is None and self.incomplete:
-            end = parse_timestamp(self.last_timestamp)
+        if end is None and not self.live:
+            end = parse_timestamp(self.run.last_at or self.last_timestamp)
         if end is None:
             end = now or datetime.now(UTC)
         return max(0.0, (end - start).total_seconds())
 
     @property
     def slowest_component(self) -> str | None:
-        """The component with the most latency in total (spec 4.3.2)."""
-        timed = {k: c for k, c in self.components.items() if c.operations}
+        """The component whose successful steps take longest on average (spec 4.3.2),
+        by the rule ``metrics.json`` uses, so the two never name different ones."""
+        timed = {
+            k: avg for k, c in self.components.items() if (avg := c.average_latency_ms) is not None
+        }
         if not timed:
             return None
-        return max(timed, key=lambda k: timed[k].total_latency_ms)
+        return max(timed, key=lambda k: (timed[k], k))
 
-    def tokens_per_second(self, now: datetime | None = None) -> float:
-        """The current run's token rate (tokens over its elapsed time).
-
-        Zero until a second has passed: a rate over milliseconds is noise.
-        """
-        elapsed = self.elapsed_at(now)
-        if elapsed < 1.0:
+    def idle_seconds(self, now: datetime | None = None) -> float:
+        """Seconds since the latest event while a run is live (else 0: its clock stopped)."""
+        if not self.live:
             return 0.0
-        return self.run.tokens_used / elapsed
+        last = parse_timestamp(self.last_timestamp)
+        if last is None:
+            return 0.0
+        return max(0.0, ((now or datetime.now(UTC)) - last).total_seconds())
+
+    def stalled_seconds(self, now: datetime | None = None) -> float | None:
+        """How long a live run has gone without an event, once that is long enough to say."""
+        idle = self.idle_seconds(now)
+        return idle if idle >= STALL_AFTER_SECONDS else None
+
+    def recent_rate(self, now: datetime | None = None) -> float | None:
+        """Tokens per second over the last minute of event time (the model's window),
+        decaying while a live run is stalled; None before two event times."""
+        return self.snap.recent_tokens_per_second(RATE_WINDOW_SECONDS, self.idle_seconds(now))
+
+    @property
+    def average_rate(self) -> float | None:
+        """The session's tokens over its first-to-latest event time."""
+        return self.snap.average_tokens_per_second
 
     def seconds_to_budget_end(self, now: datetime | None = None) -> float | None:
-        """At the current rate, seconds until the session budget runs out (None: never)."""
-        rate = self.tokens_per_second(now)
-        if rate <= 0 or self.ended or self.incomplete:
+        """At the recent rate, seconds until the session budget runs out (None: never)."""
+        if not self.live:
+            return None
+        rate = self.recent_rate(now)
+        if not rate or rate <= 0:
             return None
         return self.tokens_remaining / rate
 
-    # -- the fold -----------------------------------------------------------------------
-
-    def update_from_entry(self, entry: EntryLike) -> None:
-        """Fold one event into the state. Pure: no I/O, no clock.
-
-        Mirrors the native fold (rust/fold.rs) rule for rule: tokens add up over
-        every event (never counted twice from summary events, which carry
-        tokens=0, contract 2); component operations, latency and errors come from
-        step events; a ``session_start`` opens a run; the final events close it.
-        """
-        kind = entry.event_type
-        seq = entry.seq
-        if seq is not None and self.reread_up_to is not None and seq <= self.reread_up_to:
-            self.rereads += 1  # read before the truncation: already in the totals
-            return
-        tokens = entry.tokens
-        timestamp = entry.timestamp
-        self.entries += 1
-        self.tokens_used += tokens
-        if self.first_timestamp is None:
-            self.first_timestamp = timestamp
-        self.last_timestamp = timestamp
-        key = _bounded_key(self.event_counts, kind)
-        self.event_counts[key] = self.event_counts.get(key, 0) + 1
-        if seq is not None:
-            self._track_seq(seq)
-
-        meta: Mapping[str, Any] = entry.metadata if kind in _META_EVENTS else {}
-        if kind == "session_start":
-            self._start_run(entry, meta)
-        elif kind in ("session_complete", "session_error"):
-            declared = meta.get("status")
-            if declared in FINAL_STATUSES:
-                status = str(declared)
-            else:
-                status = "complete" if kind == "session_complete" else "error"
-            self.status = status
-            self.run.status = status
-            self.run.ended_at = timestamp
-        elif kind == "events_dropped":
-            dropped = _as_u64(meta.get("dropped")) or 0
-            self.dropped_events += dropped
-        if kind in _WARNING_EVENTS:
-            self.warnings.append(f"{_clock(timestamp)} {entry.message}")
-
-        is_step = kind in _STEP_EVENTS
-        latency = 0.0
-        if is_step:
-            latency = _as_f64(meta.get("latency_ms")) or 0.0
-        name = entry.component
-        for totals in (self.components, self.run.components):
-            comp_key = _bounded_key(totals, name)
-            metrics = totals.get(comp_key)
-            if metrics is None:
-                metrics = totals[comp_key] = ComponentMetrics(name=comp_key)
-            metrics.tokens_used += tokens
-            if is_step:
-                metrics.operations += 1
-                metrics.total_latency_ms += latency
-                if kind == "step_error":
-                    metrics.errors += 1
-            metrics.last_message = entry.message
-            metrics.last_timestamp = timestamp
-        self.run.tokens_used += tokens
-
-        events = self.events
-        events.append(entry)
-        if len(events) > self.max_events:
-            events.popleft()
-
-    def update_from_entries(self, entries: Iterable[EntryLike]) -> int:
-        """Fold a batch of events; returns how many."""
-        count = 0
-        for entry in entries:
-            self.update_from_entry(entry)
-            count += 1
-        return count
-
-    def _start_run(self, entry: EntryLike, meta: Mapping[str, Any]) -> None:
-        self.runs += 1
-        number = _as_u64(meta.get("run"))
-        budget = _as_u64(meta.get("budget"))
-        if budget is not None:
-            self.total_budget = budget
-            self.budget_declared = True
-        allocations = _as_allocations(meta.get("allocations"))
-        if allocations is not None:
-            self.allocations = allocations
-        self._apply_start_settings(meta)
-        self.status = "running"
-        self.incomplete = False
-        self.run = RunState(
-            # An undeclared run number follows the previous run's (as the native fold).
-            number=number if number is not None else self.run.number + 1,
-            started_at=entry.timestamp,
-            status="running",
-            budget=self.total_budget if self.budget_declared else None,
-        )
-
-    def _track_seq(self, seq: int) -> None:
-        last = self.last_seq
-        if last is not None:
-            if seq > last + 1:
-                self.seq_gaps += 1
-                self.seq_missing += seq - last - 1
-            elif seq <= last:
-                self.seq_regressions += 1
-        self.last_seq = seq
-        if self.max_seq is None or seq > self.max_seq:
-            self.max_seq = seq
-
-    def note_malformed(self, malformed: Iterable[Any]) -> int:
-        """Count lines the reader rejected (contract 6); keeps a few samples to show.
-
-        The live reader reports lines over the length bound in the same list,
-        with the native reason "... exceeds the line limit"; the native fold
-        counts those apart (``oversize_lines``), and so do we.
-        """
-        count = 0
-        for line in malformed:
-            reason = str(getattr(line, "reason", ""))
-            if reason.endswith(_OVERSIZE_REASON):
-                self.oversize_lines += 1
-            else:
-                self.malformed += 1
-            count += 1
-            if len(self.malformed_samples) < MAX_SAMPLES:
-                self.malformed_samples.append((int(getattr(line, "offset", 0)), reason))
-        return count
-
-    def note_reader_stats(self, stats: Mapping[str, Any], *, at_catch_up: bool = False) -> None:
-        """Take the tailer's counters of what happened to the file (contract 5).
-
-        Rotations are the session's: segments already rotated away when the
-        monitor caught up (``rotated_segments``, from the summary) plus those
-        the tailer followed live since, so the count is the same whenever the
-        monitor was started. With ``at_catch_up`` the counters as they stand
-        after the catch-up become the base, whether or not the tailer walked
-        through the segments itself.
-        """
-        counts = {k: int(stats.get(k, 0) or 0) for k in ("rotations", "truncations")}
-        if at_catch_up:
-            self.reader_base = counts
-        base = self.reader_base
-        self.rotations = self.rotated_segments + counts["rotations"] - base.get("rotations", 0)
-        truncations = counts["truncations"] - base.get("truncations", 0)
-        if truncations > self.truncations and self.max_seq is not None:
-            # The tailer restarted the file at 0: what it hands out next up to
-            # the highest seq seen is a second read of events already counted.
-            self.reread_up_to = self.max_seq
-        self.truncations = truncations
-        if stats.get("torn_lines"):
-            self.torn_tail = True
-
-    # -- starting from the native fold ---------------------------------------------------
-
-    @classmethod
-    def from_summary(
-        cls,
-        summary: Any,
-        *,
-        session_id: str | None = None,
-        default_budget: int = 256_000,
-        max_events: int = 100,
-    ) -> SessionState:
-        """A state equal to folding the summarised events one by one.
-
-        ``summary`` is a :class:`sigil.telemetry.log_parser.SessionSummary`
-        (``fold_session`` or ``SessionTailer.catch_up``). Its recent entries
-        (``last_entries``) are replayed only for what the fold does not keep:
-        the last events shown, per-component last messages, warnings.
-        """
-        budget = getattr(summary, "budget", None)
-        state = cls(
-            session_id=session_id or str(getattr(summary, "session_id", "") or ""),
-            status=str(summary.status or "waiting"),
-            total_budget=int(budget) if budget is not None else default_budget,
-            budget_declared=budget is not None,
-            tokens_used=int(summary.tokens_used),
-            components=_components_from(summary.components),
-            allocations={str(k): int(v) for k, v in dict(summary.allocations or {}).items()},
-            runs=int(summary.runs),
-            entries=int(summary.entries),
-            event_counts={str(k): int(v) for k, v in dict(summary.event_counts).items()},
-            first_timestamp=summary.first_timestamp,
-            last_timestamp=summary.last_timestamp,
-            max_seq=summary.max_seq,
-            last_seq=getattr(summary, "last_seq", summary.max_seq),
-            seq_gaps=int(summary.seq_gaps),
-            seq_missing=int(getattr(summary, "seq_missing", 0) or 0),
-            seq_regressions=int(getattr(summary, "seq_regressions", 0) or 0),
-            dropped_events=int(getattr(summary, "dropped_events", 0) or 0),
-            malformed=int(summary.malformed),
-            oversize_lines=int(getattr(summary, "oversize_lines", 0) or 0),
-            torn_tail=bool(getattr(summary, "torn_tail", False)),
-            max_events=max_events,
-        )
-        run = getattr(summary, "run", None)
-        if run is not None:  # events before any session_start fold into run 0
-            run_budget = getattr(run, "budget", None)
-            state.run = RunState(
-                number=int(run.number),
-                started_at=run.started_at,
-                ended_at=run.ended_at,
-                status=str(run.status or "waiting"),
-                tokens_used=int(getattr(run, "tokens_used", getattr(run, "tokens", 0))),
-                budget=int(run_budget) if run_budget is not None else None,
-                components=_components_from(run.components),
-            )
-            start = getattr(run, "start_metadata", None)
-            if isinstance(start, Mapping):
-                # The run's start may be older than the last events kept.
-                state._apply_start_settings(start)
-        files = list(getattr(summary, "files", ()) or ())
-        state.rotated_segments = state.rotations = max(0, len(files) - 1)
-        for sample in list(getattr(summary, "malformed_samples", ()))[:MAX_SAMPLES]:
-            state.malformed_samples.append(
-                (int(getattr(sample, "offset", 0)), str(getattr(sample, "reason", "")))
-            )
-        state._replay_recent(list(getattr(summary, "last_entries", ()) or ()))
-        return state
-
-    def _replay_recent(self, recent: list[EntryLike]) -> None:
-        """Fill the display-only fields from the last events of a catch-up."""
-        for entry in recent[-self.max_events :]:
-            self.events.append(entry)
-        for entry in recent:
-            kind = entry.event_type
-            for totals in (self.components, self.run.components):
-                metrics = totals.get(entry.component)
-                if metrics is not None:
-                    metrics.last_message = entry.message
-                    metrics.last_timestamp = entry.timestamp
-            if kind in _WARNING_EVENTS:
-                self.warnings.append(f"{_clock(entry.timestamp)} {entry.message}")
-            elif kind == "session_start":
-                self._apply_start_settings(entry.metadata)
-
-    def _apply_start_settings(self, meta: Mapping[str, Any]) -> None:
-        """Thresholds and task from a run's ``session_start`` metadata."""
-        thresholds = meta.get("thresholds")
-        if isinstance(thresholds, Mapping):
-            self.thresholds = {
-                str(k): float(v) for k, v in thresholds.items() if _as_f64(v) is not None
-            }
-        task = meta.get("task")
-        if isinstance(task, str):
-            self.task = task
-
-    def snapshot(self) -> dict[str, Any]:
-        """The comparable totals as plain data (for tests, JSON output and debugging)."""
-        return {
-            "status": self.status,
-            "tokens_used": self.tokens_used,
-            "budget": self.total_budget,
-            "components": {k: _metrics_dict(c) for k, c in sorted(self.components.items())},
-            "run": {
-                "number": self.run.number,
-                "status": self.run.status,
-                "tokens_used": self.run.tokens_used,
-                "components": {
-                    k: _metrics_dict(c) for k, c in sorted(self.run.components.items())
-                },
-            },
-            "runs": self.runs,
-            "entries": self.entries,
-            "malformed": self.malformed,
-            "seq_gaps": self.seq_gaps,
-        }
-
-
-def _metrics_dict(metrics: ComponentMetrics) -> dict[str, Any]:
-    return {
-        "tokens": metrics.tokens_used,
-        "operations": metrics.operations,
-        "latency_ms": metrics.total_latency_ms,
-        "errors": metrics.errors,
-    }
-
-
-def _components_from(totals: Mapping[str, Any] | None) -> dict[str, ComponentMetrics]:
-    components: dict[str, ComponentMetrics] = {}
-    for name, value in dict(totals or {}).items():
-        components[str(name)] = ComponentMetrics(
-            name=str(name),
-            tokens_used=int(value.tokens),
-            operations=int(value.operations),
-            total_latency_ms=float(value.latency_ms),
-            errors=int(value.errors),
-        )
-    return components
+    def last_errors(self) -> list[tuple[str, LastError]]:
+        """The last error of each component that reported one, latest first."""
+        found = [(name, c.last_error) for name, c in self.components.items() if c.last_error]
+        found.sort(key=lambda item: item[1].timestamp, reverse=True)
+        return found
 
 
 def _clock(timestamp: str) -> str:
@@ -741,8 +577,9 @@ class ExecutionMonitor:
         self._stdout = stdout
         self._stderr = stderr
 
-        self.state = SessionState(session_id=session_id or "", total_budget=default_budget,
-                                  max_events=last_n)
+        self.state = SessionState(
+            session_id or "", default_budget=default_budget, max_events=last_n
+        )
         self.phase = MonitorPhase.INITIAL
         self.exit_code: int | None = None
         self._renderer: Renderer | None = None
@@ -829,7 +666,8 @@ class ExecutionMonitor:
     async def _run(self) -> int:
         renderer = self._require_renderer()
         target = (
-            f"session {self.session_id}" if self.session_id
+            f"session {self.session_id}"
+            if self.session_id
             else f"the active session ({self.log_path / CURRENT_LINK_NAME})"
         )
         renderer.start(f"watching {target}")
@@ -843,8 +681,9 @@ class ExecutionMonitor:
             if code is not None:
                 return code
             # --follow without --session: current.jsonl now points at another session.
-            self.state = SessionState(session_id="", total_budget=self.default_budget,
-                                      max_events=self.last_n)
+            self.state = SessionState(
+                "", default_budget=self.default_budget, max_events=self.last_n
+            )
 
     def _require_renderer(self) -> Renderer:
         assert self._renderer is not None
@@ -920,29 +759,36 @@ class ExecutionMonitor:
     async def _track(self, session_id: str) -> int | None:
         """Catch up on ``session_id`` and tail it until its run is over.
 
+        One native fold takes the whole session: the catch-up (rotated segments,
+        then the live file) and every line the tailer delivers after it.
         Returns the exit code, or None when following ``current.jsonl`` with
         ``--follow`` and the link moved to another session.
         """
-        from sigil.telemetry.log_parser import SessionTailer
+        from sigil.core.paths import rotated_segments
+        from sigil.telemetry.log_parser import SessionModel
 
         renderer = self._require_renderer()
         session_dir = self.log_path / "sessions" / session_id
-        tailer = await asyncio.to_thread(SessionTailer, session_id, self.log_path)
+        model = await asyncio.to_thread(SessionModel, session_id, self.log_path, last_n=self.last_n)
         try:
-            summary = await asyncio.to_thread(tailer.catch_up, self.last_n)
-            state = SessionState.from_summary(
-                summary, session_id=session_id, default_budget=self.default_budget,
+            segments = await asyncio.to_thread(rotated_segments, session_dir)
+            snapshot = await asyncio.to_thread(model.update)
+            state = SessionState(
+                session_id,
+                default_budget=self.default_budget,
                 max_events=self.last_n,
+                snapshot=snapshot,
             )
-            state.note_reader_stats(tailer.stats(), at_catch_up=True)
+            state.rotated_segments = len(segments)
+            state.note_reader_stats(model.tailer.stats(), at_catch_up=True)
             self.state = state
             self.phase = self._phase_of(state)
             renderer.caught_up(state, self.phase)
             if self.once:
                 return await self._once(state, session_dir)
-            return await self._tail(tailer, state, session_dir)
+            return await self._tail(model, state, session_dir)
         finally:
-            close = getattr(tailer, "close", None)
+            close = getattr(model.tailer, "close", None)
             if close is not None:
                 with contextlib.suppress(Exception):
                     close()
@@ -968,7 +814,9 @@ class ExecutionMonitor:
         renderer.finish(state, self.phase, "snapshot" if outcome == "running" else outcome, code)
         return code
 
-    async def _tail(self, tailer: Any, state: SessionState, session_dir: Path) -> int | None:
+    async def _tail(
+        self, model: SessionModel, state: SessionState, session_dir: Path
+    ) -> int | None:
         renderer = self._require_renderer()
         clock = time.monotonic
         now = clock()
@@ -991,14 +839,13 @@ class ExecutionMonitor:
             due = [next_lock_check, now + _MAX_WAIT]
             due.append(next_frame if dirty else next_tick)
             timeout = max(0.0, min(due) - now)
-            result = await asyncio.to_thread(_pull, tailer, timeout)
+            snapshot = await asyncio.to_thread(_pull, model, timeout)
             now = clock()
-            if result is not None and (result.entries or result.malformed):
+            if snapshot is not None:
                 last_data = now
                 lock_free_since = None
-                state.note_malformed(result.malformed)
-                state.note_reader_stats(tailer.stats())
-                ended_code = self._fold(state, result.entries)
+                state.note_reader_stats(model.tailer.stats())
+                ended_code = self._take(state, snapshot)
                 dirty = True
                 if ended_code is not None and not self.follow:
                     return ended_code
@@ -1009,7 +856,7 @@ class ExecutionMonitor:
                 next_frame = now + self.refresh_rate
                 next_tick = now + _IDLE_TICK
             elif now >= next_tick:
-                state.note_reader_stats(tailer.stats())
+                state.note_reader_stats(model.tailer.stats())
                 renderer.refresh(state, self.phase, False)
                 next_tick = now + _IDLE_TICK
 
@@ -1031,18 +878,19 @@ class ExecutionMonitor:
                     continue
                 # The writer is gone. Whatever it flushed before letting go is on disk:
                 # drain it before deciding, so a final event is never missed.
-                result = await asyncio.to_thread(_pull, tailer, 0.0)
-                if result is not None and (result.entries or result.malformed):
-                    state.note_malformed(result.malformed)
-                    state.note_reader_stats(tailer.stats())
-                    ended_code = self._fold(state, result.entries)
+                snapshot = await asyncio.to_thread(_pull, model, 0.0)
+                if snapshot is not None:
+                    state.note_reader_stats(model.tailer.stats())
+                    ended_code = self._take(state, snapshot)
                     if ended_code is not None and not self.follow:
                         return ended_code
                     if state.ended:
                         continue
-                state.note_reader_stats(tailer.stats())
-                if await asyncio.to_thread(_has_partial_line, tailer):
-                    state.torn_tail = True
+                else:
+                    # Nothing new, but the model knows whether the file now ends in
+                    # a line no writer will complete (a torn tail).
+                    state.update(await asyncio.to_thread(model.fold.snapshot))
+                state.note_reader_stats(model.tailer.stats())
                 state.incomplete = True
                 code = self._end_run(state)
                 if not self.follow:
@@ -1050,42 +898,45 @@ class ExecutionMonitor:
                 lock_free_since = None
         return self._finish_interrupted(self._stop_code or EXIT_INTERRUPTED)
 
-    def _fold(self, state: SessionState, entries: Iterable[EntryLike]) -> int | None:
-        """Fold new events; at a run's final event, show its summary.
+    def _take(self, state: SessionState, snapshot: SessionSnapshot) -> int | None:
+        """Show a new snapshot; at a run's final event, show its summary.
 
-        Without ``--follow`` folding stops at the final event of the tracked run
-        (a later run in the same batch belongs to another monitor invocation).
-        Returns the exit code when a run ended.
+        Returns the exit code when a run ended. When the lines folded at once
+        hold a run's end and the next run's start, the ended run's outcome
+        decides the exit code (without ``--follow`` this monitor was watching it).
         """
         renderer = self._require_renderer()
-        batch: list[EntryLike] = []
-        code: int | None = None
-        for entry in entries:
-            kind = entry.event_type
-            state.update_from_entry(entry)
-            batch.append(entry)
-            if kind == "session_start" or (
-                state.status == "running" and self.phase is not MonitorPhase.TRACKING
-            ):
-                # A new run, or `sigil orchestrate --resume` continuing the same run
-                # (it writes no session_start): the writer is back.
-                self.phase = MonitorPhase.TRACKING
-                state.incomplete = False
-            elif kind in ("session_complete", "session_error"):
-                renderer.on_events(state, batch)
-                batch = []
-                code = self._end_run(state)
-                if not self.follow:
-                    return code
-        if batch:
-            renderer.on_events(state, batch)
-        return code
+        runs_before, ended_before = state.runs, state.ended_key
+        fresh = state.update(snapshot)
+        ended_now = state.ended_key != ended_before
+        started = state.runs > runs_before
+        if started and ended_now and state.status == "running":
+            # The tracked run ended first, then a new one started.
+            renderer.on_events(state, fresh)
+            ended = state.last_ended_run
+            code = self._end_run(state, None if ended is None else ended.status)
+            if not self.follow:
+                return code
+            self.phase = MonitorPhase.TRACKING
+            return code
+        if started or (state.status == "running" and self.phase is not MonitorPhase.TRACKING):
+            # A new run, or `sigil orchestrate --resume` continuing the same run
+            # (it writes no session_start): the writer is back.
+            self.phase = MonitorPhase.TRACKING
+            state.incomplete = False
+        renderer.on_events(state, fresh)
+        if ended_now and state.ended:
+            return self._end_run(state)
+        return None
 
-    def _end_run(self, state: SessionState) -> int:
-        """FINAL: show the summary of the run that just ended; back to WAITING with --follow."""
+    def _end_run(self, state: SessionState, status: str | None = None) -> int:
+        """FINAL: show the summary of the run that just ended; back to WAITING with --follow.
+
+        ``status`` is the ended run's, when the model's latest run is a newer one.
+        """
         renderer = self._require_renderer()
         self.phase = MonitorPhase.FINAL
-        outcome = self._outcome(state)
+        outcome = self._outcome(state, status)
         code = self._code_for(outcome)
         renderer.finish(state, self.phase, outcome, code)
         if self.follow:
@@ -1094,17 +945,19 @@ class ExecutionMonitor:
         return code
 
     @staticmethod
-    def _outcome(state: SessionState) -> str:
+    def _outcome(state: SessionState, status: str | None = None) -> str:
         """The run's final status, unless the reader knows better.
 
         A run that says ``complete`` while events are missing (a seq gap that no
         segment fills, or events the writer dropped on a full disk) is
         ``incomplete_data``: its totals are a lower bound, never "complete".
         """
-        if state.ended:
-            if state.status == "complete" and (state.seq_missing or state.dropped_events):
+        if status is None and state.ended:
+            status = state.status
+        if status is not None:
+            if status == "complete" and (state.seq_missing or state.dropped_events):
                 return "incomplete_data"
-            return state.status
+            return status
         if state.incomplete:
             return "incomplete"
         return state.status
@@ -1185,31 +1038,16 @@ class ExecutionMonitor:
             pass
 
 
-def _pull(tailer: Any, timeout: float) -> Any:
-    """Blocking (worker thread): new events now, or after waiting up to ``timeout``.
+def _pull(model: SessionModel, timeout: float) -> SessionSnapshot | None:
+    """Blocking (worker thread): fold what is new now, or after waiting up to
+    ``timeout``, into the session's one native fold; its snapshot, or None when
+    no line arrived.
 
     ``wait`` releases the GIL and wakes on inotify, so an event reaches the
     screen without waiting out the timeout.
     """
-    result = tailer.read()
-    if result.entries or result.malformed or timeout <= 0:
-        return result
-    if tailer.wait(timeout):
-        return tailer.read()
-    return result
-
-
-def _has_partial_line(tailer: Any) -> bool:
-    """Blocking: does the live file end in a line without its newline (a torn tail)?
-
-    The tailer holds such a line back (contract 3); once the writer is gone it
-    will never be completed, so the monitor reports it instead of waiting.
-    """
-    checkpoint = tailer.checkpoint()
-    if checkpoint is None:
-        return False
-    try:
-        size = os.stat(tailer.path).st_size
-    except OSError:
-        return False
-    return bool(size > checkpoint.offset)
+    tailer, fold = model.tailer, model.fold
+    folded = tailer.fold_into(fold)
+    if not folded and timeout > 0 and tailer.wait(timeout):
+        folded = tailer.fold_into(fold)
+    return fold.snapshot() if folded else None

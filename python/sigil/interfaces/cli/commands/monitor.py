@@ -68,18 +68,38 @@ def _parse_refresh(text: str | None) -> float | None:
     cls=OneLineCommand,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-@click.option("--session", "-s", "session_id", metavar="ID",
-              help="Session to watch (default: the running one, or the next to start, "
-                   "via current.jsonl).")
-@click.option("--mode", "-m", metavar="|".join(_MODES),
-              help="Display mode (default: monitoring.default_mode, dashboard).")
-@click.option("--refresh-rate", "-r", metavar="SECONDS",
-              help="Seconds between display updates (default: 1 / monitoring.refresh_rate_hz).")
-@click.option("--log-path", "-l", metavar="DIR",
-              help="Base log directory (default: logging.path, ~/.sigil/logs).")
+@click.option(
+    "--session",
+    "-s",
+    "session_id",
+    metavar="ID",
+    help="Session to watch (default: the running one, or the next to start, via current.jsonl).",
+)
+@click.option(
+    "--mode",
+    "-m",
+    metavar="|".join(_MODES),
+    help="Display mode (default: monitoring.default_mode, dashboard).",
+)
+@click.option(
+    "--refresh-rate",
+    "-r",
+    metavar="SECONDS",
+    help="Seconds between display updates (default: 1 / monitoring.refresh_rate_hz).",
+)
+@click.option(
+    "--log-path",
+    "-l",
+    metavar="DIR",
+    help="Base log directory (default: logging.path, ~/.sigil/logs).",
+)
 @click.option("--once", is_flag=True, help="Print the session's current state once and exit.")
-@click.option("--follow", "-f", is_flag=True,
-              help="Do not exit when a run ends: wait for the session's next run.")
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Do not exit when a run ends: wait for the session's next run.",
+)
 def monitor(
     session_id: str | None,
     mode: str | None,
@@ -122,8 +142,9 @@ def monitor(
             raise _fail(str(exc)) from None
     chosen_mode = mode or settings.monitoring.default_mode
     if chosen_mode not in _MODES:
-        raise _fail(f"monitoring.default_mode must be one of {', '.join(_MODES)}, "
-                    f"got {chosen_mode!r}")
+        raise _fail(
+            f"monitoring.default_mode must be one of {', '.join(_MODES)}, got {chosen_mode!r}"
+        )
     if refresh is None:
         refresh = 1.0 / float(settings.monitoring.refresh_rate_hz)
 
