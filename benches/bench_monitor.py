@@ -94,16 +94,24 @@ def _env(home: Path) -> dict[str, str]:
 class _Pty:
     """A process on a pseudo-terminal, its output drained (and searched) by a thread."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], cols: int = 120,
-                 rows: int = 40) -> None:
+    def __init__(
+        self, argv: list[str], env: dict[str, str], cols: int = 120, rows: int = 40
+    ) -> None:
         import fcntl
         import struct
         import termios
 
         self.master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env,
-                                     start_new_session=True, close_fds=True)
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+        )
         os.close(slave)
         self.seen: dict[str, float] = {}
         self.first_output: float | None = None
@@ -160,8 +168,9 @@ def _first_frame(args: list[str], env: dict[str, str], reap: list[subprocess.Pop
 
 
 @pytest.mark.parametrize("size", list(SIZES))
-def test_startup_process_first_frame(benchmark: Any, monitor_logs: Path, tmp_path: Path,
-                                     size: str) -> None:
+def test_startup_process_first_frame(
+    benchmark: Any, monitor_logs: Path, tmp_path: Path, size: str
+) -> None:
     """The real ``sigil monitor`` from exec to its first frame (json mode: one line)."""
     n = SIZES[size]
     benchmark.group = f"monitor start-up to first frame, {n:,} entries"
@@ -171,11 +180,21 @@ def test_startup_process_first_frame(benchmark: Any, monitor_logs: Path, tmp_pat
     else:
         # The issue: a 1,000,000-entry catch-up is one native fold, "well under a second".
         benchmark.extra_info.update(spec_max_s=1.0, aim_max_s=0.200)
-    args = [*SIGIL, "monitor", "--session", f"m{size}", "--log-path", str(monitor_logs),
-            "--mode", "json", "--once"]
+    args = [
+        *SIGIL,
+        "monitor",
+        "--session",
+        f"m{size}",
+        "--log-path",
+        str(monitor_logs),
+        "--mode",
+        "json",
+        "--once",
+    ]
     reap: list[subprocess.Popen[bytes]] = []
-    benchmark.pedantic(_first_frame, args=(args, _env(tmp_path), reap),
-                       rounds=2 if quick() else 7, warmup_rounds=1)
+    benchmark.pedantic(
+        _first_frame, args=(args, _env(tmp_path), reap), rounds=2 if quick() else 7, warmup_rounds=1
+    )
     for proc in reap:
         proc.wait(30)
 
@@ -186,9 +205,12 @@ def test_startup_python_interpreter(benchmark: Any, tmp_path: Path, size: str) -
     benchmark.group = f"monitor start-up to first frame, {SIZES[size]:,} entries"
     benchmark.extra_info.update(ops=1)
     reap: list[subprocess.Popen[bytes]] = []
-    benchmark.pedantic(_first_frame,
-                       args=([sys.executable, "-c", "print(1)"], _env(tmp_path), reap),
-                       rounds=2 if quick() else 7, warmup_rounds=1)
+    benchmark.pedantic(
+        _first_frame,
+        args=([sys.executable, "-c", "print(1)"], _env(tmp_path), reap),
+        rounds=2 if quick() else 7,
+        warmup_rounds=1,
+    )
     for proc in reap:
         proc.wait(30)
 
@@ -230,8 +252,11 @@ def test_startup_in_process_sigil(benchmark: Any, monitor_logs: Path, size: str)
     if n == 10_000:
         benchmark.extra_info.update(spec_max_s=0.200, aim_max_s=0.020)
     _catch_up_and_draw(monitor_logs, f"m{size}")  # imports rich once
-    frame = benchmark.pedantic(_catch_up_and_draw, args=(monitor_logs, f"m{size}"),
-                               rounds=(2 if quick() else 10) if n == 10_000 else 3)
+    frame = benchmark.pedantic(
+        _catch_up_and_draw,
+        args=(monitor_logs, f"m{size}"),
+        rounds=(2 if quick() else 10) if n == 10_000 else 3,
+    )
     assert f"{n:,} events" in frame
 
 
@@ -241,8 +266,7 @@ def test_startup_in_process_python(benchmark: Any, monitor_logs: Path, size: str
     benchmark.group = f"monitor catch-up + first frame (in process), {n:,} entries"
     benchmark.extra_info.update(ops=n)
     rounds = (2 if quick() else 10) if n == 10_000 else 1
-    benchmark.pedantic(_python_catch_up_and_draw, args=(monitor_logs, f"m{size}"),
-                       rounds=rounds)
+    benchmark.pedantic(_python_catch_up_and_draw, args=(monitor_logs, f"m{size}"), rounds=rounds)
 
 
 # -- one dashboard frame ----------------------------------------------------------------
@@ -254,18 +278,52 @@ def _busy_state() -> SessionState:
 
     t0 = datetime(2026, 1, 11, 10, 15, 32, tzinfo=UTC)
     rng = random.Random(7)
-    entries = [LogEntry(t0.isoformat(), "b", "session_start", "orchestrator", "Starting", 0,
-                        {"budget": 256_000, "allocations": {"routing": 10_000,
-                         "memory": 30_000, "planning": 20_000, "reasoning": 150_000,
-                         "contracts": 10_000, "validation": 10_000}})]
+    entries = [
+        LogEntry(
+            t0.isoformat(),
+            "b",
+            "session_start",
+            "orchestrator",
+            "Starting",
+            0,
+            {
+                "budget": 256_000,
+                "allocations": {
+                    "routing": 10_000,
+                    "memory": 30_000,
+                    "planning": 20_000,
+                    "reasoning": 150_000,
+                    "contracts": 10_000,
+                    "validation": 10_000,
+                },
+            },
+        )
+    ]
     names = ["routing", "memory", "planning", "reasoning", "contracts", "validation"]
     for i in range(200):
         comp = names[i % 6]
-        entries.append(LogEntry((t0 + timedelta(seconds=i)).isoformat(), "b", "step_complete",
-                                comp, f"{comp} finished step {i}", rng.randrange(10, 900),
-                                {"latency_ms": rng.uniform(5, 7000)}))
-    entries.append(LogEntry((t0 + timedelta(seconds=201)).isoformat(), "b", "budget_warning",
-                            "orchestrator", "50% of the budget used", 0, {}))
+        entries.append(
+            LogEntry(
+                (t0 + timedelta(seconds=i)).isoformat(),
+                "b",
+                "step_complete",
+                comp,
+                f"{comp} finished step {i}",
+                rng.randrange(10, 900),
+                {"latency_ms": rng.uniform(5, 7000)},
+            )
+        )
+    entries.append(
+        LogEntry(
+            (t0 + timedelta(seconds=201)).isoformat(),
+            "b",
+            "budget_warning",
+            "orchestrator",
+            "50% of the budget used",
+            0,
+            {},
+        )
+    )
     fold = _native.Fold(100)
     fold.feed_bytes(b"".join(e.to_bytes() + b"\n" for e in entries) + b"{bad\n" * 3)
     state = SessionState("bench-frame", snapshot=fold.snapshot())
@@ -308,12 +366,14 @@ def _spec_dashboard(state: SessionState) -> str:
 
 def test_render_dashboard_frame_sigil(benchmark: Any) -> None:
     benchmark.group = "render one dashboard frame (120x40)"
-    benchmark.extra_info.update(ops=1, baseline="test_render_dashboard_frame_spec_print",
-                                spec_max_s=0.100, aim_max_s=0.005)
+    benchmark.extra_info.update(
+        ops=1, baseline="test_render_dashboard_frame_spec_print", spec_max_s=0.100, aim_max_s=0.005
+    )
     state = _busy_state()
     render_dashboard_text(state, DisplayOptions(), width=120, height=40)
-    frame = benchmark(render_dashboard_text, state, DisplayOptions(), width=120, height=40,
-                      color=True)
+    frame = benchmark(
+        render_dashboard_text, state, DisplayOptions(), width=120, height=40, color=True
+    )
     assert "SIGIL MONITOR" in frame
 
 
@@ -344,39 +404,59 @@ _PY_FOLD = (
 
 
 def _peak_rss_mb(argv: list[str], env: dict[str, str]) -> float:
-    out = subprocess.run([sys.executable, "-c", _MAXRSS, *argv], env=env, capture_output=True,
-                         text=True, check=True, timeout=120).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", _MAXRSS, *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
     return int(out.strip()) / 1024  # ru_maxrss is in KiB on Linux (bytes on macOS)
 
 
 @pytest.mark.parametrize("size", list(SIZES))
-def test_memory_monitor_peak(benchmark: Any, monitor_logs: Path, tmp_path: Path,
-                             size: str) -> None:
+def test_memory_monitor_peak(benchmark: Any, monitor_logs: Path, tmp_path: Path, size: str) -> None:
     """Peak RSS of ``sigil monitor --once`` catching up on the whole session."""
     n = SIZES[size]
     benchmark.group = f"monitor peak memory, {n:,} entries"
-    args = [*SIGIL, "monitor", "--session", f"m{size}", "--log-path", str(monitor_logs),
-            "--mode", "json", "--once"]
+    args = [
+        *SIGIL,
+        "monitor",
+        "--session",
+        f"m{size}",
+        "--log-path",
+        str(monitor_logs),
+        "--mode",
+        "json",
+        "--once",
+    ]
     values: list[float] = []
     benchmark.pedantic(lambda: values.append(_peak_rss_mb(args, _env(tmp_path))), rounds=1)
-    info: dict[str, Any] = {"metric": "peak RSS (MB)", "value": values[0], "aim_max": 50,
-                            "baseline": f"test_memory_python_fold_peak[{size}]"}
+    info: dict[str, Any] = {
+        "metric": "peak RSS (MB)",
+        "value": values[0],
+        "aim_max": 50,
+        "baseline": f"test_memory_python_fold_peak[{size}]",
+    }
     if n == 10_000:
         info["spec_max"] = 50  # spec 12.1: memory usage (10K entries) < 50 MB
     benchmark.extra_info.update(info)
 
 
 @pytest.mark.parametrize("size", list(SIZES))
-def test_memory_python_fold_peak(benchmark: Any, monitor_logs: Path, tmp_path: Path,
-                                 size: str) -> None:
+def test_memory_python_fold_peak(
+    benchmark: Any, monitor_logs: Path, tmp_path: Path, size: str
+) -> None:
     """Baseline: a streaming pure-Python fold (orjson per line) in its own process."""
     n = SIZES[size]
     benchmark.group = f"monitor peak memory, {n:,} entries"
     path = monitor_logs / "sessions" / f"m{size}" / "execution.jsonl"
     values: list[float] = []
     benchmark.pedantic(
-        lambda: values.append(_peak_rss_mb([sys.executable, "-c", _PY_FOLD, str(path)],
-                                           _env(tmp_path))),
+        lambda: values.append(
+            _peak_rss_mb([sys.executable, "-c", _PY_FOLD, str(path)], _env(tmp_path))
+        ),
         rounds=1,
     )
     benchmark.extra_info.update(metric="peak RSS (MB)", value=values[0])
@@ -395,43 +475,49 @@ def live_session(tmp_path: Path) -> Iterator[tuple[Path, ExecutionLogger]]:
     flush: the writer had a lock-order race between the two when this was written.
     """
     logs = tmp_path / "home" / "logs"
-    logger = ExecutionLogger("live", logs, buffer_size=4 << 20, flush_interval=3600.0,
-                             fsync="never", sanitizer=False)
+    logger = ExecutionLogger(
+        "live", logs, buffer_size=4 << 20, flush_interval=3600.0, fsync="never", sanitizer=False
+    )
     logger.initialize_sync()
-    logger.log_event_sync("session_start", "orchestrator", "Starting", 0,
-                          {"budget": 256_000, "run": 1})
+    logger.log_event_sync(
+        "session_start", "orchestrator", "Starting", 0, {"budget": 256_000, "run": 1}
+    )
     logger.flush_sync()
     yield logs, logger
     logger.close_sync()
 
 
-def test_idle_cpu_sigil(benchmark: Any, live_session: tuple[Path, ExecutionLogger],
-                        tmp_path: Path) -> None:
+def test_idle_cpu_sigil(
+    benchmark: Any, live_session: tuple[Path, ExecutionLogger], tmp_path: Path
+) -> None:
     """CPU of the dashboard on a live session with nothing happening (inotify wait)."""
     logs, _ = live_session
     benchmark.group = "monitor CPU while idle-waiting"
-    term = _Pty([*SIGIL, "monitor", "--session", "live", "--log-path", str(logs)],
-                _env(tmp_path))
+    term = _Pty([*SIGIL, "monitor", "--session", "live", "--log-path", str(logs)], _env(tmp_path))
     values: list[float] = []
     try:
         time.sleep(1.0)  # start-up and catch-up done
         seconds = 2.0 if quick() else 5.0
-        benchmark.pedantic(lambda: values.append(_cpu_percent(term.proc.pid, seconds)),
-                           rounds=1)
+        benchmark.pedantic(lambda: values.append(_cpu_percent(term.proc.pid, seconds)), rounds=1)
         assert term.proc.poll() is None
     finally:
         term.close()
-    benchmark.extra_info.update(metric="CPU (%)", value=values[0], aim_max=2.0,
-                                baseline="test_idle_cpu_spec_polling")
+    benchmark.extra_info.update(
+        metric="CPU (%)", value=values[0], aim_max=2.0, baseline="test_idle_cpu_spec_polling"
+    )
 
 
-def test_idle_cpu_spec_polling(benchmark: Any, live_session: tuple[Path, ExecutionLogger],
-                               tmp_path: Path) -> None:
+def test_idle_cpu_spec_polling(
+    benchmark: Any, live_session: tuple[Path, ExecutionLogger], tmp_path: Path
+) -> None:
     logs, _ = live_session
     benchmark.group = "monitor CPU while idle-waiting"
     path = logs / "sessions" / "live" / "execution.jsonl"
-    proc = subprocess.Popen([sys.executable, "-c", POLLING_MONITOR, str(path)],
-                            stdout=subprocess.DEVNULL, env=_env(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", POLLING_MONITOR, str(path)],
+        stdout=subprocess.DEVNULL,
+        env=_env(tmp_path),
+    )
     values: list[float] = []
     try:
         time.sleep(0.5)
@@ -447,8 +533,9 @@ def _p99(samples: list[float]) -> float:
     return statistics.quantiles(samples, n=100, method="inclusive")[98]
 
 
-def _measure_lag(logger: ExecutionLogger, seen: dict[str, float], count: int,
-                 flush: bool = True) -> list[float]:
+def _measure_lag(
+    logger: ExecutionLogger, seen: dict[str, float], count: int, flush: bool = True
+) -> list[float]:
     """Log ``count`` events ~150 ms apart (slower than the 10 Hz refresh, as pipeline
     steps are) and return, in ms, how long each took to show up."""
     rng = random.Random(11)
@@ -467,14 +554,18 @@ def _measure_lag(logger: ExecutionLogger, seen: dict[str, float], count: int,
     return [1000 * (seen[m] - t) for m, t in sent.items()]
 
 
-def test_lag_log_event_to_screen_sigil(benchmark: Any,
-                                       live_session: tuple[Path, ExecutionLogger],
-                                       tmp_path: Path) -> None:
+def test_lag_log_event_to_screen_sigil(
+    benchmark: Any, live_session: tuple[Path, ExecutionLogger], tmp_path: Path
+) -> None:
     """From log_event (flushed) to the event on the dashboard, read from a real pty."""
     logs, logger = live_session
     benchmark.group = "lag from log_event to screen"
-    term = _Pty([*SIGIL, "monitor", "--session", "live", "--log-path", str(logs)],
-                _env(tmp_path), cols=120, rows=40)
+    term = _Pty(
+        [*SIGIL, "monitor", "--session", "live", "--log-path", str(logs)],
+        _env(tmp_path),
+        cols=120,
+        rows=40,
+    )
     lags: list[float] = []
     try:
         deadline = time.monotonic() + 10
@@ -482,20 +573,23 @@ def test_lag_log_event_to_screen_sigil(benchmark: Any,
             time.sleep(0.02)
         time.sleep(0.5)
         count = 20 if quick() else 60
-        benchmark.pedantic(lambda: lags.extend(_measure_lag(logger, term.seen, count)),
-                           rounds=1)
+        benchmark.pedantic(lambda: lags.extend(_measure_lag(logger, term.seen, count)), rounds=1)
     finally:
         term.close()
     benchmark.extra_info.update(
-        metric="p99 lag (ms)", value=_p99(lags), spec_max=100, aim_max=20,
-        median_ms=statistics.median(lags), max_ms=max(lags),
+        metric="p99 lag (ms)",
+        value=_p99(lags),
+        spec_max=100,
+        aim_max=20,
+        median_ms=statistics.median(lags),
+        max_ms=max(lags),
         baseline="test_lag_log_event_to_screen_spec_polling",
     )
 
 
-def test_lag_log_event_to_screen_spec_polling(benchmark: Any,
-                                              live_session: tuple[Path, ExecutionLogger],
-                                              tmp_path: Path) -> None:
+def test_lag_log_event_to_screen_spec_polling(
+    benchmark: Any, live_session: tuple[Path, ExecutionLogger], tmp_path: Path
+) -> None:
     logs, logger = live_session
     benchmark.group = "lag from log_event to screen"
     path = logs / "sessions" / "live" / "execution.jsonl"
@@ -504,12 +598,12 @@ def test_lag_log_event_to_screen_spec_polling(benchmark: Any,
     try:
         time.sleep(0.5)
         count = 20 if quick() else 60
-        benchmark.pedantic(lambda: lags.extend(_measure_lag(logger, term.seen, count)),
-                           rounds=1)
+        benchmark.pedantic(lambda: lags.extend(_measure_lag(logger, term.seen, count)), rounds=1)
     finally:
         term.close()
-    benchmark.extra_info.update(metric="p99 lag (ms)", value=_p99(lags),
-                                median_ms=statistics.median(lags), max_ms=max(lags))
+    benchmark.extra_info.update(
+        metric="p99 lag (ms)", value=_p99(lags), median_ms=statistics.median(lags), max_ms=max(lags)
+    )
 
 
 def test_lag_log_event_to_screen_default_writer(benchmark: Any, tmp_path: Path) -> None:
@@ -521,17 +615,22 @@ def test_lag_log_event_to_screen_default_writer(benchmark: Any, tmp_path: Path) 
     logger.initialize_sync()
     logger.log_event_sync("session_start", "orchestrator", "Starting", 0, {"budget": 10**6})
     benchmark.group = "lag from log_event to screen, writer's default 100 ms flush"
-    term = _Pty([*SIGIL, "monitor", "--session", "live", "--log-path", str(logs)],
-                _env(tmp_path), cols=120, rows=40)
+    term = _Pty(
+        [*SIGIL, "monitor", "--session", "live", "--log-path", str(logs)],
+        _env(tmp_path),
+        cols=120,
+        rows=40,
+    )
     lags: list[float] = []
     try:
         time.sleep(1.0)
         count = 20 if quick() else 60
         benchmark.pedantic(
-            lambda: lags.extend(_measure_lag(logger, term.seen, count, flush=False)), rounds=1)
+            lambda: lags.extend(_measure_lag(logger, term.seen, count, flush=False)), rounds=1
+        )
     finally:
         term.close()
         logger.close_sync()
-    benchmark.extra_info.update(metric="p99 lag (ms)", value=_p99(lags),
-                                median_ms=statistics.median(lags), max_ms=max(lags))
-
+    benchmark.extra_info.update(
+        metric="p99 lag (ms)", value=_p99(lags), median_ms=statistics.median(lags), max_ms=max(lags)
+    )

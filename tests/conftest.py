@@ -98,8 +98,13 @@ def isolated_env(home: Path, **extra: str) -> dict[str, str]:
     for var in list(env):
         if var.startswith("OTEL_") and var not in extra:
             del env[var]
-    for var in ("SIGIL_LOG_PATH", "SIGIL_BUDGET", "SIGIL_PROVIDER", "SIGIL_BASE_URL",
-                "OPENAI_API_KEY"):
+    for var in (
+        "SIGIL_LOG_PATH",
+        "SIGIL_BUDGET",
+        "SIGIL_PROVIDER",
+        "SIGIL_BASE_URL",
+        "OPENAI_API_KEY",
+    ):
         if var not in extra:
             env.pop(var, None)
     return env

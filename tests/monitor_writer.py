@@ -57,8 +57,14 @@ def main() -> int:
     # buffer and interval (this also keeps clear of a lock-order race between an explicit
     # flush and the background thread that the writer had when this was written).
     logger = ExecutionLogger(
-        args.session, log_path, buffer_size=4 << 20, flush_interval=3600.0, fsync="never",
-        sanitizer=False, max_buffer_bytes=64 << 20, lock=lock,
+        args.session,
+        log_path,
+        buffer_size=4 << 20,
+        flush_interval=3600.0,
+        fsync="never",
+        sanitizer=False,
+        max_buffer_bytes=64 << 20,
+        lock=lock,
     )
     logger.initialize_sync()
     total = 0
@@ -82,30 +88,42 @@ def main() -> int:
         if cmd == "start":
             budget = int(rest[0]) if rest else 256_000
             run = int(rest[1]) if len(rest) > 1 else run + 1
-            log("session_start", "orchestrator", f"Starting run {run}", budget=budget, run=run,
-                allocations=ALLOCATIONS, task="e2e task",
-                thresholds={"warning": 0.5, "critical": 0.8, "exceeded": 0.95})
+            log(
+                "session_start",
+                "orchestrator",
+                f"Starting run {run}",
+                budget=budget,
+                run=run,
+                allocations=ALLOCATIONS,
+                task="e2e task",
+                thresholds={"warning": 0.5, "critical": 0.8, "exceeded": 0.95},
+            )
         elif cmd == "step":
             latency = float(rest[2]) if len(rest) > 2 else 10.0
-            log("step_complete", rest[0], f"{rest[0]} step done", int(rest[1]),
-                latency_ms=latency)
+            log("step_complete", rest[0], f"{rest[0]} step done", int(rest[1]), latency_ms=latency)
         elif cmd == "error":
             latency = float(rest[1]) if len(rest) > 1 else 5.0
-            log("step_error", rest[0], f"{rest[0]} step failed", 0, latency_ms=latency,
-                error="boom")
+            log(
+                "step_error", rest[0], f"{rest[0]} step failed", 0, latency_ms=latency, error="boom"
+            )
         elif cmd == "tokens":
             log("token_consumption", rest[0], f"{rest[0]} used tokens", int(rest[1]))
         elif cmd == "burst":
             for i in range(int(rest[0])):
-                log("step_complete", rest[1], f"{rest[1]} step {i}", int(rest[2]),
-                    latency_ms=1.0)
+                log("step_complete", rest[1], f"{rest[1]} step {i}", int(rest[2]), latency_ms=1.0)
         elif cmd == "warn":
             log("budget_warning", "orchestrator", " ".join(rest) or "budget warning")
         elif cmd in ("complete", "fail", "budget"):
             status = {"complete": "complete", "fail": "error", "budget": "budget_exceeded"}[cmd]
             kind = "session_complete" if cmd == "complete" else "session_error"
-            log(kind, "orchestrator", f"Run {run} {status}", status=status, total_tokens=total,
-                run=run)
+            log(
+                kind,
+                "orchestrator",
+                f"Run {run} {status}",
+                status=status,
+                total_tokens=total,
+                run=run,
+            )
         elif cmd == "rotate":
             logger.flush_sync()
             os.rename(session_dir / "execution.jsonl", session_dir / rest[0])

@@ -23,9 +23,7 @@ def _written(home: Path) -> list[str]:
     """Everything under the sigil home except the config file the test wrote."""
     if not home.exists():
         return []
-    return sorted(
-        str(p.relative_to(home)) for p in home.rglob("*") if p.name != "config.yaml"
-    )
+    return sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.name != "config.yaml")
 
 
 def _one_line_usage(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -126,7 +124,11 @@ def test_step_path_to_a_plain_function_is_refused_without_calling_it(
     def run() -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [*SIGIL, "orchestrate", "--task", "t", "--session", "s1"],
-            env=env, capture_output=True, text=True, timeout=60, check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
 
     for target in ("os:system", "hostile_steps:make"):
@@ -155,7 +157,11 @@ def test_step_path_that_cannot_be_imported_names_key_and_file(sigil_home: Path) 
 def test_non_utf8_task_is_bad_usage_with_nothing_written(sigil_home: Path) -> None:
     args = [os.fsencode(a) for a in SIGIL] + [b"orchestrate", b"--task", b"Analyze \xff\xfe"]
     proc = subprocess.run(
-        args, env=isolated_env(sigil_home), capture_output=True, text=True, timeout=60,
+        args,
+        env=isolated_env(sigil_home),
+        capture_output=True,
+        text=True,
+        timeout=60,
         check=False,
     )
     _one_line_usage(proc, "--task", "UTF-8")

@@ -19,10 +19,6 @@ from sigil._native import AppendWriter, Checkpoint, Tailer
 NEVER = 3600.0
 
 
-
-
-
-
 def append(path: Path, data: bytes) -> None:
     with open(path, "ab") as f:
         f.write(data)

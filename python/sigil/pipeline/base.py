@@ -207,9 +207,7 @@ def load_step(path: str, slot: str) -> Step:
     try:
         target = getattr(module, attr)
     except AttributeError:
-        raise StepConfigError(
-            f"{key}: module {module_name!r} has no attribute {attr!r}"
-        ) from None
+        raise StepConfigError(f"{key}: module {module_name!r} has no attribute {attr!r}") from None
     if _is_step(target):
         step = target
     elif inspect.isclass(target) or _is_factory(target):

@@ -65,9 +65,7 @@ class LazyGroup(click.Group):
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Use the static help lines so that `sigil --help` imports no command module.
-        rows = [
-            (name, _COMMANDS[name][2]) for name in self.list_commands(ctx)
-        ]
+        rows = [(name, _COMMANDS[name][2]) for name in self.list_commands(ctx)]
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
