@@ -25,6 +25,7 @@ __all__ = [
     "MAX_LINE_BYTES",
     "ComponentSnapshot",
     "ComponentTotals",
+    "LastError",
     "MalformedLine",
     "ParseResult",
     "ParsedEntry",
@@ -34,6 +35,7 @@ __all__ = [
     "SessionSnapshot",
     "SessionSummary",
     "SessionTailer",
+    "empty_snapshot",
     "fold_file",
     "fold_session",
     "parse_bytes",
@@ -58,6 +60,13 @@ MalformedLine = _native.MalformedLine
 SessionSnapshot = _native.SessionSnapshot
 RunSnapshot = _native.RunSnapshot
 ComponentSnapshot = _native.ComponentSnapshot
+LastError = _native.LastError
+
+
+def empty_snapshot() -> SessionSnapshot:
+    """The snapshot of a session with no events yet (what a view shows while waiting)."""
+    return _native.Fold(0).snapshot()
+
 
 # The native reader's reason for a line over the length bound (rust/lib.rs).
 # The legacy summary dict's ``malformed_samples`` are 2-tuples: their kind is

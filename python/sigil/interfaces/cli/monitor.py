@@ -33,9 +33,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 if TYPE_CHECKING:
-    from sigil._native import ComponentSnapshot, LastError, RunSnapshot, SessionSnapshot
     from sigil.interfaces.cli.display import DisplayOptions, Renderer
-    from sigil.telemetry.log_parser import SessionModel
+    from sigil.telemetry.log_parser import (
+        ComponentSnapshot,
+        LastError,
+        RunSnapshot,
+        SessionModel,
+        SessionSnapshot,
+    )
 
 __all__ = [
     "EXIT_BUDGET",
@@ -123,9 +128,9 @@ def parse_timestamp(text: str | None) -> datetime | None:
 
 
 def _empty_snapshot() -> SessionSnapshot:
-    from sigil import _native
+    from sigil.telemetry.log_parser import empty_snapshot
 
-    return _native.Fold(0).snapshot()
+    return empty_snapshot()
 
 
 def _finite(value: object) -> float | None:
