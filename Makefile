@@ -7,9 +7,11 @@ BENCH_JSON ?= bench-results.json
 
 install:
 	$(PYTHON) -m pip install --quiet '.[test]'
-	@# tests/test_logrotate_e2e.py runs Debian's logrotate (never skipped).
+	@# tests/test_logrotate_e2e.py runs Debian's logrotate and tests/test_sessions.py
+	@# traces `sigil sessions` with strace (neither is ever skipped).
 	command -v logrotate >/dev/null || test -x /usr/sbin/logrotate || \
 		{ apt-get update -q && apt-get install -y -q logrotate; }
+	command -v strace >/dev/null || { apt-get update -q && apt-get install -y -q strace; }
 
 # An editable build into the active virtualenv, for working on the code:
 # Python changes apply at once; after a Rust change, run it again.
