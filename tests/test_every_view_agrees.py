@@ -1,9 +1,10 @@
 """Every view of one session agrees (issue 10, "Tests"): for a run with a failed
-step, ``tokens.json``, ``metrics.json``, the native fold and the pure-Python
+step, ``sigil monitor --once --mode json``, ``sigil sessions --json``,
+``tokens.json``, ``metrics.json``, the native fold and the pure-Python
 reference fold report the same tokens, runs, per-component counts and status.
 
-Partial: the interrupted, resumed and ExecutionLogger sessions and the monitor,
-``sessions --json`` and OTLP views are not covered yet (deadline)."""
+Partial: the interrupted, resumed and ExecutionLogger sessions and the OTLP view
+are not covered yet (deadline)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,16 @@ def test_a_run_with_a_failed_step_agrees_everywhere(tmp_path: Path) -> None:
             m = metrics["components"][name]
             assert (m["operations"], m["errors"]) == (c.operations, c.errors), name
     assert snap.components["memory"].errors > 0
+
+    listed = json.loads(run_cli(home, "sessions", "--json").stdout)
+    (row,) = [r for r in listed if r["session_id"] == "f"]
+    assert (row["tokens_used"], row["runs"], row["status"]) == (snap.tokens, 1, "complete")
+    assert [(r["run"], r["status"], r["tokens_used"]) for r in row["run_details"]] == [
+        (r.number, r.status, r.tokens) for r in snap.runs
+    ]
+    shown = run_cli(home, "monitor", "--session", "f", "--once", "--mode", "json").stdout
+    final = json.loads([line for line in shown.splitlines() if line.startswith("{")][-1])
+    assert (final["tokens_used"], final["runs"], final["status"]) == (snap.tokens, 1, "complete")
+    for name, c in snap.components.items():
+        m = final["components"][name]
+        assert (m["tokens"], m["operations"], m["errors"]) == (c.tokens, c.operations, c.errors)
