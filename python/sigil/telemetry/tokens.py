@@ -38,9 +38,10 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from sigil.core.config import DEFAULT_ALLOCATIONS, SPEC_BUDGET
+from sigil.core.events import EventLogger
 
 if TYPE_CHECKING:  # pragma: no cover
     from sigil.core.config import Settings
@@ -391,28 +392,6 @@ class TokenBudget:
                 for name, c in self.components.items()
             },
         }
-
-
-class EventLogger(Protocol):
-    """What :class:`TokenTracker` needs from a logger (``ExecutionLogger`` provides it)."""
-
-    async def log_event(
-        self,
-        event_type: str,
-        component: str,
-        message: str,
-        tokens: int = 0,
-        metadata: dict[str, Any] | None = None,
-    ) -> int: ...
-
-    def log_event_sync(
-        self,
-        event_type: str,
-        component: str,
-        message: str,
-        tokens: int = 0,
-        metadata: dict[str, Any] | None = None,
-    ) -> int: ...
 
 
 class TokenTracker:
