@@ -13,6 +13,9 @@ stand: at the top, inside a function (lazy CLI imports) or under
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,3 +163,27 @@ def test_core_bounds_are_the_native_parsers_own() -> None:
 
     assert limits.MAX_METADATA_DEPTH == _native.MAX_DEPTH
     assert limits.MAX_TOKENS == _native.MAX_TOKENS
+
+
+def test_monitor_once_and_help_start_without_asyncio(tmp_path: Path) -> None:
+    """Start-up is most of `sigil monitor --once` and `sigil --help`: neither
+    imports asyncio (about a third of a --once run on this machine) nor
+    difflib; the event loop belongs to the live paths only."""
+    home = tmp_path / "home"
+    (home / "logs" / "sessions" / "s").mkdir(parents=True)
+    (home / "logs" / "sessions" / "s" / "execution.jsonl").write_bytes(b"")
+    probe = (
+        "import sys\n"
+        "from sigil.interfaces.cli.main import main\n"
+        "sys.argv = ['sigil', *sys.argv[1:]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(sorted(m for m in ('asyncio', 'difflib') if m in sys.modules), file=sys.stderr)\n"
+    )
+    env = {**os.environ, "SIGIL_HOME": str(home)}
+    for args in (["--help"], ["monitor", "--session", "s", "--once", "--mode", "json"]):
+        argv = [sys.executable, "-c", probe, *args]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+        assert proc.stderr.strip().splitlines()[-1] == "[]", (args, proc.stderr)

@@ -752,7 +752,7 @@ def test_orchestrate_with_the_monitor_killed_and_restarted(
     monitor: Callable[..., Terminal], orchestrate: Callable[..., Orchestrator], log_path: Path
 ) -> None:
     first = monitor("--session", "orch-3")
-    orch = orchestrate("orch-3", slow=1.0)
+    orch = orchestrate("orch-3", slow=4.0)  # room for a loaded machine to restart the monitor
     first.wait_for("Planning started")
     first.proc.kill()
     first.wait()

@@ -14,7 +14,6 @@ so that ``sigil config show`` can explain why a value is what it is.
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -703,6 +702,8 @@ def _config_items(config_path: Path, text: str | None) -> list[tuple[str, Any]]:
 
 def _warn_unknown(config_path: Path, section: str | None, name: str, known: list[str]) -> None:
     prefix = f"{section}." if section else ""
+    import difflib  # only for a typo's suggestion
+
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" (did you mean {prefix}{close[0]!s}?)" if close else ""
     print(

@@ -18,7 +18,6 @@ The monitor only reads the session's log; the one file it writes is
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import os
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 if TYPE_CHECKING:
+    import asyncio
+
     from sigil.interfaces.cli.display import DisplayOptions, Renderer
     from sigil.telemetry.log_parser import (
         ComponentSnapshot,
@@ -507,6 +508,13 @@ _FIND_INTERVAL = 0.1
 _IDLE_TICK = 1.0
 
 
+def _close_model(model: SessionModel) -> None:
+    close = getattr(model.tailer, "close", None)
+    if close is not None:
+        with contextlib.suppress(Exception):
+            close()
+
+
 def _session_locked(session_dir: Path) -> bool:
     """Contract 7: is a writer holding the session's lock?"""
     from sigil.core.locks import is_session_locked
@@ -630,6 +638,8 @@ class ExecutionMonitor:
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep, but wake at once on :meth:`stop`."""
+        import asyncio
+
         assert self._stop_event is not None
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop_event.wait(), timeout=seconds)
@@ -638,6 +648,8 @@ class ExecutionMonitor:
 
     async def run(self) -> int:
         """Run until the tracked run ends, its writer is gone, or the user stops it."""
+        import asyncio
+
         from sigil.interfaces.cli.display import make_renderer
 
         loop = asyncio.get_running_loop()
@@ -668,14 +680,51 @@ class ExecutionMonitor:
         self.exit_code = code
         return code
 
+    def run_once(self) -> int:
+        """``--once`` without an event loop: catch up, show the state, return the code.
+
+        The same steps as :meth:`run` with ``once=True``, on the calling thread:
+        a one-shot reader has nothing to overlap, and not importing or starting
+        asyncio is a third of ``sigil monitor --once``'s start-up. Ctrl-C shows
+        the state so far and returns 130.
+        """
+        from sigil.interfaces.cli.display import make_renderer
+
+        self.once = True
+        self._renderer = make_renderer(
+            self.display_mode,
+            out=self._stdout or sys.stdout,
+            err=self._stderr or sys.stderr,
+            options=self._options,
+        )
+        code = EXIT_FAILED
+        try:
+            self._renderer.start(f"watching {self._target()}")
+            found = self._probe()
+            if found is None:
+                self._renderer.error(self._no_log())
+            else:
+                code = self._catch_up(found)
+        except KeyboardInterrupt:
+            code = self._finish_interrupted(EXIT_INTERRUPTED)
+        finally:
+            with contextlib.suppress(Exception):
+                self._renderer.close()
+        self.exit_code = code
+        return code
+
+    def _target(self) -> str:
+        if self.session_id:
+            return f"session {self.session_id}"
+        return f"the active session ({self.log_path / CURRENT_LINK_NAME})"
+
+    def _no_log(self) -> str:
+        what = f"session {self.session_id}" if self.session_id else "an active session"
+        return f"sigil monitor: no log for {what} under {self.log_path}"
+
     async def _run(self) -> int:
         renderer = self._require_renderer()
-        target = (
-            f"session {self.session_id}"
-            if self.session_id
-            else f"the active session ({self.log_path / CURRENT_LINK_NAME})"
-        )
-        renderer.start(f"watching {target}")
+        renderer.start(f"watching {self._target()}")
         while True:
             found = await self._locate()
             if found is None:
@@ -698,6 +747,8 @@ class ExecutionMonitor:
 
     async def _locate(self) -> str | int | None:
         """The session to track once its log exists; None if stopped first."""
+        import asyncio
+
         renderer = self._require_renderer()
         self.phase = MonitorPhase.INITIAL
         while not self._stopping:
@@ -705,8 +756,7 @@ class ExecutionMonitor:
             if found is not None:
                 return found
             if self.once:
-                what = f"session {self.session_id}" if self.session_id else "an active session"
-                renderer.error(f"sigil monitor: no log for {what} under {self.log_path}")
+                renderer.error(self._no_log())
                 return EXIT_FAILED
             if self._ended_link is not None:
                 why = (
@@ -769,34 +819,52 @@ class ExecutionMonitor:
         Returns the exit code, or None when following ``current.jsonl`` with
         ``--follow`` and the link moved to another session.
         """
+        import asyncio
+
+        session_dir = self.log_path / "sessions" / session_id
+        model, state = await asyncio.to_thread(self._open, session_id)
+        try:
+            self._show_caught_up(state)
+            if self.once:
+                return self._once(state, session_dir)
+            return await self._tail(model, state, session_dir)
+        finally:
+            _close_model(model)
+
+    def _catch_up(self, session_id: str) -> int:
+        """``--once`` on the calling thread: :meth:`_track` without the tail."""
+        model, state = self._open(session_id)
+        try:
+            self._show_caught_up(state)
+            return self._once(state, self.log_path / "sessions" / session_id)
+        finally:
+            _close_model(model)
+
+    def _open(self, session_id: str) -> tuple[SessionModel, SessionState]:
+        """Blocking: the session's model and the state of everything it holds now."""
         from sigil.core.paths import rotated_segments
         from sigil.telemetry.log_parser import SessionModel
 
-        renderer = self._require_renderer()
-        session_dir = self.log_path / "sessions" / session_id
-        model = await asyncio.to_thread(SessionModel, session_id, self.log_path, last_n=self.last_n)
+        model = SessionModel(session_id, self.log_path, last_n=self.last_n)
         try:
-            segments = await asyncio.to_thread(rotated_segments, session_dir)
-            snapshot = await asyncio.to_thread(model.update)
+            segments = rotated_segments(self.log_path / "sessions" / session_id)
             state = SessionState(
                 session_id,
                 default_budget=self.default_budget,
                 max_events=self.last_n,
-                snapshot=snapshot,
+                snapshot=model.update(),
             )
             state.rotated_segments = len(segments)
             state.note_reader_stats(model.tailer.stats(), at_catch_up=True)
-            self.state = state
-            self.phase = self._phase_of(state)
-            renderer.caught_up(state, self.phase)
-            if self.once:
-                return await self._once(state, session_dir)
-            return await self._tail(model, state, session_dir)
-        finally:
-            close = getattr(model.tailer, "close", None)
-            if close is not None:
-                with contextlib.suppress(Exception):
-                    close()
+        except BaseException:
+            _close_model(model)
+            raise
+        return model, state
+
+    def _show_caught_up(self, state: SessionState) -> None:
+        self.state = state
+        self.phase = self._phase_of(state)
+        self._require_renderer().caught_up(state, self.phase)
 
     @staticmethod
     def _phase_of(state: SessionState) -> MonitorPhase:
@@ -806,10 +874,11 @@ class ExecutionMonitor:
             return MonitorPhase.TRACKING
         return MonitorPhase.WAITING
 
-    async def _once(self, state: SessionState, session_dir: Path) -> int:
+    def _once(self, state: SessionState, session_dir: Path) -> int:
+        # One lock probe on the loop's thread: --once has nothing else to run.
         renderer = self._require_renderer()
         changed = False  # since caught_up() showed the state
-        if state.status == "running" and not await asyncio.to_thread(_session_locked, session_dir):
+        if state.status == "running" and not _session_locked(session_dir):
             state.incomplete = changed = True
         outcome = self._outcome(state)
         # A run still going (or not started) is a snapshot, not a failure.
@@ -822,6 +891,8 @@ class ExecutionMonitor:
     async def _tail(
         self, model: SessionModel, state: SessionState, session_dir: Path
     ) -> int | None:
+        import asyncio
+
         renderer = self._require_renderer()
         clock = time.monotonic
         now = clock()

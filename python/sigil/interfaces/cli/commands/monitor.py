@@ -148,8 +148,6 @@ def monitor(
     if refresh is None:
         refresh = 1.0 / float(settings.monitoring.refresh_rate_hz)
 
-    import asyncio
-
     from sigil.interfaces.cli.display import DisplayOptions
     from sigil.interfaces.cli.monitor import ExecutionMonitor
 
@@ -164,7 +162,12 @@ def monitor(
         default_budget=int(settings.token_budget.default_total),
     )
     try:
-        code = asyncio.run(runner.run())
+        if once:
+            code = runner.run_once()  # no event loop: most of --once is start-up
+        else:
+            import asyncio
+
+            code = asyncio.run(runner.run())
     except KeyboardInterrupt:  # Ctrl-C before the monitor installed its handler
         code = 130
     sys.stdout.flush()
