@@ -120,6 +120,17 @@ def test_nothing_imports_the_interfaces_but_the_entry_point() -> None:
     assert bad == []
 
 
+def test_the_package_imports_file_security_from_core_not_its_spec_alias() -> None:
+    """``sigil.telemetry.file_security`` re-exports core's module for the spec's
+    import paths (Appendix D); inside the package there is one place to import from."""
+    found = all_imports()
+    assert any(within(i.target, "sigil.core.file_security") for i in found)
+    bad = sorted(
+        f"{i.module}:{i.line}" for i in found if within(i.target, "sigil.telemetry.file_security")
+    )
+    assert bad == []
+
+
 def test_the_checker_sees_every_kind_of_import() -> None:
     """The rules above would pass on a scanner that finds nothing: show that it
     finds top-level, lazy, type-only, relative and ``from package import module``

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from sigil.telemetry.file_security import check_not_symlink, ensure_private_file
+from sigil.core.file_security import check_not_symlink, ensure_private_file
 
 __all__ = ["SEED_MEMORIES", "MemoryItem", "MemoryStore", "fts5_available", "query_terms"]
 

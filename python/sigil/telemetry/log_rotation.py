@@ -54,15 +54,15 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from sigil.core.locks import SessionBusy, SessionLock, is_session_locked
-from sigil.core.paths import LOCK_FILE_NAME, LOG_FILE_NAME, SESSION_ID_RE, segment_sort_key
-from sigil.telemetry.file_security import (
+from sigil.core.file_security import (
     FILE_MODE,
     UnsafePathError,
     check_not_symlink,
     ensure_private_dir,
     symlink_error,
 )
+from sigil.core.locks import SessionBusy, SessionLock, is_session_locked
+from sigil.core.paths import LOCK_FILE_NAME, LOG_FILE_NAME, SESSION_ID_RE, segment_sort_key
 
 if TYPE_CHECKING:
     from sigil.core.config import Settings

@@ -1091,7 +1091,7 @@ class ExecutionMonitor:
         Replaced atomically, so a symlink planted at the name is replaced rather
         than followed (it would make the monitor write its PID outside its home).
         """
-        from sigil.telemetry.file_security import write_private_atomic
+        from sigil.core.file_security import write_private_atomic
 
         try:
             self.log_path.mkdir(mode=0o700, parents=True, exist_ok=True)

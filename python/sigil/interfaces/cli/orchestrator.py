@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sigil.core.error_handling import ErrorContext, ErrorHandler, HandledError
+from sigil.core.file_security import write_private_atomic
 from sigil.core.locks import SessionLock
 from sigil.core.paths import (
     LOG_FILE_NAME,
@@ -71,7 +72,6 @@ from sigil.pipeline.base import (
     usage_of,
 )
 from sigil.telemetry.execution_logger import ExecutionLogger
-from sigil.telemetry.file_security import write_private_atomic
 from sigil.telemetry.tokens import TokenTracker
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -36,7 +36,7 @@ def _check_log_path(path: Path) -> None:
             return
         probe = probe.parent
     if probe != path and probe.is_dir():
-        from sigil.telemetry.file_security import ensure_private_dir
+        from sigil.core.file_security import ensure_private_dir
 
         try:
             ensure_private_dir(path)

@@ -331,13 +331,13 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     import asyncio
     import errno
 
+    from sigil.core.file_security import UnsafePathError
     from sigil.core.locks import SessionBusy
     from sigil.interfaces.cli.orchestrator import (
         BudgetConfigError,
         ResumeError,
         describe_write_error,
     )
-    from sigil.telemetry.file_security import UnsafePathError
 
     global _scrub
     sanitizer = orchestrator.sanitizer
