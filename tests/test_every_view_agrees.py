@@ -1,65 +1,440 @@
-"""Every view of one session agrees (issue 10, "Tests"): for a run with a failed
-step, ``sigil monitor --once --mode json``, ``sigil sessions --json``,
-``tokens.json``, ``metrics.json``, the native fold and the pure-Python
-reference fold report the same tokens, runs, per-component counts and status.
+"""Every view of one session agrees (issue 10, "Tests").
 
-Partial: the interrupted, resumed and ExecutionLogger sessions and the OTLP view
-are not covered yet (deadline)."""
+For each kind of session a user can end up with -- a failed optional or
+required step, a run stopped by SIGINT or SIGTERM, a stopped run resumed (once
+or after a second stop), a writer killed with SIGKILL and resumed, a second run
+on the same session, an exceeded budget, a session written with the README's
+Python API (plain, ``with`` and ``async with .session()``, while its writer is
+open and after it closed) -- every view reports the same tokens, runs,
+per-component operations and errors, and status:
+
+* ``sigil monitor --once`` in ``json`` mode (its final object and exit code),
+  and the final summary of the ``stream``, ``minimal`` and ``dashboard`` modes
+  (the dashboard on a real pseudo-terminal);
+* ``sigil sessions --json``;
+* ``tokens.json`` and ``metrics.json`` (written by ``sigil orchestrate``);
+* the OTLP spans ``sigil export`` sends to a receiver on 127.0.0.1;
+* the native fold (``snapshot_session`` and ``fold_file_snapshot``) and the
+  pure-Python reference fold (``tests/session_reference.py``);
+* and ``sigil monitor --follow --mode json`` while runs come and go.
+
+Everything is a real process on the offline provider: no mocks.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from conftest import run_cli
+import pytest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from conftest import SIGIL, isolated_env, run_cli, wait_for
 from session_reference import fold_reference
 from sigil._native import fold_file_snapshot
-from sigil.telemetry.log_parser import snapshot_session
+from sigil.core.locks import is_session_locked
+from sigil.telemetry.log_parser import SessionSnapshot, snapshot_session
+from terminal import Terminal
+from test_otlp_export import HttpReceiver, attrs
 
-FAILING = (
-    "errors:\n  max_retries: 1\n  backoff_base: 0.001\n  backoff_max: 0.01\n"
-    "pipeline:\n  steps:\n    memory: orchestrate_steps:FailingMemory\n"
+pytestmark = pytest.mark.slow
+
+TASK = "Analyze Acme Corp"
+STEPS = ["routing", "memory", "planning", "reasoning", "contracts", "validation"]
+FAST = "errors:\n  max_retries: 1\n  backoff_base: 0.001\n  backoff_max: 0.01\n"
+FAILING_MEMORY = FAST + "pipeline:\n  steps:\n    memory: orchestrate_steps:FailingMemory\n"
+FAILING_REASONING = FAST + "pipeline:\n  steps:\n    reasoning: orchestrate_steps:FailingReasoning\n"
+SLOW_PLANNING = (
+    "errors:\n  max_retries: 0\npipeline:\n  steps:\n    planning: orchestrate_steps:SlowPlanning\n"
+)
+#: The exit code ``sigil monitor`` gives a run of each final status.
+MONITOR_CODE = {"complete": 0, "error": 1, "budget_exceeded": 3, "interrupted": 130}
+TITLES = {
+    "complete": "EXECUTION COMPLETE",
+    "error": "EXECUTION FAILED",
+    "budget_exceeded": "BUDGET EXCEEDED",
+    "interrupted": "RUN INTERRUPTED",
+    "incomplete": "SESSION INCOMPLETE",
+    "snapshot": "SESSION RUNNING",
+    "waiting": "WAITING FOR START",
+}
+#: The summaries' ``Status:`` word where it is not the status in capitals.
+STATUS_WORDS = {"waiting": "WAITING FOR START", "budget_exceeded": "BUDGET EXCEEDED"}
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[HttpReceiver]:
+    r = HttpReceiver()
+    yield r
+    r.close()
+
+
+# -- running things -------------------------------------------------------------------------
+
+
+def session_dir(home: Path, sid: str) -> Path:
+    return home / "logs" / "sessions" / sid
+
+
+def log_events(home: Path, sid: str) -> list[dict[str, Any]]:
+    text = (session_dir(home, sid) / "execution.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def orchestrate(
+    home: Path, sid: str, *args: str, config: str | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
+    (home / "config.yaml").write_text(config or "")
+    argv = ["orchestrate", "--session", sid, *args]
+    if "--resume" not in args:
+        argv += ["--task", TASK]
+    return run_cli(home, *argv, **env)
+
+
+def start_slow_run(home: Path, sid: str, *args: str) -> subprocess.Popen[str]:
+    """``sigil orchestrate`` whose planning step sleeps 60 s; returned once it sleeps."""
+    (home / "config.yaml").write_text(SLOW_PLANNING)
+    argv = [*SIGIL, "orchestrate", "--session", sid, *args]
+    if "--resume" not in args:
+        argv += ["--task", TASK]
+    log = session_dir(home, sid) / "execution.jsonl"
+    planning = '"step_start","component":"planning"'
+    before = log.read_text().count(planning) if log.exists() else 0
+    proc = subprocess.Popen(
+        argv,
+        env=isolated_env(home, SIGIL_TEST_SLOW_SECONDS="60"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def sleeping() -> bool:
+        if proc.poll() is not None:
+            pytest.fail(f"orchestrate exited early: {proc.communicate()}")
+        return log.exists() and log.read_text().count(planning) > before
+
+    wait_for("the planning step", sleeping, timeout=30)
+    return proc
+
+
+def stop(proc: subprocess.Popen[str], signum: int) -> int:
+    proc.send_signal(signum)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"still running 30 s after signal {signum}: {proc.communicate()}")
+    assert "Traceback" not in err, err
+    return proc.returncode
+
+
+# -- reading every view ---------------------------------------------------------------------
+
+
+@dataclass
+class Views:
+    """Every view of one session, read at one moment."""
+
+    sid: str
+    log: list[dict[str, Any]]
+    snap: SessionSnapshot
+    native: Any  # the native fold of the log file alone
+    reference: dict[str, Any]
+    json_final: dict[str, Any]
+    json_code: int
+    summaries: dict[str, tuple[str, int]]  # mode -> (output, exit code)
+    row: dict[str, Any]
+    tokens: dict[str, Any] | None
+    metrics: dict[str, Any] | None
+    spans: list[Span]
+
+
+def _monitor(home: Path, sid: str, mode: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*SIGIL, "monitor", "--session", sid, "--once", "--mode", mode],
+        env=isolated_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _dashboard(home: Path, sid: str) -> tuple[str, int]:
+    term = Terminal(
+        [*SIGIL, "monitor", "--session", sid, "--once"],
+        env=isolated_env(home, TERM="xterm-256color"),
+        cols=100,
+        rows=60,
+    )
+    try:
+        code = term.wait(60)
+        return term.text(), code
+    finally:
+        term.close()
+
+
+def read_views(home: Path, sid: str, receiver: HttpReceiver) -> Views:
+    """Every view, the CLI ones as concurrent processes (the machine is slow)."""
+    before = len(receiver.got.requests)
+    procs = {mode: _monitor(home, sid, mode) for mode in ("json", "stream", "minimal")}
+    listing = subprocess.Popen(
+        [*SIGIL, "sessions", "--json"],
+        env=isolated_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    exporting = subprocess.Popen(
+        [*SIGIL, "export", "--session", sid, "--endpoint", receiver.url],
+        env=isolated_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    dashboard = _dashboard(home, sid)
+    outputs = {mode: p.communicate(timeout=60) for mode, p in procs.items()}
+    listed, listing_err = listing.communicate(timeout=60)
+    assert listing.returncode == 0, listing_err
+    _, export_err = exporting.communicate(timeout=60)
+    assert exporting.returncode == 0, export_err
+
+    out, err = outputs["json"]
+    assert "Traceback" not in err, err
+    finals = [json.loads(line) for line in out.splitlines() if '"type":"final"' in line]
+    assert len(finals) == 1, out
+    summaries = {mode: (outputs[mode][0], procs[mode].returncode) for mode in ("stream", "minimal")}
+    summaries["dashboard"] = dashboard
+    (row,) = [r for r in json.loads(listed) if r["session_id"] == sid]
+
+    directory = session_dir(home, sid)
+    log = directory / "execution.jsonl"
+    ledger = directory / "tokens.json"
+    metrics = directory / "metrics.json"
+    with receiver.got.lock:
+        requests = receiver.got.requests[before:]
+    spans = [s for r in requests for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    return Views(
+        sid=sid,
+        log=log_events(home, sid),
+        snap=snapshot_session(sid, home / "logs"),
+        native=fold_file_snapshot(log),
+        reference=fold_reference(log.read_bytes()),
+        json_final=finals[0],
+        json_code=procs["json"].returncode,
+        summaries=summaries,
+        row=row,
+        tokens=json.loads(ledger.read_text()) if ledger.exists() else None,
+        metrics=json.loads(metrics.read_text()) if metrics.exists() else None,
+        spans=spans,
+    )
+
+
+def summary_field(text: str, label: str) -> str:
+    """The value of ``Label:`` in the last final summary of a view's output."""
+    found = re.findall(rf"^{label}:\s+(.*?)\s*$", text, flags=re.M)
+    assert found, f"no {label!r} line in:\n{text}"
+    return str(found[-1])
+
+
+def check(
+    v: Views,
+    *,
+    status: str,
+    shown: str | None = None,
+    outcome: str | None = None,
+    runs: int,
+    code: int | None = None,
+) -> None:
+    """Every view of ``v`` agrees with the native model, and the model says ``status``.
+
+    ``shown`` is the status the monitor and ``sigil sessions`` show when the
+    reader knows more than the log (the writer is gone: ``incomplete``; it is
+    there: ``running``); ``outcome`` and ``code`` what the monitor concludes.
+    """
+    snap, native, ref = v.snap, v.native, v.reference
+    shown = shown or status
+    outcome = outcome or status
+    code = MONITOR_CODE.get(outcome, 1) if code is None else code
+    log_tokens = sum(e["tokens"] for e in v.log)
+
+    # The folds: the session model, the native fold of the file, the reference.
+    assert snap.status == native.status == ref["status"] == status
+    assert snap.tokens == native.tokens == ref["tokens"] == log_tokens
+    assert snap.entries == native.entries == ref["entries"] == len(v.log)
+    model_runs = [(r.number, r.status, r.tokens) for r in snap.runs]
+    assert model_runs == [(r.number, r.status, r.tokens) for r in native.runs]
+    assert model_runs == [(r["number"], r["status"], r["tokens"]) for r in ref["runs"]]
+    assert len(model_runs) == snap.run_count == runs
+    per_component = {
+        name: (c.tokens, c.operations, c.errors, c.retries) for name, c in snap.components.items()
+    }
+    assert per_component == {
+        name: (c.tokens, c.operations, c.errors, c.retries)
+        for name, c in native.components.items()
+    }
+    assert per_component == {
+        name: (c["tokens"], c["operations"], c["errors"], c["retries"])
+        for name, c in ref["components"].items()
+    }
+
+    # sigil monitor --once --mode json: the final object and the exit code.
+    final = v.json_final
+    assert (final["tokens_used"], final["runs"], final["status"]) == (snap.tokens, runs, shown)
+    assert final["outcome"] == outcome
+    assert v.json_code == code, final
+    assert final["events"] == snap.entries
+    assert final["reason"] == snap.reason
+    assert (final["run"]["number"], final["run"]["status"], final["run"]["tokens_used"]) == (
+        snap.run.number,
+        snap.run.status,
+        snap.run.tokens,
+    )
+    assert {n: (c["tokens"], c["operations"], c["errors"], c["retries"])
+            for n, c in final["components"].items()} == per_component  # fmt: skip
+
+    # The other modes' final summaries (the dashboard's on a real terminal).
+    title = TITLES.get(outcome, outcome.upper())
+    for mode, (text, mode_code) in v.summaries.items():
+        assert mode_code == code, (mode, text)
+        assert title in text, (mode, text)
+        assert summary_field(text, "Status") == STATUS_WORDS.get(shown, shown.upper()), (mode, text)
+        used = summary_field(text, "Tokens").split(" / ")[0]
+        assert used == f"{snap.tokens:,}", (mode, text)
+        assert summary_field(text, "Events") == f"{snap.entries:,}", (mode, text)
+        if outcome == "interrupted":
+            assert "FAILED" not in text, (mode, text)
+            assert f"sigil orchestrate --session {v.sid} --resume" in text, (mode, text)
+    minimal = v.summaries["minimal"][0].splitlines()[0]
+    assert minimal.startswith(f"Tokens: {snap.tokens:,} / "), minimal
+    assert minimal.endswith(" " + shown.replace("_", " ")), minimal
+
+    # sigil sessions --json.
+    row = v.row
+    assert (row["tokens_used"], row["runs"], row["status"]) == (snap.tokens, runs, shown)
+    assert [(r["run"], r["status"], r["tokens_used"]) for r in row["run_details"]] == model_runs
+
+    # tokens.json and metrics.json (sigil orchestrate's; a Python-API session has none).
+    if v.tokens is not None:
+        assert v.metrics is not None
+        assert v.tokens["total_used"] == snap.tokens
+        assert v.tokens["status"] == v.metrics["status"] == snap.status
+        assert [(r["run"], r["status"], r["tokens_used"]) for r in v.tokens["runs"]] == model_runs
+        for name, c in snap.components.items():
+            if name == "orchestrator":
+                continue
+            m = v.metrics["components"][name]
+            assert (m["operations"], m["errors"]) == (c.operations, c.errors), name
+            assert m["average_latency_ms"] == pytest.approx(c.average_latency_ms), name
+
+    # The OTLP spans: one trace per run, the tokens of the session, the runs' statuses.
+    assert sum(attrs(s.attributes)["sigil.tokens"] for s in v.spans) == snap.tokens
+    roots = sorted((s for s in v.spans if not s.parent_span_id), key=lambda s: s.start_time_unix_nano)
+    if snap.run_count:
+        assert [(attrs(s.attributes)["sigil.run"], attrs(s.attributes)["sigil.run.status"])
+                for s in roots] == [(n, st) for n, st, _ in model_runs]  # fmt: skip
+    failed = [s for s in v.spans if s.parent_span_id and s.status.code == Status.STATUS_CODE_ERROR]
+    ok = [s for s in v.spans if s.parent_span_id and s.status.code != Status.STATUS_CODE_ERROR]
+    for name, c in snap.components.items():
+        if name == "orchestrator":
+            continue
+        spans_ok = sum(s.name == f"invoke_agent {name}" for s in ok)
+        spans_failed = sum(s.name == f"invoke_agent {name}" for s in failed)
+        assert (spans_ok, spans_failed) == (c.operations, c.errors + c.retries), name
+
+
+# -- the README's Python API ---------------------------------------------------------------
+
+#: A child process that writes a session with the README's Python API and holds the
+#: writer open until a line arrives on its stdin. argv: session ID, style.
+WRITER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from sigil.telemetry.execution_logger import ExecutionLogger
+
+    sid, style = sys.argv[1:3]
+    EVENTS = [
+        ("step_complete", "routing", "Intent classified", 50,
+         {"intent": "lead_analysis", "latency_ms": 12.5}),
+        ("step_complete", "memory", "Context loaded", 150, {"latency_ms": 40.0}),
+        ("step_error", "planning", "Planner failed", 20,
+         {"error": "no plan", "error_type": "StepError", "attempt": 1}),
+        ("token_consumption", "reasoning", "Model call", 300, {"model": "m"}),
+    ]
+
+    def hold():
+        print("open", flush=True)
+        sys.stdin.readline()
+
+    if style == "plain":
+        logger = ExecutionLogger(session_id=sid)
+        for e in EVENTS:
+            logger.log_event_sync(*e)
+        logger.flush_sync()
+        hold()
+        logger.close_sync()
+    elif style == "with":
+        with ExecutionLogger(session_id=sid) as logger:
+            for e in EVENTS:
+                logger.log_event_sync(*e)
+            logger.flush_sync()
+            hold()
+    else:
+        async def main():
+            async with ExecutionLogger(session_id=sid).session() as logger:
+                for kind, component, message, tokens, meta in EVENTS:
+                    await logger.log_event(event_type=kind, component=component,
+                                           message=message, tokens=tokens, metadata=meta)
+                await logger.flush()
+                await asyncio.to_thread(hold)
+        asyncio.run(main())
+    print("closed", flush=True)
+    """
 )
 
 
-def test_a_run_with_a_failed_step_agrees_everywhere(tmp_path: Path) -> None:
+@pytest.mark.parametrize("style", ["plain", "with", "async"])
+def test_a_python_api_session_agrees_while_open_and_after_close(
+    tmp_path: Path, receiver: HttpReceiver, style: str
+) -> None:
     home = tmp_path / "home"
     home.mkdir()
-    (home / "config.yaml").write_text(FAILING)
-    proc = run_cli(home, "orchestrate", "--task", "Analyze Acme", "--session", "f", "--json")
-    assert proc.returncode == 0, proc.stderr
-    session = home / "logs" / "sessions" / "f"
-    log = session / "execution.jsonl"
-    snap = snapshot_session("f", home / "logs")
-    native = fold_file_snapshot(log)
-    reference = fold_reference(log.read_bytes())
-    tokens = json.loads((session / "tokens.json").read_text())
-    metrics = json.loads((session / "metrics.json").read_text())
-
-    assert snap.tokens == native.tokens == tokens["total_used"] > 0
-    assert reference["tokens"] == snap.tokens
-    assert [(r.number, r.status) for r in native.runs] == [(r.number, r.status) for r in snap.runs]
-    assert [(r["run"], r["status"], r["tokens_used"]) for r in tokens["runs"]] == [
-        (r.number, r.status, r.tokens) for r in snap.runs
-    ]
-    assert len(snap.runs) == 1
-    for name, c in snap.components.items():
-        n = native.components[name]
-        assert (n.operations, n.errors) == (c.operations, c.errors), name
-        if name != "orchestrator":
-            m = metrics["components"][name]
-            assert (m["operations"], m["errors"]) == (c.operations, c.errors), name
-    assert snap.components["memory"].errors > 0
-
-    listed = json.loads(run_cli(home, "sessions", "--json").stdout)
-    (row,) = [r for r in listed if r["session_id"] == "f"]
-    assert (row["tokens_used"], row["runs"], row["status"]) == (snap.tokens, 1, "complete")
-    assert [(r["run"], r["status"], r["tokens_used"]) for r in row["run_details"]] == [
-        (r.number, r.status, r.tokens) for r in snap.runs
-    ]
-    shown = run_cli(home, "monitor", "--session", "f", "--once", "--mode", "json").stdout
-    final = json.loads([line for line in shown.splitlines() if line.startswith("{")][-1])
-    assert (final["tokens_used"], final["runs"], final["status"]) == (snap.tokens, 1, "complete")
-    for name, c in snap.components.items():
-        m = final["components"][name]
-        assert (m["tokens"], m["operations"], m["errors"]) == (c.tokens, c.operations, c.errors)
+    sid = f"api-{style}"
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, sid, style],
+        env=isolated_env(home),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdin is not None
+        assert writer.stdout.readline() == "open\n", writer.communicate()
+        assert is_session_locked(session_dir(home, sid))
+        # The writer is open and quiet: live, not incomplete, and not waiting either
+        # (it has written events; it will never write a session_start).
+        live = read_views(home, sid, receiver)
+        check(live, status="waiting", shown="running", outcome="snapshot", runs=0, code=0)
+        writer.stdin.write("\n")
+        writer.stdin.flush()
+        out, err = writer.communicate(timeout=30)
+        assert writer.returncode == 0 and out == "closed\n", err
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert not is_session_locked(session_dir(home, sid))
+    closed = read_views(home, sid, receiver)
+    check(closed, status="waiting", runs=0, code=0)
+    assert closed.snap.tokens == live.snap.tokens == 520
+    assert closed.tokens is None  # ExecutionLogger writes the log only

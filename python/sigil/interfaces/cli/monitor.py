@@ -150,8 +150,9 @@ class SessionState:
     monitor feeds as the tailer delivers lines; nothing here adds anything up.
     Besides it the state keeps the recent events and warning messages shown,
     what happened to the files (rotations, truncations: the tailer's, not the
-    events'), and ``incomplete``, which the monitor sets when the writer is gone
-    without a final event.
+    events'), ``incomplete``, which the monitor sets when the writer is gone
+    without a final event, and ``locked``, whether a writer held the session's
+    lock when the monitor last looked (contract 7).
     """
 
     __slots__ = (
@@ -162,6 +163,7 @@ class SessionState:
         "default_budget",
         "events",
         "incomplete",
+        "locked",
         "max_events",
         "reader_base",
         "rereads",
@@ -190,6 +192,7 @@ class SessionState:
         self.snap: SessionSnapshot = snapshot if snapshot is not None else _empty_snapshot()
         self._take_parts()
         self.incomplete = False
+        self.locked = False
         self.rotations = 0
         self.truncations = 0
         self.rereads = 0
@@ -391,9 +394,15 @@ class SessionState:
 
     @property
     def display_status(self) -> str:
-        """The status to show: the model's, or ``incomplete`` when the writer is gone."""
+        """The status to show: the model's, ``incomplete`` when the writer is gone,
+        or ``running`` for a session a live writer is writing without a run (the
+        README's Python API writes no ``session_start``): it holds the lock and
+        has written events, so it is neither waiting nor gone (contract 7), as
+        ``sigil sessions`` says too."""
         if self.incomplete and not self.ended:
             return "incomplete"
+        if self.status == "waiting" and self.locked and self.entries:
+            return "running"
         return self.status
 
     @property
@@ -826,7 +835,7 @@ class ExecutionMonitor:
         try:
             self._show_caught_up(state)
             if self.once:
-                return self._once(state, session_dir)
+                return self._once(state)
             return await self._tail(model, state, session_dir)
         finally:
             _close_model(model)
@@ -836,7 +845,7 @@ class ExecutionMonitor:
         model, state = self._open(session_id)
         try:
             self._show_caught_up(state)
-            return self._once(state, self.log_path / "sessions" / session_id)
+            return self._once(state)
         finally:
             _close_model(model)
 
@@ -856,6 +865,7 @@ class ExecutionMonitor:
             )
             state.rotated_segments = len(segments)
             state.note_reader_stats(model.tailer.stats(), at_catch_up=True)
+            state.locked = _session_locked(self.log_path / "sessions" / session_id)
         except BaseException:
             _close_model(model)
             raise
@@ -874,11 +884,12 @@ class ExecutionMonitor:
             return MonitorPhase.TRACKING
         return MonitorPhase.WAITING
 
-    def _once(self, state: SessionState, session_dir: Path) -> int:
-        # One lock probe on the loop's thread: --once has nothing else to run.
+    def _once(self, state: SessionState) -> int:
+        # The lock was probed once, with the catch-up (_open): --once has nothing
+        # else to run, and every view of this state reads the same answer.
         renderer = self._require_renderer()
         changed = False  # since caught_up() showed the state
-        if state.status == "running" and not _session_locked(session_dir):
+        if state.status == "running" and not state.locked:
             state.incomplete = changed = True
         outcome = self._outcome(state)
         # A run still going (or not started) is a snapshot, not a failure.
@@ -942,9 +953,14 @@ class ExecutionMonitor:
                     moved = await asyncio.to_thread(self._probe)
                     if isinstance(moved, str) and moved != state.session_id:
                         return None
+                locked = await asyncio.to_thread(_session_locked, session_dir)
+                if locked != state.locked:
+                    # A writer came or went: a session written without a run
+                    # (no session_start) shows as running only while it is held.
+                    state.locked = locked
+                    dirty = True
                 if self.phase is not MonitorPhase.TRACKING:
                     continue
-                locked = await asyncio.to_thread(_session_locked, session_dir)
                 if locked:
                     lock_free_since = None
                     continue
@@ -1036,7 +1052,7 @@ class ExecutionMonitor:
             return status
         if state.incomplete:
             return "incomplete"
-        return state.status
+        return state.display_status
 
     @staticmethod
     def _code_for(outcome: str) -> int:
