@@ -872,6 +872,11 @@ class ExecutionMonitor:
         return model, state
 
     def _show_caught_up(self, state: SessionState) -> None:
+        if self.once and state.status == "running" and not state.locked:
+            # --once decides now, from the lock probed with the catch-up: its
+            # writer is gone, and no line it prints says "running" (the tail
+            # waits out a grace period instead, as a writer may be starting).
+            state.incomplete = True
         self.state = state
         self.phase = self._phase_of(state)
         self._require_renderer().caught_up(state, self.phase)
@@ -885,17 +890,15 @@ class ExecutionMonitor:
         return MonitorPhase.WAITING
 
     def _once(self, state: SessionState) -> int:
-        # The lock was probed once, with the catch-up (_open): --once has nothing
-        # else to run, and every view of this state reads the same answer.
+        # The lock was probed once, with the catch-up (_open), and the writer
+        # declared gone when shown (_show_caught_up): every line printed of this
+        # state reads the same answer.
         renderer = self._require_renderer()
-        changed = False  # since caught_up() showed the state
-        if state.status == "running" and not state.locked:
-            state.incomplete = changed = True
         outcome = self._outcome(state)
         # A run still going (or not started) is a snapshot, not a failure.
         ended = outcome in FINAL_STATUSES or outcome in ("incomplete", "incomplete_data")
         code = self._code_for(outcome) if ended else EXIT_OK
-        renderer.refresh(state, self.phase, changed)
+        renderer.refresh(state, self.phase, False)
         renderer.finish(state, self.phase, "snapshot" if outcome == "running" else outcome, code)
         return code
 
