@@ -23,8 +23,8 @@ Everything is a real process on the offline provider: no mocks.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
 import signal
 import subprocess
@@ -43,6 +43,7 @@ from conftest import SIGIL, isolated_env, run_cli, wait_for
 from session_reference import fold_reference
 from sigil._native import fold_file_snapshot
 from sigil.core.locks import is_session_locked
+from sigil.interfaces.cli.monitor import ExecutionMonitor
 from sigil.telemetry.log_parser import SessionSnapshot, snapshot_session
 from terminal import Terminal
 from test_otlp_export import HttpReceiver, attrs
@@ -175,6 +176,18 @@ def _monitor(home: Path, sid: str, mode: str) -> subprocess.Popen[str]:
     )
 
 
+def _summary(home: Path, sid: str, mode: str) -> tuple[str, int]:
+    """``sigil monitor --once --mode MODE``'s output and code, in this process (the
+    same code as the command's, without paying for another interpreter)."""
+    out, err = io.StringIO(), io.StringIO()
+    monitor = ExecutionMonitor(
+        sid, home / "logs", mode, once=True, stdout=out, stderr=err
+    )
+    code = monitor.run_once()
+    assert "Traceback" not in err.getvalue(), err.getvalue()
+    return out.getvalue(), code
+
+
 def _dashboard(home: Path, sid: str) -> tuple[str, int]:
     term = Terminal(
         [*SIGIL, "monitor", "--session", sid, "--once"],
@@ -192,7 +205,7 @@ def _dashboard(home: Path, sid: str) -> tuple[str, int]:
 def read_views(home: Path, sid: str, receiver: HttpReceiver) -> Views:
     """Every view, the CLI ones as concurrent processes (the machine is slow)."""
     before = len(receiver.got.requests)
-    procs = {mode: _monitor(home, sid, mode) for mode in ("json", "stream", "minimal")}
+    monitor = _monitor(home, sid, "json")
     listing = subprocess.Popen(
         [*SIGIL, "sessions", "--json"],
         env=isolated_env(home),
@@ -207,20 +220,18 @@ def read_views(home: Path, sid: str, receiver: HttpReceiver) -> Views:
         stderr=subprocess.PIPE,
         text=True,
     )
-    dashboard = _dashboard(home, sid)
-    outputs = {mode: p.communicate(timeout=60) for mode, p in procs.items()}
+    summaries = {mode: _summary(home, sid, mode) for mode in ("stream", "minimal")}
+    summaries["dashboard"] = _dashboard(home, sid)
+    out, err = monitor.communicate(timeout=60)
     listed, listing_err = listing.communicate(timeout=60)
     assert listing.returncode == 0, listing_err
     _, export_err = exporting.communicate(timeout=60)
     assert exporting.returncode == 0, export_err
 
-    out, err = outputs["json"]
     assert "Traceback" not in err, err
     objects = [json.loads(line) for line in out.splitlines()]
     finals = [obj for obj in objects if obj["type"] == "final"]
     assert len(finals) == 1 and finals[0] is objects[-1], out
-    summaries = {mode: (outputs[mode][0], procs[mode].returncode) for mode in ("stream", "minimal")}
-    summaries["dashboard"] = dashboard
     (row,) = [r for r in json.loads(listed) if r["session_id"] == sid]
 
     directory = session_dir(home, sid)
@@ -238,7 +249,7 @@ def read_views(home: Path, sid: str, receiver: HttpReceiver) -> Views:
         reference=fold_reference(log.read_bytes()),
         json_lines=objects,
         json_final=finals[0],
-        json_code=procs["json"].returncode,
+        json_code=monitor.returncode,
         summaries=summaries,
         row=row,
         tokens=json.loads(ledger.read_text()) if ledger.exists() else None,
@@ -513,6 +524,8 @@ def test_an_interrupted_run_then_its_resume_agree_everywhere(
     assert stop(start_slow_run(home, sid), signum) == code
     stopped = read_views(home, sid, receiver)
     check(stopped, status="interrupted", runs=1)
+    if signum == signal.SIGTERM:
+        return  # resumed the same way as after SIGINT (and twice, below)
 
     resumed = orchestrate(home, sid, "--resume", SIGIL_TEST_SLOW_SECONDS="0")
     assert resumed.returncode == 0, resumed.stderr
@@ -571,3 +584,69 @@ def test_an_exceeded_budget_agrees_everywhere(home: Path, receiver: HttpReceiver
     v = read_views(home, "budget", receiver)
     check(v, status="budget_exceeded", runs=1)
     assert v.snap.tokens > 0 and v.snap.budget == 300
+
+
+def test_monitor_follow_json_agrees_run_by_run(home: Path, receiver: HttpReceiver) -> None:
+    """``sigil monitor --follow --mode json`` watching two runs come and go says, at
+    the end of each, what ``tokens.json`` and every other view say of it."""
+    sid = "follow"
+    monitor = subprocess.Popen(
+        [*SIGIL, "monitor", "--session", sid, "--follow", "--mode", "json"],
+        env=isolated_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    objects: list[dict[str, Any]] = []
+
+    def read() -> None:
+        assert monitor.stdout is not None
+        for line in monitor.stdout:
+            objects.append(json.loads(line))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def finals(n: int) -> list[dict[str, Any]] | None:
+        if monitor.poll() is not None:
+            pytest.fail(f"the monitor exited: {monitor.returncode} {monitor.stderr}")
+        found = [o for o in objects if o["type"] == "final"]
+        return found if len(found) >= n else None
+
+    try:
+        assert orchestrate(home, sid).returncode == 0
+        wait_for("the first run's summary", lambda: finals(1), timeout=30)
+        first = json.loads((session_dir(home, sid) / "tokens.json").read_text())
+        assert orchestrate(home, sid, config=FAILING_REASONING).returncode == 1
+        wait_for("the second run's summary", lambda: finals(2), timeout=30)
+        monitor.send_signal(signal.SIGINT)
+        _, err = monitor.communicate(timeout=30)
+    finally:
+        if monitor.poll() is None:
+            monitor.kill()
+            monitor.wait()
+    reader.join(10)
+    assert monitor.returncode == 130, err
+    assert "Traceback" not in err, err
+
+    v = read_views(home, sid, receiver)
+    check(v, status="error", runs=2)
+    ended = [o for o in objects if o["type"] == "final"]
+    assert [(o["outcome"], o["exit_code"], o["runs"]) for o in ended] == [
+        ("complete", 0, 1),
+        ("error", 1, 2),
+        ("stopped", 130, 2),
+    ]
+    one, two, stopped = ended
+    assert one["tokens_used"] == first["total_used"] == v.snap.runs[0].tokens
+    assert (one["status"], one["run"]["tokens_used"]) == ("complete", first["runs"][0]["tokens_used"])
+    for final in (two, stopped):
+        assert (final["tokens_used"], final["status"], final["reason"]) == (
+            v.snap.tokens,
+            "error",
+            v.snap.reason,
+        )
+        assert final["components"] == v.json_final["components"]
+        assert final["run"] == v.json_final["run"]
+    used = [o["tokens_used"] for o in objects]
+    assert used == sorted(used) and used[-1] == v.snap.tokens
