@@ -43,7 +43,7 @@ from conftest import SIGIL, isolated_env, run_cli, wait_for
 from session_reference import fold_reference
 from sigil._native import fold_file_snapshot
 from sigil.core.locks import is_session_locked
-from sigil.interfaces.cli.monitor import ExecutionMonitor
+from sigil.interfaces.cli.monitor import ExecutionMonitor, SessionState
 from sigil.telemetry.log_parser import SessionSnapshot, snapshot_session
 from terminal import Terminal
 from test_otlp_export import HttpReceiver, attrs
@@ -335,6 +335,31 @@ def check(
         if outcome == "interrupted":
             assert "FAILED" not in text, (mode, text)
             assert f"sigil orchestrate --session {v.sid} --resume" in text, (mode, text)
+    # The summary's component lines: tokens, and failed steps when there were any.
+    listed = {
+        name: (int(tokens.replace(",", "")), int(errors.replace(",", "") or 0))
+        for name, tokens, errors in re.findall(
+            r"^  (\S+)\s+([\d,]+) tok(?: \S+/op)?(?: ([\d,]+) err)?$",
+            v.summaries["stream"][0],
+            flags=re.M,
+        )
+    }
+    assert listed == {
+        name: (c.tokens, c.errors)
+        for name, c in snap.components.items()
+        if c.tokens or c.operations or c.errors
+    }
+    for mode, (text, _) in v.summaries.items():
+        assert text.count("tok") >= len(listed), mode
+    # The dashboard's frame (above its summary): status, tokens, per component, events.
+    frame = v.summaries["dashboard"][0].split("=" * 60)[0]
+    word = STATUS_WORDS.get(shown, shown.upper())
+    assert re.search(rf"^Status  {word}(  |$)", frame, flags=re.M), frame
+    assert re.search(rf"^Tokens  {snap.tokens:,} / ", frame, flags=re.M), frame
+    assert re.search(rf"^Log     {snap.entries:,} events ", frame, flags=re.M), frame
+    for name, c in snap.components.items():
+        if name in STEPS:
+            assert re.search(rf"^{name} +{c.tokens:,} / ", frame, flags=re.M), (name, frame)
     minimal = v.summaries["minimal"][0].split("=" * 10)[0].splitlines()
     assert minimal, v.summaries["minimal"]
     for line in minimal:
@@ -344,6 +369,9 @@ def check(
     # sigil sessions --json.
     row = v.row
     assert (row["tokens_used"], row["runs"], row["status"]) == (snap.tokens, runs, shown)
+    assert row["budget"] == snap.budget
+    # The monitor shows a session that declares no budget against the configured one.
+    assert final["budget"] == (256_000 if snap.budget is None else snap.budget)
     assert [(r["run"], r["status"], r["tokens_used"]) for r in row["run_details"]] == model_runs
 
     # tokens.json and metrics.json (sigil orchestrate's; a Python-API session has none).
@@ -352,11 +380,36 @@ def check(
         assert v.tokens["total_used"] == snap.tokens
         assert v.tokens["status"] == v.metrics["status"] == snap.status
         assert [(r["run"], r["status"], r["tokens_used"]) for r in v.tokens["runs"]] == model_runs
+        assert v.tokens["total_budget"] == snap.budget
+        model_run_rows = [
+            (r.number, r.status, r.started_at, r.ended_at, r.tokens, r.steps_completed,
+             r.steps_failed)
+            for r in snap.runs
+        ]  # fmt: skip
+        for doc in (v.tokens, v.metrics):
+            assert [
+                (r["run"], r["status"], r["started_at"], r["ended_at"], r["tokens_used"],
+                 r["steps_completed"], r["steps_failed"])
+                for r in doc["runs"]
+            ] == model_run_rows  # fmt: skip
+        assert (v.metrics["steps_completed"], v.metrics["steps_failed"]) == (
+            sum(r.steps_completed for r in snap.runs),
+            sum(r.steps_failed for r in snap.runs),
+        )
+        state = SessionState(v.sid, snapshot=snap)
+        assert v.metrics["slowest_component"] == state.slowest_component
         for name, c in snap.components.items():
             if name == "orchestrator":
                 continue
             m = v.metrics["components"][name]
-            assert (m["operations"], m["errors"]) == (c.operations, c.errors), name
+            assert (m["operations"], m["errors"], m["retries"]) == (
+                c.operations,
+                c.errors,
+                c.retries,
+            ), name
+            shown_c = final["components"][name]
+            assert m["average_latency_ms"] == shown_c["avg_latency_ms"], name
+            assert m["p95_latency_ms"] == shown_c["p95_latency_ms"], name
             # metrics.json rounds to the microsecond
             assert m["average_latency_ms"] == pytest.approx(c.average_latency_ms, abs=1e-3), name
 
