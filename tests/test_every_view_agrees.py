@@ -33,6 +33,7 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -373,6 +374,14 @@ def check(
     # The monitor shows a session that declares no budget against the configured one.
     assert final["budget"] == (256_000 if snap.budget is None else snap.budget)
     assert [(r["run"], r["status"], r["tokens_used"]) for r in row["run_details"]] == model_runs
+    assert [(r["started_at"], r["ended_at"]) for r in row["run_details"]] == [
+        (r.started_at, r.ended_at) for r in snap.runs
+    ]
+    started = snap.runs[0].started_at if snap.runs else snap.first_timestamp
+    assert row["started_at"] == started
+    if shown != "running":  # a live session's duration runs to now
+        span = datetime.fromisoformat(snap.last_timestamp) - datetime.fromisoformat(started)
+        assert row["duration_seconds"] == pytest.approx(span.total_seconds(), abs=1e-3)
 
     # tokens.json and metrics.json (sigil orchestrate's; a Python-API session has none).
     if v.tokens is not None:
@@ -424,6 +433,12 @@ def check(
         number = a.get("sigil.run", 0)  # a session without session_start has no run number
         tokens = traced.get(number, ("", 0))[1] + a["sigil.run.tokens"]
         traced[number] = (a["sigil.run.status"], tokens)
+    for root in roots:
+        a = attrs(root.attributes)
+        reason = next((r.reason for r in snap.runs if r.number == a.get("sigil.run")), None)
+        if a["sigil.run.status"] in ("error", "budget_exceeded", "interrupted") and reason:
+            assert root.status.code == Status.STATUS_CODE_ERROR
+            assert reason in root.status.message, (root.status.message, reason)
     if snap.run_count:
         # The reader's knowledge goes with the last run: its writer is gone.
         expected = [(n, shown if st == "running" else st, t) for n, st, t in model_runs]
