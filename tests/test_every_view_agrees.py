@@ -55,7 +55,9 @@ TASK = "Analyze Acme Corp"
 STEPS = ["routing", "memory", "planning", "reasoning", "contracts", "validation"]
 FAST = "errors:\n  max_retries: 1\n  backoff_base: 0.001\n  backoff_max: 0.01\n"
 FAILING_MEMORY = FAST + "pipeline:\n  steps:\n    memory: orchestrate_steps:FailingMemory\n"
-FAILING_REASONING = FAST + "pipeline:\n  steps:\n    reasoning: orchestrate_steps:FailingReasoning\n"
+FAILING_REASONING = (
+    FAST + "pipeline:\n  steps:\n    reasoning: orchestrate_steps:FailingReasoning\n"
+)
 SLOW_PLANNING = (
     "errors:\n  max_retries: 0\npipeline:\n  steps:\n    planning: orchestrate_steps:SlowPlanning\n"
 )
@@ -181,9 +183,7 @@ def _summary(home: Path, sid: str, mode: str) -> tuple[str, int]:
     """``sigil monitor --once --mode MODE``'s output and code, in this process (the
     same code as the command's, without paying for another interpreter)."""
     out, err = io.StringIO(), io.StringIO()
-    monitor = ExecutionMonitor(
-        sid, home / "logs", mode, once=True, stdout=out, stderr=err
-    )
+    monitor = ExecutionMonitor(sid, home / "logs", mode, once=True, stdout=out, stderr=err)
     code = monitor.run_once()
     assert "Traceback" not in err.getvalue(), err.getvalue()
     return out.getvalue(), code
@@ -241,7 +241,9 @@ def read_views(home: Path, sid: str, receiver: HttpReceiver) -> Views:
     metrics = directory / "metrics.json"
     with receiver.got.lock:
         requests = receiver.got.requests[before:]
-    spans = [s for r in requests for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    spans = [
+        s for r in requests for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans
+    ]
     return Views(
         sid=sid,
         log=log_events(home, sid),
@@ -299,8 +301,7 @@ def check(
         name: (c.tokens, c.operations, c.errors, c.retries) for name, c in snap.components.items()
     }
     assert per_component == {
-        name: (c.tokens, c.operations, c.errors, c.retries)
-        for name, c in native.components.items()
+        name: (c.tokens, c.operations, c.errors, c.retries) for name, c in native.components.items()
     }
     assert per_component == {
         name: (c["tokens"], c["operations"], c["errors"], c["retries"])
@@ -426,7 +427,9 @@ def check(
     # run resumed after it was stopped is one run of the model and a second trace
     # (the process that resumed it), with the same run number.
     assert sum(attrs(s.attributes)["sigil.tokens"] for s in v.spans) == snap.tokens
-    roots = sorted((s for s in v.spans if not s.parent_span_id), key=lambda s: s.start_time_unix_nano)
+    roots = sorted(
+        (s for s in v.spans if not s.parent_span_id), key=lambda s: s.start_time_unix_nano
+    )
     traced: dict[int, tuple[str, int]] = {}
     for root in roots:
         a = attrs(root.attributes)
@@ -452,7 +455,9 @@ def check(
     abandoned = [s for s in attempts if attrs(s.attributes).get("error.type") == "incomplete"]
     if status in ("complete", "error", "budget_exceeded") and not v.log_resumed:
         assert not abandoned
-    failed = [s for s in attempts if s.status.code == Status.STATUS_CODE_ERROR and s not in abandoned]
+    failed = [
+        s for s in attempts if s.status.code == Status.STATUS_CODE_ERROR and s not in abandoned
+    ]
     ok = [s for s in attempts if s.status.code != Status.STATUS_CODE_ERROR]
     for name, c in snap.components.items():
         if name == "orchestrator":
@@ -707,7 +712,10 @@ def test_monitor_follow_json_agrees_run_by_run(home: Path, receiver: HttpReceive
     ]
     one, two, stopped = ended
     assert one["tokens_used"] == first["total_used"] == v.snap.runs[0].tokens
-    assert (one["status"], one["run"]["tokens_used"]) == ("complete", first["runs"][0]["tokens_used"])
+    assert (one["status"], one["run"]["tokens_used"]) == (
+        "complete",
+        first["runs"][0]["tokens_used"],
+    )
     for final in (two, stopped):
         assert (final["tokens_used"], final["status"], final["reason"]) == (
             v.snap.tokens,

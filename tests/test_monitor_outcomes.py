@@ -11,7 +11,9 @@ failure. Real ``sigil monitor`` processes on hand-written logs.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -132,3 +134,107 @@ def test_an_interrupted_run_is_shown_as_interrupted_with_code_130(tmp_path: Path
     assert "RUN INTERRUPTED" in stream.stdout
     assert "FAILED" not in stream.stdout
     assert f"sigil orchestrate --session {SESSION} --resume" in stream.stdout
+
+
+# A process holding the session's lock while a line arrives on its stdin, as a
+# Python-API writer (ExecutionLogger) does while it is open (contract 7).
+HOLDER = """
+import sys
+from pathlib import Path
+from sigil.core.locks import SessionLock
+lock = SessionLock(Path(sys.argv[1])).acquire()
+print("locked", flush=True)
+sys.stdin.readline()
+lock.release()
+print("released", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _api_session(home: Path) -> Path:
+    """Events written without a run, as the README's Python API writes them."""
+    _write(
+        home, [_event(0, "step_complete", "routing", 50), _event(1, "step_complete", "memory", 150)]
+    )
+    return home / "logs" / "sessions" / SESSION
+
+
+def _hold(session: Path) -> subprocess.Popen[str]:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(session)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def _step(holder: subprocess.Popen[str], expect: str) -> None:
+    assert holder.stdin is not None and holder.stdout is not None
+    holder.stdin.write("\n")
+    holder.stdin.flush()
+    if expect:
+        assert holder.stdout.readline() == expect
+
+
+def test_a_live_writer_without_a_run_is_running_not_waiting(tmp_path: Path) -> None:
+    """Events, no session_start, the lock held: ``sigil sessions`` says running, and
+    so does every mode of ``sigil monitor --once``; once the lock is free, both say
+    waiting (nothing says the run that never started is incomplete)."""
+    holder = _hold(_api_session(tmp_path))
+    try:
+        proc = _monitor(tmp_path, "json")
+        assert proc.returncode == 0, proc.stderr
+        objects = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert [o["status"] for o in objects] == ["running", "running"]
+        assert _final(proc)["outcome"] == "snapshot"
+        minimal = _monitor(tmp_path, "minimal")
+        assert minimal.stdout.splitlines()[0].endswith(" running"), minimal.stdout
+        assert "SESSION RUNNING" in minimal.stdout and "Status:    RUNNING" in minimal.stdout
+        _step(holder, "released\n")
+        after = _monitor(tmp_path, "json")
+        assert after.returncode == 0, after.stderr
+        assert (_final(after)["status"], _final(after)["outcome"]) == ("waiting", "waiting")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_live_monitor_follows_a_writer_without_a_run_coming_and_going(
+    tmp_path: Path,
+) -> None:
+    """The tail probes the lock while it waits for a run: a Python-API writer taking
+    the session's lock shows as running, letting it go as waiting again."""
+    session = _api_session(tmp_path)
+    monitor = subprocess.Popen(
+        [*SIGIL, "monitor", "--session", SESSION, "--mode", "json"],
+        env=isolated_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    holder = None
+    try:
+        assert monitor.stdout is not None
+
+        def next_status() -> str:
+            line = monitor.stdout.readline()  # type: ignore[union-attr]
+            assert line, monitor.stderr.read()  # type: ignore[union-attr]
+            return str(json.loads(line)["status"])
+
+        assert next_status() == "waiting"
+        holder = _hold(session)
+        assert next_status() == "running"
+        _step(holder, "released\n")
+        assert next_status() == "waiting"
+        monitor.send_signal(signal.SIGINT)
+        out, _ = monitor.communicate(timeout=30)
+        assert monitor.returncode == 130
+        assert json.loads(out.splitlines()[-1])["outcome"] == "stopped"
+    finally:
+        for proc in (monitor, holder):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
