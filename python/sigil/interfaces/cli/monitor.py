@@ -219,7 +219,7 @@ class SessionState:
         self._take_parts()
         fresh: list[EntryLike] = []
         if new > 0:
-            recent = list(snapshot.last_entries)
+            recent: list[EntryLike] = list(snapshot.last_entries)
             fresh = recent[-new:] if new < len(recent) else recent
             self._show(fresh)
         self.unlisted = max(0, new - len(fresh))
