@@ -305,7 +305,7 @@ def state_to_dict(
         "components": components,
         "run": {
             "number": run.number,
-            "status": run.status,
+            "status": state.run_display_status,
             "reason": run.reason,
             "tokens_used": run.tokens,
             "components": run_components,

@@ -406,6 +406,15 @@ class SessionState:
         return self.status
 
     @property
+    def run_display_status(self) -> str:
+        """The current run's status to show: ``incomplete`` once its writer is gone
+        without a final event, as the session's (and its OTLP root span) say."""
+        run = self._run
+        if self.incomplete and run.ended_at is None:
+            return "incomplete"
+        return run.status
+
+    @property
     def last_ended_run(self) -> RunSnapshot | None:
         """The latest run with a final event (the current one, or one before it)."""
         run = self._run
