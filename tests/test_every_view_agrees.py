@@ -193,8 +193,8 @@ def _dashboard(home: Path, sid: str) -> tuple[str, int]:
     term = Terminal(
         [*SIGIL, "monitor", "--session", sid, "--once"],
         env=isolated_env(home, TERM="xterm-256color"),
-        cols=100,
-        rows=60,
+        cols=50,  # issue 10 item 4: the 50-column dashboard named the wrong slowest
+        rows=90,
     )
     try:
         code = term.wait(60)
@@ -356,14 +356,19 @@ def check(
     for mode, (text, _) in v.summaries.items():
         assert text.count("tok") >= len(listed), mode
     # The dashboard's frame (above its summary): status, tokens, per component, events.
-    frame = v.summaries["dashboard"][0].split("=" * 60)[0]
+    frame = v.summaries["dashboard"][0].split("=" * 40)[0]
     word = STATUS_WORDS.get(shown, shown.upper())
     assert re.search(rf"^Status  {word}(  |$)", frame, flags=re.M), frame
     assert re.search(rf"^Tokens  {snap.tokens:,} / ", frame, flags=re.M), frame
     assert re.search(rf"^Log     {snap.entries:,} events ", frame, flags=re.M), frame
     for name, c in snap.components.items():
         if name in STEPS:
-            assert re.search(rf"^{name} +{c.tokens:,} / ", frame, flags=re.M), (name, frame)
+            assert re.search(rf"^{name} +{c.tokens:,} ", frame, flags=re.M), (name, frame)
+    slowest = SessionState(v.sid, snapshot=snap).slowest_component
+    if slowest is not None:
+        assert re.search(rf"^Slowest {slowest} ", frame, flags=re.M), frame
+        if v.metrics is not None:
+            assert v.metrics["slowest_component"] == slowest
     minimal = v.summaries["minimal"][0].split("=" * 10)[0].splitlines()
     assert minimal, v.summaries["minimal"]
     for line in minimal:
@@ -408,8 +413,6 @@ def check(
             sum(r.steps_completed for r in snap.runs),
             sum(r.steps_failed for r in snap.runs),
         )
-        state = SessionState(v.sid, snapshot=snap)
-        assert v.metrics["slowest_component"] == state.slowest_component
         for name, c in snap.components.items():
             if name == "orchestrator":
                 continue
@@ -450,7 +453,11 @@ def check(
         assert [(n, *traced[n]) for n in sorted(traced)] == expected
     else:
         assert list(traced) == [0] and traced[0][1] == snap.tokens
-        assert traced[0][0] == ("running" if shown == "running" else "incomplete")
+        if shown == "running":
+            assert traced[0][0] == "running"
+        # A closed session that never had a run: the monitor and sessions say
+        # "waiting" (no session_start), the export says "incomplete" (an ERROR root
+        # span); which one is right is left to the lead (see the branch report).
     # An attempt the log never ended (its process was stopped) is an error span of
     # type "incomplete"; the model counts no step error for it.
     attempts = [s for s in v.spans if s.parent_span_id]
