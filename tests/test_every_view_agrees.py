@@ -198,6 +198,10 @@ def _dashboard(home: Path, sid: str) -> tuple[str, int]:
     )
     try:
         code = term.wait(60)
+        # Everything the process wrote is read once the reader meets the closed end
+        # (Terminal.wait gives it 2 s, short on a loaded machine).
+        term.reader.join(30)
+        assert not term.reader.is_alive()
         return term.text(), code
     finally:
         term.close()
@@ -731,7 +735,7 @@ def test_monitor_follow_json_agrees_run_by_run(home: Path, receiver: HttpReceive
         ("complete", 0, 1),
         ("error", 1, 2),
         ("stopped", 130, 2),
-    ]
+    ], (objects, err)
     one, two, stopped = ended
     assert one["tokens_used"] == first["total_used"] == v.snap.runs[0].tokens
     assert (one["status"], one["run"]["tokens_used"]) == (
@@ -747,4 +751,5 @@ def test_monitor_follow_json_agrees_run_by_run(home: Path, receiver: HttpReceive
         assert final["components"] == v.json_final["components"]
         assert final["run"] == v.json_final["run"]
     used = [o["tokens_used"] for o in objects]
-    assert used == sorted(used) and used[-1] == v.snap.tokens
+    assert used == sorted(used), objects
+    assert used[-1] == v.snap.tokens
