@@ -1,24 +1,26 @@
 """Every view of one session agrees (issue 10, "Tests").
 
 For each kind of session a user can end up with -- a failed optional or
-required step, a run stopped by SIGINT or SIGTERM, a stopped run resumed (once
-or after a second stop), a writer killed with SIGKILL and resumed, a second run
-on the same session, an exceeded budget, a session written with the README's
-Python API (plain, ``with`` and ``async with .session()``, while its writer is
-open and after it closed) -- every view reports the same tokens, runs,
-per-component operations and errors, and status:
+required step, a run in progress, a run stopped by SIGINT or SIGTERM, a stopped
+run resumed (once, or after a second stop), a writer killed with SIGKILL and
+resumed, a second run on the same session, an exceeded budget, a session
+written with the README's Python API (plain, ``with`` and ``async with
+.session()``, while a child process holds its writer open and after it closed)
+-- every view reports the same tokens, runs, per-component tokens, operations
+and errors, and status:
 
-* ``sigil monitor --once`` in ``json`` mode (its final object and exit code),
-  and the final summary of the ``stream``, ``minimal`` and ``dashboard`` modes
-  (the dashboard on a real pseudo-terminal);
+* ``sigil monitor --once --mode json`` (every object it prints, and its code);
+* the final summary of the ``stream`` and ``minimal`` modes (the same monitor,
+  run in this process) and the frame and summary of the ``dashboard`` (a real
+  ``sigil monitor`` on a 50-column pseudo-terminal);
 * ``sigil sessions --json``;
 * ``tokens.json`` and ``metrics.json`` (written by ``sigil orchestrate``);
 * the OTLP spans ``sigil export`` sends to a receiver on 127.0.0.1;
-* the native fold (``snapshot_session`` and ``fold_file_snapshot``) and the
+* the native fold (``snapshot_session``, ``fold_file_snapshot``) and the
   pure-Python reference fold (``tests/session_reference.py``);
-* and ``sigil monitor --follow --mode json`` while runs come and go.
+* and ``sigil monitor --follow --mode json`` while two runs come and go.
 
-Everything is a real process on the offline provider: no mocks.
+Sessions come from real processes on the offline provider: no mocks.
 """
 
 from __future__ import annotations
