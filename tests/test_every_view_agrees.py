@@ -622,9 +622,29 @@ def test_an_interrupted_run_then_its_resume_agree_everywhere(
         # While it runs (planning sleeps, the lock is held): a snapshot, not an end.
         live = read_views(home, sid, receiver)
         check(live, status="running", outcome="snapshot", runs=1, code=0)
+    # A monitor tailing the run sees it stopped: interrupted (130), not failed.
+    tailing = subprocess.Popen(
+        [*SIGIL, "monitor", "--session", sid, "--mode", "json"],
+        env=isolated_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert tailing.stdout is not None
+    assert json.loads(tailing.stdout.readline())["status"] == "running"
     assert stop(proc, signum) == code
+    out, err = tailing.communicate(timeout=30)
     stopped = read_views(home, sid, receiver)
     check(stopped, status="interrupted", runs=1)
+    assert tailing.returncode == 130, err
+    final = json.loads(out.splitlines()[-1])
+    assert (final["type"], final["outcome"], final["status"]) == (
+        "final",
+        "interrupted",
+        "interrupted",
+    )
+    assert (final["tokens_used"], final["events"]) == (stopped.snap.tokens, stopped.snap.entries)
+    assert "RUN INTERRUPTED" in err and "FAILED" not in err, err
     if signum == signal.SIGTERM:
         return  # resumed the same way as after SIGINT (and twice, below)
 
