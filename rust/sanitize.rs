@@ -199,7 +199,7 @@ fn rules() -> &'static Rules {
             r"|[0-9]{4} [0-9]{6} [0-9]{4,5}|[0-9]{4}-[0-9]{6}-[0-9]{4,5}"
         )),
         digit: re(r"\d"),
-        py_word: re(r"[\p{L}\p{N}_]"),
+        py_word: word_class(PYTHON_UNICODE.get().map(String::as_str)),
         // Credential-named keys: their string values are redacted whatever they
         // contain. Plain "token" is not one: in LLM pipelines it is a text token.
         sensitive_key: re(concat!(
@@ -210,6 +210,32 @@ fn rules() -> &'static Rules {
             r"|authorization|credentials?|cookie|set[_-]cookie)$"
         )),
     })
+}
+
+/// The Unicode version of the Python that loaded the module
+/// (`unicodedata.unidata_version`), set once by the module's init.
+static PYTHON_UNICODE: OnceLock<String> = OnceLock::new();
+
+/// Record the Unicode version whose letters and numbers are Python's `\w`
+/// (call before the first scrub; later calls are ignored).
+pub fn set_python_unicode_version(version: &str) {
+    let _ = PYTHON_UNICODE.set(version.to_string());
+}
+
+/// Python's `\w` for `str`: `str.isalnum()` or '_', i.e. the letters and
+/// numbers of Python's own Unicode database. `regex`'s tables are of a newer
+/// Unicode (16.0) than many Pythons (3.11: 14.0), and a letter Python does not
+/// know yet (U+13460) is a word boundary there: without the age restriction a
+/// key right after it would be kept here and redacted by the reference. An
+/// unknown version (newer than the tables) takes the tables whole.
+fn word_class(python_unicode: Option<&str>) -> Regex {
+    let base = r"[\p{L}\p{N}_]";
+    let age = python_unicode.and_then(|v| {
+        let mut parts = v.split('.');
+        let (major, minor) = (parts.next()?, parts.next()?);
+        Regex::new(&format!(r"[{base}&&\p{{Age={major}.{minor}}}]")).ok()
+    });
+    age.unwrap_or_else(|| re(base))
 }
 
 /// Which gate literals occur in `bytes` (a bit per literal), in one pass: at each
@@ -920,6 +946,21 @@ mod tests {
         assert!(is_sensitive_key("OPENAI_API_KEY"));
         assert!(!is_sensitive_key("token"));
         assert!(!is_sensitive_key("input_tokens"));
+    }
+
+    #[test]
+    fn word_characters_follow_pythons_unicode_version() {
+        // U+13460 (Egyptian hieroglyph, Unicode 16.0) is a letter for Python 3.14
+        // (Unicode 16.0) and not for Python 3.11 (14.0); 'é' and '٣' always.
+        let new_letter = "\u{13460}";
+        assert!(word_class(None).is_match(new_letter));
+        assert!(word_class(Some("16.0.0")).is_match(new_letter));
+        assert!(!word_class(Some("14.0.0")).is_match(new_letter));
+        for old in ["é", "٣", "_", "A"] {
+            assert!(word_class(Some("14.0.0")).is_match(old), "{old}");
+        }
+        // A version the tables do not know: the tables whole.
+        assert!(word_class(Some("99.0.0")).is_match(new_letter));
     }
 
     #[test]

@@ -486,6 +486,36 @@ def test_native_rules_agree_with_the_reference_on_any_mix(parts: list[str]) -> N
     assert _native.sanitize_string(text) == Reference().sanitize_string(text)
 
 
+def test_a_secret_after_a_newer_unicode_letter_is_redacted() -> None:
+    """U+13460 is a letter only from Unicode 16.0 on: the reference's ``\\b``
+    (Python's ``str.isalnum()`` of its own Unicode database) sees a boundary
+    before the key, so the native rules must redact it too."""
+    from sanitize_reference import LogSanitizer as Reference
+
+    text = "\U00013460sk-svcacct-" + "Ab3dEfGhIjKlMnOpQrStUvWx"
+    assert Reference().sanitize_string(text) == "\U00013460***API_KEY***"
+    assert _native.sanitize_string(text) == Reference().sanitize_string(text)
+
+
+def test_word_characters_are_pythons_on_every_code_point() -> None:
+    """The word-boundary rule before a secret, checked on every code point
+    against the reference's: Python's ``\\w`` is ``str.isalnum()`` or ``_``."""
+    import re as _re
+
+    body = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6"
+    redacted = "***GITHUB_TOKEN***"
+    wrong = []
+    for code in range(0x80, 0x110000):
+        if 0xD800 <= code <= 0xDFFF:
+            continue
+        char = chr(code)
+        word = _re.match(r"\w", char) is not None
+        got = _native.sanitize_string(char + body)
+        if (got == char + redacted) == word:
+            wrong.append(f"U+{code:04X}")
+    assert not wrong, f"{len(wrong)} code points disagree, e.g. {wrong[:10]}"
+
+
 def test_sensitive_keys_agree_with_the_reference() -> None:
     from sanitize_reference import _SENSITIVE_KEY
 
