@@ -21,7 +21,7 @@
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
-use regex::{Captures, Regex};
+use regex::{Captures, Regex, RegexSet, SetMatches};
 
 pub const REDACTED: &str = "***REDACTED***";
 
@@ -103,6 +103,53 @@ struct Rules {
     digit: Regex,
     py_word: Regex,
     sensitive_key: Regex,
+}
+
+// Each rule's place in `rule_set()`.
+const R_PEM: usize = 0;
+const R_JWT: usize = 1;
+const R_AWS: usize = 2;
+const R_GITHUB: usize = 3; // 2 rules
+const R_GITLAB: usize = 5;
+const R_SLACK: usize = 6; // 3 rules
+const R_APIKEY: usize = 9; // 7 rules
+const R_AZURE_CONN: usize = 16;
+const R_AZURE_SIG: usize = 17;
+const R_AZURE_ENTRA: usize = 18;
+const R_URL: usize = 19;
+const R_BEARER: usize = 20;
+const R_KV_BASIC: usize = 21;
+const R_KV_FLAG: usize = 22;
+const R_KV_PAIR: usize = 23;
+const R_ENTROPY: usize = 24;
+const R_CARD: usize = 25;
+
+/// Every rule's regex in one set, in the `R_*` order: one pass over a string
+/// tells which rules can match it at all.
+fn rule_set() -> &'static RegexSet {
+    static SET: OnceLock<RegexSet> = OnceLock::new();
+    SET.get_or_init(|| {
+        let r = rules();
+        let mut all: Vec<&Regex> = vec![&r.pem, &r.jwt, &r.aws];
+        all.extend(&r.github);
+        all.push(&r.gitlab);
+        all.extend(r.slack.iter().map(|(rule, _)| rule));
+        all.extend(&r.apikey);
+        all.extend([
+            &r.azure_conn,
+            &r.azure_sig,
+            &r.azure_entra,
+            &r.url,
+            &r.bearer,
+            &r.kv_basic,
+            &r.kv_flag,
+            &r.kv_pair,
+            &r.entropy,
+            &r.card,
+        ]);
+        debug_assert_eq!(all.len(), R_CARD + 1);
+        RegexSet::new(all.iter().map(|rule| rule.as_str())).expect("built-in sanitizer patterns")
+    })
 }
 
 fn re(pattern: &str) -> Regex {
@@ -612,61 +659,80 @@ fn key_value(c: &Captures<'_>) -> Verdict {
     Verdict::Replace(format!("{}{REDACTED}{}", &whole[..s], &whole[e..]))
 }
 
-fn apply(mut text: Cow<'_, str>, step: impl FnOnce(&str) -> Option<String>) -> Cow<'_, str> {
-    if let Some(new) = step(&text) {
-        text = Cow::Owned(new);
+/// One string through the rules in order. A rule runs only where the one
+/// `RegexSet` pass over the current text says its regex matches somewhere (its
+/// code checks can still reject); after a rule changed the text the set is run
+/// again, so a rule is never skipped on text it was not checked against.
+struct Pass<'a> {
+    text: Cow<'a, str>,
+    set: Option<SetMatches>,
+}
+
+impl Pass<'_> {
+    fn rule(&mut self, index: usize, step: impl FnOnce(&str) -> Option<String>) {
+        let text = &self.text;
+        let matches = self.set.get_or_insert_with(|| rule_set().matches(text));
+        if !matches.matched(index) {
+            return;
+        }
+        if let Some(new) = step(&self.text) {
+            self.text = Cow::Owned(new);
+            self.set = None;
+        }
     }
-    text
 }
 
 /// `value` with every secret replaced by a `***...***` mark (borrowed when clean).
 pub fn sanitize(value: &str) -> Cow<'_, str> {
     let (fam, seen) = families(value);
-    let mut t = Cow::Borrowed(value);
     if fam == 0 {
-        return t;
+        return Cow::Borrowed(value);
     }
     let r = rules();
+    let mut p = Pass {
+        text: Cow::Borrowed(value),
+        set: None,
+    };
     if fam & PEM != 0 {
-        t = apply(t, |s| replace_plain(s, &r.pem, "***PRIVATE_KEY***"));
+        p.rule(R_PEM, |s| replace_plain(s, &r.pem, "***PRIVATE_KEY***"));
     }
     if fam & JWT != 0 {
-        t = apply(t, |s| replace_with(s, &r.jwt, false, "***JWT***"));
+        p.rule(R_JWT, |s| replace_with(s, &r.jwt, false, "***JWT***"));
     }
     if fam & AWS != 0 {
-        t = apply(t, |s| replace_with(s, &r.aws, true, "***AWS_ACCESS_KEY***"));
+        p.rule(R_AWS, |s| replace_with(s, &r.aws, true, "***AWS_ACCESS_KEY***"));
     }
     if fam & GITHUB != 0 {
-        for (rule, trail) in r.github.iter().zip([true, false]) {
-            t = apply(t, |s| replace_with(s, rule, trail, "***GITHUB_TOKEN***"));
+        for (k, (rule, trail)) in r.github.iter().zip([true, false]).enumerate() {
+            p.rule(R_GITHUB + k, |s| replace_with(s, rule, trail, "***GITHUB_TOKEN***"));
         }
     }
     if fam & GITLAB != 0 {
-        t = apply(t, |s| {
+        p.rule(R_GITLAB, |s| {
             replace_with(s, &r.gitlab, false, "***GITLAB_TOKEN***")
         });
     }
     if fam & SLACK != 0 {
         let (webhook, mark) = &r.slack[0];
-        t = apply(t, |s| replace_plain(s, webhook, mark));
-        for (rule, mark) in &r.slack[1..] {
-            t = apply(t, |s| replace_with(s, rule, false, mark));
+        p.rule(R_SLACK, |s| replace_plain(s, webhook, mark));
+        for (k, (rule, mark)) in r.slack[1..].iter().enumerate() {
+            p.rule(R_SLACK + 1 + k, |s| replace_with(s, rule, false, mark));
         }
     }
     if fam & APIKEY != 0 {
         // Each rule only where its own literal is (no mark holds one of these).
         let needs = [11, 11, 11, 12, 13, 14, 15];
         let trails = [false, false, true, false, false, false, false];
-        for ((rule, lit), trail) in r.apikey.iter().zip(needs).zip(trails) {
+        for (k, ((rule, lit), trail)) in r.apikey.iter().zip(needs).zip(trails).enumerate() {
             if seen & (1 << lit) != 0 {
-                t = apply(t, |s| replace_with(s, rule, trail, "***API_KEY***"));
+                p.rule(R_APIKEY + k, |s| replace_with(s, rule, trail, "***API_KEY***"));
             }
         }
     }
     if fam & AZURE != 0 {
-        t = apply(t, |s| keep_head(s, &r.azure_conn, true));
-        t = apply(t, |s| keep_head(s, &r.azure_sig, false));
-        t = apply(t, |s| {
+        p.rule(R_AZURE_CONN, |s| keep_head(s, &r.azure_conn, true));
+        p.rule(R_AZURE_SIG, |s| keep_head(s, &r.azure_sig, false));
+        p.rule(R_AZURE_ENTRA, |s| {
             substitute(s, &r.azure_entra, |c| {
                 let start = c.get(0).expect("group 0").start();
                 match char_before(s, start) {
@@ -677,7 +743,7 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
         });
     }
     if fam & URL != 0 {
-        t = apply(t, |s| {
+        p.rule(R_URL, |s| {
             substitute(s, &r.url, |c| {
                 if bounded(s, c, false) {
                     Verdict::Replace(format!("{}:{REDACTED}@", &c["head"]))
@@ -688,7 +754,7 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
         });
     }
     if fam & BEARER != 0 {
-        t = apply(t, |s| {
+        p.rule(R_BEARER, |s| {
             substitute(s, &r.bearer, |c| {
                 let v = c.name("v").expect("group v");
                 // Python's lookahead: a digit within the run or just after it.
@@ -706,12 +772,12 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
         });
     }
     if fam & KV != 0 {
-        t = apply(t, |s| keep_head(s, &r.kv_basic, false));
-        t = apply(t, |s| substitute(s, &r.kv_flag, key_value));
-        t = apply(t, |s| substitute(s, &r.kv_pair, key_value));
+        p.rule(R_KV_BASIC, |s| keep_head(s, &r.kv_basic, false));
+        p.rule(R_KV_FLAG, |s| substitute(s, &r.kv_flag, key_value));
+        p.rule(R_KV_PAIR, |s| substitute(s, &r.kv_pair, key_value));
     }
     if fam & ENTROPY != 0 {
-        t = apply(t, |s| {
+        p.rule(R_ENTROPY, |s| {
             substitute(s, &r.entropy, |c| {
                 let m = c.get(0).expect("group 0");
                 let name_run =
@@ -735,7 +801,7 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
         });
     }
     if fam & CARD != 0 {
-        t = apply(t, |s| {
+        p.rule(R_CARD, |s| {
             substitute(s, &r.card, |c| {
                 let m = c.get(0).expect("group 0");
                 let mut before = s[..m.start()].chars().rev();
@@ -765,7 +831,7 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
             })
         });
     }
-    t
+    p.text
 }
 
 /// Whether a metadata key names a credential (its string value is redacted
