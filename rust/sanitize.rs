@@ -660,24 +660,36 @@ fn key_value(c: &Captures<'_>) -> Verdict {
 }
 
 /// One string through the rules in order. A rule runs only where the one
-/// `RegexSet` pass over the current text says its regex matches somewhere (its
-/// code checks can still reject); after a rule changed the text the set is run
-/// again, so a rule is never skipped on text it was not checked against.
+/// `RegexSet` pass over the original text says its regex matches somewhere (its
+/// code checks can still reject).
+///
+/// The set is not run again after a rule changed the text: a change only ever
+/// replaces a substring by a mark (`***NAME***`, with `*` at both ends and only
+/// `A-Z` and `_` inside), everything else is kept. A match the original text did
+/// not have must therefore use a character of a mark; no rule matches within a
+/// mark's letters, and only the rules in `may_match_marks` can match a `*`, so
+/// those run whenever the text has changed.
 struct Pass<'a> {
     text: Cow<'a, str>,
     set: Option<SetMatches>,
+    changed: bool,
+}
+
+/// The rules whose regex can match a `*` (negated classes, `.`).
+fn may_match_marks(index: usize) -> bool {
+    matches!(index, R_PEM | R_URL | R_KV_FLAG | R_KV_PAIR)
 }
 
 impl Pass<'_> {
     fn rule(&mut self, index: usize, step: impl FnOnce(&str) -> Option<String>) {
         let text = &self.text;
-        let matches = self.set.get_or_insert_with(|| rule_set().matches(text));
-        if !matches.matched(index) {
+        let set = self.set.get_or_insert_with(|| rule_set().matches(text));
+        if !set.matched(index) && !(self.changed && may_match_marks(index)) {
             return;
         }
         if let Some(new) = step(&self.text) {
             self.text = Cow::Owned(new);
-            self.set = None;
+            self.changed = true;
         }
     }
 }
@@ -692,6 +704,7 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
     let mut p = Pass {
         text: Cow::Borrowed(value),
         set: None,
+        changed: false,
     };
     if fam & PEM != 0 {
         p.rule(R_PEM, |s| replace_plain(s, &r.pem, "***PRIVATE_KEY***"));
