@@ -4,11 +4,11 @@
 //! module; the writer applies it to an event's message and every metadata
 //! string in the pass that serialises the event.
 //!
-//! A string is first read once by the gate: one Aho-Corasick automaton over the
-//! literal prefixes of every rule family plus a byte loop for the shapes that
-//! are not literals (digit groups of card numbers, long base64-ish runs).
-//! Most strings trigger no family and cost no regex work; the exact rules of a
-//! family run only when its gate fired.
+//! A string is first read once by one `RegexSet` of every rule (a lazy DFA
+//! pass): most strings match none and cost nothing more. Where some match, only
+//! those rules run, each where its family's gate (the reference's substring
+//! tests, `Gate`) passes; after a rule changed the text, only the rules that
+//! can match a mark's `*` run again unconditionally (`Pass`).
 //!
 //! Rust's `regex` has no lookaround or backreferences; the few Python rules that
 //! used them are the same regex without the lookaround, the lookaround checked
@@ -25,60 +25,19 @@ use regex::{Captures, Regex, RegexSet, SetMatches};
 
 pub const REDACTED: &str = "***REDACTED***";
 
-// Rule families, in the order they are applied: specific shapes first, so that
-// "api_key=sk-proj-..." reads "api_key=***API_KEY***" rather than a generic mark.
-const PEM: u16 = 1 << 0;
-const JWT: u16 = 1 << 1;
-const AWS: u16 = 1 << 2;
-const GITHUB: u16 = 1 << 3;
-const GITLAB: u16 = 1 << 4;
-const SLACK: u16 = 1 << 5;
-const APIKEY: u16 = 1 << 6;
-const AZURE: u16 = 1 << 7;
-const URL: u16 = 1 << 8;
-const BEARER: u16 = 1 << 9;
-const KV: u16 = 1 << 10;
-const ENTROPY: u16 = 1 << 11;
-const CARD: u16 = 1 << 12;
-
-/// The gate's literals. `true`: case-sensitive (checked at the match, the
-/// automaton being ASCII case-insensitive); `false`: matched in the lower-cased
-/// string. Each family's test is at least as loose as its rules.
+/// The literals one of which every credential-named key holds (matched
+/// case-insensitively; `false`: not case-sensitive).
 const LITERALS: &[(&str, bool)] = &[
-    ("-----", true),        // 0 pem
-    ("eyJ", true),          // 1 jwt
-    ("AKIA", true),         // 2 aws
-    ("ASIA", true),         // 3
-    ("ABIA", true),         // 4
-    ("ACCA", true),         // 5
-    ("gh", true),           // 6 github (with '_')
-    ("gl", true),           // 7 gitlab (with '-')
-    ("xox", true),          // 8 slack
-    ("xapp-", true),        // 9
-    ("hooks.slack", false), // 10
-    ("sk-", true),          // 11 apikey
-    ("k_", true),           // 12
-    ("AIza", true),         // 13
-    ("hf_", true),          // 14
-    ("whsec_", true),       // 15
-    ("Q~", true),           // 16 azure
-    ("accountkey", false),  // 17
-    ("sig=", false),        // 18
-    ("://", true),          // 19 url (with '@')
-    ("bearer", false),      // 20
-    ("--", true),           // 21 kv separators
-    ("pass", false),        // 22 kv names
-    ("pwd", false),         // 23
-    ("secret", false),      // 24
-    ("key", false),         // 25
-    ("token", false),       // 26
-    ("auth", false),        // 27
-    ("credential", false),  // 28
-    ("cookie", false),      // 29 (credential-named keys only)
+    ("pass", false),
+    ("pwd", false),
+    ("secret", false),
+    ("key", false),
+    ("token", false),
+    ("auth", false),
+    ("credential", false),
+    ("cookie", false),
 ];
-const KV_NAMES: u32 = 0x7f << 22; // literals 22..=28
-/// The literals one of which every credential-named key holds.
-const KEY_NAMES: u32 = KV_NAMES | 1 << 29;
+const KEY_NAMES: u32 = (1 << LITERALS.len()) - 1;
 
 struct Rules {
     /// The literals by their lower-cased first byte.
@@ -285,7 +244,7 @@ fn word_class(python_unicode: Option<&str>) -> Regex {
     age.unwrap_or_else(|| re(base))
 }
 
-/// Which gate literals occur in `bytes` (a bit per literal), in one pass: at each
+/// Which key-name literals occur in `bytes` (a bit per literal), in one pass: at each
 /// byte, only the literals starting with it (case-insensitively) are compared.
 /// (aho-corasick's overlapping search, which the gate needs, measured several
 /// times slower on short strings: it cannot use its prefilter.)
@@ -352,92 +311,58 @@ impl GateLit {
     }
 }
 
-/// The families a string can trigger (a bit per family), and the literals seen.
-fn families(value: &str) -> (u16, u32) {
-    let bytes = value.as_bytes();
-    let mut seen = literals_in(bytes);
-    if !value.is_ascii() {
-        // Lower-casing can turn a non-ASCII character into ASCII (the Kelvin sign
-        // into 'k'): the case-insensitive literals are also sought in the lower-cased text.
-        let lowered = literals_in(value.to_lowercase().as_bytes());
-        let insensitive = LITERALS
-            .iter()
-            .enumerate()
-            .filter(|(_, (_, exact))| !exact)
-            .fold(0u32, |m, (id, _)| m | 1 << id);
-        seen |= lowered & insensitive;
-    }
-    // Single characters and the runs no literal describes.
-    let (mut under, mut dash, mut at, mut colon, mut equals) = (false, false, false, false, false);
-    let (mut digits, mut sep_after_four, mut card) = (0usize, false, false);
-    let (mut run, mut long_run) = (0usize, false);
-    for &b in bytes {
-        match b {
-            b'_' => under = true,
-            b'-' => dash = true,
-            b'@' => at = true,
-            b':' => colon = true,
-            b'=' => equals = true,
-            _ => {}
+/// The reference's family gates (`_families` in `tests/sanitize_reference.py`),
+/// read on the original string and only where a rule could run. A family's rules
+/// run only when its gate passes. Most gates are implied by a match of the
+/// family's regex (the literal is part of every match: "-----", "eyJ", "AKIA",
+/// "sk-", 13+ digits...), so the set's answer is enough; the others are here:
+/// the case-insensitive ones (a regex's `(?i)` also folds 'ſ' to 's', where
+/// `str.lower()` does not), "gh" for "github_pat_", and the URL gate for a rule
+/// run again after a change.
+struct Gate<'a> {
+    value: &'a str,
+    lowered: Option<Cow<'a, str>>,
+}
+
+impl<'a> Gate<'a> {
+    fn new(value: &'a str) -> Self {
+        Gate {
+            value,
+            lowered: None,
         }
-        if b.is_ascii_digit() {
-            digits += 1;
-            if digits >= 8 || (sep_after_four && digits >= 4) {
-                card = true;
+    }
+
+    fn has(&self, literal: &str) -> bool {
+        memchr::memmem::find(self.value.as_bytes(), literal.as_bytes()).is_some()
+    }
+
+    /// `literal in value.lower()`.
+    fn lower_has(&mut self, literal: &str) -> bool {
+        let value = self.value;
+        let lowered = self.lowered.get_or_insert_with(|| {
+            if value.bytes().any(|b| b.is_ascii_uppercase()) || !value.is_ascii() {
+                Cow::Owned(value.to_lowercase())
+            } else {
+                Cow::Borrowed(value)
             }
-        } else {
-            sep_after_four = (b == b' ' || b == b'-') && digits >= 4;
-            digits = 0;
-        }
-        if b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'_' | b'-') {
-            run += 1;
-            long_run |= run >= 24;
-        } else {
-            run = 0;
-        }
+        });
+        memchr::memmem::find(lowered.as_bytes(), literal.as_bytes()).is_some()
     }
-    let has = |id: u32| seen & (1 << id) != 0;
-    let mut found = 0;
-    if has(0) {
-        found |= PEM;
+
+    fn azure(&mut self) -> bool {
+        self.has("Q~") || self.lower_has("accountkey") || self.lower_has("sig=")
     }
-    if has(1) {
-        found |= JWT;
+
+    fn url(&self) -> bool {
+        self.has("://") && self.has("@")
     }
-    if has(2) || has(3) || has(4) || has(5) {
-        found |= AWS;
+
+    fn kv(&mut self) -> bool {
+        (self.has(":") || self.has("=") || self.has("--"))
+            && ["pass", "pwd", "secret", "key", "token", "auth", "credential"]
+                .iter()
+                .any(|name| self.lower_has(name))
     }
-    if has(6) && under {
-        found |= GITHUB;
-    }
-    if has(7) && dash {
-        found |= GITLAB;
-    }
-    if has(8) || has(9) || has(10) {
-        found |= SLACK;
-    }
-    if has(11) || has(12) || has(13) || has(14) || has(15) {
-        found |= APIKEY;
-    }
-    if has(16) || has(17) || has(18) {
-        found |= AZURE;
-    }
-    if has(19) && at {
-        found |= URL;
-    }
-    if has(20) {
-        found |= BEARER;
-    }
-    if (colon || equals || has(21)) && seen & KV_NAMES != 0 {
-        found |= KV;
-    }
-    if card {
-        found |= CARD;
-    }
-    if (colon || equals) && long_run {
-        found |= ENTROPY;
-    }
-    (found, seen)
 }
 
 /// What a rule decides at one match.
@@ -455,34 +380,57 @@ fn substitute(
     re: &Regex,
     mut judge: impl FnMut(&Captures<'_>) -> Verdict,
 ) -> Option<String> {
+    substitute_each(text, |pos| {
+        // The match alone first (a DFA pass, no allocation); the groups only of
+        // a match, on the haystack cut at its end (no rule has an end assertion,
+        // so the same match is found).
+        let m = re.find_at(text, pos)?;
+        let caps = re.captures_at(&text[..m.end()], m.start())?;
+        Some((m.start(), m.end(), judge(&caps)))
+    })
+}
+
+/// `substitute` for the rules that judge only the whole match.
+fn substitute_match(
+    text: &str,
+    re: &Regex,
+    mut judge: impl FnMut(usize, usize) -> Verdict,
+) -> Option<String> {
+    substitute_each(text, |pos| {
+        let m = re.find_at(text, pos)?;
+        Some((m.start(), m.end(), judge(m.start(), m.end())))
+    })
+}
+
+/// The substitution loop: `next(pos)` is the next match at or after `pos`
+/// (start, end) and the verdict on it.
+fn substitute_each(
+    text: &str,
+    mut next: impl FnMut(usize) -> Option<(usize, usize, Verdict)>,
+) -> Option<String> {
     let mut out: Option<String> = None;
     let mut copied = 0;
     let mut pos = 0;
     while pos <= text.len() {
-        let Some(caps) = re.captures_at(text, pos) else {
+        let Some((start, end, verdict)) = next(pos) else {
             break;
         };
-        let m = caps.get(0).expect("group 0");
-        match judge(&caps) {
+        match verdict {
             Verdict::Reject => {
                 // The next character boundary after the rejected start.
-                pos = m.start() + text[m.start()..].chars().next().map_or(1, char::len_utf8);
+                pos = start + text[start..].chars().next().map_or(1, char::len_utf8);
                 continue;
             }
             Verdict::Keep => {}
             Verdict::Replace(new) => {
                 let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
-                o.push_str(&text[copied..m.start()]);
+                o.push_str(&text[copied..start]);
                 o.push_str(&new);
-                copied = m.end();
+                copied = end;
             }
         }
         // The rules never match the empty string; guard anyway.
-        pos = if m.end() > m.start() {
-            m.end()
-        } else {
-            m.end() + 1
-        };
+        pos = if end > start { end } else { end + 1 };
     }
     out.map(|mut o| {
         o.push_str(&text[copied..]);
@@ -495,12 +443,16 @@ fn substitute(
 /// word characters (not '¼', but combining marks), so the boundaries are checked here.
 fn bounded(text: &str, c: &Captures<'_>, trail: bool) -> bool {
     let m = c.get(0).expect("group 0");
-    starts_word(text, m.start()) && (!trail || ends_word(text, m.end()))
+    bounded_at(text, m.start(), m.end(), trail)
+}
+
+fn bounded_at(text: &str, start: usize, end: usize, trail: bool) -> bool {
+    starts_word(text, start) && (!trail || ends_word(text, end))
 }
 
 fn replace_with(text: &str, re: &Regex, trail: bool, mark: &str) -> Option<String> {
-    substitute(text, re, |c| {
-        if bounded(text, c, trail) {
+    substitute_match(text, re, |start, end| {
+        if bounded_at(text, start, end, trail) {
             Verdict::Replace(mark.to_string())
         } else {
             Verdict::Reject
@@ -509,7 +461,7 @@ fn replace_with(text: &str, re: &Regex, trail: bool, mark: &str) -> Option<Strin
 }
 
 fn replace_plain(text: &str, re: &Regex, mark: &str) -> Option<String> {
-    substitute(text, re, |_| Verdict::Replace(mark.to_string()))
+    substitute_match(text, re, |_, _| Verdict::Replace(mark.to_string()))
 }
 
 fn keep_head(text: &str, re: &Regex, lead: bool) -> Option<String> {
@@ -671,7 +623,7 @@ fn key_value(c: &Captures<'_>) -> Verdict {
 /// those run whenever the text has changed.
 struct Pass<'a> {
     text: Cow<'a, str>,
-    set: Option<SetMatches>,
+    set: SetMatches,
     changed: bool,
 }
 
@@ -681,10 +633,15 @@ fn may_match_marks(index: usize) -> bool {
 }
 
 impl Pass<'_> {
+    /// Whether one of these rules would run.
+    fn wants(&self, indices: &[usize]) -> bool {
+        indices
+            .iter()
+            .any(|&i| self.set.matched(i) || (self.changed && may_match_marks(i)))
+    }
+
     fn rule(&mut self, index: usize, step: impl FnOnce(&str) -> Option<String>) {
-        let text = &self.text;
-        let set = self.set.get_or_insert_with(|| rule_set().matches(text));
-        if !set.matched(index) && !(self.changed && may_match_marks(index)) {
+        if !self.set.matched(index) && !(self.changed && may_match_marks(index)) {
             return;
         }
         if let Some(new) = step(&self.text) {
@@ -696,58 +653,57 @@ impl Pass<'_> {
 
 /// `value` with every secret replaced by a `***...***` mark (borrowed when clean).
 pub fn sanitize(value: &str) -> Cow<'_, str> {
-    let (fam, seen) = families(value);
-    if fam == 0 {
+    // No rule's regex matches anywhere: nothing can change (most strings end here).
+    let set = rule_set().matches(value);
+    if !set.matched_any() {
         return Cow::Borrowed(value);
     }
+    let mut gate = Gate::new(value);
     let r = rules();
     let mut p = Pass {
         text: Cow::Borrowed(value),
-        set: None,
+        set,
         changed: false,
     };
-    if fam & PEM != 0 {
+    {
         p.rule(R_PEM, |s| replace_plain(s, &r.pem, "***PRIVATE_KEY***"));
     }
-    if fam & JWT != 0 {
+    {
         p.rule(R_JWT, |s| replace_with(s, &r.jwt, false, "***JWT***"));
     }
-    if fam & AWS != 0 {
+    {
         p.rule(R_AWS, |s| replace_with(s, &r.aws, true, "***AWS_ACCESS_KEY***"));
     }
-    if fam & GITHUB != 0 {
-        for (k, (rule, trail)) in r.github.iter().zip([true, false]).enumerate() {
-            p.rule(R_GITHUB + k, |s| replace_with(s, rule, trail, "***GITHUB_TOKEN***"));
-        }
+    p.rule(R_GITHUB, |s| {
+        replace_with(s, &r.github[0], true, "***GITHUB_TOKEN***")
+    });
+    // "github_pat_" holds no "gh": its family's gate is not implied by its match.
+    if p.wants(&[R_GITHUB + 1]) && gate.has("gh") {
+        p.rule(R_GITHUB + 1, |s| {
+            replace_with(s, &r.github[1], false, "***GITHUB_TOKEN***")
+        });
     }
-    if fam & GITLAB != 0 {
+    {
         p.rule(R_GITLAB, |s| {
             replace_with(s, &r.gitlab, false, "***GITLAB_TOKEN***")
         });
     }
-    if fam & SLACK != 0 {
+    {
         let (webhook, mark) = &r.slack[0];
         p.rule(R_SLACK, |s| replace_plain(s, webhook, mark));
         for (k, (rule, mark)) in r.slack[1..].iter().enumerate() {
             p.rule(R_SLACK + 1 + k, |s| replace_with(s, rule, false, mark));
         }
     }
-    if fam & APIKEY != 0 {
-        // Each rule only where its own literal is (no mark holds one of these).
-        let needs = [11, 11, 11, 12, 13, 14, 15];
-        let trails = [false, false, true, false, false, false, false];
-        for (k, ((rule, lit), trail)) in r.apikey.iter().zip(needs).zip(trails).enumerate() {
-            if seen & (1 << lit) != 0 {
-                p.rule(R_APIKEY + k, |s| replace_with(s, rule, trail, "***API_KEY***"));
-            }
-        }
+    let trails = [false, false, true, false, false, false, false];
+    for (k, (rule, trail)) in r.apikey.iter().zip(trails).enumerate() {
+        p.rule(R_APIKEY + k, |s| replace_with(s, rule, trail, "***API_KEY***"));
     }
-    if fam & AZURE != 0 {
+    if p.wants(&[R_AZURE_CONN, R_AZURE_SIG, R_AZURE_ENTRA]) && gate.azure() {
         p.rule(R_AZURE_CONN, |s| keep_head(s, &r.azure_conn, true));
         p.rule(R_AZURE_SIG, |s| keep_head(s, &r.azure_sig, false));
         p.rule(R_AZURE_ENTRA, |s| {
-            substitute(s, &r.azure_entra, |c| {
-                let start = c.get(0).expect("group 0").start();
+            substitute_match(s, &r.azure_entra, |start, _| {
                 match char_before(s, start) {
                     Some(p) if is_word(p) || matches!(p, '~' | '.' | '-') => Verdict::Reject,
                     _ => Verdict::Replace("***AZURE_SECRET***".to_string()),
@@ -755,7 +711,7 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
             })
         });
     }
-    if fam & URL != 0 {
+    if p.wants(&[R_URL]) && gate.url() {
         p.rule(R_URL, |s| {
             substitute(s, &r.url, |c| {
                 if bounded(s, c, false) {
@@ -766,7 +722,7 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
             })
         });
     }
-    if fam & BEARER != 0 {
+    if p.wants(&[R_BEARER]) && gate.lower_has("bearer") {
         p.rule(R_BEARER, |s| {
             substitute(s, &r.bearer, |c| {
                 let v = c.name("v").expect("group v");
@@ -784,12 +740,12 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
             })
         });
     }
-    if fam & KV != 0 {
+    if p.wants(&[R_KV_BASIC, R_KV_FLAG, R_KV_PAIR]) && gate.kv() {
         p.rule(R_KV_BASIC, |s| keep_head(s, &r.kv_basic, false));
         p.rule(R_KV_FLAG, |s| substitute(s, &r.kv_flag, key_value));
         p.rule(R_KV_PAIR, |s| substitute(s, &r.kv_pair, key_value));
     }
-    if fam & ENTROPY != 0 {
+    {
         p.rule(R_ENTROPY, |s| {
             substitute(s, &r.entropy, |c| {
                 let m = c.get(0).expect("group 0");
@@ -813,11 +769,10 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
             })
         });
     }
-    if fam & CARD != 0 {
+    {
         p.rule(R_CARD, |s| {
-            substitute(s, &r.card, |c| {
-                let m = c.get(0).expect("group 0");
-                let mut before = s[..m.start()].chars().rev();
+            substitute_match(s, &r.card, |start, end| {
+                let mut before = s[..start].chars().rev();
                 let p1 = before.next();
                 let p2 = before.next();
                 if p1.is_some_and(|p| is_word(p) || matches!(p, '.' | '+' | '-'))
@@ -826,7 +781,7 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
                 {
                     return Verdict::Reject;
                 }
-                let mut after = s[m.end()..].chars();
+                let mut after = s[end..].chars();
                 let a1 = after.next();
                 let a2 = after.next();
                 if a1.is_some_and(is_word)
@@ -835,7 +790,7 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
                 {
                     return Verdict::Reject;
                 }
-                let digits: Vec<u8> = m.as_str().bytes().filter(u8::is_ascii_digit).collect();
+                let digits: Vec<u8> = s[start..end].bytes().filter(u8::is_ascii_digit).collect();
                 if issuer_length_ok(&digits) && luhn_valid(&digits) {
                     Verdict::Replace("***CARD_NUMBER***".to_string())
                 } else {
