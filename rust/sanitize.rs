@@ -359,9 +359,17 @@ impl<'a> Gate<'a> {
 
     fn kv(&mut self) -> bool {
         (self.has(":") || self.has("=") || self.has("--"))
-            && ["pass", "pwd", "secret", "key", "token", "auth", "credential"]
-                .iter()
-                .any(|name| self.lower_has(name))
+            && [
+                "pass",
+                "pwd",
+                "secret",
+                "key",
+                "token",
+                "auth",
+                "credential",
+            ]
+            .iter()
+            .any(|name| self.lower_has(name))
     }
 }
 
@@ -672,7 +680,9 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
         p.rule(R_JWT, |s| replace_with(s, &r.jwt, false, "***JWT***"));
     }
     {
-        p.rule(R_AWS, |s| replace_with(s, &r.aws, true, "***AWS_ACCESS_KEY***"));
+        p.rule(R_AWS, |s| {
+            replace_with(s, &r.aws, true, "***AWS_ACCESS_KEY***")
+        });
     }
     p.rule(R_GITHUB, |s| {
         replace_with(s, &r.github[0], true, "***GITHUB_TOKEN***")
@@ -697,17 +707,17 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
     }
     let trails = [false, false, true, false, false, false, false];
     for (k, (rule, trail)) in r.apikey.iter().zip(trails).enumerate() {
-        p.rule(R_APIKEY + k, |s| replace_with(s, rule, trail, "***API_KEY***"));
+        p.rule(R_APIKEY + k, |s| {
+            replace_with(s, rule, trail, "***API_KEY***")
+        });
     }
     if p.wants(&[R_AZURE_CONN, R_AZURE_SIG, R_AZURE_ENTRA]) && gate.azure() {
         p.rule(R_AZURE_CONN, |s| keep_head(s, &r.azure_conn, true));
         p.rule(R_AZURE_SIG, |s| keep_head(s, &r.azure_sig, false));
         p.rule(R_AZURE_ENTRA, |s| {
-            substitute_match(s, &r.azure_entra, |start, _| {
-                match char_before(s, start) {
-                    Some(p) if is_word(p) || matches!(p, '~' | '.' | '-') => Verdict::Reject,
-                    _ => Verdict::Replace("***AZURE_SECRET***".to_string()),
-                }
+            substitute_match(s, &r.azure_entra, |start, _| match char_before(s, start) {
+                Some(p) if is_word(p) || matches!(p, '~' | '.' | '-') => Verdict::Reject,
+                _ => Verdict::Replace("***AZURE_SECRET***".to_string()),
             })
         });
     }

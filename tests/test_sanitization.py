@@ -531,9 +531,7 @@ _VALUES = st.recursive(
         st.booleans(),
         st.none(),
     ),
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(_KEYS, inner, max_size=4)
-    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_KEYS, inner, max_size=4)),
     max_leaves=12,
 )
 
@@ -563,9 +561,7 @@ def test_the_written_line_is_orjson_of_the_reference_sanitised_event(
         path = Path(tmp) / "log.jsonl"
         writer = _native.AppendWriter(path, session_id="s", sanitize=True)
         for message, metadata, tokens in events:
-            writer.write_event(
-                "s", "step", "c", message, tokens, orjson.dumps(metadata), timestamp
-            )
+            writer.write_event("s", "step", "c", message, tokens, orjson.dumps(metadata), timestamp)
         writer.close()
         lines = path.read_bytes().splitlines()
     expected = [
