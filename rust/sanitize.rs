@@ -649,7 +649,7 @@ impl Pass<'_> {
     }
 
     fn rule(&mut self, index: usize, step: impl FnOnce(&str) -> Option<String>) {
-        if !self.set.matched(index) && !(self.changed && may_match_marks(index)) {
+        if !self.wants(&[index]) {
             return;
         }
         if let Some(new) = step(&self.text) {
