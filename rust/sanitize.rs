@@ -723,9 +723,14 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
     }
     if p.wants(&[R_URL]) && gate.url() {
         p.rule(R_URL, |s| {
-            substitute(s, &r.url, |c| {
-                if bounded(s, c, false) {
-                    Verdict::Replace(format!("{}:{REDACTED}@", &c["head"]))
+            substitute_match(s, &r.url, |start, end| {
+                if bounded_at(s, start, end, false) {
+                    // The head ends at the first ':' after "://": neither the
+                    // scheme nor the user part can hold one.
+                    let m = &s[start..end];
+                    let user = m.find("://").map_or(0, |i| i + 3);
+                    let head = user + m[user..].find(':').unwrap_or(m.len() - user);
+                    Verdict::Replace(format!("{}:{REDACTED}@", &m[..head]))
                 } else {
                     Verdict::Reject
                 }
@@ -734,16 +739,28 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
     }
     if p.wants(&[R_BEARER]) && gate.lower_has("bearer") {
         p.rule(R_BEARER, |s| {
-            substitute(s, &r.bearer, |c| {
-                let v = c.name("v").expect("group v");
+            substitute_match(s, &r.bearer, |start, end| {
+                // The groups, read off the match: "bearer" (6 ASCII bytes: no
+                // other character folds to its letters), the blank run, then `v`,
+                // the longest run of the credential's characters.
+                let m = &s[start..end];
+                let blank = m[6..]
+                    .find(|c: char| !(c.is_whitespace() || ('\x1C'..='\x1F').contains(&c)))
+                    .unwrap_or(m.len() - 6);
+                let head = 6 + blank;
+                let v_len = m.as_bytes()[head..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_alphanumeric() || b"._~+/-".contains(b))
+                    .count();
+                let v = &m[head..head + v_len];
                 // Python's lookahead: a digit within the run or just after it.
-                let digit = v.as_str().bytes().any(|b| b.is_ascii_digit())
-                    || s[v.end()..].chars().next().is_some_and(|ch| {
+                let digit = v.bytes().any(|b| b.is_ascii_digit())
+                    || s[start + head + v_len..].chars().next().is_some_and(|ch| {
                         let mut buf = [0u8; 4];
                         r.digit.is_match(ch.encode_utf8(&mut buf))
                     });
-                if digit && bounded(s, c, false) {
-                    Verdict::Replace(format!("{}{REDACTED}", &c["head"]))
+                if digit && bounded_at(s, start, end, false) {
+                    Verdict::Replace(format!("{}{REDACTED}", &m[..head]))
                 } else {
                     Verdict::Reject
                 }
