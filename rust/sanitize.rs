@@ -337,16 +337,23 @@ impl<'a> Gate<'a> {
     }
 
     /// `literal in value.lower()`.
-    fn lower_has(&mut self, literal: &str) -> bool {
+    /// `value.lower()`, made once.
+    fn lowered(&mut self) -> &[u8] {
         let value = self.value;
-        let lowered = self.lowered.get_or_insert_with(|| {
-            if value.bytes().any(|b| b.is_ascii_uppercase()) || !value.is_ascii() {
-                Cow::Owned(value.to_lowercase())
-            } else {
-                Cow::Borrowed(value)
-            }
-        });
-        memchr::memmem::find(lowered.as_bytes(), literal.as_bytes()).is_some()
+        self.lowered
+            .get_or_insert_with(|| {
+                if value.bytes().any(|b| b.is_ascii_uppercase()) || !value.is_ascii() {
+                    Cow::Owned(value.to_lowercase())
+                } else {
+                    Cow::Borrowed(value)
+                }
+            })
+            .as_bytes()
+    }
+
+    /// `literal in value.lower()`.
+    fn lower_has(&mut self, literal: &str) -> bool {
+        memchr::memmem::find(self.lowered(), literal.as_bytes()).is_some()
     }
 
     fn azure(&mut self) -> bool {
@@ -358,7 +365,8 @@ impl<'a> Gate<'a> {
     }
 
     fn kv(&mut self) -> bool {
-        (self.has(":") || self.has("=") || self.has("--"))
+        let bytes = self.value.as_bytes();
+        (memchr::memchr2(b':', b'=', bytes).is_some() || self.has("--"))
             && [
                 "pass",
                 "pwd",
