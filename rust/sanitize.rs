@@ -681,17 +681,11 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
         set,
         changed: false,
     };
-    {
-        p.rule(R_PEM, |s| replace_plain(s, &r.pem, "***PRIVATE_KEY***"));
-    }
-    {
-        p.rule(R_JWT, |s| replace_with(s, &r.jwt, false, "***JWT***"));
-    }
-    {
-        p.rule(R_AWS, |s| {
-            replace_with(s, &r.aws, true, "***AWS_ACCESS_KEY***")
-        });
-    }
+    p.rule(R_PEM, |s| replace_plain(s, &r.pem, "***PRIVATE_KEY***"));
+    p.rule(R_JWT, |s| replace_with(s, &r.jwt, false, "***JWT***"));
+    p.rule(R_AWS, |s| {
+        replace_with(s, &r.aws, true, "***AWS_ACCESS_KEY***")
+    });
     p.rule(R_GITHUB, |s| {
         replace_with(s, &r.github[0], true, "***GITHUB_TOKEN***")
     });
@@ -701,11 +695,9 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
             replace_with(s, &r.github[1], false, "***GITHUB_TOKEN***")
         });
     }
-    {
-        p.rule(R_GITLAB, |s| {
-            replace_with(s, &r.gitlab, false, "***GITLAB_TOKEN***")
-        });
-    }
+    p.rule(R_GITLAB, |s| {
+        replace_with(s, &r.gitlab, false, "***GITLAB_TOKEN***")
+    });
     {
         let (webhook, mark) = &r.slack[0];
         p.rule(R_SLACK, |s| replace_plain(s, webhook, mark));
@@ -780,60 +772,54 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
         p.rule(R_KV_FLAG, |s| substitute(s, &r.kv_flag, key_value));
         p.rule(R_KV_PAIR, |s| substitute(s, &r.kv_pair, key_value));
     }
-    {
-        p.rule(R_ENTROPY, |s| {
-            substitute(s, &r.entropy, |c| {
-                let m = c.get(0).expect("group 0");
-                let name_run =
-                    |ch: char| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-');
-                if char_before(s, m.start()).is_some_and(name_run) {
-                    return Verdict::Reject;
-                }
-                let after = s[m.end()..].chars().next();
-                if after.is_some_and(|ch| {
-                    ch.is_ascii_alphanumeric()
-                        || matches!(ch, '+' | '/' | '_' | '=' | '.' | ':' | '-')
-                }) {
-                    return Verdict::Reject;
-                }
-                if high_entropy(&c["value"]) {
-                    Verdict::Replace(format!("{}{REDACTED}", &c["head"]))
-                } else {
-                    Verdict::Keep
-                }
-            })
-        });
-    }
-    {
-        p.rule(R_CARD, |s| {
-            substitute_match(s, &r.card, |start, end| {
-                let mut before = s[..start].chars().rev();
-                let p1 = before.next();
-                let p2 = before.next();
-                if p1.is_some_and(|p| is_word(p) || matches!(p, '.' | '+' | '-'))
-                    || (p1.is_some_and(|p| p == ' ' || p == '-')
-                        && p2.is_some_and(|p| p.is_ascii_digit()))
-                {
-                    return Verdict::Reject;
-                }
-                let mut after = s[end..].chars();
-                let a1 = after.next();
-                let a2 = after.next();
-                if a1.is_some_and(is_word)
-                    || (a1.is_some_and(|a| matches!(a, '.' | ',' | ' ' | '-'))
-                        && a2.is_some_and(|a| a.is_ascii_digit()))
-                {
-                    return Verdict::Reject;
-                }
-                let digits: Vec<u8> = s[start..end].bytes().filter(u8::is_ascii_digit).collect();
-                if issuer_length_ok(&digits) && luhn_valid(&digits) {
-                    Verdict::Replace("***CARD_NUMBER***".to_string())
-                } else {
-                    Verdict::Keep
-                }
-            })
-        });
-    }
+    p.rule(R_ENTROPY, |s| {
+        substitute(s, &r.entropy, |c| {
+            let m = c.get(0).expect("group 0");
+            let name_run = |ch: char| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-');
+            if char_before(s, m.start()).is_some_and(name_run) {
+                return Verdict::Reject;
+            }
+            let after = s[m.end()..].chars().next();
+            if after.is_some_and(|ch| {
+                ch.is_ascii_alphanumeric() || matches!(ch, '+' | '/' | '_' | '=' | '.' | ':' | '-')
+            }) {
+                return Verdict::Reject;
+            }
+            if high_entropy(&c["value"]) {
+                Verdict::Replace(format!("{}{REDACTED}", &c["head"]))
+            } else {
+                Verdict::Keep
+            }
+        })
+    });
+    p.rule(R_CARD, |s| {
+        substitute_match(s, &r.card, |start, end| {
+            let mut before = s[..start].chars().rev();
+            let p1 = before.next();
+            let p2 = before.next();
+            if p1.is_some_and(|p| is_word(p) || matches!(p, '.' | '+' | '-'))
+                || (p1.is_some_and(|p| p == ' ' || p == '-')
+                    && p2.is_some_and(|p| p.is_ascii_digit()))
+            {
+                return Verdict::Reject;
+            }
+            let mut after = s[end..].chars();
+            let a1 = after.next();
+            let a2 = after.next();
+            if a1.is_some_and(is_word)
+                || (a1.is_some_and(|a| matches!(a, '.' | ',' | ' ' | '-'))
+                    && a2.is_some_and(|a| a.is_ascii_digit()))
+            {
+                return Verdict::Reject;
+            }
+            let digits: Vec<u8> = s[start..end].bytes().filter(u8::is_ascii_digit).collect();
+            if issuer_length_ok(&digits) && luhn_valid(&digits) {
+                Verdict::Replace("***CARD_NUMBER***".to_string())
+            } else {
+                Verdict::Keep
+            }
+        })
+    });
     p.text
 }
 
