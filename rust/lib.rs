@@ -971,4 +971,18 @@ mod _native {
     const MAX_DEPTH: usize = crate::parse::MAX_DEPTH;
     #[pymodule_export]
     const MAX_TOKENS: u64 = crate::parse::MAX_TOKENS;
+
+    /// The sanitizer's word boundaries are Python's `\w`, of this Python's
+    /// Unicode database (`sanitize::set_python_unicode_version`).
+    #[pymodule_init]
+    fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+        use pyo3::prelude::*;
+        let version: String = m
+            .py()
+            .import("unicodedata")?
+            .getattr("unidata_version")?
+            .extract()?;
+        crate::sanitize::set_python_unicode_version(&version);
+        Ok(())
+    }
 }

@@ -4,11 +4,11 @@
 //! module; the writer applies it to an event's message and every metadata
 //! string in the pass that serialises the event.
 //!
-//! A string is first read once by the gate: one Aho-Corasick automaton over the
-//! literal prefixes of every rule family plus a byte loop for the shapes that
-//! are not literals (digit groups of card numbers, long base64-ish runs).
-//! Most strings trigger no family and cost no regex work; the exact rules of a
-//! family run only when its gate fired.
+//! A string is first read once by one `RegexSet` of every rule (a lazy DFA
+//! pass): most strings match none and cost nothing more. Where some match, only
+//! those rules run, each where its family's gate (the reference's substring
+//! tests, `Gate`) passes; after a rule changed the text, only the rules that
+//! can match a mark's `*` run again unconditionally (`Pass`).
 //!
 //! Rust's `regex` has no lookaround or backreferences; the few Python rules that
 //! used them are the same regex without the lookaround, the lookaround checked
@@ -21,64 +21,23 @@
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
-use regex::{Captures, Regex};
+use regex::{Captures, Regex, RegexSet, SetMatches};
 
 pub const REDACTED: &str = "***REDACTED***";
 
-// Rule families, in the order they are applied: specific shapes first, so that
-// "api_key=sk-proj-..." reads "api_key=***API_KEY***" rather than a generic mark.
-const PEM: u16 = 1 << 0;
-const JWT: u16 = 1 << 1;
-const AWS: u16 = 1 << 2;
-const GITHUB: u16 = 1 << 3;
-const GITLAB: u16 = 1 << 4;
-const SLACK: u16 = 1 << 5;
-const APIKEY: u16 = 1 << 6;
-const AZURE: u16 = 1 << 7;
-const URL: u16 = 1 << 8;
-const BEARER: u16 = 1 << 9;
-const KV: u16 = 1 << 10;
-const ENTROPY: u16 = 1 << 11;
-const CARD: u16 = 1 << 12;
-
-/// The gate's literals. `true`: case-sensitive (checked at the match, the
-/// automaton being ASCII case-insensitive); `false`: matched in the lower-cased
-/// string. Each family's test is at least as loose as its rules.
+/// The literals one of which every credential-named key holds (matched
+/// case-insensitively; `false`: not case-sensitive).
 const LITERALS: &[(&str, bool)] = &[
-    ("-----", true),        // 0 pem
-    ("eyJ", true),          // 1 jwt
-    ("AKIA", true),         // 2 aws
-    ("ASIA", true),         // 3
-    ("ABIA", true),         // 4
-    ("ACCA", true),         // 5
-    ("gh", true),           // 6 github (with '_')
-    ("gl", true),           // 7 gitlab (with '-')
-    ("xox", true),          // 8 slack
-    ("xapp-", true),        // 9
-    ("hooks.slack", false), // 10
-    ("sk-", true),          // 11 apikey
-    ("k_", true),           // 12
-    ("AIza", true),         // 13
-    ("hf_", true),          // 14
-    ("whsec_", true),       // 15
-    ("Q~", true),           // 16 azure
-    ("accountkey", false),  // 17
-    ("sig=", false),        // 18
-    ("://", true),          // 19 url (with '@')
-    ("bearer", false),      // 20
-    ("--", true),           // 21 kv separators
-    ("pass", false),        // 22 kv names
-    ("pwd", false),         // 23
-    ("secret", false),      // 24
-    ("key", false),         // 25
-    ("token", false),       // 26
-    ("auth", false),        // 27
-    ("credential", false),  // 28
-    ("cookie", false),      // 29 (credential-named keys only)
+    ("pass", false),
+    ("pwd", false),
+    ("secret", false),
+    ("key", false),
+    ("token", false),
+    ("auth", false),
+    ("credential", false),
+    ("cookie", false),
 ];
-const KV_NAMES: u32 = 0x7f << 22; // literals 22..=28
-/// The literals one of which every credential-named key holds.
-const KEY_NAMES: u32 = KV_NAMES | 1 << 29;
+const KEY_NAMES: u32 = (1 << LITERALS.len()) - 1;
 
 struct Rules {
     /// The literals by their lower-cased first byte.
@@ -103,6 +62,53 @@ struct Rules {
     digit: Regex,
     py_word: Regex,
     sensitive_key: Regex,
+}
+
+// Each rule's place in `rule_set()`.
+const R_PEM: usize = 0;
+const R_JWT: usize = 1;
+const R_AWS: usize = 2;
+const R_GITHUB: usize = 3; // 2 rules
+const R_GITLAB: usize = 5;
+const R_SLACK: usize = 6; // 3 rules
+const R_APIKEY: usize = 9; // 7 rules
+const R_AZURE_CONN: usize = 16;
+const R_AZURE_SIG: usize = 17;
+const R_AZURE_ENTRA: usize = 18;
+const R_URL: usize = 19;
+const R_BEARER: usize = 20;
+const R_KV_BASIC: usize = 21;
+const R_KV_FLAG: usize = 22;
+const R_KV_PAIR: usize = 23;
+const R_ENTROPY: usize = 24;
+const R_CARD: usize = 25;
+
+/// Every rule's regex in one set, in the `R_*` order: one pass over a string
+/// tells which rules can match it at all.
+fn rule_set() -> &'static RegexSet {
+    static SET: OnceLock<RegexSet> = OnceLock::new();
+    SET.get_or_init(|| {
+        let r = rules();
+        let mut all: Vec<&Regex> = vec![&r.pem, &r.jwt, &r.aws];
+        all.extend(&r.github);
+        all.push(&r.gitlab);
+        all.extend(r.slack.iter().map(|(rule, _)| rule));
+        all.extend(&r.apikey);
+        all.extend([
+            &r.azure_conn,
+            &r.azure_sig,
+            &r.azure_entra,
+            &r.url,
+            &r.bearer,
+            &r.kv_basic,
+            &r.kv_flag,
+            &r.kv_pair,
+            &r.entropy,
+            &r.card,
+        ]);
+        debug_assert_eq!(all.len(), R_CARD + 1);
+        RegexSet::new(all.iter().map(|rule| rule.as_str())).expect("built-in sanitizer patterns")
+    })
 }
 
 fn re(pattern: &str) -> Regex {
@@ -199,7 +205,7 @@ fn rules() -> &'static Rules {
             r"|[0-9]{4} [0-9]{6} [0-9]{4,5}|[0-9]{4}-[0-9]{6}-[0-9]{4,5}"
         )),
         digit: re(r"\d"),
-        py_word: re(r"[\p{L}\p{N}_]"),
+        py_word: word_class(PYTHON_UNICODE.get().map(String::as_str)),
         // Credential-named keys: their string values are redacted whatever they
         // contain. Plain "token" is not one: in LLM pipelines it is a text token.
         sensitive_key: re(concat!(
@@ -212,7 +218,33 @@ fn rules() -> &'static Rules {
     })
 }
 
-/// Which gate literals occur in `bytes` (a bit per literal), in one pass: at each
+/// The Unicode version of the Python that loaded the module
+/// (`unicodedata.unidata_version`), set once by the module's init.
+static PYTHON_UNICODE: OnceLock<String> = OnceLock::new();
+
+/// Record the Unicode version whose letters and numbers are Python's `\w`
+/// (call before the first scrub; later calls are ignored).
+pub fn set_python_unicode_version(version: &str) {
+    let _ = PYTHON_UNICODE.set(version.to_string());
+}
+
+/// Python's `\w` for `str`: `str.isalnum()` or '_', i.e. the letters and
+/// numbers of Python's own Unicode database. `regex`'s tables are of a newer
+/// Unicode (16.0) than many Pythons (3.11: 14.0), and a letter Python does not
+/// know yet (U+13460) is a word boundary there: without the age restriction a
+/// key right after it would be kept here and redacted by the reference. An
+/// unknown version (newer than the tables) takes the tables whole.
+fn word_class(python_unicode: Option<&str>) -> Regex {
+    let base = r"[\p{L}\p{N}_]";
+    let age = python_unicode.and_then(|v| {
+        let mut parts = v.split('.');
+        let (major, minor) = (parts.next()?, parts.next()?);
+        Regex::new(&format!(r"[{base}&&\p{{Age={major}.{minor}}}]")).ok()
+    });
+    age.unwrap_or_else(|| re(base))
+}
+
+/// Which key-name literals occur in `bytes` (a bit per literal), in one pass: at each
 /// byte, only the literals starting with it (case-insensitively) are compared.
 /// (aho-corasick's overlapping search, which the gate needs, measured several
 /// times slower on short strings: it cannot use its prefilter.)
@@ -279,92 +311,74 @@ impl GateLit {
     }
 }
 
-/// The families a string can trigger (a bit per family), and the literals seen.
-fn families(value: &str) -> (u16, u32) {
-    let bytes = value.as_bytes();
-    let mut seen = literals_in(bytes);
-    if !value.is_ascii() {
-        // Lower-casing can turn a non-ASCII character into ASCII (the Kelvin sign
-        // into 'k'): the case-insensitive literals are also sought in the lower-cased text.
-        let lowered = literals_in(value.to_lowercase().as_bytes());
-        let insensitive = LITERALS
+/// The reference's family gates (`_families` in `tests/sanitize_reference.py`),
+/// read on the original string and only where a rule could run. A family's rules
+/// run only when its gate passes. Most gates are implied by a match of the
+/// family's regex (the literal is part of every match: "-----", "eyJ", "AKIA",
+/// "sk-", 13+ digits...), so the set's answer is enough; the others are here:
+/// the case-insensitive ones (a regex's `(?i)` also folds 'ſ' to 's', where
+/// `str.lower()` does not), "gh" for "github_pat_", and the URL gate for a rule
+/// run again after a change.
+struct Gate<'a> {
+    value: &'a str,
+    lowered: Option<Cow<'a, str>>,
+}
+
+impl<'a> Gate<'a> {
+    fn new(value: &'a str) -> Self {
+        Gate {
+            value,
+            lowered: None,
+        }
+    }
+
+    fn has(&self, literal: &str) -> bool {
+        memchr::memmem::find(self.value.as_bytes(), literal.as_bytes()).is_some()
+    }
+
+    /// `literal in value.lower()`.
+    /// `value.lower()`, made once.
+    fn lowered(&mut self) -> &[u8] {
+        let value = self.value;
+        self.lowered
+            .get_or_insert_with(|| {
+                if value.bytes().any(|b| b.is_ascii_uppercase()) || !value.is_ascii() {
+                    Cow::Owned(value.to_lowercase())
+                } else {
+                    Cow::Borrowed(value)
+                }
+            })
+            .as_bytes()
+    }
+
+    /// `literal in value.lower()`.
+    fn lower_has(&mut self, literal: &str) -> bool {
+        memchr::memmem::find(self.lowered(), literal.as_bytes()).is_some()
+    }
+
+    fn azure(&mut self) -> bool {
+        self.has("Q~") || self.lower_has("accountkey") || self.lower_has("sig=")
+    }
+
+    fn url(&self) -> bool {
+        self.has("://") && self.has("@")
+    }
+
+    fn kv(&mut self) -> bool {
+        let bytes = self.value.as_bytes();
+        (memchr::memchr2(b':', b'=', bytes).is_some() || self.has("--"))
+            && [
+                "pass",
+                "pwd",
+                "secret",
+                "key",
+                "token",
+                "auth",
+                "credential",
+            ]
             .iter()
-            .enumerate()
-            .filter(|(_, (_, exact))| !exact)
-            .fold(0u32, |m, (id, _)| m | 1 << id);
-        seen |= lowered & insensitive;
+            .any(|name| self.lower_has(name))
     }
-    // Single characters and the runs no literal describes.
-    let (mut under, mut dash, mut at, mut colon, mut equals) = (false, false, false, false, false);
-    let (mut digits, mut sep_after_four, mut card) = (0usize, false, false);
-    let (mut run, mut long_run) = (0usize, false);
-    for &b in bytes {
-        match b {
-            b'_' => under = true,
-            b'-' => dash = true,
-            b'@' => at = true,
-            b':' => colon = true,
-            b'=' => equals = true,
-            _ => {}
-        }
-        if b.is_ascii_digit() {
-            digits += 1;
-            if digits >= 8 || (sep_after_four && digits >= 4) {
-                card = true;
-            }
-        } else {
-            sep_after_four = (b == b' ' || b == b'-') && digits >= 4;
-            digits = 0;
-        }
-        if b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'_' | b'-') {
-            run += 1;
-            long_run |= run >= 24;
-        } else {
-            run = 0;
-        }
-    }
-    let has = |id: u32| seen & (1 << id) != 0;
-    let mut found = 0;
-    if has(0) {
-        found |= PEM;
-    }
-    if has(1) {
-        found |= JWT;
-    }
-    if has(2) || has(3) || has(4) || has(5) {
-        found |= AWS;
-    }
-    if has(6) && under {
-        found |= GITHUB;
-    }
-    if has(7) && dash {
-        found |= GITLAB;
-    }
-    if has(8) || has(9) || has(10) {
-        found |= SLACK;
-    }
-    if has(11) || has(12) || has(13) || has(14) || has(15) {
-        found |= APIKEY;
-    }
-    if has(16) || has(17) || has(18) {
-        found |= AZURE;
-    }
-    if has(19) && at {
-        found |= URL;
-    }
-    if has(20) {
-        found |= BEARER;
-    }
-    if (colon || equals || has(21)) && seen & KV_NAMES != 0 {
-        found |= KV;
-    }
-    if card {
-        found |= CARD;
-    }
-    if (colon || equals) && long_run {
-        found |= ENTROPY;
-    }
-    (found, seen)
 }
 
 /// What a rule decides at one match.
@@ -382,34 +396,57 @@ fn substitute(
     re: &Regex,
     mut judge: impl FnMut(&Captures<'_>) -> Verdict,
 ) -> Option<String> {
+    substitute_each(text, |pos| {
+        // The match alone first (a DFA pass, no allocation); the groups only of
+        // a match, on the haystack cut at its end (no rule has an end assertion,
+        // so the same match is found).
+        let m = re.find_at(text, pos)?;
+        let caps = re.captures_at(&text[..m.end()], m.start())?;
+        Some((m.start(), m.end(), judge(&caps)))
+    })
+}
+
+/// `substitute` for the rules that judge only the whole match.
+fn substitute_match(
+    text: &str,
+    re: &Regex,
+    mut judge: impl FnMut(usize, usize) -> Verdict,
+) -> Option<String> {
+    substitute_each(text, |pos| {
+        let m = re.find_at(text, pos)?;
+        Some((m.start(), m.end(), judge(m.start(), m.end())))
+    })
+}
+
+/// The substitution loop: `next(pos)` is the next match at or after `pos`
+/// (start, end) and the verdict on it.
+fn substitute_each(
+    text: &str,
+    mut next: impl FnMut(usize) -> Option<(usize, usize, Verdict)>,
+) -> Option<String> {
     let mut out: Option<String> = None;
     let mut copied = 0;
     let mut pos = 0;
     while pos <= text.len() {
-        let Some(caps) = re.captures_at(text, pos) else {
+        let Some((start, end, verdict)) = next(pos) else {
             break;
         };
-        let m = caps.get(0).expect("group 0");
-        match judge(&caps) {
+        match verdict {
             Verdict::Reject => {
                 // The next character boundary after the rejected start.
-                pos = m.start() + text[m.start()..].chars().next().map_or(1, char::len_utf8);
+                pos = start + text[start..].chars().next().map_or(1, char::len_utf8);
                 continue;
             }
             Verdict::Keep => {}
             Verdict::Replace(new) => {
                 let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
-                o.push_str(&text[copied..m.start()]);
+                o.push_str(&text[copied..start]);
                 o.push_str(&new);
-                copied = m.end();
+                copied = end;
             }
         }
         // The rules never match the empty string; guard anyway.
-        pos = if m.end() > m.start() {
-            m.end()
-        } else {
-            m.end() + 1
-        };
+        pos = if end > start { end } else { end + 1 };
     }
     out.map(|mut o| {
         o.push_str(&text[copied..]);
@@ -422,12 +459,16 @@ fn substitute(
 /// word characters (not '¼', but combining marks), so the boundaries are checked here.
 fn bounded(text: &str, c: &Captures<'_>, trail: bool) -> bool {
     let m = c.get(0).expect("group 0");
-    starts_word(text, m.start()) && (!trail || ends_word(text, m.end()))
+    bounded_at(text, m.start(), m.end(), trail)
+}
+
+fn bounded_at(text: &str, start: usize, end: usize, trail: bool) -> bool {
+    starts_word(text, start) && (!trail || ends_word(text, end))
 }
 
 fn replace_with(text: &str, re: &Regex, trail: bool, mark: &str) -> Option<String> {
-    substitute(text, re, |c| {
-        if bounded(text, c, trail) {
+    substitute_match(text, re, |start, end| {
+        if bounded_at(text, start, end, trail) {
             Verdict::Replace(mark.to_string())
         } else {
             Verdict::Reject
@@ -436,7 +477,7 @@ fn replace_with(text: &str, re: &Regex, trail: bool, mark: &str) -> Option<Strin
 }
 
 fn replace_plain(text: &str, re: &Regex, mark: &str) -> Option<String> {
-    substitute(text, re, |_| Verdict::Replace(mark.to_string()))
+    substitute_match(text, re, |_, _| Verdict::Replace(mark.to_string()))
 }
 
 fn keep_head(text: &str, re: &Regex, lead: bool) -> Option<String> {
@@ -586,160 +627,200 @@ fn key_value(c: &Captures<'_>) -> Verdict {
     Verdict::Replace(format!("{}{REDACTED}{}", &whole[..s], &whole[e..]))
 }
 
-fn apply(mut text: Cow<'_, str>, step: impl FnOnce(&str) -> Option<String>) -> Cow<'_, str> {
-    if let Some(new) = step(&text) {
-        text = Cow::Owned(new);
+/// One string through the rules in order. A rule runs only where the one
+/// `RegexSet` pass over the original text says its regex matches somewhere (its
+/// code checks can still reject).
+///
+/// The set is not run again after a rule changed the text: a change only ever
+/// replaces a substring by a mark (`***NAME***`, with `*` at both ends and only
+/// `A-Z` and `_` inside), everything else is kept. A match the original text did
+/// not have must therefore use a character of a mark; no rule matches within a
+/// mark's letters, and only the rules in `may_match_marks` can match a `*`, so
+/// those run whenever the text has changed.
+struct Pass<'a> {
+    text: Cow<'a, str>,
+    set: SetMatches,
+    changed: bool,
+}
+
+/// The rules whose regex can match a `*` (negated classes, `.`).
+fn may_match_marks(index: usize) -> bool {
+    matches!(index, R_PEM | R_URL | R_KV_FLAG | R_KV_PAIR)
+}
+
+impl Pass<'_> {
+    /// Whether one of these rules would run.
+    fn wants(&self, indices: &[usize]) -> bool {
+        indices
+            .iter()
+            .any(|&i| self.set.matched(i) || (self.changed && may_match_marks(i)))
     }
-    text
+
+    fn rule(&mut self, index: usize, step: impl FnOnce(&str) -> Option<String>) {
+        if !self.wants(&[index]) {
+            return;
+        }
+        if let Some(new) = step(&self.text) {
+            self.text = Cow::Owned(new);
+            self.changed = true;
+        }
+    }
 }
 
 /// `value` with every secret replaced by a `***...***` mark (borrowed when clean).
 pub fn sanitize(value: &str) -> Cow<'_, str> {
-    let (fam, seen) = families(value);
-    let mut t = Cow::Borrowed(value);
-    if fam == 0 {
-        return t;
+    // No rule's regex matches anywhere: nothing can change (most strings end here).
+    let set = rule_set().matches(value);
+    if !set.matched_any() {
+        return Cow::Borrowed(value);
     }
+    let mut gate = Gate::new(value);
     let r = rules();
-    if fam & PEM != 0 {
-        t = apply(t, |s| replace_plain(s, &r.pem, "***PRIVATE_KEY***"));
-    }
-    if fam & JWT != 0 {
-        t = apply(t, |s| replace_with(s, &r.jwt, false, "***JWT***"));
-    }
-    if fam & AWS != 0 {
-        t = apply(t, |s| replace_with(s, &r.aws, true, "***AWS_ACCESS_KEY***"));
-    }
-    if fam & GITHUB != 0 {
-        for (rule, trail) in r.github.iter().zip([true, false]) {
-            t = apply(t, |s| replace_with(s, rule, trail, "***GITHUB_TOKEN***"));
-        }
-    }
-    if fam & GITLAB != 0 {
-        t = apply(t, |s| {
-            replace_with(s, &r.gitlab, false, "***GITLAB_TOKEN***")
+    let mut p = Pass {
+        text: Cow::Borrowed(value),
+        set,
+        changed: false,
+    };
+    p.rule(R_PEM, |s| replace_plain(s, &r.pem, "***PRIVATE_KEY***"));
+    p.rule(R_JWT, |s| replace_with(s, &r.jwt, false, "***JWT***"));
+    p.rule(R_AWS, |s| {
+        replace_with(s, &r.aws, true, "***AWS_ACCESS_KEY***")
+    });
+    p.rule(R_GITHUB, |s| {
+        replace_with(s, &r.github[0], true, "***GITHUB_TOKEN***")
+    });
+    // "github_pat_" holds no "gh": its family's gate is not implied by its match.
+    if p.wants(&[R_GITHUB + 1]) && gate.has("gh") {
+        p.rule(R_GITHUB + 1, |s| {
+            replace_with(s, &r.github[1], false, "***GITHUB_TOKEN***")
         });
     }
-    if fam & SLACK != 0 {
+    p.rule(R_GITLAB, |s| {
+        replace_with(s, &r.gitlab, false, "***GITLAB_TOKEN***")
+    });
+    {
         let (webhook, mark) = &r.slack[0];
-        t = apply(t, |s| replace_plain(s, webhook, mark));
-        for (rule, mark) in &r.slack[1..] {
-            t = apply(t, |s| replace_with(s, rule, false, mark));
+        p.rule(R_SLACK, |s| replace_plain(s, webhook, mark));
+        for (k, (rule, mark)) in r.slack[1..].iter().enumerate() {
+            p.rule(R_SLACK + 1 + k, |s| replace_with(s, rule, false, mark));
         }
     }
-    if fam & APIKEY != 0 {
-        // Each rule only where its own literal is (no mark holds one of these).
-        let needs = [11, 11, 11, 12, 13, 14, 15];
-        let trails = [false, false, true, false, false, false, false];
-        for ((rule, lit), trail) in r.apikey.iter().zip(needs).zip(trails) {
-            if seen & (1 << lit) != 0 {
-                t = apply(t, |s| replace_with(s, rule, trail, "***API_KEY***"));
-            }
-        }
+    let trails = [false, false, true, false, false, false, false];
+    for (k, (rule, trail)) in r.apikey.iter().zip(trails).enumerate() {
+        p.rule(R_APIKEY + k, |s| {
+            replace_with(s, rule, trail, "***API_KEY***")
+        });
     }
-    if fam & AZURE != 0 {
-        t = apply(t, |s| keep_head(s, &r.azure_conn, true));
-        t = apply(t, |s| keep_head(s, &r.azure_sig, false));
-        t = apply(t, |s| {
-            substitute(s, &r.azure_entra, |c| {
-                let start = c.get(0).expect("group 0").start();
-                match char_before(s, start) {
-                    Some(p) if is_word(p) || matches!(p, '~' | '.' | '-') => Verdict::Reject,
-                    _ => Verdict::Replace("***AZURE_SECRET***".to_string()),
-                }
+    if p.wants(&[R_AZURE_CONN, R_AZURE_SIG, R_AZURE_ENTRA]) && gate.azure() {
+        p.rule(R_AZURE_CONN, |s| keep_head(s, &r.azure_conn, true));
+        p.rule(R_AZURE_SIG, |s| keep_head(s, &r.azure_sig, false));
+        p.rule(R_AZURE_ENTRA, |s| {
+            substitute_match(s, &r.azure_entra, |start, _| match char_before(s, start) {
+                Some(p) if is_word(p) || matches!(p, '~' | '.' | '-') => Verdict::Reject,
+                _ => Verdict::Replace("***AZURE_SECRET***".to_string()),
             })
         });
     }
-    if fam & URL != 0 {
-        t = apply(t, |s| {
-            substitute(s, &r.url, |c| {
-                if bounded(s, c, false) {
-                    Verdict::Replace(format!("{}:{REDACTED}@", &c["head"]))
+    if p.wants(&[R_URL]) && gate.url() {
+        p.rule(R_URL, |s| {
+            substitute_match(s, &r.url, |start, end| {
+                if bounded_at(s, start, end, false) {
+                    // The head ends at the first ':' after "://": neither the
+                    // scheme nor the user part can hold one.
+                    let m = &s[start..end];
+                    let user = m.find("://").map_or(0, |i| i + 3);
+                    let head = user + m[user..].find(':').unwrap_or(m.len() - user);
+                    Verdict::Replace(format!("{}:{REDACTED}@", &m[..head]))
                 } else {
                     Verdict::Reject
                 }
             })
         });
     }
-    if fam & BEARER != 0 {
-        t = apply(t, |s| {
-            substitute(s, &r.bearer, |c| {
-                let v = c.name("v").expect("group v");
+    if p.wants(&[R_BEARER]) && gate.lower_has("bearer") {
+        p.rule(R_BEARER, |s| {
+            substitute_match(s, &r.bearer, |start, end| {
+                // The groups, read off the match: "bearer" (6 ASCII bytes: no
+                // other character folds to its letters), the blank run, then `v`,
+                // the longest run of the credential's characters.
+                let m = &s[start..end];
+                let blank = m[6..]
+                    .find(|c: char| !(c.is_whitespace() || ('\x1C'..='\x1F').contains(&c)))
+                    .unwrap_or(m.len() - 6);
+                let head = 6 + blank;
+                let v_len = m.as_bytes()[head..]
+                    .iter()
+                    .take_while(|b| b.is_ascii_alphanumeric() || b"._~+/-".contains(b))
+                    .count();
+                let v = &m[head..head + v_len];
                 // Python's lookahead: a digit within the run or just after it.
-                let digit = v.as_str().bytes().any(|b| b.is_ascii_digit())
-                    || s[v.end()..].chars().next().is_some_and(|ch| {
+                let digit = v.bytes().any(|b| b.is_ascii_digit())
+                    || s[start + head + v_len..].chars().next().is_some_and(|ch| {
                         let mut buf = [0u8; 4];
                         r.digit.is_match(ch.encode_utf8(&mut buf))
                     });
-                if digit && bounded(s, c, false) {
-                    Verdict::Replace(format!("{}{REDACTED}", &c["head"]))
+                if digit && bounded_at(s, start, end, false) {
+                    Verdict::Replace(format!("{}{REDACTED}", &m[..head]))
                 } else {
                     Verdict::Reject
                 }
             })
         });
     }
-    if fam & KV != 0 {
-        t = apply(t, |s| keep_head(s, &r.kv_basic, false));
-        t = apply(t, |s| substitute(s, &r.kv_flag, key_value));
-        t = apply(t, |s| substitute(s, &r.kv_pair, key_value));
+    if p.wants(&[R_KV_BASIC, R_KV_FLAG, R_KV_PAIR]) && gate.kv() {
+        p.rule(R_KV_BASIC, |s| keep_head(s, &r.kv_basic, false));
+        p.rule(R_KV_FLAG, |s| substitute(s, &r.kv_flag, key_value));
+        p.rule(R_KV_PAIR, |s| substitute(s, &r.kv_pair, key_value));
     }
-    if fam & ENTROPY != 0 {
-        t = apply(t, |s| {
-            substitute(s, &r.entropy, |c| {
-                let m = c.get(0).expect("group 0");
-                let name_run =
-                    |ch: char| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-');
-                if char_before(s, m.start()).is_some_and(name_run) {
-                    return Verdict::Reject;
-                }
-                let after = s[m.end()..].chars().next();
-                if after.is_some_and(|ch| {
-                    ch.is_ascii_alphanumeric()
-                        || matches!(ch, '+' | '/' | '_' | '=' | '.' | ':' | '-')
-                }) {
-                    return Verdict::Reject;
-                }
-                if high_entropy(&c["value"]) {
-                    Verdict::Replace(format!("{}{REDACTED}", &c["head"]))
-                } else {
-                    Verdict::Keep
-                }
-            })
-        });
-    }
-    if fam & CARD != 0 {
-        t = apply(t, |s| {
-            substitute(s, &r.card, |c| {
-                let m = c.get(0).expect("group 0");
-                let mut before = s[..m.start()].chars().rev();
-                let p1 = before.next();
-                let p2 = before.next();
-                if p1.is_some_and(|p| is_word(p) || matches!(p, '.' | '+' | '-'))
-                    || (p1.is_some_and(|p| p == ' ' || p == '-')
-                        && p2.is_some_and(|p| p.is_ascii_digit()))
-                {
-                    return Verdict::Reject;
-                }
-                let mut after = s[m.end()..].chars();
-                let a1 = after.next();
-                let a2 = after.next();
-                if a1.is_some_and(is_word)
-                    || (a1.is_some_and(|a| matches!(a, '.' | ',' | ' ' | '-'))
-                        && a2.is_some_and(|a| a.is_ascii_digit()))
-                {
-                    return Verdict::Reject;
-                }
-                let digits: Vec<u8> = m.as_str().bytes().filter(u8::is_ascii_digit).collect();
-                if issuer_length_ok(&digits) && luhn_valid(&digits) {
-                    Verdict::Replace("***CARD_NUMBER***".to_string())
-                } else {
-                    Verdict::Keep
-                }
-            })
-        });
-    }
-    t
+    p.rule(R_ENTROPY, |s| {
+        substitute(s, &r.entropy, |c| {
+            let m = c.get(0).expect("group 0");
+            let name_run = |ch: char| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-');
+            if char_before(s, m.start()).is_some_and(name_run) {
+                return Verdict::Reject;
+            }
+            let after = s[m.end()..].chars().next();
+            if after.is_some_and(|ch| {
+                ch.is_ascii_alphanumeric() || matches!(ch, '+' | '/' | '_' | '=' | '.' | ':' | '-')
+            }) {
+                return Verdict::Reject;
+            }
+            if high_entropy(&c["value"]) {
+                Verdict::Replace(format!("{}{REDACTED}", &c["head"]))
+            } else {
+                Verdict::Keep
+            }
+        })
+    });
+    p.rule(R_CARD, |s| {
+        substitute_match(s, &r.card, |start, end| {
+            let mut before = s[..start].chars().rev();
+            let p1 = before.next();
+            let p2 = before.next();
+            if p1.is_some_and(|p| is_word(p) || matches!(p, '.' | '+' | '-'))
+                || (p1.is_some_and(|p| p == ' ' || p == '-')
+                    && p2.is_some_and(|p| p.is_ascii_digit()))
+            {
+                return Verdict::Reject;
+            }
+            let mut after = s[end..].chars();
+            let a1 = after.next();
+            let a2 = after.next();
+            if a1.is_some_and(is_word)
+                || (a1.is_some_and(|a| matches!(a, '.' | ',' | ' ' | '-'))
+                    && a2.is_some_and(|a| a.is_ascii_digit()))
+            {
+                return Verdict::Reject;
+            }
+            let digits: Vec<u8> = s[start..end].bytes().filter(u8::is_ascii_digit).collect();
+            if issuer_length_ok(&digits) && luhn_valid(&digits) {
+                Verdict::Replace("***CARD_NUMBER***".to_string())
+            } else {
+                Verdict::Keep
+            }
+        })
+    });
+    p.text
 }
 
 /// Whether a metadata key names a credential (its string value is redacted
@@ -920,6 +1001,21 @@ mod tests {
         assert!(is_sensitive_key("OPENAI_API_KEY"));
         assert!(!is_sensitive_key("token"));
         assert!(!is_sensitive_key("input_tokens"));
+    }
+
+    #[test]
+    fn word_characters_follow_pythons_unicode_version() {
+        // U+13460 (Egyptian hieroglyph, Unicode 16.0) is a letter for Python 3.14
+        // (Unicode 16.0) and not for Python 3.11 (14.0); 'é' and '٣' always.
+        let new_letter = "\u{13460}";
+        assert!(word_class(None).is_match(new_letter));
+        assert!(word_class(Some("16.0.0")).is_match(new_letter));
+        assert!(!word_class(Some("14.0.0")).is_match(new_letter));
+        for old in ["é", "٣", "_", "A"] {
+            assert!(word_class(Some("14.0.0")).is_match(old), "{old}");
+        }
+        // A version the tables do not know: the tables whole.
+        assert!(word_class(Some("99.0.0")).is_match(new_letter));
     }
 
     #[test]

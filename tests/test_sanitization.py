@@ -486,6 +486,102 @@ def test_native_rules_agree_with_the_reference_on_any_mix(parts: list[str]) -> N
     assert _native.sanitize_string(text) == Reference().sanitize_string(text)
 
 
+def test_a_secret_after_a_newer_unicode_letter_is_redacted() -> None:
+    """U+13460 is a letter only from Unicode 16.0 on: the reference's ``\\b``
+    (Python's ``str.isalnum()`` of its own Unicode database) sees a boundary
+    before the key, so the native rules must redact it too."""
+    from sanitize_reference import LogSanitizer as Reference
+
+    text = "\U00013460sk-svcacct-" + "Ab3dEfGhIjKlMnOpQrStUvWx"
+    assert Reference().sanitize_string(text) == "\U00013460***API_KEY***"
+    assert _native.sanitize_string(text) == Reference().sanitize_string(text)
+
+
+def test_word_characters_are_pythons_on_every_code_point() -> None:
+    """The word-boundary rule before a secret, checked on every code point
+    against the reference's: Python's ``\\w`` is ``str.isalnum()`` or ``_``."""
+    import re as _re
+
+    body = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6"
+    redacted = "***GITHUB_TOKEN***"
+    wrong = []
+    for code in range(0x80, 0x110000):
+        if 0xD800 <= code <= 0xDFFF:
+            continue
+        char = chr(code)
+        word = _re.match(r"\w", char) is not None
+        got = _native.sanitize_string(char + body)
+        if (got == char + redacted) == word:
+            wrong.append(f"U+{code:04X}")
+    assert not wrong, f"{len(wrong)} code points disagree, e.g. {wrong[:10]}"
+
+
+_TEXTS = st.lists(st.one_of(st.sampled_from(_PIECES), st.text(max_size=12)), max_size=6).map(
+    "".join
+)
+_KEYS = st.one_of(
+    st.sampled_from(["password", "api_key", "token", "Authorization", "model", "error", "x"]),
+    st.text(max_size=10),
+)
+_VALUES = st.recursive(
+    st.one_of(
+        _TEXTS,
+        st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.booleans(),
+        st.none(),
+    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(_KEYS, inner, max_size=4)),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(_TEXTS, st.dictionaries(_KEYS, _VALUES, max_size=6), st.integers(0, 1 << 53)),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_the_written_line_is_orjson_of_the_reference_sanitised_event(
+    events: list[tuple[str, dict[str, Any], int]],
+) -> None:
+    """Byte for byte: the writer's line with ``sanitize=True`` (the default
+    logger's path: orjson metadata, scrubbed natively) equals orjson's
+    serialisation of the event scrubbed by the reference."""
+    import tempfile
+    from pathlib import Path
+
+    from sanitize_reference import LogSanitizer as Reference
+
+    reference = Reference()
+    timestamp = "2026-11-29T04:00:00.000000+00:00"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "log.jsonl"
+        writer = _native.AppendWriter(path, session_id="s", sanitize=True)
+        for message, metadata, tokens in events:
+            writer.write_event("s", "step", "c", message, tokens, orjson.dumps(metadata), timestamp)
+        writer.close()
+        lines = path.read_bytes().splitlines()
+    expected = [
+        orjson.dumps(
+            {
+                "timestamp": timestamp,
+                "session_id": "s",
+                "event_type": "step",
+                "component": "c",
+                "message": reference.sanitize_string(message),
+                "tokens": tokens,
+                "metadata": reference.sanitize_dict(metadata),
+                "seq": seq,
+            }
+        )
+        for seq, (message, metadata, tokens) in enumerate(events)
+    ]
+    assert lines == expected
+
+
 def test_sensitive_keys_agree_with_the_reference() -> None:
     from sanitize_reference import _SENSITIVE_KEY
 
