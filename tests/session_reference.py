@@ -161,6 +161,8 @@ class Run:
     last_at: str | None = None
     tokens: int = 0
     events: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
     budget: int | None = None
     components: dict[str, Component] = field(default_factory=dict)
 
@@ -179,6 +181,9 @@ class Run:
             "budget": self.budget,
             "steps_completed": sum(c["operations"] for c in comps.values()),
             "steps_failed": sum(c["errors"] for c in comps.values()),
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "source": "log",
             "components": comps,
         }
 
@@ -335,6 +340,10 @@ def fold_reference(data: bytes) -> dict[str, Any]:
         run.tokens = min(U64_MAX, run.tokens + e.tokens)
         run.events += 1
         run.last_at = e.timestamp
+        if e.seq is not None:
+            if run.first_seq is None:
+                run.first_seq = e.seq
+            run.last_seq = e.seq
 
     current = runs[-1] if runs else head
     duration = seconds_between(state["first_timestamp"], state["last_timestamp"])
