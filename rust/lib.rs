@@ -313,6 +313,58 @@ impl PyFold {
         snapshot::session(py, &st)
     }
 
+    /// Fold one event given by its fields, for a reader that holds events
+    /// rather than lines (the span mapping). The same rules as a line's: an
+    /// event whose `metadata_json` is not a JSON object is malformed.
+    #[pyo3(signature = (timestamp, event_type, component, tokens, seq = None, metadata_json = "{}", message = "", session_id = "", offset = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn feed_event(
+        &self,
+        timestamp: &str,
+        event_type: &str,
+        component: &str,
+        tokens: u64,
+        seq: Option<u64>,
+        metadata_json: &str,
+        message: &str,
+        session_id: &str,
+        offset: u64,
+    ) -> PyResult<()> {
+        let text = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string());
+        let mut line = String::with_capacity(128 + metadata_json.len() + message.len());
+        line.push_str("{\"timestamp\":");
+        line.push_str(&text(timestamp));
+        line.push_str(",\"session_id\":");
+        line.push_str(&text(session_id));
+        line.push_str(",\"event_type\":");
+        line.push_str(&text(event_type));
+        line.push_str(",\"component\":");
+        line.push_str(&text(component));
+        line.push_str(",\"message\":");
+        line.push_str(&text(message));
+        line.push_str(",\"tokens\":");
+        line.push_str(&tokens.to_string());
+        line.push_str(",\"metadata\":");
+        line.push_str(metadata_json);
+        if let Some(seq) = seq {
+            line.push_str(",\"seq\":");
+            line.push_str(&seq.to_string());
+        }
+        line.push('}');
+        // One short line: the GIL is kept (releasing it per event would cost
+        // more than the fold, and a busy thread would wait to get it back).
+        guard("Fold.feed_event", || {
+            lock(&self.state).feed_line(line.as_bytes(), offset);
+            Ok(())
+        })
+    }
+
+    /// The tokens of everything folded so far (no snapshot taken).
+    #[getter]
+    fn tokens(&self, py: Python<'_>) -> PyResult<u64> {
+        guard("Fold.tokens", || Ok(py.detach(|| lock(&self.state).tokens)))
+    }
+
     /// The whole session's history: this fold of the log joined with the
     /// session's ledger (`tokens.json`), if one was read and is usable.
     #[pyo3(signature = (ledger = None))]

@@ -25,6 +25,7 @@ __all__ = [
     "MAX_LINE_BYTES",
     "ComponentSnapshot",
     "ComponentTotals",
+    "EventModel",
     "HistoryModel",
     "HistorySnapshot",
     "LastError",
@@ -399,6 +400,27 @@ class SessionModel:
     def wait(self, timeout: float) -> bool:
         """Block, without the GIL, until the log changes or ``timeout`` seconds pass."""
         return self.tailer.wait(timeout)
+
+
+class EventModel:
+    """The native session model fed one event at a time, for a reader that holds
+    events rather than lines (the OTLP span mapping): every total it reports is
+    the fold's, so it cannot disagree with the other views (contract 12)."""
+
+    __slots__ = ("_fold", "feed")
+
+    def __init__(self) -> None:
+        self._fold = _native.Fold(0)
+        #: ``feed(timestamp, event_type, component, tokens, seq, metadata_json)``
+        self.feed = self._fold.feed_event
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the events fed so far."""
+        return self._fold.tokens
+
+    def snapshot(self) -> SessionSnapshot:
+        return self._fold.snapshot()
 
 
 LEDGER_FILE_NAME = "tokens.json"
