@@ -1643,7 +1643,7 @@ def write_summaries(
         "components": metric_components,
         # Runs whose events left the log count in tokens.json (the ledger); the
         # component numbers above are the model's of what the log holds.
-        "components_cover_runs": [r.run for r in runs if r not in history.ledger_only],
+        "components_cover_runs": [r.run for r in runs if r.source == "log"],
         "slowest_component": max(
             timed, key=lambda n: (timed[n]["average_latency_ms"], n), default=None
         ),

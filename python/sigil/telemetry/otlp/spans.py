@@ -144,6 +144,7 @@ class _Span:
         "end_ns",
         "error_type",
         "events",
+        "first",
         "fold",
         "implicit",
         "key",
@@ -161,7 +162,9 @@ class _Span:
         self.key = key
         self.start_ns = start_ns
         self.end_ns = start_ns
-        #: the native model of the events this span carries (created by the first)
+        #: the first event with tokens this span carries, and the native model
+        #: of them all once there are two
+        self.first: _Event | None = None
         self.fold: EventModel | None = None
         self.attributes: dict[str, Any] = {}
         self.events: list[SpanEventRecord] = []
@@ -175,14 +178,24 @@ class _Span:
         self.implicit = False
 
     def take(self, ev: _Event) -> None:
-        """Carry ``ev``'s tokens: each event's land on exactly one span."""
+        """Carry ``ev``'s tokens: each event's land on exactly one span. A span
+        whose tokens come from one event carries that event's; from several, the
+        native model's total of them (an event without tokens changes none)."""
+        if not ev.tokens:
+            return
         if self.fold is None:
+            if self.first is None:
+                self.first = ev
+                return
             self.fold = EventModel()
+            self.first.feed(self.fold)
         ev.feed(self.fold)
 
     @property
     def tokens(self) -> int:
-        return self.fold.tokens if self.fold is not None else 0
+        if self.fold is not None:
+            return self.fold.tokens
+        return self.first.tokens if self.first is not None else 0
 
     def add_event(self, name: str, time_ns: int, attributes: dict[str, Any]) -> None:
         if len(self.events) < MAX_SPAN_EVENTS:
@@ -381,7 +394,9 @@ class SpanBuilder:
         self._index += 1
         now = ev.time_ns if ev.time_ns is not None else self._last_ns
         self._last_ns = now
-        ev.feed(self.fold)
+        tokens = ev.tokens
+        if tokens:  # an event without tokens changes no total
+            ev.feed(self.fold)
         kind = ev.event_type
 
         run = self._run
@@ -391,7 +406,8 @@ class SpanBuilder:
                 self._close_run(run, out, "incomplete")
             run = self._start_run(key, now, ev if kind == "session_start" else None)
         run.last_ns = max(run.last_ns, now)
-        ev.feed(run.fold)
+        if tokens:
+            ev.feed(run.fold)
         component = ev.component
 
         if kind == "session_start":
