@@ -267,3 +267,62 @@ def test_a_run_end_after_an_external_rename_reads_the_log_anew(tmp_path: Path) -
     os.rename(session / "execution.jsonl", session / "execution.jsonl.1")
     _write(session / "execution.jsonl", lines[4:])
     assert model.at_run_end() is None  # the caller reads the history anew
+
+
+def test_a_run_end_continues_the_fold_when_a_segment_is_compressed(tmp_path: Path) -> None:
+    import gzip
+
+    session = tmp_path / "sessions" / "h"
+    session.mkdir(parents=True)
+    lines = _session([([("planning", 11, "ok")], "complete")] * 3)
+    third = next(i for i, line in enumerate(lines) if b'"run":3' in line)
+    (session / "execution.jsonl.1.gz").write_bytes(
+        gzip.compress(b"".join(line + b"\n" for line in lines[:4]))
+    )
+    _write(session / "execution.jsonl", lines[4:third])
+    model = HistoryModel(session)
+    model.read()
+    with (session / "execution.jsonl").open("ab") as f:
+        f.write(b"".join(line + b"\n" for line in lines[third:]))
+    at_end = model.at_run_end()
+    assert at_end is not None
+    assert history_view(at_end) == history_view(session_history(session))
+    assert [r.number for r in at_end.runs] == [1, 2, 3] and at_end.tokens == 33
+
+
+def test_the_orchestrators_run_end_does_not_fold_the_log_again(
+    sigil_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs in process: each run's end continues the fold its start made
+    (or, the ledger being current, made beside its steps): the history is read
+    from the log once per run, at its start."""
+    import asyncio
+
+    from sigil.interfaces.cli import orchestrator as module
+
+    reads: list[Path] = []
+    ends: list[bool] = []
+    real_read = module.read_session_history
+    real_end = HistoryModel.at_run_end
+
+    def read(session_dir: Path, **kw: Any) -> Any:
+        reads.append(session_dir)
+        return real_read(session_dir, **kw)
+
+    def end(self: HistoryModel) -> Any:
+        history = real_end(self)
+        ends.append(history is not None)
+        return history
+
+    monkeypatch.setattr(module, "read_session_history", read)
+    monkeypatch.setattr(HistoryModel, "at_run_end", end)
+    results = [asyncio.run(module.Orchestrator("twice").execute("Analyze lead")) for _ in range(2)]
+    assert [r.status for r in results] == ["complete", "complete"]
+    assert len(reads) == 2 and ends == [True, True]
+    session = sigil_home / "logs" / "sessions" / "twice"
+    tokens = json.loads((session / "tokens.json").read_text())
+    fresh = session_history(session, use_ledger=False)
+    assert tokens["total_used"] == fresh.tokens == results[1].total_tokens
+    assert [(r["run"], r["tokens_used"]) for r in tokens["runs"]] == [
+        (r.number, r.tokens) for r in fresh.runs
+    ]

@@ -460,8 +460,10 @@ class HistoryModel:
         self._fold: _native.Fold | None = None
         #: the tailer's model, when a segment is compressed (it follows the log itself)
         self._model: SessionModel | None = None
-        #: where the fold stopped in the live file (None: folded no live file)
+        #: where the fold stopped in the live file (None: there was none)
         self._live: _native.Checkpoint | None = None
+        #: the rotated segments folded (a run's end with others reads anew)
+        self._segments: list[str] = []
         #: the fold covers the log from its oldest segment
         self._folded = False
 
@@ -485,6 +487,7 @@ class HistoryModel:
             return
         directory = self.session_dir
         segments = rotated_segments(directory)
+        self._segments = [path.name for path in segments]
         if any(path.name.endswith(".gz") for path in segments):
             model = SessionModel(directory.name, directory.parent.parent, last_n=self.last_n)
             model.update()
@@ -528,10 +531,11 @@ class HistoryModel:
             self._model.update()
             return self._history(self.ledger())
         assert self._fold is not None
+        if [path.name for path in rotated_segments(self.session_dir)] != self._segments:
+            return None  # rotated meanwhile
         live = self.session_dir / LOG_FILE_NAME
-        if self._live is None:
-            return None
         try:
+            # No live file at rest: the run created it, all of it is new.
             moved = self._fold.continue_file(live, self._live)
         except FileNotFoundError:
             return None
