@@ -29,7 +29,10 @@ on that component's attempt that has just ended (until the next step event of
 any component: a ``token_consumption`` logged right after its
 ``step_complete`` still belongs to it), else on the root. So the sum of
 ``sigil.tokens`` over a session's spans is exactly the session's total; the
-root also carries the run's total as ``sigil.run.tokens``.
+root also carries the run's total as ``sigil.run.tokens``. No total is added
+up here (contract 12): a run's, the session's and a span's of several events
+are the native model's of those events (``log_parser.EventModel``), so the
+spans cannot disagree with the other views.
 
 **Identity.** Trace and span IDs are SHA-256 digests of the session ID and the
 ``seq`` of the event that opens the run or span, so exporting a session twice
