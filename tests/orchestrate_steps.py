@@ -67,10 +67,21 @@ class MisconfiguredReasoning(ReasoningStep):
 
 
 class SlowPlanning(PlanningStep):
-    """Sleeps ``SIGIL_TEST_SLOW_SECONDS`` (default 0) before planning: a window for kill -9."""
+    """Sleeps ``SIGIL_TEST_SLOW_SECONDS`` (default 0) before planning: a window for kill -9.
+
+    With ``SIGIL_TEST_GATE`` set, it then waits until that file exists (at most
+    60 s): a pause point a test opens when it has done what it does mid-run,
+    however slowly a loaded machine got there.
+    """
 
     async def run(self, ctx: StepContext) -> StepOutput:
         await asyncio.sleep(float(os.environ.get("SIGIL_TEST_SLOW_SECONDS", "0")))
+        gate = os.environ.get("SIGIL_TEST_GATE")
+        if gate:
+            for _ in range(3000):
+                if os.path.exists(gate):
+                    break
+                await asyncio.sleep(0.02)
         return await super().run(ctx)
 
 

@@ -658,7 +658,13 @@ class Orchestrator:
     """
 
     def __init__(
-        self, home: Path, env: dict[str, str], session: str, *args: str, slow: float = 0.0
+        self,
+        home: Path,
+        env: dict[str, str],
+        session: str,
+        *args: str,
+        slow: float = 0.0,
+        gate: Path | None = None,
     ) -> None:
         home.mkdir(parents=True, exist_ok=True)
         config = home / "config.yaml"
@@ -669,6 +675,8 @@ class Orchestrator:
             filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")])
         )
         run_env["SIGIL_TEST_SLOW_SECONDS"] = str(slow)
+        if gate is not None:
+            run_env["SIGIL_TEST_GATE"] = str(gate)
         run_env.pop("OPENAI_API_KEY", None)
         task = [] if "--resume" in args else ["--task", TASK]
         self.proc = subprocess.Popen(
@@ -692,8 +700,10 @@ class Orchestrator:
 def orchestrate(sigil_home: Path, env: dict[str, str]) -> Iterator[Callable[..., Orchestrator]]:
     started: list[Orchestrator] = []
 
-    def start(session: str, *args: str, slow: float = 0.0) -> Orchestrator:
-        orch = Orchestrator(sigil_home, env, session, *args, slow=slow)
+    def start(
+        session: str, *args: str, slow: float = 0.0, gate: Path | None = None
+    ) -> Orchestrator:
+        orch = Orchestrator(sigil_home, env, session, *args, slow=slow, gate=gate)
         started.append(orch)
         return orch
 
@@ -793,7 +803,10 @@ def test_orchestrate_killed_9_then_resumed(
 
 
 def test_orchestrate_with_two_rotations_and_malformed_lines(
-    monitor: Callable[..., Terminal], orchestrate: Callable[..., Orchestrator], log_path: Path
+    monitor: Callable[..., Terminal],
+    orchestrate: Callable[..., Orchestrator],
+    log_path: Path,
+    tmp_path: Path,
 ) -> None:
     session = log_path / "sessions" / "orch-5"
     assert orchestrate("orch-5", slow=0).wait() == 0  # run 1
@@ -801,7 +814,8 @@ def test_orchestrate_with_two_rotations_and_malformed_lines(
     os.rename(session / "execution.jsonl", session / "execution_20260111_101500.jsonl")
     with open(session / "execution.jsonl", "a") as f:
         f.write('garbage written by hand\n{"tokens": "many"}\n')
-    orch = orchestrate("orch-5", slow=1.0)  # run 2
+    gate = tmp_path / "planning-may-go-on"
+    orch = orchestrate("orch-5", gate=gate)  # run 2: planning waits for the gate
     wait_for_log(log_path, "orch-5", "Planning started")
     term = monitor("--session", "orch-5", NO_COLOR="1")
     term.wait_for(lambda s: "RUNNING" in s and "run 2" in s)
@@ -809,6 +823,7 @@ def test_orchestrate_with_two_rotations_and_malformed_lines(
     os.rename(session / "execution.jsonl", session / "execution_20260111_101501.jsonl")
     with open(session / "execution.jsonl", "a") as f:
         f.write("[1, 2, 3]\n")
+    gate.touch()
     assert orch.wait() == 0
     assert term.wait() == 0
     shown = summary_numbers(term.text())

@@ -44,6 +44,7 @@ __all__ = [
     "fold_session",
     "parse_bytes",
     "parse_lines",
+    "run_status",
     "snapshot_at_rest",
     "snapshot_files",
     "snapshot_session",
@@ -561,3 +562,17 @@ def last_seq(path: str | os.PathLike[str]) -> int | None:
     """The ``seq`` of the last valid event in one log file, or None: read backwards
     from its end (a compressed segment is streamed through)."""
     return _native.tail_max_seq(Path(path))
+
+
+# ---------------------------------------------------------------------------
+# What every view shows of a run and of many sessions at rest
+
+
+def run_status(run: RunSnapshot, *, writer_gone: bool) -> str:
+    """A run's status to show: ``incomplete`` once its writer is gone (nobody holds
+    the session's lock, or a later run started) without a final event; otherwise
+    the model's. The monitor's current run and ``sigil sessions``' run details
+    both say it through this one rule (contract 7)."""
+    if writer_gone and run.ended_at is None:
+        return "incomplete"
+    return run.status
