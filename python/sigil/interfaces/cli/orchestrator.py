@@ -1436,6 +1436,10 @@ class Orchestrator:
                 except Exception:
                     # Its end folds the log anew instead (_history_at_end).
                     prep.history.source = None
+                except asyncio.CancelledError:
+                    if not prep.resting.cancelled():
+                        raise
+                    prep.history.source = None
             if self.recording_error is None:
                 try:
                     await asyncio.to_thread(self._write_summaries, prep, errors, writer_stats)
