@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ run = st.tuples(
 )
 
 
-def _session(runs: list[tuple[list[tuple[str, int, str]], str | None]]) -> list[bytes]:
+def _session(runs: Sequence[tuple[list[tuple[str, int, str]], str | None]]) -> list[bytes]:
     """The log lines of ``runs``, numbered 1.., seq from 0, no hole."""
     lines: list[bytes] = []
 
