@@ -301,11 +301,15 @@ class _Event:
         self.time_ns = time_ns
         self.source = source
 
-    def feed(self, model: EventModel) -> None:
-        """Fold this event into ``model`` (its tokens are what a model counts
+    def model_args(self) -> tuple[str, str, str, int, int | None]:
+        """What a model folds of this event (its tokens are what a model counts
         here; the metadata is the span's to read, not the model's)."""
         seq = self.seq if self.seq is not None and 0 <= self.seq < 1 << 64 else None
-        model.feed(self.timestamp, self.event_type, self.component, self.tokens, seq)
+        return self.timestamp, self.event_type, self.component, self.tokens, seq
+
+    def feed(self, model: EventModel) -> None:
+        """Fold this event into ``model``."""
+        model.feed(*self.model_args())
 
     @property
     def metadata(self) -> Mapping[str, Any]:
@@ -394,9 +398,6 @@ class SpanBuilder:
         self._index += 1
         now = ev.time_ns if ev.time_ns is not None else self._last_ns
         self._last_ns = now
-        tokens = ev.tokens
-        if tokens:  # an event without tokens changes no total
-            ev.feed(self.fold)
         kind = ev.event_type
 
         run = self._run
@@ -406,8 +407,10 @@ class SpanBuilder:
                 self._close_run(run, out, "incomplete")
             run = self._start_run(key, now, ev if kind == "session_start" else None)
         run.last_ns = max(run.last_ns, now)
-        if tokens:
-            ev.feed(run.fold)
+        if ev.tokens:  # an event without tokens changes no total
+            args = ev.model_args()
+            self.fold.feed(*args)
+            run.fold.feed(*args)
         component = ev.component
 
         if kind == "session_start":
