@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -265,3 +266,33 @@ def test_many_sessions_fold_as_each_alone(tmp_path: Path) -> None:
     assert isinstance(many[9], str) and str(fifo_dir / "execution.jsonl") in many[9]
     assert "not a regular file (a FIFO)" in many[9]
     assert snapshot_many([]) == []
+
+
+def test_listing_without_archives_imports_no_archive_reader(tmp_path: Path) -> None:
+    """Start-up is a large part of listing sessions: with no archive directory
+    ``sigil sessions`` imports neither the archive reader (log_rotation, tarfile,
+    gzip) nor the monitor, rich or asyncio."""
+    home = tmp_path / "home"
+    _finished(home / "logs" / "sessions" / "done", 3)
+    probe = (
+        "import sys\n"
+        "from sigil.interfaces.cli.main import main\n"
+        "sys.argv = ['sigil', 'sessions', '--json']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = ('sigil.telemetry.log_rotation', 'tarfile', 'gzip',\n"
+        "         'sigil.interfaces.cli.monitor', 'rich', 'asyncio')\n"
+        "print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=isolated_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert json.loads(proc.stdout)[0]["tokens_used"] == 3, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
