@@ -155,9 +155,11 @@ def test_an_unreadable_log_is_listed_beside_the_others(tmp_path: Path, kind: str
     _check_unreadable(home, log, "not a regular file")
 
 
-def test_a_log_it_may_not_read_is_listed_as_unreadable() -> None:
-    """Permission denied on a session's log: listed as unreadable, the rest read.
-    As root (who may read anything) the command runs as ``nobody``."""
+@pytest.mark.parametrize("closed", ["log", "directory"])
+def test_a_log_it_may_not_read_is_listed_as_unreadable(closed: str) -> None:
+    """Permission denied on a session's log (or its directory): listed as
+    unreadable, the rest read. As root (who may read anything) the command runs
+    as ``nobody``."""
     root = Path(tempfile.mkdtemp(prefix="sigil-perm-"))
     try:
         home = root / "home"
@@ -168,7 +170,7 @@ def test_a_log_it_may_not_read_is_listed_as_unreadable() -> None:
             os.chmod(directory, 0o755)
             for name in files:
                 os.chmod(Path(directory) / name, 0o644)
-        log.chmod(0o000)
+        (log if closed == "log" else log.parent).chmod(0o000)
         argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
         _check_unreadable(home, log, "ermission denied", argv if os.geteuid() == 0 else None)
     finally:

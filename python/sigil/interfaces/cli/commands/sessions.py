@@ -99,6 +99,9 @@ def list_sessions(log_path: Path) -> list[SessionRow]:
         entries = []
     except NotADirectoryError:
         raise UsageFailure(f"log path {str(log_path)!r} is not a directory") from None
+    except PermissionError:
+        where = str(log_path / "sessions")
+        raise UsageFailure(f"cannot list {where!r}: permission denied") from None
     live = [
         _live_row(entry.path)
         for entry in entries
@@ -183,11 +186,13 @@ def _live_row(session_dir: str) -> tuple[SessionRow, bool, bool]:
     return row, locked, False
 
 
-def _scandir(directory: Path) -> list[os.DirEntry[str]]:
+def _scandir(directory: str) -> list[os.DirEntry[str]]:
+    """The directory's entries; none when it cannot be listed (the fold then
+    says why its log cannot be read)."""
     try:
         with os.scandir(directory) as entries:
             return list(entries)
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:
         return []
 
 
