@@ -5,10 +5,10 @@
 //! regular file (never through a symlink, never a FIFO) and read to its end,
 //! with no tailer and so no inotify watcher. Sessions are spread over a small
 //! pool of scoped threads that take the next session from a shared counter;
-//! each session is folded on one thread (they are small and many: splitting a
-//! file pays only past `fold::PARALLEL_MIN_BYTES`, and one session's files
-//! are read in order). A session that cannot be read gives a one-line reason
-//! that names the file instead of a fold, and the others are still folded.
+//! each small session is folded on one thread (splitting a file pays only past
+//! `fold::PARALLEL_MIN_BYTES`), and a large one after them with every thread.
+//! A session that cannot be read gives a one-line reason that names the file
+//! instead of a fold, and the others are still folded.
 
 use std::io;
 use std::path::Path;
@@ -26,6 +26,12 @@ pub type Outcome = Result<FoldState, String>;
 /// Fold every session in `logs` (each the path of a session's live log,
 /// `<session>/execution.jsonl`) on up to `threads` threads (0: the machine's
 /// cores, at most 8). Returns one outcome per log, in the same order.
+///
+/// Small sessions are spread over the pool, one thread each. A large one
+/// (`fold::PARALLEL_MIN_BYTES` or more in all) is left for after them and then
+/// folded with every thread, its files split at line boundaries as
+/// `fold::fold_path` splits one: a listing with one heavy session is as fast as
+/// folding that session alone, and the threads are never oversubscribed.
 pub fn fold_sessions<P: AsRef<Path> + Sync>(
     logs: &[P],
     threads: usize,
@@ -37,80 +43,103 @@ pub fn fold_sessions<P: AsRef<Path> + Sync>(
     } else {
         threads
     };
-    let threads = threads.clamp(1, MAX_THREADS).min(logs.len().max(1));
-    if threads == 1 {
-        return logs
-            .iter()
-            .map(|log| fold_session(log.as_ref(), max_line, last_n))
-            .collect();
-    }
+    let threads = threads.clamp(1, MAX_THREADS);
+    let limit = (threads > 1).then_some(fold::PARALLEL_MIN_BYTES);
+    let pool = threads.min(logs.len().max(1));
     let next = AtomicUsize::new(0);
-    let mut parts: Vec<Vec<(usize, Outcome)>> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(log) = logs.get(i) else { break };
-                        done.push((i, fold_session(log.as_ref(), max_line, last_n)));
-                    }
-                    done
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_default())
-            .collect()
-    });
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(log) = logs.get(i) else { break };
+            done.push((
+                i,
+                fold_session_with(log.as_ref(), max_line, last_n, 1, limit),
+            ));
+        }
+        done
+    };
+    let parts: Vec<Vec<(usize, Option<Outcome>)>> = if pool == 1 {
+        vec![work()]
+    } else {
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..pool).map(|_| s.spawn(work)).collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_default())
+                .collect()
+        })
+    };
     let mut out: Vec<Option<Outcome>> = Vec::with_capacity(logs.len());
     out.resize_with(logs.len(), || None);
-    for (i, outcome) in parts.drain(..).flatten() {
-        out[i] = Some(outcome);
+    for (i, outcome) in parts.into_iter().flatten() {
+        out[i] = Some(outcome.unwrap_or_else(|| {
+            // A large session: every thread on it, one session at a time.
+            fold_session_with(logs[i].as_ref(), max_line, last_n, threads, None)
+                .unwrap_or_else(|| Err(internal(logs[i].as_ref())))
+        }));
     }
     // A slot left empty means its worker panicked (a bug): say so for that
     // session rather than losing the others.
     out.into_iter()
         .zip(logs)
-        .map(|(o, log)| {
-            o.unwrap_or_else(|| {
-                Err(format!(
-                    "{}: internal error while folding (please report it)",
-                    log.as_ref().display()
-                ))
-            })
-        })
+        .map(|(o, log)| o.unwrap_or_else(|| Err(internal(log.as_ref()))))
         .collect()
+}
+
+fn internal(log: &Path) -> String {
+    format!(
+        "{}: internal error while folding (please report it)",
+        log.display()
+    )
 }
 
 /// Fold one session: its rotated segments, oldest first, then the live log.
 /// A file that is missing (no log yet, or a segment archived meanwhile) is
 /// skipped, as `log_parser.snapshot_files` skips it.
 pub fn fold_session(log: &Path, max_line: usize, last_n: usize) -> Outcome {
-    let run = || -> Outcome {
-        let mut st = FoldState::new(last_n);
-        for segment in segments::rotated_segments(log) {
-            fold_file(&mut st, &segment.path, max_line, true)?;
+    fold_session_with(log, max_line, last_n, fold::fold_threads(), None)
+        .unwrap_or_else(|| Err(internal(log)))
+}
+
+/// [`fold_session`] with `threads` per large file; None, folding nothing, when
+/// the session's files hold `limit` bytes or more.
+fn fold_session_with(
+    log: &Path,
+    max_line: usize,
+    last_n: usize,
+    threads: usize,
+    limit: Option<u64>,
+) -> Option<Outcome> {
+    let run = || -> Option<Outcome> {
+        let segments = segments::rotated_segments(log);
+        if let Some(limit) = limit {
+            let size = |p: &Path| std::fs::symlink_metadata(p).map_or(0, |m| m.len());
+            let bytes: u64 = segments.iter().map(|s| size(&s.path)).sum::<u64>() + size(log);
+            if bytes >= limit {
+                return None;
+            }
         }
-        fold_file(&mut st, log, max_line, false)?;
-        Ok(st)
+        let mut st = FoldState::new(last_n);
+        for segment in &segments {
+            if let Err(e) = fold_file(&mut st, &segment.path, max_line, threads, true) {
+                return Some(Err(e));
+            }
+        }
+        Some(fold_file(&mut st, log, max_line, threads, false).map(|()| st))
     };
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
-        Ok(outcome) => outcome,
-        Err(_) => Err(format!(
-            "{}: internal error while folding (please report it)",
-            log.display()
-        )),
-    }
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+        .unwrap_or_else(|_| Some(Err(internal(log))))
 }
 
 /// Fold one file of a session into `st` (a segment may be gzip-compressed:
-/// its contents, not its name, say so).
+/// its contents, not its name, say so), split across `threads` threads when
+/// it is large.
 fn fold_file(
     st: &mut FoldState,
     path: &Path,
     max_line: usize,
+    threads: usize,
     segment: bool,
 ) -> Result<(), String> {
     let mut read = || -> io::Result<()> {
@@ -119,7 +148,7 @@ fn fold_file(
             let mut reader = segments::gzip_reader(&file)?;
             fold::fold_reader(st, &mut reader, 0, max_line)?;
         } else {
-            fold::fold_range(st, &file, 0, None, max_line, 1)?;
+            fold::fold_range(st, &file, 0, None, max_line, threads)?;
         }
         Ok(())
     };
@@ -210,6 +239,27 @@ mod tests {
         assert_eq!(out.tokens, 111);
         assert_eq!(out.runs, 1);
         assert_eq!(out.entries, 4);
+    }
+
+    #[test]
+    fn a_large_session_among_small_ones_folds_as_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = fold::PARALLEL_MIN_BYTES as usize / 100;
+        let big: Vec<u64> = (0..n as u64).map(|i| i % 7).collect();
+        let mut logs = vec![session(dir.path(), "a", &[1, 2])];
+        logs.push(session(dir.path(), "big", &big));
+        logs.push(session(dir.path(), "z", &[3]));
+        assert!(fs::metadata(&logs[1]).unwrap().len() >= fold::PARALLEL_MIN_BYTES);
+        let mut alone = FoldState::new(0);
+        fold::fold_path_with(&mut alone, &logs[1], fold::DEFAULT_MAX_LINE, 1).unwrap();
+        for threads in [1, 2, 3] {
+            let out = fold_sessions(&logs, threads, fold::DEFAULT_MAX_LINE, 0);
+            assert_eq!(tokens(&out[0]), 3);
+            assert_eq!(tokens(&out[2]), 3);
+            let got = out[1].as_ref().unwrap();
+            assert_eq!((got.tokens, got.entries), (alone.tokens, alone.entries));
+            assert_eq!(got.components, alone.components, "threads {threads}");
+        }
     }
 
     #[test]
