@@ -8,6 +8,7 @@ unreadable beside the others.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import os
 import shutil
@@ -298,3 +299,45 @@ def test_listing_without_archives_imports_no_archive_reader(tmp_path: Path) -> N
     )
     assert json.loads(proc.stdout)[0]["tokens_used"] == 3, proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
+
+
+def test_folding_many_sessions_lets_other_python_threads_run(tmp_path: Path) -> None:
+    """``snapshot_many`` folds without the GIL: a Python thread ticking every
+    2 ms beside it never stands still for long. The session is a compressed
+    segment of 300 MB of events (30 gzip members), so the fold takes a while."""
+    import threading
+
+    from sigil.telemetry.log_parser import snapshot_many
+
+    start = datetime(2026, 1, 11, 10, 0, tzinfo=UTC)
+    line = _event(start, 1, "step_complete", 3)
+    block = line * ((10 << 20) // len(line))
+    session = tmp_path / "logs" / "sessions" / "heavy"
+    session.mkdir(parents=True)
+    (session / "execution.jsonl.1.gz").write_bytes(gzip.compress(block, 1) * 30)
+    (session / "execution.jsonl").write_bytes(b"")
+
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            stamps.append(time.monotonic())
+            time.sleep(0.002)
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    try:
+        began = time.monotonic()
+        (snap,) = snapshot_many([session], threads=1)
+        took = time.monotonic() - began
+    finally:
+        stop.set()
+        ticker.join()
+    assert not isinstance(snap, str), snap
+    assert snap.entries == 30 * (len(block) // len(line))
+    folding = [t for t in stamps if began <= t <= began + took]
+    gap = max(b - a for a, b in itertools.pairwise([began, *folding, began + took]))
+    # Held, the GIL would freeze the ticker for the whole fold (gap = took).
+    assert took > 0.3, f"the fold took only {took:.2f}s: too short to tell"
+    assert gap < min(0.25, took / 2), f"other Python threads froze for {gap:.2f}s of {took:.2f}s"
