@@ -233,11 +233,8 @@ impl Interner {
     /// The id of `name`, interning it; None once `MAX_INTERNED` names are held.
     #[inline]
     fn id(&mut self, name: &[u8]) -> Option<usize> {
-        // The table starts small and doubles while under half full: a fold of
-        // a small session (`sigil sessions` folds a thousand) does not clear
-        // the whole bound's table.
-        if 2 * (self.names.len() + 1) > self.table.len() && self.table.len() < 2 * MAX_INTERNED {
-            self.grow();
+        if self.table.is_empty() {
+            self.table = vec![(0, Key::default()); 2 * MAX_INTERNED];
         }
         let key = Key::of(name);
         let mask = self.table.len() - 1;
@@ -258,26 +255,6 @@ impl Interner {
             }
             i = (i + 1) & mask;
         }
-    }
-}
-
-impl Interner {
-    const FIRST_SLOTS: usize = 32;
-
-    /// Double the table (or make its first one), placing the names again.
-    #[cold]
-    fn grow(&mut self) {
-        let len = (self.table.len() * 2).clamp(Self::FIRST_SLOTS, 2 * MAX_INTERNED);
-        let mut table = vec![(0u32, Key::default()); len];
-        let mask = len - 1;
-        for &(v, key) in self.table.iter().filter(|(v, _)| *v != 0) {
-            let mut i = key.hash() & mask;
-            while table[i].0 != 0 {
-                i = (i + 1) & mask;
-            }
-            table[i] = (v, key);
-        }
-        self.table = table;
     }
 }
 
@@ -2186,24 +2163,6 @@ mod tests {
         }
         assert_eq!(ix.id(b"one too many"), None);
         assert_eq!(ix.id(&names[3]), Some(3));
-    }
-
-    #[test]
-    fn an_interner_of_few_names_keeps_a_small_table() {
-        let mut ix = Interner::default();
-        for name in ["session_start", "step_complete", "session_complete"] {
-            ix.id(name.as_bytes()).unwrap();
-        }
-        assert!(
-            ix.table.len() <= Interner::FIRST_SLOTS,
-            "{}",
-            ix.table.len()
-        );
-        for i in 0..MAX_INTERNED {
-            ix.id(format!("n{i}").as_bytes());
-        }
-        assert_eq!(ix.table.len(), 2 * MAX_INTERNED);
-        assert_eq!(ix.id(b"step_complete"), Some(1));
     }
 
     #[test]
