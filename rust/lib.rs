@@ -10,6 +10,7 @@ pub mod errors;
 pub mod fold;
 pub mod fxhash;
 pub mod ledger;
+pub mod many;
 pub mod parse;
 pub mod sanitize;
 pub mod scan;
@@ -550,6 +551,30 @@ fn fold_whole_file(
         let mut st = FoldState::new(last_n);
         fold::fold_path(&mut st, &p, max_line_bytes)?;
         Ok(st)
+    })
+}
+
+/// Fold many sessions (each the path of its live log) across a small thread
+/// pool without the GIL: one `SessionSnapshot` per session, in order, or a
+/// one-line reason (a `str` naming the file) for a session that cannot be read.
+#[pyfunction]
+#[pyo3(signature = (paths, threads = 0, max_line_bytes = DEFAULT_MAX_LINE, last_n = 0))]
+fn fold_sessions(
+    py: Python<'_>,
+    paths: Vec<PathBuf>,
+    threads: usize,
+    max_line_bytes: usize,
+    last_n: usize,
+) -> PyResult<Vec<Py<PyAny>>> {
+    guard("fold_sessions", || {
+        let outcomes = py.detach(|| many::fold_sessions(&paths, threads, max_line_bytes, last_n));
+        outcomes
+            .into_iter()
+            .map(|o| match o {
+                Ok(st) => Ok(Py::new(py, snapshot::session(py, &st)?)?.into_any()),
+                Err(reason) => Ok(PyString::new(py, &reason).into_any().unbind()),
+            })
+            .collect()
     })
 }
 
@@ -1145,8 +1170,9 @@ impl PyTailer {
 mod _native {
     #[pymodule_export]
     use super::{
-        fold_file, fold_file_snapshot, is_sensitive_key, parse_bytes, parse_lines, sanitize_string,
-        tail_max_seq, PyAppendWriter, PyCheckpoint, PyEntry, PyFold, PyLedger, PyTailer,
+        fold_file, fold_file_snapshot, fold_sessions, is_sensitive_key, parse_bytes, parse_lines,
+        sanitize_string, tail_max_seq, PyAppendWriter, PyCheckpoint, PyEntry, PyFold, PyLedger,
+        PyTailer,
     };
     #[pymodule_export]
     use crate::snapshot::{

@@ -4,6 +4,7 @@ its locks (issue 9 defects 4, 7 and 8; ARCHITECTURE.md contract 5)."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -125,14 +126,19 @@ def test_cli_commands_on_a_fifo_log_say_so_and_exit_2(tmp_path: Path, args: list
 
 
 def test_sessions_with_a_fifo_log_says_which_file_without_hanging(tmp_path: Path) -> None:
-    """A FIFO at a session's log is bad input (the lead's call, issue 10): one
-    line naming the file, exit 2, and no hang."""
+    """A FIFO at a session's log: ``sigil sessions`` lists that session as
+    unreadable (its json ``error`` says why), says which file on one line of
+    stderr, does not hang, and exits 0 (issue 10: one bad session does not hide
+    the others)."""
     home = tmp_path / "home"
     fifo = _session_with_fifo(home)
     proc = run_cli(home, "sessions", "--json", timeout=30)
     assert "Traceback" not in proc.stderr
-    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "not a regular file" in proc.stderr and str(fifo) in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    (row,) = json.loads(proc.stdout)
+    assert row["status"] == "unreadable" and str(fifo) in row["error"]
 
 
 # ---------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Use the typed wrappers in ``sigil.telemetry.execution_logger`` and
 ``sigil.telemetry.log_parser`` instead of importing this module.
 """
 
+from collections.abc import Sequence
 from os import PathLike
 from types import TracebackType
 from typing import Any, Literal, final
@@ -39,6 +40,7 @@ __all__ = [
     "Tailer",
     "fold_file",
     "fold_file_snapshot",
+    "fold_sessions",
     "is_sensitive_key",
     "parse_bytes",
     "parse_lines",
@@ -82,6 +84,14 @@ def fold_file(path: _Path, last_n: int = 100, max_line_bytes: int = ...) -> dict
 def fold_file_snapshot(
     path: _Path, last_n: int = 100, max_line_bytes: int = ...
 ) -> SessionSnapshot: ...
+def fold_sessions(
+    paths: Sequence[_Path], threads: int = 0, max_line_bytes: int = ..., last_n: int = 0
+) -> list[SessionSnapshot | str]:
+    """Fold many sessions, each the path of its live log (its rotated segments
+    first), across up to ``threads`` threads (0: the cores, at most 8) without
+    the GIL: a snapshot per session, in order, or a one-line reason naming the
+    file for a session that cannot be read."""
+
 def tail_max_seq(path: _Path, max_scan_bytes: int = ...) -> int | None: ...
 def sanitize_string(value: str) -> str: ...
 def is_sensitive_key(key: str) -> bool: ...

@@ -11,7 +11,7 @@ oversize lines are counted and their byte offsets kept.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ __all__ = [
     "run_status",
     "snapshot_at_rest",
     "snapshot_files",
+    "snapshot_many",
     "snapshot_session",
 ]
 
@@ -576,3 +577,24 @@ def run_status(run: RunSnapshot, *, writer_gone: bool) -> str:
     if writer_gone and run.ended_at is None:
         return "incomplete"
     return run.status
+
+
+def snapshot_many(
+    session_dirs: Sequence[str | os.PathLike[str]],
+    *,
+    threads: int = 0,
+    last_n: int = 0,
+    max_line_bytes: int = MAX_LINE_BYTES,
+) -> list[SessionSnapshot | str]:
+    """The session model of many sessions at rest, as :func:`snapshot_at_rest`
+    reads one (rotated segments, then the live file; no tailer, no watcher), in
+    one native call that folds them across a small thread pool (``threads``, 0:
+    the machine's cores) with the GIL released.
+
+    One item per directory, in order: the session's snapshot, or a one-line
+    reason naming the file when its log cannot be read (a FIFO, a directory, a
+    symlink, permission denied). A session with no log yet folds to an empty
+    snapshot (status ``waiting``).
+    """
+    logs = [os.path.join(directory, LOG_FILE_NAME) for directory in session_dirs]
+    return _native.fold_sessions(logs, threads, max_line_bytes, last_n)

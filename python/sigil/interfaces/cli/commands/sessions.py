@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import stat
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ class SessionRow:
     #: the session model's runs, oldest first: run, status, started_at, ended_at,
     #: tokens_used
     run_details: list[dict[str, Any]] = field(default_factory=list)
+    #: why the session's log cannot be read (status ``unreadable``), one line
+    #: naming the file
+    error: str | None = None
 
 
 @click.command("sessions", context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,14 +57,30 @@ def sessions(log_path: str | None, as_json: bool) -> None:
     """List sessions: ID, status, start, duration, tokens used/budget, size, archived.
 
     Status is running (its lock is held), complete, error, budget_exceeded,
-    incomplete (its writer stopped before the end) or waiting (no run yet).
+    interrupted, incomplete (its writer stopped before the end), waiting (no run
+    yet) or unreadable (its log cannot be read: one line on stderr says why).
     """
     from sigil.core.config import load_settings
 
     settings = load_settings({"logging.path": log_path})
     rows = list_sessions(Path(settings.logging.path))
+    for row in rows:
+        if row.error is not None:
+            click.echo(
+                f"sigil: warning: session {row.session_id} is unreadable: {row.error}", err=True
+            )
     if as_json:
-        click.echo(json.dumps([asdict(row) for row in rows], indent=2))
+        import orjson
+
+        # orjson and no deep copy (dataclasses.asdict took longer than folding
+        # a thousand small sessions); the same JSON as json.dumps(indent=2).
+        names = [f.name for f in fields(SessionRow)]
+        listing = [{name: getattr(row, name) for name in names} for row in rows]
+        try:
+            text = orjson.dumps(listing, option=orjson.OPT_INDENT_2).decode()
+        except orjson.JSONEncodeError:  # e.g. a ledger's integer past 64 bits
+            text = json.dumps(listing, indent=2)
+        click.echo(text)
         return
     if not rows:
         click.echo(f"no sessions in {settings.logging.path}")
@@ -71,7 +91,6 @@ def sessions(log_path: str | None, as_json: bool) -> None:
 def list_sessions(log_path: Path) -> list[SessionRow]:
     """Rows for live and archived sessions, newest start first."""
     from sigil.core.paths import SESSION_ID_RE
-    from sigil.telemetry.log_rotation import archived_sessions
 
     rows: list[SessionRow] = []
     try:
@@ -80,51 +99,68 @@ def list_sessions(log_path: Path) -> list[SessionRow]:
         entries = []
     except NotADirectoryError:
         raise UsageFailure(f"log path {str(log_path)!r} is not a directory") from None
-    for entry in entries:
-        if SESSION_ID_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
-            rows.append(_live_row(Path(entry.path)))
-    for archives in archived_sessions(log_path).values():
-        rows.extend(_archived_row(archive) for archive in archives)
+    except PermissionError:
+        where = str(log_path / "sessions")
+        raise UsageFailure(f"cannot list {where!r}: permission denied") from None
+    live = [
+        _live_row(entry.path)
+        for entry in entries
+        if SESSION_ID_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)
+    ]
+    # Every session the ledger does not cover is folded by one native call,
+    # across a small thread pool (issue 10 item 8).
+    _apply_models([(row, locked) for row, locked, folded in live if folded])
+    for row, locked, _ in live:
+        if row.status == "unreadable":
+            pass
+        elif locked:
+            row.status = "running"
+        elif row.status == "running":
+            row.status = "incomplete"  # no final event and nobody holds the lock (contract 7)
+        rows.append(row)
+    # log_rotation (tarfile, gzip) is imported only when there are archives: it
+    # would cost the listing more than its 1,000 sessions do.
+    if os.path.isdir(log_path / "archive"):
+        from sigil.telemetry.log_rotation import archived_sessions
+
+        for archives in archived_sessions(log_path).values():
+            rows.extend(_archived_row(archive) for archive in archives)
     rows.sort(key=lambda row: _sort_key(row.started_at), reverse=True)
     return rows
 
 
-def _live_row(session_dir: Path) -> SessionRow:
+def _live_row(session_dir: str) -> tuple[SessionRow, bool, bool]:
+    """A live session's row from its directory and ledger: the row, whether a
+    writer holds the session's lock, and whether its numbers are still to come
+    from the session model (the ledger does not stand for its log)."""
     from sigil.core.locks import is_session_locked
-    from sigil.core.paths import (
-        LOCK_FILE_NAME,
-        LOG_FILE_NAME,
-        NotARegularFile,
-        check_log_file,
-        segment_sort_key,
-    )
+    from sigil.core.paths import LOCK_FILE_NAME, LOG_FILE_NAME, segment_sort_key
 
-    live_log = session_dir / LOG_FILE_NAME
-    try:
-        # A FIFO at the log would make every reader hang or fail; say which file.
-        check_log_file(live_log)
-    except NotARegularFile as exc:
-        raise UsageFailure(str(exc)) from None
     # One pass over the directory gives the size, the log's newest mtime and the
     # ledger's: a listing of 1,000 sessions makes few system calls per session.
-    size, newest_log, ledger_mtime, has_lock = 0, 0.0, None, False
+    size, newest_log, ledger_mtime, has_lock, odd_log = 0, 0.0, None, False, False
     for entry in _scandir(session_dir):
         try:
             st = entry.stat(follow_symlinks=False)
         except OSError:
             continue
         size += st.st_size
-        if entry.name == LOG_FILE_NAME or segment_sort_key(LOG_FILE_NAME, entry.name):
+        if entry.name == LOG_FILE_NAME:
+            newest_log = max(newest_log, st.st_mtime)
+            # A FIFO, a directory or a symlink at the log: the fold says why it
+            # cannot be read, whatever the ledger says.
+            odd_log = not stat.S_ISREG(st.st_mode)
+        elif segment_sort_key(LOG_FILE_NAME, entry.name):
             newest_log = max(newest_log, st.st_mtime)
         elif entry.name == "tokens.json":
             ledger_mtime = st.st_mtime
         elif entry.name == LOCK_FILE_NAME:
             has_lock = True
-        if entry.is_dir(follow_symlinks=False):
+        if stat.S_ISDIR(st.st_mode):
             size += _tree_size(Path(entry.path))
-    locked = has_lock and is_session_locked(session_dir)
+    locked = has_lock and is_session_locked(Path(session_dir))
     row = SessionRow(
-        session_id=session_dir.name,
+        session_id=os.path.basename(session_dir),
         status="unknown",
         started_at=None,
         duration_seconds=None,
@@ -133,32 +169,30 @@ def _live_row(session_dir: Path) -> SessionRow:
         runs=None,
         size_bytes=size,
         archived=False,
-        path=str(session_dir),
+        path=session_dir,
     )
     # A finished session's ledger stands for its log when it is at least as new
     # as every segment of it: it was written after the log's last event, so one
     # small file is read instead of the log (issue 10 item 8).
     ledger = None
-    if not locked and ledger_mtime is not None and ledger_mtime >= newest_log:
-        ledger = _read_json(session_dir / "tokens.json")
-    if ledger is not None and _is_ledger(ledger):
+    if not locked and not odd_log and ledger_mtime is not None and ledger_mtime >= newest_log:
+        ledger = _read_json(os.path.join(session_dir, "tokens.json"))
+    if ledger is None:
+        return row, locked, True
+    if _is_ledger(ledger):
         _apply_ledger(row, ledger)
-    elif ledger is not None:
-        _apply_summaries(row, ledger, _read_json(session_dir / "metrics.json") or {})
     else:
-        _apply_model(row, session_dir, live=locked)
-    if locked:
-        row.status = "running"
-    elif row.status == "running":
-        row.status = "incomplete"  # no final event and nobody holds the lock (contract 7)
-    return row
+        _apply_summaries(row, ledger, _read_json(os.path.join(session_dir, "metrics.json")) or {})
+    return row, locked, False
 
 
-def _scandir(directory: Path) -> list[os.DirEntry[str]]:
+def _scandir(directory: str) -> list[os.DirEntry[str]]:
+    """The directory's entries; none when it cannot be listed (the fold then
+    says why its log cannot be read)."""
     try:
         with os.scandir(directory) as entries:
             return list(entries)
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:
         return []
 
 
@@ -238,39 +272,44 @@ def _run_count(value: Any) -> int | None:
     return len(value) if isinstance(value, list) else _int(value)
 
 
-def _apply_model(row: SessionRow, session_dir: Path, *, live: bool) -> None:
-    """Every number from the native session model, the session read once (no
-    tailer, so no inotify watcher per session)."""
+def _apply_models(rows: list[tuple[SessionRow, bool]]) -> None:
+    """Every number from the native session model: each session read once (no
+    tailer, so no inotify watcher per session), all of them by one native call
+    that folds them across a small thread pool with the GIL released. A session
+    whose log cannot be read is ``unreadable``, with the reason in ``error``."""
+    if not rows:
+        return
     try:
-        from sigil.telemetry.log_parser import run_status, snapshot_at_rest
+        from sigil.telemetry.log_parser import run_status, snapshot_many
     except ImportError:  # the native core is not built: show what the files say
         return
-    try:
-        snap = snapshot_at_rest(session_dir.name, session_dir.parent.parent, last_n=0)
-    except (OSError, ValueError) as exc:
-        row.status = f"unreadable ({exc.__class__.__name__})"
-        return
-    row.status = snap.status
-    row.tokens_used = snap.tokens
-    row.budget = snap.budget
-    row.runs = snap.run_count
-    # A run without a final event whose writer is gone (the lock is free, or a
-    # later run started) is incomplete, as the monitor shows it.
-    last = len(snap.runs) - 1
-    row.run_details = [
-        {
-            "run": r.number,
-            "status": run_status(r, writer_gone=not live or i < last),
-            "started_at": r.started_at,
-            "ended_at": r.ended_at,
-            "tokens_used": r.tokens,
-        }
-        for i, r in enumerate(snap.runs)
-    ]
-    first = next((r.started_at for r in snap.runs if r.started_at), None)
-    # A live session's duration runs to now, not to its latest event.
-    last = datetime.now(UTC).isoformat() if live else snap.last_timestamp
-    _set_span(row, first or snap.first_timestamp, last)
+    snaps = snapshot_many([row.path for row, _ in rows])
+    now = datetime.now(UTC).isoformat()
+    for (row, live), snap in zip(rows, snaps, strict=True):
+        if isinstance(snap, str):
+            row.status, row.error = "unreadable", snap
+            continue
+        row.status = snap.status
+        row.tokens_used = snap.tokens
+        row.budget = snap.budget
+        row.runs = snap.run_count
+        runs = snap.runs
+        # A run without a final event whose writer is gone (the lock is free, or
+        # a later run started) is incomplete, as the monitor shows it.
+        last = len(runs) - 1
+        row.run_details = [
+            {
+                "run": r.number,
+                "status": run_status(r, writer_gone=not live or i < last),
+                "started_at": r.started_at,
+                "ended_at": r.ended_at,
+                "tokens_used": r.tokens,
+            }
+            for i, r in enumerate(runs)
+        ]
+        first = next((r.started_at for r in runs if r.started_at), None)
+        # A live session's duration runs to now, not to its latest event.
+        _set_span(row, first or snap.first_timestamp, now if live else snap.last_timestamp)
 
 
 def _set_span(row: SessionRow, first: str | None, last: str | None) -> None:
@@ -334,7 +373,7 @@ def _size(size: int) -> str:
 # -- small readers -------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: str | Path) -> dict[str, Any] | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -375,10 +414,6 @@ def _sort_key(started_at: str | None) -> float:
     if parsed is None:
         return float("-inf")
     return parsed.timestamp()
-
-
-def _mtime(path: Path) -> float:
-    return _mtime_size(path)[0]
 
 
 def _mtime_size(path: Path) -> tuple[float, int]:

@@ -1,0 +1,311 @@
+//! Folding many sessions at once (`sigil sessions`, issue 10 item 8).
+//!
+//! Each session is folded as `log_parser.snapshot_at_rest` reads it: its
+//! rotated segments, oldest first, then the live file, each opened once as a
+//! regular file (never through a symlink, never a FIFO) and read to its end,
+//! with no tailer and so no inotify watcher. Sessions are spread over a small
+//! pool of scoped threads that take the next session from a shared counter;
+//! each small session is folded on one thread (splitting a file pays only past
+//! `fold::PARALLEL_MIN_BYTES`), and a large one after them with every thread.
+//! A session that cannot be read gives a one-line reason that names the file
+//! instead of a fold, and the others are still folded.
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::fold::{self, FoldState};
+use crate::segments;
+
+/// At most this many threads, whatever the caller asks.
+pub const MAX_THREADS: usize = 64;
+
+/// The fold of one session, or why it could not be read (one line naming the file).
+pub type Outcome = Result<FoldState, String>;
+
+/// Fold every session in `logs` (each the path of a session's live log,
+/// `<session>/execution.jsonl`) on up to `threads` threads (0: the machine's
+/// cores, at most 8). Returns one outcome per log, in the same order.
+///
+/// Small sessions are spread over the pool, one thread each. A large one
+/// (`fold::PARALLEL_MIN_BYTES` or more in all) is left for after them and then
+/// folded with every thread, its files split at line boundaries as
+/// `fold::fold_path` splits one: a listing with one heavy session is as fast as
+/// folding that session alone, and the threads are never oversubscribed.
+pub fn fold_sessions<P: AsRef<Path> + Sync>(
+    logs: &[P],
+    threads: usize,
+    max_line: usize,
+    last_n: usize,
+) -> Vec<Outcome> {
+    let threads = if threads == 0 {
+        fold::fold_threads()
+    } else {
+        threads
+    };
+    let threads = threads.clamp(1, MAX_THREADS);
+    let limit = (threads > 1).then_some(fold::PARALLEL_MIN_BYTES);
+    let pool = threads.min(logs.len().max(1));
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(log) = logs.get(i) else { break };
+            done.push((
+                i,
+                fold_session_with(log.as_ref(), max_line, last_n, 1, limit),
+            ));
+        }
+        done
+    };
+    let parts: Vec<Vec<(usize, Option<Outcome>)>> = if pool == 1 {
+        vec![work()]
+    } else {
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..pool).map(|_| s.spawn(work)).collect();
+            workers
+                .into_iter()
+                .map(|w| w.join().unwrap_or_default())
+                .collect()
+        })
+    };
+    let mut out: Vec<Option<Outcome>> = Vec::with_capacity(logs.len());
+    out.resize_with(logs.len(), || None);
+    for (i, outcome) in parts.into_iter().flatten() {
+        out[i] = Some(outcome.unwrap_or_else(|| {
+            // A large session: every thread on it, one session at a time.
+            fold_session_with(logs[i].as_ref(), max_line, last_n, threads, None)
+                .unwrap_or_else(|| Err(internal(logs[i].as_ref())))
+        }));
+    }
+    // A slot left empty means its worker panicked (a bug): say so for that
+    // session rather than losing the others.
+    out.into_iter()
+        .zip(logs)
+        .map(|(o, log)| o.unwrap_or_else(|| Err(internal(log.as_ref()))))
+        .collect()
+}
+
+fn internal(log: &Path) -> String {
+    format!(
+        "{}: internal error while folding (please report it)",
+        log.display()
+    )
+}
+
+/// Fold one session: its rotated segments, oldest first, then the live log.
+/// A file that is missing (no log yet, or a segment archived meanwhile) is
+/// skipped, as `log_parser.snapshot_files` skips it.
+pub fn fold_session(log: &Path, max_line: usize, last_n: usize) -> Outcome {
+    fold_session_with(log, max_line, last_n, fold::fold_threads(), None)
+        .unwrap_or_else(|| Err(internal(log)))
+}
+
+/// [`fold_session`] with `threads` per large file; None, folding nothing, when
+/// the session's files hold `limit` bytes or more.
+fn fold_session_with(
+    log: &Path,
+    max_line: usize,
+    last_n: usize,
+    threads: usize,
+    limit: Option<u64>,
+) -> Option<Outcome> {
+    let run = || -> Option<Outcome> {
+        let segments = segments::rotated_segments(log);
+        if let Some(limit) = limit {
+            let size = |p: &Path| std::fs::symlink_metadata(p).map_or(0, |m| m.len());
+            let bytes: u64 = segments.iter().map(|s| size(&s.path)).sum::<u64>() + size(log);
+            if bytes >= limit {
+                return None;
+            }
+        }
+        let mut st = FoldState::new(last_n);
+        for segment in &segments {
+            if let Err(e) = fold_file(&mut st, &segment.path, max_line, threads, true) {
+                return Some(Err(e));
+            }
+        }
+        Some(fold_file(&mut st, log, max_line, threads, false).map(|()| st))
+    };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+        .unwrap_or_else(|_| Some(Err(internal(log))))
+}
+
+/// Fold one file of a session into `st` (a segment may be gzip-compressed:
+/// its contents, not its name, say so), split across `threads` threads when
+/// it is large.
+fn fold_file(
+    st: &mut FoldState,
+    path: &Path,
+    max_line: usize,
+    threads: usize,
+    segment: bool,
+) -> Result<(), String> {
+    let mut read = || -> io::Result<()> {
+        let file = segments::open_regular(path)?;
+        if segment && segments::is_gzip(&file)? {
+            let mut reader = segments::gzip_reader(&file)?;
+            fold::fold_reader(st, &mut reader, 0, max_line)?;
+        } else {
+            fold::fold_range(st, &file, 0, None, max_line, threads)?;
+        }
+        Ok(())
+    };
+    match read() {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(reason(path, &e)),
+    }
+}
+
+/// One line: the file, then what went wrong, without Rust's "(os error N)".
+pub fn reason(path: &Path, e: &io::Error) -> String {
+    let text = e.to_string();
+    let text = match text.rfind(" (os error ") {
+        Some(pos) => &text[..pos],
+        None => &text,
+    };
+    let line = format!("{}: {text}", path.display());
+    line.replace(['\n', '\r'], " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::io::Write;
+
+    fn event(seq: u64, kind: &str, tokens: u64) -> String {
+        format!(
+            concat!(
+                r#"{{"timestamp":"2026-01-11T10:00:{:02}.000000+00:00","session_id":"s","#,
+                r#""event_type":"{}","component":"reasoning","message":"m","tokens":{},"#,
+                r#""metadata":{{}},"seq":{}}}"#,
+                "\n"
+            ),
+            seq % 60,
+            kind,
+            tokens,
+            seq
+        )
+    }
+
+    fn session(dir: &Path, name: &str, tokens: &[u64]) -> std::path::PathBuf {
+        let d = dir.join(name);
+        fs::create_dir_all(&d).unwrap();
+        let log = d.join("execution.jsonl");
+        let text: String = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| event(i as u64, "step_complete", *t))
+            .collect();
+        fs::write(&log, text).unwrap();
+        log
+    }
+
+    fn tokens(o: &Outcome) -> u64 {
+        o.as_ref().expect("folded").tokens
+    }
+
+    #[test]
+    fn folds_each_session_in_order_whatever_the_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs: Vec<_> = (0..37u64)
+            .map(|i| session(dir.path(), &format!("s{i}"), &[i, 1, 2]))
+            .collect();
+        for threads in [0, 1, 2, 3, 64] {
+            let out = fold_sessions(&logs, threads, fold::DEFAULT_MAX_LINE, 0);
+            let got: Vec<u64> = out.iter().map(tokens).collect();
+            let want: Vec<u64> = (0..37u64).map(|i| i + 3).collect();
+            assert_eq!(got, want, "threads {threads}");
+        }
+        assert!(fold_sessions::<&Path>(&[], 0, 1024, 0).is_empty());
+    }
+
+    #[test]
+    fn equals_one_fold_of_the_segments_then_the_live_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = session(dir.path(), "rot", &[5, 6]);
+        let d = log.parent().unwrap();
+        // logrotate's numbered segments: .2 is older than .1.
+        fs::write(d.join("execution.jsonl.2"), event(0, "session_start", 0)).unwrap();
+        let gz = fs::File::create(d.join("execution.jsonl.1.gz")).unwrap();
+        let mut enc = flate2::write::GzEncoder::new(gz, flate2::Compression::fast());
+        enc.write_all(event(1, "step_complete", 100).as_bytes())
+            .unwrap();
+        enc.finish().unwrap();
+        let out = fold_session(&log, fold::DEFAULT_MAX_LINE, 0).unwrap();
+        assert_eq!(out.tokens, 111);
+        assert_eq!(out.runs, 1);
+        assert_eq!(out.entries, 4);
+    }
+
+    #[test]
+    fn a_large_session_among_small_ones_folds_as_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = fold::PARALLEL_MIN_BYTES as usize / 100;
+        let big: Vec<u64> = (0..n as u64).map(|i| i % 7).collect();
+        let mut logs = vec![session(dir.path(), "a", &[1, 2])];
+        logs.push(session(dir.path(), "big", &big));
+        logs.push(session(dir.path(), "z", &[3]));
+        assert!(fs::metadata(&logs[1]).unwrap().len() >= fold::PARALLEL_MIN_BYTES);
+        let mut alone = FoldState::new(0);
+        fold::fold_path_with(&mut alone, &logs[1], fold::DEFAULT_MAX_LINE, 1).unwrap();
+        for threads in [1, 2, 3] {
+            let out = fold_sessions(&logs, threads, fold::DEFAULT_MAX_LINE, 0);
+            assert_eq!(tokens(&out[0]), 3);
+            assert_eq!(tokens(&out[2]), 3);
+            let got = out[1].as_ref().unwrap();
+            assert_eq!((got.tokens, got.entries), (alone.tokens, alone.entries));
+            assert_eq!(got.components, alone.components, "threads {threads}");
+        }
+    }
+
+    #[test]
+    fn a_missing_log_folds_to_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = fold_session(&dir.path().join("none/execution.jsonl"), 1024, 0).unwrap();
+        assert_eq!((out.entries, out.status.as_str()), (0, "waiting"));
+    }
+
+    #[test]
+    fn an_unreadable_session_says_why_and_the_others_are_folded() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = session(dir.path(), "good", &[7]);
+        let fifo_dir = dir.path().join("fifo");
+        fs::create_dir(&fifo_dir).unwrap();
+        let fifo = fifo_dir.join("execution.jsonl");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let dir_log = dir.path().join("dir/execution.jsonl");
+        fs::create_dir_all(&dir_log).unwrap();
+        let link_dir = dir.path().join("link");
+        fs::create_dir(&link_dir).unwrap();
+        let link = link_dir.join("execution.jsonl");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        let logs = vec![fifo.clone(), good, dir_log.clone(), link.clone()];
+        let out = fold_sessions(&logs, 2, fold::DEFAULT_MAX_LINE, 0);
+        assert_eq!(tokens(&out[1]), 7);
+        for (o, path, what) in [
+            (&out[0], &fifo, "a FIFO"),
+            (&out[2], &dir_log, "a directory"),
+            (&out[3], &link, "a symbolic link"),
+        ] {
+            let e = o.as_ref().expect_err("unreadable");
+            assert!(
+                e.starts_with(&format!("{}: not a regular file", path.display())),
+                "{e}"
+            );
+            assert!(e.contains(what) && !e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_reason_has_no_os_error_suffix() {
+        let e = io::Error::from_raw_os_error(libc::EACCES);
+        let r = reason(Path::new("/x/execution.jsonl"), &e);
+        assert_eq!(r, "/x/execution.jsonl: Permission denied");
+    }
+}
