@@ -40,9 +40,10 @@ use serde_json::Value;
 
 use crate::fxhash::FxMap as HashMap;
 use crate::parse::{
-    json_f64, json_u64, parse_line, parse_line_picking, same_bytes, Event, Malformed, Picks,
-    RawEvent,
+    json_f64, json_u64, parse_block_line, parse_line, parse_line_picking, same_bytes, Event,
+    KeySet, Malformed, Picks, RawEvent,
 };
+use crate::scan::BlockIndex;
 
 /// Distinct component / event-type names kept; the rest fold into `OTHER`.
 pub const MAX_NAMES: usize = 256;
@@ -384,10 +385,8 @@ impl ComponentTotals {
         self.timed = self.timed.saturating_add(1);
         self.latency_ms += ms;
         self.latency_max_ms = self.latency_max_ms.max(ms);
-        let bucket = LATENCY_BOUNDS_MS
-            .iter()
-            .position(|&b| ms <= b)
-            .unwrap_or(LATENCY_BOUNDS_MS.len());
+        // The first bound at or above `ms` (the bounds are sorted).
+        let bucket = LATENCY_BOUNDS_MS.partition_point(|&b| b < ms);
         self.histogram[bucket] = self.histogram[bucket].saturating_add(1);
     }
 
@@ -815,46 +814,76 @@ const META_KEYS: [&str; 14] = [
     "resume",
 ];
 
+/// [`META_KEYS`] indexed for the parser's fast path.
+const FOLD_KEYS: KeySet<'static, 14> = KeySet::new(&META_KEYS);
+
 /// The metadata values the fold uses (the parser has validated the metadata).
+#[inline]
 fn fold_meta<'a>(event: &RawEvent<'a>, picks: Option<Picks<'a, 14>>, kind: Kind) -> FoldMeta<'a> {
     match (event.metadata, picks) {
         (Some(_), _) if !kind.needs_meta() => FoldMeta::default(),
         // The fast path picked the values: no second parse.
-        (
-            Some(_),
-            Some(
-                [latency_ms, budget, status, run, allocations, dropped, reason, error, category, attempt, model, input_tokens, output_tokens, resume],
-            ),
-        ) => FoldMeta {
-            latency_ms: latency_ms.and_then(json_f64),
-            budget: budget.and_then(json_u64),
-            status: status.and_then(decode_str),
-            run: run.and_then(json_u64),
-            allocations: text_num(allocations),
-            dropped: dropped.and_then(json_u64),
-            reason: reason.and_then(decode_str),
-            error: error.and_then(decode_str),
-            category: category.and_then(decode_str),
-            attempt: attempt.and_then(json_u64),
-            model: model.map(Cow::Borrowed),
-            input_tokens: input_tokens.and_then(json_u64),
-            output_tokens: output_tokens.and_then(json_u64),
-            resume: text_num(resume),
+        (Some(_), Some(p)) => FoldMeta {
+            latency_ms: p.get(0).and_then(json_f64),
+            budget: p.get(1).and_then(json_u64),
+            status: p.get(2).and_then(plain_str),
+            run: p.get(3).and_then(json_u64),
+            allocations: p.get(4).and_then(allocations),
+            dropped: p.get(5).and_then(json_u64),
+            reason: p.get(6).and_then(plain_str),
+            error: p.get(7).and_then(plain_str),
+            category: p.get(8).and_then(plain_str),
+            attempt: p.get(9).and_then(json_u64),
+            model: p.get(10).map(Cow::Borrowed),
+            input_tokens: p.get(11).and_then(json_u64),
+            output_tokens: p.get(12).and_then(json_u64),
+            resume: p.get(13).and_then(json_bool),
         },
-        (Some(text), None) => match serde_json::from_str::<MetaKeys<'_>>(text) {
-            Ok(keys) => FoldMeta::from_keys(&keys),
-            // Duplicate keys make the struct parse fail on valid JSON:
-            // read them as a map, the last value winning as in Python.
-            Err(_) => serde_json::from_str::<serde_json::Map<String, Value>>(text)
-                .map(|map| FoldMeta::from_map(&map))
-                .unwrap_or_default(),
-        },
+        (Some(text), None) => parse_meta(text),
         (None, _) => FoldMeta::default(),
     }
 }
 
-fn text_num<T: for<'de> Deserialize<'de>>(text: Option<&str>) -> Option<T> {
-    text.and_then(|t| serde_json::from_str(t).ok())
+/// The metadata values of a line the general parser took (kept out of line:
+/// the fast path's lines never come here).
+#[cold]
+#[inline(never)]
+fn parse_meta(text: &str) -> FoldMeta<'_> {
+    match serde_json::from_str::<MetaKeys<'_>>(text) {
+        Ok(keys) => FoldMeta::from_keys(&keys),
+        // Duplicate keys make the struct parse fail on valid JSON:
+        // read them as a map, the last value winning as in Python.
+        Err(_) => serde_json::from_str::<serde_json::Map<String, Value>>(text)
+            .map(|map| FoldMeta::from_map(&map))
+            .unwrap_or_default(),
+    }
+}
+
+/// A string value the parser's fast path picked: the fast path takes only
+/// lines without a backslash, so its text between the quotes is the string.
+/// None for a value of another type.
+#[inline]
+fn plain_str(json: &str) -> Option<Cow<'_, str>> {
+    debug_assert!(!json.contains('\\'));
+    let s = json.strip_prefix('"')?.strip_suffix('"')?;
+    Some(Cow::Borrowed(s))
+}
+
+/// A JSON value's text read as a boolean, as serde reads a `bool`.
+#[inline]
+fn json_bool(json: &str) -> Option<bool> {
+    match json {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// A `session_start`'s allocations (rare: kept out of line).
+#[cold]
+#[inline(never)]
+fn allocations(json: &str) -> Option<HashMap<String, u64>> {
+    serde_json::from_str(json).ok()
 }
 
 fn num<T: for<'de> Deserialize<'de>>(raw: Option<&RawValue>) -> Option<T> {
@@ -1002,16 +1031,20 @@ impl FoldState {
 
     /// Fold one line (without `\n`) found at `offset`.
     pub fn feed_line(&mut self, line: &[u8], offset: u64) {
-        self.feed_line_in(line, offset, &[]);
+        self.feed_line_in(line, offset, &[], None);
     }
 
     /// Fold one line found at `offset`; when the line lies in `block` (the
     /// buffer being folded), its copy for the last-N ring and the copy of its
     /// timestamp wait until [`FoldState::flush_block`].
     #[inline]
-    fn feed_line_in(&mut self, line: &[u8], offset: u64, block: &[u8]) {
+    fn feed_line_in(&mut self, line: &[u8], offset: u64, block: &[u8], ix: Option<&BlockIndex>) {
         self.lines += 1;
-        match parse_line_picking(line, &META_KEYS) {
+        let parsed = match (ix, within(block, line)) {
+            (Some(ix), Some(start)) => parse_block_line(block, ix, start, line.len(), &FOLD_KEYS),
+            _ => parse_line_picking(line, &META_KEYS),
+        };
+        match parsed {
             Ok((event, picks)) => {
                 let (kind, slot) = self.kind_of(&event.event_type);
                 let meta = fold_meta(&event, picks, kind);
@@ -1501,11 +1534,23 @@ impl LineSplitter {
         self.line_start = self.position;
     }
 
-    pub fn feed(&mut self, data: &[u8], mut out: impl FnMut(Piece<'_>)) {
+    pub fn feed(&mut self, data: &[u8], out: impl FnMut(Piece<'_>)) {
+        self.feed_at(data, memchr::memchr_iter(b'\n', data), out);
+    }
+
+    /// [`LineSplitter::feed`] with the positions of `data`'s newlines, in
+    /// order, already known (a [`BlockIndex`]).
+    #[inline]
+    pub fn feed_at(
+        &mut self,
+        data: &[u8],
+        newlines: impl Iterator<Item = usize>,
+        mut out: impl FnMut(Piece<'_>),
+    ) {
         let base = self.position;
         self.position += data.len() as u64;
         let mut start = 0usize;
-        for nl in memchr::memchr_iter(b'\n', data) {
+        for nl in newlines {
             let seg = &data[start..nl];
             let line_start = self.line_start;
             match std::mem::replace(&mut self.skipping, Skip::No) {
@@ -1558,6 +1603,7 @@ pub fn fold_reader(
 ) -> io::Result<u64> {
     let mut splitter = LineSplitter::new(max_line, start);
     let mut buf = vec![0u8; READ_CHUNK];
+    let mut ix = BlockIndex::new();
     loop {
         let n = match reader.read(&mut buf) {
             Ok(0) => break,
@@ -1566,8 +1612,9 @@ pub fn fold_reader(
             Err(e) => return Err(e),
         };
         let block = &buf[..n];
-        splitter.feed(block, |piece| match piece {
-            Piece::Line(line, off) => fold.feed_line_in(line, off, block),
+        ix.index(block);
+        splitter.feed_at(block, ix.newlines(), |piece| match piece {
+            Piece::Line(line, off) => fold.feed_line_in(line, off, block, Some(&ix)),
             Piece::Oversize(off, len) => fold.note_oversize(off, len),
         });
         fold.flush_block(block);
