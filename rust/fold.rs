@@ -40,8 +40,8 @@ use serde_json::Value;
 
 use crate::fxhash::FxMap as HashMap;
 use crate::parse::{
-    json_f64, json_u64, parse_block_line, parse_line, parse_line_picking, same_bytes, Event,
-    KeySet, Malformed, Picks, RawEvent,
+    digit_run, json_f64, json_u64, parse_block_line, parse_line, parse_line_picking, same_bytes,
+    Event, KeySet, Malformed, Picks, RawEvent,
 };
 use crate::scan::BlockIndex;
 
@@ -58,7 +58,7 @@ pub const MAX_TEXT: usize = 1024;
 pub const MAX_RING_BYTES: usize = 8 << 20;
 /// Small enough that a chunk the kernel just copied is still in the CPU's
 /// cache when it is parsed.
-pub const READ_CHUNK: usize = 256 << 10;
+pub const READ_CHUNK: usize = 128 << 10;
 pub const DEFAULT_MAX_LINE: usize = 1 << 20;
 /// Seconds of event time the recent-rate window can look back.
 pub const WINDOW_SECONDS: usize = 64;
@@ -653,7 +653,10 @@ pub fn timestamp_micros(text: &str) -> Option<i64> {
 /// compared, not parsed. A cache: it takes no part in a fold's equality.
 #[derive(Debug, Clone, Default)]
 struct SecondCache {
-    head: Vec<u8>,
+    /// The date and time up to the second (`YYYY-MM-DDTHH:MM:SS`) of the
+    /// cached timestamp; empty before the first.
+    head: Option<[u8; 19]>,
+    /// What follows its fraction (the offset).
     tail: Vec<u8>,
     second: i64,
 }
@@ -665,29 +668,26 @@ impl PartialEq for SecondCache {
 }
 
 impl SecondCache {
+    #[inline]
     fn second(&mut self, timestamp: &str) -> Option<i64> {
         let b = timestamp.as_bytes();
         let parse = || timestamp_micros(timestamp).map(|us| us.div_euclid(1_000_000));
-        if b.len() < 19 {
+        let Some(head) = b.get(..19).and_then(|h| <[u8; 19]>::try_from(h).ok()) else {
             return parse();
-        }
+        };
         let mut end = 19;
         if b.get(19) == Some(&b'.') {
-            end = 20;
-            while b.get(end).is_some_and(u8::is_ascii_digit) {
-                end += 1;
-            }
+            end = 20 + digit_run(b, 20);
             if end == 20 {
                 return parse(); // "." without digits: invalid, never cached
             }
         }
-        let (head, tail) = (&b[..19], &b[end..]);
-        if !self.head.is_empty() && self.head == head && self.tail == tail {
+        let tail = &b[end..];
+        if self.head == Some(head) && same_bytes(&self.tail, tail) {
             return Some(self.second);
         }
         let second = parse()?;
-        self.head.clear();
-        self.head.extend_from_slice(head);
+        self.head = Some(head);
         self.tail.clear();
         self.tail.extend_from_slice(tail);
         self.second = second;
@@ -1040,9 +1040,12 @@ impl FoldState {
     #[inline]
     fn feed_line_in(&mut self, line: &[u8], offset: u64, block: &[u8], ix: Option<&BlockIndex>) {
         self.lines += 1;
+        let mut at = [(0, 0); META_KEYS.len()];
         let parsed = match (ix, within(block, line)) {
-            (Some(ix), Some(start)) => parse_block_line(block, ix, start, line.len(), &FOLD_KEYS),
-            _ => parse_line_picking(line, &META_KEYS),
+            (Some(ix), Some(start)) => {
+                parse_block_line(block, ix, start, line.len(), &FOLD_KEYS, &mut at)
+            }
+            _ => parse_line_picking(line, &FOLD_KEYS, &mut at),
         };
         match parsed {
             Ok((event, picks)) => {

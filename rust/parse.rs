@@ -206,7 +206,7 @@ pub struct Malformed {
 
 /// Parse one line (without its `\n`). A trailing `\r` is tolerated.
 pub fn parse_line(line: &[u8]) -> Result<RawEvent<'_>, String> {
-    parse_line_picking(line, &[]).map(|(event, _)| event)
+    parse_line_picking(line, &KeySet::new(&[]), &mut []).map(|(event, _)| event)
 }
 
 /// The JSON text of each picked metadata key's value (None: not in the line).
@@ -214,9 +214,12 @@ pub fn parse_line(line: &[u8]) -> Result<RawEvent<'_>, String> {
 pub struct Picks<'a, const N: usize> {
     line: &'a str,
     /// Start and end of each value in `line`; (0, 0) when not seen (a value
-    /// is never empty).
-    at: [(u32, u32); N],
+    /// is never empty). The caller's buffer: nothing is copied per line.
+    at: &'a PickAt<N>,
 }
+
+/// Where the picked values are in a line (see [`Picks`]).
+pub type PickAt<const N: usize> = [(u32, u32); N];
 
 impl<'a, const N: usize> Picks<'a, N> {
     /// The JSON text of the value of key `i`, if the line holds it.
@@ -233,12 +236,13 @@ impl<'a, const N: usize> Picks<'a, N> {
 /// `keys` (the last value of a key given twice, as Python's `json` reads it)
 /// when the fast path took the line, so the caller need not parse the
 /// metadata again. None when the general parser took it.
-pub fn parse_line_picking<'a, const N: usize>(
+pub fn parse_line_picking<'a: 'b, 'p: 'b, 'b, const N: usize>(
     line: &'a [u8],
-    keys: &[&str; N],
-) -> Result<(RawEvent<'a>, Option<Picks<'a, N>>), String> {
+    keys: &KeySet<'_, N>,
+    at: &'p mut PickAt<N>,
+) -> Result<(RawEvent<'a>, Option<Picks<'b, N>>), String> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    if let Some((event, picks)) = fast_parse(line, keys) {
+    if let Some((event, picks)) = fast_parse_with(line, LineIndex::new(line), keys, at) {
         return Ok((event, Some(picks)));
     }
     parse_general(line).map(|event| (event, None))
@@ -248,16 +252,17 @@ pub fn parse_line_picking<'a, const N: usize>(
 /// which `ix` has indexed: the fast path reads the block's quote bitmap
 /// instead of classifying the line again.
 #[inline]
-pub fn parse_block_line<'a, const N: usize>(
+pub fn parse_block_line<'a: 'b, 'p: 'b, 'b, const N: usize>(
     block: &'a [u8],
     ix: &BlockIndex,
     start: usize,
     len: usize,
     keys: &KeySet<'_, N>,
-) -> Result<(RawEvent<'a>, Option<Picks<'a, N>>), String> {
+    at: &'p mut PickAt<N>,
+) -> Result<(RawEvent<'a>, Option<Picks<'b, N>>), String> {
     let line = &block[start..start + len];
     if let Some(bl) = ix.line(start, len) {
-        if let Some((event, picks)) = fast_parse_with(line, bl, keys) {
+        if let Some((event, picks)) = fast_parse_with(line, bl, keys, at) {
             return Ok((event, Some(picks)));
         }
     }
@@ -356,6 +361,23 @@ fn leading_digits(x: u64) -> usize {
     // after a byte that is not a digit.
     let not_digit = ((x & HIGH) ^ ZEROS) | ((x.wrapping_add(0x0606_0606_0606_0606) & HIGH) ^ ZEROS);
     (not_digit.trailing_zeros() / 8) as usize
+}
+
+/// How many ASCII digits start at `p` of `b` (eight bytes at a time).
+#[inline(always)]
+pub fn digit_run(b: &[u8], p: usize) -> usize {
+    let mut n = 0;
+    while p + n + 8 <= b.len() {
+        let k = leading_digits(word8(b, p + n));
+        n += k;
+        if k < 8 {
+            return n;
+        }
+    }
+    n + b[(p + n).min(b.len())..]
+        .iter()
+        .take_while(|c| c.is_ascii_digit())
+        .count()
 }
 
 /// The value of the first `n` bytes of `x` (1 to 7 ASCII digits, the first
@@ -467,25 +489,35 @@ fn short_decimal(b: &[u8]) -> Option<f64> {
 /// has a non-ASCII byte. Anything else returns `None` and goes to the general
 /// parser, never straight to "malformed", so the result is the general
 /// parser's (the comparison tests and `fuzz/` check it).
+#[cfg(any(test, feature = "fuzzing"))]
 fn fast_parse<'a, const N: usize>(
     line: &'a [u8],
     keys: &[&str; N],
-) -> Option<(RawEvent<'a>, Picks<'a, N>)> {
-    fast_parse_with(line, LineIndex::new(line), &KeySet::new(keys))
+) -> Option<(RawEvent<'a>, [Option<&'a str>; N])> {
+    let mut at = [(0, 0); N];
+    let (event, _) = fast_parse_with(line, LineIndex::new(line), &KeySet::new(keys), &mut at)?;
+    let text = std::str::from_utf8(line).ok()?;
+    let picks = std::array::from_fn(|i| {
+        let (a, b) = at[i];
+        (b > 0).then(|| &text[a as usize..b as usize])
+    });
+    Some((event, picks))
 }
 
 /// [`fast_parse`] against any index of the line's quotes.
 #[inline(always)]
-fn fast_parse_with<'a, Q: Quotes, const N: usize>(
+fn fast_parse_with<'a: 'b, 'p: 'b, 'b, Q: Quotes, const N: usize>(
     line: &'a [u8],
     ix: Q,
     keys: &KeySet<'_, N>,
-) -> Option<(RawEvent<'a>, Picks<'a, N>)> {
+    at: &'p mut PickAt<N>,
+) -> Option<(RawEvent<'a>, Picks<'b, N>)> {
+    *at = [(0, 0); N];
     let mut f = Fast {
         line,
         ix,
         keys,
-        picks: [(0, 0); N],
+        picks: at,
     };
     // Positions are kept as u32 (the picks): longer lines go to the general parser.
     if line.len() > u32::MAX as usize {
@@ -544,23 +576,21 @@ fn fast_parse_with<'a, Q: Quotes, const N: usize>(
         seq: Some(seq),
         metadata: Some(s((meta_start, meta_end))),
     };
-    for &(a, b) in &f.picks {
+    let at: &'b PickAt<N> = f.picks;
+    for &(a, b) in at {
         debug_assert!(text.is_char_boundary(a as usize) && text.is_char_boundary(b as usize));
     }
-    let picks = Picks {
-        line: text,
-        at: f.picks,
-    };
+    let picks = Picks { line: text, at };
     Some((event, picks))
 }
 
 /// The fast path's cursor: positions in `line`, quotes found through `ix`.
-struct Fast<'a, 'k, Q, const N: usize> {
+struct Fast<'a, 'k, 'p, Q, const N: usize> {
     line: &'a [u8],
     ix: Q,
     /// Top-level metadata keys to pick, and where their values were seen.
     keys: &'k KeySet<'k, N>,
-    picks: [(u32, u32); N],
+    picks: &'p mut PickAt<N>,
 }
 
 /// Metadata keys to pick, with their indexes by length: a key of the line is
@@ -602,7 +632,7 @@ impl<'k, const N: usize> KeySet<'k, N> {
     }
 }
 
-impl<Q: Quotes, const N: usize> Fast<'_, '_, Q, N> {
+impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
     /// `want` at `p` (a fixed-size compare the compiler inlines).
     #[inline]
     fn lit<const L: usize>(&self, p: usize, want: &[u8; L]) -> Option<usize> {
@@ -665,19 +695,7 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, Q, N> {
     /// How many ASCII digits start at `p` (eight bytes at a time).
     #[inline(always)]
     fn digit_run(&self, p: usize) -> usize {
-        let b = self.line;
-        let mut n = 0;
-        while p + n + 8 <= b.len() {
-            let k = leading_digits(word8(b, p + n));
-            n += k;
-            if k < 8 {
-                return n;
-            }
-        }
-        n + b[(p + n).min(b.len())..]
-            .iter()
-            .take_while(|c| c.is_ascii_digit())
-            .count()
+        digit_run(self.line, p)
     }
 
     #[inline(always)]
@@ -1000,7 +1018,7 @@ pub mod reference {
             if let Ok(map) = serde_json::from_str::<Map<String, Value>>(meta) {
                 for (k, v) in map {
                     let (_, picks) = super::fast_parse(bare, &["?", k.as_str()]).unwrap();
-                    let text = picks.get(1).unwrap_or("?");
+                    let text = picks[1].unwrap_or("?");
                     let got: Value = serde_json::from_str(text).unwrap();
                     assert_eq!(got, v, "key {k}: {show}");
                     // The fold's number readers read as serde does.
@@ -1046,7 +1064,8 @@ pub mod reference {
         const KEYS: [&str; 4] = ["latency_ms", "model", "status", "?"];
         let keys = super::KeySet::new(&KEYS);
         let show = String::from_utf8_lossy(line);
-        let alone = super::parse_line_picking(line, &KEYS);
+        let mut at = [(0, 0); KEYS.len()];
+        let alone = super::parse_line_picking(line, &keys, &mut at);
         let noise = b"\"\\\x01\xc3\xa9x{";
         let pad = line.len() % 71;
         let mut block: Vec<u8> = (0..pad).map(|i| noise[i % noise.len()]).collect();
@@ -1054,7 +1073,8 @@ pub mod reference {
         block.extend_from_slice(b"\n\"\\\xe9\"");
         let mut ix = BlockIndex::new();
         ix.index(&block);
-        let inside = super::parse_block_line(&block, &ix, pad, line.len(), &keys);
+        let mut at2 = [(0, 0); KEYS.len()];
+        let inside = super::parse_block_line(&block, &ix, pad, line.len(), &keys, &mut at2);
         match (alone, inside) {
             (Ok((a, pa)), Ok((b, pb))) => {
                 assert_eq!(a.to_owned_event(0), b.to_owned_event(0), "{show}");
@@ -1358,7 +1378,7 @@ mod tests {
                     line: line.as_bytes(),
                     ix: LineIndex::new(line.as_bytes()),
                     keys: &KeySet::new(&[]),
-                    picks: [],
+                    picks: &mut [],
                 };
                 let got = f.uint(pre.len());
                 let want = f.uint_slow(pre.len());

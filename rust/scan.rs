@@ -457,20 +457,6 @@ mod x86 {
 
     /// One 32-byte half's masks (see [`super::masks_portable`]), as a macro
     /// so that it is inlined where AVX2 is enabled.
-    macro_rules! half_avx2 {
-        ($v:expr) => {{
-            let v = $v;
-            let m = |x| _mm256_movemask_epi8(x) as u32;
-            let q = m(_mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'"' as i8)));
-            let n = m(_mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'\n' as i8)));
-            let b = m(_mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'\\' as i8)));
-            // Signed v < 0x20: a control byte, or 0x80 and above (negative).
-            let low_or_high = m(_mm256_cmpgt_epi8(_mm256_set1_epi8(0x20), v));
-            let h = m(v);
-            [q, n, (low_or_high & !h & !n) | b, h]
-        }};
-    }
-
     #[target_feature(enable = "avx2")]
     #[inline]
     pub unsafe fn masks_avx2(block: &[u8; 64]) -> super::Masks {
@@ -488,12 +474,28 @@ mod x86 {
         // SAFETY: two unaligned 32-byte reads within the 64 readable bytes.
         let (lo, hi) = unsafe {
             (
-                half_avx2!(_mm256_loadu_si256(p as *const __m256i)),
-                half_avx2!(_mm256_loadu_si256(p.add(32) as *const __m256i)),
+                _mm256_loadu_si256(p as *const __m256i),
+                _mm256_loadu_si256(p.add(32) as *const __m256i),
             )
         };
-        let join = |i: usize| u64::from(lo[i]) | u64::from(hi[i]) << 32;
-        [join(0), join(1), join(2), join(3)]
+        let m = |x| u64::from(_mm256_movemask_epi8(x) as u32);
+        let both = |f: &dyn Fn(__m256i) -> __m256i| m(f(lo)) | m(f(hi)) << 32;
+        let quotes = both(&|v| _mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'"' as i8)));
+        let newlines = both(&|v| _mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'\n' as i8)));
+        // Signed v < 0x20: a control byte, or 0x80 and above (negative); or
+        // a backslash.
+        let special = both(&|v| {
+            _mm256_or_si256(
+                _mm256_cmpgt_epi8(_mm256_set1_epi8(0x20), v),
+                _mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'\\' as i8)),
+            )
+        });
+        if special & !newlines == 0 {
+            // The common chunk: printable ASCII and newlines.
+            return [quotes, newlines, 0, 0];
+        }
+        let high = m(lo) | m(hi) << 32;
+        [quotes, newlines, special & !high & !newlines, high]
     }
 
     /// SSE2 is part of x86_64: always available.
