@@ -1041,7 +1041,8 @@ impl FoldState {
     fn feed_line_in(&mut self, line: &[u8], offset: u64, block: &[u8], ix: Option<&BlockIndex>) {
         self.lines += 1;
         let mut at = [(0, 0); META_KEYS.len()];
-        let parsed = match (ix, within(block, line)) {
+        let in_block = within(block, line);
+        let parsed = match (ix, in_block) {
             (Some(ix), Some(start)) => {
                 parse_block_line(block, ix, start, line.len(), &FOLD_KEYS, &mut at)
             }
@@ -1052,7 +1053,7 @@ impl FoldState {
                 let (kind, slot) = self.kind_of(&event.event_type);
                 let meta = fold_meta(&event, picks, kind);
                 self.feed_event(&event, kind, slot, &meta, block);
-                match within(block, line) {
+                match in_block {
                     Some(start) if self.last_n > 0 => {
                         let p = &mut self.pending.0.lines;
                         if p.len() >= self.last_n {

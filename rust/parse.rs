@@ -650,7 +650,7 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
 
     /// A JSON integer from 0 to 2^64-1 (no sign, fraction, exponent or
     /// leading zero): (value, position after it).
-    #[inline]
+    #[inline(always)]
     fn uint(&self, p: usize) -> Option<(u64, usize)> {
         let line = self.line;
         // Eight bytes at a time: those from `p`, or the line's last eight
@@ -674,6 +674,8 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
         self.uint_slow(p)
     }
 
+    #[cold]
+    #[inline(never)]
     fn uint_slow(&self, p: usize) -> Option<(u64, usize)> {
         let digits = self.line.get(p..)?;
         let mut v: u64 = 0;
@@ -745,17 +747,30 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                 }
             }
             let start = self.spaces(p + 1);
-            let end = self.value(start, depth)?;
-            if depth == 1 {
+            // Strings and numbers, the usual values, without a call.
+            let end = match *self.line.get(start)? {
+                b'"' => self.ix.next_quote(start + 1)? + 1,
+                b'-' | b'0'..=b'9' => self.number(start)?,
+                _ => self.value(start, depth)?,
+            };
+            if depth == 1 && N > 0 {
                 let name = &self.line[key.0..key.1];
                 if let Some(i) = self.keys.find(name) {
                     self.picks[i] = (start as u32, end as u32); // the last one wins
                 }
             }
-            p = self.spaces(end);
-            match self.line.get(p)? {
+            p = end;
+            match *self.line.get(p)? {
                 b',' => p = self.spaces(p + 1),
                 b'}' => return Some(p + 1),
+                b' ' => {
+                    p = self.spaces(p);
+                    match *self.line.get(p)? {
+                        b',' => p = self.spaces(p + 1),
+                        b'}' => return Some(p + 1),
+                        _ => return None,
+                    }
+                }
                 _ => return None,
             }
         }
@@ -781,6 +796,7 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
     }
 
     /// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`
+    #[inline(always)]
     fn number(&self, mut p: usize) -> Option<usize> {
         let b = self.line;
         let digits = |p: usize| self.digit_run(p);
@@ -1580,6 +1596,15 @@ mod tests {
         r#"{"k":"}"}}"#,
         r#"{"1":1,"2":2,"3":3,"4":4,"5":5,"6":6,"7":7,"8":8,"9":9,"latency_ms":4}"#,
         r#"{"latency_ms":5,"latency_ms":6}"#,
+        r#"{"a":1 ,"b":"x" }"#,
+        r#"{"a":-0.5e+3,"model":"m" , "latency_ms" : 7 }"#,
+        r#"{"a":1 x}"#,
+        r#"{"a":"x" "b":1}"#,
+        r#"{"a":-}"#,
+        r#"{"a":-01}"#,
+        r#"{"a":1.5E}"#,
+        r#"{"latency_ms":12345678.25,"model":"gpt-4o-mini"}"#,
+        r#"{"latency_ms":"1100","model":1,"status":{"x":1}}"#,
     ];
     /// Strings the fast path takes (no backslash).
     const PLAIN: &[&str] = &[
