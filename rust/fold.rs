@@ -232,8 +232,25 @@ impl Key {
 
 impl Interner {
     /// The id of `name`, interning it; None once `MAX_INTERNED` names are held.
-    #[inline]
+    #[inline(always)]
     fn id(&mut self, name: &[u8]) -> Option<usize> {
+        // The usual case, inline: the name is in its first slot.
+        if !self.table.is_empty() {
+            let key = Key::of(name);
+            let i = key.hash() & (self.table.len() - 1);
+            let (v, k) = self.table[i];
+            let v = v as usize;
+            if v != 0 && k == key && (name.len() <= 16 || *self.names[v - 1] == *name) {
+                return Some(v - 1);
+            }
+        }
+        self.id_probe(name)
+    }
+
+    /// [`Interner::id`] past the first slot, or interning a new name.
+    #[cold]
+    #[inline(never)]
+    fn id_probe(&mut self, name: &[u8]) -> Option<usize> {
         if self.table.is_empty() {
             self.table = vec![(0, Key::default()); 2 * MAX_INTERNED];
         }
@@ -2041,6 +2058,63 @@ mod tests {
         assert_eq!(
             f.malformed_samples[0].offset as usize,
             data.find("not json").unwrap()
+        );
+    }
+
+    /// Reads at most `sizes[i]` bytes per call, in turn.
+    struct Chunked<'a> {
+        data: &'a [u8],
+        sizes: Vec<usize>,
+        turn: usize,
+    }
+
+    impl Read for Chunked<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.sizes[self.turn % self.sizes.len()]
+                .min(buf.len())
+                .min(self.data.len());
+            self.turn += 1;
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_fold_is_the_same_whatever_the_read_sizes() {
+        // Lines cut across reads take the line-alone path, whole lines the
+        // block index: both give the same fold, field for field.
+        use crate::parse::tests::{random_line, Rng};
+        let mut rng = Rng(0xb10c_5eed);
+        let mut data = session().into_bytes();
+        for _ in 0..3000 {
+            data.extend_from_slice(&random_line(&mut rng));
+            data.push(b'\n');
+        }
+        data.extend_from_slice(busy_session().as_bytes());
+        let mut whole = FoldState::new(5);
+        fold_reader(&mut whole, &mut &data[..], 0, DEFAULT_MAX_LINE).unwrap();
+        for sizes in [
+            vec![1],
+            vec![7, 64, 3],
+            vec![63, 65, 200],
+            vec![4096, 1, 129],
+        ] {
+            let mut part = FoldState::new(5);
+            let mut r = Chunked {
+                data: &data,
+                sizes,
+                turn: 0,
+            };
+            fold_reader(&mut part, &mut r, 0, DEFAULT_MAX_LINE).unwrap();
+            assert!(part == whole);
+            assert_eq!(part.last_entries(), whole.last_entries());
+        }
+        assert!(
+            whole.entries > 500 && whole.malformed > 50,
+            "{} {}",
+            whole.entries,
+            whole.malformed
         );
     }
 

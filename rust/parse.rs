@@ -1165,7 +1165,7 @@ pub mod reference {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const GOOD: &str = r#"{"timestamp":"2026-01-11T10:15:33.234567","session_id":"s","event_type":"step_complete","component":"routing","message":"ok","tokens":50,"metadata":{"latency_ms":1100},"seq":3}"#;
@@ -1617,7 +1617,7 @@ mod tests {
         r#""""#,
     ];
 
-    fn random_line(rng: &mut Rng) -> Vec<u8> {
+    pub(crate) fn random_line(rng: &mut Rng) -> Vec<u8> {
         if rng.below(100) < 40 {
             return writer_layout_line(rng);
         }
