@@ -447,6 +447,9 @@ pub struct RunTotals {
     pub reason: Option<String>,
     pub tokens: u64,
     pub events: u64,
+    /// The `seq` of the run's first and latest events that carry one.
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
     pub budget: Option<u64>,
     pub components: Names<ComponentTotals>,
     /// The metadata of the run's `session_start` (task, thresholds, ...), as JSON.
@@ -465,6 +468,8 @@ impl Default for RunTotals {
             reason: None,
             tokens: 0,
             events: 0,
+            first_seq: None,
+            last_seq: None,
             budget: None,
             components: Names::default(),
             start_metadata: None,
@@ -477,6 +482,12 @@ impl RunTotals {
     fn absorb(&mut self, o: &RunTotals) {
         self.tokens = self.tokens.saturating_add(o.tokens);
         self.events = self.events.saturating_add(o.events);
+        if self.first_seq.is_none() {
+            self.first_seq = o.first_seq;
+        }
+        if o.last_seq.is_some() {
+            self.last_seq = o.last_seq;
+        }
         for (k, c) in o.components.iter() {
             self.components.slot(k).add(c);
         }
@@ -1362,6 +1373,10 @@ impl FoldState {
         update(run.components.at_mut(run_slot));
         run.tokens = run.tokens.saturating_add(e.tokens);
         run.events = run.events.saturating_add(1);
+        if let Some(seq) = e.seq {
+            run.first_seq.get_or_insert(seq);
+            run.last_seq = Some(seq);
+        }
     }
 
     fn track_seq(&mut self, seq: Option<u64>) {

@@ -9,6 +9,7 @@
 pub mod errors;
 pub mod fold;
 pub mod fxhash;
+pub mod ledger;
 pub mod parse;
 pub mod sanitize;
 pub mod scan;
@@ -310,6 +311,195 @@ impl PyFold {
     fn snapshot(&self, py: Python<'_>) -> PyResult<snapshot::PySessionSnapshot> {
         let st = self.copy(py)?;
         snapshot::session(py, &st)
+    }
+
+    /// Fold one event given by its fields, for a reader that holds events
+    /// rather than lines (the span mapping). The same rules as a line's: an
+    /// event whose `metadata_json` is not a JSON object is malformed.
+    #[pyo3(signature = (timestamp, event_type, component, tokens, seq = None, metadata_json = "{}", message = "", session_id = "", offset = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn feed_event(
+        &self,
+        timestamp: &str,
+        event_type: &str,
+        component: &str,
+        tokens: u64,
+        seq: Option<u64>,
+        metadata_json: &str,
+        message: &str,
+        session_id: &str,
+        offset: u64,
+    ) -> PyResult<()> {
+        let text = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_string());
+        let mut line = String::with_capacity(128 + metadata_json.len() + message.len());
+        line.push_str("{\"timestamp\":");
+        line.push_str(&text(timestamp));
+        line.push_str(",\"session_id\":");
+        line.push_str(&text(session_id));
+        line.push_str(",\"event_type\":");
+        line.push_str(&text(event_type));
+        line.push_str(",\"component\":");
+        line.push_str(&text(component));
+        line.push_str(",\"message\":");
+        line.push_str(&text(message));
+        line.push_str(",\"tokens\":");
+        line.push_str(&tokens.to_string());
+        line.push_str(",\"metadata\":");
+        line.push_str(metadata_json);
+        if let Some(seq) = seq {
+            line.push_str(",\"seq\":");
+            line.push_str(&seq.to_string());
+        }
+        line.push('}');
+        // One short line: the GIL is kept (releasing it per event would cost
+        // more than the fold, and a busy thread would wait to get it back).
+        guard("Fold.feed_event", || {
+            lock(&self.state).feed_line(line.as_bytes(), offset);
+            Ok(())
+        })
+    }
+
+    /// The tokens of everything folded so far (no snapshot taken).
+    #[getter]
+    fn tokens(&self, py: Python<'_>) -> PyResult<u64> {
+        guard("Fold.tokens", || Ok(py.detach(|| lock(&self.state).tokens)))
+    }
+
+    /// The whole session's history: this fold of the log joined with the
+    /// session's ledger (`tokens.json`), if one was read and is usable.
+    #[pyo3(signature = (ledger = None))]
+    fn history(
+        &self,
+        py: Python<'_>,
+        ledger: Option<&PyLedger>,
+    ) -> PyResult<snapshot::PySessionHistory> {
+        let st = self.copy(py)?;
+        let (doc, problem) = ledger.map_or((None, None), |l| (l.doc.as_ref(), l.problem.clone()));
+        snapshot::history(py, Some(&st), doc, problem)
+    }
+
+    /// Fold `path` from `checkpoint` (the same file, `offset` a line start
+    /// this fold stopped at) or, without one, from its start. Returns where
+    /// the next call continues; None, folding nothing, when `path` is no
+    /// longer the checkpoint's file (renamed away, replaced) or is shorter
+    /// than its offset (truncated): the caller folds the log again then.
+    #[pyo3(signature = (path, checkpoint = None, max_line_bytes = DEFAULT_MAX_LINE))]
+    fn continue_file(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        checkpoint: Option<&Bound<'_, PyCheckpoint>>,
+        max_line_bytes: usize,
+    ) -> PyResult<Option<PyCheckpoint>> {
+        use std::os::unix::fs::MetadataExt;
+        let checkpoint = checkpoint.map(|c| *c.get());
+        let p = path.clone();
+        detached_io(py, "Fold.continue_file", Some(&path), || {
+            let file = segments::open_regular(&p)?;
+            let meta = file.metadata()?;
+            let start = match checkpoint {
+                Some(c) if (c.dev, c.ino) != (meta.dev(), meta.ino()) || meta.len() < c.offset => {
+                    return Ok(None)
+                }
+                Some(c) => c.offset,
+                None => 0,
+            };
+            let mut st = lock(&self.state);
+            let threads = fold::fold_threads();
+            let end = fold::fold_range(&mut st, &file, start, None, max_line_bytes, threads)?;
+            Ok(Some(PyCheckpoint {
+                dev: meta.dev(),
+                ino: meta.ino(),
+                offset: end,
+                fp_len: 0,
+                fp_crc: 0,
+            }))
+        })
+    }
+}
+
+/// The session's ledger, `tokens.json`, read and checked (`ledger.rs`):
+/// usable (`present`), absent, or a `problem` told in words.
+#[pyclass(frozen, module = "sigil._native", name = "Ledger")]
+pub struct PyLedger {
+    doc: Option<ledger::Ledger>,
+    problem: Option<String>,
+}
+
+#[pymethods]
+impl PyLedger {
+    /// Read `path` (at most `ledger.MAX_LEDGER_BYTES`, without the GIL).
+    #[staticmethod]
+    fn read(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let read = py
+            .detach(|| guard_io(|| Ok(ledger::read(&path))))
+            .map_err(|detail| panic_err("Ledger.read", detail))?;
+        Ok(match read {
+            Ok(Ok(doc)) => PyLedger { doc, problem: None },
+            Ok(Err(problem)) => PyLedger {
+                doc: None,
+                problem: Some(problem),
+            },
+            Err(e) => return Err(os_error(&e, Some(&path))),
+        })
+    }
+
+    /// No ledger at all (the log alone is the history).
+    #[staticmethod]
+    fn absent() -> Self {
+        PyLedger {
+            doc: None,
+            problem: None,
+        }
+    }
+
+    /// A usable ledger was read.
+    #[getter]
+    fn present(&self) -> bool {
+        self.doc.is_some()
+    }
+
+    /// Why the file is not a usable ledger (None when it is, or is absent).
+    #[getter]
+    fn problem(&self) -> Option<String> {
+        self.problem.clone()
+    }
+
+    /// The last `seq` the ledger covers.
+    #[getter]
+    fn last_seq(&self) -> Option<u64> {
+        self.doc.as_ref().map(|d| d.last_seq)
+    }
+
+    /// Whether the ledger alone is the history: it was written from exactly
+    /// these log files (`(name, size, mtime_ns)`, oldest first) and no run is
+    /// left to resume.
+    fn unchanged(&self, files: Vec<(String, u64, i64)>) -> bool {
+        let files: Vec<ledger::LogFile> = files
+            .into_iter()
+            .map(|(name, size, mtime_ns)| ledger::LogFile {
+                name,
+                size,
+                mtime_ns,
+            })
+            .collect();
+        self.doc.as_ref().is_some_and(|d| d.unchanged(&files))
+    }
+
+    /// The history from the ledger alone (no fold of the log).
+    fn history(&self, py: Python<'_>) -> PyResult<snapshot::PySessionHistory> {
+        match &self.doc {
+            Some(doc) => snapshot::history(py, None, Some(doc), None),
+            None => Err(value_error("no usable ledger")),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        match (&self.doc, &self.problem) {
+            (Some(d), _) => format!("Ledger(last_seq={}, runs={})", d.last_seq, d.runs.len()),
+            (None, Some(p)) => format!("Ledger(problem={p:?})"),
+            (None, None) => "Ledger(absent)".to_string(),
+        }
     }
 }
 
@@ -956,11 +1146,12 @@ mod _native {
     #[pymodule_export]
     use super::{
         fold_file, fold_file_snapshot, is_sensitive_key, parse_bytes, parse_lines, sanitize_string,
-        tail_max_seq, PyAppendWriter, PyCheckpoint, PyEntry, PyFold, PyTailer,
+        tail_max_seq, PyAppendWriter, PyCheckpoint, PyEntry, PyFold, PyLedger, PyTailer,
     };
     #[pymodule_export]
     use crate::snapshot::{
-        PyComponentSnapshot, PyLastError, PyMalformedLine, PyRunSnapshot, PySessionSnapshot,
+        PyComponentSnapshot, PyLastError, PyMalformedLine, PyRunSnapshot, PySessionHistory,
+        PySessionSnapshot,
     };
 
     #[pymodule_export]
@@ -971,6 +1162,8 @@ mod _native {
     const MAX_DEPTH: usize = crate::parse::MAX_DEPTH;
     #[pymodule_export]
     const MAX_TOKENS: u64 = crate::parse::MAX_TOKENS;
+    #[pymodule_export]
+    const MAX_LEDGER_BYTES: u64 = crate::ledger::MAX_LEDGER_BYTES;
 
     /// The sanitizer's word boundaries are Python's `\w`, of this Python's
     /// Unicode database (`sanitize::set_python_unicode_version`).

@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::fold::{self, ComponentTotals, FoldState, RunTotals, LATENCY_BOUNDS_MS};
+use crate::ledger::{self, Ledger, LedgerRun, RunRef};
 use crate::parse::Event;
 
 /// A line that is not a valid event: where it starts, what kind of problem
@@ -232,6 +233,14 @@ pub struct PyRunSnapshot {
     pub steps_failed: u64,
     #[pyo3(get)]
     pub start_metadata_json: Option<String>,
+    /// `log` (folded from the log) or `ledger` (only `tokens.json` still knows it).
+    #[pyo3(get)]
+    pub source: &'static str,
+    /// The `seq` of the run's first and latest events.
+    #[pyo3(get)]
+    pub first_seq: Option<u64>,
+    #[pyo3(get)]
+    pub last_seq: Option<u64>,
     comps: Components,
 }
 
@@ -268,6 +277,9 @@ impl PyRunSnapshot {
         d.set_item("budget", self.budget)?;
         d.set_item("steps_completed", self.steps_completed)?;
         d.set_item("steps_failed", self.steps_failed)?;
+        d.set_item("first_seq", self.first_seq)?;
+        d.set_item("last_seq", self.last_seq)?;
+        d.set_item("source", self.source)?;
         d.set_item("components", components_plain(py, &self.comps)?)?;
         Ok(d)
     }
@@ -281,6 +293,16 @@ impl PyRunSnapshot {
 }
 
 fn run(py: Python<'_>, st: &FoldState, r: &RunTotals) -> PyResult<Py<PyRunSnapshot>> {
+    run_as(py, st, r, &r.status)
+}
+
+/// A run of the log, with its status in the session's history.
+fn run_as(
+    py: Python<'_>,
+    st: &FoldState,
+    r: &RunTotals,
+    status: &str,
+) -> PyResult<Py<PyRunSnapshot>> {
     let (ok, failed) = r.steps();
     let last_at = st.last_at(r);
     let end = r.ended_at.as_deref().or(last_at);
@@ -288,7 +310,7 @@ fn run(py: Python<'_>, st: &FoldState, r: &RunTotals) -> PyResult<Py<PyRunSnapsh
         py,
         PyRunSnapshot {
             number: r.number,
-            status: r.status.clone(),
+            status: status.to_string(),
             reason: r.reason.clone(),
             started_at: r.started_at.clone(),
             ended_at: r.ended_at.clone(),
@@ -300,9 +322,181 @@ fn run(py: Python<'_>, st: &FoldState, r: &RunTotals) -> PyResult<Py<PyRunSnapsh
             steps_completed: ok,
             steps_failed: failed,
             start_metadata_json: r.start_metadata.clone(),
+            source: "log",
+            first_seq: r.first_seq,
+            last_seq: r.last_seq,
             comps: components(py, &r.components)?,
         },
     )
+}
+
+/// A run only the ledger knows, as it recorded it.
+fn ledger_run(py: Python<'_>, r: &LedgerRun, status: &str) -> PyResult<Py<PyRunSnapshot>> {
+    let mut meta = serde_json::Map::new();
+    if let Some(task) = &r.task {
+        meta.insert("task".into(), task.clone().into());
+    }
+    if let Some(budget) = r.budget {
+        meta.insert("budget".into(), budget.into());
+    }
+    if let Some(a) = &r.allocations {
+        let a: serde_json::Map<String, serde_json::Value> =
+            a.iter().map(|(k, v)| (k.clone(), (*v).into())).collect();
+        meta.insert("allocations".into(), a.into());
+    }
+    let mut comps = r
+        .components
+        .iter()
+        .map(|(k, c)| Ok((k.clone(), component(py, k, c)?)))
+        .collect::<PyResult<Components>>()?;
+    comps.sort_by(|a, b| a.0.cmp(&b.0));
+    Py::new(
+        py,
+        PyRunSnapshot {
+            number: r.number,
+            status: status.to_string(),
+            reason: None,
+            started_at: r.started_at.clone(),
+            ended_at: r.ended_at.clone(),
+            last_at: r.ended_at.clone().or_else(|| r.started_at.clone()),
+            duration_seconds: Some(r.duration_seconds),
+            tokens: r.tokens,
+            events: r.events,
+            budget: r.budget,
+            steps_completed: r.steps_completed,
+            steps_failed: r.steps_failed,
+            start_metadata_json: Some(serde_json::Value::Object(meta).to_string()),
+            source: "ledger",
+            first_seq: r.first_seq,
+            last_seq: r.last_seq,
+            comps,
+        },
+    )
+}
+
+/// The whole session's history: the runs the log holds (from the fold) and
+/// the runs only its ledger knows, with the session's totals over both
+/// (`ledger.rs` has the rules). Every number is computed natively.
+#[pyclass(frozen, module = "sigil._native", name = "HistorySnapshot")]
+pub struct PySessionHistory {
+    /// The model of what the log holds (None: the history is the ledger alone,
+    /// the log being exactly as the ledger last saw it).
+    pub snapshot: Option<Py<PySessionSnapshot>>,
+    /// Every run, in run-number order; `source` says where each comes from.
+    pub runs: Vec<Py<PyRunSnapshot>>,
+    /// Tokens over the whole session (the log's and the ledger-only runs').
+    #[pyo3(get)]
+    pub tokens: u64,
+    /// Events counted (the ledger-only runs', then the log's).
+    #[pyo3(get)]
+    pub events: u64,
+    /// The highest `seq` of the session, from the log or the ledger.
+    #[pyo3(get)]
+    pub last_seq: Option<u64>,
+    /// The ledger's `last_seq` (None without a usable ledger).
+    #[pyo3(get)]
+    pub ledger_seq: Option<u64>,
+    /// Events the log and the ledger both lack (a hole in `seq`): the totals
+    /// are then a lower bound.
+    #[pyo3(get)]
+    pub missing_events: u64,
+    /// Tokens logged before the log's first `session_start`, in no known run.
+    #[pyo3(get)]
+    pub orphan_tokens: u64,
+    #[pyo3(get)]
+    pub malformed: u64,
+    /// Why `tokens.json` was not usable as a ledger (None when it was, or is absent).
+    #[pyo3(get)]
+    pub ledger_problem: Option<String>,
+    /// Components over the whole session (see `ledger.rs` for what the ledger adds).
+    comps: Components,
+}
+
+#[pymethods]
+impl PySessionHistory {
+    #[getter]
+    fn snapshot(&self, py: Python<'_>) -> Option<Py<PySessionSnapshot>> {
+        self.snapshot.as_ref().map(|s| s.clone_ref(py))
+    }
+
+    #[getter]
+    fn runs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, self.runs.iter().map(|r| r.clone_ref(py)))
+    }
+
+    #[getter]
+    fn components<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        components_dict(py, &self.comps)
+    }
+
+    /// Tokens per component over the whole session.
+    fn component_tokens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, c) in &self.comps {
+            d.set_item(k, c.get().tokens)?;
+        }
+        Ok(d)
+    }
+
+    /// Successful steps per component over the whole session.
+    fn component_operations<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, c) in &self.comps {
+            d.set_item(k, c.get().operations)?;
+        }
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "HistorySnapshot(tokens={}, events={}, runs={}, last_seq={:?})",
+            self.tokens,
+            self.events,
+            self.runs.len(),
+            self.last_seq
+        )
+    }
+}
+
+/// Build the history snapshot: `st` is the fold of the log (None: the ledger
+/// alone is the history).
+pub fn history(
+    py: Python<'_>,
+    st: Option<&FoldState>,
+    ledger: Option<&Ledger>,
+    problem: Option<String>,
+) -> PyResult<PySessionHistory> {
+    let h = match (st, ledger) {
+        (Some(st), l) => ledger::join(st, l),
+        (None, Some(l)) => ledger::alone(l),
+        (None, None) => ledger::join(&FoldState::new(0), None),
+    };
+    let runs = h
+        .runs
+        .iter()
+        .map(|(r, status)| match (r, st, ledger) {
+            (RunRef::Log(i), Some(st), _) => run_as(py, st, &st.run_list[*i], status),
+            (RunRef::Ledger(i), _, Some(l)) => ledger_run(py, &l.runs[*i], status),
+            _ => Err(crate::errors::value_error("history run without its source")),
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let snapshot = match st {
+        Some(st) => Some(Py::new(py, session(py, st)?)?),
+        None => None,
+    };
+    Ok(PySessionHistory {
+        snapshot,
+        runs,
+        tokens: h.tokens,
+        events: h.events,
+        last_seq: h.last_seq,
+        ledger_seq: h.ledger_seq,
+        missing_events: h.missing_events,
+        orphan_tokens: h.orphan_tokens,
+        malformed: st.map_or(0, |s| s.malformed),
+        ledger_problem: problem,
+        comps: components(py, &h.components)?,
+    })
 }
 
 /// Everything the views show about a session, at one moment (contract 12).

@@ -161,6 +161,8 @@ class Run:
     last_at: str | None = None
     tokens: int = 0
     events: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
     budget: int | None = None
     components: dict[str, Component] = field(default_factory=dict)
 
@@ -179,6 +181,9 @@ class Run:
             "budget": self.budget,
             "steps_completed": sum(c["operations"] for c in comps.values()),
             "steps_failed": sum(c["errors"] for c in comps.values()),
+            "first_seq": self.first_seq,
+            "last_seq": self.last_seq,
+            "source": "log",
             "components": comps,
         }
 
@@ -335,6 +340,10 @@ def fold_reference(data: bytes) -> dict[str, Any]:
         run.tokens = min(U64_MAX, run.tokens + e.tokens)
         run.events += 1
         run.last_at = e.timestamp
+        if e.seq is not None:
+            if run.first_seq is None:
+                run.first_seq = e.seq
+            run.last_seq = e.seq
 
     current = runs[-1] if runs else head
     duration = seconds_between(state["first_timestamp"], state["last_timestamp"])
@@ -358,4 +367,72 @@ def fold_reference(data: bytes) -> dict[str, Any]:
         "torn_tail": torn,
         "malformed_lines": state["malformed_lines"],
         "rate_buckets": sorted((s, n) for s, n in buckets.items() if n > 0),
+    }
+
+
+def join_reference(data: bytes, ledger: dict[str, Any] | None) -> dict[str, Any]:
+    """The whole history of a session whose log now holds ``data``, joined with
+    its ledger (``tokens.json`` as a dict, or None), by the rules written at the
+    top of ``rust/ledger.rs``. Returns what ``HistorySnapshot`` reports, in the
+    shape of :func:`history_view`."""
+    fold = fold_reference(data)
+    log_runs = fold["runs"]
+    covered = ledger["last_seq"] if ledger is not None else None
+    in_log = {r["number"] for r in log_runs}
+    ledger_only = [r for r in (ledger or {}).get("runs", []) if r["run"] not in in_log]
+    keys = ("run", "status", "tokens_used", "events", "first_seq", "last_seq")
+    runs = [["ledger", *(r[k] for k in keys)] for r in ledger_only] + [
+        ["log", r["number"], r["status"], r["tokens"], r["events"], r["first_seq"], r["last_seq"]]
+        for r in log_runs
+    ]
+    runs.sort(key=lambda r: r[1])
+    for r in runs[:-1]:
+        if r[2] == "running":
+            r[2] = "incomplete"
+    orphan = fold["tokens"] - sum(r["tokens"] for r in log_runs)
+    if covered is not None and fold["first_seq"] is not None and covered >= fold["first_seq"]:
+        orphan = 0
+    if ledger_only:
+        tokens = orphan + sum(r[3] for r in runs)
+        events = fold["entries"] + sum(r["events"] for r in ledger_only)
+    else:
+        tokens, events = fold["tokens"], fold["entries"]
+    seqs = [s for s in (fold["max_seq"], covered) if s is not None]
+    first = fold["first_seq"]
+    lead_gap = (
+        0 if first is None else max(0, first - ((covered if covered is not None else -1) + 1))
+    )
+    missing = max((ledger or {}).get("missing_events", 0), lead_gap + fold["seq_missing"])
+    components = {n: [c["tokens"], c["operations"]] for n, c in fold["components"].items()}
+    for r in ledger_only:
+        for name, c in r["component_stats"].items():
+            into = components.setdefault(name, [0, 0])
+            into[0] += c["tokens"]
+            into[1] += c["operations"]
+    return {
+        "runs": [tuple(r) for r in runs],
+        "tokens": tokens,
+        "events": events,
+        "last_seq": max(seqs) if seqs else None,
+        "ledger_seq": covered,
+        "missing_events": missing,
+        "orphan_tokens": orphan,
+        "components": {n: tuple(v) for n, v in components.items()},
+    }
+
+
+def history_view(history: Any) -> dict[str, Any]:
+    """A ``HistorySnapshot``'s numbers as plain data (to compare with the reference)."""
+    return {
+        "runs": [
+            (r.source, r.number, r.status, r.tokens, r.events, r.first_seq, r.last_seq)
+            for r in history.runs
+        ],
+        "tokens": history.tokens,
+        "events": history.events,
+        "last_seq": history.last_seq,
+        "ledger_seq": history.ledger_seq,
+        "missing_events": history.missing_events,
+        "orphan_tokens": history.orphan_tokens,
+        "components": {n: (c.tokens, c.operations) for n, c in history.components.items()},
     }

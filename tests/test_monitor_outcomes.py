@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from conftest import SIGIL, isolated_env
+from live_monitor import json_monitor
 
 pytestmark = pytest.mark.slow
 
@@ -208,13 +209,7 @@ def test_the_live_monitor_follows_a_writer_without_a_run_coming_and_going(
     """The tail probes the lock while it waits for a run: a Python-API writer taking
     the session's lock shows as running, letting it go as waiting again."""
     session = _api_session(tmp_path)
-    monitor = subprocess.Popen(
-        [*SIGIL, "monitor", "--session", SESSION, "--mode", "json"],
-        env=isolated_env(tmp_path),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    monitor = json_monitor(tmp_path, SESSION)
     holder = None
     try:
         assert monitor.stdout is not None
@@ -260,12 +255,6 @@ def test_a_dead_writers_run_is_incomplete_in_the_monitor_run_too(tmp_path: Path)
     assert final["run"]["status"] == "incomplete"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sessions.py: run_details take the model's run status as it is ('running') "
-    "for the last run of a session whose lock is free; the row's status already "
-    "says 'incomplete' (see the branch report)",
-)
 def test_a_dead_writers_run_is_incomplete_in_sessions_run_details(tmp_path: Path) -> None:
     _abandoned(tmp_path)
     proc = subprocess.run(

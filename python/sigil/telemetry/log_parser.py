@@ -25,7 +25,11 @@ __all__ = [
     "MAX_LINE_BYTES",
     "ComponentSnapshot",
     "ComponentTotals",
+    "EventModel",
+    "HistoryModel",
+    "HistorySnapshot",
     "LastError",
+    "Ledger",
     "MalformedLine",
     "ParseResult",
     "ParsedEntry",
@@ -40,6 +44,7 @@ __all__ = [
     "fold_session",
     "parse_bytes",
     "parse_lines",
+    "run_status",
     "snapshot_at_rest",
     "snapshot_files",
     "snapshot_session",
@@ -61,6 +66,10 @@ SessionSnapshot = _native.SessionSnapshot
 RunSnapshot = _native.RunSnapshot
 ComponentSnapshot = _native.ComponentSnapshot
 LastError = _native.LastError
+#: The session's ledger (``tokens.json``) read and checked natively, and the
+#: whole history: the log's model joined with the runs only the ledger knows.
+Ledger = _native.Ledger
+HistorySnapshot = _native.HistorySnapshot
 
 
 def empty_snapshot() -> SessionSnapshot:
@@ -394,6 +403,152 @@ class SessionModel:
         return self.tailer.wait(timeout)
 
 
+class EventModel:
+    """The native session model fed one event at a time, for a reader that holds
+    events rather than lines (the OTLP span mapping): every total it reports is
+    the fold's, so it cannot disagree with the other views (contract 12)."""
+
+    __slots__ = ("_fold", "feed")
+
+    def __init__(self) -> None:
+        self._fold = _native.Fold(0)
+        #: ``feed(timestamp, event_type, component, tokens, seq, metadata_json)``
+        self.feed = self._fold.feed_event
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the events fed so far."""
+        return self._fold.tokens
+
+    def snapshot(self) -> SessionSnapshot:
+        return self._fold.snapshot()
+
+
+LEDGER_FILE_NAME = "tokens.json"
+
+
+def log_files(session_dir: Path) -> list[tuple[str, int, int]]:
+    """Name, size and mtime (ns) of each file of the session's log, oldest first:
+    what the ledger records to know, later, that the log has not changed."""
+    files = []
+    for path in [*rotated_segments(session_dir), session_dir / LOG_FILE_NAME]:
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            continue
+        files.append((path.name, st.st_size, st.st_mtime_ns))
+    return files
+
+
+class HistoryModel:
+    """The whole history of one session (contract 12): the native model of its
+    log joined, natively, with its ledger (``tokens.json``), for a writer that
+    holds the session's lock.
+
+    :meth:`read` reads the ledger and, unless the ledger alone is the history
+    (the log is exactly as the ledger last saw it and no run is left to
+    resume), folds the log at rest. A run then appends to the live file;
+    :meth:`at_run_end` continues the same fold with the run's own events (the
+    fold at rest is done first if the ledger spared it) and joins it with the
+    ledger again, so the end of a run does not refold the log from scratch.
+    Blocking: call it in a thread.
+    """
+
+    def __init__(self, session_dir: Path, *, last_n: int = 0, use_ledger: bool = True) -> None:
+        self.session_dir = session_dir
+        self.last_n = last_n
+        self.use_ledger = use_ledger
+        self._fold: _native.Fold | None = None
+        #: the tailer's model, when a segment is compressed (it follows the log itself)
+        self._model: SessionModel | None = None
+        #: where the fold stopped in the live file (None: folded no live file)
+        self._live: _native.Checkpoint | None = None
+        #: the fold covers the log from its oldest segment
+        self._folded = False
+
+    def ledger(self) -> Ledger:
+        if not self.use_ledger:
+            return Ledger.absent()
+        return Ledger.read(self.session_dir / LEDGER_FILE_NAME)
+
+    def read(self) -> HistorySnapshot:
+        """The history now: from the ledger alone when it is current, else the
+        fold of the log at rest joined with the ledger."""
+        ledger = self.ledger()
+        if ledger.present and ledger.unchanged(log_files(self.session_dir)):
+            return ledger.history()
+        self.fold_at_rest()
+        return self._history(ledger)
+
+    def fold_at_rest(self) -> None:
+        """Fold the log as it is (segments, then the live file), once."""
+        if self._folded:
+            return
+        directory = self.session_dir
+        segments = rotated_segments(directory)
+        if any(path.name.endswith(".gz") for path in segments):
+            model = SessionModel(directory.name, directory.parent.parent, last_n=self.last_n)
+            model.update()
+            self._model = model
+        else:
+            fold = _native.Fold(self.last_n)
+            live = directory / LOG_FILE_NAME
+            # The live file's identity before the segments: one renamed away
+            # meanwhile is noticed when the run's events are folded.
+            try:
+                st = live.lstat()
+                start: _native.Checkpoint | None = _native.Checkpoint(st.st_dev, st.st_ino, 0)
+            except FileNotFoundError:
+                start = None
+            for path in segments:
+                try:
+                    fold.feed_file(path)
+                except FileNotFoundError:
+                    continue
+            if start is not None:
+                try:
+                    self._live = fold.continue_file(live, start)
+                except FileNotFoundError:
+                    self._live = None
+            self._fold = fold
+        self._folded = True
+
+    def _history(self, ledger: Ledger) -> HistorySnapshot:
+        if self._model is not None:
+            return self._model.fold.history(ledger)
+        assert self._fold is not None
+        return self._fold.history(ledger)
+
+    def at_run_end(self) -> HistorySnapshot | None:
+        """The history once a run has appended its events to the live file:
+        the fold at rest continued with them, joined with the ledger. None when
+        the live file is no longer the one folded (an external rotator renamed
+        or truncated it during the run): read the history anew then."""
+        self.fold_at_rest()
+        if self._model is not None:
+            self._model.update()
+            return self._history(self.ledger())
+        assert self._fold is not None
+        live = self.session_dir / LOG_FILE_NAME
+        if self._live is None:
+            return None
+        try:
+            moved = self._fold.continue_file(live, self._live)
+        except FileNotFoundError:
+            return None
+        if moved is None:
+            return None
+        self._live = moved
+        return self._history(self.ledger())
+
+
+def session_history(
+    session_dir: Path, *, last_n: int = 0, use_ledger: bool = True
+) -> HistorySnapshot:
+    """The whole history of a session at rest (its log and its ledger)."""
+    return HistoryModel(session_dir, last_n=last_n, use_ledger=use_ledger).read()
+
+
 # ---------------------------------------------------------------------------
 # Readers above this module (the OTLP package) reach the native reader only
 # through it (ARCHITECTURE.md, Layers).
@@ -403,3 +558,17 @@ def last_seq(path: str | os.PathLike[str]) -> int | None:
     """The ``seq`` of the last valid event in one log file, or None: read backwards
     from its end (a compressed segment is streamed through)."""
     return _native.tail_max_seq(Path(path))
+
+
+# ---------------------------------------------------------------------------
+# What every view shows of a run and of many sessions at rest
+
+
+def run_status(run: RunSnapshot, *, writer_gone: bool) -> str:
+    """A run's status to show: ``incomplete`` once its writer is gone (nobody holds
+    the session's lock, or a later run started) without a final event; otherwise
+    the model's. The monitor's current run and ``sigil sessions``' run details
+    both say it through this one rule (contract 7)."""
+    if writer_gone and run.ended_at is None:
+        return "incomplete"
+    return run.status

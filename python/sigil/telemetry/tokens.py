@@ -472,6 +472,13 @@ class TokenTracker:
         with self._lock:
             return self.budget.remaining
 
+    def component_used(self, component: str) -> int:
+        """Tokens ``component`` has used so far (the session's, restored ones
+        included): a step's own tokens are the change of this across the step."""
+        with self._lock:
+            comp = self.budget.components.get(component)
+            return comp.used if comp is not None else 0
+
     @property
     def allocations(self) -> dict[str, int]:
         with self._lock:

@@ -409,10 +409,9 @@ class SessionState:
     def run_display_status(self) -> str:
         """The current run's status to show: ``incomplete`` once its writer is gone
         without a final event, as the session's (and its OTLP root span) say."""
-        run = self._run
-        if self.incomplete and run.ended_at is None:
-            return "incomplete"
-        return run.status
+        from sigil.telemetry.log_parser import run_status
+
+        return run_status(self._run, writer_gone=self.incomplete)
 
     @property
     def last_ended_run(self) -> RunSnapshot | None:

@@ -77,7 +77,12 @@ from sigil.telemetry.tokens import TokenTracker
 if TYPE_CHECKING:  # pragma: no cover
     from sigil.core.config import Settings
     from sigil.pipeline.providers import ChatProvider
-    from sigil.telemetry.log_parser import RunSnapshot, SessionSnapshot
+    from sigil.telemetry.log_parser import (
+        HistoryModel,
+        HistorySnapshot,
+        RunSnapshot,
+        SessionSnapshot,
+    )
 
 
 class _SessionLogger(ExecutionLogger):
@@ -113,8 +118,6 @@ __all__ = [
 MAX_LOGGED_OUTPUT = 32 * 1024
 #: ``tokens.json``'s ``ledger_version``: the file is the session's durable ledger.
 LEDGER_VERSION = 1
-#: A ledger is small (a few hundred bytes per run); anything larger is not ours.
-_MAX_LEDGER_BYTES = 64 << 20
 ORCHESTRATOR = "orchestrator"
 _FINAL_EVENTS = ("session_complete", "session_error")
 #: Run statuses ``--resume`` continues: the writer died, or the run was interrupted.
@@ -232,7 +235,7 @@ class RunRecord:
     """One run of a session (contract 11's per-run breakdown), as the native
     session model folded it from the log (:meth:`from_snapshot`) or, for a run
     whose events an external rotator took away, as the ledger recorded it
-    (:meth:`from_ledger`). Nothing here adds tokens up (contract 12)."""
+    (``source == "ledger"``). Nothing here adds tokens up (contract 12)."""
 
     run: int
     status: str = "running"
@@ -258,8 +261,12 @@ class RunRecord:
     #: step_error / retry_attempt events, as errors.jsonl records (for resume)
     error_events: list[dict[str, Any]] = field(default_factory=list)
 
+    #: ``log`` (the model folded it from the log) or ``ledger`` (only tokens.json knows it)
+    source: str = "log"
+
     @classmethod
     def from_snapshot(cls, snap: RunSnapshot) -> RunRecord:
+        """A run of the session's history, from the log's model or the ledger."""
         meta = snap.start_metadata
         allocations = meta.get("allocations")
         return cls(
@@ -276,6 +283,8 @@ class RunRecord:
                 if isinstance(allocations, dict)
                 else None
             ),
+            first_seq=snap.first_seq,
+            last_seq=snap.last_seq,
             events=snap.events,
             steps_completed=snap.steps_completed,
             steps_failed=snap.steps_failed,
@@ -291,6 +300,7 @@ class RunRecord:
                 for name, c in snap.components.items()
             },
             duration_seconds=snap.duration_seconds or 0.0,
+            source=snap.source,
         )
 
     def tokens_dict(self) -> dict[str, Any]:
@@ -320,48 +330,6 @@ class RunRecord:
             },
         }
 
-    @classmethod
-    def from_ledger(cls, entry: Mapping[str, Any]) -> RunRecord:
-        """A run as ``tokens.json`` recorded it (raises ValueError if malformed)."""
-        number = entry.get("run")
-        if not _is_count(number):
-            raise ValueError(f"run number {number!r}")
-        record = cls(
-            run=number,
-            status=_text_or(entry.get("status"), "incomplete") or "incomplete",
-            started_at=_text_or(entry.get("started_at"), None),
-            ended_at=_text_or(entry.get("ended_at"), None),
-            task=_text_or(entry.get("task"), None),
-            budget=entry.get("budget") if _is_count(entry.get("budget")) else None,
-            tokens_used=_count(entry.get("tokens_used")),
-            first_seq=_seq_or_none(entry.get("first_seq")),
-            last_seq=_seq_or_none(entry.get("last_seq")),
-            events=_count(entry.get("events")),
-            steps_completed=_count(entry.get("steps_completed")),
-            steps_failed=_count(entry.get("steps_failed")),
-            duration_seconds=_number(entry.get("duration_seconds")),
-        )
-        allocations = entry.get("allocations")
-        if isinstance(allocations, Mapping):
-            record.allocations = {
-                str(k): v for k, v in allocations.items() if _is_count(v) or v == 0
-            }
-        stats = entry.get("component_stats")
-        if isinstance(stats, Mapping):
-            for name, c in list(stats.items())[:MAX_COMPONENTS]:
-                if isinstance(c, Mapping):
-                    counts = {k: _count(c.get(k)) for k in _COUNT_KEYS}
-                    record.components[str(name)] = {
-                        **counts,
-                        "latency_ms": _number(c.get("latency_ms")),
-                        "failed_latency_ms": _number(c.get("failed_latency_ms")),
-                    }
-        # A ledger whose parts disagree with its totals is not trusted.
-        if sum(int(c["tokens"]) for c in record.components.values()) != record.tokens_used:
-            raise ValueError(f"run {number}: components do not add up to tokens_used")
-        record.last_at = record.ended_at or record.started_at
-        return record
-
     def metrics_dict(self) -> dict[str, Any]:
         return {
             "run": self.run,
@@ -386,10 +354,6 @@ class RunRecord:
         }
 
 
-_COUNT_KEYS = ("tokens", "operations", "errors", "retries")
-#: Distinct component names kept per run in a ledger (the native fold's bound).
-MAX_COMPONENTS = 256
-
 _ERROR_KEYS = (
     "error",
     "error_type",
@@ -411,8 +375,9 @@ _RESUME_EVENTS = 512
 
 @dataclass
 class SessionHistory:
-    """Everything earlier runs left: the session model of the log, and the runs
-    only the ledger still knows."""
+    """Everything earlier runs left, as the native history read it (the model
+    of the log joined with the runs only the ledger still knows): every number
+    here is the native one (contract 12), copied, never added up."""
 
     runs: list[RunRecord] = field(default_factory=list)
     tokens_used: int = 0
@@ -429,13 +394,35 @@ class SessionHistory:
     ledger_seq: int | None = None
     #: why tokens.json was not usable as a ledger (None when it was, or is absent)
     ledger_problem: str | None = None
-    #: the native session model of what the log still holds
+    #: the native session model of what the log still holds (None: the ledger
+    #: alone was the history, the log being as it last saw it)
     snapshot: SessionSnapshot | None = None
-    #: runs that only the ledger knows (their events left the log)
-    ledger_only: list[RunRecord] = field(default_factory=list)
-    #: name -> tokens, operations, as the ledger recorded them from the model
-    #: (set when the history is the ledger alone: the log has not changed since)
-    ledger_components: dict[str, dict[str, int]] | None = None
+    #: the native history these fields come from
+    model: HistorySnapshot | None = None
+    #: the fold behind it, which the run's own events continue at its end
+    source: HistoryModel | None = None
+
+    @classmethod
+    def of(cls, model: HistorySnapshot, source: HistoryModel | None = None) -> SessionHistory:
+        return cls(
+            runs=[RunRecord.from_snapshot(r) for r in model.runs],
+            tokens_used=model.tokens,
+            malformed=model.malformed,
+            orphan_tokens=model.orphan_tokens,
+            last_seq=model.last_seq,
+            events=model.events,
+            missing_events=model.missing_events,
+            ledger_seq=model.ledger_seq,
+            ledger_problem=model.ledger_problem,
+            snapshot=model.snapshot,
+            model=model,
+            source=source,
+        )
+
+    @property
+    def ledger_only(self) -> list[RunRecord]:
+        """Runs that only the ledger knows (their events left the log)."""
+        return [r for r in self.runs if r.source == "ledger"]
 
     @property
     def summaries_stale(self) -> bool:
@@ -461,150 +448,53 @@ class SessionHistory:
         return None
 
     def component_totals(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Tokens and operations per component: the model's, plus, after an
-        external rotation, the ledger's for runs the log no longer holds."""
-        if self.ledger_components is not None:
-            return (
-                {n: c["tokens"] for n, c in self.ledger_components.items()},
-                {n: c["operations"] for n, c in self.ledger_components.items()},
-            )
-        snap = self.snapshot
-        tokens = {n: c.tokens for n, c in snap.components.items()} if snap else {}
-        ops = {n: c.operations for n, c in snap.components.items()} if snap else {}
-        for run in self.ledger_only:
-            for name, c in run.components.items():
-                tokens[name] = tokens.get(name, 0) + int(c["tokens"])
-                ops[name] = ops.get(name, 0) + int(c["operations"])
-        return tokens, ops
-
-
-def read_ledger(session_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
-    """``tokens.json`` as a ledger: ``(document, None)``, or ``(None, why not)``.
-
-    A missing file is no ledger and no problem; a file that is not a ledger
-    (unreadable, another shape, a version from before the ledger) is reported
-    and ignored: the log alone is folded then.
-    """
-    path = session_dir / "tokens.json"
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(_MAX_LEDGER_BYTES + 1)
-    except FileNotFoundError:
-        return None, None
-    except OSError as exc:
-        return None, f"cannot read {path}: {exc.strerror or exc}"
-    if len(raw) > _MAX_LEDGER_BYTES:
-        return None, f"{path} is larger than {_MAX_LEDGER_BYTES} bytes"
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        return None, f"{path} is not JSON: {exc}"
-    if not isinstance(doc, dict) or doc.get("ledger_version") != LEDGER_VERSION:
-        return None, f"{path} is not a ledger (no ledger_version {LEDGER_VERSION})"
-    if _seq_or_none(doc.get("last_seq")) is None or not isinstance(doc.get("runs"), list):
-        return None, f"{path}: last_seq or runs missing"
-    return doc, None
+        """Tokens and operations per component over the whole session: the
+        model's, with the ledger's for runs the log no longer holds (joined
+        natively)."""
+        if self.model is None:
+            return {}, {}
+        return self.model.component_tokens(), self.model.component_operations()
 
 
 def read_session_history(session_dir: Path, *, use_ledger: bool = True) -> SessionHistory:
     """The session's history: the native session model of its log (rotated
     segments, logrotate's names and ``.gz`` included, then the live file),
-    combined with its ledger (``tokens.json``).
+    joined natively with its ledger (``tokens.json``; see rust/ledger.rs).
 
     Every run whose ``session_start`` the log still holds is taken from the
     model; runs whose events an external rotator renamed away, compressed or
     deleted keep the totals the ledger recorded for them. So the run number
     and ``seq`` continue and nothing is counted twice. A hole in ``seq`` that
-    neither fills is counted in ``missing_events``. Blocking: run it in a thread.
+    neither fills is counted in ``missing_events``. When the log is exactly as
+    the ledger last saw it, the ledger alone is the history (no fold of a log
+    that may hold millions of events). Blocking: run it in a thread.
     """
-    from sigil.telemetry import log_parser
+    from sigil.telemetry.log_parser import HistoryModel
 
-    history = SessionHistory()
-    ledger, problem = read_ledger(session_dir) if use_ledger else (None, None)
-    history.ledger_problem = problem
-    ledger_runs: list[RunRecord] = []
-    if ledger is not None:
-        try:
-            ledger_runs = [
-                RunRecord.from_ledger(r) for r in ledger["runs"] if isinstance(r, Mapping)
-            ]
-        except ValueError as exc:
-            history.ledger_problem = f"{session_dir / 'tokens.json'}: {exc}"
-            ledger = None
-            ledger_runs = []
-    if ledger is not None and ledger_runs and ledger_runs[-1].status not in _RESUMABLE:
-        recorded = ledger.get("log_files")
-        components = ledger.get("component_totals")
-        if recorded == _log_files(session_dir) and isinstance(components, dict):
-            # The ledger was written from the model of exactly these files (same
-            # names, sizes, mtimes) and no run is left to resume: it is the
-            # history, with no fold of a log that may hold millions of events.
-            history.runs = ledger_runs
-            history.ledger_components = {
-                str(n): {k: _count(c.get(k)) for k in ("tokens", "operations")}
-                for n, c in components.items()
-                if isinstance(c, Mapping)
-            }
-            history.tokens_used = _count(ledger.get("total_used"))
-            history.events = _count(ledger.get("events"))
-            history.last_seq = history.ledger_seq = int(ledger["last_seq"])
-            history.missing_events = _count(ledger.get("missing_events"))
-            return history
-    snap = log_parser.snapshot_at_rest(
-        session_dir.name, session_dir.parent.parent, last_n=_RESUME_EVENTS
-    )
-    if snap.runs and snap.runs[-1].status in _RESUMABLE and snap.runs[-1].events > _RESUME_EVENTS:
+    source = HistoryModel(session_dir, last_n=_RESUME_EVENTS, use_ledger=use_ledger)
+    model = source.read()
+    log_runs = [r for r in model.runs if r.source == "log"]
+    if log_runs and log_runs[-1].status in _RESUMABLE and log_runs[-1].events > _RESUME_EVENTS:
         # A run --resume may continue, longer than the events kept: fold again
         # with room for all of its events (a finished run's are never read back).
-        snap = log_parser.snapshot_at_rest(
-            session_dir.name, session_dir.parent.parent, last_n=snap.runs[-1].events + 1
-        )
-    history.snapshot = snap
-    history.malformed = snap.malformed
-    covered = int(ledger["last_seq"]) if ledger is not None else -1
-    if ledger is not None:
-        history.ledger_seq = covered
-    log_runs = [RunRecord.from_snapshot(r) for r in snap.runs]
-    in_log = {r.run for r in log_runs}
-    history.ledger_only = [r for r in ledger_runs if r.run not in in_log]
-    history.runs = sorted([*history.ledger_only, *log_runs], key=lambda r: r.run)
-    # Tokens before the log's first session_start belong to a run whose start was
-    # rotated away: the ledger counts them when it covers the log's first events.
-    orphan = snap.tokens - sum(r.tokens for r in snap.runs) if not snap.runs_dropped else 0
-    if ledger is not None and snap.first_seq is not None and covered >= snap.first_seq:
-        orphan = 0
-    history.orphan_tokens = orphan
-    if not history.ledger_only:
-        history.tokens_used = snap.tokens  # the model's total, as every view shows it
-        history.events = snap.entries
-    else:
-        history.tokens_used = orphan + sum(r.tokens_used for r in history.runs)
-        history.events = snap.entries + sum(r.events for r in history.ledger_only)
-    seqs = [s for s in (snap.max_seq, covered if ledger is not None else None) if s is not None]
-    history.last_seq = max(seqs) if seqs else None
-    lead_gap = max(0, snap.first_seq - (covered + 1)) if snap.first_seq is not None else 0
-    ledger_missing = _count(ledger.get("missing_events")) if ledger is not None else 0
-    # The ledger counted the holes it saw; the log may still show the same ones.
-    history.missing_events = max(ledger_missing, lead_gap + snap.seq_missing)
-    for run in history.runs[:-1]:
-        if run.status == "running":
-            run.status = "incomplete"  # its writer died and a later run started
-    if log_runs:
-        _read_back_last_run(log_runs[-1], snap)
+        source = HistoryModel(session_dir, last_n=log_runs[-1].events + 1, use_ledger=use_ledger)
+        model = source.read()
+    history = SessionHistory.of(model, source)
+    from_log = [r for r in history.runs if r.source == "log"]
+    if from_log and history.snapshot is not None:
+        _read_back_last_run(from_log[-1], history.snapshot)
     return history
 
 
 def _log_files(session_dir: Path) -> list[dict[str, Any]]:
     """Name, size and mtime of each file of the session's log, oldest first:
     what the ledger records to know, later, that the log has not changed."""
-    files = []
-    for path in [*rotated_segments(session_dir), session_dir / LOG_FILE_NAME]:
-        try:
-            st = path.lstat()
-        except FileNotFoundError:
-            continue
-        files.append({"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return files
+    from sigil.telemetry.log_parser import log_files
+
+    return [
+        {"name": name, "size": size, "mtime_ns": mtime_ns}
+        for name, size, mtime_ns in log_files(session_dir)
+    ]
 
 
 def _read_back_last_run(record: RunRecord, snap: SessionSnapshot) -> None:
@@ -730,6 +620,9 @@ class _Prepared:
     resumed: bool
     #: error events the dead process logged in the run being resumed (for errors.jsonl)
     dead_errors: list[dict[str, Any]] = field(default_factory=list)
+    #: the fold of the log at rest, done in a thread while the run goes on when
+    #: the ledger spared it at the start (its end continues it, see _history_at_end)
+    resting: asyncio.Future[None] | None = None
 
 
 class Orchestrator:
@@ -1139,6 +1032,11 @@ class Orchestrator:
     async def _run(self, prep: _Prepared, context: dict[str, Any]) -> PipelineResult:
         history, record = prep.history, prep.run
         self.token_budget = prep.budget
+        if history.source is not None:
+            # The run's end continues the fold of the log at rest with the run's
+            # own events. When the ledger spared that fold at the start (the log
+            # was as it last saw it), it is done now, beside the steps.
+            prep.resting = asyncio.ensure_future(asyncio.to_thread(history.source.fold_at_rest))
         # The tracker starts from what the log already holds: earlier runs, and on
         # resume the dead part of this run. The log is the ledger (contract 2).
         tracker = TokenTracker.from_settings(self.settings, total_budget=prep.budget)
@@ -1344,7 +1242,9 @@ class Orchestrator:
         title = slot.replace("_", " ").title()
         await log.log_event("step_start", slot, f"{title} started", 0, {"run": run})
         step_started = time.perf_counter()
-        spent = 0
+        # The step's tokens, failed attempts included, are what the tracker
+        # recorded for its component meanwhile (no running sum kept here).
+        used_before = tracker.component_used(slot)
         attempt = 0
         while True:
             attempt += 1
@@ -1371,7 +1271,6 @@ class Orchestrator:
                 now = time.perf_counter()
                 usage = usage_of(exc)
                 if usage is not None:
-                    spent += usage.total
                     await tracker.track(
                         slot,
                         usage.total,
@@ -1410,7 +1309,7 @@ class Orchestrator:
                     StepResult(
                         step=_step_name(slot),
                         success=False,
-                        tokens_used=spent,
+                        tokens_used=tracker.component_used(slot) - used_before,
                         latency_ms=(now - step_started) * 1000,
                         output=None,
                         error=handled.message,
@@ -1426,7 +1325,6 @@ class Orchestrator:
                 )
             now = time.perf_counter()
             latency_ms = (now - step_started) * 1000
-            spent += out.tokens
             meta: dict[str, Any] = {
                 "run": run,
                 "attempt": attempt,
@@ -1451,7 +1349,7 @@ class Orchestrator:
                 StepResult(
                     step=_step_name(slot),
                     success=True,
-                    tokens_used=spent,
+                    tokens_used=tracker.component_used(slot) - used_before,
                     latency_ms=latency_ms,
                     output=out.output,
                     metadata={
@@ -1532,6 +1430,12 @@ class Orchestrator:
             if dropped and self.recording_error is None:
                 number = writer_stats.get("last_errno") or errno.EIO
                 self.recording_error = OSError(number, os.strerror(number))
+            if prep.resting is not None:
+                try:
+                    await prep.resting
+                except Exception:
+                    # Its end folds the log anew instead (_history_at_end).
+                    prep.history.source = None
             if self.recording_error is None:
                 try:
                     await asyncio.to_thread(self._write_summaries, prep, errors, writer_stats)
@@ -1577,7 +1481,7 @@ class Orchestrator:
         model of the log (and the ledger's older runs), exactly as any later
         reader would compute them, so they agree with the monitor.
         """
-        history = read_session_history(self.session_dir)
+        history = self._history_at_end(prep)
         self._write_history(history, writer_stats)
         records: list[dict[str, Any]] = []
         records += prep.dead_errors
@@ -1595,6 +1499,23 @@ class Orchestrator:
                 previous += b"\n"
             body = b"".join(_json_bytes(r, indent=False) + b"\n" for r in records)
             _atomic_write(path, previous + body)
+
+    def _history_at_end(self, prep: _Prepared) -> SessionHistory:
+        """The session's history once the run has closed its log: the fold of the
+        log at rest continued with the run's own events (no refold of a log that
+        may hold millions of events), joined with the ledger, as any later
+        reader would read it. If an external rotator moved the live file during
+        the run, the log is read anew."""
+        source = prep.history.source
+        model = None
+        if source is not None:
+            try:
+                model = source.at_run_end()
+            except OSError:
+                model = None
+        if model is None:
+            return read_session_history(self.session_dir)
+        return SessionHistory.of(model)
 
     def _rebuild_summaries(self, history: SessionHistory) -> None:
         """tokens.json and metrics.json from the history alone (no run in progress)."""
@@ -1722,7 +1643,7 @@ def write_summaries(
         "components": metric_components,
         # Runs whose events left the log count in tokens.json (the ledger); the
         # component numbers above are the model's of what the log holds.
-        "components_cover_runs": [r.run for r in runs if r not in history.ledger_only],
+        "components_cover_runs": [r.run for r in runs if r.source == "log"],
         "slowest_component": max(
             timed, key=lambda n: (timed[n]["average_latency_ms"], n), default=None
         ),
@@ -1824,19 +1745,6 @@ def _completed_entry(tokens: int, metadata: Mapping[str, Any]) -> dict[str, Any]
         "output": metadata.get("output"),
         "metadata": dict(metadata),
     }
-
-
-def _count(value: Any) -> int:
-    """A non-negative integer from a ledger field (anything else counts as 0)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return 0
-
-
-def _seq_or_none(value: Any) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    return None
 
 
 def _text_or(value: Any, default: str | None) -> str | None:

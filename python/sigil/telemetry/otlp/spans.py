@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sigil.telemetry.log_parser import EventModel
+
 #: The OpenTelemetry semantic-conventions release this mapping follows. v1.41.0
 #: is the last release that carries the GenAI conventions (agent, workflow and
 #: ``gen_ai.usage.*`` attributes) before they moved to their own repository.
@@ -142,6 +144,8 @@ class _Span:
         "end_ns",
         "error_type",
         "events",
+        "first",
+        "fold",
         "implicit",
         "key",
         "name",
@@ -150,7 +154,6 @@ class _Span:
         "start_ns",
         "status",
         "status_message",
-        "tokens",
     )
 
     def __init__(self, name: str, span_id: int, key: int | str, start_ns: int) -> None:
@@ -159,7 +162,10 @@ class _Span:
         self.key = key
         self.start_ns = start_ns
         self.end_ns = start_ns
-        self.tokens = 0
+        #: the first event with tokens this span carries, and the native model
+        #: of them all once there are two
+        self.first: _Event | None = None
+        self.fold: EventModel | None = None
         self.attributes: dict[str, Any] = {}
         self.events: list[SpanEventRecord] = []
         self.dropped = 0
@@ -170,6 +176,26 @@ class _Span:
         self.ref: int | None = None
         #: Opened by its first event rather than a step_start (a retry, an old log).
         self.implicit = False
+
+    def take(self, ev: _Event) -> None:
+        """Carry ``ev``'s tokens: each event's land on exactly one span. A span
+        whose tokens come from one event carries that event's; from several, the
+        native model's total of them (an event without tokens changes none)."""
+        if not ev.tokens:
+            return
+        if self.fold is None:
+            if self.first is None:
+                self.first = ev
+                return
+            self.fold = EventModel()
+            self.first.feed(self.fold)
+        ev.feed(self.fold)
+
+    @property
+    def tokens(self) -> int:
+        if self.fold is not None:
+            return self.fold.tokens
+        return self.first.tokens if self.first is not None else 0
 
     def add_event(self, name: str, time_ns: int, attributes: dict[str, Any]) -> None:
         if len(self.events) < MAX_SPAN_EVENTS:
@@ -210,6 +236,7 @@ class _Run:
         "allocations",
         "attempt_counts",
         "ended",
+        "fold",
         "last_ns",
         "model",
         "open",
@@ -217,7 +244,6 @@ class _Run:
         "provider",
         "retry_at",
         "root",
-        "total_tokens",
         "trace_id",
     )
 
@@ -225,7 +251,8 @@ class _Run:
         self.trace_id = trace_id_for(session_id, key)
         self.root = _Span(ROOT_SPAN_NAME, root_span_id_for(session_id, key), key, start_ns)
         self.last_ns = start_ns
-        self.total_tokens = 0
+        #: the native model of the run's events (its ``sigil.run.tokens``)
+        self.fold = EventModel()
         self.provider: str | None = None
         self.model: str | None = None
         self.allocations: dict[str, Any] = {}
@@ -243,7 +270,16 @@ class _Run:
 class _Event:
     """The fields of one log event, from a ParsedEntry, a LogEntry or a dict."""
 
-    __slots__ = ("component", "event_type", "message", "seq", "source", "time_ns", "tokens")
+    __slots__ = (
+        "component",
+        "event_type",
+        "message",
+        "seq",
+        "source",
+        "time_ns",
+        "timestamp",
+        "tokens",
+    )
 
     def __init__(
         self,
@@ -254,7 +290,9 @@ class _Event:
         seq: int | None,
         time_ns: int | None,
         source: Any,
+        timestamp: str = "",
     ) -> None:
+        self.timestamp = timestamp
         self.event_type = event_type
         self.component = component
         self.message = message
@@ -262,6 +300,12 @@ class _Event:
         self.seq = seq
         self.time_ns = time_ns
         self.source = source
+
+    def feed(self, model: EventModel) -> None:
+        """Fold this event into ``model`` (its tokens are what a model counts
+        here; the metadata is the span's to read, not the model's)."""
+        seq = self.seq if self.seq is not None and 0 <= self.seq < 1 << 64 else None
+        model.feed(self.timestamp, self.event_type, self.component, self.tokens, seq)
 
     @property
     def metadata(self) -> Mapping[str, Any]:
@@ -284,6 +328,7 @@ def _as_event(entry: Any, fallback_ns: int | None = None) -> _Event:
             seq if type(seq) is int else None,
             time_ns if time_ns is not None else fallback_ns,
             entry,
+            _text(entry.get("timestamp")),
         )
     time_ns = _timestamp_ns(getattr(entry, "timestamp", None))
     return _Event(
@@ -294,7 +339,12 @@ def _as_event(entry: Any, fallback_ns: int | None = None) -> _Event:
         entry.seq,
         time_ns if time_ns is not None else fallback_ns,
         entry,
+        _text(getattr(entry, "timestamp", None)),
     )
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
 
 
 class SpanBuilder:
@@ -312,13 +362,19 @@ class SpanBuilder:
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
-        self.tokens = 0
+        #: the native model of every event fed (the session's total, ``tokens``)
+        self.fold = EventModel()
         self.events = 0
         self.spans = 0
         self.traces = 0
         self._run: _Run | None = None
         self._index = 0
         self._last_ns = 0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of every event fed so far: the native model's total."""
+        return self.fold.tokens
 
     # -- input -------------------------------------------------------------
 
@@ -338,7 +394,9 @@ class SpanBuilder:
         self._index += 1
         now = ev.time_ns if ev.time_ns is not None else self._last_ns
         self._last_ns = now
-        self.tokens += ev.tokens
+        tokens = ev.tokens
+        if tokens:  # an event without tokens changes no total
+            ev.feed(self.fold)
         kind = ev.event_type
 
         run = self._run
@@ -348,25 +406,26 @@ class SpanBuilder:
                 self._close_run(run, out, "incomplete")
             run = self._start_run(key, now, ev if kind == "session_start" else None)
         run.last_ns = max(run.last_ns, now)
-        run.total_tokens += ev.tokens
+        if tokens:
+            ev.feed(run.fold)
         component = ev.component
 
         if kind == "session_start":
-            run.root.tokens += ev.tokens
+            run.root.take(ev)
         elif kind == "step_start":
             self._flush_pending(run, out)
             previous = run.open.pop(component, None)
             if previous is not None:
                 self._abandon(run, previous, now, out)
             attempt = self._new_attempt(run, component, key, now, implicit=False)
-            attempt.tokens += ev.tokens
+            attempt.take(ev)
             run.open[component] = attempt
         elif kind in _STEP_END_EVENTS or (
             kind == "retry_attempt" and self._ends_attempt(run, component, ev.metadata)
         ):
             self._end_attempt(run, ev, key, now, out)
         elif kind in _FINAL_EVENTS:
-            run.root.tokens += ev.tokens
+            run.root.take(ev)
             run.root.end_ns = now
             meta = ev.metadata
             default_status = "complete" if kind == "session_complete" else "error"
@@ -385,7 +444,7 @@ class SpanBuilder:
             self._close_run(run, out, status)
         elif kind in _BUDGET_EVENTS:
             # Budget events concern the session, not a step: they go on the root.
-            run.root.tokens += ev.tokens
+            run.root.take(ev)
             meta = ev.metadata
             run.root.add_event(f"sigil.{kind}", now, self._event_attributes(ev, meta))
             if meta.get("scope", "session") == "session":
@@ -396,7 +455,7 @@ class SpanBuilder:
         else:
             meta = ev.metadata
             target = self._attempt_of(run, component, meta, key, now, out) or run.root
-            target.tokens += ev.tokens
+            target.take(ev)
             target.add_event(f"sigil.{kind}", now, self._event_attributes(ev, meta))
         self.spans += len(out)
         return out
@@ -545,7 +604,7 @@ class SpanBuilder:
         if attempt.start_ns < run.root.start_ns:
             run.root.start_ns = attempt.start_ns
         attempt.end_ns = now
-        attempt.tokens += ev.tokens
+        attempt.take(ev)
         self._step_attributes(run, attempt, meta)
         if ev.event_type != "step_complete":
             error_type = str(meta.get("error_type") or "_OTHER")
@@ -650,7 +709,7 @@ class SpanBuilder:
             if state == "incomplete":
                 root.fail("the run ended without session_complete (its writer stopped)", state)
         root.attributes["sigil.run.status"] = state
-        root.attributes["sigil.run.tokens"] = run.total_tokens
+        root.attributes["sigil.run.tokens"] = run.fold.tokens
         out.append(root.record(run.trace_id, None, self.session_id))
         run.ended = True
 

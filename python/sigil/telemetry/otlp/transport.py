@@ -310,6 +310,8 @@ class ExportResult:
     spans_sent: int = 0
     spans_failed: int = 0
     traces: int = 0
+    #: the tokens of the events the spans carry: the native model's total of
+    #: the events read (:func:`export_session` sets it), never re-added here
     tokens: int = 0
     error: str | None = None
 
@@ -361,7 +363,6 @@ def export_records(
 
     try:
         for record in records:
-            result.tokens += record.tokens
             if record.parent_span_id is None:
                 result.traces += 1
             batch.append(convert(record))
@@ -411,4 +412,5 @@ def export_session(
         yield from builder.finish("running" if running else "incomplete")
 
     result = export_records(records(), url, headers, protocol, timeout=timeout)
+    result.tokens = builder.tokens
     return SessionExport(result, stats, running)

@@ -242,7 +242,7 @@ def _apply_model(row: SessionRow, session_dir: Path, *, live: bool) -> None:
     """Every number from the native session model, the session read once (no
     tailer, so no inotify watcher per session)."""
     try:
-        from sigil.telemetry.log_parser import snapshot_at_rest
+        from sigil.telemetry.log_parser import run_status, snapshot_at_rest
     except ImportError:  # the native core is not built: show what the files say
         return
     try:
@@ -254,15 +254,18 @@ def _apply_model(row: SessionRow, session_dir: Path, *, live: bool) -> None:
     row.tokens_used = snap.tokens
     row.budget = snap.budget
     row.runs = snap.run_count
+    # A run without a final event whose writer is gone (the lock is free, or a
+    # later run started) is incomplete, as the monitor shows it.
+    last = len(snap.runs) - 1
     row.run_details = [
         {
             "run": r.number,
-            "status": r.status,
+            "status": run_status(r, writer_gone=not live or i < last),
             "started_at": r.started_at,
             "ended_at": r.ended_at,
             "tokens_used": r.tokens,
         }
-        for r in snap.runs
+        for i, r in enumerate(snap.runs)
     ]
     first = next((r.started_at for r in snap.runs if r.started_at), None)
     # A live session's duration runs to now, not to its latest event.

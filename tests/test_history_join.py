@@ -1,0 +1,269 @@
+"""The whole history of a session is one native snapshot (issue 10, contract 12):
+the model of what the log still holds joined, natively, with the runs only the
+ledger (``tokens.json``) still knows once a rotator renamed or deleted their
+events. It equals the plain-Python reference (``tests/session_reference.py``)
+on generated sessions, and a run's end continues the fold of the log at rest
+with the run's own events instead of folding the log again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from session_reference import history_view, join_reference
+from sigil.interfaces.cli.orchestrator import read_session_history, write_summaries
+from sigil.telemetry.log_parser import HistoryModel, session_history
+from sigil.telemetry.tokens import TokenTracker
+
+COMPONENTS = ("routing", "planning", "reasoning", "validation")
+START = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def _line(seq: int, event_type: str, component: str, tokens: int, **meta: Any) -> bytes:
+    return orjson.dumps(
+        {
+            "timestamp": (START + timedelta(milliseconds=250 * seq)).isoformat(),
+            "session_id": "h",
+            "event_type": event_type,
+            "component": component,
+            "message": event_type,
+            "tokens": tokens,
+            "metadata": meta,
+            "seq": seq,
+        }
+    )
+
+
+# A run: its steps (component, tokens, outcome) and how it ended.
+step = st.tuples(
+    st.sampled_from(COMPONENTS),
+    st.integers(0, 500),
+    st.sampled_from(["ok", "ok", "consumed", "error", "retry"]),
+)
+run = st.tuples(
+    st.lists(step, max_size=6), st.sampled_from(["complete", "error", "interrupted", None])
+)
+
+
+def _session(runs: list[tuple[list[tuple[str, int, str]], str | None]]) -> list[bytes]:
+    """The log lines of ``runs``, numbered 1.., seq from 0, no hole."""
+    lines: list[bytes] = []
+
+    def add(event_type: str, component: str, tokens: int = 0, **meta: Any) -> None:
+        lines.append(_line(len(lines), event_type, component, tokens, **meta))
+
+    for number, (steps, end) in enumerate(runs, 1):
+        add("session_start", "orchestrator", run=number, budget=100_000, task=f"t{number}")
+        for component, tokens, outcome in steps:
+            add("step_start", component)
+            if outcome == "ok":
+                add("step_complete", component, tokens, latency_ms=float(tokens % 97))
+            elif outcome == "consumed":
+                add("token_consumption", component, tokens, outcome="failed_attempt")
+                add("step_error", component, error="boom", category="transient")
+            elif outcome == "retry":
+                add("token_consumption", component, tokens)
+                add("retry_attempt", component, attempt=1)
+                add("step_complete", component, 1, latency_ms=3.0)
+            else:
+                add("step_error", component, latency_ms=2.0, error="bad")
+        if end is not None:
+            kind = "session_complete" if end == "complete" else "session_error"
+            add(kind, "orchestrator", status=end, run=number)
+    return lines
+
+
+def _write(path: Path, lines: list[bytes]) -> None:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+def _ledger(session: Path) -> None:
+    """tokens.json as the orchestrator writes it at the end of a run."""
+    history = read_session_history(session)
+    if not history.runs:
+        return
+    tracker = TokenTracker(total_budget=100_000)
+    comp_tokens, comp_ops = history.component_totals()
+    tracker.restore(history.tokens_used, comp_tokens, comp_ops)
+    write_summaries(session, session.name, history, tracker, writer_stats={})
+
+
+def _log_bytes(session: Path) -> bytes:
+    from sigil.core.paths import rotated_segments
+
+    return b"".join(
+        p.read_bytes() for p in [*rotated_segments(session), session / "execution.jsonl"]
+    )
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    runs=st.lists(run, min_size=1, max_size=5),
+    ledger_at=st.floats(0, 1),
+    cut_at=st.floats(0, 1),
+    split_at=st.floats(0, 1),
+    holes=st.sets(st.integers(0, 60), max_size=3),
+)
+def test_the_joined_history_equals_the_reference(
+    tmp_path_factory: pytest.TempPathFactory,
+    runs: list[Any],
+    ledger_at: float,
+    cut_at: float,
+    split_at: float,
+    holes: set[int],
+) -> None:
+    session = tmp_path_factory.mktemp("logs") / "sessions" / "h"
+    session.mkdir(parents=True)
+    lines = _session(runs)
+    kept = [line for i, line in enumerate(lines) if i not in holes or i == 0]
+    # The ledger is written when the log held its first part ...
+    written = kept[: max(1, round(ledger_at * len(kept)))]
+    _write(session / "execution.jsonl", written)
+    _ledger(session)
+    ledger = None
+    if (session / "tokens.json").exists():
+        ledger = json.loads((session / "tokens.json").read_text())
+    # ... then the log grew, and a rotator took its oldest events away (deleted
+    # a renamed segment); what is left is a numbered segment and the live file.
+    rest = kept[round(cut_at * len(kept)) :]
+    split = round(split_at * len(rest))
+    if split:
+        _write(session / "execution.jsonl.1", rest[:split])
+    _write(session / "execution.jsonl", rest[split:])
+
+    native = session_history(session)
+    assert native.snapshot is not None  # the log changed: it was folded
+    assert history_view(native) == join_reference(_log_bytes(session), ledger)
+
+
+def test_runs_only_the_ledger_knows_keep_their_totals(tmp_path: Path) -> None:
+    session = tmp_path / "sessions" / "h"
+    session.mkdir(parents=True)
+    lines = _session(
+        [([("planning", 40, "ok"), ("reasoning", 7, "consumed")], "complete")] * 2
+        + [([("reasoning", 5, "ok")], "complete")]
+    )
+    first_two = next(i for i, line in enumerate(lines) if b'"run":3' in line)
+    _write(session / "execution.jsonl", lines[:first_two])
+    _ledger(session)
+    ledger = json.loads((session / "tokens.json").read_text())
+    # logrotate's rename, then the renamed segment deleted: runs 1-2 leave the log.
+    os.rename(session / "execution.jsonl", session / "execution.jsonl.1")
+    (session / "execution.jsonl.1").unlink()
+    _write(session / "execution.jsonl", lines[first_two:])
+
+    history = session_history(session)
+    assert [(r.number, r.source) for r in history.runs] == [
+        (1, "ledger"),
+        (2, "ledger"),
+        (3, "log"),
+    ]
+    assert history.tokens == 2 * 47 + 5 == ledger["total_used"] + 5
+    assert history.component_tokens() == {"orchestrator": 0, "planning": 80, "reasoning": 19}
+    assert history.component_operations()["planning"] == 2
+    assert (history.last_seq, history.ledger_seq, history.missing_events) == (
+        len(lines) - 1,
+        first_two - 1,
+        0,
+    )
+    assert [(r.first_seq, r.last_seq) for r in history.runs] == [
+        (0, first_two // 2 - 1),
+        (first_two // 2, first_two - 1),
+        (first_two, len(lines) - 1),
+    ]
+    assert history_view(history) == join_reference(_log_bytes(session), ledger)
+    # The orchestrator's history reads the same snapshot's fields, adding nothing.
+    orchestrated = read_session_history(session)
+    assert orchestrated.tokens_used == history.tokens
+    assert [r.run for r in orchestrated.ledger_only] == [1, 2]
+
+
+def test_a_current_ledger_is_the_history_without_a_fold(tmp_path: Path) -> None:
+    session = tmp_path / "sessions" / "h"
+    session.mkdir(parents=True)
+    _write(session / "execution.jsonl", _session([([("planning", 9, "ok")], "complete")]))
+    _ledger(session)
+    ledger = json.loads((session / "tokens.json").read_text())
+    history = session_history(session)
+    assert history.snapshot is None  # the ledger alone
+    assert (history.tokens, history.events, history.last_seq) == (
+        ledger["total_used"],
+        ledger["events"],
+        ledger["last_seq"],
+    )
+    assert [(r.number, r.status, r.source) for r in history.runs] == [(1, "complete", "ledger")]
+
+
+def test_a_bad_ledger_is_a_problem_in_words_and_the_log_alone_counts(tmp_path: Path) -> None:
+    session = tmp_path / "sessions" / "h"
+    session.mkdir(parents=True)
+    _write(session / "execution.jsonl", _session([([("planning", 9, "ok")], "complete")]))
+    path = session / "tokens.json"
+    cases = {
+        b"{": "is not JSON",
+        b'{"ledger_version": 0}': "is not a ledger (no ledger_version 1)",
+        b'{"ledger_version": 1}': "last_seq or runs missing",
+        b'{"ledger_version": 1, "last_seq": 3, "runs": [{"run": 1, "tokens_used": 5}]}': (
+            "run 1: components do not add up to tokens_used"
+        ),
+    }
+    for text, problem in cases.items():
+        path.write_bytes(text)
+        history = session_history(session)
+        assert history.ledger_problem is not None and problem in history.ledger_problem
+        assert str(path) in history.ledger_problem
+        assert history.ledger_seq is None and history.tokens == 9
+
+
+@pytest.mark.parametrize("current_ledger", [False, True])
+def test_a_run_end_continues_the_fold_at_rest(tmp_path: Path, current_ledger: bool) -> None:
+    """What the end of a run computes from the fold at rest plus the run's own
+    events equals a fresh read of the whole history."""
+    session = tmp_path / "sessions" / "h"
+    session.mkdir(parents=True)
+    runs = [([("planning", 11, "ok"), ("reasoning", 30, "retry")], "complete")] * 3
+    lines = _session([*runs, ([("reasoning", 4, "ok")], "complete")])
+    boundary = next(i for i, line in enumerate(lines) if b'"run":4' in line)
+    _write(session / "execution.jsonl", lines[:boundary])
+    if current_ledger:
+        _ledger(session)  # the ledger spares the fold at the start
+    model = HistoryModel(session, last_n=16)
+    at_start = model.read()
+    assert (at_start.snapshot is None) == current_ledger
+    model.fold_at_rest()  # the orchestrator does this beside the run's steps
+    with (session / "execution.jsonl").open("ab") as f:  # the run appends
+        f.write(b"".join(line + b"\n" for line in lines[boundary:]))
+    at_end = model.at_run_end()
+    assert at_end is not None
+    fresh = session_history(session)
+    assert history_view(at_end) == history_view(fresh)
+    assert at_end.runs[-1].number == 4 and at_end.tokens == 3 * 42 + 4
+    assert at_end.snapshot is not None and fresh.snapshot is not None
+    assert at_end.snapshot.to_dict() == fresh.snapshot.to_dict() | {
+        "malformed_lines": at_end.snapshot.to_dict()["malformed_lines"]
+    }
+
+
+def test_a_run_end_after_an_external_rename_reads_the_log_anew(tmp_path: Path) -> None:
+    session = tmp_path / "sessions" / "h"
+    session.mkdir(parents=True)
+    lines = _session([([("planning", 11, "ok")], "complete")] * 2)
+    _write(session / "execution.jsonl", lines[:4])
+    model = HistoryModel(session)
+    model.read()
+    os.rename(session / "execution.jsonl", session / "execution.jsonl.1")
+    _write(session / "execution.jsonl", lines[4:])
+    assert model.at_run_end() is None  # the caller reads the history anew
