@@ -1661,6 +1661,10 @@ pub fn fold_reader(
 
 /// Files smaller than this are folded on one thread.
 pub const PARALLEL_MIN_BYTES: u64 = 8 << 20;
+/// A large fold is cut into this many parts per thread ...
+const PARTS_PER_THREAD: u64 = 4;
+/// ... of at least this size.
+const MIN_PART_BYTES: u64 = 1 << 20;
 
 /// Fold a whole file, splitting it at line boundaries across `threads` threads
 /// when it is large, then merging the parts in order.
@@ -1731,9 +1735,15 @@ pub fn fold_range(
         return fold_reader(fold, &mut r, start, max_line);
     }
     let span = len - start;
+    // More parts than threads, taken in turn by whichever thread is free: a
+    // thread that gets less of the CPU (a busy machine) folds fewer parts
+    // instead of holding up the whole fold. The parts merge in file order.
+    let parts_n = (threads as u64 * PARTS_PER_THREAD)
+        .min(span / MIN_PART_BYTES)
+        .max(threads as u64);
     let mut cuts = vec![start];
-    for i in 1..threads as u64 {
-        let at = next_line_start(file, start + span * i / threads as u64, len)?;
+    for i in 1..parts_n {
+        let at = next_line_start(file, start + span * i / parts_n, len)?;
         if at > *cuts.last().unwrap_or(&start) && at < len {
             cuts.push(at);
         }
@@ -1744,29 +1754,41 @@ pub fn fold_range(
         .enumerate()
         .map(|(i, &lo)| (lo, cuts.get(i + 1).copied().or(end)))
         .collect();
-    let parts: Vec<io::Result<(FoldState, u64)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ranges
-            .iter()
-            .map(|&(lo, hi)| {
-                s.spawn(move || -> io::Result<(FoldState, u64)> {
+    type Part = Option<io::Result<(FoldState, u64)>>;
+    let results: Vec<std::sync::Mutex<Part>> =
+        ranges.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads.min(ranges.len()))
+            .map(|_| {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(lo, hi)) = ranges.get(i) else {
+                        return;
+                    };
                     let mut part = FoldState::new(last_n);
                     let mut r = At {
                         file,
                         pos: lo,
                         end: hi,
                     };
-                    let resume = fold_reader(&mut part, &mut r, lo, max_line)?;
-                    Ok((part, resume))
+                    let got = fold_reader(&mut part, &mut r, lo, max_line).map(|at| (part, at));
+                    if let Ok(mut slot) = results[i].lock() {
+                        *slot = Some(got);
+                    }
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(io::Error::other("fold thread panicked")))
-            })
-            .collect()
+        for h in handles {
+            // A panicked thread leaves its parts empty: reported below.
+            let _ = h.join();
+        }
+    });
+    let parts = results.into_iter().map(|m| {
+        m.into_inner()
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| Err(io::Error::other("fold thread panicked")))
     });
     let mut resume = start;
     for ((lo, _), part) in ranges.iter().zip(parts) {
