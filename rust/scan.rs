@@ -1,11 +1,18 @@
-//! A forward-only index of one line's bytes, 64 at a time (issue 9, "the fold").
+//! Indexes of bytes, 64 at a time (issue 9, "the fold").
 //!
-//! Each 64-byte block is classified once, with SIMD where the CPU has it: where
-//! its quotes are, and whether it holds a backslash, a control byte or a
-//! non-ASCII byte. The parser's fast path then finds string ends with a bit
-//! scan instead of `memchr` per field plus a byte-by-byte check, and skips
-//! UTF-8 validation on ASCII lines. Lines with a backslash or a control byte
-//! are left to the general parser (they need decoding, or are invalid).
+//! Each 64-byte chunk is classified once, with SIMD where the CPU has it
+//! (AVX2 chosen at run time, SSE2 otherwise on x86_64, a portable loop
+//! elsewhere): where its quotes (and newlines) are, and whether it holds a
+//! backslash, a control byte or a non-ASCII byte. The parser's fast path then
+//! finds string ends with a bit scan instead of `memchr` per field plus a
+//! byte-by-byte check, and skips UTF-8 validation on ASCII lines. Lines with a
+//! backslash or a control byte are left to the general parser (they need
+//! decoding, or are invalid).
+//!
+//! [`BlockIndex`] classifies a whole read buffer of the fold once (its
+//! newlines split the lines); [`LineIndex`] classifies one line on its own (a
+//! line cut across two reads, or a line parsed alone). Both answer the
+//! parser through [`Quotes`].
 
 /// What the blocks indexed so far hold.
 #[derive(Clone, Copy, Default)]
