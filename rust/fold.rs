@@ -251,8 +251,20 @@ impl Interner {
     #[cold]
     #[inline(never)]
     fn id_probe(&mut self, name: &[u8]) -> Option<usize> {
-        if self.table.is_empty() {
-            self.table = vec![(0, Key::default()); 2 * MAX_INTERNED];
+        // The table starts small and doubles at half full (a fold of a small
+        // session allocates little), up to twice `MAX_INTERNED` slots.
+        if self.table.len() < 2 * MAX_INTERNED && 2 * (self.names.len() + 1) > self.table.len() {
+            let size = (self.table.len() * 2).clamp(64, 2 * MAX_INTERNED);
+            let mut table = vec![(0, Key::default()); size];
+            for (id, n) in self.names.iter().enumerate() {
+                let key = Key::of(n);
+                let mut i = key.hash() & (size - 1);
+                while table[i].0 != 0 {
+                    i = (i + 1) & (size - 1);
+                }
+                table[i] = (id as u32 + 1, key);
+            }
+            self.table = table;
         }
         let key = Key::of(name);
         let mask = self.table.len() - 1;
