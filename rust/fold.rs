@@ -40,9 +40,10 @@ use serde_json::Value;
 
 use crate::fxhash::FxMap as HashMap;
 use crate::parse::{
-    json_f64, json_u64, parse_line, parse_line_picking, same_bytes, Event, Malformed, Picks,
-    RawEvent,
+    digit_run, json_f64, json_u64, parse_block_line, parse_line, parse_line_picking, same_bytes,
+    Event, KeySet, Malformed, Picks, RawEvent,
 };
+use crate::scan::BlockIndex;
 
 /// Distinct component / event-type names kept; the rest fold into `OTHER`.
 pub const MAX_NAMES: usize = 256;
@@ -57,7 +58,7 @@ pub const MAX_TEXT: usize = 1024;
 pub const MAX_RING_BYTES: usize = 8 << 20;
 /// Small enough that a chunk the kernel just copied is still in the CPU's
 /// cache when it is parsed.
-pub const READ_CHUNK: usize = 256 << 10;
+pub const READ_CHUNK: usize = 128 << 10;
 pub const DEFAULT_MAX_LINE: usize = 1 << 20;
 /// Seconds of event time the recent-rate window can look back.
 pub const WINDOW_SECONDS: usize = 64;
@@ -231,10 +232,39 @@ impl Key {
 
 impl Interner {
     /// The id of `name`, interning it; None once `MAX_INTERNED` names are held.
-    #[inline]
+    #[inline(always)]
     fn id(&mut self, name: &[u8]) -> Option<usize> {
-        if self.table.is_empty() {
-            self.table = vec![(0, Key::default()); 2 * MAX_INTERNED];
+        // The usual case, inline: the name is in its first slot.
+        if !self.table.is_empty() {
+            let key = Key::of(name);
+            let i = key.hash() & (self.table.len() - 1);
+            let (v, k) = self.table[i];
+            let v = v as usize;
+            if v != 0 && k == key && (name.len() <= 16 || *self.names[v - 1] == *name) {
+                return Some(v - 1);
+            }
+        }
+        self.id_probe(name)
+    }
+
+    /// [`Interner::id`] past the first slot, or interning a new name.
+    #[cold]
+    #[inline(never)]
+    fn id_probe(&mut self, name: &[u8]) -> Option<usize> {
+        // The table starts small and doubles at half full (a fold of a small
+        // session allocates little), up to twice `MAX_INTERNED` slots.
+        if self.table.len() < 2 * MAX_INTERNED && 2 * (self.names.len() + 1) > self.table.len() {
+            let size = (self.table.len() * 2).clamp(64, 2 * MAX_INTERNED);
+            let mut table = vec![(0, Key::default()); size];
+            for (id, n) in self.names.iter().enumerate() {
+                let key = Key::of(n);
+                let mut i = key.hash() & (size - 1);
+                while table[i].0 != 0 {
+                    i = (i + 1) & (size - 1);
+                }
+                table[i] = (id as u32 + 1, key);
+            }
+            self.table = table;
         }
         let key = Key::of(name);
         let mask = self.table.len() - 1;
@@ -384,10 +414,8 @@ impl ComponentTotals {
         self.timed = self.timed.saturating_add(1);
         self.latency_ms += ms;
         self.latency_max_ms = self.latency_max_ms.max(ms);
-        let bucket = LATENCY_BOUNDS_MS
-            .iter()
-            .position(|&b| ms <= b)
-            .unwrap_or(LATENCY_BOUNDS_MS.len());
+        // The first bound at or above `ms` (the bounds are sorted).
+        let bucket = LATENCY_BOUNDS_MS.partition_point(|&b| b < ms);
         self.histogram[bucket] = self.histogram[bucket].saturating_add(1);
     }
 
@@ -665,7 +693,10 @@ pub fn timestamp_micros(text: &str) -> Option<i64> {
 /// compared, not parsed. A cache: it takes no part in a fold's equality.
 #[derive(Debug, Clone, Default)]
 struct SecondCache {
-    head: Vec<u8>,
+    /// The date and time up to the second (`YYYY-MM-DDTHH:MM:SS`) of the
+    /// cached timestamp; empty before the first.
+    head: Option<[u8; 19]>,
+    /// What follows its fraction (the offset).
     tail: Vec<u8>,
     second: i64,
 }
@@ -677,29 +708,26 @@ impl PartialEq for SecondCache {
 }
 
 impl SecondCache {
+    #[inline]
     fn second(&mut self, timestamp: &str) -> Option<i64> {
         let b = timestamp.as_bytes();
         let parse = || timestamp_micros(timestamp).map(|us| us.div_euclid(1_000_000));
-        if b.len() < 19 {
+        let Some(head) = b.get(..19).and_then(|h| <[u8; 19]>::try_from(h).ok()) else {
             return parse();
-        }
+        };
         let mut end = 19;
         if b.get(19) == Some(&b'.') {
-            end = 20;
-            while b.get(end).is_some_and(u8::is_ascii_digit) {
-                end += 1;
-            }
+            end = 20 + digit_run(b, 20);
             if end == 20 {
                 return parse(); // "." without digits: invalid, never cached
             }
         }
-        let (head, tail) = (&b[..19], &b[end..]);
-        if !self.head.is_empty() && self.head == head && self.tail == tail {
+        let tail = &b[end..];
+        if self.head == Some(head) && same_bytes(&self.tail, tail) {
             return Some(self.second);
         }
         let second = parse()?;
-        self.head.clear();
-        self.head.extend_from_slice(head);
+        self.head = Some(head);
         self.tail.clear();
         self.tail.extend_from_slice(tail);
         self.second = second;
@@ -826,46 +854,76 @@ const META_KEYS: [&str; 14] = [
     "resume",
 ];
 
+/// [`META_KEYS`] indexed for the parser's fast path.
+const FOLD_KEYS: KeySet<'static, 14> = KeySet::new(&META_KEYS);
+
 /// The metadata values the fold uses (the parser has validated the metadata).
+#[inline]
 fn fold_meta<'a>(event: &RawEvent<'a>, picks: Option<Picks<'a, 14>>, kind: Kind) -> FoldMeta<'a> {
     match (event.metadata, picks) {
         (Some(_), _) if !kind.needs_meta() => FoldMeta::default(),
         // The fast path picked the values: no second parse.
-        (
-            Some(_),
-            Some(
-                [latency_ms, budget, status, run, allocations, dropped, reason, error, category, attempt, model, input_tokens, output_tokens, resume],
-            ),
-        ) => FoldMeta {
-            latency_ms: latency_ms.and_then(json_f64),
-            budget: budget.and_then(json_u64),
-            status: status.and_then(decode_str),
-            run: run.and_then(json_u64),
-            allocations: text_num(allocations),
-            dropped: dropped.and_then(json_u64),
-            reason: reason.and_then(decode_str),
-            error: error.and_then(decode_str),
-            category: category.and_then(decode_str),
-            attempt: attempt.and_then(json_u64),
-            model: model.map(Cow::Borrowed),
-            input_tokens: input_tokens.and_then(json_u64),
-            output_tokens: output_tokens.and_then(json_u64),
-            resume: text_num(resume),
+        (Some(_), Some(p)) => FoldMeta {
+            latency_ms: p.get(0).and_then(json_f64),
+            budget: p.get(1).and_then(json_u64),
+            status: p.get(2).and_then(plain_str),
+            run: p.get(3).and_then(json_u64),
+            allocations: p.get(4).and_then(allocations),
+            dropped: p.get(5).and_then(json_u64),
+            reason: p.get(6).and_then(plain_str),
+            error: p.get(7).and_then(plain_str),
+            category: p.get(8).and_then(plain_str),
+            attempt: p.get(9).and_then(json_u64),
+            model: p.get(10).map(Cow::Borrowed),
+            input_tokens: p.get(11).and_then(json_u64),
+            output_tokens: p.get(12).and_then(json_u64),
+            resume: p.get(13).and_then(json_bool),
         },
-        (Some(text), None) => match serde_json::from_str::<MetaKeys<'_>>(text) {
-            Ok(keys) => FoldMeta::from_keys(&keys),
-            // Duplicate keys make the struct parse fail on valid JSON:
-            // read them as a map, the last value winning as in Python.
-            Err(_) => serde_json::from_str::<serde_json::Map<String, Value>>(text)
-                .map(|map| FoldMeta::from_map(&map))
-                .unwrap_or_default(),
-        },
+        (Some(text), None) => parse_meta(text),
         (None, _) => FoldMeta::default(),
     }
 }
 
-fn text_num<T: for<'de> Deserialize<'de>>(text: Option<&str>) -> Option<T> {
-    text.and_then(|t| serde_json::from_str(t).ok())
+/// The metadata values of a line the general parser took (kept out of line:
+/// the fast path's lines never come here).
+#[cold]
+#[inline(never)]
+fn parse_meta(text: &str) -> FoldMeta<'_> {
+    match serde_json::from_str::<MetaKeys<'_>>(text) {
+        Ok(keys) => FoldMeta::from_keys(&keys),
+        // Duplicate keys make the struct parse fail on valid JSON:
+        // read them as a map, the last value winning as in Python.
+        Err(_) => serde_json::from_str::<serde_json::Map<String, Value>>(text)
+            .map(|map| FoldMeta::from_map(&map))
+            .unwrap_or_default(),
+    }
+}
+
+/// A string value the parser's fast path picked: the fast path takes only
+/// lines without a backslash, so its text between the quotes is the string.
+/// None for a value of another type.
+#[inline]
+fn plain_str(json: &str) -> Option<Cow<'_, str>> {
+    debug_assert!(!json.contains('\\'));
+    let s = json.strip_prefix('"')?.strip_suffix('"')?;
+    Some(Cow::Borrowed(s))
+}
+
+/// A JSON value's text read as a boolean, as serde reads a `bool`.
+#[inline]
+fn json_bool(json: &str) -> Option<bool> {
+    match json {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// A `session_start`'s allocations (rare: kept out of line).
+#[cold]
+#[inline(never)]
+fn allocations(json: &str) -> Option<HashMap<String, u64>> {
+    serde_json::from_str(json).ok()
 }
 
 fn num<T: for<'de> Deserialize<'de>>(raw: Option<&RawValue>) -> Option<T> {
@@ -1013,21 +1071,29 @@ impl FoldState {
 
     /// Fold one line (without `\n`) found at `offset`.
     pub fn feed_line(&mut self, line: &[u8], offset: u64) {
-        self.feed_line_in(line, offset, &[]);
+        self.feed_line_in(line, offset, &[], None);
     }
 
     /// Fold one line found at `offset`; when the line lies in `block` (the
     /// buffer being folded), its copy for the last-N ring and the copy of its
     /// timestamp wait until [`FoldState::flush_block`].
     #[inline]
-    fn feed_line_in(&mut self, line: &[u8], offset: u64, block: &[u8]) {
+    fn feed_line_in(&mut self, line: &[u8], offset: u64, block: &[u8], ix: Option<&BlockIndex>) {
         self.lines += 1;
-        match parse_line_picking(line, &META_KEYS) {
+        let mut at = [(0, 0); META_KEYS.len()];
+        let in_block = within(block, line);
+        let parsed = match (ix, in_block) {
+            (Some(ix), Some(start)) => {
+                parse_block_line(block, ix, start, line.len(), &FOLD_KEYS, &mut at)
+            }
+            _ => parse_line_picking(line, &FOLD_KEYS, &mut at),
+        };
+        match parsed {
             Ok((event, picks)) => {
                 let (kind, slot) = self.kind_of(&event.event_type);
                 let meta = fold_meta(&event, picks, kind);
                 self.feed_event(&event, kind, slot, &meta, block);
-                match within(block, line) {
+                match in_block {
                     Some(start) if self.last_n > 0 => {
                         let p = &mut self.pending.0.lines;
                         if p.len() >= self.last_n {
@@ -1516,11 +1582,23 @@ impl LineSplitter {
         self.line_start = self.position;
     }
 
-    pub fn feed(&mut self, data: &[u8], mut out: impl FnMut(Piece<'_>)) {
+    pub fn feed(&mut self, data: &[u8], out: impl FnMut(Piece<'_>)) {
+        self.feed_at(data, memchr::memchr_iter(b'\n', data), out);
+    }
+
+    /// [`LineSplitter::feed`] with the positions of `data`'s newlines, in
+    /// order, already known (a [`BlockIndex`]).
+    #[inline]
+    pub fn feed_at(
+        &mut self,
+        data: &[u8],
+        newlines: impl Iterator<Item = usize>,
+        mut out: impl FnMut(Piece<'_>),
+    ) {
         let base = self.position;
         self.position += data.len() as u64;
         let mut start = 0usize;
-        for nl in memchr::memchr_iter(b'\n', data) {
+        for nl in newlines {
             let seg = &data[start..nl];
             let line_start = self.line_start;
             match std::mem::replace(&mut self.skipping, Skip::No) {
@@ -1573,6 +1651,7 @@ pub fn fold_reader(
 ) -> io::Result<u64> {
     let mut splitter = LineSplitter::new(max_line, start);
     let mut buf = vec![0u8; READ_CHUNK];
+    let mut ix = BlockIndex::new();
     loop {
         let n = match reader.read(&mut buf) {
             Ok(0) => break,
@@ -1581,8 +1660,9 @@ pub fn fold_reader(
             Err(e) => return Err(e),
         };
         let block = &buf[..n];
-        splitter.feed(block, |piece| match piece {
-            Piece::Line(line, off) => fold.feed_line_in(line, off, block),
+        ix.index(block);
+        splitter.feed_at(block, ix.newlines(), |piece| match piece {
+            Piece::Line(line, off) => fold.feed_line_in(line, off, block, Some(&ix)),
             Piece::Oversize(off, len) => fold.note_oversize(off, len),
         });
         fold.flush_block(block);
@@ -1593,6 +1673,10 @@ pub fn fold_reader(
 
 /// Files smaller than this are folded on one thread.
 pub const PARALLEL_MIN_BYTES: u64 = 8 << 20;
+/// A large fold is cut into this many parts per thread ...
+const PARTS_PER_THREAD: u64 = 4;
+/// ... of at least this size.
+const MIN_PART_BYTES: u64 = 1 << 20;
 
 /// Fold a whole file, splitting it at line boundaries across `threads` threads
 /// when it is large, then merging the parts in order.
@@ -1663,9 +1747,15 @@ pub fn fold_range(
         return fold_reader(fold, &mut r, start, max_line);
     }
     let span = len - start;
+    // More parts than threads, taken in turn by whichever thread is free: a
+    // thread that gets less of the CPU (a busy machine) folds fewer parts
+    // instead of holding up the whole fold. The parts merge in file order.
+    let parts_n = (threads as u64 * PARTS_PER_THREAD)
+        .min(span / MIN_PART_BYTES)
+        .max(threads as u64);
     let mut cuts = vec![start];
-    for i in 1..threads as u64 {
-        let at = next_line_start(file, start + span * i / threads as u64, len)?;
+    for i in 1..parts_n {
+        let at = next_line_start(file, start + span * i / parts_n, len)?;
         if at > *cuts.last().unwrap_or(&start) && at < len {
             cuts.push(at);
         }
@@ -1676,29 +1766,41 @@ pub fn fold_range(
         .enumerate()
         .map(|(i, &lo)| (lo, cuts.get(i + 1).copied().or(end)))
         .collect();
-    let parts: Vec<io::Result<(FoldState, u64)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = ranges
-            .iter()
-            .map(|&(lo, hi)| {
-                s.spawn(move || -> io::Result<(FoldState, u64)> {
+    type Part = Option<io::Result<(FoldState, u64)>>;
+    let results: Vec<std::sync::Mutex<Part>> =
+        ranges.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads.min(ranges.len()))
+            .map(|_| {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&(lo, hi)) = ranges.get(i) else {
+                        return;
+                    };
                     let mut part = FoldState::new(last_n);
                     let mut r = At {
                         file,
                         pos: lo,
                         end: hi,
                     };
-                    let resume = fold_reader(&mut part, &mut r, lo, max_line)?;
-                    Ok((part, resume))
+                    let got = fold_reader(&mut part, &mut r, lo, max_line).map(|at| (part, at));
+                    if let Ok(mut slot) = results[i].lock() {
+                        *slot = Some(got);
+                    }
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(io::Error::other("fold thread panicked")))
-            })
-            .collect()
+        for h in handles {
+            // A panicked thread leaves its parts empty: reported below.
+            let _ = h.join();
+        }
+    });
+    let parts = results.into_iter().map(|m| {
+        m.into_inner()
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| Err(io::Error::other("fold thread panicked")))
     });
     let mut resume = start;
     for ((lo, _), part) in ranges.iter().zip(parts) {
@@ -2005,6 +2107,63 @@ mod tests {
         assert_eq!(
             f.malformed_samples[0].offset as usize,
             data.find("not json").unwrap()
+        );
+    }
+
+    /// Reads at most `sizes[i]` bytes per call, in turn.
+    struct Chunked<'a> {
+        data: &'a [u8],
+        sizes: Vec<usize>,
+        turn: usize,
+    }
+
+    impl Read for Chunked<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.sizes[self.turn % self.sizes.len()]
+                .min(buf.len())
+                .min(self.data.len());
+            self.turn += 1;
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_fold_is_the_same_whatever_the_read_sizes() {
+        // Lines cut across reads take the line-alone path, whole lines the
+        // block index: both give the same fold, field for field.
+        use crate::parse::tests::{random_line, Rng};
+        let mut rng = Rng(0xb10c_5eed);
+        let mut data = session().into_bytes();
+        for _ in 0..3000 {
+            data.extend_from_slice(&random_line(&mut rng));
+            data.push(b'\n');
+        }
+        data.extend_from_slice(busy_session().as_bytes());
+        let mut whole = FoldState::new(5);
+        fold_reader(&mut whole, &mut &data[..], 0, DEFAULT_MAX_LINE).unwrap();
+        for sizes in [
+            vec![1],
+            vec![7, 64, 3],
+            vec![63, 65, 200],
+            vec![4096, 1, 129],
+        ] {
+            let mut part = FoldState::new(5);
+            let mut r = Chunked {
+                data: &data,
+                sizes,
+                turn: 0,
+            };
+            fold_reader(&mut part, &mut r, 0, DEFAULT_MAX_LINE).unwrap();
+            assert!(part == whole);
+            assert_eq!(part.last_entries(), whole.last_entries());
+        }
+        assert!(
+            whole.entries > 500 && whole.malformed > 50,
+            "{} {}",
+            whole.entries,
+            whole.malformed
         );
     }
 

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use crate::fold::{LineSplitter, Piece};
-use crate::scan::LineIndex;
+use crate::scan::{BlockIndex, LineIndex, Quotes};
 
 /// The largest `tokens` a line may hold (issue 11): 2^53, the largest integer
 /// every JSON reader (a double in JavaScript, jq) holds exactly, so every
@@ -206,23 +206,65 @@ pub struct Malformed {
 
 /// Parse one line (without its `\n`). A trailing `\r` is tolerated.
 pub fn parse_line(line: &[u8]) -> Result<RawEvent<'_>, String> {
-    parse_line_picking(line, &[]).map(|(event, _)| event)
+    parse_line_picking(line, &KeySet::new(&[]), &mut []).map(|(event, _)| event)
 }
 
 /// The JSON text of each picked metadata key's value (None: not in the line).
-pub type Picks<'a, const N: usize> = [Option<&'a str>; N];
+#[derive(Clone, Copy)]
+pub struct Picks<'a, const N: usize> {
+    line: &'a str,
+    /// Start and end of each value in `line`; (0, 0) when not seen (a value
+    /// is never empty). The caller's buffer: nothing is copied per line.
+    at: &'a PickAt<N>,
+}
+
+/// Where the picked values are in a line (see [`Picks`]).
+pub type PickAt<const N: usize> = [(u32, u32); N];
+
+impl<'a, const N: usize> Picks<'a, N> {
+    /// The JSON text of the value of key `i`, if the line holds it.
+    #[inline(always)]
+    pub fn get(&self, i: usize) -> Option<&'a str> {
+        let (a, b) = self.at[i];
+        // SAFETY: set by the fast path to a range of `line` on character
+        // boundaries (see `fast_parse_with`).
+        (b > 0).then(|| unsafe { self.line.get_unchecked(a as usize..b as usize) })
+    }
+}
 
 /// [`parse_line`], also picking the JSON text of the metadata's top-level
 /// `keys` (the last value of a key given twice, as Python's `json` reads it)
 /// when the fast path took the line, so the caller need not parse the
 /// metadata again. None when the general parser took it.
-pub fn parse_line_picking<'a, const N: usize>(
+pub fn parse_line_picking<'a: 'b, 'p: 'b, 'b, const N: usize>(
     line: &'a [u8],
-    keys: &[&str; N],
-) -> Result<(RawEvent<'a>, Option<Picks<'a, N>>), String> {
+    keys: &KeySet<'_, N>,
+    at: &'p mut PickAt<N>,
+) -> Result<(RawEvent<'a>, Option<Picks<'b, N>>), String> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    if let Some((event, picks)) = fast_parse(line, keys) {
+    if let Some((event, picks)) = fast_parse_with(line, LineIndex::new(line), keys, at) {
         return Ok((event, Some(picks)));
+    }
+    parse_general(line).map(|event| (event, None))
+}
+
+/// [`parse_line_picking`] for the line at `start..start + len` of `block`,
+/// which `ix` has indexed: the fast path reads the block's quote bitmap
+/// instead of classifying the line again.
+#[inline]
+pub fn parse_block_line<'a: 'b, 'p: 'b, 'b, const N: usize>(
+    block: &'a [u8],
+    ix: &BlockIndex,
+    start: usize,
+    len: usize,
+    keys: &KeySet<'_, N>,
+    at: &'p mut PickAt<N>,
+) -> Result<(RawEvent<'a>, Option<Picks<'b, N>>), String> {
+    let line = &block[start..start + len];
+    if let Some(bl) = ix.line(start, len) {
+        if let Some((event, picks)) = fast_parse_with(line, bl, keys, at) {
+            return Ok((event, Some(picks)));
+        }
     }
     parse_general(line).map(|event| (event, None))
 }
@@ -306,6 +348,52 @@ fn word4(s: &[u8], i: usize) -> u32 {
     let mut w = [0u8; 4];
     w.copy_from_slice(&s[i..i + 4]);
     u32::from_le_bytes(w)
+}
+
+/// How many of the eight bytes of `x` (the first in the low byte) are ASCII
+/// digits before the first that is not.
+#[inline(always)]
+fn leading_digits(x: u64) -> usize {
+    const HIGH: u64 = 0xf0f0_f0f0_f0f0_f0f0;
+    const ZEROS: u64 = 0x3030_3030_3030_3030;
+    // A digit is 0x30..=0x39: its high nibble is 3, and still 3 after adding
+    // 6. A carry out of a byte only changes the bytes after it, which come
+    // after a byte that is not a digit.
+    let not_digit = ((x & HIGH) ^ ZEROS) | ((x.wrapping_add(0x0606_0606_0606_0606) & HIGH) ^ ZEROS);
+    (not_digit.trailing_zeros() / 8) as usize
+}
+
+/// How many ASCII digits start at `p` of `b` (eight bytes at a time).
+#[inline(always)]
+pub fn digit_run(b: &[u8], p: usize) -> usize {
+    let mut n = 0;
+    while p + n + 8 <= b.len() {
+        let k = leading_digits(word8(b, p + n));
+        n += k;
+        if k < 8 {
+            return n;
+        }
+    }
+    n + b[(p + n).min(b.len())..]
+        .iter()
+        .take_while(|c| c.is_ascii_digit())
+        .count()
+}
+
+/// The value of the first `n` bytes of `x` (1 to 7 ASCII digits, the first
+/// in the low byte).
+#[inline(always)]
+fn digits_value(x: u64, n: usize) -> u64 {
+    debug_assert!((1..8).contains(&n));
+    // Move the digits to the top and fill the bytes below with '0'.
+    let shift = 8 * (8 - n);
+    let mut v = (x << shift) | (0x3030_3030_3030_3030u64 >> (64 - shift));
+    v -= 0x3030_3030_3030_3030;
+    v = (v * 10) + (v >> 8);
+    const MASK: u64 = 0x0000_00ff_0000_00ff;
+    const MUL1: u64 = 0x000f_4240_0000_0064;
+    const MUL2: u64 = 0x0000_2710_0000_0001;
+    ((v & MASK).wrapping_mul(MUL1) + ((v >> 16) & MASK).wrapping_mul(MUL2)) >> 32
 }
 
 /// `a == b`, inline for the short names and keys the fold compares on every
@@ -401,16 +489,40 @@ fn short_decimal(b: &[u8]) -> Option<f64> {
 /// has a non-ASCII byte. Anything else returns `None` and goes to the general
 /// parser, never straight to "malformed", so the result is the general
 /// parser's (the comparison tests and `fuzz/` check it).
+#[cfg(any(test, feature = "fuzzing"))]
 fn fast_parse<'a, const N: usize>(
     line: &'a [u8],
     keys: &[&str; N],
-) -> Option<(RawEvent<'a>, Picks<'a, N>)> {
+) -> Option<(RawEvent<'a>, [Option<&'a str>; N])> {
+    let mut at = [(0, 0); N];
+    let (event, _) = fast_parse_with(line, LineIndex::new(line), &KeySet::new(keys), &mut at)?;
+    let text = std::str::from_utf8(line).ok()?;
+    let picks = std::array::from_fn(|i| {
+        let (a, b) = at[i];
+        (b > 0).then(|| &text[a as usize..b as usize])
+    });
+    Some((event, picks))
+}
+
+/// [`fast_parse`] against any index of the line's quotes.
+#[inline(always)]
+fn fast_parse_with<'a: 'b, 'p: 'b, 'b, Q: Quotes, const N: usize>(
+    line: &'a [u8],
+    ix: Q,
+    keys: &KeySet<'_, N>,
+    at: &'p mut PickAt<N>,
+) -> Option<(RawEvent<'a>, Picks<'b, N>)> {
+    *at = [(0, 0); N];
     let mut f = Fast {
         line,
-        ix: LineIndex::new(line),
+        ix,
         keys,
-        picks: [None; N],
+        picks: at,
     };
+    // Positions are kept as u32 (the picks): longer lines go to the general parser.
+    if line.len() > u32::MAX as usize {
+        return None;
+    }
     let p = f.lit(0, b"{\"timestamp\":\"")?;
     let (ts, p) = f.string_body(p)?;
     let p = f.lit(p, b"\",\"session_id\":\"")?;
@@ -464,23 +576,63 @@ fn fast_parse<'a, const N: usize>(
         seq: Some(seq),
         metadata: Some(s((meta_start, meta_end))),
     };
-    let mut picks = [None; N];
-    for (pick, range) in picks.iter_mut().zip(f.picks) {
-        *pick = range.map(s);
+    let at: &'b PickAt<N> = f.picks;
+    for &(a, b) in at {
+        debug_assert!(text.is_char_boundary(a as usize) && text.is_char_boundary(b as usize));
     }
+    let picks = Picks { line: text, at };
     Some((event, picks))
 }
 
 /// The fast path's cursor: positions in `line`, quotes found through `ix`.
-struct Fast<'a, 'k, const N: usize> {
+struct Fast<'a, 'k, 'p, Q, const N: usize> {
     line: &'a [u8],
-    ix: LineIndex<'a>,
+    ix: Q,
     /// Top-level metadata keys to pick, and where their values were seen.
-    keys: &'k [&'k str; N],
-    picks: [Option<(usize, usize)>; N],
+    keys: &'k KeySet<'k, N>,
+    picks: &'p mut PickAt<N>,
 }
 
-impl<const N: usize> Fast<'_, '_, N> {
+/// Metadata keys to pick, with their indexes by length: a key of the line is
+/// compared only with the keys of its length.
+pub struct KeySet<'k, const N: usize> {
+    keys: [&'k str; N],
+    /// Bit `i` of `by_len[n]`: `keys[i]` is `n` bytes long (31: 31 or more).
+    by_len: [u32; 32],
+}
+
+impl<'k, const N: usize> KeySet<'k, N> {
+    pub const fn new(keys: &[&'k str; N]) -> Self {
+        assert!(N <= 32, "at most 32 keys");
+        let mut by_len = [0u32; 32];
+        let mut i = 0;
+        while i < N {
+            let n = keys[i].len();
+            by_len[if n < 31 { n } else { 31 }] |= 1 << i;
+            i += 1;
+        }
+        KeySet {
+            keys: *keys,
+            by_len,
+        }
+    }
+
+    /// The index of `name` among the keys.
+    #[inline(always)]
+    fn find(&self, name: &[u8]) -> Option<usize> {
+        let mut m = self.by_len[name.len().min(31)];
+        while m != 0 {
+            let i = m.trailing_zeros() as usize;
+            if same_bytes(self.keys[i].as_bytes(), name) {
+                return Some(i);
+            }
+            m &= m - 1;
+        }
+        None
+    }
+}
+
+impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
     /// `want` at `p` (a fixed-size compare the compiler inlines).
     #[inline]
     fn lit<const L: usize>(&self, p: usize, want: &[u8; L]) -> Option<usize> {
@@ -498,7 +650,33 @@ impl<const N: usize> Fast<'_, '_, N> {
 
     /// A JSON integer from 0 to 2^64-1 (no sign, fraction, exponent or
     /// leading zero): (value, position after it).
+    #[inline(always)]
     fn uint(&self, p: usize) -> Option<(u64, usize)> {
+        let line = self.line;
+        // Eight bytes at a time: those from `p`, or the line's last eight
+        // moved down so that `p` comes first (zeros after the line's end).
+        let word = if p + 8 <= line.len() {
+            Some(word8(line, p))
+        } else if line.len() >= 8 && p < line.len() {
+            Some(word8(line, line.len() - 8) >> (8 * (8 - (line.len() - p))))
+        } else {
+            None
+        };
+        if let Some(x) = word {
+            let n = leading_digits(x);
+            if n < 8 {
+                if n == 0 || (n > 1 && line[p] == b'0') {
+                    return None;
+                }
+                return Some((digits_value(x, n), p + n));
+            }
+        }
+        self.uint_slow(p)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn uint_slow(&self, p: usize) -> Option<(u64, usize)> {
         let digits = self.line.get(p..)?;
         let mut v: u64 = 0;
         let mut n = 0;
@@ -516,6 +694,13 @@ impl<const N: usize> Fast<'_, '_, N> {
         Some((v, p + n))
     }
 
+    /// How many ASCII digits start at `p` (eight bytes at a time).
+    #[inline(always)]
+    fn digit_run(&self, p: usize) -> usize {
+        digit_run(self.line, p)
+    }
+
+    #[inline(always)]
     fn spaces(&self, mut p: usize) -> usize {
         // Tab, CR and LF are control bytes: such lines never reach here.
         while self.line.get(p) == Some(&b' ') {
@@ -554,26 +739,38 @@ impl<const N: usize> Fast<'_, '_, N> {
             }
             let key_end = self.ix.next_quote(p + 1)?;
             let key = (p + 1, key_end);
-            p = self.spaces(key_end + 1);
+            p = key_end + 1;
             if self.line.get(p) != Some(&b':') {
-                return None;
-            }
-            let start = self.spaces(p + 1);
-            let end = self.value(start, depth)?;
-            if depth == 1 {
-                let name = &self.line[key.0..key.1];
-                if let Some(i) = self
-                    .keys
-                    .iter()
-                    .position(|k| same_bytes(k.as_bytes(), name))
-                {
-                    self.picks[i] = Some((start, end)); // the last one wins
+                p = self.spaces(p);
+                if self.line.get(p) != Some(&b':') {
+                    return None;
                 }
             }
-            p = self.spaces(end);
-            match self.line.get(p)? {
+            let start = self.spaces(p + 1);
+            // Strings and numbers, the usual values, without a call.
+            let end = match *self.line.get(start)? {
+                b'"' => self.ix.next_quote(start + 1)? + 1,
+                b'-' | b'0'..=b'9' => self.number(start)?,
+                _ => self.value(start, depth)?,
+            };
+            if depth == 1 && N > 0 {
+                let name = &self.line[key.0..key.1];
+                if let Some(i) = self.keys.find(name) {
+                    self.picks[i] = (start as u32, end as u32); // the last one wins
+                }
+            }
+            p = end;
+            match *self.line.get(p)? {
                 b',' => p = self.spaces(p + 1),
                 b'}' => return Some(p + 1),
+                b' ' => {
+                    p = self.spaces(p);
+                    match *self.line.get(p)? {
+                        b',' => p = self.spaces(p + 1),
+                        b'}' => return Some(p + 1),
+                        _ => return None,
+                    }
+                }
                 _ => return None,
             }
         }
@@ -599,14 +796,10 @@ impl<const N: usize> Fast<'_, '_, N> {
     }
 
     /// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`
+    #[inline(always)]
     fn number(&self, mut p: usize) -> Option<usize> {
         let b = self.line;
-        let digits = |p: usize| {
-            b[p.min(b.len())..]
-                .iter()
-                .take_while(|c| c.is_ascii_digit())
-                .count()
-        };
+        let digits = |p: usize| self.digit_run(p);
         if b.get(p) == Some(&b'-') {
             p += 1;
         }
@@ -861,6 +1054,7 @@ pub mod reference {
                 }
             }
         }
+        check_block_path(line);
         match verdict(line) {
             Verdict::Unknown => {}
             Verdict::Invalid => assert!(ours.is_err(), "accepted an invalid line: {show}"),
@@ -875,6 +1069,43 @@ pub mod reference {
                 let meta: Value = serde_json::from_str(got.metadata.unwrap_or("{}")).unwrap();
                 assert_eq!(meta, Value::Object(want.metadata), "{show}");
             }
+        }
+    }
+
+    /// The fold's path (the line inside an indexed block, with quotes,
+    /// backslashes, control and non-ASCII bytes around it) gives what the
+    /// line alone gives: the same verdict, fields and picked values.
+    fn check_block_path(line: &[u8]) {
+        use crate::scan::BlockIndex;
+        const KEYS: [&str; 4] = ["latency_ms", "model", "status", "?"];
+        let keys = super::KeySet::new(&KEYS);
+        let show = String::from_utf8_lossy(line);
+        let mut at = [(0, 0); KEYS.len()];
+        let alone = super::parse_line_picking(line, &keys, &mut at);
+        let noise = b"\"\\\x01\xc3\xa9x{";
+        let pad = line.len() % 71;
+        let mut block: Vec<u8> = (0..pad).map(|i| noise[i % noise.len()]).collect();
+        block.extend_from_slice(line);
+        block.extend_from_slice(b"\n\"\\\xe9\"");
+        let mut ix = BlockIndex::new();
+        ix.index(&block);
+        let mut at2 = [(0, 0); KEYS.len()];
+        let inside = super::parse_block_line(&block, &ix, pad, line.len(), &keys, &mut at2);
+        match (alone, inside) {
+            (Ok((a, pa)), Ok((b, pb))) => {
+                assert_eq!(a.to_owned_event(0), b.to_owned_event(0), "{show}");
+                if let (Some(pa), Some(pb)) = (pa, pb) {
+                    for i in 0..KEYS.len() {
+                        assert_eq!(pa.get(i), pb.get(i), "{show}");
+                    }
+                }
+            }
+            (Err(a), Err(b)) => assert_eq!(a, b, "{show}"),
+            (a, b) => panic!(
+                "the block path disagrees ({:?} vs {:?}): {show}",
+                a.map(|e| e.0.to_owned_event(0)),
+                b.map(|e| e.0.to_owned_event(0))
+            ),
         }
     }
 
@@ -904,6 +1135,15 @@ pub mod reference {
             }
         }
         let show = String::from_utf8_lossy(data);
+        // Line by line, without the block index: the same fold exactly.
+        let mut by_line = FoldState::new(0);
+        let mut offset = 0u64;
+        for line in &lines {
+            by_line.feed_line(line, offset);
+            offset += line.len() as u64 + 1;
+        }
+        by_line.torn_tail = fold.torn_tail;
+        assert!(fold == by_line, "{show}");
         assert_eq!(fold.entries, entries, "{show}");
         assert_eq!(fold.malformed + fold.oversize_lines, bad, "{show}");
         assert_eq!(fold.tokens, tokens, "{show}");
@@ -925,7 +1165,7 @@ pub mod reference {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const GOOD: &str = r#"{"timestamp":"2026-01-11T10:15:33.234567","session_id":"s","event_type":"step_complete","component":"routing","message":"ok","tokens":50,"metadata":{"latency_ms":1100},"seq":3}"#;
@@ -1108,6 +1348,72 @@ mod tests {
     }
 
     #[test]
+    fn word_at_a_time_integers_read_as_serde_reads_them() {
+        let mut rng = Rng(0x1_2345_6789);
+        let mut texts: Vec<String> = [
+            "0",
+            "00",
+            "01",
+            "7",
+            "10",
+            "1234567",
+            "12345678",
+            "99999999",
+            "18446744073709551615",
+            "18446744073709551616",
+            "123456789012345678901",
+            "",
+            "-1",
+            "1.5",
+            "1e3",
+            "9007199254740992",
+            "9007199254740993",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for _ in 0..5000 {
+            let digits = 1 + rng.below(20);
+            let mut t: String = (0..digits)
+                .map(|_| (b'0' + rng.below(10) as u8) as char)
+                .collect();
+            if rng.below(4) == 0 {
+                t.push(*rng.pick(&['}', ',', '.', 'e', ' ', '/', ':', '\u{ff}']));
+            }
+            texts.push(t);
+        }
+        for t in &texts {
+            for (pre, post) in [
+                ("", ""),
+                ("\"tokens\":", ""),
+                ("\"seq\":", "}"),
+                ("", ",\"x\":1}"),
+            ] {
+                let line = format!("{pre}{t}{post}");
+                let f = Fast {
+                    line: line.as_bytes(),
+                    ix: LineIndex::new(line.as_bytes()),
+                    keys: &KeySet::new(&[]),
+                    picks: &mut [],
+                };
+                let got = f.uint(pre.len());
+                let want = f.uint_slow(pre.len());
+                assert_eq!(got, want, "{line}");
+                // As serde reads the number the line holds there.
+                let digits = line[pre.len()..]
+                    .bytes()
+                    .take_while(u8::is_ascii_digit)
+                    .count();
+                let text = &line[pre.len()..pre.len() + digits];
+                let plain = serde_json::from_str::<u64>(text)
+                    .ok()
+                    .filter(|_| !text.is_empty());
+                assert_eq!(got.map(|(v, _)| v), plain, "{line}");
+            }
+        }
+    }
+
+    #[test]
     fn same_bytes_equals_slice_equality() {
         let words: Vec<Vec<u8>> = (0..40)
             .flat_map(|n| {
@@ -1235,11 +1541,26 @@ mod tests {
         "7",
         "50",
         "1100",
+        "1234567",
+        "12345678",
+        "00",
+        "07",
         "9007199254740992",
         "18446744073709551615",
     ];
-    // seq = 2^64-1 overflows the fold's seq arithmetic (issue 9 defect 5, fold.rs).
-    const SEQS: &[&str] = &["0", "3", "4", "1100", "9007199254740992"];
+    const SEQS: &[&str] = &[
+        "0",
+        "3",
+        "4",
+        "1100",
+        "9999999",
+        "12345678",
+        "100000000",
+        "9007199254740992",
+        "18446744073709551614",
+        "18446744073709551615",
+        "18446744073709551616",
+    ];
     const METAS: &[&str] = &[
         "{}",
         r#"{"latency_ms":1100.5,"model":"gpt-4o-mini"}"#,
@@ -1275,6 +1596,15 @@ mod tests {
         r#"{"k":"}"}}"#,
         r#"{"1":1,"2":2,"3":3,"4":4,"5":5,"6":6,"7":7,"8":8,"9":9,"latency_ms":4}"#,
         r#"{"latency_ms":5,"latency_ms":6}"#,
+        r#"{"a":1 ,"b":"x" }"#,
+        r#"{"a":-0.5e+3,"model":"m" , "latency_ms" : 7 }"#,
+        r#"{"a":1 x}"#,
+        r#"{"a":"x" "b":1}"#,
+        r#"{"a":-}"#,
+        r#"{"a":-01}"#,
+        r#"{"a":1.5E}"#,
+        r#"{"latency_ms":12345678.25,"model":"gpt-4o-mini"}"#,
+        r#"{"latency_ms":"1100","model":1,"status":{"x":1}}"#,
     ];
     /// Strings the fast path takes (no backslash).
     const PLAIN: &[&str] = &[
@@ -1287,7 +1617,7 @@ mod tests {
         r#""""#,
     ];
 
-    fn random_line(rng: &mut Rng) -> Vec<u8> {
+    pub(crate) fn random_line(rng: &mut Rng) -> Vec<u8> {
         if rng.below(100) < 40 {
             return writer_layout_line(rng);
         }
