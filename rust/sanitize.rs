@@ -249,6 +249,14 @@ fn word_class(python_unicode: Option<&str>) -> Regex {
 /// (aho-corasick's overlapping search, which the gate needs, measured several
 /// times slower on short strings: it cannot use its prefilter.)
 fn literals_in(bytes: &[u8]) -> u32 {
+    // Short strings (keys, most values) are copied once, zero-padded, so that
+    // every word below is one fixed 8-byte load.
+    const SHORT: usize = 64;
+    let mut padded = [0u8; SHORT + 8];
+    let short = bytes.len() <= SHORT;
+    if short {
+        padded[..bytes.len()].copy_from_slice(bytes);
+    }
     let gate = &rules().gate;
     let mut seen = 0u32;
     for (i, &b) in bytes.iter().enumerate() {
@@ -259,8 +267,13 @@ fn literals_in(bytes: &[u8]) -> u32 {
         // The next 8 bytes as one word, zero-padded at the end.
         let rest = &bytes[i..];
         let mut buf = [0u8; 8];
-        let n = rest.len().min(8);
-        buf[..n].copy_from_slice(&rest[..n]);
+        if short {
+            buf.copy_from_slice(&padded[i..i + 8]);
+        } else if rest.len() >= 8 {
+            buf.copy_from_slice(&rest[..8]);
+        } else {
+            buf[..rest.len()].copy_from_slice(rest);
+        }
         let word = u64::from_le_bytes(buf);
         for lit in candidates {
             if (word | lit.fold) & lit.mask == lit.value
@@ -905,6 +918,18 @@ fn string_end(src: &[u8], start: usize) -> (usize, bool) {
     (src.len(), escaped)
 }
 
+/// The text of the JSON string `src[start..end]` (quotes included).
+fn json_text(src: &[u8], start: usize, end: usize, escaped: bool) -> Cow<'_, str> {
+    if escaped {
+        match serde_json::from_slice::<String>(&src[start..end]) {
+            Ok(s) => Cow::Owned(s),
+            Err(_) => Cow::Borrowed(""),
+        }
+    } else {
+        String::from_utf8_lossy(&src[start + 1..end.saturating_sub(1).max(start + 1)])
+    }
+}
+
 /// Sanitise every string of a JSON object (one valid JSON text, as the writer
 /// checks it): values are scrubbed, a non-empty string under a credential-named
 /// key becomes `***REDACTED***`, keys are kept. Everything else is copied byte
@@ -915,7 +940,9 @@ pub fn sanitize_json(src: &[u8]) -> Cow<'_, [u8]> {
     // One flag per open container: true for an object.
     let mut stack: Vec<bool> = Vec::new();
     let mut expect_key = false;
-    let mut sensitive = false;
+    // The last key read (its span and whether it holds an escape): whether it
+    // names a credential is asked only when its value is a non-empty string.
+    let mut key = (0usize, 0usize, false);
     let mut i = 0;
     while i < src.len() {
         match src[i] {
@@ -935,20 +962,15 @@ pub fn sanitize_json(src: &[u8]) -> Cow<'_, [u8]> {
             b':' => expect_key = false,
             b'"' => {
                 let (end, escaped) = string_end(src, i);
-                let body = &src[i + 1..end.saturating_sub(1).max(i + 1)];
-                let text: Cow<'_, str> = if escaped {
-                    match serde_json::from_slice::<String>(&src[i..end]) {
-                        Ok(s) => Cow::Owned(s),
-                        Err(_) => Cow::Borrowed(""),
-                    }
-                } else {
-                    String::from_utf8_lossy(body)
-                };
                 if expect_key {
-                    sensitive = is_sensitive_key(&text);
+                    key = (i, end, escaped);
                 } else {
+                    let text = json_text(src, i, end, escaped);
                     let in_object = stack.last() == Some(&true);
-                    let new: Option<Cow<'_, str>> = if in_object && sensitive && !text.is_empty() {
+                    let sensitive = in_object
+                        && !text.is_empty()
+                        && is_sensitive_key(&json_text(src, key.0, key.1, key.2));
+                    let new: Option<Cow<'_, str>> = if sensitive {
                         Some(Cow::Borrowed(REDACTED))
                     } else {
                         match sanitize(&text) {
