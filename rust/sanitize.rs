@@ -249,6 +249,14 @@ fn word_class(python_unicode: Option<&str>) -> Regex {
 /// (aho-corasick's overlapping search, which the gate needs, measured several
 /// times slower on short strings: it cannot use its prefilter.)
 fn literals_in(bytes: &[u8]) -> u32 {
+    // Short strings (keys, most values) are copied once, zero-padded, so that
+    // every word below is one fixed 8-byte load.
+    const SHORT: usize = 64;
+    let mut padded = [0u8; SHORT + 8];
+    let short = bytes.len() <= SHORT;
+    if short {
+        padded[..bytes.len()].copy_from_slice(bytes);
+    }
     let gate = &rules().gate;
     let mut seen = 0u32;
     for (i, &b) in bytes.iter().enumerate() {
@@ -259,8 +267,13 @@ fn literals_in(bytes: &[u8]) -> u32 {
         // The next 8 bytes as one word, zero-padded at the end.
         let rest = &bytes[i..];
         let mut buf = [0u8; 8];
-        let n = rest.len().min(8);
-        buf[..n].copy_from_slice(&rest[..n]);
+        if short {
+            buf.copy_from_slice(&padded[i..i + 8]);
+        } else if rest.len() >= 8 {
+            buf.copy_from_slice(&rest[..8]);
+        } else {
+            buf[..rest.len()].copy_from_slice(rest);
+        }
         let word = u64::from_le_bytes(buf);
         for lit in candidates {
             if (word | lit.fold) & lit.mask == lit.value
@@ -366,18 +379,25 @@ impl<'a> Gate<'a> {
 
     fn kv(&mut self) -> bool {
         let bytes = self.value.as_bytes();
-        (memchr::memchr2(b':', b'=', bytes).is_some() || self.has("--"))
-            && [
-                "pass",
-                "pwd",
-                "secret",
-                "key",
-                "token",
-                "auth",
-                "credential",
-            ]
-            .iter()
-            .any(|name| self.lower_has(name))
+        if !(memchr::memchr2(b':', b'=', bytes).is_some() || self.has("--")) {
+            return false;
+        }
+        if self.value.is_ascii() {
+            // The same names, in one pass (ASCII: lowering folds nothing else
+            // to them); the first seven gate literals are these names.
+            return literals_in(bytes) & 0b111_1111 != 0;
+        }
+        [
+            "pass",
+            "pwd",
+            "secret",
+            "key",
+            "token",
+            "auth",
+            "credential",
+        ]
+        .iter()
+        .any(|name| self.lower_has(name))
     }
 }
 
@@ -667,8 +687,58 @@ impl Pass<'_> {
     }
 }
 
+/// The longest run of token characters (`[A-Za-z0-9_.~+/-]`) a string may hold
+/// and still match no rule by `surely_clean`: every rule that needs neither
+/// ':', '=', "--" nor 13 digits matches such a run of 12 characters or more
+/// (Bearer's credential, 12; a JWT, 13; every provider token, 15 or more).
+const MAX_CLEAN_RUN: usize = 11;
+
+/// Whether no rule's regex can match `value`, by necessary conditions read in
+/// one pass over its bytes (no automaton): ASCII only (a case-insensitive rule
+/// also folds some non-ASCII letters), no ':' or '=' (URLs, Azure, key-value
+/// pairs, name=value entropy), no "--" (PEM blocks, command-line flags), fewer
+/// than 13 digits (card numbers) and no run of token characters longer than
+/// `MAX_CLEAN_RUN` (the provider tokens, JWTs, Entra secrets, Bearer values).
+/// Most log text passes and skips the `RegexSet` pass.
+fn surely_clean(value: &str) -> bool {
+    let mut run = 0usize;
+    let mut digits = 0usize;
+    let mut dash = false;
+    for &b in value.as_bytes() {
+        if b >= 0x80 || b == b':' || b == b'=' {
+            return false;
+        }
+        if b == b'-' {
+            if dash {
+                return false;
+            }
+            dash = true;
+        } else {
+            dash = false;
+        }
+        if b.is_ascii_digit() {
+            digits += 1;
+            if digits >= 13 {
+                return false;
+            }
+        }
+        if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'~' | b'+' | b'/' | b'-') {
+            run += 1;
+            if run > MAX_CLEAN_RUN {
+                return false;
+            }
+        } else {
+            run = 0;
+        }
+    }
+    true
+}
+
 /// `value` with every secret replaced by a `***...***` mark (borrowed when clean).
 pub fn sanitize(value: &str) -> Cow<'_, str> {
+    if surely_clean(value) {
+        return Cow::Borrowed(value);
+    }
     // No rule's regex matches anywhere: nothing can change (most strings end here).
     let set = rule_set().matches(value);
     if !set.matched_any() {
@@ -848,6 +918,18 @@ fn string_end(src: &[u8], start: usize) -> (usize, bool) {
     (src.len(), escaped)
 }
 
+/// The text of the JSON string `src[start..end]` (quotes included).
+fn json_text(src: &[u8], start: usize, end: usize, escaped: bool) -> Cow<'_, str> {
+    if escaped {
+        match serde_json::from_slice::<String>(&src[start..end]) {
+            Ok(s) => Cow::Owned(s),
+            Err(_) => Cow::Borrowed(""),
+        }
+    } else {
+        String::from_utf8_lossy(&src[start + 1..end.saturating_sub(1).max(start + 1)])
+    }
+}
+
 /// Sanitise every string of a JSON object (one valid JSON text, as the writer
 /// checks it): values are scrubbed, a non-empty string under a credential-named
 /// key becomes `***REDACTED***`, keys are kept. Everything else is copied byte
@@ -858,7 +940,9 @@ pub fn sanitize_json(src: &[u8]) -> Cow<'_, [u8]> {
     // One flag per open container: true for an object.
     let mut stack: Vec<bool> = Vec::new();
     let mut expect_key = false;
-    let mut sensitive = false;
+    // The last key read (its span and whether it holds an escape): whether it
+    // names a credential is asked only when its value is a non-empty string.
+    let mut key = (0usize, 0usize, false);
     let mut i = 0;
     while i < src.len() {
         match src[i] {
@@ -878,20 +962,15 @@ pub fn sanitize_json(src: &[u8]) -> Cow<'_, [u8]> {
             b':' => expect_key = false,
             b'"' => {
                 let (end, escaped) = string_end(src, i);
-                let body = &src[i + 1..end.saturating_sub(1).max(i + 1)];
-                let text: Cow<'_, str> = if escaped {
-                    match serde_json::from_slice::<String>(&src[i..end]) {
-                        Ok(s) => Cow::Owned(s),
-                        Err(_) => Cow::Borrowed(""),
-                    }
-                } else {
-                    String::from_utf8_lossy(body)
-                };
                 if expect_key {
-                    sensitive = is_sensitive_key(&text);
+                    key = (i, end, escaped);
                 } else {
+                    let text = json_text(src, i, end, escaped);
                     let in_object = stack.last() == Some(&true);
-                    let new: Option<Cow<'_, str>> = if in_object && sensitive && !text.is_empty() {
+                    let sensitive = in_object
+                        && !text.is_empty()
+                        && is_sensitive_key(&json_text(src, key.0, key.1, key.2));
+                    let new: Option<Cow<'_, str>> = if sensitive {
                         Some(Cow::Borrowed(REDACTED))
                     } else {
                         match sanitize(&text) {
@@ -925,6 +1004,91 @@ pub fn sanitize_json(src: &[u8]) -> Cow<'_, [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Strings the one-pass pre-check calls clean match no rule of the set:
+    /// generated near every condition it checks (lengths, separators, digits).
+    #[test]
+    fn surely_clean_implies_no_rule_matches() {
+        let pieces = [
+            "a",
+            "Reasoning",
+            "gpt-4o-mini",
+            " ",
+            "-",
+            "_",
+            ".",
+            "~",
+            "+",
+            "/",
+            "0",
+            "9",
+            "Q",
+            "sk",
+            "sk-",
+            "ghp_",
+            "xoxb-",
+            "eyJ",
+            "AKIA",
+            "Bearer ",
+            "bearer\t",
+            "token",
+            "pass",
+            "key",
+            "hf_",
+            "AIza",
+            "whsec_",
+            "glpat-",
+            "1234",
+            "4111 ",
+            "@",
+            "!",
+            ",",
+            "\"",
+            "abcdefghijk",
+            "ABCDEFGHIJ12",
+            "0123456789",
+            "Q~",
+            "github_pat_",
+            "3Q~",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut checked = 0;
+        for _ in 0..200_000 {
+            let n = 1 + (next() % 8) as usize;
+            let s: String = (0..n)
+                .map(|_| pieces[(next() % pieces.len() as u64) as usize])
+                .collect();
+            if surely_clean(&s) {
+                checked += 1;
+                assert!(!rule_set().is_match(&s), "{s:?}");
+            }
+        }
+        assert!(checked > 10_000, "{checked}");
+        for s in [
+            "Reasoning completed",
+            "gpt-4o-mini",
+            "Acme Corp is a mid-size vendor",
+        ] {
+            assert!(surely_clean(s), "{s}");
+        }
+        for s in [
+            "Bearer 0123456789ab",
+            "a:b",
+            "x=y",
+            "--token",
+            "4111111111111",
+            "abcdefghijkl",
+            "caf\u{e9}",
+        ] {
+            assert!(!surely_clean(s), "{s}");
+        }
+    }
 
     #[test]
     fn clean_text_is_borrowed() {

@@ -1261,6 +1261,34 @@ pub fn format_timestamp(secs: i64, micros: u32, buf: &mut [u8; 32]) -> &str {
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
     let (hh, mm, ss) = (sod / 3600, (sod / 60) % 60, sod % 60);
+    if (0..=9999).contains(&y) && micros < 1_000_000 {
+        // The common case by hand: `write!` costs a fifth of an event's formatting.
+        let mut put = |at: usize, width: usize, mut v: u64| {
+            for k in (at..at + width).rev() {
+                buf[k] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, 4, y as u64);
+        put(5, 2, u64::from(m));
+        put(8, 2, u64::from(d));
+        put(11, 2, hh as u64);
+        put(14, 2, mm as u64);
+        put(17, 2, ss as u64);
+        put(20, 6, u64::from(micros));
+        for (k, c) in [
+            (4, b'-'),
+            (7, b'-'),
+            (10, b'T'),
+            (13, b':'),
+            (16, b':'),
+            (19, b'.'),
+        ] {
+            buf[k] = c;
+        }
+        buf[26..32].copy_from_slice(b"+00:00");
+        return std::str::from_utf8(&buf[..]).unwrap_or("1970-01-01T00:00:00.000000+00:00");
+    }
     let mut w = &mut buf[..];
     let _ = write!(
         w,
@@ -1551,6 +1579,26 @@ mod tests {
         assert_eq!(
             format_timestamp(951_782_400, 1, &mut b),
             "2000-02-29T00:00:00.000001+00:00"
+        );
+        // The hand-written digits agree with `write!` over four centuries.
+        let mut secs = 0i64;
+        while secs < 253_402_300_800 {
+            let days = secs.div_euclid(86_400);
+            let sod = secs.rem_euclid(86_400);
+            let (y, m, d) = civil_from_days(days);
+            let micros = (secs % 1_000_000) as u32;
+            let want = format!(
+                "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}+00:00",
+                sod / 3600,
+                (sod / 60) % 60,
+                sod % 60
+            );
+            assert_eq!(format_timestamp(secs, micros, &mut b), want);
+            secs += 7_777_777;
+        }
+        assert_eq!(
+            format_timestamp(253_402_300_799, 999_999, &mut b),
+            "9999-12-31T23:59:59.999999+00:00"
         );
     }
 }

@@ -486,6 +486,43 @@ def test_native_rules_agree_with_the_reference_on_any_mix(parts: list[str]) -> N
     assert _native.sanitize_string(text) == Reference().sanitize_string(text)
 
 
+#: Pieces around the bounds of the native one-pass pre-check (which skips the
+#: rule set for ASCII text without ':', '=', "--", 13 digits or a run of 12
+#: token characters): runs of 11 and 12, 12 and 13 digits, lone dashes.
+_BOUND_PIECES = [
+    "Bearer ",
+    "bearer\t",
+    "abcdef12345",
+    "abcdef123456",
+    "eyJabcdefghij",
+    "eyJabcdefgh",
+    ".",
+    "~",
+    "+",
+    "/",
+    "-",
+    "_",
+    " ",
+    "123456789012",
+    "1",
+    "4111 1111 1111 1111",
+    "sk-",
+    "xoxb-",
+    "Q~",
+    "3Q~",
+    "AKIA",
+]
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_BOUND_PIECES), max_size=10))
+def test_native_rules_agree_with_the_reference_at_the_pre_check_bounds(parts: list[str]) -> None:
+    from sanitize_reference import LogSanitizer as Reference
+
+    text = "".join(parts)
+    assert _native.sanitize_string(text) == Reference().sanitize_string(text)
+
+
 def test_a_secret_after_a_newer_unicode_letter_is_redacted() -> None:
     """U+13460 is a letter only from Unicode 16.0 on: the reference's ``\\b``
     (Python's ``str.isalnum()`` of its own Unicode database) sees a boundary

@@ -506,7 +506,19 @@ class ExecutionLogger:
                     safe = _json_safe(metadata, 1, set())
                     metadata = sanitizer.sanitize_dict(safe)
         if metadata:
-            metadata, meta = _encode_metadata(metadata)
+            # _encode_metadata's common case inline (the hot path): orjson took
+            # it, and it is too short or has too few openers to nest too deep.
+            try:
+                meta = _orjson_dumps(metadata, default=_default, option=_OPTS)
+            except (orjson.JSONEncodeError, TypeError):
+                metadata, meta = _encode_metadata(metadata)
+            else:
+                if (
+                    len(meta) > MAX_METADATA_DEPTH
+                    and meta.count(b"{") + meta.count(b"[") > MAX_METADATA_DEPTH
+                    and _json_depth(meta) > MAX_METADATA_DEPTH
+                ):
+                    metadata, meta = _encode_metadata(metadata)
         if (
             len(message) > _CHEAP_MESSAGE_CHARS
             or len(event_type) + len(component) > _MAX_NAME_CHARS

@@ -28,8 +28,11 @@ The rules live in ``rust/sanitize.rs`` (one pattern set: this class, the native
 writer's ``sanitize=True`` and every other file sigil writes use it): a
 multi-pattern automaton over the rules' literal prefixes decides which rule
 families a string can trigger at all; most strings trigger none and cost no
-regex work. Rules are linear in the input (Rust's ``regex`` has no
-backtracking), so a large blob cannot stall the logger.
+regex work. Before it, one pass over the bytes lets through ASCII text that no
+rule can match (no ``:``, ``=`` or ``--``, fewer than 13 digits, no run of 12
+token characters) without running the automaton. Rules are linear in the
+input (Rust's ``regex`` has no backtracking), so a large blob cannot stall the
+logger.
 """
 
 from __future__ import annotations
