@@ -125,7 +125,12 @@ def list_sessions(log_path: Path) -> list[SessionRow]:
 
         for archives in archived_sessions(log_path).values():
             rows.extend(_archived_row(archive) for archive in archives)
-    rows.sort(key=lambda row: _sort_key(row.started_at), reverse=True)
+    # One parse per distinct start (a thousand fromisoformat calls showed).
+    keys: dict[str | None, float] = {}
+    for row in rows:
+        if row.started_at not in keys:
+            keys[row.started_at] = _sort_key(row.started_at)
+    rows.sort(key=lambda row: keys[row.started_at], reverse=True)
     return rows
 
 
@@ -133,7 +138,6 @@ def _live_row(session_dir: str) -> tuple[SessionRow, bool, bool]:
     """A live session's row from its directory and ledger: the row, whether a
     writer holds the session's lock, and whether its numbers are still to come
     from the session model (the ledger does not stand for its log)."""
-    from sigil.core.locks import is_session_locked
     from sigil.core.paths import LOCK_FILE_NAME, LOG_FILE_NAME, segment_sort_key
 
     # One pass over the directory gives the size, the log's newest mtime and the
@@ -158,7 +162,11 @@ def _live_row(session_dir: str) -> tuple[SessionRow, bool, bool]:
             has_lock = True
         if stat.S_ISDIR(st.st_mode):
             size += _tree_size(Path(entry.path))
-    locked = has_lock and is_session_locked(Path(session_dir))
+    locked = False
+    if has_lock:
+        from sigil.core.locks import is_session_locked
+
+        locked = is_session_locked(Path(session_dir))
     row = SessionRow(
         session_id=os.path.basename(session_dir),
         status="unknown",
