@@ -263,6 +263,33 @@ mod tests {
     }
 
     #[test]
+    fn a_fold_on_a_thread_that_folded_before_starts_clean() {
+        // Each thread reuses one read buffer and block index: what a larger,
+        // torn file left in them must not reach the next session's fold.
+        let dir = tempfile::tempdir().unwrap();
+        let small = session(dir.path(), "small", &[4, 5]);
+        let fresh = fold_sessions(&[&small], 1, fold::DEFAULT_MAX_LINE, 0);
+        let fresh = fresh[0].as_ref().unwrap();
+        let big_tokens: Vec<u64> = (0..3000u64).map(|i| i % 5).collect();
+        let big = session(dir.path(), "big", &big_tokens);
+        let mut f = fs::OpenOptions::new().append(true).open(&big).unwrap();
+        f.write_all(br#"{"timestamp":"2026-01-11T10:00:00Z","tok"#)
+            .unwrap();
+        drop(f);
+        assert!(fs::metadata(&big).unwrap().len() > 2 * fold::READ_CHUNK as u64);
+        for threads in [1, 2] {
+            let out = fold_sessions(&[&big, &small, &big, &small], threads, 1 << 20, 0);
+            let b = out[0].as_ref().unwrap();
+            assert_eq!((b.tokens, b.entries, b.torn_tail), (6000, 3000, true));
+            for o in [&out[1], &out[3]] {
+                let s = o.as_ref().unwrap();
+                assert_eq!((s.tokens, s.entries, s.lines), (9, 2, fresh.lines));
+                assert_eq!((s.torn_tail, s.malformed), (false, fresh.malformed));
+            }
+        }
+    }
+
+    #[test]
     fn a_missing_log_folds_to_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let out = fold_session(&dir.path().join("none/execution.jsonl"), 1024, 0).unwrap();
