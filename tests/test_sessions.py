@@ -8,7 +8,6 @@ unreadable beside the others.
 from __future__ import annotations
 
 import gzip
-import itertools
 import json
 import os
 import shutil
@@ -305,9 +304,8 @@ def test_folding_many_sessions_lets_other_python_threads_run(tmp_path: Path) -> 
     """``snapshot_many`` folds without the GIL: a Python thread ticking every
     2 ms beside it never stands still for long. The session is a compressed
     segment of 300 MB of events (30 gzip members), so the fold takes a while."""
-    import threading
-
     from sigil.telemetry.log_parser import snapshot_many
+    from ticker import Ticker
 
     start = datetime(2026, 1, 11, 10, 0, tzinfo=UTC)
     line = _event(start, 1, "step_complete", 3)
@@ -317,27 +315,13 @@ def test_folding_many_sessions_lets_other_python_threads_run(tmp_path: Path) -> 
     (session / "execution.jsonl.1.gz").write_bytes(gzip.compress(block, 1) * 30)
     (session / "execution.jsonl").write_bytes(b"")
 
-    stamps: list[float] = []
-    stop = threading.Event()
-
-    def tick() -> None:
-        while not stop.is_set():
-            stamps.append(time.monotonic())
-            time.sleep(0.002)
-
-    ticker = threading.Thread(target=tick)
-    ticker.start()
-    try:
+    with Ticker() as ticker:
         began = time.monotonic()
         (snap,) = snapshot_many([session], threads=1)
         took = time.monotonic() - began
-    finally:
-        stop.set()
-        ticker.join()
     assert not isinstance(snap, str), snap
     assert snap.entries == 30 * (len(block) // len(line))
-    folding = [t for t in stamps if began <= t <= began + took]
-    gap = max(b - a for a, b in itertools.pairwise([began, *folding, began + took]))
+    gap = ticker.max_gap(began, began + took)
     # Held, the GIL would freeze the ticker for the whole fold (gap = took).
     assert took > 0.3, f"the fold took only {took:.2f}s: too short to tell"
     assert gap < min(0.25, took / 2), f"other Python threads froze for {gap:.2f}s of {took:.2f}s"

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import run_py, wait_for
 from sigil._native import AppendWriter, Checkpoint, Tailer
+from ticker import Ticker
 
 NEVER = 3600.0
 
@@ -495,25 +496,11 @@ def test_wait_releases_the_gil(tmp_path: Path):
     path = tmp_path / "log.jsonl"
     path.write_bytes(b"")
     t = Tailer(path)
-    stamps: list[float] = []
-    stop = threading.Event()
-
-    def spin() -> None:
-        while not stop.is_set():
-            stamps.append(time.monotonic())
-            time.sleep(0.001)
-
-    th = threading.Thread(target=spin)
-    th.start()
-    try:
-        wait_for("the other thread to run", lambda: len(stamps) > 5)
+    with Ticker() as ticker:
         start = time.monotonic()
         assert t.wait(1.0) is False
         end = time.monotonic()
-    finally:
-        stop.set()
-        th.join()
     assert end - start >= 0.9
-    during = [s for s in stamps if start + 0.2 < s < end - 0.2]
+    during = ticker.between(start + 0.2, end - 0.2)
     # The other thread ran while wait() blocked (it would be frozen if wait held the GIL).
     assert len(during) > 20, f"{len(during)} ticks during a {end - start:.2f}s wait"

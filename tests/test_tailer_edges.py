@@ -3,7 +3,6 @@ its locks (issue 9 defects 4, 7 and 8; ARCHITECTURE.md contract 5)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import signal
@@ -17,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, wait_for
+from conftest import run_cli
 from sigil._native import Tailer, fold_file, tail_max_seq
+from ticker import Ticker
 
 LINE = (
     b'{"timestamp":"2026-01-01T00:00:00+00:00","session_id":"s1","event_type":"step_complete",'
@@ -194,26 +194,12 @@ def test_a_signal_handler_that_does_not_raise_lets_wait_go_on(tmp_path: Path) ->
 
 def _max_tick_gap(action: Callable[[], None], during: float) -> float:
     """The longest pause of a ticking Python thread while ``action`` repeats."""
-    stamps: list[float] = []
-    stop = threading.Event()
-
-    def tick() -> None:
-        while not stop.is_set():
-            stamps.append(time.monotonic())
-            time.sleep(0.002)
-
-    ticker = threading.Thread(target=tick)
-    ticker.start()
-    try:
-        wait_for("the ticker to run", lambda: len(stamps) > 5)
+    with Ticker() as ticker:
         end = time.monotonic() + during
         while time.monotonic() < end:
             action()
             time.sleep(0.01)
-    finally:
-        stop.set()
-        ticker.join()
-    return max(b - a for a, b in itertools.pairwise(stamps))
+    return ticker.max_gap()
 
 
 @pytest.mark.parametrize("method", ["stats", "checkpoint"])
