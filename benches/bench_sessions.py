@@ -14,6 +14,10 @@
   ``list_sessions`` in this process, and the whole ``sigil sessions --json``
   process (interpreter start-up, imports, the native batch fold of every
   session across a small thread pool, the JSON out).
+* The same 1,000 sessions as ``sigil orchestrate`` leaves them: each with its
+  ledger (``tokens.json``) written by the orchestrator from the model of exactly
+  these files, which ``sessions`` reads instead of folding the log (the issue's
+  "a finished session's summary may come from its ledger"). Same target.
 """
 
 from __future__ import annotations
@@ -146,3 +150,49 @@ def test_sessions_command(benchmark: Any, many_sessions: Path) -> None:
     )
     _sessions_command(many_sessions)  # warm the page cache and .pyc files
     benchmark.pedantic(_sessions_command, args=(many_sessions,), rounds=_rounds(), iterations=1)
+
+
+@pytest.fixture(scope="module")
+def finished_sessions(tmp_path_factory: pytest.TempPathFactory, many_sessions: Path) -> Path:
+    """``many_sessions``' logs, hard-linked, each with the ledger that the
+    orchestrator writes the first time it reads a session."""
+    logs = tmp_path_factory.mktemp("finished") / "logs"
+    for entry in os.scandir(many_sessions / "sessions"):
+        session = logs / "sessions" / entry.name
+        session.mkdir(parents=True)
+        os.link(Path(entry.path) / "execution.jsonl", session / "execution.jsonl")
+    settings = load_settings({"logging.path": str(logs)})
+    for entry in os.scandir(logs / "sessions"):
+        orch = Orchestrator(entry.name, log_path=logs, settings=settings)
+        orch._prepare("bench task")
+        orch._abandon_prepared()
+        assert (Path(entry.path) / "tokens.json").exists()
+    return logs
+
+
+def test_sessions_list_finished(
+    benchmark: Any, finished_sessions: Path, many_sessions: Path
+) -> None:
+    benchmark.group = f"sigil sessions: {SESSIONS_NAME}"
+    benchmark.extra_info.update(
+        ops=SESSIONS, baseline="test_sessions_list_orjson_baseline", aim_max_s=AIM_SESSIONS_S
+    )
+    rows = benchmark.pedantic(
+        list_sessions, args=(finished_sessions,), rounds=_rounds(), iterations=1
+    )
+    assert len(rows) == SESSIONS and {r.status for r in rows} == {"complete"}
+
+    # The ledgers' numbers are the fold's: the same as the logs alone give.
+    def numbers(logs: Path) -> dict[str, Any]:
+        return {r.session_id: (r.tokens_used, r.runs, r.status) for r in list_sessions(logs)}
+
+    assert numbers(finished_sessions) == numbers(many_sessions)
+
+
+def test_sessions_command_finished(benchmark: Any, finished_sessions: Path) -> None:
+    benchmark.group = f"sigil sessions: {SESSIONS_NAME}"
+    benchmark.extra_info.update(
+        ops=SESSIONS, baseline="test_sessions_list_orjson_baseline", aim_max_s=AIM_SESSIONS_S
+    )
+    _sessions_command(finished_sessions)  # warm the page cache and .pyc files
+    benchmark.pedantic(_sessions_command, args=(finished_sessions,), rounds=_rounds(), iterations=1)
