@@ -398,6 +398,62 @@ pub struct ComponentTotals {
     pub last_error: Option<LastError>,
 }
 
+/// What one event adds to its component's totals, in the fold's table and
+/// in the current run's (the same for both: worked out once per event).
+struct Step<'m, 'a> {
+    tokens: u64,
+    meta: &'m FoldMeta<'a>,
+    kind: Kind,
+    latency: Option<f64>,
+    /// The histogram bucket of `latency` (for a successful step).
+    bucket: usize,
+    error: bool,
+    last_error: &'m Option<LastError>,
+}
+
+impl Step<'_, '_> {
+    #[inline(always)]
+    fn update(&self, c: &mut ComponentTotals) {
+        c.tokens = c.tokens.saturating_add(self.tokens);
+        c.input_tokens = c
+            .input_tokens
+            .saturating_add(self.meta.input_tokens.unwrap_or(0));
+        c.output_tokens = c
+            .output_tokens
+            .saturating_add(self.meta.output_tokens.unwrap_or(0));
+        if let Some(json) = self.meta.model.as_deref() {
+            if !c
+                .model_json
+                .as_deref()
+                .is_some_and(|m| same_bytes(m.as_bytes(), json.as_bytes()))
+            {
+                c.set_model(json);
+            }
+        }
+        match self.kind {
+            Kind::StepComplete => {
+                c.operations = c.operations.saturating_add(1);
+                if let Some(ms) = self.latency {
+                    c.observe_latency(ms, self.bucket);
+                    c.step_latency_ms += ms;
+                }
+            }
+            Kind::StepError => {
+                c.errors = c.errors.saturating_add(1);
+                if let Some(ms) = self.latency {
+                    c.failed_latency_ms += ms;
+                    c.step_latency_ms += ms;
+                }
+            }
+            Kind::RetryAttempt if self.error => c.retries = c.retries.saturating_add(1),
+            _ => {}
+        }
+        if self.last_error.is_some() {
+            c.last_error.clone_from(self.last_error);
+        }
+    }
+}
+
 /// The histogram bucket of a latency: the first bound at or above `ms` (the
 /// bounds are sorted).
 #[inline]
@@ -427,6 +483,16 @@ impl ComponentTotals {
         }
         if o.last_error.is_some() {
             self.last_error.clone_from(&o.last_error);
+        }
+    }
+
+    /// A model other than the one last seen (rare: kept out of line).
+    #[cold]
+    #[inline(never)]
+    fn set_model(&mut self, json: &str) {
+        if let Some(m) = decode_str(json) {
+            self.model = Some(bounded(&m));
+            self.model_json = Some(json.to_string());
         }
     }
 
@@ -1369,52 +1435,19 @@ impl FoldState {
             attempt: meta.attempt,
             timestamp: e.timestamp.to_string(),
         });
-        let update = |c: &mut ComponentTotals| {
-            c.tokens = c.tokens.saturating_add(e.tokens);
-            c.input_tokens = c
-                .input_tokens
-                .saturating_add(meta.input_tokens.unwrap_or(0));
-            c.output_tokens = c
-                .output_tokens
-                .saturating_add(meta.output_tokens.unwrap_or(0));
-            if let Some(json) = meta.model.as_deref() {
-                if !c
-                    .model_json
-                    .as_deref()
-                    .is_some_and(|m| same_bytes(m.as_bytes(), json.as_bytes()))
-                {
-                    if let Some(m) = decode_str(json) {
-                        c.model = Some(bounded(&m));
-                        c.model_json = Some(json.to_string());
-                    }
-                }
-            }
-            match kind {
-                Kind::StepComplete => {
-                    c.operations = c.operations.saturating_add(1);
-                    if let Some(ms) = latency {
-                        c.observe_latency(ms, bucket);
-                        c.step_latency_ms += ms;
-                    }
-                }
-                Kind::StepError => {
-                    c.errors = c.errors.saturating_add(1);
-                    if let Some(ms) = latency {
-                        c.failed_latency_ms += ms;
-                        c.step_latency_ms += ms;
-                    }
-                }
-                Kind::RetryAttempt if error => c.retries = c.retries.saturating_add(1),
-                _ => {}
-            }
-            if last_error.is_some() {
-                c.last_error.clone_from(&last_error);
-            }
+        let step = Step {
+            tokens: e.tokens,
+            meta,
+            kind,
+            latency,
+            bucket,
+            error,
+            last_error: &last_error,
         };
         let (slot, run_slot) = self.component_slots(&e.component);
-        update(self.components.at_mut(slot));
+        step.update(self.components.at_mut(slot));
         let run = self.run_mut();
-        update(run.components.at_mut(run_slot));
+        step.update(run.components.at_mut(run_slot));
         run.tokens = run.tokens.saturating_add(e.tokens);
         run.events = run.events.saturating_add(1);
         if let Some(seq) = e.seq {
