@@ -944,15 +944,20 @@ const META_KEYS: [&str; 14] = [
 /// [`META_KEYS`] indexed for the parser's fast path.
 const FOLD_KEYS: KeySet<'static, 14> = KeySet::new(&META_KEYS);
 
-/// The metadata values the fold uses (the parser has validated the metadata).
-#[inline]
-fn fold_meta<'a>(event: &RawEvent<'a>, picks: Option<Picks<'a, 14>>, kind: Kind) -> FoldMeta<'a> {
+/// The metadata values the fold uses (the parser has validated the metadata),
+/// set in `m` (a default one: filled in place, not moved per line).
+#[inline(always)]
+fn fold_meta<'a>(
+    m: &mut FoldMeta<'a>,
+    event: &RawEvent<'a>,
+    picks: Option<Picks<'a, 14>>,
+    kind: Kind,
+) {
     match (event.metadata, picks) {
-        (Some(_), _) if !kind.needs_meta() => FoldMeta::default(),
+        (Some(_), _) if !kind.needs_meta() => {}
         // The fast path picked the values: no second parse.
         // Only the keys the line holds are read (the indexes of META_KEYS).
         (Some(_), Some(p)) => {
-            let mut m = FoldMeta::default();
             for (i, v) in p.each() {
                 match i {
                     0 => m.latency_ms = json_f64(v),
@@ -971,10 +976,9 @@ fn fold_meta<'a>(event: &RawEvent<'a>, picks: Option<Picks<'a, 14>>, kind: Kind)
                     _ => m.resume = json_bool(v),
                 }
             }
-            m
         }
-        (Some(text), None) => parse_meta(text),
-        (None, _) => FoldMeta::default(),
+        (Some(text), None) => *m = parse_meta(text),
+        (None, _) => {}
     }
 }
 
@@ -1185,7 +1189,8 @@ impl FoldState {
         match parsed {
             Ok((event, picks)) => {
                 let (kind, slot) = self.kind_of(&event.event_type);
-                let meta = fold_meta(&event, picks, kind);
+                let mut meta = FoldMeta::default();
+                fold_meta(&mut meta, &event, picks, kind);
                 self.feed_event(&event, kind, slot, &meta, block);
                 match in_block {
                     Some(start) if self.last_n > 0 => {
