@@ -191,6 +191,10 @@ struct Interner {
     /// when their keys are, so most lookups never touch `names`.
     table: Vec<(u32, Key)>,
     names: Vec<Box<[u8]>>,
+    /// The last name found, as a table entry: consecutive lines mostly repeat
+    /// their event type and component, which are then found without the
+    /// table.
+    last: (u32, Key),
 }
 
 /// A name's length and two words that hold all of its bytes when it is at
@@ -234,17 +238,26 @@ impl Interner {
     /// The id of `name`, interning it; None once `MAX_INTERNED` names are held.
     #[inline(always)]
     fn id(&mut self, name: &[u8]) -> Option<usize> {
-        // The usual case, inline: the name is in its first slot.
-        if !self.table.is_empty() {
-            let key = Key::of(name);
-            let i = key.hash() & (self.table.len() - 1);
-            let (v, k) = self.table[i];
+        // The usual cases, inline: the name is the last one found, or in its
+        // first slot.
+        let key = Key::of(name);
+        let hit = |(v, k): (u32, Key), names: &[Box<[u8]>]| {
             let v = v as usize;
-            if v != 0 && k == key && (name.len() <= 16 || *self.names[v - 1] == *name) {
-                return Some(v - 1);
+            (v != 0 && k == key && (name.len() <= 16 || *names[v - 1] == *name)).then(|| v - 1)
+        };
+        if let Some(id) = hit(self.last, &self.names) {
+            return Some(id);
+        }
+        if !self.table.is_empty() {
+            let entry = self.table[key.hash() & (self.table.len() - 1)];
+            if let Some(id) = hit(entry, &self.names) {
+                self.last = entry;
+                return Some(id);
             }
         }
-        self.id_probe(name)
+        let id = self.id_probe(name)?;
+        self.last = (id as u32 + 1, key);
+        Some(id)
     }
 
     /// [`Interner::id`] past the first slot, or interning a new name.
@@ -385,6 +398,69 @@ pub struct ComponentTotals {
     pub last_error: Option<LastError>,
 }
 
+/// What one event adds to its component's totals, in the fold's table and
+/// in the current run's (the same for both: worked out once per event).
+struct Step<'m, 'a> {
+    tokens: u64,
+    meta: &'m FoldMeta<'a>,
+    kind: Kind,
+    latency: Option<f64>,
+    /// The histogram bucket of `latency` (for a successful step).
+    bucket: usize,
+    error: bool,
+    last_error: &'m Option<LastError>,
+}
+
+impl Step<'_, '_> {
+    #[inline(always)]
+    fn update(&self, c: &mut ComponentTotals) {
+        c.tokens = c.tokens.saturating_add(self.tokens);
+        c.input_tokens = c
+            .input_tokens
+            .saturating_add(self.meta.input_tokens.unwrap_or(0));
+        c.output_tokens = c
+            .output_tokens
+            .saturating_add(self.meta.output_tokens.unwrap_or(0));
+        if let Some(json) = self.meta.model.as_deref() {
+            if !c
+                .model_json
+                .as_deref()
+                .is_some_and(|m| same_bytes(m.as_bytes(), json.as_bytes()))
+            {
+                c.set_model(json);
+            }
+        }
+        match self.kind {
+            Kind::StepComplete => {
+                c.operations = c.operations.saturating_add(1);
+                if let Some(ms) = self.latency {
+                    c.observe_latency(ms, self.bucket);
+                    c.step_latency_ms += ms;
+                }
+            }
+            Kind::StepError => {
+                c.errors = c.errors.saturating_add(1);
+                if let Some(ms) = self.latency {
+                    c.failed_latency_ms += ms;
+                    c.step_latency_ms += ms;
+                }
+            }
+            Kind::RetryAttempt if self.error => c.retries = c.retries.saturating_add(1),
+            _ => {}
+        }
+        if self.last_error.is_some() {
+            c.last_error.clone_from(self.last_error);
+        }
+    }
+}
+
+/// The histogram bucket of a latency: the first bound at or above `ms` (the
+/// bounds are sorted).
+#[inline]
+fn latency_bucket(ms: f64) -> usize {
+    LATENCY_BOUNDS_MS.partition_point(|&b| b < ms)
+}
+
 impl ComponentTotals {
     fn add(&mut self, o: &ComponentTotals) {
         self.tokens = self.tokens.saturating_add(o.tokens);
@@ -410,12 +486,23 @@ impl ComponentTotals {
         }
     }
 
-    fn observe_latency(&mut self, ms: f64) {
+    /// A model other than the one last seen (rare: kept out of line).
+    #[cold]
+    #[inline(never)]
+    fn set_model(&mut self, json: &str) {
+        if let Some(m) = decode_str(json) {
+            self.model = Some(bounded(&m));
+            self.model_json = Some(json.to_string());
+        }
+    }
+
+    /// Count a successful step's latency `ms`, whose histogram bucket is
+    /// `bucket` ([`latency_bucket`]: found once per event, not per table).
+    #[inline(always)]
+    fn observe_latency(&mut self, ms: f64, bucket: usize) {
         self.timed = self.timed.saturating_add(1);
         self.latency_ms += ms;
         self.latency_max_ms = self.latency_max_ms.max(ms);
-        // The first bound at or above `ms` (the bounds are sorted).
-        let bucket = LATENCY_BOUNDS_MS.partition_point(|&b| b < ms);
         self.histogram[bucket] = self.histogram[bucket].saturating_add(1);
     }
 
@@ -857,30 +944,41 @@ const META_KEYS: [&str; 14] = [
 /// [`META_KEYS`] indexed for the parser's fast path.
 const FOLD_KEYS: KeySet<'static, 14> = KeySet::new(&META_KEYS);
 
-/// The metadata values the fold uses (the parser has validated the metadata).
-#[inline]
-fn fold_meta<'a>(event: &RawEvent<'a>, picks: Option<Picks<'a, 14>>, kind: Kind) -> FoldMeta<'a> {
+/// The metadata values the fold uses (the parser has validated the metadata),
+/// set in `m` (a default one: filled in place, not moved per line).
+#[inline(always)]
+fn fold_meta<'a>(
+    m: &mut FoldMeta<'a>,
+    event: &RawEvent<'a>,
+    picks: Option<Picks<'a, 14>>,
+    kind: Kind,
+) {
     match (event.metadata, picks) {
-        (Some(_), _) if !kind.needs_meta() => FoldMeta::default(),
+        (Some(_), _) if !kind.needs_meta() => {}
         // The fast path picked the values: no second parse.
-        (Some(_), Some(p)) => FoldMeta {
-            latency_ms: p.get(0).and_then(json_f64),
-            budget: p.get(1).and_then(json_u64),
-            status: p.get(2).and_then(plain_str),
-            run: p.get(3).and_then(json_u64),
-            allocations: p.get(4).and_then(allocations),
-            dropped: p.get(5).and_then(json_u64),
-            reason: p.get(6).and_then(plain_str),
-            error: p.get(7).and_then(plain_str),
-            category: p.get(8).and_then(plain_str),
-            attempt: p.get(9).and_then(json_u64),
-            model: p.get(10).map(Cow::Borrowed),
-            input_tokens: p.get(11).and_then(json_u64),
-            output_tokens: p.get(12).and_then(json_u64),
-            resume: p.get(13).and_then(json_bool),
-        },
-        (Some(text), None) => parse_meta(text),
-        (None, _) => FoldMeta::default(),
+        // Only the keys the line holds are read (the indexes of META_KEYS).
+        (Some(_), Some(p)) => {
+            for (i, v) in p.each() {
+                match i {
+                    0 => m.latency_ms = json_f64(v),
+                    1 => m.budget = json_u64(v),
+                    2 => m.status = plain_str(v),
+                    3 => m.run = json_u64(v),
+                    4 => m.allocations = allocations(v),
+                    5 => m.dropped = json_u64(v),
+                    6 => m.reason = plain_str(v),
+                    7 => m.error = plain_str(v),
+                    8 => m.category = plain_str(v),
+                    9 => m.attempt = json_u64(v),
+                    10 => m.model = Some(Cow::Borrowed(v)),
+                    11 => m.input_tokens = json_u64(v),
+                    12 => m.output_tokens = json_u64(v),
+                    _ => m.resume = json_bool(v),
+                }
+            }
+        }
+        (Some(text), None) => *m = parse_meta(text),
+        (None, _) => {}
     }
 }
 
@@ -1091,7 +1189,8 @@ impl FoldState {
         match parsed {
             Ok((event, picks)) => {
                 let (kind, slot) = self.kind_of(&event.event_type);
-                let meta = fold_meta(&event, picks, kind);
+                let mut meta = FoldMeta::default();
+                fold_meta(&mut meta, &event, picks, kind);
                 self.feed_event(&event, kind, slot, &meta, block);
                 match in_block {
                     Some(start) if self.last_n > 0 => {
@@ -1325,6 +1424,10 @@ impl FoldState {
         }
 
         let latency = meta.latency_ms.filter(|v| v.is_finite());
+        let bucket = match (kind, latency) {
+            (Kind::StepComplete, Some(ms)) => latency_bucket(ms),
+            _ => 0,
+        };
         let error = match kind {
             Kind::StepError => true,
             Kind::RetryAttempt => meta.resume != Some(true),
@@ -1337,52 +1440,19 @@ impl FoldState {
             attempt: meta.attempt,
             timestamp: e.timestamp.to_string(),
         });
-        let update = |c: &mut ComponentTotals| {
-            c.tokens = c.tokens.saturating_add(e.tokens);
-            c.input_tokens = c
-                .input_tokens
-                .saturating_add(meta.input_tokens.unwrap_or(0));
-            c.output_tokens = c
-                .output_tokens
-                .saturating_add(meta.output_tokens.unwrap_or(0));
-            if let Some(json) = meta.model.as_deref() {
-                if !c
-                    .model_json
-                    .as_deref()
-                    .is_some_and(|m| same_bytes(m.as_bytes(), json.as_bytes()))
-                {
-                    if let Some(m) = decode_str(json) {
-                        c.model = Some(bounded(&m));
-                        c.model_json = Some(json.to_string());
-                    }
-                }
-            }
-            match kind {
-                Kind::StepComplete => {
-                    c.operations = c.operations.saturating_add(1);
-                    if let Some(ms) = latency {
-                        c.observe_latency(ms);
-                        c.step_latency_ms += ms;
-                    }
-                }
-                Kind::StepError => {
-                    c.errors = c.errors.saturating_add(1);
-                    if let Some(ms) = latency {
-                        c.failed_latency_ms += ms;
-                        c.step_latency_ms += ms;
-                    }
-                }
-                Kind::RetryAttempt if error => c.retries = c.retries.saturating_add(1),
-                _ => {}
-            }
-            if last_error.is_some() {
-                c.last_error.clone_from(&last_error);
-            }
+        let step = Step {
+            tokens: e.tokens,
+            meta,
+            kind,
+            latency,
+            bucket,
+            error,
+            last_error: &last_error,
         };
         let (slot, run_slot) = self.component_slots(&e.component);
-        update(self.components.at_mut(slot));
+        step.update(self.components.at_mut(slot));
         let run = self.run_mut();
-        update(run.components.at_mut(run_slot));
+        step.update(run.components.at_mut(run_slot));
         run.tokens = run.tokens.saturating_add(e.tokens);
         run.events = run.events.saturating_add(1);
         if let Some(seq) = e.seq {
@@ -2342,6 +2412,21 @@ mod tests {
         for (n, &id) in names.iter().zip(&ids) {
             assert_eq!(ix.id(n), Some(id), "{n:?}");
         }
+        // The same name twice in a row (the last-name cache), then pairs of
+        // names that differ in one byte, in both orders.
+        for w in names.windows(2) {
+            let (a, b) = (ix.id(&w[0]), ix.id(&w[1]));
+            assert_eq!(ix.id(&w[1]), b);
+            assert_eq!(ix.id(&w[0]), a);
+            assert_eq!(ix.id(&w[0]), a);
+            assert_ne!(a, b, "{w:?}");
+        }
+        let long = b"a-component-name-longer-than-sixteen".to_vec();
+        let mut other = long.clone();
+        other[20] = b'X';
+        let (l, o) = (ix.id(&long), ix.id(&other));
+        assert_ne!(l, o);
+        assert_eq!((ix.id(&long), ix.id(&other), ix.id(&other)), (l, o, o));
         let mut i = 0;
         while ix.names.len() < MAX_INTERNED {
             assert!(ix.id(format!("more-{i}").as_bytes()).is_some());

@@ -213,9 +213,11 @@ pub fn parse_line(line: &[u8]) -> Result<RawEvent<'_>, String> {
 #[derive(Clone, Copy)]
 pub struct Picks<'a, const N: usize> {
     line: &'a str,
-    /// Start and end of each value in `line`; (0, 0) when not seen (a value
-    /// is never empty). The caller's buffer: nothing is copied per line.
+    /// Start and end of each value in `line`, where bit `i` of `seen` is
+    /// set (the other entries are stale). The caller's buffer: nothing is
+    /// copied or cleared per line.
     at: &'a PickAt<N>,
+    seen: u32,
 }
 
 /// Where the picked values are in a line (see [`Picks`]).
@@ -225,10 +227,39 @@ impl<'a, const N: usize> Picks<'a, N> {
     /// The JSON text of the value of key `i`, if the line holds it.
     #[inline(always)]
     pub fn get(&self, i: usize) -> Option<&'a str> {
+        (self.seen >> i & 1 != 0).then(|| self.at(i))
+    }
+
+    /// Bit `i` set: the line holds key `i` (see [`Picks::get`]).
+    #[inline(always)]
+    pub fn seen(&self) -> u32 {
+        self.seen
+    }
+
+    /// Each picked key's index and the JSON text of its value, in index
+    /// order (the keys of [`Picks::seen`]).
+    #[inline(always)]
+    pub fn each(&self) -> impl Iterator<Item = (usize, &'a str)> + '_ {
+        let mut bits = self.seen;
+        std::iter::from_fn(move || {
+            (bits != 0).then(|| {
+                let i = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                (i, self.at(i))
+            })
+        })
+    }
+
+    /// The JSON text of the value of key `i`, which the line holds (bit `i`
+    /// of `seen`).
+    #[inline(always)]
+    fn at(&self, i: usize) -> &'a str {
+        debug_assert!(self.seen >> i & 1 != 0);
         let (a, b) = self.at[i];
-        // SAFETY: set by the fast path to a range of `line` on character
-        // boundaries (see `fast_parse_with`).
-        (b > 0).then(|| unsafe { self.line.get_unchecked(a as usize..b as usize) })
+        // SAFETY: bit `i` of `seen` is set, so the fast path set this entry
+        // for this line, to a range of it on character boundaries (see
+        // `fast_parse_with`).
+        unsafe { self.line.get_unchecked(a as usize..b as usize) }
     }
 }
 
@@ -495,11 +526,12 @@ fn fast_parse<'a, const N: usize>(
     keys: &[&str; N],
 ) -> Option<(RawEvent<'a>, [Option<&'a str>; N])> {
     let mut at = [(0, 0); N];
-    let (event, _) = fast_parse_with(line, LineIndex::new(line), &KeySet::new(keys), &mut at)?;
+    let (event, p) = fast_parse_with(line, LineIndex::new(line), &KeySet::new(keys), &mut at)?;
+    let seen = p.seen();
     let text = std::str::from_utf8(line).ok()?;
     let picks = std::array::from_fn(|i| {
         let (a, b) = at[i];
-        (b > 0).then(|| &text[a as usize..b as usize])
+        (seen >> i & 1 != 0).then(|| &text[a as usize..b as usize])
     });
     Some((event, picks))
 }
@@ -512,12 +544,12 @@ fn fast_parse_with<'a: 'b, 'p: 'b, 'b, Q: Quotes, const N: usize>(
     keys: &KeySet<'_, N>,
     at: &'p mut PickAt<N>,
 ) -> Option<(RawEvent<'a>, Picks<'b, N>)> {
-    *at = [(0, 0); N];
     let mut f = Fast {
         line,
         ix,
         keys,
         picks: at,
+        seen: 0,
     };
     // Positions are kept as u32 (the picks): longer lines go to the general parser.
     if line.len() > u32::MAX as usize {
@@ -576,11 +608,19 @@ fn fast_parse_with<'a: 'b, 'p: 'b, 'b, Q: Quotes, const N: usize>(
         seq: Some(seq),
         metadata: Some(s((meta_start, meta_end))),
     };
+    let seen = f.seen;
     let at: &'b PickAt<N> = f.picks;
-    for &(a, b) in at {
-        debug_assert!(text.is_char_boundary(a as usize) && text.is_char_boundary(b as usize));
+    for (i, &(a, b)) in at.iter().enumerate() {
+        debug_assert!(
+            seen >> i & 1 == 0
+                || text.is_char_boundary(a as usize) && text.is_char_boundary(b as usize)
+        );
     }
-    let picks = Picks { line: text, at };
+    let picks = Picks {
+        line: text,
+        at,
+        seen,
+    };
     Some((event, picks))
 }
 
@@ -591,6 +631,8 @@ struct Fast<'a, 'k, 'p, Q, const N: usize> {
     /// Top-level metadata keys to pick, and where their values were seen.
     keys: &'k KeySet<'k, N>,
     picks: &'p mut PickAt<N>,
+    /// Bit `i`: key `i` was seen (its entry in `picks` is set).
+    seen: u32,
 }
 
 /// Metadata keys to pick, with their indexes by length: a key of the line is
@@ -757,6 +799,7 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                 let name = &self.line[key.0..key.1];
                 if let Some(i) = self.keys.find(name) {
                     self.picks[i] = (start as u32, end as u32); // the last one wins
+                    self.seen |= 1 << i;
                 }
             }
             p = end;
@@ -1395,6 +1438,7 @@ pub(crate) mod tests {
                     ix: LineIndex::new(line.as_bytes()),
                     keys: &KeySet::new(&[]),
                     picks: &mut [],
+                    seen: 0,
                 };
                 let got = f.uint(pre.len());
                 let want = f.uint_slow(pre.len());
