@@ -40,8 +40,8 @@ use serde_json::Value;
 
 use crate::fxhash::FxMap as HashMap;
 use crate::parse::{
-    digit_run, json_f64, json_u64, parse_block_line, parse_line, parse_line_picking, same_bytes,
-    Event, KeySet, Malformed, Picks, RawEvent,
+    digit_run, parse_block_line, parse_line, parse_line_picking, same_bytes, Event, KeySet,
+    Malformed, Pick, Picks, RawEvent,
 };
 use crate::scan::BlockIndex;
 
@@ -960,19 +960,19 @@ fn fold_meta<'a>(
         (Some(_), Some(p)) => {
             for (i, v) in p.each() {
                 match i {
-                    0 => m.latency_ms = json_f64(v),
-                    1 => m.budget = json_u64(v),
+                    0 => m.latency_ms = p.f64_at(i),
+                    1 => m.budget = p.u64_at(i),
                     2 => m.status = plain_str(v),
-                    3 => m.run = json_u64(v),
+                    3 => m.run = p.u64_at(i),
                     4 => m.allocations = allocations(v),
-                    5 => m.dropped = json_u64(v),
+                    5 => m.dropped = p.u64_at(i),
                     6 => m.reason = plain_str(v),
                     7 => m.error = plain_str(v),
                     8 => m.category = plain_str(v),
-                    9 => m.attempt = json_u64(v),
+                    9 => m.attempt = p.u64_at(i),
                     10 => m.model = Some(Cow::Borrowed(v)),
-                    11 => m.input_tokens = json_u64(v),
-                    12 => m.output_tokens = json_u64(v),
+                    11 => m.input_tokens = p.u64_at(i),
+                    12 => m.output_tokens = p.u64_at(i),
                     _ => m.resume = json_bool(v),
                 }
             }
@@ -1178,7 +1178,7 @@ impl FoldState {
     #[inline]
     fn feed_line_in(&mut self, line: &[u8], offset: u64, block: &[u8], ix: Option<&BlockIndex>) {
         self.lines += 1;
-        let mut at = [(0, 0); META_KEYS.len()];
+        let mut at = [Pick::default(); META_KEYS.len()];
         let in_block = within(block, line);
         let parsed = match (ix, in_block) {
             (Some(ix), Some(start)) => {
@@ -1190,8 +1190,14 @@ impl FoldState {
             Ok((event, picks)) => {
                 let (kind, slot) = self.kind_of(&event.event_type);
                 let mut meta = FoldMeta::default();
+                let fast = picks.is_some();
                 fold_meta(&mut meta, &event, picks, kind);
                 self.feed_event(&event, kind, slot, &meta, block);
+                if fast && meta.allocations.is_none() {
+                    // The fast path's values borrow the line (`plain_str`):
+                    // nothing of `meta` owns memory, nothing to drop.
+                    std::mem::forget(meta);
+                }
                 match in_block {
                     Some(start) if self.last_n > 0 => {
                         let p = &mut self.pending.0.lines;

@@ -218,10 +218,32 @@ pub struct Picks<'a, const N: usize> {
     /// copied or cleared per line.
     at: &'a PickAt<N>,
     seen: u32,
+    /// Bit `i`: the value of key `i` is a short number the fast path read
+    /// while validating it (`m` and `frac` of its entry are set).
+    nums: u32,
+}
+
+/// Where a picked value is in a line and, for a short number
+/// (`-?(0|[1-9]\d{0,6})(\.\d{1,7})?`), its digits read once.
+#[derive(Clone, Copy, Default)]
+pub struct Pick {
+    start: u32,
+    end: u32,
+    /// Digits after the point.
+    frac: u8,
+    neg: bool,
+    /// All the digits as one integer (below 10^14: an exact double).
+    m: u64,
 }
 
 /// Where the picked values are in a line (see [`Picks`]).
-pub type PickAt<const N: usize> = [(u32, u32); N];
+pub type PickAt<const N: usize> = [Pick; N];
+
+/// Exact powers of ten (doubles up to 10^15 are exact).
+const POW10: [f64; 16] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+];
+const POW10_INT: [u64; 8] = [1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000];
 
 impl<'a, const N: usize> Picks<'a, N> {
     /// The JSON text of the value of key `i`, if the line holds it.
@@ -250,12 +272,38 @@ impl<'a, const N: usize> Picks<'a, N> {
         })
     }
 
+    /// The value of key `i` (which the line holds) read as [`json_u64`]
+    /// reads its text, without reading a short number's digits again.
+    #[inline(always)]
+    pub fn u64_at(&self, i: usize) -> Option<u64> {
+        if self.nums >> i & 1 != 0 {
+            let p = &self.at[i];
+            return (p.frac == 0 && !p.neg).then_some(p.m);
+        }
+        json_u64(self.at(i))
+    }
+
+    /// The value of key `i` (which the line holds) read as [`json_f64`]
+    /// reads its text, without reading a short number's digits again.
+    #[inline(always)]
+    pub fn f64_at(&self, i: usize) -> Option<f64> {
+        if self.nums >> i & 1 != 0 {
+            let p = &self.at[i];
+            // At most 14 digits: the same division as `short_decimal`.
+            let x = p.m as f64 / POW10[usize::from(p.frac)];
+            return Some(if p.neg { -x } else { x });
+        }
+        json_f64(self.at(i))
+    }
+
     /// The JSON text of the value of key `i`, which the line holds (bit `i`
     /// of `seen`).
     #[inline(always)]
-    fn at(&self, i: usize) -> &'a str {
+    pub fn at(&self, i: usize) -> &'a str {
         debug_assert!(self.seen >> i & 1 != 0);
-        let (a, b) = self.at[i];
+        let Pick {
+            start: a, end: b, ..
+        } = self.at[i];
         // SAFETY: bit `i` of `seen` is set, so the fast path set this entry
         // for this line, to a range of it on character boundaries (see
         // `fast_parse_with`).
@@ -479,9 +527,6 @@ pub fn json_f64(text: &str) -> Option<f64> {
 /// correctly rounded value, as the general parser would (Clinger's fast path).
 /// None for anything else (the general parser decides).
 fn short_decimal(b: &[u8]) -> Option<f64> {
-    const POW10: [f64; 16] = [
-        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
-    ];
     let (neg, digits) = match b.split_first()? {
         (b'-', rest) => (true, rest),
         _ => (false, b),
@@ -525,12 +570,24 @@ fn fast_parse<'a, const N: usize>(
     line: &'a [u8],
     keys: &[&str; N],
 ) -> Option<(RawEvent<'a>, [Option<&'a str>; N])> {
-    let mut at = [(0, 0); N];
+    let mut at = [Pick::default(); N];
     let (event, p) = fast_parse_with(line, LineIndex::new(line), &KeySet::new(keys), &mut at)?;
+    // The digits read once give what reading the text gives.
+    for i in 0..N {
+        if p.seen() >> i & 1 != 0 {
+            assert_eq!(p.u64_at(i), json_u64(p.at(i)));
+            assert_eq!(
+                p.f64_at(i).map(f64::to_bits),
+                json_f64(p.at(i)).map(f64::to_bits)
+            );
+        }
+    }
     let seen = p.seen();
     let text = std::str::from_utf8(line).ok()?;
     let picks = std::array::from_fn(|i| {
-        let (a, b) = at[i];
+        let Pick {
+            start: a, end: b, ..
+        } = at[i];
         (seen >> i & 1 != 0).then(|| &text[a as usize..b as usize])
     });
     Some((event, picks))
@@ -550,6 +607,7 @@ fn fast_parse_with<'a: 'b, 'p: 'b, 'b, Q: Quotes, const N: usize>(
         keys,
         picks: at,
         seen: 0,
+        nums: 0,
     };
     // Positions are kept as u32 (the picks): longer lines go to the general parser.
     if line.len() > u32::MAX as usize {
@@ -608,9 +666,15 @@ fn fast_parse_with<'a: 'b, 'p: 'b, 'b, Q: Quotes, const N: usize>(
         seq: Some(seq),
         metadata: Some(s((meta_start, meta_end))),
     };
-    let seen = f.seen;
+    let (seen, nums) = (f.seen, f.nums);
     let at: &'b PickAt<N> = f.picks;
-    for (i, &(a, b)) in at.iter().enumerate() {
+    for (
+        i,
+        &Pick {
+            start: a, end: b, ..
+        },
+    ) in at.iter().enumerate()
+    {
         debug_assert!(
             seen >> i & 1 == 0
                 || text.is_char_boundary(a as usize) && text.is_char_boundary(b as usize)
@@ -620,6 +684,7 @@ fn fast_parse_with<'a: 'b, 'p: 'b, 'b, Q: Quotes, const N: usize>(
         line: text,
         at,
         seen,
+        nums,
     };
     Some((event, picks))
 }
@@ -633,6 +698,8 @@ struct Fast<'a, 'k, 'p, Q, const N: usize> {
     picks: &'p mut PickAt<N>,
     /// Bit `i`: key `i` was seen (its entry in `picks` is set).
     seen: u32,
+    /// Bit `i`: key `i`'s value is a short number read while validating it.
+    nums: u32,
 }
 
 /// Metadata keys to pick, with their indexes by length: a key of the line is
@@ -789,18 +856,35 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                 }
             }
             let start = self.spaces(p + 1);
+            let pick = if depth == 1 && N > 0 {
+                self.keys.find(&self.line[key.0..key.1])
+            } else {
+                None
+            };
+            if let Some(i) = pick {
+                self.nums &= !(1 << i); // the last value of a key wins
+            }
             // Strings and numbers, the usual values, without a call.
             let end = match *self.line.get(start)? {
                 b'"' => self.ix.next_quote(start + 1)? + 1,
-                b'-' | b'0'..=b'9' => self.number(start)?,
+                b'-' | b'0'..=b'9' => match pick {
+                    Some(i) => match self.short_number(start) {
+                        Some((m, frac, neg, end)) => {
+                            let e = &mut self.picks[i];
+                            (e.m, e.frac, e.neg) = (m, frac, neg);
+                            self.nums |= 1 << i;
+                            end
+                        }
+                        None => self.number(start)?,
+                    },
+                    None => self.number(start)?,
+                },
                 _ => self.value(start, depth)?,
             };
-            if depth == 1 && N > 0 {
-                let name = &self.line[key.0..key.1];
-                if let Some(i) = self.keys.find(name) {
-                    self.picks[i] = (start as u32, end as u32); // the last one wins
-                    self.seen |= 1 << i;
-                }
+            if let Some(i) = pick {
+                let e = &mut self.picks[i];
+                (e.start, e.end) = (start as u32, end as u32); // the last one wins
+                self.seen |= 1 << i;
             }
             p = end;
             match *self.line.get(p)? {
@@ -836,6 +920,60 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                 _ => return None,
             }
         }
+    }
+
+    /// A number at `p` of the form `-?(0|[1-9]\d{0,6})(\.\d{1,7})?` (eight
+    /// bytes at a time): (its digits as one integer, digits after the point,
+    /// minus, position after it). None for any other text, valid or not
+    /// ([`Fast::number`] decides it).
+    #[inline(always)]
+    fn short_number(&self, p: usize) -> Option<(u64, u8, bool, usize)> {
+        let b = self.line;
+        let neg = b.get(p) == Some(&b'-');
+        let q = p + usize::from(neg);
+        if q + 8 > b.len() {
+            return None;
+        }
+        let x = word8(b, q);
+        let n = leading_digits(x);
+        if n == 0 || n == 8 || (n > 1 && b[q] == b'0') {
+            return None;
+        }
+        let mut e = q + n;
+        if (x >> (8 * n)) as u8 == b'.' && n < 6 {
+            // Point and fraction in the same word (`1100.5`): the digits
+            // either side of the point joined, read in one go.
+            let y = x >> (8 * (n + 1));
+            let k = leading_digits(y);
+            if k >= 1 && n + 1 + k < 8 {
+                let low = (1u64 << (8 * n)) - 1;
+                let joined = (x & low) | (y << (8 * n));
+                e += 1 + k;
+                if matches!(b.get(e), Some(b'e' | b'E')) {
+                    return None;
+                }
+                return Some((digits_value(joined, n + k), k as u8, neg, e));
+            }
+        }
+        let mut m = digits_value(x, n);
+        let mut frac = 0;
+        if b.get(e) == Some(&b'.') {
+            if e + 9 > b.len() {
+                return None;
+            }
+            let y = word8(b, e + 1);
+            let k = leading_digits(y);
+            if k == 0 || k == 8 {
+                return None;
+            }
+            m = m * POW10_INT[k] + digits_value(y, k);
+            frac = k as u8;
+            e += 1 + k;
+        }
+        if matches!(b.get(e), Some(b'e' | b'E')) {
+            return None;
+        }
+        Some((m, frac, neg, e))
     }
 
     /// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`
@@ -1123,7 +1261,7 @@ pub mod reference {
         const KEYS: [&str; 4] = ["latency_ms", "model", "status", "?"];
         let keys = super::KeySet::new(&KEYS);
         let show = String::from_utf8_lossy(line);
-        let mut at = [(0, 0); KEYS.len()];
+        let mut at = [super::Pick::default(); KEYS.len()];
         let alone = super::parse_line_picking(line, &keys, &mut at);
         let noise = b"\"\\\x01\xc3\xa9x{";
         let pad = line.len() % 71;
@@ -1132,7 +1270,7 @@ pub mod reference {
         block.extend_from_slice(b"\n\"\\\xe9\"");
         let mut ix = BlockIndex::new();
         ix.index(&block);
-        let mut at2 = [(0, 0); KEYS.len()];
+        let mut at2 = [super::Pick::default(); KEYS.len()];
         let inside = super::parse_block_line(&block, &ix, pad, line.len(), &keys, &mut at2);
         match (alone, inside) {
             (Ok((a, pa)), Ok((b, pb))) => {
@@ -1439,6 +1577,7 @@ pub(crate) mod tests {
                     keys: &KeySet::new(&[]),
                     picks: &mut [],
                     seen: 0,
+                    nums: 0,
                 };
                 let got = f.uint(pre.len());
                 let want = f.uint_slow(pre.len());
@@ -1453,6 +1592,57 @@ pub(crate) mod tests {
                     .ok()
                     .filter(|_| !text.is_empty());
                 assert_eq!(got.map(|(v, _)| v), plain, "{line}");
+            }
+        }
+    }
+
+    #[test]
+    fn numbers_read_while_validating_read_as_their_text_reads() {
+        let texts = [
+            "0",
+            "-0",
+            "7",
+            "-7",
+            "1100.5",
+            "-1100.5",
+            "9999999",
+            "10000000",
+            "1234567.1234567",
+            "1.12345678",
+            "0.1",
+            "-0.0",
+            "00",
+            "01",
+            "1.",
+            "1.e5",
+            "1e5",
+            "1.5E-3",
+            "-",
+            "-a",
+            "12345678",
+            "0.30000001",
+            "3.0",
+            "18446744073709551615",
+            "18446744073709551616",
+            "\"5\"",
+            "true",
+            "null",
+            "[1]",
+            "{\"a\":1}",
+        ];
+        for text in texts {
+            for tail in ["", ",\"b\":2", " "] {
+                let line = format!(
+                    r#"{{"timestamp":"t","session_id":"s","event_type":"e","component":"c","message":"m","tokens":1,"metadata":{{"x":{text}{tail},"x":{text}}},"seq":1}}"#
+                );
+                reference::check_line(line.as_bytes());
+                // fast_parse asserts the read-once values equal the text's.
+                let got = super::fast_parse(line.as_bytes(), &["x"]);
+                let valid = serde_json::from_str::<serde_json::Value>(text).is_ok();
+                assert_eq!(got.is_some(), valid, "{line}");
+                if let Some((_, picks)) = got {
+                    assert_eq!(picks[0], Some(text), "{line}");
+                }
             }
         }
     }
