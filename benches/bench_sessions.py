@@ -126,30 +126,12 @@ def test_sessions_list_orjson_baseline(benchmark: Any, many_sessions: Path) -> N
     benchmark.pedantic(_orjson_fold, args=(paths,), rounds=_rounds(), iterations=1)
 
 
-def test_sessions_list(benchmark: Any, many_sessions: Path) -> None:
-    benchmark.group = f"sigil sessions: {SESSIONS_NAME}"
-    benchmark.extra_info.update(
-        ops=SESSIONS, baseline="test_sessions_list_orjson_baseline", aim_max_s=AIM_SESSIONS_S
-    )
-    rows = benchmark.pedantic(list_sessions, args=(many_sessions,), rounds=_rounds(), iterations=1)
-    assert len(rows) == SESSIONS and {r.status for r in rows} == {"complete"}
-
-
 def _sessions_command(logs: Path) -> None:
     subprocess.run(
         [sys.executable, "-m", "sigil", "sessions", "--json", "--log-path", str(logs)],
         stdout=subprocess.DEVNULL,
         check=True,
     )
-
-
-def test_sessions_command(benchmark: Any, many_sessions: Path) -> None:
-    benchmark.group = f"sigil sessions: {SESSIONS_NAME}"
-    benchmark.extra_info.update(
-        ops=SESSIONS, baseline="test_sessions_list_orjson_baseline", aim_max_s=AIM_SESSIONS_S
-    )
-    _sessions_command(many_sessions)  # warm the page cache and .pyc files
-    benchmark.pedantic(_sessions_command, args=(many_sessions,), rounds=_rounds(), iterations=1)
 
 
 @pytest.fixture(scope="module")
@@ -170,29 +152,37 @@ def finished_sessions(tmp_path_factory: pytest.TempPathFactory, many_sessions: P
     return logs
 
 
-def test_sessions_list_finished(
-    benchmark: Any, finished_sessions: Path, many_sessions: Path
-) -> None:
+#: Which sessions a row lists: written through the Python API (no ledger, every
+#: log folded), or as ``sigil orchestrate`` leaves them (each with its ledger).
+KINDS = {"python_api": "many_sessions", "finished": "finished_sessions"}
+
+
+def _row(benchmark: Any) -> None:
     benchmark.group = f"sigil sessions: {SESSIONS_NAME}"
     benchmark.extra_info.update(
         ops=SESSIONS, baseline="test_sessions_list_orjson_baseline", aim_max_s=AIM_SESSIONS_S
     )
-    rows = benchmark.pedantic(
-        list_sessions, args=(finished_sessions,), rounds=_rounds(), iterations=1
-    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sessions_list(
+    benchmark: Any, request: pytest.FixtureRequest, many_sessions: Path, kind: str
+) -> None:
+    _row(benchmark)
+    logs = request.getfixturevalue(KINDS[kind])
+    rows = benchmark.pedantic(list_sessions, args=(logs,), rounds=_rounds(), iterations=1)
     assert len(rows) == SESSIONS and {r.status for r in rows} == {"complete"}
 
-    # The ledgers' numbers are the fold's: the same as the logs alone give.
+    # A ledger's numbers are the fold's: the same as the logs alone give.
     def numbers(logs: Path) -> dict[str, Any]:
         return {r.session_id: (r.tokens_used, r.runs, r.status) for r in list_sessions(logs)}
 
-    assert numbers(finished_sessions) == numbers(many_sessions)
+    assert numbers(logs) == numbers(many_sessions)
 
 
-def test_sessions_command_finished(benchmark: Any, finished_sessions: Path) -> None:
-    benchmark.group = f"sigil sessions: {SESSIONS_NAME}"
-    benchmark.extra_info.update(
-        ops=SESSIONS, baseline="test_sessions_list_orjson_baseline", aim_max_s=AIM_SESSIONS_S
-    )
-    _sessions_command(finished_sessions)  # warm the page cache and .pyc files
-    benchmark.pedantic(_sessions_command, args=(finished_sessions,), rounds=_rounds(), iterations=1)
+@pytest.mark.parametrize("kind", KINDS)
+def test_sessions_command(benchmark: Any, request: pytest.FixtureRequest, kind: str) -> None:
+    _row(benchmark)
+    logs = request.getfixturevalue(KINDS[kind])
+    _sessions_command(logs)  # warm the page cache and .pyc files
+    benchmark.pedantic(_sessions_command, args=(logs,), rounds=_rounds(), iterations=1)

@@ -575,22 +575,32 @@ mod tests {
         (a.quotes, a.unusual != 0, a.non_ascii != 0) == (b.quotes, b.unusual != 0, b.non_ascii != 0)
     }
 
-    #[test]
-    fn simd_classifiers_equal_the_portable_one() {
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        for round in 0..5000 {
+    /// 5,000 pseudo-random 64-byte blocks (xorshift from `seed`): mostly the
+    /// bytes of `interesting`, every third block any byte at all.
+    fn random_blocks(seed: u64, interesting: &[u8]) -> impl Iterator<Item = [u8; 64]> + '_ {
+        let mut x = seed;
+        (0..5000).map(move |round| {
             let mut block = [0u8; 64];
             for byte in block.iter_mut() {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                // Mostly the interesting bytes, sometimes any byte.
                 *byte = if round % 3 == 0 {
                     x as u8
                 } else {
-                    b"\"\\\x00\x1f\x20a{}\x7f\x80\xff\xc3"[(x % 12) as usize]
+                    interesting[(x % interesting.len() as u64) as usize]
                 };
             }
+            block
+        })
+    }
+
+    #[test]
+    fn simd_classifiers_equal_the_portable_one() {
+        for block in random_blocks(
+            0x9e37_79b9_7f4a_7c15,
+            b"\"\\\x00\x1f\x20a{}\x7f\x80\xff\xc3",
+        ) {
             let want = classify_portable(&block);
             #[cfg(target_arch = "x86_64")]
             {
@@ -650,19 +660,8 @@ mod tests {
 
     #[test]
     fn block_masks_equal_the_portable_ones() {
-        let mut x = 0x1234_5678_9abc_def1u64;
-        for round in 0..5000 {
-            let mut block = [0u8; 64];
-            for byte in block.iter_mut() {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                *byte = if round % 3 == 0 {
-                    x as u8
-                } else {
-                    b"\"\\\x00\n\r\x1f\x20a{}\x7f\x80\xff\xc3"[(x % 14) as usize]
-                };
-            }
+        let interesting = b"\"\\\x00\n\r\x1f\x20a{}\x7f\x80\xff\xc3";
+        for block in random_blocks(0x1234_5678_9abc_def1, interesting) {
             let want = masks_portable(&block);
             #[cfg(target_arch = "x86_64")]
             {
