@@ -680,6 +680,24 @@ impl Pass<'_> {
             .any(|&i| self.set & (1 << i) != 0 || (self.changed && may_match_marks(i)))
     }
 
+    /// `rule`, where a change is kept only if `gate()` passes.
+    fn rule_gated(
+        &mut self,
+        index: usize,
+        gate: &mut impl FnMut() -> bool,
+        step: impl FnOnce(&str) -> Option<String>,
+    ) {
+        if !self.wants(&[index]) {
+            return;
+        }
+        if let Some(new) = step(&self.text) {
+            if gate() {
+                self.text = Cow::Owned(new);
+                self.changed = true;
+            }
+        }
+    }
+
     fn rule(&mut self, index: usize, step: impl FnOnce(&str) -> Option<String>) {
         if !self.wants(&[index]) {
             return;
@@ -758,7 +776,7 @@ fn candidates(value: &str) -> u32 {
     let (mut colon_eq, mut eq, mut at_sign, mut url) = (false, false, false, false);
     let (mut key_eq, mut sig_eq, mut basic) = (false, false, false);
     // The entropy rule's value: a run of 24+ of its characters right after
-    // '=', ':', ' ' or '\t' (the head's last character, outside the class). The
+    // '=', or ':' and blanks (the head's end, outside the class). The
     // card rule: 13 digits in a row, or 4 digits, ' ' or '-', and 4 digits.
     let mut entropy = false;
     let mut run = 0usize;
@@ -849,7 +867,18 @@ fn candidates(value: &str) -> u32 {
         }
         if c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'_' | b'-') {
             if run == 0 {
-                run_ok = i > 0 && matches!(b[i - 1], b'=' | b':' | b' ' | b'\t');
+                // The head ends with '=', or ':' and a run of blanks.
+                let blanks = b[..i]
+                    .iter()
+                    .rev()
+                    .take_while(|&&p| p == b' ' || p == b'\t')
+                    .count();
+                run_ok = i > 0
+                    && match b[i - 1 - blanks.min(i - 1)] {
+                        b':' => true,
+                        b'=' => blanks == 0,
+                        _ => false,
+                    };
             }
             run += 1;
             if run >= 24 && run_ok {
@@ -1001,14 +1030,25 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
             })
         });
     }
-    if p.wants(&[R_KV_BASIC, R_KV_FLAG, R_KV_PAIR]) && gate.kv() {
-        p.rule(R_KV_BASIC, |s| keep_head(s, &r.kv_basic, false));
+    if p.wants(&[R_KV_BASIC, R_KV_FLAG, R_KV_PAIR]) {
+        // The family's gate is read only when a rule would change the text: a
+        // change it vetoes is dropped, as if the rules had not run (most texts
+        // they run on, after another rule's change, hold no pair).
+        let mut kv_gate: Option<bool> = None;
+        let mut gate_ok = || *kv_gate.get_or_insert_with(|| gate.kv());
+        p.rule_gated(R_KV_BASIC, &mut gate_ok, |s| {
+            keep_head(s, &r.kv_basic, false)
+        });
         // Run again after a change only where its literal "--" still is.
         if p.set & (1 << R_KV_FLAG) != 0 || memchr::memmem::find(p.text.as_bytes(), b"--").is_some()
         {
-            p.rule(R_KV_FLAG, |s| substitute(s, &r.kv_flag, key_value));
+            p.rule_gated(R_KV_FLAG, &mut gate_ok, |s| {
+                substitute(s, &r.kv_flag, key_value)
+            });
         }
-        p.rule(R_KV_PAIR, |s| substitute(s, &r.kv_pair, key_value));
+        p.rule_gated(R_KV_PAIR, &mut gate_ok, |s| {
+            substitute(s, &r.kv_pair, key_value)
+        });
     }
     p.rule(R_ENTROPY, |s| {
         substitute(s, &r.entropy, |c| {
@@ -1391,6 +1431,26 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(sanitize(input), want, "{input}");
         }
+    }
+
+    /// The key-value gate, now read only when a rule would change the text,
+    /// still vetoes: 'ſ' folds to 's' in the regex, not in `str.lower()`.
+    #[test]
+    fn kv_gate_vetoes_a_change() {
+        assert_eq!(sanitize("pa\u{17f}sword=hunter2"), "pa\u{17f}sword=hunter2");
+        assert_eq!(
+            sanitize("sk-proj-Ab3dEfGhIjKlMnOpQrStUvWxYz0123456789 password=hunter2"),
+            "***API_KEY*** password=***REDACTED***"
+        );
+        // The entropy rule's head: '=' right before the value, or ':' and blanks.
+        assert_eq!(
+            sanitize("x = Zk3pQ9vL2mN8rT5wY1aB7cD4"),
+            "x = Zk3pQ9vL2mN8rT5wY1aB7cD4"
+        );
+        assert_eq!(
+            sanitize("x:\t Zk3pQ9vL2mN8rT5wY1aB7cD4"),
+            "x:\t ***REDACTED***"
+        );
     }
 
     #[test]
