@@ -390,6 +390,10 @@ pub struct PySessionHistory {
     /// Events counted (the ledger-only runs', then the log's).
     #[pyo3(get)]
     pub events: u64,
+    /// Runs started: the ledger-only runs and every `session_start` the log
+    /// holds (`runs` may keep fewer of the log's).
+    #[pyo3(get)]
+    pub run_count: u64,
     /// The highest `seq` of the session, from the log or the ledger.
     #[pyo3(get)]
     pub last_seq: Option<u64>,
@@ -484,9 +488,15 @@ pub fn history(
         Some(st) => Some(Py::new(py, session(py, st)?)?),
         None => None,
     };
+    let ledger_only = h
+        .runs
+        .iter()
+        .filter(|(r, _)| matches!(r, RunRef::Ledger(_)))
+        .count() as u64;
     Ok(PySessionHistory {
         snapshot,
         runs,
+        run_count: ledger_only.saturating_add(st.map_or(0, |s| s.runs)),
         tokens: h.tokens,
         events: h.events,
         last_seq: h.last_seq,

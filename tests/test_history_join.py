@@ -327,3 +327,44 @@ def test_the_orchestrators_run_end_does_not_fold_the_log_again(
     assert [(r["run"], r["tokens_used"]) for r in tokens["runs"]] == [
         (r.number, r.tokens) for r in fresh.runs
     ]
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_sessions_lists_the_runs_only_the_ledger_knows_during_a_new_run(
+    tmp_path: Path, live: bool
+) -> None:
+    """An external rotator deleted runs 1-2's events; run 3 is being written (or
+    its writer died): ``sigil sessions`` still counts runs 1-2 from the ledger,
+    as the history does, not only what the log holds."""
+    from sigil.core.locks import SessionLock
+    from sigil.interfaces.cli.commands.sessions import list_sessions
+
+    session = tmp_path / "sessions" / "h"
+    session.mkdir(parents=True)
+    lines = _session(
+        [([("planning", 40, "ok")], "complete")] * 2 + [([("reasoning", 5, "ok")], None)]
+    )
+    first_two = next(i for i, line in enumerate(lines) if b'"run":3' in line)
+    _write(session / "execution.jsonl", lines[:first_two])
+    _ledger(session)
+    os.rename(session / "execution.jsonl", session / "execution.jsonl.1")
+    (session / "execution.jsonl.1").unlink()
+    _write(session / "execution.jsonl", lines[first_two:])
+
+    lock = SessionLock(session).acquire() if live else None
+    try:
+        (row,) = list_sessions(tmp_path)
+    finally:
+        if lock is not None:
+            lock.release()
+    history = session_history(session)
+    assert row.tokens_used == history.tokens == 85
+    assert row.runs == 3
+    status = "running" if live else "incomplete"
+    assert [(d["run"], d["status"], d["tokens_used"]) for d in row.run_details] == [
+        (1, "complete", 40),
+        (2, "complete", 40),
+        (3, status, 5),
+    ]
+    assert row.status == status
+    assert row.started_at == history.runs[0].started_at

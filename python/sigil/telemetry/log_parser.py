@@ -598,3 +598,25 @@ def snapshot_many(
     """
     logs = [os.path.join(directory, LOG_FILE_NAME) for directory in session_dirs]
     return _native.fold_sessions(logs, threads, max_line_bytes, last_n)
+
+
+def history_many(
+    session_dirs: Sequence[str | os.PathLike[str]],
+    *,
+    threads: int = 0,
+    last_n: int = 0,
+    max_line_bytes: int = MAX_LINE_BYTES,
+) -> list[HistorySnapshot | str]:
+    """The whole history of many sessions (:func:`session_history` of each), in
+    one native call across a small thread pool with the GIL released: each
+    session's ledger joined with the fold of its log, the fold skipped when the
+    ledger stands for the log (it was written from exactly these files and no
+    run is left to resume). So the runs only a ledger knows (their events
+    rotated or deleted by an external tool) are counted whether the session is
+    finished or live.
+
+    One item per directory, in order: the history, or a one-line reason naming
+    the file when the session's log cannot be read.
+    """
+    logs = [os.path.join(directory, LOG_FILE_NAME) for directory in session_dirs]
+    return _native.read_histories(logs, threads, max_line_bytes, last_n)
