@@ -308,10 +308,17 @@ impl PyFold {
     }
 
     /// A typed snapshot of everything folded so far (cheap: a monitor takes
-    /// one per frame).
-    fn snapshot(&self, py: Python<'_>) -> PyResult<snapshot::PySessionSnapshot> {
+    /// one per frame). With the session's `ledger`, the whole history's
+    /// tokens, components and runs: the runs only the ledger knows (their
+    /// events rotated or deleted by an external tool) count too.
+    #[pyo3(signature = (ledger = None))]
+    fn snapshot(
+        &self,
+        py: Python<'_>,
+        ledger: Option<&PyLedger>,
+    ) -> PyResult<snapshot::PySessionSnapshot> {
         let st = self.copy(py)?;
-        snapshot::session(py, &st)
+        snapshot::session_joined(py, &st, ledger.and_then(|l| l.doc.as_ref()))
     }
 
     /// Fold one event given by its fields, for a reader that holds events

@@ -773,6 +773,52 @@ pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
     })
 }
 
+/// [`session`] of the whole history: the fold of what the log holds joined
+/// with the session's ledger (`ledger::join`), for a view that follows the
+/// log (the monitor). When the ledger knows runs the log no longer holds
+/// (their events rotated or deleted by an external tool), the session's
+/// tokens, components, runs and run count are the history's, so the view
+/// agrees with `sigil sessions`, `tokens.json` and the orchestrator's result;
+/// the rest (events, rates, sequence checks, last entries) is the log's.
+pub fn session_joined(
+    py: Python<'_>,
+    st: &FoldState,
+    ledger: Option<&Ledger>,
+) -> PyResult<PySessionSnapshot> {
+    let mut s = session(py, st)?;
+    let Some(l) = ledger else { return Ok(s) };
+    let h = ledger::join(st, Some(l));
+    let ledger_only = h
+        .runs
+        .iter()
+        .filter(|(r, _)| matches!(r, RunRef::Ledger(_)))
+        .count() as u64;
+    if ledger_only == 0 {
+        return Ok(s); // the log holds every run: the fold is the history
+    }
+    s.tokens = h.tokens;
+    s.run_count = ledger_only.saturating_add(st.runs);
+    s.comps = components(py, &h.components)?;
+    s.runs_kept = h
+        .runs
+        .iter()
+        .map(|(r, status)| match r {
+            RunRef::Log(i) => run_as(py, st, &st.run_list[*i], status),
+            RunRef::Ledger(i) => ledger_run(py, &l.runs[*i], status),
+        })
+        .collect::<PyResult<_>>()?;
+    if st.run_list.is_empty() {
+        // No run left in the log: the session is where its last run left it.
+        if let Some((RunRef::Ledger(i), status)) = h.runs.last() {
+            let last = &l.runs[*i];
+            s.run = ledger_run(py, last, status)?;
+            s.status.clone_from(status);
+            s.budget = last.budget;
+        }
+    }
+    Ok(s)
+}
+
 // ---------------------------------------------------------------------------
 // The pre-snapshot summary dict, kept until its callers (monitor.py's
 // `SessionState.from_summary`, tests) read snapshots. Its component
