@@ -465,6 +465,7 @@ def summary_lines(
 
 _SPARK = "▁▂▃▄▅▆▇█"
 _KEYS_HINT = "q quit  p pause  ? help  e errors  c component  s sort  ↑↓ scroll  / find"
+_KEYS_HINT_SHORT = "q quit  p pause  ? help  e errors  c comp  s sort  / find"
 HELP_LINES = (
     "q          quit (the summary so far; exit 0)",
     "p          pause / resume the display (reading goes on)",
@@ -811,7 +812,7 @@ def dashboard_lines(
     if state.run.number:
         header.add(f"  run {state.run.number}", "2")
     if clock:
-        moment = (now or datetime.now(UTC)).astimezone()
+        moment = now or datetime.now(UTC).astimezone()  # a given moment keeps its zone
         stamp = moment.strftime("%H:%M:%S")
         pad = width - header.cells - len(stamp)
         if pad >= 2:
@@ -873,7 +874,7 @@ def dashboard_lines(
         footer.append(_Line("/", "1").add(view.typed).add("_", "7").add(
             "  Enter apply · Esc clear", "2"))  # fmt: skip
     elif view.keys:
-        footer.append(_Line(_KEYS_HINT, "2"))
+        footer.append(_Line(_KEYS_HINT if width >= len(_KEYS_HINT) else _KEYS_HINT_SHORT, "2"))
 
     # The events take what is left; the problems panel shrinks before anything above it.
     fixed = len(top) + len(middle) + len(log_lines) + len(footer)
@@ -914,6 +915,9 @@ def dashboard_lines(
         body.extend(_event_line(e) for e in shown)
         if not shown:
             body.append(_Line("  (no event matches)", "2"))
+    if height is not None and footer:
+        # The key line sits on the bottom row, as in htop and less.
+        body.extend(_Line() for _ in range(height - len(body) - len(footer)))
     body.extend(footer)
     if height is not None and len(body) > height:
         body = body[:height]
