@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import termios
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -304,3 +305,119 @@ def test_a_closed_pipe_exits_quietly(
     assert proc.returncode == 0, proc.stderr
     assert "Broken pipe" not in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stdout.splitlines()) == 1
+
+
+def test_ctrl_z_gives_the_terminal_back_and_fg_takes_it_again(
+    started: Callable[..., Terminal], writer: Callable[[str], Writer]
+) -> None:
+    w = writer("tstp-1")
+    w("start 10000", "step routing 500 300")
+    term = started("--session", "tstp-1")
+    before = term.tty_attrs()
+    term.wait_for("q quit")
+    term.proc.send_signal(signal.SIGTSTP)
+    deadline = time.monotonic() + 10
+    while term.tty_attrs()[3] != before[3] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert term.tty_attrs() == before  # stopped: the terminal is the shell's again
+    term.proc.send_signal(signal.SIGCONT)
+    while term.tty_attrs()[3] & termios.ICANON and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert term.tty_attrs()[3] & termios.ICANON == 0  # back in cbreak, keys work
+    term.press("p")
+    term.wait_for("PAUSED")
+    term.press("q")
+    assert term.wait() == 0
+    assert term.tty_attrs() == before
+
+
+def test_control_characters_in_the_log_never_reach_the_terminal(
+    started: Callable[..., Terminal], writer: Callable[[str], Writer]
+) -> None:
+    """An event message holding escape sequences (clear screen, a bell, a title)
+    is shown as text, its control characters dropped."""
+    w = writer("ctl-1")
+    line = {
+        "timestamp": datetime.now(UTC).isoformat(),
+        "session_id": "ctl-1",
+        "event_type": "step_complete",
+        "component": "routing",
+        "message": "evil\x1b[2J\x07\x1b]0;pwned\x07 done",
+        "tokens": 5,
+        "metadata": {},
+    }
+    w("start 10000", "raw " + json.dumps(line))
+    term = started("--session", "ctl-1", "--mode", "stream")
+    screen = term.wait_for("evil")
+    assert "evil[2J]0;pwned done" in screen
+    with term.lock:
+        raw = bytes(term.raw)
+    assert b"\x07" not in raw and b"\x1b[2J" not in raw and b"\x1b]0;" not in raw
+    w("complete")
+    assert term.wait() == 0
+
+
+def test_now_running_ticks_every_frame_then_says_stalled(
+    started: Callable[..., Terminal], writer: Callable[[str], Writer]
+) -> None:
+    """During a long model call nothing arrives, yet the screen moves: the step in
+    flight, its attempt, its running time; then "stalled Ns"."""
+    w = writer("now-1")
+    w("start 10000", "step routing 500 300", _step_start("now-1", "reasoning"))
+    term = started("--session", "now-1", cols=80, rows=24)
+
+    def running(screen: str) -> float | None:
+        m = re.search(r"Now     reasoning  attempt 1  (\d+\.\d)s", screen)
+        return float(m[1]) if m else None
+
+    first = running(term.wait_for(lambda s: running(s) is not None))
+    assert first is not None
+    later = running(term.wait_for(lambda s: (r := running(s)) is not None and r >= first + 2))
+    assert later is not None and later >= first + 2
+    term.wait_for(re.compile(r"attempt 1  \d+\.\ds  stalled \d+s").search, timeout=20)
+    w("step reasoning 300 5000")
+    screen = term.wait_for(lambda s: "between steps" in s and "stalled" not in s)
+    assert "800 / 10,000" in screen
+    term.press("q")
+    assert term.wait() == 0
+
+
+def test_waiting_uses_normal_colours_and_a_running_clock(
+    started: Callable[..., Terminal], env: dict[str, str]
+) -> None:
+    env.pop("NO_COLOR", None)
+    term = started("--session", "later-1", cols=80, rows=24)
+    screen = term.wait_for("WAITING FOR LOG")
+    clock = re.compile(r"(\d\d:\d\d:\d\d)$")
+    first = clock.search(screen.splitlines()[0])
+    assert first is not None
+    term.wait_for(lambda s: (m := clock.search(s.splitlines()[0])) is not None and m[1] != first[1])
+    with term.lock:
+        raw = bytes(term.raw)
+    # Component names in the table are bold, not the error style (bold red).
+    assert b"\x1b[1mrouting" in raw or b"\x1b[1mrouting " in raw
+    assert b"\x1b[1;31m" not in raw
+    term.press("q")
+    assert term.wait() == 0
+
+
+def test_an_alert_runs_the_configured_command(
+    started: Callable[..., Terminal],
+    writer: Callable[[str], Writer],
+    env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    got = tmp_path / "alerts.txt"
+    env["SIGIL_ALERT_COMMAND"] = f"sh -c 'echo \"$0\" >> {got}'"
+    w = writer("alert-1")
+    w("start 1000", "step routing 100 10")
+    term = started("--session", "alert-1")
+    term.wait_for("100 / 1,000")
+    w("step memory 500 10")
+    term.wait_for("600 / 1,000")
+    deadline = time.monotonic() + 10
+    while not got.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert got.read_text() == "sigil alert-1: budget warning\n"
+    term.press("q")
+    assert term.wait() == 0

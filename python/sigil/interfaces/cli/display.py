@@ -31,7 +31,7 @@ from sigil.interfaces.cli.keys import DashboardView
 from sigil.interfaces.cli.screen import Line as _Line
 from sigil.interfaces.cli.screen import cells as _cells
 from sigil.interfaces.cli.screen import crop as _crop
-from sigil.interfaces.cli.screen import span
+from sigil.interfaces.cli.screen import printable, span
 from sigil.interfaces.cli.screen import wrap as _wrap
 
 if TYPE_CHECKING:
@@ -255,8 +255,8 @@ def stream_line(entry: EntryLike, color: bool = False) -> str:
     timestamp = entry.timestamp
     _, sep, rest = timestamp.partition("T")
     clock = rest[:8] if sep else timestamp[:8]
-    component = _sgr(entry.component, _component_code(entry.component), color)
-    message = entry.message
+    component = _sgr(printable(entry.component), _component_code(entry.component), color)
+    message = printable(entry.message)
     if entry.event_type in _ALERT_EVENTS:
         message = _sgr(message, "31", color)
     return f"[{clock}] {component}: {message} ({entry.tokens:,} tokens)"
@@ -1166,22 +1166,20 @@ class DashboardRenderer(Renderer):
         self._on_screen = False
         self._frame_second: int | None = None
         self._rung: set[str] | None = None
-        self._failed_seen: int | None = None
+        self._failed_seen: tuple[int, int] | None = None
         self._last: tuple[SessionState, MonitorPhase] | None = None
 
     def size(self) -> tuple[int, int]:
-        """The terminal's columns and rows (``COLUMNS``/``LINES`` win, as with rich)."""
-        cols = rows = 0
+        """The terminal's columns and rows (``COLUMNS``/``LINES`` when it has none)."""
         try:
             size = os.get_terminal_size(self.out.fileno())
-            cols, rows = size.columns, size.lines
+            if size.columns and size.lines:
+                return (size.columns, size.lines)
         except (AttributeError, ValueError, OSError):
             pass
         env = os.environ
-        if env.get("COLUMNS", "").isdigit():
-            cols = int(env["COLUMNS"])
-        if env.get("LINES", "").isdigit():
-            rows = int(env["LINES"])
+        cols = int(env["COLUMNS"]) if env.get("COLUMNS", "").isdigit() else 0
+        rows = int(env["LINES"]) if env.get("LINES", "").isdigit() else 0
         return (cols or 80, rows or 24)
 
     @property
@@ -1221,6 +1219,10 @@ class DashboardRenderer(Renderer):
         self.out.flush()
         self._frame_second = int(time.time())
 
+    def suspend(self) -> None:
+        """Ctrl-Z: give the screen back; the next frame takes it again, redrawn whole."""
+        self._leave_screen()
+
     def _leave_screen(self) -> None:
         if self._on_screen:
             self._on_screen = False
@@ -1249,16 +1251,17 @@ class DashboardRenderer(Renderer):
 
     def _alert(self, state: SessionState) -> None:
         crossed = self._levels_crossed(state)
-        failed = state.run.steps_failed
+        failed = (state.run.number, state.run.steps_failed)
         if self._rung is None or self._failed_seen is None:
             self._rung, self._failed_seen = crossed, failed  # history does not ring
             return
         reasons = [f"budget {lvl}" for lvl in ("warning", "critical", "exceeded")
                    if lvl in crossed - self._rung]  # fmt: skip
-        if failed > self._failed_seen:
+        # A step failed: more failures in the same run, or any in a newer run.
+        if failed[1] and failed > self._failed_seen:
             reasons.append("step failed")
         self._rung |= crossed
-        self._failed_seen = max(failed, self._failed_seen)
+        self._failed_seen = failed
         if not reasons:
             return
         self.out.write("\a" * len(reasons))

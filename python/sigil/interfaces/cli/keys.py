@@ -88,6 +88,15 @@ def decode_keys(data: bytes) -> list[str]:
     return keys
 
 
+def _background(fd: int) -> bool:
+    """True when ``fd`` is our controlling terminal and another process group has it."""
+    try:
+        foreground = os.tcgetpgrp(fd)
+    except OSError:  # not our controlling terminal: no job control applies
+        return False
+    return foreground != os.getpgrp()
+
+
 class TerminalKeys:
     """The keyboard of the terminal on ``fd``, in cbreak mode while entered.
 
@@ -111,6 +120,10 @@ class TerminalKeys:
             return True
         try:
             if not os.isatty(self.fd):
+                return False
+            if _background(self.fd):
+                # ``sigil monitor &``: changing the terminal would stop the process
+                # (SIGTTOU), and it is not ours to change.
                 return False
             saved = termios.tcgetattr(self.fd)
         except (OSError, termios.error):

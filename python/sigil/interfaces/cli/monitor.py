@@ -742,6 +742,8 @@ class ExecutionMonitor:
             if keys is not None:
                 with contextlib.suppress(Exception):
                     loop.remove_reader(keys.fd)
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(signal.SIGTSTP)
             self._remove_signals(loop, installed)
             with contextlib.suppress(Exception):
                 self._renderer.close()
@@ -775,7 +777,24 @@ class ExecutionMonitor:
             keys.restore()
             renderer.view.keys = False
             return None
+        if hasattr(signal, "SIGTSTP"):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGTSTP, self._suspend, keys)
         return keys
+
+    def _suspend(self, keys: TerminalKeys) -> None:
+        """Ctrl-Z: the terminal as it was, stop; on ``fg``, cbreak and a whole frame again."""
+        from sigil.interfaces.cli.display import DashboardRenderer
+
+        renderer = self._renderer
+        if isinstance(renderer, DashboardRenderer):
+            renderer.suspend()
+        keys.restore()
+        os.kill(os.getpid(), signal.SIGSTOP)  # returns once continued (SIGCONT)
+        keys.enter()
+        if isinstance(renderer, DashboardRenderer):
+            with contextlib.suppress(Exception):
+                renderer.refresh(self.state, self.phase, False)
 
     def _on_keys(self, keys: TerminalKeys) -> None:
         from sigil.interfaces.cli.display import DashboardRenderer

@@ -8,7 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["Line", "cells", "crop", "span", "wrap"]
+__all__ = ["Line", "cells", "crop", "printable", "span", "wrap"]
+
+# C0 and C1 control characters and DEL: text from a log must never reach the
+# terminal as a control sequence (an event message holding ESC [2J, a bell, or a
+# title change would otherwise act on the user's terminal). Tabs become spaces.
+_CONTROLS: dict[int, str | None] = dict.fromkeys([*range(0x20), 0x7F, *range(0x80, 0xA0)])
+_CONTROLS[0x09] = " "
+
+
+def printable(text: str) -> str:
+    """``text`` without control characters (kept as is when it has none)."""
+    return text if text.isprintable() else text.translate(_CONTROLS)
 
 
 def span(widths: Iterable[int]) -> int:
@@ -51,11 +62,11 @@ class Line:
     __slots__ = ("parts",)
 
     def __init__(self, text: str = "", style: str = "") -> None:
-        self.parts: list[tuple[str, str]] = [(text, style)] if text else []
+        self.parts: list[tuple[str, str]] = [(printable(text), style)] if text else []
 
     def add(self, text: str, style: str = "") -> Line:
         if text:
-            self.parts.append((text, style))
+            self.parts.append((printable(text), style))
         return self
 
     @property
