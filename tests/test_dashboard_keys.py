@@ -129,6 +129,14 @@ def test_each_key_changes_the_screen(
     term.press("c")
     term.wait_for("▸")
 
+    term.press("\x1b")  # Esc clears the component filter
+    term.wait_for(lambda s: "▸" not in s)
+    term.press("e")  # errors only: at every size, the table makes room for them
+    screen = term.wait_for("Recent events (errors only")
+    assert "Components" not in screen
+    assert "validation: validation step failed" in screen
+    term.press("e")
+    term.wait_for("Components")
     if rows >= 24:  # the event list has room
         term.press("e")
         term.wait_for("errors only")

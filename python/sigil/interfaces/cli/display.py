@@ -850,7 +850,8 @@ def dashboard_lines(
     if view.help:
         middle.append(_rule("Keys", width))
         middle.extend(_Line(part) for text in HELP_LINES for part in _wrap(text, width))
-    elif options.show_component_breakdown:
+    elif options.show_component_breakdown and not view.errors_only:
+        # (Errors only: the table gives its rows to the errors and error events.)
         middle.extend(_component_lines(state, options, width, view))
         if options.show_latency and width < 60 and state.slowest_component is not None:
             name = state.slowest_component
