@@ -629,6 +629,7 @@ def _component_lines(state: SessionState, options: DisplayOptions, width: int,
     name_w = min(12, max(len(n) for n in names))
 
     rows: list[dict[str, tuple[str, str]]] = []
+    bars: list[tuple[float | None, str]] = []  # each row's share of its allocation, style
     for name in names:
         comp = state.components.get(name)
         tokens = comp.tokens if comp else 0
@@ -676,7 +677,7 @@ def _component_lines(state: SessionState, options: DisplayOptions, width: int,
         if cols_retry:
             retries = comp.retries if comp else 0
             row["rty"] = (str(retries), "33" if retries else "2")
-        row["_share"] = (repr(share), "1;31" if over else _level_sgr(comp_level))
+        bars.append((share, "1;31" if over else _level_sgr(comp_level)))
         rows.append(row)
 
     heads = {"name": "component", "tokens": "tokens", "pct": "%", "p50": "p50", "p95": "p95",
@@ -694,22 +695,19 @@ def _component_lines(state: SessionState, options: DisplayOptions, width: int,
     if not show_bar:
         bar_w = 0
 
-    def line_of(cells: dict[str, tuple[str, str]], header: bool) -> _Line:
+    def line_of(cells: dict[str, tuple[str, str]], bar: tuple[float | None, str] | None) -> _Line:
+        header = bar is None
         name_text, name_style = cells["name"]
         line = _Line(_crop(name_text, name_w).ljust(name_w), "2" if header else name_style)
         for c in order[:2]:  # tokens, %
             text, style = cells[c]
-            line.add(
-                " " + text.rjust(widths[c]) if c != "model" else text, "2" if header else style
-            )
+            line.add(" " + text.rjust(widths[c]), "2" if header else style)
         if show_bar:
             line.add(" ")
-            if header:
+            if bar is None:
                 line.add(" " * bar_w)
             else:
-                share_text, bar_style = cells["_share"]
-                share = None if share_text == "None" else float(share_text)
-                line.parts.extend(_bar_parts(share, bar_w, bar_style))
+                line.parts.extend(_bar_parts(bar[0], bar_w, bar[1]))
         for c in order[2:]:
             text, style = cells[c]
             if c == "model":
@@ -720,8 +718,8 @@ def _component_lines(state: SessionState, options: DisplayOptions, width: int,
 
     title = "Components" if view.sort == "pipeline" else f"Components (by {view.sort})"
     header_cells = {c: (text, "2") for c, text in heads.items()}
-    out = [_rule(title, width), line_of(header_cells, True)]
-    out.extend(line_of(r, False) for r in rows)
+    out = [_rule(title, width), line_of(header_cells, None)]
+    out.extend(line_of(r, bar) for r, bar in zip(rows, bars, strict=True))
     return out
 
 
