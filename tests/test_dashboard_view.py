@@ -6,10 +6,13 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
+import pytest
+
 from model_state import Fed
 from sigil.interfaces.cli.display import DisplayOptions, render_dashboard_text, sparkline
 from sigil.interfaces.cli.keys import SORTS, DashboardView, decode_keys
 from sigil.interfaces.cli.monitor import MonitorPhase
+from sigil.interfaces.cli.screen import cells
 from test_display import NOW, T0, ev, make_fed
 
 
@@ -106,3 +109,19 @@ def test_errors_come_before_events_at_60x20() -> None:
     assert len(lines) == 20 and all(len(line) <= 60 for line in lines)
     assert "schema mismatch in output" in text  # the error, whole
     assert lines[-1].startswith("q quit")
+
+
+@pytest.mark.parametrize("rows", [5, 12, 20, 45])
+def test_any_size_fits_its_terminal(rows: int) -> None:
+    """Never wider or taller than the terminal, whatever the size and the view."""
+    states = [make_fed().state, make_fed(final="budget_exceeded").state]
+    views = [DashboardView(keys=True), DashboardView(keys=True, help=True, errors_only=True)]
+    for cols in (20, 33, 40, 59, 60, 79, 80, 109, 110, 140, 200):
+        for state in states:
+            for view in views:
+                text = render_dashboard_text(
+                    state, DisplayOptions(), width=cols, height=rows, now=NOW, view=view
+                )
+                lines = text.splitlines()
+                assert len(lines) <= rows, (cols, rows)
+                assert all(cells(line) <= cols for line in lines), (cols, rows, text)

@@ -1,18 +1,22 @@
 """What ``sigil monitor`` shows: renderers as functions of a :class:`SessionState`.
 
 Every number comes from the state's snapshot of the native session model
-(contract 12); this module formats, it does not count.
+(contract 12); this module formats, it does not count. The step in flight and
+the sparkline's buckets come from the model too (``SessionSnapshot.in_flight``,
+``rate_series``).
 
 The formatting functions (``stream_line``, ``minimal_line``, ``state_to_dict``,
-``summary_lines``, ``render_dashboard``) take a state and return text or a rich
-renderable; they do no I/O, so they are tested by value at any width. The
+``summary_lines``, ``dashboard_lines``/``render_dashboard_text``) take a state
+and return text; they do no I/O, so they are tested by value at any size. The
 ``*Renderer`` classes below them only decide what to write where:
 
 * data goes to stdout (frames, event lines, NDJSON objects, the final summary),
   progress and errors to stderr, in every mode;
 * colour only on a terminal and never when ``NO_COLOR`` is set (no-color.org);
-* rich is imported only on the dashboard paths, so the stream, minimal and json
-  modes start without paying for it.
+* text from the log is shown without its control characters (``screen.printable``);
+* the dashboard is plain SGR text built by ``screen.Line`` (no rich): a 120x40
+  frame costs well under a millisecond and start-up pays for no framework.
+  What the keys change lives in :class:`sigil.interfaces.cli.keys.DashboardView`.
 """
 
 from __future__ import annotations
