@@ -9,7 +9,8 @@ said. The model name picks a misbehaviour:
 * ``nousage``: no ``usage`` anywhere (and none in a stream);
 * ``invalid``: a 200 whose body is not JSON;
 * ``slow``: answers after ``slow_seconds``;
-* ``fail500``: HTTP 500 with an OpenAI-shaped error.
+* ``fail500``: HTTP 500 with an OpenAI-shaped error;
+* ``quota429``: HTTP 429 ``insufficient_quota`` without ``x-should-retry``.
 """
 
 from __future__ import annotations
@@ -139,6 +140,9 @@ class Upstream:
             return web.json_response(
                 {"error": {"message": "upstream exploded", "type": "server_error"}}, status=500
             )
+        if model == "quota429":
+            body = {"error": {"message": "quota", "type": "insufficient_quota"}}
+            return web.json_response(body, status=429, headers={"retry-after-ms": "1"})
         if model == "invalid":
             return web.Response(text="<html>oops</html>", content_type="application/json")
         inp = self._prompt_tokens(body)

@@ -142,8 +142,13 @@ def _sse_error(message: str, kind: str) -> bytes:
 class ProxyServer:
     """Serves the OpenAI API on ``config.host:config.port`` and meters every call."""
 
-    def __init__(self, meter: Meter, config: ProxyConfig) -> None:
-        self.meter = meter
+    def __init__(self, meter: Meter | None, config: ProxyConfig) -> None:
+        #: None until :meth:`attach`: the port can be bound before the session is
+        #: locked, so a taken port refuses the run before anything is written.
+        self._meter = meter
+        self._attached = asyncio.Event()
+        if meter is not None:
+            self._attached.set()
         self.config = config
         self._upstream = config.upstream.rstrip("/")
         self._chat_cap_field = config.chat_cap_field()
@@ -153,6 +158,16 @@ class ProxyServer:
         self.url: str | None = None
 
     # -- life ----------------------------------------------------------------------
+
+    def attach(self, meter: Meter) -> None:
+        """Start metering (calls that arrived before wait for this)."""
+        self._meter = meter
+        self._attached.set()
+
+    @property
+    def meter(self) -> Meter:
+        assert self._meter is not None
+        return self._meter
 
     async def start(self) -> str:
         """Bind and serve; returns the base URL clients use (``http://host:port/v1``)."""
@@ -279,6 +294,8 @@ class ProxyServer:
         denied, headers = self._authorize(request)
         if denied is not None:
             return denied
+        if self._meter is None:
+            await self._attached.wait()
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:

@@ -71,6 +71,7 @@ def check_options(
     token: str | None,
     log_path: str | None,
     call_cap: str | None,
+    timeout: str | None = None,
 ) -> ProxyOptions:
     """Every input checked (one-line usage errors, exit 2); writes nothing."""
     from sigil.core.config import ConfigError, load_settings
@@ -86,6 +87,14 @@ def check_options(
     cap = 4096
     if call_cap is not None:
         cap = _parse_budget(call_cap) or 0
+    seconds: float | None = None
+    if timeout is not None:
+        try:
+            seconds = float(timeout)
+        except ValueError:
+            seconds = None
+        if seconds is None or not 0 < seconds <= 86_400:
+            usage(f"--timeout must be a number of seconds in (0, 86400], got {timeout!r}")
     if not 0 <= port <= 65535:
         usage(f"--port must be between 0 and 65535, got {port}")
     if host is not None and not token:
@@ -120,7 +129,7 @@ def check_options(
         port=port,
         token=token if host is not None else None,
         api_key=os.environ.get(settings.provider.api_key_env) or None,
-        timeout=settings.provider.timeout_seconds,
+        timeout=seconds if seconds is not None else settings.provider.timeout_seconds,
         call_cap=cap,
     )
     return ProxyOptions(session_id, total, settings, config)
@@ -219,10 +228,6 @@ class MeteredSession:
         self._tokens_before = history.tokens_used
         self.meter = Meter(tracker, self._log, run=prep.run.run)
         return self.meter
-
-    async def abandon(self) -> None:
-        """Undo :meth:`prepare` when nothing was logged (the proxy could not start)."""
-        await asyncio.to_thread(self.orchestrator._abandon_prepared)
 
     async def begin(self, task: str, url: str, extra: dict[str, Any] | None = None) -> None:
         """Log ``session_start`` (and ``budget_exceeded`` when earlier runs spent it)."""
@@ -338,13 +343,15 @@ async def serve(
     from sigil.proxy import ProxyServer
 
     session = MeteredSession(options)
-    meter = await session.prepare(task)
-    server = ProxyServer(meter, options.config)
+    # The port first: a taken port refuses the run before the session is touched.
+    server = ProxyServer(None, options.config)
+    url = await server.start()
     try:
-        url = await server.start()
+        meter = await session.prepare(task)
     except BaseException:
-        await session.abandon()
+        await server.stop()
         raise
+    server.attach(meter)
     status, error = "interrupted", "interrupted"
     try:
         await session.begin(task, url, extra)
@@ -400,6 +407,8 @@ def run_async(coro_factory: Callable[[], Awaitable[Any]]) -> Any:
 @click.option("--token", envvar=TOKEN_ENV, metavar="T", help=f"Token clients must send with "
               f"--host (or ${TOKEN_ENV}).")  # fmt: skip
 @click.option("--call-cap", metavar="N", help="Output cap of a call that sets none (default 4096).")
+@click.option("--timeout", metavar="SECONDS", help="Upstream timeout: connecting, a whole "
+              "call, a stream's silence (default: provider.timeout_seconds).")  # fmt: skip
 @click.option("--log-path", metavar="DIR", help="Base log directory (default: logging.path).")
 def proxy(
     session_id: str | None,
@@ -409,6 +418,7 @@ def proxy(
     host: str | None,
     token: str | None,
     call_cap: str | None,
+    timeout: str | None,
     log_path: str | None,
 ) -> None:
     """Serve the OpenAI API on 127.0.0.1, metering every call into a session.
@@ -419,7 +429,7 @@ def proxy(
     """
     options = check_options(
         session_id=session_id, budget=budget, upstream=upstream, port=port, host=host,
-        token=token, log_path=log_path, call_cap=call_cap,
+        token=token, log_path=log_path, call_cap=call_cap, timeout=timeout,
     )  # fmt: skip
 
     def announce(url: str) -> None:

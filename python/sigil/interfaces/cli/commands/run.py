@@ -48,6 +48,8 @@ Examples:
 @click.option("--upstream", "-u", metavar="URL", help="The model server's API root "
               "(default: provider.base_url).")  # fmt: skip
 @click.option("--call-cap", metavar="N", help="Output cap of a call that sets none (default 4096).")
+@click.option("--timeout", metavar="SECONDS", help="Upstream timeout (default: "
+              "provider.timeout_seconds).")  # fmt: skip
 @click.option("--log-path", metavar="DIR", help="Base log directory (default: logging.path).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND...")
 def run(
@@ -55,6 +57,7 @@ def run(
     budget: str | None,
     upstream: str | None,
     call_cap: str | None,
+    timeout: str | None,
     log_path: str | None,
     command: tuple[str, ...],
 ) -> None:
@@ -70,7 +73,7 @@ def run(
 
     options = check_options(
         session_id=session_id, budget=budget, upstream=upstream, port=0, host=None,
-        token=None, log_path=log_path, call_cap=call_cap,
+        token=None, log_path=log_path, call_cap=call_cap, timeout=timeout,
     )  # fmt: skip
     task = " ".join(command)[:500]
     exit_code = ExitCode.FAILED
