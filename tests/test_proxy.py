@@ -327,7 +327,7 @@ def test_concurrent_calls_cannot_overshoot_by_more_than_one_cap(
     results = asyncio.run(main())
     code, _, _ = proxy.stop()
     assert code == 3
-    caps = [r["max_tokens"] for r in upstream.requests]
+    caps = [r["max_tokens"] * r.get("n", 1) for r in upstream.requests]
     # Output never exceeds the budget; all that passes is the prompts of the
     # calls in flight, each far below one call's cap.
     assert sum(r.output_tokens for r in upstream.reported) <= 1000
@@ -506,3 +506,35 @@ def test_a_second_run_continues_the_session_and_its_budget(
     state = second.monitor()
     assert state["tokens_used"] == upstream.totals()
     assert state["budget"] == 5000
+
+
+def test_each_of_n_choices_is_capped_so_that_all_fit(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = start_proxy("--budget", "1000", "--upstream", upstream.url)
+    proxy.client().chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "x"}], n=4, max_tokens=600
+    )
+    assert upstream.requests[0]["max_tokens"] == 250  # 4 x 250 = what was left
+    proxy.stop()
+
+
+def test_help_does_not_import_the_server(tmp_path: Path) -> None:
+    probe = (
+        "import sys\n"
+        "from sigil.interfaces.cli.main import main\n"
+        "sys.argv = ['sigil', *sys.argv[1:]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "names = ('aiohttp', 'asyncio', 'openai')\n"
+        "print(sorted(m for m in names if m in sys.modules), file=sys.stderr)\n"
+    )
+    for args in (["--help"], ["proxy", "--help"], ["run", "--help"]):
+        proc = subprocess.run(
+            [sys.executable, "-c", probe, *args], env=env_of(tmp_path), capture_output=True,
+            text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.stderr.strip().splitlines()[-1] in ("[]", "['asyncio']"), (args, proc.stderr)
+        assert "aiohttp" not in proc.stderr

@@ -186,7 +186,9 @@ class ProxyServer:
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=None),
         )
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # On stop, calls in flight get a few seconds to end (and be recorded);
+        # then they are cancelled, and recorded as failed.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
         await runner.setup()
         self._runner = runner
         try:
@@ -327,9 +329,11 @@ class ProxyServer:
                     "invalid_value",
                 )  # fmt: skip
             requested = value if requested is None else min(requested, value)
+        # Each of n choices (best_of for legacy completions) may produce up to the cap.
+        choices = max(_choices(body.get("n")), _choices(body.get("best_of")))
         wanted = None
         if endpoint.cap_fields:
-            wanted = requested if requested is not None else self.config.call_cap
+            wanted = (requested if requested is not None else self.config.call_cap) * choices
         endpoint_name = "/v1" + endpoint.path
         try:
             granted = await self.meter.admit(wanted)
@@ -341,11 +345,12 @@ class ProxyServer:
             return openai_error(
                 429, f"sigil: {exc}", "insufficient_quota", "insufficient_quota", retry=False
             )
-        if endpoint.cap_fields and (requested is None or granted < requested):
+        per_choice = max(1, granted // choices)
+        if endpoint.cap_fields and (requested is None or per_choice < requested):
             for name in caps or [
                 self._chat_cap_field if endpoint is CHAT else endpoint.cap_fields[0]
             ]:
-                body[name] = granted
+                body[name] = per_choice
         asked_usage = True
         if stream and endpoint.stream_options:
             options = body.get("stream_options")
@@ -562,6 +567,13 @@ async def _read_bounded(
 def _back(resp: aiohttp.ClientResponse) -> dict[str, str]:
     """The upstream's response headers a client may see."""
     return {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE}
+
+
+def _choices(value: object) -> int:
+    """How many completions a request asks for (``n``, ``best_of``): 1 unless a sane int."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 128:
+        return value
+    return 1
 
 
 def _component(header: str | None, model: str) -> str:
