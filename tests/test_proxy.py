@@ -276,11 +276,10 @@ def test_budget_caps_each_call_and_refuses_once_spent_without_sdk_retries(
     assert "budget" in refused.value.message
     forwarded = len(upstream.requests)
     assert forwarded == answered
-    # Refused at once, never retried: one refusal logged per call made.
-    started = time.perf_counter()
+    # Refused at once, never retried: one refusal logged per call made (an SDK
+    # retry would be a second request, and a second refusal in the log).
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="m", messages=msgs)
-    assert time.perf_counter() - started < 0.4
     assert len(upstream.requests) == forwarded
     code, _, err = proxy.stop()
     assert code == 3, err
