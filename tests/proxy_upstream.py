@@ -41,6 +41,8 @@ class Upstream:
     #: content pieces of a stream
     pieces: int = 5
     delay: float = 0.0
+    #: seconds between the pieces of a stream (default: ``delay``)
+    piece_delay: float = 0.0
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     reported: list[Reported] = field(default_factory=list)
@@ -211,8 +213,8 @@ class Upstream:
                 assert request.transport is not None
                 request.transport.close()
                 return resp
-            if self.delay:
-                await asyncio.sleep(self.delay)
+            if self.piece_delay or self.delay:
+                await asyncio.sleep(self.piece_delay or self.delay)
         await resp.write(chunk({}, "stop"))
         if include and model != "nousage":
             usage = {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out}

@@ -131,6 +131,8 @@ def test_non_streamed_calls_carry_the_upstreams_usage_exactly(
     named.chat.completions.create(model="m", messages=[{"role": "user", "content": "plan"}])
     resp = client.responses.create(model="r", input="hi")
     assert resp.usage is not None
+    # A call that sets no cap gets the proxy's (--call-cap, 4096 by default).
+    assert upstream.requests[0]["max_tokens"] == upstream.requests[2]["max_output_tokens"] == 4096
     emb = client.embeddings.create(model="e", input=["a", "b", "c"])
     assert emb.usage.prompt_tokens == 9
     client.completions.create(model="legacy", prompt="say")
@@ -537,3 +539,32 @@ def test_help_does_not_import_the_server(tmp_path: Path) -> None:
         )  # fmt: skip
         assert proc.stderr.strip().splitlines()[-1] in ("[]", "['asyncio']"), (args, proc.stderr)
         assert "aiohttp" not in proc.stderr
+
+
+def test_a_stalled_stream_and_a_stop_mid_stream_are_recorded(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    upstream.pieces = 1000
+    upstream.piece_delay = 0.6
+    proxy = start_proxy("--upstream", upstream.url, "--timeout", "0.3")
+    with pytest.raises(openai.APIError, match="stalled"):
+        for _ in proxy.client(max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], stream=True
+        ):
+            pass
+    proxy.stop()
+    assert steps(proxy.events(), "step_error")[0]["metadata"]["category"] == "upstream_stream"
+
+    # Stopped while a stream is in flight: the call is recorded, then the run ends.
+    upstream.piece_delay = 0.01
+    proxy = start_proxy("--upstream", upstream.url, session="p2")
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    with httpx.stream("POST", f"{proxy.url}/chat/completions", json=body, timeout=30) as r:
+        for _ in r.iter_bytes():
+            break
+        code, _, err = proxy.stop()
+    assert code == 0, err
+    events = proxy.events()
+    assert [e["event_type"] for e in events][-2:] == ["step_error", "session_complete"]
+    assert events[-2]["metadata"]["category"] == "proxy_stopped"
+    assert events[-1]["metadata"]["calls_failed"] == 1

@@ -154,7 +154,8 @@ class ProxyServer:
         self._chat_cap_field = config.chat_cap_field()
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        #: set once stop() begins: a call cut then was cut by the stop, not its client
+        self._stopping = False
         self.url: str | None = None
 
     # -- life ----------------------------------------------------------------------
@@ -218,6 +219,7 @@ class ProxyServer:
 
     async def stop(self) -> None:
         """Stop accepting, let calls in flight end (they are recorded), close."""
+        self._stopping = True
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
@@ -367,11 +369,11 @@ class ProxyServer:
         except BaseException as exc:
             if not call.settled:
                 # Cancelled (the proxy is stopping) or a bug: the call is still recorded.
-                await asyncio.shield(
-                    self.meter.fail(
-                        call, f"proxy error: {type(exc).__name__}: {exc}", category="proxy"
-                    )
-                )
+                if self._stopping:
+                    text, category = "the proxy stopped before the call ended", "proxy_stopped"
+                else:
+                    text, category = f"proxy error: {type(exc).__name__}: {exc}", "proxy"
+                await asyncio.shield(self.meter.fail(call, text, category=category))
             raise
 
     async def _forward(
@@ -496,12 +498,17 @@ class ProxyServer:
         if client_gone or broke:
             resp.close()  # stop the upstream generating what nobody reads
             usage = follower.usage or await _estimate(body, follower)
-            what = "client disconnected mid-stream" if client_gone else broke
-            assert what is not None
+            if client_gone and self._stopping:
+                what, category = "the proxy stopped mid-stream", "proxy_stopped"
+            elif client_gone:
+                what, category = "client disconnected mid-stream", "client_disconnected"
+            else:
+                assert broke is not None
+                what, category = broke, "upstream_stream"
             await self.meter.fail(
                 call,
                 what,
-                category="client_disconnected" if client_gone else "upstream_stream",
+                category=category,
                 status=resp.status,
                 usage=usage,
                 model=follower.model,
