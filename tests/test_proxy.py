@@ -454,6 +454,7 @@ def test_a_token_is_required_beyond_loopback(
         (["--upstream", "http://u:p@host/v1"], "credentials"),
         (["--host", "0.0.0.0"], "--token"),
         (["--timeout", "0"], "--timeout"),
+        (["--call-cap", "-5"], "--call-cap"),
         (["--session", "../x"], "session"),
         (["--bogus"], "--bogus"),
     ],

@@ -88,7 +88,12 @@ def check_options(
     total = _parse_budget(budget)
     cap = 4096
     if call_cap is not None:
-        cap = _parse_budget(call_cap) or 0
+        from sigil.core.config import parse_ascii_int
+
+        value = parse_ascii_int(call_cap)
+        if value is None or not 1 <= value <= 1 << 31:
+            usage(f"--call-cap must be a positive number of tokens, got {call_cap!r}")
+        cap = value
     seconds: float | None = None
     if timeout is not None:
         try:
