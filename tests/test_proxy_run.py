@@ -130,3 +130,30 @@ def test_run_usage_errors(tmp_path: Path) -> None:
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+
+
+def test_sigterm_is_passed_to_the_command_and_the_run_recorded_as_interrupted(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    import signal
+    import time
+
+    script = tmp_path / "sleepy.py"
+    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SIGIL_"))}
+    env.update(SIGIL_HOME=str(home), NO_COLOR="1")
+    proc = subprocess.Popen(
+        [*SIGIL, "run", "--session", "sleepy", "--upstream", upstream.url,
+         "--", sys.executable, str(script)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    final = events(home, "sleepy")[-1]
+    assert final["event_type"] == "session_error"
+    assert final["metadata"]["status"] == "interrupted"
