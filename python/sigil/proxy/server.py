@@ -318,7 +318,7 @@ class ProxyServer:
                 400, "sigil proxy: the request body is not a JSON object",
                 "invalid_request_error", "invalid_json",
             )  # fmt: skip
-        model = body.get("model") if isinstance(body.get("model"), str) else "unknown"
+        model = body["model"] if isinstance(body.get("model"), str) else "unknown"
         component = _component(request.headers.get("X-Sigil-Component"), model)
         stream = body.get("stream") is True
         caps = [f for f in endpoint.cap_fields if f in body and body[f] is not None]

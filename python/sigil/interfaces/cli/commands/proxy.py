@@ -367,7 +367,8 @@ async def serve(
         await server.stop()
         raise
     server.attach(meter)
-    status, error = "interrupted", "interrupted"
+    status: str = "interrupted"
+    error: str | None = "interrupted"
     try:
         await session.begin(task, url, extra)
         announce(url)

@@ -76,7 +76,7 @@ def run(
         token=None, log_path=log_path, call_cap=call_cap, timeout=timeout,
     )  # fmt: skip
     task = " ".join(command)[:500]
-    exit_code = ExitCode.FAILED
+    exit_code: int = ExitCode.FAILED
 
     def announce(url: str) -> None:
         click.echo(f"sigil: session {options.session_id} · proxy {url}", err=True)
