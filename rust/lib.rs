@@ -308,10 +308,17 @@ impl PyFold {
     }
 
     /// A typed snapshot of everything folded so far (cheap: a monitor takes
-    /// one per frame).
-    fn snapshot(&self, py: Python<'_>) -> PyResult<snapshot::PySessionSnapshot> {
+    /// one per frame). With the session's `ledger`, the whole history's
+    /// tokens, components and runs: the runs only the ledger knows (their
+    /// events rotated or deleted by an external tool) count too.
+    #[pyo3(signature = (ledger = None))]
+    fn snapshot(
+        &self,
+        py: Python<'_>,
+        ledger: Option<&PyLedger>,
+    ) -> PyResult<snapshot::PySessionSnapshot> {
         let st = self.copy(py)?;
-        snapshot::session(py, &st)
+        snapshot::session_joined(py, &st, ledger.and_then(|l| l.doc.as_ref()))
     }
 
     /// Fold one event given by its fields, for a reader that holds events
@@ -572,6 +579,40 @@ fn fold_sessions(
             .into_iter()
             .map(|o| match o {
                 Ok(st) => Ok(Py::new(py, snapshot::session(py, &st)?)?.into_any()),
+                Err(reason) => Ok(PyString::new(py, &reason).into_any().unbind()),
+            })
+            .collect()
+    })
+}
+
+/// The whole history of many sessions (each the path of its live log), as
+/// `fold_sessions` folds them: each session's ledger (`tokens.json`) is read
+/// too and joined with the fold of its log, which is skipped when the ledger
+/// stands for the log. One `HistorySnapshot` per session, in order, or a
+/// one-line reason (a `str` naming the file) when its log cannot be read.
+#[pyfunction]
+#[pyo3(signature = (paths, threads = 0, max_line_bytes = DEFAULT_MAX_LINE, last_n = 0))]
+fn read_histories(
+    py: Python<'_>,
+    paths: Vec<PathBuf>,
+    threads: usize,
+    max_line_bytes: usize,
+    last_n: usize,
+) -> PyResult<Vec<Py<PyAny>>> {
+    guard("read_histories", || {
+        let outcomes = py.detach(|| many::read_histories(&paths, threads, max_line_bytes, last_n));
+        outcomes
+            .into_iter()
+            .map(|o| match o {
+                Ok(read) => {
+                    let h = snapshot::history(
+                        py,
+                        read.fold.as_ref(),
+                        read.ledger.as_ref(),
+                        read.problem,
+                    )?;
+                    Ok(Py::new(py, h)?.into_any())
+                }
                 Err(reason) => Ok(PyString::new(py, &reason).into_any().unbind()),
             })
             .collect()
@@ -1171,8 +1212,8 @@ mod _native {
     #[pymodule_export]
     use super::{
         fold_file, fold_file_snapshot, fold_sessions, is_sensitive_key, parse_bytes, parse_lines,
-        sanitize_string, tail_max_seq, PyAppendWriter, PyCheckpoint, PyEntry, PyFold, PyLedger,
-        PyTailer,
+        read_histories, sanitize_string, tail_max_seq, PyAppendWriter, PyCheckpoint, PyEntry,
+        PyFold, PyLedger, PyTailer,
     };
     #[pymodule_export]
     use crate::snapshot::{

@@ -390,6 +390,10 @@ pub struct PySessionHistory {
     /// Events counted (the ledger-only runs', then the log's).
     #[pyo3(get)]
     pub events: u64,
+    /// Runs started: the ledger-only runs and every `session_start` the log
+    /// holds (`runs` may keep fewer of the log's).
+    #[pyo3(get)]
+    pub run_count: u64,
     /// The highest `seq` of the session, from the log or the ledger.
     #[pyo3(get)]
     pub last_seq: Option<u64>,
@@ -484,9 +488,15 @@ pub fn history(
         Some(st) => Some(Py::new(py, session(py, st)?)?),
         None => None,
     };
+    let ledger_only = h
+        .runs
+        .iter()
+        .filter(|(r, _)| matches!(r, RunRef::Ledger(_)))
+        .count() as u64;
     Ok(PySessionHistory {
         snapshot,
         runs,
+        run_count: ledger_only.saturating_add(st.map_or(0, |s| s.runs)),
         tokens: h.tokens,
         events: h.events,
         last_seq: h.last_seq,
@@ -761,6 +771,52 @@ pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
         window: st.window.clone(),
         last: st.last_entries(),
     })
+}
+
+/// [`session`] of the whole history: the fold of what the log holds joined
+/// with the session's ledger (`ledger::join`), for a view that follows the
+/// log (the monitor). When the ledger knows runs the log no longer holds
+/// (their events rotated or deleted by an external tool), the session's
+/// tokens, components, runs and run count are the history's, so the view
+/// agrees with `sigil sessions`, `tokens.json` and the orchestrator's result;
+/// the rest (events, rates, sequence checks, last entries) is the log's.
+pub fn session_joined(
+    py: Python<'_>,
+    st: &FoldState,
+    ledger: Option<&Ledger>,
+) -> PyResult<PySessionSnapshot> {
+    let mut s = session(py, st)?;
+    let Some(l) = ledger else { return Ok(s) };
+    let h = ledger::join(st, Some(l));
+    let ledger_only = h
+        .runs
+        .iter()
+        .filter(|(r, _)| matches!(r, RunRef::Ledger(_)))
+        .count() as u64;
+    if ledger_only == 0 {
+        return Ok(s); // the log holds every run: the fold is the history
+    }
+    s.tokens = h.tokens;
+    s.run_count = ledger_only.saturating_add(st.runs);
+    s.comps = components(py, &h.components)?;
+    s.runs_kept = h
+        .runs
+        .iter()
+        .map(|(r, status)| match r {
+            RunRef::Log(i) => run_as(py, st, &st.run_list[*i], status),
+            RunRef::Ledger(i) => ledger_run(py, &l.runs[*i], status),
+        })
+        .collect::<PyResult<_>>()?;
+    if st.run_list.is_empty() {
+        // No run left in the log: the session is where its last run left it.
+        if let Some((RunRef::Ledger(i), status)) = h.runs.last() {
+            let last = &l.runs[*i];
+            s.run = ledger_run(py, last, status)?;
+            s.status.clone_from(status);
+            s.budget = last.budget;
+        }
+    }
+    Ok(s)
 }
 
 // ---------------------------------------------------------------------------

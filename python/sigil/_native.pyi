@@ -44,6 +44,7 @@ __all__ = [
     "is_sensitive_key",
     "parse_bytes",
     "parse_lines",
+    "read_histories",
     "sanitize_string",
     "tail_max_seq",
 ]
@@ -92,6 +93,13 @@ def fold_sessions(
     the GIL: a snapshot per session, in order, or a one-line reason naming the
     file for a session that cannot be read."""
 
+def read_histories(
+    paths: Sequence[_Path], threads: int = 0, max_line_bytes: int = ..., last_n: int = 0
+) -> list[HistorySnapshot | str]:
+    """``fold_sessions`` for whole histories: each session's ledger (``tokens.json``)
+    is read too and joined with the fold of its log, which is skipped when the
+    ledger stands for the log."""
+
 def tail_max_seq(path: _Path, max_scan_bytes: int = ...) -> int | None: ...
 def sanitize_string(value: str) -> str: ...
 def is_sensitive_key(key: str) -> bool: ...
@@ -102,7 +110,7 @@ class Fold:
     def feed_file(self, path: _Path, max_line_bytes: int = ...) -> int: ...
     def feed_bytes(self, data: bytes, base_offset: int = 0) -> int: ...
     def summary(self) -> dict[str, Any]: ...
-    def snapshot(self) -> SessionSnapshot: ...
+    def snapshot(self, ledger: Ledger | None = None) -> SessionSnapshot: ...
     def feed_event(
         self,
         timestamp: str,
@@ -155,6 +163,8 @@ class HistorySnapshot:
     def tokens(self) -> int: ...
     @property
     def events(self) -> int: ...
+    @property
+    def run_count(self) -> int: ...
     @property
     def last_seq(self) -> int | None: ...
     @property
