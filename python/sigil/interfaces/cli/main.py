@@ -41,6 +41,16 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
         "config",
         "Show the effective configuration and where it comes from.",
     ),
+    "proxy": (
+        "sigil.interfaces.cli.commands.proxy",
+        "proxy",
+        "Serve the OpenAI API, metering every call into a session under a budget.",
+    ),
+    "run": (
+        "sigil.interfaces.cli.commands.run",
+        "run",
+        "Run a command with its OpenAI calls metered and budgeted in a session.",
+    ),
     "export": (
         "sigil.interfaces.cli.commands.export",
         "export",
