@@ -411,7 +411,12 @@ def test_a_client_that_disconnects_mid_stream(
     with httpx.stream("POST", f"{proxy.url}/chat/completions", json=body) as r:
         for _ in r.iter_bytes():
             break  # leave after the first bytes
-    time.sleep(0.5)
+    # The proxy notices at its next write to the client: wait for that (however
+    # slowly a loaded machine gets there), not for a fixed time, so the stop
+    # below cannot be what ends the call.
+    deadline = time.monotonic() + 30
+    while not steps(proxy.events(), "step_error") and time.monotonic() < deadline:
+        time.sleep(0.05)
     # The proxy goes on serving.
     proxy.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
     proxy.stop()
