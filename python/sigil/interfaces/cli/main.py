@@ -31,6 +31,11 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
         "sessions",
         "List sessions with status, tokens and size.",
     ),
+    "top": (
+        "sigil.interfaces.cli.commands.top",
+        "top",
+        "Every live session on this machine in one table, refreshed live.",
+    ),
     "logs": (
         "sigil.interfaces.cli.commands.logs",
         "logs",
