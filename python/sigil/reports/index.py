@@ -1,0 +1,311 @@
+"""The report index: each run's folded summary in SQLite (issue 13, "How").
+
+``<log_path>/report_index.sqlite3`` holds, per source (a live session directory
+or an archive, identified by its files: :mod:`sigil.reports.sources`), the runs
+the native session model found in it, each run's per-component totals and the
+non-empty buckets of each component's latency histogram. The JSONL stays the
+truth: the index is rebuilt whenever it is missing, unreadable or of another
+schema, and a source whose files changed (a new run, a rotation, an archive) is
+refolded and its rows replaced, so deleting the file loses nothing.
+:func:`open_index` brings it up to date lazily, each time a report reads it.
+
+Rows come from the native model only (contract 12); reports aggregate them in
+SQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sigil.reports.sources import Source, archive_snapshot, discover
+from sigil.telemetry.log_parser import (
+    ComponentSnapshot,
+    RunSnapshot,
+    history_many,
+    run_status,
+    snapshot_many,
+)
+
+__all__ = ["INDEX_FILE_NAME", "SCHEMA_VERSION", "Refresh", "open_index", "refresh"]
+
+INDEX_FILE_NAME = "report_index.sqlite3"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sources(
+    source TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    archived INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS runs(
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    run INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    finished INTEGER NOT NULL,
+    started_at TEXT,
+    ended_at TEXT,
+    started_ts REAL,
+    tokens INTEGER NOT NULL,
+    events INTEGER NOT NULL,
+    steps_completed INTEGER NOT NULL,
+    steps_failed INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_source ON runs(source);
+CREATE INDEX IF NOT EXISTS runs_started ON runs(started_ts);
+CREATE TABLE IF NOT EXISTS components(
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL,
+    component TEXT NOT NULL,
+    model TEXT,
+    tokens INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    operations INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    retries INTEGER NOT NULL,
+    timed INTEGER NOT NULL,
+    latency_ms REAL NOT NULL,
+    max_latency_ms REAL
+);
+CREATE INDEX IF NOT EXISTS components_run ON components(run_id);
+CREATE TABLE IF NOT EXISTS latency(
+    component_id INTEGER NOT NULL,
+    bucket INTEGER NOT NULL,
+    count INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS latency_component ON latency(component_id);
+"""
+
+
+@dataclass(slots=True)
+class Refresh:
+    """What bringing the index up to date did."""
+
+    sources: int = 0
+    refolded: int = 0
+    removed: int = 0
+    rebuilt: bool = False
+    #: session ID -> why its log cannot be read (one line naming the file)
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+
+def open_index(log_path: Path) -> tuple[sqlite3.Connection, Refresh]:
+    """The index of ``log_path``, brought up to date with its logs.
+
+    A missing, unreadable or older index is rebuilt from the logs; where the
+    log path cannot hold one (it does not exist, or is read-only) the index
+    lives in memory for this call."""
+    path = log_path / INDEX_FILE_NAME
+    conn, rebuilt = _connect(path, log_path)
+    state = refresh(conn, log_path)
+    state.rebuilt = rebuilt
+    return conn, state
+
+
+def _connect(path: Path, log_path: Path) -> tuple[sqlite3.Connection, bool]:
+    if not log_path.is_dir() or not os.access(log_path, os.W_OK):
+        return _create(sqlite3.connect(":memory:")), True
+    for _attempt in range(2):
+        existed = path.exists()
+        if not existed:
+            # 0600 like every file sigil writes (contract 8); sqlite keeps the mode.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        try:
+            conn = sqlite3.connect(path, timeout=10, isolation_level=None)
+            conn.execute("PRAGMA synchronous=OFF")  # a cache: a torn index is rebuilt
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == SCHEMA_VERSION:
+                conn.execute("SELECT count(*) FROM sources").fetchone()
+                return conn, False
+            if version == 0 and not _tables(conn):
+                return _create(conn), True
+            conn.close()
+        except sqlite3.DatabaseError:
+            pass
+        # Not an index of this schema (older, corrupt, or not SQLite): the logs
+        # are the truth, so it is simply made again.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return _create(sqlite3.connect(":memory:")), True
+
+
+def _tables(conn: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+
+
+def _create(conn: sqlite3.Connection) -> sqlite3.Connection:
+    conn.isolation_level = None
+    # IF NOT EXISTS: two reports creating the index at once make one schema.
+    conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+    return conn
+
+
+def refresh(conn: sqlite3.Connection, log_path: Path) -> Refresh:
+    """Refold every source whose files changed since it was indexed, drop the
+    sources that are gone, and leave the rest as they are."""
+    current = discover(log_path)
+    state = Refresh(sources=len(current))
+    known = dict(conn.execute("SELECT source, fingerprint FROM sources"))
+    stale = [s for s in current if known.get(s.key) != s.fingerprint]
+    gone = set(known) - {s.key for s in current}
+    for source, error in conn.execute(
+        "SELECT session_id, error FROM sources WHERE error IS NOT NULL"
+    ):
+        state.unreadable[source] = error
+    if not stale and not gone:
+        return state
+    live = [s for s in stale if not s.archived]
+    by_key: dict[str, list[RunSnapshot] | str] = dict(
+        zip((s.key for s in live), _live_runs([s.key for s in live]), strict=True)
+    )
+    for s in stale:
+        if s.archived:
+            snapshot = archive_snapshot(Path(s.key))
+            by_key[s.key] = snapshot if isinstance(snapshot, str) else list(snapshot.runs)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        _delete(conn, [*gone, *(s.key for s in stale)])
+        for s in stale:
+            _insert(conn, s, by_key[s.key])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    state.refolded, state.removed = len(stale), len(gone)
+    state.unreadable = dict(
+        conn.execute("SELECT session_id, error FROM sources WHERE error IS NOT NULL")
+    )
+    return state
+
+
+def _live_runs(directories: list[str]) -> list[list[RunSnapshot] | str]:
+    """Each live session's runs from the native model: the fold of its log
+    (whose runs carry latency histograms, models and input/output tokens), plus
+    the runs only its ledger knows (their events rotated or deleted by an
+    external tool), from the native join of the ledger. The ledger alone is not
+    enough even when it stands for the log: it keeps no latency histogram."""
+    if not directories:
+        return []
+    folds = snapshot_many(directories)
+    histories = history_many(directories)
+    out: list[list[RunSnapshot] | str] = []
+    for fold, history in zip(folds, histories, strict=True):
+        if isinstance(fold, str):
+            out.append(fold)
+            continue
+        runs = list(fold.runs)
+        if not isinstance(history, str):
+            folded = {r.number for r in runs}
+            extra = [r for r in history.runs if r.number not in folded]
+            if extra:
+                runs = sorted([*runs, *extra], key=lambda r: r.number)
+        out.append(runs)
+    return out
+
+
+def _delete(conn: sqlite3.Connection, keys: Sequence[str]) -> None:
+    if not keys:
+        return
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS doomed(source TEXT PRIMARY KEY)")
+    conn.execute("DELETE FROM doomed")
+    conn.executemany("INSERT OR IGNORE INTO doomed VALUES (?)", [(k,) for k in keys])
+    conn.execute(
+        "DELETE FROM latency WHERE component_id IN (SELECT c.id FROM components c"
+        " JOIN runs r ON c.run_id = r.id WHERE r.source IN (SELECT source FROM doomed))"
+    )
+    conn.execute(
+        "DELETE FROM components WHERE run_id IN"
+        " (SELECT id FROM runs WHERE source IN (SELECT source FROM doomed))"
+    )
+    conn.execute("DELETE FROM runs WHERE source IN (SELECT source FROM doomed)")
+    conn.execute("DELETE FROM sources WHERE source IN (SELECT source FROM doomed)")
+
+
+def _insert(conn: sqlite3.Connection, source: Source, runs: list[RunSnapshot] | str) -> None:
+    if isinstance(runs, str):
+        conn.execute(
+            "INSERT INTO sources VALUES (?, ?, ?, ?, ?)",
+            (source.key, source.session_id, source.archived, source.fingerprint, runs),
+        )
+        return
+    conn.execute(
+        "INSERT INTO sources VALUES (?, ?, ?, ?, NULL)",
+        (source.key, source.session_id, source.archived, source.fingerprint),
+    )
+    last = len(runs) - 1
+    writer_there = source.locked and not source.archived
+    for i, run in enumerate(runs):
+        started = run.started_at or run.ended_at or run.last_at
+        cursor = conn.execute(
+            "INSERT INTO runs(source, session_id, run, status, finished, started_at, ended_at,"
+            " started_ts, tokens, events, steps_completed, steps_failed)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                source.key,
+                source.session_id,
+                run.number,
+                run_status(run, writer_gone=not writer_there or i < last),
+                run.ended_at is not None,
+                run.started_at,
+                run.ended_at,
+                _epoch(started),
+                run.tokens,
+                run.events,
+                run.steps_completed,
+                run.steps_failed,
+            ),
+        )
+        _insert_components(conn, cursor.lastrowid, run.components.values())
+
+
+def _insert_components(
+    conn: sqlite3.Connection, run_id: int | None, components: Iterable[ComponentSnapshot]
+) -> None:
+    for c in components:
+        cursor = conn.execute(
+            "INSERT INTO components(run_id, component, model, tokens, input_tokens,"
+            " output_tokens, operations, errors, retries, timed, latency_ms, max_latency_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                run_id,
+                c.name,
+                c.model,
+                c.tokens,
+                c.input_tokens,
+                c.output_tokens,
+                c.operations,
+                c.errors,
+                c.retries,
+                c.timed_operations,
+                c.latency_ms,
+                c.max_latency_ms,
+            ),
+        )
+        component_id = cursor.lastrowid
+        buckets = [(component_id, i, n) for i, n in enumerate(c.latency_histogram) if n]
+        if buckets:
+            conn.executemany("INSERT INTO latency VALUES (?, ?, ?)", buckets)
+
+
+def _epoch(text: str | None) -> float | None:
+    """Seconds since the epoch of an event time; the spec's offset-less form is UTC."""
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
