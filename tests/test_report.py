@@ -472,3 +472,27 @@ def test_table_on_a_pipe_is_whole(sigil_home: Path, history: list[Run]) -> None:
 def test_empty_log_path_reports_nothing(sigil_home: Path) -> None:
     doc = report(sigil_home, "daily")
     assert doc["rows"] == [] and doc["total"]["runs"] == 0
+
+
+def test_runs_only_the_ledger_knows_still_count(sigil_home: Path, log_path: Path) -> None:
+    """An external rotator deleted the events of the first two runs of an
+    offline-pipeline session: the ledger (tokens.json) still knows them, and the
+    report counts them as the session's other views do."""
+    for _ in range(2):
+        proc = run_cli(sigil_home, "orchestrate", "--task", "Analyze Acme", "--session", "kept")
+        assert proc.returncode == 0, proc.stderr
+    session = log_path / "sessions" / "kept"
+    report(sigil_home, "session")  # index the two runs from the log
+    os.rename(session / "execution.jsonl", session / "execution.jsonl.1")
+    (session / "execution.jsonl.1").unlink()
+    proc = run_cli(sigil_home, "orchestrate", "--task", "Analyze Globex", "--session", "kept")
+    assert proc.returncode == 0, proc.stderr
+    ledger = json.loads((session / "tokens.json").read_text())
+    assert [r["run"] for r in ledger["runs"]] == [1, 2, 3]
+    doc = report(sigil_home, "session")
+    row = doc["rows"][0]
+    assert row["runs"] == 3
+    assert row["tokens"] == ledger["total_used"] == sum(r["tokens_used"] for r in ledger["runs"])
+    # The same from an index built from nothing.
+    (log_path / "report_index.sqlite3").unlink()
+    assert report(sigil_home, "session") == doc

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sigil.reports.sources import archive_snapshot, find_session, whole_history
+from sigil.reports.sources import archive_snapshot, find_session, fold_live, whole_history
 from sigil.telemetry.log_parser import ComponentSnapshot, HistorySnapshot, SessionSnapshot
 
 __all__ = ["DiffError", "Side", "compare", "load_side"]
@@ -75,10 +75,13 @@ def load_side(log_path: Path, spec: str) -> Side:
             raise DiffError(snapshot)
         history = snapshot
     else:
-        try:
+        folded = fold_live([source.key])[0]
+        if isinstance(folded, str):
+            raise DiffError(f"cannot read session {session_id!r}: {folded}")
+        history = folded.snapshot
+        if folded.ledger_only_runs:
+            # The ledger knows runs the log lost: the whole history joins them.
             history = whole_history(Path(source.key))
-        except OSError as exc:
-            raise DiffError(f"cannot read session {session_id!r}: {exc.strerror or exc}") from None
     runs = history.runs
     if run_text is None:
         status = runs[-1].status if runs else "waiting"

@@ -23,13 +23,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sigil.reports.sources import Source, archive_snapshot, discover
+from sigil.reports.sources import Source, archive_snapshot, discover, fold_live
 from sigil.telemetry.log_parser import (
     ComponentSnapshot,
     RunSnapshot,
-    history_many,
     run_status,
-    snapshot_many,
 )
 
 __all__ = ["INDEX_FILE_NAME", "SCHEMA_VERSION", "Refresh", "open_index", "refresh"]
@@ -190,28 +188,7 @@ def refresh(conn: sqlite3.Connection, log_path: Path) -> Refresh:
 
 
 def _live_runs(directories: list[str]) -> list[list[RunSnapshot] | str]:
-    """Each live session's runs from the native model: the fold of its log
-    (whose runs carry latency histograms, models and input/output tokens), plus
-    the runs only its ledger knows (their events rotated or deleted by an
-    external tool), from the native join of the ledger. The ledger alone is not
-    enough even when it stands for the log: it keeps no latency histogram."""
-    if not directories:
-        return []
-    folds = snapshot_many(directories)
-    histories = history_many(directories)
-    out: list[list[RunSnapshot] | str] = []
-    for fold, history in zip(folds, histories, strict=True):
-        if isinstance(fold, str):
-            out.append(fold)
-            continue
-        runs = list(fold.runs)
-        if not isinstance(history, str):
-            folded = {r.number for r in runs}
-            extra = [r for r in history.runs if r.number not in folded]
-            if extra:
-                runs = sorted([*runs, *extra], key=lambda r: r.number)
-        out.append(runs)
-    return out
+    return [f if isinstance(f, str) else f.runs for f in fold_live(directories)]
 
 
 def _delete(conn: sqlite3.Connection, keys: Sequence[str]) -> None:

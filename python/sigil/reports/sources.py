@@ -21,16 +21,21 @@ from sigil.telemetry.log_parser import (
     EventModel,
     HistoryModel,
     HistorySnapshot,
+    RunSnapshot,
     SessionSnapshot,
+    history_many,
     parse_bytes,
     session_history,
+    snapshot_many,
 )
 
 __all__ = [
+    "Folded",
     "Source",
     "archive_snapshot",
     "discover",
     "find_session",
+    "fold_live",
     "whole_history",
 ]
 
@@ -183,3 +188,44 @@ def whole_history(directory: Path) -> HistorySnapshot:
     if history is None:
         return session_history(directory, use_ledger=False)
     return history
+
+
+@dataclass(slots=True)
+class Folded:
+    """A live session read by the native model: the fold of its log, and its
+    runs: the fold's (with latency histograms, models and input/output tokens)
+    plus those only its ledger knows (their events rotated or deleted by an
+    external tool), from the native join with the ledger."""
+
+    snapshot: SessionSnapshot
+    runs: list[RunSnapshot]
+    #: some runs are known only to the ledger: the snapshot's totals miss them
+    ledger_only_runs: bool
+
+
+def fold_live(directories: list[str]) -> list[Folded | str]:
+    """Every session's log folded in one native call across a small thread pool;
+    the ledgers (where there is one) joined by a second native call, which reads
+    only the small ledger when it stands for the log. The ledger alone is not
+    enough even then: it keeps no latency histogram. A one-line reason for a
+    session whose log cannot be read."""
+    if not directories:
+        return []
+    folds = snapshot_many(directories)
+    with_ledger = [d for d in directories if os.path.isfile(os.path.join(d, _LEDGER))]
+    histories = dict(zip(with_ledger, history_many(with_ledger), strict=True))
+    out: list[Folded | str] = []
+    for directory, fold in zip(directories, folds, strict=True):
+        if isinstance(fold, str):
+            out.append(fold)
+            continue
+        runs = list(fold.runs)
+        history = histories.get(directory)
+        extra: list[RunSnapshot] = []
+        if history is not None and not isinstance(history, str):
+            folded = {r.number for r in runs}
+            extra = [r for r in history.runs if r.number not in folded]
+            if extra:
+                runs = sorted([*runs, *extra], key=lambda r: r.number)
+        out.append(Folded(fold, runs, bool(extra)))
+    return out
