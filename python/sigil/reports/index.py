@@ -33,7 +33,7 @@ from sigil.telemetry.log_parser import (
 __all__ = ["INDEX_FILE_NAME", "SCHEMA_VERSION", "Refresh", "open_index", "refresh"]
 
 INDEX_FILE_NAME = "report_index.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sources(
@@ -56,7 +56,15 @@ CREATE TABLE IF NOT EXISTS runs(
     tokens INTEGER NOT NULL,
     events INTEGER NOT NULL,
     steps_completed INTEGER NOT NULL,
-    steps_failed INTEGER NOT NULL
+    steps_failed INTEGER NOT NULL,
+    -- the run's components rolled up (by SQL, at indexing), so a report by
+    -- period or session reads one row per run
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    operations INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    max_latency_ms REAL
 );
 CREATE INDEX IF NOT EXISTS runs_source ON runs(source);
 CREATE INDEX IF NOT EXISTS runs_started ON runs(started_ts);
@@ -82,6 +90,12 @@ CREATE TABLE IF NOT EXISTS latency(
     count INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS latency_component ON latency(component_id);
+CREATE TABLE IF NOT EXISTS run_latency(
+    run_id INTEGER NOT NULL,
+    bucket INTEGER NOT NULL,
+    count INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_latency_run ON run_latency(run_id);
 """
 
 
@@ -176,6 +190,7 @@ def refresh(conn: sqlite3.Connection, log_path: Path) -> Refresh:
         _delete(conn, [*gone, *(s.key for s in stale)])
         for s in stale:
             _insert(conn, s, by_key[s.key])
+        _roll_up(conn)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -202,11 +217,34 @@ def _delete(conn: sqlite3.Connection, keys: Sequence[str]) -> None:
         " JOIN runs r ON c.run_id = r.id WHERE r.source IN (SELECT source FROM doomed))"
     )
     conn.execute(
+        "DELETE FROM run_latency WHERE run_id IN"
+        " (SELECT id FROM runs WHERE source IN (SELECT source FROM doomed))"
+    )
+    conn.execute(
         "DELETE FROM components WHERE run_id IN"
         " (SELECT id FROM runs WHERE source IN (SELECT source FROM doomed))"
     )
     conn.execute("DELETE FROM runs WHERE source IN (SELECT source FROM doomed)")
     conn.execute("DELETE FROM sources WHERE source IN (SELECT source FROM doomed)")
+
+
+def _roll_up(conn: sqlite3.Connection) -> None:
+    """Each new run's components summed into its row, and their latency
+    histograms merged into the run's, in SQL (the runs of the sources just
+    refolded: those named in ``doomed``)."""
+    fresh = "SELECT id FROM runs WHERE source IN (SELECT source FROM doomed)"
+    conn.execute(
+        "UPDATE runs SET (input_tokens, output_tokens, operations, errors, retries,"
+        " max_latency_ms) = (SELECT COALESCE(SUM(c.input_tokens), 0),"
+        " COALESCE(SUM(c.output_tokens), 0), COALESCE(SUM(c.operations), 0),"
+        " COALESCE(SUM(c.errors), 0), COALESCE(SUM(c.retries), 0), MAX(c.max_latency_ms)"
+        f" FROM components c WHERE c.run_id = runs.id) WHERE id IN ({fresh})"
+    )
+    conn.execute(
+        "INSERT INTO run_latency SELECT c.run_id, h.bucket, SUM(h.count) FROM latency h"
+        f" JOIN components c ON h.component_id = c.id WHERE c.run_id IN ({fresh})"
+        " GROUP BY c.run_id, h.bucket"
+    )
 
 
 def _insert(conn: sqlite3.Connection, source: Source, runs: list[RunSnapshot] | str) -> None:

@@ -185,35 +185,42 @@ def _rows(
     group_by = ", ".join(f"k{i}" for i in range(len(keys)))
     n = len(keys)
     out: dict[tuple[Any, ...], dict[str, Any]] = {}
-    if by_run:
-        # Whole runs: a run's tokens are the model's total for the run.
-        sql = (
-            f"SELECT {select_keys}, COUNT(DISTINCT r.session_id), COUNT(*),"
-            f" SUM({_FAILED}), SUM(r.tokens) FROM runs r WHERE {where} GROUP BY {group_by}"
-        )
-        for row in conn.execute(sql, params):
-            values = _empty()
-            values.update(sessions=row[n], runs=row[n + 1], failed_runs=row[n + 2])
-            values["tokens"] = row[n + 3]
-            out[tuple(row[:n])] = values
-    sql = (
-        f"SELECT {select_keys}, COUNT(DISTINCT r.session_id), COUNT(DISTINCT r.id),"
-        f" COUNT(DISTINCT CASE WHEN {_FAILED} THEN r.id END), SUM(c.tokens),"
-        " SUM(c.input_tokens), SUM(c.output_tokens), SUM(c.operations), SUM(c.errors),"
-        " SUM(c.retries), MAX(c.max_latency_ms)"
-        f" FROM components c JOIN runs r ON c.run_id = r.id WHERE {where} GROUP BY {group_by}"
-    )
     maxima: dict[tuple[Any, ...], float | None] = {}
+    if by_run:
+        # Whole runs, one row each: a run's tokens are the model's total for the
+        # run, its other numbers its components' rolled up at indexing.
+        sql = (
+            f"SELECT {select_keys}, COUNT(DISTINCT r.session_id), COUNT(*), SUM({_FAILED}),"
+            " SUM(r.tokens), SUM(r.input_tokens), SUM(r.output_tokens), SUM(r.operations),"
+            " SUM(r.errors), SUM(r.retries), MAX(r.max_latency_ms)"
+            f" FROM runs r WHERE {where} GROUP BY {group_by}"
+        )
+        histograms = (
+            f"SELECT {select_keys}, h.bucket, SUM(h.count) FROM run_latency h"
+            f" JOIN runs r ON h.run_id = r.id WHERE {where} GROUP BY {group_by}, h.bucket"
+        )
+    else:
+        sql = (
+            f"SELECT {select_keys}, COUNT(DISTINCT r.session_id), COUNT(DISTINCT r.id),"
+            f" COUNT(DISTINCT CASE WHEN {_FAILED} THEN r.id END), SUM(c.tokens),"
+            " SUM(c.input_tokens), SUM(c.output_tokens), SUM(c.operations), SUM(c.errors),"
+            " SUM(c.retries), MAX(c.max_latency_ms)"
+            f" FROM components c JOIN runs r ON c.run_id = r.id WHERE {where}"
+            f" GROUP BY {group_by}"
+        )
+        histograms = (
+            f"SELECT {select_keys}, h.bucket, SUM(h.count) FROM latency h"
+            " JOIN components c ON h.component_id = c.id JOIN runs r ON c.run_id = r.id"
+            f" WHERE {where} GROUP BY {group_by}, h.bucket"
+        )
     for row in conn.execute(sql, params):
         key = tuple(row[:n])
-        found = out.get(key)
-        if found is None:
-            if by_run:
-                continue  # a component row of a run filtered out above cannot happen
-            found = out[key] = _empty()
-            found.update(sessions=row[n], runs=row[n + 1], failed_runs=row[n + 2])
-            found["tokens"] = row[n + 3]
-        found.update(
+        values = out[key] = _empty()
+        values.update(
+            sessions=row[n],
+            runs=row[n + 1],
+            failed_runs=row[n + 2],
+            tokens=row[n + 3],
             input_tokens=row[n + 4],
             output_tokens=row[n + 5],
             operations=row[n + 6],
@@ -222,13 +229,8 @@ def _rows(
         )
         maxima[key] = row[n + 9]
     # The runs' histograms merged bucket by bucket in SQL.
-    sql = (
-        f"SELECT {select_keys}, h.bucket, SUM(h.count) FROM latency h"
-        " JOIN components c ON h.component_id = c.id JOIN runs r ON c.run_id = r.id"
-        f" WHERE {where} GROUP BY {group_by}, h.bucket"
-    )
     merged: dict[tuple[Any, ...], dict[int, int]] = {}
-    for row in conn.execute(sql, params):
+    for row in conn.execute(histograms, params):
         merged.setdefault(tuple(row[:n]), {})[row[n]] = row[n + 1]
     for key, buckets in merged.items():
         target = out.get(key)
