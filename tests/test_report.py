@@ -448,6 +448,10 @@ def test_latency_quantile_reads_merged_buckets() -> None:
         (["report", "--since", "2026-13-01"], "--since '2026-13-01' is not a date"),
         (["report", "--until", "yesterday"], "--until 'yesterday' is not a date"),
         (["report", "--session-prefix", "nobody"], "no session ID starts with 'nobody'"),
+        (
+            ["report", "--since", "2026-11-02", "--until", "2026-11-01T12:00"],
+            "--until '2026-11-01T12:00' is not after --since '2026-11-02'",
+        ),
         (["report", "--bogus"], "No such option"),
     ],
 )

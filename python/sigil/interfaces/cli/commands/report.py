@@ -71,6 +71,8 @@ def report(
             raise UsageFailure(
                 f"{name} {value!r} is not a date: use YYYY-MM-DD or an ISO date-time"
             ) from None
+    if bounds[0] is not None and bounds[1] is not None and bounds[1] <= bounds[0]:
+        raise UsageFailure(f"--until {until!r} is not after --since {since!r}")
     settings = load_settings({"logging.path": log_path})
     base = Path(settings.logging.path)
     if base.exists() and not base.is_dir():
