@@ -500,3 +500,23 @@ def test_runs_only_the_ledger_knows_still_count(sigil_home: Path, log_path: Path
     # The same from an index built from nothing.
     (log_path / "report_index.sqlite3").unlink()
     assert report(sigil_home, "session") == doc
+
+
+def test_a_run_without_a_final_event_is_running_while_its_lock_is_held(
+    sigil_home: Path, log_path: Path
+) -> None:
+    """Contract 7: running while a writer holds the lock, incomplete (a failure)
+    once it is gone; the index notices the lock being released."""
+    from sigil.core.locks import SessionLock
+
+    runs = [Run("busy", 1, day("2026-11-08T10:00:00+00:00"), steps_for(14), status=None)]
+    write_runs(log_path, runs)
+    lock = SessionLock(log_path / "sessions" / "busy").acquire()
+    try:
+        held = report(sigil_home, "session")
+        assert held["total"] == reference(runs, {("busy", 1): "running"})
+    finally:
+        lock.release()
+    gone = report(sigil_home, "session")
+    assert gone["total"] == reference(runs, {("busy", 1): "incomplete"})
+    assert gone["total"]["failed_runs"] == 1

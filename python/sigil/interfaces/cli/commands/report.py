@@ -52,7 +52,13 @@ def report(
     log_path: str | None,
 ) -> None:
     """Report over all sessions, live and archived: GROUP is daily (default),
-    weekly, monthly, session, component or model."""
+    weekly (named by its Monday), monthly, session, component or model.
+
+    A run counts in the period its first event falls in, in local time (TZ).
+    FAILED counts runs that ended in error, budget_exceeded or interrupted, or
+    whose writer died (incomplete); ERRORS failed steps; latency percentiles
+    are of the successful steps.
+    """
     from pathlib import Path
 
     from sigil.core.config import load_settings
