@@ -13,10 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sigil.reports.sources import archive_snapshot, find_session, fold_live, whole_history
-from sigil.telemetry.log_parser import ComponentSnapshot, HistorySnapshot, SessionSnapshot
+from sigil.reports.sources import (
+    Folded,
+    Source,
+    archive_snapshot,
+    find_session,
+    fold_live,
+    whole_history,
+)
+from sigil.telemetry.log_parser import (
+    ComponentSnapshot,
+    HistorySnapshot,
+    SessionSnapshot,
+    run_status,
+)
 
-__all__ = ["DiffError", "Side", "compare", "load_side"]
+__all__ = ["DiffError", "Side", "compare", "load_sides"]
 
 _SPEC_RE = re.compile(r"^(?P<sid>[A-Za-z0-9_-]{1,64})(?:@(?P<run>\d{1,9}))?$")
 _FIELDS = (
@@ -59,51 +71,82 @@ class Side:
         }
 
 
-def load_side(log_path: Path, spec: str) -> Side:
-    """``ID`` (the whole session) or ``ID@N`` (its run N)."""
+def load_sides(log_path: Path, specs: list[str]) -> list[Side]:
+    """Each of ``specs``: ``ID`` (the whole session) or ``ID@N`` (its run N).
+    The live sessions among them are folded by one native call, side by side."""
+    wanted = [_resolve(log_path, spec) for spec in specs]
+    live = sorted({source.key for _, _, _, source in wanted if not source.archived})
+    folded = dict(zip(live, fold_live(live), strict=True))
+    histories: dict[str, HistorySnapshot | SessionSnapshot] = {}
+    sides = []
+    for spec, session_id, number, source in wanted:
+        history = histories.get(source.key)
+        if history is None:
+            history = histories[source.key] = _history(source, folded.get(source.key))
+        sides.append(_side(spec, session_id, number, source, history))
+    return sides
+
+
+def _resolve(log_path: Path, spec: str) -> tuple[str, str, int | None, Source]:
     match = _SPEC_RE.fullmatch(spec)
     if match is None:
         raise DiffError(f"{spec!r} is not a session: use ID or ID@RUN")
-    session_id, run_text = match["sid"], match["run"]
+    session_id = match["sid"]
     source = find_session(log_path, session_id)
     if source is None:
         raise DiffError(f"unknown session {session_id!r} in {str(log_path)!r}")
-    history: HistorySnapshot | SessionSnapshot
+    number = int(match["run"]) if match["run"] is not None else None
+    return spec, session_id, number, source
+
+
+def _history(source: Source, folded: Folded | str | None) -> HistorySnapshot | SessionSnapshot:
     if source.archived:
         snapshot = archive_snapshot(Path(source.key))
         if isinstance(snapshot, str):
             raise DiffError(snapshot)
-        history = snapshot
-    else:
-        folded = fold_live([source.key])[0]
-        if isinstance(folded, str):
-            raise DiffError(f"cannot read session {session_id!r}: {folded}")
-        history = folded.snapshot
-        if folded.ledger_only_runs:
-            # The ledger knows runs the log lost: the whole history joins them.
-            history = whole_history(Path(source.key))
+        return snapshot
+    if folded is None or isinstance(folded, str):
+        raise DiffError(f"cannot read session {source.session_id!r}: {folded}")
+    if folded.ledger_only_runs:
+        # The ledger knows runs the log lost: the whole history joins them.
+        return whole_history(Path(source.key))
+    return folded.snapshot
+
+
+def _side(
+    spec: str,
+    session_id: str,
+    number: int | None,
+    source: Source,
+    history: HistorySnapshot | SessionSnapshot,
+) -> Side:
     runs = history.runs
-    if run_text is None:
-        status = runs[-1].status if runs else "waiting"
+    last = len(runs) - 1
+    # A run without a final event is incomplete once its writer is gone (contract 7).
+    writer_there = source.locked and not source.archived
+
+    def status(i: int) -> str:
+        return run_status(runs[i], writer_gone=not writer_there or i < last)
+
+    if number is None:
         return Side(
             spec,
             session_id,
             None,
             source.archived,
-            status,
+            status(last) if runs else "waiting",
             len(runs),
             history.tokens,
             dict(history.components),
         )
-    number = int(run_text)
-    for run in runs:
+    for i, run in enumerate(runs):
         if run.number == number:
             return Side(
                 spec,
                 session_id,
                 number,
                 source.archived,
-                run.status,
+                status(i),
                 1,
                 run.tokens,
                 dict(run.components),

@@ -20,12 +20,12 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
     from pathlib import Path
 
     from sigil.core.config import load_settings
-    from sigil.reports.diff import DiffError, compare, load_side
+    from sigil.reports.diff import DiffError, compare, load_sides
 
     settings = load_settings({"logging.path": log_path})
     base = Path(settings.logging.path)
     try:
-        left, right = load_side(base, a), load_side(base, b)
+        left, right = load_sides(base, [a, b])
     except DiffError as exc:
         raise UsageFailure(str(exc)) from None
     rows = compare(left, right)
