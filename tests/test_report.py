@@ -520,3 +520,14 @@ def test_a_run_without_a_final_event_is_running_while_its_lock_is_held(
     gone = report(sigil_home, "session")
     assert gone["total"] == reference(runs, {("busy", 1): "incomplete"})
     assert gone["total"]["failed_runs"] == 1
+
+
+def test_report_agrees_with_sigil_sessions(sigil_home: Path, history: list[Run]) -> None:
+    """Contract 12: one truth, whichever view shows it."""
+    proc = run_cli(sigil_home, "sessions", "--json")
+    assert proc.returncode == 0, proc.stderr
+    listed = {
+        row["session_id"]: (row["tokens_used"], row["runs"]) for row in json.loads(proc.stdout)
+    }
+    doc = report(sigil_home, "session")
+    assert {row["session"]: (row["tokens"], row["runs"]) for row in doc["rows"]} == listed
