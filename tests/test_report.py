@@ -531,3 +531,51 @@ def test_report_agrees_with_sigil_sessions(sigil_home: Path, history: list[Run])
     }
     doc = report(sigil_home, "session")
     assert {row["session"]: (row["tokens"], row["runs"]) for row in doc["rows"]} == listed
+
+
+def test_a_session_both_live_and_archived_counts_once(
+    sigil_home: Path, log_path: Path, history: list[Run]
+) -> None:
+    """A maintenance run that died between writing the archive and removing the
+    directory leaves both (log_rotation's crash-safety): the runs count once.
+    A later session reusing the ID (its own runs) counts beside the archive."""
+    import tarfile
+
+    before = report(sigil_home, "session")
+    day_dir = log_path / "archive" / "2026-11-20"
+    day_dir.mkdir(parents=True)
+    with tarfile.open(day_dir / "alpha.tar.gz", "w:gz") as tar:
+        tar.add(log_path / "sessions" / "alpha", arcname="alpha")
+    assert report(sigil_home, "session") == before
+    # The directory goes (maintenance finished): still the same numbers.
+    shutil.rmtree(log_path / "sessions" / "alpha")
+    assert report(sigil_home, "session") == before
+    # A new session under the same ID: its run and the archived ones.
+    again = Run("alpha", 1, day("2026-11-25T09:00:00+00:00"), steps_for(15))
+    write_runs(log_path, [again])
+    alpha = [r for r in history if r.session == "alpha"]
+    row = next(r for r in report(sigil_home, "session")["rows"] if r["session"] == "alpha")
+    assert strip_key(row, "session") == reference([*alpha, again])
+
+
+def test_an_index_locked_by_another_report_is_waited_for_then_done_in_memory(
+    log_path: Path, history: list[Run], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sigil.reports import index as index_module
+    from sigil.reports.query import Filters, run_report
+    from sigil.telemetry.log_parser import empty_snapshot
+
+    conn, _ = index_module.open_index(log_path)
+    conn.close()
+    (log_path / "sessions" / "gamma" / "execution.jsonl").open("ab").close()
+    os.utime(log_path / "sessions" / "gamma" / "execution.jsonl")  # gamma is stale now
+    holder = sqlite3.connect(log_path / "report_index.sqlite3", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another report is writing
+    monkeypatch.setattr(index_module, "BUSY_TIMEOUT_S", 0.05)
+    try:
+        conn, state = index_module.open_index(log_path)
+        got = run_report(conn, "daily", Filters(), empty_snapshot().latency_bounds_ms)
+    finally:
+        holder.execute("ROLLBACK")
+    assert state.rebuilt  # built in memory, the file left to the other report
+    assert got.total == reference(history)

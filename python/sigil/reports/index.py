@@ -33,7 +33,11 @@ from sigil.telemetry.log_parser import (
 __all__ = ["INDEX_FILE_NAME", "SCHEMA_VERSION", "Refresh", "open_index", "refresh"]
 
 INDEX_FILE_NAME = "report_index.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: how long a report waits for another one writing the index before it does
+#: its own work in memory
+BUSY_TIMEOUT_S = 10.0
+_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sources(
@@ -48,6 +52,11 @@ CREATE TABLE IF NOT EXISTS runs(
     source TEXT NOT NULL,
     session_id TEXT NOT NULL,
     run INTEGER NOT NULL,
+    archived INTEGER NOT NULL,
+    -- 1: the same run (session, number, start) is indexed from a better
+    -- source too (the live directory before an archive of it, left by a
+    -- maintenance run that died before removing the directory)
+    duplicate INTEGER NOT NULL DEFAULT 0,
     status TEXT NOT NULL,
     finished INTEGER NOT NULL,
     started_at TEXT,
@@ -68,6 +77,7 @@ CREATE TABLE IF NOT EXISTS runs(
 );
 CREATE INDEX IF NOT EXISTS runs_source ON runs(source);
 CREATE INDEX IF NOT EXISTS runs_started ON runs(started_ts);
+CREATE INDEX IF NOT EXISTS runs_identity ON runs(session_id, run);
 CREATE TABLE IF NOT EXISTS components(
     id INTEGER PRIMARY KEY,
     run_id INTEGER NOT NULL,
@@ -115,26 +125,34 @@ def open_index(log_path: Path) -> tuple[sqlite3.Connection, Refresh]:
     """The index of ``log_path``, brought up to date with its logs.
 
     A missing, unreadable or older index is rebuilt from the logs; where the
-    log path cannot hold one (it does not exist, or is read-only) the index
-    lives in memory for this call."""
+    log path cannot hold one (it does not exist, or is read-only), or another
+    report holds it longer than :data:`BUSY_TIMEOUT_S`, the index is built in
+    memory for this call."""
     path = log_path / INDEX_FILE_NAME
-    conn, rebuilt = _connect(path, log_path)
-    state = refresh(conn, log_path)
+    try:
+        conn, rebuilt = _connect(path, log_path)
+        state = refresh(conn, log_path)
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) not in _BUSY_CODES:
+            raise
+        conn, rebuilt = _create(sqlite3.connect(":memory:")), True
+        state = refresh(conn, log_path)
     state.rebuilt = rebuilt
     return conn, state
 
 
 def _connect(path: Path, log_path: Path) -> tuple[sqlite3.Connection, bool]:
+    """The index file, made anew when it is not an index of this schema. Busy
+    errors (another report writing it) propagate: the file is fine then."""
     if not log_path.is_dir() or not os.access(log_path, os.W_OK):
         return _create(sqlite3.connect(":memory:")), True
     for _attempt in range(2):
-        existed = path.exists()
-        if not existed:
+        if not path.exists():
             # 0600 like every file sigil writes (contract 8); sqlite keeps the mode.
             with contextlib.suppress(FileExistsError):
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
-            conn = sqlite3.connect(path, timeout=10, isolation_level=None)
             conn.execute("PRAGMA synchronous=OFF")  # a cache: a torn index is rebuilt
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == SCHEMA_VERSION:
@@ -142,9 +160,11 @@ def _connect(path: Path, log_path: Path) -> tuple[sqlite3.Connection, bool]:
                 return conn, False
             if version == 0 and not _tables(conn):
                 return _create(conn), True
-            conn.close()
-        except sqlite3.DatabaseError:
-            pass
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", None) in _BUSY_CODES:
+                conn.close()
+                raise
+        conn.close()
         # Not an index of this schema (older, corrupt, or not SQLite): the logs
         # are the truth, so it is simply made again.
         with contextlib.suppress(FileNotFoundError):
@@ -191,6 +211,7 @@ def refresh(conn: sqlite3.Connection, log_path: Path) -> Refresh:
         for s in stale:
             _insert(conn, s, by_key[s.key])
         _roll_up(conn)
+        _mark_duplicates(conn)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -247,6 +268,21 @@ def _roll_up(conn: sqlite3.Connection) -> None:
     )
 
 
+def _mark_duplicates(conn: sqlite3.Connection) -> None:
+    """A run indexed from two sources (a session's directory and an archive of
+    it, both left by a maintenance run that died before removing the directory)
+    counts once: from the live directory, else from the first archive by path.
+    A later session reusing the ID has runs that started at other times, so
+    both count."""
+    conn.execute(
+        "UPDATE runs SET duplicate = EXISTS (SELECT 1 FROM runs b"
+        " WHERE b.session_id = runs.session_id AND b.run = runs.run"
+        " AND b.started_at IS runs.started_at AND b.id <> runs.id"
+        " AND (b.archived < runs.archived"
+        " OR (b.archived = runs.archived AND b.source < runs.source)))"
+    )
+
+
 def _insert(conn: sqlite3.Connection, source: Source, runs: list[RunSnapshot] | str) -> None:
     if isinstance(runs, str):
         conn.execute(
@@ -263,13 +299,14 @@ def _insert(conn: sqlite3.Connection, source: Source, runs: list[RunSnapshot] | 
     for i, run in enumerate(runs):
         started = run.started_at or run.ended_at or run.last_at
         cursor = conn.execute(
-            "INSERT INTO runs(source, session_id, run, status, finished, started_at, ended_at,"
-            " started_ts, tokens, events, steps_completed, steps_failed)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO runs(source, session_id, run, archived, status, finished, started_at,"
+            " ended_at, started_ts, tokens, events, steps_completed, steps_failed)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 source.key,
                 source.session_id,
                 run.number,
+                source.archived,
                 run_status(run, writer_gone=not writer_there or i < last),
                 run.ended_at is not None,
                 run.started_at,

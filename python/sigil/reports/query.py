@@ -60,7 +60,7 @@ class Filters:
     session_prefix: str | None = None
 
     def where(self) -> tuple[str, list[Any]]:
-        clauses: list[str] = ["1"]
+        clauses: list[str] = ["r.duplicate = 0"]
         params: list[Any] = []
         if self.since is not None:
             clauses.append("r.started_ts >= ?")
