@@ -567,8 +567,8 @@ def test_an_index_locked_by_another_report_is_waited_for_then_done_in_memory(
 
     conn, _ = index_module.open_index(log_path)
     conn.close()
-    (log_path / "sessions" / "gamma" / "execution.jsonl").open("ab").close()
-    os.utime(log_path / "sessions" / "gamma" / "execution.jsonl")  # gamma is stale now
+    # gamma is stale now (an mtime no tick can collide with)
+    os.utime(log_path / "sessions" / "gamma" / "execution.jsonl", ns=(10**18, 10**18))
     holder = sqlite3.connect(log_path / "report_index.sqlite3", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another report is writing
     monkeypatch.setattr(index_module, "BUSY_TIMEOUT_S", 0.05)
