@@ -579,3 +579,39 @@ def test_an_index_locked_by_another_report_is_waited_for_then_done_in_memory(
         holder.execute("ROLLBACK")
     assert state.rebuilt  # built in memory, the file left to the other report
     assert got.total == reference(history)
+
+
+def test_an_archive_with_a_compressed_segment_and_a_broken_archive(
+    sigil_home: Path, log_path: Path
+) -> None:
+    """logrotate's ``compress`` left run 1 in ``execution.jsonl.1.gz``: read from
+    the archive in memory, oldest first. A broken archive is one warning line;
+    the others still count."""
+    import gzip
+    import tarfile
+
+    runs = [
+        Run("rot", 1, day("2026-11-10T09:00:00+00:00"), steps_for(16)),
+        Run("rot", 2, day("2026-11-11T09:00:00+00:00"), steps_for(17)),
+    ]
+    write_runs(log_path / "staging", runs)
+    lines = (log_path / "staging" / "sessions" / "rot" / "execution.jsonl").read_bytes()
+    second_start = lines.index(b'"metadata":{"run":2,')
+    cut = lines.rindex(b"\n", 0, second_start) + 1
+    session = log_path / "staging" / "rot"
+    session.mkdir()
+    (session / "execution.jsonl.1.gz").write_bytes(gzip.compress(lines[:cut]))
+    (session / "execution.jsonl").write_bytes(lines[cut:])
+    day_dir = log_path / "archive" / "2026-11-20"
+    day_dir.mkdir(parents=True)
+    with tarfile.open(day_dir / "rot.tar.gz", "w:gz") as tar:
+        tar.add(session, arcname="rot")
+    (day_dir / "junk.tar.gz").write_bytes(b"\x1f\x8b not really gzip")
+    shutil.rmtree(log_path / "staging")
+    proc = run_cli(sigil_home, "report", "daily", "--json", TZ="UTC")
+    assert proc.returncode == 0, proc.stderr
+    warnings = proc.stderr.splitlines()
+    assert len(warnings) == 1 and "session junk is unreadable" in warnings[0], proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["total"] == reference(runs)
+    assert [r["period"] for r in doc["rows"]] == ["2026-11-10", "2026-11-11"]
