@@ -41,6 +41,16 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
         "logs",
         "Rotate, archive and clean up session logs.",
     ),
+    "report": (
+        "sigil.interfaces.cli.commands.report",
+        "report",
+        "Tokens, runs, failures and latency per day, week, month or group.",
+    ),
+    "diff": (
+        "sigil.interfaces.cli.commands.diff",
+        "diff",
+        "Compare two sessions or two runs component by component.",
+    ),
     "config": (
         "sigil.interfaces.cli.commands.config",
         "config",
