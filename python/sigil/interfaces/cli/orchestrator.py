@@ -72,6 +72,7 @@ from sigil.pipeline.base import (
     usage_of,
 )
 from sigil.telemetry.execution_logger import ExecutionLogger
+from sigil.telemetry.pricing import COST_KEY, Pricer
 from sigil.telemetry.tokens import TokenTracker
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -700,6 +701,8 @@ class Orchestrator:
         self.resume = resume
         self.provider = self._make_provider(provider)
         self.steps: dict[str, Step] = self._make_steps(components)
+        #: prices each model call's event (``cost_usd``): config's overrides, then the table
+        self.pricer = Pricer.from_settings(settings)
 
         from sigil.telemetry.sanitization import sanitizer_from_settings
 
@@ -1055,6 +1058,10 @@ class Orchestrator:
         # Building the tokenizer takes ~150 ms: do it in a thread while the log opens
         # and session_start goes out, so a monitor sees the run start at once.
         tokenizer_future = asyncio.ensure_future(load_tokenizer())
+        if self.provider is not None:
+            # A model answers this run's steps: load the price table meanwhile, so
+            # that pricing the first step's event does not wait for its import.
+            self.pricer.warm()
         try:
             return await self._run_steps(
                 prep,
@@ -1220,6 +1227,16 @@ class Orchestrator:
             return OSError(number, str(stats.get("last_error") or os.strerror(number)))
         return None
 
+    async def _usage_meta(
+        self, input_tokens: int, output_tokens: int, model: str | None
+    ) -> dict[str, Any]:
+        """A model call's metadata: its tokens, its model and, where priced, ``cost_usd``."""
+        meta: dict[str, Any] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+        if model is not None:
+            meta["model"] = model
+            meta.update(await self.pricer.ameta(model, input_tokens, output_tokens))
+        return meta
+
     def _model_name(self, tokenizer_name: str) -> str:
         if self.provider is not None:
             return str(getattr(self.provider, "model", "unknown"))
@@ -1271,12 +1288,15 @@ class Orchestrator:
                 now = time.perf_counter()
                 usage = usage_of(exc)
                 if usage is not None:
+                    spent = await self._usage_meta(
+                        usage.input_tokens, usage.output_tokens, usage.model
+                    )
                     await tracker.track(
                         slot,
                         usage.total,
                         event_type="token_consumption",
                         message=f"{title} attempt {attempt} failed; it used {usage.total} tokens",
-                        metadata=_usage_meta(usage.input_tokens, usage.output_tokens, usage.model)
+                        metadata=spent
                         | {"attempt": attempt, "outcome": "failed_attempt", "run": run},
                     )
                 handled = self.error_handler.handle(
@@ -1325,18 +1345,22 @@ class Orchestrator:
                 )
             now = time.perf_counter()
             latency_ms = (now - step_started) * 1000
+            spent = await self._usage_meta(out.input_tokens, out.output_tokens, out.model)
             meta: dict[str, Any] = {
                 "run": run,
                 "attempt": attempt,
                 "latency_ms": round(latency_ms, 3),
                 "attempt_latency_ms": round((now - attempt_started) * 1000, 3),
-                **_usage_meta(out.input_tokens, out.output_tokens, out.model),
+                **spent,
                 "tokenizer": tokenizer.name if out.model is None else None,
             }
             if meta["tokenizer"] is None:
                 del meta["tokenizer"]
             for key, value in out.metadata.items():
-                meta.setdefault(key, value)
+                # A cost comes from the price table only (one rule): a step's own
+                # ``cost_usd`` would make an unpriced model look priced.
+                if key != COST_KEY:
+                    meta.setdefault(key, value)
             _attach_output(meta, out.output)
             await tracker.track(
                 slot,
@@ -1354,8 +1378,8 @@ class Orchestrator:
                     output=out.output,
                     metadata={
                         "attempts": attempt,
-                        **_usage_meta(out.input_tokens, out.output_tokens, out.model),
-                        **out.metadata,
+                        **spent,
+                        **{k: v for k, v in out.metadata.items() if k != COST_KEY},
                     },
                 ),
                 None,
@@ -1709,13 +1733,6 @@ def _step_name(slot: str) -> PipelineStep | str:
         return PipelineStep(slot)
     except ValueError:
         return slot
-
-
-def _usage_meta(input_tokens: int, output_tokens: int, model: str | None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
-    if model is not None:
-        meta["model"] = model
-    return meta
 
 
 def _attach_output(meta: dict[str, Any], output: Any) -> None:

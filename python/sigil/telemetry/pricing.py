@@ -1,0 +1,165 @@
+"""The cost of one model call, in US dollars, from a maintained price table.
+
+Cost is priced once, per event, by the writer that knows the model and the
+usage (the orchestrator's model steps, ``sigil proxy``'s metering), and stored
+in the event's metadata as ``cost_usd``: a JSON number with at most 9 decimals
+(nano-dollars), so that the native session model sums it exactly as integers,
+whatever the order its threads merge in. A model with no price gets no
+``cost_usd``: the views show it "unpriced", never $0.
+
+Prices come from ``genai-prices`` (pinned in pyproject), read from the snapshot
+bundled in the package: sigil never starts its ``UpdatePrices`` fetcher, so
+pricing makes no network call. A user's ``pricing.models`` in ``config.yaml``
+wins over the table for the models it names (matched by exact name).
+
+``genai_prices`` costs 0.3-1.3 s to import (pydantic and a 30K-line table), so
+it is imported lazily and off the event loop: :meth:`Pricer.warm` imports it on
+a background thread when a run that may use a priced model starts, and
+:meth:`Pricer.aprice` prices on a worker thread until that import is done.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sigil.core.config import Settings
+
+__all__ = ["COST_KEY", "ModelPrice", "Pricer", "cost_number"]
+
+#: The metadata key of an event's cost in US dollars.
+COST_KEY = "cost_usd"
+#: Costs are stored to the nano-dollar: the unit the native fold sums in.
+_NANO = Decimal("0.000000001")
+_MTOK = Decimal(1_000_000)
+#: Models found unpriced are remembered (a miss costs ~50 us); bounded, since the
+#: proxy's model names come from its clients.
+_MAX_REMEMBERED_MISSES = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ModelPrice:
+    """A user's price for one model, in US dollars per million tokens."""
+
+    input_per_mtok: Decimal
+    output_per_mtok: Decimal
+
+    def cost(self, input_tokens: int, output_tokens: int) -> Decimal:
+        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / _MTOK
+
+
+def cost_number(cost: Decimal) -> float:
+    """``cost`` rounded to the nano-dollar, as the JSON number an event carries.
+
+    Rounded to 9 decimals, a cost below $1M has at most 15 significant digits,
+    which a double holds exactly enough that its shortest text (what orjson and
+    ``repr`` write) is that decimal again: readers parse the text, not the double.
+    """
+    return float(cost.quantize(_NANO, rounding=ROUND_HALF_EVEN))
+
+
+class Pricer:
+    """Prices model calls: the user's overrides first, then genai-prices' table."""
+
+    def __init__(self, overrides: Mapping[str, ModelPrice] | None = None) -> None:
+        self.overrides: dict[str, ModelPrice] = dict(overrides or {})
+        self._unpriced: set[str] = set()
+        self._loaded = threading.Event()
+        self._loading: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Pricer:
+        """The pricer of ``pricing.models`` (validated by :mod:`sigil.core.config`)."""
+        models = settings.pricing.models
+        return cls(
+            {
+                name: ModelPrice(
+                    Decimal(str(price["input_per_mtok"])), Decimal(str(price["output_per_mtok"]))
+                )
+                for name, price in models.items()
+            }
+        )
+
+    # -- the table, imported off the hot path --------------------------------------------------
+
+    def warm(self) -> None:
+        """Import genai-prices on a background thread (once); returns at once."""
+        with self._lock:
+            if self._loading is not None or self._loaded.is_set():
+                return
+            self._loading = threading.Thread(
+                target=self._load, name="sigil-pricing-import", daemon=True
+            )
+            self._loading.start()
+
+    @property
+    def ready(self) -> bool:
+        """True once pricing needs no import (the table is loaded)."""
+        return self._loaded.is_set()
+
+    def _load(self) -> None:
+        try:
+            _table()
+        finally:
+            self._loaded.set()
+
+    # -- pricing -------------------------------------------------------------------------------
+
+    def price(self, model: str | None, input_tokens: int, output_tokens: int) -> Decimal | None:
+        """The cost of one call in US dollars (exact), or None when the model is unpriced.
+
+        Blocks on the import of genai-prices the first time a model without an
+        override is priced: on an event loop use :meth:`aprice`.
+        """
+        if not model:
+            return None
+        override = self.overrides.get(model)
+        if override is not None:
+            return override.cost(input_tokens, output_tokens)
+        if model in self._unpriced:
+            return None
+        usage_type, calc_price = _table()
+        self._loaded.set()
+        try:
+            result = calc_price(
+                usage_type(input_tokens=input_tokens, output_tokens=output_tokens),
+                model_ref=model,
+            )
+        except LookupError:
+            # No provider or model matches, or no price at this date: unpriced.
+            if len(self._unpriced) < _MAX_REMEMBERED_MISSES:
+                self._unpriced.add(model)
+            return None
+        return Decimal(result.total_price)
+
+    async def aprice(
+        self, model: str | None, input_tokens: int, output_tokens: int
+    ) -> Decimal | None:
+        """:meth:`price` without blocking the event loop on the table's import."""
+        if not model or model in self.overrides or model in self._unpriced or self.ready:
+            return self.price(model, input_tokens, output_tokens)
+        import asyncio  # the CLI's non-async paths (monitor --once) never import it
+
+        return await asyncio.to_thread(self.price, model, input_tokens, output_tokens)
+
+    def cost_meta(self, cost: Decimal | None) -> dict[str, Any]:
+        """``{"cost_usd": number}`` for a priced call, ``{}`` for an unpriced one."""
+        return {} if cost is None else {COST_KEY: cost_number(cost)}
+
+    async def ameta(
+        self, model: str | None, input_tokens: int, output_tokens: int
+    ) -> dict[str, Any]:
+        """The event metadata of a call's cost: ``{"cost_usd": ...}`` or ``{}``."""
+        return self.cost_meta(await self.aprice(model, input_tokens, output_tokens))
+
+
+def _table() -> tuple[Any, Any]:
+    """genai-prices' ``Usage`` and ``calc_price`` (the import is the cost)."""
+    from genai_prices import Usage, calc_price
+
+    return Usage, calc_price

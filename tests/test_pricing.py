@@ -1,0 +1,279 @@
+"""Cost per event (issue 12, Cost): genai-prices' table, read offline, and the
+user's overrides in ``config.yaml``; an unpriced model gets no ``cost_usd``.
+
+The orchestrator's model steps and ``sigil proxy``'s metering price each event
+as they write it; these tests read the events those writers put in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from sigil.core.config import ConfigError, load_settings
+from sigil.telemetry.pricing import ModelPrice, Pricer, cost_number
+
+
+def write_config(home: Path, text: str) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.yaml").write_text(text, encoding="utf-8")
+
+
+def events_of(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# -- the price of one call --------------------------------------------------------------------
+
+
+def test_a_priced_model_costs_exactly_what_genai_prices_says() -> None:
+    from genai_prices import Usage, calc_price
+
+    expected = calc_price(Usage(input_tokens=1234, output_tokens=567), model_ref="gpt-4o-mini")
+    cost = Pricer().price("gpt-4o-mini", 1234, 567)
+    assert cost == expected.total_price == Decimal("0.0005253")
+    # The event carries it as a JSON number whose text is that decimal.
+    meta = Pricer().cost_meta(cost)
+    assert orjson.dumps(meta) == b'{"cost_usd":0.0005253}'
+
+
+def test_an_unknown_model_or_no_model_is_unpriced() -> None:
+    pricer = Pricer()
+    assert pricer.price("house-model-7", 100, 10) is None
+    assert pricer.price(None, 100, 10) is None
+    assert pricer.price("", 100, 10) is None
+    assert pricer.cost_meta(None) == {}
+    assert asyncio.run(pricer.ameta("house-model-7", 100, 10)) == {}
+
+
+def test_an_override_wins_over_the_table_with_decimal_arithmetic() -> None:
+    pricer = Pricer({"gpt-4o-mini": ModelPrice(Decimal("0.1"), Decimal("0.3"))})
+    cost = pricer.price("gpt-4o-mini", 3, 7)
+    # 3 * 0.1 + 7 * 0.3 = 2.4 dollars per million: binary floats would give 2.4000000000000004.
+    assert cost == Decimal("0.0000024")
+    assert asyncio.run(pricer.ameta("gpt-4o-mini", 3, 7)) == {"cost_usd": 2.4e-06}
+
+
+def test_costs_are_stored_to_the_nano_dollar() -> None:
+    assert cost_number(Decimal("0.0000000004")) == 0.0
+    assert cost_number(Decimal("0.0000000015")) == 2e-09  # half to even
+    assert cost_number(Decimal("123.4567891234")) == 123.456789123
+    assert repr(cost_number(Decimal("987654.123456789"))) == "987654.123456789"
+
+
+def test_aprice_does_not_block_the_event_loop_on_the_import() -> None:
+    """Before the table is loaded, pricing runs on a worker thread: the loop
+    keeps ticking while genai-prices imports."""
+    probe = (
+        "import asyncio, time\n"
+        "from sigil.telemetry.pricing import Pricer\n"
+        "async def main():\n"
+        "    ticks = 0\n"
+        "    async def tick():\n"
+        "        nonlocal ticks\n"
+        "        while True:\n"
+        "            await asyncio.sleep(0.005); ticks += 1\n"
+        "    t = asyncio.ensure_future(tick())\n"
+        "    await asyncio.sleep(0.02)\n"
+        "    before = ticks\n"
+        "    cost = await Pricer().aprice('gpt-4o-mini', 1000, 100)\n"
+        "    t.cancel()\n"
+        "    print(cost, ticks - before)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    cost, ticks = proc.stdout.split()
+    assert Decimal(cost) == Decimal("0.00021")
+    assert int(ticks) >= 5, proc.stdout  # the import took > 25 ms and the loop ran meanwhile
+
+
+def test_pricing_makes_no_network_call_and_never_auto_updates() -> None:
+    """genai-prices reads its bundled snapshot: no socket is opened (seen by an
+    audit hook, not a mock) and no updater is running."""
+    probe = (
+        "import sys\n"
+        "opened = []\n"
+        "sys.addaudithook(lambda e, a: opened.append(e) if e.startswith('socket.') else None)\n"
+        "from sigil.telemetry.pricing import Pricer\n"
+        "p = Pricer()\n"
+        "p.warm()\n"
+        "costs = [p.price(m, 1000, 100) for m in ('gpt-4o-mini', 'claude-3-5-sonnet', 'nope-1')]\n"
+        "from genai_prices import data_snapshot\n"
+        "print(costs[0] is not None, costs[2] is None, opened,\n"
+        "      data_snapshot.get_snapshot().from_auto_update)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert proc.stdout.strip().split(maxsplit=2) == ["True", "True", "[] False"]
+
+
+def test_help_and_the_orchestrator_module_do_not_import_the_price_table() -> None:
+    probe = (
+        "import sys\n"
+        "import sigil.interfaces.cli.orchestrator, sigil.proxy.metering\n"
+        "from sigil.interfaces.cli.main import main\n"
+        "sys.argv = ['sigil', '--help']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('genai_prices' in sys.modules, 'pydantic' in sys.modules, file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.stderr.strip().splitlines()[-1] == "False False", proc.stderr
+
+
+# -- overrides in config.yaml ------------------------------------------------------------------
+
+
+def test_overrides_are_read_from_config(tmp_path: Path) -> None:
+    write_config(
+        tmp_path,
+        "pricing:\n  models:\n    house-model:\n      input_per_mtok: 0.15\n"
+        "      output_per_mtok: 2\n",
+    )
+    settings = load_settings(env={"SIGIL_HOME": str(tmp_path)})
+    assert settings.pricing.models == {
+        "house-model": {"input_per_mtok": 0.15, "output_per_mtok": 2}
+    }
+    assert settings.source("pricing.models") == "config"
+    pricer = Pricer.from_settings(settings)
+    assert pricer.price("house-model", 1_000_000, 500_000) == Decimal("1.15")
+    assert pricer.price("house-model-2", 1, 1) is None  # exact names only
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ("pricing:\n  models: [a]\n", "expected a mapping of model name"),
+        ("pricing:\n  models:\n    m: 3\n", "m: expected {input_per_mtok"),
+        ("pricing:\n  models:\n    m: {input_per_mtok: 1}\n", "m: output_per_mtok is missing"),
+        (
+            "pricing:\n  models:\n    m: {input_per_mtok: -1, output_per_mtok: 1}\n",
+            "m: input_per_mtok: expected US dollars per million tokens",
+        ),
+        (
+            "pricing:\n  models:\n    m: {input_per_mtok: '1', output_per_mtok: 1}\n",
+            "got '1'",
+        ),
+        (
+            "pricing:\n  models:\n    m: {input_per_mtok: .nan, output_per_mtok: 1}\n",
+            "input_per_mtok",
+        ),
+        (
+            "pricing:\n  models:\n    m: {input_per_mtok: 1, output_per_mtok: 1, cache: 2}\n",
+            "unknown key 'cache'",
+        ),
+    ],
+)
+def test_a_bad_override_is_a_config_error_naming_the_key(
+    tmp_path: Path, body: str, needle: str
+) -> None:
+    write_config(tmp_path, body)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"SIGIL_HOME": str(tmp_path)})
+    message = str(caught.value)
+    assert "pricing.models" in message and needle in message
+    assert "\n" not in message
+
+
+def test_a_bad_override_stops_orchestrate_with_one_line_and_exit_2(
+    sigil_home: Path, run_sigil: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    write_config(sigil_home, "pricing:\n  models:\n    m: {input_per_mtok: true}\n")
+    result = run_sigil("orchestrate", "--task", "t", "--session", "badprice", "--json")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "config.yaml" in lines[0] and "pricing.models" in lines[0]
+
+
+# -- the writers: orchestrator steps ------------------------------------------------------------
+
+
+def test_orchestrator_events_carry_the_cost_of_priced_models_only(sigil_home: Path) -> None:
+    from sigil.interfaces.cli.orchestrator import Orchestrator
+    from sigil.pipeline.base import StepContext, StepError, StepOutput, TokenUsage
+
+    write_config(
+        sigil_home,
+        "pricing:\n  models:\n    house-model: {input_per_mtok: 2, output_per_mtok: 8}\n",
+    )
+
+    class Priced:
+        name = "reasoning"
+
+        async def run(self, ctx: StepContext) -> StepOutput:
+            return StepOutput(
+                output={"summary": "s"}, input_tokens=1234, output_tokens=567, model="gpt-4o-mini"
+            )
+
+    class Unpriced:
+        name = "planning"
+
+        async def run(self, ctx: StepContext) -> StepOutput:
+            # A step's own cost_usd is not taken: cost comes from the price table.
+            return StepOutput(
+                output={"plan": []}, input_tokens=50, output_tokens=5, model="echo-1",
+                metadata={"cost_usd": 9.99},
+            )  # fmt: skip
+
+    class FailsOnceOnAnOverriddenModel:
+        name = "memory"
+
+        async def run(self, ctx: StepContext) -> StepOutput:
+            if ctx.attempt == 1:
+                raise StepError(
+                    "timed out", usage=TokenUsage(40, 10, "house-model"), category="transient"
+                )
+            return StepOutput(output={}, input_tokens=3, output_tokens=1, model="house-model")
+
+    from sigil.core.config import load_settings
+
+    settings = load_settings({"errors.backoff_base": 0.0, "errors.backoff_max": 0.0})
+    orch = Orchestrator(
+        "priced",
+        settings=settings,
+        components={
+            "reasoning": Priced(),
+            "planning": Unpriced(),
+            "memory": FailsOnceOnAnOverriddenModel(),
+        },
+    )
+    result = asyncio.run(orch.execute("Analyze Acme Corp"))
+    assert result.status == "complete", result.error
+    events = events_of(orch.log_file)
+    by = {
+        (e["component"], e["event_type"]): e["metadata"]
+        for e in events
+        if e["event_type"] in ("step_complete", "token_consumption")
+    }
+    assert by["reasoning", "step_complete"]["cost_usd"] == 0.0005253
+    assert "cost_usd" not in by["planning", "step_complete"]
+    assert by["planning", "step_complete"]["model"] == "echo-1"
+    # The failed attempt's tokens are priced too, by the user's override.
+    assert by["memory", "token_consumption"]["cost_usd"] == (40 * 2 + 10 * 8) / 1e6
+    assert by["memory", "step_complete"]["cost_usd"] == (3 * 2 + 1 * 8) / 1e6
+    # Offline steps (no model) are neither priced nor unpriced.
+    assert all(
+        "cost_usd" not in meta and "model" not in meta
+        for (component, _), meta in by.items()
+        if component in ("routing", "contracts", "validation")
+    )
+    steps = {str(s.step): s for s in result.steps}
+    assert steps["reasoning"].metadata["cost_usd"] == 0.0005253
+    assert "cost_usd" not in steps["planning"].metadata
