@@ -584,3 +584,35 @@ def test_collect_without_aiohttp_says_how_to_install(home: Path) -> None:
     assert proc.returncode == 1
     assert "pip install 'sigil[collect]'" in proc.stderr
     assert os.path.isdir(home) and not (home / "logs" / "sessions").exists()
+
+
+def test_secrets_in_span_text_are_scrubbed(tmp_path: Path) -> None:
+    """The loggers run without a per-event sanitizer; the sink scrubs each text
+    a span brings with the same rules (sigil.collect.sink, Secrets)."""
+    key = "sk-proj-" + "a1B2c3D4e5F6g7H8i9J0" * 3
+    span = SpanData(
+        TRACE,
+        "00000000000000e1",
+        "",
+        f"chat with {key}",
+        1,
+        2,
+        True,
+        f"Incorrect API key provided: {key}",
+        {
+            "gen_ai.conversation.id": "secrets",
+            "gen_ai.operation.name": "chat",
+            "gen_ai.agent.name": f"agent {key}",
+            "gen_ai.request.model": f"model-{key}",
+            "error.type": f"AuthenticationError {key}",
+            "gen_ai.usage.input_tokens": 3,
+        },
+    )
+    sink = SessionSink(tmp_path)
+    assert sink.ingest([span]).written == 1
+    sink.close()
+    raw = (tmp_path / "sessions" / "secrets" / "execution.jsonl").read_text()
+    assert key not in raw and key[:20] not in raw
+    (error,) = [e for e in steps(tmp_path / "sessions" / "secrets")]
+    assert error["event_type"] == "step_error" and error["tokens"] == 3
+    assert error["message"].startswith("Incorrect API key provided: ")

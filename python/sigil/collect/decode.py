@@ -100,13 +100,13 @@ def gunzip(body: bytes, limit: int) -> bytes:
 # protobuf (opentelemetry-proto, imported on first use)
 
 
+#: The AnyValue cases kept; no attribute the mapping reads is an array, a map or bytes.
+_PB_SCALARS = frozenset({"string_value", "int_value", "double_value", "bool_value"})
+
+
 def _pb_value(value: Any) -> Any:
     which = value.WhichOneof("value")
-    if which is None:
-        return None
-    if which in ("array_value", "kvlist_value", "bytes_value"):
-        return None  # no attribute the mapping reads has these types
-    return getattr(value, which)
+    return getattr(value, which) if which in _PB_SCALARS else None
 
 
 def decode_protobuf(body: bytes) -> list[SpanData]:
@@ -121,7 +121,7 @@ def decode_protobuf(body: bytes) -> list[SpanData]:
         request.ParseFromString(body)
     except DecodeError as exc:
         raise MalformedPayload(f"the body is not an OTLP protobuf trace request: {exc}") from None
-    kept = KEPT_ATTRIBUTES
+    kept, scalars = KEPT_ATTRIBUTES, _PB_SCALARS
     out: list[SpanData] = []
     append = out.append
     for resource_spans in request.resource_spans:
@@ -140,8 +140,12 @@ def decode_protobuf(body: bytes) -> list[SpanData]:
                     )
                 attributes = dict(resource_attrs) if resource_attrs else {}
                 for kv in span.attributes:
-                    if kv.key in kept:
-                        attributes[kv.key] = _pb_value(kv.value)
+                    key = kv.key
+                    if key in kept:
+                        # _pb_value inline: this loop is the decoder's hot path
+                        value = kv.value
+                        which = value.WhichOneof("value")
+                        attributes[key] = getattr(value, which) if which in scalars else None
                 status = span.status
                 append(
                     SpanData(

@@ -21,6 +21,13 @@ whose children already reported theirs is written with no tokens (its
 reported counts kept as ``reported_*``), so nothing counts twice. Children end,
 and so are exported, before their parent; a parent that arrives first is
 counted and its children then count again -- a known limit of this rule.
+
+**Secrets.** Every text a span brings (its name or status message, the
+component, model, provider, operation and error type) is scrubbed by
+:class:`~sigil.telemetry.sanitization.LogSanitizer`, whose cache of clean
+strings makes the repeated names of a trace free; the rest of an event is
+numbers and hex IDs. So the loggers run without a per-event sanitizer: the
+same rules, applied once per distinct string instead of twice per event.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from sigil.collect.mapping import SpanEvent, map_span
 from sigil.core.locks import SessionBusy
 from sigil.core.paths import resolve_log_path, session_dir
 from sigil.telemetry.execution_logger import ExecutionLogger
+from sigil.telemetry.sanitization import LogSanitizer
 
 __all__ = ["COMPONENT", "IngestResult", "SessionSink"]
 
@@ -44,6 +52,8 @@ _DONE_EVENTS = frozenset({"step_complete", "step_error", "token_consumption"})
 #: Parent keys remembered per session for the aggregate rule (bounded; the
 #: oldest half is forgotten when full).
 _MAX_PARENTS = 65536
+#: The metadata values that are text from the span (the others are numbers or hex IDs).
+_TEXT_METADATA = ("model", "provider", "operation", "error_type")
 
 
 @dataclass(slots=True)
@@ -108,6 +118,7 @@ class SessionSink:
         self.idle_seconds = idle_seconds
         self.fsync = fsync
         self._sessions: dict[str, _OpenSession] = {}
+        self._scrub = LogSanitizer().sanitize_string
 
     @property
     def open_sessions(self) -> list[str]:
@@ -115,7 +126,8 @@ class SessionSink:
 
     def _open(self, session_id: str) -> _OpenSession:
         directory = session_dir(session_id, self.log_path)
-        logger = ExecutionLogger(session_id, self.log_path, fsync=self.fsync)
+        # sanitizer=False: _write scrubs every text a span brings (module doc).
+        logger = ExecutionLogger(session_id, self.log_path, fsync=self.fsync, sanitizer=False)
         # The lock first (SessionBusy when another writer has it), then the history
         # under it, so nobody writes between the reading and the writing.
         logger.initialize_sync()
@@ -169,10 +181,15 @@ class SessionSink:
         result.busy_sessions = sorted(busy)
         return result
 
-    @staticmethod
-    def _write(session: _OpenSession, event: SpanEvent) -> None:
+    def _write(self, session: _OpenSession, event: SpanEvent) -> None:
         log = session.logger.log_event_sync
         meta = event.metadata
+        scrub = self._scrub
+        component, message = scrub(event.component), scrub(event.message)
+        for name in _TEXT_METADATA:
+            value = meta.get(name)
+            if value is not None:
+                meta[name] = scrub(value)
         parents = session.parents
         if event.usage is not None and not event.exported:
             if event.key in parents and event.tokens:
@@ -187,12 +204,12 @@ class SessionSink:
                         del parents[stale]
                 parents[event.parent_key] = None
         if event.kind == "tokens":
-            log("token_consumption", event.component, event.message, event.tokens, meta)
+            log("token_consumption", component, message, event.tokens, meta)
         else:
             ids = {"source": "otlp", "trace_id": meta["trace_id"], "span_id": meta["span_id"]}
-            log("step_start", event.component, event.message, 0, ids)
+            log("step_start", component, message, 0, ids)
             kind = "step_error" if event.error else "step_complete"
-            log(kind, event.component, event.message, event.tokens, meta)
+            log(kind, component, message, event.tokens, meta)
         session.seen.add(event.key)
 
     def close_idle(self, now: float | None = None) -> list[str]:
