@@ -616,3 +616,38 @@ def test_secrets_in_span_text_are_scrubbed(tmp_path: Path) -> None:
     (error,) = [e for e in steps(tmp_path / "sessions" / "secrets")]
     assert error["event_type"] == "step_error" and error["tokens"] == 3
     assert error["message"].startswith("Incorrect API key provided: ")
+
+
+def test_idle_sessions_are_closed_and_reopened_as_a_new_run(home: Path, tmp_path: Path) -> None:
+    from sigil.core.locks import is_session_locked
+
+    collector = Collector(home, tmp_path / "collected", "--idle", "0.3")
+    js = {"Content-Type": "application/json"}
+    sdir = collector.session_dir("idle-s")
+    try:
+        body = _json_request(_json_span(TRACE, "00000000000000a1", tokens=(2, 1), sid="idle-s"))
+        assert httpx.post(collector.url, content=body, headers=js).status_code == 200
+        wait_for(
+            "the idle run to end",
+            lambda: (
+                sdir.is_dir()
+                and session_history(sdir).runs
+                and session_history(sdir).runs[-1].status == "complete"
+            ),
+        )
+        assert not is_session_locked(sdir)
+        # the same span again is still a duplicate, and starts no run
+        assert httpx.post(collector.url, content=body, headers=js).status_code == 200
+        wait_for("the idle session to close again", lambda: not is_session_locked(sdir))
+        assert len(session_history(sdir).runs) == 1
+        # a new span opens run 2
+        body = _json_request(_json_span(TRACE, "00000000000000a2", tokens=(4, 1), sid="idle-s"))
+        assert httpx.post(collector.url, content=body, headers=js).status_code == 200
+        wait_tokens(sdir, 8)
+        collector.stop()
+    finally:
+        if collector.proc.poll() is None:
+            collector.proc.kill()
+    history = session_history(sdir)
+    # the duplicate alone reopened the session but started no run
+    assert [run.tokens for run in history.runs] == [3, 5]

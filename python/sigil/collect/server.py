@@ -143,7 +143,12 @@ def build_app(
             return error(ctype, 413, _RESOURCE_EXHAUSTED, str(exc))
         except MalformedPayload as exc:
             return error(ctype, 400, _INVALID_ARGUMENT, str(exc))
-        result = sink.ingest(spans)
+        try:
+            result = sink.ingest(spans)
+        except OSError as exc:
+            # The log cannot be opened (permissions, a hostile path): the exporter
+            # retries, and what was written before is deduplicated.
+            return error(ctype, 503, _UNAVAILABLE, f"cannot write the session log: {exc}")
         stats.add(result)
         if result.busy:
             names = ", ".join(result.busy_sessions[:5])

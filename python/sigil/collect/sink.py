@@ -1,9 +1,9 @@
 """Collected spans into session logs: one ExecutionLogger per session, each holding
 that session's lock while it is open (ARCHITECTURE.md contract 7).
 
-**Runs.** A session that collect opens and whose last run has ended (or that is
-new) gets a ``session_start`` (``metadata.run``, contract 13); when collect
-closes it -- idle for ``idle_seconds``, or collect stops -- a
+**Runs.** The first span collect writes to a session whose last run has ended
+(or that is new) starts a run: a ``session_start`` (``metadata.run``, contract
+13); when collect closes the session -- idle for ``idle_seconds``, or collect stops -- a
 ``session_complete``. So a collected session reads as live while spans arrive
 and as complete afterwards, like one that ``sigil orchestrate`` wrote, and each
 burst of activity is a run (contract 11).
@@ -41,7 +41,7 @@ from sigil.collect.decode import SpanData
 from sigil.collect.mapping import SpanEvent, map_span
 from sigil.core.locks import SessionBusy
 from sigil.core.paths import resolve_log_path, session_dir
-from sigil.telemetry.execution_logger import ExecutionLogger
+from sigil.telemetry.execution_logger import EventsDroppedError, ExecutionLogger
 from sigil.telemetry.sanitization import LogSanitizer
 
 __all__ = ["COMPONENT", "IngestResult", "SessionSink"]
@@ -63,19 +63,23 @@ class IngestResult:
     duplicates: int = 0
     ignored: int = 0
     tokens: int = 0
+    #: events the writer had to drop (full or failing disk; the log's
+    #: events_dropped line counts them and their tokens)
+    dropped: int = 0
     #: spans refused because another writer holds their session's lock
     busy: int = 0
     busy_sessions: list[str] = field(default_factory=list)
 
 
 class _OpenSession:
-    __slots__ = ("last_used", "logger", "parents", "run", "seen")
+    __slots__ = ("last_used", "logger", "parents", "run", "seen", "started")
 
     def __init__(self, logger: ExecutionLogger, seen: set[str], run: int) -> None:
         self.logger = logger
         self.seen = seen
         self.parents: dict[str, None] = {}
         self.run = run
+        self.started = False
         self.last_used = time.monotonic()
 
 
@@ -133,19 +137,26 @@ class SessionSink:
         logger.initialize_sync()
         try:
             seen, runs, open_run = _read_history(directory)
-            if not open_run:
-                runs += 1
-                logger.log_event_sync(
-                    "session_start",
-                    COMPONENT,
-                    f"collecting OTLP spans (run {runs})",
-                    0,
-                    {"run": runs, "source": "otlp", "thresholds": {}, "allocations": {}},
-                )
         except BaseException:
             logger.close_sync()
             raise
-        return _OpenSession(logger, seen, runs)
+        session = _OpenSession(logger, seen, runs)
+        # A run still open (collect was killed) goes on; otherwise the first span
+        # written starts one, so a retry of spans already written adds no run.
+        session.started = open_run
+        return session
+
+    @staticmethod
+    def _start_run(session: _OpenSession) -> None:
+        session.run += 1
+        session.started = True
+        session.logger.log_event_sync(
+            "session_start",
+            COMPONENT,
+            f"collecting OTLP spans (run {session.run})",
+            0,
+            {"run": session.run, "source": "otlp", "thresholds": {}, "allocations": {}},
+        )
 
     def ingest(self, spans: list[SpanData]) -> IngestResult:
         """Write ``spans``' events; spans of a busy session are refused and counted."""
@@ -175,13 +186,20 @@ class SessionSink:
             if event.key in session.seen:
                 result.duplicates += 1
                 continue
-            self._write(session, event)
+            try:
+                self._write(session, event)
+            except EventsDroppedError as exc:
+                # The span's events were accepted (queued or counted as dropped in
+                # the log's events_dropped line): writing them again would count twice.
+                result.dropped += exc.dropped_events
             result.written += 1
             result.tokens += event.tokens
         result.busy_sessions = sorted(busy)
         return result
 
     def _write(self, session: _OpenSession, event: SpanEvent) -> None:
+        if not session.started:
+            self._start_run(session)
         log = session.logger.log_event_sync
         meta = event.metadata
         scrub = self._scrub
@@ -237,6 +255,9 @@ class SessionSink:
 
     def _close(self, session_id: str, reason: str) -> None:
         session = self._sessions.pop(session_id)
+        if not session.started:
+            session.logger.close_sync()
+            return
         try:
             meta: dict[str, Any] = {"status": "complete", "run": session.run, "reason": reason}
             session.logger.log_event_sync(
