@@ -651,3 +651,12 @@ def test_idle_sessions_are_closed_and_reopened_as_a_new_run(home: Path, tmp_path
     history = session_history(sdir)
     # the duplicate alone reopened the session but started no run
     assert [run.tokens for run in history.runs] == [3, 5]
+
+
+def test_a_port_in_use_is_one_line_and_exit_1(home: Path, collector: Collector) -> None:
+    port = collector.base.rsplit(":", 1)[1]
+    proc = run_cli(home, "collect", "--port", port, "--log-path", str(collector.log_path))
+    assert proc.returncode == 1
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith(f"Error: cannot listen on 127.0.0.1:{port}: ")
+    collector.stop()

@@ -7,7 +7,6 @@ port could not be bound or the extra is missing, 2 bad usage.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import sys
 
@@ -76,6 +75,8 @@ def collect(
     if not host:
         raise UsageFailure("--host must not be empty")
     settings = load_settings({"logging.path": log_path})
+    import asyncio
+
     from sigil.collect.server import serve
 
     if not _loopback(host):
