@@ -111,7 +111,7 @@ def _pb_value(value: Any) -> Any:
 
 def decode_protobuf(body: bytes) -> list[SpanData]:
     """An ``ExportTraceServiceRequest`` (application/x-protobuf) as spans."""
-    from google.protobuf.message import DecodeError
+    from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
         ExportTraceServiceRequest,
     )

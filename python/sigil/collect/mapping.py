@@ -76,7 +76,9 @@ class SpanEvent:
 
 def _count(value: object) -> int | None:
     """A token count from an attribute: a non-negative integer, else None."""
-    if isinstance(value, bool):
+    if type(value) is int:  # the common case first (and never a bool)
+        return value if value >= 0 else None
+    if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int):
         return value if value >= 0 else None
@@ -88,9 +90,9 @@ def _count(value: object) -> int | None:
 
 
 def _text(value: object) -> str | None:
-    if isinstance(value, str) and value:
+    if type(value) is str and value:
         return value
-    return None
+    return value if isinstance(value, str) and value else None
 
 
 def map_span(span: SpanData) -> SpanEvent | None:
