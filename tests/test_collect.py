@@ -660,3 +660,40 @@ def test_a_port_in_use_is_one_line_and_exit_1(home: Path, collector: Collector) 
     (line,) = proc.stderr.splitlines()
     assert line.startswith(f"Error: cannot listen on 127.0.0.1:{port}: ")
     collector.stop()
+
+
+def test_a_killed_collector_is_resumed_by_the_next_one(home: Path, tmp_path: Path) -> None:
+    """kill -9 leaves the run open (its lock drops with the process); the next
+    collect continues that run and recognises what the first one wrote."""
+    log_path = tmp_path / "collected"
+    js = {"Content-Type": "application/json"}
+    sdir = log_path / "sessions" / "killed"
+    first = _json_request(_json_span(TRACE, "00000000000000b1", tokens=(6, 1), sid="killed"))
+    collector = Collector(home, log_path, "--idle", "600")
+    try:
+        assert httpx.post(collector.url, content=first, headers=js).status_code == 200
+        wait_tokens(sdir, 7)
+        wait_for("the step to be on disk", lambda: len(steps(sdir)) == 1)
+    finally:
+        collector.proc.kill()
+        collector.proc.wait()
+    from sigil.core.locks import is_session_locked
+    from sigil.telemetry.log_parser import run_status
+
+    last = session_history(sdir).runs[-1]
+    assert run_status(last, writer_gone=not is_session_locked(sdir)) == "incomplete"
+    collector = Collector(home, log_path, "--idle", "600")
+    try:
+        second = _json_request(
+            _json_span(TRACE, "00000000000000b1", tokens=(6, 1), sid="killed"),
+            _json_span(TRACE, "00000000000000b2", tokens=(2, 2), sid="killed"),
+        )
+        assert httpx.post(collector.url, content=second, headers=js).status_code == 200
+        wait_tokens(sdir, 11)
+        out = collector.stop()
+        assert "1 written, 1 duplicates" in out, out
+    finally:
+        if collector.proc.poll() is None:
+            collector.proc.kill()
+    history = session_history(sdir)
+    assert [(run.status, run.tokens) for run in history.runs] == [("complete", 11)]
