@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sigil.collect.decode import SpanData
+from sigil.core.limits import MAX_TOKENS
 
 __all__ = ["SpanEvent", "map_span", "session_id_for"]
 
@@ -39,6 +40,7 @@ _INVALID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 #: Operations that group other spans rather than call a model (GenAI semconv).
 _GROUPING_OPERATIONS = frozenset({"invoke_workflow"})
 _LLM_KINDS = frozenset({"LLM", "EMBEDDING"})
+_MAX_COUNT = MAX_TOKENS // 2
 
 
 def session_id_for(raw: str) -> str:
@@ -75,18 +77,21 @@ class SpanEvent:
 
 
 def _count(value: object) -> int | None:
-    """A token count from an attribute: a non-negative integer, else None."""
+    """A token count from an attribute: an integer in 0..=MAX_TOKENS/2 (so that
+    input + output is one the log takes, contract 2), else None (unknown)."""
     if type(value) is int:  # the common case first (and never a bool)
-        return value if value >= 0 else None
+        return value if 0 <= value <= _MAX_COUNT else None
     if value is None or isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value if value >= 0 else None
-    if isinstance(value, float) and value.is_integer() and value >= 0:
-        return int(value)
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return None
+    exact = (
+        isinstance(value, int)
+        or (isinstance(value, float) and value.is_integer())
+        or (isinstance(value, str) and value.isdigit())
+    )
+    if not exact:
+        return None
+    count = int(value)  # type: ignore[call-overload]
+    return count if 0 <= count <= _MAX_COUNT else None
 
 
 def _text(value: object) -> str | None:

@@ -146,18 +146,6 @@ class SessionSink:
         session.started = open_run
         return session
 
-    @staticmethod
-    def _start_run(session: _OpenSession) -> None:
-        session.run += 1
-        session.started = True
-        session.logger.log_event_sync(
-            "session_start",
-            COMPONENT,
-            f"collecting OTLP spans (run {session.run})",
-            0,
-            {"run": session.run, "source": "otlp", "thresholds": {}, "allocations": {}},
-        )
-
     def ingest(self, spans: list[SpanData]) -> IngestResult:
         """Write ``spans``' events; spans of a busy session are refused and counted."""
         result = IngestResult(spans=len(spans))
@@ -186,21 +174,38 @@ class SessionSink:
             if event.key in session.seen:
                 result.duplicates += 1
                 continue
-            try:
-                self._write(session, event)
-            except EventsDroppedError as exc:
-                # The span's events were accepted (queued or counted as dropped in
-                # the log's events_dropped line): writing them again would count twice.
-                result.dropped += exc.dropped_events
+            result.dropped += self._write(session, event)
             result.written += 1
             result.tokens += event.tokens
         result.busy_sessions = sorted(busy)
         return result
 
-    def _write(self, session: _OpenSession, event: SpanEvent) -> None:
+    def _write(self, session: _OpenSession, event: SpanEvent) -> int:
+        """Write ``event``; returns how many events the writer reported dropped."""
+        dropped = 0
+        logger = session.logger
+
+        def log(
+            event_type: str, component: str, message: str, tokens: int, meta: dict[str, Any]
+        ) -> None:
+            nonlocal dropped
+            try:
+                logger.log_event_sync(event_type, component, message, tokens, meta)
+            except EventsDroppedError as exc:
+                # This event was accepted all the same (queued, or counted in the
+                # log's events_dropped line): logging it again would count twice.
+                dropped += exc.dropped_events
+
         if not session.started:
-            self._start_run(session)
-        log = session.logger.log_event_sync
+            session.run += 1
+            session.started = True
+            log(
+                "session_start",
+                COMPONENT,
+                f"collecting OTLP spans (run {session.run})",
+                0,
+                {"run": session.run, "source": "otlp", "thresholds": {}, "allocations": {}},
+            )
         meta = event.metadata
         scrub = self._scrub
         component, message = scrub(event.component), scrub(event.message)
@@ -212,8 +217,9 @@ class SessionSink:
         if event.usage is not None and not event.exported:
             if event.key in parents and event.tokens:
                 # Its children reported this usage already (see the module doc).
-                meta["reported_input_tokens"] = meta.pop("input_tokens", None)
-                meta["reported_output_tokens"] = meta.pop("output_tokens", None)
+                for name in ("input_tokens", "output_tokens"):
+                    if name in meta:
+                        meta[f"reported_{name}"] = meta.pop(name)
                 meta["aggregate"] = True
                 event.tokens = 0
             if event.parent_key:
@@ -229,6 +235,7 @@ class SessionSink:
             kind = "step_error" if event.error else "step_complete"
             log(kind, component, message, event.tokens, meta)
         session.seen.add(event.key)
+        return dropped
 
     def close_idle(self, now: float | None = None) -> list[str]:
         """Close the sessions that received nothing for ``idle_seconds``."""
