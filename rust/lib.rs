@@ -1218,7 +1218,7 @@ mod _native {
     #[pymodule_export]
     use crate::snapshot::{
         PyComponentSnapshot, PyLastError, PyMalformedLine, PyRunSnapshot, PySessionHistory,
-        PySessionSnapshot,
+        PySessionSnapshot, PyStepInFlight,
     };
 
     #[pymodule_export]

@@ -37,6 +37,7 @@ __all__ = [
     "ParsedEntry",
     "RunSnapshot",
     "SessionSnapshot",
+    "StepInFlight",
     "Tailer",
     "fold_file",
     "fold_file_snapshot",
@@ -208,6 +209,21 @@ class LastError:
     def to_dict(self) -> dict[str, Any]: ...
 
 @final
+class StepInFlight:
+    """The step in flight: the latest ``step_start`` of the current run not yet
+    closed by its component's ``step_complete``/``step_error`` (among the events
+    the fold keeps)."""
+
+    @property
+    def component(self) -> str: ...
+    @property
+    def started_at(self) -> str: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def message(self) -> str: ...
+
+@final
 class ComponentSnapshot:
     """One component's totals. ``operations`` counts successful steps
     (``step_complete``), ``errors`` failed ones (``step_error``), ``retries`` its
@@ -370,6 +386,11 @@ class SessionSnapshot:
     def recent_tokens_per_second(
         self, seconds: float = 60.0, idle: float = 0.0
     ) -> float | None: ...
+    @property
+    def in_flight(self) -> StepInFlight | None: ...
+    def rate_series(
+        self, buckets: int = 16, bucket_seconds: float = 4.0, idle: float = 0.0
+    ) -> list[int]: ...
     def to_dict(self) -> dict[str, Any]: ...
 
 @final

@@ -39,6 +39,7 @@ __all__ = [
     "SessionSnapshot",
     "SessionSummary",
     "SessionTailer",
+    "StepInFlight",
     "empty_snapshot",
     "fold_file",
     "fold_session",
@@ -67,6 +68,8 @@ SessionSnapshot = _native.SessionSnapshot
 RunSnapshot = _native.RunSnapshot
 ComponentSnapshot = _native.ComponentSnapshot
 LastError = _native.LastError
+#: The step running now, as the session model sees it (``SessionSnapshot.in_flight``).
+StepInFlight = _native.StepInFlight
 #: The session's ledger (``tokens.json``) read and checked natively, and the
 #: whole history: the log's model joined with the runs only the ledger knows.
 Ledger = _native.Ledger

@@ -31,6 +31,11 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
         "sessions",
         "List sessions with status, tokens and size.",
     ),
+    "top": (
+        "sigil.interfaces.cli.commands.top",
+        "top",
+        "Every live session on this machine in one table, refreshed live.",
+    ),
     "logs": (
         "sigil.interfaces.cli.commands.logs",
         "logs",
@@ -45,6 +50,16 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
         "sigil.interfaces.cli.commands.collect",
         "collect",
         "Receive OpenTelemetry GenAI spans (OTLP/HTTP) into sessions.",
+    ),
+    "proxy": (
+        "sigil.interfaces.cli.commands.proxy",
+        "proxy",
+        "Serve the OpenAI API, metering every call into a session under a budget.",
+    ),
+    "run": (
+        "sigil.interfaces.cli.commands.run",
+        "run",
+        "Run a command with its OpenAI calls metered and budgeted in a session.",
     ),
     "export": (
         "sigil.interfaces.cli.commands.export",

@@ -100,6 +100,11 @@ def _parse_refresh(text: str | None) -> float | None:
     is_flag=True,
     help="Do not exit when a run ends: wait for the session's next run.",
 )
+@click.option(
+    "--no-keys",
+    is_flag=True,
+    help="Dashboard: do not read keys (q quit, p pause, ? help, e, c, s, arrows, /).",
+)
 def monitor(
     session_id: str | None,
     mode: str | None,
@@ -107,6 +112,7 @@ def monitor(
     log_path: str | None,
     once: bool,
     follow: bool,
+    no_keys: bool,
 ) -> None:
     """Watch a session's log live: where the tokens and the time go.
 
@@ -127,6 +133,8 @@ def monitor(
     refresh = _parse_refresh(refresh_rate)
     if once and follow:
         raise _fail("--once and --follow cannot be used together")
+    if mode == "dashboard" and not sys.stdout.isatty():
+        raise _fail("--mode dashboard needs a terminal on stdout; use --mode stream or json")
 
     from sigil.core.config import load_settings
 
@@ -160,6 +168,7 @@ def monitor(
         once=once,
         options=DisplayOptions.from_settings(settings),
         default_budget=int(settings.token_budget.default_total),
+        keys=not no_keys,
     )
     try:
         if once:

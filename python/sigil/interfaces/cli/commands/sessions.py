@@ -57,13 +57,26 @@ class SessionRow:
     help="Base log directory (default: logging.path, ~/.sigil/logs).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array of sessions.")
-def sessions(log_path: str | None, as_json: bool) -> None:
+@click.option(
+    "--watch", is_flag=True, help="The live sessions, refreshed live (the same as sigil top)."
+)
+@click.pass_context
+def sessions(ctx: click.Context, log_path: str | None, as_json: bool, watch: bool) -> None:
     """List sessions: ID, status, start, duration, tokens used/budget, size, archived.
 
     Status is running (its lock is held), complete, error, budget_exceeded,
     interrupted, incomplete (its writer stopped before the end), waiting (no run
     yet) or unreadable (its log cannot be read: one line on stderr says why).
     """
+    if watch:
+        from sigil.interfaces.cli.commands.top import top
+
+        if as_json:
+            raise UsageFailure(
+                "--watch and --json cannot be used together (try sigil top --once --json)"
+            )
+        ctx.invoke(top, log_path=log_path)
+        return
     from sigil.core.config import load_settings
 
     settings = load_settings({"logging.path": log_path})
