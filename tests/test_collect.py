@@ -156,6 +156,8 @@ def test_sdk_exporter_genai_and_openinference_spans(collector: Collector, gzip_b
     # 3 chats (100+101+102 + 3*20), the failed call (7); the agent span sums its
     # children's usage only if it reports any (it does not here).
     wait_tokens(conv, 363 + 7)
+    # the agent span (no tokens) ends last and may come in a later export batch
+    wait_for("the agent span", lambda: len(steps(conv)) == 5)
     done = steps(conv)
     chats = [e for e in done if e["event_type"] == "step_complete" and e["tokens"]]
     assert [e["tokens"] for e in chats] == [120, 121, 122]
@@ -715,5 +717,5 @@ def test_token_counts_the_log_cannot_take_are_unknown_not_a_crash(tmp_path: Path
     assert (result.written, result.tokens) == (4, 15)
     done = steps(tmp_path / "sessions" / "huge")
     assert [e["tokens"] for e in done] == [0, 0, 12, 3]
-    assert [bool(e["metadata"].get("usage_unknown")) for e in done] == [True, True, False, False]
+    assert [e["metadata"].get("usage") for e in done] == ["unknown", "unknown", None, None]
     assert session_history(tmp_path / "sessions" / "huge").tokens == 15

@@ -151,7 +151,8 @@ def map_span(span: SpanData) -> SpanEvent | None:
     if output_tokens is not None:
         metadata["output_tokens"] = output_tokens
     if usage is None and sigil_tokens is None:
-        metadata["usage_unknown"] = True
+        # as sigil proxy marks it (sigil.proxy.metering): unknown, never 0
+        metadata["usage"] = "unknown"
     model = _text(get("gen_ai.response.model")) or _text(get("gen_ai.request.model"))
     model = model or _text(get("llm.model_name"))
     if model is not None:
@@ -170,6 +171,8 @@ def map_span(span: SpanData) -> SpanEvent | None:
         error_type = _text(get("error.type")) or "_OTHER"
         metadata["error_type"] = error_type
         message = span.status_message or f"{span.name or component} failed ({error_type})"
+    elif usage is None and sigil_tokens is None:
+        message = f"{span.name or component}: usage unknown (the span reported none)"
     else:
         message = span.name or component
     return SpanEvent(
