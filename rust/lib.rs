@@ -619,6 +619,34 @@ fn read_histories(
     })
 }
 
+/// The `p` quantile (0 to 1) of a latency histogram: bucket counts in the
+/// order of a snapshot's `latency_bounds_ms` (the last bucket is above them),
+/// e.g. many runs' histograms merged bucket by bucket. The model's own rule
+/// (`ComponentTotals::latency_quantile_ms`): the upper bound of the bucket
+/// holding rank `ceil(p * n)`, never above `max_ms`, the largest latency seen.
+/// None without a timed step.
+#[pyfunction]
+#[pyo3(signature = (histogram, max_ms, p))]
+fn latency_quantile_ms(histogram: Vec<u64>, max_ms: f64, p: f64) -> PyResult<Option<f64>> {
+    let mut c = crate::fold::ComponentTotals::default();
+    if histogram.len() > c.histogram.len() {
+        return Err(value_error(format!(
+            "a latency histogram has at most {} buckets, got {}",
+            c.histogram.len(),
+            histogram.len()
+        )));
+    }
+    if !(0.0..=1.0).contains(&p) {
+        return Err(value_error(format!("p must be from 0 to 1, got {p}")));
+    }
+    for (slot, n) in c.histogram.iter_mut().zip(&histogram) {
+        *slot = *n;
+    }
+    c.timed = histogram.iter().fold(0u64, |a, n| a.saturating_add(*n));
+    c.latency_max_ms = max_ms;
+    Ok(c.latency_quantile_ms(p))
+}
+
 /// The `seq` of the last valid event in a file, reading backwards from its end
 /// (at most `max_scan_bytes`; a compressed segment is streamed through); None
 /// when none is found.
@@ -1211,9 +1239,9 @@ impl PyTailer {
 mod _native {
     #[pymodule_export]
     use super::{
-        fold_file, fold_file_snapshot, fold_sessions, is_sensitive_key, parse_bytes, parse_lines,
-        read_histories, sanitize_string, tail_max_seq, PyAppendWriter, PyCheckpoint, PyEntry,
-        PyFold, PyLedger, PyTailer,
+        fold_file, fold_file_snapshot, fold_sessions, is_sensitive_key, latency_quantile_ms,
+        parse_bytes, parse_lines, read_histories, sanitize_string, tail_max_seq, PyAppendWriter,
+        PyCheckpoint, PyEntry, PyFold, PyLedger, PyTailer,
     };
     #[pymodule_export]
     use crate::snapshot::{

@@ -43,6 +43,7 @@ __all__ = [
     "fold_file_snapshot",
     "fold_sessions",
     "is_sensitive_key",
+    "latency_quantile_ms",
     "parse_bytes",
     "parse_lines",
     "read_histories",
@@ -100,6 +101,10 @@ def read_histories(
     """``fold_sessions`` for whole histories: each session's ledger (``tokens.json``)
     is read too and joined with the fold of its log, which is skipped when the
     ledger stands for the log."""
+
+def latency_quantile_ms(histogram: Sequence[int], max_ms: float, p: float) -> float | None:
+    """The ``p`` quantile of a latency histogram (bucket counts in the order of
+    ``latency_bounds_ms``, e.g. many runs' merged) by the model's rule."""
 
 def tail_max_seq(path: _Path, max_scan_bytes: int = ...) -> int | None: ...
 def sanitize_string(value: str) -> str: ...

@@ -97,24 +97,19 @@ def parse_moment(text: str, *, end: bool = False) -> float:
     return moment.timestamp()
 
 
-def latency_quantile(
-    buckets: dict[int, int], bounds: Sequence[float], max_ms: float | None, p: float
-) -> float | None:
-    """The ``p`` quantile of merged latency histograms, by the native model's
-    rule (``latency_quantile_ms`` in rust/fold.rs): the upper bound of the
-    bucket holding rank ``ceil(p * n)``, never above the largest latency seen.
-    None without timed steps."""
-    timed = sum(buckets.values())
-    if timed == 0:
+def latency_quantile(buckets: dict[int, int], max_ms: float | None, p: float) -> float | None:
+    """The ``p`` quantile of merged latency histograms (bucket index -> count),
+    by the native model's own rule (``latency_quantile_ms``): the upper bound
+    of the bucket holding rank ``ceil(p * n)``, never above the largest latency
+    seen. None without timed steps."""
+    if not buckets:
         return None
-    rank = min(max(math.ceil(p * timed), 1), timed)
-    seen = 0
-    for i in sorted(buckets):
-        seen += buckets[i]
-        if seen >= rank:
-            bound = bounds[i] if i < len(bounds) else math.inf
-            return bound if max_ms is None else min(bound, max_ms)
-    return max_ms
+    histogram = [0] * (max(buckets) + 1)
+    for index, count in buckets.items():
+        histogram[index] = count
+    from sigil.telemetry.log_parser import latency_quantile_ms
+
+    return latency_quantile_ms(histogram, math.inf if max_ms is None else max_ms, p)
 
 
 def run_report(
@@ -237,5 +232,5 @@ def _rows(
         if target is None:
             continue
         for name, p in QUANTILES:
-            target[name] = latency_quantile(buckets, bounds, maxima.get(key), p)
+            target[name] = latency_quantile(buckets, maxima.get(key), p)
     return out

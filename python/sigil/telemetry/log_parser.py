@@ -43,6 +43,7 @@ __all__ = [
     "empty_snapshot",
     "fold_file",
     "fold_session",
+    "latency_quantile_ms",
     "parse_bytes",
     "parse_lines",
     "run_status",
@@ -74,6 +75,8 @@ StepInFlight = _native.StepInFlight
 #: whole history: the log's model joined with the runs only the ledger knows.
 Ledger = _native.Ledger
 HistorySnapshot = _native.HistorySnapshot
+#: The model's latency quantile rule, for histograms merged across runs (reports).
+latency_quantile_ms = _native.latency_quantile_ms
 
 
 def empty_snapshot() -> SessionSnapshot:

@@ -56,6 +56,11 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
         "config",
         "Show the effective configuration and where it comes from.",
     ),
+    "collect": (
+        "sigil.interfaces.cli.commands.collect",
+        "collect",
+        "Receive OpenTelemetry GenAI spans (OTLP/HTTP) into sessions.",
+    ),
     "proxy": (
         "sigil.interfaces.cli.commands.proxy",
         "proxy",
