@@ -277,3 +277,46 @@ def test_orchestrator_events_carry_the_cost_of_priced_models_only(sigil_home: Pa
     steps = {str(s.step): s for s in result.steps}
     assert steps["reasoning"].metadata["cost_usd"] == 0.0005253
     assert "cost_usd" not in steps["planning"].metadata
+
+
+# -- the writers: sigil collect -----------------------------------------------------------------
+
+
+def test_collected_spans_are_priced_by_their_model_and_aggregates_are_not(tmp_path: Path) -> None:
+    from sigil.collect import SessionSink, SpanData
+
+    trace = "0123456789abcdef0123456789abcdef"
+
+    def span(span_id: str, parent: str = "", **attrs: Any) -> SpanData:
+        attrs = {"gen_ai.conversation.id": "spent", "gen_ai.operation.name": "chat", **attrs}
+        return SpanData(trace, span_id, parent, "s", 1_000_000, 3_000_000, False, "", attrs)
+
+    usage = {"gen_ai.usage.input_tokens": 1234, "gen_ai.usage.output_tokens": 567}
+    sink = SessionSink(
+        tmp_path, pricer=Pricer({"house-model": ModelPrice(Decimal("2"), Decimal("8"))})
+    )
+    sink.ingest(
+        [
+            span("00000000000000c1", "00000000000000aa", **usage, **{
+                "gen_ai.response.model": "gpt-4o-mini"}),
+            span("00000000000000c2", "00000000000000aa", **usage, **{
+                "gen_ai.request.model": "house-model"}),
+            span("00000000000000c3", "00000000000000aa", **usage, **{
+                "gen_ai.request.model": "echo-1"}),
+            span("00000000000000aa", **{"gen_ai.operation.name": "invoke_agent",
+                 "gen_ai.request.model": "gpt-4o-mini", **usage}),
+        ]
+    )  # fmt: skip
+    sink.close()
+    done = [
+        e["metadata"]
+        for e in events_of(tmp_path / "sessions" / "spent" / "execution.jsonl")
+        if e["event_type"] == "step_complete"
+    ]
+    costs = {m["span_id"]: m.get("cost_usd") for m in done}
+    assert costs == {
+        "00000000000000c1": 0.0005253,
+        "00000000000000c2": (1234 * 2 + 567 * 8) / 1e6,
+        "00000000000000c3": None,  # unpriced
+        "00000000000000aa": None,  # an aggregate: its children carry the cost
+    }
