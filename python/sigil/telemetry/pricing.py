@@ -23,19 +23,19 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from decimal import ROUND_HALF_EVEN, Decimal
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
+    from decimal import Decimal
+
     from sigil.core.config import Settings
 
-__all__ = ["COST_KEY", "ModelPrice", "Pricer", "cost_number"]
+__all__ = ["COST_KEY", "ModelPrice", "Pricer", "cost_number", "usd"]
 
 #: The metadata key of an event's cost in US dollars.
 COST_KEY = "cost_usd"
-#: Costs are stored to the nano-dollar: the unit the native fold sums in.
-_NANO = Decimal("0.000000001")
-_MTOK = Decimal(1_000_000)
+# (decimal is imported where a price is worked out: the monitor imports this
+# module for usd() only, and its start-up is measured.)
 #: Models found unpriced are remembered (a miss costs ~50 us); bounded, since the
 #: proxy's model names come from its clients.
 _MAX_REMEMBERED_MISSES = 1024
@@ -49,7 +49,12 @@ class ModelPrice:
     output_per_mtok: Decimal
 
     def cost(self, input_tokens: int, output_tokens: int) -> Decimal:
-        return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / _MTOK
+        from decimal import localcontext
+
+        # Exact: counts below 2**53 times prices of a few digits fit 60 digits.
+        with localcontext(prec=60):
+            per_mtok = input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok
+            return per_mtok.scaleb(-6)
 
 
 def cost_number(cost: Decimal) -> float:
@@ -59,7 +64,10 @@ def cost_number(cost: Decimal) -> float:
     which a double holds exactly enough that its shortest text (what orjson and
     ``repr`` write) is that decimal again: readers parse the text, not the double.
     """
-    return float(cost.quantize(_NANO, rounding=ROUND_HALF_EVEN))
+    from decimal import ROUND_HALF_EVEN, Decimal
+
+    # Costs are stored to the nano-dollar: the unit the native fold sums in.
+    return float(cost.quantize(Decimal("1e-9"), rounding=ROUND_HALF_EVEN))
 
 
 class Pricer:
@@ -75,6 +83,8 @@ class Pricer:
     @classmethod
     def from_settings(cls, settings: Settings) -> Pricer:
         """The pricer of ``pricing.models`` (validated by :mod:`sigil.core.config`)."""
+        from decimal import Decimal
+
         models = settings.pricing.models
         return cls(
             {
@@ -135,6 +145,8 @@ class Pricer:
             if len(self._unpriced) < _MAX_REMEMBERED_MISSES:
                 self._unpriced.add(model)
             return None
+        from decimal import Decimal
+
         return Decimal(result.total_price)
 
     async def aprice(
@@ -163,3 +175,10 @@ def _table() -> tuple[Any, Any]:
     from genai_prices import Usage, calc_price
 
     return Usage, calc_price
+
+
+def usd(nanousd: int) -> float:
+    """Whole nano-dollars (the session model's unit) as the dollars a JSON number
+    shows: the double nearest to the exact decimal, whose shortest text is that
+    decimal (a unit change, not a sum)."""
+    return nanousd / 1e9
