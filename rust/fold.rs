@@ -40,8 +40,8 @@ use serde_json::Value;
 
 use crate::fxhash::FxMap as HashMap;
 use crate::parse::{
-    digit_run, parse_block_line, parse_line, parse_line_picking, same_bytes, Event, KeySet,
-    Malformed, Pick, Picks, RawEvent,
+    digit_run, layout_block_line, parse_block_line, parse_line, parse_line_picking, same_bytes,
+    Event, KeySet, Layout, Malformed, Pick, Picks, RawEvent,
 };
 use crate::scan::BlockIndex;
 
@@ -400,9 +400,12 @@ pub struct ComponentTotals {
 
 /// What one event adds to its component's totals, in the fold's table and
 /// in the current run's (the same for both: worked out once per event).
-struct Step<'m, 'a> {
+struct Step<'m> {
     tokens: u64,
-    meta: &'m FoldMeta<'a>,
+    input_tokens: u64,
+    output_tokens: u64,
+    /// The JSON text of the event's `model`.
+    model: Option<&'m str>,
     kind: Kind,
     latency: Option<f64>,
     /// The histogram bucket of `latency` (for a successful step).
@@ -411,17 +414,13 @@ struct Step<'m, 'a> {
     last_error: &'m Option<LastError>,
 }
 
-impl Step<'_, '_> {
+impl Step<'_> {
     #[inline(always)]
     fn update(&self, c: &mut ComponentTotals) {
         c.tokens = c.tokens.saturating_add(self.tokens);
-        c.input_tokens = c
-            .input_tokens
-            .saturating_add(self.meta.input_tokens.unwrap_or(0));
-        c.output_tokens = c
-            .output_tokens
-            .saturating_add(self.meta.output_tokens.unwrap_or(0));
-        if let Some(json) = self.meta.model.as_deref() {
+        c.input_tokens = c.input_tokens.saturating_add(self.input_tokens);
+        c.output_tokens = c.output_tokens.saturating_add(self.output_tokens);
+        if let Some(json) = self.model {
             if !c
                 .model_json
                 .as_deref()
@@ -1178,8 +1177,17 @@ impl FoldState {
     #[inline]
     fn feed_line_in(&mut self, line: &[u8], offset: u64, block: &[u8], ix: Option<&BlockIndex>) {
         self.lines += 1;
-        let mut at = [Pick::default(); META_KEYS.len()];
         let in_block = within(block, line);
+        if let (Some(ix), Some(start)) = (ix, in_block) {
+            // sigil's own layout, folded as it is read (the usual line).
+            if let Some(l) = layout_block_line(block, ix, start, line.len()) {
+                if self.feed_layout(&l, block) {
+                    self.pend_line(offset, start, line.len());
+                    return;
+                }
+            }
+        }
+        let mut at = [Pick::default(); META_KEYS.len()];
         let parsed = match (ix, in_block) {
             (Some(ix), Some(start)) => {
                 parse_block_line(block, ix, start, line.len(), &FOLD_KEYS, &mut at)
@@ -1199,14 +1207,7 @@ impl FoldState {
                     std::mem::forget(meta);
                 }
                 match in_block {
-                    Some(start) if self.last_n > 0 => {
-                        let p = &mut self.pending.0.lines;
-                        if p.len() >= self.last_n {
-                            p.pop_front();
-                        }
-                        p.push_back((offset, start, line.len()));
-                    }
-                    Some(_) => {}
+                    Some(start) => self.pend_line(offset, start, line.len()),
                     None => {
                         self.flush_block(block);
                         self.remember(line, offset);
@@ -1215,6 +1216,88 @@ impl FoldState {
             }
             Err(reason) => self.note_malformed(offset, reason),
         }
+    }
+
+    /// The line at `start..start + len` of the block being folded is the
+    /// latest valid one: kept as a position until the block is done.
+    #[inline(always)]
+    fn pend_line(&mut self, offset: u64, start: usize, len: usize) {
+        if self.last_n > 0 {
+            let p = &mut self.pending.0.lines;
+            if p.len() >= self.last_n {
+                p.pop_front();
+            }
+            p.push_back((offset, start, len));
+        }
+    }
+
+    /// Fold a line of sigil's own layout that lies in `block`, read by
+    /// [`layout_block_line`], when its event type is one whose update needs
+    /// only what [`Layout`] carries (successful steps, token counts and the
+    /// event types the fold does not treat apart: almost every line). False,
+    /// with nothing changed, for the others ([`FoldState::feed_event`]
+    /// folds them). The update is [`FoldState::feed_event`]'s for these kinds.
+    #[inline(always)]
+    fn feed_layout(&mut self, l: &Layout<'_>, block: &[u8]) -> bool {
+        let (kind, kind_slot) = self.kind_of(l.event_type);
+        let uses_meta = match kind {
+            Kind::StepComplete | Kind::TokenConsumption => true,
+            Kind::Other => false,
+            _ => return false,
+        };
+        let Some(ts_start) = within(block, l.timestamp.as_bytes()) else {
+            return false;
+        };
+        self.entries = self.entries.saturating_add(1);
+        self.tokens = self.tokens.saturating_add(l.tokens);
+        if self.first_timestamp.is_none() {
+            self.first_timestamp = Some(l.timestamp.to_string());
+        }
+        self.pending.0.timestamp = Some((ts_start, l.timestamp.len()));
+        let count = self.event_counts.at_mut(kind_slot);
+        *count = count.saturating_add(1);
+        self.track_seq(Some(l.seq));
+        if let Some(second) = self.seconds.second(l.timestamp) {
+            self.window.add(second, l.tokens);
+        }
+        let (latency, bucket) = match l.latency_ms.filter(|v| v.is_finite()) {
+            Some(ms) if kind == Kind::StepComplete => (Some(ms), latency_bucket(ms)),
+            _ => (None, 0),
+        };
+        let step = if uses_meta {
+            Step {
+                tokens: l.tokens,
+                input_tokens: l.input_tokens.unwrap_or(0),
+                output_tokens: l.output_tokens.unwrap_or(0),
+                model: l.model,
+                kind,
+                latency,
+                bucket,
+                error: false,
+                last_error: &None,
+            }
+        } else {
+            Step {
+                tokens: l.tokens,
+                input_tokens: 0,
+                output_tokens: 0,
+                model: None,
+                kind,
+                latency: None,
+                bucket: 0,
+                error: false,
+                last_error: &None,
+            }
+        };
+        let (slot, run_slot) = self.component_slots(l.component);
+        step.update(self.components.at_mut(slot));
+        let run = self.run_mut();
+        step.update(run.components.at_mut(run_slot));
+        run.tokens = run.tokens.saturating_add(l.tokens);
+        run.events = run.events.saturating_add(1);
+        run.first_seq.get_or_insert(l.seq);
+        run.last_seq = Some(l.seq);
+        true
     }
 
     /// Copy out what [`FoldState::feed_line_in`] left as positions in `block`.
@@ -1448,7 +1531,9 @@ impl FoldState {
         });
         let step = Step {
             tokens: e.tokens,
-            meta,
+            input_tokens: meta.input_tokens.unwrap_or(0),
+            output_tokens: meta.output_tokens.unwrap_or(0),
+            model: meta.model.as_deref(),
             kind,
             latency,
             bucket,
