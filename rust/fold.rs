@@ -780,8 +780,9 @@ pub fn timestamp_micros(text: &str) -> Option<i64> {
 #[derive(Debug, Clone, Default)]
 struct SecondCache {
     /// The date and time up to the second (`YYYY-MM-DDTHH:MM:SS`) of the
-    /// cached timestamp; empty before the first.
-    head: Option<[u8; 19]>,
+    /// cached timestamp, as three words (bytes 0..8, 8..16 and 15..19, see
+    /// [`head_words`]); None before the first.
+    head: Option<(u64, u64, u32)>,
     /// What follows its fraction (the offset).
     tail: Vec<u8>,
     second: i64,
@@ -793,12 +794,36 @@ impl PartialEq for SecondCache {
     }
 }
 
+/// The first 19 bytes of `b` as three words (the last two overlap), None
+/// when `b` is shorter: equal words, equal bytes.
+#[inline(always)]
+fn head_words(b: &[u8]) -> Option<(u64, u64, u32)> {
+    let h: &[u8; 19] = b.get(..19)?.try_into().ok()?;
+    let w8 = |i: usize| {
+        u64::from_le_bytes([
+            h[i],
+            h[i + 1],
+            h[i + 2],
+            h[i + 3],
+            h[i + 4],
+            h[i + 5],
+            h[i + 6],
+            h[i + 7],
+        ])
+    };
+    Some((
+        w8(0),
+        w8(8),
+        u32::from_le_bytes([h[15], h[16], h[17], h[18]]),
+    ))
+}
+
 impl SecondCache {
     #[inline]
     fn second(&mut self, timestamp: &str) -> Option<i64> {
         let b = timestamp.as_bytes();
         let parse = || timestamp_micros(timestamp).map(|us| us.div_euclid(1_000_000));
-        let Some(head) = b.get(..19).and_then(|h| <[u8; 19]>::try_from(h).ok()) else {
+        let Some(head) = head_words(b) else {
             return parse();
         };
         let mut end = 19;

@@ -737,12 +737,11 @@ pub fn layout_block_line<'a>(
 /// [`fast_parse_with`] takes, with the same checks.
 #[inline(always)]
 pub fn layout_line<'a, Q: Quotes>(line: &'a [u8], ix: Q) -> Option<Layout<'a>> {
-    let keys = KeySet::<0>::new(&[]);
     let mut none: PickAt<0> = [];
     let mut f = Fast {
         line,
         ix,
-        keys: &keys,
+        keys: &NO_KEYS,
         picks: &mut none,
         seen: 0,
         nums: 0,
@@ -803,6 +802,9 @@ pub fn layout_line<'a, Q: Quotes>(line: &'a [u8], ix: Q) -> Option<Layout<'a>> {
         output_tokens: m.output_tokens,
     })
 }
+
+/// No metadata keys to pick (the layout reader reads its own).
+const NO_KEYS: KeySet<'static, 0> = KeySet::new(&[]);
 
 /// The metadata keys [`Layout`] carries.
 #[derive(Clone, Copy, PartialEq)]
@@ -887,7 +889,7 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
 
     /// A string whose body starts at `p`: (body range, position of its closing
     /// quote). With no backslash in the line the next quote ends it.
-    #[inline]
+    #[inline(always)]
     fn string_body(&mut self, p: usize) -> Option<((usize, usize), usize)> {
         let end = self.ix.next_quote(p)?;
         Some(((p, end), end))
@@ -1051,19 +1053,28 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
             return Some(p + 1);
         }
         loop {
-            if self.line.get(p) != Some(&b'"') {
-                return None;
-            }
-            let key_end = self.ix.next_quote(p + 1)?;
-            let key = layout_key(&self.line[p + 1..key_end]);
-            p = key_end + 1;
-            if self.line.get(p) != Some(&b':') {
-                p = self.spaces(p);
-                if self.line.get(p) != Some(&b':') {
+            // The writer's keys as literals (key, quote and colon), any other
+            // key through the quote index.
+            let (key, start) = if let Some(q) = self.lit(p, b"\"latency_ms\":") {
+                (LayoutKey::Latency, q)
+            } else if let Some(q) = self.lit(p, b"\"model\":") {
+                (LayoutKey::Model, q)
+            } else {
+                if self.line.get(p) != Some(&b'"') {
                     return None;
                 }
-            }
-            let start = self.spaces(p + 1);
+                let key_end = self.ix.next_quote(p + 1)?;
+                let key = layout_key(&self.line[p + 1..key_end]);
+                p = key_end + 1;
+                if self.line.get(p) != Some(&b':') {
+                    p = self.spaces(p);
+                    if self.line.get(p) != Some(&b':') {
+                        return None;
+                    }
+                }
+                (key, p + 1)
+            };
+            let start = self.spaces(start);
             let first = *self.line.get(start)?;
             let end = match (key, first) {
                 (_, b'"') => self.ix.next_quote(start + 1)? + 1,

@@ -195,6 +195,10 @@ pub struct BlockIndex {
     unusual: Vec<u64>,
     high: Vec<u64>,
     len: usize,
+    /// Whether any word of `unusual` / `high` is non-zero: most buffers hold
+    /// neither, and their lines then skip both checks.
+    any_unusual: bool,
+    any_high: bool,
 }
 
 /// One 64-byte chunk's masks: quotes, newlines, unusual bytes, non-ASCII bytes.
@@ -241,6 +245,7 @@ impl BlockIndex {
             &mut self.unusual[..words],
             &mut self.high[..words],
         );
+        let (mut any_u, mut any_h) = (0, 0);
         for w in 0..words {
             // SAFETY: the CPU has AVX2 (the caller checked); chunk `w` lies
             // within `data` (w < data.len() / 64).
@@ -249,21 +254,28 @@ impl BlockIndex {
             n[w] = m[1];
             u[w] = m[2];
             h[w] = m[3];
+            any_u |= m[2];
+            any_h |= m[3];
         }
+        (self.any_unusual, self.any_high) = (any_u != 0, any_h != 0);
         self.tail(data, words, |b: &[u8; 64]| unsafe { x86::masks_avx2(b) });
     }
 
     #[inline(always)]
     fn index_with(&mut self, data: &[u8], masks: impl Fn(&[u8; 64]) -> Masks) {
         let mut w = 0;
+        let (mut any_u, mut any_h) = (0, 0);
         for chunk in data.chunks_exact(64) {
             let m = masks(chunk.try_into().unwrap_or(&[b' '; 64]));
             self.quotes[w] = m[0];
             self.newlines[w] = m[1];
             self.unusual[w] = m[2];
             self.high[w] = m[3];
+            any_u |= m[2];
+            any_h |= m[3];
             w += 1;
         }
+        (self.any_unusual, self.any_high) = (any_u != 0, any_h != 0);
         self.tail(data, w, masks);
     }
 
@@ -279,6 +291,8 @@ impl BlockIndex {
             self.newlines[w] = m[1];
             self.unusual[w] = m[2];
             self.high[w] = m[3];
+            self.any_unusual |= m[2] != 0;
+            self.any_high |= m[3] != 0;
         }
     }
 
@@ -301,14 +315,14 @@ impl BlockIndex {
     #[inline]
     pub fn line(&self, start: usize, len: usize) -> Option<BlockLine<'_>> {
         let end = start + len;
-        if end > self.len || any_in(&self.unusual, start, end) {
+        if end > self.len || (self.any_unusual && any_in(&self.unusual, start, end)) {
             return None;
         }
         Some(BlockLine {
             quotes: &self.quotes,
             base: start,
             end,
-            non_ascii: any_in(&self.high, start, end),
+            non_ascii: self.any_high && any_in(&self.high, start, end),
         })
     }
 }
