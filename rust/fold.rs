@@ -357,8 +357,10 @@ const NONE: u32 = u32::MAX;
 /// (or when a line needs them), not for every line.
 #[derive(Debug, Clone, Default)]
 struct Pending {
-    /// (file offset, start in the block, length) of the latest lines.
-    lines: VecDeque<(u64, usize, usize)>,
+    /// (file offset, start in the block, length) of the valid lines since
+    /// the last flush, in order (one push per line; only the last `last_n`
+    /// are copied out).
+    lines: Vec<(u64, usize, usize)>,
     /// Start and length of the latest timestamp in the block.
     timestamp: Option<(usize, usize)>,
 }
@@ -458,6 +460,46 @@ impl Step<'_> {
 #[inline]
 fn latency_bucket(ms: f64) -> usize {
     LATENCY_BOUNDS_MS.partition_point(|&b| b < ms)
+}
+
+/// The bucket of the last latency and its bounds: successive latencies mostly
+/// fall in the same bucket, found with two comparisons instead of a search.
+#[derive(Debug, Clone, Copy)]
+struct BucketCache {
+    /// `ms` is in the bucket when `low < ms <= high`.
+    low: f64,
+    high: f64,
+    bucket: usize,
+}
+
+impl Default for BucketCache {
+    fn default() -> Self {
+        // Empty: no `ms` is above +inf.
+        BucketCache {
+            low: f64::INFINITY,
+            high: f64::INFINITY,
+            bucket: 0,
+        }
+    }
+}
+
+impl BucketCache {
+    /// [`latency_bucket`] of a finite `ms`.
+    #[inline(always)]
+    fn of(&mut self, ms: f64) -> usize {
+        if self.low < ms && ms <= self.high {
+            return self.bucket;
+        }
+        let b = latency_bucket(ms);
+        self.bucket = b;
+        self.low = if b == 0 {
+            f64::NEG_INFINITY
+        } else {
+            LATENCY_BOUNDS_MS[b - 1]
+        };
+        self.high = LATENCY_BOUNDS_MS.get(b).copied().unwrap_or(f64::INFINITY);
+        b
+    }
 }
 
 impl ComponentTotals {
@@ -1121,6 +1163,7 @@ pub struct FoldState {
     ring_bytes: usize,
     ids: Cache<Ids>,
     pending: Cache<Pending>,
+    bucket: Cache<BucketCache>,
 }
 
 impl FoldState {
@@ -1160,6 +1203,7 @@ impl FoldState {
             ring_bytes: 0,
             ids: Cache::default(),
             pending: Cache::default(),
+            bucket: Cache::default(),
         }
     }
 
@@ -1248,11 +1292,7 @@ impl FoldState {
     #[inline(always)]
     fn pend_line(&mut self, offset: u64, start: usize, len: usize) {
         if self.last_n > 0 {
-            let p = &mut self.pending.0.lines;
-            if p.len() >= self.last_n {
-                p.pop_front();
-            }
-            p.push_back((offset, start, len));
+            self.pending.0.lines.push((offset, start, len));
         }
     }
 
@@ -1286,7 +1326,7 @@ impl FoldState {
             self.window.add(second, l.tokens);
         }
         let (latency, bucket) = match l.latency_ms.filter(|v| v.is_finite()) {
-            Some(ms) if kind == Kind::StepComplete => (Some(ms), latency_bucket(ms)),
+            Some(ms) if kind == Kind::StepComplete => (Some(ms), self.bucket.0.of(ms)),
             _ => (None, 0),
         };
         let step = if uses_meta {
@@ -1328,9 +1368,13 @@ impl FoldState {
     /// Copy out what [`FoldState::feed_line_in`] left as positions in `block`.
     fn flush_block(&mut self, block: &[u8]) {
         self.flush_timestamp(block);
-        while let Some((offset, start, len)) = self.pending.0.lines.pop_front() {
+        let mut lines = std::mem::take(&mut self.pending.0.lines);
+        let skip = lines.len().saturating_sub(self.last_n);
+        for &(offset, start, len) in &lines[skip..] {
             self.remember(&block[start..start + len], offset);
         }
+        lines.clear();
+        self.pending.0.lines = lines;
     }
 
     fn flush_timestamp(&mut self, block: &[u8]) {
@@ -2550,6 +2594,23 @@ mod tests {
         }
         assert_eq!(ix.id(b"one too many"), None);
         assert_eq!(ix.id(&names[3]), Some(3));
+    }
+
+    #[test]
+    fn the_bucket_cache_gives_the_searched_bucket() {
+        let mut cache = BucketCache::default();
+        let mut values = vec![0.0, -0.0, -5.0, 1e-300, 1e300, f64::MAX, f64::MIN];
+        for &b in &LATENCY_BOUNDS_MS {
+            values.extend([b, b.next_down(), b.next_up(), b * 0.7, b * 1.3]);
+        }
+        // Each value after each other value (the cache holds the previous one).
+        for &a in &values {
+            for &v in &values {
+                cache.of(a);
+                assert_eq!(cache.of(v), latency_bucket(v), "{a} then {v}");
+                assert_eq!(cache.of(v), latency_bucket(v), "{v} twice");
+            }
+        }
     }
 
     #[test]

@@ -881,9 +881,14 @@ impl<'k, const N: usize> KeySet<'k, N> {
 
 impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
     /// `want` at `p` (a fixed-size compare the compiler inlines).
-    #[inline]
+    #[inline(always)]
     fn lit<const L: usize>(&self, p: usize, want: &[u8; L]) -> Option<usize> {
         let got: &[u8; L] = self.line.get(p..p + L)?.try_into().ok()?;
+        if (8..=16).contains(&L) {
+            // Two overlapping words (the literal's are constants).
+            let same = word8(got, 0) == word8(want, 0) && word8(got, L - 8) == word8(want, L - 8);
+            return same.then_some(p + L);
+        }
         (got == want).then_some(p + L)
     }
 
