@@ -41,7 +41,7 @@ use serde_json::Value;
 use crate::fxhash::FxMap as HashMap;
 use crate::parse::{
     digit_run, layout_block_line, parse_block_line, parse_line, parse_line_picking, same_bytes,
-    Event, KeySet, Layout, Malformed, Pick, Picks, RawEvent,
+    Event, KeySet, Layout, Malformed, Pick, Picks, RawEvent, LAYOUT_TIMESTAMP_AT,
 };
 use crate::scan::BlockIndex;
 
@@ -861,7 +861,7 @@ fn head_words(b: &[u8]) -> Option<(u64, u64, u32)> {
 }
 
 impl SecondCache {
-    #[inline]
+    #[inline(always)]
     fn second(&mut self, timestamp: &str) -> Option<i64> {
         let b = timestamp.as_bytes();
         let parse = || timestamp_micros(timestamp).map(|us| us.div_euclid(1_000_000));
@@ -1250,7 +1250,7 @@ impl FoldState {
         if let (Some(ix), Some(start)) = (ix, in_block) {
             // sigil's own layout, folded as it is read (the usual line).
             if let Some(l) = layout_block_line(block, ix, start, line.len()) {
-                if self.feed_layout(&l, block) {
+                if self.feed_layout(&l, block, start) {
                     self.pend_line(offset, start, line.len());
                     return;
                 }
@@ -1303,16 +1303,19 @@ impl FoldState {
     /// with nothing changed, for the others ([`FoldState::feed_event`]
     /// folds them). The update is [`FoldState::feed_event`]'s for these kinds.
     #[inline(always)]
-    fn feed_layout(&mut self, l: &Layout<'_>, block: &[u8]) -> bool {
+    fn feed_layout(&mut self, l: &Layout<'_>, block: &[u8], start: usize) -> bool {
         let (kind, kind_slot) = self.kind_of(l.event_type);
         let uses_meta = match kind {
             Kind::StepComplete | Kind::TokenConsumption => true,
             Kind::Other => false,
             _ => return false,
         };
-        let Some(ts_start) = within(block, l.timestamp.as_bytes()) else {
-            return false;
-        };
+        // The timestamp's text starts at a fixed place in the layout.
+        let ts_start = start + LAYOUT_TIMESTAMP_AT;
+        debug_assert_eq!(
+            within(block, l.timestamp.as_bytes()),
+            Some(ts_start).filter(|_| !block.is_empty())
+        );
         self.entries = self.entries.saturating_add(1);
         self.tokens = self.tokens.saturating_add(l.tokens);
         if self.first_timestamp.is_none() {

@@ -710,6 +710,10 @@ pub struct Layout<'a> {
     pub output_tokens: Option<u64>,
 }
 
+/// Where the timestamp's text starts in a line of the layout (just after
+/// `{"timestamp":"`).
+pub const LAYOUT_TIMESTAMP_AT: usize = 14;
+
 /// The metadata values [`Layout`] carries, as positions while reading.
 #[derive(Default)]
 struct LayoutMeta {
@@ -750,6 +754,7 @@ pub fn layout_line<'a, Q: Quotes>(line: &'a [u8], ix: Q) -> Option<Layout<'a>> {
         return None;
     }
     let p = f.lit(0, b"{\"timestamp\":\"")?;
+    debug_assert_eq!(p, LAYOUT_TIMESTAMP_AT);
     let (ts, p) = f.string_body(p)?;
     let p = f.lit(p, b"\",\"session_id\":\"")?;
     let (_, p) = f.string_body(p)?;

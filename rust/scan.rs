@@ -312,7 +312,7 @@ impl BlockIndex {
 
     /// The line at `start..start + len` of the indexed data, or None when it
     /// holds an unusual byte (the general parser decides such lines).
-    #[inline]
+    #[inline(always)]
     pub fn line(&self, start: usize, len: usize) -> Option<BlockLine<'_>> {
         let end = start + len;
         if end > self.len || (self.any_unusual && any_in(&self.unusual, start, end)) {
