@@ -334,11 +334,37 @@ impl Kind {
     fn needs_meta(self) -> bool {
         self != Kind::Other
     }
+
+    /// [`Kind::of`] on bytes, by length and then two or three word compares
+    /// (no hashing): the event types the fold treats apart.
+    #[inline(always)]
+    fn of_bytes(name: &[u8]) -> Kind {
+        let is = |want: &[u8]| same_bytes(name, want);
+        match name.len() {
+            13 if is(b"step_complete") => Kind::StepComplete,
+            13 if is(b"session_start") => Kind::SessionStart,
+            13 if is(b"session_error") => Kind::SessionError,
+            13 if is(b"retry_attempt") => Kind::RetryAttempt,
+            10 if is(b"step_error") => Kind::StepError,
+            16 if is(b"session_complete") => Kind::SessionComplete,
+            14 if is(b"events_dropped") => Kind::EventsDropped,
+            17 if same_bytes(&name[..16], b"token_consumptio") && name[16] == b'n' => {
+                Kind::TokenConsumption
+            }
+            _ => Kind::Other,
+        }
+    }
 }
 
+/// The kinds other than [`Kind::Other`], as indexes of [`Ids::known_slot`].
+const KNOWN_KINDS: usize = 8;
+
 /// Slot indexes cached per interned name (see [`Interner`]).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Ids {
+    /// Per kind other than `Other` (in `Kind` order): its `event_counts`
+    /// slot, `NONE` until the fold first meets it.
+    known_slot: [u32; KNOWN_KINDS],
     kinds: Interner,
     /// Per event-type id: its kind and its `event_counts` slot.
     kind_info: Vec<(Kind, u32)>,
@@ -351,6 +377,19 @@ struct Ids {
 }
 
 const NONE: u32 = u32::MAX;
+
+impl Default for Ids {
+    fn default() -> Self {
+        Ids {
+            known_slot: [NONE; KNOWN_KINDS],
+            kinds: Interner::default(),
+            kind_info: Vec::new(),
+            comps: Interner::default(),
+            comp_slot: Vec::new(),
+            run_slot: Vec::new(),
+        }
+    }
+}
 
 /// Where the last valid lines and the last timestamp of the block being
 /// folded are, as positions in it: copied out once when the block is done
@@ -1304,7 +1343,16 @@ impl FoldState {
     /// folds them). The update is [`FoldState::feed_event`]'s for these kinds.
     #[inline(always)]
     fn feed_layout(&mut self, l: &Layout<'_>, block: &[u8], start: usize) -> bool {
-        let (kind, kind_slot) = self.kind_of(l.event_type);
+        let (kind, kind_slot) = match Kind::of_bytes(l.event_type.as_bytes()) {
+            Kind::Other => self.kind_of(l.event_type),
+            kind => {
+                let known = &mut self.ids.0.known_slot[kind as usize];
+                if *known == NONE {
+                    *known = self.event_counts.slot_index(l.event_type) as u32;
+                }
+                (kind, *known as usize)
+            }
+        };
         let uses_meta = match kind {
             Kind::StepComplete | Kind::TokenConsumption => true,
             Kind::Other => false,
@@ -2597,6 +2645,36 @@ mod tests {
         }
         assert_eq!(ix.id(b"one too many"), None);
         assert_eq!(ix.id(&names[3]), Some(3));
+    }
+
+    #[test]
+    fn kinds_told_from_bytes_equal_kinds_told_from_names() {
+        let names = [
+            "session_start",
+            "session_complete",
+            "session_error",
+            "step_complete",
+            "step_error",
+            "retry_attempt",
+            "token_consumption",
+            "events_dropped",
+            "",
+            "x",
+            "step",
+            "other_event",
+        ];
+        for name in names {
+            let mut variants = vec![name.to_string(), format!("{name}x"), format!("x{name}")];
+            for at in 0..name.len() {
+                let mut v = name.as_bytes().to_vec();
+                v[at] ^= 1;
+                variants.push(String::from_utf8(v).unwrap());
+                variants.push(name[..at].to_string());
+            }
+            for v in variants {
+                assert_eq!(Kind::of_bytes(v.as_bytes()), Kind::of(&v), "{v}");
+            }
+        }
     }
 
     #[test]
