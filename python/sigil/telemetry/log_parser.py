@@ -11,6 +11,7 @@ oversize lines are counted and their byte offsets kept.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ __all__ = [
     "snapshot_files",
     "snapshot_many",
     "snapshot_session",
+    "start_catch_up",
 ]
 
 #: A parsed event: ``timestamp, session_id, event_type, component, message,
@@ -371,6 +373,76 @@ class SessionTailer:
         return dict(self._tailer.stats())
 
 
+_ModelKey = tuple[str, Path, int, int]
+
+
+class _CatchUp:
+    """A session's catch-up fold running ahead, in a thread of its own.
+
+    The native fold releases the GIL, so a command that knows which session it
+    will show starts this first and imports its display meanwhile; the
+    :class:`SessionModel` built later for the same session takes the tailer and
+    the fold over (they go on exactly where this stopped) instead of starting
+    again. Not a daemon thread: the interpreter never exits under a running fold.
+    """
+
+    def __init__(self, tailer: SessionTailer, fold: _native.Fold) -> None:
+        import threading
+
+        self.tailer = tailer
+        self.fold = fold
+        self.failed = False
+        self._thread = threading.Thread(target=self._run, name="sigil-catch-up")
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.tailer.fold_into(self.fold)
+        except Exception:  # the model's own update() raises it again, in its place
+            self.failed = True
+
+    def join(self) -> bool:
+        """Wait for the fold; whether it can be taken over (it did not fail)."""
+        self._thread.join()
+        return not self.failed
+
+
+_CATCH_UPS: dict[_ModelKey, _CatchUp] = {}
+
+
+def _model_key(
+    session_id: str, log_path: str | os.PathLike[str] | None, last_n: int, max_line_bytes: int
+) -> _ModelKey:
+    return (session_id, resolve_log_path(log_path), last_n, max_line_bytes)
+
+
+def start_catch_up(
+    session_id: str,
+    log_path: str | os.PathLike[str] | None = None,
+    *,
+    last_n: int = 100,
+    max_line_bytes: int = _native.MAX_LINE_BYTES,
+) -> bool:
+    """Start folding the session's log now, in a background thread, for the next
+    :class:`SessionModel` built with the same arguments to take over.
+
+    Only for a log that exists as a regular file (nothing is created or waited
+    for). Returns whether a catch-up was started. Every number still comes from
+    the one native fold: this only moves when it starts.
+    """
+    key = _model_key(session_id, log_path, last_n, max_line_bytes)
+    if key in _CATCH_UPS:
+        return False
+    try:
+        tailer = SessionTailer(session_id, log_path, max_line_bytes=max_line_bytes)
+        if not stat.S_ISREG(tailer.path.lstat().st_mode):
+            return False
+    except (OSError, ValueError):
+        return False  # the model's own construction reports it, in its place
+    _CATCH_UPS[key] = _CatchUp(tailer, _native.Fold(last_n))
+    return True
+
+
 class SessionModel:
     """The session model, fed incrementally: one native fold of a session's log
     (rotated segments, then the live file, following rotation and truncation).
@@ -378,6 +450,8 @@ class SessionModel:
     :meth:`update` folds whatever arrived since the last call and returns a
     :class:`SessionSnapshot`; a monitor calls it once per frame, after
     :meth:`wait`. Every number a view shows comes from these snapshots.
+    A catch-up started ahead for the same session (:func:`start_catch_up`) is
+    taken over: the model goes on where it stopped.
     """
 
     def __init__(
@@ -388,6 +462,13 @@ class SessionModel:
         last_n: int = 100,
         max_line_bytes: int = _native.MAX_LINE_BYTES,
     ) -> None:
+        ahead = None
+        if _CATCH_UPS:
+            ahead = _CATCH_UPS.pop(_model_key(session_id, log_path, last_n, max_line_bytes), None)
+        if ahead is not None and ahead.join():
+            self.tailer = ahead.tailer
+            self.fold = ahead.fold
+            return
         self.tailer = SessionTailer(session_id, log_path, max_line_bytes=max_line_bytes)
         self.fold = _native.Fold(last_n)
 
