@@ -126,3 +126,85 @@ def test_monitor_once_folds_the_log_once(
     assert len(tailers) == 1
     assert tailers[0].stats()["lines"] == 2000
     assert not log_parser._CATCH_UPS
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["monitor", "--session", "a", "--once"], {"session": "a", "once": ""}),
+        (
+            ["monitor", "-s", "a", "-l", "/x", "-mjson"],
+            {"session": "a", "log_path": "/x", "mode": "json"},
+        ),
+        (
+            ["monitor", "--session=a", "--log-path=/x", "-f"],
+            {"session": "a", "log_path": "/x", "follow": ""},
+        ),
+        (["monitor", "-sa", "-s", "b"], {"session": "b"}),  # the last one wins, as in click
+        (["monitor"], {}),
+        (["monitor", "--session", "a", "--help"], None),
+        (["monitor", "--session", "a", "--bogus"], None),
+        (["monitor", "--session"], None),
+        (["monitor", "--once", "--follow", "-s", "a"], None),
+        (["monitor", "a"], None),
+        (["sessions", "--session", "a"], None),
+        ([], None),
+    ],
+)
+def test_the_entry_point_reads_only_a_plain_monitor_command_line(
+    args: list[str], expected: dict[str, str] | None
+) -> None:
+    from sigil.interfaces.cli.early import _monitor_options
+
+    assert _monitor_options(args) == expected
+
+
+_PROBE = """
+import sys
+from sigil.telemetry import log_parser
+real = log_parser.start_catch_up
+def probe(*args, **kwargs):
+    started = real(*args, **kwargs)
+    print("start_catch_up", started, "click" in sys.modules, file=sys.stderr)
+    return started
+log_parser.start_catch_up = probe
+from sigil.interfaces.cli.main import main
+sys.argv = ["sigil", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "default", "current link", "config file"])
+def test_the_catch_up_starts_before_click_is_imported(tmp_path: Path, how: str) -> None:
+    """From the command line alone: --log-path, else $SIGIL_LOG_PATH, else the
+    default path when no config.yaml could name another; without --session,
+    --once reads the session current.jsonl links to."""
+    import subprocess
+
+    home = tmp_path / "home"
+    logs = home / "logs" if how in ("default", "current link", "config file") else tmp_path / "l"
+    _write(logs / "sessions" / "s1" / "execution.jsonl", range(0, 500))
+    env = {**os.environ, "SIGIL_HOME": str(home), "NO_COLOR": "1"}
+    env.pop("SIGIL_LOG_PATH", None)
+    args = ["monitor", "--session", "s1", "--mode", "json", "--once"]
+    if how == "flag":
+        args += ["--log-path", str(logs)]
+    elif how == "env":
+        env["SIGIL_LOG_PATH"] = str(logs)
+    elif how == "current link":
+        args = ["monitor", "--once", "--mode", "json"]
+        (logs / "current.jsonl").symlink_to(logs / "sessions" / "s1" / "execution.jsonl")
+    elif how == "config file":
+        (home / "config.yaml").write_text(f"logging:\n  path: {logs}\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.returncode == 1, proc.stderr  # incomplete: no writer, no final event
+    calls = [line.split()[1:] for line in proc.stderr.splitlines() if line.startswith("start_")]
+    if how == "config file":
+        # The config file may name another log path: the command starts it, after click.
+        assert calls[0] == ["True", "True"], proc.stderr
+    else:
+        assert calls[0] == ["True", "False"], proc.stderr
+    assert all(started == "False" for started, _ in calls[1:]), proc.stderr
+    assert orjson.loads(proc.stdout.splitlines()[0])["events"] == 500

@@ -18,8 +18,6 @@ import click
 from sigil.interfaces.cli.errors import OneLineCommand, UsageFailure
 
 _MODES = ("dashboard", "stream", "minimal", "json")
-#: Recent events the monitor keeps (ExecutionMonitor's default ``last_n``).
-_LAST_N = 100
 
 
 def _fail(message: str) -> UsageFailure:
@@ -63,15 +61,6 @@ def _parse_refresh(text: str | None) -> float | None:
     if not value > 0 or value != value or value == float("inf"):
         raise _fail(f"--refresh-rate must be above 0 seconds, got {text!r}")
     return value
-
-
-def _start_catch_up(session_id: str | None, log_path: str | Path) -> bool:
-    """Start folding the session's log in the background, if it is there; the
-    monitor's :class:`~sigil.telemetry.log_parser.SessionModel` takes it over."""
-    from sigil.telemetry.log_parser import start_catch_up
-
-    # The monitor keeps its default 100 recent events (ExecutionMonitor's last_n).
-    return session_id is not None and start_catch_up(session_id, log_path, last_n=_LAST_N)
 
 
 @click.command(
@@ -140,9 +129,12 @@ def monitor(
         raise _fail("--once and --follow cannot be used together")
 
     # The catch-up (one native fold, without the GIL) starts as soon as the log is
-    # known and runs while the settings, the monitor and the display are imported:
-    # with --log-path that is now (a flag wins over every setting, contract 9).
-    catching_up = bool(session_id and log_path) and _start_catch_up(session_id, log_path)
+    # known and runs while the settings, the monitor and the display are imported
+    # (the entry point may have started it already): with --log-path that is now,
+    # as a flag wins over every setting (contract 9). The monitor's model takes it over.
+    from sigil.interfaces.cli.early import start_monitor_catch_up
+
+    catching_up = bool(log_path) and start_monitor_catch_up(session_id, log_path, once=once)
 
     from sigil.core.config import load_settings
 
@@ -156,8 +148,8 @@ def monitor(
             check_log_file(session_dir(session_id, resolved_log_path) / "execution.jsonl")
         except NotARegularFile as exc:
             raise _fail(str(exc)) from None
-        if not catching_up:
-            _start_catch_up(session_id, resolved_log_path)
+    if not catching_up:
+        start_monitor_catch_up(session_id, resolved_log_path, once=once)
     chosen_mode = mode or settings.monitoring.default_mode
     if chosen_mode not in _MODES:
         raise _fail(
