@@ -9,6 +9,7 @@ does not pay for them.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -61,6 +62,23 @@ def _parse_refresh(text: str | None) -> float | None:
     if not value > 0 or value != value or value == float("inf"):
         raise _fail(f"--refresh-rate must be above 0 seconds, got {text!r}")
     return value
+
+
+def _import_ahead(mode: str) -> None:
+    """Import now, while the catch-up folds in the background, what the first
+    frame needs only after it: otherwise each import waits for the fold.
+
+    The monitor probes the writer's lock after the catch-up (``sigil.core.locks``);
+    the json mode writes with orjson; the dashboard draws with rich's live
+    display and tables. A module missing here is only imported later.
+    """
+    names = ["sigil.core.locks", "textwrap"]  # textwrap: the final summary
+    if mode == "json":
+        names.append("orjson")
+    elif mode == "dashboard" and sys.stdout.isatty():
+        names += ["rich.live", "rich.table", "rich.rule"]
+    for name in names:
+        importlib.import_module(name)
 
 
 @click.command(
@@ -160,6 +178,8 @@ def monitor(
 
     from sigil.interfaces.cli.display import DisplayOptions
     from sigil.interfaces.cli.monitor import ExecutionMonitor
+
+    _import_ahead(chosen_mode)
 
     runner = ExecutionMonitor(
         session_id,
