@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-from sigil.telemetry import log_parser
+from sigil.telemetry import log_parser, session_tailer
 from sigil.telemetry.log_parser import SessionModel, start_catch_up
 
 
@@ -47,8 +47,8 @@ def _write(path: Path, seqs: range) -> None:
 @pytest.fixture(autouse=True)
 def _no_leftover_catch_ups() -> Any:
     yield
-    for key in list(log_parser._CATCH_UPS):
-        log_parser._CATCH_UPS.pop(key).join()
+    for key in list(session_tailer._CATCH_UPS):
+        session_tailer._CATCH_UPS.pop(key).join()
 
 
 def test_a_catch_up_started_ahead_is_taken_over_and_equals_a_fresh_fold(tmp_path: Path) -> None:
@@ -59,7 +59,7 @@ def test_a_catch_up_started_ahead_is_taken_over_and_equals_a_fresh_fold(tmp_path
     _write(log, range(3000, 3100))  # lands while (or after) the catch-up runs
 
     model = SessionModel("s1", tmp_path, last_n=10)
-    assert not log_parser._CATCH_UPS
+    assert not session_tailer._CATCH_UPS
     snap = model.update()
     fresh = SessionModel("s1", tmp_path, last_n=10).update()
     assert snap.to_dict() == fresh.to_dict()
@@ -76,7 +76,7 @@ def test_a_catch_up_for_other_arguments_is_not_taken(tmp_path: Path) -> None:
     assert start_catch_up("s1", tmp_path, last_n=5)
     snap = SessionModel("s1", tmp_path, last_n=7).update()
     assert len(snap.last_entries) == 7
-    assert len(log_parser._CATCH_UPS) == 1  # still waiting for its own model
+    assert len(session_tailer._CATCH_UPS) == 1  # still waiting for its own model
 
 
 @pytest.mark.parametrize("kind", ["missing", "fifo", "symlink", "directory", "bad id"])
@@ -94,7 +94,7 @@ def test_no_catch_up_for_a_log_that_is_not_a_regular_file(tmp_path: Path, kind: 
         log.mkdir()
     session_id = "../s1" if kind == "bad id" else "s1"
     assert not start_catch_up(session_id, tmp_path)
-    assert not log_parser._CATCH_UPS
+    assert not session_tailer._CATCH_UPS
 
 
 def test_monitor_once_folds_the_log_once(
@@ -125,7 +125,7 @@ def test_monitor_once_folds_the_log_once(
     assert first["tokens_used"] == sum(7 + seq % 5 for seq in range(1, 2000))
     assert len(tailers) == 1
     assert tailers[0].stats()["lines"] == 2000
-    assert not log_parser._CATCH_UPS
+    assert not session_tailer._CATCH_UPS
 
 
 @pytest.mark.parametrize(
@@ -161,13 +161,13 @@ def test_the_entry_point_reads_only_a_plain_monitor_command_line(
 
 _PROBE = """
 import sys
-from sigil.telemetry import log_parser
-real = log_parser.start_catch_up
+from sigil.telemetry import session_tailer
+real = session_tailer.start_catch_up
 def probe(*args, **kwargs):
     started = real(*args, **kwargs)
     print("start_catch_up", started, "click" in sys.modules, file=sys.stderr)
     return started
-log_parser.start_catch_up = probe
+session_tailer.start_catch_up = probe
 from sigil.interfaces.cli.main import main
 sys.argv = ["sigil", *sys.argv[1:]]
 main()

@@ -1,7 +1,7 @@
 """``sigil monitor``'s catch-up, started before the command is even parsed.
 
 The catch-up is one native fold of the session's log, run without the GIL
-(:func:`sigil.telemetry.log_parser.start_catch_up`), and on a large session it is
+(:func:`sigil.telemetry.session_tailer.start_catch_up`), and on a large session it is
 most of ``sigil monitor --once``. So the entry point reads a plain
 ``sigil monitor`` command line here, with no click, and when the log it names is
 already there starts folding it at once: click, the settings, the monitor and
@@ -89,7 +89,7 @@ def start_monitor_catch_up(
     Without a session, ``--once`` reads the session ``current.jsonl`` links to
     (the live monitor decides more carefully, so it gets nothing here).
     """
-    from sigil.telemetry.log_parser import start_catch_up
+    from sigil.telemetry.session_tailer import start_catch_up
 
     if session_id is None:
         if not once:

@@ -10,7 +10,6 @@ without the GIL, while click and the command are imported.
 from __future__ import annotations
 
 import sys
-from typing import Any
 
 __all__ = ["main"]
 
@@ -26,7 +25,7 @@ def main() -> None:
     run()
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     # ``cli`` (the click group) used to live here; importing it costs click.
     if name == "cli":
         from sigil.interfaces.cli.group import cli
