@@ -208,3 +208,37 @@ def test_the_catch_up_starts_before_click_is_imported(tmp_path: Path, how: str) 
         assert calls[0] == ["True", "False"], proc.stderr
     assert all(started == "False" for started, _ in calls[1:]), proc.stderr
     assert orjson.loads(proc.stdout.splitlines()[0])["events"] == 500
+
+
+@pytest.mark.parametrize(
+    "args", [["--mode", "json", "--once"], ["--mode", "bogus", "--once"], ["--once", "--follow"]]
+)
+def test_the_collector_is_back_on_after_the_monitor_starts_or_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    """The entry point pauses the garbage collector for the start-up only: it is on
+    again when the monitor runs, and after a usage error."""
+    import gc
+
+    logs = tmp_path / "logs"
+    _write(logs / "sessions" / "s1" / "execution.jsonl", range(0, 20))
+    monkeypatch.setenv("SIGIL_HOME", str(tmp_path / "home"))
+    from sigil.interfaces.cli import display
+
+    seen: list[bool] = []
+    real_caught_up = display.JsonRenderer.caught_up
+
+    def caught_up(self: display.JsonRenderer, *a: Any) -> None:
+        seen.append(gc.isenabled())
+        real_caught_up(self, *a)
+
+    monkeypatch.setattr(display.JsonRenderer, "caught_up", caught_up)
+    argv = ["sigil", "monitor", "--session", "s1", "--log-path", str(logs), *args]
+    monkeypatch.setattr(sys, "argv", argv)
+    from sigil.interfaces.cli.main import main
+
+    assert gc.isenabled()
+    with pytest.raises(SystemExit):
+        main()
+    assert gc.isenabled()
+    assert seen == ([True] if args[1:2] == ["json"] else [])

@@ -16,13 +16,21 @@ __all__ = ["main"]
 
 def main() -> None:
     """Console-script entry point (see :func:`sigil.interfaces.cli.group.run`)."""
-    if sys.argv[1:2] == ["monitor"]:
-        from sigil.interfaces.cli.early import start_monitor_catch_up_from_argv
+    if sys.argv[1:2] != ["monitor"]:
+        from sigil.interfaces.cli.group import run
 
-        start_monitor_catch_up_from_argv(sys.argv[1:])
-    from sigil.interfaces.cli.group import run
+        run()
+        return
+    from sigil.interfaces.cli import early
 
-    run()
+    early.pause_gc()
+    try:
+        early.start_monitor_catch_up_from_argv(sys.argv[1:])
+        from sigil.interfaces.cli.group import run
+
+        run()
+    finally:
+        early.resume_gc()
 
 
 def __getattr__(name: str) -> object:

@@ -72,7 +72,7 @@ def _import_ahead(mode: str) -> None:
     the json mode writes with orjson; the dashboard draws with rich's live
     display and tables. A module missing here is only imported later.
     """
-    names = ["sigil.core.locks", "textwrap"]  # textwrap: the final summary
+    names = ["sigil.core.locks"]
     if mode == "json":
         names.append("orjson")
     elif mode == "dashboard" and sys.stdout.isatty():
@@ -150,7 +150,7 @@ def monitor(
     # known and runs while the settings, the monitor and the display are imported
     # (the entry point may have started it already): with --log-path that is now,
     # as a flag wins over every setting (contract 9). The monitor's model takes it over.
-    from sigil.interfaces.cli.early import start_monitor_catch_up
+    from sigil.interfaces.cli.early import resume_gc, start_monitor_catch_up
 
     catching_up = bool(log_path) and start_monitor_catch_up(session_id, log_path, once=once)
 
@@ -180,6 +180,7 @@ def monitor(
     from sigil.interfaces.cli.monitor import ExecutionMonitor
 
     _import_ahead(chosen_mode)
+    resume_gc()  # start-up is over (the entry point paused it)
 
     runner = ExecutionMonitor(
         session_id,
