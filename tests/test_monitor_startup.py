@@ -146,6 +146,7 @@ def test_monitor_once_folds_the_log_once(
         (["monitor", "--session", "a", "--bogus"], None),
         (["monitor", "--session"], None),
         (["monitor", "--once", "--follow", "-s", "a"], None),
+        (["monitor", "-s", "a", "--mode", "bogus"], None),
         (["monitor", "a"], None),
         (["sessions", "--session", "a"], None),
         ([], None),

@@ -19,8 +19,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["pause_gc", "resume_gc", "start_monitor_catch_up", "start_monitor_catch_up_from_argv"]
+__all__ = [
+    "MODES",
+    "pause_gc",
+    "resume_gc",
+    "start_monitor_catch_up",
+    "start_monitor_catch_up_from_argv",
+]
 
+#: ``sigil monitor --mode`` values (the command checks them; so does the guess here,
+#: so that a usage error does not wait for a fold started for nothing).
+MODES = ("dashboard", "stream", "minimal", "json")
 #: The link to the active session's log (spec 7.1; the monitor's CURRENT_LINK_NAME).
 _CURRENT_LINK = "current.jsonl"
 _VALUE_OPTIONS = {
@@ -59,6 +68,8 @@ def _monitor_options(args: list[str]) -> dict[str, str] | None:
         else:
             return None  # --help, an unknown option, a typo: click decides
     if "once" in found and "follow" in found:
+        return None
+    if found.get("mode", MODES[0]) not in MODES:
         return None
     return found
 

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import click
 
+from sigil.interfaces.cli.early import MODES as _MODES
 from sigil.interfaces.cli.errors import OneLineCommand, UsageFailure
-
-_MODES = ("dashboard", "stream", "minimal", "json")
 
 
 def _fail(message: str) -> UsageFailure:
