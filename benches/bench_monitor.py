@@ -390,6 +390,31 @@ def test_render_dashboard_frame_sigil(benchmark: Any) -> None:
     assert "SIGIL MONITOR" in frame
 
 
+def test_render_dashboard_terminal_frame_sigil(
+    benchmark: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the live dashboard writes per frame at 120x40: the frame with its
+    synchronized-output, cursor and erase sequences, in colour (issue 12: < 5 ms)."""
+    from sigil.interfaces.cli.display import DashboardRenderer
+    from sigil.interfaces.cli.monitor import MonitorPhase
+
+    benchmark.group = "render one dashboard frame (120x40)"
+    benchmark.extra_info.update(
+        ops=1, baseline="test_render_dashboard_frame_spec_print", aim_max_s=0.005
+    )
+    monkeypatch.setenv("COLUMNS", "120")
+    monkeypatch.setenv("LINES", "40")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    out = io.StringIO()
+    renderer = DashboardRenderer(out, io.StringIO(), DisplayOptions())
+    renderer.color = True
+    renderer.view.keys = True
+    state = _busy_state()
+    frame = benchmark(renderer.frame_text, state, MonitorPhase.TRACKING)
+    assert frame.startswith("\x1b[?2026h") and frame.endswith("\x1b[?2026l")
+    assert frame.count("\r\n") == 39  # the whole height
+
+
 def test_render_dashboard_frame_spec_print(benchmark: Any) -> None:
     benchmark.group = "render one dashboard frame (120x40)"
     benchmark.extra_info.update(ops=1)
@@ -646,4 +671,103 @@ def test_lag_log_event_to_screen_default_writer(benchmark: Any, tmp_path: Path) 
         logger.close_sync()
     benchmark.extra_info.update(
         metric="p99 lag (ms)", value=_p99(lags), median_ms=statistics.median(lags), max_ms=max(lags)
+    )
+
+
+# -- key to screen ----------------------------------------------------------------------
+
+
+class _Screen:
+    """A process on a pty whose output is kept with the time each chunk arrived."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], cols: int, rows: int) -> None:
+        import fcntl
+        import struct
+        import termios
+
+        self.master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.proc = subprocess.Popen(
+            argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
+            close_fds=True,
+        )  # fmt: skip
+        os.close(slave)
+        self.data = bytearray()
+        self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 1 << 16)
+            except OSError:
+                return
+            if not chunk:
+                return
+            with self.arrived:
+                self.data.extend(chunk)
+                self.arrived.notify_all()
+
+    def press_and_wait(self, key: bytes, marker: bytes, timeout: float = 5.0) -> float:
+        """Seconds from typing ``key`` until ``marker`` reaches the terminal."""
+        with self.lock:
+            start = len(self.data)
+        began = time.perf_counter()
+        os.write(self.master, key)
+        deadline = began + timeout
+        with self.arrived:
+            while self.data.find(marker, start) < 0:
+                left = deadline - time.perf_counter()
+                assert left > 0, f"{marker!r} never reached the screen"
+                self.arrived.wait(left)
+            return time.perf_counter() - began
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.thread.join(2)
+        with contextlib.suppress(OSError):
+            os.close(self.master)
+
+
+def test_key_to_screen_sigil(
+    benchmark: Any, live_session: tuple[Path, ExecutionLogger], tmp_path: Path
+) -> None:
+    """From a key typed on a real pty to the redrawn frame that shows its effect
+    (``?`` opens the help, any key closes it), at 120x40 (issue 12: < 50 ms)."""
+    logs, _ = live_session
+    benchmark.group = "dashboard key to screen"
+    screen = _Screen(
+        [*SIGIL, "monitor", "--session", "live", "--log-path", str(logs)],
+        _env(tmp_path),
+        cols=120,
+        rows=40,
+    )
+    samples: list[float] = []
+    try:
+        deadline = time.monotonic() + 15
+        while b"q quit" not in screen.data and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert b"q quit" in screen.data, "the dashboard never drew its key line"
+        time.sleep(0.3)
+
+        def round_trip() -> None:
+            for _ in range(10 if quick() else 30):
+                samples.append(screen.press_and_wait(b"?", b"pause / resume"))
+                samples.append(screen.press_and_wait(b"x", b"Components"))
+                time.sleep(0.02)
+
+        benchmark.pedantic(round_trip, rounds=1)
+    finally:
+        screen.close()
+    ms = [1000 * s for s in samples]
+    benchmark.extra_info.update(
+        metric="p99 key to screen (ms)",
+        value=_p99(ms),
+        aim_max=50,
+        median_ms=statistics.median(ms),
+        max_ms=max(ms),
     )

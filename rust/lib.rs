@@ -308,10 +308,17 @@ impl PyFold {
     }
 
     /// A typed snapshot of everything folded so far (cheap: a monitor takes
-    /// one per frame).
-    fn snapshot(&self, py: Python<'_>) -> PyResult<snapshot::PySessionSnapshot> {
+    /// one per frame). With the session's `ledger`, the whole history's
+    /// tokens, components and runs: the runs only the ledger knows (their
+    /// events rotated or deleted by an external tool) count too.
+    #[pyo3(signature = (ledger = None))]
+    fn snapshot(
+        &self,
+        py: Python<'_>,
+        ledger: Option<&PyLedger>,
+    ) -> PyResult<snapshot::PySessionSnapshot> {
         let st = self.copy(py)?;
-        snapshot::session(py, &st)
+        snapshot::session_joined(py, &st, ledger.and_then(|l| l.doc.as_ref()))
     }
 
     /// Fold one event given by its fields, for a reader that holds events
@@ -576,6 +583,68 @@ fn fold_sessions(
             })
             .collect()
     })
+}
+
+/// The whole history of many sessions (each the path of its live log), as
+/// `fold_sessions` folds them: each session's ledger (`tokens.json`) is read
+/// too and joined with the fold of its log, which is skipped when the ledger
+/// stands for the log. One `HistorySnapshot` per session, in order, or a
+/// one-line reason (a `str` naming the file) when its log cannot be read.
+#[pyfunction]
+#[pyo3(signature = (paths, threads = 0, max_line_bytes = DEFAULT_MAX_LINE, last_n = 0))]
+fn read_histories(
+    py: Python<'_>,
+    paths: Vec<PathBuf>,
+    threads: usize,
+    max_line_bytes: usize,
+    last_n: usize,
+) -> PyResult<Vec<Py<PyAny>>> {
+    guard("read_histories", || {
+        let outcomes = py.detach(|| many::read_histories(&paths, threads, max_line_bytes, last_n));
+        outcomes
+            .into_iter()
+            .map(|o| match o {
+                Ok(read) => {
+                    let h = snapshot::history(
+                        py,
+                        read.fold.as_ref(),
+                        read.ledger.as_ref(),
+                        read.problem,
+                    )?;
+                    Ok(Py::new(py, h)?.into_any())
+                }
+                Err(reason) => Ok(PyString::new(py, &reason).into_any().unbind()),
+            })
+            .collect()
+    })
+}
+
+/// The `p` quantile (0 to 1) of a latency histogram: bucket counts in the
+/// order of a snapshot's `latency_bounds_ms` (the last bucket is above them),
+/// e.g. many runs' histograms merged bucket by bucket. The model's own rule
+/// (`ComponentTotals::latency_quantile_ms`): the upper bound of the bucket
+/// holding rank `ceil(p * n)`, never above `max_ms`, the largest latency seen.
+/// None without a timed step.
+#[pyfunction]
+#[pyo3(signature = (histogram, max_ms, p))]
+fn latency_quantile_ms(histogram: Vec<u64>, max_ms: f64, p: f64) -> PyResult<Option<f64>> {
+    let mut c = crate::fold::ComponentTotals::default();
+    if histogram.len() > c.histogram.len() {
+        return Err(value_error(format!(
+            "a latency histogram has at most {} buckets, got {}",
+            c.histogram.len(),
+            histogram.len()
+        )));
+    }
+    if !(0.0..=1.0).contains(&p) {
+        return Err(value_error(format!("p must be from 0 to 1, got {p}")));
+    }
+    for (slot, n) in c.histogram.iter_mut().zip(&histogram) {
+        *slot = *n;
+    }
+    c.timed = histogram.iter().fold(0u64, |a, n| a.saturating_add(*n));
+    c.latency_max_ms = max_ms;
+    Ok(c.latency_quantile_ms(p))
 }
 
 /// The `seq` of the last valid event in a file, reading backwards from its end
@@ -1170,14 +1239,14 @@ impl PyTailer {
 mod _native {
     #[pymodule_export]
     use super::{
-        fold_file, fold_file_snapshot, fold_sessions, is_sensitive_key, parse_bytes, parse_lines,
-        sanitize_string, tail_max_seq, PyAppendWriter, PyCheckpoint, PyEntry, PyFold, PyLedger,
-        PyTailer,
+        fold_file, fold_file_snapshot, fold_sessions, is_sensitive_key, latency_quantile_ms,
+        parse_bytes, parse_lines, read_histories, sanitize_string, tail_max_seq, PyAppendWriter,
+        PyCheckpoint, PyEntry, PyFold, PyLedger, PyTailer,
     };
     #[pymodule_export]
     use crate::snapshot::{
         PyComponentSnapshot, PyLastError, PyMalformedLine, PyRunSnapshot, PySessionHistory,
-        PySessionSnapshot,
+        PySessionSnapshot, PyStepInFlight,
     };
 
     #[pymodule_export]

@@ -15,6 +15,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::fold::{self, FoldState};
+use crate::ledger::{self, Ledger, LogFile};
 use crate::segments;
 
 /// At most this many threads, whatever the caller asks.
@@ -38,6 +39,120 @@ pub fn fold_sessions<P: AsRef<Path> + Sync>(
     max_line: usize,
     last_n: usize,
 ) -> Vec<Outcome> {
+    in_pool(
+        logs,
+        threads,
+        |log, threads, limit| fold_session_with(log, max_line, last_n, threads, limit),
+        |log| Err(internal(log)),
+    )
+}
+
+/// What one session's history is read from: its ledger (`tokens.json`, or why
+/// it is not a usable one) and, unless the ledger alone is the history, the
+/// fold of its log (`ledger::join` makes the history of both).
+#[derive(Debug)]
+pub struct SessionRead {
+    pub fold: Option<FoldState>,
+    pub ledger: Option<Ledger>,
+    pub problem: Option<String>,
+}
+
+/// A session's history sources, or why its log could not be read.
+pub type HistoryOutcome = Result<SessionRead, String>;
+
+/// The name of a session's ledger, beside its log.
+pub const LEDGER_FILE: &str = "tokens.json";
+
+/// [`fold_sessions`] for whole histories: each session's ledger is read too,
+/// and its log is folded only when the ledger does not stand for it (the log
+/// is not exactly as the ledger last saw it, or a run is left to resume), as
+/// `log_parser.HistoryModel.read` does for one session. So a listing shows the
+/// runs only the ledger knows (their events rotated or deleted by an external
+/// tool) whether the session is finished or live, and a finished session costs
+/// one small read instead of a fold.
+pub fn read_histories<P: AsRef<Path> + Sync>(
+    logs: &[P],
+    threads: usize,
+    max_line: usize,
+    last_n: usize,
+) -> Vec<HistoryOutcome> {
+    in_pool(
+        logs,
+        threads,
+        |log, threads, limit| read_history_with(log, max_line, last_n, threads, limit),
+        |log| Err(internal(log)),
+    )
+}
+
+/// The files of the log at `log` as the ledger records them (name, size,
+/// mtime in ns), oldest first: `log_parser.log_files`.
+pub fn log_files(log: &Path) -> Vec<LogFile> {
+    use std::os::unix::fs::MetadataExt;
+    let segments = segments::rotated_segments(log);
+    segments
+        .iter()
+        .map(|s| s.path.as_path())
+        .chain(std::iter::once(log))
+        .filter_map(|path| {
+            let meta = std::fs::symlink_metadata(path).ok()?;
+            let name = path.file_name()?.to_str()?.to_string();
+            Some(LogFile {
+                name,
+                size: meta.len(),
+                mtime_ns: meta.mtime().saturating_mul(1_000_000_000) + meta.mtime_nsec(),
+            })
+        })
+        .collect()
+}
+
+fn read_history_with(
+    log: &Path,
+    max_line: usize,
+    last_n: usize,
+    threads: usize,
+    limit: Option<u64>,
+) -> Option<HistoryOutcome> {
+    let run = || -> Option<HistoryOutcome> {
+        let at = log.parent().unwrap_or(Path::new(".")).join(LEDGER_FILE);
+        let (ledger, problem) = match ledger::read(&at) {
+            Ok(doc) => (doc, None),
+            Err(why) => (None, Some(why)),
+        };
+        if ledger
+            .as_ref()
+            .is_some_and(|l| l.unchanged(&log_files(log)))
+        {
+            return Some(Ok(SessionRead {
+                fold: None,
+                ledger,
+                problem,
+            }));
+        }
+        let folded = fold_session_with(log, max_line, last_n, threads, limit)?;
+        Some(folded.map(|st| SessionRead {
+            fold: Some(st),
+            ledger,
+            problem,
+        }))
+    };
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(run))
+        .unwrap_or_else(|_| Some(Err(internal(log))))
+}
+
+/// Run `each` over every session on a pool of up to `threads` threads (0: the
+/// machine's cores, at most 8), one outcome per log, in order. `each` gets the
+/// log, the threads it may use for one large file and a size limit: with a
+/// limit it returns None for a session that large, which is then done after
+/// the small ones with every thread (and no limit). `lost` stands for a slot a
+/// panicking worker left empty (a bug): that session says so, the others are
+/// kept.
+fn in_pool<P, T, F, L>(logs: &[P], threads: usize, each: F, lost: L) -> Vec<T>
+where
+    P: AsRef<Path> + Sync,
+    T: Send,
+    F: Fn(&Path, usize, Option<u64>) -> Option<T> + Sync,
+    L: Fn(&Path) -> T,
+{
     let threads = if threads == 0 {
         fold::fold_threads()
     } else {
@@ -52,14 +167,11 @@ pub fn fold_sessions<P: AsRef<Path> + Sync>(
         loop {
             let i = next.fetch_add(1, Ordering::Relaxed);
             let Some(log) = logs.get(i) else { break };
-            done.push((
-                i,
-                fold_session_with(log.as_ref(), max_line, last_n, 1, limit),
-            ));
+            done.push((i, each(log.as_ref(), 1, limit)));
         }
         done
     };
-    let parts: Vec<Vec<(usize, Option<Outcome>)>> = if pool == 1 {
+    let parts: Vec<Vec<(usize, Option<T>)>> = if pool == 1 {
         vec![work()]
     } else {
         std::thread::scope(|s| {
@@ -70,20 +182,17 @@ pub fn fold_sessions<P: AsRef<Path> + Sync>(
                 .collect()
         })
     };
-    let mut out: Vec<Option<Outcome>> = Vec::with_capacity(logs.len());
+    let mut out: Vec<Option<T>> = Vec::with_capacity(logs.len());
     out.resize_with(logs.len(), || None);
     for (i, outcome) in parts.into_iter().flatten() {
         out[i] = Some(outcome.unwrap_or_else(|| {
             // A large session: every thread on it, one session at a time.
-            fold_session_with(logs[i].as_ref(), max_line, last_n, threads, None)
-                .unwrap_or_else(|| Err(internal(logs[i].as_ref())))
+            each(logs[i].as_ref(), threads, None).unwrap_or_else(|| lost(logs[i].as_ref()))
         }));
     }
-    // A slot left empty means its worker panicked (a bug): say so for that
-    // session rather than losing the others.
     out.into_iter()
         .zip(logs)
-        .map(|(o, log)| o.unwrap_or_else(|| Err(internal(log.as_ref()))))
+        .map(|(o, log)| o.unwrap_or_else(|| lost(log.as_ref())))
         .collect()
 }
 
@@ -327,6 +436,82 @@ mod tests {
             );
             assert!(e.contains(what) && !e.contains('\n'), "{e}");
         }
+    }
+
+    /// A ledger of one run (seq 0..=2, 5 tokens) written from exactly `files`.
+    fn ledger_of(files: &[LogFile]) -> String {
+        let files: Vec<String> = files
+            .iter()
+            .map(|f| {
+                format!(
+                    r#"{{"name":"{}","size":{},"mtime_ns":{}}}"#,
+                    f.name, f.size, f.mtime_ns
+                )
+            })
+            .collect();
+        format!(
+            concat!(
+                r#"{{"ledger_version":1,"last_seq":2,"total_used":5,"events":3,"#,
+                r#""missing_events":0,"component_totals":{{"reasoning":{{"tokens":5,"operations":1}}}},"#,
+                r#""log_files":[{}],"runs":[{{"run":1,"status":"complete","tokens_used":5,"#,
+                r#""events":3,"first_seq":0,"last_seq":2,"component_stats":{{"reasoning":"#,
+                r#"{{"tokens":5,"operations":1,"errors":0,"retries":0}}}}}}]}}"#
+            ),
+            files.join(",")
+        )
+    }
+
+    #[test]
+    fn a_history_folds_the_log_only_when_the_ledger_does_not_stand_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = session(dir.path(), "h", &[5]);
+        let d = log.parent().unwrap();
+        fs::write(d.join(LEDGER_FILE), ledger_of(&log_files(&log))).unwrap();
+        let none = session(dir.path(), "none", &[3]);
+        let bad = session(dir.path(), "bad", &[4]);
+        fs::write(bad.parent().unwrap().join(LEDGER_FILE), "{").unwrap();
+        for threads in [1, 2] {
+            let out = read_histories(&[&log, &none, &bad], threads, fold::DEFAULT_MAX_LINE, 0);
+            let current = out[0].as_ref().unwrap();
+            assert!(current.fold.is_none() && current.ledger.is_some());
+            let plain = out[1].as_ref().unwrap();
+            assert_eq!(plain.fold.as_ref().unwrap().tokens, 3);
+            assert!(plain.ledger.is_none() && plain.problem.is_none());
+            let broken = out[2].as_ref().unwrap();
+            assert_eq!(broken.fold.as_ref().unwrap().tokens, 4);
+            assert!(broken.problem.as_deref().unwrap().contains("is not JSON"));
+        }
+        // The log moved on (a new run appended): the ledger and the fold both.
+        let mut f = fs::OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(event(3, "step_complete", 7).as_bytes())
+            .unwrap();
+        drop(f);
+        let out = read_histories(&[&log], 1, fold::DEFAULT_MAX_LINE, 0);
+        let moved = out[0].as_ref().unwrap();
+        assert_eq!(moved.fold.as_ref().unwrap().tokens, 12);
+        assert_eq!(moved.ledger.as_ref().unwrap().total_used, 5);
+    }
+
+    #[test]
+    fn log_files_list_segments_oldest_first_then_the_live_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = session(dir.path(), "r", &[1]);
+        let d = log.parent().unwrap();
+        fs::write(d.join("execution.jsonl.1"), "ab").unwrap();
+        fs::write(d.join("execution.jsonl.2"), "abc").unwrap();
+        let files = log_files(&log);
+        let got: Vec<(&str, u64)> = files.iter().map(|f| (f.name.as_str(), f.size)).collect();
+        let live = fs::metadata(&log).unwrap().len();
+        assert_eq!(
+            got,
+            [
+                ("execution.jsonl.2", 3),
+                ("execution.jsonl.1", 2),
+                ("execution.jsonl", live)
+            ]
+        );
+        assert!(files.iter().all(|f| f.mtime_ns > 1_000_000_000_000_000_000));
+        assert!(log_files(&dir.path().join("none/execution.jsonl")).is_empty());
     }
 
     #[test]

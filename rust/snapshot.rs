@@ -72,6 +72,98 @@ impl PyLastError {
     }
 }
 
+/// The step in flight: the latest `step_start` of the current run that no
+/// `step_complete`/`step_error` of its component has closed yet, found in the
+/// events the fold keeps (`last_n`): a step started before those is not seen.
+#[pyclass(frozen, eq, get_all, module = "sigil._native", name = "StepInFlight")]
+#[derive(Clone, Debug, PartialEq)]
+pub struct PyStepInFlight {
+    pub component: String,
+    /// The timestamp of the step's first `step_start`.
+    pub started_at: String,
+    /// The attempt running: the `step_start`'s `metadata.attempt`, else one
+    /// more than the `retry_attempt` events of the step so far.
+    pub attempt: u64,
+    pub message: String,
+}
+
+#[pymethods]
+impl PyStepInFlight {
+    fn __repr__(&self) -> String {
+        format!(
+            "StepInFlight(component={:?}, attempt={}, started_at={:?})",
+            self.component, self.attempt, self.started_at
+        )
+    }
+}
+
+fn meta_u64(meta: &str, key: &str) -> Option<u64> {
+    if !meta.contains(key) {
+        return None;
+    }
+    serde_json::from_str::<serde_json::Value>(meta)
+        .ok()?
+        .get(key)?
+        .as_u64()
+}
+
+/// The step in flight among `events` (oldest first), see [`PyStepInFlight`].
+pub fn step_in_flight(events: &[Event]) -> Option<PyStepInFlight> {
+    let mut open: Vec<PyStepInFlight> = Vec::new();
+    for e in events {
+        match e.event_type.as_str() {
+            "session_start" | "session_complete" | "session_error" => open.clear(),
+            "step_start" => {
+                let explicit = meta_u64(&e.metadata, "attempt");
+                match open.iter().position(|s| s.component == e.component) {
+                    // A retry's new start: the same step, its next attempt.
+                    Some(i) => {
+                        let mut s = open.remove(i);
+                        s.attempt = explicit.unwrap_or(s.attempt).max(s.attempt);
+                        s.message = e.message.clone();
+                        open.push(s);
+                    }
+                    None => open.push(PyStepInFlight {
+                        component: e.component.clone(),
+                        started_at: e.timestamp.clone(),
+                        attempt: explicit.unwrap_or(1).max(1),
+                        message: e.message.clone(),
+                    }),
+                }
+            }
+            "retry_attempt" => {
+                if let Some(s) = open.iter_mut().find(|s| s.component == e.component) {
+                    s.attempt = s.attempt.saturating_add(1);
+                }
+            }
+            "step_complete" | "step_error" => open.retain(|s| s.component != e.component),
+            _ => {}
+        }
+    }
+    open.pop()
+}
+
+/// Tokens per bucket of `bucket_seconds`, `buckets` of them, oldest first,
+/// ending `idle` seconds after the latest event (the rate window's seconds).
+pub fn rate_series(
+    w: &fold::RateWindow,
+    buckets: usize,
+    bucket_seconds: u64,
+    idle: u64,
+) -> Vec<u64> {
+    let b = bucket_seconds.max(1);
+    let n = buckets.min(fold::WINDOW_SECONDS);
+    let mut out: Vec<u64> = (0..n as u64)
+        .map(|k| {
+            let newer = w.tokens_in(k.saturating_mul(b), idle);
+            w.tokens_in((k + 1).saturating_mul(b), idle)
+                .saturating_sub(newer)
+        })
+        .collect();
+    out.reverse();
+    out
+}
+
 /// One component's totals (in a session or a run).
 #[pyclass(frozen, get_all, module = "sigil._native", name = "ComponentSnapshot")]
 pub struct PyComponentSnapshot {
@@ -390,6 +482,10 @@ pub struct PySessionHistory {
     /// Events counted (the ledger-only runs', then the log's).
     #[pyo3(get)]
     pub events: u64,
+    /// Runs started: the ledger-only runs and every `session_start` the log
+    /// holds (`runs` may keep fewer of the log's).
+    #[pyo3(get)]
+    pub run_count: u64,
     /// The highest `seq` of the session, from the log or the ledger.
     #[pyo3(get)]
     pub last_seq: Option<u64>,
@@ -484,9 +580,15 @@ pub fn history(
         Some(st) => Some(Py::new(py, session(py, st)?)?),
         None => None,
     };
+    let ledger_only = h
+        .runs
+        .iter()
+        .filter(|(r, _)| matches!(r, RunRef::Ledger(_)))
+        .count() as u64;
     Ok(PySessionHistory {
         snapshot,
         runs,
+        run_count: ledger_only.saturating_add(st.map_or(0, |s| s.runs)),
         tokens: h.tokens,
         events: h.events,
         last_seq: h.last_seq,
@@ -635,6 +737,20 @@ impl PySessionSnapshot {
         (span > 0.0).then(|| self.window.tokens_in(whole(seconds), whole(idle)) as f64 / span)
     }
 
+    /// The step in flight in the current run (see `StepInFlight`), or None.
+    #[getter]
+    fn in_flight(&self) -> Option<PyStepInFlight> {
+        step_in_flight(&self.last)
+    }
+
+    /// Tokens per bucket of `bucket_seconds` (whole seconds), `buckets` of them,
+    /// oldest first, ending `idle` seconds after the latest event: a sparkline
+    /// of the recent rate (the window holds `window_seconds` seconds).
+    #[pyo3(signature = (buckets = 16, bucket_seconds = 4.0, idle = 0.0))]
+    fn rate_series(&self, buckets: usize, bucket_seconds: f64, idle: f64) -> Vec<u64> {
+        rate_series(&self.window, buckets, whole(bucket_seconds), whole(idle))
+    }
+
     /// The snapshot as plain data (for JSON views and tests).
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -763,6 +879,52 @@ pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
     })
 }
 
+/// [`session`] of the whole history: the fold of what the log holds joined
+/// with the session's ledger (`ledger::join`), for a view that follows the
+/// log (the monitor). When the ledger knows runs the log no longer holds
+/// (their events rotated or deleted by an external tool), the session's
+/// tokens, components, runs and run count are the history's, so the view
+/// agrees with `sigil sessions`, `tokens.json` and the orchestrator's result;
+/// the rest (events, rates, sequence checks, last entries) is the log's.
+pub fn session_joined(
+    py: Python<'_>,
+    st: &FoldState,
+    ledger: Option<&Ledger>,
+) -> PyResult<PySessionSnapshot> {
+    let mut s = session(py, st)?;
+    let Some(l) = ledger else { return Ok(s) };
+    let h = ledger::join(st, Some(l));
+    let ledger_only = h
+        .runs
+        .iter()
+        .filter(|(r, _)| matches!(r, RunRef::Ledger(_)))
+        .count() as u64;
+    if ledger_only == 0 {
+        return Ok(s); // the log holds every run: the fold is the history
+    }
+    s.tokens = h.tokens;
+    s.run_count = ledger_only.saturating_add(st.runs);
+    s.comps = components(py, &h.components)?;
+    s.runs_kept = h
+        .runs
+        .iter()
+        .map(|(r, status)| match r {
+            RunRef::Log(i) => run_as(py, st, &st.run_list[*i], status),
+            RunRef::Ledger(i) => ledger_run(py, &l.runs[*i], status),
+        })
+        .collect::<PyResult<_>>()?;
+    if st.run_list.is_empty() {
+        // No run left in the log: the session is where its last run left it.
+        if let Some((RunRef::Ledger(i), status)) = h.runs.last() {
+            let last = &l.runs[*i];
+            s.run = ledger_run(py, last, status)?;
+            s.status.clone_from(status);
+            s.budget = last.budget;
+        }
+    }
+    Ok(s)
+}
+
 // ---------------------------------------------------------------------------
 // The pre-snapshot summary dict, kept until its callers (monitor.py's
 // `SessionState.from_summary`, tests) read snapshots. Its component
@@ -848,4 +1010,82 @@ pub fn legacy_summary<'py>(py: Python<'py>, st: &FoldState) -> PyResult<Bound<'p
     }
     d.set_item("last_entries", last)?;
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(kind: &str, comp: &str, ts: &str, meta: &str) -> Event {
+        Event {
+            timestamp: ts.into(),
+            session_id: "s".into(),
+            event_type: kind.into(),
+            component: comp.into(),
+            message: format!("{comp} {kind}"),
+            tokens: 0,
+            seq: None,
+            metadata: meta.into(),
+            offset: 0,
+        }
+    }
+
+    #[test]
+    fn the_open_step_is_in_flight_and_a_closed_one_is_not() {
+        let mut events = vec![
+            ev("session_start", "orchestrator", "t0", "{}"),
+            ev("step_start", "routing", "t1", "{}"),
+            ev("step_complete", "routing", "t2", "{}"),
+            ev("step_start", "reasoning", "t3", "{}"),
+            ev("token_consumption", "reasoning", "t4", "{}"),
+        ];
+        let f = step_in_flight(&events).expect("reasoning is running");
+        assert_eq!(
+            (f.component.as_str(), f.started_at.as_str(), f.attempt),
+            ("reasoning", "t3", 1)
+        );
+        events.push(ev("step_error", "reasoning", "t5", "{}"));
+        assert_eq!(step_in_flight(&events), None);
+    }
+
+    #[test]
+    fn retries_count_attempts_and_keep_the_step_start() {
+        let events = vec![
+            ev("step_start", "reasoning", "t1", "{}"),
+            ev("retry_attempt", "reasoning", "t2", r#"{"attempt":1}"#),
+            ev("retry_attempt", "orchestrator", "t2", r#"{"resume":true}"#),
+        ];
+        let f = step_in_flight(&events).unwrap();
+        assert_eq!((f.attempt, f.started_at.as_str()), (2, "t1"));
+        let mut again = events.clone();
+        again.push(ev("step_start", "reasoning", "t3", r#"{"attempt":5}"#));
+        let f = step_in_flight(&again).unwrap();
+        assert_eq!((f.attempt, f.started_at.as_str()), (5, "t1"));
+    }
+
+    #[test]
+    fn a_run_end_or_a_new_run_closes_every_step() {
+        let events = vec![
+            ev("step_start", "reasoning", "t1", "{}"),
+            ev("session_error", "orchestrator", "t2", "{}"),
+        ];
+        assert_eq!(step_in_flight(&events), None);
+    }
+
+    #[test]
+    fn rate_series_splits_the_window_into_buckets_oldest_first() {
+        let mut w = fold::RateWindow::default();
+        w.add(100, 10);
+        w.add(103, 5);
+        w.add(107, 7);
+        // Buckets of 4 s ending at 107: [100..103], [104..107].
+        assert_eq!(rate_series(&w, 2, 4, 0), vec![15, 7]);
+        // Idle 4 s later the newest bucket is empty.
+        assert_eq!(rate_series(&w, 3, 4, 4), vec![15, 7, 0]);
+        let total: u64 = rate_series(&w, 16, 4, 0).iter().sum();
+        assert_eq!(total, w.tokens_in(64, 0));
+        assert!(rate_series(&fold::RateWindow::default(), 4, 4, 0)
+            .iter()
+            .all(|&n| n == 0));
+    }
 }

@@ -24,6 +24,8 @@ class Terminal:
         self, argv: list[str], env: dict[str, str], cols: int = 100, rows: int = 50
     ) -> None:
         self.master, slave = os.openpty()
+        #: The slave side's path: reopened to read its settings (``tty_attrs``).
+        self.slave_name = os.ttyname(slave)
         self._set_size(slave, cols, rows)
         self.proc = subprocess.Popen(
             argv,
@@ -77,6 +79,27 @@ class Terminal:
                 break
             time.sleep(0.02)
         raise AssertionError(f"screen never matched {predicate!r}; it shows:\n{self.text()}")
+
+    def tty_attrs(self) -> list[Any]:
+        """The terminal's settings now (``termios.tcgetattr`` of the slave side)."""
+        fd = os.open(self.slave_name, os.O_RDWR | os.O_NOCTTY)
+        try:
+            return termios.tcgetattr(fd)
+        finally:
+            os.close(fd)
+
+    def pending_input(self) -> int:
+        """Bytes typed on the terminal that nobody has read (FIONREAD of the slave)."""
+        fd = os.open(self.slave_name, os.O_RDWR | os.O_NOCTTY)
+        try:
+            raw = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+            return int(struct.unpack("i", raw)[0])
+        finally:
+            os.close(fd)
+
+    def press(self, keys: str | bytes) -> None:
+        """Type ``keys`` on the terminal."""
+        os.write(self.master, keys.encode() if isinstance(keys, str) else keys)
 
     def resize(self, cols: int, rows: int) -> None:
         self._set_size(self.master, cols, rows)

@@ -270,16 +270,24 @@ def test_dashboard_fits_the_width(width: int) -> None:
     assert lines[0].startswith("SIGIL MONITOR  demo-1")
     assert "RUNNING" in lines[1] and "Elapsed 10.0s" in lines[1]
     assert "650 / 2,000 (32.50%)" in text
-    assert "Left    1,350" in text
-    assert "65 tok/s" in text
+    assert ("left 1,350" if width >= 60 else "Left    1,350") in text
+    assert "Burn    3,900 tok/min" in text  # the recent rate, 65 tok/s, per minute
+    assert "avg 6,500/min" in text
     assert "budget ends in ~20.8s" in text
     for name in ("routing", "memory", "reasoning", "validation"):
         assert name in text
     assert "1 malformed" in text and "2 rotations" in text
-    assert "validation error (validation, attempt 1): schema mismatch" in text.replace("\n", "")
+    # The errors panel: component, category, attempt, time, then the whole message.
+    assert re.search(
+        r"! validation error\s+validation · attempt 1 · 10:15:37", text.replace("\n", "")
+    )
+    assert "    schema mismatch in output" in lines
+    assert "10:15:38 orchestrator budget warning (reasoning)" in " ".join(
+        line.strip(" !") for line in lines
+    )  # who crossed the level
     if width >= 60:
-        assert re.search(r"reasoning\s+450 / 1,500", text)
-        assert "2,100ms/op" in text
+        assert re.search(r"reasoning\s+450 / 1,500 30% #+\.+ 2,100ms 2,100ms", text)
+        assert re.search(r"component\s+tokens\s+%\s+p50\s+p95\s+in/out\s+model\s+err\s+rty", text)
     else:
         assert re.search(r"reasoning\s+450 ", text)
         assert "Slowest reasoning 2,100ms/op" in text
@@ -296,7 +304,7 @@ def test_slowest_is_highlighted_past_the_latency_warning() -> None:
     calm = render_dashboard_text(make_state(slow_ms=2100), options, width=100, now=NOW)
     slow = render_dashboard_text(make_state(slow_ms=6100), options, width=100, now=NOW)
     assert "slow" not in calm
-    assert re.search(r"reasoning.*6,100ms/op slow", slow)
+    assert re.search(r"reasoning.*6,100ms slow", slow)
 
 
 def test_settings_turn_parts_off() -> None:
@@ -307,7 +315,7 @@ def test_settings_turn_parts_off() -> None:
         show_latency=False,
     )
     text = render_dashboard_text(make_state(), options, width=100, now=NOW)
-    assert "Budget" not in text and "tok/s" not in text and "Components" not in text
+    assert "Budget" not in text and "tok/min" not in text and "Components" not in text
     assert "650 / 2,000" in text
 
 
@@ -324,8 +332,11 @@ def test_recent_events_take_what_height_is_left() -> None:
     state = fed.state
     tall = render_dashboard_text(state, DisplayOptions(max_events=8), width=80, height=60, now=NOW)
     short = render_dashboard_text(state, DisplayOptions(max_events=8), width=80, height=24, now=NOW)
-    assert tall.count("memory step complete") == 8
-    assert len(short.splitlines()) <= 24
+    unsized = render_dashboard_text(state, DisplayOptions(max_events=8), width=80, now=NOW)
+    # A terminal's height is used whole (issue 12: 8 events above 20 empty rows at 140x45).
+    assert tall.count("memory step complete") == 31  # all of them: the height has room
+    assert len(short.splitlines()) <= 24 and "memory step complete" in short
+    assert unsized.count("memory step complete") == 8  # no height: max_events
 
 
 def test_waiting_frames() -> None:

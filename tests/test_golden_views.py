@@ -161,3 +161,36 @@ def test_json_view_of_the_fixed_session(golden_home: Path) -> None:
     if UPDATE:
         path.write_text(got)
     assert got == path.read_text(), f"{path.name} changed; see the module docstring"
+
+
+@pytest.mark.parametrize(("cols", "rows"), [(60, 20), (80, 24), (120, 40)])
+def test_live_dashboard_layout_matches_its_golden_file(cols: int, rows: int) -> None:
+    """The live frame mid-run (reasoning's second attempt in flight, stalled), at the
+    sizes issue 12 names: what runs now, burn, components, errors before events,
+    the key line on the bottom row, the height used whole."""
+    from datetime import UTC, datetime
+
+    from model_state import Fed
+    from sigil.interfaces.cli.display import DisplayOptions, render_dashboard_text
+    from sigil.interfaces.cli.keys import DashboardView
+    from sigil.interfaces.cli.monitor import MonitorPhase
+
+    fed = Fed(SESSION)
+    fed.feed(*(orjson.dumps(e) for e in fixed_session()[:12]))
+    now = datetime(2026, 1, 15, 10, 0, 24, tzinfo=UTC)
+    text = render_dashboard_text(
+        fed.state,
+        DisplayOptions(),
+        width=cols,
+        height=rows,
+        now=now,
+        phase=MonitorPhase.TRACKING,
+        view=DashboardView(keys=True),
+        clock=True,
+    )
+    lines = text.splitlines()
+    assert len(lines) == rows and all(len(line) <= cols for line in lines)
+    path = GOLDEN / f"dashboard-live-{cols}x{rows}.txt"
+    if UPDATE:
+        path.write_text(text)
+    assert text == path.read_text(), f"{path.name} changed; see the module docstring"

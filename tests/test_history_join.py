@@ -327,3 +327,122 @@ def test_the_orchestrators_run_end_does_not_fold_the_log_again(
     assert [(r["run"], r["tokens_used"]) for r in tokens["runs"]] == [
         (r.number, r.tokens) for r in fresh.runs
     ]
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_sessions_lists_the_runs_only_the_ledger_knows_during_a_new_run(
+    tmp_path: Path, live: bool
+) -> None:
+    """An external rotator deleted runs 1-2's events; run 3 is being written (or
+    its writer died): ``sigil sessions`` still counts runs 1-2 from the ledger,
+    as the history does, not only what the log holds."""
+    from sigil.core.locks import SessionLock
+    from sigil.interfaces.cli.commands.sessions import list_sessions
+
+    session = tmp_path / "sessions" / "h"
+    session.mkdir(parents=True)
+    lines = _session(
+        [([("planning", 40, "ok")], "complete")] * 2 + [([("reasoning", 5, "ok")], None)]
+    )
+    first_two = next(i for i, line in enumerate(lines) if b'"run":3' in line)
+    _write(session / "execution.jsonl", lines[:first_two])
+    _ledger(session)
+    os.rename(session / "execution.jsonl", session / "execution.jsonl.1")
+    (session / "execution.jsonl.1").unlink()
+    _write(session / "execution.jsonl", lines[first_two:])
+
+    lock = SessionLock(session).acquire() if live else None
+    try:
+        (row,) = list_sessions(tmp_path)
+    finally:
+        if lock is not None:
+            lock.release()
+    history = session_history(session)
+    assert row.tokens_used == history.tokens == 85
+    assert row.runs == 3
+    status = "running" if live else "incomplete"
+    assert [(d["run"], d["status"], d["tokens_used"]) for d in row.run_details] == [
+        (1, "complete", 40),
+        (2, "complete", 40),
+        (3, status, 5),
+    ]
+    assert row.status == status
+    assert row.started_at == history.runs[0].started_at
+
+
+def _rotated_away_then_run_three(tmp_path: Path, *, finished: bool) -> Path:
+    """Runs 1-2 (40 tokens each) whose events an external rotator deleted, and
+    run 3 (5 tokens) in the log, finished (ledger rewritten) or still open."""
+    session = tmp_path / "logs" / "sessions" / "h"
+    session.mkdir(parents=True)
+    end = "complete" if finished else None
+    lines = _session(
+        [([("planning", 40, "ok")], "complete")] * 2 + [([("reasoning", 5, "ok")], end)]
+    )
+    first_two = next(i for i, line in enumerate(lines) if b'"run":3' in line)
+    _write(session / "execution.jsonl", lines[:first_two])
+    _ledger(session)
+    os.rename(session / "execution.jsonl", session / "execution.jsonl.1")
+    (session / "execution.jsonl.1").unlink()
+    _write(session / "execution.jsonl", lines[first_two:])
+    if finished:
+        _ledger(session)
+    return session
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_the_monitor_counts_the_runs_only_the_ledger_knows(tmp_path: Path, finished: bool) -> None:
+    """``sigil monitor`` shows the whole history (85 tokens over 3 runs), as
+    ``tokens.json`` and ``sigil sessions`` do, not only the 5 tokens the log
+    still holds; per component too."""
+    import subprocess
+    import sys
+
+    from conftest import isolated_env
+
+    session = _rotated_away_then_run_three(tmp_path, finished=finished)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sigil", "monitor", "--session", "h", "--once", "--mode", "json"],
+        env=isolated_env(tmp_path, SIGIL_LOG_PATH=str(tmp_path / "logs")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    frame = json.loads(proc.stdout.strip().splitlines()[-1])
+    history = session_history(session)
+    assert frame["tokens_used"] == history.tokens == 85
+    assert frame["runs"] == 3
+    assert {k: c["tokens"] for k, c in frame["components"].items()} == {
+        "orchestrator": 0,
+        "planning": 80,
+        "reasoning": 5,
+    }
+    assert frame["components"]["planning"]["operations"] == 2
+    assert frame["run"]["number"] == 3 and frame["run"]["tokens_used"] == 5
+    if finished:
+        assert json.loads((session / "tokens.json").read_text())["total_used"] == 85
+
+
+def test_the_live_model_follows_a_ledger_written_meanwhile(tmp_path: Path) -> None:
+    """The model a monitor follows picks up a ledger written after it started
+    (a run's end) and keeps the runs it alone knows."""
+    from sigil.telemetry.log_parser import SessionModel
+
+    session = tmp_path / "logs" / "sessions" / "h"
+    session.mkdir(parents=True)
+    lines = _session([([("planning", 40, "ok")], "complete")] * 2)
+    _write(session / "execution.jsonl", lines)
+    model = SessionModel("h", tmp_path / "logs", last_n=0)
+    assert (model.update().tokens, model.update().run_count) == (80, 2)
+    _ledger(session)
+    os.rename(session / "execution.jsonl", session / "execution.jsonl.1")
+    (session / "execution.jsonl.1").unlink()
+    fresh = SessionModel("h", tmp_path / "logs", last_n=0).update()
+    assert (fresh.tokens, fresh.run_count, [r.source for r in fresh.runs]) == (
+        80,
+        2,
+        ["ledger", "ledger"],
+    )
+    assert fresh.status == "complete"

@@ -167,9 +167,9 @@ def test_a_quiet_live_run_shows_stalled_then_the_rate_again(
     term = monitor("--session", "quiet-1")
     w = writer("quiet-1")
     w("start 100000", "step routing 500 10")
-    term.wait_for(lambda s: "RUNNING" in s and "Rate" in s)
+    term.wait_for(lambda s: "RUNNING" in s and "Burn" in s)
     screen = term.wait_for("stalled", timeout=20)
-    rate = re.search(r"Rate\s+([\d,]+) tok/s\s+avg", screen)
+    rate = re.search(r"Burn\s+([\d,]+) tok/min .*avg", screen)
     assert rate is not None, screen
     w("step memory 200 10")
     term.wait_for(lambda s: "700 / 100,000" in s and "stalled" not in s)
@@ -317,7 +317,7 @@ def test_wide_terminal(monitor: Callable[..., Terminal], writer: Callable[[str],
     term = monitor("--session", "wide-1", cols=160, rows=50)
     w("start 1000", "step routing 50 1100")
     screen = term.wait_for("50 / 1,000")
-    assert re.search(r"routing\s+50 / 10,000 #+\.+\s+1,100ms/op", screen)
+    assert re.search(r"routing\s+50 / 10,000\s+\d+% #+\.+\s+1,100ms\s+1,100ms", screen)
     w("complete")
     assert term.wait() == 0
 

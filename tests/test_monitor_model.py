@@ -116,7 +116,8 @@ def test_a_finished_short_session_shows_its_rate(home: Path) -> None:
     assert final["average_tokens_per_second"] == pytest.approx(2704 / 0.137, rel=1e-3)
     code, screen = monitor_screen(home, "short-1")
     assert code == 0
-    assert "Rate    19,737 tok/s" in screen, screen
+    # The dashboard's burn rate is per minute: the same 19,737 tok/s.
+    assert f"Burn    {final['tokens_per_second'] * 60:,.0f} tok/min" in screen, screen
     assert "Rate:      19,737 tok/s" in screen  # the final summary too
 
 
@@ -217,10 +218,9 @@ def test_a_failed_run_says_why(home: Path) -> None:
     assert "Reason: reasoning failed after 3 attempts: model call timed out after 13 s" in flat, (
         screen
     )
-    # The warnings panel: which component, what went wrong, at which attempt.
-    assert "! reasoning error (timeout, attempt 3): model call timed out after 13 s" in screen, (
-        screen
-    )
+    # The errors panel: which component, what went wrong, at which attempt, when.
+    assert "! reasoning error  timeout · attempt 3 · 10:00:16" in screen, screen
+    assert "    model call timed out after 13 s" in screen.splitlines(), screen
     assert "step errors" not in screen
     code, final = monitor_json(home, "fail-1")
     assert final["reason"] == "reasoning failed after 3 attempts: model call timed out after 13 s"

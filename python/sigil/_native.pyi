@@ -37,13 +37,16 @@ __all__ = [
     "ParsedEntry",
     "RunSnapshot",
     "SessionSnapshot",
+    "StepInFlight",
     "Tailer",
     "fold_file",
     "fold_file_snapshot",
     "fold_sessions",
     "is_sensitive_key",
+    "latency_quantile_ms",
     "parse_bytes",
     "parse_lines",
+    "read_histories",
     "sanitize_string",
     "tail_max_seq",
 ]
@@ -92,6 +95,17 @@ def fold_sessions(
     the GIL: a snapshot per session, in order, or a one-line reason naming the
     file for a session that cannot be read."""
 
+def read_histories(
+    paths: Sequence[_Path], threads: int = 0, max_line_bytes: int = ..., last_n: int = 0
+) -> list[HistorySnapshot | str]:
+    """``fold_sessions`` for whole histories: each session's ledger (``tokens.json``)
+    is read too and joined with the fold of its log, which is skipped when the
+    ledger stands for the log."""
+
+def latency_quantile_ms(histogram: Sequence[int], max_ms: float, p: float) -> float | None:
+    """The ``p`` quantile of a latency histogram (bucket counts in the order of
+    ``latency_bounds_ms``, e.g. many runs' merged) by the model's rule."""
+
 def tail_max_seq(path: _Path, max_scan_bytes: int = ...) -> int | None: ...
 def sanitize_string(value: str) -> str: ...
 def is_sensitive_key(key: str) -> bool: ...
@@ -102,7 +116,7 @@ class Fold:
     def feed_file(self, path: _Path, max_line_bytes: int = ...) -> int: ...
     def feed_bytes(self, data: bytes, base_offset: int = 0) -> int: ...
     def summary(self) -> dict[str, Any]: ...
-    def snapshot(self) -> SessionSnapshot: ...
+    def snapshot(self, ledger: Ledger | None = None) -> SessionSnapshot: ...
     def feed_event(
         self,
         timestamp: str,
@@ -156,6 +170,8 @@ class HistorySnapshot:
     @property
     def events(self) -> int: ...
     @property
+    def run_count(self) -> int: ...
+    @property
     def last_seq(self) -> int | None: ...
     @property
     def ledger_seq(self) -> int | None: ...
@@ -196,6 +212,21 @@ class LastError:
     @property
     def timestamp(self) -> str: ...
     def to_dict(self) -> dict[str, Any]: ...
+
+@final
+class StepInFlight:
+    """The step in flight: the latest ``step_start`` of the current run not yet
+    closed by its component's ``step_complete``/``step_error`` (among the events
+    the fold keeps)."""
+
+    @property
+    def component(self) -> str: ...
+    @property
+    def started_at(self) -> str: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def message(self) -> str: ...
 
 @final
 class ComponentSnapshot:
@@ -360,6 +391,11 @@ class SessionSnapshot:
     def recent_tokens_per_second(
         self, seconds: float = 60.0, idle: float = 0.0
     ) -> float | None: ...
+    @property
+    def in_flight(self) -> StepInFlight | None: ...
+    def rate_series(
+        self, buckets: int = 16, bucket_seconds: float = 4.0, idle: float = 0.0
+    ) -> list[int]: ...
     def to_dict(self) -> dict[str, Any]: ...
 
 @final

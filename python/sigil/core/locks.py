@@ -135,7 +135,7 @@ class SessionLock:
             self.release()
 
 
-def is_session_locked(session_dir: Path) -> bool:
+def is_session_locked(session_dir: str | os.PathLike[str]) -> bool:
     """True when some process holds the session's lock.
 
     Tries a non-blocking *shared* lock and releases it at once, so two monitors
@@ -143,7 +143,8 @@ def is_session_locked(session_dir: Path) -> bool:
     missing directory or lock file means "not locked".
     """
     try:
-        fd = os.open(Path(session_dir) / LOCK_FILE_NAME, os.O_RDONLY | os.O_CLOEXEC)
+        # os.path, not pathlib: `sigil sessions` asks this of every session.
+        fd = os.open(os.path.join(session_dir, LOCK_FILE_NAME), os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return False
     except NotADirectoryError:

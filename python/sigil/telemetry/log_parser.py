@@ -42,9 +42,11 @@ __all__ = [
     "SessionSnapshot",
     "SessionSummary",
     "SessionTailer",
+    "StepInFlight",
     "empty_snapshot",
     "fold_file",
     "fold_session",
+    "latency_quantile_ms",
     "parse_bytes",
     "parse_lines",
     "run_status",
@@ -71,10 +73,14 @@ SessionSnapshot = _native.SessionSnapshot
 RunSnapshot = _native.RunSnapshot
 ComponentSnapshot = _native.ComponentSnapshot
 LastError = _native.LastError
+#: The step running now, as the session model sees it (``SessionSnapshot.in_flight``).
+StepInFlight = _native.StepInFlight
 #: The session's ledger (``tokens.json``) read and checked natively, and the
 #: whole history: the log's model joined with the runs only the ledger knows.
 Ledger = _native.Ledger
 HistorySnapshot = _native.HistorySnapshot
+#: The model's latency quantile rule, for histograms merged across runs (reports).
+latency_quantile_ms = _native.latency_quantile_ms
 
 
 def empty_snapshot() -> SessionSnapshot:
@@ -283,7 +289,11 @@ def fold_session(
 
 class SessionModel:
     """The session model, fed incrementally: one native fold of a session's log
-    (rotated segments, then the live file, following rotation and truncation).
+    (rotated segments, then the live file, following rotation and truncation),
+    joined natively with the session's ledger (``tokens.json``) when the ledger
+    knows runs the log no longer holds (an external rotator deleted their
+    events), so a monitor shows the whole history, as ``sigil sessions`` and
+    the orchestrator do.
 
     :meth:`update` folds whatever arrived since the last call and returns a
     :class:`SessionSnapshot`; a monitor calls it once per frame, after
@@ -303,17 +313,40 @@ class SessionModel:
         ahead = take_catch_up(session_id, log_path, last_n, max_line_bytes)
         if ahead is not None:
             self.tailer, self.fold = ahead
-            return
-        self.tailer = SessionTailer(session_id, log_path, max_line_bytes=max_line_bytes)
-        self.fold = _native.Fold(last_n)
+        else:
+            self.tailer = SessionTailer(session_id, log_path, max_line_bytes=max_line_bytes)
+            self.fold = _native.Fold(last_n)
+        self._ledger_path = os.path.join(self.tailer.session_dir, LEDGER_FILE_NAME)
+        #: the ledger read last, and the (inode, size, mtime) it was read at
+        self._ledger: Ledger | None = None
+        self._ledger_key: tuple[int, int, int] | None = None
 
     def update(self) -> SessionSnapshot:
         """Fold what arrived, then snapshot (both without holding the GIL while waiting)."""
         self.tailer.fold_into(self.fold)
-        return self.fold.snapshot()
+        return self.fold.snapshot(self._current_ledger())
 
     def snapshot(self) -> SessionSnapshot:
-        return self.fold.snapshot()
+        return self.fold.snapshot(self._ledger)
+
+    def _current_ledger(self) -> Ledger | None:
+        """The session's ledger, read again only when the file changed (a run's
+        end rewrites it): one ``stat`` per update. None when there is none or
+        it is not a usable ledger (the log alone is the history then)."""
+        try:
+            st = os.stat(self._ledger_path)
+        except OSError:
+            self._ledger, self._ledger_key = None, None
+            return None
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if key != self._ledger_key:
+            self._ledger_key = key
+            try:
+                ledger = Ledger.read(self._ledger_path)
+            except OSError:
+                ledger = None
+            self._ledger = ledger if ledger is not None and ledger.present else None
+        return self._ledger
 
     def wait(self, timeout: float) -> bool:
         """Block, without the GIL, until the log changes or ``timeout`` seconds pass."""
@@ -514,3 +547,25 @@ def snapshot_many(
     """
     logs = [os.path.join(directory, LOG_FILE_NAME) for directory in session_dirs]
     return _native.fold_sessions(logs, threads, max_line_bytes, last_n)
+
+
+def history_many(
+    session_dirs: Sequence[str | os.PathLike[str]],
+    *,
+    threads: int = 0,
+    last_n: int = 0,
+    max_line_bytes: int = MAX_LINE_BYTES,
+) -> list[HistorySnapshot | str]:
+    """The whole history of many sessions (:func:`session_history` of each), in
+    one native call across a small thread pool with the GIL released: each
+    session's ledger joined with the fold of its log, the fold skipped when the
+    ledger stands for the log (it was written from exactly these files and no
+    run is left to resume). So the runs only a ledger knows (their events
+    rotated or deleted by an external tool) are counted whether the session is
+    finished or live.
+
+    One item per directory, in order: the history, or a one-line reason naming
+    the file when the session's log cannot be read.
+    """
+    logs = [os.path.join(directory, LOG_FILE_NAME) for directory in session_dirs]
+    return _native.read_histories(logs, threads, max_line_bytes, last_n)

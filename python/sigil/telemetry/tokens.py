@@ -219,6 +219,9 @@ class TokenBudget:
     critical_threshold: float = 0.8
     exceeded_threshold: float = 0.95
 
+    #: Tokens promised to operations in flight (:meth:`reserve`), not yet consumed.
+    reserved: int = 0
+
     # Called once per global level when it is first crossed: (level, used, total).
     on_warning: Callable[[BudgetWarningLevel, int, int], None] | None = None
 
@@ -353,6 +356,27 @@ class TokenBudget:
     def can_continue(self) -> bool:
         """Whether another step may start: False once the budget has run out."""
         return self.warning_level is not BudgetWarningLevel.EXCEEDED
+
+    def reserve(self, wanted: int) -> int:
+        """Promise up to ``wanted`` tokens to an operation about to start (a model
+        call capped at what it is granted); returns the grant.
+
+        Grants never add up to more than what is left: concurrent operations
+        capped at their grants cannot together spend more than the remaining
+        budget. 0 when the budget has run out or everything left is promised.
+        The grant is given back with :meth:`release` once its tokens are consumed.
+        """
+        _check_tokens(wanted)
+        if not self.can_continue():
+            return 0
+        granted = min(wanted, max(0, self.remaining - self.reserved))
+        self.reserved += granted
+        return granted
+
+    def release(self, granted: int) -> None:
+        """Give back a grant of :meth:`reserve` (consume what it spent first)."""
+        _check_tokens(granted)
+        self.reserved = max(0, self.reserved - granted)
 
     def forecast(self, operations_remaining: int) -> dict[str, Any]:
         """Forecast the session's total from the average tokens per operation so far.
@@ -496,6 +520,16 @@ class TokenTracker:
     def forecast(self, operations_remaining: int) -> dict[str, Any]:
         with self._lock:
             return self.budget.forecast(operations_remaining)
+
+    def reserve(self, wanted: int) -> int:
+        """See :meth:`TokenBudget.reserve`: the grant of an operation about to start."""
+        with self._lock:
+            return self.budget.reserve(wanted)
+
+    def release(self, granted: int) -> None:
+        """See :meth:`TokenBudget.release`; call it after tracking what the grant spent."""
+        with self._lock:
+            self.budget.release(granted)
 
     def restore(
         self,

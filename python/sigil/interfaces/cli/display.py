@@ -1,49 +1,61 @@
 """What ``sigil monitor`` shows: renderers as functions of a :class:`SessionState`.
 
 Every number comes from the state's snapshot of the native session model
-(contract 12); this module formats, it does not count.
+(contract 12); this module formats, it does not count. The step in flight and
+the sparkline's buckets come from the model too (``SessionSnapshot.in_flight``,
+``rate_series``).
 
 The formatting functions (``stream_line``, ``minimal_line``, ``state_to_dict``,
-``summary_lines``, ``render_dashboard``) take a state and return text or a rich
-renderable; they do no I/O, so they are tested by value at any width. The
+``summary_lines``, ``dashboard_lines``/``render_dashboard_text``) take a state
+and return text; they do no I/O, so they are tested by value at any size. The
 ``*Renderer`` classes below them only decide what to write where:
 
 * data goes to stdout (frames, event lines, NDJSON objects, the final summary),
   progress and errors to stderr, in every mode;
 * colour only on a terminal and never when ``NO_COLOR`` is set (no-color.org);
-* rich is imported only on the dashboard paths, so the stream, minimal and json
-  modes start without paying for it.
+* text from the log is shown without its control characters (``screen.printable``);
+* the dashboard is plain SGR text built by ``screen.Line`` (no rich): a 120x40
+  frame costs well under a millisecond and start-up pays for no framework.
+  What the keys change lives in :class:`sigil.interfaces.cli.keys.DashboardView`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
-if TYPE_CHECKING:
-    from rich.console import Console, RenderableType
-    from rich.live import Live
+from sigil.interfaces.cli.keys import DashboardView
+from sigil.interfaces.cli.screen import Line as _Line
+from sigil.interfaces.cli.screen import cells as _cells
+from sigil.interfaces.cli.screen import crop as _crop
+from sigil.interfaces.cli.screen import printable, span
+from sigil.interfaces.cli.screen import wrap as _wrap
 
+if TYPE_CHECKING:
     from sigil.interfaces.cli.monitor import EntryLike, MonitorPhase, SessionState
 
 __all__ = [
     "DashboardRenderer",
+    "DashboardView",
     "DisplayOptions",
     "JsonRenderer",
     "MinimalRenderer",
     "Renderer",
     "StreamRenderer",
     "budget_level",
+    "dashboard_lines",
     "format_duration",
     "make_renderer",
     "minimal_line",
-    "render_dashboard",
     "render_dashboard_text",
+    "sparkline",
     "state_to_dict",
     "stream_line",
     "summary_lines",
@@ -85,6 +97,8 @@ class DisplayOptions:
     exceeded_threshold: float = 0.95
     max_events: int = 8
     allocations: Mapping[str, int] = field(default_factory=dict)
+    #: Run on each alert with its message as the last argument (e.g. ``notify-send``).
+    alert_command: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Any) -> DisplayOptions:
@@ -102,6 +116,9 @@ class DisplayOptions:
             critical_threshold=float(budget.critical_threshold),
             exceeded_threshold=float(budget.exceeded_threshold),
             allocations=dict(budget.allocations or {}),
+            alert_command=getattr(mon, "alert_command", None)
+            or os.environ.get("SIGIL_ALERT_COMMAND")
+            or None,
         )
 
 
@@ -242,8 +259,8 @@ def stream_line(entry: EntryLike, color: bool = False) -> str:
     timestamp = entry.timestamp
     _, sep, rest = timestamp.partition("T")
     clock = rest[:8] if sep else timestamp[:8]
-    component = _sgr(entry.component, _component_code(entry.component), color)
-    message = entry.message
+    component = _sgr(printable(entry.component), _component_code(entry.component), color)
+    message = printable(entry.message)
     if entry.event_type in _ALERT_EVENTS:
         message = _sgr(message, "31", color)
     return f"[{clock}] {component}: {message} ({entry.tokens:,} tokens)"
@@ -445,10 +462,334 @@ def summary_lines(
     return lines
 
 
-# -- the dashboard (rich, imported lazily) ----------------------------------------------
+# -- the dashboard ----------------------------------------------------------------------
+#
+# Built as lines of (text, SGR) segments without rich: a frame at 120x40 costs
+# well under a millisecond, and the dashboard starts without importing rich.
+
+_SPARK = "▁▂▃▄▅▆▇█"
+_KEYS_HINT = "q quit  p pause  ? help  e errors  c component  s sort  ↑↓ scroll  / find"
+_KEYS_HINT_SHORT = "q quit  p pause  ? help  e errors  c comp  s sort  / find"
+HELP_LINES = (
+    "q          quit (the summary so far; exit 0)",
+    "p          pause / resume the display (reading goes on)",
+    "?          this help (any key closes it)",
+    "e          errors only: the event list shows failures and warnings",
+    "c          cycle a component filter (events and errors)",
+    "s          cycle the component sort: pipeline, tokens, % allocation, p95, errors",
+    "↑ ↓ PgUp PgDn  scroll the event list (End or Home: back to the newest)",
+    "/          filter events by text (Enter applies, Esc clears)",
+)
 
 
-def render_dashboard(
+def _rule(title: str, width: int, style: str = "2") -> _Line:
+    line = _Line(title, "1" if style == "2" else style)
+    fill = width - _cells(title) - 1
+    if fill > 0:
+        line.add(" " + "─" * fill, style)
+    return line
+
+
+def _short(n: int) -> str:
+    """``950``, ``12.3k``, ``4.5M``: a token count in five cells or so."""
+    if n < 10_000:
+        return f"{n:,}"
+    if n < 1_000_000:
+        return f"{n / 1000:.1f}k"
+    return f"{n / 1_000_000:.1f}M"
+
+
+def sparkline(values: Sequence[int]) -> str:
+    """One cell per value, scaled to the largest; zero is a blank cell."""
+    top = max(values, default=0)
+    if top <= 0:
+        return " " * len(values)
+    last = len(_SPARK) - 1
+    return "".join(
+        " " if v <= 0 else _SPARK[min(last, (v * last + top - 1) // top)] for v in values
+    )
+
+
+def _clock_of(timestamp: str) -> str:
+    _, sep, rest = timestamp.partition("T")
+    return rest[:8] if sep else timestamp[:8]
+
+
+def _level_sgr(level: str) -> str:
+    return {"ok": "32", "warning": "33", "critical": "31", "exceeded": "1;31"}[level]
+
+
+def _status_line(state: SessionState, phase: MonitorPhase | str | None, now: datetime | None,
+                 view: DashboardView) -> _Line:  # fmt: skip
+    status = _status_word(state, phase)
+    style = {
+        "RUNNING": "1;32", "COMPLETE": "1;32", "INCOMPLETE": "1;33",
+        "WAITING FOR START": "33", "WAITING FOR LOG": "33",
+    }.get(status, "1;31")  # fmt: skip
+    line = _Line("Status  ", "2").add(status, style)
+    line.add("  Elapsed ", "2").add(format_duration(state.elapsed_at(now)))
+    if view.paused:
+        line.add("  PAUSED", "1;7")
+    return line
+
+
+def _now_line(state: SessionState, phase: MonitorPhase | str | None, now: datetime | None,
+              width: int) -> _Line:  # fmt: skip
+    """What is running right now, for how long, and whether anything arrives."""
+    line = _Line("Now     ", "2")
+    phase_value = getattr(phase, "value", phase)
+    if phase_value == "initial" or state.display_status == "waiting":
+        line.add("waiting for a run to start", "2")
+        return line
+    if state.ended or (state.incomplete and not state.ended):
+        last = state.last_timestamp
+        line.add(f"run over{' at ' + _clock_of(last) if last else ''}", "2")
+        return line
+    step = state.in_flight
+    if step is not None:
+        line.add(step.component, "1")
+        from sigil.interfaces.cli.monitor import parse_timestamp
+
+        started = parse_timestamp(step.started_at)
+        moment = now or datetime.now(UTC)
+        running = None if started is None else max(0.0, (moment - started).total_seconds())
+        line.add(f"  attempt {step.attempt}")
+        if running is not None:
+            line.add(f"  {format_duration(running)}")
+    else:
+        line.add("between steps", "2")
+    stalled = state.stalled_seconds(now)
+    if stalled is not None:
+        line.add(f"  stalled {stalled:.0f}s", "1;33")
+    return line
+
+
+def _burn_lines(state: SessionState, options: DisplayOptions, now: datetime | None,
+                width: int, level_sgr: str) -> list[_Line]:  # fmt: skip
+    """Recent rate (tokens/min) with a sparkline of the model's rate window, the
+    session average, and the forecast to the budget's end from the recent rate."""
+    rate = state.recent_rate(now)
+    average = state.average_rate
+    buckets = 16 if width >= 60 else 8
+    series = state.rate_series(buckets, 64 // buckets, now)
+    line = _Line("Burn    ", "2")
+    line.add(f"{_rate(None if rate is None else rate * 60)} tok/min ")
+    line.add(sparkline(series), "36")
+    parts: list[tuple[str, str]] = [
+        (f"avg {_rate(None if average is None else average * 60)}/min", "2")
+    ]
+    to_end = state.seconds_to_budget_end(now)
+    if to_end is not None:
+        parts.append((f"budget ends in ~{format_duration(to_end)}", level_sgr))
+    lines = [line]
+    for text, style in parts:
+        if lines[-1].cells + 2 + _cells(text) > width:
+            lines.append(_Line(" " * 8))
+        else:
+            lines[-1].add("  ")
+        lines[-1].add(text, style)
+    return lines
+
+
+def _sort_key(sort: str, state: SessionState, allocations: Mapping[str, int]) -> Any:
+    def key(name: str) -> Any:
+        comp = state.components.get(name)
+        if sort == "tokens":
+            return -(comp.tokens if comp else 0)
+        if sort == "allocation":
+            allocated = allocations.get(name)
+            return -((comp.tokens if comp else 0) / allocated) if allocated else 0.0
+        if sort == "p95":
+            p95 = comp.p95_latency_ms if comp else None
+            return -(p95 or 0.0)
+        return -(comp.errors + comp.retries if comp else 0)
+
+    return key
+
+
+def _component_lines(state: SessionState, options: DisplayOptions, width: int,
+                     view: DashboardView) -> list[_Line]:  # fmt: skip
+    """The components table: tokens against allocation (% and a bar capped
+    visibly at 100 %), latency p50/p95, input/output tokens, model, errors and
+    retries; columns drop out as the width shrinks, never mid-number."""
+    allocations = dict(options.allocations)
+    allocations.update(state.allocations)
+    names = ordered_components(
+        set(state.components) | {n for n in allocations if n in COMPONENT_ORDER}
+    )
+    names = [n for n in names if n != "orchestrator" or state.components[n].tokens]
+    if not names:
+        return []
+    if view.sort != "pipeline":
+        names.sort(key=_sort_key(view.sort, state, allocations))
+    slowest = state.slowest_component if options.highlight_slowest else None
+    show_lat = options.show_latency
+    wide_tokens = width >= 80
+    cols_p50 = show_lat and width >= 80
+    cols_p95 = show_lat and width >= 60
+    cols_io = width >= 110
+    cols_model = width >= 110
+    cols_retry = width >= 80
+    name_w = min(12, max(len(n) for n in names))
+
+    rows: list[dict[str, tuple[str, str]]] = []
+    bars: list[tuple[float | None, str]] = []  # each row's share of its allocation, style
+    for name in names:
+        comp = state.components.get(name)
+        tokens = comp.tokens if comp else 0
+        allocated = allocations.get(name)
+        share = tokens / allocated if allocated else None
+        over = share is not None and share > 1.0
+        comp_level = budget_level(share, options) if share is not None else "ok"
+        marked = view.component == name
+        row: dict[str, tuple[str, str]] = {
+            "name": (("▸" if marked else "") + name, "1;7" if marked else "1"),
+            "tokens": (
+                f"{tokens:,} / {allocated:,}" if wide_tokens and allocated else f"{tokens:,}",
+                "",
+            ),
+            "pct": (
+                "-" if share is None else f"{share * 100:.0f}%",
+                "1;31" if over else _level_sgr(comp_level) if share is not None else "2",
+            ),
+        }
+        if cols_p50:
+            p50 = comp.p50_latency_ms if comp else None
+            row["p50"] = ("-" if p50 is None else format_latency(p50), "" if p50 else "2")
+        if cols_p95:
+            p95 = comp.p95_latency_ms if comp else None
+            style = "" if p95 else "2"
+            avg = comp.average_latency_ms if comp else None
+            text = "-" if p95 is None else format_latency(p95)
+            if name == slowest and avg is not None:
+                style = "1"
+                if avg >= options.latency_warning_ms:
+                    style, text = "1;31", text + " slow"
+            row["p95"] = (text, style)
+        if cols_io:
+            row["io"] = (
+                f"{_short(comp.input_tokens)}/{_short(comp.output_tokens)}"
+                if comp and (comp.input_tokens or comp.output_tokens)
+                else "-",
+                "" if comp and (comp.input_tokens or comp.output_tokens) else "2",
+            )
+        if cols_model:
+            model = comp.model if comp else None
+            row["model"] = (model or "-", "" if model else "2")
+        errors = comp.errors if comp else 0
+        row["err"] = (str(errors), "1;31" if errors else "2")
+        if cols_retry:
+            retries = comp.retries if comp else 0
+            row["rty"] = (str(retries), "33" if retries else "2")
+        bars.append((share, "1;31" if over else _level_sgr(comp_level)))
+        rows.append(row)
+
+    heads = {"name": "component", "tokens": "tokens", "pct": "%", "p50": "p50", "p95": "p95",
+             "io": "in/out", "model": "model", "err": "err", "rty": "rty"}  # fmt: skip
+    order = [
+        c for c in ("tokens", "pct", "p50", "p95", "io", "model", "err", "rty") if c in rows[0]
+    ]
+    widths = {c: max(len(heads[c]), *(_cells(r[c][0]) for r in rows)) for c in order}
+    if "model" in widths:
+        widths["model"] = min(widths["model"], 14)
+    name_w = max(name_w, 4)
+    fixed = name_w + span(widths[c] + 1 for c in order)
+    bar_w = width - fixed - 2
+    show_bar = options.show_budget_bar and bar_w >= 6
+    if not show_bar:
+        bar_w = 0
+
+    def line_of(cells: dict[str, tuple[str, str]], bar: tuple[float | None, str] | None) -> _Line:
+        header = bar is None
+        name_text, name_style = cells["name"]
+        line = _Line(_crop(name_text, name_w).ljust(name_w), "2" if header else name_style)
+        for c in order[:2]:  # tokens, %
+            text, style = cells[c]
+            line.add(" " + text.rjust(widths[c]), "2" if header else style)
+        if show_bar:
+            line.add(" ")
+            if bar is None:
+                line.add(" " * bar_w)
+            else:
+                line.parts.extend(_bar_parts(bar[0], bar_w, bar[1]))
+        for c in order[2:]:
+            text, style = cells[c]
+            if c == "model":
+                line.add(" " + _crop(text, widths[c]).ljust(widths[c]), "2" if header else style)
+            else:
+                line.add(" " + text.rjust(widths[c]), "2" if header else style)
+        return line
+
+    title = "Components" if view.sort == "pipeline" else f"Components (by {view.sort})"
+    header_cells = {c: (text, "2") for c, text in heads.items()}
+    out = [_rule(title, width), line_of(header_cells, None)]
+    out.extend(line_of(r, bar) for r, bar in zip(rows, bars, strict=True))
+    return out
+
+
+def _bar_parts(share: float | None, width: int, style: str) -> list[tuple[str, str]]:
+    """A bar of ``width`` cells; past 100 % it is full and ends in a red ``>``."""
+    if share is None:
+        return [(" " * width, "")]
+    if share > 1.0:
+        return [("#" * (width - 1), style), (">", "1;31")]
+    filled = min(width, round(max(0.0, share) * width))
+    if share > 0 and filled == 0:
+        filled = 1
+    return [("#" * filled, style), ("." * (width - filled), "2")]
+
+
+def _budget_bar(fraction: float, width: int, level_sgr: str) -> _Line:
+    line = _Line("Budget  ", "2")
+    line.parts.extend(_bar_parts(min(fraction, 1.0) if fraction <= 1.0 else fraction,
+                                 max(4, width - 8), level_sgr))  # fmt: skip
+    return line
+
+
+def _problem_lines(state: SessionState, width: int, view: DashboardView) -> list[_Line]:
+    """The errors panel: what could not be read, budget warnings (with the
+    component that crossed), the last error of each component (category,
+    attempt, time, the message wrapped, never cut), the writer gone."""
+    out: list[_Line] = []
+    for problem in read_problems(state):
+        out.extend(_Line(("! " if i == 0 else "  ") + part, "33")
+                   for i, part in enumerate(_wrap(problem, width - 2)))  # fmt: skip
+    for warning in list(state.warnings)[-3:]:
+        out.extend(_Line(("! " if i == 0 else "  ") + part, "33")
+                   for i, part in enumerate(_wrap(warning, width - 2)))  # fmt: skip
+    for name, err in state.last_errors():
+        if view.component is not None and name != view.component:
+            continue
+        what = "retry" if err.event_type == "retry_attempt" else "error"
+        head = _Line("! ", "31").add(name, "1").add(f" {what}", "31")
+        detail = [d for d in (err.category,) if d]
+        if err.attempt is not None:
+            detail.append(f"attempt {err.attempt}")
+        detail.append(_clock_of(err.timestamp))
+        text = " · ".join(detail)
+        if head.cells + 2 + len(text) <= width:
+            head.add("  " + text, "2")
+            out.append(head)
+        else:  # narrow: the details on a line of their own, never cut
+            out.append(head)
+            out.extend(_Line("    " + part, "2") for part in _wrap(text, width - 4))
+        out.extend(_Line("    " + part) for part in _wrap(err.message, width - 4))
+    if state.incomplete and not state.ended:
+        out.append(_Line("! writer gone without a final event", "33"))
+    return out
+
+
+def _event_line(entry: EntryLike) -> _Line:
+    line = _Line(_clock_of(entry.timestamp) + " ", "2")
+    line.add(entry.component, _component_code(entry.component))
+    style = "31" if entry.event_type in _ALERT_EVENTS else ""
+    line.add(f": {entry.message}", style)
+    if entry.tokens:
+        line.add(f" ({entry.tokens:,})", "2")
+    return line
+
+
+def dashboard_lines(
     state: SessionState,
     options: DisplayOptions,
     *,
@@ -457,167 +798,133 @@ def render_dashboard(
     height: int | None = None,
     now: datetime | None = None,
     notice: str | None = None,
-) -> RenderableType:
-    """The dashboard frame (spec 4.3.2) for a terminal ``width`` x ``height``.
+    view: DashboardView | None = None,
+    clock: bool = False,
+) -> list[_Line]:
+    """The dashboard frame (spec 4.3.2, issue 12) as lines for ``width`` x ``height``.
 
-    Below 60 columns the component table drops the allocation and latency
-    columns and the latency gets its own short section, so nothing is cut
-    mid-number at 40 columns. The recent-events list takes what height is left.
+    Nothing essential is cut: the header, what runs now, the budget, the burn
+    rate, the components and the errors panel come first; the event list takes
+    the height that is left (without a height, ``options.max_events``).
     """
-    from rich.console import Group
-    from rich.rule import Rule
-    from rich.table import Table
-    from rich.text import Text
-
-    wide = width >= 60
-    rows: list[RenderableType] = []
-
-    # Header: who, what, how long.
-    header = Text(no_wrap=True, overflow="ellipsis")
-    header.append("SIGIL MONITOR", style="bold cyan")
-    header.append(f"  {state.session_id}", style="bold")
+    view = view or DashboardView()
+    width = max(20, width)
+    top: list[_Line] = []
+    header = _Line("SIGIL MONITOR", "1;36").add(f"  {state.session_id}", "1")
     if state.run.number:
-        header.append(f"  run {state.run.number}", style="dim")
-    rows.append(header)
-    status = _status_word(state, phase)
-    status_style = {
-        "RUNNING": "bold green",
-        "COMPLETE": "bold green",
-        "INCOMPLETE": "bold yellow",
-        "WAITING FOR START": "yellow",
-        "WAITING FOR LOG": "yellow",
-    }.get(status, "bold red")
-    line = Text(no_wrap=True, overflow="ellipsis")
-    line.append("Status  ", style="dim")
-    line.append(status, style=status_style)
-    line.append("  Elapsed ", style="dim")
-    line.append(format_duration(state.elapsed_at(now)))
-    rows.append(line)
+        header.add(f"  run {state.run.number}", "2")
+    if clock:
+        moment = now or datetime.now(UTC).astimezone()  # a given moment keeps its zone
+        stamp = moment.strftime("%H:%M:%S")
+        pad = width - header.cells - len(stamp)
+        if pad >= 2:
+            header.add(" " * pad + stamp, "2")
+    top.append(header)
+    top.append(_status_line(state, phase, now, view))
     if state.reason and state.ended:
-        why = Text(no_wrap=True, overflow="ellipsis")
-        why.append("Reason  ", style="dim")
-        why.append(state.reason, style="red")
-        rows.append(why)
+        top.extend(_Line(("Reason  " if i == 0 else " " * 8) + part, "31")
+                   for i, part in enumerate(_wrap(state.reason, width - 8)))  # fmt: skip
     if notice:
-        rows.append(Text(notice, style="yellow", overflow="fold"))
+        top.extend(_Line(part, "33") for part in _wrap(notice, width))
+    top.append(_now_line(state, phase, now, width))
 
-    # Budget.
     fraction = state.tokens_used / state.total_budget if state.total_budget > 0 else 0.0
     level = budget_level(fraction, options, state)
-    level_style = _LEVEL_STYLE[level]
-    used = Text(no_wrap=True, overflow="ellipsis")
-    used.append("Tokens  ", style="dim")
-    used.append(f"{state.tokens_used:,}", style="bold")
-    used.append(f" / {state.total_budget:,} ")
-    used.append(f"({state.budget_percentage:.2f}%)", style=level_style)
-    rows.append(used)
-    if options.show_budget_bar:
-        bar_width = max(4, width - 10)
-        bar = Text(no_wrap=True)
-        bar.append("Budget  ", style="dim")
-        bar.append_text(_bar_text(fraction, bar_width, level_style))
-        rows.append(bar)
-    left = Text(no_wrap=True, overflow="ellipsis")
-    left.append("Left    ", style="dim")
-    left.append(f"{state.tokens_remaining:,}")
-    if state.runs > 1:
-        left.append(f"  run {state.run.tokens:,}", style="dim")
-    rows.append(left)
+    level_sgr = _level_sgr(level)
+    used = _Line("Tokens  ", "2").add(f"{state.tokens_used:,}", "1")
+    used.add(f" / {state.total_budget:,} ").add(f"({state.budget_percentage:.2f}%)", level_sgr)
+    run_part = f"  run {state.run.tokens:,}" if state.runs > 1 else ""
+    left = f"  left {state.tokens_remaining:,}{run_part}"
+    if width >= 60 and used.cells + _cells(left) <= width:
+        used.add(left, "2")
+        top.append(used)
+        if options.show_budget_bar:
+            top.append(_budget_bar(fraction, width, level_sgr))
+    else:
+        top.append(used)
+        if options.show_budget_bar:
+            top.append(_budget_bar(fraction, width, level_sgr))
+        top.append(_Line("Left    ", "2").add(f"{state.tokens_remaining:,}"))
     if options.show_forecast:
-        # The recent rate (last minute of event time), the session's average, and
-        # the forecast from the recent rate: a long model call shows as a stall
-        # instead of dragging an average down.
-        forecast = Text(no_wrap=True, overflow="ellipsis")
-        forecast.append("Rate    ", style="dim")
-        forecast.append(f"{_rate(state.recent_rate(now))} tok/s")
-        forecast.append(f"  avg {_rate(state.average_rate)}", style="dim")
-        rows.append(forecast)
-        more: list[tuple[str, str]] = []
-        stalled = state.stalled_seconds(now)
-        if stalled is not None:
-            more.append((f"stalled {format_duration(stalled)}", "yellow"))
-        to_end = state.seconds_to_budget_end(now)
-        if to_end is not None:
-            more.append((f"budget ends in ~{format_duration(to_end)}", level_style))
-        for text, style in more:
-            if forecast.cell_len + 2 + len(text) > width:  # narrow: a line of its own
-                forecast = Text(" " * 8, no_wrap=True, overflow="ellipsis")
-                rows.append(forecast)
-            else:
-                forecast.append("  ")
-            forecast.append(text, style=style)
+        top.extend(_burn_lines(state, options, now, width, level_sgr))
 
-    # Components: tokens against allocation, latency, slowest highlighted.
-    allocations = dict(options.allocations)
-    allocations.update(state.allocations)
-    names = ordered_components(
-        set(state.components) | {n for n in allocations if n in COMPONENT_ORDER}
-    )
-    names = [n for n in names if n != "orchestrator" or state.components[n].tokens]
-    slowest = state.slowest_component if options.highlight_slowest else None
-    if options.show_component_breakdown and names:
-        rows.append(Rule("Components", style="dim", align="left"))
-        table = Table.grid(padding=(0, 1), expand=True)
-        table.add_column("name", no_wrap=True, overflow="ellipsis", max_width=12)
-        table.add_column("tokens", justify="right", no_wrap=True)
-        table.add_column("bar", ratio=1, no_wrap=True, min_width=3)
-        show_latency_col = options.show_latency and wide
-        if show_latency_col:
-            table.add_column("latency", justify="right", no_wrap=True)
-        for name in names:
-            comp = state.components.get(name)
-            tokens = comp.tokens if comp else 0
-            allocated = allocations.get(name)
-            tokens_text = f"{tokens:,} / {allocated:,}" if wide and allocated else f"{tokens:,}"
-            share = tokens / allocated if allocated else 0.0
-            comp_level = budget_level(share, options) if allocated else "ok"
-            cells: list[RenderableType] = [
-                Text(name, style="bold" if comp and comp.errors == 0 else "bold red"),
-                Text(tokens_text),
-                _Bar(share, _LEVEL_STYLE[comp_level]) if allocated else Text(""),
-            ]
-            if show_latency_col:
-                cells.append(_latency_text(comp, name == slowest, options, p95=width >= 100))
-            table.add_row(*cells)
-        rows.append(table)
-    if options.show_latency and not wide and slowest is not None:
-        comp = state.components[slowest]
-        slow = Text(no_wrap=True, overflow="ellipsis")
-        slow.append("Slowest ", style="dim")
-        slow.append(f"{slowest} ")
-        slow.append_text(_latency_text(comp, True, options))
-        rows.append(slow)
+    middle: list[_Line] = []
+    if view.help:
+        middle.append(_rule("Keys", width))
+        middle.extend(_Line(part) for text in HELP_LINES for part in _wrap(text, width))
+    elif options.show_component_breakdown and not view.errors_only:
+        # (Errors only: the table gives its rows to the errors and error events.)
+        middle.extend(_component_lines(state, options, width, view))
+        if options.show_latency and width < 60 and state.slowest_component is not None:
+            name = state.slowest_component
+            avg = state.components[name].average_latency_ms or 0.0
+            slow = _Line("Slowest ", "2").add(f"{name} ")
+            flag = avg >= options.latency_warning_ms
+            slow.add(
+                format_latency(avg) + "/op" + (" slow" if flag else ""), "1;31" if flag else "1"
+            )
+            middle.append(slow)
 
-    # Warnings: what could not be read, budget warnings, errors, the writer gone.
-    warnings: list[str] = read_problems(state)
-    warnings.extend(list(state.warnings)[-3:])
-    warnings.extend(error_lines(state))
-    if state.incomplete and not state.ended:
-        warnings.append("writer gone without a final event")
-    if warnings:
-        rows.append(Rule("Warnings", style="yellow", align="left"))
-        rows.extend(Text(f"! {w}", style="yellow", overflow="fold") for w in warnings)
-    counts = [
-        f"{state.entries:,} events",
-        f"{state.malformed:,} malformed",
-        f"{state.rotations:,} rotations",
+    problems = [] if view.help else _problem_lines(state, width, view)
+    counts = [f"{state.entries:,} events", f"{state.malformed:,} malformed",
+              f"{state.rotations:,} rotations"]  # fmt: skip
+    log_lines = [
+        _Line("Log     " if i == 0 else " " * 8, "2").add(packed)
+        for i, packed in enumerate(_pack(counts, width - 8, " · "))
     ]
-    for i, packed in enumerate(_pack(counts, width - 8, " · ")):
-        info = Text(no_wrap=True, overflow="ellipsis")
-        info.append("Log     " if i == 0 else " " * 8, style="dim")
-        info.append(packed)
-        rows.append(info)
+    footer: list[_Line] = []
+    if view.typing:
+        footer.append(_Line("/", "1").add(view.typed).add("_", "7").add(
+            "  Enter apply · Esc clear", "2"))  # fmt: skip
+    elif view.keys:
+        footer.append(_Line(_KEYS_HINT if width >= len(_KEYS_HINT) else _KEYS_HINT_SHORT, "2"))
 
-    # Recent events, as many as fit.
-    used_lines = len(rows) + (len(names) if options.show_component_breakdown else 0) + 2
-    available = options.max_events
+    # The events take what is left; the problems panel shrinks before anything above it.
+    fixed = len(top) + len(middle) + len(log_lines) + len(footer)
     if height is not None:
-        available = min(available, height - used_lines - 1)
-    if available > 0 and state.events:
-        rows.append(Rule("Recent events", style="dim", align="left"))
-        for entry in list(state.events)[-available:]:
-            rows.append(_event_text(entry))
-    return Group(*rows)
+        room = height - fixed
+        problem_room = room - (1 if problems else 0)
+        if len(problems) > problem_room:
+            keep = max(0, problem_room - 1)
+            hidden = len(problems) - keep
+            problems = [*problems[:keep], _Line(f"  … {hidden} more lines (e: errors only)", "33")]
+            if keep == 0:
+                problems = problems[-1:] if problem_room >= 1 else []
+    body = top + middle
+    if problems:
+        title = "Errors & warnings"
+        body.append(_rule(title, width, "33"))
+        body.extend(problems)
+    body.extend(log_lines)
+    available = options.max_events if height is None else height - len(body) - len(footer) - 1
+    entries = [e for e in state.events if view.shows(e)]
+    if available > 0 and not view.help and (entries or view.filter_text or view.errors_only
+                                            or view.component):  # fmt: skip
+        view.page = available
+        view.scroll = min(view.scroll, max(0, len(entries) - available))
+        end = len(entries) - view.scroll
+        shown = entries[max(0, end - available) : end]
+        what = []
+        if view.errors_only:
+            what.append("errors only")
+        if view.component:
+            what.append(view.component)
+        if view.filter_text:
+            what.append(f"/{view.filter_text}")
+        if view.scroll:
+            what.append(f"{view.scroll} newer below")
+        title = "Recent events" + (f" ({', '.join(what)})" if what else "")
+        body.append(_rule(title, width))
+        body.extend(_event_line(e) for e in shown)
+        if not shown:
+            body.append(_Line("  (no event matches)", "2"))
+    if height is not None and footer:
+        # The key line sits on the bottom row, as in htop and less.
+        body.extend(_Line() for _ in range(height - len(body) - len(footer)))
+    body.extend(footer)
+    if height is not None and len(body) > height:
+        body = body[:height]
+    return body
 
 
 def render_dashboard_text(
@@ -629,28 +936,16 @@ def render_dashboard_text(
     color: bool = False,
     phase: MonitorPhase | str | None = None,
     now: datetime | None = None,
+    notice: str | None = None,
+    view: DashboardView | None = None,
+    clock: bool = False,
 ) -> str:
     """The dashboard frame as a string (tests, ``--once`` and benchmarks)."""
-    import io
-
-    from rich.console import Console
-
-    buffer = io.StringIO()
-    console = Console(
-        file=buffer,
-        width=width,
-        height=height or 25,
-        force_terminal=color,
-        no_color=not color,
-        color_system="truecolor" if color else None,
-        highlight=False,
-        emoji=False,
-        legacy_windows=False,
-    )
-    console.print(
-        render_dashboard(state, options, phase=phase, width=width, height=height, now=now)
-    )
-    return buffer.getvalue()
+    lines = dashboard_lines(
+        state, options, phase=phase, width=width, height=height, now=now, notice=notice,
+        view=view, clock=clock,
+    )  # fmt: skip
+    return "".join(line.render(width, color) + "\n" for line in lines)
 
 
 def _pack(items: list[str], width: int, sep: str) -> list[str]:
@@ -667,90 +962,6 @@ def _pack(items: list[str], width: int, sep: str) -> list[str]:
     if current:
         lines.append(current)
     return lines
-
-
-def _bar_text(fraction: float, width: int, style: str) -> Any:
-    from rich.text import Text
-
-    width = max(1, width)
-    filled = min(width, round(max(0.0, fraction) * width))
-    if fraction > 0 and filled == 0:
-        filled = 1  # something used shows as something
-    bar = Text(no_wrap=True)
-    bar.append("#" * filled, style=style)
-    bar.append("." * (width - filled), style="dim")
-    return bar
-
-
-class _Bar:
-    """A bar that fills whatever width its table cell gets (so it follows resizes)."""
-
-    def __init__(self, fraction: float, style: str) -> None:
-        self.fraction = fraction
-        self.style = style
-
-    def __rich_console__(self, console: Console, options: Any) -> Any:
-        yield _bar_text(self.fraction, options.max_width, self.style)
-
-    def __rich_measure__(self, console: Console, options: Any) -> Any:
-        from rich.measure import Measurement
-
-        return Measurement(3, options.max_width)
-
-
-def _latency_text(
-    comp: Any, is_slowest: bool, options: DisplayOptions, *, p95: bool = False
-) -> Any:
-    """The model's average latency of successful steps (and, when there is room,
-    its p95 from the latency histogram, as ``metrics.json`` reports them)."""
-    from rich.text import Text
-
-    avg = None if comp is None else comp.average_latency_ms
-    if avg is None:
-        return Text("-", style="dim")
-    text = Text(format_latency(avg) + "/op")
-    if is_slowest and avg >= options.latency_warning_ms:
-        text = Text(format_latency(avg) + "/op slow", style="bold red")
-    elif is_slowest:
-        text.stylize("bold")
-    if p95 and comp.p95_latency_ms is not None:
-        text.append(f" p95 {format_latency(comp.p95_latency_ms)}", style="dim")
-    return text
-
-
-def _event_text(entry: EntryLike) -> Any:
-    from rich.text import Text
-
-    timestamp = entry.timestamp
-    _, sep, rest = timestamp.partition("T")
-    clock = rest[:8] if sep else timestamp[:8]
-    text = Text(no_wrap=True, overflow="ellipsis")
-    text.append(clock + " ", style="dim")
-    text.append(entry.component, style=_rich_component_style(entry.component))
-    style = "red" if entry.event_type in _ALERT_EVENTS else ""
-    text.append(f": {entry.message}", style=style)
-    if entry.tokens:
-        text.append(f" ({entry.tokens:,})", style="dim")
-    return text
-
-
-_SGR_TO_RICH = {
-    "1": "bold",
-    "31": "red",
-    "32": "green",
-    "33": "yellow",
-    "34": "blue",
-    "35": "magenta",
-    "36": "cyan",
-    "92": "bright_green",
-    "94": "bright_blue",
-    "95": "bright_magenta",
-    "96": "bright_cyan",
-}
-
-
-def _rich_component_style(name: str) -> str:
-    return _SGR_TO_RICH.get(_component_code(name), "")
 
 
 # -- renderers: where each mode writes --------------------------------------------------
@@ -934,56 +1145,146 @@ class JsonRenderer(Renderer):
 
 
 class DashboardRenderer(Renderer):
-    """The rich dashboard, redrawn in place (rich.live.Live) at most at the refresh rate."""
+    """The dashboard on a terminal: full-screen frames, drawn in place.
 
-    def __init__(self, out: TextIO, err: TextIO, options: DisplayOptions) -> None:
+    Live, it draws on the alternate screen (so no old frame reaches the
+    scrollback, on resize either) with synchronized output (DEC mode 2026:
+    a terminal that knows it shows each frame whole, one that does not
+    ignores it), and leaves it for the final summary. ``inline`` (``--once``)
+    prints one frame and the summary in the normal screen instead.
+
+    Alerts: crossing each budget level (the session's thresholds, else 50/80/95 %)
+    or a failed step rings the bell once, and runs ``options.alert_command``
+    if one is set; levels crossed before the monitor caught up do not ring.
+    """
+
+    def __init__(
+        self, out: TextIO, err: TextIO, options: DisplayOptions, *, inline: bool = False
+    ) -> None:
         super().__init__(out, err, options)
-        from rich.console import Console
-
-        # rich reads NO_COLOR and the terminal size itself; size is re-read per frame,
-        # which is how a resize is followed.
-        self.console = Console(file=out, highlight=False, emoji=False)
-        self._live: Live | None = None
+        self.inline = inline
+        self.view = DashboardView()
         self._notice: str | None = None
         self._resized = False
+        self._on_screen = False
+        self._frame_second: int | None = None
+        self._rung: set[str] | None = None
+        self._failed_seen: tuple[int, int] | None = None
+        self._last: tuple[SessionState, MonitorPhase] | None = None
+
+    def size(self) -> tuple[int, int]:
+        """The terminal's columns and rows (``COLUMNS``/``LINES`` when it has none)."""
+        try:
+            size = os.get_terminal_size(self.out.fileno())
+            if size.columns and size.lines:
+                return (size.columns, size.lines)
+        except (AttributeError, ValueError, OSError):
+            pass
+        env = os.environ
+        cols = int(env["COLUMNS"]) if env.get("COLUMNS", "").isdigit() else 0
+        rows = int(env["LINES"]) if env.get("LINES", "").isdigit() else 0
+        return (cols or 80, rows or 24)
 
     @property
     def width(self) -> int:
-        # rich's idea of the width (the terminal's, or COLUMNS), as the frames use.
-        return self.console.size.width
+        return self.size()[0]
 
-    def _frame(self, state: SessionState, phase: MonitorPhase) -> RenderableType:
-        size = self.console.size
-        return render_dashboard(
-            state,
-            self.options,
-            phase=phase,
-            width=size.width,
-            height=size.height,
-            notice=self._notice,
-        )
-
-    def _show(self, state: SessionState, phase: MonitorPhase) -> None:
-        from rich.live import Live
-
-        frame = self._frame(state, phase)
+    def frame_text(
+        self, state: SessionState, phase: MonitorPhase, now: datetime | None = None
+    ) -> str:
+        """One full-screen frame: home, each line cleared and drawn, the rest erased."""
+        cols, rows = self.size()
+        lines = dashboard_lines(
+            state, self.options, phase=phase, width=cols, height=rows, now=now,
+            notice=self._notice, view=self.view, clock=True,
+        )  # fmt: skip
+        color = self.color
+        parts = ["\x1b[?2026h"]
         if self._resized:
-            # Lines drawn at the old width have re-wrapped; redraw from a clean screen.
             self._resized = False
-            self.console.clear()
-        if self._live is None:
-            self._live = Live(
-                frame,
-                console=self.console,
-                auto_refresh=False,
-                transient=False,
-                redirect_stdout=False,
-                redirect_stderr=False,
-                vertical_overflow="crop",
-            )
-            self._live.start(refresh=True)
-        else:
-            self._live.update(frame, refresh=True)
+            parts.append("\x1b[2J")
+        parts.append("\x1b[H")
+        parts.append("\r\n".join("\x1b[2K" + line.render(cols, color) for line in lines))
+        if len(lines) < rows:
+            parts.append("\r\n\x1b[J")  # a fresh line below the frame, then erase the rest
+        parts.append("\x1b[?2026l")
+        return "".join(parts)
+
+    def _show(self, state: SessionState, phase: MonitorPhase, *, force: bool = False) -> None:
+        self._last = (state, phase)
+        if self.inline or (self.view.paused and not force):
+            return
+        if not self._on_screen:
+            self.out.write("\x1b[?1049h\x1b[?25l")  # alternate screen, cursor hidden
+            self._on_screen = True
+            self._resized = True
+        self.out.write(self.frame_text(state, phase))
+        self.out.flush()
+        self._frame_second = int(time.time())
+
+    def suspend(self) -> None:
+        """Ctrl-Z: give the screen back; the next frame takes it again, redrawn whole."""
+        self._leave_screen()
+
+    def _leave_screen(self) -> None:
+        if self._on_screen:
+            self._on_screen = False
+            self.out.write("\x1b[?25h\x1b[?1049l")
+            self.out.flush()
+
+    # -- keys ------------------------------------------------------------------------------
+
+    def key(self, key: str, state: SessionState, phase: MonitorPhase) -> str | None:
+        """Apply a key; redraws at once (also while paused); ``"quit"`` to stop."""
+        names = ordered_components(n for n in state.components if n != "orchestrator")
+        action = self.view.handle(key, names)
+        if action == "redraw":
+            self._show(state, phase, force=True)
+        return action
+
+    # -- alerts ----------------------------------------------------------------------------
+
+    def _levels_crossed(self, state: SessionState) -> set[str]:
+        if state.total_budget <= 0:
+            return set()
+        fraction = state.tokens_used / state.total_budget
+        order = ("warning", "critical", "exceeded")
+        level = budget_level(fraction, self.options, state)
+        return set(order[: order.index(level) + 1]) if level in order else set()
+
+    def _alert(self, state: SessionState) -> None:
+        crossed = self._levels_crossed(state)
+        failed = (state.run.number, state.run.steps_failed)
+        if self._rung is None or self._failed_seen is None:
+            self._rung, self._failed_seen = crossed, failed  # history does not ring
+            return
+        reasons = [f"budget {lvl}" for lvl in ("warning", "critical", "exceeded")
+                   if lvl in crossed - self._rung]  # fmt: skip
+        # A step failed: more failures in the same run, or any in a newer run.
+        if failed[1] and failed > self._failed_seen:
+            reasons.append("step failed")
+        self._rung |= crossed
+        self._failed_seen = failed
+        if not reasons:
+            return
+        self.out.write("\a" * len(reasons))
+        self.out.flush()
+        command = self.options.alert_command
+        if command:
+            import shlex
+            import subprocess
+
+            message = f"sigil {state.session_id}: {', '.join(reasons)}"
+            with contextlib.suppress(OSError, ValueError):
+                subprocess.Popen(
+                    [*shlex.split(command), message],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+
+    # -- the renderer calls ----------------------------------------------------------------
 
     def notice(self, message: str) -> None:
         # On the dashboard, progress is part of the frame, not a stray stderr line.
@@ -993,16 +1294,20 @@ class DashboardRenderer(Renderer):
         self._notice = target
 
     def waiting(self, state: SessionState, phase: MonitorPhase, message: str) -> None:
-        changed = message != self._notice or self._live is None
+        # Redrawn when the message changes, and once a second for the clock.
+        changed = message != self._notice or not self._on_screen
+        changed = changed or self._frame_second != int(time.time())
         self._notice = message
         if changed:
             self._show(state, phase)
 
     def caught_up(self, state: SessionState, phase: MonitorPhase) -> None:
         self._notice = None
+        self._alert(state)
         self._show(state, phase)
 
     def refresh(self, state: SessionState, phase: MonitorPhase, changed: bool) -> None:
+        self._alert(state)
         self._show(state, phase)
 
     def resized(self) -> None:
@@ -1011,17 +1316,19 @@ class DashboardRenderer(Renderer):
     def finish(
         self, state: SessionState, phase: MonitorPhase, outcome: str, exit_code: int
     ) -> None:
-        self._show(state, phase)
-        self._stop_live()
+        self._alert(state)
+        if self.inline:
+            cols, _ = self.size()
+            lines = dashboard_lines(state, self.options, phase=phase, width=cols,
+                                    notice=self._notice, view=self.view)  # fmt: skip
+            self.out.write("".join(line.render(cols, self.color) + "\n" for line in lines))
+        else:
+            self._leave_screen()
         self._write_summary(self.out, state, outcome)
 
-    def _stop_live(self) -> None:
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
-
     def close(self) -> None:
-        self._stop_live()
+        with contextlib.suppress(Exception):
+            self._leave_screen()
 
 
 def make_renderer(
@@ -1030,8 +1337,12 @@ def make_renderer(
     out: TextIO | None = None,
     err: TextIO | None = None,
     options: DisplayOptions | None = None,
+    inline: bool = False,
 ) -> Renderer:
-    """The renderer for ``mode``; the dashboard falls back to stream output off a terminal."""
+    """The renderer for ``mode``; the dashboard falls back to stream output off a terminal.
+
+    ``inline`` (``--once``): the dashboard prints one frame in the normal screen.
+    """
     out = out or sys.stdout
     err = err or sys.stderr
     options = options or DisplayOptions()
@@ -1042,7 +1353,7 @@ def make_renderer(
         except (AttributeError, ValueError):
             tty = False
         if tty and os.environ.get("TERM") != "dumb":
-            return DashboardRenderer(out, err, options)
+            return DashboardRenderer(out, err, options, inline=inline)
         return StreamRenderer(out, err, options)
     if mode == "stream":
         return StreamRenderer(out, err, options)

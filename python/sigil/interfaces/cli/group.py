@@ -31,15 +31,45 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
         "sessions",
         "List sessions with status, tokens and size.",
     ),
+    "top": (
+        "sigil.interfaces.cli.commands.top",
+        "top",
+        "Every live session on this machine in one table, refreshed live.",
+    ),
     "logs": (
         "sigil.interfaces.cli.commands.logs",
         "logs",
         "Rotate, archive and clean up session logs.",
     ),
+    "report": (
+        "sigil.interfaces.cli.commands.report",
+        "report",
+        "Tokens, runs, failures and latency per day, week, month or group.",
+    ),
+    "diff": (
+        "sigil.interfaces.cli.commands.diff",
+        "diff",
+        "Compare two sessions or two runs component by component.",
+    ),
     "config": (
         "sigil.interfaces.cli.commands.config",
         "config",
         "Show the effective configuration and where it comes from.",
+    ),
+    "collect": (
+        "sigil.interfaces.cli.commands.collect",
+        "collect",
+        "Receive OpenTelemetry GenAI spans (OTLP/HTTP) into sessions.",
+    ),
+    "proxy": (
+        "sigil.interfaces.cli.commands.proxy",
+        "proxy",
+        "Serve the OpenAI API, metering every call into a session under a budget.",
+    ),
+    "run": (
+        "sigil.interfaces.cli.commands.run",
+        "run",
+        "Run a command with its OpenAI calls metered and budgeted in a session.",
     ),
     "export": (
         "sigil.interfaces.cli.commands.export",

@@ -35,12 +35,14 @@ if TYPE_CHECKING:
     import asyncio
 
     from sigil.interfaces.cli.display import DisplayOptions, Renderer
+    from sigil.interfaces.cli.keys import TerminalKeys
     from sigil.telemetry.log_parser import (
         ComponentSnapshot,
         LastError,
         RunSnapshot,
         SessionModel,
         SessionSnapshot,
+        StepInFlight,
     )
 
 __all__ = [
@@ -158,6 +160,7 @@ class SessionState:
     __slots__ = (
         "_allocations",
         "_components",
+        "_last_spender",
         "_run",
         "_thresholds_of",
         "default_budget",
@@ -204,6 +207,9 @@ class SessionState:
         self.warnings: deque[str] = deque(maxlen=20)
         self.thresholds: dict[str, float] = {}
         self.task: str | None = None
+        #: The component of the latest event that carried tokens (which one
+        #: crossed a session budget level: its warning names none).
+        self._last_spender: str | None = None
         self._thresholds_of: tuple[int, str | None] | None = None
         if snapshot is not None:
             self._show(list(snapshot.last_entries))
@@ -238,7 +244,15 @@ class SessionState:
         self.events.extend(entries)
         for entry in entries:
             if entry.event_type in _WARNING_EVENTS:
-                self.warnings.append(f"{_clock(entry.timestamp)} {entry.message}")
+                text = f"{_clock(entry.timestamp)} {entry.message}"
+                crossed = _component_of(entry) or (
+                    self._last_spender if entry.event_type != "events_dropped" else None
+                )
+                if crossed and crossed not in entry.message:
+                    text = f"{text} ({crossed})"
+                self.warnings.append(text)
+            elif entry.tokens and entry.component != "orchestrator":
+                self._last_spender = entry.component
 
     def _read_start(self) -> None:
         """Thresholds and task from the current run's ``session_start`` metadata."""
@@ -495,11 +509,33 @@ class SessionState:
             return None
         return self.tokens_remaining / rate
 
+    @property
+    def in_flight(self) -> StepInFlight | None:
+        """The step running now (the model's ``StepInFlight``), while a run is live."""
+        if not self.live:
+            return None
+        return self.snap.in_flight
+
+    def rate_series(
+        self, buckets: int = 16, bucket_seconds: float = 4.0, now: datetime | None = None
+    ) -> list[int]:
+        """The model's tokens per bucket over its rate window, oldest first, ending now."""
+        return self.snap.rate_series(buckets, bucket_seconds, self.idle_seconds(now))
+
     def last_errors(self) -> list[tuple[str, LastError]]:
         """The last error of each component that reported one, latest first."""
         found = [(name, c.last_error) for name, c in self.components.items() if c.last_error]
         found.sort(key=lambda item: item[1].timestamp, reverse=True)
         return found
+
+
+def _component_of(entry: EntryLike) -> str | None:
+    """``metadata.component`` of a budget warning (a component over its allocation)."""
+    try:
+        value = entry.metadata.get("component")
+    except (AttributeError, ValueError):
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 def _clock(timestamp: str) -> str:
@@ -573,6 +609,8 @@ class ExecutionMonitor:
         stderr: TextIO | None = None,
         lock_grace: float = 0.5,
         last_n: int = 100,
+        keys: bool = True,
+        stdin: TextIO | None = None,
     ) -> None:
         """
         Args:
@@ -587,6 +625,9 @@ class ExecutionMonitor:
             lock_grace: How long the lock must stay free, with no new events,
                 before the writer is declared gone.
             last_n: Recent events kept for display.
+            keys: Read keys on the dashboard (stdin a terminal, cbreak mode
+                while running, restored on every exit path).
+            stdin: Where keys come from (default ``sys.stdin``).
         """
         from sigil.core.paths import resolve_log_path, validate_session_id
 
@@ -606,6 +647,8 @@ class ExecutionMonitor:
         self._options = options
         self._stdout = stdout
         self._stderr = stderr
+        self.keys = keys
+        self._stdin = stdin
 
         self.state = SessionState(
             session_id or "", default_budget=default_budget, max_events=last_n
@@ -678,24 +721,92 @@ class ExecutionMonitor:
             out=self._stdout or sys.stdout,
             err=self._stderr or sys.stderr,
             options=self._options,
+            inline=self.once,
         )
         installed = self._install_signals(loop)
         code = EXIT_FAILED
+        keys = None
         try:
+            keys = self._start_keys(loop)
             if not self.once:
                 await asyncio.to_thread(self._write_pid)
             code = await self._run()
         except asyncio.CancelledError:
             # Cancelled from outside (e.g. asyncio.run on Ctrl-C without our handler).
             code = self._finish_interrupted(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            code = _quiet_broken_pipe()
         finally:
+            # Every exit path (a return, an exception, SIGINT/SIGTERM, which stop
+            # the loop above) gives the terminal back as it was.
+            if keys is not None:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(keys.fd)
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(signal.SIGTSTP)
             self._remove_signals(loop, installed)
             with contextlib.suppress(Exception):
                 self._renderer.close()
+            if keys is not None:
+                keys.restore()
             if self._pid_written:
                 await asyncio.to_thread(self._remove_pid)
         self.exit_code = code
         return code
+
+    def _start_keys(self, loop: asyncio.AbstractEventLoop) -> TerminalKeys | None:
+        """cbreak mode and a reader on stdin, for the dashboard on a terminal."""
+        from sigil.interfaces.cli.display import DashboardRenderer
+        from sigil.interfaces.cli.keys import TerminalKeys
+
+        renderer = self._renderer
+        if not self.keys or self.once or not isinstance(renderer, DashboardRenderer):
+            return None
+        stdin = self._stdin or sys.stdin
+        try:
+            fd = stdin.fileno()
+        except (AttributeError, ValueError, OSError):
+            return None
+        keys = TerminalKeys(fd)
+        if not keys.enter():
+            return None
+        renderer.view.keys = True
+        try:
+            loop.add_reader(fd, self._on_keys, keys)
+        except (NotImplementedError, RuntimeError, ValueError, OSError):
+            keys.restore()
+            renderer.view.keys = False
+            return None
+        if hasattr(signal, "SIGTSTP"):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGTSTP, self._suspend, keys)
+        return keys
+
+    def _suspend(self, keys: TerminalKeys) -> None:
+        """Ctrl-Z: the terminal as it was, stop; on ``fg``, cbreak and a whole frame again."""
+        from sigil.interfaces.cli.display import DashboardRenderer
+
+        renderer = self._renderer
+        if isinstance(renderer, DashboardRenderer):
+            renderer.suspend()
+        keys.restore()
+        os.kill(os.getpid(), signal.SIGSTOP)  # returns once continued (SIGCONT)
+        keys.enter()
+        if isinstance(renderer, DashboardRenderer):
+            with contextlib.suppress(Exception):
+                renderer.refresh(self.state, self.phase, False)
+
+    def _on_keys(self, keys: TerminalKeys) -> None:
+        from sigil.interfaces.cli.display import DashboardRenderer
+
+        renderer = self._renderer
+        pressed = keys.read()
+        if not isinstance(renderer, DashboardRenderer):
+            return
+        for key in pressed:
+            if renderer.key(key, self.state, self.phase) == "quit":
+                self.stop(EXIT_OK)
+                return
 
     def run_once(self) -> int:
         """``--once`` without an event loop: catch up, show the state, return the code.
@@ -713,6 +824,7 @@ class ExecutionMonitor:
             out=self._stdout or sys.stdout,
             err=self._stderr or sys.stderr,
             options=self._options,
+            inline=True,
         )
         code = EXIT_FAILED
         try:
@@ -724,6 +836,8 @@ class ExecutionMonitor:
                 code = self._catch_up(found)
         except KeyboardInterrupt:
             code = self._finish_interrupted(EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            code = _quiet_broken_pipe()
         finally:
             with contextlib.suppress(Exception):
                 self._renderer.close()
@@ -745,7 +859,7 @@ class ExecutionMonitor:
         while True:
             found = await self._locate()
             if found is None:
-                return self._finish_interrupted(self._stop_code or EXIT_INTERRUPTED)
+                return self._finish_interrupted(self._stop_code_or_interrupted())
             if isinstance(found, int):
                 return found  # --once with nothing to show
             code = await self._track(found)
@@ -999,7 +1113,7 @@ class ExecutionMonitor:
                 if not self.follow:
                     return code
                 lock_free_since = None
-        return self._finish_interrupted(self._stop_code or EXIT_INTERRUPTED)
+        return self._finish_interrupted(self._stop_code_or_interrupted())
 
     def _take(self, state: SessionState, snapshot: SessionSnapshot) -> int | None:
         """Show a new snapshot; at a run's final event, show its summary.
@@ -1075,6 +1189,10 @@ class ExecutionMonitor:
             return EXIT_INTERRUPTED  # the run was stopped by a signal (the shell's 130)
         return EXIT_FAILED
 
+    def _stop_code_or_interrupted(self) -> int:
+        """The code :meth:`stop` was given (0 for the ``q`` key), else 130."""
+        return EXIT_INTERRUPTED if self._stop_code is None else self._stop_code
+
     def _finish_interrupted(self, code: int) -> int:
         """Ctrl-C: the summary so far, then 130 (143 for SIGTERM)."""
         renderer = self._require_renderer()
@@ -1139,6 +1257,19 @@ class ExecutionMonitor:
                 self.pid_file.unlink()
         except OSError:
             pass
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader went away (``sigil monitor | head``): exit 0 without a word.
+
+    stdout is pointed at /dev/null so that the interpreter's last flush does
+    not complain about the closed pipe either.
+    """
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_OK
 
 
 def _pull(model: SessionModel, timeout: float) -> SessionSnapshot | None:

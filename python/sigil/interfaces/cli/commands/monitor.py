@@ -117,6 +117,11 @@ def _import_ahead(mode: str) -> None:
     is_flag=True,
     help="Do not exit when a run ends: wait for the session's next run.",
 )
+@click.option(
+    "--no-keys",
+    is_flag=True,
+    help="Dashboard: do not read keys (q quit, p pause, ? help, e, c, s, arrows, /).",
+)
 def monitor(
     session_id: str | None,
     mode: str | None,
@@ -124,6 +129,7 @@ def monitor(
     log_path: str | None,
     once: bool,
     follow: bool,
+    no_keys: bool,
 ) -> None:
     """Watch a session's log live: where the tokens and the time go.
 
@@ -144,6 +150,8 @@ def monitor(
     refresh = _parse_refresh(refresh_rate)
     if once and follow:
         raise _fail("--once and --follow cannot be used together")
+    if mode == "dashboard" and not sys.stdout.isatty():
+        raise _fail("--mode dashboard needs a terminal on stdout; use --mode stream or json")
 
     # The catch-up (one native fold, without the GIL) starts as soon as the log is
     # known and runs while the settings, the monitor and the display are imported
@@ -190,6 +198,7 @@ def monitor(
         once=once,
         options=DisplayOptions.from_settings(settings),
         default_budget=int(settings.token_budget.default_total),
+        keys=not no_keys,
     )
     try:
         if once:

@@ -21,6 +21,7 @@ from sigil.interfaces.cli.errors import ExitCode, OneLineCommand, UsageFailure
 
 if TYPE_CHECKING:  # pragma: no cover
     from sigil.interfaces.cli.orchestrator import Orchestrator, PipelineResult
+    from sigil.interfaces.cli.progress import StepProgress
 
 PROVIDERS = ("offline", "openai")
 
@@ -343,9 +344,11 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     sanitizer = orchestrator.sanitizer
     _scrub = sanitizer.sanitize_string if sanitizer is not None else None
     announced = False
+    # On a terminal, a live table of the run's steps (piped or --json: quiet).
+    progress: StepProgress | None = None
 
     def announce(orch: Orchestrator) -> None:
-        nonlocal announced
+        nonlocal announced, progress
         announced = True
         # The first line, so a monitor can be pointed at the session right away.
         _echo(f"Session: {orch.session_id}", err=as_json)
@@ -369,6 +372,11 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
                 err=True,
             )
         sys.stdout.flush()
+        if not as_json and _progress_wanted():
+            from sigil.interfaces.cli.progress import StepProgress
+
+            progress = StepProgress(orch.session_id, orch.log_path, orch.run_number)
+            progress.start()
 
     signals = _Signals()
 
@@ -383,7 +391,11 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     # printed is absorbed too (the run is recorded; the log says how it ended).
     signals.install()
     try:
-        result = asyncio.run(main())
+        try:
+            result = asyncio.run(main())
+        finally:
+            if progress is not None:
+                progress.stop()
     except (SessionBusy, ResumeError, BudgetConfigError, UnsafePathError) as exc:
         raise UsageFailure(_scrub(str(exc)) if _scrub else str(exc)) from None
     except OSError as exc:
@@ -445,6 +457,17 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     if result.status == "budget_exceeded":
         return ExitCode.BUDGET
     return ExitCode.FAILED
+
+
+def _progress_wanted() -> bool:
+    """The live step table: on a terminal, unless ``SIGIL_NO_PROGRESS`` is set
+    or the terminal is ``dumb``."""
+    if os.environ.get("SIGIL_NO_PROGRESS") or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _print_result(result: PipelineResult) -> None:

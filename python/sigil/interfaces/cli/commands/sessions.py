@@ -1,10 +1,14 @@
 """``sigil sessions``: list sessions with status, tokens and size.
 
-Every number comes from the native session model (contract 12). A finished
-session's ledger (``tokens.json``, which the orchestrator writes from the model
-when a run ends) stands for its log while it is at least as new as the log, so
-listing it reads one small file. Otherwise the log is read once by one native
-fold per file, with no tailer and so no inotify watcher (issue 10 item 8).
+Every number comes from the native session model (contract 12): each live
+session's whole history, its ledger (``tokens.json``, which the orchestrator
+writes from the model when a run ends) joined natively with the fold of its log,
+as the orchestrator reads it. The fold is skipped when the ledger stands for the
+log (written from exactly these files, no run left to resume), so a finished
+session costs one small read; the runs only the ledger knows (their events
+rotated or deleted by an external tool) count while a new run is live too. All
+sessions are read by one native call, with no tailer and so no inotify watcher
+(issue 10 item 8).
 STARTED is the first run's start; DURATION the wall time from there to the last
 event, or to now while the session is live. Archived sessions are listed from
 the summaries at the front of their tar.gz (see :mod:`sigil.telemetry.log_rotation`).
@@ -53,13 +57,26 @@ class SessionRow:
     help="Base log directory (default: logging.path, ~/.sigil/logs).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array of sessions.")
-def sessions(log_path: str | None, as_json: bool) -> None:
+@click.option(
+    "--watch", is_flag=True, help="The live sessions, refreshed live (the same as sigil top)."
+)
+@click.pass_context
+def sessions(ctx: click.Context, log_path: str | None, as_json: bool, watch: bool) -> None:
     """List sessions: ID, status, start, duration, tokens used/budget, size, archived.
 
     Status is running (its lock is held), complete, error, budget_exceeded,
     interrupted, incomplete (its writer stopped before the end), waiting (no run
     yet) or unreadable (its log cannot be read: one line on stderr says why).
     """
+    if watch:
+        from sigil.interfaces.cli.commands.top import top
+
+        if as_json:
+            raise UsageFailure(
+                "--watch and --json cannot be used together (try sigil top --once --json)"
+            )
+        ctx.invoke(top, log_path=log_path)
+        return
     from sigil.core.config import load_settings
 
     settings = load_settings({"logging.path": log_path})
@@ -107,10 +124,11 @@ def list_sessions(log_path: Path) -> list[SessionRow]:
         for entry in entries
         if SESSION_ID_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)
     ]
-    # Every session the ledger does not cover is folded by one native call,
-    # across a small thread pool (issue 10 item 8).
-    _apply_models([(row, locked) for row, locked, folded in live if folded])
-    for row, locked, _ in live:
+    # Every session's history by one native call, across a small thread pool
+    # (issue 10 item 8).
+    _apply_models(live)
+    for session in live:
+        row, locked = session.row, session.locked
         if row.status == "unreadable":
             pass
         elif locked:
@@ -134,39 +152,39 @@ def list_sessions(log_path: Path) -> list[SessionRow]:
     return rows
 
 
-def _live_row(session_dir: str) -> tuple[SessionRow, bool, bool]:
-    """A live session's row from its directory and ledger: the row, whether a
-    writer holds the session's lock, and whether its numbers are still to come
-    from the session model (the ledger does not stand for its log)."""
+@dataclass(slots=True)
+class _Live:
+    """A live session's row (its numbers still to come from the session model),
+    whether a writer holds its lock, and whether its ``tokens.json`` is at least
+    as new as every file of its log (a summary from before the ledger is then
+    shown as it was written)."""
+
+    row: SessionRow
+    locked: bool
+    summary_current: bool
+
+
+def _live_row(session_dir: str) -> _Live:
+    from sigil.core.locks import is_session_locked
     from sigil.core.paths import LOCK_FILE_NAME, LOG_FILE_NAME, segment_sort_key
 
     # One pass over the directory gives the size, the log's newest mtime and the
-    # ledger's: a listing of 1,000 sessions makes few system calls per session.
-    size, newest_log, ledger_mtime, has_lock, odd_log = 0, 0.0, None, False, False
+    # summary's: a listing of 1,000 sessions makes few system calls per session.
+    size, newest_log, summary_mtime, has_lock = 0, 0.0, None, False
     for entry in _scandir(session_dir):
         try:
             st = entry.stat(follow_symlinks=False)
         except OSError:
             continue
         size += st.st_size
-        if entry.name == LOG_FILE_NAME:
-            newest_log = max(newest_log, st.st_mtime)
-            # A FIFO, a directory or a symlink at the log: the fold says why it
-            # cannot be read, whatever the ledger says.
-            odd_log = not stat.S_ISREG(st.st_mode)
-        elif segment_sort_key(LOG_FILE_NAME, entry.name):
+        if entry.name == LOG_FILE_NAME or segment_sort_key(LOG_FILE_NAME, entry.name):
             newest_log = max(newest_log, st.st_mtime)
         elif entry.name == "tokens.json":
-            ledger_mtime = st.st_mtime
+            summary_mtime = st.st_mtime
         elif entry.name == LOCK_FILE_NAME:
             has_lock = True
         if stat.S_ISDIR(st.st_mode):
             size += _tree_size(Path(entry.path))
-    locked = False
-    if has_lock:
-        from sigil.core.locks import is_session_locked
-
-        locked = is_session_locked(Path(session_dir))
     row = SessionRow(
         session_id=os.path.basename(session_dir),
         status="unknown",
@@ -179,19 +197,9 @@ def _live_row(session_dir: str) -> tuple[SessionRow, bool, bool]:
         archived=False,
         path=session_dir,
     )
-    # A finished session's ledger stands for its log when it is at least as new
-    # as every segment of it: it was written after the log's last event, so one
-    # small file is read instead of the log (issue 10 item 8).
-    ledger = None
-    if not locked and not odd_log and ledger_mtime is not None and ledger_mtime >= newest_log:
-        ledger = _read_json(os.path.join(session_dir, "tokens.json"))
-    if ledger is None:
-        return row, locked, True
-    if _is_ledger(ledger):
-        _apply_ledger(row, ledger)
-    else:
-        _apply_summaries(row, ledger, _read_json(os.path.join(session_dir, "metrics.json")) or {})
-    return row, locked, False
+    locked = has_lock and is_session_locked(session_dir)
+    current = summary_mtime is not None and summary_mtime >= newest_log
+    return _Live(row, locked, current)
 
 
 def _scandir(directory: str) -> list[os.DirEntry[str]]:
@@ -280,28 +288,43 @@ def _run_count(value: Any) -> int | None:
     return len(value) if isinstance(value, list) else _int(value)
 
 
-def _apply_models(rows: list[tuple[SessionRow, bool]]) -> None:
-    """Every number from the native session model: each session read once (no
-    tailer, so no inotify watcher per session), all of them by one native call
-    that folds them across a small thread pool with the GIL released. A session
-    whose log cannot be read is ``unreadable``, with the reason in ``error``."""
-    if not rows:
+def _apply_models(sessions: list[_Live]) -> None:
+    """Every number from the native session model: each session's history (its
+    ledger joined with the fold of its log, the fold skipped when the ledger
+    stands for it), all of them read by one native call across a small thread
+    pool with the GIL released, with no tailer and so no inotify watcher. A
+    session whose log cannot be read is ``unreadable``, with the reason in
+    ``error``."""
+    if not sessions:
         return
     try:
-        from sigil.telemetry.log_parser import run_status, snapshot_many
-    except ImportError:  # the native core is not built: show what the files say
+        from sigil.telemetry.log_parser import history_many, run_status
+    except ImportError:  # the native core is not built: nothing to read the logs with
         return
-    snaps = snapshot_many([row.path for row, _ in rows])
+    histories = history_many([session.row.path for session in sessions])
     now = datetime.now(UTC).isoformat()
-    for (row, live), snap in zip(rows, snaps, strict=True):
-        if isinstance(snap, str):
-            row.status, row.error = "unreadable", snap
+    for session, history in zip(sessions, histories, strict=True):
+        row, live = session.row, session.locked
+        if isinstance(history, str):
+            row.status, row.error = "unreadable", history
             continue
-        row.status = snap.status
-        row.tokens_used = snap.tokens
-        row.budget = snap.budget
-        row.runs = snap.run_count
-        runs = snap.runs
+        if history.ledger_problem is not None and session.summary_current and not live:
+            # Summaries from before the ledger, written after the log's last event.
+            summary = _read_json(os.path.join(row.path, "tokens.json"))
+            if summary is not None and "ledger_version" not in summary:
+                metrics = _read_json(os.path.join(row.path, "metrics.json")) or {}
+                _apply_summaries(row, summary, metrics)
+                continue
+        snap = history.snapshot
+        runs = history.runs
+        row.tokens_used = history.tokens
+        row.runs = history.run_count
+        if runs:
+            row.status, row.budget = runs[-1].status, runs[-1].budget
+        elif snap is not None:
+            row.status, row.budget = snap.status, snap.budget
+        else:
+            row.status = "waiting"
         # A run without a final event whose writer is gone (the lock is free, or
         # a later run started) is incomplete, as the monitor shows it.
         last = len(runs) - 1
@@ -316,8 +339,16 @@ def _apply_models(rows: list[tuple[SessionRow, bool]]) -> None:
             for i, r in enumerate(runs)
         ]
         first = next((r.started_at for r in runs if r.started_at), None)
+        if first is None and snap is not None:
+            first = snap.first_timestamp
         # A live session's duration runs to now, not to its latest event.
-        _set_span(row, first or snap.first_timestamp, now if live else snap.last_timestamp)
+        if live:
+            end = now
+        else:
+            end = snap.last_timestamp if snap is not None else None
+            if end is None and runs:
+                end = runs[-1].ended_at or runs[-1].last_at
+        _set_span(row, first, end)
 
 
 def _set_span(row: SessionRow, first: str | None, last: str | None) -> None:

@@ -1,0 +1,223 @@
+"""The OTLP/HTTP trace receiver behind ``sigil collect`` (aiohttp, imported lazily).
+
+``POST /v1/traces`` takes an ``ExportTraceServiceRequest`` as protobuf
+(``application/x-protobuf``) or OTLP/JSON (``application/json``), optionally
+gzip-compressed, as the OTLP/HTTP specification has it. Answers:
+
+* 200 with an ``ExportTraceServiceResponse`` in the request's encoding;
+* 400 with a ``google.rpc.Status`` when the body is not a trace request --
+  decoded whole before anything is written, so nothing is;
+* 413 when the body (or what it inflates to) is over ``max_body_bytes``;
+* 415 for another content type or encoding;
+* 503 with ``Retry-After`` when another writer holds a session's lock: the
+  exporter retries, and the spans already written are not written again.
+
+Requests are handled one at a time on the event loop: writing is a hand-off
+to the native writer (it never waits for the disk), and one thread owning the
+sessions keeps each session's events in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from sigil.collect.decode import (
+    MalformedPayload,
+    PayloadTooLarge,
+    SpanData,
+    decode_json,
+    decode_protobuf,
+    encode_protobuf_response,
+    gunzip,
+)
+from sigil.collect.sink import IngestResult, SessionSink
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+__all__ = ["DEFAULT_MAX_BODY", "CollectorStats", "build_app", "serve"]
+
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+DEFAULT_MAX_BODY = 16 << 20
+TRACES_PATH = "/v1/traces"
+#: google.rpc.Code values used in error bodies
+_INVALID_ARGUMENT, _RESOURCE_EXHAUSTED, _UNAVAILABLE = 3, 8, 14
+
+
+@dataclass(slots=True)
+class CollectorStats:
+    requests: int = 0
+    rejected: int = 0
+    spans: int = 0
+    written: int = 0
+    duplicates: int = 0
+    ignored: int = 0
+    busy: int = 0
+    tokens: int = 0
+
+    def add(self, result: IngestResult) -> None:
+        self.spans += result.spans
+        self.written += result.written
+        self.duplicates += result.duplicates
+        self.ignored += result.ignored
+        self.busy += result.busy
+        self.tokens += result.tokens
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _status_body(ctype: str, code: int, message: str) -> bytes:
+    """A ``google.rpc.Status`` (fields 1 code, 2 message) in the request's encoding."""
+    if ctype == JSON:
+        return orjson.dumps({"code": code, "message": message})
+    text = message.encode()
+    return b"\x08" + _varint(code) + b"\x12" + _varint(len(text)) + text
+
+
+def build_app(
+    sink: SessionSink,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+    stats: CollectorStats | None = None,
+) -> web.Application:
+    from aiohttp import web
+
+    stats = stats if stats is not None else CollectorStats()
+
+    def error(ctype: str, status: int, code: int, message: str, **headers: str) -> web.Response:
+        stats.rejected += 1
+        return web.Response(
+            status=status,
+            body=_status_body(ctype, code, message),
+            content_type=ctype,
+            headers=headers or None,
+        )
+
+    async def traces(request: web.Request) -> web.Response:
+        stats.requests += 1
+        ctype = request.content_type
+        if ctype not in (PROTOBUF, JSON):
+            return error(JSON, 415, _INVALID_ARGUMENT, f"Content-Type must be {PROTOBUF} or {JSON}")
+        if request.content_length is not None and request.content_length > max_body_bytes:
+            return error(
+                ctype, 413, _RESOURCE_EXHAUSTED, f"the body is over {max_body_bytes} bytes"
+            )
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return error(
+                ctype, 413, _RESOURCE_EXHAUSTED, f"the body is over {max_body_bytes} bytes"
+            )
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        try:
+            if encoding == "gzip":
+                body = gunzip(body, max_body_bytes)
+            elif encoding not in ("", "identity"):
+                return error(
+                    ctype, 415, _INVALID_ARGUMENT, f"Content-Encoding {encoding!r} is not gzip"
+                )
+            spans: list[SpanData] = (
+                decode_protobuf(body) if ctype == PROTOBUF else decode_json(body)
+            )
+        except PayloadTooLarge as exc:
+            return error(ctype, 413, _RESOURCE_EXHAUSTED, str(exc))
+        except MalformedPayload as exc:
+            return error(ctype, 400, _INVALID_ARGUMENT, str(exc))
+        try:
+            result = sink.ingest(spans)
+        except OSError as exc:
+            # The log cannot be opened (permissions, a hostile path): the exporter
+            # retries, and what was written before is deduplicated.
+            return error(ctype, 503, _UNAVAILABLE, f"cannot write the session log: {exc}")
+        stats.add(result)
+        if result.busy:
+            names = ", ".join(result.busy_sessions[:5])
+            return error(
+                ctype,
+                503,
+                _UNAVAILABLE,
+                f"{result.busy} spans refused: another writer holds session(s) {names}",
+                **{"Retry-After": "5"},
+            )
+        if ctype == JSON:
+            return web.Response(body=b"{}", content_type=JSON)
+        return web.Response(body=encode_protobuf_response(), content_type=PROTOBUF)
+
+    # aiohttp's own bound is one byte above ours, so the handler's check decides.
+    app = web.Application(client_max_size=max_body_bytes + 1)
+    app.router.add_post(TRACES_PATH, traces)
+    return app
+
+
+async def _close_idle(sink: SessionSink, period: float) -> None:
+    while True:
+        await asyncio.sleep(period)
+        sink.close_idle()
+
+
+async def serve(
+    host: str,
+    port: int,
+    log_path: str | Path | None,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY,
+    idle_seconds: float = 60.0,
+    on_ready: Callable[[str, int], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> CollectorStats:
+    """Serve until SIGINT/SIGTERM (or ``stop``), then end every open session's run."""
+    from aiohttp import web
+
+    sink = SessionSink(log_path, idle_seconds=idle_seconds)
+    stats = CollectorStats()
+    app = build_app(sink, max_body_bytes=max_body_bytes, stats=stats)
+    # The body is inflated here (gunzip), bounded, rather than by aiohttp.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
+    await runner.setup()
+    stop = stop if stop is not None else asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    closer: asyncio.Task[Any] | None = None
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound = port
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            bound = sockets[0].getsockname()[1]
+        if on_ready is not None:
+            on_ready(host, bound)
+        closer = asyncio.create_task(_close_idle(sink, max(0.05, min(idle_seconds / 2, 5.0))))
+        await stop.wait()
+    finally:
+        if closer is not None:
+            closer.cancel()
+        await runner.cleanup()
+        try:
+            sink.close()
+        except OSError as exc:  # pragma: no cover - a failing disk at exit
+            print(f"sigil collect: closing the sessions failed: {exc}", file=sys.stderr)
+    return stats

@@ -1,0 +1,84 @@
+"""``sigil diff A B``: two sessions (or two runs, ``A@1 B@2``) side by side."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from sigil.interfaces.cli.errors import OneLineCommand, UsageFailure
+
+
+@click.command("diff", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--log-path", "-l", metavar="DIR", help="Base log directory (default: logging.path).")
+def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
+    """Tokens, latency and errors per component of A and B (a session ID, or
+    ID@RUN for one run), largest differences first."""
+    from pathlib import Path
+
+    from sigil.core.config import load_settings
+    from sigil.reports.diff import DiffError, compare, load_sides
+
+    settings = load_settings({"logging.path": log_path})
+    base = Path(settings.logging.path)
+    try:
+        left, right = load_sides(base, [a, b])
+    except DiffError as exc:
+        raise UsageFailure(str(exc)) from None
+    rows = compare(left, right)
+    if as_json:
+        import orjson
+
+        doc = {"a": left.head(), "b": right.head(), "components": rows}
+        click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+        return
+    _print(left.head(), right.head(), rows)
+
+
+def _print(a: dict[str, Any], b: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    title = (
+        f"A {a['label']} ({a['status']}, {a['tokens']:,} tokens)  vs  "
+        f"B {b['label']} ({b['status']}, {b['tokens']:,} tokens)"
+    )
+    table = Table(title=title)
+    table.add_column("COMPONENT")
+    for header in ("TOKENS A", "TOKENS B", "DELTA", "ERR A", "ERR B", "P95 MS A", "P95 MS B"):
+        table.add_column(header, justify="right")
+    for row in rows:
+        left, right, delta = row["a"] or {}, row["b"] or {}, row["delta"]
+        table.add_row(
+            row["component"],
+            _cell(left.get("tokens")),
+            _cell(right.get("tokens")),
+            f"{delta['tokens']:+,}",
+            _cell(left.get("errors")),
+            _cell(right.get("errors")),
+            _cell(left.get("p95_latency_ms")),
+            _cell(right.get("p95_latency_ms")),
+        )
+    _console().print(table)
+
+
+def _console() -> Any:
+    """A terminal's width on a terminal; a pipe or file gets the table whole,
+    never truncated to 80 columns."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)

@@ -1,0 +1,161 @@
+"""``sigil report``: tokens, runs, failures, retries and latency per period or group.
+
+Reads the report index (:mod:`sigil.reports.index`), brought up to date first:
+each run's summary from the native session model, aggregated in SQL. Live and
+archived sessions both count; a run belongs to the period its first event falls
+in, in local time (``TZ``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from sigil.interfaces.cli.errors import OneLineCommand, UsageFailure
+
+_COLUMNS = (
+    ("runs", "RUNS"),
+    ("failed_runs", "FAILED"),
+    ("tokens", "TOKENS"),
+    ("input_tokens", "INPUT"),
+    ("output_tokens", "OUTPUT"),
+    ("errors", "ERRORS"),
+    ("retries", "RETRIES"),
+    ("p50_latency_ms", "P50 MS"),
+    ("p95_latency_ms", "P95 MS"),
+    ("p99_latency_ms", "P99 MS"),
+)
+
+
+@click.command(
+    "report", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]}
+)
+@click.argument("group", required=False, default="daily", metavar="[GROUP]")
+@click.option(
+    "--since",
+    metavar="DATE",
+    help="First day or moment (ISO; local time unless an offset is given).",
+)
+@click.option("--until", metavar="DATE", help="Last day (whole day) or moment, exclusive.")
+@click.option("--session-prefix", metavar="P", help="Only sessions whose ID starts with P.")
+@click.option("--breakdown", is_flag=True, help="Split each row by component and model.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--log-path", "-l", metavar="DIR", help="Base log directory (default: logging.path).")
+def report(
+    group: str,
+    since: str | None,
+    until: str | None,
+    session_prefix: str | None,
+    breakdown: bool,
+    as_json: bool,
+    log_path: str | None,
+) -> None:
+    """Report over all sessions, live and archived: GROUP is daily (default),
+    weekly (named by its Monday), monthly, session, component or model.
+
+    A run counts in the period its first event falls in, in local time (TZ).
+    FAILED counts runs that ended in error, budget_exceeded or interrupted, or
+    whose writer died (incomplete); ERRORS failed steps; latency percentiles
+    are of the successful steps.
+    """
+    from pathlib import Path
+
+    from sigil.core.config import load_settings
+    from sigil.reports.query import GROUPS, Filters, parse_moment, run_report
+
+    if group not in GROUPS:
+        raise UsageFailure(f"unknown report {group!r}: use one of {', '.join(GROUPS)}")
+    bounds: list[float | None] = []
+    for name, value, end in (("--since", since, False), ("--until", until, True)):
+        if value is None:
+            bounds.append(None)
+            continue
+        try:
+            bounds.append(parse_moment(value, end=end))
+        except ValueError:
+            raise UsageFailure(
+                f"{name} {value!r} is not a date: use YYYY-MM-DD or an ISO date-time"
+            ) from None
+    if bounds[0] is not None and bounds[1] is not None and bounds[1] <= bounds[0]:
+        raise UsageFailure(f"--until {until!r} is not after --since {since!r}")
+    settings = load_settings({"logging.path": log_path})
+    base = Path(settings.logging.path)
+    if base.exists() and not base.is_dir():
+        raise UsageFailure(f"log path {str(base)!r} is not a directory")
+
+    from sigil.reports.index import open_index
+    from sigil.telemetry.log_parser import empty_snapshot
+
+    conn, state = open_index(base)
+    for session_id, error in sorted(state.unreadable.items()):
+        click.echo(f"sigil: warning: session {session_id} is unreadable: {error}", err=True)
+    if session_prefix is not None:
+        hit = conn.execute(
+            "SELECT 1 FROM sources WHERE substr(session_id, 1, ?) = ? LIMIT 1",
+            (len(session_prefix), session_prefix),
+        ).fetchone()
+        if hit is None:
+            raise UsageFailure(f"no session ID starts with {session_prefix!r} in {str(base)!r}")
+    filters = Filters(bounds[0], bounds[1], session_prefix)
+    result = run_report(
+        conn, group, filters, empty_snapshot().latency_bounds_ms, breakdown=breakdown
+    )
+    conn.close()
+    if as_json:
+        import orjson
+
+        doc = {
+            "group": result.group,
+            "breakdown": result.breakdown,
+            "since": since,
+            "until": until,
+            "session_prefix": session_prefix,
+            "rows": result.rows,
+            "total": result.total,
+        }
+        click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
+        return
+    _print_table(result)
+
+
+def _print_table(result: object) -> None:
+    from rich.table import Table
+
+    from sigil.reports.query import Report
+
+    assert isinstance(result, Report)
+    keys = [result.key]
+    if result.breakdown:
+        keys += [k for k in ("component", "model") if k != result.key]
+    table = Table(title=f"sigil report: {result.group}", show_footer=True)
+    for i, key in enumerate(keys):
+        table.add_column(key.upper(), footer="TOTAL" if i == 0 else "")
+    for name, header in _COLUMNS:
+        table.add_column(header, justify="right", footer=_cell(result.total.get(name)))
+    for row in result.rows:
+        table.add_row(
+            *(str(row[k]) if row[k] is not None else "-" for k in keys),
+            *(_cell(row.get(name)) for name, _ in _COLUMNS),
+        )
+    _console().print(table)
+
+
+def _console() -> Any:
+    """A terminal's width on a terminal; a pipe or file gets the table whole,
+    never truncated to 80 columns."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)

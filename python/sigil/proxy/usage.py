@@ -1,0 +1,283 @@
+"""What an OpenAI-compatible call cost, read from what the upstream sent.
+
+Each endpoint reports usage its own way: chat completions and legacy
+completions as ``usage.prompt_tokens``/``completion_tokens``, the Responses API
+as ``usage.input_tokens``/``output_tokens`` (in the body, or in the
+``response.completed`` event of a stream), embeddings as ``prompt_tokens`` only.
+A count that is absent or not an integer in ``0..=2**53`` makes the usage
+unknown (None): it is logged as unknown, never as 0.
+
+A stream is followed event by event (:class:`StreamFollower`): the usage event
+when it arrives, and the text that arrived, so that a stream that breaks before
+its usage can still be counted (an estimate, flagged as such).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from sigil.core.limits import MAX_TOKENS
+
+__all__ = ["Endpoint", "StreamFollower", "Usage", "prompt_text", "usage_of"]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A metered route: where it forwards, which request field caps its output,
+    and how it reports usage."""
+
+    path: str  # upstream path below the base URL, e.g. "/chat/completions"
+    #: request fields that cap the output, most specific first (None: no output)
+    cap_fields: tuple[str, ...]
+    #: usage keys (input, output); output None for embeddings
+    usage_keys: tuple[str, str | None]
+    #: whether the upstream must be asked for usage in a stream (stream_options)
+    stream_options: bool
+
+
+CHAT = Endpoint(
+    "/chat/completions",
+    ("max_completion_tokens", "max_tokens"),
+    ("prompt_tokens", "completion_tokens"),
+    True,
+)
+COMPLETIONS = Endpoint(
+    "/completions", ("max_tokens",), ("prompt_tokens", "completion_tokens"), True
+)
+RESPONSES = Endpoint("/responses", ("max_output_tokens",), ("input_tokens", "output_tokens"), False)
+EMBEDDINGS = Endpoint("/embeddings", (), ("prompt_tokens", None), False)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens of one call; ``estimated`` when counted locally from what arrived."""
+
+    input_tokens: int
+    output_tokens: int
+    estimated: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+def _count(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
+        return value
+    return None
+
+
+def usage_of(endpoint: Endpoint, usage: object) -> Usage | None:
+    """The usage object of a response (``body["usage"]``), or None when it is
+    absent or holds no valid counts."""
+    if not isinstance(usage, Mapping):
+        return None
+    in_key, out_key = endpoint.usage_keys
+    inp = _count(usage.get(in_key))
+    if out_key is None:
+        if inp is None:
+            inp = _count(usage.get("total_tokens"))
+        return None if inp is None else Usage(inp, 0)
+    out = _count(usage.get(out_key))
+    if inp is not None and out is None:
+        # Some servers send only the total: the output is the rest.
+        total = _count(usage.get("total_tokens"))
+        if total is not None and total >= inp:
+            out = total - inp
+    if inp is None or out is None or inp + out > MAX_TOKENS:
+        return None
+    return Usage(inp, out)
+
+
+def _strings(value: Any, depth: int = 0) -> Iterator[str]:
+    """Every string inside ``value`` (the text a prompt is made of)."""
+    if isinstance(value, str):
+        yield value
+    elif depth < 16 and isinstance(value, Mapping):
+        for key, item in value.items():
+            # image data and URLs are not text the tokenizer would see
+            if key not in ("image_url", "url", "file_data", "b64_json"):
+                yield from _strings(item, depth + 1)
+    elif depth < 16 and isinstance(value, list):
+        for item in value:
+            yield from _strings(item, depth + 1)
+
+
+def prompt_text(body: Mapping[str, Any]) -> str:
+    """The text of a request's prompt (to estimate its tokens when the upstream
+    never said): messages, input, prompt and instructions."""
+    parts = [
+        s
+        for key in ("messages", "input", "prompt", "instructions")
+        for s in _strings(body.get(key))
+    ]
+    return "\n".join(parts)
+
+
+@dataclass(slots=True)
+class StreamFollower:
+    """Reads a server-sent-event stream as it passes: the usage, the model, the
+    text that arrived, and whether the stream ended properly.
+
+    ``feed`` takes raw bytes and returns the complete events to forward (each
+    with its blank line); an event carrying only the usage the client did not
+    ask for is dropped, so a client that never asked sees the stream it would
+    have seen without the proxy.
+    """
+
+    endpoint: Endpoint
+    drop_usage_only: bool = False
+    usage: Usage | None = None
+    model: str | None = None
+    finish_reason: str | None = None
+    done: bool = False
+    #: the upstream sent an error event in the stream
+    error: str | None = None
+    events: int = 0
+    _text: list[str] = field(default_factory=list)
+    _buffer: bytearray = field(default_factory=bytearray)
+
+    @property
+    def text(self) -> str:
+        return "".join(self._text)
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an event not complete yet."""
+        return len(self._buffer)
+
+    def feed(self, chunk: bytes) -> bytes:
+        buf = self._buffer
+        buf += chunk
+        out = bytearray()
+        start = 0
+        while True:
+            end, sep = _event_end(buf, start)
+            if end < 0:
+                break
+            if self._read_event(bytes(buf[start:end])):
+                out += buf[start : end + sep]
+            start = end + sep
+        del buf[:start]
+        return bytes(out)
+
+    def flush(self) -> bytes:
+        """The last event when the stream ended without its blank line."""
+        rest, self._buffer = bytes(self._buffer), bytearray()
+        if rest.strip() and self._read_event(rest):
+            return rest + b"\n\n"
+        return b""
+
+    def _read_event(self, event: bytes) -> bool:
+        """Read one event; returns whether to forward it."""
+        self.events += 1
+        data = bytearray()
+        for line in event.splitlines():
+            if line.startswith(b"data:"):
+                piece = line[5:]
+                if piece.startswith(b" "):
+                    piece = piece[1:]
+                if data:
+                    data += b"\n"
+                data += piece
+        if not data:
+            return True
+        if data.strip() == b"[DONE]":
+            self.done = True
+            return True
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(obj, dict):
+            return True
+        if self.endpoint is RESPONSES:
+            return self._responses_event(obj)
+        return self._chat_event(obj)
+
+    def _chat_event(self, obj: dict[str, Any]) -> bool:
+        err = obj.get("error")
+        if err is not None:
+            self.error = _error_text(err)
+        if isinstance(obj.get("model"), str):
+            self.model = obj["model"]
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    continue
+                if isinstance(choice.get("finish_reason"), str):
+                    self.finish_reason = choice["finish_reason"]
+                delta = choice.get("delta")
+                if isinstance(delta, dict):
+                    self._take_text(delta)
+                elif isinstance(choice.get("text"), str):  # legacy completions
+                    self._text.append(choice["text"])
+        usage = usage_of(self.endpoint, obj.get("usage"))
+        if usage is not None:
+            self.usage = usage
+            if self.drop_usage_only and not choices:
+                return False
+        return True
+
+    def _take_text(self, delta: dict[str, Any]) -> None:
+        for key in ("content", "refusal", "reasoning_content"):
+            if isinstance(delta.get(key), str):
+                self._text.append(delta[key])
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            for call in calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict):
+                    for key in ("name", "arguments"):
+                        if isinstance(fn.get(key), str):
+                            self._text.append(fn[key])
+
+    def _responses_event(self, obj: dict[str, Any]) -> bool:
+        kind = obj.get("type")
+        if kind in ("response.completed", "response.incomplete", "response.failed"):
+            self.done = True
+            response = obj.get("response")
+            if isinstance(response, dict):
+                self.usage = usage_of(RESPONSES, response.get("usage")) or self.usage
+                if isinstance(response.get("model"), str):
+                    self.model = response["model"]
+                if kind == "response.failed":
+                    self.error = _error_text(response.get("error")) or "response failed"
+        elif kind == "error":
+            self.error = _error_text(obj) or "error event"
+        elif (
+            isinstance(kind, str) and kind.endswith(".delta") and isinstance(obj.get("delta"), str)
+        ):
+            self._text.append(obj["delta"])
+        elif kind == "response.created":
+            response = obj.get("response")
+            if isinstance(response, dict) and isinstance(response.get("model"), str):
+                self.model = response["model"]
+        return True
+
+
+def _event_end(buf: bytearray, start: int) -> tuple[int, int]:
+    """Where the next event ends (its blank line) and the separator's length."""
+    lf = buf.find(b"\n\n", start)
+    crlf = buf.find(b"\r\n\r\n", start)
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        return crlf, 4
+    return (lf, 2) if lf >= 0 else (-1, 0)
+
+
+def _error_text(err: object) -> str | None:
+    if isinstance(err, dict):
+        inner = err.get("error", err)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return inner["message"][:500]
+        if isinstance(err.get("message"), str):
+            return err["message"][:500]
+        return "error"
+    if isinstance(err, str):
+        return err[:500]
+    return None

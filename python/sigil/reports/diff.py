@@ -1,0 +1,199 @@
+"""``sigil diff``: two sessions, or two runs (``ID@N``), component by component.
+
+Each side is the native session model of the session's whole history (live:
+its log joined with its ledger; archived: read from the tar.gz in memory), or
+one run of it. Rows are the components of either side, largest token
+difference first, then largest p95 latency difference, then errors.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sigil.reports.sources import (
+    Folded,
+    Source,
+    archive_snapshot,
+    find_session,
+    fold_live,
+    whole_history,
+)
+from sigil.telemetry.log_parser import (
+    ComponentSnapshot,
+    HistorySnapshot,
+    SessionSnapshot,
+    run_status,
+)
+
+__all__ = ["DiffError", "Side", "compare", "load_sides"]
+
+_SPEC_RE = re.compile(r"^(?P<sid>[A-Za-z0-9_-]{1,64})(?:@(?P<run>\d{1,9}))?$")
+_FIELDS = (
+    "tokens",
+    "input_tokens",
+    "output_tokens",
+    "operations",
+    "errors",
+    "retries",
+    "p50_latency_ms",
+    "p95_latency_ms",
+    "p99_latency_ms",
+)
+
+
+class DiffError(ValueError):
+    """A side that cannot be read: one sentence for the user."""
+
+
+@dataclass(slots=True)
+class Side:
+    label: str
+    session_id: str
+    run: int | None
+    archived: bool
+    status: str
+    runs: int
+    tokens: int
+    components: dict[str, ComponentSnapshot]
+
+    def head(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "session": self.session_id,
+            "run": self.run,
+            "archived": self.archived,
+            "status": self.status,
+            "runs": self.runs,
+            "tokens": self.tokens,
+        }
+
+
+def load_sides(log_path: Path, specs: list[str]) -> list[Side]:
+    """Each of ``specs``: ``ID`` (the whole session) or ``ID@N`` (its run N).
+    The live sessions among them are folded by one native call, side by side."""
+    wanted = [_resolve(log_path, spec) for spec in specs]
+    live = sorted({source.key for _, _, _, source in wanted if not source.archived})
+    folded = dict(zip(live, fold_live(live), strict=True))
+    histories: dict[str, HistorySnapshot | SessionSnapshot] = {}
+    sides = []
+    for spec, session_id, number, source in wanted:
+        history = histories.get(source.key)
+        if history is None:
+            history = histories[source.key] = _history(source, folded.get(source.key))
+        sides.append(_side(spec, session_id, number, source, history))
+    return sides
+
+
+def _resolve(log_path: Path, spec: str) -> tuple[str, str, int | None, Source]:
+    match = _SPEC_RE.fullmatch(spec)
+    if match is None:
+        raise DiffError(f"{spec!r} is not a session: use ID or ID@RUN")
+    session_id = match["sid"]
+    source = find_session(log_path, session_id)
+    if source is None:
+        raise DiffError(f"unknown session {session_id!r} in {str(log_path)!r}")
+    number = int(match["run"]) if match["run"] is not None else None
+    return spec, session_id, number, source
+
+
+def _history(source: Source, folded: Folded | str | None) -> HistorySnapshot | SessionSnapshot:
+    if source.archived:
+        snapshot = archive_snapshot(Path(source.key))
+        if isinstance(snapshot, str):
+            raise DiffError(snapshot)
+        return snapshot
+    if folded is None or isinstance(folded, str):
+        raise DiffError(f"cannot read session {source.session_id!r}: {folded}")
+    if folded.ledger_only_runs:
+        # The ledger knows runs the log lost: the whole history joins them.
+        return whole_history(Path(source.key))
+    return folded.snapshot
+
+
+def _side(
+    spec: str,
+    session_id: str,
+    number: int | None,
+    source: Source,
+    history: HistorySnapshot | SessionSnapshot,
+) -> Side:
+    runs = history.runs
+    last = len(runs) - 1
+    # A run without a final event is incomplete once its writer is gone (contract 7).
+    writer_there = source.locked and not source.archived
+
+    def status(i: int) -> str:
+        return run_status(runs[i], writer_gone=not writer_there or i < last)
+
+    if number is None:
+        return Side(
+            spec,
+            session_id,
+            None,
+            source.archived,
+            status(last) if runs else "waiting",
+            len(runs),
+            history.tokens,
+            dict(history.components),
+        )
+    for i, run in enumerate(runs):
+        if run.number == number:
+            return Side(
+                spec,
+                session_id,
+                number,
+                source.archived,
+                status(i),
+                1,
+                run.tokens,
+                dict(run.components),
+            )
+    numbers = ", ".join(str(r.number) for r in runs) or "none"
+    raise DiffError(f"session {session_id!r} has no run {number} (its runs: {numbers})")
+
+
+def _numbers(c: ComponentSnapshot | None) -> dict[str, Any] | None:
+    if c is None:
+        return None
+    return {name: getattr(c, name) for name in _FIELDS}
+
+
+def _delta(a: Any, b: Any) -> Any:
+    if a is None or b is None:
+        return None
+    return b - a
+
+
+def compare(a: Side, b: Side) -> list[dict[str, Any]]:
+    """One row per component of either side: both sides' numbers and B - A,
+    largest differences first."""
+    rows = []
+    for name in sorted(set(a.components) | set(b.components)):
+        left, right = _numbers(a.components.get(name)), _numbers(b.components.get(name))
+        zero = dict.fromkeys(_FIELDS, 0)
+        delta = {
+            f: _delta((left or zero)[f], (right or zero)[f])
+            if f.endswith("_ms")
+            else (right or zero)[f] - (left or zero)[f]
+            for f in _FIELDS
+        }
+        if left is None or right is None:
+            for f in _FIELDS:
+                if f.endswith("_ms"):
+                    delta[f] = None
+        rows.append({"component": name, "a": left, "b": right, "delta": delta})
+
+    def order(row: dict[str, Any]) -> tuple[float, float, float, str]:
+        d = row["delta"]
+        return (
+            -abs(d["tokens"]),
+            -abs(d["p95_latency_ms"] or 0.0),
+            -abs(d["errors"]),
+            row["component"],
+        )
+
+    rows.sort(key=order)
+    return rows

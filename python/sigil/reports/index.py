@@ -1,0 +1,363 @@
+"""The report index: each run's folded summary in SQLite (issue 13, "How").
+
+``<log_path>/report_index.sqlite3`` holds, per source (a live session directory
+or an archive, identified by its files: :mod:`sigil.reports.sources`), the runs
+the native session model found in it, each run's per-component totals and the
+non-empty buckets of each component's latency histogram. The JSONL stays the
+truth: the index is rebuilt whenever it is missing, unreadable or of another
+schema, and a source whose files changed (a new run, a rotation, an archive) is
+refolded and its rows replaced, so deleting the file loses nothing.
+:func:`open_index` brings it up to date lazily, each time a report reads it.
+
+Rows come from the native model only (contract 12); reports aggregate them in
+SQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sigil.reports.sources import Source, archive_snapshot, discover, fold_live
+from sigil.telemetry.log_parser import (
+    ComponentSnapshot,
+    RunSnapshot,
+    run_status,
+)
+
+__all__ = ["INDEX_FILE_NAME", "SCHEMA_VERSION", "Refresh", "open_index", "refresh"]
+
+INDEX_FILE_NAME = "report_index.sqlite3"
+SCHEMA_VERSION = 3
+#: how long a report waits for another one writing the index before it does
+#: its own work in memory
+BUSY_TIMEOUT_S = 10.0
+_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sources(
+    source TEXT PRIMARY KEY,
+    session_id TEXT NOT NULL,
+    archived INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS runs(
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    run INTEGER NOT NULL,
+    archived INTEGER NOT NULL,
+    -- 1: the same run (session, number, start) is indexed from a better
+    -- source too (the live directory before an archive of it, left by a
+    -- maintenance run that died before removing the directory)
+    duplicate INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL,
+    finished INTEGER NOT NULL,
+    started_at TEXT,
+    ended_at TEXT,
+    started_ts REAL,
+    tokens INTEGER NOT NULL,
+    events INTEGER NOT NULL,
+    steps_completed INTEGER NOT NULL,
+    steps_failed INTEGER NOT NULL,
+    -- the run's components rolled up (by SQL, at indexing), so a report by
+    -- period or session reads one row per run
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    operations INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    retries INTEGER NOT NULL DEFAULT 0,
+    max_latency_ms REAL
+);
+CREATE INDEX IF NOT EXISTS runs_source ON runs(source);
+CREATE INDEX IF NOT EXISTS runs_started ON runs(started_ts);
+CREATE INDEX IF NOT EXISTS runs_identity ON runs(session_id, run);
+CREATE TABLE IF NOT EXISTS components(
+    id INTEGER PRIMARY KEY,
+    run_id INTEGER NOT NULL,
+    component TEXT NOT NULL,
+    model TEXT,
+    tokens INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    operations INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    retries INTEGER NOT NULL,
+    timed INTEGER NOT NULL,
+    latency_ms REAL NOT NULL,
+    max_latency_ms REAL
+);
+CREATE INDEX IF NOT EXISTS components_run ON components(run_id);
+CREATE TABLE IF NOT EXISTS latency(
+    component_id INTEGER NOT NULL,
+    bucket INTEGER NOT NULL,
+    count INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS latency_component ON latency(component_id);
+CREATE TABLE IF NOT EXISTS run_latency(
+    run_id INTEGER NOT NULL,
+    bucket INTEGER NOT NULL,
+    count INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS run_latency_run ON run_latency(run_id);
+"""
+
+
+@dataclass(slots=True)
+class Refresh:
+    """What bringing the index up to date did."""
+
+    sources: int = 0
+    refolded: int = 0
+    removed: int = 0
+    rebuilt: bool = False
+    #: session ID -> why its log cannot be read (one line naming the file)
+    unreadable: dict[str, str] = field(default_factory=dict)
+
+
+def open_index(log_path: Path) -> tuple[sqlite3.Connection, Refresh]:
+    """The index of ``log_path``, brought up to date with its logs.
+
+    A missing, unreadable or older index is rebuilt from the logs; where the
+    log path cannot hold one (it does not exist, or is read-only), or another
+    report holds it longer than :data:`BUSY_TIMEOUT_S`, the index is built in
+    memory for this call."""
+    path = log_path / INDEX_FILE_NAME
+    try:
+        conn, rebuilt = _connect(path, log_path)
+        state = refresh(conn, log_path)
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) not in _BUSY_CODES:
+            raise
+        conn, rebuilt = _create(sqlite3.connect(":memory:")), True
+        state = refresh(conn, log_path)
+    state.rebuilt = rebuilt
+    return conn, state
+
+
+def _connect(path: Path, log_path: Path) -> tuple[sqlite3.Connection, bool]:
+    """The index file, made anew when it is not an index of this schema. Busy
+    errors (another report writing it) propagate: the file is fine then."""
+    if not log_path.is_dir() or not os.access(log_path, os.W_OK):
+        return _create(sqlite3.connect(":memory:")), True
+    for _attempt in range(2):
+        if not path.exists():
+            # 0600 like every file sigil writes (contract 8); sqlite keeps the mode.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            conn.execute("PRAGMA synchronous=OFF")  # a cache: a torn index is rebuilt
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == SCHEMA_VERSION:
+                conn.execute("SELECT count(*) FROM sources").fetchone()
+                return conn, False
+            if version == 0 and not _tables(conn):
+                return _create(conn), True
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", None) in _BUSY_CODES:
+                conn.close()
+                raise
+        conn.close()
+        # Not an index of this schema (older, corrupt, or not SQLite): the logs
+        # are the truth, so it is simply made again.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return _create(sqlite3.connect(":memory:")), True
+
+
+def _tables(conn: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+
+
+def _create(conn: sqlite3.Connection) -> sqlite3.Connection:
+    conn.isolation_level = None
+    # IF NOT EXISTS: two reports creating the index at once make one schema.
+    conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+    return conn
+
+
+def refresh(conn: sqlite3.Connection, log_path: Path) -> Refresh:
+    """Refold every source whose files changed since it was indexed, drop the
+    sources that are gone, and leave the rest as they are."""
+    current = discover(log_path)
+    state = Refresh(sources=len(current))
+    known = dict(conn.execute("SELECT source, fingerprint FROM sources"))
+    stale = [s for s in current if known.get(s.key) != s.fingerprint]
+    gone = set(known) - {s.key for s in current}
+    for source, error in conn.execute(
+        "SELECT session_id, error FROM sources WHERE error IS NOT NULL"
+    ):
+        state.unreadable[source] = error
+    if not stale and not gone:
+        return state
+    live = [s for s in stale if not s.archived]
+    by_key: dict[str, list[RunSnapshot] | str] = dict(
+        zip((s.key for s in live), _live_runs([s.key for s in live]), strict=True)
+    )
+    for s in stale:
+        if s.archived:
+            snapshot = archive_snapshot(Path(s.key))
+            by_key[s.key] = snapshot if isinstance(snapshot, str) else list(snapshot.runs)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        _delete(conn, [*gone, *(s.key for s in stale)])
+        for s in stale:
+            _insert(conn, s, by_key[s.key])
+        _roll_up(conn)
+        _mark_duplicates(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    state.refolded, state.removed = len(stale), len(gone)
+    state.unreadable = dict(
+        conn.execute("SELECT session_id, error FROM sources WHERE error IS NOT NULL")
+    )
+    return state
+
+
+def _live_runs(directories: list[str]) -> list[list[RunSnapshot] | str]:
+    return [f if isinstance(f, str) else f.runs for f in fold_live(directories)]
+
+
+def _delete(conn: sqlite3.Connection, keys: Sequence[str]) -> None:
+    if not keys:
+        return
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS doomed(source TEXT PRIMARY KEY)")
+    conn.execute("DELETE FROM doomed")
+    conn.executemany("INSERT OR IGNORE INTO doomed VALUES (?)", [(k,) for k in keys])
+    conn.execute(
+        "DELETE FROM latency WHERE component_id IN (SELECT c.id FROM components c"
+        " JOIN runs r ON c.run_id = r.id WHERE r.source IN (SELECT source FROM doomed))"
+    )
+    conn.execute(
+        "DELETE FROM run_latency WHERE run_id IN"
+        " (SELECT id FROM runs WHERE source IN (SELECT source FROM doomed))"
+    )
+    conn.execute(
+        "DELETE FROM components WHERE run_id IN"
+        " (SELECT id FROM runs WHERE source IN (SELECT source FROM doomed))"
+    )
+    conn.execute("DELETE FROM runs WHERE source IN (SELECT source FROM doomed)")
+    conn.execute("DELETE FROM sources WHERE source IN (SELECT source FROM doomed)")
+
+
+def _roll_up(conn: sqlite3.Connection) -> None:
+    """Each new run's components summed into its row, and their latency
+    histograms merged into the run's, in SQL (the runs of the sources just
+    refolded: those named in ``doomed``)."""
+    fresh = "SELECT id FROM runs WHERE source IN (SELECT source FROM doomed)"
+    conn.execute(
+        "UPDATE runs SET (input_tokens, output_tokens, operations, errors, retries,"
+        " max_latency_ms) = (SELECT COALESCE(SUM(c.input_tokens), 0),"
+        " COALESCE(SUM(c.output_tokens), 0), COALESCE(SUM(c.operations), 0),"
+        " COALESCE(SUM(c.errors), 0), COALESCE(SUM(c.retries), 0), MAX(c.max_latency_ms)"
+        f" FROM components c WHERE c.run_id = runs.id) WHERE id IN ({fresh})"
+    )
+    conn.execute(
+        "INSERT INTO run_latency SELECT c.run_id, h.bucket, SUM(h.count) FROM latency h"
+        f" JOIN components c ON h.component_id = c.id WHERE c.run_id IN ({fresh})"
+        " GROUP BY c.run_id, h.bucket"
+    )
+
+
+def _mark_duplicates(conn: sqlite3.Connection) -> None:
+    """A run indexed from two sources (a session's directory and an archive of
+    it, both left by a maintenance run that died before removing the directory)
+    counts once: from the live directory, else from the first archive by path.
+    A later session reusing the ID has runs that started at other times, so
+    both count."""
+    conn.execute(
+        "UPDATE runs SET duplicate = EXISTS (SELECT 1 FROM runs b"
+        " WHERE b.session_id = runs.session_id AND b.run = runs.run"
+        " AND b.started_at IS runs.started_at AND b.id <> runs.id"
+        " AND (b.archived < runs.archived"
+        " OR (b.archived = runs.archived AND b.source < runs.source)))"
+    )
+
+
+def _insert(conn: sqlite3.Connection, source: Source, runs: list[RunSnapshot] | str) -> None:
+    if isinstance(runs, str):
+        conn.execute(
+            "INSERT INTO sources VALUES (?, ?, ?, ?, ?)",
+            (source.key, source.session_id, source.archived, source.fingerprint, runs),
+        )
+        return
+    conn.execute(
+        "INSERT INTO sources VALUES (?, ?, ?, ?, NULL)",
+        (source.key, source.session_id, source.archived, source.fingerprint),
+    )
+    last = len(runs) - 1
+    writer_there = source.locked and not source.archived
+    for i, run in enumerate(runs):
+        started = run.started_at or run.ended_at or run.last_at
+        cursor = conn.execute(
+            "INSERT INTO runs(source, session_id, run, archived, status, finished, started_at,"
+            " ended_at, started_ts, tokens, events, steps_completed, steps_failed)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                source.key,
+                source.session_id,
+                run.number,
+                source.archived,
+                run_status(run, writer_gone=not writer_there or i < last),
+                run.ended_at is not None,
+                run.started_at,
+                run.ended_at,
+                _epoch(started),
+                run.tokens,
+                run.events,
+                run.steps_completed,
+                run.steps_failed,
+            ),
+        )
+        _insert_components(conn, cursor.lastrowid, run.components.values())
+
+
+def _insert_components(
+    conn: sqlite3.Connection, run_id: int | None, components: Iterable[ComponentSnapshot]
+) -> None:
+    for c in components:
+        cursor = conn.execute(
+            "INSERT INTO components(run_id, component, model, tokens, input_tokens,"
+            " output_tokens, operations, errors, retries, timed, latency_ms, max_latency_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                run_id,
+                c.name,
+                c.model,
+                c.tokens,
+                c.input_tokens,
+                c.output_tokens,
+                c.operations,
+                c.errors,
+                c.retries,
+                c.timed_operations,
+                c.latency_ms,
+                c.max_latency_ms,
+            ),
+        )
+        component_id = cursor.lastrowid
+        buckets = [(component_id, i, n) for i, n in enumerate(c.latency_histogram) if n]
+        if buckets:
+            conn.executemany("INSERT INTO latency VALUES (?, ?, ?)", buckets)
+
+
+def _epoch(text: str | None) -> float | None:
+    """Seconds since the epoch of an event time; the spec's offset-less form is UTC."""
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()

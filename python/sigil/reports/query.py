@@ -1,0 +1,236 @@
+"""``sigil report``'s aggregation: SQL over the index's rows (issue 13).
+
+Totals are ``SUM``/``COUNT`` in SQLite, grouped by period (a run belongs to the
+local day, ISO week or month its first event falls in: ``TZ`` decides which),
+session, component or model. Latency percentiles over many runs merge the runs'
+native histograms (bucket counts summed in SQL) and read the quantile off the
+merged buckets with the native rule (:func:`latency_quantile`).
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+__all__ = [
+    "FAILED_STATUSES",
+    "GROUPS",
+    "Filters",
+    "Report",
+    "latency_quantile",
+    "parse_moment",
+    "run_report",
+]
+
+GROUPS = ("daily", "weekly", "monthly", "session", "component", "model")
+#: run statuses counted as failures: a final event said so, or the writer died
+#: before one (``incomplete``)
+FAILED_STATUSES = ("error", "budget_exceeded", "interrupted", "incomplete")
+_FAILED = "r.status IN ('error', 'budget_exceeded', 'interrupted', 'incomplete')"
+
+#: the group's key, as SQL over ``runs r`` and ``components c``
+_KEY_SQL = {
+    "daily": "date(r.started_ts, 'unixepoch', 'localtime')",
+    # 'weekday 0' moves to the next Sunday (or stays on one): -6 days is Monday.
+    "weekly": "date(r.started_ts, 'unixepoch', 'localtime', 'weekday 0', '-6 days')",
+    "monthly": "strftime('%Y-%m', r.started_ts, 'unixepoch', 'localtime')",
+    "session": "r.session_id",
+    "component": "c.component",
+    "model": "COALESCE(c.model, '-')",
+}
+_KEY_NAME = {
+    "daily": "period",
+    "weekly": "period",
+    "monthly": "period",
+    "session": "session",
+    "component": "component",
+    "model": "model",
+}
+QUANTILES = (("p50_latency_ms", 0.5), ("p95_latency_ms", 0.95), ("p99_latency_ms", 0.99))
+
+
+@dataclass(slots=True, frozen=True)
+class Filters:
+    since: float | None = None  # epoch seconds, inclusive
+    until: float | None = None  # epoch seconds, exclusive
+    session_prefix: str | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = ["r.duplicate = 0"]
+        params: list[Any] = []
+        if self.since is not None:
+            clauses.append("r.started_ts >= ?")
+            params.append(self.since)
+        if self.until is not None:
+            clauses.append("r.started_ts < ?")
+            params.append(self.until)
+        if self.session_prefix:
+            clauses.append("substr(r.session_id, 1, ?) = ?")
+            params += [len(self.session_prefix), self.session_prefix]
+        return " AND ".join(clauses), params
+
+
+@dataclass(slots=True)
+class Report:
+    group: str
+    key: str  # the JSON name of a row's key: period, session, component or model
+    breakdown: bool
+    rows: list[dict[str, Any]]
+    total: dict[str, Any]
+
+
+def parse_moment(text: str, *, end: bool = False) -> float:
+    """Epoch seconds of an ISO date or date-time; without an offset it is local
+    time. A bare date as ``end`` (``--until``) covers that whole day.
+    ValueError when it is no ISO date."""
+    text = text.strip()
+    moment = datetime.fromisoformat(text.replace("z", "Z"))
+    bare_date = len(text) <= 10 and "T" not in text and " " not in text
+    if end and bare_date:
+        moment += timedelta(days=1)
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # local time, DST included
+    return moment.timestamp()
+
+
+def latency_quantile(buckets: dict[int, int], max_ms: float | None, p: float) -> float | None:
+    """The ``p`` quantile of merged latency histograms (bucket index -> count),
+    by the native model's own rule (``latency_quantile_ms``): the upper bound
+    of the bucket holding rank ``ceil(p * n)``, never above the largest latency
+    seen. None without timed steps."""
+    if not buckets:
+        return None
+    histogram = [0] * (max(buckets) + 1)
+    for index, count in buckets.items():
+        histogram[index] = count
+    from sigil.telemetry.log_parser import latency_quantile_ms
+
+    return latency_quantile_ms(histogram, math.inf if max_ms is None else max_ms, p)
+
+
+def run_report(
+    conn: sqlite3.Connection,
+    group: str,
+    filters: Filters,
+    bounds: Sequence[float],
+    *,
+    breakdown: bool = False,
+) -> Report:
+    """The report's rows (and its total) for ``group``, from the index."""
+    key_sql = _KEY_SQL[group]
+    keys = [key_sql]
+    if breakdown:
+        # Split each row by what the group is not already: component and model.
+        if group != "component":
+            keys.append(_KEY_SQL["component"])
+        if group != "model":
+            keys.append(_KEY_SQL["model"])
+    by_run = group in ("daily", "weekly", "monthly", "session") and not breakdown
+    rows = _rows(conn, keys, filters, bounds, by_run=by_run)
+    total = _rows(conn, ["'total'"], filters, bounds, by_run=True)
+    names = [_KEY_NAME[group]]
+    if breakdown:
+        names += [n for n in ("component", "model") if n != names[0]]
+    shaped = []
+    for key, values in rows.items():
+        row = dict(zip(names, key, strict=True))
+        row.update(values)
+        shaped.append(row)
+    if group in ("component", "model"):
+        shaped.sort(key=lambda r: (-r["tokens"], str(r[names[0]])))
+    else:
+        shaped.sort(key=lambda r: tuple(str(r[n]) for n in names))
+    empty = _empty()
+    return Report(group, names[0], breakdown, shaped, next(iter(total.values()), empty))
+
+
+def _empty() -> dict[str, Any]:
+    values: dict[str, Any] = dict.fromkeys(
+        (
+            "sessions",
+            "runs",
+            "failed_runs",
+            "tokens",
+            "input_tokens",
+            "output_tokens",
+            "operations",
+            "errors",
+            "retries",
+        ),
+        0,
+    )
+    values.update(dict.fromkeys(name for name, _ in QUANTILES))
+    return values
+
+
+def _rows(
+    conn: sqlite3.Connection,
+    keys: list[str],
+    filters: Filters,
+    bounds: Sequence[float],
+    *,
+    by_run: bool,
+) -> dict[tuple[Any, ...], dict[str, Any]]:
+    where, params = filters.where()
+    select_keys = ", ".join(f"{k} AS k{i}" for i, k in enumerate(keys))
+    group_by = ", ".join(f"k{i}" for i in range(len(keys)))
+    n = len(keys)
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    maxima: dict[tuple[Any, ...], float | None] = {}
+    if by_run:
+        # Whole runs, one row each: a run's tokens are the model's total for the
+        # run, its other numbers its components' rolled up at indexing.
+        sql = (
+            f"SELECT {select_keys}, COUNT(DISTINCT r.session_id), COUNT(*), SUM({_FAILED}),"
+            " SUM(r.tokens), SUM(r.input_tokens), SUM(r.output_tokens), SUM(r.operations),"
+            " SUM(r.errors), SUM(r.retries), MAX(r.max_latency_ms)"
+            f" FROM runs r WHERE {where} GROUP BY {group_by}"
+        )
+        histograms = (
+            f"SELECT {select_keys}, h.bucket, SUM(h.count) FROM run_latency h"
+            f" JOIN runs r ON h.run_id = r.id WHERE {where} GROUP BY {group_by}, h.bucket"
+        )
+    else:
+        sql = (
+            f"SELECT {select_keys}, COUNT(DISTINCT r.session_id), COUNT(DISTINCT r.id),"
+            f" COUNT(DISTINCT CASE WHEN {_FAILED} THEN r.id END), SUM(c.tokens),"
+            " SUM(c.input_tokens), SUM(c.output_tokens), SUM(c.operations), SUM(c.errors),"
+            " SUM(c.retries), MAX(c.max_latency_ms)"
+            f" FROM components c JOIN runs r ON c.run_id = r.id WHERE {where}"
+            f" GROUP BY {group_by}"
+        )
+        histograms = (
+            f"SELECT {select_keys}, h.bucket, SUM(h.count) FROM latency h"
+            " JOIN components c ON h.component_id = c.id JOIN runs r ON c.run_id = r.id"
+            f" WHERE {where} GROUP BY {group_by}, h.bucket"
+        )
+    for row in conn.execute(sql, params):
+        key = tuple(row[:n])
+        values = out[key] = _empty()
+        values.update(
+            sessions=row[n],
+            runs=row[n + 1],
+            failed_runs=row[n + 2],
+            tokens=row[n + 3],
+            input_tokens=row[n + 4],
+            output_tokens=row[n + 5],
+            operations=row[n + 6],
+            errors=row[n + 7],
+            retries=row[n + 8],
+        )
+        maxima[key] = row[n + 9]
+    # The runs' histograms merged bucket by bucket in SQL.
+    merged: dict[tuple[Any, ...], dict[int, int]] = {}
+    for row in conn.execute(histograms, params):
+        merged.setdefault(tuple(row[:n]), {})[row[n]] = row[n + 1]
+    for key, buckets in merged.items():
+        target = out.get(key)
+        if target is None:
+            continue
+        for name, p in QUANTILES:
+            target[name] = latency_quantile(buckets, maxima.get(key), p)
+    return out

@@ -1,0 +1,238 @@
+"""Where sessions live and how each is read whole: the live session
+directories (``sessions/<id>``) and the archives (``archive/<date>/<id>.tar.gz``).
+
+A source is identified by its files: name, size and mtime of each file of a
+live session's log and of its ledger (plus whether a writer holds its lock),
+or an archive's size, mtime and inode. The index refolds a source exactly when
+that identity changed. Archives are read from the tar stream in memory, never
+extracted to disk.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from sigil.core.paths import LOCK_FILE_NAME, LOG_FILE_NAME, SESSION_ID_RE, segment_sort_key
+from sigil.telemetry.log_parser import (
+    EventModel,
+    HistoryModel,
+    HistorySnapshot,
+    RunSnapshot,
+    SessionSnapshot,
+    history_many,
+    parse_bytes,
+    session_history,
+    snapshot_many,
+)
+
+__all__ = [
+    "Folded",
+    "Source",
+    "archive_snapshot",
+    "discover",
+    "find_session",
+    "fold_live",
+    "whole_history",
+]
+
+_LEDGER = "tokens.json"
+#: an archived log member larger than this is not read (the rotator bounds a
+#: segment far below it); the session reads as unreadable instead
+_MAX_MEMBER_BYTES = 1 << 30
+
+
+@dataclass(slots=True, frozen=True)
+class Source:
+    """One place a session's history is kept: its live directory or one archive."""
+
+    key: str  # the directory's or the archive's path
+    session_id: str
+    archived: bool
+    fingerprint: str
+    locked: bool = False
+
+
+def discover(log_path: Path) -> list[Source]:
+    """Every live session directory and every archive under ``log_path``."""
+    found: list[Source] = []
+    try:
+        entries = sorted(os.scandir(log_path / "sessions"), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        entries = []
+    for entry in entries:
+        if SESSION_ID_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+            found.append(_live_source(entry.path, entry.name))
+    if os.path.isdir(log_path / "archive"):
+        from sigil.telemetry.log_rotation import archived_sessions
+
+        for session_id, archives in sorted(archived_sessions(log_path).items()):
+            for archive in archives:
+                try:
+                    st = os.lstat(archive)
+                except OSError:
+                    continue
+                fingerprint = f"a:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+                found.append(Source(str(archive), session_id, True, fingerprint))
+    return found
+
+
+def _live_source(directory: str, session_id: str) -> Source:
+    parts: list[str] = []
+    has_lock = False
+    try:
+        with os.scandir(directory) as it:
+            children = sorted(it, key=lambda e: e.name)
+    except OSError:
+        children = []
+    for child in children:
+        name = child.name
+        if name == LOCK_FILE_NAME:
+            has_lock = True
+            continue
+        if name in (LOG_FILE_NAME, _LEDGER) or segment_sort_key(LOG_FILE_NAME, name):
+            try:
+                st = child.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            parts.append(f"{name}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+    locked = False
+    if has_lock:
+        from sigil.core.locks import is_session_locked
+
+        locked = is_session_locked(directory)
+    # A held lock is part of the identity: a run's status (running or
+    # incomplete) depends on whether its writer is still there (contract 7).
+    parts.append("locked" if locked else "free")
+    return Source(directory, session_id, False, "|".join(parts), locked)
+
+
+def find_session(log_path: Path, session_id: str) -> Source | None:
+    """The live directory of ``session_id``, else its newest archive."""
+    if not SESSION_ID_RE.fullmatch(session_id):
+        return None
+    directory = log_path / "sessions" / session_id
+    if directory.is_dir() and not directory.is_symlink():
+        return _live_source(str(directory), session_id)
+    if os.path.isdir(log_path / "archive"):
+        from sigil.telemetry.log_rotation import archived_sessions
+
+        archives = archived_sessions(log_path).get(session_id)
+        if archives:
+            return Source(str(archives[0]), session_id, True, "")
+    return None
+
+
+def archive_snapshot(archive: Path) -> SessionSnapshot | str:
+    """The session model of an archived session, read from its tar.gz in memory:
+    its rotated segments oldest first, then the live file (the order the live
+    reader folds them in), each line folded by the native model.
+
+    The archive's ledger is not joined: the native ledger reader takes a path
+    and nothing is extracted to disk, so runs only an archived ledger knew are
+    not counted (a ledger read from bytes in :mod:`sigil.telemetry.log_parser`
+    would lift this). A one-line reason when the archive cannot be read."""
+    logs: list[tuple[tuple[int, object], str, bytes]] = []
+    try:
+        fd = os.open(archive, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                if len(parts) != 2 or not member.isfile():
+                    continue
+                name = parts[1]
+                if name == LOG_FILE_NAME:
+                    order: tuple[int, object] = (1, 0)
+                else:
+                    key = segment_sort_key(LOG_FILE_NAME, name)
+                    if key is None:
+                        continue
+                    order = (0, key)
+                if member.size > _MAX_MEMBER_BYTES:
+                    return f"{archive}: {name} is larger than {_MAX_MEMBER_BYTES} bytes"
+                extracted = tar.extractfile(member)
+                if extracted is None:
+                    continue
+                data = extracted.read()
+                if name.endswith(".gz"):
+                    # Bounded like any member: a gzip bomb is refused, not inflated.
+                    with gzip.GzipFile(fileobj=io.BytesIO(data)) as inner:
+                        data = inner.read(_MAX_MEMBER_BYTES + 1)
+                    if len(data) > _MAX_MEMBER_BYTES:
+                        return f"{archive}: {name} is larger than {_MAX_MEMBER_BYTES} bytes"
+                logs.append((order, name, data))
+    except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
+        return f"cannot read {archive}: {exc}"
+    logs.sort(key=lambda item: item[0])  # type: ignore[arg-type, return-value]
+    model = EventModel()
+    feed = model.feed
+    for _, _, data in logs:
+        # The native parser reads the lines; the native fold counts them. Only
+        # the hand-over of each event's fields is a Python loop here (about 10x
+        # a native fold; paid once per archive, which the index then keeps): a
+        # fold of bytes exposed by sigil.telemetry.log_parser would spare it.
+        for e in parse_bytes(data).entries:
+            feed(e.timestamp, e.event_type, e.component, e.tokens, e.seq, e.metadata_json)
+    return model.snapshot()
+
+
+def whole_history(directory: Path) -> HistorySnapshot:
+    """A live session's whole history with every run folded from its log (so
+    its components keep their latency histograms, models and input/output
+    tokens) and joined natively with its ledger (the runs only the ledger
+    knows). :func:`session_history` would answer from the ledger alone when it
+    stands for the log, and the ledger keeps no histogram."""
+    model = HistoryModel(directory)
+    model.fold_at_rest()
+    # Continuing the fold at rest reads nothing new; it returns the fold joined
+    # with the ledger, or None when the log was rotated while it was read.
+    history = model.at_run_end()
+    if history is None:
+        return session_history(directory, use_ledger=False)
+    return history
+
+
+@dataclass(slots=True)
+class Folded:
+    """A live session read by the native model: the fold of its log, and its
+    runs: the fold's (with latency histograms, models and input/output tokens)
+    plus those only its ledger knows (their events rotated or deleted by an
+    external tool), from the native join with the ledger."""
+
+    snapshot: SessionSnapshot
+    runs: list[RunSnapshot]
+    #: some runs are known only to the ledger: the snapshot's totals miss them
+    ledger_only_runs: bool
+
+
+def fold_live(directories: list[str]) -> list[Folded | str]:
+    """Every session's log folded in one native call across a small thread pool;
+    the ledgers (where there is one) joined by a second native call, which reads
+    only the small ledger when it stands for the log. The ledger alone is not
+    enough even then: it keeps no latency histogram. A one-line reason for a
+    session whose log cannot be read."""
+    if not directories:
+        return []
+    folds = snapshot_many(directories)
+    with_ledger = [d for d in directories if os.path.isfile(os.path.join(d, _LEDGER))]
+    histories = dict(zip(with_ledger, history_many(with_ledger), strict=True))
+    out: list[Folded | str] = []
+    for directory, fold in zip(directories, folds, strict=True):
+        if isinstance(fold, str):
+            out.append(fold)
+            continue
+        runs = list(fold.runs)
+        history = histories.get(directory)
+        extra: list[RunSnapshot] = []
+        if history is not None and not isinstance(history, str):
+            folded = {r.number for r in runs}
+            extra = [r for r in history.runs if r.number not in folded]
+            if extra:
+                runs = sorted([*runs, *extra], key=lambda r: r.number)
+        out.append(Folded(fold, runs, bool(extra)))
+    return out

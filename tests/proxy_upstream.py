@@ -1,0 +1,307 @@
+"""A small OpenAI-compatible model server on 127.0.0.1 for the proxy's tests and bench.
+
+It answers chat completions (streamed and not), legacy completions, the
+Responses API, embeddings and models, and records every request and the usage
+it reported, so a test can check the log against exactly what the upstream
+said. The model name picks a misbehaviour:
+
+* ``broken``: a stream that stops mid-way (the connection is cut);
+* ``nousage``: no ``usage`` anywhere (and none in a stream);
+* ``invalid``: a 200 whose body is not JSON;
+* ``slow``: answers after ``slow_seconds``;
+* ``fail500``: HTTP 500 with an OpenAI-shaped error;
+* ``quota429``: HTTP 429 ``insufficient_quota`` without ``x-should-retry``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+@dataclass
+class Reported:
+    endpoint: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass
+class Upstream:
+    """Runs in its own thread and event loop; ``url`` is its API root."""
+
+    slow_seconds: float = 5.0
+    #: content pieces of a stream
+    pieces: int = 5
+    delay: float = 0.0
+    #: seconds between the pieces of a stream (default: ``delay``)
+    piece_delay: float = 0.0
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    reported: list[Reported] = field(default_factory=list)
+    url: str = ""
+    _loop: asyncio.AbstractEventLoop | None = None
+    _runner: web.AppRunner | None = None
+    _thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    record: bool = True
+
+    # -- life ----------------------------------------------------------------------
+
+    def start(self) -> Upstream:
+        ready = threading.Event()
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(self._serve())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())  # type: ignore[union-attr]
+            loop.close()
+
+        self._thread = threading.Thread(target=main, daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("upstream did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def __enter__(self) -> Upstream:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def _serve(self) -> None:
+        app = web.Application(client_max_size=64 << 20)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._chat)
+        app.router.add_post("/v1/responses", self._responses)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_get("/v1/models", self._models)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/v1"
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _note(self, request: web.Request, body: dict[str, Any]) -> None:
+        if self.record:
+            with self._lock:
+                self.requests.append(body)
+                self.headers.append(dict(request.headers))
+
+    def _report(self, endpoint: str, model: str, inp: int, out: int) -> None:
+        if self.record:
+            with self._lock:
+                self.reported.append(Reported(endpoint, model, inp, out))
+
+    def totals(self) -> int:
+        with self._lock:
+            return sum(r.input_tokens + r.output_tokens for r in self.reported)
+
+    @staticmethod
+    def _prompt_tokens(body: dict[str, Any]) -> int:
+        text = orjson.dumps(body.get("messages") or body.get("input") or body.get("prompt"))
+        return 7 + len(text) % 41
+
+    @staticmethod
+    def _cap(body: dict[str, Any], *names: str) -> int:
+        caps = [body[n] for n in names if isinstance(body.get(n), int)]
+        return min(caps) if caps else 1000
+
+    # -- routes ----------------------------------------------------------------------
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self._note(request, body)
+        model = body.get("model", "m")
+        legacy = request.path.endswith("/v1/completions")
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if model == "slow":
+            await asyncio.sleep(self.slow_seconds)
+        if model == "fail500":
+            return web.json_response(
+                {"error": {"message": "upstream exploded", "type": "server_error"}}, status=500
+            )
+        if model == "quota429":
+            body = {"error": {"message": "quota", "type": "insufficient_quota"}}
+            return web.json_response(body, status=429, headers={"retry-after-ms": "1"})
+        if model == "invalid":
+            return web.Response(text="<html>oops</html>", content_type="application/json")
+        inp = self._prompt_tokens(body)
+        out = min(self.pieces, self._cap(body, "max_tokens", "max_completion_tokens"))
+        if body.get("stream"):
+            return await self._chat_stream(request, body, model, inp, out, legacy)
+        data: dict[str, Any] = {
+            "id": "chatcmpl-1",
+            "object": "text_completion" if legacy else "chat.completion",
+            "created": int(time.time()),
+            "model": f"{model}-2026",
+            "choices": [
+                {"index": 0, "text": "w " * out, "finish_reason": "stop"}
+                if legacy
+                else {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "w " * out},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+        if model != "nousage":
+            data["usage"] = {
+                "prompt_tokens": inp,
+                "completion_tokens": out,
+                "total_tokens": inp + out,
+            }
+            self._report(request.path, model, inp, out)
+        return web.Response(body=orjson.dumps(data), content_type="application/json")
+
+    async def _chat_stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        model: str,
+        inp: int,
+        out: int,
+        legacy: bool,
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        include = (body.get("stream_options") or {}).get("include_usage") is True
+
+        def chunk(delta: dict[str, Any] | None, finish: str | None = None) -> bytes:
+            choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
+            if legacy:
+                choice["text"] = (delta or {}).get("content", "")
+            else:
+                choice["delta"] = delta or {}
+            data: dict[str, Any] = {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": f"{model}-2026",
+                "choices": [choice],
+            }
+            if include:
+                data["usage"] = None
+            return b"data: " + orjson.dumps(data) + b"\n\n"
+
+        await resp.write(chunk({"role": "assistant", "content": ""}))
+        for i in range(out):
+            await resp.write(chunk({"content": "word "}))
+            if model == "broken" and i == out // 2:
+                await asyncio.sleep(0.05)
+                assert request.transport is not None
+                request.transport.close()
+                return resp
+            if self.piece_delay or self.delay:
+                await asyncio.sleep(self.piece_delay or self.delay)
+        await resp.write(chunk({}, "stop"))
+        if include and model != "nousage":
+            usage = {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out}
+            data = {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": f"{model}-2026",
+                "choices": [],
+                "usage": usage,
+            }
+            await resp.write(b"data: " + orjson.dumps(data) + b"\n\n")
+            self._report(request.path, model, inp, out)
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self._note(request, body)
+        model = body.get("model", "m")
+        inp = self._prompt_tokens(body)
+        out = min(self.pieces, self._cap(body, "max_output_tokens"))
+        usage = {"input_tokens": inp, "output_tokens": out, "total_tokens": inp + out}
+        response = {
+            "id": "resp_1",
+            "object": "response",
+            "created_at": 1,
+            "status": "completed",
+            "model": f"{model}-2026",
+            "output": [
+                {
+                    "type": "message",
+                    "id": "msg_1",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": "w " * out, "annotations": []}],
+                }
+            ],
+            "usage": usage,
+        }
+        self._report(request.path, model, inp, out)
+        if not body.get("stream"):
+            return web.Response(body=orjson.dumps(response), content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        seq = 0
+
+        async def event(kind: str, data: dict[str, Any]) -> None:
+            nonlocal seq
+            data = {"type": kind, "sequence_number": seq, **data}
+            seq += 1
+            await resp.write(f"event: {kind}\n".encode() + b"data: " + orjson.dumps(data) + b"\n\n")
+
+        created = {**response, "status": "in_progress", "usage": None, "output": []}
+        await event("response.created", {"response": created})
+        for _ in range(out):
+            await event(
+                "response.output_text.delta",
+                {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "w "},
+            )
+        await event("response.completed", {"response": response})
+        await resp.write_eof()
+        return resp
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self._note(request, body)
+        inputs = body.get("input")
+        items = inputs if isinstance(inputs, list) else [inputs]
+        inp = 3 * len(items)
+        self._report(request.path, body.get("model", "m"), inp, 0)
+        data = {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
+                for i in range(len(items))
+            ],
+            "model": body.get("model", "m"),
+            "usage": {"prompt_tokens": inp, "total_tokens": inp},
+        }
+        return web.json_response(data)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": "m", "object": "model", "created": 1, "owned_by": "t"}],
+            }
+        )

@@ -1,0 +1,576 @@
+"""``sigil proxy`` end to end: the official ``openai`` SDK against the real command,
+in front of a small OpenAI-compatible server on 127.0.0.1 (tests/proxy_upstream.py).
+
+Every token count is checked against what the upstream reported, through the
+session model (``sigil monitor --mode json --once``) and the log itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from proxy_upstream import Upstream
+
+SIGIL = [sys.executable, "-m", "sigil"]
+KEY = "sk-proj-THISISASECRETKEY0123456789abcdefABCDEF"
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    with Upstream() as up:
+        yield up
+
+
+@dataclass
+class Proxy:
+    proc: subprocess.Popen[str]
+    url: str
+    session: str
+    home: Path
+
+    def client(self, **kw: Any) -> openai.OpenAI:
+        kw.setdefault("api_key", KEY)
+        return openai.OpenAI(base_url=self.url, **kw)
+
+    def async_client(self, **kw: Any) -> openai.AsyncOpenAI:
+        kw.setdefault("api_key", KEY)
+        return openai.AsyncOpenAI(base_url=self.url, **kw)
+
+    def stop(self, sig: int = signal.SIGINT) -> tuple[int, str, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, out, err
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / "logs" / "sessions" / self.session / "execution.jsonl"
+
+    def events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log_file.read_text().splitlines()]
+
+    def monitor(self) -> dict[str, Any]:
+        proc = subprocess.run(
+            [*SIGIL, "monitor", "--session", self.session, "--mode", "json", "--once"],
+            env=env_of(self.home),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        return json.loads(proc.stdout.splitlines()[0])
+
+
+def env_of(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SIGIL_"))}
+    env.update(SIGIL_HOME=str(home), NO_COLOR="1", **extra)
+    return env
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+    started: list[Proxy] = []
+
+    def start(*args: str, session: str = "p1", env: dict[str, str] | None = None) -> Proxy:
+        home = tmp_path / "home"
+        proc = subprocess.Popen(
+            [*SIGIL, "proxy", "--session", session, "--port", "0", *args],
+            env=env_of(home, **(env or {})),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        url = None
+        for line in proc.stdout:
+            if line.startswith("Proxy: "):
+                url = line.split()[1]
+                break
+        if url is None:
+            _, err = proc.communicate(timeout=10)
+            raise AssertionError(f"proxy did not start: {err}")
+        proxy = Proxy(proc, url, session, home)
+        started.append(proxy)
+        return proxy
+
+    yield start
+    for p in started:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+
+
+def steps(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["event_type"] == kind]
+
+
+def test_non_streamed_calls_carry_the_upstreams_usage_exactly(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = start_proxy("--budget", "100000", "--upstream", upstream.url)
+    client = proxy.client()
+    chat = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hello there"}]
+    )
+    assert chat.choices[0].message.content
+    named = client.with_options(default_headers={"X-Sigil-Component": "planner"})
+    named.chat.completions.create(model="m", messages=[{"role": "user", "content": "plan"}])
+    resp = client.responses.create(model="r", input="hi")
+    assert resp.usage is not None
+    # A call that sets no cap gets the proxy's (--call-cap, 4096 by default).
+    assert upstream.requests[0]["max_tokens"] == upstream.requests[2]["max_output_tokens"] == 4096
+    emb = client.embeddings.create(model="e", input=["a", "b", "c"])
+    assert emb.usage.prompt_tokens == 9
+    client.completions.create(model="legacy", prompt="say")
+    assert [m.id for m in client.models.list()] == ["m"]
+    code, _out, err = proxy.stop()
+    assert code == 0, err
+
+    events = proxy.events()
+    completes = steps(events, "step_complete")
+    assert len(steps(events, "step_start")) == len(completes) == 5
+    # Each call's tokens are the upstream's usage, in and out.
+    assert [(e["metadata"]["input_tokens"], e["metadata"]["output_tokens"]) for e in completes] == [
+        (r.input_tokens, r.output_tokens) for r in upstream.reported
+    ]
+    assert {e["component"] for e in completes} == {"m", "planner", "r", "e", "legacy"}
+    assert all(e["metadata"]["latency_ms"] > 0 for e in completes)
+    # The session model (what every view shows) agrees with the upstream.
+    state = proxy.monitor()
+    assert state["status"] == "complete"
+    assert state["tokens_used"] == upstream.totals() > 0
+    assert state["components"]["planner"]["operations"] == 1
+    assert events[-1]["event_type"] == "session_complete"
+    # The key went upstream and nowhere else.
+    assert all(h.get("Authorization") == f"Bearer {KEY}" for h in upstream.headers)
+    assert KEY not in proxy.log_file.read_text()
+    assert "X-Sigil-Component" not in upstream.headers[1]
+    summaries = proxy.log_file.parent
+    assert json.loads((summaries / "tokens.json").read_text())["total_used"] == upstream.totals()
+
+
+def test_streamed_calls_ask_for_usage_and_hand_back_the_stream_the_client_asked_for(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = start_proxy("--budget", "100000", "--upstream", upstream.url)
+    client = proxy.client()
+    msgs = [{"role": "user", "content": "stream please"}]
+    # Without include_usage: the upstream is asked for it, the client does not see it.
+    chunks = list(client.chat.completions.create(model="m", messages=msgs, stream=True))
+    assert all(c.choices for c in chunks)
+    assert all(c.usage is None for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "word " * 5
+    assert upstream.requests[0]["stream_options"] == {"include_usage": True}
+    # With include_usage: the client gets its usage chunk.
+    chunks = list(
+        client.chat.completions.create(
+            model="m", messages=msgs, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    # The Responses API reports usage in its completed event.
+    events = list(client.responses.create(model="r", input="x", stream=True))
+    assert events[-1].type == "response.completed"
+    code, _, err = proxy.stop()
+    assert code == 0, err
+    completes = steps(proxy.events(), "step_complete")
+    assert len(completes) == 3 and all(e["metadata"]["stream"] for e in completes)
+    assert all("ttft_ms" in e["metadata"] for e in completes)
+    assert proxy.monitor()["tokens_used"] == upstream.totals()
+
+
+def test_a_broken_stream_is_counted_from_what_arrived_and_raised_to_the_client(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    upstream.pieces = 10
+    proxy = start_proxy("--budget", "100000", "--upstream", upstream.url)
+    client = proxy.client(max_retries=0)
+    received = []
+    with pytest.raises(openai.APIError, match="stream"):
+        for chunk in client.chat.completions.create(
+            model="broken", messages=[{"role": "user", "content": "x"}], stream=True
+        ):
+            received.append(chunk)
+    assert received  # part of the answer arrived before the break
+    code, _, err = proxy.stop()
+    assert code == 0, err
+    events = proxy.events()
+    spent = steps(events, "token_consumption")
+    assert len(spent) == 1
+    meta = spent[0]["metadata"]
+    assert meta["usage_estimated"] is True and meta["output_tokens"] > 0
+    assert spent[0]["tokens"] == meta["input_tokens"] + meta["output_tokens"]
+    error = steps(events, "step_error")[0]
+    assert error["metadata"]["category"] == "upstream_stream"
+    state = proxy.monitor()
+    assert state["tokens_used"] == spent[0]["tokens"]
+    assert state["components"]["broken"]["errors"] == 1
+
+
+def test_concurrent_calls_are_each_logged_once(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    upstream.delay = 0.01
+    proxy = start_proxy("--budget", "1000000", "--upstream", upstream.url)
+
+    async def main() -> None:
+        client = proxy.async_client()
+        calls = [
+            client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "q" * i}], max_tokens=50
+            )
+            for i in range(40)
+        ]
+        streams = [
+            client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "s" * i}], stream=True
+            )
+            for i in range(10)
+        ]
+        done = await asyncio.gather(*calls)
+        assert len(done) == 40
+        for s in await asyncio.gather(*streams):
+            async for _ in s:
+                pass
+        await client.close()
+
+    asyncio.run(main())
+    code, _, err = proxy.stop()
+    assert code == 0, err
+    events = proxy.events()
+    completes = steps(events, "step_complete")
+    assert len(completes) == 50 == len(steps(events, "step_start"))
+    assert len({e["metadata"]["call"] for e in completes}) == 50
+    assert sum(e["tokens"] for e in completes) == upstream.totals()
+    assert proxy.monitor()["tokens_used"] == upstream.totals()
+
+
+def test_budget_caps_each_call_and_refuses_once_spent_without_sdk_retries(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    upstream.pieces = 40
+    proxy = start_proxy("--budget", "400", "--upstream", upstream.url)
+    client = proxy.client()  # the SDK's default: 2 automatic retries
+    msgs = [{"role": "user", "content": "go"}]
+    client.chat.completions.create(model="m", messages=msgs, max_tokens=100_000)
+    # The cap sent upstream is what the budget had left, not what was asked.
+    assert upstream.requests[0]["max_tokens"] == 400
+    answered = 1
+    with pytest.raises(openai.RateLimitError) as refused:
+        for _ in range(50):
+            client.chat.completions.create(model="m", messages=msgs)
+            answered += 1
+    assert refused.value.code == "insufficient_quota"
+    assert "budget" in refused.value.message
+    forwarded = len(upstream.requests)
+    assert forwarded == answered
+    # Refused at once, never retried: one refusal logged per call made (an SDK
+    # retry would be a second request, and a second refusal in the log).
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="m", messages=msgs)
+    assert len(upstream.requests) == forwarded
+    code, _, err = proxy.stop()
+    assert code == 3, err
+    events = proxy.events()
+    refusals = [e for e in steps(events, "step_error") if e["metadata"]["category"] == "budget"]
+    assert len(refusals) == 2
+    assert steps(events, "budget_exceeded")
+    assert events[-1]["metadata"]["status"] == "budget_exceeded"
+    state = proxy.monitor()
+    assert state["status"] == "budget_exceeded"
+    assert state["tokens_used"] == upstream.totals() >= 0.95 * 400
+
+
+def test_the_sdk_would_retry_a_plain_429(upstream: Upstream) -> None:
+    """Why the refusal carries ``x-should-retry: false``: without it the official
+    SDK retries a 429 (the status OpenAI uses for a spent quota)."""
+    client = openai.OpenAI(api_key="k", base_url=upstream.url)
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(
+            model="quota429", messages=[{"role": "user", "content": "x"}]
+        )
+    assert len(upstream.requests) == 3
+
+
+def test_concurrent_calls_cannot_overshoot_by_more_than_one_cap(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    upstream.pieces = 1000
+    upstream.delay = 0.0
+    proxy = start_proxy("--budget", "1000", "--upstream", upstream.url)
+
+    async def main() -> list[Any]:
+        client = proxy.async_client(max_retries=0)
+        calls = [
+            client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}], max_tokens=300
+            )
+            for _ in range(12)
+        ]
+        out = await asyncio.gather(*calls, return_exceptions=True)
+        await client.close()
+        return out
+
+    results = asyncio.run(main())
+    code, _, _ = proxy.stop()
+    assert code == 3
+    caps = [r["max_tokens"] * r.get("n", 1) for r in upstream.requests]
+    # Output never exceeds the budget; all that passes is the prompts of the
+    # calls in flight, each far below one call's cap.
+    assert sum(r.output_tokens for r in upstream.reported) <= 1000
+    assert upstream.totals() <= 1000 + 300
+    assert all(c <= 300 for c in caps)
+    refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert refused and len(refused) + len(upstream.requests) == 12
+    assert proxy.monitor()["tokens_used"] == upstream.totals()
+
+
+def test_upstream_down_slow_invalid_or_without_usage(
+    upstream: Upstream, start_proxy: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    # Down: a port nothing listens on.
+    down = start_proxy("--upstream", "http://127.0.0.1:9/v1", session="down")
+    with pytest.raises(openai.InternalServerError) as exc:
+        down.client(max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}]
+        )
+    assert exc.value.status_code == 502 and "unreachable" in exc.value.message
+    down.stop()
+    errors = steps(down.events(), "step_error")
+    assert errors[0]["metadata"]["category"] == "upstream_unavailable"
+
+    upstream.slow_seconds = 3
+    proxy = start_proxy("--upstream", upstream.url, "--timeout", "0.5", session="bad")
+    client = proxy.client(max_retries=0)
+    msgs = [{"role": "user", "content": "x"}]
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.chat.completions.create(model="slow", messages=msgs)
+    assert exc.value.status_code == 504
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.chat.completions.create(model="invalid", messages=msgs)
+    assert exc.value.status_code == 502 and "not a JSON object" in exc.value.message
+    with pytest.raises(openai.InternalServerError) as exc:
+        client.chat.completions.create(model="fail500", messages=msgs)
+    assert exc.value.status_code == 500 and "exploded" in exc.value.message
+    answer = client.chat.completions.create(model="nousage", messages=msgs)
+    assert answer.usage is None
+    streamed = list(client.chat.completions.create(model="nousage", messages=msgs, stream=True))
+    assert streamed
+    proxy.stop()
+    events = proxy.events()
+    categories = [e["metadata"]["category"] for e in steps(events, "step_error")]
+    assert categories == ["timeout", "upstream_invalid", "upstream_error"]
+    unknown = steps(events, "step_complete")
+    assert len(unknown) == 2
+    for e in unknown:
+        # Unknown, shown as such: never a 0 that looks like a count.
+        assert e["metadata"]["usage"] == "unknown"
+        assert "input_tokens" not in e["metadata"] and "output_tokens" not in e["metadata"]
+        assert "usage unknown" in e["message"]
+
+
+def test_a_body_over_the_limit_is_refused_with_413(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = start_proxy("--upstream", upstream.url)
+    big = "x" * (33 << 20)
+    with pytest.raises(openai.APIStatusError) as exc:
+        proxy.client(max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": big}]
+        )
+    assert exc.value.status_code == 413
+    assert upstream.requests == []
+    r = httpx.post(f"{proxy.url}/chat/completions", content=b"not json")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = httpx.post(f"{proxy.url}/audio/speech", json={})
+    assert r.status_code == 404 and "does not forward" in r.json()["error"]["message"]
+    assert proxy.stop()[0] == 0
+
+
+def test_a_client_that_disconnects_mid_stream(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    upstream.pieces = 200
+    upstream.delay = 0.01
+    proxy = start_proxy("--upstream", upstream.url)
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "long"}]}
+    with httpx.stream("POST", f"{proxy.url}/chat/completions", json=body) as r:
+        for _ in r.iter_bytes():
+            break  # leave after the first bytes
+    # The proxy notices at its next write to the client: wait for that (however
+    # slowly a loaded machine gets there), not for a fixed time, so the stop
+    # below cannot be what ends the call.
+    deadline = time.monotonic() + 30
+    while not steps(proxy.events(), "step_error") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # The proxy goes on serving.
+    proxy.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    proxy.stop()
+    events = proxy.events()
+    error = steps(events, "step_error")[0]
+    assert error["metadata"]["category"] == "client_disconnected"
+    spent = steps(events, "token_consumption")[0]
+    assert spent["metadata"]["usage_estimated"] is True
+    assert 0 < spent["metadata"]["output_tokens"] < 200
+
+
+def test_a_token_is_required_beyond_loopback(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = start_proxy(
+        "--upstream", upstream.url, "--host", "127.0.0.1", "--token", "tok-123",
+        env={"OPENAI_API_KEY": "sk-upstream-key-of-the-proxy-0000000000"},
+    )  # fmt: skip
+    msgs = [{"role": "user", "content": "x"}]
+    with pytest.raises(openai.AuthenticationError):
+        proxy.client(max_retries=0).chat.completions.create(model="m", messages=msgs)
+    # The token as the API key: the upstream gets the proxy's own key.
+    proxy.client(api_key="tok-123").chat.completions.create(model="m", messages=msgs)
+    assert upstream.headers[-1]["Authorization"] == "Bearer sk-upstream-key-of-the-proxy-0000000000"
+    # The token in its header: the client's own key passes through.
+    proxy.client(default_headers={"X-Sigil-Token": "tok-123"}).chat.completions.create(
+        model="m", messages=msgs
+    )
+    assert upstream.headers[-1]["Authorization"] == f"Bearer {KEY}"
+    assert "X-Sigil-Token" not in upstream.headers[-1]
+    proxy.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--port", "70000"], "--port"),
+        (["--budget", "lots"], "--budget"),
+        (["--upstream", "ftp://x"], "http"),
+        (["--upstream", "http://u:p@host/v1"], "credentials"),
+        (["--host", "0.0.0.0"], "--token"),
+        (["--timeout", "0"], "--timeout"),
+        (["--call-cap", "-5"], "--call-cap"),
+        (["--session", "../x"], "session"),
+        (["--bogus"], "--bogus"),
+    ],
+)
+def test_bad_options_are_one_line_errors(tmp_path: Path, args: list[str], needle: str) -> None:
+    proc = subprocess.run(
+        [*SIGIL, "proxy", *args],
+        env=env_of(tmp_path / "home"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and needle in lines[0]
+    assert not (tmp_path / "home" / "logs" / "sessions").exists()
+
+
+def test_a_running_session_and_a_taken_port_are_refused(
+    upstream: Upstream, start_proxy: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    proxy = start_proxy("--upstream", upstream.url)
+    again = subprocess.run(
+        [*SIGIL, "proxy", "--session", "p1", "--upstream", upstream.url, "--port", "0"],
+        env=env_of(proxy.home), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert again.returncode == 2 and "already running" in again.stderr
+    port = proxy.url.split(":")[2].split("/")[0]
+    taken = subprocess.run(
+        [*SIGIL, "proxy", "--session", "p2", "--upstream", upstream.url, "--port", port],
+        env=env_of(proxy.home), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert taken.returncode == 2 and "port" in taken.stderr
+    assert not (proxy.home / "logs" / "sessions" / "p2" / "execution.jsonl").exists()
+    assert proxy.stop()[0] == 0
+
+
+def test_a_second_run_continues_the_session_and_its_budget(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    first = start_proxy("--budget", "5000", "--upstream", upstream.url)
+    first.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "a"}])
+    first.stop()
+    second = start_proxy("--upstream", upstream.url)  # the recorded budget holds
+    second.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "b"}])
+    second.stop()
+    starts = steps(second.events(), "session_start")
+    assert [s["metadata"]["run"] for s in starts] == [1, 2]
+    assert starts[1]["metadata"]["budget"] == 5000
+    state = second.monitor()
+    assert state["tokens_used"] == upstream.totals()
+    assert state["budget"] == 5000
+
+
+def test_each_of_n_choices_is_capped_so_that_all_fit(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = start_proxy("--budget", "1000", "--upstream", upstream.url)
+    proxy.client().chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "x"}], n=4, max_tokens=600
+    )
+    assert upstream.requests[0]["max_tokens"] == 250  # 4 x 250 = what was left
+    proxy.stop()
+
+
+def test_help_does_not_import_the_server(tmp_path: Path) -> None:
+    probe = (
+        "import sys\n"
+        "from sigil.interfaces.cli.main import main\n"
+        "sys.argv = ['sigil', *sys.argv[1:]]\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "names = ('aiohttp', 'asyncio', 'openai')\n"
+        "print(sorted(m for m in names if m in sys.modules), file=sys.stderr)\n"
+    )
+    for args in (["--help"], ["proxy", "--help"], ["run", "--help"]):
+        proc = subprocess.run(
+            [sys.executable, "-c", probe, *args], env=env_of(tmp_path), capture_output=True,
+            text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert proc.stderr.strip().splitlines()[-1] in ("[]", "['asyncio']"), (args, proc.stderr)
+        assert "aiohttp" not in proc.stderr
+
+
+def test_a_stalled_stream_and_a_stop_mid_stream_are_recorded(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    upstream.pieces = 1000
+    upstream.piece_delay = 0.6
+    proxy = start_proxy("--upstream", upstream.url, "--timeout", "0.3")
+    with pytest.raises(openai.APIError, match="stalled"):
+        for _ in proxy.client(max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], stream=True
+        ):
+            pass
+    proxy.stop()
+    assert steps(proxy.events(), "step_error")[0]["metadata"]["category"] == "upstream_stream"
+
+    # Stopped while a stream is in flight: the call is recorded, then the run ends.
+    upstream.piece_delay = 0.01
+    proxy = start_proxy("--upstream", upstream.url, session="p2")
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    with httpx.stream("POST", f"{proxy.url}/chat/completions", json=body, timeout=30) as r:
+        for _ in r.iter_bytes():
+            break
+        code, _, err = proxy.stop()
+    assert code == 0, err
+    events = proxy.events()
+    assert [e["event_type"] for e in events][-2:] == ["step_error", "session_complete"]
+    assert events[-2]["metadata"]["category"] == "proxy_stopped"
+    assert events[-1]["metadata"]["calls_failed"] == 1

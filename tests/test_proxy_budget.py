@@ -1,0 +1,198 @@
+"""The proxy's budget policy and stream reading, without a network.
+
+The grants of :meth:`TokenTracker.reserve` are checked against a plain model
+(what is left minus what is promised), and :class:`Meter` against real
+concurrency on an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sigil.proxy.metering import BudgetExhausted, Meter
+from sigil.proxy.usage import CHAT, EMBEDDINGS, RESPONSES, StreamFollower, Usage, usage_of
+from sigil.telemetry.tokens import TokenTracker
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, int, dict[str, Any]]] = []
+
+    async def log_event(
+        self, event_type: str, component: str, message: str, tokens: int = 0, metadata: Any = None
+    ) -> int:
+        self.events.append((event_type, component, tokens, dict(metadata or {})))
+        return len(self.events)
+
+    def log_event_sync(self, *args: Any, **kw: Any) -> int:  # pragma: no cover - unused
+        raise AssertionError("the proxy logs on its event loop")
+
+
+@given(
+    total=st.integers(1, 10_000),
+    ops=st.lists(
+        st.tuples(st.booleans(), st.integers(1, 5_000), st.integers(0, 5_000)), max_size=40
+    ),
+)
+def test_grants_never_add_up_to_more_than_what_is_left(
+    total: int, ops: list[tuple[bool, int, int]]
+) -> None:
+    tracker = TokenTracker(total_budget=total, allocations={})
+    grants: list[int] = []
+    for reserve, wanted, spent in ops:
+        if reserve or not grants:
+            granted = tracker.reserve(wanted)
+            # the reference: what is left, minus what is promised, never below 0
+            left = max(0, total - tracker.used) - sum(grants)
+            assert granted == (min(wanted, max(0, left)) if tracker.can_continue() else 0)
+            if granted:
+                grants.append(granted)
+        else:
+            granted = grants.pop(0)
+            tracker.track_sync("m", min(spent, granted), event_type="step_complete")
+            tracker.release(granted)
+        # calls that spend at most their grant can never take the session past its budget
+        assert tracker.used + sum(grants) <= total
+    assert tracker.budget.reserved == sum(grants)
+
+
+def test_outputs_capped_at_their_grants_never_pass_the_budget() -> None:
+    tracker = TokenTracker(total_budget=1000, allocations={})
+    grants = [tracker.reserve(300) for _ in range(5)]
+    assert grants == [300, 300, 300, 100, 0]
+    for g in grants[:4]:
+        tracker.track_sync("m", g, event_type="step_complete")  # each spends its whole cap
+        tracker.release(g)
+    assert tracker.used == 1000 and tracker.budget.reserved == 0
+    assert tracker.reserve(1) == 0 and not tracker.can_continue()
+
+
+def test_a_call_waits_while_everything_left_is_promised() -> None:
+    async def main() -> None:
+        tracker = TokenTracker(total_budget=1000, allocations={})
+        log = Recorder()
+        tracker.logger = log
+        meter = Meter(tracker, log, run=1)
+        first = await meter.admit(800)
+        call = await meter.start(
+            component="m", endpoint="/v1/chat/completions", model="m", stream=False,
+            granted=first, requested=800,
+        )  # fmt: skip
+        second = await meter.admit(500)
+        assert second == 200
+        waiting = asyncio.ensure_future(meter.admit(100))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()  # nothing left unpromised
+        await meter.complete(call, Usage(10, 90))
+        assert await asyncio.wait_for(waiting, 1) == 100
+        assert tracker.budget.reserved == 300
+        kinds = [e[0] for e in log.events]
+        assert kinds == ["step_start", "step_complete"]
+        assert log.events[1][2] == 100 and log.events[1][3]["input_tokens"] == 10
+
+    asyncio.run(main())
+
+
+def test_waiting_calls_are_refused_once_the_budget_runs_out() -> None:
+    async def main() -> None:
+        tracker = TokenTracker(total_budget=100, allocations={})
+        log = Recorder()
+        tracker.logger = log
+        meter = Meter(tracker, log, run=1)
+        granted = await meter.admit(1000)
+        assert granted == 100
+        call = await meter.start(
+            component="m", endpoint="/v1/chat/completions", model="m", stream=False,
+            granted=granted, requested=None,
+        )  # fmt: skip
+        waiting = asyncio.ensure_future(meter.admit(10))
+        await asyncio.sleep(0.01)
+        await meter.complete(call, Usage(20, 80))
+        with pytest.raises(BudgetExhausted, match="100 of 100"):
+            await waiting
+        with pytest.raises(BudgetExhausted):
+            await meter.admit(None)  # embeddings too
+        assert "budget_exceeded" in [e[0] for e in log.events]
+
+    asyncio.run(main())
+
+
+def test_unknown_usage_is_logged_as_unknown() -> None:
+    async def main() -> None:
+        tracker = TokenTracker(total_budget=100, allocations={})
+        log = Recorder()
+        tracker.logger = log
+        meter = Meter(tracker, log, run=1)
+        call = await meter.start(
+            component="m", endpoint="/v1/embeddings", model="m", stream=False, granted=0,
+            requested=None,
+        )  # fmt: skip
+        await meter.complete(call, None)
+        kind, _, tokens, meta = log.events[-1]
+        assert (kind, tokens, meta["usage"]) == ("step_complete", 0, "unknown")
+        assert "input_tokens" not in meta
+
+    asyncio.run(main())
+
+
+def test_usage_of_each_endpoint() -> None:
+    assert usage_of(CHAT, {"prompt_tokens": 3, "completion_tokens": 4}) == Usage(3, 4)
+    assert usage_of(CHAT, {"prompt_tokens": 3, "total_tokens": 10}) == Usage(3, 7)
+    assert usage_of(RESPONSES, {"input_tokens": 1, "output_tokens": 2}) == Usage(1, 2)
+    assert usage_of(EMBEDDINGS, {"prompt_tokens": 9, "total_tokens": 9}) == Usage(9, 0)
+    for bad in (None, {}, {"prompt_tokens": -1, "completion_tokens": 1},
+                {"prompt_tokens": 1.5, "completion_tokens": 1},
+                {"prompt_tokens": True, "completion_tokens": 1},
+                {"prompt_tokens": 2**53, "completion_tokens": 1}):  # fmt: skip
+        assert usage_of(CHAT, bad) is None
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+STREAM = (
+    _sse({"model": "m-1", "choices": [{"index": 0, "delta": {"content": "Hel"}}], "usage": None})
+    + _sse({"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}]})
+    + _sse({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 2}})
+    + b"data: [DONE]\n\n"
+)
+
+
+@pytest.mark.parametrize("step", [1, 3, 7, len(STREAM)])
+@pytest.mark.parametrize("crlf", [False, True])
+def test_the_stream_follower_reads_events_across_chunks(step: int, crlf: bool) -> None:
+    data = STREAM.replace(b"\n", b"\r\n") if crlf else STREAM
+    for drop in (False, True):
+        follower = StreamFollower(CHAT, drop_usage_only=drop)
+        out = b"".join(follower.feed(data[i : i + step]) for i in range(0, len(data), step))
+        out += follower.flush()
+        assert follower.usage == Usage(5, 2)
+        assert (follower.text, follower.model, follower.done) == ("Hello", "m-1", True)
+        assert follower.finish_reason == "stop"
+        assert (b'"completion_tokens"' in out) is not drop
+        assert out.count(b"data:") == (3 if drop else 4)
+
+
+def test_the_stream_follower_reads_responses_events() -> None:
+    follower = StreamFollower(RESPONSES)
+    follower.feed(
+        b"event: response.output_text.delta\n"
+        + _sse({"type": "response.output_text.delta", "delta": "hi"})
+        + b"event: response.completed\n"
+        + _sse(
+            {
+                "type": "response.completed",
+                "response": {"model": "r-1", "usage": {"input_tokens": 4, "output_tokens": 1}},
+            }
+        )
+    )
+    assert (follower.usage, follower.text, follower.model, follower.done) == (
+        Usage(4, 1), "hi", "r-1", True,
+    )  # fmt: skip

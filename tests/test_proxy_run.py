@@ -1,0 +1,159 @@
+"""``sigil run -- python script.py``: an unmodified openai-SDK script, metered.
+
+The script never names the proxy: ``sigil run`` points ``OPENAI_BASE_URL`` at
+it. The session then reads like any other in ``sigil monitor``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy_upstream import Upstream
+
+SIGIL = [sys.executable, "-m", "sigil"]
+
+AGENT = textwrap.dedent(
+    """
+    import os, sys
+    import openai
+
+    client = openai.OpenAI()  # OPENAI_BASE_URL and OPENAI_API_KEY from the environment
+    assert os.environ["OPENAI_API_BASE"] == os.environ["OPENAI_BASE_URL"]
+    calls = int(sys.argv[1])
+    try:
+        for i in range(calls):
+            r = client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "step %d" % i}]
+            )
+            print("answer", r.choices[0].message.content.strip()[:10], flush=True)
+        for chunk in client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "stream"}], stream=True
+        ):
+            pass
+    except openai.RateLimitError as exc:
+        print("refused:", exc.code, flush=True)
+        sys.exit(0)
+    sys.exit(int(sys.argv[2]))
+    """
+)
+
+
+@pytest.fixture
+def upstream() -> Iterator[Upstream]:
+    with Upstream() as up:
+        yield up
+
+
+def run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SIGIL_"))}
+    env.update(SIGIL_HOME=str(home), NO_COLOR="1", OPENAI_API_KEY="sk-test-key-000000000000000000")
+    return subprocess.run(
+        [*SIGIL, *args], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def monitor(home: Path, session: str) -> dict[str, Any]:
+    proc = run(home, "monitor", "--session", session, "--mode", "json", "--once")
+    return json.loads(proc.stdout.splitlines()[0])
+
+
+def events(home: Path, session: str) -> list[dict[str, Any]]:
+    log = home / "logs" / "sessions" / session / "execution.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_run_meters_an_unmodified_script_and_keeps_its_exit_status(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    script = tmp_path / "agent.py"
+    script.write_text(AGENT)
+    home = tmp_path / "home"
+    proc = run(
+        home, "run", "--session", "agent-1", "--budget", "50000", "--upstream", upstream.url,
+        "--", sys.executable, str(script), "3", "5",
+    )  # fmt: skip
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout.count("answer") == 3  # the command's output is its own
+    assert "session agent-1" in proc.stderr
+    state = monitor(home, "agent-1")
+    assert state["tokens_used"] == upstream.totals() > 0
+    assert state["components"]["m"]["operations"] == 4
+    log = events(home, "agent-1")
+    assert log[0]["metadata"]["command"][-2:] == ["3", "5"]
+    assert log[-1]["event_type"] == "session_error"
+    assert log[-1]["metadata"]["status"] == "error"
+    assert "status 5" in log[-1]["metadata"]["error"]
+
+    # Exit 0: the run completes; a second run continues the session.
+    proc = run(
+        home, "run", "--session", "agent-1", "--upstream", upstream.url,
+        "--", sys.executable, str(script), "1", "0",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    state = monitor(home, "agent-1")
+    assert state["status"] == "complete"
+    assert state["tokens_used"] == upstream.totals()
+    assert state["run"]["number"] == 2
+
+
+def test_run_exits_3_when_the_budget_runs_out(upstream: Upstream, tmp_path: Path) -> None:
+    script = tmp_path / "agent.py"
+    script.write_text(AGENT)
+    home = tmp_path / "home"
+    proc = run(
+        home, "run", "--session", "tight", "--budget", "200", "--upstream", upstream.url,
+        "--", sys.executable, str(script), "100", "0",
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    assert "refused: insufficient_quota" in proc.stdout
+    state = monitor(home, "tight")
+    assert state["status"] == "budget_exceeded"
+    assert state["tokens_used"] == upstream.totals()
+
+
+def test_run_usage_errors(tmp_path: Path) -> None:
+    for args, needle in (
+        (["run"], "command to run"),
+        (["run", "--", "no-such-command-xyz"], "not found"),
+        (["run", "--budget", "0", "--", "true"], "--budget"),
+    ):
+        proc = run(tmp_path / "home", *args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+
+
+def test_sigterm_is_passed_to_the_command_and_the_run_recorded_as_interrupted(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    import signal
+    import time
+
+    script = tmp_path / "sleepy.py"
+    script.write_text("import time\nprint('ready', flush=True)\ntime.sleep(60)\n")
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "SIGIL_"))}
+    env.update(SIGIL_HOME=str(home), NO_COLOR="1")
+    proc = subprocess.Popen(
+        [*SIGIL, "run", "--session", "sleepy", "--upstream", upstream.url,
+         "--", sys.executable, str(script)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    final = events(home, "sleepy")[-1]
+    assert final["event_type"] == "session_error"
+    assert final["metadata"]["status"] == "interrupted"
