@@ -147,6 +147,8 @@ def test_monitor_once_folds_the_log_once(
         (["monitor", "--session"], None),
         (["monitor", "--once", "--follow", "-s", "a"], None),
         (["monitor", "-s", "a", "--mode", "bogus"], None),
+        (["monitor", "-s", "a", "--mode", "dashboard"], None),  # not a terminal here
+        (["monitor", "-s", "a", "--no-keys"], {"session": "a", "no_keys": ""}),
         (["monitor", "a"], None),
         (["sessions", "--session", "a"], None),
         ([], None),

@@ -17,6 +17,7 @@ unusual on the command line starts nothing.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 __all__ = [
@@ -42,7 +43,7 @@ _VALUE_OPTIONS = {
     "--refresh-rate": "refresh",
     "-r": "refresh",
 }
-_FLAGS = {"--once": "once", "--follow": "follow", "-f": "follow"}
+_FLAGS = {"--once": "once", "--follow": "follow", "-f": "follow", "--no-keys": "no_keys"}
 
 
 def _monitor_options(args: list[str]) -> dict[str, str] | None:
@@ -71,7 +72,16 @@ def _monitor_options(args: list[str]) -> dict[str, str] | None:
         return None
     if found.get("mode", MODES[0]) not in MODES:
         return None
+    if found.get("mode") == "dashboard" and not _stdout_is_a_terminal():
+        return None  # refused by the command
     return found
+
+
+def _stdout_is_a_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def start_monitor_catch_up_from_argv(args: list[str]) -> None:
