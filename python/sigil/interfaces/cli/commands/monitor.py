@@ -67,15 +67,14 @@ def _import_ahead(mode: str) -> None:
     """Import now, while the catch-up folds in the background, what the first
     frame needs only after it: otherwise each import waits for the fold.
 
-    The monitor probes the writer's lock after the catch-up (``sigil.core.locks``);
-    the json mode writes with orjson; the dashboard draws with rich's live
-    display and tables. A module missing here is only imported later.
+    The monitor probes the writer's lock after the catch-up (``sigil.core.locks``)
+    and the json mode writes with orjson. A module missing here is only
+    imported later; one listed here that the display no longer uses costs its
+    import for nothing, so the list stays this short.
     """
     names = ["sigil.core.locks"]
     if mode == "json":
         names.append("orjson")
-    elif mode == "dashboard" and sys.stdout.isatty():
-        names += ["rich.live", "rich.table", "rich.rule"]
     for name in names:
         importlib.import_module(name)
 
