@@ -535,8 +535,63 @@ impl AppendWriter {
         } else {
             (Cow::Borrowed(message), metadata.map(Cow::Borrowed))
         };
-        let metadata = metadata.as_deref();
-        let message: &str = &message;
+        self.push_event(
+            session_id,
+            event_type,
+            component,
+            &message,
+            tokens,
+            metadata.as_deref(),
+            timestamp,
+        )
+    }
+
+    /// Whether this writer scrubs each event (`WriterConfig::sanitize`).
+    pub fn sanitizes(&self) -> bool {
+        self.shared.cfg.sanitize
+    }
+
+    /// The session id every event of `write_prepared` carries.
+    pub fn session_id(&self) -> &str {
+        &self.shared.cfg.session_id
+    }
+
+    /// Queue one event whose parts are ready: `message` already scrubbed when
+    /// the writer scrubs, `metadata` one JSON object on one line (written by
+    /// the caller's own encoder, so neither checked nor scrubbed again).
+    pub fn write_prepared(
+        &self,
+        event_type: &str,
+        component: &str,
+        message: &str,
+        tokens: u64,
+        metadata: Option<&[u8]>,
+    ) -> Result<u64, WriteError> {
+        if let Some(owner) = self.forked_from() {
+            return Err(WriteError::Forked(owner));
+        }
+        self.push_event(
+            &self.shared.cfg.session_id,
+            event_type,
+            component,
+            message,
+            tokens,
+            metadata,
+            None,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push_event(
+        &self,
+        session_id: &str,
+        event_type: &str,
+        component: &str,
+        message: &str,
+        tokens: u64,
+        metadata: Option<&[u8]>,
+        timestamp: Option<&str>,
+    ) -> Result<u64, WriteError> {
         let mut ts_buf = [0u8; 32];
         let ts = match timestamp {
             Some(t) => t,
@@ -1234,7 +1289,7 @@ fn drop_notice(
     out
 }
 
-fn itoa_u64(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+pub(crate) fn itoa_u64(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;

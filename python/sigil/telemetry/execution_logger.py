@@ -487,10 +487,30 @@ class ExecutionLogger:
         dropped on a full or failing disk since the last such report; the event
         itself was accepted (see there: do not log it again).
 
-        This is the hot path (about a microsecond): one serialisation and one
-        hand-off to the native writer; the rare slow cases (oversized content,
-        a closed or unopened writer) are handled off the common path.
+        This is the hot path (well under a microsecond): one native call that
+        encodes the metadata exactly as :func:`dumps` would, scrubs it with the
+        built-in sanitizer and queues the line. What it declines (a custom
+        sanitizer, metadata of other types, oversized content, a closed or
+        unopened writer, invalid tokens) takes :meth:`_log_event_slow`.
         """
+        writer = self._writer
+        if writer is not None and self._sanitizer is None:
+            seq = writer.log_event(event_type, component, message, tokens, metadata)
+            if seq is not None:
+                if writer.dropped_events != self._drops_reported:
+                    self._report_drops(writer, seq)
+                return seq
+        return self._log_event_slow(event_type, component, message, tokens, metadata)
+
+    def _log_event_slow(
+        self,
+        event_type: str,
+        component: str,
+        message: str,
+        tokens: int,
+        metadata: Mapping[str, Any] | None,
+    ) -> int:
+        """``log_event_sync`` for every event the native fast path declines."""
         if type(tokens) is not int or not 0 <= tokens <= MAX_TOKENS:
             # The one valid range (contract 2): every reader takes it exactly.
             raise ValueError(f"tokens must be an int in 0..=2**53, not {tokens!r}")
