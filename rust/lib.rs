@@ -868,7 +868,12 @@ impl PyAppendWriter {
     /// writer, `tokens` not an int in range, metadata holding anything but
     /// plain dicts (str keys), lists, tuples, str, int, float, bool and None
     /// (or nested past 64 levels), and parts large enough to need cutting.
-    #[pyo3(signature = (event_type, component, message, tokens, metadata))]
+    ///
+    /// `reported_drops`: the `dropped_events` the caller has reported; when
+    /// the writer has dropped more, the seq comes back as `-1 - seq`, so that
+    /// one call tells the caller both.
+    #[pyo3(signature = (event_type, component, message, tokens, metadata, reported_drops = None))]
+    #[allow(clippy::too_many_arguments)]
     fn log_event(
         &self,
         py: Python<'_>,
@@ -877,9 +882,10 @@ impl PyAppendWriter {
         message: &str,
         tokens: &Bound<'_, PyAny>,
         metadata: &Bound<'_, PyAny>,
-    ) -> PyResult<Option<u64>> {
+        reported_drops: Option<u64>,
+    ) -> PyResult<Option<i64>> {
         guard("AppendWriter.log_event", || {
-            Ok(log_prepared(
+            let Some(seq) = log_prepared(
                 py,
                 &self.inner,
                 event_type,
@@ -887,7 +893,13 @@ impl PyAppendWriter {
                 message,
                 tokens,
                 metadata,
-            ))
+            ) else {
+                return Ok(None);
+            };
+            // Seqs start at most at 2**62 (`start_seq`) and rise by one per event.
+            let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+            let drops = reported_drops.is_some_and(|r| r != self.inner.dropped_events());
+            Ok(Some(if drops { -1 - seq } else { seq }))
         })
     }
 

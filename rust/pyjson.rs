@@ -185,15 +185,7 @@ impl<'a> Encoder<'a> {
 
 /// A JSON string as orjson writes it (and `parse::push_json_str`).
 pub fn push_str(out: &mut Vec<u8>, s: &str) {
-    let bytes = s.as_bytes();
-    if bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\') {
-        crate::parse::push_json_str(out, s);
-    } else {
-        out.reserve(bytes.len() + 2);
-        out.push(b'"');
-        out.extend_from_slice(bytes);
-        out.push(b'"');
-    }
+    crate::writer::push_json_str(out, s);
 }
 
 fn push_i64(out: &mut Vec<u8>, n: i64) {

@@ -225,6 +225,11 @@ def _bounded_metadata(metadata: Mapping[str, Any], encoded: bytes, room: int) ->
     return dumps(kept)
 
 
+def _declined(*_args: object) -> None:
+    """``AppendWriter.log_event`` of no writer: every event takes the Python path."""
+    return None
+
+
 class EventsDroppedError(OSError):
     """Events were dropped: the log could not be written (full or failing disk)
     and the writer's buffer reached ``max_buffer_bytes``.
@@ -397,6 +402,9 @@ class ExecutionLogger:
         self._drops_writer: _native.AppendWriter | None = None
         self._drops_reported = 0
         self._drop_tokens_reported = 0
+        #: The open writer's ``log_event`` while the native path can take events
+        #: (no Python sanitizer), else a function that declines every event.
+        self._log_native: Any = _declined
 
     # -- paths -------------------------------------------------------------
 
@@ -447,6 +455,8 @@ class ExecutionLogger:
                         self._session_lock.release()
                     raise
                 self._took_lock = self._took_lock or took
+                if self._sanitizer is None:
+                    self._log_native = self._writer.log_event
             return self._writer
 
     def _recover_next_seq(self) -> int:
@@ -493,14 +503,17 @@ class ExecutionLogger:
         sanitizer, metadata of other types, oversized content, a closed or
         unopened writer, invalid tokens) takes :meth:`_log_event_slow`.
         """
-        writer = self._writer
-        if writer is not None and self._sanitizer is None:
-            seq = writer.log_event(event_type, component, message, tokens, metadata)
-            if seq is not None:
-                if writer.dropped_events != self._drops_reported:
-                    self._report_drops(writer, seq)
-                return seq
-        return self._log_event_slow(event_type, component, message, tokens, metadata)
+        seq = self._log_native(
+            event_type, component, message, tokens, metadata, self._drops_reported
+        )
+        if seq is not None and seq >= 0:
+            return seq
+        if seq is None:
+            return self._log_event_slow(event_type, component, message, tokens, metadata)
+        # Written, and the writer has dropped events not reported yet.
+        seq = -1 - seq
+        self._report_drops(self._log_native.__self__, seq)
+        return seq
 
     def _log_event_slow(
         self,
@@ -621,6 +634,7 @@ class ExecutionLogger:
         it). Idempotent; raises ``OSError`` if the disk fails."""
         with self._open_lock:
             writer = self._writer
+            self._log_native = _declined
             try:
                 if writer is not None:
                     writer.close()
