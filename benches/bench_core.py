@@ -29,14 +29,23 @@ META = {"latency_ms": 2100, "model": "gpt-4o-mini"}
 # -- writing ---------------------------------------------------------------
 
 
-def _log_n(home: Path, n: int, run: list[int]) -> None:
+def _log_n(home: Path, n: int, run: list[int]) -> float:
+    """Log ``n`` events; the logging thread's CPU seconds for them."""
     run[0] += 1
-    logger = ExecutionLogger(f"w{n}-{run[0]}", home / "logs", sanitizer=False)
+    # The whole burst (17 MB at 100k events) fits the buffer: the row measures
+    # the logging call, and a loaded disk's slow fsync must not turn it into
+    # dropped events (the writer never blocks the caller; it drops and counts).
+    logger = ExecutionLogger(
+        f"w{n}-{run[0]}", home / "logs", sanitizer=False, max_buffer_bytes=64 << 20
+    )
     logger.initialize_sync()
     log = logger.log_event_sync
+    started = time.thread_time()
     for _ in range(n):
         log("step_complete", "reasoning", "Analysis complete", 450, META)
+    cpu = time.thread_time() - started
     logger.close_sync()
+    return cpu
 
 
 class _PyBufferedLogger:
@@ -97,6 +106,11 @@ def test_write_sigil(benchmark: Any, bench_home: Path, n: int) -> None:
         benchmark.extra_info["aim_ops_per_s"] = 1_000_000
     run = [0]
     benchmark.pedantic(_log_n, args=(bench_home, n, run), rounds=5 if n == 1_000 else 2)
+    if n != 1_000:
+        # The calling thread's CPU time per event, which a loaded machine does
+        # not inflate (the wall time above includes waiting for a CPU).
+        cpu = min(_log_n(bench_home, n, run) for _ in range(2))
+        benchmark.extra_info["cpu_ops_per_s"] = n / cpu
 
 
 @pytest.mark.parametrize("n", [1_000, 100_000])

@@ -167,6 +167,16 @@ def _first_frame(args: list[str], env: dict[str, str], reap: list[subprocess.Pop
     reap.append(proc)
 
 
+def _reap(reap: list[subprocess.Popen[bytes]]) -> None:
+    """Untimed, before each round: let the previous process finish (its summary and
+    exit), so that it does not share the CPU with the next one's start-up."""
+    while reap:
+        proc = reap.pop()
+        assert proc.stdout is not None
+        proc.stdout.read()
+        proc.wait(30)
+
+
 @pytest.mark.parametrize("size", list(SIZES))
 def test_startup_process_first_frame(
     benchmark: Any, monitor_logs: Path, tmp_path: Path, size: str
@@ -193,10 +203,13 @@ def test_startup_process_first_frame(
     ]
     reap: list[subprocess.Popen[bytes]] = []
     benchmark.pedantic(
-        _first_frame, args=(args, _env(tmp_path), reap), rounds=2 if quick() else 7, warmup_rounds=1
+        _first_frame,
+        args=(args, _env(tmp_path), reap),
+        setup=lambda: _reap(reap),
+        rounds=2 if quick() else 7,
+        warmup_rounds=1,
     )
-    for proc in reap:
-        proc.wait(30)
+    _reap(reap)
 
 
 @pytest.mark.parametrize("size", list(SIZES))
@@ -208,11 +221,11 @@ def test_startup_python_interpreter(benchmark: Any, tmp_path: Path, size: str) -
     benchmark.pedantic(
         _first_frame,
         args=([sys.executable, "-c", "print(1)"], _env(tmp_path), reap),
+        setup=lambda: _reap(reap),
         rounds=2 if quick() else 7,
         warmup_rounds=1,
     )
-    for proc in reap:
-        proc.wait(30)
+    _reap(reap)
 
 
 def _catch_up_and_draw(logs: Path, session: str) -> str:

@@ -13,6 +13,7 @@ pub mod fxhash;
 pub mod ledger;
 pub mod many;
 pub mod parse;
+pub mod pyjson;
 pub mod sanitize;
 pub mod scan;
 pub mod segments;
@@ -729,6 +730,76 @@ impl PyAppendWriter {
     }
 }
 
+/// The longest line the logger writes (`execution_logger.MAX_EVENT_BYTES`), and
+/// the sizes below which `log_event` cuts nothing (`_CHEAP_*` there): larger
+/// parts go the Python way, which cuts them to size.
+const MAX_EVENT_BYTES: usize = DEFAULT_MAX_LINE - 4096;
+const CHEAP_MESSAGE_BYTES: usize = MAX_EVENT_BYTES / 16;
+const CHEAP_METADATA_BYTES: usize = MAX_EVENT_BYTES / 4;
+const MAX_NAME_BYTES: usize = 256;
+
+thread_local! {
+    /// The metadata's JSON, written here before the buffer lock is taken.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `PyAppendWriter::log_event` (None: declined, nothing done).
+fn log_prepared(
+    py: Python<'_>,
+    w: &writer::AppendWriter,
+    event_type: &str,
+    component: &str,
+    message: &str,
+    tokens: &Bound<'_, PyAny>,
+    metadata: &Bound<'_, PyAny>,
+) -> Option<u64> {
+    if !tokens.is_exact_instance_of::<pyo3::types::PyInt>() {
+        return None;
+    }
+    let tokens = tokens
+        .extract::<u64>()
+        .ok()
+        .filter(|&t| t <= parse::MAX_TOKENS)?;
+    if message.len() > CHEAP_MESSAGE_BYTES || event_type.len() + component.len() > MAX_NAME_BYTES {
+        return None;
+    }
+    let sanitize = w.sanitizes();
+    let message = if sanitize {
+        sanitize::sanitize(message)
+    } else {
+        std::borrow::Cow::Borrowed(message)
+    };
+    let dict = if metadata.is_none() {
+        None
+    } else {
+        let d = metadata.cast_exact::<PyDict>().ok()?;
+        (!d.is_empty()).then_some(d)
+    };
+    let Some(dict) = dict else {
+        return w
+            .write_prepared(event_type, component, &message, tokens, None)
+            .ok();
+    };
+    let run = |out: &mut Vec<u8>| {
+        out.clear();
+        let ok = pyjson::Encoder::new(py, out, sanitize, CHEAP_METADATA_BYTES).dict(dict, 1);
+        let seq = if ok {
+            w.write_prepared(event_type, component, &message, tokens, Some(out))
+                .ok()
+        } else {
+            None
+        };
+        if out.capacity() > 64 << 10 {
+            *out = Vec::new();
+        }
+        seq
+    };
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut out) => run(&mut out),
+        Err(_) => run(&mut Vec::new()),
+    })
+}
+
 impl Drop for PyAppendWriter {
     /// An unclosed writer is closed here: its final write and fsync run with
     /// the GIL released, so other threads go on while the disk is slow.
@@ -856,6 +927,49 @@ impl PyAppendWriter {
                     session_id, event_type, component, message, tokens, metadata, timestamp,
                 )
                 .map_err(write_err)
+        })
+    }
+
+    /// The logger's hot path (`ExecutionLogger.log_event_sync`): the event of
+    /// this writer's session with `metadata` (a dict or None) written as JSON
+    /// here, exactly as `orjson.dumps` writes it, and scrubbed in the same walk
+    /// when the writer scrubs; returns its seq. Returns None, having done
+    /// nothing, whenever the Python path must decide: a closed or forked
+    /// writer, `tokens` not an int in range, metadata holding anything but
+    /// plain dicts (str keys), lists, tuples, str, int, float, bool and None
+    /// (or nested past 64 levels), and parts large enough to need cutting.
+    ///
+    /// `reported_drops`: the `dropped_events` the caller has reported; when
+    /// the writer has dropped more, the seq comes back as `-1 - seq`, so that
+    /// one call tells the caller both.
+    #[pyo3(signature = (event_type, component, message, tokens, metadata, reported_drops = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn log_event(
+        &self,
+        py: Python<'_>,
+        event_type: &str,
+        component: &str,
+        message: &str,
+        tokens: &Bound<'_, PyAny>,
+        metadata: &Bound<'_, PyAny>,
+        reported_drops: Option<u64>,
+    ) -> PyResult<Option<i64>> {
+        guard("AppendWriter.log_event", || {
+            let Some(seq) = log_prepared(
+                py,
+                &self.inner,
+                event_type,
+                component,
+                message,
+                tokens,
+                metadata,
+            ) else {
+                return Ok(None);
+            };
+            // Seqs start at most at 2**62 (`start_seq`) and rise by one per event.
+            let seq = i64::try_from(seq).unwrap_or(i64::MAX);
+            let drops = reported_drops.is_some_and(|r| r != self.inner.dropped_events());
+            Ok(Some(if drops { -1 - seq } else { seq }))
         })
     }
 

@@ -664,6 +664,8 @@ struct Pass<'a> {
     text: Cow<'a, str>,
     /// A bit per rule (`R_*`) that may match the original text (`candidates`).
     set: u32,
+    /// A bit per rule that cannot match even after a change.
+    never: u32,
     changed: bool,
 }
 
@@ -675,9 +677,10 @@ fn may_match_marks(index: usize) -> bool {
 impl Pass<'_> {
     /// Whether one of these rules would run.
     fn wants(&self, indices: &[usize]) -> bool {
-        indices
-            .iter()
-            .any(|&i| self.set & (1 << i) != 0 || (self.changed && may_match_marks(i)))
+        indices.iter().any(|&i| {
+            self.never & (1 << i) == 0
+                && (self.set & (1 << i) != 0 || (self.changed && may_match_marks(i)))
+        })
     }
 
     /// `rule`, where a change is kept only if `gate()` passes.
@@ -775,6 +778,7 @@ fn candidates(value: &str) -> u32 {
     let bit = |i: usize| 1u32 << i;
     let (mut colon_eq, mut eq, mut at_sign, mut url) = (false, false, false, false);
     let (mut key_eq, mut sig_eq, mut basic) = (false, false, false);
+    let mut kv_named = false;
     // The entropy rule's value: a run of 24+ of its characters right after
     // '=', or ':' and blanks (the head's end, outside the class). The
     // card rule: 13 digits in a row, or 4 digits, ' ' or '-', and 4 digits.
@@ -840,12 +844,14 @@ fn candidates(value: &str) -> u32 {
             b'Q' if at(i, b"Q~") => set |= bit(R_AZURE_ENTRA),
             b':' => {
                 colon_eq = true;
+                kv_named = kv_named || named_before_sep(b, i);
                 if at(i, b"://") {
                     url = true;
                 }
             }
             b'=' => {
                 colon_eq = true;
+                kv_named = kv_named || named_before_sep(b, i);
                 eq = true;
                 if i >= 3 && at_ci(i - 3, b"key") {
                     key_eq = true;
@@ -913,7 +919,9 @@ fn candidates(value: &str) -> u32 {
         set |= bit(R_URL);
     }
     if colon_eq {
-        set |= bit(R_KV_PAIR);
+        if !ascii || kv_named {
+            set |= bit(R_KV_PAIR);
+        }
         if !ascii || basic {
             set |= bit(R_KV_BASIC);
         }
@@ -922,6 +930,33 @@ fn candidates(value: &str) -> u32 {
         }
     }
     set
+}
+
+/// The ends of the key-value rule's names (`STRONG_NAMES`, `WEAK_NAMES`), lower case.
+const NAME_ENDS: &[&[u8]] = &[
+    b"word", b"wd", b"phrase", b"secret", b"key", b"token", b"auth", b"ion", b"tial", b"tials",
+];
+
+/// Whether the `:` or `=` at `b[i]` may end a key-value rule's separator: the
+/// bytes before it, past blanks and an optional (escaped) quote, end like one
+/// of its names (ASCII case-insensitively). Every match of the rule has such a
+/// separator; in ASCII text a mark never makes a new one (a mark starts and
+/// ends with `*`, and the URL rule's `:` was there before).
+fn named_before_sep(b: &[u8], i: usize) -> bool {
+    let mut j = i;
+    while j > 0 && matches!(b[j - 1], b' ' | b'\t') {
+        j -= 1;
+    }
+    if j > 0 && matches!(b[j - 1], b'"' | b'\'') {
+        j -= 1;
+        if j > 0 && b[j - 1] == b'\\' {
+            j -= 1;
+        }
+    }
+    let head = &b[..j];
+    NAME_ENDS.iter().any(|end| {
+        head.len() >= end.len() && head[head.len() - end.len()..].eq_ignore_ascii_case(end)
+    })
 }
 
 /// `value` with every secret replaced by a `***...***` mark (borrowed when clean).
@@ -936,9 +971,17 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
     }
     let mut gate = Gate::new(value);
     let r = rules();
+    // In ASCII text without a named separator the key-value rule cannot match,
+    // even after other rules' marks (see `named_before_sep`).
+    let never = if value.is_ascii() && set & (1 << R_KV_PAIR) == 0 {
+        1 << R_KV_PAIR
+    } else {
+        0
+    };
     let mut p = Pass {
         text: Cow::Borrowed(value),
         set,
+        never,
         changed: false,
     };
     p.rule(R_PEM, |s| replace_plain(s, &r.pem, "***PRIVATE_KEY***"));

@@ -172,7 +172,10 @@ pub struct Tailer {
     /// While reading the rest of a file from its copytruncate copy: the file
     /// itself, to go back to from its start once the copy is done.
     after_copy: Option<Current>,
-    notify: Notifier,
+    /// Made by the first `wait`: a reader that never waits (a catch-up,
+    /// `sigil monitor --once`) opens no inotify instance, whose close costs
+    /// milliseconds (the kernel waits out a grace period).
+    notify: Option<Notifier>,
     buf: Vec<u8>,
     /// Set by `fold_available` to the fold's highest `seq` before it polls: a
     /// restart of the same file at 0 then arms `reread_guard` with it.
@@ -250,7 +253,6 @@ impl Tailer {
         max_line: usize,
     ) -> io::Result<Self> {
         let path = path.into();
-        let notify = Notifier::new(&path);
         let mut t = Tailer {
             path,
             cur: None,
@@ -259,7 +261,7 @@ impl Tailer {
             pending_checkpoint: checkpoint,
             stats: TailerStats::default(),
             after_copy: None,
-            notify,
+            notify: None,
             buf: Vec::new(),
             seq_high: None,
             reread_guard: None,
@@ -723,6 +725,11 @@ impl Tailer {
     /// Block until the file (or its directory) changes, or `timeout` passes.
     /// Returns true if something may have changed.
     pub fn wait(&mut self, timeout: Duration) -> bool {
+        // Watch first, then look: a change after the watch is set wakes it, one
+        // before is seen by `has_news`.
+        if self.notify.is_none() {
+            self.notify = Some(Notifier::new(&self.path));
+        }
         if self.has_news() {
             return true;
         }
@@ -732,7 +739,11 @@ impl Tailer {
             if now >= deadline {
                 return self.has_news();
             }
-            if self.notify.wait(deadline - now) && self.has_news() {
+            let woke = match self.notify.as_mut() {
+                Some(notify) => notify.wait(deadline - now),
+                None => false,
+            };
+            if woke && self.has_news() {
                 return true;
             }
             if self.has_news() {
@@ -1318,6 +1329,31 @@ mod tests {
             }
         }
         assert_eq!(all, vec!["1", "2", "3", "4", "5"]);
+    }
+
+    #[test]
+    fn a_tailer_opens_its_directory_watch_only_when_it_first_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        append(&path, "{\"a\":1}\n");
+        let mut t = Tailer::new(&path, Start::Beginning, None, 1 << 20).unwrap();
+        assert_eq!(collect(&mut t).len(), 1);
+        assert!(t.notify.is_none(), "reading alone watches nothing");
+        assert!(!t.wait(Duration::from_millis(1)));
+        assert!(t.notify.is_some());
+        let writer = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                append(&path, "{\"a\":2}\n");
+            })
+        };
+        assert!(
+            t.wait(Duration::from_secs(5)),
+            "a later append wakes the wait"
+        );
+        writer.join().unwrap();
+        assert_eq!(collect(&mut t).len(), 1);
     }
 
     #[test]

@@ -35,7 +35,43 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::parse::push_json_str;
+/// A JSON string, as `parse::push_json_str` writes it: most strings need no
+/// escape, which is checked a word at a time and then copied whole.
+pub(crate) fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    if needs_escape(s.as_bytes()) {
+        crate::parse::push_json_str(out, s);
+    } else {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
+}
+
+/// Whether `bytes` holds a control character, `"` or `\` (a false positive
+/// only costs the byte-by-byte escaper, which writes the same bytes).
+pub(crate) fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let special = |w: u64| {
+        let below_space = w.wrapping_sub(ONES * 0x20) & !w;
+        let q = w ^ (ONES * u64::from(b'"'));
+        let bs = w ^ (ONES * u64::from(b'\\'));
+        (below_space | (q.wrapping_sub(ONES) & !q) | (bs.wrapping_sub(ONES) & !bs)) & HIGH != 0
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(c);
+        if special(u64::from_le_bytes(word)) {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
 
 /// The largest `buffer_bytes` and `max_buffer_bytes` accepted (256 MiB). The
 /// buffer is memory held for one log whose lines are at most 1 MiB each; beyond
@@ -139,6 +175,9 @@ struct State {
     dropped_pending: u64,
     dropped_tokens_pending: u64,
     flush_requested: bool,
+    /// The background thread is waiting on `wake` (it checks the buffer
+    /// under this lock before it waits): only then is a notify needed.
+    flusher_waiting: bool,
     /// While flushes fail, the background thread retries at most once per
     /// interval. Kept here, not in `Io`, so the thread never takes the `io`
     /// lock while holding this one (lock order is always io, then state).
@@ -426,6 +465,7 @@ impl AppendWriter {
                 dropped_pending: 0,
                 dropped_tokens_pending: 0,
                 flush_requested: false,
+                flusher_waiting: false,
                 retry_at: None,
                 next_seq: start_seq,
             }),
@@ -535,8 +575,63 @@ impl AppendWriter {
         } else {
             (Cow::Borrowed(message), metadata.map(Cow::Borrowed))
         };
-        let metadata = metadata.as_deref();
-        let message: &str = &message;
+        self.push_event(
+            session_id,
+            event_type,
+            component,
+            &message,
+            tokens,
+            metadata.as_deref(),
+            timestamp,
+        )
+    }
+
+    /// Whether this writer scrubs each event (`WriterConfig::sanitize`).
+    pub fn sanitizes(&self) -> bool {
+        self.shared.cfg.sanitize
+    }
+
+    /// The session id every event of `write_prepared` carries.
+    pub fn session_id(&self) -> &str {
+        &self.shared.cfg.session_id
+    }
+
+    /// Queue one event whose parts are ready: `message` already scrubbed when
+    /// the writer scrubs, `metadata` one JSON object on one line (written by
+    /// the caller's own encoder, so neither checked nor scrubbed again).
+    pub fn write_prepared(
+        &self,
+        event_type: &str,
+        component: &str,
+        message: &str,
+        tokens: u64,
+        metadata: Option<&[u8]>,
+    ) -> Result<u64, WriteError> {
+        if let Some(owner) = self.forked_from() {
+            return Err(WriteError::Forked(owner));
+        }
+        self.push_event(
+            &self.shared.cfg.session_id,
+            event_type,
+            component,
+            message,
+            tokens,
+            metadata,
+            None,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn push_event(
+        &self,
+        session_id: &str,
+        event_type: &str,
+        component: &str,
+        message: &str,
+        tokens: u64,
+        metadata: Option<&[u8]>,
+        timestamp: Option<&str>,
+    ) -> Result<u64, WriteError> {
         let mut ts_buf = [0u8; 32];
         let ts = match timestamp {
             Some(t) => t,
@@ -603,8 +698,10 @@ impl AppendWriter {
                 st.buf.push(b'\n');
                 // Wake the flusher once, when the buffer crosses the threshold:
                 // later lines ride along with that flush (no wake-up per line).
+                // A flusher that is not waiting checks the buffer before it
+                // waits again: no wake-up (a futex call) is needed then.
                 let threshold = self.shared.cfg.buffer_bytes;
-                if before < threshold && st.buf.len() >= threshold {
+                if before < threshold && st.buf.len() >= threshold && st.flusher_waiting {
                     self.shared.wake.notify_one();
                 }
                 return;
@@ -763,11 +860,13 @@ fn background(shared: Arc<Shared>) {
                 if let Some(at) = retry_wait {
                     wait = wait.min(at.saturating_duration_since(now));
                 }
+                st.flusher_waiting = true;
                 st = shared
                     .wake
                     .wait_timeout(st, wait)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
+                st.flusher_waiting = false;
             }
             st.flush_requested = false;
         }
@@ -1234,7 +1333,7 @@ fn drop_notice(
     out
 }
 
-fn itoa_u64(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+pub(crate) fn itoa_u64(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;
@@ -1250,10 +1349,30 @@ fn itoa_u64(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
 /// Format the current UTC time as `YYYY-MM-DDTHH:MM:SS.ffffff+00:00` (the form
 /// `datetime.now(timezone.utc).isoformat()` gives).
 pub fn format_now(buf: &mut [u8; 32]) -> &str {
+    thread_local! {
+        /// The last second formatted on this thread, and its text: within the
+        /// same second only the microseconds are written.
+        static LAST: std::cell::Cell<(i64, [u8; 32])> = const { std::cell::Cell::new((-1, [0; 32])) };
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    format_timestamp(now.as_secs() as i64, now.subsec_micros(), buf)
+    let (secs, micros) = (now.as_secs() as i64, now.subsec_micros());
+    let (last, text) = LAST.get();
+    if last == secs && micros < 1_000_000 {
+        *buf = text;
+        let mut v = micros;
+        for k in (20..26).rev() {
+            buf[k] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        return std::str::from_utf8(&buf[..]).unwrap_or("1970-01-01T00:00:00.000000+00:00");
+    }
+    let len = format_timestamp(secs, micros, buf).len();
+    if len == 32 {
+        LAST.set((secs, *buf));
+    }
+    std::str::from_utf8(&buf[..len]).unwrap_or("1970-01-01T00:00:00.000000+00:00")
 }
 
 pub fn format_timestamp(secs: i64, micros: u32, buf: &mut [u8; 32]) -> &str {
@@ -1563,6 +1682,39 @@ mod tests {
         assert_eq!(err_of(&e), (libc::EIO, "Input/output error".to_string()));
         assert_eq!(line_tokens(br#"{"a":{"tokens":5},"tokens":7}"#), 7);
         assert_eq!(line_tokens(b"not json"), 0);
+    }
+
+    #[test]
+    fn needs_escape_finds_every_special_byte_anywhere() {
+        for len in 0..20 {
+            for at in 0..len {
+                for b in 0u8..=0x7f {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = b;
+                    let want = b < 0x20 || b == b'"' || b == b'\\';
+                    assert_eq!(needs_escape(&bytes), want, "{len} {at} {b}");
+                }
+            }
+            assert!(!needs_escape("é☃𝄞\u{7f}".repeat(len).as_bytes()));
+        }
+    }
+
+    #[test]
+    fn the_current_time_is_formatted_as_format_timestamp_does() {
+        for _ in 0..3 {
+            let mut a = [0u8; 32];
+            let now = format_now(&mut a).to_string();
+            let mut b = [0u8; 32];
+            let secs = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64;
+            let micros: u32 = now[20..26].parse().unwrap();
+            let fresh = format_timestamp(secs, micros, &mut b);
+            // The same second, or the second has just turned.
+            assert!(fresh == now || fresh[..19] != now[..19], "{now} {fresh}");
+            std::thread::sleep(Duration::from_millis(400));
+        }
     }
 
     #[test]

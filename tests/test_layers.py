@@ -84,11 +84,18 @@ def violations(found: list[Import], importer: str, forbidden: tuple[str, ...]) -
     )
 
 
+#: The services above telemetry and below the CLI: each stands alone.
+SERVICES = ("sigil.proxy", "sigil.collect", "sigil.reports")
+
 RULES = [
-    ("sigil.core", ("sigil.telemetry", "sigil.pipeline", "sigil.interfaces", "sigil._native")),
-    ("sigil.telemetry", ("sigil.pipeline", "sigil.interfaces")),
-    ("sigil.pipeline", ("sigil.interfaces",)),
+    (
+        "sigil.core",
+        ("sigil.telemetry", "sigil.pipeline", "sigil.interfaces", "sigil._native", *SERVICES),
+    ),
+    ("sigil.telemetry", ("sigil.pipeline", "sigil.interfaces", *SERVICES)),
+    ("sigil.pipeline", ("sigil.interfaces", *SERVICES)),
     ("sigil.telemetry.otlp", ("sigil._native",)),
+    *((s, tuple(o for o in SERVICES if o != s)) for s in SERVICES),
 ]
 
 

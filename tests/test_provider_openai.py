@@ -213,7 +213,10 @@ def test_slow_request_does_not_block_the_event_loop(server: ScriptedServer) -> N
             task.cancel()
 
     assert asyncio.run(main()).content == "Hello!"
-    assert ticks >= 10  # the loop kept running while the request waited
+    # The loop kept running while the request waited: about 20 ticks on a quiet
+    # machine, never one if the request blocked it (the ticker starts only when
+    # main() awaits and is cancelled as soon as the request returns).
+    assert ticks >= 3
 
 
 def test_429_with_retry_after_seconds(server: ScriptedServer) -> None:

@@ -486,6 +486,55 @@ def test_native_rules_agree_with_the_reference_on_any_mix(parts: list[str]) -> N
     assert _native.sanitize_string(text) == Reference().sanitize_string(text)
 
 
+#: Pieces around the key-value rule's separator, which the native rules skip in
+#: ASCII text where no ':' or '=' follows one of its names (past blanks and an
+#: optional, maybe escaped, quote), even after other rules put marks in.
+_KV_PIECES = [
+    "password",
+    "passwd",
+    "PassPhrase",
+    "pwd",
+    "secret",
+    "Secret_Key",
+    "api-key",
+    "apikey",
+    "token",
+    "auth",
+    "Authorization",
+    "credentials",
+    "keyword",
+    "author",
+    ":",
+    "=",
+    " ",
+    "\t",
+    '"',
+    "'",
+    "\\",
+    "hunter2x9",
+    "s3cr3t",
+    "sk-proj-Ab3dEfGhIjKlMnOpQrStUvWxYz0123456789",
+    "https://admin:s3cr3t-P4ss@api.example.com",
+    "https://token:",
+    "@host",
+    "Bearer 0123456789abcdef0123456789abcdef",
+    "AKIAIOSFODNN7EXAMPLE",
+    "***REDACTED***",
+    "é",
+]
+
+
+@settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_KV_PIECES), max_size=10))
+def test_native_rules_agree_with_the_reference_around_key_value_separators(
+    parts: list[str],
+) -> None:
+    from sanitize_reference import LogSanitizer as Reference
+
+    text = "".join(parts)
+    assert _native.sanitize_string(text) == Reference().sanitize_string(text)
+
+
 #: Pieces around the bounds of the native one-pass pre-check (which skips the
 #: rule set for ASCII text without ':', '=', "--", 13 digits or a run of 12
 #: token characters): runs of 11 and 12, 12 and 13 digits, lone dashes.

@@ -435,6 +435,20 @@ class AppendWriter:
         metadata: bytes | None = None,
         timestamp: str | None = None,
     ) -> int: ...
+    def log_event(
+        self,
+        event_type: str,
+        component: str,
+        message: str,
+        tokens: object,
+        metadata: object,
+        reported_drops: int | None = None,
+    ) -> int | None:
+        """The logger's hot path: the event of this writer's session, its
+        metadata (a dict or None) encoded as ``orjson.dumps`` writes it and
+        scrubbed when the writer scrubs; its seq, or None (nothing done) when
+        the Python path must handle it. With ``reported_drops`` given and
+        ``dropped_events`` past it, the seq comes back as ``-1 - seq``."""
     def flush(self) -> None: ...
     def close(self) -> None: ...
     @property

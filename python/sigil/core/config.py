@@ -94,6 +94,8 @@ def _default_allocations() -> dict[str, int]:
 
 @dataclass(frozen=True, slots=True)
 class LoggingSettings:
+    """``logging``: where the logs go and how the writer buffers, syncs and rotates them."""
+
     path: str = field(default_factory=_default_log_path)
     buffer_size_bytes: int = 1024
     flush_interval_seconds: float = 0.1
@@ -108,6 +110,8 @@ class LoggingSettings:
 
 @dataclass(frozen=True, slots=True)
 class MonitoringSettings:
+    """``monitoring``: what ``sigil monitor`` shows, and how often."""
+
     default_mode: str = "dashboard"
     refresh_rate_hz: float = 10
     show_component_breakdown: bool = True
@@ -120,6 +124,8 @@ class MonitoringSettings:
 
 @dataclass(frozen=True, slots=True)
 class TokenBudgetSettings:
+    """``token_budget``: the default budget, its allocations and warning thresholds."""
+
     default_total: int = 256_000
     allocations: dict[str, int] = field(default_factory=_default_allocations)
     warning_threshold: float = 0.5
@@ -129,6 +135,8 @@ class TokenBudgetSettings:
 
 @dataclass(frozen=True, slots=True)
 class ProviderSettings:
+    """``provider``: the model provider the pipeline calls."""
+
     name: str = "offline"
     base_url: str = "https://api.openai.com/v1"
     model: str = "gpt-4o-mini"
@@ -138,6 +146,8 @@ class ProviderSettings:
 
 @dataclass(frozen=True, slots=True)
 class ErrorSettings:
+    """``errors``: retries and their backoff."""
+
     max_retries: int = 3
     backoff_base: float = 1.0
     backoff_max: float = 30.0
@@ -145,6 +155,8 @@ class ErrorSettings:
 
 @dataclass(frozen=True, slots=True)
 class ExportSettings:
+    """``export``: where ``sigil export`` sends OTLP traces."""
+
     otlp_endpoint: str | None = None
     otlp_protocol: str = "http/protobuf"
     otlp_headers: dict[str, str] = field(default_factory=dict)
@@ -152,6 +164,8 @@ class ExportSettings:
 
 @dataclass(frozen=True, slots=True)
 class PipelineSettings:
+    """``pipeline``: replacement steps by slot."""
+
     # Step slot (routing, memory, ...) -> "module:attribute" of a replacement step;
     # the orchestrator checks the slots and imports the steps.
     steps: dict[str, str] = field(default_factory=dict)

@@ -225,6 +225,11 @@ def _bounded_metadata(metadata: Mapping[str, Any], encoded: bytes, room: int) ->
     return dumps(kept)
 
 
+def _declined(*_args: object) -> None:
+    """``AppendWriter.log_event`` of no writer: every event takes the Python path."""
+    return None
+
+
 class EventsDroppedError(OSError):
     """Events were dropped: the log could not be written (full or failing disk)
     and the writer's buffer reached ``max_buffer_bytes``.
@@ -397,6 +402,9 @@ class ExecutionLogger:
         self._drops_writer: _native.AppendWriter | None = None
         self._drops_reported = 0
         self._drop_tokens_reported = 0
+        #: The open writer's ``log_event`` while the native path can take events
+        #: (no Python sanitizer), else a function that declines every event.
+        self._log_native: Any = _declined
 
     # -- paths -------------------------------------------------------------
 
@@ -447,6 +455,8 @@ class ExecutionLogger:
                         self._session_lock.release()
                     raise
                 self._took_lock = self._took_lock or took
+                if self._sanitizer is None:
+                    self._log_native = self._writer.log_event
             return self._writer
 
     def _recover_next_seq(self) -> int:
@@ -487,10 +497,33 @@ class ExecutionLogger:
         dropped on a full or failing disk since the last such report; the event
         itself was accepted (see there: do not log it again).
 
-        This is the hot path (about a microsecond): one serialisation and one
-        hand-off to the native writer; the rare slow cases (oversized content,
-        a closed or unopened writer) are handled off the common path.
+        This is the hot path (well under a microsecond): one native call that
+        encodes the metadata exactly as :func:`dumps` would, scrubs it with the
+        built-in sanitizer and queues the line. What it declines (a custom
+        sanitizer, metadata of other types, oversized content, a closed or
+        unopened writer, invalid tokens) takes :meth:`_log_event_slow`.
         """
+        seq = self._log_native(
+            event_type, component, message, tokens, metadata, self._drops_reported
+        )
+        if seq is not None and seq >= 0:
+            return seq
+        if seq is None:
+            return self._log_event_slow(event_type, component, message, tokens, metadata)
+        # Written, and the writer has dropped events not reported yet.
+        seq = -1 - seq
+        self._report_drops(self._log_native.__self__, seq)
+        return seq
+
+    def _log_event_slow(
+        self,
+        event_type: str,
+        component: str,
+        message: str,
+        tokens: int,
+        metadata: Mapping[str, Any] | None,
+    ) -> int:
+        """``log_event_sync`` for every event the native fast path declines."""
         if type(tokens) is not int or not 0 <= tokens <= MAX_TOKENS:
             # The one valid range (contract 2): every reader takes it exactly.
             raise ValueError(f"tokens must be an int in 0..=2**53, not {tokens!r}")
@@ -601,6 +634,7 @@ class ExecutionLogger:
         it). Idempotent; raises ``OSError`` if the disk fails."""
         with self._open_lock:
             writer = self._writer
+            self._log_native = _declined
             try:
                 if writer is not None:
                     writer.close()

@@ -5,19 +5,22 @@ file) into a :class:`SessionSummary` in native code with the GIL released and
 no Python object per line. :class:`SessionTailer` does the same once
 (``catch_up``) and then hands out new entries exactly once as they arrive,
 following rotation and truncation. Nothing is dropped silently: malformed and
-oversize lines are counted and their byte offsets kept.
+oversize lines are counted and their byte offsets kept. (``SessionTailer`` and
+``start_catch_up`` live in :mod:`sigil.telemetry.session_tailer`, which imports
+less, and are re-exported here.)
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sigil import _native
 from sigil.core.paths import LOG_FILE_NAME, resolve_log_path, rotated_segments, validate_session_id
+from sigil.telemetry.session_tailer import SessionTailer, start_catch_up, take_catch_up
 
 MAX_LINE_BYTES: int = _native.MAX_LINE_BYTES
 
@@ -51,6 +54,7 @@ __all__ = [
     "snapshot_files",
     "snapshot_many",
     "snapshot_session",
+    "start_catch_up",
 ]
 
 #: A parsed event: ``timestamp, session_id, event_type, component, message,
@@ -283,100 +287,6 @@ def fold_session(
     return tailer.catch_up(last_n)
 
 
-class SessionTailer:
-    """Follows a session's ``execution.jsonl`` across rotation and truncation.
-
-    Call :meth:`catch_up` once to fold what is there (rotated segments
-    included), then :meth:`read` for new entries and :meth:`wait` to sleep until
-    there are some. Every complete line is handed out exactly once.
-    """
-
-    def __init__(
-        self,
-        session_id: str,
-        log_path: str | os.PathLike[str] | None = None,
-        *,
-        start: str = "beginning",
-        max_line_bytes: int = _native.MAX_LINE_BYTES,
-    ) -> None:
-        self.session_id = validate_session_id(session_id)
-        self.session_dir = resolve_log_path(log_path) / "sessions" / session_id
-        self.path = self.session_dir / LOG_FILE_NAME
-        self._max_line_bytes = max_line_bytes
-        self._tailer = _native.Tailer(self.path, start=start, max_line_bytes=max_line_bytes)
-        self._caught_up = start == "end"
-
-    def _start_at_oldest_segment(self) -> list[Path]:
-        """Point the native tailer at the oldest rotated segment, if any.
-
-        It then reads the segments in order and the live file after them, all
-        through one chain of descriptors, so a rotation while reading loses
-        nothing and counts nothing twice. Returns the files it will read.
-        """
-        files: list[Path] = []
-        if not self._caught_up:
-            segments = rotated_segments(self.session_dir)
-            for i, oldest in enumerate(segments):
-                try:
-                    st = oldest.lstat()
-                except FileNotFoundError:
-                    continue  # archived or removed meanwhile: try the next one
-                self._tailer = _native.Tailer(
-                    self.path,
-                    checkpoint=_native.Checkpoint(st.st_dev, st.st_ino, 0),
-                    max_line_bytes=self._max_line_bytes,
-                )
-                files = segments[i:]
-                break
-            self._caught_up = True
-        return [*files, self.path]
-
-    def catch_up(self, last_n: int = 100) -> SessionSummary:
-        """Fold rotated segments and everything in the live file so far, natively.
-
-        The next :meth:`read` continues exactly after the last line folded.
-        """
-        fold = _native.Fold(last_n)
-        files = self._start_at_oldest_segment()
-        self._tailer.fold_into(fold)
-        return SessionSummary.from_fold(fold, files)
-
-    def fold_into(self, fold: _native.Fold) -> int:
-        """Fold every complete line not yet handed out into ``fold`` (natively,
-        no Python object per line); the first call starts at the oldest rotated
-        segment. Returns the number of lines folded."""
-        self._start_at_oldest_segment()
-        return self._tailer.fold_into(fold)
-
-    def iter_existing(self, batch_lines: int = 65536) -> Iterator[ParseResult]:
-        """Every entry already in the session (segments, then the live file), in
-        batches of bounded size -- for readers that need each event, not totals."""
-        self._start_at_oldest_segment()
-        while True:
-            result = self.read(batch_lines)
-            if not result.entries and not result.malformed:
-                return
-            yield result
-
-    def read(self, max_lines: int = 65536) -> ParseResult:
-        """New complete entries since the last call (each exactly once)."""
-        return _result(self._tailer.read_entries(max_lines))
-
-    def read_lines(self, max_lines: int = 65536) -> list[bytes]:
-        return self._tailer.read_lines(max_lines)
-
-    def wait(self, timeout: float) -> bool:
-        """Block, without the GIL, until the log changes or ``timeout`` seconds pass."""
-        return self._tailer.wait(timeout)
-
-    def checkpoint(self) -> _native.Checkpoint | None:
-        return self._tailer.checkpoint()
-
-    def stats(self) -> dict[str, Any]:
-        """Lines, bytes, rotations, truncations, oversize and torn lines seen."""
-        return dict(self._tailer.stats())
-
-
 class SessionModel:
     """The session model, fed incrementally: one native fold of a session's log
     (rotated segments, then the live file, following rotation and truncation),
@@ -388,6 +298,8 @@ class SessionModel:
     :meth:`update` folds whatever arrived since the last call and returns a
     :class:`SessionSnapshot`; a monitor calls it once per frame, after
     :meth:`wait`. Every number a view shows comes from these snapshots.
+    A catch-up started ahead for the same session (:func:`start_catch_up`) is
+    taken over: the model goes on where it stopped.
     """
 
     def __init__(
@@ -398,8 +310,12 @@ class SessionModel:
         last_n: int = 100,
         max_line_bytes: int = _native.MAX_LINE_BYTES,
     ) -> None:
-        self.tailer = SessionTailer(session_id, log_path, max_line_bytes=max_line_bytes)
-        self.fold = _native.Fold(last_n)
+        ahead = take_catch_up(session_id, log_path, last_n, max_line_bytes)
+        if ahead is not None:
+            self.tailer, self.fold = ahead
+        else:
+            self.tailer = SessionTailer(session_id, log_path, max_line_bytes=max_line_bytes)
+            self.fold = _native.Fold(last_n)
         self._ledger_path = os.path.join(self.tailer.session_dir, LEDGER_FILE_NAME)
         #: the ledger read last, and the (inode, size, mtime) it was read at
         self._ledger: Ledger | None = None

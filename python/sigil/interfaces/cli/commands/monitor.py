@@ -9,15 +9,15 @@ does not pay for them.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
 
 import click
 
+from sigil.interfaces.cli.early import MODES as _MODES
 from sigil.interfaces.cli.errors import OneLineCommand, UsageFailure
-
-_MODES = ("dashboard", "stream", "minimal", "json")
 
 
 def _fail(message: str) -> UsageFailure:
@@ -61,6 +61,22 @@ def _parse_refresh(text: str | None) -> float | None:
     if not value > 0 or value != value or value == float("inf"):
         raise _fail(f"--refresh-rate must be above 0 seconds, got {text!r}")
     return value
+
+
+def _import_ahead(mode: str) -> None:
+    """Import now, while the catch-up folds in the background, what the first
+    frame needs only after it: otherwise each import waits for the fold.
+
+    The monitor probes the writer's lock after the catch-up (``sigil.core.locks``)
+    and the json mode writes with orjson. A module missing here is only
+    imported later; one listed here that the display no longer uses costs its
+    import for nothing, so the list stays this short.
+    """
+    names = ["sigil.core.locks"]
+    if mode == "json":
+        names.append("orjson")
+    for name in names:
+        importlib.import_module(name)
 
 
 @click.command(
@@ -136,6 +152,14 @@ def monitor(
     if mode == "dashboard" and not sys.stdout.isatty():
         raise _fail("--mode dashboard needs a terminal on stdout; use --mode stream or json")
 
+    # The catch-up (one native fold, without the GIL) starts as soon as the log is
+    # known and runs while the settings, the monitor and the display are imported
+    # (the entry point may have started it already): with --log-path that is now,
+    # as a flag wins over every setting (contract 9). The monitor's model takes it over.
+    from sigil.interfaces.cli.early import resume_gc, start_monitor_catch_up
+
+    catching_up = bool(log_path) and start_monitor_catch_up(session_id, log_path, once=once)
+
     from sigil.core.config import load_settings
 
     settings = load_settings({"logging.path": log_path, "monitoring.default_mode": mode})
@@ -148,6 +172,8 @@ def monitor(
             check_log_file(session_dir(session_id, resolved_log_path) / "execution.jsonl")
         except NotARegularFile as exc:
             raise _fail(str(exc)) from None
+    if not catching_up:
+        start_monitor_catch_up(session_id, resolved_log_path, once=once)
     chosen_mode = mode or settings.monitoring.default_mode
     if chosen_mode not in _MODES:
         raise _fail(
@@ -158,6 +184,9 @@ def monitor(
 
     from sigil.interfaces.cli.display import DisplayOptions
     from sigil.interfaces.cli.monitor import ExecutionMonitor
+
+    _import_ahead(chosen_mode)
+    resume_gc()  # start-up is over (the entry point paused it)
 
     runner = ExecutionMonitor(
         session_id,

@@ -1,0 +1,247 @@
+"""``sigil monitor`` starts its catch-up early (issue 9: --once on 1M entries < 200 ms).
+
+The catch-up is one native fold without the GIL, so the monitor starts it as soon
+as it knows the session's log and imports the display meanwhile; the session
+model built afterwards takes that fold over. These tests pin what must not
+change: the numbers are the same as a fresh fold's, the file is folded once, and
+nothing is started for a log that is missing or not a regular file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from sigil.telemetry import log_parser, session_tailer
+from sigil.telemetry.log_parser import SessionModel, start_catch_up
+
+
+def _event(seq: int, tokens: int, event_type: str = "step_complete") -> bytes:
+    return orjson.dumps(
+        {
+            "timestamp": f"2026-01-11T10:15:{seq % 60:02d}.000000+00:00",
+            "session_id": "s1",
+            "event_type": event_type,
+            "component": ("routing", "memory", "reasoning")[seq % 3],
+            "message": f"step {seq}",
+            "tokens": tokens,
+            "metadata": {"latency_ms": 10.5 + seq} if seq else {"budget": 100_000},
+            "seq": seq,
+        }
+    )
+
+
+def _write(path: Path, seqs: range) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as f:
+        for seq in seqs:
+            kind = "session_start" if seq == 0 else "step_complete"
+            f.write(_event(seq, 0 if seq == 0 else 7 + seq % 5, kind) + b"\n")
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_catch_ups() -> Any:
+    yield
+    for key in list(session_tailer._CATCH_UPS):
+        session_tailer._CATCH_UPS.pop(key).join()
+
+
+def test_a_catch_up_started_ahead_is_taken_over_and_equals_a_fresh_fold(tmp_path: Path) -> None:
+    log = tmp_path / "sessions" / "s1" / "execution.jsonl"
+    _write(log, range(0, 3000))
+    assert start_catch_up("s1", tmp_path, last_n=10)
+    assert not start_catch_up("s1", tmp_path, last_n=10)  # one per session and model
+    _write(log, range(3000, 3100))  # lands while (or after) the catch-up runs
+
+    model = SessionModel("s1", tmp_path, last_n=10)
+    assert not session_tailer._CATCH_UPS
+    snap = model.update()
+    fresh = SessionModel("s1", tmp_path, last_n=10).update()
+    assert snap.to_dict() == fresh.to_dict()
+    assert snap.entries == 3100
+    assert [e.seq for e in snap.last_entries] == list(range(3090, 3100))
+    assert model.tailer.stats()["lines"] == 3100  # every line read once
+
+    _write(log, range(3100, 3105))  # and it goes on tailing where it stopped
+    assert model.update().entries == 3105
+
+
+def test_a_catch_up_for_other_arguments_is_not_taken(tmp_path: Path) -> None:
+    _write(tmp_path / "sessions" / "s1" / "execution.jsonl", range(0, 50))
+    assert start_catch_up("s1", tmp_path, last_n=5)
+    snap = SessionModel("s1", tmp_path, last_n=7).update()
+    assert len(snap.last_entries) == 7
+    assert len(session_tailer._CATCH_UPS) == 1  # still waiting for its own model
+
+
+@pytest.mark.parametrize("kind", ["missing", "fifo", "symlink", "directory", "bad id"])
+def test_no_catch_up_for_a_log_that_is_not_a_regular_file(tmp_path: Path, kind: str) -> None:
+    session = tmp_path / "sessions" / "s1"
+    session.mkdir(parents=True)
+    log = session / "execution.jsonl"
+    if kind == "fifo":
+        os.mkfifo(log)
+    elif kind == "symlink":
+        real = tmp_path / "real.jsonl"
+        _write(real, range(0, 5))
+        log.symlink_to(real)
+    elif kind == "directory":
+        log.mkdir()
+    session_id = "../s1" if kind == "bad id" else "s1"
+    assert not start_catch_up(session_id, tmp_path)
+    assert not session_tailer._CATCH_UPS
+
+
+def test_monitor_once_folds_the_log_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The command starts the catch-up; the monitor's model takes it over: one
+    tailer, one pass over the file, the same numbers as the log."""
+    logs = tmp_path / "logs"
+    _write(logs / "sessions" / "s1" / "execution.jsonl", range(0, 2000))
+    monkeypatch.setenv("SIGIL_HOME", str(tmp_path / "home"))
+    tailers: list[log_parser.SessionTailer] = []
+    real_init = log_parser.SessionTailer.__init__
+
+    def counting_init(self: log_parser.SessionTailer, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        tailers.append(self)
+
+    monkeypatch.setattr(log_parser.SessionTailer, "__init__", counting_init)
+    argv = ["monitor", "--session", "s1", "--log-path", str(logs), "--mode", "json", "--once"]
+    monkeypatch.setattr(sys, "argv", ["sigil", *argv])
+    from sigil.interfaces.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1  # incomplete: no writer, no final event
+    first = orjson.loads(capsys.readouterr().out.splitlines()[0])
+    assert first["events"] == 2000
+    assert first["tokens_used"] == sum(7 + seq % 5 for seq in range(1, 2000))
+    assert len(tailers) == 1
+    assert tailers[0].stats()["lines"] == 2000
+    assert not session_tailer._CATCH_UPS
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["monitor", "--session", "a", "--once"], {"session": "a", "once": ""}),
+        (
+            ["monitor", "-s", "a", "-l", "/x", "-mjson"],
+            {"session": "a", "log_path": "/x", "mode": "json"},
+        ),
+        (
+            ["monitor", "--session=a", "--log-path=/x", "-f"],
+            {"session": "a", "log_path": "/x", "follow": ""},
+        ),
+        (["monitor", "-sa", "-s", "b"], {"session": "b"}),  # the last one wins, as in click
+        (["monitor"], {}),
+        (["monitor", "--session", "a", "--help"], None),
+        (["monitor", "--session", "a", "--bogus"], None),
+        (["monitor", "--session"], None),
+        (["monitor", "--once", "--follow", "-s", "a"], None),
+        (["monitor", "-s", "a", "--mode", "bogus"], None),
+        (["monitor", "-s", "a", "--mode", "dashboard"], None),  # not a terminal here
+        (["monitor", "-s", "a", "--no-keys"], {"session": "a", "no_keys": ""}),
+        (["monitor", "a"], None),
+        (["sessions", "--session", "a"], None),
+        ([], None),
+    ],
+)
+def test_the_entry_point_reads_only_a_plain_monitor_command_line(
+    args: list[str], expected: dict[str, str] | None
+) -> None:
+    from sigil.interfaces.cli.early import _monitor_options
+
+    assert _monitor_options(args) == expected
+
+
+_PROBE = """
+import sys
+from sigil.telemetry import session_tailer
+real = session_tailer.start_catch_up
+def probe(*args, **kwargs):
+    started = real(*args, **kwargs)
+    print("start_catch_up", started, "click" in sys.modules, file=sys.stderr)
+    return started
+session_tailer.start_catch_up = probe
+from sigil.interfaces.cli.main import main
+sys.argv = ["sigil", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "default", "current link", "config file"])
+def test_the_catch_up_starts_before_click_is_imported(tmp_path: Path, how: str) -> None:
+    """From the command line alone: --log-path, else $SIGIL_LOG_PATH, else the
+    default path when no config.yaml could name another; without --session,
+    --once reads the session current.jsonl links to."""
+    import subprocess
+
+    home = tmp_path / "home"
+    logs = home / "logs" if how in ("default", "current link", "config file") else tmp_path / "l"
+    _write(logs / "sessions" / "s1" / "execution.jsonl", range(0, 500))
+    env = {**os.environ, "SIGIL_HOME": str(home), "NO_COLOR": "1"}
+    env.pop("SIGIL_LOG_PATH", None)
+    args = ["monitor", "--session", "s1", "--mode", "json", "--once"]
+    if how == "flag":
+        args += ["--log-path", str(logs)]
+    elif how == "env":
+        env["SIGIL_LOG_PATH"] = str(logs)
+    elif how == "current link":
+        args = ["monitor", "--once", "--mode", "json"]
+        (logs / "current.jsonl").symlink_to(logs / "sessions" / "s1" / "execution.jsonl")
+    elif how == "config file":
+        (home / "config.yaml").write_text(f"logging:\n  path: {logs}\n")
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.returncode == 1, proc.stderr  # incomplete: no writer, no final event
+    calls = [line.split()[1:] for line in proc.stderr.splitlines() if line.startswith("start_")]
+    if how == "config file":
+        # The config file may name another log path: the command starts it, after click.
+        assert calls[0] == ["True", "True"], proc.stderr
+    else:
+        assert calls[0] == ["True", "False"], proc.stderr
+    assert all(started == "False" for started, _ in calls[1:]), proc.stderr
+    assert orjson.loads(proc.stdout.splitlines()[0])["events"] == 500
+
+
+@pytest.mark.parametrize(
+    "args", [["--mode", "json", "--once"], ["--mode", "bogus", "--once"], ["--once", "--follow"]]
+)
+def test_the_collector_is_back_on_after_the_monitor_starts_or_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    """The entry point pauses the garbage collector for the start-up only: it is on
+    again when the monitor runs, and after a usage error."""
+    import gc
+
+    logs = tmp_path / "logs"
+    _write(logs / "sessions" / "s1" / "execution.jsonl", range(0, 20))
+    monkeypatch.setenv("SIGIL_HOME", str(tmp_path / "home"))
+    from sigil.interfaces.cli import display
+
+    seen: list[bool] = []
+    real_caught_up = display.JsonRenderer.caught_up
+
+    def caught_up(self: display.JsonRenderer, *a: Any) -> None:
+        seen.append(gc.isenabled())
+        real_caught_up(self, *a)
+
+    monkeypatch.setattr(display.JsonRenderer, "caught_up", caught_up)
+    argv = ["sigil", "monitor", "--session", "s1", "--log-path", str(logs), *args]
+    monkeypatch.setattr(sys, "argv", argv)
+    from sigil.interfaces.cli.main import main
+
+    assert gc.isenabled()
+    with pytest.raises(SystemExit):
+        main()
+    assert gc.isenabled()
+    assert seen == ([True] if args[1:2] == ["json"] else [])
