@@ -40,8 +40,8 @@ use serde_json::Value;
 
 use crate::fxhash::FxMap as HashMap;
 use crate::parse::{
-    digit_run, parse_block_line, parse_line, parse_line_picking, same_bytes, Event, KeySet,
-    Malformed, Pick, Picks, RawEvent,
+    digit_run, layout_block_line, parse_block_line, parse_line, parse_line_picking, same_bytes,
+    Event, KeySet, Layout, Malformed, Pick, Picks, RawEvent, LAYOUT_TIMESTAMP_AT,
 };
 use crate::scan::BlockIndex;
 
@@ -334,11 +334,37 @@ impl Kind {
     fn needs_meta(self) -> bool {
         self != Kind::Other
     }
+
+    /// [`Kind::of`] on bytes, by length and then two or three word compares
+    /// (no hashing): the event types the fold treats apart.
+    #[inline(always)]
+    fn of_bytes(name: &[u8]) -> Kind {
+        let is = |want: &[u8]| same_bytes(name, want);
+        match name.len() {
+            13 if is(b"step_complete") => Kind::StepComplete,
+            13 if is(b"session_start") => Kind::SessionStart,
+            13 if is(b"session_error") => Kind::SessionError,
+            13 if is(b"retry_attempt") => Kind::RetryAttempt,
+            10 if is(b"step_error") => Kind::StepError,
+            16 if is(b"session_complete") => Kind::SessionComplete,
+            14 if is(b"events_dropped") => Kind::EventsDropped,
+            17 if same_bytes(&name[..16], b"token_consumptio") && name[16] == b'n' => {
+                Kind::TokenConsumption
+            }
+            _ => Kind::Other,
+        }
+    }
 }
 
+/// The kinds other than [`Kind::Other`], as indexes of [`Ids::known_slot`].
+const KNOWN_KINDS: usize = 8;
+
 /// Slot indexes cached per interned name (see [`Interner`]).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 struct Ids {
+    /// Per kind other than `Other` (in `Kind` order): its `event_counts`
+    /// slot, `NONE` until the fold first meets it.
+    known_slot: [u32; KNOWN_KINDS],
     kinds: Interner,
     /// Per event-type id: its kind and its `event_counts` slot.
     kind_info: Vec<(Kind, u32)>,
@@ -352,13 +378,28 @@ struct Ids {
 
 const NONE: u32 = u32::MAX;
 
+impl Default for Ids {
+    fn default() -> Self {
+        Ids {
+            known_slot: [NONE; KNOWN_KINDS],
+            kinds: Interner::default(),
+            kind_info: Vec::new(),
+            comps: Interner::default(),
+            comp_slot: Vec::new(),
+            run_slot: Vec::new(),
+        }
+    }
+}
+
 /// Where the last valid lines and the last timestamp of the block being
 /// folded are, as positions in it: copied out once when the block is done
 /// (or when a line needs them), not for every line.
 #[derive(Debug, Clone, Default)]
 struct Pending {
-    /// (file offset, start in the block, length) of the latest lines.
-    lines: VecDeque<(u64, usize, usize)>,
+    /// (file offset, start in the block, length) of the valid lines since
+    /// the last flush, in order (one push per line; only the last `last_n`
+    /// are copied out).
+    lines: Vec<(u64, usize, usize)>,
     /// Start and length of the latest timestamp in the block.
     timestamp: Option<(usize, usize)>,
 }
@@ -400,9 +441,12 @@ pub struct ComponentTotals {
 
 /// What one event adds to its component's totals, in the fold's table and
 /// in the current run's (the same for both: worked out once per event).
-struct Step<'m, 'a> {
+struct Step<'m> {
     tokens: u64,
-    meta: &'m FoldMeta<'a>,
+    input_tokens: u64,
+    output_tokens: u64,
+    /// The JSON text of the event's `model`.
+    model: Option<&'m str>,
     kind: Kind,
     latency: Option<f64>,
     /// The histogram bucket of `latency` (for a successful step).
@@ -411,17 +455,13 @@ struct Step<'m, 'a> {
     last_error: &'m Option<LastError>,
 }
 
-impl Step<'_, '_> {
+impl Step<'_> {
     #[inline(always)]
     fn update(&self, c: &mut ComponentTotals) {
         c.tokens = c.tokens.saturating_add(self.tokens);
-        c.input_tokens = c
-            .input_tokens
-            .saturating_add(self.meta.input_tokens.unwrap_or(0));
-        c.output_tokens = c
-            .output_tokens
-            .saturating_add(self.meta.output_tokens.unwrap_or(0));
-        if let Some(json) = self.meta.model.as_deref() {
+        c.input_tokens = c.input_tokens.saturating_add(self.input_tokens);
+        c.output_tokens = c.output_tokens.saturating_add(self.output_tokens);
+        if let Some(json) = self.model {
             if !c
                 .model_json
                 .as_deref()
@@ -459,6 +499,46 @@ impl Step<'_, '_> {
 #[inline]
 fn latency_bucket(ms: f64) -> usize {
     LATENCY_BOUNDS_MS.partition_point(|&b| b < ms)
+}
+
+/// The bucket of the last latency and its bounds: successive latencies mostly
+/// fall in the same bucket, found with two comparisons instead of a search.
+#[derive(Debug, Clone, Copy)]
+struct BucketCache {
+    /// `ms` is in the bucket when `low < ms <= high`.
+    low: f64,
+    high: f64,
+    bucket: usize,
+}
+
+impl Default for BucketCache {
+    fn default() -> Self {
+        // Empty: no `ms` is above +inf.
+        BucketCache {
+            low: f64::INFINITY,
+            high: f64::INFINITY,
+            bucket: 0,
+        }
+    }
+}
+
+impl BucketCache {
+    /// [`latency_bucket`] of a finite `ms`.
+    #[inline(always)]
+    fn of(&mut self, ms: f64) -> usize {
+        if self.low < ms && ms <= self.high {
+            return self.bucket;
+        }
+        let b = latency_bucket(ms);
+        self.bucket = b;
+        self.low = if b == 0 {
+            f64::NEG_INFINITY
+        } else {
+            LATENCY_BOUNDS_MS[b - 1]
+        };
+        self.high = LATENCY_BOUNDS_MS.get(b).copied().unwrap_or(f64::INFINITY);
+        b
+    }
 }
 
 impl ComponentTotals {
@@ -781,8 +861,9 @@ pub fn timestamp_micros(text: &str) -> Option<i64> {
 #[derive(Debug, Clone, Default)]
 struct SecondCache {
     /// The date and time up to the second (`YYYY-MM-DDTHH:MM:SS`) of the
-    /// cached timestamp; empty before the first.
-    head: Option<[u8; 19]>,
+    /// cached timestamp, as three words (bytes 0..8, 8..16 and 15..19, see
+    /// [`head_words`]); None before the first.
+    head: Option<(u64, u64, u32)>,
     /// What follows its fraction (the offset).
     tail: Vec<u8>,
     second: i64,
@@ -794,12 +875,36 @@ impl PartialEq for SecondCache {
     }
 }
 
+/// The first 19 bytes of `b` as three words (the last two overlap), None
+/// when `b` is shorter: equal words, equal bytes.
+#[inline(always)]
+fn head_words(b: &[u8]) -> Option<(u64, u64, u32)> {
+    let h: &[u8; 19] = b.get(..19)?.try_into().ok()?;
+    let w8 = |i: usize| {
+        u64::from_le_bytes([
+            h[i],
+            h[i + 1],
+            h[i + 2],
+            h[i + 3],
+            h[i + 4],
+            h[i + 5],
+            h[i + 6],
+            h[i + 7],
+        ])
+    };
+    Some((
+        w8(0),
+        w8(8),
+        u32::from_le_bytes([h[15], h[16], h[17], h[18]]),
+    ))
+}
+
 impl SecondCache {
-    #[inline]
+    #[inline(always)]
     fn second(&mut self, timestamp: &str) -> Option<i64> {
         let b = timestamp.as_bytes();
         let parse = || timestamp_micros(timestamp).map(|us| us.div_euclid(1_000_000));
-        let Some(head) = b.get(..19).and_then(|h| <[u8; 19]>::try_from(h).ok()) else {
+        let Some(head) = head_words(b) else {
             return parse();
         };
         let mut end = 19;
@@ -1097,6 +1202,7 @@ pub struct FoldState {
     ring_bytes: usize,
     ids: Cache<Ids>,
     pending: Cache<Pending>,
+    bucket: Cache<BucketCache>,
 }
 
 impl FoldState {
@@ -1136,6 +1242,7 @@ impl FoldState {
             ring_bytes: 0,
             ids: Cache::default(),
             pending: Cache::default(),
+            bucket: Cache::default(),
         }
     }
 
@@ -1178,8 +1285,17 @@ impl FoldState {
     #[inline]
     fn feed_line_in(&mut self, line: &[u8], offset: u64, block: &[u8], ix: Option<&BlockIndex>) {
         self.lines += 1;
-        let mut at = [Pick::default(); META_KEYS.len()];
         let in_block = within(block, line);
+        if let (Some(ix), Some(start)) = (ix, in_block) {
+            // sigil's own layout, folded as it is read (the usual line).
+            if let Some(l) = layout_block_line(block, ix, start, line.len()) {
+                if self.feed_layout(&l, block, start) {
+                    self.pend_line(offset, start, line.len());
+                    return;
+                }
+            }
+        }
+        let mut at = [Pick::default(); META_KEYS.len()];
         let parsed = match (ix, in_block) {
             (Some(ix), Some(start)) => {
                 parse_block_line(block, ix, start, line.len(), &FOLD_KEYS, &mut at)
@@ -1199,14 +1315,7 @@ impl FoldState {
                     std::mem::forget(meta);
                 }
                 match in_block {
-                    Some(start) if self.last_n > 0 => {
-                        let p = &mut self.pending.0.lines;
-                        if p.len() >= self.last_n {
-                            p.pop_front();
-                        }
-                        p.push_back((offset, start, line.len()));
-                    }
-                    Some(_) => {}
+                    Some(start) => self.pend_line(offset, start, line.len()),
                     None => {
                         self.flush_block(block);
                         self.remember(line, offset);
@@ -1217,12 +1326,106 @@ impl FoldState {
         }
     }
 
+    /// The line at `start..start + len` of the block being folded is the
+    /// latest valid one: kept as a position until the block is done.
+    #[inline(always)]
+    fn pend_line(&mut self, offset: u64, start: usize, len: usize) {
+        if self.last_n > 0 {
+            self.pending.0.lines.push((offset, start, len));
+        }
+    }
+
+    /// Fold a line of sigil's own layout that lies in `block`, read by
+    /// [`layout_block_line`], when its event type is one whose update needs
+    /// only what [`Layout`] carries (successful steps, token counts and the
+    /// event types the fold does not treat apart: almost every line). False,
+    /// with nothing changed, for the others ([`FoldState::feed_event`]
+    /// folds them). The update is [`FoldState::feed_event`]'s for these kinds.
+    #[inline(always)]
+    fn feed_layout(&mut self, l: &Layout<'_>, block: &[u8], start: usize) -> bool {
+        let (kind, kind_slot) = match Kind::of_bytes(l.event_type.as_bytes()) {
+            Kind::Other => self.kind_of(l.event_type),
+            kind => {
+                let known = &mut self.ids.0.known_slot[kind as usize];
+                if *known == NONE {
+                    *known = self.event_counts.slot_index(l.event_type) as u32;
+                }
+                (kind, *known as usize)
+            }
+        };
+        let uses_meta = match kind {
+            Kind::StepComplete | Kind::TokenConsumption => true,
+            Kind::Other => false,
+            _ => return false,
+        };
+        // The timestamp's text starts at a fixed place in the layout.
+        let ts_start = start + LAYOUT_TIMESTAMP_AT;
+        debug_assert_eq!(
+            within(block, l.timestamp.as_bytes()),
+            Some(ts_start).filter(|_| !block.is_empty())
+        );
+        self.entries = self.entries.saturating_add(1);
+        self.tokens = self.tokens.saturating_add(l.tokens);
+        if self.first_timestamp.is_none() {
+            self.first_timestamp = Some(l.timestamp.to_string());
+        }
+        self.pending.0.timestamp = Some((ts_start, l.timestamp.len()));
+        let count = self.event_counts.at_mut(kind_slot);
+        *count = count.saturating_add(1);
+        self.track_seq(Some(l.seq));
+        if let Some(second) = self.seconds.second(l.timestamp) {
+            self.window.add(second, l.tokens);
+        }
+        let (latency, bucket) = match l.latency_ms.filter(|v| v.is_finite()) {
+            Some(ms) if kind == Kind::StepComplete => (Some(ms), self.bucket.0.of(ms)),
+            _ => (None, 0),
+        };
+        let step = if uses_meta {
+            Step {
+                tokens: l.tokens,
+                input_tokens: l.input_tokens.unwrap_or(0),
+                output_tokens: l.output_tokens.unwrap_or(0),
+                model: l.model,
+                kind,
+                latency,
+                bucket,
+                error: false,
+                last_error: &None,
+            }
+        } else {
+            Step {
+                tokens: l.tokens,
+                input_tokens: 0,
+                output_tokens: 0,
+                model: None,
+                kind,
+                latency: None,
+                bucket: 0,
+                error: false,
+                last_error: &None,
+            }
+        };
+        let (slot, run_slot) = self.component_slots(l.component);
+        step.update(self.components.at_mut(slot));
+        let run = self.run_mut();
+        step.update(run.components.at_mut(run_slot));
+        run.tokens = run.tokens.saturating_add(l.tokens);
+        run.events = run.events.saturating_add(1);
+        run.first_seq.get_or_insert(l.seq);
+        run.last_seq = Some(l.seq);
+        true
+    }
+
     /// Copy out what [`FoldState::feed_line_in`] left as positions in `block`.
     fn flush_block(&mut self, block: &[u8]) {
         self.flush_timestamp(block);
-        while let Some((offset, start, len)) = self.pending.0.lines.pop_front() {
+        let mut lines = std::mem::take(&mut self.pending.0.lines);
+        let skip = lines.len().saturating_sub(self.last_n);
+        for &(offset, start, len) in &lines[skip..] {
             self.remember(&block[start..start + len], offset);
         }
+        lines.clear();
+        self.pending.0.lines = lines;
     }
 
     fn flush_timestamp(&mut self, block: &[u8]) {
@@ -1448,7 +1651,9 @@ impl FoldState {
         });
         let step = Step {
             tokens: e.tokens,
-            meta,
+            input_tokens: meta.input_tokens.unwrap_or(0),
+            output_tokens: meta.output_tokens.unwrap_or(0),
+            model: meta.model.as_deref(),
             kind,
             latency,
             bucket,
@@ -2440,6 +2645,53 @@ mod tests {
         }
         assert_eq!(ix.id(b"one too many"), None);
         assert_eq!(ix.id(&names[3]), Some(3));
+    }
+
+    #[test]
+    fn kinds_told_from_bytes_equal_kinds_told_from_names() {
+        let names = [
+            "session_start",
+            "session_complete",
+            "session_error",
+            "step_complete",
+            "step_error",
+            "retry_attempt",
+            "token_consumption",
+            "events_dropped",
+            "",
+            "x",
+            "step",
+            "other_event",
+        ];
+        for name in names {
+            let mut variants = vec![name.to_string(), format!("{name}x"), format!("x{name}")];
+            for at in 0..name.len() {
+                let mut v = name.as_bytes().to_vec();
+                v[at] ^= 1;
+                variants.push(String::from_utf8(v).unwrap());
+                variants.push(name[..at].to_string());
+            }
+            for v in variants {
+                assert_eq!(Kind::of_bytes(v.as_bytes()), Kind::of(&v), "{v}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_bucket_cache_gives_the_searched_bucket() {
+        let mut cache = BucketCache::default();
+        let mut values = vec![0.0, -0.0, -5.0, 1e-300, 1e300, f64::MAX, f64::MIN];
+        for &b in &LATENCY_BOUNDS_MS {
+            values.extend([b, b.next_down(), b.next_up(), b * 0.7, b * 1.3]);
+        }
+        // Each value after each other value (the cache holds the previous one).
+        for &a in &values {
+            for &v in &values {
+                cache.of(a);
+                assert_eq!(cache.of(v), latency_bucket(v), "{a} then {v}");
+                assert_eq!(cache.of(v), latency_bucket(v), "{v} twice");
+            }
+        }
     }
 
     #[test]

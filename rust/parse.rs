@@ -689,6 +689,149 @@ fn fast_parse_with<'a: 'b, 'p: 'b, 'b, Q: Quotes, const N: usize>(
     Some((event, picks))
 }
 
+/// What the fold reads of a line in sigil's own layout, read straight from
+/// the line (issue 9, "the fold"): no [`RawEvent`], no picks, no second pass
+/// over the metadata. The metadata's values are those [`parse_line_picking`]
+/// gives the fold for the same keys (the last of a key given twice; a value
+/// of another type is read as the fold's readers read it).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Layout<'a> {
+    pub timestamp: &'a str,
+    pub event_type: &'a str,
+    pub component: &'a str,
+    pub tokens: u64,
+    pub seq: u64,
+    /// `metadata.latency_ms` read as [`json_f64`] reads it.
+    pub latency_ms: Option<f64>,
+    /// The JSON text of `metadata.model` (any type).
+    pub model: Option<&'a str>,
+    /// `metadata.input_tokens` / `output_tokens` read as [`json_u64`] reads them.
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+}
+
+/// Where the timestamp's text starts in a line of the layout (just after
+/// `{"timestamp":"`).
+pub const LAYOUT_TIMESTAMP_AT: usize = 14;
+
+/// The metadata values [`Layout`] carries, as positions while reading.
+#[derive(Default)]
+struct LayoutMeta {
+    latency_ms: Option<f64>,
+    model: Option<(usize, usize)>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+}
+
+/// The line at `start..start + len` of `block` in sigil's own layout, read
+/// against the block's index; None for any other line (which the general
+/// path then decides: this never rules a line malformed).
+#[inline]
+pub fn layout_block_line<'a>(
+    block: &'a [u8],
+    ix: &BlockIndex,
+    start: usize,
+    len: usize,
+) -> Option<Layout<'a>> {
+    let bl = ix.line(start, len)?;
+    layout_line(&block[start..start + len], bl)
+}
+
+/// [`layout_block_line`] against any index of the line's quotes: the layout
+/// [`fast_parse_with`] takes, with the same checks.
+#[inline(always)]
+pub fn layout_line<'a, Q: Quotes>(line: &'a [u8], ix: Q) -> Option<Layout<'a>> {
+    let mut none: PickAt<0> = [];
+    let mut f = Fast {
+        line,
+        ix,
+        keys: &NO_KEYS,
+        picks: &mut none,
+        seen: 0,
+        nums: 0,
+    };
+    if line.len() > u32::MAX as usize {
+        return None;
+    }
+    let p = f.lit(0, b"{\"timestamp\":\"")?;
+    debug_assert_eq!(p, LAYOUT_TIMESTAMP_AT);
+    let (ts, p) = f.string_body(p)?;
+    let p = f.lit(p, b"\",\"session_id\":\"")?;
+    let (_, p) = f.string_body(p)?;
+    let p = f.lit(p, b"\",\"event_type\":\"")?;
+    let (kind, p) = f.string_body(p)?;
+    let p = f.lit(p, b"\",\"component\":\"")?;
+    let (comp, p) = f.string_body(p)?;
+    let p = f.lit(p, b"\",\"message\":\"")?;
+    let (_, p) = f.string_body(p)?;
+    let p = f.lit(p, b"\",\"tokens\":")?;
+    let (tokens, p) = f.uint(p)?;
+    if tokens > MAX_TOKENS {
+        return None;
+    }
+    let p = f.lit(p, b",\"metadata\":")?;
+    let mut m = LayoutMeta::default();
+    let p = f.layout_meta(p, &mut m)?;
+    let p = f.lit(p, b",\"seq\":")?;
+    let (seq, p) = f.uint(p)?;
+    if p + 1 != line.len() || line[p] != b'}' {
+        return None;
+    }
+    let seen = f.ix.finish();
+    if seen.unusual {
+        return None;
+    }
+    let text = if seen.non_ascii {
+        std::str::from_utf8(line).ok()?
+    } else {
+        // SAFETY: every byte is below 0x80 (the index saw no other), and
+        // ASCII is valid UTF-8.
+        unsafe { std::str::from_utf8_unchecked(line) }
+    };
+    // As in `fast_parse_with`: every range starts just after an ASCII byte
+    // and ends at one, so it is on character boundaries.
+    let s = |(a, b): (usize, usize)| {
+        debug_assert!(text.is_char_boundary(a) && text.is_char_boundary(b) && a <= b);
+        // SAFETY: in bounds and on character boundaries (just above).
+        unsafe { text.get_unchecked(a..b) }
+    };
+    Some(Layout {
+        timestamp: s(ts),
+        event_type: s(kind),
+        component: s(comp),
+        tokens,
+        seq,
+        latency_ms: m.latency_ms,
+        model: m.model.map(s),
+        input_tokens: m.input_tokens,
+        output_tokens: m.output_tokens,
+    })
+}
+
+/// No metadata keys to pick (the layout reader reads its own).
+const NO_KEYS: KeySet<'static, 0> = KeySet::new(&[]);
+
+/// The metadata keys [`Layout`] carries.
+#[derive(Clone, Copy, PartialEq)]
+enum LayoutKey {
+    Latency,
+    Model,
+    Input,
+    Output,
+    Other,
+}
+
+#[inline(always)]
+fn layout_key(key: &[u8]) -> LayoutKey {
+    match key.len() {
+        10 if same_bytes(key, b"latency_ms") => LayoutKey::Latency,
+        5 if same_bytes(key, b"model") => LayoutKey::Model,
+        12 if same_bytes(key, b"input_tokens") => LayoutKey::Input,
+        13 if same_bytes(key, b"output_tokens") => LayoutKey::Output,
+        _ => LayoutKey::Other,
+    }
+}
+
 /// The fast path's cursor: positions in `line`, quotes found through `ix`.
 struct Fast<'a, 'k, 'p, Q, const N: usize> {
     line: &'a [u8],
@@ -743,15 +886,20 @@ impl<'k, const N: usize> KeySet<'k, N> {
 
 impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
     /// `want` at `p` (a fixed-size compare the compiler inlines).
-    #[inline]
+    #[inline(always)]
     fn lit<const L: usize>(&self, p: usize, want: &[u8; L]) -> Option<usize> {
         let got: &[u8; L] = self.line.get(p..p + L)?.try_into().ok()?;
+        if (8..=16).contains(&L) {
+            // Two overlapping words (the literal's are constants).
+            let same = word8(got, 0) == word8(want, 0) && word8(got, L - 8) == word8(want, L - 8);
+            return same.then_some(p + L);
+        }
         (got == want).then_some(p + L)
     }
 
     /// A string whose body starts at `p`: (body range, position of its closing
     /// quote). With no backslash in the line the next quote ends it.
-    #[inline]
+    #[inline(always)]
     fn string_body(&mut self, p: usize) -> Option<((usize, usize), usize)> {
         let end = self.ix.next_quote(p)?;
         Some(((p, end), end))
@@ -901,6 +1049,104 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                 _ => return None,
             }
         }
+    }
+
+    /// The metadata object at `p` (validated as [`Fast::object`] validates
+    /// it), setting the values [`Layout`] carries; the position after it.
+    #[inline(always)]
+    fn layout_meta(&mut self, p: usize, m: &mut LayoutMeta) -> Option<usize> {
+        if self.line.get(p) != Some(&b'{') {
+            return None;
+        }
+        let mut p = self.spaces(p + 1);
+        if self.line.get(p) == Some(&b'}') {
+            return Some(p + 1);
+        }
+        loop {
+            // The writer's keys as literals (key, quote and colon), any other
+            // key through the quote index.
+            let (key, start) = if let Some(q) = self.lit(p, b"\"latency_ms\":") {
+                (LayoutKey::Latency, q)
+            } else if let Some(q) = self.lit(p, b"\"model\":") {
+                (LayoutKey::Model, q)
+            } else {
+                if self.line.get(p) != Some(&b'"') {
+                    return None;
+                }
+                let key_end = self.ix.next_quote(p + 1)?;
+                let key = layout_key(&self.line[p + 1..key_end]);
+                p = key_end + 1;
+                if self.line.get(p) != Some(&b':') {
+                    p = self.spaces(p);
+                    if self.line.get(p) != Some(&b':') {
+                        return None;
+                    }
+                }
+                (key, p + 1)
+            };
+            let start = self.spaces(start);
+            let first = *self.line.get(start)?;
+            let end = match (key, first) {
+                (_, b'"') => self.ix.next_quote(start + 1)? + 1,
+                (LayoutKey::Latency, b'-' | b'0'..=b'9') => match self.short_number(start) {
+                    Some((v, frac, neg, end)) => {
+                        let x = v as f64 / POW10[usize::from(frac)];
+                        m.latency_ms = Some(if neg { -x } else { x });
+                        end
+                    }
+                    None => {
+                        let end = self.number(start)?;
+                        m.latency_ms = self.ascii(start, end).and_then(json_f64);
+                        end
+                    }
+                },
+                (LayoutKey::Input | LayoutKey::Output, b'-' | b'0'..=b'9') => {
+                    let (v, end) = match self.short_number(start) {
+                        Some((v, frac, neg, end)) => ((frac == 0 && !neg).then_some(v), end),
+                        None => {
+                            let end = self.number(start)?;
+                            (self.ascii(start, end).and_then(json_u64), end)
+                        }
+                    };
+                    if key == LayoutKey::Input {
+                        m.input_tokens = v;
+                    } else {
+                        m.output_tokens = v;
+                    }
+                    end
+                }
+                (_, b'-' | b'0'..=b'9') => self.number(start)?,
+                _ => self.value(start, 1)?,
+            };
+            // A value of another type reads as absent (a string, an object..).
+            match key {
+                LayoutKey::Latency if first > b'9' || first == b'"' => m.latency_ms = None,
+                LayoutKey::Input if first > b'9' || first == b'"' => m.input_tokens = None,
+                LayoutKey::Output if first > b'9' || first == b'"' => m.output_tokens = None,
+                LayoutKey::Model => m.model = Some((start, end)),
+                _ => {}
+            }
+            p = end;
+            match *self.line.get(p)? {
+                b',' => p = self.spaces(p + 1),
+                b'}' => return Some(p + 1),
+                b' ' => {
+                    p = self.spaces(p);
+                    match *self.line.get(p)? {
+                        b',' => p = self.spaces(p + 1),
+                        b'}' => return Some(p + 1),
+                        _ => return None,
+                    }
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// The bytes `a..b` of the line as text, when they are ASCII (a number's).
+    #[inline]
+    fn ascii(&self, a: usize, b: usize) -> Option<&str> {
+        std::str::from_utf8(&self.line[a..b]).ok()
     }
 
     fn array(&mut self, p: usize, depth: usize) -> Option<usize> {
@@ -1705,6 +1951,60 @@ pub(crate) mod tests {
         }
     }
 
+    /// The layout reader takes only lines the general parser reads the same
+    /// way, and reads the metadata values the fold uses as plain JSON does.
+    #[test]
+    fn the_layout_reader_reads_what_plain_json_reads() {
+        let mut rng = Rng(0x1a70_u64 << 32 | 0x5eed);
+        let mut taken = 0;
+        for _ in 0..30_000 {
+            let line = writer_layout_line(&mut rng);
+            let Some(l) = layout_line(&line, LineIndex::new(&line)) else {
+                continue;
+            };
+            taken += 1;
+            let e = parse_general(&line).expect("a layout line is valid");
+            assert_eq!(
+                (
+                    l.timestamp,
+                    l.event_type,
+                    l.component,
+                    l.tokens,
+                    Some(l.seq)
+                ),
+                (
+                    &*e.timestamp,
+                    &*e.event_type,
+                    &*e.component,
+                    e.tokens,
+                    e.seq
+                )
+            );
+            // (A number past the double range is valid JSON that `Value`
+            // refuses: the fold comparisons cover such lines.)
+            let Ok(meta) = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(
+                e.metadata.unwrap(),
+            ) else {
+                continue;
+            };
+            let f = |k: &str| meta.get(k).and_then(|v| f64::deserialize(v).ok());
+            let u = |k: &str| meta.get(k).and_then(|v| u64::deserialize(v).ok());
+            let show = String::from_utf8_lossy(&line);
+            assert_eq!(
+                l.latency_ms.filter(|x| x.is_finite()).map(f64::to_bits),
+                f("latency_ms").map(f64::to_bits),
+                "{show}"
+            );
+            assert_eq!(l.input_tokens, u("input_tokens"), "{show}");
+            assert_eq!(l.output_tokens, u("output_tokens"), "{show}");
+            let model = |json: &str| serde_json::from_str::<serde_json::Value>(json).unwrap();
+            assert_eq!(l.model.map(model), meta.get("model").cloned(), "{show}");
+            // The picking fast path takes the same lines.
+            assert!(fast_parse(&line, &["x"]).is_some(), "{show}");
+        }
+        assert!(taken > 5_000, "{taken}");
+    }
+
     /// The writer's layout, the fast path's input, sometimes damaged.
     fn writer_layout_line(rng: &mut Rng) -> Vec<u8> {
         let mut line = format!(
@@ -1839,11 +2139,20 @@ pub(crate) mod tests {
         r#"{"a":1.5E}"#,
         r#"{"latency_ms":12345678.25,"model":"gpt-4o-mini"}"#,
         r#"{"latency_ms":"1100","model":1,"status":{"x":1}}"#,
+        r#"{"input_tokens":12,"output_tokens":30,"model":"m"}"#,
+        r#"{"input_tokens":1.5,"output_tokens":-3,"latency_ms":"7"}"#,
+        r#"{"output_tokens":"4","input_tokens":null,"model":{"a":[1]}}"#,
+        r#"{"input_tokens":18446744073709551615,"output_tokens":18446744073709551616,"model":7}"#,
+        r#"{"latency_ms":1e3,"input_tokens":1e2,"input_tokens":3,"output_tokens":0}"#,
+        r#"{"model":"a","model":"b","latency_ms":-0.0,"latency_ms":12345678901.5}"#,
+        r#"{ "model" : "x" , "input_tokens" : 5 , "output_tokens" : 07 }"#,
+        r#"{"input_tokens":5,"input_tokens":"x","output_tokens":9,"output_tokens":[2]}"#,
     ];
     /// Strings the fast path takes (no backslash).
     const PLAIN: &[&str] = &[
         r#""routing""#,
         r#""step_complete""#,
+        r#""token_consumption""#,
         r#""session_start""#,
         r#""step_error""#,
         r#""2026-01-11T10:15:33.234567+00:00""#,

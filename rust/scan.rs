@@ -195,6 +195,10 @@ pub struct BlockIndex {
     unusual: Vec<u64>,
     high: Vec<u64>,
     len: usize,
+    /// Whether any word of `unusual` / `high` is non-zero: most buffers hold
+    /// neither, and their lines then skip both checks.
+    any_unusual: bool,
+    any_high: bool,
 }
 
 /// One 64-byte chunk's masks: quotes, newlines, unusual bytes, non-ASCII bytes.
@@ -241,29 +245,37 @@ impl BlockIndex {
             &mut self.unusual[..words],
             &mut self.high[..words],
         );
+        let (mut any_u, mut any_h) = (0, 0);
         for w in 0..words {
             // SAFETY: the CPU has AVX2 (the caller checked); chunk `w` lies
             // within `data` (w < data.len() / 64).
-            let m = unsafe { x86::masks_avx2_at(data.as_ptr().add(w * 64)) };
+            let m = unsafe { x86::masks_avx2_usual_at(data.as_ptr().add(w * 64)) };
             q[w] = m[0];
             n[w] = m[1];
             u[w] = m[2];
             h[w] = m[3];
+            any_u |= m[2];
+            any_h |= m[3];
         }
+        (self.any_unusual, self.any_high) = (any_u != 0, any_h != 0);
         self.tail(data, words, |b: &[u8; 64]| unsafe { x86::masks_avx2(b) });
     }
 
     #[inline(always)]
     fn index_with(&mut self, data: &[u8], masks: impl Fn(&[u8; 64]) -> Masks) {
         let mut w = 0;
+        let (mut any_u, mut any_h) = (0, 0);
         for chunk in data.chunks_exact(64) {
             let m = masks(chunk.try_into().unwrap_or(&[b' '; 64]));
             self.quotes[w] = m[0];
             self.newlines[w] = m[1];
             self.unusual[w] = m[2];
             self.high[w] = m[3];
+            any_u |= m[2];
+            any_h |= m[3];
             w += 1;
         }
+        (self.any_unusual, self.any_high) = (any_u != 0, any_h != 0);
         self.tail(data, w, masks);
     }
 
@@ -279,6 +291,8 @@ impl BlockIndex {
             self.newlines[w] = m[1];
             self.unusual[w] = m[2];
             self.high[w] = m[3];
+            self.any_unusual |= m[2] != 0;
+            self.any_high |= m[3] != 0;
         }
     }
 
@@ -298,17 +312,17 @@ impl BlockIndex {
 
     /// The line at `start..start + len` of the indexed data, or None when it
     /// holds an unusual byte (the general parser decides such lines).
-    #[inline]
+    #[inline(always)]
     pub fn line(&self, start: usize, len: usize) -> Option<BlockLine<'_>> {
         let end = start + len;
-        if end > self.len || any_in(&self.unusual, start, end) {
+        if end > self.len || (self.any_unusual && any_in(&self.unusual, start, end)) {
             return None;
         }
         Some(BlockLine {
             quotes: &self.quotes,
             base: start,
             end,
-            non_ascii: any_in(&self.high, start, end),
+            non_ascii: self.any_high && any_in(&self.high, start, end),
         })
     }
 }
@@ -505,6 +519,50 @@ mod x86 {
         [quotes, newlines, special & !high & !newlines, high]
     }
 
+    /// [`masks_avx2_at`], with the usual chunk (printable ASCII and
+    /// newlines) told by one vector test: no mask of its unusual and
+    /// non-ASCII bytes is built (they are zero).
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and `p..p + 64` is readable.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub unsafe fn masks_avx2_usual_at(p: *const u8) -> super::Masks {
+        // SAFETY: two unaligned 32-byte reads within the 64 readable bytes.
+        let (lo, hi) = unsafe {
+            (
+                _mm256_loadu_si256(p as *const __m256i),
+                _mm256_loadu_si256(p.add(32) as *const __m256i),
+            )
+        };
+        let m = |x| u64::from(_mm256_movemask_epi8(x) as u32);
+        let (q_lo, q_hi) = (
+            _mm256_cmpeq_epi8(lo, _mm256_set1_epi8(b'"' as i8)),
+            _mm256_cmpeq_epi8(hi, _mm256_set1_epi8(b'"' as i8)),
+        );
+        let (n_lo, n_hi) = (
+            _mm256_cmpeq_epi8(lo, _mm256_set1_epi8(b'\n' as i8)),
+            _mm256_cmpeq_epi8(hi, _mm256_set1_epi8(b'\n' as i8)),
+        );
+        // Signed v < 0x20 (a control byte, or 0x80 and above) or a
+        // backslash, other than a newline.
+        let special = |v, n| {
+            _mm256_andnot_si256(
+                n,
+                _mm256_or_si256(
+                    _mm256_cmpgt_epi8(_mm256_set1_epi8(0x20), v),
+                    _mm256_cmpeq_epi8(v, _mm256_set1_epi8(b'\\' as i8)),
+                ),
+            )
+        };
+        let any = _mm256_or_si256(special(lo, n_lo), special(hi, n_hi));
+        if _mm256_testz_si256(any, any) == 1 {
+            return [m(q_lo) | m(q_hi) << 32, m(n_lo) | m(n_hi) << 32, 0, 0];
+        }
+        // SAFETY: as above (the caller's promise).
+        unsafe { masks_avx2_at(p) }
+    }
+
     /// SSE2 is part of x86_64: always available.
     #[inline]
     pub fn masks_sse2(block: &[u8; 64]) -> super::Masks {
@@ -661,7 +719,18 @@ mod tests {
     #[test]
     fn block_masks_equal_the_portable_ones() {
         let interesting = b"\"\\\x00\n\r\x1f\x20a{}\x7f\x80\xff\xc3";
-        for block in random_blocks(0x1234_5678_9abc_def1, interesting) {
+        // Also plain chunks (printable ASCII and newlines: the usual ones),
+        // some with one byte of another kind.
+        let plain = random_blocks(0x0bad_cafe, b"\"\n a{}:,0~\x7f")
+            .enumerate()
+            .map(|(i, mut b)| {
+                if i % 2 == 0 {
+                    let odd = [b'\\', 0, b'\r', 0x1f, 0x80, 0xff, 0xc3, b'\t'];
+                    b[(i * 7) % 64] = odd[i % odd.len()];
+                }
+                b
+            });
+        for block in random_blocks(0x1234_5678_9abc_def1, interesting).chain(plain) {
             let want = masks_portable(&block);
             #[cfg(target_arch = "x86_64")]
             {
@@ -669,6 +738,9 @@ mod tests {
                 if x86::has_avx2() {
                     // SAFETY: the CPU has AVX2.
                     assert_eq!(unsafe { x86::masks_avx2(&block) }, want, "{block:?}");
+                    // SAFETY: the CPU has AVX2; the block's 64 bytes are readable.
+                    let usual = unsafe { x86::masks_avx2_usual_at(block.as_ptr()) };
+                    assert_eq!(usual, want, "{block:?}");
                 }
             }
         }
