@@ -708,6 +708,8 @@ pub struct Layout<'a> {
     /// `metadata.input_tokens` / `output_tokens` read as [`json_u64`] reads them.
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
+    /// The text of `metadata.cost_usd` when it is a number (cost.rs reads it).
+    pub cost_usd: Option<&'a str>,
 }
 
 /// Where the timestamp's text starts in a line of the layout (just after
@@ -721,6 +723,7 @@ struct LayoutMeta {
     model: Option<(usize, usize)>,
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
+    cost_usd: Option<(usize, usize)>,
 }
 
 /// The line at `start..start + len` of `block` in sigil's own layout, read
@@ -805,6 +808,7 @@ pub fn layout_line<'a, Q: Quotes>(line: &'a [u8], ix: Q) -> Option<Layout<'a>> {
         model: m.model.map(s),
         input_tokens: m.input_tokens,
         output_tokens: m.output_tokens,
+        cost_usd: m.cost_usd.map(s),
     })
 }
 
@@ -818,6 +822,7 @@ enum LayoutKey {
     Model,
     Input,
     Output,
+    Cost,
     Other,
 }
 
@@ -828,6 +833,7 @@ fn layout_key(key: &[u8]) -> LayoutKey {
         5 if same_bytes(key, b"model") => LayoutKey::Model,
         12 if same_bytes(key, b"input_tokens") => LayoutKey::Input,
         13 if same_bytes(key, b"output_tokens") => LayoutKey::Output,
+        8 if same_bytes(key, b"cost_usd") => LayoutKey::Cost,
         _ => LayoutKey::Other,
     }
 }
@@ -1115,6 +1121,11 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                     }
                     end
                 }
+                (LayoutKey::Cost, b'-' | b'0'..=b'9') => {
+                    let end = self.number(start)?;
+                    m.cost_usd = Some((start, end));
+                    end
+                }
                 (_, b'-' | b'0'..=b'9') => self.number(start)?,
                 _ => self.value(start, 1)?,
             };
@@ -1123,6 +1134,7 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                 LayoutKey::Latency if first > b'9' || first == b'"' => m.latency_ms = None,
                 LayoutKey::Input if first > b'9' || first == b'"' => m.input_tokens = None,
                 LayoutKey::Output if first > b'9' || first == b'"' => m.output_tokens = None,
+                LayoutKey::Cost if first > b'9' || first == b'"' => m.cost_usd = None,
                 LayoutKey::Model => m.model = Some((start, end)),
                 _ => {}
             }
@@ -1999,6 +2011,13 @@ pub(crate) mod tests {
             assert_eq!(l.output_tokens, u("output_tokens"), "{show}");
             let model = |json: &str| serde_json::from_str::<serde_json::Value>(json).unwrap();
             assert_eq!(l.model.map(model), meta.get("model").cloned(), "{show}");
+            // cost_usd: the number's own text (float_roundtrip: the same double).
+            let number = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap();
+            assert_eq!(
+                l.cost_usd.map(number),
+                meta.get("cost_usd").filter(|v| v.is_number()).cloned(),
+                "{show}"
+            );
             // The picking fast path takes the same lines.
             assert!(fast_parse(&line, &["x"]).is_some(), "{show}");
         }
@@ -2147,6 +2166,12 @@ pub(crate) mod tests {
         r#"{"model":"a","model":"b","latency_ms":-0.0,"latency_ms":12345678901.5}"#,
         r#"{ "model" : "x" , "input_tokens" : 5 , "output_tokens" : 07 }"#,
         r#"{"input_tokens":5,"input_tokens":"x","output_tokens":9,"output_tokens":[2]}"#,
+        r#"{"input_tokens":12,"output_tokens":30,"model":"gpt-4o-mini","cost_usd":0.0005253}"#,
+        r#"{"cost_usd":2.4e-06,"model":"m","cost_usd":1E+2}"#,
+        r#"{"cost_usd":-0.5,"model":"m"}"#,
+        r#"{"cost_usd":"0.5","model":"m"}"#,
+        r#"{"cost_usd":3,"cost_usd":{"a":1}}"#,
+        r#"{ "cost_usd" : 0.30000000000000004 , "model" : "x" }"#,
     ];
     /// Strings the fast path takes (no backslash).
     const PLAIN: &[&str] = &[

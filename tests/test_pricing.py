@@ -320,3 +320,91 @@ def test_collected_spans_are_priced_by_their_model_and_aggregates_are_not(tmp_pa
         "00000000000000c3": None,  # unpriced
         "00000000000000aa": None,  # an aggregate: its children carry the cost
     }
+
+
+# -- the views: the session model's cost, per component, run and session ------------------------
+
+
+def _priced_state() -> Any:
+    from datetime import UTC, datetime, timedelta
+
+    from model_state import state_of
+    from sigil.telemetry.execution_logger import LogEntry
+
+    t0 = datetime(2026, 1, 11, 10, 0, tzinfo=UTC)
+
+    def ev(kind: str, component: str, tokens: int, at: float, **meta: Any) -> LogEntry:
+        return LogEntry(
+            timestamp=(t0 + timedelta(seconds=at)).isoformat(),
+            session_id="cost-1",
+            event_type=kind,
+            component=component,
+            message=kind,
+            tokens=tokens,
+            metadata=meta,
+        )
+
+    return state_of(
+        ev("session_start", "orchestrator", 0, 0, budget=100_000, run=1),
+        ev("step_complete", "reasoning", 1801, 1, model="gpt-4o-mini", cost_usd=0.0005253),
+        ev("token_consumption", "reasoning", 50, 2, model="gpt-4o-mini", cost_usd=0.00001),
+        ev("step_complete", "planning", 55, 3, model="echo-1"),
+        ev("step_complete", "routing", 10, 4),  # no model: neither priced nor unpriced
+        session_id="cost-1",
+    )
+
+
+def test_json_mode_carries_cost_per_component_run_and_session() -> None:
+    from sigil.interfaces.cli.display import state_to_dict
+
+    obj = orjson.loads(orjson.dumps(state_to_dict(_priced_state())))
+    components = obj["components"]
+    assert components["reasoning"]["cost_usd"] == 0.0005353  # the model's exact sum
+    assert components["reasoning"]["unpriced_tokens"] == 0
+    assert components["planning"]["cost_usd"] is None  # unpriced: never 0
+    assert components["planning"]["unpriced_tokens"] == 55
+    assert components["planning"]["unpriced_models"] == ["echo-1"]
+    assert components["routing"]["cost_usd"] is None
+    assert components["routing"]["unpriced_tokens"] == 0
+    assert (obj["cost_usd"], obj["unpriced_tokens"], obj["unpriced_models"]) == (
+        0.0005353,
+        55,
+        ["echo-1"],
+    )
+    assert obj["run"]["cost_usd"] == 0.0005353
+
+
+def test_dashboard_and_summary_show_dollars_and_unpriced_never_zero() -> None:
+    from sigil.interfaces.cli.display import DisplayOptions, dashboard_lines, summary_lines
+
+    state = _priced_state()
+    text = "\n".join(line.render(140, False) for line in dashboard_lines(state, DisplayOptions(),
+                                                                        width=140))  # fmt: skip
+    assert "cost $0.000535+" in text  # some tokens are of a model without a price
+    rows = {line.split()[0]: line for line in text.splitlines() if line[:1].isalpha()}
+    assert "$0.000535" in rows["reasoning"]
+    assert "unpriced" in rows["planning"]
+    assert "$0.00 " not in text and "$0 " not in text
+    summary = "\n".join(summary_lines(state, "complete"))
+    assert "Cost:      $0.000535+" in summary
+
+
+@pytest.mark.parametrize(
+    ("nano", "priced", "unpriced", "shown"),
+    [
+        (0, 0, 0, "-"),
+        (0, 0, 120, "unpriced"),
+        (0, 1, 0, "$0"),
+        (2_400, 1, 0, "$0.0000024"),
+        (525_300, 2, 0, "$0.000525"),
+        (12_300_000, 1, 5, "$0.0123+"),
+        (1_234_567_891_234, 9, 0, "$1,234.57"),
+    ],
+)
+def test_format_cost(nano: int, priced: int, unpriced: int, shown: str) -> None:
+    from types import SimpleNamespace
+
+    from sigil.interfaces.cli.display import format_cost
+
+    cost = SimpleNamespace(cost_nanousd=nano, priced_events=priced, unpriced_tokens=unpriced)
+    assert format_cost(cost) == shown

@@ -72,7 +72,7 @@ from sigil.pipeline.base import (
     usage_of,
 )
 from sigil.telemetry.execution_logger import ExecutionLogger
-from sigil.telemetry.pricing import COST_KEY, Pricer
+from sigil.telemetry.pricing import COST_KEY, Pricer, usd
 from sigil.telemetry.tokens import TokenTracker
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -254,7 +254,12 @@ class RunRecord:
     events: int = 0
     steps_completed: int = 0
     steps_failed: int = 0
-    #: name -> tokens, operations, errors, retries, latency_ms (the model's values)
+    #: the run's cost (the model's: nano-dollars of priced events, and tokens of
+    #: models without a price)
+    cost_nanousd: int = 0
+    priced_events: int = 0
+    unpriced_tokens: int = 0
+    #: name -> tokens, operations, errors, retries, latency_ms, cost (the model's values)
     components: dict[str, dict[str, float]] = field(default_factory=dict)
     duration_seconds: float = 0.0
     #: slot -> what its step_complete recorded (for resume)
@@ -289,6 +294,9 @@ class RunRecord:
             events=snap.events,
             steps_completed=snap.steps_completed,
             steps_failed=snap.steps_failed,
+            cost_nanousd=snap.cost_nanousd,
+            priced_events=snap.priced_events,
+            unpriced_tokens=snap.unpriced_tokens,
             components={
                 name: {
                     "tokens": c.tokens,
@@ -297,6 +305,9 @@ class RunRecord:
                     "retries": c.retries,
                     "latency_ms": c.latency_ms,
                     "failed_latency_ms": c.failed_latency_ms,
+                    "cost_nanousd": c.cost_nanousd,
+                    "priced_events": c.priced_events,
+                    "unpriced_tokens": c.unpriced_tokens,
                 }
                 for name, c in snap.components.items()
             },
@@ -314,6 +325,7 @@ class RunRecord:
             "ended_at": self.ended_at,
             "budget": self.budget,
             "tokens_used": self.tokens_used,
+            **_cost_doc(self.cost_nanousd, self.priced_events, self.unpriced_tokens),
             "components": {
                 name: int(c["tokens"]) for name, c in self.components.items() if c["tokens"]
             },
@@ -1607,6 +1619,8 @@ def write_summaries(
                 "utilization": round(c["utilization"], 2),
             }
     comp_tokens, comp_ops = history.component_totals()
+    model = history.model
+    comp_costs = dict(model.components) if model is not None else {}
     first_timestamp = next((r.started_at for r in runs if r.started_at), None)
     last_timestamp = (snap.last_timestamp if snap else None) or last.ended_at
     tokens_doc = {
@@ -1617,6 +1631,12 @@ def write_summaries(
         "total_budget": tracker.total,
         "total_used": history.tokens_used,
         "total_remaining": max(0, tracker.total - history.tokens_used),
+        **_cost_doc(
+            model.cost_nanousd if model else 0,
+            model.priced_events if model else 0,
+            model.unpriced_tokens if model else 0,
+        ),
+        "unpriced_models": list(model.unpriced_models) if model else [],
         "utilization_percentage": round(status_info["utilization"], 2),
         "warning_level": status_info["warning_level"],
         "thresholds": status_info["thresholds"],
@@ -1629,7 +1649,11 @@ def write_summaries(
         # What a new run restores its budget tracker from while the log below is
         # unchanged (the model's per-component totals, ledger-only runs included).
         "component_totals": {
-            name: {"tokens": comp_tokens[name], "operations": comp_ops.get(name, 0)}
+            name: {
+                "tokens": comp_tokens[name],
+                "operations": comp_ops.get(name, 0),
+                **_component_cost(comp_costs.get(name)),
+            }
             for name in comp_tokens
         },
         "log_files": _log_files(session_dir),
@@ -1733,6 +1757,28 @@ def _step_name(slot: str) -> PipelineStep | str:
         return PipelineStep(slot)
     except ValueError:
         return slot
+
+
+def _cost_doc(nanousd: int, priced: int, unpriced_tokens: int) -> dict[str, Any]:
+    """A cost in tokens.json: ``cost_usd`` for people (None when nothing is
+    priced: never $0 for a model without a price) and the model's exact integers,
+    which the ledger reads back (rust/ledger.rs)."""
+    return {
+        "cost_usd": usd(nanousd) if priced else None,
+        "cost_nanousd": nanousd,
+        "priced_events": priced,
+        "unpriced_tokens": unpriced_tokens,
+    }
+
+
+def _component_cost(c: Any) -> dict[str, int]:
+    if c is None:
+        return {}
+    return {
+        "cost_nanousd": c.cost_nanousd,
+        "priced_events": c.priced_events,
+        "unpriced_tokens": c.unpriced_tokens,
+    }
 
 
 def _attach_output(meta: dict[str, Any], output: Any) -> None:
