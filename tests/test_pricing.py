@@ -408,3 +408,159 @@ def test_format_cost(nano: int, priced: int, unpriced: int, shown: str) -> None:
 
     cost = SimpleNamespace(cost_nanousd=nano, priced_events=priced, unpriced_tokens=unpriced)
     assert format_cost(cost) == shown
+
+
+# -- tokens.json (the ledger) and its join, sessions --------------------------------------------
+
+
+def _cost_line(seq: int, event_type: str, component: str, tokens: int, **meta: Any) -> bytes:
+    from datetime import UTC, datetime, timedelta
+
+    start = datetime(2026, 3, 1, tzinfo=UTC)
+    return orjson.dumps(
+        {
+            "timestamp": (start + timedelta(milliseconds=250 * seq)).isoformat(),
+            "session_id": "c",
+            "event_type": event_type,
+            "component": component,
+            "message": event_type,
+            "tokens": tokens,
+            "metadata": meta,
+            "seq": seq,
+        }
+    )
+
+
+def _priced_runs(count: int, first_seq: int = 0, first_run: int = 1) -> list[bytes]:
+    lines: list[bytes] = []
+    for number in range(first_run, first_run + count):
+
+        def add(kind: str, component: str, tokens: int = 0, **meta: Any) -> None:
+            lines.append(_cost_line(first_seq + len(lines), kind, component, tokens, **meta))
+
+        add("session_start", "orchestrator", run=number, budget=100_000)
+        add("step_complete", "reasoning", 1000, model="gpt-4o-mini", cost_usd=0.000123456)
+        add("step_complete", "planning", 40, model="echo-1")
+        add("session_complete", "orchestrator", status="complete", run=number)
+    return lines
+
+
+def _write_ledger(session: Path) -> None:
+    from sigil.interfaces.cli.orchestrator import read_session_history, write_summaries
+    from sigil.telemetry.tokens import TokenTracker
+
+    history = read_session_history(session)
+    tracker = TokenTracker(total_budget=100_000)
+    comp_tokens, comp_ops = history.component_totals()
+    tracker.restore(history.tokens_used, comp_tokens, comp_ops)
+    write_summaries(session, session.name, history, tracker, writer_stats={})
+
+
+def test_tokens_json_carries_each_runs_cost_and_the_join_adds_ledger_only_runs(
+    tmp_path: Path, run_sigil: Callable[..., subprocess.CompletedProcess[str]], sigil_home: Path
+) -> None:
+    import os
+
+    from sigil.telemetry.log_parser import session_history
+
+    session = sigil_home / "logs" / "sessions" / "c"
+    session.mkdir(parents=True)
+    first = _priced_runs(2)
+    (session / "execution.jsonl").write_bytes(b"".join(line + b"\n" for line in first))
+    _write_ledger(session)
+    ledger = json.loads((session / "tokens.json").read_text())
+    assert [r["cost_nanousd"] for r in ledger["runs"]] == [123_456, 123_456]
+    assert [r["cost_usd"] for r in ledger["runs"]] == [0.000123456, 0.000123456]
+    assert [r["unpriced_tokens"] for r in ledger["runs"]] == [40, 40]
+    assert ledger["cost_nanousd"] == 246_912 and ledger["cost_usd"] == 0.000246912
+    assert ledger["unpriced_models"] == ["echo-1"]
+    assert ledger["component_totals"]["reasoning"]["cost_nanousd"] == 246_912
+    # The ledger alone (the log unchanged since) is the history: its cost too.
+    alone = session_history(session)
+    assert alone.snapshot is None and alone.cost_nanousd == 246_912
+    # Runs 1-2 leave the log (a rotator renamed then deleted it); run 3 is logged.
+    os.rename(session / "execution.jsonl", session / "execution.jsonl.1")
+    (session / "execution.jsonl.1").unlink()
+    third = _priced_runs(1, first_seq=len(first), first_run=3)
+    (session / "execution.jsonl").write_bytes(b"".join(line + b"\n" for line in third))
+    history = session_history(session)
+    assert [(r.number, r.source, r.cost_nanousd) for r in history.runs] == [
+        (1, "ledger", 123_456),
+        (2, "ledger", 123_456),
+        (3, "log", 123_456),
+    ]
+    assert history.cost_nanousd == 3 * 123_456
+    assert (history.priced_events, history.unpriced_tokens) == (3, 120)
+    assert history.components["reasoning"].cost_nanousd == 3 * 123_456
+    # sigil sessions: a COST column and cost_usd in its JSON.
+    listed = run_sigil("sessions", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    assert row["cost_usd"] == 0.000370368 and row["unpriced_tokens"] == 120
+    assert [r["cost_usd"] for r in row["run_details"]] == [0.000123456] * 3
+    table = run_sigil("sessions")
+    header, line = table.stdout.splitlines()[:2]
+    assert "COST" in header.split() and "$0.00037+" in line.split()
+
+
+def test_sessions_shows_unpriced_never_a_zero_cost(
+    run_sigil: Callable[..., subprocess.CompletedProcess[str]], sigil_home: Path
+) -> None:
+    session = sigil_home / "logs" / "sessions" / "u"
+    session.mkdir(parents=True)
+    lines = [
+        _cost_line(0, "session_start", "orchestrator", 0, run=1),
+        _cost_line(1, "step_complete", "reasoning", 70, model="house-model"),
+        _cost_line(2, "session_complete", "orchestrator", 0, status="complete", run=1),
+    ]
+    (session / "execution.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
+    listed = run_sigil("sessions", "--json")
+    (row,) = json.loads(listed.stdout)
+    assert row["cost_usd"] is None and row["unpriced_tokens"] == 70
+    table = run_sigil("sessions").stdout.splitlines()
+    assert "unpriced" in table[1].split() and "$0" not in table[1]
+
+
+# -- OTLP spans -------------------------------------------------------------------------------
+
+
+def test_spans_carry_each_attempts_cost_and_the_runs_from_the_model() -> None:
+    from sigil.telemetry.otlp.spans import session_spans
+
+    def event(seq: int, kind: str, component: str, tokens: int = 0, **meta: Any) -> dict:
+        return {
+            "timestamp": f"2026-01-11T10:00:{seq:02d}.000000+00:00",
+            "session_id": "s",
+            "event_type": kind,
+            "component": component,
+            "message": kind,
+            "tokens": tokens,
+            "metadata": meta,
+            "seq": seq,
+        }
+
+    priced = {"model": "gpt-4o-mini"}
+    events = [
+        event(0, "session_start", "orchestrator", run=1, budget=10_000),
+        event(1, "step_start", "reasoning", run=1),
+        # A failed attempt's tokens, then its retry: two attempt spans.
+        event(2, "token_consumption", "reasoning", 60, attempt=1, cost_usd=0.1, **priced),
+        event(3, "retry_attempt", "reasoning", attempt=1, retry_delay_s=0),
+        event(4, "token_consumption", "reasoning", 20, attempt=2, cost_usd=0.2, **priced),
+        event(5, "step_complete", "reasoning", 30, attempt=2, cost_usd=0.000000007, **priced),
+        event(6, "step_start", "planning", run=1),
+        event(7, "step_complete", "planning", 15, attempt=1, model="echo-1"),
+        event(8, "session_complete", "orchestrator", status="complete", run=1),
+    ]
+    spans = session_spans("s", events)
+    by_name = [(s.name, s.attributes) for s in spans]
+    first, second = (a for n, a in by_name if n == "invoke_agent reasoning")
+    assert first["sigil.cost_usd"] == 0.1
+    # Two events on one span: the native model's exact sum (0.1 + 0.2 floats would not be).
+    assert second["sigil.cost_usd"] == 0.200000007
+    (planning,) = (a for n, a in by_name if n == "invoke_agent planning")
+    assert "sigil.cost_usd" not in planning and planning["sigil.unpriced_tokens"] == 15
+    (root,) = (a for n, a in by_name if n == "invoke_workflow sigil")
+    assert root["sigil.run.cost_usd"] == 0.300000007
+    assert root["sigil.run.unpriced_tokens"] == 15
+    assert root["sigil.session.cost_usd"] == 0.300000007
