@@ -1446,7 +1446,7 @@ impl FoldState {
                 input_tokens: l.input_tokens.unwrap_or(0),
                 output_tokens: l.output_tokens.unwrap_or(0),
                 model: l.model,
-                cost: l.cost_usd.and_then(nano_usd),
+                cost: l.cost_nanousd,
                 kind,
                 latency,
                 bucket,
