@@ -564,3 +564,19 @@ def test_spans_carry_each_attempts_cost_and_the_runs_from_the_model() -> None:
     assert root["sigil.run.cost_usd"] == 0.300000007
     assert root["sigil.run.unpriced_tokens"] == 15
     assert root["sigil.session.cost_usd"] == 0.300000007
+
+
+def test_top_shows_each_sessions_cost() -> None:
+    from sigil.interfaces.cli.commands.top import TopRow, table_lines
+
+    def row(name: str, nano: int, priced: int, unpriced: int) -> TopRow:
+        return TopRow(
+            name, "running", True, 1, 900, 10_000, 60.0, 0, None, None,
+            cost_nanousd=nano, priced_events=priced, unpriced_tokens=unpriced,
+        )  # fmt: skip
+
+    rows = [row("a", 12_300_000, 2, 0), row("b", 0, 0, 900), row("c", 0, 0, 0)]
+    header, *lines = table_lines(rows)
+    column = header.split().index("COST")
+    assert [line.split()[column] for line in lines] == ["$0.0123", "unpriced", "-"]
+    assert rows[0].to_dict()["cost_usd"] == 0.0123 and rows[1].to_dict()["cost_usd"] is None
