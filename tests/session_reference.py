@@ -467,12 +467,16 @@ def join_reference(data: bytes, ledger: dict[str, Any] | None) -> dict[str, Any]
         0 if first is None else max(0, first - ((covered if covered is not None else -1) + 1))
     )
     missing = max((ledger or {}).get("missing_events", 0), lead_gap + fold["seq_missing"])
-    components = {n: [c["tokens"], c["operations"]] for n, c in fold["components"].items()}
+    cost_keys = ("cost_nanousd", "priced_events", "unpriced_tokens")
+    components = {
+        n: [c["tokens"], c["operations"], *(c[k] for k in cost_keys)]
+        for n, c in fold["components"].items()
+    }
     for r in ledger_only:
         for name, c in r["component_stats"].items():
-            into = components.setdefault(name, [0, 0])
-            into[0] += c["tokens"]
-            into[1] += c["operations"]
+            into = components.setdefault(name, [0] * 5)
+            for i, key in enumerate(("tokens", "operations", *cost_keys)):
+                into[i] += c.get(key, 0)
     return {
         "runs": [tuple(r) for r in runs],
         "tokens": tokens,
@@ -482,6 +486,7 @@ def join_reference(data: bytes, ledger: dict[str, Any] | None) -> dict[str, Any]
         "missing_events": missing,
         "orphan_tokens": orphan,
         "components": {n: tuple(v) for n, v in components.items()},
+        "cost": tuple(sum(v[i] for v in components.values()) for i in (2, 3, 4)),
     }
 
 
@@ -498,5 +503,9 @@ def history_view(history: Any) -> dict[str, Any]:
         "ledger_seq": history.ledger_seq,
         "missing_events": history.missing_events,
         "orphan_tokens": history.orphan_tokens,
-        "components": {n: (c.tokens, c.operations) for n, c in history.components.items()},
+        "components": {
+            n: (c.tokens, c.operations, c.cost_nanousd, c.priced_events, c.unpriced_tokens)
+            for n, c in history.components.items()
+        },
+        "cost": (history.cost_nanousd, history.priced_events, history.unpriced_tokens),
     }
