@@ -80,6 +80,9 @@ impl Cost {
 /// negative number or text that is not a JSON number.
 pub fn nano_usd(text: &str) -> Option<u64> {
     let b = text.as_bytes();
+    if let Some(n) = plain_nano(b) {
+        return Some(n);
+    }
     let mut i = 0;
     let negative = b.first() == Some(&b'-');
     if negative {
@@ -171,6 +174,56 @@ pub fn nano_usd(text: &str) -> Option<u64> {
     Some(u64::try_from(value).unwrap_or(u64::MAX))
 }
 
+/// The writers' usual form, `int(.frac)?` with at most 10 integer digits and
+/// 9 decimals, in one pass; None for anything else ([`nano_usd`] reads it).
+#[inline]
+fn plain_nano(b: &[u8]) -> Option<u64> {
+    const SCALE: [u64; 10] = [
+        1_000_000_000,
+        100_000_000,
+        10_000_000,
+        1_000_000,
+        100_000,
+        10_000,
+        1_000,
+        100,
+        10,
+        1,
+    ];
+    let mut i = 0;
+    let mut int: u64 = 0;
+    while let Some(&d) = b.get(i).filter(|d| d.is_ascii_digit()) {
+        if i == 10 {
+            return None;
+        }
+        int = int * 10 + u64::from(d - b'0');
+        i += 1;
+    }
+    if i == 0 || (i > 1 && b[0] == b'0') {
+        return None;
+    }
+    let mut frac: u64 = 0;
+    let mut k = 0;
+    if i < b.len() {
+        if b[i] != b'.' {
+            return None;
+        }
+        i += 1;
+        while let Some(&d) = b.get(i).filter(|d| d.is_ascii_digit()) {
+            if k == 9 {
+                return None;
+            }
+            frac = frac * 10 + u64::from(d - b'0');
+            i += 1;
+            k += 1;
+        }
+        if k == 0 || i != b.len() {
+            return None;
+        }
+    }
+    int.checked_mul(1_000_000_000)?.checked_add(frac * SCALE[k])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +266,13 @@ mod tests {
             ("", None),
             ("1 ", None),
             ("NaN", None),
+            ("9999999999.999999999", Some(9_999_999_999_999_999_999)),
+            ("18446744073", Some(18_446_744_073_000_000_000)),
+            ("18446744074", Some(u64::MAX)),
+            ("12345678901", Some(12_345_678_901_000_000_000)),
+            ("0.1234567891", Some(123_456_789)),
+            ("0.", None),
+            ("00.5", None),
         ];
         for (text, want) in cases {
             assert_eq!(nano_usd(text), *want, "{text}");
