@@ -615,3 +615,13 @@ def test_each_call_is_priced_from_the_model_the_upstream_answered_with(
     assert sum("cost_usd" in e["metadata"] for e in spent) == 3
     # A step_error repeats neither the tokens nor their cost (they are on token_consumption).
     assert all("cost_usd" not in e["metadata"] for e in steps(events, "step_error"))
+    # The session model's sum, in the monitor's json mode and tokens.json, is exact.
+    nano = sum(round(e["metadata"]["cost_usd"] * 1e9) for e in spent if "cost_usd" in e["metadata"])
+    legacy = next(e for e in spent if "cost_usd" not in e["metadata"])
+    state = proxy.monitor()
+    assert state["cost_usd"] == nano / 1e9
+    assert state["unpriced_tokens"] == legacy["tokens"]
+    assert state["unpriced_models"] == ["legacy-2026"]
+    assert state["components"]["legacy"]["cost_usd"] is None
+    ledger = json.loads((proxy.log_file.parent / "tokens.json").read_text())
+    assert ledger["cost_nanousd"] == nano and ledger["cost_usd"] == nano / 1e9
