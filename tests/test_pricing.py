@@ -46,6 +46,33 @@ def test_a_priced_model_costs_exactly_what_genai_prices_says() -> None:
     assert orjson.dumps(meta) == b'{"cost_usd":0.0005253}'
 
 
+def test_remembered_rates_price_every_plain_model_exactly_as_genai_prices() -> None:
+    """A model priced linearly is priced from its two rates after its first call:
+    for every such model of the table, on random usages, the same Decimal."""
+    import random
+
+    from genai_prices import Usage, calc_price
+    from genai_prices.data_snapshot import get_snapshot
+
+    rng = random.Random(12)
+    pricer = Pricer()
+    refs = sorted({m.id for p in get_snapshot().providers for m in p.models})
+    remembered = 0
+    for ref in refs:
+        if pricer.price(ref, 10, 10) is None or ref not in pricer._rates:
+            continue
+        remembered += 1
+        for _ in range(3):
+            inp, out = rng.randrange(3_000_000), rng.randrange(300_000)
+            want = calc_price(Usage(input_tokens=inp, output_tokens=out), model_ref=ref)
+            assert pricer.price(ref, inp, out) == want.total_price, ref
+    assert remembered > 300 and "gpt-4o-mini" in pricer._rates
+    # Tiered prices (gemini-2.5-pro above 200K input tokens) are never remembered:
+    # they go through calc_price each time.
+    assert pricer.price("gemini-2.5-pro", 300_000, 10) is not None
+    assert "gemini-2.5-pro" not in pricer._rates
+
+
 def test_an_unknown_model_or_no_model_is_unpriced() -> None:
     pricer = Pricer()
     assert pricer.price("house-model-7", 100, 10) is None

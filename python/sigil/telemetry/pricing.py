@@ -76,6 +76,9 @@ class Pricer:
     def __init__(self, overrides: Mapping[str, ModelPrice] | None = None) -> None:
         self.overrides: dict[str, ModelPrice] = dict(overrides or {})
         self._unpriced: set[str] = set()
+        #: models whose table price is a plain rate per token (no tiers, no dates):
+        #: priced here in microseconds instead of genai-prices' ~0.5 ms per call
+        self._rates: dict[str, ModelPrice] = {}
         self._loaded = threading.Event()
         self._loading: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -131,6 +134,9 @@ class Pricer:
         override = self.overrides.get(model)
         if override is not None:
             return override.cost(input_tokens, output_tokens)
+        rates = self._rates.get(model)
+        if rates is not None:
+            return rates.cost(input_tokens, output_tokens)
         if model in self._unpriced:
             return None
         usage_type, calc_price = _table()
@@ -147,13 +153,18 @@ class Pricer:
             return None
         from decimal import Decimal
 
+        if len(self._rates) < _MAX_REMEMBERED_MISSES:
+            rates = _plain_rates(result)
+            if rates is not None:
+                self._rates[model] = rates
         return Decimal(result.total_price)
 
     async def aprice(
         self, model: str | None, input_tokens: int, output_tokens: int
     ) -> Decimal | None:
         """:meth:`price` without blocking the event loop on the table's import."""
-        if not model or model in self.overrides or model in self._unpriced or self.ready:
+        known = model in self.overrides or model in self._unpriced or model in self._rates
+        if not model or known or self.ready:
             return self.price(model, input_tokens, output_tokens)
         import asyncio  # the CLI's non-async paths (monitor --once) never import it
 
@@ -168,6 +179,42 @@ class Pricer:
     ) -> dict[str, Any]:
         """The event metadata of a call's cost: ``{"cost_usd": ...}`` or ``{}``."""
         return self.cost_meta(await self.aprice(model, input_tokens, output_tokens))
+
+
+#: Prices of units a sigil usage never reports (cache, audio, image and video
+#: tokens, searches): they price nothing here, whatever their form.
+_ZERO_UNITS = frozenset(
+    {
+        "cache_read_mtok", "cache_write_mtok", "cache_write_1h_mtok", "input_audio_mtok",
+        "output_audio_mtok", "cache_audio_read_mtok", "input_image_mtok", "output_image_mtok",
+        "cache_image_read_mtok", "input_video_mtok", "output_video_mtok", "web_searches_kcount",
+        "storage_searches_kcount",
+    }
+)  # fmt: skip
+
+
+def _plain_rates(result: Any) -> ModelPrice | None:
+    """The model's price as two rates when genai-prices would price any usage of
+    input and output tokens linearly: one price at every date (no conditional
+    prices), and no price but ``input_mtok``/``output_mtok`` as plain
+    decimals (not tiers) besides those of units sigil never reports. None
+    otherwise: such models keep going through ``calc_price``
+    (tests/test_pricing.py checks the rates against it for every model)."""
+    from decimal import Decimal
+
+    info = result.model
+    # (Variants apply only with a price context, which sigil never passes.)
+    if isinstance(info.prices, list):
+        return None
+    prices = {
+        k: v for k, v in vars(result.model_price).items() if v is not None and not k.startswith("_")
+    }
+    if not set(prices) - _ZERO_UNITS <= {"input_mtok", "output_mtok"}:
+        return None
+    rates = [prices.get(key, Decimal(0)) for key in ("input_mtok", "output_mtok")]
+    if not all(type(rate) is Decimal for rate in rates):
+        return None
+    return ModelPrice(rates[0], rates[1])
 
 
 def _table() -> tuple[Any, Any]:
