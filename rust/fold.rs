@@ -20,7 +20,11 @@
 //!   interrupted`, else complete/error by event type) and the failure reason
 //!   (`metadata.reason`, else `metadata.error`);
 //! - the recent rate reads the tokens of the last [`WINDOW_SECONDS`] seconds of
-//!   event time, in one-second buckets ending at the latest event.
+//!   event time, in one-second buckets ending at the latest event;
+//! - a component's cost adds its events' `metadata.cost_usd` in whole
+//!   nano-dollars, read from the number's text; an event with tokens and a
+//!   `model` but no cost is unpriced (`cost.rs` has the rules); a run's and
+//!   the session's cost are their components'.
 //!
 //! Memory is bounded: name tables are capped at [`MAX_NAMES`] names in the
 //! order the file first shows them (the rest fold into [`OTHER`]), the runs
