@@ -192,13 +192,13 @@ def format_cost(x: Costed) -> str:
     without a price); ``-`` without any model."""
     if x.priced_events == 0:
         return "unpriced" if x.unpriced_tokens else "-"
-    usd = x.cost_nanousd / 1e9
-    if usd >= 1:
-        text = f"${usd:,.2f}"
-    elif usd > 0:
+    dollars = usd(x.cost_nanousd)
+    if dollars >= 1:
+        text = f"${dollars:,.2f}"
+    elif dollars > 0:
         # Three significant digits below a dollar: $0.0123, $0.000525, $0.0000024.
-        decimals = min(9, 2 - math.floor(math.log10(usd)))
-        text = f"${usd:.{decimals}f}".rstrip("0").rstrip(".")
+        decimals = min(9, 2 - math.floor(math.log10(dollars)))
+        text = f"${dollars:.{decimals}f}".rstrip("0").rstrip(".")
     else:
         text = "$0"  # a priced model that spent nothing
     return text + "+" if x.unpriced_tokens else text
