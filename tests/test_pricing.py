@@ -79,7 +79,7 @@ def test_an_unknown_model_or_no_model_is_unpriced() -> None:
     assert pricer.price(None, 100, 10) is None
     assert pricer.price("", 100, 10) is None
     assert pricer.cost_meta(None) == {}
-    assert asyncio.run(pricer.ameta("house-model-7", 100, 10)) == {}
+    assert asyncio.run(pricer.ameta("house-model-7", 100, 10)) == ({}, False)
 
 
 def test_an_override_wins_over_the_table_with_decimal_arithmetic() -> None:
@@ -87,7 +87,7 @@ def test_an_override_wins_over_the_table_with_decimal_arithmetic() -> None:
     cost = pricer.price("gpt-4o-mini", 3, 7)
     # 3 * 0.1 + 7 * 0.3 = 2.4 dollars per million: binary floats would give 2.4000000000000004.
     assert cost == Decimal("0.0000024")
-    assert asyncio.run(pricer.ameta("gpt-4o-mini", 3, 7)) == {"cost_usd": 2.4e-06}
+    assert asyncio.run(pricer.ameta("gpt-4o-mini", 3, 7)) == ({"cost_usd": 2.4e-06}, False)
 
 
 def test_costs_are_stored_to_the_nano_dollar() -> None:
@@ -123,6 +123,25 @@ def test_aprice_does_not_block_the_event_loop_on_the_import() -> None:
     cost, ticks = proc.stdout.split()
     assert Decimal(cost) == Decimal("0.00021")
     assert int(ticks) >= 5, proc.stdout  # the import took > 25 ms and the loop ran meanwhile
+
+
+def test_a_cancellation_while_the_table_loads_leaves_the_call_unpriced_not_lost() -> None:
+    """Cancelled while pricing waits for the table's import: the cost is left out
+    and the caller is told, so it records the call's tokens before it stops."""
+    probe = (
+        "import asyncio\n"
+        "from sigil.telemetry.pricing import Pricer\n"
+        "async def main():\n"
+        "    task = asyncio.ensure_future(Pricer().ameta('gpt-4o-mini', 1000, 100))\n"
+        "    await asyncio.sleep(0.01)\n"
+        "    task.cancel()\n"
+        "    print(await task)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert proc.stdout.strip() == "({}, True)"
 
 
 def test_pricing_makes_no_network_call_and_never_auto_updates() -> None:

@@ -167,7 +167,7 @@ class Meter:
         """Record a call that returned: its tokens, or unknown usage."""
         try:
             meta = self._meta(call, usage, model, status) | (extra or {})
-            await self._price(meta, usage)
+            cancelled = await self._price(meta, usage)
             if usage is None:
                 message = (
                     f"{call.endpoint} {meta['model']}: usage unknown (the upstream reported none)"
@@ -185,6 +185,8 @@ class Meter:
                 message=message,
                 metadata=meta,
             )
+            if cancelled:
+                raise asyncio.CancelledError  # the call's tokens recorded first
         finally:
             await self._release(call)
 
@@ -202,8 +204,9 @@ class Meter:
         self.failed += 1
         try:
             meta = self._meta(call, usage, model, status)
+            cancelled = False
             if usage is not None and usage.total:
-                await self._price(meta, usage)
+                cancelled = await self._price(meta, usage)
                 await self.tracker.track(
                     call.component,
                     usage.total,
@@ -223,6 +226,8 @@ class Meter:
             await self.logger.log_event(
                 "step_error", call.component, f"{call.endpoint} failed: {error}", 0, meta
             )
+            if cancelled:
+                raise asyncio.CancelledError  # the call's tokens recorded first
         finally:
             await self._release(call)
 
@@ -254,17 +259,17 @@ class Meter:
             },
         )
 
-    async def _price(self, meta: dict[str, Any], usage: Usage | None) -> None:
-        """Add the call's ``cost_usd`` to ``meta`` when its model is priced."""
-        if usage is not None:
-            model = meta.get("model")
-            meta.update(
-                await self.pricer.ameta(
-                    model if isinstance(model, str) else None,
-                    usage.input_tokens,
-                    usage.output_tokens,
-                )
-            )
+    async def _price(self, meta: dict[str, Any], usage: Usage | None) -> bool:
+        """Add the call's ``cost_usd`` to ``meta`` when its model is priced; True when
+        the call was cancelled meanwhile (the caller records it, then raises)."""
+        if usage is None:
+            return False
+        model = meta.get("model")
+        cost, cancelled = await self.pricer.ameta(
+            model if isinstance(model, str) else None, usage.input_tokens, usage.output_tokens
+        )
+        meta.update(cost)
+        return cancelled
 
     def _meta(
         self, call: Call, usage: Usage | None, model: str | None, status: int | None

@@ -176,9 +176,23 @@ class Pricer:
 
     async def ameta(
         self, model: str | None, input_tokens: int, output_tokens: int
-    ) -> dict[str, Any]:
-        """The event metadata of a call's cost: ``{"cost_usd": ...}`` or ``{}``."""
-        return self.cost_meta(await self.aprice(model, input_tokens, output_tokens))
+    ) -> tuple[dict[str, Any], bool]:
+        """The event metadata of a call's cost (``{"cost_usd": ...}``, or ``{}`` when
+        unpriced), and whether the task was cancelled meanwhile.
+
+        Pricing waits (on a worker thread) only while the table is still being
+        imported; a cancellation then must not lose the call's tokens: the cost
+        is left out (the event counts as unpriced), the caller records the event
+        and then raises ``CancelledError`` itself.
+        """
+        try:
+            return self.cost_meta(await self.aprice(model, input_tokens, output_tokens)), False
+        except BaseException as exc:
+            import asyncio  # (imported already: this is a coroutine)
+
+            if not isinstance(exc, asyncio.CancelledError):
+                raise
+            return {}, True
 
 
 #: Prices of units a sigil usage never reports (cache, audio, image and video

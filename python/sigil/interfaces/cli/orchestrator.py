@@ -1241,13 +1241,17 @@ class Orchestrator:
 
     async def _usage_meta(
         self, input_tokens: int, output_tokens: int, model: str | None
-    ) -> dict[str, Any]:
-        """A model call's metadata: its tokens, its model and, where priced, ``cost_usd``."""
+    ) -> tuple[dict[str, Any], bool]:
+        """A model call's metadata: its tokens, its model and, where priced,
+        ``cost_usd``; and whether the run was cancelled while it was priced (the
+        caller records the call, then raises ``CancelledError``)."""
         meta: dict[str, Any] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+        cancelled = False
         if model is not None:
             meta["model"] = model
-            meta.update(await self.pricer.ameta(model, input_tokens, output_tokens))
-        return meta
+            cost, cancelled = await self.pricer.ameta(model, input_tokens, output_tokens)
+            meta.update(cost)
+        return meta, cancelled
 
     def _model_name(self, tokenizer_name: str) -> str:
         if self.provider is not None:
@@ -1300,7 +1304,7 @@ class Orchestrator:
                 now = time.perf_counter()
                 usage = usage_of(exc)
                 if usage is not None:
-                    spent = await self._usage_meta(
+                    spent, cancelled = await self._usage_meta(
                         usage.input_tokens, usage.output_tokens, usage.model
                     )
                     await tracker.track(
@@ -1311,6 +1315,8 @@ class Orchestrator:
                         metadata=spent
                         | {"attempt": attempt, "outcome": "failed_attempt", "run": run},
                     )
+                    if cancelled:
+                        raise asyncio.CancelledError from exc  # its tokens recorded first
                 handled = self.error_handler.handle(
                     exc,
                     ErrorContext(
@@ -1357,7 +1363,9 @@ class Orchestrator:
                 )
             now = time.perf_counter()
             latency_ms = (now - step_started) * 1000
-            spent = await self._usage_meta(out.input_tokens, out.output_tokens, out.model)
+            spent, cancelled = await self._usage_meta(
+                out.input_tokens, out.output_tokens, out.model
+            )
             meta: dict[str, Any] = {
                 "run": run,
                 "attempt": attempt,
@@ -1381,6 +1389,8 @@ class Orchestrator:
                 message=out.message or f"{title} completed",
                 metadata=meta,
             )
+            if cancelled:
+                raise asyncio.CancelledError  # the step's tokens recorded first
             return (
                 StepResult(
                     step=_step_name(slot),
