@@ -105,7 +105,8 @@ def spawn(env: dict[str, str]) -> Iterator[Callable[..., subprocess.Popen[str]]]
     for proc in procs:
         if proc.poll() is None:
             proc.kill()
-        proc.communicate(timeout=5)
+        if proc.stdout is not None and not proc.stdout.closed:
+            proc.communicate(timeout=5)
 
 
 def read_until(stream: IO[str] | None, predicate: Callable[[str], bool]) -> list[str]:
@@ -162,6 +163,21 @@ def test_all_lists_every_event_from_the_start_then_follows(
     ]
     assert "not shown" not in err
     assert "Tokens:    550 / 100,000" in out  # the model's totals, unchanged
+
+
+def test_all_into_a_pipe_closed_early_exits_0_quietly(
+    writer: Callable[[str], Writer], spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
+    w = writer("pipe-all")
+    w("start 100000", "burst 5000 routing 2", "complete")  # more than a pipe's buffer
+    proc = spawn("--session", "pipe-all", "--all")
+    first = read_until(proc.stdout, lambda line: line.startswith("["))
+    assert first[-1].endswith("orchestrator: Starting run 1 (0 tokens)")
+    assert proc.stdout is not None
+    proc.stdout.close()  # `| head -1`
+    assert proc.wait(20) == 0
+    assert proc.stderr is not None
+    assert proc.stderr.read().strip() == "sigil monitor: watching session pipe-all"
 
 
 def test_without_all_the_catch_up_says_how_to_see_the_rest(
