@@ -180,6 +180,33 @@ def test_all_into_a_pipe_closed_early_exits_0_quietly(
     assert proc.stderr.read().strip() == "sigil monitor: watching session pipe-all"
 
 
+def test_the_stream_lists_each_event_once_across_rotation_and_malformed_lines(
+    writer: Callable[[str], Writer], spawn: Callable[..., subprocess.Popen[str]]
+) -> None:
+    w = writer("rot-s")
+    w("start 100000", "step routing 10 5")
+    proc = spawn("--session", "rot-s", "--mode", "stream", "--all")
+    read_until(proc.stdout, lambda line: "routing step done" in line)
+    w(
+        "raw not json",
+        "rotate execution_20260111_101500.jsonl",
+        "burst 120 memory 1",
+        "rotate execution_20260111_101600.jsonl",
+        "step planning 40 5",
+        "complete",
+    )
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    events = [line.split(": ", 1)[1] for line in event_lines(out)]
+    assert events == [
+        *(f"memory step {i} (1 tokens)" for i in range(120)),
+        "planning step done (40 tokens)",
+        "Run 1 complete (0 tokens)",
+    ]
+    assert "Tokens:    170 / 100,000" in out and "Malformed: 1" in out
+    assert "not shown" not in err
+
+
 def test_without_all_the_catch_up_says_how_to_see_the_rest(
     writer: Callable[[str], Writer], spawn: Callable[..., subprocess.Popen[str]]
 ) -> None:
