@@ -121,6 +121,17 @@ def read_until(stream: IO[str] | None, predicate: Callable[[str], bool]) -> list
             return lines
 
 
+def rest(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """What is left of stdout and stderr at exit. Read through the same text
+    wrappers as :func:`read_until` (``communicate`` reads the pipes' descriptors
+    and would lose what a ``readline`` already buffered)."""
+    assert proc.stdout is not None and proc.stderr is not None
+    out = proc.stdout.read()  # stderr stays small: notices, or the summary in json mode
+    err = proc.stderr.read()
+    proc.wait(20)
+    return out, err
+
+
 def event_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("[")]
 
@@ -153,7 +164,7 @@ def test_all_lists_every_event_from_the_start_then_follows(
     assert len(caught_up) == 151
     # Then it follows: a burst larger than the model's recent ring is listed whole.
     w("burst 250 memory 1", "complete")
-    out, err = proc.communicate(timeout=20)
+    out, err = rest(proc)
     assert proc.returncode == 0
     lines = caught_up + out.splitlines()
     events = event_lines("\n".join(lines))
@@ -195,7 +206,7 @@ def test_the_stream_lists_each_event_once_across_rotation_and_malformed_lines(
         "step planning 40 5",
         "complete",
     )
-    out, err = proc.communicate(timeout=20)
+    out, err = rest(proc)
     assert proc.returncode == 0
     events = [line.split(": ", 1)[1] for line in event_lines(out)]
     assert events == [
@@ -212,7 +223,7 @@ def test_without_all_the_catch_up_says_how_to_see_the_rest(
 ) -> None:
     w = writer("recent-1")
     w("start 100000", "burst 40 routing 2", "complete")
-    out, err = spawn("--session", "recent-1", "--mode", "stream").communicate(timeout=20)
+    out, err = rest(spawn("--session", "recent-1", "--mode", "stream"))
     assert len(event_lines(out)) == 20
     assert "(22 earlier events folded, not shown): --all or --tail N lists them" in err
 
@@ -228,7 +239,7 @@ def test_tail_lists_the_last_n_then_follows(
         f"routing step {i} (2 tokens)" for i in (27, 28, 29)
     ]
     w("step planning 40 5", "complete")
-    out, _ = proc.communicate(timeout=20)
+    out, _ = rest(proc)
     assert [line.split(": ", 1)[1] for line in event_lines(out)] == [
         "planning step done (40 tokens)",
         "Run 1 complete (0 tokens)",
@@ -240,9 +251,7 @@ def test_tail_zero_lists_only_what_comes(
 ) -> None:
     w = writer("tail-0")
     w("start 100000", "burst 5 routing 2", "complete")
-    out, err = spawn("--session", "tail-0", "--mode", "stream", "--tail", "0").communicate(
-        timeout=20
-    )
+    out, err = rest(spawn("--session", "tail-0", "--mode", "stream", "--tail", "0"))
     assert event_lines(out) == [] and "EXECUTION COMPLETE" in out
     assert "not shown" not in err
 
@@ -259,7 +268,7 @@ def test_since_an_iso_time_and_a_duration(
         "complete",
     )
     iso = spawn("--session", "since-1", "-m", "stream", "--since", "2026-01-11T10:05:00+00:00")
-    out, _ = iso.communicate(timeout=20)
+    out, _ = rest(iso)
     messages = [line.split(": ", 1)[1] for line in event_lines(out)]
     assert messages[:2] == ["newer one (2 tokens)", "newest one (4 tokens)"]
     assert "old one (1 tokens)" not in messages
@@ -267,7 +276,7 @@ def test_since_an_iso_time_and_a_duration(
     assert "Tokens:    7 / 100,000" in out  # a filter selects; the totals are the model's
 
     recent = spawn("--session", "since-1", "-m", "stream", "--since", "10m")
-    out, _ = recent.communicate(timeout=20)
+    out, _ = rest(recent)
     messages = [line.split(": ", 1)[1] for line in event_lines(out)]
     assert messages == ["Starting run 1 (0 tokens)", "Run 1 complete (0 tokens)"]
 
@@ -286,7 +295,7 @@ def test_component_event_type_and_errors_select_events(
     )
 
     def messages(*args: str) -> list[str]:
-        out, _ = spawn("--session", "filt-1", "--all", *args).communicate(timeout=20)
+        out, _ = rest(spawn("--session", "filt-1", "--all", *args))
         assert "Tokens:    55 / 100,000" in out, out  # every total stays the model's
         return [line.split(": ", 1)[1] for line in event_lines(out)]
 
@@ -312,7 +321,7 @@ def test_filters_apply_to_the_events_that_arrive_live(
     proc = spawn("--session", "live-f", "--errors", "--tail", "1")
     first = read_until(proc.stdout, lambda line: "memory step failed" in line)
     w("step routing 10 5", "burst 120 planning 1", "error routing", "complete")
-    out, _ = proc.communicate(timeout=20)
+    out, _ = rest(proc)
     assert proc.returncode == 0
     assert [line.split(": ", 1)[1] for line in first + event_lines(out)] == [
         "memory step failed (0 tokens)",
@@ -327,7 +336,7 @@ def test_a_monitor_started_before_the_run_shows_session_start(
     read_until(proc.stderr, lambda line: "waiting for" in line)
     w = writer("first-1")
     w("start 100000", "burst 150 routing 2", "complete")
-    out, err = proc.communicate(timeout=20)
+    out, err = rest(proc)
     assert proc.returncode == 0
     events = event_lines(out)
     assert events[0].endswith("orchestrator: Starting run 1 (0 tokens)")
@@ -346,9 +355,12 @@ def test_json_events_beside_state_snapshots(
     proc = spawn("--session", "jev-1", "--mode", "json", "--json-events", "--all")
     first = read_until(proc.stdout, lambda line: '"routing step done"' in line)
     w("error memory", "burst 130 planning 1", "complete")
-    out, _ = proc.communicate(timeout=20)
+    out, _ = rest(proc)
     assert proc.returncode == 0
     objects = [json.loads(line) for line in first + out.splitlines()]
+    # The events of the past (--all) first, then the state they lead to.
+    assert [o["type"] for o in objects[:3]] == ["event", "event", "state"]
+    assert objects[2]["tokens_used"] == 10
     events = [o for o in objects if o["type"] == "event"]
     logged = [
         json.loads(line)
@@ -370,9 +382,9 @@ def test_json_events_filters(
 ) -> None:
     w = writer("jev-2")
     w("start 100000", "step routing 10 5", "error memory", "complete")
-    out, _ = spawn(
-        "--session", "jev-2", "-m", "json", "--json-events", "--tail", "5", "--errors"
-    ).communicate(timeout=20)
+    out, _ = rest(
+        spawn("--session", "jev-2", "-m", "json", "--json-events", "--tail", "5", "--errors")
+    )
     events = [o for o in map(json.loads, out.splitlines()) if o["type"] == "event"]
     assert [(e["event_type"], e["component"]) for e in events] == [("step_error", "memory")]
 
@@ -382,7 +394,7 @@ def test_json_without_json_events_writes_no_event(
 ) -> None:
     w = writer("jev-3")
     w("start 100000", "step routing 10 5", "complete")
-    out, _ = spawn("--session", "jev-3", "-m", "json").communicate(timeout=20)
+    out, _ = rest(spawn("--session", "jev-3", "-m", "json"))
     assert {o["type"] for o in map(json.loads, out.splitlines())} == {"state", "final"}
 
 

@@ -972,8 +972,10 @@ class ExecutionMonitor:
         session_dir = self.log_path / "sessions" / session_id
         model, state = await asyncio.to_thread(self._open, session_id)
         try:
-            self._show_caught_up(state)
+            # The events of the past first (--all, --tail, --since), then the
+            # state they lead to.
             await asyncio.to_thread(self._replay, state)
+            self._show_caught_up(state)
             if self.once:
                 return self._once(state)
             return await self._tail(model, state, session_dir)
@@ -985,8 +987,8 @@ class ExecutionMonitor:
         """``--once`` on the calling thread: :meth:`_track` without the tail."""
         model, state = self._open(session_id)
         try:
-            self._show_caught_up(state)
             self._replay(state)
+            self._show_caught_up(state)
             return self._once(state)
         finally:
             _close_model(model)
@@ -1027,6 +1029,7 @@ class ExecutionMonitor:
         """Blocking: list the events the catch-up folded that the selection asks
         for (``--all``, ``--tail``, ``--since``), or every one when this monitor
         was started before the session's log existed (it shows the whole run)."""
+        self.state = state  # what a Ctrl-C meanwhile summarizes
         selection = self.selection
         if not self._lists_events() or not state.entries:
             return

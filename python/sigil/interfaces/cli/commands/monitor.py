@@ -242,7 +242,8 @@ def _check_event_mode(mode: str, selection: Any, json_events: bool) -> None:
 @click.option(
     "--json-events",
     is_flag=True,
-    help='Json mode: one object per event too (the event as logged, "type": "event").',
+    help='Json mode: one object per event too (the event as logged, "type": "event"), '
+    "from now on; with --all, --tail or --since the earlier ones first.",
 )
 def monitor(
     session_id: str | None,
