@@ -1147,6 +1147,10 @@ class MinimalRenderer(Renderer):
         self._open_line = False
 
     def refresh(self, state: SessionState, phase: MonitorPhase, changed: bool) -> None:
+        if not self.tty and not changed:
+            # Piped, a line per change of the session, not per tick of the
+            # clock (which moves the rate and the forecast).
+            return
         line = minimal_line(state, self.width, options=self.options, color=self.color)
         if line == self._last:
             return
