@@ -82,14 +82,14 @@ def _import_ahead(mode: str) -> None:
 
 _EPILOG = """\b
 Examples:
-  sigil monitor                           the running session (or the next to start)
-  sigil monitor --session acme-1          one session, the dashboard on a terminal
-  sigil monitor -s acme-1 --mode stream --all        every event, then follow
-  sigil monitor -s acme-1 -m stream --tail 50 --component reasoning
-  sigil monitor -s acme-1 -m stream --since 10m --errors
-  sigil monitor -s acme-1 -m json --json-events | jq .   events and states, NDJSON
-  sigil monitor -s acme-1 --mode minimal  one line: tokens, rate, forecast, errors
-  sigil monitor -s acme-1 --once          the state now, then exit
+  sigil monitor                                  the running session, or the next to start
+  sigil monitor -s acme-1                        one session (the dashboard on a terminal)
+  sigil monitor -s acme-1 --all                  every event from the start, then follow
+  sigil monitor -s acme-1 --tail 50 --component reasoning
+  sigil monitor -s acme-1 --since 10m --errors   errors and retries of the last 10 minutes
+  sigil monitor -s acme-1 -m json --json-events | jq -c 'select(.type == "event")'
+  sigil monitor -s acme-1 -m minimal             one line: tokens, rate, forecast, errors
+  sigil monitor -s acme-1 --once                 the state now, then exit
 """
 
 
