@@ -218,6 +218,31 @@ def test_the_stream_lists_each_event_once_across_rotation_and_malformed_lines(
     assert "not shown" not in err
 
 
+def test_a_partial_truncation_lists_no_event_twice(
+    writer: Callable[[str], Writer], spawn: Callable[..., subprocess.Popen[str]], log_path: Path
+) -> None:
+    """copytruncate keeping the head: the lines read again are not listed again."""
+    w = writer("trunc-s")
+    w("start 1000", "step routing 12 5", "step memory 30 5")
+    proc = spawn("--session", "trunc-s", "--mode", "stream", "--all")
+    first = read_until(proc.stdout, lambda line: "(30 tokens)" in line)
+    path = log_path / "sessions" / "trunc-s" / "execution.jsonl"
+    head = b"".join(path.read_bytes().splitlines(keepends=True)[:2])  # start + routing
+    with open(path, "r+b") as f:
+        f.truncate(len(head))
+    w("step planning 7 5", "complete")
+    out, _ = rest(proc)
+    assert proc.returncode == 0
+    assert [line.split(": ", 1)[1] for line in event_lines("\n".join(first) + "\n" + out)] == [
+        "Starting run 1 (0 tokens)",
+        "routing step done (12 tokens)",
+        "memory step done (30 tokens)",
+        "planning step done (7 tokens)",
+        "Run 1 complete (0 tokens)",
+    ]
+    assert "Tokens:    49 / 1,000" in out
+
+
 def test_without_all_the_catch_up_says_how_to_see_the_rest(
     writer: Callable[[str], Writer], spawn: Callable[..., subprocess.Popen[str]]
 ) -> None:

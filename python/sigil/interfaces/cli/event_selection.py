@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from sigil.interfaces.cli.monitor import EntryLike
@@ -154,14 +154,27 @@ def history(
 
 class EventFeed:
     """Every event the model folds after its catch-up, each once and in order:
-    a tailer of the same log started at the model's checkpoint, read up to the
-    model's count of lines (``SessionSnapshot.lines``: events and lines that are
-    not) after each update."""
+    a tailer of the same log started at the model's checkpoint, polled each
+    time the model's tailer is (so both see a truncation or a rotation alike),
+    its lines handed out up to the model's count of lines
+    (``SessionSnapshot.lines``: events and lines that are not).
 
-    def __init__(self, tailer: SessionTailer, folded: int) -> None:
+    After a truncation that kept the head of the file, the lines read again
+    (an event whose ``seq`` is not past the last one seen before it) are
+    skipped and not counted, as the model skips them.
+    """
+
+    def __init__(self, tailer: SessionTailer, folded: int, max_seq: int | None = None) -> None:
         self._tailer = tailer
-        #: lines of the session read (by the catch-up, then here) so far
+        #: lines of the session handed out (by the catch-up, then here) so far
         self.count = folded
+        #: lines read, not handed out yet: an event, or None for a line that is none
+        self._pending: deque[ParsedEntry | None] = deque()
+        #: the largest seq read (the catch-up's, to begin with)
+        self._max_seq = max_seq
+        self._truncations = int(tailer.stats().get("truncations", 0) or 0)
+        #: after a truncation, events up to this seq are lines read again
+        self._reread_upto: int | None = None
 
     @classmethod
     def after_catch_up(
@@ -170,22 +183,92 @@ class EventFeed:
         log_path: str | os.PathLike[str],
         model_tailer: SessionTailer,
         folded: int,
+        max_seq: int | None = None,
+        last_offset: int | None = None,
     ) -> EventFeed:
         from sigil.telemetry.log_parser import SessionTailer
 
-        return cls(
-            SessionTailer(session_id, log_path, checkpoint=model_tailer.checkpoint(), resume=True),
-            folded,
-        )
+        checkpoint = model_tailer.checkpoint()
+        back = _one_line_back(model_tailer, checkpoint, last_offset)
+        if back is not None and checkpoint is not None:
+            # Start at the last line the model read and read it again: the
+            # tailer then knows the bytes before its offset (its mark), which
+            # tell a truncation that kept the head of the file from a file
+            # that grew (a tailer started at an offset has no mark yet).
+            start = type(checkpoint)(
+                checkpoint.dev, checkpoint.ino, back, checkpoint.fp_len, checkpoint.fp_crc
+            )
+            tailer = SessionTailer(session_id, log_path, checkpoint=start, resume=True)
+            tailer.read(1)
+        else:
+            tailer = SessionTailer(session_id, log_path, checkpoint=checkpoint, resume=True)
+        return cls(tailer, folded, max_seq)
+
+    def poll(self) -> None:
+        """Read every complete line there is now (blocking, a worker thread)."""
+        while True:
+            result = self._tailer.read(65536)
+            if not result.entries and not result.malformed:
+                return
+            truncations = int(self._tailer.stats().get("truncations", 0) or 0)
+            if truncations != self._truncations:
+                self._truncations = truncations
+                self._reread_upto = self._max_seq
+            # A line that is no event only counts: it goes after the batch's
+            # events (offsets do not order lines across a rotation), which at
+            # worst lists an event one update early.
+            lines: list[ParsedEntry | None] = [*result.entries]
+            lines.extend(None for _ in result.malformed)
+            for entry in lines:
+                if entry is not None and entry.seq is not None:
+                    upto = self._reread_upto
+                    if upto is not None:
+                        if entry.seq <= upto:
+                            continue  # read again after the truncation
+                        self._reread_upto = None
+                    if self._max_seq is None or entry.seq > self._max_seq:
+                        self._max_seq = entry.seq
+                self._pending.append(entry)
 
     def take(self, upto: int) -> list[ParsedEntry]:
-        """The events of the lines after those read, up to the model's ``upto``."""
+        """The events of the lines after those handed out, up to the model's ``upto``."""
+        if len(self._pending) < upto - self.count:
+            self.poll()
         taken: list[ParsedEntry] = []
-        while self.count < upto:
-            result = self._tailer.read(min(upto - self.count, 65536))
-            read = len(result.entries) + len(result.malformed)
-            if not read:
-                break
-            taken.extend(result.entries)
-            self.count += read
+        pending = self._pending
+        while self.count < upto and pending:
+            entry = pending.popleft()
+            self.count += 1
+            if entry is not None:
+                taken.append(entry)
         return taken
+
+
+def _one_line_back(tailer: SessionTailer, checkpoint: Any, last_offset: int | None) -> int | None:
+    """``last_offset`` (where the model's last event starts) when the live file
+    holds exactly that one line between it and ``checkpoint``, else None."""
+    if checkpoint is None or last_offset is None or not 0 <= last_offset < checkpoint.offset:
+        return None
+    size = checkpoint.offset - last_offset
+    if size > 1 << 20:
+        return None
+    try:
+        fd = os.open(tailer.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (checkpoint.dev, checkpoint.ino):
+            return None
+        start = max(0, last_offset - 1)
+        data = os.pread(fd, checkpoint.offset - start, start)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    line = data[1:] if last_offset > 0 else data
+    if last_offset > 0 and data[:1] != b"\n":
+        return None  # not the start of a line
+    if len(line) != size or line.find(b"\n") != size - 1:
+        return None
+    return last_offset

@@ -1014,7 +1014,12 @@ class ExecutionMonitor:
                 from sigil.interfaces.cli.event_selection import EventFeed
 
                 self._feed = EventFeed.after_catch_up(
-                    session_id, self.log_path, model.tailer, state.snap.lines
+                    session_id,
+                    self.log_path,
+                    model.tailer,
+                    state.snap.lines,
+                    state.snap.max_seq,
+                    state.events[-1].offset if state.events else None,  # type: ignore[attr-defined]
                 )
         except BaseException:
             _close_model(model)
@@ -1117,7 +1122,7 @@ class ExecutionMonitor:
             due = [next_lock_check, now + _MAX_WAIT]
             due.append(next_frame if dirty else next_tick)
             timeout = max(0.0, min(due) - now)
-            snapshot = await asyncio.to_thread(_pull, model, timeout)
+            snapshot = await asyncio.to_thread(_pull, model, timeout, self._feed)
             now = clock()
             if snapshot is not None:
                 last_data = now
@@ -1161,7 +1166,7 @@ class ExecutionMonitor:
                     continue
                 # The writer is gone. Whatever it flushed before letting go is on disk:
                 # drain it before deciding, so a final event is never missed.
-                snapshot = await asyncio.to_thread(_pull, model, 0.0)
+                snapshot = await asyncio.to_thread(_pull, model, 0.0, self._feed)
                 if snapshot is not None:
                     state.note_reader_stats(model.tailer.stats())
                     ended_code = self._take(state, snapshot)
@@ -1343,7 +1348,9 @@ def _quiet_broken_pipe() -> int:
     return EXIT_OK
 
 
-def _pull(model: SessionModel, timeout: float) -> SessionSnapshot | None:
+def _pull(
+    model: SessionModel, timeout: float, feed: EventFeed | None = None
+) -> SessionSnapshot | None:
     """Blocking (worker thread): fold what is new now, or after waiting up to
     ``timeout``, into the session's one native fold; its snapshot, or None when
     no line arrived.
@@ -1355,4 +1362,8 @@ def _pull(model: SessionModel, timeout: float) -> SessionSnapshot | None:
     folded = tailer.fold_into(fold)
     if not folded and timeout > 0 and tailer.wait(timeout):
         folded = tailer.fold_into(fold)
+    if feed is not None:
+        # At once, folded or not (a truncation folds nothing): both tailers
+        # see the file in the same state.
+        feed.poll()
     return fold.snapshot() if folded else None
