@@ -174,8 +174,10 @@ def test_minimal_line_fits(width: int) -> None:
     line = minimal_line(make_state(), width)
     assert len(line) < width
     assert "650 / 2,000 (32.50%)" in line
-    if width >= 40:
+    if width == 40:
         assert line == "Tokens: 650 / 2,000 (32.50%) running"
+    if width > 40:  # then the error count and the recent rate, as room allows
+        assert line == "Tokens: 650 / 2,000 (32.50%) running | 1 error | 0 tok/min"
 
 
 # -- json -------------------------------------------------------------------------------
@@ -409,7 +411,11 @@ def test_minimal_renderer_rewrites_one_line_on_a_terminal() -> None:
     renderer.refresh(state, MonitorPhase.TRACKING, True)
     written = out.getvalue()
     assert written.count("\r") == 2 and "\n" not in written
-    assert written.endswith("\rTokens: 800 / 2,000 (40.00%) running\x1b[K")
+    # The tokens in the budget level's colour (green: under 50 %), errors red.
+    assert written.endswith(
+        "\r\x1b[32mTokens: 800 / 2,000 (40.00%)\x1b[0m running"
+        " | \x1b[1;31m1 error\x1b[0m | \x1b[36m0 tok/min\x1b[0m\x1b[K"
+    )
     renderer.close()
     assert out.getvalue().endswith("\n")
 
@@ -420,7 +426,7 @@ def test_minimal_renderer_prints_lines_when_piped() -> None:
     state = make_state(final="complete")
     renderer.finish(state, MonitorPhase.FINAL, "complete", 0)
     text = out.getvalue()
-    assert text.startswith("Tokens: 650 / 2,000 (32.50%) complete\n")
+    assert text.startswith("Tokens: 650 / 2,000 (32.50%) complete | 1 error\n")
     assert "\r" not in text and "\x1b" not in text and "EXECUTION COMPLETE" in text
 
 
@@ -432,11 +438,14 @@ def test_json_renderer_keeps_stdout_pure_ndjson() -> None:
     renderer.start("watching")
     renderer.caught_up(state, MonitorPhase.TRACKING)
     renderer.refresh(state, MonitorPhase.TRACKING, False)  # nothing new: no object
-    renderer.refresh(state, MonitorPhase.TRACKING, True)
+    renderer.refresh(state, MonitorPhase.TRACKING, True)  # the state did not change: none
+    fed.feed(ev("step_complete", "routing", 0, 7))
+    renderer.refresh(state, MonitorPhase.TRACKING, True)  # it changed: one
     fed.feed(ev("session_complete", at=8, status="complete"))
     renderer.finish(state, MonitorPhase.FINAL, "complete", 0)
     objects = [orjson.loads(line) for line in out.getvalue().splitlines()]
     assert [o["type"] for o in objects] == ["state", "state", "final"]
+    assert objects[1]["events"] == objects[0]["events"] + 1
     assert objects[-1]["exit_code"] == 0 and objects[-1]["outcome"] == "complete"
     assert objects[-1]["tokens_used"] == 650
     assert "EXECUTION COMPLETE" in err.getvalue()

@@ -150,6 +150,23 @@ def test_monitor_once_folds_the_log_once(
         (["monitor", "-s", "a", "--mode", "dashboard"], None),  # not a terminal here
         (["monitor", "-s", "a", "--no-keys"], {"session": "a", "no_keys": ""}),
         (["monitor", "a"], None),
+        # The event options (issue 12): what the command accepts starts the fold early.
+        (["monitor", "-s", "a", "--all"], {"session": "a", "all": ""}),
+        (
+            ["monitor", "-s", "a", "--tail", "5", "--component", "x", "--errors"],
+            {"session": "a", "tail": "5", "component": "x", "errors": ""},
+        ),
+        (
+            ["monitor", "-s", "a", "-m", "json", "--json-events", "--event-type", "t"],
+            {"session": "a", "mode": "json", "json_events": "", "event_type": "t"},
+        ),
+        (["monitor", "-s", "a", "--tail", "-1"], None),
+        (["monitor", "-s", "a", "--all", "--tail", "1"], None),
+        (["monitor", "-s", "a", "--component", ""], None),
+        (["monitor", "-s", "a", "--json-events"], None),
+        (["monitor", "-s", "a", "-m", "minimal", "--errors"], None),
+        (["monitor", "-s", "a", "-m", "json", "--all"], None),
+        (["monitor", "-s", "a", "--since", "10m"], None),
         (["sessions", "--session", "a"], None),
         ([], None),
     ],

@@ -44,13 +44,22 @@ class SessionTailer:
         *,
         start: str = "beginning",
         max_line_bytes: int = _native.MAX_LINE_BYTES,
+        checkpoint: _native.Checkpoint | None = None,
+        resume: bool = False,
     ) -> None:
+        """``resume``: start at ``checkpoint`` (another tailer's, None: the live
+        file's beginning) and read no rotated segment before it."""
         self.session_id = validate_session_id(session_id)
         self.session_dir = resolve_log_path(log_path) / "sessions" / session_id
         self.path = self.session_dir / LOG_FILE_NAME
         self._max_line_bytes = max_line_bytes
-        self._tailer = _native.Tailer(self.path, start=start, max_line_bytes=max_line_bytes)
-        self._caught_up = start == "end"
+        if resume and checkpoint is not None:
+            self._tailer = _native.Tailer(
+                self.path, checkpoint=checkpoint, max_line_bytes=max_line_bytes
+            )
+        else:
+            self._tailer = _native.Tailer(self.path, start=start, max_line_bytes=max_line_bytes)
+        self._caught_up = start == "end" or resume
 
     def _start_at_oldest_segment(self) -> list[Path]:
         """Point the native tailer at the oldest rotated segment, if any.

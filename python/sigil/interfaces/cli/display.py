@@ -41,6 +41,7 @@ from sigil.interfaces.cli.screen import wrap as _wrap
 from sigil.telemetry.pricing import usd
 
 if TYPE_CHECKING:
+    from sigil.interfaces.cli.event_selection import EventSelection
     from sigil.interfaces.cli.monitor import EntryLike, MonitorPhase, SessionState
 
 __all__ = [
@@ -310,16 +311,52 @@ def stream_line(entry: EntryLike, color: bool = False) -> str:
     return f"[{clock}] {component}: {message} ({entry.tokens:,} tokens)"
 
 
-def minimal_line(state: SessionState, width: int = 80) -> str:
-    """``Tokens: used / budget (percent)`` plus the status, cut to fit ``width``."""
+def minimal_line(
+    state: SessionState,
+    width: int = 80,
+    *,
+    options: DisplayOptions | None = None,
+    color: bool = False,
+    now: datetime | None = None,
+) -> str:
+    """``Tokens: used / budget (percent)`` and the status, then (when there is
+    something to say) the recent rate, the forecast to the budget's end and the
+    error count, cut to fit ``width`` (the forecast goes first, then the rate).
+
+    With ``color``: the tokens in the budget level's colour (the session's
+    thresholds), the forecast by how soon it comes, errors in red.
+    """
     core = f"{state.tokens_used:,} / {state.total_budget:,} ({state.budget_percentage:.2f}%)"
     status = state.display_status.replace("_", " ")
-    line = f"Tokens: {core} {status}"
-    if len(line) >= width:
-        line = f"{core} {status}"
-    if len(line) >= width:
-        line = core
-    return line[: max(1, width - 1)]
+    level = budget_level(state.budget_percentage / 100, options or DisplayOptions(), state)
+    extras: list[tuple[str, str]] = []  # (text, SGR), dropped from the end to fit
+    errors = state.snap.event_counts.get("step_error", 0)
+    if errors:
+        extras.append((f"{errors:,} error{'s' if errors != 1 else ''}", "1;31"))
+    if state.live:
+        rate = state.recent_rate(now)
+        if rate is not None:
+            extras.append((f"{rate * 60:,.0f} tok/min", "36"))
+        to_end = state.seconds_to_budget_end(now)
+        if to_end is not None:
+            soon = "1;31" if to_end < 300 else "33" if to_end < 900 else "2"
+            extras.append((f"budget ends in ~{format_duration(to_end)}", soon))
+    # The error count outlives the rate and the forecast when the line is short.
+    extras.sort(key=lambda part: part[1] != "1;31")
+    for head in (f"Tokens: {core} {status}", f"{core} {status}", core):
+        kept = list(extras)
+        while kept and len(head) + sum(3 + len(t) for t, _ in kept) >= width:
+            kept.pop()
+        if len(head) + sum(3 + len(t) for t, _ in kept) < width or head == core:
+            break
+    head = head[: max(1, width - 1)]
+    if not color:
+        return " | ".join([head, *(t for t, _ in kept)])
+    tokens_end = head.find(")") + 1 if ")" in head else len(head)
+    text = _sgr(head[:tokens_end], _level_sgr(level), True) + head[tokens_end:]
+    for part, code in kept:
+        text += " | " + _sgr(part, code, True)
+    return text
 
 
 # -- json -------------------------------------------------------------------------------
@@ -1069,6 +1106,30 @@ class Renderer:
         self.options = options
         self.color = use_color(out)
         self._last_notice: str | None = None
+        #: Which events the modes that list them show (None: every one).
+        self.selection: EventSelection | None = None
+        self.json_events = False
+        #: The monitor lists the caught-up events itself (``--all``, ``--tail``,
+        #: ``--since``, or the whole run for a monitor started before it).
+        self.replaying = False
+
+    def select_events(self, selection: EventSelection | None, *, json_events: bool) -> None:
+        self.selection = selection
+        self.json_events = json_events
+
+    @property
+    def lists_events(self) -> bool:
+        """This mode writes events (the monitor then reads each one for it)."""
+        return False
+
+    def _selected(self, entries: Sequence[EntryLike]) -> list[EntryLike]:
+        if self.selection is None:
+            return list(entries)
+        return self.selection.select(list(entries))
+
+    def write_events(self, entries: Sequence[EntryLike]) -> None:
+        """Write events already selected (the monitor's replay of the past)."""
+        return None
 
     @property
     def width(self) -> int:
@@ -1128,17 +1189,30 @@ class StreamRenderer(Renderer):
 
     catch_up_lines = 20
 
+    @property
+    def lists_events(self) -> bool:
+        return True
+
     def caught_up(self, state: SessionState, phase: MonitorPhase) -> None:
-        shown = list(state.events)[-self.catch_up_lines :]
-        earlier = state.entries - len(shown)
+        if self.replaying:
+            return  # the monitor lists them (write_events)
+        recent = list(state.events)
+        shown = self._selected(recent)[-self.catch_up_lines :]
+        filtered = self.selection is not None and self.selection.filters
+        earlier = state.entries - (len(recent) if filtered else len(shown))
         if earlier > 0:
-            self.notice(f"({earlier:,} earlier events folded, not shown)")
-        self.on_events(state, shown)
+            self.notice(
+                f"({earlier:,} earlier events folded, not shown): --all or --tail N lists them"
+            )
+        self.write_events(shown)
 
     def on_events(self, state: SessionState, entries: Sequence[EntryLike]) -> None:
         if state.unlisted and entries:
             # A burst larger than the model keeps: counted in every total, not listed.
             self.notice(f"({state.unlisted:,} events folded, not shown)")
+        self.write_events(self._selected(entries))
+
+    def write_events(self, entries: Sequence[EntryLike]) -> None:
         if not entries:
             return
         color = self.color
@@ -1159,7 +1233,11 @@ class MinimalRenderer(Renderer):
         self._open_line = False
 
     def refresh(self, state: SessionState, phase: MonitorPhase, changed: bool) -> None:
-        line = minimal_line(state, self.width)
+        if not self.tty and not changed:
+            # Piped, a line per change of the session, not per tick of the
+            # clock (which moves the rate and the forecast).
+            return
+        line = minimal_line(state, self.width, options=self.options, color=self.color)
         if line == self._last:
             return
         self._last = line
@@ -1204,9 +1282,20 @@ class JsonRenderer(Renderer):
     The human summary goes to stderr so that stdout stays pure JSON for ``jq``.
     """
 
+    #: What changes with the clock alone, not with the state: a snapshot that
+    #: differs from the last one written only here is not written again.
+    _CLOCK_FIELDS = frozenset(
+        {"elapsed_seconds", "tokens_per_second", "stalled_seconds", "seconds_to_budget_end"}
+    )
+
     def __init__(self, out: TextIO, err: TextIO, options: DisplayOptions) -> None:
         super().__init__(out, err, options)
         self.color = False
+        self._last_state: dict[str, Any] | None = None
+
+    @property
+    def lists_events(self) -> bool:
+        return self.json_events
 
     def _emit(self, obj: dict[str, Any]) -> None:
         import orjson
@@ -1214,12 +1303,39 @@ class JsonRenderer(Renderer):
         self.out.write(orjson.dumps(obj).decode() + "\n")
         self.out.flush()
 
+    def _emit_state(self, state: SessionState, phase: MonitorPhase) -> None:
+        """A state snapshot, only when the state changed since the last one."""
+        obj = state_to_dict(state, phase=phase)
+        key = {k: v for k, v in obj.items() if k not in self._CLOCK_FIELDS}
+        if key == self._last_state:
+            return
+        self._last_state = key
+        self._emit(obj)
+
     def caught_up(self, state: SessionState, phase: MonitorPhase) -> None:
-        self._emit(state_to_dict(state, phase=phase))
+        self._emit_state(state, phase)
+
+    def on_events(self, state: SessionState, entries: Sequence[EntryLike]) -> None:
+        if self.json_events:
+            self.write_events(self._selected(entries))
+
+    def write_events(self, entries: Sequence[EntryLike]) -> None:
+        """One object per event: the event as logged, plus ``"type": "event"``."""
+        if not entries:
+            return
+        import orjson
+
+        lines = []
+        for entry in entries:
+            obj = entry.to_dict()  # type: ignore[attr-defined]
+            obj["type"] = "event"
+            lines.append(orjson.dumps(obj).decode())
+        self.out.write("\n".join(lines) + "\n")
+        self.out.flush()
 
     def refresh(self, state: SessionState, phase: MonitorPhase, changed: bool) -> None:
         if changed:
-            self._emit(state_to_dict(state, phase=phase))
+            self._emit_state(state, phase)
 
     def finish(
         self, state: SessionState, phase: MonitorPhase, outcome: str, exit_code: int

@@ -42,8 +42,21 @@ _VALUE_OPTIONS = {
     "-m": "mode",
     "--refresh-rate": "refresh",
     "-r": "refresh",
+    "--tail": "tail",
+    "--component": "component",
+    "--event-type": "event_type",
 }
-_FLAGS = {"--once": "once", "--follow": "follow", "-f": "follow", "--no-keys": "no_keys"}
+_FLAGS = {
+    "--once": "once",
+    "--follow": "follow",
+    "-f": "follow",
+    "--no-keys": "no_keys",
+    "--all": "all",
+    "--errors": "errors",
+    "--json-events": "json_events",
+}
+#: The event options (issue 12): they list events, in the stream or json --json-events.
+_EVENT_KEYS = ("all", "errors", "tail", "component", "event_type")
 
 
 def _monitor_options(args: list[str]) -> dict[str, str] | None:
@@ -74,7 +87,25 @@ def _monitor_options(args: list[str]) -> dict[str, str] | None:
         return None
     if found.get("mode") == "dashboard" and not _stdout_is_a_terminal():
         return None  # refused by the command
+    if not _event_options_fit(found):
+        return None  # refused by the command (or too unusual to guess about)
     return found
+
+
+def _event_options_fit(found: dict[str, str]) -> bool:
+    """The event options as the command accepts them (``--since`` is left to it)."""
+    mode = found.get("mode")
+    if "json_events" in found and mode != "json":
+        return False
+    if any(key in found for key in _EVENT_KEYS):
+        if mode not in (None, "stream") and not (mode == "json" and "json_events" in found):
+            return False
+        tail = found.get("tail")
+        if tail is not None and (not tail.isascii() or not tail.isdigit() or "all" in found):
+            return False
+        if any(key in found and not found[key].strip() for key in ("component", "event_type")):
+            return False
+    return True
 
 
 def _stdout_is_a_terminal() -> bool:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import asyncio
 
     from sigil.interfaces.cli.display import DisplayOptions, Renderer
+    from sigil.interfaces.cli.event_selection import EventFeed, EventSelection
     from sigil.interfaces.cli.keys import TerminalKeys
     from sigil.telemetry.log_parser import (
         ComponentSnapshot,
@@ -611,6 +612,8 @@ class ExecutionMonitor:
         last_n: int = 100,
         keys: bool = True,
         stdin: TextIO | None = None,
+        selection: EventSelection | None = None,
+        json_events: bool = False,
     ) -> None:
         """
         Args:
@@ -628,6 +631,10 @@ class ExecutionMonitor:
             keys: Read keys on the dashboard (stdin a terminal, cbreak mode
                 while running, restored on every exit path).
             stdin: Where keys come from (default ``sys.stdin``).
+            selection: Which events the stream (or ``json_events``) lists
+                (``--all``, ``--tail``, ``--since``, ``--component``,
+                ``--event-type``, ``--errors``): it selects, never counts.
+            json_events: The json mode writes one object per event too.
         """
         from sigil.core.paths import resolve_log_path, validate_session_id
 
@@ -649,6 +656,12 @@ class ExecutionMonitor:
         self._stderr = stderr
         self.keys = keys
         self._stdin = stdin
+        self.selection = selection
+        self.json_events = json_events
+        #: Every event the model folds after the catch-up, for the modes that list them.
+        self._feed: EventFeed | None = None
+        #: The log did not exist when this monitor first looked: the whole run is new.
+        self._waited = False
 
         self.state = SessionState(
             session_id or "", default_budget=default_budget, max_events=last_n
@@ -723,6 +736,7 @@ class ExecutionMonitor:
             options=self._options,
             inline=self.once,
         )
+        self._renderer.select_events(self.selection, json_events=self.json_events)
         installed = self._install_signals(loop)
         code = EXIT_FAILED
         keys = None
@@ -826,6 +840,7 @@ class ExecutionMonitor:
             options=self._options,
             inline=True,
         )
+        self._renderer.select_events(self.selection, json_events=self.json_events)
         code = EXIT_FAILED
         try:
             self._renderer.start(f"watching {self._target()}")
@@ -882,10 +897,12 @@ class ExecutionMonitor:
 
         renderer = self._require_renderer()
         self.phase = MonitorPhase.INITIAL
+        self._waited = False
         while not self._stopping:
             found = await asyncio.to_thread(self._probe)
             if found is not None:
                 return found
+            self._waited = True
             if self.once:
                 renderer.error(self._no_log())
                 return EXIT_FAILED
@@ -955,17 +972,22 @@ class ExecutionMonitor:
         session_dir = self.log_path / "sessions" / session_id
         model, state = await asyncio.to_thread(self._open, session_id)
         try:
+            # The events of the past first (--all, --tail, --since), then the
+            # state they lead to.
+            await asyncio.to_thread(self._replay, state)
             self._show_caught_up(state)
             if self.once:
                 return self._once(state)
             return await self._tail(model, state, session_dir)
         finally:
+            self._feed = None
             _close_model(model)
 
     def _catch_up(self, session_id: str) -> int:
         """``--once`` on the calling thread: :meth:`_track` without the tail."""
         model, state = self._open(session_id)
         try:
+            self._replay(state)
             self._show_caught_up(state)
             return self._once(state)
         finally:
@@ -988,10 +1010,55 @@ class ExecutionMonitor:
             state.rotated_segments = len(segments)
             state.note_reader_stats(model.tailer.stats(), at_catch_up=True)
             state.locked = _session_locked(self.log_path / "sessions" / session_id)
+            if self._lists_events() and not self.once:
+                from sigil.interfaces.cli.event_selection import EventFeed
+
+                self._feed = EventFeed.after_catch_up(
+                    session_id,
+                    self.log_path,
+                    model.tailer,
+                    state.snap.lines,
+                    state.snap.max_seq,
+                    state.events[-1].offset if state.events else None,  # type: ignore[attr-defined]
+                )
         except BaseException:
             _close_model(model)
             raise
         return model, state
+
+    def _lists_events(self) -> bool:
+        renderer = self._renderer
+        return renderer is not None and renderer.lists_events
+
+    def _replay(self, state: SessionState) -> None:
+        """Blocking: list the events the catch-up folded that the selection asks
+        for (``--all``, ``--tail``, ``--since``), or every one when this monitor
+        was started before the session's log existed (it shows the whole run)."""
+        self.state = state  # what a Ctrl-C meanwhile summarizes
+        selection = self.selection
+        if not self._lists_events() or not state.entries:
+            return
+        from sigil.interfaces.cli.event_selection import EventSelection, history
+
+        if selection is None or not selection.history:
+            if not self._waited:
+                return
+            base = selection or EventSelection()
+            selection = EventSelection(
+                all=True,
+                components=base.components,
+                event_types=base.event_types,
+                errors=base.errors,
+            )
+        renderer = self._require_renderer()
+        for batch in history(
+            state.session_id,
+            self.log_path,
+            state.snap.lines,
+            selection,
+            stopping=lambda: self._stopping,
+        ):
+            renderer.write_events(batch)
 
     def _show_caught_up(self, state: SessionState) -> None:
         if self.once and state.status == "running" and not state.locked:
@@ -1001,7 +1068,11 @@ class ExecutionMonitor:
             state.incomplete = True
         self.state = state
         self.phase = self._phase_of(state)
-        self._require_renderer().caught_up(state, self.phase)
+        renderer = self._require_renderer()
+        renderer.replaying = bool(
+            (self.selection is not None and self.selection.history) or self._waited
+        )
+        renderer.caught_up(state, self.phase)
 
     @staticmethod
     def _phase_of(state: SessionState) -> MonitorPhase:
@@ -1051,7 +1122,7 @@ class ExecutionMonitor:
             due = [next_lock_check, now + _MAX_WAIT]
             due.append(next_frame if dirty else next_tick)
             timeout = max(0.0, min(due) - now)
-            snapshot = await asyncio.to_thread(_pull, model, timeout)
+            snapshot = await asyncio.to_thread(_pull, model, timeout, self._feed)
             now = clock()
             if snapshot is not None:
                 last_data = now
@@ -1095,7 +1166,7 @@ class ExecutionMonitor:
                     continue
                 # The writer is gone. Whatever it flushed before letting go is on disk:
                 # drain it before deciding, so a final event is never missed.
-                snapshot = await asyncio.to_thread(_pull, model, 0.0)
+                snapshot = await asyncio.to_thread(_pull, model, 0.0, self._feed)
                 if snapshot is not None:
                     state.note_reader_stats(model.tailer.stats())
                     ended_code = self._take(state, snapshot)
@@ -1125,6 +1196,11 @@ class ExecutionMonitor:
         renderer = self._require_renderer()
         runs_before, ended_before = state.runs, state.ended_key
         fresh = state.update(snapshot)
+        if self._feed is not None:
+            # Every event folded since, read by the feed: a burst larger than
+            # the model's recent ring is listed whole.
+            fresh = list[EntryLike](self._feed.take(state.snap.lines))
+            state.unlisted = 0
         ended_now = state.ended_key != ended_before
         started = state.runs > runs_before
         if started and ended_now and state.status == "running":
@@ -1272,7 +1348,9 @@ def _quiet_broken_pipe() -> int:
     return EXIT_OK
 
 
-def _pull(model: SessionModel, timeout: float) -> SessionSnapshot | None:
+def _pull(
+    model: SessionModel, timeout: float, feed: EventFeed | None = None
+) -> SessionSnapshot | None:
     """Blocking (worker thread): fold what is new now, or after waiting up to
     ``timeout``, into the session's one native fold; its snapshot, or None when
     no line arrived.
@@ -1284,4 +1362,8 @@ def _pull(model: SessionModel, timeout: float) -> SessionSnapshot | None:
     folded = tailer.fold_into(fold)
     if not folded and timeout > 0 and tailer.wait(timeout):
         folded = tailer.fold_into(fold)
+    if feed is not None:
+        # At once, folded or not (a truncation folds nothing): both tailers
+        # see the file in the same state.
+        feed.poll()
     return fold.snapshot() if folded else None

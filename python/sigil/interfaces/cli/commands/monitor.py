@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -79,10 +80,96 @@ def _import_ahead(mode: str) -> None:
         importlib.import_module(name)
 
 
+_EPILOG = """\b
+Examples:
+  sigil monitor                                  the running session, or the next to start
+  sigil monitor -s acme-1                        one session (the dashboard on a terminal)
+  sigil monitor -s acme-1 --all                  every event from the start, then follow
+  sigil monitor -s acme-1 --tail 50 --component reasoning
+  sigil monitor -s acme-1 --since 10m --errors   errors and retries of the last 10 minutes
+  sigil monitor -s acme-1 -m json --json-events | jq -c 'select(.type == "event")'
+  sigil monitor -s acme-1 -m minimal             one line: tokens, rate, forecast, errors
+  sigil monitor -s acme-1 --once                 the state now, then exit
+"""
+
+
+def _selection(
+    show_all: bool,
+    tail: str | None,
+    since: str | None,
+    components: tuple[str, ...],
+    event_types: tuple[str, ...],
+    errors: bool,
+) -> Any:
+    """The events to list, every value checked (one line, exit 2, when bad)."""
+    from sigil.interfaces.cli.event_selection import EventSelection, parse_since, parse_tail
+
+    tail_n = None
+    if tail is not None:
+        tail_n = parse_tail(tail)
+        if tail_n is None:
+            raise _fail(f"--tail must be a whole number of events (0 or more), got {tail!r}")
+    since_at = None
+    if since is not None:
+        since_at = parse_since(since)
+        if since_at is None:
+            raise _fail(
+                "--since must be an ISO time (2026-01-11T10:15:00) or a duration "
+                f"(90s, 10m, 2h, 1d), got {since!r}"
+            )
+    if show_all and (tail is not None or since is not None):
+        other = "--tail" if tail is not None else "--since"
+        raise _fail(f"--all and {other} cannot be used together")
+    for name, values in (("--component", components), ("--event-type", event_types)):
+        for value in values:
+            if not value.strip():
+                raise _fail(f"{name} must not be empty")
+    return EventSelection(
+        all=show_all,
+        tail=tail_n,
+        since=since_at,
+        components=frozenset(components),
+        event_types=frozenset(event_types),
+        errors=errors,
+    )
+
+
+def _given_event_option(selection: Any) -> str | None:
+    """The first event option given, for a message."""
+    if not selection.given:
+        return None
+    if selection.all:
+        return "--all"
+    if selection.tail is not None:
+        return "--tail"
+    if selection.since is not None:
+        return "--since"
+    if selection.components:
+        return "--component"
+    if selection.event_types:
+        return "--event-type"
+    return "--errors"
+
+
+def _check_event_mode(mode: str, selection: Any, json_events: bool) -> None:
+    """Event options need a mode that lists events."""
+    if json_events and mode != "json":
+        raise _fail(f"--json-events needs --mode json, got --mode {mode}")
+    option = _given_event_option(selection)
+    if option is None or mode == "stream" or (mode == "json" and json_events):
+        return
+    if mode == "dashboard" and not sys.stdout.isatty():
+        return  # off a terminal the dashboard is the stream
+    if mode == "json":
+        raise _fail(f"{option} selects events: with --mode json add --json-events")
+    raise _fail(f"{option} selects events: use --mode stream (or json --json-events), not {mode}")
+
+
 @click.command(
     "monitor",
     cls=OneLineCommand,
     context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=_EPILOG,
 )
 @click.option(
     "--session",
@@ -121,6 +208,43 @@ def _import_ahead(mode: str) -> None:
     is_flag=True,
     help="Dashboard: do not read keys (q quit, p pause, ? help, e, c, s, arrows, /).",
 )
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help="Stream: every event from the start of the session, then follow.",
+)
+@click.option("--tail", metavar="N", help="Stream: the last N events, then follow.")
+@click.option(
+    "--since",
+    metavar="TIME",
+    help="Stream: events from TIME (ISO time, or a duration back: 90s, 10m, 2h, 1d).",
+)
+@click.option(
+    "--component",
+    "components",
+    metavar="NAME",
+    multiple=True,
+    help="Stream: only this component's events (repeatable).",
+)
+@click.option(
+    "--event-type",
+    "event_types",
+    metavar="TYPE",
+    multiple=True,
+    help="Stream: only events of this type, e.g. step_error (repeatable).",
+)
+@click.option(
+    "--errors",
+    is_flag=True,
+    help="Stream: only error and retry events (step_error, session_error, retry_attempt).",
+)
+@click.option(
+    "--json-events",
+    is_flag=True,
+    help='Json mode: one object per event too (the event as logged, "type": "event"), '
+    "from now on; with --all, --tail or --since the earlier ones first.",
+)
 def monitor(
     session_id: str | None,
     mode: str | None,
@@ -129,12 +253,24 @@ def monitor(
     once: bool,
     follow: bool,
     no_keys: bool,
+    show_all: bool,
+    tail: str | None,
+    since: str | None,
+    components: tuple[str, ...],
+    event_types: tuple[str, ...],
+    errors: bool,
+    json_events: bool,
 ) -> None:
     """Watch a session's log live: where the tokens and the time go.
 
     Exit codes: 0 the run completed, 1 it failed or its writer is gone
     (incomplete), 2 bad usage, 3 its budget ran out, 130 interrupted (SIGINT),
     143 terminated (SIGTERM).
+
+    The event options (--all, --tail, --since, --component, --event-type,
+    --errors) select the events listed by --mode stream, or by --mode json with
+    --json-events; without --mode they choose the stream. They never change a
+    total: every number is the session model's.
     """
     from sigil.core.paths import InvalidSessionId, resolve_log_path, validate_session_id
 
@@ -151,6 +287,11 @@ def monitor(
         raise _fail("--once and --follow cannot be used together")
     if mode == "dashboard" and not sys.stdout.isatty():
         raise _fail("--mode dashboard needs a terminal on stdout; use --mode stream or json")
+    selection = _selection(show_all, tail, since, components, event_types, errors)
+    if mode is None and selection.given and not json_events:
+        mode = "stream"  # the event options list events: the stream does
+    if mode is not None:
+        _check_event_mode(mode, selection, json_events)
 
     # The catch-up (one native fold, without the GIL) starts as soon as the log is
     # known and runs while the settings, the monitor and the display are imported
@@ -179,6 +320,7 @@ def monitor(
         raise _fail(
             f"monitoring.default_mode must be one of {', '.join(_MODES)}, got {chosen_mode!r}"
         )
+    _check_event_mode(chosen_mode, selection, json_events)
     if refresh is None:
         refresh = 1.0 / float(settings.monitoring.refresh_rate_hz)
 
@@ -198,6 +340,8 @@ def monitor(
         options=DisplayOptions.from_settings(settings),
         default_budget=int(settings.token_budget.default_total),
         keys=not no_keys,
+        selection=selection,
+        json_events=json_events,
     )
     try:
         if once:
