@@ -96,7 +96,10 @@ def test_each_key_changes_the_screen(
     w = writer(session)
     _live_session(w, session)
     term = started("--session", session, cols=cols, rows=rows)
-    screen = term.wait_for("reasoning  attempt 1")
+    # A whole frame: a frame is written top to bottom and may be read half drawn.
+    screen = term.wait_for(
+        lambda t: "reasoning  attempt 1" in t and "! validation error" in t and "boom" in t
+    )
     lines = screen.splitlines()
     assert len(lines) <= rows
     # Nothing essential cut, at every size: what runs now, tokens, burn, every

@@ -378,9 +378,14 @@ def check(
             assert v.metrics["slowest_component"] == slowest
     minimal = v.summaries["minimal"][0].split("=" * 10)[0].splitlines()
     assert minimal, v.summaries["minimal"]
+    errors = snap.event_counts.get("step_error", 0)
     for line in minimal:
-        assert line.startswith(f"Tokens: {snap.tokens:,} / "), minimal
-        assert line.endswith(" " + shown.replace("_", " ")), minimal
+        head, *parts = line.split(" | ")
+        assert head.startswith(f"Tokens: {snap.tokens:,} / "), minimal
+        assert head.endswith(" " + shown.replace("_", " ")), minimal
+        # The error count is the model's (none shown when there is none).
+        shown_errors = [p for p in parts if p.endswith(("error", "errors"))]
+        assert shown_errors == ([f"{errors} error{'s' if errors != 1 else ''}"] if errors else [])
 
     # sigil sessions --json.
     row = v.row

@@ -205,9 +205,13 @@ def test_sessions_lists_live_and_archived(log_path: Path, run_sigil: Run) -> Non
     table = run_sigil("sessions")
     assert table.returncode == 0
     header, *lines = table.stdout.splitlines()
-    assert header.split() == ["ID", "STATUS", "STARTED", "DURATION", "TOKENS", "SIZE", "ARCHIVED"]
+    assert header.split() == [
+        "ID", "STATUS", "STARTED", "DURATION", "TOKENS", "COST", "SIZE", "ARCHIVED"
+    ]  # fmt: skip
     done_line = next(line for line in lines if line.startswith("done "))
     assert "650/256,000" in done_line and "5.1s" in done_line
+    # A summary from before the ledger names no priced model: its cost is unknown.
+    assert done_line.split()[6] in ("-", "unpriced"), done_line
     gone_line = next(line for line in lines if line.startswith("gone "))
     assert gone_line.rstrip().endswith(date.today().isoformat())
 

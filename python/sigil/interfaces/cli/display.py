@@ -345,18 +345,21 @@ def minimal_line(
     extras.sort(key=lambda part: part[1] != "1;31")
     for head in (f"Tokens: {core} {status}", f"{core} {status}", core):
         kept = list(extras)
-        while kept and len(head) + sum(3 + len(t) for t, _ in kept) >= width:
+        while kept and _joined_width(head, kept) >= width:
             kept.pop()
-        if len(head) + sum(3 + len(t) for t, _ in kept) < width or head == core:
+        if _joined_width(head, kept) < width or head == core:
             break
     head = head[: max(1, width - 1)]
     if not color:
         return " | ".join([head, *(t for t, _ in kept)])
     tokens_end = head.find(")") + 1 if ")" in head else len(head)
-    text = _sgr(head[:tokens_end], _level_sgr(level), True) + head[tokens_end:]
-    for part, code in kept:
-        text += " | " + _sgr(part, code, True)
-    return text
+    first = _sgr(head[:tokens_end], _level_sgr(level), True) + head[tokens_end:]
+    return " | ".join([first, *(_sgr(part, code, True) for part, code in kept)])
+
+
+def _joined_width(head: str, parts: list[tuple[str, str]]) -> int:
+    """Characters of ``head`` and ``parts`` joined by `` | `` (plain text)."""
+    return len(" | ".join([head, *(text for text, _ in parts)]))
 
 
 # -- json -------------------------------------------------------------------------------
