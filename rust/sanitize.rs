@@ -140,7 +140,17 @@ struct Re {
     /// The same rule as literals and a run (`Token`), searched without an
     /// automaton; set for the provider-token rules of that shape.
     token: Option<Token>,
+    /// The same rule on ASCII text of at most `ASCII_CODE_MAX` bytes, as code:
+    /// the leftmost match at or after a position.
+    ascii_code: Option<AsciiFind>,
 }
+
+type AsciiFind = fn(&[u8], usize) -> Option<(usize, usize)>;
+
+/// The longest ASCII text the hand-written matchers (`Re::ascii_code`) run
+/// on: they may rescan a value from each of many starts, and longer text goes
+/// to the (linear) automaton.
+const ASCII_CODE_MAX: usize = 2048;
 
 impl Re {
     fn new(pattern: &str) -> Self {
@@ -148,6 +158,16 @@ impl Re {
             uni: bytes_re(pattern),
             ascii: bytes_re(&format!("(?-u){pattern}")),
             token: None,
+            ascii_code: None,
+        }
+    }
+
+    /// A rule also written as code for ASCII text (the test
+    /// `ascii_code_finds_what_the_regex_finds` compares them).
+    fn with_ascii_code(pattern: &str, code: AsciiFind) -> Self {
+        Re {
+            ascii_code: Some(code),
+            ..Re::new(pattern)
         }
     }
 
@@ -162,9 +182,12 @@ impl Re {
 
     /// The leftmost match at or after `pos` (a character boundary).
     fn find_at(&self, text: &str, pos: usize, ascii: bool) -> Option<(usize, usize)> {
-        match &self.token {
-            Some(t) => t.find_at(text.as_bytes(), pos),
-            None => self
+        if let Some(t) = &self.token {
+            return t.find_at(text.as_bytes(), pos);
+        }
+        match self.ascii_code {
+            Some(code) if ascii && text.len() <= ASCII_CODE_MAX => code(text.as_bytes(), pos),
+            _ => self
                 .find(ascii)
                 .find_at(text.as_bytes(), pos)
                 .map(|m| (m.start(), m.end())),
@@ -262,6 +285,145 @@ fn slack_class(c: u8) -> bool {
 
 fn whsec_class(c: u8) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=')
+}
+
+/// ASCII `[\s\x1C-\x1F]`.
+fn ascii_space(c: u8) -> bool {
+    matches!(
+        c,
+        b'\t' | b'\n' | b'\x0B' | b'\x0C' | b'\r' | b' ' | b'\x1C'..=b'\x1F'
+    )
+}
+
+/// The bearer rule on ASCII text: "bearer" (any case), blanks, 12 or more of
+/// the credential's characters (greedy; none is a blank or '='), then '='s.
+fn bearer_ascii(b: &[u8], pos: usize) -> Option<(usize, usize)> {
+    let at = |s: usize| -> Option<usize> {
+        if !b.get(s..s + 6)?.eq_ignore_ascii_case(b"bearer") {
+            return None;
+        }
+        let blank_end = s + 6 + b[s + 6..].iter().take_while(|&&c| ascii_space(c)).count();
+        if blank_end == s + 6 {
+            return None;
+        }
+        let v = b[blank_end..]
+            .iter()
+            .take_while(|&&c| c.is_ascii_alphanumeric() || b"._~+/-".contains(&c))
+            .count();
+        if v < 12 {
+            return None;
+        }
+        let end = blank_end + v;
+        Some(end + b[end..].iter().take_while(|&&c| c == b'=').count())
+    };
+    let mut from = pos;
+    while from < b.len() {
+        let s = from + memchr::memchr2(b'b', b'B', &b[from..])?;
+        if let Some(end) = at(s) {
+            return Some((s, end));
+        }
+        from = s + 1;
+    }
+    None
+}
+
+/// The key-value rule's names as the regex tries them at one start
+/// (alternatives in order, a greedy optional part first with it, then
+/// without), by first letter: only those can match at a start.
+fn kv_names(first: u8) -> &'static [&'static [u8]] {
+    match first {
+        b'p' => &[
+            b"password",
+            b"passwd",
+            b"passphrase",
+            b"pwd",
+            b"private_key",
+            b"private-key",
+            b"privatekey",
+        ],
+        b's' => &[b"secret_key", b"secret-key", b"secretkey", b"secret"],
+        b'a' => &[
+            b"api_key",
+            b"api-key",
+            b"apikey",
+            b"access_key",
+            b"access-key",
+            b"accesskey",
+            b"authorization",
+            b"auth",
+        ],
+        b't' => &[b"token"],
+        b'c' => &[b"credentials", b"credential"],
+        _ => &[],
+    }
+}
+
+/// The key-value rule on ASCII text: at each start, the names in the regex's
+/// order; after a name the rest of the pattern has at most one match
+/// (`kv_rest`), so the first name it follows gives the regex's match.
+fn kv_pair_ascii(b: &[u8], pos: usize) -> Option<(usize, usize)> {
+    for s in pos..b.len() {
+        for name in kv_names(b[s].to_ascii_lowercase()) {
+            if b.get(s..s + name.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(name))
+            {
+                if let Some(end) = kv_rest(b, s + name.len()) {
+                    return Some((s, end));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The end of `(?:\\?["'])?[ \t]*[:=][ \t]*` and the value
+/// (`"dq"`, `'sq'` or `(?:\\["'])?bare`) from `i`, on ASCII text.
+fn kv_rest(b: &[u8], mut i: usize) -> Option<usize> {
+    let quote = |c: Option<&u8>| matches!(c, Some(b'"' | b'\''));
+    let blanks = |i: usize| {
+        i + b[i..]
+            .iter()
+            .take_while(|&&c| c == b' ' || c == b'\t')
+            .count()
+    };
+    if b.get(i) == Some(&b'\\') && quote(b.get(i + 1)) {
+        i += 2;
+    } else if quote(b.get(i)) {
+        i += 1;
+    }
+    i = blanks(i);
+    if !matches!(b.get(i), Some(b':' | b'=')) {
+        return None;
+    }
+    i = blanks(i + 1);
+    let bare = |from: usize| -> Option<usize> {
+        let n = b[from..]
+            .iter()
+            .take_while(|&&c| {
+                !(ascii_space(c) || matches!(c, b'"' | b'\'' | b',' | b';' | b'&' | b'\\'))
+            })
+            .count();
+        (n > 0).then_some(from + n)
+    };
+    match b.get(i) {
+        Some(b'"') => {
+            let mut j = i + 1;
+            loop {
+                match b.get(j) {
+                    Some(b'"') => return Some(j + 1),
+                    Some(b'\\') if b.get(j + 1).is_some_and(|&c| c != b'\n') => j += 2,
+                    Some(b'\\' | b'\n') | None => return None,
+                    Some(_) => j += 1,
+                }
+            }
+        }
+        Some(b'\'') => {
+            let k = b[i + 1..].iter().position(|&c| c == b'\'' || c == b'\n')?;
+            (b[i + 1 + k] == b'\'').then_some(i + k + 2)
+        }
+        Some(b'\\') if quote(b.get(i + 1)) => bare(i + 2),
+        _ => bare(i),
+    }
 }
 
 const STRONG_NAMES: &str =
@@ -450,7 +612,10 @@ fn rules() -> &'static Rules {
             r"(?P<head>[A-Za-z][A-Za-z0-9+.-]{0,20}://[^\s\x1C-\x1F:/?#@]*):[^\s\x1C-\x1F/?#]+@",
         ),
         // The credential must hold a digit (checked in code).
-        bearer: Re::new(r"(?i)(?P<head>bearer[\s\x1C-\x1F]+)(?P<v>[A-Za-z0-9._~+/-]{12,})=*"),
+        bearer: Re::with_ascii_code(
+            r"(?i)(?P<head>bearer[\s\x1C-\x1F]+)(?P<v>[A-Za-z0-9._~+/-]{12,})=*",
+            bearer_ascii,
+        ),
         kv_basic: Re::new(concat!(
             r#"(?i)(?P<head>authorization(?:\\?["'])?[ \t]*[:=][ \t]*(?:\\?["'])?basic[ \t]+)"#,
             r"[A-Za-z0-9+/]{4,}={0,2}"
@@ -459,16 +624,19 @@ fn rules() -> &'static Rules {
             r"(?i)(?P<name>--(?:password|passwd|pass|token|api-?key|secret|client-secret))",
             r#"(?P<sep>[ \t]+)(?P<bare>[^\s\x1C-\x1F"']+)"#
         )),
-        kv_pair: Re::new(&format!(
-            concat!(
-                r"(?i)(?P<name>{}|{})",
-                r#"(?P<sep>(?:\\?["'])?[ \t]*[:=][ \t]*)"#,
-                r#"(?:"(?P<dq>(?:[^"\\\n]|\\.)*)""#,
-                r"|'(?P<sq>[^'\n]*)'",
-                r#"|(?:\\["'])?(?P<bare>[^\s\x1C-\x1F"',;&\\]+))"#
+        kv_pair: Re::with_ascii_code(
+            &format!(
+                concat!(
+                    r"(?i)(?P<name>{}|{})",
+                    r#"(?P<sep>(?:\\?["'])?[ \t]*[:=][ \t]*)"#,
+                    r#"(?:"(?P<dq>(?:[^"\\\n]|\\.)*)""#,
+                    r"|'(?P<sq>[^'\n]*)'",
+                    r#"|(?:\\["'])?(?P<bare>[^\s\x1C-\x1F"',;&\\]+))"#
+                ),
+                STRONG_NAMES, WEAK_NAMES
             ),
-            STRONG_NAMES, WEAK_NAMES
-        )),
+            kv_pair_ascii,
+        ),
         // A name=value whose value may be random; the name starts a run of name
         // characters and the value ends its run (both checked in code).
         entropy: Re::new(concat!(
@@ -2081,6 +2249,96 @@ mod tests {
                 assert_eq!(re.find_at(&s, 0, true), want, "{}", re.as_str());
             }
         }
+    }
+
+    /// The rules written as code for ASCII text find, from every start, what
+    /// their regex finds.
+    #[test]
+    fn ascii_code_finds_what_the_regex_finds() {
+        let r = rules();
+        let pieces = [
+            "a",
+            "Z",
+            "0",
+            "9",
+            " ",
+            "\t",
+            "\n",
+            "\x0b",
+            "\x1c",
+            "\x1f",
+            "-",
+            "_",
+            ".",
+            "~",
+            "+",
+            "/",
+            "=",
+            ":",
+            ",",
+            ";",
+            "&",
+            "\"",
+            "'",
+            "\\",
+            "\\\"",
+            "\\'",
+            "\\n",
+            "Bearer ",
+            "bEaReR",
+            "bearer\t\x1e",
+            "abcdefghijkl",
+            "0123456789AB",
+            "Pass",
+            "password",
+            "PASSWD",
+            "passphrase",
+            "pwd",
+            "secret",
+            "secret_key",
+            "Secret-Key",
+            "secretkey",
+            "api_key",
+            "APIKEY",
+            "access-key",
+            "private_key",
+            "token",
+            "Authorization",
+            "auth",
+            "credential",
+            "credentials",
+            "***REDACTED***",
+        ];
+        let mut seed = 0x3c6e_f372_fe94_f82bu64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut matched = [0usize; 2];
+        for _ in 0..20_000 {
+            let n = 1 + (next() % 12) as usize;
+            let s: String = (0..n)
+                .map(|_| pieces[(next() % pieces.len() as u64) as usize])
+                .collect();
+            for (k, re) in [&r.bearer, &r.kv_pair].into_iter().enumerate() {
+                for pos in 0..=s.len() {
+                    let want = re
+                        .uni
+                        .find_at(s.as_bytes(), pos)
+                        .map(|m| (m.start(), m.end()));
+                    assert_eq!(
+                        re.find_at(&s, pos, true),
+                        want,
+                        "{} on {s:?} from {pos}",
+                        re.as_str()
+                    );
+                    matched[k] += usize::from(want.is_some());
+                }
+            }
+        }
+        assert!(matched.iter().all(|&n| n > 10_000), "{matched:?}");
     }
 
     /// The ASCII forms find what the Unicode forms find, on ASCII text.
