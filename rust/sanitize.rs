@@ -1310,9 +1310,6 @@ fn surely_clean(value: &str) -> bool {
 const TRIGGER: u8 = 1;
 const RUN: u8 = 2;
 const DIGIT: u8 = 4;
-const HEAD_NONE: u8 = 0;
-const HEAD_EQ: u8 = 1;
-const HEAD_COLON: u8 = 2;
 
 static BYTE_CLASS: [u8; 256] = {
     let mut t = [0u8; 256];
@@ -1372,15 +1369,38 @@ fn candidates(value: &str) -> u32 {
     // The entropy rule's value: a run of 24+ of its characters right after
     // '=', or ':' and blanks (the head's end, outside the class). The
     // card rule: 13 digits in a row, or 4 digits, ' ' or '-', and 4 digits.
+    // The run is counted at the separator: it starts right after '=', or
+    // after ':' and its blanks (neither is a run character, so each run is
+    // counted from at most one separator).
     let mut entropy = false;
-    let mut run = 0usize;
-    let mut run_ok = false;
-    // What the bytes just before the current one allow a run to start the
-    // entropy value: `HEAD_EQ` right after '=', `HEAD_COLON` after ':' and any blanks.
-    let mut head = HEAD_NONE;
+    let run_from = |start: usize| {
+        b[start..]
+            .iter()
+            .take(24)
+            .take_while(|&&c| BYTE_CLASS[usize::from(c)] & RUN != 0)
+            .count()
+            >= 24
+    };
     let mut digits = 0usize;
     for (i, &c) in b.iter().enumerate() {
         let class = BYTE_CLASS[usize::from(c)];
+        if class & DIGIT != 0 {
+            digits += 1;
+            if digits >= 13 {
+                set |= bit(R_CARD);
+            }
+            continue;
+        }
+        if digits != 0 {
+            if digits >= 4
+                && matches!(c, b' ' | b'-')
+                && b.get(i + 1..i + 5)
+                    .is_some_and(|w| w.iter().all(u8::is_ascii_digit))
+            {
+                set |= bit(R_CARD);
+            }
+            digits = 0;
+        }
         if class & TRIGGER != 0 {
             match c {
                 b'-' => {
@@ -1446,10 +1466,16 @@ fn candidates(value: &str) -> u32 {
                     if at(i, b"://") {
                         url = true;
                     }
+                    let blanks = b[i + 1..]
+                        .iter()
+                        .take_while(|&&p| p == b' ' || p == b'\t')
+                        .count();
+                    entropy = entropy || run_from(i + 1 + blanks);
                 }
                 b'=' => {
                     colon_eq = true;
                     kv_named = kv_named || named_before_sep(b, i);
+                    entropy = entropy || run_from(i + 1);
                     eq = true;
                     if i >= 3 && at_ci(i - 3, b"key") {
                         key_eq = true;
@@ -1469,38 +1495,6 @@ fn candidates(value: &str) -> u32 {
                 }
                 _ => {}
             }
-        }
-        if class & RUN != 0 {
-            if run == 0 {
-                run_ok = head != HEAD_NONE;
-            }
-            run += 1;
-            if run >= 24 && run_ok {
-                entropy = true;
-            }
-        } else {
-            run = 0;
-        }
-        head = match c {
-            b'=' => HEAD_EQ,
-            b':' => HEAD_COLON,
-            b' ' | b'\t' if head == HEAD_COLON => HEAD_COLON,
-            _ => HEAD_NONE,
-        };
-        if class & DIGIT != 0 {
-            digits += 1;
-            if digits >= 13 {
-                set |= bit(R_CARD);
-            }
-        } else if digits != 0 {
-            if digits >= 4
-                && matches!(c, b' ' | b'-')
-                && b.get(i + 1..i + 5)
-                    .is_some_and(|w| w.iter().all(u8::is_ascii_digit))
-            {
-                set |= bit(R_CARD);
-            }
-            digits = 0;
         }
     }
     if eq && (!ascii || key_eq) {
