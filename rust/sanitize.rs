@@ -233,7 +233,7 @@ struct Token {
     lead: &'static [u8],
     back: usize,
     literals: &'static [&'static [u8]],
-    class: fn(u8) -> bool,
+    class: &'static [bool; 256],
     min: usize,
     max: usize,
 }
@@ -251,7 +251,7 @@ impl Token {
                     let run = b[body..]
                         .iter()
                         .take(self.max)
-                        .take_while(|&&c| (self.class)(c))
+                        .take_while(|&&c| self.class[usize::from(c)])
                         .count();
                     if run >= self.min {
                         return Some((start, body + run));
@@ -263,29 +263,30 @@ impl Token {
     }
 }
 
-fn alnum(c: u8) -> bool {
-    c.is_ascii_alphanumeric()
+/// A byte class as a table: ASCII letters and digits (or upper case and
+/// digits only), and the `extra` bytes.
+const fn class_table(lower: bool, extra: &[u8]) -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_uppercase() || b.is_ascii_digit() || (lower && b.is_ascii_lowercase());
+        c += 1;
+    }
+    let mut k = 0;
+    while k < extra.len() {
+        t[extra[k] as usize] = true;
+        k += 1;
+    }
+    t
 }
 
-fn alnum_dash(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_' || c == b'-'
-}
-
-fn alnum_under(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'_'
-}
-
-fn upper_digit(c: u8) -> bool {
-    c.is_ascii_uppercase() || c.is_ascii_digit()
-}
-
-fn slack_class(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || c == b'-'
-}
-
-fn whsec_class(c: u8) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'=')
-}
+static ALNUM: [bool; 256] = class_table(true, b"");
+static ALNUM_DASH: [bool; 256] = class_table(true, b"_-");
+static ALNUM_UNDER: [bool; 256] = class_table(true, b"_");
+static UPPER_DIGIT: [bool; 256] = class_table(false, b"");
+static SLACK_CLASS: [bool; 256] = class_table(true, b"-");
+static WHSEC_CLASS: [bool; 256] = class_table(true, b"+/=");
 
 /// ASCII `[\s\x1C-\x1F]`.
 fn ascii_space(c: u8) -> bool {
@@ -452,7 +453,7 @@ fn rules() -> &'static Rules {
                 lead: b"A",
                 back: 0,
                 literals: &[b"AKIA", b"ASIA", b"ABIA", b"ACCA"],
-                class: upper_digit,
+                class: &UPPER_DIGIT,
                 min: 16,
                 max: 16,
             },
@@ -464,7 +465,7 @@ fn rules() -> &'static Rules {
                     lead: b"gh",
                     back: 0,
                     literals: &[b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_"],
-                    class: alnum,
+                    class: &ALNUM,
                     min: 30,
                     max: 251,
                 },
@@ -475,7 +476,7 @@ fn rules() -> &'static Rules {
                     lead: b"github_pat_",
                     back: 0,
                     literals: &[b"github_pat_"],
-                    class: alnum_under,
+                    class: &ALNUM_UNDER,
                     min: 22,
                     max: 255,
                 },
@@ -490,7 +491,7 @@ fn rules() -> &'static Rules {
                     b"glpat-", b"glptt-", b"gldt-", b"glrt-", b"glsoat-", b"glcbt-", b"glft-",
                     b"glimt-",
                 ],
-                class: alnum_dash,
+                class: &ALNUM_DASH,
                 min: 20,
                 max: usize::MAX,
             },
@@ -509,7 +510,7 @@ fn rules() -> &'static Rules {
                         lead: b"xox",
                         back: 0,
                         literals: &[b"xoxa-", b"xoxb-", b"xoxe-", b"xoxp-", b"xoxr-", b"xoxs-"],
-                        class: slack_class,
+                        class: &SLACK_CLASS,
                         min: 10,
                         max: usize::MAX,
                     },
@@ -525,7 +526,7 @@ fn rules() -> &'static Rules {
                     lead: b"sk-ant-",
                     back: 0,
                     literals: &[b"sk-ant-"],
-                    class: alnum_dash,
+                    class: &ALNUM_DASH,
                     min: 20,
                     max: usize::MAX,
                 },
@@ -536,7 +537,7 @@ fn rules() -> &'static Rules {
                     lead: b"sk-",
                     back: 0,
                     literals: &[b"sk-proj-", b"sk-svcacct-", b"sk-admin-", b"sk-None-"],
-                    class: alnum_dash,
+                    class: &ALNUM_DASH,
                     min: 20,
                     max: usize::MAX,
                 },
@@ -549,7 +550,7 @@ fn rules() -> &'static Rules {
                     lead: b"sk-",
                     back: 0,
                     literals: &[b"sk-"],
-                    class: alnum,
+                    class: &ALNUM,
                     min: 20,
                     max: usize::MAX,
                 },
@@ -560,7 +561,7 @@ fn rules() -> &'static Rules {
                     lead: b"k_",
                     back: 1,
                     literals: &[b"rk_live_", b"rk_test_", b"sk_live_", b"sk_test_"],
-                    class: alnum,
+                    class: &ALNUM,
                     min: 16,
                     max: usize::MAX,
                 },
@@ -571,7 +572,7 @@ fn rules() -> &'static Rules {
                     lead: b"AIza",
                     back: 0,
                     literals: &[b"AIza"],
-                    class: alnum_dash,
+                    class: &ALNUM_DASH,
                     min: 35,
                     max: 35,
                 },
@@ -582,7 +583,7 @@ fn rules() -> &'static Rules {
                     lead: b"hf_",
                     back: 0,
                     literals: &[b"hf_"],
-                    class: alnum,
+                    class: &ALNUM,
                     min: 30,
                     max: usize::MAX,
                 },
@@ -593,7 +594,7 @@ fn rules() -> &'static Rules {
                     lead: b"whsec_",
                     back: 0,
                     literals: &[b"whsec_"],
-                    class: whsec_class,
+                    class: &WHSEC_CLASS,
                     min: 24,
                     max: usize::MAX,
                 },
@@ -1542,6 +1543,15 @@ fn named_before_sep(b: &[u8], i: usize) -> bool {
         }
     }
     let head = &b[..j];
+    // Every name ends with one of these letters.
+    if !head.last().is_some_and(|c| {
+        matches!(
+            c.to_ascii_lowercase(),
+            b'd' | b'e' | b't' | b'y' | b'n' | b'h' | b'l' | b's'
+        )
+    }) {
+        return false;
+    }
     NAME_ENDS.iter().any(|end| {
         head.len() >= end.len() && head[head.len() - end.len()..].eq_ignore_ascii_case(end)
     })
