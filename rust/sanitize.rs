@@ -21,11 +21,14 @@
 use std::borrow::Cow;
 use std::sync::OnceLock;
 
+use regex::bytes;
+use regex::Regex;
 #[cfg(test)]
 use regex::RegexSet;
-use regex::{Captures, Regex};
 
 pub const REDACTED: &str = "***REDACTED***";
+/// A URL's password and the '@' after it, as the URL rule writes them.
+const URL_PASSWORD: &str = ":***REDACTED***@";
 
 /// The literals one of which every credential-named key holds (matched
 /// case-insensitively; `false`: not case-sensitive).
@@ -44,23 +47,23 @@ const KEY_NAMES: u32 = (1 << LITERALS.len()) - 1;
 struct Rules {
     /// The literals by their lower-cased first byte.
     gate: Vec<Vec<GateLit>>,
-    pem: Regex,
-    jwt: Regex,
-    aws: Regex,
-    github: [Regex; 2],
-    gitlab: Regex,
-    slack: [(Regex, &'static str); 3],
-    apikey: [Regex; 7],
-    azure_conn: Regex,
-    azure_sig: Regex,
-    azure_entra: Regex,
-    url: Regex,
-    bearer: Regex,
-    kv_basic: Regex,
-    kv_flag: Regex,
-    kv_pair: Regex,
-    entropy: Regex,
-    card: Regex,
+    pem: Re,
+    jwt: Re,
+    aws: Re,
+    github: [Re; 2],
+    gitlab: Re,
+    slack: [(Re, &'static str); 3],
+    apikey: [Re; 7],
+    azure_conn: Re,
+    azure_sig: Re,
+    azure_entra: Re,
+    url: Re,
+    bearer: Re,
+    kv_basic: Re,
+    kv_flag: Re,
+    kv_pair: Re,
+    entropy: Re,
+    card: Re,
     digit: Regex,
     py_word: Regex,
     sensitive_key: Regex,
@@ -92,7 +95,7 @@ fn rule_set() -> &'static RegexSet {
     static SET: OnceLock<RegexSet> = OnceLock::new();
     SET.get_or_init(|| {
         let r = rules();
-        let mut all: Vec<&Regex> = vec![&r.pem, &r.jwt, &r.aws];
+        let mut all: Vec<&Re> = vec![&r.pem, &r.jwt, &r.aws];
         all.extend(&r.github);
         all.push(&r.gitlab);
         all.extend(r.slack.iter().map(|(rule, _)| rule));
@@ -119,6 +122,311 @@ fn re(pattern: &str) -> Regex {
     Regex::new(pattern).expect("built-in sanitizer pattern")
 }
 
+fn bytes_re(pattern: &str) -> bytes::Regex {
+    bytes::Regex::new(pattern).expect("built-in sanitizer pattern")
+}
+
+/// One rule's regex, as `bytes::Regex`es whose match spans are character
+/// boundaries of the `str` searched (Unicode mode on UTF-8 text; ASCII mode
+/// only on ASCII text).
+struct Re {
+    /// The pattern (Unicode mode): any text.
+    uni: bytes::Regex,
+    /// The same pattern in ASCII mode (`(?-u)`): on ASCII text it matches
+    /// exactly as `uni` (Unicode `\s`, `\d`, `.`, negated classes and case
+    /// folding agree with ASCII's on ASCII characters), with a far smaller
+    /// automaton.
+    ascii: bytes::Regex,
+    /// The same rule as literals and a run (`Token`), searched without an
+    /// automaton; set for the provider-token rules of that shape.
+    token: Option<Token>,
+    /// The same rule on ASCII text of at most `ASCII_CODE_MAX` bytes, as code:
+    /// the leftmost match at or after a position.
+    ascii_code: Option<AsciiFind>,
+}
+
+type AsciiFind = fn(&[u8], usize) -> Option<(usize, usize)>;
+
+/// The longest ASCII text the hand-written matchers (`Re::ascii_code`) run
+/// on: they may rescan a value from each of many starts, and longer text goes
+/// to the (linear) automaton.
+const ASCII_CODE_MAX: usize = 2048;
+
+impl Re {
+    fn new(pattern: &str) -> Self {
+        Re {
+            uni: bytes_re(pattern),
+            ascii: bytes_re(&format!("(?-u){pattern}")),
+            token: None,
+            ascii_code: None,
+        }
+    }
+
+    /// A rule also written as code for ASCII text (the test
+    /// `ascii_code_finds_what_the_regex_finds` compares them).
+    fn with_ascii_code(pattern: &str, code: AsciiFind) -> Self {
+        Re {
+            ascii_code: Some(code),
+            ..Re::new(pattern)
+        }
+    }
+
+    /// A rule of `Token`'s shape: `token` is the same rule, searched by code
+    /// (the test `tokens_find_what_their_regex_finds` compares them).
+    fn token(pattern: &str, token: Token) -> Self {
+        Re {
+            token: Some(token),
+            ..Re::new(pattern)
+        }
+    }
+
+    /// The leftmost match at or after `pos` (a character boundary).
+    fn find_at(&self, text: &str, pos: usize, ascii: bool) -> Option<(usize, usize)> {
+        if let Some(t) = &self.token {
+            return t.find_at(text.as_bytes(), pos);
+        }
+        match self.ascii_code {
+            Some(code) if ascii && text.len() <= ASCII_CODE_MAX => code(text.as_bytes(), pos),
+            _ => self
+                .find(ascii)
+                .find_at(text.as_bytes(), pos)
+                .map(|m| (m.start(), m.end())),
+        }
+    }
+
+    #[cfg(test)]
+    fn as_str(&self) -> &str {
+        self.uni.as_str()
+    }
+
+    fn find(&self, ascii: bool) -> &bytes::Regex {
+        if ascii {
+            &self.ascii
+        } else {
+            &self.uni
+        }
+    }
+}
+
+/// The first place of `needle` (non-empty, a few bytes) in `hay`: `memchr`
+/// of its first byte and a comparison (no searcher built per call, which
+/// `memmem::find` does and which costs more than the search on short text).
+fn find_bytes(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let (&first, rest) = needle.split_first()?;
+    let mut from = 0;
+    while let Some(i) = memchr::memchr(first, &hay[from..]) {
+        let at = from + i;
+        if hay[at + 1..].starts_with(rest) {
+            return Some(at);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+/// A rule of the shape `(?:L1|L2|...)C{min,max}`: one of a few ASCII literals
+/// (none a prefix of another, so at most one matches at a start), then a
+/// greedy run of an ASCII class. Its leftmost match is the first start where
+/// a literal is followed by at least `min` bytes of the class, and the match
+/// takes at most `max` of them. Every literal holds `lead` at `back`.
+struct Token {
+    lead: &'static [u8],
+    back: usize,
+    literals: &'static [&'static [u8]],
+    class: &'static [bool; 256],
+    min: usize,
+    max: usize,
+}
+
+impl Token {
+    fn find_at(&self, b: &[u8], pos: usize) -> Option<(usize, usize)> {
+        let mut from = pos + self.back;
+        while from <= b.len() {
+            let j = from + find_bytes(&b[from..], self.lead)?;
+            from = j + 1;
+            let start = j - self.back;
+            for lit in self.literals {
+                if b[start..].starts_with(lit) {
+                    let body = start + lit.len();
+                    let run = b[body..]
+                        .iter()
+                        .take(self.max)
+                        .take_while(|&&c| self.class[usize::from(c)])
+                        .count();
+                    if run >= self.min {
+                        return Some((start, body + run));
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+/// A byte class as a table: ASCII letters and digits (or upper case and
+/// digits only), and the `extra` bytes.
+const fn class_table(lower: bool, extra: &[u8]) -> [bool; 256] {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_uppercase() || b.is_ascii_digit() || (lower && b.is_ascii_lowercase());
+        c += 1;
+    }
+    let mut k = 0;
+    while k < extra.len() {
+        t[extra[k] as usize] = true;
+        k += 1;
+    }
+    t
+}
+
+static ALNUM: [bool; 256] = class_table(true, b"");
+static ALNUM_DASH: [bool; 256] = class_table(true, b"_-");
+static ALNUM_UNDER: [bool; 256] = class_table(true, b"_");
+static UPPER_DIGIT: [bool; 256] = class_table(false, b"");
+static SLACK_CLASS: [bool; 256] = class_table(true, b"-");
+static WHSEC_CLASS: [bool; 256] = class_table(true, b"+/=");
+
+/// ASCII `[\s\x1C-\x1F]`.
+fn ascii_space(c: u8) -> bool {
+    matches!(
+        c,
+        b'\t' | b'\n' | b'\x0B' | b'\x0C' | b'\r' | b' ' | b'\x1C'..=b'\x1F'
+    )
+}
+
+/// The bearer rule on ASCII text: "bearer" (any case), blanks, 12 or more of
+/// the credential's characters (greedy; none is a blank or '='), then '='s.
+fn bearer_ascii(b: &[u8], pos: usize) -> Option<(usize, usize)> {
+    let at = |s: usize| -> Option<usize> {
+        if !b.get(s..s + 6)?.eq_ignore_ascii_case(b"bearer") {
+            return None;
+        }
+        let blank_end = s + 6 + b[s + 6..].iter().take_while(|&&c| ascii_space(c)).count();
+        if blank_end == s + 6 {
+            return None;
+        }
+        let v = b[blank_end..]
+            .iter()
+            .take_while(|&&c| c.is_ascii_alphanumeric() || b"._~+/-".contains(&c))
+            .count();
+        if v < 12 {
+            return None;
+        }
+        let end = blank_end + v;
+        Some(end + b[end..].iter().take_while(|&&c| c == b'=').count())
+    };
+    let mut from = pos;
+    while from < b.len() {
+        let s = from + memchr::memchr2(b'b', b'B', &b[from..])?;
+        if let Some(end) = at(s) {
+            return Some((s, end));
+        }
+        from = s + 1;
+    }
+    None
+}
+
+/// The key-value rule's names as the regex tries them at one start
+/// (alternatives in order, a greedy optional part first with it, then
+/// without), by first letter: only those can match at a start.
+fn kv_names(first: u8) -> &'static [&'static [u8]] {
+    match first {
+        b'p' => &[
+            b"password",
+            b"passwd",
+            b"passphrase",
+            b"pwd",
+            b"private_key",
+            b"private-key",
+            b"privatekey",
+        ],
+        b's' => &[b"secret_key", b"secret-key", b"secretkey", b"secret"],
+        b'a' => &[
+            b"api_key",
+            b"api-key",
+            b"apikey",
+            b"access_key",
+            b"access-key",
+            b"accesskey",
+            b"authorization",
+            b"auth",
+        ],
+        b't' => &[b"token"],
+        b'c' => &[b"credentials", b"credential"],
+        _ => &[],
+    }
+}
+
+/// The key-value rule on ASCII text: at each start, the names in the regex's
+/// order; after a name the rest of the pattern has at most one match
+/// (`kv_rest`), so the first name it follows gives the regex's match.
+fn kv_pair_ascii(b: &[u8], pos: usize) -> Option<(usize, usize)> {
+    for s in pos..b.len() {
+        for name in kv_names(b[s].to_ascii_lowercase()) {
+            if b.get(s..s + name.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(name))
+            {
+                if let Some(end) = kv_rest(b, s + name.len()) {
+                    return Some((s, end));
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The end of `(?:\\?["'])?[ \t]*[:=][ \t]*` and the value
+/// (`"dq"`, `'sq'` or `(?:\\["'])?bare`) from `i`, on ASCII text.
+fn kv_rest(b: &[u8], mut i: usize) -> Option<usize> {
+    let quote = |c: Option<&u8>| matches!(c, Some(b'"' | b'\''));
+    let blanks = |i: usize| {
+        i + b[i..]
+            .iter()
+            .take_while(|&&c| c == b' ' || c == b'\t')
+            .count()
+    };
+    if b.get(i) == Some(&b'\\') && quote(b.get(i + 1)) {
+        i += 2;
+    } else if quote(b.get(i)) {
+        i += 1;
+    }
+    i = blanks(i);
+    if !matches!(b.get(i), Some(b':' | b'=')) {
+        return None;
+    }
+    i = blanks(i + 1);
+    let bare = |from: usize| -> Option<usize> {
+        let n = b[from..]
+            .iter()
+            .take_while(|&&c| {
+                !(ascii_space(c) || matches!(c, b'"' | b'\'' | b',' | b';' | b'&' | b'\\'))
+            })
+            .count();
+        (n > 0).then_some(from + n)
+    };
+    match b.get(i) {
+        Some(b'"') => {
+            let mut j = i + 1;
+            loop {
+                match b.get(j) {
+                    Some(b'"') => return Some(j + 1),
+                    Some(b'\\') if b.get(j + 1).is_some_and(|&c| c != b'\n') => j += 2,
+                    Some(b'\\' | b'\n') | None => return None,
+                    Some(_) => j += 1,
+                }
+            }
+        }
+        Some(b'\'') => {
+            let k = b[i + 1..].iter().position(|&c| c == b'\'' || c == b'\n')?;
+            (b[i + 1 + k] == b'\'').then_some(i + k + 2)
+        }
+        Some(b'\\') if quote(b.get(i + 1)) => bare(i + 2),
+        _ => bare(i),
+    }
+}
+
 const STRONG_NAMES: &str =
     r"pass(?:word|wd|phrase)|pwd|secret(?:[_-]?key)?|api[_-]?key|access[_-]?key|private[_-]?key";
 const WEAK_NAMES: &str = r"token|auth(?:orization)?|credentials?";
@@ -134,75 +442,211 @@ fn rules() -> &'static Rules {
                     .collect()
             })
             .collect(),
-        pem: re(concat!(
+        pem: Re::new(concat!(
             r"(?s)-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----",
             r"(?:.*?-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|.*)"
         )),
-        jwt: re(r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*"),
-        aws: re(r"A(?:KIA|SIA|BIA|CCA)[A-Z0-9]{16}"),
+        jwt: Re::new(r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*"),
+        aws: Re::token(
+            r"A(?:KIA|SIA|BIA|CCA)[A-Z0-9]{16}",
+            Token {
+                lead: b"A",
+                back: 0,
+                literals: &[b"AKIA", b"ASIA", b"ABIA", b"ACCA"],
+                class: &UPPER_DIGIT,
+                min: 16,
+                max: 16,
+            },
+        ),
         github: [
-            re(r"gh[pousr]_[A-Za-z0-9]{30,251}"),
-            re(r"github_pat_[A-Za-z0-9_]{22,255}"),
+            Re::token(
+                r"gh[pousr]_[A-Za-z0-9]{30,251}",
+                Token {
+                    lead: b"gh",
+                    back: 0,
+                    literals: &[b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_"],
+                    class: &ALNUM,
+                    min: 30,
+                    max: 251,
+                },
+            ),
+            Re::token(
+                r"github_pat_[A-Za-z0-9_]{22,255}",
+                Token {
+                    lead: b"github_pat_",
+                    back: 0,
+                    literals: &[b"github_pat_"],
+                    class: &ALNUM_UNDER,
+                    min: 22,
+                    max: 255,
+                },
+            ),
         ],
-        gitlab: re(r"gl(?:pat|ptt|dt|rt|soat|cbt|ft|imt)-[A-Za-z0-9_-]{20,}"),
+        gitlab: Re::token(
+            r"gl(?:pat|ptt|dt|rt|soat|cbt|ft|imt)-[A-Za-z0-9_-]{20,}",
+            Token {
+                lead: b"gl",
+                back: 0,
+                literals: &[
+                    b"glpat-", b"glptt-", b"gldt-", b"glrt-", b"glsoat-", b"glcbt-", b"glft-",
+                    b"glimt-",
+                ],
+                class: &ALNUM_DASH,
+                min: 20,
+                max: usize::MAX,
+            },
+        ),
         slack: [
             (
-                re(r"https?://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/-]+"),
+                Re::new(
+                    r"https?://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/-]+",
+                ),
                 "***SLACK_WEBHOOK***",
             ),
-            (re(r"xox[abeprs]-[A-Za-z0-9-]{10,}"), "***SLACK_TOKEN***"),
-            (re(r"xapp-\d-[A-Za-z0-9-]{10,}"), "***SLACK_TOKEN***"),
+            (
+                Re::token(
+                    r"xox[abeprs]-[A-Za-z0-9-]{10,}",
+                    Token {
+                        lead: b"xox",
+                        back: 0,
+                        literals: &[b"xoxa-", b"xoxb-", b"xoxe-", b"xoxp-", b"xoxr-", b"xoxs-"],
+                        class: &SLACK_CLASS,
+                        min: 10,
+                        max: usize::MAX,
+                    },
+                ),
+                "***SLACK_TOKEN***",
+            ),
+            (Re::new(r"xapp-\d-[A-Za-z0-9-]{10,}"), "***SLACK_TOKEN***"),
         ],
         apikey: [
-            re(r"sk-ant-[A-Za-z0-9_-]{20,}"),
-            re(r"sk-(?:proj|svcacct|admin|None)-[A-Za-z0-9_-]{20,}"),
+            Re::token(
+                r"sk-ant-[A-Za-z0-9_-]{20,}",
+                Token {
+                    lead: b"sk-ant-",
+                    back: 0,
+                    literals: &[b"sk-ant-"],
+                    class: &ALNUM_DASH,
+                    min: 20,
+                    max: usize::MAX,
+                },
+            ),
+            Re::token(
+                r"sk-(?:proj|svcacct|admin|None)-[A-Za-z0-9_-]{20,}",
+                Token {
+                    lead: b"sk-",
+                    back: 0,
+                    literals: &[b"sk-proj-", b"sk-svcacct-", b"sk-admin-", b"sk-None-"],
+                    class: &ALNUM_DASH,
+                    min: 20,
+                    max: usize::MAX,
+                },
+            ),
             // Legacy OpenAI keys and most OpenAI-compatible providers: no dashes in
             // the body, which keeps kebab-case names such as "sk-learn-..." out.
-            re(r"sk-[A-Za-z0-9]{20,}"),
-            re(r"[rs]k_(?:live|test)_[A-Za-z0-9]{16,}"),
-            re(r"AIza[0-9A-Za-z_-]{35}"),
-            re(r"hf_[A-Za-z0-9]{30,}"),
-            re(r"whsec_[A-Za-z0-9+/=]{24,}"),
+            Re::token(
+                r"sk-[A-Za-z0-9]{20,}",
+                Token {
+                    lead: b"sk-",
+                    back: 0,
+                    literals: &[b"sk-"],
+                    class: &ALNUM,
+                    min: 20,
+                    max: usize::MAX,
+                },
+            ),
+            Re::token(
+                r"[rs]k_(?:live|test)_[A-Za-z0-9]{16,}",
+                Token {
+                    lead: b"k_",
+                    back: 1,
+                    literals: &[b"rk_live_", b"rk_test_", b"sk_live_", b"sk_test_"],
+                    class: &ALNUM,
+                    min: 16,
+                    max: usize::MAX,
+                },
+            ),
+            Re::token(
+                r"AIza[0-9A-Za-z_-]{35}",
+                Token {
+                    lead: b"AIza",
+                    back: 0,
+                    literals: &[b"AIza"],
+                    class: &ALNUM_DASH,
+                    min: 35,
+                    max: 35,
+                },
+            ),
+            Re::token(
+                r"hf_[A-Za-z0-9]{30,}",
+                Token {
+                    lead: b"hf_",
+                    back: 0,
+                    literals: &[b"hf_"],
+                    class: &ALNUM,
+                    min: 30,
+                    max: usize::MAX,
+                },
+            ),
+            Re::token(
+                r"whsec_[A-Za-z0-9+/=]{24,}",
+                Token {
+                    lead: b"whsec_",
+                    back: 0,
+                    literals: &[b"whsec_"],
+                    class: &WHSEC_CLASS,
+                    min: 24,
+                    max: usize::MAX,
+                },
+            ),
         ],
-        azure_conn: re(r"(?i)(?P<head>(?:AccountKey|SharedAccessKey)=)[A-Za-z0-9+/]{20,}={0,2}"),
-        azure_sig: re(r"(?i)(?P<head>[?&]sig=)[A-Za-z0-9%+/=]{20,}"),
+        azure_conn: Re::new(
+            r"(?i)(?P<head>(?:AccountKey|SharedAccessKey)=)[A-Za-z0-9+/]{20,}={0,2}",
+        ),
+        azure_sig: Re::new(r"(?i)(?P<head>[?&]sig=)[A-Za-z0-9%+/=]{20,}"),
         // Entra ID (Azure AD) client secrets, whose 4th-5th characters are "Q~";
         // not preceded by [\w~.-] (checked in code).
-        azure_entra: re(r"[A-Za-z0-9_~.-]{3}[0-9]Q~[A-Za-z0-9_~.-]{31,34}"),
+        azure_entra: Re::new(r"[A-Za-z0-9_~.-]{3}[0-9]Q~[A-Za-z0-9_~.-]{31,34}"),
         // The password may contain '@': the greedy run gives back to the last '@'
         // before the host, and stops at '/', '?', '#' so "host:8080/x?a@b" is left.
-        url: re(
+        url: Re::new(
             r"(?P<head>[A-Za-z][A-Za-z0-9+.-]{0,20}://[^\s\x1C-\x1F:/?#@]*):[^\s\x1C-\x1F/?#]+@",
         ),
         // The credential must hold a digit (checked in code).
-        bearer: re(r"(?i)(?P<head>bearer[\s\x1C-\x1F]+)(?P<v>[A-Za-z0-9._~+/-]{12,})=*"),
-        kv_basic: re(concat!(
+        bearer: Re::with_ascii_code(
+            r"(?i)(?P<head>bearer[\s\x1C-\x1F]+)(?P<v>[A-Za-z0-9._~+/-]{12,})=*",
+            bearer_ascii,
+        ),
+        kv_basic: Re::new(concat!(
             r#"(?i)(?P<head>authorization(?:\\?["'])?[ \t]*[:=][ \t]*(?:\\?["'])?basic[ \t]+)"#,
             r"[A-Za-z0-9+/]{4,}={0,2}"
         )),
-        kv_flag: re(concat!(
+        kv_flag: Re::new(concat!(
             r"(?i)(?P<name>--(?:password|passwd|pass|token|api-?key|secret|client-secret))",
             r#"(?P<sep>[ \t]+)(?P<bare>[^\s\x1C-\x1F"']+)"#
         )),
-        kv_pair: re(&format!(
-            concat!(
-                r"(?i)(?P<name>{}|{})",
-                r#"(?P<sep>(?:\\?["'])?[ \t]*[:=][ \t]*)"#,
-                r#"(?:"(?P<dq>(?:[^"\\\n]|\\.)*)""#,
-                r"|'(?P<sq>[^'\n]*)'",
-                r#"|(?:\\["'])?(?P<bare>[^\s\x1C-\x1F"',;&\\]+))"#
+        kv_pair: Re::with_ascii_code(
+            &format!(
+                concat!(
+                    r"(?i)(?P<name>{}|{})",
+                    r#"(?P<sep>(?:\\?["'])?[ \t]*[:=][ \t]*)"#,
+                    r#"(?:"(?P<dq>(?:[^"\\\n]|\\.)*)""#,
+                    r"|'(?P<sq>[^'\n]*)'",
+                    r#"|(?:\\["'])?(?P<bare>[^\s\x1C-\x1F"',;&\\]+))"#
+                ),
+                STRONG_NAMES, WEAK_NAMES
             ),
-            STRONG_NAMES, WEAK_NAMES
-        )),
+            kv_pair_ascii,
+        ),
         // A name=value whose value may be random; the name starts a run of name
         // characters and the value ends its run (both checked in code).
-        entropy: re(concat!(
+        entropy: Re::new(concat!(
             r"(?P<head>[A-Za-z_][A-Za-z0-9_.-]{0,63}[ \t]*(?:=|:[ \t]*))",
             r"(?P<value>[A-Za-z0-9+/_-]{24,}={0,2})"
         )),
         // 13-19 digits, bare or in groups of 4 (4-6-5 for Amex) with one
         // separator; not part of a longer number, decimal, word or list (in code).
-        card: re(concat!(
+        card: Re::new(concat!(
             r"[0-9]{13,19}",
             r"|[0-9]{4} [0-9]{4} [0-9]{4} [0-9]{1,7}|[0-9]{4}-[0-9]{4}-[0-9]{4}-[0-9]{1,7}",
             r"|[0-9]{4} [0-9]{6} [0-9]{4,5}|[0-9]{4}-[0-9]{6}-[0-9]{4,5}"
@@ -349,7 +793,7 @@ impl<'a> Gate<'a> {
     }
 
     fn has(&self, literal: &str) -> bool {
-        memchr::memmem::find(self.value.as_bytes(), literal.as_bytes()).is_some()
+        find_bytes(self.value.as_bytes(), literal.as_bytes()).is_some()
     }
 
     /// `literal in value.lower()`.
@@ -369,7 +813,7 @@ impl<'a> Gate<'a> {
 
     /// `literal in value.lower()`.
     fn lower_has(&mut self, literal: &str) -> bool {
-        memchr::memmem::find(self.lowered(), literal.as_bytes()).is_some()
+        find_bytes(self.lowered(), literal.as_bytes()).is_some()
     }
 
     fn azure(&mut self) -> bool {
@@ -410,34 +854,123 @@ enum Verdict {
     Reject,
     /// A match, left as it is (scanning resumes after it).
     Keep,
-    Replace(String),
+    /// The match becomes its first `keep` bytes, `mark`, and its last `tail`
+    /// bytes (written straight into the output: no string per match).
+    Replace {
+        keep: usize,
+        mark: &'static str,
+        tail: usize,
+    },
 }
 
-/// `re.sub` of Python with a function replacement, plus rejected starts.
-fn substitute(
-    text: &str,
-    re: &Regex,
-    mut judge: impl FnMut(&Captures<'_>) -> Verdict,
-) -> Option<String> {
-    substitute_each(text, |pos| {
-        // The match alone first (a DFA pass, no allocation); the groups only of
-        // a match, on the haystack cut at its end (no rule has an end assertion,
-        // so the same match is found).
-        let m = re.find_at(text, pos)?;
-        let caps = re.captures_at(&text[..m.end()], m.start())?;
-        Some((m.start(), m.end(), judge(&caps)))
-    })
+impl Verdict {
+    /// The whole match becomes `mark`.
+    fn mark(mark: &'static str) -> Self {
+        Verdict::Replace {
+            keep: 0,
+            mark,
+            tail: 0,
+        }
+    }
+
+    /// The match's first `keep` bytes stay, the rest becomes `REDACTED`.
+    fn redact_after(keep: usize) -> Self {
+        Verdict::Replace {
+            keep,
+            mark: REDACTED,
+            tail: 0,
+        }
+    }
+}
+
+/// The groups the judges read, derived from a match's span alone: in every
+/// one of these rules a group ends at the first byte of a kind the group
+/// cannot hold and the next part must start with, so the span decides them
+/// (the test `derived_groups_equal_the_captures` compares them with the
+/// regex's own groups). No capture search runs.
+///
+/// The head of `(?:AccountKey|SharedAccessKey)=...`, `[?&]sig=...` and the
+/// entropy rule's `name[ \t]*(?:=|:[ \t]*)value`: through the first '=' or
+/// ':' (no name holds one), and the blanks after a ':' (no value starts with one).
+fn head_through_separator(m: &str) -> usize {
+    let b = m.as_bytes();
+    let Some(i) = memchr::memchr2(b'=', b':', b) else {
+        return m.len();
+    };
+    let mut end = i + 1;
+    if b[i] == b':' {
+        while end < b.len() && matches!(b[end], b' ' | b'\t') {
+            end += 1;
+        }
+    }
+    end
+}
+
+/// The head of `authorization...basic[ \t]+credential`: through the last
+/// blank (the credential holds none).
+fn head_through_last_blank(m: &str) -> usize {
+    m.bytes()
+        .rposition(|b| b == b' ' || b == b'\t')
+        .map_or(m.len(), |i| i + 1)
+}
+
+/// A key-value match's name and value spans (relative to the match).
+struct Pair {
+    name_end: usize,
+    value: (usize, usize),
+}
+
+/// `kv_pair`: the name ends at the first byte that may start the separator
+/// (names hold only letters, '_' and '-'); the separator is an optional
+/// (escaped) quote, blanks, ':' or '=', and every blank after it (no value
+/// starts with a blank); the value is `"dq"`, `'sq'` or `(?:\\["'])?bare`,
+/// told apart by its first byte (a bare value never starts with a quote or '\\').
+fn kv_pair_groups(m: &str) -> Pair {
+    let b = m.as_bytes();
+    let name_end = b
+        .iter()
+        .position(|c| matches!(c, b'\\' | b'"' | b'\'' | b' ' | b'\t' | b':' | b'='))
+        .unwrap_or(b.len());
+    let sep = memchr::memchr2(b':', b'=', &b[name_end..]).map_or(b.len(), |i| name_end + i + 1);
+    let mut v = sep;
+    while v < b.len() && matches!(b[v], b' ' | b'\t') {
+        v += 1;
+    }
+    let value = match b.get(v) {
+        Some(b'"' | b'\'') => (v + 1, b.len() - 1),
+        Some(b'\\') => (v + 2, b.len()),
+        _ => (v, b.len()),
+    };
+    Pair { name_end, value }
+}
+
+/// `kv_flag`: `--name`, blanks, then the bare value.
+fn kv_flag_groups(m: &str) -> Pair {
+    let b = m.as_bytes();
+    let name_end = b
+        .iter()
+        .position(|&c| c == b' ' || c == b'\t')
+        .unwrap_or(b.len());
+    let mut v = name_end;
+    while v < b.len() && matches!(b[v], b' ' | b'\t') {
+        v += 1;
+    }
+    Pair {
+        name_end,
+        value: (v, b.len()),
+    }
 }
 
 /// `substitute` for the rules that judge only the whole match.
 fn substitute_match(
     text: &str,
-    re: &Regex,
+    re: &Re,
     mut judge: impl FnMut(usize, usize) -> Verdict,
 ) -> Option<String> {
+    let ascii = text.is_ascii();
     substitute_each(text, |pos| {
-        let m = re.find_at(text, pos)?;
-        Some((m.start(), m.end(), judge(m.start(), m.end())))
+        let (start, end) = re.find_at(text, pos, ascii)?;
+        Some((start, end, judge(start, end)))
     })
 }
 
@@ -461,11 +994,11 @@ fn substitute_each(
                 continue;
             }
             Verdict::Keep => {}
-            Verdict::Replace(new) => {
-                let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
-                o.push_str(&text[copied..start]);
-                o.push_str(&new);
-                copied = end;
+            Verdict::Replace { keep, mark, tail } => {
+                let o = out.get_or_insert_with(|| String::with_capacity(text.len() + 64));
+                o.push_str(&text[copied..start + keep]);
+                o.push_str(mark);
+                copied = end - tail;
             }
         }
         // The rules never match the empty string; guard anyway.
@@ -480,35 +1013,30 @@ fn substitute_each(
 /// Python's `\b` at the start of the rules that have one (they start with a
 /// letter), and at the end of those that end with one: Rust's `\b` knows other
 /// word characters (not '¼', but combining marks), so the boundaries are checked here.
-fn bounded(text: &str, c: &Captures<'_>, trail: bool) -> bool {
-    let m = c.get(0).expect("group 0");
-    bounded_at(text, m.start(), m.end(), trail)
-}
-
 fn bounded_at(text: &str, start: usize, end: usize, trail: bool) -> bool {
     starts_word(text, start) && (!trail || ends_word(text, end))
 }
 
-fn replace_with(text: &str, re: &Regex, trail: bool, mark: &str) -> Option<String> {
+fn replace_with(text: &str, re: &Re, trail: bool, mark: &'static str) -> Option<String> {
     substitute_match(text, re, |start, end| {
         if bounded_at(text, start, end, trail) {
-            Verdict::Replace(mark.to_string())
+            Verdict::mark(mark)
         } else {
             Verdict::Reject
         }
     })
 }
 
-fn replace_plain(text: &str, re: &Regex, mark: &str) -> Option<String> {
-    substitute_match(text, re, |_, _| Verdict::Replace(mark.to_string()))
+fn replace_plain(text: &str, re: &Re, mark: &'static str) -> Option<String> {
+    substitute_match(text, re, |_, _| Verdict::mark(mark))
 }
 
-fn keep_head(text: &str, re: &Regex, lead: bool) -> Option<String> {
-    substitute(text, re, |c| {
-        if lead && !bounded(text, c, false) {
+fn keep_head(text: &str, re: &Re, lead: bool, head: fn(&str) -> usize) -> Option<String> {
+    substitute_match(text, re, |start, end| {
+        if lead && !bounded_at(text, start, end, false) {
             return Verdict::Reject;
         }
-        Verdict::Replace(format!("{}{REDACTED}", &c["head"]))
+        Verdict::redact_after(head(&text[start..end]))
     })
 }
 
@@ -625,17 +1153,35 @@ fn high_entropy(value: &str) -> bool {
 fn credential_like(value: &str) -> bool {
     value.chars().count() >= 8
         && value.bytes().any(|b| b.is_ascii_alphabetic())
-        && rules().digit.is_match(value)
+        && if value.is_ascii() {
+            value.bytes().any(|b| b.is_ascii_digit())
+        } else {
+            rules().digit.is_match(value)
+        }
 }
 
-fn key_value(c: &Captures<'_>) -> Verdict {
-    let Some(v) = ["dq", "sq", "bare"].iter().find_map(|g| c.name(g)) else {
-        return Verdict::Keep;
+/// The key-value rules' verdict on the match `m` and its groups.
+fn key_value(m: &str, groups: fn(&str) -> Pair) -> Verdict {
+    let Pair {
+        name_end,
+        value: (vs, ve),
+    } = groups(m);
+    let value = &m[vs..ve];
+    // `str.lower()` of the name: ASCII names (all but the few a non-ASCII
+    // letter folds into) on the stack.
+    let raw = &m[..name_end];
+    let mut buf = [0u8; 32];
+    let lowered: Cow<'_, str> = match buf.get_mut(..raw.len()) {
+        Some(b) if raw.is_ascii() => {
+            b.copy_from_slice(raw.as_bytes());
+            b.make_ascii_lowercase();
+            std::str::from_utf8(b).map_or_else(|_| Cow::Owned(raw.to_lowercase()), Cow::Borrowed)
+        }
+        _ => Cow::Owned(raw.to_lowercase()),
     };
-    let value = v.as_str();
-    let name = c["name"].to_lowercase();
+    let name: &str = &lowered;
     let weak = matches!(
-        name.as_str(),
+        name,
         "token" | "auth" | "authorization" | "credential" | "credentials"
     );
     let keep = value.starts_with("***") // already redacted by a more specific rule
@@ -644,10 +1190,11 @@ fn key_value(c: &Captures<'_>) -> Verdict {
     if keep || value.is_empty() {
         return Verdict::Keep;
     }
-    let m = c.get(0).expect("group 0");
-    let whole = m.as_str();
-    let (s, e) = (v.start() - m.start(), v.end() - m.start());
-    Verdict::Replace(format!("{}{REDACTED}{}", &whole[..s], &whole[e..]))
+    Verdict::Replace {
+        keep: vs,
+        mark: REDACTED,
+        tail: m.len() - ve,
+    }
 }
 
 /// One string through the rules in order. A rule runs only where the one
@@ -759,6 +1306,47 @@ fn surely_clean(value: &str) -> bool {
     true
 }
 
+/// `candidates`' byte classes: a byte some literal starts with (or '-', ':',
+/// '=', '@'), a byte of the entropy value's run (`[A-Za-z0-9+/_-]`), a digit.
+const TRIGGER: u8 = 1;
+const RUN: u8 = 2;
+const DIGIT: u8 = 4;
+
+static BYTE_CLASS: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut c = 0usize;
+    while c < 256 {
+        let b = c as u8;
+        if b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'_' | b'-') {
+            t[c] |= RUN;
+        }
+        if b.is_ascii_digit() {
+            t[c] |= DIGIT;
+        }
+        if matches!(
+            b,
+            b'-' | b'e'
+                | b'A'
+                | b'g'
+                | b'h'
+                | b'x'
+                | b's'
+                | b'k'
+                | b'w'
+                | b'Q'
+                | b':'
+                | b'='
+                | b'@'
+                | b'b'
+                | b'B'
+        ) {
+            t[c] |= TRIGGER;
+        }
+        c += 1;
+    }
+    t
+};
+
 /// The rules (a bit per `R_*`) whose regex may match `value`: for each, a
 /// literal or a shape every one of its matches holds, so that a rule left out
 /// surely has no match (a rule let in may still find none: it then changes
@@ -782,123 +1370,29 @@ fn candidates(value: &str) -> u32 {
     // The entropy rule's value: a run of 24+ of its characters right after
     // '=', or ':' and blanks (the head's end, outside the class). The
     // card rule: 13 digits in a row, or 4 digits, ' ' or '-', and 4 digits.
+    // The run is counted at the separator: it starts right after '=', or
+    // after ':' and its blanks (neither is a run character, so each run is
+    // counted from at most one separator).
     let mut entropy = false;
-    let mut run = 0usize;
-    let mut run_ok = false;
+    let run_from = |start: usize| {
+        b[start..]
+            .iter()
+            .take(24)
+            .take_while(|&&c| BYTE_CLASS[usize::from(c)] & RUN != 0)
+            .count()
+            >= 24
+    };
     let mut digits = 0usize;
     for (i, &c) in b.iter().enumerate() {
-        match c {
-            b'-' => {
-                if at(i, b"-----BEGIN ") {
-                    set |= bit(R_PEM);
-                }
-                if at(i + 1, b"-") {
-                    set |= bit(R_KV_FLAG);
-                }
-            }
-            b'e' if at(i, b"eyJ") => set |= bit(R_JWT),
-            b'A' => {
-                if at(i + 1, b"KIA") || at(i + 1, b"SIA") || at(i + 1, b"BIA") || at(i + 1, b"CCA")
-                {
-                    set |= bit(R_AWS);
-                }
-                if at(i, b"AIza") {
-                    set |= bit(R_APIKEY + 4);
-                }
-            }
-            b'g' => {
-                if at(i, b"gh") {
-                    set |= bit(R_GITHUB);
-                }
-                if at(i, b"github_pat_") {
-                    set |= bit(R_GITHUB + 1);
-                }
-                if at(i, b"gl") {
-                    set |= bit(R_GITLAB);
-                }
-            }
-            b'h' => {
-                if at(i, b"hooks.slack.com/") {
-                    set |= bit(R_SLACK);
-                }
-                if at(i, b"hf_") {
-                    set |= bit(R_APIKEY + 5);
-                }
-            }
-            b'x' => {
-                if at(i, b"xox") {
-                    set |= bit(R_SLACK + 1);
-                }
-                if at(i, b"xapp-") {
-                    set |= bit(R_SLACK + 2);
-                }
-            }
-            b's' if at(i, b"sk-") => {
-                set |= bit(R_APIKEY + 1) | bit(R_APIKEY + 2);
-                if at(i, b"sk-ant-") {
-                    set |= bit(R_APIKEY);
-                }
-            }
-            b'k' if at(i, b"k_live_") || at(i, b"k_test_") => set |= bit(R_APIKEY + 3),
-            b'w' if at(i, b"whsec_") => set |= bit(R_APIKEY + 6),
-            b'Q' if at(i, b"Q~") => set |= bit(R_AZURE_ENTRA),
-            b':' => {
-                colon_eq = true;
-                kv_named = kv_named || named_before_sep(b, i);
-                if at(i, b"://") {
-                    url = true;
-                }
-            }
-            b'=' => {
-                colon_eq = true;
-                kv_named = kv_named || named_before_sep(b, i);
-                eq = true;
-                if i >= 3 && at_ci(i - 3, b"key") {
-                    key_eq = true;
-                }
-                if i >= 3 && at_ci(i - 3, b"sig") {
-                    sig_eq = true;
-                }
-            }
-            b'@' => at_sign = true,
-            b'b' | b'B' => {
-                if at_ci(i, b"bearer") {
-                    set |= bit(R_BEARER);
-                }
-                if at_ci(i, b"basic") {
-                    basic = true;
-                }
-            }
-            _ => {}
-        }
-        if c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'_' | b'-') {
-            if run == 0 {
-                // The head ends with '=', or ':' and a run of blanks.
-                let blanks = b[..i]
-                    .iter()
-                    .rev()
-                    .take_while(|&&p| p == b' ' || p == b'\t')
-                    .count();
-                run_ok = i > 0
-                    && match b[i - 1 - blanks.min(i - 1)] {
-                        b':' => true,
-                        b'=' => blanks == 0,
-                        _ => false,
-                    };
-            }
-            run += 1;
-            if run >= 24 && run_ok {
-                entropy = true;
-            }
-        } else {
-            run = 0;
-        }
-        if c.is_ascii_digit() {
+        let class = BYTE_CLASS[usize::from(c)];
+        if class & DIGIT != 0 {
             digits += 1;
             if digits >= 13 {
                 set |= bit(R_CARD);
             }
-        } else {
+            continue;
+        }
+        if digits != 0 {
             if digits >= 4
                 && matches!(c, b' ' | b'-')
                 && b.get(i + 1..i + 5)
@@ -907,6 +1401,101 @@ fn candidates(value: &str) -> u32 {
                 set |= bit(R_CARD);
             }
             digits = 0;
+        }
+        if class & TRIGGER != 0 {
+            match c {
+                b'-' => {
+                    if at(i, b"-----BEGIN ") {
+                        set |= bit(R_PEM);
+                    }
+                    if at(i + 1, b"-") {
+                        set |= bit(R_KV_FLAG);
+                    }
+                }
+                b'e' if at(i, b"eyJ") => set |= bit(R_JWT),
+                b'A' => {
+                    if at(i + 1, b"KIA")
+                        || at(i + 1, b"SIA")
+                        || at(i + 1, b"BIA")
+                        || at(i + 1, b"CCA")
+                    {
+                        set |= bit(R_AWS);
+                    }
+                    if at(i, b"AIza") {
+                        set |= bit(R_APIKEY + 4);
+                    }
+                }
+                b'g' => {
+                    if at(i, b"gh") {
+                        set |= bit(R_GITHUB);
+                    }
+                    if at(i, b"github_pat_") {
+                        set |= bit(R_GITHUB + 1);
+                    }
+                    if at(i, b"gl") {
+                        set |= bit(R_GITLAB);
+                    }
+                }
+                b'h' => {
+                    if at(i, b"hooks.slack.com/") {
+                        set |= bit(R_SLACK);
+                    }
+                    if at(i, b"hf_") {
+                        set |= bit(R_APIKEY + 5);
+                    }
+                }
+                b'x' => {
+                    if at(i, b"xox") {
+                        set |= bit(R_SLACK + 1);
+                    }
+                    if at(i, b"xapp-") {
+                        set |= bit(R_SLACK + 2);
+                    }
+                }
+                b's' if at(i, b"sk-") => {
+                    set |= bit(R_APIKEY + 1) | bit(R_APIKEY + 2);
+                    if at(i, b"sk-ant-") {
+                        set |= bit(R_APIKEY);
+                    }
+                }
+                b'k' if at(i, b"k_live_") || at(i, b"k_test_") => set |= bit(R_APIKEY + 3),
+                b'w' if at(i, b"whsec_") => set |= bit(R_APIKEY + 6),
+                b'Q' if at(i, b"Q~") => set |= bit(R_AZURE_ENTRA),
+                b':' => {
+                    colon_eq = true;
+                    kv_named = kv_named || named_before_sep(b, i);
+                    if at(i, b"://") {
+                        url = true;
+                    }
+                    let blanks = b[i + 1..]
+                        .iter()
+                        .take_while(|&&p| p == b' ' || p == b'\t')
+                        .count();
+                    entropy = entropy || run_from(i + 1 + blanks);
+                }
+                b'=' => {
+                    colon_eq = true;
+                    kv_named = kv_named || named_before_sep(b, i);
+                    entropy = entropy || run_from(i + 1);
+                    eq = true;
+                    if i >= 3 && at_ci(i - 3, b"key") {
+                        key_eq = true;
+                    }
+                    if i >= 3 && at_ci(i - 3, b"sig") {
+                        sig_eq = true;
+                    }
+                }
+                b'@' => at_sign = true,
+                b'b' | b'B' => {
+                    if at_ci(i, b"bearer") {
+                        set |= bit(R_BEARER);
+                    }
+                    if at_ci(i, b"basic") {
+                        basic = true;
+                    }
+                }
+                _ => {}
+            }
         }
     }
     if eq && (!ascii || key_eq) {
@@ -954,6 +1543,15 @@ fn named_before_sep(b: &[u8], i: usize) -> bool {
         }
     }
     let head = &b[..j];
+    // Every name ends with one of these letters.
+    if !head.last().is_some_and(|c| {
+        matches!(
+            c.to_ascii_lowercase(),
+            b'd' | b'e' | b't' | b'y' | b'n' | b'h' | b'l' | b's'
+        )
+    }) {
+        return false;
+    }
     NAME_ENDS.iter().any(|end| {
         head.len() >= end.len() && head[head.len() - end.len()..].eq_ignore_ascii_case(end)
     })
@@ -1015,12 +1613,16 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
         });
     }
     if p.wants(&[R_AZURE_CONN, R_AZURE_SIG, R_AZURE_ENTRA]) && gate.azure() {
-        p.rule(R_AZURE_CONN, |s| keep_head(s, &r.azure_conn, true));
-        p.rule(R_AZURE_SIG, |s| keep_head(s, &r.azure_sig, false));
+        p.rule(R_AZURE_CONN, |s| {
+            keep_head(s, &r.azure_conn, true, head_through_separator)
+        });
+        p.rule(R_AZURE_SIG, |s| {
+            keep_head(s, &r.azure_sig, false, head_through_separator)
+        });
         p.rule(R_AZURE_ENTRA, |s| {
             substitute_match(s, &r.azure_entra, |start, _| match char_before(s, start) {
                 Some(p) if is_word(p) || matches!(p, '~' | '.' | '-') => Verdict::Reject,
-                _ => Verdict::Replace("***AZURE_SECRET***".to_string()),
+                _ => Verdict::mark("***AZURE_SECRET***"),
             })
         });
     }
@@ -1031,9 +1633,13 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
                     // The head ends at the first ':' after "://": neither the
                     // scheme nor the user part can hold one.
                     let m = &s[start..end];
-                    let user = m.find("://").map_or(0, |i| i + 3);
+                    let user = find_bytes(m.as_bytes(), b"://").map_or(0, |i| i + 3);
                     let head = user + m[user..].find(':').unwrap_or(m.len() - user);
-                    Verdict::Replace(format!("{}:{REDACTED}@", &m[..head]))
+                    Verdict::Replace {
+                        keep: head,
+                        mark: URL_PASSWORD,
+                        tail: 0,
+                    }
                 } else {
                     Verdict::Reject
                 }
@@ -1066,7 +1672,7 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
                         r.digit.is_match(ch.encode_utf8(&mut buf))
                     });
                 if digit && bounded_at(s, start, end, false) {
-                    Verdict::Replace(format!("{}{REDACTED}", &m[..head]))
+                    Verdict::redact_after(head)
                 } else {
                     Verdict::Reject
                 }
@@ -1080,34 +1686,34 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
         let mut kv_gate: Option<bool> = None;
         let mut gate_ok = || *kv_gate.get_or_insert_with(|| gate.kv());
         p.rule_gated(R_KV_BASIC, &mut gate_ok, |s| {
-            keep_head(s, &r.kv_basic, false)
+            keep_head(s, &r.kv_basic, false, head_through_last_blank)
         });
         // Run again after a change only where its literal "--" still is.
-        if p.set & (1 << R_KV_FLAG) != 0 || memchr::memmem::find(p.text.as_bytes(), b"--").is_some()
-        {
+        if p.set & (1 << R_KV_FLAG) != 0 || find_bytes(p.text.as_bytes(), b"--").is_some() {
             p.rule_gated(R_KV_FLAG, &mut gate_ok, |s| {
-                substitute(s, &r.kv_flag, key_value)
+                substitute_match(s, &r.kv_flag, |a, b| key_value(&s[a..b], kv_flag_groups))
             });
         }
         p.rule_gated(R_KV_PAIR, &mut gate_ok, |s| {
-            substitute(s, &r.kv_pair, key_value)
+            substitute_match(s, &r.kv_pair, |a, b| key_value(&s[a..b], kv_pair_groups))
         });
     }
     p.rule(R_ENTROPY, |s| {
-        substitute(s, &r.entropy, |c| {
-            let m = c.get(0).expect("group 0");
+        substitute_match(s, &r.entropy, |m_start, m_end| {
             let name_run = |ch: char| ch.is_ascii_alphanumeric() || matches!(ch, '_' | '.' | '-');
-            if char_before(s, m.start()).is_some_and(name_run) {
+            if char_before(s, m_start).is_some_and(name_run) {
                 return Verdict::Reject;
             }
-            let after = s[m.end()..].chars().next();
+            let after = s[m_end..].chars().next();
             if after.is_some_and(|ch| {
                 ch.is_ascii_alphanumeric() || matches!(ch, '+' | '/' | '_' | '=' | '.' | ':' | '-')
             }) {
                 return Verdict::Reject;
             }
-            if high_entropy(&c["value"]) {
-                Verdict::Replace(format!("{}{REDACTED}", &c["head"]))
+            let m = &s[m_start..m_end];
+            let head = head_through_separator(m);
+            if high_entropy(&m[head..]) {
+                Verdict::redact_after(head)
             } else {
                 Verdict::Keep
             }
@@ -1135,7 +1741,7 @@ pub fn sanitize(value: &str) -> Cow<'_, str> {
             }
             let digits: Vec<u8> = s[start..end].bytes().filter(u8::is_ascii_digit).collect();
             if issuer_length_ok(&digits) && luhn_valid(&digits) {
-                Verdict::Replace("***CARD_NUMBER***".to_string())
+                Verdict::mark("***CARD_NUMBER***")
             } else {
                 Verdict::Keep
             }
@@ -1430,6 +2036,399 @@ mod tests {
             }
         }
         assert!(matched > 50_000, "{matched}");
+    }
+
+    type HeadFn = fn(&str) -> usize;
+    type PairFn = fn(&str) -> Pair;
+
+    /// The groups derived from a match's span are the regex's own groups, on
+    /// strings near every separator, quote and escape (ASCII and not).
+    #[test]
+    fn derived_groups_equal_the_captures() {
+        let r = rules();
+        let pieces = [
+            "a",
+            "Z",
+            " ",
+            "\t",
+            "\n",
+            "\x1c",
+            "-",
+            "--",
+            "_",
+            ".",
+            "/",
+            "+",
+            "%",
+            "=",
+            "==",
+            ":",
+            "?",
+            "&",
+            "0",
+            "1234",
+            "\"",
+            "'",
+            "\\",
+            "\\\"",
+            ",",
+            ";",
+            "\u{e9}",
+            "\u{17f}",
+            "\u{212a}",
+            "password",
+            "PASSWD",
+            "pa\u{17f}sword",
+            "secret_key",
+            "secret-",
+            "api-key",
+            "Token",
+            "auth",
+            "Authorization",
+            "credentials",
+            "pwd",
+            "--token",
+            "--api-key",
+            "--token ",
+            "--PASS\t",
+            "--secret  ",
+            "--client-secret",
+            "basic",
+            "Basic ",
+            "AccountKey=",
+            "sharedaccesskey=",
+            "&sig=",
+            "?SIG=",
+            "abcdefghijklmnopqrstuvwx",
+            "ABCDEFGHIJKL0123",
+            "Zk3pQ9vL2mN8rT5wY1aB7cD4",
+        ];
+        let mut seed = 0x6a09_e667_f3bc_c908u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let place = |re: &bytes::Regex, name: &str| {
+            re.capture_names().position(|n| n == Some(name)).unwrap()
+        };
+        let mut checked = [0usize; 3];
+        for _ in 0..40_000 {
+            let n = 1 + (next() % 10) as usize;
+            let s: String = (0..n)
+                .map(|_| pieces[(next() % pieces.len() as u64) as usize])
+                .collect();
+            let b = s.as_bytes();
+            let heads: [(&Re, HeadFn); 4] = [
+                (&r.azure_conn, head_through_separator),
+                (&r.azure_sig, head_through_separator),
+                (&r.entropy, head_through_separator),
+                (&r.kv_basic, head_through_last_blank),
+            ];
+            for (rule, head) in heads {
+                let re = &rule.uni;
+                for c in re.captures_iter(b) {
+                    let (m, h) = (c.get(0).unwrap(), c.get(place(re, "head")).unwrap());
+                    assert_eq!(head(&s[m.range()]), h.len(), "{} on {s:?}", re.as_str());
+                    checked[0] += 1;
+                }
+            }
+            let pairs: [(&Re, PairFn, &[&str]); 2] = [
+                (&r.kv_pair, kv_pair_groups, &["dq", "sq", "bare"]),
+                (&r.kv_flag, kv_flag_groups, &["bare"]),
+            ];
+            for (k, (rule, groups, values)) in pairs.into_iter().enumerate() {
+                let re = &rule.uni;
+                for c in re.captures_iter(b) {
+                    let m = c.get(0).unwrap();
+                    let got = groups(&s[m.range()]);
+                    let name = c.get(place(re, "name")).unwrap();
+                    assert_eq!(got.name_end, name.end() - m.start(), "{s:?}");
+                    let v = values.iter().find_map(|g| c.get(place(re, g))).unwrap();
+                    let want = (v.start() - m.start(), v.end() - m.start());
+                    assert_eq!(got.value, want, "{} on {s:?}", re.as_str());
+                    checked[1 + k] += 1;
+                }
+            }
+        }
+        assert!(checked.iter().all(|&n| n > 1000), "{checked:?}");
+    }
+
+    /// The rules searched as `Token`s find, from every start, what their
+    /// regex finds (strings near every literal, class edge and length).
+    #[test]
+    fn tokens_find_what_their_regex_finds() {
+        let r = rules();
+        let mut all: Vec<&Re> = vec![&r.aws, &r.gitlab, &r.slack[1].0];
+        all.extend(&r.github);
+        all.extend(&r.apikey);
+        let all: Vec<&Re> = all.into_iter().filter(|re| re.token.is_some()).collect();
+        assert_eq!(all.len(), 12);
+        let pieces = [
+            "a",
+            "Z",
+            "0",
+            "_",
+            "-",
+            "+",
+            "/",
+            "=",
+            ".",
+            " ",
+            "\u{e9}",
+            "A",
+            "AKIA",
+            "ASIA",
+            "ACCA",
+            "ABCDEFGHIJ012345",
+            "gh",
+            "ghp_",
+            "ghs_",
+            "gh_",
+            "github_pat_",
+            "gl",
+            "glpat-",
+            "glsoat-",
+            "glx-",
+            "xox",
+            "xoxb-",
+            "xoxox",
+            "sk-",
+            "sk-ant-",
+            "sk-proj-",
+            "sk-None-",
+            "sk-admin",
+            "rk_live_",
+            "sk_test_",
+            "k_live_",
+            "AIza",
+            "hf_",
+            "whsec_",
+            "abcdefghij",
+            "KLMNOPQRST",
+            "0123456789",
+            "a-b_c-d_e-",
+            "+/=+/=",
+        ];
+        let mut seed = 0xbb67_ae85_84ca_a73bu64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut matched = 0;
+        for _ in 0..20_000 {
+            let n = 1 + (next() % 12) as usize;
+            let s: String = (0..n)
+                .map(|_| pieces[(next() % pieces.len() as u64) as usize])
+                .collect();
+            for re in &all {
+                for pos in (0..=s.len()).filter(|&p| s.is_char_boundary(p)) {
+                    let want = re
+                        .uni
+                        .find_at(s.as_bytes(), pos)
+                        .map(|m| (m.start(), m.end()));
+                    let got = re.find_at(&s, pos, s.is_ascii());
+                    assert_eq!(got, want, "{} on {s:?} from {pos}", re.as_str());
+                    matched += usize::from(want.is_some());
+                }
+            }
+        }
+        assert!(matched > 20_000, "{matched}");
+        // Runs longer than a rule's maximum.
+        let long = "a".repeat(300);
+        for s in [
+            format!("ghp_{long}"),
+            format!("x github_pat_{long}"),
+            format!("AIza{long}"),
+            format!("AKIA{}", "B".repeat(40)),
+        ] {
+            for re in &all {
+                let want = re
+                    .uni
+                    .find_at(s.as_bytes(), 0)
+                    .map(|m| (m.start(), m.end()));
+                assert_eq!(re.find_at(&s, 0, true), want, "{}", re.as_str());
+            }
+        }
+    }
+
+    /// The rules written as code for ASCII text find, from every start, what
+    /// their regex finds.
+    #[test]
+    fn ascii_code_finds_what_the_regex_finds() {
+        let r = rules();
+        let pieces = [
+            "a",
+            "Z",
+            "0",
+            "9",
+            " ",
+            "\t",
+            "\n",
+            "\x0b",
+            "\x1c",
+            "\x1f",
+            "-",
+            "_",
+            ".",
+            "~",
+            "+",
+            "/",
+            "=",
+            ":",
+            ",",
+            ";",
+            "&",
+            "\"",
+            "'",
+            "\\",
+            "\\\"",
+            "\\'",
+            "\\n",
+            "Bearer ",
+            "bEaReR",
+            "bearer\t\x1e",
+            "abcdefghijkl",
+            "0123456789AB",
+            "Pass",
+            "password",
+            "PASSWD",
+            "passphrase",
+            "pwd",
+            "secret",
+            "secret_key",
+            "Secret-Key",
+            "secretkey",
+            "api_key",
+            "APIKEY",
+            "access-key",
+            "private_key",
+            "token",
+            "Authorization",
+            "auth",
+            "credential",
+            "credentials",
+            "***REDACTED***",
+        ];
+        let mut seed = 0x3c6e_f372_fe94_f82bu64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut matched = [0usize; 2];
+        for _ in 0..20_000 {
+            let n = 1 + (next() % 12) as usize;
+            let s: String = (0..n)
+                .map(|_| pieces[(next() % pieces.len() as u64) as usize])
+                .collect();
+            for (k, re) in [&r.bearer, &r.kv_pair].into_iter().enumerate() {
+                for pos in 0..=s.len() {
+                    let want = re
+                        .uni
+                        .find_at(s.as_bytes(), pos)
+                        .map(|m| (m.start(), m.end()));
+                    assert_eq!(
+                        re.find_at(&s, pos, true),
+                        want,
+                        "{} on {s:?} from {pos}",
+                        re.as_str()
+                    );
+                    matched[k] += usize::from(want.is_some());
+                }
+            }
+        }
+        assert!(matched.iter().all(|&n| n > 10_000), "{matched:?}");
+    }
+
+    /// The ASCII forms find what the Unicode forms find, on ASCII text.
+    #[test]
+    fn ascii_forms_agree_on_ascii_text() {
+        let r = rules();
+        let mut all: Vec<&Re> = vec![&r.pem, &r.jwt, &r.aws, &r.gitlab];
+        all.extend(&r.github);
+        all.extend(r.slack.iter().map(|(rule, _)| rule));
+        all.extend(&r.apikey);
+        all.extend([
+            &r.azure_conn,
+            &r.azure_sig,
+            &r.azure_entra,
+            &r.url,
+            &r.bearer,
+            &r.kv_basic,
+            &r.kv_flag,
+            &r.kv_pair,
+            &r.entropy,
+            &r.card,
+        ]);
+        let mut seed = 0x51_7cc1_b727_220au64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let pieces = [
+            "a",
+            "Z",
+            " ",
+            "\t",
+            "\x0b",
+            "\x1c",
+            "\n",
+            "-",
+            "--",
+            "_",
+            ".",
+            "~",
+            "+",
+            "/",
+            "=",
+            ":",
+            "@",
+            "?",
+            "&",
+            "0",
+            "1234",
+            "\"",
+            "'",
+            "\\",
+            ",",
+            ";",
+            "sk-",
+            "Bearer ",
+            "PASSWORD",
+            "Token",
+            "api-key",
+            "Authorization",
+            "basic ",
+            "AccountKey=",
+            "&SIG=",
+            "https://",
+            "u:p@",
+            "--token ",
+            "-----BEGIN RSA PRIVATE KEY-----",
+            "eyJ",
+            "abcdefghijklmnopqrstuvwx",
+            "ABCDEFGHIJKL0123",
+            "4111 1111 1111 1111",
+        ];
+        for _ in 0..20_000 {
+            let n = 1 + (next() % 12) as usize;
+            let s: String = (0..n)
+                .map(|_| pieces[(next() % pieces.len() as u64) as usize])
+                .collect();
+            for rule in &all {
+                let b = s.as_bytes();
+                let want: Vec<_> = rule.uni.find_iter(b).map(|m| m.range()).collect();
+                let got: Vec<_> = rule.ascii.find_iter(b).map(|m| m.range()).collect();
+                assert_eq!(got, want, "{} on {s:?}", rule.as_str());
+            }
+        }
     }
 
     #[test]
