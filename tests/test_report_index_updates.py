@@ -226,3 +226,13 @@ def test_maintain_rebuilds_a_corrupt_index(
     }
     assert nothing_left_to_refold(log_path)
     assert report(sigil_home, "daily") == before
+
+
+def test_maintain_says_so_on_a_terminal_too(
+    sigil_home: Path, log_path: Path, history: list[Run]
+) -> None:
+    report(sigil_home, "daily")
+    _age(log_path / "sessions" / "gamma", 30)
+    proc = run_cli(sigil_home, "logs", "maintain")
+    assert proc.returncode == 0, proc.stderr
+    assert "report index updated: 1 refolded, 1 removed" in proc.stdout.splitlines()
