@@ -9,12 +9,15 @@ refresh right after finds nothing left to refold.
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import isolated_env, run_cli
 from test_report import Run, _age, day, reference, report, steps_for, write_runs
 
 INDEX = "report_index.sqlite3"
@@ -96,6 +99,39 @@ def test_a_run_updates_the_existing_index_without_a_rebuild(
     # The same answer as an index built from nothing.
     index.unlink()
     assert report(sigil_home, "session") == after
+
+
+def test_an_interrupted_run_is_in_the_index_too(sigil_home: Path, log_path: Path) -> None:
+    from test_orchestrate_e2e import SIGIL, TASK, steps_config, write_config
+
+    code, stderr = orchestrate(sigil_home, "first")
+    assert code == 0, stderr
+    report(sigil_home, "session")
+    plant_marker(log_path / INDEX)
+    write_config(sigil_home, steps_config(planning="SlowPlanning"))
+    proc = subprocess.Popen(
+        [*SIGIL, "--task", TASK, "--session", "termed"],
+        env=isolated_env(sigil_home, SIGIL_TEST_SLOW_SECONDS="60"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log = log_path / "sessions" / "termed" / "execution.jsonl"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if log.exists() and '"component":"planning"' in log.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 143, stderr
+    assert not warnings(stderr), stderr
+    assert has_marker(log_path / INDEX)
+    conn = sqlite3.connect(log_path / INDEX)
+    status = conn.execute("SELECT status FROM runs WHERE session_id = 'termed'").fetchall()
+    conn.close()
+    assert status == [("interrupted",)]
+    assert nothing_left_to_refold(log_path)
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "unwritable", "locked"])
