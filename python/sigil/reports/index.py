@@ -7,7 +7,11 @@ non-empty buckets of each component's latency histogram. The JSONL stays the
 truth: the index is rebuilt whenever it is missing, unreadable or of another
 schema, and a source whose files changed (a new run, a rotation, an archive) is
 refolded and its rows replaced, so deleting the file loses nothing.
-:func:`open_index` brings it up to date lazily, each time a report reads it.
+:func:`open_index` brings it up to date lazily, each time a report reads it;
+:func:`update_existing` does so where an index already exists (never making
+one) when a run ends (``sigil orchestrate``, that session's sources only) and
+after ``sigil logs maintain`` (archived sessions then read from their archives,
+counted once), so the next report has little or nothing to refold.
 
 Rows come from the native model only (contract 12); reports aggregate them in
 SQL.

@@ -91,7 +91,10 @@ def cleanup(dry_run: bool, as_json: bool, log_path: str | None) -> None:
 @logs.command("maintain")
 @_options
 def maintain(dry_run: bool, as_json: bool, log_path: str | None) -> None:
-    """Rotate, archive and clean up, in that order (suitable for cron)."""
+    """Rotate, archive and clean up, in that order (suitable for cron).
+
+    Then brings the report index (sigil report) up to date, if there is one.
+    """
 
     def action(rotator: LogRotator) -> dict[str, Any]:
         result = rotator.run_maintenance(dry_run)
