@@ -7,7 +7,11 @@ non-empty buckets of each component's latency histogram. The JSONL stays the
 truth: the index is rebuilt whenever it is missing, unreadable or of another
 schema, and a source whose files changed (a new run, a rotation, an archive) is
 refolded and its rows replaced, so deleting the file loses nothing.
-:func:`open_index` brings it up to date lazily, each time a report reads it.
+:func:`open_index` brings it up to date lazily, each time a report reads it;
+:func:`update_existing` does so where an index already exists (never making
+one) when a run ends (``sigil orchestrate``, that session's sources only) and
+after ``sigil logs maintain`` (archived sessions then read from their archives,
+counted once), so the next report has little or nothing to refold.
 
 Rows come from the native model only (contract 12); reports aggregate them in
 SQL.
@@ -18,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +34,15 @@ from sigil.telemetry.log_parser import (
     run_status,
 )
 
-__all__ = ["INDEX_FILE_NAME", "SCHEMA_VERSION", "Refresh", "open_index", "refresh"]
+__all__ = [
+    "INDEX_FILE_NAME",
+    "SCHEMA_VERSION",
+    "IndexNotUpdated",
+    "Refresh",
+    "open_index",
+    "refresh",
+    "update_existing",
+]
 
 INDEX_FILE_NAME = "report_index.sqlite3"
 SCHEMA_VERSION = 3
@@ -141,7 +153,78 @@ def open_index(log_path: Path) -> tuple[sqlite3.Connection, Refresh]:
     return conn, state
 
 
-def _connect(path: Path, log_path: Path) -> tuple[sqlite3.Connection, bool]:
+class IndexNotUpdated(Exception):
+    """An existing index could not be brought up to date (one line: the file
+    and why). Nothing is lost: the next ``sigil report`` rebuilds or refreshes it."""
+
+
+def update_existing(
+    log_path: Path,
+    session_ids: Collection[str] | None = None,
+    *,
+    repair: bool = False,
+    busy_timeout_s: float = 2.0,
+) -> Refresh | None:
+    """Bring the index of ``log_path`` up to date when there is one (issue 13:
+    "updated when a run ends and by ``sigil logs maintain``"); None, and no file
+    made, when there is none, so a user who never runs ``sigil report`` pays
+    nothing.
+
+    ``session_ids`` limits the refresh to those sessions' sources (the session
+    a run just ended in); None refreshes every source. An index that is not one
+    of this schema (older, corrupt) is rebuilt with ``repair``, else left to the
+    next report. :class:`IndexNotUpdated` when it cannot be written, is held by
+    another writer longer than ``busy_timeout_s``, or (without ``repair``) is
+    not an index of this schema."""
+    path = log_path / INDEX_FILE_NAME
+    if not path.is_file():
+        return None
+    try:
+        if repair:
+            if not os.access(log_path, os.W_OK):
+                raise IndexNotUpdated(f"{path}: the log path is not writable")
+            conn, rebuilt = _connect(path, log_path, timeout=busy_timeout_s)
+            if not conn.execute("PRAGMA database_list").fetchone()[2]:
+                conn.close()  # in memory: the file could not be made again
+                raise IndexNotUpdated(f"{path}: cannot be made again")
+        else:
+            conn, rebuilt = _open_existing(path, busy_timeout_s), False
+        try:
+            state = refresh(conn, log_path, session_ids)
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise IndexNotUpdated(f"{path}: {exc}") from None
+    state.rebuilt = rebuilt
+    return state
+
+
+def _open_existing(path: Path, timeout: float) -> sqlite3.Connection:
+    """The index file as it is (never created, never replaced), checked to be an
+    index of this schema."""
+    from urllib.parse import quote
+
+    conn = sqlite3.connect(
+        f"file:{quote(str(path))}?mode=rw", uri=True, timeout=timeout, isolation_level=None
+    )
+    try:
+        conn.execute("PRAGMA synchronous=OFF")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise IndexNotUpdated(
+                f"{path}: not a report index of schema {SCHEMA_VERSION} (found {version});"
+                " the next sigil report rebuilds it"
+            )
+        conn.execute("SELECT count(*) FROM sources").fetchone()
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _connect(
+    path: Path, log_path: Path, *, timeout: float = BUSY_TIMEOUT_S
+) -> tuple[sqlite3.Connection, bool]:
     """The index file, made anew when it is not an index of this schema. Busy
     errors (another report writing it) propagate: the file is fine then."""
     if not log_path.is_dir() or not os.access(log_path, os.W_OK):
@@ -151,7 +234,7 @@ def _connect(path: Path, log_path: Path) -> tuple[sqlite3.Connection, bool]:
             # 0600 like every file sigil writes (contract 8); sqlite keeps the mode.
             with contextlib.suppress(FileExistsError):
                 os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
         try:
             conn.execute("PRAGMA synchronous=OFF")  # a cache: a torn index is rebuilt
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -183,12 +266,24 @@ def _create(conn: sqlite3.Connection) -> sqlite3.Connection:
     return conn
 
 
-def refresh(conn: sqlite3.Connection, log_path: Path) -> Refresh:
+def refresh(
+    conn: sqlite3.Connection, log_path: Path, session_ids: Collection[str] | None = None
+) -> Refresh:
     """Refold every source whose files changed since it was indexed, drop the
-    sources that are gone, and leave the rest as they are."""
-    current = discover(log_path)
+    sources that are gone, and leave the rest as they are; only the sources of
+    ``session_ids`` when it is given."""
+    current = discover(log_path, session_ids)
     state = Refresh(sources=len(current))
-    known = dict(conn.execute("SELECT source, fingerprint FROM sources"))
+    if session_ids is None:
+        known = dict(conn.execute("SELECT source, fingerprint FROM sources"))
+    else:
+        known = {}
+        for session_id in set(session_ids):
+            known.update(
+                conn.execute(
+                    "SELECT source, fingerprint FROM sources WHERE session_id = ?", (session_id,)
+                )
+            )
     stale = [s for s in current if known.get(s.key) != s.fingerprint]
     gone = set(known) - {s.key for s in current}
     for source, error in conn.execute(

@@ -15,6 +15,7 @@ import io
 import os
 import tarfile
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,20 +59,33 @@ class Source:
     locked: bool = False
 
 
-def discover(log_path: Path) -> list[Source]:
-    """Every live session directory and every archive under ``log_path``."""
+def discover(log_path: Path, session_ids: Collection[str] | None = None) -> list[Source]:
+    """Every live session directory and every archive under ``log_path``; only
+    those of ``session_ids`` when it is given."""
     found: list[Source] = []
-    try:
-        entries = sorted(os.scandir(log_path / "sessions"), key=lambda e: e.name)
-    except (FileNotFoundError, NotADirectoryError):
-        entries = []
-    for entry in entries:
-        if SESSION_ID_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
-            found.append(_live_source(entry.path, entry.name))
+    if session_ids is None:
+        try:
+            entries = sorted(os.scandir(log_path / "sessions"), key=lambda e: e.name)
+        except (FileNotFoundError, NotADirectoryError):
+            entries = []
+        for entry in entries:
+            if SESSION_ID_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+                found.append(_live_source(entry.path, entry.name))
+    else:
+        for session_id in sorted(set(session_ids)):
+            directory = log_path / "sessions" / session_id
+            if (
+                SESSION_ID_RE.fullmatch(session_id)
+                and directory.is_dir()
+                and not directory.is_symlink()
+            ):
+                found.append(_live_source(str(directory), session_id))
     if os.path.isdir(log_path / "archive"):
         from sigil.telemetry.log_rotation import archived_sessions
 
         for session_id, archives in sorted(archived_sessions(log_path).items()):
+            if session_ids is not None and session_id not in session_ids:
+                continue
             for archive in archives:
                 try:
                     st = os.lstat(archive)

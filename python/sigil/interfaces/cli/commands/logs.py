@@ -91,12 +91,44 @@ def cleanup(dry_run: bool, as_json: bool, log_path: str | None) -> None:
 @logs.command("maintain")
 @_options
 def maintain(dry_run: bool, as_json: bool, log_path: str | None) -> None:
-    """Rotate, archive and clean up, in that order (suitable for cron)."""
+    """Rotate, archive and clean up, in that order (suitable for cron).
+
+    Then brings the report index (sigil report) up to date, if there is one.
+    """
 
     def action(rotator: LogRotator) -> dict[str, Any]:
-        return rotator.run_maintenance(dry_run)
+        result = rotator.run_maintenance(dry_run)
+        if not dry_run:
+            result["report_index"] = _update_report_index(rotator)
+        return result
 
     _run(action, dry_run, as_json, log_path)
+
+
+def _update_report_index(rotator: LogRotator) -> dict[str, Any] | None:
+    """After rotating, archiving and cleaning up: bring the report index up to
+    date (issue 13), so archived sessions are found in their archives (once)
+    and removed ones drop out. Only when an index exists (None otherwise: none
+    is made). A failure is one warning line and leaves the exit status alone;
+    the next ``sigil report`` refreshes the index anyway."""
+    from sigil.reports.index import INDEX_FILE_NAME, IndexNotUpdated, update_existing
+
+    if not (rotator.log_path / INDEX_FILE_NAME).is_file():
+        return None
+    try:
+        state = update_existing(rotator.log_path, repair=True)
+    except IndexNotUpdated as exc:
+        click.echo(f"warning: report index not updated: {exc}", err=True)
+        return {"updated": False, "error": str(exc)}
+    if state is None:  # removed meanwhile: nothing to update
+        return None
+    return {
+        "updated": True,
+        "rebuilt": state.rebuilt,
+        "sources": state.sources,
+        "refolded": state.refolded,
+        "removed": state.removed,
+    }
 
 
 def _run(
@@ -149,3 +181,9 @@ def _print_human(result: dict[str, Any], dry_run: bool) -> None:
             click.echo(f"{'would be ' if dry_run else ''}{verb}: {path}")
         counts.append(f"{len(paths)} {noun}{'' if len(paths) == 1 else 's'} {verb}")
     click.echo(", ".join(counts) + (" (dry run: nothing was changed)" if dry_run else ""))
+    index = result.get("report_index")
+    if index and index.get("updated"):
+        click.echo(
+            f"report index updated: {index['refolded']} refolded, {index['removed']} removed"
+            + (" (rebuilt)" if index["rebuilt"] else "")
+        )

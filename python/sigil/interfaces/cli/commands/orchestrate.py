@@ -158,8 +158,39 @@ def orchestrate(
     """
     orchestrator = _build(task, session_id, budget, resume, log_path, provider, export_otlp)
     code = _run(orchestrator, task, as_json)
+    _update_report_index(orchestrator)
     _ignore_signals()
     sys.exit(code)
+
+
+def _update_report_index(orchestrator: Orchestrator) -> None:
+    """The run has ended and everything about it is printed: bring this
+    session's rows of the report index up to date (issue 13), so the next
+    ``sigil report`` has nothing of it to refold. Only when an index exists (a
+    user who never runs ``sigil report`` pays nothing); a failure here leaves
+    the exit status alone and is one warning line (the next report refreshes
+    the index anyway)."""
+    log_path = orchestrator.log_path
+    from sigil.reports.index import INDEX_FILE_NAME
+
+    if not (log_path / INDEX_FILE_NAME).is_file() or not orchestrator.session_dir.is_dir():
+        return
+    import contextlib
+
+    for stream in (sys.stdout, sys.stderr):
+        # What is printed is out before the index is touched, even on a pipe.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    from sigil.reports.index import IndexNotUpdated, update_existing
+
+    try:
+        update_existing(log_path, [orchestrator.session_id])
+    except IndexNotUpdated as exc:
+        _echo(f"warning: report index not updated: {exc}", err=True)
+    except Exception as exc:  # never the run's outcome: the index is a cache
+        if os.environ.get("SIGIL_DEBUG"):
+            raise
+        _echo(f"warning: report index not updated: {type(exc).__name__}: {exc}", err=True)
 
 
 def _ignore_signals() -> None:
