@@ -11,6 +11,12 @@ said. The model name picks a misbehaviour:
 * ``slow``: answers after ``slow_seconds``;
 * ``fail500``: HTTP 500 with an OpenAI-shaped error;
 * ``quota429``: HTTP 429 ``insufficient_quota`` without ``x-should-retry``.
+
+And one model plays an agent's model (chat completions, streamed and not):
+
+* ``agent``: while the request offers ``tools`` and holds no tool result yet,
+  it calls the first tool with ``tool_arguments``; then it answers
+  ``answer: `` followed by the last tool result's text.
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ class Upstream:
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     record: bool = True
+    #: the arguments the ``agent`` model calls its first tool with
+    tool_arguments: dict[str, Any] = field(default_factory=dict)
 
     # -- life ----------------------------------------------------------------------
 
@@ -122,6 +130,22 @@ class Upstream:
         text = orjson.dumps(body.get("messages") or body.get("input") or body.get("prompt"))
         return 7 + len(text) % 41
 
+    def _agent_turn(self, body: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+        """The ``agent`` model's turn: (text, None) or (None, a tool call)."""
+        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        results = [m for m in messages if m.get("role") == "tool"]
+        tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+        if tools and not results:
+            name = tools[0]["function"]["name"]
+            arguments = orjson.dumps(self.tool_arguments).decode()
+            call = {"id": "call_1", "type": "function",
+                    "function": {"name": name, "arguments": arguments}}  # fmt: skip
+            return None, call
+        content = results[-1].get("content") if results else ""
+        if isinstance(content, list):  # content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return f"answer: {content}", None
+
     @staticmethod
     def _cap(body: dict[str, Any], *names: str) -> int:
         caps = [body[n] for n in names if isinstance(body.get(n), int)]
@@ -149,8 +173,17 @@ class Upstream:
             return web.Response(text="<html>oops</html>", content_type="application/json")
         inp = self._prompt_tokens(body)
         out = min(self.pieces, self._cap(body, "max_tokens", "max_completion_tokens"))
+        turn = self._agent_turn(body) if model == "agent" and not legacy else None
         if body.get("stream"):
-            return await self._chat_stream(request, body, model, inp, out, legacy)
+            return await self._chat_stream(request, body, model, inp, out, legacy, turn)
+        message: dict[str, Any] = {"role": "assistant", "content": "w " * out}
+        finish = "stop"
+        if turn is not None:
+            text, call = turn
+            message = {"role": "assistant", "content": text}
+            if call is not None:
+                message["tool_calls"] = [call]
+                finish = "tool_calls"
         data: dict[str, Any] = {
             "id": "chatcmpl-1",
             "object": "text_completion" if legacy else "chat.completion",
@@ -159,11 +192,7 @@ class Upstream:
             "choices": [
                 {"index": 0, "text": "w " * out, "finish_reason": "stop"}
                 if legacy
-                else {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "w " * out},
-                    "finish_reason": "stop",
-                }
+                else {"index": 0, "message": message, "finish_reason": finish}
             ],
         }
         if model != "nousage":
@@ -183,6 +212,7 @@ class Upstream:
         inp: int,
         out: int,
         legacy: bool,
+        turn: tuple[str | None, dict[str, Any] | None] | None = None,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -206,7 +236,9 @@ class Upstream:
             return b"data: " + orjson.dumps(data) + b"\n\n"
 
         await resp.write(chunk({"role": "assistant", "content": ""}))
-        for i in range(out):
+        if turn is not None:
+            await self._agent_stream(resp, chunk, turn)
+        for i in range(out if turn is None else 0):
             await resp.write(chunk({"content": "word "}))
             if model == "broken" and i == out // 2:
                 await asyncio.sleep(0.05)
@@ -215,7 +247,8 @@ class Upstream:
                 return resp
             if self.piece_delay or self.delay:
                 await asyncio.sleep(self.piece_delay or self.delay)
-        await resp.write(chunk({}, "stop"))
+        finish = "tool_calls" if turn is not None and turn[1] is not None else "stop"
+        await resp.write(chunk({}, finish))
         if include and model != "nousage":
             usage = {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out}
             data = {
@@ -231,6 +264,29 @@ class Upstream:
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+    @staticmethod
+    async def _agent_stream(
+        resp: web.StreamResponse,
+        chunk: Any,
+        turn: tuple[str | None, dict[str, Any] | None],
+    ) -> None:
+        """The ``agent`` model's turn as stream deltas: its text in pieces, or a
+        tool call whose arguments arrive in two pieces."""
+        text, call = turn
+        if call is None:
+            assert text is not None
+            for i in range(0, len(text), 8):
+                await resp.write(chunk({"content": text[i : i + 8]}))
+            return
+        fn = call["function"]
+        head = {"index": 0, "id": call["id"], "type": "function",
+                "function": {"name": fn["name"], "arguments": ""}}  # fmt: skip
+        await resp.write(chunk({"tool_calls": [head]}))
+        half = len(fn["arguments"]) // 2
+        for piece in (fn["arguments"][:half], fn["arguments"][half:]):
+            delta = {"index": 0, "function": {"arguments": piece}}
+            await resp.write(chunk({"tool_calls": [delta]}))
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
