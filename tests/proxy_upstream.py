@@ -12,11 +12,12 @@ said. The model name picks a misbehaviour:
 * ``fail500``: HTTP 500 with an OpenAI-shaped error;
 * ``quota429``: HTTP 429 ``insufficient_quota`` without ``x-should-retry``.
 
-And one model plays an agent's model (chat completions, streamed and not):
+And one model plays an agent's model:
 
 * ``agent``: while the request offers ``tools`` and holds no tool result yet,
   it calls the first tool with ``tool_arguments``; then it answers
-  ``answer: `` followed by the last tool result's text.
+  ``answer: `` followed by the last tool result's text. Chat completions and
+  the Responses API, streamed and not.
 """
 
 from __future__ import annotations
@@ -142,6 +143,24 @@ class Upstream:
                     "function": {"name": name, "arguments": arguments}}  # fmt: skip
             return None, call
         content = results[-1].get("content") if results else ""
+        if isinstance(content, list):  # content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return f"answer: {content}", None
+
+    def _agent_turn_responses(
+        self, body: dict[str, Any]
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        """:meth:`_agent_turn` for the Responses API: a ``function_call`` item."""
+        items = body.get("input")
+        items = [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+        results = [i for i in items if i.get("type") == "function_call_output"]
+        tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+        if tools and not results:
+            call = {"type": "function_call", "id": "fc_1", "call_id": "call_1",
+                    "name": tools[0]["name"], "status": "completed",
+                    "arguments": orjson.dumps(self.tool_arguments).decode()}  # fmt: skip
+            return None, call
+        content = results[-1].get("output") if results else ""
         if isinstance(content, list):  # content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         return f"answer: {content}", None
@@ -295,21 +314,24 @@ class Upstream:
         inp = self._prompt_tokens(body)
         out = min(self.pieces, self._cap(body, "max_output_tokens"))
         usage = {"input_tokens": inp, "output_tokens": out, "total_tokens": inp + out}
+        text: str | None = "w " * out
+        call: dict[str, Any] | None = None
+        if model == "agent":
+            text, call = self._agent_turn_responses(body)
+        item = call or {
+            "type": "message",
+            "id": "msg_1",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }
         response = {
             "id": "resp_1",
             "object": "response",
             "created_at": 1,
             "status": "completed",
             "model": f"{model}-2026",
-            "output": [
-                {
-                    "type": "message",
-                    "id": "msg_1",
-                    "status": "completed",
-                    "role": "assistant",
-                    "content": [{"type": "output_text", "text": "w " * out, "annotations": []}],
-                }
-            ],
+            "output": [item],
             "usage": usage,
         }
         self._report(request.path, model, inp, out)
@@ -327,11 +349,25 @@ class Upstream:
 
         created = {**response, "status": "in_progress", "usage": None, "output": []}
         await event("response.created", {"response": created})
-        for _ in range(out):
-            await event(
-                "response.output_text.delta",
-                {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "w "},
-            )
+        if call is not None:
+            at = {"item_id": call["id"], "output_index": 0}
+            await event("response.output_item.added",
+                        {"output_index": 0, "item": {**call, "arguments": ""}})  # fmt: skip
+            half = len(call["arguments"]) // 2
+            for piece in (call["arguments"][:half], call["arguments"][half:]):
+                await event("response.function_call_arguments.delta", {**at, "delta": piece})
+            await event("response.function_call_arguments.done",
+                        {**at, "arguments": call["arguments"]})  # fmt: skip
+            await event("response.output_item.done", {"output_index": 0, "item": call})
+        else:
+            assert text is not None
+            step = 2 if model != "agent" else 8  # the "w " pieces of other models
+            for i in range(0, len(text), step):
+                await event(
+                    "response.output_text.delta",
+                    {"item_id": "msg_1", "output_index": 0, "content_index": 0,
+                     "delta": text[i : i + step]},
+                )  # fmt: skip
         await event("response.completed", {"response": response})
         await resp.write_eof()
         return resp

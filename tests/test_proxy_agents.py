@@ -1,10 +1,12 @@
 """``sigil run -- python agent.py`` with a real Pydantic AI agent.
 
-The agent is ordinary Pydantic AI code: an ``OpenAIChatModel`` whose provider
-reads ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` from the environment, which
-``sigil run`` points at its proxy. The upstream (tests/proxy_upstream.py, model
-``agent``) plays the model: it calls the agent's tool, then answers with the
-tool's result, so each run is a tool-call round trip of two model requests.
+The agent is ordinary Pydantic AI code whose OpenAI provider reads
+``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` from the environment, which ``sigil
+run`` points at its proxy: an ``OpenAIChatModel`` (chat completions), or the
+model string ``"openai:agent"`` (the Responses API), each run and streamed. The
+upstream (tests/proxy_upstream.py, model ``agent``) plays the model: it calls
+the agent's tool, then answers with the tool's result, so each run is a
+tool-call round trip of two model requests.
 """
 
 from __future__ import annotations
@@ -35,13 +37,12 @@ AGENT = textwrap.dedent(
     from pydantic_ai.models.openai import OpenAIChatModel
     from pydantic_ai.providers.openai import OpenAIProvider
 
-    mode, status = sys.argv[1], int(sys.argv[2])
+    api, mode, status = sys.argv[1], sys.argv[2], int(sys.argv[3])
     provider = OpenAIProvider()  # OPENAI_BASE_URL and OPENAI_API_KEY from the environment
     print("base_url", provider.base_url, flush=True)
-    agent = Agent(
-        OpenAIChatModel("agent", provider=provider),
-        instructions="Answer with the weather tool.",
-    )
+    # chat: the chat completions model; responses: what "openai:..." means, the Responses API
+    model = OpenAIChatModel("agent", provider=provider) if api == "chat" else "openai:agent"
+    agent = Agent(model, instructions="Answer with the weather tool.")
 
     @agent.tool_plain
     def weather(city: str) -> str:
@@ -86,13 +87,13 @@ def run(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def run_agent(
-    home: Path, upstream: Upstream, session: str, budget: int, mode: str, status: int
+    home: Path, upstream: Upstream, session: str, budget: int, api: str, mode: str, status: int
 ) -> subprocess.CompletedProcess[str]:
     script = home.parent / "agent.py"
     script.write_text(AGENT)
     return run(
         home, "run", "--session", session, "--budget", str(budget), "--upstream", upstream.url,
-        "--", sys.executable, str(script), mode, str(status),
+        "--", sys.executable, str(script), api, mode, str(status),
     )  # fmt: skip
 
 
@@ -110,12 +111,17 @@ def lines(stdout: str, key: str) -> list[list[str]]:
     return [line.split()[1:] for line in stdout.splitlines() if line.split()[:1] == [key]]
 
 
-@pytest.mark.parametrize("mode", ["run", "stream"])
+APIS = ["chat", "responses"]
+MODES = ["run", "stream"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("api", APIS)
 def test_pydantic_ai_agent_round_trip_is_metered_exactly(
-    upstream: Upstream, tmp_path: Path, mode: str
+    upstream: Upstream, tmp_path: Path, api: str, mode: str
 ) -> None:
     home = tmp_path / "home"
-    proc = run_agent(home, upstream, "pai", 50_000, mode, 7)
+    proc = run_agent(home, upstream, "pai", 50_000, api, mode, 7)
     assert proc.returncode == 7, proc.stderr  # the script's own status
     # The agent reached the proxy, not the upstream: its base URL is the one announced.
     [[base_url]] = lines(proc.stdout, "base_url")
@@ -126,11 +132,17 @@ def test_pydantic_ai_agent_round_trip_is_metered_exactly(
     assert lines(proc.stdout, "output") == [["answer:", "sunny", "in", "Paris"]]
     assert len(upstream.requests) == 2
     assert [r.get("stream", False) for r in upstream.requests] == [mode == "stream"] * 2
-    assert upstream.requests[0]["tools"][0]["function"]["name"] == "weather"
-    assert any(m.get("role") == "tool" for m in upstream.requests[1]["messages"])
-    if mode == "run":  # the agent's own cap went through, under the budget's
-        assert all(r.get("max_completion_tokens", r.get("max_tokens")) == 64
-                   for r in upstream.requests)  # fmt: skip
+    first, second = upstream.requests
+    if api == "chat":
+        assert first["tools"][0]["function"]["name"] == "weather"
+        assert any(m.get("role") == "tool" for m in second["messages"])
+        cap = [r.get("max_completion_tokens", r.get("max_tokens")) for r in upstream.requests]
+    else:
+        assert first["tools"][0]["name"] == "weather"
+        assert any(i.get("type") == "function_call_output" for i in second["input"])
+        cap = [r.get("max_output_tokens") for r in upstream.requests]
+    # The agent's own cap went through (under the budget's); else the proxy's default.
+    assert cap == [64 if mode == "run" else 4096] * 2
 
     # The agent's usage, the upstream's and the log's are the same numbers.
     reported = upstream.reported
@@ -144,6 +156,8 @@ def test_pydantic_ai_agent_round_trip_is_metered_exactly(
         (r.input_tokens, r.output_tokens) for r in reported
     ]
     assert all(e["metadata"]["stream"] is (mode == "stream") for e in done)
+    endpoint = "/v1/chat/completions" if api == "chat" else "/v1/responses"
+    assert all(e["metadata"]["endpoint"] == endpoint for e in done)
     state = monitor(home, "pai")
     assert state["tokens_used"] == upstream.totals() == inp + out > 0
     assert state["components"]["agent"]["operations"] == 2
@@ -151,16 +165,17 @@ def test_pydantic_ai_agent_round_trip_is_metered_exactly(
     assert "status 7" in log[-1]["metadata"]["error"]
 
 
-@pytest.mark.parametrize("mode", ["run", "stream"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("api", APIS)
 def test_pydantic_ai_agent_fails_fast_when_the_budget_is_spent(
-    upstream: Upstream, tmp_path: Path, mode: str
+    upstream: Upstream, tmp_path: Path, api: str, mode: str
 ) -> None:
     # 10 tokens: the first model request is granted a cap of 10 and spends more
     # (its prompt alone is at least 7), so the request carrying the tool result
     # is refused with 429 insufficient_quota, which neither the openai SDK nor
     # Pydantic AI retries.
     home = tmp_path / "home"
-    proc = run_agent(home, upstream, "tight", 10, mode, 0)
+    proc = run_agent(home, upstream, "tight", 10, api, mode, 0)
     assert proc.returncode == 3, proc.stderr
     assert lines(proc.stdout, "tool") == [["Paris"]]
     assert lines(proc.stdout, "refused") == [["429", "insufficient_quota"]]
