@@ -55,7 +55,9 @@ AGENT = textwrap.dedent(
             async with agent.run_stream(prompt) as result:
                 output = await result.get_output()
         else:
-            result = await agent.run(prompt, model_settings={"max_tokens": 64})
+            # The header names the agent's component in the log (the proxy keeps it).
+            settings = {"max_tokens": 64, "extra_headers": {"X-Sigil-Component": "weather"}}
+            result = await agent.run(prompt, model_settings=settings)
             output = result.output
         usage = result.usage()
         print("output", output, flush=True)
@@ -160,7 +162,16 @@ def test_pydantic_ai_agent_round_trip_is_metered_exactly(
     assert all(e["metadata"]["endpoint"] == endpoint for e in done)
     state = monitor(home, "pai")
     assert state["tokens_used"] == upstream.totals() == inp + out > 0
-    assert state["components"]["agent"]["operations"] == 2
+    component = "weather" if mode == "run" else "agent"  # the header's name, else the model's
+    assert {e["component"] for e in done} == {component}
+    assert state["components"][component]["operations"] == 2
+    assert state["components"][component]["tokens"] == inp + out
+    # The agent's key reached the upstream; the proxy's own header did not.
+    for headers in upstream.headers:
+        lowered = {k.lower(): v for k, v in headers.items()}
+        assert lowered["authorization"] == "Bearer sk-test-key-000000000000000000"
+        assert "x-sigil-component" not in lowered
+    assert "sk-test-key" not in (home / "logs" / "sessions" / "pai" / "execution.jsonl").read_text()
     assert log[-1]["event_type"] == "session_error"
     assert "status 7" in log[-1]["metadata"]["error"]
 
