@@ -30,7 +30,7 @@ SIGIL = [sys.executable, "-m", "sigil"]
 
 AGENT = textwrap.dedent(
     """
-    import asyncio, os, sys
+    import asyncio, sys
 
     from pydantic_ai import Agent
     from pydantic_ai.exceptions import ModelHTTPError
@@ -55,7 +55,7 @@ AGENT = textwrap.dedent(
             async with agent.run_stream(prompt) as result:
                 output = await result.get_output()
         else:
-            # The header names the agent's component in the log (the proxy keeps it).
+            # The header names the agent's component in the log (the proxy does not forward it).
             settings = {"max_tokens": 64, "extra_headers": {"X-Sigil-Component": "weather"}}
             result = await agent.run(prompt, model_settings=settings)
             output = result.output
