@@ -20,7 +20,11 @@
 //!   interrupted`, else complete/error by event type) and the failure reason
 //!   (`metadata.reason`, else `metadata.error`);
 //! - the recent rate reads the tokens of the last [`WINDOW_SECONDS`] seconds of
-//!   event time, in one-second buckets ending at the latest event.
+//!   event time, in one-second buckets ending at the latest event;
+//! - a component's cost adds its events' `metadata.cost_usd` in whole
+//!   nano-dollars, read from the number's text; an event with tokens and a
+//!   `model` but no cost is unpriced (`cost.rs` has the rules); a run's and
+//!   the session's cost are their components'.
 //!
 //! Memory is bounded: name tables are capped at [`MAX_NAMES`] names in the
 //! order the file first shows them (the rest fold into [`OTHER`]), the runs
@@ -38,6 +42,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use crate::cost::{nano_usd, Cost};
 use crate::fxhash::FxMap as HashMap;
 use crate::parse::{
     digit_run, layout_block_line, parse_block_line, parse_line, parse_line_picking, same_bytes,
@@ -437,6 +442,8 @@ pub struct ComponentTotals {
     /// `model` as JSON text, to skip decoding an unchanged model.
     model_json: Option<String>,
     pub last_error: Option<LastError>,
+    /// The events' `cost_usd`, and the tokens of models without one (cost.rs).
+    pub cost: Cost,
 }
 
 /// What one event adds to its component's totals, in the fold's table and
@@ -447,6 +454,8 @@ struct Step<'m> {
     output_tokens: u64,
     /// The JSON text of the event's `model`.
     model: Option<&'m str>,
+    /// The event's `cost_usd` in nano-dollars ([`nano_usd`]).
+    cost: Option<u64>,
     kind: Kind,
     latency: Option<f64>,
     /// The histogram bucket of `latency` (for a successful step).
@@ -469,6 +478,12 @@ impl Step<'_> {
             {
                 c.set_model(json);
             }
+        }
+        if self.cost.is_some() || self.model.is_some() {
+            // Unpriced: a model (a string, now `c.model`), tokens and no cost.
+            let named = self.model.is_some_and(|j| j.starts_with('"'));
+            let model = if named { c.model.as_deref() } else { None };
+            c.cost.observe(self.cost, self.tokens, model);
         }
         match self.kind {
             Kind::StepComplete => {
@@ -564,6 +579,7 @@ impl ComponentTotals {
         if o.last_error.is_some() {
             self.last_error.clone_from(&o.last_error);
         }
+        self.cost.add(&o.cost);
     }
 
     /// A model other than the one last seen (rare: kept out of line).
@@ -958,6 +974,8 @@ struct MetaKeys<'a> {
     output_tokens: Option<&'a RawValue>,
     #[serde(borrow, default)]
     resume: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    cost_usd: Option<&'a RawValue>,
 }
 
 /// The metadata values the fold uses, read leniently: a value of the wrong
@@ -979,6 +997,8 @@ struct FoldMeta<'a> {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     resume: Option<bool>,
+    /// `cost_usd` in nano-dollars, read from the number's text (cost.rs).
+    cost: Option<u64>,
 }
 
 impl<'a> FoldMeta<'a> {
@@ -998,6 +1018,7 @@ impl<'a> FoldMeta<'a> {
             input_tokens: num(k.input_tokens),
             output_tokens: num(k.output_tokens),
             resume: num(k.resume),
+            cost: k.cost_usd.and_then(|r| nano_usd(r.get())),
         }
     }
 
@@ -1023,13 +1044,15 @@ impl<'a> FoldMeta<'a> {
             input_tokens: get(m, "input_tokens"),
             output_tokens: get(m, "output_tokens"),
             resume: get(m, "resume"),
+            // A map's numbers are doubles: the caller reads cost_usd's text.
+            cost: None,
         }
     }
 }
 
 /// The metadata keys the fold reads, picked by the parser's fast path
 /// (the fields of [`MetaKeys`], in this order).
-const META_KEYS: [&str; 14] = [
+const META_KEYS: [&str; 15] = [
     "latency_ms",
     "budget",
     "status",
@@ -1044,10 +1067,11 @@ const META_KEYS: [&str; 14] = [
     "input_tokens",
     "output_tokens",
     "resume",
+    "cost_usd",
 ];
 
 /// [`META_KEYS`] indexed for the parser's fast path.
-const FOLD_KEYS: KeySet<'static, 14> = KeySet::new(&META_KEYS);
+const FOLD_KEYS: KeySet<'static, 15> = KeySet::new(&META_KEYS);
 
 /// The metadata values the fold uses (the parser has validated the metadata),
 /// set in `m` (a default one: filled in place, not moved per line).
@@ -1055,7 +1079,7 @@ const FOLD_KEYS: KeySet<'static, 14> = KeySet::new(&META_KEYS);
 fn fold_meta<'a>(
     m: &mut FoldMeta<'a>,
     event: &RawEvent<'a>,
-    picks: Option<Picks<'a, 14>>,
+    picks: Option<Picks<'a, 15>>,
     kind: Kind,
 ) {
     match (event.metadata, picks) {
@@ -1078,7 +1102,8 @@ fn fold_meta<'a>(
                     10 => m.model = Some(Cow::Borrowed(v)),
                     11 => m.input_tokens = p.u64_at(i),
                     12 => m.output_tokens = p.u64_at(i),
-                    _ => m.resume = json_bool(v),
+                    13 => m.resume = json_bool(v),
+                    _ => m.cost = nano_usd(v),
                 }
             }
         }
@@ -1097,9 +1122,48 @@ fn parse_meta(text: &str) -> FoldMeta<'_> {
         // Duplicate keys make the struct parse fail on valid JSON:
         // read them as a map, the last value winning as in Python.
         Err(_) => serde_json::from_str::<serde_json::Map<String, Value>>(text)
-            .map(|map| FoldMeta::from_map(&map))
+            .map(|map| FoldMeta {
+                cost: last_cost(text),
+                ..FoldMeta::from_map(&map)
+            })
             .unwrap_or_default(),
     }
+}
+
+/// The last `cost_usd` of a metadata object whose keys repeat, from its text
+/// (a map holds numbers as doubles, which would not be the decimal written).
+fn last_cost(text: &str) -> Option<u64> {
+    struct LastCost(Option<u64>);
+    impl<'de> Deserialize<'de> for LastCost {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct Visit;
+            impl<'de> serde::de::Visitor<'de> for Visit {
+                type Value = LastCost;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<LastCost, A::Error> {
+                    let mut cost = None;
+                    while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                        if key == "cost_usd" {
+                            let raw: &'de RawValue = map.next_value()?;
+                            cost = nano_usd(raw.get());
+                        } else {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                    Ok(LastCost(cost))
+                }
+            }
+            d.deserialize_map(Visit)
+        }
+    }
+    serde_json::from_str::<LastCost>(text)
+        .ok()
+        .and_then(|c| c.0)
 }
 
 /// A string value the parser's fast path picked: the fast path takes only
@@ -1386,6 +1450,7 @@ impl FoldState {
                 input_tokens: l.input_tokens.unwrap_or(0),
                 output_tokens: l.output_tokens.unwrap_or(0),
                 model: l.model,
+                cost: l.cost_nanousd,
                 kind,
                 latency,
                 bucket,
@@ -1398,6 +1463,7 @@ impl FoldState {
                 input_tokens: 0,
                 output_tokens: 0,
                 model: None,
+                cost: None,
                 kind,
                 latency: None,
                 bucket: 0,
@@ -1654,6 +1720,7 @@ impl FoldState {
             input_tokens: meta.input_tokens.unwrap_or(0),
             output_tokens: meta.output_tokens.unwrap_or(0),
             model: meta.model.as_deref(),
+            cost: meta.cost,
             kind,
             latency,
             bucket,

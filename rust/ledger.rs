@@ -13,8 +13,9 @@
 //!   `session_start` (`orphan_tokens`), which a ledger covering the log's first
 //!   events already counts in its runs;
 //! - component totals are the fold's plus the ledger-only runs' (tokens,
-//!   operations, errors, retries, failed-step latency; the latency histogram
-//!   of successful steps is the log's: the ledger has none);
+//!   operations, errors, retries, failed-step latency, cost; the latency
+//!   histogram of successful steps and the unpriced models' names are the
+//!   log's: the ledger has neither);
 //! - `last_seq` is the highest of the log's and the ledger's; a hole in `seq`
 //!   that neither covers is counted in `missing_events`;
 //! - a run left `running` before the last run is `incomplete` (its writer died
@@ -29,6 +30,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::cost::Cost;
 use crate::fold::{ComponentTotals, FoldState, Names, MAX_NAMES};
 
 /// `tokens.json`'s `ledger_version`.
@@ -73,8 +75,8 @@ pub struct LogFile {
 pub struct Ledger {
     pub last_seq: u64,
     pub runs: Vec<LedgerRun>,
-    /// name -> (tokens, operations), the whole session's as last written.
-    pub component_totals: Option<Vec<(String, u64, u64)>>,
+    /// name -> (tokens, operations, cost), the whole session's as last written.
+    pub component_totals: Option<Vec<(String, u64, u64, Cost)>>,
     pub log_files: Option<Vec<LogFile>>,
     pub total_used: u64,
     pub events: u64,
@@ -160,6 +162,7 @@ pub fn parse(shown: &str, raw: &[u8]) -> Result<Ledger, String> {
                         k.clone(),
                         count(c.get("tokens")),
                         count(c.get("operations")),
+                        cost(c),
                     ))
                 })
                 .collect()
@@ -187,6 +190,17 @@ fn log_files(v: &Value) -> Option<Vec<LogFile>> {
             })
         })
         .collect()
+}
+
+/// The cost a ledger recorded for a component (its exact integers; the
+/// names of unpriced models are not kept).
+fn cost(c: &Map<String, Value>) -> Cost {
+    Cost {
+        nanousd: count(c.get("cost_nanousd")),
+        priced: count(c.get("priced_events")),
+        unpriced_tokens: count(c.get("unpriced_tokens")),
+        unpriced_models: Vec::new(),
+    }
 }
 
 /// A non-negative integer (anything else counts as 0).
@@ -236,6 +250,7 @@ fn run(e: &Map<String, Value>) -> Result<LedgerRun, String> {
             totals.retries = count(c.get("retries"));
             totals.latency_ms = float(c.get("latency_ms"));
             totals.failed_latency_ms = float(c.get("failed_latency_ms"));
+            totals.cost = cost(c);
             components.push((name.clone(), totals));
         }
     }
@@ -296,15 +311,17 @@ fn add_counts(into: &mut ComponentTotals, c: &ComponentTotals) {
     into.errors = into.errors.saturating_add(c.errors);
     into.retries = into.retries.saturating_add(c.retries);
     into.failed_latency_ms += c.failed_latency_ms;
+    into.cost.add(&c.cost);
 }
 
 /// The history from the ledger alone (when [`Ledger::unchanged`]: no fold).
 pub fn alone(ledger: &Ledger) -> History {
     let mut components: Names<ComponentTotals> = Names::default();
-    for (name, tokens, operations) in ledger.component_totals.iter().flatten() {
+    for (name, tokens, operations, cost) in ledger.component_totals.iter().flatten() {
         let c = components.slot(name);
         c.tokens = c.tokens.saturating_add(*tokens);
         c.operations = c.operations.saturating_add(*operations);
+        c.cost.add(cost);
     }
     History {
         runs: ledger

@@ -6,6 +6,7 @@
 //! session model's typed classes. Every call that touches the disk or loops
 //! over bytes releases the GIL.
 
+pub mod cost;
 pub mod errors;
 pub mod fold;
 pub mod fxhash;

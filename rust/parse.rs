@@ -17,6 +17,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::cost::nano_usd;
 use crate::fold::{LineSplitter, Piece};
 use crate::scan::{BlockIndex, LineIndex, Quotes};
 
@@ -244,6 +245,17 @@ const POW10: [f64; 16] = [
     1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
 ];
 const POW10_INT: [u64; 8] = [1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, 10_000_000];
+/// Nano-units per unit of the last digit of a number with `i` decimals (i <= 7).
+const NANO_PER_UNIT: [u64; 8] = [
+    1_000_000_000,
+    100_000_000,
+    10_000_000,
+    1_000_000,
+    100_000,
+    10_000,
+    1_000,
+    100,
+];
 
 impl<'a, const N: usize> Picks<'a, N> {
     /// The JSON text of the value of key `i`, if the line holds it.
@@ -708,6 +720,8 @@ pub struct Layout<'a> {
     /// `metadata.input_tokens` / `output_tokens` read as [`json_u64`] reads them.
     pub input_tokens: Option<u64>,
     pub output_tokens: Option<u64>,
+    /// `metadata.cost_usd` in nano-dollars, read as [`nano_usd`] reads it.
+    pub cost_nanousd: Option<u64>,
 }
 
 /// Where the timestamp's text starts in a line of the layout (just after
@@ -721,6 +735,7 @@ struct LayoutMeta {
     model: Option<(usize, usize)>,
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
+    cost_nanousd: Option<u64>,
 }
 
 /// The line at `start..start + len` of `block` in sigil's own layout, read
@@ -805,6 +820,7 @@ pub fn layout_line<'a, Q: Quotes>(line: &'a [u8], ix: Q) -> Option<Layout<'a>> {
         model: m.model.map(s),
         input_tokens: m.input_tokens,
         output_tokens: m.output_tokens,
+        cost_nanousd: m.cost_nanousd,
     })
 }
 
@@ -818,6 +834,7 @@ enum LayoutKey {
     Model,
     Input,
     Output,
+    Cost,
     Other,
 }
 
@@ -828,6 +845,7 @@ fn layout_key(key: &[u8]) -> LayoutKey {
         5 if same_bytes(key, b"model") => LayoutKey::Model,
         12 if same_bytes(key, b"input_tokens") => LayoutKey::Input,
         13 if same_bytes(key, b"output_tokens") => LayoutKey::Output,
+        8 if same_bytes(key, b"cost_usd") => LayoutKey::Cost,
         _ => LayoutKey::Other,
     }
 }
@@ -1115,6 +1133,19 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                     }
                     end
                 }
+                (LayoutKey::Cost, b'-' | b'0'..=b'9') => match self.short_number(start) {
+                    // At most 7 decimals (most costs): whole nano-dollars at once.
+                    Some((v, frac, neg, end)) => {
+                        let nano = v.saturating_mul(NANO_PER_UNIT[usize::from(frac)]);
+                        m.cost_nanousd = (!neg || nano == 0).then_some(nano);
+                        end
+                    }
+                    None => {
+                        let end = self.number(start)?;
+                        m.cost_nanousd = self.ascii(start, end).and_then(nano_usd);
+                        end
+                    }
+                },
                 (_, b'-' | b'0'..=b'9') => self.number(start)?,
                 _ => self.value(start, 1)?,
             };
@@ -1123,6 +1154,7 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                 LayoutKey::Latency if first > b'9' || first == b'"' => m.latency_ms = None,
                 LayoutKey::Input if first > b'9' || first == b'"' => m.input_tokens = None,
                 LayoutKey::Output if first > b'9' || first == b'"' => m.output_tokens = None,
+                LayoutKey::Cost if first > b'9' || first == b'"' => m.cost_nanousd = None,
                 LayoutKey::Model => m.model = Some((start, end)),
                 _ => {}
             }
@@ -1999,6 +2031,14 @@ pub(crate) mod tests {
             assert_eq!(l.output_tokens, u("output_tokens"), "{show}");
             let model = |json: &str| serde_json::from_str::<serde_json::Value>(json).unwrap();
             assert_eq!(l.model.map(model), meta.get("model").cloned(), "{show}");
+            // cost_usd: as cost.rs reads the number (the corpus' are exact doubles).
+            assert_eq!(
+                l.cost_nanousd,
+                meta.get("cost_usd")
+                    .filter(|v| v.is_number())
+                    .and_then(|v| nano_usd(&v.to_string())),
+                "{show}"
+            );
             // The picking fast path takes the same lines.
             assert!(fast_parse(&line, &["x"]).is_some(), "{show}");
         }
@@ -2147,6 +2187,12 @@ pub(crate) mod tests {
         r#"{"model":"a","model":"b","latency_ms":-0.0,"latency_ms":12345678901.5}"#,
         r#"{ "model" : "x" , "input_tokens" : 5 , "output_tokens" : 07 }"#,
         r#"{"input_tokens":5,"input_tokens":"x","output_tokens":9,"output_tokens":[2]}"#,
+        r#"{"input_tokens":12,"output_tokens":30,"model":"gpt-4o-mini","cost_usd":0.0005253}"#,
+        r#"{"cost_usd":2.4e-06,"model":"m","cost_usd":1E+2}"#,
+        r#"{"cost_usd":-0.5,"model":"m"}"#,
+        r#"{"cost_usd":"0.5","model":"m"}"#,
+        r#"{"cost_usd":3,"cost_usd":{"a":1}}"#,
+        r#"{ "cost_usd" : 0.30000000000000004 , "model" : "x" }"#,
     ];
     /// Strings the fast path takes (no backslash).
     const PLAIN: &[&str] = &[

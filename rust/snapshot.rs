@@ -6,6 +6,7 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
+use crate::cost::Cost;
 use crate::fold::{self, ComponentTotals, FoldState, RunTotals, LATENCY_BOUNDS_MS};
 use crate::ledger::{self, Ledger, LedgerRun, RunRef};
 use crate::parse::Event;
@@ -185,6 +186,32 @@ pub struct PyComponentSnapshot {
     pub latency_histogram: Vec<u64>,
     pub model: Option<String>,
     pub last_error: Option<Py<PyLastError>>,
+    /// Nano-dollars of the events that carried `cost_usd` (cost.rs).
+    pub cost_nanousd: u64,
+    /// Events that carried a cost (0: nothing priced, never a cost of $0).
+    pub priced_events: u64,
+    /// Tokens of events with a model and no cost, and those models.
+    pub unpriced_tokens: u64,
+    pub unpriced_models: Vec<String>,
+}
+
+/// The cost of a run or a session: its components', added in name order.
+fn cost_total<'a>(items: impl Iterator<Item = (&'a str, &'a Cost)>) -> Cost {
+    let mut items: Vec<_> = items.collect();
+    items.sort_by(|a, b| a.0.cmp(b.0));
+    let mut total = Cost::default();
+    for (_, c) in items {
+        total.add(c);
+    }
+    total
+}
+
+fn cost_items(d: &Bound<'_, PyDict>, c: &Cost) -> PyResult<()> {
+    d.set_item("cost_nanousd", c.nanousd)?;
+    d.set_item("priced_events", c.priced)?;
+    d.set_item("unpriced_tokens", c.unpriced_tokens)?;
+    d.set_item("unpriced_models", c.unpriced_models.clone())?;
+    Ok(())
 }
 
 #[pymethods]
@@ -211,6 +238,10 @@ impl PyComponentSnapshot {
             Some(e) => d.set_item("last_error", e.get().to_dict(py)?)?,
             None => d.set_item("last_error", py.None())?,
         }
+        d.set_item("cost_nanousd", self.cost_nanousd)?;
+        d.set_item("priced_events", self.priced_events)?;
+        d.set_item("unpriced_tokens", self.unpriced_tokens)?;
+        d.set_item("unpriced_models", self.unpriced_models.clone())?;
         Ok(d)
     }
 
@@ -257,6 +288,10 @@ fn component(py: Python<'_>, name: &str, c: &ComponentTotals) -> PyResult<Py<PyC
             latency_histogram: c.histogram.to_vec(),
             model: c.model.clone(),
             last_error,
+            cost_nanousd: c.cost.nanousd,
+            priced_events: c.cost.priced,
+            unpriced_tokens: c.cost.unpriced_tokens,
+            unpriced_models: c.cost.unpriced_models.clone(),
         },
     )
 }
@@ -334,10 +369,32 @@ pub struct PyRunSnapshot {
     #[pyo3(get)]
     pub last_seq: Option<u64>,
     comps: Components,
+    cost: Cost,
 }
 
 #[pymethods]
 impl PyRunSnapshot {
+    /// Nano-dollars of the run's priced events (its components' cost).
+    #[getter]
+    fn cost_nanousd(&self) -> u64 {
+        self.cost.nanousd
+    }
+
+    #[getter]
+    fn priced_events(&self) -> u64 {
+        self.cost.priced
+    }
+
+    #[getter]
+    fn unpriced_tokens(&self) -> u64 {
+        self.cost.unpriced_tokens
+    }
+
+    #[getter]
+    fn unpriced_models(&self) -> Vec<String> {
+        self.cost.unpriced_models.clone()
+    }
+
     #[getter]
     fn components<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         components_dict(py, &self.comps)
@@ -373,6 +430,7 @@ impl PyRunSnapshot {
         d.set_item("last_seq", self.last_seq)?;
         d.set_item("source", self.source)?;
         d.set_item("components", components_plain(py, &self.comps)?)?;
+        cost_items(&d, &self.cost)?;
         Ok(d)
     }
 
@@ -418,6 +476,7 @@ fn run_as(
             first_seq: r.first_seq,
             last_seq: r.last_seq,
             comps: components(py, &r.components)?,
+            cost: cost_total(r.components.iter().map(|(k, c)| (k, &c.cost))),
         },
     )
 }
@@ -462,6 +521,7 @@ fn ledger_run(py: Python<'_>, r: &LedgerRun, status: &str) -> PyResult<Py<PyRunS
             first_seq: r.first_seq,
             last_seq: r.last_seq,
             comps,
+            cost: cost_total(r.components.iter().map(|(k, c)| (k.as_str(), &c.cost))),
         },
     )
 }
@@ -506,10 +566,32 @@ pub struct PySessionHistory {
     pub ledger_problem: Option<String>,
     /// Components over the whole session (see `ledger.rs` for what the ledger adds).
     comps: Components,
+    cost: Cost,
 }
 
 #[pymethods]
 impl PySessionHistory {
+    /// Nano-dollars over the whole session (its components', ledger-only runs' included).
+    #[getter]
+    fn cost_nanousd(&self) -> u64 {
+        self.cost.nanousd
+    }
+
+    #[getter]
+    fn priced_events(&self) -> u64 {
+        self.cost.priced
+    }
+
+    #[getter]
+    fn unpriced_tokens(&self) -> u64 {
+        self.cost.unpriced_tokens
+    }
+
+    #[getter]
+    fn unpriced_models(&self) -> Vec<String> {
+        self.cost.unpriced_models.clone()
+    }
+
     #[getter]
     fn snapshot(&self, py: Python<'_>) -> Option<Py<PySessionSnapshot>> {
         self.snapshot.as_ref().map(|s| s.clone_ref(py))
@@ -598,6 +680,7 @@ pub fn history(
         malformed: st.map_or(0, |s| s.malformed),
         ledger_problem: problem,
         comps: components(py, &h.components)?,
+        cost: cost_total(h.components.iter().map(|(k, c)| (k, &c.cost))),
     })
 }
 
@@ -666,6 +749,7 @@ pub struct PySessionSnapshot {
     #[pyo3(get)]
     pub latency_bounds_ms: Vec<f64>,
     comps: Components,
+    cost: Cost,
     runs_kept: Vec<Py<PyRunSnapshot>>,
     counts: Vec<(String, u64)>,
     alloc: Vec<(String, u64)>,
@@ -678,6 +762,27 @@ impl PySessionSnapshot {
     #[getter]
     fn components<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         components_dict(py, &self.comps)
+    }
+
+    /// Nano-dollars over the session's priced events (its components' cost).
+    #[getter]
+    fn cost_nanousd(&self) -> u64 {
+        self.cost.nanousd
+    }
+
+    #[getter]
+    fn priced_events(&self) -> u64 {
+        self.cost.priced
+    }
+
+    #[getter]
+    fn unpriced_tokens(&self) -> u64 {
+        self.cost.unpriced_tokens
+    }
+
+    #[getter]
+    fn unpriced_models(&self) -> Vec<String> {
+        self.cost.unpriced_models.clone()
     }
 
     /// The runs kept, oldest first.
@@ -770,6 +875,7 @@ impl PySessionSnapshot {
         }
         d.set_item("runs", runs)?;
         d.set_item("components", components_plain(py, &self.comps)?)?;
+        cost_items(&d, &self.cost)?;
         d.set_item("event_counts", self.event_counts(py)?)?;
         d.set_item("first_timestamp", &self.first_timestamp)?;
         d.set_item("last_timestamp", &self.last_timestamp)?;
@@ -867,6 +973,7 @@ pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
         window_seconds: fold::WINDOW_SECONDS,
         latency_bounds_ms: LATENCY_BOUNDS_MS.to_vec(),
         comps: components(py, &st.components)?,
+        cost: cost_total(st.components.iter().map(|(k, c)| (k, &c.cost))),
         runs_kept: st
             .run_list
             .iter()

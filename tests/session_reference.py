@@ -10,9 +10,11 @@ computed here. Test code only (ARCHITECTURE.md contract 12).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import ROUND_DOWN, Decimal, localcontext
 from typing import Any
 
 from sigil._native import parse_lines
@@ -29,6 +31,7 @@ LATENCY_BOUNDS_MS = [
 ]  # fmt: skip
 FINAL_STATUSES = ("complete", "error", "budget_exceeded", "interrupted")
 U64_MAX = (1 << 64) - 1
+MAX_UNPRICED_MODELS = 8
 META_EVENTS = frozenset(
     {
         "session_start",
@@ -57,6 +60,29 @@ def f64(value: object) -> float | None:
 
 def text(value: object) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def nano_usd(value: object) -> int | None:
+    """``metadata.cost_usd`` (parsed with Decimal: its exact text) in whole
+    nano-dollars, truncated, saturating; None unless a JSON number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | Decimal):
+        return None
+    cost = Decimal(value)
+    if cost < 0:
+        return None
+    if cost >= Decimal(U64_MAX + 1) / 10**9:  # exact: 20 significant digits
+        return U64_MAX
+    if cost < Decimal("1e-9"):
+        return 0
+    # Below 2**64 nano-dollars: 29 digits at most, exact at this precision.
+    with localcontext(prec=40):
+        return int(cost.quantize(Decimal("1e-9"), rounding=ROUND_DOWN).scaleb(9))
+
+
+def cost_of(raw: bytes) -> object:
+    """The line's ``metadata.cost_usd`` as JSON says it (numbers as Decimal)."""
+    meta = json.loads(raw, parse_float=Decimal).get("metadata")
+    return meta.get("cost_usd") if isinstance(meta, dict) else None
 
 
 def bounded(value: str) -> str:
@@ -94,6 +120,20 @@ class Component:
     failed_latency_ms: float = 0.0
     model: str | None = None
     last_error: dict[str, Any] | None = None
+    cost_nanousd: int = 0
+    priced_events: int = 0
+    unpriced_tokens: int = 0
+    unpriced_models: list[str] = field(default_factory=list)
+
+    def observe_cost(self, nano: int | None, tokens: int, model: str | None) -> None:
+        if nano is not None:
+            self.cost_nanousd = min(U64_MAX, self.cost_nanousd + nano)
+            self.priced_events += 1
+        elif tokens > 0 and model is not None:
+            self.unpriced_tokens = min(U64_MAX, self.unpriced_tokens + tokens)
+            models = self.unpriced_models
+            if model not in models and len(models) < MAX_UNPRICED_MODELS:
+                models.append(model)
 
     def to_dict(self) -> dict[str, Any]:
         timed = len(self.latencies)
@@ -138,7 +178,26 @@ class Component:
             "latency_histogram": histogram,
             "model": self.model,
             "last_error": self.last_error,
+            "cost_nanousd": self.cost_nanousd,
+            "priced_events": self.priced_events,
+            "unpriced_tokens": self.unpriced_tokens,
+            "unpriced_models": list(self.unpriced_models),
         }
+
+
+def cost_totals(components: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A run's or the session's cost: its components' (by name), summed exactly."""
+    models: list[str] = []
+    for c in components.values():
+        for m in c["unpriced_models"]:
+            if m not in models and len(models) < MAX_UNPRICED_MODELS:
+                models.append(m)
+    return {
+        "cost_nanousd": min(U64_MAX, sum(c["cost_nanousd"] for c in components.values())),
+        "priced_events": min(U64_MAX, sum(c["priced_events"] for c in components.values())),
+        "unpriced_tokens": min(U64_MAX, sum(c["unpriced_tokens"] for c in components.values())),
+        "unpriced_models": models,
+    }
 
 
 def slot(table: dict[str, Any], name: str, make: Any) -> Any:
@@ -185,6 +244,7 @@ class Run:
             "last_seq": self.last_seq,
             "source": "log",
             "components": comps,
+            **cost_totals(comps),
         }
 
 
@@ -232,6 +292,7 @@ def fold_reference(data: bytes) -> dict[str, Any]:
         (e,) = entries
         kind = e.event_type
         meta: dict[str, Any] = e.metadata if kind in META_EVENTS else {}
+        nano = nano_usd(cost_of(raw)) if kind in META_EVENTS else None
         state["entries"] += 1
         state["tokens"] = min(U64_MAX, state["tokens"] + e.tokens)
         if state["first_timestamp"] is None:
@@ -325,6 +386,7 @@ def fold_reference(data: bytes) -> dict[str, Any]:
             model = text(meta.get("model"))
             if model is not None:
                 c.model = bounded(model)
+            c.observe_cost(nano, e.tokens, bounded(model) if model is not None else None)
             if kind == "step_complete":
                 c.operations += 1
                 if latency is not None:
@@ -353,13 +415,15 @@ def fold_reference(data: bytes) -> dict[str, Any]:
         for s, n in seconds:
             if s > end - WINDOW_SECONDS:
                 buckets[s] = buckets.get(s, 0) + n
+    session_components = {k: components[k].to_dict() for k in sorted(components)}
     return {
         **{k: v for k, v in state.items() if k != "malformed_lines"},
         "reason": current.reason,
         "runs_dropped": 0,
         "run": current.to_dict(),
         "runs": [r.to_dict() for r in runs],
-        "components": {k: components[k].to_dict() for k in sorted(components)},
+        "components": session_components,
+        **cost_totals(session_components),
         "event_counts": dict(sorted(counts.items())),
         "duration_seconds": duration,
         "average_tokens_per_second": state["tokens"] / duration if duration else None,
@@ -403,12 +467,16 @@ def join_reference(data: bytes, ledger: dict[str, Any] | None) -> dict[str, Any]
         0 if first is None else max(0, first - ((covered if covered is not None else -1) + 1))
     )
     missing = max((ledger or {}).get("missing_events", 0), lead_gap + fold["seq_missing"])
-    components = {n: [c["tokens"], c["operations"]] for n, c in fold["components"].items()}
+    cost_keys = ("cost_nanousd", "priced_events", "unpriced_tokens")
+    components = {
+        n: [c["tokens"], c["operations"], *(c[k] for k in cost_keys)]
+        for n, c in fold["components"].items()
+    }
     for r in ledger_only:
         for name, c in r["component_stats"].items():
-            into = components.setdefault(name, [0, 0])
-            into[0] += c["tokens"]
-            into[1] += c["operations"]
+            into = components.setdefault(name, [0] * 5)
+            for i, key in enumerate(("tokens", "operations", *cost_keys)):
+                into[i] += c.get(key, 0)
     return {
         "runs": [tuple(r) for r in runs],
         "tokens": tokens,
@@ -418,6 +486,7 @@ def join_reference(data: bytes, ledger: dict[str, Any] | None) -> dict[str, Any]
         "missing_events": missing,
         "orphan_tokens": orphan,
         "components": {n: tuple(v) for n, v in components.items()},
+        "cost": tuple(sum(v[i] for v in components.values()) for i in (2, 3, 4)),
     }
 
 
@@ -434,5 +503,9 @@ def history_view(history: Any) -> dict[str, Any]:
         "ledger_seq": history.ledger_seq,
         "missing_events": history.missing_events,
         "orphan_tokens": history.orphan_tokens,
-        "components": {n: (c.tokens, c.operations) for n, c in history.components.items()},
+        "components": {
+            n: (c.tokens, c.operations, c.cost_nanousd, c.priced_events, c.unpriced_tokens)
+            for n, c in history.components.items()
+        },
+        "cost": (history.cost_nanousd, history.priced_events, history.unpriced_tokens),
     }

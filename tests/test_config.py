@@ -267,6 +267,7 @@ def test_settings_api(tmp_path: Path) -> None:
         "errors",
         "export",
         "pipeline",
+        "pricing",
     }
     assert json.loads(json.dumps(as_dict)) == as_dict
     for section, values in as_dict.items():

@@ -199,7 +199,12 @@ def test_state_to_dict_carries_the_same_state() -> None:
         "avg_latency_ms": 2100.0,
         "p95_latency_ms": 2100.0,
         "last_error": None,
+        # No model ran: no cost, and nothing unpriced (issue 12, Cost).
+        "cost_usd": None,
+        "unpriced_tokens": 0,
+        "unpriced_models": [],
     }
+    assert obj["cost_usd"] is None and obj["unpriced_tokens"] == 0
     assert list(obj["components"])[:3] == ["routing", "memory", "reasoning"]
     assert obj["components"]["validation"]["errors"] == 1
     assert (obj["malformed"], obj["rotations"], obj["events"]) == (1, 2, 7)

@@ -67,9 +67,12 @@ def _session(runs: Sequence[tuple[list[tuple[str, int, str]], str | None]]) -> l
         for component, tokens, outcome in steps:
             add("step_start", component)
             if outcome == "ok":
-                add("step_complete", component, tokens, latency_ms=float(tokens % 97))
+                # Priced (issue 12, Cost): the fold and the ledger carry the cost.
+                add("step_complete", component, tokens, latency_ms=float(tokens % 97),
+                    model="m", cost_usd=tokens / 1e6)  # fmt: skip
             elif outcome == "consumed":
-                add("token_consumption", component, tokens, outcome="failed_attempt")
+                # A model without a price: unpriced tokens.
+                add("token_consumption", component, tokens, outcome="failed_attempt", model="u")
                 add("step_error", component, error="boom", category="transient")
             elif outcome == "retry":
                 add("token_consumption", component, tokens)

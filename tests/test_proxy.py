@@ -574,3 +574,54 @@ def test_a_stalled_stream_and_a_stop_mid_stream_are_recorded(
     assert [e["event_type"] for e in events][-2:] == ["step_error", "session_complete"]
     assert events[-2]["metadata"]["category"] == "proxy_stopped"
     assert events[-1]["metadata"]["calls_failed"] == 1
+
+
+def test_each_call_is_priced_from_the_model_the_upstream_answered_with(
+    upstream: Upstream, start_proxy: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """Issue 12 (Cost): ``cost_usd`` on each event of a priced model (here by the
+    user's override of the upstream's model names), none on an unpriced one."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.yaml").write_text(
+        "pricing:\n  models:\n"
+        "    m-2026: {input_per_mtok: 0.5, output_per_mtok: 1.5}\n"
+        "    broken-2026: {input_per_mtok: 1, output_per_mtok: 2}\n"
+        "    broken: {input_per_mtok: 1, output_per_mtok: 2}\n"
+    )
+    upstream.pieces = 10
+    proxy = start_proxy("--budget", "100000", "--upstream", upstream.url)
+    client = proxy.client(max_retries=0)
+    msgs = [{"role": "user", "content": "price me"}]
+    client.chat.completions.create(model="m", messages=msgs)
+    list(client.chat.completions.create(model="m", messages=msgs, stream=True))
+    client.completions.create(model="legacy", prompt="say")
+    with pytest.raises(openai.APIError, match="stream"):
+        list(client.chat.completions.create(model="broken", messages=msgs, stream=True))
+    code, _, err = proxy.stop()
+    assert code == 0, err
+    events = proxy.events()
+    priced = {"m-2026": (0.5, 1.5), "broken-2026": (1, 2), "broken": (1, 2)}
+    spent = [e for e in events if e["event_type"] in ("step_complete", "token_consumption")]
+    assert len(spent) == 4
+    for event in spent:
+        meta = event["metadata"]
+        rates = priced.get(meta["model"])
+        if rates is None:
+            assert meta["model"] == "legacy-2026" and "cost_usd" not in meta
+        else:
+            want = (meta["input_tokens"] * rates[0] + meta["output_tokens"] * rates[1]) / 1e6
+            assert meta["cost_usd"] == pytest.approx(want, abs=1e-9)
+    assert sum("cost_usd" in e["metadata"] for e in spent) == 3
+    # A step_error repeats neither the tokens nor their cost (they are on token_consumption).
+    assert all("cost_usd" not in e["metadata"] for e in steps(events, "step_error"))
+    # The session model's sum, in the monitor's json mode and tokens.json, is exact.
+    nano = sum(round(e["metadata"]["cost_usd"] * 1e9) for e in spent if "cost_usd" in e["metadata"])
+    legacy = next(e for e in spent if "cost_usd" not in e["metadata"])
+    state = proxy.monitor()
+    assert state["cost_usd"] == nano / 1e9
+    assert state["unpriced_tokens"] == legacy["tokens"]
+    assert state["unpriced_models"] == ["legacy-2026"]
+    assert state["components"]["legacy"]["cost_usd"] is None
+    ledger = json.loads((proxy.log_file.parent / "tokens.json").read_text())
+    assert ledger["cost_nanousd"] == nano and ledger["cost_usd"] == nano / 1e9

@@ -307,6 +307,13 @@ _meta_values: dict[str, st.SearchStrategy[Any]] = {
     "input_tokens": st.integers(0, 500),
     "output_tokens": st.one_of(st.integers(0, 500), st.just(1.5)),
     "resume": st.one_of(st.booleans(), st.just("yes")),
+    # Issue 12 (Cost): a price's shortest text, odd numbers and wrong types.
+    "cost_usd": st.one_of(
+        st.decimals(0, 10**4, places=9).map(float),
+        st.floats(0, 1e30, allow_nan=False),
+        st.integers(0, 2**64),
+        st.sampled_from([-1, -0.0, "0.5", True, None]),
+    ),
 }
 _metadata = st.fixed_dictionaries({}, optional=_meta_values)
 _event = st.tuples(

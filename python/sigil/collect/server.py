@@ -44,6 +44,8 @@ from sigil.collect.sink import IngestResult, SessionSink
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from sigil.telemetry.pricing import Pricer
+
 __all__ = ["DEFAULT_MAX_BODY", "CollectorStats", "build_app", "serve"]
 
 PROTOBUF = "application/x-protobuf"
@@ -184,11 +186,14 @@ async def serve(
     idle_seconds: float = 60.0,
     on_ready: Callable[[str, int], None] | None = None,
     stop: asyncio.Event | None = None,
+    pricer: Pricer | None = None,
 ) -> CollectorStats:
     """Serve until SIGINT/SIGTERM (or ``stop``), then end every open session's run."""
     from aiohttp import web
 
-    sink = SessionSink(log_path, idle_seconds=idle_seconds)
+    sink = SessionSink(log_path, idle_seconds=idle_seconds, pricer=pricer)
+    # Load the price table while the server starts, not on the first span's path.
+    sink.pricer.warm()
     stats = CollectorStats()
     app = build_app(sink, max_body_bytes=max_body_bytes, stats=stats)
     # The body is inflated here (gunzip), bounded, rather than by aiohttp.

@@ -28,6 +28,10 @@ component, model, provider, operation and error type) is scrubbed by
 strings makes the repeated names of a trace free; the rest of an event is
 numbers and hex IDs. So the loggers run without a per-event sanitizer: the
 same rules, applied once per distinct string instead of twice per event.
+
+**Cost.** A span's input and output tokens are priced by its model as the event
+is written (``cost_usd``, see sigil.telemetry.pricing); an aggregate carries no
+tokens and so no cost.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from sigil.collect.mapping import SpanEvent, map_span
 from sigil.core.locks import SessionBusy
 from sigil.core.paths import resolve_log_path, session_dir
 from sigil.telemetry.execution_logger import EventsDroppedError, ExecutionLogger
+from sigil.telemetry.pricing import Pricer
 from sigil.telemetry.sanitization import LogSanitizer
 
 __all__ = ["COMPONENT", "IngestResult", "SessionSink"]
@@ -117,8 +122,11 @@ class SessionSink:
         *,
         idle_seconds: float = 60.0,
         fsync: str = "interval",
+        pricer: Pricer | None = None,
     ) -> None:
         self.log_path = resolve_log_path(log_path)
+        #: prices each model call (config's overrides, then the table)
+        self.pricer = pricer if pricer is not None else Pricer()
         self.idle_seconds = idle_seconds
         self.fsync = fsync
         self._sessions: dict[str, _OpenSession] = {}
@@ -227,6 +235,7 @@ class SessionSink:
                     for stale in list(parents)[: _MAX_PARENTS // 2]:
                         del parents[stale]
                 parents[event.parent_key] = None
+        self._price(meta)
         if event.kind == "tokens":
             log("token_consumption", component, message, event.tokens, meta)
         else:
@@ -236,6 +245,15 @@ class SessionSink:
             log(kind, component, message, event.tokens, meta)
         session.seen.add(event.key)
         return dropped
+
+    def _price(self, meta: dict[str, Any]) -> None:
+        """Add ``cost_usd`` for a span whose model is priced and whose tokens count."""
+        model = meta.get("model")
+        inp, out = meta.get("input_tokens"), meta.get("output_tokens")
+        if not isinstance(model, str) or (inp is None and out is None):
+            return
+        # Blocks only while the table's import (started by serve) finishes, once.
+        meta.update(self.pricer.cost_meta(self.pricer.price(model, inp or 0, out or 0)))
 
     def close_idle(self, now: float | None = None) -> list[str]:
         """Close the sessions that received nothing for ``idle_seconds``."""

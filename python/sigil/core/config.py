@@ -33,6 +33,7 @@ __all__ = [
     "LoggingSettings",
     "MonitoringSettings",
     "PipelineSettings",
+    "PricingSettings",
     "ProviderSettings",
     "Settings",
     "Source",
@@ -170,6 +171,13 @@ class PipelineSettings:
     steps: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class PricingSettings:
+    # Model name (exact) -> {"input_per_mtok": X, "output_per_mtok": Y}, US dollars per
+    # million tokens; wins over genai-prices' table (sigil.telemetry.pricing).
+    models: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
 _SECTIONS: dict[str, type[Any]] = {
     "logging": LoggingSettings,
     "monitoring": MonitoringSettings,
@@ -178,6 +186,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "errors": ErrorSettings,
     "export": ExportSettings,
     "pipeline": PipelineSettings,
+    "pricing": PricingSettings,
 }
 
 
@@ -192,6 +201,7 @@ class Settings:
     errors: ErrorSettings = field(default_factory=ErrorSettings)
     export: ExportSettings = field(default_factory=ExportSettings)
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    pricing: PricingSettings = field(default_factory=PricingSettings)
     config_path: Path = field(default_factory=config_file_path)
     # Dotted key -> where its value came from; keys absent here are defaults.
     sources: Mapping[str, Source] = field(default_factory=dict)
@@ -382,6 +392,45 @@ def _patterns(value: Any) -> list[tuple[str, str]]:
     return out
 
 
+_PRICE_KEYS = ("input_per_mtok", "output_per_mtok")
+
+
+def _model_prices(value: Any) -> dict[str, dict[str, float]]:
+    """``{model: {input_per_mtok: X, output_per_mtok: Y}}``: dollars per million tokens."""
+    if not isinstance(value, dict):
+        raise _Invalid(
+            "expected a mapping of model name to {input_per_mtok, output_per_mtok},"
+            f" got {_describe(value)}"
+        )
+    out: dict[str, dict[str, float]] = {}
+    for model, price in value.items():
+        if not isinstance(model, str) or not model.strip():
+            raise _Invalid(f"model names must be non-empty strings, got {_describe(model)}")
+        if not isinstance(price, dict):
+            raise _Invalid(
+                f"{model}: expected {{input_per_mtok: X, output_per_mtok: Y}},"
+                f" got {_describe(price)}"
+            )
+        unknown = sorted(str(k) for k in price if k not in _PRICE_KEYS)
+        if unknown:
+            raise _Invalid(
+                f"{model}: unknown key {unknown[0]!r} (expected input_per_mtok, output_per_mtok)"
+            )
+        for key in _PRICE_KEYS:
+            if key not in price:
+                raise _Invalid(f"{model}: {key} is missing (US dollars per million tokens)")
+            number = price[key]
+            # Bounded so that a call's cost stays far below what a double holds
+            # to the nano-dollar (sigil.telemetry.pricing.cost_number).
+            if not _is_finite_number(number) or not 0 <= number <= 1_000_000:
+                raise _Invalid(
+                    f"{model}: {key}: expected US dollars per million tokens from 0 to"
+                    f" 1,000,000, got {_describe(number)}"
+                )
+        out[model] = {key: price[key] for key in _PRICE_KEYS}
+    return out
+
+
 _SCHEMA: dict[str, dict[str, Validator]] = {
     "logging": {
         "path": _path,
@@ -434,6 +483,9 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
     },
     "pipeline": {
         "steps": _string_map,
+    },
+    "pricing": {
+        "models": _model_prices,
     },
 }
 

@@ -13,6 +13,9 @@ forwarded it is granted a cap on its output by :meth:`TokenTracker.reserve`,
 and the grants of calls in flight never add up to more than what is left. A
 call that finds everything left promised waits for one in flight to settle;
 once the budget has run out (``exceeded``), calls are refused.
+
+Each call that reports usage is priced as it is recorded (``cost_usd``, from the
+model the upstream answered with; see sigil.telemetry.pricing).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 from sigil.core.events import EventLogger
 from sigil.proxy.usage import Usage
+from sigil.telemetry.pricing import Pricer
 from sigil.telemetry.tokens import TokenTracker
 
 __all__ = ["BudgetExhausted", "Call", "Meter"]
@@ -66,10 +70,20 @@ class Call:
 class Meter:
     """Admits, caps and records the calls of one session run (one event loop)."""
 
-    def __init__(self, tracker: TokenTracker, logger: EventLogger, *, run: int) -> None:
+    def __init__(
+        self,
+        tracker: TokenTracker,
+        logger: EventLogger,
+        *,
+        run: int,
+        pricer: Pricer | None = None,
+    ) -> None:
         self.tracker = tracker
         self.logger = logger
         self.run = run
+        #: prices each call's event; the table loads in the background meanwhile
+        self.pricer = pricer if pricer is not None else Pricer()
+        self.pricer.warm()
         self.calls = 0
         self.failed = 0
         self.refused = 0
@@ -153,6 +167,7 @@ class Meter:
         """Record a call that returned: its tokens, or unknown usage."""
         try:
             meta = self._meta(call, usage, model, status) | (extra or {})
+            cancelled = await self._price(meta, usage)
             if usage is None:
                 message = (
                     f"{call.endpoint} {meta['model']}: usage unknown (the upstream reported none)"
@@ -170,6 +185,8 @@ class Meter:
                 message=message,
                 metadata=meta,
             )
+            if cancelled:
+                raise asyncio.CancelledError  # the call's tokens recorded first
         finally:
             await self._release(call)
 
@@ -187,7 +204,9 @@ class Meter:
         self.failed += 1
         try:
             meta = self._meta(call, usage, model, status)
+            cancelled = False
             if usage is not None and usage.total:
+                cancelled = await self._price(meta, usage)
                 await self.tracker.track(
                     call.component,
                     usage.total,
@@ -198,11 +217,17 @@ class Meter:
                     ),
                     metadata=meta | {"outcome": "failed_call"},
                 )
-            meta = {k: v for k, v in meta.items() if k not in ("input_tokens", "output_tokens")}
+            meta = {
+                k: v
+                for k, v in meta.items()
+                if k not in ("input_tokens", "output_tokens", "cost_usd")
+            }
             meta.update(error=error, category=category)
             await self.logger.log_event(
                 "step_error", call.component, f"{call.endpoint} failed: {error}", 0, meta
             )
+            if cancelled:
+                raise asyncio.CancelledError  # the call's tokens recorded first
         finally:
             await self._release(call)
 
@@ -233,6 +258,18 @@ class Meter:
                 "latency_ms": call.elapsed_ms(),
             },
         )
+
+    async def _price(self, meta: dict[str, Any], usage: Usage | None) -> bool:
+        """Add the call's ``cost_usd`` to ``meta`` when its model is priced; True when
+        the call was cancelled meanwhile (the caller records it, then raises)."""
+        if usage is None:
+            return False
+        model = meta.get("model")
+        cost, cancelled = await self.pricer.ameta(
+            model if isinstance(model, str) else None, usage.input_tokens, usage.output_tokens
+        )
+        meta.update(cost)
+        return cancelled
 
     def _meta(
         self, call: Call, usage: Usage | None, model: str | None, status: int | None

@@ -22,6 +22,7 @@ and return text; they do no I/O, so they are tested by value at any size. The
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import time
@@ -29,7 +30,7 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 from sigil.interfaces.cli.keys import DashboardView
 from sigil.interfaces.cli.screen import Line as _Line
@@ -37,6 +38,7 @@ from sigil.interfaces.cli.screen import cells as _cells
 from sigil.interfaces.cli.screen import crop as _crop
 from sigil.interfaces.cli.screen import printable, span
 from sigil.interfaces.cli.screen import wrap as _wrap
+from sigil.telemetry.pricing import usd
 
 if TYPE_CHECKING:
     from sigil.interfaces.cli.event_selection import EventSelection
@@ -167,6 +169,48 @@ def format_duration(seconds: float | None) -> str:
 
 def format_latency(ms: float) -> str:
     return f"{ms:,.0f}ms" if ms < 10_000 else f"{ms / 1000:,.1f}s"
+
+
+class Costed(Protocol):
+    """What the session model says of a cost (a component, a run, a session)."""
+
+    @property
+    def cost_nanousd(self) -> int: ...
+    @property
+    def priced_events(self) -> int: ...
+    @property
+    def unpriced_tokens(self) -> int: ...
+
+
+def has_cost(x: Costed) -> bool:
+    """Whether ``x`` used a model at all: something priced, or tokens of an unpriced one."""
+    return x.priced_events > 0 or x.unpriced_tokens > 0
+
+
+def format_cost(x: Costed) -> str:
+    """``$0.0123``; ``$0.0123+`` when some tokens are of unpriced models (the cost is
+    at least that); ``unpriced`` when nothing is priced (never $0 for a model
+    without a price); ``-`` without any model."""
+    if x.priced_events == 0:
+        return "unpriced" if x.unpriced_tokens else "-"
+    dollars = usd(x.cost_nanousd)
+    if dollars >= 1:
+        text = f"${dollars:,.2f}"
+    elif dollars > 0:
+        # Three significant digits below a dollar: $0.0123, $0.000525, $0.0000024.
+        decimals = min(9, 2 - math.floor(math.log10(dollars)))
+        text = f"${dollars:.{decimals}f}".rstrip("0").rstrip(".")
+    else:
+        text = "$0"  # a priced model that spent nothing
+    return text + "+" if x.unpriced_tokens else text
+
+
+def cost_fields(x: Costed) -> dict[str, Any]:
+    """The cost as JSON: ``cost_usd`` (None when nothing is priced) and the unpriced tokens."""
+    return {
+        "cost_usd": usd(x.cost_nanousd) if x.priced_events else None,
+        "unpriced_tokens": x.unpriced_tokens,
+    }
 
 
 def budget_level(
@@ -339,6 +383,8 @@ def state_to_dict(
             "avg_latency_ms": _round(c.average_latency_ms),
             "p95_latency_ms": _round(c.p95_latency_ms),
             "last_error": c.last_error.to_dict() if c.last_error else None,
+            **cost_fields(c),
+            "unpriced_models": list(c.unpriced_models),
         }
         for name, c in ((n, state.components[n]) for n in ordered_components(state.components))
     }
@@ -365,8 +411,11 @@ def state_to_dict(
             "components": run_components,
             "started_at": run.started_at,
             "ended_at": run.ended_at,
+            **cost_fields(run),
         },
         "runs": state.runs,
+        **cost_fields(state.snap),
+        "unpriced_models": list(state.snap.unpriced_models),
         "elapsed_seconds": round(state.elapsed_at(now), 3),
         "tokens_per_second": _round(state.recent_rate(now)),
         "average_tokens_per_second": _round(state.average_rate),
@@ -453,6 +502,8 @@ def summary_lines(
     lines.append(f"Remaining: {state.tokens_remaining:,}")
     if state.runs > 1:
         lines.append(f"This run:  {run.tokens:,}")
+    if has_cost(state.snap):
+        lines.append(f"Cost:      {format_cost(state.snap)}")
     average = state.average_rate
     if average is not None:
         lines.append(f"Rate:      {_rate(average)} tok/s")
@@ -628,6 +679,26 @@ def _burn_lines(state: SessionState, options: DisplayOptions, now: datetime | No
     return lines
 
 
+def _cost_line(state: SessionState, width: int) -> _Line:
+    """The session's cost (and this run's when there were several), and the
+    tokens of models without a price, never shown as $0."""
+    snap = state.snap
+    line = _Line("Cost    ", "2")
+    line.add(format_cost(snap), "1" if snap.priced_events else "33")
+    if state.runs > 1 and has_cost(state.run):
+        line.add(f"  run {format_cost(state.run)}", "2")
+    if snap.priced_events and snap.unpriced_tokens:
+        models = ", ".join(snap.unpriced_models)
+        text = f"  + {snap.unpriced_tokens:,} tok unpriced" + (f" ({models})" if models else "")
+        if line.cells + _cells(text) <= width:
+            line.add(text, "33")
+    elif not snap.priced_events and snap.unpriced_models:
+        text = f"  no price for {', '.join(snap.unpriced_models)}"
+        if line.cells + _cells(text) <= width:
+            line.add(text, "2")
+    return line
+
+
 def _sort_key(sort: str, state: SessionState, allocations: Mapping[str, int]) -> Any:
     def key(name: str) -> Any:
         comp = state.components.get(name)
@@ -666,6 +737,7 @@ def _component_lines(state: SessionState, options: DisplayOptions, width: int,
     cols_p95 = show_lat and width >= 60
     cols_io = width >= 110
     cols_model = width >= 110
+    cols_cost = width >= 110 and has_cost(state.snap)
     cols_retry = width >= 80
     name_w = min(12, max(len(n) for n in names))
 
@@ -713,6 +785,9 @@ def _component_lines(state: SessionState, options: DisplayOptions, width: int,
         if cols_model:
             model = comp.model if comp else None
             row["model"] = (model or "-", "" if model else "2")
+        if cols_cost:
+            text = format_cost(comp) if comp else "-"
+            row["cost"] = (text, "33" if text == "unpriced" else "" if text != "-" else "2")
         errors = comp.errors if comp else 0
         row["err"] = (str(errors), "1;31" if errors else "2")
         if cols_retry:
@@ -722,9 +797,12 @@ def _component_lines(state: SessionState, options: DisplayOptions, width: int,
         rows.append(row)
 
     heads = {"name": "component", "tokens": "tokens", "pct": "%", "p50": "p50", "p95": "p95",
-             "io": "in/out", "model": "model", "err": "err", "rty": "rty"}  # fmt: skip
+             "io": "in/out", "model": "model", "cost": "cost", "err": "err",
+             "rty": "rty"}  # fmt: skip
     order = [
-        c for c in ("tokens", "pct", "p50", "p95", "io", "model", "err", "rty") if c in rows[0]
+        c
+        for c in ("tokens", "pct", "p50", "p95", "io", "model", "cost", "err", "rty")
+        if c in rows[0]
     ]
     widths = {c: max(len(heads[c]), *(_cells(r[c][0]) for r in rows)) for c in order}
     if "model" in widths:
@@ -872,8 +950,14 @@ def dashboard_lines(
     used.add(f" / {state.total_budget:,} ").add(f"({state.budget_percentage:.2f}%)", level_sgr)
     run_part = f"  run {state.run.tokens:,}" if state.runs > 1 else ""
     left = f"  left {state.tokens_remaining:,}{run_part}"
+    cost = _cost_line(state, width) if has_cost(state.snap) else None
     if width >= 60 and used.cells + _cells(left) <= width:
         used.add(left, "2")
+        short = f"  cost {format_cost(state.snap)}"
+        if cost is not None and used.cells + _cells(short) <= width:
+            # The session's cost where it fits, on the tokens' line (a row saved).
+            used.add(short, "2")
+            cost = None
         top.append(used)
         if options.show_budget_bar:
             top.append(_budget_bar(fraction, width, level_sgr))
@@ -882,6 +966,8 @@ def dashboard_lines(
         if options.show_budget_bar:
             top.append(_budget_bar(fraction, width, level_sgr))
         top.append(_Line("Left    ", "2").add(f"{state.tokens_remaining:,}"))
+    if cost is not None:
+        top.append(cost)
     if options.show_forecast:
         top.extend(_burn_lines(state, options, now, width, level_sgr))
 

@@ -72,6 +72,7 @@ from sigil.pipeline.base import (
     usage_of,
 )
 from sigil.telemetry.execution_logger import ExecutionLogger
+from sigil.telemetry.pricing import COST_KEY, Pricer, usd
 from sigil.telemetry.tokens import TokenTracker
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -253,7 +254,12 @@ class RunRecord:
     events: int = 0
     steps_completed: int = 0
     steps_failed: int = 0
-    #: name -> tokens, operations, errors, retries, latency_ms (the model's values)
+    #: the run's cost (the model's: nano-dollars of priced events, and tokens of
+    #: models without a price)
+    cost_nanousd: int = 0
+    priced_events: int = 0
+    unpriced_tokens: int = 0
+    #: name -> tokens, operations, errors, retries, latency_ms, cost (the model's values)
     components: dict[str, dict[str, float]] = field(default_factory=dict)
     duration_seconds: float = 0.0
     #: slot -> what its step_complete recorded (for resume)
@@ -288,6 +294,9 @@ class RunRecord:
             events=snap.events,
             steps_completed=snap.steps_completed,
             steps_failed=snap.steps_failed,
+            cost_nanousd=snap.cost_nanousd,
+            priced_events=snap.priced_events,
+            unpriced_tokens=snap.unpriced_tokens,
             components={
                 name: {
                     "tokens": c.tokens,
@@ -296,6 +305,9 @@ class RunRecord:
                     "retries": c.retries,
                     "latency_ms": c.latency_ms,
                     "failed_latency_ms": c.failed_latency_ms,
+                    "cost_nanousd": c.cost_nanousd,
+                    "priced_events": c.priced_events,
+                    "unpriced_tokens": c.unpriced_tokens,
                 }
                 for name, c in snap.components.items()
             },
@@ -313,6 +325,7 @@ class RunRecord:
             "ended_at": self.ended_at,
             "budget": self.budget,
             "tokens_used": self.tokens_used,
+            **_cost_doc(self.cost_nanousd, self.priced_events, self.unpriced_tokens),
             "components": {
                 name: int(c["tokens"]) for name, c in self.components.items() if c["tokens"]
             },
@@ -700,6 +713,8 @@ class Orchestrator:
         self.resume = resume
         self.provider = self._make_provider(provider)
         self.steps: dict[str, Step] = self._make_steps(components)
+        #: prices each model call's event (``cost_usd``): config's overrides, then the table
+        self.pricer = Pricer.from_settings(settings)
 
         from sigil.telemetry.sanitization import sanitizer_from_settings
 
@@ -1055,6 +1070,10 @@ class Orchestrator:
         # Building the tokenizer takes ~150 ms: do it in a thread while the log opens
         # and session_start goes out, so a monitor sees the run start at once.
         tokenizer_future = asyncio.ensure_future(load_tokenizer())
+        if self.provider is not None:
+            # A model answers this run's steps: load the price table meanwhile, so
+            # that pricing the first step's event does not wait for its import.
+            self.pricer.warm()
         try:
             return await self._run_steps(
                 prep,
@@ -1220,6 +1239,20 @@ class Orchestrator:
             return OSError(number, str(stats.get("last_error") or os.strerror(number)))
         return None
 
+    async def _usage_meta(
+        self, input_tokens: int, output_tokens: int, model: str | None
+    ) -> tuple[dict[str, Any], bool]:
+        """A model call's metadata: its tokens, its model and, where priced,
+        ``cost_usd``; and whether the run was cancelled while it was priced (the
+        caller records the call, then raises ``CancelledError``)."""
+        meta: dict[str, Any] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+        cancelled = False
+        if model is not None:
+            meta["model"] = model
+            cost, cancelled = await self.pricer.ameta(model, input_tokens, output_tokens)
+            meta.update(cost)
+        return meta, cancelled
+
     def _model_name(self, tokenizer_name: str) -> str:
         if self.provider is not None:
             return str(getattr(self.provider, "model", "unknown"))
@@ -1271,14 +1304,19 @@ class Orchestrator:
                 now = time.perf_counter()
                 usage = usage_of(exc)
                 if usage is not None:
+                    spent, cancelled = await self._usage_meta(
+                        usage.input_tokens, usage.output_tokens, usage.model
+                    )
                     await tracker.track(
                         slot,
                         usage.total,
                         event_type="token_consumption",
                         message=f"{title} attempt {attempt} failed; it used {usage.total} tokens",
-                        metadata=_usage_meta(usage.input_tokens, usage.output_tokens, usage.model)
+                        metadata=spent
                         | {"attempt": attempt, "outcome": "failed_attempt", "run": run},
                     )
+                    if cancelled:
+                        raise asyncio.CancelledError from exc  # its tokens recorded first
                 handled = self.error_handler.handle(
                     exc,
                     ErrorContext(
@@ -1325,18 +1363,24 @@ class Orchestrator:
                 )
             now = time.perf_counter()
             latency_ms = (now - step_started) * 1000
+            spent, cancelled = await self._usage_meta(
+                out.input_tokens, out.output_tokens, out.model
+            )
             meta: dict[str, Any] = {
                 "run": run,
                 "attempt": attempt,
                 "latency_ms": round(latency_ms, 3),
                 "attempt_latency_ms": round((now - attempt_started) * 1000, 3),
-                **_usage_meta(out.input_tokens, out.output_tokens, out.model),
+                **spent,
                 "tokenizer": tokenizer.name if out.model is None else None,
             }
             if meta["tokenizer"] is None:
                 del meta["tokenizer"]
             for key, value in out.metadata.items():
-                meta.setdefault(key, value)
+                # A cost comes from the price table only (one rule): a step's own
+                # ``cost_usd`` would make an unpriced model look priced.
+                if key != COST_KEY:
+                    meta.setdefault(key, value)
             _attach_output(meta, out.output)
             await tracker.track(
                 slot,
@@ -1345,6 +1389,8 @@ class Orchestrator:
                 message=out.message or f"{title} completed",
                 metadata=meta,
             )
+            if cancelled:
+                raise asyncio.CancelledError  # the step's tokens recorded first
             return (
                 StepResult(
                     step=_step_name(slot),
@@ -1354,8 +1400,8 @@ class Orchestrator:
                     output=out.output,
                     metadata={
                         "attempts": attempt,
-                        **_usage_meta(out.input_tokens, out.output_tokens, out.model),
-                        **out.metadata,
+                        **spent,
+                        **{k: v for k, v in out.metadata.items() if k != COST_KEY},
                     },
                 ),
                 None,
@@ -1583,6 +1629,8 @@ def write_summaries(
                 "utilization": round(c["utilization"], 2),
             }
     comp_tokens, comp_ops = history.component_totals()
+    model = history.model
+    comp_costs = dict(model.components) if model is not None else {}
     first_timestamp = next((r.started_at for r in runs if r.started_at), None)
     last_timestamp = (snap.last_timestamp if snap else None) or last.ended_at
     tokens_doc = {
@@ -1593,6 +1641,12 @@ def write_summaries(
         "total_budget": tracker.total,
         "total_used": history.tokens_used,
         "total_remaining": max(0, tracker.total - history.tokens_used),
+        **_cost_doc(
+            model.cost_nanousd if model else 0,
+            model.priced_events if model else 0,
+            model.unpriced_tokens if model else 0,
+        ),
+        "unpriced_models": list(model.unpriced_models) if model else [],
         "utilization_percentage": round(status_info["utilization"], 2),
         "warning_level": status_info["warning_level"],
         "thresholds": status_info["thresholds"],
@@ -1605,7 +1659,11 @@ def write_summaries(
         # What a new run restores its budget tracker from while the log below is
         # unchanged (the model's per-component totals, ledger-only runs included).
         "component_totals": {
-            name: {"tokens": comp_tokens[name], "operations": comp_ops.get(name, 0)}
+            name: {
+                "tokens": comp_tokens[name],
+                "operations": comp_ops.get(name, 0),
+                **_component_cost(comp_costs.get(name)),
+            }
             for name in comp_tokens
         },
         "log_files": _log_files(session_dir),
@@ -1711,11 +1769,26 @@ def _step_name(slot: str) -> PipelineStep | str:
         return slot
 
 
-def _usage_meta(input_tokens: int, output_tokens: int, model: str | None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"input_tokens": input_tokens, "output_tokens": output_tokens}
-    if model is not None:
-        meta["model"] = model
-    return meta
+def _cost_doc(nanousd: int, priced: int, unpriced_tokens: int) -> dict[str, Any]:
+    """A cost in tokens.json: ``cost_usd`` for people (None when nothing is
+    priced: never $0 for a model without a price) and the model's exact integers,
+    which the ledger reads back (rust/ledger.rs)."""
+    return {
+        "cost_usd": usd(nanousd) if priced else None,
+        "cost_nanousd": nanousd,
+        "priced_events": priced,
+        "unpriced_tokens": unpriced_tokens,
+    }
+
+
+def _component_cost(c: Any) -> dict[str, int]:
+    if c is None:
+        return {}
+    return {
+        "cost_nanousd": c.cost_nanousd,
+        "priced_events": c.priced_events,
+        "unpriced_tokens": c.unpriced_tokens,
+    }
 
 
 def _attach_output(meta: dict[str, Any], output: Any) -> None:

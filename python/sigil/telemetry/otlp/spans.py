@@ -6,12 +6,14 @@ See :mod:`sigil.telemetry.otlp` for the shape, tokens, identity and conventions.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sigil.telemetry.log_parser import EventModel
+from sigil.telemetry.log_parser import EventModel, SessionSnapshot
+from sigil.telemetry.pricing import COST_KEY, usd
 
 #: The OpenTelemetry semantic-conventions release this mapping follows. v1.41.0
 #: is the last release that carries the GenAI conventions (agent, workflow and
@@ -197,6 +199,17 @@ class _Span:
             return self.fold.tokens
         return self.first.tokens if self.first is not None else 0
 
+    def cost_model(self) -> SessionSnapshot | None:
+        """The native model of this span's events with tokens, for its cost
+        (None without such events): the fold's rules, no sum made here."""
+        if self.fold is not None:
+            return self.fold.snapshot()
+        if self.first is None or not self.first.priceable():
+            return None
+        one = EventModel()
+        self.first.feed(one)
+        return one.snapshot()
+
     def add_event(self, name: str, time_ns: int, attributes: dict[str, Any]) -> None:
         if len(self.events) < MAX_SPAN_EVENTS:
             self.events.append(SpanEventRecord(name, time_ns, attributes))
@@ -211,6 +224,7 @@ class _Span:
     def record(self, trace_id: int, parent: int | None, conversation_id: str) -> SpanRecord:
         attributes = {"gen_ai.conversation.id": conversation_id, **self.attributes}
         attributes["sigil.tokens"] = self.tokens
+        cost_attributes(attributes, "sigil", self.cost_model())
         if self.error_type is not None:
             attributes["error.type"] = self.error_type
         if self.dropped:
@@ -301,11 +315,20 @@ class _Event:
         self.time_ns = time_ns
         self.source = source
 
-    def model_args(self) -> tuple[str, str, str, int, int | None]:
-        """What a model folds of this event (its tokens are what a model counts
-        here; the metadata is the span's to read, not the model's)."""
+    def model_args(self) -> tuple[str, str, str, int, int | None, str]:
+        """What a model folds of this event: its tokens and, of its metadata,
+        what prices it (``cost_usd`` and ``model``; the rest is the span's)."""
         seq = self.seq if self.seq is not None and 0 <= self.seq < 1 << 64 else None
-        return self.timestamp, self.event_type, self.component, self.tokens, seq
+        meta = self.metadata
+        priced = {k: meta[k] for k in (COST_KEY, "model") if k in meta}
+        # json writes a float's shortest text: the decimal the writer logged.
+        cost_json = json.dumps(priced) if priced else "{}"
+        return self.timestamp, self.event_type, self.component, self.tokens, seq, cost_json
+
+    def priceable(self) -> bool:
+        """Whether this event says anything of cost (a price, or a model)."""
+        meta = self.metadata
+        return COST_KEY in meta or "model" in meta
 
     def feed(self, model: EventModel) -> None:
         """Fold this event into ``model``."""
@@ -713,8 +736,21 @@ class SpanBuilder:
                 root.fail("the run ended without session_complete (its writer stopped)", state)
         root.attributes["sigil.run.status"] = state
         root.attributes["sigil.run.tokens"] = run.fold.tokens
+        cost_attributes(root.attributes, "sigil.run", run.fold.snapshot())
+        cost_attributes(root.attributes, "sigil.session", self.fold.snapshot())
         out.append(root.record(run.trace_id, None, self.session_id))
         run.ended = True
+
+
+def cost_attributes(attributes: dict[str, Any], prefix: str, model: SessionSnapshot | None) -> None:
+    """``<prefix>.cost_usd`` where something was priced, ``<prefix>.unpriced_tokens``
+    where tokens of models without a price were spent (never a cost of 0 for them)."""
+    if model is None:
+        return
+    if model.priced_events:
+        attributes[f"{prefix}.cost_usd"] = usd(model.cost_nanousd)
+    if model.unpriced_tokens:
+        attributes[f"{prefix}.unpriced_tokens"] = model.unpriced_tokens
 
 
 def session_spans(

@@ -78,6 +78,7 @@ def collect(
     import asyncio
 
     from sigil.collect.server import serve
+    from sigil.telemetry.pricing import Pricer
 
     if not _loopback(host):
         click.echo(
@@ -100,6 +101,7 @@ def collect(
                 max_body_bytes=int(max_body_mib * (1 << 20)),
                 idle_seconds=idle_seconds,
                 on_ready=ready,
+                pricer=Pricer.from_settings(settings),
             )
         )
     except OSError as exc:

@@ -241,7 +241,7 @@ class MeteredSession:
         tracker.logger = self._log
         orch.token_tracker = tracker
         self._tokens_before = history.tokens_used
-        self.meter = Meter(tracker, self._log, run=prep.run.run)
+        self.meter = Meter(tracker, self._log, run=prep.run.run, pricer=orch.pricer)
         return self.meter
 
     async def begin(self, task: str, url: str, extra: dict[str, Any] | None = None) -> None:

@@ -47,6 +47,10 @@ class SessionRow:
     #: why the session's log cannot be read (status ``unreadable``), one line
     #: naming the file
     error: str | None = None
+    #: US dollars of the priced model calls (None: nothing priced), and the
+    #: tokens of models without a price
+    cost_usd: float | None = None
+    unpriced_tokens: int = 0
 
 
 @click.command("sessions", context_settings={"help_option_names": ["-h", "--help"]})
@@ -247,6 +251,8 @@ def _apply_ledger(row: SessionRow, ledger: dict[str, Any]) -> None:
     row.status = _text(ledger.get("status")) or "complete"
     row.tokens_used = _int(ledger.get("total_used"))
     row.budget = _int(ledger.get("total_budget"))
+    row.cost_usd = _cost_of(ledger.get("cost_usd"))
+    row.unpriced_tokens = _int(ledger.get("unpriced_tokens")) or 0
     runs = [r for r in ledger["runs"] if isinstance(r, dict)]
     row.runs = len(runs)
     row.run_details = [
@@ -256,6 +262,7 @@ def _apply_ledger(row: SessionRow, ledger: dict[str, Any]) -> None:
             "started_at": _text(r.get("started_at")),
             "ended_at": _text(r.get("ended_at")),
             "tokens_used": _int(r.get("tokens_used")),
+            "cost_usd": _cost_of(r.get("cost_usd")),
         }
         for r in runs
     ]
@@ -284,6 +291,12 @@ def _apply_summaries(row: SessionRow, tokens: dict[str, Any], metrics: dict[str,
     row.started_at = started
 
 
+def _cost_of(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None
+
+
 def _run_count(value: Any) -> int | None:
     return len(value) if isinstance(value, list) else _int(value)
 
@@ -299,6 +312,7 @@ def _apply_models(sessions: list[_Live]) -> None:
         return
     try:
         from sigil.telemetry.log_parser import history_many, run_status
+        from sigil.telemetry.pricing import usd
     except ImportError:  # the native core is not built: nothing to read the logs with
         return
     histories = history_many([session.row.path for session in sessions])
@@ -318,6 +332,8 @@ def _apply_models(sessions: list[_Live]) -> None:
         snap = history.snapshot
         runs = history.runs
         row.tokens_used = history.tokens
+        row.cost_usd = usd(history.cost_nanousd) if history.priced_events else None
+        row.unpriced_tokens = history.unpriced_tokens
         row.runs = history.run_count
         if runs:
             row.status, row.budget = runs[-1].status, runs[-1].budget
@@ -335,6 +351,7 @@ def _apply_models(sessions: list[_Live]) -> None:
                 "started_at": r.started_at,
                 "ended_at": r.ended_at,
                 "tokens_used": r.tokens,
+                "cost_usd": usd(r.cost_nanousd) if r.priced_events else None,
             }
             for i, r in enumerate(runs)
         ]
@@ -364,7 +381,7 @@ def _set_span(row: SessionRow, first: str | None, last: str | None) -> None:
 
 # -- output ---------------------------------------------------------------------
 
-_HEADERS = ("ID", "STATUS", "STARTED", "DURATION", "TOKENS", "SIZE", "ARCHIVED")
+_HEADERS = ("ID", "STATUS", "STARTED", "DURATION", "TOKENS", "COST", "SIZE", "ARCHIVED")
 
 
 def _print_table(rows: list[SessionRow]) -> None:
@@ -395,9 +412,37 @@ def _cells(row: SessionRow) -> tuple[str, ...]:
         shown_start,
         format_duration(row.duration_seconds),
         tokens,
+        _cost(row),
         _size(row.size_bytes),
         archived,
     )
+
+
+def _cost(row: SessionRow) -> str:
+    """The session's cost as the dashboard shows it: ``unpriced`` when only models
+    without a price ran (never $0), ``-`` when no model did."""
+    from sigil.interfaces.cli.display import format_cost
+
+    return format_cost(_RowCost(row))
+
+
+@dataclass(frozen=True, slots=True)
+class _RowCost:
+    """A row's cost in the session model's terms (for display.format_cost)."""
+
+    row: SessionRow
+
+    @property
+    def cost_nanousd(self) -> int:
+        return round((self.row.cost_usd or 0.0) * 1e9)
+
+    @property
+    def priced_events(self) -> int:
+        return 0 if self.row.cost_usd is None else 1
+
+    @property
+    def unpriced_tokens(self) -> int:
+        return self.row.unpriced_tokens
 
 
 def _size(size: int) -> str:

@@ -48,12 +48,18 @@ class TopRow:
     errors: int
     step: str | None
     last_event: str | None
+    #: the session's cost, as the model sums it (display.format_cost shows it)
+    cost_nanousd: int = 0
+    priced_events: int = 0
+    unpriced_tokens: int = 0
 
     @property
     def budget_fraction(self) -> float | None:
         return self.tokens / self.budget if self.budget else None
 
     def to_dict(self) -> dict[str, Any]:
+        from sigil.telemetry.pricing import usd
+
         return {
             "session_id": self.session_id,
             "status": self.status,
@@ -64,6 +70,8 @@ class TopRow:
             "budget_fraction": self.budget_fraction,
             "tokens_per_minute": self.rate_per_min,
             "errors": self.errors,
+            "cost_usd": usd(self.cost_nanousd) if self.priced_events else None,
+            "unpriced_tokens": self.unpriced_tokens,
             "step_in_flight": self.step,
             "last_event_at": self.last_event,
         }
@@ -95,6 +103,9 @@ def _row(session_id: str, snap: SessionSnapshot, live: bool) -> TopRow:
         errors=snap.event_counts.get("step_error", 0),
         step=in_flight.component if in_flight is not None else None,
         last_event=snap.last_timestamp,
+        cost_nanousd=snap.cost_nanousd,
+        priced_events=snap.priced_events,
+        unpriced_tokens=snap.unpriced_tokens,
     )
 
 
@@ -172,11 +183,15 @@ def sort_rows(rows: list[TopRow], order: str) -> list[TopRow]:
     return sorted(rows, key=lambda r: (not r.live, -key(r), r.session_id))
 
 
-_HEADERS = ("SESSION", "STATUS", "RUN", "TOKENS", "BUDGET", "USED", "TOK/MIN", "ERR", "NOW")
+_HEADERS = (
+    "SESSION", "STATUS", "RUN", "TOKENS", "BUDGET", "USED", "TOK/MIN", "COST", "ERR", "NOW",
+)  # fmt: skip
 
 
 def table_lines(rows: list[TopRow]) -> list[str]:
     """The table as plain text lines (header first), columns sized to fit."""
+    from sigil.interfaces.cli.display import format_cost
+
     cells = [_HEADERS]
     for r in rows:
         fraction = r.budget_fraction
@@ -189,12 +204,13 @@ def table_lines(rows: list[TopRow]) -> list[str]:
                 "-" if r.budget is None else f"{r.budget:,}",
                 "-" if fraction is None else f"{fraction * 100:.1f}%",
                 "-" if r.rate_per_min is None else f"{r.rate_per_min:,.0f}",
+                format_cost(r),
                 str(r.errors),
                 r.step or "-",
             )
         )
     widths = [max(len(line[i]) for line in cells) for i in range(len(_HEADERS))]
-    right = {2, 3, 4, 5, 6, 7}
+    right = {2, 3, 4, 5, 6, 7, 8}
     return [
         "  ".join(
             cell.rjust(width) if i in right else cell.ljust(width)
