@@ -11,6 +11,13 @@ said. The model name picks a misbehaviour:
 * ``slow``: answers after ``slow_seconds``;
 * ``fail500``: HTTP 500 with an OpenAI-shaped error;
 * ``quota429``: HTTP 429 ``insufficient_quota`` without ``x-should-retry``.
+
+And one model plays an agent's model:
+
+* ``agent``: while the request offers ``tools`` and holds no tool result yet,
+  it calls the first tool with ``tool_arguments``; then it answers
+  ``answer: `` followed by the last tool result's text. Chat completions and
+  the Responses API, streamed and not.
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ class Upstream:
     _thread: threading.Thread | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     record: bool = True
+    #: the arguments the ``agent`` model calls its first tool with
+    tool_arguments: dict[str, Any] = field(default_factory=dict)
 
     # -- life ----------------------------------------------------------------------
 
@@ -122,6 +131,40 @@ class Upstream:
         text = orjson.dumps(body.get("messages") or body.get("input") or body.get("prompt"))
         return 7 + len(text) % 41
 
+    def _agent_turn(self, body: dict[str, Any]) -> tuple[str | None, dict[str, Any] | None]:
+        """The ``agent`` model's turn: (text, None) or (None, a tool call)."""
+        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        results = [m for m in messages if m.get("role") == "tool"]
+        tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+        if tools and not results:
+            name = tools[0]["function"]["name"]
+            arguments = orjson.dumps(self.tool_arguments).decode()
+            call = {"id": "call_1", "type": "function",
+                    "function": {"name": name, "arguments": arguments}}  # fmt: skip
+            return None, call
+        content = results[-1].get("content") if results else ""
+        if isinstance(content, list):  # content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return f"answer: {content}", None
+
+    def _agent_turn_responses(
+        self, body: dict[str, Any]
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        """:meth:`_agent_turn` for the Responses API: a ``function_call`` item."""
+        items = body.get("input")
+        items = [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+        results = [i for i in items if i.get("type") == "function_call_output"]
+        tools = [t for t in body.get("tools") or [] if isinstance(t, dict)]
+        if tools and not results:
+            call = {"type": "function_call", "id": "fc_1", "call_id": "call_1",
+                    "name": tools[0]["name"], "status": "completed",
+                    "arguments": orjson.dumps(self.tool_arguments).decode()}  # fmt: skip
+            return None, call
+        content = results[-1].get("output") if results else ""
+        if isinstance(content, list):  # content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return f"answer: {content}", None
+
     @staticmethod
     def _cap(body: dict[str, Any], *names: str) -> int:
         caps = [body[n] for n in names if isinstance(body.get(n), int)]
@@ -149,8 +192,17 @@ class Upstream:
             return web.Response(text="<html>oops</html>", content_type="application/json")
         inp = self._prompt_tokens(body)
         out = min(self.pieces, self._cap(body, "max_tokens", "max_completion_tokens"))
+        turn = self._agent_turn(body) if model == "agent" and not legacy else None
         if body.get("stream"):
-            return await self._chat_stream(request, body, model, inp, out, legacy)
+            return await self._chat_stream(request, body, model, inp, out, legacy, turn)
+        message: dict[str, Any] = {"role": "assistant", "content": "w " * out}
+        finish = "stop"
+        if turn is not None:
+            text, call = turn
+            message = {"role": "assistant", "content": text}
+            if call is not None:
+                message["tool_calls"] = [call]
+                finish = "tool_calls"
         data: dict[str, Any] = {
             "id": "chatcmpl-1",
             "object": "text_completion" if legacy else "chat.completion",
@@ -159,11 +211,7 @@ class Upstream:
             "choices": [
                 {"index": 0, "text": "w " * out, "finish_reason": "stop"}
                 if legacy
-                else {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "w " * out},
-                    "finish_reason": "stop",
-                }
+                else {"index": 0, "message": message, "finish_reason": finish}
             ],
         }
         if model != "nousage":
@@ -183,6 +231,7 @@ class Upstream:
         inp: int,
         out: int,
         legacy: bool,
+        turn: tuple[str | None, dict[str, Any] | None] | None = None,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -206,7 +255,9 @@ class Upstream:
             return b"data: " + orjson.dumps(data) + b"\n\n"
 
         await resp.write(chunk({"role": "assistant", "content": ""}))
-        for i in range(out):
+        if turn is not None:
+            await self._agent_stream(resp, chunk, turn)
+        for i in range(out if turn is None else 0):
             await resp.write(chunk({"content": "word "}))
             if model == "broken" and i == out // 2:
                 await asyncio.sleep(0.05)
@@ -215,7 +266,8 @@ class Upstream:
                 return resp
             if self.piece_delay or self.delay:
                 await asyncio.sleep(self.piece_delay or self.delay)
-        await resp.write(chunk({}, "stop"))
+        finish = "tool_calls" if turn is not None and turn[1] is not None else "stop"
+        await resp.write(chunk({}, finish))
         if include and model != "nousage":
             usage = {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out}
             data = {
@@ -232,6 +284,29 @@ class Upstream:
         await resp.write_eof()
         return resp
 
+    @staticmethod
+    async def _agent_stream(
+        resp: web.StreamResponse,
+        chunk: Any,
+        turn: tuple[str | None, dict[str, Any] | None],
+    ) -> None:
+        """The ``agent`` model's turn as stream deltas: its text in pieces, or a
+        tool call whose arguments arrive in two pieces."""
+        text, call = turn
+        if call is None:
+            assert text is not None
+            for i in range(0, len(text), 8):
+                await resp.write(chunk({"content": text[i : i + 8]}))
+            return
+        fn = call["function"]
+        head = {"index": 0, "id": call["id"], "type": "function",
+                "function": {"name": fn["name"], "arguments": ""}}  # fmt: skip
+        await resp.write(chunk({"tool_calls": [head]}))
+        half = len(fn["arguments"]) // 2
+        for piece in (fn["arguments"][:half], fn["arguments"][half:]):
+            delta = {"index": 0, "function": {"arguments": piece}}
+            await resp.write(chunk({"tool_calls": [delta]}))
+
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self._note(request, body)
@@ -239,21 +314,24 @@ class Upstream:
         inp = self._prompt_tokens(body)
         out = min(self.pieces, self._cap(body, "max_output_tokens"))
         usage = {"input_tokens": inp, "output_tokens": out, "total_tokens": inp + out}
+        text: str | None = "w " * out
+        call: dict[str, Any] | None = None
+        if model == "agent":
+            text, call = self._agent_turn_responses(body)
+        item = call or {
+            "type": "message",
+            "id": "msg_1",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }
         response = {
             "id": "resp_1",
             "object": "response",
             "created_at": 1,
             "status": "completed",
             "model": f"{model}-2026",
-            "output": [
-                {
-                    "type": "message",
-                    "id": "msg_1",
-                    "status": "completed",
-                    "role": "assistant",
-                    "content": [{"type": "output_text", "text": "w " * out, "annotations": []}],
-                }
-            ],
+            "output": [item],
             "usage": usage,
         }
         self._report(request.path, model, inp, out)
@@ -271,11 +349,25 @@ class Upstream:
 
         created = {**response, "status": "in_progress", "usage": None, "output": []}
         await event("response.created", {"response": created})
-        for _ in range(out):
-            await event(
-                "response.output_text.delta",
-                {"item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "w "},
-            )
+        if call is not None:
+            at = {"item_id": call["id"], "output_index": 0}
+            await event("response.output_item.added",
+                        {"output_index": 0, "item": {**call, "arguments": ""}})  # fmt: skip
+            half = len(call["arguments"]) // 2
+            for piece in (call["arguments"][:half], call["arguments"][half:]):
+                await event("response.function_call_arguments.delta", {**at, "delta": piece})
+            await event("response.function_call_arguments.done",
+                        {**at, "arguments": call["arguments"]})  # fmt: skip
+            await event("response.output_item.done", {"output_index": 0, "item": call})
+        else:
+            assert text is not None
+            step = 2 if model != "agent" else 8  # the "w " pieces of other models
+            for i in range(0, len(text), step):
+                await event(
+                    "response.output_text.delta",
+                    {"item_id": "msg_1", "output_index": 0, "content_index": 0,
+                     "delta": text[i : i + step]},
+                )  # fmt: skip
         await event("response.completed", {"response": response})
         await resp.write_eof()
         return resp
