@@ -542,7 +542,7 @@ def test_aggregate_parent_usage_is_not_counted_twice(tmp_path: Path) -> None:
             _span("00000000000000aa", **parent),
         ]
     )
-    assert (result.written, result.tokens) == (3, 10)
+    assert result.written == 3
     sink.close()
     history = session_history(tmp_path / "sessions" / "agg")
     assert history.tokens == 10
@@ -714,7 +714,7 @@ def test_token_counts_the_log_cannot_take_are_unknown_not_a_crash(tmp_path: Path
         ]
     )
     sink.close()
-    assert (result.written, result.tokens) == (4, 15)
+    assert result.written == 4
     done = steps(tmp_path / "sessions" / "huge")
     assert [e["tokens"] for e in done] == [0, 0, 12, 3]
     assert [e["metadata"].get("usage") for e in done] == ["unknown", "unknown", None, None]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -23,45 +22,9 @@ import pytest
 
 from conftest import SIGIL, cli_env
 from terminal import Terminal
+from test_monitor_e2e import Writer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
-
-WRITER = [sys.executable, str(Path(__file__).with_name("monitor_writer.py"))]
-
-
-class Writer:
-    """``tests/monitor_writer.py``: one command in, ``ok <total tokens>`` out."""
-
-    def __init__(self, session: str, log_path: Path, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen(
-            [*WRITER, "--session", session, "--log-path", str(log_path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            text=True,
-        )
-        assert self._line() == "ready"
-        self.total = 0
-
-    def _line(self) -> str:
-        assert self.proc.stdout is not None
-        return self.proc.stdout.readline().strip()
-
-    def __call__(self, *commands: str) -> int:
-        assert self.proc.stdin is not None
-        for command in commands:
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
-            reply = self._line()
-            assert reply.startswith("ok "), reply
-            self.total = int(reply.split()[1])
-        return self.total
-
-    def finish(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write("exit\n")
-        self.proc.stdin.close()
-        assert self.proc.wait(10) == 0
 
 
 @pytest.fixture

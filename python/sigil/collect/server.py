@@ -65,7 +65,6 @@ class CollectorStats:
     duplicates: int = 0
     ignored: int = 0
     busy: int = 0
-    tokens: int = 0
 
     def add(self, result: IngestResult) -> None:
         self.spans += result.spans
@@ -73,7 +72,6 @@ class CollectorStats:
         self.duplicates += result.duplicates
         self.ignored += result.ignored
         self.busy += result.busy
-        self.tokens += result.tokens
 
 
 def _varint(n: int) -> bytes:

@@ -67,7 +67,6 @@ class IngestResult:
     written: int = 0
     duplicates: int = 0
     ignored: int = 0
-    tokens: int = 0
     #: events the writer had to drop (full or failing disk; the log's
     #: events_dropped line counts them and their tokens)
     dropped: int = 0
@@ -184,7 +183,6 @@ class SessionSink:
                 continue
             result.dropped += self._write(session, event)
             result.written += 1
-            result.tokens += event.tokens
         result.busy_sessions = sorted(busy)
         return result
 

@@ -109,6 +109,7 @@ def collect(
         return ExitCode.FAILED
     click.echo(
         f"sigil collect: {stats.spans} spans received, {stats.written} written,"
-        f" {stats.duplicates} duplicates, {stats.ignored} not GenAI, {stats.tokens} tokens"
+        f" {stats.duplicates} duplicates, {stats.ignored} not GenAI"
+        " (tokens: sigil monitor or sigil sessions, from each session's model)"
     )
     return ExitCode.OK

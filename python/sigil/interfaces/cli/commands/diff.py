@@ -41,6 +41,8 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
 def _print(a: dict[str, Any], b: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
+    from sigil.interfaces.cli.commands.report import _cell, _console
+
     title = (
         f"A {a['label']} ({a['status']}, {a['tokens']:,} tokens)  vs  "
         f"B {b['label']} ({b['status']}, {b['tokens']:,} tokens)"
@@ -62,23 +64,3 @@ def _print(a: dict[str, Any], b: dict[str, Any], rows: list[dict[str, Any]]) -> 
             _cell(right.get("p95_latency_ms")),
         )
     _console().print(table)
-
-
-def _console() -> Any:
-    """A terminal's width on a terminal; a pipe or file gets the table whole,
-    never truncated to 80 columns."""
-    import sys
-
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=240)
-
-
-def _cell(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
