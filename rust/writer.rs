@@ -499,6 +499,7 @@ impl AppendWriter {
         let thread = std::thread::Builder::new()
             .name("sigil-writer".into())
             .spawn(move || background(bg))?;
+        flusher_priority(&thread);
         Ok(AppendWriter {
             shared,
             thread: Mutex::new(Some(thread)),
@@ -834,6 +835,30 @@ enum Sync {
     Now,
     /// fsync if the interval since the last one has passed.
     IfDue,
+}
+
+/// Linux: make the flusher's thread `SCHED_BATCH`. Its wake-ups
+/// then never preempt the thread that woke it: on a busy machine the flusher
+/// was woken on the logging thread's CPU once per buffer, and each wake-up
+/// preempted the caller of `log_event` (whose wall time then held the
+/// flusher's as well). A batch thread still gets its fair share of the CPU,
+/// and an idle CPU at once when there is one; only whether it preempts
+/// changes (at most one scheduler tick of delay on a busy machine, far below
+/// the flush interval). Set by the spawner, so that it holds once `open`
+/// returns. Best effort: a refusal leaves the default policy.
+fn flusher_priority<T>(thread: &JoinHandle<T>) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::thread::JoinHandleExt;
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: the handle's thread has not been joined, so its pthread_t is
+        // valid; the parameter is a valid sched_param.
+        unsafe {
+            libc::pthread_setschedparam(thread.as_pthread_t(), libc::SCHED_BATCH, &param);
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = thread;
 }
 
 fn background(shared: Arc<Shared>) {
@@ -1662,6 +1687,24 @@ mod tests {
         let s = w.stats();
         assert_eq!(notice["metadata"]["dropped"], s.dropped_lines);
         assert_eq!(notice["tokens"], s.dropped_tokens);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_flusher_is_a_batch_thread_and_its_caller_is_not() {
+        // SAFETY: sched_getscheduler on the calling thread.
+        let policy = || unsafe { libc::sched_getscheduler(0) };
+        let caller = policy();
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let flusher = std::thread::spawn(move || {
+            wait.recv().unwrap();
+            policy()
+        });
+        flusher_priority(&flusher);
+        go.send(()).unwrap();
+        let flusher = flusher.join().unwrap();
+        assert_eq!(flusher, libc::SCHED_BATCH);
+        assert_eq!(policy(), caller, "only the flusher's own thread changes");
     }
 
     #[test]

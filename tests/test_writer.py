@@ -325,6 +325,27 @@ def test_a_full_buffer_is_flushed_without_waiting_for_the_interval(tmp_path: Pat
     assert read(path).count(b"\n") == 21
 
 
+FLUSHER_POLICY = """
+import os, sys
+from sigil._native import AppendWriter
+before = set(os.listdir("/proc/self/task"))
+w = AppendWriter(sys.argv[1])
+new = set(os.listdir("/proc/self/task")) - before
+print(os.sched_getscheduler(0), *(os.sched_getscheduler(int(t)) for t in new))
+w.close()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SCHED_BATCH is Linux's")
+def test_the_flush_thread_never_preempts_the_logging_thread(tmp_path: Path):
+    """The flusher runs as SCHED_BATCH: woken once per buffer on the logging
+    thread's CPU, a normal thread preempted the caller of log_event at each
+    wake-up (the caller's wall time held the flusher's). The caller's own
+    policy is left as it was."""
+    out = run_py(FLUSHER_POLICY, tmp_path / "log.jsonl").stdout.split()
+    assert [int(p) for p in out] == [os.SCHED_OTHER, os.SCHED_BATCH]
+
+
 def test_write_does_not_wait_for_the_disk(tmp_path: Path):
     path = tmp_path / "log.jsonl"
     w = AppendWriter(path, buffer_bytes=1 << 20, flush_interval=NEVER, fsync="always")
