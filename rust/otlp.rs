@@ -52,12 +52,12 @@ pub mod pb {
     }
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Span {
-        #[prost(bytes = "vec", tag = "1")]
-        pub trace_id: Vec<u8>,
-        #[prost(bytes = "vec", tag = "2")]
-        pub span_id: Vec<u8>,
-        #[prost(bytes = "vec", tag = "4")]
-        pub parent_span_id: Vec<u8>,
+        #[prost(bytes = "bytes", tag = "1")]
+        pub trace_id: prost::bytes::Bytes,
+        #[prost(bytes = "bytes", tag = "2")]
+        pub span_id: prost::bytes::Bytes,
+        #[prost(bytes = "bytes", tag = "4")]
+        pub parent_span_id: prost::bytes::Bytes,
         #[prost(string, tag = "5")]
         pub name: String,
         #[prost(fixed64, tag = "7")]
@@ -76,10 +76,13 @@ pub mod pb {
         #[prost(int32, tag = "3")]
         pub code: i32,
     }
+    // Keys and string values are `Bytes` (the same wire type as a string):
+    // slices of the body, not one allocation each; their UTF-8 is checked
+    // where they are read.
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct KeyValue {
-        #[prost(string, tag = "1")]
-        pub key: String,
+        #[prost(bytes = "bytes", tag = "1")]
+        pub key: prost::bytes::Bytes,
         #[prost(message, optional, tag = "2")]
         pub value: Option<AnyValue>,
     }
@@ -90,8 +93,8 @@ pub mod pb {
     }
     #[derive(Clone, PartialEq, prost::Oneof)]
     pub enum Value {
-        #[prost(string, tag = "1")]
-        StringValue(String),
+        #[prost(bytes = "bytes", tag = "1")]
+        StringValue(prost::bytes::Bytes),
         #[prost(bool, tag = "2")]
         BoolValue(bool),
         #[prost(int64, tag = "3")]
@@ -232,22 +235,52 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
-fn pb_value(v: Option<pb::AnyValue>) -> Option<Val> {
-    match v?.value? {
-        pb::Value::StringValue(s) => Some(Val::Str(cut(s))),
-        pb::Value::BoolValue(b) => Some(Val::Bool(b)),
-        pb::Value::IntValue(i) => Some(Val::Int(i)),
-        pb::Value::DoubleValue(f) => Some(Val::Float(f)),
-        _ => None,
-    }
+fn utf8(bytes: &[u8]) -> Result<&str, Refused> {
+    std::str::from_utf8(bytes).map_err(|_| {
+        Refused::Malformed(
+            "the body is not an OTLP protobuf trace request: \
+             an attribute's key or value is not valid UTF-8"
+                .into(),
+        )
+    })
 }
 
-fn pb_attrs(kvs: Vec<pb::KeyValue>, into: &mut Attrs) {
+fn pb_value(v: Option<&pb::AnyValue>) -> Result<Option<Val>, Refused> {
+    let Some(value) = v.and_then(|v| v.value.as_ref()) else {
+        return Ok(None);
+    };
+    Ok(match value {
+        pb::Value::StringValue(s) => {
+            let text = utf8(s)?;
+            let mut end = text.len().min(MAX_TEXT_BYTES);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            Some(Val::Str(text[..end].to_string()))
+        }
+        pb::Value::BoolValue(b) => Some(Val::Bool(*b)),
+        pb::Value::IntValue(i) => Some(Val::Int(*i)),
+        pb::Value::DoubleValue(f) => Some(Val::Float(*f)),
+        _ => None,
+    })
+}
+
+fn pb_attrs(kvs: &[pb::KeyValue], into: &mut Attrs) -> Result<(), Refused> {
     for kv in kvs {
-        if let Some(slot) = kept(&kv.key) {
-            into[slot] = pb_value(kv.value);
+        let key = utf8(&kv.key)?;
+        match kept(key) {
+            Some(slot) => into[slot] = pb_value(kv.value.as_ref())?,
+            // not read, but a string that is not UTF-8 is a malformed body
+            None => {
+                if let Some(pb::Value::StringValue(s)) =
+                    kv.value.as_ref().and_then(|v| v.value.as_ref())
+                {
+                    utf8(s)?;
+                }
+            }
         }
     }
+    Ok(())
 }
 
 /// Why a payload is refused.
@@ -259,6 +292,7 @@ pub enum Refused {
 
 /// An `ExportTraceServiceRequest` as spans (`decode.decode_protobuf`).
 pub fn decode_protobuf(body: &[u8], max_spans: usize) -> Result<Vec<SpanIn>, Refused> {
+    let body = prost::bytes::Bytes::copy_from_slice(body);
     let request = pb::ExportTraceServiceRequest::decode(body).map_err(|e| {
         Refused::Malformed(format!(
             "the body is not an OTLP protobuf trace request: {e}"
@@ -277,7 +311,7 @@ pub fn decode_protobuf(body: &[u8], max_spans: usize) -> Result<Vec<SpanIn>, Ref
     for rs in request.resource_spans {
         let mut resource: Attrs = Default::default();
         if let Some(r) = rs.resource {
-            pb_attrs(r.attributes, &mut resource);
+            pb_attrs(&r.attributes, &mut resource)?;
         }
         for ss in rs.scope_spans {
             for span in ss.spans {
@@ -291,7 +325,7 @@ pub fn decode_protobuf(body: &[u8], max_spans: usize) -> Result<Vec<SpanIn>, Ref
                     )));
                 }
                 let mut attrs = resource.clone();
-                pb_attrs(span.attributes, &mut attrs);
+                pb_attrs(&span.attributes, &mut attrs)?;
                 let status = span.status.unwrap_or_default();
                 out.push(SpanIn {
                     trace_id: hex(&span.trace_id),
@@ -1028,7 +1062,7 @@ mod tests {
 
     fn kv(key: &str, v: pb::Value) -> pb::KeyValue {
         pb::KeyValue {
-            key: key.into(),
+            key: prost::bytes::Bytes::copy_from_slice(key.as_bytes()),
             value: Some(pb::AnyValue { value: Some(v) }),
         }
     }
@@ -1047,9 +1081,13 @@ mod tests {
 
     fn chat(span: u8, parent: u8, input: i64) -> pb::Span {
         pb::Span {
-            trace_id: vec![1; 16],
-            span_id: vec![span; 8],
-            parent_span_id: if parent == 0 { vec![] } else { vec![parent; 8] },
+            trace_id: vec![1; 16].into(),
+            span_id: vec![span; 8].into(),
+            parent_span_id: if parent == 0 {
+                vec![].into()
+            } else {
+                vec![parent; 8].into()
+            },
             name: "chat m".into(),
             start_time_unix_nano: 1_000_000,
             end_time_unix_nano: 3_500_000,
@@ -1159,7 +1197,7 @@ mod tests {
             Err(Refused::Malformed(_))
         ));
         let mut bad = chat(2, 0, 1);
-        bad.trace_id = vec![1; 3];
+        bad.trace_id = vec![1; 3].into();
         assert_eq!(
             decode_protobuf(&body(vec![bad]), 10).err(),
             Some(Refused::Malformed(
