@@ -5,9 +5,15 @@ a duplicate) in 10 conversations, encoded as the OTLP/HTTP exporter sends them
 (protobuf, 11 attributes a span, 3 of which the mapping skips), and writes
 2 events a span:
 
-* ``ingest``: :func:`sigil.collect.decode.decode_protobuf` and
-  :class:`sigil.collect.SessionSink` (the mapping, dedupe, one ExecutionLogger
-  per session, the native writer) -- the receiver's work per request;
+* ``ingest``: :func:`sigil.collect.decode.decode_request` (the native decoder
+  and mapping, rust/otlp.rs) and :class:`sigil.collect.SessionSink` (dedupe,
+  pricing, each session's events appended in one native call) -- the
+  receiver's work per request;
+* ``old_path``: what the receiver did before the native path, kept here as
+  the baseline: opentelemetry-proto's decoder
+  (:func:`sigil.collect.decode.decode_protobuf`), the Python mapping
+  (:func:`sigil.collect.mapping.map_span`), a scrub and a price per span and
+  an ``ExecutionLogger.log_event_sync`` per event;
 * ``http``: the same batches POSTed to a running ``sigil collect`` process on
   127.0.0.1, the whole path (HTTP, decode, write);
 * the pure-Python baseline: what a plain receiver would do --
@@ -28,7 +34,7 @@ from typing import Any
 import pytest
 
 from conftest import quick
-from sigil.collect.decode import decode_protobuf
+from sigil.collect.decode import decode_protobuf, decode_request
 from sigil.collect.sink import SessionSink
 
 pytestmark = pytest.mark.benchmark
@@ -103,7 +109,7 @@ def _rounds() -> int:
 @pytest.fixture(scope="module")
 def batches() -> Iterator[list[_Batches]]:
     # one set per row, so that each row ingests spans it has not seen
-    yield [_Batches(_rounds() + 1) for _ in range(3)]
+    yield [_Batches(_rounds() + 1) for _ in range(4)]
 
 
 # -- the pure-Python baseline --------------------------------------------------------------
@@ -183,20 +189,87 @@ def test_collect_python_baseline(benchmark: Any, tmp_path: Path, batches: list[_
     assert result == SPANS
 
 
+# -- the path before the native one ----------------------------------------------------------
+
+
+class _OldPath:
+    """The receiver before rust/otlp.rs: Python decoding and mapping, a logger call per event."""
+
+    def __init__(self, directory: Path) -> None:
+        from sigil.telemetry.pricing import Pricer
+        from sigil.telemetry.sanitization import LogSanitizer
+
+        self.directory = directory
+        self.loggers: dict[str, Any] = {}
+        self.seen: set[str] = set()
+        self.scrub = LogSanitizer().sanitize_string
+        self.pricer = Pricer()
+
+    def ingest(self, body: bytes) -> int:
+        from sigil.collect.mapping import map_span
+        from sigil.telemetry.execution_logger import ExecutionLogger
+
+        written = 0
+        scrub, pricer = self.scrub, self.pricer
+        for span in decode_protobuf(body):
+            event = map_span(span)
+            if event is None or event.key in self.seen:
+                continue
+            logger = self.loggers.get(event.session_id)
+            if logger is None:
+                logger = ExecutionLogger(event.session_id, self.directory, sanitizer=False)
+                logger.initialize_sync()
+                self.loggers[event.session_id] = logger
+            meta = event.metadata
+            component, message = scrub(event.component), scrub(event.message)
+            for name in ("model", "provider", "operation", "error_type"):
+                if (value := meta.get(name)) is not None:
+                    meta[name] = scrub(value)
+            model = meta.get("model")
+            if isinstance(model, str):
+                inp, out = meta.get("input_tokens") or 0, meta.get("output_tokens") or 0
+                meta.update(pricer.cost_meta(pricer.price(model, inp, out)))
+            ids = {"source": "otlp", "trace_id": meta["trace_id"], "span_id": meta["span_id"]}
+            logger.log_event_sync("step_start", component, message, 0, ids)
+            logger.log_event_sync("step_complete", component, message, event.tokens, meta)
+            self.seen.add(event.key)
+            written += 1
+        return written
+
+    def close(self) -> None:
+        for logger in self.loggers.values():
+            logger.close_sync()
+
+
+def test_collect_old_path(benchmark: Any, tmp_path: Path, batches: list[_Batches]) -> None:
+    benchmark.group = GROUP
+    benchmark.extra_info.update(ops=SPANS, baseline="test_collect_python_baseline")
+    receiver = _OldPath(tmp_path)
+    source = batches[3]
+    receiver.ingest(source.take())  # opens the sessions
+    try:
+        result = benchmark.pedantic(
+            receiver.ingest, setup=lambda: ((source.take(),), {}), rounds=_rounds()
+        )
+    finally:
+        receiver.close()
+    assert result == SPANS
+
+
 # -- sigil collect ---------------------------------------------------------------------------
 
 
 def test_collect_ingest(benchmark: Any, tmp_path: Path, batches: list[_Batches]) -> None:
     benchmark.group = GROUP
     benchmark.extra_info.update(
-        ops=SPANS, baseline="test_collect_python_baseline", aim_ops_per_s=AIM_SPANS_PER_S
+        ops=SPANS, baseline="test_collect_old_path", aim_ops_per_s=AIM_SPANS_PER_S
     )
     sink = SessionSink(tmp_path)
     source = batches[1]
-    sink.ingest(decode_protobuf(source.take()))  # opens the sessions (locks, session_start)
+    sink.ingest(decode_request(source.take(), True))  # opens the sessions (locks, session_start)
 
     def ingest(body: bytes) -> int:
-        return sink.ingest(decode_protobuf(body)).written
+        return sink.ingest(decode_request(body, True)).written
 
     try:
         written = benchmark.pedantic(ingest, setup=lambda: ((source.take(),), {}), rounds=_rounds())
@@ -210,7 +283,7 @@ def test_collect_http(benchmark: Any, tmp_path: Path, batches: list[_Batches]) -
 
     benchmark.group = GROUP
     benchmark.extra_info.update(
-        ops=SPANS, baseline="test_collect_python_baseline", aim_ops_per_s=AIM_SPANS_PER_S
+        ops=SPANS, baseline="test_collect_old_path", aim_ops_per_s=AIM_SPANS_PER_S
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "sigil", "collect", "--port", "0", "--log-path", str(tmp_path)],

@@ -12,6 +12,7 @@ pub mod fold;
 pub mod fxhash;
 pub mod ledger;
 pub mod many;
+pub mod otlp;
 pub mod parse;
 pub mod pyjson;
 pub mod sanitize;
@@ -1358,6 +1359,8 @@ mod _native {
         parse_bytes, parse_lines, read_histories, sanitize_string, tail_max_seq, PyAppendWriter,
         PyCheckpoint, PyEntry, PyFold, PyLedger, PyTailer,
     };
+    #[pymodule_export]
+    use crate::otlp::{otlp_decode_protobuf, otlp_map_spans, PyOtlpBatch, PyOtlpSession};
     #[pymodule_export]
     use crate::snapshot::{
         PyComponentSnapshot, PyLastError, PyMalformedLine, PyRunSnapshot, PySessionHistory,

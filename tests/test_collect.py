@@ -719,3 +719,336 @@ def test_token_counts_the_log_cannot_take_are_unknown_not_a_crash(tmp_path: Path
     assert [e["tokens"] for e in done] == [0, 0, 12, 3]
     assert [e["metadata"].get("usage") for e in done] == ["unknown", "unknown", None, None]
     assert session_history(tmp_path / "sessions" / "huge").tokens == 15
+
+
+def test_a_non_loopback_host_needs_a_token(home: Path, tmp_path: Path) -> None:
+    proc = run_cli(home, "collect", "--host", "0.0.0.0", "--port", "0", "--log-path", str(tmp_path))
+    assert proc.returncode == 2
+    (line,) = proc.stderr.splitlines()
+    assert "--token" in line and "0.0.0.0" in line
+
+
+def test_with_a_token_requests_without_it_get_401_and_write_nothing(
+    home: Path, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "collected"
+    c = Collector(home, log_path, "--host", "127.0.0.1", "--token", "s3cret-token")
+    try:
+        body = _json_request(_json_span("a" * 32, "b" * 16, tokens=(2, 1)))
+        headers = {"Content-Type": "application/json"}
+        for extra in ({}, {"X-Sigil-Token": "wrong"}, {"Authorization": "Bearer wrong"}):
+            reply = httpx.post(c.url, content=body, headers={**headers, **extra})
+            assert reply.status_code == 401, extra
+        assert _nothing_written(log_path)
+        ok = httpx.post(c.url, content=body, headers={**headers, "X-Sigil-Token": "s3cret-token"})
+        assert ok.status_code == 200
+        bearer = httpx.post(
+            c.url,
+            content=_json_request(_json_span("a" * 32, "c" * 16, tokens=(3, 1))),
+            headers={**headers, "Authorization": "Bearer s3cret-token"},
+        )
+        assert bearer.status_code == 200
+        wait_tokens(c.session_dir("a" * 32), 7)
+    finally:
+        c.stop()
+
+
+# -- the native decoder and mapping, held to the Python reference -----------------------------
+
+
+class _Capture:
+    """An OTLP/HTTP endpoint that keeps the bodies it receives (200, nothing else)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        bodies: list[tuple[str, bytes]] = []
+        self.bodies = bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                data = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    data = gzip.decompress(data)
+                bodies.append((self.headers.get("Content-Type", ""), data))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.server.server_port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def capture() -> Iterator[_Capture]:
+    c = _Capture()
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def _reference(spans: list[SpanData]) -> list[dict[str, Any]]:
+    """The Python mapping's events, grouped by session as the native batch groups them."""
+    from sigil.telemetry.sanitization import LogSanitizer
+
+    scrub = LogSanitizer().sanitize_string
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for span in spans:
+        event = map_span(span)
+        if event is None:
+            continue
+        meta = event.metadata
+        groups.setdefault(event.session_id, []).append(
+            {
+                "session_id": event.session_id,
+                "kind": event.kind,
+                "tokens": event.tokens,
+                "usage": event.usage,
+                "error": event.error,
+                "exported": event.exported,
+                "component": scrub(event.component),
+                "message": scrub(event.message),
+                "key": event.key,
+                "parent_key": event.parent_key,
+                "input_tokens": meta.get("input_tokens"),
+                "output_tokens": meta.get("output_tokens"),
+                "model": scrub(meta["model"]) if "model" in meta else None,
+                "provider": scrub(meta["provider"]) if "provider" in meta else None,
+                "operation": scrub(meta["operation"]) if "operation" in meta else None,
+                "latency_ms": meta.get("latency_ms"),
+                "error_type": scrub(meta["error_type"]) if "error_type" in meta else None,
+            }
+        )
+    return [e for group in groups.values() for e in group]
+
+
+def _native_events(batch: Any) -> list[dict[str, Any]]:
+    out = []
+    for event in batch.events():
+        event["session_id"] = session_id_for(event.pop("raw_session"))
+        out.append(event)
+    return out
+
+
+def assert_native_matches_python(ctype: str, body: bytes) -> int:
+    """Decode and map ``body`` both ways; returns how many events it holds."""
+    from sigil import _native
+    from sigil.collect.decode import decode_json, decode_protobuf
+
+    if ctype == "application/x-protobuf":
+        spans = decode_protobuf(body)
+        batch = _native.otlp_decode_protobuf(body)
+    else:
+        spans = decode_json(body)
+        batch = _native.otlp_map_spans(spans)
+    assert batch.spans == len(spans)
+    want = _reference(spans)
+    assert _native_events(batch) == want
+    assert batch.ignored == len(spans) - len(want)
+    return len(want)
+
+
+def _pb_request(spans: list[dict[str, Any]], resource: dict[str, Any] | None = None) -> bytes:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+    def kv(key: str, value: Any) -> Any:
+        if value is None:
+            return KeyValue(key=key, value=AnyValue())
+        if isinstance(value, bool):
+            return KeyValue(key=key, value=AnyValue(bool_value=value))
+        if isinstance(value, int):
+            return KeyValue(key=key, value=AnyValue(int_value=value))
+        if isinstance(value, float):
+            return KeyValue(key=key, value=AnyValue(double_value=value))
+        if isinstance(value, list):
+            v = AnyValue()
+            v.array_value.values.extend(AnyValue(string_value=str(x)) for x in value)
+            return KeyValue(key=key, value=v)
+        return KeyValue(key=key, value=AnyValue(string_value=value))
+
+    request = ExportTraceServiceRequest()
+    rs = request.resource_spans.add()
+    for key, value in (resource or {}).items():
+        rs.resource.attributes.append(kv(key, value))
+    scope = rs.scope_spans.add()
+    for item in spans:
+        span = scope.spans.add()
+        span.trace_id = bytes.fromhex(item.get("trace", TRACE))
+        span.span_id = bytes.fromhex(item["span"])
+        span.parent_span_id = bytes.fromhex(item.get("parent", ""))
+        span.name = item.get("name", "chat")
+        span.start_time_unix_nano = item.get("start", 1_700_000_000_000_000_000)
+        span.end_time_unix_nano = item.get("end", 1_700_000_000_123_456_789)
+        if item.get("error"):
+            span.status.code = 2
+            span.status.message = item.get("status_message", "")
+        for key, value in item.get("attrs", {}).items():
+            span.attributes.append(kv(key, value))
+    return request.SerializeToString()
+
+
+CRAFTED: list[dict[str, Any]] = [
+    # GenAI semconv, every attribute the mapping reads
+    {
+        "span": "0000000000000001",
+        "attrs": {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.request.model": "gpt-4o",
+            "gen_ai.response.model": "gpt-4o-2024-08-06",
+            "gen_ai.provider.name": "openai",
+            "gen_ai.agent.name": "planner",
+            "gen_ai.conversation.id": "conv-1",
+            "gen_ai.usage.input_tokens": 100,
+            "gen_ai.usage.output_tokens": 20,
+            "server.port": 443,
+        },
+    },
+    # older names, counts as strings and floats, a child of span 1
+    {
+        "span": "0000000000000002",
+        "parent": "0000000000000001",
+        "attrs": {
+            "gen_ai.system": "anthropic",
+            "gen_ai.usage.prompt_tokens": "0042",
+            "gen_ai.usage.completion_tokens": 7.0,
+            "gen_ai.conversation.id": "conv-1",
+        },
+    },
+    # OpenInference
+    {
+        "span": "0000000000000003",
+        "name": "ChatCompletion",
+        "attrs": {
+            "openinference.span.kind": "LLM",
+            "llm.model_name": "gpt-4o-mini",
+            "llm.provider": "openai",
+            "llm.token_count.prompt": 12,
+            "llm.token_count.completion": 3,
+            "llm.token_count.total": 15,
+            "session.id": "user@example.com/thread 7",
+            "agent.name": "",
+        },
+    },
+    {"span": "0000000000000004", "attrs": {"llm.token_count.total": 9, "session.id": "s2"}},
+    # an error, with and without a status message; usage unknown
+    {
+        "span": "0000000000000005",
+        "error": True,
+        "status_message": "rate limited",
+        "attrs": {"gen_ai.operation.name": "chat", "error.type": "RateLimitError"},
+    },
+    {
+        "span": "0000000000000006",
+        "name": "",
+        "error": True,
+        "attrs": {"gen_ai.operation.name": "embeddings"},
+    },
+    # not GenAI; a workflow without tokens; a workflow with them (sigil export)
+    {"span": "0000000000000007", "attrs": {"http.method": "GET", "llm.token_count.total": -1}},
+    {
+        "span": "0000000000000008",
+        "attrs": {"gen_ai.operation.name": "invoke_workflow", "sigil.tokens": 0},
+    },
+    {
+        "span": "0000000000000009",
+        "start": 0,
+        "end": 0,
+        "attrs": {
+            "gen_ai.operation.name": "invoke_workflow",
+            "sigil.tokens": 11,
+            "sigil.latency_ms": 2.5,
+            "gen_ai.conversation.id": "conv-1",
+        },
+    },
+    # odd values: bool, too large, negative, non-integral, an array, a null value
+    {
+        "span": "000000000000000a",
+        "start": 5,
+        "end": 4,
+        "attrs": {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.usage.input_tokens": 2**62,
+            "gen_ai.usage.output_tokens": True,
+            "llm.token_count.prompt": 3.5,
+            "gen_ai.request.model": ["a", "b"],
+            "gen_ai.agent.name": None,
+            "sigil.latency_ms": 7,
+        },
+    },
+    {"span": "000000000000000b", "attrs": {"openinference.span.kind": "EMBEDDING"}},
+    {"span": "000000000000000c", "attrs": {"openinference.span.kind": "CHAIN"}},
+    # a secret in the texts, a long component
+    {
+        "span": "000000000000000d",
+        "name": "call with sk-proj-" + "a1B2c3D4e5F6g7H8i9J0" * 3,
+        "attrs": {"gen_ai.operation.name": "chat", "gen_ai.agent.name": "agent-" + "x" * 300},
+    },
+    # the same span again (a retry within the request)
+    {"span": "0000000000000004", "attrs": {"llm.token_count.total": 9, "session.id": "s2"}},
+]
+
+
+def test_native_decoding_matches_python_on_crafted_spans() -> None:
+    body = _pb_request(CRAFTED, resource={"service.name": "svc", "session.id": "from-resource"})
+    assert assert_native_matches_python("application/x-protobuf", body) == 11
+    json_spans = [
+        _json_span(TRACE, f"{i:016x}", tokens=(i, 2), sid=f"j{i % 3}") for i in range(1, 9)
+    ]
+    json_spans.append(_json_span(TRACE, "00000000000000ff", tokens=(1, 1), parentSpanId=""))
+    assert assert_native_matches_python("application/json", _json_request(*json_spans)) == 9
+
+
+def test_native_refuses_what_python_refuses() -> None:
+    from sigil import _native
+    from sigil.collect.decode import MalformedPayload, decode_protobuf
+
+    good = _pb_request(CRAFTED[:2])
+    bad_ids = _pb_request([{"span": "0001"}])
+    for body in (b"\x0a\x05\x12\x03", good[:-3], b"\xff" * 8, bad_ids):
+        with pytest.raises(MalformedPayload) as python:
+            decode_protobuf(body)
+        with pytest.raises(ValueError) as native:
+            _native.otlp_decode_protobuf(body)
+        if body is bad_ids:
+            assert str(native.value) == str(python.value)
+    with pytest.raises(OverflowError):
+        _native.otlp_decode_protobuf(good, max_spans=1)
+
+
+def test_native_matches_python_on_openinference_openai_spans(capture: _Capture) -> None:
+    pytest.importorskip("openinference.instrumentation.openai")
+    pytest.importorskip("openai")
+    proc = run_py(AGENT, capture.base + "/v1/traces")
+    assert "calls 3" in proc.stdout
+    assert capture.bodies
+    assert sum(assert_native_matches_python(*item) for item in capture.bodies) == 3
+
+
+def test_native_matches_python_on_the_spans_sigil_export_sends(
+    home: Path, capture: _Capture
+) -> None:
+    sid = "acme-native"
+    config = home / "config.yaml"
+    config.write_text(
+        FAST_RETRIES + "pipeline:\n  steps:\n    reasoning: orchestrate_steps:FlakyReasoning\n"
+    )
+    first = run_cli(home, "orchestrate", "--task", "Analyze Acme", "--session", sid, "-b", "5000")
+    assert first.returncode == 0, first.stderr
+    proc = run_cli(home, "export", "--session", sid, "--endpoint", capture.base)
+    assert proc.returncode == 0, proc.stderr
+    assert capture.bodies
+    assert sum(assert_native_matches_python(*item) for item in capture.bodies) > 0

@@ -4,7 +4,7 @@ Use the typed wrappers in ``sigil.telemetry.execution_logger`` and
 ``sigil.telemetry.log_parser`` instead of importing this module.
 """
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from os import PathLike
 from types import TracebackType
 from typing import Any, Literal, final
@@ -34,6 +34,8 @@ __all__ = [
     "LastError",
     "Ledger",
     "MalformedLine",
+    "OtlpBatch",
+    "OtlpSession",
     "ParsedEntry",
     "RunSnapshot",
     "SessionSnapshot",
@@ -44,6 +46,8 @@ __all__ = [
     "fold_sessions",
     "is_sensitive_key",
     "latency_quantile_ms",
+    "otlp_decode_protobuf",
+    "otlp_map_spans",
     "parse_bytes",
     "parse_lines",
     "read_histories",
@@ -543,3 +547,39 @@ class Tailer:
     @property
     def path(self) -> str: ...
     def stats(self) -> dict[str, Any]: ...
+
+# -- sigil collect (rust/otlp.rs) -------------------------------------------------
+
+@final
+class OtlpBatch:
+    """The mapped GenAI events of one OTLP trace request, grouped by session."""
+
+    @property
+    def spans(self) -> int: ...
+    @property
+    def ignored(self) -> int: ...
+    def sessions(self) -> list[str]: ...
+    def sizes(self) -> list[int]: ...
+    def price_requests(self) -> list[tuple[str, int, int]]: ...
+    def events(self) -> list[dict[str, Any]]: ...
+
+def otlp_decode_protobuf(body: bytes, *, max_spans: int = ...) -> OtlpBatch:
+    """``ValueError`` for a malformed body, ``OverflowError`` past ``max_spans``."""
+
+def otlp_map_spans(spans: Iterable[Any], *, max_spans: int = ...) -> OtlpBatch: ...
+
+@final
+class OtlpSession:
+    """One collected session's dedupe and aggregate state."""
+
+    def __new__(cls) -> OtlpSession: ...
+    def add_seen(self, keys: Iterable[str]) -> None: ...
+    def __len__(self) -> int: ...
+    def has_new(self, batch: OtlpBatch, index: int) -> bool: ...
+    def write(
+        self,
+        batch: OtlpBatch,
+        index: int,
+        writer: AppendWriter,
+        costs: Sequence[float | None],
+    ) -> tuple[int, int, int]: ...

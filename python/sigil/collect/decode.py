@@ -1,9 +1,17 @@
-"""OTLP/HTTP trace payloads (protobuf and JSON, optionally gzip) as plain span records.
+"""OTLP/HTTP trace payloads (protobuf and JSON, optionally gzip).
 
-Only what the mapping reads is kept (:data:`KEPT_ATTRIBUTES`), so a span with
-hundreds of attributes costs a set lookup per attribute. A payload is decoded
-whole before anything is written: a malformed one raises
-:class:`MalformedPayload` (HTTP 400) and leaves the log untouched.
+The receiver's path is native: :func:`decode_request` decodes a protobuf body
+in the extension (``rust/otlp.rs``, the GIL released) and maps its GenAI spans
+to events grouped by session (a :class:`sigil._native.OtlpBatch`); a JSON body
+is decoded here (:func:`decode_json`) and its spans mapped there too.
+
+:func:`decode_protobuf` (opentelemetry-proto) and :mod:`sigil.collect.mapping`
+are the reference the tests hold the native path to.
+
+Only what the mapping reads is kept (:data:`KEPT_ATTRIBUTES`). A payload is
+decoded whole before anything is written: a malformed one raises
+:class:`MalformedPayload` (HTTP 400) and leaves the log untouched; one with
+more than :data:`MAX_SPANS` spans raises :class:`PayloadTooLarge` (413).
 """
 
 from __future__ import annotations
@@ -14,15 +22,22 @@ from typing import Any
 
 import orjson
 
+from sigil import _native
+
 __all__ = [
     "KEPT_ATTRIBUTES",
+    "MAX_SPANS",
     "MalformedPayload",
     "PayloadTooLarge",
     "SpanData",
     "decode_json",
     "decode_protobuf",
+    "decode_request",
     "gunzip",
 ]
+
+#: The most spans one request may carry (more is a 413).
+MAX_SPANS = 200_000
 
 #: The attributes the mapping reads (sigil.collect.mapping); every other one is skipped.
 KEPT_ATTRIBUTES = frozenset(
@@ -96,8 +111,22 @@ def gunzip(body: bytes, limit: int) -> bytes:
     return out
 
 
+def decode_request(body: bytes, protobuf: bool) -> _native.OtlpBatch:
+    """A request's body (protobuf, else OTLP/JSON) as its events, grouped by session."""
+    try:
+        if protobuf:
+            return _native.otlp_decode_protobuf(body, max_spans=MAX_SPANS)
+        return _native.otlp_map_spans(decode_json(body), max_spans=MAX_SPANS)
+    except OverflowError as exc:
+        raise PayloadTooLarge(str(exc)) from None
+    except ValueError as exc:
+        if isinstance(exc, MalformedPayload):
+            raise
+        raise MalformedPayload(str(exc)) from None
+
+
 # ---------------------------------------------------------------------------
-# protobuf (opentelemetry-proto, imported on first use)
+# protobuf in Python (opentelemetry-proto, imported on first use): the reference
 
 
 #: The AnyValue cases kept; no attribute the mapping reads is an array, a map or bytes.

@@ -5,9 +5,12 @@
 gzip-compressed, as the OTLP/HTTP specification has it. Answers:
 
 * 200 with an ``ExportTraceServiceResponse`` in the request's encoding;
+* 401 when collect has a token (``--token``) and the request does not carry
+  it (``X-Sigil-Token`` or ``Authorization: Bearer``);
 * 400 with a ``google.rpc.Status`` when the body is not a trace request --
   decoded whole before anything is written, so nothing is;
-* 413 when the body (or what it inflates to) is over ``max_body_bytes``;
+* 413 when the body (or what it inflates to) is over ``max_body_bytes``, or
+  it has more than ``decode.MAX_SPANS`` spans;
 * 415 for another content type or encoding;
 * 503 with ``Retry-After`` when another writer holds a session's lock: the
   exporter retries, and the spans already written are not written again.
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import signal
 import sys
 from collections.abc import Callable
@@ -30,15 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from sigil.collect.decode import (
-    MalformedPayload,
-    PayloadTooLarge,
-    SpanData,
-    decode_json,
-    decode_protobuf,
-    encode_protobuf_response,
-    gunzip,
-)
+from sigil.collect.decode import MalformedPayload, PayloadTooLarge, decode_request, gunzip
 from sigil.collect.sink import IngestResult, SessionSink
 
 if TYPE_CHECKING:
@@ -53,7 +49,7 @@ JSON = "application/json"
 DEFAULT_MAX_BODY = 16 << 20
 TRACES_PATH = "/v1/traces"
 #: google.rpc.Code values used in error bodies
-_INVALID_ARGUMENT, _RESOURCE_EXHAUSTED, _UNAVAILABLE = 3, 8, 14
+_INVALID_ARGUMENT, _RESOURCE_EXHAUSTED, _UNAVAILABLE, _UNAUTHENTICATED = 3, 8, 14, 16
 
 
 @dataclass(slots=True)
@@ -99,6 +95,7 @@ def build_app(
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY,
     stats: CollectorStats | None = None,
+    token: str | None = None,
 ) -> web.Application:
     from aiohttp import web
 
@@ -113,9 +110,28 @@ def build_app(
             headers=headers or None,
         )
 
+    expected = token.encode() if token else None
+
+    def authorized(request: web.Request) -> bool:
+        if expected is None:
+            return True
+        given = request.headers.get("X-Sigil-Token")
+        if given is None:
+            auth = request.headers.get("Authorization", "")
+            scheme, _, value = auth.partition(" ")
+            given = value.strip() if scheme.lower() == "bearer" else ""
+        return hmac.compare_digest(given.encode(), expected)
+
     async def traces(request: web.Request) -> web.Response:
         stats.requests += 1
         ctype = request.content_type
+        if not authorized(request):
+            return error(
+                ctype if ctype in (PROTOBUF, JSON) else JSON,
+                401,
+                _UNAUTHENTICATED,
+                "a valid token is required (X-Sigil-Token or Authorization: Bearer)",
+            )
         if ctype not in (PROTOBUF, JSON):
             return error(JSON, 415, _INVALID_ARGUMENT, f"Content-Type must be {PROTOBUF} or {JSON}")
         if request.content_length is not None and request.content_length > max_body_bytes:
@@ -136,15 +152,13 @@ def build_app(
                 return error(
                     ctype, 415, _INVALID_ARGUMENT, f"Content-Encoding {encoding!r} is not gzip"
                 )
-            spans: list[SpanData] = (
-                decode_protobuf(body) if ctype == PROTOBUF else decode_json(body)
-            )
+            batch = decode_request(body, ctype == PROTOBUF)
         except PayloadTooLarge as exc:
             return error(ctype, 413, _RESOURCE_EXHAUSTED, str(exc))
         except MalformedPayload as exc:
             return error(ctype, 400, _INVALID_ARGUMENT, str(exc))
         try:
-            result = sink.ingest(spans)
+            result = sink.ingest(batch)
         except OSError as exc:
             # The log cannot be opened (permissions, a hostile path): the exporter
             # retries, and what was written before is deduplicated.
@@ -161,7 +175,8 @@ def build_app(
             )
         if ctype == JSON:
             return web.Response(body=b"{}", content_type=JSON)
-        return web.Response(body=encode_protobuf_response(), content_type=PROTOBUF)
+        # An ExportTraceServiceResponse without partial_success: no bytes at all.
+        return web.Response(body=b"", content_type=PROTOBUF)
 
     # aiohttp's own bound is one byte above ours, so the handler's check decides.
     app = web.Application(client_max_size=max_body_bytes + 1)
@@ -185,6 +200,7 @@ async def serve(
     on_ready: Callable[[str, int], None] | None = None,
     stop: asyncio.Event | None = None,
     pricer: Pricer | None = None,
+    token: str | None = None,
 ) -> CollectorStats:
     """Serve until SIGINT/SIGTERM (or ``stop``), then end every open session's run."""
     from aiohttp import web
@@ -193,7 +209,7 @@ async def serve(
     # Load the price table while the server starts, not on the first span's path.
     sink.pricer.warm()
     stats = CollectorStats()
-    app = build_app(sink, max_body_bytes=max_body_bytes, stats=stats)
+    app = build_app(sink, max_body_bytes=max_body_bytes, stats=stats, token=token)
     # The body is inflated here (gunzip), bounded, rather than by aiohttp.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, auto_decompress=False)
     await runner.setup()

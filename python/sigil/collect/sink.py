@@ -23,11 +23,19 @@ and so are exported, before their parent; a parent that arrives first is
 counted and its children then count again -- a known limit of this rule.
 
 **Secrets.** Every text a span brings (its name or status message, the
-component, model, provider, operation and error type) is scrubbed by
-:class:`~sigil.telemetry.sanitization.LogSanitizer`, whose cache of clean
-strings makes the repeated names of a trace free; the rest of an event is
-numbers and hex IDs. So the loggers run without a per-event sanitizer: the
-same rules, applied once per distinct string instead of twice per event.
+component, model, provider, operation and error type) is scrubbed with the
+built-in sanitizer's rules (``sigil._native.sanitize_string``, what
+:class:`~sigil.telemetry.sanitization.LogSanitizer` runs), once per distinct
+string of a request; the rest of an event is numbers and hex IDs. So the
+writers run without a per-event sanitizer.
+
+**Native.** Decoding, the mapping, dedupe, the aggregate rule and the
+formatting of the events run in the extension (``rust/otlp.rs``, the GIL
+released): :meth:`SessionSink.ingest` takes the
+:class:`sigil._native.OtlpBatch` of a request, and appends each session's
+events to its writer in one call. Python keeps what touches other modules:
+opening a session (its lock, its history), the run events and pricing (once
+per distinct model and token counts of a request).
 
 **Cost.** A span's input and output tokens are priced by its model as the event
 is written (``cost_usd``, see sigil.telemetry.pricing); an aggregate carries no
@@ -37,28 +45,29 @@ tokens and so no cost.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
+from sigil import _native
 from sigil.collect.decode import SpanData
-from sigil.collect.mapping import SpanEvent, map_span
-from sigil.core.locks import SessionBusy
-from sigil.core.paths import resolve_log_path, session_dir
-from sigil.telemetry.execution_logger import EventsDroppedError, ExecutionLogger
-from sigil.telemetry.pricing import Pricer
-from sigil.telemetry.sanitization import LogSanitizer
+from sigil.collect.mapping import session_id_for
+from sigil.core.locks import SessionBusy, SessionLock
+from sigil.core.paths import LOG_FILE_NAME, resolve_log_path, rotated_segments, session_dir
+from sigil.telemetry.pricing import Pricer, cost_number
 
 __all__ = ["COMPONENT", "IngestResult", "SessionSink"]
 
 #: The component of the run events collect writes itself.
 COMPONENT = "collect"
 _DONE_EVENTS = frozenset({"step_complete", "step_error", "token_consumption"})
-#: Parent keys remembered per session for the aggregate rule (bounded; the
-#: oldest half is forgotten when full).
-_MAX_PARENTS = 65536
-#: The metadata values that are text from the span (the others are numbers or hex IDs).
-_TEXT_METADATA = ("model", "provider", "operation", "error_type")
+#: The writer's buffer: it wakes its flusher when this much is queued (the
+#: flush interval bounds the delay otherwise).
+_BUFFER_BYTES = 64 << 10
+_MAX_BUFFER_BYTES = 8 << 20
 
 
 @dataclass(slots=True)
@@ -76,15 +85,35 @@ class IngestResult:
 
 
 class _OpenSession:
-    __slots__ = ("last_used", "logger", "parents", "run", "seen", "started")
+    __slots__ = ("last_used", "lock", "run", "session_id", "started", "state", "writer")
 
-    def __init__(self, logger: ExecutionLogger, seen: set[str], run: int) -> None:
-        self.logger = logger
-        self.seen = seen
-        self.parents: dict[str, None] = {}
+    def __init__(
+        self,
+        session_id: str,
+        lock: SessionLock,
+        writer: _native.AppendWriter,
+        state: _native.OtlpSession,
+        run: int,
+    ) -> None:
+        self.session_id = session_id
+        self.lock = lock
+        self.writer = writer
+        self.state = state
         self.run = run
         self.started = False
         self.last_used = time.monotonic()
+
+    def log(self, event_type: str, message: str, meta: dict[str, Any]) -> None:
+        self.writer.write_event(
+            self.session_id, event_type, COMPONENT, message, 0, orjson.dumps(meta)
+        )
+
+    def close(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            # Released even when the last flush failed (as ExecutionLogger does).
+            self.lock.release()
 
 
 def _read_history(directory: Path) -> tuple[set[str], int, bool]:
@@ -112,6 +141,19 @@ def _read_history(directory: Path) -> tuple[set[str], int, bool]:
     return seen, runs, open_run
 
 
+def _next_seq(directory: Path) -> int:
+    """The seq after the last event of the live file or, if it has none yet
+    (just rotated), of the newest rotated segment (as ExecutionLogger does)."""
+    for path in [directory / LOG_FILE_NAME, *reversed(rotated_segments(directory))]:
+        try:
+            last = _native.tail_max_seq(path)
+        except FileNotFoundError:
+            continue
+        if last is not None:
+            return int(last) + 1
+    return 0
+
+
 class SessionSink:
     """Writes collected spans to their sessions' logs (not thread-safe: one caller)."""
 
@@ -127,9 +169,12 @@ class SessionSink:
         #: prices each model call (config's overrides, then the table)
         self.pricer = pricer if pricer is not None else Pricer()
         self.idle_seconds = idle_seconds
+        if fsync not in ("always", "interval", "never"):
+            raise ValueError(f"fsync must be 'always', 'interval' or 'never', not {fsync!r}")
         self.fsync = fsync
         self._sessions: dict[str, _OpenSession] = {}
-        self._scrub = LogSanitizer().sanitize_string
+        #: raw session IDs (conversation, session, trace) to valid ones
+        self._session_ids: dict[str, str] = {}
 
     @property
     def open_sessions(self) -> list[str]:
@@ -137,121 +182,94 @@ class SessionSink:
 
     def _open(self, session_id: str) -> _OpenSession:
         directory = session_dir(session_id, self.log_path)
-        # sanitizer=False: _write scrubs every text a span brings (module doc).
-        logger = ExecutionLogger(session_id, self.log_path, fsync=self.fsync, sanitizer=False)
         # The lock first (SessionBusy when another writer has it), then the history
         # under it, so nobody writes between the reading and the writing.
-        logger.initialize_sync()
+        lock = SessionLock(directory)
+        lock.acquire()
         try:
             seen, runs, open_run = _read_history(directory)
+            writer = _native.AppendWriter(
+                directory / LOG_FILE_NAME,
+                buffer_bytes=_BUFFER_BYTES,
+                flush_interval=0.1,
+                fsync=self.fsync,  # type: ignore[arg-type]
+                max_buffer_bytes=_MAX_BUFFER_BYTES,
+                session_id=session_id,
+                start_seq=_next_seq(directory),
+                sanitize=False,
+            )
         except BaseException:
-            logger.close_sync()
+            lock.release()
             raise
-        session = _OpenSession(logger, seen, runs)
+        state = _native.OtlpSession()
+        state.add_seen(seen)
+        session = _OpenSession(session_id, lock, writer, state, runs)
         # A run still open (collect was killed) goes on; otherwise the first span
         # written starts one, so a retry of spans already written adds no run.
         session.started = open_run
         return session
 
-    def ingest(self, spans: list[SpanData]) -> IngestResult:
-        """Write ``spans``' events; spans of a busy session are refused and counted."""
-        result = IngestResult(spans=len(spans))
+    def _session_id(self, raw: str) -> str:
+        sid = self._session_ids.get(raw)
+        if sid is None:
+            if len(self._session_ids) >= 65536:
+                self._session_ids.clear()
+            sid = self._session_ids[raw] = session_id_for(raw)
+        return sid
+
+    def _costs(self, batch: _native.OtlpBatch) -> list[float | None]:
+        """The cost of each of the batch's price requests (None: unpriced)."""
+        price = self.pricer.price
+        costs: list[float | None] = []
+        for model, inp, out in batch.price_requests():
+            # Blocks only while the table's import (started by serve) finishes, once.
+            cost = price(model, inp, out)
+            costs.append(None if cost is None else cost_number(cost))
+        return costs
+
+    def ingest(self, spans: _native.OtlpBatch | Sequence[SpanData]) -> IngestResult:
+        """Write a request's events (an :class:`~sigil._native.OtlpBatch`, or
+        spans decoded in Python); spans of a busy session are refused and counted."""
+        batch = spans if isinstance(spans, _native.OtlpBatch) else _native.otlp_map_spans(spans)
+        result = IngestResult(spans=batch.spans, ignored=batch.ignored)
         sessions = self._sessions
         busy: set[str] = set()
         now = time.monotonic()
-        for span in spans:
-            event = map_span(span)
-            if event is None:
-                result.ignored += 1
-                continue
-            sid = event.session_id
+        costs: list[float | None] | None = None
+        for index, (raw, size) in enumerate(zip(batch.sessions(), batch.sizes(), strict=True)):
+            sid = self._session_id(raw)
             session = sessions.get(sid)
             if session is None:
                 if sid in busy:
-                    result.busy += 1
+                    result.busy += size
                     continue
                 try:
                     session = self._open(sid)
                 except SessionBusy:
                     busy.add(sid)
-                    result.busy += 1
+                    result.busy += size
                     continue
                 sessions[sid] = session
             session.last_used = now
-            if event.key in session.seen:
-                result.duplicates += 1
-                continue
-            result.dropped += self._write(session, event)
-            result.written += 1
+            if not session.started:
+                if not session.state.has_new(batch, index):
+                    result.duplicates += size
+                    continue
+                session.run += 1
+                session.started = True
+                session.log(
+                    "session_start",
+                    f"collecting OTLP spans (run {session.run})",
+                    {"run": session.run, "source": "otlp", "thresholds": {}, "allocations": {}},
+                )
+            if costs is None:
+                costs = self._costs(batch)
+            written, duplicates, dropped = session.state.write(batch, index, session.writer, costs)
+            result.written += written
+            result.duplicates += duplicates
+            result.dropped += dropped
         result.busy_sessions = sorted(busy)
         return result
-
-    def _write(self, session: _OpenSession, event: SpanEvent) -> int:
-        """Write ``event``; returns how many events the writer reported dropped."""
-        dropped = 0
-        logger = session.logger
-
-        def log(
-            event_type: str, component: str, message: str, tokens: int, meta: dict[str, Any]
-        ) -> None:
-            nonlocal dropped
-            try:
-                logger.log_event_sync(event_type, component, message, tokens, meta)
-            except EventsDroppedError as exc:
-                # This event was accepted all the same (queued, or counted in the
-                # log's events_dropped line): logging it again would count twice.
-                dropped += exc.dropped_events
-
-        if not session.started:
-            session.run += 1
-            session.started = True
-            log(
-                "session_start",
-                COMPONENT,
-                f"collecting OTLP spans (run {session.run})",
-                0,
-                {"run": session.run, "source": "otlp", "thresholds": {}, "allocations": {}},
-            )
-        meta = event.metadata
-        scrub = self._scrub
-        component, message = scrub(event.component), scrub(event.message)
-        for name in _TEXT_METADATA:
-            value = meta.get(name)
-            if value is not None:
-                meta[name] = scrub(value)
-        parents = session.parents
-        if event.usage is not None and not event.exported:
-            if event.key in parents and event.tokens:
-                # Its children reported this usage already (see the module doc).
-                for name in ("input_tokens", "output_tokens"):
-                    if name in meta:
-                        meta[f"reported_{name}"] = meta.pop(name)
-                meta["aggregate"] = True
-                event.tokens = 0
-            if event.parent_key:
-                if len(parents) >= _MAX_PARENTS:
-                    for stale in list(parents)[: _MAX_PARENTS // 2]:
-                        del parents[stale]
-                parents[event.parent_key] = None
-        self._price(meta)
-        if event.kind == "tokens":
-            log("token_consumption", component, message, event.tokens, meta)
-        else:
-            ids = {"source": "otlp", "trace_id": meta["trace_id"], "span_id": meta["span_id"]}
-            log("step_start", component, message, 0, ids)
-            kind = "step_error" if event.error else "step_complete"
-            log(kind, component, message, event.tokens, meta)
-        session.seen.add(event.key)
-        return dropped
-
-    def _price(self, meta: dict[str, Any]) -> None:
-        """Add ``cost_usd`` for a span whose model is priced and whose tokens count."""
-        model = meta.get("model")
-        inp, out = meta.get("input_tokens"), meta.get("output_tokens")
-        if not isinstance(model, str) or (inp is None and out is None):
-            return
-        # Blocks only while the table's import (started by serve) finishes, once.
-        meta.update(self.pricer.cost_meta(self.pricer.price(model, inp or 0, out or 0)))
 
     def close_idle(self, now: float | None = None) -> list[str]:
         """Close the sessions that received nothing for ``idle_seconds``."""
@@ -274,17 +292,13 @@ class SessionSink:
 
     def flush(self) -> None:
         for session in self._sessions.values():
-            session.logger.flush_sync()
+            session.writer.flush()
 
     def _close(self, session_id: str, reason: str) -> None:
         session = self._sessions.pop(session_id)
-        if not session.started:
-            session.logger.close_sync()
-            return
         try:
-            meta: dict[str, Any] = {"status": "complete", "run": session.run, "reason": reason}
-            session.logger.log_event_sync(
-                "session_complete", COMPONENT, f"collect closed the run ({reason})", 0, meta
-            )
+            if session.started:
+                meta: dict[str, Any] = {"status": "complete", "run": session.run, "reason": reason}
+                session.log("session_complete", f"collect closed the run ({reason})", meta)
         finally:
-            session.logger.close_sync()
+            session.close()

@@ -14,6 +14,7 @@ import click
 
 from sigil.interfaces.cli.errors import ExitCode, OneLineCommand, UsageFailure
 
+TOKEN_ENV = "SIGIL_COLLECT_TOKEN"
 INSTALL_HINT = "sigil collect needs aiohttp and opentelemetry-proto: pip install 'sigil[collect]'"
 
 
@@ -30,7 +31,18 @@ def _loopback(host: str) -> bool:
     "collect", cls=OneLineCommand, context_settings={"help_option_names": ["-h", "--help"]}
 )
 @click.option("--port", "-p", type=click.IntRange(0, 65535), default=4318, show_default=True)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (beyond loopback: needs --token).",
+)
+@click.option(
+    "--token",
+    envvar=TOKEN_ENV,
+    metavar="T",
+    help=f"Token exporters must send, as X-Sigil-Token or Authorization: Bearer (or ${TOKEN_ENV}).",
+)
 @click.option(
     "--log-path",
     "-l",
@@ -54,7 +66,12 @@ def _loopback(host: str) -> bool:
     help="Largest request body, in MiB (after gzip inflation); larger ones get 413.",
 )
 def collect(
-    port: int, host: str, log_path: str | None, idle_seconds: float, max_body_mib: float
+    port: int,
+    host: str,
+    token: str | None,
+    log_path: str | None,
+    idle_seconds: float,
+    max_body_mib: float,
 ) -> int:
     """Receive OpenTelemetry GenAI spans (OTLP/HTTP, POST /v1/traces) into sigil sessions.
 
@@ -64,6 +81,13 @@ def collect(
     trace), with its input and output tokens, model and latency; watch it with
     `sigil monitor`. A span sent twice is counted once.
     """
+    if not host:
+        raise UsageFailure("--host must not be empty")
+    if not _loopback(host) and not token:
+        raise UsageFailure(
+            f"--host {host} exposes the collector beyond this machine: give --token T (or set"
+            f" {TOKEN_ENV}); exporters send it as X-Sigil-Token or Authorization: Bearer T"
+        )
     from sigil.core.config import load_settings
 
     try:
@@ -72,20 +96,11 @@ def collect(
     except ImportError:
         click.echo(f"Error: {INSTALL_HINT}", err=True)
         return ExitCode.FAILED
-    if not host:
-        raise UsageFailure("--host must not be empty")
     settings = load_settings({"logging.path": log_path})
     import asyncio
 
     from sigil.collect.server import serve
     from sigil.telemetry.pricing import Pricer
-
-    if not _loopback(host):
-        click.echo(
-            f"sigil collect: warning: listening on {host}, not loopback: anyone who can reach"
-            " it can write sessions",
-            err=True,
-        )
 
     def ready(bound_host: str, bound_port: int) -> None:
         click.echo(f"sigil collect: listening on http://{bound_host}:{bound_port}/v1/traces")
@@ -101,6 +116,7 @@ def collect(
                 max_body_bytes=int(max_body_mib * (1 << 20)),
                 idle_seconds=idle_seconds,
                 on_ready=ready,
+                token=token,
                 pricer=Pricer.from_settings(settings),
             )
         )

@@ -1,0 +1,1239 @@
+//! OTLP trace ingest for `sigil collect`: an `ExportTraceServiceRequest`
+//! (protobuf) decoded, its GenAI spans mapped to sigil events grouped by
+//! session, and each session's events appended to its writer in one call.
+//!
+//! The mapping is `sigil.collect.mapping.map_span`'s, rule for rule (that
+//! Python module is the reference the tests compare against); the dedupe and
+//! aggregate rules are `sigil.collect.sink`'s. Decoding and writing run with
+//! the GIL released.
+//!
+//! Bounds: the body is bounded by the caller (`--max-body`); a request holds at
+//! most `max_spans` spans (more is `OverflowError`, HTTP 413); every text kept
+//! from a span (its name, status message and the attributes the mapping reads)
+//! is cut to `MAX_TEXT_BYTES`.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+
+use prost::Message;
+use pyo3::exceptions::{PyOverflowError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+
+use crate::errors::guard;
+use crate::writer::{itoa_u64, push_json_str};
+
+/// The wire schema: opentelemetry-proto v1 (collector/trace/v1/trace_service.proto,
+/// trace/v1/trace.proto, common/v1/common.proto, resource/v1/resource.proto),
+/// only the fields read; the others are skipped by their wire type.
+pub mod pb {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ExportTraceServiceRequest {
+        #[prost(message, repeated, tag = "1")]
+        pub resource_spans: Vec<ResourceSpans>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ResourceSpans {
+        #[prost(message, optional, tag = "1")]
+        pub resource: Option<Resource>,
+        #[prost(message, repeated, tag = "2")]
+        pub scope_spans: Vec<ScopeSpans>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Resource {
+        #[prost(message, repeated, tag = "1")]
+        pub attributes: Vec<KeyValue>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ScopeSpans {
+        #[prost(message, repeated, tag = "2")]
+        pub spans: Vec<Span>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Span {
+        #[prost(bytes = "bytes", tag = "1")]
+        pub trace_id: prost::bytes::Bytes,
+        #[prost(bytes = "bytes", tag = "2")]
+        pub span_id: prost::bytes::Bytes,
+        #[prost(bytes = "bytes", tag = "4")]
+        pub parent_span_id: prost::bytes::Bytes,
+        #[prost(string, tag = "5")]
+        pub name: String,
+        #[prost(fixed64, tag = "7")]
+        pub start_time_unix_nano: u64,
+        #[prost(fixed64, tag = "8")]
+        pub end_time_unix_nano: u64,
+        #[prost(message, repeated, tag = "9")]
+        pub attributes: Vec<KeyValue>,
+        #[prost(message, optional, tag = "15")]
+        pub status: Option<Status>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Status {
+        #[prost(string, tag = "2")]
+        pub message: String,
+        #[prost(int32, tag = "3")]
+        pub code: i32,
+    }
+    // Keys and string values are `Bytes` (the same wire type as a string):
+    // slices of the body, not one allocation each; their UTF-8 is checked
+    // where they are read.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct KeyValue {
+        #[prost(bytes = "bytes", tag = "1")]
+        pub key: prost::bytes::Bytes,
+        #[prost(message, optional, tag = "2")]
+        pub value: Option<AnyValue>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AnyValue {
+        #[prost(oneof = "Value", tags = "1, 2, 3, 4, 5, 6, 7")]
+        pub value: Option<Value>,
+    }
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Value {
+        #[prost(bytes = "bytes", tag = "1")]
+        StringValue(prost::bytes::Bytes),
+        #[prost(bool, tag = "2")]
+        BoolValue(bool),
+        #[prost(int64, tag = "3")]
+        IntValue(i64),
+        #[prost(double, tag = "4")]
+        DoubleValue(f64),
+        #[prost(message, tag = "5")]
+        ArrayValue(ArrayValue),
+        #[prost(message, tag = "6")]
+        KvlistValue(KeyValueList),
+        #[prost(bytes = "vec", tag = "7")]
+        BytesValue(Vec<u8>),
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ArrayValue {
+        #[prost(message, repeated, tag = "1")]
+        pub values: Vec<AnyValue>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct KeyValueList {
+        #[prost(message, repeated, tag = "1")]
+        pub values: Vec<KeyValue>,
+    }
+}
+
+/// The longest text kept from a span (name, status message, attribute value).
+pub const MAX_TEXT_BYTES: usize = 4096;
+/// The most spans one request may carry.
+pub const DEFAULT_MAX_SPANS: usize = 200_000;
+/// A token count is at most MAX_TOKENS / 2, so input + output is one the log takes.
+const MAX_COUNT: u64 = crate::parse::MAX_TOKENS / 2;
+const STATUS_ERROR: i32 = 2;
+/// `execution_logger._MAX_NAME_CHARS`: a longer event type + component is cut.
+const MAX_NAME_CHARS: usize = 256;
+
+// ---------------------------------------------------------------------------
+// Attributes the mapping reads (decode.KEPT_ATTRIBUTES)
+
+const IN: usize = 0;
+const OUT: usize = 1;
+const PROMPT: usize = 2;
+const COMPLETION: usize = 3;
+const REQ_MODEL: usize = 4;
+const RESP_MODEL: usize = 5;
+const OPERATION: usize = 6;
+const AGENT: usize = 7;
+const CONVERSATION: usize = 8;
+const PROVIDER: usize = 9;
+const SYSTEM: usize = 10;
+const ERROR_TYPE: usize = 11;
+const OI_PROMPT: usize = 12;
+const OI_COMPLETION: usize = 13;
+const OI_TOTAL: usize = 14;
+const OI_MODEL: usize = 15;
+const OI_PROVIDER: usize = 16;
+const SESSION: usize = 17;
+const OI_AGENT: usize = 18;
+const OI_KIND: usize = 19;
+const SIGIL_TOKENS: usize = 20;
+const SIGIL_RUN_TOKENS: usize = 21;
+const SIGIL_LATENCY: usize = 22;
+const KEPT: usize = 23;
+
+fn kept(key: &str) -> Option<usize> {
+    Some(match key {
+        "gen_ai.usage.input_tokens" => IN,
+        "gen_ai.usage.output_tokens" => OUT,
+        "gen_ai.usage.prompt_tokens" => PROMPT,
+        "gen_ai.usage.completion_tokens" => COMPLETION,
+        "gen_ai.request.model" => REQ_MODEL,
+        "gen_ai.response.model" => RESP_MODEL,
+        "gen_ai.operation.name" => OPERATION,
+        "gen_ai.agent.name" => AGENT,
+        "gen_ai.conversation.id" => CONVERSATION,
+        "gen_ai.provider.name" => PROVIDER,
+        "gen_ai.system" => SYSTEM,
+        "error.type" => ERROR_TYPE,
+        "llm.token_count.prompt" => OI_PROMPT,
+        "llm.token_count.completion" => OI_COMPLETION,
+        "llm.token_count.total" => OI_TOTAL,
+        "llm.model_name" => OI_MODEL,
+        "llm.provider" => OI_PROVIDER,
+        "session.id" => SESSION,
+        "agent.name" => OI_AGENT,
+        "openinference.span.kind" => OI_KIND,
+        "sigil.tokens" => SIGIL_TOKENS,
+        "sigil.run.tokens" => SIGIL_RUN_TOKENS,
+        "sigil.latency_ms" => SIGIL_LATENCY,
+        _ => return None,
+    })
+}
+
+/// An attribute's value as the Python decoders give it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Val {
+    Str(String),
+    Int(i64),
+    /// A (JSON) integer outside i64, as Python's `float()` has it.
+    BigInt(f64),
+    Float(f64),
+    Bool(bool),
+}
+
+type Attrs = [Option<Val>; KEPT];
+
+/// One decoded span: IDs in lowercase hex.
+#[derive(Clone, Debug)]
+pub struct SpanIn {
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_span_id: String,
+    pub name: String,
+    pub start_ns: i128,
+    pub end_ns: i128,
+    pub error: bool,
+    pub status_message: String,
+    pub attrs: Attrs,
+}
+
+fn cut(mut s: String) -> String {
+    if s.len() > MAX_TEXT_BYTES {
+        let mut end = MAX_TEXT_BYTES;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+    s
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 15) as usize] as char);
+    }
+    out
+}
+
+fn utf8(bytes: &[u8]) -> Result<&str, Refused> {
+    std::str::from_utf8(bytes).map_err(|_| {
+        Refused::Malformed(
+            "the body is not an OTLP protobuf trace request: \
+             an attribute's key or value is not valid UTF-8"
+                .into(),
+        )
+    })
+}
+
+fn pb_value(v: Option<&pb::AnyValue>) -> Result<Option<Val>, Refused> {
+    let Some(value) = v.and_then(|v| v.value.as_ref()) else {
+        return Ok(None);
+    };
+    Ok(match value {
+        pb::Value::StringValue(s) => {
+            let text = utf8(s)?;
+            let mut end = text.len().min(MAX_TEXT_BYTES);
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            Some(Val::Str(text[..end].to_string()))
+        }
+        pb::Value::BoolValue(b) => Some(Val::Bool(*b)),
+        pb::Value::IntValue(i) => Some(Val::Int(*i)),
+        pb::Value::DoubleValue(f) => Some(Val::Float(*f)),
+        _ => None,
+    })
+}
+
+fn pb_attrs(kvs: &[pb::KeyValue], into: &mut Attrs) -> Result<(), Refused> {
+    for kv in kvs {
+        let key = utf8(&kv.key)?;
+        match kept(key) {
+            Some(slot) => into[slot] = pb_value(kv.value.as_ref())?,
+            // not read, but a string that is not UTF-8 is a malformed body
+            None => {
+                if let Some(pb::Value::StringValue(s)) =
+                    kv.value.as_ref().and_then(|v| v.value.as_ref())
+                {
+                    utf8(s)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Why a payload is refused.
+#[derive(Debug, PartialEq)]
+pub enum Refused {
+    Malformed(String),
+    TooManySpans(usize),
+}
+
+/// An `ExportTraceServiceRequest` as spans (`decode.decode_protobuf`).
+pub fn decode_protobuf(body: &[u8], max_spans: usize) -> Result<Vec<SpanIn>, Refused> {
+    let body = prost::bytes::Bytes::copy_from_slice(body);
+    let request = pb::ExportTraceServiceRequest::decode(body).map_err(|e| {
+        Refused::Malformed(format!(
+            "the body is not an OTLP protobuf trace request: {e}"
+        ))
+    })?;
+    let total: usize = request
+        .resource_spans
+        .iter()
+        .flat_map(|r| r.scope_spans.iter())
+        .map(|s| s.spans.len())
+        .sum();
+    if total > max_spans {
+        return Err(Refused::TooManySpans(max_spans));
+    }
+    let mut out = Vec::with_capacity(total);
+    for rs in request.resource_spans {
+        let mut resource: Attrs = Default::default();
+        if let Some(r) = rs.resource {
+            pb_attrs(&r.attributes, &mut resource)?;
+        }
+        for ss in rs.scope_spans {
+            for span in ss.spans {
+                if span.trace_id.len() != 16 || span.span_id.len() != 8 {
+                    return Err(Refused::Malformed(format!(
+                        "span {} has a trace ID of {} bytes and a span ID of {} bytes \
+                         (16 and 8 expected)",
+                        py_repr(&span.name),
+                        span.trace_id.len(),
+                        span.span_id.len()
+                    )));
+                }
+                let mut attrs = resource.clone();
+                pb_attrs(&span.attributes, &mut attrs)?;
+                let status = span.status.unwrap_or_default();
+                out.push(SpanIn {
+                    trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
+                    parent_span_id: hex(&span.parent_span_id),
+                    name: cut(span.name),
+                    start_ns: span.start_time_unix_nano.into(),
+                    end_ns: span.end_time_unix_nano.into(),
+                    error: status.code == STATUS_ERROR,
+                    status_message: cut(status.message),
+                    attrs,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A string as Python's `repr` shows a plain one (for error messages only).
+fn py_repr(s: &str) -> String {
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push(quote);
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c == quote => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out.push(quote);
+    out
+}
+
+// ---------------------------------------------------------------------------
+// The mapping (mapping.map_span)
+
+fn count(v: &Option<Val>) -> Option<u64> {
+    match v.as_ref()? {
+        Val::Int(i) => u64::try_from(*i).ok().filter(|&c| c <= MAX_COUNT),
+        Val::Float(f) => (f.is_finite() && f.fract() == 0.0 && *f >= 0.0 && *f <= MAX_COUNT as f64)
+            .then_some(*f as u64),
+        // str.isdigit(), for ASCII digits
+        Val::Str(s) => {
+            if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+                // all digits: a parse error is an overflow, far past MAX_COUNT
+                s.parse::<u64>().ok().filter(|&c| c <= MAX_COUNT)
+            } else {
+                None
+            }
+        }
+        Val::BigInt(_) | Val::Bool(_) => None,
+    }
+}
+
+fn text(v: &Option<Val>) -> Option<&str> {
+    match v {
+        Some(Val::Str(s)) if !s.is_empty() => Some(s),
+        _ => None,
+    }
+}
+
+/// What one span becomes (mapping.SpanEvent), its texts scrubbed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mapped {
+    /// `token_consumption` (else a step)
+    pub tokens_only: bool,
+    pub tokens: u64,
+    pub usage: Option<u64>,
+    pub error: bool,
+    pub exported: bool,
+    pub component: String,
+    pub message: String,
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_span_id: String,
+    pub input: Option<u64>,
+    pub output: Option<u64>,
+    pub model: Option<String>,
+    pub provider: Option<String>,
+    pub operation: Option<String>,
+    pub latency_ms: Option<f64>,
+    pub error_type: Option<String>,
+    /// index into the batch's price requests
+    pub price: Option<usize>,
+}
+
+impl Mapped {
+    fn key(&self) -> String {
+        let mut k = String::with_capacity(self.trace_id.len() + self.span_id.len());
+        k.push_str(&self.trace_id);
+        k.push_str(&self.span_id);
+        k
+    }
+    fn parent_key(&self) -> Option<String> {
+        (!self.parent_span_id.is_empty()).then(|| {
+            let mut k = String::with_capacity(self.trace_id.len() + self.parent_span_id.len());
+            k.push_str(&self.trace_id);
+            k.push_str(&self.parent_span_id);
+            k
+        })
+    }
+}
+
+/// Scrubs texts once per distinct string (`LogSanitizer`'s cache of clean ones).
+#[derive(Default)]
+struct Scrubber {
+    cache: HashMap<String, String>,
+}
+
+impl Scrubber {
+    const LIMIT: usize = 4096;
+    fn scrub(&mut self, s: &str) -> String {
+        if let Some(done) = self.cache.get(s) {
+            return done.clone();
+        }
+        let done = crate::sanitize::sanitize(s).into_owned();
+        if self.cache.len() >= Self::LIMIT {
+            self.cache.clear();
+        }
+        self.cache.insert(s.to_string(), done.clone());
+        done
+    }
+}
+
+/// The raw session (conversation, session or trace ID) and the event of
+/// `span`, or None when it is not a GenAI span.
+fn map_span(span: &SpanIn, scrub: &mut Scrubber) -> Option<(String, Mapped)> {
+    let a = &span.attrs;
+    let operation = text(&a[OPERATION]);
+    let sigil_tokens = count(&a[SIGIL_TOKENS]);
+    let input = count(&a[IN])
+        .or_else(|| count(&a[PROMPT]))
+        .or_else(|| count(&a[OI_PROMPT]));
+    let output = count(&a[OUT])
+        .or_else(|| count(&a[COMPLETION]))
+        .or_else(|| count(&a[OI_COMPLETION]));
+    let usage = if input.is_some() || output.is_some() {
+        Some(input.unwrap_or(0) + output.unwrap_or(0))
+    } else {
+        count(&a[OI_TOTAL])
+    };
+    let llm_kind = matches!(text(&a[OI_KIND]), Some("LLM" | "EMBEDDING"));
+    let tokens_only = if operation == Some("invoke_workflow") {
+        if sigil_tokens.unwrap_or(0) == 0 {
+            return None;
+        }
+        true
+    } else if operation.is_some() || usage.is_some() || llm_kind || sigil_tokens.is_some() {
+        false
+    } else {
+        return None;
+    };
+    let raw_session = text(&a[CONVERSATION])
+        .or_else(|| text(&a[SESSION]))
+        .unwrap_or(&span.trace_id)
+        .to_string();
+    let name = (!span.name.is_empty()).then_some(span.name.as_str());
+    let component = text(&a[AGENT])
+        .or_else(|| text(&a[OI_AGENT]))
+        .or(operation)
+        .or(name)
+        .unwrap_or("llm");
+    let tokens = sigil_tokens.unwrap_or(usage.unwrap_or(0));
+    let model = text(&a[RESP_MODEL])
+        .or_else(|| text(&a[REQ_MODEL]))
+        .or_else(|| text(&a[OI_MODEL]));
+    let provider = text(&a[PROVIDER])
+        .or_else(|| text(&a[SYSTEM]))
+        .or_else(|| text(&a[OI_PROVIDER]));
+    let latency_ms = if span.end_ns >= span.start_ns && span.start_ns > 0 {
+        Some((span.end_ns - span.start_ns) as f64 / 1e6)
+    } else {
+        match &a[SIGIL_LATENCY] {
+            Some(Val::Int(i)) => Some(*i as f64),
+            Some(Val::BigInt(f) | Val::Float(f)) => Some(*f),
+            Some(Val::Bool(b)) => Some(if *b { 1.0 } else { 0.0 }),
+            _ => None,
+        }
+    };
+    let unknown = usage.is_none() && sigil_tokens.is_none();
+    let shown = name.unwrap_or(component);
+    let (error_type, message) = if span.error {
+        let error_type = text(&a[ERROR_TYPE]).unwrap_or("_OTHER");
+        let message = if span.status_message.is_empty() {
+            format!("{shown} failed ({error_type})")
+        } else {
+            span.status_message.clone()
+        };
+        (Some(error_type), message)
+    } else if unknown {
+        (
+            None,
+            format!("{shown}: usage unknown (the span reported none)"),
+        )
+    } else {
+        (None, shown.to_string())
+    };
+    let model = model.map(|m| scrub.scrub(m));
+    Some((
+        raw_session,
+        Mapped {
+            tokens_only,
+            tokens,
+            usage,
+            error: span.error,
+            exported: sigil_tokens.is_some(),
+            component: scrub.scrub(component),
+            message: scrub.scrub(&message),
+            trace_id: span.trace_id.clone(),
+            span_id: span.span_id.clone(),
+            parent_span_id: span.parent_span_id.clone(),
+            input,
+            output,
+            model,
+            provider: provider.map(|p| scrub.scrub(p)),
+            operation: operation.map(|o| scrub.scrub(o)),
+            latency_ms,
+            error_type: error_type.map(|e| scrub.scrub(e)),
+            price: None,
+        },
+    ))
+}
+
+/// The mapped events of one request, grouped by raw session ID (in order of
+/// first appearance), and the distinct (model, input, output) to price.
+#[derive(Default, Debug)]
+pub struct Batch {
+    pub spans: usize,
+    pub ignored: usize,
+    pub groups: Vec<(String, Vec<Mapped>)>,
+    pub prices: Vec<(String, u64, u64)>,
+}
+
+pub fn map_spans(spans: &[SpanIn]) -> Batch {
+    let mut batch = Batch {
+        spans: spans.len(),
+        ..Batch::default()
+    };
+    let mut scrub = Scrubber::default();
+    let mut by_session: HashMap<String, usize> = HashMap::new();
+    let mut by_price: HashMap<(String, u64, u64), usize> = HashMap::new();
+    for span in spans {
+        let Some((raw, mut event)) = map_span(span, &mut scrub) else {
+            batch.ignored += 1;
+            continue;
+        };
+        if let Some(model) = &event.model {
+            if event.input.is_some() || event.output.is_some() {
+                let req = (
+                    model.clone(),
+                    event.input.unwrap_or(0),
+                    event.output.unwrap_or(0),
+                );
+                let next = batch.prices.len();
+                let idx = *by_price.entry(req.clone()).or_insert(next);
+                if idx == next {
+                    batch.prices.push(req);
+                }
+                event.price = Some(idx);
+            }
+        }
+        let next = batch.groups.len();
+        let idx = *by_session.entry(raw.clone()).or_insert(next);
+        if idx == next {
+            batch.groups.push((raw, Vec::new()));
+        }
+        batch.groups[idx].1.push(event);
+    }
+    batch
+}
+
+// ---------------------------------------------------------------------------
+// Per-session state and writing (sink.SessionSink._write)
+
+/// Parent keys remembered per session (the oldest half forgotten when full).
+const MAX_PARENTS: usize = 65536;
+
+#[derive(Default)]
+pub struct SessionState {
+    seen: HashSet<String>,
+    parents: HashSet<String>,
+    parent_order: VecDeque<String>,
+}
+
+fn push_key_str(out: &mut Vec<u8>, key: &str, value: &str) {
+    out.push(b'"');
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+    push_json_str(out, value);
+}
+
+fn push_key_u64(out: &mut Vec<u8>, key: &str, value: u64) {
+    out.push(b'"');
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+    out.extend_from_slice(itoa_u64(value, &mut [0u8; 20]));
+}
+
+/// A float as orjson writes it (as `pyjson` does).
+fn push_key_f64(out: &mut Vec<u8>, key: &str, value: f64) {
+    out.push(b'"');
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+    let _ = serde_json::to_writer(&mut *out, &value);
+}
+
+/// What the writes of one group did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Written {
+    pub written: u64,
+    pub duplicates: u64,
+}
+
+/// Where events go: the writer (or a test's list).
+pub trait Sink {
+    fn event(
+        &mut self,
+        event_type: &str,
+        component: &str,
+        message: &str,
+        tokens: u64,
+        metadata: &[u8],
+    ) -> Result<(), String>;
+}
+
+impl SessionState {
+    pub fn has_new(&self, events: &[Mapped]) -> bool {
+        events.iter().any(|e| !self.seen.contains(&e.key()))
+    }
+
+    fn remember_parent(&mut self, key: String) {
+        if self.parents.contains(&key) {
+            return;
+        }
+        if self.parents.len() >= MAX_PARENTS {
+            for _ in 0..MAX_PARENTS / 2 {
+                if let Some(old) = self.parent_order.pop_front() {
+                    self.parents.remove(&old);
+                }
+            }
+        }
+        self.parents.insert(key.clone());
+        self.parent_order.push_back(key);
+    }
+
+    /// Write `events` (of one session) to `sink`; `costs[i]` is the cost of
+    /// the batch's i-th price request (None: unpriced).
+    pub fn write(
+        &mut self,
+        events: &[Mapped],
+        costs: &[Option<f64>],
+        sink: &mut dyn Sink,
+    ) -> Result<Written, String> {
+        let mut done = Written::default();
+        let mut meta = Vec::with_capacity(512);
+        let mut ids = Vec::with_capacity(128);
+        for e in events {
+            let key = e.key();
+            if self.seen.contains(&key) {
+                done.duplicates += 1;
+                continue;
+            }
+            let mut tokens = e.tokens;
+            let mut aggregate = false;
+            if e.usage.is_some() && !e.exported {
+                if tokens != 0 && self.parents.contains(&key) {
+                    // Its children reported this usage already (sink's module doc).
+                    aggregate = true;
+                    tokens = 0;
+                }
+                if let Some(parent) = e.parent_key() {
+                    self.remember_parent(parent);
+                }
+            }
+            meta.clear();
+            meta.push(b'{');
+            push_key_str(&mut meta, "source", "otlp");
+            meta.push(b',');
+            push_key_str(&mut meta, "trace_id", &e.trace_id);
+            meta.push(b',');
+            push_key_str(&mut meta, "span_id", &e.span_id);
+            ids.clear();
+            ids.extend_from_slice(&meta);
+            ids.push(b'}');
+            if !aggregate {
+                if let Some(n) = e.input {
+                    meta.push(b',');
+                    push_key_u64(&mut meta, "input_tokens", n);
+                }
+                if let Some(n) = e.output {
+                    meta.push(b',');
+                    push_key_u64(&mut meta, "output_tokens", n);
+                }
+            }
+            if e.usage.is_none() && !e.exported {
+                meta.push(b',');
+                push_key_str(&mut meta, "usage", "unknown");
+            }
+            for (name, value) in [
+                ("model", &e.model),
+                ("provider", &e.provider),
+                ("operation", &e.operation),
+            ] {
+                if let Some(v) = value {
+                    meta.push(b',');
+                    push_key_str(&mut meta, name, v);
+                }
+            }
+            if let Some(l) = e.latency_ms {
+                meta.push(b',');
+                push_key_f64(&mut meta, "latency_ms", l);
+            }
+            if let Some(t) = &e.error_type {
+                meta.push(b',');
+                push_key_str(&mut meta, "error_type", t);
+            }
+            if aggregate {
+                if let Some(n) = e.input {
+                    meta.push(b',');
+                    push_key_u64(&mut meta, "reported_input_tokens", n);
+                }
+                if let Some(n) = e.output {
+                    meta.push(b',');
+                    push_key_u64(&mut meta, "reported_output_tokens", n);
+                }
+                meta.extend_from_slice(b",\"aggregate\":true");
+            } else if let Some(Some(cost)) = e.price.and_then(|i| costs.get(i)) {
+                meta.push(b',');
+                push_key_f64(&mut meta, "cost_usd", *cost);
+            }
+            meta.push(b'}');
+            let mut component = Cow::Borrowed(e.component.as_str());
+            if e.tokens_only {
+                let event_type = "token_consumption";
+                bound_name(event_type, &mut component);
+                sink.event(event_type, &component, &e.message, tokens, &meta)?;
+            } else {
+                let end = if e.error {
+                    "step_error"
+                } else {
+                    "step_complete"
+                };
+                let mut start_component = component.clone();
+                bound_name("step_start", &mut start_component);
+                bound_name(end, &mut component);
+                sink.event("step_start", &start_component, &e.message, 0, &ids)?;
+                sink.event(end, &component, &e.message, tokens, &meta)?;
+            }
+            self.seen.insert(key);
+            done.written += 1;
+        }
+        Ok(done)
+    }
+}
+
+/// `execution_logger._bounded`'s cut of a long component.
+fn bound_name(event_type: &str, component: &mut Cow<'_, str>) {
+    if event_type.chars().count() + component.chars().count() > MAX_NAME_CHARS {
+        let short: String = component.chars().take(128).collect();
+        *component = Cow::Owned(short);
+    }
+}
+
+struct WriterSink<'a> {
+    writer: &'a crate::writer::AppendWriter,
+}
+
+impl Sink for WriterSink<'_> {
+    fn event(
+        &mut self,
+        event_type: &str,
+        component: &str,
+        message: &str,
+        tokens: u64,
+        metadata: &[u8],
+    ) -> Result<(), String> {
+        self.writer
+            .write_prepared(event_type, component, message, tokens, Some(metadata))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Python
+
+fn refused(r: Refused) -> PyErr {
+    match r {
+        Refused::Malformed(m) => PyValueError::new_err(m),
+        Refused::TooManySpans(n) => {
+            PyOverflowError::new_err(format!("the request has more than {n} spans"))
+        }
+    }
+}
+
+/// The mapped events of one OTLP trace request, grouped by session.
+#[pyclass(frozen, module = "sigil._native", name = "OtlpBatch")]
+pub struct PyOtlpBatch {
+    batch: Batch,
+}
+
+#[pymethods]
+impl PyOtlpBatch {
+    /// Spans in the request.
+    #[getter]
+    fn spans(&self) -> usize {
+        self.batch.spans
+    }
+    /// Spans that are not GenAI spans (no event).
+    #[getter]
+    fn ignored(&self) -> usize {
+        self.batch.ignored
+    }
+    /// The raw session ID of each group (conversation, session or trace ID).
+    fn sessions<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        PyList::new(py, self.batch.groups.iter().map(|(raw, _)| raw.as_str()))
+    }
+    /// How many events each group holds.
+    fn sizes(&self) -> Vec<usize> {
+        self.batch.groups.iter().map(|(_, e)| e.len()).collect()
+    }
+    /// The distinct (model, input tokens, output tokens) to price.
+    fn price_requests<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let items = self
+            .batch
+            .prices
+            .iter()
+            .map(|(m, i, o)| (m.as_str(), *i, *o).into_pyobject(py))
+            .collect::<PyResult<Vec<Bound<'py, PyTuple>>>>()?;
+        PyList::new(py, items)
+    }
+    /// The events as dicts (mapping.SpanEvent's fields; for tests).
+    fn events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let out = PyList::empty(py);
+        for (raw, events) in &self.batch.groups {
+            for e in events {
+                let d = PyDict::new(py);
+                d.set_item("raw_session", raw)?;
+                d.set_item("kind", if e.tokens_only { "tokens" } else { "step" })?;
+                d.set_item("tokens", e.tokens)?;
+                d.set_item("usage", e.usage)?;
+                d.set_item("error", e.error)?;
+                d.set_item("exported", e.exported)?;
+                d.set_item("component", &e.component)?;
+                d.set_item("message", &e.message)?;
+                d.set_item("key", e.key())?;
+                d.set_item("parent_key", e.parent_key().unwrap_or_default())?;
+                d.set_item("input_tokens", e.input)?;
+                d.set_item("output_tokens", e.output)?;
+                d.set_item("model", &e.model)?;
+                d.set_item("provider", &e.provider)?;
+                d.set_item("operation", &e.operation)?;
+                d.set_item("latency_ms", e.latency_ms)?;
+                d.set_item("error_type", &e.error_type)?;
+                out.append(d)?;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Decode an `ExportTraceServiceRequest` (protobuf) and map its spans, with
+/// the GIL released. `ValueError` for a malformed body, `OverflowError` for
+/// more than `max_spans` spans.
+#[pyfunction]
+#[pyo3(signature = (body, *, max_spans = DEFAULT_MAX_SPANS))]
+pub fn otlp_decode_protobuf(
+    py: Python<'_>,
+    body: &[u8],
+    max_spans: usize,
+) -> PyResult<PyOtlpBatch> {
+    guard("otlp_decode_protobuf", || {
+        let batch = py.detach(|| decode_protobuf(body, max_spans).map(|s| map_spans(&s)));
+        batch.map(|batch| PyOtlpBatch { batch }).map_err(refused)
+    })
+}
+
+fn attr_value(v: &Bound<'_, PyAny>) -> PyResult<Option<Val>> {
+    if let Ok(s) = v.cast_exact::<PyString>() {
+        return Ok(Some(Val::Str(cut(s.to_str()?.to_string()))));
+    }
+    if let Ok(b) = v.cast::<pyo3::types::PyBool>() {
+        return Ok(Some(Val::Bool(b.is_true())));
+    }
+    if v.is_instance_of::<pyo3::types::PyInt>() {
+        return Ok(Some(match v.extract::<i64>() {
+            Ok(i) => Val::Int(i),
+            Err(_) => Val::BigInt(v.extract::<f64>()?),
+        }));
+    }
+    if v.is_instance_of::<pyo3::types::PyFloat>() {
+        return Ok(Some(Val::Float(v.extract::<f64>()?)));
+    }
+    if let Ok(s) = v.cast::<PyString>() {
+        return Ok(Some(Val::Str(cut(s.to_str()?.to_string()))));
+    }
+    Ok(None)
+}
+
+fn span_in(span: &Bound<'_, PyAny>) -> PyResult<SpanIn> {
+    let s = |name: &str| -> PyResult<String> { span.getattr(name)?.extract::<String>() };
+    let mut attrs: Attrs = Default::default();
+    let dict = span.getattr("attributes")?;
+    let dict = dict.cast::<PyDict>()?;
+    for (k, v) in dict.iter() {
+        if let Ok(key) = k.cast::<PyString>() {
+            if let Some(slot) = kept(key.to_str()?) {
+                attrs[slot] = attr_value(&v)?;
+            }
+        }
+    }
+    Ok(SpanIn {
+        trace_id: s("trace_id")?,
+        span_id: s("span_id")?,
+        parent_span_id: s("parent_span_id")?,
+        name: cut(s("name")?),
+        start_ns: span.getattr("start_ns")?.extract::<i128>()?,
+        end_ns: span.getattr("end_ns")?.extract::<i128>()?,
+        error: span.getattr("error")?.is_truthy()?,
+        status_message: cut(s("status_message")?),
+        attrs,
+    })
+}
+
+/// Map spans decoded in Python (`sigil.collect.decode.SpanData`: the JSON
+/// encoding's decoder) as `otlp_decode_protobuf` maps its own.
+#[pyfunction]
+#[pyo3(signature = (spans, *, max_spans = DEFAULT_MAX_SPANS))]
+pub fn otlp_map_spans(
+    py: Python<'_>,
+    spans: &Bound<'_, PyAny>,
+    max_spans: usize,
+) -> PyResult<PyOtlpBatch> {
+    guard("otlp_map_spans", || {
+        let mut items = Vec::new();
+        for span in spans.try_iter()? {
+            if items.len() >= max_spans {
+                return Err(refused(Refused::TooManySpans(max_spans)));
+            }
+            items.push(span_in(&span?).map_err(|e| PyValueError::new_err(e.to_string()))?);
+        }
+        let batch = py.detach(|| map_spans(&items));
+        Ok(PyOtlpBatch { batch })
+    })
+}
+
+/// One collected session's dedupe and aggregate state (sink.SessionSink).
+#[pyclass(frozen, module = "sigil._native", name = "OtlpSession")]
+pub struct PyOtlpSession {
+    state: Mutex<SessionState>,
+}
+
+fn group(batch: &PyOtlpBatch, index: usize) -> PyResult<&[Mapped]> {
+    batch
+        .batch
+        .groups
+        .get(index)
+        .map(|(_, e)| e.as_slice())
+        .ok_or_else(|| PyValueError::new_err(format!("no group {index} in this batch")))
+}
+
+#[pymethods]
+impl PyOtlpSession {
+    #[new]
+    fn new() -> Self {
+        PyOtlpSession {
+            state: Mutex::new(SessionState::default()),
+        }
+    }
+
+    /// Mark spans (trace ID + span ID, hex) as written already.
+    fn add_seen(&self, keys: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut st = crate::lock(&self.state);
+        for key in keys.try_iter()? {
+            st.seen.insert(key?.extract::<String>()?);
+        }
+        Ok(())
+    }
+
+    /// How many spans are marked written.
+    fn __len__(&self) -> usize {
+        crate::lock(&self.state).seen.len()
+    }
+
+    /// Whether group `index` of `batch` holds a span not written yet.
+    fn has_new(&self, batch: &PyOtlpBatch, index: usize) -> PyResult<bool> {
+        let events = group(batch, index)?;
+        Ok(crate::lock(&self.state).has_new(events))
+    }
+
+    /// Append group `index` of `batch` to `writer` (its events, in order, in
+    /// one call, the GIL released); `costs` are the prices of the batch's
+    /// `price_requests()` (None: unpriced). Returns (written, duplicates, dropped).
+    fn write(
+        &self,
+        py: Python<'_>,
+        batch: &PyOtlpBatch,
+        index: usize,
+        writer: PyRef<'_, crate::PyAppendWriter>,
+        costs: Vec<Option<f64>>,
+    ) -> PyResult<(u64, u64, u64)> {
+        let events = group(batch, index)?;
+        let w = &writer.inner;
+        guard("OtlpSession.write", || {
+            let result = py.detach(|| {
+                let before = w.dropped_events();
+                let mut st = crate::lock(&self.state);
+                let mut sink = WriterSink { writer: w };
+                st.write(events, &costs, &mut sink)
+                    .map(|d| (d.written, d.duplicates, w.dropped_events() - before))
+            });
+            result.map_err(PyValueError::new_err)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kv(key: &str, v: pb::Value) -> pb::KeyValue {
+        pb::KeyValue {
+            key: prost::bytes::Bytes::copy_from_slice(key.as_bytes()),
+            value: Some(pb::AnyValue { value: Some(v) }),
+        }
+    }
+
+    fn body(spans: Vec<pb::Span>) -> Vec<u8> {
+        pb::ExportTraceServiceRequest {
+            resource_spans: vec![pb::ResourceSpans {
+                resource: Some(pb::Resource {
+                    attributes: vec![kv("session.id", pb::Value::StringValue("res".into()))],
+                }),
+                scope_spans: vec![pb::ScopeSpans { spans }],
+            }],
+        }
+        .encode_to_vec()
+    }
+
+    fn chat(span: u8, parent: u8, input: i64) -> pb::Span {
+        pb::Span {
+            trace_id: vec![1; 16].into(),
+            span_id: vec![span; 8].into(),
+            parent_span_id: if parent == 0 {
+                vec![].into()
+            } else {
+                vec![parent; 8].into()
+            },
+            name: "chat m".into(),
+            start_time_unix_nano: 1_000_000,
+            end_time_unix_nano: 3_500_000,
+            attributes: vec![
+                kv(
+                    "gen_ai.operation.name",
+                    pb::Value::StringValue("chat".into()),
+                ),
+                kv("gen_ai.usage.input_tokens", pb::Value::IntValue(input)),
+                kv(
+                    "gen_ai.usage.output_tokens",
+                    pb::Value::StringValue("5".into()),
+                ),
+                kv("gen_ai.request.model", pb::Value::StringValue("m".into())),
+                kv("server.port", pb::Value::IntValue(443)),
+            ],
+            status: None,
+        }
+    }
+
+    struct Lines(Vec<String>);
+    impl Sink for Lines {
+        fn event(
+            &mut self,
+            t: &str,
+            c: &str,
+            m: &str,
+            tokens: u64,
+            meta: &[u8],
+        ) -> Result<(), String> {
+            self.0.push(format!(
+                "{t} {c} {m} {tokens} {}",
+                String::from_utf8_lossy(meta)
+            ));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn decodes_maps_and_groups_by_session() {
+        let spans = decode_protobuf(&body(vec![chat(2, 0, 10), chat(3, 0, 7)]), 10).unwrap();
+        assert_eq!(spans.len(), 2);
+        assert_eq!(spans[0].trace_id, "01".repeat(16));
+        let batch = map_spans(&spans);
+        assert_eq!(batch.groups.len(), 1);
+        assert_eq!(batch.groups[0].0, "res");
+        let e = &batch.groups[0].1[0];
+        assert_eq!((e.tokens, e.input, e.output), (15, Some(10), Some(5)));
+        assert_eq!(e.component, "chat");
+        assert_eq!(e.latency_ms, Some(2.5));
+        assert_eq!(batch.prices, vec![("m".into(), 10, 5), ("m".into(), 7, 5)]);
+    }
+
+    #[test]
+    fn writes_steps_dedupes_and_marks_aggregates() {
+        // the child (span 2, parent 3) first, then its parent reporting the same usage
+        let spans = decode_protobuf(&body(vec![chat(2, 3, 10), chat(3, 0, 10)]), 10).unwrap();
+        let batch = map_spans(&spans);
+        let mut st = SessionState::default();
+        let mut out = Lines(Vec::new());
+        let done = st
+            .write(&batch.groups[0].1, &[Some(0.5)], &mut out)
+            .unwrap();
+        assert_eq!(
+            done,
+            Written {
+                written: 2,
+                duplicates: 0
+            }
+        );
+        let ids = format!(
+            "\"source\":\"otlp\",\"trace_id\":\"{}\",\"span_id\":\"{}\"",
+            "01".repeat(16),
+            "02".repeat(8)
+        );
+        assert_eq!(out.0[0], format!("step_start chat chat m 0 {{{ids}}}"));
+        assert_eq!(
+            out.0[1],
+            format!(
+                "step_complete chat chat m 15 {{{ids},\"input_tokens\":10,\"output_tokens\":5,\
+                 \"model\":\"m\",\"operation\":\"chat\",\"latency_ms\":2.5,\"cost_usd\":0.5}}"
+            )
+        );
+        assert!(
+            out.0[3].starts_with("step_complete chat chat m 0 "),
+            "{}",
+            out.0[3]
+        );
+        assert!(out.0[3].ends_with(
+            "\"reported_input_tokens\":10,\"reported_output_tokens\":5,\"aggregate\":true}"
+        ));
+        let again = st.write(&batch.groups[0].1, &[None], &mut out).unwrap();
+        assert_eq!(
+            again,
+            Written {
+                written: 0,
+                duplicates: 2
+            }
+        );
+        assert!(!st.has_new(&batch.groups[0].1));
+    }
+
+    #[test]
+    fn malformed_bodies_and_bad_ids_are_refused() {
+        assert!(matches!(
+            decode_protobuf(b"\xff\xff\xff", 10),
+            Err(Refused::Malformed(_))
+        ));
+        let mut bad = chat(2, 0, 1);
+        bad.trace_id = vec![1; 3].into();
+        assert_eq!(
+            decode_protobuf(&body(vec![bad]), 10).err(),
+            Some(Refused::Malformed(
+                "span 'chat m' has a trace ID of 3 bytes and a span ID of 8 bytes \
+                 (16 and 8 expected)"
+                    .into()
+            ))
+        );
+        assert_eq!(
+            decode_protobuf(&body(vec![chat(2, 0, 1), chat(3, 0, 1)]), 1).err(),
+            Some(Refused::TooManySpans(1))
+        );
+    }
+
+    #[test]
+    fn counts_follow_the_python_rules() {
+        for (v, want) in [
+            (Val::Int(-1), None),
+            (Val::Int(MAX_COUNT as i64), Some(MAX_COUNT)),
+            (Val::Int(MAX_COUNT as i64 + 1), None),
+            (Val::Float(3.0), Some(3)),
+            (Val::Float(3.5), None),
+            (Val::Float(f64::NAN), None),
+            (Val::Str("0042".into()), Some(42)),
+            (Val::Str("4 2".into()), None),
+            (Val::Str("99999999999999999999999".into()), None),
+            (Val::Bool(true), None),
+        ] {
+            assert_eq!(count(&Some(v.clone())), want, "{v:?}");
+        }
+    }
+
+    #[test]
+    fn long_texts_are_cut_on_a_char_boundary() {
+        let s = "é".repeat(MAX_TEXT_BYTES);
+        let c = cut(s);
+        assert!(c.len() <= MAX_TEXT_BYTES && c.len() >= MAX_TEXT_BYTES - 1);
+    }
+}
