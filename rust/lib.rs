@@ -17,6 +17,7 @@ pub mod pyjson;
 pub mod sanitize;
 pub mod scan;
 pub mod segments;
+pub mod select;
 pub mod snapshot;
 pub mod tailer;
 pub mod writer;
@@ -1363,6 +1364,9 @@ mod _native {
         PyComponentSnapshot, PyLastError, PyMalformedLine, PyRunSnapshot, PySessionHistory,
         PySessionSnapshot, PyStepInFlight,
     };
+
+    #[pymodule_export]
+    use crate::select::{since_start, tail_start};
 
     #[pymodule_export]
     const MAX_LINE_BYTES: usize = crate::fold::DEFAULT_MAX_LINE;
