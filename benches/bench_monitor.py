@@ -771,3 +771,101 @@ def test_key_to_screen_sigil(
         median_ms=statistics.median(ms),
         max_ms=max(ms),
     )
+
+
+# -- --tail N / --since TIME in stream mode ---------------------------------------------
+
+#: A 1,000,000-event session whose events are 10 ms apart (the other sessions'
+#: share one timestamp, which --since cannot tell apart).
+TIMED_N = 1_000_000
+TIMED_T0 = datetime(2026, 1, 11, 10, 0, tzinfo=UTC)
+
+
+@pytest.fixture(scope="session")
+def timed_logs(bench_dir: Path) -> Path:
+    logs = bench_dir / "timed-logs"
+    path = logs / "sessions" / "t1m" / "execution.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True)
+        with path.open("wb") as f:
+            chunk: list[bytes] = []
+            for seq in range(TIMED_N):
+                chunk.append(_timed_line(seq, TIMED_T0 + timedelta(milliseconds=10 * seq)))
+                if len(chunk) == 10_000:
+                    f.write(b"\n".join(chunk) + b"\n")
+                    chunk.clear()
+            if chunk:
+                f.write(b"\n".join(chunk) + b"\n")
+    return logs
+
+
+def _timed_line(seq: int, moment: datetime) -> bytes:
+    from conftest import event_line
+
+    return event_line(seq, "t1m").replace(
+        b"2026-01-11T10:15:33.234567+00:00", moment.isoformat(timespec="microseconds").encode()
+    )
+
+
+#: --since: the last 1,000 events (10 s before the session's last event).
+SINCE = TIMED_T0 + timedelta(milliseconds=10 * (TIMED_N - 1000))
+SELECTIONS = {"tail": ["--tail", "100"], "since": ["--since", SINCE.isoformat()]}
+
+
+def _selection(kind: str) -> Any:
+    from sigil.interfaces.cli.event_selection import EventSelection
+
+    return EventSelection(tail=100) if kind == "tail" else EventSelection(since=SINCE)
+
+
+def _select_only(logs: Path, kind: str, end: Any, native: bool) -> int:
+    from sigil.interfaces.cli.event_selection import history
+
+    batches = history("t1m", logs, TIMED_N, _selection(kind), end=end if native else None)
+    return sum(len(b) for b in batches)
+
+
+@pytest.mark.parametrize("kind", list(SELECTIONS))
+def test_stream_select_native(benchmark: Any, timed_logs: Path, kind: str) -> None:
+    """The events of ``--tail 100`` / ``--since`` (the last 1,000) among 1,000,000:
+    where to start found natively from the end, then only that read."""
+    from sigil.telemetry.log_parser import SessionTailer
+
+    benchmark.group = f"monitor --mode stream {' '.join(SELECTIONS[kind][:1])}, 1,000,000 entries"
+    benchmark.extra_info.update(ops=1, baseline=f"test_stream_select_python_old[{kind}]")
+    tailer = SessionTailer("t1m", timed_logs)
+    tailer.catch_up()
+    end = tailer.checkpoint()
+    got = benchmark(_select_only, timed_logs, kind, end, True)
+    assert got == (100 if kind == "tail" else 1000)
+
+
+@pytest.mark.parametrize("kind", list(SELECTIONS))
+def test_stream_select_python_old(benchmark: Any, timed_logs: Path, kind: str) -> None:
+    """The old path: every event read from the start, the selection kept in Python."""
+    benchmark.group = f"monitor --mode stream {' '.join(SELECTIONS[kind][:1])}, 1,000,000 entries"
+    benchmark.extra_info.update(ops=1)
+    got = benchmark.pedantic(
+        _select_only, args=(timed_logs, kind, None, False), rounds=1 if quick() else 3
+    )
+    assert got == (100 if kind == "tail" else 1000)
+
+
+def _stream_once(args: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run(args, env=env, capture_output=True, timeout=120, check=False)
+    assert proc.returncode in (0, 3), proc.stderr
+
+
+@pytest.mark.parametrize("kind", list(SELECTIONS))
+def test_stream_select_process_sigil(
+    benchmark: Any, timed_logs: Path, tmp_path: Path, kind: str
+) -> None:
+    """The real ``sigil monitor --mode stream --tail 100 --once`` (or ``--since``) on
+    1,000,000 entries: start-up, the native catch-up, the selection, the listing."""
+    benchmark.group = f"monitor --mode stream {' '.join(SELECTIONS[kind][:1])}, 1,000,000 entries"
+    benchmark.extra_info.update(ops=1, baseline=f"test_stream_select_python_old[{kind}]")
+    args = [*SIGIL, "monitor", "--session", "t1m", "--log-path", str(timed_logs),
+            "--mode", "stream", *SELECTIONS[kind], "--once"]  # fmt: skip
+    benchmark.pedantic(
+        _stream_once, args=(args, _env(tmp_path)), rounds=2 if quick() else 5, warmup_rounds=1
+    )

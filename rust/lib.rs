@@ -18,6 +18,7 @@ pub mod pyjson;
 pub mod sanitize;
 pub mod scan;
 pub mod segments;
+pub mod select;
 pub mod snapshot;
 pub mod tailer;
 pub mod writer;
@@ -1366,6 +1367,9 @@ mod _native {
         PyComponentSnapshot, PyLastError, PyMalformedLine, PyRunSnapshot, PySessionHistory,
         PySessionSnapshot, PyStepInFlight,
     };
+
+    #[pymodule_export]
+    use crate::select::{since_start, tail_start};
 
     #[pymodule_export]
     const MAX_LINE_BYTES: usize = crate::fold::DEFAULT_MAX_LINE;

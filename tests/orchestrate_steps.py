@@ -140,3 +140,35 @@ class LeakyReasoning(ReasoningStep):
             f"aws {aws}, github {ghp} {pat} {ghs}, slack {slack}, stripe {stripe}, "
             f"google {google}, Authorization: Bearer {bearer}"
         )
+
+
+def _with_model(base: type, model: str) -> type:
+    """``base`` whose output says ``model`` answered it (the orchestrator prices it)."""
+
+    class WithModel(base):  # type: ignore[valid-type,misc]
+        async def run(self, ctx: StepContext) -> StepOutput:
+            out = await super().run(ctx)
+            out.model = model
+            return out
+
+    WithModel.__name__ = f"{base.__name__}With{model.title().replace('-', '')}"
+    return WithModel
+
+
+#: Reasoning answered by ``sigil-test-priced`` (priced by the test's config.yaml).
+PricedReasoning = _with_model(ReasoningStep, "sigil-test-priced")
+#: Routing answered by a model no price table knows.
+UnpricedRouting = _with_model(RoutingStep, "sigil-test-unpriced")
+
+
+class GatedValidation(ValidationStep):
+    """Waits, as :class:`SlowPlanning` does, until ``SIGIL_TEST_GATE`` exists."""
+
+    async def run(self, ctx: StepContext) -> StepOutput:
+        gate = os.environ.get("SIGIL_TEST_GATE")
+        if gate:
+            for _ in range(3000):
+                if os.path.exists(gate):
+                    break
+                await asyncio.sleep(0.02)
+        return await super().run(ctx)

@@ -342,3 +342,40 @@ def test_the_per_signal_otlp_variables_win_over_the_general_ones(tmp_path: Path)
     assert settings.source("export.otlp_endpoint") == "env"
     general = {k: v for k, v in env.items() if "TRACES" not in k}
     assert load_settings(env=general).export.otlp_endpoint == "http://general:4318"
+
+
+def test_the_alert_command_is_a_setting_the_environment_overrides(tmp_path: Path) -> None:
+    assert load(tmp_path).monitoring.alert_command is None
+    write_config(tmp_path, "monitoring:\n  alert_command: notify-send -u critical\n")
+    settings = load(tmp_path)
+    assert settings.monitoring.alert_command == "notify-send -u critical"
+    assert settings.source("monitoring.alert_command") == "config"
+    settings = load(tmp_path, SIGIL_ALERT_COMMAND="logger -t sigil")
+    assert settings.monitoring.alert_command == "logger -t sigil"
+    assert settings.source("monitoring.alert_command") == "env"
+    write_config(tmp_path, "monitoring:\n  alert_command: null\n")
+    assert load(tmp_path).monitoring.alert_command is None
+
+
+@pytest.mark.parametrize("value", ["''", "5", "[notify-send]", '"notify-send \'unclosed"', "'   '"])
+def test_a_bad_alert_command_is_one_line_naming_the_key(tmp_path: Path, value: str) -> None:
+    path = write_config(tmp_path, f"monitoring:\n  alert_command: {value}\n")
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path)
+    message = str(caught.value)
+    assert "monitoring.alert_command" in message and str(path) in message
+    assert "\n" not in message
+    with pytest.raises(ConfigError, match="SIGIL_ALERT_COMMAND"):
+        load(tmp_path / "other", SIGIL_ALERT_COMMAND="say 'unclosed")
+
+
+def test_monitor_with_a_bad_alert_command_exits_2_with_one_line(
+    sigil_home: Path, run_sigil: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    write_config(sigil_home, 'monitoring:\n  alert_command: "say \'unclosed"\n')
+    result = run_sigil("monitor", "--session", "nothing", "--mode", "stream")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "monitoring.alert_command" in lines[0]

@@ -432,3 +432,74 @@ def test_an_alert_runs_the_configured_command(
     assert got.read_text() == "sigil alert-1: budget warning\n"
     term.press("q")
     assert term.wait() == 0
+
+
+def test_the_configured_alert_command_runs_once_per_level_with_its_facts_in_the_environment(
+    started: Callable[..., Terminal],
+    writer: Callable[[str], Writer],
+    sigil_home: Path,
+    tmp_path: Path,
+) -> None:
+    """``monitoring.alert_command`` in config.yaml: run once per level, detached,
+    the level and session given as environment variables (never through a shell
+    string built from the log's text)."""
+    got = tmp_path / "alerts.txt"
+    script = tmp_path / "alert.sh"
+    script.write_text(
+        '#!/bin/sh\nprintf "%s|%s|%s\\n" "$SIGIL_ALERT_LEVEL" "$SIGIL_SESSION_ID" "$1"'
+        f' >> "{got}"\n'
+    )
+    script.chmod(0o755)
+    sigil_home.mkdir(parents=True, exist_ok=True)
+    (sigil_home / "config.yaml").write_text(f"monitoring:\n  alert_command: {script}\n")
+    w = writer("alert-2")
+    w("start 1000", "step routing 100 10")
+    term = started("--session", "alert-2", "--follow")
+    term.wait_for("100 / 1,000")
+    w("step memory 450 10")  # warning
+    term.wait_for("550 / 1,000")
+    w("step reasoning 400 10")  # 95 %: critical and exceeded at once
+    term.wait_for("950 / 1,000")
+
+    def lines() -> list[str]:
+        return got.read_text().splitlines() if got.exists() else []
+
+    deadline = time.monotonic() + 10
+    while len(lines()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    w("step reasoning 1 10")
+    term.wait_for("951 / 1,000")
+    time.sleep(0.3)
+    assert sorted(lines()) == sorted([
+        "warning|alert-2|sigil alert-2: budget warning",
+        "critical|alert-2|sigil alert-2: budget critical",
+        "exceeded|alert-2|sigil alert-2: budget exceeded",
+    ])  # fmt: skip
+    term.press("q")
+    assert term.wait() == 0
+
+
+@pytest.mark.parametrize("command", ["/nonexistent/notify", "sh -c 'exit 3'"])
+def test_a_failing_alert_command_is_shown_once_not_a_traceback(
+    started: Callable[..., Terminal],
+    writer: Callable[[str], Writer],
+    env: dict[str, str],
+    command: str,
+) -> None:
+    env["SIGIL_ALERT_COMMAND"] = command
+    w = writer("alert-3")
+    w("start 1000", "step routing 100 10")
+    term = started("--session", "alert-3", "--follow", cols=100)
+    term.wait_for("100 / 1,000")
+    w("step memory 450 10")  # warning: the command fails
+    term.wait_for("alert command failed")
+    w("step reasoning 300 10")  # critical: fails again, not shown again
+    term.wait_for("850 / 1,000")
+    time.sleep(0.5)
+    screen = term.text()
+    assert screen.count("alert command failed") == 1
+    assert "Traceback" not in screen
+    term.press("q")
+    assert term.wait() == 0
+    with term.lock:
+        assert b"Traceback" not in term.raw

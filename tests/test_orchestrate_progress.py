@@ -6,6 +6,7 @@ pseudo-terminal read by pyte."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -106,3 +107,54 @@ def test_ctrl_c_during_the_table_restores_the_cursor(tmp_path: Path) -> None:
     raw = bytes(term.raw)
     assert raw.rfind(b"\x1b[?25h") > raw.rfind(b"\x1b[?25l") >= 0
     assert "running" not in screen
+
+
+PRICED = """errors:
+  max_retries: 0
+pipeline:
+  steps:
+    routing: orchestrate_steps:UnpricedRouting
+    reasoning: orchestrate_steps:PricedReasoning
+    validation: orchestrate_steps:GatedValidation
+pricing:
+  models:
+    sigil-test-priced: {input_per_mtok: 1000, output_per_mtok: 2000}
+"""
+
+
+def test_the_live_table_and_the_summary_show_cost_unpriced_never_zero(tmp_path: Path) -> None:
+    """Each step's cost from the session model (priced models in dollars, a model
+    without a price "unpriced", never $0), in the live table and the final summary."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.yaml").write_text(PRICED)
+    gate = tmp_path / "gate"
+    env = isolated_env(home, SIGIL_TEST_GATE=str(gate))
+    env.pop("SIGIL_NO_PROGRESS", None)
+    term = Terminal(
+        [*SIGIL, "orchestrate", "--task", "Analyze Acme Corp", "--session", "cost-1"],
+        env,
+        cols=100,
+        rows=50,
+    )
+    try:
+        screen = term.wait_for(
+            lambda t: "validation" in t and "running" in t and "reasoning" in t, timeout=60
+        )
+        rows = {line.split()[0]: line for line in screen.splitlines() if line.strip()}
+        assert "cost" in rows["step"]
+        assert "unpriced" in rows["routing"] and "$" not in rows["routing"]
+        assert re.search(r"\$\d[\d,]*\.\d*[1-9]", rows["reasoning"]), rows["reasoning"]
+        assert "$" not in rows["memory"] and "unpriced" not in rows["memory"]  # no model
+        gate.touch()
+        assert term.wait(60) == 0
+        final = term.wait_for("Status: complete")
+    finally:
+        term.close()
+    rows = {line.split()[0]: line for line in final.splitlines() if line.strip()}
+    assert "cost" in rows["step"]
+    assert "unpriced" in rows["routing"]
+    assert re.search(r"\$\d[\d,]*\.\d*[1-9]", rows["reasoning"]), rows["reasoning"]
+    cost = next(line for line in final.splitlines() if line.startswith("Cost:"))
+    assert re.search(r"\$\d[\d,]*\.\d*[1-9]\+ this run", cost), cost  # + : some tokens unpriced
+    assert "unpriced" in cost and "$0 " not in final and "$0\n" not in final

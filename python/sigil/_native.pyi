@@ -52,7 +52,9 @@ __all__ = [
     "parse_lines",
     "read_histories",
     "sanitize_string",
+    "since_start",
     "tail_max_seq",
+    "tail_start",
 ]
 
 _Path = str | PathLike[str]
@@ -111,6 +113,12 @@ def latency_quantile_ms(histogram: Sequence[int], max_ms: float, p: float) -> fl
     ``latency_bounds_ms``, e.g. many runs' merged) by the model's rule."""
 
 def tail_max_seq(path: _Path, max_scan_bytes: int = ...) -> int | None: ...
+def tail_start(
+    path: _Path, end: int, n: int, *, dev: int | None = None, ino: int | None = None
+) -> tuple[int, int] | None: ...
+def since_start(
+    path: _Path, end: int, since_us: int, *, dev: int | None = None, ino: int | None = None
+) -> int | None: ...
 def sanitize_string(value: str) -> str: ...
 def is_sensitive_key(key: str) -> bool: ...
 

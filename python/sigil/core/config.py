@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import sys
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -120,6 +121,10 @@ class MonitoringSettings:
     show_latency: bool = True
     highlight_slowest: bool = True
     latency_warning_ms: float = 5000
+    #: Run once per alert (a budget level crossed, a failed step), detached, with
+    #: its message as the last argument and ``SIGIL_ALERT_LEVEL``,
+    #: ``SIGIL_SESSION_ID`` and ``SIGIL_ALERT_MESSAGE`` in its environment.
+    alert_command: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +341,20 @@ def _url(value: Any) -> str:
     return text
 
 
+def _optional_command(value: Any) -> str | None:
+    """A command line split like a shell's words (no shell runs it), or None."""
+    if value is None:
+        return None
+    text = _text(value)
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise _Invalid(f"expected a command line, got {text!r} ({exc})") from None
+    if not words:
+        raise _Invalid(f"expected a command line, got {text!r}")
+    return text
+
+
 def _optional_url(value: Any) -> str | None:
     return None if value is None else _url(value)
 
@@ -456,6 +475,7 @@ _SCHEMA: dict[str, dict[str, Validator]] = {
         "show_latency": _boolean,
         "highlight_slowest": _boolean,
         "latency_warning_ms": _non_negative_number,
+        "alert_command": _optional_command,
     },
     "token_budget": {
         "default_total": _integer(1),
@@ -532,6 +552,7 @@ _ENVIRONMENT: list[tuple[tuple[str, ...], str, Callable[[str], Any]]] = [
     (("SIGIL_LOG_PATH",), "logging.path", _as_is),
     (("SIGIL_FSYNC",), "logging.fsync", _as_is),
     (("SIGIL_MONITOR_MODE",), "monitoring.default_mode", _as_is),
+    (("SIGIL_ALERT_COMMAND",), "monitoring.alert_command", _as_is),
     (("SIGIL_BUDGET",), "token_budget.default_total", _parse_int),
     (("SIGIL_PROVIDER",), "provider.name", _as_is),
     (("SIGIL_MODEL",), "provider.model", _as_is),

@@ -100,7 +100,9 @@ class DisplayOptions:
     exceeded_threshold: float = 0.95
     max_events: int = 8
     allocations: Mapping[str, int] = field(default_factory=dict)
-    #: Run on each alert with its message as the last argument (e.g. ``notify-send``).
+    #: Run on each alert with its message as the last argument (e.g. ``notify-send``),
+    #: detached, with ``SIGIL_ALERT_LEVEL``, ``SIGIL_SESSION_ID`` and
+    #: ``SIGIL_ALERT_MESSAGE`` in its environment (``monitoring.alert_command``).
     alert_command: str | None = None
 
     @classmethod
@@ -119,9 +121,8 @@ class DisplayOptions:
             critical_threshold=float(budget.critical_threshold),
             exceeded_threshold=float(budget.exceeded_threshold),
             allocations=dict(budget.allocations or {}),
-            alert_command=getattr(mon, "alert_command", None)
-            or os.environ.get("SIGIL_ALERT_COMMAND")
-            or None,
+            # The environment's SIGIL_ALERT_COMMAND is merged into the setting.
+            alert_command=getattr(mon, "alert_command", None) or None,
         )
 
 
@@ -943,7 +944,8 @@ def dashboard_lines(
         top.extend(_Line(("Reason  " if i == 0 else " " * 8) + part, "31")
                    for i, part in enumerate(_wrap(state.reason, width - 8)))  # fmt: skip
     if notice:
-        top.extend(_Line(part, "33") for part in _wrap(notice, width))
+        top.extend(_Line(part, "33") for text in notice.splitlines()
+                   for part in _wrap(text, width))  # fmt: skip
     top.append(_now_line(state, phase, now, width))
 
     fraction = state.tokens_used / state.total_budget if state.total_budget > 0 else 0.0
@@ -1376,6 +1378,9 @@ class DashboardRenderer(Renderer):
         self._rung: set[str] | None = None
         self._failed_seen: tuple[int, int] | None = None
         self._last: tuple[SessionState, MonitorPhase] | None = None
+        self._alert_procs: list[Any] = []
+        #: The first failure of the alert command, shown in each frame from then on.
+        self._alert_problem: str | None = None
 
     def size(self) -> tuple[int, int]:
         """The terminal's columns and rows (``COLUMNS``/``LINES`` when it has none)."""
@@ -1399,9 +1404,10 @@ class DashboardRenderer(Renderer):
     ) -> str:
         """One full-screen frame: home, each line cleared and drawn, the rest erased."""
         cols, rows = self.size()
+        notice = "\n".join(filter(None, (self._alert_problem, self._notice))) or None
         lines = dashboard_lines(
             state, self.options, phase=phase, width=cols, height=rows, now=now,
-            notice=self._notice, view=self.view, clock=True,
+            notice=notice, view=self.view, clock=True,
         )  # fmt: skip
         color = self.color
         parts = ["\x1b[?2026h"]
@@ -1458,36 +1464,72 @@ class DashboardRenderer(Renderer):
         return set(order[: order.index(level) + 1]) if level in order else set()
 
     def _alert(self, state: SessionState) -> None:
+        self._reap_alerts()
         crossed = self._levels_crossed(state)
         failed = (state.run.number, state.run.steps_failed)
         if self._rung is None or self._failed_seen is None:
             self._rung, self._failed_seen = crossed, failed  # history does not ring
             return
-        reasons = [f"budget {lvl}" for lvl in ("warning", "critical", "exceeded")
-                   if lvl in crossed - self._rung]  # fmt: skip
+        levels: list[str] = [lvl for lvl in ("warning", "critical", "exceeded")
+                             if lvl in crossed - self._rung]  # fmt: skip
         # A step failed: more failures in the same run, or any in a newer run.
         if failed[1] and failed > self._failed_seen:
-            reasons.append("step failed")
+            levels.append("step_failed")
         self._rung |= crossed
         self._failed_seen = failed
-        if not reasons:
+        if not levels:
             return
-        self.out.write("\a" * len(reasons))
+        self.out.write("\a" * len(levels))
         self.out.flush()
-        command = self.options.alert_command
-        if command:
-            import shlex
-            import subprocess
+        if self.options.alert_command:
+            for level in levels:
+                self._run_alert(state.session_id, level)
 
-            message = f"sigil {state.session_id}: {', '.join(reasons)}"
-            with contextlib.suppress(OSError, ValueError):
-                subprocess.Popen(
-                    [*shlex.split(command), message],
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
+    def _run_alert(self, session_id: str, level: str) -> None:
+        """Start the alert command for one level, detached; never waits for it.
+
+        The facts reach it as its last argument and in its environment, never
+        through a shell: text from the log cannot become a command.
+        """
+        import shlex
+        import subprocess
+
+        command = self.options.alert_command or ""
+        reason = "step failed" if level == "step_failed" else f"budget {level}"
+        message = f"sigil {session_id}: {reason}"
+        env = dict(os.environ)
+        env.update(SIGIL_ALERT_LEVEL=level, SIGIL_SESSION_ID=session_id,
+                   SIGIL_ALERT_MESSAGE=message)  # fmt: skip
+        try:
+            proc = subprocess.Popen(
+                [*shlex.split(command), message],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                close_fds=True,
+                start_new_session=True,
+            )
+        except (OSError, ValueError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self._alert_failed(f"{detail}")
+            return
+        self._alert_procs.append(proc)
+
+    def _reap_alerts(self) -> None:
+        """Collect finished alert commands (no zombies); a failure is shown once."""
+        running = []
+        for proc in self._alert_procs:
+            code = proc.poll()
+            if code is None:
+                running.append(proc)
+            elif code != 0:
+                self._alert_failed(f"exit status {code}" if code > 0 else f"signal {-code}")
+        self._alert_procs = running
+
+    def _alert_failed(self, detail: str) -> None:
+        if self._alert_problem is None:
+            self._alert_problem = f"alert command failed ({detail}): {self.options.alert_command}"
 
     # -- the renderer calls ----------------------------------------------------------------
 

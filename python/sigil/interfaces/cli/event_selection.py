@@ -121,14 +121,36 @@ def history(
     *,
     stopping: object = None,
     batch_lines: int = 8192,
+    end: Any = None,
 ) -> Iterator[list[ParsedEntry]]:
     """The selected events among the session's first ``lines`` lines (those the
     model's catch-up folded: ``SessionSnapshot.lines``), oldest first, in
     batches. With ``tail`` only the last ``tail`` selected ones come, at the
     end (memory bounded by ``tail``).
 
+    ``end``, the model's checkpoint where its catch-up stopped: with it,
+    ``tail`` and ``since`` find where to start in the live file natively
+    (reading back from ``end``, or bisecting on the timestamps) and read only
+    from there; the whole history is read only when they reach back into the
+    rotated segments.
+
     ``stopping``, a callable, is asked between batches: True ends the reading.
     """
+    if end is not None and selection.tail is not None:
+        last = _tail_from_the_end(session_id, log_path, selection, end, stopping)
+        if last is not None:
+            if last:
+                yield last
+            return
+    elif end is not None and selection.since is not None:
+        start = _since_from_the_end(session_id, log_path, selection.since, end)
+        if start is not None:
+            _, path = _live_file(session_id, log_path)
+            for batch in _read_range(path, start, end, stopping):
+                picked: list[ParsedEntry] = selection.select(batch)  # type: ignore[arg-type,assignment]
+                if picked:
+                    yield picked
+            return
     from sigil.telemetry.log_parser import SessionTailer
 
     reader = SessionTailer(session_id, log_path)
@@ -150,6 +172,111 @@ def history(
             yield chosen
     if kept:
         yield list(kept)
+
+
+#: ``--tail`` with filters reads back this many times more lines each time it finds too few.
+_TAIL_GROWTH = 8
+#: Bytes of the log parsed at a time by ``--tail`` / ``--since``.
+_READ_CHUNK = 4 << 20
+
+
+def _live_file(session_id: str, log_path: str | os.PathLike[str]) -> tuple[Any, Any]:
+    from sigil.core.paths import LOG_FILE_NAME, resolve_log_path
+
+    session_dir = resolve_log_path(log_path) / "sessions" / session_id
+    return session_dir, session_dir / LOG_FILE_NAME
+
+
+def _tail_from_the_end(
+    session_id: str,
+    log_path: str | os.PathLike[str],
+    selection: EventSelection,
+    end: Any,
+    stopping: object,
+) -> list[ParsedEntry] | None:
+    """``--tail``: the last selected events, read back from ``end`` (the
+    model's checkpoint) in the live file, more each time too few are found;
+    None when they may reach into a rotated segment or the file changed."""
+    from sigil import _native
+    from sigil.core.paths import rotated_segments
+
+    assert selection.tail is not None
+    want = selection.tail
+    if want == 0:
+        return []
+    session_dir, path = _live_file(session_id, log_path)
+    back = want
+    try:
+        while True:
+            found = _native.tail_start(path, end.offset, back, dev=end.dev, ino=end.ino)
+            if found is None:
+                return None
+            start, count = found
+            kept: deque[ParsedEntry] = deque(maxlen=want)
+            for batch in _read_range(path, start, end, stopping):
+                kept.extend(selection.select(batch))  # type: ignore[arg-type]
+            if len(kept) >= want or count < back:
+                break  # enough, or the live file's start was reached
+            back *= _TAIL_GROWTH
+    except OSError:
+        return None
+    if len(kept) < want and start == 0 and rotated_segments(session_dir):
+        return None
+    return list(kept)
+
+
+def _since_from_the_end(
+    session_id: str, log_path: str | os.PathLike[str], since: datetime, end: Any
+) -> int | None:
+    """``--since``: the offset of the first line of the live file
+    at or after ``since`` (a second early: the events are filtered exactly
+    afterwards), bisecting on the timestamps; None when earlier events may lie
+    in a rotated segment or the file changed."""
+    from sigil import _native
+    from sigil.core.paths import rotated_segments
+
+    session_dir, path = _live_file(session_id, log_path)
+    since_us = int(since.timestamp() * 1_000_000) - 1_000_000
+    try:
+        start = _native.since_start(path, end.offset, since_us, dev=end.dev, ino=end.ino)
+    except OSError:
+        return None
+    if start is None or (start == 0 and rotated_segments(session_dir)):
+        return None
+    return int(start)
+
+
+def _read_range(path: Any, start: int, end: Any, stopping: object) -> Iterator[list[ParsedEntry]]:
+    """The events of the lines from ``start`` to ``end.offset`` of the live
+    file ``path``, parsed natively a few MiB at a time; nothing when the file
+    is no longer ``end``'s."""
+    from sigil import _native
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (end.dev, end.ino):
+            return
+        at, stop = start, end.offset
+        carry = b""
+        while at < stop and not (callable(stopping) and stopping()):
+            data = os.pread(fd, min(_READ_CHUNK, stop - at), at)
+            if not data:
+                break
+            base = at - len(carry)
+            at += len(data)
+            block = carry + data
+            cut = block.rfind(b"\n") + 1
+            carry = block[cut:]
+            if cut:
+                entries, _bad = _native.parse_bytes(block[:cut], base)
+                if entries:
+                    yield entries
+    finally:
+        os.close(fd)
 
 
 class EventFeed:

@@ -660,6 +660,8 @@ class ExecutionMonitor:
         self.json_events = json_events
         #: Every event the model folds after the catch-up, for the modes that list them.
         self._feed: EventFeed | None = None
+        #: where the catch-up stopped in the live file (``--tail``/``--since`` read back from it)
+        self._caught_up_at: Any = None
         #: The log did not exist when this monitor first looked: the whole run is new.
         self._waited = False
 
@@ -1009,6 +1011,7 @@ class ExecutionMonitor:
             )
             state.rotated_segments = len(segments)
             state.note_reader_stats(model.tailer.stats(), at_catch_up=True)
+            self._caught_up_at = model.tailer.checkpoint()
             state.locked = _session_locked(self.log_path / "sessions" / session_id)
             if self._lists_events() and not self.once:
                 from sigil.interfaces.cli.event_selection import EventFeed
@@ -1057,6 +1060,7 @@ class ExecutionMonitor:
             state.snap.lines,
             selection,
             stopping=lambda: self._stopping,
+            end=self._caught_up_at,
         ):
             renderer.write_events(batch)
 

@@ -2,7 +2,7 @@
 
 Each step of the run appears as it starts (a spinner and the time it has been
 running, its attempt when retried) and when it finishes (ok or failed, its
-tokens and latency). The table reads the same native session model the monitor
+tokens, latency and cost). The table reads the same native session model the monitor
 follows (contract 12): a thread folds the run's own log as it grows, with the
 GIL released while it waits, so the display never computes a number of its own
 and never holds back the pipeline. It is transient: once the run ends the
@@ -38,6 +38,9 @@ class StepProgress:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._live: Any = None
+        #: The model's last snapshot: after :meth:`stop`, the whole run (the
+        #: final summary's costs come from it).
+        self.snapshot: SessionSnapshot | None = None
 
     def start(self) -> None:
         from rich.console import Console
@@ -54,7 +57,8 @@ class StepProgress:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop following and clear the table (idempotent)."""
+        """Stop following and clear the table (idempotent); :attr:`snapshot` then
+        holds everything the run logged."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2.0)
@@ -69,11 +73,12 @@ class StepProgress:
         try:
             model = SessionModel(self.session_id, self.log_path, last_n=LAST_N)
             while not self._stop.is_set():
-                snap = model.update()
+                snap = self.snapshot = model.update()
                 live = self._live
                 if live is not None:
                     live.update(self._render(snap))
                 model.wait(POLL_S)
+            self.snapshot = model.update()  # the run's last events too
         except Exception:  # the table is a convenience: the run goes on without it
             return
 
@@ -87,25 +92,37 @@ class StepProgress:
         table.add_column("status")
         table.add_column("tokens", justify="right")
         table.add_column("time", justify="right")
+        table.add_column("cost", justify="right")
         steps = _steps(snap, self.run) if snap is not None else []
         if not steps:
-            table.add_row(Spinner("dots", text=" starting"), "", "", "")
+            table.add_row(Spinner("dots", text=" starting"), "", "", "", "")
         now = time.time()
         for step in steps:
+            cost = Text(step.cost, style="yellow" if step.cost == "unpriced" else "")
             if step.state == "running":
                 elapsed = f"{max(0.0, now - step.started):.1f} s" if step.started else ""
                 label = "running" if step.attempt <= 1 else f"attempt {step.attempt}"
                 status: Any = Spinner("dots", text=Text(f" {label}", style="cyan"))
-                table.add_row(step.name, status, f"{step.tokens:,}", elapsed)
+                table.add_row(step.name, status, f"{step.tokens:,}", elapsed, cost)
             else:
                 style = "green" if step.state == "ok" else "red"
                 latency = f"{step.latency_ms:.0f} ms" if step.latency_ms is not None else ""
-                table.add_row(step.name, Text(step.state, style=style), f"{step.tokens:,}", latency)
+                state = Text(step.state, style=style)
+                table.add_row(step.name, state, f"{step.tokens:,}", latency, cost)
         return table
 
 
+def step_cost(component: Any) -> str:
+    """A step's cost as the tables show it: dollars where its model is priced,
+    ``unpriced`` where it is not (never $0), empty when no model answered it.
+    ``component``: the model's ``ComponentSnapshot`` (None: nothing yet)."""
+    from sigil.interfaces.cli.display import format_cost, has_cost
+
+    return format_cost(component) if component is not None and has_cost(component) else ""
+
+
 class _Step:
-    __slots__ = ("attempt", "latency_ms", "name", "started", "state", "tokens")
+    __slots__ = ("attempt", "cost", "latency_ms", "name", "started", "state", "tokens")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -114,6 +131,7 @@ class _Step:
         self.started: float | None = None
         self.latency_ms: float | None = None
         self.tokens = 0
+        self.cost = ""
 
 
 def _epoch(timestamp: str | None) -> float | None:
@@ -165,4 +183,5 @@ def _steps(snap: SessionSnapshot, run: int | None) -> list[_Step]:
     for name, step in steps.items():
         component = totals.get(name)
         step.tokens = component.tokens if component is not None else 0
+        step.cost = step_cost(component)
     return list(steps.values())

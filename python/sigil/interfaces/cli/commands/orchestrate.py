@@ -22,6 +22,7 @@ from sigil.interfaces.cli.errors import ExitCode, OneLineCommand, UsageFailure
 if TYPE_CHECKING:  # pragma: no cover
     from sigil.interfaces.cli.orchestrator import Orchestrator, PipelineResult
     from sigil.interfaces.cli.progress import StepProgress
+    from sigil.telemetry.log_parser import SessionSnapshot
 
 PROVIDERS = ("offline", "openai")
 
@@ -462,7 +463,8 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
 
         _echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
     else:
-        _print_result(result)
+        # On a terminal the live table's model has folded the whole run: its costs.
+        _print_result(result, progress.snapshot if progress is not None else None)
     # The result is out; only now wait (bounded) for live export to finish, so a
     # slow or absent collector never holds back what the user sees.
     report = orchestrator.finish_export(5.0)
@@ -501,15 +503,26 @@ def _progress_wanted() -> bool:
         return False
 
 
-def _print_result(result: PipelineResult) -> None:
+def _print_result(result: PipelineResult, snap: SessionSnapshot | None = None) -> None:
+    """The result table. With the session model's snapshot of the run (on a
+    terminal), each step's cost and the run's and the session's too."""
     echo = _echo
     resumed = " (resumed)" if result.resumed else ""
     echo(f"Run {result.run}{resumed} · budget {result.budget:,} tokens")
     echo("")
+    run = snap.run if snap is not None and snap.run.number == result.run else None
+    costs: dict[str, str] = {}
+    if run is not None:
+        from sigil.interfaces.cli.progress import step_cost
+
+        costs = {name: step_cost(c) for name, c in run.components.items()}
+        if not any(costs.values()):
+            costs = {}  # no model answered any step: no cost column
+    cost_head = f"{'cost':>11}" if costs else ""
     if not result.steps:
         echo("  no step ran")
     else:
-        echo(f"  {'step':<12}{'status':<10}{'tokens':>9}{'latency':>13}  note")
+        echo(f"  {'step':<12}{'status':<10}{'tokens':>9}{'latency':>13}{cost_head}  note")
     for step in result.steps:
         if step.metadata.get("resumed"):
             state, note = "ok", "recovered from the log"
@@ -519,9 +532,10 @@ def _print_result(result: PipelineResult) -> None:
             note = f"after {attempts} attempts" if attempts and attempts > 1 else ""
         else:
             state, note = "failed", _shorten(step.error or "", 60)
+        cost = f"{costs.get(str(step.step), ''):>11}" if costs else ""
         echo(
             f"  {step.step!s:<12}{state:<10}{step.tokens_used:>9,}"
-            f"{step.latency_ms:>10.1f} ms  {note}".rstrip()
+            f"{step.latency_ms:>10.1f} ms{cost}  {note}".rstrip()
         )
     echo("")
     pct = result.total_tokens / result.budget * 100 if result.budget else 0.0
@@ -529,6 +543,8 @@ def _print_result(result: PipelineResult) -> None:
         f"Tokens: {result.run_tokens:,} this run · {result.total_tokens:,} of "
         f"{result.budget:,} used by the session ({pct:.1f}%) · {result.total_latency_ms:.1f} ms"
     )
+    if costs and run is not None and snap is not None:
+        echo(_cost_summary(run, snap))
     if result.quality_score is not None:
         echo(
             f"Quality: {result.quality_score:.2f} · recommended action: "
@@ -539,6 +555,17 @@ def _print_result(result: PipelineResult) -> None:
     echo(f"Status: {result.status}{tail}")
     if result.log_file:
         echo(f"Log: {result.log_file}")
+
+
+def _cost_summary(run: Any, snap: SessionSnapshot) -> str:
+    """``Cost: $0.54+ this run · $1.20+ session · 22 tokens unpriced (model)``."""
+    from sigil.interfaces.cli.display import format_cost
+
+    line = f"Cost: {format_cost(run)} this run · {format_cost(snap)} session"
+    if run.unpriced_tokens:
+        models = ", ".join(run.unpriced_models)
+        line += f" · {run.unpriced_tokens:,} tokens unpriced" + (f" ({models})" if models else "")
+    return line
 
 
 def _print_output(output: Any) -> None:
