@@ -6,6 +6,7 @@
 //! session model's typed classes. Every call that touches the disk or loops
 //! over bytes releases the GIL.
 
+pub mod archive;
 pub mod cost;
 pub mod errors;
 pub mod fold;
@@ -1358,6 +1359,8 @@ mod _native {
         parse_bytes, parse_lines, read_histories, sanitize_string, tail_max_seq, PyAppendWriter,
         PyCheckpoint, PyEntry, PyFold, PyLedger, PyTailer,
     };
+    #[pymodule_export]
+    use crate::archive::py_fold_archive;
     #[pymodule_export]
     use crate::snapshot::{
         PyComponentSnapshot, PyLastError, PyMalformedLine, PyRunSnapshot, PySessionHistory,
