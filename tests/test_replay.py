@@ -283,3 +283,42 @@ def test_run_n_plays_that_run_after_folding_the_ones_before(
     assert "(run 2 of 2)" in second.stdout
     assert _summary_tokens(second.stdout) == 406 + 806
     assert "This run:  806" in second.stdout
+
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+@pytest.mark.slow
+def test_a_stepped_frame_matches_its_golden_file(tmp_path: Path) -> None:
+    """The golden session of the views' tests, started paused and stepped twelve
+    events in (reasoning's first attempt failed, its retry announced): the whole
+    frame, whose clock is the session's, compared with ``golden/replay-80x24.txt``
+    (``SIGIL_UPDATE_GOLDEN=1`` rewrites it; review the diff)."""
+    import os
+
+    import orjson
+
+    from conftest import isolated_env
+    from test_golden_views import SESSION, fixed_session
+
+    session = tmp_path / "home" / "logs" / "sessions" / SESSION
+    session.mkdir(parents=True, mode=0o700)
+    session.joinpath("execution.jsonl").write_bytes(
+        b"".join(orjson.dumps(e) + b"\n" for e in fixed_session())
+    )
+    env = isolated_env(tmp_path / "home", TERM="xterm-256color", NO_COLOR="1", TZ="UTC")
+    term = Terminal([*SIGIL, "replay", SESSION, "--paused"], env, 80, 24)
+    try:
+        term.wait_for("0 of 19 lines")
+        for i in range(1, 13):
+            term.press("n")
+            term.wait_for(f" {i} of 19 lines")
+        text = term.wait_for(lambda s: "12 of 19 lines" in s and "Log     12 events" in s)
+        term.press("q")
+        assert term.wait() == 0
+    finally:
+        term.close()
+    path = GOLDEN / "replay-80x24.txt"
+    if os.environ.get("SIGIL_UPDATE_GOLDEN"):
+        path.write_text(text + "\n")
+    assert text + "\n" == path.read_text(), f"{path.name} changed; review it"

@@ -294,6 +294,7 @@ class Player:
         last_n: int = 100,
         keys: TerminalKeys | None = None,
         label: str = "",
+        start_paused: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from sigil import _native
@@ -312,6 +313,7 @@ class Player:
         self.refresh_rate = refresh_rate
         self.keys = keys
         self.label = label
+        self.start_paused = start_paused
         self._clock = clock
         self.fold = _native.Fold(last_n)
         timeline.feed(self.fold, 0, first)
@@ -472,6 +474,8 @@ class Player:
             if self.cursor >= self.stop:
                 self._end()
             self.next_due = self._clock() + self.delay(self.cursor)
+            if self.start_paused and not self.finished:
+                self.pause()
             code, outcome = self._loop()
         except KeyboardInterrupt:
             code, outcome = EXIT_INTERRUPTED, "stopped"

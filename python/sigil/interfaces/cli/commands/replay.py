@@ -27,6 +27,7 @@ Examples:
   sigil replay acme-1 --speed 10x      ten times faster
   sigil replay acme-1 --speed max      as fast as it folds (the last frame stays)
   sigil replay acme-1 --run 2          the session up to run 2, then run 2 played
+  sigil replay acme-1 --paused         step through it event by event (n)
 
 \b
 Keys: the live view's (q, p, ?, e, c, s, arrows, /) and n or . to step one
@@ -60,6 +61,7 @@ event (it pauses first; p plays on).
     help="The longest wait between two events, whatever their gap.",
 )
 @click.option("--mode", "-m", metavar="|".join(_MODES), help="dashboard (default) or stream.")
+@click.option("--paused", is_flag=True, help="Start paused: n steps one event at a time, p plays.")
 @click.option("--no-keys", is_flag=True, help="Do not read keys; exit at the end of the replay.")
 @click.option("--log-path", "-l", metavar="DIR", help="Base log directory (default: logging.path).")
 def replay(
@@ -68,6 +70,7 @@ def replay(
     run_number: int | None,
     max_gap: float,
     mode: str | None,
+    paused: bool,
     no_keys: bool,
     log_path: str | None,
 ) -> None:
@@ -126,7 +129,9 @@ def replay(
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
 
-    code = _play(timeline, settings, factor, max_gap, first, stop, mode, no_keys, run_number)
+    code = _play(
+        timeline, settings, factor, max_gap, first, stop, mode, no_keys, run_number, paused
+    )
     sys.stdout.flush()
     sys.exit(code)
 
@@ -141,6 +146,7 @@ def _play(
     mode: str | None,
     no_keys: bool,
     run_number: int | None,
+    paused: bool,
 ) -> int:
     from sigil.interfaces.cli.display import DashboardRenderer, DisplayOptions, make_renderer
     from sigil.interfaces.cli.keys import TerminalKeys
@@ -167,6 +173,7 @@ def _play(
         default_budget=int(settings.token_budget.default_total),
         keys=keys,
         label=label,
+        start_paused=paused and keys is not None,
     )
     try:
         return player.run()
