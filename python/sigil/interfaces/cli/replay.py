@@ -29,7 +29,7 @@ import signal
 import tarfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -161,7 +161,8 @@ class _Line:
     at: float | None
     #: seconds since the event before it (0 when either has no time)
     gap: float
-    entry: ParsedEntry | None
+    #: a ``session_start`` (where a run may begin)
+    opens_run: bool
 
 
 class Timeline:
@@ -176,18 +177,23 @@ class Timeline:
         self.lines: list[_Line] = []
         last: float | None = None
         for index, data in enumerate(self.files):
-            by_offset = {e.offset: e for e in parse_bytes(data).entries}
+            # Only each event's time and type are kept (a line's event is parsed
+            # again, natively, when a view lists it): a long session stays small.
+            by_offset = {
+                e.offset: (e.timestamp, e.event_type == "session_start")
+                for e in parse_bytes(data).entries
+            }
             pos, size = 0, len(data)
             while pos < size:
                 nl = data.find(b"\n", pos)
                 end = size if nl < 0 else nl + 1
-                entry = by_offset.get(pos)
-                moment = parse_timestamp(entry.timestamp) if entry is not None else None
+                stamp, opens_run = by_offset.get(pos, (None, False))
+                moment = parse_timestamp(stamp)
                 at = moment.timestamp() if moment is not None else None
                 gap = 0.0 if at is None or last is None else max(0.0, at - last)
                 if at is not None:
                     last = at
-                self.lines.append(_Line(index, pos, end, at, gap, entry))
+                self.lines.append(_Line(index, pos, end, at, gap, opens_run))
                 pos = end
 
     def moment_before(self, index: int) -> float | None:
@@ -208,28 +214,38 @@ class Timeline:
             raise ReplayError(f"session {source.session_id!r} has no log to replay")
         return cls(source.session_id, files)
 
-    def feed(self, fold: Fold, first: int, stop: int) -> None:
-        """Fold lines ``first`` up to ``stop`` (each file's run of them in one call)."""
+    def _blocks(self, first: int, stop: int) -> Iterator[tuple[bytes, int]]:
+        """Lines ``first`` up to ``stop`` as blocks of bytes, one per file, and
+        where each starts in its file."""
         i = first
         while i < stop:
             line = self.lines[i]
             j = i
             while j + 1 < stop and self.lines[j + 1].file == line.file:
                 j += 1
-            data = self.files[line.file]
-            fold.feed_bytes(data[line.start : self.lines[j].end], line.start)
+            yield self.files[line.file][line.start : self.lines[j].end], line.start
             i = j + 1
+
+    def feed(self, fold: Fold, first: int, stop: int) -> None:
+        """Fold lines ``first`` up to ``stop`` (each file's run of them in one call)."""
+        for block, offset in self._blocks(first, stop):
+            fold.feed_bytes(block, offset)
+
+    def entries(self, first: int, stop: int) -> list[ParsedEntry]:
+        """The events of lines ``first`` up to ``stop``, parsed natively."""
+        from sigil.telemetry.log_parser import parse_bytes
+
+        found: list[ParsedEntry] = []
+        for block, offset in self._blocks(first, stop):
+            found.extend(parse_bytes(block, offset).entries)
+        return found
 
     def run_range(self, number: int) -> tuple[int, int]:
         """The lines of run ``number`` (as the model numbers runs): from its
         ``session_start`` up to the next one. Raises :class:`ReplayError`."""
         from sigil import _native
 
-        starts = [
-            i
-            for i, line in enumerate(self.lines)
-            if line.entry is not None and line.entry.event_type == "session_start"
-        ]
+        starts = [i for i, line in enumerate(self.lines) if line.opens_run]
         fold = _native.Fold(0)
         done = 0
         numbers: list[int] = []
@@ -381,7 +397,7 @@ class Player:
         fresh: list[Any] = list(state.update(self.fold.snapshot()))
         if self.renderer.lists_events:
             # Every event fed, even a burst larger than the model's recent ring.
-            fresh = [ln.entry for ln in self.timeline.lines[first:upto] if ln.entry is not None]
+            fresh = list(self.timeline.entries(first, upto))
             state.unlisted = 0
         self.phase = _phase_of(state)
         self.renderer.on_events(state, fresh)
@@ -447,6 +463,8 @@ class Player:
         text = f"replay {self.label} at {speed}: {done:,} of {total:,} lines"
         if self.paused:
             text += " · paused: n steps one event, p plays"
+        elif self.dashboard is not None and self.dashboard.view.help:
+            text += " · p pauses the replay, n or . steps one event"
         return text
 
     def _draw(self, *, force: bool = False) -> None:
