@@ -15,8 +15,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from sigil import _native
 from sigil.core.paths import LOCK_FILE_NAME, LOG_FILE_NAME, SESSION_ID_RE, segment_sort_key
+from sigil.telemetry.archived import fold_archive
 from sigil.telemetry.log_parser import (
     HistoryModel,
     HistorySnapshot,
@@ -142,7 +142,7 @@ def archive_snapshot(archive: Path) -> SessionSnapshot | str:
     knows count too). Nothing is extracted to disk, no event is handed to
     Python, and the GIL is released. A one-line reason when the archive
     cannot be read."""
-    return _native.fold_archive(archive)
+    return fold_archive(archive)
 
 
 def whole_history(directory: Path) -> HistorySnapshot:

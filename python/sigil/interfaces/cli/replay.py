@@ -38,11 +38,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from types import FrameType
 
-    from sigil._native import Fold, ParsedEntry
     from sigil.interfaces.cli.display import Renderer
     from sigil.interfaces.cli.keys import TerminalKeys
     from sigil.interfaces.cli.monitor import MonitorPhase, SessionState
     from sigil.reports.sources import Source
+    from sigil.telemetry.archived import Fold
+    from sigil.telemetry.log_parser import ParsedEntry
 
 __all__ = [
     "DEFAULT_MAX_GAP",
@@ -243,10 +244,10 @@ class Timeline:
     def run_range(self, number: int) -> tuple[int, int]:
         """The lines of run ``number`` (as the model numbers runs): from its
         ``session_start`` up to the next one. Raises :class:`ReplayError`."""
-        from sigil import _native
+        from sigil.telemetry.archived import Fold
 
         starts = [i for i, line in enumerate(self.lines) if line.opens_run]
-        fold = _native.Fold(0)
+        fold = Fold(0)
         done = 0
         numbers: list[int] = []
         for k, start in enumerate(starts):
@@ -313,7 +314,6 @@ class Player:
         start_paused: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        from sigil import _native
         from sigil.interfaces.cli.display import DashboardRenderer
         from sigil.interfaces.cli.monitor import SessionState
 
@@ -331,7 +331,9 @@ class Player:
         self.label = label
         self.start_paused = start_paused
         self._clock = clock
-        self.fold = _native.Fold(last_n)
+        from sigil.telemetry.archived import Fold
+
+        self.fold = Fold(last_n)
         timeline.feed(self.fold, 0, first)
         self.cursor = first
         self.state: SessionState = SessionState(
