@@ -9,12 +9,17 @@
   tokens summed per day) in the same group.
 * ``sigil diff A B --json`` of two 100K-event sessions (aim < 200 ms), beside
   orjson per line over both files.
+* ``sigil report daily --json`` over the same sessions archived
+  (``archive/<date>/<id>.tar.gz``, read in memory), cold (every archive folded
+  natively from its gzip stream, ``rust/archive.rs``), beside a pure-Python
+  read of the same archives (``tarfile`` stream, orjson per line).
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +172,67 @@ def test_diff(benchmark: Any, two_sessions: Path) -> None:
     _diff(two_sessions)
     out = benchmark.pedantic(_diff, args=(two_sessions,), rounds=_rounds(), iterations=1)
     assert orjson.loads(out)["a"]["tokens"] == orjson.loads(out)["b"]["tokens"]
+
+
+# -- archived sessions ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def archived_sessions(many_sessions: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The report's sessions, each archived as the rotator lays it out (the
+    session's directory and its log in ``archive/<date>/<id>.tar.gz``)."""
+    logs = tmp_path_factory.mktemp("report-archived") / "logs"
+    day = logs / "archive" / "2026-01-12"
+    day.mkdir(parents=True)
+    for directory in sorted((many_sessions / "sessions").iterdir()):
+        with tarfile.open(day / f"{directory.name}.tar.gz", "w:gz", compresslevel=6) as tar:
+            tar.add(directory, arcname=directory.name, recursive=False)
+            tar.add(directory / "execution.jsonl", arcname=f"{directory.name}/execution.jsonl")
+    return logs
+
+
+def _orjson_archived_daily(archives: list[Path]) -> dict[str, int]:
+    """The pure-Python baseline: each archive streamed by tarfile, every line parsed."""
+    days: dict[str, int] = {}
+    for archive in archives:
+        with tarfile.open(archive, "r|gz") as tar:
+            for member in tar:
+                extracted = tar.extractfile(member) if member.isfile() else None
+                if extracted is None:
+                    continue
+                for line in extracted:
+                    event = orjson.loads(line)
+                    day = event["timestamp"][:10]
+                    days[day] = days.get(day, 0) + event["tokens"]
+    return days
+
+
+def _archived_group(benchmark: Any) -> None:
+    benchmark.group = f"sigil report daily --json: {REPORT_NAME} archived"
+
+
+def test_report_archived_orjson_baseline(benchmark: Any, archived_sessions: Path) -> None:
+    _archived_group(benchmark)
+    benchmark.extra_info.update(ops=SESSIONS * SESSION_EVENTS)
+    archives = sorted((archived_sessions / "archive").glob("*/*.tar.gz"))
+    days = benchmark.pedantic(
+        _orjson_archived_daily, args=(archives,), rounds=_rounds(), iterations=1
+    )
+    doc = orjson.loads(_report(archived_sessions))
+    assert {r["period"]: r["tokens"] for r in doc["rows"]} == days
+
+
+def test_report_archived_cold_index(benchmark: Any, archived_sessions: Path) -> None:
+    _archived_group(benchmark)
+    benchmark.extra_info.update(
+        ops=SESSIONS * SESSION_EVENTS, baseline="test_report_archived_orjson_baseline"
+    )
+    index = archived_sessions / INDEX
+
+    def forget() -> None:
+        index.unlink(missing_ok=True)
+
+    out = benchmark.pedantic(
+        _report, args=(archived_sessions,), setup=forget, rounds=_rounds(), iterations=1
+    )
+    assert orjson.loads(out)["total"]["runs"] == SESSIONS

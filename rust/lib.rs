@@ -6,6 +6,7 @@
 //! session model's typed classes. Every call that touches the disk or loops
 //! over bytes releases the GIL.
 
+pub mod archive;
 pub mod cost;
 pub mod errors;
 pub mod fold;
@@ -1362,6 +1363,8 @@ mod _native {
     };
     #[pymodule_export]
     use crate::otlp::{otlp_decode_protobuf, otlp_map_spans, PyOtlpBatch, PyOtlpSession};
+    #[pymodule_export]
+    use crate::archive::py_fold_archive;
     #[pymodule_export]
     use crate::snapshot::{
         PyComponentSnapshot, PyLastError, PyMalformedLine, PyRunSnapshot, PySessionHistory,

@@ -41,6 +41,7 @@ __all__ = [
     "SessionSnapshot",
     "StepInFlight",
     "Tailer",
+    "fold_archive",
     "fold_file",
     "fold_file_snapshot",
     "fold_sessions",
@@ -100,6 +101,11 @@ def fold_sessions(
     first), across up to ``threads`` threads (0: the cores, at most 8) without
     the GIL: a snapshot per session, in order, or a one-line reason naming the
     file for a session that cannot be read."""
+
+def fold_archive(path: _Path, last_n: int = 0, max_line_bytes: int = ...) -> SessionSnapshot | str:
+    """Fold an archived session (``archive/<date>/<id>.tar.gz``) streamed from the
+    archive without the GIL: its segments oldest first, then its live file, joined
+    with its ledger; or a one-line reason naming the archive."""
 
 def read_histories(
     paths: Sequence[_Path], threads: int = 0, max_line_bytes: int = ..., last_n: int = 0

@@ -10,24 +10,19 @@ extracted to disk.
 
 from __future__ import annotations
 
-import gzip
-import io
 import os
-import tarfile
-import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 from sigil.core.paths import LOCK_FILE_NAME, LOG_FILE_NAME, SESSION_ID_RE, segment_sort_key
+from sigil.telemetry.archived import fold_archive
 from sigil.telemetry.log_parser import (
-    EventModel,
     HistoryModel,
     HistorySnapshot,
     RunSnapshot,
     SessionSnapshot,
     history_many,
-    parse_bytes,
     session_history,
     snapshot_many,
 )
@@ -43,9 +38,6 @@ __all__ = [
 ]
 
 _LEDGER = "tokens.json"
-#: an archived log member larger than this is not read (the rotator bounds a
-#: segment far below it); the session reads as unreadable instead
-_MAX_MEMBER_BYTES = 1 << 30
 
 
 @dataclass(slots=True, frozen=True)
@@ -143,56 +135,14 @@ def find_session(log_path: Path, session_id: str) -> Source | None:
 
 
 def archive_snapshot(archive: Path) -> SessionSnapshot | str:
-    """The session model of an archived session, read from its tar.gz in memory:
-    its rotated segments oldest first, then the live file (the order the live
-    reader folds them in), each line folded by the native model.
-
-    The archive's ledger is not joined: the native ledger reader takes a path
-    and nothing is extracted to disk, so runs only an archived ledger knew are
-    not counted (a ledger read from bytes in :mod:`sigil.telemetry.log_parser`
-    would lift this). A one-line reason when the archive cannot be read."""
-    logs: list[tuple[tuple[int, object], str, bytes]] = []
-    try:
-        fd = os.open(archive, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
-            for member in tar:
-                parts = member.name.split("/")
-                if len(parts) != 2 or not member.isfile():
-                    continue
-                name = parts[1]
-                if name == LOG_FILE_NAME:
-                    order: tuple[int, object] = (1, 0)
-                else:
-                    key = segment_sort_key(LOG_FILE_NAME, name)
-                    if key is None:
-                        continue
-                    order = (0, key)
-                if member.size > _MAX_MEMBER_BYTES:
-                    return f"{archive}: {name} is larger than {_MAX_MEMBER_BYTES} bytes"
-                extracted = tar.extractfile(member)
-                if extracted is None:
-                    continue
-                data = extracted.read()
-                if name.endswith(".gz"):
-                    # Bounded like any member: a gzip bomb is refused, not inflated.
-                    with gzip.GzipFile(fileobj=io.BytesIO(data)) as inner:
-                        data = inner.read(_MAX_MEMBER_BYTES + 1)
-                    if len(data) > _MAX_MEMBER_BYTES:
-                        return f"{archive}: {name} is larger than {_MAX_MEMBER_BYTES} bytes"
-                logs.append((order, name, data))
-    except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
-        return f"cannot read {archive}: {exc}"
-    logs.sort(key=lambda item: item[0])  # type: ignore[arg-type, return-value]
-    model = EventModel()
-    feed = model.feed
-    for _, _, data in logs:
-        # The native parser reads the lines; the native fold counts them. Only
-        # the hand-over of each event's fields is a Python loop here (about 10x
-        # a native fold; paid once per archive, which the index then keeps): a
-        # fold of bytes exposed by sigil.telemetry.log_parser would spare it.
-        for e in parse_bytes(data).entries:
-            feed(e.timestamp, e.event_type, e.component, e.tokens, e.seq, e.metadata_json)
-    return model.snapshot()
+    """The session model of an archived session, folded natively from its tar.gz
+    stream (``rust/archive.rs``): its rotated segments oldest first, then the
+    live file (the order the live reader folds them in), joined with the
+    archive's ledger as a live session's snapshot is (the runs only the ledger
+    knows count too). Nothing is extracted to disk, no event is handed to
+    Python, and the GIL is released. A one-line reason when the archive
+    cannot be read."""
+    return fold_archive(archive)
 
 
 def whole_history(directory: Path) -> HistorySnapshot:

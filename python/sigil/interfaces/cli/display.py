@@ -27,7 +27,7 @@ import os
 import sys
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
@@ -1381,6 +1381,9 @@ class DashboardRenderer(Renderer):
         self._alert_procs: list[Any] = []
         #: The first failure of the alert command, shown in each frame from then on.
         self._alert_problem: str | None = None
+        #: What "now" is for a frame (None: the wall clock); ``sigil replay``
+        #: gives the moment of the session it has played up to.
+        self.clock: Callable[[], datetime | None] | None = None
 
     def size(self) -> tuple[int, int]:
         """The terminal's columns and rows (``COLUMNS``/``LINES`` when it has none)."""
@@ -1429,9 +1432,14 @@ class DashboardRenderer(Renderer):
             self.out.write("\x1b[?1049h\x1b[?25l")  # alternate screen, cursor hidden
             self._on_screen = True
             self._resized = True
-        self.out.write(self.frame_text(state, phase))
+        now = self.clock() if self.clock is not None else None
+        self.out.write(self.frame_text(state, phase, now))
         self.out.flush()
         self._frame_second = int(time.time())
+
+    def redraw(self, state: SessionState, phase: MonitorPhase) -> None:
+        """A frame now, also while paused (``sigil replay`` stepping one event)."""
+        self._show(state, phase, force=True)
 
     def suspend(self) -> None:
         """Ctrl-Z: give the screen back; the next frame takes it again, redrawn whole."""

@@ -51,6 +51,11 @@ _COMMANDS: dict[str, tuple[str, str, str]] = {
         "diff",
         "Compare two sessions or two runs component by component.",
     ),
+    "replay": (
+        "sigil.interfaces.cli.commands.replay",
+        "replay",
+        "Play a finished session through the live dashboard at a chosen speed.",
+    ),
     "config": (
         "sigil.interfaces.cli.commands.config",
         "config",

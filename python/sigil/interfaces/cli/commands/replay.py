@@ -1,0 +1,183 @@
+"""``sigil replay SESSION``: play a finished session through the live dashboard.
+
+Thin on purpose (STYLE.md): check the flags, find the session (its directory,
+else its newest archive, read in memory), then hand over to
+:class:`sigil.interfaces.cli.replay.Player`. Heavy imports happen inside the
+command, so ``sigil --help`` does not pay for them.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+import click
+
+from sigil.interfaces.cli.errors import OneLineCommand, UsageFailure
+
+if TYPE_CHECKING:
+    from sigil.core.config import Settings
+    from sigil.interfaces.cli.replay import Timeline
+
+_MODES = ("dashboard", "stream")
+
+_EPILOG = """\b
+Examples:
+  sigil replay acme-1                  real time, idle gaps cut to 2 s
+  sigil replay acme-1 --speed 10x      ten times faster
+  sigil replay acme-1 --speed max      as fast as it folds (the last frame stays)
+  sigil replay acme-1 --run 2          the session up to run 2, then run 2 played
+  sigil replay acme-1 --paused         step through it event by event (n)
+
+\b
+Keys: the live view's (q, p, ?, e, c, s, arrows, /) and n or . to step one
+event (it pauses first; p plays on).
+"""
+
+
+@click.command(
+    "replay",
+    cls=OneLineCommand,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=_EPILOG,
+)
+@click.argument("session_id", metavar="SESSION")
+@click.option(
+    "--speed",
+    default="1x",
+    show_default=True,
+    metavar="FACTOR",
+    help="How much faster than it ran: 10x, 0.5x, or max.",
+)
+@click.option(
+    "--run", "run_number", type=int, metavar="N", help="Play run N (earlier runs folded at once)."
+)
+@click.option(
+    "--max-gap",
+    default=2.0,
+    show_default=True,
+    type=float,
+    metavar="SECONDS",
+    help="The longest wait between two events, whatever their gap.",
+)
+@click.option("--mode", "-m", metavar="|".join(_MODES), help="dashboard (default) or stream.")
+@click.option("--paused", is_flag=True, help="Start paused: n steps one event at a time, p plays.")
+@click.option("--no-keys", is_flag=True, help="Do not read keys; exit at the end of the replay.")
+@click.option("--log-path", "-l", metavar="DIR", help="Base log directory (default: logging.path).")
+def replay(
+    session_id: str,
+    speed: str,
+    run_number: int | None,
+    max_gap: float,
+    mode: str | None,
+    paused: bool,
+    no_keys: bool,
+    log_path: str | None,
+) -> None:
+    """Play a finished session (live or archived) through the dashboard at a
+    chosen speed: every number is the native session model's, fed the
+    session's lines one by one.
+
+    Exit codes: 0 played (or q), 1 the session cannot be read, 2 bad usage
+    (an unknown or still running session, a bad --speed), 130 interrupted.
+    """
+    from pathlib import Path
+
+    from sigil.core.paths import InvalidSessionId, validate_session_id
+    from sigil.interfaces.cli.replay import ReplayError, Timeline, parse_speed
+
+    try:
+        validate_session_id(session_id)
+    except InvalidSessionId as exc:
+        raise UsageFailure(str(exc)) from None
+    try:
+        factor = parse_speed(speed)
+    except ValueError:
+        raise UsageFailure(
+            f"--speed must be a factor above 0 (10x, 0.5x) or max, got {speed!r}"
+        ) from None
+    if not max_gap >= 0 or max_gap == float("inf"):
+        raise UsageFailure(f"--max-gap must be 0 seconds or more, got {max_gap!r}")
+    if run_number is not None and run_number < 0:
+        raise UsageFailure(f"--run must be a run number (0 or more), got {run_number}")
+    if mode is not None and mode not in _MODES:
+        raise UsageFailure(f"--mode must be one of {', '.join(_MODES)}, got {mode!r}")
+    if mode == "dashboard" and not sys.stdout.isatty():
+        raise UsageFailure("--mode dashboard needs a terminal on stdout; use --mode stream")
+
+    from sigil.core.config import load_settings
+    from sigil.reports.sources import find_session
+
+    settings = load_settings({"logging.path": log_path})
+    base = Path(settings.logging.path).expanduser()
+    source = find_session(base, session_id)
+    if source is None:
+        raise UsageFailure(f"unknown session {session_id!r} in {str(base)!r}")
+    if source.locked:
+        raise UsageFailure(
+            f"session {session_id!r} is still running: watch it live with "
+            f"'sigil monitor --session {session_id}'"
+        )
+    try:
+        timeline = Timeline.of(source)
+        first, stop = 0, len(timeline.lines)
+        if run_number is not None:
+            first, stop = timeline.run_range(run_number)
+    except ReplayError as exc:
+        if run_number is not None and "has no run" in str(exc):
+            raise UsageFailure(str(exc)) from None
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+
+    code = _play(
+        timeline, settings, factor, max_gap, first, stop, mode, no_keys, run_number, paused
+    )
+    sys.stdout.flush()
+    sys.exit(code)
+
+
+def _play(
+    timeline: Timeline,
+    settings: Settings,
+    speed: float | None,
+    max_gap: float,
+    first: int,
+    stop: int,
+    mode: str | None,
+    no_keys: bool,
+    run_number: int | None,
+    paused: bool,
+) -> int:
+    from sigil.interfaces.cli.display import DashboardRenderer, DisplayOptions, make_renderer
+    from sigil.interfaces.cli.keys import TerminalKeys
+    from sigil.interfaces.cli.replay import Player
+
+    options = DisplayOptions.from_settings(settings)
+    renderer = make_renderer(mode or "dashboard", options=options)
+    keys: TerminalKeys | None = None
+    if isinstance(renderer, DashboardRenderer) and not no_keys:
+        candidate = TerminalKeys(sys.stdin.fileno())
+        if candidate.enter():
+            keys = candidate
+            renderer.view.keys = True
+    label = timeline.session_id + (f" run {run_number}" if run_number is not None else "")
+    refresh = min(0.1, 1.0 / float(settings.monitoring.refresh_rate_hz))
+    player = Player(
+        timeline,
+        renderer,
+        speed=speed,
+        max_gap=max_gap,
+        first=first,
+        stop=stop,
+        refresh_rate=refresh,
+        default_budget=int(settings.token_budget.default_total),
+        keys=keys,
+        label=label,
+        start_paused=paused and keys is not None,
+    )
+    try:
+        return player.run()
+    finally:
+        renderer.close()
+        if keys is not None:
+            keys.restore()
