@@ -322,3 +322,54 @@ def test_a_stepped_frame_matches_its_golden_file(tmp_path: Path) -> None:
     if os.environ.get("SIGIL_UPDATE_GOLDEN"):
         path.write_text(text + "\n")
     assert text + "\n" == path.read_text(), f"{path.name} changed; review it"
+
+
+def test_pacing_divides_each_gap_by_the_speed_and_caps_it() -> None:
+    """The wait before each event: its gap since the previous one over the speed,
+    at most ``max_gap``; ``max`` never waits. The replay's moment moves between
+    two events as the wait goes by, and stops while paused."""
+    import io
+
+    from sigil.interfaces.cli.display import DisplayOptions, StreamRenderer
+    from sigil.interfaces.cli.replay import Player, Timeline, parse_speed
+
+    assert parse_speed("10x") == 10 and parse_speed("0.5") == 0.5 and parse_speed("MAX") is None
+    for bad in ("0x", "-2x", "fast", "infx", "nanx"):
+        with pytest.raises(ValueError):
+            parse_speed(bad)
+
+    at = [0.0, 1.0, 101.0, 101.5]
+    data = b"".join(_event("pace", i, t, "step_complete", "routing", 10) for i, t in enumerate(at))
+    timeline = Timeline("pace", [("execution.jsonl", data + b"not json\n")])
+    assert [ln.gap for ln in timeline.lines] == [0.0, 1.0, 100.0, 0.5, 0.0]
+    now = [1000.0]
+    out = io.StringIO()
+    renderer = StreamRenderer(out, io.StringIO(), DisplayOptions())
+    player = Player(timeline, renderer, speed=10.0, max_gap=2.0, clock=lambda: now[0])
+    assert [player.delay(i) for i in range(5)] == [0.0, 0.1, 2.0, 0.05, 0.0]
+    assert Player(timeline, renderer, speed=None).delay(2) == 0.0
+
+    # Two events in (the second 0.1 s after the first); the third, 100 s of
+    # event time later, is due 2 s after the second.
+    from datetime import UTC, datetime
+
+    zero = datetime(2026, 1, 11, 10, 0, tzinfo=UTC).timestamp()
+    player.next_due = now[0]
+    now[0] += 0.1
+    player._advance(player._due(now[0]))
+    assert player.cursor == 2 and player.fold.snapshot().tokens == 20
+    assert player.next_due == pytest.approx(now[0] + 2.0)
+    moment = player.moment()
+    assert moment is not None and moment.timestamp() == pytest.approx(zero + 1.0)
+    now[0] += 1.0  # half the wait: half the gap of event time
+    moment = player.moment()
+    assert moment is not None and moment.timestamp() == pytest.approx(zero + 51.0)
+    player.pause()
+    now[0] += 10.0
+    moment = player.moment()
+    assert moment is not None and moment.timestamp() == pytest.approx(zero + 51.0)
+    player.step()
+    assert player.cursor == 3 and player.fold.snapshot().tokens == 30
+    player.resume()
+    assert player.next_due == pytest.approx(now[0] + 0.05)
+    assert "step_complete 2" in out.getvalue()
