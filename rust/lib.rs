@@ -1360,8 +1360,8 @@ mod _native {
     };
     #[pymodule_export]
     use crate::snapshot::{
-        PyComponentSnapshot, PyLastError, PyMalformedLine, PyRunSnapshot, PySessionHistory,
-        PySessionSnapshot, PyStepInFlight,
+        PyComponentSnapshot, PyLastError, PyMalformedLine, PyModelSnapshot, PyRunSnapshot,
+        PySessionHistory, PySessionSnapshot, PyStepInFlight,
     };
 
     #[pymodule_export]

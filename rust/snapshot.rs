@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::cost::Cost;
-use crate::fold::{self, ComponentTotals, FoldState, RunTotals, LATENCY_BOUNDS_MS};
+use crate::fold::{self, ComponentTotals, FoldState, ModelTotals, RunTotals, LATENCY_BOUNDS_MS};
 use crate::ledger::{self, Ledger, LedgerRun, RunRef};
 use crate::parse::Event;
 
@@ -165,6 +165,95 @@ pub fn rate_series(
     out
 }
 
+/// One model's totals (in a session, a run or a history): the events whose
+/// `metadata.model` names it (fold.rs, `ModelTotals`).
+#[pyclass(frozen, eq, get_all, module = "sigil._native", name = "ModelSnapshot")]
+#[derive(Clone, PartialEq)]
+pub struct PyModelSnapshot {
+    pub name: String,
+    pub tokens: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// `step_complete` and `step_error` events with this model.
+    pub calls: u64,
+    pub errors: u64,
+    pub cost_nanousd: u64,
+    pub priced_events: u64,
+    pub unpriced_tokens: u64,
+    pub unpriced_calls: u64,
+    /// Calls whose usage the proxy could not read (`metadata.usage == "unknown"`).
+    pub unknown_usage_calls: u64,
+}
+
+#[pymethods]
+impl PyModelSnapshot {
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("tokens", self.tokens)?;
+        d.set_item("input_tokens", self.input_tokens)?;
+        d.set_item("output_tokens", self.output_tokens)?;
+        d.set_item("calls", self.calls)?;
+        d.set_item("errors", self.errors)?;
+        d.set_item("cost_nanousd", self.cost_nanousd)?;
+        d.set_item("priced_events", self.priced_events)?;
+        d.set_item("unpriced_tokens", self.unpriced_tokens)?;
+        d.set_item("unpriced_calls", self.unpriced_calls)?;
+        d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ModelSnapshot(name={:?}, tokens={}, calls={}, errors={})",
+            self.name, self.tokens, self.calls, self.errors
+        )
+    }
+}
+
+/// Models sorted by name.
+type Models = Vec<PyModelSnapshot>;
+
+fn models<'a>(items: impl Iterator<Item = (&'a str, &'a ModelTotals)>) -> Models {
+    let mut out: Models = items
+        .map(|(k, m)| PyModelSnapshot {
+            name: k.to_string(),
+            tokens: m.tokens,
+            input_tokens: m.input_tokens,
+            output_tokens: m.output_tokens,
+            calls: m.calls,
+            errors: m.errors,
+            cost_nanousd: m.cost_nanousd,
+            priced_events: m.priced_events,
+            unpriced_tokens: m.unpriced_tokens,
+            unpriced_calls: m.unpriced_calls,
+            unknown_usage_calls: m.unknown_usage,
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+fn models_dict<'py>(py: Python<'py>, ms: &Models) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for m in ms {
+        d.set_item(&m.name, m.clone())?;
+    }
+    Ok(d)
+}
+
+fn models_plain<'py>(py: Python<'py>, ms: &Models) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for m in ms {
+        d.set_item(&m.name, m.to_dict(py)?)?;
+    }
+    Ok(d)
+}
+
+/// Calls with unknown usage over components.
+fn unknown_usage<'a>(items: impl Iterator<Item = &'a ComponentTotals>) -> u64 {
+    items.fold(0u64, |n, c| n.saturating_add(c.unknown_usage))
+}
+
 /// One component's totals (in a session or a run).
 #[pyclass(frozen, get_all, module = "sigil._native", name = "ComponentSnapshot")]
 pub struct PyComponentSnapshot {
@@ -193,6 +282,8 @@ pub struct PyComponentSnapshot {
     /// Tokens of events with a model and no cost, and those models.
     pub unpriced_tokens: u64,
     pub unpriced_models: Vec<String>,
+    /// Calls whose usage the proxy could not read (`metadata.usage == "unknown"`).
+    pub unknown_usage_calls: u64,
 }
 
 /// The cost of a run or a session: its components', added in name order.
@@ -242,6 +333,7 @@ impl PyComponentSnapshot {
         d.set_item("priced_events", self.priced_events)?;
         d.set_item("unpriced_tokens", self.unpriced_tokens)?;
         d.set_item("unpriced_models", self.unpriced_models.clone())?;
+        d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
         Ok(d)
     }
 
@@ -292,6 +384,7 @@ fn component(py: Python<'_>, name: &str, c: &ComponentTotals) -> PyResult<Py<PyC
             priced_events: c.cost.priced,
             unpriced_tokens: c.cost.unpriced_tokens,
             unpriced_models: c.cost.unpriced_models.clone(),
+            unknown_usage_calls: c.unknown_usage,
         },
     )
 }
@@ -368,12 +461,22 @@ pub struct PyRunSnapshot {
     pub first_seq: Option<u64>,
     #[pyo3(get)]
     pub last_seq: Option<u64>,
+    /// Calls of the run whose usage is unknown (its components').
+    #[pyo3(get)]
+    pub unknown_usage_calls: u64,
     comps: Components,
     cost: Cost,
+    mods: Models,
 }
 
 #[pymethods]
 impl PyRunSnapshot {
+    /// Per model, by name (see `ModelSnapshot`).
+    #[getter]
+    fn models<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        models_dict(py, &self.mods)
+    }
+
     /// Nano-dollars of the run's priced events (its components' cost).
     #[getter]
     fn cost_nanousd(&self) -> u64 {
@@ -431,6 +534,8 @@ impl PyRunSnapshot {
         d.set_item("source", self.source)?;
         d.set_item("components", components_plain(py, &self.comps)?)?;
         cost_items(&d, &self.cost)?;
+        d.set_item("models", models_plain(py, &self.mods)?)?;
+        d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
         Ok(d)
     }
 
@@ -475,8 +580,10 @@ fn run_as(
             source: "log",
             first_seq: r.first_seq,
             last_seq: r.last_seq,
+            unknown_usage_calls: unknown_usage(r.components.iter().map(|(_, c)| c)),
             comps: components(py, &r.components)?,
             cost: cost_total(r.components.iter().map(|(k, c)| (k, &c.cost))),
+            mods: models(r.models.iter()),
         },
     )
 }
@@ -520,8 +627,10 @@ fn ledger_run(py: Python<'_>, r: &LedgerRun, status: &str) -> PyResult<Py<PyRunS
             source: "ledger",
             first_seq: r.first_seq,
             last_seq: r.last_seq,
+            unknown_usage_calls: unknown_usage(r.components.iter().map(|(_, c)| c)),
             comps,
             cost: cost_total(r.components.iter().map(|(k, c)| (k.as_str(), &c.cost))),
+            mods: models(r.models.iter().map(|(k, m)| (k.as_str(), m))),
         },
     )
 }
@@ -564,9 +673,13 @@ pub struct PySessionHistory {
     /// Why `tokens.json` was not usable as a ledger (None when it was, or is absent).
     #[pyo3(get)]
     pub ledger_problem: Option<String>,
+    /// Calls whose usage is unknown, over the whole session.
+    #[pyo3(get)]
+    pub unknown_usage_calls: u64,
     /// Components over the whole session (see `ledger.rs` for what the ledger adds).
     comps: Components,
     cost: Cost,
+    mods: Models,
 }
 
 #[pymethods]
@@ -605,6 +718,12 @@ impl PySessionHistory {
     #[getter]
     fn components<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         components_dict(py, &self.comps)
+    }
+
+    /// Per model over the whole session (the log's and the ledger-only runs').
+    #[getter]
+    fn models<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        models_dict(py, &self.mods)
     }
 
     /// Tokens per component over the whole session.
@@ -679,8 +798,10 @@ pub fn history(
         orphan_tokens: h.orphan_tokens,
         malformed: st.map_or(0, |s| s.malformed),
         ledger_problem: problem,
+        unknown_usage_calls: unknown_usage(h.components.iter().map(|(_, c)| c)),
         comps: components(py, &h.components)?,
         cost: cost_total(h.components.iter().map(|(k, c)| (k, &c.cost))),
+        mods: models(h.models.iter()),
     })
 }
 
@@ -748,8 +869,12 @@ pub struct PySessionSnapshot {
     pub window_seconds: usize,
     #[pyo3(get)]
     pub latency_bounds_ms: Vec<f64>,
+    /// Calls whose usage is unknown (the proxy saw none), over the components.
+    #[pyo3(get)]
+    pub unknown_usage_calls: u64,
     comps: Components,
     cost: Cost,
+    mods: Models,
     runs_kept: Vec<Py<PyRunSnapshot>>,
     counts: Vec<(String, u64)>,
     alloc: Vec<(String, u64)>,
@@ -762,6 +887,12 @@ impl PySessionSnapshot {
     #[getter]
     fn components<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         components_dict(py, &self.comps)
+    }
+
+    /// Per model, by name (see `ModelSnapshot`).
+    #[getter]
+    fn models<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        models_dict(py, &self.mods)
     }
 
     /// Nano-dollars over the session's priced events (its components' cost).
@@ -876,6 +1007,8 @@ impl PySessionSnapshot {
         d.set_item("runs", runs)?;
         d.set_item("components", components_plain(py, &self.comps)?)?;
         cost_items(&d, &self.cost)?;
+        d.set_item("models", models_plain(py, &self.mods)?)?;
+        d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
         d.set_item("event_counts", self.event_counts(py)?)?;
         d.set_item("first_timestamp", &self.first_timestamp)?;
         d.set_item("last_timestamp", &self.last_timestamp)?;
@@ -972,8 +1105,10 @@ pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
         rate_buckets: st.window.buckets(),
         window_seconds: fold::WINDOW_SECONDS,
         latency_bounds_ms: LATENCY_BOUNDS_MS.to_vec(),
+        unknown_usage_calls: unknown_usage(st.components.iter().map(|(_, c)| c)),
         comps: components(py, &st.components)?,
         cost: cost_total(st.components.iter().map(|(k, c)| (k, &c.cost))),
+        mods: models(st.models.iter()),
         runs_kept: st
             .run_list
             .iter()
@@ -1012,6 +1147,8 @@ pub fn session_joined(
     s.tokens = h.tokens;
     s.run_count = ledger_only.saturating_add(st.runs);
     s.comps = components(py, &h.components)?;
+    s.mods = models(h.models.iter());
+    s.unknown_usage_calls = unknown_usage(h.components.iter().map(|(_, c)| c));
     s.runs_kept = h
         .runs
         .iter()

@@ -124,6 +124,7 @@ class Component:
     priced_events: int = 0
     unpriced_tokens: int = 0
     unpriced_models: list[str] = field(default_factory=list)
+    unknown_usage_calls: int = 0
 
     def observe_cost(self, nano: int | None, tokens: int, model: str | None) -> None:
         if nano is not None:
@@ -182,7 +183,52 @@ class Component:
             "priced_events": self.priced_events,
             "unpriced_tokens": self.unpriced_tokens,
             "unpriced_models": list(self.unpriced_models),
+            "unknown_usage_calls": self.unknown_usage_calls,
         }
+
+
+@dataclass
+class Model:
+    """One model's totals: the events (of the kinds whose metadata the fold
+    reads) whose ``metadata.model`` is a string naming it."""
+
+    tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    calls: int = 0
+    errors: int = 0
+    cost_nanousd: int = 0
+    priced_events: int = 0
+    unpriced_tokens: int = 0
+    unpriced_calls: int = 0
+    unknown_usage_calls: int = 0
+
+    def observe(
+        self, kind: str, tokens: int, meta: dict[str, Any], nano: int | None, unknown: bool
+    ) -> None:
+        call = kind in ("step_complete", "step_error")
+        self.tokens = min(U64_MAX, self.tokens + tokens)
+        self.input_tokens = min(U64_MAX, self.input_tokens + (u64(meta.get("input_tokens")) or 0))
+        self.output_tokens = min(
+            U64_MAX, self.output_tokens + (u64(meta.get("output_tokens")) or 0)
+        )
+        if nano is not None:
+            self.cost_nanousd = min(U64_MAX, self.cost_nanousd + nano)
+            self.priced_events += 1
+        else:
+            self.unpriced_tokens = min(U64_MAX, self.unpriced_tokens + tokens)
+            self.unpriced_calls += call
+        if call:
+            self.calls += 1
+            self.errors += kind == "step_error"
+            self.unknown_usage_calls += unknown
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def models_dict(models: dict[str, Model]) -> dict[str, dict[str, Any]]:
+    return {k: models[k].to_dict() for k in sorted(models)}
 
 
 def cost_totals(components: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -224,6 +270,7 @@ class Run:
     last_seq: int | None = None
     budget: int | None = None
     components: dict[str, Component] = field(default_factory=dict)
+    models: dict[str, Model] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         comps = {k: self.components[k].to_dict() for k in sorted(self.components)}
@@ -245,6 +292,8 @@ class Run:
             "source": "log",
             "components": comps,
             **cost_totals(comps),
+            "models": models_dict(self.models),
+            "unknown_usage_calls": sum(c["unknown_usage_calls"] for c in comps.values()),
         }
 
 
@@ -275,6 +324,7 @@ def fold_reference(data: bytes) -> dict[str, Any]:
         "malformed_lines": [],
     }
     components: dict[str, Component] = {}
+    models: dict[str, Model] = {}
     counts: dict[str, int] = {}
     head = Run()
     runs: list[Run] = []
@@ -378,8 +428,16 @@ def fold_reference(data: bytes) -> dict[str, Any]:
                 "attempt": u64(meta.get("attempt")),
                 "timestamp": e.timestamp,
             }
+        unknown = meta.get("usage") == "unknown"
+        call = kind in ("step_complete", "step_error")
+        named = text(meta.get("model"))
+        if named is not None:
+            for mtable in (models, run.models):
+                m: Model = slot(mtable, bounded(named), Model)
+                m.observe(kind, e.tokens, meta, nano, unknown)
         for table in (components, run.components):
             c: Component = slot(table, e.component, Component)
+            c.unknown_usage_calls += call and unknown
             c.tokens = min(U64_MAX, c.tokens + e.tokens)
             c.input_tokens = min(U64_MAX, c.input_tokens + (u64(meta.get("input_tokens")) or 0))
             c.output_tokens = min(U64_MAX, c.output_tokens + (u64(meta.get("output_tokens")) or 0))
@@ -424,6 +482,8 @@ def fold_reference(data: bytes) -> dict[str, Any]:
         "runs": [r.to_dict() for r in runs],
         "components": session_components,
         **cost_totals(session_components),
+        "models": models_dict(models),
+        "unknown_usage_calls": sum(c["unknown_usage_calls"] for c in session_components.values()),
         "event_counts": dict(sorted(counts.items())),
         "duration_seconds": duration,
         "average_tokens_per_second": state["tokens"] / duration if duration else None,
@@ -477,7 +537,15 @@ def join_reference(data: bytes, ledger: dict[str, Any] | None) -> dict[str, Any]
             into = components.setdefault(name, [0] * 5)
             for i, key in enumerate(("tokens", "operations", *cost_keys)):
                 into[i] += c.get(key, 0)
+    model_keys = ("tokens", "calls", "errors", "cost_nanousd", "unknown_usage_calls")
+    models = {n: [m[k] for k in model_keys] for n, m in fold["models"].items()}
+    for r in ledger_only:
+        for name, m in r.get("model_stats", {}).items():
+            into = models.setdefault(name, [0] * len(model_keys))
+            for i, key in enumerate(model_keys):
+                into[i] += m.get(key, 0)
     return {
+        "models": {n: tuple(v) for n, v in sorted(models.items())},
         "runs": [tuple(r) for r in runs],
         "tokens": tokens,
         "events": events,
@@ -493,6 +561,10 @@ def join_reference(data: bytes, ledger: dict[str, Any] | None) -> dict[str, Any]
 def history_view(history: Any) -> dict[str, Any]:
     """A ``HistorySnapshot``'s numbers as plain data (to compare with the reference)."""
     return {
+        "models": {
+            n: (m.tokens, m.calls, m.errors, m.cost_nanousd, m.unknown_usage_calls)
+            for n, m in sorted(history.models.items())
+        },
         "runs": [
             (r.source, r.number, r.status, r.tokens, r.events, r.first_seq, r.last_seq)
             for r in history.runs

@@ -261,6 +261,8 @@ class RunRecord:
     unpriced_tokens: int = 0
     #: name -> tokens, operations, errors, retries, latency_ms, cost (the model's values)
     components: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: model -> tokens, calls, errors, cost... (the model's ``ModelSnapshot.to_dict``)
+    models: dict[str, dict[str, int]] = field(default_factory=dict)
     duration_seconds: float = 0.0
     #: slot -> what its step_complete recorded (for resume)
     completed: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -308,9 +310,11 @@ class RunRecord:
                     "cost_nanousd": c.cost_nanousd,
                     "priced_events": c.priced_events,
                     "unpriced_tokens": c.unpriced_tokens,
+                    "unknown_usage_calls": c.unknown_usage_calls,
                 }
                 for name, c in snap.components.items()
             },
+            models={name: m.to_dict() for name, m in snap.models.items()},
             duration_seconds=snap.duration_seconds or 0.0,
             source=snap.source,
         )
@@ -341,6 +345,9 @@ class RunRecord:
                 name: {k: round(v, 3) if "latency" in k else int(v) for k, v in c.items()}
                 for name, c in self.components.items()
             },
+            # Per model (issue 13): what the ledger stands in with once the
+            # run's events left the log.
+            "model_stats": self.models,
         }
 
     def metrics_dict(self) -> dict[str, Any]:
@@ -1666,6 +1673,10 @@ def write_summaries(
             }
             for name in comp_tokens
         },
+        # Per model over the whole session (the model's, ledger-only runs included).
+        "model_totals": (
+            {name: m.to_dict() for name, m in model.models.items()} if model is not None else {}
+        ),
         "log_files": _log_files(session_dir),
         "events": history.events,
         # A hole in seq that neither the log nor the ledger could fill: the
