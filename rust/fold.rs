@@ -151,6 +151,12 @@ impl<V> Names<V> {
     fn at_mut(&mut self, i: usize) -> &mut V {
         &mut self.items[i].1
     }
+    /// The name and value of a slot [`Names::slot_index`] gave.
+    #[inline]
+    fn entry_mut(&mut self, i: usize) -> (&str, &mut V) {
+        let (k, v) = &mut self.items[i];
+        (k.as_str(), v)
+    }
     pub fn get(&self, key: &str) -> Option<&V> {
         self.index.get(key).map(|&i| &self.items[i].1)
     }
@@ -419,10 +425,12 @@ pub struct LastError {
     pub timestamp: String,
 }
 
-/// What the calls to one model add up to (issue 13: reports by model): every
-/// event the fold reads metadata of whose `metadata.model` is a string counts
-/// here under that model (at most [`MAX_TEXT`] bytes of it). A call is a
-/// `step_complete` or `step_error` with a model.
+/// What the calls of one component to one model add up to (issue 13: reports
+/// by model): every event the fold reads metadata of whose `metadata.model` is
+/// a string counts here under its component and that model (at most
+/// [`MAX_TEXT`] bytes of it). A call is a `step_complete` or `step_error` with
+/// a model. The tables are keyed by [`model_key`] and capped at `MAX_NAMES`
+/// pairs in first-seen order, like the components.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelTotals {
     pub tokens: u64,
@@ -440,6 +448,23 @@ pub struct ModelTotals {
     pub unpriced_calls: u64,
     /// Calls whose `metadata.usage` is `"unknown"` (the proxy saw no usage).
     pub unknown_usage: u64,
+}
+
+/// The key of a (component, model) pair in a models table: the two names
+/// joined by [`MODEL_KEY_SEP`] (a control byte no sigil name holds).
+pub fn model_key(component: &str, model: &str) -> String {
+    let mut k = String::with_capacity(component.len() + model.len() + 1);
+    k.push_str(component);
+    k.push(MODEL_KEY_SEP);
+    k.push_str(model);
+    k
+}
+
+pub const MODEL_KEY_SEP: char = '\u{1f}';
+
+/// A models table key's (component, model); `OTHER` is (OTHER, OTHER).
+pub fn split_model_key(key: &str) -> (&str, &str) {
+    key.split_once(MODEL_KEY_SEP).unwrap_or((key, key))
 }
 
 impl ModelTotals {
@@ -485,8 +510,9 @@ pub struct ComponentTotals {
     /// Calls (`step_complete`, `step_error`) whose `metadata.usage` is
     /// `"unknown"`: their tokens are not known, never 0 silently.
     pub unknown_usage: u64,
-    /// The slot of `model` in the models table this component's updates go
-    /// to (the fold's or its run's). A cache, outside equality.
+    /// The slot of (this component, `model`) in the models table this
+    /// component's updates go to (the fold's or its run's). A cache, outside
+    /// equality.
     model_slot: Cache<Option<u32>>,
 }
 
@@ -512,7 +538,7 @@ struct Step<'m> {
 
 impl Step<'_> {
     #[inline(always)]
-    fn update(&self, c: &mut ComponentTotals, models: &mut Names<ModelTotals>) {
+    fn update(&self, c: &mut ComponentTotals, name: &str, models: &mut Names<ModelTotals>) {
         c.tokens = c.tokens.saturating_add(self.tokens);
         c.input_tokens = c.input_tokens.saturating_add(self.input_tokens);
         c.output_tokens = c.output_tokens.saturating_add(self.output_tokens);
@@ -531,7 +557,7 @@ impl Step<'_> {
             let model = if named { c.model.as_deref() } else { None };
             c.cost.observe(self.cost, self.tokens, model);
             if named {
-                self.update_model(c, models);
+                self.update_model(c, name, models);
             }
         }
         let call = matches!(self.kind, Kind::StepComplete | Kind::StepError);
@@ -565,14 +591,14 @@ impl Step<'_> {
 impl Step<'_> {
     /// Count the event under its model (a string: now `c.model`), in `models`.
     #[inline(always)]
-    fn update_model(&self, c: &mut ComponentTotals, models: &mut Names<ModelTotals>) {
+    fn update_model(&self, c: &mut ComponentTotals, name: &str, models: &mut Names<ModelTotals>) {
         let slot = match c.model_slot.0 {
             Some(s) => s as usize,
             None => {
-                let Some(name) = c.model.as_deref() else {
+                let Some(model) = c.model.as_deref() else {
                     return;
                 };
-                let s = models.slot_index(name);
+                let s = models.slot_index(&model_key(name, model));
                 c.model_slot.0 = Some(s as u32);
                 s
             }
@@ -1597,9 +1623,11 @@ impl FoldState {
             }
         };
         let (slot, run_slot) = self.component_slots(l.component);
-        step.update(self.components.at_mut(slot), &mut self.models);
+        let (name, c) = self.components.entry_mut(slot);
+        step.update(c, name, &mut self.models);
         let run = self.run_list.back_mut().unwrap_or(&mut self.head);
-        step.update(run.components.at_mut(run_slot), &mut run.models);
+        let (name, c) = run.components.entry_mut(run_slot);
+        step.update(c, name, &mut run.models);
         run.tokens = run.tokens.saturating_add(l.tokens);
         run.events = run.events.saturating_add(1);
         run.first_seq.get_or_insert(l.seq);
@@ -1854,9 +1882,11 @@ impl FoldState {
             unknown_usage: meta.usage_unknown,
         };
         let (slot, run_slot) = self.component_slots(&e.component);
-        step.update(self.components.at_mut(slot), &mut self.models);
+        let (name, c) = self.components.entry_mut(slot);
+        step.update(c, name, &mut self.models);
         let run = self.run_list.back_mut().unwrap_or(&mut self.head);
-        step.update(run.components.at_mut(run_slot), &mut run.models);
+        let (name, c) = run.components.entry_mut(run_slot);
+        step.update(c, name, &mut run.models);
         run.tokens = run.tokens.saturating_add(e.tokens);
         run.events = run.events.saturating_add(1);
         if let Some(seq) = e.seq {
@@ -2518,30 +2548,24 @@ mod tests {
         assert_eq!(c.model.as_deref(), Some("m1"));
         assert_eq!(c.unknown_usage, 1);
         assert_eq!(whole.components["planning"].unknown_usage, 1);
-        let m1 = whole.models.get("m1").unwrap();
+        let m1 = whole.models.get(&model_key("reasoning", "m1")).unwrap();
+        assert_eq!((m1.tokens, m1.input_tokens, m1.calls), (40, 30, 1));
+        assert_eq!((m1.errors, m1.unknown_usage), (0, 1));
+        assert_eq!((m1.cost_nanousd, m1.priced_events), (0, 0));
+        assert_eq!((m1.unpriced_tokens, m1.unpriced_calls), (40, 1));
+        let p1 = whole.models.get(&model_key("planning", "m1")).unwrap();
         assert_eq!(
-            (
-                m1.tokens,
-                m1.input_tokens,
-                m1.calls,
-                m1.errors,
-                m1.unknown_usage
-            ),
-            (43, 30, 2, 1, 2)
+            (p1.tokens, p1.calls, p1.errors, p1.unknown_usage),
+            (3, 1, 1, 1)
         );
-        assert_eq!(
-            (
-                m1.cost_nanousd,
-                m1.priced_events,
-                m1.unpriced_tokens,
-                m1.unpriced_calls
-            ),
-            (500_000_000, 1, 40, 1)
-        );
-        let m2 = whole.models.get("m2").unwrap();
+        assert_eq!((p1.cost_nanousd, p1.priced_events), (500_000_000, 1));
+        let m2 = whole.models.get(&model_key("reasoning", "m2")).unwrap();
         assert_eq!((m2.tokens, m2.calls, m2.output_tokens), (60, 1, 10));
-        assert_eq!(whole.run().models.get("m1").unwrap().calls, 2);
+        let run_p1 = whole.run().models.get(&model_key("planning", "m1"));
+        assert_eq!(run_p1.map(|m| m.calls), Some(1));
         assert!(whole.run_list[0].models.is_empty());
+        assert_eq!(split_model_key(&model_key("a", "b")), ("a", "b"));
+        assert_eq!(split_model_key(OTHER), (OTHER, OTHER));
         assert_eq!(c.last_error.as_ref().map(|e| e.attempt), Some(Some(1)));
         assert_eq!(whole.components["orchestrator"].retries, 0);
         let starts: Vec<usize> = std::iter::once(0)

@@ -31,7 +31,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::cost::Cost;
-use crate::fold::{ComponentTotals, FoldState, ModelTotals, Names, MAX_NAMES};
+use crate::fold::{model_key, ComponentTotals, FoldState, ModelTotals, Names, MAX_NAMES};
 
 /// `tokens.json`'s `ledger_version`.
 pub const LEDGER_VERSION: u64 = 1;
@@ -210,17 +210,20 @@ fn cost(c: &Map<String, Value>) -> Cost {
     }
 }
 
-/// A ledger's per-model totals (`{name: {tokens, ...}}`), the first
-/// `MAX_NAMES` names in its order; anything that is not an object is none.
+/// A ledger's per-model totals (`{component: {model: {tokens, ...}}}`),
+/// keyed as the fold keys them ([`model_key`]), the first `MAX_NAMES` pairs
+/// in its order; anything that is not an object is none.
 fn models(v: &Value) -> Vec<(String, ModelTotals)> {
     let Some(m) = v.as_object() else {
         return Vec::new();
     };
     m.iter()
-        .filter_map(|(name, c)| {
+        .filter_map(|(component, ms)| Some((component, ms.as_object()?)))
+        .flat_map(|(component, ms)| ms.iter().map(move |(model, c)| (component, model, c)))
+        .filter_map(|(component, model, c)| {
             let c = c.as_object()?;
             Some((
-                name.clone(),
+                model_key(component, model),
                 ModelTotals {
                     tokens: count(c.get("tokens")),
                     input_tokens: count(c.get("input_tokens")),
@@ -508,12 +511,12 @@ mod tests {
 
     const LEDGER: &str = r#"{"ledger_version": 1, "last_seq": 3, "total_used": 10, "events": 4,
         "missing_events": 0, "component_totals": {"planning": {"tokens": 10, "operations": 1}},
-        "model_totals": {"m1": {"tokens": 10, "calls": 1, "cost_nanousd": 7}},
+        "model_totals": {"planning": {"m1": {"tokens": 10, "calls": 1, "cost_nanousd": 7}}},
         "log_files": [{"name": "execution.jsonl", "size": 10, "mtime_ns": 5}],
         "runs": [{"run": 1, "status": "complete", "tokens_used": 10, "events": 4,
                   "first_seq": 0, "last_seq": 3, "task": "t",
-                  "model_stats": {"m1": {"tokens": 10, "calls": 1, "errors": 1,
-                      "unknown_usage_calls": 1}},
+                  "model_stats": {"planning": {"m1": {"tokens": 10, "calls": 1, "errors": 1,
+                      "unknown_usage_calls": 1}}},
                   "component_stats": {"planning": {"tokens": 10, "operations": 1,
                       "errors": 0, "retries": 0, "latency_ms": 2.5}}}]}"#;
 
@@ -580,12 +583,15 @@ mod tests {
         let p = h.components.get("planning").unwrap();
         assert_eq!((p.tokens, p.operations, p.timed), (17, 2, 1));
         // Per model: the log's (m2) and the ledger-only run's (m1).
-        let m1 = h.models.get("m1").unwrap();
+        let m1 = h.models.get(&model_key("planning", "m1")).unwrap();
         assert_eq!(
             (m1.tokens, m1.calls, m1.errors, m1.unknown_usage),
             (10, 1, 1, 1)
         );
-        assert_eq!(h.models.get("m2").unwrap().tokens, 7);
+        assert_eq!(
+            h.models.get(&model_key("planning", "m2")).unwrap().tokens,
+            7
+        );
 
         // Without the ledger the log alone: seq 0..3 are missing.
         let h = join(&st, None);
@@ -635,7 +641,7 @@ mod tests {
         let h = alone(&l);
         assert_eq!((h.tokens, h.events, h.last_seq), (10, 4, Some(3)));
         assert_eq!(h.components.get("planning").unwrap().operations, 1);
-        let m1 = h.models.get("m1").unwrap();
+        let m1 = h.models.get(&model_key("planning", "m1")).unwrap();
         assert_eq!((m1.tokens, m1.calls, m1.cost_nanousd), (10, 1, 7));
         // A ledger without per-model totals does not stand for the log alone.
         let old = LEDGER.replace("\"model_totals\"", "\"old_model_totals\"");

@@ -166,11 +166,13 @@ pub fn rate_series(
 }
 
 /// One model's totals (in a session, a run or a history): the events whose
-/// `metadata.model` names it (fold.rs, `ModelTotals`).
+/// `metadata.model` names it (fold.rs, `ModelTotals`), of one component
+/// (`component`) or of all (`component` None).
 #[pyclass(frozen, eq, get_all, module = "sigil._native", name = "ModelSnapshot")]
 #[derive(Clone, PartialEq)]
 pub struct PyModelSnapshot {
     pub name: String,
+    pub component: Option<String>,
     pub tokens: u64,
     pub input_tokens: u64,
     pub output_tokens: u64,
@@ -210,43 +212,114 @@ impl PyModelSnapshot {
     }
 }
 
-/// Models sorted by name.
+/// (component, model) pairs sorted by component and model.
 type Models = Vec<PyModelSnapshot>;
 
+fn model_snapshot(component: Option<&str>, name: &str, m: &ModelTotals) -> PyModelSnapshot {
+    PyModelSnapshot {
+        name: name.to_string(),
+        component: component.map(str::to_string),
+        tokens: m.tokens,
+        input_tokens: m.input_tokens,
+        output_tokens: m.output_tokens,
+        calls: m.calls,
+        errors: m.errors,
+        cost_nanousd: m.cost_nanousd,
+        priced_events: m.priced_events,
+        unpriced_tokens: m.unpriced_tokens,
+        unpriced_calls: m.unpriced_calls,
+        unknown_usage_calls: m.unknown_usage,
+    }
+}
+
+/// A models table (keyed by `fold::model_key`) as its pairs, sorted.
 fn models<'a>(items: impl Iterator<Item = (&'a str, &'a ModelTotals)>) -> Models {
     let mut out: Models = items
-        .map(|(k, m)| PyModelSnapshot {
-            name: k.to_string(),
-            tokens: m.tokens,
-            input_tokens: m.input_tokens,
-            output_tokens: m.output_tokens,
-            calls: m.calls,
-            errors: m.errors,
-            cost_nanousd: m.cost_nanousd,
-            priced_events: m.priced_events,
-            unpriced_tokens: m.unpriced_tokens,
-            unpriced_calls: m.unpriced_calls,
-            unknown_usage_calls: m.unknown_usage,
+        .map(|(k, m)| {
+            let (component, model) = fold::split_model_key(k);
+            model_snapshot(Some(component), model, m)
         })
         .collect();
-    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out.sort_by(|a, b| (&a.component, &a.name).cmp(&(&b.component, &b.name)));
     out
 }
 
-fn models_dict<'py>(py: Python<'py>, ms: &Models) -> PyResult<Bound<'py, PyDict>> {
+/// The pairs' totals per model over every component, by name.
+fn by_model(pairs: &Models) -> Models {
+    let mut totals: std::collections::BTreeMap<&str, ModelTotals> = Default::default();
+    for p in pairs {
+        totals
+            .entry(p.name.as_str())
+            .or_default()
+            .add(&ModelTotals {
+                tokens: p.tokens,
+                input_tokens: p.input_tokens,
+                output_tokens: p.output_tokens,
+                calls: p.calls,
+                errors: p.errors,
+                cost_nanousd: p.cost_nanousd,
+                priced_events: p.priced_events,
+                unpriced_tokens: p.unpriced_tokens,
+                unpriced_calls: p.unpriced_calls,
+                unknown_usage: p.unknown_usage_calls,
+            });
+    }
+    totals
+        .iter()
+        .map(|(name, m)| model_snapshot(None, name, m))
+        .collect()
+}
+
+/// Per model over every component, by name.
+fn models_dict<'py>(py: Python<'py>, pairs: &Models) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
-    for m in ms {
-        d.set_item(&m.name, m.clone())?;
+    for m in by_model(pairs) {
+        d.set_item(m.name.clone(), m)?;
     }
     Ok(d)
 }
 
-fn models_plain<'py>(py: Python<'py>, ms: &Models) -> PyResult<Bound<'py, PyDict>> {
+/// Per component, per model: `{component: {model: ModelSnapshot}}`.
+fn component_models_dict<'py>(py: Python<'py>, pairs: &Models) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
-    for m in ms {
-        d.set_item(&m.name, m.to_dict(py)?)?;
+    for m in pairs {
+        let component = m.component.as_deref().unwrap_or_default();
+        let inner = match d.get_item(component)? {
+            Some(inner) => inner.cast_into::<PyDict>()?,
+            None => {
+                let inner = PyDict::new(py);
+                d.set_item(component, &inner)?;
+                inner
+            }
+        };
+        inner.set_item(&m.name, m.clone())?;
     }
     Ok(d)
+}
+
+/// `models` and `component_models` of a `to_dict`, as plain data.
+fn models_items(d: &Bound<'_, PyDict>, pairs: &Models) -> PyResult<()> {
+    let py = d.py();
+    let plain = PyDict::new(py);
+    for m in by_model(pairs) {
+        plain.set_item(&m.name, m.to_dict(py)?)?;
+    }
+    d.set_item("models", plain)?;
+    let nested = PyDict::new(py);
+    for m in pairs {
+        let component = m.component.as_deref().unwrap_or_default();
+        let inner = match nested.get_item(component)? {
+            Some(inner) => inner.cast_into::<PyDict>()?,
+            None => {
+                let inner = PyDict::new(py);
+                nested.set_item(component, &inner)?;
+                inner
+            }
+        };
+        inner.set_item(&m.name, m.to_dict(py)?)?;
+    }
+    d.set_item("component_models", nested)?;
+    Ok(())
 }
 
 /// Calls with unknown usage over components.
@@ -477,6 +550,12 @@ impl PyRunSnapshot {
         models_dict(py, &self.mods)
     }
 
+    /// Per component, per model (`{component: {model: ModelSnapshot}}`).
+    #[getter]
+    fn component_models<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        component_models_dict(py, &self.mods)
+    }
+
     /// Nano-dollars of the run's priced events (its components' cost).
     #[getter]
     fn cost_nanousd(&self) -> u64 {
@@ -534,7 +613,7 @@ impl PyRunSnapshot {
         d.set_item("source", self.source)?;
         d.set_item("components", components_plain(py, &self.comps)?)?;
         cost_items(&d, &self.cost)?;
-        d.set_item("models", models_plain(py, &self.mods)?)?;
+        models_items(&d, &self.mods)?;
         d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
         Ok(d)
     }
@@ -726,6 +805,12 @@ impl PySessionHistory {
         models_dict(py, &self.mods)
     }
 
+    /// Per component, per model (`{component: {model: ModelSnapshot}}`).
+    #[getter]
+    fn component_models<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        component_models_dict(py, &self.mods)
+    }
+
     /// Tokens per component over the whole session.
     fn component_tokens<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
@@ -895,6 +980,12 @@ impl PySessionSnapshot {
         models_dict(py, &self.mods)
     }
 
+    /// Per component, per model (`{component: {model: ModelSnapshot}}`).
+    #[getter]
+    fn component_models<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        component_models_dict(py, &self.mods)
+    }
+
     /// Nano-dollars over the session's priced events (its components' cost).
     #[getter]
     fn cost_nanousd(&self) -> u64 {
@@ -1007,7 +1098,7 @@ impl PySessionSnapshot {
         d.set_item("runs", runs)?;
         d.set_item("components", components_plain(py, &self.comps)?)?;
         cost_items(&d, &self.cost)?;
-        d.set_item("models", models_plain(py, &self.mods)?)?;
+        models_items(&d, &self.mods)?;
         d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
         d.set_item("event_counts", self.event_counts(py)?)?;
         d.set_item("first_timestamp", &self.first_timestamp)?;

@@ -227,8 +227,22 @@ class Model:
         return dict(self.__dict__)
 
 
-def models_dict(models: dict[str, Model]) -> dict[str, dict[str, Any]]:
-    return {k: models[k].to_dict() for k in sorted(models)}
+SEP = "\x1f"
+
+
+def models_items(models: dict[str, Model]) -> dict[str, Any]:
+    """``models`` (per model over every component) and ``component_models``
+    (per component, per model) of a table keyed ``component SEP model``."""
+    per_model: dict[str, dict[str, int]] = {}
+    nested: dict[str, dict[str, dict[str, int]]] = {}
+    for key in sorted(models, key=lambda k: tuple(k.split(SEP, 1)) if SEP in k else (k, k)):
+        component, model = key.split(SEP, 1) if SEP in key else (key, key)
+        d = models[key].to_dict()
+        nested.setdefault(component, {})[model] = d
+        into = per_model.setdefault(model, dict.fromkeys(d, 0))
+        for k, v in d.items():
+            into[k] = min(U64_MAX, into[k] + v)
+    return {"models": dict(sorted(per_model.items())), "component_models": nested}
 
 
 def cost_totals(components: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -292,7 +306,7 @@ class Run:
             "source": "log",
             "components": comps,
             **cost_totals(comps),
-            "models": models_dict(self.models),
+            **models_items(self.models),
             "unknown_usage_calls": sum(c["unknown_usage_calls"] for c in comps.values()),
         }
 
@@ -431,13 +445,13 @@ def fold_reference(data: bytes) -> dict[str, Any]:
         unknown = meta.get("usage") == "unknown"
         call = kind in ("step_complete", "step_error")
         named = text(meta.get("model"))
-        if named is not None:
-            for mtable in (models, run.models):
-                m: Model = slot(mtable, bounded(named), Model)
-                m.observe(kind, e.tokens, meta, nano, unknown)
-        for table in (components, run.components):
+        for table, mtable in ((components, models), (run.components, run.models)):
             c: Component = slot(table, e.component, Component)
             c.unknown_usage_calls += call and unknown
+            if named is not None:
+                name = e.component if e.component in table else OTHER
+                m: Model = slot(mtable, name + SEP + bounded(named), Model)
+                m.observe(kind, e.tokens, meta, nano, unknown)
             c.tokens = min(U64_MAX, c.tokens + e.tokens)
             c.input_tokens = min(U64_MAX, c.input_tokens + (u64(meta.get("input_tokens")) or 0))
             c.output_tokens = min(U64_MAX, c.output_tokens + (u64(meta.get("output_tokens")) or 0))
@@ -482,7 +496,7 @@ def fold_reference(data: bytes) -> dict[str, Any]:
         "runs": [r.to_dict() for r in runs],
         "components": session_components,
         **cost_totals(session_components),
-        "models": models_dict(models),
+        **models_items(models),
         "unknown_usage_calls": sum(c["unknown_usage_calls"] for c in session_components.values()),
         "event_counts": dict(sorted(counts.items())),
         "duration_seconds": duration,
@@ -538,12 +552,17 @@ def join_reference(data: bytes, ledger: dict[str, Any] | None) -> dict[str, Any]
             for i, key in enumerate(("tokens", "operations", *cost_keys)):
                 into[i] += c.get(key, 0)
     model_keys = ("tokens", "calls", "errors", "cost_nanousd", "unknown_usage_calls")
-    models = {n: [m[k] for k in model_keys] for n, m in fold["models"].items()}
+    models = {
+        (c, n): [m[k] for k in model_keys]
+        for c, ms in fold["component_models"].items()
+        for n, m in ms.items()
+    }
     for r in ledger_only:
-        for name, m in r.get("model_stats", {}).items():
-            into = models.setdefault(name, [0] * len(model_keys))
-            for i, key in enumerate(model_keys):
-                into[i] += m.get(key, 0)
+        for component, ms in r.get("model_stats", {}).items():
+            for name, m in ms.items():
+                into = models.setdefault((component, name), [0] * len(model_keys))
+                for i, key in enumerate(model_keys):
+                    into[i] += m.get(key, 0)
     return {
         "models": {n: tuple(v) for n, v in sorted(models.items())},
         "runs": [tuple(r) for r in runs],
@@ -562,8 +581,9 @@ def history_view(history: Any) -> dict[str, Any]:
     """A ``HistorySnapshot``'s numbers as plain data (to compare with the reference)."""
     return {
         "models": {
-            n: (m.tokens, m.calls, m.errors, m.cost_nanousd, m.unknown_usage_calls)
-            for n, m in sorted(history.models.items())
+            (c, n): (m.tokens, m.calls, m.errors, m.cost_nanousd, m.unknown_usage_calls)
+            for c, ms in sorted(history.component_models.items())
+            for n, m in sorted(ms.items())
         },
         "runs": [
             (r.source, r.number, r.status, r.tokens, r.events, r.first_seq, r.last_seq)
