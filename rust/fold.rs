@@ -151,6 +151,12 @@ impl<V> Names<V> {
     fn at_mut(&mut self, i: usize) -> &mut V {
         &mut self.items[i].1
     }
+    /// The name and value of a slot [`Names::slot_index`] gave.
+    #[inline]
+    fn entry_mut(&mut self, i: usize) -> (&str, &mut V) {
+        let (k, v) = &mut self.items[i];
+        (k.as_str(), v)
+    }
     pub fn get(&self, key: &str) -> Option<&V> {
         self.index.get(key).map(|&i| &self.items[i].1)
     }
@@ -419,6 +425,63 @@ pub struct LastError {
     pub timestamp: String,
 }
 
+/// What the calls of one component to one model add up to (issue 13: reports
+/// by model): every event the fold reads metadata of whose `metadata.model` is
+/// a string counts here under its component and that model (at most
+/// [`MAX_TEXT`] bytes of it). A call is a `step_complete` or `step_error` with
+/// a model. The tables are keyed by [`model_key`] and capped at `MAX_NAMES`
+/// pairs in first-seen order, like the components.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelTotals {
+    pub tokens: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// `step_complete` and `step_error` events.
+    pub calls: u64,
+    /// `step_error` events.
+    pub errors: u64,
+    /// Nano-dollars of the events that carried `cost_usd`, and how many did.
+    pub cost_nanousd: u64,
+    pub priced_events: u64,
+    /// Tokens of the events without a cost, and the calls without one.
+    pub unpriced_tokens: u64,
+    pub unpriced_calls: u64,
+    /// Calls whose `metadata.usage` is `"unknown"` (the proxy saw no usage).
+    pub unknown_usage: u64,
+}
+
+/// The key of a (component, model) pair in a models table: the two names
+/// joined by [`MODEL_KEY_SEP`] (a control byte no sigil name holds).
+pub fn model_key(component: &str, model: &str) -> String {
+    let mut k = String::with_capacity(component.len() + model.len() + 1);
+    k.push_str(component);
+    k.push(MODEL_KEY_SEP);
+    k.push_str(model);
+    k
+}
+
+pub const MODEL_KEY_SEP: char = '\u{1f}';
+
+/// A models table key's (component, model); `OTHER` is (OTHER, OTHER).
+pub fn split_model_key(key: &str) -> (&str, &str) {
+    key.split_once(MODEL_KEY_SEP).unwrap_or((key, key))
+}
+
+impl ModelTotals {
+    pub fn add(&mut self, o: &ModelTotals) {
+        self.tokens = self.tokens.saturating_add(o.tokens);
+        self.input_tokens = self.input_tokens.saturating_add(o.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(o.output_tokens);
+        self.calls = self.calls.saturating_add(o.calls);
+        self.errors = self.errors.saturating_add(o.errors);
+        self.cost_nanousd = self.cost_nanousd.saturating_add(o.cost_nanousd);
+        self.priced_events = self.priced_events.saturating_add(o.priced_events);
+        self.unpriced_tokens = self.unpriced_tokens.saturating_add(o.unpriced_tokens);
+        self.unpriced_calls = self.unpriced_calls.saturating_add(o.unpriced_calls);
+        self.unknown_usage = self.unknown_usage.saturating_add(o.unknown_usage);
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ComponentTotals {
     pub tokens: u64,
@@ -444,6 +507,13 @@ pub struct ComponentTotals {
     pub last_error: Option<LastError>,
     /// The events' `cost_usd`, and the tokens of models without one (cost.rs).
     pub cost: Cost,
+    /// Calls (`step_complete`, `step_error`) whose `metadata.usage` is
+    /// `"unknown"`: their tokens are not known, never 0 silently.
+    pub unknown_usage: u64,
+    /// The slot of (this component, `model`) in the models table this
+    /// component's updates go to (the fold's or its run's). A cache, outside
+    /// equality.
+    model_slot: Cache<Option<u32>>,
 }
 
 /// What one event adds to its component's totals, in the fold's table and
@@ -462,11 +532,13 @@ struct Step<'m> {
     bucket: usize,
     error: bool,
     last_error: &'m Option<LastError>,
+    /// `metadata.usage == "unknown"`.
+    unknown_usage: bool,
 }
 
 impl Step<'_> {
     #[inline(always)]
-    fn update(&self, c: &mut ComponentTotals) {
+    fn update(&self, c: &mut ComponentTotals, name: &str, models: &mut Names<ModelTotals>) {
         c.tokens = c.tokens.saturating_add(self.tokens);
         c.input_tokens = c.input_tokens.saturating_add(self.input_tokens);
         c.output_tokens = c.output_tokens.saturating_add(self.output_tokens);
@@ -484,6 +556,13 @@ impl Step<'_> {
             let named = self.model.is_some_and(|j| j.starts_with('"'));
             let model = if named { c.model.as_deref() } else { None };
             c.cost.observe(self.cost, self.tokens, model);
+            if named {
+                self.update_model(c, name, models);
+            }
+        }
+        let call = matches!(self.kind, Kind::StepComplete | Kind::StepError);
+        if call && self.unknown_usage {
+            c.unknown_usage = c.unknown_usage.saturating_add(1);
         }
         match self.kind {
             Kind::StepComplete => {
@@ -505,6 +584,48 @@ impl Step<'_> {
         }
         if self.last_error.is_some() {
             c.last_error.clone_from(self.last_error);
+        }
+    }
+}
+
+impl Step<'_> {
+    /// Count the event under its model (a string: now `c.model`), in `models`.
+    #[inline(always)]
+    fn update_model(&self, c: &mut ComponentTotals, name: &str, models: &mut Names<ModelTotals>) {
+        let slot = match c.model_slot.0 {
+            Some(s) => s as usize,
+            None => {
+                let Some(model) = c.model.as_deref() else {
+                    return;
+                };
+                let s = models.slot_index(&model_key(name, model));
+                c.model_slot.0 = Some(s as u32);
+                s
+            }
+        };
+        let m = models.at_mut(slot);
+        m.tokens = m.tokens.saturating_add(self.tokens);
+        m.input_tokens = m.input_tokens.saturating_add(self.input_tokens);
+        m.output_tokens = m.output_tokens.saturating_add(self.output_tokens);
+        let call = matches!(self.kind, Kind::StepComplete | Kind::StepError);
+        match self.cost {
+            Some(n) => {
+                m.cost_nanousd = m.cost_nanousd.saturating_add(n);
+                m.priced_events = m.priced_events.saturating_add(1);
+            }
+            None => {
+                m.unpriced_tokens = m.unpriced_tokens.saturating_add(self.tokens);
+                m.unpriced_calls = m.unpriced_calls.saturating_add(u64::from(call));
+            }
+        }
+        if call {
+            m.calls = m.calls.saturating_add(1);
+            m.errors = m
+                .errors
+                .saturating_add(u64::from(self.kind == Kind::StepError));
+            m.unknown_usage = m
+                .unknown_usage
+                .saturating_add(u64::from(self.unknown_usage));
         }
     }
 }
@@ -575,7 +696,9 @@ impl ComponentTotals {
         if o.model.is_some() {
             self.model.clone_from(&o.model);
             self.model_json.clone_from(&o.model_json);
+            self.model_slot.0 = None;
         }
+        self.unknown_usage = self.unknown_usage.saturating_add(o.unknown_usage);
         if o.last_error.is_some() {
             self.last_error.clone_from(&o.last_error);
         }
@@ -587,7 +710,11 @@ impl ComponentTotals {
     #[inline(never)]
     fn set_model(&mut self, json: &str) {
         if let Some(m) = decode_str(json) {
-            self.model = Some(bounded(&m));
+            let m = bounded(&m);
+            if self.model.as_deref() != Some(m.as_str()) {
+                self.model_slot.0 = None;
+            }
+            self.model = Some(m);
             self.model_json = Some(json.to_string());
         }
     }
@@ -647,6 +774,8 @@ pub struct RunTotals {
     pub last_seq: Option<u64>,
     pub budget: Option<u64>,
     pub components: Names<ComponentTotals>,
+    /// Per model (see [`ModelTotals`]).
+    pub models: Names<ModelTotals>,
     /// The metadata of the run's `session_start` (task, thresholds, ...), as JSON.
     pub start_metadata: Option<String>,
 }
@@ -667,6 +796,7 @@ impl Default for RunTotals {
             last_seq: None,
             budget: None,
             components: Names::default(),
+            models: Names::default(),
             start_metadata: None,
         }
     }
@@ -685,6 +815,9 @@ impl RunTotals {
         }
         for (k, c) in o.components.iter() {
             self.components.slot(k).add(c);
+        }
+        for (k, m) in o.models.iter() {
+            self.models.slot(k).add(m);
         }
         if o.ended_at.is_some() {
             self.ended_at.clone_from(&o.ended_at);
@@ -976,6 +1109,8 @@ struct MetaKeys<'a> {
     resume: Option<&'a RawValue>,
     #[serde(borrow, default)]
     cost_usd: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    usage: Option<&'a RawValue>,
 }
 
 /// The metadata values the fold uses, read leniently: a value of the wrong
@@ -999,6 +1134,8 @@ struct FoldMeta<'a> {
     resume: Option<bool>,
     /// `cost_usd` in nano-dollars, read from the number's text (cost.rs).
     cost: Option<u64>,
+    /// `usage` is the string `"unknown"`.
+    usage_unknown: bool,
 }
 
 impl<'a> FoldMeta<'a> {
@@ -1019,6 +1156,7 @@ impl<'a> FoldMeta<'a> {
             output_tokens: num(k.output_tokens),
             resume: num(k.resume),
             cost: k.cost_usd.and_then(|r| nano_usd(r.get())),
+            usage_unknown: text(k.usage).as_deref() == Some("unknown"),
         }
     }
 
@@ -1046,13 +1184,14 @@ impl<'a> FoldMeta<'a> {
             resume: get(m, "resume"),
             // A map's numbers are doubles: the caller reads cost_usd's text.
             cost: None,
+            usage_unknown: m.get("usage").and_then(Value::as_str) == Some("unknown"),
         }
     }
 }
 
 /// The metadata keys the fold reads, picked by the parser's fast path
 /// (the fields of [`MetaKeys`], in this order).
-const META_KEYS: [&str; 15] = [
+const META_KEYS: [&str; 16] = [
     "latency_ms",
     "budget",
     "status",
@@ -1068,10 +1207,11 @@ const META_KEYS: [&str; 15] = [
     "output_tokens",
     "resume",
     "cost_usd",
+    "usage",
 ];
 
 /// [`META_KEYS`] indexed for the parser's fast path.
-const FOLD_KEYS: KeySet<'static, 15> = KeySet::new(&META_KEYS);
+const FOLD_KEYS: KeySet<'static, 16> = KeySet::new(&META_KEYS);
 
 /// The metadata values the fold uses (the parser has validated the metadata),
 /// set in `m` (a default one: filled in place, not moved per line).
@@ -1079,7 +1219,7 @@ const FOLD_KEYS: KeySet<'static, 15> = KeySet::new(&META_KEYS);
 fn fold_meta<'a>(
     m: &mut FoldMeta<'a>,
     event: &RawEvent<'a>,
-    picks: Option<Picks<'a, 15>>,
+    picks: Option<Picks<'a, 16>>,
     kind: Kind,
 ) {
     match (event.metadata, picks) {
@@ -1103,7 +1243,8 @@ fn fold_meta<'a>(
                     11 => m.input_tokens = p.u64_at(i),
                     12 => m.output_tokens = p.u64_at(i),
                     13 => m.resume = json_bool(v),
-                    _ => m.cost = nano_usd(v),
+                    14 => m.cost = nano_usd(v),
+                    _ => m.usage_unknown = v == "\"unknown\"",
                 }
             }
         }
@@ -1237,6 +1378,8 @@ pub struct FoldState {
     pub tokens: u64,
     pub event_counts: Names<u64>,
     pub components: Names<ComponentTotals>,
+    /// Per model (see [`ModelTotals`]).
+    pub models: Names<ModelTotals>,
     pub status: String,
     pub budget: Option<u64>,
     pub allocations: Vec<(String, u64)>,
@@ -1283,6 +1426,7 @@ impl FoldState {
             tokens: 0,
             event_counts: Names::default(),
             components: Names::default(),
+            models: Names::default(),
             status: "waiting".to_string(),
             budget: None,
             allocations: Vec::new(),
@@ -1334,8 +1478,13 @@ impl FoldState {
     pub fn names_overflowed(&self) -> bool {
         self.event_counts.overflowed
             || self.components.overflowed
+            || self.models.overflowed
             || self.head.components.overflowed
-            || self.run_list.iter().any(|r| r.components.overflowed)
+            || self.head.models.overflowed
+            || self
+                .run_list
+                .iter()
+                .any(|r| r.components.overflowed || r.models.overflowed)
     }
 
     /// Fold one line (without `\n`) found at `offset`.
@@ -1456,6 +1605,7 @@ impl FoldState {
                 bucket,
                 error: false,
                 last_error: &None,
+                unknown_usage: l.usage_unknown,
             }
         } else {
             Step {
@@ -1469,12 +1619,15 @@ impl FoldState {
                 bucket: 0,
                 error: false,
                 last_error: &None,
+                unknown_usage: false,
             }
         };
         let (slot, run_slot) = self.component_slots(l.component);
-        step.update(self.components.at_mut(slot));
-        let run = self.run_mut();
-        step.update(run.components.at_mut(run_slot));
+        let (name, c) = self.components.entry_mut(slot);
+        step.update(c, name, &mut self.models);
+        let run = self.run_list.back_mut().unwrap_or(&mut self.head);
+        let (name, c) = run.components.entry_mut(run_slot);
+        step.update(c, name, &mut run.models);
         run.tokens = run.tokens.saturating_add(l.tokens);
         run.events = run.events.saturating_add(1);
         run.first_seq.get_or_insert(l.seq);
@@ -1726,11 +1879,14 @@ impl FoldState {
             bucket,
             error,
             last_error: &last_error,
+            unknown_usage: meta.usage_unknown,
         };
         let (slot, run_slot) = self.component_slots(&e.component);
-        step.update(self.components.at_mut(slot));
-        let run = self.run_mut();
-        step.update(run.components.at_mut(run_slot));
+        let (name, c) = self.components.entry_mut(slot);
+        step.update(c, name, &mut self.models);
+        let run = self.run_list.back_mut().unwrap_or(&mut self.head);
+        let (name, c) = run.components.entry_mut(run_slot);
+        step.update(c, name, &mut run.models);
         run.tokens = run.tokens.saturating_add(e.tokens);
         run.events = run.events.saturating_add(1);
         if let Some(seq) = e.seq {
@@ -1789,6 +1945,9 @@ impl FoldState {
         }
         for (k, c) in b.components.iter() {
             self.components.slot(k).add(c);
+        }
+        for (k, m) in b.models.iter() {
+            self.models.slot(k).add(m);
         }
         let last_of_a = self.last_timestamp.clone();
         let current = self.run_mut();
@@ -2351,6 +2510,21 @@ mod tests {
                 17,
                 r#"{"status":"interrupted","reason":"SIGTERM"}"#,
             ),
+            // Issue 13: per-model totals and calls with unknown usage.
+            line(
+                "step_complete",
+                "reasoning",
+                0,
+                18,
+                r#"{"latency_ms":5,"model":"m1","usage":"unknown"}"#,
+            ),
+            line(
+                "step_error",
+                "planning",
+                3,
+                19,
+                r#"{"model":"m1","cost_usd":0.5,"usage":"unknown"}"#,
+            ),
         ]);
         lines.join("\n") + "\n"
     }
@@ -2369,9 +2543,29 @@ mod tests {
             ("interrupted", Some("SIGTERM"))
         );
         let c = &whole.components["reasoning"];
-        assert_eq!((c.retries, c.errors, c.operations), (1, 1, 1));
+        assert_eq!((c.retries, c.errors, c.operations), (1, 1, 2));
         assert_eq!((c.input_tokens, c.output_tokens), (80, 20));
-        assert_eq!(c.model.as_deref(), Some("m2"));
+        assert_eq!(c.model.as_deref(), Some("m1"));
+        assert_eq!(c.unknown_usage, 1);
+        assert_eq!(whole.components["planning"].unknown_usage, 1);
+        let m1 = whole.models.get(&model_key("reasoning", "m1")).unwrap();
+        assert_eq!((m1.tokens, m1.input_tokens, m1.calls), (40, 30, 1));
+        assert_eq!((m1.errors, m1.unknown_usage), (0, 1));
+        assert_eq!((m1.cost_nanousd, m1.priced_events), (0, 0));
+        assert_eq!((m1.unpriced_tokens, m1.unpriced_calls), (40, 1));
+        let p1 = whole.models.get(&model_key("planning", "m1")).unwrap();
+        assert_eq!(
+            (p1.tokens, p1.calls, p1.errors, p1.unknown_usage),
+            (3, 1, 1, 1)
+        );
+        assert_eq!((p1.cost_nanousd, p1.priced_events), (500_000_000, 1));
+        let m2 = whole.models.get(&model_key("reasoning", "m2")).unwrap();
+        assert_eq!((m2.tokens, m2.calls, m2.output_tokens), (60, 1, 10));
+        let run_p1 = whole.run().models.get(&model_key("planning", "m1"));
+        assert_eq!(run_p1.map(|m| m.calls), Some(1));
+        assert!(whole.run_list[0].models.is_empty());
+        assert_eq!(split_model_key(&model_key("a", "b")), ("a", "b"));
+        assert_eq!(split_model_key(OTHER), (OTHER, OTHER));
         assert_eq!(c.last_error.as_ref().map(|e| e.attempt), Some(Some(1)));
         assert_eq!(whole.components["orchestrator"].retries, 0);
         let starts: Vec<usize> = std::iter::once(0)

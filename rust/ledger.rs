@@ -31,7 +31,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::cost::Cost;
-use crate::fold::{ComponentTotals, FoldState, Names, MAX_NAMES};
+use crate::fold::{model_key, ComponentTotals, FoldState, ModelTotals, Names, MAX_NAMES};
 
 /// `tokens.json`'s `ledger_version`.
 pub const LEDGER_VERSION: u64 = 1;
@@ -59,6 +59,8 @@ pub struct LedgerRun {
     pub allocations: Option<Vec<(String, u64)>>,
     /// At most `MAX_NAMES`, in the ledger's order.
     pub components: Vec<(String, ComponentTotals)>,
+    /// Per model (`model_stats`), at most `MAX_NAMES`, in the ledger's order.
+    pub models: Vec<(String, ModelTotals)>,
 }
 
 /// One file of the log as the ledger saw it (what tells, later, that the log
@@ -77,6 +79,8 @@ pub struct Ledger {
     pub runs: Vec<LedgerRun>,
     /// name -> (tokens, operations, cost), the whole session's as last written.
     pub component_totals: Option<Vec<(String, u64, u64, Cost)>>,
+    /// Per model, the whole session's as last written (`model_totals`).
+    pub model_totals: Option<Vec<(String, ModelTotals)>>,
     pub log_files: Option<Vec<LogFile>>,
     pub total_used: u64,
     pub events: u64,
@@ -93,6 +97,7 @@ impl Ledger {
         };
         !RESUMABLE.contains(&last.status.as_str())
             && self.component_totals.is_some()
+            && self.model_totals.is_some()
             && self.log_files.as_deref() == Some(files)
     }
 }
@@ -167,10 +172,12 @@ pub fn parse(shown: &str, raw: &[u8]) -> Result<Ledger, String> {
                 })
                 .collect()
         });
+    let model_totals = obj.get("model_totals").map(models);
     Ok(Ledger {
         last_seq,
         runs,
         component_totals,
+        model_totals,
         log_files: obj.get("log_files").and_then(log_files),
         total_used: count(obj.get("total_used")),
         events: count(obj.get("events")),
@@ -201,6 +208,38 @@ fn cost(c: &Map<String, Value>) -> Cost {
         unpriced_tokens: count(c.get("unpriced_tokens")),
         unpriced_models: Vec::new(),
     }
+}
+
+/// A ledger's per-model totals (`{component: {model: {tokens, ...}}}`),
+/// keyed as the fold keys them ([`model_key`]), the first `MAX_NAMES` pairs
+/// in its order; anything that is not an object is none.
+fn models(v: &Value) -> Vec<(String, ModelTotals)> {
+    let Some(m) = v.as_object() else {
+        return Vec::new();
+    };
+    m.iter()
+        .filter_map(|(component, ms)| Some((component, ms.as_object()?)))
+        .flat_map(|(component, ms)| ms.iter().map(move |(model, c)| (component, model, c)))
+        .filter_map(|(component, model, c)| {
+            let c = c.as_object()?;
+            Some((
+                model_key(component, model),
+                ModelTotals {
+                    tokens: count(c.get("tokens")),
+                    input_tokens: count(c.get("input_tokens")),
+                    output_tokens: count(c.get("output_tokens")),
+                    calls: count(c.get("calls")),
+                    errors: count(c.get("errors")),
+                    cost_nanousd: count(c.get("cost_nanousd")),
+                    priced_events: count(c.get("priced_events")),
+                    unpriced_tokens: count(c.get("unpriced_tokens")),
+                    unpriced_calls: count(c.get("unpriced_calls")),
+                    unknown_usage: count(c.get("unknown_usage_calls")),
+                },
+            ))
+        })
+        .take(MAX_NAMES)
+        .collect()
 }
 
 /// A non-negative integer (anything else counts as 0).
@@ -251,6 +290,7 @@ fn run(e: &Map<String, Value>) -> Result<LedgerRun, String> {
             totals.latency_ms = float(c.get("latency_ms"));
             totals.failed_latency_ms = float(c.get("failed_latency_ms"));
             totals.cost = cost(c);
+            totals.unknown_usage = count(c.get("unknown_usage_calls"));
             components.push((name.clone(), totals));
         }
     }
@@ -278,6 +318,7 @@ fn run(e: &Map<String, Value>) -> Result<LedgerRun, String> {
         duration_seconds: float(e.get("duration_seconds")),
         allocations,
         components,
+        models: e.get("model_stats").map(models).unwrap_or_default(),
     })
 }
 
@@ -297,6 +338,8 @@ pub struct History {
     /// In run-number order, with each run's status in the history.
     pub runs: Vec<(RunRef, String)>,
     pub components: Names<ComponentTotals>,
+    /// Per model: the fold's plus the ledger-only runs'.
+    pub models: Names<ModelTotals>,
     pub tokens: u64,
     pub events: u64,
     pub last_seq: Option<u64>,
@@ -312,6 +355,13 @@ fn add_counts(into: &mut ComponentTotals, c: &ComponentTotals) {
     into.retries = into.retries.saturating_add(c.retries);
     into.failed_latency_ms += c.failed_latency_ms;
     into.cost.add(&c.cost);
+    into.unknown_usage = into.unknown_usage.saturating_add(c.unknown_usage);
+}
+
+fn add_models(into: &mut Names<ModelTotals>, models: &[(String, ModelTotals)]) {
+    for (name, m) in models {
+        into.slot(name).add(m);
+    }
 }
 
 /// The history from the ledger alone (when [`Ledger::unchanged`]: no fold).
@@ -323,6 +373,11 @@ pub fn alone(ledger: &Ledger) -> History {
         c.operations = c.operations.saturating_add(*operations);
         c.cost.add(cost);
     }
+    let mut models: Names<ModelTotals> = Names::default();
+    add_models(
+        &mut models,
+        ledger.model_totals.as_deref().unwrap_or_default(),
+    );
     History {
         runs: ledger
             .runs
@@ -331,6 +386,7 @@ pub fn alone(ledger: &Ledger) -> History {
             .map(|(i, r)| (RunRef::Ledger(i), r.status.clone()))
             .collect(),
         components,
+        models,
         tokens: ledger.total_used,
         events: ledger.events,
         last_seq: Some(ledger.last_seq),
@@ -399,6 +455,13 @@ pub fn join(st: &FoldState, ledger: Option<&Ledger>) -> History {
             add_counts(components.slot(name), c);
         }
     }
+    let mut models: Names<ModelTotals> = Names::default();
+    for (name, m) in st.models.iter() {
+        models.slot(name).add(m);
+    }
+    for r in &ledger_only {
+        add_models(&mut models, &r.models);
+    }
 
     let last_seq = match (st.max_seq, covered) {
         (Some(a), Some(b)) => Some(a.max(b)),
@@ -418,6 +481,7 @@ pub fn join(st: &FoldState, ledger: Option<&Ledger>) -> History {
     History {
         runs: runs.into_iter().map(|(r, _, s)| (r, s)).collect(),
         components,
+        models,
         tokens,
         events,
         last_seq,
@@ -447,9 +511,12 @@ mod tests {
 
     const LEDGER: &str = r#"{"ledger_version": 1, "last_seq": 3, "total_used": 10, "events": 4,
         "missing_events": 0, "component_totals": {"planning": {"tokens": 10, "operations": 1}},
+        "model_totals": {"planning": {"m1": {"tokens": 10, "calls": 1, "cost_nanousd": 7}}},
         "log_files": [{"name": "execution.jsonl", "size": 10, "mtime_ns": 5}],
         "runs": [{"run": 1, "status": "complete", "tokens_used": 10, "events": 4,
                   "first_seq": 0, "last_seq": 3, "task": "t",
+                  "model_stats": {"planning": {"m1": {"tokens": 10, "calls": 1, "errors": 1,
+                      "unknown_usage_calls": 1}}},
                   "component_stats": {"planning": {"tokens": 10, "operations": 1,
                       "errors": 0, "retries": 0, "latency_ms": 2.5}}}]}"#;
 
@@ -493,7 +560,13 @@ mod tests {
         // Run 1's events were rotated away; the log holds run 2 from seq 4.
         let log = [
             line("session_start", "orchestrator", 0, 4, "{\"run\":2}"),
-            line("step_complete", "planning", 7, 5, "{\"latency_ms\":1.0}"),
+            line(
+                "step_complete",
+                "planning",
+                7,
+                5,
+                "{\"latency_ms\":1.0,\"model\":\"m2\"}",
+            ),
             line("session_complete", "orchestrator", 0, 6, "{}"),
         ]
         .concat();
@@ -509,6 +582,16 @@ mod tests {
         );
         let p = h.components.get("planning").unwrap();
         assert_eq!((p.tokens, p.operations, p.timed), (17, 2, 1));
+        // Per model: the log's (m2) and the ledger-only run's (m1).
+        let m1 = h.models.get(&model_key("planning", "m1")).unwrap();
+        assert_eq!(
+            (m1.tokens, m1.calls, m1.errors, m1.unknown_usage),
+            (10, 1, 1, 1)
+        );
+        assert_eq!(
+            h.models.get(&model_key("planning", "m2")).unwrap().tokens,
+            7
+        );
 
         // Without the ledger the log alone: seq 0..3 are missing.
         let h = join(&st, None);
@@ -558,6 +641,12 @@ mod tests {
         let h = alone(&l);
         assert_eq!((h.tokens, h.events, h.last_seq), (10, 4, Some(3)));
         assert_eq!(h.components.get("planning").unwrap().operations, 1);
+        let m1 = h.models.get(&model_key("planning", "m1")).unwrap();
+        assert_eq!((m1.tokens, m1.calls, m1.cost_nanousd), (10, 1, 7));
+        // A ledger without per-model totals does not stand for the log alone.
+        let old = LEDGER.replace("\"model_totals\"", "\"old_model_totals\"");
+        let old = parse("t.json", old.as_bytes()).unwrap();
+        assert!(!old.unchanged(&l.log_files.clone().unwrap()));
     }
 
     #[test]

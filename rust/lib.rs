@@ -1367,8 +1367,8 @@ mod _native {
     use crate::archive::py_fold_archive;
     #[pymodule_export]
     use crate::snapshot::{
-        PyComponentSnapshot, PyLastError, PyMalformedLine, PyRunSnapshot, PySessionHistory,
-        PySessionSnapshot, PyStepInFlight,
+        PyComponentSnapshot, PyLastError, PyMalformedLine, PyModelSnapshot, PyRunSnapshot,
+        PySessionHistory, PySessionSnapshot, PyStepInFlight,
     };
 
     #[pymodule_export]

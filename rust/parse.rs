@@ -722,6 +722,8 @@ pub struct Layout<'a> {
     pub output_tokens: Option<u64>,
     /// `metadata.cost_usd` in nano-dollars, read as [`nano_usd`] reads it.
     pub cost_nanousd: Option<u64>,
+    /// `metadata.usage` is the string `"unknown"`.
+    pub usage_unknown: bool,
 }
 
 /// Where the timestamp's text starts in a line of the layout (just after
@@ -736,6 +738,7 @@ struct LayoutMeta {
     input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     cost_nanousd: Option<u64>,
+    usage_unknown: bool,
 }
 
 /// The line at `start..start + len` of `block` in sigil's own layout, read
@@ -821,6 +824,7 @@ pub fn layout_line<'a, Q: Quotes>(line: &'a [u8], ix: Q) -> Option<Layout<'a>> {
         input_tokens: m.input_tokens,
         output_tokens: m.output_tokens,
         cost_nanousd: m.cost_nanousd,
+        usage_unknown: m.usage_unknown,
     })
 }
 
@@ -835,6 +839,7 @@ enum LayoutKey {
     Input,
     Output,
     Cost,
+    Usage,
     Other,
 }
 
@@ -843,6 +848,7 @@ fn layout_key(key: &[u8]) -> LayoutKey {
     match key.len() {
         10 if same_bytes(key, b"latency_ms") => LayoutKey::Latency,
         5 if same_bytes(key, b"model") => LayoutKey::Model,
+        5 if same_bytes(key, b"usage") => LayoutKey::Usage,
         12 if same_bytes(key, b"input_tokens") => LayoutKey::Input,
         13 if same_bytes(key, b"output_tokens") => LayoutKey::Output,
         8 if same_bytes(key, b"cost_usd") => LayoutKey::Cost,
@@ -1156,6 +1162,7 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                 LayoutKey::Output if first > b'9' || first == b'"' => m.output_tokens = None,
                 LayoutKey::Cost if first > b'9' || first == b'"' => m.cost_nanousd = None,
                 LayoutKey::Model => m.model = Some((start, end)),
+                LayoutKey::Usage => m.usage_unknown = &self.line[start..end] == b"\"unknown\"",
                 _ => {}
             }
             p = end;

@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::cost::Cost;
-use crate::fold::{self, ComponentTotals, FoldState, RunTotals, LATENCY_BOUNDS_MS};
+use crate::fold::{self, ComponentTotals, FoldState, ModelTotals, RunTotals, LATENCY_BOUNDS_MS};
 use crate::ledger::{self, Ledger, LedgerRun, RunRef};
 use crate::parse::Event;
 
@@ -165,6 +165,168 @@ pub fn rate_series(
     out
 }
 
+/// One model's totals (in a session, a run or a history): the events whose
+/// `metadata.model` names it (fold.rs, `ModelTotals`), of one component
+/// (`component`) or of all (`component` None).
+#[pyclass(frozen, eq, get_all, module = "sigil._native", name = "ModelSnapshot")]
+#[derive(Clone, PartialEq)]
+pub struct PyModelSnapshot {
+    pub name: String,
+    pub component: Option<String>,
+    pub tokens: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// `step_complete` and `step_error` events with this model.
+    pub calls: u64,
+    pub errors: u64,
+    pub cost_nanousd: u64,
+    pub priced_events: u64,
+    pub unpriced_tokens: u64,
+    pub unpriced_calls: u64,
+    /// Calls whose usage the proxy could not read (`metadata.usage == "unknown"`).
+    pub unknown_usage_calls: u64,
+}
+
+#[pymethods]
+impl PyModelSnapshot {
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("tokens", self.tokens)?;
+        d.set_item("input_tokens", self.input_tokens)?;
+        d.set_item("output_tokens", self.output_tokens)?;
+        d.set_item("calls", self.calls)?;
+        d.set_item("errors", self.errors)?;
+        d.set_item("cost_nanousd", self.cost_nanousd)?;
+        d.set_item("priced_events", self.priced_events)?;
+        d.set_item("unpriced_tokens", self.unpriced_tokens)?;
+        d.set_item("unpriced_calls", self.unpriced_calls)?;
+        d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "ModelSnapshot(name={:?}, tokens={}, calls={}, errors={})",
+            self.name, self.tokens, self.calls, self.errors
+        )
+    }
+}
+
+/// (component, model) pairs sorted by component and model.
+type Models = Vec<PyModelSnapshot>;
+
+fn model_snapshot(component: Option<&str>, name: &str, m: &ModelTotals) -> PyModelSnapshot {
+    PyModelSnapshot {
+        name: name.to_string(),
+        component: component.map(str::to_string),
+        tokens: m.tokens,
+        input_tokens: m.input_tokens,
+        output_tokens: m.output_tokens,
+        calls: m.calls,
+        errors: m.errors,
+        cost_nanousd: m.cost_nanousd,
+        priced_events: m.priced_events,
+        unpriced_tokens: m.unpriced_tokens,
+        unpriced_calls: m.unpriced_calls,
+        unknown_usage_calls: m.unknown_usage,
+    }
+}
+
+/// A models table (keyed by `fold::model_key`) as its pairs, sorted.
+fn models<'a>(items: impl Iterator<Item = (&'a str, &'a ModelTotals)>) -> Models {
+    let mut out: Models = items
+        .map(|(k, m)| {
+            let (component, model) = fold::split_model_key(k);
+            model_snapshot(Some(component), model, m)
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.component, &a.name).cmp(&(&b.component, &b.name)));
+    out
+}
+
+/// The pairs' totals per model over every component, by name.
+fn by_model(pairs: &Models) -> Models {
+    let mut totals: std::collections::BTreeMap<&str, ModelTotals> = Default::default();
+    for p in pairs {
+        totals
+            .entry(p.name.as_str())
+            .or_default()
+            .add(&ModelTotals {
+                tokens: p.tokens,
+                input_tokens: p.input_tokens,
+                output_tokens: p.output_tokens,
+                calls: p.calls,
+                errors: p.errors,
+                cost_nanousd: p.cost_nanousd,
+                priced_events: p.priced_events,
+                unpriced_tokens: p.unpriced_tokens,
+                unpriced_calls: p.unpriced_calls,
+                unknown_usage: p.unknown_usage_calls,
+            });
+    }
+    totals
+        .iter()
+        .map(|(name, m)| model_snapshot(None, name, m))
+        .collect()
+}
+
+/// Per model over every component, by name.
+fn models_dict<'py>(py: Python<'py>, pairs: &Models) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for m in by_model(pairs) {
+        d.set_item(m.name.clone(), m)?;
+    }
+    Ok(d)
+}
+
+/// Per component, per model: `{component: {model: ModelSnapshot}}`.
+fn component_models_dict<'py>(py: Python<'py>, pairs: &Models) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for m in pairs {
+        let component = m.component.as_deref().unwrap_or_default();
+        let inner = match d.get_item(component)? {
+            Some(inner) => inner.cast_into::<PyDict>()?,
+            None => {
+                let inner = PyDict::new(py);
+                d.set_item(component, &inner)?;
+                inner
+            }
+        };
+        inner.set_item(&m.name, m.clone())?;
+    }
+    Ok(d)
+}
+
+/// `models` and `component_models` of a `to_dict`, as plain data.
+fn models_items(d: &Bound<'_, PyDict>, pairs: &Models) -> PyResult<()> {
+    let py = d.py();
+    let plain = PyDict::new(py);
+    for m in by_model(pairs) {
+        plain.set_item(&m.name, m.to_dict(py)?)?;
+    }
+    d.set_item("models", plain)?;
+    let nested = PyDict::new(py);
+    for m in pairs {
+        let component = m.component.as_deref().unwrap_or_default();
+        let inner = match nested.get_item(component)? {
+            Some(inner) => inner.cast_into::<PyDict>()?,
+            None => {
+                let inner = PyDict::new(py);
+                nested.set_item(component, &inner)?;
+                inner
+            }
+        };
+        inner.set_item(&m.name, m.to_dict(py)?)?;
+    }
+    d.set_item("component_models", nested)?;
+    Ok(())
+}
+
+/// Calls with unknown usage over components.
+fn unknown_usage<'a>(items: impl Iterator<Item = &'a ComponentTotals>) -> u64 {
+    items.fold(0u64, |n, c| n.saturating_add(c.unknown_usage))
+}
+
 /// One component's totals (in a session or a run).
 #[pyclass(frozen, get_all, module = "sigil._native", name = "ComponentSnapshot")]
 pub struct PyComponentSnapshot {
@@ -193,6 +355,8 @@ pub struct PyComponentSnapshot {
     /// Tokens of events with a model and no cost, and those models.
     pub unpriced_tokens: u64,
     pub unpriced_models: Vec<String>,
+    /// Calls whose usage the proxy could not read (`metadata.usage == "unknown"`).
+    pub unknown_usage_calls: u64,
 }
 
 /// The cost of a run or a session: its components', added in name order.
@@ -242,6 +406,7 @@ impl PyComponentSnapshot {
         d.set_item("priced_events", self.priced_events)?;
         d.set_item("unpriced_tokens", self.unpriced_tokens)?;
         d.set_item("unpriced_models", self.unpriced_models.clone())?;
+        d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
         Ok(d)
     }
 
@@ -292,6 +457,7 @@ fn component(py: Python<'_>, name: &str, c: &ComponentTotals) -> PyResult<Py<PyC
             priced_events: c.cost.priced,
             unpriced_tokens: c.cost.unpriced_tokens,
             unpriced_models: c.cost.unpriced_models.clone(),
+            unknown_usage_calls: c.unknown_usage,
         },
     )
 }
@@ -368,12 +534,28 @@ pub struct PyRunSnapshot {
     pub first_seq: Option<u64>,
     #[pyo3(get)]
     pub last_seq: Option<u64>,
+    /// Calls of the run whose usage is unknown (its components').
+    #[pyo3(get)]
+    pub unknown_usage_calls: u64,
     comps: Components,
     cost: Cost,
+    mods: Models,
 }
 
 #[pymethods]
 impl PyRunSnapshot {
+    /// Per model, by name (see `ModelSnapshot`).
+    #[getter]
+    fn models<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        models_dict(py, &self.mods)
+    }
+
+    /// Per component, per model (`{component: {model: ModelSnapshot}}`).
+    #[getter]
+    fn component_models<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        component_models_dict(py, &self.mods)
+    }
+
     /// Nano-dollars of the run's priced events (its components' cost).
     #[getter]
     fn cost_nanousd(&self) -> u64 {
@@ -431,6 +613,8 @@ impl PyRunSnapshot {
         d.set_item("source", self.source)?;
         d.set_item("components", components_plain(py, &self.comps)?)?;
         cost_items(&d, &self.cost)?;
+        models_items(&d, &self.mods)?;
+        d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
         Ok(d)
     }
 
@@ -475,8 +659,10 @@ fn run_as(
             source: "log",
             first_seq: r.first_seq,
             last_seq: r.last_seq,
+            unknown_usage_calls: unknown_usage(r.components.iter().map(|(_, c)| c)),
             comps: components(py, &r.components)?,
             cost: cost_total(r.components.iter().map(|(k, c)| (k, &c.cost))),
+            mods: models(r.models.iter()),
         },
     )
 }
@@ -520,8 +706,10 @@ fn ledger_run(py: Python<'_>, r: &LedgerRun, status: &str) -> PyResult<Py<PyRunS
             source: "ledger",
             first_seq: r.first_seq,
             last_seq: r.last_seq,
+            unknown_usage_calls: unknown_usage(r.components.iter().map(|(_, c)| c)),
             comps,
             cost: cost_total(r.components.iter().map(|(k, c)| (k.as_str(), &c.cost))),
+            mods: models(r.models.iter().map(|(k, m)| (k.as_str(), m))),
         },
     )
 }
@@ -564,9 +752,13 @@ pub struct PySessionHistory {
     /// Why `tokens.json` was not usable as a ledger (None when it was, or is absent).
     #[pyo3(get)]
     pub ledger_problem: Option<String>,
+    /// Calls whose usage is unknown, over the whole session.
+    #[pyo3(get)]
+    pub unknown_usage_calls: u64,
     /// Components over the whole session (see `ledger.rs` for what the ledger adds).
     comps: Components,
     cost: Cost,
+    mods: Models,
 }
 
 #[pymethods]
@@ -605,6 +797,18 @@ impl PySessionHistory {
     #[getter]
     fn components<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         components_dict(py, &self.comps)
+    }
+
+    /// Per model over the whole session (the log's and the ledger-only runs').
+    #[getter]
+    fn models<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        models_dict(py, &self.mods)
+    }
+
+    /// Per component, per model (`{component: {model: ModelSnapshot}}`).
+    #[getter]
+    fn component_models<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        component_models_dict(py, &self.mods)
     }
 
     /// Tokens per component over the whole session.
@@ -679,8 +883,10 @@ pub fn history(
         orphan_tokens: h.orphan_tokens,
         malformed: st.map_or(0, |s| s.malformed),
         ledger_problem: problem,
+        unknown_usage_calls: unknown_usage(h.components.iter().map(|(_, c)| c)),
         comps: components(py, &h.components)?,
         cost: cost_total(h.components.iter().map(|(k, c)| (k, &c.cost))),
+        mods: models(h.models.iter()),
     })
 }
 
@@ -748,8 +954,12 @@ pub struct PySessionSnapshot {
     pub window_seconds: usize,
     #[pyo3(get)]
     pub latency_bounds_ms: Vec<f64>,
+    /// Calls whose usage is unknown (the proxy saw none), over the components.
+    #[pyo3(get)]
+    pub unknown_usage_calls: u64,
     comps: Components,
     cost: Cost,
+    mods: Models,
     runs_kept: Vec<Py<PyRunSnapshot>>,
     counts: Vec<(String, u64)>,
     alloc: Vec<(String, u64)>,
@@ -762,6 +972,18 @@ impl PySessionSnapshot {
     #[getter]
     fn components<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         components_dict(py, &self.comps)
+    }
+
+    /// Per model, by name (see `ModelSnapshot`).
+    #[getter]
+    fn models<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        models_dict(py, &self.mods)
+    }
+
+    /// Per component, per model (`{component: {model: ModelSnapshot}}`).
+    #[getter]
+    fn component_models<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        component_models_dict(py, &self.mods)
     }
 
     /// Nano-dollars over the session's priced events (its components' cost).
@@ -876,6 +1098,8 @@ impl PySessionSnapshot {
         d.set_item("runs", runs)?;
         d.set_item("components", components_plain(py, &self.comps)?)?;
         cost_items(&d, &self.cost)?;
+        models_items(&d, &self.mods)?;
+        d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
         d.set_item("event_counts", self.event_counts(py)?)?;
         d.set_item("first_timestamp", &self.first_timestamp)?;
         d.set_item("last_timestamp", &self.last_timestamp)?;
@@ -972,8 +1196,10 @@ pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
         rate_buckets: st.window.buckets(),
         window_seconds: fold::WINDOW_SECONDS,
         latency_bounds_ms: LATENCY_BOUNDS_MS.to_vec(),
+        unknown_usage_calls: unknown_usage(st.components.iter().map(|(_, c)| c)),
         comps: components(py, &st.components)?,
         cost: cost_total(st.components.iter().map(|(k, c)| (k, &c.cost))),
+        mods: models(st.models.iter()),
         runs_kept: st
             .run_list
             .iter()
@@ -1012,6 +1238,8 @@ pub fn session_joined(
     s.tokens = h.tokens;
     s.run_count = ledger_only.saturating_add(st.runs);
     s.comps = components(py, &h.components)?;
+    s.mods = models(h.models.iter());
+    s.unknown_usage_calls = unknown_usage(h.components.iter().map(|(_, c)| c));
     s.runs_kept = h
         .runs
         .iter()

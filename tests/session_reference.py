@@ -124,6 +124,7 @@ class Component:
     priced_events: int = 0
     unpriced_tokens: int = 0
     unpriced_models: list[str] = field(default_factory=list)
+    unknown_usage_calls: int = 0
 
     def observe_cost(self, nano: int | None, tokens: int, model: str | None) -> None:
         if nano is not None:
@@ -182,7 +183,66 @@ class Component:
             "priced_events": self.priced_events,
             "unpriced_tokens": self.unpriced_tokens,
             "unpriced_models": list(self.unpriced_models),
+            "unknown_usage_calls": self.unknown_usage_calls,
         }
+
+
+@dataclass
+class Model:
+    """One model's totals: the events (of the kinds whose metadata the fold
+    reads) whose ``metadata.model`` is a string naming it."""
+
+    tokens: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    calls: int = 0
+    errors: int = 0
+    cost_nanousd: int = 0
+    priced_events: int = 0
+    unpriced_tokens: int = 0
+    unpriced_calls: int = 0
+    unknown_usage_calls: int = 0
+
+    def observe(
+        self, kind: str, tokens: int, meta: dict[str, Any], nano: int | None, unknown: bool
+    ) -> None:
+        call = kind in ("step_complete", "step_error")
+        self.tokens = min(U64_MAX, self.tokens + tokens)
+        self.input_tokens = min(U64_MAX, self.input_tokens + (u64(meta.get("input_tokens")) or 0))
+        self.output_tokens = min(
+            U64_MAX, self.output_tokens + (u64(meta.get("output_tokens")) or 0)
+        )
+        if nano is not None:
+            self.cost_nanousd = min(U64_MAX, self.cost_nanousd + nano)
+            self.priced_events += 1
+        else:
+            self.unpriced_tokens = min(U64_MAX, self.unpriced_tokens + tokens)
+            self.unpriced_calls += call
+        if call:
+            self.calls += 1
+            self.errors += kind == "step_error"
+            self.unknown_usage_calls += unknown
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+SEP = "\x1f"
+
+
+def models_items(models: dict[str, Model]) -> dict[str, Any]:
+    """``models`` (per model over every component) and ``component_models``
+    (per component, per model) of a table keyed ``component SEP model``."""
+    per_model: dict[str, dict[str, int]] = {}
+    nested: dict[str, dict[str, dict[str, int]]] = {}
+    for key in sorted(models, key=lambda k: tuple(k.split(SEP, 1)) if SEP in k else (k, k)):
+        component, model = key.split(SEP, 1) if SEP in key else (key, key)
+        d = models[key].to_dict()
+        nested.setdefault(component, {})[model] = d
+        into = per_model.setdefault(model, dict.fromkeys(d, 0))
+        for k, v in d.items():
+            into[k] = min(U64_MAX, into[k] + v)
+    return {"models": dict(sorted(per_model.items())), "component_models": nested}
 
 
 def cost_totals(components: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -224,6 +284,7 @@ class Run:
     last_seq: int | None = None
     budget: int | None = None
     components: dict[str, Component] = field(default_factory=dict)
+    models: dict[str, Model] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         comps = {k: self.components[k].to_dict() for k in sorted(self.components)}
@@ -245,6 +306,8 @@ class Run:
             "source": "log",
             "components": comps,
             **cost_totals(comps),
+            **models_items(self.models),
+            "unknown_usage_calls": sum(c["unknown_usage_calls"] for c in comps.values()),
         }
 
 
@@ -275,6 +338,7 @@ def fold_reference(data: bytes) -> dict[str, Any]:
         "malformed_lines": [],
     }
     components: dict[str, Component] = {}
+    models: dict[str, Model] = {}
     counts: dict[str, int] = {}
     head = Run()
     runs: list[Run] = []
@@ -378,8 +442,16 @@ def fold_reference(data: bytes) -> dict[str, Any]:
                 "attempt": u64(meta.get("attempt")),
                 "timestamp": e.timestamp,
             }
-        for table in (components, run.components):
+        unknown = meta.get("usage") == "unknown"
+        call = kind in ("step_complete", "step_error")
+        named = text(meta.get("model"))
+        for table, mtable in ((components, models), (run.components, run.models)):
             c: Component = slot(table, e.component, Component)
+            c.unknown_usage_calls += call and unknown
+            if named is not None:
+                name = e.component if e.component in table else OTHER
+                m: Model = slot(mtable, name + SEP + bounded(named), Model)
+                m.observe(kind, e.tokens, meta, nano, unknown)
             c.tokens = min(U64_MAX, c.tokens + e.tokens)
             c.input_tokens = min(U64_MAX, c.input_tokens + (u64(meta.get("input_tokens")) or 0))
             c.output_tokens = min(U64_MAX, c.output_tokens + (u64(meta.get("output_tokens")) or 0))
@@ -424,6 +496,8 @@ def fold_reference(data: bytes) -> dict[str, Any]:
         "runs": [r.to_dict() for r in runs],
         "components": session_components,
         **cost_totals(session_components),
+        **models_items(models),
+        "unknown_usage_calls": sum(c["unknown_usage_calls"] for c in session_components.values()),
         "event_counts": dict(sorted(counts.items())),
         "duration_seconds": duration,
         "average_tokens_per_second": state["tokens"] / duration if duration else None,
@@ -477,7 +551,20 @@ def join_reference(data: bytes, ledger: dict[str, Any] | None) -> dict[str, Any]
             into = components.setdefault(name, [0] * 5)
             for i, key in enumerate(("tokens", "operations", *cost_keys)):
                 into[i] += c.get(key, 0)
+    model_keys = ("tokens", "calls", "errors", "cost_nanousd", "unknown_usage_calls")
+    models = {
+        (c, n): [m[k] for k in model_keys]
+        for c, ms in fold["component_models"].items()
+        for n, m in ms.items()
+    }
+    for r in ledger_only:
+        for component, ms in r.get("model_stats", {}).items():
+            for name, m in ms.items():
+                into = models.setdefault((component, name), [0] * len(model_keys))
+                for i, key in enumerate(model_keys):
+                    into[i] += m.get(key, 0)
     return {
+        "models": {n: tuple(v) for n, v in sorted(models.items())},
         "runs": [tuple(r) for r in runs],
         "tokens": tokens,
         "events": events,
@@ -493,6 +580,11 @@ def join_reference(data: bytes, ledger: dict[str, Any] | None) -> dict[str, Any]
 def history_view(history: Any) -> dict[str, Any]:
     """A ``HistorySnapshot``'s numbers as plain data (to compare with the reference)."""
     return {
+        "models": {
+            (c, n): (m.tokens, m.calls, m.errors, m.cost_nanousd, m.unknown_usage_calls)
+            for c, ms in sorted(history.component_models.items())
+            for n, m in sorted(ms.items())
+        },
         "runs": [
             (r.source, r.number, r.status, r.tokens, r.events, r.first_seq, r.last_seq)
             for r in history.runs

@@ -17,6 +17,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from session_reference import META_EVENTS
 from sigil._native import Fold, Tailer, parse_bytes, parse_lines
 
 REQUIRED = ("timestamp", "session_id", "event_type", "component", "message")
@@ -256,6 +257,9 @@ metadata = st.fixed_dictionaries(
         "run": st.integers(0, 9),
         "status": st.sampled_from(["complete", "error", "budget_exceeded", "x"]),
         "dropped": st.integers(0, 9),
+        # Issue 13: per-model totals and calls of unknown usage.
+        "model": st.sampled_from(["m1", "é-2", "", 5, None]),
+        "usage": st.sampled_from(["unknown", "known", 1]),
         "other": json_values | st.integers(62, 66).map(deep),
     },
 )
@@ -327,7 +331,15 @@ def arbitrary_lines(draw: st.DrawFn) -> bytes:
 
 def reference_totals(lines: list[bytes]) -> dict[str, Any]:
     """What a plain Python fold over the valid lines gives."""
-    out: dict[str, Any] = {"entries": 0, "malformed": 0, "tokens": 0, "counts": {}, "comps": {}}
+    out: dict[str, Any] = {
+        "entries": 0,
+        "malformed": 0,
+        "tokens": 0,
+        "counts": {},
+        "comps": {},
+        "models": {},
+        "unknown": {},
+    }
     for raw in lines:
         e = reference_event(raw)
         if e is None:
@@ -345,6 +357,16 @@ def reference_totals(lines: list[bytes]) -> dict[str, Any]:
             lat = e["metadata"].get("latency_ms")
             if type(lat) in (int, float) and math.isfinite(lat):
                 c[3] += float(lat)
+        meta = e["metadata"] if kind in META_EVENTS else {}
+        model = meta.get("model")
+        call = kind in ("step_complete", "step_error")
+        if isinstance(model, str):
+            m = out["models"].setdefault(model, [0, 0, 0])
+            m[0] = min(m[0] + tokens, U64 - 1)
+            m[1] += call
+            m[2] += kind == "step_error"
+        if call and meta.get("usage") == "unknown":
+            out["unknown"][e["component"]] = out["unknown"].get(e["component"], 0) + 1
     return out
 
 
@@ -373,3 +395,11 @@ def test_the_parser_and_the_fold_equal_plain_json_on_any_lines(lines: list[bytes
         for k, c in s["components"].items()
     }
     assert comps == want["comps"]
+    snap = fold.snapshot()
+    models = {k: [m.tokens, m.calls, m.errors] for k, m in snap.models.items()}
+    assert models == want["models"]
+    unknown = {
+        k: c.unknown_usage_calls for k, c in snap.components.items() if c.unknown_usage_calls
+    }
+    assert unknown == want["unknown"]
+    assert snap.unknown_usage_calls == sum(want["unknown"].values())

@@ -245,16 +245,23 @@ def test_session_component_and_model_groups(sigil_home: Path, history: list[Run]
             assert row[key] == expected[key], (row["component"], key)
     tokens = [row["tokens"] for row in components["rows"]]
     assert tokens == sorted(tokens, reverse=True)
-    # The native model keeps one model per component and run (the last one its
-    # steps named): a component-run's totals count under that model.
+    # Each step counts under the model it named ('-': none), exactly.
     models = report(sigil_home, "model")
-    expected_models: dict[str, dict[str, int]] = {}
+    expected_models: dict[str, dict[str, int]] = {"-": {"tokens": 0, "calls": 0, "errors": 0}}
     for r in history:
-        for _component, label, steps in component_runs(r):
-            totals = expected_models.setdefault(label, {"tokens": 0})
-            totals["tokens"] += sum(s.tokens for s in steps)
-    expected_models.setdefault("-", {"tokens": 0})  # the orchestrator's rows
-    assert {r["model"]: {"tokens": r["tokens"]} for r in models["rows"]} == expected_models
+        for s in r.steps:
+            totals = expected_models.setdefault(
+                s.model or "-", {"tokens": 0, "calls": 0, "errors": 0}
+            )
+            totals["tokens"] += s.tokens
+            totals["calls"] += s.kind in ("ok", "error")
+            totals["errors"] += s.kind == "error"
+    got = {
+        r["model"]: {"tokens": r["tokens"], "calls": r["calls"], "errors": r["errors"]}
+        for r in models["rows"]
+    }
+    assert got == expected_models
+    assert sum(r["tokens"] for r in models["rows"]) == models["total"]["tokens"]
 
 
 def test_breakdown_splits_each_day_by_component_and_model(
@@ -270,26 +277,46 @@ def test_breakdown_splits_each_day_by_component_and_model(
     for row in doc["rows"]:
         summed[row["period"]] = summed.get(row["period"], 0) + row["tokens"]
     assert summed == plain
-    # Each (day, component, model) row: the component-runs of that day whose
-    # last named model it is (the native model keeps one per component and run).
+    # Each (day, component, model) row: the steps of that day's component that
+    # named that model ('-': none), exactly.
     expected: dict[tuple[str, str, str], int] = {}
     for r in history:
-        for component, label, steps in component_runs(r):
-            key = (r.start.date().isoformat(), component, label)
-            expected[key] = expected.get(key, 0) + sum(s.tokens for s in steps)
-            expected.setdefault((r.start.date().isoformat(), "orchestrator", "-"), 0)
+        for s in r.steps:
+            key = (r.start.date().isoformat(), s.component, s.model or "-")
+            expected[key] = expected.get(key, 0) + s.tokens
+        expected.setdefault((r.start.date().isoformat(), "orchestrator", "-"), 0)
     got = {(r["period"], r["component"], r["model"]): r["tokens"] for r in doc["rows"]}
     assert got == expected
 
 
-def component_runs(run: Run) -> list[tuple[str, str, list[Step]]]:
-    """(component, its last named model or '-', its steps) for each component of a run."""
-    out = []
-    for component in sorted({s.component for s in run.steps}):
-        steps = [s for s in run.steps if s.component == component]
-        named = [s.model for s in steps if s.kind == "ok" and s.model is not None]
-        out.append((component, named[-1] if named else "-", steps))
-    return out
+def test_a_component_that_changes_model_within_a_run_is_split_exactly(
+    sigil_home: Path, log_path: Path
+) -> None:
+    """Issue 13: per-model numbers are the model's exact totals, not a
+    component's last model standing for all of its steps."""
+    steps = [
+        Step("planning", 100, "ok", 5.0, "m-a", 70, 30),
+        Step("planning", 40, "ok", 5.0, "m-b", 30, 10),
+        Step("planning", 7, "error"),
+        Step("planning", 11, "ok", 5.0, "m-a", 8, 3),
+    ]
+    write_runs(log_path, [Run("switch", 1, day("2026-11-04T09:00:00+00:00"), steps)])
+    rows = {r["model"]: r for r in report(sigil_home, "model")["rows"]}
+    assert {m: r["tokens"] for m, r in rows.items()} == {"m-a": 111, "m-b": 40, "-": 7}
+    assert (rows["m-a"]["calls"], rows["m-a"]["input_tokens"], rows["m-a"]["output_tokens"]) == (
+        2,
+        78,
+        33,
+    )
+    assert (rows["-"]["calls"], rows["-"]["errors"]) == (1, 1)
+    split = report(sigil_home, "component", "--breakdown")["rows"]
+    got = {(r["component"], r["model"]): r["tokens"] for r in split}
+    assert got == {
+        ("planning", "m-a"): 111,
+        ("planning", "m-b"): 40,
+        ("planning", "-"): 7,
+        ("orchestrator", "-"): 0,
+    }
 
 
 def test_session_spanning_midnight_counts_each_run_on_its_own_day(

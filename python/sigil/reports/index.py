@@ -22,11 +22,12 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sigil._native import ModelSnapshot
 from sigil.reports.sources import Source, archive_snapshot, discover, fold_live
 from sigil.telemetry.log_parser import (
     ComponentSnapshot,
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 INDEX_FILE_NAME = "report_index.sqlite3"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: how long a report waits for another one writing the index before it does
 #: its own work in memory
 BUSY_TIMEOUT_S = 10.0
@@ -118,6 +119,26 @@ CREATE TABLE IF NOT EXISTS run_latency(
     count INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS run_latency_run ON run_latency(run_id);
+-- each run's calls per (component, model), the native model's exact totals
+-- (issue 13); model NULL: the component's events that named no model
+-- (the component's totals less its models', by SQL at indexing)
+CREATE TABLE IF NOT EXISTS models(
+    run_id INTEGER NOT NULL,
+    component TEXT NOT NULL,
+    model TEXT,
+    tokens INTEGER NOT NULL,
+    input_tokens INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    calls INTEGER NOT NULL,
+    errors INTEGER NOT NULL,
+    retries INTEGER NOT NULL DEFAULT 0,
+    cost_nanousd INTEGER NOT NULL,
+    priced_events INTEGER NOT NULL,
+    unpriced_tokens INTEGER NOT NULL,
+    unpriced_calls INTEGER NOT NULL,
+    unknown_usage_calls INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS models_run ON models(run_id);
 """
 
 
@@ -333,6 +354,10 @@ def _delete(conn: sqlite3.Connection, keys: Sequence[str]) -> None:
         " JOIN runs r ON c.run_id = r.id WHERE r.source IN (SELECT source FROM doomed))"
     )
     conn.execute(
+        "DELETE FROM models WHERE run_id IN"
+        " (SELECT id FROM runs WHERE source IN (SELECT source FROM doomed))"
+    )
+    conn.execute(
         "DELETE FROM run_latency WHERE run_id IN"
         " (SELECT id FROM runs WHERE source IN (SELECT source FROM doomed))"
     )
@@ -360,6 +385,26 @@ def _roll_up(conn: sqlite3.Connection) -> None:
         "INSERT INTO run_latency SELECT c.run_id, h.bucket, SUM(h.count) FROM latency h"
         f" JOIN components c ON h.component_id = c.id WHERE c.run_id IN ({fresh})"
         " GROUP BY c.run_id, h.bucket"
+    )
+    # What each component's events without a model add up to: its totals less
+    # its models' (retries are no calls: all of them here). Computed by SQL from
+    # the native numbers, as the run roll-up above.
+    conn.execute(
+        "INSERT INTO models(run_id, component, model, tokens, input_tokens, output_tokens,"
+        " calls, errors, retries, cost_nanousd, priced_events, unpriced_tokens, unpriced_calls,"
+        " unknown_usage_calls)"
+        " SELECT c.run_id, c.component, NULL, MAX(0, c.tokens - COALESCE(SUM(m.tokens), 0)),"
+        " MAX(0, c.input_tokens - COALESCE(SUM(m.input_tokens), 0)),"
+        " MAX(0, c.output_tokens - COALESCE(SUM(m.output_tokens), 0)),"
+        " MAX(0, c.operations + c.errors - COALESCE(SUM(m.calls), 0)),"
+        " MAX(0, c.errors - COALESCE(SUM(m.errors), 0)), c.retries, 0, 0, 0, 0, 0"
+        " FROM components c LEFT JOIN models m ON m.run_id = c.run_id"
+        " AND m.component = c.component AND m.model IS NOT NULL"
+        f" WHERE c.run_id IN ({fresh}) GROUP BY c.id"
+        # A component all of whose events named a model has no such row.
+        " HAVING COUNT(m.run_id) = 0 OR c.retries > 0"
+        " OR c.tokens > COALESCE(SUM(m.tokens), 0)"
+        " OR c.operations + c.errors > COALESCE(SUM(m.calls), 0)"
     )
 
 
@@ -414,6 +459,7 @@ def _insert(conn: sqlite3.Connection, source: Source, runs: list[RunSnapshot] | 
             ),
         )
         _insert_components(conn, cursor.lastrowid, run.components.values())
+        _insert_models(conn, cursor.lastrowid, run.component_models)
 
 
 def _insert_components(
@@ -443,6 +489,37 @@ def _insert_components(
         buckets = [(component_id, i, n) for i, n in enumerate(c.latency_histogram) if n]
         if buckets:
             conn.executemany("INSERT INTO latency VALUES (?, ?, ?)", buckets)
+
+
+def _insert_models(
+    conn: sqlite3.Connection,
+    run_id: int | None,
+    pairs: Mapping[str, Mapping[str, ModelSnapshot]],
+) -> None:
+    conn.executemany(
+        "INSERT INTO models(run_id, component, model, tokens, input_tokens, output_tokens,"
+        " calls, errors, cost_nanousd, priced_events, unpriced_tokens, unpriced_calls,"
+        " unknown_usage_calls) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                run_id,
+                component,
+                name,
+                m.tokens,
+                m.input_tokens,
+                m.output_tokens,
+                m.calls,
+                m.errors,
+                m.cost_nanousd,
+                m.priced_events,
+                m.unpriced_tokens,
+                m.unpriced_calls,
+                m.unknown_usage_calls,
+            )
+            for component, models in pairs.items()
+            for name, m in models.items()
+        ],
+    )
 
 
 def _epoch(text: str | None) -> float | None:

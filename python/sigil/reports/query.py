@@ -5,6 +5,12 @@ local day, ISO week or month its first event falls in: ``TZ`` decides which),
 session, component or model. Latency percentiles over many runs merge the runs'
 native histograms (bucket counts summed in SQL) and read the quantile off the
 merged buckets with the native rule (:func:`latency_quantile`).
+
+Rows split by model (``model``, ``--breakdown``) read the model's exact
+per-(component, model) totals of each run (the index's ``models`` table: calls,
+errors, tokens and cost of the events that named each model; ``-`` for the
+events that named none). Latency is kept per component, not per model: such
+rows have no percentiles.
 """
 
 from __future__ import annotations
@@ -42,6 +48,21 @@ _KEY_SQL = {
     "component": "c.component",
     "model": "COALESCE(c.model, '-')",
 }
+#: the same keys over ``models m`` (a run's exact per-model totals)
+_MODEL_KEY_SQL = {
+    **_KEY_SQL,
+    "component": "m.component",
+    "model": "COALESCE(m.model, '-')",
+}
+#: the per-model numbers a row split by model adds
+MODEL_COLUMNS = (
+    "calls",
+    "cost_nanousd",
+    "priced_events",
+    "unpriced_tokens",
+    "unpriced_calls",
+    "unknown_usage_calls",
+)
 _KEY_NAME = {
     "daily": "period",
     "weekly": "period",
@@ -121,16 +142,20 @@ def run_report(
     breakdown: bool = False,
 ) -> Report:
     """The report's rows (and its total) for ``group``, from the index."""
-    key_sql = _KEY_SQL[group]
-    keys = [key_sql]
+    by_model = group == "model" or breakdown
+    table = _MODEL_KEY_SQL if by_model else _KEY_SQL
+    keys = [table[group]]
     if breakdown:
         # Split each row by what the group is not already: component and model.
         if group != "component":
-            keys.append(_KEY_SQL["component"])
+            keys.append(table["component"])
         if group != "model":
-            keys.append(_KEY_SQL["model"])
+            keys.append(table["model"])
     by_run = group in ("daily", "weekly", "monthly", "session") and not breakdown
-    rows = _rows(conn, keys, filters, bounds, by_run=by_run)
+    if by_model:
+        rows = _model_rows(conn, keys, filters)
+    else:
+        rows = _rows(conn, keys, filters, bounds, by_run=by_run)
     total = _rows(conn, ["'total'"], filters, bounds, by_run=True)
     names = [_KEY_NAME[group]]
     if breakdown:
@@ -165,6 +190,40 @@ def _empty() -> dict[str, Any]:
     )
     values.update(dict.fromkeys(name for name, _ in QUANTILES))
     return values
+
+
+def _model_rows(
+    conn: sqlite3.Connection, keys: list[str], filters: Filters
+) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """Rows from the runs' exact per-(component, model) totals."""
+    where, params = filters.where()
+    select_keys = ", ".join(f"{k} AS k{i}" for i, k in enumerate(keys))
+    group_by = ", ".join(f"k{i}" for i in range(len(keys)))
+    n = len(keys)
+    sql = (
+        f"SELECT {select_keys}, COUNT(DISTINCT r.session_id), COUNT(DISTINCT r.id),"
+        f" COUNT(DISTINCT CASE WHEN {_FAILED} THEN r.id END), SUM(m.tokens),"
+        " SUM(m.input_tokens), SUM(m.output_tokens), SUM(m.calls - m.errors), SUM(m.errors),"
+        " SUM(m.retries), SUM(m.calls), SUM(m.cost_nanousd), SUM(m.priced_events),"
+        " SUM(m.unpriced_tokens), SUM(m.unpriced_calls), SUM(m.unknown_usage_calls)"
+        f" FROM models m JOIN runs r ON m.run_id = r.id WHERE {where} GROUP BY {group_by}"
+    )
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in conn.execute(sql, params):
+        values = out[tuple(row[:n])] = _empty()
+        values.update(
+            sessions=row[n],
+            runs=row[n + 1],
+            failed_runs=row[n + 2],
+            tokens=row[n + 3],
+            input_tokens=row[n + 4],
+            output_tokens=row[n + 5],
+            operations=row[n + 6],
+            errors=row[n + 7],
+            retries=row[n + 8],
+        )
+        values.update(zip(MODEL_COLUMNS, row[n + 9 :], strict=True))
+    return out
 
 
 def _rows(

@@ -261,6 +261,8 @@ class RunRecord:
     unpriced_tokens: int = 0
     #: name -> tokens, operations, errors, retries, latency_ms, cost (the model's values)
     components: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: component -> model -> tokens, calls, errors, cost... (``ModelSnapshot.to_dict``)
+    models: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     duration_seconds: float = 0.0
     #: slot -> what its step_complete recorded (for resume)
     completed: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -308,9 +310,11 @@ class RunRecord:
                     "cost_nanousd": c.cost_nanousd,
                     "priced_events": c.priced_events,
                     "unpriced_tokens": c.unpriced_tokens,
+                    "unknown_usage_calls": c.unknown_usage_calls,
                 }
                 for name, c in snap.components.items()
             },
+            models=_component_models(snap.component_models),
             duration_seconds=snap.duration_seconds or 0.0,
             source=snap.source,
         )
@@ -341,6 +345,9 @@ class RunRecord:
                 name: {k: round(v, 3) if "latency" in k else int(v) for k, v in c.items()}
                 for name, c in self.components.items()
             },
+            # Per model (issue 13): what the ledger stands in with once the
+            # run's events left the log.
+            "model_stats": self.models,
         }
 
     def metrics_dict(self) -> dict[str, Any]:
@@ -1273,7 +1280,12 @@ class Orchestrator:
         log = tracker.logger
         assert log is not None
         title = slot.replace("_", " ").title()
-        await log.log_event("step_start", slot, f"{title} started", 0, {"run": run})
+        # The step's input and output hashes (issue 13): a step started again
+        # with the same input is a loop; a changed output hash a changed step.
+        input_hash = _sha256_of({"task": task, "context": context, "outputs": outputs})
+        await log.log_event(
+            "step_start", slot, f"{title} started", 0, {"run": run, "input_sha256": input_hash}
+        )
         step_started = time.perf_counter()
         # The step's tokens, failed attempts included, are what the tracker
         # recorded for its component meanwhile (no running sum kept here).
@@ -1382,6 +1394,7 @@ class Orchestrator:
                 if key != COST_KEY:
                     meta.setdefault(key, value)
             _attach_output(meta, out.output)
+            meta["output_sha256"] = _sha256_of(out.output)
             await tracker.track(
                 slot,
                 out.tokens,
@@ -1666,6 +1679,8 @@ def write_summaries(
             }
             for name in comp_tokens
         },
+        # Per model over the whole session (the model's, ledger-only runs included).
+        "model_totals": _component_models(model.component_models) if model is not None else {},
         "log_files": _log_files(session_dir),
         "events": history.events,
         # A hole in seq that neither the log nor the ledger could fill: the
@@ -1779,6 +1794,23 @@ def _cost_doc(nanousd: int, priced: int, unpriced_tokens: int) -> dict[str, Any]
         "priced_events": priced,
         "unpriced_tokens": unpriced_tokens,
     }
+
+
+def _sha256_of(value: Any) -> str:
+    """sha256 (hex) of a step's input or output as canonical JSON text (sorted
+    keys; what JSON cannot hold, by its ``str``)."""
+    import hashlib
+
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    except (TypeError, ValueError):  # keys of mixed types, a cycle
+        text = repr(value)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _component_models(pairs: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The model's per-component, per-model totals as plain data (the ledger's)."""
+    return {c: {n: m.to_dict() for n, m in models.items()} for c, models in pairs.items()}
 
 
 def _component_cost(c: Any) -> dict[str, int]:
