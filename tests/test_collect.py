@@ -1052,3 +1052,106 @@ def test_native_matches_python_on_the_spans_sigil_export_sends(
     assert proc.returncode == 0, proc.stderr
     assert capture.bodies
     assert sum(assert_native_matches_python(*item) for item in capture.bodies) > 0
+
+
+def _reference_log(spans: list[SpanData], log_path: Path) -> None:
+    """The sink before rust/otlp.rs (Python mapping, a logger call per event), as the
+    reference for the lines the native sink writes."""
+    from sigil.telemetry.execution_logger import ExecutionLogger
+    from sigil.telemetry.pricing import Pricer
+    from sigil.telemetry.sanitization import LogSanitizer
+
+    scrub, pricer = LogSanitizer().sanitize_string, Pricer()
+    loggers: dict[str, ExecutionLogger] = {}
+    seen: set[str] = set()
+    parents: dict[str, set[str]] = {}
+    for span in spans:
+        event = map_span(span)
+        if event is None:
+            continue
+        logger = loggers.get(event.session_id)
+        if logger is None:
+            logger = loggers[event.session_id] = ExecutionLogger(
+                event.session_id, log_path, sanitizer=False
+            )
+            meta0 = {"run": 1, "source": "otlp", "thresholds": {}, "allocations": {}}
+            logger.log_event_sync(
+                "session_start", "collect", "collecting OTLP spans (run 1)", 0, meta0
+            )
+        if event.key in seen:
+            continue
+        meta = event.metadata
+        component, message = scrub(event.component), scrub(event.message)
+        for name in ("model", "provider", "operation", "error_type"):
+            if meta.get(name) is not None:
+                meta[name] = scrub(meta[name])
+        known = parents.setdefault(event.session_id, set())
+        if event.usage is not None and not event.exported:
+            if event.key in known and event.tokens:
+                for name in ("input_tokens", "output_tokens"):
+                    if name in meta:
+                        meta[f"reported_{name}"] = meta.pop(name)
+                meta["aggregate"] = True
+                event.tokens = 0
+            if event.parent_key:
+                known.add(event.parent_key)
+        model, inp, out = meta.get("model"), meta.get("input_tokens"), meta.get("output_tokens")
+        if isinstance(model, str) and (inp is not None or out is not None):
+            meta.update(pricer.cost_meta(pricer.price(model, inp or 0, out or 0)))
+        if event.kind == "tokens":
+            logger.log_event_sync("token_consumption", component, message, event.tokens, meta)
+        else:
+            ids = {"source": "otlp", "trace_id": meta["trace_id"], "span_id": meta["span_id"]}
+            logger.log_event_sync("step_start", component, message, 0, ids)
+            kind = "step_error" if event.error else "step_complete"
+            logger.log_event_sync(kind, component, message, event.tokens, meta)
+        seen.add(event.key)
+    for logger in loggers.values():
+        logger.close_sync()
+
+
+def _lines_without_time(log_path: Path) -> dict[str, list[bytes]]:
+    import re
+
+    out = {}
+    for sdir in sorted((log_path / "sessions").iterdir()):
+        raw = (sdir / "execution.jsonl").read_bytes().splitlines()
+        out[sdir.name] = [re.sub(rb'^\{"timestamp":"[^"]*",', b"{", line) for line in raw]
+    return out
+
+
+def test_the_native_sink_writes_the_lines_the_python_path_wrote(tmp_path: Path) -> None:
+    from sigil.collect.decode import decode_protobuf
+
+    common = {"gen_ai.conversation.id": "agg", "gen_ai.request.model": "gpt-4o"}
+    child = {**common, "gen_ai.operation.name": "chat", "gen_ai.usage.input_tokens": 5}
+    parent = {**common, "gen_ai.operation.name": "invoke_agent"}
+    parent |= {"gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 0}
+    aggregates = [
+        {"span": "00000000000000c1", "parent": "00000000000000aa", "attrs": child},
+        {"span": "00000000000000c2", "parent": "00000000000000aa", "attrs": child},
+        {"span": "00000000000000aa", "attrs": parent},
+    ]
+    spans = decode_protobuf(_pb_request(CRAFTED + aggregates))
+    _reference_log(spans, tmp_path / "python")
+    sink = SessionSink(tmp_path / "native")
+    # one request as the receiver decodes it, then all of it again (duplicates)
+    from sigil.collect.decode import decode_request
+
+    body = _pb_request(CRAFTED + aggregates)
+    assert sink.ingest(decode_request(body, True)).written == 13
+    assert sink.ingest(decode_request(body, True)).duplicates == 14
+    sink.close()
+    native, python = (
+        _lines_without_time(tmp_path / "native"),
+        _lines_without_time(tmp_path / "python"),
+    )
+    assert native.keys() == python.keys()
+    for sid, lines in native.items():
+        # the native sink also ends its run (session_complete); the reference does not
+        assert lines[-1].startswith(
+            b'{"session_id":"%s","event_type":"session_complete"' % sid.encode()
+        )
+        assert lines[:-1] == python[sid], sid
+    assert any(b'"aggregate":true' in line for line in native["agg"])
+    assert any(b'"cost_usd":' in line for lines in native.values() for line in lines)
