@@ -824,6 +824,176 @@ impl Sink for WriterSink<'_> {
 }
 
 // ---------------------------------------------------------------------------
+// OTLP/JSON (decode.decode_json), for the shapes exporters send
+
+use serde_json::{Map, Value};
+
+/// A JSON list field: absent or null is empty; None: not a list.
+fn json_list(v: Option<&Value>) -> Option<&[Value]> {
+    match v {
+        None | Some(Value::Null) => Some(&[]),
+        Some(Value::Array(items)) => Some(items),
+        _ => None,
+    }
+}
+
+/// `_json_int` for plain integers (a JSON integer, or a string of digits).
+fn json_int(v: &Value) -> Option<i128> {
+    match v {
+        Value::Number(n) => n.as_i64().map(i128::from).or(n.as_u64().map(i128::from)),
+        Value::String(s) => {
+            let digits = s.strip_prefix('-').unwrap_or(s);
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            s.parse::<i128>().ok()
+        }
+        _ => None,
+    }
+}
+
+/// `_json_value`: Some(value) or None (outside the plain shapes).
+fn json_value(v: &Map<String, Value>) -> Option<Option<Val>> {
+    for (name, item) in v {
+        return Some(Some(match (name.as_str(), item) {
+            ("stringValue", Value::String(s)) => Val::Str(cut(s.clone())),
+            ("intValue", item) => Val::Int(i64::try_from(json_int(item)?).ok()?),
+            ("doubleValue", Value::Number(n)) => Val::Float(n.as_f64()?),
+            ("boolValue", Value::Bool(b)) => Val::Bool(*b),
+            ("stringValue" | "doubleValue" | "boolValue", _) => return None,
+            _ => continue,
+        }));
+    }
+    Some(None)
+}
+
+fn json_attrs(items: Option<&Value>, into: &mut Attrs) -> Option<()> {
+    for kv in json_list(items)? {
+        let Value::Object(kv) = kv else { return None };
+        let Some(Value::String(key)) = kv.get("key") else {
+            return None;
+        };
+        if let Some(slot) = kept(key) {
+            into[slot] = match kv.get("value") {
+                None => None,
+                Some(Value::Object(v)) => json_value(v)?,
+                Some(_) => return None,
+            };
+        }
+    }
+    Some(())
+}
+
+/// `_hex_id`: lowercase hex of `size` bytes.
+fn json_id(v: Option<&Value>, size: usize, optional: bool) -> Option<String> {
+    match v {
+        None | Some(Value::Null) if optional => Some(String::new()),
+        Some(Value::String(s)) if optional && s.is_empty() => Some(String::new()),
+        Some(Value::String(s))
+            if s.len() == size * 2 && s.bytes().all(|b| b.is_ascii_hexdigit()) =>
+        {
+            Some(s.to_ascii_lowercase())
+        }
+        _ => None,
+    }
+}
+
+fn json_span(span: &Value, resource: &Attrs) -> Option<SpanIn> {
+    let Value::Object(span) = span else {
+        return None;
+    };
+    let name = match span.get("name") {
+        None => String::new(),
+        Some(Value::String(s)) => cut(s.clone()),
+        Some(_) => return None,
+    };
+    let mut attrs = resource.clone();
+    json_attrs(span.get("attributes"), &mut attrs)?;
+    let (error, status_message) = match span.get("status") {
+        None | Some(Value::Null) => (false, String::new()),
+        Some(Value::Object(st)) => {
+            let error = match st.get("code") {
+                Some(Value::Number(n)) => n.as_f64() == Some(2.0),
+                Some(Value::String(s)) => s == "STATUS_CODE_ERROR",
+                _ => false,
+            };
+            let message = match st.get("message") {
+                None => String::new(),
+                Some(Value::String(s)) => cut(s.clone()),
+                Some(_) => return None,
+            };
+            (error, message)
+        }
+        Some(_) => return None,
+    };
+    let time = |key: &str| match span.get(key) {
+        None => Some(0),
+        Some(v) => json_int(v),
+    };
+    Some(SpanIn {
+        trace_id: json_id(span.get("traceId"), 16, false)?,
+        span_id: json_id(span.get("spanId"), 8, false)?,
+        parent_span_id: json_id(span.get("parentSpanId"), 8, true)?,
+        name,
+        start_ns: time("startTimeUnixNano")?,
+        end_ns: time("endTimeUnixNano")?,
+        error,
+        status_message,
+        attrs,
+    })
+}
+
+/// An `ExportTraceServiceRequest` in OTLP/JSON as spans, or `Ok(None)` when
+/// the body is anything but the plain shapes exporters send (malformed, or a
+/// value in an unusual form): the Python decoder then decides, with its
+/// messages and its conversions.
+pub fn decode_json(body: &[u8], max_spans: usize) -> Result<Option<Vec<SpanIn>>, Refused> {
+    let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(body) else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    let Some(resource_spans) = json_list(doc.get("resourceSpans")) else {
+        return Ok(None);
+    };
+    for rs in resource_spans {
+        let Value::Object(rs) = rs else {
+            return Ok(None);
+        };
+        let mut resource: Attrs = Default::default();
+        match rs.get("resource") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(r)) => {
+                if json_attrs(r.get("attributes"), &mut resource).is_none() {
+                    return Ok(None);
+                }
+            }
+            Some(_) => return Ok(None),
+        }
+        let Some(scope_spans) = json_list(rs.get("scopeSpans")) else {
+            return Ok(None);
+        };
+        for ss in scope_spans {
+            let Value::Object(ss) = ss else {
+                return Ok(None);
+            };
+            let Some(spans) = json_list(ss.get("spans")) else {
+                return Ok(None);
+            };
+            for span in spans {
+                if out.len() >= max_spans {
+                    return Err(Refused::TooManySpans(max_spans));
+                }
+                match json_span(span, &resource) {
+                    Some(s) => out.push(s),
+                    None => return Ok(None),
+                }
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+// ---------------------------------------------------------------------------
 // Python
 
 fn refused(r: Refused) -> PyErr {
@@ -914,6 +1084,25 @@ pub fn otlp_decode_protobuf(
     guard("otlp_decode_protobuf", || {
         let batch = py.detach(|| decode_protobuf(body, max_spans).map(|s| map_spans(&s)));
         batch.map(|batch| PyOtlpBatch { batch }).map_err(refused)
+    })
+}
+
+/// Decode an OTLP/JSON trace request and map its spans, with the GIL
+/// released; None when the body is not in the plain shapes exporters send
+/// (then `decode.decode_json` decides). `OverflowError` past `max_spans`.
+#[pyfunction]
+#[pyo3(signature = (body, *, max_spans = DEFAULT_MAX_SPANS))]
+pub fn otlp_decode_json(
+    py: Python<'_>,
+    body: &[u8],
+    max_spans: usize,
+) -> PyResult<Option<PyOtlpBatch>> {
+    guard("otlp_decode_json", || {
+        let batch =
+            py.detach(|| decode_json(body, max_spans).map(|spans| spans.map(|s| map_spans(&s))));
+        batch
+            .map(|b| b.map(|batch| PyOtlpBatch { batch }))
+            .map_err(refused)
     })
 }
 
@@ -1235,5 +1424,32 @@ mod tests {
         let s = "é".repeat(MAX_TEXT_BYTES);
         let c = cut(s);
         assert!(c.len() <= MAX_TEXT_BYTES && c.len() >= MAX_TEXT_BYTES - 1);
+    }
+    #[test]
+    fn json_plain_shapes_decode_and_odd_ones_are_left_to_python() {
+        let body = br#"{"resourceSpans":[{"resource":{"attributes":[
+            {"key":"session.id","value":{"stringValue":"s"}}]},
+            "scopeSpans":[{"spans":[{"traceId":"5B8EFFF798038103D269B633813FC60C",
+            "spanId":"00000000000000a1","name":"chat","startTimeUnixNano":"10",
+            "endTimeUnixNano":2000010,"status":{"code":"STATUS_CODE_ERROR"},
+            "attributes":[{"key":"gen_ai.usage.input_tokens","value":{"intValue":"7"}},
+            {"key":"gen_ai.usage.output_tokens","value":{"intValue":3}},
+            {"key":"other","value":null}]}]}]}]}"#;
+        let spans = decode_json(body, 10).unwrap().unwrap();
+        assert_eq!(spans[0].trace_id, "5b8efff798038103d269b633813fc60c");
+        assert!(spans[0].error);
+        let batch = map_spans(&spans);
+        let e = &batch.groups[0].1[0];
+        assert_eq!((batch.groups[0].0.as_str(), e.tokens), ("s", 10));
+        assert_eq!(e.latency_ms, Some(2.0));
+        for odd in [
+            &br#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"x"}]}]}]}"#[..],
+            br#"{"resourceSpans":{}}"#,
+            br#"[1]"#,
+            br#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"5b8efff798038103d269b633813fc60c","spanId":"00000000000000a1","attributes":[{"key":"session.id","value":{"stringValue":5}}]}]}]}]}"#,
+        ] {
+            assert_eq!(decode_json(odd, 10).unwrap().map(|s| s.len()), None);
+        }
+        assert_eq!(decode_json(body, 0).err(), Some(Refused::TooManySpans(0)));
     }
 }

@@ -851,7 +851,10 @@ def assert_native_matches_python(ctype: str, body: bytes) -> int:
         batch = _native.otlp_decode_protobuf(body)
     else:
         spans = decode_json(body)
-        batch = _native.otlp_map_spans(spans)
+        native = _native.otlp_decode_json(body)
+        assert native is not None  # the plain shapes exporters send
+        assert _native_events(native) == _native_events(_native.otlp_map_spans(spans))
+        batch = native
     assert batch.spans == len(spans)
     want = _reference(spans)
     assert _native_events(batch) == want
@@ -1155,3 +1158,42 @@ def test_the_native_sink_writes_the_lines_the_python_path_wrote(tmp_path: Path) 
         assert lines[:-1] == python[sid], sid
     assert any(b'"aggregate":true' in line for line in native["agg"])
     assert any(b'"cost_usd":' in line for lines in native.values() for line in lines)
+
+
+def test_unusual_json_values_are_decoded_as_the_python_decoder_decodes_them() -> None:
+    from sigil import _native
+    from sigil.collect.decode import decode_json, decode_request
+
+    odd_values: list[dict[str, Any]] = [
+        {"stringValue": 5},
+        {"intValue": "+7"},
+        {"intValue": " 8 "},
+        {"intValue": 9.0},
+        {"doubleValue": "1e3"},
+        {"boolValue": 1},
+        {"arrayValue": {}, "intValue": "3"},
+    ]
+    for value in odd_values:
+        span = _json_span(TRACE, "00000000000000a1", tokens=(1, 2), sid="odd")
+        span["attributes"].append({"key": "llm.token_count.total", "value": value})
+        span["attributes"].append({"key": "gen_ai.agent.name", "value": value})
+        body = _json_request(span)
+        try:
+            want = _reference(decode_json(body))
+        except ValueError:
+            want = None
+        if want is None:
+            with pytest.raises(ValueError):
+                decode_request(body, False)
+            continue
+        assert _native_events(decode_request(body, False)) == want, value
+    # the plain shapes are decoded natively, the odd ones by Python
+    plain = _json_span(TRACE, "00000000000000a2", tokens=(1, 2), status={"code": 2})
+    assert _native.otlp_decode_json(_json_request(plain)) is not None
+    odd = _json_span(TRACE, "00000000000000a3", tokens=(1, 2), status={"message": None})
+    assert _native.otlp_decode_json(_json_request(odd)) is None
+    assert _native_events(decode_request(_json_request(odd), False)) == _reference(
+        decode_json(_json_request(odd))
+    )
+    for bad in (b"[]", b"{", b'{"resourceSpans": {}}', _json_request({"traceId": "x"})):
+        assert _native.otlp_decode_json(bad) is None
