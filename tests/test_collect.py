@@ -25,6 +25,7 @@ import pytest
 
 from conftest import SIGIL, isolated_env, run_cli, run_py, wait_for
 from sigil.collect import SessionSink, SpanData, map_span, session_id_for
+from sigil.collect.decode import KEPT_ATTRIBUTES as KEPT_KEYS
 from sigil.telemetry.log_parser import session_history
 
 pytestmark = pytest.mark.slow
@@ -1197,3 +1198,63 @@ def test_unusual_json_values_are_decoded_as_the_python_decoder_decodes_them() ->
     )
     for bad in (b"[]", b"{", b'{"resourceSpans": {}}', _json_request({"traceId": "x"})):
         assert _native.otlp_decode_json(bad) is None
+
+
+def test_native_and_python_decoding_agree_on_generated_spans() -> None:
+    """Any JSON value in any kept attribute, and scalar protobuf values: the
+    native path gives the Python reference's events, or both refuse the body."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from sigil.collect.decode import MalformedPayload, decode_json, decode_request
+
+    keys = sorted(KEPT_KEYS)
+    json_leaf = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**63), max_value=2**64 - 1),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.sampled_from(["", "7", "-3", "+4", " 5", "1_0", "x", "LLM", "invoke_workflow", "chat"]),
+    )
+    any_value = st.dictionaries(
+        st.sampled_from(["stringValue", "intValue", "doubleValue", "boolValue", "arrayValue"]),
+        json_leaf,
+        max_size=2,
+    )
+    attr = st.tuples(st.sampled_from(keys), st.one_of(any_value, json_leaf))
+    span = st.fixed_dictionaries(
+        {"attrs": st.lists(attr, max_size=6), "status": st.one_of(st.none(), json_leaf, any_value)}
+    )
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(span, min_size=1, max_size=4))
+    def check(spans: list[dict[str, Any]]) -> None:
+        items = []
+        for i, s in enumerate(spans):
+            item = _json_span(TRACE, f"{i + 1:016x}", tokens=(1, 1))
+            item["attributes"] = [{"key": k, "value": v} for k, v in s["attrs"]]
+            item["status"] = s["status"]
+            items.append(item)
+        body = _json_request(*items)
+        try:
+            want: Any = _reference(decode_json(body))
+        except (MalformedPayload, ValueError, TypeError, OverflowError):
+            want = None
+        try:
+            got: Any = _native_events(decode_request(body, False))
+        except MalformedPayload:
+            got = None
+        assert got == want
+        # the same scalars as protobuf
+        pb_spans = []
+        for i, s in enumerate(spans):
+            attrs = {}
+            for k, v in s["attrs"]:
+                leaf = next(iter(v.values()), None) if isinstance(v, dict) else v
+                if isinstance(leaf, int) and not isinstance(leaf, bool):
+                    leaf = max(-(2**63), min(2**63 - 1, leaf))
+                attrs[k] = leaf
+            pb_spans.append({"span": f"{i + 1:016x}", "attrs": attrs})
+        assert_native_matches_python("application/x-protobuf", _pb_request(pb_spans))
+
+    check()
