@@ -14,6 +14,8 @@ a duplicate) in 10 conversations, encoded as the OTLP/HTTP exporter sends them
   (:func:`sigil.collect.decode.decode_protobuf`), the Python mapping
   (:func:`sigil.collect.mapping.map_span`), a scrub and a price per span and
   an ``ExecutionLogger.log_event_sync`` per event;
+* ``ingest_json``: the same spans in OTLP/JSON (:func:`decode_request`'s
+  native JSON decoder), through the same sink;
 * ``http``: the same batches POSTed to a running ``sigil collect`` process on
   127.0.0.1, the whole path (HTTP, decode, write);
 * the pure-Python baseline: what a plain receiver would do --
@@ -23,6 +25,7 @@ a duplicate) in 10 conversations, encoded as the OTLP/HTTP exporter sends them
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import subprocess
@@ -89,11 +92,30 @@ def request_body(batch: int, n: int = SPANS) -> bytes:
     return request.SerializeToString()
 
 
+def json_body(body: bytes) -> bytes:
+    """A protobuf request in the OTLP/JSON encoding (hex IDs, as exporters send it)."""
+    import orjson
+    from google.protobuf import json_format
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    doc = json_format.MessageToDict(ExportTraceServiceRequest.FromString(body))
+    for resource_spans in doc["resourceSpans"]:
+        for scope in resource_spans["scopeSpans"]:
+            for span in scope["spans"]:
+                for name in ("traceId", "spanId"):
+                    span[name] = base64.b64decode(span[name]).hex()
+    return orjson.dumps(doc)
+
+
 class _Batches:
     """Fresh request bodies, one per call (a body sent twice would be all duplicates)."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, *, json: bool = False) -> None:
         self.bodies = [request_body(batch) for batch in range(count)]
+        if json:
+            self.bodies = [json_body(body) for body in self.bodies]
         self.next = 0
 
     def take(self) -> bytes:
@@ -109,7 +131,7 @@ def _rounds() -> int:
 @pytest.fixture(scope="module")
 def batches() -> Iterator[list[_Batches]]:
     # one set per row, so that each row ingests spans it has not seen
-    yield [_Batches(_rounds() + 1) for _ in range(4)]
+    yield [_Batches(_rounds() + 1) for _ in range(4)] + [_Batches(_rounds() + 1, json=True)]
 
 
 # -- the pure-Python baseline --------------------------------------------------------------
@@ -270,6 +292,25 @@ def test_collect_ingest(benchmark: Any, tmp_path: Path, batches: list[_Batches])
 
     def ingest(body: bytes) -> int:
         return sink.ingest(decode_request(body, True)).written
+
+    try:
+        written = benchmark.pedantic(ingest, setup=lambda: ((source.take(),), {}), rounds=_rounds())
+    finally:
+        sink.close()
+    assert written == SPANS
+
+
+def test_collect_ingest_json(benchmark: Any, tmp_path: Path, batches: list[_Batches]) -> None:
+    benchmark.group = GROUP
+    benchmark.extra_info.update(
+        ops=SPANS, baseline="test_collect_old_path", aim_ops_per_s=AIM_SPANS_PER_S
+    )
+    sink = SessionSink(tmp_path)
+    source = batches[4]
+    sink.ingest(decode_request(source.take(), False))  # opens the sessions
+
+    def ingest(body: bytes) -> int:
+        return sink.ingest(decode_request(body, False)).written
 
     try:
         written = benchmark.pedantic(ingest, setup=lambda: ((source.take(),), {}), rounds=_rounds())

@@ -824,6 +824,334 @@ impl Sink for WriterSink<'_> {
 }
 
 // ---------------------------------------------------------------------------
+// OTLP/JSON (decode.decode_json), for the shapes exporters send
+//
+// Typed and borrowed (no allocation per key or string without escapes). What
+// these types refuse -- malformed JSON, a duplicate field, a value in an
+// unusual form -- is left to the Python decoder, whose messages and
+// conversions rule; so each type accepts only what Python reads the same way.
+
+mod js {
+    use std::borrow::Cow;
+    use std::fmt;
+
+    use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use serde::Deserialize;
+    use serde_json::value::RawValue;
+
+    /// A field that is present (null too: then `T` must take null, or it fails).
+    pub fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
+        T::deserialize(d).map(Some)
+    }
+
+    /// A struct that must be a JSON object (serde's derive takes arrays too).
+    pub struct Obj<T>(pub T);
+
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<T>(std::marker::PhantomData<T>);
+            impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+                type Value = Obj<T>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Obj<T>, A::Error> {
+                    T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Obj)
+                }
+            }
+            d.deserialize_map(V(std::marker::PhantomData))
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub struct Request<'a> {
+        #[serde(rename = "resourceSpans", borrow, default)]
+        pub resource_spans: Option<Vec<Obj<ResourceSpans<'a>>>>,
+    }
+    #[derive(Deserialize)]
+    pub struct ResourceSpans<'a> {
+        #[serde(borrow, default)]
+        pub resource: Option<Obj<Resource<'a>>>,
+        #[serde(rename = "scopeSpans", borrow, default)]
+        pub scope_spans: Option<Vec<Obj<ScopeSpans<'a>>>>,
+    }
+    #[derive(Deserialize)]
+    pub struct Resource<'a> {
+        #[serde(borrow, default)]
+        pub attributes: Option<Vec<Obj<KeyValue<'a>>>>,
+    }
+    #[derive(Deserialize)]
+    pub struct ScopeSpans<'a> {
+        #[serde(borrow, default)]
+        pub spans: Option<Vec<Obj<Span<'a>>>>,
+    }
+    #[derive(Deserialize)]
+    pub struct Span<'a> {
+        #[serde(rename = "traceId", borrow)]
+        pub trace_id: Cow<'a, str>,
+        #[serde(rename = "spanId", borrow)]
+        pub span_id: Cow<'a, str>,
+        #[serde(rename = "parentSpanId", borrow, default)]
+        pub parent_span_id: Option<Cow<'a, str>>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub name: Option<Cow<'a, str>>,
+        #[serde(rename = "startTimeUnixNano", default, deserialize_with = "present")]
+        pub start: Option<Int>,
+        #[serde(rename = "endTimeUnixNano", default, deserialize_with = "present")]
+        pub end: Option<Int>,
+        #[serde(borrow, default)]
+        pub attributes: Option<Vec<Obj<KeyValue<'a>>>>,
+        #[serde(borrow, default)]
+        pub status: Option<Obj<Status<'a>>>,
+    }
+    #[derive(Deserialize)]
+    pub struct Status<'a> {
+        #[serde(default)]
+        pub code: Option<Code>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub message: Option<Cow<'a, str>>,
+    }
+    #[derive(Deserialize)]
+    pub struct KeyValue<'a> {
+        #[serde(borrow)]
+        pub key: Cow<'a, str>,
+        #[serde(borrow, default, deserialize_with = "present")]
+        pub value: Option<&'a RawValue>,
+    }
+
+    /// `_json_int` for a JSON integer or a string of ASCII digits (maybe `-`).
+    pub struct Int(pub i128);
+
+    impl<'de> Deserialize<'de> for Int {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = Int;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("an integer")
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Int, E> {
+                    Ok(Int(v.into()))
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Int, E> {
+                    Ok(Int(v.into()))
+                }
+                fn visit_str<E: de::Error>(self, s: &str) -> Result<Int, E> {
+                    let digits = s.strip_prefix('-').unwrap_or(s);
+                    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                        return Err(E::custom("not plain digits"));
+                    }
+                    s.parse::<i128>().map(Int).map_err(E::custom)
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// Whether a status code is the error one (`code == 2 or "STATUS_CODE_ERROR"`).
+    pub struct Code(pub bool);
+
+    impl<'de> Deserialize<'de> for Code {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Code;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a status code")
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Code, E> {
+                    Ok(Code(v == 2))
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Code, E> {
+                    Ok(Code(v == 2))
+                }
+                fn visit_f64<E: de::Error>(self, v: f64) -> Result<Code, E> {
+                    Ok(Code(v == 2.0))
+                }
+                fn visit_str<E: de::Error>(self, s: &str) -> Result<Code, E> {
+                    Ok(Code(s == "STATUS_CODE_ERROR"))
+                }
+                fn visit_bool<E: de::Error>(self, _: bool) -> Result<Code, E> {
+                    Ok(Code(false))
+                }
+                fn visit_unit<E: de::Error>(self) -> Result<Code, E> {
+                    Ok(Code(false))
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Code, A::Error> {
+                    while seq.next_element::<IgnoredAny>()?.is_some() {}
+                    Ok(Code(false))
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Code, A::Error> {
+                    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                    Ok(Code(false))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// A JSON number as Python's `float()` has it (never a string).
+    struct Float(f64);
+
+    impl<'de> Deserialize<'de> for Float {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl Visitor<'_> for V {
+                type Value = Float;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a number")
+                }
+                fn visit_i64<E: de::Error>(self, v: i64) -> Result<Float, E> {
+                    Ok(Float(v as f64))
+                }
+                fn visit_u64<E: de::Error>(self, v: u64) -> Result<Float, E> {
+                    Ok(Float(v as f64))
+                }
+                fn visit_f64<E: de::Error>(self, v: f64) -> Result<Float, E> {
+                    Ok(Float(v))
+                }
+            }
+            d.deserialize_any(V)
+        }
+    }
+
+    /// `_json_value`: the first of stringValue/intValue/doubleValue/boolValue
+    /// (in the object's order), None when there is none.
+    pub struct AnyValue(pub Option<super::Val>);
+
+    impl<'de> Deserialize<'de> for AnyValue {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = AnyValue;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("an AnyValue object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AnyValue, A::Error> {
+                    use super::Val;
+                    let mut found: Option<(Cow<'de, str>, Val)> = None;
+                    while let Some(name) = map.next_key::<Cow<'de, str>>()? {
+                        let known = matches!(
+                            name.as_ref(),
+                            "stringValue" | "intValue" | "doubleValue" | "boolValue"
+                        );
+                        if !known {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                        if let Some((first, _)) = &found {
+                            if *first == name {
+                                // Python keeps the last value, at the first place
+                                return Err(de::Error::custom("a duplicate key"));
+                            }
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                        let value = match name.as_ref() {
+                            "stringValue" => Val::Str(super::cut(
+                                map.next_value::<Cow<'de, str>>()?.into_owned(),
+                            )),
+                            "intValue" => {
+                                let Int(i) = map.next_value()?;
+                                Val::Int(i64::try_from(i).map_err(de::Error::custom)?)
+                            }
+                            "doubleValue" => Val::Float(map.next_value::<Float>()?.0),
+                            _ => Val::Bool(map.next_value::<bool>()?),
+                        };
+                        found = Some((name, value));
+                    }
+                    Ok(AnyValue(found.map(|(_, v)| v)))
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+}
+
+fn json_attrs(items: &Option<Vec<js::Obj<js::KeyValue<'_>>>>, into: &mut Attrs) -> Option<()> {
+    for js::Obj(kv) in items.iter().flatten() {
+        if let Some(slot) = kept(&kv.key) {
+            into[slot] = match kv.value {
+                None => None,
+                Some(raw) => serde_json::from_str::<js::AnyValue>(raw.get()).ok()?.0,
+            };
+        }
+    }
+    Some(())
+}
+
+/// `_hex_id`: lowercase hex of `size` bytes.
+fn json_id(s: &str, size: usize) -> Option<String> {
+    (s.len() == size * 2 && s.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then(|| s.to_ascii_lowercase())
+}
+
+fn json_span(span: &js::Span<'_>, resource: &Attrs) -> Option<SpanIn> {
+    let mut attrs = resource.clone();
+    json_attrs(&span.attributes, &mut attrs)?;
+    let (error, status_message) = match &span.status {
+        None => (false, String::new()),
+        Some(js::Obj(st)) => (
+            st.code.as_ref().is_some_and(|c| c.0),
+            st.message
+                .as_deref()
+                .map_or_else(String::new, |m| cut(m.to_string())),
+        ),
+    };
+    let parent_span_id = match span.parent_span_id.as_deref() {
+        None | Some("") => String::new(),
+        Some(p) => json_id(p, 8)?,
+    };
+    Some(SpanIn {
+        trace_id: json_id(&span.trace_id, 16)?,
+        span_id: json_id(&span.span_id, 8)?,
+        parent_span_id,
+        name: span
+            .name
+            .as_deref()
+            .map_or_else(String::new, |n| cut(n.to_string())),
+        start_ns: span.start.as_ref().map_or(0, |t| t.0),
+        end_ns: span.end.as_ref().map_or(0, |t| t.0),
+        error,
+        status_message,
+        attrs,
+    })
+}
+
+/// An `ExportTraceServiceRequest` in OTLP/JSON as spans, or `Ok(None)` when
+/// the body is anything but the plain shapes exporters send (malformed, or a
+/// value in an unusual form): the Python decoder then decides, with its
+/// messages and its conversions.
+pub fn decode_json(body: &[u8], max_spans: usize) -> Result<Option<Vec<SpanIn>>, Refused> {
+    let Ok(js::Obj(request)) = serde_json::from_slice::<js::Obj<js::Request<'_>>>(body) else {
+        return Ok(None);
+    };
+    let mut out = Vec::new();
+    for js::Obj(rs) in request.resource_spans.iter().flatten() {
+        let mut resource: Attrs = Default::default();
+        if let Some(js::Obj(r)) = &rs.resource {
+            if json_attrs(&r.attributes, &mut resource).is_none() {
+                return Ok(None);
+            }
+        }
+        for js::Obj(ss) in rs.scope_spans.iter().flatten() {
+            for js::Obj(span) in ss.spans.iter().flatten() {
+                if out.len() >= max_spans {
+                    return Err(Refused::TooManySpans(max_spans));
+                }
+                match json_span(span, &resource) {
+                    Some(s) => out.push(s),
+                    None => return Ok(None),
+                }
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+// ---------------------------------------------------------------------------
 // Python
 
 fn refused(r: Refused) -> PyErr {
@@ -914,6 +1242,25 @@ pub fn otlp_decode_protobuf(
     guard("otlp_decode_protobuf", || {
         let batch = py.detach(|| decode_protobuf(body, max_spans).map(|s| map_spans(&s)));
         batch.map(|batch| PyOtlpBatch { batch }).map_err(refused)
+    })
+}
+
+/// Decode an OTLP/JSON trace request and map its spans, with the GIL
+/// released; None when the body is not in the plain shapes exporters send
+/// (then `decode.decode_json` decides). `OverflowError` past `max_spans`.
+#[pyfunction]
+#[pyo3(signature = (body, *, max_spans = DEFAULT_MAX_SPANS))]
+pub fn otlp_decode_json(
+    py: Python<'_>,
+    body: &[u8],
+    max_spans: usize,
+) -> PyResult<Option<PyOtlpBatch>> {
+    guard("otlp_decode_json", || {
+        let batch =
+            py.detach(|| decode_json(body, max_spans).map(|spans| spans.map(|s| map_spans(&s))));
+        batch
+            .map(|b| b.map(|batch| PyOtlpBatch { batch }))
+            .map_err(refused)
     })
 }
 
@@ -1235,5 +1582,37 @@ mod tests {
         let s = "é".repeat(MAX_TEXT_BYTES);
         let c = cut(s);
         assert!(c.len() <= MAX_TEXT_BYTES && c.len() >= MAX_TEXT_BYTES - 1);
+    }
+    #[test]
+    fn json_plain_shapes_decode_and_odd_ones_are_left_to_python() {
+        let body = br#"{"resourceSpans":[{"resource":{"attributes":[
+            {"key":"session.id","value":{"stringValue":"s"}}]},
+            "scopeSpans":[{"spans":[{"traceId":"5B8EFFF798038103D269B633813FC60C",
+            "spanId":"00000000000000a1","name":"chat","startTimeUnixNano":"10",
+            "endTimeUnixNano":2000010,"status":{"code":"STATUS_CODE_ERROR"},
+            "attributes":[{"key":"gen_ai.usage.input_tokens","value":{"intValue":"7"}},
+            {"key":"gen_ai.usage.output_tokens","value":{"intValue":3}},
+            {"key":"other","value":null}]}]}]}]}"#;
+        let spans = decode_json(body, 10).unwrap().unwrap();
+        assert_eq!(spans[0].trace_id, "5b8efff798038103d269b633813fc60c");
+        assert!(spans[0].error);
+        let batch = map_spans(&spans);
+        let e = &batch.groups[0].1[0];
+        assert_eq!((batch.groups[0].0.as_str(), e.tokens), ("s", 10));
+        assert_eq!(e.latency_ms, Some(2.0));
+        for odd in [
+            &br#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"x"}]}]}]}"#[..],
+            br#"{"resourceSpans":{}}"#,
+            br#"[1]"#,
+            br#"[]"#,
+            br#"{"resourceSpans":[[]]}"#,
+            br#"{"resourceSpans":[{"scopeSpans":[{"spans":[["5b8efff798038103d269b633813fc60c","00000000000000a1"]]}]}]}"#,
+            br#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"5b8efff798038103d269b633813fc60c","spanId":"00000000000000a1","name":null}]}]}]}"#,
+            br#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"5b8efff798038103d269b633813fc60c","spanId":"00000000000000a1","attributes":[{"key":"session.id","value":{"stringValue":"a","stringValue":"b"}}]}]}]}]}"#,
+            br#"{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"5b8efff798038103d269b633813fc60c","spanId":"00000000000000a1","attributes":[{"key":"session.id","value":{"stringValue":5}}]}]}]}]}"#,
+        ] {
+            assert_eq!(decode_json(odd, 10).unwrap().map(|s| s.len()), None);
+        }
+        assert_eq!(decode_json(body, 0).err(), Some(Refused::TooManySpans(0)));
     }
 }

@@ -25,6 +25,7 @@ import pytest
 
 from conftest import SIGIL, isolated_env, run_cli, run_py, wait_for
 from sigil.collect import SessionSink, SpanData, map_span, session_id_for
+from sigil.collect.decode import KEPT_ATTRIBUTES as KEPT_KEYS
 from sigil.telemetry.log_parser import session_history
 
 pytestmark = pytest.mark.slow
@@ -851,7 +852,10 @@ def assert_native_matches_python(ctype: str, body: bytes) -> int:
         batch = _native.otlp_decode_protobuf(body)
     else:
         spans = decode_json(body)
-        batch = _native.otlp_map_spans(spans)
+        native = _native.otlp_decode_json(body)
+        assert native is not None  # the plain shapes exporters send
+        assert _native_events(native) == _native_events(_native.otlp_map_spans(spans))
+        batch = native
     assert batch.spans == len(spans)
     want = _reference(spans)
     assert _native_events(batch) == want
@@ -1052,3 +1056,205 @@ def test_native_matches_python_on_the_spans_sigil_export_sends(
     assert proc.returncode == 0, proc.stderr
     assert capture.bodies
     assert sum(assert_native_matches_python(*item) for item in capture.bodies) > 0
+
+
+def _reference_log(spans: list[SpanData], log_path: Path) -> None:
+    """The sink before rust/otlp.rs (Python mapping, a logger call per event), as the
+    reference for the lines the native sink writes."""
+    from sigil.telemetry.execution_logger import ExecutionLogger
+    from sigil.telemetry.pricing import Pricer
+    from sigil.telemetry.sanitization import LogSanitizer
+
+    scrub, pricer = LogSanitizer().sanitize_string, Pricer()
+    loggers: dict[str, ExecutionLogger] = {}
+    seen: set[str] = set()
+    parents: dict[str, set[str]] = {}
+    for span in spans:
+        event = map_span(span)
+        if event is None:
+            continue
+        logger = loggers.get(event.session_id)
+        if logger is None:
+            logger = loggers[event.session_id] = ExecutionLogger(
+                event.session_id, log_path, sanitizer=False
+            )
+            meta0 = {"run": 1, "source": "otlp", "thresholds": {}, "allocations": {}}
+            logger.log_event_sync(
+                "session_start", "collect", "collecting OTLP spans (run 1)", 0, meta0
+            )
+        if event.key in seen:
+            continue
+        meta = event.metadata
+        component, message = scrub(event.component), scrub(event.message)
+        for name in ("model", "provider", "operation", "error_type"):
+            if meta.get(name) is not None:
+                meta[name] = scrub(meta[name])
+        known = parents.setdefault(event.session_id, set())
+        if event.usage is not None and not event.exported:
+            if event.key in known and event.tokens:
+                for name in ("input_tokens", "output_tokens"):
+                    if name in meta:
+                        meta[f"reported_{name}"] = meta.pop(name)
+                meta["aggregate"] = True
+                event.tokens = 0
+            if event.parent_key:
+                known.add(event.parent_key)
+        model, inp, out = meta.get("model"), meta.get("input_tokens"), meta.get("output_tokens")
+        if isinstance(model, str) and (inp is not None or out is not None):
+            meta.update(pricer.cost_meta(pricer.price(model, inp or 0, out or 0)))
+        if event.kind == "tokens":
+            logger.log_event_sync("token_consumption", component, message, event.tokens, meta)
+        else:
+            ids = {"source": "otlp", "trace_id": meta["trace_id"], "span_id": meta["span_id"]}
+            logger.log_event_sync("step_start", component, message, 0, ids)
+            kind = "step_error" if event.error else "step_complete"
+            logger.log_event_sync(kind, component, message, event.tokens, meta)
+        seen.add(event.key)
+    for logger in loggers.values():
+        logger.close_sync()
+
+
+def _lines_without_time(log_path: Path) -> dict[str, list[bytes]]:
+    import re
+
+    out = {}
+    for sdir in sorted((log_path / "sessions").iterdir()):
+        raw = (sdir / "execution.jsonl").read_bytes().splitlines()
+        out[sdir.name] = [re.sub(rb'^\{"timestamp":"[^"]*",', b"{", line) for line in raw]
+    return out
+
+
+def test_the_native_sink_writes_the_lines_the_python_path_wrote(tmp_path: Path) -> None:
+    from sigil.collect.decode import decode_protobuf
+
+    common = {"gen_ai.conversation.id": "agg", "gen_ai.request.model": "gpt-4o"}
+    child = {**common, "gen_ai.operation.name": "chat", "gen_ai.usage.input_tokens": 5}
+    parent = {**common, "gen_ai.operation.name": "invoke_agent"}
+    parent |= {"gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 0}
+    aggregates = [
+        {"span": "00000000000000c1", "parent": "00000000000000aa", "attrs": child},
+        {"span": "00000000000000c2", "parent": "00000000000000aa", "attrs": child},
+        {"span": "00000000000000aa", "attrs": parent},
+    ]
+    spans = decode_protobuf(_pb_request(CRAFTED + aggregates))
+    _reference_log(spans, tmp_path / "python")
+    sink = SessionSink(tmp_path / "native")
+    # one request as the receiver decodes it, then all of it again (duplicates)
+    from sigil.collect.decode import decode_request
+
+    body = _pb_request(CRAFTED + aggregates)
+    assert sink.ingest(decode_request(body, True)).written == 13
+    assert sink.ingest(decode_request(body, True)).duplicates == 14
+    sink.close()
+    native, python = (
+        _lines_without_time(tmp_path / "native"),
+        _lines_without_time(tmp_path / "python"),
+    )
+    assert native.keys() == python.keys()
+    for sid, lines in native.items():
+        # the native sink also ends its run (session_complete); the reference does not
+        assert lines[-1].startswith(
+            b'{"session_id":"%s","event_type":"session_complete"' % sid.encode()
+        )
+        assert lines[:-1] == python[sid], sid
+    assert any(b'"aggregate":true' in line for line in native["agg"])
+    assert any(b'"cost_usd":' in line for lines in native.values() for line in lines)
+
+
+def test_unusual_json_values_are_decoded_as_the_python_decoder_decodes_them() -> None:
+    from sigil import _native
+    from sigil.collect.decode import decode_json, decode_request
+
+    odd_values: list[dict[str, Any]] = [
+        {"stringValue": 5},
+        {"intValue": "+7"},
+        {"intValue": " 8 "},
+        {"intValue": 9.0},
+        {"doubleValue": "1e3"},
+        {"boolValue": 1},
+        {"arrayValue": {}, "intValue": "3"},
+    ]
+    for value in odd_values:
+        span = _json_span(TRACE, "00000000000000a1", tokens=(1, 2), sid="odd")
+        span["attributes"].append({"key": "llm.token_count.total", "value": value})
+        span["attributes"].append({"key": "gen_ai.agent.name", "value": value})
+        body = _json_request(span)
+        try:
+            want = _reference(decode_json(body))
+        except ValueError:
+            want = None
+        if want is None:
+            with pytest.raises(ValueError):
+                decode_request(body, False)
+            continue
+        assert _native_events(decode_request(body, False)) == want, value
+    # the plain shapes are decoded natively, the odd ones by Python
+    plain = _json_span(TRACE, "00000000000000a2", tokens=(1, 2), status={"code": 2})
+    assert _native.otlp_decode_json(_json_request(plain)) is not None
+    odd = _json_span(TRACE, "00000000000000a3", tokens=(1, 2), status={"message": None})
+    assert _native.otlp_decode_json(_json_request(odd)) is None
+    assert _native_events(decode_request(_json_request(odd), False)) == _reference(
+        decode_json(_json_request(odd))
+    )
+    for bad in (b"[]", b"{", b'{"resourceSpans": {}}', _json_request({"traceId": "x"})):
+        assert _native.otlp_decode_json(bad) is None
+
+
+def test_native_and_python_decoding_agree_on_generated_spans() -> None:
+    """Any JSON value in any kept attribute, and scalar protobuf values: the
+    native path gives the Python reference's events, or both refuse the body."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from sigil.collect.decode import MalformedPayload, decode_json, decode_request
+
+    keys = sorted(KEPT_KEYS)
+    json_leaf = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**63), max_value=2**64 - 1),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.sampled_from(["", "7", "-3", "+4", " 5", "1_0", "x", "LLM", "invoke_workflow", "chat"]),
+    )
+    any_value = st.dictionaries(
+        st.sampled_from(["stringValue", "intValue", "doubleValue", "boolValue", "arrayValue"]),
+        json_leaf,
+        max_size=2,
+    )
+    attr = st.tuples(st.sampled_from(keys), st.one_of(any_value, json_leaf))
+    span = st.fixed_dictionaries(
+        {"attrs": st.lists(attr, max_size=6), "status": st.one_of(st.none(), json_leaf, any_value)}
+    )
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(span, min_size=1, max_size=4))
+    def check(spans: list[dict[str, Any]]) -> None:
+        items = []
+        for i, s in enumerate(spans):
+            item = _json_span(TRACE, f"{i + 1:016x}", tokens=(1, 1))
+            item["attributes"] = [{"key": k, "value": v} for k, v in s["attrs"]]
+            item["status"] = s["status"]
+            items.append(item)
+        body = _json_request(*items)
+        try:
+            want: Any = _reference(decode_json(body))
+        except (MalformedPayload, ValueError, TypeError, OverflowError):
+            want = None
+        try:
+            got: Any = _native_events(decode_request(body, False))
+        except MalformedPayload:
+            got = None
+        assert got == want
+        # the same scalars as protobuf
+        pb_spans = []
+        for i, s in enumerate(spans):
+            attrs = {}
+            for k, v in s["attrs"]:
+                leaf = next(iter(v.values()), None) if isinstance(v, dict) else v
+                if isinstance(leaf, int) and not isinstance(leaf, bool):
+                    leaf = max(-(2**63), min(2**63 - 1, leaf))
+                attrs[k] = leaf
+            pb_spans.append({"span": f"{i + 1:016x}", "attrs": attrs})
+        assert_native_matches_python("application/x-protobuf", _pb_request(pb_spans))
+
+    check()

@@ -48,6 +48,7 @@ __all__ = [
     "fold_sessions",
     "is_sensitive_key",
     "latency_quantile_ms",
+    "otlp_decode_json",
     "otlp_decode_protobuf",
     "otlp_map_spans",
     "parse_bytes",
@@ -636,6 +637,9 @@ class OtlpBatch:
 
 def otlp_decode_protobuf(body: bytes, *, max_spans: int = ...) -> OtlpBatch:
     """``ValueError`` for a malformed body, ``OverflowError`` past ``max_spans``."""
+
+def otlp_decode_json(body: bytes, *, max_spans: int = ...) -> OtlpBatch | None:
+    """None: not the plain shapes exporters send (the Python decoder decides)."""
 
 def otlp_map_spans(spans: Iterable[Any], *, max_spans: int = ...) -> OtlpBatch: ...
 

@@ -1,10 +1,12 @@
 """``sigil collect``: OTLP/HTTP trace ingest, GenAI spans into sigil session logs.
 
-:mod:`.decode` (protobuf and JSON payloads into :class:`SpanData`),
-:mod:`.mapping` (a span into events: the inverse of ``sigil export``),
-:mod:`.sink` (one :class:`~sigil.telemetry.execution_logger.ExecutionLogger`
-per session, dedupe) and :mod:`.server` (the aiohttp receiver, imported only
-when serving).
+:mod:`.decode` (a request's body into the events of its GenAI spans, grouped
+by session: native for protobuf, ``rust/otlp.rs``), :mod:`.mapping` (a span
+into events, the inverse of ``sigil export``: the rules, and the Python
+reference the native mapping is tested against), :mod:`.sink` (one writer
+per session, dedupe, each session's events of a request appended in one
+native call) and :mod:`.server` (the aiohttp receiver, imported only when
+serving).
 """
 
 from __future__ import annotations

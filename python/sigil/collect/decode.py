@@ -1,9 +1,12 @@
 """OTLP/HTTP trace payloads (protobuf and JSON, optionally gzip).
 
-The receiver's path is native: :func:`decode_request` decodes a protobuf body
-in the extension (``rust/otlp.rs``, the GIL released) and maps its GenAI spans
-to events grouped by session (a :class:`sigil._native.OtlpBatch`); a JSON body
-is decoded here (:func:`decode_json`) and its spans mapped there too.
+The receiver's path is native: :func:`decode_request` decodes a body in the
+extension (``rust/otlp.rs``, the GIL released) and maps its GenAI spans to
+events grouped by session (a :class:`sigil._native.OtlpBatch`). A JSON body
+that is malformed, or holds a value in an unusual form (a number as
+``stringValue``, an ``intValue`` with a sign or separators...), is decoded
+here (:func:`decode_json`, whose messages and conversions rule) and its spans
+mapped there.
 
 :func:`decode_protobuf` (opentelemetry-proto) and :mod:`sigil.collect.mapping`
 are the reference the tests hold the native path to.
@@ -116,6 +119,10 @@ def decode_request(body: bytes, protobuf: bool) -> _native.OtlpBatch:
     try:
         if protobuf:
             return _native.otlp_decode_protobuf(body, max_spans=MAX_SPANS)
+        batch = _native.otlp_decode_json(body, max_spans=MAX_SPANS)
+        if batch is not None:
+            return batch
+        # Malformed, or a value in an unusual form: this decoder decides.
         return _native.otlp_map_spans(decode_json(body), max_spans=MAX_SPANS)
     except OverflowError as exc:
         raise PayloadTooLarge(str(exc)) from None

@@ -1,5 +1,10 @@
 """GenAI spans as sigil events: the inverse of ``sigil export`` (sigil.telemetry.otlp).
 
+The receiver runs these rules natively (``rust/otlp.rs``, rule for rule);
+:func:`map_span` is their reference, which tests/test_collect.py holds the
+native mapping to, span for span. The native mapping also cuts every text it
+keeps to 4 KiB and reads counts given as text only in ASCII digits.
+
 Which session, which component, how many tokens:
 
 * **Session**: ``gen_ai.conversation.id``, else OpenInference's ``session.id``,

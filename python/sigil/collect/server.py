@@ -48,6 +48,8 @@ PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 DEFAULT_MAX_BODY = 16 << 20
 TRACES_PATH = "/v1/traces"
+#: Bodies above this size are decoded on a worker thread (below it, the hop costs more).
+_INLINE_DECODE_BYTES = 256 << 10
 #: google.rpc.Code values used in error bodies
 _INVALID_ARGUMENT, _RESOURCE_EXHAUSTED, _UNAVAILABLE, _UNAUTHENTICATED = 3, 8, 14, 16
 
@@ -152,7 +154,11 @@ def build_app(
                 return error(
                     ctype, 415, _INVALID_ARGUMENT, f"Content-Encoding {encoding!r} is not gzip"
                 )
-            batch = decode_request(body, ctype == PROTOBUF)
+            if len(body) > _INLINE_DECODE_BYTES:
+                # Decoded without the GIL on a worker: the loop reads the next request.
+                batch = await asyncio.to_thread(decode_request, body, ctype == PROTOBUF)
+            else:
+                batch = decode_request(body, ctype == PROTOBUF)
         except PayloadTooLarge as exc:
             return error(ctype, 413, _RESOURCE_EXHAUSTED, str(exc))
         except MalformedPayload as exc:

@@ -15,7 +15,7 @@ import click
 from sigil.interfaces.cli.errors import ExitCode, OneLineCommand, UsageFailure
 
 TOKEN_ENV = "SIGIL_COLLECT_TOKEN"
-INSTALL_HINT = "sigil collect needs aiohttp and opentelemetry-proto: pip install 'sigil[collect]'"
+INSTALL_HINT = "sigil collect needs aiohttp: pip install 'sigil[collect]'"
 
 
 def _loopback(host: str) -> bool:
@@ -91,8 +91,8 @@ def collect(
     from sigil.core.config import load_settings
 
     try:
+        # (protobuf bodies are decoded by the extension: no opentelemetry-proto)
         import aiohttp  # noqa: F401
-        import opentelemetry.proto  # noqa: F401
     except ImportError:
         click.echo(f"Error: {INSTALL_HINT}", err=True)
         return ExitCode.FAILED
