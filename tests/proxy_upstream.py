@@ -61,6 +61,10 @@ class Upstream:
     record: bool = True
     #: the arguments the ``agent`` model calls its first tool with
     tool_arguments: dict[str, Any] = field(default_factory=dict)
+    #: the model name answered for a requested one (default: ``NAME-2026``)
+    answer_as: dict[str, str] = field(default_factory=dict)
+    #: input tokens reported as read from the prompt cache (at most the input)
+    cached_tokens: int = 0
 
     # -- life ----------------------------------------------------------------------
 
@@ -121,6 +125,15 @@ class Upstream:
         if self.record:
             with self._lock:
                 self.reported.append(Reported(endpoint, model, inp, out))
+
+    def _answered(self, model: str) -> str:
+        return self.answer_as.get(model, f"{model}-2026")
+
+    def _details(self, key: str, inp: int) -> dict[str, Any]:
+        """The usage's cached-token details, when the upstream reports a cache hit."""
+        if not self.cached_tokens:
+            return {}
+        return {key: {"cached_tokens": min(self.cached_tokens, inp)}}
 
     def totals(self) -> int:
         with self._lock:
@@ -207,7 +220,7 @@ class Upstream:
             "id": "chatcmpl-1",
             "object": "text_completion" if legacy else "chat.completion",
             "created": int(time.time()),
-            "model": f"{model}-2026",
+            "model": self._answered(model),
             "choices": [
                 {"index": 0, "text": "w " * out, "finish_reason": "stop"}
                 if legacy
@@ -219,6 +232,7 @@ class Upstream:
                 "prompt_tokens": inp,
                 "completion_tokens": out,
                 "total_tokens": inp + out,
+                **self._details("prompt_tokens_details", inp),
             }
             self._report(request.path, model, inp, out)
         return web.Response(body=orjson.dumps(data), content_type="application/json")
@@ -247,7 +261,7 @@ class Upstream:
                 "id": "c1",
                 "object": "chat.completion.chunk",
                 "created": 1,
-                "model": f"{model}-2026",
+                "model": self._answered(model),
                 "choices": [choice],
             }
             if include:
@@ -269,12 +283,13 @@ class Upstream:
         finish = "tool_calls" if turn is not None and turn[1] is not None else "stop"
         await resp.write(chunk({}, finish))
         if include and model != "nousage":
-            usage = {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out}
+            usage = {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out,
+                     **self._details("prompt_tokens_details", inp)}  # fmt: skip
             data = {
                 "id": "c1",
                 "object": "chat.completion.chunk",
                 "created": 1,
-                "model": f"{model}-2026",
+                "model": self._answered(model),
                 "choices": [],
                 "usage": usage,
             }
@@ -313,7 +328,8 @@ class Upstream:
         model = body.get("model", "m")
         inp = self._prompt_tokens(body)
         out = min(self.pieces, self._cap(body, "max_output_tokens"))
-        usage = {"input_tokens": inp, "output_tokens": out, "total_tokens": inp + out}
+        usage = {"input_tokens": inp, "output_tokens": out, "total_tokens": inp + out,
+                 **self._details("input_tokens_details", inp)}  # fmt: skip
         text: str | None = "w " * out
         call: dict[str, Any] | None = None
         if model == "agent":
@@ -330,7 +346,7 @@ class Upstream:
             "object": "response",
             "created_at": 1,
             "status": "completed",
-            "model": f"{model}-2026",
+            "model": self._answered(model),
             "output": [item],
             "usage": usage,
         }

@@ -66,11 +66,34 @@ def test_remembered_rates_price_every_plain_model_exactly_as_genai_prices() -> N
             inp, out = rng.randrange(3_000_000), rng.randrange(300_000)
             want = calc_price(Usage(input_tokens=inp, output_tokens=out), model_ref=ref)
             assert pricer.price(ref, inp, out) == want.total_price, ref
+            # with part of the input read from the prompt cache
+            cached = rng.randrange(inp + 1)
+            usage = Usage(input_tokens=inp, output_tokens=out, cache_read_tokens=cached)
+            want = calc_price(usage, model_ref=ref)
+            assert pricer.price(ref, inp, out, cached) == want.total_price, ref
     assert remembered > 300 and "gpt-4o-mini" in pricer._rates
     # Tiered prices (gemini-2.5-pro above 200K input tokens) are never remembered:
     # they go through calc_price each time.
     assert pricer.price("gemini-2.5-pro", 300_000, 10) is not None
     assert "gemini-2.5-pro" not in pricer._rates
+
+
+def test_cached_input_tokens_are_priced_at_the_cache_rate() -> None:
+    from genai_prices import Usage, calc_price
+
+    usage = Usage(input_tokens=1000, output_tokens=100, cache_read_tokens=800)
+    want = calc_price(usage, model_ref="gpt-4o").total_price
+    assert want == Decimal("0.0025")  # $2.5/MTok input, $1.25 cache read, $10 output
+    for pricer in (Pricer(), Pricer()):  # through calc_price, then the remembered rates
+        assert pricer.price("gpt-4o", 1000, 100, 800) == want
+        assert pricer.price("gpt-4o", 1000, 100, 800) == want
+        assert pricer.price("gpt-4o", 1000, 100) == Decimal("0.0035")
+    # An override names no cache rate: cache reads cost the input rate.
+    override = Pricer({"m": ModelPrice(Decimal("1"), Decimal("2"))})
+    assert override.price("m", 1000, 100, 800) == override.price("m", 1000, 100)
+    priced = Pricer({"m": ModelPrice(Decimal("1"), Decimal("2"), Decimal("0.1"))})
+    assert priced.price("m", 1000, 100, 800) == Decimal("0.00048")
+    assert asyncio.run(priced.ameta("m", 1000, 100, 800)) == ({"cost_usd": 0.00048}, False)
 
 
 def test_an_unknown_model_or_no_model_is_unpriced() -> None:

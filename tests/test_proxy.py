@@ -63,6 +63,19 @@ class Proxy:
     def events(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log_file.read_text().splitlines()]
 
+    def events_so_far(self, kind: str = "step_complete", count: int = 1) -> list[dict[str, Any]]:
+        """The log of the running proxy, once ``count`` events of ``kind`` are
+        written (the writer flushes on an interval)."""
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                events = self.events()
+            except (FileNotFoundError, json.JSONDecodeError):
+                events = []
+            if len(steps(events, kind)) >= count or time.monotonic() > deadline:
+                return events
+            time.sleep(0.05)
+
     def monitor(self) -> dict[str, Any]:
         proc = subprocess.run(
             [*SIGIL, "monitor", "--session", self.session, "--mode", "json", "--once"],
@@ -267,8 +280,11 @@ def test_budget_caps_each_call_and_refuses_once_spent_without_sdk_retries(
     client = proxy.client()  # the SDK's default: 2 automatic retries
     msgs = [{"role": "user", "content": "go"}]
     client.chat.completions.create(model="m", messages=msgs, max_tokens=100_000)
-    # The cap sent upstream is what the budget had left, not what was asked.
-    assert upstream.requests[0]["max_tokens"] == 400
+    # The cap sent upstream is what the budget had left after the prompt's
+    # reservation, not what was asked.
+    reserved = steps(proxy.events_so_far(), "step_start")[0]["metadata"]["prompt_tokens_reserved"]
+    assert 0 < reserved < 20
+    assert upstream.requests[0]["max_tokens"] == 400 - reserved
     answered = 1
     with pytest.raises(openai.RateLimitError) as refused:
         for _ in range(50):
@@ -293,6 +309,29 @@ def test_budget_caps_each_call_and_refuses_once_spent_without_sdk_retries(
     state = proxy.monitor()
     assert state["status"] == "budget_exceeded"
     assert state["tokens_used"] == upstream.totals() >= 0.95 * 400
+
+
+def test_a_prompt_larger_than_what_is_left_is_refused_before_it_is_forwarded(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = start_proxy("--budget", "500", "--upstream", upstream.url)
+    client = proxy.client()  # the SDK's default retries: the refusal must not be retried
+    big = [{"role": "user", "content": "lorem ipsum dolor " * 400}]
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="m", messages=big, max_tokens=10)
+    assert refused.value.code == "insufficient_quota"
+    assert "does not fit" in refused.value.message
+    assert upstream.requests == []
+    # What is left still serves a call that fits.
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert len(upstream.requests) == 1
+    code, _, err = proxy.stop()
+    assert code == 3, err
+    events = proxy.events()
+    refusals = [e for e in steps(events, "step_error") if e["metadata"]["category"] == "budget"]
+    assert len(refusals) == 1 and "does not fit" in refusals[0]["metadata"]["error"]
+    assert events[-1]["metadata"]["status"] == "budget_exceeded"
+    assert proxy.monitor()["tokens_used"] == upstream.totals() <= 500
 
 
 def test_the_sdk_would_retry_a_plain_429(upstream: Upstream) -> None:
@@ -370,8 +409,12 @@ def test_upstream_down_slow_invalid_or_without_usage(
     assert answer.usage is None
     streamed = list(client.chat.completions.create(model="nousage", messages=msgs, stream=True))
     assert streamed
-    proxy.stop()
+    _, _, err = proxy.stop()
+    # The end line says the usage is unknown: never a 0 that looks like a count.
+    assert "2 with usage unknown" in err and "at least 0 tokens this run" in err, err
     events = proxy.events()
+    assert events[-1]["metadata"]["calls_usage_unknown"] == 2
+    assert events[-1]["metadata"]["tokens_held_unknown"] > 0
     categories = [e["metadata"]["category"] for e in steps(events, "step_error")]
     assert categories == ["timeout", "upstream_invalid", "upstream_error"]
     unknown = steps(events, "step_complete")
@@ -522,8 +565,10 @@ def test_each_of_n_choices_is_capped_so_that_all_fit(
     proxy.client().chat.completions.create(
         model="m", messages=[{"role": "user", "content": "x"}], n=4, max_tokens=600
     )
-    assert upstream.requests[0]["max_tokens"] == 250  # 4 x 250 = what was left
     proxy.stop()
+    reserved = steps(proxy.events(), "step_start")[0]["metadata"]["prompt_tokens_reserved"]
+    # 4 x the cap = what was left once the prompt's estimate was reserved
+    assert upstream.requests[0]["max_tokens"] == (1000 - reserved) // 4 < 250
 
 
 def test_help_does_not_import_the_server(tmp_path: Path) -> None:
@@ -566,9 +611,12 @@ def test_a_stalled_stream_and_a_stop_mid_stream_are_recorded(
     proxy = start_proxy("--upstream", upstream.url, session="p2")
     body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "x"}]}
     with httpx.stream("POST", f"{proxy.url}/chat/completions", json=body, timeout=30) as r:
-        for _ in r.iter_bytes():
-            break
+        # The iterator is held: leaving it (a break) would close the connection,
+        # and the proxy could see the client gone before it sees the stop.
+        reading = r.iter_bytes()
+        next(reading)
         code, _, err = proxy.stop()
+        del reading
     assert code == 0, err
     events = proxy.events()
     assert [e["event_type"] for e in events][-2:] == ["step_error", "session_complete"]
@@ -625,3 +673,41 @@ def test_each_call_is_priced_from_the_model_the_upstream_answered_with(
     assert state["components"]["legacy"]["cost_usd"] is None
     ledger = json.loads((proxy.log_file.parent / "tokens.json").read_text())
     assert ledger["cost_nanousd"] == nano and ledger["cost_usd"] == nano / 1e9
+
+
+def test_cached_prompt_tokens_are_logged_and_priced_at_the_cache_rate(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    """gpt-4o's cache reads cost half its input rate (genai-prices): a call whose
+    prompt was partly cached costs what genai-prices says for that usage."""
+    from genai_prices import Usage as PriceUsage
+    from genai_prices import calc_price
+
+    upstream.answer_as = {"m": "gpt-4o", "r": "gpt-4o"}
+    upstream.cached_tokens = 5
+    proxy = start_proxy("--budget", "100000", "--upstream", upstream.url)
+    client = proxy.client(max_retries=0)
+    msgs = [{"role": "user", "content": "cache me"}]
+    chat = client.chat.completions.create(model="m", messages=msgs)
+    assert chat.usage is not None and chat.usage.prompt_tokens_details is not None
+    assert chat.usage.prompt_tokens_details.cached_tokens == 5
+    list(client.chat.completions.create(model="m", messages=msgs, stream=True))
+    client.responses.create(model="r", input="cache me too")
+    code, _, err = proxy.stop()
+    assert code == 0, err
+    done = steps(proxy.events(), "step_complete")
+    assert len(done) == 3
+    for event in done:
+        meta = event["metadata"]
+        assert meta["model"] == "gpt-4o" and meta["cached_input_tokens"] == 5
+        inp, out = meta["input_tokens"], meta["output_tokens"]
+        cached = calc_price(
+            PriceUsage(input_tokens=inp, output_tokens=out, cache_read_tokens=5),
+            model_ref="gpt-4o",
+        ).total_price
+        uncached = calc_price(
+            PriceUsage(input_tokens=inp, output_tokens=out), model_ref="gpt-4o"
+        ).total_price
+        assert cached < uncached
+        assert meta["cost_usd"] == float(cached)
+        assert event["tokens"] == inp + out  # cached tokens are input tokens, counted once

@@ -181,12 +181,14 @@ def test_pydantic_ai_agent_round_trip_is_metered_exactly(
 def test_pydantic_ai_agent_fails_fast_when_the_budget_is_spent(
     upstream: Upstream, tmp_path: Path, api: str, mode: str
 ) -> None:
-    # 10 tokens: the first model request is granted a cap of 10 and spends more
-    # (its prompt alone is at least 7), so the request carrying the tool result
-    # is refused with 429 insufficient_quota, which neither the openai SDK nor
-    # Pydantic AI retries.
+    # 150 tokens: the first model request reserves its prompt's estimate (~70)
+    # and its cap (64, the agent's max_tokens) and spends about 110; the
+    # request carrying the tool result (a longer prompt, ~100) no longer fits
+    # in what is left and is refused with 429 insufficient_quota, which neither
+    # the openai SDK nor Pydantic AI retries.
+    upstream.pieces = 1000  # each answer spends its whole cap
     home = tmp_path / "home"
-    proc = run_agent(home, upstream, "tight", 10, api, mode, 0)
+    proc = run_agent(home, upstream, "tight", 150, api, mode, 0)
     assert proc.returncode == 3, proc.stderr
     assert lines(proc.stdout, "tool") == [["Paris"]]
     assert lines(proc.stdout, "refused") == [["429", "insufficient_quota"]]

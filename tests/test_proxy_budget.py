@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sigil.proxy.metering import BudgetExhausted, Meter
+from sigil.proxy.metering import BudgetExhausted, Meter, PromptTooLarge
 from sigil.proxy.usage import CHAT, EMBEDDINGS, RESPONSES, StreamFollower, Usage, usage_of
 from sigil.telemetry.tokens import TokenTracker
 
@@ -196,3 +196,128 @@ def test_the_stream_follower_reads_responses_events() -> None:
     assert (follower.usage, follower.text, follower.model, follower.done) == (
         Usage(4, 1), "hi", "r-1", True,
     )  # fmt: skip
+
+
+def _meter(total: int) -> tuple[TokenTracker, Recorder, Meter]:
+    tracker = TokenTracker(total_budget=total, allocations={})
+    log = Recorder()
+    tracker.logger = log
+    return tracker, log, Meter(tracker, log, run=1)
+
+
+async def _started(meter: Meter, wanted: int | None, prompt: int) -> Any:
+    granted = await meter.admit(wanted, prompt)
+    return await meter.start(
+        component="m", endpoint="/v1/chat/completions", model="m", stream=False,
+        granted=granted, requested=wanted, prompt=prompt,
+    )  # fmt: skip
+
+
+def test_a_prompt_is_reserved_with_the_cap_and_one_that_cannot_fit_is_refused() -> None:
+    async def main() -> None:
+        tracker, _, meter = _meter(1000)
+        # The prompt is reserved whole; the cap gets what is left after it.
+        assert await meter.admit(5000, 600) == 400
+        assert tracker.budget.reserved == 1000
+        # A prompt larger than what is left is refused at once, not admitted once.
+        with pytest.raises(PromptTooLarge, match="does not fit"):
+            await meter.admit(10, 1001)
+        assert meter.starved and not meter.exhausted
+        # One that fits once the call in flight settles waits for it.
+        waiting = asyncio.ensure_future(meter.admit(100, 300))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+
+    asyncio.run(main())
+
+
+def test_a_prompt_that_fits_only_what_calls_in_flight_hold_waits_then_is_refused() -> None:
+    async def main() -> None:
+        tracker, _, meter = _meter(1000)
+        call = await _started(meter, 500, 100)
+        waiting = asyncio.ensure_future(meter.admit(10, 700))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        await meter.complete(call, Usage(100, 400))  # 500 used: 700 no longer fits
+        with pytest.raises(PromptTooLarge):
+            await waiting
+        assert tracker.budget.reserved == 0 and tracker.used == 500
+
+    asyncio.run(main())
+
+
+@given(
+    total=st.integers(50, 5_000),
+    calls=st.lists(
+        st.tuples(st.integers(0, 2_000), st.integers(1, 2_000), st.integers(0, 2_000)),
+        min_size=1,
+        max_size=30,
+    ),
+    parallel=st.integers(1, 8),
+)
+def test_concurrent_calls_whose_prompts_were_estimated_exactly_never_pass_the_budget(
+    total: int, calls: list[tuple[int, int, int]], parallel: int
+) -> None:
+    """Each call spends its prompt (as estimated) and at most its cap: whatever
+    the interleaving, the session never spends more than its budget."""
+
+    async def main() -> None:
+        tracker, _, meter = _meter(total)
+        queue = list(calls)
+
+        async def worker() -> None:
+            while queue:
+                prompt, wanted, out = queue.pop()
+                try:
+                    call = await _started(meter, wanted, prompt)
+                except BudgetExhausted:
+                    continue
+                assert tracker.used + tracker.budget.reserved <= total
+                await asyncio.sleep(0)
+                await meter.complete(call, Usage(prompt, min(out, call.granted)))
+                assert tracker.used <= total
+
+        await asyncio.gather(*(worker() for _ in range(parallel)))
+        assert tracker.budget.reserved == 0 and tracker.used <= total
+
+    asyncio.run(main())
+
+
+def test_unknown_usage_keeps_its_reservation_and_counts_toward_the_budget() -> None:
+    async def main() -> None:
+        tracker, log, meter = _meter(1000)
+        call = await _started(meter, 300, 100)
+        await meter.complete(call, None)
+        kind, _, tokens, meta = log.events[-1]
+        assert (kind, tokens, meta["usage"], meta["tokens_held"]) == (
+            "step_complete", 0, "unknown", 400,
+        )  # fmt: skip
+        # Never logged as tokens, but held: the next call gets only what is free.
+        assert (tracker.used, meter.unknown, meter.held) == (0, 1, 400)
+        assert await meter.admit(5000, 100) == 500
+        # Held tokens bring the budget to its end like used ones.
+        tracker2, _, meter2 = _meter(100)
+        call = await _started(meter2, None, 96)
+        await meter2.complete(call, None)
+        assert meter2.exhausted and tracker2.used == 0
+        with pytest.raises(BudgetExhausted):
+            await meter2.admit(1, 0)
+
+    asyncio.run(main())
+
+
+def test_usage_of_reads_the_cached_input_tokens() -> None:
+    chat = {"prompt_tokens": 30, "completion_tokens": 4,
+            "prompt_tokens_details": {"cached_tokens": 20}}  # fmt: skip
+    assert usage_of(CHAT, chat) == Usage(30, 4, cached_input_tokens=20)
+    resp = {"input_tokens": 30, "output_tokens": 4, "input_tokens_details": {"cached_tokens": 8}}
+    assert usage_of(RESPONSES, resp) == Usage(30, 4, cached_input_tokens=8)
+    # More cached than input, or not a count: not believed.
+    bad = {
+        "prompt_tokens": 3,
+        "completion_tokens": 4,
+        "prompt_tokens_details": {"cached_tokens": 9},
+    }
+    assert usage_of(CHAT, bad) == Usage(3, 4)
+    bad["prompt_tokens_details"] = {"cached_tokens": None}
+    assert usage_of(CHAT, bad) == Usage(3, 4)

@@ -5,7 +5,7 @@ and the session's token budget caps and finally refuses the calls. The CLI
 (``sigil proxy``, ``sigil run``) wires a session to :class:`ProxyServer`.
 """
 
-from sigil.proxy.metering import BudgetExhausted, Meter
+from sigil.proxy.metering import BudgetExhausted, Meter, PromptTooLarge
 from sigil.proxy.server import ProxyConfig, ProxyServer
 
-__all__ = ["BudgetExhausted", "Meter", "ProxyConfig", "ProxyServer"]
+__all__ = ["BudgetExhausted", "Meter", "PromptTooLarge", "ProxyConfig", "ProxyServer"]

@@ -9,10 +9,16 @@ session model agree, and the budget events (``budget_warning``,
 ``budget_exceeded``) are the tracker's.
 
 The budget is the tracker's policy (sigil.telemetry.tokens): before a call is
-forwarded it is granted a cap on its output by :meth:`TokenTracker.reserve`,
-and the grants of calls in flight never add up to more than what is left. A
-call that finds everything left promised waits for one in flight to settle;
-once the budget has run out (``exceeded``), calls are refused.
+forwarded it reserves its prompt's estimated tokens and a cap on its output
+with :meth:`TokenTracker.reserve`, and the reservations of calls in flight
+never add up to more than what is left, so calls in flight together overshoot
+the budget by no more than their prompts were underestimated. A call whose
+prompt does not fit in what is free waits for one in flight to settle; a prompt
+that cannot fit even then is refused, and once the budget has run out
+(``exceeded``) every call is refused. When a call settles its reservation is
+given back and what it really used is recorded; a call whose usage stays
+unknown keeps its reservation for the rest of the run (held: counted as spent,
+never logged as tokens, shown as unknown).
 
 Each call that reports usage is priced as it is recorded (``cost_usd``, from the
 model the upstream answered with; see sigil.telemetry.pricing).
@@ -37,14 +43,29 @@ __all__ = ["BudgetExhausted", "Call", "Meter"]
 class BudgetExhausted(Exception):
     """The session's budget has run out: the call is refused."""
 
-    def __init__(self, used: int, total: int) -> None:
+    def __init__(self, used: int, total: int, message: str | None = None) -> None:
         pct = used / total * 100 if total else 0.0
         super().__init__(
-            f"the session's token budget is spent ({used:,} of {total:,} tokens, {pct:.1f}%); "
-            "sigil refuses further model calls in this session"
+            message
+            or f"the session's token budget is spent ({used:,} of {total:,} tokens, "
+            f"{pct:.1f}%); sigil refuses further model calls in this session"
         )
         self.used = used
         self.total = total
+
+
+class PromptTooLarge(BudgetExhausted):
+    """The call's prompt does not fit in what is left of the budget: refused."""
+
+    def __init__(self, prompt: int, left: int, used: int, total: int) -> None:
+        super().__init__(
+            used,
+            total,
+            f"the call's prompt (~{prompt:,} tokens) does not fit in what is left of the "
+            f"session's token budget ({left:,} of {total:,} tokens); sigil refuses it",
+        )
+        self.prompt = prompt
+        self.left = left
 
 
 @dataclass(slots=True)
@@ -61,7 +82,14 @@ class Call:
     #: the cap the client asked for (None: it asked for none)
     requested: int | None
     started: float
+    #: the prompt's estimated tokens, reserved with the grant
+    prompt: int = 0
     settled: bool = False
+
+    @property
+    def reserved(self) -> int:
+        """What the call holds of the budget until it settles."""
+        return self.prompt + self.granted
 
     def elapsed_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000, 3)
@@ -87,42 +115,72 @@ class Meter:
         self.calls = 0
         self.failed = 0
         self.refused = 0
+        #: calls whose usage stayed unknown, and the tokens they hold of the budget
+        self.unknown = 0
+        self.held = 0
+        #: a call was refused because its prompt could not fit in what was left
+        self.starved = False
+        #: calls admitted with a reservation and not settled yet
+        self._inflight = 0
         self._ids = itertools.count(1)
         self._settled = asyncio.Condition()
 
     @property
     def exhausted(self) -> bool:
-        """True once the budget has run out (no further call is admitted)."""
-        return not self.tracker.can_continue()
+        """True once the budget has run out (no further call is admitted): the
+        tokens used, with those held for calls of unknown usage, reach the
+        ``exceeded`` threshold."""
+        tracker = self.tracker
+        if not tracker.can_continue():
+            return True
+        if not self.held:
+            return False
+        return tracker.used + self.held >= tracker.thresholds["exceeded"] * tracker.total
 
     def _refusal(self) -> BudgetExhausted:
-        return BudgetExhausted(self.tracker.used, self.tracker.total)
+        return BudgetExhausted(self.tracker.used + self.held, self.tracker.total)
 
-    async def admit(self, wanted: int | None) -> int:
-        """The output cap granted to a call that asks for ``wanted`` tokens at
-        most (None: a call without output, which only needs the budget not to
-        have run out). Waits while everything left is promised to calls in
-        flight; raises :class:`BudgetExhausted` once the budget has run out."""
-        if wanted is None:
-            if self.exhausted:
-                raise self._refusal()
-            return 0
+    async def admit(self, wanted: int | None, prompt: int = 0) -> int:
+        """Reserve ``prompt`` tokens (the prompt's estimate) and an output cap
+        of ``wanted`` tokens at most (None: a call without output); returns the
+        output cap granted (0 for a call without output).
+
+        The prompt is reserved whole, with at least one token of output; the
+        cap is lowered to what is free. Waits while what is free is promised to
+        calls in flight; raises :class:`PromptTooLarge` when the prompt cannot
+        fit even once they settle, and :class:`BudgetExhausted` once the budget
+        has run out."""
+        tracker = self.tracker
+        out = 0 if wanted is None else max(1, wanted)
+        need = prompt + (0 if wanted is None else 1)
         async with self._settled:
             while True:
-                granted = self.tracker.reserve(max(1, wanted))
-                if granted:
-                    return granted
                 if self.exhausted:
                     raise self._refusal()
+                left = tracker.remaining - self.held
+                free = tracker.remaining - tracker.budget.reserved
+                if need > left or (self._inflight == 0 and (need > free or free <= 0)):
+                    self.starved = True
+                    raise PromptTooLarge(prompt, max(0, left), tracker.used, tracker.total)
+                if need <= free and free > 0:
+                    granted = tracker.reserve(prompt + out) if prompt + out else 0
+                    if granted:
+                        self._inflight += 1
+                    return max(0, granted - prompt)
                 await self._settled.wait()
 
-    async def _release(self, call: Call) -> None:
+    async def _release(self, call: Call, *, hold: bool = False) -> None:
+        """Give the call's reservation back (``hold``: keep it, the usage is unknown)."""
         if call.settled:
             return
         call.settled = True
         async with self._settled:
-            if call.granted:
-                self.tracker.release(call.granted)
+            if call.reserved:
+                self._inflight -= 1
+                if hold:
+                    self.held += call.reserved
+                else:
+                    self.tracker.release(call.reserved)
             self._settled.notify_all()
 
     async def start(
@@ -134,11 +192,13 @@ class Meter:
         stream: bool,
         granted: int,
         requested: int | None,
+        prompt: int = 0,
     ) -> Call:
-        """Log the call's ``step_start`` (it has been admitted with ``granted``)."""
+        """Log the call's ``step_start`` (it has been admitted with ``prompt`` and
+        ``granted`` reserved)."""
         call = Call(
             next(self._ids), component, endpoint, model, stream, granted, requested,
-            time.perf_counter(),
+            time.perf_counter(), prompt,
         )  # fmt: skip
         self.calls += 1
         meta: dict[str, Any] = {
@@ -152,6 +212,8 @@ class Meter:
             meta["max_tokens"] = granted
             if requested is not None:
                 meta["requested_max_tokens"] = requested
+        if prompt:
+            meta["prompt_tokens_reserved"] = prompt
         await self.logger.log_event("step_start", component, f"{endpoint} {model} started", 0, meta)
         return call
 
@@ -164,13 +226,17 @@ class Meter:
         status: int = 200,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        """Record a call that returned: its tokens, or unknown usage."""
+        """Record a call that returned: its tokens, or unknown usage (its
+        reservation then stays held against the budget)."""
         try:
             meta = self._meta(call, usage, model, status) | (extra or {})
             cancelled = await self._price(meta, usage)
             if usage is None:
+                self.unknown += 1
+                meta["tokens_held"] = call.reserved
                 message = (
-                    f"{call.endpoint} {meta['model']}: usage unknown (the upstream reported none)"
+                    f"{call.endpoint} {meta['model']}: usage unknown (the upstream reported "
+                    f"none); {call.reserved:,} tokens of the budget held for it"
                 )
             else:
                 message = (
@@ -188,7 +254,7 @@ class Meter:
             if cancelled:
                 raise asyncio.CancelledError  # the call's tokens recorded first
         finally:
-            await self._release(call)
+            await self._release(call, hold=usage is None)
 
     async def fail(
         self,
@@ -220,7 +286,7 @@ class Meter:
             meta = {
                 k: v
                 for k, v in meta.items()
-                if k not in ("input_tokens", "output_tokens", "cost_usd")
+                if k not in ("input_tokens", "output_tokens", "cached_input_tokens", "cost_usd")
             }
             meta.update(error=error, category=category)
             await self.logger.log_event(
@@ -266,7 +332,10 @@ class Meter:
             return False
         model = meta.get("model")
         cost, cancelled = await self.pricer.ameta(
-            model if isinstance(model, str) else None, usage.input_tokens, usage.output_tokens
+            model if isinstance(model, str) else None,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cached_input_tokens,
         )
         meta.update(cost)
         return cancelled
@@ -291,6 +360,8 @@ class Meter:
         else:
             meta["input_tokens"] = usage.input_tokens
             meta["output_tokens"] = usage.output_tokens
+            if usage.cached_input_tokens:
+                meta["cached_input_tokens"] = usage.cached_input_tokens
             if usage.estimated:
                 meta["usage_estimated"] = True
         return meta

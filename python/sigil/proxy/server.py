@@ -38,7 +38,7 @@ import re
 import socket
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -53,9 +53,14 @@ from sigil.proxy.usage import (
     Endpoint,
     StreamFollower,
     Usage,
+    prompt_estimate_text,
+    prompt_overhead,
     prompt_text,
     usage_of,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sigil.pipeline.tokenizer import BPETokenizer
 
 __all__ = ["ProxyConfig", "ProxyServer", "UpstreamLoop"]
 
@@ -77,6 +82,8 @@ _DROP_RESPONSE = frozenset(
 _MAX_ERROR_BODY = 64 * 1024
 #: One SSE event larger than this is not a model's output: the stream is cut.
 _MAX_EVENT_BYTES = 16 << 20
+#: A prompt longer than this (characters) is counted on a worker thread.
+_COUNT_INLINE_CHARS = 64 << 10
 _COMPONENT = re.compile(r"^[\w.:/@+-]{1,128}$")
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -156,6 +163,9 @@ class ProxyServer:
         self._session: aiohttp.ClientSession | None = None
         #: set once stop() begins: a call cut then was cut by the stop, not its client
         self._stopping = False
+        #: counts each prompt before it is forwarded (its tokens are reserved)
+        self._tokenizer: BPETokenizer | None = None
+        self._tokenizer_loading: asyncio.Future[Any] | None = None
         self.url: str | None = None
 
     # -- life ----------------------------------------------------------------------
@@ -172,6 +182,10 @@ class ProxyServer:
 
     async def start(self) -> str:
         """Bind and serve; returns the base URL clients use (``http://host:port/v1``)."""
+        from sigil.pipeline.tokenizer import load_tokenizer
+
+        # Built off the event loop while the session is prepared (~150 ms).
+        self._tokenizer_loading = asyncio.ensure_future(load_tokenizer())
         app = web.Application(client_max_size=self.config.max_body_bytes)
         for path, endpoint in (
             ("/v1/chat/completions", CHAT),
@@ -337,8 +351,9 @@ class ProxyServer:
         if endpoint.cap_fields:
             wanted = (requested if requested is not None else self.config.call_cap) * choices
         endpoint_name = "/v1" + endpoint.path
+        prompt = await self._prompt_tokens(body)
         try:
-            granted = await self.meter.admit(wanted)
+            granted = await self.meter.admit(wanted, prompt)
         except BudgetExhausted as exc:
             await self.meter.refuse(
                 component=component, endpoint=endpoint_name, model=model, stream=stream,
@@ -362,7 +377,7 @@ class ProxyServer:
             body["stream_options"] = options
         call = await self.meter.start(
             component=component, endpoint=endpoint_name, model=model, stream=stream,
-            granted=granted, requested=requested,
+            granted=granted, requested=requested, prompt=prompt,
         )  # fmt: skip
         try:
             return await self._forward(request, call, endpoint, body, headers, stream, asked_usage)
@@ -375,6 +390,20 @@ class ProxyServer:
                     text, category = f"proxy error: {type(exc).__name__}: {exc}", "proxy"
                 await asyncio.shield(self.meter.fail(call, text, category=category))
             raise
+
+    async def _prompt_tokens(self, body: dict[str, Any]) -> int:
+        """The prompt's estimated tokens (cl100k_base, and the chat format's own)."""
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            from sigil.pipeline.tokenizer import load_tokenizer
+
+            tokenizer = self._tokenizer = await load_tokenizer()
+        text = prompt_estimate_text(body)
+        if len(text) > _COUNT_INLINE_CHARS:
+            count = await asyncio.to_thread(tokenizer.count, text)
+        else:
+            count = tokenizer.count(text)
+        return count + prompt_overhead(body)
 
     async def _forward(
         self,

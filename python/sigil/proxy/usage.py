@@ -22,7 +22,15 @@ import orjson
 
 from sigil.core.limits import MAX_TOKENS
 
-__all__ = ["Endpoint", "StreamFollower", "Usage", "prompt_text", "usage_of"]
+__all__ = [
+    "Endpoint",
+    "StreamFollower",
+    "Usage",
+    "prompt_estimate_text",
+    "prompt_overhead",
+    "prompt_text",
+    "usage_of",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +67,8 @@ class Usage:
     input_tokens: int
     output_tokens: int
     estimated: bool = False
+    #: of the input tokens, those read from the provider's prompt cache
+    cached_input_tokens: int = 0
 
     @property
     def total(self) -> int:
@@ -90,7 +100,23 @@ def usage_of(endpoint: Endpoint, usage: object) -> Usage | None:
             out = total - inp
     if inp is None or out is None or inp + out > MAX_TOKENS:
         return None
-    return Usage(inp, out)
+    return Usage(inp, out, cached_input_tokens=_cached(usage, inp))
+
+
+#: Where each API reports the input tokens read from the prompt cache.
+_DETAILS = ("prompt_tokens_details", "input_tokens_details")
+
+
+def _cached(usage: Mapping[str, Any], inp: int) -> int:
+    """The cached input tokens of a usage object (0 when absent or not a valid
+    count no larger than the input)."""
+    for key in _DETAILS:
+        details = usage.get(key)
+        if isinstance(details, Mapping):
+            cached = _count(details.get("cached_tokens"))
+            if cached is not None and cached <= inp:
+                return cached
+    return 0
 
 
 def _strings(value: Any, depth: int = 0) -> Iterator[str]:
@@ -116,6 +142,30 @@ def prompt_text(body: Mapping[str, Any]) -> str:
         for s in _strings(body.get(key))
     ]
     return "\n".join(parts)
+
+
+def prompt_estimate_text(body: Mapping[str, Any]) -> str:
+    """The text a request's prompt tokens are estimated from before it is
+    forwarded: :func:`prompt_text`, and the tool definitions as JSON (their
+    names, descriptions and schemas are prompt tokens too)."""
+    text = prompt_text(body)
+    for key in ("tools", "functions"):
+        tools = body.get(key)
+        if tools:
+            text += "\n" + orjson.dumps(tools, default=str).decode()
+    return text
+
+
+def prompt_overhead(body: Mapping[str, Any]) -> int:
+    """Tokens a prompt costs beyond its text: the chat format's few per message
+    (OpenAI's own count is 3 per message and 3 to prime the reply; 4 allows for
+    names and other servers' templates)."""
+    items = 0
+    for key in ("messages", "input"):
+        value = body.get(key)
+        if isinstance(value, list):
+            items += len(value)
+    return 4 * items + 3
 
 
 @dataclass(slots=True)

@@ -47,13 +47,26 @@ class ModelPrice:
 
     input_per_mtok: Decimal
     output_per_mtok: Decimal
+    #: the price of input tokens read from the provider's prompt cache (None:
+    #: the input price)
+    cache_read_per_mtok: Decimal | None = None
 
-    def cost(self, input_tokens: int, output_tokens: int) -> Decimal:
+    def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> Decimal:
+        """``input_tokens`` counts the ``cached_tokens`` among them (as OpenAI's
+        ``prompt_tokens`` and genai-prices' ``input_tokens`` do)."""
         from decimal import localcontext
 
+        cached = min(cached_tokens, input_tokens)
+        cache_rate = (
+            self.input_per_mtok if self.cache_read_per_mtok is None else (self.cache_read_per_mtok)
+        )
         # Exact: counts below 2**53 times prices of a few digits fit 60 digits.
         with localcontext(prec=60):
-            per_mtok = input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok
+            per_mtok = (
+                (input_tokens - cached) * self.input_per_mtok
+                + cached * cache_rate
+                + output_tokens * self.output_per_mtok
+            )
             return per_mtok.scaleb(-6)
 
 
@@ -123,8 +136,13 @@ class Pricer:
 
     # -- pricing -------------------------------------------------------------------------------
 
-    def price(self, model: str | None, input_tokens: int, output_tokens: int) -> Decimal | None:
+    def price(
+        self, model: str | None, input_tokens: int, output_tokens: int, cached_tokens: int = 0
+    ) -> Decimal | None:
         """The cost of one call in US dollars (exact), or None when the model is unpriced.
+
+        ``cached_tokens`` of the ``input_tokens`` were read from the provider's
+        prompt cache: priced at the model's cache-read rate.
 
         Blocks on the import of genai-prices the first time a model without an
         override is priced: on an event loop use :meth:`aprice`.
@@ -132,20 +150,25 @@ class Pricer:
         if not model:
             return None
         override = self.overrides.get(model)
+        cached = min(cached_tokens, input_tokens)
         if override is not None:
-            return override.cost(input_tokens, output_tokens)
+            return override.cost(input_tokens, output_tokens, cached)
         rates = self._rates.get(model)
         if rates is not None:
-            return rates.cost(input_tokens, output_tokens)
+            return rates.cost(input_tokens, output_tokens, cached)
         if model in self._unpriced:
             return None
         usage_type, calc_price = _table()
         self._loaded.set()
         try:
-            result = calc_price(
-                usage_type(input_tokens=input_tokens, output_tokens=output_tokens),
-                model_ref=model,
+            usage = (
+                usage_type(
+                    input_tokens=input_tokens, output_tokens=output_tokens, cache_read_tokens=cached
+                )
+                if cached
+                else usage_type(input_tokens=input_tokens, output_tokens=output_tokens)
             )
+            result = calc_price(usage, model_ref=model)
         except LookupError:
             # No provider or model matches, or no price at this date: unpriced.
             if len(self._unpriced) < _MAX_REMEMBERED_MISSES:
@@ -160,22 +183,24 @@ class Pricer:
         return Decimal(result.total_price)
 
     async def aprice(
-        self, model: str | None, input_tokens: int, output_tokens: int
+        self, model: str | None, input_tokens: int, output_tokens: int, cached_tokens: int = 0
     ) -> Decimal | None:
         """:meth:`price` without blocking the event loop on the table's import."""
         known = model in self.overrides or model in self._unpriced or model in self._rates
         if not model or known or self.ready:
-            return self.price(model, input_tokens, output_tokens)
+            return self.price(model, input_tokens, output_tokens, cached_tokens)
         import asyncio  # the CLI's non-async paths (monitor --once) never import it
 
-        return await asyncio.to_thread(self.price, model, input_tokens, output_tokens)
+        return await asyncio.to_thread(
+            self.price, model, input_tokens, output_tokens, cached_tokens
+        )
 
     def cost_meta(self, cost: Decimal | None) -> dict[str, Any]:
         """``{"cost_usd": number}`` for a priced call, ``{}`` for an unpriced one."""
         return {} if cost is None else {COST_KEY: cost_number(cost)}
 
     async def ameta(
-        self, model: str | None, input_tokens: int, output_tokens: int
+        self, model: str | None, input_tokens: int, output_tokens: int, cached_tokens: int = 0
     ) -> tuple[dict[str, Any], bool]:
         """The event metadata of a call's cost (``{"cost_usd": ...}``, or ``{}`` when
         unpriced), and whether the task was cancelled meanwhile.
@@ -186,7 +211,8 @@ class Pricer:
         and then raises ``CancelledError`` itself.
         """
         try:
-            return self.cost_meta(await self.aprice(model, input_tokens, output_tokens)), False
+            cost = await self.aprice(model, input_tokens, output_tokens, cached_tokens)
+            return self.cost_meta(cost), False
         except BaseException as exc:
             import asyncio  # (imported already: this is a coroutine)
 
@@ -195,11 +221,11 @@ class Pricer:
             return {}, True
 
 
-#: Prices of units a sigil usage never reports (cache, audio, image and video
-#: tokens, searches): they price nothing here, whatever their form.
+#: Prices of units a sigil usage never reports (cache writes, audio, image and
+#: video tokens, searches): they price nothing here, whatever their form.
 _ZERO_UNITS = frozenset(
     {
-        "cache_read_mtok", "cache_write_mtok", "cache_write_1h_mtok", "input_audio_mtok",
+        "cache_write_mtok", "cache_write_1h_mtok", "input_audio_mtok",
         "output_audio_mtok", "cache_audio_read_mtok", "input_image_mtok", "output_image_mtok",
         "cache_image_read_mtok", "input_video_mtok", "output_video_mtok", "web_searches_kcount",
         "storage_searches_kcount",
@@ -209,9 +235,10 @@ _ZERO_UNITS = frozenset(
 
 def _plain_rates(result: Any) -> ModelPrice | None:
     """The model's price as two rates when genai-prices would price any usage of
-    input and output tokens linearly: one price at every date (no conditional
-    prices), and no price but ``input_mtok``/``output_mtok`` as plain
-    decimals (not tiers) besides those of units sigil never reports. None
+    input, cached input and output tokens linearly: one price at every date (no
+    conditional prices), and no price but ``input_mtok``/``output_mtok``/
+    ``cache_read_mtok`` as plain decimals (not tiers) besides those of units
+    sigil never reports. None
     otherwise: such models keep going through ``calc_price``
     (tests/test_pricing.py checks the rates against it for every model)."""
     from decimal import Decimal
@@ -223,12 +250,15 @@ def _plain_rates(result: Any) -> ModelPrice | None:
     prices = {
         k: v for k, v in vars(result.model_price).items() if v is not None and not k.startswith("_")
     }
-    if not set(prices) - _ZERO_UNITS <= {"input_mtok", "output_mtok"}:
+    if not set(prices) - _ZERO_UNITS <= {"input_mtok", "output_mtok", "cache_read_mtok"}:
         return None
     rates = [prices.get(key, Decimal(0)) for key in ("input_mtok", "output_mtok")]
-    if not all(type(rate) is Decimal for rate in rates):
+    cache = prices.get("cache_read_mtok")
+    if not all(type(rate) is Decimal for rate in rates) or not (
+        cache is None or type(cache) is Decimal
+    ):
         return None
-    return ModelPrice(rates[0], rates[1])
+    return ModelPrice(rates[0], rates[1], cache)
 
 
 def _table() -> tuple[Any, Any]:

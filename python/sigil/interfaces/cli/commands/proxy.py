@@ -301,6 +301,10 @@ class MeteredSession:
             "calls_failed": meter.failed,
             "calls_refused": meter.refused,
         }
+        if meter.unknown:
+            # Their tokens are not in total_tokens: shown as unknown, never as 0.
+            meta["calls_usage_unknown"] = meter.unknown
+            meta["tokens_held_unknown"] = meter.held
         if error:
             meta["error"] = error
         try:
@@ -333,10 +337,20 @@ class MeteredSession:
         assert meter is not None
         run_tokens = tracker.used - self._tokens_before
         pct = tracker.used / tracker.total * 100 if tracker.total else 0.0
+        if not meter.unknown:
+            return (
+                f"sigil: session {self.session_id} run {self.run}: {meter.calls} calls "
+                f"({meter.failed} failed), {run_tokens:,} tokens this run, {tracker.used:,} of "
+                f"{tracker.total:,} used by the session ({pct:.1f}%)"
+            )
+        # Calls whose upstream reported no usage: their tokens are unknown, not 0.
+        calls = "call" if meter.unknown == 1 else "calls"
         return (
             f"sigil: session {self.session_id} run {self.run}: {meter.calls} calls "
-            f"({meter.failed} failed), {run_tokens:,} tokens this run, {tracker.used:,} of "
-            f"{tracker.total:,} used by the session ({pct:.1f}%)"
+            f"({meter.failed} failed, {meter.unknown} with usage unknown), at least "
+            f"{run_tokens:,} tokens this run, at least {tracker.used:,} of {tracker.total:,} "
+            f"used by the session ({pct:.1f}%) plus unknown usage of {meter.unknown} {calls} "
+            f"({meter.held:,} tokens of the budget held for them)"
         )
 
 
@@ -377,6 +391,11 @@ async def serve(
         await server.stop()
         if meter.exhausted:
             status, error = "budget_exceeded", "token budget exhausted"
+        elif meter.starved:
+            status, error = (
+                "budget_exceeded",
+                "a call's prompt did not fit in the token budget left",
+            )
         await session.end(status, error)
     return session, status
 
