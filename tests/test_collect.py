@@ -1258,3 +1258,20 @@ def test_native_and_python_decoding_agree_on_generated_spans() -> None:
         assert_native_matches_python("application/x-protobuf", _pb_request(pb_spans))
 
     check()
+
+
+def test_a_request_over_the_span_limit_is_too_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sigil.collect import decode
+    from sigil.collect.decode import PayloadTooLarge, decode_request
+
+    monkeypatch.setattr(decode, "MAX_SPANS", 2)
+    three = [_json_span(TRACE, f"{i:016x}", tokens=(1, 1)) for i in range(1, 4)]
+    pb = _pb_request([{"span": f"{i:016x}"} for i in range(1, 4)])
+    for body, protobuf in ((_json_request(*three), False), (pb, True)):
+        with pytest.raises(PayloadTooLarge, match="more than 2 spans"):
+            decode_request(body, protobuf)
+        assert decode_request(body[:0] if protobuf else _json_request(*three[:2]), protobuf)
+    # the Python decoder's path (an unusual value) is bounded too
+    odd = [dict(s, name=5) for s in three]
+    with pytest.raises(PayloadTooLarge):
+        decode_request(_json_request(*odd), False)

@@ -199,19 +199,6 @@ def decode_protobuf(body: bytes) -> list[SpanData]:
     return out
 
 
-def encode_protobuf_response(rejected: int = 0, message: str = "") -> bytes:
-    """An ``ExportTraceServiceResponse``, with partial success when spans were rejected."""
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-        ExportTraceServiceResponse,
-    )
-
-    response = ExportTraceServiceResponse()
-    if rejected:
-        response.partial_success.rejected_spans = rejected
-        response.partial_success.error_message = message
-    return response.SerializeToString()
-
-
 # ---------------------------------------------------------------------------
 # JSON (the OTLP/JSON mapping: lowerCamelCase names, hex IDs, 64-bit ints as strings)
 

@@ -1,5 +1,7 @@
-"""Collected spans into session logs: one ExecutionLogger per session, each holding
-that session's lock while it is open (ARCHITECTURE.md contract 7).
+"""Collected spans into session logs: one native writer per session (opened as
+:class:`~sigil.telemetry.execution_logger.ExecutionLogger` opens its own: the
+session's lock, then ``seq`` after the log's last event), each holding that
+session's lock while it is open (ARCHITECTURE.md contract 7).
 
 **Runs.** The first span collect writes to a session whose last run has ended
 (or that is new) starts a run: a ``session_start`` (``metadata.run``, contract
