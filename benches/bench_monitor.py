@@ -93,7 +93,8 @@ def _bytecode() -> None:
 
     import sigil
 
-    compileall.compile_dir(Path(sigil.__file__).parent, quiet=2, workers=1)
+    with contextlib.suppress(OSError):  # a read-only install has its .pyc already
+        compileall.compile_dir(Path(sigil.__file__).parent, quiet=2, workers=1)
 
 
 def _env(home: Path) -> dict[str, str]:
