@@ -83,6 +83,20 @@ def monitor_logs(bench_dir: Path) -> Path:
     return logs
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _bytecode() -> None:
+    """sigil's modules compiled, as an installed package has them (pip writes the
+    ``.pyc`` files at install): with ``PYTHONDONTWRITEBYTECODE`` set and an
+    editable install, every process started here would compile them again, a
+    cost no user's start-up has."""
+    import compileall
+
+    import sigil
+
+    with contextlib.suppress(OSError):  # a read-only install has its .pyc already
+        compileall.compile_dir(Path(sigil.__file__).parent, quiet=2, workers=1)
+
+
 def _env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["SIGIL_HOME"] = str(home)
@@ -400,7 +414,9 @@ def test_render_dashboard_terminal_frame_sigil(
 
     benchmark.group = "render one dashboard frame (120x40)"
     benchmark.extra_info.update(
-        ops=1, baseline="test_render_dashboard_frame_spec_print", aim_max_s=0.005
+        ops=1,
+        baseline="test_render_dashboard_frame_spec_print",
+        spec_max_s=0.005,  # issue 12
     )
     monkeypatch.setenv("COLUMNS", "120")
     monkeypatch.setenv("LINES", "40")
@@ -541,7 +557,10 @@ def test_idle_cpu_sigil(
     finally:
         term.close()
     benchmark.extra_info.update(
-        metric="CPU (%)", value=values[0], aim_max=2.0, baseline="test_idle_cpu_spec_polling"
+        metric="CPU (%)",
+        value=values[0],
+        spec_max=1.0,  # issue 12: following an idle session, under 1 %
+        baseline="test_idle_cpu_spec_polling",
     )
 
 
@@ -767,7 +786,8 @@ def test_key_to_screen_sigil(
     benchmark.extra_info.update(
         metric="p99 key to screen (ms)",
         value=_p99(ms),
-        aim_max=50,
+        spec_max=50,  # issue 12: key to screen under 50 ms
+        baseline="test_key_to_screen_floor",
         median_ms=statistics.median(ms),
         max_ms=max(ms),
     )
@@ -868,4 +888,128 @@ def test_stream_select_process_sigil(
             "--mode", "stream", *SELECTIONS[kind], "--once"]  # fmt: skip
     benchmark.pedantic(
         _stream_once, args=(args, _env(tmp_path)), rounds=2 if quick() else 5, warmup_rounds=1
+    )
+
+
+# -- issue 12's numbers: the dashboard with keys on a real terminal ---------------------
+
+#: The end of a frame: synchronized output closed (the whole frame is written).
+_FRAME_END = b"\x1b[?2026l"
+
+# The floor for the pty rows: a Python interpreter that takes the terminal in
+# cbreak mode, draws one line, and redraws when a key arrives.
+PTY_FLOOR = r"""
+import os, sys, termios, tty
+fd = sys.stdin.fileno()
+saved = termios.tcgetattr(fd)
+tty.setcbreak(fd)
+try:
+    os.write(1, b"\x1b[?2026h\x1b[Hready q quit\x1b[?2026l")
+    while True:
+        key = os.read(fd, 1)
+        if not key or key == b"q":
+            break
+        os.write(1, b"\x1b[?2026h\x1b[Hkey " + key + b" pause / resume Components\x1b[?2026l")
+finally:
+    termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+"""
+
+
+def _pty_first_frame(
+    argv: list[str], env: dict[str, str], marker: bytes, cpu: list[float] | None = None
+) -> float:
+    """Seconds from starting ``argv`` on a 120x40 pty until a whole frame holding
+    ``marker`` (and the key line) has been written; the process is then killed
+    (its CPU seconds, all threads, until then appended to ``cpu``)."""
+    began = time.perf_counter()
+    screen = _Screen(argv, env, cols=120, rows=40)
+    try:
+        deadline = began + 30
+        with screen.arrived:
+            while True:
+                data = screen.data
+                at = data.find(marker)
+                if at >= 0 and data.find(b"q quit", at) >= 0 and data.find(_FRAME_END, at) >= 0:
+                    break
+                left = deadline - time.perf_counter()
+                assert left > 0, f"no whole frame with {marker!r}: {bytes(data[-400:])!r}"
+                screen.arrived.wait(left)
+        took = time.perf_counter() - began
+        if cpu is not None:
+            screen.proc.kill()
+            _, status, usage = os.wait4(screen.proc.pid, 0)
+            screen.proc.returncode = status
+            cpu.append(usage.ru_utime + usage.ru_stime)
+        return took
+    finally:
+        screen.close()
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_first_frame_dashboard_keys_sigil(
+    benchmark: Any, monitor_logs: Path, tmp_path: Path, size: str
+) -> None:
+    """``sigil monitor`` (dashboard, keys on) on a real pty: from process start to the
+    first whole frame of the session's state (issue 12: 10K < 100 ms, 1M < 300 ms)."""
+    n = SIZES[size]
+    benchmark.group = f"dashboard with keys, process start to first frame on a pty, {n:,} entries"
+    benchmark.extra_info.update(
+        ops=1,
+        baseline=f"test_first_frame_dashboard_keys_floor[{size}]",
+        spec_max_s=0.100 if n == 10_000 else 0.300,
+    )
+    argv = [*SIGIL, "monitor", "--session", f"m{size}", "--log-path", str(monitor_logs)]
+    marker = f"{n:,} events".encode()
+    env = _env(tmp_path)
+    _pty_first_frame(argv, env, marker)  # the page cache warm, as for a user's second look
+    cpu: list[float] = []
+    benchmark.pedantic(_pty_first_frame, args=(argv, env, marker, cpu), rounds=3 if quick() else 7)
+    # The process's own CPU time to its first frame: what the machine's load does
+    # not inflate as much as the wall time.
+    benchmark.extra_info.update(cpu_ms_median=round(1000 * statistics.median(cpu), 1))
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_first_frame_dashboard_keys_floor(benchmark: Any, tmp_path: Path, size: str) -> None:
+    """The floor: a Python interpreter that takes the pty in cbreak mode and draws a line."""
+    benchmark.group = (
+        f"dashboard with keys, process start to first frame on a pty, {SIZES[size]:,} entries"
+    )
+    benchmark.extra_info.update(ops=1)
+    argv = [sys.executable, "-c", PTY_FLOOR]
+    cpu: list[float] = []
+    benchmark.pedantic(
+        _pty_first_frame,
+        args=(argv, _env(tmp_path), b"ready", cpu),
+        rounds=3 if quick() else 7,
+        warmup_rounds=1,
+    )
+    benchmark.extra_info.update(cpu_ms_median=round(1000 * statistics.median(cpu), 1))
+
+
+def test_key_to_screen_floor(benchmark: Any, tmp_path: Path) -> None:
+    """The floor for key to screen: a program that redraws as soon as it reads a key."""
+    benchmark.group = "dashboard key to screen"
+    screen = _Screen([sys.executable, "-c", PTY_FLOOR], _env(tmp_path), cols=120, rows=40)
+    samples: list[float] = []
+    try:
+        deadline = time.monotonic() + 15
+        while b"q quit" not in screen.data and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+        def round_trip() -> None:
+            for _ in range(10 if quick() else 30):
+                samples.append(screen.press_and_wait(b"?", b"pause / resume"))
+                samples.append(screen.press_and_wait(b"x", b"Components"))
+                time.sleep(0.02)
+
+        benchmark.pedantic(round_trip, rounds=1)
+    finally:
+        screen.close()
+    ms = [1000 * s for s in samples]
+    benchmark.extra_info.update(
+        metric="p99 key to screen (ms)",
+        value=_p99(ms),
+        median_ms=statistics.median(ms),
+        max_ms=max(ms),
     )

@@ -444,6 +444,7 @@ def test_help_has_examples(run_sigil: Callable[..., subprocess.CompletedProcess[
     for flag in ("--all", "--tail", "--since", "--component", "--event-type", "--errors"):
         assert flag in result.stdout
     assert "sigil monitor -s acme-1 -m json --json-events" in result.stdout
+    assert "monitoring.alert_command" in result.stdout and "SIGIL_ALERT_LEVEL" in result.stdout
 
 
 @pytest.mark.parametrize(

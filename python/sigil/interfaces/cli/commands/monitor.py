@@ -90,6 +90,13 @@ Examples:
   sigil monitor -s acme-1 -m json --json-events | jq -c 'select(.type == "event")'
   sigil monitor -s acme-1 -m minimal             one line: tokens, rate, forecast, errors
   sigil monitor -s acme-1 --once                 the state now, then exit
+
+\b
+Alerts: the dashboard rings the bell once per budget level crossed (50/80/95 %)
+and on a failed step. monitoring.alert_command in config.yaml (or
+SIGIL_ALERT_COMMAND) also runs a command then, e.g. notify-send, with the
+message as its last argument and SIGIL_ALERT_LEVEL, SIGIL_SESSION_ID and
+SIGIL_ALERT_MESSAGE in its environment.
 """
 
 
