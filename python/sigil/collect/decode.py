@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from sigil import _native
+from sigil.telemetry import otlp_ingest
 
 __all__ = [
     "KEPT_ATTRIBUTES",
@@ -114,16 +114,16 @@ def gunzip(body: bytes, limit: int) -> bytes:
     return out
 
 
-def decode_request(body: bytes, protobuf: bool) -> _native.OtlpBatch:
+def decode_request(body: bytes, protobuf: bool) -> otlp_ingest.OtlpBatch:
     """A request's body (protobuf, else OTLP/JSON) as its events, grouped by session."""
     try:
         if protobuf:
-            return _native.otlp_decode_protobuf(body, max_spans=MAX_SPANS)
-        batch = _native.otlp_decode_json(body, max_spans=MAX_SPANS)
+            return otlp_ingest.otlp_decode_protobuf(body, max_spans=MAX_SPANS)
+        batch = otlp_ingest.otlp_decode_json(body, max_spans=MAX_SPANS)
         if batch is not None:
             return batch
         # Malformed, or a value in an unusual form: this decoder decides.
-        return _native.otlp_map_spans(decode_json(body), max_spans=MAX_SPANS)
+        return otlp_ingest.otlp_map_spans(decode_json(body), max_spans=MAX_SPANS)
     except OverflowError as exc:
         raise PayloadTooLarge(str(exc)) from None
     except ValueError as exc:

@@ -54,11 +54,12 @@ from typing import Any
 
 import orjson
 
-from sigil import _native
 from sigil.collect.decode import SpanData
 from sigil.collect.mapping import session_id_for
 from sigil.core.locks import SessionBusy, SessionLock
 from sigil.core.paths import LOG_FILE_NAME, resolve_log_path, rotated_segments, session_dir
+from sigil.telemetry import otlp_ingest
+from sigil.telemetry.log_parser import last_seq
 from sigil.telemetry.pricing import Pricer, cost_number
 
 __all__ = ["COMPONENT", "IngestResult", "SessionSink"]
@@ -93,8 +94,8 @@ class _OpenSession:
         self,
         session_id: str,
         lock: SessionLock,
-        writer: _native.AppendWriter,
-        state: _native.OtlpSession,
+        writer: otlp_ingest.AppendWriter,
+        state: otlp_ingest.OtlpSession,
         run: int,
     ) -> None:
         self.session_id = session_id
@@ -148,7 +149,7 @@ def _next_seq(directory: Path) -> int:
     (just rotated), of the newest rotated segment (as ExecutionLogger does)."""
     for path in [directory / LOG_FILE_NAME, *reversed(rotated_segments(directory))]:
         try:
-            last = _native.tail_max_seq(path)
+            last = last_seq(path)
         except FileNotFoundError:
             continue
         if last is not None:
@@ -190,7 +191,7 @@ class SessionSink:
         lock.acquire()
         try:
             seen, runs, open_run = _read_history(directory)
-            writer = _native.AppendWriter(
+            writer = otlp_ingest.AppendWriter(
                 directory / LOG_FILE_NAME,
                 buffer_bytes=_BUFFER_BYTES,
                 flush_interval=0.1,
@@ -203,7 +204,7 @@ class SessionSink:
         except BaseException:
             lock.release()
             raise
-        state = _native.OtlpSession()
+        state = otlp_ingest.OtlpSession()
         state.add_seen(seen)
         session = _OpenSession(session_id, lock, writer, state, runs)
         # A run still open (collect was killed) goes on; otherwise the first span
@@ -219,7 +220,7 @@ class SessionSink:
             sid = self._session_ids[raw] = session_id_for(raw)
         return sid
 
-    def _costs(self, batch: _native.OtlpBatch) -> list[float | None]:
+    def _costs(self, batch: otlp_ingest.OtlpBatch) -> list[float | None]:
         """The cost of each of the batch's price requests (None: unpriced)."""
         price = self.pricer.price
         costs: list[float | None] = []
@@ -229,10 +230,12 @@ class SessionSink:
             costs.append(None if cost is None else cost_number(cost))
         return costs
 
-    def ingest(self, spans: _native.OtlpBatch | Sequence[SpanData]) -> IngestResult:
+    def ingest(self, spans: otlp_ingest.OtlpBatch | Sequence[SpanData]) -> IngestResult:
         """Write a request's events (an :class:`~sigil._native.OtlpBatch`, or
         spans decoded in Python); spans of a busy session are refused and counted."""
-        batch = spans if isinstance(spans, _native.OtlpBatch) else _native.otlp_map_spans(spans)
+        batch = (
+            spans if isinstance(spans, otlp_ingest.OtlpBatch) else otlp_ingest.otlp_map_spans(spans)
+        )
         result = IngestResult(spans=batch.spans, ignored=batch.ignored)
         sessions = self._sessions
         busy: set[str] = set()

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sigil._native import ModelSnapshot
 from sigil.reports.sources import Source, archive_snapshot, discover, fold_live
 from sigil.telemetry.log_parser import (
     ComponentSnapshot,
+    ModelSnapshot,
     RunSnapshot,
     run_status,
 )

@@ -34,6 +34,7 @@ __all__ = [
     "LastError",
     "Ledger",
     "MalformedLine",
+    "ModelSnapshot",
     "ParseResult",
     "ParsedEntry",
     "RunSnapshot",
@@ -50,11 +51,13 @@ __all__ = [
     "parse_bytes",
     "parse_lines",
     "run_status",
+    "since_start",
     "snapshot_at_rest",
     "snapshot_files",
     "snapshot_many",
     "snapshot_session",
     "start_catch_up",
+    "tail_start",
 ]
 
 #: A parsed event: ``timestamp, session_id, event_type, component, message,
@@ -75,6 +78,11 @@ ComponentSnapshot = _native.ComponentSnapshot
 LastError = _native.LastError
 #: The step running now, as the session model sees it (``SessionSnapshot.in_flight``).
 StepInFlight = _native.StepInFlight
+#: One model's totals within a component (``SessionSnapshot.models``).
+ModelSnapshot = _native.ModelSnapshot
+#: Where ``monitor --tail N`` / ``--since TIME`` start reading (rust/select.rs).
+tail_start = _native.tail_start
+since_start = _native.since_start
 #: The session's ledger (``tokens.json``) read and checked natively, and the
 #: whole history: the log's model joined with the runs only the ledger knows.
 Ledger = _native.Ledger

@@ -197,8 +197,8 @@ def _tail_from_the_end(
     """``--tail``: the last selected events, read back from ``end`` (the
     model's checkpoint) in the live file, more each time too few are found;
     None when they may reach into a rotated segment or the file changed."""
-    from sigil import _native
     from sigil.core.paths import rotated_segments
+    from sigil.telemetry import log_parser
 
     assert selection.tail is not None
     want = selection.tail
@@ -208,7 +208,7 @@ def _tail_from_the_end(
     back = want
     try:
         while True:
-            found = _native.tail_start(path, end.offset, back, dev=end.dev, ino=end.ino)
+            found = log_parser.tail_start(path, end.offset, back, dev=end.dev, ino=end.ino)
             if found is None:
                 return None
             start, count = found
@@ -232,13 +232,13 @@ def _since_from_the_end(
     at or after ``since`` (a second early: the events are filtered exactly
     afterwards), bisecting on the timestamps; None when earlier events may lie
     in a rotated segment or the file changed."""
-    from sigil import _native
     from sigil.core.paths import rotated_segments
+    from sigil.telemetry import log_parser
 
     session_dir, path = _live_file(session_id, log_path)
     since_us = int(since.timestamp() * 1_000_000) - 1_000_000
     try:
-        start = _native.since_start(path, end.offset, since_us, dev=end.dev, ino=end.ino)
+        start = log_parser.since_start(path, end.offset, since_us, dev=end.dev, ino=end.ino)
     except OSError:
         return None
     if start is None or (start == 0 and rotated_segments(session_dir)):
@@ -250,7 +250,7 @@ def _read_range(path: Any, start: int, end: Any, stopping: object) -> Iterator[l
     """The events of the lines from ``start`` to ``end.offset`` of the live
     file ``path``, parsed natively a few MiB at a time; nothing when the file
     is no longer ``end``'s."""
-    from sigil import _native
+    from sigil.telemetry import log_parser
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -272,7 +272,7 @@ def _read_range(path: Any, start: int, end: Any, stopping: object) -> Iterator[l
             cut = block.rfind(b"\n") + 1
             carry = block[cut:]
             if cut:
-                entries, _bad = _native.parse_bytes(block[:cut], base)
+                entries = log_parser.parse_bytes(block[:cut], base).entries
                 if entries:
                     yield entries
     finally:
