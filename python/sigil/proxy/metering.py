@@ -137,6 +137,12 @@ class Meter:
             return False
         return tracker.used + self.held >= tracker.thresholds["exceeded"] * tracker.total
 
+    @property
+    def free(self) -> int:
+        """Tokens of the budget neither used nor reserved (may be negative
+        while calls that spent more than they reserved are being recorded)."""
+        return self.tracker.remaining - self.tracker.budget.reserved
+
     def _refusal(self) -> BudgetExhausted:
         return BudgetExhausted(self.tracker.used + self.held, self.tracker.total)
 
