@@ -321,3 +321,23 @@ def test_usage_of_reads_the_cached_input_tokens() -> None:
     assert usage_of(CHAT, bad) == Usage(3, 4)
     bad["prompt_tokens_details"] = {"cached_tokens": None}
     assert usage_of(CHAT, bad) == Usage(3, 4)
+
+
+def test_a_prompt_is_reserved_at_its_length_while_the_budget_is_ample_else_counted() -> None:
+    from sigil.pipeline.tokenizer import get_tokenizer
+    from sigil.proxy import ProxyConfig, ProxyServer
+
+    body = {"model": "m", "messages": [{"role": "user", "content": "hello world " * 100}]}
+    text = "user\n" + "hello world " * 100
+    overhead = 4 + 3  # one message, and the reply's priming
+
+    async def reserved(total: int) -> int:
+        _, _, meter = _meter(total)
+        server = ProxyServer(meter, ProxyConfig(upstream="http://127.0.0.1:9/v1"))
+        return await server._prompt_tokens(body)
+
+    # Far from the end of the budget: the UTF-8 length, an upper bound that costs nothing.
+    assert asyncio.run(reserved(1_000_000)) == len(text) + overhead
+    # Near it: the tokenizer's count, far below the length.
+    counted = asyncio.run(reserved(2_000))
+    assert counted == get_tokenizer().count(text) + overhead < len(text) // 4

@@ -122,6 +122,8 @@ class Meter:
         self.starved = False
         #: calls admitted with a reservation and not settled yet
         self._inflight = 0
+        #: calls waiting in :meth:`admit` for one in flight to settle
+        self._waiting = 0
         self._ids = itertools.count(1)
         self._settled = asyncio.Condition()
 
@@ -137,6 +139,12 @@ class Meter:
             return False
         return tracker.used + self.held >= tracker.thresholds["exceeded"] * tracker.total
 
+    @property
+    def free(self) -> int:
+        """Tokens of the budget neither used nor reserved (may be negative
+        while calls that spent more than they reserved are being recorded)."""
+        return self.tracker.remaining - self.tracker.budget.reserved
+
     def _refusal(self) -> BudgetExhausted:
         return BudgetExhausted(self.tracker.used + self.held, self.tracker.total)
 
@@ -150,38 +158,56 @@ class Meter:
         calls in flight; raises :class:`PromptTooLarge` when the prompt cannot
         fit even once they settle, and :class:`BudgetExhausted` once the budget
         has run out."""
-        tracker = self.tracker
         out = 0 if wanted is None else max(1, wanted)
         need = prompt + (0 if wanted is None else 1)
+        # Nothing below awaits until a call must wait: decided on the event
+        # loop at once, the condition's lock is only taken to wait.
+        granted = self._try_admit(prompt, out, need)
+        if granted is not None:
+            return granted
         async with self._settled:
             while True:
-                if self.exhausted:
-                    raise self._refusal()
-                left = tracker.remaining - self.held
-                free = tracker.remaining - tracker.budget.reserved
-                if need > left or (self._inflight == 0 and (need > free or free <= 0)):
-                    self.starved = True
-                    raise PromptTooLarge(prompt, max(0, left), tracker.used, tracker.total)
-                if need <= free and free > 0:
-                    granted = tracker.reserve(prompt + out) if prompt + out else 0
-                    if granted:
-                        self._inflight += 1
-                    return max(0, granted - prompt)
-                await self._settled.wait()
+                granted = self._try_admit(prompt, out, need)
+                if granted is not None:
+                    return granted
+                self._waiting += 1
+                try:
+                    await self._settled.wait()
+                finally:
+                    self._waiting -= 1
+
+    def _try_admit(self, prompt: int, out: int, need: int) -> int | None:
+        """The output cap granted now, None when the call must wait for one in
+        flight to settle; raises when it is refused."""
+        tracker = self.tracker
+        if self.exhausted:
+            raise self._refusal()
+        left = tracker.remaining - self.held
+        free = tracker.remaining - tracker.budget.reserved
+        if need > left or (self._inflight == 0 and (need > free or free <= 0)):
+            self.starved = True
+            raise PromptTooLarge(prompt, max(0, left), tracker.used, tracker.total)
+        if need <= free and free > 0:
+            granted = tracker.reserve(prompt + out) if prompt + out else 0
+            if granted:
+                self._inflight += 1
+            return max(0, granted - prompt)
+        return None
 
     async def _release(self, call: Call, *, hold: bool = False) -> None:
         """Give the call's reservation back (``hold``: keep it, the usage is unknown)."""
         if call.settled:
             return
         call.settled = True
-        async with self._settled:
-            if call.reserved:
-                self._inflight -= 1
-                if hold:
-                    self.held += call.reserved
-                else:
-                    self.tracker.release(call.reserved)
-            self._settled.notify_all()
+        if call.reserved:
+            self._inflight -= 1
+            if hold:
+                self.held += call.reserved
+            else:
+                self.tracker.release(call.reserved)
+        if self._waiting:
+            async with self._settled:
+                self._settled.notify_all()
 
     async def start(
         self,
