@@ -140,3 +140,13 @@ class LeakyReasoning(ReasoningStep):
             f"aws {aws}, github {ghp} {pat} {ghs}, slack {slack}, stripe {stripe}, "
             f"google {google}, Authorization: Bearer {bearer}"
         )
+
+
+class OtherValidation(ValidationStep):
+    """A replaced step: the offline validation with another output (the diff of
+    two runs then lists exactly this step as changed)."""
+
+    async def run(self, ctx: StepContext) -> StepOutput:
+        out = await super().run(ctx)
+        out.output = {"replaced": True, "was": out.output}
+        return out
