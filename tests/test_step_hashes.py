@@ -101,3 +101,34 @@ def test_orchestrate_logs_hashes_and_diff_lists_exactly_the_replaced_step(
     ]
     shown = run_cli(sigil_home, "diff", "same-1", "other").stdout
     assert "changed step #6: validation -> validation" in shown
+
+
+def test_report_shows_loops_and_retry_storms_with_their_events(
+    sigil_home: Path, log_path: Path
+) -> None:
+    lines = [line(0, "session_start", "orchestrator", run=1)]
+    lines += [line(1 + i, "step_start", "reasoning", input_sha256="ab" * 32) for i in range(5)]
+    lines += [line(6 + i, "retry_attempt", "memory", attempt=i + 1) for i in range(5)]
+    lines.append(line(11, "session_complete", "orchestrator", status="complete"))
+    d = log_path / "sessions" / "looping"
+    d.mkdir(parents=True, mode=0o700)
+    (d / "execution.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    proc = run_cli(sigil_home, "report", "session", "--json")
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)["anomalies"]
+    assert found["loops"] == [
+        {
+            "session": "looping",
+            "run": 1,
+            "component": "reasoning",
+            "input_sha256": "ab" * 32,
+            "starts": 5,
+            "seqs": [1, 2, 3, 4, 5],
+        }
+    ]
+    assert found["retry_storms"] == [
+        {"session": "looping", "run": 1, "component": "memory", "retries": 5}
+    ]
+    shown = run_cli(sigil_home, "report", "session").stdout
+    assert "loop: session looping run 1: reasoning started 5 times" in shown
+    assert "retry storm: session looping run 1: memory retried 5 times" in shown
