@@ -323,6 +323,7 @@ enum Kind {
     RetryAttempt,
     TokenConsumption,
     EventsDropped,
+    StepStart,
     Other,
 }
 
@@ -337,6 +338,7 @@ impl Kind {
             "retry_attempt" => Kind::RetryAttempt,
             "token_consumption" => Kind::TokenConsumption,
             "events_dropped" => Kind::EventsDropped,
+            "step_start" => Kind::StepStart,
             _ => Kind::Other,
         }
     }
@@ -357,6 +359,7 @@ impl Kind {
             13 if is(b"session_error") => Kind::SessionError,
             13 if is(b"retry_attempt") => Kind::RetryAttempt,
             10 if is(b"step_error") => Kind::StepError,
+            10 if is(b"step_start") => Kind::StepStart,
             16 if is(b"session_complete") => Kind::SessionComplete,
             14 if is(b"events_dropped") => Kind::EventsDropped,
             17 if same_bytes(&name[..16], b"token_consumptio") && name[16] == b'n' => {
@@ -368,7 +371,7 @@ impl Kind {
 }
 
 /// The kinds other than [`Kind::Other`], as indexes of [`Ids::known_slot`].
-const KNOWN_KINDS: usize = 8;
+const KNOWN_KINDS: usize = 9;
 
 /// Slot indexes cached per interned name (see [`Interner`]).
 #[derive(Debug, Clone)]
@@ -538,7 +541,7 @@ struct Step<'m> {
 
 impl Step<'_> {
     #[inline(always)]
-    fn update(&self, c: &mut ComponentTotals, name: &str, models: &mut Names<ModelTotals>) {
+    fn update(&self, c: &mut ComponentTotals) {
         c.tokens = c.tokens.saturating_add(self.tokens);
         c.input_tokens = c.input_tokens.saturating_add(self.input_tokens);
         c.output_tokens = c.output_tokens.saturating_add(self.output_tokens);
@@ -556,9 +559,6 @@ impl Step<'_> {
             let named = self.model.is_some_and(|j| j.starts_with('"'));
             let model = if named { c.model.as_deref() } else { None };
             c.cost.observe(self.cost, self.tokens, model);
-            if named {
-                self.update_model(c, name, models);
-            }
         }
         let call = matches!(self.kind, Kind::StepComplete | Kind::StepError);
         if call && self.unknown_usage {
@@ -589,6 +589,18 @@ impl Step<'_> {
 }
 
 impl Step<'_> {
+    /// [`Step::update`] of a run's component `name`, and the event counted
+    /// under its model (a string: now `c.model`) in the run's `models` (the
+    /// session's models table is its runs', see [`FoldState::models`]: one
+    /// update per line, not two).
+    #[inline(always)]
+    fn update_run(&self, c: &mut ComponentTotals, name: &str, models: &mut Names<ModelTotals>) {
+        self.update(c);
+        if self.model.is_some_and(|j| j.starts_with('"')) {
+            self.update_model(c, name, models);
+        }
+    }
+
     /// Count the event under its model (a string: now `c.model`), in `models`.
     #[inline(always)]
     fn update_model(&self, c: &mut ComponentTotals, name: &str, models: &mut Names<ModelTotals>) {
@@ -754,6 +766,106 @@ impl ComponentTotals {
     }
 }
 
+/// Times the same component started with the same input before it counts
+/// as a loop (issue 13: an agent repeating a step).
+pub const LOOP_MIN_STARTS: u64 = 3;
+/// Distinct (component, input) pairs and step outputs kept per run.
+pub const MAX_STEP_HASHES: usize = 1024;
+/// `seq`s kept per (component, input) pair: the first ones.
+pub const LOOP_SEQS: usize = 5;
+/// Bytes kept of a hash's text.
+pub const MAX_HASH: usize = 128;
+
+/// A run's step hashes (issue 13): the `step_start`s per component and
+/// `metadata.input_sha256`, and each `step_complete`'s
+/// `metadata.output_sha256` in order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepHashes {
+    /// (component, input hash, starts, first `seq`s), in first-seen order.
+    pub inputs: Vec<(String, String, u64, Vec<u64>)>,
+    index: HashMap<(String, String), usize>,
+    /// (component, output hash) of each `step_complete` that has one, in order.
+    pub outputs: Vec<(String, String)>,
+    /// Starts and outputs past the caps (not kept).
+    pub dropped: u64,
+}
+
+impl StepHashes {
+    fn start(&mut self, component: &str, hash: &str, seq: Option<u64>) {
+        let key = (bounded(component), hash_text(hash));
+        let i = match self.index.get(&key) {
+            Some(&i) => i,
+            None if self.inputs.len() < MAX_STEP_HASHES => {
+                self.index.insert(key.clone(), self.inputs.len());
+                self.inputs.push((key.0, key.1, 0, Vec::new()));
+                self.inputs.len() - 1
+            }
+            None => {
+                self.dropped = self.dropped.saturating_add(1);
+                return;
+            }
+        };
+        let e = &mut self.inputs[i];
+        e.2 = e.2.saturating_add(1);
+        if let Some(seq) = seq {
+            if e.3.len() < LOOP_SEQS {
+                e.3.push(seq);
+            }
+        }
+    }
+
+    fn output(&mut self, component: &str, hash: &str) {
+        if self.outputs.len() < MAX_STEP_HASHES {
+            self.outputs.push((bounded(component), hash_text(hash)));
+        } else {
+            self.dropped = self.dropped.saturating_add(1);
+        }
+    }
+
+    fn absorb(&mut self, o: &StepHashes) {
+        for (c, h, n, seqs) in &o.inputs {
+            let key = (c.clone(), h.clone());
+            let i = match self.index.get(&key) {
+                Some(&i) => i,
+                None if self.inputs.len() < MAX_STEP_HASHES => {
+                    self.index.insert(key, self.inputs.len());
+                    self.inputs.push((c.clone(), h.clone(), 0, Vec::new()));
+                    self.inputs.len() - 1
+                }
+                None => {
+                    self.dropped = self.dropped.saturating_add(*n);
+                    continue;
+                }
+            };
+            let e = &mut self.inputs[i];
+            e.2 = e.2.saturating_add(*n);
+            for &s in seqs {
+                if e.3.len() < LOOP_SEQS {
+                    e.3.push(s);
+                }
+            }
+        }
+        for (c, h) in &o.outputs {
+            self.output(c, h);
+        }
+        self.dropped = self.dropped.saturating_add(o.dropped);
+    }
+
+    /// The (component, input hash, starts, first seqs) started at least
+    /// [`LOOP_MIN_STARTS`] times.
+    pub fn loops(&self) -> impl Iterator<Item = &(String, String, u64, Vec<u64>)> {
+        self.inputs.iter().filter(|e| e.2 >= LOOP_MIN_STARTS)
+    }
+}
+
+fn hash_text(h: &str) -> String {
+    let mut end = h.len().min(MAX_HASH);
+    while !h.is_char_boundary(end) {
+        end -= 1;
+    }
+    h[..end].to_string()
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunTotals {
     pub number: u64,
@@ -776,6 +888,8 @@ pub struct RunTotals {
     pub components: Names<ComponentTotals>,
     /// Per model (see [`ModelTotals`]).
     pub models: Names<ModelTotals>,
+    /// Step input and output hashes (see [`StepHashes`]).
+    pub steps: StepHashes,
     /// The metadata of the run's `session_start` (task, thresholds, ...), as JSON.
     pub start_metadata: Option<String>,
 }
@@ -797,6 +911,7 @@ impl Default for RunTotals {
             budget: None,
             components: Names::default(),
             models: Names::default(),
+            steps: StepHashes::default(),
             start_metadata: None,
         }
     }
@@ -819,6 +934,7 @@ impl RunTotals {
         for (k, m) in o.models.iter() {
             self.models.slot(k).add(m);
         }
+        self.steps.absorb(&o.steps);
         if o.ended_at.is_some() {
             self.ended_at.clone_from(&o.ended_at);
             self.status.clone_from(&o.status);
@@ -1111,6 +1227,10 @@ struct MetaKeys<'a> {
     cost_usd: Option<&'a RawValue>,
     #[serde(borrow, default)]
     usage: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input_sha256: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    output_sha256: Option<&'a RawValue>,
 }
 
 /// The metadata values the fold uses, read leniently: a value of the wrong
@@ -1136,6 +1256,9 @@ struct FoldMeta<'a> {
     cost: Option<u64>,
     /// `usage` is the string `"unknown"`.
     usage_unknown: bool,
+    /// A step's `input_sha256` / `output_sha256` (strings).
+    input_sha256: Option<Cow<'a, str>>,
+    output_sha256: Option<Cow<'a, str>>,
 }
 
 impl<'a> FoldMeta<'a> {
@@ -1157,6 +1280,8 @@ impl<'a> FoldMeta<'a> {
             resume: num(k.resume),
             cost: k.cost_usd.and_then(|r| nano_usd(r.get())),
             usage_unknown: text(k.usage).as_deref() == Some("unknown"),
+            input_sha256: text(k.input_sha256),
+            output_sha256: text(k.output_sha256),
         }
     }
 
@@ -1185,13 +1310,15 @@ impl<'a> FoldMeta<'a> {
             // A map's numbers are doubles: the caller reads cost_usd's text.
             cost: None,
             usage_unknown: m.get("usage").and_then(Value::as_str) == Some("unknown"),
+            input_sha256: get::<String>(m, "input_sha256").map(Cow::Owned),
+            output_sha256: get::<String>(m, "output_sha256").map(Cow::Owned),
         }
     }
 }
 
 /// The metadata keys the fold reads, picked by the parser's fast path
 /// (the fields of [`MetaKeys`], in this order).
-const META_KEYS: [&str; 16] = [
+const META_KEYS: [&str; 18] = [
     "latency_ms",
     "budget",
     "status",
@@ -1208,10 +1335,12 @@ const META_KEYS: [&str; 16] = [
     "resume",
     "cost_usd",
     "usage",
+    "input_sha256",
+    "output_sha256",
 ];
 
 /// [`META_KEYS`] indexed for the parser's fast path.
-const FOLD_KEYS: KeySet<'static, 16> = KeySet::new(&META_KEYS);
+const FOLD_KEYS: KeySet<'static, 18> = KeySet::new(&META_KEYS);
 
 /// The metadata values the fold uses (the parser has validated the metadata),
 /// set in `m` (a default one: filled in place, not moved per line).
@@ -1219,7 +1348,7 @@ const FOLD_KEYS: KeySet<'static, 16> = KeySet::new(&META_KEYS);
 fn fold_meta<'a>(
     m: &mut FoldMeta<'a>,
     event: &RawEvent<'a>,
-    picks: Option<Picks<'a, 16>>,
+    picks: Option<Picks<'a, 18>>,
     kind: Kind,
 ) {
     match (event.metadata, picks) {
@@ -1244,7 +1373,9 @@ fn fold_meta<'a>(
                     12 => m.output_tokens = p.u64_at(i),
                     13 => m.resume = json_bool(v),
                     14 => m.cost = nano_usd(v),
-                    _ => m.usage_unknown = v == "\"unknown\"",
+                    15 => m.usage_unknown = v == "\"unknown\"",
+                    16 => m.input_sha256 = plain_str(v),
+                    _ => m.output_sha256 = plain_str(v),
                 }
             }
         }
@@ -1378,8 +1509,9 @@ pub struct FoldState {
     pub tokens: u64,
     pub event_counts: Names<u64>,
     pub components: Names<ComponentTotals>,
-    /// Per model (see [`ModelTotals`]).
-    pub models: Names<ModelTotals>,
+    /// Per (component, model) of the runs dropped from `run_list` (see
+    /// [`FoldState::models`]).
+    pub dropped_models: Names<ModelTotals>,
     pub status: String,
     pub budget: Option<u64>,
     pub allocations: Vec<(String, u64)>,
@@ -1426,7 +1558,7 @@ impl FoldState {
             tokens: 0,
             event_counts: Names::default(),
             components: Names::default(),
-            models: Names::default(),
+            dropped_models: Names::default(),
             status: "waiting".to_string(),
             budget: None,
             allocations: Vec::new(),
@@ -1454,6 +1586,21 @@ impl FoldState {
         }
     }
 
+    /// The session's per-(component, model) totals: its runs' (the dropped
+    /// ones, the events before the first start, then each run kept), added in
+    /// that order, which is the file's (the table's cap keeps the file's
+    /// first pairs). Built when asked for: the fold updates only the run's
+    /// table per line.
+    pub fn models(&self) -> Names<ModelTotals> {
+        let mut out = self.dropped_models.clone();
+        for r in std::iter::once(&self.head).chain(self.run_list.iter()) {
+            for (k, m) in r.models.iter() {
+                out.slot(k).add(m);
+            }
+        }
+        out
+    }
+
     /// The current run (the latest; before any `session_start`, run 0).
     pub fn run(&self) -> &RunTotals {
         self.run_list.back().unwrap_or(&self.head)
@@ -1478,7 +1625,7 @@ impl FoldState {
     pub fn names_overflowed(&self) -> bool {
         self.event_counts.overflowed
             || self.components.overflowed
-            || self.models.overflowed
+            || self.dropped_models.overflowed
             || self.head.components.overflowed
             || self.head.models.overflowed
             || self
@@ -1623,11 +1770,15 @@ impl FoldState {
             }
         };
         let (slot, run_slot) = self.component_slots(l.component);
-        let (name, c) = self.components.entry_mut(slot);
-        step.update(c, name, &mut self.models);
+        step.update(self.components.at_mut(slot));
         let run = self.run_list.back_mut().unwrap_or(&mut self.head);
         let (name, c) = run.components.entry_mut(run_slot);
-        step.update(c, name, &mut run.models);
+        step.update_run(c, name, &mut run.models);
+        if let Some(h) = l.output_sha256 {
+            if kind == Kind::StepComplete {
+                run.steps.output(l.component, h);
+            }
+        }
         run.tokens = run.tokens.saturating_add(l.tokens);
         run.events = run.events.saturating_add(1);
         run.first_seq.get_or_insert(l.seq);
@@ -1779,7 +1930,11 @@ impl FoldState {
     fn push_run(&mut self, run: RunTotals) {
         self.new_current_run();
         if self.run_list.len() >= MAX_RUNS {
-            self.run_list.pop_front();
+            if let Some(old) = self.run_list.pop_front() {
+                for (k, m) in old.models.iter() {
+                    self.dropped_models.slot(k).add(m);
+                }
+            }
             self.runs_dropped = self.runs_dropped.saturating_add(1);
         }
         self.run_list.push_back(run);
@@ -1868,25 +2023,32 @@ impl FoldState {
             attempt: meta.attempt,
             timestamp: e.timestamp.to_string(),
         });
+        // A step_start's metadata counts only for its input hash (its other
+        // keys are not the model's: the reference reads none of them).
+        let counted = kind != Kind::StepStart;
         let step = Step {
             tokens: e.tokens,
-            input_tokens: meta.input_tokens.unwrap_or(0),
-            output_tokens: meta.output_tokens.unwrap_or(0),
-            model: meta.model.as_deref(),
-            cost: meta.cost,
+            input_tokens: meta.input_tokens.filter(|_| counted).unwrap_or(0),
+            output_tokens: meta.output_tokens.filter(|_| counted).unwrap_or(0),
+            model: meta.model.as_deref().filter(|_| counted),
+            cost: meta.cost.filter(|_| counted),
             kind,
             latency,
             bucket,
             error,
             last_error: &last_error,
-            unknown_usage: meta.usage_unknown,
+            unknown_usage: meta.usage_unknown && counted,
         };
         let (slot, run_slot) = self.component_slots(&e.component);
-        let (name, c) = self.components.entry_mut(slot);
-        step.update(c, name, &mut self.models);
+        step.update(self.components.at_mut(slot));
         let run = self.run_list.back_mut().unwrap_or(&mut self.head);
         let (name, c) = run.components.entry_mut(run_slot);
-        step.update(c, name, &mut run.models);
+        step.update_run(c, name, &mut run.models);
+        match (kind, &meta.input_sha256, &meta.output_sha256) {
+            (Kind::StepStart, Some(h), _) => run.steps.start(&e.component, h, e.seq),
+            (Kind::StepComplete, _, Some(h)) => run.steps.output(&e.component, h),
+            _ => {}
+        }
         run.tokens = run.tokens.saturating_add(e.tokens);
         run.events = run.events.saturating_add(1);
         if let Some(seq) = e.seq {
@@ -1946,8 +2108,8 @@ impl FoldState {
         for (k, c) in b.components.iter() {
             self.components.slot(k).add(c);
         }
-        for (k, m) in b.models.iter() {
-            self.models.slot(k).add(m);
+        for (k, m) in b.dropped_models.iter() {
+            self.dropped_models.slot(k).add(m);
         }
         let last_of_a = self.last_timestamp.clone();
         let current = self.run_mut();
@@ -2525,8 +2687,47 @@ mod tests {
                 19,
                 r#"{"model":"m1","cost_usd":0.5,"usage":"unknown"}"#,
             ),
+            // Issue 13: a step started three times with one input (a loop),
+            // and the output hashes of steps.
+            line("step_start", "planning", 0, 20, r#"{"input_sha256":"h1"}"#),
+            line("step_start", "planning", 0, 21, r#"{"input_sha256":"h1"}"#),
+            line(
+                "step_complete",
+                "planning",
+                1,
+                22,
+                r#"{"output_sha256":"o1"}"#,
+            ),
+            line("step_start", "planning", 0, 23, r#"{"input_sha256":"h1"}"#),
+            line("step_start", "memory", 0, 24, r#"{"input_sha256":"h1"}"#),
+            line(
+                "step_complete",
+                "memory",
+                1,
+                25,
+                r#"{"output_sha256":"o2"}"#,
+            ),
         ]);
         lines.join("\n") + "\n"
+    }
+
+    #[test]
+    fn the_sessions_models_count_the_runs_dropped_too() {
+        let mut data = String::new();
+        for i in 0..(MAX_RUNS as u64 + 3) {
+            data.push_str(&line("session_start", "orchestrator", 0, 2 * i, "{}"));
+            data.push('\n');
+            let meta = r#"{"model":"m1","usage":"unknown"}"#;
+            data.push_str(&line("step_complete", "planning", 2, 2 * i + 1, meta));
+            data.push('\n');
+        }
+        let mut f = FoldState::new(0);
+        fold_reader(&mut f, &mut data.as_bytes(), 0, 1 << 20).unwrap();
+        assert_eq!(f.runs_dropped, 3);
+        let models = f.models();
+        let m = models.get(&model_key("planning", "m1")).unwrap();
+        assert_eq!((m.calls, m.tokens, m.unknown_usage), (1003, 2006, 1003));
+        assert_eq!(f.components["planning"].unknown_usage, 1003);
     }
 
     #[test]
@@ -2548,24 +2749,38 @@ mod tests {
         assert_eq!(c.model.as_deref(), Some("m1"));
         assert_eq!(c.unknown_usage, 1);
         assert_eq!(whole.components["planning"].unknown_usage, 1);
-        let m1 = whole.models.get(&model_key("reasoning", "m1")).unwrap();
+        let models = whole.models();
+        let m1 = models.get(&model_key("reasoning", "m1")).unwrap();
         assert_eq!((m1.tokens, m1.input_tokens, m1.calls), (40, 30, 1));
         assert_eq!((m1.errors, m1.unknown_usage), (0, 1));
         assert_eq!((m1.cost_nanousd, m1.priced_events), (0, 0));
         assert_eq!((m1.unpriced_tokens, m1.unpriced_calls), (40, 1));
-        let p1 = whole.models.get(&model_key("planning", "m1")).unwrap();
+        let p1 = models.get(&model_key("planning", "m1")).unwrap();
         assert_eq!(
             (p1.tokens, p1.calls, p1.errors, p1.unknown_usage),
             (3, 1, 1, 1)
         );
         assert_eq!((p1.cost_nanousd, p1.priced_events), (500_000_000, 1));
-        let m2 = whole.models.get(&model_key("reasoning", "m2")).unwrap();
+        let m2 = models.get(&model_key("reasoning", "m2")).unwrap();
         assert_eq!((m2.tokens, m2.calls, m2.output_tokens), (60, 1, 10));
         let run_p1 = whole.run().models.get(&model_key("planning", "m1"));
         assert_eq!(run_p1.map(|m| m.calls), Some(1));
         assert!(whole.run_list[0].models.is_empty());
         assert_eq!(split_model_key(&model_key("a", "b")), ("a", "b"));
         assert_eq!(split_model_key(OTHER), (OTHER, OTHER));
+        let steps = &whole.run().steps;
+        let loops: Vec<_> = steps.loops().collect();
+        assert_eq!(loops.len(), 1);
+        assert_eq!(
+            (loops[0].0.as_str(), loops[0].2, loops[0].3.clone()),
+            ("planning", 3, vec![20, 21, 23])
+        );
+        let outputs: Vec<(&str, &str)> = steps
+            .outputs
+            .iter()
+            .map(|(c, h)| (c.as_str(), h.as_str()))
+            .collect();
+        assert_eq!(outputs, [("planning", "o1"), ("memory", "o2")]);
         assert_eq!(c.last_error.as_ref().map(|e| e.attempt), Some(Some(1)));
         assert_eq!(whole.components["orchestrator"].retries, 0);
         let starts: Vec<usize> = std::iter::once(0)

@@ -456,7 +456,7 @@ pub fn join(st: &FoldState, ledger: Option<&Ledger>) -> History {
         }
     }
     let mut models: Names<ModelTotals> = Names::default();
-    for (name, m) in st.models.iter() {
+    for (name, m) in st.models().iter() {
         models.slot(name).add(m);
     }
     for r in &ledger_only {

@@ -1370,7 +1370,7 @@ mod _native {
     #[pymodule_export]
     use crate::snapshot::{
         PyComponentSnapshot, PyLastError, PyMalformedLine, PyModelSnapshot, PyRunSnapshot,
-        PySessionHistory, PySessionSnapshot, PyStepInFlight,
+        PySessionHistory, PySessionSnapshot, PyStepInFlight, PyStepLoop,
     };
 
     #[pymodule_export]

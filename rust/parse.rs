@@ -724,6 +724,8 @@ pub struct Layout<'a> {
     pub cost_nanousd: Option<u64>,
     /// `metadata.usage` is the string `"unknown"`.
     pub usage_unknown: bool,
+    /// The text of `metadata.output_sha256` when it is a string.
+    pub output_sha256: Option<&'a str>,
 }
 
 /// Where the timestamp's text starts in a line of the layout (just after
@@ -739,6 +741,7 @@ struct LayoutMeta {
     output_tokens: Option<u64>,
     cost_nanousd: Option<u64>,
     usage_unknown: bool,
+    output_sha256: Option<(usize, usize)>,
 }
 
 /// The line at `start..start + len` of `block` in sigil's own layout, read
@@ -825,6 +828,7 @@ pub fn layout_line<'a, Q: Quotes>(line: &'a [u8], ix: Q) -> Option<Layout<'a>> {
         output_tokens: m.output_tokens,
         cost_nanousd: m.cost_nanousd,
         usage_unknown: m.usage_unknown,
+        output_sha256: m.output_sha256.map(s),
     })
 }
 
@@ -840,6 +844,7 @@ enum LayoutKey {
     Output,
     Cost,
     Usage,
+    OutputHash,
     Other,
 }
 
@@ -851,6 +856,7 @@ fn layout_key(key: &[u8]) -> LayoutKey {
         5 if same_bytes(key, b"usage") => LayoutKey::Usage,
         12 if same_bytes(key, b"input_tokens") => LayoutKey::Input,
         13 if same_bytes(key, b"output_tokens") => LayoutKey::Output,
+        13 if same_bytes(key, b"output_sha256") => LayoutKey::OutputHash,
         8 if same_bytes(key, b"cost_usd") => LayoutKey::Cost,
         _ => LayoutKey::Other,
     }
@@ -1163,6 +1169,9 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                 LayoutKey::Cost if first > b'9' || first == b'"' => m.cost_nanousd = None,
                 LayoutKey::Model => m.model = Some((start, end)),
                 LayoutKey::Usage => m.usage_unknown = &self.line[start..end] == b"\"unknown\"",
+                LayoutKey::OutputHash => {
+                    m.output_sha256 = (first == b'"').then(|| (start + 1, end - 1));
+                }
                 _ => {}
             }
             p = end;

@@ -165,6 +165,61 @@ pub fn rate_series(
     out
 }
 
+/// A step started again and again with the same input in one run (issue
+/// 13: an agent loop): at least `fold::LOOP_MIN_STARTS` `step_start`s of
+/// `component` with `metadata.input_sha256 == input_sha256`.
+#[pyclass(frozen, eq, get_all, module = "sigil._native", name = "StepLoop")]
+#[derive(Clone, PartialEq)]
+pub struct PyStepLoop {
+    pub run: u64,
+    pub component: String,
+    pub input_sha256: String,
+    pub starts: u64,
+    /// The `seq`s of its first starts (at most `fold::LOOP_SEQS`).
+    pub seqs: Vec<u64>,
+}
+
+#[pymethods]
+impl PyStepLoop {
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("run", self.run)?;
+        d.set_item("component", &self.component)?;
+        d.set_item("input_sha256", &self.input_sha256)?;
+        d.set_item("starts", self.starts)?;
+        d.set_item("seqs", self.seqs.clone())?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "StepLoop(run={}, component={:?}, starts={})",
+            self.run, self.component, self.starts
+        )
+    }
+}
+
+fn loops(number: u64, steps: &fold::StepHashes) -> Vec<PyStepLoop> {
+    steps
+        .loops()
+        .map(|(c, h, n, seqs)| PyStepLoop {
+            run: number,
+            component: c.clone(),
+            input_sha256: h.clone(),
+            starts: *n,
+            seqs: seqs.clone(),
+        })
+        .collect()
+}
+
+fn loops_list<'py>(py: Python<'py>, ls: &[PyStepLoop]) -> PyResult<Bound<'py, PyList>> {
+    let list = PyList::empty(py);
+    for l in ls {
+        list.append(l.to_dict(py)?)?;
+    }
+    Ok(list)
+}
+
 /// One model's totals (in a session, a run or a history): the events whose
 /// `metadata.model` names it (fold.rs, `ModelTotals`), of one component
 /// (`component`) or of all (`component` None).
@@ -537,6 +592,13 @@ pub struct PyRunSnapshot {
     /// Calls of the run whose usage is unknown (its components').
     #[pyo3(get)]
     pub unknown_usage_calls: u64,
+    /// Steps started at least `fold::LOOP_MIN_STARTS` times with one input.
+    #[pyo3(get)]
+    pub loops: Vec<PyStepLoop>,
+    /// `(ordinal, component, output_sha256)` of each `step_complete` that
+    /// logged an output hash, in order (at most `fold::MAX_STEP_HASHES`).
+    #[pyo3(get)]
+    pub step_outputs: Vec<(u64, String, String)>,
     comps: Components,
     cost: Cost,
     mods: Models,
@@ -615,6 +677,8 @@ impl PyRunSnapshot {
         cost_items(&d, &self.cost)?;
         models_items(&d, &self.mods)?;
         d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
+        d.set_item("loops", loops_list(py, &self.loops)?)?;
+        d.set_item("step_outputs", self.step_outputs.clone())?;
         Ok(d)
     }
 
@@ -660,6 +724,14 @@ fn run_as(
             first_seq: r.first_seq,
             last_seq: r.last_seq,
             unknown_usage_calls: unknown_usage(r.components.iter().map(|(_, c)| c)),
+            loops: loops(r.number, &r.steps),
+            step_outputs: r
+                .steps
+                .outputs
+                .iter()
+                .enumerate()
+                .map(|(i, (c, h))| (i as u64, c.clone(), h.clone()))
+                .collect(),
             comps: components(py, &r.components)?,
             cost: cost_total(r.components.iter().map(|(k, c)| (k, &c.cost))),
             mods: models(r.models.iter()),
@@ -707,6 +779,8 @@ fn ledger_run(py: Python<'_>, r: &LedgerRun, status: &str) -> PyResult<Py<PyRunS
             first_seq: r.first_seq,
             last_seq: r.last_seq,
             unknown_usage_calls: unknown_usage(r.components.iter().map(|(_, c)| c)),
+            loops: Vec::new(),
+            step_outputs: Vec::new(),
             comps,
             cost: cost_total(r.components.iter().map(|(k, c)| (k.as_str(), &c.cost))),
             mods: models(r.models.iter().map(|(k, m)| (k.as_str(), m))),
@@ -957,6 +1031,9 @@ pub struct PySessionSnapshot {
     /// Calls whose usage is unknown (the proxy saw none), over the components.
     #[pyo3(get)]
     pub unknown_usage_calls: u64,
+    /// The loops of the runs kept, oldest run first.
+    #[pyo3(get)]
+    pub loops: Vec<PyStepLoop>,
     comps: Components,
     cost: Cost,
     mods: Models,
@@ -1100,6 +1177,7 @@ impl PySessionSnapshot {
         cost_items(&d, &self.cost)?;
         models_items(&d, &self.mods)?;
         d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
+        d.set_item("loops", loops_list(py, &self.loops)?)?;
         d.set_item("event_counts", self.event_counts(py)?)?;
         d.set_item("first_timestamp", &self.first_timestamp)?;
         d.set_item("last_timestamp", &self.last_timestamp)?;
@@ -1197,9 +1275,13 @@ pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
         window_seconds: fold::WINDOW_SECONDS,
         latency_bounds_ms: LATENCY_BOUNDS_MS.to_vec(),
         unknown_usage_calls: unknown_usage(st.components.iter().map(|(_, c)| c)),
+        loops: std::iter::once(&st.head)
+            .chain(st.run_list.iter())
+            .flat_map(|r| loops(r.number, &r.steps))
+            .collect(),
         comps: components(py, &st.components)?,
         cost: cost_total(st.components.iter().map(|(k, c)| (k, &c.cost))),
-        mods: models(st.models.iter()),
+        mods: models(st.models().iter()),
         runs_kept: st
             .run_list
             .iter()

@@ -172,3 +172,13 @@ class GatedValidation(ValidationStep):
                     break
                 await asyncio.sleep(0.02)
         return await super().run(ctx)
+
+
+class OtherValidation(ValidationStep):
+    """A replaced step: the offline validation with another output (the diff of
+    two runs then lists exactly this step as changed)."""
+
+    async def run(self, ctx: StepContext) -> StepOutput:
+        out = await super().run(ctx)
+        out.output = {"replaced": True, "was": out.output}
+        return out

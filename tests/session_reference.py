@@ -32,6 +32,7 @@ LATENCY_BOUNDS_MS = [
 FINAL_STATUSES = ("complete", "error", "budget_exceeded", "interrupted")
 U64_MAX = (1 << 64) - 1
 MAX_UNPRICED_MODELS = 8
+LOOP_MIN_STARTS = 3
 META_EVENTS = frozenset(
     {
         "session_start",
@@ -285,6 +286,16 @@ class Run:
     budget: int | None = None
     components: dict[str, Component] = field(default_factory=dict)
     models: dict[str, Model] = field(default_factory=dict)
+    #: (component, input hash) -> [starts, first seqs]; outputs in order
+    inputs: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
+    outputs: list[tuple[str, str]] = field(default_factory=list)
+
+    def loops(self) -> list[dict[str, Any]]:
+        return [
+            {"run": self.number, "component": c, "input_sha256": h, "starts": n, "seqs": seqs}
+            for (c, h), (n, seqs) in self.inputs.items()
+            if n >= LOOP_MIN_STARTS
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         comps = {k: self.components[k].to_dict() for k in sorted(self.components)}
@@ -308,6 +319,8 @@ class Run:
             **cost_totals(comps),
             **models_items(self.models),
             "unknown_usage_calls": sum(c["unknown_usage_calls"] for c in comps.values()),
+            "loops": self.loops(),
+            "step_outputs": [(i, c, h) for i, (c, h) in enumerate(self.outputs)],
         }
 
 
@@ -444,6 +457,18 @@ def fold_reference(data: bytes) -> dict[str, Any]:
             }
         unknown = meta.get("usage") == "unknown"
         call = kind in ("step_complete", "step_error")
+        if kind == "step_start":
+            # Only its input hash counts (no other key of its metadata).
+            digest = text(e.metadata.get("input_sha256"))
+            if digest is not None:
+                entry = run.inputs.setdefault((bounded(e.component), digest[:128]), [0, []])
+                entry[0] += 1
+                if e.seq is not None and len(entry[1]) < 5:
+                    entry[1].append(e.seq)
+        elif kind == "step_complete":
+            digest = text(meta.get("output_sha256"))
+            if digest is not None:
+                run.outputs.append((bounded(e.component), digest[:128]))
         named = text(meta.get("model"))
         for table, mtable in ((components, models), (run.components, run.models)):
             c: Component = slot(table, e.component, Component)
@@ -498,6 +523,7 @@ def fold_reference(data: bytes) -> dict[str, Any]:
         **cost_totals(session_components),
         **models_items(models),
         "unknown_usage_calls": sum(c["unknown_usage_calls"] for c in session_components.values()),
+        "loops": [loop for r in [head, *runs] for loop in r.loops()],
         "event_counts": dict(sorted(counts.items())),
         "duration_seconds": duration,
         "average_tokens_per_second": state["tokens"] / duration if duration else None,

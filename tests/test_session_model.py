@@ -308,6 +308,8 @@ _meta_values: dict[str, st.SearchStrategy[Any]] = {
     "output_tokens": st.one_of(st.integers(0, 500), st.just(1.5)),
     "resume": st.one_of(st.booleans(), st.just("yes")),
     "usage": st.sampled_from(["unknown", "known", 3, None]),
+    "input_sha256": st.sampled_from(["a1", "b2", 7]),
+    "output_sha256": st.sampled_from(["o1", "o2", None]),
     # Issue 12 (Cost): a price's shortest text, odd numbers and wrong types.
     "cost_usd": st.one_of(
         st.decimals(0, 10**4, places=9).map(float),

@@ -9,7 +9,7 @@ difference first, then largest p95 latency difference, then errors.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,10 @@ class Side:
     runs: int
     tokens: int
     components: dict[str, ComponentSnapshot]
+    #: (ordinal, component, output_sha256) of the run's steps (a session: its last run's)
+    outputs: list[tuple[int, str, str]] = field(default_factory=list)
+    #: steps started again and again with the same input (the native model's loops)
+    loops: list[dict[str, Any]] = field(default_factory=list)
 
     def head(self) -> dict[str, Any]:
         return {
@@ -138,6 +142,8 @@ def _side(
             len(runs),
             history.tokens,
             dict(history.components),
+            list(runs[-1].step_outputs) if runs else [],
+            [loop.to_dict() for r in runs for loop in r.loops],
         )
     for i, run in enumerate(runs):
         if run.number == number:
@@ -150,6 +156,8 @@ def _side(
                 1,
                 run.tokens,
                 dict(run.components),
+                list(run.step_outputs),
+                [loop.to_dict() for loop in run.loops],
             )
     numbers = ", ".join(str(r.number) for r in runs) or "none"
     raise DiffError(f"session {session_id!r} has no run {number} (its runs: {numbers})")
@@ -196,4 +204,26 @@ def compare(a: Side, b: Side) -> list[dict[str, Any]]:
         )
 
     rows.sort(key=order)
+    return rows
+
+
+def changed_steps(a: Side, b: Side) -> list[dict[str, Any]]:
+    """The steps whose output differs between A and B: the same ordinal (the
+    n-th step that logged an output hash) with another hash, or present on one
+    side only. Hashes are the model's (``RunSnapshot.step_outputs``)."""
+    rows = []
+    for i in range(max(len(a.outputs), len(b.outputs))):
+        left = a.outputs[i] if i < len(a.outputs) else None
+        right = b.outputs[i] if i < len(b.outputs) else None
+        if left is not None and right is not None and left[1:] == right[1:]:
+            continue
+        rows.append(
+            {
+                "ordinal": i,
+                "component_a": left[1] if left else None,
+                "component_b": right[1] if right else None,
+                "output_sha256_a": left[2] if left else None,
+                "output_sha256_b": right[2] if right else None,
+            }
+        )
     return rows

@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 INDEX_FILE_NAME = "report_index.sqlite3"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: how long a report waits for another one writing the index before it does
 #: its own work in memory
 BUSY_TIMEOUT_S = 10.0
@@ -139,6 +139,16 @@ CREATE TABLE IF NOT EXISTS models(
     unknown_usage_calls INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS models_run ON models(run_id);
+-- steps started again and again with the same input in a run (the native
+-- model's loops; seqs: the first starts' seq, comma-separated)
+CREATE TABLE IF NOT EXISTS loops(
+    run_id INTEGER NOT NULL,
+    component TEXT NOT NULL,
+    input_sha256 TEXT NOT NULL,
+    starts INTEGER NOT NULL,
+    seqs TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS loops_run ON loops(run_id);
 """
 
 
@@ -354,6 +364,10 @@ def _delete(conn: sqlite3.Connection, keys: Sequence[str]) -> None:
         " JOIN runs r ON c.run_id = r.id WHERE r.source IN (SELECT source FROM doomed))"
     )
     conn.execute(
+        "DELETE FROM loops WHERE run_id IN"
+        " (SELECT id FROM runs WHERE source IN (SELECT source FROM doomed))"
+    )
+    conn.execute(
         "DELETE FROM models WHERE run_id IN"
         " (SELECT id FROM runs WHERE source IN (SELECT source FROM doomed))"
     )
@@ -460,6 +474,19 @@ def _insert(conn: sqlite3.Connection, source: Source, runs: list[RunSnapshot] | 
         )
         _insert_components(conn, cursor.lastrowid, run.components.values())
         _insert_models(conn, cursor.lastrowid, run.component_models)
+        conn.executemany(
+            "INSERT INTO loops VALUES (?, ?, ?, ?, ?)",
+            [
+                (
+                    cursor.lastrowid,
+                    lp.component,
+                    lp.input_sha256,
+                    lp.starts,
+                    ",".join(map(str, lp.seqs)),
+                )
+                for lp in run.loops
+            ],
+        )
 
 
 def _insert_components(

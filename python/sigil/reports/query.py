@@ -95,6 +95,10 @@ class Filters:
         return " AND ".join(clauses), params
 
 
+#: retries of one component in one run from which they are a storm
+RETRY_STORM = 5
+
+
 @dataclass(slots=True)
 class Report:
     group: str
@@ -102,6 +106,9 @@ class Report:
     breakdown: bool
     rows: list[dict[str, Any]]
     total: dict[str, Any]
+    #: loops (a step started again and again with one input) and retry storms
+    #: of the runs reported, with the events (seq) that show them
+    anomalies: dict[str, list[dict[str, Any]]] | None = None
 
 
 def parse_moment(text: str, *, end: bool = False) -> float:
@@ -170,7 +177,47 @@ def run_report(
     else:
         shaped.sort(key=lambda r: tuple(str(r[n]) for n in names))
     empty = _empty()
-    return Report(group, names[0], breakdown, shaped, next(iter(total.values()), empty))
+    return Report(
+        group,
+        names[0],
+        breakdown,
+        shaped,
+        next(iter(total.values()), empty),
+        anomalies(conn, filters),
+    )
+
+
+def anomalies(conn: sqlite3.Connection, filters: Filters) -> dict[str, list[dict[str, Any]]]:
+    """The runs' loops (the native model's: a component started at least 3
+    times with the same ``input_sha256``) and retry storms (at least
+    :data:`RETRY_STORM` retries of one component in one run)."""
+    where, params = filters.where()
+    loops = [
+        {
+            "session": row[0],
+            "run": row[1],
+            "component": row[2],
+            "input_sha256": row[3],
+            "starts": row[4],
+            "seqs": [int(x) for x in row[5].split(",") if x],
+        }
+        for row in conn.execute(
+            "SELECT r.session_id, r.run, l.component, l.input_sha256, l.starts, l.seqs"
+            f" FROM loops l JOIN runs r ON l.run_id = r.id WHERE {where}"
+            " ORDER BY r.session_id, r.run, l.component",
+            params,
+        )
+    ]
+    storms = [
+        {"session": row[0], "run": row[1], "component": row[2], "retries": row[3]}
+        for row in conn.execute(
+            "SELECT r.session_id, r.run, c.component, c.retries FROM components c"
+            f" JOIN runs r ON c.run_id = r.id WHERE {where} AND c.retries >= ?"
+            " ORDER BY r.session_id, r.run, c.component",
+            [*params, RETRY_STORM],
+        )
+    ]
+    return {"loops": loops, "retry_storms": storms}
 
 
 def _empty() -> dict[str, Any]:

@@ -20,7 +20,7 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
     from pathlib import Path
 
     from sigil.core.config import load_settings
-    from sigil.reports.diff import DiffError, compare, load_sides
+    from sigil.reports.diff import DiffError, changed_steps, compare, load_sides
 
     settings = load_settings({"logging.path": log_path})
     base = Path(settings.logging.path)
@@ -29,13 +29,38 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
     except DiffError as exc:
         raise UsageFailure(str(exc)) from None
     rows = compare(left, right)
+    changed = changed_steps(left, right)
+    loops = {"a": left.loops, "b": right.loops}
     if as_json:
         import orjson
 
-        doc = {"a": left.head(), "b": right.head(), "components": rows}
+        doc = {
+            "a": left.head(),
+            "b": right.head(),
+            "components": rows,
+            "changed_steps": changed,
+            "loops": loops,
+        }
         click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
         return
     _print(left.head(), right.head(), rows)
+    for step in changed:
+        click.echo(
+            f"changed step #{step['ordinal'] + 1}: {step['component_a'] or '-'} -> "
+            f"{step['component_b'] or '-'} (output {_short(step['output_sha256_a'])} -> "
+            f"{_short(step['output_sha256_b'])})"
+        )
+    for side, found in loops.items():
+        for loop in found:
+            click.echo(
+                f"loop in {side.upper()} run {loop['run']}: {loop['component']} started"
+                f" {loop['starts']} times with input {_short(loop['input_sha256'])}"
+                f" (seq {', '.join(map(str, loop['seqs']))})"
+            )
+
+
+def _short(digest: str | None) -> str:
+    return "-" if digest is None else digest[:12]
 
 
 def _print(a: dict[str, Any], b: dict[str, Any], rows: list[dict[str, Any]]) -> None:

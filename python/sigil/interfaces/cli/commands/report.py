@@ -113,6 +113,7 @@ def report(
             "session_prefix": session_prefix,
             "rows": result.rows,
             "total": result.total,
+            "anomalies": result.anomalies,
         }
         click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
         return
@@ -139,6 +140,18 @@ def _print_table(result: object) -> None:
             *(_cell(row.get(name)) for name, _ in _COLUMNS),
         )
     _console().print(table)
+    found = result.anomalies or {}
+    for loop in found.get("loops", []):
+        click.echo(
+            f"loop: session {loop['session']} run {loop['run']}: {loop['component']} started"
+            f" {loop['starts']} times with input {loop['input_sha256'][:12]}"
+            f" (seq {', '.join(map(str, loop['seqs']))})"
+        )
+    for storm in found.get("retry_storms", []):
+        click.echo(
+            f"retry storm: session {storm['session']} run {storm['run']}:"
+            f" {storm['component']} retried {storm['retries']} times"
+        )
 
 
 def _console() -> Any:
