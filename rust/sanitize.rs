@@ -328,6 +328,59 @@ fn bearer_ascii(b: &[u8], pos: usize) -> Option<(usize, usize)> {
     None
 }
 
+/// The URL-credential rule on ASCII text:
+/// `[A-Za-z][A-Za-z0-9+.-]{0,20}://` (the scheme), a user part of bytes that
+/// are none of blanks, ':', '/', '?', '#', '@', then ':', a password of bytes
+/// that are none of blanks, '/', '?', '#' (greedy: it may hold '@' and ':'),
+/// and '@'. No scheme byte is ':', so each start has one "://" (the end of its
+/// scheme run) and the starts of a later "://" all lie after an earlier one:
+/// the "://"s are tried in order. Past it nothing depends on the start: the
+/// user part is the whole run (it cannot hold the ':' that must follow), and
+/// the greedy password gives back to the last '@' of its run.
+fn url_ascii(b: &[u8], pos: usize) -> Option<(usize, usize)> {
+    let scheme = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'.' | b'-');
+    let mut from = pos + 1;
+    while from + 3 <= b.len() {
+        let k = from + find_bytes(&b[from..], b"://")?;
+        from = k + 1;
+        // The leftmost start: a letter within 21 bytes before "://", at or
+        // after `pos`, with only scheme bytes from it to "://".
+        let lowest = k.saturating_sub(21).max(pos);
+        let mut run = k;
+        while run > lowest && scheme(b[run - 1]) {
+            run -= 1;
+        }
+        let Some(start) = (run..k).find(|&s| b[s].is_ascii_alphabetic()) else {
+            continue;
+        };
+        let user = k + 3;
+        let colon = user
+            + b[user..]
+                .iter()
+                .take_while(|&&c| {
+                    !(ascii_space(c) || matches!(c, b':' | b'/' | b'?' | b'#' | b'@'))
+                })
+                .count();
+        if b.get(colon) != Some(&b':') {
+            continue;
+        }
+        let pass = colon + 1;
+        let run_end = pass
+            + b[pass..]
+                .iter()
+                .take_while(|&&c| !(ascii_space(c) || matches!(c, b'/' | b'?' | b'#')))
+                .count();
+        // The last '@' after at least one byte of password.
+        if let Some(at) = b
+            .get(pass + 1..run_end)
+            .and_then(|w| memchr::memrchr(b'@', w))
+        {
+            return Some((start, pass + 1 + at + 1));
+        }
+    }
+    None
+}
+
 /// The key-value rule's names as the regex tries them at one start
 /// (alternatives in order, a greedy optional part first with it, then
 /// without), by first letter: only those can match at a start.
@@ -609,8 +662,9 @@ fn rules() -> &'static Rules {
         azure_entra: Re::new(r"[A-Za-z0-9_~.-]{3}[0-9]Q~[A-Za-z0-9_~.-]{31,34}"),
         // The password may contain '@': the greedy run gives back to the last '@'
         // before the host, and stops at '/', '?', '#' so "host:8080/x?a@b" is left.
-        url: Re::new(
+        url: Re::with_ascii_code(
             r"(?P<head>[A-Za-z][A-Za-z0-9+.-]{0,20}://[^\s\x1C-\x1F:/?#@]*):[^\s\x1C-\x1F/?#]+@",
+            url_ascii,
         ),
         // The credential must hold a digit (checked in code).
         bearer: Re::with_ascii_code(
@@ -1347,6 +1401,188 @@ static BYTE_CLASS: [u8; 256] = {
     t
 };
 
+/// What `candidates` learns at the bytes it stops at; `finish` turns it into
+/// the rules.
+#[derive(Default)]
+struct Scan {
+    set: u32,
+    colon_eq: bool,
+    eq: bool,
+    at_sign: bool,
+    url: bool,
+    key_eq: bool,
+    sig_eq: bool,
+    basic: bool,
+    kv_named: bool,
+    /// The entropy rule's value: a run of 24+ of its characters right after
+    /// '=', or ':' and blanks (the head's end, outside the class). The run is
+    /// counted at the separator: it starts right after '=', or after ':' and
+    /// its blanks (neither is a run character, so each run is counted from at
+    /// most one separator).
+    entropy: bool,
+}
+
+impl Scan {
+    /// The byte `b[i]`, a `TRIGGER` byte (not a digit): the literals that start there.
+    #[inline(always)]
+    fn trigger(&mut self, b: &[u8], i: usize) {
+        let at = |i: usize, lit: &[u8]| b.get(i..i + lit.len()) == Some(lit);
+        let at_ci = |i: usize, lit: &[u8]| {
+            b.get(i..i + lit.len())
+                .is_some_and(|w| w.eq_ignore_ascii_case(lit))
+        };
+        let run_from = |start: usize| {
+            b[start..]
+                .iter()
+                .take(24)
+                .take_while(|&&c| BYTE_CLASS[usize::from(c)] & RUN != 0)
+                .count()
+                >= 24
+        };
+        let bit = |i: usize| 1u32 << i;
+        match b[i] {
+            b'-' => {
+                if at(i, b"-----BEGIN ") {
+                    self.set |= bit(R_PEM);
+                }
+                if at(i + 1, b"-") {
+                    self.set |= bit(R_KV_FLAG);
+                }
+            }
+            b'e' if at(i, b"eyJ") => self.set |= bit(R_JWT),
+            b'A' => {
+                if at(i + 1, b"KIA") || at(i + 1, b"SIA") || at(i + 1, b"BIA") || at(i + 1, b"CCA")
+                {
+                    self.set |= bit(R_AWS);
+                }
+                if at(i, b"AIza") {
+                    self.set |= bit(R_APIKEY + 4);
+                }
+            }
+            b'g' => {
+                if at(i, b"gh") {
+                    self.set |= bit(R_GITHUB);
+                }
+                if at(i, b"github_pat_") {
+                    self.set |= bit(R_GITHUB + 1);
+                }
+                if at(i, b"gl") {
+                    self.set |= bit(R_GITLAB);
+                }
+            }
+            b'h' => {
+                if at(i, b"hooks.slack.com/") {
+                    self.set |= bit(R_SLACK);
+                }
+                if at(i, b"hf_") {
+                    self.set |= bit(R_APIKEY + 5);
+                }
+            }
+            b'x' => {
+                if at(i, b"xox") {
+                    self.set |= bit(R_SLACK + 1);
+                }
+                if at(i, b"xapp-") {
+                    self.set |= bit(R_SLACK + 2);
+                }
+            }
+            b's' if at(i, b"sk-") => {
+                self.set |= bit(R_APIKEY + 1) | bit(R_APIKEY + 2);
+                if at(i, b"sk-ant-") {
+                    self.set |= bit(R_APIKEY);
+                }
+            }
+            b'k' if at(i, b"k_live_") || at(i, b"k_test_") => self.set |= bit(R_APIKEY + 3),
+            b'w' if at(i, b"whsec_") => self.set |= bit(R_APIKEY + 6),
+            b'Q' if at(i, b"Q~") => self.set |= bit(R_AZURE_ENTRA),
+            b':' => {
+                self.colon_eq = true;
+                self.kv_named = self.kv_named || named_before_sep(b, i);
+                if at(i, b"://") {
+                    self.url = true;
+                }
+                let blanks = b[i + 1..]
+                    .iter()
+                    .take_while(|&&p| p == b' ' || p == b'\t')
+                    .count();
+                self.entropy = self.entropy || run_from(i + 1 + blanks);
+            }
+            b'=' => {
+                self.colon_eq = true;
+                self.kv_named = self.kv_named || named_before_sep(b, i);
+                self.entropy = self.entropy || run_from(i + 1);
+                self.eq = true;
+                if i >= 3 && at_ci(i - 3, b"key") {
+                    self.key_eq = true;
+                }
+                if i >= 3 && at_ci(i - 3, b"sig") {
+                    self.sig_eq = true;
+                }
+            }
+            b'@' => self.at_sign = true,
+            b'b' | b'B' => {
+                if at_ci(i, b"bearer") {
+                    self.set |= bit(R_BEARER);
+                }
+                if at_ci(i, b"basic") {
+                    self.basic = true;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The card rule: 13 digits in a row, or 4 digits, ' ' or '-', and 4 digits.
+    fn cards(&mut self, b: &[u8]) {
+        let mut digits = 0usize;
+        for (i, &c) in b.iter().enumerate() {
+            if c.is_ascii_digit() {
+                digits += 1;
+                if digits >= 13 {
+                    self.set |= 1 << R_CARD;
+                    return;
+                }
+                continue;
+            }
+            if digits >= 4
+                && matches!(c, b' ' | b'-')
+                && b.get(i + 1..i + 5)
+                    .is_some_and(|w| w.iter().all(u8::is_ascii_digit))
+            {
+                self.set |= 1 << R_CARD;
+                return;
+            }
+            digits = 0;
+        }
+    }
+
+    fn finish(self, ascii: bool) -> u32 {
+        let mut set = self.set;
+        let bit = |i: usize| 1u32 << i;
+        if self.eq && (!ascii || self.key_eq) {
+            set |= bit(R_AZURE_CONN);
+        }
+        if self.eq && (!ascii || self.sig_eq) {
+            set |= bit(R_AZURE_SIG);
+        }
+        if self.url && self.at_sign {
+            set |= bit(R_URL);
+        }
+        if self.colon_eq {
+            if !ascii || self.kv_named {
+                set |= bit(R_KV_PAIR);
+            }
+            if !ascii || self.basic {
+                set |= bit(R_KV_BASIC);
+            }
+            if self.entropy {
+                set |= bit(R_ENTROPY);
+            }
+        }
+        set
+    }
+}
+
 /// The rules (a bit per `R_*`) whose regex may match `value`: for each, a
 /// literal or a shape every one of its matches holds, so that a rule left out
 /// surely has no match (a rule let in may still find none: it then changes
@@ -1354,41 +1590,34 @@ static BYTE_CLASS: [u8; 256] = {
 /// overlapping `RegexSet` pass, which cost several times more on the strings
 /// that hold a secret. A case-insensitive rule whose literal has a letter some
 /// non-ASCII character folds to ('s', 'k') is let in on any non-ASCII text.
+///
+/// On x86-64 the bytes where a literal may start are found 16 at a time
+/// (`trigger_mask`, SSE2, which every x86-64 has) and only those are read one
+/// by one; elsewhere, and as the reference the tests compare it with, byte by
+/// byte (`candidates_scalar`). Both give the same answer on every string.
 fn candidates(value: &str) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        candidates_sse2(value)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        candidates_scalar(value)
+    }
+}
+
+/// `candidates`, one byte at a time.
+#[cfg(any(test, not(target_arch = "x86_64")))]
+fn candidates_scalar(value: &str) -> u32 {
     let b = value.as_bytes();
-    let at = |i: usize, lit: &[u8]| b.get(i..i + lit.len()) == Some(lit);
-    let at_ci = |i: usize, lit: &[u8]| {
-        b.get(i..i + lit.len())
-            .is_some_and(|w| w.eq_ignore_ascii_case(lit))
-    };
-    let ascii = value.is_ascii();
-    let mut set = 0u32;
-    let bit = |i: usize| 1u32 << i;
-    let (mut colon_eq, mut eq, mut at_sign, mut url) = (false, false, false, false);
-    let (mut key_eq, mut sig_eq, mut basic) = (false, false, false);
-    let mut kv_named = false;
-    // The entropy rule's value: a run of 24+ of its characters right after
-    // '=', or ':' and blanks (the head's end, outside the class). The
-    // card rule: 13 digits in a row, or 4 digits, ' ' or '-', and 4 digits.
-    // The run is counted at the separator: it starts right after '=', or
-    // after ':' and its blanks (neither is a run character, so each run is
-    // counted from at most one separator).
-    let mut entropy = false;
-    let run_from = |start: usize| {
-        b[start..]
-            .iter()
-            .take(24)
-            .take_while(|&&c| BYTE_CLASS[usize::from(c)] & RUN != 0)
-            .count()
-            >= 24
-    };
+    let mut scan = Scan::default();
     let mut digits = 0usize;
     for (i, &c) in b.iter().enumerate() {
         let class = BYTE_CLASS[usize::from(c)];
         if class & DIGIT != 0 {
             digits += 1;
             if digits >= 13 {
-                set |= bit(R_CARD);
+                scan.set |= 1 << R_CARD;
             }
             continue;
         }
@@ -1398,127 +1627,138 @@ fn candidates(value: &str) -> u32 {
                 && b.get(i + 1..i + 5)
                     .is_some_and(|w| w.iter().all(u8::is_ascii_digit))
             {
-                set |= bit(R_CARD);
+                scan.set |= 1 << R_CARD;
             }
             digits = 0;
         }
         if class & TRIGGER != 0 {
-            match c {
-                b'-' => {
-                    if at(i, b"-----BEGIN ") {
-                        set |= bit(R_PEM);
-                    }
-                    if at(i + 1, b"-") {
-                        set |= bit(R_KV_FLAG);
-                    }
-                }
-                b'e' if at(i, b"eyJ") => set |= bit(R_JWT),
-                b'A' => {
-                    if at(i + 1, b"KIA")
-                        || at(i + 1, b"SIA")
-                        || at(i + 1, b"BIA")
-                        || at(i + 1, b"CCA")
-                    {
-                        set |= bit(R_AWS);
-                    }
-                    if at(i, b"AIza") {
-                        set |= bit(R_APIKEY + 4);
-                    }
-                }
-                b'g' => {
-                    if at(i, b"gh") {
-                        set |= bit(R_GITHUB);
-                    }
-                    if at(i, b"github_pat_") {
-                        set |= bit(R_GITHUB + 1);
-                    }
-                    if at(i, b"gl") {
-                        set |= bit(R_GITLAB);
-                    }
-                }
-                b'h' => {
-                    if at(i, b"hooks.slack.com/") {
-                        set |= bit(R_SLACK);
-                    }
-                    if at(i, b"hf_") {
-                        set |= bit(R_APIKEY + 5);
-                    }
-                }
-                b'x' => {
-                    if at(i, b"xox") {
-                        set |= bit(R_SLACK + 1);
-                    }
-                    if at(i, b"xapp-") {
-                        set |= bit(R_SLACK + 2);
-                    }
-                }
-                b's' if at(i, b"sk-") => {
-                    set |= bit(R_APIKEY + 1) | bit(R_APIKEY + 2);
-                    if at(i, b"sk-ant-") {
-                        set |= bit(R_APIKEY);
-                    }
-                }
-                b'k' if at(i, b"k_live_") || at(i, b"k_test_") => set |= bit(R_APIKEY + 3),
-                b'w' if at(i, b"whsec_") => set |= bit(R_APIKEY + 6),
-                b'Q' if at(i, b"Q~") => set |= bit(R_AZURE_ENTRA),
-                b':' => {
-                    colon_eq = true;
-                    kv_named = kv_named || named_before_sep(b, i);
-                    if at(i, b"://") {
-                        url = true;
-                    }
-                    let blanks = b[i + 1..]
-                        .iter()
-                        .take_while(|&&p| p == b' ' || p == b'\t')
-                        .count();
-                    entropy = entropy || run_from(i + 1 + blanks);
-                }
-                b'=' => {
-                    colon_eq = true;
-                    kv_named = kv_named || named_before_sep(b, i);
-                    entropy = entropy || run_from(i + 1);
-                    eq = true;
-                    if i >= 3 && at_ci(i - 3, b"key") {
-                        key_eq = true;
-                    }
-                    if i >= 3 && at_ci(i - 3, b"sig") {
-                        sig_eq = true;
-                    }
-                }
-                b'@' => at_sign = true,
-                b'b' | b'B' => {
-                    if at_ci(i, b"bearer") {
-                        set |= bit(R_BEARER);
-                    }
-                    if at_ci(i, b"basic") {
-                        basic = true;
-                    }
-                }
-                _ => {}
+            scan.trigger(b, i);
+        }
+    }
+    scan.finish(value.is_ascii())
+}
+
+/// `candidates` with SSE2: per 16 bytes, a mask of the places where one of
+/// `Scan::trigger`'s branches can hold (its byte and the next: "--", "ey",
+/// "AK", "AS", "AB", "AC", "AI", "gh", "gi", "gl", "ho", "hf", "xo", "xa", "sk",
+/// "k_", "wh", "Q~", "be" and "ba" in any case; ':', '=', '@'), and a count
+/// of digits: the card rule needs 8 at least (4, a separator, 4), and only
+/// then is it looked for (in the digit and separator masks of a string of at
+/// most 128 bytes, byte by byte in a longer one).
+#[cfg(target_arch = "x86_64")]
+fn candidates_sse2(value: &str) -> u32 {
+    let b = value.as_bytes();
+    let mut scan = Scan::default();
+    let mut digits = 0u32;
+    // The digit and separator masks of the first 128 bytes.
+    let (mut digit_bits, mut sep_bits) = (0u128, 0u128);
+    let mut i = 0;
+    // The last block is read from a zero-padded copy (no literal starts
+    // with a zero byte, and the mask keeps only places inside the string).
+    let mut tail = [0u8; 33];
+    while i < b.len() {
+        let (block, valid): (&[u8], u32) = if b.len() - i > 16 {
+            (&b[i..i + 17], 0xffff)
+        } else {
+            let n = b.len() - i;
+            tail[..n].copy_from_slice(&b[i..]);
+            tail[n..].fill(0);
+            (&tail[..17], (1u32 << n) - 1)
+        };
+        // SAFETY: `block` holds 17 bytes, so both 16-byte loads are in bounds;
+        // SSE2 is part of x86-64.
+        let (mut mask, digit_mask, sep_mask) = unsafe { trigger_mask(block) };
+        mask &= valid;
+        let digit_mask = digit_mask & valid;
+        digits += digit_mask.count_ones();
+        if i < 128 {
+            digit_bits |= u128::from(digit_mask) << i;
+            sep_bits |= u128::from(sep_mask & valid) << i;
+        }
+        while mask != 0 {
+            let j = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            scan.trigger(b, i + j);
+        }
+        i += 16;
+    }
+    if digits >= 8 {
+        if b.len() <= 128 {
+            if card_in_masks(digit_bits, sep_bits) {
+                scan.set |= 1 << R_CARD;
             }
+        } else {
+            scan.cards(b);
         }
     }
-    if eq && (!ascii || key_eq) {
-        set |= bit(R_AZURE_CONN);
-    }
-    if eq && (!ascii || sig_eq) {
-        set |= bit(R_AZURE_SIG);
-    }
-    if url && at_sign {
-        set |= bit(R_URL);
-    }
-    if colon_eq {
-        if !ascii || kv_named {
-            set |= bit(R_KV_PAIR);
-        }
-        if !ascii || basic {
-            set |= bit(R_KV_BASIC);
-        }
-        if entropy {
-            set |= bit(R_ENTROPY);
-        }
-    }
-    set
+    scan.finish(value.is_ascii())
+}
+
+/// The trigger, digit and card separator (' ', '-') masks of `block[..16]`
+/// (`block[16]` is the byte after the last).
+///
+/// # Safety
+/// `block.len() >= 17`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn trigger_mask(block: &[u8]) -> (u32, u32, u32) {
+    use std::arch::x86_64::*;
+    let v0 = _mm_loadu_si128(block.as_ptr().cast());
+    let v1 = _mm_loadu_si128(block.as_ptr().add(1).cast());
+    let eq0 = |c: u8| _mm_cmpeq_epi8(v0, _mm_set1_epi8(c as i8));
+    let eq1 = |c: u8| _mm_cmpeq_epi8(v1, _mm_set1_epi8(c as i8));
+    let or = |a: __m128i, b: __m128i| _mm_or_si128(a, b);
+    let and = |a: __m128i, b: __m128i| _mm_and_si128(a, b);
+    let lower0 = _mm_or_si128(v0, _mm_set1_epi8(0x20));
+    let lower1 = _mm_or_si128(v1, _mm_set1_epi8(0x20));
+    let mut m = or(or(eq0(b':'), eq0(b'=')), eq0(b'@'));
+    m = or(m, and(eq0(b'-'), eq1(b'-')));
+    m = or(m, and(eq0(b'e'), eq1(b'y')));
+    let a_next = or(
+        or(or(eq1(b'K'), eq1(b'S')), or(eq1(b'B'), eq1(b'C'))),
+        eq1(b'I'),
+    );
+    m = or(m, and(eq0(b'A'), a_next));
+    m = or(m, and(eq0(b'g'), or(or(eq1(b'h'), eq1(b'i')), eq1(b'l'))));
+    m = or(m, and(eq0(b'h'), or(eq1(b'o'), eq1(b'f'))));
+    m = or(m, and(eq0(b'x'), or(eq1(b'o'), eq1(b'a'))));
+    m = or(m, and(eq0(b's'), eq1(b'k')));
+    m = or(m, and(eq0(b'k'), eq1(b'_')));
+    m = or(m, and(eq0(b'w'), eq1(b'h')));
+    m = or(m, and(eq0(b'Q'), eq1(b'~')));
+    // 'b' or 'B' then 'e'/'E' or 'a'/'A' (only 'B' and 'b' become 'b' with 0x20 set).
+    let ea = or(
+        _mm_cmpeq_epi8(lower1, _mm_set1_epi8(b'e' as i8)),
+        _mm_cmpeq_epi8(lower1, _mm_set1_epi8(b'a' as i8)),
+    );
+    m = or(
+        m,
+        and(_mm_cmpeq_epi8(lower0, _mm_set1_epi8(b'b' as i8)), ea),
+    );
+    // Digits: byte - '0' <= 9, unsigned.
+    let d = _mm_sub_epi8(v0, _mm_set1_epi8(b'0' as i8));
+    let nine = _mm_set1_epi8(9);
+    let digit = _mm_cmpeq_epi8(_mm_min_epu8(d, nine), d);
+    let sep = or(eq0(b' '), eq0(b'-'));
+    (
+        _mm_movemask_epi8(m) as u32,
+        _mm_movemask_epi8(digit) as u32,
+        _mm_movemask_epi8(sep) as u32,
+    )
+}
+
+/// The card rule's shapes on the masks of a string of at most 128 bytes (bit
+/// `k`: a digit, or ' ' or '-', at `k`): 13 digits in a row, or 4 digits,
+/// ' ' or '-', and 4 digits (`Scan::cards`).
+#[cfg(target_arch = "x86_64")]
+fn card_in_masks(digit: u128, sep: u128) -> bool {
+    // Bit k of `run4`: digits at k..k+4.
+    let run2 = digit & (digit >> 1);
+    let run4 = run2 & (run2 >> 2);
+    let run8 = run4 & (run4 >> 4);
+    let run13 = run8 & (run4 >> 8) & (digit >> 12);
+    // 4 digits ending just before k, then the separator at k, then 4 digits.
+    run13 != 0 || (run4 << 4) & sep & (run4 >> 1) != 0
 }
 
 /// The ends of the key-value rule's names (`STRONG_NAMES`, `WEAK_NAMES`), lower case.
@@ -1543,16 +1783,20 @@ fn named_before_sep(b: &[u8], i: usize) -> bool {
         }
     }
     let head = &b[..j];
-    // Every name ends with one of these letters.
-    if !head.last().is_some_and(|c| {
-        matches!(
-            c.to_ascii_lowercase(),
-            b'd' | b'e' | b't' | b'y' | b'n' | b'h' | b'l' | b's'
-        )
-    }) {
-        return false;
-    }
-    NAME_ENDS.iter().any(|end| {
+    // Only the ends with the head's last letter are compared.
+    let ends: &[&[u8]] = match head.last().map(u8::to_ascii_lowercase) {
+        Some(b'd') => &[b"word", b"wd"],
+        Some(b'e') => &[b"phrase"],
+        Some(b't') => &[b"secret"],
+        Some(b'y') => &[b"key"],
+        Some(b'n') => &[b"token", b"ion"],
+        Some(b'h') => &[b"auth"],
+        Some(b'l') => &[b"tial"],
+        Some(b's') => &[b"tials"],
+        _ => return false,
+    };
+    debug_assert!(ends.iter().all(|e| NAME_ENDS.contains(e)));
+    ends.iter().any(|end| {
         head.len() >= end.len() && head[head.len() - end.len()..].eq_ignore_ascii_case(end)
     })
 }
@@ -2038,6 +2282,155 @@ mod tests {
         assert!(matched > 50_000, "{matched}");
     }
 
+    /// The SSE2 pass gives exactly the byte-by-byte pass's answer: strings of
+    /// pieces near every literal and separator, random bytes (ASCII and not),
+    /// at every length and alignment around the 16-byte blocks.
+    #[test]
+    fn candidates_sse2_equals_the_byte_pass() {
+        let pieces = [
+            "a",
+            "Z",
+            " ",
+            "\t",
+            "-",
+            "--",
+            "_",
+            ".",
+            "~",
+            "+",
+            "/",
+            "=",
+            ":",
+            "@",
+            "0",
+            "1234",
+            "4111",
+            "41111111",
+            "9",
+            "Q~",
+            "sk-",
+            "sk-ant-",
+            "sk-proj-",
+            "rk_live_",
+            "sk_test_",
+            "k_",
+            "AIza",
+            "AK",
+            "AKIA",
+            "ASIA",
+            "ABIA",
+            "ACCA",
+            "hf_",
+            "whsec_",
+            "wh",
+            "gh",
+            "ghp_",
+            "gi",
+            "github_pat_",
+            "gl",
+            "glpat-",
+            "xo",
+            "xoxb-",
+            "xa",
+            "xapp-1-",
+            "https://",
+            "ho",
+            "hooks.slack.com/services/",
+            "ey",
+            "eyJ",
+            "-----BEGIN RSA PRIVATE KEY-----",
+            "Bearer ",
+            "bEaReR\t",
+            "BASIC",
+            "Authorization: Basic ",
+            "AccountKey=",
+            "key=",
+            "\u{212a}ey=",
+            "?sig=",
+            "&SIG=",
+            "password=",
+            "pa\u{17f}sword: ",
+            "--token ",
+            "abcdefghijklmnopqrstuvwx",
+            "ABCDEFGHIJKL",
+            "\u{e9}",
+            "\0",
+            "\"",
+            "'",
+            "user:pw@",
+            "4111 1111 1111 1111",
+            "1234-5678",
+            "token: ",
+            "\u{1F600}",
+        ];
+        let mut seed = 0x6a09_e667_f3bc_c908u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut nonzero = 0;
+        for round in 0..200_000 {
+            let s: String = if round % 4 == 0 {
+                // Random bytes, mostly ASCII, as a valid string.
+                let n = (next() % 70) as usize;
+                let bytes: Vec<u8> = (0..n)
+                    .map(|_| {
+                        let r = next();
+                        if r % 17 == 0 {
+                            0x80 | (r >> 8) as u8
+                        } else {
+                            (r >> 8) as u8 & 0x7f
+                        }
+                    })
+                    .collect();
+                String::from_utf8_lossy(&bytes).into_owned()
+            } else {
+                let n = 1 + (next() % 12) as usize;
+                (0..n)
+                    .map(|_| pieces[(next() % pieces.len() as u64) as usize])
+                    .collect()
+            };
+            let want = candidates_scalar(&s);
+            nonzero += usize::from(want != 0);
+            assert_eq!(candidates(&s), want, "{s:?}");
+            // Longer than the card masks hold (130 bytes and more).
+            let long = format!("{}{s}", "x".repeat(130));
+            assert_eq!(candidates(&long), candidates_scalar(&long), "{long:?}");
+            // The same string at every offset of a 16-byte block.
+            for pad in 1..17 {
+                let t = format!("{}{s}", " ".repeat(pad));
+                assert_eq!(candidates(&t), candidates_scalar(&t), "{t:?}");
+            }
+        }
+        assert!(nonzero > 100_000, "{nonzero}");
+    }
+
+    /// Every name end is found whatever its case, with blanks and quotes
+    /// before the separator; other last letters are not.
+    #[test]
+    fn named_before_sep_knows_every_name_end() {
+        for end in NAME_ENDS {
+            let end = std::str::from_utf8(end).unwrap();
+            for text in [
+                format!("x{end}="),
+                format!("{}:", end.to_uppercase()),
+                format!("{end} \t:"),
+                format!("{end}\\\":"),
+            ] {
+                let b = text.as_bytes();
+                assert!(named_before_sep(b, b.len() - 1), "{text:?}");
+            }
+        }
+        for text in ["word_=", "wdx:", "ke=", "tia:", "=", "secrets ="] {
+            assert!(
+                !named_before_sep(text.as_bytes(), text.len() - 1),
+                "{text:?}"
+            );
+        }
+    }
+
     type HeadFn = fn(&str) -> usize;
     type PairFn = fn(&str) -> Pair;
 
@@ -2343,6 +2736,73 @@ mod tests {
             }
         }
         assert!(matched.iter().all(|&n| n > 10_000), "{matched:?}");
+    }
+
+    /// The URL rule as code finds, from every start, what its regex finds, on
+    /// ASCII strings made of pieces near each of its parts.
+    #[test]
+    fn url_code_finds_what_the_regex_finds() {
+        let r = rules();
+        let pieces = [
+            "a",
+            "Z",
+            "0",
+            "+",
+            ".",
+            "-",
+            "_",
+            " ",
+            "\t",
+            "\x1c",
+            "\x1f",
+            ":",
+            "/",
+            "?",
+            "#",
+            "@",
+            "://",
+            "https://",
+            "h",
+            "s3://",
+            "x1+.-y://",
+            "abcdefghijklmnopqrstu",
+            "user",
+            ":pw@",
+            "admin:s3cr3t-P4ss@",
+            "host",
+            ".com",
+            ":8080",
+            "@@",
+            "p@ss",
+            "~",
+            "%40",
+            "=",
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut matched = 0usize;
+        for _ in 0..30_000 {
+            let n = 1 + (next() % 12) as usize;
+            let s: String = (0..n)
+                .map(|_| pieces[(next() % pieces.len() as u64) as usize])
+                .collect();
+            for pos in 0..=s.len() {
+                let want = r
+                    .url
+                    .uni
+                    .find_at(s.as_bytes(), pos)
+                    .map(|m| (m.start(), m.end()));
+                assert_eq!(url_ascii(s.as_bytes(), pos), want, "{s:?} from {pos}");
+                assert_eq!(r.url.find_at(&s, pos, true), want, "{s:?} from {pos}");
+                matched += usize::from(want.is_some());
+            }
+        }
+        assert!(matched > 20_000, "{matched}");
     }
 
     /// The ASCII forms find what the Unicode forms find, on ASCII text.
