@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,7 +60,7 @@ def _tgz(path: Path, members: list[tarfile.TarInfo | tuple[str, bytes]]) -> Path
     return path
 
 
-def _snapshot(path: Path) -> dict[str, object]:
+def _snapshot(path: Path) -> dict[str, Any]:
     snap = archive_snapshot(path)
     assert not isinstance(snap, str), snap
     return snap.to_dict()
