@@ -10,8 +10,9 @@
 //! streams past, with no buffer of its bytes, and the folds are merged in
 //! segment order afterwards (`FoldState::merge`: the same result as one fold
 //! of the files in order). A fold that had to fold names into `OTHER` cannot
-//! be merged that way; then the members from it on are folded again in order,
-//! each read from the archive once more (a log with over `MAX_NAMES` names).
+//! be merged that way; then that member alone is folded again in its place,
+//! read from the archive once more (a log with over `MAX_NAMES` names), at
+//! most `MAX_REFOLDS` times per archive.
 //!
 //! The session's ledger (`tokens.json`, the archive's first member) is read
 //! too and joined by the caller, as for a live session.
@@ -36,6 +37,11 @@ pub const MAX_MEMBER_BYTES: u64 = 1 << 30;
 /// Pax and GNU long-name headers larger than this are not a sigil archive.
 const MAX_META_BYTES: u64 = 1 << 20;
 const BLOCK: usize = 512;
+/// At most this many members are folded again (each read from the archive
+/// once more): past it an overflowed part is merged, its names beyond the
+/// tables' `MAX_NAMES` counted under `OTHER` (every total stays exact), so a
+/// hostile archive of many such members costs no more than this many reads.
+const MAX_REFOLDS: usize = 16;
 
 /// What an archive holds for the fold: its log members' folds (or, for the
 /// ordered refold, their place) and its ledger.
@@ -81,16 +87,14 @@ pub fn fold_archive(path: &Path, last_n: usize, max_line: usize) -> Result<Archi
     .map_err(fail)?;
     parts.sort_by(|a, b| a.0.cmp(&b.0));
     let mut st = FoldState::new(last_n);
-    let mut rest = parts.into_iter();
-    while let Some((order, part)) = rest.next() {
-        if st.lines > 0 && part.names_overflowed() {
-            // Fold this member and every later one again, in order.
-            let mut wanted: Vec<Order> = vec![order];
-            wanted.extend(rest.map(|(o, _)| o));
-            for order in wanted {
-                refold(path, &mut st, order.2, max_line).map_err(fail)?;
-            }
-            break;
+    let mut refolds = 0usize;
+    for (order, part) in parts {
+        if st.lines > 0 && part.names_overflowed() && refolds < MAX_REFOLDS {
+            // Only a part that folded names into `OTHER` merges inexactly:
+            // it alone is folded again, in place (the later parts merge).
+            refolds += 1;
+            refold(path, &mut st, order.2, max_line).map_err(fail)?;
+            continue;
         }
         st.merge(part);
     }
@@ -643,6 +647,44 @@ mod tests {
             .ledger_problem
             .unwrap()
             .contains("tokens.json is not JSON"));
+    }
+
+    #[test]
+    fn past_the_refold_cap_overflowed_members_merge_with_exact_totals() {
+        // More members with over MAX_NAMES names than MAX_REFOLDS: each is
+        // read twice at most, and every total is still the sequential fold's.
+        let mut members: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut files: Vec<Vec<u8>> = Vec::new();
+        let count = MAX_REFOLDS + 4;
+        let mut seq = 0;
+        for number in (1..=count).rev() {
+            let mut data = String::new();
+            for i in 0..300 {
+                data.push_str(&line("step_complete", &format!("m{number}n{i}"), 2, seq));
+                seq += 1;
+            }
+            files.push(data.clone().into_bytes());
+            members.push((format!("s/execution.jsonl.{number}"), data.into_bytes()));
+        }
+        let live = line("step_complete", "live", 5, seq);
+        files.push(live.clone().into_bytes());
+        members.push(("s/execution.jsonl".to_string(), live.into_bytes()));
+        members.reverse();
+        let refs: Vec<(&str, &[u8], u8)> = members
+            .iter()
+            .map(|(n, d)| (n.as_str(), d.as_slice(), b'0'))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.tar.gz");
+        std::fs::write(&path, tar_gz(&refs)).unwrap();
+        let got = fold_archive(&path, 10, fold::DEFAULT_MAX_LINE).unwrap();
+        let slices: Vec<&[u8]> = files.iter().map(|f| f.as_slice()).collect();
+        let want = sequential(&slices);
+        assert_eq!(got.fold.tokens, want.tokens);
+        assert_eq!(got.fold.tokens, (count as u64) * 600 + 5);
+        assert_eq!(got.fold.entries, want.entries);
+        assert_eq!(got.fold.lines, want.lines);
+        assert_eq!(got.fold.seq_gaps, 0);
     }
 
     #[test]

@@ -102,6 +102,8 @@ def replay(
         raise UsageFailure(f"--run must be a run number (0 or more), got {run_number}")
     if mode is not None and mode not in _MODES:
         raise UsageFailure(f"--mode must be one of {', '.join(_MODES)}, got {mode!r}")
+    if sys.stdout is None:  # ``sigil replay x >&-``: no stdout at all
+        raise UsageFailure("stdout is closed: nothing to replay to (use > /dev/null to discard)")
     if mode == "dashboard" and not sys.stdout.isatty():
         raise UsageFailure("--mode dashboard needs a terminal on stdout; use --mode stream")
 
@@ -129,11 +131,33 @@ def replay(
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
 
-    code = _play(
-        timeline, settings, factor, max_gap, first, stop, mode, no_keys, run_number, paused
-    )
-    sys.stdout.flush()
+    try:
+        code = _play(
+            timeline, settings, factor, max_gap, first, stop, mode, no_keys, run_number, paused
+        )
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (``sigil replay x | head``): done, as the monitor.
+        _discard_stdout()
+        code = 0
+    except OSError as exc:
+        # stdout failed (a full disk, a terminal hung up): one line, no traceback.
+        _discard_stdout()
+        click.echo(f"Error: replay stopped: {exc.strerror or exc}", err=True)
+        code = 1
     sys.exit(code)
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what
+    could not be written does not fail (and print) once more."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _play(
@@ -178,6 +202,9 @@ def _play(
     try:
         return player.run()
     finally:
-        renderer.close()
-        if keys is not None:
-            keys.restore()
+        try:
+            renderer.close()
+        finally:
+            # The terminal is given back even when the screen cannot be written.
+            if keys is not None:
+                keys.restore()
