@@ -354,10 +354,14 @@ def monitor(
         if once:
             code = runner.run_once()  # no event loop: most of --once is start-up
         else:
+            # The dashboard draws its first frame before asyncio is even imported.
+            runner.first_frame()
             import asyncio
 
             code = asyncio.run(runner.run())
     except KeyboardInterrupt:  # Ctrl-C before the monitor installed its handler
         code = 130
+    finally:
+        runner.close()  # what first_frame took, if run() never did (idempotent)
     sys.stdout.flush()
     sys.exit(code)
