@@ -45,6 +45,16 @@ def _write(path: Path, seqs: range) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _collector_unfrozen() -> Any:
+    """The entry point run in this process freezes what exists then (start-up's
+    objects): give this test process's own objects back to the collector."""
+    import gc
+
+    yield
+    gc.unfreeze()
+
+
+@pytest.fixture(autouse=True)
 def _no_leftover_catch_ups() -> Any:
     yield
     for key in list(session_tailer._CATCH_UPS):
@@ -258,10 +268,14 @@ def test_the_collector_is_back_on_after_the_monitor_starts_or_fails(
     from sigil.interfaces.cli.main import main
 
     assert gc.isenabled()
+    assert gc.get_freeze_count() == 0
     with pytest.raises(SystemExit):
         main()
     assert gc.isenabled()
     assert seen == ([True] if args[1:2] == ["json"] else [])
+    # What start-up made is frozen: no collection walks it again (the first
+    # one after the pause would have, on the way to the first frame).
+    assert gc.get_freeze_count() > 0
 
 
 # -- the dashboard's first frame comes before the event loop (issue 12's numbers) --------
