@@ -45,6 +45,16 @@ def _write(path: Path, seqs: range) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _collector_unfrozen() -> Any:
+    """The entry point run in this process freezes what exists then (start-up's
+    objects): give this test process's own objects back to the collector."""
+    import gc
+
+    yield
+    gc.unfreeze()
+
+
+@pytest.fixture(autouse=True)
 def _no_leftover_catch_ups() -> Any:
     yield
     for key in list(session_tailer._CATCH_UPS):
@@ -258,7 +268,120 @@ def test_the_collector_is_back_on_after_the_monitor_starts_or_fails(
     from sigil.interfaces.cli.main import main
 
     assert gc.isenabled()
+    assert gc.get_freeze_count() == 0
     with pytest.raises(SystemExit):
         main()
     assert gc.isenabled()
     assert seen == ([True] if args[1:2] == ["json"] else [])
+    # What start-up made is frozen: no collection walks it again (the first
+    # one after the pause would have, on the way to the first frame).
+    assert gc.get_freeze_count() > 0
+
+
+# -- the dashboard's first frame comes before the event loop (issue 12's numbers) --------
+
+_FIRST_FRAME_PROBE = """
+import os, signal, sys, time
+from sigil.interfaces.cli import display, monitor
+report = open(os.environ["PROBE_REPORT"], "w", buffering=1)
+real_caught_up = display.DashboardRenderer.caught_up
+def caught_up(self, state, phase):
+    # What is loaded, and the keys, as the first frame of the session is drawn.
+    print("caught_up", "asyncio" in sys.modules, self.view.keys, state.entries, file=report)
+    real_caught_up(self, state, phase)
+display.DashboardRenderer.caught_up = caught_up
+real_run = monitor.ExecutionMonitor.run
+def run(self):
+    import gc
+    print("run", "asyncio" in sys.modules, gc.isenabled(), file=report)  # the collector is back
+    return real_run(self)
+monitor.ExecutionMonitor.run = run
+plant = os.environ.get("PROBE_PLANT")
+real_open = monitor.ExecutionMonitor._open
+def planted_open(self, session_id):
+    if plant:
+        # In cbreak mode now: wait until the test has typed, then cut it short.
+        print("open", file=report)
+        while not os.path.exists(os.environ["PROBE_REPORT"] + ".go"):
+            time.sleep(0.01)
+    if plant == "raise":
+        raise RuntimeError("planted fault in the catch-up")
+    if plant in ("SIGTERM", "SIGINT"):
+        os.kill(os.getpid(), getattr(signal, plant))  # arrives during the catch-up
+    return real_open(self, session_id)
+monitor.ExecutionMonitor._open = planted_open
+from sigil.interfaces.cli.main import main
+sys.argv = ["sigil", *sys.argv[1:]]
+main()
+"""
+
+
+def _says(report: Path, word: str) -> bool:
+    try:
+        return word in report.read_text().split()
+    except FileNotFoundError:
+        return False
+
+
+def _first_frame_terminal(tmp_path: Path, plant: str = "") -> tuple[Any, Path]:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from terminal import Terminal
+
+    logs = tmp_path / "logs"
+    _write(logs / "sessions" / "s1" / "execution.jsonl", range(0, 500))
+    report = tmp_path / "probe.txt"
+    env = {**os.environ, "SIGIL_HOME": str(tmp_path / "home"), "NO_COLOR": "1"}
+    env.update(TERM="xterm-256color", PROBE_REPORT=str(report), PROBE_PLANT=plant)
+    env.pop("SIGIL_LOG_PATH", None)
+    argv = [sys.executable, "-c", _FIRST_FRAME_PROBE, "monitor", "--session", "s1",
+            "--log-path", str(logs), "--refresh-rate", "0.02"]  # fmt: skip
+    return Terminal(argv, env, 100, 30), report
+
+
+@pytest.mark.timeout(60)
+def test_the_dashboard_draws_its_first_frame_before_asyncio_is_imported(tmp_path: Path) -> None:
+    """Keys on (cbreak), the session caught up and drawn, and only then the event
+    loop: asyncio's import is not on the way to the first frame (and the garbage
+    collector the entry point paused is on again when the loop runs)."""
+    import termios
+
+    term, report = _first_frame_terminal(tmp_path)
+    try:
+        before = term.tty_attrs()
+        term.wait_for(lambda s: "q quit" in s and "500 events" in s)
+        assert report.read_text().split()[:4] == ["caught_up", "False", "True", "500"]
+        assert term.tty_attrs()[3] & (termios.ICANON | termios.ECHO) == 0
+        term.press("p")  # the keys typed go to the loop that took over
+        term.wait_for("PAUSED")
+        assert report.read_text().split()[4:] == ["run", "True", "True"]
+        term.press("q")
+        assert term.wait() == 0
+        assert term.tty_attrs() == before
+    finally:
+        term.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("plant", "expected"), [("SIGTERM", 143), ("SIGINT", 130), ("raise", 1)])
+def test_the_terminal_is_restored_when_the_first_frame_is_cut_short(
+    tmp_path: Path, plant: str, expected: int
+) -> None:
+    """A signal or an exception during the catch-up that comes before the event
+    loop: the exit code of the signal (or 1), the terminal as it was."""
+    import time
+
+    term, report = _first_frame_terminal(tmp_path, plant)
+    try:
+        before = term.tty_attrs()
+        deadline = time.monotonic() + 30
+        while not _says(report, "open") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        term.press("echo leaked")  # typed while it catches up: must not reach the shell
+        time.sleep(0.1)
+        Path(f"{report}.go").touch()
+        assert term.wait() == expected, term.text()
+        assert term.tty_attrs() == before
+        assert term.pending_input() == 0
+        assert "leaked" not in term.text()
+    finally:
+        term.close()

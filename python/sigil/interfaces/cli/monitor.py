@@ -678,6 +678,11 @@ class ExecutionMonitor:
         self._started_wall = time.time()
         #: The ended session current.jsonl pointed at, while waiting for a new one.
         self._ended_link: str | None = None
+        #: What :meth:`first_frame` set up before the event loop: the keys it
+        #: took, and the session it caught up on (its model and state).
+        self._early_keys: TerminalKeys | None = None
+        self._opened: tuple[str, SessionModel, SessionState] | None = None
+        self._held_signals: dict[int, Any] = {}
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -721,6 +726,105 @@ class ExecutionMonitor:
 
     # -- the run -------------------------------------------------------------------------
 
+    # -- the first frame, before the event loop ---------------------------------------------
+
+    def first_frame(self) -> bool:
+        """The dashboard's first frame, drawn before asyncio is imported (issue 12).
+
+        On a terminal the dashboard takes the keys (cbreak mode), catches up on
+        the session (the native fold the entry point started) and draws the
+        state on this thread; :meth:`run` then takes the renderer, the keys and
+        the model over. True when a frame was drawn; False (nothing left
+        behind but the renderer) for any other mode, ``--once``, or a log that
+        is not there yet, which :meth:`run` waits for as before.
+
+        The terminal is restored on every path out: an exception here gives it
+        back at once; SIGINT and SIGTERM meanwhile only :meth:`stop` the
+        monitor (so :meth:`run` ends at once with 130 or 143 and restores it,
+        as it does for a signal in its loop); and ``atexit`` covers the rest.
+        """
+        from sigil.interfaces.cli.display import DashboardRenderer, make_renderer
+
+        if self._renderer is not None or self.once:
+            return False
+        if self.display_mode is not DisplayMode.DASHBOARD:
+            return False
+        renderer = make_renderer(
+            self.display_mode,
+            out=self._stdout or sys.stdout,
+            err=self._stderr or sys.stderr,
+            options=self._options,
+        )
+        renderer.select_events(self.selection, json_events=self.json_events)
+        self._renderer = renderer
+        if not isinstance(renderer, DashboardRenderer):
+            return False
+        self._hold_signals()
+        try:
+            self._early_keys = keys = self._enter_keys(renderer)
+            if keys is not None and hasattr(signal, "SIGTSTP"):
+                # Ctrl-Z: the terminal as it was, as the loop's handler does.
+                with contextlib.suppress(ValueError, OSError):
+                    self._held_signals[signal.SIGTSTP] = signal.signal(
+                        signal.SIGTSTP, lambda _signum, _frame: self._suspend(keys)
+                    )
+            renderer.start(f"watching {self._target()}")
+            found = None if self._stopping else self._probe()
+            if found is None or self._stopping:
+                return False
+            model, state = self._open(found)
+            self._opened = (found, model, state)
+            self._replay(state)
+            self._show_caught_up(state)
+            return True
+        except BaseException:
+            self._release_early()
+            raise
+
+    def _hold_signals(self) -> None:
+        """Until the event loop takes them: SIGINT and SIGTERM stop the monitor."""
+        if self._held_signals:
+            return
+        codes = {signal.SIGINT: EXIT_INTERRUPTED, signal.SIGTERM: EXIT_TERMINATED}
+
+        def held(signum: int, _frame: object) -> None:
+            self.stop(codes[signal.Signals(signum)])
+
+        for signum in codes:
+            try:
+                self._held_signals[signum] = signal.signal(signum, held)
+            except (ValueError, OSError):  # not the main thread
+                continue
+
+    def _unhold_signals(self) -> None:
+        held, self._held_signals = self._held_signals, {}
+        for signum, previous in held.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(signum, previous)
+
+    def _release_early(self) -> None:
+        """Undo :meth:`first_frame` (idempotent): the model, the screen, the keys."""
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            _close_model(opened[1])
+        if self._renderer is not None:
+            with contextlib.suppress(Exception):
+                self._renderer.close()
+        keys, self._early_keys = self._early_keys, None
+        if keys is not None:
+            from sigil.interfaces.cli.display import DashboardRenderer
+
+            keys.restore()
+            if isinstance(self._renderer, DashboardRenderer):
+                self._renderer.view.keys = False
+        self._unhold_signals()
+
+    def close(self) -> None:
+        """Give back what :meth:`first_frame` took if :meth:`run` never ran (idempotent)."""
+        self._release_early()
+
+    # -- the run -------------------------------------------------------------------------
+
     async def run(self) -> int:
         """Run until the tracked run ends, its writer is gone, or the user stops it."""
         import asyncio
@@ -731,15 +835,21 @@ class ExecutionMonitor:
         self._stop_event = asyncio.Event()
         if self._stop_code is not None:
             self._stop_event.set()
-        self._renderer = make_renderer(
-            self.display_mode,
-            out=self._stdout or sys.stdout,
-            err=self._stderr or sys.stderr,
-            options=self._options,
-            inline=self.once,
-        )
-        self._renderer.select_events(self.selection, json_events=self.json_events)
+        if self._renderer is None:
+            self._renderer = make_renderer(
+                self.display_mode,
+                out=self._stdout or sys.stdout,
+                err=self._stderr or sys.stderr,
+                options=self._options,
+                inline=self.once,
+            )
+            self._renderer.select_events(self.selection, json_events=self.json_events)
         installed = self._install_signals(loop)
+        # The loop's handlers replaced the ones first_frame held; a stop asked
+        # meanwhile is already in _stop_code.
+        self._held_signals = {}
+        if self._stop_code is not None:
+            self._stop_event.set()
         code = EXIT_FAILED
         keys = None
         try:
@@ -765,6 +875,7 @@ class ExecutionMonitor:
                 self._renderer.close()
             if keys is not None:
                 keys.restore()
+            self._release_early()
             if self._pid_written:
                 await asyncio.to_thread(self._remove_pid)
         self.exit_code = code
@@ -773,9 +884,31 @@ class ExecutionMonitor:
     def _start_keys(self, loop: asyncio.AbstractEventLoop) -> TerminalKeys | None:
         """cbreak mode and a reader on stdin, for the dashboard on a terminal."""
         from sigil.interfaces.cli.display import DashboardRenderer
-        from sigil.interfaces.cli.keys import TerminalKeys
 
         renderer = self._renderer
+        if not isinstance(renderer, DashboardRenderer):
+            return None
+        keys, self._early_keys = self._early_keys, None
+        if keys is None:
+            keys = self._enter_keys(renderer)
+        if keys is None:
+            return None
+        try:
+            loop.add_reader(keys.fd, self._on_keys, keys)
+        except (NotImplementedError, RuntimeError, ValueError, OSError):
+            keys.restore()
+            renderer.view.keys = False
+            return None
+        if hasattr(signal, "SIGTSTP"):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGTSTP, self._suspend, keys)
+        return keys
+
+    def _enter_keys(self, renderer: Renderer) -> TerminalKeys | None:
+        """cbreak mode on stdin when the dashboard reads keys; None when it does not."""
+        from sigil.interfaces.cli.display import DashboardRenderer
+        from sigil.interfaces.cli.keys import TerminalKeys
+
         if not self.keys or self.once or not isinstance(renderer, DashboardRenderer):
             return None
         stdin = self._stdin or sys.stdin
@@ -787,15 +920,6 @@ class ExecutionMonitor:
         if not keys.enter():
             return None
         renderer.view.keys = True
-        try:
-            loop.add_reader(fd, self._on_keys, keys)
-        except (NotImplementedError, RuntimeError, ValueError, OSError):
-            keys.restore()
-            renderer.view.keys = False
-            return None
-        if hasattr(signal, "SIGTSTP"):
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(signal.SIGTSTP, self._suspend, keys)
         return keys
 
     def _suspend(self, keys: TerminalKeys) -> None:
@@ -872,7 +996,21 @@ class ExecutionMonitor:
 
     async def _run(self) -> int:
         renderer = self._require_renderer()
-        renderer.start(f"watching {self._target()}")
+        opened, self._opened = self._opened, None
+        if opened is not None:
+            # first_frame caught up and drew it: go on from there.
+            session_id, model, state = opened
+            if self._stopping:
+                _close_model(model)
+                return self._finish_interrupted(self._stop_code_or_interrupted())
+            code = await self._track(session_id, (model, state))
+            if code is not None:
+                return code
+            self.state = SessionState(
+                "", default_budget=self.default_budget, max_events=self.last_n
+            )
+        else:
+            renderer.start(f"watching {self._target()}")
         while True:
             found = await self._locate()
             if found is None:
@@ -961,7 +1099,9 @@ class ExecutionMonitor:
 
     # -- WAITING / TRACKING ------------------------------------------------------------------
 
-    async def _track(self, session_id: str) -> int | None:
+    async def _track(
+        self, session_id: str, opened: tuple[SessionModel, SessionState] | None = None
+    ) -> int | None:
         """Catch up on ``session_id`` and tail it until its run is over.
 
         One native fold takes the whole session: the catch-up (rotated segments,
@@ -972,12 +1112,16 @@ class ExecutionMonitor:
         import asyncio
 
         session_dir = self.log_path / "sessions" / session_id
-        model, state = await asyncio.to_thread(self._open, session_id)
+        if opened is None:
+            model, state = await asyncio.to_thread(self._open, session_id)
+        else:
+            model, state = opened  # caught up and shown by first_frame
         try:
-            # The events of the past first (--all, --tail, --since), then the
-            # state they lead to.
-            await asyncio.to_thread(self._replay, state)
-            self._show_caught_up(state)
+            if opened is None:
+                # The events of the past first (--all, --tail, --since), then the
+                # state they lead to.
+                await asyncio.to_thread(self._replay, state)
+                self._show_caught_up(state)
             if self.once:
                 return self._once(state)
             return await self._tail(model, state, session_dir)

@@ -335,7 +335,6 @@ def monitor(
     from sigil.interfaces.cli.monitor import ExecutionMonitor
 
     _import_ahead(chosen_mode)
-    resume_gc()  # start-up is over (the entry point paused it)
 
     runner = ExecutionMonitor(
         session_id,
@@ -352,12 +351,19 @@ def monitor(
     )
     try:
         if once:
+            resume_gc()  # start-up is over (the entry point paused it)
             code = runner.run_once()  # no event loop: most of --once is start-up
         else:
+            # The dashboard draws its first frame before asyncio is even imported,
+            # and before the collector's first pass over every object start-up made.
+            runner.first_frame()
+            resume_gc()
             import asyncio
 
             code = asyncio.run(runner.run())
     except KeyboardInterrupt:  # Ctrl-C before the monitor installed its handler
         code = 130
+    finally:
+        runner.close()  # what first_frame took, if run() never did (idempotent)
     sys.stdout.flush()
     sys.exit(code)
