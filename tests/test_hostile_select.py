@@ -156,12 +156,6 @@ def test_since_with_a_clock_stepped_back_an_hour(run_sigil: Run, log_path: Path)
     assert _monitor(run_sigil, "nm-2", "--since", since.isoformat()) == want
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="event_selection.parse_tail accepts any whole number: past 2**63 deque(maxlen=) "
-    "raises OverflowError, past 2**64 _native.tail_start's u64 'n' does (a traceback, exit "
-    "1); parse_tail (python/sigil/interfaces/cli/event_selection.py:61) should bound N",
-)
 @pytest.mark.parametrize("n", [str(2**63), str(2**64), "9" * 40])
 def test_a_huge_tail_is_one_line_or_everything(
     run_sigil: Run, steady: list[datetime], n: str
@@ -172,12 +166,6 @@ def test_a_huge_tail_is_one_line_or_everything(
     assert result.returncode in (0, 2), result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="event_selection.parse_since (python/sigil/interfaces/cli/event_selection.py:57): "
-    "a naive time at the edge of datetime's range ('0001-01-01') fails in astimezone() with "
-    "ValueError 'year 0 is out of range', a traceback instead of one line and exit 2",
-)
 @pytest.mark.parametrize("since", ["0001-01-01", "0001-01-01T00:00:00"])
 def test_since_at_the_edge_of_time_is_one_line(
     run_sigil: Run, steady: list[datetime], since: str
@@ -190,12 +178,6 @@ def test_since_at_the_edge_of_time_is_one_line(
     assert result.returncode in (0, 2), result.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="StreamRenderer.write_events (python/sigil/interfaces/cli/display.py:1224) writes "
-    "to sys.stdout, None when stdout is closed ('sigil monitor >&-'): AttributeError "
-    "traceback; the monitor command should refuse a closed stdout in one line",
-)
 def test_monitor_with_a_closed_stdout_is_one_line(sigil_home: Path, steady: list[datetime]) -> None:
     code = (
         "import os, sys, runpy; os.close(1); sys.stdout = None; "

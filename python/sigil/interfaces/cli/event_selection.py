@@ -54,8 +54,15 @@ def parse_since(text: str, now: datetime | None = None) -> datetime | None:
     except ValueError:
         return None
     if moment.tzinfo is None:
-        moment = moment.astimezone()  # local time, as a user types it
+        try:
+            moment = moment.astimezone()  # local time, as a user types it
+        except (ValueError, OverflowError):  # the edge of datetime's range
+            return moment.replace(tzinfo=UTC)  # hours from the edge: all or nothing
     return moment
+
+
+#: The largest --tail honoured as given (more events than any log holds).
+MAX_TAIL = 2**62
 
 
 def parse_tail(text: str) -> int | None:
@@ -63,7 +70,9 @@ def parse_tail(text: str) -> int | None:
     text = text.strip()
     if not text.isascii() or not text.isdigit():
         return None
-    return int(text)
+    # More than any log holds means every event; bounded so the deque and the
+    # native scan's u64 take it.
+    return min(int(text), MAX_TAIL)
 
 
 @dataclass(frozen=True, slots=True)

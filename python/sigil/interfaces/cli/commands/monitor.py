@@ -292,6 +292,8 @@ def monitor(
     refresh = _parse_refresh(refresh_rate)
     if once and follow:
         raise _fail("--once and --follow cannot be used together")
+    if sys.stdout is None:  # ``sigil monitor >&-``: nowhere to show anything
+        raise _fail("stdout is closed: nothing to show the session on (use > /dev/null to discard)")
     if mode == "dashboard" and not sys.stdout.isatty():
         raise _fail("--mode dashboard needs a terminal on stdout; use --mode stream or json")
     selection = _selection(show_all, tail, since, components, event_types, errors)
