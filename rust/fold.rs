@@ -65,8 +65,10 @@ pub const MAX_RING_BYTES: usize = 8 << 20;
 /// cache when it is parsed.
 pub const READ_CHUNK: usize = 128 << 10;
 pub const DEFAULT_MAX_LINE: usize = 1 << 20;
-/// Seconds of event time the recent-rate window can look back.
-pub const WINDOW_SECONDS: usize = 64;
+/// Seconds of event time the recent-rate window can look back: 32 minutes,
+/// so a sparkline of the last 30 minutes is exact (one bucket per second,
+/// 15 KiB per fold).
+pub const WINDOW_SECONDS: usize = 1920;
 /// Upper bounds (ms) of the latency histogram's buckets; one more bucket holds the rest.
 pub const LATENCY_BOUNDS_MS: [f64; 18] = [
     1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5,
@@ -963,14 +965,14 @@ impl RunTotals {
 pub struct RateWindow {
     /// The latest event second seen (Unix seconds), if any.
     pub end: Option<i64>,
-    buckets: [u64; WINDOW_SECONDS],
+    buckets: Box<[u64]>,
 }
 
 impl Default for RateWindow {
     fn default() -> Self {
         RateWindow {
             end: None,
-            buckets: [0; WINDOW_SECONDS],
+            buckets: vec![0; WINDOW_SECONDS].into_boxed_slice(),
         }
     }
 }
@@ -1022,6 +1024,16 @@ impl RateWindow {
         (0..seconds)
             .map(|back| now - back)
             .filter(|&s| s <= end && s > end - WINDOW_SECONDS as i64)
+            .map(|s| self.buckets[Self::slot(s)])
+            .fold(0u64, u64::saturating_add)
+    }
+
+    /// Tokens of the seconds `lo..=hi` (Unix seconds) that the window holds.
+    pub fn tokens_between(&self, lo: i64, hi: i64) -> u64 {
+        let Some(end) = self.end else { return 0 };
+        let lo = lo.max(end - WINDOW_SECONDS as i64 + 1);
+        let hi = hi.min(end);
+        (lo..=hi)
             .map(|s| self.buckets[Self::slot(s)])
             .fold(0u64, u64::saturating_add)
     }
@@ -3206,7 +3218,8 @@ mod tests {
     #[test]
     fn the_rate_window_holds_the_last_seconds_of_event_time() {
         let mut w = RateWindow::default();
-        for s in 0..100 {
+        let last = WINDOW_SECONDS as i64 + 36;
+        for s in 0..last {
             w.add(s, 10);
         }
         w.add(10, 1000); // long before the window: counted in totals only
@@ -3217,9 +3230,15 @@ mod tests {
         let mut a = RateWindow::default();
         let mut b = RateWindow::default();
         (0..50).for_each(|s| a.add(s, 10));
-        (50..100).for_each(|s| b.add(s, 10));
+        (50..last).for_each(|s| b.add(s, 10));
         b.add(10, 1000);
         a.merge(&b);
         assert_eq!(a, w);
+        // The window reaches 30 minutes back (issue 12's sparkline).
+        let mut w = RateWindow::default();
+        w.add(0, 100);
+        w.add(1200, 5);
+        assert_eq!(w.tokens_in(1800, 0), 105);
+        assert_eq!(w.tokens_between(0, 0), 100);
     }
 }

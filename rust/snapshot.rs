@@ -152,13 +152,17 @@ pub fn rate_series(
     bucket_seconds: u64,
     idle: u64,
 ) -> Vec<u64> {
-    let b = bucket_seconds.max(1);
+    let b = bucket_seconds.clamp(1, fold::WINDOW_SECONDS as u64) as i64;
     let n = buckets.min(fold::WINDOW_SECONDS);
-    let mut out: Vec<u64> = (0..n as u64)
+    let Some(end) = w.end else {
+        return vec![0; n];
+    };
+    let now = end.saturating_add(idle.min(1 << 40) as i64);
+    let mut out: Vec<u64> = (0..n as i64)
         .map(|k| {
-            let newer = w.tokens_in(k.saturating_mul(b), idle);
-            w.tokens_in((k + 1).saturating_mul(b), idle)
-                .saturating_sub(newer)
+            let hi = now.saturating_sub(k.saturating_mul(b));
+            let lo = hi.saturating_sub(b) + 1;
+            w.tokens_between(lo, hi)
         })
         .collect();
     out.reverse();

@@ -410,3 +410,20 @@ def test_split_folds_of_many_names_equal_the_reference(tmp_path: Path) -> None:
     expected = fold_reference(data)
     assert got.to_dict()["components"] == expected["components"]
     assert got.components["(other)"].tokens == 144 * (data.count(b"\n") // 400)
+
+
+def test_rate_series_reaches_thirty_minutes_back() -> None:
+    """Issue 12's sparkline of the last minutes: the window holds 32 minutes of
+    event time (it held 64 seconds)."""
+    fold = Fold(last_n=0)
+    fold.feed_bytes(
+        line("step_complete", "routing", 100, seq=0, at=0)
+        + line("step_complete", "routing", 5, seq=1, at=1200)
+    )
+    snap = fold.snapshot()
+    series = snap.rate_series(30, 60.0)
+    assert len(series) == 30 and series[9] == 100 and series[29] == 5
+    assert sum(series) == 105
+    assert snap.tokens_in(1800.0) == 105
+    assert snap.recent_tokens_per_second(1800.0) == 105 / 1200
+    assert snap.window_seconds >= 30 * 60
