@@ -417,9 +417,16 @@ fn kv_names(first: u8) -> &'static [&'static [u8]] {
 /// (`kv_rest`), so the first name it follows gives the regex's match.
 fn kv_pair_ascii(b: &[u8], pos: usize) -> Option<(usize, usize)> {
     for s in pos..b.len() {
-        for name in kv_names(b[s].to_ascii_lowercase()) {
-            if b.get(s..s + name.len())
-                .is_some_and(|w| w.eq_ignore_ascii_case(name))
+        let first = b[s].to_ascii_lowercase();
+        if !matches!(first, b'p' | b's' | b'a' | b't' | b'c') {
+            continue;
+        }
+        // Every name has 3 bytes or more: its second one is compared first.
+        let second = b.get(s + 1).map(u8::to_ascii_lowercase);
+        for name in kv_names(first) {
+            if Some(name[1]) == second
+                && b.get(s..s + name.len())
+                    .is_some_and(|w| w.eq_ignore_ascii_case(name))
             {
                 if let Some(end) = kv_rest(b, s + name.len()) {
                     return Some((s, end));
@@ -1650,8 +1657,8 @@ fn candidates_sse2(value: &str) -> u32 {
     let b = value.as_bytes();
     let mut scan = Scan::default();
     let mut digits = 0u32;
-    // The digit and separator masks of the first 128 bytes.
-    let (mut digit_bits, mut sep_bits) = (0u128, 0u128);
+    // The digit and separator masks of the first 128 bytes, by block.
+    let mut blocks = [(0u16, 0u16); 8];
     let mut i = 0;
     // The last block is read from a zero-padded copy (no literal starts
     // with a zero byte, and the mask keeps only places inside the string).
@@ -1672,8 +1679,7 @@ fn candidates_sse2(value: &str) -> u32 {
         let digit_mask = digit_mask & valid;
         digits += digit_mask.count_ones();
         if i < 128 {
-            digit_bits |= u128::from(digit_mask) << i;
-            sep_bits |= u128::from(sep_mask & valid) << i;
+            blocks[i / 16] = (digit_mask as u16, (sep_mask & valid) as u16);
         }
         while mask != 0 {
             let j = mask.trailing_zeros() as usize;
@@ -1684,6 +1690,11 @@ fn candidates_sse2(value: &str) -> u32 {
     }
     if digits >= 8 {
         if b.len() <= 128 {
+            let (mut digit_bits, mut sep_bits) = (0u128, 0u128);
+            for (k, &(d, sep)) in blocks.iter().enumerate() {
+                digit_bits |= u128::from(d) << (16 * k);
+                sep_bits |= u128::from(sep) << (16 * k);
+            }
             if card_in_masks(digit_bits, sep_bits) {
                 scan.set |= 1 << R_CARD;
             }
