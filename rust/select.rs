@@ -55,15 +55,37 @@ pub fn last_lines_start(file: &File, end: u64, n: u64) -> io::Result<(u64, u64)>
     Ok((0, found + 1))
 }
 
+/// How far back a line's timestamp may step from an earlier line's (a slewed
+/// clock) with the bisection still exact: the caller starts a second early.
+const STEP_BACK_US: i64 = 1_000_000;
+
 /// The first line start before `end` whose timestamp is at or after
-/// `since_us` (microseconds since the epoch, UTC), assuming the lines are in
-/// time order; `end` if none is. A line whose timestamp cannot be read (not
-/// in sigil's layout, no UTC offset) counts as "at or after": the caller
-/// filters every event it reads, so the search may start early, never late.
+/// `since_us` (microseconds since the epoch, UTC); `end` if none is. A line
+/// whose timestamp cannot be read (not in sigil's layout, no UTC offset)
+/// counts as "at or after": the caller filters every event it reads, so the
+/// search may start early, never late.
+///
+/// The lines are bisected on their timestamps, which assumes they are in
+/// time order. A clock stepped back breaks that: when the first and last
+/// lines, or a probe and the lines around it, are out of order by more than
+/// [`STEP_BACK_US`], the file is read line by line from its start instead
+/// (one block of memory, every line's head looked at once).
 pub fn since_offset(file: &File, end: u64, since_us: i64) -> io::Result<u64> {
     let mut lo = 0u64; // a line start; 0 or a line before `since_us`
     let mut hi = end; // a line start at or after `since_us`, or `end`
     let mut buf = vec![0u8; BLOCK];
+    if end == 0 {
+        return Ok(0);
+    }
+    // The times known below `lo` and from `hi` on: every probe lies between.
+    let mut lo_ts = stamp_at(file, 0)?;
+    let mut hi_ts = match prev_line_start(file, end - 1, 0, &mut buf)? {
+        Some(last) => stamp_at(file, last)?,
+        None => lo_ts,
+    };
+    if out_of_order(lo_ts, hi_ts) {
+        return first_at_or_after(file, end, since_us);
+    }
     while hi - lo > LINEAR_SPAN {
         let mid = lo + (hi - lo) / 2;
         let probe = match next_line_start(file, mid, hi, &mut buf)? {
@@ -74,10 +96,20 @@ pub fn since_offset(file: &File, end: u64, since_us: i64) -> io::Result<u64> {
                 _ => break,
             },
         };
-        if before(file, probe, since_us)? {
-            lo = probe;
-        } else {
-            hi = probe;
+        let ts = stamp_at(file, probe)?;
+        if out_of_order(lo_ts, ts) || out_of_order(ts, hi_ts) {
+            return first_at_or_after(file, end, since_us);
+        }
+        match ts {
+            Some(t) if t < since_us => {
+                lo = probe;
+                lo_ts = ts;
+            }
+            Some(_) => {
+                hi = probe;
+                hi_ts = ts;
+            }
+            None => hi = probe,
         }
     }
     // The last stretch, line by line.
@@ -92,6 +124,69 @@ pub fn since_offset(file: &File, end: u64, since_us: i64) -> io::Result<u64> {
         }
     }
     Ok(hi)
+}
+
+/// Whether `later` (a line's time) steps back from `earlier` (an earlier
+/// line's) by more than [`STEP_BACK_US`]; unreadable times are in order.
+fn out_of_order(earlier: Option<i64>, later: Option<i64>) -> bool {
+    matches!((earlier, later), (Some(a), Some(b)) if b < a.saturating_sub(STEP_BACK_US))
+}
+
+/// The timestamp of the line at `start`, if it has a readable one.
+fn stamp_at(file: &File, start: u64) -> io::Result<Option<i64>> {
+    let mut head = [0u8; HEAD];
+    let got = read_exact_at(file, &mut head, start)?;
+    Ok(line_timestamp_us(&head[..got]))
+}
+
+/// The first line start before `end`, in file order, whose timestamp is not
+/// before `since_us` (none readable counts as not before); `end` if none.
+/// Exact whatever the order of the lines' times: the file read once, a block
+/// at a time.
+fn first_at_or_after(file: &File, end: u64, since_us: i64) -> io::Result<u64> {
+    let mut buf = vec![0u8; BLOCK];
+    let mut pos = 0u64;
+    let mut in_line = false; // `pos` is inside a line already looked at
+    while pos < end {
+        let take = (BLOCK as u64).min(end - pos) as usize;
+        let got = read_exact_at(file, &mut buf[..take], pos)?;
+        if got == 0 {
+            break;
+        }
+        let mut i = 0usize;
+        if in_line {
+            match memchr::memchr(b'\n', &buf[..got]) {
+                Some(nl) => {
+                    i = nl + 1;
+                    in_line = false;
+                }
+                None => i = got,
+            }
+        }
+        while i < got {
+            let at = pos + i as u64;
+            let ts = if i + HEAD <= got {
+                line_timestamp_us(&buf[i..i + HEAD])
+            } else {
+                stamp_at(file, at)?
+            };
+            if !ts.is_some_and(|t| t < since_us) {
+                return Ok(at);
+            }
+            match memchr::memchr(b'\n', &buf[i..got]) {
+                Some(nl) => i += nl + 1,
+                None => {
+                    in_line = true;
+                    i = got;
+                }
+            }
+        }
+        if got < take {
+            break; // the file shrank under us
+        }
+        pos += got as u64;
+    }
+    Ok(end)
 }
 
 /// Whether the line at `start` has a readable timestamp before `since_us`.
@@ -407,6 +502,61 @@ mod tests {
         assert_eq!(since_offset(&f, end, at(4999) + 1).unwrap(), end);
         assert_eq!(since_offset(&f, end, 0).unwrap(), 0);
         assert_eq!(since_offset(&f, 0, 0).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_clock_stepped_back_is_read_in_file_order_not_bisected() {
+        // From line 2500 on the writer's clock is an hour behind: the first
+        // line at or after TIME, in file order, is the answer.
+        let hour = 3600;
+        let text: String = (0..5000)
+            .map(|i| {
+                let second = if i < 2500 { i + 2 * hour } else { i + hour };
+                line(&stamp(second), i)
+            })
+            .collect();
+        let f = file_of(&text);
+        let end = text.len() as u64;
+        let starts: Vec<u64> = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i as u64 + 1))
+            .collect();
+        let at = |second: usize| rfc3339_us(stamp(second).as_bytes()).unwrap();
+        // TIME inside the first stretch: its line, though later lines are older.
+        assert_eq!(
+            since_offset(&f, end, at(2 * hour + 300)).unwrap(),
+            starts[300]
+        );
+        // TIME after every line: none.
+        assert_eq!(since_offset(&f, end, at(3 * hour)).unwrap(), end);
+        // TIME before every line: the first.
+        assert_eq!(since_offset(&f, end, at(0)).unwrap(), 0);
+        // The reference, line by line, agrees wherever TIME falls.
+        for second in [hour + 10, hour + 2600, 2 * hour + 2499, 2 * hour + 2500] {
+            let want = (0..5000)
+                .find(|&i| {
+                    let s = if i < 2500 { i + 2 * hour } else { i + hour };
+                    at(s) >= at(second)
+                })
+                .map_or(end, |i| starts[i]);
+            assert_eq!(since_offset(&f, end, at(second)).unwrap(), want, "{second}");
+        }
+    }
+
+    #[test]
+    fn a_slewed_clock_still_bisects_exactly_within_the_slack() {
+        // Every other line half a second back: within the caller's second.
+        let text: String = (0..5000)
+            .map(|i| {
+                // An odd line 0.4 s before the even line just before it.
+                let (second, fraction) = if i % 2 == 1 { (i - 1, 5) } else { (i, 9) };
+                line(&format!("{}.{fraction}+00:00", &stamp(second)[..19]), i)
+            })
+            .collect();
+        let f = file_of(&text);
+        let end = text.len() as u64;
+        let offset = since_offset(&f, end, rfc3339_us(stamp(3000).as_bytes()).unwrap()).unwrap();
+        let first = text[offset as usize..].lines().next().unwrap();
+        assert!(first.contains("\"seq\":3000}"), "{first}");
     }
 
     #[test]
