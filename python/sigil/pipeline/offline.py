@@ -515,7 +515,7 @@ def _memories(ctx: StepContext) -> list[dict[str, Any]]:
     if not isinstance(items, list):
         return []
     return [
-        m for m in items
+        dict(m) for m in items
         if isinstance(m, Mapping) and all(k in m for k in ("id", "title", "content", "tags"))
     ]  # fmt: skip
 

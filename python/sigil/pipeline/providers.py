@@ -356,7 +356,8 @@ class OpenAIChatProvider:
             raise ProviderResponseError(
                 f"{self._where()} returned an invalid usage: {exc}", status=status
             ) from None
-        model = data.get("model") if isinstance(data.get("model"), str) else self.model
+        answered = data.get("model")
+        model = answered if isinstance(answered, str) else self.model
         try:
             choice = data["choices"][0]
             content = choice["message"]["content"]

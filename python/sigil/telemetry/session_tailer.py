@@ -22,7 +22,7 @@ from sigil.core.paths import LOG_FILE_NAME, resolve_log_path, rotated_segments, 
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Literal
 
     from sigil.telemetry.log_parser import ParseResult, SessionSummary
 
@@ -42,7 +42,7 @@ class SessionTailer:
         session_id: str,
         log_path: str | os.PathLike[str] | None = None,
         *,
-        start: str = "beginning",
+        start: Literal["beginning", "end"] = "beginning",
         max_line_bytes: int = _native.MAX_LINE_BYTES,
         checkpoint: _native.Checkpoint | None = None,
         resume: bool = False,

@@ -344,6 +344,7 @@ class LiveOtlpExporter:
         """The orchestrator hands over its event before the logger scrubs it:
         scrub it the same way here, off the pipeline's thread."""
         sanitizer = self._sanitizer
+        assert sanitizer is not None  # _clean is only handed out with a sanitizer
         out = dict(event)
         message = out.get("message")
         if isinstance(message, str):
