@@ -228,9 +228,11 @@ fn find_bytes(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// (none a prefix of another, so at most one matches at a start), then a
 /// greedy run of an ASCII class. Its leftmost match is the first start where
 /// a literal is followed by at least `min` bytes of the class, and the match
-/// takes at most `max` of them. Every literal holds `lead` at `back`.
+/// takes at most `max` of them. Every literal holds `finder`'s needle (the lead) at `back`.
 struct Token {
-    lead: &'static [u8],
+    /// The searcher of the lead, built once (`find_bytes` on a few bytes at a
+    /// time stops at every occurrence of its first byte).
+    finder: memchr::memmem::Finder<'static>,
     back: usize,
     literals: &'static [&'static [u8]],
     class: &'static [bool; 256],
@@ -242,7 +244,7 @@ impl Token {
     fn find_at(&self, b: &[u8], pos: usize) -> Option<(usize, usize)> {
         let mut from = pos + self.back;
         while from <= b.len() {
-            let j = from + find_bytes(&b[from..], self.lead)?;
+            let j = from + self.finder.find(&b[from..])?;
             from = j + 1;
             let start = j - self.back;
             for lit in self.literals {
@@ -510,7 +512,7 @@ fn rules() -> &'static Rules {
         aws: Re::token(
             r"A(?:KIA|SIA|BIA|CCA)[A-Z0-9]{16}",
             Token {
-                lead: b"A",
+                finder: memchr::memmem::Finder::new(b"A"),
                 back: 0,
                 literals: &[b"AKIA", b"ASIA", b"ABIA", b"ACCA"],
                 class: &UPPER_DIGIT,
@@ -522,7 +524,7 @@ fn rules() -> &'static Rules {
             Re::token(
                 r"gh[pousr]_[A-Za-z0-9]{30,251}",
                 Token {
-                    lead: b"gh",
+                    finder: memchr::memmem::Finder::new(b"gh"),
                     back: 0,
                     literals: &[b"ghp_", b"gho_", b"ghu_", b"ghs_", b"ghr_"],
                     class: &ALNUM,
@@ -533,7 +535,7 @@ fn rules() -> &'static Rules {
             Re::token(
                 r"github_pat_[A-Za-z0-9_]{22,255}",
                 Token {
-                    lead: b"github_pat_",
+                    finder: memchr::memmem::Finder::new(b"github_pat_"),
                     back: 0,
                     literals: &[b"github_pat_"],
                     class: &ALNUM_UNDER,
@@ -545,7 +547,7 @@ fn rules() -> &'static Rules {
         gitlab: Re::token(
             r"gl(?:pat|ptt|dt|rt|soat|cbt|ft|imt)-[A-Za-z0-9_-]{20,}",
             Token {
-                lead: b"gl",
+                finder: memchr::memmem::Finder::new(b"gl"),
                 back: 0,
                 literals: &[
                     b"glpat-", b"glptt-", b"gldt-", b"glrt-", b"glsoat-", b"glcbt-", b"glft-",
@@ -567,7 +569,7 @@ fn rules() -> &'static Rules {
                 Re::token(
                     r"xox[abeprs]-[A-Za-z0-9-]{10,}",
                     Token {
-                        lead: b"xox",
+                        finder: memchr::memmem::Finder::new(b"xox"),
                         back: 0,
                         literals: &[b"xoxa-", b"xoxb-", b"xoxe-", b"xoxp-", b"xoxr-", b"xoxs-"],
                         class: &SLACK_CLASS,
@@ -583,7 +585,7 @@ fn rules() -> &'static Rules {
             Re::token(
                 r"sk-ant-[A-Za-z0-9_-]{20,}",
                 Token {
-                    lead: b"sk-ant-",
+                    finder: memchr::memmem::Finder::new(b"sk-ant-"),
                     back: 0,
                     literals: &[b"sk-ant-"],
                     class: &ALNUM_DASH,
@@ -594,7 +596,7 @@ fn rules() -> &'static Rules {
             Re::token(
                 r"sk-(?:proj|svcacct|admin|None)-[A-Za-z0-9_-]{20,}",
                 Token {
-                    lead: b"sk-",
+                    finder: memchr::memmem::Finder::new(b"sk-"),
                     back: 0,
                     literals: &[b"sk-proj-", b"sk-svcacct-", b"sk-admin-", b"sk-None-"],
                     class: &ALNUM_DASH,
@@ -607,7 +609,7 @@ fn rules() -> &'static Rules {
             Re::token(
                 r"sk-[A-Za-z0-9]{20,}",
                 Token {
-                    lead: b"sk-",
+                    finder: memchr::memmem::Finder::new(b"sk-"),
                     back: 0,
                     literals: &[b"sk-"],
                     class: &ALNUM,
@@ -618,7 +620,7 @@ fn rules() -> &'static Rules {
             Re::token(
                 r"[rs]k_(?:live|test)_[A-Za-z0-9]{16,}",
                 Token {
-                    lead: b"k_",
+                    finder: memchr::memmem::Finder::new(b"k_"),
                     back: 1,
                     literals: &[b"rk_live_", b"rk_test_", b"sk_live_", b"sk_test_"],
                     class: &ALNUM,
@@ -629,7 +631,7 @@ fn rules() -> &'static Rules {
             Re::token(
                 r"AIza[0-9A-Za-z_-]{35}",
                 Token {
-                    lead: b"AIza",
+                    finder: memchr::memmem::Finder::new(b"AIza"),
                     back: 0,
                     literals: &[b"AIza"],
                     class: &ALNUM_DASH,
@@ -640,7 +642,7 @@ fn rules() -> &'static Rules {
             Re::token(
                 r"hf_[A-Za-z0-9]{30,}",
                 Token {
-                    lead: b"hf_",
+                    finder: memchr::memmem::Finder::new(b"hf_"),
                     back: 0,
                     literals: &[b"hf_"],
                     class: &ALNUM,
@@ -651,7 +653,7 @@ fn rules() -> &'static Rules {
             Re::token(
                 r"whsec_[A-Za-z0-9+/=]{24,}",
                 Token {
-                    lead: b"whsec_",
+                    finder: memchr::memmem::Finder::new(b"whsec_"),
                     back: 0,
                     literals: &[b"whsec_"],
                     class: &WHSEC_CLASS,
