@@ -152,9 +152,9 @@ def _encode_metadata(metadata: Mapping[str, Any]) -> tuple[Mapping[str, Any], by
     """``metadata`` and its JSON, every value the log cannot take replaced alone
     (see :func:`_json_safe`); the mapping returned is the one encoded."""
     try:
-        meta = _orjson_dumps(metadata, default=_default, option=_OPTS)
+        meta: bytes = _orjson_dumps(metadata, default=_default, option=_OPTS)
     except (orjson.JSONEncodeError, TypeError):
-        meta = None
+        pass
     else:
         # One opener per level at least: below the bound nothing can be too deep,
         # so the exact count is paid only by metadata with many containers.
@@ -444,7 +444,7 @@ class ExecutionLogger:
                         self.log_file,
                         buffer_bytes=self.buffer_size,
                         flush_interval=self.flush_interval,
-                        fsync=self.fsync,
+                        fsync=self.fsync,  # type: ignore[arg-type]  # validated by the writer
                         max_buffer_bytes=self.max_buffer_bytes,
                         session_id=self.session_id,
                         start_seq=self._recover_next_seq(),
