@@ -170,7 +170,7 @@ fn first_at_or_after(file: &File, end: u64, since_us: i64) -> io::Result<u64> {
             } else {
                 stamp_at(file, at)?
             };
-            if !ts.is_some_and(|t| t < since_us) {
+            if ts.is_none_or(|t| t >= since_us) {
                 return Ok(at);
             }
             match memchr::memchr(b'\n', &buf[i..got]) {
