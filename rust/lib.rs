@@ -1362,11 +1362,11 @@ mod _native {
         PyCheckpoint, PyEntry, PyFold, PyLedger, PyTailer,
     };
     #[pymodule_export]
+    use crate::archive::py_fold_archive;
+    #[pymodule_export]
     use crate::otlp::{
         otlp_decode_json, otlp_decode_protobuf, otlp_map_spans, PyOtlpBatch, PyOtlpSession,
     };
-    #[pymodule_export]
-    use crate::archive::py_fold_archive;
     #[pymodule_export]
     use crate::snapshot::{
         PyComponentSnapshot, PyLastError, PyMalformedLine, PyModelSnapshot, PyRunSnapshot,
