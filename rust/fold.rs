@@ -65,10 +65,11 @@ pub const MAX_RING_BYTES: usize = 8 << 20;
 /// cache when it is parsed.
 pub const READ_CHUNK: usize = 128 << 10;
 pub const DEFAULT_MAX_LINE: usize = 1 << 20;
-/// Seconds of event time the recent-rate window can look back: 32 minutes,
+/// Seconds of event time the recent-rate window can look back: 34 minutes
+/// (a power of two: a second's slot is a mask, not a division),
 /// so a sparkline of the last 30 minutes is exact (one bucket per second,
-/// 15 KiB per fold).
-pub const WINDOW_SECONDS: usize = 1920;
+/// 16 KiB per fold).
+pub const WINDOW_SECONDS: usize = 2048;
 /// Upper bounds (ms) of the latency histogram's buckets; one more bucket holds the rest.
 pub const LATENCY_BOUNDS_MS: [f64; 18] = [
     1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1e3, 2e3, 5e3, 1e4, 2e4, 5e4, 1e5, 2e5,
