@@ -128,7 +128,7 @@ def _selection(
 
 def _given_event_option(selection: Any) -> str | None:
     """The first event option given, for a message."""
-    if not selection.given:
+    if selection is None or not selection.given:
         return None
     if selection.all:
         return "--all"
@@ -194,8 +194,10 @@ def start(
         raise _fail("stdout is closed: nothing to show the session on (use > /dev/null to discard)")
     if mode == "dashboard" and not sys.stdout.isatty():
         raise _fail("--mode dashboard needs a terminal on stdout; use --mode stream or json")
-    selection = _selection(show_all, tail, since, components, event_types, errors)
-    if mode is None and selection.given and not json_events:
+    selection = None  # every event, as an empty selection (without importing one)
+    if show_all or errors or tail is not None or since is not None or components or event_types:
+        selection = _selection(show_all, tail, since, components, event_types, errors)
+    if mode is None and selection is not None and selection.given and not json_events:
         mode = "stream"  # the event options list events: the stream does
     if mode is not None:
         _check_event_mode(mode, selection, json_events)
