@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -188,11 +189,33 @@ def test_error_gives_the_line_number(tmp_path: Path) -> None:
         load(tmp_path)
 
 
-def test_config_error_is_a_usage_error_for_click_and_a_value_error() -> None:
+def test_config_error_is_a_value_error_and_the_settings_load_without_click() -> None:
+    """A plain ValueError (exit code 2 on the command line, see the tests below):
+    the settings load without importing click (issue 12: the monitor's first frame)."""
     error = ConfigError("x")
     assert isinstance(error, ValueError)
-    assert isinstance(error, click.ClickException)
+    assert not isinstance(error, click.ClickException)
     assert error.exit_code == 2
+    assert error.format_message() == str(error) == "x"
+    probe = (
+        "import sys, sigil.core.config as c; c.load_settings(env={}); print('click' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == ["False"]
+
+
+@pytest.mark.parametrize("args", [["config", "show"], ["monitor", "--session", "s1", "--once"]])
+def test_a_bad_config_file_is_one_line_and_exit_2_for_every_command(
+    sigil_home: Path, run_sigil: Callable[..., subprocess.CompletedProcess[str]], args: list[str]
+) -> None:
+    write_config(sigil_home, "token_budget:\n  default_total: lots\n")
+    result = run_sigil(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert "token_budget.default_total" in lines[0] and "config.yaml" in lines[0]
 
 
 @pytest.mark.parametrize(

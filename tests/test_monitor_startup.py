@@ -288,6 +288,8 @@ real_caught_up = display.DashboardRenderer.caught_up
 def caught_up(self, state, phase):
     # What is loaded, and the keys, as the first frame of the session is drawn.
     print("caught_up", "asyncio" in sys.modules, self.view.keys, state.entries, file=report)
+    with open(os.environ["PROBE_REPORT"] + ".click", "w") as f:
+        print("click" in sys.modules, file=f)
     real_caught_up(self, state, phase)
 display.DashboardRenderer.caught_up = caught_up
 real_run = monitor.ExecutionMonitor.run
@@ -323,7 +325,9 @@ def _says(report: Path, word: str) -> bool:
         return False
 
 
-def _first_frame_terminal(tmp_path: Path, plant: str = "") -> tuple[Any, Path]:
+def _first_frame_terminal(
+    tmp_path: Path, plant: str = "", extra: tuple[str, ...] = ()
+) -> tuple[Any, Path]:
     sys.path.insert(0, str(Path(__file__).parent))
     from terminal import Terminal
 
@@ -334,7 +338,7 @@ def _first_frame_terminal(tmp_path: Path, plant: str = "") -> tuple[Any, Path]:
     env.update(TERM="xterm-256color", PROBE_REPORT=str(report), PROBE_PLANT=plant)
     env.pop("SIGIL_LOG_PATH", None)
     argv = [sys.executable, "-c", _FIRST_FRAME_PROBE, "monitor", "--session", "s1",
-            "--log-path", str(logs), "--refresh-rate", "0.02"]  # fmt: skip
+            "--log-path", str(logs), "--refresh-rate", "0.02", *extra]  # fmt: skip
     return Terminal(argv, env, 100, 30), report
 
 
@@ -385,3 +389,99 @@ def test_the_terminal_is_restored_when_the_first_frame_is_cut_short(
         assert "leaked" not in term.text()
     finally:
         term.close()
+
+
+# -- a plain dashboard command line runs without click (issue 12's numbers) ------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "extra", [(), ("--mode", "dashboard", "--follow"), ("-m", "dashboard", "--no-keys")]
+)
+def test_a_plain_dashboard_command_line_draws_its_first_frame_without_click(
+    tmp_path: Path, extra: tuple[str, ...]
+) -> None:
+    """``sigil monitor -s ID`` on a terminal: click's import is not on the way to
+    the first frame (the entry point runs the command itself)."""
+    term, report = _first_frame_terminal(tmp_path, extra=extra)
+    try:
+        term.wait_for(lambda s: "500 events" in s)
+        assert Path(f"{report}.click").read_text().split() == ["False"]
+        term.press("q")
+        if "--no-keys" in extra:
+            term.proc.send_signal(__import__("signal").SIGINT)
+            assert term.wait() == 130
+        else:
+            assert term.wait() == 0
+    finally:
+        term.close()
+
+
+_ENTRY = """
+import sys
+which = sys.argv.pop(1)
+sys.argv = ["sigil", *sys.argv[1:]]
+if which == "main":
+    from sigil.interfaces.cli.main import main
+    main()
+else:  # the click command, as the entry point ran every command line before
+    from sigil.interfaces.cli.group import run
+    run()
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "case",
+    [
+        "--help",
+        "-h",
+        "--bogus",
+        "-s ../up",
+        "-s",
+        "--refresh-rate 0",
+        "-r soon",
+        "--mode fancy",
+        "--once --follow",
+        "--log-path FILE",
+        "--log-path=FILE",
+        "bad config",
+        "--mode stream --tail x",
+    ],
+)
+def test_the_command_line_on_a_terminal_reads_as_the_click_command_does(
+    tmp_path: Path, case: str
+) -> None:
+    """Help, a typo, a value the command refuses, a bad setting: the same screen and
+    exit code as the click command (the entry point leaves them to it)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from terminal import Terminal
+
+    logs = tmp_path / "logs"
+    _write(logs / "sessions" / "s1" / "execution.jsonl", range(0, 20))
+    home = tmp_path / "home"
+    home.mkdir()
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    env = {**os.environ, "SIGIL_HOME": str(home), "NO_COLOR": "1", "TERM": "xterm-256color"}
+    env.pop("SIGIL_LOG_PATH", None)
+    args = ["monitor", "-s", "s1", "--log-path", str(logs)]
+    if case == "bad config":
+        (home / "config.yaml").write_text("monitoring:\n  refresh_rate_hz: fast\n")
+    elif case == "-s":
+        args = [*args, "-s"]
+    else:
+        words = case.replace("FILE", str(not_a_dir)).split()
+        args = [*args, *words] if "log-path" not in case else ["monitor", "-s", "s1", *words]
+    seen = []
+    for which in ("main", "click"):
+        term = Terminal([sys.executable, "-c", _ENTRY, which, *args], env, 100, 40)
+        try:
+            code = term.wait(30)
+            seen.append((code, bytes(term.raw)))
+        finally:
+            term.close()
+    assert seen[0] == seen[1]
+    assert seen[0][0] in (0, 2), seen[0]
+    if case not in ("--help", "-h"):
+        assert seen[0][1].decode().startswith("Error: "), seen[0]

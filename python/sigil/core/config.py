@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import click
-
 __all__ = [
     "ConfigError",
     "ErrorSettings",
@@ -49,15 +47,25 @@ Source = Literal["default", "config", "env", "cli"]
 CONFIG_FILE_NAME = "config.yaml"
 
 
-class ConfigError(click.ClickException, ValueError):
+class ConfigError(ValueError):
     """A setting with a wrong type or value, or a config file that cannot be read.
 
-    It is a :class:`click.ClickException` so that any command that loads settings
-    prints the one-line message and exits 2 (a usage error) without each command
-    having to catch it, and a :class:`ValueError` for library callers.
+    A plain :class:`ValueError` (the settings load without click, so that
+    ``sigil monitor`` can draw its first frame before click is imported). The
+    command line shows it as a usage error: one line, ``Error: <message>``, exit
+    2 (:func:`sigil.interfaces.cli.group.run` and the command group convert it),
+    without each command having to catch it.
     """
 
     exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def format_message(self) -> str:
+        """The one-line message (as :meth:`click.ClickException.format_message`)."""
+        return self.message
 
 
 def _home(env: Mapping[str, str]) -> Path:

@@ -24,6 +24,7 @@ __all__ = [
     "MODES",
     "pause_gc",
     "resume_gc",
+    "run_monitor_without_click",
     "start_monitor_catch_up",
     "start_monitor_catch_up_from_argv",
 ]
@@ -55,6 +56,8 @@ _FLAGS = {
     "--errors": "errors",
     "--json-events": "json_events",
 }
+#: The options of a plain dashboard command line, run without click (issue 12).
+_PLAIN_OPTIONS = frozenset({"session", "log_path", "mode", "refresh", "no_keys", "follow"})
 #: The event options (issue 12): they list events, in the stream or json --json-events.
 _EVENT_KEYS = ("all", "errors", "tail", "component", "event_type")
 
@@ -131,6 +134,40 @@ def start_monitor_catch_up_from_argv(args: list[str]) -> None:
         if os.path.lexists(sigil_home() / "config.yaml"):
             return
     start_monitor_catch_up(options.get("session"), log_path, once="once" in options)
+
+
+def run_monitor_without_click(args: list[str]) -> None:
+    """Run a plain ``sigil monitor`` dashboard command line without importing click.
+
+    The common case, ``sigil monitor -s ID`` on a terminal (with ``--log-path``,
+    ``--refresh-rate``, ``--follow``, ``--no-keys`` or ``--mode dashboard``), is
+    run here, so that click's import is not on the way to the first frame
+    (issue 12). It exits with the monitor's code. Returns, having shown nothing,
+    for anything else: another option, ``--help``, a typo, a value the command
+    refuses or a bad setting; the click command then parses, checks and reports
+    it exactly as always.
+    """
+    options = _monitor_options(args)
+    if options is None or not options.keys() <= _PLAIN_OPTIONS:
+        return
+    if options.get("mode", MODES[0]) != MODES[0] or not _stdout_is_a_terminal():
+        return
+    if "_SIGIL_COMPLETE" in os.environ:  # click's shell completion
+        return
+    from sigil.interfaces.cli.monitor_start import MonitorUsage, start
+
+    try:
+        start(
+            options.get("session"),
+            options.get("mode"),
+            options.get("refresh"),
+            options.get("log_path"),
+            once=False,
+            follow="follow" in options,
+            no_keys="no_keys" in options,
+        )
+    except MonitorUsage:
+        return  # before anything was shown: the click command reports it
 
 
 def start_monitor_catch_up(

@@ -98,6 +98,19 @@ class LazyGroup(click.Group):
         command: click.Command = getattr(module, spec[1])
         return command
 
+    def invoke(self, ctx: click.Context) -> object:
+        # A bad setting (sigil.core.config.ConfigError, a plain ValueError so that
+        # the settings load without click) is a usage error: one line, exit 2.
+        try:
+            return super().invoke(ctx)
+        except ValueError as exc:
+            config = sys.modules.get("sigil.core.config")
+            if config is None or not isinstance(exc, config.ConfigError):
+                raise
+            from sigil.interfaces.cli.errors import UsageFailure
+
+            raise UsageFailure(exc.format_message()) from None
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # Use the static help lines so that `sigil --help` imports no command module.
         rows = [(name, _COMMANDS[name][2]) for name in self.list_commands(ctx)]
