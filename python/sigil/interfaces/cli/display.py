@@ -294,14 +294,26 @@ def error_lines(state: SessionState, limit: int = 3) -> list[str]:
     return lines
 
 
-def loop_text(loop: StepLoop, runs: int = 1) -> str:
+def loop_text(loop: StepLoop, runs: int = 1, width: int | None = None) -> str:
     """A step loop as one line: ``loop: planning started 5 times with the same
-    input (seq 20, 21, 23, 24, 25, …)``; the run is named when there were several."""
-    seqs = ", ".join(map(str, loop.seqs))
-    more = ", …" if loop.starts > len(loop.seqs) else ""
+    input (seq 20, 21, 23, 24, 25, …)``; the run is named when there were several.
+    Where that is wider than ``width``, the shorter ``started 5x, same input``
+    and as many of its seqs as fit (at least the first)."""
     where = f" in run {loop.run}" if runs > 1 else ""
+
+    def tail(n: int) -> str:
+        seqs = loop.seqs[:n]
+        more = ", …" if loop.starts > len(seqs) else ""
+        return f" (seq {', '.join(map(str, seqs))}{more})" if seqs else ""
+
     text = f"loop: {loop.component} started {loop.starts:,} times with the same input{where}"
-    return text + (f" (seq {seqs}{more})" if seqs else "")
+    n = len(loop.seqs)
+    if width is None or _cells(text + tail(n)) <= width:
+        return text + tail(n)
+    text = f"loop: {loop.component} started {loop.starts:,}x, same input{where}"
+    while n > 1 and _cells(text + tail(n)) > width:
+        n -= 1
+    return text + tail(n)
 
 
 def anomaly_lines(state: SessionState) -> list[str]:
@@ -968,7 +980,7 @@ def _problem_lines(state: SessionState, width: int, view: DashboardView) -> list
     for loop in state.loops:
         if view.component is not None and loop.component != view.component:
             continue
-        text = loop_text(loop, state.runs)
+        text = loop_text(loop, state.runs, width - 2)
         out.extend(_Line(("! " if i == 0 else "  ") + part, "33")
                    for i, part in enumerate(_wrap(text, width - 2)))  # fmt: skip
     for warning in list(state.warnings)[-3:]:
