@@ -41,9 +41,9 @@ from sigil.interfaces.cli.screen import wrap as _wrap
 from sigil.telemetry.pricing import usd
 
 if TYPE_CHECKING:
-    from sigil._native import ModelSnapshot, StepLoop
     from sigil.interfaces.cli.event_selection import EventSelection
-    from sigil.interfaces.cli.monitor import EntryLike, MonitorPhase, SessionState
+    from sigil.interfaces.cli.monitor import EntryLike, MonitorPhase, SessionState, StepLoop
+    from sigil.telemetry.log_parser import ModelSnapshot
 
 __all__ = [
     "DashboardRenderer",

@@ -145,7 +145,26 @@ def _finite(value: object) -> float | None:
 
 
 if TYPE_CHECKING:
-    from sigil._native import ModelSnapshot, StepLoop
+    from collections.abc import Sequence
+
+    from sigil.telemetry.log_parser import ModelSnapshot
+
+
+class StepLoop(Protocol):
+    """A step loop of the model (``StepLoop``): a component started 3+ times
+    with one ``input_sha256`` in a run, and the ``seq``s of its first starts."""
+
+    @property
+    def run(self) -> int: ...
+    @property
+    def component(self) -> str: ...
+    @property
+    def input_sha256(self) -> str: ...
+    @property
+    def starts(self) -> int: ...
+    @property
+    def seqs(self) -> list[int]: ...
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 class SessionState:
@@ -247,7 +266,7 @@ class SessionState:
         self._allocations: dict[str, int] = snap.allocations
         self._run: RunSnapshot = snap.run
         # Read when a view asks (most frames of a session without them never do).
-        self._loops: list[StepLoop] | None = None
+        self._loops: Sequence[StepLoop] | None = None
         self._component_models: dict[str, dict[str, ModelSnapshot]] | None = None
 
     def _show(self, entries: list[EntryLike]) -> None:
@@ -332,7 +351,7 @@ class SessionState:
         return self._allocations
 
     @property
-    def loops(self) -> list[StepLoop]:
+    def loops(self) -> Sequence[StepLoop]:
         """The model's step loops (a component started 3+ times with one input in
         a run), oldest run first: each once, whatever the number of frames."""
         if self._loops is None:
