@@ -214,15 +214,23 @@ def test_live_dashboard_on_a_terminal_shows_anomalies(tmp_path: Path, cols: int,
             [*SIGIL, "monitor", "--session", "anom-t", "--refresh-rate", "0.05"], env, cols, rows
         )
         try:
-            screen = term.wait_for("loop: planning started 5", timeout=20)
             said = "5x, same input" if cols < 80 else "5 times with the same input"
-            assert f"! loop: planning started {said} (seq 1, 2, 3, 4, 5)" in screen
-            flat = " ".join(line.strip() for line in screen.splitlines())
+            loop = f"! loop: planning started {said} (seq 1, 2, 3, 4, 5)"
+
+            def whole(screen: str) -> bool:
+                # pyte may be read mid-frame: wait for a frame drawn to its key line.
+                lines = screen.splitlines()
+                return (
+                    loop in lines
+                    and lines[-1].startswith("q quit")
+                    and any(x.startswith("planning") and "+1 unknown" in x for x in lines)
+                )
+
+            screen = term.wait_for(whole, timeout=20)
             lines = screen.splitlines()
             assert "+1 unknown" in next(x for x in lines if x.startswith("Tokens"))
-            assert "+1 unknown" in next(x for x in lines if x.startswith("planning"))
             # Errors and warnings before the events, whatever the size.
-            assert flat.index("loop: planning") < flat.index("Log ")
+            assert lines.index(loop) < next(i for i, x in enumerate(lines) if x.startswith("Log"))
             with (session_dir / "execution.jsonl").open("a") as log:
                 event = {
                     "timestamp": datetime.now(UTC).isoformat(), "session_id": "anom-t",
@@ -231,7 +239,10 @@ def test_live_dashboard_on_a_terminal_shows_anomalies(tmp_path: Path, cols: int,
                     "seq": 10,
                 }  # fmt: skip
                 log.write(orjson.dumps(event).decode() + "\n")
-            screen = term.wait_for("1,327 / 10,000", timeout=20)
+            screen = term.wait_for(
+                lambda t: "1,327 / 10,000" in t and t.splitlines()[-1].startswith("q quit"),
+                timeout=20,
+            )
             assert screen.count("loop: planning") == 1
             term.press("q")
             assert term.wait() == 0
