@@ -13,6 +13,7 @@ from sigil.interfaces.cli.display import DisplayOptions, render_dashboard_text, 
 from sigil.interfaces.cli.keys import SORTS, DashboardView, decode_keys
 from sigil.interfaces.cli.monitor import MonitorPhase
 from sigil.interfaces.cli.screen import cells
+from sigil.telemetry.execution_logger import LogEntry
 from test_display import NOW, T0, ev, make_fed
 
 
@@ -125,3 +126,87 @@ def test_any_size_fits_its_terminal(rows: int) -> None:
                 lines = text.splitlines()
                 assert len(lines) <= rows, (cols, rows)
                 assert all(cells(line) <= cols for line in lines), (cols, rows, text)
+
+
+# -- anomalies, unknown usage and models (issues 13, 14, 12) ----------------------------
+
+
+def _seq(entry: LogEntry, seq: int) -> LogEntry:
+    entry.seq = seq
+    return entry
+
+
+def looping_fed() -> Fed:
+    """A run whose planning step starts five times with one input (an agent loop),
+    a proxy call of unknown usage and a reasoning step on two models."""
+    fed = Fed("loop-1")
+    events = [
+        ev("session_start", budget=10_000, run=1, allocations={"planning": 2000}),
+        *(
+            ev("step_start", "planning", 0, i, run=1, input_sha256="h" * 64)
+            for i in range(1, 6)
+        ),
+        ev("step_complete", "planning", 120, 6, run=1, latency_ms=50, model="gpt-4o",
+           input_tokens=100, output_tokens=20),
+        ev("step_complete", "planning", 0, 7, run=1, latency_ms=40, model="gpt-4o",
+           usage="unknown"),
+        ev("step_complete", "reasoning", 900, 8, run=1, latency_ms=90, model="big-model",
+           input_tokens=800, output_tokens=100),
+        ev("step_complete", "reasoning", 300, 9, run=1, latency_ms=70, model="small-model",
+           input_tokens=250, output_tokens=50),
+    ]  # fmt: skip
+    fed.feed(*(_seq(e, i) for i, e in enumerate(events)))
+    return fed
+
+
+def _frame(fed: Fed, cols: int, rows: int | None = None) -> str:
+    return render_dashboard_text(
+        fed.state, DisplayOptions(), width=cols, height=rows, now=T0 + timedelta(seconds=10),
+        phase=MonitorPhase.TRACKING, view=DashboardView(keys=True),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(("cols", "rows"), [(60, 20), (80, 24), (120, 40)])
+def test_a_loop_is_one_warning_with_its_seqs(cols: int, rows: int) -> None:
+    fed = looping_fed()
+    text = _frame(fed, cols, rows)
+    # One line where it fits: at 60 columns, the shorter form.
+    said = "started 5x, same input" if cols < 80 else "started 5 times with the same input"
+    assert f"! loop: planning {said} (seq 1, 2, 3, 4, 5)" in text.splitlines()
+    # Later frames and later events show it once still.
+    fed.feed(_seq(ev("step_complete", "memory", 10, 11, run=1), 10))
+    text = _frame(fed, cols, rows)
+    assert text.count("loop: planning") == 1
+    lines = text.splitlines()
+    assert len(lines) == rows and all(cells(line) <= cols for line in lines)
+
+
+@pytest.mark.parametrize(("cols", "rows"), [(60, 20), (80, 24), (120, 40)])
+def test_unknown_usage_is_shown_never_folded_in_as_0(cols: int, rows: int) -> None:
+    text = _frame(looping_fed(), cols, rows)
+    lines = text.splitlines()
+    tokens_line = next(line for line in lines if line.startswith("Tokens"))
+    assert "1,320" in tokens_line and "+1 unknown" in tokens_line
+    planning = next(line for line in lines if line.startswith("planning"))
+    reasoning = next(line for line in lines if line.startswith("reasoning"))
+    assert "+1 unknown" in planning and "unknown" not in reasoning
+    assert len(lines) == rows and all(cells(line) <= cols for line in lines)
+
+
+def test_the_model_column_is_the_main_model_and_how_many_more() -> None:
+    lines = _frame(looping_fed(), 120, 40).splitlines()
+    header = next(line for line in lines if line.startswith("component"))
+    at = header.index("model")
+    planning = next(line for line in lines if line.startswith("planning"))
+    reasoning = next(line for line in lines if line.startswith("reasoning"))
+    assert planning[at:].startswith("gpt-4o ") and "+" not in planning[at : at + 14]
+    # The model with the most tokens first, then how many others it used.
+    assert reasoning[at:].startswith("big-model +1")
+
+
+def test_the_summary_counts_unknown_usage_and_loops() -> None:
+    from sigil.interfaces.cli.display import summary_lines
+
+    text = "\n".join(summary_lines(looping_fed().state, "snapshot", width=60))
+    assert "1 call of unknown usage" in text
+    assert "loop: planning started 5 times" in text

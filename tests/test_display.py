@@ -195,6 +195,7 @@ def test_state_to_dict_carries_the_same_state() -> None:
         "operations": 1,
         "errors": 0,
         "retries": 0,
+        "unknown_usage_calls": 0,
         "latency_ms": 2100.0,
         "avg_latency_ms": 2100.0,
         "p95_latency_ms": 2100.0,
@@ -203,8 +204,10 @@ def test_state_to_dict_carries_the_same_state() -> None:
         "cost_usd": None,
         "unpriced_tokens": 0,
         "unpriced_models": [],
+        "models": [],
     }
     assert obj["cost_usd"] is None and obj["unpriced_tokens"] == 0
+    assert (obj["models"], obj["unknown_usage_calls"], obj["loops"]) == ({}, 0, [])
     assert list(obj["components"])[:3] == ["routing", "memory", "reasoning"]
     assert obj["components"]["validation"]["errors"] == 1
     assert (obj["malformed"], obj["rotations"], obj["events"]) == (1, 2, 7)

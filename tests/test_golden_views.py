@@ -13,6 +13,7 @@ then read the diff of ``tests/golden/`` before committing it.
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -192,5 +193,99 @@ def test_live_dashboard_layout_matches_its_golden_file(cols: int, rows: int) -> 
     assert len(lines) == rows and all(len(line) <= cols for line in lines)
     path = GOLDEN / f"dashboard-live-{cols}x{rows}.txt"
     if UPDATE:
+        path.write_text(text)
+    assert text == path.read_text(), f"{path.name} changed; see the module docstring"
+
+
+@pytest.mark.parametrize(("cols", "rows"), [(60, 20), (80, 24), (120, 40)])
+def test_live_dashboard_on_a_terminal_shows_anomalies(tmp_path: Path, cols: int, rows: int) -> None:
+    """Issues 13, 14, 12 on a real pseudo-terminal: ``sigil monitor`` on a live
+    session in a loop that made a call of unknown usage shows the loop once (with
+    its seqs) before the events, "+1 unknown" on the tokens line and the planning
+    row, and still once after more events arrive; ``q`` quits."""
+    from sigil.core.locks import SessionLock
+    from test_monitor_modes import anomalous_session
+
+    home = tmp_path / "home"
+    session_dir = anomalous_session(home / "logs", "anom-t", final=False)
+    env = isolated_env(home, TERM="xterm-256color", NO_COLOR="1", TZ="UTC")
+    with SessionLock(session_dir):
+        term = Terminal(
+            [*SIGIL, "monitor", "--session", "anom-t", "--refresh-rate", "0.05"], env, cols, rows
+        )
+        try:
+            said = "5x, same input" if cols < 80 else "5 times with the same input"
+            loop = f"! loop: planning started {said} (seq 1, 2, 3, 4, 5)"
+
+            def whole(screen: str) -> bool:
+                # pyte may be read mid-frame: wait for a frame drawn to its key line.
+                lines = screen.splitlines()
+                return (
+                    loop in lines
+                    and lines[-1].startswith("q quit")
+                    and any(x.startswith("planning") and "+1 unknown" in x for x in lines)
+                )
+
+            screen = term.wait_for(whole, timeout=20)
+            lines = screen.splitlines()
+            assert "+1 unknown" in next(x for x in lines if x.startswith("Tokens"))
+            # Errors and warnings before the events, whatever the size.
+            assert lines.index(loop) < next(i for i, x in enumerate(lines) if x.startswith("Log"))
+            with (session_dir / "execution.jsonl").open("a") as log:
+                event = {
+                    "timestamp": datetime.now(UTC).isoformat(), "session_id": "anom-t",
+                    "event_type": "step_complete", "component": "memory",
+                    "message": "memory recalled", "tokens": 7, "metadata": {"run": 1},
+                    "seq": 10,
+                }  # fmt: skip
+                log.write(orjson.dumps(event).decode() + "\n")
+            screen = term.wait_for(
+                lambda t: "1,327 / 10,000" in t and t.splitlines()[-1].startswith("q quit"),
+                timeout=20,
+            )
+            assert screen.count("loop: planning") == 1
+            term.press("q")
+            assert term.wait() == 0
+        finally:
+            term.close()
+
+
+@pytest.mark.parametrize(("cols", "rows"), [(60, 20), (80, 24), (120, 40)])
+def test_live_dashboard_with_anomalies_matches_its_golden_file(cols: int, rows: int) -> None:
+    """The live frame of a session in a loop, with a call of unknown usage and a
+    component on two models, at the sizes issue 12 names."""
+    from model_state import Fed
+    from sigil.interfaces.cli.display import DisplayOptions, render_dashboard_text
+    from sigil.interfaces.cli.keys import DashboardView
+    from sigil.interfaces.cli.monitor import MonitorPhase
+
+    fed = Fed(SESSION)
+    events = fixed_session()[:8]  # to reasoning's first start, given its input's hash
+    events[7]["metadata"] = {"run": 1, "input_sha256": "cd" * 32}
+    at = 2.8
+    for seq in range(8, 12):  # reasoning started four more times with the same input
+        events.append(_event(seq, at, "step_start", "reasoning", "Reasoning started", 0,
+                             {"run": 1, "input_sha256": "cd" * 32}))  # fmt: skip
+        at += 0.1
+    for meta in ({"run": 1, "latency_ms": 400.0, "model": "gpt-4o", "usage": "unknown"},
+                 {"run": 1, "latency_ms": 300.0, "model": "gpt-4o-mini", "input_tokens": 90,
+                  "output_tokens": 30}):  # fmt: skip
+        tokens = 0 if "usage" in meta else 120
+        events.append(_event(len(events), at, "step_complete", "reasoning", "Proxy call", tokens,
+                             meta))  # fmt: skip
+        at += 0.5
+    fed.feed(*(orjson.dumps(e) for e in events))
+    now = datetime(2026, 1, 15, 10, 0, 6, tzinfo=UTC)
+    text = render_dashboard_text(
+        fed.state, DisplayOptions(), width=cols, height=rows, now=now,
+        phase=MonitorPhase.TRACKING, view=DashboardView(keys=True), clock=True,
+    )  # fmt: skip
+    lines = text.splitlines()
+    assert len(lines) == rows and all(len(line) <= cols for line in lines)
+    assert text.count("loop: reasoning started 5") == 1
+    path = GOLDEN / f"dashboard-anomalies-{cols}x{rows}.txt"
+    if UPDATE or not path.exists():
+        if not UPDATE:
+            pytest.fail(f"no golden file {path.name}; run with SIGIL_UPDATE_GOLDEN=1 and review it")
         path.write_text(text)
     assert text == path.read_text(), f"{path.name} changed; see the module docstring"

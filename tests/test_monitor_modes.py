@@ -514,3 +514,95 @@ def test_selection_selects_never_counts() -> None:
     ]
     since = datetime(2026, 1, 11, 10, 30, tzinfo=UTC)
     assert [e.component for e in EventSelection(since=since).select(events)] == ["orchestrator"]
+
+
+# -- anomalies, unknown usage and per-model totals (issues 13, 14, 12) ----------------------
+
+LOOP_INPUT = "ab" * 32
+
+
+def anomalous_session(log_path: Path, session: str, *, final: bool = True) -> Path:
+    """A session written by hand the way the orchestrator and the proxy write it:
+    planning started five times with one ``input_sha256`` (an agent loop), a
+    proxy call whose upstream reported no usage (``"usage": "unknown"``), and
+    reasoning on two models. Returns the session's directory."""
+    start = datetime.now(UTC) - timedelta(seconds=30)
+    rows: list[tuple[str, str, int, dict[str, Any]]] = [
+        ("session_start", "orchestrator", 0,
+         {"run": 1, "budget": 10_000, "task": "loop", "allocations": {"planning": 2000}}),
+        *(("step_start", "planning", 0, {"run": 1, "input_sha256": LOOP_INPUT})
+          for _ in range(5)),
+        ("step_complete", "planning", 120,
+         {"run": 1, "latency_ms": 50, "model": "gpt-4o", "input_tokens": 100,
+          "output_tokens": 20}),
+        ("step_complete", "planning", 0,
+         {"run": 1, "latency_ms": 40, "model": "gpt-4o", "usage": "unknown"}),
+        ("step_complete", "reasoning", 900,
+         {"run": 1, "latency_ms": 90, "model": "big-model", "input_tokens": 800,
+          "output_tokens": 100}),
+        ("step_complete", "reasoning", 300,
+         {"run": 1, "latency_ms": 70, "model": "small-model", "input_tokens": 250,
+          "output_tokens": 50}),
+    ]  # fmt: skip
+    if final:
+        rows.append(("session_complete", "orchestrator", 0, {"run": 1, "status": "complete"}))
+    session_dir = log_path / "sessions" / session
+    session_dir.mkdir(parents=True, exist_ok=True)
+    lines = [
+        json.dumps(
+            {
+                "timestamp": (start + timedelta(seconds=seq)).isoformat(),
+                "session_id": session,
+                "event_type": kind,
+                "component": component,
+                "message": f"{component} {kind}",
+                "tokens": tokens,
+                "metadata": meta,
+                "seq": seq,
+            }
+        )
+        for seq, (kind, component, tokens, meta) in enumerate(rows)
+    ]
+    (session_dir / "execution.jsonl").write_text("\n".join(lines) + "\n")
+    return session_dir
+
+
+def test_json_snapshots_carry_loops_unknown_usage_and_models(
+    env: dict[str, str], log_path: Path
+) -> None:
+    anomalous_session(log_path, "anom-j")
+    proc = subprocess.run(
+        [*SIGIL, "monitor", "--session", "anom-j", "--mode", "json", "--once"],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    final = json.loads(proc.stdout.splitlines()[-1])
+    assert final["loops"] == [
+        {"run": 1, "component": "planning", "input_sha256": LOOP_INPUT, "starts": 5,
+         "seqs": [1, 2, 3, 4, 5]}
+    ]  # fmt: skip
+    assert final["unknown_usage_calls"] == 1
+    assert final["tokens_used"] == 1320  # the unknown call adds nothing, and is counted apart
+    components = final["components"]
+    assert components["planning"]["unknown_usage_calls"] == 1
+    assert components["reasoning"]["unknown_usage_calls"] == 0
+    assert components["reasoning"]["models"] == ["big-model", "small-model"]
+    models = final["models"]
+    assert set(models) == {"gpt-4o", "big-model", "small-model"}
+    assert models["gpt-4o"]["calls"] == 2 and models["gpt-4o"]["unknown_usage_calls"] == 1
+    assert models["gpt-4o"]["tokens"] == 120
+    assert (models["big-model"]["tokens"], models["big-model"]["input_tokens"]) == (900, 800)
+
+
+def test_minimal_names_unknown_usage_and_loops(env: dict[str, str], log_path: Path) -> None:
+    anomalous_session(log_path, "anom-m")
+    proc = subprocess.run(
+        [*SIGIL, "monitor", "--session", "anom-m", "--mode", "minimal", "--once"],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("Tokens:"))
+    assert line == "Tokens: 1,320 / 10,000 (13.20%) complete | +1 unknown | loop: planning"
+    # The final summary says both too.
+    assert "Unknown:   1 call of unknown usage" in proc.stdout
+    assert "Anomaly:   loop: planning started 5 times with the same input" in proc.stdout

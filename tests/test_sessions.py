@@ -327,3 +327,28 @@ def test_folding_many_sessions_lets_other_python_threads_run(tmp_path: Path) -> 
     # Held, the GIL would freeze the ticker for the whole fold (gap = took).
     assert took > 0.3, f"the fold took only {took:.2f}s: too short to tell"
     assert gap < min(0.25, took / 2), f"other Python threads froze for {gap:.2f}s of {took:.2f}s"
+
+
+def test_unknown_usage_and_loops_are_listed(tmp_path: Path) -> None:
+    """Issues 13 and 14: a loop marks the status, calls of unknown usage are
+    counted beside the tokens (never as 0), in the table and in --json."""
+    from test_monitor_modes import LOOP_INPUT, anomalous_session
+
+    home = tmp_path / "home"
+    anomalous_session(home / "logs", "anom")
+    _finished(home / "logs" / "sessions" / "plain", 40)
+    rows = _rows(home)
+    row = rows["anom"]
+    assert row["status"] == "complete" and row["tokens_used"] == 1320
+    assert row["unknown_usage_calls"] == 1
+    assert row["loops"] == [
+        {"run": 1, "component": "planning", "input_sha256": LOOP_INPUT, "starts": 5,
+         "seqs": [1, 2, 3, 4, 5]}
+    ]  # fmt: skip
+    assert rows["plain"]["unknown_usage_calls"] == 0 and rows["plain"]["loops"] == []
+    proc = run_cli(home, "sessions")
+    assert proc.returncode == 0, proc.stderr
+    lines = {line.split()[0]: line for line in proc.stdout.splitlines()[1:]}
+    assert " complete+loop " in lines["anom"] and "1,320/10,000 +1 unknown" in lines["anom"]
+    assert "loop" not in lines["plain"] and "unknown" not in lines["plain"]
+    assert " complete " in lines["plain"]

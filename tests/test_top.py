@@ -145,3 +145,27 @@ def test_without_a_terminal_it_says_so(env: dict[str, str], log_path: Path) -> N
         assert proc.returncode == 2, (argv, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
         assert proc.stdout == ""
+
+
+def test_unknown_usage_and_loops_in_the_table_and_json(log_path: Path, env: dict[str, str]) -> None:
+    """Issues 13 and 14: a live session in a loop is marked in STATUS, its calls
+    of unknown usage counted beside its tokens, in the table and in --json."""
+    from sigil.core.locks import SessionLock
+    from test_monitor_modes import anomalous_session
+
+    session_dir = anomalous_session(log_path, "anom", final=False)
+    argv = [*SIGIL, "top", "--once", "--log-path", str(log_path)]
+    with SessionLock(session_dir):
+        table = subprocess.run(
+            argv, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        as_json = subprocess.run(
+            [*argv, "--json"], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+    assert table.returncode == 0 and as_json.returncode == 0, table.stderr + as_json.stderr
+    line = next(x for x in table.stdout.splitlines() if x.startswith("anom "))
+    assert " running+loop " in line and "1,320 +1 unknown" in line
+    (row,) = json.loads(as_json.stdout)
+    assert row["status"] == "running" and row["tokens_used"] == 1320
+    assert row["unknown_usage_calls"] == 1
+    assert [(lp["component"], lp["starts"]) for lp in row["loops"]] == [("planning", 5)]

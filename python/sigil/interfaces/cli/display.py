@@ -42,7 +42,8 @@ from sigil.telemetry.pricing import usd
 
 if TYPE_CHECKING:
     from sigil.interfaces.cli.event_selection import EventSelection
-    from sigil.interfaces.cli.monitor import EntryLike, MonitorPhase, SessionState
+    from sigil.interfaces.cli.monitor import EntryLike, MonitorPhase, SessionState, StepLoop
+    from sigil.telemetry.log_parser import ModelSnapshot
 
 __all__ = [
     "DashboardRenderer",
@@ -293,6 +294,48 @@ def error_lines(state: SessionState, limit: int = 3) -> list[str]:
     return lines
 
 
+def loop_text(loop: StepLoop, runs: int = 1, width: int | None = None) -> str:
+    """A step loop as one line: ``loop: planning started 5 times with the same
+    input (seq 20, 21, 23, 24, 25, …)``; the run is named when there were several.
+    Where that is wider than ``width``, the shorter ``started 5x, same input``
+    and as many of its seqs as fit (at least the first)."""
+    where = f" in run {loop.run}" if runs > 1 else ""
+
+    def tail(n: int) -> str:
+        seqs = loop.seqs[:n]
+        more = ", …" if loop.starts > len(seqs) else ""
+        return f" (seq {', '.join(map(str, seqs))}{more})" if seqs else ""
+
+    text = f"loop: {loop.component} started {loop.starts:,} times with the same input{where}"
+    n = len(loop.seqs)
+    if width is None or _cells(text + tail(n)) <= width:
+        return text + tail(n)
+    text = f"loop: {loop.component} started {loop.starts:,}x, same input{where}"
+    while n > 1 and _cells(text + tail(n)) > width:
+        n -= 1
+    return text + tail(n)
+
+
+def anomaly_lines(state: SessionState) -> list[str]:
+    """The session's anomalies (issue 13), each once: the model's step loops."""
+    return [loop_text(loop, state.runs) for loop in state.loops]
+
+
+def unknown_text(calls: int) -> str:
+    """Calls whose usage the upstream did not report (issue 14): ``+2 unknown``,
+    beside the tokens that are known, never folded in as 0."""
+    return f"+{calls:,} unknown"
+
+
+def main_model(models: Mapping[str, ModelSnapshot] | None) -> str | None:
+    """``gpt-4o`` or ``gpt-4o +2``: the model of most tokens (then calls) among a
+    component's per-model totals, and how many others it used."""
+    names = _model_names(models)
+    if not names:
+        return None
+    return names[0] + (f" +{len(names) - 1}" if len(names) > 1 else "")
+
+
 def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
@@ -334,6 +377,11 @@ def minimal_line(
     errors = state.snap.event_counts.get("step_error", 0)
     if errors:
         extras.append((f"{errors:,} error{'s' if errors != 1 else ''}", "1;31"))
+    if state.unknown_usage_calls:
+        extras.append((unknown_text(state.unknown_usage_calls), "33"))
+    looping = list(dict.fromkeys(loop.component for loop in state.loops))
+    if looping:
+        extras.append((f"loop: {', '.join(looping)}", "1;33"))
     if state.live:
         rate = state.recent_rate(now)
         if rate is not None:
@@ -342,8 +390,10 @@ def minimal_line(
         if to_end is not None:
             soon = "1;31" if to_end < 300 else "33" if to_end < 900 else "2"
             extras.append((f"budget ends in ~{format_duration(to_end)}", soon))
-    # The error count outlives the rate and the forecast when the line is short.
-    extras.sort(key=lambda part: part[1] != "1;31")
+    # The error count, then what is unknown and the loops, outlive the rate and
+    # the forecast when the line is short.
+    rank = {"1;31": 0, "33": 1, "1;33": 1}
+    extras.sort(key=lambda part: rank.get(part[1], 2))
     for head in (f"Tokens: {core} {status}", f"{core} {status}", core):
         kept = list(extras)
         while kept and _joined_width(head, kept) >= width:
@@ -376,6 +426,7 @@ def state_to_dict(
 ) -> dict[str, Any]:
     """The state as one JSON object (``--mode json``): what the dashboard shows, as data."""
     allocations = state.allocations
+    per_model = state.component_models
     components = {
         name: {
             "tokens": c.tokens,
@@ -383,12 +434,14 @@ def state_to_dict(
             "operations": c.operations,
             "errors": c.errors,
             "retries": c.retries,
+            "unknown_usage_calls": c.unknown_usage_calls,
             "latency_ms": round(c.latency_ms, 3),
             "avg_latency_ms": _round(c.average_latency_ms),
             "p95_latency_ms": _round(c.p95_latency_ms),
             "last_error": c.last_error.to_dict() if c.last_error else None,
             **cost_fields(c),
             "unpriced_models": list(c.unpriced_models),
+            "models": _model_names(per_model.get(name)),
         }
         for name, c in ((n, state.components[n]) for n in ordered_components(state.components))
     }
@@ -420,6 +473,9 @@ def state_to_dict(
         "runs": state.runs,
         **cost_fields(state.snap),
         "unpriced_models": list(state.snap.unpriced_models),
+        "models": {name: model_fields(m) for name, m in sorted(state.snap.models.items())},
+        "unknown_usage_calls": state.unknown_usage_calls,
+        "loops": [loop.to_dict() for loop in state.loops],
         "elapsed_seconds": round(state.elapsed_at(now), 3),
         "tokens_per_second": _round(state.recent_rate(now)),
         "average_tokens_per_second": _round(state.average_rate),
@@ -441,6 +497,28 @@ def state_to_dict(
     if exit_code is not None:
         obj["exit_code"] = exit_code
     return obj
+
+
+def model_fields(m: ModelSnapshot) -> dict[str, Any]:
+    """One model's totals as JSON (the model's ``ModelSnapshot``), cost in dollars."""
+    return {
+        "tokens": m.tokens,
+        "input_tokens": m.input_tokens,
+        "output_tokens": m.output_tokens,
+        "calls": m.calls,
+        "errors": m.errors,
+        "unknown_usage_calls": m.unknown_usage_calls,
+        **cost_fields(m),
+        "unpriced_calls": m.unpriced_calls,
+    }
+
+
+def _model_names(models: Mapping[str, ModelSnapshot] | None) -> list[str]:
+    """A component's models, the one of most tokens (then calls) first."""
+    if not models:
+        return []
+    ranked = sorted(models.values(), key=lambda m: (-m.tokens, -m.calls, m.name))
+    return [m.name for m in ranked]
 
 
 def _labelled(label: str, text: str, width: int) -> list[str]:
@@ -504,6 +582,9 @@ def summary_lines(
         f"({state.budget_percentage:.2f}%)"
     )
     lines.append(f"Remaining: {state.tokens_remaining:,}")
+    unknown = state.unknown_usage_calls
+    if unknown:
+        lines.append(f"Unknown:   {unknown:,} call{'s' if unknown != 1 else ''} of unknown usage")
     if state.runs > 1:
         lines.append(f"This run:  {run.tokens:,}")
     if has_cost(state.snap):
@@ -525,6 +606,8 @@ def summary_lines(
             lines.append(line + failed if len(line + failed) < width else line)
     for error in error_lines(state):
         lines.extend(_labelled("Error:     ", error, width))
+    for anomaly in anomaly_lines(state):
+        lines.extend(_labelled("Anomaly:   ", anomaly, width))
     # One count per line: short enough for 40 columns, easy to grep.
     lines.append(f"Events:    {state.entries:,}")
     lines.append(f"Malformed: {state.malformed:,}")
@@ -743,6 +826,10 @@ def _component_lines(state: SessionState, options: DisplayOptions, width: int,
     cols_model = width >= 110
     cols_cost = width >= 110 and has_cost(state.snap)
     cols_retry = width >= 80
+    cols_unknown = any(
+        (c := state.components.get(n)) is not None and c.unknown_usage_calls for n in names
+    )
+    models = state.component_models if cols_model else {}
     name_w = min(12, max(len(n) for n in names))
 
     rows: list[dict[str, tuple[str, str]]] = []
@@ -766,6 +853,9 @@ def _component_lines(state: SessionState, options: DisplayOptions, width: int,
                 "1;31" if over else _level_sgr(comp_level) if share is not None else "2",
             ),
         }
+        if cols_unknown:
+            unknown = comp.unknown_usage_calls if comp else 0
+            row["unk"] = (unknown_text(unknown) if unknown else "", "33")
         if cols_p50:
             p50 = comp.p50_latency_ms if comp else None
             row["p50"] = ("-" if p50 is None else format_latency(p50), "" if p50 else "2")
@@ -787,7 +877,7 @@ def _component_lines(state: SessionState, options: DisplayOptions, width: int,
                 "" if comp and (comp.input_tokens or comp.output_tokens) else "2",
             )
         if cols_model:
-            model = comp.model if comp else None
+            model = main_model(models.get(name)) or (comp.model if comp else None)
             row["model"] = (model or "-", "" if model else "2")
         if cols_cost:
             text = format_cost(comp) if comp else "-"
@@ -800,14 +890,15 @@ def _component_lines(state: SessionState, options: DisplayOptions, width: int,
         bars.append((share, "1;31" if over else _level_sgr(comp_level)))
         rows.append(row)
 
-    heads = {"name": "component", "tokens": "tokens", "pct": "%", "p50": "p50", "p95": "p95",
-             "io": "in/out", "model": "model", "cost": "cost", "err": "err",
+    heads = {"name": "component", "tokens": "tokens", "unk": "", "pct": "%", "p50": "p50",
+             "p95": "p95", "io": "in/out", "model": "model", "cost": "cost", "err": "err",
              "rty": "rty"}  # fmt: skip
     order = [
         c
-        for c in ("tokens", "pct", "p50", "p95", "io", "model", "cost", "err", "rty")
+        for c in ("tokens", "unk", "pct", "p50", "p95", "io", "model", "cost", "err", "rty")
         if c in rows[0]
     ]
+    lead = 3 if "unk" in order else 2  # the columns before the bar
     widths = {c: max(len(heads[c]), *(_cells(r[c][0]) for r in rows)) for c in order}
     if "model" in widths:
         widths["model"] = min(widths["model"], 14)
@@ -822,19 +913,23 @@ def _component_lines(state: SessionState, options: DisplayOptions, width: int,
         header = bar is None
         name_text, name_style = cells["name"]
         line = _Line(_crop(name_text, name_w).ljust(name_w), "2" if header else name_style)
-        for c in order[:2]:  # tokens, %
+        for c in order[:lead]:  # tokens, unknown usage, %
             text, style = cells[c]
-            line.add(" " + text.rjust(widths[c]), "2" if header else style)
+            if c == "unk":
+                line.add(" " + text.ljust(widths[c]), "2" if header else style)
+            else:
+                line.add(" " + text.rjust(widths[c]), "2" if header else style)
         if show_bar:
             line.add(" ")
             if bar is None:
                 line.add(" " * bar_w)
             else:
                 line.parts.extend(_bar_parts(bar[0], bar_w, bar[1]))
-        for c in order[2:]:
+        for c in order[lead:]:
             text, style = cells[c]
             if c == "model":
-                line.add(" " + _crop(text, widths[c]).ljust(widths[c]), "2" if header else style)
+                line.add(" " + _fit_model(text, widths[c]).ljust(widths[c]),
+                         "2" if header else style)  # fmt: skip
             else:
                 line.add(" " + text.rjust(widths[c]), "2" if header else style)
         return line
@@ -844,6 +939,15 @@ def _component_lines(state: SessionState, options: DisplayOptions, width: int,
     out = [_rule(title, width), line_of(header_cells, None)]
     out.extend(line_of(r, bar) for r, bar in zip(rows, bars, strict=True))
     return out
+
+
+def _fit_model(text: str, width: int) -> str:
+    """A model cell cut to ``width``, keeping its ``+N`` (how many other models)."""
+    name, sep, more = text.rpartition(" +")
+    if not sep or not more.isdigit() or _cells(text) <= width:
+        return _crop(text, width)
+    room = width - len(sep) - len(more)
+    return _crop(name, room) + sep + more if room >= 2 else _crop(text, width)
 
 
 def _bar_parts(share: float | None, width: int, style: str) -> list[tuple[str, str]]:
@@ -873,6 +977,12 @@ def _problem_lines(state: SessionState, width: int, view: DashboardView) -> list
     for problem in read_problems(state):
         out.extend(_Line(("! " if i == 0 else "  ") + part, "33")
                    for i, part in enumerate(_wrap(problem, width - 2)))  # fmt: skip
+    for loop in state.loops:
+        if view.component is not None and loop.component != view.component:
+            continue
+        text = loop_text(loop, state.runs, width - 2)
+        out.extend(_Line(("! " if i == 0 else "  ") + part, "33")
+                   for i, part in enumerate(_wrap(text, width - 2)))  # fmt: skip
     for warning in list(state.warnings)[-3:]:
         out.extend(_Line(("! " if i == 0 else "  ") + part, "33")
                    for i, part in enumerate(_wrap(warning, width - 2)))  # fmt: skip
@@ -953,6 +1063,14 @@ def dashboard_lines(
     level_sgr = _level_sgr(level)
     used = _Line("Tokens  ", "2").add(f"{state.tokens_used:,}", "1")
     used.add(f" / {state.total_budget:,} ").add(f"({state.budget_percentage:.2f}%)", level_sgr)
+    # Calls of unknown usage beside the known tokens, on a line of their own when narrow.
+    unknown_line: _Line | None = None
+    if state.unknown_usage_calls:
+        unknown = unknown_text(state.unknown_usage_calls)
+        if used.cells + 2 + _cells(unknown) <= width:
+            used.add("  " + unknown, "33")
+        else:
+            unknown_line = _Line(" " * 8).add(unknown, "33")
     run_part = f"  run {state.run.tokens:,}" if state.runs > 1 else ""
     left = f"  left {state.tokens_remaining:,}{run_part}"
     cost = _cost_line(state, width) if has_cost(state.snap) else None
@@ -971,6 +1089,8 @@ def dashboard_lines(
         if options.show_budget_bar:
             top.append(_budget_bar(fraction, width, level_sgr))
         top.append(_Line("Left    ", "2").add(f"{state.tokens_remaining:,}"))
+    if unknown_line is not None:
+        top.insert(top.index(used) + 1, unknown_line)
     if cost is not None:
         top.append(cost)
     if options.show_forecast:

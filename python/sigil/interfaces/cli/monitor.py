@@ -144,6 +144,29 @@ def _finite(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sigil.telemetry.log_parser import ModelSnapshot
+
+
+class StepLoop(Protocol):
+    """A step loop of the model (``StepLoop``): a component started 3+ times
+    with one ``input_sha256`` in a run, and the ``seq``s of its first starts."""
+
+    @property
+    def run(self) -> int: ...
+    @property
+    def component(self) -> str: ...
+    @property
+    def input_sha256(self) -> str: ...
+    @property
+    def starts(self) -> int: ...
+    @property
+    def seqs(self) -> list[int]: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+
 class SessionState:
     """What the monitor shows: the native session model's latest snapshot, plus
     what only a display keeps (contract 12).
@@ -160,8 +183,10 @@ class SessionState:
 
     __slots__ = (
         "_allocations",
+        "_component_models",
         "_components",
         "_last_spender",
+        "_loops",
         "_run",
         "_thresholds_of",
         "default_budget",
@@ -240,6 +265,9 @@ class SessionState:
         self._components: dict[str, ComponentSnapshot] = snap.components
         self._allocations: dict[str, int] = snap.allocations
         self._run: RunSnapshot = snap.run
+        # Read when a view asks (most frames of a session without them never do).
+        self._loops: Sequence[StepLoop] | None = None
+        self._component_models: dict[str, dict[str, ModelSnapshot]] | None = None
 
     def _show(self, entries: list[EntryLike]) -> None:
         self.events.extend(entries)
@@ -321,6 +349,26 @@ class SessionState:
     @property
     def allocations(self) -> dict[str, int]:
         return self._allocations
+
+    @property
+    def loops(self) -> Sequence[StepLoop]:
+        """The model's step loops (a component started 3+ times with one input in
+        a run), oldest run first: each once, whatever the number of frames."""
+        if self._loops is None:
+            self._loops = self.snap.loops
+        return self._loops
+
+    @property
+    def unknown_usage_calls(self) -> int:
+        """Calls whose upstream reported no usage: counted apart, never as 0 tokens."""
+        return self.snap.unknown_usage_calls
+
+    @property
+    def component_models(self) -> dict[str, dict[str, ModelSnapshot]]:
+        """Each component's per-model totals (the model's ``component_models``)."""
+        if self._component_models is None:
+            self._component_models = self.snap.component_models
+        return self._component_models
 
     @property
     def runs(self) -> int:

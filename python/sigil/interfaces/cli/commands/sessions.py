@@ -51,6 +51,13 @@ class SessionRow:
     #: tokens of models without a price
     cost_usd: float | None = None
     unpriced_tokens: int = 0
+    #: model calls whose usage the upstream did not report (counted apart, never
+    #: as 0 tokens; None: not known, e.g. an archive's summaries)
+    unknown_usage_calls: int | None = None
+    #: the model's step loops (a component started 3+ times with one input in a
+    #: run): run, component, input_sha256, starts, seqs. Runs known only from
+    #: the ledger carry none.
+    loops: list[dict[str, Any]] = field(default_factory=list)
 
 
 @click.command("sessions", context_settings={"help_option_names": ["-h", "--help"]})
@@ -334,6 +341,8 @@ def _apply_models(sessions: list[_Live]) -> None:
         row.tokens_used = history.tokens
         row.cost_usd = usd(history.cost_nanousd) if history.priced_events else None
         row.unpriced_tokens = history.unpriced_tokens
+        row.unknown_usage_calls = history.unknown_usage_calls
+        row.loops = [loop.to_dict() for r in runs for loop in r.loops]
         row.runs = history.run_count
         if runs:
             row.status, row.budget = runs[-1].status, runs[-1].budget
@@ -394,7 +403,7 @@ def _print_table(rows: list[SessionRow]) -> None:
 
 
 def _cells(row: SessionRow) -> tuple[str, ...]:
-    from sigil.interfaces.cli.display import format_duration
+    from sigil.interfaces.cli.display import format_duration, unknown_text
 
     started = _parse_time(row.started_at)
     if started is None:
@@ -405,10 +414,12 @@ def _cells(row: SessionRow) -> tuple[str, ...]:
     tokens = "-" if row.tokens_used is None else f"{row.tokens_used:,}"
     if row.budget is not None:
         tokens += f"/{row.budget:,}"
+    if row.unknown_usage_calls:
+        tokens += f" {unknown_text(row.unknown_usage_calls)}"
     archived = Path(row.path).parent.name if row.archived else "-"
     return (
         row.session_id,
-        row.status,
+        row.status + ("+loop" if row.loops else ""),
         shown_start,
         format_duration(row.duration_seconds),
         tokens,

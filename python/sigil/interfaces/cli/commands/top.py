@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +52,10 @@ class TopRow:
     cost_nanousd: int = 0
     priced_events: int = 0
     unpriced_tokens: int = 0
+    #: model calls whose usage the upstream did not report (never counted as 0)
+    unknown_usage_calls: int = 0
+    #: the model's step loops (``StepLoop.to_dict()``), oldest run first
+    loops: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def budget_fraction(self) -> float | None:
@@ -72,6 +76,8 @@ class TopRow:
             "errors": self.errors,
             "cost_usd": usd(self.cost_nanousd) if self.priced_events else None,
             "unpriced_tokens": self.unpriced_tokens,
+            "unknown_usage_calls": self.unknown_usage_calls,
+            "loops": self.loops,
             "step_in_flight": self.step,
             "last_event_at": self.last_event,
         }
@@ -106,6 +112,8 @@ def _row(session_id: str, snap: SessionSnapshot, live: bool) -> TopRow:
         cost_nanousd=snap.cost_nanousd,
         priced_events=snap.priced_events,
         unpriced_tokens=snap.unpriced_tokens,
+        unknown_usage_calls=snap.unknown_usage_calls,
+        loops=[loop.to_dict() for loop in snap.loops],
     )
 
 
@@ -190,17 +198,18 @@ _HEADERS = (
 
 def table_lines(rows: list[TopRow]) -> list[str]:
     """The table as plain text lines (header first), columns sized to fit."""
-    from sigil.interfaces.cli.display import format_cost
+    from sigil.interfaces.cli.display import format_cost, unknown_text
 
     cells = [_HEADERS]
     for r in rows:
         fraction = r.budget_fraction
+        unknown = f" {unknown_text(r.unknown_usage_calls)}" if r.unknown_usage_calls else ""
         cells.append(
             (
                 r.session_id,
-                r.status,
+                r.status + ("+loop" if r.loops else ""),
                 "-" if r.run is None else str(r.run),
-                f"{r.tokens:,}",
+                f"{r.tokens:,}{unknown}",
                 "-" if r.budget is None else f"{r.budget:,}",
                 "-" if fraction is None else f"{fraction * 100:.1f}%",
                 "-" if r.rate_per_min is None else f"{r.rate_per_min:,.0f}",
