@@ -145,3 +145,62 @@ def test_user_errors_are_one_line_with_exit_2(sigil_home: Path, log_path: Path) 
         lines = proc.stderr.splitlines()
         assert len(lines) == 1 and lines[0].startswith("Error: ") and says in lines[0], proc.stderr
         assert proc.stdout == ""
+
+
+def test_token_jumps_between_a_and_b(sigil_home: Path, log_path: Path) -> None:
+    """A component whose tokens per call on one side is above 2x the other
+    side's and at least 100 above it is a token jump of that side."""
+    from test_report import Step
+
+    def steps(per_call: dict[str, list[int]]) -> list[Step]:
+        return [Step(c, t) for c, tokens in per_call.items() for t in tokens]
+
+    base = {
+        "reasoning": [100, 100, 100],  # 100 per call
+        "planning": [300, 300],  # 300 per call
+        "memory": [10, 10],  # 10 per call
+        "validation": [200, 200],  # 200 per call
+    }
+    grown = {
+        "reasoning": [500, 700],  # 600 per call: 6x A's, B's jump
+        "planning": [100, 100, 100],  # 100 per call: A is 3x B's, A's jump
+        "memory": [50, 50],  # 5x, but only 40 more per call: none
+        "validation": [390, 410],  # 400 per call: 2x, not above it: none
+    }
+    write_runs(
+        log_path,
+        [
+            Run("base", 1, day("2026-11-01T09:00:00+00:00"), steps(base)),
+            Run("grown", 1, day("2026-11-02T09:00:00+00:00"), steps(grown)),
+            Run("grown", 2, day("2026-11-02T10:00:00+00:00"), steps(base)),
+        ],
+    )
+    doc = diff_json(sigil_home, "base", "grown@1")
+    assert doc["token_jumps"] == {
+        "a": [
+            {
+                "session": "base",
+                "run": None,
+                "component": "planning",
+                "tokens_per_call": 300.0,
+                "history_p99": 100.0,
+                "history_runs": 1,
+            }
+        ],
+        "b": [
+            {
+                "session": "grown",
+                "run": 1,
+                "component": "reasoning",
+                "tokens_per_call": 600.0,
+                "history_p99": 100.0,
+                "history_runs": 1,
+            }
+        ],
+    }
+    # The same numbers on both sides: nothing.
+    same = diff_json(sigil_home, "base", "grown@2")
+    assert same["token_jumps"] == {"a": [], "b": []}
+    shown = run_cli(sigil_home, "diff", "base", "grown@1").stdout
+    assert "token jump in B: reasoning 600.0 tokens per call, 6.0x A's 100.0" in shown
+    assert "token jump in A: planning 300.0 tokens per call, 3.0x B's 100.0" in shown

@@ -641,3 +641,139 @@ def test_an_archive_with_a_compressed_segment_and_a_broken_archive(
     doc = json.loads(proc.stdout)
     assert doc["total"] == reference(runs)
     assert [r["period"] for r in doc["rows"]] == ["2026-11-10", "2026-11-11"]
+
+
+# -- token jumps: a component's tokens per call far above its own history ----------
+
+#: the rule's numbers, written out again as the reference's own copy
+JUMP_HISTORY, JUMP_MIN_HISTORY, JUMP_FACTOR, JUMP_MIN_TOKENS = 20, 5, 2.0, 100
+
+
+def per_call(steps: list[Step], component: str) -> float | None:
+    """Tokens per call (a completed or failed step; no retries here) of one
+    component in one run, from the steps written."""
+    mine = [s for s in steps if s.component == component]
+    calls = sum(s.kind in ("ok", "error") for s in mine)
+    return sum(s.tokens for s in mine) / calls if calls else None
+
+
+def reference_jumps(runs: list[Run], first: int = 0) -> list[dict[str, Any]]:
+    """Each run from ``first`` on (runs in start order), each component whose
+    tokens per call is above JUMP_FACTOR x the nearest-rank p99 of its last
+    JUMP_HISTORY runs' and at least JUMP_MIN_TOKENS above it."""
+    out = []
+    components = sorted({s.component for r in runs for s in r.steps})
+    for component in components:
+        seen: list[float] = []
+        for i, run in enumerate(runs):
+            value = per_call(run.steps, component)
+            if value is None:
+                continue
+            window = seen[-JUMP_HISTORY:]
+            if i >= first and len(window) >= JUMP_MIN_HISTORY:
+                ordered = sorted(window)
+                p99 = ordered[math.ceil(0.99 * len(ordered)) - 1]
+                if value > JUMP_FACTOR * p99 and value - p99 >= JUMP_MIN_TOKENS:
+                    out.append(
+                        {
+                            "session": run.session,
+                            "run": run.number,
+                            "component": component,
+                            "tokens_per_call": value,
+                            "history_p99": p99,
+                            "history_runs": len(window),
+                        }
+                    )
+            seen.append(value)
+    return sorted(out, key=lambda j: (j["session"], j["run"], j["component"]))
+
+
+def steady_runs(n: int, seed: int, jump: dict[int, tuple[str, float]] | None = None) -> list[Run]:
+    """``n`` sessions of one run each, a day apart: planning ~200, reasoning
+    ~400 and memory ~5 tokens per call (3 calls each, one failed now and then);
+    ``jump`` multiplies one component's tokens in the runs it names."""
+    import random
+
+    rng = random.Random(seed)
+    start = day("2026-10-01T09:00:00+00:00")
+    runs = []
+    for i in range(n):
+        steps = []
+        for component, size in (("planning", 200), ("reasoning", 400), ("memory", 5)):
+            factor = jump[i][1] if jump and i in jump and jump[i][0] == component else 1.0
+            for k in range(3):
+                tokens = int(rng.randint(size * 8 // 10, size * 12 // 10) * factor)
+                kind = "error" if k == 2 and rng.random() < 0.2 else "ok"
+                steps.append(Step(component, tokens, kind, 10.0 if kind == "ok" else None))
+        runs.append(Run(f"s{i:02d}", 1, start + timedelta(days=i), steps))
+    return runs
+
+
+def test_a_steady_history_has_no_token_jump(sigil_home: Path, log_path: Path) -> None:
+    # memory jumps 8x in the last run, but from ~5 to ~40 tokens per call: too small.
+    runs = steady_runs(30, seed=7, jump={29: ("memory", 8.0)})
+    write_runs(log_path, runs)
+    doc = report(sigil_home, "daily")
+    assert reference_jumps(runs) == []
+    assert doc["anomalies"]["token_jumps"] == []
+    assert "token jump" not in run_cli(sigil_home, "report", TZ="UTC").stdout
+
+
+def test_a_component_jumping_5x_in_the_last_session_is_flagged(
+    sigil_home: Path, log_path: Path
+) -> None:
+    runs = steady_runs(12, seed=3, jump={11: ("reasoning", 5.0)})
+    write_runs(log_path, runs)
+    want = reference_jumps(runs)
+    assert [(j["session"], j["component"], j["history_runs"]) for j in want] == [
+        ("s11", "reasoning", 11)
+    ]
+    doc = report(sigil_home, "session")
+    assert doc["anomalies"]["token_jumps"] == [
+        {**j, "tokens_per_call": pytest.approx(j["tokens_per_call"])} for j in want
+    ]
+    # A range holding only the last session still compares with the runs before it.
+    last = report(sigil_home, "daily", "--since", "2026-10-12")
+    assert last["anomalies"]["token_jumps"] == doc["anomalies"]["token_jumps"]
+    # A range without the jump shows none.
+    before = report(sigil_home, "daily", "--until", "2026-10-11")
+    assert before["anomalies"]["token_jumps"] == []
+    shown = run_cli(sigil_home, "report", "session", TZ="UTC").stdout
+    j = want[0]
+    assert (
+        f"token jump: session s11 run 1: reasoning {j['tokens_per_call']:,.1f} tokens per call,"
+        f" above {j['history_p99']:,.1f} (p99 of its last 11 runs)"
+    ) in shown
+
+
+def test_too_little_history_flags_nothing(sigil_home: Path, log_path: Path) -> None:
+    # Four runs before the jump: fewer than JUMP_MIN_HISTORY.
+    runs = steady_runs(5, seed=5, jump={4: ("planning", 5.0)})
+    write_runs(log_path, runs)
+    assert reference_jumps(runs) == []
+    assert report(sigil_home, "session")["anomalies"]["token_jumps"] == []
+    # One more run (five before the jump) and it is flagged.
+    more = steady_runs(6, seed=5, jump={5: ("planning", 5.0)})
+    shutil.rmtree(log_path / "sessions")
+    write_runs(log_path, more)
+    flagged = report(sigil_home, "session")["anomalies"]["token_jumps"]
+    assert [(j["session"], j["component"], j["history_runs"]) for j in flagged] == [
+        ("s05", "planning", 5)
+    ]
+
+
+def test_the_history_is_the_last_20_runs_only(sigil_home: Path, log_path: Path) -> None:
+    # Huge values long ago (runs 0-4) leave the window before the jump (run 25).
+    runs = steady_runs(26, seed=11, jump={**{i: ("reasoning", 6.0) for i in range(5)}})
+    runs[25] = steady_runs(26, seed=11, jump={25: ("reasoning", 5.0)})[25]
+    write_runs(log_path, runs)
+    want = reference_jumps(runs)
+    assert [(j["session"], j["component"], j["history_runs"]) for j in want] == [
+        ("s25", "reasoning", 20)
+    ]
+    got = report(sigil_home, "session")["anomalies"]["token_jumps"]
+    assert got == [{**j, "tokens_per_call": pytest.approx(j["tokens_per_call"])} for j in want]
+    # --session-prefix narrows the history to those sessions (s20..s25 here).
+    narrow = reference_jumps(runs[20:])
+    got = report(sigil_home, "session", "--session-prefix", "s2")["anomalies"]["token_jumps"]
+    assert got == [{**j, "tokens_per_call": pytest.approx(j["tokens_per_call"])} for j in narrow]

@@ -28,7 +28,7 @@ from sigil.telemetry.log_parser import (
     run_status,
 )
 
-__all__ = ["DiffError", "Side", "compare", "load_sides"]
+__all__ = ["DiffError", "Side", "compare", "load_sides", "token_jumps"]
 
 _SPEC_RE = re.compile(r"^(?P<sid>[A-Za-z0-9_-]{1,64})(?:@(?P<run>\d{1,9}))?$")
 _FIELDS = (
@@ -227,3 +227,40 @@ def changed_steps(a: Side, b: Side) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _per_call(c: ComponentSnapshot | None) -> float | None:
+    """Tokens per call (completed plus failed steps) of the model's totals."""
+    if c is None or c.operations + c.errors <= 0:
+        return None
+    return c.tokens / (c.operations + c.errors)
+
+
+def token_jumps(a: Side, b: Side) -> dict[str, list[dict[str, Any]]]:
+    """The components whose tokens per call on one side jump far above the
+    other side's, by the rule of ``sigil report`` (:func:`sigil.reports.query.is_jump`)
+    with the other side as the whole history: above 2x its tokens per call and
+    at least 100 more. ``"b"`` lists B's jumps over A, ``"a"`` A's over B."""
+    from sigil.reports.query import is_jump
+
+    out: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+    for name in sorted(set(a.components) & set(b.components)):
+        values = {
+            "a": _per_call(a.components[name]),
+            "b": _per_call(b.components[name]),
+        }
+        for side, other, this in (("a", "b", a), ("b", "a", b)):
+            value, baseline = values[side], values[other]
+            if value is None or baseline is None or not is_jump(value, baseline):
+                continue
+            out[side].append(
+                {
+                    "session": this.session_id,
+                    "run": this.run,
+                    "component": name,
+                    "tokens_per_call": value,
+                    "history_p99": baseline,
+                    "history_runs": 1,
+                }
+            )
+    return out

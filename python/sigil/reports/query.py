@@ -25,11 +25,17 @@ from typing import Any
 __all__ = [
     "FAILED_STATUSES",
     "GROUPS",
+    "JUMP_FACTOR",
+    "JUMP_HISTORY",
+    "JUMP_MIN_HISTORY",
+    "JUMP_MIN_TOKENS",
     "Filters",
     "Report",
+    "is_jump",
     "latency_quantile",
     "parse_moment",
     "run_report",
+    "token_jumps",
 ]
 
 GROUPS = ("daily", "weekly", "monthly", "session", "component", "model")
@@ -98,6 +104,21 @@ class Filters:
 #: retries of one component in one run from which they are a storm
 RETRY_STORM = 5
 
+#: Token jumps (issue 13: "a component whose tokens per operation jump far
+#: above its own history"). A component's tokens per call in a run (its tokens
+#: over its calls, completed plus failed steps, as the native model counted
+#: them) is compared with the same component's tokens per call in its last
+#: :data:`JUMP_HISTORY` runs before it (runs of the sessions the report's
+#: ``--session-prefix`` selects, from any date: the range only picks the runs
+#: judged). With at least :data:`JUMP_MIN_HISTORY` such runs, it is a jump when
+#: it is above :data:`JUMP_FACTOR` times the history's p99 (nearest rank) and at
+#: least :data:`JUMP_MIN_TOKENS` tokens per call above it, so a tiny component
+#: going from 5 to 40 tokens per call does not flag.
+JUMP_HISTORY = 20
+JUMP_MIN_HISTORY = 5
+JUMP_FACTOR = 2.0
+JUMP_MIN_TOKENS = 100
+
 
 @dataclass(slots=True)
 class Report:
@@ -106,8 +127,8 @@ class Report:
     breakdown: bool
     rows: list[dict[str, Any]]
     total: dict[str, Any]
-    #: loops (a step started again and again with one input) and retry storms
-    #: of the runs reported, with the events (seq) that show them
+    #: loops (a step started again and again with one input, with the events
+    #: (seq) that show them), retry storms and token jumps of the runs reported
     anomalies: dict[str, list[dict[str, Any]]] | None = None
 
 
@@ -189,8 +210,9 @@ def run_report(
 
 def anomalies(conn: sqlite3.Connection, filters: Filters) -> dict[str, list[dict[str, Any]]]:
     """The runs' loops (the native model's: a component started at least 3
-    times with the same ``input_sha256``) and retry storms (at least
-    :data:`RETRY_STORM` retries of one component in one run)."""
+    times with the same ``input_sha256``), retry storms (at least
+    :data:`RETRY_STORM` retries of one component in one run) and token jumps
+    (:func:`token_jumps`)."""
     where, params = filters.where()
     loops = [
         {
@@ -217,7 +239,60 @@ def anomalies(conn: sqlite3.Connection, filters: Filters) -> dict[str, list[dict
             [*params, RETRY_STORM],
         )
     ]
-    return {"loops": loops, "retry_storms": storms}
+    return {"loops": loops, "retry_storms": storms, "token_jumps": token_jumps(conn, filters)}
+
+
+def is_jump(value: float, p99: float) -> bool:
+    """The token jump rule: far above the history's p99 (module docstring)."""
+    return value > JUMP_FACTOR * p99 and value - p99 >= JUMP_MIN_TOKENS
+
+
+def token_jumps(conn: sqlite3.Connection, filters: Filters) -> list[dict[str, Any]]:
+    """The runs in ``filters``' range whose components' tokens per call jump
+    far above their own last runs' (:data:`JUMP_HISTORY`): one SQL query for
+    every (component, run) with calls, in start order, and one pass over it
+    keeping each component's last values."""
+    from collections import deque
+
+    history = Filters(None, filters.until, filters.session_prefix)
+    where, params = history.where()
+    judged = []
+    if filters.since is not None:
+        judged.append("r.started_ts >= ?")
+        params = [filters.since, *params]
+    flag = " AND ".join(judged) or "1"
+    rows = conn.execute(
+        f"SELECT c.component, r.session_id, r.run, {flag},"
+        " CAST(c.tokens AS REAL) / (c.operations + c.errors)"
+        f" FROM components c JOIN runs r ON c.run_id = r.id WHERE {where}"
+        " AND c.operations + c.errors > 0"
+        " ORDER BY c.component, r.started_ts, r.id",
+        params,
+    )
+    out: list[dict[str, Any]] = []
+    last: deque[float] = deque(maxlen=JUMP_HISTORY)
+    current: str | None = None
+    for component, session_id, run, in_range, value in rows:
+        if component != current:
+            current = component
+            last.clear()
+        if in_range and len(last) >= JUMP_MIN_HISTORY:
+            ordered = sorted(last)
+            p99 = ordered[math.ceil(0.99 * len(ordered)) - 1]
+            if is_jump(value, p99):
+                out.append(
+                    {
+                        "session": session_id,
+                        "run": run,
+                        "component": component,
+                        "tokens_per_call": value,
+                        "history_p99": p99,
+                        "history_runs": len(ordered),
+                    }
+                )
+        last.append(value)
+    out.sort(key=lambda j: (j["session"], j["run"], j["component"]))
+    return out
 
 
 def _empty() -> dict[str, Any]:

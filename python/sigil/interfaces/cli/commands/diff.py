@@ -16,11 +16,13 @@ from sigil.interfaces.cli.errors import OneLineCommand, UsageFailure
 @click.option("--log-path", "-l", metavar="DIR", help="Base log directory (default: logging.path).")
 def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
     """Tokens, latency and errors per component of A and B (a session ID, or
-    ID@RUN for one run), largest differences first."""
+    ID@RUN for one run), largest differences first; then the steps whose output
+    changed, loops, and token jumps (a component whose tokens per call on one
+    side are above 2x the other's and at least 100 more)."""
     from pathlib import Path
 
     from sigil.core.config import load_settings
-    from sigil.reports.diff import DiffError, changed_steps, compare, load_sides
+    from sigil.reports.diff import DiffError, changed_steps, compare, load_sides, token_jumps
 
     settings = load_settings({"logging.path": log_path})
     base = Path(settings.logging.path)
@@ -31,6 +33,7 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
     rows = compare(left, right)
     changed = changed_steps(left, right)
     loops = {"a": left.loops, "b": right.loops}
+    jumps = token_jumps(left, right)
     if as_json:
         import orjson
 
@@ -40,6 +43,7 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
             "components": rows,
             "changed_steps": changed,
             "loops": loops,
+            "token_jumps": jumps,
         }
         click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
         return
@@ -56,6 +60,14 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
                 f"loop in {side.upper()} run {loop['run']}: {loop['component']} started"
                 f" {loop['starts']} times with input {_short(loop['input_sha256'])}"
                 f" (seq {', '.join(map(str, loop['seqs']))})"
+            )
+    for side, other in (("a", "b"), ("b", "a")):
+        for jump in jumps[side]:
+            value, baseline = jump["tokens_per_call"], jump["history_p99"]
+            times = f"{value / baseline:.1f}x" if baseline else "up from"
+            click.echo(
+                f"token jump in {side.upper()}: {jump['component']} {value:,.1f} tokens per"
+                f" call, {times} {other.upper()}'s {baseline:,.1f}"
             )
 
 

@@ -58,6 +58,10 @@ def report(
     FAILED counts runs that ended in error, budget_exceeded or interrupted, or
     whose writer died (incomplete); ERRORS failed steps; latency percentiles
     are of the successful steps.
+
+    Anomalies follow the table: loops, retry storms, and token jumps (a
+    component's tokens per call in a run above 2x the p99 of its last 20 runs'
+    and at least 100 above it; 5 runs of history needed).
     """
     from pathlib import Path
 
@@ -151,6 +155,12 @@ def _print_table(result: object) -> None:
         click.echo(
             f"retry storm: session {storm['session']} run {storm['run']}:"
             f" {storm['component']} retried {storm['retries']} times"
+        )
+    for jump in found.get("token_jumps", []):
+        click.echo(
+            f"token jump: session {jump['session']} run {jump['run']}: {jump['component']}"
+            f" {jump['tokens_per_call']:,.1f} tokens per call, above {jump['history_p99']:,.1f}"
+            f" (p99 of its last {jump['history_runs']} runs)"
         )
 
 
