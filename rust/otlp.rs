@@ -14,6 +14,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
 use std::sync::Mutex;
 
 use prost::Message;
@@ -28,28 +29,11 @@ use crate::writer::{itoa_u64, push_json_str};
 /// trace/v1/trace.proto, common/v1/common.proto, resource/v1/resource.proto),
 /// only the fields read; the others are skipped by their wire type.
 pub mod pb {
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ExportTraceServiceRequest {
-        #[prost(message, repeated, tag = "1")]
-        pub resource_spans: Vec<ResourceSpans>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ResourceSpans {
-        #[prost(message, optional, tag = "1")]
-        pub resource: Option<Resource>,
-        #[prost(message, repeated, tag = "2")]
-        pub scope_spans: Vec<ScopeSpans>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct Resource {
-        #[prost(message, repeated, tag = "1")]
-        pub attributes: Vec<KeyValue>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ScopeSpans {
-        #[prost(message, repeated, tag = "2")]
-        pub spans: Vec<Span>,
-    }
+    //
+    // ExportTraceServiceRequest (resource_spans = 1), ResourceSpans (resource = 1,
+    // scope_spans = 2), Resource (attributes = 1) and ScopeSpans (spans = 2) are
+    // walked on the wire (`super::each_field`), not decoded whole: a request's
+    // spans are counted before one is allocated, then decoded one at a time.
     #[derive(Clone, PartialEq, prost::Message)]
     pub struct Span {
         #[prost(bytes = "bytes", tag = "1")]
@@ -64,8 +48,7 @@ pub mod pb {
         pub start_time_unix_nano: u64,
         #[prost(fixed64, tag = "8")]
         pub end_time_unix_nano: u64,
-        #[prost(message, repeated, tag = "9")]
-        pub attributes: Vec<KeyValue>,
+        // attributes (9) are read one at a time from the wire (`each_field`)
         #[prost(message, optional, tag = "15")]
         pub status: Option<Status>,
     }
@@ -101,22 +84,14 @@ pub mod pb {
         IntValue(i64),
         #[prost(double, tag = "4")]
         DoubleValue(f64),
-        #[prost(message, tag = "5")]
-        ArrayValue(ArrayValue),
-        #[prost(message, tag = "6")]
-        KvlistValue(KeyValueList),
-        #[prost(bytes = "vec", tag = "7")]
-        BytesValue(Vec<u8>),
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct ArrayValue {
-        #[prost(message, repeated, tag = "1")]
-        pub values: Vec<AnyValue>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct KeyValueList {
-        #[prost(message, repeated, tag = "1")]
-        pub values: Vec<KeyValue>,
+        // An array or a list (never read) stays bytes of the body, checked on
+        // the wire without allocating (`super::check_any_value`).
+        #[prost(bytes = "bytes", tag = "5")]
+        ArrayValue(prost::bytes::Bytes),
+        #[prost(bytes = "bytes", tag = "6")]
+        KvlistValue(prost::bytes::Bytes),
+        #[prost(bytes = "bytes", tag = "7")]
+        BytesValue(prost::bytes::Bytes),
     }
 }
 
@@ -265,18 +240,16 @@ fn pb_value(v: Option<&pb::AnyValue>) -> Result<Option<Val>, Refused> {
     })
 }
 
-fn pb_attrs(kvs: &[pb::KeyValue], into: &mut Attrs) -> Result<(), Refused> {
-    for kv in kvs {
-        let key = utf8(&kv.key)?;
-        match kept(key) {
-            Some(slot) => into[slot] = pb_value(kv.value.as_ref())?,
-            // not read, but a string that is not UTF-8 is a malformed body
-            None => {
-                if let Some(pb::Value::StringValue(s)) =
-                    kv.value.as_ref().and_then(|v| v.value.as_ref())
-                {
-                    utf8(s)?;
-                }
+fn pb_attr(kv: &pb::KeyValue, into: &mut Attrs) -> Result<(), Refused> {
+    let key = utf8(&kv.key)?;
+    match kept(key) {
+        Some(slot) => into[slot] = pb_value(kv.value.as_ref())?,
+        // not read, but a string that is not UTF-8 is a malformed body
+        None => {
+            if let Some(pb::Value::StringValue(s)) =
+                kv.value.as_ref().and_then(|v| v.value.as_ref())
+            {
+                utf8(s)?;
             }
         }
     }
@@ -290,31 +263,123 @@ pub enum Refused {
     TooManySpans(usize),
 }
 
+fn malformed(e: impl fmt::Display) -> Refused {
+    Refused::Malformed(format!(
+        "the body is not an OTLP protobuf trace request: {e}"
+    ))
+}
+
+/// How deep arrays and lists of values may nest (prost's recursion limit).
+const MAX_DEPTH: u32 = 100;
+
+/// Walks the fields of one protobuf message on the wire, allocating nothing:
+/// `on(tag, payload)` for each length-delimited field whose tag is in `wanted`
+/// (one of them with another wire type is malformed); the others are skipped
+/// by their wire type, as prost skips an unknown field.
+fn each_field<'a>(
+    mut buf: &'a [u8],
+    wanted: &[u32],
+    mut on: impl FnMut(u32, &'a [u8]) -> Result<(), Refused>,
+) -> Result<(), Refused> {
+    use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
+    while !buf.is_empty() {
+        let (tag, wire) = decode_key(&mut buf).map_err(malformed)?;
+        let want = wanted.contains(&tag);
+        if wire == WireType::LengthDelimited {
+            let len = decode_varint(&mut buf).map_err(malformed)?;
+            if len > buf.len() as u64 {
+                return Err(malformed(
+                    "failed to decode Protobuf message: buffer underflow",
+                ));
+            }
+            let (field, rest) = buf.split_at(len as usize);
+            buf = rest;
+            if want {
+                on(tag, field)?;
+            }
+        } else if want {
+            return Err(malformed(format_args!(
+                "failed to decode Protobuf message: invalid wire type: {wire:?} (expected LengthDelimited)"
+            )));
+        } else {
+            skip_field(wire, tag, &mut buf, DecodeContext::default()).map_err(malformed)?;
+        }
+    }
+    Ok(())
+}
+
+/// An array or a list of values (never read) checked as prost would decode
+/// it (wire types, nesting depth) without building it.
+fn check_nested(value: Option<&pb::Value>, depth: u32) -> Result<(), Refused> {
+    let any = |v: &[u8]| -> Result<(), Refused> {
+        if depth >= MAX_DEPTH {
+            return Err(malformed(
+                "failed to decode Protobuf message: recursion limit reached",
+            ));
+        }
+        let value = pb::AnyValue::decode(v).map_err(malformed)?;
+        check_nested(value.value.as_ref(), depth + 1)
+    };
+    match value {
+        Some(pb::Value::ArrayValue(items)) => each_field(items, &[1], |_, v| any(v)),
+        Some(pb::Value::KvlistValue(items)) => {
+            each_field(items, &[1], |_, kv| each_field(kv, &[2], |_, v| any(v)))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The span count of a request, walked on the wire: more than `max_spans` is
+/// refused as soon as it is seen, before any span is decoded.
+fn count_spans(body: &[u8], max_spans: usize) -> Result<usize, Refused> {
+    let mut total = 0usize;
+    each_field(body, &[1], |_, rs| {
+        each_field(rs, &[2], |_, ss| {
+            each_field(ss, &[2], |_, _| {
+                total += 1;
+                if total > max_spans {
+                    return Err(Refused::TooManySpans(max_spans));
+                }
+                Ok(())
+            })
+        })
+    })?;
+    Ok(total)
+}
+
+/// Attributes (`KeyValue`s on the wire, field `tag` of `message`) read one at a time.
+fn pb_attrs(
+    body: &prost::bytes::Bytes,
+    message: &[u8],
+    tag: u32,
+    into: &mut Attrs,
+) -> Result<(), Refused> {
+    each_field(message, &[tag], |_, kv| {
+        let kv = pb::KeyValue::decode(sub(body, kv)).map_err(malformed)?;
+        check_nested(kv.value.as_ref().and_then(|v| v.value.as_ref()), 0)?;
+        pb_attr(&kv, into)
+    })
+}
+
+/// `part` (a slice of `body`'s bytes) as a `Bytes` sharing `body`'s buffer.
+fn sub(body: &prost::bytes::Bytes, part: &[u8]) -> prost::bytes::Bytes {
+    let start = part.as_ptr() as usize - body.as_ptr() as usize;
+    body.slice(start..start + part.len())
+}
+
 /// An `ExportTraceServiceRequest` as spans (`decode.decode_protobuf`).
 pub fn decode_protobuf(body: &[u8], max_spans: usize) -> Result<Vec<SpanIn>, Refused> {
+    let total = count_spans(body, max_spans)?;
     let body = prost::bytes::Bytes::copy_from_slice(body);
-    let request = pb::ExportTraceServiceRequest::decode(body).map_err(|e| {
-        Refused::Malformed(format!(
-            "the body is not an OTLP protobuf trace request: {e}"
-        ))
-    })?;
-    let total: usize = request
-        .resource_spans
-        .iter()
-        .flat_map(|r| r.scope_spans.iter())
-        .map(|s| s.spans.len())
-        .sum();
-    if total > max_spans {
-        return Err(Refused::TooManySpans(max_spans));
-    }
     let mut out = Vec::with_capacity(total);
-    for rs in request.resource_spans {
+    each_field(&body, &[1], |_, rs| {
         let mut resource: Attrs = Default::default();
-        if let Some(r) = rs.resource {
-            pb_attrs(&r.attributes, &mut resource)?;
-        }
-        for ss in rs.scope_spans {
-            for span in ss.spans {
+        each_field(rs, &[1, 2], |tag, field| {
+            if tag == 1 {
+                return pb_attrs(&body, field, 1, &mut resource);
+            }
+            each_field(field, &[2], |_, raw| {
+                let span = pb::Span::decode(sub(&body, raw)).map_err(malformed)?;
                 if span.trace_id.len() != 16 || span.span_id.len() != 8 {
                     return Err(Refused::Malformed(format!(
                         "span {} has a trace ID of {} bytes and a span ID of {} bytes \
@@ -325,7 +390,7 @@ pub fn decode_protobuf(body: &[u8], max_spans: usize) -> Result<Vec<SpanIn>, Ref
                     )));
                 }
                 let mut attrs = resource.clone();
-                pb_attrs(&span.attributes, &mut attrs)?;
+                pb_attrs(&body, raw, 9, &mut attrs)?;
                 let status = span.status.unwrap_or_default();
                 out.push(SpanIn {
                     trace_id: hex(&span.trace_id),
@@ -338,9 +403,10 @@ pub fn decode_protobuf(body: &[u8], max_spans: usize) -> Result<Vec<SpanIn>, Ref
                     status_message: cut(status.message),
                     attrs,
                 });
-            }
-        }
-    }
+                Ok(())
+            })
+        })
+    })?;
     Ok(out)
 }
 
@@ -1414,20 +1480,67 @@ mod tests {
         }
     }
 
-    fn body(spans: Vec<pb::Span>) -> Vec<u8> {
-        pb::ExportTraceServiceRequest {
-            resource_spans: vec![pb::ResourceSpans {
-                resource: Some(pb::Resource {
+    /// The request's outer messages, for encoding (decoding walks them on the wire).
+    mod enc {
+        use super::pb;
+
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct ExportTraceServiceRequest {
+            #[prost(message, repeated, tag = "1")]
+            pub resource_spans: Vec<ResourceSpans>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct ResourceSpans {
+            #[prost(message, optional, tag = "1")]
+            pub resource: Option<Resource>,
+            #[prost(message, repeated, tag = "2")]
+            pub scope_spans: Vec<ScopeSpans>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct Resource {
+            #[prost(message, repeated, tag = "1")]
+            pub attributes: Vec<pb::KeyValue>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct ScopeSpans {
+            #[prost(message, repeated, tag = "2")]
+            pub spans: Vec<Span>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct Span {
+            #[prost(bytes = "bytes", tag = "1")]
+            pub trace_id: prost::bytes::Bytes,
+            #[prost(bytes = "bytes", tag = "2")]
+            pub span_id: prost::bytes::Bytes,
+            #[prost(bytes = "bytes", tag = "4")]
+            pub parent_span_id: prost::bytes::Bytes,
+            #[prost(string, tag = "5")]
+            pub name: String,
+            #[prost(fixed64, tag = "7")]
+            pub start_time_unix_nano: u64,
+            #[prost(fixed64, tag = "8")]
+            pub end_time_unix_nano: u64,
+            #[prost(message, repeated, tag = "9")]
+            pub attributes: Vec<pb::KeyValue>,
+            #[prost(message, optional, tag = "15")]
+            pub status: Option<pb::Status>,
+        }
+    }
+
+    fn body(spans: Vec<enc::Span>) -> Vec<u8> {
+        enc::ExportTraceServiceRequest {
+            resource_spans: vec![enc::ResourceSpans {
+                resource: Some(enc::Resource {
                     attributes: vec![kv("session.id", pb::Value::StringValue("res".into()))],
                 }),
-                scope_spans: vec![pb::ScopeSpans { spans }],
+                scope_spans: vec![enc::ScopeSpans { spans }],
             }],
         }
         .encode_to_vec()
     }
 
-    fn chat(span: u8, parent: u8, input: i64) -> pb::Span {
-        pb::Span {
+    fn chat(span: u8, parent: u8, input: i64) -> enc::Span {
+        enc::Span {
             trace_id: vec![1; 16].into(),
             span_id: vec![span; 8].into(),
             parent_span_id: if parent == 0 {
@@ -1557,6 +1670,61 @@ mod tests {
             decode_protobuf(&body(vec![chat(2, 0, 1), chat(3, 0, 1)]), 1).err(),
             Some(Refused::TooManySpans(1))
         );
+    }
+
+    #[test]
+    fn spans_are_counted_on_the_wire_before_decoding() {
+        let two = body(vec![chat(2, 0, 1), chat(3, 0, 1)]);
+        assert_eq!(count_spans(&two, 10), Ok(2));
+        assert_eq!(count_spans(&two, 1), Err(Refused::TooManySpans(1)));
+        // a million empty spans: refused at the first one past the limit
+        let mut scope = Vec::new();
+        for _ in 0..1_000_000 {
+            scope.extend_from_slice(b"\x12\x00");
+        }
+        let mut rs = vec![0x12];
+        prost::encoding::encode_varint(scope.len() as u64, &mut rs);
+        rs.extend_from_slice(&scope);
+        let mut wire = vec![0x0a];
+        prost::encoding::encode_varint(rs.len() as u64, &mut wire);
+        wire.extend_from_slice(&rs);
+        assert_eq!(
+            decode_protobuf(&wire, 10).err(),
+            Some(Refused::TooManySpans(10))
+        );
+        // malformed after the spans: the decoder's error
+        let mut torn = two.clone();
+        torn.extend_from_slice(b"\x0a\x7f");
+        assert!(matches!(
+            decode_protobuf(&torn, 10),
+            Err(Refused::Malformed(_))
+        ));
+        // an unread array value nested too deep is malformed, as prost has it
+        let mut value = pb::AnyValue {
+            value: Some(pb::Value::StringValue("leaf".into())),
+        }
+        .encode_to_vec();
+        for _ in 0..200 {
+            let mut kv = vec![0x0a, 0x01, b'k', 0x12];
+            prost::encoding::encode_varint(value.len() as u64, &mut kv);
+            kv.extend_from_slice(&value);
+            let mut list = vec![0x0a];
+            prost::encoding::encode_varint(kv.len() as u64, &mut list);
+            list.extend_from_slice(&kv);
+            value = pb::AnyValue {
+                value: Some(pb::Value::KvlistValue(list.into())),
+            }
+            .encode_to_vec();
+        }
+        let mut deep = chat(2, 0, 1);
+        deep.attributes.push(pb::KeyValue {
+            key: "k".into(),
+            value: Some(pb::AnyValue::decode(value.as_slice()).unwrap()),
+        });
+        assert!(matches!(
+            decode_protobuf(&body(vec![deep]), 10),
+            Err(Refused::Malformed(_))
+        ));
     }
 
     #[test]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import random
 import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable
 
@@ -103,6 +105,61 @@ def test_too_many_spans_is_an_overflow_error_quickly() -> None:
     with pytest.raises(OverflowError):
         _native.otlp_decode_protobuf(body)
     assert time.monotonic() - started < 3
+
+
+_PEAK = textwrap.dedent(
+    """
+    import resource, sys
+    from sigil import _native
+    body = sys.stdin.buffer.read()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        _native.otlp_decode_protobuf(body)
+        outcome = "batch"
+    except OverflowError:
+        outcome = "overflow"
+    except ValueError:
+        outcome = "malformed"
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(outcome, (after - before) * 1024)
+    """
+)
+
+
+def _decode_peak(body: bytes) -> tuple[str, int]:
+    """How a decode in a fresh interpreter ended, and how many bytes its peak
+    resident size grew by while decoding (the body is read before measuring)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK], input=body, capture_output=True, check=True, timeout=50
+    )
+    outcome, grew = done.stdout.split()
+    return outcome.decode(), int(grew)
+
+
+_CAP = 16 << 20  # the server's default body cap
+
+
+def test_too_many_spans_are_refused_before_they_are_allocated() -> None:
+    """A body at the cap of empty spans: refused (413) with memory a small
+    multiple of the body (it was ~100 bytes per 2-byte span before)."""
+    body = _ld(1, _ld(2, b"\x12\x00" * (_CAP // 2 - 8)))
+    outcome, grew = _decode_peak(body)
+    assert outcome == "overflow"
+    assert grew < 2 * len(body), grew
+
+
+def test_attributes_at_the_cap_decode_within_a_small_multiple_of_the_body() -> None:
+    """Empty attributes, array values and spans under the limit: each is a few
+    bytes on the wire; decoding them one at a time keeps the peak near the body."""
+    empty_attrs = _request(_span(b"n", _ld(9, b"") * (_CAP // 2 - 64)))
+    array = _ld(9, _ld(1, b"k") + _ld(2, _ld(5, _ld(1, b"") * (_CAP // 2 - 64))))
+    big_array = _request(_span(b"n", array))
+    many_spans = _request(*[_span(b"", _ld(9, b"") * 150)] * 50_000)
+    for body in (empty_attrs, big_array, many_spans):
+        assert len(body) <= _CAP
+        outcome, grew = _decode_peak(body)
+        assert outcome == "batch"
+        assert grew < 4 * _CAP, (len(body), grew)
 
 
 def test_a_non_loopback_host_without_a_token_is_refused(

@@ -8,6 +8,8 @@ closed, full or vanishing stdout is no traceback; a tiny terminal plays.
 from __future__ import annotations
 
 import fcntl
+import gzip
+import io
 import os
 import subprocess
 import sys
@@ -238,3 +240,70 @@ def test_a_terminal_too_small_still_plays_and_quits(sigil_home: Path, log_path: 
             term.close()
         assert "Traceback" not in raw, raw
         assert code == 0, (cols, rows, raw[-500:])
+
+
+def _tar_of_zeros(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A session's archive of crafted members (zeros compress: the file is small)."""
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+# The real total is 1 GiB: too slow to build here, so the run lowers it to 1 MiB.
+_LOWERED = (
+    "import runpy, sys; import sigil.interfaces.cli.replay as r; "
+    "r._MAX_TOTAL_BYTES = 1 << 20; sys.argv = ['sigil', *sys.argv[1:]]; "
+    "runpy.run_module('sigil', run_name='__main__')"
+)
+
+
+@pytest.mark.parametrize("gzipped", [False, True], ids=["plain", "gzipped segments"])
+def test_an_archive_over_the_total_is_one_line_exit_2(
+    sigil_home: Path, log_path: Path, gzipped: bool
+) -> None:
+    """Many members, each under the per-member bound, together over the total:
+    refused in one line, exit 2, nothing played (and, plain, before one is read)."""
+    day = log_path / "archive" / "2026-01-11"
+    day.mkdir(parents=True)
+    chunk = bytes(256 << 10)
+    if gzipped:  # each member ~1 KiB, 256 KiB gunzipped
+        chunk = gzip.compress(chunk, compresslevel=1)
+    members = [(f"big-1/execution.jsonl.{i}", chunk) for i in range(1, 41)]
+    members.append(("big-1/execution.jsonl", b""))
+    _tar_of_zeros(day / "big-1.tar.gz", members)
+    result = subprocess.run(
+        [sys.executable, "-c", _LOWERED, "replay", "big-1", "--speed", "max", "--mode", "stream"],
+        env=cli_env(sigil_home),
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: cannot replay"), result.stderr
+    assert "larger than 1048576 bytes in all" in lines[0]
+    assert result.stdout == ""
+
+
+def test_an_archive_under_the_total_still_replays(
+    sigil_home: Path, log_path: Path, tmp_path: Path
+) -> None:
+    directory = write_session(tmp_path / "src", "ok-1", steps=3)
+    day = log_path / "archive" / "2026-01-11"
+    day.mkdir(parents=True)
+    with tarfile.open(day / "ok-1.tar.gz", "w:gz") as tar:
+        tar.add(directory, arcname="ok-1")
+    result = subprocess.run(
+        [sys.executable, "-c", _LOWERED, "replay", "ok-1", "--speed", "max", "--mode", "stream"],
+        env=cli_env(sigil_home),
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "session_start" in result.stdout

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -60,6 +60,8 @@ DEFAULT_MAX_GAP = 2.0
 STEP_KEYS = frozenset({"n", "."})
 #: An archived log member larger than this is not read (as ``reports.sources``).
 _MAX_MEMBER_BYTES = 1 << 30
+#: All the log an archive's replay reads (its members, segments gunzipped), together.
+_MAX_TOTAL_BYTES = 1 << 30
 _LOG = "execution.jsonl"
 
 
@@ -84,18 +86,33 @@ def parse_speed(text: str) -> float | None:
 # ---------------------------------------------------------------------------------------
 
 
-def _inflate(name: str, data: bytes, where: str) -> bytes:
-    """A segment's text: gunzipped when its contents are gzip (not its name), bounded."""
+def _inflate(name: str, data: bytes, where: str, budget: int = _MAX_MEMBER_BYTES) -> bytes:
+    """A segment's text: gunzipped when its contents are gzip (not its name),
+    bounded (by ``budget`` too: what is left of an archive's total)."""
     if not data.startswith(b"\x1f\x8b"):
         return data
+    cap = min(budget, _MAX_MEMBER_BYTES)
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as inner:
-            text = inner.read(_MAX_MEMBER_BYTES + 1)
+            text = inner.read(cap + 1)
     except (OSError, EOFError, zlib.error) as exc:
         raise ReplayError(f"cannot read {where}: {name}: {exc}") from None
-    if len(text) > _MAX_MEMBER_BYTES:
+    if len(text) > cap:
+        if cap < _MAX_MEMBER_BYTES:
+            _too_large(where)
         raise ReplayError(f"cannot read {where}: {name} is larger than {_MAX_MEMBER_BYTES} bytes")
     return text
+
+
+def _too_large(archive: str) -> NoReturn:
+    """An archive whose logs together pass :data:`_MAX_TOTAL_BYTES`: a usage
+    error (exit 2, one line), refused before it is read or after the read
+    that passed the total."""
+    from sigil.interfaces.cli.errors import UsageFailure
+
+    raise UsageFailure(
+        f"cannot replay {archive}: its logs are larger than {_MAX_TOTAL_BYTES} bytes in all"
+    )
 
 
 def _directory_files(directory: Path) -> list[tuple[str, bytes]]:
@@ -116,37 +133,55 @@ def _directory_files(directory: Path) -> list[tuple[str, bytes]]:
     return files
 
 
-def _archive_files(archive: Path) -> list[tuple[str, bytes]]:
-    """The log files of an archived session, read from its tar.gz in memory."""
+def _log_member(member: tarfile.TarInfo) -> tuple[tuple[int, Any], str] | None:
+    """Where an archive member sorts among the session's log files, and its
+    name, or None when it is not one of them."""
     from sigil.core.paths import segment_sort_key
 
+    parts = member.name.split("/")
+    if len(parts) != 2 or not member.isfile():
+        return None
+    name = parts[1]
+    if name == _LOG:
+        return (1, ()), name
+    key = segment_sort_key(_LOG, name)
+    return None if key is None else ((0, key), name)
+
+
+def _archive_files(archive: Path) -> list[tuple[str, bytes]]:
+    """The log files of an archived session, read from its tar.gz in memory:
+    at most :data:`_MAX_TOTAL_BYTES` in all. The members' sizes are summed in
+    a first pass over the headers (nothing kept), so that an archive over the
+    total is refused before any of it is read."""
     found: list[tuple[tuple[int, Any], str, bytes]] = []
     try:
-        fd = os.open(archive, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
-            for member in tar:
-                parts = member.name.split("/")
-                if len(parts) != 2 or not member.isfile():
-                    continue
-                name = parts[1]
-                if name == _LOG:
-                    order: tuple[int, Any] = (1, ())
-                else:
-                    key = segment_sort_key(_LOG, name)
-                    if key is None:
+        for reading in (False, True):
+            budget = _MAX_TOTAL_BYTES
+            fd = os.open(archive, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
+                for member in tar:
+                    log = _log_member(member)
+                    if log is None:
                         continue
-                    order = (0, key)
-                if member.size > _MAX_MEMBER_BYTES:
-                    raise ReplayError(
-                        f"cannot read {archive}: {name} is larger than {_MAX_MEMBER_BYTES} bytes"
-                    )
-                extracted = tar.extractfile(member)
-                if extracted is None:
-                    continue
-                data = extracted.read()
-                if order[0] == 0:
-                    data = _inflate(name, data, str(archive))
-                found.append((order, name, data))
+                    order, name = log
+                    if member.size > _MAX_MEMBER_BYTES:
+                        raise ReplayError(
+                            f"cannot read {archive}: {name} is larger than "
+                            f"{_MAX_MEMBER_BYTES} bytes"
+                        )
+                    if member.size > budget:
+                        _too_large(str(archive))
+                    if not reading:
+                        budget -= member.size
+                        continue
+                    extracted = tar.extractfile(member)
+                    if extracted is None:
+                        continue
+                    data = extracted.read()
+                    if order[0] == 0:
+                        data = _inflate(name, data, str(archive), budget)
+                    budget -= len(data)
+                    found.append((order, name, data))
     except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
         raise ReplayError(f"cannot read {archive}: {exc}") from None
     found.sort(key=lambda item: item[0])
