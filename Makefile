@@ -26,6 +26,7 @@ lint:
 	cargo clippy --all-targets -- -D warnings
 	$(PYTHON) -m ruff check python tests benches scripts
 	$(PYTHON) -m ruff format --check python tests benches scripts
+	$(PYTHON) -m mypy python/sigil
 	$(PYTHON) -m mypy.stubtest sigil._native
 
 fmt:

@@ -993,9 +993,9 @@ class Orchestrator:
                     self.abandoned_run = open_run.run
                 number = (history.runs[-1].run + 1) if history.runs else 1
                 run = RunRecord(run=number, started_at=datetime.now(UTC).isoformat(), task=task)
-                last = history.runs[-1] if history.runs else None
-                if last is not None and last.status == "interrupted":
-                    self.interrupted_run = last.run
+                previous = history.runs[-1] if history.runs else None
+                if previous is not None and previous.status == "interrupted":
+                    self.interrupted_run = previous.run
             budget = self.token_budget
             if not self._budget_explicit:
                 recorded = (open_run.budget if self.resume and open_run else None) or next(

@@ -368,6 +368,7 @@ def _apply_models(sessions: list[_Live]) -> None:
         if first is None and snap is not None:
             first = snap.first_timestamp
         # A live session's duration runs to now, not to its latest event.
+        end: str | None
         if live:
             end = now
         else:
