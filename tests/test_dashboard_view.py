@@ -210,3 +210,23 @@ def test_the_summary_counts_unknown_usage_and_loops() -> None:
     text = "\n".join(summary_lines(looping_fed().state, "snapshot", width=60))
     assert "1 call of unknown usage" in text
     assert "loop: planning started 5 times" in text
+
+
+def test_the_burn_sparkline_spans_the_minutes_of_a_long_run() -> None:
+    """Issue 12: "a sparkline of the last minutes". A run five minutes old whose
+    tokens came four minutes ago and one minute ago still shows them as bars
+    (a 64 s window showed an empty sparkline), in the order they came."""
+    fed = Fed("demo-1")
+    fed.feed(
+        ev("session_start", budget=100_000, run=1, allocations={"reasoning": 100_000}),
+        ev("step_complete", "reasoning", 4000, 60, latency_ms=900),
+        ev("step_complete", "reasoning", 1000, 240, latency_ms=900),
+    )
+    now = T0 + timedelta(seconds=300)
+    frame = render_dashboard_text(
+        fed.state, DisplayOptions(), width=120, height=40, now=now,
+        phase=MonitorPhase.TRACKING, view=DashboardView(keys=True),
+    )  # fmt: skip
+    burn = next(line for line in frame.splitlines() if line.startswith("Burn"))
+    bars = [c for c in burn if c in "▁▂▃▄▅▆▇█"]
+    assert bars[0] == "█" and len(bars) == 2, burn  # the larger, earlier one first

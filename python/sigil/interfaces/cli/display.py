@@ -739,14 +739,22 @@ def _now_line(state: SessionState, phase: MonitorPhase | str | None, now: dateti
     return line
 
 
+#: The time the burn sparkline spans: the run so far, within these bounds (s).
+_SPARK_MIN_SECONDS = 64.0
+_SPARK_MAX_SECONDS = 480.0
+
+
 def _burn_lines(state: SessionState, options: DisplayOptions, now: datetime | None,
                 width: int, level_sgr: str) -> list[_Line]:  # fmt: skip
-    """Recent rate (tokens/min) with a sparkline of the model's rate window, the
+    """Recent rate (tokens/min) with a sparkline of the run so far (at least the
+    last minute, at most the last eight; the model's rate window holds 30), the
     session average, and the forecast to the budget's end from the recent rate."""
     rate = state.recent_rate(now)
     average = state.average_rate
     buckets = 16 if width >= 60 else 8
-    series = state.rate_series(buckets, 64 // buckets, now)
+    # Whole seconds per bar, so the bars line up with the model's 1 s slots.
+    span = min(max(state.elapsed_at(now), _SPARK_MIN_SECONDS), _SPARK_MAX_SECONDS)
+    series = state.rate_series(buckets, max(1, round(span / buckets)), now)
     line = _Line("Burn    ", "2")
     line.add(f"{_rate(None if rate is None else rate * 60)} tok/min ")
     line.add(sparkline(series), "36")
