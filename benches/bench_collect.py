@@ -300,6 +300,19 @@ def test_collect_ingest(benchmark: Any, tmp_path: Path, batches: list[_Batches])
     assert written == SPANS
 
 
+def test_collect_decode(benchmark: Any, batches: list[_Batches]) -> None:
+    """The native protobuf decode and mapping alone (no sink): the part of
+    ``ingest`` that the span count on the wire (before any span is decoded)
+    and the one-span-at-a-time decode are in."""
+    benchmark.group = GROUP
+    benchmark.extra_info.update(ops=SPANS, baseline="test_collect_old_path")
+    body = batches[0].bodies[0]  # decoding does not dedupe: the same body each round
+    batch = benchmark.pedantic(
+        decode_request, args=(body, True), rounds=_rounds() * 5, warmup_rounds=1
+    )
+    assert batch.spans == SPANS
+
+
 def test_collect_ingest_json(benchmark: Any, tmp_path: Path, batches: list[_Batches]) -> None:
     benchmark.group = GROUP
     benchmark.extra_info.update(

@@ -309,21 +309,24 @@ fn each_field<'a>(
 }
 
 /// An array or a list of values (never read) checked as prost would decode
-/// it (wire types, nesting depth) without building it.
+/// it (wire types, nesting depth) without building it. `depth` is the value's
+/// message depth in the request (the request is 0), as prost counts it.
 fn check_nested(value: Option<&pb::Value>, depth: u32) -> Result<(), Refused> {
-    let any = |v: &[u8]| -> Result<(), Refused> {
-        if depth >= MAX_DEPTH {
+    // an array's values are 2 messages deeper, a list's 3 (list, key-value)
+    let any = |v: &[u8], step: u32| -> Result<(), Refused> {
+        let depth = depth + step;
+        if depth > MAX_DEPTH {
             return Err(malformed(
                 "failed to decode Protobuf message: recursion limit reached",
             ));
         }
         let value = pb::AnyValue::decode(v).map_err(malformed)?;
-        check_nested(value.value.as_ref(), depth + 1)
+        check_nested(value.value.as_ref(), depth)
     };
     match value {
-        Some(pb::Value::ArrayValue(items)) => each_field(items, &[1], |_, v| any(v)),
+        Some(pb::Value::ArrayValue(items)) => each_field(items, &[1], |_, v| any(v, 2)),
         Some(pb::Value::KvlistValue(items)) => {
-            each_field(items, &[1], |_, kv| each_field(kv, &[2], |_, v| any(v)))
+            each_field(items, &[1], |_, kv| each_field(kv, &[2], |_, v| any(v, 3)))
         }
         _ => Ok(()),
     }
@@ -347,16 +350,18 @@ fn count_spans(body: &[u8], max_spans: usize) -> Result<usize, Refused> {
     Ok(total)
 }
 
-/// Attributes (`KeyValue`s on the wire, field `tag` of `message`) read one at a time.
+/// Attributes (`KeyValue`s on the wire, field `tag` of `message`, at message
+/// depth `depth`) read one at a time.
 fn pb_attrs(
     body: &prost::bytes::Bytes,
     message: &[u8],
     tag: u32,
+    depth: u32,
     into: &mut Attrs,
 ) -> Result<(), Refused> {
     each_field(message, &[tag], |_, kv| {
         let kv = pb::KeyValue::decode(sub(body, kv)).map_err(malformed)?;
-        check_nested(kv.value.as_ref().and_then(|v| v.value.as_ref()), 0)?;
+        check_nested(kv.value.as_ref().and_then(|v| v.value.as_ref()), depth + 1)?;
         pb_attr(&kv, into)
     })
 }
@@ -376,7 +381,7 @@ pub fn decode_protobuf(body: &[u8], max_spans: usize) -> Result<Vec<SpanIn>, Ref
         let mut resource: Attrs = Default::default();
         each_field(rs, &[1, 2], |tag, field| {
             if tag == 1 {
-                return pb_attrs(&body, field, 1, &mut resource);
+                return pb_attrs(&body, field, 1, 3, &mut resource);
             }
             each_field(field, &[2], |_, raw| {
                 let span = pb::Span::decode(sub(&body, raw)).map_err(malformed)?;
@@ -390,7 +395,7 @@ pub fn decode_protobuf(body: &[u8], max_spans: usize) -> Result<Vec<SpanIn>, Ref
                     )));
                 }
                 let mut attrs = resource.clone();
-                pb_attrs(&body, raw, 9, &mut attrs)?;
+                pb_attrs(&body, raw, 9, 4, &mut attrs)?;
                 let status = span.status.unwrap_or_default();
                 out.push(SpanIn {
                     trace_id: hex(&span.trace_id),
@@ -1524,6 +1529,108 @@ mod tests {
             pub attributes: Vec<pb::KeyValue>,
             #[prost(message, optional, tag = "15")]
             pub status: Option<pb::Status>,
+        }
+    }
+
+    /// A value as the whole schema has it (arrays and lists as messages).
+    mod full {
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct Request {
+            #[prost(message, repeated, tag = "1")]
+            pub resource_spans: Vec<ResourceSpans>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct ResourceSpans {
+            #[prost(message, repeated, tag = "2")]
+            pub scope_spans: Vec<ScopeSpans>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct ScopeSpans {
+            #[prost(message, repeated, tag = "2")]
+            pub spans: Vec<Span>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct Span {
+            #[prost(bytes = "vec", tag = "1")]
+            pub trace_id: Vec<u8>,
+            #[prost(bytes = "vec", tag = "2")]
+            pub span_id: Vec<u8>,
+            #[prost(message, repeated, tag = "9")]
+            pub attributes: Vec<KeyValue>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct KeyValue {
+            #[prost(string, tag = "1")]
+            pub key: String,
+            #[prost(message, optional, tag = "2")]
+            pub value: Option<AnyValue>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct AnyValue {
+            #[prost(oneof = "Kind", tags = "1, 5, 6")]
+            pub value: Option<Kind>,
+        }
+        #[derive(Clone, PartialEq, prost::Oneof)]
+        pub enum Kind {
+            #[prost(string, tag = "1")]
+            Text(String),
+            #[prost(message, tag = "5")]
+            Array(ArrayValue),
+            #[prost(message, tag = "6")]
+            List(KeyValueList),
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct ArrayValue {
+            #[prost(message, repeated, tag = "1")]
+            pub values: Vec<AnyValue>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        pub struct KeyValueList {
+            #[prost(message, repeated, tag = "1")]
+            pub values: Vec<KeyValue>,
+        }
+    }
+
+    #[test]
+    fn nesting_is_refused_at_the_depth_prost_refuses_it() {
+        for n in 1..60 {
+            let mut value = full::AnyValue {
+                value: Some(full::Kind::Text("leaf".into())),
+            };
+            for i in 0..n {
+                value = full::AnyValue {
+                    value: Some(if i % 2 == 0 {
+                        full::Kind::Array(full::ArrayValue {
+                            values: vec![value],
+                        })
+                    } else {
+                        full::Kind::List(full::KeyValueList {
+                            values: vec![full::KeyValue {
+                                key: "k".into(),
+                                value: Some(value),
+                            }],
+                        })
+                    }),
+                };
+            }
+            let request = full::Request {
+                resource_spans: vec![full::ResourceSpans {
+                    scope_spans: vec![full::ScopeSpans {
+                        spans: vec![full::Span {
+                            trace_id: vec![1; 16],
+                            span_id: vec![2; 8],
+                            attributes: vec![full::KeyValue {
+                                key: "k".into(),
+                                value: Some(value),
+                            }],
+                        }],
+                    }],
+                }],
+            };
+            let wire = request.encode_to_vec();
+            let whole = full::Request::decode(wire.as_slice()).is_ok();
+            let walked = decode_protobuf(&wire, 10);
+            assert_eq!(walked.is_ok(), whole, "{n}: {walked:?}");
         }
     }
 
