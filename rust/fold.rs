@@ -163,6 +163,15 @@ impl<V> Names<V> {
     pub fn get(&self, key: &str) -> Option<&V> {
         self.index.get(key).map(|&i| &self.items[i].1)
     }
+    /// The slot of `key` when the table holds that name itself.
+    pub fn position(&self, key: &str) -> Option<usize> {
+        self.index.get(key).copied()
+    }
+    /// The name of a slot [`Names::slot_index`] gave.
+    #[inline]
+    pub fn name_at(&self, i: usize) -> &str {
+        &self.items[i].0
+    }
     pub fn len(&self) -> usize {
         self.items.len()
     }
@@ -1507,6 +1516,235 @@ pub fn bounded(text: &str) -> String {
     text[..end].to_string()
 }
 
+/// A step started and not closed yet (issue 12, "Now running").
+#[derive(Debug, Clone, PartialEq)]
+pub struct OpenStep {
+    /// The component's slot in the fold's `components`.
+    pub slot: u32,
+    /// The timestamp of the step's first `step_start` (at most [`MAX_TEXT`] bytes).
+    pub started_at: String,
+    pub seq: Option<u64>,
+    /// The `step_start`'s `metadata.attempt` (at least 1), raised by a later
+    /// start's, plus one per `retry_attempt` of the component since.
+    pub attempt: u64,
+    /// The latest `step_start`'s message (at most [`MAX_TEXT`] bytes).
+    pub message: String,
+    /// While nothing in this fold closed the component's step before this
+    /// one started: what this fold's events of the component do to a step of
+    /// it an earlier part of the file left open, `attempt -> max(attempt +
+    /// add, floor)` (saturating) as `(add, floor)`. A merge continues that
+    /// step (its start, its attempt so raised).
+    carry: Option<(u64, u64)>,
+}
+
+/// What the events of a component do to a step of it an earlier part left open.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Touch {
+    /// Closed (a `step_complete`/`step_error`).
+    Closed,
+    /// `retry_attempt`s while it was not open here: its attempt goes up by this.
+    Retried(u64),
+}
+
+/// The steps in flight (issue 12): the rule of the views' "Now running", kept
+/// over the whole fold (not only the last events): a `step_start` opens its
+/// component's step, or moves it last when it is open (same start, the
+/// attempt raised to the start's `metadata.attempt`, its message); a
+/// `retry_attempt` raises the open step's attempt by one; a
+/// `step_complete`/`step_error` closes the component's step; a run's start or
+/// end closes every step. The step in flight is the last one open. Only the
+/// components the fold's `components` table names are tracked (a name folded
+/// into `OTHER` is not), so the table holds at most one step per name there.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OpenSteps {
+    /// Oldest (re)start first.
+    open: Vec<OpenStep>,
+    /// A run's start or end closed every step: what came before this fold no
+    /// longer counts.
+    cleared: bool,
+    /// Until `cleared`: per component slot (sorted) with no step open here,
+    /// what this fold did to a step an earlier part left open.
+    touched: Vec<(u32, Touch)>,
+}
+
+fn carry_retry(c: &mut Option<(u64, u64)>, n: u64) {
+    if let Some((add, floor)) = c {
+        *add = add.saturating_add(n);
+        *floor = floor.saturating_add(n);
+    }
+}
+
+impl OpenSteps {
+    /// The step in flight: the latest open one.
+    pub fn latest(&self) -> Option<&OpenStep> {
+        self.open.last()
+    }
+
+    /// The steps open, oldest (re)start first.
+    pub fn open(&self) -> &[OpenStep] {
+        &self.open
+    }
+
+    fn find(&self, slot: u32) -> Option<usize> {
+        self.open.iter().position(|s| s.slot == slot)
+    }
+
+    fn touch(&self, slot: u32) -> Result<usize, usize> {
+        self.touched.binary_search_by_key(&slot, |t| t.0)
+    }
+
+    fn set_touch(&mut self, slot: u32, t: Touch) {
+        match self.touch(slot) {
+            Ok(i) => self.touched[i].1 = t,
+            Err(i) => self.touched.insert(i, (slot, t)),
+        }
+    }
+
+    /// A run started or ended.
+    fn clear(&mut self) {
+        self.open.clear();
+        self.touched.clear();
+        self.cleared = true;
+    }
+
+    /// `step_complete` / `step_error` of the component in `slot`.
+    #[inline]
+    fn close(&mut self, slot: u32) {
+        if self.cleared && self.open.is_empty() {
+            return;
+        }
+        if let Some(i) = self.find(slot) {
+            self.open.remove(i);
+        }
+        if !self.cleared {
+            self.set_touch(slot, Touch::Closed);
+        }
+    }
+
+    /// `retry_attempt` of the component in `slot`.
+    fn retry(&mut self, slot: u32) {
+        if let Some(s) = self.open.iter_mut().find(|s| s.slot == slot) {
+            s.attempt = s.attempt.saturating_add(1);
+            carry_retry(&mut s.carry, 1);
+        } else if !self.cleared {
+            match self.touch(slot) {
+                Ok(i) => {
+                    if let Touch::Retried(n) = &mut self.touched[i].1 {
+                        *n = n.saturating_add(1);
+                    }
+                }
+                Err(i) => self.touched.insert(i, (slot, Touch::Retried(1))),
+            }
+        }
+    }
+
+    /// `step_start` of the component in `slot`.
+    fn start(&mut self, slot: u32, e: &RawEvent<'_>, explicit: Option<u64>) {
+        if let Some(i) = self.find(slot) {
+            // A retry's new start: the same step, its next attempt.
+            let mut s = self.open.remove(i);
+            if let Some(a) = explicit {
+                s.attempt = s.attempt.max(a);
+                if let Some((_, floor)) = &mut s.carry {
+                    *floor = (*floor).max(a);
+                }
+            }
+            s.message = bounded(&e.message);
+            self.open.push(s);
+            return;
+        }
+        let carry = if self.cleared {
+            None
+        } else {
+            match self.touch(slot) {
+                Ok(i) => match self.touched[i].1 {
+                    Touch::Closed => None,
+                    Touch::Retried(n) => {
+                        self.touched.remove(i);
+                        Some((n, n))
+                    }
+                },
+                Err(_) => Some((0, 0)),
+            }
+        };
+        self.open.push(OpenStep {
+            slot,
+            started_at: bounded(&e.timestamp),
+            seq: e.seq,
+            attempt: explicit.unwrap_or(1).max(1),
+            message: bounded(&e.message),
+            carry: carry.map(|(add, floor)| (add, floor.max(explicit.unwrap_or(0)))),
+        });
+    }
+
+    /// Append `b`, the table of the fold of what directly follows this
+    /// fold's input; `slot_of` gives this fold's slot of a slot of `b`'s
+    /// (None: a name this fold does not track).
+    fn merge(&mut self, b: OpenSteps, slot_of: impl Fn(u32) -> Option<u32>) {
+        if b.cleared {
+            self.clear();
+            for mut s in b.open {
+                if let Some(slot) = slot_of(s.slot) {
+                    s.slot = slot;
+                    self.open.push(s);
+                }
+            }
+            return;
+        }
+        for (slot, t) in b.touched {
+            let Some(slot) = slot_of(slot) else { continue };
+            match t {
+                Touch::Closed => self.close(slot),
+                Touch::Retried(n) => {
+                    if let Some(s) = self.open.iter_mut().find(|s| s.slot == slot) {
+                        s.attempt = s.attempt.saturating_add(n);
+                        carry_retry(&mut s.carry, n);
+                    } else if !self.cleared {
+                        match self.touch(slot) {
+                            Ok(i) => {
+                                if let Touch::Retried(j) = &mut self.touched[i].1 {
+                                    *j = j.saturating_add(n);
+                                }
+                            }
+                            Err(i) => self.touched.insert(i, (slot, Touch::Retried(n))),
+                        }
+                    }
+                }
+            }
+        }
+        for mut s in b.open {
+            let Some(slot) = slot_of(s.slot) else {
+                continue;
+            };
+            s.slot = slot;
+            if let Some((add, floor)) = s.carry {
+                if let Some(i) = self.find(slot) {
+                    // The step an earlier part started goes on.
+                    let x = self.open.remove(i);
+                    s.started_at = x.started_at;
+                    s.seq = x.seq;
+                    s.attempt = x.attempt.saturating_add(add).max(floor);
+                    s.carry = x
+                        .carry
+                        .map(|(a, f)| (a.saturating_add(add), f.saturating_add(add).max(floor)));
+                } else if self.cleared {
+                    s.carry = None;
+                } else if let Ok(i) = self.touch(slot) {
+                    match self.touched[i].1 {
+                        Touch::Closed => s.carry = None,
+                        Touch::Retried(j) => {
+                            self.touched.remove(i);
+                            let a = j.saturating_add(add);
+                            s.carry = Some((a, a.max(floor)));
+                        }
+                    }
+                }
+            }
+            self.open.push(s);
+        }
+    }
+}
+
 /// What a fold of events knows about a session.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FoldState {
@@ -1547,6 +1785,8 @@ pub struct FoldState {
     pub gap_samples: Vec<(u64, u64)>,
     pub dropped_events: u64,
     pub window: RateWindow,
+    /// The steps in flight (see [`OpenSteps`]).
+    pub steps: OpenSteps,
     seconds: SecondCache,
     /// The last `last_n` valid lines, raw, with their offsets; their buffers
     /// are reused so folding allocates nothing per line.
@@ -1590,6 +1830,7 @@ impl FoldState {
             gap_samples: Vec::new(),
             dropped_events: 0,
             window: RateWindow::default(),
+            steps: OpenSteps::default(),
             seconds: SecondCache::default(),
             ring: VecDeque::new(),
             ring_bytes: 0,
@@ -1784,6 +2025,9 @@ impl FoldState {
         };
         let (slot, run_slot) = self.component_slots(l.component);
         step.update(self.components.at_mut(slot));
+        if kind == Kind::StepComplete && self.tracked(slot, l.component) {
+            self.steps.close(slot as u32);
+        }
         let run = self.run_list.back_mut().unwrap_or(&mut self.head);
         let (name, c) = run.components.entry_mut(run_slot);
         step.update_run(c, name, &mut run.models);
@@ -1857,6 +2101,19 @@ impl FoldState {
             ids.run_slot[id] = run_slot;
         }
         (ids.comp_slot[id] as usize, run_slot as usize)
+    }
+
+    /// Whether the steps of `name`, whose slot is `slot`, are tracked (see
+    /// [`OpenSteps`]): the table names it (it is not folded into `OTHER`).
+    #[inline]
+    fn tracked(&self, slot: usize, name: &str) -> bool {
+        !self.components.overflowed || self.components.name_at(slot) == name
+    }
+
+    /// The step in flight: its component, and the step (see [`OpenSteps`]).
+    pub fn in_flight(&self) -> Option<(&str, &OpenStep)> {
+        let s = self.steps.latest()?;
+        Some((self.components.name_at(s.slot as usize), s))
     }
 
     /// The current run changed: its slots are looked up again.
@@ -2054,6 +2311,20 @@ impl FoldState {
         };
         let (slot, run_slot) = self.component_slots(&e.component);
         step.update(self.components.at_mut(slot));
+        match kind {
+            Kind::SessionStart | Kind::SessionComplete | Kind::SessionError => self.steps.clear(),
+            Kind::StepStart | Kind::StepComplete | Kind::StepError | Kind::RetryAttempt
+                if self.tracked(slot, &e.component) =>
+            {
+                let slot = slot as u32;
+                match kind {
+                    Kind::StepStart => self.steps.start(slot, e, meta.attempt),
+                    Kind::RetryAttempt => self.steps.retry(slot),
+                    _ => self.steps.close(slot),
+                }
+            }
+            _ => {}
+        }
         let run = self.run_list.back_mut().unwrap_or(&mut self.head);
         let (name, c) = run.components.entry_mut(run_slot);
         step.update_run(c, name, &mut run.models);
@@ -2121,6 +2392,13 @@ impl FoldState {
         for (k, c) in b.components.iter() {
             self.components.slot(k).add(c);
         }
+        let names = &self.components;
+        let slot_of = |i: u32| {
+            names
+                .position(b.components.name_at(i as usize))
+                .map(|j| j as u32)
+        };
+        self.steps.merge(b.steps, slot_of);
         for (k, m) in b.dropped_models.iter() {
             self.dropped_models.slot(k).add(m);
         }
@@ -2796,6 +3074,9 @@ mod tests {
         assert_eq!(outputs, [("planning", "o1"), ("memory", "o2")]);
         assert_eq!(c.last_error.as_ref().map(|e| e.attempt), Some(Some(1)));
         assert_eq!(whole.components["orchestrator"].retries, 0);
+        // Issue 12: planning restarted after its step_complete, memory closed.
+        let (c, s) = whole.in_flight().unwrap();
+        assert_eq!((c, s.seq, s.attempt), ("planning", Some(23), 1));
         let starts: Vec<usize> = std::iter::once(0)
             .chain(data.match_indices('\n').map(|(i, _)| i + 1))
             .collect();
@@ -2813,6 +3094,153 @@ mod tests {
                 assert_eq!(merged, whole, "split at {a} and {b}");
             }
         }
+    }
+
+    /// Every split of `data` in three parts, merged, equals one fold of it.
+    fn assert_every_split_equals_one_fold(data: &str, last_n: usize) -> FoldState {
+        let mut whole = FoldState::new(last_n);
+        fold_reader(&mut whole, &mut data.as_bytes(), 0, 1 << 20).unwrap();
+        let starts: Vec<usize> = std::iter::once(0)
+            .chain(data.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        for &a in &starts {
+            for &b in starts.iter().filter(|&&b| b >= a) {
+                let mut merged = FoldState::new(last_n);
+                for (lo, hi) in [(0, a), (a, b), (b, data.len())] {
+                    let mut part = FoldState::new(last_n);
+                    fold_reader(&mut part, &mut &data.as_bytes()[lo..hi], lo as u64, 1 << 20)
+                        .unwrap();
+                    merged.merge(part);
+                }
+                assert_eq!(merged, whole, "split at {a} and {b}");
+            }
+        }
+        whole
+    }
+
+    /// Issue 12: steps opened, restarted, retried and closed across runs.
+    fn steps_session() -> String {
+        let lines = [
+            line("retry_attempt", "reasoning", 0, 0, "{}"), // nothing open
+            line("step_start", "routing", 0, 1, "{}"),      // before any run
+            line("retry_attempt", "routing", 0, 2, "{}"),
+            line("step_start", "planning", 0, 3, r#"{"attempt":3}"#),
+            line("retry_attempt", "memory", 0, 4, "{}"),
+            line("step_complete", "routing", 1, 5, "{}"),
+            line("step_start", "routing", 0, 6, "{}"),
+            line("step_start", "memory", 0, 7, r#"{"attempt":2}"#),
+            line("retry_attempt", "memory", 0, 8, r#"{"attempt":1}"#),
+            line("step_start", "memory", 0, 9, r#"{"attempt":2}"#),
+            line("step_start", "planning", 0, 10, r#"{"attempt":1}"#),
+            line("retry_attempt", "planning", 0, 11, "{}"),
+            line("step_start", "planning", 0, 12, r#"{"attempt":9}"#),
+            line("token_consumption", "validation", 5, 13, "{}"),
+            line("step_error", "memory", 0, 14, "{}"),
+            line("session_start", "orchestrator", 0, 15, "{}"),
+            line("step_start", "reasoning", 0, 16, "{}"),
+            line("retry_attempt", "reasoning", 0, 17, "{}"),
+            line("step_start", "validation", 0, 18, "{}"),
+            line("step_complete", "validation", 3, 19, "{}"),
+            line("step_start", "memory", 0, 20, r#"{"attempt":4}"#),
+            line("session_complete", "orchestrator", 0, 21, "{}"),
+            line("step_start", "routing", 0, 22, "{}"),
+            line("session_start", "orchestrator", 0, 23, "{}"),
+            line("step_start", "reasoning", 0, 24, r#"{"attempt":2}"#),
+            line("step_start", "planning", 0, 25, "{}"),
+            line("retry_attempt", "reasoning", 0, 26, "{}"),
+            line("step_start", "reasoning", 0, 27, "{}"),
+            line("step_start", "memory", 0, 28, "{}"),
+            line("step_error", "memory", 0, 29, "{}"),
+        ];
+        lines.join("\n") + "\n"
+    }
+
+    #[test]
+    fn the_step_in_flight_is_the_rule_on_every_event_and_splits_merge_exactly() {
+        let data = steps_session();
+        let events: Vec<Event> = data
+            .lines()
+            .map(|l| parse_line(l.as_bytes()).unwrap().to_owned_event(0))
+            .collect();
+        let prefix: Vec<&str> = data.lines().collect();
+        for n in 0..=prefix.len() {
+            let part = prefix[..n]
+                .iter()
+                .map(|l| format!("{l}\n"))
+                .collect::<String>();
+            // A fold keeping no events at all still knows the step in flight.
+            let whole = assert_every_split_equals_one_fold(&part, 0);
+            let want = crate::snapshot::step_in_flight(&events[..n]);
+            let got = whole
+                .in_flight()
+                .map(|(c, s)| (c.to_string(), s.started_at.clone(), s.attempt));
+            assert_eq!(
+                got,
+                want.map(|f| (f.component, f.started_at, f.attempt)),
+                "after {n} events"
+            );
+        }
+        let whole = assert_every_split_equals_one_fold(&data, 3);
+        let (c, s) = whole.in_flight().unwrap();
+        // reasoning: started at 24 (attempt 2), retried (3), restarted: planning is older.
+        assert_eq!((c, s.attempt, s.seq), ("reasoning", 3, Some(24)));
+        let open: Vec<&str> = whole
+            .steps
+            .open()
+            .iter()
+            .map(|s| whole.components.name_at(s.slot as usize))
+            .collect();
+        assert_eq!(open, ["planning", "reasoning"]);
+    }
+
+    #[test]
+    fn a_step_started_before_a_burst_of_events_is_still_in_flight() {
+        let mut data = line("session_start", "orchestrator", 0, 0, "{}") + "\n";
+        data += &(line("step_start", "reasoning", 0, 1, r#"{"attempt":2}"#) + "\n");
+        for i in 0..500 {
+            data += &(line("token_consumption", "memory", 1, 2 + i, "{}") + "\n");
+        }
+        let mut f = FoldState::new(10);
+        fold_reader(&mut f, &mut data.as_bytes(), 0, 1 << 20).unwrap();
+        let (c, s) = f.in_flight().unwrap();
+        assert_eq!((c, s.attempt, s.seq), ("reasoning", 2, Some(1)));
+        data += &(line("step_complete", "reasoning", 1, 502, "{}") + "\n");
+        let mut f = FoldState::new(10);
+        fold_reader(&mut f, &mut data.as_bytes(), 0, 1 << 20).unwrap();
+        assert!(f.in_flight().is_none());
+    }
+
+    #[test]
+    fn steps_of_names_folded_into_other_are_not_tracked() {
+        let mut data = String::new();
+        for i in 0..MAX_NAMES {
+            data += &(line("token_consumption", &format!("c{i}"), 1, i as u64, "{}") + "\n");
+        }
+        data += &(line("step_start", "late", 0, 300, "{}") + "\n");
+        data += &(line("step_start", OTHER, 0, 301, "{}") + "\n");
+        data += &(line("step_start", "c7", 0, 302, "{}") + "\n");
+        data += &(line("step_complete", "later", 0, 303, "{}") + "\n");
+        let mut f = FoldState::new(0);
+        fold_reader(&mut f, &mut data.as_bytes(), 0, 1 << 20).unwrap();
+        let open: Vec<&str> = f
+            .steps
+            .open()
+            .iter()
+            .map(|s| f.components.name_at(s.slot as usize))
+            .collect();
+        assert_eq!(open, [OTHER, "c7"]);
+        // Split after the names: each part names its own, the merge drops the late ones.
+        let cut = data
+            .find(r#""late""#)
+            .and_then(|i| data[..i].rfind('\n'))
+            .unwrap()
+            + 1;
+        let mut a = FoldState::new(0);
+        fold_reader(&mut a, &mut &data.as_bytes()[..cut], 0, 1 << 20).unwrap();
+        let mut b = FoldState::new(0);
+        fold_reader(&mut b, &mut &data.as_bytes()[cut..], cut as u64, 1 << 20).unwrap();
+        a.merge(b);
+        assert_eq!(a, f);
     }
 
     #[test]

@@ -74,13 +74,13 @@ impl PyLastError {
 }
 
 /// The step in flight: the latest `step_start` of the current run that no
-/// `step_complete`/`step_error` of its component has closed yet, found in the
-/// events the fold keeps (`last_n`): a step started before those is not seen.
+/// `step_complete`/`step_error` of its component has closed yet, over every
+/// event the fold read (`fold::OpenSteps`), however many came after it.
 #[pyclass(frozen, eq, get_all, module = "sigil._native", name = "StepInFlight")]
 #[derive(Clone, Debug, PartialEq)]
 pub struct PyStepInFlight {
     pub component: String,
-    /// The timestamp of the step's first `step_start`.
+    /// The timestamp of the step's first `step_start` (at most `MAX_TEXT` bytes).
     pub started_at: String,
     /// The attempt running: the `step_start`'s `metadata.attempt`, else one
     /// more than the `retry_attempt` events of the step so far.
@@ -98,6 +98,7 @@ impl PyStepInFlight {
     }
 }
 
+#[cfg(test)]
 fn meta_u64(meta: &str, key: &str) -> Option<u64> {
     if !meta.contains(key) {
         return None;
@@ -108,7 +109,20 @@ fn meta_u64(meta: &str, key: &str) -> Option<u64> {
         .as_u64()
 }
 
-/// The step in flight among `events` (oldest first), see [`PyStepInFlight`].
+/// The step in flight of `st`, see [`PyStepInFlight`].
+pub fn in_flight(st: &FoldState) -> Option<PyStepInFlight> {
+    st.in_flight().map(|(component, s)| PyStepInFlight {
+        component: component.to_string(),
+        started_at: s.started_at.clone(),
+        attempt: s.attempt,
+        message: s.message.clone(),
+    })
+}
+
+/// The step in flight among `events` (oldest first), see [`PyStepInFlight`]:
+/// the rule [`in_flight`] keeps over a whole fold, on a list of events (the
+/// tests' oracle).
+#[cfg(test)]
 pub fn step_in_flight(events: &[Event]) -> Option<PyStepInFlight> {
     let mut open: Vec<PyStepInFlight> = Vec::new();
     for e in events {
@@ -1046,6 +1060,7 @@ pub struct PySessionSnapshot {
     alloc: Vec<(String, u64)>,
     window: fold::RateWindow,
     last: Vec<Event>,
+    flight: Option<PyStepInFlight>,
 }
 
 #[pymethods]
@@ -1148,7 +1163,7 @@ impl PySessionSnapshot {
     /// The step in flight in the current run (see `StepInFlight`), or None.
     #[getter]
     fn in_flight(&self) -> Option<PyStepInFlight> {
-        step_in_flight(&self.last)
+        self.flight.clone()
     }
 
     /// Tokens per bucket of `bucket_seconds` (whole seconds), `buckets` of them,
@@ -1295,6 +1310,7 @@ pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
         alloc: st.allocations.clone(),
         window: st.window.clone(),
         last: st.last_entries(),
+        flight: in_flight(st),
     })
 }
 

@@ -627,3 +627,49 @@ def history_view(history: Any) -> dict[str, Any]:
         },
         "cost": (history.cost_nanousd, history.priced_events, history.unpriced_tokens),
     }
+
+
+def in_flight_reference(data: bytes) -> dict[str, Any] | None:
+    """The step in flight (``SessionSnapshot.in_flight``) over every valid event:
+    a ``step_start`` opens its component's step, or moves it last when open (same
+    start, attempt raised to ``metadata.attempt``, its message); ``retry_attempt``
+    adds one to the open step's attempt; ``step_complete``/``step_error`` close
+    the component's step; a run's start or end closes every step. Only the names
+    the capped component table keeps (``slot``) are tracked."""
+    names: dict[str, None] = {}
+    open_steps: list[dict[str, Any]] = []
+    offset = 0
+    for raw in data.split(b"\n")[:-1]:
+        entries, bad = parse_lines([raw], offset)
+        offset += len(raw) + 1
+        if bad:
+            continue
+        (e,) = entries
+        kind, name = e.event_type, e.component
+        if name not in names and len(names) < MAX_NAMES:
+            names[name] = None
+        tracked = name in names or name == OTHER
+        at = next((i for i, s in enumerate(open_steps) if s["component"] == name), None)
+        if kind in ("session_start", "session_complete", "session_error"):
+            open_steps.clear()
+        elif not tracked:
+            continue
+        elif kind == "step_start":
+            explicit = u64(e.metadata.get("attempt"))
+            if at is not None:
+                step = open_steps.pop(at)
+                step["attempt"] = max(step["attempt"], explicit or 0)
+                step["message"] = bounded(e.message)
+            else:
+                step = {
+                    "component": name,
+                    "started_at": bounded(e.timestamp),
+                    "attempt": max(explicit or 1, 1),
+                    "message": bounded(e.message),
+                }
+            open_steps.append(step)
+        elif kind == "retry_attempt" and at is not None:
+            open_steps[at]["attempt"] = min(U64_MAX, open_steps[at]["attempt"] + 1)
+        elif kind in ("step_complete", "step_error") and at is not None:
+            del open_steps[at]
+    return open_steps[-1] if open_steps else None

@@ -148,6 +148,27 @@ def test_a_stalled_run_says_so_and_forecasts_from_the_recent_rate(home: Path) ->
     assert "stalled 2" in screen, screen  # "stalled 20.xs"
 
 
+def test_now_running_shows_a_step_started_before_a_burst_of_events(home: Path) -> None:
+    """Issue 12 ("Now running"): a step started 500 events before the end (token
+    counts of another component) is still the step in flight, with its attempt."""
+    now = datetime.now(UTC)
+    start = now - timedelta(seconds=30)
+    events = [
+        line(start, "session_start", budget=1_000_000, run=1),
+        line(start + timedelta(seconds=1), "step_start", "reasoning", attempt=2),
+    ]
+    events += [
+        line(start + timedelta(seconds=2), "token_consumption", "memory", 10) for _ in range(500)
+    ]
+    path = write(home, "burst-1", events)
+    step = fold_file_snapshot(path).in_flight
+    assert step is not None and (step.component, step.attempt) == ("reasoning", 2)
+    with SessionLock(path.parent).acquire():  # the writer is alive
+        code, screen = monitor_screen(home, "burst-1", cols=100)
+    assert code == 0
+    assert "Now     reasoning  attempt 2" in screen, screen
+
+
 # -- components (item 4) ----------------------------------------------------------------
 
 

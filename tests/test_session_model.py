@@ -14,7 +14,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from session_reference import fold_reference
+from session_reference import fold_reference, in_flight_reference
 from sigil._native import Fold, MalformedLine, SessionSnapshot
 from sigil.telemetry import log_parser
 
@@ -283,6 +283,28 @@ def test_the_same_fold_is_fed_incrementally(tmp_path: Path) -> None:
     assert summary.snapshot is not None and summary.snapshot.to_dict() == snap.to_dict()
 
 
+def test_a_step_started_before_a_burst_of_events_is_still_in_flight(tmp_path: Path) -> None:
+    """Issue 12 ("Now running"): 500 token counts from another component after the
+    step started, more than the fold keeps, do not hide the step in flight."""
+    head = [
+        line("session_start", "orchestrator", seq=0, run=1),
+        line("step_start", "reasoning", seq=1, at=1.0, message="reasoning starts", attempt=2),
+    ]
+    burst = [line("token_consumption", "memory", 3, seq=2 + i, at=2.0) for i in range(500)]
+    path = tmp_path / "burst.jsonl"
+    path.write_bytes(b"".join(head + burst))
+    for fold in (Fold(last_n=10), Fold(last_n=0)):
+        fold.feed_file(path)
+        step = fold.snapshot().in_flight
+        assert step is not None, "the step in flight was lost behind the burst"
+        assert (step.component, step.attempt, step.message) == ("reasoning", 2, "reasoning starts")
+        assert step.started_at == (T0 + timedelta(seconds=1)).isoformat()
+    # Its own step_complete closes it, however late.
+    fold = Fold(last_n=10)
+    fold.feed_bytes(b"".join([*head, *burst, line("step_complete", "reasoning", seq=502)]))
+    assert fold.snapshot().in_flight is None
+
+
 # -- the native model equals the plain-Python reference on random sessions -------------
 
 _components = st.sampled_from(["routing", "memory", "reasoning", "orchestrator", "validation"])
@@ -392,8 +414,15 @@ def test_native_model_equals_the_reference(
         start = end
     if torn:
         fold.feed_bytes(b'{"torn', offset)
-    got = fold.snapshot().to_dict()
+    snap = fold.snapshot()
+    got = snap.to_dict()
     assert _comparable(got) == _comparable(expected)
+    # Issue 12: the step in flight over every event (this fold keeps none).
+    flight = in_flight_reference(data)
+    shown = snap.in_flight
+    assert (shown and (shown.component, shown.started_at, shown.attempt, shown.message)) == (
+        flight and (flight["component"], flight["started_at"], flight["attempt"], flight["message"])
+    )
 
 
 def test_split_folds_of_many_names_equal_the_reference(tmp_path: Path) -> None:
