@@ -251,8 +251,8 @@ class LastError:
 @final
 class StepInFlight:
     """The step in flight: the latest ``step_start`` of the current run not yet
-    closed by its component's ``step_complete``/``step_error`` (among the events
-    the fold keeps)."""
+    closed by its component's ``step_complete``/``step_error``, however many
+    events came after it (the fold keeps the open steps itself)."""
 
     @property
     def component(self) -> str: ...
