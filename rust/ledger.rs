@@ -31,7 +31,14 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::cost::Cost;
-use crate::fold::{model_key, ComponentTotals, FoldState, ModelTotals, Names, MAX_NAMES};
+use crate::fold::{
+    model_key, ComponentTotals, FoldState, ModelTotals, Names, LOOP_MIN_STARTS, LOOP_SEQS,
+    MAX_HASH, MAX_NAMES, MAX_STEP_HASHES,
+};
+
+/// A run's step loop as the ledger recorded it (the model's: component,
+/// input hash, starts, first `seq`s; `fold::StepHashes::loops`).
+pub type LedgerLoop = (String, String, u64, Vec<u64>);
 
 /// `tokens.json`'s `ledger_version`.
 pub const LEDGER_VERSION: u64 = 1;
@@ -61,6 +68,10 @@ pub struct LedgerRun {
     pub components: Vec<(String, ComponentTotals)>,
     /// Per model (`model_stats`), at most `MAX_NAMES`, in the ledger's order.
     pub models: Vec<(String, ModelTotals)>,
+    /// The run's step loops (`loops`), at most what the fold keeps
+    /// (`MAX_STEP_HASHES`, `LOOP_SEQS` seqs each); None when the ledger has none
+    /// (written before loops were kept).
+    pub loops: Option<Vec<LedgerLoop>>,
 }
 
 /// One file of the log as the ledger saw it (what tells, later, that the log
@@ -98,6 +109,7 @@ impl Ledger {
         !RESUMABLE.contains(&last.status.as_str())
             && self.component_totals.is_some()
             && self.model_totals.is_some()
+            && self.runs.iter().all(|r| r.loops.is_some())
             && self.log_files.as_deref() == Some(files)
     }
 }
@@ -242,6 +254,44 @@ fn models(v: &Value) -> Vec<(String, ModelTotals)> {
         .collect()
 }
 
+/// A run's step loops (`[{component, input_sha256, starts, seqs}]`), bounded
+/// as the fold bounds them; an entry that is not a loop is none, anything
+/// that is not a list is no record (None).
+fn loops(v: &Value) -> Option<Vec<LedgerLoop>> {
+    let text = |v: Option<&Value>, max: usize| {
+        let t = v?.as_str()?;
+        let mut end = t.len().min(max);
+        while !t.is_char_boundary(end) {
+            end -= 1;
+        }
+        Some(t[..end].to_string())
+    };
+    Some(
+        v.as_array()?
+            .iter()
+            .filter_map(|l| {
+                let l = l.as_object()?;
+                let starts = l
+                    .get("starts")?
+                    .as_u64()
+                    .filter(|&n| n >= LOOP_MIN_STARTS)?;
+                let seqs = l
+                    .get("seqs")
+                    .and_then(Value::as_array)
+                    .map(|s| s.iter().filter_map(Value::as_u64).take(LOOP_SEQS).collect())
+                    .unwrap_or_default();
+                Some((
+                    l.get("component")?.as_str()?.to_string(),
+                    text(l.get("input_sha256"), MAX_HASH)?,
+                    starts,
+                    seqs,
+                ))
+            })
+            .take(MAX_STEP_HASHES)
+            .collect(),
+    )
+}
+
 /// A non-negative integer (anything else counts as 0).
 fn count(v: Option<&Value>) -> u64 {
     v.and_then(Value::as_u64).unwrap_or(0)
@@ -319,6 +369,7 @@ fn run(e: &Map<String, Value>) -> Result<LedgerRun, String> {
         allocations,
         components,
         models: e.get("model_stats").map(models).unwrap_or_default(),
+        loops: e.get("loops").and_then(loops),
     })
 }
 
@@ -514,7 +565,7 @@ mod tests {
         "model_totals": {"planning": {"m1": {"tokens": 10, "calls": 1, "cost_nanousd": 7}}},
         "log_files": [{"name": "execution.jsonl", "size": 10, "mtime_ns": 5}],
         "runs": [{"run": 1, "status": "complete", "tokens_used": 10, "events": 4,
-                  "first_seq": 0, "last_seq": 3, "task": "t",
+                  "first_seq": 0, "last_seq": 3, "task": "t", "loops": [],
                   "model_stats": {"planning": {"m1": {"tokens": 10, "calls": 1, "errors": 1,
                       "unknown_usage_calls": 1}}},
                   "component_stats": {"planning": {"tokens": 10, "operations": 1,
@@ -646,6 +697,34 @@ mod tests {
         // A ledger without per-model totals does not stand for the log alone.
         let old = LEDGER.replace("\"model_totals\"", "\"old_model_totals\"");
         let old = parse("t.json", old.as_bytes()).unwrap();
+        assert!(!old.unchanged(&l.log_files.clone().unwrap()));
+    }
+
+    #[test]
+    fn a_runs_loops_are_kept_bounded_and_an_old_ledger_has_none() {
+        let one = r#"{"component": "planning", "input_sha256": "aa", "starts": 5,
+            "seqs": [1, 2, 3, 4, 5, 6, 7]}"#;
+        let many = vec![one; MAX_STEP_HASHES + 3].join(",");
+        let with = LEDGER.replace(
+            "\"loops\": []",
+            &format!("\"loops\": [{many}, {{\"component\": \"x\", \"starts\": 9}}]"),
+        );
+        let l = parse("t.json", with.as_bytes()).unwrap();
+        let loops = l.runs[0].loops.as_ref().unwrap();
+        assert_eq!(loops.len(), MAX_STEP_HASHES);
+        assert_eq!(
+            loops[0],
+            (
+                "planning".to_string(),
+                "aa".to_string(),
+                5,
+                vec![1, 2, 3, 4, 5]
+            )
+        );
+        assert!(l.unchanged(&l.log_files.clone().unwrap()));
+        // A run with no loops recorded: the ledger does not stand for the log alone.
+        let old = parse("t.json", LEDGER.replace("\"loops\": [],", "").as_bytes()).unwrap();
+        assert_eq!(old.runs[0].loops, None);
         assert!(!old.unchanged(&l.log_files.clone().unwrap()));
     }
 

@@ -454,7 +454,7 @@ mod tests {
                 r#"{{"ledger_version":1,"last_seq":2,"total_used":5,"events":3,"#,
                 r#""missing_events":0,"component_totals":{{"reasoning":{{"tokens":5,"operations":1}}}},"model_totals":{{}},"#,
                 r#""log_files":[{}],"runs":[{{"run":1,"status":"complete","tokens_used":5,"#,
-                r#""events":3,"first_seq":0,"last_seq":2,"component_stats":{{"reasoning":"#,
+                r#""events":3,"first_seq":0,"last_seq":2,"loops":[],"component_stats":{{"reasoning":"#,
                 r#"{{"tokens":5,"operations":1,"errors":0,"retries":0}}}}}}]}}"#
             ),
             files.join(",")

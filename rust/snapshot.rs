@@ -757,6 +757,21 @@ fn run_as(
     )
 }
 
+/// The loops the ledger recorded for a run.
+fn ledger_loops(r: &LedgerRun) -> Vec<PyStepLoop> {
+    r.loops
+        .iter()
+        .flatten()
+        .map(|(c, h, n, seqs)| PyStepLoop {
+            run: r.number,
+            component: c.clone(),
+            input_sha256: h.clone(),
+            starts: *n,
+            seqs: seqs.clone(),
+        })
+        .collect()
+}
+
 /// A run only the ledger knows, as it recorded it.
 fn ledger_run(py: Python<'_>, r: &LedgerRun, status: &str) -> PyResult<Py<PyRunSnapshot>> {
     let mut meta = serde_json::Map::new();
@@ -797,7 +812,7 @@ fn ledger_run(py: Python<'_>, r: &LedgerRun, status: &str) -> PyResult<Py<PyRunS
             first_seq: r.first_seq,
             last_seq: r.last_seq,
             unknown_usage_calls: unknown_usage(r.components.iter().map(|(_, c)| c)),
-            loops: Vec::new(),
+            loops: ledger_loops(r),
             step_outputs: Vec::new(),
             comps,
             cost: cost_total(r.components.iter().map(|(k, c)| (k.as_str(), &c.cost))),
@@ -1342,6 +1357,18 @@ pub fn session_joined(
     s.comps = components(py, &h.components)?;
     s.mods = models(h.models.iter());
     s.unknown_usage_calls = unknown_usage(h.components.iter().map(|(_, c)| c));
+    // The ledger-only runs' loops (older than the log's), then the log's.
+    let mut all: Vec<PyStepLoop> = h
+        .runs
+        .iter()
+        .filter_map(|(r, _)| match r {
+            RunRef::Ledger(i) => Some(ledger_loops(&l.runs[*i])),
+            RunRef::Log(_) => None,
+        })
+        .flatten()
+        .collect();
+    all.append(&mut s.loops);
+    s.loops = all;
     s.runs_kept = h
         .runs
         .iter()

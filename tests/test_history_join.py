@@ -449,3 +449,57 @@ def test_the_live_model_follows_a_ledger_written_meanwhile(tmp_path: Path) -> No
         ["ledger", "ledger"],
     )
     assert fresh.status == "complete"
+
+
+def test_a_loop_of_a_run_only_the_ledger_knows_is_kept(tmp_path: Path) -> None:
+    """One truth across views: run 1's loop (planning started 3 times with one
+    input) is still the history's, the monitor's and ``sigil sessions``' once
+    run 1's events left the log and only the ledger knows the run."""
+    import subprocess
+    import sys
+
+    from conftest import isolated_env, run_cli
+
+    session = tmp_path / "logs" / "sessions" / "h"
+    session.mkdir(parents=True)
+    digest = "ab" * 32
+    run1 = [
+        _line(0, "session_start", "orchestrator", 0, run=1, budget=100_000, task="t1"),
+        *(_line(s, "step_start", "planning", 0, input_sha256=digest) for s in (1, 2, 3)),
+        _line(4, "step_complete", "planning", 9, latency_ms=1.0),
+        _line(5, "session_complete", "orchestrator", 0, status="complete", run=1),
+    ]
+    _write(session / "execution.jsonl", run1)
+    _ledger(session)
+    loop = {"run": 1, "component": "planning", "input_sha256": digest, "starts": 3,
+            "seqs": [1, 2, 3]}  # fmt: skip
+    assert json.loads((session / "tokens.json").read_text())["runs"][0]["loops"] == [loop]
+    # Run 1 leaves the log (rotated, then deleted); run 2 runs.
+    os.rename(session / "execution.jsonl", session / "execution.jsonl.1")
+    (session / "execution.jsonl.1").unlink()
+    _write(
+        session / "execution.jsonl",
+        [
+            _line(6, "session_start", "orchestrator", 0, run=2, budget=100_000, task="t2"),
+            _line(7, "step_complete", "planning", 5, latency_ms=1.0),
+        ],
+    )
+    history = session_history(session)
+    assert [(r.source, [lp.to_dict() for lp in r.loops]) for r in history.runs] == [
+        ("ledger", [loop]),
+        ("log", []),
+    ]
+    env = isolated_env(tmp_path, SIGIL_LOG_PATH=str(tmp_path / "logs"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "sigil", "monitor", "--session", "h", "--once", "--mode", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["loops"] == [loop]
+    proc = run_cli(tmp_path, "sessions", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert [row["loops"] for row in json.loads(proc.stdout)] == [[loop]]

@@ -352,3 +352,23 @@ def test_unknown_usage_and_loops_are_listed(tmp_path: Path) -> None:
     assert " complete+loop " in lines["anom"] and "1,320/10,000 +1 unknown" in lines["anom"]
     assert "loop" not in lines["plain"] and "unknown" not in lines["plain"]
     assert " complete " in lines["plain"]
+
+
+def test_a_loop_outlives_the_session_in_the_ledger(tmp_path: Path) -> None:
+    """One truth across views: a step loop listed while the session runs is
+    still listed once it finished and its ledger (tokens.json) is the history."""
+    from test_history_join import _ledger
+    from test_monitor_modes import LOOP_INPUT, anomalous_session
+
+    home = tmp_path / "home"
+    session = anomalous_session(home / "logs", "anom", final=False)
+    loop = {"run": 1, "component": "planning", "input_sha256": LOOP_INPUT, "starts": 5,
+            "seqs": [1, 2, 3, 4, 5]}  # fmt: skip
+    live = _rows(home)["anom"]
+    assert live["status"] != "complete" and live["loops"] == [loop]
+    anomalous_session(home / "logs", "anom")  # the run ends
+    _ledger(session)  # the orchestrator's ledger at the run's end
+    ledger = json.loads((session / "tokens.json").read_text())
+    assert ledger["runs"][0]["loops"] == [loop]
+    done = _rows(home)["anom"]
+    assert done["status"] == "complete" and done["loops"] == [loop]

@@ -1644,6 +1644,7 @@ def write_summaries(
     comp_tokens, comp_ops = history.component_totals()
     model = history.model
     comp_costs = dict(model.components) if model is not None else {}
+    loops = {r.number: [lp.to_dict() for lp in r.loops] for r in model.runs} if model else {}
     first_timestamp = next((r.started_at for r in runs if r.started_at), None)
     last_timestamp = (snap.last_timestamp if snap else None) or last.ended_at
     tokens_doc = {
@@ -1664,7 +1665,9 @@ def write_summaries(
         "warning_level": status_info["warning_level"],
         "thresholds": status_info["thresholds"],
         "components": components,
-        "runs": [r.tokens_dict() for r in runs],
+        # Each run's loops as the model gives them (issue 13): they outlive the
+        # run's events in the log.
+        "runs": [{**r.tokens_dict(), "loops": loops.get(r.run, [])} for r in runs],
         "first_timestamp": first_timestamp,
         "last_timestamp": last_timestamp,
         "ledger_version": LEDGER_VERSION,
