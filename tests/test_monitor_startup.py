@@ -231,11 +231,9 @@ def test_the_catch_up_starts_before_click_is_imported(tmp_path: Path, how: str) 
     )
     assert proc.returncode == 1, proc.stderr  # incomplete: no writer, no final event
     calls = [line.split()[1:] for line in proc.stderr.splitlines() if line.startswith("start_")]
-    if how == "config file":
-        # The config file may name another log path: the command starts it, after click.
-        assert calls[0] == ["True", "True"], proc.stderr
-    else:
-        assert calls[0] == ["True", "False"], proc.stderr
+    # With a config file (which may name another log path) the command starts it
+    # once it has read the settings: json --once runs without click either way.
+    assert calls[0] == ["True", "False"], proc.stderr
     assert all(started == "False" for started, _ in calls[1:]), proc.stderr
     assert orjson.loads(proc.stdout.splitlines()[0])["events"] == 500
 
@@ -485,3 +483,60 @@ def test_the_command_line_on_a_terminal_reads_as_the_click_command_does(
     assert seen[0][0] in (0, 2), seen[0]
     if case not in ("--help", "-h"):
         assert seen[0][1].decode().startswith("Error: "), seen[0]
+
+
+_JSON_ONCE = """
+import atexit, sys
+which = sys.argv.pop(1)
+report = sys.argv.pop(1)
+sys.argv = ["sigil", *sys.argv[1:]]
+atexit.register(lambda: open(report, "w").write(str("click" in sys.modules)))
+if which == "main":
+    from sigil.interfaces.cli.main import main
+    main()
+else:  # the click command, as the entry point ran every command line before
+    from sigil.interfaces.cli.group import run
+    run()
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "case",
+    [
+        "--mode json --once",
+        "-m json --once -r 0.5",
+        "--once --mode=json",
+        "--mode json --once -s nope",
+    ],
+)
+def test_json_once_runs_without_click_and_writes_what_the_click_command_writes(
+    tmp_path: Path, case: str
+) -> None:
+    """Issue 9's 1M-entry row, ``sigil monitor -s ID --mode json --once``: the
+    entry point runs it without importing click, with the same output, errors
+    and exit code as the click command."""
+    import subprocess
+
+    logs = tmp_path / "logs"
+    _write(logs / "sessions" / "s1" / "execution.jsonl", range(0, 300))
+    env = {**os.environ, "SIGIL_HOME": str(tmp_path / "home"), "NO_COLOR": "1", "TZ": "UTC"}
+    env.pop("SIGIL_LOG_PATH", None)
+    words = case.split()
+    if "-s" not in words:
+        words = ["--session", "s1", *words]
+    results = {}
+    for which in ("main", "click"):
+        report = tmp_path / f"{which}.click"
+        argv = [sys.executable, "-c", _JSON_ONCE, which, str(report), "monitor",
+                "--log-path", str(logs), *words]  # fmt: skip
+        proc = subprocess.run(argv, env=env, capture_output=True, timeout=60, check=False)
+        results[which] = (proc.returncode, proc.stdout, proc.stderr, report.read_text())
+    code, out, err, click_loaded = results["main"]
+    assert (code, out, err) == results["click"][:3]
+    if "nope" in case:  # no such session: one line, from the same code either way
+        assert code != 0 and b"no log for session nope" in err
+    else:
+        # exit 1: the writer stopped without a final event (an incomplete session)
+        assert code == 1 and orjson.loads(out.splitlines()[0])["session_id"] == "s1"
+        assert click_loaded == "False"

@@ -140,17 +140,22 @@ def run_monitor_without_click(args: list[str]) -> None:
     """Run a plain ``sigil monitor`` dashboard command line without importing click.
 
     The common case, ``sigil monitor -s ID`` on a terminal (with ``--log-path``,
-    ``--refresh-rate``, ``--follow``, ``--no-keys`` or ``--mode dashboard``), is
-    run here, so that click's import is not on the way to the first frame
+    ``--refresh-rate``, ``--follow``, ``--no-keys`` or ``--mode dashboard``), and
+    the scripted snapshot ``sigil monitor -s ID --mode json --once`` are run here, so that click's import is not on the way to the first frame
     (issue 12). It exits with the monitor's code. Returns, having shown nothing,
     for anything else: another option, ``--help``, a typo, a value the command
     refuses or a bad setting; the click command then parses, checks and reports
     it exactly as always.
     """
     options = _monitor_options(args)
-    if options is None or not options.keys() <= _PLAIN_OPTIONS:
+    if options is None or not options.keys() <= _PLAIN_OPTIONS | {"once"}:
         return
-    if options.get("mode", MODES[0]) != MODES[0] or not _stdout_is_a_terminal():
+    once = "once" in options
+    mode = options.get("mode", MODES[0])
+    dashboard = mode == MODES[0] and not once and _stdout_is_a_terminal()
+    # ``--mode json --once``, the scripted snapshot (issue 9's 1M-entry row).
+    json_once = options.get("mode") == "json" and once and "follow" not in options
+    if not (dashboard or json_once):
         return
     if "_SIGIL_COMPLETE" in os.environ:  # click's shell completion
         return
@@ -162,7 +167,7 @@ def run_monitor_without_click(args: list[str]) -> None:
             options.get("mode"),
             options.get("refresh"),
             options.get("log_path"),
-            once=False,
+            once=once,
             follow="follow" in options,
             no_keys="no_keys" in options,
         )
