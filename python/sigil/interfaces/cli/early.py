@@ -141,8 +141,9 @@ def run_monitor_without_click(args: list[str]) -> None:
 
     The common case, ``sigil monitor -s ID`` on a terminal (with ``--log-path``,
     ``--refresh-rate``, ``--follow``, ``--no-keys`` or ``--mode dashboard``), and
-    the scripted snapshot ``sigil monitor -s ID --mode json --once`` are run here, so that click's import is not on the way to the first frame
-    (issue 12). It exits with the monitor's code. Returns, having shown nothing,
+    the scripted snapshot ``sigil monitor -s ID --mode json --once`` are run
+    here, so that click's import is not on the way to the first frame (issues 12
+    and 9). It exits with the monitor's code. Returns, having shown nothing,
     for anything else: another option, ``--help``, a typo, a value the command
     refuses or a bad setting; the click command then parses, checks and reports
     it exactly as always.
