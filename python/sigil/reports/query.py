@@ -295,6 +295,13 @@ def token_jumps(conn: sqlite3.Connection, filters: Filters) -> list[dict[str, An
     return out
 
 
+#: The totals both queries select after the group's keys, in this order.
+_TOTAL_COLUMNS = (
+    "sessions", "runs", "failed_runs", "tokens", "input_tokens", "output_tokens",
+    "operations", "errors", "retries",
+)  # fmt: skip
+
+
 def _empty() -> dict[str, Any]:
     values: dict[str, Any] = dict.fromkeys(
         (
@@ -333,17 +340,7 @@ def _model_rows(
     out: dict[tuple[Any, ...], dict[str, Any]] = {}
     for row in conn.execute(sql, params):
         values = out[tuple(row[:n])] = _empty()
-        values.update(
-            sessions=row[n],
-            runs=row[n + 1],
-            failed_runs=row[n + 2],
-            tokens=row[n + 3],
-            input_tokens=row[n + 4],
-            output_tokens=row[n + 5],
-            operations=row[n + 6],
-            errors=row[n + 7],
-            retries=row[n + 8],
-        )
+        values.update(zip(_TOTAL_COLUMNS, row[n : n + 9], strict=True))
         values.update(zip(MODEL_COLUMNS, row[n + 9 :], strict=True))
     return out
 
@@ -392,17 +389,7 @@ def _rows(
     for row in conn.execute(sql, params):
         key = tuple(row[:n])
         values = out[key] = _empty()
-        values.update(
-            sessions=row[n],
-            runs=row[n + 1],
-            failed_runs=row[n + 2],
-            tokens=row[n + 3],
-            input_tokens=row[n + 4],
-            output_tokens=row[n + 5],
-            operations=row[n + 6],
-            errors=row[n + 7],
-            retries=row[n + 8],
-        )
+        values.update(zip(_TOTAL_COLUMNS, row[n : n + 9], strict=True))
         maxima[key] = row[n + 9]
     # The runs' histograms merged bucket by bucket in SQL.
     merged: dict[tuple[Any, ...], dict[int, int]] = {}
