@@ -392,6 +392,8 @@ class Player:
         self._resized = False
         if self.dashboard is not None:
             self.dashboard.clock = self.moment
+        # Every mode's clock (elapsed, stalled, rates) is the replay's moment.
+        self.state.clock = self.moment
 
     # -- pacing ----------------------------------------------------------------------------
 
@@ -504,10 +506,12 @@ class Player:
             text += " · p pauses the replay, n or . steps one event"
         return text
 
-    def _draw(self, *, force: bool = False) -> None:
+    def _draw(self, *, force: bool = False, changed: bool = True) -> None:
         dashboard = self.dashboard
         if dashboard is None:
-            self.renderer.refresh(self.state, self.phase, True)
+            # As the monitor: ``changed`` when events came in since the last
+            # frame (a pipe gets a line per change, not per tick of the clock).
+            self.renderer.refresh(self.state, self.phase, changed)
             return
         dashboard.notice(self.status_text())
         if force:
@@ -569,7 +573,7 @@ class Player:
             # While playing, a frame each refresh (the clock moves along);
             # paused or at the end, a frame when something changed.
             if (playing and now >= next_frame) or (dirty and not playing):
-                self._draw(force=True)
+                self._draw(force=True, changed=dirty)
                 dirty = False
                 next_frame = now + self.refresh_rate
             timeout = 0.25
