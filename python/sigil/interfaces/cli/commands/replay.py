@@ -147,7 +147,7 @@ def replay(
         )
     try:
         timeline = Timeline.of(source)
-        first, stop = 0, len(timeline.lines)
+        first, stop = 0, timeline.count
         if run_number is not None:
             first, stop = timeline.run_range(run_number)
     except ReplayError as exc:
@@ -171,6 +171,10 @@ def replay(
             paused,
         )
         sys.stdout.flush()
+    except ReplayError as exc:
+        # A file that changed under the replay (it was read once, to count its lines).
+        click.echo(f"Error: {exc}", err=True)
+        code = 1
     except BrokenPipeError:
         # The reader went away (``sigil replay x | head``): done, as the monitor.
         _discard_stdout()
