@@ -36,7 +36,7 @@ from sigil.interfaces.cli.keys import DashboardView
 from sigil.interfaces.cli.screen import Line as _Line
 from sigil.interfaces.cli.screen import cells as _cells
 from sigil.interfaces.cli.screen import crop as _crop
-from sigil.interfaces.cli.screen import printable, span
+from sigil.interfaces.cli.screen import printable, shown, span
 from sigil.interfaces.cli.screen import wrap as _wrap
 from sigil.telemetry.pricing import usd
 
@@ -290,7 +290,7 @@ def error_lines(state: SessionState, limit: int = 3) -> list[str]:
         if err.attempt is not None:
             detail.append(f"attempt {err.attempt}")
         suffix = f" ({', '.join(detail)})" if detail else ""
-        lines.append(f"{name} {what}{suffix}: {err.message}")
+        lines.append(f"{shown(name)} {what}{suffix}: {shown(err.message)}")
     return lines
 
 
@@ -306,11 +306,12 @@ def loop_text(loop: StepLoop, runs: int = 1, width: int | None = None) -> str:
         more = ", …" if loop.starts > len(seqs) else ""
         return f" (seq {', '.join(map(str, seqs))}{more})" if seqs else ""
 
-    text = f"loop: {loop.component} started {loop.starts:,} times with the same input{where}"
+    component = shown(loop.component)
+    text = f"loop: {component} started {loop.starts:,} times with the same input{where}"
     n = len(loop.seqs)
     if width is None or _cells(text + tail(n)) <= width:
         return text + tail(n)
-    text = f"loop: {loop.component} started {loop.starts:,}x, same input{where}"
+    text = f"loop: {component} started {loop.starts:,}x, same input{where}"
     while n > 1 and _cells(text + tail(n)) > width:
         n -= 1
     return text + tail(n)
@@ -379,7 +380,7 @@ def minimal_line(
         extras.append((f"{errors:,} error{'s' if errors != 1 else ''}", "1;31"))
     if state.unknown_usage_calls:
         extras.append((unknown_text(state.unknown_usage_calls), "33"))
-    looping = list(dict.fromkeys(loop.component for loop in state.loops))
+    looping = list(dict.fromkeys(shown(loop.component) for loop in state.loops))
     if looping:
         extras.append((f"loop: {', '.join(looping)}", "1;33"))
     if state.live:
@@ -572,10 +573,10 @@ def summary_lines(
     run = state.run
     lines = [rule, _sgr(title, title_code, color), rule]
     run_text = f" (run {run.number} of {state.runs})" if state.runs > 1 else ""
-    lines.append(f"Session:   {state.session_id}{run_text}")
+    lines.append(f"Session:   {shown(state.session_id)}{run_text}")
     lines.append(f"Status:    {_status_word(state, None)}")
     if state.reason and state.ended:
-        lines.extend(_labelled("Reason:    ", state.reason, width))
+        lines.extend(_labelled("Reason:    ", shown(state.reason), width))
     lines.append(f"Duration:  {format_duration(state.elapsed_at(now))}")
     lines.append(
         f"Tokens:    {state.tokens_used:,} / {state.total_budget:,} "
@@ -600,7 +601,8 @@ def summary_lines(
                 continue  # e.g. the orchestrator's bookkeeping events
             avg = comp.average_latency_ms
             latency = f" {format_latency(avg)}/op" if avg is not None else ""
-            label = name if len(name) <= 12 else name[:11] + "~"
+            label = shown(name)
+            label = label if len(label) <= 12 else label[:11] + "~"
             line = f"  {label:<12}{comp.tokens:>10,} tok{latency}"
             failed = f" {comp.errors:,} err" if comp.errors else ""
             lines.append(line + failed if len(line + failed) < width else line)
