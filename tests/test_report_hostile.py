@@ -410,3 +410,25 @@ def test_a_truncated_archive_or_segment_is_named_in_the_json_and_the_table(
         ]
         == []
     )
+
+
+def test_diff_compares_the_readable_part_of_a_damaged_live_session(
+    sigil_home: Path, log_path: Path
+) -> None:
+    """As report and monitor count it: the readable part, and one warning line."""
+    import gzip
+
+    write_runs(log_path, [Run("fine", 1, day("2026-11-12T09:00:00+00:00"), steps_for(3))])
+    write_runs(log_path, [Run("rotd", 1, day("2026-11-11T09:00:00+00:00"), steps_for(4))])
+    live = log_path / "sessions" / "rotd"
+    segment = gzip.compress((live / "execution.jsonl").read_bytes())
+    (live / "execution.jsonl.1.gz").write_bytes(segment[: len(segment) // 2])
+    (live / "execution.jsonl").write_bytes(b"")
+    report_doc = json.loads(run_cli(sigil_home, "report", "session", "--json").stdout)
+    readable = next(r for r in report_doc["rows"] if r["session"] == "rotd")["tokens"]
+    proc = run_cli(sigil_home, "diff", "rotd", "fine", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["a"]["tokens"] == readable > 0
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and "rotd is unreadable in part" in lines[0], proc.stderr
+    assert "execution.jsonl.1.gz" in lines[0]

@@ -26,10 +26,15 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
 
     settings = load_settings({"logging.path": log_path})
     base = Path(settings.logging.path)
+    from sigil.interfaces.cli.screen import shown
+
+    warnings: list[str] = []
     try:
-        left, right = load_sides(base, [a, b])
+        left, right = load_sides(base, [a, b], warnings)
     except DiffError as exc:
-        raise UsageFailure(str(exc)) from None
+        raise UsageFailure(shown(exc)) from None
+    for warning in warnings:
+        click.echo(f"sigil: warning: {shown(warning)}", err=True)
     rows = compare(left, right)
     changed = changed_steps(left, right)
     loops = {"a": left.loops, "b": right.loops}
@@ -47,8 +52,6 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
         }
         click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
         return
-    from sigil.interfaces.cli.screen import shown
-
     _print(left.head(), right.head(), rows)
     for step in changed:
         click.echo(
