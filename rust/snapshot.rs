@@ -400,6 +400,11 @@ fn unknown_usage<'a>(items: impl Iterator<Item = &'a ComponentTotals>) -> u64 {
     items.fold(0u64, |n, c| n.saturating_add(c.unknown_usage))
 }
 
+/// Tokens of the budget held for calls of unknown usage, over components.
+fn tokens_held<'a>(items: impl Iterator<Item = &'a ComponentTotals>) -> u64 {
+    items.fold(0u64, |n, c| n.saturating_add(c.tokens_held))
+}
+
 /// One component's totals (in a session or a run).
 #[pyclass(frozen, get_all, module = "sigil._native", name = "ComponentSnapshot")]
 pub struct PyComponentSnapshot {
@@ -430,6 +435,8 @@ pub struct PyComponentSnapshot {
     pub unpriced_models: Vec<String>,
     /// Calls whose usage the proxy could not read (`metadata.usage == "unknown"`).
     pub unknown_usage_calls: u64,
+    /// The budget the proxy held for those calls (their `metadata.tokens_held`).
+    pub tokens_held: u64,
 }
 
 /// The cost of a run or a session: its components', added in name order.
@@ -480,6 +487,7 @@ impl PyComponentSnapshot {
         d.set_item("unpriced_tokens", self.unpriced_tokens)?;
         d.set_item("unpriced_models", self.unpriced_models.clone())?;
         d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
+        d.set_item("tokens_held", self.tokens_held)?;
         Ok(d)
     }
 
@@ -531,6 +539,7 @@ fn component(py: Python<'_>, name: &str, c: &ComponentTotals) -> PyResult<Py<PyC
             unpriced_tokens: c.cost.unpriced_tokens,
             unpriced_models: c.cost.unpriced_models.clone(),
             unknown_usage_calls: c.unknown_usage,
+            tokens_held: c.tokens_held,
         },
     )
 }
@@ -610,6 +619,9 @@ pub struct PyRunSnapshot {
     /// Calls of the run whose usage is unknown (its components').
     #[pyo3(get)]
     pub unknown_usage_calls: u64,
+    /// Tokens of the budget held for those calls (its components').
+    #[pyo3(get)]
+    pub tokens_held: u64,
     /// Steps started at least `fold::LOOP_MIN_STARTS` times with one input.
     #[pyo3(get)]
     pub loops: Vec<PyStepLoop>,
@@ -695,6 +707,7 @@ impl PyRunSnapshot {
         cost_items(&d, &self.cost)?;
         models_items(&d, &self.mods)?;
         d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
+        d.set_item("tokens_held", self.tokens_held)?;
         d.set_item("loops", loops_list(py, &self.loops)?)?;
         d.set_item("step_outputs", self.step_outputs.clone())?;
         Ok(d)
@@ -742,6 +755,7 @@ fn run_as(
             first_seq: r.first_seq,
             last_seq: r.last_seq,
             unknown_usage_calls: unknown_usage(r.components.iter().map(|(_, c)| c)),
+            tokens_held: tokens_held(r.components.iter().map(|(_, c)| c)),
             loops: loops(r.number, &r.steps),
             step_outputs: r
                 .steps
@@ -812,6 +826,7 @@ fn ledger_run(py: Python<'_>, r: &LedgerRun, status: &str) -> PyResult<Py<PyRunS
             first_seq: r.first_seq,
             last_seq: r.last_seq,
             unknown_usage_calls: unknown_usage(r.components.iter().map(|(_, c)| c)),
+            tokens_held: tokens_held(r.components.iter().map(|(_, c)| c)),
             loops: ledger_loops(r),
             step_outputs: Vec::new(),
             comps,
@@ -862,6 +877,9 @@ pub struct PySessionHistory {
     /// Calls whose usage is unknown, over the whole session.
     #[pyo3(get)]
     pub unknown_usage_calls: u64,
+    /// Tokens of the budget held for those calls, over the whole session.
+    #[pyo3(get)]
+    pub tokens_held: u64,
     /// Components over the whole session (see `ledger.rs` for what the ledger adds).
     comps: Components,
     cost: Cost,
@@ -991,6 +1009,7 @@ pub fn history(
         malformed: st.map_or(0, |s| s.malformed),
         ledger_problem: problem,
         unknown_usage_calls: unknown_usage(h.components.iter().map(|(_, c)| c)),
+        tokens_held: tokens_held(h.components.iter().map(|(_, c)| c)),
         comps: components(py, &h.components)?,
         cost: cost_total(h.components.iter().map(|(k, c)| (k, &c.cost))),
         mods: models(h.models.iter()),
@@ -1064,6 +1083,9 @@ pub struct PySessionSnapshot {
     /// Calls whose usage is unknown (the proxy saw none), over the components.
     #[pyo3(get)]
     pub unknown_usage_calls: u64,
+    /// Tokens of the budget held for those calls, over the components.
+    #[pyo3(get)]
+    pub tokens_held: u64,
     /// The loops of the runs kept, oldest run first.
     #[pyo3(get)]
     pub loops: Vec<PyStepLoop>,
@@ -1211,6 +1233,7 @@ impl PySessionSnapshot {
         cost_items(&d, &self.cost)?;
         models_items(&d, &self.mods)?;
         d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
+        d.set_item("tokens_held", self.tokens_held)?;
         d.set_item("loops", loops_list(py, &self.loops)?)?;
         d.set_item("event_counts", self.event_counts(py)?)?;
         d.set_item("first_timestamp", &self.first_timestamp)?;
@@ -1309,6 +1332,7 @@ pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
         window_seconds: fold::WINDOW_SECONDS,
         latency_bounds_ms: LATENCY_BOUNDS_MS.to_vec(),
         unknown_usage_calls: unknown_usage(st.components.iter().map(|(_, c)| c)),
+        tokens_held: tokens_held(st.components.iter().map(|(_, c)| c)),
         loops: std::iter::once(&st.head)
             .chain(st.run_list.iter())
             .flat_map(|r| loops(r.number, &r.steps))
@@ -1357,6 +1381,7 @@ pub fn session_joined(
     s.comps = components(py, &h.components)?;
     s.mods = models(h.models.iter());
     s.unknown_usage_calls = unknown_usage(h.components.iter().map(|(_, c)| c));
+    s.tokens_held = tokens_held(h.components.iter().map(|(_, c)| c));
     // The ledger-only runs' loops (older than the log's), then the log's.
     let mut all: Vec<PyStepLoop> = h
         .runs
