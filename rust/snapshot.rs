@@ -430,6 +430,12 @@ pub struct PyComponentSnapshot {
     pub unpriced_models: Vec<String>,
     /// Calls whose usage the proxy could not read (`metadata.usage == "unknown"`).
     pub unknown_usage_calls: u64,
+    /// The heaviest calls as `(seq, tokens)`, most tokens first (issue 13:
+    /// the events that show a token jump; `fold::HeaviestCalls`).
+    pub heaviest_calls: Vec<(u64, u64)>,
+    /// The `seq`s of the first failed attempts counted in `retries` (at most
+    /// 5, in file order): the events that show a retry storm.
+    pub retry_seqs: Vec<u64>,
 }
 
 /// The cost of a run or a session: its components', added in name order.
@@ -480,6 +486,8 @@ impl PyComponentSnapshot {
         d.set_item("unpriced_tokens", self.unpriced_tokens)?;
         d.set_item("unpriced_models", self.unpriced_models.clone())?;
         d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
+        d.set_item("heaviest_calls", self.heaviest_calls.clone())?;
+        d.set_item("retry_seqs", self.retry_seqs.clone())?;
         Ok(d)
     }
 
@@ -531,6 +539,8 @@ fn component(py: Python<'_>, name: &str, c: &ComponentTotals) -> PyResult<Py<PyC
             unpriced_tokens: c.cost.unpriced_tokens,
             unpriced_models: c.cost.unpriced_models.clone(),
             unknown_usage_calls: c.unknown_usage,
+            heaviest_calls: c.heaviest.calls().iter().map(|&(t, s)| (s, t)).collect(),
+            retry_seqs: c.retry_seqs.seqs().to_vec(),
         },
     )
 }

@@ -40,13 +40,15 @@ __all__ = [
     "SCHEMA_VERSION",
     "IndexNotUpdated",
     "Refresh",
+    "decode_calls",
+    "encode_calls",
     "open_index",
     "refresh",
     "update_existing",
 ]
 
 INDEX_FILE_NAME = "report_index.sqlite3"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 #: how long a report waits for another one writing the index before it does
 #: its own work in memory
 BUSY_TIMEOUT_S = 10.0
@@ -104,7 +106,14 @@ CREATE TABLE IF NOT EXISTS components(
     retries INTEGER NOT NULL,
     timed INTEGER NOT NULL,
     latency_ms REAL NOT NULL,
-    max_latency_ms REAL
+    max_latency_ms REAL,
+    -- the component's heaviest calls in the run, the events that show a token
+    -- jump (the native model's, at most 5): 'seq:tokens' comma-separated,
+    -- most tokens first
+    heaviest TEXT NOT NULL DEFAULT '',
+    -- the seqs of its first failed attempts (at most 5), comma-separated:
+    -- the events that show a retry storm
+    retry_seqs TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS components_run ON components(run_id);
 CREATE TABLE IF NOT EXISTS latency(
@@ -495,8 +504,8 @@ def _insert_components(
     for c in components:
         cursor = conn.execute(
             "INSERT INTO components(run_id, component, model, tokens, input_tokens,"
-            " output_tokens, operations, errors, retries, timed, latency_ms, max_latency_ms)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " output_tokens, operations, errors, retries, timed, latency_ms, max_latency_ms,"
+            " heaviest, retry_seqs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
                 c.name,
@@ -510,6 +519,8 @@ def _insert_components(
                 c.timed_operations,
                 c.latency_ms,
                 c.max_latency_ms,
+                encode_calls(c.heaviest_calls),
+                ",".join(map(str, c.retry_seqs)),
             ),
         )
         component_id = cursor.lastrowid
@@ -547,6 +558,21 @@ def _insert_models(
             for name, m in models.items()
         ],
     )
+
+
+def encode_calls(calls: Iterable[tuple[int, int]]) -> str:
+    """``(seq, tokens)`` pairs as the index keeps them: ``seq:tokens,...``."""
+    return ",".join(f"{seq}:{tokens}" for seq, tokens in calls)
+
+
+def decode_calls(text: str | None) -> list[tuple[int, int]]:
+    """The pairs :func:`encode_calls` wrote."""
+    out = []
+    for part in (text or "").split(","):
+        seq, sep, tokens = part.partition(":")
+        if sep:
+            out.append((int(seq), int(tokens)))
+    return out
 
 
 def _epoch(text: str | None) -> float | None:

@@ -155,13 +155,24 @@ def _print_table(result: object) -> None:
         click.echo(
             f"retry storm: session {storm['session']} run {storm['run']}:"
             f" {storm['component']} retried {storm['retries']} times"
+            + (f" (seq {', '.join(map(str, storm['seqs']))})" if storm.get("seqs") else "")
         )
     for jump in found.get("token_jumps", []):
         click.echo(
             f"token jump: session {jump['session']} run {jump['run']}: {jump['component']}"
             f" {jump['tokens_per_call']:,.1f} tokens per call, above {jump['history_p99']:,.1f}"
-            f" (p99 of its last {jump['history_runs']} runs)"
+            f" (p99 of its last {jump['history_runs']} runs){calls_text(jump)}"
         )
+
+
+def calls_text(jump: dict[str, Any]) -> str:
+    """A token jump's events: ``; its heaviest calls: seq 13 (3,000 tokens), 8 (2,000 tokens)``
+    (empty when none carried a seq)."""
+    heaviest = jump.get("heaviest_calls") or []
+    if not heaviest:
+        return ""
+    shown = ", ".join(f"{c['seq']} ({c['tokens']:,} tokens)" for c in heaviest)
+    return f"; its heaviest calls: seq {shown}"
 
 
 def _console() -> Any:
