@@ -815,20 +815,34 @@ impl HeaviestCalls {
         a.0 > b.0 || (a.0 == b.0 && a.1 < b.1)
     }
 
-    /// Count a call of `tokens` (kept when it has a `seq`).
+    /// Count a call of `tokens` (kept when it has a `seq`). Once full, most
+    /// calls are lighter than the last kept: two comparisons, inline; the
+    /// insertion is out of line, to keep the fold's hot loop small.
     #[inline(always)]
     fn observe(&mut self, tokens: u64, seq: Option<u64>) {
         if let Some(seq) = seq {
-            self.offer((tokens, seq));
+            if usize::from(self.len) == HEAVIEST_CALLS
+                && !Self::before((tokens, seq), self.calls[HEAVIEST_CALLS - 1])
+            {
+                return;
+            }
+            self.insert((tokens, seq));
         }
     }
 
-    #[inline]
+    #[inline(never)]
     fn offer(&mut self, call: (u64, u64)) {
         let len = usize::from(self.len);
         if len == HEAVIEST_CALLS && !Self::before(call, self.calls[len - 1]) {
-            return; // the common case once full: one comparison
+            return;
         }
+        self.insert(call);
+    }
+
+    /// Put `call` in its place (it goes before the last kept, or there is room).
+    #[inline(never)]
+    fn insert(&mut self, call: (u64, u64)) {
+        let len = usize::from(self.len);
         // After every call that goes before it or equals it.
         let at = self.calls[..len].partition_point(|&x| !Self::before(call, x));
         let end = len.min(HEAVIEST_CALLS - 1);
@@ -861,7 +875,7 @@ pub struct FirstSeqs {
 }
 
 impl FirstSeqs {
-    #[inline]
+    #[inline(never)]
     fn observe(&mut self, seq: Option<u64>) {
         let len = usize::from(self.len);
         if let (Some(seq), true) = (seq, len < FIRST_SEQS) {

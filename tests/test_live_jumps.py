@@ -202,3 +202,59 @@ def test_call_events_reads_the_lines_written() -> None:
     runs = steady_runs(1, seed=1)
     events = call_events(runs)
     assert sorted(events) == [("s00", 1, c) for c in ("memory", "planning", "reasoning")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("cols", "rows"), [(60, 20), (120, 40)])
+def test_the_live_dashboard_shows_a_jump_on_a_terminal(
+    sigil_home: Path, log_path: Path, cols: int, rows: int
+) -> None:
+    """On a real pseudo-terminal: ``sigil monitor`` on a running session shows
+    its token jump (read from the index after the first frame) once among the
+    errors and warnings with its seqs, still once after more events; ``q`` quits."""
+    import orjson
+
+    from conftest import SIGIL, isolated_env
+    from sigil.core.locks import SessionLock
+    from terminal import Terminal
+
+    _runs, live = history_and_live(log_path)
+    assert run_cli(sigil_home, "report", "--json", TZ="UTC").returncode == 0
+    write_runs(log_path, [live])
+    session_dir = log_path / "sessions" / "live"
+    env = isolated_env(sigil_home, TERM="xterm-256color", NO_COLOR="1", TZ="UTC")
+    with SessionLock(session_dir):
+        term = Terminal(
+            [*SIGIL, "monitor", "--session", "live", "--refresh-rate", "0.05"], env, cols, rows
+        )
+        try:
+
+            def whole(screen: str, count: int = 1) -> bool:
+                # pyte may be read mid-frame: wait for a frame drawn to its key line.
+                lines = screen.splitlines()
+                jumps = [x for x in lines if x.startswith("! token jump: reasoning 2,043 ")]
+                return (
+                    len(jumps) == 1
+                    and "(seq 4, " in jumps[0]
+                    and lines[-1].startswith("q quit")
+                    and screen.count("token jump") == count
+                )
+
+            screen = term.wait_for(whole, timeout=20)
+            lines = screen.splitlines()
+            # Among the errors and warnings, before the events.
+            at = next(i for i, x in enumerate(lines) if x.startswith("! token jump"))
+            assert at < next(i for i, x in enumerate(lines) if x.startswith("Log"))
+            with (session_dir / "execution.jsonl").open("a") as log:
+                event = {
+                    "timestamp": (live.start + timedelta(seconds=9)).isoformat(),
+                    "session_id": "live", "event_type": "step_complete",
+                    "component": "planning", "message": "planned", "tokens": 7,
+                    "metadata": {"run": 1}, "seq": 9,
+                }  # fmt: skip
+                log.write(orjson.dumps(event).decode() + "\n")
+            term.wait_for(lambda t: "14,517" in t and whole(t), timeout=20)
+            term.press("q")
+            assert term.wait() == 0
+        finally:
+            term.close()
