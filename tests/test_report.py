@@ -840,3 +840,29 @@ def test_a_token_jump_names_its_heaviest_calls(sigil_home: Path, log_path: Path)
         "its heaviest calls: seq 13 (3,000 tokens), 8 (2,000 tokens), 10 (2,000 tokens),"
         " 11 (1,500 tokens), 7 (900 tokens)"
     ) in " ".join(shown.split())
+
+
+def test_a_run_out_of_budget_is_shown_with_the_event_that_ended_it(
+    sigil_home: Path, log_path: Path
+) -> None:
+    """Issue 13's "budget exhaustion", in report and diff, with its event: the
+    seq of the final event that said ``budget_exceeded`` (budget 10**6 here)."""
+    steps = [Step("reasoning", 600_000, "ok", 10.0), Step("reasoning", 500_000, "ok", 10.0)]
+    write_runs(
+        log_path,
+        [
+            Run("b1", 1, day("2026-11-01T09:00:00+00:00"), steps[:1]),
+            Run("b1", 2, day("2026-11-01T10:00:00+00:00"), steps, status="budget_exceeded"),
+        ],
+    )
+    # Run 1: seq 0-2 (start, a step, the end); run 2: start 3, steps 4-5, the end 6.
+    want = {"run": 2, "tokens": 1_100_000, "budget": 10**6, "seqs": [6]}
+    doc = report(sigil_home, "session")
+    assert doc["anomalies"]["budget_exhausted"] == [{"session": "b1", **want}]
+    shown = run_cli(sigil_home, "report", "session", TZ="UTC").stdout
+    assert "budget exhausted: session b1 run 2: 1,100,000 of 1,000,000 tokens (seq 6)" in shown
+    proc = run_cli(sigil_home, "diff", "b1@1", "b1@2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["budget_exhausted"] == {"a": [], "b": [want]}
+    shown = run_cli(sigil_home, "diff", "b1@1", "b1@2").stdout
+    assert "budget exhausted in B run 2: 1,100,000 of 1,000,000 tokens (seq 6)" in shown

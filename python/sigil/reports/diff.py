@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sigil.reports.live import retry_storms
+from sigil.reports.live import budget_exhausted, retry_storms
 from sigil.reports.sources import (
     Folded,
     Source,
@@ -65,6 +65,8 @@ class Side:
     loops: list[dict[str, Any]] = field(default_factory=list)
     #: components retried 5+ times in a run, with their first failed attempts' seqs
     retry_storms: list[dict[str, Any]] = field(default_factory=list)
+    #: runs that ended out of budget, with the seq of the event that said so
+    budget_exhausted: list[dict[str, Any]] = field(default_factory=list)
 
     def head(self) -> dict[str, Any]:
         return {
@@ -148,6 +150,7 @@ def _side(
             list(runs[-1].step_outputs) if runs else [],
             [loop.to_dict() for r in runs for loop in r.loops],
             retry_storms(session_id, runs, label=False),
+            budget_exhausted(session_id, runs, label=False),
         )
     for i, run in enumerate(runs):
         if run.number == number:
@@ -163,6 +166,7 @@ def _side(
                 list(run.step_outputs),
                 [loop.to_dict() for loop in run.loops],
                 retry_storms(session_id, [run], label=False),
+                budget_exhausted(session_id, [run], label=False),
             )
     numbers = ", ".join(str(r.number) for r in runs) or "none"
     raise DiffError(f"session {session_id!r} has no run {number} (its runs: {numbers})")

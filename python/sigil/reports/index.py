@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 INDEX_FILE_NAME = "report_index.sqlite3"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: how long a report waits for another one writing the index before it does
 #: its own work in memory
 BUSY_TIMEOUT_S = 10.0
@@ -88,7 +88,11 @@ CREATE TABLE IF NOT EXISTS runs(
     operations INTEGER NOT NULL DEFAULT 0,
     errors INTEGER NOT NULL DEFAULT 0,
     retries INTEGER NOT NULL DEFAULT 0,
-    max_latency_ms REAL
+    max_latency_ms REAL,
+    -- the run's budget and the seq of its latest event (a run out of budget:
+    -- the final event that said so)
+    budget INTEGER,
+    last_seq INTEGER
 );
 CREATE INDEX IF NOT EXISTS runs_source ON runs(source);
 CREATE INDEX IF NOT EXISTS runs_started ON runs(started_ts);
@@ -463,8 +467,8 @@ def _insert(conn: sqlite3.Connection, source: Source, runs: list[RunSnapshot] | 
         started = run.started_at or run.ended_at or run.last_at
         cursor = conn.execute(
             "INSERT INTO runs(source, session_id, run, archived, status, finished, started_at,"
-            " ended_at, started_ts, tokens, events, steps_completed, steps_failed)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " ended_at, started_ts, tokens, events, steps_completed, steps_failed, budget,"
+            " last_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 source.key,
                 source.session_id,
@@ -479,6 +483,8 @@ def _insert(conn: sqlite3.Connection, source: Source, runs: list[RunSnapshot] | 
                 run.events,
                 run.steps_completed,
                 run.steps_failed,
+                run.budget,
+                run.last_seq,
             ),
         )
         _insert_components(conn, cursor.lastrowid, run.components.values())

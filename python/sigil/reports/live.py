@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sigil.telemetry.log_parser import RunSnapshot
 
-__all__ = ["INDEX_FILE_NAME", "RETRY_STORM", "JumpHistory", "load_jump_history", "retry_storms"]
+__all__ = [
+    "INDEX_FILE_NAME",
+    "RETRY_STORM",
+    "JumpHistory",
+    "budget_exhausted",
+    "load_jump_history",
+    "retry_storms",
+]
 
 #: Retries of one component in one run from which they are a storm (the rule
 #: of ``sigil report``, ``sigil diff`` and the live view).
@@ -160,4 +167,24 @@ def retry_storms(
                     run=run.number, component=name, retries=c.retries, seqs=list(c.retry_seqs)
                 )
                 out.append(storm)
+    return out
+
+
+def budget_exhausted(
+    session_id: str, runs: Iterable[RunSnapshot], *, label: bool = True
+) -> list[dict[str, Any]]:
+    """The runs that ended out of budget (status ``budget_exceeded``), each
+    with its tokens, its budget and the seq of the final event that said so
+    (the run's last event); ``label`` names the session in each."""
+    out = []
+    for run in runs:
+        if run.status == "budget_exceeded":
+            found: dict[str, Any] = {"session": session_id} if label else {}
+            found.update(
+                run=run.number,
+                tokens=run.tokens,
+                budget=run.budget,
+                seqs=[] if run.last_seq is None else [run.last_seq],
+            )
+            out.append(found)
     return out

@@ -215,8 +215,9 @@ def run_report(
 def anomalies(conn: sqlite3.Connection, filters: Filters) -> dict[str, list[dict[str, Any]]]:
     """The runs' loops (the native model's: a component started at least 3
     times with the same ``input_sha256``), retry storms (at least
-    :data:`RETRY_STORM` retries of one component in one run) and token jumps
-    (:func:`token_jumps`)."""
+    :data:`RETRY_STORM` retries of one component in one run), token jumps
+    (:func:`token_jumps`) and the runs out of budget, each with the seqs of
+    the events that show it."""
     where, params = filters.where()
     loops = [
         {
@@ -249,7 +250,26 @@ def anomalies(conn: sqlite3.Connection, filters: Filters) -> dict[str, list[dict
             [*params, RETRY_STORM],
         )
     ]
-    return {"loops": loops, "retry_storms": storms, "token_jumps": token_jumps(conn, filters)}
+    exhausted = [
+        {
+            "session": row[0],
+            "run": row[1],
+            "tokens": row[2],
+            "budget": row[3],
+            "seqs": [] if row[4] is None else [row[4]],
+        }
+        for row in conn.execute(
+            "SELECT r.session_id, r.run, r.tokens, r.budget, r.last_seq FROM runs r"
+            f" WHERE {where} AND r.status = 'budget_exceeded' ORDER BY r.session_id, r.run",
+            params,
+        )
+    ]
+    return {
+        "loops": loops,
+        "retry_storms": storms,
+        "token_jumps": token_jumps(conn, filters),
+        "budget_exhausted": exhausted,
+    }
 
 
 def is_jump(value: float, p99: float) -> bool:
