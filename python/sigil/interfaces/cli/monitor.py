@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -192,6 +192,7 @@ class SessionState:
         "_run",
         "_storms",
         "_thresholds_of",
+        "clock",
         "default_budget",
         "events",
         "incomplete",
@@ -226,6 +227,8 @@ class SessionState:
         self._take_parts()
         self.incomplete = False
         self.locked = False
+        #: "now" when none is given (None: the wall clock; a replay's moment of the session)
+        self.clock: Callable[[], datetime | None] | None = None
         self.rotations = 0
         self.truncations = 0
         self.rereads = 0
@@ -547,7 +550,7 @@ class SessionState:
         if end is None and not self.live:
             end = parse_timestamp(self.run.last_at or self.last_timestamp)
         if end is None:
-            end = now or datetime.now(UTC)
+            end = now or self._now()
         return max(0.0, (end - start).total_seconds())
 
     @property
@@ -568,7 +571,11 @@ class SessionState:
         last = parse_timestamp(self.last_timestamp)
         if last is None:
             return 0.0
-        return max(0.0, ((now or datetime.now(UTC)) - last).total_seconds())
+        return max(0.0, ((now or self._now()) - last).total_seconds())
+
+    def _now(self) -> datetime:
+        moment = self.clock() if self.clock is not None else None
+        return moment if moment is not None else datetime.now(UTC)
 
     def stalled_seconds(self, now: datetime | None = None) -> float | None:
         """How long a live run has gone without an event, once that is long enough to say."""
