@@ -528,6 +528,12 @@ pub struct ComponentTotals {
     /// The `tokens_held` of those calls: the budget the proxy kept for them
     /// (counted as spent against the budget, never as tokens).
     pub tokens_held: u64,
+    /// The component's heaviest calls, the events that show its tokens per
+    /// call (issue 13's token jumps; see [`HeaviestCalls`]).
+    pub heaviest: HeaviestCalls,
+    /// The `seq`s of its first failed attempts (`retry_attempt`s counted in
+    /// `retries`): the events that show a retry storm (issue 13).
+    pub retry_seqs: FirstSeqs,
     /// The slot of (this component, `model`) in the models table this
     /// component's updates go to (the fold's or its run's). A cache, outside
     /// equality.
@@ -554,6 +560,8 @@ struct Step<'m> {
     unknown_usage: bool,
     /// `metadata.tokens_held` (0 when absent).
     tokens_held: u64,
+    /// The event's `seq` (a call's: [`HeaviestCalls`]).
+    seq: Option<u64>,
 }
 
 impl Step<'_> {
@@ -591,15 +599,20 @@ impl Step<'_> {
                     c.observe_latency(ms, self.bucket);
                     c.step_latency_ms += ms;
                 }
+                c.heaviest.observe(self.tokens, self.seq);
             }
             Kind::StepError => {
                 c.errors = c.errors.saturating_add(1);
+                c.heaviest.observe(self.tokens, self.seq);
                 if let Some(ms) = self.latency {
                     c.failed_latency_ms += ms;
                     c.step_latency_ms += ms;
                 }
             }
-            Kind::RetryAttempt if self.error => c.retries = c.retries.saturating_add(1),
+            Kind::RetryAttempt if self.error => {
+                c.retries = c.retries.saturating_add(1);
+                c.retry_seqs.observe(self.seq);
+            }
             _ => {}
         }
         if self.last_error.is_some() {
@@ -736,6 +749,8 @@ impl ComponentTotals {
             self.last_error.clone_from(&o.last_error);
         }
         self.cost.add(&o.cost);
+        self.heaviest.merge(&o.heaviest);
+        self.retry_seqs.merge(&o.retry_seqs);
     }
 
     /// A model other than the one last seen (rare: kept out of line).
@@ -784,6 +799,108 @@ impl ComponentTotals {
     /// Mean latency of the successful timed steps.
     pub fn average_latency_ms(&self) -> Option<f64> {
         (self.timed > 0).then(|| self.latency_ms / self.timed as f64)
+    }
+}
+
+/// Calls kept per component by [`HeaviestCalls`].
+pub const HEAVIEST_CALLS: usize = 5;
+
+/// A component's heaviest calls (issue 13: a token jump "with the events that
+/// show it"): the `(tokens, seq)` of its `step_complete` and `step_error`
+/// events that carry a `seq`, at most [`HEAVIEST_CALLS`], most tokens first
+/// and, at equal tokens, the lower `seq` first. The first N of a union are the
+/// first N of its parts' first N, so split folds merge exactly. A fixed array:
+/// nothing is allocated per component.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HeaviestCalls {
+    calls: [(u64, u64); HEAVIEST_CALLS],
+    len: u8,
+}
+
+impl HeaviestCalls {
+    /// `a` goes before `b`: more tokens, or as many and a lower seq.
+    #[inline(always)]
+    fn before(a: (u64, u64), b: (u64, u64)) -> bool {
+        a.0 > b.0 || (a.0 == b.0 && a.1 < b.1)
+    }
+
+    /// Count a call of `tokens` (kept when it has a `seq`). Once full, most
+    /// calls are lighter than the last kept: two comparisons, inline; the
+    /// insertion is out of line, to keep the fold's hot loop small.
+    #[inline(always)]
+    fn observe(&mut self, tokens: u64, seq: Option<u64>) {
+        if let Some(seq) = seq {
+            if usize::from(self.len) == HEAVIEST_CALLS
+                && !Self::before((tokens, seq), self.calls[HEAVIEST_CALLS - 1])
+            {
+                return;
+            }
+            self.insert((tokens, seq));
+        }
+    }
+
+    #[inline(never)]
+    fn offer(&mut self, call: (u64, u64)) {
+        let len = usize::from(self.len);
+        if len == HEAVIEST_CALLS && !Self::before(call, self.calls[len - 1]) {
+            return;
+        }
+        self.insert(call);
+    }
+
+    /// Put `call` in its place (it goes before the last kept, or there is room).
+    #[inline(never)]
+    fn insert(&mut self, call: (u64, u64)) {
+        let len = usize::from(self.len);
+        // After every call that goes before it or equals it.
+        let at = self.calls[..len].partition_point(|&x| !Self::before(call, x));
+        let end = len.min(HEAVIEST_CALLS - 1);
+        self.calls.copy_within(at..end, at + 1);
+        self.calls[at] = call;
+        self.len = (end + 1) as u8;
+    }
+
+    fn merge(&mut self, o: &HeaviestCalls) {
+        for &call in o.calls() {
+            self.offer(call);
+        }
+    }
+
+    /// `(tokens, seq)`, heaviest first.
+    pub fn calls(&self) -> &[(u64, u64)] {
+        &self.calls[..usize::from(self.len)]
+    }
+}
+
+/// `seq`s kept by [`FirstSeqs`].
+pub const FIRST_SEQS: usize = 5;
+
+/// The first [`FIRST_SEQS`] `seq`s of some events, in file order: a later part
+/// of a file adds its own after them, so split folds merge exactly.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FirstSeqs {
+    seqs: [u64; FIRST_SEQS],
+    len: u8,
+}
+
+impl FirstSeqs {
+    #[inline(never)]
+    fn observe(&mut self, seq: Option<u64>) {
+        let len = usize::from(self.len);
+        if let (Some(seq), true) = (seq, len < FIRST_SEQS) {
+            self.seqs[len] = seq;
+            self.len += 1;
+        }
+    }
+
+    fn merge(&mut self, o: &FirstSeqs) {
+        for &seq in o.seqs() {
+            self.observe(Some(seq));
+        }
+    }
+
+    pub fn seqs(&self) -> &[u64] {
+        &self.seqs[..usize::from(self.len)]
     }
 }
 
@@ -2025,6 +2142,7 @@ impl FoldState {
                 last_error: &None,
                 unknown_usage: l.usage_unknown,
                 tokens_held: l.tokens_held.unwrap_or(0),
+                seq: Some(l.seq),
             }
         } else {
             Step {
@@ -2040,6 +2158,7 @@ impl FoldState {
                 last_error: &None,
                 unknown_usage: false,
                 tokens_held: 0,
+                seq: Some(l.seq),
             }
         };
         let (slot, run_slot) = self.component_slots(l.component);
@@ -2328,6 +2447,7 @@ impl FoldState {
             last_error: &last_error,
             unknown_usage: meta.usage_unknown && counted,
             tokens_held: meta.tokens_held.filter(|_| counted).unwrap_or(0),
+            seq: e.seq,
         };
         let (slot, run_slot) = self.component_slots(&e.component);
         step.update(self.components.at_mut(slot));
@@ -3039,6 +3159,51 @@ mod tests {
         let m = models.get(&model_key("planning", "m1")).unwrap();
         assert_eq!((m.calls, m.tokens, m.unknown_usage), (1003, 2006, 1003));
         assert_eq!(f.components["planning"].unknown_usage, 1003);
+    }
+
+    #[test]
+    fn first_seqs_keep_the_first_n_and_merge_exactly() {
+        let seqs: Vec<u64> = (0..12).map(|i| (i * 7) % 5).collect();
+        let mut whole = FirstSeqs::default();
+        seqs.iter().for_each(|&s| whole.observe(Some(s)));
+        whole.observe(None);
+        assert_eq!(whole.seqs(), &seqs[..FIRST_SEQS]);
+        for cut in 0..=seqs.len() {
+            let (mut a, mut b) = (FirstSeqs::default(), FirstSeqs::default());
+            seqs[..cut].iter().for_each(|&s| a.observe(Some(s)));
+            seqs[cut..].iter().for_each(|&s| b.observe(Some(s)));
+            a.merge(&b);
+            assert_eq!(a, whole, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn heaviest_calls_keep_the_first_n_and_merge_exactly() {
+        // (tokens, seq) in a made-up order, with ties and a repeated call.
+        let calls: Vec<(u64, u64)> = (0..40u64)
+            .map(|i| ((i * 37) % 11 * 10, i % 13))
+            .chain([(100, 3), (100, 3), (0, 0)])
+            .collect();
+        let mut expected = calls.clone();
+        expected.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        expected.truncate(HEAVIEST_CALLS);
+        let mut whole = HeaviestCalls::default();
+        for &(t, s) in &calls {
+            whole.observe(t, Some(s));
+        }
+        whole.observe(1_000, None); // no seq: not an event to show
+        assert_eq!(whole.calls(), expected.as_slice());
+        for cut in 0..=calls.len() {
+            let (mut a, mut b) = (HeaviestCalls::default(), HeaviestCalls::default());
+            calls[..cut]
+                .iter()
+                .for_each(|&(t, s)| a.observe(t, Some(s)));
+            calls[cut..]
+                .iter()
+                .for_each(|&(t, s)| b.observe(t, Some(s)));
+            a.merge(&b);
+            assert_eq!(a, whole, "cut at {cut}");
+        }
     }
 
     #[test]

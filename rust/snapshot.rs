@@ -437,6 +437,12 @@ pub struct PyComponentSnapshot {
     pub unknown_usage_calls: u64,
     /// The budget the proxy held for those calls (their `metadata.tokens_held`).
     pub tokens_held: u64,
+    /// The heaviest calls as `(seq, tokens)`, most tokens first (issue 13:
+    /// the events that show a token jump; `fold::HeaviestCalls`).
+    pub heaviest_calls: Vec<(u64, u64)>,
+    /// The `seq`s of the first failed attempts counted in `retries` (at most
+    /// 5, in file order): the events that show a retry storm.
+    pub retry_seqs: Vec<u64>,
 }
 
 /// The cost of a run or a session: its components', added in name order.
@@ -488,6 +494,8 @@ impl PyComponentSnapshot {
         d.set_item("unpriced_models", self.unpriced_models.clone())?;
         d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
         d.set_item("tokens_held", self.tokens_held)?;
+        d.set_item("heaviest_calls", self.heaviest_calls.clone())?;
+        d.set_item("retry_seqs", self.retry_seqs.clone())?;
         Ok(d)
     }
 
@@ -540,6 +548,8 @@ fn component(py: Python<'_>, name: &str, c: &ComponentTotals) -> PyResult<Py<PyC
             unpriced_models: c.cost.unpriced_models.clone(),
             unknown_usage_calls: c.unknown_usage,
             tokens_held: c.tokens_held,
+            heaviest_calls: c.heaviest.calls().iter().map(|&(t, s)| (s, t)).collect(),
+            retry_seqs: c.retry_seqs.seqs().to_vec(),
         },
     )
 }

@@ -33,6 +33,10 @@ FINAL_STATUSES = ("complete", "error", "budget_exceeded", "interrupted")
 U64_MAX = (1 << 64) - 1
 MAX_UNPRICED_MODELS = 8
 LOOP_MIN_STARTS = 3
+#: calls kept per component as the events that show its tokens (fold.rs HEAVIEST_CALLS)
+HEAVIEST_CALLS = 5
+#: seqs kept of a component's first failed attempts (fold.rs FIRST_SEQS)
+FIRST_SEQS = 5
 META_EVENTS = frozenset(
     {
         "session_start",
@@ -128,6 +132,10 @@ class Component:
     unknown_usage_calls: int = 0
     #: the ``metadata.tokens_held`` of its calls (the budget kept for unknown usage)
     tokens_held: int = 0
+    #: (tokens, seq) of every call (step_complete, step_error) with a seq
+    calls: list[tuple[int, int]] = field(default_factory=list)
+    #: seqs of the first failed attempts (retry_attempt counted in retries)
+    retry_seqs: list[int] = field(default_factory=list)
 
     def observe_cost(self, nano: int | None, tokens: int, model: str | None) -> None:
         if nano is not None:
@@ -188,6 +196,12 @@ class Component:
             "unpriced_models": list(self.unpriced_models),
             "unknown_usage_calls": self.unknown_usage_calls,
             "tokens_held": self.tokens_held,
+            # The heaviest calls (issue 13): most tokens first, then lower seq.
+            "heaviest_calls": [
+                (seq, tokens)
+                for tokens, seq in sorted(self.calls, key=lambda c: (-c[0], c[1]))[:HEAVIEST_CALLS]
+            ],
+            "retry_seqs": self.retry_seqs[:FIRST_SEQS],
         }
 
 
@@ -490,6 +504,8 @@ def fold_reference(data: bytes) -> dict[str, Any]:
             if model is not None:
                 c.model = bounded(model)
             c.observe_cost(nano, e.tokens, bounded(model) if model is not None else None)
+            if call and e.seq is not None:
+                c.calls.append((e.tokens, e.seq))
             if kind == "step_complete":
                 c.operations += 1
                 if latency is not None:
@@ -500,6 +516,8 @@ def fold_reference(data: bytes) -> dict[str, Any]:
                     c.failed_latency_ms += latency
             elif kind == "retry_attempt" and is_error:
                 c.retries += 1
+                if e.seq is not None:
+                    c.retry_seqs.append(e.seq)
             if last_error is not None:
                 c.last_error = dict(last_error)
         run.tokens = min(U64_MAX, run.tokens + e.tokens)

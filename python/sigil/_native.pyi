@@ -375,6 +375,15 @@ class ComponentSnapshot:
     def unknown_usage_calls(self) -> int: ...
     @property
     def tokens_held(self) -> int: ...
+    @property
+    def heaviest_calls(self) -> list[tuple[int, int]]:
+        """``(seq, tokens)`` of the heaviest calls (``step_complete``,
+        ``step_error`` with a seq), at most 5, most tokens first (then lower seq):
+        the events that show a token jump (issue 13)."""
+    @property
+    def retry_seqs(self) -> list[int]:
+        """The seqs of the first failed attempts counted in ``retries`` (at most
+        5, in file order): the events that show a retry storm (issue 13)."""
     def to_dict(self) -> dict[str, Any]: ...
 
 @final
