@@ -463,6 +463,8 @@ pub struct ModelTotals {
     pub unpriced_calls: u64,
     /// Calls whose `metadata.usage` is `"unknown"` (the proxy saw no usage).
     pub unknown_usage: u64,
+    /// The calls' `metadata.tokens_held` (the budget held for unknown usage).
+    pub tokens_held: u64,
 }
 
 /// The key of a (component, model) pair in a models table: the two names
@@ -494,6 +496,7 @@ impl ModelTotals {
         self.unpriced_tokens = self.unpriced_tokens.saturating_add(o.unpriced_tokens);
         self.unpriced_calls = self.unpriced_calls.saturating_add(o.unpriced_calls);
         self.unknown_usage = self.unknown_usage.saturating_add(o.unknown_usage);
+        self.tokens_held = self.tokens_held.saturating_add(o.tokens_held);
     }
 }
 
@@ -671,6 +674,7 @@ impl Step<'_> {
             m.unknown_usage = m
                 .unknown_usage
                 .saturating_add(u64::from(self.unknown_usage));
+            m.tokens_held = m.tokens_held.saturating_add(self.tokens_held);
         }
     }
 }
@@ -3238,7 +3242,7 @@ mod tests {
         let models = whole.models();
         let m1 = models.get(&model_key("reasoning", "m1")).unwrap();
         assert_eq!((m1.tokens, m1.input_tokens, m1.calls), (40, 30, 1));
-        assert_eq!((m1.errors, m1.unknown_usage), (0, 1));
+        assert_eq!((m1.errors, m1.unknown_usage, m1.tokens_held), (0, 1, 40));
         assert_eq!((m1.cost_nanousd, m1.priced_events), (0, 0));
         assert_eq!((m1.unpriced_tokens, m1.unpriced_calls), (40, 1));
         let p1 = models.get(&model_key("planning", "m1")).unwrap();

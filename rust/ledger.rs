@@ -253,6 +253,7 @@ fn models(v: &Value) -> Vec<(String, ModelTotals)> {
                     unpriced_tokens: count(c.get("unpriced_tokens")),
                     unpriced_calls: count(c.get("unpriced_calls")),
                     unknown_usage: count(c.get("unknown_usage_calls")),
+                    tokens_held: count(c.get("tokens_held")),
                 },
             ))
         })

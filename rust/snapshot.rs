@@ -258,6 +258,8 @@ pub struct PyModelSnapshot {
     pub unpriced_calls: u64,
     /// Calls whose usage the proxy could not read (`metadata.usage == "unknown"`).
     pub unknown_usage_calls: u64,
+    /// The budget the proxy held for those calls.
+    pub tokens_held: u64,
 }
 
 #[pymethods]
@@ -274,6 +276,7 @@ impl PyModelSnapshot {
         d.set_item("unpriced_tokens", self.unpriced_tokens)?;
         d.set_item("unpriced_calls", self.unpriced_calls)?;
         d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
+        d.set_item("tokens_held", self.tokens_held)?;
         Ok(d)
     }
 
@@ -302,6 +305,7 @@ fn model_snapshot(component: Option<&str>, name: &str, m: &ModelTotals) -> PyMod
         unpriced_tokens: m.unpriced_tokens,
         unpriced_calls: m.unpriced_calls,
         unknown_usage_calls: m.unknown_usage,
+        tokens_held: m.tokens_held,
     }
 }
 
@@ -335,6 +339,7 @@ fn by_model(pairs: &Models) -> Models {
                 unpriced_tokens: p.unpriced_tokens,
                 unpriced_calls: p.unpriced_calls,
                 unknown_usage: p.unknown_usage_calls,
+                tokens_held: p.tokens_held,
             });
     }
     totals

@@ -220,9 +220,16 @@ class Model:
     unpriced_tokens: int = 0
     unpriced_calls: int = 0
     unknown_usage_calls: int = 0
+    tokens_held: int = 0
 
     def observe(
-        self, kind: str, tokens: int, meta: dict[str, Any], nano: int | None, unknown: bool
+        self,
+        kind: str,
+        tokens: int,
+        meta: dict[str, Any],
+        nano: int | None,
+        unknown: bool,
+        held: int = 0,
     ) -> None:
         call = kind in ("step_complete", "step_error")
         self.tokens = min(U64_MAX, self.tokens + tokens)
@@ -240,6 +247,7 @@ class Model:
             self.calls += 1
             self.errors += kind == "step_error"
             self.unknown_usage_calls += unknown
+            self.tokens_held = min(U64_MAX, self.tokens_held + held)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -496,7 +504,7 @@ def fold_reference(data: bytes) -> dict[str, Any]:
             if named is not None:
                 name = e.component if e.component in table else OTHER
                 m: Model = slot(mtable, name + SEP + bounded(named), Model)
-                m.observe(kind, e.tokens, meta, nano, unknown)
+                m.observe(kind, e.tokens, meta, nano, unknown, held)
             c.tokens = min(U64_MAX, c.tokens + e.tokens)
             c.input_tokens = min(U64_MAX, c.input_tokens + (u64(meta.get("input_tokens")) or 0))
             c.output_tokens = min(U64_MAX, c.output_tokens + (u64(meta.get("output_tokens")) or 0))
@@ -602,7 +610,14 @@ def join_reference(data: bytes, ledger: dict[str, Any] | None) -> dict[str, Any]
             into = components.setdefault(name, [0] * 6)
             for i, key in enumerate(("tokens", "operations", *cost_keys)):
                 into[i] += c.get(key, 0)
-    model_keys = ("tokens", "calls", "errors", "cost_nanousd", "unknown_usage_calls")
+    model_keys = (
+        "tokens",
+        "calls",
+        "errors",
+        "cost_nanousd",
+        "unknown_usage_calls",
+        "tokens_held",
+    )
     models = {
         (c, n): [m[k] for k in model_keys]
         for c, ms in fold["component_models"].items()
@@ -633,7 +648,14 @@ def history_view(history: Any) -> dict[str, Any]:
     """A ``HistorySnapshot``'s numbers as plain data (to compare with the reference)."""
     return {
         "models": {
-            (c, n): (m.tokens, m.calls, m.errors, m.cost_nanousd, m.unknown_usage_calls)
+            (c, n): (
+                m.tokens,
+                m.calls,
+                m.errors,
+                m.cost_nanousd,
+                m.unknown_usage_calls,
+                m.tokens_held,
+            )
             for c, ms in sorted(history.component_models.items())
             for n, m in sorted(ms.items())
         },

@@ -217,6 +217,10 @@ def test_tokens_held_by_an_earlier_run_stay_held_in_the_next(
     assert upstream.requests[-1]["max_tokens"] == step["metadata"]["max_tokens"]
     (start,) = [e for e in _of_run(log, 2, "session_start")]
     assert start["metadata"]["tokens_held_before_run"] == held
+    # The session model carries them: shown beside the calls of unknown usage.
+    state = monitor(home, "held-1")
+    assert (state["unknown_usage_calls"], state["tokens_held"]) == (1, held)
+    assert state["components"]["nousage"]["tokens_held"] == held
 
 
 def test_held_tokens_that_end_the_budget_end_the_session_as_budget_exceeded(

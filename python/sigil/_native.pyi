@@ -290,7 +290,8 @@ class ModelSnapshot:
     counts its ``step_complete``/``step_error`` events, ``errors`` the latter;
     cost as the components' (nano-dollars of priced events; ``unpriced_calls``
     and ``unpriced_tokens`` those without a cost); ``unknown_usage_calls`` the
-    calls whose usage was not known (``metadata.usage == "unknown"``)."""
+    calls whose usage was not known (``metadata.usage == "unknown"``) and
+    ``tokens_held`` the budget the proxy held for them."""
 
     def __eq__(self, value: object, /) -> bool: ...
     @property
@@ -317,6 +318,8 @@ class ModelSnapshot:
     def unpriced_calls(self) -> int: ...
     @property
     def unknown_usage_calls(self) -> int: ...
+    @property
+    def tokens_held(self) -> int: ...
     def to_dict(self) -> dict[str, Any]: ...
 
 @final
