@@ -218,7 +218,8 @@ EVIL_ERROR = "upstream said \x1b[2J\x9b6n\u202egnp.exe"
 
 def _hostile_session(log_path: Path, session: str = "hostile") -> None:
     """A finished session whose component, model, error and reason hold ESC,
-    OSC, BEL, CSI (C1), a newline and a bidi override; one step looped."""
+    OSC, BEL, CSI (C1), a newline and a bidi override; one step looped, and
+    retried in a storm."""
     import orjson
 
     at = day("2026-11-05T09:00:00+00:00")
@@ -246,6 +247,8 @@ def _hostile_session(log_path: Path, session: str = "hostile") -> None:
         meta = {"run": 1, "attempt": 1, "latency_ms": 12.0, "model": EVIL_MODEL}
         meta.update(input_tokens=90, output_tokens=30)
         event("step_complete", EVIL_AGENT, 120, meta, "done")
+    for attempt in range(1, 7):  # a retry storm of the same component
+        event("retry_attempt", EVIL_AGENT, 0, {"attempt": attempt, "error": EVIL_ERROR}, "retry")
     event("step_error", EVIL_AGENT, 5, {"error": EVIL_ERROR}, EVIL_ERROR)
     event("session_error", "orchestrator", 0, {"status": "error", "reason": EVIL_ERROR}, "fail")
     log = log_path / "sessions" / session / "execution.jsonl"
