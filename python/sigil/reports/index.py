@@ -229,18 +229,19 @@ def read_index(log_path: Path, read: Callable[[sqlite3.Connection], T]) -> tuple
     """``read(conn)`` on the index of ``log_path`` brought up to date
     (:func:`open_index`). Corruption found only by ``read`` (a page no refresh
     touched) has the file made again from the logs and ``read`` done again; if
-    the file fails again, it is done on an index in memory, with a warning."""
+    the file fails again (or cannot be read: busy past the timeout, an I/O
+    error), it is done on an index in memory, with a warning unless busy."""
     path = log_path / INDEX_FILE_NAME
     for attempt in range(2):
         conn, state = open_index(log_path)
         try:
             return read(conn), state
-        except sqlite3.DatabaseError as exc:
-            if _is_busy(exc) or not _is_corrupt(exc):
-                raise
-            if attempt == 0 and _discard(path):
+        except sqlite3.Error as exc:
+            if not conn.execute("PRAGMA database_list").fetchone()[2]:
+                raise  # already in memory: not the file's doing
+            if attempt == 0 and _is_corrupt(exc) and _discard(path):
                 continue
-            warning = _why_not(path, exc)
+            warning = None if _is_busy(exc) else _why_not(path, exc)
         finally:
             conn.close()
         break
@@ -607,13 +608,16 @@ def _mark_duplicates(conn: sqlite3.Connection) -> None:
 
 
 def _insert(
-    conn: sqlite3.Connection, source: Source, runs: list[RunSnapshot] | _Partial | str
+    conn: sqlite3.Connection, source: Source, folded: list[RunSnapshot] | _Partial | str
 ) -> None:
+    runs: list[RunSnapshot]
     error: str | None = None
-    if isinstance(runs, str):
-        runs, error = [], runs
-    elif isinstance(runs, tuple):
-        runs, error = runs
+    if isinstance(folded, str):
+        runs, error = [], folded
+    elif isinstance(folded, tuple):
+        runs, error = folded
+    else:
+        runs = folded
     conn.execute(
         "INSERT INTO sources VALUES (?, ?, ?, ?, ?)",
         (source.key, source.session_id, source.archived, source.fingerprint, error),
