@@ -435,3 +435,47 @@ def test_diff_compares_the_readable_part_of_a_damaged_live_session(
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and "rotd is unreadable in part" in lines[0], proc.stderr
     assert "execution.jsonl.1.gz" in lines[0]
+
+
+@pytest.mark.slow
+def test_an_agent_name_from_sigil_collect_is_shown_never_sent(tmp_path: Path) -> None:
+    """The review's path: an OTLP span whose ``gen_ai.agent.name`` and model
+    hold a newline, SGR and OSC, through a real ``sigil collect``, then every
+    text view of that session."""
+    import httpx
+
+    from test_collect import TRACE, Collector, _json_request, _json_span
+
+    home = tmp_path / "home"
+    home.mkdir()
+    log_path = tmp_path / "collected"
+    span = _json_span(TRACE, "eee19b7ec3c1b174", tokens=(40, 2), sid="otlp-evil")
+    span["attributes"] += [
+        {"key": "gen_ai.agent.name", "value": {"stringValue": EVIL_AGENT}},
+        {"key": "gen_ai.response.model", "value": {"stringValue": EVIL_MODEL}},
+    ]
+    collector = Collector(home, log_path, "--idle", "600")
+    try:
+        r = httpx.post(
+            collector.url, content=_json_request(span), headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code == 200, r.text
+        collector.stop()
+    finally:
+        if collector.proc.poll() is None:
+            collector.proc.kill()
+    logged = (log_path / "sessions" / "otlp-evil" / "execution.jsonl").read_text()
+    assert "\\u001b[31m" in logged  # the log keeps the name as sent (JSON-escaped)
+    for args in (
+        ["report", "component"],
+        ["report", "model"],
+        ["diff", "otlp-evil", "otlp-evil"],
+        ["monitor", "-s", "otlp-evil", "--once"],
+        ["monitor", "-s", "otlp-evil", "--once", "--mode", "minimal"],
+    ):
+        proc = run_cli(home, *args, "-l", str(log_path), TZ="UTC")
+        assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stderr
+        _safe(proc.stdout)
+        _safe(proc.stderr)
+    table = run_cli(home, "report", "component", "-l", str(log_path)).stdout
+    assert "ag\\nent\\e[31mred" in table, table
