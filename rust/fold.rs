@@ -463,6 +463,8 @@ pub struct ModelTotals {
     pub unpriced_calls: u64,
     /// Calls whose `metadata.usage` is `"unknown"` (the proxy saw no usage).
     pub unknown_usage: u64,
+    /// The calls' `metadata.tokens_held` (the budget held for unknown usage).
+    pub tokens_held: u64,
 }
 
 /// The key of a (component, model) pair in a models table: the two names
@@ -494,6 +496,7 @@ impl ModelTotals {
         self.unpriced_tokens = self.unpriced_tokens.saturating_add(o.unpriced_tokens);
         self.unpriced_calls = self.unpriced_calls.saturating_add(o.unpriced_calls);
         self.unknown_usage = self.unknown_usage.saturating_add(o.unknown_usage);
+        self.tokens_held = self.tokens_held.saturating_add(o.tokens_held);
     }
 }
 
@@ -525,6 +528,9 @@ pub struct ComponentTotals {
     /// Calls (`step_complete`, `step_error`) whose `metadata.usage` is
     /// `"unknown"`: their tokens are not known, never 0 silently.
     pub unknown_usage: u64,
+    /// The `tokens_held` of those calls: the budget the proxy kept for them
+    /// (counted as spent against the budget, never as tokens).
+    pub tokens_held: u64,
     /// The component's heaviest calls, the events that show its tokens per
     /// call (issue 13's token jumps; see [`HeaviestCalls`]).
     pub heaviest: HeaviestCalls,
@@ -555,6 +561,8 @@ struct Step<'m> {
     last_error: &'m Option<LastError>,
     /// `metadata.usage == "unknown"`.
     unknown_usage: bool,
+    /// `metadata.tokens_held` (0 when absent).
+    tokens_held: u64,
     /// The event's `seq` (a call's: [`HeaviestCalls`]).
     seq: Option<u64>,
 }
@@ -583,6 +591,9 @@ impl Step<'_> {
         let call = matches!(self.kind, Kind::StepComplete | Kind::StepError);
         if call && self.unknown_usage {
             c.unknown_usage = c.unknown_usage.saturating_add(1);
+        }
+        if call {
+            c.tokens_held = c.tokens_held.saturating_add(self.tokens_held);
         }
         match self.kind {
             Kind::StepComplete => {
@@ -663,6 +674,7 @@ impl Step<'_> {
             m.unknown_usage = m
                 .unknown_usage
                 .saturating_add(u64::from(self.unknown_usage));
+            m.tokens_held = m.tokens_held.saturating_add(self.tokens_held);
         }
     }
 }
@@ -736,6 +748,7 @@ impl ComponentTotals {
             self.model_slot.0 = None;
         }
         self.unknown_usage = self.unknown_usage.saturating_add(o.unknown_usage);
+        self.tokens_held = self.tokens_held.saturating_add(o.tokens_held);
         if o.last_error.is_some() {
             self.last_error.clone_from(&o.last_error);
         }
@@ -1367,6 +1380,8 @@ struct MetaKeys<'a> {
     #[serde(borrow, default)]
     usage: Option<&'a RawValue>,
     #[serde(borrow, default)]
+    tokens_held: Option<&'a RawValue>,
+    #[serde(borrow, default)]
     input_sha256: Option<&'a RawValue>,
     #[serde(borrow, default)]
     output_sha256: Option<&'a RawValue>,
@@ -1395,6 +1410,8 @@ struct FoldMeta<'a> {
     cost: Option<u64>,
     /// `usage` is the string `"unknown"`.
     usage_unknown: bool,
+    /// The tokens of the budget a call of unknown usage held (the proxy's).
+    tokens_held: Option<u64>,
     /// A step's `input_sha256` / `output_sha256` (strings).
     input_sha256: Option<Cow<'a, str>>,
     output_sha256: Option<Cow<'a, str>>,
@@ -1419,6 +1436,7 @@ impl<'a> FoldMeta<'a> {
             resume: num(k.resume),
             cost: k.cost_usd.and_then(|r| nano_usd(r.get())),
             usage_unknown: text(k.usage).as_deref() == Some("unknown"),
+            tokens_held: num(k.tokens_held),
             input_sha256: text(k.input_sha256),
             output_sha256: text(k.output_sha256),
         }
@@ -1449,6 +1467,7 @@ impl<'a> FoldMeta<'a> {
             // A map's numbers are doubles: the caller reads cost_usd's text.
             cost: None,
             usage_unknown: m.get("usage").and_then(Value::as_str) == Some("unknown"),
+            tokens_held: get(m, "tokens_held"),
             input_sha256: get::<String>(m, "input_sha256").map(Cow::Owned),
             output_sha256: get::<String>(m, "output_sha256").map(Cow::Owned),
         }
@@ -1457,7 +1476,7 @@ impl<'a> FoldMeta<'a> {
 
 /// The metadata keys the fold reads, picked by the parser's fast path
 /// (the fields of [`MetaKeys`], in this order).
-const META_KEYS: [&str; 18] = [
+const META_KEYS: [&str; 19] = [
     "latency_ms",
     "budget",
     "status",
@@ -1476,10 +1495,11 @@ const META_KEYS: [&str; 18] = [
     "usage",
     "input_sha256",
     "output_sha256",
+    "tokens_held",
 ];
 
 /// [`META_KEYS`] indexed for the parser's fast path.
-const FOLD_KEYS: KeySet<'static, 18> = KeySet::new(&META_KEYS);
+const FOLD_KEYS: KeySet<'static, 19> = KeySet::new(&META_KEYS);
 
 /// The metadata values the fold uses (the parser has validated the metadata),
 /// set in `m` (a default one: filled in place, not moved per line).
@@ -1487,7 +1507,7 @@ const FOLD_KEYS: KeySet<'static, 18> = KeySet::new(&META_KEYS);
 fn fold_meta<'a>(
     m: &mut FoldMeta<'a>,
     event: &RawEvent<'a>,
-    picks: Option<Picks<'a, 18>>,
+    picks: Option<Picks<'a, 19>>,
     kind: Kind,
 ) {
     match (event.metadata, picks) {
@@ -1514,7 +1534,8 @@ fn fold_meta<'a>(
                     14 => m.cost = nano_usd(v),
                     15 => m.usage_unknown = v == "\"unknown\"",
                     16 => m.input_sha256 = plain_str(v),
-                    _ => m.output_sha256 = plain_str(v),
+                    17 => m.output_sha256 = plain_str(v),
+                    _ => m.tokens_held = p.u64_at(i),
                 }
             }
         }
@@ -2124,6 +2145,7 @@ impl FoldState {
                 error: false,
                 last_error: &None,
                 unknown_usage: l.usage_unknown,
+                tokens_held: l.tokens_held.unwrap_or(0),
                 seq: Some(l.seq),
             }
         } else {
@@ -2139,6 +2161,7 @@ impl FoldState {
                 error: false,
                 last_error: &None,
                 unknown_usage: false,
+                tokens_held: 0,
                 seq: Some(l.seq),
             }
         };
@@ -2427,6 +2450,7 @@ impl FoldState {
             error,
             last_error: &last_error,
             unknown_usage: meta.usage_unknown && counted,
+            tokens_held: meta.tokens_held.filter(|_| counted).unwrap_or(0),
             seq: e.seq,
         };
         let (slot, run_slot) = self.component_slots(&e.component);
@@ -3089,14 +3113,14 @@ mod tests {
                 "reasoning",
                 0,
                 18,
-                r#"{"latency_ms":5,"model":"m1","usage":"unknown"}"#,
+                r#"{"latency_ms":5,"model":"m1","usage":"unknown","tokens_held":40}"#,
             ),
             line(
                 "step_error",
                 "planning",
                 3,
                 19,
-                r#"{"model":"m1","cost_usd":0.5,"usage":"unknown"}"#,
+                r#"{"model":"m1","cost_usd":0.5,"usage":"unknown", "tokens_held": 7}"#,
             ),
             // Issue 13: a step started three times with one input (a loop),
             // and the output hashes of steps.
@@ -3205,10 +3229,20 @@ mod tests {
         assert_eq!(c.model.as_deref(), Some("m1"));
         assert_eq!(c.unknown_usage, 1);
         assert_eq!(whole.components["planning"].unknown_usage, 1);
+        // Issue 14: the budget held for calls of unknown usage.
+        assert_eq!(c.tokens_held, 40);
+        assert_eq!(whole.components["planning"].tokens_held, 7);
+        let held: Vec<u64> = whole
+            .run()
+            .components
+            .iter()
+            .map(|(_, c)| c.tokens_held)
+            .collect();
+        assert_eq!(held.iter().sum::<u64>(), 47);
         let models = whole.models();
         let m1 = models.get(&model_key("reasoning", "m1")).unwrap();
         assert_eq!((m1.tokens, m1.input_tokens, m1.calls), (40, 30, 1));
-        assert_eq!((m1.errors, m1.unknown_usage), (0, 1));
+        assert_eq!((m1.errors, m1.unknown_usage, m1.tokens_held), (0, 1, 40));
         assert_eq!((m1.cost_nanousd, m1.priced_events), (0, 0));
         assert_eq!((m1.unpriced_tokens, m1.unpriced_calls), (40, 1));
         let p1 = models.get(&model_key("planning", "m1")).unwrap();

@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 INDEX_FILE_NAME = "report_index.sqlite3"
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 #: how long a report waits for another one writing the index before it does
 #: its own work in memory
 BUSY_TIMEOUT_S = 10.0
@@ -149,7 +149,9 @@ CREATE TABLE IF NOT EXISTS models(
     priced_events INTEGER NOT NULL,
     unpriced_tokens INTEGER NOT NULL,
     unpriced_calls INTEGER NOT NULL,
-    unknown_usage_calls INTEGER NOT NULL
+    unknown_usage_calls INTEGER NOT NULL,
+    -- the budget the proxy held for the calls of unknown usage (issue 14)
+    tokens_held INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS models_run ON models(run_id);
 -- steps started again and again with the same input in a run (the native
@@ -543,7 +545,7 @@ def _insert_models(
     conn.executemany(
         "INSERT INTO models(run_id, component, model, tokens, input_tokens, output_tokens,"
         " calls, errors, cost_nanousd, priced_events, unpriced_tokens, unpriced_calls,"
-        " unknown_usage_calls) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " unknown_usage_calls, tokens_held) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 run_id,
@@ -559,6 +561,7 @@ def _insert_models(
                 m.unpriced_tokens,
                 m.unpriced_calls,
                 m.unknown_usage_calls,
+                m.tokens_held,
             )
             for component, models in pairs.items()
             for name, m in models.items()

@@ -71,6 +71,7 @@ MODEL_COLUMNS = (
     "unpriced_tokens",
     "unpriced_calls",
     "unknown_usage_calls",
+    "tokens_held",
 )
 _KEY_NAME = {
     "daily": "period",
@@ -379,7 +380,8 @@ def _model_rows(
         f" COUNT(DISTINCT CASE WHEN {_FAILED} THEN r.id END), SUM(m.tokens),"
         " SUM(m.input_tokens), SUM(m.output_tokens), SUM(m.calls - m.errors), SUM(m.errors),"
         " SUM(m.retries), SUM(m.calls), SUM(m.cost_nanousd), SUM(m.priced_events),"
-        " SUM(m.unpriced_tokens), SUM(m.unpriced_calls), SUM(m.unknown_usage_calls)"
+        " SUM(m.unpriced_tokens), SUM(m.unpriced_calls), SUM(m.unknown_usage_calls),"
+        " SUM(m.tokens_held)"
         f" FROM models m JOIN runs r ON m.run_id = r.id WHERE {where} GROUP BY {group_by}"
     )
     out: dict[tuple[Any, ...], dict[str, Any]] = {}

@@ -491,6 +491,7 @@ def state_to_dict(
             "errors": c.errors,
             "retries": c.retries,
             "unknown_usage_calls": c.unknown_usage_calls,
+            "tokens_held": c.tokens_held,
             "latency_ms": round(c.latency_ms, 3),
             "avg_latency_ms": _round(c.average_latency_ms),
             "p95_latency_ms": _round(c.p95_latency_ms),
@@ -531,6 +532,8 @@ def state_to_dict(
         "unpriced_models": list(state.snap.unpriced_models),
         "models": {name: model_fields(m) for name, m in sorted(state.snap.models.items())},
         "unknown_usage_calls": state.unknown_usage_calls,
+        # The budget held for them (issue 14): spent for the budget, not tokens.
+        "tokens_held": state.snap.tokens_held,
         "loops": [loop.to_dict() for loop in state.loops],
         "token_jumps": state.token_jumps,
         "retry_storms": state.retry_storms,

@@ -397,6 +397,8 @@ class _Line:
     gap: float
     #: a ``session_start`` (where a run may begin)
     opens_run: bool
+    #: how many lines (more than one: a run of them, for ``--speed max``)
+    count: int = 1
 
 
 def _runs_of(lines: Sequence[_Line]) -> Iterator[tuple[bytes, int]]:
@@ -486,6 +488,30 @@ class Timeline:
                         last = at
                     yield _Line(file, block, pos, end, offset + pos, at, gap, opens_run)
                     pos = end
+
+    def blocks(self, cuts: Sequence[int] = ()) -> Iterator[_Line]:
+        """Every line from the first, as runs of lines (a block read at a time),
+        without their moments (``--speed max`` waits for none): cut at each
+        line number in ``cuts``, so that a run never spans one."""
+        marks = sorted(set(cuts))
+        k, index = 0, 0
+        for file, opened in enumerate(self._files.open_all()):
+            for offset, block in _pieces(opened):
+                start, left = 0, _count_lines(block)
+                while k < len(marks) and marks[k] <= index:
+                    k += 1
+                while k < len(marks) and marks[k] < index + left:
+                    take = marks[k] - index
+                    end = start
+                    for _ in range(take):
+                        end = block.index(b"\n", end) + 1
+                    yield _Line(file, block, start, end, offset + start, None, 0.0, False, take)
+                    index, left, start = index + take, left - take, end
+                    k += 1
+                if left:
+                    yield _Line(file, block, start, len(block), offset + start, None, 0.0, False,
+                                left)  # fmt: skip
+                    index += left
 
     @property
     def lines(self) -> list[_Line]:
@@ -597,8 +623,11 @@ class Player:
         from sigil.telemetry.archived import Fold
 
         self.fold = Fold(last_n)
+        #: ``--speed max`` with no keys (nothing to step or pause): runs of lines
+        #: are folded as read, with no line's moment (the clock is the fold's latest)
+        self._fast = speed is None and keys is None
         #: the lines from the cursor on, read ahead of it (a few batches at most)
-        self._lines = timeline.stream()
+        self._lines = timeline.blocks((first, self.stop)) if self._fast else timeline.stream()
         self._ahead: deque[_Line] = deque()
         self.cursor = 0
         #: the file of the latest line folded (the segments before it are rotations)
@@ -615,6 +644,8 @@ class Player:
         # A replayed writer is there until the last line (contract 7's "running").
         self.state.locked = True
         self.state.rotations = self._file
+        if self._fast:
+            self._note_moment()
         self.phase = _phase_of(self.state)
         self.paused = False
         self.finished = False
@@ -624,6 +655,8 @@ class Player:
         #: the moment shown while paused
         self._frozen_at: float | None = None
         self._resized = False
+        #: lines were folded since the state took the fold's snapshot (``--speed max``)
+        self._stale = False
         if self.dashboard is not None:
             self.dashboard.clock = self.moment
         # Every mode's clock (elapsed, stalled, rates) is the replay's moment.
@@ -648,7 +681,7 @@ class Player:
         at = last
         if self._frozen_at is not None:
             at = self._frozen_at
-        elif not self.finished and (line := self._line(self.cursor)) is not None:
+        elif not self.finished and not self._fast and (line := self._line(self.cursor)) is not None:
             wait = self.delay(self.cursor)
             if line.at is not None and line.at > last and wait > 0:
                 left = max(0.0, self.next_due - self._clock())
@@ -677,6 +710,8 @@ class Player:
         upto = min(upto, self.stop)
         if upto <= self.cursor:
             return []
+        if self._fast:
+            return self._take_runs(upto)
         self._line(upto - 1)
         ahead = self._ahead
         taken = [ahead.popleft() for _ in range(min(upto - self.cursor, len(ahead)))]
@@ -688,6 +723,29 @@ class Player:
                 self._last_at = line.at
                 break
         return taken
+
+    def _take_runs(self, upto: int) -> list[_Line]:
+        """``--speed max``: runs of lines up to ``upto`` or past it (never past a
+        cut: the first line played, the end)."""
+        taken: list[_Line] = []
+        while self.cursor < upto:
+            run = next(self._lines, None)
+            if run is None:
+                self.stop = self.cursor  # the log was shorter than counted
+                break
+            taken.append(run)
+            self.cursor += run.count
+        if taken:
+            self._file = taken[-1].file
+        return taken
+
+    def _note_moment(self) -> None:
+        """``--speed max``: the clock is the latest event's time the fold saw."""
+        from sigil.interfaces.cli.monitor import parse_timestamp
+
+        moment = parse_timestamp(self.state.last_timestamp)
+        if moment is not None:
+            self._last_at = moment.timestamp()
 
     def _fold_history(self, first: int) -> None:
         """Fold the lines before ``first`` at once, a batch at a time."""
@@ -704,14 +762,29 @@ class Player:
             return
         feed_lines(self.fold, lines)
         state = self.state
-        fresh: list[Any] = list(state.update(self.fold.snapshot()))
-        state.rotations = self._file
+        fresh: list[Any] = []
+        if self._fast:
+            # The snapshot (which grows with the session's runs) is taken when
+            # a frame is drawn, not for each run of lines folded.
+            self._stale = True
+        else:
+            fresh = self._sync()
         if self.renderer.lists_events:
             # Every event fed, even a burst larger than the model's recent ring.
             fresh = entries_of(lines)
             state.unlisted = 0
-        self.phase = _phase_of(state)
         self.renderer.on_events(state, fresh)
+
+    def _sync(self) -> list[Any]:
+        """The state takes the fold's snapshot; the events new in it."""
+        state = self.state
+        fresh = list(state.update(self.fold.snapshot()))
+        state.rotations = self._file
+        if self._fast:
+            self._note_moment()
+        self.phase = _phase_of(state)
+        self._stale = False
+        return fresh
 
     def _due(self, now: float) -> int:
         """The index past the last line due at ``now`` (a batch at most);
@@ -761,6 +834,8 @@ class Player:
         """The last line is in: the writer is gone, as a live monitor would find."""
         self.finished = True
         self._frozen_at = None
+        if self._stale:
+            self._sync()
         state = self.state
         state.locked = False
         if state.status == "running":
@@ -783,6 +858,8 @@ class Player:
         return text
 
     def _draw(self, *, force: bool = False, changed: bool = True) -> None:
+        if self._stale:
+            self._sync()
         dashboard = self.dashboard
         if dashboard is None:
             # As the monitor: ``changed`` when events came in since the last
@@ -856,7 +933,8 @@ class Player:
             if playing:
                 timeout = max(0.0, min(next_frame, self.next_due) - now)
             if keys is None:
-                time.sleep(min(timeout, 0.25))
+                if timeout > 0:
+                    time.sleep(min(timeout, 0.25))
                 continue
             try:
                 ready, _, _ = select.select([keys.fd], [], [], min(timeout, 0.25))
