@@ -131,8 +131,9 @@ class Report:
     breakdown: bool
     rows: list[dict[str, Any]]
     total: dict[str, Any]
-    #: loops (a step started again and again with one input, with the events
-    #: (seq) that show them), retry storms and token jumps of the runs reported
+    #: loops (a step started again and again with one input), retry storms,
+    #: token jumps and runs out of budget of the runs reported, each with the
+    #: events (seqs) that show it
     anomalies: dict[str, list[dict[str, Any]]] | None = None
 
 

@@ -365,12 +365,22 @@ def storm_text(storm: Mapping[str, Any], runs: int = 1, width: int | None = None
 
 def anomaly_lines(state: SessionState) -> list[str]:
     """The session's anomalies (issue 13), each once: the model's step loops,
-    then the current run's token jumps and retry storms."""
+    then the current run's token jumps, retry storms and budget exhaustion."""
     return (
         [loop_text(loop, state.runs) for loop in state.loops]
         + [jump_text(jump, state.runs) for jump in state.token_jumps]
         + [storm_text(storm, state.runs) for storm in state.retry_storms]
+        + [budget_text(run, state.runs) for run in state.budget_exhausted]
     )
+
+
+def budget_text(run: Mapping[str, Any], runs: int = 1) -> str:
+    """A run out of budget: ``budget exhausted: 1,100,000 of 1,000,000 tokens
+    (seq 6)``, the seq of the final event that said so."""
+    where = f" in run {run['run']}" if runs > 1 else ""
+    budget = "an unknown budget" if run.get("budget") is None else f"{run['budget']:,}"
+    seqs = f" (seq {', '.join(map(str, run['seqs']))})" if run.get("seqs") else ""
+    return f"budget exhausted{where}: {run['tokens']:,} of {budget} tokens{seqs}"
 
 
 def unknown_text(calls: int) -> str:
@@ -539,6 +549,7 @@ def state_to_dict(
         "loops": [loop.to_dict() for loop in state.loops],
         "token_jumps": state.token_jumps,
         "retry_storms": state.retry_storms,
+        "budget_exhausted": state.budget_exhausted,
         "elapsed_seconds": round(state.elapsed_at(now), 3),
         "tokens_per_second": _round(state.recent_rate(now)),
         "average_tokens_per_second": _round(state.average_rate),
