@@ -157,13 +157,6 @@ def test_a_directory_at_the_index_path_is_one_warning_and_an_index_in_memory(
     assert proc.returncode == 0 and "TOTAL" in proc.stdout, proc.stderr
 
 
-@pytest.mark.skipif(__import__("os").geteuid() == 0, reason="root writes a read-only file anyway")
-def test_a_read_only_index_is_one_warning_and_an_index_in_memory_as_a_user(
-    sigil_home: Path, log_path: Path, two_runs: list[Run]
-) -> None:
-    _read_only_index(sigil_home, log_path, two_runs)
-
-
 def test_a_read_only_index_is_one_warning_and_an_index_in_memory(
     sigil_home: Path, log_path: Path, two_runs: list[Run], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -194,19 +187,6 @@ def test_a_read_only_index_is_one_warning_and_an_index_in_memory(
     assert got.total == reference([*two_runs, extra])
     assert state.warning is not None and "in memory" in state.warning
     assert (log_path / INDEX).is_file()  # not removed: it is not damaged
-
-
-def _read_only_index(sigil_home: Path, log_path: Path, runs: list[Run]) -> None:
-    assert run_cli(sigil_home, "report", "--json", TZ="UTC").returncode == 0
-    extra = Run("edge-c", 1, day("2026-11-03T09:00:00+00:00"), steps_for(3))
-    write_runs(log_path, [extra])
-    (log_path / INDEX).chmod(0o400)
-    proc = run_cli(sigil_home, "report", "--json", TZ="UTC")
-    _clean(proc)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["total"] == reference([*runs, extra])
-    lines = proc.stderr.splitlines()
-    assert len(lines) == 1 and "cannot be written" in lines[0], proc.stderr
 
 
 # -- 1. names and messages from the logs holding terminal control sequences ---------
