@@ -50,13 +50,20 @@ pub struct ArchiveFold {
     pub ledger: Option<Ledger>,
     /// Why the archive's `tokens.json` is not a usable ledger, when it is not.
     pub ledger_problem: Option<String>,
+    /// Why the archive could not be read to its end (one line naming the
+    /// file), when it breaks after some of it was: `fold` then holds the
+    /// members read before the break (the one it cuts, up to the cut), as a
+    /// live session's damaged segment is folded up to where it breaks.
+    pub problem: Option<String>,
 }
 
 /// Where a member sorts: the segments oldest first, then the live file; ties
 /// in the archive's order.
 type Order = (u8, Option<SegmentKey>, usize);
 
-/// Fold the archived session at `path`. `Err` is one line naming the file.
+/// Fold the archived session at `path`. `Err` is one line naming the file,
+/// when nothing of the session could be read; an archive that breaks after
+/// some of it was read is its readable part, with the reason in `problem`.
 pub fn fold_archive(path: &Path, last_n: usize, max_line: usize) -> Result<ArchiveFold, String> {
     let shown = path.display().to_string();
     let fail = |e: io::Error| {
@@ -68,12 +75,14 @@ pub fn fold_archive(path: &Path, last_n: usize, max_line: usize) -> Result<Archi
     };
     let mut parts: Vec<(Order, FoldState)> = Vec::new();
     let mut ledger_raw: Option<Vec<u8>> = None;
-    walk(path, |entry, index, data| {
+    let walked = walk(path, |entry, index, data| {
         match entry {
             Wanted::Log(order) => {
                 let mut part = FoldState::new(last_n);
-                fold_member(&mut part, data, order.0 == 0, max_line)?;
+                // A member cut short keeps the lines folded before the cut.
+                let folded = fold_member(&mut part, data, order.0 == 0, max_line);
                 parts.push(((order.0, order.1, index), part));
+                folded?;
             }
             Wanted::Ledger => {
                 let mut raw = Vec::new();
@@ -83,8 +92,13 @@ pub fn fold_archive(path: &Path, last_n: usize, max_line: usize) -> Result<Archi
             }
         }
         Ok(Walk::Continue)
-    })
-    .map_err(fail)?;
+    });
+    let mut problem = match walked {
+        Ok(()) => None,
+        // Nothing of the session was read: no readable part to show.
+        Err(e) if parts.is_empty() && ledger_raw.is_none() => return Err(fail(e)),
+        Err(e) => Some(fail(e)),
+    };
     parts.sort_by(|a, b| a.0.cmp(&b.0));
     let mut st = FoldState::new(last_n);
     let mut refolds = 0usize;
@@ -93,7 +107,11 @@ pub fn fold_archive(path: &Path, last_n: usize, max_line: usize) -> Result<Archi
             // Only a part that folded names into `OTHER` merges inexactly:
             // it alone is folded again, in place (the later parts merge).
             refolds += 1;
-            refold(path, &mut st, order.2, max_line).map_err(fail)?;
+            // A member cut short is folded again up to its cut: the break
+            // is the one the walk above met.
+            if let Err(e) = refold(path, &mut st, order.2, max_line) {
+                problem.get_or_insert_with(|| fail(e));
+            }
             continue;
         }
         st.merge(part);
@@ -116,6 +134,7 @@ pub fn fold_archive(path: &Path, last_n: usize, max_line: usize) -> Result<Archi
         fold: st,
         ledger,
         ledger_problem,
+        problem,
     })
 }
 
@@ -446,8 +465,10 @@ fn pax_fields(meta: &[u8]) -> (Option<String>, Option<u64>) {
 /// The session model of the archived session at `path` (its segments, oldest
 /// first, then its live file, folded natively from the tar.gz stream without
 /// the GIL), joined with the archive's ledger as a live session's snapshot is:
-/// the runs only the ledger knows count too. A one-line reason (a `str`
-/// naming the archive) when it cannot be read.
+/// the runs only the ledger knows count too. A pair `(snapshot, problem)`:
+/// `(snapshot, None)` read whole; `(snapshot, reason)` its readable part, the
+/// archive breaking after it; `(None, reason)` nothing of it readable. The
+/// reason is one line naming the archive.
 #[pyo3::pyfunction]
 #[pyo3(name = "fold_archive", signature = (path, last_n = 0, max_line_bytes = fold::DEFAULT_MAX_LINE))]
 pub fn py_fold_archive(
@@ -468,12 +489,15 @@ pub fn py_fold_archive(
             path.display()
         ))
     });
-    crate::errors::guard("fold_archive", || match outcome {
-        Ok(read) => {
-            let snap = crate::snapshot::session_joined(py, &read.fold, read.ledger.as_ref())?;
-            Ok(Py::new(py, snap)?.into_any())
-        }
-        Err(reason) => Ok(pyo3::types::PyString::new(py, &reason).into_any().unbind()),
+    crate::errors::guard("fold_archive", || {
+        let pair = match outcome {
+            Ok(read) => {
+                let snap = crate::snapshot::session_joined(py, &read.fold, read.ledger.as_ref())?;
+                (Some(Py::new(py, snap)?), read.problem)
+            }
+            Err(reason) => (None, Some(reason)),
+        };
+        Ok(pair.into_pyobject(py)?.into_any().unbind())
     })
 }
 
@@ -619,14 +643,61 @@ mod tests {
         );
         let data = line("step_complete", "routing", 3, 1).repeat(2000);
         let whole = tar_gz(&[("s/execution.jsonl", data.as_bytes(), b'0')]);
+        // Cut short: the readable part, and the reason.
         std::fs::write(&path, &whole[..whole.len() / 2]).unwrap();
-        assert!(fold_archive(&path, 10, fold::DEFAULT_MAX_LINE).is_err());
+        let got = fold_archive(&path, 10, fold::DEFAULT_MAX_LINE).unwrap();
+        assert!(
+            got.fold.lines > 0 && got.fold.lines < 2000,
+            "{}",
+            got.fold.lines
+        );
+        let why = got.problem.unwrap();
+        assert!(
+            why.starts_with(&format!("cannot read {}", path.display())),
+            "{why}"
+        );
         let not_tar = gz(&[7u8; 4096]);
         std::fs::write(&path, not_tar).unwrap();
         let why = fold_archive(&path, 10, fold::DEFAULT_MAX_LINE)
             .err()
             .unwrap();
         assert!(why.contains("not a tar archive"), "{why}");
+    }
+
+    #[test]
+    fn a_truncated_archive_keeps_the_members_folded_before_the_break() {
+        // `truncate -s -300`: the segment before the break is folded whole,
+        // the live file up to the cut, and the reason comes with them.
+        let segment: String = (1..=50).map(|i| line("step_complete", "a", 3, i)).collect();
+        let live: String = (51..=3000)
+            .map(|i| line("step_complete", "b", i % 7 + 1, i))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.tar.gz");
+        let whole = tar_gz(&[
+            ("s/execution.jsonl.1", segment.as_bytes(), b'0'),
+            ("s/execution.jsonl", live.as_bytes(), b'0'),
+        ]);
+        std::fs::write(&path, &whole[..whole.len() - 300]).unwrap();
+        let got = fold_archive(&path, 10, fold::DEFAULT_MAX_LINE).unwrap();
+        let why = got.problem.expect("the break is named");
+        assert!(
+            why.starts_with(&format!("cannot read {}", path.display())) && !why.contains('\n'),
+            "{why}"
+        );
+        let all = sequential(&[segment.as_bytes(), live.as_bytes()]);
+        assert!(got.fold.lines > 50 && got.fold.lines < all.lines);
+        assert!(got.fold.tokens > 150 && got.fold.tokens < all.tokens);
+        // What was read is exactly the sequential fold of the lines before the cut.
+        let kept = got.fold.lines as usize - 50;
+        let head: String = live.lines().take(kept).map(|l| format!("{l}\n")).collect();
+        let want = sequential(&[segment.as_bytes(), head.as_bytes()]);
+        assert_eq!(got.fold.tokens, want.tokens);
+        assert_eq!(got.fold.entries, want.entries);
+        // Cut inside the first member: nothing read whole, still a part.
+        std::fs::write(&path, &whole[..40]).unwrap();
+        let got = fold_archive(&path, 10, fold::DEFAULT_MAX_LINE);
+        assert!(got.is_err() || got.unwrap().problem.is_some());
     }
 
     #[test]

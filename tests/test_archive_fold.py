@@ -176,7 +176,14 @@ def test_broken_archives_are_one_line_reasons(tmp_path: Path) -> None:
     whole = _archive(directory, tmp_path / "whole.tar.gz", fmt=tarfile.PAX_FORMAT).read_bytes()
     cut = tmp_path / "cut.tar.gz"
     cut.write_bytes(whole[: len(whole) // 2])
-    assert isinstance(archive_snapshot(cut), str)
+    assert isinstance(archive_snapshot(cut), str)  # not whole
+    # ... but its readable part is kept, with the same reason (issue 13 review).
+    from sigil.reports.sources import archive_read
+
+    part, why = archive_read(cut)
+    assert part is not None and why is not None and why.startswith(f"cannot read {cut}")
+    assert 0 < part.to_dict()["lines"] < len(_runs(2, 400))
+    assert archive_read(junk)[0] is None
 
     not_tar = tmp_path / "plain.tar.gz"
     not_tar.write_bytes(gzip.compress(b"x" * 5000))

@@ -105,10 +105,14 @@ def fold_sessions(
     the GIL: a snapshot per session, in order, or a one-line reason naming the
     file for a session that cannot be read."""
 
-def fold_archive(path: _Path, last_n: int = 0, max_line_bytes: int = ...) -> SessionSnapshot | str:
+def fold_archive(
+    path: _Path, last_n: int = 0, max_line_bytes: int = ...
+) -> tuple[SessionSnapshot | None, str | None]:
     """Fold an archived session (``archive/<date>/<id>.tar.gz``) streamed from the
     archive without the GIL: its segments oldest first, then its live file, joined
-    with its ledger; or a one-line reason naming the archive."""
+    with its ledger. ``(snapshot, None)`` read whole; ``(snapshot, reason)`` its
+    readable part, the archive breaking after it; ``(None, reason)`` nothing of it
+    readable. The reason is one line naming the archive."""
 
 def read_histories(
     paths: Sequence[_Path], threads: int = 0, max_line_bytes: int = ..., last_n: int = 0

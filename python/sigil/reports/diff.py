@@ -17,7 +17,7 @@ from sigil.reports.live import budget_exhausted, retry_storms
 from sigil.reports.sources import (
     Folded,
     Source,
-    archive_snapshot,
+    archive_read,
     find_session,
     fold_live,
     whole_history,
@@ -83,10 +83,10 @@ class Side:
 def load_sides(log_path: Path, specs: list[str], warnings: list[str] | None = None) -> list[Side]:
     """Each of ``specs``: ``ID`` (the whole session) or ``ID@N`` (its run N).
     The live sessions among them are folded by one native call, side by side.
-    A live session whose log is partly unreadable (a rotated segment cut
-    short) is compared by its readable part, as ``sigil report`` and the
-    monitor count it, with a line in ``warnings`` saying so; an archive that
-    cannot be read is a :class:`DiffError` (read whole or not at all)."""
+    A session whose log is partly unreadable (a rotated segment cut short, an
+    archive cut short) is compared by its readable part, as ``sigil report``
+    and the monitor count it, with a line in ``warnings`` saying so; one of
+    which nothing can be read is a :class:`DiffError`."""
     wanted = [_resolve(log_path, spec) for spec in specs]
     live = sorted({source.key for _, _, _, source in wanted if not source.archived})
     folded = dict(zip(live, fold_live(live), strict=True))
@@ -116,9 +116,16 @@ def _history(
     source: Source, folded: Folded | str | None, warnings: list[str] | None = None
 ) -> HistorySnapshot | SessionSnapshot:
     if source.archived:
-        snapshot = archive_snapshot(Path(source.key))
-        if isinstance(snapshot, str):
-            raise DiffError(snapshot)
+        snapshot, problem = archive_read(Path(source.key))
+        if snapshot is None:
+            raise DiffError(problem or f"cannot read {source.key}")
+        if problem is not None:
+            if warnings is None:
+                raise DiffError(problem)
+            warnings.append(
+                f"session {source.session_id} is unreadable in part: {problem}"
+                " (its readable part is compared)"
+            )
         return snapshot
     if isinstance(folded, str) and warnings is not None:
         try:

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sigil.reports.sources import Source, archive_snapshot, discover, fold_live, whole_history
+from sigil.reports.sources import Source, archive_read, discover, fold_live, whole_history
 from sigil.telemetry.log_parser import (
     ComponentSnapshot,
     ModelSnapshot,
@@ -183,8 +183,8 @@ class Refresh:
     unreadable: dict[str, str] = field(default_factory=dict)
     #: every source that cannot be read whole, in path order: ``session``,
     #: ``path`` (the live directory or the archive), ``error`` and
-    #: ``runs_counted`` (the runs of the part that could be read; 0 for an
-    #: archive, which is read whole or not at all): ``sigil report --json``'s
+    #: ``runs_counted`` (the runs of the part that could be read, live or
+    #: archived: an archive cut short counts up to its break): ``sigil report --json``'s
     #: ``unreadable``
     damaged: list[dict[str, Any]] = field(default_factory=list)
     #: why the index file could not be used (this call's index was built in
@@ -471,8 +471,15 @@ def refresh(
     )
     for s in stale:
         if s.archived:
-            snapshot = archive_snapshot(Path(s.key))
-            by_key[s.key] = snapshot if isinstance(snapshot, str) else list(snapshot.runs)
+            # A damaged archive counts by its readable part, as a live
+            # session's damaged segment does, and is named in ``damaged``.
+            snapshot, problem = archive_read(Path(s.key))
+            if snapshot is None:
+                by_key[s.key] = problem or f"cannot read {s.key}"
+            elif problem is not None:
+                by_key[s.key] = (list(snapshot.runs), problem)
+            else:
+                by_key[s.key] = list(snapshot.runs)
     conn.execute("BEGIN IMMEDIATE")
     try:
         _delete(conn, [*gone, *(s.key for s in stale)])

@@ -30,6 +30,7 @@ from sigil.telemetry.log_parser import (
 __all__ = [
     "Folded",
     "Source",
+    "archive_read",
     "archive_snapshot",
     "discover",
     "find_session",
@@ -135,13 +136,25 @@ def find_session(log_path: Path, session_id: str) -> Source | None:
 
 
 def archive_snapshot(archive: Path) -> SessionSnapshot | str:
-    """The session model of an archived session, folded natively from its tar.gz
-    stream (``rust/archive.rs``): its rotated segments oldest first, then the
-    live file (the order the live reader folds them in), joined with the
-    archive's ledger as a live session's snapshot is (the runs only the ledger
-    knows count too). Nothing is extracted to disk, no event is handed to
-    Python, and the GIL is released. A one-line reason when the archive
-    cannot be read."""
+    """The session model of an archived session read whole, folded natively
+    from its tar.gz stream (``rust/archive.rs``): its rotated segments oldest
+    first, then the live file (the order the live reader folds them in), joined
+    with the archive's ledger as a live session's snapshot is (the runs only
+    the ledger knows count too). Nothing is extracted to disk, no event is
+    handed to Python, and the GIL is released. A one-line reason when the
+    archive cannot be read to its end (:func:`archive_read` keeps the readable
+    part of a damaged one)."""
+    snapshot, problem = fold_archive(archive)
+    if problem is not None or snapshot is None:
+        return problem or f"cannot read {archive}"
+    return snapshot
+
+
+def archive_read(archive: Path) -> tuple[SessionSnapshot | None, str | None]:
+    """An archived session as every view reads it: ``(snapshot, None)`` read
+    whole; ``(snapshot, reason)`` the readable part of an archive that breaks
+    (cut short, corrupt) after it, which the views count with a warning, as a
+    live session's damaged segment; ``(None, reason)`` nothing readable."""
     return fold_archive(archive)
 
 

@@ -18,10 +18,16 @@ __all__ = ["Fold", "fold_archive"]
 Fold = _native.Fold
 
 
-def fold_archive(archive: str | os.PathLike[str]) -> SessionSnapshot | str:
+def fold_archive(
+    archive: str | os.PathLike[str],
+) -> tuple[SessionSnapshot | None, str | None]:
     """The session model of an archived session (``archive/<date>/<id>.tar.gz``),
     folded natively from the gzip stream with the GIL released (``rust/archive.rs``):
     its rotated segments oldest first, then its live file, joined with the
     archive's ledger. Nothing is extracted to disk and no event is handed to
-    Python. A one-line reason naming the archive when it cannot be read."""
+    Python. ``(snapshot, None)`` when read whole; ``(snapshot, reason)`` when the
+    archive breaks (cut short, corrupt) after some of it was read: the members
+    before the break, the one it cuts up to the cut, as a live session's damaged
+    segment is read; ``(None, reason)`` when nothing of it can be. The reason is
+    one line naming the archive."""
     return _native.fold_archive(archive)
