@@ -50,7 +50,9 @@ __all__ = [
 ]
 
 INDEX_FILE_NAME = "report_index.sqlite3"
-SCHEMA_VERSION = 8
+#: 9: an archive cut short is indexed by its readable part (an index of 8
+#: holds it as 0 runs, and its fingerprint does not change: rebuilt)
+SCHEMA_VERSION = 9
 #: how long a report waits for another one writing the index before it does
 #: its own work in memory
 BUSY_TIMEOUT_S = 10.0
