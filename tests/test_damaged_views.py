@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from conftest import run_cli
 from test_history_join import _ledger
@@ -66,3 +69,41 @@ def test_a_truncated_archive_counts_its_readable_part_in_report_and_diff(
     side, warned = _diff_side(sigil_home)
     assert (side["tokens"], side["runs"], side["archived"]) == (row["tokens"], 4, True)
     assert damaged["error"] in warned and "readable part" in warned
+
+
+def _sessions_row(home: Path) -> dict[str, Any]:
+    proc = run_cli(home, "sessions", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return next(r for r in json.loads(proc.stdout) if r["session_id"] == "demo")
+
+
+def _monitor(home: Path) -> tuple[dict[str, Any] | None, subprocess.CompletedProcess[str]]:
+    proc = run_cli(home, "monitor", "-s", "demo", "--once", "--mode", "json")
+    states = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return (states[-1] if states else None), proc
+
+
+@pytest.mark.parametrize("damage", ["deleted", "cut"])
+def test_a_log_deleted_or_cut_under_its_ledger_reads_the_same_in_every_view(
+    sigil_home: Path, log_path: Path, damage: str
+) -> None:
+    """The ledger is the durable record of the finished runs: the runs it knows
+    that the log lost count in every view, the runs the log holds count as the
+    log has them (the native join, contract 12)."""
+    directory = _demo(log_path)
+    ledger = json.loads((directory / "tokens.json").read_bytes())
+    log = directory / "execution.jsonl"
+    if damage == "deleted":
+        log.unlink()
+    else:
+        log.write_bytes(b"".join(log.read_bytes().splitlines(keepends=True)[:23]))
+
+    row, damaged, _ = _report_row(sigil_home)
+    assert row["runs"] == 4 and not damaged
+    if damage == "deleted":
+        assert row["tokens"] == ledger["total_used"]
+    side, _ = _diff_side(sigil_home)
+    assert (side["tokens"], side["runs"]) == (row["tokens"], 4), side
+    assert side["status"] == "complete"
+    listed = _sessions_row(sigil_home)
+    assert (listed["tokens_used"], listed["runs"]) == (row["tokens"], 4)

@@ -23,7 +23,6 @@ from sigil.telemetry.log_parser import (
     RunSnapshot,
     SessionSnapshot,
     history_many,
-    session_history,
     snapshot_many,
 )
 
@@ -170,7 +169,9 @@ def whole_history(directory: Path) -> HistorySnapshot:
     # with the ledger, or None when the log was rotated while it was read.
     history = model.at_run_end()
     if history is None:
-        return session_history(directory, use_ledger=False)
+        # No live file (deleted: the ledger still knows its finished runs), or
+        # it was rotated while it was read: fold anew, still joined.
+        return HistoryModel(directory).folded()
     return history
 
 

@@ -474,6 +474,13 @@ class HistoryModel:
             self._fold = fold
         self._folded = True
 
+    def folded(self) -> HistorySnapshot:
+        """The fold of the log at rest (done first if it was not), joined with
+        the ledger: the runs only the ledger knows count too, even with no log
+        left at all (deleted by an external tool)."""
+        self.fold_at_rest()
+        return self._history(self.ledger())
+
     def _history(self, ledger: Ledger) -> HistorySnapshot:
         if self._model is not None:
             return self._model.fold.history(ledger)
