@@ -24,7 +24,9 @@ _EPILOG = """\b
 Exit status:
   COMMAND's own status, or
   2  bad usage: invalid option, session ID, budget or upstream URL, COMMAND not
-     found, or the session is already running (nothing is written)
+     found or not runnable, or the session is already running or archived
+     (nothing is written; a COMMAND that only exec() refuses ends its session
+     as an error)
   3  the session's token budget ran out
 
 \b
@@ -67,8 +69,9 @@ def run(
     program = command[0]
     if os.sep not in program and shutil.which(program) is None:
         usage(f"command not found: {program}")
-    if os.sep in program and not os.access(program, os.X_OK):
-        usage(f"command not executable: {program}")
+    why = _unrunnable(program if os.sep in program else shutil.which(program) or program)
+    if why:
+        usage(f"cannot run {program}: {why}")
     from sigil.interfaces.cli.commands.proxy import check_options, run_async, serve
 
     options = check_options(
@@ -77,6 +80,7 @@ def run(
     )  # fmt: skip
     task = " ".join(command)[:500]
     exit_code: int = ExitCode.FAILED
+    spawn_error: str | None = None
 
     def announce(url: str) -> None:
         click.echo(f"sigil: session {options.session_id} · proxy {url}", err=True)
@@ -85,10 +89,17 @@ def run(
         import asyncio
         import signal
 
-        nonlocal exit_code
+        nonlocal exit_code, spawn_error
         env = {**os.environ, "OPENAI_BASE_URL": url, "OPENAI_API_BASE": url,
                "SIGIL_SESSION": options.session_id}  # fmt: skip
-        proc = await asyncio.create_subprocess_exec(*command, env=env)
+        try:
+            proc = await asyncio.create_subprocess_exec(*command, env=env)
+        except OSError as exc:
+            # What the checks above cannot see (a loader that refuses the file):
+            # the run is recorded as the error it is, and ends with exit 2.
+            spawn_error = f"cannot run {program}: {exc.strerror or exc}"
+            exit_code = ExitCode.USAGE
+            return "error", spawn_error
         loop = asyncio.get_running_loop()
         received: list[int] = []
 
@@ -115,5 +126,50 @@ def run(
         )
 
     session, status = run_async(main)
+    if spawn_error is not None:
+        click.echo(f"Error: {spawn_error}", err=True)
+        sys.exit(exit_code)
     click.echo(session.summary(), err=True)
     sys.exit(ExitCode.BUDGET if status == "budget_exceeded" else exit_code)
+
+
+def _unrunnable(path: str) -> str | None:
+    """Why ``exec`` of ``path`` would fail, found before anything is written, or
+    None. A directory, a file without execute permission, a ``#!`` whose
+    interpreter is missing or not an executable file, or (where no binfmt_misc
+    handler could take it) a file that is neither a script nor an ELF program."""
+    if os.path.isdir(path):
+        return "it is a directory"
+    if not os.path.exists(path):
+        return "no such file"
+    if not os.access(path, os.X_OK):
+        return "it is not executable (chmod +x?)"
+    try:
+        with open(path, "rb") as file:
+            head = file.read(256)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if head.startswith(b"#!"):
+        words = head[2:].split(b"\n", 1)[0].split()
+        if not words:
+            return "its #! line names no interpreter"
+        interpreter = os.fsdecode(words[0])
+        if os.path.isdir(interpreter):
+            return f"its interpreter {interpreter} is a directory"
+        if not os.path.exists(interpreter):
+            return f"its interpreter {interpreter} does not exist"
+        if not os.access(interpreter, os.X_OK):
+            return f"its interpreter {interpreter} is not executable"
+        return None
+    if not head.startswith(b"\x7fELF") and not _binfmt_handlers():
+        return "not a program or a script (no #! line)"
+    return None
+
+
+def _binfmt_handlers() -> bool:
+    """True when binfmt_misc has handlers that may run other formats."""
+    try:
+        names = os.listdir("/proc/sys/fs/binfmt_misc")
+    except OSError:
+        return False
+    return any(name not in ("register", "status") for name in names)
