@@ -28,6 +28,9 @@ Exit status:
      (nothing is written; a COMMAND that only exec() refuses ends its session
      as an error)
   3  the session's token budget ran out
+  130/143  sigil got SIGINT/SIGTERM: passed to COMMAND, the run is recorded as
+     interrupted (whatever COMMAND then exits with); a second signal, or
+     --kill-after seconds, kills COMMAND (SIGKILL)
 
 \b
 Examples:
@@ -53,6 +56,9 @@ Examples:
 @click.option("--timeout", metavar="SECONDS", help="Upstream timeout (default: "
               "provider.timeout_seconds).")  # fmt: skip
 @click.option("--log-path", metavar="DIR", help="Base log directory (default: logging.path).")
+@click.option("--kill-after", metavar="SECONDS", default="10", show_default=True,
+              help="After a SIGINT/SIGTERM passed to COMMAND, kill it if it has not "
+              "ended (a second signal kills it at once).")  # fmt: skip
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- COMMAND...")
 def run(
     session_id: str | None,
@@ -61,11 +67,15 @@ def run(
     call_cap: str | None,
     timeout: str | None,
     log_path: str | None,
+    kill_after: str,
     command: tuple[str, ...],
 ) -> None:
     """Run COMMAND with its OpenAI calls metered and budgeted in a session."""
     if not command:
         usage("give the command to run after --, e.g. sigil run -- python agent.py")
+    grace = _seconds(kill_after)
+    if grace is None:
+        usage(f"--kill-after must be a number of seconds above 0, not {kill_after!r}")
     program = command[0]
     if os.sep not in program and shutil.which(program) is None:
         usage(f"command not found: {program}")
@@ -92,6 +102,37 @@ def run(
         nonlocal exit_code, spawn_error
         env = {**os.environ, "OPENAI_BASE_URL": url, "OPENAI_API_BASE": url,
                "SIGIL_SESSION": options.session_id}  # fmt: skip
+        loop = asyncio.get_running_loop()
+        proc: asyncio.subprocess.Process | None = None
+        received: list[int] = []
+        killed = False
+        deadline: asyncio.TimerHandle | None = None
+
+        def kill() -> None:
+            nonlocal killed
+            if proc is not None and proc.returncode is None and not killed:
+                killed = True
+                proc.kill()
+
+        def forward(signum: int) -> None:
+            # Ctrl-C reaches the child from the terminal too; SIGTERM sent to
+            # sigil alone is passed on. The child decides when to end, within
+            # --kill-after seconds; a second signal means "now" (SIGKILL), so
+            # a child that ignores signals cannot keep the session open.
+            nonlocal deadline
+            received.append(signum)
+            if proc is None or proc.returncode is not None:
+                return  # before the spawn: passed on once it is done
+            if len(received) == 1:
+                proc.send_signal(signum)
+                deadline = loop.call_later(grace, kill)
+            else:
+                kill()
+
+        # Installed before the spawn: a signal in between would otherwise kill
+        # sigil alone and leave the child running, holding the session's pipes.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, forward, signum)
         try:
             proc = await asyncio.create_subprocess_exec(*command, env=env)
         except OSError as exc:
@@ -100,21 +141,25 @@ def run(
             spawn_error = f"cannot run {program}: {exc.strerror or exc}"
             exit_code = ExitCode.USAGE
             return "error", spawn_error
-        loop = asyncio.get_running_loop()
-        received: list[int] = []
-
-        def forward(signum: int) -> None:
-            # Ctrl-C reaches the child from the terminal too; SIGTERM sent to
-            # sigil alone is passed on. Either way the child decides when to end.
-            received.append(signum)
-            if proc.returncode is None:
-                proc.send_signal(signum)
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, forward, signum)
+        if received:
+            early, received[:] = list(received), []
+            for pending in early[:2]:
+                forward(pending)
         code = await proc.wait()
+        if deadline is not None:
+            deadline.cancel()
+        if received:
+            # sigil was told to stop: interrupted, and the exit code says so
+            # (128 + that signal, as for sigil orchestrate), whatever the child
+            # chose to exit with after it.
+            name = signal.Signals(received[0]).name
+            exit_code = 128 + received[0]
+            if killed:
+                return "interrupted", f"{name} did not end the command; it was killed (SIGKILL)"
+            ended = f"signal {-code}" if code < 0 else f"exit status {code}"
+            return "interrupted", f"{name} passed to the command; it ended with {ended}"
         exit_code = 128 - code if code < 0 else code
-        if code < 0 or received:
+        if code < 0:
             return "interrupted", f"command ended by signal (exit status {exit_code})"
         if code == 0:
             return "complete", None
@@ -173,3 +218,14 @@ def _binfmt_handlers() -> bool:
     except OSError:
         return False
     return any(name not in ("register", "status") for name in names)
+
+
+def _seconds(text: str) -> float | None:
+    """``text`` as a finite number of seconds above 0, else None."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
