@@ -95,3 +95,24 @@ def test_an_execution_logger_refuses_an_archived_session_id(sigil_home: Path) ->
         logger.log_event_sync("step_complete", "routing", "late", tokens=5)
     assert str(archive) in str(caught.value)
     assert not (sigil_home / "logs" / "sessions" / "demo").exists()
+
+
+def test_every_view_shows_the_archived_session_once(sigil_home: Path) -> None:
+    """After a refused reuse: sessions, report, diff and the monitor all show
+    the one archived history (two runs), never a second one."""
+    archive = _archived(sigil_home)
+    refused = run_cli(sigil_home, "orchestrate", "-t", "Analyze Acme", "-s", "demo")
+    assert refused.returncode == 2
+    assert len(_listed(sigil_home)) == 1
+    report = run_cli(sigil_home, "report", "session", "--json")
+    assert report.returncode == 0, report.stderr
+    (row,) = [r for r in json.loads(report.stdout)["rows"] if r["session"] == "demo"]
+    assert row["runs"] == 2 and row["sessions"] == 1
+    diff = run_cli(sigil_home, "diff", "demo@1", "demo@2")
+    assert diff.returncode == 0, diff.stderr
+    for args in (["--mode", "json", "--once"], ["--mode", "minimal"]):
+        monitor = run_cli(sigil_home, "monitor", "-s", "demo", *args, timeout=30)
+        assert monitor.returncode == 2, (args, monitor.stderr)
+        (line,) = monitor.stderr.strip().splitlines()
+        assert "archived" in line and archive.name in line, line
+    assert not (sigil_home / "logs" / "sessions" / "demo").exists()
