@@ -116,3 +116,52 @@ def test_every_view_shows_the_archived_session_once(sigil_home: Path) -> None:
         (line,) = monitor.stderr.strip().splitlines()
         assert "archived" in line and archive.name in line, line
     assert not (sigil_home / "logs" / "sessions" / "demo").exists()
+
+
+def test_collect_rejects_spans_of_an_archived_session_for_good(sigil_home: Path) -> None:
+    """Spans for an archived session are rejected as an OTLP partial success
+    (a 200 the exporter does not retry, not a 503 "busy"); the other spans
+    of the request are written and nothing is created for the archived ID."""
+    import httpx
+
+    from test_collect import TRACE, Collector, _json_request, _json_span, wait_tokens
+
+    archive = _archived(sigil_home)
+    logs = sigil_home / "logs"
+    collector = Collector(sigil_home, logs, "--idle", "600")
+    try:
+        body = _json_request(
+            _json_span(TRACE, "eee19b7ec3c1b191", tokens=(40, 2), sid="demo"),
+            _json_span(TRACE, "eee19b7ec3c1b192", tokens=(10, 1), sid="fresh"),
+        )
+        r = httpx.post(collector.url, content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 200, r.text
+        partial = r.json()["partialSuccess"]
+        assert int(partial["rejectedSpans"]) == 1
+        assert "demo" in partial["errorMessage"] and "archived" in partial["errorMessage"]
+        wait_tokens(collector.session_dir("fresh"), 11)
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceResponse,
+        )
+
+        from test_collect import _pb_request
+
+        pb = _pb_request(
+            [{"span": "00000000000000e1", "attrs": {"gen_ai.conversation.id": "demo",
+                                                    "gen_ai.operation.name": "chat"}}]
+        )  # fmt: skip
+        r = httpx.post(
+            collector.url, content=pb, headers={"Content-Type": "application/x-protobuf"}
+        )
+        assert r.status_code == 200, r.text
+        response = ExportTraceServiceResponse.FromString(r.content)
+        assert response.partial_success.rejected_spans == 1
+        assert "archived" in response.partial_success.error_message
+        out = collector.stop()
+        assert "2 rejected (archived sessions)" in out, out
+    finally:
+        if collector.proc.poll() is None:
+            collector.proc.kill()
+            collector.proc.wait()
+    assert not (logs / "sessions" / "demo").exists()
+    assert archive.exists()
