@@ -245,3 +245,23 @@ def test_a_log_found_shorter_than_counted_ends_the_replay_there() -> None:
         assert player.finished and player.cursor == player.stop
         listed = [ln for ln in out.getvalue().splitlines() if ln.startswith("[")]
         assert len(listed) == 5, out.getvalue()
+
+
+def test_an_archive_cut_anywhere_is_an_error_not_a_shorter_session(tmp_path: Path) -> None:
+    """A tar.gz cut within a member's header used to end quietly (tarfile
+    takes it for the end of the archive): the gzip stream is read to its end."""
+    from sigil.interfaces.cli.replay import ReplayError, Timeline, _ArchiveFiles
+
+    directory = _session(tmp_path / "logs", "cut-1", 3000)
+    (directory / "tokens.json").write_text('{"total_used": 0}')
+    whole = tmp_path / "cut-1.tar.gz"
+    with tarfile.open(whole, "w:gz", compresslevel=1) as tar:
+        tar.add(directory, arcname="cut-1")
+    data = whole.read_bytes()
+    assert Timeline("cut-1", _ArchiveFiles(whole)).count == 3000
+    cut = tmp_path / "cut.tar.gz"
+    # Every 29 bytes: a header (or the gzip trailer) spans more than that.
+    for end in range(len(data) // 10, len(data), 29):
+        cut.write_bytes(data[:end])
+        with pytest.raises(ReplayError, match="cannot read"):
+            Timeline("cut-1", _ArchiveFiles(cut)).count  # noqa: B018

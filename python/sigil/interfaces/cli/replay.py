@@ -275,7 +275,7 @@ class _ArchiveFiles(_Files):
         self.archive = archive
         found: list[tuple[tuple[int, Any], int, str]] = []
         budget = _MAX_TOTAL_BYTES
-        with self._tar() as tar:
+        with self._tar(to_the_end=True) as tar:
             for index, member in enumerate(tar):
                 log = _log_member(member)
                 if log is None:
@@ -294,11 +294,21 @@ class _ArchiveFiles(_Files):
         self.names = [name for _, name, _ in self.members]
 
     @contextlib.contextmanager
-    def _tar(self) -> Iterator[tarfile.TarFile]:
+    def _tar(self, *, to_the_end: bool = False) -> Iterator[tarfile.TarFile]:
+        """The archive as a tar stream. ``to_the_end``: once its members are
+        read, the rest of the gzip stream too, so that its end is checked (a
+        tar cut within a header ends quietly, as if it had no more members)."""
         try:
             fd = os.open(self.archive, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
+            with (
+                os.fdopen(fd, "rb") as raw,
+                gzip.GzipFile(fileobj=raw) as gz,
+                tarfile.open(fileobj=gz, mode="r|") as tar,
+            ):
                 yield tar
+                if to_the_end:
+                    while gz.read(_CHUNK):
+                        pass
         except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
             raise ReplayError(f"cannot read {self.archive}: {exc}") from None
 
@@ -761,30 +771,24 @@ class Player:
         if not lines:
             return
         feed_lines(self.fold, lines)
-        state = self.state
-        fresh: list[Any] = []
-        if self._fast:
-            # The snapshot (which grows with the session's runs) is taken when
-            # a frame is drawn, not for each run of lines folded.
-            self._stale = True
-        else:
-            fresh = self._sync()
+        # The state takes the fold's snapshot (which grows with the session's
+        # runs) when a frame is drawn, as the monitor's does, not per batch.
+        self._stale = True
         if self.renderer.lists_events:
             # Every event fed, even a burst larger than the model's recent ring.
-            fresh = entries_of(lines)
-            state.unlisted = 0
-        self.renderer.on_events(state, fresh)
+            self.renderer.on_events(self.state, entries_of(lines))
 
-    def _sync(self) -> list[Any]:
-        """The state takes the fold's snapshot; the events new in it."""
+    def _sync(self) -> None:
+        """The state takes the fold's snapshot."""
         state = self.state
-        fresh = list(state.update(self.fold.snapshot()))
+        state.update(self.fold.snapshot())
+        if self.renderer.lists_events:
+            state.unlisted = 0  # every event was listed as it was fed
         state.rotations = self._file
         if self._fast:
             self._note_moment()
         self.phase = _phase_of(state)
         self._stale = False
-        return fresh
 
     def _due(self, now: float) -> int:
         """The index past the last line due at ``now`` (a batch at most);
