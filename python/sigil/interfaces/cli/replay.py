@@ -530,34 +530,43 @@ class Timeline:
 
     def run_range(self, number: int) -> tuple[int, int]:
         """The lines of run ``number`` (as the model numbers runs): from its
-        ``session_start`` up to the next one. Raises :class:`ReplayError`."""
+        ``session_start`` up to the next one. Raises :class:`ReplayError`.
+
+        One read of the log, a block at a time: only a block that holds a
+        ``session_start`` is parsed (natively), and the fold is fed up to each
+        one to learn which run it opened."""
         from sigil.telemetry.archived import Fold
+        from sigil.telemetry.log_parser import parse_bytes
 
         fold = Fold(0)
         numbers: list[int] = []
-        pending: list[_Line] = []
         start: int | None = None
-        index = -1
-        for index, line in enumerate(self.stream()):
-            if line.opens_run:
+        index = 0  # the line number of the block's first line
+        for run in self.blocks():
+            block, offset = run.block[run.start : run.end], run.offset
+            opens = []
+            if b"session_start" in block:
+                opens = [e.offset for e in parse_bytes(block).entries
+                         if e.event_type == "session_start"]  # fmt: skip
+            pos, line = 0, index
+            for at in opens:
+                line += block.count(b"\n", pos, at)
                 if start is not None:
-                    return start, index
+                    return start, line
                 # The model says which run a session_start opened: fold up to it.
-                pending.append(line)
-                feed_lines(fold, pending)
-                pending.clear()
+                nl = block.find(b"\n", at)
+                end = len(block) if nl < 0 else nl + 1
+                fold.feed_bytes(block[pos:end], offset + pos)
                 got = fold.snapshot().run.number
                 numbers.append(got)
                 if got == number:
-                    start = index
-                continue
-            if start is None:
-                pending.append(line)
-                if len(pending) >= _BATCH:
-                    feed_lines(fold, pending)
-                    pending.clear()
+                    start = line
+                pos, line = end, line + 1
+            if start is None and pos < len(block):
+                fold.feed_bytes(block[pos:], offset + pos)
+            index += run.count
         if start is not None:
-            return start, index + 1
+            return start, index
         known = ", ".join(str(n) for n in numbers) or "none"
         raise ReplayError(f"session {self.session_id!r} has no run {number} (its runs: {known})")
 
