@@ -440,6 +440,17 @@ def entries_of(lines: Sequence[_Line]) -> list[ParsedEntry]:
     return found
 
 
+def _split(run: _Line, lines: int) -> tuple[_Line, _Line]:
+    """A run of lines as its first ``lines`` lines and the rest."""
+    end = run.start
+    for _ in range(lines):
+        end = run.block.index(b"\n", end) + 1
+    head = _Line(run.file, run.block, run.start, end, run.offset, None, 0.0, False, lines)
+    rest = _Line(run.file, run.block, end, run.end, run.offset + (end - run.start), None, 0.0,
+                 False, run.count - lines)  # fmt: skip
+    return head, rest
+
+
 class Timeline:
     """A session's log lines in fold order, each with its event's moment,
     streamed: :meth:`stream` reads the files once more each time."""
@@ -642,9 +653,9 @@ class Player:
         from sigil.telemetry.archived import Fold
 
         self.fold = Fold(last_n)
-        #: ``--speed max`` with no keys (nothing to step or pause): runs of lines
-        #: are folded as read, with no line's moment (the clock is the fold's latest)
-        self._fast = speed is None and keys is None
+        #: ``--speed max``: runs of lines are folded as read (cut where a step
+        #: ends), with no line's moment (the clock is the latest event's the fold saw)
+        self._fast = speed is None
         #: the lines from the cursor on, read ahead of it (a few batches at most)
         self._lines = timeline.blocks((first, self.stop)) if self._fast else timeline.stream()
         self._ahead: deque[_Line] = deque()
@@ -744,14 +755,18 @@ class Player:
         return taken
 
     def _take_runs(self, upto: int) -> list[_Line]:
-        """``--speed max``: runs of lines up to ``upto`` or past it (never past a
-        cut: the first line played, the end)."""
+        """``--speed max``: runs of lines up to ``upto`` (a run cut there; what
+        is left of it is read next)."""
         taken: list[_Line] = []
         while self.cursor < upto:
-            run = next(self._lines, None)
+            run = self._ahead.popleft() if self._ahead else next(self._lines, None)
             if run is None:
                 self.stop = self.cursor  # the log was shorter than counted
                 break
+            need = upto - self.cursor
+            if run.count > need:
+                run, rest = _split(run, need)
+                self._ahead.appendleft(rest)
             taken.append(run)
             self.cursor += run.count
         if taken:
