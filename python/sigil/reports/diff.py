@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sigil.reports.live import budget_exhausted, retry_storms
 from sigil.reports.sources import (
     Folded,
     Source,
@@ -62,6 +63,10 @@ class Side:
     outputs: list[tuple[int, str, str]] = field(default_factory=list)
     #: steps started again and again with the same input (the native model's loops)
     loops: list[dict[str, Any]] = field(default_factory=list)
+    #: components retried 5+ times in a run, with their first failed attempts' seqs
+    retry_storms: list[dict[str, Any]] = field(default_factory=list)
+    #: runs that ended out of budget, with the seq of the event that said so
+    budget_exhausted: list[dict[str, Any]] = field(default_factory=list)
 
     def head(self) -> dict[str, Any]:
         return {
@@ -75,9 +80,13 @@ class Side:
         }
 
 
-def load_sides(log_path: Path, specs: list[str]) -> list[Side]:
+def load_sides(log_path: Path, specs: list[str], warnings: list[str] | None = None) -> list[Side]:
     """Each of ``specs``: ``ID`` (the whole session) or ``ID@N`` (its run N).
-    The live sessions among them are folded by one native call, side by side."""
+    The live sessions among them are folded by one native call, side by side.
+    A live session whose log is partly unreadable (a rotated segment cut
+    short) is compared by its readable part, as ``sigil report`` and the
+    monitor count it, with a line in ``warnings`` saying so; an archive that
+    cannot be read is a :class:`DiffError` (read whole or not at all)."""
     wanted = [_resolve(log_path, spec) for spec in specs]
     live = sorted({source.key for _, _, _, source in wanted if not source.archived})
     folded = dict(zip(live, fold_live(live), strict=True))
@@ -86,7 +95,7 @@ def load_sides(log_path: Path, specs: list[str]) -> list[Side]:
     for spec, session_id, number, source in wanted:
         history = histories.get(source.key)
         if history is None:
-            history = histories[source.key] = _history(source, folded.get(source.key))
+            history = histories[source.key] = _history(source, folded.get(source.key), warnings)
         sides.append(_side(spec, session_id, number, source, history))
     return sides
 
@@ -103,12 +112,25 @@ def _resolve(log_path: Path, spec: str) -> tuple[str, str, int | None, Source]:
     return spec, session_id, number, source
 
 
-def _history(source: Source, folded: Folded | str | None) -> HistorySnapshot | SessionSnapshot:
+def _history(
+    source: Source, folded: Folded | str | None, warnings: list[str] | None = None
+) -> HistorySnapshot | SessionSnapshot:
     if source.archived:
         snapshot = archive_snapshot(Path(source.key))
         if isinstance(snapshot, str):
             raise DiffError(snapshot)
         return snapshot
+    if isinstance(folded, str) and warnings is not None:
+        try:
+            partial = whole_history(Path(source.key))
+        except Exception:  # the reason below already says what is wrong
+            partial = None
+        if partial is not None and partial.runs:
+            warnings.append(
+                f"session {source.session_id} is unreadable in part: {folded}"
+                " (its readable part is compared)"
+            )
+            return partial
     if folded is None or isinstance(folded, str):
         raise DiffError(f"cannot read session {source.session_id!r}: {folded}")
     if folded.ledger_only_runs:
@@ -144,6 +166,8 @@ def _side(
             dict(history.components),
             list(runs[-1].step_outputs) if runs else [],
             [loop.to_dict() for r in runs for loop in r.loops],
+            retry_storms(session_id, runs, label=False),
+            budget_exhausted(session_id, runs, label=False),
         )
     for i, run in enumerate(runs):
         if run.number == number:
@@ -158,6 +182,8 @@ def _side(
                 dict(run.components),
                 list(run.step_outputs),
                 [loop.to_dict() for loop in run.loops],
+                retry_storms(session_id, [run], label=False),
+                budget_exhausted(session_id, [run], label=False),
             )
     numbers = ", ".join(str(r.number) for r in runs) or "none"
     raise DiffError(f"session {session_id!r} has no run {number} (its runs: {numbers})")
@@ -229,6 +255,11 @@ def changed_steps(a: Side, b: Side) -> list[dict[str, Any]]:
     return rows
 
 
+def calls(c: ComponentSnapshot) -> int:
+    """Calls: completed plus failed steps."""
+    return c.operations + c.errors
+
+
 def _per_call(c: ComponentSnapshot | None) -> float | None:
     """Tokens per call (completed plus failed steps) of the model's totals."""
     if c is None or c.operations + c.errors <= 0:
@@ -241,7 +272,7 @@ def token_jumps(a: Side, b: Side) -> dict[str, list[dict[str, Any]]]:
     other side's, by the rule of ``sigil report`` (:func:`sigil.reports.query.is_jump`)
     with the other side as the whole history: above 2x its tokens per call and
     at least 100 more. ``"b"`` lists B's jumps over A, ``"a"`` A's over B."""
-    from sigil.reports.query import is_jump
+    from sigil.reports.query import is_jump, jump_events
 
     out: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
     for name in sorted(set(a.components) & set(b.components)):
@@ -261,6 +292,9 @@ def token_jumps(a: Side, b: Side) -> dict[str, list[dict[str, Any]]]:
                     "tokens_per_call": value,
                     "history_p99": baseline,
                     "history_runs": 1,
+                    **jump_events(
+                        calls(this.components[name]), this.components[name].heaviest_calls
+                    ),
                 }
             )
     return out

@@ -275,7 +275,7 @@ class _ArchiveFiles(_Files):
         self.archive = archive
         found: list[tuple[tuple[int, Any], int, str]] = []
         budget = _MAX_TOTAL_BYTES
-        with self._tar() as tar:
+        with self._tar(to_the_end=True) as tar:
             for index, member in enumerate(tar):
                 log = _log_member(member)
                 if log is None:
@@ -294,11 +294,21 @@ class _ArchiveFiles(_Files):
         self.names = [name for _, name, _ in self.members]
 
     @contextlib.contextmanager
-    def _tar(self) -> Iterator[tarfile.TarFile]:
+    def _tar(self, *, to_the_end: bool = False) -> Iterator[tarfile.TarFile]:
+        """The archive as a tar stream. ``to_the_end``: once its members are
+        read, the rest of the gzip stream too, so that its end is checked (a
+        tar cut within a header ends quietly, as if it had no more members)."""
         try:
             fd = os.open(self.archive, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
+            with (
+                os.fdopen(fd, "rb") as raw,
+                gzip.GzipFile(fileobj=raw) as gz,
+                tarfile.open(fileobj=gz, mode="r|") as tar,
+            ):
                 yield tar
+                if to_the_end:
+                    while gz.read(_CHUNK):
+                        pass
         except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
             raise ReplayError(f"cannot read {self.archive}: {exc}") from None
 
@@ -397,6 +407,8 @@ class _Line:
     gap: float
     #: a ``session_start`` (where a run may begin)
     opens_run: bool
+    #: how many lines (more than one: a run of them, for ``--speed max``)
+    count: int = 1
 
 
 def _runs_of(lines: Sequence[_Line]) -> Iterator[tuple[bytes, int]]:
@@ -426,6 +438,17 @@ def entries_of(lines: Sequence[_Line]) -> list[ParsedEntry]:
     for block, offset in _runs_of(lines):
         found.extend(parse_bytes(block, offset).entries)
     return found
+
+
+def _split(run: _Line, lines: int) -> tuple[_Line, _Line]:
+    """A run of lines as its first ``lines`` lines and the rest."""
+    end = run.start
+    for _ in range(lines):
+        end = run.block.index(b"\n", end) + 1
+    head = _Line(run.file, run.block, run.start, end, run.offset, None, 0.0, False, lines)
+    rest = _Line(run.file, run.block, end, run.end, run.offset + (end - run.start), None, 0.0,
+                 False, run.count - lines)  # fmt: skip
+    return head, rest
 
 
 class Timeline:
@@ -487,6 +510,30 @@ class Timeline:
                     yield _Line(file, block, pos, end, offset + pos, at, gap, opens_run)
                     pos = end
 
+    def blocks(self, cuts: Sequence[int] = ()) -> Iterator[_Line]:
+        """Every line from the first, as runs of lines (a block read at a time),
+        without their moments (``--speed max`` waits for none): cut at each
+        line number in ``cuts``, so that a run never spans one."""
+        marks = sorted(set(cuts))
+        k, index = 0, 0
+        for file, opened in enumerate(self._files.open_all()):
+            for offset, block in _pieces(opened):
+                start, left = 0, _count_lines(block)
+                while k < len(marks) and marks[k] <= index:
+                    k += 1
+                while k < len(marks) and marks[k] < index + left:
+                    take = marks[k] - index
+                    end = start
+                    for _ in range(take):
+                        end = block.index(b"\n", end) + 1
+                    yield _Line(file, block, start, end, offset + start, None, 0.0, False, take)
+                    index, left, start = index + take, left - take, end
+                    k += 1
+                if left:
+                    yield _Line(file, block, start, len(block), offset + start, None, 0.0, False,
+                                left)  # fmt: skip
+                    index += left
+
     @property
     def lines(self) -> list[_Line]:
         """Every line at once (for a test: the replay itself streams them)."""
@@ -494,34 +541,43 @@ class Timeline:
 
     def run_range(self, number: int) -> tuple[int, int]:
         """The lines of run ``number`` (as the model numbers runs): from its
-        ``session_start`` up to the next one. Raises :class:`ReplayError`."""
+        ``session_start`` up to the next one. Raises :class:`ReplayError`.
+
+        One read of the log, a block at a time: only a block that holds a
+        ``session_start`` is parsed (natively), and the fold is fed up to each
+        one to learn which run it opened."""
         from sigil.telemetry.archived import Fold
+        from sigil.telemetry.log_parser import parse_bytes
 
         fold = Fold(0)
         numbers: list[int] = []
-        pending: list[_Line] = []
         start: int | None = None
-        index = -1
-        for index, line in enumerate(self.stream()):
-            if line.opens_run:
+        index = 0  # the line number of the block's first line
+        for run in self.blocks():
+            block, offset = run.block[run.start : run.end], run.offset
+            opens = []
+            if b"session_start" in block:
+                opens = [e.offset for e in parse_bytes(block).entries
+                         if e.event_type == "session_start"]  # fmt: skip
+            pos, line = 0, index
+            for at in opens:
+                line += block.count(b"\n", pos, at)
                 if start is not None:
-                    return start, index
+                    return start, line
                 # The model says which run a session_start opened: fold up to it.
-                pending.append(line)
-                feed_lines(fold, pending)
-                pending.clear()
+                nl = block.find(b"\n", at)
+                end = len(block) if nl < 0 else nl + 1
+                fold.feed_bytes(block[pos:end], offset + pos)
                 got = fold.snapshot().run.number
                 numbers.append(got)
                 if got == number:
-                    start = index
-                continue
-            if start is None:
-                pending.append(line)
-                if len(pending) >= _BATCH:
-                    feed_lines(fold, pending)
-                    pending.clear()
+                    start = line
+                pos, line = end, line + 1
+            if start is None and pos < len(block):
+                fold.feed_bytes(block[pos:], offset + pos)
+            index += run.count
         if start is not None:
-            return start, index + 1
+            return start, index
         known = ", ".join(str(n) for n in numbers) or "none"
         raise ReplayError(f"session {self.session_id!r} has no run {number} (its runs: {known})")
 
@@ -597,8 +653,11 @@ class Player:
         from sigil.telemetry.archived import Fold
 
         self.fold = Fold(last_n)
+        #: ``--speed max``: runs of lines are folded as read (cut where a step
+        #: ends), with no line's moment (the clock is the latest event's the fold saw)
+        self._fast = speed is None
         #: the lines from the cursor on, read ahead of it (a few batches at most)
-        self._lines = timeline.stream()
+        self._lines = timeline.blocks((first, self.stop)) if self._fast else timeline.stream()
         self._ahead: deque[_Line] = deque()
         self.cursor = 0
         #: the file of the latest line folded (the segments before it are rotations)
@@ -615,6 +674,8 @@ class Player:
         # A replayed writer is there until the last line (contract 7's "running").
         self.state.locked = True
         self.state.rotations = self._file
+        if self._fast:
+            self._note_moment()
         self.phase = _phase_of(self.state)
         self.paused = False
         self.finished = False
@@ -624,6 +685,8 @@ class Player:
         #: the moment shown while paused
         self._frozen_at: float | None = None
         self._resized = False
+        #: lines were folded since the state took the fold's snapshot (``--speed max``)
+        self._stale = False
         if self.dashboard is not None:
             self.dashboard.clock = self.moment
         # Every mode's clock (elapsed, stalled, rates) is the replay's moment.
@@ -648,7 +711,7 @@ class Player:
         at = last
         if self._frozen_at is not None:
             at = self._frozen_at
-        elif not self.finished and (line := self._line(self.cursor)) is not None:
+        elif not self.finished and not self._fast and (line := self._line(self.cursor)) is not None:
             wait = self.delay(self.cursor)
             if line.at is not None and line.at > last and wait > 0:
                 left = max(0.0, self.next_due - self._clock())
@@ -677,6 +740,8 @@ class Player:
         upto = min(upto, self.stop)
         if upto <= self.cursor:
             return []
+        if self._fast:
+            return self._take_runs(upto)
         self._line(upto - 1)
         ahead = self._ahead
         taken = [ahead.popleft() for _ in range(min(upto - self.cursor, len(ahead)))]
@@ -688,6 +753,33 @@ class Player:
                 self._last_at = line.at
                 break
         return taken
+
+    def _take_runs(self, upto: int) -> list[_Line]:
+        """``--speed max``: runs of lines up to ``upto`` (a run cut there; what
+        is left of it is read next)."""
+        taken: list[_Line] = []
+        while self.cursor < upto:
+            run = self._ahead.popleft() if self._ahead else next(self._lines, None)
+            if run is None:
+                self.stop = self.cursor  # the log was shorter than counted
+                break
+            need = upto - self.cursor
+            if run.count > need:
+                run, rest = _split(run, need)
+                self._ahead.appendleft(rest)
+            taken.append(run)
+            self.cursor += run.count
+        if taken:
+            self._file = taken[-1].file
+        return taken
+
+    def _note_moment(self) -> None:
+        """``--speed max``: the clock is the latest event's time the fold saw."""
+        from sigil.interfaces.cli.monitor import parse_timestamp
+
+        moment = parse_timestamp(self.state.last_timestamp)
+        if moment is not None:
+            self._last_at = moment.timestamp()
 
     def _fold_history(self, first: int) -> None:
         """Fold the lines before ``first`` at once, a batch at a time."""
@@ -703,15 +795,24 @@ class Player:
         if not lines:
             return
         feed_lines(self.fold, lines)
-        state = self.state
-        fresh: list[Any] = list(state.update(self.fold.snapshot()))
-        state.rotations = self._file
+        # The state takes the fold's snapshot (which grows with the session's
+        # runs) when a frame is drawn, as the monitor's does, not per batch.
+        self._stale = True
         if self.renderer.lists_events:
             # Every event fed, even a burst larger than the model's recent ring.
-            fresh = entries_of(lines)
-            state.unlisted = 0
+            self.renderer.on_events(self.state, entries_of(lines))
+
+    def _sync(self) -> None:
+        """The state takes the fold's snapshot."""
+        state = self.state
+        state.update(self.fold.snapshot())
+        if self.renderer.lists_events:
+            state.unlisted = 0  # every event was listed as it was fed
+        state.rotations = self._file
+        if self._fast:
+            self._note_moment()
         self.phase = _phase_of(state)
-        self.renderer.on_events(state, fresh)
+        self._stale = False
 
     def _due(self, now: float) -> int:
         """The index past the last line due at ``now`` (a batch at most);
@@ -761,6 +862,8 @@ class Player:
         """The last line is in: the writer is gone, as a live monitor would find."""
         self.finished = True
         self._frozen_at = None
+        if self._stale:
+            self._sync()
         state = self.state
         state.locked = False
         if state.status == "running":
@@ -783,6 +886,8 @@ class Player:
         return text
 
     def _draw(self, *, force: bool = False, changed: bool = True) -> None:
+        if self._stale:
+            self._sync()
         dashboard = self.dashboard
         if dashboard is None:
             # As the monitor: ``changed`` when events came in since the last
@@ -856,7 +961,8 @@ class Player:
             if playing:
                 timeout = max(0.0, min(next_frame, self.next_due) - now)
             if keys is None:
-                time.sleep(min(timeout, 0.25))
+                if timeout > 0:
+                    time.sleep(min(timeout, 0.25))
                 continue
             try:
                 ready, _, _ = select.select([keys.fd], [], [], min(timeout, 0.25))
