@@ -1417,14 +1417,14 @@ pub fn session_joined(
             RunRef::Ledger(i) => ledger_run(py, &l.runs[*i], status),
         })
         .collect::<PyResult<_>>()?;
-    if st.run_list.is_empty() {
-        // No run left in the log: the session is where its last run left it.
-        if let Some((RunRef::Ledger(i), status)) = h.runs.last() {
-            let last = &l.runs[*i];
-            s.run = ledger_run(py, last, status)?;
-            s.status.clone_from(status);
-            s.budget = last.budget;
-        }
+    // No run left in the log, or only runs older than the ledger's last (the
+    // log cut or deleted after it): the session is where its last run left
+    // it, as `sigil diff` and `sigil sessions` say.
+    if let Some((RunRef::Ledger(i), status)) = h.runs.last() {
+        let last = &l.runs[*i];
+        s.run = ledger_run(py, last, status)?;
+        s.status.clone_from(status);
+        s.budget = last.budget;
     }
     Ok(s)
 }

@@ -107,3 +107,7 @@ def test_a_log_deleted_or_cut_under_its_ledger_reads_the_same_in_every_view(
     assert side["status"] == "complete"
     listed = _sessions_row(sigil_home)
     assert (listed["tokens_used"], listed["runs"]) == (row["tokens"], 4)
+    state, proc = _monitor(sigil_home)
+    assert state is not None, proc.stdout + proc.stderr
+    assert (state["tokens_used"], state["status"]) == (row["tokens"], "complete"), state
+    assert proc.returncode == 0, proc.stderr

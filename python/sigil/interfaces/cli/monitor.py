@@ -1171,6 +1171,11 @@ class ExecutionMonitor:
             directory = self.log_path / "sessions" / self.session_id
             if (directory / "execution.jsonl").exists() or rotated_segments(directory):
                 return self.session_id
+            if (directory / "tokens.json").is_file():
+                # The log was deleted, its ledger kept: the finished runs the
+                # ledger records are the session's history (as report, diff
+                # and sessions count them); a new run's log is followed.
+                return self.session_id
             return None
         link = self.log_path / CURRENT_LINK_NAME
         try:
