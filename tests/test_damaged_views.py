@@ -111,3 +111,14 @@ def test_a_log_deleted_or_cut_under_its_ledger_reads_the_same_in_every_view(
     assert state is not None, proc.stdout + proc.stderr
     assert (state["tokens_used"], state["status"]) == (row["tokens"], "complete"), state
     assert proc.returncode == 0, proc.stderr
+    # replay plays the events it has; its final snapshot joins the ledger's runs
+    # whose events are gone, and says so.
+    replay = run_cli(sigil_home, "replay", "demo", "--speed", "max", "--mode", "json")
+    assert replay.returncode == 0, replay.stderr
+    final = [json.loads(line) for line in replay.stdout.splitlines() if line.startswith("{")][-1]
+    assert (final["tokens_used"], final["status"], final["budget"]) == (
+        row["tokens"],
+        "complete",
+        state["budget"],
+    ), final
+    assert "known only to its ledger" in replay.stderr

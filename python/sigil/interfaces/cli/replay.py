@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from sigil.interfaces.cli.monitor import MonitorPhase, SessionState
     from sigil.reports.sources import Source
     from sigil.telemetry.archived import Fold
-    from sigil.telemetry.log_parser import ParsedEntry
+    from sigil.telemetry.log_parser import Ledger, ParsedEntry
 
 __all__ = [
     "DEFAULT_MAX_GAP",
@@ -461,13 +461,15 @@ class Timeline:
         self._count: int | None = None
 
     @classmethod
-    def of(cls, source: Source) -> Timeline:
+    def of(cls, source: Source, *, empty_ok: bool = False) -> Timeline:
         """The session's timeline, its lines counted (every file read once:
-        what cannot be read is said now, before anything is shown)."""
+        what cannot be read is said now, before anything is shown). A session
+        with no log is an error unless ``empty_ok`` (its ledger still records
+        its finished runs: nothing to play, their totals to show)."""
         path = Path(source.key)
         files: _Files = _ArchiveFiles(path) if source.archived else _DirectoryFiles(path)
         timeline = cls(source.session_id, files)
-        if not files.names:
+        if not files.names and not empty_ok:
             raise ReplayError(f"session {source.session_id!r} has no log to replay")
         timeline.count  # noqa: B018 (read every file now)
         return timeline
@@ -632,6 +634,7 @@ class Player:
         label: str = "",
         start_paused: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        ledger: Ledger | None = None,
     ) -> None:
         from sigil.interfaces.cli.display import DashboardRenderer
         from sigil.interfaces.cli.monitor import SessionState
@@ -650,6 +653,12 @@ class Player:
         self.label = label
         self.start_paused = start_paused
         self._clock = clock
+        #: the session's ledger, joined at the end (the whole session played):
+        #: the runs only it knows (their events deleted or rotated away) count
+        #: in the final totals, as every other view counts them, unplayed
+        self.ledger = ledger
+        #: how many runs the final snapshot has that were not played
+        self.ledger_only_runs = 0
         from sigil.telemetry.archived import Fold
 
         self.fold = Fold(last_n)
@@ -865,6 +874,13 @@ class Player:
         if self._stale:
             self._sync()
         state = self.state
+        if self.ledger is not None and self.ledger.present:
+            played = self.fold.snapshot()
+            joined = self.fold.snapshot(self.ledger)
+            self.ledger_only_runs = max(0, joined.run_count - played.run_count)
+            if self.ledger_only_runs:
+                state.update(joined)
+                self.phase = _phase_of(state)
         state.locked = False
         if state.status == "running":
             state.incomplete = True

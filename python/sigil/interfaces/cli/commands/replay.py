@@ -17,8 +17,11 @@ from sigil.interfaces.cli.early import MODES as _MODES
 from sigil.interfaces.cli.errors import OneLineCommand, UsageFailure
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from sigil.core.config import Settings
     from sigil.interfaces.cli.replay import Timeline
+    from sigil.telemetry.log_parser import Ledger
 
 _EPILOG = """\b
 Examples:
@@ -145,8 +148,11 @@ def replay(
             f"session {session_id!r} is still running: watch it live with "
             f"'sigil monitor --session {session_id}'"
         )
+    # The whole session played ends on every view's totals: its ledger's
+    # finished runs whose events are gone count too (not played).
+    ledger = _ledger_of(Path(source.key), source.archived) if run_number is None else None
     try:
-        timeline = Timeline.of(source)
+        timeline = Timeline.of(source, empty_ok=ledger is not None and ledger.present)
         first, stop = 0, timeline.count
         if run_number is not None:
             first, stop = timeline.run_range(run_number)
@@ -169,6 +175,7 @@ def replay(
             no_keys,
             run_number,
             paused,
+            ledger,
         )
         sys.stdout.flush()
     except ReplayError as exc:
@@ -197,6 +204,31 @@ def _check_mode(mode: str, given_by: str, json_events: bool, paused: bool) -> No
         raise UsageFailure(f"--paused steps through the dashboard, not --mode {mode}")
 
 
+def _ledger_of(path: Path, archived: bool) -> Ledger | None:
+    """The session's ledger (``tokens.json``: a live directory's, or an
+    archive's first member), or None when it has none."""
+    from sigil.telemetry.log_parser import Ledger
+
+    if not archived:
+        return Ledger.read(path / "tokens.json")
+    import os
+    import tempfile
+
+    from sigil.telemetry.log_rotation import read_archived_summaries
+
+    raw = read_archived_summaries(path).get("tokens.json")
+    if raw is None:
+        return None
+    # The native ledger reads a file (bounded, as every ledger): this one's copy.
+    fd, name = tempfile.mkstemp(prefix="sigil-replay-ledger-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(raw)
+        return Ledger.read(name)
+    finally:
+        os.unlink(name)
+
+
 def _discard_stdout() -> None:
     """Point stdout at /dev/null, so that the interpreter's last flush of what
     could not be written does not fail (and print) once more."""
@@ -221,6 +253,7 @@ def _play(
     no_keys: bool,
     run_number: int | None,
     paused: bool,
+    ledger: Ledger | None = None,
 ) -> int:
     from sigil.interfaces.cli.display import DashboardRenderer, DisplayOptions, make_renderer
     from sigil.interfaces.cli.keys import TerminalKeys
@@ -249,9 +282,19 @@ def _play(
         keys=keys,
         label=label,
         start_paused=paused and keys is not None,
+        ledger=ledger,
     )
     try:
-        return player.run()
+        code = player.run()
+        if player.ledger_only_runs:
+            n = player.ledger_only_runs
+            click.echo(
+                f"sigil replay: {n} run{'s' if n != 1 else ''} of session {timeline.session_id}"
+                f" known only to its ledger (tokens.json; {'their' if n != 1 else 'its'} events"
+                " are gone): counted in the totals, not played",
+                err=True,
+            )
+        return code
     finally:
         try:
             renderer.close()
