@@ -122,3 +122,26 @@ def test_a_log_deleted_or_cut_under_its_ledger_reads_the_same_in_every_view(
         state["budget"],
     ), final
     assert "known only to its ledger" in replay.stderr
+
+
+def test_a_truncated_archive_replays_its_readable_part_to_the_report_totals(
+    sigil_home: Path, log_path: Path
+) -> None:
+    directory = _demo(log_path)
+    where = log_path / "archive" / "2026-11-20"
+    where.mkdir(parents=True)
+    archive = where / "demo.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(directory / "tokens.json", arcname="demo/tokens.json")
+        tar.add(directory / "execution.jsonl", arcname="demo/execution.jsonl")
+    for child in directory.iterdir():
+        child.unlink()
+    directory.rmdir()
+    os.truncate(archive, archive.stat().st_size - 300)
+    row, damaged, _ = _report_row(sigil_home)
+    replay = run_cli(sigil_home, "replay", "demo", "--speed", "max", "--mode", "json")
+    assert replay.returncode == 0, replay.stderr
+    states = [json.loads(line) for line in replay.stdout.splitlines() if line.startswith("{")]
+    assert len(states) >= 2  # events were played before the final frame
+    assert (states[-1]["tokens_used"], states[-1]["status"]) == (row["tokens"], "complete")
+    assert damaged["error"] in replay.stderr and "readable part is replayed" in replay.stderr

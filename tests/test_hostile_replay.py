@@ -152,11 +152,14 @@ def test_a_corrupt_archive_is_one_line(log_path: Path, run_sigil: Run, tmp_path:
         tar.add(directory, arcname="ar-1")
     data = whole.read_bytes()
     whole.write_bytes(data[: len(data) // 2])
+    # Cut short: its readable part is replayed with one warning line naming
+    # the break, as report and diff count it (issue 13 review).
     result = run_sigil("replay", "ar-1", "--speed", "max", "--mode", "stream")
-    assert result.returncode == 1, result.stderr
+    assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: cannot read"), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("sigil replay: warning:"), result.stderr
+    assert f"cannot read {whole}" in lines[0]
 
     whole.write_bytes(b"\x00" * 4096)
     result = run_sigil("replay", "ar-1", "--speed", "max", "--mode", "stream")

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from sigil.interfaces.cli.monitor import MonitorPhase, SessionState
     from sigil.reports.sources import Source
     from sigil.telemetry.archived import Fold
-    from sigil.telemetry.log_parser import Ledger, ParsedEntry
+    from sigil.telemetry.log_parser import Ledger, ParsedEntry, SessionSnapshot
 
 __all__ = [
     "DEFAULT_MAX_GAP",
@@ -275,20 +275,34 @@ class _ArchiveFiles(_Files):
         self.archive = archive
         found: list[tuple[tuple[int, Any], int, str]] = []
         budget = _MAX_TOTAL_BYTES
-        with self._tar(to_the_end=True) as tar:
-            for index, member in enumerate(tar):
-                log = _log_member(member)
-                if log is None:
-                    continue
-                order, name = log
-                if member.size > _MAX_MEMBER_BYTES:
-                    raise ReplayError(
-                        f"cannot read {archive}: {name} is larger than {_MAX_MEMBER_BYTES} bytes"
-                    )
-                if member.size > budget:
-                    _too_large(str(archive))
-                budget -= member.size
-                found.append((order, index, name))
+        #: why the archive cannot be read to its end (it breaks, cut short or
+        #: corrupt), when it breaks after a member was seen: what comes before
+        #: the break is played, as every view counts it (the native archive fold)
+        self.problem: str | None = None
+        #: the archive index of the last member seen before the break
+        self.broken_at: int | None = None
+        last = -1
+        try:
+            with self._tar(to_the_end=True) as tar:
+                for index, member in enumerate(tar):
+                    last = index
+                    log = _log_member(member)
+                    if log is None:
+                        continue
+                    order, name = log
+                    if member.size > _MAX_MEMBER_BYTES:
+                        raise ReplayError(
+                            f"cannot read {archive}: {name} is larger than"
+                            f" {_MAX_MEMBER_BYTES} bytes"
+                        )
+                    if member.size > budget:
+                        _too_large(str(archive))
+                    budget -= member.size
+                    found.append((order, index, name))
+        except ReplayError as exc:
+            if not found or "is larger than" in str(exc):
+                raise
+            self.problem, self.broken_at = str(exc), last
         found.sort(key=lambda item: item[0])
         self.members = [(index, name, order[0] == 0) for order, index, name in found]
         self.names = [name for _, name, _ in self.members]
@@ -302,7 +316,7 @@ class _ArchiveFiles(_Files):
             fd = os.open(self.archive, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             with (
                 os.fdopen(fd, "rb") as raw,
-                gzip.GzipFile(fileobj=raw) as gz,
+                _Gunzip(raw) as gz,
                 tarfile.open(fileobj=gz, mode="r|") as tar,
             ):
                 yield tar
@@ -338,11 +352,105 @@ class _ArchiveFiles(_Files):
                     if extracted is None:
                         continue
                     stream: _Readable = extracted
+                    if index == self.broken_at:
+                        # The member the archive breaks in: read up to the break.
+                        stream = _UpToBreak(stream)
                     if segment:
                         stream = _text_of(stream, _too_long(where, name))
+                        if index == self.broken_at:
+                            # A compressed segment cut short ends there too.
+                            stream = _UpToBreak(stream)
                     counted = _Reader(stream, cap=_MAX_TOTAL_BYTES, over=over_total,
                                       counter=counter)  # fmt: skip
                     yield name, where, counted
+
+
+class _Gunzip(io.RawIOBase):
+    """A gzip stream (its members one after the other) inflated as it is
+    read, that gives every byte inflated before a break (the file cut short,
+    a corrupt block) and then the error, as the native archive reader does:
+    :class:`gzip.GzipFile` keeps back what it inflated from a cut stream."""
+
+    def __init__(self, raw: _Readable) -> None:
+        super().__init__()
+        self.raw = raw
+        self.inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        #: input read and not inflated yet (at most a chunk and a member's rest)
+        self.tail = b""
+        self.pending = b""
+        self.error: Exception | None = None
+        #: the current gzip member has begun (its end is then due)
+        self.started = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        want = _CHUNK if size is None or size < 0 else max(1, size)
+        while len(self.pending) < want and self.error is None:
+            if not self.tail:
+                self.tail = self.raw.read(_CHUNK)
+                if not self.tail:
+                    if self.started:
+                        self.error = EOFError(
+                            "compressed file ended before the end-of-stream marker was reached"
+                        )
+                    break
+            self.started = True
+            try:
+                self.pending += self.inflate.decompress(self.tail, want)
+            except zlib.error as exc:
+                self.error = exc
+                break
+            self.tail = self.inflate.unconsumed_tail
+            if self.inflate.eof:
+                # The next gzip member, if any, starts with what is left.
+                self.tail = self.inflate.unused_data + self.tail
+                self.inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                self.started = False
+        if not self.pending and self.error is not None:
+            raise self.error
+        data, self.pending = self.pending[:want], self.pending[want:]
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+#: the read size in the member an archive breaks in (what a read meeting the
+#: break loses: at most this, a line or so, which the native fold keeps)
+_BREAK_READ = 512
+
+
+class _UpToBreak(io.RawIOBase):
+    """A member's bytes up to where the archive breaks: the error there is
+    the end (the archive's reason is said once, by the command)."""
+
+    def __init__(self, inner: _Readable) -> None:
+        super().__init__()
+        self.inner = inner
+        self.broken = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.broken:
+            return b""
+        # Small reads: tarfile drops the bytes of a read that meets the break.
+        want = _BREAK_READ if size is None or size < 0 else min(size, _BREAK_READ)
+        try:
+            return self.inner.read(want)
+        except (OSError, EOFError, zlib.error, tarfile.TarError):
+            self.broken = True
+            return b""
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def _pieces(opened: _Opened) -> Iterator[tuple[int, bytes]]:
@@ -473,6 +581,12 @@ class Timeline:
             raise ReplayError(f"session {source.session_id!r} has no log to replay")
         timeline.count  # noqa: B018 (read every file now)
         return timeline
+
+    @property
+    def problem(self) -> str | None:
+        """Why an archive cannot be read to its end, when it breaks after some
+        of its log: the lines before the break are the timeline."""
+        return self._files.problem if isinstance(self._files, _ArchiveFiles) else None
 
     @property
     def count(self) -> int:
@@ -635,6 +749,7 @@ class Player:
         start_paused: bool = False,
         clock: Callable[[], float] = time.monotonic,
         ledger: Ledger | None = None,
+        final: SessionSnapshot | None = None,
     ) -> None:
         from sigil.interfaces.cli.display import DashboardRenderer
         from sigil.interfaces.cli.monitor import SessionState
@@ -657,6 +772,10 @@ class Player:
         #: the runs only it knows (their events deleted or rotated away) count
         #: in the final totals, as every other view counts them, unplayed
         self.ledger = ledger
+        #: the session model every other view counts, shown at the end instead
+        #: of the played fold's (an archive that breaks: the native fold of
+        #: its readable part, which Python's gzip may stop short of)
+        self.final = final
         #: how many runs the final snapshot has that were not played
         self.ledger_only_runs = 0
         from sigil.telemetry.archived import Fold
@@ -874,11 +993,13 @@ class Player:
         if self._stale:
             self._sync()
         state = self.state
-        if self.ledger is not None and self.ledger.present:
-            played = self.fold.snapshot()
+        joined: SessionSnapshot | None = self.final
+        if joined is None and self.ledger is not None and self.ledger.present:
             joined = self.fold.snapshot(self.ledger)
+        if joined is not None:
+            played = self.fold.snapshot()
             self.ledger_only_runs = max(0, joined.run_count - played.run_count)
-            if self.ledger_only_runs:
+            if self.ledger_only_runs or self.final is not None:
                 state.update(joined)
                 self.phase = _phase_of(state)
         state.locked = False

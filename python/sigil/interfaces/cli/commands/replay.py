@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from sigil.core.config import Settings
     from sigil.interfaces.cli.replay import Timeline
-    from sigil.telemetry.log_parser import Ledger
+    from sigil.telemetry.log_parser import Ledger, SessionSnapshot
 
 _EPILOG = """\b
 Examples:
@@ -154,6 +154,19 @@ def replay(
     try:
         timeline = Timeline.of(source, empty_ok=ledger is not None and ledger.present)
         first, stop = 0, timeline.count
+        final: SessionSnapshot | None = None
+        if timeline.problem is not None:
+            # An archive that breaks: its readable part is played, ending on
+            # the native model of it and with its reason, as report and diff
+            # count it and say it.
+            from sigil.reports.sources import archive_read
+
+            final, problem = archive_read(Path(source.key))
+            click.echo(
+                f"sigil replay: warning: session {session_id} is unreadable in part:"
+                f" {problem or timeline.problem} (its readable part is replayed)",
+                err=True,
+            )
         if run_number is not None:
             first, stop = timeline.run_range(run_number)
     except ReplayError as exc:
@@ -176,6 +189,7 @@ def replay(
             run_number,
             paused,
             ledger,
+            final if run_number is None else None,
         )
         sys.stdout.flush()
     except ReplayError as exc:
@@ -254,6 +268,7 @@ def _play(
     run_number: int | None,
     paused: bool,
     ledger: Ledger | None = None,
+    final: SessionSnapshot | None = None,
 ) -> int:
     from sigil.interfaces.cli.display import DashboardRenderer, DisplayOptions, make_renderer
     from sigil.interfaces.cli.keys import TerminalKeys
@@ -283,10 +298,19 @@ def _play(
         label=label,
         start_paused=paused and keys is not None,
         ledger=ledger,
+        final=final,
     )
     try:
         code = player.run()
-        if player.ledger_only_runs:
+        if player.ledger_only_runs and final is not None:
+            n = player.ledger_only_runs
+            click.echo(
+                f"sigil replay: {n} run{'s' if n != 1 else ''} of session {timeline.session_id}"
+                " not played (at or past where the archive breaks): counted in the totals,"
+                " as report and diff count them",
+                err=True,
+            )
+        elif player.ledger_only_runs:
             n = player.ledger_only_runs
             click.echo(
                 f"sigil replay: {n} run{'s' if n != 1 else ''} of session {timeline.session_id}"
