@@ -11,6 +11,10 @@
   real subprocess (aim: under 5 s): the orchestrator's event mix (3.5 events per
   span) and the worst case, one span per entry (the spec's step_complete-only
   log).
+* Building the spans of that worst case (``SpanBuilder``, no sending), beside
+  the same mapping pricing each span with a full native snapshot (the way it
+  was: a clone of the fold state and a ``SessionSnapshot`` per span, most of
+  the building time) rather than ``Fold.cost`` (aim: 1.4x faster).
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ import pytest
 
 from conftest import quick, write_session
 from sigil.telemetry.execution_logger import ExecutionLogger
-from sigil.telemetry.otlp import LiveOtlpExporter
+from sigil.telemetry.log_parser import EventModel
+from sigil.telemetry.otlp import LiveOtlpExporter, session_spans
+from sigil.telemetry.otlp import spans as span_mapping
+from sigil.telemetry.otlp.reader import iter_session_entries
 
 pytestmark = pytest.mark.benchmark
 
@@ -238,6 +245,10 @@ def _orchestrated_session(log_path: Path, sid: str, entries: int) -> int:
             log("session_complete", "orchestrator", "Pipeline completed", 0,
                 {"status": "complete", "run": run})  # fmt: skip
             written += 2 + 3 * len(STEPS)
+            if run % 10 == 0:
+                # Untimed setup: let the writer keep up, or on a busy machine its
+                # bounded buffer fills and the logger drops (EventsDroppedError).
+                logger.flush_sync()
     return written
 
 
@@ -275,3 +286,51 @@ def test_sigil_export_100k(
     )
     spans = 35_000 if kind == "orchestrated" else ENTRIES
     assert f": {spans} spans in " in out, out
+
+
+# -- building the spans of a 100,000-entry session -------------------------------------
+
+BUILD_GROUP = f"OTLP span building, {ENTRIES:,} entries (a span per entry)"
+
+
+@pytest.fixture(scope="module")
+def flat_entries(tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    home = tmp_path_factory.mktemp("otlp-build")
+    write_session(home / "sessions" / "flat" / "execution.jsonl", ENTRIES, "flat")
+    return list(iter_session_entries(home / "sessions" / "flat"))
+
+
+def _build(entries: list[Any]) -> int:
+    return len(session_spans("flat", entries))
+
+
+def _cost_by_snapshot(self: Any) -> tuple[int, int, int] | None:
+    """The span's cost read from a full snapshot of its native model (the old way)."""
+    if self.fold is not None:
+        snap = self.fold.snapshot()
+    elif self.first is None or not self.first.priceable():
+        return None
+    else:
+        one = EventModel()
+        self.first.feed(one)
+        snap = one.snapshot()
+    return snap.cost_nanousd, snap.priced_events, snap.unpriced_tokens
+
+
+def test_span_building_snapshot_priced(
+    benchmark: Any, flat_entries: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    benchmark.group = BUILD_GROUP
+    benchmark.extra_info.update(ops=ENTRIES)
+    monkeypatch.setattr(span_mapping._Span, "cost_model", _cost_by_snapshot)
+    spans = benchmark.pedantic(_build, args=(flat_entries,), rounds=1 if quick() else 3)
+    assert spans == ENTRIES
+
+
+def test_span_building(benchmark: Any, flat_entries: list[Any]) -> None:
+    benchmark.group = BUILD_GROUP
+    benchmark.extra_info.update(
+        ops=ENTRIES, baseline="test_span_building_snapshot_priced", aim_ratio=1.4
+    )
+    spans = benchmark.pedantic(_build, args=(flat_entries,), rounds=1 if quick() else 3)
+    assert spans == ENTRIES

@@ -378,6 +378,18 @@ impl PyFold {
         guard("Fold.tokens", || Ok(py.detach(|| lock(&self.state).tokens)))
     }
 
+    /// `(cost_nanousd, priced_events, unpriced_tokens)` of everything folded so
+    /// far: the snapshot's cost, without building a snapshot (the span mapping
+    /// prices every span, and a snapshot clones the whole state).
+    fn cost(&self, py: Python<'_>) -> PyResult<(u64, u64, u64)> {
+        guard("Fold.cost", || {
+            Ok(py.detach(|| {
+                let c = snapshot::fold_cost(&lock(&self.state));
+                (c.nanousd, c.priced, c.unpriced_tokens)
+            }))
+        })
+    }
+
     /// The whole session's history: this fold of the log joined with the
     /// session's ledger (`tokens.json`), if one was read and is usable.
     #[pyo3(signature = (ledger = None))]

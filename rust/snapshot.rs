@@ -451,6 +451,12 @@ pub struct PyComponentSnapshot {
 }
 
 /// The cost of a run or a session: its components', added in name order.
+/// The session's cost as [`session`] reports it (`cost_nanousd`,
+/// `priced_events`, `unpriced_tokens`), without building the snapshot.
+pub fn fold_cost(st: &FoldState) -> Cost {
+    cost_total(st.components.iter().map(|(k, c)| (k, &c.cost)))
+}
+
 fn cost_total<'a>(items: impl Iterator<Item = (&'a str, &'a Cost)>) -> Cost {
     let mut items: Vec<_> = items.collect();
     items.sort_by(|a, b| a.0.cmp(b.0));
@@ -1353,7 +1359,7 @@ pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
             .flat_map(|r| loops(r.number, &r.steps))
             .collect(),
         comps: components(py, &st.components)?,
-        cost: cost_total(st.components.iter().map(|(k, c)| (k, &c.cost))),
+        cost: fold_cost(st),
         mods: models(st.models().iter()),
         runs_kept: st
             .run_list

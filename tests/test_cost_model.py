@@ -88,6 +88,8 @@ def test_the_native_cost_sum_is_the_decimal_sum(
             assert snap.components[name].cost_nanousd == sum(mine)
     unpriced = sum(t for (_, t, m, c) in events if c is None and m is not None)
     assert snap.unpriced_tokens == unpriced
+    # Fold.cost (the span mapping's, no snapshot built) is the snapshot's cost.
+    assert fold.cost() == (snap.cost_nanousd, snap.priced_events, snap.unpriced_tokens)
     expected = fold_reference(b"".join(lines))
     got = snap.to_dict()
     for key in ("cost_nanousd", "priced_events", "unpriced_tokens", "unpriced_models"):
@@ -113,6 +115,7 @@ def test_a_multi_threaded_fold_of_a_large_log_sums_the_same(tmp_path: Path) -> N
     assert snap.cost_nanousd == per_block * rounds
     assert snap.priced_events == 2000 * rounds
     assert snap.unpriced_tokens == 1000 * 7 * rounds
+    assert fold.cost() == (snap.cost_nanousd, snap.priced_events, snap.unpriced_tokens)
     assert snap.unpriced_models == ["gpt-4o-mini"]
     assert snap.components["routing"].unpriced_models == ["gpt-4o-mini"]
     expected = fold_reference(data)

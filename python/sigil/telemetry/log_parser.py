@@ -381,6 +381,11 @@ class EventModel:
     def snapshot(self) -> SessionSnapshot:
         return self._fold.snapshot()
 
+    def cost(self) -> tuple[int, int, int]:
+        """``(cost_nanousd, priced_events, unpriced_tokens)``: the snapshot's,
+        without building one."""
+        return self._fold.cost()
+
 
 LEDGER_FILE_NAME = "tokens.json"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sigil.telemetry.log_parser import EventModel, SessionSnapshot
+from sigil.telemetry.log_parser import EventModel
 from sigil.telemetry.pricing import COST_KEY, usd
 
 #: The OpenTelemetry semantic-conventions release this mapping follows. v1.41.0
@@ -199,16 +199,16 @@ class _Span:
             return self.fold.tokens
         return self.first.tokens if self.first is not None else 0
 
-    def cost_model(self) -> SessionSnapshot | None:
-        """The native model of this span's events with tokens, for its cost
-        (None without such events): the fold's rules, no sum made here."""
+    def cost_model(self) -> tuple[int, int, int] | None:
+        """The native model's cost of this span's events with tokens (None
+        without such events): the fold's rules, no sum made here."""
         if self.fold is not None:
-            return self.fold.snapshot()
+            return self.fold.cost()
         if self.first is None or not self.first.priceable():
             return None
         one = EventModel()
         self.first.feed(one)
-        return one.snapshot()
+        return one.cost()
 
     def add_event(self, name: str, time_ns: int, attributes: dict[str, Any]) -> None:
         if len(self.events) < MAX_SPAN_EVENTS:
@@ -285,6 +285,7 @@ class _Event:
     """The fields of one log event, from a ParsedEntry, a LogEntry or a dict."""
 
     __slots__ = (
+        "_args",
         "component",
         "event_type",
         "message",
@@ -314,16 +315,21 @@ class _Event:
         self.seq = seq
         self.time_ns = time_ns
         self.source = source
+        self._args: tuple[str, str, str, int, int | None, str] | None = None
 
     def model_args(self) -> tuple[str, str, str, int, int | None, str]:
         """What a model folds of this event: its tokens and, of its metadata,
-        what prices it (``cost_usd`` and ``model``; the rest is the span's)."""
+        what prices it (``cost_usd`` and ``model``; the rest is the span's).
+        Made once: the session's, the run's and the span's models all fold it."""
+        if self._args is not None:
+            return self._args
         seq = self.seq if self.seq is not None and 0 <= self.seq < 1 << 64 else None
         meta = self.metadata
         priced = {k: meta[k] for k in (COST_KEY, "model") if k in meta}
         # json writes a float's shortest text: the decimal the writer logged.
         cost_json = json.dumps(priced) if priced else "{}"
-        return self.timestamp, self.event_type, self.component, self.tokens, seq, cost_json
+        self._args = (self.timestamp, self.event_type, self.component, self.tokens, seq, cost_json)
+        return self._args
 
     def priceable(self) -> bool:
         """Whether this event says anything of cost (a price, or a model)."""
@@ -736,21 +742,28 @@ class SpanBuilder:
                 root.fail("the run ended without session_complete (its writer stopped)", state)
         root.attributes["sigil.run.status"] = state
         root.attributes["sigil.run.tokens"] = run.fold.tokens
-        cost_attributes(root.attributes, "sigil.run", run.fold.snapshot())
-        cost_attributes(root.attributes, "sigil.session", self.fold.snapshot())
+        cost_attributes(root.attributes, "sigil.run", run.fold.cost())
+        cost_attributes(root.attributes, "sigil.session", self.fold.cost())
         out.append(root.record(run.trace_id, None, self.session_id))
         run.ended = True
 
 
-def cost_attributes(attributes: dict[str, Any], prefix: str, model: SessionSnapshot | None) -> None:
+def cost_attributes(
+    attributes: dict[str, Any], prefix: str, cost: tuple[int, int, int] | None
+) -> None:
     """``<prefix>.cost_usd`` where something was priced, ``<prefix>.unpriced_tokens``
-    where tokens of models without a price were spent (never a cost of 0 for them)."""
-    if model is None:
+    where tokens of models without a price were spent (never a cost of 0 for them).
+
+    ``cost`` is a native model's ``(cost_nanousd, priced_events, unpriced_tokens)``
+    (:meth:`EventModel.cost`: a snapshot's numbers without building one, which
+    was most of the time of building a span)."""
+    if cost is None:
         return
-    if model.priced_events:
-        attributes[f"{prefix}.cost_usd"] = usd(model.cost_nanousd)
-    if model.unpriced_tokens:
-        attributes[f"{prefix}.unpriced_tokens"] = model.unpriced_tokens
+    nanousd, priced_events, unpriced_tokens = cost
+    if priced_events:
+        attributes[f"{prefix}.cost_usd"] = usd(nanousd)
+    if unpriced_tokens:
+        attributes[f"{prefix}.unpriced_tokens"] = unpriced_tokens
 
 
 def session_spans(
