@@ -158,16 +158,14 @@ class Meter:
         calls in flight; raises :class:`PromptTooLarge` when the prompt cannot
         fit even once they settle, and :class:`BudgetExhausted` once the budget
         has run out."""
-        out = 0 if wanted is None else max(1, wanted)
-        need = prompt + (0 if wanted is None else 1)
         # Nothing below awaits until a call must wait: decided on the event
         # loop at once, the condition's lock is only taken to wait.
-        granted = self._try_admit(prompt, out, need)
+        granted = self.try_admit(wanted, prompt)
         if granted is not None:
             return granted
         async with self._settled:
             while True:
-                granted = self._try_admit(prompt, out, need)
+                granted = self.try_admit(wanted, prompt)
                 if granted is not None:
                     return granted
                 self._waiting += 1
@@ -176,9 +174,12 @@ class Meter:
                 finally:
                     self._waiting -= 1
 
-    def _try_admit(self, prompt: int, out: int, need: int) -> int | None:
-        """The output cap granted now, None when the call must wait for one in
-        flight to settle; raises when it is refused."""
+    def try_admit(self, wanted: int | None, prompt: int = 0) -> int | None:
+        """:meth:`admit` without waiting: the output cap granted now, None when
+        the call must wait for one in flight to settle (ask again once one has);
+        raises when it is refused."""
+        out = 0 if wanted is None else max(1, wanted)
+        need = prompt + (0 if wanted is None else 1)
         tracker = self.tracker
         if self.exhausted:
             raise self._refusal()
@@ -196,8 +197,17 @@ class Meter:
 
     async def _release(self, call: Call, *, hold: bool = False) -> None:
         """Give the call's reservation back (``hold``: keep it, the usage is unknown)."""
-        if call.settled:
+        if not self._release_sync(call, hold=hold):
             return
+        if self._waiting:
+            async with self._settled:
+                self._settled.notify_all()
+
+    def _release_sync(self, call: Call, *, hold: bool = False) -> bool:
+        """:meth:`_release` without waking waiters of :meth:`admit` (callers of
+        :meth:`try_admit` ask again); False when the call had settled already."""
+        if call.settled:
+            return False
         call.settled = True
         if call.reserved:
             self._inflight -= 1
@@ -205,9 +215,7 @@ class Meter:
                 self.held += call.reserved
             else:
                 self.tracker.release(call.reserved)
-        if self._waiting:
-            async with self._settled:
-                self._settled.notify_all()
+        return True
 
     async def start(
         self,
@@ -222,6 +230,36 @@ class Meter:
     ) -> Call:
         """Log the call's ``step_start`` (it has been admitted with ``prompt`` and
         ``granted`` reserved)."""
+        call, event = self._started(component, endpoint, model, stream, granted, requested, prompt)
+        await self.logger.log_event(*event)
+        return call
+
+    def start_sync(
+        self,
+        *,
+        component: str,
+        endpoint: str,
+        model: str,
+        stream: bool,
+        granted: int,
+        requested: int | None,
+        prompt: int = 0,
+    ) -> Call:
+        """:meth:`start` for a caller without an event loop (the native transport)."""
+        call, event = self._started(component, endpoint, model, stream, granted, requested, prompt)
+        self.logger.log_event_sync(*event)
+        return call
+
+    def _started(
+        self,
+        component: str,
+        endpoint: str,
+        model: str,
+        stream: bool,
+        granted: int,
+        requested: int | None,
+        prompt: int,
+    ) -> tuple[Call, tuple[str, str, str, int, dict[str, Any]]]:
         call = Call(
             next(self._ids), component, endpoint, model, stream, granted, requested,
             time.perf_counter(), prompt,
@@ -240,8 +278,7 @@ class Meter:
                 meta["requested_max_tokens"] = requested
         if prompt:
             meta["prompt_tokens_reserved"] = prompt
-        await self.logger.log_event("step_start", component, f"{endpoint} {model} started", 0, meta)
-        return call
+        return call, ("step_start", component, f"{endpoint} {model} started", 0, meta)
 
     async def complete(
         self,
@@ -257,30 +294,48 @@ class Meter:
         try:
             meta = self._meta(call, usage, model, status) | (extra or {})
             cancelled = await self._price(meta, usage)
-            if usage is None:
-                self.unknown += 1
-                meta["tokens_held"] = call.reserved
-                message = (
-                    f"{call.endpoint} {meta['model']}: usage unknown (the upstream reported "
-                    f"none); {call.reserved:,} tokens of the budget held for it"
-                )
-            else:
-                message = (
-                    f"{call.endpoint} {meta['model']}: {usage.input_tokens:,} in + "
-                    f"{usage.output_tokens:,} out tokens"
-                    + (" (estimated)" if usage.estimated else "")
-                )
+            tokens, message = self._completed(call, usage, meta)
             await self.tracker.track(
-                call.component,
-                usage.total if usage is not None else 0,
-                event_type="step_complete",
-                message=message,
-                metadata=meta,
+                call.component, tokens, event_type="step_complete", message=message, metadata=meta
             )
             if cancelled:
                 raise asyncio.CancelledError  # the call's tokens recorded first
         finally:
             await self._release(call, hold=usage is None)
+
+    def complete_sync(
+        self,
+        call: Call,
+        usage: Usage | None,
+        *,
+        model: str | None = None,
+        status: int = 200,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """:meth:`complete` for a caller without an event loop (the native transport)."""
+        try:
+            meta = self._meta(call, usage, model, status) | (extra or {})
+            self._price_sync(meta, usage)
+            tokens, message = self._completed(call, usage, meta)
+            self.tracker.track_sync(
+                call.component, tokens, event_type="step_complete", message=message, metadata=meta
+            )
+        finally:
+            self._release_sync(call, hold=usage is None)
+
+    def _completed(self, call: Call, usage: Usage | None, meta: dict[str, Any]) -> tuple[int, str]:
+        """The tokens and message of a call's ``step_complete``."""
+        if usage is None:
+            self.unknown += 1
+            meta["tokens_held"] = call.reserved
+            return 0, (
+                f"{call.endpoint} {meta['model']}: usage unknown (the upstream reported "
+                f"none); {call.reserved:,} tokens of the budget held for it"
+            )
+        return usage.total, (
+            f"{call.endpoint} {meta['model']}: {usage.input_tokens:,} in + "
+            f"{usage.output_tokens:,} out tokens" + (" (estimated)" if usage.estimated else "")
+        )
 
     async def fail(
         self,
@@ -300,56 +355,108 @@ class Meter:
             if usage is not None and usage.total:
                 cancelled = await self._price(meta, usage)
                 await self.tracker.track(
-                    call.component,
-                    usage.total,
-                    event_type="token_consumption",
-                    message=(
-                        f"{call.endpoint} {meta['model']} failed; it used {usage.total:,} tokens"
-                        + (" (estimated from what arrived)" if usage.estimated else "")
-                    ),
+                    call.component, usage.total, event_type="token_consumption",
+                    message=self._spent_message(call, usage, meta),
                     metadata=meta | {"outcome": "failed_call"},
-                )
-            meta = {
-                k: v
-                for k, v in meta.items()
-                if k not in ("input_tokens", "output_tokens", "cached_input_tokens", "cost_usd")
-            }
-            meta.update(error=error, category=category)
-            await self.logger.log_event(
-                "step_error", call.component, f"{call.endpoint} failed: {error}", 0, meta
-            )
+                )  # fmt: skip
+            await self.logger.log_event(*self._error_event(call, meta, error, category))
             if cancelled:
                 raise asyncio.CancelledError  # the call's tokens recorded first
         finally:
             await self._release(call)
 
+    def fail_sync(
+        self,
+        call: Call,
+        error: str,
+        *,
+        category: str,
+        status: int | None = None,
+        usage: Usage | None = None,
+        model: str | None = None,
+    ) -> None:
+        """:meth:`fail` for a caller without an event loop (the native transport)."""
+        self.failed += 1
+        try:
+            meta = self._meta(call, usage, model, status)
+            if usage is not None and usage.total:
+                self._price_sync(meta, usage)
+                self.tracker.track_sync(
+                    call.component, usage.total, event_type="token_consumption",
+                    message=self._spent_message(call, usage, meta),
+                    metadata=meta | {"outcome": "failed_call"},
+                )  # fmt: skip
+            self.logger.log_event_sync(*self._error_event(call, meta, error, category))
+        finally:
+            self._release_sync(call)
+
+    @staticmethod
+    def _spent_message(call: Call, usage: Usage, meta: dict[str, Any]) -> str:
+        return f"{call.endpoint} {meta['model']} failed; it used {usage.total:,} tokens" + (
+            " (estimated from what arrived)" if usage.estimated else ""
+        )
+
+    @staticmethod
+    def _error_event(
+        call: Call, meta: dict[str, Any], error: str, category: str
+    ) -> tuple[str, str, str, int, dict[str, Any]]:
+        meta = {
+            k: v
+            for k, v in meta.items()
+            if k not in ("input_tokens", "output_tokens", "cached_input_tokens", "cost_usd")
+        }
+        meta.update(error=error, category=category)
+        return "step_error", call.component, f"{call.endpoint} failed: {error}", 0, meta
+
     async def refuse(
         self, *, component: str, endpoint: str, model: str, stream: bool, error: str
     ) -> None:
         """Record a call refused because the budget has run out (never forwarded)."""
+        call, event = self._started(component, endpoint, model, stream, 0, None, 0)
+        await self.logger.log_event(*event)
+        await self.logger.log_event(*self._refused(call, error))
+
+    def refuse_sync(
+        self, *, component: str, endpoint: str, model: str, stream: bool, error: str
+    ) -> None:
+        """:meth:`refuse` for a caller without an event loop (the native transport)."""
+        call, event = self._started(component, endpoint, model, stream, 0, None, 0)
+        self.logger.log_event_sync(*event)
+        self.logger.log_event_sync(*self._refused(call, error))
+
+    def _refused(self, call: Call, error: str) -> tuple[str, str, str, int, dict[str, Any]]:
         self.refused += 1
-        call = await self.start(
-            component=component, endpoint=endpoint, model=model, stream=stream,
-            granted=0, requested=None,
-        )  # fmt: skip
         self.failed += 1
         call.settled = True
-        await self.logger.log_event(
+        return (
             "step_error",
-            component,
-            f"{endpoint} refused: {error}",
+            call.component,
+            f"{call.endpoint} refused: {error}",
             0,
             {
                 "run": self.run,
                 "call": call.call_id,
-                "endpoint": endpoint,
-                "model": model,
+                "endpoint": call.endpoint,
+                "model": call.model,
                 "status": 429,
                 "error": error,
                 "category": "budget",
                 "latency_ms": call.elapsed_ms(),
             },
         )
+
+    def _price_sync(self, meta: dict[str, Any], usage: Usage | None) -> None:
+        """:meth:`_price` on this thread (it may wait once for the table's import)."""
+        if usage is None:
+            return
+        model = meta.get("model")
+        cost = self.pricer.price(
+            model if isinstance(model, str) else None,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cached_input_tokens,
+        )
+        meta.update(self.pricer.cost_meta(cost))
 
     async def _price(self, meta: dict[str, Any], usage: Usage | None) -> bool:
         """Add the call's ``cost_usd`` to ``meta`` when its model is priced; True when

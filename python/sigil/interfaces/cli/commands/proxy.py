@@ -8,8 +8,8 @@ each call's output and, once spent, refuses calls (exit status 3).
 The session side is the orchestrator's (:class:`MeteredSession`): the lock,
 the history of earlier runs, the run number, the budget policy, the final
 event and the summary files are exactly what ``sigil orchestrate`` does, so a
-proxied session is a session like any other. Heavy imports (aiohttp, the
-native writer) happen inside the command: ``sigil --help`` stays fast.
+proxied session is a session like any other. Heavy imports (the
+native transport) happen inside the command: ``sigil --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -380,11 +380,12 @@ async def serve(
     except BaseException:
         await server.stop()
         raise
-    server.attach(meter)
     status: str = "interrupted"
     error: str | None = "interrupted"
     try:
         await session.begin(task, url, extra)
+        # Calls that arrived meanwhile wait: their events follow session_start.
+        server.attach(meter)
         announce(url)
         status, error = await main(url, meter)
     finally:
