@@ -41,6 +41,7 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_T
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -98,7 +99,7 @@ const STREAM_QUEUE: usize = 64;
 const ABORT_WAIT: Duration = Duration::from_secs(5);
 
 type Out = Response<ProxyBody>;
-type Upstream = Client<HttpConnector, Full<Bytes>>;
+type Upstream = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// A response body: whole, or the chunks of a relayed stream.
 pub enum ProxyBody {
@@ -781,6 +782,24 @@ async fn relay(flight: &Flight, tx: mpsc::Sender<Bytes>, mut body: Incoming, sta
     }
 }
 
+/// The upstream connector: plain TCP for `http://`, TLS (rustls, the system's
+/// roots, else Mozilla's) for `https://`.
+fn connector(timeout: Duration) -> std::io::Result<HttpsConnector<HttpConnector>> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(timeout));
+    http.enforce_http(false);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder =
+        match HttpsConnectorBuilder::new().with_provider_and_native_roots(provider.clone()) {
+            Ok(b) => b,
+            Err(_) => HttpsConnectorBuilder::new()
+                .with_provider_and_webpki_roots(provider)
+                .map_err(std::io::Error::other)?,
+        };
+    Ok(builder.https_or_http().enable_http1().wrap_connector(http))
+}
+
 async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     let mut shutdown = shared.shutdown.subscribe();
     loop {
@@ -928,9 +947,7 @@ impl PyProxyTransport {
                     socket.listen(1024)
                 })?;
                 let bound = listener.local_addr()?;
-                let mut connector = HttpConnector::new();
-                connector.set_nodelay(true);
-                connector.set_connect_timeout(Some(settings.timeout));
+                let connector = connector(settings.timeout)?;
                 let client = Client::builder(TokioExecutor::new())
                     .pool_timer(TokioTimer::new())
                     .pool_idle_timeout(Duration::from_secs(60))

@@ -65,6 +65,8 @@ class Upstream:
     answer_as: dict[str, str] = field(default_factory=dict)
     #: input tokens reported as read from the prompt cache (at most the input)
     cached_tokens: int = 0
+    #: serve HTTPS (on ``localhost``) with this context
+    ssl_context: Any = None
 
     # -- life ----------------------------------------------------------------------
 
@@ -108,10 +110,13 @@ class Upstream:
         app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024, ssl_context=self.ssl_context)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/v1"
+        if self.ssl_context is not None:
+            self.url = f"https://localhost:{port}/v1"
+        else:
+            self.url = f"http://127.0.0.1:{port}/v1"
 
     # -- helpers ---------------------------------------------------------------------
 

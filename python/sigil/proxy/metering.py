@@ -96,7 +96,12 @@ class Call:
 
 
 class Meter:
-    """Admits, caps and records the calls of one session run (one event loop)."""
+    """Admits, caps and records the calls of one session run.
+
+    Used from one thread at a time: an event loop (the ``async`` methods), or
+    the proxy's native transport thread (:meth:`try_admit` and the ``*_sync``
+    twins, which log through the logger's ``log_event_sync``); a caller of
+    :meth:`try_admit` that is told to wait asks again once a call settles."""
 
     def __init__(
         self,
