@@ -463,6 +463,8 @@ pub struct ModelTotals {
     pub unpriced_calls: u64,
     /// Calls whose `metadata.usage` is `"unknown"` (the proxy saw no usage).
     pub unknown_usage: u64,
+    /// The calls' `metadata.tokens_held` (the budget held for unknown usage).
+    pub tokens_held: u64,
 }
 
 /// The key of a (component, model) pair in a models table: the two names
@@ -494,6 +496,7 @@ impl ModelTotals {
         self.unpriced_tokens = self.unpriced_tokens.saturating_add(o.unpriced_tokens);
         self.unpriced_calls = self.unpriced_calls.saturating_add(o.unpriced_calls);
         self.unknown_usage = self.unknown_usage.saturating_add(o.unknown_usage);
+        self.tokens_held = self.tokens_held.saturating_add(o.tokens_held);
     }
 }
 
@@ -525,6 +528,15 @@ pub struct ComponentTotals {
     /// Calls (`step_complete`, `step_error`) whose `metadata.usage` is
     /// `"unknown"`: their tokens are not known, never 0 silently.
     pub unknown_usage: u64,
+    /// The `tokens_held` of those calls: the budget the proxy kept for them
+    /// (counted as spent against the budget, never as tokens).
+    pub tokens_held: u64,
+    /// The component's heaviest calls, the events that show its tokens per
+    /// call (issue 13's token jumps; see [`HeaviestCalls`]).
+    pub heaviest: HeaviestCalls,
+    /// The `seq`s of its first failed attempts (`retry_attempt`s counted in
+    /// `retries`): the events that show a retry storm (issue 13).
+    pub retry_seqs: FirstSeqs,
     /// The slot of (this component, `model`) in the models table this
     /// component's updates go to (the fold's or its run's). A cache, outside
     /// equality.
@@ -549,6 +561,10 @@ struct Step<'m> {
     last_error: &'m Option<LastError>,
     /// `metadata.usage == "unknown"`.
     unknown_usage: bool,
+    /// `metadata.tokens_held` (0 when absent).
+    tokens_held: u64,
+    /// The event's `seq` (a call's: [`HeaviestCalls`]).
+    seq: Option<u64>,
 }
 
 impl Step<'_> {
@@ -576,6 +592,9 @@ impl Step<'_> {
         if call && self.unknown_usage {
             c.unknown_usage = c.unknown_usage.saturating_add(1);
         }
+        if call {
+            c.tokens_held = c.tokens_held.saturating_add(self.tokens_held);
+        }
         match self.kind {
             Kind::StepComplete => {
                 c.operations = c.operations.saturating_add(1);
@@ -583,15 +602,20 @@ impl Step<'_> {
                     c.observe_latency(ms, self.bucket);
                     c.step_latency_ms += ms;
                 }
+                c.heaviest.observe(self.tokens, self.seq);
             }
             Kind::StepError => {
                 c.errors = c.errors.saturating_add(1);
+                c.heaviest.observe(self.tokens, self.seq);
                 if let Some(ms) = self.latency {
                     c.failed_latency_ms += ms;
                     c.step_latency_ms += ms;
                 }
             }
-            Kind::RetryAttempt if self.error => c.retries = c.retries.saturating_add(1),
+            Kind::RetryAttempt if self.error => {
+                c.retries = c.retries.saturating_add(1);
+                c.retry_seqs.observe(self.seq);
+            }
             _ => {}
         }
         if self.last_error.is_some() {
@@ -650,6 +674,7 @@ impl Step<'_> {
             m.unknown_usage = m
                 .unknown_usage
                 .saturating_add(u64::from(self.unknown_usage));
+            m.tokens_held = m.tokens_held.saturating_add(self.tokens_held);
         }
     }
 }
@@ -723,10 +748,13 @@ impl ComponentTotals {
             self.model_slot.0 = None;
         }
         self.unknown_usage = self.unknown_usage.saturating_add(o.unknown_usage);
+        self.tokens_held = self.tokens_held.saturating_add(o.tokens_held);
         if o.last_error.is_some() {
             self.last_error.clone_from(&o.last_error);
         }
         self.cost.add(&o.cost);
+        self.heaviest.merge(&o.heaviest);
+        self.retry_seqs.merge(&o.retry_seqs);
     }
 
     /// A model other than the one last seen (rare: kept out of line).
@@ -775,6 +803,108 @@ impl ComponentTotals {
     /// Mean latency of the successful timed steps.
     pub fn average_latency_ms(&self) -> Option<f64> {
         (self.timed > 0).then(|| self.latency_ms / self.timed as f64)
+    }
+}
+
+/// Calls kept per component by [`HeaviestCalls`].
+pub const HEAVIEST_CALLS: usize = 5;
+
+/// A component's heaviest calls (issue 13: a token jump "with the events that
+/// show it"): the `(tokens, seq)` of its `step_complete` and `step_error`
+/// events that carry a `seq`, at most [`HEAVIEST_CALLS`], most tokens first
+/// and, at equal tokens, the lower `seq` first. The first N of a union are the
+/// first N of its parts' first N, so split folds merge exactly. A fixed array:
+/// nothing is allocated per component.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct HeaviestCalls {
+    calls: [(u64, u64); HEAVIEST_CALLS],
+    len: u8,
+}
+
+impl HeaviestCalls {
+    /// `a` goes before `b`: more tokens, or as many and a lower seq.
+    #[inline(always)]
+    fn before(a: (u64, u64), b: (u64, u64)) -> bool {
+        a.0 > b.0 || (a.0 == b.0 && a.1 < b.1)
+    }
+
+    /// Count a call of `tokens` (kept when it has a `seq`). Once full, most
+    /// calls are lighter than the last kept: two comparisons, inline; the
+    /// insertion is out of line, to keep the fold's hot loop small.
+    #[inline(always)]
+    fn observe(&mut self, tokens: u64, seq: Option<u64>) {
+        if let Some(seq) = seq {
+            if usize::from(self.len) == HEAVIEST_CALLS
+                && !Self::before((tokens, seq), self.calls[HEAVIEST_CALLS - 1])
+            {
+                return;
+            }
+            self.insert((tokens, seq));
+        }
+    }
+
+    #[inline(never)]
+    fn offer(&mut self, call: (u64, u64)) {
+        let len = usize::from(self.len);
+        if len == HEAVIEST_CALLS && !Self::before(call, self.calls[len - 1]) {
+            return;
+        }
+        self.insert(call);
+    }
+
+    /// Put `call` in its place (it goes before the last kept, or there is room).
+    #[inline(never)]
+    fn insert(&mut self, call: (u64, u64)) {
+        let len = usize::from(self.len);
+        // After every call that goes before it or equals it.
+        let at = self.calls[..len].partition_point(|&x| !Self::before(call, x));
+        let end = len.min(HEAVIEST_CALLS - 1);
+        self.calls.copy_within(at..end, at + 1);
+        self.calls[at] = call;
+        self.len = (end + 1) as u8;
+    }
+
+    fn merge(&mut self, o: &HeaviestCalls) {
+        for &call in o.calls() {
+            self.offer(call);
+        }
+    }
+
+    /// `(tokens, seq)`, heaviest first.
+    pub fn calls(&self) -> &[(u64, u64)] {
+        &self.calls[..usize::from(self.len)]
+    }
+}
+
+/// `seq`s kept by [`FirstSeqs`].
+pub const FIRST_SEQS: usize = 5;
+
+/// The first [`FIRST_SEQS`] `seq`s of some events, in file order: a later part
+/// of a file adds its own after them, so split folds merge exactly.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FirstSeqs {
+    seqs: [u64; FIRST_SEQS],
+    len: u8,
+}
+
+impl FirstSeqs {
+    #[inline(never)]
+    fn observe(&mut self, seq: Option<u64>) {
+        let len = usize::from(self.len);
+        if let (Some(seq), true) = (seq, len < FIRST_SEQS) {
+            self.seqs[len] = seq;
+            self.len += 1;
+        }
+    }
+
+    fn merge(&mut self, o: &FirstSeqs) {
+        for &seq in o.seqs() {
+            self.observe(Some(seq));
+        }
+    }
+
+    pub fn seqs(&self) -> &[u64] {
+        &self.seqs[..usize::from(self.len)]
     }
 }
 
@@ -1250,6 +1380,8 @@ struct MetaKeys<'a> {
     #[serde(borrow, default)]
     usage: Option<&'a RawValue>,
     #[serde(borrow, default)]
+    tokens_held: Option<&'a RawValue>,
+    #[serde(borrow, default)]
     input_sha256: Option<&'a RawValue>,
     #[serde(borrow, default)]
     output_sha256: Option<&'a RawValue>,
@@ -1278,6 +1410,8 @@ struct FoldMeta<'a> {
     cost: Option<u64>,
     /// `usage` is the string `"unknown"`.
     usage_unknown: bool,
+    /// The tokens of the budget a call of unknown usage held (the proxy's).
+    tokens_held: Option<u64>,
     /// A step's `input_sha256` / `output_sha256` (strings).
     input_sha256: Option<Cow<'a, str>>,
     output_sha256: Option<Cow<'a, str>>,
@@ -1302,6 +1436,7 @@ impl<'a> FoldMeta<'a> {
             resume: num(k.resume),
             cost: k.cost_usd.and_then(|r| nano_usd(r.get())),
             usage_unknown: text(k.usage).as_deref() == Some("unknown"),
+            tokens_held: num(k.tokens_held),
             input_sha256: text(k.input_sha256),
             output_sha256: text(k.output_sha256),
         }
@@ -1332,6 +1467,7 @@ impl<'a> FoldMeta<'a> {
             // A map's numbers are doubles: the caller reads cost_usd's text.
             cost: None,
             usage_unknown: m.get("usage").and_then(Value::as_str) == Some("unknown"),
+            tokens_held: get(m, "tokens_held"),
             input_sha256: get::<String>(m, "input_sha256").map(Cow::Owned),
             output_sha256: get::<String>(m, "output_sha256").map(Cow::Owned),
         }
@@ -1340,7 +1476,7 @@ impl<'a> FoldMeta<'a> {
 
 /// The metadata keys the fold reads, picked by the parser's fast path
 /// (the fields of [`MetaKeys`], in this order).
-const META_KEYS: [&str; 18] = [
+const META_KEYS: [&str; 19] = [
     "latency_ms",
     "budget",
     "status",
@@ -1359,10 +1495,11 @@ const META_KEYS: [&str; 18] = [
     "usage",
     "input_sha256",
     "output_sha256",
+    "tokens_held",
 ];
 
 /// [`META_KEYS`] indexed for the parser's fast path.
-const FOLD_KEYS: KeySet<'static, 18> = KeySet::new(&META_KEYS);
+const FOLD_KEYS: KeySet<'static, 19> = KeySet::new(&META_KEYS);
 
 /// The metadata values the fold uses (the parser has validated the metadata),
 /// set in `m` (a default one: filled in place, not moved per line).
@@ -1370,7 +1507,7 @@ const FOLD_KEYS: KeySet<'static, 18> = KeySet::new(&META_KEYS);
 fn fold_meta<'a>(
     m: &mut FoldMeta<'a>,
     event: &RawEvent<'a>,
-    picks: Option<Picks<'a, 18>>,
+    picks: Option<Picks<'a, 19>>,
     kind: Kind,
 ) {
     match (event.metadata, picks) {
@@ -1397,7 +1534,8 @@ fn fold_meta<'a>(
                     14 => m.cost = nano_usd(v),
                     15 => m.usage_unknown = v == "\"unknown\"",
                     16 => m.input_sha256 = plain_str(v),
-                    _ => m.output_sha256 = plain_str(v),
+                    17 => m.output_sha256 = plain_str(v),
+                    _ => m.tokens_held = p.u64_at(i),
                 }
             }
         }
@@ -2007,6 +2145,8 @@ impl FoldState {
                 error: false,
                 last_error: &None,
                 unknown_usage: l.usage_unknown,
+                tokens_held: l.tokens_held.unwrap_or(0),
+                seq: Some(l.seq),
             }
         } else {
             Step {
@@ -2021,6 +2161,8 @@ impl FoldState {
                 error: false,
                 last_error: &None,
                 unknown_usage: false,
+                tokens_held: 0,
+                seq: Some(l.seq),
             }
         };
         let (slot, run_slot) = self.component_slots(l.component);
@@ -2308,6 +2450,8 @@ impl FoldState {
             error,
             last_error: &last_error,
             unknown_usage: meta.usage_unknown && counted,
+            tokens_held: meta.tokens_held.filter(|_| counted).unwrap_or(0),
+            seq: e.seq,
         };
         let (slot, run_slot) = self.component_slots(&e.component);
         step.update(self.components.at_mut(slot));
@@ -2969,14 +3113,14 @@ mod tests {
                 "reasoning",
                 0,
                 18,
-                r#"{"latency_ms":5,"model":"m1","usage":"unknown"}"#,
+                r#"{"latency_ms":5,"model":"m1","usage":"unknown","tokens_held":40}"#,
             ),
             line(
                 "step_error",
                 "planning",
                 3,
                 19,
-                r#"{"model":"m1","cost_usd":0.5,"usage":"unknown"}"#,
+                r#"{"model":"m1","cost_usd":0.5,"usage":"unknown", "tokens_held": 7}"#,
             ),
             // Issue 13: a step started three times with one input (a loop),
             // and the output hashes of steps.
@@ -3022,6 +3166,51 @@ mod tests {
     }
 
     #[test]
+    fn first_seqs_keep_the_first_n_and_merge_exactly() {
+        let seqs: Vec<u64> = (0..12).map(|i| (i * 7) % 5).collect();
+        let mut whole = FirstSeqs::default();
+        seqs.iter().for_each(|&s| whole.observe(Some(s)));
+        whole.observe(None);
+        assert_eq!(whole.seqs(), &seqs[..FIRST_SEQS]);
+        for cut in 0..=seqs.len() {
+            let (mut a, mut b) = (FirstSeqs::default(), FirstSeqs::default());
+            seqs[..cut].iter().for_each(|&s| a.observe(Some(s)));
+            seqs[cut..].iter().for_each(|&s| b.observe(Some(s)));
+            a.merge(&b);
+            assert_eq!(a, whole, "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn heaviest_calls_keep_the_first_n_and_merge_exactly() {
+        // (tokens, seq) in a made-up order, with ties and a repeated call.
+        let calls: Vec<(u64, u64)> = (0..40u64)
+            .map(|i| ((i * 37) % 11 * 10, i % 13))
+            .chain([(100, 3), (100, 3), (0, 0)])
+            .collect();
+        let mut expected = calls.clone();
+        expected.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        expected.truncate(HEAVIEST_CALLS);
+        let mut whole = HeaviestCalls::default();
+        for &(t, s) in &calls {
+            whole.observe(t, Some(s));
+        }
+        whole.observe(1_000, None); // no seq: not an event to show
+        assert_eq!(whole.calls(), expected.as_slice());
+        for cut in 0..=calls.len() {
+            let (mut a, mut b) = (HeaviestCalls::default(), HeaviestCalls::default());
+            calls[..cut]
+                .iter()
+                .for_each(|&(t, s)| a.observe(t, Some(s)));
+            calls[cut..]
+                .iter()
+                .for_each(|&(t, s)| b.observe(t, Some(s)));
+            a.merge(&b);
+            assert_eq!(a, whole, "cut at {cut}");
+        }
+    }
+
+    #[test]
     fn merging_split_folds_equals_one_fold() {
         let data = busy_session();
         let mut whole = FoldState::new(4);
@@ -3040,10 +3229,20 @@ mod tests {
         assert_eq!(c.model.as_deref(), Some("m1"));
         assert_eq!(c.unknown_usage, 1);
         assert_eq!(whole.components["planning"].unknown_usage, 1);
+        // Issue 14: the budget held for calls of unknown usage.
+        assert_eq!(c.tokens_held, 40);
+        assert_eq!(whole.components["planning"].tokens_held, 7);
+        let held: Vec<u64> = whole
+            .run()
+            .components
+            .iter()
+            .map(|(_, c)| c.tokens_held)
+            .collect();
+        assert_eq!(held.iter().sum::<u64>(), 47);
         let models = whole.models();
         let m1 = models.get(&model_key("reasoning", "m1")).unwrap();
         assert_eq!((m1.tokens, m1.input_tokens, m1.calls), (40, 30, 1));
-        assert_eq!((m1.errors, m1.unknown_usage), (0, 1));
+        assert_eq!((m1.errors, m1.unknown_usage, m1.tokens_held), (0, 1, 40));
         assert_eq!((m1.cost_nanousd, m1.priced_events), (0, 0));
         assert_eq!((m1.unpriced_tokens, m1.unpriced_calls), (40, 1));
         let p1 = models.get(&model_key("planning", "m1")).unwrap();

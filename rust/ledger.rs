@@ -40,6 +40,10 @@ use crate::fold::{
 /// input hash, starts, first `seq`s; `fold::StepHashes::loops`).
 pub type LedgerLoop = (String, String, u64, Vec<u64>);
 
+/// A component's whole-session totals in the ledger: name, tokens,
+/// operations, cost, tokens held for calls of unknown usage.
+pub type ComponentTotal = (String, u64, u64, Cost, u64);
+
 /// `tokens.json`'s `ledger_version`.
 pub const LEDGER_VERSION: u64 = 1;
 /// A ledger is small (a few hundred bytes per run); anything larger is not ours.
@@ -88,8 +92,9 @@ pub struct LogFile {
 pub struct Ledger {
     pub last_seq: u64,
     pub runs: Vec<LedgerRun>,
-    /// name -> (tokens, operations, cost), the whole session's as last written.
-    pub component_totals: Option<Vec<(String, u64, u64, Cost)>>,
+    /// name -> (tokens, operations, cost, tokens held for calls of unknown
+    /// usage), the whole session's as last written.
+    pub component_totals: Option<Vec<ComponentTotal>>,
     /// Per model, the whole session's as last written (`model_totals`).
     pub model_totals: Option<Vec<(String, ModelTotals)>>,
     pub log_files: Option<Vec<LogFile>>,
@@ -180,6 +185,7 @@ pub fn parse(shown: &str, raw: &[u8]) -> Result<Ledger, String> {
                         count(c.get("tokens")),
                         count(c.get("operations")),
                         cost(c),
+                        count(c.get("tokens_held")),
                     ))
                 })
                 .collect()
@@ -247,6 +253,7 @@ fn models(v: &Value) -> Vec<(String, ModelTotals)> {
                     unpriced_tokens: count(c.get("unpriced_tokens")),
                     unpriced_calls: count(c.get("unpriced_calls")),
                     unknown_usage: count(c.get("unknown_usage_calls")),
+                    tokens_held: count(c.get("tokens_held")),
                 },
             ))
         })
@@ -341,6 +348,7 @@ fn run(e: &Map<String, Value>) -> Result<LedgerRun, String> {
             totals.failed_latency_ms = float(c.get("failed_latency_ms"));
             totals.cost = cost(c);
             totals.unknown_usage = count(c.get("unknown_usage_calls"));
+            totals.tokens_held = count(c.get("tokens_held"));
             components.push((name.clone(), totals));
         }
     }
@@ -407,6 +415,7 @@ fn add_counts(into: &mut ComponentTotals, c: &ComponentTotals) {
     into.failed_latency_ms += c.failed_latency_ms;
     into.cost.add(&c.cost);
     into.unknown_usage = into.unknown_usage.saturating_add(c.unknown_usage);
+    into.tokens_held = into.tokens_held.saturating_add(c.tokens_held);
 }
 
 fn add_models(into: &mut Names<ModelTotals>, models: &[(String, ModelTotals)]) {
@@ -418,11 +427,12 @@ fn add_models(into: &mut Names<ModelTotals>, models: &[(String, ModelTotals)]) {
 /// The history from the ledger alone (when [`Ledger::unchanged`]: no fold).
 pub fn alone(ledger: &Ledger) -> History {
     let mut components: Names<ComponentTotals> = Names::default();
-    for (name, tokens, operations, cost) in ledger.component_totals.iter().flatten() {
+    for (name, tokens, operations, cost, held) in ledger.component_totals.iter().flatten() {
         let c = components.slot(name);
         c.tokens = c.tokens.saturating_add(*tokens);
         c.operations = c.operations.saturating_add(*operations);
         c.cost.add(cost);
+        c.tokens_held = c.tokens_held.saturating_add(*held);
     }
     let mut models: Names<ModelTotals> = Names::default();
     add_models(

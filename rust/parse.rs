@@ -724,6 +724,8 @@ pub struct Layout<'a> {
     pub cost_nanousd: Option<u64>,
     /// `metadata.usage` is the string `"unknown"`.
     pub usage_unknown: bool,
+    /// `metadata.tokens_held` read as [`json_u64`] reads it.
+    pub tokens_held: Option<u64>,
     /// The text of `metadata.output_sha256` when it is a string.
     pub output_sha256: Option<&'a str>,
 }
@@ -741,6 +743,7 @@ struct LayoutMeta {
     output_tokens: Option<u64>,
     cost_nanousd: Option<u64>,
     usage_unknown: bool,
+    tokens_held: Option<u64>,
     output_sha256: Option<(usize, usize)>,
 }
 
@@ -828,6 +831,7 @@ pub fn layout_line<'a, Q: Quotes>(line: &'a [u8], ix: Q) -> Option<Layout<'a>> {
         output_tokens: m.output_tokens,
         cost_nanousd: m.cost_nanousd,
         usage_unknown: m.usage_unknown,
+        tokens_held: m.tokens_held,
         output_sha256: m.output_sha256.map(s),
     })
 }
@@ -844,6 +848,7 @@ enum LayoutKey {
     Output,
     Cost,
     Usage,
+    Held,
     OutputHash,
     Other,
 }
@@ -858,6 +863,7 @@ fn layout_key(key: &[u8]) -> LayoutKey {
         13 if same_bytes(key, b"output_tokens") => LayoutKey::Output,
         13 if same_bytes(key, b"output_sha256") => LayoutKey::OutputHash,
         8 if same_bytes(key, b"cost_usd") => LayoutKey::Cost,
+        11 if same_bytes(key, b"tokens_held") => LayoutKey::Held,
         _ => LayoutKey::Other,
     }
 }
@@ -1130,7 +1136,7 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                         end
                     }
                 },
-                (LayoutKey::Input | LayoutKey::Output, b'-' | b'0'..=b'9') => {
+                (LayoutKey::Input | LayoutKey::Output | LayoutKey::Held, b'-' | b'0'..=b'9') => {
                     let (v, end) = match self.short_number(start) {
                         Some((v, frac, neg, end)) => ((frac == 0 && !neg).then_some(v), end),
                         None => {
@@ -1138,10 +1144,10 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                             (self.ascii(start, end).and_then(json_u64), end)
                         }
                     };
-                    if key == LayoutKey::Input {
-                        m.input_tokens = v;
-                    } else {
-                        m.output_tokens = v;
+                    match key {
+                        LayoutKey::Input => m.input_tokens = v,
+                        LayoutKey::Output => m.output_tokens = v,
+                        _ => m.tokens_held = v,
                     }
                     end
                 }
@@ -1167,6 +1173,7 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                 LayoutKey::Input if first > b'9' || first == b'"' => m.input_tokens = None,
                 LayoutKey::Output if first > b'9' || first == b'"' => m.output_tokens = None,
                 LayoutKey::Cost if first > b'9' || first == b'"' => m.cost_nanousd = None,
+                LayoutKey::Held if first > b'9' || first == b'"' => m.tokens_held = None,
                 LayoutKey::Model => m.model = Some((start, end)),
                 LayoutKey::Usage => m.usage_unknown = &self.line[start..end] == b"\"unknown\"",
                 LayoutKey::OutputHash => {

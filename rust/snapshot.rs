@@ -258,6 +258,8 @@ pub struct PyModelSnapshot {
     pub unpriced_calls: u64,
     /// Calls whose usage the proxy could not read (`metadata.usage == "unknown"`).
     pub unknown_usage_calls: u64,
+    /// The budget the proxy held for those calls.
+    pub tokens_held: u64,
 }
 
 #[pymethods]
@@ -274,6 +276,7 @@ impl PyModelSnapshot {
         d.set_item("unpriced_tokens", self.unpriced_tokens)?;
         d.set_item("unpriced_calls", self.unpriced_calls)?;
         d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
+        d.set_item("tokens_held", self.tokens_held)?;
         Ok(d)
     }
 
@@ -302,6 +305,7 @@ fn model_snapshot(component: Option<&str>, name: &str, m: &ModelTotals) -> PyMod
         unpriced_tokens: m.unpriced_tokens,
         unpriced_calls: m.unpriced_calls,
         unknown_usage_calls: m.unknown_usage,
+        tokens_held: m.tokens_held,
     }
 }
 
@@ -335,6 +339,7 @@ fn by_model(pairs: &Models) -> Models {
                 unpriced_tokens: p.unpriced_tokens,
                 unpriced_calls: p.unpriced_calls,
                 unknown_usage: p.unknown_usage_calls,
+                tokens_held: p.tokens_held,
             });
     }
     totals
@@ -400,6 +405,11 @@ fn unknown_usage<'a>(items: impl Iterator<Item = &'a ComponentTotals>) -> u64 {
     items.fold(0u64, |n, c| n.saturating_add(c.unknown_usage))
 }
 
+/// Tokens of the budget held for calls of unknown usage, over components.
+fn tokens_held<'a>(items: impl Iterator<Item = &'a ComponentTotals>) -> u64 {
+    items.fold(0u64, |n, c| n.saturating_add(c.tokens_held))
+}
+
 /// One component's totals (in a session or a run).
 #[pyclass(frozen, get_all, module = "sigil._native", name = "ComponentSnapshot")]
 pub struct PyComponentSnapshot {
@@ -430,6 +440,14 @@ pub struct PyComponentSnapshot {
     pub unpriced_models: Vec<String>,
     /// Calls whose usage the proxy could not read (`metadata.usage == "unknown"`).
     pub unknown_usage_calls: u64,
+    /// The budget the proxy held for those calls (their `metadata.tokens_held`).
+    pub tokens_held: u64,
+    /// The heaviest calls as `(seq, tokens)`, most tokens first (issue 13:
+    /// the events that show a token jump; `fold::HeaviestCalls`).
+    pub heaviest_calls: Vec<(u64, u64)>,
+    /// The `seq`s of the first failed attempts counted in `retries` (at most
+    /// 5, in file order): the events that show a retry storm.
+    pub retry_seqs: Vec<u64>,
 }
 
 /// The cost of a run or a session: its components', added in name order.
@@ -480,6 +498,9 @@ impl PyComponentSnapshot {
         d.set_item("unpriced_tokens", self.unpriced_tokens)?;
         d.set_item("unpriced_models", self.unpriced_models.clone())?;
         d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
+        d.set_item("tokens_held", self.tokens_held)?;
+        d.set_item("heaviest_calls", self.heaviest_calls.clone())?;
+        d.set_item("retry_seqs", self.retry_seqs.clone())?;
         Ok(d)
     }
 
@@ -531,6 +552,9 @@ fn component(py: Python<'_>, name: &str, c: &ComponentTotals) -> PyResult<Py<PyC
             unpriced_tokens: c.cost.unpriced_tokens,
             unpriced_models: c.cost.unpriced_models.clone(),
             unknown_usage_calls: c.unknown_usage,
+            tokens_held: c.tokens_held,
+            heaviest_calls: c.heaviest.calls().iter().map(|&(t, s)| (s, t)).collect(),
+            retry_seqs: c.retry_seqs.seqs().to_vec(),
         },
     )
 }
@@ -610,6 +634,9 @@ pub struct PyRunSnapshot {
     /// Calls of the run whose usage is unknown (its components').
     #[pyo3(get)]
     pub unknown_usage_calls: u64,
+    /// Tokens of the budget held for those calls (its components').
+    #[pyo3(get)]
+    pub tokens_held: u64,
     /// Steps started at least `fold::LOOP_MIN_STARTS` times with one input.
     #[pyo3(get)]
     pub loops: Vec<PyStepLoop>,
@@ -695,6 +722,7 @@ impl PyRunSnapshot {
         cost_items(&d, &self.cost)?;
         models_items(&d, &self.mods)?;
         d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
+        d.set_item("tokens_held", self.tokens_held)?;
         d.set_item("loops", loops_list(py, &self.loops)?)?;
         d.set_item("step_outputs", self.step_outputs.clone())?;
         Ok(d)
@@ -742,6 +770,7 @@ fn run_as(
             first_seq: r.first_seq,
             last_seq: r.last_seq,
             unknown_usage_calls: unknown_usage(r.components.iter().map(|(_, c)| c)),
+            tokens_held: tokens_held(r.components.iter().map(|(_, c)| c)),
             loops: loops(r.number, &r.steps),
             step_outputs: r
                 .steps
@@ -812,6 +841,7 @@ fn ledger_run(py: Python<'_>, r: &LedgerRun, status: &str) -> PyResult<Py<PyRunS
             first_seq: r.first_seq,
             last_seq: r.last_seq,
             unknown_usage_calls: unknown_usage(r.components.iter().map(|(_, c)| c)),
+            tokens_held: tokens_held(r.components.iter().map(|(_, c)| c)),
             loops: ledger_loops(r),
             step_outputs: Vec::new(),
             comps,
@@ -862,6 +892,9 @@ pub struct PySessionHistory {
     /// Calls whose usage is unknown, over the whole session.
     #[pyo3(get)]
     pub unknown_usage_calls: u64,
+    /// Tokens of the budget held for those calls, over the whole session.
+    #[pyo3(get)]
+    pub tokens_held: u64,
     /// Components over the whole session (see `ledger.rs` for what the ledger adds).
     comps: Components,
     cost: Cost,
@@ -991,6 +1024,7 @@ pub fn history(
         malformed: st.map_or(0, |s| s.malformed),
         ledger_problem: problem,
         unknown_usage_calls: unknown_usage(h.components.iter().map(|(_, c)| c)),
+        tokens_held: tokens_held(h.components.iter().map(|(_, c)| c)),
         comps: components(py, &h.components)?,
         cost: cost_total(h.components.iter().map(|(k, c)| (k, &c.cost))),
         mods: models(h.models.iter()),
@@ -1064,6 +1098,9 @@ pub struct PySessionSnapshot {
     /// Calls whose usage is unknown (the proxy saw none), over the components.
     #[pyo3(get)]
     pub unknown_usage_calls: u64,
+    /// Tokens of the budget held for those calls, over the components.
+    #[pyo3(get)]
+    pub tokens_held: u64,
     /// The loops of the runs kept, oldest run first.
     #[pyo3(get)]
     pub loops: Vec<PyStepLoop>,
@@ -1211,6 +1248,7 @@ impl PySessionSnapshot {
         cost_items(&d, &self.cost)?;
         models_items(&d, &self.mods)?;
         d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
+        d.set_item("tokens_held", self.tokens_held)?;
         d.set_item("loops", loops_list(py, &self.loops)?)?;
         d.set_item("event_counts", self.event_counts(py)?)?;
         d.set_item("first_timestamp", &self.first_timestamp)?;
@@ -1309,6 +1347,7 @@ pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
         window_seconds: fold::WINDOW_SECONDS,
         latency_bounds_ms: LATENCY_BOUNDS_MS.to_vec(),
         unknown_usage_calls: unknown_usage(st.components.iter().map(|(_, c)| c)),
+        tokens_held: tokens_held(st.components.iter().map(|(_, c)| c)),
         loops: std::iter::once(&st.head)
             .chain(st.run_list.iter())
             .flat_map(|r| loops(r.number, &r.steps))
@@ -1357,6 +1396,7 @@ pub fn session_joined(
     s.comps = components(py, &h.components)?;
     s.mods = models(h.models.iter());
     s.unknown_usage_calls = unknown_usage(h.components.iter().map(|(_, c)| c));
+    s.tokens_held = tokens_held(h.components.iter().map(|(_, c)| c));
     // The ledger-only runs' loops (older than the log's), then the log's.
     let mut all: Vec<PyStepLoop> = h
         .runs

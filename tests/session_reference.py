@@ -33,6 +33,10 @@ FINAL_STATUSES = ("complete", "error", "budget_exceeded", "interrupted")
 U64_MAX = (1 << 64) - 1
 MAX_UNPRICED_MODELS = 8
 LOOP_MIN_STARTS = 3
+#: calls kept per component as the events that show its tokens (fold.rs HEAVIEST_CALLS)
+HEAVIEST_CALLS = 5
+#: seqs kept of a component's first failed attempts (fold.rs FIRST_SEQS)
+FIRST_SEQS = 5
 META_EVENTS = frozenset(
     {
         "session_start",
@@ -126,6 +130,12 @@ class Component:
     unpriced_tokens: int = 0
     unpriced_models: list[str] = field(default_factory=list)
     unknown_usage_calls: int = 0
+    #: the ``metadata.tokens_held`` of its calls (the budget kept for unknown usage)
+    tokens_held: int = 0
+    #: (tokens, seq) of every call (step_complete, step_error) with a seq
+    calls: list[tuple[int, int]] = field(default_factory=list)
+    #: seqs of the first failed attempts (retry_attempt counted in retries)
+    retry_seqs: list[int] = field(default_factory=list)
 
     def observe_cost(self, nano: int | None, tokens: int, model: str | None) -> None:
         if nano is not None:
@@ -185,6 +195,13 @@ class Component:
             "unpriced_tokens": self.unpriced_tokens,
             "unpriced_models": list(self.unpriced_models),
             "unknown_usage_calls": self.unknown_usage_calls,
+            "tokens_held": self.tokens_held,
+            # The heaviest calls (issue 13): most tokens first, then lower seq.
+            "heaviest_calls": [
+                (seq, tokens)
+                for tokens, seq in sorted(self.calls, key=lambda c: (-c[0], c[1]))[:HEAVIEST_CALLS]
+            ],
+            "retry_seqs": self.retry_seqs[:FIRST_SEQS],
         }
 
 
@@ -203,9 +220,16 @@ class Model:
     unpriced_tokens: int = 0
     unpriced_calls: int = 0
     unknown_usage_calls: int = 0
+    tokens_held: int = 0
 
     def observe(
-        self, kind: str, tokens: int, meta: dict[str, Any], nano: int | None, unknown: bool
+        self,
+        kind: str,
+        tokens: int,
+        meta: dict[str, Any],
+        nano: int | None,
+        unknown: bool,
+        held: int = 0,
     ) -> None:
         call = kind in ("step_complete", "step_error")
         self.tokens = min(U64_MAX, self.tokens + tokens)
@@ -223,6 +247,7 @@ class Model:
             self.calls += 1
             self.errors += kind == "step_error"
             self.unknown_usage_calls += unknown
+            self.tokens_held = min(U64_MAX, self.tokens_held + held)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -319,6 +344,7 @@ class Run:
             **cost_totals(comps),
             **models_items(self.models),
             "unknown_usage_calls": sum(c["unknown_usage_calls"] for c in comps.values()),
+            "tokens_held": min(U64_MAX, sum(c["tokens_held"] for c in comps.values())),
             "loops": self.loops(),
             "step_outputs": [(i, c, h) for i, (c, h) in enumerate(self.outputs)],
         }
@@ -457,6 +483,7 @@ def fold_reference(data: bytes) -> dict[str, Any]:
             }
         unknown = meta.get("usage") == "unknown"
         call = kind in ("step_complete", "step_error")
+        held = (u64(meta.get("tokens_held")) or 0) if call else 0
         if kind == "step_start":
             # Only its input hash counts (no other key of its metadata).
             digest = text(e.metadata.get("input_sha256"))
@@ -473,10 +500,11 @@ def fold_reference(data: bytes) -> dict[str, Any]:
         for table, mtable in ((components, models), (run.components, run.models)):
             c: Component = slot(table, e.component, Component)
             c.unknown_usage_calls += call and unknown
+            c.tokens_held = min(U64_MAX, c.tokens_held + held)
             if named is not None:
                 name = e.component if e.component in table else OTHER
                 m: Model = slot(mtable, name + SEP + bounded(named), Model)
-                m.observe(kind, e.tokens, meta, nano, unknown)
+                m.observe(kind, e.tokens, meta, nano, unknown, held)
             c.tokens = min(U64_MAX, c.tokens + e.tokens)
             c.input_tokens = min(U64_MAX, c.input_tokens + (u64(meta.get("input_tokens")) or 0))
             c.output_tokens = min(U64_MAX, c.output_tokens + (u64(meta.get("output_tokens")) or 0))
@@ -484,6 +512,8 @@ def fold_reference(data: bytes) -> dict[str, Any]:
             if model is not None:
                 c.model = bounded(model)
             c.observe_cost(nano, e.tokens, bounded(model) if model is not None else None)
+            if call and e.seq is not None:
+                c.calls.append((e.tokens, e.seq))
             if kind == "step_complete":
                 c.operations += 1
                 if latency is not None:
@@ -494,6 +524,8 @@ def fold_reference(data: bytes) -> dict[str, Any]:
                     c.failed_latency_ms += latency
             elif kind == "retry_attempt" and is_error:
                 c.retries += 1
+                if e.seq is not None:
+                    c.retry_seqs.append(e.seq)
             if last_error is not None:
                 c.last_error = dict(last_error)
         run.tokens = min(U64_MAX, run.tokens + e.tokens)
@@ -523,6 +555,7 @@ def fold_reference(data: bytes) -> dict[str, Any]:
         **cost_totals(session_components),
         **models_items(models),
         "unknown_usage_calls": sum(c["unknown_usage_calls"] for c in session_components.values()),
+        "tokens_held": min(U64_MAX, sum(c["tokens_held"] for c in session_components.values())),
         "loops": [loop for r in [head, *runs] for loop in r.loops()],
         "event_counts": dict(sorted(counts.items())),
         "duration_seconds": duration,
@@ -567,17 +600,24 @@ def join_reference(data: bytes, ledger: dict[str, Any] | None) -> dict[str, Any]
         0 if first is None else max(0, first - ((covered if covered is not None else -1) + 1))
     )
     missing = max((ledger or {}).get("missing_events", 0), lead_gap + fold["seq_missing"])
-    cost_keys = ("cost_nanousd", "priced_events", "unpriced_tokens")
+    cost_keys = ("cost_nanousd", "priced_events", "unpriced_tokens", "tokens_held")
     components = {
         n: [c["tokens"], c["operations"], *(c[k] for k in cost_keys)]
         for n, c in fold["components"].items()
     }
     for r in ledger_only:
         for name, c in r["component_stats"].items():
-            into = components.setdefault(name, [0] * 5)
+            into = components.setdefault(name, [0] * 6)
             for i, key in enumerate(("tokens", "operations", *cost_keys)):
                 into[i] += c.get(key, 0)
-    model_keys = ("tokens", "calls", "errors", "cost_nanousd", "unknown_usage_calls")
+    model_keys = (
+        "tokens",
+        "calls",
+        "errors",
+        "cost_nanousd",
+        "unknown_usage_calls",
+        "tokens_held",
+    )
     models = {
         (c, n): [m[k] for k in model_keys]
         for c, ms in fold["component_models"].items()
@@ -600,6 +640,7 @@ def join_reference(data: bytes, ledger: dict[str, Any] | None) -> dict[str, Any]
         "orphan_tokens": orphan,
         "components": {n: tuple(v) for n, v in components.items()},
         "cost": tuple(sum(v[i] for v in components.values()) for i in (2, 3, 4)),
+        "tokens_held": sum(v[5] for v in components.values()),
     }
 
 
@@ -607,7 +648,14 @@ def history_view(history: Any) -> dict[str, Any]:
     """A ``HistorySnapshot``'s numbers as plain data (to compare with the reference)."""
     return {
         "models": {
-            (c, n): (m.tokens, m.calls, m.errors, m.cost_nanousd, m.unknown_usage_calls)
+            (c, n): (
+                m.tokens,
+                m.calls,
+                m.errors,
+                m.cost_nanousd,
+                m.unknown_usage_calls,
+                m.tokens_held,
+            )
             for c, ms in sorted(history.component_models.items())
             for n, m in sorted(ms.items())
         },
@@ -622,10 +670,18 @@ def history_view(history: Any) -> dict[str, Any]:
         "missing_events": history.missing_events,
         "orphan_tokens": history.orphan_tokens,
         "components": {
-            n: (c.tokens, c.operations, c.cost_nanousd, c.priced_events, c.unpriced_tokens)
+            n: (
+                c.tokens,
+                c.operations,
+                c.cost_nanousd,
+                c.priced_events,
+                c.unpriced_tokens,
+                c.tokens_held,
+            )
             for n, c in history.components.items()
         },
         "cost": (history.cost_nanousd, history.priced_events, history.unpriced_tokens),
+        "tokens_held": history.tokens_held,
     }
 
 

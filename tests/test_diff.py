@@ -185,6 +185,11 @@ def test_token_jumps_between_a_and_b(sigil_home: Path, log_path: Path) -> None:
                 "tokens_per_call": 300.0,
                 "history_p99": 100.0,
                 "history_runs": 1,
+                # the events that show it: seq 0 is base's session_start,
+                # reasoning 1-3, planning 4-5
+                "calls": 2,
+                "seqs": [4, 5],
+                "heaviest_calls": [{"seq": 4, "tokens": 300}, {"seq": 5, "tokens": 300}],
             }
         ],
         "b": [
@@ -195,6 +200,9 @@ def test_token_jumps_between_a_and_b(sigil_home: Path, log_path: Path) -> None:
                 "tokens_per_call": 600.0,
                 "history_p99": 100.0,
                 "history_runs": 1,
+                "calls": 2,
+                "seqs": [2, 1],
+                "heaviest_calls": [{"seq": 2, "tokens": 700}, {"seq": 1, "tokens": 500}],
             }
         ],
     }
@@ -202,5 +210,11 @@ def test_token_jumps_between_a_and_b(sigil_home: Path, log_path: Path) -> None:
     same = diff_json(sigil_home, "base", "grown@2")
     assert same["token_jumps"] == {"a": [], "b": []}
     shown = run_cli(sigil_home, "diff", "base", "grown@1").stdout
-    assert "token jump in B: reasoning 600.0 tokens per call, 6.0x A's 100.0" in shown
-    assert "token jump in A: planning 300.0 tokens per call, 3.0x B's 100.0" in shown
+    assert (
+        "token jump in B: reasoning 600.0 tokens per call, 6.0x A's 100.0;"
+        " its heaviest calls: seq 2 (700 tokens), 1 (500 tokens)"
+    ) in shown
+    assert (
+        "token jump in A: planning 300.0 tokens per call, 3.0x B's 100.0;"
+        " its heaviest calls: seq 4 (300 tokens), 5 (300 tokens)"
+    ) in shown

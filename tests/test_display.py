@@ -196,6 +196,7 @@ def test_state_to_dict_carries_the_same_state() -> None:
         "errors": 0,
         "retries": 0,
         "unknown_usage_calls": 0,
+        "tokens_held": 0,
         "latency_ms": 2100.0,
         "avg_latency_ms": 2100.0,
         "p95_latency_ms": 2100.0,

@@ -260,6 +260,8 @@ metadata = st.fixed_dictionaries(
         # Issue 13: per-model totals and calls of unknown usage.
         "model": st.sampled_from(["m1", "é-2", "", 5, None]),
         "usage": st.sampled_from(["unknown", "known", 1]),
+        # Issue 14: the budget held for a call of unknown usage.
+        "tokens_held": st.integers(0, 5000) | st.sampled_from([2**64 - 1, -1, 2.0, "7"]),
         "other": json_values | st.integers(62, 66).map(deep),
     },
 )
@@ -339,6 +341,7 @@ def reference_totals(lines: list[bytes]) -> dict[str, Any]:
         "comps": {},
         "models": {},
         "unknown": {},
+        "held": {},
     }
     for raw in lines:
         e = reference_event(raw)
@@ -367,6 +370,10 @@ def reference_totals(lines: list[bytes]) -> dict[str, Any]:
             m[2] += kind == "step_error"
         if call and meta.get("usage") == "unknown":
             out["unknown"][e["component"]] = out["unknown"].get(e["component"], 0) + 1
+        held = meta.get("tokens_held")
+        if call and type(held) is int and 0 < held < U64:
+            comp = e["component"]
+            out["held"][comp] = min(out["held"].get(comp, 0) + held, U64 - 1)
     return out
 
 
@@ -403,3 +410,6 @@ def test_the_parser_and_the_fold_equal_plain_json_on_any_lines(lines: list[bytes
     }
     assert unknown == want["unknown"]
     assert snap.unknown_usage_calls == sum(want["unknown"].values())
+    held = {k: c.tokens_held for k, c in snap.components.items() if c.tokens_held}
+    assert held == want["held"]
+    assert snap.tokens_held == min(sum(want["held"].values()), U64 - 1)

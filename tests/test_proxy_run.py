@@ -157,3 +157,97 @@ def test_sigterm_is_passed_to_the_command_and_the_run_recorded_as_interrupted(
     final = events(home, "sleepy")[-1]
     assert final["event_type"] == "session_error"
     assert final["metadata"]["status"] == "interrupted"
+
+
+# -- issue 14: tokens held for calls of unknown usage -------------------------------
+
+HELD_AGENT = textwrap.dedent(
+    """
+    import sys
+    import openai
+
+    client = openai.OpenAI(max_retries=0)
+    try:
+        for model, cap in zip(sys.argv[1::2], sys.argv[2::2]):
+            client.chat.completions.create(
+                model=model, max_tokens=int(cap), messages=[{"role": "user", "content": "hi"}]
+            )
+            print("answered", model, flush=True)
+    except openai.RateLimitError as exc:
+        print("refused:", exc.code, flush=True)
+    """
+)
+
+
+def _held_run(
+    home: Path, script: Path, upstream: Upstream, session: str, budget: int, *calls: str
+) -> subprocess.CompletedProcess[str]:
+    return run(
+        home, "run", "--session", session, "--budget", str(budget), "--upstream", upstream.url,
+        "--", sys.executable, str(script), *calls,
+    )  # fmt: skip
+
+
+def _of_run(log: list[dict[str, Any]], number: int, kind: str) -> list[dict[str, Any]]:
+    return [
+        e for e in log if e["event_type"] == kind and e["metadata"].get("run", number) == number
+    ]
+
+
+def test_tokens_held_by_an_earlier_run_stay_held_in_the_next(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    script = tmp_path / "agent.py"
+    script.write_text(HELD_AGENT)
+    home = tmp_path / "home"
+    proc = _held_run(home, script, upstream, "held-1", 1000, "nousage", "600")
+    assert proc.returncode == 0, proc.stderr
+    (done,) = [e for e in events(home, "held-1") if e["event_type"] == "step_complete"]
+    held = done["metadata"]["tokens_held"]
+    assert done["metadata"]["usage"] == "unknown" and 600 < held < 1000
+
+    # The next run resumes with the held tokens still held: its call is capped
+    # at what neither run 1 used nor held.
+    proc = _held_run(home, script, upstream, "held-1", 1000, "m", "900")
+    assert proc.returncode == 0, proc.stderr
+    log = events(home, "held-1")
+    (step,) = [e for e in log if e["event_type"] == "step_start" and e["metadata"]["run"] == 2]
+    reserved = step["metadata"]["max_tokens"] + step["metadata"].get("prompt_tokens_reserved", 0)
+    assert reserved <= 1000 - held
+    assert upstream.requests[-1]["max_tokens"] == step["metadata"]["max_tokens"]
+    (start,) = [e for e in _of_run(log, 2, "session_start")]
+    assert start["metadata"]["tokens_held_before_run"] == held
+    # The session model carries them: shown beside the calls of unknown usage.
+    state = monitor(home, "held-1")
+    assert (state["unknown_usage_calls"], state["tokens_held"]) == (1, held)
+    assert state["components"]["nousage"]["tokens_held"] == held
+
+
+def test_held_tokens_that_end_the_budget_end_the_session_as_budget_exceeded(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    script = tmp_path / "agent.py"
+    script.write_text(HELD_AGENT)
+    home = tmp_path / "home"
+    # The call of unknown usage holds the whole budget: the next is refused.
+    proc = _held_run(home, script, upstream, "held-2", 300, "nousage", "1000", "m", "10")
+    assert proc.returncode == 3, proc.stderr
+    assert "refused: insufficient_quota" in proc.stdout
+    log = events(home, "held-2")
+    (done,) = [e for e in log if e["event_type"] == "step_complete"]
+    assert done["metadata"]["tokens_held"] == 300
+    (exceeded,) = [e for e in log if e["event_type"] == "budget_exceeded"]
+    assert exceeded["metadata"]["tokens_held"] == 300
+    assert log.index(exceeded) < len(log) - 1
+    assert log[-1]["metadata"]["status"] == "budget_exceeded"
+    assert monitor(home, "held-2")["status"] == "budget_exceeded"
+
+    # A later run starts with the budget still held: refused at once, exit 3.
+    proc = _held_run(home, script, upstream, "held-2", 300, "m", "10")
+    assert proc.returncode == 3, proc.stderr
+    assert "refused: insufficient_quota" in proc.stdout
+    log = events(home, "held-2")
+    assert [e["metadata"]["run"] for e in log if e["event_type"] == "step_complete"] == [1]
+    assert len([e for e in log if e["event_type"] == "budget_exceeded"]) == 2
+    assert log[-1]["metadata"]["status"] == "budget_exceeded"
+    assert upstream.requests[-1]["model"] == "nousage"  # nothing forwarded since

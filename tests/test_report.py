@@ -657,11 +657,48 @@ def per_call(steps: list[Step], component: str) -> float | None:
     return sum(s.tokens for s in mine) / calls if calls else None
 
 
+#: calls shown as the events of a jump (the heaviest, most tokens first)
+HEAVIEST_CALLS = 5
+
+
+def call_events(runs: list[Run]) -> dict[tuple[str, int, str], list[tuple[int, int]]]:
+    """(session, run, component) -> (seq, tokens) of each call (completed or
+    failed step), from the lines :func:`write_runs` writes for ``runs``."""
+    out: dict[tuple[str, int, str], list[tuple[int, int]]] = {}
+    seqs: dict[str, int] = {}
+    for run in runs:
+        lines, seqs[run.session] = run_lines(run, seqs.get(run.session, 0))
+        for raw in lines:
+            e = orjson.loads(raw)
+            if e["event_type"] in ("step_complete", "step_error"):
+                key = (run.session, run.number, e["component"])
+                out.setdefault(key, []).append((e["seq"], e["tokens"]))
+    return out
+
+
+def jump_events(calls: list[tuple[int, int]]) -> dict[str, Any]:
+    """A jump's events: its calls, the heaviest (most tokens, then lower seq)."""
+    heaviest = sorted(calls, key=lambda c: (-c[1], c[0]))[:HEAVIEST_CALLS]
+    return {
+        "calls": len(calls),
+        "seqs": [seq for seq, _ in heaviest],
+        "heaviest_calls": [{"seq": seq, "tokens": tokens} for seq, tokens in heaviest],
+    }
+
+
+def calls_text(jump: dict[str, Any]) -> str:
+    """How a table names a jump's events."""
+    heaviest = ", ".join(f"{c['seq']} ({c['tokens']:,} tokens)" for c in jump["heaviest_calls"])
+    return f"its heaviest calls: seq {heaviest}"
+
+
 def reference_jumps(runs: list[Run], first: int = 0) -> list[dict[str, Any]]:
     """Each run from ``first`` on (runs in start order), each component whose
     tokens per call is above JUMP_FACTOR x the nearest-rank p99 of its last
-    JUMP_HISTORY runs' and at least JUMP_MIN_TOKENS above it."""
+    JUMP_HISTORY runs' and at least JUMP_MIN_TOKENS above it, with the events
+    that show it (:func:`jump_events`)."""
     out = []
+    events = call_events(runs)
     components = sorted({s.component for r in runs for s in r.steps})
     for component in components:
         seen: list[float] = []
@@ -682,6 +719,7 @@ def reference_jumps(runs: list[Run], first: int = 0) -> list[dict[str, Any]]:
                             "tokens_per_call": value,
                             "history_p99": p99,
                             "history_runs": len(window),
+                            **jump_events(events[run.session, run.number, component]),
                         }
                     )
             seen.append(value)
@@ -742,7 +780,7 @@ def test_a_component_jumping_5x_in_the_last_session_is_flagged(
     j = want[0]
     assert (
         f"token jump: session s11 run 1: reasoning {j['tokens_per_call']:,.1f} tokens per call,"
-        f" above {j['history_p99']:,.1f} (p99 of its last 11 runs)"
+        f" above {j['history_p99']:,.1f} (p99 of its last 11 runs); {calls_text(j)}"
     ) in shown
 
 
@@ -777,3 +815,54 @@ def test_the_history_is_the_last_20_runs_only(sigil_home: Path, log_path: Path) 
     narrow = reference_jumps(runs[20:])
     got = report(sigil_home, "session", "--session-prefix", "s2")["anomalies"]["token_jumps"]
     assert got == [{**j, "tokens_per_call": pytest.approx(j["tokens_per_call"])} for j in narrow]
+
+
+def test_a_token_jump_names_its_heaviest_calls(sigil_home: Path, log_path: Path) -> None:
+    """Issue 13: each anomaly "with the events that show it". The jump's run
+    has 8 reasoning calls: the 5 heaviest are named by seq (ties: lower seq
+    first), with the count of calls."""
+    runs = steady_runs(7, seed=13)
+    tokens = [900, 2000, 100, 2000, 1500, 50, 3000, 700]
+    runs[6].steps = [s for s in runs[6].steps if s.component != "reasoning"] + [
+        Step("reasoning", t, "ok", 10.0) for t in tokens
+    ]
+    write_runs(log_path, runs)
+    want = reference_jumps(runs)
+    assert [(j["session"], j["component"], j["calls"]) for j in want] == [("s06", "reasoning", 8)]
+    # Known answer: the run's seqs are 0 (start), planning 1-3, memory 4-6, reasoning 7-14.
+    assert want[0]["seqs"] == [13, 8, 10, 11, 7]
+    doc = report(sigil_home, "session")
+    assert doc["anomalies"]["token_jumps"] == [
+        {**j, "tokens_per_call": pytest.approx(j["tokens_per_call"])} for j in want
+    ]
+    shown = run_cli(sigil_home, "report", "session", TZ="UTC").stdout
+    assert (
+        "its heaviest calls: seq 13 (3,000 tokens), 8 (2,000 tokens), 10 (2,000 tokens),"
+        " 11 (1,500 tokens), 7 (900 tokens)"
+    ) in " ".join(shown.split())
+
+
+def test_a_run_out_of_budget_is_shown_with_the_event_that_ended_it(
+    sigil_home: Path, log_path: Path
+) -> None:
+    """Issue 13's "budget exhaustion", in report and diff, with its event: the
+    seq of the final event that said ``budget_exceeded`` (budget 10**6 here)."""
+    steps = [Step("reasoning", 600_000, "ok", 10.0), Step("reasoning", 500_000, "ok", 10.0)]
+    write_runs(
+        log_path,
+        [
+            Run("b1", 1, day("2026-11-01T09:00:00+00:00"), steps[:1]),
+            Run("b1", 2, day("2026-11-01T10:00:00+00:00"), steps, status="budget_exceeded"),
+        ],
+    )
+    # Run 1: seq 0-2 (start, a step, the end); run 2: start 3, steps 4-5, the end 6.
+    want = {"run": 2, "tokens": 1_100_000, "budget": 10**6, "seqs": [6]}
+    doc = report(sigil_home, "session")
+    assert doc["anomalies"]["budget_exhausted"] == [{"session": "b1", **want}]
+    shown = run_cli(sigil_home, "report", "session", TZ="UTC").stdout
+    assert "budget exhausted: session b1 run 2: 1,100,000 of 1,000,000 tokens (seq 6)" in shown
+    proc = run_cli(sigil_home, "diff", "b1@1", "b1@2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["budget_exhausted"] == {"a": [], "b": [want]}
+    shown = run_cli(sigil_home, "diff", "b1@1", "b1@2").stdout
+    assert "budget exhausted in B run 2: 1,100,000 of 1,000,000 tokens (seq 6)" in shown

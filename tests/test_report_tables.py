@@ -49,7 +49,7 @@ DIFF = """\
 │ planning     │      100 │       50 │   -50 │     0 │     0 │     12.0 │     3.00 │
 │ orchestrator │        0 │        0 │    +0 │     0 │     0 │        - │        - │
 └──────────────┴──────────┴──────────┴───────┴───────┴───────┴──────────┴──────────┘
-token jump in A: reasoning 320.0 tokens per call, 45.7x B's 7.0
+token jump in A: reasoning 320.0 tokens per call, 45.7x B's 7.0; its heaviest calls: seq 2 (300 tokens)
 """
 
 

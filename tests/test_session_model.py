@@ -330,6 +330,10 @@ _meta_values: dict[str, st.SearchStrategy[Any]] = {
     "output_tokens": st.one_of(st.integers(0, 500), st.just(1.5)),
     "resume": st.one_of(st.booleans(), st.just("yes")),
     "usage": st.sampled_from(["unknown", "known", 3, None]),
+    # Issue 14: the budget a call of unknown usage held, odd numbers and wrong types.
+    "tokens_held": st.one_of(
+        st.integers(0, 5000), st.sampled_from([2**64 - 1, -1, 1.5, "9", None, True])
+    ),
     "input_sha256": st.sampled_from(["a1", "b2", 7]),
     "output_sha256": st.sampled_from(["o1", "o2", None]),
     # Issue 12 (Cost): a price's shortest text, odd numbers and wrong types.

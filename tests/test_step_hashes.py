@@ -126,9 +126,26 @@ def test_report_shows_loops_and_retry_storms_with_their_events(
             "seqs": [1, 2, 3, 4, 5],
         }
     ]
+    # The events that show the storm: the failed attempts' seqs.
+    seqs = [6, 7, 8, 9, 10]
     assert found["retry_storms"] == [
-        {"session": "looping", "run": 1, "component": "memory", "retries": 5}
+        {"session": "looping", "run": 1, "component": "memory", "retries": 5, "seqs": seqs}
     ]
     shown = run_cli(sigil_home, "report", "session").stdout
     assert "loop: session looping run 1: reasoning started 5 times" in shown
-    assert "retry storm: session looping run 1: memory retried 5 times" in shown
+    assert (
+        "retry storm: session looping run 1: memory retried 5 times (seq 6, 7, 8, 9, 10)" in shown
+    )
+    # In diff too (issue 13: "in report, diff and the live view"), each side's.
+    doc = json.loads(run_cli(sigil_home, "diff", "looping", "looping@1", "--json").stdout)
+    storm = {"run": 1, "component": "memory", "retries": 5, "seqs": seqs}
+    assert doc["retry_storms"] == {"a": [storm], "b": [storm]}
+    shown = run_cli(sigil_home, "diff", "looping", "looping@1").stdout
+    assert "retry storm in B run 1: memory retried 5 times (seq 6, 7, 8, 9, 10)" in shown
+    # And in the live view: json, minimal and the summary.
+    proc = run_cli(sigil_home, "monitor", "-s", "looping", "--mode", "json", "--once")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1])["retry_storms"] == [storm]
+    proc = run_cli(sigil_home, "monitor", "-s", "looping", "--mode", "minimal", "--once")
+    assert "retry storm: memory" in proc.stdout.splitlines()[0], proc.stdout
+    assert "Anomaly:   retry storm: memory retried 5 times (seq 6, 7, 8, 9, 10)" in proc.stdout

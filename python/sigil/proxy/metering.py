@@ -18,7 +18,10 @@ that cannot fit even then is refused, and once the budget has run out
 (``exceeded``) every call is refused. When a call settles its reservation is
 given back and what it really used is recorded; a call whose usage stays
 unknown keeps its reservation for the rest of the run (held: counted as spent,
-never logged as tokens, shown as unknown).
+never logged as tokens, shown as unknown), and the tokens held by earlier runs
+(the session model's ``tokens_held``, folded from the ``step_complete`` events'
+``metadata.tokens_held``) stay held in every later run. When held tokens are
+what runs the budget out, ``budget_exceeded`` is logged as when counted ones do.
 
 Each call that reports usage is priced as it is recorded (``cost_usd``, from the
 model the upstream answered with; see sigil.telemetry.pricing).
@@ -110,6 +113,7 @@ class Meter:
         *,
         run: int,
         pricer: Pricer | None = None,
+        held_before: int = 0,
     ) -> None:
         self.tracker = tracker
         self.logger = logger
@@ -123,6 +127,13 @@ class Meter:
         #: calls whose usage stayed unknown, and the tokens they hold of the budget
         self.unknown = 0
         self.held = 0
+        #: tokens held by earlier runs' calls of unknown usage (the session
+        #: model's), reserved for the whole run
+        self.held_before = held_before
+        if held_before:
+            tracker.reserve(held_before)
+        #: ``budget_exceeded`` logged for held tokens (once)
+        self._held_announced = False
         #: a call was refused because its prompt could not fit in what was left
         self.starved = False
         #: calls admitted with a reservation and not settled yet
@@ -140,9 +151,14 @@ class Meter:
         tracker = self.tracker
         if not tracker.can_continue():
             return True
-        if not self.held:
+        if not self.holding:
             return False
-        return tracker.used + self.held >= tracker.thresholds["exceeded"] * tracker.total
+        return tracker.used + self.holding >= tracker.thresholds["exceeded"] * tracker.total
+
+    @property
+    def holding(self) -> int:
+        """Tokens held for calls of unknown usage, this run's and earlier runs'."""
+        return self.held_before + self.held
 
     @property
     def free(self) -> int:
@@ -151,7 +167,7 @@ class Meter:
         return self.tracker.remaining - self.tracker.budget.reserved
 
     def _refusal(self) -> BudgetExhausted:
-        return BudgetExhausted(self.tracker.used + self.held, self.tracker.total)
+        return BudgetExhausted(self.tracker.used + self.holding, self.tracker.total)
 
     async def admit(self, wanted: int | None, prompt: int = 0) -> int:
         """Reserve ``prompt`` tokens (the prompt's estimate) and an output cap
@@ -188,7 +204,7 @@ class Meter:
         tracker = self.tracker
         if self.exhausted:
             raise self._refusal()
-        left = tracker.remaining - self.held
+        left = tracker.remaining - self.holding
         free = tracker.remaining - tracker.budget.reserved
         if need > left or (self._inflight == 0 and (need > free or free <= 0)):
             self.starved = True
@@ -202,13 +218,15 @@ class Meter:
 
     async def _release(self, call: Call, *, hold: bool = False) -> None:
         """Give the call's reservation back (``hold``: keep it, the usage is unknown)."""
-        if not self._release_sync(call, hold=hold):
+        if not self._release_sync(call, hold=hold, announce=False):
             return
+        if hold and self.exhausted:
+            await self.announce_held("tokens held for calls of unknown usage")
         if self._waiting:
             async with self._settled:
                 self._settled.notify_all()
 
-    def _release_sync(self, call: Call, *, hold: bool = False) -> bool:
+    def _release_sync(self, call: Call, *, hold: bool = False, announce: bool = True) -> bool:
         """:meth:`_release` without waking waiters of :meth:`admit` (callers of
         :meth:`try_admit` ask again); False when the call had settled already."""
         if call.settled:
@@ -220,7 +238,37 @@ class Meter:
                 self.held += call.reserved
             else:
                 self.tracker.release(call.reserved)
+        if announce and hold and self.exhausted:
+            self.announce_held_sync("tokens held for calls of unknown usage")
         return True
+
+    async def announce_held(self, reason: str) -> None:
+        """Log ``budget_exceeded`` once when the held tokens run the budget out
+        (counted tokens that do are the tracker's to announce)."""
+        event = self._held_notice(reason)
+        if event is not None:
+            await self.logger.log_event(*event)
+
+    def announce_held_sync(self, reason: str) -> None:
+        """:meth:`announce_held` for a caller without an event loop (the native transport)."""
+        event = self._held_notice(reason)
+        if event is not None:
+            self.logger.log_event_sync(*event)
+
+    def _held_notice(self, reason: str) -> tuple[str, str, str, int, dict[str, Any]] | None:
+        tracker = self.tracker
+        if self._held_announced or not tracker.can_continue():
+            return None
+        self._held_announced = True
+        notice = tracker.exhausted_notice()
+        used, total = tracker.used, tracker.total
+        meta = notice.metadata() | {"tokens_held": self.holding, "reason": reason}
+        meta["budget_remaining"] = max(0, total - used - self.holding)
+        message = (
+            f"Token budget exhausted: {used:,} tokens used and {self.holding:,} held for "
+            f"calls of unknown usage, of {total:,}; no further step will start"
+        )
+        return notice.event_type, tracker.budget_component, message, 0, meta
 
     async def start(
         self,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sigil.reports.live import budget_exhausted, retry_storms
 from sigil.reports.sources import (
     Folded,
     Source,
@@ -62,6 +63,10 @@ class Side:
     outputs: list[tuple[int, str, str]] = field(default_factory=list)
     #: steps started again and again with the same input (the native model's loops)
     loops: list[dict[str, Any]] = field(default_factory=list)
+    #: components retried 5+ times in a run, with their first failed attempts' seqs
+    retry_storms: list[dict[str, Any]] = field(default_factory=list)
+    #: runs that ended out of budget, with the seq of the event that said so
+    budget_exhausted: list[dict[str, Any]] = field(default_factory=list)
 
     def head(self) -> dict[str, Any]:
         return {
@@ -144,6 +149,8 @@ def _side(
             dict(history.components),
             list(runs[-1].step_outputs) if runs else [],
             [loop.to_dict() for r in runs for loop in r.loops],
+            retry_storms(session_id, runs, label=False),
+            budget_exhausted(session_id, runs, label=False),
         )
     for i, run in enumerate(runs):
         if run.number == number:
@@ -158,6 +165,8 @@ def _side(
                 dict(run.components),
                 list(run.step_outputs),
                 [loop.to_dict() for loop in run.loops],
+                retry_storms(session_id, [run], label=False),
+                budget_exhausted(session_id, [run], label=False),
             )
     numbers = ", ".join(str(r.number) for r in runs) or "none"
     raise DiffError(f"session {session_id!r} has no run {number} (its runs: {numbers})")
@@ -229,6 +238,11 @@ def changed_steps(a: Side, b: Side) -> list[dict[str, Any]]:
     return rows
 
 
+def calls(c: ComponentSnapshot) -> int:
+    """Calls: completed plus failed steps."""
+    return c.operations + c.errors
+
+
 def _per_call(c: ComponentSnapshot | None) -> float | None:
     """Tokens per call (completed plus failed steps) of the model's totals."""
     if c is None or c.operations + c.errors <= 0:
@@ -241,7 +255,7 @@ def token_jumps(a: Side, b: Side) -> dict[str, list[dict[str, Any]]]:
     other side's, by the rule of ``sigil report`` (:func:`sigil.reports.query.is_jump`)
     with the other side as the whole history: above 2x its tokens per call and
     at least 100 more. ``"b"`` lists B's jumps over A, ``"a"`` A's over B."""
-    from sigil.reports.query import is_jump
+    from sigil.reports.query import is_jump, jump_events
 
     out: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
     for name in sorted(set(a.components) & set(b.components)):
@@ -261,6 +275,9 @@ def token_jumps(a: Side, b: Side) -> dict[str, list[dict[str, Any]]]:
                     "tokens_per_call": value,
                     "history_p99": baseline,
                     "history_runs": 1,
+                    **jump_events(
+                        calls(this.components[name]), this.components[name].heaviest_calls
+                    ),
                 }
             )
     return out

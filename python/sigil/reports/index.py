@@ -40,13 +40,15 @@ __all__ = [
     "SCHEMA_VERSION",
     "IndexNotUpdated",
     "Refresh",
+    "decode_calls",
+    "encode_calls",
     "open_index",
     "refresh",
     "update_existing",
 ]
 
 INDEX_FILE_NAME = "report_index.sqlite3"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 8
 #: how long a report waits for another one writing the index before it does
 #: its own work in memory
 BUSY_TIMEOUT_S = 10.0
@@ -86,7 +88,11 @@ CREATE TABLE IF NOT EXISTS runs(
     operations INTEGER NOT NULL DEFAULT 0,
     errors INTEGER NOT NULL DEFAULT 0,
     retries INTEGER NOT NULL DEFAULT 0,
-    max_latency_ms REAL
+    max_latency_ms REAL,
+    -- the run's budget and the seq of its latest event (a run out of budget:
+    -- the final event that said so)
+    budget INTEGER,
+    last_seq INTEGER
 );
 CREATE INDEX IF NOT EXISTS runs_source ON runs(source);
 CREATE INDEX IF NOT EXISTS runs_started ON runs(started_ts);
@@ -104,7 +110,14 @@ CREATE TABLE IF NOT EXISTS components(
     retries INTEGER NOT NULL,
     timed INTEGER NOT NULL,
     latency_ms REAL NOT NULL,
-    max_latency_ms REAL
+    max_latency_ms REAL,
+    -- the component's heaviest calls in the run, the events that show a token
+    -- jump (the native model's, at most 5): 'seq:tokens' comma-separated,
+    -- most tokens first
+    heaviest TEXT NOT NULL DEFAULT '',
+    -- the seqs of its first failed attempts (at most 5), comma-separated:
+    -- the events that show a retry storm
+    retry_seqs TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS components_run ON components(run_id);
 CREATE TABLE IF NOT EXISTS latency(
@@ -136,7 +149,9 @@ CREATE TABLE IF NOT EXISTS models(
     priced_events INTEGER NOT NULL,
     unpriced_tokens INTEGER NOT NULL,
     unpriced_calls INTEGER NOT NULL,
-    unknown_usage_calls INTEGER NOT NULL
+    unknown_usage_calls INTEGER NOT NULL,
+    -- the budget the proxy held for the calls of unknown usage (issue 14)
+    tokens_held INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS models_run ON models(run_id);
 -- steps started again and again with the same input in a run (the native
@@ -454,8 +469,8 @@ def _insert(conn: sqlite3.Connection, source: Source, runs: list[RunSnapshot] | 
         started = run.started_at or run.ended_at or run.last_at
         cursor = conn.execute(
             "INSERT INTO runs(source, session_id, run, archived, status, finished, started_at,"
-            " ended_at, started_ts, tokens, events, steps_completed, steps_failed)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " ended_at, started_ts, tokens, events, steps_completed, steps_failed, budget,"
+            " last_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 source.key,
                 source.session_id,
@@ -470,6 +485,8 @@ def _insert(conn: sqlite3.Connection, source: Source, runs: list[RunSnapshot] | 
                 run.events,
                 run.steps_completed,
                 run.steps_failed,
+                run.budget,
+                run.last_seq,
             ),
         )
         _insert_components(conn, cursor.lastrowid, run.components.values())
@@ -495,8 +512,8 @@ def _insert_components(
     for c in components:
         cursor = conn.execute(
             "INSERT INTO components(run_id, component, model, tokens, input_tokens,"
-            " output_tokens, operations, errors, retries, timed, latency_ms, max_latency_ms)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " output_tokens, operations, errors, retries, timed, latency_ms, max_latency_ms,"
+            " heaviest, retry_seqs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
                 c.name,
@@ -510,6 +527,8 @@ def _insert_components(
                 c.timed_operations,
                 c.latency_ms,
                 c.max_latency_ms,
+                encode_calls(c.heaviest_calls),
+                ",".join(map(str, c.retry_seqs)),
             ),
         )
         component_id = cursor.lastrowid
@@ -526,7 +545,7 @@ def _insert_models(
     conn.executemany(
         "INSERT INTO models(run_id, component, model, tokens, input_tokens, output_tokens,"
         " calls, errors, cost_nanousd, priced_events, unpriced_tokens, unpriced_calls,"
-        " unknown_usage_calls) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " unknown_usage_calls, tokens_held) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 run_id,
@@ -542,11 +561,27 @@ def _insert_models(
                 m.unpriced_tokens,
                 m.unpriced_calls,
                 m.unknown_usage_calls,
+                m.tokens_held,
             )
             for component, models in pairs.items()
             for name, m in models.items()
         ],
     )
+
+
+def encode_calls(calls: Iterable[tuple[int, int]]) -> str:
+    """``(seq, tokens)`` pairs as the index keeps them: ``seq:tokens,...``."""
+    return ",".join(f"{seq}:{tokens}" for seq, tokens in calls)
+
+
+def decode_calls(text: str | None) -> list[tuple[int, int]]:
+    """The pairs :func:`encode_calls` wrote."""
+    out = []
+    for part in (text or "").split(","):
+        seq, sep, tokens = part.partition(":")
+        if sep:
+            out.append((int(seq), int(tokens)))
+    return out
 
 
 def _epoch(text: str | None) -> float | None:

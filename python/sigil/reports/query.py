@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from sigil.reports.live import RETRY_STORM as _RETRY_STORM
+
 __all__ = [
     "FAILED_STATUSES",
     "GROUPS",
@@ -32,6 +34,7 @@ __all__ = [
     "Filters",
     "Report",
     "is_jump",
+    "jump_events",
     "latency_quantile",
     "parse_moment",
     "run_report",
@@ -68,6 +71,7 @@ MODEL_COLUMNS = (
     "unpriced_tokens",
     "unpriced_calls",
     "unknown_usage_calls",
+    "tokens_held",
 )
 _KEY_NAME = {
     "daily": "period",
@@ -101,8 +105,9 @@ class Filters:
         return " AND ".join(clauses), params
 
 
-#: retries of one component in one run from which they are a storm
-RETRY_STORM = 5
+#: retries of one component in one run from which they are a storm (the live
+#: view's rule too: :data:`sigil.reports.live.RETRY_STORM`)
+RETRY_STORM = _RETRY_STORM
 
 #: Token jumps (issue 13: "a component whose tokens per operation jump far
 #: above its own history"). A component's tokens per call in a run (its tokens
@@ -211,8 +216,9 @@ def run_report(
 def anomalies(conn: sqlite3.Connection, filters: Filters) -> dict[str, list[dict[str, Any]]]:
     """The runs' loops (the native model's: a component started at least 3
     times with the same ``input_sha256``), retry storms (at least
-    :data:`RETRY_STORM` retries of one component in one run) and token jumps
-    (:func:`token_jumps`)."""
+    :data:`RETRY_STORM` retries of one component in one run), token jumps
+    (:func:`token_jumps`) and the runs out of budget, each with the seqs of
+    the events that show it."""
     where, params = filters.where()
     loops = [
         {
@@ -231,20 +237,56 @@ def anomalies(conn: sqlite3.Connection, filters: Filters) -> dict[str, list[dict
         )
     ]
     storms = [
-        {"session": row[0], "run": row[1], "component": row[2], "retries": row[3]}
+        {
+            "session": row[0],
+            "run": row[1],
+            "component": row[2],
+            "retries": row[3],
+            "seqs": [int(x) for x in row[4].split(",") if x],
+        }
         for row in conn.execute(
-            "SELECT r.session_id, r.run, c.component, c.retries FROM components c"
+            "SELECT r.session_id, r.run, c.component, c.retries, c.retry_seqs FROM components c"
             f" JOIN runs r ON c.run_id = r.id WHERE {where} AND c.retries >= ?"
             " ORDER BY r.session_id, r.run, c.component",
             [*params, RETRY_STORM],
         )
     ]
-    return {"loops": loops, "retry_storms": storms, "token_jumps": token_jumps(conn, filters)}
+    exhausted = [
+        {
+            "session": row[0],
+            "run": row[1],
+            "tokens": row[2],
+            "budget": row[3],
+            "seqs": [] if row[4] is None else [row[4]],
+        }
+        for row in conn.execute(
+            "SELECT r.session_id, r.run, r.tokens, r.budget, r.last_seq FROM runs r"
+            f" WHERE {where} AND r.status = 'budget_exceeded' ORDER BY r.session_id, r.run",
+            params,
+        )
+    ]
+    return {
+        "loops": loops,
+        "retry_storms": storms,
+        "token_jumps": token_jumps(conn, filters),
+        "budget_exhausted": exhausted,
+    }
 
 
 def is_jump(value: float, p99: float) -> bool:
     """The token jump rule: far above the history's p99 (module docstring)."""
     return value > JUMP_FACTOR * p99 and value - p99 >= JUMP_MIN_TOKENS
+
+
+def jump_events(calls: int, heaviest: Sequence[tuple[int, int]]) -> dict[str, Any]:
+    """The events that show a token jump (issue 13): the component's calls in
+    the run, and the heaviest of them as the native model kept them
+    (``ComponentSnapshot.heaviest_calls``: ``(seq, tokens)``, most tokens first)."""
+    return {
+        "calls": calls,
+        "seqs": [seq for seq, _ in heaviest],
+        "heaviest_calls": [{"seq": seq, "tokens": tokens} for seq, tokens in heaviest],
+    }
 
 
 def token_jumps(conn: sqlite3.Connection, filters: Filters) -> list[dict[str, Any]]:
@@ -263,7 +305,8 @@ def token_jumps(conn: sqlite3.Connection, filters: Filters) -> list[dict[str, An
     flag = " AND ".join(judged) or "1"
     rows = conn.execute(
         f"SELECT c.component, r.session_id, r.run, {flag},"
-        " CAST(c.tokens AS REAL) / (c.operations + c.errors)"
+        " CAST(c.tokens AS REAL) / (c.operations + c.errors), c.operations + c.errors,"
+        " c.heaviest"
         f" FROM components c JOIN runs r ON c.run_id = r.id WHERE {where}"
         " AND c.operations + c.errors > 0"
         " ORDER BY c.component, r.started_ts, r.id",
@@ -272,7 +315,9 @@ def token_jumps(conn: sqlite3.Connection, filters: Filters) -> list[dict[str, An
     out: list[dict[str, Any]] = []
     last: deque[float] = deque(maxlen=JUMP_HISTORY)
     current: str | None = None
-    for component, session_id, run, in_range, value in rows:
+    from sigil.reports.index import decode_calls
+
+    for component, session_id, run, in_range, value, calls, heaviest in rows:
         if component != current:
             current = component
             last.clear()
@@ -288,6 +333,7 @@ def token_jumps(conn: sqlite3.Connection, filters: Filters) -> list[dict[str, An
                         "tokens_per_call": value,
                         "history_p99": p99,
                         "history_runs": len(ordered),
+                        **jump_events(calls, decode_calls(heaviest)),
                     }
                 )
         last.append(value)
@@ -334,7 +380,8 @@ def _model_rows(
         f" COUNT(DISTINCT CASE WHEN {_FAILED} THEN r.id END), SUM(m.tokens),"
         " SUM(m.input_tokens), SUM(m.output_tokens), SUM(m.calls - m.errors), SUM(m.errors),"
         " SUM(m.retries), SUM(m.calls), SUM(m.cost_nanousd), SUM(m.priced_events),"
-        " SUM(m.unpriced_tokens), SUM(m.unpriced_calls), SUM(m.unknown_usage_calls)"
+        " SUM(m.unpriced_tokens), SUM(m.unpriced_calls), SUM(m.unknown_usage_calls),"
+        " SUM(m.tokens_held)"
         f" FROM models m JOIN runs r ON m.run_id = r.id WHERE {where} GROUP BY {group_by}"
     )
     out: dict[tuple[Any, ...], dict[str, Any]] = {}

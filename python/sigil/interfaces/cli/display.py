@@ -316,9 +316,59 @@ def loop_text(loop: StepLoop, runs: int = 1, width: int | None = None) -> str:
     return text + tail(n)
 
 
+def jump_text(jump: Mapping[str, Any], runs: int = 1, width: int | None = None) -> str:
+    """A live token jump as one line: ``token jump: reasoning 1,281 tokens per
+    call, above 480 (p99 of its last 20 runs) (seq 13, 8, 10, …)``, the seqs its
+    heaviest calls'; the run is named when there were several. Where that is
+    wider than ``width``, the shorter ``1,281 tok/call > 480`` and as many seqs
+    as fit (at least the first)."""
+    where = f" in run {jump['run']}" if runs > 1 else ""
+    seqs: list[int] = list(jump.get("seqs") or [])
+
+    def tail(n: int) -> str:
+        more = ", …" if jump.get("calls", 0) > n else ""
+        return f" (seq {', '.join(map(str, seqs[:n]))}{more})" if seqs else ""
+
+    value, p99 = jump["tokens_per_call"], jump["history_p99"]
+    text = (
+        f"token jump: {jump['component']} {value:,.0f} tokens per call{where}, above"
+        f" {p99:,.0f} (p99 of its last {jump['history_runs']} runs)"
+    )
+    n = len(seqs)
+    if width is None or _cells(text + tail(n)) <= width:
+        return text + tail(n)
+    text = f"token jump: {jump['component']} {value:,.0f} tok/call > {p99:,.0f}{where}"
+    while n > 1 and _cells(text + tail(n)) > width:
+        n -= 1
+    return text + tail(n)
+
+
+def storm_text(storm: Mapping[str, Any], runs: int = 1, width: int | None = None) -> str:
+    """A retry storm as one line: ``retry storm: reasoning retried 7 times (seq
+    3, 5, 7, 9, 11, …)``, the seqs its first failed attempts'; as many seqs as
+    fit ``width`` (at least the first)."""
+    where = f" in run {storm['run']}" if runs > 1 else ""
+    seqs: list[int] = list(storm.get("seqs") or [])
+
+    def tail(n: int) -> str:
+        more = ", …" if storm["retries"] > n else ""
+        return f" (seq {', '.join(map(str, seqs[:n]))}{more})" if seqs else ""
+
+    text = f"retry storm: {storm['component']} retried {storm['retries']:,} times{where}"
+    n = len(seqs)
+    while width is not None and n > 1 and _cells(text + tail(n)) > width:
+        n -= 1
+    return text + tail(n)
+
+
 def anomaly_lines(state: SessionState) -> list[str]:
-    """The session's anomalies (issue 13), each once: the model's step loops."""
-    return [loop_text(loop, state.runs) for loop in state.loops]
+    """The session's anomalies (issue 13), each once: the model's step loops,
+    then the current run's token jumps and retry storms."""
+    return (
+        [loop_text(loop, state.runs) for loop in state.loops]
+        + [jump_text(jump, state.runs) for jump in state.token_jumps]
+        + [storm_text(storm, state.runs) for storm in state.retry_storms]
+    )
 
 
 def unknown_text(calls: int) -> str:
@@ -382,6 +432,12 @@ def minimal_line(
     looping = list(dict.fromkeys(loop.component for loop in state.loops))
     if looping:
         extras.append((f"loop: {', '.join(looping)}", "1;33"))
+    jumping = [jump["component"] for jump in state.token_jumps]
+    if jumping:
+        extras.append((f"token jump: {', '.join(jumping)}", "1;33"))
+    storming = [storm["component"] for storm in state.retry_storms]
+    if storming:
+        extras.append((f"retry storm: {', '.join(storming)}", "1;33"))
     if state.live:
         rate = state.recent_rate(now)
         if rate is not None:
@@ -435,6 +491,7 @@ def state_to_dict(
             "errors": c.errors,
             "retries": c.retries,
             "unknown_usage_calls": c.unknown_usage_calls,
+            "tokens_held": c.tokens_held,
             "latency_ms": round(c.latency_ms, 3),
             "avg_latency_ms": _round(c.average_latency_ms),
             "p95_latency_ms": _round(c.p95_latency_ms),
@@ -475,7 +532,11 @@ def state_to_dict(
         "unpriced_models": list(state.snap.unpriced_models),
         "models": {name: model_fields(m) for name, m in sorted(state.snap.models.items())},
         "unknown_usage_calls": state.unknown_usage_calls,
+        # The budget held for them (issue 14): spent for the budget, not tokens.
+        "tokens_held": state.snap.tokens_held,
         "loops": [loop.to_dict() for loop in state.loops],
+        "token_jumps": state.token_jumps,
+        "retry_storms": state.retry_storms,
         "elapsed_seconds": round(state.elapsed_at(now), 3),
         "tokens_per_second": _round(state.recent_rate(now)),
         "average_tokens_per_second": _round(state.average_rate),
@@ -989,6 +1050,14 @@ def _problem_lines(state: SessionState, width: int, view: DashboardView) -> list
         if view.component is not None and loop.component != view.component:
             continue
         text = loop_text(loop, state.runs, width - 2)
+        out.extend(_Line(("! " if i == 0 else "  ") + part, "33")
+                   for i, part in enumerate(_wrap(text, width - 2)))  # fmt: skip
+    for jump, text_of in [(j, jump_text) for j in state.token_jumps] + [
+        (s, storm_text) for s in state.retry_storms
+    ]:
+        if view.component is not None and jump["component"] != view.component:
+            continue
+        text = text_of(jump, state.runs, width - 2)
         out.extend(_Line(("! " if i == 0 else "  ") + part, "33")
                    for i, part in enumerate(_wrap(text, width - 2)))  # fmt: skip
     for warning in list(state.warnings)[-3:]:

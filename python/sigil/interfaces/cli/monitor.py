@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from sigil.interfaces.cli.display import DisplayOptions, Renderer
     from sigil.interfaces.cli.event_selection import EventFeed, EventSelection
     from sigil.interfaces.cli.keys import TerminalKeys
+    from sigil.reports.live import JumpHistory
     from sigil.telemetry.log_parser import (
         ComponentSnapshot,
         LastError,
@@ -185,13 +186,17 @@ class SessionState:
         "_allocations",
         "_component_models",
         "_components",
+        "_jumps",
         "_last_spender",
         "_loops",
         "_run",
+        "_storms",
         "_thresholds_of",
+        "clock",
         "default_budget",
         "events",
         "incomplete",
+        "jump_history",
         "locked",
         "max_events",
         "reader_base",
@@ -222,6 +227,8 @@ class SessionState:
         self._take_parts()
         self.incomplete = False
         self.locked = False
+        #: "now" when none is given (None: the wall clock; a replay's moment of the session)
+        self.clock: Callable[[], datetime | None] | None = None
         self.rotations = 0
         self.truncations = 0
         self.rereads = 0
@@ -237,6 +244,10 @@ class SessionState:
         #: crossed a session budget level: its warning names none).
         self._last_spender: str | None = None
         self._thresholds_of: tuple[int, str | None] | None = None
+        #: The components' history the current run's token jumps are judged
+        #: against (the report index's, read once by the monitor after its
+        #: first frame; None until then, or without an index: no jumps).
+        self.jump_history: JumpHistory | None = None
         if snapshot is not None:
             self._show(list(snapshot.last_entries))
             self._read_start()
@@ -267,6 +278,8 @@ class SessionState:
         self._run: RunSnapshot = snap.run
         # Read when a view asks (most frames of a session without them never do).
         self._loops: Sequence[StepLoop] | None = None
+        self._jumps: list[dict[str, Any]] | None = None
+        self._storms: list[dict[str, Any]] | None = None
         self._component_models: dict[str, dict[str, ModelSnapshot]] | None = None
 
     def _show(self, entries: list[EntryLike]) -> None:
@@ -357,6 +370,32 @@ class SessionState:
         if self._loops is None:
             self._loops = self.snap.loops
         return self._loops
+
+    @property
+    def token_jumps(self) -> list[dict[str, Any]]:
+        """The current run's components whose tokens per call so far jump far
+        above their history (:attr:`jump_history`, the rule of ``sigil report``),
+        each with its heaviest calls' seqs: judged once per snapshot."""
+        if self._jumps is None:
+            history = self.jump_history
+            self._jumps = [] if history is None else history.judge(self.session_id, self._run)
+        return self._jumps
+
+    @property
+    def retry_storms(self) -> list[dict[str, Any]]:
+        """The current run's retry storms (a component with 5+ failed attempts,
+        the rule of ``sigil report``), each with its first failed attempts'
+        seqs: once per snapshot."""
+        if self._storms is None:
+            from sigil.reports.live import retry_storms
+
+            self._storms = retry_storms(self.session_id, [self._run], label=False)
+        return self._storms
+
+    def set_jump_history(self, history: JumpHistory | None) -> None:
+        """Judge the token jumps against ``history`` from now on."""
+        self.jump_history = history
+        self._jumps = None
 
     @property
     def unknown_usage_calls(self) -> int:
@@ -511,7 +550,7 @@ class SessionState:
         if end is None and not self.live:
             end = parse_timestamp(self.run.last_at or self.last_timestamp)
         if end is None:
-            end = now or datetime.now(UTC)
+            end = now or self._now()
         return max(0.0, (end - start).total_seconds())
 
     @property
@@ -532,7 +571,11 @@ class SessionState:
         last = parse_timestamp(self.last_timestamp)
         if last is None:
             return 0.0
-        return max(0.0, ((now or datetime.now(UTC)) - last).total_seconds())
+        return max(0.0, ((now or self._now()) - last).total_seconds())
+
+    def _now(self) -> datetime:
+        moment = self.clock() if self.clock is not None else None
+        return moment if moment is not None else datetime.now(UTC)
 
     def stalled_seconds(self, now: datetime | None = None) -> float | None:
         """How long a live run has gone without an event, once that is long enough to say."""
@@ -731,6 +774,8 @@ class ExecutionMonitor:
         self._early_keys: TerminalKeys | None = None
         self._opened: tuple[str, SessionModel, SessionState] | None = None
         self._held_signals: dict[int, Any] = {}
+        #: The components' history for live token jumps, read once (:meth:`_jump_history`).
+        self._jumps_from: JumpHistory | None = None
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -1262,6 +1307,10 @@ class ExecutionMonitor:
             # writer is gone, and no line it prints says "running" (the tail
             # waits out a grace period instead, as a writer may be starting).
             state.incomplete = True
+        if self.once:
+            # --once has one frame: its token jumps are judged in it (a stat
+            # where there is no index; the live modes read it after).
+            state.set_jump_history(self._jump_history())
         self.state = state
         self.phase = self._phase_of(state)
         renderer = self._require_renderer()
@@ -1277,6 +1326,15 @@ class ExecutionMonitor:
         if state.status == "running":
             return MonitorPhase.TRACKING
         return MonitorPhase.WAITING
+
+    def _jump_history(self) -> JumpHistory:
+        """Blocking: the report index's history for live token jumps, read once
+        per monitor (never before the first frame: :meth:`_tail` asks after it)."""
+        if self._jumps_from is None:
+            from sigil.reports.live import load_jump_history
+
+            self._jumps_from = load_jump_history(self.log_path)
+        return self._jumps_from
 
     def _once(self, state: SessionState) -> int:
         # The lock was probed once, with the catch-up (_open), and the writer
@@ -1306,6 +1364,9 @@ class ExecutionMonitor:
         lock_free_since: float | None = None
         dirty = False
         follow_link = self.follow and self.session_id is None
+        # The history of token jumps, after the first frame (it reads the index).
+        state.set_jump_history(await asyncio.to_thread(self._jump_history))
+        dirty = bool(state.token_jumps)
 
         if state.ended:
             code = self._end_run(state)

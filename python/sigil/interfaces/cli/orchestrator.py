@@ -311,6 +311,7 @@ class RunRecord:
                     "priced_events": c.priced_events,
                     "unpriced_tokens": c.unpriced_tokens,
                     "unknown_usage_calls": c.unknown_usage_calls,
+                    "tokens_held": c.tokens_held,
                 }
                 for name, c in snap.components.items()
             },
@@ -401,6 +402,8 @@ class SessionHistory:
 
     runs: list[RunRecord] = field(default_factory=list)
     tokens_used: int = 0
+    #: tokens of the budget held for calls of unknown usage (the proxy's), all runs
+    tokens_held: int = 0
     malformed: int = 0
     #: tokens logged outside any run the model or the ledger knows
     orphan_tokens: int = 0
@@ -427,6 +430,7 @@ class SessionHistory:
         return cls(
             runs=[RunRecord.from_snapshot(r) for r in model.runs],
             tokens_used=model.tokens,
+            tokens_held=model.tokens_held,
             malformed=model.malformed,
             orphan_tokens=model.orphan_tokens,
             last_seq=model.last_seq,
@@ -1679,6 +1683,7 @@ def write_summaries(
                 "tokens": comp_tokens[name],
                 "operations": comp_ops.get(name, 0),
                 **_component_cost(comp_costs.get(name)),
+                **_component_held(comp_costs.get(name)),
             }
             for name in comp_tokens
         },
@@ -1824,6 +1829,12 @@ def _component_cost(c: Any) -> dict[str, int]:
         "priced_events": c.priced_events,
         "unpriced_tokens": c.unpriced_tokens,
     }
+
+
+def _component_held(c: Any) -> dict[str, int]:
+    """The tokens a component's calls of unknown usage held (the model's), kept in
+    the ledger so that a later run still holds them."""
+    return {"tokens_held": c.tokens_held} if c is not None and c.tokens_held else {}
 
 
 def _attach_output(meta: dict[str, Any], output: Any) -> None:

@@ -1,21 +1,23 @@
-"""``sigil replay``: a finished session played through the live dashboard (issue 13).
+"""``sigil replay``: a finished session played through the monitor's views (issue 13).
 
 Two halves, as in the monitor:
 
 * :class:`Timeline` is the session's log as lines, in the order the live reader
-  folds them (rotated segments oldest first, then the live file), read from
-  the session's directory or from its archive in memory (nothing extracted),
-  each line with the moment it was written (its event's timestamp, read by the
-  native parser) for pacing only.
+  folds them (rotated segments oldest first, gunzipped when they are gzip,
+  then the live file), streamed from the session's directory or from its
+  archive (nothing extracted) in bounded chunks: however long the session,
+  the replay holds a few chunks of it. Each line comes with the moment it was
+  written (its event's timestamp, read by the native parser) for pacing only.
 * :class:`Player` feeds those lines, as bytes, into one native ``Fold`` -- the
   model the monitor feeds -- at the chosen speed, and shows its snapshots with
-  the monitor's :class:`SessionState` and renderers. Every number on the screen
-  is the fold's (contract 12); this module only decides *when* a line is fed.
+  the monitor's :class:`SessionState` and renderers (every ``--mode``: the
+  dashboard, the stream, the minimal line, json). Every number shown is the
+  fold's (contract 12); this module only decides *when* a line is fed.
 
 Pacing: the gap between two events' timestamps divided by the speed, each gap
 capped (``max_gap``, 2 s by default) so that a long idle stretch does not stall
-a demo; ``speed=None`` is ``--speed max``. The dashboard's clock, elapsed time,
-"stalled" and rates read the replay's moment of the session, not the wall clock.
+a demo; ``speed=None`` is ``--speed max``. The views' clock (elapsed time,
+"stalled", rates) reads the replay's moment of the session, not the wall clock.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ import signal
 import tarfile
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -63,6 +66,13 @@ _MAX_MEMBER_BYTES = 1 << 30
 #: All the log an archive's replay reads (its members, segments gunzipped), together.
 _MAX_TOTAL_BYTES = 1 << 30
 _LOG = "execution.jsonl"
+#: Bytes read from a log at a time.
+_CHUNK = 1 << 20
+#: A line longer than this is cut there (the native readers' bound): the fold
+#: counts it oversize, and the replay holds no more of it.
+_MAX_LINE = 1 << 20
+#: Lines folded at most per step of the player (``--speed max`` folds in steps).
+_BATCH = 4096
 
 
 class ReplayError(Exception):
@@ -82,32 +92,14 @@ def parse_speed(text: str) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------
-# The session's lines
+# The session's files, streamed
 # ---------------------------------------------------------------------------------------
-
-
-def _inflate(name: str, data: bytes, where: str, budget: int = _MAX_MEMBER_BYTES) -> bytes:
-    """A segment's text: gunzipped when its contents are gzip (not its name),
-    bounded (by ``budget`` too: what is left of an archive's total)."""
-    if not data.startswith(b"\x1f\x8b"):
-        return data
-    cap = min(budget, _MAX_MEMBER_BYTES)
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(data)) as inner:
-            text = inner.read(cap + 1)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise ReplayError(f"cannot read {where}: {name}: {exc}") from None
-    if len(text) > cap:
-        if cap < _MAX_MEMBER_BYTES:
-            _too_large(where)
-        raise ReplayError(f"cannot read {where}: {name} is larger than {_MAX_MEMBER_BYTES} bytes")
-    return text
 
 
 def _too_large(archive: str) -> NoReturn:
     """An archive whose logs together pass :data:`_MAX_TOTAL_BYTES`: a usage
-    error (exit 2, one line), refused before it is read or after the read
-    that passed the total."""
+    error (exit 2, one line), refused before it is read or while the replay
+    counts its lines (before anything is shown)."""
     from sigil.interfaces.cli.errors import UsageFailure
 
     raise UsageFailure(
@@ -115,22 +107,143 @@ def _too_large(archive: str) -> NoReturn:
     )
 
 
-def _directory_files(directory: Path) -> list[tuple[str, bytes]]:
-    from sigil.core.paths import rotated_segments
+def _too_long(where: str, name: str) -> Callable[[], NoReturn]:
+    def over() -> NoReturn:
+        raise ReplayError(f"cannot read {where}: {name} is larger than {_MAX_MEMBER_BYTES} bytes")
 
-    files: list[tuple[str, bytes]] = []
-    for path, segment in [*((p, True) for p in rotated_segments(directory)),
-                          (directory / _LOG, False)]:  # fmt: skip
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return over
+
+
+class _Readable(Protocol):
+    def read(self, size: int = ..., /) -> bytes: ...
+
+
+class _Reader(io.RawIOBase):
+    """``head``, then at most ``limit`` bytes of ``inner`` (all when None),
+    each byte counted in ``counter``; past ``cap`` bytes counted, ``over()``
+    (which raises)."""
+
+    def __init__(
+        self,
+        inner: _Readable,
+        *,
+        head: bytes = b"",
+        limit: int | None = None,
+        cap: int | None = None,
+        over: Callable[[], NoReturn] | None = None,
+        counter: list[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.inner = inner
+        self.head = head
+        self.left = limit
+        self.cap = cap
+        self.over = over
+        self.counter = counter if counter is not None else [0]
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = _CHUNK
+        if self.head:
+            data, self.head = self.head[:size], self.head[size:]
+        else:
+            if self.left is not None:
+                size = min(size, self.left)
+                if size <= 0:
+                    return b""
+            data = self.inner.read(size)
+            if self.left is not None:
+                self.left -= len(data)
+        self.counter[0] += len(data)
+        if self.cap is not None and self.counter[0] > self.cap and self.over is not None:
+            self.over()
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _text_of(stream: _Readable, over: Callable[[], NoReturn]) -> _Readable:
+    """A rotated segment's text: gunzipped when its contents are gzip (not its
+    name), at most :data:`_MAX_MEMBER_BYTES` of it (a gzip bomb is refused)."""
+    head = b""
+    while len(head) < 2:
+        more = stream.read(2 - len(head))
+        if not more:
+            break
+        head += more
+    whole = _Reader(stream, head=head)
+    if head != b"\x1f\x8b":
+        return whole
+    inflated = gzip.GzipFile(fileobj=whole)
+    return _Reader(inflated, cap=_MAX_MEMBER_BYTES, over=over)
+
+
+#: What a log file is read as: its name, where it is (for errors), its text.
+_Opened = tuple[str, str, _Readable]
+
+
+class _Files:
+    """A session's log files as streams of their text, in fold order; each is
+    read to its end before the next is asked for."""
+
+    #: the files' names, in fold order
+    names: list[str]
+
+    def open_all(self) -> Iterator[_Opened]:
+        raise NotImplementedError
+
+
+class _MemoryFiles(_Files):
+    def __init__(self, files: Sequence[tuple[str, bytes]]) -> None:
+        self.files = list(files)
+        self.names = [name for name, _ in self.files]
+
+    def open_all(self) -> Iterator[_Opened]:
+        for name, data in self.files:
+            yield name, "memory", io.BytesIO(data)
+
+
+class _DirectoryFiles(_Files):
+    """A session directory's rotated segments, oldest first, then its live
+    file, each read up to the size it had when the replay began (a log that
+    still grows is played as it was)."""
+
+    def __init__(self, directory: Path) -> None:
+        from sigil.core.paths import rotated_segments
+
+        self.directory = directory
+        self.files: list[tuple[Path, bool, int]] = []
+        for path, segment in [*((p, True) for p in rotated_segments(directory)),
+                              (directory / _LOG, False)]:  # fmt: skip
+            try:
+                size = os.stat(path, follow_symlinks=False).st_size
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise ReplayError(f"cannot read {path}: {exc.strerror or exc}") from None
+            self.files.append((path, segment, size))
+        self.names = [path.name for path, _, _ in self.files]
+
+    def open_all(self) -> Iterator[_Opened]:
+        where = str(self.directory)
+        for path, segment, size in self.files:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise ReplayError(f"cannot read {path}: {exc.strerror or exc}") from None
             with os.fdopen(fd, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise ReplayError(f"cannot read {path}: {exc.strerror or exc}") from None
-        files.append((path.name, _inflate(path.name, data, str(directory)) if segment else data))
-    return files
+                stream: _Readable = _Reader(f, limit=size)
+                if segment:
+                    stream = _text_of(stream, _too_long(where, path.name))
+                yield path.name, where, stream
 
 
 def _log_member(member: tarfile.TarInfo) -> tuple[tuple[int, Any], str] | None:
@@ -148,152 +261,293 @@ def _log_member(member: tarfile.TarInfo) -> tuple[tuple[int, Any], str] | None:
     return None if key is None else ((0, key), name)
 
 
-def _archive_files(archive: Path) -> list[tuple[str, bytes]]:
-    """The log files of an archived session, read from its tar.gz in memory:
-    at most :data:`_MAX_TOTAL_BYTES` in all. The members' sizes are summed in
-    a first pass over the headers (nothing kept), so that an archive over the
-    total is refused before any of it is read."""
-    found: list[tuple[tuple[int, Any], str, bytes]] = []
-    try:
-        for reading in (False, True):
-            budget = _MAX_TOTAL_BYTES
-            fd = os.open(archive, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+class _ArchiveFiles(_Files):
+    """An archived session's log members, streamed from its tar.gz in fold
+    order, nothing extracted. The archive holds them by name, not in that
+    order: a member due before the one the stream is at is read from the
+    archive once more (the live file, stored first, is one more pass).
+
+    At most :data:`_MAX_TOTAL_BYTES` of log in all: the members' sizes are
+    summed over the headers first, so an archive over it is refused before
+    any of it is read; gunzipped segments count as they are read."""
+
+    def __init__(self, archive: Path) -> None:
+        self.archive = archive
+        found: list[tuple[tuple[int, Any], int, str]] = []
+        budget = _MAX_TOTAL_BYTES
+        with self._tar() as tar:
+            for index, member in enumerate(tar):
+                log = _log_member(member)
+                if log is None:
+                    continue
+                order, name = log
+                if member.size > _MAX_MEMBER_BYTES:
+                    raise ReplayError(
+                        f"cannot read {archive}: {name} is larger than {_MAX_MEMBER_BYTES} bytes"
+                    )
+                if member.size > budget:
+                    _too_large(str(archive))
+                budget -= member.size
+                found.append((order, index, name))
+        found.sort(key=lambda item: item[0])
+        self.members = [(index, name, order[0] == 0) for order, index, name in found]
+        self.names = [name for _, name, _ in self.members]
+
+    @contextlib.contextmanager
+    def _tar(self) -> Iterator[tarfile.TarFile]:
+        try:
+            fd = os.open(self.archive, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             with os.fdopen(fd, "rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
-                for member in tar:
-                    log = _log_member(member)
-                    if log is None:
-                        continue
-                    order, name = log
-                    if member.size > _MAX_MEMBER_BYTES:
-                        raise ReplayError(
-                            f"cannot read {archive}: {name} is larger than "
-                            f"{_MAX_MEMBER_BYTES} bytes"
-                        )
-                    if member.size > budget:
-                        _too_large(str(archive))
-                    if not reading:
-                        budget -= member.size
-                        continue
-                    extracted = tar.extractfile(member)
+                yield tar
+        except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
+            raise ReplayError(f"cannot read {self.archive}: {exc}") from None
+
+    def open_all(self) -> Iterator[_Opened]:
+        where = str(self.archive)
+        counter = [0]  # the log read, gunzipped, against the total
+
+        def over_total() -> NoReturn:
+            _too_large(where)
+
+        pending = deque(self.members)
+        while pending:
+            with self._tar() as tar:
+                at = -1
+                members = iter(tar)
+                while pending and pending[0][0] > at:
+                    index, name, segment = pending.popleft()
+                    found = None
+                    for member in members:
+                        at += 1
+                        if at == index:
+                            found = member
+                            break
+                    if found is None:
+                        return  # the archive changed while it was replayed
+                    extracted = tar.extractfile(found)
                     if extracted is None:
                         continue
-                    data = extracted.read()
-                    if order[0] == 0:
-                        data = _inflate(name, data, str(archive), budget)
-                    budget -= len(data)
-                    found.append((order, name, data))
-    except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
-        raise ReplayError(f"cannot read {archive}: {exc}") from None
-    found.sort(key=lambda item: item[0])
-    return [(name, data) for _, name, data in found]
+                    stream: _Readable = extracted
+                    if segment:
+                        stream = _text_of(stream, _too_long(where, name))
+                    counted = _Reader(stream, cap=_MAX_TOTAL_BYTES, over=over_total,
+                                      counter=counter)  # fmt: skip
+                    yield name, where, counted
+
+
+def _pieces(opened: _Opened) -> Iterator[tuple[int, bytes]]:
+    """A file's text as blocks of whole lines (the file's last may have no
+    newline), each with where it starts in the file, at most about
+    :data:`_CHUNK` bytes each. A line longer than :data:`_MAX_LINE` comes as
+    its first bytes and a newline, alone (the fold counts it oversize); the
+    rest of it is skipped."""
+    name, where, stream = opened
+    errors = (OSError, EOFError, zlib.error, tarfile.TarError)
+    offset, carry = 0, b""
+    skipping = False
+    while True:
+        try:
+            data = stream.read(_CHUNK)
+        except errors as exc:
+            raise ReplayError(f"cannot read {where}: {name}: {exc}") from None
+        if not data:
+            break
+        if skipping:
+            nl = data.find(b"\n")
+            if nl < 0:
+                offset += len(data)
+                continue
+            offset += nl + 1
+            data = data[nl + 1 :]
+            skipping = False
+        block = carry + data if carry else data
+        cut = block.rfind(b"\n") + 1
+        if cut == 0:
+            if len(block) > _MAX_LINE:
+                yield offset, block[: _MAX_LINE + 1] + b"\n"
+                offset += len(block)
+                carry, skipping = b"", True
+            else:
+                carry = block
+            continue
+        yield offset, block[:cut]
+        offset += cut
+        carry = block[cut:]
+    if carry:
+        yield offset, carry
+
+
+def _count_lines(block: bytes) -> int:
+    return block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
 
 
 @dataclass(slots=True)
 class _Line:
+    #: which file (in fold order: the rotated segments before it, the monitor's rotations)
     file: int
+    #: the block of whole lines this line is in, and where in it
+    block: bytes
     start: int
     end: int
+    #: where the line starts in its file
+    offset: int
     #: the event's time (seconds since the epoch), None for a line that is no event
     at: float | None
     #: seconds since the event before it (0 when either has no time)
     gap: float
     #: a ``session_start`` (where a run may begin)
     opens_run: bool
+    #: how many lines (more than one: a run of them, for ``--speed max``)
+    count: int = 1
+
+
+def _runs_of(lines: Sequence[_Line]) -> Iterator[tuple[bytes, int]]:
+    """Lines as byte blocks: each run of lines next to each other in one block
+    (so in one file) as one slice, with where it starts in its file."""
+    i, n = 0, len(lines)
+    while i < n:
+        line = lines[i]
+        j = i
+        while j + 1 < n and lines[j + 1].block is line.block and lines[j + 1].start == lines[j].end:
+            j += 1
+        yield line.block[line.start : lines[j].end], line.offset
+        i = j + 1
+
+
+def feed_lines(fold: Fold, lines: Sequence[_Line]) -> None:
+    """Fold ``lines`` (each file's run of them in one call)."""
+    for block, offset in _runs_of(lines):
+        fold.feed_bytes(block, offset)
+
+
+def entries_of(lines: Sequence[_Line]) -> list[ParsedEntry]:
+    """The events of ``lines``, parsed natively."""
+    from sigil.telemetry.log_parser import parse_bytes
+
+    found: list[ParsedEntry] = []
+    for block, offset in _runs_of(lines):
+        found.extend(parse_bytes(block, offset).entries)
+    return found
 
 
 class Timeline:
-    """A session's log lines in fold order, each with its event's moment."""
+    """A session's log lines in fold order, each with its event's moment,
+    streamed: :meth:`stream` reads the files once more each time."""
 
-    def __init__(self, session_id: str, files: list[tuple[str, bytes]]) -> None:
-        from sigil.interfaces.cli.monitor import parse_timestamp
-        from sigil.telemetry.log_parser import parse_bytes
-
+    def __init__(self, session_id: str, files: Sequence[tuple[str, bytes]] | _Files) -> None:
         self.session_id = session_id
-        self.files = [data for _, data in files]
-        self.lines: list[_Line] = []
-        last: float | None = None
-        for index, data in enumerate(self.files):
-            # Only each event's time and type are kept (a line's event is parsed
-            # again, natively, when a view lists it): a long session stays small.
-            by_offset = {
-                e.offset: (e.timestamp, e.event_type == "session_start")
-                for e in parse_bytes(data).entries
-            }
-            pos, size = 0, len(data)
-            while pos < size:
-                nl = data.find(b"\n", pos)
-                end = size if nl < 0 else nl + 1
-                stamp, opens_run = by_offset.get(pos, (None, False))
-                moment = parse_timestamp(stamp)
-                at = moment.timestamp() if moment is not None else None
-                gap = 0.0 if at is None or last is None else max(0.0, at - last)
-                if at is not None:
-                    last = at
-                self.lines.append(_Line(index, pos, end, at, gap, opens_run))
-                pos = end
-
-    def moment_before(self, index: int) -> float | None:
-        """The time of the latest event before line ``index``."""
-        for i in range(min(index, len(self.lines)) - 1, -1, -1):
-            at = self.lines[i].at
-            if at is not None:
-                return at
-        return None
+        self._files = files if isinstance(files, _Files) else _MemoryFiles(files)
+        self._count: int | None = None
 
     @classmethod
     def of(cls, source: Source) -> Timeline:
-        if source.archived:
-            files = _archive_files(Path(source.key))
-        else:
-            files = _directory_files(Path(source.key))
-        if not files:
+        """The session's timeline, its lines counted (every file read once:
+        what cannot be read is said now, before anything is shown)."""
+        path = Path(source.key)
+        files: _Files = _ArchiveFiles(path) if source.archived else _DirectoryFiles(path)
+        timeline = cls(source.session_id, files)
+        if not files.names:
             raise ReplayError(f"session {source.session_id!r} has no log to replay")
-        return cls(source.session_id, files)
+        timeline.count  # noqa: B018 (read every file now)
+        return timeline
 
-    def _blocks(self, first: int, stop: int) -> Iterator[tuple[bytes, int]]:
-        """Lines ``first`` up to ``stop`` as blocks of bytes, one per file, and
-        where each starts in its file."""
-        i = first
-        while i < stop:
-            line = self.lines[i]
-            j = i
-            while j + 1 < stop and self.lines[j + 1].file == line.file:
-                j += 1
-            yield self.files[line.file][line.start : self.lines[j].end], line.start
-            i = j + 1
+    @property
+    def count(self) -> int:
+        """How many lines the session's log has (counted once)."""
+        if self._count is None:
+            total = 0
+            for opened in self._files.open_all():
+                for _, block in _pieces(opened):
+                    total += _count_lines(block)
+            self._count = total
+        return self._count
 
-    def feed(self, fold: Fold, first: int, stop: int) -> None:
-        """Fold lines ``first`` up to ``stop`` (each file's run of them in one call)."""
-        for block, offset in self._blocks(first, stop):
-            fold.feed_bytes(block, offset)
-
-    def entries(self, first: int, stop: int) -> list[ParsedEntry]:
-        """The events of lines ``first`` up to ``stop``, parsed natively."""
+    def stream(self) -> Iterator[_Line]:
+        """Every line from the first, each with its event's moment."""
+        from sigil.interfaces.cli.monitor import parse_timestamp
         from sigil.telemetry.log_parser import parse_bytes
 
-        found: list[ParsedEntry] = []
-        for block, offset in self._blocks(first, stop):
-            found.extend(parse_bytes(block, offset).entries)
-        return found
+        last: float | None = None
+        for file, opened in enumerate(self._files.open_all()):
+            for offset, block in _pieces(opened):
+                # Only each event's time and type are kept (a line's event is
+                # parsed again, natively, when a view lists it).
+                by_pos = {
+                    e.offset: (e.timestamp, e.event_type == "session_start")
+                    for e in parse_bytes(block).entries
+                }
+                pos, size = 0, len(block)
+                while pos < size:
+                    nl = block.find(b"\n", pos)
+                    end = size if nl < 0 else nl + 1
+                    stamp, opens_run = by_pos.get(pos, (None, False))
+                    moment = parse_timestamp(stamp)
+                    at = moment.timestamp() if moment is not None else None
+                    gap = 0.0 if at is None or last is None else max(0.0, at - last)
+                    if at is not None:
+                        last = at
+                    yield _Line(file, block, pos, end, offset + pos, at, gap, opens_run)
+                    pos = end
+
+    def blocks(self, cuts: Sequence[int] = ()) -> Iterator[_Line]:
+        """Every line from the first, as runs of lines (a block read at a time),
+        without their moments (``--speed max`` waits for none): cut at each
+        line number in ``cuts``, so that a run never spans one."""
+        marks = sorted(set(cuts))
+        k, index = 0, 0
+        for file, opened in enumerate(self._files.open_all()):
+            for offset, block in _pieces(opened):
+                start, left = 0, _count_lines(block)
+                while k < len(marks) and marks[k] <= index:
+                    k += 1
+                while k < len(marks) and marks[k] < index + left:
+                    take = marks[k] - index
+                    end = start
+                    for _ in range(take):
+                        end = block.index(b"\n", end) + 1
+                    yield _Line(file, block, start, end, offset + start, None, 0.0, False, take)
+                    index, left, start = index + take, left - take, end
+                    k += 1
+                if left:
+                    yield _Line(file, block, start, len(block), offset + start, None, 0.0, False,
+                                left)  # fmt: skip
+                    index += left
+
+    @property
+    def lines(self) -> list[_Line]:
+        """Every line at once (for a test: the replay itself streams them)."""
+        return list(self.stream())
 
     def run_range(self, number: int) -> tuple[int, int]:
         """The lines of run ``number`` (as the model numbers runs): from its
         ``session_start`` up to the next one. Raises :class:`ReplayError`."""
         from sigil.telemetry.archived import Fold
 
-        starts = [i for i, line in enumerate(self.lines) if line.opens_run]
         fold = Fold(0)
-        done = 0
         numbers: list[int] = []
-        for k, start in enumerate(starts):
-            # The model says which run a session_start opened: fold up to it.
-            self.feed(fold, done, start + 1)
-            done = start + 1
-            got = fold.snapshot().run.number
-            numbers.append(got)
-            if got == number:
-                end = starts[k + 1] if k + 1 < len(starts) else len(self.lines)
-                return start, end
+        pending: list[_Line] = []
+        start: int | None = None
+        index = -1
+        for index, line in enumerate(self.stream()):
+            if line.opens_run:
+                if start is not None:
+                    return start, index
+                # The model says which run a session_start opened: fold up to it.
+                pending.append(line)
+                feed_lines(fold, pending)
+                pending.clear()
+                got = fold.snapshot().run.number
+                numbers.append(got)
+                if got == number:
+                    start = index
+                continue
+            if start is None:
+                pending.append(line)
+                if len(pending) >= _BATCH:
+                    feed_lines(fold, pending)
+                    pending.clear()
+        if start is not None:
+            return start, index + 1
         known = ", ".join(str(n) for n in numbers) or "none"
         raise ReplayError(f"session {self.session_id!r} has no run {number} (its runs: {known})")
 
@@ -360,7 +614,7 @@ class Player:
         self.speed = speed
         self.max_gap = max(0.0, max_gap)
         self.first = first
-        self.stop = len(timeline.lines) if stop is None else stop
+        self.stop = timeline.count if stop is None else stop
         self.refresh_rate = refresh_rate
         self.keys = keys
         self.label = label
@@ -369,8 +623,18 @@ class Player:
         from sigil.telemetry.archived import Fold
 
         self.fold = Fold(last_n)
-        timeline.feed(self.fold, 0, first)
-        self.cursor = first
+        #: ``--speed max`` with no keys (nothing to step or pause): runs of lines
+        #: are folded as read, with no line's moment (the clock is the fold's latest)
+        self._fast = speed is None and keys is None
+        #: the lines from the cursor on, read ahead of it (a few batches at most)
+        self._lines = timeline.blocks((first, self.stop)) if self._fast else timeline.stream()
+        self._ahead: deque[_Line] = deque()
+        self.cursor = 0
+        #: the file of the latest line folded (the segments before it are rotations)
+        self._file = 0
+        #: the time of the latest event folded
+        self._last_at: float | None = None
+        self._fold_history(first)
         self.state: SessionState = SessionState(
             timeline.session_id,
             default_budget=default_budget,
@@ -379,6 +643,9 @@ class Player:
         )
         # A replayed writer is there until the last line (contract 7's "running").
         self.state.locked = True
+        self.state.rotations = self._file
+        if self._fast:
+            self._note_moment()
         self.phase = _phase_of(self.state)
         self.paused = False
         self.finished = False
@@ -387,11 +654,13 @@ class Player:
         self._paused_left = 0.0
         #: the moment shown while paused
         self._frozen_at: float | None = None
-        #: the time of the latest event folded
-        self._last_at = timeline.moment_before(first)
         self._resized = False
+        #: lines were folded since the state took the fold's snapshot (``--speed max``)
+        self._stale = False
         if self.dashboard is not None:
             self.dashboard.clock = self.moment
+        # Every mode's clock (elapsed, stalled, rates) is the replay's moment.
+        self.state.clock = self.moment
 
     # -- pacing ----------------------------------------------------------------------------
 
@@ -400,7 +669,8 @@ class Player:
         it, divided by the speed, at most ``max_gap``."""
         if self.speed is None or index >= self.stop:
             return 0.0
-        return min(self.timeline.lines[index].gap / self.speed, self.max_gap)
+        line = self._line(index)
+        return 0.0 if line is None else min(line.gap / self.speed, self.max_gap)
 
     def moment(self) -> datetime | None:
         """The moment of the session the replay has reached (the dashboard's 'now'):
@@ -411,8 +681,7 @@ class Player:
         at = last
         if self._frozen_at is not None:
             at = self._frozen_at
-        elif not self.finished and self.cursor < self.stop:
-            line = self.timeline.lines[self.cursor]
+        elif not self.finished and not self._fast and (line := self._line(self.cursor)) is not None:
             wait = self.delay(self.cursor)
             if line.at is not None and line.at > last and wait > 0:
                 left = max(0.0, self.next_due - self._clock())
@@ -421,28 +690,110 @@ class Player:
 
     # -- feeding ---------------------------------------------------------------------------
 
+    def _line(self, index: int) -> _Line | None:
+        """Line ``index`` (at or after the cursor), read ahead up to it; None
+        past the end (a log found shorter than counted ends the replay there)."""
+        k = index - self.cursor
+        if k < 0 or index >= self.stop:
+            return None
+        ahead = self._ahead
+        while len(ahead) <= k:
+            line = next(self._lines, None)
+            if line is None:
+                self.stop = self.cursor + len(ahead)
+                return None
+            ahead.append(line)
+        return ahead[k]
+
+    def _take(self, upto: int) -> list[_Line]:
+        """The lines from the cursor up to ``upto``, which the cursor passes."""
+        upto = min(upto, self.stop)
+        if upto <= self.cursor:
+            return []
+        if self._fast:
+            return self._take_runs(upto)
+        self._line(upto - 1)
+        ahead = self._ahead
+        taken = [ahead.popleft() for _ in range(min(upto - self.cursor, len(ahead)))]
+        self.cursor += len(taken)
+        if taken:
+            self._file = taken[-1].file
+        for line in reversed(taken):
+            if line.at is not None:
+                self._last_at = line.at
+                break
+        return taken
+
+    def _take_runs(self, upto: int) -> list[_Line]:
+        """``--speed max``: runs of lines up to ``upto`` or past it (never past a
+        cut: the first line played, the end)."""
+        taken: list[_Line] = []
+        while self.cursor < upto:
+            run = next(self._lines, None)
+            if run is None:
+                self.stop = self.cursor  # the log was shorter than counted
+                break
+            taken.append(run)
+            self.cursor += run.count
+        if taken:
+            self._file = taken[-1].file
+        return taken
+
+    def _note_moment(self) -> None:
+        """``--speed max``: the clock is the latest event's time the fold saw."""
+        from sigil.interfaces.cli.monitor import parse_timestamp
+
+        moment = parse_timestamp(self.state.last_timestamp)
+        if moment is not None:
+            self._last_at = moment.timestamp()
+
+    def _fold_history(self, first: int) -> None:
+        """Fold the lines before ``first`` at once, a batch at a time."""
+        while self.cursor < first:
+            taken = self._take(min(first, self.cursor + _BATCH))
+            if not taken:
+                break
+            feed_lines(self.fold, taken)
+
     def _advance(self, upto: int) -> None:
         """Fold the lines before ``upto`` not folded yet; show the new snapshot."""
-        upto = min(upto, self.stop)
-        first = self.cursor
-        if upto <= first:
+        lines = self._take(upto)
+        if not lines:
             return
-        self.timeline.feed(self.fold, first, upto)
-        self.cursor = upto
-        self._last_at = self.timeline.moment_before(upto) or self._last_at
+        feed_lines(self.fold, lines)
         state = self.state
-        fresh: list[Any] = list(state.update(self.fold.snapshot()))
+        fresh: list[Any] = []
+        if self._fast:
+            # The snapshot (which grows with the session's runs) is taken when
+            # a frame is drawn, not for each run of lines folded.
+            self._stale = True
+        else:
+            fresh = self._sync()
         if self.renderer.lists_events:
             # Every event fed, even a burst larger than the model's recent ring.
-            fresh = list(self.timeline.entries(first, upto))
+            fresh = entries_of(lines)
             state.unlisted = 0
-        self.phase = _phase_of(state)
         self.renderer.on_events(state, fresh)
 
+    def _sync(self) -> list[Any]:
+        """The state takes the fold's snapshot; the events new in it."""
+        state = self.state
+        fresh = list(state.update(self.fold.snapshot()))
+        state.rotations = self._file
+        if self._fast:
+            self._note_moment()
+        self.phase = _phase_of(state)
+        self._stale = False
+        return fresh
+
     def _due(self, now: float) -> int:
-        """The index past the last line due at ``now``; ``next_due`` moves along."""
+        """The index past the last line due at ``now`` (a batch at most);
+        ``next_due`` moves along."""
+        limit = min(self.stop, self.cursor + _BATCH)
+        if self.speed is None:
+            return limit
         i, due = self.cursor, self.next_due
-        while i < self.stop and due <= now:
+        while i < limit and due <= now:
             i += 1
             due += self.delay(i)
         self.next_due = due
@@ -483,6 +834,8 @@ class Player:
         """The last line is in: the writer is gone, as a live monitor would find."""
         self.finished = True
         self._frozen_at = None
+        if self._stale:
+            self._sync()
         state = self.state
         state.locked = False
         if state.status == "running":
@@ -504,10 +857,14 @@ class Player:
             text += " · p pauses the replay, n or . steps one event"
         return text
 
-    def _draw(self, *, force: bool = False) -> None:
+    def _draw(self, *, force: bool = False, changed: bool = True) -> None:
+        if self._stale:
+            self._sync()
         dashboard = self.dashboard
         if dashboard is None:
-            self.renderer.refresh(self.state, self.phase, True)
+            # As the monitor: ``changed`` when events came in since the last
+            # frame (a pipe gets a line per change, not per tick of the clock).
+            self.renderer.refresh(self.state, self.phase, changed)
             return
         dashboard.notice(self.status_text())
         if force:
@@ -569,14 +926,15 @@ class Player:
             # While playing, a frame each refresh (the clock moves along);
             # paused or at the end, a frame when something changed.
             if (playing and now >= next_frame) or (dirty and not playing):
-                self._draw(force=True)
+                self._draw(force=True, changed=dirty)
                 dirty = False
                 next_frame = now + self.refresh_rate
             timeout = 0.25
             if playing:
                 timeout = max(0.0, min(next_frame, self.next_due) - now)
             if keys is None:
-                time.sleep(min(timeout, 0.25))
+                if timeout > 0:
+                    time.sleep(min(timeout, 0.25))
                 continue
             try:
                 ready, _, _ = select.select([keys.fd], [], [], min(timeout, 0.25))

@@ -17,11 +17,13 @@ from sigil.interfaces.cli.errors import OneLineCommand, UsageFailure
 def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
     """Tokens, latency and errors per component of A and B (a session ID, or
     ID@RUN for one run), largest differences first; then the steps whose output
-    changed, loops, and token jumps (a component whose tokens per call on one
+    changed, loops, retry storms (5+ retries of one component in a run), runs
+    out of budget, and token jumps (a component whose tokens per call on one
     side are above 2x the other's and at least 100 more)."""
     from pathlib import Path
 
     from sigil.core.config import load_settings
+    from sigil.interfaces.cli.commands.report import budget_text, calls_text
     from sigil.reports.diff import DiffError, changed_steps, compare, load_sides, token_jumps
 
     settings = load_settings({"logging.path": log_path})
@@ -33,6 +35,8 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
     rows = compare(left, right)
     changed = changed_steps(left, right)
     loops = {"a": left.loops, "b": right.loops}
+    storms = {"a": left.retry_storms, "b": right.retry_storms}
+    exhausted = {"a": left.budget_exhausted, "b": right.budget_exhausted}
     jumps = token_jumps(left, right)
     if as_json:
         import orjson
@@ -43,6 +47,8 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
             "components": rows,
             "changed_steps": changed,
             "loops": loops,
+            "retry_storms": storms,
+            "budget_exhausted": exhausted,
             "token_jumps": jumps,
         }
         click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
@@ -61,13 +67,22 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
                 f" {loop['starts']} times with input {_short(loop['input_sha256'])}"
                 f" (seq {', '.join(map(str, loop['seqs']))})"
             )
+    for side, found in storms.items():
+        for storm in found:
+            click.echo(
+                f"retry storm in {side.upper()} run {storm['run']}: {storm['component']} retried"
+                f" {storm['retries']} times (seq {', '.join(map(str, storm['seqs']))})"
+            )
+    for side, found in exhausted.items():
+        for run in found:
+            click.echo(f"budget exhausted in {side.upper()} run {run['run']}: {budget_text(run)}")
     for side, other in (("a", "b"), ("b", "a")):
         for jump in jumps[side]:
             value, baseline = jump["tokens_per_call"], jump["history_p99"]
             times = f"{value / baseline:.1f}x" if baseline else "up from"
             click.echo(
                 f"token jump in {side.upper()}: {jump['component']} {value:,.1f} tokens per"
-                f" call, {times} {other.upper()}'s {baseline:,.1f}"
+                f" call, {times} {other.upper()}'s {baseline:,.1f}{calls_text(jump)}"
             )
 
 

@@ -241,7 +241,14 @@ class MeteredSession:
         tracker.logger = self._log
         orch.token_tracker = tracker
         self._tokens_before = history.tokens_used
-        self.meter = Meter(tracker, self._log, run=prep.run.run, pricer=orch.pricer)
+        # Tokens earlier runs held for calls of unknown usage stay held (the model's).
+        self.meter = Meter(
+            tracker,
+            self._log,
+            run=prep.run.run,
+            pricer=orch.pricer,
+            held_before=history.tokens_held,
+        )
         return self.meter
 
     async def begin(self, task: str, url: str, extra: dict[str, Any] | None = None) -> None:
@@ -270,6 +277,7 @@ class MeteredSession:
                 "proxy_url": url,
                 "steps": [],
                 "tokens_before_run": tracker.used,
+                **({"tokens_held_before_run": history.tokens_held} if history.tokens_held else {}),
                 **(extra or {}),
             },
         )
@@ -277,6 +285,8 @@ class MeteredSession:
             notice = tracker.exhausted_notice()
             meta = notice.metadata() | {"reason": "spent by earlier runs"}
             await log.log_event(notice.event_type, ORCHESTRATOR, notice.message, 0, meta)
+        elif self.meter is not None and self.meter.exhausted:
+            await self.meter.announce_held("held by earlier runs for calls of unknown usage")
 
     async def end(self, status: str, error: str | None) -> None:
         """The final event, then the log closed, the summaries written, the lock released."""

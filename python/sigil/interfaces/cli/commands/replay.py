@@ -1,4 +1,4 @@
-"""``sigil replay SESSION``: play a finished session through the live dashboard.
+"""``sigil replay SESSION``: play a finished session through the monitor's views.
 
 Thin on purpose (STYLE.md): check the flags, find the session (its directory,
 else its newest archive, read in memory), then hand over to
@@ -13,13 +13,12 @@ from typing import TYPE_CHECKING
 
 import click
 
+from sigil.interfaces.cli.early import MODES as _MODES
 from sigil.interfaces.cli.errors import OneLineCommand, UsageFailure
 
 if TYPE_CHECKING:
     from sigil.core.config import Settings
     from sigil.interfaces.cli.replay import Timeline
-
-_MODES = ("dashboard", "stream")
 
 _EPILOG = """\b
 Examples:
@@ -28,6 +27,8 @@ Examples:
   sigil replay acme-1 --speed max      as fast as it folds (the last frame stays)
   sigil replay acme-1 --run 2          the session up to run 2, then run 2 played
   sigil replay acme-1 --paused         step through it event by event (n)
+  sigil replay acme-1 -m json --speed max | jq -c 'select(.type == "final")'
+  sigil replay acme-1 -m minimal       one line: tokens, rate, forecast, errors
 
 \b
 Keys: the live view's (q, p, ?, e, c, s, arrows, /) and n or . to step one
@@ -60,8 +61,21 @@ event (it pauses first; p plays on).
     metavar="SECONDS",
     help="The longest wait between two events, whatever their gap.",
 )
-@click.option("--mode", "-m", metavar="|".join(_MODES), help="dashboard (default) or stream.")
-@click.option("--paused", is_flag=True, help="Start paused: n steps one event at a time, p plays.")
+@click.option(
+    "--mode",
+    "-m",
+    metavar="|".join(_MODES),
+    help="The monitor's display modes and formats (default: monitoring.default_mode, "
+    "dashboard; off a terminal the dashboard is the stream).",
+)
+@click.option(
+    "--json-events",
+    is_flag=True,
+    help='Json mode: one object per event too (the event as logged, "type": "event").',
+)
+@click.option(
+    "--paused", is_flag=True, help="Dashboard: start paused; n steps one event at a time, p plays."
+)
 @click.option("--no-keys", is_flag=True, help="Do not read keys; exit at the end of the replay.")
 @click.option("--log-path", "-l", metavar="DIR", help="Base log directory (default: logging.path).")
 def replay(
@@ -70,13 +84,15 @@ def replay(
     run_number: int | None,
     max_gap: float,
     mode: str | None,
+    json_events: bool,
     paused: bool,
     no_keys: bool,
     log_path: str | None,
 ) -> None:
-    """Play a finished session (live or archived) through the dashboard at a
-    chosen speed: every number is the native session model's, fed the
-    session's lines one by one.
+    """Play a finished session (live or archived) through the monitor's views
+    at a chosen speed: the dashboard, or --mode stream, minimal or json into a
+    pipe (the monitor's formats). Every number is the native session model's,
+    fed the session's lines one by one.
 
     Exit codes: 0 played (or q), 1 the session cannot be read, 2 bad usage
     (an unknown or still running session, a bad --speed), 130 interrupted.
@@ -100,17 +116,26 @@ def replay(
         raise UsageFailure(f"--max-gap must be 0 seconds or more, got {max_gap!r}")
     if run_number is not None and run_number < 0:
         raise UsageFailure(f"--run must be a run number (0 or more), got {run_number}")
-    if mode is not None and mode not in _MODES:
-        raise UsageFailure(f"--mode must be one of {', '.join(_MODES)}, got {mode!r}")
+    if mode is not None:
+        _check_mode(mode, "--mode", json_events, paused)
     if sys.stdout is None:  # ``sigil replay x >&-``: no stdout at all
         raise UsageFailure("stdout is closed: nothing to replay to (use > /dev/null to discard)")
     if mode == "dashboard" and not sys.stdout.isatty():
-        raise UsageFailure("--mode dashboard needs a terminal on stdout; use --mode stream")
+        raise UsageFailure(
+            "--mode dashboard needs a terminal on stdout; use --mode stream, minimal or json"
+        )
 
-    from sigil.core.config import load_settings
+    from sigil.core.config import ConfigError, load_settings
     from sigil.reports.sources import find_session
 
-    settings = load_settings({"logging.path": log_path})
+    try:
+        settings = load_settings({"logging.path": log_path, "monitoring.default_mode": mode})
+    except ConfigError as exc:
+        raise UsageFailure(exc.format_message()) from None
+    # The monitor's choice: the flag, else monitoring.default_mode (the dashboard,
+    # which is the stream off a terminal).
+    mode = mode or settings.monitoring.default_mode
+    _check_mode(mode, "monitoring.default_mode", json_events, paused)
     base = Path(settings.logging.path).expanduser()
     source = find_session(base, session_id)
     if source is None:
@@ -122,7 +147,7 @@ def replay(
         )
     try:
         timeline = Timeline.of(source)
-        first, stop = 0, len(timeline.lines)
+        first, stop = 0, timeline.count
         if run_number is not None:
             first, stop = timeline.run_range(run_number)
     except ReplayError as exc:
@@ -133,9 +158,23 @@ def replay(
 
     try:
         code = _play(
-            timeline, settings, factor, max_gap, first, stop, mode, no_keys, run_number, paused
+            timeline,
+            settings,
+            factor,
+            max_gap,
+            first,
+            stop,
+            mode,
+            json_events,
+            no_keys,
+            run_number,
+            paused,
         )
         sys.stdout.flush()
+    except ReplayError as exc:
+        # A file that changed under the replay (it was read once, to count its lines).
+        click.echo(f"Error: {exc}", err=True)
+        code = 1
     except BrokenPipeError:
         # The reader went away (``sigil replay x | head``): done, as the monitor.
         _discard_stdout()
@@ -146,6 +185,16 @@ def replay(
         click.echo(f"Error: replay stopped: {exc.strerror or exc}", err=True)
         code = 1
     sys.exit(code)
+
+
+def _check_mode(mode: str, given_by: str, json_events: bool, paused: bool) -> None:
+    """The mode and the flags that need one, as the monitor checks them."""
+    if mode not in _MODES:
+        raise UsageFailure(f"{given_by} must be one of {', '.join(_MODES)}, got {mode!r}")
+    if json_events and mode != "json":
+        raise UsageFailure(f"--json-events needs --mode json, got --mode {mode}")
+    if paused and mode != "dashboard":
+        raise UsageFailure(f"--paused steps through the dashboard, not --mode {mode}")
 
 
 def _discard_stdout() -> None:
@@ -167,7 +216,8 @@ def _play(
     max_gap: float,
     first: int,
     stop: int,
-    mode: str | None,
+    mode: str,
+    json_events: bool,
     no_keys: bool,
     run_number: int | None,
     paused: bool,
@@ -177,7 +227,8 @@ def _play(
     from sigil.interfaces.cli.replay import Player
 
     options = DisplayOptions.from_settings(settings)
-    renderer = make_renderer(mode or "dashboard", options=options)
+    renderer = make_renderer(mode, options=options)
+    renderer.select_events(None, json_events=json_events)
     keys: TerminalKeys | None = None
     if isinstance(renderer, DashboardRenderer) and not no_keys:
         candidate = TerminalKeys(sys.stdin.fileno())

@@ -59,7 +59,8 @@ def report(
     whose writer died (incomplete); ERRORS failed steps; latency percentiles
     are of the successful steps.
 
-    Anomalies follow the table: loops, retry storms, and token jumps (a
+    Anomalies follow the table, each with the seqs of the events that show
+    it: loops, retry storms, runs out of budget, and token jumps (a
     component's tokens per call in a run above 2x the p99 of its last 20 runs'
     and at least 100 above it; 5 runs of history needed).
     """
@@ -155,13 +156,35 @@ def _print_table(result: object) -> None:
         click.echo(
             f"retry storm: session {storm['session']} run {storm['run']}:"
             f" {storm['component']} retried {storm['retries']} times"
+            + (f" (seq {', '.join(map(str, storm['seqs']))})" if storm.get("seqs") else "")
+        )
+    for run in found.get("budget_exhausted", []):
+        click.echo(
+            f"budget exhausted: session {run['session']} run {run['run']}: {budget_text(run)}"
         )
     for jump in found.get("token_jumps", []):
         click.echo(
             f"token jump: session {jump['session']} run {jump['run']}: {jump['component']}"
             f" {jump['tokens_per_call']:,.1f} tokens per call, above {jump['history_p99']:,.1f}"
-            f" (p99 of its last {jump['history_runs']} runs)"
+            f" (p99 of its last {jump['history_runs']} runs){calls_text(jump)}"
         )
+
+
+def budget_text(run: dict[str, Any]) -> str:
+    """``1,100,000 of 1,000,000 tokens (seq 6)``: a run out of budget and its final event."""
+    budget = "an unknown budget" if run.get("budget") is None else f"{run['budget']:,}"
+    seqs = f" (seq {', '.join(map(str, run['seqs']))})" if run.get("seqs") else ""
+    return f"{run['tokens']:,} of {budget} tokens{seqs}"
+
+
+def calls_text(jump: dict[str, Any]) -> str:
+    """A token jump's events: ``; its heaviest calls: seq 13 (3,000 tokens), 8 (2,000 tokens)``
+    (empty when none carried a seq)."""
+    heaviest = jump.get("heaviest_calls") or []
+    if not heaviest:
+        return ""
+    shown = ", ".join(f"{c['seq']} ({c['tokens']:,} tokens)" for c in heaviest)
+    return f"; its heaviest calls: seq {shown}"
 
 
 def _console() -> Any:
