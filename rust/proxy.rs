@@ -965,7 +965,13 @@ impl PyProxyTransport {
                 let serving = shared.clone();
                 let thread = std::thread::Builder::new()
                     .name("sigil-proxy".into())
-                    .spawn(move || rt.block_on(serve(serving, listener)))?;
+                    .spawn(move || {
+                        // Attached once for the thread's life, detached while it
+                        // serves: each policy call then takes the GIL with this
+                        // thread's own state, rather than creating and destroying
+                        // a thread state per call.
+                        Python::attach(|py| py.detach(|| rt.block_on(serve(serving, listener))))
+                    })?;
                 Ok((Running { shared, thread }, bound))
             })
             .map_err(|e| os_error(&e, None))?;

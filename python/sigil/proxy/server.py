@@ -491,6 +491,10 @@ class _Flight:
             follower = self.follower = StreamFollower(
                 self.endpoint, drop_usage_only=not self.asked_usage
             )
+        if outcome == "client" and follower.done:
+            # The client left once the stream's last event was relayed (its SDK
+            # stops reading there), before the upstream closed: it had it all.
+            outcome = "eof"
         out = b""
         broke: str | None = None
         client_gone = outcome in ("client", "stopped")
