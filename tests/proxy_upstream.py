@@ -67,6 +67,8 @@ class Upstream:
     cached_tokens: int = 0
     #: serve HTTPS (on ``localhost``) with this context
     ssl_context: Any = None
+    #: seconds a stream stays open after its ``[DONE]`` (as LiteLLM's does)
+    linger: float = 0.0
 
     # -- life ----------------------------------------------------------------------
 
@@ -301,6 +303,8 @@ class Upstream:
             await resp.write(b"data: " + orjson.dumps(data) + b"\n\n")
             self._report(request.path, model, inp, out)
         await resp.write(b"data: [DONE]\n\n")
+        if self.linger:
+            await asyncio.sleep(self.linger)
         await resp.write_eof()
         return resp
 

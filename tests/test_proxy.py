@@ -800,3 +800,24 @@ def test_an_https_upstream_is_verified_and_metered(
         assert exc.value.status_code == 502 and "unreachable" in exc.value.message
         assert len(up.requests) == 1
         untrusted.stop()
+
+
+def test_a_client_that_leaves_after_the_last_event_had_the_whole_stream(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    """The SDK stops reading at ``[DONE]``; an upstream that closes the stream a
+    moment later (LiteLLM's does) must not turn a complete call into a failed one."""
+    upstream.linger = 2.0
+    proxy = start_proxy("--upstream", upstream.url)
+    chunks = list(
+        proxy.client(max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+    )
+    assert chunks
+    proxy.events_so_far("step_complete")
+    assert proxy.stop()[0] == 0
+    events = proxy.events()
+    assert steps(events, "step_error") == []
+    assert len(steps(events, "step_complete")) == 1
+    assert proxy.monitor()["tokens_used"] == upstream.totals()
