@@ -431,6 +431,29 @@ def test_render_dashboard_terminal_frame_sigil(
     assert frame.count("\r\n") == 39  # the whole height
 
 
+def test_render_dashboard_frame_with_token_jumps_sigil(benchmark: Any) -> None:
+    """A frame of a new snapshot judged against a history of 20 runs per
+    component (issue 13's live token jumps): the judging is in each round."""
+    from sigil.reports.live import JumpHistory
+
+    benchmark.group = "render one dashboard frame (120x40)"
+    benchmark.extra_info.update(
+        ops=1, baseline="test_render_dashboard_frame_sigil", spec_max_s=0.005
+    )
+    state = _busy_state()
+    names = ["routing", "memory", "planning", "reasoning", "contracts", "validation"]
+    # Every component's history far below its ~450 tokens per call: six jumps.
+    state.set_jump_history(JumpHistory({n: [(f"s{i}", 1, 50.0) for i in range(20)] for n in names}))
+    snapshot = state.snap
+
+    def frame() -> str:
+        state.update(snapshot)  # a new snapshot: judged again
+        return render_dashboard_text(state, DisplayOptions(), width=120, height=40, color=True)
+
+    text = benchmark(frame)
+    assert text.count("token jump:") == 6
+
+
 def test_render_dashboard_frame_spec_print(benchmark: Any) -> None:
     benchmark.group = "render one dashboard frame (120x40)"
     benchmark.extra_info.update(ops=1)

@@ -465,6 +465,19 @@ fn count(v: &Option<Val>) -> Option<u64> {
     }
 }
 
+/// `mapping._reported`: the count under the first of `slots` the span has, and
+/// whether that value is no count (negative, fractional, too large, text, a
+/// bool). An invalid value is not skipped for the next name.
+fn reported(a: &Attrs, slots: &[usize]) -> (Option<u64>, bool) {
+    for &slot in slots {
+        if a[slot].is_some() {
+            let c = count(&a[slot]);
+            return (c, c.is_none());
+        }
+    }
+    (None, false)
+}
+
 fn text(v: &Option<Val>) -> Option<&str> {
     match v {
         Some(Val::Str(s)) if !s.is_empty() => Some(s),
@@ -541,16 +554,21 @@ fn map_span(span: &SpanIn, scrub: &mut Scrubber) -> Option<(String, Mapped)> {
     let a = &span.attrs;
     let operation = text(&a[OPERATION]);
     let sigil_tokens = count(&a[SIGIL_TOKENS]);
-    let input = count(&a[IN])
-        .or_else(|| count(&a[PROMPT]))
-        .or_else(|| count(&a[OI_PROMPT]));
-    let output = count(&a[OUT])
-        .or_else(|| count(&a[COMPLETION]))
-        .or_else(|| count(&a[OI_COMPLETION]));
-    let usage = if input.is_some() || output.is_some() {
+    let (mut input, bad_input) = reported(a, &[IN, PROMPT, OI_PROMPT]);
+    let (mut output, bad_output) = reported(a, &[OUT, COMPLETION, OI_COMPLETION]);
+    let mut invalid = bad_input || bad_output;
+    let usage = if invalid {
+        // A count that is no count makes the call's usage unknown, not the
+        // valid half alone (as sigil proxy treats `prompt_tokens: -5`).
+        input = None;
+        output = None;
+        None
+    } else if input.is_some() || output.is_some() {
         Some(input.unwrap_or(0) + output.unwrap_or(0))
     } else {
-        count(&a[OI_TOTAL])
+        let (total, bad_total) = reported(a, &[OI_TOTAL]);
+        invalid = bad_total;
+        total
     };
     let llm_kind = matches!(text(&a[OI_KIND]), Some("LLM" | "EMBEDDING"));
     let tokens_only = if operation == Some("invoke_workflow") {
@@ -601,10 +619,12 @@ fn map_span(span: &SpanIn, scrub: &mut Scrubber) -> Option<(String, Mapped)> {
         };
         (Some(error_type), message)
     } else if unknown {
-        (
-            None,
-            format!("{shown}: usage unknown (the span reported none)"),
-        )
+        let why = if invalid {
+            "its token counts are not counts"
+        } else {
+            "the span reported none"
+        };
+        (None, format!("{shown}: usage unknown ({why})"))
     } else {
         (None, shown.to_string())
     };
@@ -1850,6 +1870,20 @@ mod tests {
         ] {
             assert_eq!(count(&Some(v.clone())), want, "{v:?}");
         }
+    }
+
+    #[test]
+    fn the_first_count_present_decides_and_an_invalid_one_is_reported() {
+        let mut a: Attrs = Default::default();
+        assert_eq!(reported(&a, &[IN, PROMPT]), (None, false));
+        a[PROMPT] = Some(Val::Int(10));
+        assert_eq!(reported(&a, &[IN, PROMPT]), (Some(10), false));
+        a[IN] = Some(Val::Int(-5));
+        assert_eq!(reported(&a, &[IN, PROMPT]), (None, true));
+        a[IN] = Some(Val::Float(2.5));
+        assert_eq!(reported(&a, &[IN, PROMPT]), (None, true));
+        a[IN] = Some(Val::Str("12".into()));
+        assert_eq!(reported(&a, &[IN, PROMPT]), (Some(12), false));
     }
 
     #[test]

@@ -258,3 +258,30 @@ def test_the_live_dashboard_shows_a_jump_on_a_terminal(
             assert term.wait() == 0
         finally:
             term.close()
+
+
+def test_a_run_out_of_budget_is_in_the_live_json_and_summary_with_its_event(
+    sigil_home: Path, log_path: Path
+) -> None:
+    """Issue 13's budget exhaustion in the live view too (report and diff:
+    tests/test_report.py): the run that ended out of budget, with the seq of
+    the final event that said so."""
+    steps = [Step("reasoning", 600_000, "ok", 10.0), Step("reasoning", 500_000, "ok", 10.0)]
+    start = steady_runs(1, seed=1)[0].start
+    write_runs(
+        log_path,
+        [
+            Run("b1", 1, start, steps[:1]),
+            Run("b1", 2, start + timedelta(hours=1), steps, status="budget_exceeded"),
+        ],
+    )
+    proc = run_cli(sigil_home, "monitor", "-s", "b1", "--mode", "json", "--once")
+    assert proc.returncode == 3, proc.stderr  # the budget's exit code
+    final = json.loads(proc.stdout.splitlines()[-1])
+    # Run 2: its start is seq 3, its steps 4-5, its final event 6.
+    assert final["budget_exhausted"] == [
+        {"run": 2, "tokens": 1_100_000, "budget": 10**6, "seqs": [6]}
+    ]
+    proc = run_cli(sigil_home, "monitor", "-s", "b1", "--mode", "minimal", "--once")
+    said = "Anomaly: budget exhausted in run 2: 1,100,000 of 1,000,000 tokens (seq 6)"
+    assert said in " ".join(proc.stdout.split())

@@ -39,7 +39,8 @@ def _lines(session: str, first: int, count: int) -> bytes:
         hour, minute = divmod(minute, 60)
         stamp = f"2026-01-11T{10 + hour:02d}:{minute:02d}:{sec:02d}.{ms:03d}000+00:00"
         if i == 0:
-            kind, comp, tokens, meta = "session_start", "orchestrator", 0, '{"run": 1}'
+            kind, comp, tokens = "session_start", "orchestrator", 0
+            meta = f'{{"run": {seq // 1000 + 1}}}'
         elif i == 999:
             kind, comp, tokens = "session_complete", "orchestrator", 0
             meta = '{"status": "complete"}'
@@ -245,3 +246,64 @@ def test_a_log_found_shorter_than_counted_ends_the_replay_there() -> None:
         assert player.finished and player.cursor == player.stop
         listed = [ln for ln in out.getvalue().splitlines() if ln.startswith("[")]
         assert len(listed) == 5, out.getvalue()
+
+
+def test_an_archive_cut_anywhere_is_an_error_not_a_shorter_session(tmp_path: Path) -> None:
+    """A tar.gz cut within a member's header used to end quietly (tarfile
+    takes it for the end of the archive): the gzip stream is read to its end."""
+    from sigil.interfaces.cli.replay import ReplayError, Timeline, _ArchiveFiles
+
+    directory = _session(tmp_path / "logs", "cut-1", 3000)
+    (directory / "tokens.json").write_text('{"total_used": 0}')
+    whole = tmp_path / "cut-1.tar.gz"
+    with tarfile.open(whole, "w:gz", compresslevel=1) as tar:
+        tar.add(directory, arcname="cut-1")
+    data = whole.read_bytes()
+    assert Timeline("cut-1", _ArchiveFiles(whole)).count == 3000
+    cut = tmp_path / "cut.tar.gz"
+    # Every 29 bytes: a header (or the gzip trailer) spans more than that.
+    for end in range(len(data) // 10, len(data), 29):
+        cut.write_bytes(data[:end])
+        with pytest.raises(ReplayError, match="cannot read"):
+            Timeline("cut-1", _ArchiveFiles(cut)).count  # noqa: B018
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["directory", "archive"])
+def test_run_n_across_files_and_reads(
+    sigil_home: Path, log_path: Path, tmp_path: Path, where: str
+) -> None:
+    """--run 11 of 31 runs of 1,000 events: run 11 starts in the first rotated
+    segment and ends in the gzip one (lines 10,000-10,999, the files cut at
+    10,333); runs found a block at a time, the runs before folded at once."""
+    directory = _session(log_path, "rn-1", 31_000)
+    if where == "archive":
+        _archive(log_path, directory)
+        directory.rename(tmp_path / directory.name)
+    result = subprocess.run(
+        [*SIGIL, "replay", "rn-1", "--speed", "max", "-m", "json", "--json-events", "--run", "11"],
+        env=cli_env(sigil_home),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    objects = [json.loads(line) for line in result.stdout.splitlines()]
+    events = [o for o in objects if o["type"] == "event"]
+    assert [e["seq"] for e in events] == list(range(10_000, 11_000))
+    final = objects[-1]
+    assert final["type"] == "final" and final["events"] == 11_000
+    assert final["run"]["number"] == 11
+    assert final["run"]["tokens_used"] == sum(100 + i % 7 for i in range(1, 999))
+    assert final["rotations"] == 1  # the replay is in the second file when run 11 ends
+    missing = subprocess.run(
+        [*SIGIL, "replay", "rn-1", "--speed", "max", "-m", "json", "--run", "32"],
+        env=cli_env(sigil_home),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert "has no run 32 (its runs: 1, 2, 3" in missing.stderr and "31)" in missing.stderr

@@ -231,3 +231,32 @@ def test_minimal_and_json_on_a_terminal(sigil_home: Path, log_path: Path, mode: 
     else:
         finals = [ln for ln in raw.replace("\r", "").splitlines() if '"type":"final"' in ln]
         assert len(finals) == 1 and json.loads(finals[0])["tokens_used"] == total
+
+
+@pytest.mark.slow
+def test_paused_at_max_speed_steps_one_line_then_plays_to_the_end(
+    sigil_home: Path, log_path: Path
+) -> None:
+    """--speed max folds runs of lines as read; a step still folds exactly one."""
+    directory = write_session(log_path, "pm-1", runs=2, steps=12)
+    total = ledger_total(directory)
+    term = Terminal(
+        [*SIGIL, "replay", "pm-1", "--speed", "max", "--paused"],
+        cli_env(sigil_home, TERM="xterm-256color"),
+        100,
+        40,
+    )
+    try:
+        term.wait_for("0 of 28 lines")
+        for i in range(1, 4):
+            term.press("n")
+            term.wait_for(f" {i} of 28 lines")
+        screen = term.wait_for(lambda s: "3 of 28 lines" in s and "Log     3 events" in s)
+        assert "PAUSED" in screen
+        term.press("p")
+        screen = term.wait_for("finished, 28 of 28 lines")
+        assert f"Tokens  {total:,} / 50,000" in screen
+        term.press("q")
+        assert term.wait() == 0
+    finally:
+        term.close()

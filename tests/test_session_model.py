@@ -445,6 +445,44 @@ def test_split_folds_of_many_names_equal_the_reference(tmp_path: Path) -> None:
     assert got.components["(other)"].tokens == 144 * (data.count(b"\n") // 400)
 
 
+def test_the_events_of_anomalies_merge_exactly_across_split_folds(tmp_path: Path) -> None:
+    """Issue 13: each component's heaviest calls and first failed attempts,
+    folded on several threads (a file over the parallel threshold), equal the
+    reference's one pass, in every run and in the session."""
+    import random
+
+    rng = random.Random(5)
+    path = tmp_path / "many.jsonl"
+    lines = []
+    for seq in range(95_000):
+        if seq % 9_000 == 0:
+            lines.append(line("session_start", "orchestrator", 0, seq, run=seq // 9_000 + 1))
+            continue
+        kind = rng.choice(["step_complete", "step_complete", "step_error", "retry_attempt"])
+        component = rng.choice(["planning", "reasoning", "memory"])
+        lines.append(line(kind, component, rng.randrange(0, 5_000), seq, attempt=1))
+    data = b"".join(lines)
+    assert len(data) > 8 << 20  # rust/fold.rs PARALLEL_MIN_BYTES: folded in parts
+    path.write_bytes(data)
+    fold = Fold(last_n=0)
+    fold.feed_file(path)
+    got = fold.snapshot().to_dict()
+    expected = fold_reference(data)
+    keys = ("heaviest_calls", "retry_seqs")
+    for got_components, want_components in [
+        (got["components"], expected["components"]),
+        *(
+            (g["components"], w["components"])
+            for g, w in zip(got["runs"], expected["runs"], strict=True)
+        ),
+    ]:
+        assert {n: {k: c[k] for k in keys} for n, c in got_components.items()} == {
+            n: {k: c[k] for k in keys} for n, c in want_components.items()
+        }
+    assert len(got["runs"]) == len(expected["runs"]) == 11
+    assert len(got["components"]["reasoning"]["heaviest_calls"]) == 5
+
+
 def test_rate_series_reaches_thirty_minutes_back() -> None:
     """Issue 12's sparkline of the last minutes: the window holds 32 minutes of
     event time (it held 64 seconds)."""

@@ -91,12 +91,25 @@ def _count(value: object) -> int | None:
     exact = (
         isinstance(value, int)
         or (isinstance(value, float) and value.is_integer())
-        or (isinstance(value, str) and value.isdigit())
+        or (isinstance(value, str) and value.isascii() and value.isdigit())
     )
     if not exact:
         return None
     count = int(value)  # type: ignore[call-overload]
     return count if 0 <= count <= _MAX_COUNT else None
+
+
+def _reported(get: Any, *names: str) -> tuple[int | None, bool]:
+    """The count under the first of ``names`` the span has (a scalar: the
+    decoders give nothing else for a missing or non-scalar value), and whether
+    that value was one that is no count (negative, fractional, too large, text
+    or a bool). An invalid value is not skipped for the next name."""
+    for name in names:
+        value = get(name)
+        if isinstance(value, str | int | float):
+            count = _count(value)
+            return count, count is None
+    return None, False
 
 
 def _text(value: object) -> str | None:
@@ -111,20 +124,25 @@ def map_span(span: SpanData) -> SpanEvent | None:
     get = attrs.get
     operation = _text(get("gen_ai.operation.name"))
     sigil_tokens = _count(get("sigil.tokens"))
-    input_tokens = _count(get("gen_ai.usage.input_tokens"))
-    if input_tokens is None:
-        input_tokens = _count(get("gen_ai.usage.prompt_tokens"))
-        if input_tokens is None:
-            input_tokens = _count(get("llm.token_count.prompt"))
-    output_tokens = _count(get("gen_ai.usage.output_tokens"))
-    if output_tokens is None:
-        output_tokens = _count(get("gen_ai.usage.completion_tokens"))
-        if output_tokens is None:
-            output_tokens = _count(get("llm.token_count.completion"))
-    if input_tokens is not None or output_tokens is not None:
-        usage: int | None = (input_tokens or 0) + (output_tokens or 0)
+    input_tokens, bad_input = _reported(
+        get, "gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens", "llm.token_count.prompt"
+    )
+    output_tokens, bad_output = _reported(
+        get,
+        "gen_ai.usage.output_tokens",
+        "gen_ai.usage.completion_tokens",
+        "llm.token_count.completion",
+    )
+    invalid = bad_input or bad_output
+    usage: int | None
+    if invalid:
+        # A count that is no count makes the call's usage unknown, not the
+        # valid half alone (as sigil proxy treats ``prompt_tokens: -5``).
+        input_tokens = output_tokens = usage = None
+    elif input_tokens is not None or output_tokens is not None:
+        usage = (input_tokens or 0) + (output_tokens or 0)
     else:
-        usage = _count(get("llm.token_count.total"))
+        usage, invalid = _reported(get, "llm.token_count.total")
 
     llm_kind = get("openinference.span.kind") in _LLM_KINDS
     if operation in _GROUPING_OPERATIONS:
@@ -177,7 +195,8 @@ def map_span(span: SpanData) -> SpanEvent | None:
         metadata["error_type"] = error_type
         message = span.status_message or f"{span.name or component} failed ({error_type})"
     elif usage is None and sigil_tokens is None:
-        message = f"{span.name or component}: usage unknown (the span reported none)"
+        why = "its token counts are not counts" if invalid else "the span reported none"
+        message = f"{span.name or component}: usage unknown ({why})"
     else:
         message = span.name or component
     return SpanEvent(

@@ -63,6 +63,7 @@ class CollectorStats:
     duplicates: int = 0
     ignored: int = 0
     busy: int = 0
+    archived: int = 0
 
     def add(self, result: IngestResult) -> None:
         self.spans += result.spans
@@ -70,6 +71,7 @@ class CollectorStats:
         self.duplicates += result.duplicates
         self.ignored += result.ignored
         self.busy += result.busy
+        self.archived += result.archived
 
 
 def _varint(n: int) -> bytes:
@@ -90,6 +92,19 @@ def _status_body(ctype: str, code: int, message: str) -> bytes:
         return orjson.dumps({"code": code, "message": message})
     text = message.encode()
     return b"\x08" + _varint(code) + b"\x12" + _varint(len(text)) + text
+
+
+def _partial_success(ctype: str, rejected: int, message: str) -> bytes:
+    """An ``ExportTraceServiceResponse`` whose ``partial_success`` (field 1) has
+    ``rejected_spans`` (1) and ``error_message`` (2): spans refused for good,
+    which an exporter must not retry (OTLP/HTTP "partial success")."""
+    if ctype == JSON:
+        return orjson.dumps(
+            {"partialSuccess": {"rejectedSpans": str(rejected), "errorMessage": message}}
+        )
+    text = message.encode()
+    inner = b"\x08" + _varint(rejected) + b"\x12" + _varint(len(text)) + text
+    return b"\x0a" + _varint(len(inner)) + inner
 
 
 def build_app(
@@ -149,7 +164,11 @@ def build_app(
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         try:
             if encoding == "gzip":
-                body = gunzip(body, max_body_bytes)
+                if len(body) > _INLINE_DECODE_BYTES:
+                    # Many small members cost Python-level work: off the loop.
+                    body = await asyncio.to_thread(gunzip, body, max_body_bytes)
+                else:
+                    body = gunzip(body, max_body_bytes)
             elif encoding not in ("", "identity"):
                 return error(
                     ctype, 415, _INVALID_ARGUMENT, f"Content-Encoding {encoding!r} is not gzip"
@@ -178,6 +197,15 @@ def build_app(
                 _UNAVAILABLE,
                 f"{result.busy} spans refused: another writer holds session(s) {names}",
                 **{"Retry-After": "5"},
+            )
+        if result.archived:
+            names = ", ".join(result.archived_sessions[:5])
+            message = (
+                f"{result.archived} spans rejected: session(s) {names} are archived "
+                "(sigil logs archive); their IDs name those histories"
+            )
+            return web.Response(
+                body=_partial_success(ctype, result.archived, message), content_type=ctype
             )
         if ctype == JSON:
             return web.Response(body=b"{}", content_type=JSON)

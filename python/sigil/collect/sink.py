@@ -56,7 +56,7 @@ import orjson
 
 from sigil.collect.decode import SpanData
 from sigil.collect.mapping import session_id_for
-from sigil.core.locks import SessionBusy, SessionLock
+from sigil.core.locks import SessionArchived, SessionBusy, SessionLock
 from sigil.core.paths import LOG_FILE_NAME, resolve_log_path, rotated_segments, session_dir
 from sigil.telemetry import otlp_ingest
 from sigil.telemetry.log_parser import last_seq
@@ -85,6 +85,10 @@ class IngestResult:
     #: spans refused because another writer holds their session's lock
     busy: int = 0
     busy_sessions: list[str] = field(default_factory=list)
+    #: spans refused for good: their session was archived (its ID names that
+    #: history; a retry cannot help, so they are not "busy")
+    archived: int = 0
+    archived_sessions: list[str] = field(default_factory=list)
 
 
 class _OpenSession:
@@ -239,6 +243,7 @@ class SessionSink:
         result = IngestResult(spans=batch.spans, ignored=batch.ignored)
         sessions = self._sessions
         busy: set[str] = set()
+        archived: set[str] = set()
         now = time.monotonic()
         costs: list[float | None] | None = None
         for index, (raw, size) in enumerate(zip(batch.sessions(), batch.sizes(), strict=True)):
@@ -248,8 +253,15 @@ class SessionSink:
                 if sid in busy:
                     result.busy += size
                     continue
+                if sid in archived:
+                    result.archived += size
+                    continue
                 try:
                     session = self._open(sid)
+                except SessionArchived:
+                    archived.add(sid)
+                    result.archived += size
+                    continue
                 except SessionBusy:
                     busy.add(sid)
                     result.busy += size
@@ -274,6 +286,7 @@ class SessionSink:
             result.duplicates += duplicates
             result.dropped += dropped
         result.busy_sessions = sorted(busy)
+        result.archived_sessions = sorted(archived)
         return result
 
     def close_idle(self, now: float | None = None) -> list[str]:

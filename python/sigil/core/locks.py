@@ -27,9 +27,15 @@ from pathlib import Path
 from types import TracebackType
 
 from sigil.core.file_security import ensure_private_dir, symlink_error
-from sigil.core.paths import LOCK_FILE_NAME
+from sigil.core.paths import LOCK_FILE_NAME, session_archives
 
-__all__ = ["SessionBusy", "SessionLock", "is_session_locked", "lock_holder_pid"]
+__all__ = [
+    "SessionArchived",
+    "SessionBusy",
+    "SessionLock",
+    "is_session_locked",
+    "lock_holder_pid",
+]
 
 _FILE_MODE = 0o600
 
@@ -37,6 +43,22 @@ _FILE_MODE = 0o600
 class SessionBusy(RuntimeError):
     """Another writer holds the session's lock: a ``sigil orchestrate`` run or an
     open ``ExecutionLogger``, in this process or another. Nothing was written."""
+
+
+class SessionArchived(SessionBusy):
+    """The session was archived (``sigil logs archive``/``maintain``): its ID names
+    that history, so no writer starts a second one under it. Nothing was written.
+
+    Resuming instead would need every reader (sessions, report, diff, monitor,
+    replay, the budget) to join the archive and a new directory into one
+    session; refusing keeps one ID, one history, with no view to get wrong."""
+
+    def __init__(self, session_id: str, archive: Path) -> None:
+        super().__init__(
+            f"session {session_id!r} is archived ({archive}): its ID names that "
+            "history; use another session ID"
+        )
+        self.archive = archive
 
 
 class SessionLock:
@@ -47,11 +69,14 @@ class SessionLock:
     the file (for diagnostics only: the lock itself is the source of truth).
     """
 
-    __slots__ = ("_fd", "path", "session_dir")
+    __slots__ = ("_fd", "path", "refuse_archived", "session_dir")
 
-    def __init__(self, session_dir: Path) -> None:
+    def __init__(self, session_dir: Path, *, refuse_archived: bool = True) -> None:
         self.session_dir = Path(session_dir)
         self.path = self.session_dir / LOCK_FILE_NAME
+        #: a writer's lock: :meth:`acquire` raises :class:`SessionArchived` when the
+        #: session has an archive (only the archiver itself turns this off)
+        self.refuse_archived = refuse_archived
         self._fd: int | None = None
 
     @property
@@ -68,6 +93,10 @@ class SessionLock:
         """
         if self._fd is not None:
             return self
+        # Checked before anything is created, and again under the lock below: an
+        # archiver that finished between the two removed the directory, so the
+        # lock taken is on a new one beside the archive.
+        self.refuse_if_archived()
         # A symlink planted as the session directory or the lock file is refused,
         # never followed (the lock file is truncated and written below).
         ensure_private_dir(self.session_dir)
@@ -92,6 +121,11 @@ class SessionLock:
                     "a session has one writer at a time: wait for it to finish "
                     "or use another session ID"
                 ) from None
+            try:
+                self.refuse_if_archived()
+            except SessionArchived:
+                self._remove_if_bare()
+                raise
         except BaseException:
             os.close(fd)
             raise
@@ -99,6 +133,24 @@ class SessionLock:
         if record_pid:
             self.record_pid()
         return self
+
+    def refuse_if_archived(self) -> None:
+        """Raise :class:`SessionArchived` if this writer's session has an archive."""
+        if self.refuse_archived:
+            archives = session_archives(self.session_dir)
+            if archives:
+                raise SessionArchived(self.session_dir.name, archives[-1])
+
+    def _remove_if_bare(self) -> None:
+        """Remove the directory a refused acquire made, if it holds only the lock
+        file (held here, so no other writer uses it); a directory with a log in
+        it (an archiver's crash left both) is the archiver's to finish."""
+        try:
+            if os.listdir(self.session_dir) == [LOCK_FILE_NAME]:
+                os.unlink(self.path)
+                os.rmdir(self.session_dir)
+        except OSError:
+            pass
 
     def record_pid(self) -> None:
         """Write this process's PID into the held lock file (for diagnostics)."""

@@ -14,6 +14,8 @@ SESSION_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 LOG_FILE_NAME = "execution.jsonl"
 LOCK_FILE_NAME = ".lock"
+#: ``archive/<YYYY-MM-DD>/<id>[.<n>].tar.gz``, as ``sigil logs archive`` names them
+ARCHIVE_NAME_RE = re.compile(r"^(?P<sid>[A-Za-z0-9_-]{1,64})(?:\.(?P<n>\d+))?\.tar\.gz$")
 
 
 class InvalidSessionId(ValueError):
@@ -53,6 +55,31 @@ def sessions_dir(log_path: str | os.PathLike[str] | None = None) -> Path:
 def session_dir(session_id: str, log_path: str | os.PathLike[str] | None = None) -> Path:
     """``<log_path>/sessions/<id>``, after validating the ID."""
     return sessions_dir(log_path) / validate_session_id(session_id)
+
+
+def session_archives(session_directory: Path) -> list[Path]:
+    """The archives of the session whose directory is ``session_directory``
+    (``<log_path>/sessions/<id>``): ``<log_path>/archive/<date>/<id>[.<n>].tar.gz``,
+    in name order. Symlinks are not archives. Empty when it was never archived."""
+    session_id = session_directory.name
+    archive_root = session_directory.parent.parent / "archive"
+    found: list[Path] = []
+    try:
+        date_dirs = sorted(os.scandir(archive_root), key=lambda e: e.name)
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for date_dir in date_dirs:
+        if not date_dir.is_dir(follow_symlinks=False):
+            continue
+        try:
+            entries = sorted(os.scandir(date_dir.path), key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in entries:
+            match = ARCHIVE_NAME_RE.match(entry.name)
+            if match and match["sid"] == session_id and entry.is_file(follow_symlinks=False):
+                found.append(Path(entry.path))
+    return found
 
 
 class NotARegularFile(ValueError):

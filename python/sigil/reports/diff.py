@@ -80,9 +80,13 @@ class Side:
         }
 
 
-def load_sides(log_path: Path, specs: list[str]) -> list[Side]:
+def load_sides(log_path: Path, specs: list[str], warnings: list[str] | None = None) -> list[Side]:
     """Each of ``specs``: ``ID`` (the whole session) or ``ID@N`` (its run N).
-    The live sessions among them are folded by one native call, side by side."""
+    The live sessions among them are folded by one native call, side by side.
+    A live session whose log is partly unreadable (a rotated segment cut
+    short) is compared by its readable part, as ``sigil report`` and the
+    monitor count it, with a line in ``warnings`` saying so; an archive that
+    cannot be read is a :class:`DiffError` (read whole or not at all)."""
     wanted = [_resolve(log_path, spec) for spec in specs]
     live = sorted({source.key for _, _, _, source in wanted if not source.archived})
     folded = dict(zip(live, fold_live(live), strict=True))
@@ -91,7 +95,7 @@ def load_sides(log_path: Path, specs: list[str]) -> list[Side]:
     for spec, session_id, number, source in wanted:
         history = histories.get(source.key)
         if history is None:
-            history = histories[source.key] = _history(source, folded.get(source.key))
+            history = histories[source.key] = _history(source, folded.get(source.key), warnings)
         sides.append(_side(spec, session_id, number, source, history))
     return sides
 
@@ -108,12 +112,25 @@ def _resolve(log_path: Path, spec: str) -> tuple[str, str, int | None, Source]:
     return spec, session_id, number, source
 
 
-def _history(source: Source, folded: Folded | str | None) -> HistorySnapshot | SessionSnapshot:
+def _history(
+    source: Source, folded: Folded | str | None, warnings: list[str] | None = None
+) -> HistorySnapshot | SessionSnapshot:
     if source.archived:
         snapshot = archive_snapshot(Path(source.key))
         if isinstance(snapshot, str):
             raise DiffError(snapshot)
         return snapshot
+    if isinstance(folded, str) and warnings is not None:
+        try:
+            partial = whole_history(Path(source.key))
+        except Exception:  # the reason below already says what is wrong
+            partial = None
+        if partial is not None and partial.runs:
+            warnings.append(
+                f"session {source.session_id} is unreadable in part: {folded}"
+                " (its readable part is compared)"
+            )
+            return partial
     if folded is None or isinstance(folded, str):
         raise DiffError(f"cannot read session {source.session_id!r}: {folded}")
     if folded.ledger_only_runs:

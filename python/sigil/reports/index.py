@@ -22,12 +22,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
-from sigil.reports.sources import Source, archive_snapshot, discover, fold_live
+from sigil.reports.sources import Source, archive_snapshot, discover, fold_live, whole_history
 from sigil.telemetry.log_parser import (
     ComponentSnapshot,
     ModelSnapshot,
@@ -43,6 +44,7 @@ __all__ = [
     "decode_calls",
     "encode_calls",
     "open_index",
+    "read_index",
     "refresh",
     "update_existing",
 ]
@@ -53,6 +55,8 @@ SCHEMA_VERSION = 8
 #: its own work in memory
 BUSY_TIMEOUT_S = 10.0
 _BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sources(
@@ -177,26 +181,122 @@ class Refresh:
     rebuilt: bool = False
     #: session ID -> why its log cannot be read (one line naming the file)
     unreadable: dict[str, str] = field(default_factory=dict)
+    #: every source that cannot be read whole, in path order: ``session``,
+    #: ``path`` (the live directory or the archive), ``error`` and
+    #: ``runs_counted`` (the runs of the part that could be read; 0 for an
+    #: archive, which is read whole or not at all): ``sigil report --json``'s
+    #: ``unreadable``
+    damaged: list[dict[str, Any]] = field(default_factory=list)
+    #: why the index file could not be used (this call's index was built in
+    #: memory): one line for stderr; None when it was used, or was busy
+    warning: str | None = None
 
 
 def open_index(log_path: Path) -> tuple[sqlite3.Connection, Refresh]:
     """The index of ``log_path``, brought up to date with its logs.
 
-    A missing, unreadable or older index is rebuilt from the logs; where the
+    A missing, corrupt or older index is rebuilt from the logs; where the
     log path cannot hold one (it does not exist, or is read-only), or another
     report holds it longer than :data:`BUSY_TIMEOUT_S`, the index is built in
-    memory for this call."""
+    memory for this call. So it is where the index file cannot be opened or
+    written (a directory in its place, a read-only file, a full disk): then
+    with :attr:`Refresh.warning` saying why. Never an exception from SQLite."""
     path = log_path / INDEX_FILE_NAME
-    try:
-        conn, rebuilt = _connect(path, log_path)
-        state = refresh(conn, log_path)
-    except sqlite3.OperationalError as exc:
-        if getattr(exc, "sqlite_errorcode", None) not in _BUSY_CODES:
-            raise
-        conn, rebuilt = _create(sqlite3.connect(":memory:")), True
-        state = refresh(conn, log_path)
-    state.rebuilt = rebuilt
+    warning: str | None = None
+    for attempt in range(2):
+        conn: sqlite3.Connection | None = None
+        try:
+            conn, rebuilt = _connect(path, log_path)
+            state = refresh(conn, log_path)
+        except (sqlite3.Error, OSError) as exc:
+            if conn is not None:
+                conn.close()
+            if _is_busy(exc):
+                break  # another report is writing it: in memory, as always
+            if attempt == 0 and _is_corrupt(exc) and _discard(path):
+                continue  # made again from the logs (the JSONL is the truth)
+            warning = _why_not(path, exc)
+            break
+        state.rebuilt = rebuilt
+        return conn, state
+    conn = _create(sqlite3.connect(":memory:"))
+    state = refresh(conn, log_path)
+    state.rebuilt, state.warning = True, warning
     return conn, state
+
+
+def read_index(log_path: Path, read: Callable[[sqlite3.Connection], T]) -> tuple[T, Refresh]:
+    """``read(conn)`` on the index of ``log_path`` brought up to date
+    (:func:`open_index`). Corruption found only by ``read`` (a page no refresh
+    touched) has the file made again from the logs and ``read`` done again; if
+    the file fails again (or cannot be read: busy past the timeout, an I/O
+    error), it is done on an index in memory, with a warning unless busy."""
+    path = log_path / INDEX_FILE_NAME
+    for attempt in range(2):
+        conn, state = open_index(log_path)
+        try:
+            return read(conn), state
+        except sqlite3.Error as exc:
+            if not conn.execute("PRAGMA database_list").fetchone()[2]:
+                raise  # already in memory: not the file's doing
+            if attempt == 0 and _is_corrupt(exc) and _discard(path):
+                continue
+            warning = None if _is_busy(exc) else _why_not(path, exc)
+        finally:
+            conn.close()
+        break
+    conn = _create(sqlite3.connect(":memory:"))
+    try:
+        state = refresh(conn, log_path)
+        state.rebuilt, state.warning = True, warning
+        return read(conn), state
+    finally:
+        conn.close()
+
+
+def _code(exc: BaseException) -> int | None:
+    """SQLite's primary result code of ``exc`` (None: not from SQLite)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def _is_busy(exc: BaseException) -> bool:
+    return _code(exc) in _BUSY_CODES
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    """Not an index: damaged pages, or not SQLite at all."""
+    return _code(exc) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _discard(path: Path) -> bool:
+    """Remove a damaged index file (and SQLite's journal of it): True when it
+    is gone, so the next try makes it again."""
+    for extra in ("-journal", "-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            os.unlink(f"{path}{extra}")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _why_not(path: Path, exc: BaseException) -> str:
+    """One line: the index file, why it cannot be used, and what this report does."""
+    if path.is_dir() and not path.is_symlink():
+        why = "is a directory"
+    elif _code(exc) == sqlite3.SQLITE_READONLY or (
+        isinstance(exc, PermissionError) or _code(exc) == sqlite3.SQLITE_PERM
+    ):
+        why = "cannot be written"
+    elif _is_corrupt(exc):
+        why = f"is damaged and cannot be made again ({exc})"
+    else:
+        why = f"cannot be used ({exc})"
+    return f"report index {path} {why}: this report reads the logs in memory"
 
 
 class IndexNotUpdated(Exception):
@@ -229,20 +329,50 @@ def update_existing(
         if repair:
             if not os.access(log_path, os.W_OK):
                 raise IndexNotUpdated(f"{path}: the log path is not writable")
-            conn, rebuilt = _connect(path, log_path, timeout=busy_timeout_s)
-            if not conn.execute("PRAGMA database_list").fetchone()[2]:
-                conn.close()  # in memory: the file could not be made again
-                raise IndexNotUpdated(f"{path}: cannot be made again")
+            conn, rebuilt, state = _repair(path, log_path, session_ids, busy_timeout_s)
         else:
             conn, rebuilt = _open_existing(path, busy_timeout_s), False
-        try:
-            state = refresh(conn, log_path, session_ids)
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
+            try:
+                state = refresh(conn, log_path, session_ids)
+            finally:
+                conn.close()
+    except (sqlite3.Error, OSError) as exc:
         raise IndexNotUpdated(f"{path}: {exc}") from None
     state.rebuilt = rebuilt
     return state
+
+
+def _repair(
+    path: Path, log_path: Path, session_ids: Collection[str] | None, timeout: float
+) -> tuple[sqlite3.Connection, bool, Refresh]:
+    """``sigil logs maintain``'s update: the index checked whole (SQLite's
+    ``quick_check``, every page read) and made again from the logs when it is
+    damaged, then refreshed. The connection is returned closed."""
+    for attempt in range(2):
+        conn, rebuilt = _connect(path, log_path, timeout=timeout)
+        try:
+            if rebuilt or _intact(conn):
+                try:
+                    return conn, rebuilt, refresh(conn, log_path, session_ids)
+                except sqlite3.DatabaseError as exc:
+                    if attempt or not _is_corrupt(exc):
+                        raise
+        finally:
+            conn.close()
+        if attempt or not _discard(path):
+            raise IndexNotUpdated(f"{path}: damaged, and it cannot be made again")
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _intact(conn: sqlite3.Connection) -> bool:
+    """Every page of the index readable and well formed (``quick_check``)."""
+    try:
+        rows = conn.execute("PRAGMA quick_check(1)").fetchall()
+    except sqlite3.DatabaseError as exc:
+        if _is_busy(exc):
+            raise
+        return False
+    return rows == [("ok",)]
 
 
 def _open_existing(path: Path, timeout: float) -> sqlite3.Connection:
@@ -298,7 +428,7 @@ def _connect(
         # are the truth, so it is simply made again.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    return _create(sqlite3.connect(":memory:")), True
+    raise sqlite3.DatabaseError(f"{path}: not a report index, and it cannot be made again")
 
 
 def _tables(conn: sqlite3.Connection) -> list[str]:
@@ -332,14 +462,11 @@ def refresh(
             )
     stale = [s for s in current if known.get(s.key) != s.fingerprint]
     gone = set(known) - {s.key for s in current}
-    for source, error in conn.execute(
-        "SELECT session_id, error FROM sources WHERE error IS NOT NULL"
-    ):
-        state.unreadable[source] = error
+    _unreadable(conn, state)
     if not stale and not gone:
         return state
     live = [s for s in stale if not s.archived]
-    by_key: dict[str, list[RunSnapshot] | str] = dict(
+    by_key: dict[str, list[RunSnapshot] | _Partial | str] = dict(
         zip((s.key for s in live), _live_runs([s.key for s in live]), strict=True)
     )
     for s in stale:
@@ -358,14 +485,42 @@ def refresh(
         conn.execute("ROLLBACK")
         raise
     state.refolded, state.removed = len(stale), len(gone)
-    state.unreadable = dict(
-        conn.execute("SELECT session_id, error FROM sources WHERE error IS NOT NULL")
-    )
+    _unreadable(conn, state)
     return state
 
 
-def _live_runs(directories: list[str]) -> list[list[RunSnapshot] | str]:
-    return [f if isinstance(f, str) else f.runs for f in fold_live(directories)]
+def _unreadable(conn: sqlite3.Connection, state: Refresh) -> None:
+    rows = conn.execute(
+        "SELECT s.session_id, s.source, s.error,"
+        " (SELECT count(*) FROM runs r WHERE r.source = s.source)"
+        " FROM sources s WHERE s.error IS NOT NULL ORDER BY s.source"
+    ).fetchall()
+    state.unreadable = {session: error for session, _, error, _ in rows}
+    state.damaged = [
+        {"session": s, "path": p, "error": e, "runs_counted": n} for s, p, e, n in rows
+    ]
+
+
+#: a source partly read: the runs of its readable part, and why the rest is not
+_Partial = tuple[list[RunSnapshot], str]
+
+
+def _live_runs(directories: list[str]) -> list[list[RunSnapshot] | _Partial | str]:
+    """Each live session's runs; where its log cannot be folded whole (a rotated
+    segment cut short), the runs of the part that can be read, as the monitor
+    reads it (``whole_history``: the segments in order, a damaged one up to
+    where it breaks), with the reason; the reason alone when nothing can."""
+    out: list[list[RunSnapshot] | _Partial | str] = []
+    for directory, folded in zip(directories, fold_live(directories), strict=True):
+        if not isinstance(folded, str):
+            out.append(folded.runs)
+            continue
+        try:
+            runs = list(whole_history(Path(directory)).runs)
+        except Exception:  # the reason already says what is wrong
+            runs = []
+        out.append((runs, folded) if runs else folded)
+    return out
 
 
 def _delete(conn: sqlite3.Connection, keys: Sequence[str]) -> None:
@@ -452,16 +607,20 @@ def _mark_duplicates(conn: sqlite3.Connection) -> None:
     )
 
 
-def _insert(conn: sqlite3.Connection, source: Source, runs: list[RunSnapshot] | str) -> None:
-    if isinstance(runs, str):
-        conn.execute(
-            "INSERT INTO sources VALUES (?, ?, ?, ?, ?)",
-            (source.key, source.session_id, source.archived, source.fingerprint, runs),
-        )
-        return
+def _insert(
+    conn: sqlite3.Connection, source: Source, folded: list[RunSnapshot] | _Partial | str
+) -> None:
+    runs: list[RunSnapshot]
+    error: str | None = None
+    if isinstance(folded, str):
+        runs, error = [], folded
+    elif isinstance(folded, tuple):
+        runs, error = folded
+    else:
+        runs = folded
     conn.execute(
-        "INSERT INTO sources VALUES (?, ?, ?, ?, NULL)",
-        (source.key, source.session_id, source.archived, source.fingerprint),
+        "INSERT INTO sources VALUES (?, ?, ?, ?, ?)",
+        (source.key, source.session_id, source.archived, source.fingerprint, error),
     )
     last = len(runs) - 1
     writer_there = source.locked and not source.archived

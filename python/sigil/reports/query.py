@@ -19,7 +19,6 @@ import math
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
 from sigil.reports.live import RETRY_STORM as _RETRY_STORM
@@ -132,22 +131,21 @@ class Report:
     breakdown: bool
     rows: list[dict[str, Any]]
     total: dict[str, Any]
-    #: loops (a step started again and again with one input, with the events
-    #: (seq) that show them), retry storms and token jumps of the runs reported
+    #: loops (a step started again and again with one input), retry storms,
+    #: token jumps and runs out of budget of the runs reported, each with the
+    #: events (seqs) that show it
     anomalies: dict[str, list[dict[str, Any]]] | None = None
 
 
 def parse_moment(text: str, *, end: bool = False) -> float:
-    """Epoch seconds of an ISO date or date-time; without an offset it is local
-    time. A bare date as ``end`` (``--until``) covers that whole day.
-    ValueError when it is no ISO date."""
-    text = text.strip()
-    moment = datetime.fromisoformat(text.replace("z", "Z"))
-    bare_date = len(text) <= 10 and "T" not in text and " " not in text
-    if end and bare_date:
-        moment += timedelta(days=1)
-    if moment.tzinfo is None:
-        moment = moment.astimezone()  # local time, DST included
+    """Epoch seconds of an ISO date or date-time, read as ``sigil monitor --since``
+    reads it (:func:`sigil.core.moments.parse_moment`: no offset is local time,
+    the edges of datetime's range clamped). ValueError when it is no ISO date."""
+    from sigil.core.moments import parse_moment as moment_of
+
+    moment = moment_of(text, end=end)
+    if moment is None:
+        raise ValueError(f"not a date: {text!r}")
     return moment.timestamp()
 
 

@@ -42,7 +42,6 @@ import fcntl
 import gzip
 import hashlib
 import os
-import re
 import shutil
 import stat
 import sys
@@ -62,7 +61,13 @@ from sigil.core.file_security import (
     symlink_error,
 )
 from sigil.core.locks import SessionBusy, SessionLock, is_session_locked
-from sigil.core.paths import LOCK_FILE_NAME, LOG_FILE_NAME, SESSION_ID_RE, segment_sort_key
+from sigil.core.paths import (
+    ARCHIVE_NAME_RE,
+    LOCK_FILE_NAME,
+    LOG_FILE_NAME,
+    SESSION_ID_RE,
+    segment_sort_key,
+)
 
 if TYPE_CHECKING:
     from sigil.core.config import Settings
@@ -85,7 +90,6 @@ MAINTENANCE_LOCK_NAME = ".maintenance.lock"
 SUMMARY_FILES = ("tokens.json", "metrics.json")
 _TEMP_SUFFIX = ".tmp"
 _TRASH_MARK = ".removing"
-_ARCHIVE_NAME_RE = re.compile(r"^(?P<sid>[A-Za-z0-9_-]{1,64})(?:\.(?P<n>\d+))?\.tar\.gz$")
 _STAMP_FORMAT = "%Y%m%d_%H%M%S"
 _CHUNK = 1 << 20
 _GZIP_LEVEL = 6  # level 9 costs about three times the CPU for a few percent on JSONL
@@ -284,7 +288,9 @@ class LogRotator:
 
     def _archive_locked(self, session_dir: Path) -> Path | None:
         """Archive ``session_dir`` while holding its lock, or return None if it is held."""
-        lock = SessionLock(session_dir)
+        # The archiver is the one holder allowed beside an archive of the session
+        # (a crash left both, or its content changed since): writers are refused.
+        lock = SessionLock(session_dir, refuse_archived=False)
         try:
             lock.acquire()
         except SessionBusy:
@@ -645,7 +651,7 @@ def archived_sessions(log_path: StrPath) -> dict[str, list[Path]]:
             continue
         names: list[tuple[int, str, str]] = []
         for entry in os.scandir(date_dir.path):
-            match = _ARCHIVE_NAME_RE.match(entry.name)
+            match = ARCHIVE_NAME_RE.match(entry.name)
             if match and entry.is_file(follow_symlinks=False):
                 names.append((int(match["n"] or 1), entry.name, match["sid"]))
         for _, name, session_id in sorted(names, reverse=True):

@@ -36,7 +36,7 @@ from sigil.interfaces.cli.keys import DashboardView
 from sigil.interfaces.cli.screen import Line as _Line
 from sigil.interfaces.cli.screen import cells as _cells
 from sigil.interfaces.cli.screen import crop as _crop
-from sigil.interfaces.cli.screen import printable, span
+from sigil.interfaces.cli.screen import printable, shown, span
 from sigil.interfaces.cli.screen import wrap as _wrap
 from sigil.telemetry.pricing import usd
 
@@ -290,7 +290,7 @@ def error_lines(state: SessionState, limit: int = 3) -> list[str]:
         if err.attempt is not None:
             detail.append(f"attempt {err.attempt}")
         suffix = f" ({', '.join(detail)})" if detail else ""
-        lines.append(f"{name} {what}{suffix}: {err.message}")
+        lines.append(f"{shown(name)} {what}{suffix}: {shown(err.message)}")
     return lines
 
 
@@ -306,11 +306,12 @@ def loop_text(loop: StepLoop, runs: int = 1, width: int | None = None) -> str:
         more = ", …" if loop.starts > len(seqs) else ""
         return f" (seq {', '.join(map(str, seqs))}{more})" if seqs else ""
 
-    text = f"loop: {loop.component} started {loop.starts:,} times with the same input{where}"
+    component = shown(loop.component)
+    text = f"loop: {component} started {loop.starts:,} times with the same input{where}"
     n = len(loop.seqs)
     if width is None or _cells(text + tail(n)) <= width:
         return text + tail(n)
-    text = f"loop: {loop.component} started {loop.starts:,}x, same input{where}"
+    text = f"loop: {component} started {loop.starts:,}x, same input{where}"
     while n > 1 and _cells(text + tail(n)) > width:
         n -= 1
     return text + tail(n)
@@ -330,14 +331,15 @@ def jump_text(jump: Mapping[str, Any], runs: int = 1, width: int | None = None) 
         return f" (seq {', '.join(map(str, seqs[:n]))}{more})" if seqs else ""
 
     value, p99 = jump["tokens_per_call"], jump["history_p99"]
+    component = shown(jump["component"])
     text = (
-        f"token jump: {jump['component']} {value:,.0f} tokens per call{where}, above"
+        f"token jump: {component} {value:,.0f} tokens per call{where}, above"
         f" {p99:,.0f} (p99 of its last {jump['history_runs']} runs)"
     )
     n = len(seqs)
     if width is None or _cells(text + tail(n)) <= width:
         return text + tail(n)
-    text = f"token jump: {jump['component']} {value:,.0f} tok/call > {p99:,.0f}{where}"
+    text = f"token jump: {component} {value:,.0f} tok/call > {p99:,.0f}{where}"
     while n > 1 and _cells(text + tail(n)) > width:
         n -= 1
     return text + tail(n)
@@ -354,7 +356,7 @@ def storm_text(storm: Mapping[str, Any], runs: int = 1, width: int | None = None
         more = ", …" if storm["retries"] > n else ""
         return f" (seq {', '.join(map(str, seqs[:n]))}{more})" if seqs else ""
 
-    text = f"retry storm: {storm['component']} retried {storm['retries']:,} times{where}"
+    text = f"retry storm: {shown(storm['component'])} retried {storm['retries']:,} times{where}"
     n = len(seqs)
     while width is not None and n > 1 and _cells(text + tail(n)) > width:
         n -= 1
@@ -363,12 +365,22 @@ def storm_text(storm: Mapping[str, Any], runs: int = 1, width: int | None = None
 
 def anomaly_lines(state: SessionState) -> list[str]:
     """The session's anomalies (issue 13), each once: the model's step loops,
-    then the current run's token jumps and retry storms."""
+    then the current run's token jumps, retry storms and budget exhaustion."""
     return (
         [loop_text(loop, state.runs) for loop in state.loops]
         + [jump_text(jump, state.runs) for jump in state.token_jumps]
         + [storm_text(storm, state.runs) for storm in state.retry_storms]
+        + [budget_text(run, state.runs) for run in state.budget_exhausted]
     )
+
+
+def budget_text(run: Mapping[str, Any], runs: int = 1) -> str:
+    """A run out of budget: ``budget exhausted: 1,100,000 of 1,000,000 tokens
+    (seq 6)``, the seq of the final event that said so."""
+    where = f" in run {run['run']}" if runs > 1 else ""
+    budget = "an unknown budget" if run.get("budget") is None else f"{run['budget']:,}"
+    seqs = f" (seq {', '.join(map(str, run['seqs']))})" if run.get("seqs") else ""
+    return f"budget exhausted{where}: {run['tokens']:,} of {budget} tokens{seqs}"
 
 
 def unknown_text(calls: int) -> str:
@@ -429,13 +441,13 @@ def minimal_line(
         extras.append((f"{errors:,} error{'s' if errors != 1 else ''}", "1;31"))
     if state.unknown_usage_calls:
         extras.append((unknown_text(state.unknown_usage_calls), "33"))
-    looping = list(dict.fromkeys(loop.component for loop in state.loops))
+    looping = list(dict.fromkeys(shown(loop.component) for loop in state.loops))
     if looping:
         extras.append((f"loop: {', '.join(looping)}", "1;33"))
-    jumping = [jump["component"] for jump in state.token_jumps]
+    jumping = [shown(jump["component"]) for jump in state.token_jumps]
     if jumping:
         extras.append((f"token jump: {', '.join(jumping)}", "1;33"))
-    storming = [storm["component"] for storm in state.retry_storms]
+    storming = [shown(storm["component"]) for storm in state.retry_storms]
     if storming:
         extras.append((f"retry storm: {', '.join(storming)}", "1;33"))
     if state.live:
@@ -537,6 +549,7 @@ def state_to_dict(
         "loops": [loop.to_dict() for loop in state.loops],
         "token_jumps": state.token_jumps,
         "retry_storms": state.retry_storms,
+        "budget_exhausted": state.budget_exhausted,
         "elapsed_seconds": round(state.elapsed_at(now), 3),
         "tokens_per_second": _round(state.recent_rate(now)),
         "average_tokens_per_second": _round(state.average_rate),
@@ -633,10 +646,10 @@ def summary_lines(
     run = state.run
     lines = [rule, _sgr(title, title_code, color), rule]
     run_text = f" (run {run.number} of {state.runs})" if state.runs > 1 else ""
-    lines.append(f"Session:   {state.session_id}{run_text}")
+    lines.append(f"Session:   {shown(state.session_id)}{run_text}")
     lines.append(f"Status:    {_status_word(state, None)}")
     if state.reason and state.ended:
-        lines.extend(_labelled("Reason:    ", state.reason, width))
+        lines.extend(_labelled("Reason:    ", shown(state.reason), width))
     lines.append(f"Duration:  {format_duration(state.elapsed_at(now))}")
     lines.append(
         f"Tokens:    {state.tokens_used:,} / {state.total_budget:,} "
@@ -661,7 +674,8 @@ def summary_lines(
                 continue  # e.g. the orchestrator's bookkeeping events
             avg = comp.average_latency_ms
             latency = f" {format_latency(avg)}/op" if avg is not None else ""
-            label = name if len(name) <= 12 else name[:11] + "~"
+            label = shown(name)
+            label = label if len(label) <= 12 else label[:11] + "~"
             line = f"  {label:<12}{comp.tokens:>10,} tok{latency}"
             failed = f" {comp.errors:,} err" if comp.errors else ""
             lines.append(line + failed if len(line + failed) < width else line)

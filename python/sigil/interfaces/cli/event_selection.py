@@ -49,16 +49,9 @@ def parse_since(text: str, now: datetime | None = None) -> datetime | None:
             return (now or datetime.now(UTC)) - timedelta(seconds=seconds)
         except OverflowError:
             return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        try:
-            moment = moment.astimezone()  # local time, as a user types it
-        except (ValueError, OverflowError):  # the edge of datetime's range
-            return moment.replace(tzinfo=UTC)  # hours from the edge: all or nothing
-    return moment
+    from sigil.core.moments import parse_moment
+
+    return parse_moment(text)  # the same reading as sigil report's --since
 
 
 #: The largest --tail honoured as given (more events than any log holds).

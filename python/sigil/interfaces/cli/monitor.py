@@ -382,6 +382,14 @@ class SessionState:
         return self._jumps
 
     @property
+    def budget_exhausted(self) -> list[dict[str, Any]]:
+        """The current run, when it ended out of budget: its tokens, budget and
+        the seq of the final event that said so (the rule of ``sigil report``)."""
+        from sigil.reports.live import budget_exhausted
+
+        return budget_exhausted(self.session_id, [self._run], label=False)
+
+    @property
     def retry_storms(self) -> list[dict[str, Any]]:
         """The current run's retry storms (a component with 5+ failed attempts,
         the rule of ``sigil report``), each with its first failed attempts'

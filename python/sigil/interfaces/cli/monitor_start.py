@@ -157,6 +157,21 @@ def _check_event_mode(mode: str, selection: Any, json_events: bool) -> None:
     raise _fail(f"{option} selects events: use --mode stream (or json --json-events), not {mode}")
 
 
+def _refuse_archived(directory: Path) -> None:
+    """An archived session (``sigil logs archive``) has ended and no writer may
+    start it again: rather than wait for it showing 0 tokens, say where it is."""
+    from sigil.core.paths import LOG_FILE_NAME, rotated_segments, session_archives
+
+    if os.path.lexists(directory / LOG_FILE_NAME) or rotated_segments(directory):
+        return
+    archives = session_archives(directory)
+    if archives:
+        raise _fail(
+            f"session {directory.name!r} is archived ({archives[-1]}): it has ended; "
+            f"see it with sigil replay {directory.name} or sigil report session"
+        )
+
+
 def start(
     session_id: str | None,
     mode: str | None,
@@ -225,6 +240,7 @@ def start(
             check_log_file(session_dir(session_id, resolved_log_path) / "execution.jsonl")
         except NotARegularFile as exc:
             raise _fail(str(exc)) from None
+        _refuse_archived(session_dir(session_id, resolved_log_path))
     if not catching_up:
         start_monitor_catch_up(session_id, resolved_log_path, once=once)
     chosen_mode = mode or settings.monitoring.default_mode

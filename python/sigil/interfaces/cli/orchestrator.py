@@ -963,6 +963,8 @@ class Orchestrator:
 
         Everything that can refuse the run is checked before anything is written.
         """
+        # An archived ID names its history: refused, --resume or not (contract 11).
+        self._lock.refuse_if_archived()
         if self.resume and not (
             (self.session_dir / LOG_FILE_NAME).exists() or rotated_segments(self.session_dir)
         ):

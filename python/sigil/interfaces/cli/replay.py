@@ -275,7 +275,7 @@ class _ArchiveFiles(_Files):
         self.archive = archive
         found: list[tuple[tuple[int, Any], int, str]] = []
         budget = _MAX_TOTAL_BYTES
-        with self._tar() as tar:
+        with self._tar(to_the_end=True) as tar:
             for index, member in enumerate(tar):
                 log = _log_member(member)
                 if log is None:
@@ -294,11 +294,21 @@ class _ArchiveFiles(_Files):
         self.names = [name for _, name, _ in self.members]
 
     @contextlib.contextmanager
-    def _tar(self) -> Iterator[tarfile.TarFile]:
+    def _tar(self, *, to_the_end: bool = False) -> Iterator[tarfile.TarFile]:
+        """The archive as a tar stream. ``to_the_end``: once its members are
+        read, the rest of the gzip stream too, so that its end is checked (a
+        tar cut within a header ends quietly, as if it had no more members)."""
         try:
             fd = os.open(self.archive, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd, "rb") as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
+            with (
+                os.fdopen(fd, "rb") as raw,
+                gzip.GzipFile(fileobj=raw) as gz,
+                tarfile.open(fileobj=gz, mode="r|") as tar,
+            ):
                 yield tar
+                if to_the_end:
+                    while gz.read(_CHUNK):
+                        pass
         except (OSError, EOFError, zlib.error, tarfile.TarError) as exc:
             raise ReplayError(f"cannot read {self.archive}: {exc}") from None
 
@@ -430,6 +440,17 @@ def entries_of(lines: Sequence[_Line]) -> list[ParsedEntry]:
     return found
 
 
+def _split(run: _Line, lines: int) -> tuple[_Line, _Line]:
+    """A run of lines as its first ``lines`` lines and the rest."""
+    end = run.start
+    for _ in range(lines):
+        end = run.block.index(b"\n", end) + 1
+    head = _Line(run.file, run.block, run.start, end, run.offset, None, 0.0, False, lines)
+    rest = _Line(run.file, run.block, end, run.end, run.offset + (end - run.start), None, 0.0,
+                 False, run.count - lines)  # fmt: skip
+    return head, rest
+
+
 class Timeline:
     """A session's log lines in fold order, each with its event's moment,
     streamed: :meth:`stream` reads the files once more each time."""
@@ -520,34 +541,43 @@ class Timeline:
 
     def run_range(self, number: int) -> tuple[int, int]:
         """The lines of run ``number`` (as the model numbers runs): from its
-        ``session_start`` up to the next one. Raises :class:`ReplayError`."""
+        ``session_start`` up to the next one. Raises :class:`ReplayError`.
+
+        One read of the log, a block at a time: only a block that holds a
+        ``session_start`` is parsed (natively), and the fold is fed up to each
+        one to learn which run it opened."""
         from sigil.telemetry.archived import Fold
+        from sigil.telemetry.log_parser import parse_bytes
 
         fold = Fold(0)
         numbers: list[int] = []
-        pending: list[_Line] = []
         start: int | None = None
-        index = -1
-        for index, line in enumerate(self.stream()):
-            if line.opens_run:
+        index = 0  # the line number of the block's first line
+        for run in self.blocks():
+            block, offset = run.block[run.start : run.end], run.offset
+            opens = []
+            if b"session_start" in block:
+                opens = [e.offset for e in parse_bytes(block).entries
+                         if e.event_type == "session_start"]  # fmt: skip
+            pos, line = 0, index
+            for at in opens:
+                line += block.count(b"\n", pos, at)
                 if start is not None:
-                    return start, index
+                    return start, line
                 # The model says which run a session_start opened: fold up to it.
-                pending.append(line)
-                feed_lines(fold, pending)
-                pending.clear()
+                nl = block.find(b"\n", at)
+                end = len(block) if nl < 0 else nl + 1
+                fold.feed_bytes(block[pos:end], offset + pos)
                 got = fold.snapshot().run.number
                 numbers.append(got)
                 if got == number:
-                    start = index
-                continue
-            if start is None:
-                pending.append(line)
-                if len(pending) >= _BATCH:
-                    feed_lines(fold, pending)
-                    pending.clear()
+                    start = line
+                pos, line = end, line + 1
+            if start is None and pos < len(block):
+                fold.feed_bytes(block[pos:], offset + pos)
+            index += run.count
         if start is not None:
-            return start, index + 1
+            return start, index
         known = ", ".join(str(n) for n in numbers) or "none"
         raise ReplayError(f"session {self.session_id!r} has no run {number} (its runs: {known})")
 
@@ -623,9 +653,9 @@ class Player:
         from sigil.telemetry.archived import Fold
 
         self.fold = Fold(last_n)
-        #: ``--speed max`` with no keys (nothing to step or pause): runs of lines
-        #: are folded as read, with no line's moment (the clock is the fold's latest)
-        self._fast = speed is None and keys is None
+        #: ``--speed max``: runs of lines are folded as read (cut where a step
+        #: ends), with no line's moment (the clock is the latest event's the fold saw)
+        self._fast = speed is None
         #: the lines from the cursor on, read ahead of it (a few batches at most)
         self._lines = timeline.blocks((first, self.stop)) if self._fast else timeline.stream()
         self._ahead: deque[_Line] = deque()
@@ -725,14 +755,18 @@ class Player:
         return taken
 
     def _take_runs(self, upto: int) -> list[_Line]:
-        """``--speed max``: runs of lines up to ``upto`` or past it (never past a
-        cut: the first line played, the end)."""
+        """``--speed max``: runs of lines up to ``upto`` (a run cut there; what
+        is left of it is read next)."""
         taken: list[_Line] = []
         while self.cursor < upto:
-            run = next(self._lines, None)
+            run = self._ahead.popleft() if self._ahead else next(self._lines, None)
             if run is None:
                 self.stop = self.cursor  # the log was shorter than counted
                 break
+            need = upto - self.cursor
+            if run.count > need:
+                run, rest = _split(run, need)
+                self._ahead.appendleft(rest)
             taken.append(run)
             self.cursor += run.count
         if taken:
@@ -761,30 +795,24 @@ class Player:
         if not lines:
             return
         feed_lines(self.fold, lines)
-        state = self.state
-        fresh: list[Any] = []
-        if self._fast:
-            # The snapshot (which grows with the session's runs) is taken when
-            # a frame is drawn, not for each run of lines folded.
-            self._stale = True
-        else:
-            fresh = self._sync()
+        # The state takes the fold's snapshot (which grows with the session's
+        # runs) when a frame is drawn, as the monitor's does, not per batch.
+        self._stale = True
         if self.renderer.lists_events:
             # Every event fed, even a burst larger than the model's recent ring.
-            fresh = entries_of(lines)
-            state.unlisted = 0
-        self.renderer.on_events(state, fresh)
+            self.renderer.on_events(self.state, entries_of(lines))
 
-    def _sync(self) -> list[Any]:
-        """The state takes the fold's snapshot; the events new in it."""
+    def _sync(self) -> None:
+        """The state takes the fold's snapshot."""
         state = self.state
-        fresh = list(state.update(self.fold.snapshot()))
+        state.update(self.fold.snapshot())
+        if self.renderer.lists_events:
+            state.unlisted = 0  # every event was listed as it was fed
         state.rotations = self._file
         if self._fast:
             self._note_moment()
         self.phase = _phase_of(state)
         self._stale = False
-        return fresh
 
     def _due(self, now: float) -> int:
         """The index past the last line due at ``now`` (a batch at most);

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["Line", "cells", "crop", "printable", "span", "wrap"]
+__all__ = ["Line", "cells", "crop", "printable", "shown", "span", "wrap"]
 
 # C0 and C1 control characters and DEL: text from a log must never reach the
 # terminal as a control sequence (an event message holding ESC [2J, a bell, or a
@@ -17,9 +17,48 @@ _CONTROLS: dict[int, str | None] = dict.fromkeys([*range(0x20), 0x7F, *range(0x8
 _CONTROLS[0x09] = " "
 
 
+# Bidi overrides and the Unicode line separators reorder or break a line too.
+_CONTROLS.update(dict.fromkeys(
+    [0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x2028, 0x2029]
+))  # fmt: skip
+
+
 def printable(text: str) -> str:
     """``text`` without control characters (kept as is when it has none)."""
     return text if text.isprintable() else text.translate(_CONTROLS)
+
+
+#: How :func:`shown` writes the control characters people know by a letter.
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\x1b": "\\e", "\x07": "\\a", "\x08": "\\b"}
+#: Bidirectional overrides and isolates, and the line and paragraph separators:
+#: text that reorders or breaks what follows it on a terminal.
+_UNSEEN = frozenset(k for k in _CONTROLS if k > 0xA0)
+
+
+def _escape(ch: str) -> str:
+    named = _NAMED.get(ch)
+    if named is not None:
+        return named
+    code = ord(ch)
+    if code < 0x20 or 0x7F <= code < 0xA0:
+        return f"\\x{code:02x}"
+    if code in _UNSEEN:
+        return f"\\u{code:04x}"
+    return ch
+
+
+def shown(text: object) -> str:
+    """A name or message from a log (a component, a model, an agent, an error)
+    made safe for every text view: each control character written visibly
+    (``\\e`` for ESC, ``\\n`` for a newline, ``\\x9b``, ``\\u202e``), so a
+    log can neither move the cursor, retitle or clear the terminal nor start a
+    line of its own. ``--json`` output never goes through it: JSON escapes
+    them. (The live dashboard and the stream mode drop them instead:
+    :func:`printable`, their cells fixed.)"""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(_escape(ch) for ch in text)
 
 
 def span(widths: Iterable[int]) -> int:

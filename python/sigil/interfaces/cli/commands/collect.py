@@ -126,6 +126,7 @@ def collect(
     click.echo(
         f"sigil collect: {stats.spans} spans received, {stats.written} written,"
         f" {stats.duplicates} duplicates, {stats.ignored} not GenAI"
-        " (tokens: sigil monitor or sigil sessions, from each session's model)"
+        + (f", {stats.archived} rejected (archived sessions)" if stats.archived else "")
+        + " (tokens: sigil monitor or sigil sessions, from each session's model)"
     )
     return ExitCode.OK

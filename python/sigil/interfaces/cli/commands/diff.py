@@ -28,10 +28,15 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
 
     settings = load_settings({"logging.path": log_path})
     base = Path(settings.logging.path)
+    from sigil.interfaces.cli.screen import shown
+
+    warnings: list[str] = []
     try:
-        left, right = load_sides(base, [a, b])
+        left, right = load_sides(base, [a, b], warnings)
     except DiffError as exc:
-        raise UsageFailure(str(exc)) from None
+        raise UsageFailure(shown(exc)) from None
+    for warning in warnings:
+        click.echo(f"sigil: warning: {shown(warning)}", err=True)
     rows = compare(left, right)
     changed = changed_steps(left, right)
     loops = {"a": left.loops, "b": right.loops}
@@ -56,21 +61,22 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
     _print(left.head(), right.head(), rows)
     for step in changed:
         click.echo(
-            f"changed step #{step['ordinal'] + 1}: {step['component_a'] or '-'} -> "
-            f"{step['component_b'] or '-'} (output {_short(step['output_sha256_a'])} -> "
+            f"changed step #{step['ordinal'] + 1}: {shown(step['component_a'] or '-')} -> "
+            f"{shown(step['component_b'] or '-')} (output {_short(step['output_sha256_a'])} -> "
             f"{_short(step['output_sha256_b'])})"
         )
     for side, found in loops.items():
         for loop in found:
             click.echo(
-                f"loop in {side.upper()} run {loop['run']}: {loop['component']} started"
+                f"loop in {side.upper()} run {loop['run']}: {shown(loop['component'])} started"
                 f" {loop['starts']} times with input {_short(loop['input_sha256'])}"
                 f" (seq {', '.join(map(str, loop['seqs']))})"
             )
     for side, found in storms.items():
         for storm in found:
             click.echo(
-                f"retry storm in {side.upper()} run {storm['run']}: {storm['component']} retried"
+                f"retry storm in {side.upper()} run {storm['run']}: {shown(storm['component'])}"
+                f" retried"
                 f" {storm['retries']} times (seq {', '.join(map(str, storm['seqs']))})"
             )
     for side, found in exhausted.items():
@@ -81,7 +87,7 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
             value, baseline = jump["tokens_per_call"], jump["history_p99"]
             times = f"{value / baseline:.1f}x" if baseline else "up from"
             click.echo(
-                f"token jump in {side.upper()}: {jump['component']} {value:,.1f} tokens per"
+                f"token jump in {side.upper()}: {shown(jump['component'])} {value:,.1f} tokens per"
                 f" call, {times} {other.upper()}'s {baseline:,.1f}{calls_text(jump)}"
             )
 
@@ -92,21 +98,23 @@ def _short(digest: str | None) -> str:
 
 def _print(a: dict[str, Any], b: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
+    from rich.text import Text
 
-    from sigil.interfaces.cli.commands.report import _cell, _console
+    from sigil.interfaces.cli.commands.report import _cell, _console, _name
+    from sigil.interfaces.cli.screen import shown
 
-    title = (
+    title = shown(
         f"A {a['label']} ({a['status']}, {a['tokens']:,} tokens)  vs  "
         f"B {b['label']} ({b['status']}, {b['tokens']:,} tokens)"
     )
-    table = Table(title=title)
+    table = Table(title=Text(title))
     table.add_column("COMPONENT")
     for header in ("TOKENS A", "TOKENS B", "DELTA", "ERR A", "ERR B", "P95 MS A", "P95 MS B"):
         table.add_column(header, justify="right")
     for row in rows:
         left, right, delta = row["a"] or {}, row["b"] or {}, row["delta"]
         table.add_row(
-            row["component"],
+            _name(row["component"]),
             _cell(left.get("tokens")),
             _cell(right.get("tokens")),
             f"{delta['tokens']:+,}",

@@ -356,8 +356,16 @@ class _Signals:
 _scrub: Callable[[str], str] | None = None
 
 
-def _echo(message: str = "", *, err: bool = False) -> None:
-    click.echo(_scrub(message) if _scrub is not None else message, err=err)
+def _echo(message: str = "", *, err: bool = False, data: bool = False) -> None:
+    """One message, scrubbed; each of its lines with the control characters a
+    step's text or a model's name may hold shown, not sent to the terminal
+    (``screen.shown``), except ``data`` (JSON, which escapes them itself)."""
+    text = _scrub(message) if _scrub is not None else message
+    if not data and not text.isprintable():
+        from sigil.interfaces.cli.screen import shown
+
+        text = "\n".join(shown(line) for line in text.split("\n"))
+    click.echo(text, err=err)
 
 
 def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
@@ -461,7 +469,7 @@ def _run(orchestrator: Orchestrator, task: str | None, as_json: bool) -> int:
     if as_json:
         import json
 
-        _echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str))
+        _echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False, default=str), data=True)
     else:
         # On a terminal the live table's model has folded the whole run: its costs.
         _print_result(result, progress.snapshot if progress is not None else None)

@@ -67,7 +67,7 @@ def report(
     from pathlib import Path
 
     from sigil.core.config import load_settings
-    from sigil.reports.query import GROUPS, Filters, parse_moment, run_report
+    from sigil.reports.query import GROUPS, Filters, Report, parse_moment, run_report
 
     if group not in GROUPS:
         raise UsageFailure(f"unknown report {group!r}: use one of {', '.join(GROUPS)}")
@@ -89,24 +89,34 @@ def report(
     if base.exists() and not base.is_dir():
         raise UsageFailure(f"log path {str(base)!r} is not a directory")
 
-    from sigil.reports.index import open_index
+    import sqlite3
+
+    from sigil.reports.index import read_index
     from sigil.telemetry.log_parser import empty_snapshot
 
-    conn, state = open_index(base)
-    for session_id, error in sorted(state.unreadable.items()):
-        click.echo(f"sigil: warning: session {session_id} is unreadable: {error}", err=True)
-    if session_prefix is not None:
-        hit = conn.execute(
-            "SELECT 1 FROM sources WHERE substr(session_id, 1, ?) = ? LIMIT 1",
-            (len(session_prefix), session_prefix),
-        ).fetchone()
-        if hit is None:
-            raise UsageFailure(f"no session ID starts with {session_prefix!r} in {str(base)!r}")
     filters = Filters(bounds[0], bounds[1], session_prefix)
-    result = run_report(
-        conn, group, filters, empty_snapshot().latency_bounds_ms, breakdown=breakdown
-    )
-    conn.close()
+
+    def query(conn: sqlite3.Connection) -> Report | None:
+        if session_prefix is not None:
+            hit = conn.execute(
+                "SELECT 1 FROM sources WHERE substr(session_id, 1, ?) = ? LIMIT 1",
+                (len(session_prefix), session_prefix),
+            ).fetchone()
+            if hit is None:
+                return None
+        return run_report(
+            conn, group, filters, empty_snapshot().latency_bounds_ms, breakdown=breakdown
+        )
+
+    result, state = read_index(base, query)
+    from sigil.interfaces.cli.screen import shown
+
+    if state.warning is not None:
+        click.echo(f"sigil: warning: {shown(state.warning)}", err=True)
+    for session_id, error in sorted(state.unreadable.items()):
+        click.echo(f"sigil: warning: session {session_id} is unreadable: {shown(error)}", err=True)
+    if result is None:
+        raise UsageFailure(f"no session ID starts with {session_prefix!r} in {str(base)!r}")
     if as_json:
         import orjson
 
@@ -119,15 +129,25 @@ def report(
             "rows": result.rows,
             "total": result.total,
             "anomalies": result.anomalies,
+            # the sources left out: not counted above (issue 13 review)
+            "unreadable": state.damaged,
         }
         click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
         return
     _print_table(result)
+    for source in state.damaged:
+        runs = source["runs_counted"]
+        counted = f"{runs} run{'s' if runs != 1 else ''} of its readable part counted"
+        click.echo(
+            f"unreadable: session {source['session']} ({counted if runs else 'not counted'}):"
+            f" {shown(source['error'])}"
+        )
 
 
 def _print_table(result: object) -> None:
     from rich.table import Table
 
+    from sigil.interfaces.cli.screen import shown
     from sigil.reports.query import Report
 
     assert isinstance(result, Report)
@@ -141,21 +161,21 @@ def _print_table(result: object) -> None:
         table.add_column(header, justify="right", footer=_cell(result.total.get(name)))
     for row in result.rows:
         table.add_row(
-            *(str(row[k]) if row[k] is not None else "-" for k in keys),
+            *(_name(row[k]) for k in keys),
             *(_cell(row.get(name)) for name, _ in _COLUMNS),
         )
     _console().print(table)
     found = result.anomalies or {}
     for loop in found.get("loops", []):
         click.echo(
-            f"loop: session {loop['session']} run {loop['run']}: {loop['component']} started"
+            f"loop: session {loop['session']} run {loop['run']}: {shown(loop['component'])} started"
             f" {loop['starts']} times with input {loop['input_sha256'][:12]}"
             f" (seq {', '.join(map(str, loop['seqs']))})"
         )
     for storm in found.get("retry_storms", []):
         click.echo(
             f"retry storm: session {storm['session']} run {storm['run']}:"
-            f" {storm['component']} retried {storm['retries']} times"
+            f" {shown(storm['component'])} retried {storm['retries']} times"
             + (f" (seq {', '.join(map(str, storm['seqs']))})" if storm.get("seqs") else "")
         )
     for run in found.get("budget_exhausted", []):
@@ -164,10 +184,20 @@ def _print_table(result: object) -> None:
         )
     for jump in found.get("token_jumps", []):
         click.echo(
-            f"token jump: session {jump['session']} run {jump['run']}: {jump['component']}"
+            f"token jump: session {jump['session']} run {jump['run']}: {shown(jump['component'])}"
             f" {jump['tokens_per_call']:,.1f} tokens per call, above {jump['history_p99']:,.1f}"
             f" (p99 of its last {jump['history_runs']} runs){calls_text(jump)}"
         )
+
+
+def _name(value: object) -> Any:
+    """A name from the logs as a table cell: control characters shown
+    (:func:`~sigil.interfaces.cli.screen.shown`), never read as rich markup."""
+    from rich.text import Text
+
+    from sigil.interfaces.cli.screen import shown
+
+    return Text("-" if value is None else shown(value))
 
 
 def budget_text(run: dict[str, Any]) -> str:

@@ -91,11 +91,14 @@ def sessions(ctx: click.Context, log_path: str | None, as_json: bool, watch: boo
     from sigil.core.config import load_settings
 
     settings = load_settings({"logging.path": log_path})
+    from sigil.interfaces.cli.screen import shown
+
     rows = list_sessions(Path(settings.logging.path))
     for row in rows:
         if row.error is not None:
             click.echo(
-                f"sigil: warning: session {row.session_id} is unreadable: {row.error}", err=True
+                f"sigil: warning: session {row.session_id} is unreadable: {shown(row.error)}",
+                err=True,
             )
     if as_json:
         import orjson

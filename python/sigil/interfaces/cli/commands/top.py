@@ -199,6 +199,7 @@ _HEADERS = (
 def table_lines(rows: list[TopRow]) -> list[str]:
     """The table as plain text lines (header first), columns sized to fit."""
     from sigil.interfaces.cli.display import format_cost, unknown_text
+    from sigil.interfaces.cli.screen import shown
 
     cells = [_HEADERS]
     for r in rows:
@@ -215,7 +216,7 @@ def table_lines(rows: list[TopRow]) -> list[str]:
                 "-" if r.rate_per_min is None else f"{r.rate_per_min:,.0f}",
                 format_cost(r),
                 str(r.errors),
-                r.step or "-",
+                shown(r.step) if r.step else "-",
             )
         )
     widths = [max(len(line[i]) for line in cells) for i in range(len(_HEADERS))]
