@@ -29,15 +29,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sigil.core.events import EventLogger
+from sigil.proxy.policy import redact
 from sigil.proxy.usage import Usage
 from sigil.telemetry.pricing import Pricer
 from sigil.telemetry.tokens import TokenTracker
 
-__all__ = ["BudgetExhausted", "Call", "Meter"]
+__all__ = ["BudgetExhausted", "Call", "Meter", "RecordingFailed"]
 
 
 class BudgetExhausted(Exception):
@@ -57,15 +59,30 @@ class BudgetExhausted(Exception):
 class PromptTooLarge(BudgetExhausted):
     """The call's prompt does not fit in what is left of the budget: refused."""
 
-    def __init__(self, prompt: int, left: int, used: int, total: int) -> None:
+    def __init__(self, prompt: int, left: int, used: int, total: int, outputs: int = 1) -> None:
+        what = f"the call's prompt (~{prompt:,} tokens)"
+        if outputs > 1:
+            what += f" with one token for each of its {outputs:,} completions"
         super().__init__(
             used,
             total,
-            f"the call's prompt (~{prompt:,} tokens) does not fit in what is left of the "
-            f"session's token budget ({left:,} of {total:,} tokens); sigil refuses it",
+            f"{what} does not fit in what is left of the session's token budget "
+            f"({left:,} of {total:,} tokens); sigil refuses it",
         )
         self.prompt = prompt
         self.left = left
+
+
+class RecordingFailed(Exception):
+    """The session's log cannot be written: a call the proxy could not record is refused."""
+
+    def __init__(self, cause: OSError) -> None:
+        reason = cause.strerror or str(cause)
+        super().__init__(
+            f"the session's log cannot be written ({reason}); sigil refuses the calls it "
+            "could not record"
+        )
+        self.cause = cause
 
 
 @dataclass(slots=True)
@@ -85,6 +102,8 @@ class Call:
     #: the prompt's estimated tokens, reserved with the grant
     prompt: int = 0
     settled: bool = False
+    #: the keys the call carried: cut out of any text logged about it
+    secrets: tuple[str, ...] = ()
 
     @property
     def reserved(self) -> int:
@@ -126,6 +145,8 @@ class Meter:
         self._waiting = 0
         self._ids = itertools.count(1)
         self._settled = asyncio.Condition()
+        #: why the session's log cannot be written now (None: it can); set by the session
+        self.unrecorded: Callable[[], OSError | None] = _recorded
 
     @property
     def exhausted(self) -> bool:
@@ -148,18 +169,23 @@ class Meter:
     def _refusal(self) -> BudgetExhausted:
         return BudgetExhausted(self.tracker.used + self.held, self.tracker.total)
 
-    async def admit(self, wanted: int | None, prompt: int = 0) -> int:
+    async def admit(self, wanted: int | None, prompt: int = 0, least: int = 1) -> int:
         """Reserve ``prompt`` tokens (the prompt's estimate) and an output cap
         of ``wanted`` tokens at most (None: a call without output); returns the
         output cap granted (0 for a call without output).
 
-        The prompt is reserved whole, with at least one token of output; the
-        cap is lowered to what is free. Waits while what is free is promised to
+        The prompt is reserved whole, with at least ``least`` tokens of output
+        (one per completion the call generates); the cap is lowered to what is
+        free. Waits while what is free is promised to
         calls in flight; raises :class:`PromptTooLarge` when the prompt cannot
         fit even once they settle, and :class:`BudgetExhausted` once the budget
-        has run out."""
-        out = 0 if wanted is None else max(1, wanted)
-        need = prompt + (0 if wanted is None else 1)
+        has run out; :class:`RecordingFailed` while the log cannot be written."""
+        failure = self.unrecorded()
+        if failure is not None:
+            raise RecordingFailed(failure)
+        least = max(1, least)
+        out = 0 if wanted is None else max(least, wanted)
+        need = prompt + (0 if wanted is None else least)
         # Nothing below awaits until a call must wait: decided on the event
         # loop at once, the condition's lock is only taken to wait.
         granted = self._try_admit(prompt, out, need)
@@ -186,7 +212,7 @@ class Meter:
         free = tracker.remaining - tracker.budget.reserved
         if need > left or (self._inflight == 0 and (need > free or free <= 0)):
             self.starved = True
-            raise PromptTooLarge(prompt, max(0, left), tracker.used, tracker.total)
+            raise PromptTooLarge(prompt, max(0, left), tracker.used, tracker.total, need - prompt)
         if need <= free and free > 0:
             granted = tracker.reserve(prompt + out) if prompt + out else 0
             if granted:
@@ -219,12 +245,13 @@ class Meter:
         granted: int,
         requested: int | None,
         prompt: int = 0,
+        secrets: tuple[str, ...] = (),
     ) -> Call:
         """Log the call's ``step_start`` (it has been admitted with ``prompt`` and
-        ``granted`` reserved)."""
+        ``granted`` reserved); ``secrets`` are the keys it carries, never logged."""
         call = Call(
             next(self._ids), component, endpoint, model, stream, granted, requested,
-            time.perf_counter(), prompt,
+            time.perf_counter(), prompt, secrets=secrets,
         )  # fmt: skip
         self.calls += 1
         meta: dict[str, Any] = {
@@ -292,8 +319,11 @@ class Meter:
         usage: Usage | None = None,
         model: str | None = None,
     ) -> None:
-        """Record a call that failed; ``usage`` is what it spent all the same."""
+        """Record a call that failed; ``usage`` is what it spent all the same.
+        ``error`` may quote the upstream: the call's keys are cut out of it."""
         self.failed += 1
+        if call.secrets:
+            error = redact(error, call.secrets)
         try:
             meta = self._meta(call, usage, model, status)
             cancelled = False
@@ -391,3 +421,8 @@ class Meter:
             if usage.estimated:
                 meta["usage_estimated"] = True
         return meta
+
+
+def _recorded() -> OSError | None:
+    """A log that never fails (a meter without a session: tests)."""
+    return None

@@ -44,7 +44,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from sigil.proxy.metering import BudgetExhausted, Call, Meter
+from sigil.proxy.metering import BudgetExhausted, Call, Meter, RecordingFailed
+from sigil.proxy.policy import Refusal, plan_output, secrets_of
 from sigil.proxy.usage import (
     CHAT,
     COMPLETIONS,
@@ -342,25 +343,17 @@ class ProxyServer:
         model = body["model"] if isinstance(body.get("model"), str) else "unknown"
         component = _component(request.headers.get("X-Sigil-Component"), model)
         stream = body.get("stream") is True
-        caps = [f for f in endpoint.cap_fields if f in body and body[f] is not None]
-        requested: int | None = None
-        for name in caps:
-            value = body[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                return openai_error(
-                    400, f"{name} must be a non-negative integer", "invalid_request_error",
-                    "invalid_value",
-                )  # fmt: skip
-            requested = value if requested is None else min(requested, value)
-        # Each of n choices (best_of for legacy completions) may produce up to the cap.
-        choices = max(_choices(body.get("n")), _choices(body.get("best_of")))
-        wanted = None
-        if endpoint.cap_fields:
-            wanted = (requested if requested is not None else self.config.call_cap) * choices
+        # Each completion (n choices, best_of, each prompt of a list) may produce up to the cap.
+        try:
+            plan = plan_output(endpoint, body)
+        except Refusal as exc:
+            return openai_error(400, f"sigil proxy: {exc}", "invalid_request_error", exc.code)
+        requested = plan.requested
+        wanted = plan.wanted(self.config.call_cap)
         endpoint_name = "/v1" + endpoint.path
         prompt = await self._prompt_tokens(body)
         try:
-            granted = await self.meter.admit(wanted, prompt)
+            granted = await self.meter.admit(wanted, prompt, plan.least)
         except BudgetExhausted as exc:
             await self.meter.refuse(
                 component=component, endpoint=endpoint_name, model=model, stream=stream,
@@ -369,12 +362,13 @@ class ProxyServer:
             return openai_error(
                 429, f"sigil: {exc}", "insufficient_quota", "insufficient_quota", retry=False
             )
-        per_choice = max(1, granted // choices)
-        if endpoint.cap_fields and (requested is None or per_choice < requested):
-            for name in caps or [
-                self._chat_cap_field if endpoint is CHAT else endpoint.cap_fields[0]
-            ]:
-                body[name] = per_choice
+        except RecordingFailed as exc:
+            return openai_error(
+                503, f"sigil: {exc}", "server_error", "recording_failed", retry=False
+            )
+        if endpoint.cap_fields:
+            default = self._chat_cap_field if endpoint is CHAT else endpoint.cap_fields[0]
+            body.update(plan.caps_to_send(granted, default))
         asked_usage = True
         if stream and endpoint.stream_options:
             options = body.get("stream_options")
@@ -382,9 +376,10 @@ class ProxyServer:
             asked_usage = options.get("include_usage") is True
             options["include_usage"] = True
             body["stream_options"] = options
+        secrets = secrets_of(request.headers, self.config.api_key, self.config.token)
         call = await self.meter.start(
             component=component, endpoint=endpoint_name, model=model, stream=stream,
-            granted=granted, requested=requested, prompt=prompt,
+            granted=granted, requested=requested, prompt=prompt, secrets=secrets,
         )  # fmt: skip
         try:
             return await self._forward(request, call, endpoint, body, headers, stream, asked_usage)
@@ -563,9 +558,11 @@ class ProxyServer:
                 with contextlib.suppress(ConnectionError):
                     await out.write(_sse_error(f"sigil proxy: {what}", "upstream_error"))
         elif follower.error is not None:
+            # What arrived before the error was generated: counted as a broken stream is.
+            usage = follower.usage or await _estimate(body, follower)
             await self.meter.fail(
                 call, f"upstream error in stream: {follower.error}", category="upstream_error",
-                status=resp.status, usage=follower.usage, model=follower.model,
+                status=resp.status, usage=usage, model=follower.model,
             )  # fmt: skip
         else:
             await self.meter.complete(
@@ -620,13 +617,6 @@ async def _read_bounded(
 def _back(resp: aiohttp.ClientResponse) -> dict[str, str]:
     """The upstream's response headers a client may see."""
     return {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE}
-
-
-def _choices(value: object) -> int:
-    """How many completions a request asks for (``n``, ``best_of``): 1 unless a sane int."""
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 128:
-        return value
-    return 1
 
 
 def _component(header: str | None, model: str) -> str:

@@ -40,7 +40,7 @@ TOKEN_ENV = "SIGIL_PROXY_TOKEN"
 _EPILOG = """\b
 Exit status:
   0  stopped (Ctrl-C or SIGTERM) with budget left
-  1  failed
+  1  failed, or the session's log could not be written (calls were then refused)
   2  bad usage: invalid option, session ID, budget or upstream URL, the port is
      taken, or the session is already running (nothing is written)
   3  the session's token budget ran out
@@ -242,7 +242,32 @@ class MeteredSession:
         orch.token_tracker = tracker
         self._tokens_before = history.tokens_used
         self.meter = Meter(tracker, self._log, run=prep.run.run, pricer=orch.pricer)
+        self.meter.unrecorded = self._unrecorded
         return self.meter
+
+    def _unrecorded(self) -> OSError | None:
+        """Why the session's log cannot be written now (None: it can)."""
+        from sigil.proxy.policy import recording_failure
+
+        return recording_failure(self._log.dropped, self.orchestrator.execution_logger.stats())
+
+    @property
+    def recording_error(self) -> OSError | None:
+        """Why the run's record is incomplete (set by :meth:`end`; None: it is whole)."""
+        error: OSError | None = self.orchestrator.recording_error
+        return error
+
+    def recording_error_text(self) -> str:
+        """The one-line error of a run whose record is incomplete."""
+        from sigil.interfaces.cli.orchestrator import describe_write_error
+
+        assert self.recording_error is not None
+        what = describe_write_error(self.recording_error, self.orchestrator.session_dir)
+        return (
+            f"{what}; the proxy refused the calls it could not record and the run ended. "
+            "tokens.json and metrics.json are rebuilt from the log by the next command once "
+            "there is room"
+        )
 
     async def begin(self, task: str, url: str, extra: dict[str, Any] | None = None) -> None:
         """Log ``session_start`` (and ``budget_exceeded`` when earlier runs spent it)."""
@@ -285,6 +310,8 @@ class MeteredSession:
         await _to_the_end(self._end(status, error, ORCHESTRATOR), absorb=True)
 
     async def _end(self, status: str, error: str | None, component: str) -> None:
+        from sigil.proxy.policy import recording_failure
+
         orch, prep, log = self.orchestrator, self._prep, self._log
         tracker, meter = orch.token_tracker, self.meter
         assert meter is not None
@@ -318,8 +345,12 @@ class MeteredSession:
             try:
                 await orch.execution_logger.close()
             except OSError as exc:
-                orch.recording_error = exc
+                orch.recording_error = orch.recording_error or exc
             writer_stats = orch.execution_logger.stats()
+            # As the orchestrator: a log that lacks events is a run not recorded whole.
+            orch.recording_error = orch.recording_error or recording_failure(
+                log.dropped, {k: v for k, v in writer_stats.items() if k != "buffered_bytes"}
+            )
             if prep.resting is not None:
                 try:
                     await prep.resting
@@ -389,7 +420,12 @@ async def serve(
         status, error = await main(url, meter)
     finally:
         await server.stop()
-        if meter.exhausted:
+        unrecorded = meter.unrecorded()
+        if unrecorded is not None:
+            # The record lacks calls: the run failed, whatever else it met.
+            session.orchestrator.recording_error = unrecorded
+            status, error = "error", f"the session's log cannot be written: {unrecorded}"
+        elif meter.exhausted:
             status, error = "budget_exceeded", "token budget exhausted"
         elif meter.starved:
             status, error = (
@@ -491,4 +527,7 @@ def proxy(
 
     session, status = run_async(main)
     click.echo(session.summary(), err=True)
+    if session.recording_error is not None:
+        click.echo(f"Error: {session.recording_error_text()}", err=True)
+        sys.exit(ExitCode.FAILED)
     sys.exit(ExitCode.BUDGET if status == "budget_exceeded" else ExitCode.OK)

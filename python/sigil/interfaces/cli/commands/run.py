@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover
 _EPILOG = """\b
 Exit status:
   COMMAND's own status, or
+  1  the session's log could not be written (the calls it could not record
+     were refused)
   2  bad usage: invalid option, session ID, budget or upstream URL, COMMAND not
      found, or the session is already running (nothing is written)
   3  the session's token budget ran out
@@ -116,4 +118,7 @@ def run(
 
     session, status = run_async(main)
     click.echo(session.summary(), err=True)
+    if session.recording_error is not None:
+        click.echo(f"Error: {session.recording_error_text()}", err=True)
+        sys.exit(ExitCode.FAILED)
     sys.exit(ExitCode.BUDGET if status == "budget_exceeded" else exit_code)
