@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sigil.core.events import EventLogger
-from sigil.proxy.policy import redact
+from sigil.proxy.policy import redact, usage_unknown
 from sigil.proxy.usage import Usage
 from sigil.telemetry.pricing import Pricer
 from sigil.telemetry.tokens import TokenTracker
@@ -320,12 +320,23 @@ class Meter:
         model: str | None = None,
     ) -> None:
         """Record a call that failed; ``usage`` is what it spent all the same.
-        ``error`` may quote the upstream: the call's keys are cut out of it."""
+        ``error`` may quote the upstream: the call's keys are cut out of it.
+
+        Without ``usage``, a call that may have spent tokens (:func:`usage_unknown`)
+        is logged with ``usage: "unknown"`` and keeps its reservation held, as a
+        call answered without usage does; one known to have spent nothing says
+        ``usage: "none"``."""
         self.failed += 1
         if call.secrets:
             error = redact(error, call.secrets)
+        unknown = usage_unknown(category, status, usage is not None)
         try:
             meta = self._meta(call, usage, model, status)
+            if usage is None and not unknown:
+                meta["usage"] = "none"
+            elif unknown:
+                self.unknown += 1
+                meta["tokens_held"] = call.reserved
             cancelled = False
             if usage is not None and usage.total:
                 cancelled = await self._price(meta, usage)
@@ -351,7 +362,7 @@ class Meter:
             if cancelled:
                 raise asyncio.CancelledError  # the call's tokens recorded first
         finally:
-            await self._release(call)
+            await self._release(call, hold=unknown)
 
     async def refuse(
         self, *, component: str, endpoint: str, model: str, stream: bool, error: str

@@ -15,6 +15,8 @@ of the call) and returns a decision, so any transport applies them alike.
   text about the call with them cut out before it is logged.
 * :func:`recording_failure`: whether the session's log can still hold what the
   proxy records (a call it could not record is refused, never served unmetered).
+* :func:`usage_unknown`: whether a failed call may have spent tokens nobody
+  reported (its usage is then unknown, as a call answered without usage is).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "recording_failure",
     "redact",
     "secrets_of",
+    "usage_unknown",
 ]
 
 #: The most completions one request may ask for (choices times prompts): OpenAI
@@ -191,3 +194,22 @@ def recording_failure(dropped: OSError | None, stats: Mapping[str, Any]) -> OSEr
         return None
     number = stats.get("last_errno") or errno.EIO
     return OSError(number, str(stats.get("last_error") or os.strerror(number)))
+
+
+#: Failures where the request never reached a model: nothing was generated.
+_NEVER_REACHED = frozenset({"upstream_unavailable", "budget", "recording"})
+
+
+def usage_unknown(category: str, status: int | None, counted: bool) -> bool:
+    """Whether a failed call's usage is unknown: it reached the upstream, may have
+    spent tokens, and nothing says how many (``counted``: the upstream's usage or
+    an estimate of what arrived was recorded).
+
+    Known to have spent nothing: a call that never reached the upstream (down,
+    refused by the proxy) and one the upstream refused with a 4xx answer (bad
+    request, bad key, rate limit: refused before generating). Unknown: a 5xx
+    answer, a timeout, a body that is not JSON, a call cut by the proxy's stop
+    or an error of its own, once forwarded."""
+    if counted or category in _NEVER_REACHED:
+        return False
+    return not (status is not None and 400 <= status < 500)

@@ -159,8 +159,16 @@ def _metered_session_class() -> type[Orchestrator]:
     from sigil.interfaces.cli.orchestrator import Orchestrator
 
     class _MeteredSession(Orchestrator):
+        #: the session's history once the run closed its log (None: not built)
+        final_history: Any = None
+
         def _make_steps(self, components: Any) -> dict[str, Any]:
             return {}
+
+        def _history_at_end(self, prep: Any) -> Any:
+            # Kept: the end line reads the run from it (contract 12).
+            self.final_history = super()._history_at_end(prep)
+            return self.final_history
 
         @property
         def provider_name(self) -> str:
@@ -364,25 +372,50 @@ class MeteredSession:
             await asyncio.to_thread(orch._lock.release)
 
     def summary(self) -> str:
+        """The end line: the run's calls and tokens as the session model reads the
+        log the run closed (what every view shows), or, when the run could not
+        build it (its log could not be written), the meter's own counts."""
         tracker, meter = self.orchestrator.token_tracker, self.meter
         assert meter is not None
-        run_tokens = tracker.used - self._tokens_before
-        pct = tracker.used / tracker.total * 100 if tracker.total else 0.0
-        if not meter.unknown:
+        counts = self._model_counts()
+        if counts is None:
+            counts = (
+                meter.calls, meter.failed, meter.unknown,
+                tracker.used - self._tokens_before, tracker.used,
+            )  # fmt: skip
+        calls, failed, unknown, run_tokens, used = counts
+        total = tracker.total
+        pct = used / total * 100 if total else 0.0
+        head = f"sigil: session {self.session_id} run {self.run}: {calls} calls"
+        if not unknown:
             return (
-                f"sigil: session {self.session_id} run {self.run}: {meter.calls} calls "
-                f"({meter.failed} failed), {run_tokens:,} tokens this run, {tracker.used:,} of "
-                f"{tracker.total:,} used by the session ({pct:.1f}%)"
+                f"{head} ({failed} failed), {run_tokens:,} tokens this run, {used:,} of "
+                f"{total:,} used by the session ({pct:.1f}%)"
             )
-        # Calls whose upstream reported no usage: their tokens are unknown, not 0.
-        calls = "call" if meter.unknown == 1 else "calls"
+        # Calls whose tokens nobody reported: unknown, never 0.
+        noun = "call" if unknown == 1 else "calls"
         return (
-            f"sigil: session {self.session_id} run {self.run}: {meter.calls} calls "
-            f"({meter.failed} failed, {meter.unknown} with usage unknown), at least "
-            f"{run_tokens:,} tokens this run, at least {tracker.used:,} of {tracker.total:,} "
-            f"used by the session ({pct:.1f}%) plus unknown usage of {meter.unknown} {calls} "
+            f"{head} ({failed} failed, {unknown} with usage unknown), at least "
+            f"{run_tokens:,} tokens this run, at least {used:,} of {total:,} "
+            f"used by the session ({pct:.1f}%) plus unknown usage of {unknown} {noun} "
             f"({meter.held:,} tokens of the budget held for them)"
         )
+
+    def _model_counts(self) -> tuple[int, int, int, int, int] | None:
+        """(calls, failed, usage unknown, tokens) of this run and the session's
+        tokens, from the session model at the run's end (None: not built)."""
+        history = getattr(self.orchestrator, "final_history", None)
+        model = getattr(history, "model", None)
+        if model is None:
+            return None
+        run = next((r for r in model.runs if r.number == self.run), None)
+        if run is None:
+            return None
+        # The model counts them over the session: this run's are what it adds.
+        before = self._prep.history.model
+        unknown = model.unknown_usage_calls - (before.unknown_usage_calls if before else 0)
+        calls = run.steps_completed + run.steps_failed
+        return calls, run.steps_failed, unknown, run.tokens, model.tokens
 
 
 def _safe_url(url: str) -> str:
