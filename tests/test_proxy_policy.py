@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import test_proxy
 from proxy_upstream import Upstream
@@ -279,6 +281,7 @@ def test_a_log_that_cannot_be_written_refuses_calls_and_fails_the_run(
     assert proc.returncode == 1, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("Error: cannot write") and "File too large" in last, err
+    assert f"refused {answers.count('refused')} calls it could not record" in last, err
     log = home / "logs" / "sessions" / "full" / "execution.jsonl"
     assert log.stat().st_size <= 40_000
     # No summary claims what the log lacks.
@@ -358,3 +361,53 @@ def test_unknown_usage_means_one_thing_in_the_events_the_end_line_and_the_views(
     assert f"at least {state['tokens_used']:,} tokens this run" in line, line
     # The unknown calls hold their reservations: counted against the budget.
     assert events[-1]["metadata"]["tokens_held_unknown"] > 0
+
+
+@given(
+    secret=st.text(st.characters(codec="ascii", categories=["L", "N"]), min_size=4, max_size=60),
+    before=st.text(max_size=30),
+    after=st.text(max_size=30),
+    cut=st.integers(0, 200),
+)
+def test_redact_leaves_no_piece_of_the_key(secret: str, before: str, after: str, cut: int) -> None:
+    """However the text around a key reads, and wherever a length limit cut it."""
+    from sigil.proxy.policy import redact
+
+    text = (before + secret + after + secret)[: len(before) + len(secret) + len(after) + cut]
+    out = redact(text, (secret,))
+    assert secret not in out
+    # A tail cut mid-key is redacted too when it is long enough to mean something.
+    for size in range(6, len(secret)):
+        assert not out.endswith(secret[:size]) or before.endswith(secret[:size])
+
+
+def test_secrets_of_a_call() -> None:
+    from sigil.proxy.policy import secrets_of
+
+    headers = {"Authorization": "Bearer sk-abc-123", "api-key": "az-key-1", "Accept": "x"}
+    assert secrets_of(headers, "proxy-own-key", None, "t") == (
+        "Bearer sk-abc-123", "proxy-own-key", "sk-abc-123", "az-key-1",
+    )  # fmt: skip
+
+
+def test_plan_output_counts_every_completion() -> None:
+    from sigil.proxy.policy import Refusal, plan_output
+    from sigil.proxy.usage import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES
+
+    plan = plan_output(COMPLETIONS, {"prompt": ["a", "b", "c"], "n": 2, "best_of": 4})
+    assert (plan.outputs, plan.requested, plan.wanted(10)) == (12, None, 120)
+    assert plan_output(COMPLETIONS, {"prompt": [1, 2, 3]}).outputs == 1
+    assert plan_output(COMPLETIONS, {"prompt": [[1], [2]]}).outputs == 2
+    chat = plan_output(CHAT, {"max_tokens": 500, "max_completion_tokens": 80, "n": 3})
+    assert (chat.requested, chat.wanted(4096)) == (80, 240)
+    assert chat.caps_to_send(150, "max_tokens") == {"max_tokens": 50, "max_completion_tokens": 50}
+    assert chat.caps_to_send(10_000, "max_tokens") == {"max_tokens": 80}
+    assert plan_output(CHAT, {}).caps_to_send(70, "max_completion_tokens") == {
+        "max_completion_tokens": 70
+    }
+    assert plan_output(RESPONSES, {"n": None}).outputs == 1
+    emb = plan_output(EMBEDDINGS, {"input": ["a", "b"]})
+    assert (emb.wanted(10), emb.least, emb.caps_to_send(0, "x")) == (None, 0, {})
+    for bad in ({"n": 0}, {"best_of": "2"}, {"n": 1 << 19}, {"max_tokens": -1}):
+        with pytest.raises(Refusal):
+            plan_output(COMPLETIONS, bad)

@@ -147,6 +147,8 @@ class Meter:
         self._settled = asyncio.Condition()
         #: why the session's log cannot be written now (None: it can); set by the session
         self.unrecorded: Callable[[], OSError | None] = _recorded
+        #: calls refused because the log could not be written (none of them logged)
+        self.unrecorded_refused = 0
 
     @property
     def exhausted(self) -> bool:
@@ -182,6 +184,7 @@ class Meter:
         has run out; :class:`RecordingFailed` while the log cannot be written."""
         failure = self.unrecorded()
         if failure is not None:
+            self.unrecorded_refused += 1
             raise RecordingFailed(failure)
         least = max(1, least)
         out = 0 if wanted is None else max(least, wanted)

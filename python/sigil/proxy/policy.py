@@ -95,6 +95,7 @@ class OutputPlan:
         per = self.per_output(granted)
         if not self.caps:
             return {default_field: per}
+        per = min(per, self.requested or 0)  # never above what the client asked
         return {name: per for name, value in self.caps if value > per}
 
 

@@ -271,10 +271,12 @@ class MeteredSession:
 
         assert self.recording_error is not None
         what = describe_write_error(self.recording_error, self.orchestrator.session_dir)
+        refused = self.meter.unrecorded_refused if self.meter is not None else 0
+        calls = "call" if refused == 1 else "calls"
         return (
-            f"{what}; the proxy refused the calls it could not record and the run ended. "
-            "tokens.json and metrics.json are rebuilt from the log by the next command once "
-            "there is room"
+            f"{what}; the proxy refused {refused} {calls} it could not record and the run "
+            "ended. tokens.json and metrics.json are rebuilt from the log by the next command "
+            "once there is room"
         )
 
     async def begin(self, task: str, url: str, extra: dict[str, Any] | None = None) -> None:
