@@ -36,6 +36,9 @@ DEFAULT_PORT = 8787
 #: The least write buffer of a proxied session's logger (see MeteredSession).
 PROXY_BUFFER_BYTES = 64 << 10
 TOKEN_ENV = "SIGIL_PROXY_TOKEN"
+#: How often (seconds, at most) the proxy reads its log writer's counters to
+#: refuse calls it could not record (a few microseconds each).
+RECORDING_CHECK_SECONDS = 0.005
 
 _EPILOG = """\b
 Exit status:
@@ -210,6 +213,8 @@ class MeteredSession:
         self.meter: Meter | None = None
         self._started = 0.0
         self._tokens_before = 0
+        self._unrecorded_error: OSError | None = None
+        self._next_check = 0.0
 
     @property
     def session_id(self) -> str:
@@ -254,7 +259,21 @@ class MeteredSession:
         return self.meter
 
     def _unrecorded(self) -> OSError | None:
-        """Why the session's log cannot be written now (None: it can)."""
+        """Why the session's log cannot be written (None: it can), as the meter
+        asks before each call: the writer's counters are read at most every
+        :data:`RECORDING_CHECK_SECONDS` (the writer flushes every 100 ms), and
+        a failure, once seen, stands for the rest of the run."""
+        if self._unrecorded_error is not None:
+            return self._unrecorded_error
+        now = time.monotonic()
+        if now < self._next_check:
+            return None
+        self._next_check = now + RECORDING_CHECK_SECONDS
+        self._unrecorded_error = self.unrecorded_now()
+        return self._unrecorded_error
+
+    def unrecorded_now(self) -> OSError | None:
+        """Why the session's log cannot be written, from the writer's counters now."""
         from sigil.proxy.policy import recording_failure
 
         return recording_failure(self._log.dropped, self.orchestrator.execution_logger.stats())
@@ -455,7 +474,7 @@ async def serve(
         status, error = await main(url, meter)
     finally:
         await server.stop()
-        unrecorded = meter.unrecorded()
+        unrecorded = session.unrecorded_now()
         if unrecorded is not None:
             # The record lacks calls: the run failed, whatever else it met.
             session.orchestrator.recording_error = unrecorded
