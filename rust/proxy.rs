@@ -10,7 +10,8 @@
 //!
 //! The policy (see python/sigil/proxy/server.py, `_Policy`):
 //!
-//! * `admit(endpoint, body, component)` for a metered call returns
+//! * `admit(endpoint, body, component, keys)` for a metered call (`keys`: the
+//!   `(name, value)` pairs of its key headers) returns
 //!   `(0, flight, body, stream)` to forward `body`, `(1, retry)` to wait until
 //!   a call settles (then `retry()` answers the same way), or
 //!   `(2, (status, body, headers))` to answer at once;
@@ -79,6 +80,9 @@ const DROP_REQUEST: [&str; 14] = [
     "x-sigil-component",
     "x-sigil-token",
 ];
+/// Request headers that carry a key: the policy is given their values, to cut
+/// them out of what it logs about the call (an upstream may quote them).
+const KEY_HEADERS: [&str; 4] = ["authorization", "api-key", "x-api-key", "x-goog-api-key"];
 /// Response headers never passed back: hop-by-hop, or recomputed.
 const DROP_RESPONSE: [&str; 9] = [
     "connection",
@@ -523,6 +527,15 @@ async fn metered(
         .get("x-sigil-component")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
+    let keys: Vec<(&'static str, String)> = KEY_HEADERS
+        .iter()
+        .flat_map(|name| {
+            req.headers()
+                .get_all(*name)
+                .iter()
+                .filter_map(move |v| v.to_str().ok().map(|s| (*name, s.to_owned())))
+        })
+        .collect();
     let raw = match read_bounded(req.into_body(), shared.settings.max_body, false).await {
         Ok(raw) => raw,
         Err(ReadError::TooLarge) => {
@@ -550,7 +563,12 @@ async fn metered(
                 None => shared.policy.call_method1(
                     py,
                     intern!(py, "admit"),
-                    (endpoint, PyBytes::new(py, &raw), component.as_deref()),
+                    (
+                        endpoint,
+                        PyBytes::new(py, &raw),
+                        component.as_deref(),
+                        keys.clone(),
+                    ),
                 )?,
                 Some(retry) => retry.call0(py)?,
             };

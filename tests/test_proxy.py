@@ -411,12 +411,17 @@ def test_upstream_down_slow_invalid_or_without_usage(
     assert streamed
     _, _, err = proxy.stop()
     # The end line says the usage is unknown: never a 0 that looks like a count.
-    assert "2 with usage unknown" in err and "at least 0 tokens this run" in err, err
+    # Unknown: the two answers without usage, and the three failures after the
+    # call reached the upstream (a timeout, a body that is not JSON, a 500).
+    assert "5 with usage unknown" in err and "at least 0 tokens this run" in err, err
     events = proxy.events()
-    assert events[-1]["metadata"]["calls_usage_unknown"] == 2
+    assert events[-1]["metadata"]["calls_usage_unknown"] == 5
     assert events[-1]["metadata"]["tokens_held_unknown"] > 0
-    categories = [e["metadata"]["category"] for e in steps(events, "step_error")]
+    errors = steps(events, "step_error")
+    categories = [e["metadata"]["category"] for e in errors]
     assert categories == ["timeout", "upstream_invalid", "upstream_error"]
+    assert all(e["metadata"]["usage"] == "unknown" for e in errors)
+    assert proxy.monitor()["unknown_usage_calls"] == 5
     unknown = steps(events, "step_complete")
     assert len(unknown) == 2
     for e in unknown:

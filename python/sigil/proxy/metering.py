@@ -32,15 +32,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sigil.core.events import EventLogger
+from sigil.proxy.policy import redact, usage_unknown
 from sigil.proxy.usage import Usage
 from sigil.telemetry.pricing import Pricer
 from sigil.telemetry.tokens import TokenTracker
 
-__all__ = ["BudgetExhausted", "Call", "Meter"]
+__all__ = ["BudgetExhausted", "Call", "Meter", "RecordingFailed"]
 
 
 class BudgetExhausted(Exception):
@@ -60,15 +62,30 @@ class BudgetExhausted(Exception):
 class PromptTooLarge(BudgetExhausted):
     """The call's prompt does not fit in what is left of the budget: refused."""
 
-    def __init__(self, prompt: int, left: int, used: int, total: int) -> None:
+    def __init__(self, prompt: int, left: int, used: int, total: int, outputs: int = 1) -> None:
+        what = f"the call's prompt (~{prompt:,} tokens)"
+        if outputs > 1:
+            what += f" with one token for each of its {outputs:,} completions"
         super().__init__(
             used,
             total,
-            f"the call's prompt (~{prompt:,} tokens) does not fit in what is left of the "
-            f"session's token budget ({left:,} of {total:,} tokens); sigil refuses it",
+            f"{what} does not fit in what is left of the session's token budget "
+            f"({left:,} of {total:,} tokens); sigil refuses it",
         )
         self.prompt = prompt
         self.left = left
+
+
+class RecordingFailed(Exception):
+    """The session's log cannot be written: a call the proxy could not record is refused."""
+
+    def __init__(self, cause: OSError) -> None:
+        reason = cause.strerror or str(cause)
+        super().__init__(
+            f"the session's log cannot be written ({reason}); sigil refuses the calls it "
+            "could not record"
+        )
+        self.cause = cause
 
 
 @dataclass(slots=True)
@@ -88,6 +105,8 @@ class Call:
     #: the prompt's estimated tokens, reserved with the grant
     prompt: int = 0
     settled: bool = False
+    #: the keys the call carried: cut out of any text logged about it
+    secrets: tuple[str, ...] = ()
 
     @property
     def reserved(self) -> int:
@@ -142,6 +161,10 @@ class Meter:
         self._waiting = 0
         self._ids = itertools.count(1)
         self._settled = asyncio.Condition()
+        #: why the session's log cannot be written now (None: it can); set by the session
+        self.unrecorded: Callable[[], OSError | None] = _recorded
+        #: calls refused because the log could not be written (none of them logged)
+        self.unrecorded_refused = 0
 
     @property
     def exhausted(self) -> bool:
@@ -169,24 +192,25 @@ class Meter:
     def _refusal(self) -> BudgetExhausted:
         return BudgetExhausted(self.tracker.used + self.holding, self.tracker.total)
 
-    async def admit(self, wanted: int | None, prompt: int = 0) -> int:
+    async def admit(self, wanted: int | None, prompt: int = 0, least: int = 1) -> int:
         """Reserve ``prompt`` tokens (the prompt's estimate) and an output cap
         of ``wanted`` tokens at most (None: a call without output); returns the
         output cap granted (0 for a call without output).
 
-        The prompt is reserved whole, with at least one token of output; the
-        cap is lowered to what is free. Waits while what is free is promised to
+        The prompt is reserved whole, with at least ``least`` tokens of output
+        (one per completion the call generates); the cap is lowered to what is
+        free. Waits while what is free is promised to
         calls in flight; raises :class:`PromptTooLarge` when the prompt cannot
         fit even once they settle, and :class:`BudgetExhausted` once the budget
-        has run out."""
+        has run out; :class:`RecordingFailed` while the log cannot be written."""
         # Nothing below awaits until a call must wait: decided on the event
         # loop at once, the condition's lock is only taken to wait.
-        granted = self.try_admit(wanted, prompt)
+        granted = self.try_admit(wanted, prompt, least)
         if granted is not None:
             return granted
         async with self._settled:
             while True:
-                granted = self.try_admit(wanted, prompt)
+                granted = self.try_admit(wanted, prompt, least)
                 if granted is not None:
                     return granted
                 self._waiting += 1
@@ -195,12 +219,17 @@ class Meter:
                 finally:
                     self._waiting -= 1
 
-    def try_admit(self, wanted: int | None, prompt: int = 0) -> int | None:
+    def try_admit(self, wanted: int | None, prompt: int = 0, least: int = 1) -> int | None:
         """:meth:`admit` without waiting: the output cap granted now, None when
         the call must wait for one in flight to settle (ask again once one has);
         raises when it is refused."""
-        out = 0 if wanted is None else max(1, wanted)
-        need = prompt + (0 if wanted is None else 1)
+        failure = self.unrecorded()
+        if failure is not None:
+            self.unrecorded_refused += 1
+            raise RecordingFailed(failure)
+        least = max(1, least)
+        out = 0 if wanted is None else max(least, wanted)
+        need = prompt + (0 if wanted is None else least)
         tracker = self.tracker
         if self.exhausted:
             raise self._refusal()
@@ -208,7 +237,7 @@ class Meter:
         free = tracker.remaining - tracker.budget.reserved
         if need > left or (self._inflight == 0 and (need > free or free <= 0)):
             self.starved = True
-            raise PromptTooLarge(prompt, max(0, left), tracker.used, tracker.total)
+            raise PromptTooLarge(prompt, max(0, left), tracker.used, tracker.total, need - prompt)
         if need <= free and free > 0:
             granted = tracker.reserve(prompt + out) if prompt + out else 0
             if granted:
@@ -280,10 +309,13 @@ class Meter:
         granted: int,
         requested: int | None,
         prompt: int = 0,
+        secrets: tuple[str, ...] = (),
     ) -> Call:
         """Log the call's ``step_start`` (it has been admitted with ``prompt`` and
-        ``granted`` reserved)."""
-        call, event = self._started(component, endpoint, model, stream, granted, requested, prompt)
+        ``granted`` reserved); ``secrets`` are the keys it carries, never logged."""
+        call, event = self._started(
+            component, endpoint, model, stream, granted, requested, prompt, secrets
+        )
         await self.logger.log_event(*event)
         return call
 
@@ -297,9 +329,12 @@ class Meter:
         granted: int,
         requested: int | None,
         prompt: int = 0,
+        secrets: tuple[str, ...] = (),
     ) -> Call:
         """:meth:`start` for a caller without an event loop (the native transport)."""
-        call, event = self._started(component, endpoint, model, stream, granted, requested, prompt)
+        call, event = self._started(
+            component, endpoint, model, stream, granted, requested, prompt, secrets
+        )
         self.logger.log_event_sync(*event)
         return call
 
@@ -312,10 +347,11 @@ class Meter:
         granted: int,
         requested: int | None,
         prompt: int,
+        secrets: tuple[str, ...] = (),
     ) -> tuple[Call, tuple[str, str, str, int, dict[str, Any]]]:
         call = Call(
             next(self._ids), component, endpoint, model, stream, granted, requested,
-            time.perf_counter(), prompt,
+            time.perf_counter(), prompt, secrets=secrets,
         )  # fmt: skip
         self.calls += 1
         meta: dict[str, Any] = {
@@ -400,10 +436,17 @@ class Meter:
         usage: Usage | None = None,
         model: str | None = None,
     ) -> None:
-        """Record a call that failed; ``usage`` is what it spent all the same."""
+        """Record a call that failed; ``usage`` is what it spent all the same.
+        ``error`` may quote the upstream: the call's keys are cut out of it.
+
+        Without ``usage``, a call that may have spent tokens (:func:`usage_unknown`)
+        is logged with ``usage: "unknown"`` and keeps its reservation held, as a
+        call answered without usage does; one known to have spent nothing says
+        ``usage: "none"``."""
         self.failed += 1
+        error, unknown = self._failure(call, error, category, status, usage)
         try:
-            meta = self._meta(call, usage, model, status)
+            meta = self._fail_meta(call, usage, model, status, unknown)
             cancelled = False
             if usage is not None and usage.total:
                 cancelled = await self._price(meta, usage)
@@ -416,7 +459,7 @@ class Meter:
             if cancelled:
                 raise asyncio.CancelledError  # the call's tokens recorded first
         finally:
-            await self._release(call)
+            await self._release(call, hold=unknown)
 
     def fail_sync(
         self,
@@ -430,8 +473,9 @@ class Meter:
     ) -> None:
         """:meth:`fail` for a caller without an event loop (the native transport)."""
         self.failed += 1
+        error, unknown = self._failure(call, error, category, status, usage)
         try:
-            meta = self._meta(call, usage, model, status)
+            meta = self._fail_meta(call, usage, model, status, unknown)
             if usage is not None and usage.total:
                 self._price_sync(meta, usage)
                 self.tracker.track_sync(
@@ -441,7 +485,33 @@ class Meter:
                 )  # fmt: skip
             self.logger.log_event_sync(*self._error_event(call, meta, error, category))
         finally:
-            self._release_sync(call)
+            self._release_sync(call, hold=unknown)
+
+    @staticmethod
+    def _failure(
+        call: Call, error: str, category: str, status: int | None, usage: Usage | None
+    ) -> tuple[str, bool]:
+        """The error to log of a failed call (its keys cut out) and whether its
+        usage is unknown (its reservation then stays held)."""
+        if call.secrets:
+            error = redact(error, call.secrets)
+        return error, usage_unknown(category, status, usage is not None)
+
+    def _fail_meta(
+        self,
+        call: Call,
+        usage: Usage | None,
+        model: str | None,
+        status: int | None,
+        unknown: bool,
+    ) -> dict[str, Any]:
+        meta = self._meta(call, usage, model, status)
+        if usage is None and not unknown:
+            meta["usage"] = "none"
+        elif unknown:
+            self.unknown += 1
+            meta["tokens_held"] = call.reserved
+        return meta
 
     @staticmethod
     def _spent_message(call: Call, usage: Usage, meta: dict[str, Any]) -> str:
@@ -551,3 +621,8 @@ class Meter:
             if usage.estimated:
                 meta["usage_estimated"] = True
         return meta
+
+
+def _recorded() -> OSError | None:
+    """A log that never fails (a meter without a session: tests)."""
+    return None

@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from sigil.proxy.metering import BudgetExhausted, Call, Meter
+from sigil.proxy.metering import BudgetExhausted, Call, Meter, RecordingFailed
+from sigil.proxy.policy import OutputPlan, Refusal, plan_output, secrets_of
 from sigil.proxy.usage import (
     CHAT,
     COMPLETIONS,
@@ -222,12 +223,19 @@ class ProxyServer:
             return self._timeout_error()
         return self._unreachable(detail)
 
-    def admit(self, index: int, raw: bytes, component_header: str | None) -> tuple[Any, ...]:
-        """Decide a metered call: ``(0, flight, body, stream)`` forwards ``body``;
-        ``(1, retry)`` waits until a call settles, then asks ``retry()``;
-        ``(2, answer)`` answers at once."""
+    def admit(
+        self,
+        index: int,
+        raw: bytes,
+        component_header: str | None,
+        keys: list[tuple[str, str]] | None = None,
+    ) -> tuple[Any, ...]:
+        """Decide a metered call (``keys``: the ``(name, value)`` pairs of its key
+        headers, cut out of what is logged about it): ``(0, flight, body,
+        stream)`` forwards ``body``; ``(1, retry)`` waits until a call settles,
+        then asks ``retry()``; ``(2, answer)`` answers at once."""
         if self._meter is None:
-            return (1, lambda: self.admit(index, raw, component_header))
+            return (1, lambda: self.admit(index, raw, component_header, keys))
         endpoint = _ENDPOINTS[index]
         try:
             body = orjson.loads(raw)
@@ -238,25 +246,14 @@ class ProxyServer:
                 400, "sigil proxy: the request body is not a JSON object",
                 "invalid_request_error", "invalid_json",
             )  # fmt: skip
-        caps = [f for f in endpoint.cap_fields if f in body and body[f] is not None]
-        requested: int | None = None
-        for name in caps:
-            value = body[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                return 2, openai_error(
-                    400, f"{name} must be a non-negative integer", "invalid_request_error",
-                    "invalid_value",
-                )  # fmt: skip
-            requested = value if requested is None else min(requested, value)
-        # Each of n choices (best_of for legacy completions) may produce up to the cap.
-        choices = max(_choices(body.get("n")), _choices(body.get("best_of")))
-        wanted = None
-        if endpoint.cap_fields:
-            wanted = (requested if requested is not None else self.config.call_cap) * choices
+        # Each completion (n choices, best_of, each prompt of a list) may produce up to the cap.
+        try:
+            plan = plan_output(endpoint, body)
+        except Refusal as exc:
+            return 2, openai_error(400, f"sigil proxy: {exc}", "invalid_request_error", exc.code)
         prompt = self._count_prompt(body)
-        admission = _Admission(
-            self, endpoint, body, component_header, caps, requested, choices, wanted, prompt
-        )
+        secrets = secrets_of(keys or (), self.config.api_key, self.config.token)
+        admission = _Admission(self, endpoint, body, component_header, plan, prompt, secrets)
         return admission()
 
     async def _prompt_tokens(self, body: dict[str, Any]) -> int:
@@ -305,8 +302,8 @@ class _Admission:
     """A parsed call being admitted: forwarded once the budget grants it."""
 
     __slots__ = (
-        "body", "caps", "choices", "component", "endpoint", "model", "prompt", "requested",
-        "server", "stream", "wanted",
+        "body", "component", "endpoint", "model", "plan", "prompt", "secrets", "server",
+        "stream", "wanted",
     )  # fmt: skip
 
     def __init__(
@@ -315,11 +312,9 @@ class _Admission:
         endpoint: Endpoint,
         body: dict[str, Any],
         component_header: str | None,
-        caps: list[str],
-        requested: int | None,
-        choices: int,
-        wanted: int | None,
+        plan: OutputPlan,
         prompt: int,
+        secrets: tuple[str, ...],
     ) -> None:
         self.server = server
         self.endpoint = endpoint
@@ -327,18 +322,17 @@ class _Admission:
         self.model = body["model"] if isinstance(body.get("model"), str) else "unknown"
         self.component = _component(component_header, self.model)
         self.stream = body.get("stream") is True
-        self.caps = caps
-        self.requested = requested
-        self.choices = choices
-        self.wanted = wanted
+        self.plan = plan
+        self.wanted = plan.wanted(server.config.call_cap)
         self.prompt = prompt
+        self.secrets = secrets
 
     def __call__(self) -> tuple[Any, ...]:
-        server, endpoint, body = self.server, self.endpoint, self.body
+        server, endpoint, body, plan = self.server, self.endpoint, self.body, self.plan
         meter = server.meter
         endpoint_name = "/v1" + endpoint.path
         try:
-            granted = meter.try_admit(self.wanted, self.prompt)
+            granted = meter.try_admit(self.wanted, self.prompt, plan.least)
         except BudgetExhausted as exc:
             meter.refuse_sync(
                 component=self.component, endpoint=endpoint_name, model=self.model,
@@ -347,15 +341,16 @@ class _Admission:
             return 2, openai_error(
                 429, f"sigil: {exc}", "insufficient_quota", "insufficient_quota", retry=False
             )
+        except RecordingFailed as exc:
+            return 2, openai_error(
+                503, f"sigil: {exc}", "server_error", "recording_failed", retry=False
+            )
         if granted is None:
             return 1, self  # everything left is promised to calls in flight
-        per_choice = max(1, granted // self.choices)
-        requested = self.requested
-        if endpoint.cap_fields and (requested is None or per_choice < requested):
-            for name in self.caps or [
-                server._chat_cap_field if endpoint is CHAT else endpoint.cap_fields[0]
-            ]:
-                body[name] = per_choice
+        requested = plan.requested
+        if endpoint.cap_fields:
+            default = server._chat_cap_field if endpoint is CHAT else endpoint.cap_fields[0]
+            body.update(plan.caps_to_send(granted, default))
         asked_usage = True
         if self.stream and endpoint.stream_options:
             options = body.get("stream_options")
@@ -366,6 +361,7 @@ class _Admission:
         call = meter.start_sync(
             component=self.component, endpoint=endpoint_name, model=self.model,
             stream=self.stream, granted=granted, requested=requested, prompt=self.prompt,
+            secrets=self.secrets,
         )  # fmt: skip
         flight = _Flight(server, call, endpoint, body, asked_usage)
         try:
@@ -528,22 +524,17 @@ class _Flight:
             if outcome != "client":
                 out += _sse_error(f"sigil proxy: {what}", "upstream_error")
         elif follower.error is not None:
+            # What arrived before the error was generated: counted as a broken stream is.
+            usage = follower.usage or _estimate(self.body, follower)
             meter.fail_sync(
                 call, f"upstream error in stream: {follower.error}", category="upstream_error",
-                status=status, usage=follower.usage, model=follower.model,
+                status=status, usage=usage, model=follower.model,
             )  # fmt: skip
         else:
             meter.complete_sync(
                 call, follower.usage, model=follower.model, status=status, extra=extra
             )
         return out
-
-
-def _choices(value: object) -> int:
-    """How many completions a request asks for (``n``, ``best_of``): 1 unless a sane int."""
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 128:
-        return value
-    return 1
 
 
 def _component(header: str | None, model: str) -> str:
