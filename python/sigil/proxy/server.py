@@ -7,15 +7,17 @@ native (rust/proxy.rs, through sigil.telemetry.proxy_transport): hyper on a
 tokio runtime of its own thread accepts, routes, reads bodies to their bounds,
 forwards through a pooled keep-alive client and relays answers and streams,
 without the GIL. This module is its policy, called back synchronously with the
-GIL held: :meth:`ProxyServer.admit` decides each call (parse, cap, budget), and
-a :class:`_Flight` records it (``done``, ``failed``, ``upstream_error``, and a
-stream's ``feed``/``stream_end``) through the :class:`Meter`'s ``*_sync`` methods.
+GIL held: :meth:`ProxyServer.admit` decides each call (parse, cap, budget:
+the pure decisions of sigil.proxy.policy), and a :class:`_Flight` records it
+(``done``, ``failed``, ``upstream_error``, and a stream's ``feed``/``stream_end``)
+through the :class:`Meter`'s ``*_sync`` methods.
 
 What the client sees is what the upstream sent, byte for byte, except:
 
-* the output cap (``max_tokens``, ``max_completion_tokens``,
-  ``max_output_tokens``) is lowered to what the budget grants, and set when the
-  client set none;
+* every output cap the client set (``max_tokens``, ``max_completion_tokens``,
+  ``max_output_tokens``) is lowered to what the budget grants each completion
+  (``n`` x ``best_of`` x prompts are reserved), and one is set when the client
+  set none; a request whose completions cannot be bounded is refused with 400;
 * a streamed chat call asks for usage in the stream
   (``stream_options.include_usage``); the usage-only event is dropped again for
   a client that did not ask for it;
@@ -24,12 +26,15 @@ What the client sees is what the upstream sent, byte for byte, except:
   504 for one that is too slow, and, once the budget is spent, 429
   ``insufficient_quota`` with ``x-should-retry: false``, which the official SDKs
   raise at once instead of retrying (they retry 408, 409, 429 and 5xx unless
-  that header says otherwise);
+  that header says otherwise); while the session's log cannot be written, 503
+  ``recording_failed`` (``x-should-retry: false``): a call is never served
+  unrecorded;
 * a stream that breaks mid-way ends with an SSE ``error`` event, which the
   official SDK raises as an ``APIError``.
 
 Keys: ``Authorization`` goes to the upstream and nowhere else; no header is
-ever logged. Bound to a non-loopback address the proxy requires a token
+ever logged, and the call's keys are cut out of any text logged about it (an
+upstream's error may quote them). Bound to a non-loopback address the proxy requires a token
 (``X-Sigil-Token: T``, or ``Authorization: Bearer T``, which is then replaced
 by the proxy's own upstream key).
 """
