@@ -15,6 +15,7 @@ pub mod ledger;
 pub mod many;
 pub mod otlp;
 pub mod parse;
+pub mod proxy;
 pub mod pyjson;
 pub mod sanitize;
 pub mod scan;
@@ -1385,6 +1386,8 @@ mod _native {
         PySessionHistory, PySessionSnapshot, PyStepInFlight, PyStepLoop,
     };
 
+    #[pymodule_export]
+    use crate::proxy::PyProxyTransport;
     #[pymodule_export]
     use crate::select::{since_start, tail_start};
 

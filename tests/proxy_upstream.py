@@ -10,7 +10,14 @@ said. The model name picks a misbehaviour:
 * ``invalid``: a 200 whose body is not JSON;
 * ``slow``: answers after ``slow_seconds``;
 * ``fail500``: HTTP 500 with an OpenAI-shaped error;
-* ``quota429``: HTTP 429 ``insufficient_quota`` without ``x-should-retry``.
+* ``quota429``: HTTP 429 ``insufficient_quota`` without ``x-should-retry``;
+* ``ncount``: every completion (``n`` choices, each prompt of a legacy
+  completions list) runs to its cap, read from ``max_tokens`` first as some
+  servers do (``max_completion_tokens`` when absent);
+* ``echokey``: HTTP 401 whose message quotes the key it was sent, whole;
+* ``streamerror``: a stream that sends part of its answer, then an ``error``
+  event (no usage), then ``[DONE]``;
+* ``crsep``: a stream whose lines and events end with a bare CR (``\r``).
 
 And one model plays an agent's model:
 
@@ -65,6 +72,10 @@ class Upstream:
     answer_as: dict[str, str] = field(default_factory=dict)
     #: input tokens reported as read from the prompt cache (at most the input)
     cached_tokens: int = 0
+    #: serve HTTPS (on ``localhost``) with this context
+    ssl_context: Any = None
+    #: seconds a stream stays open after its ``[DONE]`` (as LiteLLM's does)
+    linger: float = 0.0
 
     # -- life ----------------------------------------------------------------------
 
@@ -108,10 +119,13 @@ class Upstream:
         app.router.add_get("/v1/models", self._models)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024, ssl_context=self.ssl_context)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/v1"
+        if self.ssl_context is not None:
+            self.url = f"https://localhost:{port}/v1"
+        else:
+            self.url = f"http://127.0.0.1:{port}/v1"
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -203,6 +217,14 @@ class Upstream:
             return web.json_response(body, status=429, headers={"retry-after-ms": "1"})
         if model == "invalid":
             return web.Response(text="<html>oops</html>", content_type="application/json")
+        if model == "echokey":
+            key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            key = request.headers.get("api-key", key)  # Azure's header
+            err = {"message": f"Invalid API key: {key}", "type": "invalid_request_error",
+                   "code": "invalid_api_key"}  # fmt: skip
+            return web.json_response({"error": err}, status=401)
+        if model == "ncount":
+            return self._ncount(request, body, legacy)
         inp = self._prompt_tokens(body)
         out = min(self.pieces, self._cap(body, "max_tokens", "max_completion_tokens"))
         turn = self._agent_turn(body) if model == "agent" and not legacy else None
@@ -237,6 +259,38 @@ class Upstream:
             self._report(request.path, model, inp, out)
         return web.Response(body=orjson.dumps(data), content_type="application/json")
 
+    def _ncount(self, request: web.Request, body: dict[str, Any], legacy: bool) -> web.Response:
+        """The ``ncount`` model: each completion spends its whole cap."""
+        cap = body.get("max_tokens")
+        if not isinstance(cap, int):
+            cap = self._cap(body, "max_completion_tokens")
+        prompt = body.get("prompt")
+        prompts = len(prompt) if legacy and isinstance(prompt, list) else 1
+        n = body.get("n") if isinstance(body.get("n"), int) else 1
+        completions = n * prompts
+        inp = self._prompt_tokens(body)
+        out = cap * completions
+        choices = [
+            {"index": i, "text": "w " * cap, "finish_reason": "length"}
+            if legacy
+            else {
+                "index": i,
+                "message": {"role": "assistant", "content": "w " * cap},
+                "finish_reason": "length",
+            }
+            for i in range(completions)
+        ]
+        data = {
+            "id": "n1",
+            "object": "text_completion" if legacy else "chat.completion",
+            "created": 1,
+            "model": "ncount",
+            "choices": choices,
+            "usage": {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out},
+        }
+        self._report(request.path, "ncount", inp, out)
+        return web.Response(body=orjson.dumps(data), content_type="application/json")
+
     async def _chat_stream(
         self,
         request: web.Request,
@@ -269,6 +323,16 @@ class Upstream:
             return b"data: " + orjson.dumps(data) + b"\n\n"
 
         await resp.write(chunk({"role": "assistant", "content": ""}))
+        if model == "streamerror":
+            for _ in range(out):
+                await resp.write(chunk({"content": "hello world "}))
+            error = {"error": {"message": "overloaded mid-stream", "type": "server_error"}}
+            await resp.write(b"data: " + orjson.dumps(error) + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
+        if model == "crsep":
+            return await self._cr_stream(request, resp, chunk, model, inp, out, include)
         if turn is not None:
             await self._agent_stream(resp, chunk, turn)
         for i in range(out if turn is None else 0):
@@ -296,6 +360,37 @@ class Upstream:
             await resp.write(b"data: " + orjson.dumps(data) + b"\n\n")
             self._report(request.path, model, inp, out)
         await resp.write(b"data: [DONE]\n\n")
+        if self.linger:
+            await asyncio.sleep(self.linger)
+        await resp.write_eof()
+        return resp
+
+    async def _cr_stream(
+        self,
+        request: web.Request,
+        resp: web.StreamResponse,
+        chunk: Any,
+        model: str,
+        inp: int,
+        out: int,
+        include: bool,
+    ) -> web.StreamResponse:
+        """The ``crsep`` model's stream: every line ends with a bare CR (the SSE
+        spec allows CR, LF and CRLF), an event with a comment line among its own."""
+
+        def cr(event: bytes) -> bytes:
+            return event.replace(b"\n", b"\r")
+
+        for _ in range(out):
+            await resp.write(cr(chunk({"content": "word "})))
+        await resp.write(cr(b": a comment\n" + chunk({}, "stop")))
+        if include:
+            usage = {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out}
+            data = {"id": "c1", "object": "chat.completion.chunk", "created": 1,
+                    "model": self._answered(model), "choices": [], "usage": usage}  # fmt: skip
+            await resp.write(b"data: " + orjson.dumps(data) + b"\r\r")
+            self._report(request.path, model, inp, out)
+        await resp.write(b"data: [DONE]\r\r")
         await resp.write_eof()
         return resp
 

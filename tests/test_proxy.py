@@ -411,12 +411,17 @@ def test_upstream_down_slow_invalid_or_without_usage(
     assert streamed
     _, _, err = proxy.stop()
     # The end line says the usage is unknown: never a 0 that looks like a count.
-    assert "2 with usage unknown" in err and "at least 0 tokens this run" in err, err
+    # Unknown: the two answers without usage, and the three failures after the
+    # call reached the upstream (a timeout, a body that is not JSON, a 500).
+    assert "5 with usage unknown" in err and "at least 0 tokens this run" in err, err
     events = proxy.events()
-    assert events[-1]["metadata"]["calls_usage_unknown"] == 2
+    assert events[-1]["metadata"]["calls_usage_unknown"] == 5
     assert events[-1]["metadata"]["tokens_held_unknown"] > 0
-    categories = [e["metadata"]["category"] for e in steps(events, "step_error")]
+    errors = steps(events, "step_error")
+    categories = [e["metadata"]["category"] for e in errors]
     assert categories == ["timeout", "upstream_invalid", "upstream_error"]
+    assert all(e["metadata"]["usage"] == "unknown" for e in errors)
+    assert proxy.monitor()["unknown_usage_calls"] == 5
     unknown = steps(events, "step_complete")
     assert len(unknown) == 2
     for e in unknown:
@@ -711,3 +716,113 @@ def test_cached_prompt_tokens_are_logged_and_priced_at_the_cache_rate(
         assert cached < uncached
         assert meta["cost_usd"] == float(cached)
         assert event["tokens"] == inp + out  # cached tokens are input tokens, counted once
+
+
+def _tls_files(where: Path) -> tuple[Path, Path, Path]:
+    """A test CA, and a certificate for localhost it signed: (ca.pem, cert.pem, key.pem)."""
+    import datetime
+    import ipaddress
+
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    usage = dict.fromkeys(
+        ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment",
+         "key_agreement", "encipher_only", "decipher_only"),
+        False,
+    ) | {"key_cert_sign": True, "crl_sign": True}  # fmt: skip
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sigil test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(**usage), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = (where / "ca.pem", where / "cert.pem", where / "key.pem")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+def test_an_https_upstream_is_verified_and_metered(
+    start_proxy: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """OpenAI itself is an https:// upstream: the certificate is checked against
+    the system's roots (here a test CA, through SSL_CERT_FILE)."""
+    import ssl
+
+    ca, cert, key = _tls_files(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    msgs = [{"role": "user", "content": "hello"}]
+    with Upstream(ssl_context=context) as up:
+        assert up.url.startswith("https://localhost:")
+        proxy = start_proxy("--upstream", up.url, env={"SSL_CERT_FILE": str(ca)})
+        answer = proxy.client(max_retries=0).chat.completions.create(model="m", messages=msgs)
+        assert answer.usage is not None
+        assert proxy.stop()[0] == 0
+        assert proxy.monitor()["tokens_used"] == up.totals() > 0
+        # A certificate no trusted root signed: refused, never forwarded.
+        untrusted = start_proxy("--upstream", up.url, session="p2")
+        with pytest.raises(openai.InternalServerError) as exc:
+            untrusted.client(max_retries=0).chat.completions.create(model="m", messages=msgs)
+        assert exc.value.status_code == 502 and "unreachable" in exc.value.message
+        assert len(up.requests) == 1
+        untrusted.stop()
+
+
+def test_a_client_that_leaves_after_the_last_event_had_the_whole_stream(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    """The SDK stops reading at ``[DONE]``; an upstream that closes the stream a
+    moment later (LiteLLM's does) must not turn a complete call into a failed one."""
+    upstream.linger = 2.0
+    proxy = start_proxy("--upstream", upstream.url)
+    chunks = list(
+        proxy.client(max_retries=0).chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+    )
+    assert chunks
+    proxy.events_so_far("step_complete")
+    assert proxy.stop()[0] == 0
+    events = proxy.events()
+    assert steps(events, "step_error") == []
+    assert len(steps(events, "step_complete")) == 1
+    assert proxy.monitor()["tokens_used"] == upstream.totals()

@@ -38,6 +38,7 @@ __all__ = [
     "OtlpBatch",
     "OtlpSession",
     "ParsedEntry",
+    "ProxyTransport",
     "RunSnapshot",
     "SessionSnapshot",
     "StepInFlight",
@@ -708,3 +709,29 @@ class OtlpSession:
         writer: AppendWriter,
         costs: Sequence[float | None],
     ) -> tuple[int, int, int]: ...
+
+@final
+class ProxyTransport:
+    """The metering proxy's HTTP transport (rust/proxy.rs): serves ``host:port``
+    and forwards to ``upstream``, deciding and recording each call through
+    ``policy`` (sigil.proxy.server.ProxyServer), called back with the GIL held."""
+
+    def __new__(
+        cls,
+        policy: Any,
+        upstream: str,
+        host: str,
+        port: int,
+        *,
+        timeout: float,
+        max_body_bytes: int,
+        max_response_bytes: int,
+        token: str | None = None,
+        api_key: str | None = None,
+        grace: float = 5.0,
+    ) -> ProxyTransport: ...
+    def start(self) -> tuple[str, int]: ...
+    def wake(self) -> None: ...
+    def stop(self) -> None: ...
+    @property
+    def active(self) -> int: ...

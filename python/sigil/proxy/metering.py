@@ -32,15 +32,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from sigil.core.events import EventLogger
+from sigil.proxy.policy import redact, usage_unknown
 from sigil.proxy.usage import Usage
 from sigil.telemetry.pricing import Pricer
 from sigil.telemetry.tokens import TokenTracker
 
-__all__ = ["BudgetExhausted", "Call", "Meter"]
+__all__ = ["BudgetExhausted", "Call", "Meter", "RecordingFailed"]
 
 
 class BudgetExhausted(Exception):
@@ -60,15 +62,30 @@ class BudgetExhausted(Exception):
 class PromptTooLarge(BudgetExhausted):
     """The call's prompt does not fit in what is left of the budget: refused."""
 
-    def __init__(self, prompt: int, left: int, used: int, total: int) -> None:
+    def __init__(self, prompt: int, left: int, used: int, total: int, outputs: int = 1) -> None:
+        what = f"the call's prompt (~{prompt:,} tokens)"
+        if outputs > 1:
+            what += f" with one token for each of its {outputs:,} completions"
         super().__init__(
             used,
             total,
-            f"the call's prompt (~{prompt:,} tokens) does not fit in what is left of the "
-            f"session's token budget ({left:,} of {total:,} tokens); sigil refuses it",
+            f"{what} does not fit in what is left of the session's token budget "
+            f"({left:,} of {total:,} tokens); sigil refuses it",
         )
         self.prompt = prompt
         self.left = left
+
+
+class RecordingFailed(Exception):
+    """The session's log cannot be written: a call the proxy could not record is refused."""
+
+    def __init__(self, cause: OSError) -> None:
+        reason = cause.strerror or str(cause)
+        super().__init__(
+            f"the session's log cannot be written ({reason}); sigil refuses the calls it "
+            "could not record"
+        )
+        self.cause = cause
 
 
 @dataclass(slots=True)
@@ -88,6 +105,8 @@ class Call:
     #: the prompt's estimated tokens, reserved with the grant
     prompt: int = 0
     settled: bool = False
+    #: the keys the call carried: cut out of any text logged about it
+    secrets: tuple[str, ...] = ()
 
     @property
     def reserved(self) -> int:
@@ -99,7 +118,12 @@ class Call:
 
 
 class Meter:
-    """Admits, caps and records the calls of one session run (one event loop)."""
+    """Admits, caps and records the calls of one session run.
+
+    Used from one thread at a time: an event loop (the ``async`` methods), or
+    the proxy's native transport thread (:meth:`try_admit` and the ``*_sync``
+    twins, which log through the logger's ``log_event_sync``); a caller of
+    :meth:`try_admit` that is told to wait asks again once a call settles."""
 
     def __init__(
         self,
@@ -137,6 +161,10 @@ class Meter:
         self._waiting = 0
         self._ids = itertools.count(1)
         self._settled = asyncio.Condition()
+        #: why the session's log cannot be written now (None: it can); set by the session
+        self.unrecorded: Callable[[], OSError | None] = _recorded
+        #: calls refused because the log could not be written (none of them logged)
+        self.unrecorded_refused = 0
 
     @property
     def exhausted(self) -> bool:
@@ -164,26 +192,25 @@ class Meter:
     def _refusal(self) -> BudgetExhausted:
         return BudgetExhausted(self.tracker.used + self.holding, self.tracker.total)
 
-    async def admit(self, wanted: int | None, prompt: int = 0) -> int:
+    async def admit(self, wanted: int | None, prompt: int = 0, least: int = 1) -> int:
         """Reserve ``prompt`` tokens (the prompt's estimate) and an output cap
         of ``wanted`` tokens at most (None: a call without output); returns the
         output cap granted (0 for a call without output).
 
-        The prompt is reserved whole, with at least one token of output; the
-        cap is lowered to what is free. Waits while what is free is promised to
+        The prompt is reserved whole, with at least ``least`` tokens of output
+        (one per completion the call generates); the cap is lowered to what is
+        free. Waits while what is free is promised to
         calls in flight; raises :class:`PromptTooLarge` when the prompt cannot
         fit even once they settle, and :class:`BudgetExhausted` once the budget
-        has run out."""
-        out = 0 if wanted is None else max(1, wanted)
-        need = prompt + (0 if wanted is None else 1)
+        has run out; :class:`RecordingFailed` while the log cannot be written."""
         # Nothing below awaits until a call must wait: decided on the event
         # loop at once, the condition's lock is only taken to wait.
-        granted = self._try_admit(prompt, out, need)
+        granted = self.try_admit(wanted, prompt, least)
         if granted is not None:
             return granted
         async with self._settled:
             while True:
-                granted = self._try_admit(prompt, out, need)
+                granted = self.try_admit(wanted, prompt, least)
                 if granted is not None:
                     return granted
                 self._waiting += 1
@@ -192,9 +219,17 @@ class Meter:
                 finally:
                     self._waiting -= 1
 
-    def _try_admit(self, prompt: int, out: int, need: int) -> int | None:
-        """The output cap granted now, None when the call must wait for one in
-        flight to settle; raises when it is refused."""
+    def try_admit(self, wanted: int | None, prompt: int = 0, least: int = 1) -> int | None:
+        """:meth:`admit` without waiting: the output cap granted now, None when
+        the call must wait for one in flight to settle (ask again once one has);
+        raises when it is refused."""
+        failure = self.unrecorded()
+        if failure is not None:
+            self.unrecorded_refused += 1
+            raise RecordingFailed(failure)
+        least = max(1, least)
+        out = 0 if wanted is None else max(least, wanted)
+        need = prompt + (0 if wanted is None else least)
         tracker = self.tracker
         if self.exhausted:
             raise self._refusal()
@@ -202,7 +237,7 @@ class Meter:
         free = tracker.remaining - tracker.budget.reserved
         if need > left or (self._inflight == 0 and (need > free or free <= 0)):
             self.starved = True
-            raise PromptTooLarge(prompt, max(0, left), tracker.used, tracker.total)
+            raise PromptTooLarge(prompt, max(0, left), tracker.used, tracker.total, need - prompt)
         if need <= free and free > 0:
             granted = tracker.reserve(prompt + out) if prompt + out else 0
             if granted:
@@ -212,8 +247,19 @@ class Meter:
 
     async def _release(self, call: Call, *, hold: bool = False) -> None:
         """Give the call's reservation back (``hold``: keep it, the usage is unknown)."""
-        if call.settled:
+        if not self._release_sync(call, hold=hold, announce=False):
             return
+        if hold and self.exhausted:
+            await self.announce_held("tokens held for calls of unknown usage")
+        if self._waiting:
+            async with self._settled:
+                self._settled.notify_all()
+
+    def _release_sync(self, call: Call, *, hold: bool = False, announce: bool = True) -> bool:
+        """:meth:`_release` without waking waiters of :meth:`admit` (callers of
+        :meth:`try_admit` ask again); False when the call had settled already."""
+        if call.settled:
+            return False
         call.settled = True
         if call.reserved:
             self._inflight -= 1
@@ -221,18 +267,27 @@ class Meter:
                 self.held += call.reserved
             else:
                 self.tracker.release(call.reserved)
-        if hold and self.exhausted:
-            await self.announce_held("tokens held for calls of unknown usage")
-        if self._waiting:
-            async with self._settled:
-                self._settled.notify_all()
+        if announce and hold and self.exhausted:
+            self.announce_held_sync("tokens held for calls of unknown usage")
+        return True
 
     async def announce_held(self, reason: str) -> None:
         """Log ``budget_exceeded`` once when the held tokens run the budget out
         (counted tokens that do are the tracker's to announce)."""
+        event = self._held_notice(reason)
+        if event is not None:
+            await self.logger.log_event(*event)
+
+    def announce_held_sync(self, reason: str) -> None:
+        """:meth:`announce_held` for a caller without an event loop (the native transport)."""
+        event = self._held_notice(reason)
+        if event is not None:
+            self.logger.log_event_sync(*event)
+
+    def _held_notice(self, reason: str) -> tuple[str, str, str, int, dict[str, Any]] | None:
         tracker = self.tracker
         if self._held_announced or not tracker.can_continue():
-            return
+            return None
         self._held_announced = True
         notice = tracker.exhausted_notice()
         used, total = tracker.used, tracker.total
@@ -242,7 +297,7 @@ class Meter:
             f"Token budget exhausted: {used:,} tokens used and {self.holding:,} held for "
             f"calls of unknown usage, of {total:,}; no further step will start"
         )
-        await self.logger.log_event(notice.event_type, tracker.budget_component, message, 0, meta)
+        return notice.event_type, tracker.budget_component, message, 0, meta
 
     async def start(
         self,
@@ -254,12 +309,49 @@ class Meter:
         granted: int,
         requested: int | None,
         prompt: int = 0,
+        secrets: tuple[str, ...] = (),
     ) -> Call:
         """Log the call's ``step_start`` (it has been admitted with ``prompt`` and
-        ``granted`` reserved)."""
+        ``granted`` reserved); ``secrets`` are the keys it carries, never logged."""
+        call, event = self._started(
+            component, endpoint, model, stream, granted, requested, prompt, secrets
+        )
+        await self.logger.log_event(*event)
+        return call
+
+    def start_sync(
+        self,
+        *,
+        component: str,
+        endpoint: str,
+        model: str,
+        stream: bool,
+        granted: int,
+        requested: int | None,
+        prompt: int = 0,
+        secrets: tuple[str, ...] = (),
+    ) -> Call:
+        """:meth:`start` for a caller without an event loop (the native transport)."""
+        call, event = self._started(
+            component, endpoint, model, stream, granted, requested, prompt, secrets
+        )
+        self.logger.log_event_sync(*event)
+        return call
+
+    def _started(
+        self,
+        component: str,
+        endpoint: str,
+        model: str,
+        stream: bool,
+        granted: int,
+        requested: int | None,
+        prompt: int,
+        secrets: tuple[str, ...] = (),
+    ) -> tuple[Call, tuple[str, str, str, int, dict[str, Any]]]:
         call = Call(
             next(self._ids), component, endpoint, model, stream, granted, requested,
-            time.perf_counter(), prompt,
+            time.perf_counter(), prompt, secrets=secrets,
         )  # fmt: skip
         self.calls += 1
         meta: dict[str, Any] = {
@@ -275,8 +367,7 @@ class Meter:
                 meta["requested_max_tokens"] = requested
         if prompt:
             meta["prompt_tokens_reserved"] = prompt
-        await self.logger.log_event("step_start", component, f"{endpoint} {model} started", 0, meta)
-        return call
+        return call, ("step_start", component, f"{endpoint} {model} started", 0, meta)
 
     async def complete(
         self,
@@ -292,30 +383,48 @@ class Meter:
         try:
             meta = self._meta(call, usage, model, status) | (extra or {})
             cancelled = await self._price(meta, usage)
-            if usage is None:
-                self.unknown += 1
-                meta["tokens_held"] = call.reserved
-                message = (
-                    f"{call.endpoint} {meta['model']}: usage unknown (the upstream reported "
-                    f"none); {call.reserved:,} tokens of the budget held for it"
-                )
-            else:
-                message = (
-                    f"{call.endpoint} {meta['model']}: {usage.input_tokens:,} in + "
-                    f"{usage.output_tokens:,} out tokens"
-                    + (" (estimated)" if usage.estimated else "")
-                )
+            tokens, message = self._completed(call, usage, meta)
             await self.tracker.track(
-                call.component,
-                usage.total if usage is not None else 0,
-                event_type="step_complete",
-                message=message,
-                metadata=meta,
+                call.component, tokens, event_type="step_complete", message=message, metadata=meta
             )
             if cancelled:
                 raise asyncio.CancelledError  # the call's tokens recorded first
         finally:
             await self._release(call, hold=usage is None)
+
+    def complete_sync(
+        self,
+        call: Call,
+        usage: Usage | None,
+        *,
+        model: str | None = None,
+        status: int = 200,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        """:meth:`complete` for a caller without an event loop (the native transport)."""
+        try:
+            meta = self._meta(call, usage, model, status) | (extra or {})
+            self._price_sync(meta, usage)
+            tokens, message = self._completed(call, usage, meta)
+            self.tracker.track_sync(
+                call.component, tokens, event_type="step_complete", message=message, metadata=meta
+            )
+        finally:
+            self._release_sync(call, hold=usage is None)
+
+    def _completed(self, call: Call, usage: Usage | None, meta: dict[str, Any]) -> tuple[int, str]:
+        """The tokens and message of a call's ``step_complete``."""
+        if usage is None:
+            self.unknown += 1
+            meta["tokens_held"] = call.reserved
+            return 0, (
+                f"{call.endpoint} {meta['model']}: usage unknown (the upstream reported "
+                f"none); {call.reserved:,} tokens of the budget held for it"
+            )
+        return usage.total, (
+            f"{call.endpoint} {meta['model']}: {usage.input_tokens:,} in + "
+            f"{usage.output_tokens:,} out tokens" + (" (estimated)" if usage.estimated else "")
+        )
 
     async def fail(
         self,
@@ -327,64 +436,150 @@ class Meter:
         usage: Usage | None = None,
         model: str | None = None,
     ) -> None:
-        """Record a call that failed; ``usage`` is what it spent all the same."""
+        """Record a call that failed; ``usage`` is what it spent all the same.
+        ``error`` may quote the upstream: the call's keys are cut out of it.
+
+        Without ``usage``, a call that may have spent tokens (:func:`usage_unknown`)
+        is logged with ``usage: "unknown"`` and keeps its reservation held, as a
+        call answered without usage does; one known to have spent nothing says
+        ``usage: "none"``."""
         self.failed += 1
+        error, unknown = self._failure(call, error, category, status, usage)
         try:
-            meta = self._meta(call, usage, model, status)
+            meta = self._fail_meta(call, usage, model, status, unknown)
             cancelled = False
             if usage is not None and usage.total:
                 cancelled = await self._price(meta, usage)
                 await self.tracker.track(
-                    call.component,
-                    usage.total,
-                    event_type="token_consumption",
-                    message=(
-                        f"{call.endpoint} {meta['model']} failed; it used {usage.total:,} tokens"
-                        + (" (estimated from what arrived)" if usage.estimated else "")
-                    ),
+                    call.component, usage.total, event_type="token_consumption",
+                    message=self._spent_message(call, usage, meta),
                     metadata=meta | {"outcome": "failed_call"},
-                )
-            meta = {
-                k: v
-                for k, v in meta.items()
-                if k not in ("input_tokens", "output_tokens", "cached_input_tokens", "cost_usd")
-            }
-            meta.update(error=error, category=category)
-            await self.logger.log_event(
-                "step_error", call.component, f"{call.endpoint} failed: {error}", 0, meta
-            )
+                )  # fmt: skip
+            await self.logger.log_event(*self._error_event(call, meta, error, category))
             if cancelled:
                 raise asyncio.CancelledError  # the call's tokens recorded first
         finally:
-            await self._release(call)
+            await self._release(call, hold=unknown)
+
+    def fail_sync(
+        self,
+        call: Call,
+        error: str,
+        *,
+        category: str,
+        status: int | None = None,
+        usage: Usage | None = None,
+        model: str | None = None,
+    ) -> None:
+        """:meth:`fail` for a caller without an event loop (the native transport)."""
+        self.failed += 1
+        error, unknown = self._failure(call, error, category, status, usage)
+        try:
+            meta = self._fail_meta(call, usage, model, status, unknown)
+            if usage is not None and usage.total:
+                self._price_sync(meta, usage)
+                self.tracker.track_sync(
+                    call.component, usage.total, event_type="token_consumption",
+                    message=self._spent_message(call, usage, meta),
+                    metadata=meta | {"outcome": "failed_call"},
+                )  # fmt: skip
+            self.logger.log_event_sync(*self._error_event(call, meta, error, category))
+        finally:
+            self._release_sync(call, hold=unknown)
+
+    @staticmethod
+    def _failure(
+        call: Call, error: str, category: str, status: int | None, usage: Usage | None
+    ) -> tuple[str, bool]:
+        """The error to log of a failed call (its keys cut out) and whether its
+        usage is unknown (its reservation then stays held)."""
+        if call.secrets:
+            error = redact(error, call.secrets)
+        return error, usage_unknown(category, status, usage is not None)
+
+    def _fail_meta(
+        self,
+        call: Call,
+        usage: Usage | None,
+        model: str | None,
+        status: int | None,
+        unknown: bool,
+    ) -> dict[str, Any]:
+        meta = self._meta(call, usage, model, status)
+        if usage is None and not unknown:
+            meta["usage"] = "none"
+        elif unknown:
+            self.unknown += 1
+            meta["tokens_held"] = call.reserved
+        return meta
+
+    @staticmethod
+    def _spent_message(call: Call, usage: Usage, meta: dict[str, Any]) -> str:
+        return f"{call.endpoint} {meta['model']} failed; it used {usage.total:,} tokens" + (
+            " (estimated from what arrived)" if usage.estimated else ""
+        )
+
+    @staticmethod
+    def _error_event(
+        call: Call, meta: dict[str, Any], error: str, category: str
+    ) -> tuple[str, str, str, int, dict[str, Any]]:
+        meta = {
+            k: v
+            for k, v in meta.items()
+            if k not in ("input_tokens", "output_tokens", "cached_input_tokens", "cost_usd")
+        }
+        meta.update(error=error, category=category)
+        return "step_error", call.component, f"{call.endpoint} failed: {error}", 0, meta
 
     async def refuse(
         self, *, component: str, endpoint: str, model: str, stream: bool, error: str
     ) -> None:
         """Record a call refused because the budget has run out (never forwarded)."""
+        call, event = self._started(component, endpoint, model, stream, 0, None, 0)
+        await self.logger.log_event(*event)
+        await self.logger.log_event(*self._refused(call, error))
+
+    def refuse_sync(
+        self, *, component: str, endpoint: str, model: str, stream: bool, error: str
+    ) -> None:
+        """:meth:`refuse` for a caller without an event loop (the native transport)."""
+        call, event = self._started(component, endpoint, model, stream, 0, None, 0)
+        self.logger.log_event_sync(*event)
+        self.logger.log_event_sync(*self._refused(call, error))
+
+    def _refused(self, call: Call, error: str) -> tuple[str, str, str, int, dict[str, Any]]:
         self.refused += 1
-        call = await self.start(
-            component=component, endpoint=endpoint, model=model, stream=stream,
-            granted=0, requested=None,
-        )  # fmt: skip
         self.failed += 1
         call.settled = True
-        await self.logger.log_event(
+        return (
             "step_error",
-            component,
-            f"{endpoint} refused: {error}",
+            call.component,
+            f"{call.endpoint} refused: {error}",
             0,
             {
                 "run": self.run,
                 "call": call.call_id,
-                "endpoint": endpoint,
-                "model": model,
+                "endpoint": call.endpoint,
+                "model": call.model,
                 "status": 429,
                 "error": error,
                 "category": "budget",
                 "latency_ms": call.elapsed_ms(),
             },
         )
+
+    def _price_sync(self, meta: dict[str, Any], usage: Usage | None) -> None:
+        """:meth:`_price` on this thread (it may wait once for the table's import)."""
+        if usage is None:
+            return
+        model = meta.get("model")
+        cost = self.pricer.price(
+            model if isinstance(model, str) else None,
+            usage.input_tokens,
+            usage.output_tokens,
+            usage.cached_input_tokens,
+        )
+        meta.update(self.pricer.cost_meta(cost))
 
     async def _price(self, meta: dict[str, Any], usage: Usage | None) -> bool:
         """Add the call's ``cost_usd`` to ``meta`` when its model is priced; True when
@@ -426,3 +621,8 @@ class Meter:
             if usage.estimated:
                 meta["usage_estimated"] = True
         return meta
+
+
+def _recorded() -> OSError | None:
+    """A log that never fails (a meter without a session: tests)."""
+    return None

@@ -2,15 +2,22 @@
 
 Routes (below ``/v1``): ``POST chat/completions``, ``completions``, ``responses``
 and ``embeddings`` are metered (:class:`~sigil.proxy.metering.Meter`);
-``GET models`` is forwarded as it is (it costs no tokens). aiohttp serves and
-forwards: its server and its streaming client share one event loop, and an
-upstream connection pool serves every call.
+``GET models`` is forwarded as it is (it costs no tokens). The transport is
+native (rust/proxy.rs, through sigil.telemetry.proxy_transport): hyper on a
+tokio runtime of its own thread accepts, routes, reads bodies to their bounds,
+forwards through a pooled keep-alive client and relays answers and streams,
+without the GIL. This module is its policy, called back synchronously with the
+GIL held: :meth:`ProxyServer.admit` decides each call (parse, cap, budget:
+the pure decisions of sigil.proxy.policy), and a :class:`_Flight` records it
+(``done``, ``failed``, ``upstream_error``, and a stream's ``feed``/``stream_end``)
+through the :class:`Meter`'s ``*_sync`` methods.
 
 What the client sees is what the upstream sent, byte for byte, except:
 
-* the output cap (``max_tokens``, ``max_completion_tokens``,
-  ``max_output_tokens``) is lowered to what the budget grants, and set when the
-  client set none;
+* every output cap the client set (``max_tokens``, ``max_completion_tokens``,
+  ``max_output_tokens``) is lowered to what the budget grants each completion
+  (``n`` x ``best_of`` x prompts are reserved), and one is set when the client
+  set none; a request whose completions cannot be bounded is refused with 400;
 * a streamed chat call asks for usage in the stream
   (``stream_options.include_usage``); the usage-only event is dropped again for
   a client that did not ask for it;
@@ -19,12 +26,15 @@ What the client sees is what the upstream sent, byte for byte, except:
   504 for one that is too slow, and, once the budget is spent, 429
   ``insufficient_quota`` with ``x-should-retry: false``, which the official SDKs
   raise at once instead of retrying (they retry 408, 409, 429 and 5xx unless
-  that header says otherwise);
+  that header says otherwise); while the session's log cannot be written, 503
+  ``recording_failed`` (``x-should-retry: false``): a call is never served
+  unrecorded;
 * a stream that breaks mid-way ends with an SSE ``error`` event, which the
   official SDK raises as an ``APIError``.
 
 Keys: ``Authorization`` goes to the upstream and nowhere else; no header is
-ever logged. Bound to a non-loopback address the proxy requires a token
+ever logged, and the call's keys are cut out of any text logged about it (an
+upstream's error may quote them). Bound to a non-loopback address the proxy requires a token
 (``X-Sigil-Token: T``, or ``Authorization: Bearer T``, which is then replaced
 by the proxy's own upstream key).
 """
@@ -32,19 +42,17 @@ by the proxy's own upstream key).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hmac
 import re
 import socket
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import orjson
-from aiohttp import web
 
-from sigil.proxy.metering import BudgetExhausted, Call, Meter
+from sigil.proxy.metering import BudgetExhausted, Call, Meter, RecordingFailed
+from sigil.proxy.policy import OutputPlan, Refusal, plan_output, secrets_of
 from sigil.proxy.usage import (
     CHAT,
     COMPLETIONS,
@@ -60,32 +68,23 @@ from sigil.proxy.usage import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sigil.pipeline.tokenizer import BPETokenizer
+    from sigil.telemetry.proxy_transport import ProxyTransport
 
 __all__ = ["ProxyConfig", "ProxyServer", "UpstreamLoop"]
 
-#: Request headers never forwarded upstream: hop-by-hop, recomputed, or the proxy's own.
-_DROP_REQUEST = frozenset(
-    {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-        "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
-        "accept-encoding", "x-sigil-component", "x-sigil-token",
-    }
-)  # fmt: skip
-#: Response headers never passed back: hop-by-hop, or describing the encoding we undid.
-_DROP_RESPONSE = frozenset(
-    {
-        "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
-        "upgrade", "trailer", "server", "date",
-    }
-)  # fmt: skip
-_MAX_ERROR_BODY = 64 * 1024
 #: One SSE event larger than this is not a model's output: the stream is cut.
 _MAX_EVENT_BYTES = 16 << 20
-#: A prompt longer than this (characters) is counted on a worker thread.
-_COUNT_INLINE_CHARS = 64 << 10
 _COMPONENT = re.compile(r"^[\w.:/@+-]{1,128}$")
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+#: The metered endpoints, by the transport's index (ENDPOINT_PATHS).
+_ENDPOINTS = (CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS)
+#: On stop, calls in flight get this long to end (and be recorded); then they
+#: are cut, and recorded as cut.
+_GRACE_SECONDS = 5.0
+_JSON = ("Content-Type", "application/json; charset=utf-8")
+
+#: What the transport is answered: (status, body, headers).
+Answer = tuple[int, bytes, list[tuple[str, str]]]
 
 
 class UpstreamLoop(ValueError):
@@ -130,15 +129,13 @@ def openai_error(
     code: str | None = None,
     *,
     retry: bool | None = None,
-) -> web.Response:
+) -> Answer:
     """An error shaped like OpenAI's, which every OpenAI client can read."""
     body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    headers = {}
+    headers = [_JSON]
     if retry is not None:
-        headers["x-should-retry"] = "true" if retry else "false"
-    return web.Response(
-        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
-    )
+        headers.append(("x-should-retry", "true" if retry else "false"))
+    return status, orjson.dumps(body), headers
 
 
 def _sse_error(message: str, kind: str) -> bytes:
@@ -147,32 +144,23 @@ def _sse_error(message: str, kind: str) -> bytes:
 
 
 class ProxyServer:
-    """Serves the OpenAI API on ``config.host:config.port`` and meters every call."""
+    """Serves the OpenAI API on ``config.host:config.port`` and meters every call.
+
+    The transport calls :meth:`admit` and :meth:`error` (and each call's
+    :class:`_Flight`) on its own thread with the GIL held: they never wait. The
+    Meter is only ever changed there once the transport runs."""
 
     def __init__(self, meter: Meter | None, config: ProxyConfig) -> None:
         #: None until :meth:`attach`: the port can be bound before the session is
         #: locked, so a taken port refuses the run before anything is written.
         self._meter = meter
-        self._attached = asyncio.Event()
-        if meter is not None:
-            self._attached.set()
         self.config = config
         self._upstream = config.upstream.rstrip("/")
         self._chat_cap_field = config.chat_cap_field()
-        # (built once: a ClientTimeout per call is measurable at thousands a second)
-        self._call_timeout = aiohttp.ClientTimeout(
-            total=config.timeout, sock_connect=config.timeout, sock_read=config.timeout
-        )
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.timeout, sock_read=config.timeout
-        )
-        self._runner: web.AppRunner | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._transport: ProxyTransport | None = None
+        self._tokenizer_loading: asyncio.Future[Any] | None = None
         #: set once stop() begins: a call cut then was cut by the stop, not its client
         self._stopping = False
-        #: counts each prompt before it is forwarded (its tokens are reserved)
-        self._tokenizer: BPETokenizer | None = None
-        self._tokenizer_loading: asyncio.Future[Any] | None = None
         self.url: str | None = None
 
     # -- life ----------------------------------------------------------------------
@@ -180,7 +168,8 @@ class ProxyServer:
     def attach(self, meter: Meter) -> None:
         """Start metering (calls that arrived before wait for this)."""
         self._meter = meter
-        self._attached.set()
+        if self._transport is not None:
+            self._transport.wake()
 
     @property
     def meter(self) -> Meter:
@@ -190,33 +179,19 @@ class ProxyServer:
     async def start(self) -> str:
         """Bind and serve; returns the base URL clients use (``http://host:port/v1``)."""
         from sigil.pipeline.tokenizer import load_tokenizer
+        from sigil.telemetry.proxy_transport import ProxyTransport
 
         # Built off the event loop while the session is prepared (~150 ms).
         self._tokenizer_loading = asyncio.ensure_future(load_tokenizer())
-        app = web.Application(client_max_size=self.config.max_body_bytes)
-        for path, endpoint in (
-            ("/v1/chat/completions", CHAT),
-            ("/v1/completions", COMPLETIONS),
-            ("/v1/responses", RESPONSES),
-            ("/v1/embeddings", EMBEDDINGS),
-        ):
-            app.router.add_post(path, self._handler(endpoint))
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_get("/v1/models/{model:.+}", self._models)
-        app.router.add_route("*", "/{tail:.*}", self._not_found)
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
-            timeout=aiohttp.ClientTimeout(total=None),
-        )
-        # On stop, calls in flight get a few seconds to end (and be recorded);
-        # then they are cancelled, and recorded as failed.
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5.0)
-        await runner.setup()
-        self._runner = runner
+        cfg = self.config
+        transport = ProxyTransport(
+            self, self._upstream, cfg.host, cfg.port, timeout=cfg.timeout,
+            max_body_bytes=cfg.max_body_bytes, max_response_bytes=cfg.max_response_bytes,
+            token=cfg.token, api_key=cfg.api_key, grace=_GRACE_SECONDS,
+        )  # fmt: skip
+        host, port = transport.start()
+        self._transport = transport
         try:
-            site = web.TCPSite(runner, self.config.host, self.config.port, backlog=1024)
-            await site.start()
-            host, port = runner.addresses[0][:2]
             self._check_not_self(port)
         except BaseException:
             await self.stop()
@@ -241,164 +216,56 @@ class ProxyServer:
     async def stop(self) -> None:
         """Stop accepting, let calls in flight end (they are recorded), close."""
         self._stopping = True
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-        session, self._session = self._session, None
-        if session is not None:
-            await session.close()
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            await asyncio.to_thread(transport.stop)
 
-    # -- routes --------------------------------------------------------------------
+    # -- the transport's policy ----------------------------------------------------------
 
-    def _handler(self, endpoint: Endpoint) -> Any:
-        async def handle(request: web.Request) -> web.StreamResponse:
-            return await self._metered(request, endpoint)
-
-        return handle
-
-    def _authorize(self, request: web.Request) -> tuple[web.Response | None, dict[str, str]]:
-        """Check the proxy token; the upstream request headers."""
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
-        token = self.config.token
-        auth = request.headers.get("Authorization")
-        if token is not None:
-            given = request.headers.get("X-Sigil-Token")
-            if given is not None and hmac.compare_digest(given.encode(), token.encode()):
-                pass
-            elif auth is not None and hmac.compare_digest(
-                auth.encode(), f"Bearer {token}".encode()
-            ):
-                # The token stood in for a key: the upstream gets the proxy's own.
-                headers.pop("Authorization", None)
-                auth = None
-            else:
-                return openai_error(
-                    401,
-                    "sigil proxy: missing or wrong proxy token (send it as X-Sigil-Token or "
-                    "as the API key)",
-                    "invalid_request_error",
-                    "invalid_api_key",
-                ), headers
-        if auth is None and self.config.api_key:
-            headers["Authorization"] = f"Bearer {self.config.api_key}"
-        return None, headers
-
-    async def _not_found(self, request: web.Request) -> web.Response:
-        return openai_error(
-            404,
-            f"sigil proxy does not forward {request.method} {request.path}; it serves "
-            "POST /v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings "
-            "and GET /v1/models",
-            "invalid_request_error",
-            "unknown_url",
-        )
-
-    async def _models(self, request: web.Request) -> web.Response:
-        denied, headers = self._authorize(request)
-        if denied is not None:
-            return denied
-        assert self._session is not None
-        url = self._upstream + request.path[len("/v1") :]
-        try:
-            async with self._session.get(
-                url,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=self.config.timeout),
-                allow_redirects=False,
-            ) as resp:
-                raw = await _read_bounded(resp, self.config.max_response_bytes)
-                return web.Response(status=resp.status, body=raw, headers=_back(resp))
-        except TimeoutError:
+    def error(self, kind: str, detail: str) -> Answer:
+        """The answer to a ``GET /v1/models`` that failed (``kind``: timeout, unreachable)."""
+        if kind == "timeout":
             return self._timeout_error()
-        except (aiohttp.ClientError, _TooLarge) as exc:
-            return self._unreachable(exc)
+        return self._unreachable(detail)
 
-    # -- metered calls ---------------------------------------------------------------
-
-    async def _metered(self, request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-        denied, headers = self._authorize(request)
-        if denied is not None:
-            return denied
+    def admit(
+        self,
+        index: int,
+        raw: bytes,
+        component_header: str | None,
+        keys: list[tuple[str, str]] | None = None,
+    ) -> tuple[Any, ...]:
+        """Decide a metered call (``keys``: the ``(name, value)`` pairs of its key
+        headers, cut out of what is logged about it): ``(0, flight, body,
+        stream)`` forwards ``body``; ``(1, retry)`` waits until a call settles,
+        then asks ``retry()``; ``(2, answer)`` answers at once."""
         if self._meter is None:
-            await self._attached.wait()
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return openai_error(
-                413,
-                f"sigil proxy: request body over {self.config.max_body_bytes:,} bytes",
-                "invalid_request_error",
-                "request_too_large",
-            )
+            return (1, lambda: self.admit(index, raw, component_header, keys))
+        endpoint = _ENDPOINTS[index]
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             body = None
         if not isinstance(body, dict):
-            return openai_error(
+            return 2, openai_error(
                 400, "sigil proxy: the request body is not a JSON object",
                 "invalid_request_error", "invalid_json",
             )  # fmt: skip
-        model = body["model"] if isinstance(body.get("model"), str) else "unknown"
-        component = _component(request.headers.get("X-Sigil-Component"), model)
-        stream = body.get("stream") is True
-        caps = [f for f in endpoint.cap_fields if f in body and body[f] is not None]
-        requested: int | None = None
-        for name in caps:
-            value = body[name]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                return openai_error(
-                    400, f"{name} must be a non-negative integer", "invalid_request_error",
-                    "invalid_value",
-                )  # fmt: skip
-            requested = value if requested is None else min(requested, value)
-        # Each of n choices (best_of for legacy completions) may produce up to the cap.
-        choices = max(_choices(body.get("n")), _choices(body.get("best_of")))
-        wanted = None
-        if endpoint.cap_fields:
-            wanted = (requested if requested is not None else self.config.call_cap) * choices
-        endpoint_name = "/v1" + endpoint.path
-        prompt = await self._prompt_tokens(body)
+        # Each completion (n choices, best_of, each prompt of a list) may produce up to the cap.
         try:
-            granted = await self.meter.admit(wanted, prompt)
-        except BudgetExhausted as exc:
-            await self.meter.refuse(
-                component=component, endpoint=endpoint_name, model=model, stream=stream,
-                error=str(exc),
-            )  # fmt: skip
-            return openai_error(
-                429, f"sigil: {exc}", "insufficient_quota", "insufficient_quota", retry=False
-            )
-        per_choice = max(1, granted // choices)
-        if endpoint.cap_fields and (requested is None or per_choice < requested):
-            for name in caps or [
-                self._chat_cap_field if endpoint is CHAT else endpoint.cap_fields[0]
-            ]:
-                body[name] = per_choice
-        asked_usage = True
-        if stream and endpoint.stream_options:
-            options = body.get("stream_options")
-            options = dict(options) if isinstance(options, dict) else {}
-            asked_usage = options.get("include_usage") is True
-            options["include_usage"] = True
-            body["stream_options"] = options
-        call = await self.meter.start(
-            component=component, endpoint=endpoint_name, model=model, stream=stream,
-            granted=granted, requested=requested, prompt=prompt,
-        )  # fmt: skip
-        try:
-            return await self._forward(request, call, endpoint, body, headers, stream, asked_usage)
-        except BaseException as exc:
-            if not call.settled:
-                # Cancelled (the proxy is stopping) or a bug: the call is still recorded.
-                if self._stopping:
-                    text, category = "the proxy stopped before the call ended", "proxy_stopped"
-                else:
-                    text, category = f"proxy error: {type(exc).__name__}: {exc}", "proxy"
-                await asyncio.shield(self.meter.fail(call, text, category=category))
-            raise
+            plan = plan_output(endpoint, body)
+        except Refusal as exc:
+            return 2, openai_error(400, f"sigil proxy: {exc}", "invalid_request_error", exc.code)
+        prompt = self._count_prompt(body)
+        secrets = secrets_of(keys or (), self.config.api_key, self.config.token)
+        admission = _Admission(self, endpoint, body, component_header, plan, prompt, secrets)
+        return admission()
 
     async def _prompt_tokens(self, body: dict[str, Any]) -> int:
+        """:meth:`_count_prompt` (kept awaitable for its callers)."""
+        return self._count_prompt(body)
+
+    def _count_prompt(self, body: dict[str, Any]) -> int:
         """The prompt's tokens to reserve: its UTF-8 length while that is small
         beside what is free of the budget, else its cl100k_base count; with the
         chat format's own tokens either way.
@@ -413,62 +280,143 @@ class ProxyServer:
         bound = len(text.encode("utf-8", "surrogatepass")) + overhead
         if bound * 4 <= self.meter.free:
             return bound
-        tokenizer = self._tokenizer
-        if tokenizer is None:
-            from sigil.pipeline.tokenizer import load_tokenizer
+        from sigil.pipeline.tokenizer import get_tokenizer
 
-            tokenizer = self._tokenizer = await load_tokenizer()
-        if len(text) > _COUNT_INLINE_CHARS:
-            count = await asyncio.to_thread(tokenizer.count, text)
-        else:
-            count = tokenizer.count(text)
-        return count + overhead
+        return get_tokenizer().count(text) + overhead
 
-    async def _forward(
+    # -- errors ----------------------------------------------------------------------
+
+    def _timeout_text(self) -> str:
+        return f"upstream {self._upstream} did not answer within {self.config.timeout:g}s"
+
+    def _timeout_error(self) -> Answer:
+        return openai_error(
+            504, f"sigil proxy: {self._timeout_text()}", "upstream_error", "timeout"
+        )
+
+    def _unreachable_text(self, detail: str) -> str:
+        return f"upstream {self._upstream} unreachable: {detail}"
+
+    def _unreachable(self, detail: str) -> Answer:
+        return openai_error(
+            502, f"sigil proxy: {self._unreachable_text(detail)}", "upstream_error", "bad_gateway"
+        )
+
+
+class _Admission:
+    """A parsed call being admitted: forwarded once the budget grants it."""
+
+    __slots__ = (
+        "body", "component", "endpoint", "model", "plan", "prompt", "secrets", "server",
+        "stream", "wanted",
+    )  # fmt: skip
+
+    def __init__(
         self,
-        request: web.Request,
+        server: ProxyServer,
+        endpoint: Endpoint,
+        body: dict[str, Any],
+        component_header: str | None,
+        plan: OutputPlan,
+        prompt: int,
+        secrets: tuple[str, ...],
+    ) -> None:
+        self.server = server
+        self.endpoint = endpoint
+        self.body = body
+        self.model = body["model"] if isinstance(body.get("model"), str) else "unknown"
+        self.component = _component(component_header, self.model)
+        self.stream = body.get("stream") is True
+        self.plan = plan
+        self.wanted = plan.wanted(server.config.call_cap)
+        self.prompt = prompt
+        self.secrets = secrets
+
+    def __call__(self) -> tuple[Any, ...]:
+        server, endpoint, body, plan = self.server, self.endpoint, self.body, self.plan
+        meter = server.meter
+        endpoint_name = "/v1" + endpoint.path
+        try:
+            granted = meter.try_admit(self.wanted, self.prompt, plan.least)
+        except BudgetExhausted as exc:
+            meter.refuse_sync(
+                component=self.component, endpoint=endpoint_name, model=self.model,
+                stream=self.stream, error=str(exc),
+            )  # fmt: skip
+            return 2, openai_error(
+                429, f"sigil: {exc}", "insufficient_quota", "insufficient_quota", retry=False
+            )
+        except RecordingFailed as exc:
+            return 2, openai_error(
+                503, f"sigil: {exc}", "server_error", "recording_failed", retry=False
+            )
+        if granted is None:
+            return 1, self  # everything left is promised to calls in flight
+        requested = plan.requested
+        if endpoint.cap_fields:
+            default = server._chat_cap_field if endpoint is CHAT else endpoint.cap_fields[0]
+            body.update(plan.caps_to_send(granted, default))
+        asked_usage = True
+        if self.stream and endpoint.stream_options:
+            options = body.get("stream_options")
+            options = dict(options) if isinstance(options, dict) else {}
+            asked_usage = options.get("include_usage") is True
+            options["include_usage"] = True
+            body["stream_options"] = options
+        call = meter.start_sync(
+            component=self.component, endpoint=endpoint_name, model=self.model,
+            stream=self.stream, granted=granted, requested=requested, prompt=self.prompt,
+            secrets=self.secrets,
+        )  # fmt: skip
+        flight = _Flight(server, call, endpoint, body, asked_usage)
+        try:
+            forwarded = orjson.dumps(body)
+        except BaseException as exc:
+            flight.crashed(exc)
+            raise
+        return 0, flight, forwarded, self.stream
+
+
+class _Flight:
+    """One admitted call: the transport reports its outcome here, and it is recorded."""
+
+    __slots__ = ("asked_usage", "body", "call", "endpoint", "first_ms", "follower", "server")
+
+    def __init__(
+        self,
+        server: ProxyServer,
         call: Call,
         endpoint: Endpoint,
         body: dict[str, Any],
-        headers: dict[str, str],
-        stream: bool,
         asked_usage: bool,
-    ) -> web.StreamResponse:
-        assert self._session is not None
-        cfg = self.config
-        headers["Content-Type"] = "application/json"
-        timeout = self._stream_timeout if stream else self._call_timeout
+    ) -> None:
+        self.server = server
+        self.call = call
+        self.endpoint = endpoint
+        self.body = body
+        self.asked_usage = asked_usage
+        self.follower: StreamFollower | None = None
+        self.first_ms: float | None = None
+
+    def crashed(self, exc: BaseException) -> None:
+        """Record the call as failed by a bug of the proxy's (then re-raised)."""
+        if not self.call.settled:
+            text = f"proxy error: {type(exc).__name__}: {exc}"
+            self.server.meter.fail_sync(self.call, text, category="proxy")
+
+    def _guarded(self, work: Callable[[], Any]) -> Any:
         try:
-            resp = await self._session.post(
-                self._upstream + endpoint.path,
-                data=orjson.dumps(body),
-                headers=headers,
-                timeout=timeout,
-                allow_redirects=False,
-            )
-        except TimeoutError:
-            await self.meter.fail(call, self._timeout_text(), category="timeout", status=504)
-            return self._timeout_error()
-        except aiohttp.ClientError as exc:
-            await self.meter.fail(
-                call, self._unreachable_text(exc), category="upstream_unavailable", status=502
-            )
-            return self._unreachable(exc)
-        async with resp:
-            if resp.status >= 300:
-                return await self._upstream_error(call, resp)
-            is_sse = resp.content_type == "text/event-stream"
-            if stream and is_sse:
-                return await self._relay_stream(request, call, endpoint, body, resp, asked_usage)
-            try:
-                raw = await _read_bounded(resp, cfg.max_response_bytes)
-            except TimeoutError:
-                await self.meter.fail(call, self._timeout_text(), category="timeout", status=504)
-                return self._timeout_error()
-            except (aiohttp.ClientError, _TooLarge) as exc:
-                text = f"upstream response failed: {exc}"
-                await self.meter.fail(call, text, category="upstream_error", status=502)
-                return openai_error(502, f"sigil proxy: {text}", "upstream_error", "bad_gateway")
+            return work()
+        except BaseException as exc:
+            self.crashed(exc)
+            raise
+
+    def done(self, status: int, raw: bytes) -> Answer | None:
+        """A 2xx answer read whole: None relays it as it is."""
+        return self._guarded(lambda: self._done(status, raw))
+
+    def _done(self, status: int, raw: bytes) -> Answer | None:
+        meter, call = self.server.meter, self.call
         try:
             data = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -476,157 +424,122 @@ class ProxyServer:
         if not isinstance(data, dict):
             snippet = raw[:120].decode("utf-8", "replace")
             text = f"upstream returned a body that is not a JSON object: {snippet!r}"
-            await self.meter.fail(call, text, category="upstream_invalid", status=502)
+            meter.fail_sync(call, text, category="upstream_invalid", status=502)
             return openai_error(502, f"sigil proxy: {text}", "upstream_error", "bad_gateway")
-        usage = usage_of(endpoint, data.get("usage"))
+        usage = usage_of(self.endpoint, data.get("usage"))
         model = data.get("model") if isinstance(data.get("model"), str) else None
-        await self.meter.complete(call, usage, model=model, status=resp.status)
-        return web.Response(status=resp.status, body=raw, headers=_back(resp))
+        meter.complete_sync(call, usage, model=model, status=status)
+        return None
 
-    async def _upstream_error(self, call: Call, resp: aiohttp.ClientResponse) -> web.Response:
-        try:
-            raw = await _read_bounded(resp, _MAX_ERROR_BODY, truncate=True)
-        except (TimeoutError, aiohttp.ClientError):
-            raw = b""
-        detail = _error_detail(raw)
-        text = f"upstream answered HTTP {resp.status}" + (f": {detail}" if detail else "")
-        await self.meter.fail(call, text, category="upstream_error", status=resp.status)
-        # The client sees the upstream's own answer, so its SDK retries what it would retry.
-        return web.Response(status=resp.status, body=raw, headers=_back(resp))
+    def failed(self, kind: str, detail: str) -> Answer:
+        """The call failed before an answer came: recorded; the client's answer."""
+        return self._guarded(lambda: self._failed(kind, detail))
 
-    async def _relay_stream(
-        self,
-        request: web.Request,
-        call: Call,
-        endpoint: Endpoint,
-        body: dict[str, Any],
-        resp: aiohttp.ClientResponse,
-        asked_usage: bool,
-    ) -> web.StreamResponse:
-        follower = StreamFollower(endpoint, drop_usage_only=not asked_usage)
-        out = web.StreamResponse(status=resp.status, headers=_back(resp))
-        await out.prepare(request)
-        first_ms: float | None = None
+    def _failed(self, kind: str, detail: str) -> Answer:
+        server, meter, call = self.server, self.server.meter, self.call
+        if kind == "timeout":
+            meter.fail_sync(call, server._timeout_text(), category="timeout", status=504)
+            return server._timeout_error()
+        if kind == "unreachable":
+            meter.fail_sync(
+                call, server._unreachable_text(detail), category="upstream_unavailable",
+                status=502,
+            )  # fmt: skip
+            return server._unreachable(detail)
+        if kind == "stopped":
+            text = "the proxy stopped before the call ended"
+            if not call.settled:
+                meter.fail_sync(call, text, category="proxy_stopped")
+            return openai_error(503, f"sigil proxy: {text}", "server_error", None)
+        text = f"upstream response failed: {detail}"
+        meter.fail_sync(call, text, category="upstream_error", status=502)
+        return openai_error(502, f"sigil proxy: {text}", "upstream_error", "bad_gateway")
+
+    def upstream_error(self, status: int, raw: bytes) -> None:
+        """The upstream answered an error (relayed as it is, so the client's SDK
+        retries what it would retry)."""
+
+        def record() -> None:
+            detail = _error_detail(raw)
+            text = f"upstream answered HTTP {status}" + (f": {detail}" if detail else "")
+            self.server.meter.fail_sync(self.call, text, category="upstream_error", status=status)
+
+        self._guarded(record)
+
+    def feed(self, chunk: bytes) -> bytes | None:
+        """A chunk of the stream: what to relay (None: an event is too large, cut it)."""
+        follower = self.follower
+        if follower is None:
+            follower = self.follower = StreamFollower(
+                self.endpoint, drop_usage_only=not self.asked_usage
+            )
+        data = self._guarded(lambda: follower.feed(chunk))
+        if follower.pending > _MAX_EVENT_BYTES:
+            return None
+        if data and self.first_ms is None:
+            self.first_ms = self.call.elapsed_ms()
+        return data
+
+    def stream_end(self, outcome: str, detail: str, status: int = 200) -> bytes:
+        """The stream ended (``eof``, ``client``, ``stopped``, ``stalled``,
+        ``error``, ``oversize``): recorded; the bytes to send last."""
+        return self._guarded(lambda: self._stream_end(outcome, detail, status))
+
+    def _stream_end(self, outcome: str, detail: str, status: int) -> bytes:
+        server, meter, call = self.server, self.server.meter, self.call
+        follower = self.follower
+        if follower is None:
+            follower = self.follower = StreamFollower(
+                self.endpoint, drop_usage_only=not self.asked_usage
+            )
+        if outcome == "client" and follower.done:
+            # The client left once the stream's last event was relayed (its SDK
+            # stops reading there), before the upstream closed: it had it all.
+            outcome = "eof"
+        out = b""
         broke: str | None = None
-        client_gone = False
-        try:
-            async for chunk in resp.content.iter_any():
-                data = follower.feed(chunk)
-                if follower.pending > _MAX_EVENT_BYTES:
-                    broke = f"upstream sent an event over {_MAX_EVENT_BYTES:,} bytes"
-                    break
-                if data:
-                    if first_ms is None:
-                        first_ms = call.elapsed_ms()
-                    try:
-                        await out.write(data)
-                    except ConnectionError:
-                        client_gone = True
-                        break
-            else:
-                tail = follower.flush()
-                if tail:
-                    try:
-                        await out.write(tail)
-                    except ConnectionError:
-                        client_gone = True
-        except TimeoutError:
-            broke = f"upstream stream stalled: no data for {self.config.timeout:g}s"
-        except aiohttp.ClientError as exc:
-            broke = f"upstream stream broke: {exc or type(exc).__name__}"
-        if not (broke or client_gone) and not follower.done and follower.usage is None:
-            broke = "upstream stream ended before its last event"
+        client_gone = outcome in ("client", "stopped")
+        if outcome == "eof":
+            out = follower.flush()
+            if not follower.done and follower.usage is None:
+                broke = "upstream stream ended before its last event"
+        elif outcome == "stalled":
+            broke = f"upstream stream stalled: no data for {server.config.timeout:g}s"
+        elif outcome == "error":
+            broke = f"upstream stream broke: {detail}"
+        elif outcome == "oversize":
+            broke = f"upstream sent an event over {_MAX_EVENT_BYTES:,} bytes"
         extra: dict[str, Any] = {"events": follower.events}
-        if first_ms is not None:
-            extra["ttft_ms"] = first_ms
+        if self.first_ms is not None:
+            extra["ttft_ms"] = self.first_ms
         if follower.finish_reason is not None:
             extra["finish_reason"] = follower.finish_reason
         if client_gone or broke:
-            resp.close()  # stop the upstream generating what nobody reads
-            usage = follower.usage or await _estimate(body, follower)
-            if client_gone and self._stopping:
+            usage = follower.usage or _estimate(self.body, follower)
+            if outcome == "stopped" or (client_gone and server._stopping):
                 what, category = "the proxy stopped mid-stream", "proxy_stopped"
             elif client_gone:
                 what, category = "client disconnected mid-stream", "client_disconnected"
             else:
                 assert broke is not None
                 what, category = broke, "upstream_stream"
-            await self.meter.fail(
-                call,
-                what,
-                category=category,
-                status=resp.status,
-                usage=usage,
-                model=follower.model,
+            meter.fail_sync(
+                call, what, category=category, status=status, usage=usage, model=follower.model
             )
-            if not client_gone:
-                with contextlib.suppress(ConnectionError):
-                    await out.write(_sse_error(f"sigil proxy: {what}", "upstream_error"))
+            if outcome != "client":
+                out += _sse_error(f"sigil proxy: {what}", "upstream_error")
         elif follower.error is not None:
-            await self.meter.fail(
+            # What arrived before the error was generated: counted as a broken stream is.
+            usage = follower.usage or _estimate(self.body, follower)
+            meter.fail_sync(
                 call, f"upstream error in stream: {follower.error}", category="upstream_error",
-                status=resp.status, usage=follower.usage, model=follower.model,
+                status=status, usage=usage, model=follower.model,
             )  # fmt: skip
         else:
-            await self.meter.complete(
-                call, follower.usage, model=follower.model, status=resp.status, extra=extra
+            meter.complete_sync(
+                call, follower.usage, model=follower.model, status=status, extra=extra
             )
-        if not client_gone:
-            with contextlib.suppress(ConnectionError):
-                await out.write_eof()
         return out
-
-    # -- errors ----------------------------------------------------------------------
-
-    def _timeout_text(self) -> str:
-        return f"upstream {self._upstream} did not answer within {self.config.timeout:g}s"
-
-    def _timeout_error(self) -> web.Response:
-        return openai_error(
-            504, f"sigil proxy: {self._timeout_text()}", "upstream_error", "timeout"
-        )
-
-    def _unreachable_text(self, exc: BaseException) -> str:
-        return f"upstream {self._upstream} unreachable: {exc or type(exc).__name__}"
-
-    def _unreachable(self, exc: BaseException) -> web.Response:
-        return openai_error(
-            502, f"sigil proxy: {self._unreachable_text(exc)}", "upstream_error", "bad_gateway"
-        )
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _read_bounded(
-    resp: aiohttp.ClientResponse, limit: int, *, truncate: bool = False
-) -> bytes:
-    """The body, at most ``limit`` bytes (past it: cut, or :class:`_TooLarge`)."""
-    if resp.content_length is not None and resp.content_length <= limit:
-        return await resp.read()
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.content.iter_any():
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            if truncate:
-                break
-            raise _TooLarge(f"response body over {limit:,} bytes")
-    return b"".join(chunks)[:limit]
-
-
-def _back(resp: aiohttp.ClientResponse) -> dict[str, str]:
-    """The upstream's response headers a client may see."""
-    return {k: v for k, v in resp.headers.items() if k.lower() not in _DROP_RESPONSE}
-
-
-def _choices(value: object) -> int:
-    """How many completions a request asks for (``n``, ``best_of``): 1 unless a sane int."""
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 128:
-        return value
-    return 1
 
 
 def _component(header: str | None, model: str) -> str:
@@ -649,10 +562,10 @@ def _error_detail(raw: bytes) -> str:
     return raw[:200].decode("utf-8", "replace").strip()
 
 
-async def _estimate(body: dict[str, Any], follower: StreamFollower) -> Usage:
+def _estimate(body: dict[str, Any], follower: StreamFollower) -> Usage:
     """The tokens of a stream that broke before its usage: the prompt and the text
     that arrived, counted with the offline tokenizer (flagged as estimated)."""
-    from sigil.pipeline.tokenizer import load_tokenizer
+    from sigil.pipeline.tokenizer import get_tokenizer
 
-    tokenizer = await load_tokenizer()
+    tokenizer = get_tokenizer()
     return Usage(tokenizer.count(prompt_text(body)), tokenizer.count(follower.text), estimated=True)

@@ -167,13 +167,27 @@ def prompt_estimate_text(body: Mapping[str, Any]) -> str:
 def prompt_overhead(body: Mapping[str, Any]) -> int:
     """Tokens a prompt costs beyond its text: the chat format's few per message
     (OpenAI's own count is 3 per message and 3 to prime the reply; 4 allows for
-    names and other servers' templates)."""
+    names and other servers' templates), and the prompts given as token IDs
+    (legacy completions' and embeddings' token arrays: no text, one token each)."""
     items = 0
     for key in ("messages", "input"):
         value = body.get(key)
         if isinstance(value, list):
             items += len(value)
-    return 4 * items + 3
+    return 4 * items + 3 + _token_ids(body.get("prompt")) + _token_ids(body.get("input"))
+
+
+def _token_ids(value: object) -> int:
+    """The token IDs of a prompt given as a token array or a list of them."""
+    if not isinstance(value, list):
+        return 0
+    count = 0
+    for item in value:
+        if isinstance(item, int):
+            count += 1
+        elif isinstance(item, list):
+            count += sum(1 for t in item if isinstance(t, int))
+    return count
 
 
 @dataclass(slots=True)
@@ -212,23 +226,35 @@ class StreamFollower:
         buf = self._buffer
         buf += chunk
         out = bytearray()
+        start = self._events_in(buf, out)
+        del buf[:start]
+        return bytes(out)
+
+    def _events_in(self, buf: bytearray, out: bytearray) -> int:
+        """Read the complete events of ``buf``, appending those to forward to
+        ``out``; returns where the incomplete rest begins."""
         start = 0
         while True:
             end, sep = _event_end(buf, start)
             if end < 0:
-                break
+                return start
             if self._read_event(bytes(buf[start:end])):
                 out += buf[start : end + sep]
             start = end + sep
-        del buf[:start]
-        return bytes(out)
 
     def flush(self) -> bytes:
-        """The last event when the stream ended without its blank line."""
+        """The events still held when the stream ended: those whose last line end
+        is a CR at the very end (no LF can follow it now), and the last event
+        when the stream ended without its blank line."""
+        out = bytearray()
+        if b"\r" in self._buffer:
+            # A byte that ends no line: a CR before it is a line end of its own.
+            start = self._events_in(self._buffer + b"\x00", out)
+            del self._buffer[:start]
         rest, self._buffer = bytes(self._buffer), bytearray()
         if rest.strip() and self._read_event(rest):
-            return rest + b"\n\n"
-        return b""
+            out += rest + b"\n\n"
+        return bytes(out)
 
     def _read_event(self, event: bytes) -> bool:
         """Read one event; returns whether to forward it."""
@@ -320,12 +346,41 @@ class StreamFollower:
 
 
 def _event_end(buf: bytearray, start: int) -> tuple[int, int]:
-    """Where the next event ends (its blank line) and the separator's length."""
-    lf = buf.find(b"\n\n", start)
-    crlf = buf.find(b"\r\n\r\n", start)
-    if crlf >= 0 and (lf < 0 or crlf < lf):
-        return crlf, 4
-    return (lf, 2) if lf >= 0 else (-1, 0)
+    """Where the next event ends and the length of what ends it (its last line's
+    end and the blank line's), or ``(-1, 0)`` while it is not complete.
+
+    A line ends with CRLF, LF or a bare CR (the SSE spec allows all three, mixed);
+    a CR at the end of ``buf`` waits for the next byte, which may be its LF."""
+    if buf.find(b"\r", start) < 0:  # the common case: LF line ends only
+        lf = buf.find(b"\n\n", start)
+        return (lf, 2) if lf >= 0 else (-1, 0)
+    size = len(buf)
+    line = start  # where the current line begins
+    pos = start
+    while True:
+        cr = buf.find(b"\r", pos)
+        lf = buf.find(b"\n", pos)
+        at = cr if lf < 0 or (0 <= cr < lf) else lf
+        if at < 0:
+            return -1, 0
+        if buf[at] == 0x0D:  # CR
+            if at + 1 >= size:
+                return -1, 0
+            after = at + 2 if buf[at + 1] == 0x0A else at + 1
+        else:
+            after = at + 1
+        if at == line:  # an empty line: the event ends
+            end = start if line == start else _line_end(buf, start, line)
+            return end, after - end
+        line = pos = after
+
+
+def _line_end(buf: bytearray, start: int, line: int) -> int:
+    """Where the line before the one beginning at ``line`` ends (its CR or LF)."""
+    end = line - 1
+    if buf[end] == 0x0A and end > start and buf[end - 1] == 0x0D:
+        end -= 1
+    return end
 
 
 def _error_text(err: object) -> str | None:

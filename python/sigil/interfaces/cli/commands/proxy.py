@@ -8,8 +8,8 @@ each call's output and, once spent, refuses calls (exit status 3).
 The session side is the orchestrator's (:class:`MeteredSession`): the lock,
 the history of earlier runs, the run number, the budget policy, the final
 event and the summary files are exactly what ``sigil orchestrate`` does, so a
-proxied session is a session like any other. Heavy imports (aiohttp, the
-native writer) happen inside the command: ``sigil --help`` stays fast.
+proxied session is a session like any other. Heavy imports (the
+native transport) happen inside the command: ``sigil --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -36,11 +36,14 @@ DEFAULT_PORT = 8787
 #: The least write buffer of a proxied session's logger (see MeteredSession).
 PROXY_BUFFER_BYTES = 64 << 10
 TOKEN_ENV = "SIGIL_PROXY_TOKEN"
+#: How often (seconds, at most) the proxy reads its log writer's counters to
+#: refuse calls it could not record (a few microseconds each).
+RECORDING_CHECK_SECONDS = 0.005
 
 _EPILOG = """\b
 Exit status:
   0  stopped (Ctrl-C or SIGTERM) with budget left
-  1  failed
+  1  failed, or the session's log could not be written (calls were then refused)
   2  bad usage: invalid option, session ID, budget or upstream URL, the port is
      taken, or the session is already running (nothing is written)
   3  the session's token budget ran out
@@ -159,8 +162,16 @@ def _metered_session_class() -> type[Orchestrator]:
     from sigil.interfaces.cli.orchestrator import Orchestrator
 
     class _MeteredSession(Orchestrator):
+        #: the session's history once the run closed its log (None: not built)
+        final_history: Any = None
+
         def _make_steps(self, components: Any) -> dict[str, Any]:
             return {}
+
+        def _history_at_end(self, prep: Any) -> Any:
+            # Kept: the end line reads the run from it (contract 12).
+            self.final_history = super()._history_at_end(prep)
+            return self.final_history
 
         @property
         def provider_name(self) -> str:
@@ -202,6 +213,8 @@ class MeteredSession:
         self.meter: Meter | None = None
         self._started = 0.0
         self._tokens_before = 0
+        self._unrecorded_error: OSError | None = None
+        self._next_check = 0.0
 
     @property
     def session_id(self) -> str:
@@ -249,7 +262,48 @@ class MeteredSession:
             pricer=orch.pricer,
             held_before=history.tokens_held,
         )
+        self.meter.unrecorded = self._unrecorded
         return self.meter
+
+    def _unrecorded(self) -> OSError | None:
+        """Why the session's log cannot be written (None: it can), as the meter
+        asks before each call: the writer's counters are read at most every
+        :data:`RECORDING_CHECK_SECONDS` (the writer flushes every 100 ms), and
+        a failure, once seen, stands for the rest of the run."""
+        if self._unrecorded_error is not None:
+            return self._unrecorded_error
+        now = time.monotonic()
+        if now < self._next_check:
+            return None
+        self._next_check = now + RECORDING_CHECK_SECONDS
+        self._unrecorded_error = self.unrecorded_now()
+        return self._unrecorded_error
+
+    def unrecorded_now(self) -> OSError | None:
+        """Why the session's log cannot be written, from the writer's counters now."""
+        from sigil.proxy.policy import recording_failure
+
+        return recording_failure(self._log.dropped, self.orchestrator.execution_logger.stats())
+
+    @property
+    def recording_error(self) -> OSError | None:
+        """Why the run's record is incomplete (set by :meth:`end`; None: it is whole)."""
+        error: OSError | None = self.orchestrator.recording_error
+        return error
+
+    def recording_error_text(self) -> str:
+        """The one-line error of a run whose record is incomplete."""
+        from sigil.interfaces.cli.orchestrator import describe_write_error
+
+        assert self.recording_error is not None
+        what = describe_write_error(self.recording_error, self.orchestrator.session_dir)
+        refused = self.meter.unrecorded_refused if self.meter is not None else 0
+        calls = "call" if refused == 1 else "calls"
+        return (
+            f"{what}; the proxy refused {refused} {calls} it could not record and the run "
+            "ended. tokens.json and metrics.json are rebuilt from the log by the next command "
+            "once there is room"
+        )
 
     async def begin(self, task: str, url: str, extra: dict[str, Any] | None = None) -> None:
         """Log ``session_start`` (and ``budget_exceeded`` when earlier runs spent it)."""
@@ -295,6 +349,8 @@ class MeteredSession:
         await _to_the_end(self._end(status, error, ORCHESTRATOR), absorb=True)
 
     async def _end(self, status: str, error: str | None, component: str) -> None:
+        from sigil.proxy.policy import recording_failure
+
         orch, prep, log = self.orchestrator, self._prep, self._log
         tracker, meter = orch.token_tracker, self.meter
         assert meter is not None
@@ -328,8 +384,12 @@ class MeteredSession:
             try:
                 await orch.execution_logger.close()
             except OSError as exc:
-                orch.recording_error = exc
+                orch.recording_error = orch.recording_error or exc
             writer_stats = orch.execution_logger.stats()
+            # As the orchestrator: a log that lacks events is a run not recorded whole.
+            orch.recording_error = orch.recording_error or recording_failure(
+                log.dropped, {k: v for k, v in writer_stats.items() if k != "buffered_bytes"}
+            )
             if prep.resting is not None:
                 try:
                     await prep.resting
@@ -343,25 +403,50 @@ class MeteredSession:
             await asyncio.to_thread(orch._lock.release)
 
     def summary(self) -> str:
+        """The end line: the run's calls and tokens as the session model reads the
+        log the run closed (what every view shows), or, when the run could not
+        build it (its log could not be written), the meter's own counts."""
         tracker, meter = self.orchestrator.token_tracker, self.meter
         assert meter is not None
-        run_tokens = tracker.used - self._tokens_before
-        pct = tracker.used / tracker.total * 100 if tracker.total else 0.0
-        if not meter.unknown:
+        counts = self._model_counts()
+        if counts is None:
+            counts = (
+                meter.calls, meter.failed, meter.unknown,
+                tracker.used - self._tokens_before, tracker.used,
+            )  # fmt: skip
+        calls, failed, unknown, run_tokens, used = counts
+        total = tracker.total
+        pct = used / total * 100 if total else 0.0
+        head = f"sigil: session {self.session_id} run {self.run}: {calls} calls"
+        if not unknown:
             return (
-                f"sigil: session {self.session_id} run {self.run}: {meter.calls} calls "
-                f"({meter.failed} failed), {run_tokens:,} tokens this run, {tracker.used:,} of "
-                f"{tracker.total:,} used by the session ({pct:.1f}%)"
+                f"{head} ({failed} failed), {run_tokens:,} tokens this run, {used:,} of "
+                f"{total:,} used by the session ({pct:.1f}%)"
             )
-        # Calls whose upstream reported no usage: their tokens are unknown, not 0.
-        calls = "call" if meter.unknown == 1 else "calls"
+        # Calls whose tokens nobody reported: unknown, never 0.
+        noun = "call" if unknown == 1 else "calls"
         return (
-            f"sigil: session {self.session_id} run {self.run}: {meter.calls} calls "
-            f"({meter.failed} failed, {meter.unknown} with usage unknown), at least "
-            f"{run_tokens:,} tokens this run, at least {tracker.used:,} of {tracker.total:,} "
-            f"used by the session ({pct:.1f}%) plus unknown usage of {meter.unknown} {calls} "
+            f"{head} ({failed} failed, {unknown} with usage unknown), at least "
+            f"{run_tokens:,} tokens this run, at least {used:,} of {total:,} "
+            f"used by the session ({pct:.1f}%) plus unknown usage of {unknown} {noun} "
             f"({meter.held:,} tokens of the budget held for them)"
         )
+
+    def _model_counts(self) -> tuple[int, int, int, int, int] | None:
+        """(calls, failed, usage unknown, tokens) of this run and the session's
+        tokens, from the session model at the run's end (None: not built)."""
+        history = getattr(self.orchestrator, "final_history", None)
+        model = getattr(history, "model", None)
+        if model is None:
+            return None
+        run = next((r for r in model.runs if r.number == self.run), None)
+        if run is None:
+            return None
+        # The model counts them over the session: this run's are what it adds.
+        before = self._prep.history.model
+        unknown = model.unknown_usage_calls - (before.unknown_usage_calls if before else 0)
+        calls = run.steps_completed + run.steps_failed
+        return calls, run.steps_failed, unknown, run.tokens, model.tokens
 
 
 def _safe_url(url: str) -> str:
@@ -390,16 +475,22 @@ async def serve(
     except BaseException:
         await server.stop()
         raise
-    server.attach(meter)
     status: str = "interrupted"
     error: str | None = "interrupted"
     try:
         await session.begin(task, url, extra)
+        # Calls that arrived meanwhile wait: their events follow session_start.
+        server.attach(meter)
         announce(url)
         status, error = await main(url, meter)
     finally:
         await server.stop()
-        if meter.exhausted:
+        unrecorded = session.unrecorded_now()
+        if unrecorded is not None:
+            # The record lacks calls: the run failed, whatever else it met.
+            session.orchestrator.recording_error = unrecorded
+            status, error = "error", f"the session's log cannot be written: {unrecorded}"
+        elif meter.exhausted:
             status, error = "budget_exceeded", "token budget exhausted"
         elif meter.starved:
             status, error = (
@@ -501,4 +592,7 @@ def proxy(
 
     session, status = run_async(main)
     click.echo(session.summary(), err=True)
+    if session.recording_error is not None:
+        click.echo(f"Error: {session.recording_error_text()}", err=True)
+        sys.exit(ExitCode.FAILED)
     sys.exit(ExitCode.BUDGET if status == "budget_exceeded" else ExitCode.OK)

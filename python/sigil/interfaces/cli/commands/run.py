@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover
 _EPILOG = """\b
 Exit status:
   COMMAND's own status, or
+  1  the session's log could not be written (the calls it could not record
+     were refused)
   2  bad usage: invalid option, session ID, budget or upstream URL, COMMAND not
      found or not runnable, or the session is already running or archived
      (nothing is written; a COMMAND that only exec() refuses ends its session
@@ -175,6 +177,9 @@ def run(
         click.echo(f"Error: {spawn_error}", err=True)
         sys.exit(exit_code)
     click.echo(session.summary(), err=True)
+    if session.recording_error is not None:
+        click.echo(f"Error: {session.recording_error_text()}", err=True)
+        sys.exit(ExitCode.FAILED)
     sys.exit(ExitCode.BUDGET if status == "budget_exceeded" else exit_code)
 
 

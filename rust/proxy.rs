@@ -1,0 +1,1101 @@
+//! The metering proxy's HTTP transport (issue 14): hyper 1.x on a tokio
+//! runtime of its own thread, serving the OpenAI API and forwarding to the
+//! upstream through a pooled keep-alive client.
+//!
+//! The transport is here; the budget policy stays in Python (sigil.proxy):
+//! the transport calls a policy object with the GIL held, synchronously, at
+//! the few points where a call is decided or recorded, and runs everything
+//! else (accept, route, auth, bounded reads, forwarding with timeouts, the
+//! relay of bodies and streams, disconnects, shutdown) without the GIL.
+//!
+//! The policy (see python/sigil/proxy/server.py, `_Policy`):
+//!
+//! * `admit(endpoint, body, component, keys)` for a metered call (`keys`: the
+//!   `(name, value)` pairs of its key headers) returns
+//!   `(0, flight, body, stream)` to forward `body`, `(1, retry)` to wait until
+//!   a call settles (then `retry()` answers the same way), or
+//!   `(2, (status, body, headers))` to answer at once;
+//! * `error(kind, detail)` answers a failed `GET /v1/models`;
+//! * the flight records the call: `done(status, body)` (a 2xx answer; `None`
+//!   relays it, a response tuple replaces it), `failed(kind, detail)` (returns
+//!   the response), `upstream_error(status, body)`, and for a stream
+//!   `feed(chunk)` (the bytes to relay, `None`: the stream is cut) and
+//!   `stream_end(outcome, detail)` (the bytes to send last).
+//!
+//! Every buffer is bounded (request and response bodies, error bodies, the
+//! stream's channel); no panic crosses into Python (tokio catches a task's,
+//! the pymethods are guarded).
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
+use pyo3::types::PyBytes;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+
+use crate::errors::os_error;
+
+/// The metered endpoints, by the index the policy is given.
+pub const ENDPOINTS: [&str; 4] = [
+    "/chat/completions",
+    "/completions",
+    "/responses",
+    "/embeddings",
+];
+/// Request headers never forwarded: hop-by-hop, recomputed, or the proxy's own.
+const DROP_REQUEST: [&str; 14] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "accept-encoding",
+    "x-sigil-component",
+    "x-sigil-token",
+];
+/// Request headers that carry a key: the policy is given their values, to cut
+/// them out of what it logs about the call (an upstream may quote them).
+const KEY_HEADERS: [&str; 4] = ["authorization", "api-key", "x-api-key", "x-goog-api-key"];
+/// Response headers never passed back: hop-by-hop, or recomputed.
+const DROP_RESPONSE: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "content-encoding",
+    "upgrade",
+    "trailer",
+    "server",
+    "date",
+];
+/// What is kept of an upstream's error body.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+/// Chunks of a stream relayed ahead of a slow client.
+const STREAM_QUEUE: usize = 64;
+/// After the grace period, how long calls get to record that they were cut.
+const ABORT_WAIT: Duration = Duration::from_secs(5);
+
+type Out = Response<ProxyBody>;
+type Upstream = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// A response body: whole, or the chunks of a relayed stream.
+pub enum ProxyBody {
+    Whole(Option<Bytes>),
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            ProxyBody::Whole(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Stream(rx) => rx.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self, ProxyBody::Whole(None))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Whole(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ProxyBody::Whole(None) => SizeHint::with_exact(0),
+            ProxyBody::Stream(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// How the transport listens and forwards.
+struct Settings {
+    upstream: String,
+    timeout: Duration,
+    max_body: usize,
+    max_response: usize,
+    token: Option<String>,
+    api_key: Option<String>,
+    grace: Duration,
+}
+
+struct Shared {
+    settings: Settings,
+    policy: Py<PyAny>,
+    client: Upstream,
+    /// Woken whenever a call settles (or the policy says so): admits waiting retry.
+    settled: Notify,
+    /// true once stop() begins: stop accepting, close idle connections
+    shutdown: watch::Sender<bool>,
+    /// true once the grace period is over: calls still running are cut
+    abort: watch::Sender<bool>,
+    /// call tasks running
+    active: AtomicUsize,
+    idle: Notify,
+}
+
+/// Counts a call task while it runs.
+struct Active(Arc<Shared>);
+
+impl Active {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.active.fetch_add(1, Ordering::SeqCst);
+        Active(shared.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Responses
+
+fn commas(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// An error and its causes, as one line.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn whole(status: u16, body: Bytes, headers: HeaderMap) -> Out {
+    let mut resp = Response::new(ProxyBody::Whole(Some(body)));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    *resp.headers_mut() = headers;
+    resp
+}
+
+/// An error shaped like OpenAI's, which every OpenAI client can read.
+fn openai_error(status: u16, message: &str, kind: &str, code: Option<&str>) -> Out {
+    let body = serde_json::json!({
+        "error": {"message": message, "type": kind, "param": null, "code": code}
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    whole(status, Bytes::from(body.to_string()), headers)
+}
+
+fn back_headers(from: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(from.len());
+    for (k, v) in from {
+        if !DROP_RESPONSE.contains(&k.as_str()) {
+            out.append(k.clone(), v.clone());
+        }
+    }
+    out
+}
+
+/// A response the policy built: `(status, body, [(name, value), ...])`.
+type PyResponse = (u16, PyBackedBytes, Vec<(String, String)>);
+
+fn from_policy(r: PyResponse) -> Out {
+    let (status, body, pairs) = r;
+    let mut headers = HeaderMap::new();
+    for (k, v) in pairs {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
+            headers.append(k, v);
+        }
+    }
+    whole(status, Bytes::copy_from_slice(&body), headers)
+}
+
+fn proxy_failure() -> Out {
+    openai_error(
+        500,
+        "sigil proxy: internal error (see the proxy's stderr)",
+        "server_error",
+        None,
+    )
+}
+
+/// Run a policy call with the GIL; a Python exception is reported on stderr
+/// (as unraisable) and becomes None.
+fn with_policy<T>(f: impl FnOnce(Python<'_>) -> PyResult<T>) -> Option<T> {
+    Python::attach(|py| match f(py) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            e.write_unraisable(py, None);
+            None
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Reading bodies
+
+enum ReadError {
+    TooLarge,
+    Broken(String),
+}
+
+/// The body, at most `limit` bytes (past it: cut when `truncate`, else TooLarge).
+async fn read_bounded<B>(mut body: B, limit: usize, truncate: bool) -> Result<Bytes, ReadError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::error::Error + 'static,
+{
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ReadError::Broken(chain(&e)))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                if truncate {
+                    let room = limit - buf.len();
+                    buf.extend_from_slice(&data[..room]);
+                    return Ok(buf.freeze());
+                }
+                return Err(ReadError::TooLarge);
+            }
+            if buf.is_empty() && body.is_end_stream() {
+                return Ok(data);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+// ---------------------------------------------------------------------------
+// Serving
+
+enum Route {
+    Metered(usize),
+    Models,
+    NotFound,
+}
+
+fn route(method: &Method, path: &str) -> Route {
+    match (method, path) {
+        (&Method::POST, "/v1/chat/completions") => Route::Metered(0),
+        (&Method::POST, "/v1/completions") => Route::Metered(1),
+        (&Method::POST, "/v1/responses") => Route::Metered(2),
+        (&Method::POST, "/v1/embeddings") => Route::Metered(3),
+        (&Method::GET, p)
+            if p == "/v1/models" || (p.len() > 11 && p.starts_with("/v1/models/")) =>
+        {
+            Route::Models
+        }
+        _ => Route::NotFound,
+    }
+}
+
+/// Wait until the flag is set (or its sender is gone).
+async fn until_true(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Shared {
+    /// Check the proxy token; the upstream request's headers.
+    fn authorize(&self, headers: &HeaderMap) -> Result<HeaderMap, Box<Out>> {
+        let mut out = HeaderMap::with_capacity(headers.len() + 2);
+        for (k, v) in headers {
+            if !DROP_REQUEST.contains(&k.as_str()) {
+                out.append(k.clone(), v.clone());
+            }
+        }
+        let mut auth = headers.contains_key(AUTHORIZATION);
+        if let Some(token) = &self.settings.token {
+            let given = headers.get("x-sigil-token");
+            if given.is_some_and(|g| ct_eq(g.as_bytes(), token.as_bytes())) {
+            } else if headers
+                .get(AUTHORIZATION)
+                .is_some_and(|a| ct_eq(a.as_bytes(), format!("Bearer {token}").as_bytes()))
+            {
+                // The token stood in for a key: the upstream gets the proxy's own.
+                out.remove(AUTHORIZATION);
+                auth = false;
+            } else {
+                return Err(Box::new(openai_error(
+                    401,
+                    "sigil proxy: missing or wrong proxy token (send it as X-Sigil-Token or as \
+                     the API key)",
+                    "invalid_request_error",
+                    Some("invalid_api_key"),
+                )));
+            }
+        }
+        if !auth {
+            if let Some(key) = self.settings.api_key.as_deref().filter(|k| !k.is_empty()) {
+                if let Ok(v) = HeaderValue::from_str(&format!("Bearer {key}")) {
+                    out.insert(AUTHORIZATION, v);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn uri(&self, path: &str) -> Result<Uri, String> {
+        format!("{}{}", self.settings.upstream, path)
+            .parse::<Uri>()
+            .map_err(|e| e.to_string())
+    }
+
+    async fn aborted(&self) {
+        until_true(&mut self.abort.subscribe()).await;
+    }
+}
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Out, Infallible> {
+    match route(req.method(), req.uri().path()) {
+        Route::NotFound => {
+            let text = format!(
+                "sigil proxy does not forward {} {}; it serves POST /v1/chat/completions, \
+                 /v1/completions, /v1/responses, /v1/embeddings and GET /v1/models",
+                req.method(),
+                req.uri().path()
+            );
+            Ok(openai_error(
+                404,
+                &text,
+                "invalid_request_error",
+                Some("unknown_url"),
+            ))
+        }
+        Route::Models => Ok(models(&shared, req).await),
+        Route::Metered(endpoint) => {
+            // The call runs as a task of its own: a client that leaves cannot
+            // cut it short before it is recorded.
+            let (tx, rx) = oneshot::channel();
+            let active = Active::new(&shared);
+            tokio::spawn(async move {
+                let _active = active;
+                metered(shared, req, endpoint, tx).await;
+            });
+            Ok(rx.await.unwrap_or_else(|_| proxy_failure()))
+        }
+    }
+}
+
+async fn models(shared: &Shared, req: Request<Incoming>) -> Out {
+    let headers = match shared.authorize(req.headers()) {
+        Ok(h) => h,
+        Err(denied) => return *denied,
+    };
+    let path = &req.uri().path()["/v1".len()..];
+    let fail = |kind: &str, detail: String| -> Out {
+        with_policy(|py| {
+            shared
+                .policy
+                .call_method1(py, intern!(py, "error"), (kind, detail))?
+                .extract::<PyResponse>(py)
+        })
+        .map(from_policy)
+        .unwrap_or_else(proxy_failure)
+    };
+    let uri = match shared.uri(path) {
+        Ok(u) => u,
+        Err(e) => return fail("unreachable", e),
+    };
+    let mut up = Request::get(uri)
+        .body(Full::new(Bytes::new()))
+        .unwrap_or_default();
+    *up.headers_mut() = headers;
+    let work = async {
+        let resp = shared
+            .client
+            .request(up)
+            .await
+            .map_err(|e| ("unreachable", chain(&e)))?;
+        let (parts, body) = resp.into_parts();
+        let raw = read_bounded(body, shared.settings.max_response, false)
+            .await
+            .map_err(|e| match e {
+                ReadError::TooLarge => (
+                    "unreachable",
+                    format!(
+                        "response body over {} bytes",
+                        commas(shared.settings.max_response)
+                    ),
+                ),
+                ReadError::Broken(t) => ("unreachable", t),
+            })?;
+        Ok::<Out, (&str, String)>(whole(
+            parts.status.as_u16(),
+            raw,
+            back_headers(&parts.headers),
+        ))
+    };
+    match tokio::time::timeout(shared.settings.timeout, work).await {
+        Ok(Ok(out)) => out,
+        Ok(Err((kind, detail))) => fail(kind, detail),
+        Err(_) => fail("timeout", String::new()),
+    }
+}
+
+enum Admit {
+    Forward(Py<PyAny>, Bytes, bool),
+    Wait(Py<PyAny>),
+    Answer(PyResponse),
+}
+
+fn parse_admit(py: Python<'_>, out: Py<PyAny>) -> PyResult<Admit> {
+    let out = out.bind(py);
+    let kind: u8 = out.get_item(0)?.extract()?;
+    Ok(match kind {
+        0 => {
+            let body: PyBackedBytes = out.get_item(2)?.extract()?;
+            Admit::Forward(
+                out.get_item(1)?.unbind(),
+                Bytes::copy_from_slice(&body),
+                out.get_item(3)?.is_truthy()?,
+            )
+        }
+        1 => Admit::Wait(out.get_item(1)?.unbind()),
+        _ => Admit::Answer(out.get_item(1)?.extract()?),
+    })
+}
+
+async fn metered(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    endpoint: usize,
+    reply: oneshot::Sender<Out>,
+) {
+    let headers = match shared.authorize(req.headers()) {
+        Ok(h) => h,
+        Err(denied) => {
+            let _ = reply.send(*denied);
+            return;
+        }
+    };
+    let component = req
+        .headers()
+        .get("x-sigil-component")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let keys: Vec<(&'static str, String)> = KEY_HEADERS
+        .iter()
+        .flat_map(|name| {
+            req.headers()
+                .get_all(*name)
+                .iter()
+                .filter_map(move |v| v.to_str().ok().map(|s| (*name, s.to_owned())))
+        })
+        .collect();
+    let raw = match read_bounded(req.into_body(), shared.settings.max_body, false).await {
+        Ok(raw) => raw,
+        Err(ReadError::TooLarge) => {
+            let text = format!(
+                "sigil proxy: request body over {} bytes",
+                commas(shared.settings.max_body)
+            );
+            let _ = reply.send(openai_error(
+                413,
+                &text,
+                "invalid_request_error",
+                Some("request_too_large"),
+            ));
+            return;
+        }
+        Err(ReadError::Broken(_)) => return, // the client left while sending
+    };
+    let mut pending: Option<Py<PyAny>> = None;
+    let (flight, body, stream) = loop {
+        let notified = shared.settled.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let admitted = with_policy(|py| {
+            let out = match &pending {
+                None => shared.policy.call_method1(
+                    py,
+                    intern!(py, "admit"),
+                    (
+                        endpoint,
+                        PyBytes::new(py, &raw),
+                        component.as_deref(),
+                        keys.clone(),
+                    ),
+                )?,
+                Some(retry) => retry.call0(py)?,
+            };
+            parse_admit(py, out)
+        });
+        match admitted {
+            None => {
+                let _ = reply.send(proxy_failure());
+                return;
+            }
+            Some(Admit::Answer(r)) => {
+                let _ = reply.send(from_policy(r));
+                return;
+            }
+            Some(Admit::Forward(flight, body, stream)) => break (flight, body, stream),
+            Some(Admit::Wait(retry)) => {
+                pending = Some(retry);
+                tokio::select! {
+                    _ = &mut notified => {}
+                    _ = shared.aborted() => {
+                        let _ = reply.send(openai_error(
+                            503, "sigil proxy: the proxy stopped", "server_error", None,
+                        ));
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let flight = Flight {
+        shared: shared.clone(),
+        call: flight,
+    };
+    tokio::select! {
+        biased;
+        done = forward(&flight, endpoint, headers, body, stream, reply) => {
+            if let Some((tx, rx, status)) = done {
+                relay(&flight, tx, rx, status).await;
+            }
+        }
+        _ = shared.aborted() => {
+            flight.failed("stopped", String::new());
+        }
+    }
+    shared.settled.notify_waiters();
+}
+
+/// One admitted call, recorded through its Python flight.
+struct Flight {
+    shared: Arc<Shared>,
+    call: Py<PyAny>,
+}
+
+impl Flight {
+    fn failed(&self, kind: &str, detail: String) -> Out {
+        let out = with_policy(|py| {
+            self.call
+                .call_method1(py, intern!(py, "failed"), (kind, detail))?
+                .extract::<PyResponse>(py)
+        });
+        self.shared.settled.notify_waiters();
+        out.map(from_policy).unwrap_or_else(proxy_failure)
+    }
+}
+
+/// Forward the call; answers the client through `reply`. A stream's response
+/// is answered with a channel body: returns its sender and the upstream body.
+async fn forward(
+    flight: &Flight,
+    endpoint: usize,
+    mut headers: HeaderMap,
+    body: Bytes,
+    stream: bool,
+    reply: oneshot::Sender<Out>,
+) -> Option<(mpsc::Sender<Bytes>, Incoming, u16)> {
+    let shared = &flight.shared;
+    let timeout = shared.settings.timeout;
+    let answer = |reply: oneshot::Sender<Out>, out: Out| {
+        let _ = reply.send(out);
+        None
+    };
+    let uri = match shared.uri(ENDPOINTS[endpoint]) {
+        Ok(u) => u,
+        Err(e) => return answer(reply, flight.failed("unreachable", e)),
+    };
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let mut up = Request::post(uri).body(Full::new(body)).unwrap_or_default();
+    *up.headers_mut() = headers;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let resp = match tokio::time::timeout_at(deadline, shared.client.request(up)).await {
+        Err(_) => return answer(reply, flight.failed("timeout", String::new())),
+        Ok(Err(e)) => return answer(reply, flight.failed("unreachable", chain(&e))),
+        Ok(Ok(resp)) => resp,
+    };
+    let (parts, body) = resp.into_parts();
+    let status = parts.status.as_u16();
+    let headers = back_headers(&parts.headers);
+    if status >= 300 {
+        let raw = tokio::time::timeout_at(deadline, read_bounded(body, MAX_ERROR_BODY, true))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        with_policy(|py| {
+            flight.call.call_method1(
+                py,
+                intern!(py, "upstream_error"),
+                (status, PyBytes::new(py, &raw)),
+            )
+        });
+        // The client sees the upstream's own answer, so its SDK retries what it would retry.
+        return answer(reply, whole(status, raw, headers));
+    }
+    let is_sse = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim())
+        .is_some_and(|v| v.eq_ignore_ascii_case("text/event-stream"));
+    if stream && is_sse {
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let mut out = Response::new(ProxyBody::Stream(rx));
+        *out.status_mut() = parts.status;
+        *out.headers_mut() = headers;
+        let _ = reply.send(out);
+        return Some((tx, body, status));
+    }
+    let raw = match tokio::time::timeout_at(
+        deadline,
+        read_bounded(body, shared.settings.max_response, false),
+    )
+    .await
+    {
+        Err(_) => return answer(reply, flight.failed("timeout", String::new())),
+        Ok(Err(ReadError::TooLarge)) => {
+            let text = format!(
+                "response body over {} bytes",
+                commas(shared.settings.max_response)
+            );
+            return answer(reply, flight.failed("read", text));
+        }
+        Ok(Err(ReadError::Broken(t))) => return answer(reply, flight.failed("read", t)),
+        Ok(Ok(raw)) => raw,
+    };
+    let replaced = Python::attach(|py| -> Result<Option<PyResponse>, ()> {
+        let out = flight
+            .call
+            .call_method1(py, intern!(py, "done"), (status, PyBytes::new(py, &raw)))
+            .map_err(|e| e.write_unraisable(py, None))?;
+        if out.is_none(py) {
+            return Ok(None);
+        }
+        out.extract::<PyResponse>(py)
+            .map(Some)
+            .map_err(|e| e.write_unraisable(py, None))
+    });
+    shared.settled.notify_waiters();
+    match replaced {
+        Ok(None) => answer(reply, whole(status, raw, headers)),
+        Ok(Some(r)) => answer(reply, from_policy(r)),
+        Err(()) => answer(reply, proxy_failure()),
+    }
+}
+
+/// Relay a stream chunk by chunk, each through the flight's `feed`.
+async fn relay(flight: &Flight, tx: mpsc::Sender<Bytes>, mut body: Incoming, status: u16) {
+    let shared = &flight.shared;
+    let timeout = shared.settings.timeout;
+    let mut abort = shared.abort.subscribe();
+    let (outcome, detail): (&str, String) = loop {
+        let frame = tokio::select! {
+            biased;
+            _ = until_true(&mut abort) => break ("stopped", String::new()),
+            _ = tx.closed() => break ("client", String::new()),
+            f = tokio::time::timeout(timeout, body.frame()) => f,
+        };
+        let data = match frame {
+            Err(_) => break ("stalled", String::new()),
+            Ok(None) => break ("eof", String::new()),
+            Ok(Some(Err(e))) => break ("error", chain(&e)),
+            Ok(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+        };
+        let fed = Python::attach(|py| -> PyResult<Option<Bytes>> {
+            let out =
+                flight
+                    .call
+                    .call_method1(py, intern!(py, "feed"), (PyBytes::new(py, &data),))?;
+            if out.is_none(py) {
+                return Ok(None);
+            }
+            let b: PyBackedBytes = out.extract(py)?;
+            Ok(Some(Bytes::copy_from_slice(&b)))
+        });
+        match fed {
+            Err(e) => {
+                Python::attach(|py| e.write_unraisable(py, None));
+                break ("error", "sigil proxy: internal error".to_string());
+            }
+            Ok(None) => break ("oversize", String::new()),
+            Ok(Some(b)) if b.is_empty() => {}
+            Ok(Some(b)) => {
+                let sent = tokio::select! {
+                    biased;
+                    _ = until_true(&mut abort) => Err("stopped"),
+                    r = tx.send(b) => r.map_err(|_| "client"),
+                };
+                if let Err(outcome) = sent {
+                    break (outcome, String::new());
+                }
+            }
+        }
+    };
+    // Stop the upstream generating what nobody reads (the connection is not reused).
+    drop(body);
+    let tail = with_policy(|py| {
+        let out =
+            flight
+                .call
+                .call_method1(py, intern!(py, "stream_end"), (outcome, detail, status))?;
+        let b: PyBackedBytes = out.extract(py)?;
+        Ok(Bytes::copy_from_slice(&b))
+    });
+    shared.settled.notify_waiters();
+    if let Some(tail) = tail.filter(|t| !t.is_empty()) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), tx.send(tail)).await;
+    }
+}
+
+/// The upstream connector: plain TCP for `http://`, TLS (rustls, the system's
+/// roots, else Mozilla's) for `https://`.
+fn connector(timeout: Duration) -> std::io::Result<HttpsConnector<HttpConnector>> {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(timeout));
+    http.enforce_http(false);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder =
+        match HttpsConnectorBuilder::new().with_provider_and_native_roots(provider.clone()) {
+            Ok(b) => b,
+            Err(_) => HttpsConnectorBuilder::new()
+                .with_provider_and_webpki_roots(provider)
+                .map_err(std::io::Error::other)?,
+        };
+    Ok(builder.https_or_http().enable_http1().wrap_connector(http))
+}
+
+async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        let accepted = tokio::select! {
+            _ = until_true(&mut shutdown) => break,
+            r = listener.accept() => r,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(_) => {
+                // Out of descriptors or the like: try again shortly.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut stop = shared.shutdown.subscribe();
+            let svc_shared = shared.clone();
+            let svc = service_fn(move |req| handle(svc_shared.clone(), req));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = until_true(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    // Calls in flight get the grace period to end (and be recorded) ...
+    let wait_idle = |limit: Duration| {
+        let shared = shared.clone();
+        async move {
+            let _ = tokio::time::timeout(limit, async {
+                loop {
+                    let idle = shared.idle.notified();
+                    tokio::pin!(idle);
+                    idle.as_mut().enable();
+                    if shared.active.load(Ordering::SeqCst) == 0 {
+                        return;
+                    }
+                    idle.await;
+                }
+            })
+            .await;
+        }
+    };
+    wait_idle(shared.settings.grace).await;
+    // ... then the rest are cut, and recorded as cut.
+    let _ = shared.abort.send(true);
+    wait_idle(ABORT_WAIT).await;
+}
+
+// ---------------------------------------------------------------------------
+// Python
+
+struct Running {
+    shared: Arc<Shared>,
+    thread: JoinHandle<()>,
+}
+
+/// The proxy's HTTP transport: serves on `host:port` and forwards to
+/// `upstream`, deciding and recording each call through `policy`.
+#[pyclass(module = "sigil._native", name = "ProxyTransport")]
+pub struct PyProxyTransport {
+    settings: Mutex<Option<Settings>>,
+    policy: Py<PyAny>,
+    host: String,
+    port: u16,
+    running: Mutex<Option<Running>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[pymethods]
+impl PyProxyTransport {
+    #[new]
+    #[pyo3(signature = (policy, upstream, host, port, *, timeout, max_body_bytes, max_response_bytes, token=None, api_key=None, grace=5.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        policy: Py<PyAny>,
+        upstream: &str,
+        host: &str,
+        port: u16,
+        timeout: f64,
+        max_body_bytes: usize,
+        max_response_bytes: usize,
+        token: Option<String>,
+        api_key: Option<String>,
+        grace: f64,
+    ) -> PyResult<Self> {
+        let secs = |s: f64, what: &str| {
+            Duration::try_from_secs_f64(s)
+                .map_err(|_| crate::errors::value_error(format!("{what} must be >= 0, got {s}")))
+        };
+        Ok(PyProxyTransport {
+            settings: Mutex::new(Some(Settings {
+                upstream: upstream.trim_end_matches('/').to_string(),
+                timeout: secs(timeout, "timeout")?,
+                max_body: max_body_bytes,
+                max_response: max_response_bytes,
+                token,
+                api_key,
+                grace: secs(grace, "grace")?,
+            })),
+            policy,
+            host: host.to_string(),
+            port,
+            running: Mutex::new(None),
+        })
+    }
+
+    /// Bind and serve (on a thread of its own); returns the bound `(host, port)`.
+    fn start(&self, py: Python<'_>) -> PyResult<(String, u16)> {
+        let settings = lock(&self.settings)
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("the proxy transport was started already"))?;
+        let policy = self.policy.clone_ref(py);
+        let (host, port) = (self.host.clone(), self.port);
+        let (running, addr) = py
+            .detach(move || -> std::io::Result<(Running, SocketAddr)> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                let addr = (host.as_str(), port)
+                    .to_socket_addrs()?
+                    .next()
+                    .ok_or_else(|| std::io::Error::other(format!("cannot resolve {host}")))?;
+                let listener = rt.block_on(async {
+                    let socket = if addr.is_ipv4() {
+                        TcpSocket::new_v4()?
+                    } else {
+                        TcpSocket::new_v6()?
+                    };
+                    socket.set_reuseaddr(true)?;
+                    socket.bind(addr)?;
+                    socket.listen(1024)
+                })?;
+                let bound = listener.local_addr()?;
+                let connector = connector(settings.timeout)?;
+                let client = Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .build(connector);
+                let shared = Arc::new(Shared {
+                    settings,
+                    policy,
+                    client,
+                    settled: Notify::new(),
+                    shutdown: watch::channel(false).0,
+                    abort: watch::channel(false).0,
+                    active: AtomicUsize::new(0),
+                    idle: Notify::new(),
+                });
+                let serving = shared.clone();
+                let thread = std::thread::Builder::new()
+                    .name("sigil-proxy".into())
+                    .spawn(move || {
+                        // Attached once for the thread's life, detached while it
+                        // serves: each policy call then takes the GIL with this
+                        // thread's own state, rather than creating and destroying
+                        // a thread state per call.
+                        Python::attach(|py| py.detach(|| rt.block_on(serve(serving, listener))))
+                    })?;
+                Ok((Running { shared, thread }, bound))
+            })
+            .map_err(|e| os_error(&e, None))?;
+        *lock(&self.running) = Some(running);
+        Ok((addr.ip().to_string(), addr.port()))
+    }
+
+    /// Wake the calls waiting to be admitted (they ask the policy again).
+    fn wake(&self) {
+        if let Some(r) = lock(&self.running).as_ref() {
+            r.shared.settled.notify_waiters();
+        }
+    }
+
+    /// Stop accepting, give calls in flight the grace period to end (they are
+    /// recorded), cut the rest (recorded as cut), and close. Idempotent.
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        let running = lock(&self.running).take();
+        let Some(running) = running else {
+            return Ok(());
+        };
+        let _ = running.shared.shutdown.send(true);
+        let joined = py.detach(move || running.thread.join());
+        joined.map_err(|_| PyRuntimeError::new_err("internal error in sigil._native (proxy)"))
+    }
+
+    /// Calls being served now.
+    #[getter]
+    fn active(&self) -> usize {
+        lock(&self.running)
+            .as_ref()
+            .map_or(0, |r| r.shared.active.load(Ordering::SeqCst))
+    }
+}
+
+impl Drop for PyProxyTransport {
+    fn drop(&mut self) {
+        if let Some(r) = lock(&self.running).take() {
+            let _ = r.shared.shutdown.send(true);
+            let _ = r.shared.abort.send(true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commas_group_thousands() {
+        assert_eq!(commas(0), "0");
+        assert_eq!(commas(999), "999");
+        assert_eq!(commas(1000), "1,000");
+        assert_eq!(commas(33_554_432), "33,554,432");
+    }
+
+    #[test]
+    fn routes() {
+        assert!(matches!(
+            route(&Method::POST, "/v1/chat/completions"),
+            Route::Metered(0)
+        ));
+        assert!(matches!(
+            route(&Method::POST, "/v1/embeddings"),
+            Route::Metered(3)
+        ));
+        assert!(matches!(route(&Method::GET, "/v1/models"), Route::Models));
+        assert!(matches!(
+            route(&Method::GET, "/v1/models/a/b"),
+            Route::Models
+        ));
+        assert!(matches!(
+            route(&Method::GET, "/v1/models/"),
+            Route::NotFound
+        ));
+        assert!(matches!(
+            route(&Method::GET, "/v1/chat/completions"),
+            Route::NotFound
+        ));
+        assert!(matches!(
+            route(&Method::POST, "/v1/audio/speech"),
+            Route::NotFound
+        ));
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(ct_eq(b"abc", b"abc"));
+        assert!(!ct_eq(b"abc", b"abd"));
+        assert!(!ct_eq(b"abc", b"ab"));
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn bodies_are_read_to_their_bound() {
+        let body = Full::new(Bytes::from_static(b"0123456789"));
+        assert_eq!(
+            read_bounded(body.clone(), 10, false).await.ok(),
+            Some(Bytes::from_static(b"0123456789"))
+        );
+        assert!(matches!(
+            read_bounded(body.clone(), 9, false).await,
+            Err(ReadError::TooLarge)
+        ));
+        assert_eq!(
+            read_bounded(body, 4, true).await.ok(),
+            Some(Bytes::from_static(b"0123"))
+        );
+    }
+}
