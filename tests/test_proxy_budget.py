@@ -1,13 +1,15 @@
 """The proxy's budget policy and stream reading, without a network.
 
 The grants of :meth:`TokenTracker.reserve` are checked against a plain model
-(what is left minus what is promised), and :class:`Meter` against real
-concurrency on an event loop.
+(what is left minus what is promised), and :class:`Meter` driven as the native
+transport drives it (rust/proxy.rs, through ProxyServer.admit): a call the
+meter tells to wait asks again each time a call settles, calls interleaved in
+any order.
 """
 
 from __future__ import annotations
 
-import asyncio
+import random
 from typing import Any
 
 import orjson
@@ -15,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sigil.proxy.metering import BudgetExhausted, Meter, PromptTooLarge
+from sigil.proxy.metering import BudgetExhausted, Call, Meter, PromptTooLarge
 from sigil.proxy.usage import CHAT, EMBEDDINGS, RESPONSES, StreamFollower, Usage, usage_of
 from sigil.telemetry.tokens import TokenTracker
 
@@ -24,14 +26,78 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[tuple[str, str, int, dict[str, Any]]] = []
 
-    async def log_event(
+    def log_event_sync(
         self, event_type: str, component: str, message: str, tokens: int = 0, metadata: Any = None
     ) -> int:
         self.events.append((event_type, component, tokens, dict(metadata or {})))
         return len(self.events)
 
-    def log_event_sync(self, *args: Any, **kw: Any) -> int:  # pragma: no cover - unused
-        raise AssertionError("the proxy logs on its event loop")
+    async def log_event(self, *args: Any, **kw: Any) -> int:  # pragma: no cover - unused
+        raise AssertionError("the proxy logs from its native transport, synchronously")
+
+
+class Pending:
+    """One call being admitted: what :meth:`Meter.try_admit` answered last."""
+
+    def __init__(self, meter: Meter, wanted: int | None, prompt: int, least: int) -> None:
+        self.meter, self.wanted, self.prompt, self.least = meter, wanted, prompt, least
+        self.granted: int | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.granted is not None or self.error is not None
+
+    def ask(self) -> None:
+        try:
+            self.granted = self.meter.try_admit(self.wanted, self.prompt, self.least)
+        except BudgetExhausted as exc:
+            self.error = exc
+
+    def result(self) -> int:
+        if self.error is not None:
+            raise self.error
+        assert self.granted is not None, "the call is still waiting"
+        return self.granted
+
+
+class Transport:
+    """The native transport's admission loop (rust/proxy.rs ``metered``): a call
+    the meter tells to wait (None) asks again whenever a call settles; a settle
+    wakes every waiting call (``rnd``: in which order they ask)."""
+
+    def __init__(self, meter: Meter, rnd: random.Random | None = None) -> None:
+        self.meter = meter
+        self.rnd = rnd
+        self.waiting: list[Pending] = []
+
+    def admit(self, wanted: int | None, prompt: int = 0, least: int = 1) -> Pending:
+        pending = Pending(self.meter, wanted, prompt, least)
+        pending.ask()
+        if not pending.done:
+            self.waiting.append(pending)
+        return pending
+
+    def settled(self) -> list[Pending]:
+        """Wake the waiting calls; returns those decided now."""
+        woken, self.waiting = self.waiting, []
+        if self.rnd is not None:
+            self.rnd.shuffle(woken)
+        for pending in woken:
+            pending.ask()
+            if not pending.done:
+                self.waiting.append(pending)
+        return [p for p in woken if p.done]
+
+    def start(self, pending: Pending) -> Call:
+        return self.meter.start(
+            component="m", endpoint="/v1/chat/completions", model="m", stream=False,
+            granted=pending.result(), requested=pending.wanted, prompt=pending.prompt,
+        )  # fmt: skip
+
+    def complete(self, call: Call, usage: Usage | None) -> list[Pending]:
+        self.meter.complete(call, usage)
+        return self.settled()
 
 
 @given(
@@ -74,71 +140,53 @@ def test_outputs_capped_at_their_grants_never_pass_the_budget() -> None:
 
 
 def test_a_call_waits_while_everything_left_is_promised() -> None:
-    async def main() -> None:
-        tracker = TokenTracker(total_budget=1000, allocations={})
-        log = Recorder()
-        tracker.logger = log
-        meter = Meter(tracker, log, run=1)
-        first = await meter.admit(800)
-        call = await meter.start(
-            component="m", endpoint="/v1/chat/completions", model="m", stream=False,
-            granted=first, requested=800,
-        )  # fmt: skip
-        second = await meter.admit(500)
-        assert second == 200
-        waiting = asyncio.ensure_future(meter.admit(100))
-        await asyncio.sleep(0.01)
-        assert not waiting.done()  # nothing left unpromised
-        await meter.complete(call, Usage(10, 90))
-        assert await asyncio.wait_for(waiting, 1) == 100
-        assert tracker.budget.reserved == 300
-        kinds = [e[0] for e in log.events]
-        assert kinds == ["step_start", "step_complete"]
-        assert log.events[1][2] == 100 and log.events[1][3]["input_tokens"] == 10
-
-    asyncio.run(main())
+    tracker, log, meter = _meter(1000)
+    transport = Transport(meter)
+    first = transport.admit(800)
+    assert first.result() == 800
+    call = transport.start(first)
+    second = transport.admit(500)
+    assert second.result() == 200
+    waiting = transport.admit(100)
+    assert not waiting.done  # nothing left unpromised
+    assert transport.settled() == [] and not waiting.done  # asking again changes nothing
+    assert transport.complete(call, Usage(10, 90)) == [waiting]
+    assert waiting.result() == 100
+    assert tracker.budget.reserved == 300
+    kinds = [e[0] for e in log.events]
+    assert kinds == ["step_start", "step_complete"]
+    assert log.events[1][2] == 100 and log.events[1][3]["input_tokens"] == 10
 
 
 def test_waiting_calls_are_refused_once_the_budget_runs_out() -> None:
-    async def main() -> None:
-        tracker = TokenTracker(total_budget=100, allocations={})
-        log = Recorder()
-        tracker.logger = log
-        meter = Meter(tracker, log, run=1)
-        granted = await meter.admit(1000)
-        assert granted == 100
-        call = await meter.start(
-            component="m", endpoint="/v1/chat/completions", model="m", stream=False,
-            granted=granted, requested=None,
-        )  # fmt: skip
-        waiting = asyncio.ensure_future(meter.admit(10))
-        await asyncio.sleep(0.01)
-        await meter.complete(call, Usage(20, 80))
-        with pytest.raises(BudgetExhausted, match="100 of 100"):
-            await waiting
-        with pytest.raises(BudgetExhausted):
-            await meter.admit(None)  # embeddings too
-        assert "budget_exceeded" in [e[0] for e in log.events]
-
-    asyncio.run(main())
+    _, log, meter = _meter(100)
+    transport = Transport(meter)
+    first = transport.admit(1000)
+    assert first.result() == 100
+    call = meter.start(
+        component="m", endpoint="/v1/chat/completions", model="m", stream=False,
+        granted=first.result(), requested=None,
+    )  # fmt: skip
+    waiting = transport.admit(10)
+    assert not waiting.done
+    assert transport.complete(call, Usage(20, 80)) == [waiting]
+    with pytest.raises(BudgetExhausted, match="100 of 100"):
+        waiting.result()
+    with pytest.raises(BudgetExhausted):
+        transport.admit(None).result()  # embeddings too
+    assert "budget_exceeded" in [e[0] for e in log.events]
 
 
 def test_unknown_usage_is_logged_as_unknown() -> None:
-    async def main() -> None:
-        tracker = TokenTracker(total_budget=100, allocations={})
-        log = Recorder()
-        tracker.logger = log
-        meter = Meter(tracker, log, run=1)
-        call = await meter.start(
-            component="m", endpoint="/v1/embeddings", model="m", stream=False, granted=0,
-            requested=None,
-        )  # fmt: skip
-        await meter.complete(call, None)
-        kind, _, tokens, meta = log.events[-1]
-        assert (kind, tokens, meta["usage"]) == ("step_complete", 0, "unknown")
-        assert "input_tokens" not in meta
-
-    asyncio.run(main())
+    _, log, meter = _meter(100)
+    call = meter.start(
+        component="m", endpoint="/v1/embeddings", model="m", stream=False, granted=0,
+        requested=None,
+    )  # fmt: skip
+    meter.complete(call, None)
+    kind, _, tokens, meta = log.events[-1]
+    assert (kind, tokens, meta["usage"]) == ("step_complete", 0, "unknown")
+    assert "input_tokens" not in meta
 
 
 def test_usage_of_each_endpoint() -> None:
@@ -205,45 +253,37 @@ def _meter(total: int) -> tuple[TokenTracker, Recorder, Meter]:
     return tracker, log, Meter(tracker, log, run=1)
 
 
-async def _started(meter: Meter, wanted: int | None, prompt: int) -> Any:
-    granted = await meter.admit(wanted, prompt)
-    return await meter.start(
-        component="m", endpoint="/v1/chat/completions", model="m", stream=False,
-        granted=granted, requested=wanted, prompt=prompt,
-    )  # fmt: skip
+def _started(transport: Transport, wanted: int | None, prompt: int) -> Call:
+    """A call admitted at once and started."""
+    return transport.start(transport.admit(wanted, prompt))
 
 
 def test_a_prompt_is_reserved_with_the_cap_and_one_that_cannot_fit_is_refused() -> None:
-    async def main() -> None:
-        tracker, _, meter = _meter(1000)
-        # The prompt is reserved whole; the cap gets what is left after it.
-        assert await meter.admit(5000, 600) == 400
-        assert tracker.budget.reserved == 1000
-        # A prompt larger than what is left is refused at once, not admitted once.
-        with pytest.raises(PromptTooLarge, match="does not fit"):
-            await meter.admit(10, 1001)
-        assert meter.starved and not meter.exhausted
-        # One that fits once the call in flight settles waits for it.
-        waiting = asyncio.ensure_future(meter.admit(100, 300))
-        await asyncio.sleep(0.01)
-        assert not waiting.done()
-
-    asyncio.run(main())
+    tracker, _, meter = _meter(1000)
+    transport = Transport(meter)
+    # The prompt is reserved whole; the cap gets what is left after it.
+    assert transport.admit(5000, 600).result() == 400
+    assert tracker.budget.reserved == 1000
+    # A prompt larger than what is left is refused at once, not admitted once.
+    with pytest.raises(PromptTooLarge, match="does not fit"):
+        transport.admit(10, 1001).result()
+    assert meter.starved and not meter.exhausted
+    # One that fits once the call in flight settles waits for it.
+    waiting = transport.admit(100, 300)
+    assert not waiting.done and transport.waiting == [waiting]
 
 
 def test_a_prompt_that_fits_only_what_calls_in_flight_hold_waits_then_is_refused() -> None:
-    async def main() -> None:
-        tracker, _, meter = _meter(1000)
-        call = await _started(meter, 500, 100)
-        waiting = asyncio.ensure_future(meter.admit(10, 700))
-        await asyncio.sleep(0.01)
-        assert not waiting.done()
-        await meter.complete(call, Usage(100, 400))  # 500 used: 700 no longer fits
-        with pytest.raises(PromptTooLarge):
-            await waiting
-        assert tracker.budget.reserved == 0 and tracker.used == 500
-
-    asyncio.run(main())
+    tracker, _, meter = _meter(1000)
+    transport = Transport(meter)
+    call = _started(transport, 500, 100)
+    waiting = transport.admit(10, 700)
+    assert not waiting.done
+    # 500 used: 700 no longer fits
+    assert transport.complete(call, Usage(100, 400)) == [waiting]
+    with pytest.raises(PromptTooLarge):
+        waiting.result()
+    assert tracker.budget.reserved == 0 and tracker.used == 500
 
 
 @given(
@@ -254,56 +294,72 @@ def test_a_prompt_that_fits_only_what_calls_in_flight_hold_waits_then_is_refused
         max_size=30,
     ),
     parallel=st.integers(1, 8),
+    rnd=st.randoms(use_true_random=False),
 )
 def test_concurrent_calls_whose_prompts_were_estimated_exactly_never_pass_the_budget(
-    total: int, calls: list[tuple[int, int, int]], parallel: int
+    total: int, calls: list[tuple[int, int, int]], parallel: int, rnd: random.Random
 ) -> None:
     """Each call spends its prompt (as estimated) and at most its cap: whatever
-    the interleaving, the session never spends more than its budget."""
+    the interleaving (up to ``parallel`` calls open at once, settling in any
+    order, the waiting ones asking again in any order), the session never
+    spends more than its budget, and no call waits forever."""
+    tracker, _, meter = _meter(total)
+    transport = Transport(meter, rnd)
+    queue = list(calls)
+    #: calls in flight, with the output each spends
+    flying: list[tuple[Call, int]] = []
+    outs: dict[Pending, int] = {}
 
-    async def main() -> None:
-        tracker, _, meter = _meter(total)
-        queue = list(calls)
+    def decided(pending: Pending) -> None:
+        out = outs.pop(pending)
+        try:
+            pending.result()
+        except BudgetExhausted:
+            return
+        assert tracker.used + tracker.budget.reserved <= total
+        flying.append((transport.start(pending), out))
 
-        async def worker() -> None:
-            while queue:
-                prompt, wanted, out = queue.pop()
-                try:
-                    call = await _started(meter, wanted, prompt)
-                except BudgetExhausted:
-                    continue
-                assert tracker.used + tracker.budget.reserved <= total
-                await asyncio.sleep(0)
-                await meter.complete(call, Usage(prompt, min(out, call.granted)))
-                assert tracker.used <= total
-
-        await asyncio.gather(*(worker() for _ in range(parallel)))
-        assert tracker.budget.reserved == 0 and tracker.used <= total
-
-    asyncio.run(main())
+    while queue or flying or transport.waiting:
+        # a call waits only while another is in flight: one settles, it asks again
+        assert flying or not transport.waiting
+        if (
+            queue
+            and len(flying) + len(transport.waiting) < parallel
+            and (not flying or rnd.random() < 0.5)
+        ):
+            prompt, wanted, out = queue.pop()
+            pending = transport.admit(wanted, prompt)
+            outs[pending] = out
+            if pending.done:
+                decided(pending)
+            continue
+        call, out = flying.pop(rnd.randrange(len(flying)))
+        for pending in transport.complete(call, Usage(call.prompt, min(out, call.granted))):
+            decided(pending)
+        assert tracker.used <= total
+    assert tracker.budget.reserved == 0 and tracker.used <= total
 
 
 def test_unknown_usage_keeps_its_reservation_and_counts_toward_the_budget() -> None:
-    async def main() -> None:
-        tracker, log, meter = _meter(1000)
-        call = await _started(meter, 300, 100)
-        await meter.complete(call, None)
-        kind, _, tokens, meta = log.events[-1]
-        assert (kind, tokens, meta["usage"], meta["tokens_held"]) == (
-            "step_complete", 0, "unknown", 400,
-        )  # fmt: skip
-        # Never logged as tokens, but held: the next call gets only what is free.
-        assert (tracker.used, meter.unknown, meter.held) == (0, 1, 400)
-        assert await meter.admit(5000, 100) == 500
-        # Held tokens bring the budget to its end like used ones.
-        tracker2, _, meter2 = _meter(100)
-        call = await _started(meter2, None, 96)
-        await meter2.complete(call, None)
-        assert meter2.exhausted and tracker2.used == 0
-        with pytest.raises(BudgetExhausted):
-            await meter2.admit(1, 0)
-
-    asyncio.run(main())
+    tracker, log, meter = _meter(1000)
+    transport = Transport(meter)
+    call = _started(transport, 300, 100)
+    transport.complete(call, None)
+    kind, _, tokens, meta = log.events[-1]
+    assert (kind, tokens, meta["usage"], meta["tokens_held"]) == (
+        "step_complete", 0, "unknown", 400,
+    )  # fmt: skip
+    # Never logged as tokens, but held: the next call gets only what is free.
+    assert (tracker.used, meter.unknown, meter.held) == (0, 1, 400)
+    assert transport.admit(5000, 100).result() == 500
+    # Held tokens bring the budget to its end like used ones.
+    tracker2, _, meter2 = _meter(100)
+    transport2 = Transport(meter2)
+    call = _started(transport2, None, 96)
+    transport2.complete(call, None)
+    assert meter2.exhausted and tracker2.used == 0
+    with pytest.raises(BudgetExhausted):
+        transport2.admit(1, 0).result()
 
 
 def test_usage_of_reads_the_cached_input_tokens() -> None:
@@ -331,13 +387,13 @@ def test_a_prompt_is_reserved_at_its_length_while_the_budget_is_ample_else_count
     text = "user\n" + "hello world " * 100
     overhead = 4 + 3  # one message, and the reply's priming
 
-    async def reserved(total: int) -> int:
+    def reserved(total: int) -> int:
         _, _, meter = _meter(total)
         server = ProxyServer(meter, ProxyConfig(upstream="http://127.0.0.1:9/v1"))
-        return await server._prompt_tokens(body)
+        return server._count_prompt(body)
 
     # Far from the end of the budget: the UTF-8 length, an upper bound that costs nothing.
-    assert asyncio.run(reserved(1_000_000)) == len(text) + overhead
+    assert reserved(1_000_000) == len(text) + overhead
     # Near it: the tokenizer's count, far below the length.
-    counted = asyncio.run(reserved(2_000))
+    counted = reserved(2_000)
     assert counted == get_tokenizer().count(text) + overhead < len(text) // 4

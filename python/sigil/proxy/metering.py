@@ -29,7 +29,6 @@ model the upstream answered with; see sigil.telemetry.pricing).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 from collections.abc import Callable
@@ -120,10 +119,10 @@ class Call:
 class Meter:
     """Admits, caps and records the calls of one session run.
 
-    Used from one thread at a time: an event loop (the ``async`` methods), or
-    the proxy's native transport thread (:meth:`try_admit` and the ``*_sync``
-    twins, which log through the logger's ``log_event_sync``); a caller of
-    :meth:`try_admit` that is told to wait asks again once a call settles."""
+    Used from one thread at a time (the proxy's native transport calls it
+    with the GIL held), logging through the logger's ``log_event_sync``; a
+    caller of :meth:`try_admit` that is told to wait asks again once a call
+    settles (rust/proxy.rs wakes its waiting calls whenever one does)."""
 
     def __init__(
         self,
@@ -157,10 +156,7 @@ class Meter:
         self.starved = False
         #: calls admitted with a reservation and not settled yet
         self._inflight = 0
-        #: calls waiting in :meth:`admit` for one in flight to settle
-        self._waiting = 0
         self._ids = itertools.count(1)
-        self._settled = asyncio.Condition()
         #: why the session's log cannot be written now (None: it can); set by the session
         self.unrecorded: Callable[[], OSError | None] = _recorded
         #: calls refused because the log could not be written (none of them logged)
@@ -192,37 +188,18 @@ class Meter:
     def _refusal(self) -> BudgetExhausted:
         return BudgetExhausted(self.tracker.used + self.holding, self.tracker.total)
 
-    async def admit(self, wanted: int | None, prompt: int = 0, least: int = 1) -> int:
+    def try_admit(self, wanted: int | None, prompt: int = 0, least: int = 1) -> int | None:
         """Reserve ``prompt`` tokens (the prompt's estimate) and an output cap
         of ``wanted`` tokens at most (None: a call without output); returns the
-        output cap granted (0 for a call without output).
+        output cap granted (0 for a call without output), or None when the
+        call must wait for one in flight to settle (ask again once one has).
 
         The prompt is reserved whole, with at least ``least`` tokens of output
         (one per completion the call generates); the cap is lowered to what is
-        free. Waits while what is free is promised to
-        calls in flight; raises :class:`PromptTooLarge` when the prompt cannot
-        fit even once they settle, and :class:`BudgetExhausted` once the budget
-        has run out; :class:`RecordingFailed` while the log cannot be written."""
-        # Nothing below awaits until a call must wait: decided on the event
-        # loop at once, the condition's lock is only taken to wait.
-        granted = self.try_admit(wanted, prompt, least)
-        if granted is not None:
-            return granted
-        async with self._settled:
-            while True:
-                granted = self.try_admit(wanted, prompt, least)
-                if granted is not None:
-                    return granted
-                self._waiting += 1
-                try:
-                    await self._settled.wait()
-                finally:
-                    self._waiting -= 1
-
-    def try_admit(self, wanted: int | None, prompt: int = 0, least: int = 1) -> int | None:
-        """:meth:`admit` without waiting: the output cap granted now, None when
-        the call must wait for one in flight to settle (ask again once one has);
-        raises when it is refused."""
+        free. Raises :class:`PromptTooLarge` when the prompt cannot fit even
+        once the calls in flight settle, and :class:`BudgetExhausted` once the
+        budget has run out; :class:`RecordingFailed` while the log cannot be
+        written."""
         failure = self.unrecorded()
         if failure is not None:
             self.unrecorded_refused += 1
@@ -245,21 +222,12 @@ class Meter:
             return max(0, granted - prompt)
         return None
 
-    async def _release(self, call: Call, *, hold: bool = False) -> None:
-        """Give the call's reservation back (``hold``: keep it, the usage is unknown)."""
-        if not self._release_sync(call, hold=hold, announce=False):
-            return
-        if hold and self.exhausted:
-            await self.announce_held("tokens held for calls of unknown usage")
-        if self._waiting:
-            async with self._settled:
-                self._settled.notify_all()
-
-    def _release_sync(self, call: Call, *, hold: bool = False, announce: bool = True) -> bool:
-        """:meth:`_release` without waking waiters of :meth:`admit` (callers of
-        :meth:`try_admit` ask again); False when the call had settled already."""
+    def _release(self, call: Call, *, hold: bool = False) -> None:
+        """Give the call's reservation back (``hold``: keep it, the usage is
+        unknown), once; waiting callers of :meth:`try_admit` ask again (the
+        transport wakes them)."""
         if call.settled:
-            return False
+            return
         call.settled = True
         if call.reserved:
             self._inflight -= 1
@@ -267,19 +235,12 @@ class Meter:
                 self.held += call.reserved
             else:
                 self.tracker.release(call.reserved)
-        if announce and hold and self.exhausted:
-            self.announce_held_sync("tokens held for calls of unknown usage")
-        return True
+        if hold and self.exhausted:
+            self.announce_held("tokens held for calls of unknown usage")
 
-    async def announce_held(self, reason: str) -> None:
+    def announce_held(self, reason: str) -> None:
         """Log ``budget_exceeded`` once when the held tokens run the budget out
         (counted tokens that do are the tracker's to announce)."""
-        event = self._held_notice(reason)
-        if event is not None:
-            await self.logger.log_event(*event)
-
-    def announce_held_sync(self, reason: str) -> None:
-        """:meth:`announce_held` for a caller without an event loop (the native transport)."""
         event = self._held_notice(reason)
         if event is not None:
             self.logger.log_event_sync(*event)
@@ -299,7 +260,7 @@ class Meter:
         )
         return notice.event_type, tracker.budget_component, message, 0, meta
 
-    async def start(
+    def start(
         self,
         *,
         component: str,
@@ -313,25 +274,6 @@ class Meter:
     ) -> Call:
         """Log the call's ``step_start`` (it has been admitted with ``prompt`` and
         ``granted`` reserved); ``secrets`` are the keys it carries, never logged."""
-        call, event = self._started(
-            component, endpoint, model, stream, granted, requested, prompt, secrets
-        )
-        await self.logger.log_event(*event)
-        return call
-
-    def start_sync(
-        self,
-        *,
-        component: str,
-        endpoint: str,
-        model: str,
-        stream: bool,
-        granted: int,
-        requested: int | None,
-        prompt: int = 0,
-        secrets: tuple[str, ...] = (),
-    ) -> Call:
-        """:meth:`start` for a caller without an event loop (the native transport)."""
         call, event = self._started(
             component, endpoint, model, stream, granted, requested, prompt, secrets
         )
@@ -369,7 +311,7 @@ class Meter:
             meta["prompt_tokens_reserved"] = prompt
         return call, ("step_start", component, f"{endpoint} {model} started", 0, meta)
 
-    async def complete(
+    def complete(
         self,
         call: Call,
         usage: Usage | None,
@@ -382,35 +324,13 @@ class Meter:
         reservation then stays held against the budget)."""
         try:
             meta = self._meta(call, usage, model, status) | (extra or {})
-            cancelled = await self._price(meta, usage)
-            tokens, message = self._completed(call, usage, meta)
-            await self.tracker.track(
-                call.component, tokens, event_type="step_complete", message=message, metadata=meta
-            )
-            if cancelled:
-                raise asyncio.CancelledError  # the call's tokens recorded first
-        finally:
-            await self._release(call, hold=usage is None)
-
-    def complete_sync(
-        self,
-        call: Call,
-        usage: Usage | None,
-        *,
-        model: str | None = None,
-        status: int = 200,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        """:meth:`complete` for a caller without an event loop (the native transport)."""
-        try:
-            meta = self._meta(call, usage, model, status) | (extra or {})
-            self._price_sync(meta, usage)
+            self._price(meta, usage)
             tokens, message = self._completed(call, usage, meta)
             self.tracker.track_sync(
                 call.component, tokens, event_type="step_complete", message=message, metadata=meta
             )
         finally:
-            self._release_sync(call, hold=usage is None)
+            self._release(call, hold=usage is None)
 
     def _completed(self, call: Call, usage: Usage | None, meta: dict[str, Any]) -> tuple[int, str]:
         """The tokens and message of a call's ``step_complete``."""
@@ -426,7 +346,7 @@ class Meter:
             f"{usage.output_tokens:,} out tokens" + (" (estimated)" if usage.estimated else "")
         )
 
-    async def fail(
+    def fail(
         self,
         call: Call,
         error: str,
@@ -447,37 +367,8 @@ class Meter:
         error, unknown = self._failure(call, error, category, status, usage)
         try:
             meta = self._fail_meta(call, usage, model, status, unknown)
-            cancelled = False
             if usage is not None and usage.total:
-                cancelled = await self._price(meta, usage)
-                await self.tracker.track(
-                    call.component, usage.total, event_type="token_consumption",
-                    message=self._spent_message(call, usage, meta),
-                    metadata=meta | {"outcome": "failed_call"},
-                )  # fmt: skip
-            await self.logger.log_event(*self._error_event(call, meta, error, category))
-            if cancelled:
-                raise asyncio.CancelledError  # the call's tokens recorded first
-        finally:
-            await self._release(call, hold=unknown)
-
-    def fail_sync(
-        self,
-        call: Call,
-        error: str,
-        *,
-        category: str,
-        status: int | None = None,
-        usage: Usage | None = None,
-        model: str | None = None,
-    ) -> None:
-        """:meth:`fail` for a caller without an event loop (the native transport)."""
-        self.failed += 1
-        error, unknown = self._failure(call, error, category, status, usage)
-        try:
-            meta = self._fail_meta(call, usage, model, status, unknown)
-            if usage is not None and usage.total:
-                self._price_sync(meta, usage)
+                self._price(meta, usage)
                 self.tracker.track_sync(
                     call.component, usage.total, event_type="token_consumption",
                     message=self._spent_message(call, usage, meta),
@@ -485,7 +376,7 @@ class Meter:
                 )  # fmt: skip
             self.logger.log_event_sync(*self._error_event(call, meta, error, category))
         finally:
-            self._release_sync(call, hold=unknown)
+            self._release(call, hold=unknown)
 
     @staticmethod
     def _failure(
@@ -531,18 +422,10 @@ class Meter:
         meta.update(error=error, category=category)
         return "step_error", call.component, f"{call.endpoint} failed: {error}", 0, meta
 
-    async def refuse(
+    def refuse(
         self, *, component: str, endpoint: str, model: str, stream: bool, error: str
     ) -> None:
         """Record a call refused because the budget has run out (never forwarded)."""
-        call, event = self._started(component, endpoint, model, stream, 0, None, 0)
-        await self.logger.log_event(*event)
-        await self.logger.log_event(*self._refused(call, error))
-
-    def refuse_sync(
-        self, *, component: str, endpoint: str, model: str, stream: bool, error: str
-    ) -> None:
-        """:meth:`refuse` for a caller without an event loop (the native transport)."""
         call, event = self._started(component, endpoint, model, stream, 0, None, 0)
         self.logger.log_event_sync(*event)
         self.logger.log_event_sync(*self._refused(call, error))
@@ -568,8 +451,9 @@ class Meter:
             },
         )
 
-    def _price_sync(self, meta: dict[str, Any], usage: Usage | None) -> None:
-        """:meth:`_price` on this thread (it may wait once for the table's import)."""
+    def _price(self, meta: dict[str, Any], usage: Usage | None) -> None:
+        """Add the call's ``cost_usd`` to ``meta`` when its model is priced (it
+        may wait once for the price table's import)."""
         if usage is None:
             return
         model = meta.get("model")
@@ -580,21 +464,6 @@ class Meter:
             usage.cached_input_tokens,
         )
         meta.update(self.pricer.cost_meta(cost))
-
-    async def _price(self, meta: dict[str, Any], usage: Usage | None) -> bool:
-        """Add the call's ``cost_usd`` to ``meta`` when its model is priced; True when
-        the call was cancelled meanwhile (the caller records it, then raises)."""
-        if usage is None:
-            return False
-        model = meta.get("model")
-        cost, cancelled = await self.pricer.ameta(
-            model if isinstance(model, str) else None,
-            usage.input_tokens,
-            usage.output_tokens,
-            usage.cached_input_tokens,
-        )
-        meta.update(cost)
-        return cancelled
 
     def _meta(
         self, call: Call, usage: Usage | None, model: str | None, status: int | None

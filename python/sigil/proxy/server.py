@@ -10,7 +10,7 @@ without the GIL. This module is its policy, called back synchronously with the
 GIL held: :meth:`ProxyServer.admit` decides each call (parse, cap, budget:
 the pure decisions of sigil.proxy.policy), and a :class:`_Flight` records it
 (``done``, ``failed``, ``upstream_error``, and a stream's ``feed``/``stream_end``)
-through the :class:`Meter`'s ``*_sync`` methods.
+through the :class:`Meter`.
 
 What the client sees is what the upstream sent, byte for byte, except:
 
@@ -261,10 +261,6 @@ class ProxyServer:
         admission = _Admission(self, endpoint, body, component_header, plan, prompt, secrets)
         return admission()
 
-    async def _prompt_tokens(self, body: dict[str, Any]) -> int:
-        """:meth:`_count_prompt` (kept awaitable for its callers)."""
-        return self._count_prompt(body)
-
     def _count_prompt(self, body: dict[str, Any]) -> int:
         """The prompt's tokens to reserve: its UTF-8 length while that is small
         beside what is free of the budget, else its cl100k_base count; with the
@@ -339,7 +335,7 @@ class _Admission:
         try:
             granted = meter.try_admit(self.wanted, self.prompt, plan.least)
         except BudgetExhausted as exc:
-            meter.refuse_sync(
+            meter.refuse(
                 component=self.component, endpoint=endpoint_name, model=self.model,
                 stream=self.stream, error=str(exc),
             )  # fmt: skip
@@ -363,7 +359,7 @@ class _Admission:
             asked_usage = options.get("include_usage") is True
             options["include_usage"] = True
             body["stream_options"] = options
-        call = meter.start_sync(
+        call = meter.start(
             component=self.component, endpoint=endpoint_name, model=self.model,
             stream=self.stream, granted=granted, requested=requested, prompt=self.prompt,
             secrets=self.secrets,
@@ -402,7 +398,7 @@ class _Flight:
         """Record the call as failed by a bug of the proxy's (then re-raised)."""
         if not self.call.settled:
             text = f"proxy error: {type(exc).__name__}: {exc}"
-            self.server.meter.fail_sync(self.call, text, category="proxy")
+            self.server.meter.fail(self.call, text, category="proxy")
 
     def _guarded(self, work: Callable[[], Any]) -> Any:
         try:
@@ -424,11 +420,11 @@ class _Flight:
         if not isinstance(data, dict):
             snippet = raw[:120].decode("utf-8", "replace")
             text = f"upstream returned a body that is not a JSON object: {snippet!r}"
-            meter.fail_sync(call, text, category="upstream_invalid", status=502)
+            meter.fail(call, text, category="upstream_invalid", status=502)
             return openai_error(502, f"sigil proxy: {text}", "upstream_error", "bad_gateway")
         usage = usage_of(self.endpoint, data.get("usage"))
         model = data.get("model") if isinstance(data.get("model"), str) else None
-        meter.complete_sync(call, usage, model=model, status=status)
+        meter.complete(call, usage, model=model, status=status)
         return None
 
     def failed(self, kind: str, detail: str) -> Answer:
@@ -438,10 +434,10 @@ class _Flight:
     def _failed(self, kind: str, detail: str) -> Answer:
         server, meter, call = self.server, self.server.meter, self.call
         if kind == "timeout":
-            meter.fail_sync(call, server._timeout_text(), category="timeout", status=504)
+            meter.fail(call, server._timeout_text(), category="timeout", status=504)
             return server._timeout_error()
         if kind == "unreachable":
-            meter.fail_sync(
+            meter.fail(
                 call, server._unreachable_text(detail), category="upstream_unavailable",
                 status=502,
             )  # fmt: skip
@@ -449,10 +445,10 @@ class _Flight:
         if kind == "stopped":
             text = "the proxy stopped before the call ended"
             if not call.settled:
-                meter.fail_sync(call, text, category="proxy_stopped")
+                meter.fail(call, text, category="proxy_stopped")
             return openai_error(503, f"sigil proxy: {text}", "server_error", None)
         text = f"upstream response failed: {detail}"
-        meter.fail_sync(call, text, category="upstream_error", status=502)
+        meter.fail(call, text, category="upstream_error", status=502)
         return openai_error(502, f"sigil proxy: {text}", "upstream_error", "bad_gateway")
 
     def upstream_error(self, status: int, raw: bytes) -> None:
@@ -462,7 +458,7 @@ class _Flight:
         def record() -> None:
             detail = _error_detail(raw)
             text = f"upstream answered HTTP {status}" + (f": {detail}" if detail else "")
-            self.server.meter.fail_sync(self.call, text, category="upstream_error", status=status)
+            self.server.meter.fail(self.call, text, category="upstream_error", status=status)
 
         self._guarded(record)
 
@@ -523,7 +519,7 @@ class _Flight:
             else:
                 assert broke is not None
                 what, category = broke, "upstream_stream"
-            meter.fail_sync(
+            meter.fail(
                 call, what, category=category, status=status, usage=usage, model=follower.model
             )
             if outcome != "client":
@@ -531,14 +527,12 @@ class _Flight:
         elif follower.error is not None:
             # What arrived before the error was generated: counted as a broken stream is.
             usage = follower.usage or _estimate(self.body, follower)
-            meter.fail_sync(
+            meter.fail(
                 call, f"upstream error in stream: {follower.error}", category="upstream_error",
                 status=status, usage=usage, model=follower.model,
             )  # fmt: skip
         else:
-            meter.complete_sync(
-                call, follower.usage, model=follower.model, status=status, extra=extra
-            )
+            meter.complete(call, follower.usage, model=follower.model, status=status, extra=extra)
         return out
 
 

@@ -340,7 +340,7 @@ class MeteredSession:
             meta = notice.metadata() | {"reason": "spent by earlier runs"}
             await log.log_event(notice.event_type, ORCHESTRATOR, notice.message, 0, meta)
         elif self.meter is not None and self.meter.exhausted:
-            await self.meter.announce_held("held by earlier runs for calls of unknown usage")
+            self.meter.announce_held("held by earlier runs for calls of unknown usage")
 
     async def end(self, status: str, error: str | None) -> None:
         """The final event, then the log closed, the summaries written, the lock released."""
