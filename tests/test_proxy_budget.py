@@ -397,3 +397,21 @@ def test_a_prompt_is_reserved_at_its_length_while_the_budget_is_ample_else_count
     # Near it: the tokenizer's count, far below the length.
     counted = reserved(2_000)
     assert counted == get_tokenizer().count(text) + overhead < len(text) // 4
+
+
+def test_a_call_is_recorded_once_however_often_it_is_settled() -> None:
+    """A stream whose policy call raised is failed by the guard (usage unknown,
+    its reservation held), then ended again by the transport's stream end with
+    an estimate: the second record must log and count nothing (review of the
+    native transport: it logged a second step_error and counted the estimate on
+    top of the held reservation)."""
+    tracker, log, meter = _meter(1000)
+    transport = Transport(meter)
+    call = _started(transport, 300, 100)
+    meter.fail(call, "proxy error: feed raised", category="proxy")
+    events, used, held, failed = len(log.events), tracker.used, meter.held, meter.failed
+    assert held == 400
+    meter.fail(call, "upstream stream broke", category="upstream_stream", usage=Usage(100, 20))
+    meter.complete(call, Usage(100, 20))
+    assert (len(log.events), tracker.used, meter.held, meter.failed) == (events, used, held, failed)
+    assert [e[0] for e in log.events].count("step_error") == 1

@@ -321,7 +321,10 @@ class Meter:
         extra: dict[str, Any] | None = None,
     ) -> None:
         """Record a call that returned: its tokens, or unknown usage (its
-        reservation then stays held against the budget)."""
+        reservation then stays held against the budget). A call is recorded
+        once: a call already settled is left as it was recorded."""
+        if call.settled:
+            return
         try:
             meta = self._meta(call, usage, model, status) | (extra or {})
             self._price(meta, usage)
@@ -362,7 +365,10 @@ class Meter:
         Without ``usage``, a call that may have spent tokens (:func:`usage_unknown`)
         is logged with ``usage: "unknown"`` and keeps its reservation held, as a
         call answered without usage does; one known to have spent nothing says
-        ``usage: "none"``."""
+        ``usage: "none"``. A call is recorded once: one already settled (say,
+        failed by a policy error, then ended by its stream) is left as it was."""
+        if call.settled:
+            return
         self.failed += 1
         error, unknown = self._failure(call, error, category, status, usage)
         try:
