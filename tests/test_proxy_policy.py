@@ -411,3 +411,17 @@ def test_plan_output_counts_every_completion() -> None:
     for bad in ({"n": 0}, {"best_of": "2"}, {"n": 1 << 19}, {"max_tokens": -1}):
         with pytest.raises(Refusal):
             plan_output(COMPLETIONS, bad)
+
+
+def test_a_redirect_spent_nothing_and_holds_no_budget() -> None:
+    """The native transport does not follow redirects, so a 3xx from the
+    upstream is relayed as an error: like a 4xx it was answered before anything
+    was generated (review: it was "unknown" and held its reservation for the
+    rest of the run). A 5xx or a cut call stays unknown."""
+    from sigil.proxy.policy import usage_unknown
+
+    for status in (301, 302, 307, 308, 400, 401, 429):
+        assert not usage_unknown("upstream_error", status, False), status
+    for status in (500, 502, 503, None):
+        assert usage_unknown("upstream_error", status, False), status
+    assert not usage_unknown("upstream_error", 503, True)

@@ -212,9 +212,10 @@ def usage_unknown(category: str, status: int | None, counted: bool) -> bool:
 
     Known to have spent nothing: a call that never reached the upstream (down,
     refused by the proxy) and one the upstream refused with a 4xx answer (bad
-    request, bad key, rate limit: refused before generating). Unknown: a 5xx
+    request, bad key, rate limit: refused before generating) or redirected
+    (3xx, which the transport relays and does not follow). Unknown: a 5xx
     answer, a timeout, a body that is not JSON, a call cut by the proxy's stop
     or an error of its own, once forwarded."""
     if counted or category in _NEVER_REACHED:
         return False
-    return not (status is not None and 400 <= status < 500)
+    return not (status is not None and 300 <= status < 500)
