@@ -412,9 +412,9 @@ class MeteredSession:
         if counts is None:
             counts = (
                 meter.calls, meter.failed, meter.unknown,
-                tracker.used - self._tokens_before, tracker.used,
+                tracker.used - self._tokens_before, tracker.used, meter.held,
             )  # fmt: skip
-        calls, failed, unknown, run_tokens, used = counts
+        calls, failed, unknown, run_tokens, used, held = counts
         total = tracker.total
         pct = used / total * 100 if total else 0.0
         head = f"sigil: session {self.session_id} run {self.run}: {calls} calls"
@@ -429,12 +429,13 @@ class MeteredSession:
             f"{head} ({failed} failed, {unknown} with usage unknown), at least "
             f"{run_tokens:,} tokens this run, at least {used:,} of {total:,} "
             f"used by the session ({pct:.1f}%) plus unknown usage of {unknown} {noun} "
-            f"({meter.held:,} tokens of the budget held for them)"
+            f"({held:,} tokens of the budget held for them)"
         )
 
-    def _model_counts(self) -> tuple[int, int, int, int, int] | None:
-        """(calls, failed, usage unknown, tokens) of this run and the session's
-        tokens, from the session model at the run's end (None: not built)."""
+    def _model_counts(self) -> tuple[int, int, int, int, int, int] | None:
+        """(calls, failed, usage unknown, tokens) of this run, the session's
+        tokens, and the tokens this run holds for calls of unknown usage, from the
+        session model at the run's end (None: not built)."""
         history = getattr(self.orchestrator, "final_history", None)
         model = getattr(history, "model", None)
         if model is None:
@@ -442,11 +443,11 @@ class MeteredSession:
         run = next((r for r in model.runs if r.number == self.run), None)
         if run is None:
             return None
-        # The model counts them over the session: this run's are what it adds.
-        before = self._prep.history.model
-        unknown = model.unknown_usage_calls - (before.unknown_usage_calls if before else 0)
         calls = run.steps_completed + run.steps_failed
-        return calls, run.steps_failed, unknown, run.tokens, model.tokens
+        return (
+            calls, run.steps_failed, run.unknown_usage_calls, run.tokens, model.tokens,
+            run.tokens_held,
+        )  # fmt: skip
 
 
 def _safe_url(url: str) -> str:
