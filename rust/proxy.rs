@@ -513,7 +513,7 @@ async fn metered(
     shared: Arc<Shared>,
     req: Request<Incoming>,
     endpoint: usize,
-    reply: oneshot::Sender<Out>,
+    mut reply: oneshot::Sender<Out>,
 ) {
     let headers = match shared.authorize(req.headers()) {
         Ok(h) => h,
@@ -588,6 +588,10 @@ async fn metered(
                 pending = Some(retry);
                 tokio::select! {
                     _ = &mut notified => {}
+                    // The client left while waiting: nothing was admitted, so
+                    // nothing is forwarded or recorded (as a client that left
+                    // before its call was read).
+                    _ = reply.closed() => return,
                     _ = shared.aborted() => {
                         let _ = reply.send(openai_error(
                             503, "sigil proxy: the proxy stopped", "server_error", None,
@@ -602,15 +606,21 @@ async fn metered(
         shared: shared.clone(),
         call: flight,
     };
+    // Kept here (not moved into `forward`), so a call cut by the stop before
+    // it was answered still gets the policy's answer for it.
+    let mut reply = Some(reply);
     tokio::select! {
         biased;
-        done = forward(&flight, endpoint, headers, body, stream, reply) => {
+        done = forward(&flight, endpoint, headers, body, stream, &mut reply) => {
             if let Some((tx, rx, status)) = done {
                 relay(&flight, tx, rx, status).await;
             }
         }
         _ = shared.aborted() => {
-            flight.failed("stopped", String::new());
+            let out = flight.failed("stopped", String::new());
+            if let Some(reply) = reply.take() {
+                let _ = reply.send(out);
+            }
         }
     }
     shared.settled.notify_waiters();
@@ -634,7 +644,8 @@ impl Flight {
     }
 }
 
-/// Forward the call; answers the client through `reply`. A stream's response
+/// Forward the call; answers the client through `reply` (taken when
+/// answered). A stream's response
 /// is answered with a channel body: returns its sender and the upstream body.
 async fn forward(
     flight: &Flight,
@@ -642,12 +653,14 @@ async fn forward(
     mut headers: HeaderMap,
     body: Bytes,
     stream: bool,
-    reply: oneshot::Sender<Out>,
+    reply: &mut Option<oneshot::Sender<Out>>,
 ) -> Option<(mpsc::Sender<Bytes>, Incoming, u16)> {
     let shared = &flight.shared;
     let timeout = shared.settings.timeout;
-    let answer = |reply: oneshot::Sender<Out>, out: Out| {
-        let _ = reply.send(out);
+    let answer = |reply: &mut Option<oneshot::Sender<Out>>, out: Out| {
+        if let Some(reply) = reply.take() {
+            let _ = reply.send(out);
+        }
         None
     };
     let uri = match shared.uri(ENDPOINTS[endpoint]) {
@@ -693,7 +706,7 @@ async fn forward(
         let mut out = Response::new(ProxyBody::Stream(rx));
         *out.status_mut() = parts.status;
         *out.headers_mut() = headers;
-        let _ = reply.send(out);
+        answer(reply, out);
         return Some((tx, body, status));
     }
     let raw = match tokio::time::timeout_at(

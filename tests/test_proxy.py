@@ -8,6 +8,7 @@ session model (``sigil monitor --mode json --once``) and the log itself.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -826,3 +827,63 @@ def test_a_client_that_leaves_after_the_last_event_had_the_whole_stream(
     assert steps(events, "step_error") == []
     assert len(steps(events, "step_complete")) == 1
     assert proxy.monitor()["tokens_used"] == upstream.totals()
+
+
+def test_a_call_whose_client_left_while_it_waited_for_budget_is_never_forwarded(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    upstream.slow_seconds = 3.0
+    proxy = start_proxy("--budget", "1000", "--upstream", upstream.url)
+    msgs = [{"role": "user", "content": "x"}]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # Everything left is promised to a slow call in flight ...
+        first = pool.submit(
+            proxy.client(max_retries=0).chat.completions.create,
+            model="slow", messages=msgs, max_tokens=100_000,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not upstream.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(upstream.requests) == 1
+        # ... so a second call waits for it to settle; its client gives up first.
+        body = {"model": "m", "messages": msgs, "max_tokens": 10}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{proxy.url}/chat/completions", json=body, timeout=1.0)
+        first.result(timeout=60)
+    # Budget is free again: a call still waiting would be admitted and
+    # forwarded now; give it the time to show.
+    time.sleep(1.0)
+    code, _, err = proxy.stop()
+    assert code == 0, err
+    assert len(upstream.requests) == 1
+    events = proxy.events()
+    assert len(steps(events, "step_start")) == 1
+    assert len(steps(events, "step_complete")) == 1
+    assert not steps(events, "step_error")
+    assert proxy.monitor()["tokens_used"] == upstream.totals()
+
+
+def test_a_call_cut_by_the_stop_gets_the_stops_answer(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    upstream.slow_seconds = 15.0  # longer than the stop's grace period
+    proxy = start_proxy("--upstream", upstream.url)
+    body = {"model": "slow", "messages": [{"role": "user", "content": "x"}]}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(httpx.post, f"{proxy.url}/chat/completions", json=body, timeout=60)
+        deadline = time.monotonic() + 30
+        while not upstream.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(upstream.requests) == 1
+        code, _, err = proxy.stop()
+        answer = call.result(timeout=60)
+    assert code == 0, err
+    assert answer.status_code == 503, answer.text
+    error = answer.json()["error"]
+    assert error["message"] == "sigil proxy: the proxy stopped before the call ended"
+    assert error["type"] == "server_error"
+    # The policy's answer sets no x-should-retry: the SDK retries a 503 as it would.
+    assert "x-should-retry" not in answer.headers
+    events = proxy.events()
+    assert steps(events, "step_error")[-1]["metadata"]["category"] == "proxy_stopped"
+    assert events[-1]["metadata"]["calls_failed"] == 1
