@@ -536,7 +536,27 @@ async fn metered(
                 .filter_map(move |v| v.to_str().ok().map(|s| (*name, s.to_owned())))
         })
         .collect();
-    let raw = match read_bounded(req.into_body(), shared.settings.max_body, false).await {
+    // The body must arrive within the timeout: a client that stops sending
+    // would otherwise hold its call (a task and its buffer) indefinitely.
+    let read = tokio::time::timeout(
+        shared.settings.timeout,
+        read_bounded(req.into_body(), shared.settings.max_body, false),
+    )
+    .await;
+    let Ok(read) = read else {
+        let text = format!(
+            "sigil proxy: request body not received within {}s",
+            shared.settings.timeout.as_secs_f64()
+        );
+        let _ = reply.send(openai_error(
+            408,
+            &text,
+            "invalid_request_error",
+            Some("request_timeout"),
+        ));
+        return;
+    };
+    let raw = match read {
         Ok(raw) => raw,
         Err(ReadError::TooLarge) => {
             let text = format!(

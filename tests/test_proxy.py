@@ -887,3 +887,36 @@ def test_a_call_cut_by_the_stop_gets_the_stops_answer(
     events = proxy.events()
     assert steps(events, "step_error")[-1]["metadata"]["category"] == "proxy_stopped"
     assert events[-1]["metadata"]["calls_failed"] == 1
+
+
+def test_a_client_that_never_finishes_its_body_is_answered_408_in_the_timeout(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    """A client that sends headers and part of its body, then nothing, held its
+    call (a task and its buffer) for as long as it kept the connection open
+    (review of the native transport). The body must arrive within the timeout."""
+    import socket
+
+    proxy = start_proxy("--upstream", upstream.url, "--timeout", "1")
+    host, port = proxy.url.split("//")[1].split("/")[0].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b'{"model":'
+        )
+        started = time.monotonic()
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            answer += piece
+        waited = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"request body" in answer or waited < 30
+    assert waited < 10, waited
+    assert upstream.requests == []
+    # Nothing is recorded for a call never admitted, and the proxy goes on serving.
+    proxy.client().chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+    assert proxy.stop()[0] == 0
+    assert len(steps(proxy.events(), "step_start")) == 1
