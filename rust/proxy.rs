@@ -341,6 +341,52 @@ async fn until_true(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
 
+/// Whether `host` (a Host header, or an origin's host, with or without its
+/// port) names this machine's loopback: `localhost`, a `127.0.0.0/8` literal
+/// or `[::1]`. A name that only resolves to 127.0.0.1 (DNS rebinding) is not.
+fn loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((inner, port)) if port.is_empty() || port.starts_with(':') => inner,
+            _ => return false,
+        }
+    } else {
+        host.rsplit_once(':').map_or(host, |(name, _port)| name)
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Why a call looks sent by a web page of another site, if it does. Without a
+/// token the proxy forwards what reaches it with the proxy's own key, and a
+/// browser lets any page POST to 127.0.0.1 without a preflight (a `text/plain`
+/// body) and, by rebinding its own name to 127.0.0.1, read the answers. Such a
+/// call carries an `Origin` that is not a loopback origin, `Sec-Fetch-Site:
+/// cross-site`, or a `Host` that is not a loopback name; programs send none.
+fn from_another_site(headers: &HeaderMap) -> Option<&'static str> {
+    let text = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or("\u{fffd}"));
+    if let Some(host) = text("host") {
+        if !loopback_host(host) {
+            return Some("its Host is not a loopback name");
+        }
+    }
+    if let Some(origin) = text("origin") {
+        let host = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"));
+        if !host.is_some_and(|h| !h.contains('/') && loopback_host(h)) {
+            return Some("it comes from a web page of another origin");
+        }
+    }
+    if text("sec-fetch-site").is_some_and(|s| s.eq_ignore_ascii_case("cross-site")) {
+        return Some("it comes from a web page of another site");
+    }
+    None
+}
+
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
@@ -358,6 +404,19 @@ impl Shared {
             }
         }
         let mut auth = headers.contains_key(AUTHORIZATION);
+        if self.settings.token.is_none() {
+            if let Some(why) = from_another_site(headers) {
+                return Err(Box::new(openai_error(
+                    403,
+                    &format!(
+                        "sigil proxy: refused, {why}; without --token it serves only programs \
+                         on this machine"
+                    ),
+                    "invalid_request_error",
+                    Some("forbidden_origin"),
+                )));
+            }
+        }
         if let Some(token) = &self.settings.token {
             let given = headers.get("x-sigil-token");
             if given.is_some_and(|g| ct_eq(g.as_bytes(), token.as_bytes())) {
@@ -1106,6 +1165,54 @@ mod tests {
             route(&Method::POST, "/v1/audio/speech"),
             Route::NotFound
         ));
+    }
+
+    #[test]
+    fn loopback_names() {
+        for host in [
+            "localhost",
+            "LOCALHOST:8080",
+            "localhost.",
+            "127.0.0.1",
+            "127.0.0.1:4000",
+            "127.9.9.9",
+            "[::1]",
+            "[::1]:4000",
+        ] {
+            assert!(loopback_host(host), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:4000",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io",
+            "10.0.0.1",
+            "[::2]:1",
+            "[::1]x",
+            "",
+        ] {
+            assert!(!loopback_host(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn pages_of_other_sites_are_told_apart_from_programs() {
+        let of = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            from_another_site(&h)
+        };
+        assert_eq!(of(&[]), None);
+        assert_eq!(of(&[("host", "127.0.0.1:9")]), None);
+        assert_eq!(of(&[("origin", "http://localhost:3000")]), None);
+        assert_eq!(of(&[("sec-fetch-site", "same-site")]), None);
+        assert!(of(&[("host", "evil.example:9")]).is_some());
+        assert!(of(&[("origin", "https://evil.example")]).is_some());
+        assert!(of(&[("origin", "null")]).is_some());
+        assert!(of(&[("origin", "http://localhost:3000/x")]).is_some());
+        assert!(of(&[("sec-fetch-site", "cross-site")]).is_some());
     }
 
     #[test]

@@ -901,7 +901,7 @@ def test_a_client_that_never_finishes_its_body_is_answered_408_in_the_timeout(
     host, port = proxy.url.split("//")[1].split("/")[0].rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b'{"model":'
         )
         started = time.monotonic()
