@@ -25,7 +25,11 @@ pytestmark = pytest.mark.benchmark
 
 SIGIL = [sys.executable, "-m", "sigil"]
 SIZES = {"10k": 10_000, "1m": 1_000_000}
-_NAMES = ("routing", "memory", "reasoning", "validation")
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+if str(TESTS) not in sys.path:  # the sessions are the memory tests' (one generator)
+    sys.path.insert(0, str(TESTS))
+
+from replay_sessions import replay_lines  # noqa: E402
 
 _MAXRSS = (
     "import resource, subprocess, sys\n"
@@ -35,33 +39,12 @@ _MAXRSS = (
 
 
 def _write(path: Path, session: str, n: int) -> None:
-    """``n`` events, 10 ms apart, in runs of 1,000 (start, steps, complete)."""
+    """``n`` events, 10 ms apart, in runs of 1,000 (start, steps, complete),
+    the last run closed at the last event (tests/replay_sessions.py)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        lines: list[str] = []
-        for seq in range(n):
-            i = seq % 1000
-            sec, ms = divmod(seq * 10, 1000)
-            minute, sec = divmod(sec, 60)
-            hour, minute = divmod(minute, 60)
-            stamp = f"2026-01-11T{10 + hour:02d}:{minute:02d}:{sec:02d}.{ms:03d}000+00:00"
-            if i == 0:
-                kind, comp, tokens, meta = "session_start", "orchestrator", 0, '{"run": 1}'
-            elif i == 999 or seq == n - 1:
-                kind, comp, tokens = "session_complete", "orchestrator", 0
-                meta = '{"status": "complete"}'
-            else:
-                kind, comp, tokens = "step_complete", _NAMES[i % 4], 100 + i % 7
-                meta = '{"latency_ms": 900, "model": "gpt-4o-mini"}'
-            lines.append(
-                f'{{"timestamp": "{stamp}", "session_id": "{session}", "event_type": "{kind}", '
-                f'"component": "{comp}", "message": "{comp} {kind} {seq}", "tokens": {tokens}, '
-                f'"metadata": {meta}, "seq": {seq}}}\n'
-            )
-            if len(lines) == 10_000:
-                f.write("".join(lines))
-                lines.clear()
-        f.write("".join(lines))
+    with open(path, "wb") as f:
+        for first in range(0, n, 10_000):
+            f.write(replay_lines(session, first, min(10_000, n - first), last=n - 1))
 
 
 @pytest.fixture(scope="session")

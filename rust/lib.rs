@@ -307,6 +307,16 @@ impl PyFold {
         })
     }
 
+    /// An independent fold holding everything folded so far: a reader that
+    /// must fold one more line to learn what it does (which run a
+    /// `session_start` opens) keeps the fold from before it.
+    #[pyo3(name = "copy")]
+    fn py_copy(&self, py: Python<'_>) -> PyResult<PyFold> {
+        Ok(PyFold {
+            state: Mutex::new(self.copy(py)?),
+        })
+    }
+
     /// The totals as a dict (the pre-snapshot form; prefer `snapshot()`).
     fn summary<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let st = self.copy(py)?;

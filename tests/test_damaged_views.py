@@ -45,14 +45,15 @@ def _diff_side(home: Path) -> tuple[dict[str, Any], str]:
     return json.loads(proc.stdout)["a"], proc.stderr
 
 
-def test_a_truncated_archive_counts_its_readable_part_in_report_and_diff(
-    sigil_home: Path, log_path: Path
-) -> None:
+def _cut_archive(log_path: Path) -> tuple[Path, dict[str, Any]]:
+    """Session ``demo`` archived (the ledger first, as the archiver writes it),
+    its directory gone and the archive cut 300 bytes short; the archive and
+    the whole session's ledger."""
     directory = _demo(log_path)
     where = log_path / "archive" / "2026-11-20"
     where.mkdir(parents=True)
     archive = where / "demo.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:  # the ledger first, as the archiver writes it
+    with tarfile.open(archive, "w:gz") as tar:
         tar.add(directory / "tokens.json", arcname="demo/tokens.json")
         tar.add(directory / "execution.jsonl", arcname="demo/execution.jsonl")
     whole = json.loads((directory / "tokens.json").read_bytes())
@@ -60,6 +61,13 @@ def test_a_truncated_archive_counts_its_readable_part_in_report_and_diff(
         child.unlink()
     directory.rmdir()
     os.truncate(archive, archive.stat().st_size - 300)
+    return archive, whole
+
+
+def test_a_truncated_archive_counts_its_readable_part_in_report_and_diff(
+    sigil_home: Path, log_path: Path
+) -> None:
+    archive, whole = _cut_archive(log_path)
 
     row, damaged, stderr = _report_row(sigil_home)
     assert 0 < row["tokens"] <= whole["total_used"], (row, whole["total_used"])
@@ -127,17 +135,7 @@ def test_a_log_deleted_or_cut_under_its_ledger_reads_the_same_in_every_view(
 def test_a_truncated_archive_replays_its_readable_part_to_the_report_totals(
     sigil_home: Path, log_path: Path
 ) -> None:
-    directory = _demo(log_path)
-    where = log_path / "archive" / "2026-11-20"
-    where.mkdir(parents=True)
-    archive = where / "demo.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(directory / "tokens.json", arcname="demo/tokens.json")
-        tar.add(directory / "execution.jsonl", arcname="demo/execution.jsonl")
-    for child in directory.iterdir():
-        child.unlink()
-    directory.rmdir()
-    os.truncate(archive, archive.stat().st_size - 300)
+    _cut_archive(log_path)
     row, damaged, _ = _report_row(sigil_home)
     replay = run_cli(sigil_home, "replay", "demo", "--speed", "max", "--mode", "json")
     assert replay.returncode == 0, replay.stderr
@@ -145,3 +143,31 @@ def test_a_truncated_archive_replays_its_readable_part_to_the_report_totals(
     assert len(states) >= 2  # events were played before the final frame
     assert (states[-1]["tokens_used"], states[-1]["status"]) == (row["tokens"], "complete")
     assert damaged["error"] in replay.stderr and "readable part is replayed" in replay.stderr
+
+
+def test_a_truncated_archive_reads_the_same_in_every_view(sigil_home: Path, log_path: Path) -> None:
+    """``sessions`` reads a cut archive as report, diff and replay do: its
+    readable part (the native archive fold), joined with its ledger, and says
+    it is damaged with the same reason; never the ledger's whole total beside
+    the others' readable part."""
+    archive, whole = _cut_archive(log_path)
+    row, damaged, _ = _report_row(sigil_home)
+    assert row["tokens"] < whole["total_used"]  # the cut lost tokens the ledger counted
+
+    proc = run_cli(sigil_home, "sessions", "--json")
+    assert proc.returncode == 0, proc.stderr
+    listed = next(r for r in json.loads(proc.stdout) if r["session_id"] == "demo")
+    assert (listed["tokens_used"], listed["runs"], listed["archived"]) == (row["tokens"], 4, True)
+    side, _ = _diff_side(sigil_home)
+    assert listed["status"] == side["status"] == "complete"
+    assert listed["error"] == damaged["error"] and str(archive) in listed["error"]
+    assert damaged["error"] in proc.stderr and "readable part" in proc.stderr
+    assert sum(r["tokens_used"] for r in listed["run_details"]) == row["tokens"]
+
+    table = run_cli(sigil_home, "sessions", TZ="UTC")
+    assert table.returncode == 0, table.stderr
+    line = next(t for t in table.stdout.splitlines() if t.startswith("demo"))
+    assert f"{row['tokens']:,}" in line and "damaged" in line, line
+    replay = run_cli(sigil_home, "replay", "demo", "--speed", "max", "--mode", "json")
+    final = [json.loads(t) for t in replay.stdout.splitlines() if t.startswith("{")][-1]
+    assert side["tokens"] == final["tokens_used"] == listed["tokens_used"]

@@ -415,14 +415,21 @@ def test_a_plain_dashboard_command_line_draws_its_first_frame_without_click(
         term.close()
 
 
+#: ``python -c _ENTRY WHICH REPORT ARGS...``: the command line ARGS run by the
+#: entry point (WHICH ``main``) or by the click command (``click``), as the entry
+#: point ran every command line before; unless REPORT is ``-``, whether click
+#: was imported is written there at exit.
 _ENTRY = """
-import sys
+import atexit, sys
 which = sys.argv.pop(1)
+report = sys.argv.pop(1)
 sys.argv = ["sigil", *sys.argv[1:]]
+if report != "-":
+    atexit.register(lambda: open(report, "w").write(str("click" in sys.modules)))
 if which == "main":
     from sigil.interfaces.cli.main import main
     main()
-else:  # the click command, as the entry point ran every command line before
+else:
     from sigil.interfaces.cli.group import run
     run()
 """
@@ -473,7 +480,7 @@ def test_the_command_line_on_a_terminal_reads_as_the_click_command_does(
         args = [*args, *words] if "log-path" not in case else ["monitor", "-s", "s1", *words]
     seen = []
     for which in ("main", "click"):
-        term = Terminal([sys.executable, "-c", _ENTRY, which, *args], env, 100, 40)
+        term = Terminal([sys.executable, "-c", _ENTRY, which, "-", *args], env, 100, 40)
         try:
             code = term.wait(30)
             seen.append((code, bytes(term.raw)))
@@ -483,21 +490,6 @@ def test_the_command_line_on_a_terminal_reads_as_the_click_command_does(
     assert seen[0][0] in (0, 2), seen[0]
     if case not in ("--help", "-h"):
         assert seen[0][1].decode().startswith("Error: "), seen[0]
-
-
-_JSON_ONCE = """
-import atexit, sys
-which = sys.argv.pop(1)
-report = sys.argv.pop(1)
-sys.argv = ["sigil", *sys.argv[1:]]
-atexit.register(lambda: open(report, "w").write(str("click" in sys.modules)))
-if which == "main":
-    from sigil.interfaces.cli.main import main
-    main()
-else:  # the click command, as the entry point ran every command line before
-    from sigil.interfaces.cli.group import run
-    run()
-"""
 
 
 @pytest.mark.timeout(120)
@@ -528,7 +520,7 @@ def test_json_once_runs_without_click_and_writes_what_the_click_command_writes(
     results = {}
     for which in ("main", "click"):
         report = tmp_path / f"{which}.click"
-        argv = [sys.executable, "-c", _JSON_ONCE, which, str(report), "monitor",
+        argv = [sys.executable, "-c", _ENTRY, which, str(report), "monitor",
                 "--log-path", str(logs), *words]  # fmt: skip
         proc = subprocess.run(argv, env=env, capture_output=True, timeout=60, check=False)
         results[which] = (proc.returncode, proc.stdout, proc.stderr, report.read_text())

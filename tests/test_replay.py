@@ -285,6 +285,61 @@ def test_run_n_plays_that_run_after_folding_the_ones_before(
     assert "This run:  806" in second.stdout
 
 
+class _CountingFold:
+    """The native ``Fold``, counting the lines fed into every instance
+    (copies included): how often the replay folds each event."""
+
+    fed: list[int] = []  # one counter shared by every instance
+
+    def __init__(self, last_n: int = 100, inner: Any = None) -> None:
+        from sigil import _native
+
+        self._inner = _native.Fold(last_n) if inner is None else inner
+
+    def feed_bytes(self, data: bytes, base_offset: int = 0) -> int:
+        _CountingFold.fed.append(data.count(b"\n"))
+        return int(self._inner.feed_bytes(data, base_offset))
+
+    def copy(self) -> _CountingFold:
+        return _CountingFold(inner=self._inner.copy())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+@pytest.mark.parametrize("speed", ["max", "1000x"])
+def test_run_n_folds_each_event_once(
+    sigil_home: Path, log_path: Path, monkeypatch: pytest.MonkeyPatch, speed: str
+) -> None:
+    """``--run 3`` of 4 runs: the runs before it are folded once (the search
+    for run 3's start is that fold, handed to the player), run 3 is played,
+    run 4 is never folded; the numbers are those of the whole session up to
+    run 3's end, as before."""
+    from click.testing import CliRunner
+
+    import sigil.telemetry.archived as archived
+    from sigil.interfaces.cli.commands.replay import replay
+
+    directory = write_session(log_path, "rp-once", runs=4, steps=4)
+    log = (directory / "execution.jsonl").read_bytes().splitlines()
+    starts = [i for i, line in enumerate(log) if b'"session_start"' in line]
+    assert len(starts) == 4
+    monkeypatch.setattr(archived, "Fold", _CountingFold)
+    _CountingFold.fed = []
+    result = CliRunner().invoke(
+        replay,
+        ["rp-once", "--run", "3", "--speed", speed, "--mode", "json", "--no-keys"],
+        env={"SIGIL_HOME": str(sigil_home), "TZ": "UTC"},
+    )
+    assert result.exit_code == 0, result.output
+    final = [json.loads(t) for t in result.output.splitlines() if t.startswith("{")][-1]
+    assert final["run"]["number"] == 3
+    assert final["tokens_used"] == 406 + 806 + 1206
+    # Every line up to run 4's session_start once; run 3's session_start once
+    # more, into the copy that told which run it opens.
+    assert sum(_CountingFold.fed) == starts[3] + 1, _CountingFold.fed
+
+
 GOLDEN = Path(__file__).parent / "golden"
 
 

@@ -21,38 +21,12 @@ from pathlib import Path
 import pytest
 
 from conftest import SIGIL, cli_env
+from replay_sessions import replay_lines as _lines
 
 pytestmark = [pytest.mark.timeout(300)]
 
-_NAMES = ("routing", "memory", "reasoning", "validation")
 #: The longest a replay of 4x the events may grow past the 1x one's peak.
 _SLACK_KIB = 16 << 10
-
-
-def _lines(session: str, first: int, count: int) -> bytes:
-    """``count`` events from seq ``first`` (a run of 1,000 each), 10 ms apart."""
-    out: list[str] = []
-    for seq in range(first, first + count):
-        i = seq % 1000
-        sec, ms = divmod(seq * 10, 1000)
-        minute, sec = divmod(sec, 60)
-        hour, minute = divmod(minute, 60)
-        stamp = f"2026-01-11T{10 + hour:02d}:{minute:02d}:{sec:02d}.{ms:03d}000+00:00"
-        if i == 0:
-            kind, comp, tokens = "session_start", "orchestrator", 0
-            meta = f'{{"run": {seq // 1000 + 1}}}'
-        elif i == 999:
-            kind, comp, tokens = "session_complete", "orchestrator", 0
-            meta = '{"status": "complete"}'
-        else:
-            kind, comp, tokens = "step_complete", _NAMES[i % 4], 100 + i % 7
-            meta = '{"latency_ms": 900, "model": "gpt-4o-mini"}'
-        out.append(
-            f'{{"timestamp": "{stamp}", "session_id": "{session}", "event_type": "{kind}", '
-            f'"component": "{comp}", "message": "{comp} {kind} {seq}", "tokens": {tokens}, '
-            f'"metadata": {meta}, "seq": {seq}}}\n'
-        )
-    return "".join(out).encode()
 
 
 def _session(log_path: Path, session: str, events: int) -> Path:

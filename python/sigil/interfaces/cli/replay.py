@@ -59,6 +59,8 @@ __all__ = [
 
 #: The longest pause between two events on screen, in seconds, whatever their gap.
 DEFAULT_MAX_GAP = 2.0
+#: The recent events the replay's session model keeps (the monitor's list).
+DEFAULT_LAST_N = 100
 #: Keys that advance one event (pausing first when playing).
 STEP_KEYS = frozenset({"n", "."})
 #: An archived log member larger than this is not read (as ``reports.sources``).
@@ -655,17 +657,21 @@ class Timeline:
         """Every line at once (for a test: the replay itself streams them)."""
         return list(self.stream())
 
-    def run_range(self, number: int) -> tuple[int, int]:
+    def run_range(self, number: int, last_n: int = DEFAULT_LAST_N) -> tuple[int, int, Fold]:
         """The lines of run ``number`` (as the model numbers runs): from its
-        ``session_start`` up to the next one. Raises :class:`ReplayError`.
+        ``session_start`` up to the next one, and the session model of the
+        lines before it (a ``Fold(last_n)``: the player goes on from it, so
+        those lines are folded once). Raises :class:`ReplayError`.
 
         One read of the log, a block at a time: only a block that holds a
         ``session_start`` is parsed (natively), and the fold is fed up to each
-        one to learn which run it opened."""
+        one; a copy of it folds the ``session_start`` to learn which run it
+        opened (the fold before it is the history when it is run ``number``)."""
         from sigil.telemetry.archived import Fold
         from sigil.telemetry.log_parser import parse_bytes
 
-        fold = Fold(0)
+        fold = Fold(last_n)
+        history = fold
         numbers: list[int] = []
         start: int | None = None
         index = 0  # the line number of the block's first line
@@ -679,21 +685,25 @@ class Timeline:
             for at in opens:
                 line += block.count(b"\n", pos, at)
                 if start is not None:
-                    return start, line
-                # The model says which run a session_start opened: fold up to it.
+                    return start, line, history
+                if at > pos:
+                    fold.feed_bytes(block[pos:at], offset + pos)
+                # The model says which run a session_start opens: a copy folds it.
                 nl = block.find(b"\n", at)
                 end = len(block) if nl < 0 else nl + 1
-                fold.feed_bytes(block[pos:end], offset + pos)
-                got = fold.snapshot().run.number
+                opened = fold.copy()
+                opened.feed_bytes(block[at:end], offset + at)
+                got = opened.snapshot().run.number
                 numbers.append(got)
                 if got == number:
-                    start = line
+                    start, history = line, fold
+                fold = opened
                 pos, line = end, line + 1
             if start is None and pos < len(block):
                 fold.feed_bytes(block[pos:], offset + pos)
             index += run.count
         if start is not None:
-            return start, index
+            return start, index, history
         known = ", ".join(str(n) for n in numbers) or "none"
         raise ReplayError(f"session {self.session_id!r} has no run {number} (its runs: {known})")
 
@@ -730,7 +740,9 @@ def _outcome(state: SessionState) -> str:
 
 class Player:
     """Plays a :class:`Timeline` (lines ``first`` to ``stop``; those before
-    ``first`` are folded at once) through a renderer, reading keys when given."""
+    ``first`` are folded at once, or are ``history``: the fold of exactly
+    them, e.g. from :meth:`Timeline.run_range`) through a renderer, reading
+    keys when given."""
 
     def __init__(
         self,
@@ -743,13 +755,14 @@ class Player:
         stop: int | None = None,
         refresh_rate: float = 0.05,
         default_budget: int = 256_000,
-        last_n: int = 100,
+        last_n: int = DEFAULT_LAST_N,
         keys: TerminalKeys | None = None,
         label: str = "",
         start_paused: bool = False,
         clock: Callable[[], float] = time.monotonic,
         ledger: Ledger | None = None,
         final: SessionSnapshot | None = None,
+        history: Fold | None = None,
     ) -> None:
         from sigil.interfaces.cli.display import DashboardRenderer
         from sigil.interfaces.cli.monitor import SessionState
@@ -780,7 +793,7 @@ class Player:
         self.ledger_only_runs = 0
         from sigil.telemetry.archived import Fold
 
-        self.fold = Fold(last_n)
+        self.fold = Fold(last_n) if history is None else history
         #: ``--speed max``: runs of lines are folded as read (cut where a step
         #: ends), with no line's moment (the clock is the latest event's the fold saw)
         self._fast = speed is None
@@ -792,7 +805,7 @@ class Player:
         self._file = 0
         #: the time of the latest event folded
         self._last_at: float | None = None
-        self._fold_history(first)
+        self._fold_history(first, folded=history is not None)
         self.state: SessionState = SessionState(
             timeline.session_id,
             default_budget=default_budget,
@@ -909,13 +922,15 @@ class Player:
         if moment is not None:
             self._last_at = moment.timestamp()
 
-    def _fold_history(self, first: int) -> None:
-        """Fold the lines before ``first`` at once, a batch at a time."""
+    def _fold_history(self, first: int, *, folded: bool = False) -> None:
+        """Fold the lines before ``first`` at once, a batch at a time; when the
+        fold holds them already (``folded``), only pass them."""
         while self.cursor < first:
             taken = self._take(min(first, self.cursor + _BATCH))
             if not taken:
                 break
-            feed_lines(self.fold, taken)
+            if not folded:
+                feed_lines(self.fold, taken)
 
     def _advance(self, upto: int) -> None:
         """Fold the lines before ``upto`` not folded yet; show the new snapshot."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -65,23 +66,25 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
             f"{shown(step['component_b'] or '-')} (output {_short(step['output_sha256_a'])} -> "
             f"{_short(step['output_sha256_b'])})"
         )
-    for side, found in loops.items():
-        for loop in found:
-            click.echo(
-                f"loop in {side.upper()} run {loop['run']}: {shown(loop['component'])} started"
-                f" {loop['starts']} times with input {_short(loop['input_sha256'])}"
-                f" (seq {', '.join(map(str, loop['seqs']))})"
-            )
-    for side, found in storms.items():
-        for storm in found:
-            click.echo(
-                f"retry storm in {side.upper()} run {storm['run']}: {shown(storm['component'])}"
-                f" retried"
-                f" {storm['retries']} times (seq {', '.join(map(str, storm['seqs']))})"
-            )
-    for side, found in exhausted.items():
-        for run in found:
-            click.echo(f"budget exhausted in {side.upper()} run {run['run']}: {budget_text(run)}")
+    _echo_each(
+        loops,
+        lambda side, loop: (
+            f"loop in {side} run {loop['run']}: {shown(loop['component'])} started"
+            f" {loop['starts']} times with input {_short(loop['input_sha256'])}"
+            f" (seq {_seqs(loop)})"
+        ),
+    )
+    _echo_each(
+        storms,
+        lambda side, storm: (
+            f"retry storm in {side} run {storm['run']}:"
+            f" {shown(storm['component'])} retried {storm['retries']} times (seq {_seqs(storm)})"
+        ),
+    )
+    _echo_each(
+        exhausted,
+        lambda side, run: f"budget exhausted in {side} run {run['run']}: {budget_text(run)}",
+    )
     for side, other in (("a", "b"), ("b", "a")):
         for jump in jumps[side]:
             value, baseline = jump["tokens_per_call"], jump["history_p99"]
@@ -90,6 +93,20 @@ def diff(a: str, b: str, as_json: bool, log_path: str | None) -> None:
                 f"token jump in {side.upper()}: {shown(jump['component'])} {value:,.1f} tokens per"
                 f" call, {times} {other.upper()}'s {baseline:,.1f}{calls_text(jump)}"
             )
+
+
+def _echo_each(
+    found: dict[str, list[dict[str, Any]]], line: Callable[[str, dict[str, Any]], str]
+) -> None:
+    """One line per finding of each side (``a`` then ``b``): ``line`` of the
+    side's letter (``A``, ``B``) and the finding."""
+    for side, items in found.items():
+        for item in items:
+            click.echo(line(side.upper(), item))
+
+
+def _seqs(found: dict[str, Any]) -> str:
+    return ", ".join(map(str, found["seqs"]))
 
 
 def _short(digest: str | None) -> str:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from sigil.core.config import Settings
     from sigil.interfaces.cli.replay import Timeline
+    from sigil.telemetry.archived import Fold
     from sigil.telemetry.log_parser import Ledger, SessionSnapshot
 
 _EPILOG = """\b
@@ -155,6 +156,7 @@ def replay(
         timeline = Timeline.of(source, empty_ok=ledger is not None and ledger.present)
         first, stop = 0, timeline.count
         final: SessionSnapshot | None = None
+        history: Fold | None = None
         if timeline.problem is not None:
             # An archive that breaks: its readable part is played, ending on
             # the native model of it and with its reason, as report and diff
@@ -168,7 +170,8 @@ def replay(
                 err=True,
             )
         if run_number is not None:
-            first, stop = timeline.run_range(run_number)
+            # The runs before it are folded once: the search's fold goes on playing.
+            first, stop, history = timeline.run_range(run_number)
     except ReplayError as exc:
         if run_number is not None and "has no run" in str(exc):
             raise UsageFailure(str(exc)) from None
@@ -190,6 +193,7 @@ def replay(
             paused,
             ledger,
             final if run_number is None else None,
+            history,
         )
         sys.stdout.flush()
     except ReplayError as exc:
@@ -269,6 +273,7 @@ def _play(
     paused: bool,
     ledger: Ledger | None = None,
     final: SessionSnapshot | None = None,
+    history: Fold | None = None,
 ) -> int:
     from sigil.interfaces.cli.display import DashboardRenderer, DisplayOptions, make_renderer
     from sigil.interfaces.cli.keys import TerminalKeys
@@ -299,6 +304,7 @@ def _play(
         start_paused=paused and keys is not None,
         ledger=ledger,
         final=final,
+        history=history,
     )
     try:
         code = player.run()

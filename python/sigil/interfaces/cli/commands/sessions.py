@@ -10,8 +10,15 @@ rotated or deleted by an external tool) count while a new run is live too. All
 sessions are read by one native call, with no tailer and so no inotify watcher
 (issue 10 item 8).
 STARTED is the first run's start; DURATION the wall time from there to the last
-event, or to now while the session is live. Archived sessions are listed from
-the summaries at the front of their tar.gz (see :mod:`sigil.telemetry.log_rotation`).
+event, or to now while the session is live. An archived session is the native
+model of its archive (``rust/archive.rs``: its log members folded from the gzip
+stream and joined with its ledger), as ``sigil report``, ``diff`` and ``replay``
+read it: an archive cut short counts its readable part, is marked ``damaged``
+and says why on stderr, never its ledger's whole total beside the other views'
+readable part. Reading every archive costs one inflate of each (measured in
+benches/bench_sessions.py: the archives are folded across a small thread pool
+with the GIL released); only an archive with no log at all is listed from the
+summaries at its front (see :mod:`sigil.telemetry.log_rotation`).
 """
 
 from __future__ import annotations
@@ -22,11 +29,14 @@ import stat
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from sigil.interfaces.cli.errors import UsageFailure
+
+if TYPE_CHECKING:
+    from sigil.telemetry.log_parser import HistorySnapshot, SessionSnapshot
 
 
 @dataclass(slots=True)
@@ -44,9 +54,12 @@ class SessionRow:
     #: the session model's runs, oldest first: run, status, started_at, ended_at,
     #: tokens_used
     run_details: list[dict[str, Any]] = field(default_factory=list)
-    #: why the session's log cannot be read (status ``unreadable``), one line
-    #: naming the file
+    #: why the session's log cannot be read, one line naming the file: status
+    #: ``unreadable`` when nothing of it can be; an archive that breaks after
+    #: some of it was read (``damaged``) has its readable part counted
     error: str | None = None
+    #: the numbers are those of the readable part of a damaged archive
+    damaged: bool = False
     #: US dollars of the priced model calls (None: nothing priced), and the
     #: tokens of models without a price
     cost_usd: float | None = None
@@ -95,7 +108,14 @@ def sessions(ctx: click.Context, log_path: str | None, as_json: bool, watch: boo
 
     rows = list_sessions(Path(settings.logging.path))
     for row in rows:
-        if row.error is not None:
+        if row.damaged and row.error is not None:
+            click.echo(
+                f"sigil: warning: session {row.session_id} is unreadable in part:"
+                f" {shown(row.error)} (its readable part is counted, as report and diff"
+                " count it)",
+                err=True,
+            )
+        elif row.error is not None:
             click.echo(
                 f"sigil: warning: session {row.session_id} is unreadable: {shown(row.error)}",
                 err=True,
@@ -155,8 +175,8 @@ def list_sessions(log_path: Path) -> list[SessionRow]:
     if os.path.isdir(log_path / "archive"):
         from sigil.telemetry.log_rotation import archived_sessions
 
-        for archives in archived_sessions(log_path).values():
-            rows.extend(_archived_row(archive) for archive in archives)
+        archives = [a for found in archived_sessions(log_path).values() for a in found]
+        rows.extend(_archived_rows(archives))
     # One parse per distinct start (a thousand fromisoformat calls showed).
     keys: dict[str | None, float] = {}
     for row in rows:
@@ -226,10 +246,37 @@ def _scandir(directory: str) -> list[os.DirEntry[str]]:
         return []
 
 
-def _archived_row(archive: Path) -> SessionRow:
-    from sigil.telemetry.log_rotation import read_archived_summaries
+#: archives folded at once (each fold releases the GIL: inflate and parse)
+_ARCHIVE_THREADS = 4
 
-    summaries = read_archived_summaries(archive)
+
+def _archived_rows(archives: list[Path]) -> list[SessionRow]:
+    """Each archive's row from the native model of the archive, as report,
+    diff and replay read it (contract 12), the archives folded across a small
+    thread pool."""
+    if not archives:
+        return []
+    try:
+        from sigil.reports.sources import archive_read
+    except ImportError:  # the native core is not built: the summaries only
+        return [_archived_row(archive, None, None) for archive in archives]
+    threads = min(_ARCHIVE_THREADS, len(archives), os.cpu_count() or 1)
+    if threads <= 1:
+        folds = [archive_read(archive) for archive in archives]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            folds = list(pool.map(archive_read, archives))
+    return [
+        _archived_row(archive, snapshot, problem)
+        for archive, (snapshot, problem) in zip(archives, folds, strict=True)
+    ]
+
+
+def _archived_row(
+    archive: Path, snapshot: SessionSnapshot | None, problem: str | None
+) -> SessionRow:
     row = SessionRow(
         session_id=archive.name.split(".", 1)[0],
         status="unknown",
@@ -242,6 +289,18 @@ def _archived_row(archive: Path) -> SessionRow:
         archived=True,
         path=str(archive),
     )
+    if snapshot is not None and (snapshot.lines or snapshot.run_count):
+        _apply_history(row, snapshot, snapshot, live=False)
+        row.error, row.damaged = problem, problem is not None
+        return row
+    if problem is not None:
+        # Nothing of its log or ledger can be read.
+        row.status, row.error = "unreadable", problem
+        return row
+    # No log in it: the summaries at its front (an archive from before the ledger).
+    from sigil.telemetry.log_rotation import read_archived_summaries
+
+    summaries = read_archived_summaries(archive)
     tokens = _loads(summaries.get("tokens.json"))
     metrics = _loads(summaries.get("metrics.json"))
     if tokens is not None and _is_ledger(tokens):
@@ -321,8 +380,7 @@ def _apply_models(sessions: list[_Live]) -> None:
     if not sessions:
         return
     try:
-        from sigil.telemetry.log_parser import history_many, run_status
-        from sigil.telemetry.pricing import usd
+        from sigil.telemetry.log_parser import history_many
     except ImportError:  # the native core is not built: nothing to read the logs with
         return
     histories = history_many([session.row.path for session in sessions])
@@ -339,46 +397,62 @@ def _apply_models(sessions: list[_Live]) -> None:
                 metrics = _read_json(os.path.join(row.path, "metrics.json")) or {}
                 _apply_summaries(row, summary, metrics)
                 continue
-        snap = history.snapshot
-        runs = history.runs
-        row.tokens_used = history.tokens
-        row.cost_usd = usd(history.cost_nanousd) if history.priced_events else None
-        row.unpriced_tokens = history.unpriced_tokens
-        row.unknown_usage_calls = history.unknown_usage_calls
-        row.loops = [loop.to_dict() for r in runs for loop in r.loops]
-        row.runs = history.run_count
-        if runs:
-            row.status, row.budget = runs[-1].status, runs[-1].budget
-        elif snap is not None:
-            row.status, row.budget = snap.status, snap.budget
-        else:
-            row.status = "waiting"
-        # A run without a final event whose writer is gone (the lock is free, or
-        # a later run started) is incomplete, as the monitor shows it.
-        last = len(runs) - 1
-        row.run_details = [
-            {
-                "run": r.number,
-                "status": run_status(r, writer_gone=not live or i < last),
-                "started_at": r.started_at,
-                "ended_at": r.ended_at,
-                "tokens_used": r.tokens,
-                "cost_usd": usd(r.cost_nanousd) if r.priced_events else None,
-            }
-            for i, r in enumerate(runs)
-        ]
-        first = next((r.started_at for r in runs if r.started_at), None)
-        if first is None and snap is not None:
-            first = snap.first_timestamp
-        # A live session's duration runs to now, not to its latest event.
-        end: str | None
-        if live:
-            end = now
-        else:
-            end = snap.last_timestamp if snap is not None else None
-            if end is None and runs:
-                end = runs[-1].ended_at or runs[-1].last_at
-        _set_span(row, first, end)
+        _apply_history(row, history, history.snapshot, live=live, now=now)
+
+
+def _apply_history(
+    row: SessionRow,
+    history: HistorySnapshot | SessionSnapshot,
+    snap: SessionSnapshot | None,
+    *,
+    live: bool,
+    now: str | None = None,
+) -> None:
+    """A row's numbers from the session model: a live session's history (its
+    ledger joined with its log's fold), or an archive's snapshot (the archive's
+    fold joined with its ledger). ``snap`` is the fold's own snapshot."""
+    from sigil.telemetry.log_parser import run_status
+    from sigil.telemetry.pricing import usd
+
+    runs = history.runs
+    row.tokens_used = history.tokens
+    row.cost_usd = usd(history.cost_nanousd) if history.priced_events else None
+    row.unpriced_tokens = history.unpriced_tokens
+    row.unknown_usage_calls = history.unknown_usage_calls
+    row.loops = [loop.to_dict() for r in runs for loop in r.loops]
+    row.runs = history.run_count
+    if runs:
+        row.status, row.budget = runs[-1].status, runs[-1].budget
+    elif snap is not None:
+        row.status, row.budget = snap.status, snap.budget
+    else:
+        row.status = "waiting"
+    # A run without a final event whose writer is gone (the lock is free, or
+    # a later run started) is incomplete, as the monitor shows it.
+    last = len(runs) - 1
+    row.run_details = [
+        {
+            "run": r.number,
+            "status": run_status(r, writer_gone=not live or i < last),
+            "started_at": r.started_at,
+            "ended_at": r.ended_at,
+            "tokens_used": r.tokens,
+            "cost_usd": usd(r.cost_nanousd) if r.priced_events else None,
+        }
+        for i, r in enumerate(runs)
+    ]
+    first = next((r.started_at for r in runs if r.started_at), None)
+    if first is None and snap is not None:
+        first = snap.first_timestamp
+    # A live session's duration runs to now, not to its latest event.
+    end: str | None
+    if live:
+        end = now
+    else:
+        end = snap.last_timestamp if snap is not None else None
+        if end is None and runs:
+            end = runs[-1].ended_at or runs[-1].last_at
+    _set_span(row, first, end)
 
 
 def _set_span(row: SessionRow, first: str | None, last: str | None) -> None:
@@ -423,7 +497,7 @@ def _cells(row: SessionRow) -> tuple[str, ...]:
     archived = Path(row.path).parent.name if row.archived else "-"
     return (
         row.session_id,
-        row.status + ("+loop" if row.loops else ""),
+        row.status + ("+loop" if row.loops else "") + ("+damaged" if row.damaged else ""),
         shown_start,
         format_duration(row.duration_seconds),
         tokens,
