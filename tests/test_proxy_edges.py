@@ -100,3 +100,54 @@ def test_the_tokenizer_is_built_before_the_first_call_is_admitted(
     assert serving(server, call) == 200
     assert seen == [True], "the tokenizer was not built when the first call was admitted"
     assert len(fresh_tokenizer) == 1 and fresh_tokenizer[0] != "sigil-proxy", fresh_tokenizer
+
+
+def test_head_of_models_is_answered_as_get_without_a_body(
+    upstream: Upstream, start_proxy: Callable[..., test_proxy.Proxy]
+) -> None:
+    """``HEAD /v1/models`` answered 404 while GET worked (review). HEAD is GET
+    without the content (RFC 9110, 9.3.2): the OpenAI API answers it so, and
+    the clients and health checks that probe a base URL with HEAD expect what
+    GET would say, not 405. It is forwarded as a GET (an upstream need not know
+    HEAD) and answered with GET's status and headers, no body."""
+    proxy = start_proxy("--upstream", upstream.url)
+    got = httpx.get(f"{proxy.url}/models")
+    assert got.status_code == 200 and got.json()["data"]
+    for path in ("/models", "/models/m"):
+        head = httpx.head(f"{proxy.url}{path}")
+        want = httpx.get(f"{proxy.url}{path}")
+        assert head.status_code == want.status_code, (path, head.status_code, head.text)
+        assert head.content == b""
+        assert head.headers["content-type"] == want.headers["content-type"]
+        # The length GET's body would have, as RFC 9110 allows.
+        assert head.headers.get("content-length") in (None, str(len(want.content)))
+    # Anything else is still not forwarded, whatever the method.
+    assert httpx.head(f"{proxy.url}/files").status_code == 404
+    assert httpx.head(f"{proxy.url}/chat/completions").status_code == 404
+    assert proxy.stop()[0] == 0
+    assert not test_proxy.steps(proxy.events(), "step_start")
+
+
+def test_the_endpoint_and_key_header_tables_are_the_transports() -> None:
+    """The metered endpoints and the key headers were listed in three places
+    (rust/proxy.rs, proxy_transport.py, server.py) that had to agree by hand
+    (review). The transport's tables are the one source; Python reads them."""
+    from sigil import _native
+    from sigil.proxy import server
+    from sigil.proxy.policy import secrets_of
+    from sigil.telemetry import proxy_transport
+
+    paths = _native.PROXY_ENDPOINT_PATHS
+    assert paths == ("/chat/completions", "/completions", "/responses", "/embeddings")
+    assert paths == proxy_transport.ENDPOINT_PATHS
+    # The policy's endpoint for each index the transport gives is the same route.
+    assert tuple(e.path for e in server._ENDPOINTS) == paths
+    keys = _native.PROXY_KEY_HEADERS
+    assert keys == proxy_transport.KEY_HEADERS
+    assert "authorization" in keys and all(k == k.lower() for k in keys)
+    # Every header the transport hands the policy as a key is cut out of its logs.
+    for name in keys:
+        assert secrets_of([(name, "Bearer sk-secret-value")]) == (
+            "Bearer sk-secret-value",
+            "sk-secret-value",
+        ), name

@@ -76,8 +76,23 @@ __all__ = ["ProxyConfig", "ProxyServer", "UpstreamLoop"]
 _MAX_EVENT_BYTES = 16 << 20
 _COMPONENT = re.compile(r"^[\w.:/@+-]{1,128}$")
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def _by_transport_index() -> tuple[Endpoint, ...]:
+    """The policy of each metered endpoint, in the order of the transport's table
+    (its index is what ``admit`` is given): the transport's table is the one
+    list of routes; a route it has and the policy lacks fails here, at import."""
+    from sigil.telemetry.proxy_transport import ENDPOINT_PATHS
+
+    policies = {e.path: e for e in (CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS)}
+    missing = [p for p in ENDPOINT_PATHS if p not in policies]
+    if missing:  # pragma: no cover - a native module out of step with this one
+        raise ImportError(f"sigil.proxy has no policy for the transport's routes {missing}")
+    return tuple(policies[p] for p in ENDPOINT_PATHS)
+
+
 #: The metered endpoints, by the transport's index (ENDPOINT_PATHS).
-_ENDPOINTS = (CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS)
+_ENDPOINTS = _by_transport_index()
 #: On stop, calls in flight get this long to end (and be recorded); then they
 #: are cut, and recorded as cut.
 _GRACE_SECONDS = 5.0
