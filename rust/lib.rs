@@ -1423,6 +1423,16 @@ mod _native {
             .getattr("unidata_version")?
             .extract()?;
         crate::sanitize::set_python_unicode_version(&version);
+        // The proxy's tables, read by sigil.telemetry.proxy_transport (one source).
+        let py = m.py();
+        m.add(
+            "PROXY_ENDPOINT_PATHS",
+            pyo3::types::PyTuple::new(py, crate::proxy::ENDPOINTS)?,
+        )?;
+        m.add(
+            "PROXY_KEY_HEADERS",
+            pyo3::types::PyTuple::new(py, crate::proxy::KEY_HEADERS)?,
+        )?;
         Ok(())
     }
 }

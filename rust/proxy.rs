@@ -56,7 +56,9 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 
 use crate::errors::os_error;
 
-/// The metered endpoints, by the index the policy is given.
+/// The metered endpoints below `/v1`, by the index the policy is given: the
+/// one table of them, exported to Python as `sigil._native.PROXY_ENDPOINT_PATHS`
+/// (sigil.proxy.server maps each to its policy by this order).
 pub const ENDPOINTS: [&str; 4] = [
     "/chat/completions",
     "/completions",
@@ -82,7 +84,8 @@ const DROP_REQUEST: [&str; 14] = [
 ];
 /// Request headers that carry a key: the policy is given their values, to cut
 /// them out of what it logs about the call (an upstream may quote them).
-const KEY_HEADERS: [&str; 4] = ["authorization", "api-key", "x-api-key", "x-goog-api-key"];
+/// Exported to Python as `sigil._native.PROXY_KEY_HEADERS`.
+pub const KEY_HEADERS: [&str; 4] = ["authorization", "api-key", "x-api-key", "x-goog-api-key"];
 /// Response headers never passed back: hop-by-hop, or recomputed.
 const DROP_RESPONSE: [&str; 9] = [
     "connection",
@@ -321,19 +324,41 @@ enum Route {
     NotFound,
 }
 
+/// The API root every route is below.
+const API_ROOT: &str = "/v1";
+
+/// HEAD is GET without the content (RFC 9110, 9.3.2): `HEAD /v1/models` is
+/// answered as GET is (forwarded as a GET; hyper sends no body for a HEAD), as
+/// the OpenAI API answers it, for the clients and health checks that probe a
+/// base URL so.
 fn route(method: &Method, path: &str) -> Route {
-    match (method, path) {
-        (&Method::POST, "/v1/chat/completions") => Route::Metered(0),
-        (&Method::POST, "/v1/completions") => Route::Metered(1),
-        (&Method::POST, "/v1/responses") => Route::Metered(2),
-        (&Method::POST, "/v1/embeddings") => Route::Metered(3),
-        (&Method::GET, p)
-            if p == "/v1/models" || (p.len() > 11 && p.starts_with("/v1/models/")) =>
-        {
-            Route::Models
+    let Some(below) = path.strip_prefix(API_ROOT) else {
+        return Route::NotFound;
+    };
+    if method == Method::POST {
+        if let Some(i) = ENDPOINTS.iter().position(|e| *e == below) {
+            return Route::Metered(i);
         }
-        _ => Route::NotFound,
+    } else if method == Method::GET || method == Method::HEAD {
+        let model = below
+            .strip_prefix("/models/")
+            .is_some_and(|m| !m.is_empty());
+        if below == "/models" || model {
+            return Route::Models;
+        }
     }
+    Route::NotFound
+}
+
+/// The answer to a route the proxy does not serve, naming those it does.
+fn not_served(method: &Method, path: &str) -> Out {
+    let metered: Vec<String> = ENDPOINTS.iter().map(|e| format!("{API_ROOT}{e}")).collect();
+    let text = format!(
+        "sigil proxy does not forward {method} {path}; it serves POST {} and GET (or HEAD) \
+         {API_ROOT}/models",
+        metered.join(", ")
+    );
+    openai_error(404, &text, "invalid_request_error", Some("unknown_url"))
 }
 
 /// Wait until the flag is set (or its sender is gone).
@@ -460,20 +485,7 @@ impl Shared {
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Out, Infallible> {
     match route(req.method(), req.uri().path()) {
-        Route::NotFound => {
-            let text = format!(
-                "sigil proxy does not forward {} {}; it serves POST /v1/chat/completions, \
-                 /v1/completions, /v1/responses, /v1/embeddings and GET /v1/models",
-                req.method(),
-                req.uri().path()
-            );
-            Ok(openai_error(
-                404,
-                &text,
-                "invalid_request_error",
-                Some("unknown_url"),
-            ))
-        }
+        Route::NotFound => Ok(not_served(req.method(), req.uri().path())),
         Route::Models => Ok(models(&shared, req).await),
         Route::Metered(endpoint) => {
             // The call runs as a task of its own: a client that leaves cannot
@@ -494,7 +506,7 @@ async fn models(shared: &Shared, req: Request<Incoming>) -> Out {
         Ok(h) => h,
         Err(denied) => return *denied,
     };
-    let path = &req.uri().path()["/v1".len()..];
+    let path = &req.uri().path()[API_ROOT.len()..];
     let fail = |kind: &str, detail: String| -> Out {
         with_policy(|py| {
             shared
@@ -509,6 +521,7 @@ async fn models(shared: &Shared, req: Request<Incoming>) -> Out {
         Ok(u) => u,
         Err(e) => return fail("unreachable", e),
     };
+    // A HEAD is asked upstream as a GET too: an upstream need not know HEAD.
     let mut up = Request::get(uri)
         .body(Full::new(Bytes::new()))
         .unwrap_or_default();
@@ -1149,6 +1162,25 @@ mod tests {
             Route::Metered(3)
         ));
         assert!(matches!(route(&Method::GET, "/v1/models"), Route::Models));
+        assert!(matches!(route(&Method::HEAD, "/v1/models"), Route::Models));
+        assert!(matches!(
+            route(&Method::HEAD, "/v1/models/m"),
+            Route::Models
+        ));
+        assert!(matches!(
+            route(&Method::HEAD, "/v1/chat/completions"),
+            Route::NotFound
+        ));
+        assert!(matches!(route(&Method::PUT, "/v1/models"), Route::NotFound));
+        assert!(matches!(route(&Method::POST, "/v1"), Route::NotFound));
+        assert!(matches!(
+            route(&Method::POST, "/chat/completions"),
+            Route::NotFound
+        ));
+        for (i, e) in ENDPOINTS.iter().enumerate() {
+            let path = format!("{API_ROOT}{e}");
+            assert!(matches!(route(&Method::POST, &path), Route::Metered(j) if j == i));
+        }
         assert!(matches!(
             route(&Method::GET, "/v1/models/a/b"),
             Route::Models

@@ -506,6 +506,12 @@ def test_a_token_is_required_beyond_loopback(
         (["--budget", "lots"], "--budget"),
         (["--upstream", "ftp://x"], "http"),
         (["--upstream", "http://u:p@host/v1"], "credentials"),
+        # The upstream is an API root the proxy appends paths to: a query or a
+        # fragment would land in the middle of every forwarded URL.
+        (["--upstream", "http://127.0.0.1:1/v1?x=1"], "query"),
+        (["--upstream", "http://127.0.0.1:1/v1?"], "query"),
+        (["--upstream", "http://127.0.0.1:1/v1#frag"], "fragment"),
+        (["--upstream", "http://127.0.0.1:1/v1#"], "fragment"),
         (["--host", "0.0.0.0"], "--token"),
         (["--timeout", "0"], "--timeout"),
         (["--call-cap", "-5"], "--call-cap"),

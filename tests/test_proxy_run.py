@@ -125,11 +125,13 @@ def test_run_usage_errors(tmp_path: Path) -> None:
         (["run"], "command to run"),
         (["run", "--", "no-such-command-xyz"], "not found"),
         (["run", "--budget", "0", "--", "true"], "--budget"),
+        (["run", "--upstream", "http://127.0.0.1:1/v1?x=1", "--", "true"], "query"),
     ):
         proc = run(tmp_path / "home", *args)
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+        assert not (tmp_path / "home" / "logs" / "sessions").exists(), args
 
 
 def test_sigterm_is_passed_to_the_command_and_the_run_recorded_as_interrupted(

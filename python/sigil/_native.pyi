@@ -19,6 +19,10 @@ MAX_DEPTH: int
 MAX_TOKENS: int
 # The largest tokens.json read as a ledger (64 MiB); a larger file is no ledger.
 MAX_LEDGER_BYTES: int
+# The proxy's metered endpoints below /v1, by the index its policy is given.
+PROXY_ENDPOINT_PATHS: tuple[str, ...]
+# The request headers (lower case) whose values the proxy hands its policy as keys.
+PROXY_KEY_HEADERS: tuple[str, ...]
 
 __all__ = [
     "MAX_BUFFER_BYTES",
@@ -26,6 +30,8 @@ __all__ = [
     "MAX_LEDGER_BYTES",
     "MAX_LINE_BYTES",
     "MAX_TOKENS",
+    "PROXY_ENDPOINT_PATHS",
+    "PROXY_KEY_HEADERS",
     "AppendWriter",
     "Checkpoint",
     "ComponentSnapshot",

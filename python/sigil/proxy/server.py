@@ -76,8 +76,23 @@ __all__ = ["ProxyConfig", "ProxyServer", "UpstreamLoop"]
 _MAX_EVENT_BYTES = 16 << 20
 _COMPONENT = re.compile(r"^[\w.:/@+-]{1,128}$")
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def _by_transport_index() -> tuple[Endpoint, ...]:
+    """The policy of each metered endpoint, in the order of the transport's table
+    (its index is what ``admit`` is given): the transport's table is the one
+    list of routes; a route it has and the policy lacks fails here, at import."""
+    from sigil.telemetry.proxy_transport import ENDPOINT_PATHS
+
+    policies = {e.path: e for e in (CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS)}
+    missing = [p for p in ENDPOINT_PATHS if p not in policies]
+    if missing:  # pragma: no cover - a native module out of step with this one
+        raise ImportError(f"sigil.proxy has no policy for the transport's routes {missing}")
+    return tuple(policies[p] for p in ENDPOINT_PATHS)
+
+
 #: The metered endpoints, by the transport's index (ENDPOINT_PATHS).
-_ENDPOINTS = (CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS)
+_ENDPOINTS = _by_transport_index()
 #: On stop, calls in flight get this long to end (and be recorded); then they
 #: are cut, and recorded as cut.
 _GRACE_SECONDS = 5.0
@@ -158,7 +173,8 @@ class ProxyServer:
         self._upstream = config.upstream.rstrip("/")
         self._chat_cap_field = config.chat_cap_field()
         self._transport: ProxyTransport | None = None
-        self._tokenizer_loading: asyncio.Future[Any] | None = None
+        #: set by start() while the tokenizer is being built: calls wait
+        self._tokenizer_pending = False
         #: set once stop() begins: a call cut then was cut by the stop, not its client
         self._stopping = False
         self.url: str | None = None
@@ -181,8 +197,15 @@ class ProxyServer:
         from sigil.pipeline.tokenizer import load_tokenizer
         from sigil.telemetry.proxy_transport import ProxyTransport
 
-        # Built off the event loop while the session is prepared (~150 ms).
-        self._tokenizer_loading = asyncio.ensure_future(load_tokenizer())
+        # The tokenizer counts prompts near the end of the budget. Built on
+        # first use (~150 ms, more on a loaded machine), it would be built on
+        # the transport's thread by the first call that needs it, stalling
+        # that call and every call behind it. It is built here, off the event
+        # loop, while the session is prepared; calls wait for it (admit) on
+        # the transport without blocking it.
+        self._tokenizer_pending = True
+        loading = asyncio.ensure_future(load_tokenizer())
+        loading.add_done_callback(self._tokenizer_built)
         cfg = self.config
         transport = ProxyTransport(
             self, self._upstream, cfg.host, cfg.port, timeout=cfg.timeout,
@@ -199,6 +222,15 @@ class ProxyServer:
         shown = f"[{host}]" if ":" in host else host
         self.url = f"http://{shown}:{port}/v1"
         return self.url
+
+    def _tokenizer_built(self, loading: asyncio.Future[Any]) -> None:
+        """The tokenizer is built: calls waiting for it go on. One that failed
+        to build fails the calls that need it (as it would have on first use)."""
+        if not loading.cancelled():
+            loading.exception()  # retrieved: raised again where it is needed
+        self._tokenizer_pending = False
+        if self._transport is not None:
+            self._transport.wake()
 
     def _check_not_self(self, port: int) -> None:
         parts = urllib.parse.urlsplit(self._upstream)
@@ -239,7 +271,7 @@ class ProxyServer:
         headers, cut out of what is logged about it): ``(0, flight, body,
         stream)`` forwards ``body``; ``(1, retry)`` waits until a call settles,
         then asks ``retry()``; ``(2, answer)`` answers at once."""
-        if self._meter is None:
+        if self._meter is None or self._tokenizer_pending:
             return (1, lambda: self.admit(index, raw, component_header, keys))
         endpoint = _ENDPOINTS[index]
         try:

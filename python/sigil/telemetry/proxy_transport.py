@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from sigil import _native
 
-__all__ = ["ENDPOINT_PATHS", "ProxyTransport"]
+__all__ = ["ENDPOINT_PATHS", "KEY_HEADERS", "ProxyTransport"]
 
 #: Serves ``host:port`` and forwards to the upstream, deciding each call through a policy.
 ProxyTransport = _native.ProxyTransport
 #: The metered endpoints below ``/v1``, in the order of the index the policy's
-#: ``admit`` is given.
-ENDPOINT_PATHS = ("/chat/completions", "/completions", "/responses", "/embeddings")
+#: ``admit`` is given: the transport's own table (rust/proxy.rs ``ENDPOINTS``).
+ENDPOINT_PATHS: tuple[str, ...] = _native.PROXY_ENDPOINT_PATHS
+#: The request headers that carry a key, lower case: the transport hands their
+#: values to the policy's ``admit`` (rust/proxy.rs ``KEY_HEADERS``).
+KEY_HEADERS: tuple[str, ...] = _native.PROXY_KEY_HEADERS

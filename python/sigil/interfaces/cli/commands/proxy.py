@@ -155,6 +155,13 @@ def _check_upstream(url: str, where: str) -> None:
         usage(f"{where} has an invalid port: {url!r}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         usage(f"{where} must be an http:// or https:// URL, got {url!r}")
+    # The upstream is an API root the transport appends each path to: a query
+    # or a fragment would end up in the middle of every forwarded URL. An
+    # empty one ("...?", "...#") is refused too: urlsplit drops it silently.
+    if parts.query or "?" in url:
+        usage(f"{where} must not have a query string (?...); give the API root, got {url!r}")
+    if parts.fragment or "#" in url:
+        usage(f"{where} must not have a fragment (#...); give the API root, got {url!r}")
 
 
 def _metered_session_class() -> type[Orchestrator]:

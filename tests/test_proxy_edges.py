@@ -1,0 +1,153 @@
+"""Edges of the proxy's transport (rust/proxy.rs) and its startup, found in
+review: the in-process server (:class:`ProxyServer` with a :class:`Meter` on a
+plain recorder) or the real ``sigil proxy``, in front of the small upstream of
+tests/proxy_upstream.py, called by real clients (httpx, the official SDK).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+
+import test_proxy
+from proxy_upstream import Upstream
+from sigil.proxy import Meter, ProxyConfig, ProxyServer
+from sigil.telemetry.tokens import TokenTracker
+from test_proxy_budget import Recorder
+
+# The fixtures of the proxy's end-to-end tests (a real ``sigil proxy``, a real upstream).
+upstream = test_proxy.upstream
+start_proxy = test_proxy.start_proxy
+
+MSGS = [{"role": "user", "content": "x"}]
+T = TypeVar("T")
+
+
+def _meter(total: int) -> tuple[Recorder, Meter]:
+    tracker = TokenTracker(total_budget=total, allocations={})
+    log = Recorder()
+    tracker.logger = log
+    return log, Meter(tracker, log, run=1)
+
+
+def serving(server: ProxyServer, work: Callable[[str], Awaitable[T]]) -> T:
+    """Start ``server`` in an event loop of its own, run ``work(url)``, stop it."""
+
+    async def main() -> T:
+        url = await server.start()
+        try:
+            return await work(url)
+        finally:
+            await server.stop()
+
+    return asyncio.run(main())
+
+
+def _thread_name() -> str:
+    """The OS name of the calling thread (the transport's is ``sigil-proxy``)."""
+    return Path(f"/proc/self/task/{threading.get_native_id()}/comm").read_text().strip()
+
+
+@pytest.fixture
+def fresh_tokenizer(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The process's tokenizer forgotten, so the next use builds it again; yields
+    the names of the threads each build ran on (the real build, observed)."""
+    from sigil.pipeline import tokenizer
+
+    built_on: list[str] = []
+    build = tokenizer._build_cl100k
+
+    def observed() -> Any:
+        built_on.append(_thread_name())
+        return build()
+
+    monkeypatch.setattr(tokenizer, "_cached", None)
+    monkeypatch.setattr(tokenizer, "_build_cl100k", observed)
+    yield built_on
+
+
+def test_the_tokenizer_is_built_before_the_first_call_is_admitted(
+    upstream: Upstream, fresh_tokenizer: list[str]
+) -> None:
+    """Near the end of the budget a prompt is counted with the tokenizer. Built
+    lazily, the first such call built it (~150 ms, more on a loaded machine) on
+    the transport's thread, holding up every call behind it (review). The
+    server builds it as it starts, off that thread, and admits no call before."""
+    from sigil.pipeline import tokenizer
+
+    seen: list[bool] = []
+
+    class Observed(ProxyServer):
+        def _count_prompt(self, body: dict[str, Any]) -> int:
+            seen.append(tokenizer._cached is not None)
+            return super()._count_prompt(body)
+
+    _, meter = _meter(2_000)  # little left: prompts are counted, not bounded by length
+    server = Observed(meter, ProxyConfig(upstream=upstream.url, call_cap=16))
+
+    async def call(url: str) -> int:
+        async with httpx.AsyncClient(timeout=30) as client:
+            body = {"model": "m", "messages": MSGS}
+            r = await client.post(f"{url}/chat/completions", json=body)
+            return r.status_code
+
+    assert serving(server, call) == 200
+    assert seen == [True], "the tokenizer was not built when the first call was admitted"
+    assert len(fresh_tokenizer) == 1 and fresh_tokenizer[0] != "sigil-proxy", fresh_tokenizer
+
+
+def test_head_of_models_is_answered_as_get_without_a_body(
+    upstream: Upstream, start_proxy: Callable[..., test_proxy.Proxy]
+) -> None:
+    """``HEAD /v1/models`` answered 404 while GET worked (review). HEAD is GET
+    without the content (RFC 9110, 9.3.2): the OpenAI API answers it so, and
+    the clients and health checks that probe a base URL with HEAD expect what
+    GET would say, not 405. It is forwarded as a GET (an upstream need not know
+    HEAD) and answered with GET's status and headers, no body."""
+    proxy = start_proxy("--upstream", upstream.url)
+    got = httpx.get(f"{proxy.url}/models")
+    assert got.status_code == 200 and got.json()["data"]
+    for path in ("/models", "/models/m"):
+        head = httpx.head(f"{proxy.url}{path}")
+        want = httpx.get(f"{proxy.url}{path}")
+        assert head.status_code == want.status_code, (path, head.status_code, head.text)
+        assert head.content == b""
+        assert head.headers["content-type"] == want.headers["content-type"]
+        # The length GET's body would have, as RFC 9110 allows.
+        assert head.headers.get("content-length") in (None, str(len(want.content)))
+    # Anything else is still not forwarded, whatever the method.
+    assert httpx.head(f"{proxy.url}/files").status_code == 404
+    assert httpx.head(f"{proxy.url}/chat/completions").status_code == 404
+    assert proxy.stop()[0] == 0
+    assert not test_proxy.steps(proxy.events(), "step_start")
+
+
+def test_the_endpoint_and_key_header_tables_are_the_transports() -> None:
+    """The metered endpoints and the key headers were listed in three places
+    (rust/proxy.rs, proxy_transport.py, server.py) that had to agree by hand
+    (review). The transport's tables are the one source; Python reads them."""
+    from sigil import _native
+    from sigil.proxy import server
+    from sigil.proxy.policy import secrets_of
+    from sigil.telemetry import proxy_transport
+
+    paths = _native.PROXY_ENDPOINT_PATHS
+    assert paths == ("/chat/completions", "/completions", "/responses", "/embeddings")
+    assert paths == proxy_transport.ENDPOINT_PATHS
+    # The policy's endpoint for each index the transport gives is the same route.
+    assert tuple(e.path for e in server._ENDPOINTS) == paths
+    keys = _native.PROXY_KEY_HEADERS
+    assert keys == proxy_transport.KEY_HEADERS
+    assert "authorization" in keys and all(k == k.lower() for k in keys)
+    # Every header the transport hands the policy as a key is cut out of its logs.
+    for name in keys:
+        assert secrets_of([(name, "Bearer sk-secret-value")]) == (
+            "Bearer sk-secret-value",
+            "sk-secret-value",
+        ), name
