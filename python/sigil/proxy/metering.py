@@ -167,12 +167,18 @@ class Meter:
         """True once the budget has run out (no further call is admitted): the
         tokens used, with those held for calls of unknown usage, reach the
         ``exceeded`` threshold."""
-        tracker = self.tracker
-        if not tracker.can_continue():
+        used, _, ok = self.tracker.standing()
+        return self._exhausted(used, ok)
+
+    def _exhausted(self, used: int, can_continue: bool) -> bool:
+        """:attr:`exhausted` of the tracker's ``used`` and ``can_continue()``."""
+        if not can_continue:
             return True
-        if not self.holding:
+        holding = self.held_before + self.held
+        if not holding:
             return False
-        return tracker.used + self.holding >= tracker.thresholds["exceeded"] * tracker.total
+        budget = self.tracker.budget
+        return used + holding >= budget.exceeded_threshold * budget.total
 
     @property
     def holding(self) -> int:
@@ -204,17 +210,24 @@ class Meter:
         if failure is not None:
             self.unrecorded_refused += 1
             raise RecordingFailed(failure)
-        least = max(1, least)
-        out = 0 if wanted is None else max(least, wanted)
-        need = prompt + (0 if wanted is None else least)
+        if least < 1:
+            least = 1
+        if wanted is None:
+            out, need = 0, prompt
+        else:
+            out, need = (wanted if wanted > least else least), prompt + least
         tracker = self.tracker
-        if self.exhausted:
+        # One read of the tracker (the meter is its only writer while it runs).
+        used, reserved, ok = tracker.standing()
+        if self._exhausted(used, ok):
             raise self._refusal()
-        left = tracker.remaining - self.holding
-        free = tracker.remaining - tracker.budget.reserved
+        total = tracker.budget.total
+        remaining = total - used if used < total else 0
+        left = remaining - self.held_before - self.held
+        free = remaining - reserved
         if need > left or (self._inflight == 0 and (need > free or free <= 0)):
             self.starved = True
-            raise PromptTooLarge(prompt, max(0, left), tracker.used, tracker.total, need - prompt)
+            raise PromptTooLarge(prompt, max(0, left), used, total, need - prompt)
         if need <= free and free > 0:
             granted = tracker.reserve(prompt + out) if prompt + out else 0
             if granted:
@@ -229,12 +242,13 @@ class Meter:
         if call.settled:
             return
         call.settled = True
-        if call.reserved:
+        reserved = call.prompt + call.granted
+        if reserved:
             self._inflight -= 1
             if hold:
-                self.held += call.reserved
+                self.held += reserved
             else:
-                self.tracker.release(call.reserved)
+                self.tracker.release(reserved)
         if hold and self.exhausted:
             self.announce_held("tokens held for calls of unknown usage")
 
@@ -326,8 +340,11 @@ class Meter:
         if call.settled:
             return
         try:
-            meta = self._meta(call, usage, model, status) | (extra or {})
-            self._price(meta, usage)
+            meta = self._meta(call, usage, model, status)
+            if extra:
+                meta.update(extra)
+            if usage is not None:
+                self._price(meta, usage)
             tokens, message = self._completed(call, usage, meta)
             self.tracker.track_sync(
                 call.component, tokens, event_type="step_complete", message=message, metadata=meta
@@ -463,13 +480,15 @@ class Meter:
         if usage is None:
             return
         model = meta.get("model")
-        cost = self.pricer.price(
+        pricer = self.pricer
+        cost = pricer.price(
             model if isinstance(model, str) else None,
             usage.input_tokens,
             usage.output_tokens,
             usage.cached_input_tokens,
         )
-        meta.update(self.pricer.cost_meta(cost))
+        if cost is not None:
+            meta.update(pricer.cost_meta(cost))
 
     def _meta(
         self, call: Call, usage: Usage | None, model: str | None, status: int | None
@@ -480,7 +499,7 @@ class Meter:
             "endpoint": call.endpoint,
             "model": model or call.model,
             "stream": call.stream,
-            "latency_ms": call.elapsed_ms(),
+            "latency_ms": round((time.perf_counter() - call.started) * 1000, 3),
         }
         if status is not None:
             meta["status"] = status

@@ -104,22 +104,30 @@ def plan_output(endpoint: Endpoint, body: Mapping[str, Any]) -> OutputPlan:
     ``best_of`` that is not a valid count, or a request asking for more than
     :data:`MAX_OUTPUTS` completions."""
     caps: list[tuple[str, int]] = []
+    requested: int | None = None
     for name in endpoint.cap_fields:
         value = body.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if type(value) is not int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise Refusal(f"{name} must be a non-negative integer", name)
+        if value < 0:
             raise Refusal(f"{name} must be a non-negative integer", name)
         caps.append((name, value))
+        if requested is None or value < requested:
+            requested = value
     has_output = bool(endpoint.cap_fields)
     choices = 1
     for name in _CHOICE_FIELDS:
         value = body.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if type(value) is not int and (isinstance(value, bool) or not isinstance(value, int)):
             raise Refusal(f"{name} must be a positive integer", name)
-        choices = max(choices, value)
+        if value < 1:
+            raise Refusal(f"{name} must be a positive integer", name)
+        if value > choices:
+            choices = value
     prompts = _prompts(body.get("prompt")) if endpoint is COMPLETIONS else 1
     outputs = choices * prompts
     if has_output and outputs > MAX_OUTPUTS:
@@ -128,7 +136,6 @@ def plan_output(endpoint: Endpoint, body: Mapping[str, Any]) -> OutputPlan:
             f"prompts); sigil proxy bounds a call's cost only up to {MAX_OUTPUTS:,}",
             "n" if choices > 1 else "prompt",
         )
-    requested = min(v for _, v in caps) if caps else None
     return OutputPlan(tuple(caps), requested, outputs, has_output)
 
 
@@ -149,6 +156,12 @@ _MIN_PREFIX = 6
 _REDACTED = "[REDACTED]"
 
 
+#: secrets_of's answers for the headers and extras it was given last (a client
+#: sends the same key on every call): bounded, cleared when full.
+_SECRETS_SEEN: dict[tuple[Any, ...], tuple[str, ...]] = {}
+_SECRETS_SEEN_MAX = 256
+
+
 def secrets_of(
     headers: Mapping[str, str] | Iterable[tuple[str, str]], *extra: str | None
 ) -> tuple[str, ...]:
@@ -157,6 +170,25 @@ def secrets_of(
     ``(name, value)`` pairs, a header sent twice given twice), and ``extra`` (the
     proxy's own upstream key and token). Longest first, so that a key
     containing another is cut whole."""
+    if type(headers) is list or type(headers) is tuple:
+        # The transport's (name, value) pairs: the same on every call of a client.
+        try:
+            seen = (*headers, None, *extra)
+            found_before = _SECRETS_SEEN.get(seen)
+        except TypeError:  # a pair that cannot be hashed: not the transport's
+            return _secrets_of(headers, extra)
+        if found_before is None:
+            found_before = _secrets_of(headers, extra)
+            if len(_SECRETS_SEEN) >= _SECRETS_SEEN_MAX:
+                _SECRETS_SEEN.clear()
+            _SECRETS_SEEN[seen] = found_before
+        return found_before
+    return _secrets_of(headers, extra)
+
+
+def _secrets_of(
+    headers: Mapping[str, str] | Iterable[tuple[str, str]], extra: tuple[str | None, ...]
+) -> tuple[str, ...]:
     found: set[str] = set()
     pairs = headers.items() if isinstance(headers, Mapping) else headers
     for name, value in pairs:

@@ -61,6 +61,7 @@ from sigil.proxy.usage import (
     Endpoint,
     StreamFollower,
     Usage,
+    prompt_estimate_bytes,
     prompt_estimate_text,
     prompt_overhead,
     prompt_text,
@@ -303,14 +304,13 @@ class ProxyServer:
         milliseconds per call for an agent's long conversation. Its excess is
         given back when the call settles; near the end of the budget, where
         the reservation decides what is admitted, the count is exact."""
-        text = prompt_estimate_text(body)
         overhead = prompt_overhead(body)
-        bound = len(text.encode("utf-8", "surrogatepass")) + overhead
+        bound = prompt_estimate_bytes(body) + overhead
         if bound * 4 <= self.meter.free:
             return bound
         from sigil.pipeline.tokenizer import get_tokenizer
 
-        return get_tokenizer().count(text) + overhead
+        return get_tokenizer().count(prompt_estimate_text(body)) + overhead
 
     # -- errors ----------------------------------------------------------------------
 
@@ -352,7 +352,8 @@ class _Admission:
         self.server = server
         self.endpoint = endpoint
         self.body = body
-        self.model = body["model"] if isinstance(body.get("model"), str) else "unknown"
+        model = body.get("model")
+        self.model = model if isinstance(model, str) else "unknown"
         self.component = _component(component_header, self.model)
         self.stream = body.get("stream") is True
         self.plan = plan
@@ -363,7 +364,7 @@ class _Admission:
     def __call__(self) -> tuple[Any, ...]:
         server, endpoint, body, plan = self.server, self.endpoint, self.body, self.plan
         meter = server.meter
-        endpoint_name = "/v1" + endpoint.path
+        endpoint_name = _ENDPOINT_NAMES.get(endpoint.path) or "/v1" + endpoint.path
         try:
             granted = meter.try_admit(self.wanted, self.prompt, plan.least)
         except BudgetExhausted as exc:
@@ -441,7 +442,11 @@ class _Flight:
 
     def done(self, status: int, raw: bytes) -> Answer | None:
         """A 2xx answer read whole: None relays it as it is."""
-        return self._guarded(lambda: self._done(status, raw))
+        try:
+            return self._done(status, raw)
+        except BaseException as exc:
+            self.crashed(exc)
+            raise
 
     def _done(self, status: int, raw: bytes) -> Answer | None:
         meter, call = self.server.meter, self.call
@@ -455,7 +460,9 @@ class _Flight:
             meter.fail(call, text, category="upstream_invalid", status=502)
             return openai_error(502, f"sigil proxy: {text}", "upstream_error", "bad_gateway")
         usage = usage_of(self.endpoint, data.get("usage"))
-        model = data.get("model") if isinstance(data.get("model"), str) else None
+        model = data.get("model")
+        if model is not None and not isinstance(model, str):
+            model = None
         meter.complete(call, usage, model=model, status=status)
         return None
 
@@ -566,6 +573,10 @@ class _Flight:
         else:
             meter.complete(call, follower.usage, model=follower.model, status=status, extra=extra)
         return out
+
+
+#: What the metered endpoints are logged as (their paths below the proxy's /v1).
+_ENDPOINT_NAMES = {e.path: "/v1" + e.path for e in (CHAT, COMPLETIONS, RESPONSES, EMBEDDINGS)}
 
 
 def _component(header: str | None, model: str) -> str:

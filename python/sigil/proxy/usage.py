@@ -26,6 +26,7 @@ __all__ = [
     "Endpoint",
     "StreamFollower",
     "Usage",
+    "prompt_estimate_bytes",
     "prompt_estimate_text",
     "prompt_overhead",
     "prompt_text",
@@ -76,6 +77,8 @@ class Usage:
 
 
 def _count(value: object) -> int | None:
+    if type(value) is int:  # the common case, without the checks for subclasses
+        return value if 0 <= value <= MAX_TOKENS else None
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_TOKENS:
         return value
     return None
@@ -84,7 +87,7 @@ def _count(value: object) -> int | None:
 def usage_of(endpoint: Endpoint, usage: object) -> Usage | None:
     """The usage object of a response (``body["usage"]``), or None when it is
     absent or holds no valid counts."""
-    if not isinstance(usage, Mapping):
+    if type(usage) is not dict and not isinstance(usage, Mapping):
         return None
     in_key, out_key = endpoint.usage_keys
     inp = _count(usage.get(in_key))
@@ -112,7 +115,7 @@ def _cached(usage: Mapping[str, Any], inp: int) -> int:
     count no larger than the input)."""
     for key in _DETAILS:
         details = usage.get(key)
-        if isinstance(details, Mapping):
+        if details is not None and isinstance(details, Mapping):
             cached = _count(details.get("cached_tokens"))
             if cached is not None and cached <= inp:
                 return cached
@@ -127,14 +130,16 @@ def _strings(value: Any, out: list[str], depth: int = 0) -> None:
     """Append every string inside ``value`` (the text a prompt is made of) to
     ``out``, in order (a plain recursion: generators cost twice as much per
     message, on every call the proxy forwards)."""
-    if isinstance(value, str):
+    kind = type(value)
+    if kind is str or isinstance(value, str):
         out.append(value)
-    elif depth < 16 and isinstance(value, Mapping):
+    elif depth < 16 and (kind is dict or (kind is not list and isinstance(value, Mapping))):
         for key, item in value.items():
-            if isinstance(item, str):
-                if key not in _NOT_TEXT:
-                    out.append(item)
-            elif key not in _NOT_TEXT:
+            if key in _NOT_TEXT:
+                continue
+            if type(item) is str or isinstance(item, str):
+                out.append(item)
+            elif item is not None and type(item) is not int:
                 _strings(item, out, depth + 1)
     elif depth < 16 and isinstance(value, list):
         for item in value:
@@ -162,6 +167,24 @@ def prompt_estimate_text(body: Mapping[str, Any]) -> str:
         if tools:
             text += "\n" + orjson.dumps(tools, default=str).decode()
     return text
+
+
+def prompt_estimate_bytes(body: Mapping[str, Any]) -> int:
+    """The UTF-8 length of :func:`prompt_estimate_text`, without building the text
+    (an upper bound of its tokens the proxy reserves on every call)."""
+    parts: list[str] = []
+    for key in ("messages", "input", "prompt", "instructions"):
+        value = body.get(key)
+        if value is not None:
+            _strings(value, parts)
+    size = len(parts) - 1 if parts else 0  # the newlines joining them
+    for part in parts:
+        size += len(part) if part.isascii() else len(part.encode("utf-8", "surrogatepass"))
+    for key in ("tools", "functions"):
+        tools = body.get(key)
+        if tools:
+            size += 1 + len(orjson.dumps(tools, default=str))
+    return size
 
 
 def prompt_overhead(body: Mapping[str, Any]) -> int:

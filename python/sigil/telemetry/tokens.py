@@ -288,12 +288,14 @@ class TokenBudget:
         budget has run out after this consumption, i.e. no further step may start.
         Threshold crossings are queued for :meth:`drain_notices`.
         """
-        _check_tokens(tokens)
+        if type(tokens) is not int or tokens < 0:
+            _check_tokens(tokens)
         comp = self.components.get(component)
         if comp is None:
             # Unknown components are tracked (so totals stay exact) with no allocation.
             comp = self.allocate_component(component, 0)
-        comp.consume(tokens)
+        comp.used += tokens
+        comp.operations += 1
         self.used += tokens
         if comp.over_allocation and component not in self._over_components:
             self._over_components.add(component)
@@ -309,8 +311,13 @@ class TokenBudget:
                     component_used=comp.used,
                 )
             )
-        self._check_warnings()
-        return self.can_continue()
+        level = self.warning_level
+        # The levels announced are always those up to one (a prefix, see
+        # _check_warnings and mark_announced): nothing to queue when the level
+        # reached is announced already.
+        if level is not BudgetWarningLevel.NORMAL and level not in self._announced:
+            self._check_warnings()
+        return level is not BudgetWarningLevel.EXCEEDED
 
     def _check_warnings(self) -> None:
         """Queue every global level reached for the first time (in rising order)."""
@@ -355,7 +362,8 @@ class TokenBudget:
 
     def can_continue(self) -> bool:
         """Whether another step may start: False once the budget has run out."""
-        return self.warning_level is not BudgetWarningLevel.EXCEEDED
+        # warning_level is not EXCEEDED, without its other comparisons
+        return (self.used / self.total if self.total else 0.0) < self.exceeded_threshold
 
     def reserve(self, wanted: int) -> int:
         """Promise up to ``wanted`` tokens to an operation about to start (a model
@@ -366,16 +374,18 @@ class TokenBudget:
         budget. 0 when the budget has run out or everything left is promised.
         The grant is given back with :meth:`release` once its tokens are consumed.
         """
-        _check_tokens(wanted)
+        if type(wanted) is not int or wanted < 0:
+            _check_tokens(wanted)
         if not self.can_continue():
             return 0
-        granted = min(wanted, max(0, self.remaining - self.reserved))
+        granted = min(wanted, max(0, max(0, self.total - self.used) - self.reserved))
         self.reserved += granted
         return granted
 
     def release(self, granted: int) -> None:
         """Give back a grant of :meth:`reserve` (consume what it spent first)."""
-        _check_tokens(granted)
+        if type(granted) is not int or granted < 0:
+            _check_tokens(granted)
         self.reserved = max(0, self.reserved - granted)
 
     def forecast(self, operations_remaining: int) -> dict[str, Any]:
@@ -517,6 +527,13 @@ class TokenTracker:
         with self._lock:
             return self.budget.can_continue()
 
+    def standing(self) -> tuple[int, int, bool]:
+        """``(used, reserved, can_continue())`` read together: what an admission
+        decides on, in one step."""
+        with self._lock:
+            budget = self.budget
+            return budget.used, budget.reserved, budget.can_continue()
+
     def forecast(self, operations_remaining: int) -> dict[str, Any]:
         with self._lock:
             return self.budget.forecast(operations_remaining)
@@ -557,13 +574,14 @@ class TokenTracker:
 
     def _consume(self, component: str, tokens: int) -> tuple[bool, list[BudgetNotice], dict]:
         with self._lock:
-            ok = self.budget.consume(component, tokens)
-            notices = self.budget.drain_notices()
-            comp = self.budget.components[component]
+            budget = self.budget
+            ok = budget.consume(component, tokens)
+            notices = budget.drain_notices() if budget._pending else []
+            used = budget.used
             totals = {
-                "total_used": self.budget.used,
-                "total_remaining": self.budget.remaining,
-                "component_used": comp.used,
+                "total_used": used,
+                "total_remaining": max(0, budget.total - used),
+                "component_used": budget.components[component].used,
             }
         return ok, notices, totals
 
@@ -577,7 +595,7 @@ class TokenTracker:
         metadata: Mapping[str, Any] | None,
         totals: Mapping[str, Any],
     ) -> tuple[str, str, str, int, dict[str, Any]]:
-        meta = dict(metadata or {})
+        meta = dict(metadata) if metadata else {}
         if operation is not None:
             meta.setdefault("operation", operation)
         meta.update(totals)
@@ -624,14 +642,18 @@ class TokenTracker:
         metadata: Mapping[str, Any] | None = None,
     ) -> bool:
         """Synchronous twin of :meth:`track` (uses the logger's ``log_event_sync``)."""
-        _check_event_type(event_type)
+        if event_type not in TOKEN_EVENT_TYPES:
+            _check_event_type(event_type)
         ok, notices, totals = self._consume(component, tokens)
-        if self.logger is not None:
-            self.logger.log_event_sync(
-                *self._event_args(
-                    component, tokens, operation, event_type, message, metadata, totals
-                )
-            )
+        logger = self.logger
+        if logger is not None:
+            # _event_args inline (this is the proxy's per-call path)
+            meta = dict(metadata) if metadata else {}
+            if operation is not None:
+                meta.setdefault("operation", operation)
+            meta.update(totals)
+            text = message or operation or f"Consumed {tokens} tokens"
+            logger.log_event_sync(event_type, component, text, tokens, meta)
             for notice in notices:
                 self.logger.log_event_sync(
                     notice.event_type, self.budget_component, notice.message, 0, notice.metadata()

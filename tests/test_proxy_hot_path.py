@@ -1,0 +1,104 @@
+"""The proxy's per-call policy path, made cheaper, decides as it did.
+
+Each shortcut of the hot path (sigil.proxy.policy, sigil.proxy.usage,
+sigil.proxy.metering, sigil.telemetry.tokens) is checked against the plain
+computation it replaces: the prompt's byte bound without building its text,
+the call's keys remembered per header set, the tracker's one-step reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sigil.proxy.policy import secrets_of
+from sigil.proxy.usage import prompt_estimate_bytes, prompt_estimate_text
+from sigil.telemetry.tokens import BudgetWarningLevel, TokenTracker
+
+_text = st.text(max_size=20)
+_leaf = st.one_of(_text, st.integers(0, 9), st.none(), st.booleans())
+_json: Any = st.recursive(
+    _leaf,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(
+            st.sampled_from(["content", "text", "url", "type", "image_url"]), inner, max_size=4
+        ),
+    ),
+    max_leaves=12,
+)
+_body = st.dictionaries(
+    st.sampled_from(["messages", "input", "prompt", "instructions", "tools", "functions", "model"]),
+    _json,
+    max_size=5,
+)
+
+
+@given(_body)
+def test_the_prompt_byte_bound_is_the_length_of_its_text(body: dict[str, Any]) -> None:
+    assert prompt_estimate_bytes(body) == len(
+        prompt_estimate_text(body).encode("utf-8", "surrogatepass")
+    )
+
+
+def test_the_prompt_byte_bound_counts_utf8_bytes() -> None:
+    body = {"messages": [{"role": "user", "content": "héllo ✓"}], "instructions": "x"}
+    assert prompt_estimate_bytes(body) == len("user\nhéllo ✓\nx".encode())
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["authorization", "Authorization", "api-key", "x-api-key", "accept"]),
+            st.sampled_from(["Bearer sk-one-123", "sk-two-4567", "basic abcd", "tok", ""]),
+        ),
+        max_size=4,
+    ),
+    st.lists(st.one_of(st.none(), st.sampled_from(["proxy-key-1", "tokn"])), max_size=2),
+)
+def test_the_keys_of_a_call_are_the_same_asked_twice(
+    pairs: list[tuple[str, str]], extra: list[str | None]
+) -> None:
+    # The first answer for a header set is remembered; a mapping is never.
+    first = secrets_of(pairs, *extra)
+    assert secrets_of(list(pairs), *extra) == first
+    assert secrets_of(tuple(pairs), *extra) == first
+    assert secrets_of(iter(pairs), *extra) == first
+    # Headers with the extras moved are a different call.
+    assert secrets_of([], *extra) == secrets_of(iter([]), *extra)
+
+
+def test_the_keys_of_a_call_without_headers_but_with_the_proxys_key() -> None:
+    assert secrets_of([("authorization", "Bearer sk-a-1")], None) == ("Bearer sk-a-1", "sk-a-1")
+    assert secrets_of([], "Bearer sk-a-1") == ("Bearer sk-a-1",)
+
+
+def test_standing_reads_used_reserved_and_whether_a_step_may_start() -> None:
+    tracker = TokenTracker(total_budget=100, allocations={})
+    assert tracker.standing() == (0, 0, True)
+    assert tracker.reserve(30) == 30
+    tracker.track_sync("m", 94, event_type="step_complete")
+    assert tracker.standing() == (94, 30, True)
+    tracker.track_sync("m", 1, event_type="step_complete")
+    assert tracker.standing() == (95, 30, False)
+    assert tracker.budget.warning_level is BudgetWarningLevel.EXCEEDED
+
+
+@given(st.lists(st.integers(0, 60), max_size=12), st.integers(0, 120))
+def test_each_level_is_still_announced_once_in_order(spends: list[int], restored: int) -> None:
+    """The shortcut that skips the threshold check when the level reached is
+    announced queues the same notices as checking on every consumption."""
+    tracker = TokenTracker(total_budget=100, allocations={})
+    tracker.restore(restored)
+    seen: list[str] = []
+    for tokens in spends:
+        tracker.budget.consume("m", tokens)
+        seen += [n.level.value for n in tracker.budget.drain_notices() if n.scope == "session"]
+    order = ["elevated", "critical", "exceeded"]
+    assert seen == sorted(set(seen), key=order.index)
+    util = tracker.budget.used / 100
+    reached = [lv for lv, th in zip(order, (0.5, 0.8, 0.95), strict=True) if util >= th]
+    before = [lv for lv, th in zip(order, (0.5, 0.8, 0.95), strict=True) if restored / 100 >= th]
+    assert seen == [lv for lv in reached if lv not in before]
