@@ -1,0 +1,83 @@
+"""Issue 14 review, findings 2 and 9, end to end: a real ``sigil proxy``, the
+official ``openai`` SDK, the loopback upstream of tests/proxy_upstream.py.
+
+Finding 2: a call is answered only once its record has reached the OS (the
+writer's ``write(2)`` done), so ``kill -9`` of the proxy right after an answer
+loses no answered call. Finding 9: one refused oversized prompt does not end the
+session as ``budget_exceeded`` while the budget can still admit a call.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import openai
+import pytest
+
+import test_proxy
+from proxy_upstream import Upstream
+from test_proxy import Proxy
+
+upstream = test_proxy.upstream
+start_proxy = test_proxy.start_proxy
+
+MSGS = [{"role": "user", "content": "x"}]
+
+
+def _config(home: Path, text: str) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.yaml").write_text(text)
+
+
+def _kill9(proxy: Proxy) -> list[dict[str, object]]:
+    proxy.proc.send_signal(signal.SIGKILL)
+    proxy.proc.wait(timeout=30)
+    return [json.loads(line) for line in proxy.log_file.read_text().splitlines()]
+
+
+def test_a_refused_oversized_prompt_does_not_end_the_session_as_budget_exceeded(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    """Finding 9: one prompt larger than the whole budget is refused (429), the
+    calls after it succeed, and the stop ended the run as ``budget_exceeded``
+    (exit 3) with 95% of the budget left. The budget can still admit a call:
+    the run is complete (exit 0)."""
+    proxy = start_proxy("--budget", "2000", "--upstream", upstream.url)
+    client = proxy.client()
+    big = [{"role": "user", "content": "lorem ipsum dolor sit amet " * 2000}]
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="m", messages=big, max_tokens=5)
+    assert "does not fit" in refused.value.message
+    for _ in range(3):
+        client.chat.completions.create(model="m", messages=MSGS, max_tokens=5)
+    code, _, err = proxy.stop()
+    assert code == 0, err
+    events = proxy.events()
+    assert events[-1]["event_type"] == "session_complete"
+    assert events[-1]["metadata"]["status"] == "complete"
+    assert proxy.monitor()["status"] == "complete"
+
+
+def test_a_budget_too_small_for_any_call_ends_the_session_as_budget_exceeded(
+    upstream: Upstream, start_proxy: Callable[..., Proxy], tmp_path: Path
+) -> None:
+    """The other way: what is left (2 tokens) cannot admit even the least call
+    (a prompt's format tokens and one output token), though the budget's
+    ``exceeded`` threshold (1.0 here) is not reached: a refused call means the
+    budget ran out, exit 3."""
+    _config(tmp_path / "home", "token_budget:\n  exceeded_threshold: 1.0\n")
+    proxy = start_proxy("--budget", "41", "--upstream", upstream.url)
+    client = proxy.client()
+    client.chat.completions.create(model="m", messages=MSGS, max_tokens=1)
+    assert upstream.totals() == 39  # 38 in + 1 out: 2 of 41 left
+    with pytest.raises(openai.RateLimitError) as refused:
+        client.chat.completions.create(model="m", messages=MSGS, max_tokens=1)
+    assert "does not fit" in refused.value.message
+    code, _, err = proxy.stop()
+    assert code == 3, err
+    events = proxy.events()
+    assert events[-1]["metadata"]["status"] == "budget_exceeded"
+    assert "did not fit" in events[-1]["metadata"]["error"]
