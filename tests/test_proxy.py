@@ -513,6 +513,13 @@ def test_a_token_is_required_beyond_loopback(
         (["--upstream", "http://127.0.0.1:1/v1?"], "query"),
         (["--upstream", "http://127.0.0.1:1/v1#frag"], "fragment"),
         (["--upstream", "http://127.0.0.1:1/v1#"], "fragment"),
+        # Not URLs at all (hostile review: a traceback, or accepted and then
+        # every call failed with 404 or 502).
+        (["--upstream", "http://[::1"], "not a valid URL"),
+        (["--upstream", "http://[zz]:80/v1"], "not a valid URL"),
+        (["--upstream", "http://bad host:80/v1"], "cannot carry"),
+        (["--upstream", "http://127.0.0.1:1/v 1"], "cannot carry"),
+        (["--upstream", "http://127.0.0.1:1/v1\x7f"], "cannot carry"),
         (["--host", "0.0.0.0"], "--token"),
         (["--timeout", "0"], "--timeout"),
         (["--call-cap", "-5"], "--call-cap"),

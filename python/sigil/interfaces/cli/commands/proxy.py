@@ -145,8 +145,21 @@ def check_options(
     return ProxyOptions(session_id, total, settings, config)
 
 
+#: What a URL may carry (RFC 3986: unreserved, reserved and "%"); anything else
+#: (a space, a control or non-ASCII character) the transport cannot send.
+_URL_CHARS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:/?#[]@!$&'()*+,;=%"
+)
+
+
 def _check_upstream(url: str, where: str) -> None:
-    parts = urllib.parse.urlsplit(url)
+    bad = next((c for c in url if c not in _URL_CHARS), None)
+    if bad is not None:
+        usage(f"{where} has a character a URL cannot carry ({bad!r}): {url!r}")
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as e:
+        usage(f"{where} is not a valid URL ({e}): {url!r}")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         usage(f"{where} must not contain credentials (user:password@); the client's key is sent")
     try:
