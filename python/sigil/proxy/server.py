@@ -63,7 +63,6 @@ from sigil.proxy.usage import (
     Usage,
     prompt_estimate_text,
     prompt_overhead,
-    prompt_text,
     usage_of,
 )
 
@@ -557,9 +556,11 @@ def _error_detail(raw: bytes) -> str:
 
 
 def _estimate(body: dict[str, Any], follower: StreamFollower) -> Usage:
-    """The tokens of a stream that broke before its usage: the prompt and the text
-    that arrived, counted with the offline tokenizer (flagged as estimated)."""
+    """The tokens of a stream that broke before its usage: the prompt, as it was
+    estimated to reserve it, and the text that arrived, counted with the offline
+    tokenizer (flagged as estimated)."""
     from sigil.pipeline.tokenizer import get_tokenizer
 
     tokenizer = get_tokenizer()
-    return Usage(tokenizer.count(prompt_text(body)), tokenizer.count(follower.text), estimated=True)
+    prompt = tokenizer.count(prompt_estimate_text(body))
+    return Usage(prompt, tokenizer.count(follower.text), estimated=True)

@@ -126,26 +126,76 @@ _NOT_TEXT = frozenset({"image_url", "url", "file_data", "b64_json"})
 def _strings(value: Any, out: list[str], depth: int = 0) -> None:
     """Append every string inside ``value`` (the text a prompt is made of) to
     ``out``, in order (a plain recursion: generators cost twice as much per
-    message, on every call the proxy forwards)."""
+    message, on every call the proxy forwards; past a depth no message reaches,
+    an explicit stack, so no nesting hides a string)."""
     if isinstance(value, str):
         out.append(value)
-    elif depth < 16 and isinstance(value, Mapping):
+    elif depth >= 16:
+        _walk(value, out, keys=False)
+    elif isinstance(value, Mapping):
         for key, item in value.items():
             if isinstance(item, str):
                 if key not in _NOT_TEXT:
                     out.append(item)
             elif key not in _NOT_TEXT:
                 _strings(item, out, depth + 1)
-    elif depth < 16 and isinstance(value, list):
+    elif isinstance(value, list):
         for item in value:
             _strings(item, out, depth + 1)
 
 
+def _walk(value: Any, out: list[str], *, keys: bool) -> None:
+    """:func:`_strings` without recursion, for any depth (``keys``: the mapping
+    keys too, and numbers and booleans as written)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, Mapping):
+            for key, inner in reversed(list(item.items())):
+                if key in _NOT_TEXT and not keys:
+                    continue
+                stack.append(inner)
+                if keys:
+                    stack.append(str(key))
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+        elif keys and item is not None:
+            out.append(str(item))
+
+
+#: The fields of a request whose text is the prompt itself (the messages, the
+#: Responses API's input and instructions, legacy completions' and embeddings' prompt).
+_PROMPT_FIELDS = ("messages", "input", "prompt", "instructions")
+
+#: Request fields known not to reach the model as text: which model, who calls,
+#: how to sample, how much to write, whether to stream or store, where to keep
+#: state. Every other field is counted whole (:func:`prompt_estimate_text`), so
+#: a field the API gains later is reserved for rather than ignored.
+_NOT_PROMPT = frozenset(
+    {
+        # every endpoint
+        "model", "user", "metadata", "store", "stream", "stream_options", "service_tier",
+        "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+        # sampling and output caps
+        "temperature", "top_p", "n", "best_of", "seed", "stop", "logit_bias", "logprobs",
+        "top_logprobs", "presence_penalty", "frequency_penalty", "max_tokens",
+        "max_completion_tokens", "max_output_tokens", "echo", "parallel_tool_calls",
+        "reasoning_effort", "reasoning", "verbosity", "modalities", "audio",
+        # the Responses API's state and delivery
+        "background", "include", "truncation", "max_tool_calls", "previous_response_id",
+        "conversation",
+        # embeddings' output shape
+        "encoding_format", "dimensions",
+    }
+)  # fmt: skip
+
+
 def prompt_text(body: Mapping[str, Any]) -> str:
-    """The text of a request's prompt (to estimate its tokens when the upstream
-    never said): messages, input, prompt and instructions."""
+    """The text of a request's prompt: messages, input, prompt and instructions."""
     parts: list[str] = []
-    for key in ("messages", "input", "prompt", "instructions"):
+    for key in _PROMPT_FIELDS:
         value = body.get(key)
         if value is not None:
             _strings(value, parts)
@@ -153,15 +203,27 @@ def prompt_text(body: Mapping[str, Any]) -> str:
 
 
 def prompt_estimate_text(body: Mapping[str, Any]) -> str:
-    """The text a request's prompt tokens are estimated from before it is
-    forwarded: :func:`prompt_text`, and the tool definitions as JSON (their
-    names, descriptions and schemas are prompt tokens too)."""
-    text = prompt_text(body)
-    for key in ("tools", "functions"):
-        tools = body.get(key)
-        if tools:
-            text += "\n" + orjson.dumps(tools, default=str).decode()
-    return text
+    """The text a request's prompt tokens are estimated from: :func:`prompt_text`,
+    and every other field but those known not to reach the model (:data:`_NOT_PROMPT`),
+    whole, as JSON: tools and functions, ``tool_choice``, a ``response_format``
+    or the Responses API's ``text.format`` schema, legacy completions' ``suffix``,
+    and any field not known yet. Reading too much costs reserving a little more
+    until the call settles; reading too little lets calls overshoot the budget."""
+    parts: list[str] = []
+    for key, value in body.items():
+        if key in _NOT_PROMPT:
+            continue
+        if key in _PROMPT_FIELDS:
+            if value is not None:
+                _strings(value, parts)
+        elif isinstance(value, str):
+            parts.append(value)
+        elif isinstance(value, (dict, list)):
+            try:
+                parts.append(orjson.dumps(value).decode())
+            except orjson.JSONEncodeError:  # nested deeper than orjson writes
+                _walk(value, parts, keys=True)
+    return "\n".join(parts)
 
 
 def prompt_overhead(body: Mapping[str, Any]) -> int:

@@ -1,0 +1,122 @@
+"""What a call's prompt is reserved at (issue 14, hostile review finding 3),
+end to end against the real ``sigil proxy`` and the small upstream of
+tests/proxy_upstream.py, and on the estimate itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import openai
+import orjson
+import pytest
+
+import test_proxy
+from proxy_upstream import Upstream
+from test_proxy import Proxy, steps
+
+upstream = test_proxy.upstream
+start_proxy = test_proxy.start_proxy
+
+MSGS = [{"role": "user", "content": "fill it"}]
+
+#: A JSON schema of 100 described fields: ~2,700 cl100k_base tokens.
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        f"field_{i}": {"type": "string", "description": "a field the model must fill " * 3}
+        for i in range(100)
+    },
+}
+#: Text the model reads, well over 1,000 tokens.
+LONG = "the model reads every word of this sentence " * 300
+
+
+def _schema_tokens() -> int:
+    from sigil.pipeline.tokenizer import get_tokenizer
+
+    return get_tokenizer().count(orjson.dumps(SCHEMA).decode())
+
+
+def _refused(call: Callable[[], object]) -> None:
+    with pytest.raises(openai.RateLimitError, match="does not fit"):
+        call()
+
+
+def test_every_field_the_model_reads_is_reserved(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    """Finding 3: a ``response_format`` schema of ~2,700 tokens was reserved as
+    nothing, so 40 concurrent calls at a call cap of 100 spent 4x a budget of
+    20,000. Each of these prompts alone exceeds a budget of 1,000: refused,
+    nothing forwarded, whichever field carries the text."""
+    assert _schema_tokens() > 2_000
+    proxy = start_proxy("--budget", "1000", "--upstream", upstream.url)
+    client = proxy.client(max_retries=0)
+    rf: Any = {"type": "json_schema", "json_schema": {"name": "out", "schema": SCHEMA}}
+    _refused(lambda: client.chat.completions.create(model="m", messages=MSGS, response_format=rf))
+    tool: Any = {"type": "function", "function": {"name": "fill", "parameters": SCHEMA}}
+    _refused(lambda: client.chat.completions.create(model="m", messages=MSGS, tools=[tool]))
+    fmt: Any = {"format": {"type": "json_schema", "name": "out", "schema": SCHEMA}}
+    _refused(lambda: client.responses.create(model="m", input="fill it", text=fmt))
+    _refused(lambda: client.responses.create(model="m", input="hi", instructions=LONG))
+    _refused(lambda: client.completions.create(model="m", prompt="def f(", suffix=LONG))
+    # A field no API has yet: read by the model until known otherwise.
+    new: Any = {"documents": [{"title": "notes", "body": LONG}]}
+    _refused(lambda: client.chat.completions.create(model="m", messages=MSGS, extra_body=new))
+    _refused(lambda: client.responses.create(model="m", input="hi", extra_body=new))
+    assert upstream.requests == []
+    proxy.stop()
+
+
+def test_the_reservation_covers_a_response_format_schema(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    """Finding 3, far from the end of the budget: the prompt is reserved at its
+    UTF-8 length, which must include the schema (it was ~20 tokens)."""
+    proxy = start_proxy("--budget", "1000000", "--upstream", upstream.url)
+    rf: Any = {"type": "json_schema", "json_schema": {"name": "out", "schema": SCHEMA}}
+    proxy.client(max_retries=0).chat.completions.create(
+        model="m", messages=MSGS, response_format=rf
+    )
+    assert proxy.stop()[0] == 0
+    start = steps(proxy.events(), "step_start")[0]["metadata"]
+    assert start["prompt_tokens_reserved"] >= len(orjson.dumps(SCHEMA))
+
+
+def test_the_estimate_reads_every_field_but_the_known_settings() -> None:
+    """Finding 3, robust by construction: every string of every field counts,
+    at any depth, but for a short list of fields known not to reach the model."""
+    from sigil.proxy.usage import prompt_estimate_text
+
+    deep: Any = "deep-in-a-message"
+    for _ in range(40):
+        deep = [deep]
+    deeper: Any = {"k": "deepest-in-a-new-field"}
+    for _ in range(300):  # past what orjson writes
+        deeper = {"k": deeper}
+    body = {
+        "model": "MODEL-NAME", "user": "USER-ID", "metadata": {"run": "META-VALUE"},
+        "stream": True, "stream_options": {"include_usage": True}, "temperature": 0.5,
+        "max_tokens": 10, "seed": 3, "stop": ["STOP-SEQ"], "service_tier": "TIER",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "question"},
+                      {"type": "image_url", "image_url": {"url": "data:IMAGE-BYTES"}}]},
+                     {"role": "user", "content": deep}],
+        "response_format": {"type": "json_schema", "json_schema": {"schema": {
+            "properties": {"answer_field": {"description": "schema-description"}}}}},
+        "tool_choice": {"type": "function", "function": {"name": "tool-choice-name"}},
+        "text": {"format": {"name": "text-format-name"}},
+        "brand_new_field": {"nested": ["new-field-text"]},
+        "brand_new_string": "new-string-text",
+        "deeply_new": deeper,
+    }  # fmt: skip
+    text = prompt_estimate_text(body)
+    for word in (
+        "question", "deep-in-a-message", "answer_field", "schema-description",
+        "tool-choice-name", "text-format-name", "new-field-text", "new-string-text",
+        "deepest-in-a-new-field",
+    ):  # fmt: skip
+        assert word in text, word
+    for word in ("MODEL-NAME", "USER-ID", "META-VALUE", "STOP-SEQ", "TIER", "IMAGE-BYTES"):
+        assert word not in text, word
