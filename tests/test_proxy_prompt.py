@@ -1,13 +1,16 @@
-"""What a call's prompt is reserved at (issue 14, hostile review finding 3),
-end to end against the real ``sigil proxy`` and the small upstream of
-tests/proxy_upstream.py, and on the estimate itself.
+"""What a call's prompt is reserved at, and what counting it costs (issue 14,
+hostile review findings 3 and 6), end to end against the real ``sigil proxy``
+and the small upstream of tests/proxy_upstream.py, and on the estimate itself.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 import openai
 import orjson
 import pytest
@@ -120,3 +123,86 @@ def test_the_estimate_reads_every_field_but_the_known_settings() -> None:
         assert word in text, word
     for word in ("MODEL-NAME", "USER-ID", "META-VALUE", "STOP-SEQ", "TIER", "IMAGE-BYTES"):
         assert word not in text, word
+
+
+def test_counting_a_huge_text_is_bounded_and_never_below_the_count() -> None:
+    """Finding 6: a 30 MB prompt was tokenized whole on the transport's thread
+    (3.3 s during which no other call moved). Past EXACT_CHARS characters each
+    UTF-8 byte counts as a token: an upper bound that costs a length."""
+    from sigil.pipeline.tokenizer import get_tokenizer
+    from sigil.proxy.usage import EXACT_CHARS, count_tokens
+
+    tokenizer = get_tokenizer()
+    small = "héllo wörld, " * 1000
+    assert count_tokens(small) == tokenizer.count(small)
+    huge = "lorem ipsum dolor sit amet, çà et là " * (4 * EXACT_CHARS // 37)
+    counted = count_tokens(huge)
+    head, tail = huge[:EXACT_CHARS], huge[EXACT_CHARS:]
+    assert counted == tokenizer.count(head) + len(tail.encode())
+    assert counted >= tokenizer.count(huge)
+    big = huge * 8  # ~10 MB: counted in well under the ~1 s tokenizing it takes
+    began = time.perf_counter()
+    count_tokens(big)
+    assert time.perf_counter() - began < 0.5
+
+
+def test_a_huge_prompt_does_not_stall_the_other_calls(
+    upstream: Upstream, start_proxy: Callable[..., Proxy]
+) -> None:
+    """Finding 6, end to end: while a 30 MB prompt is admitted near the end of
+    the budget, small calls wait for a small part of what counting it costs
+    (they waited 3.3 s, the whole count, and more: the proxy's one transport
+    thread tokenized it). What is left is reading and parsing the body."""
+    from sigil.pipeline.tokenizer import get_tokenizer
+
+    big = "lorem ipsum dolor sit amet " * (30_000_000 // 27)
+    began = time.perf_counter()
+    get_tokenizer().count(big)
+    full = time.perf_counter() - began  # on this machine, under its load now
+    proxy = start_proxy("--budget", "10000", "--upstream", upstream.url)
+    url = f"{proxy.url}/chat/completions"
+
+    def post(content: str) -> httpx.Response:
+        body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": content}]}
+        return httpx.post(url, json=body, timeout=60)
+
+    assert post("warm up").status_code == 200  # the tokenizer is loaded
+    message = {"role": "user", "content": big}
+    raw = orjson.dumps({"model": "m", "max_tokens": 5, "messages": [message]})
+    answers: list[httpx.Response] = []
+    sender = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(url, content=raw, headers={"content-type": "application/json"}, timeout=60)
+        )
+    )
+    sender.start()
+    latencies = []
+    while sender.is_alive() or not latencies:
+        began = time.perf_counter()
+        assert post("hello").status_code == 200
+        latencies.append(time.perf_counter() - began)
+    sender.join()
+    assert answers[0].status_code == 429 and "does not fit" in answers[0].text
+    assert max(latencies) < full / 3, (latencies, full)
+    proxy.stop()
+
+
+def test_a_long_stream_is_counted_as_it_comes_and_not_held() -> None:
+    """Finding 6 (and 5's memory): the text of a stream was kept whole and
+    tokenized whole once it broke (2 s for 20 MB, on the transport's thread).
+    It is counted as it comes: at most ~64 Ki characters are held."""
+    from sigil.pipeline.tokenizer import get_tokenizer
+    from sigil.proxy.usage import CHAT, StreamFollower
+
+    follower = StreamFollower(CHAT)
+    piece = "some words of an answer that goes on, "
+    event = b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": piece}}]})
+    pieces = 40_000  # ~1.5 MB of text
+    held = 0
+    for _ in range(pieces // 100):
+        follower.feed((event + b"\n\n") * 100)
+        held = max(held, len(follower.text))
+    assert held <= 64 * 1024 + len(piece) * 100
+    exact = get_tokenizer().count(piece * pieces)
+    # Counted in pieces: a token may end where a piece is cut (~25 pieces here).
+    assert exact <= follower.output_tokens() <= exact + 100
