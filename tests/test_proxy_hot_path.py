@@ -2,50 +2,17 @@
 
 Each shortcut of the hot path (sigil.proxy.policy, sigil.proxy.usage,
 sigil.proxy.metering, sigil.telemetry.tokens) is checked against the plain
-computation it replaces: the prompt's byte bound without building its text,
-the call's keys remembered per header set, the tracker's one-step reads.
+computation it replaces: the call's keys remembered per header set, the
+tracker's one-step reads.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sigil.proxy.policy import secrets_of
-from sigil.proxy.usage import prompt_estimate_bytes, prompt_estimate_text
 from sigil.telemetry.tokens import BudgetWarningLevel, TokenTracker
-
-_text = st.text(max_size=20)
-_leaf = st.one_of(_text, st.integers(0, 9), st.none(), st.booleans())
-_json: Any = st.recursive(
-    _leaf,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4),
-        st.dictionaries(
-            st.sampled_from(["content", "text", "url", "type", "image_url"]), inner, max_size=4
-        ),
-    ),
-    max_leaves=12,
-)
-_body = st.dictionaries(
-    st.sampled_from(["messages", "input", "prompt", "instructions", "tools", "functions", "model"]),
-    _json,
-    max_size=5,
-)
-
-
-@given(_body)
-def test_the_prompt_byte_bound_is_the_length_of_its_text(body: dict[str, Any]) -> None:
-    assert prompt_estimate_bytes(body) == len(
-        prompt_estimate_text(body).encode("utf-8", "surrogatepass")
-    )
-
-
-def test_the_prompt_byte_bound_counts_utf8_bytes() -> None:
-    body = {"messages": [{"role": "user", "content": "héllo ✓"}], "instructions": "x"}
-    assert prompt_estimate_bytes(body) == len("user\nhéllo ✓\nx".encode())
 
 
 @given(

@@ -61,11 +61,11 @@ from sigil.proxy.usage import (
     Endpoint,
     StreamFollower,
     Usage,
-    prompt_estimate_bytes,
+    count_tokens,
     prompt_estimate_text,
     prompt_overhead,
-    prompt_text,
     usage_of,
+    utf8_size,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -296,21 +296,24 @@ class ProxyServer:
 
     def _count_prompt(self, body: dict[str, Any]) -> int:
         """The prompt's tokens to reserve: its UTF-8 length while that is small
-        beside what is free of the budget, else its cl100k_base count; with the
-        chat format's own tokens either way.
+        beside what is free of the budget, else its cl100k_base count (bounded:
+        :func:`~sigil.proxy.usage.count_tokens`); with the chat format's own
+        tokens either way.
 
         The length is an upper bound (a byte-level BPE token is at least one
-        byte) that costs nothing, where counting costs ~0.25 us a character:
-        milliseconds per call for an agent's long conversation. Its excess is
-        given back when the call settles; near the end of the budget, where
-        the reservation decides what is admitted, the count is exact."""
+        byte) that costs nothing, where counting costs ~0.1 us a character on
+        the transport's one thread, which every call shares: milliseconds per
+        call for an agent's long conversation. Its excess is given back when the
+        call settles; near the end of the budget, where the reservation decides
+        what is admitted, the count is exact up to ``EXACT_CHARS`` characters
+        of prompt, and the length past them, so that no prompt (a body may hold
+        32 MB) stalls the other calls for more than ~25 ms."""
+        text = prompt_estimate_text(body)
         overhead = prompt_overhead(body)
-        bound = prompt_estimate_bytes(body) + overhead
-        if bound * 4 <= self.meter.free:
-            return bound
-        from sigil.pipeline.tokenizer import get_tokenizer
-
-        return get_tokenizer().count(prompt_estimate_text(body)) + overhead
+        size = utf8_size(text)
+        if (size + overhead) * 4 <= self.meter.free:
+            return size + overhead
+        return count_tokens(text, size) + overhead
 
     # -- errors ----------------------------------------------------------------------
 
@@ -600,9 +603,8 @@ def _error_detail(raw: bytes) -> str:
 
 
 def _estimate(body: dict[str, Any], follower: StreamFollower) -> Usage:
-    """The tokens of a stream that broke before its usage: the prompt and the text
-    that arrived, counted with the offline tokenizer (flagged as estimated)."""
-    from sigil.pipeline.tokenizer import get_tokenizer
-
-    tokenizer = get_tokenizer()
-    return Usage(tokenizer.count(prompt_text(body)), tokenizer.count(follower.text), estimated=True)
+    """The tokens of a stream that broke before its usage: the prompt, as it was
+    estimated to reserve it, and the text that arrived (counted as it came),
+    with the offline tokenizer at a bounded cost (flagged as estimated)."""
+    prompt = count_tokens(prompt_estimate_text(body))
+    return Usage(prompt, follower.output_tokens(), estimated=True)

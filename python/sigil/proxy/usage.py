@@ -26,11 +26,12 @@ __all__ = [
     "Endpoint",
     "StreamFollower",
     "Usage",
-    "prompt_estimate_bytes",
+    "count_tokens",
     "prompt_estimate_text",
     "prompt_overhead",
     "prompt_text",
     "usage_of",
+    "utf8_size",
 ]
 
 
@@ -129,11 +130,13 @@ _NOT_TEXT = frozenset({"image_url", "url", "file_data", "b64_json"})
 def _strings(value: Any, out: list[str], depth: int = 0) -> None:
     """Append every string inside ``value`` (the text a prompt is made of) to
     ``out``, in order (a plain recursion: generators cost twice as much per
-    message, on every call the proxy forwards)."""
-    kind = type(value)
-    if kind is str or isinstance(value, str):
+    message, on every call the proxy forwards; past a depth no message reaches,
+    an explicit stack, so no nesting hides a string)."""
+    if isinstance(value, str):
         out.append(value)
-    elif depth < 16 and (kind is dict or (kind is not list and isinstance(value, Mapping))):
+    elif depth >= 16:
+        _walk(value, out, keys=False)
+    elif isinstance(value, Mapping):
         for key, item in value.items():
             if key in _NOT_TEXT:
                 continue
@@ -141,16 +144,63 @@ def _strings(value: Any, out: list[str], depth: int = 0) -> None:
                 out.append(item)
             elif item is not None and type(item) is not int:
                 _strings(item, out, depth + 1)
-    elif depth < 16 and isinstance(value, list):
+    elif isinstance(value, list):
         for item in value:
             _strings(item, out, depth + 1)
 
 
+def _walk(value: Any, out: list[str], *, keys: bool) -> None:
+    """:func:`_strings` without recursion, for any depth (``keys``: the mapping
+    keys too, and numbers and booleans as written)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, Mapping):
+            for key, inner in reversed(list(item.items())):
+                if key in _NOT_TEXT and not keys:
+                    continue
+                stack.append(inner)
+                if keys:
+                    stack.append(str(key))
+        elif isinstance(item, list):
+            stack.extend(reversed(item))
+        elif keys and item is not None:
+            out.append(str(item))
+
+
+#: The fields of a request whose text is the prompt itself (the messages, the
+#: Responses API's input and instructions, legacy completions' and embeddings' prompt).
+_PROMPT_FIELDS = ("messages", "input", "prompt", "instructions")
+
+#: Request fields known not to reach the model as text: which model, who calls,
+#: how to sample, how much to write, whether to stream or store, where to keep
+#: state. Every other field is counted whole (:func:`prompt_estimate_text`), so
+#: a field the API gains later is reserved for rather than ignored.
+_NOT_PROMPT = frozenset(
+    {
+        # every endpoint
+        "model", "user", "metadata", "store", "stream", "stream_options", "service_tier",
+        "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+        # sampling and output caps
+        "temperature", "top_p", "n", "best_of", "seed", "stop", "logit_bias", "logprobs",
+        "top_logprobs", "presence_penalty", "frequency_penalty", "max_tokens",
+        "max_completion_tokens", "max_output_tokens", "echo", "parallel_tool_calls",
+        "reasoning_effort", "reasoning", "verbosity", "modalities", "audio",
+        # the Responses API's state and delivery
+        "background", "include", "truncation", "max_tool_calls", "previous_response_id",
+        "conversation",
+        # embeddings' output shape
+        "encoding_format", "dimensions",
+    }
+)  # fmt: skip
+
+
 def prompt_text(body: Mapping[str, Any]) -> str:
-    """The text of a request's prompt (to estimate its tokens when the upstream
-    never said): messages, input, prompt and instructions."""
+    """The text of a request's prompt: messages, input, prompt and instructions."""
     parts: list[str] = []
-    for key in ("messages", "input", "prompt", "instructions"):
+    for key in _PROMPT_FIELDS:
         value = body.get(key)
         if value is not None:
             _strings(value, parts)
@@ -158,33 +208,58 @@ def prompt_text(body: Mapping[str, Any]) -> str:
 
 
 def prompt_estimate_text(body: Mapping[str, Any]) -> str:
-    """The text a request's prompt tokens are estimated from before it is
-    forwarded: :func:`prompt_text`, and the tool definitions as JSON (their
-    names, descriptions and schemas are prompt tokens too)."""
-    text = prompt_text(body)
-    for key in ("tools", "functions"):
-        tools = body.get(key)
-        if tools:
-            text += "\n" + orjson.dumps(tools, default=str).decode()
-    return text
-
-
-def prompt_estimate_bytes(body: Mapping[str, Any]) -> int:
-    """The UTF-8 length of :func:`prompt_estimate_text`, without building the text
-    (an upper bound of its tokens the proxy reserves on every call)."""
+    """The text a request's prompt tokens are estimated from: :func:`prompt_text`,
+    and every other field but those known not to reach the model (:data:`_NOT_PROMPT`),
+    whole, as JSON: tools and functions, ``tool_choice``, a ``response_format``
+    or the Responses API's ``text.format`` schema, legacy completions' ``suffix``,
+    and any field not known yet. Reading too much costs reserving a little more
+    until the call settles; reading too little lets calls overshoot the budget."""
     parts: list[str] = []
-    for key in ("messages", "input", "prompt", "instructions"):
-        value = body.get(key)
-        if value is not None:
-            _strings(value, parts)
-    size = len(parts) - 1 if parts else 0  # the newlines joining them
-    for part in parts:
-        size += len(part) if part.isascii() else len(part.encode("utf-8", "surrogatepass"))
-    for key in ("tools", "functions"):
-        tools = body.get(key)
-        if tools:
-            size += 1 + len(orjson.dumps(tools, default=str))
-    return size
+    for key, value in body.items():
+        if key in _NOT_PROMPT:
+            continue
+        if key in _PROMPT_FIELDS:
+            if value is not None:
+                _strings(value, parts)
+        elif isinstance(value, str):
+            parts.append(value)
+        elif isinstance(value, (dict, list)):
+            try:
+                parts.append(orjson.dumps(value).decode())
+            except orjson.JSONEncodeError:  # nested deeper than orjson writes
+                _walk(value, parts, keys=True)
+    return "\n".join(parts)
+
+
+#: Characters of a text counted with the tokenizer; past them, each UTF-8 byte
+#: counts as a token. Counting costs ~0.1 us a character on the transport's
+#: thread, which every call shares: 256 Ki characters is ~25 ms, while a 32 MB
+#: body would be seconds.
+EXACT_CHARS = 256 * 1024
+
+
+def utf8_size(text: str) -> int:
+    """The UTF-8 length of ``text``: an upper bound of its tokens under any
+    byte-level BPE (a token covers at least one byte)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def count_tokens(text: str, size: int | None = None) -> int:
+    """The ``cl100k_base`` tokens of ``text`` at a bounded cost: counted for its
+    first :data:`EXACT_CHARS` characters, bounded by its UTF-8 length beyond
+    (``size``: that length of the whole text, when known). Exact for the text a
+    call usually carries; for a larger one an upper bound, ~4x its count past
+    that point: a prompt of more than ~65,000 tokens is then reserved at more
+    than it costs, and refused where it would have fit only within ~4x of what
+    is left of the budget."""
+    from sigil.pipeline.tokenizer import get_tokenizer
+
+    if len(text) <= EXACT_CHARS:
+        return get_tokenizer().count(text)
+    head = text[:EXACT_CHARS]
+    if size is None:
+        size = utf8_size(text)
+    return get_tokenizer().count(head) + size - utf8_size(head)
 
 
 def prompt_overhead(body: Mapping[str, Any]) -> int:
@@ -213,6 +288,10 @@ def _token_ids(value: object) -> int:
     return count
 
 
+#: Characters of a stream's text kept before they are counted (~6 ms a count).
+_PENDING_CHARS = 64 * 1024
+
+
 @dataclass(slots=True)
 class StreamFollower:
     """Reads a server-sent-event stream as it passes: the usage, the model, the
@@ -233,12 +312,36 @@ class StreamFollower:
     #: the upstream sent an error event in the stream
     error: str | None = None
     events: int = 0
+    #: the text that arrived and is not counted yet (at most ~_PENDING_CHARS)
     _text: list[str] = field(default_factory=list)
+    _pending: int = 0
+    #: the tokens of the text counted already
+    _counted: int = 0
     _buffer: bytearray = field(default_factory=bytearray)
 
     @property
     def text(self) -> str:
+        """The text that arrived and is not counted yet: all of it while it is
+        under ``_PENDING_CHARS`` characters."""
         return "".join(self._text)
+
+    def _add_text(self, piece: str) -> None:
+        """Keep a piece of the answer's text; past ``_PENDING_CHARS``, count what
+        is kept and let it go, so that a long stream holds no more than that and
+        is never counted again whole (each count a few milliseconds)."""
+        self._text.append(piece)
+        self._pending += len(piece)
+        if self._pending > _PENDING_CHARS:
+            self._counted += count_tokens("".join(self._text))
+            self._text.clear()
+            self._pending = 0
+
+    def output_tokens(self) -> int:
+        """The tokens of the text that arrived (``cl100k_base``; an estimate for
+        a stream that ended before its usage)."""
+        if not self._text:
+            return self._counted
+        return self._counted + count_tokens(self.text)
 
     @property
     def pending(self) -> int:
@@ -323,7 +426,7 @@ class StreamFollower:
                 if isinstance(delta, dict):
                     self._take_text(delta)
                 elif isinstance(choice.get("text"), str):  # legacy completions
-                    self._text.append(choice["text"])
+                    self._add_text(choice["text"])
         usage = usage_of(self.endpoint, obj.get("usage"))
         if usage is not None:
             self.usage = usage
@@ -334,7 +437,7 @@ class StreamFollower:
     def _take_text(self, delta: dict[str, Any]) -> None:
         for key in ("content", "refusal", "reasoning_content"):
             if isinstance(delta.get(key), str):
-                self._text.append(delta[key])
+                self._add_text(delta[key])
         calls = delta.get("tool_calls")
         if isinstance(calls, list):
             for call in calls:
@@ -342,7 +445,7 @@ class StreamFollower:
                 if isinstance(fn, dict):
                     for key in ("name", "arguments"):
                         if isinstance(fn.get(key), str):
-                            self._text.append(fn[key])
+                            self._add_text(fn[key])
 
     def _responses_event(self, obj: dict[str, Any]) -> bool:
         kind = obj.get("type")
@@ -360,7 +463,7 @@ class StreamFollower:
         elif (
             isinstance(kind, str) and kind.endswith(".delta") and isinstance(obj.get("delta"), str)
         ):
-            self._text.append(obj["delta"])
+            self._add_text(obj["delta"])
         elif kind == "response.created":
             response = obj.get("response")
             if isinstance(response, dict) and isinstance(response.get("model"), str):
