@@ -619,8 +619,10 @@ class ExecutionLogger:
     ) -> int:
         """Log one execution event (spec 4.2.2); returns its ``seq``.
 
-        Non-blocking: the event is queued and written by the native writer's
-        background thread.
+        The event is queued and written by the native writer's background
+        thread; the call waits only while the writer's buffer is full and the
+        disk takes writes (backpressure: a burst is held back, not dropped),
+        as :meth:`log_event_sync` does.
         """
         if not self.initialized:
             await self.initialize()
