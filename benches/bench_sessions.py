@@ -18,6 +18,13 @@
   ledger (``tokens.json``) written by the orchestrator from the model of exactly
   these files, which ``sessions`` reads instead of folding the log (the issue's
   "a finished session's summary may come from its ledger"). Same target.
+* The same 1,000 sessions archived (``archive/<date>/<id>.tar.gz``, the ledger
+  first, as ``sigil logs maintain`` leaves them): ``sessions`` folds each
+  archive natively, as report, diff and replay read it, so that an archive cut
+  short shows its readable part in every view (issue 13, contract 12), across
+  a small thread pool with the GIL released. Beside it, reading only the
+  ledger at each archive's front (what the listing did before: cheap, but the
+  ledger's whole total for an archive whose log is cut). Same target.
 """
 
 from __future__ import annotations
@@ -186,3 +193,57 @@ def test_sessions_command(benchmark: Any, request: pytest.FixtureRequest, kind: 
     logs = request.getfixturevalue(KINDS[kind])
     _sessions_command(logs)  # warm the page cache and .pyc files
     benchmark.pedantic(_sessions_command, args=(logs,), rounds=_rounds(), iterations=1)
+
+
+@pytest.fixture(scope="module")
+def archived_sessions(tmp_path_factory: pytest.TempPathFactory, finished_sessions: Path) -> Path:
+    """``finished_sessions`` archived, one tar.gz each (the ledger first)."""
+    import tarfile
+
+    logs = tmp_path_factory.mktemp("archived") / "logs"
+    day = logs / "archive" / "2026-01-11"
+    day.mkdir(parents=True)
+    for entry in os.scandir(finished_sessions / "sessions"):
+        with tarfile.open(day / f"{entry.name}.tar.gz", "w:gz", compresslevel=6) as tar:
+            for name in ("tokens.json", "execution.jsonl"):
+                tar.add(Path(entry.path) / name, arcname=f"{entry.name}/{name}")
+    return logs
+
+
+def _ledgers_only(logs: Path) -> int:
+    """Each archive's ledger read from its front: the listing's cost before
+    archives were folded."""
+    from sigil.telemetry.log_rotation import archived_sessions, read_archived_summaries
+
+    total = 0
+    for archives in archived_sessions(logs).values():
+        for archive in archives:
+            total += orjson.loads(read_archived_summaries(archive)["tokens.json"])["total_used"]
+    return total
+
+
+def test_sessions_list_archived_ledgers_only_baseline(
+    benchmark: Any, archived_sessions: Path
+) -> None:
+    benchmark.group = f"sigil sessions, archived: {SESSIONS_NAME}"
+    benchmark.extra_info.update(ops=SESSIONS)
+    benchmark.pedantic(_ledgers_only, args=(archived_sessions,), rounds=_rounds(), iterations=1)
+
+
+def test_sessions_list_archived(
+    benchmark: Any, archived_sessions: Path, finished_sessions: Path
+) -> None:
+    benchmark.group = f"sigil sessions, archived: {SESSIONS_NAME}"
+    benchmark.extra_info.update(
+        ops=SESSIONS,
+        baseline="test_sessions_list_archived_ledgers_only_baseline",
+        aim_max_s=AIM_SESSIONS_S,
+    )
+    rows = benchmark.pedantic(
+        list_sessions, args=(archived_sessions,), rounds=_rounds(), iterations=1
+    )
+    assert len(rows) == SESSIONS and all(r.archived and r.error is None for r in rows)
+    live = {
+        r.session_id: (r.tokens_used, r.runs, r.status) for r in list_sessions(finished_sessions)
+    }
+    assert {r.session_id: (r.tokens_used, r.runs, r.status) for r in rows} == live

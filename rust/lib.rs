@@ -746,6 +746,14 @@ fn size_arg(name: &str, v: Option<&Bound<'_, PyAny>>, default: u64) -> PyResult<
 }
 
 impl PyAppendWriter {
+    /// While the buffer is full on a healthy disk, wait for room with the GIL
+    /// released (the write itself then waits only if a burst refilled it).
+    fn room(&self, py: Python<'_>, need: usize) {
+        if self.inner.backpressured() {
+            py.detach(|| self.inner.wait_for_room(need));
+        }
+    }
+
     /// A writer is refused in a forked child (its locks may be held by a thread
     /// that does not exist there).
     fn owned(&self) -> PyResult<()> {
@@ -906,7 +914,8 @@ impl PyAppendWriter {
     }
 
     /// Queue one line (`bytes` or `str`, with or without its trailing newline).
-    fn write(&self, line: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn write(&self, py: Python<'_>, line: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.room(py, line.len().unwrap_or(0) + 1);
         if let Ok(b) = line.cast::<PyBytes>() {
             return self.inner.write_line(b.as_bytes()).map_err(write_err);
         }
@@ -927,6 +936,7 @@ impl PyAppendWriter {
     #[allow(clippy::too_many_arguments)]
     fn write_event(
         &self,
+        py: Python<'_>,
         session_id: &str,
         event_type: &str,
         component: &str,
@@ -947,6 +957,13 @@ impl PyAppendWriter {
                 }
             },
         };
+        self.room(
+            py,
+            128 + event_type.len()
+                + component.len()
+                + message.len()
+                + metadata.map_or(2, <[u8]>::len),
+        );
         guard("AppendWriter.write_event", || {
             self.inner
                 .write_event(
@@ -980,6 +997,7 @@ impl PyAppendWriter {
         metadata: &Bound<'_, PyAny>,
         reported_drops: Option<u64>,
     ) -> PyResult<Option<i64>> {
+        self.room(py, 128 + event_type.len() + component.len() + message.len());
         guard("AppendWriter.log_event", || {
             let Some(seq) = log_prepared(
                 py,

@@ -8,11 +8,16 @@
 //! (rotation), the next flush reopens the path. A file or directory the writer
 //! creates has its directory fsynced at the next sync.
 //!
-//! Disk errors never reach `write`: the buffer stays under `max_buffer_bytes`,
-//! what does not fit is dropped and counted, and the next successful flush
-//! writes one `events_dropped` line saying how many events were lost and, in
-//! its `tokens` field, how many tokens they carried (contract 2: the sum of
-//! `tokens` over the log stays the session's consumption).
+//! Disk errors never reach `write`: the buffer stays under `max_buffer_bytes`.
+//! While the disk takes writes (the last flush succeeded), a line that does
+//! not fit waits for the flusher to make room (backpressure): a burst larger
+//! than the buffer is written whole, never dropped. While it fails (ENOSPC,
+//! EIO: the last flush failed), or when it has not taken a buffer within
+//! [`BACKPRESSURE_LIMIT`], what does not fit is dropped and counted, and the
+//! next successful flush writes one `events_dropped` line saying how many
+//! events were lost and, in its `tokens` field, how many tokens they carried
+//! (contract 2: the sum of `tokens` over the log stays the session's
+//! consumption).
 //!
 //! A failed fsync is sticky ("fsyncgate": after a failed fsync the kernel may
 //! have dropped the dirty pages and will not report it again). The bytes
@@ -163,6 +168,11 @@ fn fork_generation() -> u64 {
     FORK_GENERATION.load(Relaxed)
 }
 
+/// The longest a write waits for room in the buffer while the disk takes
+/// writes; past it the disk counts as stalled and the line is dropped (and
+/// counted) as on a failing disk.
+pub const BACKPRESSURE_LIMIT: Duration = Duration::from_secs(10);
+
 /// The queue: taken by writers and, briefly, by the flusher; never held across I/O.
 struct State {
     buf: Vec<u8>,
@@ -183,6 +193,8 @@ struct State {
     /// lock while holding this one (lock order is always io, then state).
     retry_at: Option<Instant>,
     next_seq: u64,
+    /// Writers waiting on `room` for the flusher to take the buffer.
+    room_waiters: usize,
 }
 
 /// Counters read by `stats()` without any lock that I/O can hold.
@@ -250,6 +262,13 @@ struct Shared {
     cfg: WriterConfig,
     state: Mutex<State>,
     wake: Condvar,
+    /// Notified when the buffer is taken (room for waiting writers) or a
+    /// flush fails (they stop waiting and drop).
+    room: Condvar,
+    /// A writer found the buffer full on a healthy disk (cleared when the
+    /// flusher takes the buffer): the next writes wait for room first, off
+    /// the caller's interpreter lock (`wait_for_room`).
+    full: AtomicBool,
     io: Mutex<Io>,
     counters: Counters,
     last_error: Mutex<Option<(i32, String)>>,
@@ -468,8 +487,11 @@ impl AppendWriter {
                 flusher_waiting: false,
                 retry_at: None,
                 next_seq: start_seq,
+                room_waiters: 0,
             }),
             wake: Condvar::new(),
+            room: Condvar::new(),
+            full: AtomicBool::new(false),
             io: Mutex::new(Io {
                 file: Some(opened.file),
                 ident: opened.ident,
@@ -527,7 +549,7 @@ impl AppendWriter {
         if memchr::memchr(b'\n', line).is_some() {
             return Err(WriteError::EmbeddedNewline);
         }
-        let mut st = lock(&self.shared.state);
+        let mut st = self.room_for(lock(&self.shared.state), line.len() + 1);
         if self.shared.closed.load(Relaxed) {
             return Err(WriteError::Closed);
         }
@@ -645,7 +667,7 @@ impl AppendWriter {
             + component.len()
             + message.len()
             + metadata.map_or(2, |m| m.len());
-        let mut st = lock(&self.shared.state);
+        let mut st = self.room_for(lock(&self.shared.state), estimate);
         if self.shared.closed.load(Relaxed) {
             return Err(WriteError::Closed);
         }
@@ -676,6 +698,59 @@ impl AppendWriter {
             || tokens,
         );
         Ok(seq)
+    }
+
+    /// Wait, the queue lock released, until the buffer has room for `need`
+    /// more bytes, while the disk takes writes (backpressure: a burst larger
+    /// than the buffer is held back, not dropped). Never waits when the line
+    /// fits, could never fit (`need` at the bound), the writer is dropping or
+    /// its last flush failed (a failing disk: the line is dropped and
+    /// counted), it is closed, or past [`BACKPRESSURE_LIMIT`] (a stalled disk).
+    fn room_for<'a>(&'a self, mut st: MutexGuard<'a, State>, need: usize) -> MutexGuard<'a, State> {
+        let shared = &self.shared;
+        let max = shared.cfg.max_buffer_bytes;
+        if st.buf.len() + need < max || need >= max {
+            return st;
+        }
+        let deadline = Instant::now() + BACKPRESSURE_LIMIT;
+        while st.buf.len() + need >= max
+            && !st.dropping
+            && st.retry_at.is_none()
+            && !shared.closed.load(Relaxed)
+        {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            shared.full.store(true, Relaxed);
+            st.flush_requested = true;
+            if st.flusher_waiting {
+                shared.wake.notify_one();
+            }
+            st.room_waiters += 1;
+            st = shared
+                .room
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            st.room_waiters -= 1;
+        }
+        st
+    }
+
+    /// Whether writes wait for room now (a cheap check before a caller that
+    /// holds an interpreter lock releases it to [`Self::wait_for_room`]).
+    pub fn backpressured(&self) -> bool {
+        self.shared.full.load(Relaxed)
+    }
+
+    /// Wait until the buffer has room for a line of `need` bytes (as a write
+    /// would, see `room_for`), without writing: a caller holding an
+    /// interpreter lock waits here with it released, then writes.
+    pub fn wait_for_room(&self, need: usize) {
+        if self.forked_from().is_none() {
+            drop(self.room_for(lock(&self.shared.state), need));
+        }
     }
 
     fn push_locked(
@@ -744,6 +819,7 @@ impl AppendWriter {
             self.shared.closed.store(true, Relaxed);
         }
         self.shared.wake.notify_all();
+        self.shared.room.notify_all();
         if let Some(handle) = lock(&self.thread).take() {
             let _ = handle.join();
         }
@@ -916,6 +992,12 @@ fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
         let _ = fresh.try_reserve(st.buf.len().min(shared.cfg.buffer_bytes.saturating_mul(2)));
         let data = std::mem::replace(&mut st.buf, fresh);
         let partial = std::mem::take(&mut st.head_partial);
+        // Room for the writers waiting for it (they fill the fresh buffer while
+        // this one is written).
+        shared.full.store(false, Relaxed);
+        if st.room_waiters > 0 {
+            shared.room.notify_all();
+        }
         (data, st.dropped_pending, st.dropped_tokens_pending, partial)
     };
     let interval = shared.cfg.flush_interval;
@@ -970,6 +1052,11 @@ fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
             }
             if st.buf.len() >= shared.cfg.max_buffer_bytes {
                 st.dropping = true;
+            }
+            // The disk failed: writers waiting for room stop waiting and drop.
+            shared.full.store(false, Relaxed);
+            if st.room_waiters > 0 {
+                shared.room.notify_all();
             }
             drop(st);
             if !lost_lines.is_empty() {
@@ -1567,8 +1654,47 @@ mod tests {
         assert_eq!(w.stats().reopens, 1);
     }
 
+    /// The disk fails: the writer's descriptor is swapped for a read-only one
+    /// of the same file, so every write fails (EBADF) as on a failing disk.
+    fn fail_disk(w: &AppendWriter, path: &Path) {
+        lock(&w.shared.io).file = Some(File::open(path).unwrap());
+    }
+
+    /// The disk takes writes again.
+    fn heal_disk(w: &AppendWriter, path: &Path) {
+        let file = OpenOptions::new().append(true).open(path).unwrap();
+        lock(&w.shared.io).file = Some(file);
+    }
+
     #[test]
-    fn bounded_buffer_drops_and_counts() {
+    fn a_burst_larger_than_the_buffer_waits_for_a_healthy_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        // The flush threshold at the bound and an hour's interval: only the
+        // writes waiting for room wake the flusher.
+        let c = WriterConfig {
+            max_buffer_bytes: 1000,
+            buffer_bytes: 1000,
+            flush_interval: Duration::from_secs(3600),
+            ..cfg()
+        };
+        let w = AppendWriter::open(&path, c, 0).unwrap();
+        for i in 0..200 {
+            w.write_line(format!("line {i:04}").as_bytes()).unwrap();
+        }
+        for i in 0..200u64 {
+            w.write_event("s", "step", "c", "m", i, None, None).unwrap();
+        }
+        w.close().unwrap();
+        let text = read(&path);
+        assert_eq!(text.lines().count(), 400);
+        assert!(!text.contains("events_dropped"));
+        assert_eq!(w.stats().dropped_lines, 0);
+        assert_eq!(w.stats().lines_written, 400);
+    }
+
+    #[test]
+    fn bounded_buffer_drops_and_counts_while_the_disk_fails() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let c = WriterConfig {
@@ -1578,9 +1704,11 @@ mod tests {
             ..cfg()
         };
         let w = AppendWriter::open(&path, c, 0).unwrap();
+        fail_disk(&w, &path);
         for _ in 0..20 {
             w.write_line(b"0123456789").unwrap();
         }
+        heal_disk(&w, &path);
         w.close().unwrap();
         let text = read(&path);
         let lines: Vec<&str> = text.lines().collect();
@@ -1663,6 +1791,7 @@ mod tests {
             ..cfg()
         };
         let w = AppendWriter::open(&path, c, 0).unwrap();
+        fail_disk(&w, &path);
         let mut sent = 0;
         for i in 0..20u64 {
             w.write_event("s", "step", "c", "m", i, None, None).unwrap();
@@ -1670,6 +1799,7 @@ mod tests {
         }
         w.write_line(br#"{"tokens":1000}"#).unwrap(); // a raw line's tokens count too
         sent += 1000;
+        heal_disk(&w, &path);
         w.close().unwrap();
         let text = read(&path);
         let total: u64 = text

@@ -171,3 +171,27 @@ def test_a_truncated_archive_reads_the_same_in_every_view(sigil_home: Path, log_
     replay = run_cli(sigil_home, "replay", "demo", "--speed", "max", "--mode", "json")
     final = [json.loads(t) for t in replay.stdout.splitlines() if t.startswith("{")][-1]
     assert side["tokens"] == final["tokens_used"] == listed["tokens_used"]
+
+
+def test_an_archived_run_without_its_final_event_is_incomplete_in_every_view(
+    sigil_home: Path, log_path: Path
+) -> None:
+    """An archive's writer is long gone: a run it left without a final event
+    is ``incomplete`` in ``sessions`` as in ``diff`` (never ``running``)."""
+    write_runs(log_path, [Run("dead", 1, day("2026-11-07T10:00:00+00:00"), steps_for(5), None)])
+    directory = log_path / "sessions" / "dead"
+    where = log_path / "archive" / "2026-11-20"
+    where.mkdir(parents=True)
+    with tarfile.open(where / "dead.tar.gz", "w:gz") as tar:
+        tar.add(directory / "execution.jsonl", arcname="dead/execution.jsonl")
+    (directory / "execution.jsonl").unlink()
+    directory.rmdir()
+    proc = run_cli(sigil_home, "sessions", "--json")
+    assert proc.returncode == 0, proc.stderr
+    (listed,) = json.loads(proc.stdout)
+    diffed = run_cli(sigil_home, "diff", "dead", "dead", "--json")
+    assert diffed.returncode == 0, diffed.stderr
+    side = json.loads(diffed.stdout)["a"]
+    assert (listed["status"], listed["tokens_used"]) == ("incomplete", side["tokens"])
+    assert side["status"] == "incomplete"
+    assert [r["status"] for r in listed["run_details"]] == ["incomplete"]

@@ -232,7 +232,11 @@ def _declined(*_args: object) -> None:
 
 class EventsDroppedError(OSError):
     """Events were dropped: the log could not be written (full or failing disk)
-    and the writer's buffer reached ``max_buffer_bytes``.
+    and the writer's buffer reached ``max_buffer_bytes``. A burst on a disk
+    that takes writes is never dropped: the call waits for the writer's
+    background flush to make room (backpressure), for at most 10 seconds
+    (``BACKPRESSURE_LIMIT`` in rust/writer.rs; past it the disk counts as
+    stalled).
 
     Raised by ``log_event_sync``/``log_event`` by every call that finds drops
     not reported yet (so, while the disk stays full, by the calls whose events
@@ -242,7 +246,8 @@ class EventsDroppedError(OSError):
     ``events_dropped`` line carries (in its ``tokens`` field, so every reader's
     sum still includes them). Do not log it again: its tokens would count
     twice. ``errno`` is the disk's error (``ENOSPC``, ``EIO``...), or
-    ``ENOBUFS`` when the buffer filled before the disk reported one.
+    ``ENOBUFS`` when no error was reported: the disk took no write within the
+    backpressure limit, or one event was larger than ``max_buffer_bytes``.
     """
 
     def __init__(
@@ -491,7 +496,9 @@ class ExecutionLogger:
         tokens: int = 0,
         metadata: Mapping[str, Any] | None = None,
     ) -> int:
-        """Log one event; returns its ``seq``. Never waits for the disk.
+        """Log one event; returns its ``seq``. Never waits for a failing disk;
+        waits (with the GIL released) only while the writer's buffer is full
+        and the disk takes writes, so that a burst is not dropped.
 
         Raises :class:`EventsDroppedError` (an ``OSError``) when events were
         dropped on a full or failing disk since the last such report; the event
@@ -612,8 +619,10 @@ class ExecutionLogger:
     ) -> int:
         """Log one execution event (spec 4.2.2); returns its ``seq``.
 
-        Non-blocking: the event is queued and written by the native writer's
-        background thread.
+        The event is queued and written by the native writer's background
+        thread; the call waits only while the writer's buffer is full and the
+        disk takes writes (backpressure: a burst is held back, not dropped),
+        as :meth:`log_event_sync` does.
         """
         if not self.initialized:
             await self.initialize()
