@@ -209,3 +209,136 @@ def test_spans_that_could_not_be_written_make_the_exit_status_1(home: Path, tmp_
     assert "Traceback" not in err, err
     assert "1 written" in out, out
     assert "1 refused" in out + err, (out, err)
+
+
+# -- an agent's aggregate span after its session was closed -------------------------------
+
+AGENT_TRACE = "ab" * 16
+PARENT = "1" * 16
+
+
+def _agent_span(span: str, parent: str | None, tokens: tuple[int, int]) -> dict[str, object]:
+    """A span of conversation ``conv-1``: a model call (child of ``parent``) or,
+    without a parent, the agent's span reporting its calls' usage again."""
+    attrs = [
+        {
+            "key": "gen_ai.operation.name",
+            "value": {"stringValue": "chat" if parent else "invoke_agent"},
+        },
+        {"key": "gen_ai.conversation.id", "value": {"stringValue": "conv-1"}},
+        {"key": "gen_ai.agent.name", "value": {"stringValue": "agent"}},
+        {"key": "gen_ai.usage.input_tokens", "value": {"intValue": str(tokens[0])}},
+        {"key": "gen_ai.usage.output_tokens", "value": {"intValue": str(tokens[1])}},
+    ]
+    span_json: dict[str, object] = {
+        "traceId": AGENT_TRACE,
+        "spanId": span,
+        "name": "chat" if parent else "invoke_agent",
+        "kind": 1,
+        "attributes": attrs,
+        "startTimeUnixNano": "1700000000000000000",
+        "endTimeUnixNano": "1700000001000000000",
+    }
+    if parent:
+        span_json["parentSpanId"] = parent
+    return span_json
+
+
+CHILDREN = _json_request(
+    _agent_span("2" * 16, PARENT, (100, 10)), _agent_span("3" * 16, PARENT, (200, 20))
+)
+AGGREGATE = _json_request(_agent_span(PARENT, None, (300, 30)))
+
+
+def _monitor_tokens(home: Path, log_path: Path) -> int:
+    import orjson
+
+    from conftest import run_cli
+
+    proc = run_cli(
+        home,
+        "monitor",
+        "--session",
+        "conv-1",
+        "--once",
+        "--mode",
+        "json",
+        "--log-path",
+        str(log_path),
+    )
+    assert proc.returncode == 0, proc.stderr
+    return int(orjson.loads(proc.stdout.splitlines()[0])["tokens_used"])
+
+
+def _assert_counted_once(home: Path, log_path: Path) -> None:
+    sdir = log_path / "sessions" / "conv-1"
+    assert session_history(sdir).tokens == 330
+    assert _monitor_tokens(home, log_path) == 330
+    (aggregate,) = [e for e in steps(sdir) if e["metadata"]["span_id"] == PARENT]
+    assert aggregate["tokens"] == 0 and aggregate["metadata"]["aggregate"] is True
+    assert aggregate["metadata"]["reported_input_tokens"] == 300
+
+
+def test_an_aggregate_arriving_after_the_idle_close_is_counted_once(
+    home: Path, tmp_path: Path
+) -> None:
+    from sigil.core.locks import is_session_locked
+
+    log_path = tmp_path / "collected"
+    sdir = log_path / "sessions" / "conv-1"
+    collector = LimitedCollector(home, log_path, 1024, "--idle", "0.3")
+    try:
+        assert httpx.post(collector.url, content=CHILDREN, headers=JS).status_code == 200
+        wait_for(
+            "the idle close",
+            lambda: (
+                sdir.is_dir()
+                and session_history(sdir).runs
+                and session_history(sdir).runs[-1].status == "complete"
+                and not is_session_locked(sdir)
+            ),
+        )
+        assert httpx.post(collector.url, content=AGGREGATE, headers=JS).status_code == 200
+        code, out, err = collector.stop()
+    finally:
+        collector.kill()
+    assert code == 0, err
+    assert "3 written" in out, out
+    _assert_counted_once(home, log_path)
+
+
+def test_an_aggregate_arriving_after_a_restart_is_counted_once(home: Path, tmp_path: Path) -> None:
+    log_path = tmp_path / "collected"
+    for body in (CHILDREN, AGGREGATE):
+        collector = LimitedCollector(home, log_path, 1024, "--idle", "600")
+        try:
+            assert httpx.post(collector.url, content=body, headers=JS).status_code == 200
+            code, _, err = collector.stop()
+        finally:
+            collector.kill()
+        assert code == 0, err
+    _assert_counted_once(home, log_path)
+
+
+def test_an_aggregate_arriving_after_its_session_was_evicted_is_counted_once(
+    home: Path, tmp_path: Path
+) -> None:
+    """Under 128 descriptors a few sessions are open at once: the children's
+    session is closed early by other traces, and the parent still counts 0."""
+    log_path = tmp_path / "collected"
+    collector = LimitedCollector(home, log_path, 128, "--idle", "600")
+    try:
+        with httpx.Client(timeout=30) as client:
+            assert client.post(collector.url, content=CHILDREN, headers=JS).status_code == 200
+            for i in range(1, 41):
+                r = client.post(collector.url, content=_one_trace(i), headers=JS)
+                assert r.status_code == 200
+            assert client.post(collector.url, content=AGGREGATE, headers=JS).status_code == 200
+        code, out, err = collector.stop()
+    finally:
+        collector.kill()
+    assert code == 0, err
+    assert "43 written" in out, out
+    history = session_history(log_path / "sessions" / "conv-1")
+    assert len(history.runs) == 2  # closed early, reopened for the parent
+    _assert_counted_once(home, log_path)

@@ -20,9 +20,12 @@ restart of collect keeps it. Only ``step_complete``/``step_error``/
 **Aggregates.** Some instrumentations put the usage of an agent's model calls
 on the agent's span as well (a parent of those calls). A span reporting usage
 whose children already reported theirs is written with no tokens (its
-reported counts kept as ``reported_*``), so nothing counts twice. Children end,
-and so are exported, before their parent; a parent that arrives first is
-counted and its children then count again -- a known limit of this rule.
+reported counts kept as ``reported_*``), so nothing counts twice. A child's
+event names its parent (``metadata.parent_span_id``), and the parents are
+rebuilt from the log with the spans written, so this holds when the parent
+arrives after its session was closed (idle, evicted) or collect restarted.
+Children end, and so are exported, before their parent; a parent that arrives
+first is counted and its children then count again -- a known limit of this rule.
 
 **Open sessions.** At most ``max_open`` sessions are open at once
 (:data:`DEFAULT_MAX_OPEN`, and never more than :func:`max_open_for` allows
@@ -31,7 +34,7 @@ and its log) and a writer thread, and traces without a conversation ID are a
 session each, so a burst of them would exhaust the descriptors. Opening one
 more closes the least recently used one first, as an idle close does (its run
 ends with ``session_complete``, reason ``evicted``); a span arriving for it
-later reopens it from its log (the spans written, its runs), so nothing
+later reopens it from its log (spans written, parents known, runs), so nothing
 is counted twice and it starts a new run.
 
 **Secrets.** Every text a span brings (its name or status message, the
@@ -154,29 +157,44 @@ class _OpenSession:
             self.lock.release()
 
 
-def _read_history(directory: Path) -> tuple[set[str], int, bool]:
-    """From a session's log: the spans already written, its run count and
-    whether its last run is still open (no final event after its start)."""
-    seen: set[str] = set()
-    runs = 0
-    open_run = False
+@dataclass(slots=True)
+class _History:
+    """What a session's log says collect wrote before."""
+
+    #: spans written (trace ID + span ID)
+    seen: set[str] = field(default_factory=set)
+    #: parents whose children reported usage (trace ID + ``parent_span_id``)
+    parents: list[str] = field(default_factory=list)
+    runs: int = 0
+    #: its last run is still open (no final event after its start)
+    open_run: bool = False
+
+
+def _read_history(directory: Path) -> _History:
+    """From a session's log: the spans already written, the parents of those
+    that reported usage, its run count and whether its last run is open."""
+    history = _History()
     if not directory.is_dir():
-        return seen, runs, open_run
+        return history
     from sigil.telemetry.otlp.reader import iter_session_entries
 
+    seen, parents = history.seen, history.parents
     for entry in iter_session_entries(directory):
         kind = entry.event_type
         if kind == "session_start":
-            runs += 1
-            open_run = True
+            history.runs += 1
+            history.open_run = True
         elif kind in ("session_complete", "session_error"):
-            open_run = False
+            history.open_run = False
         elif kind in _DONE_EVENTS:
             meta = entry.metadata
             trace_id, span_id = meta.get("trace_id"), meta.get("span_id")
             if isinstance(trace_id, str) and isinstance(span_id, str):
                 seen.add(trace_id + span_id)
-    return seen, runs, open_run
+                parent = meta.get("parent_span_id")
+                if isinstance(parent, str) and parent:
+                    parents.append(trace_id + parent)
+    return history
 
 
 def _next_seq(directory: Path) -> int:
@@ -231,7 +249,7 @@ class SessionSink:
         lock = SessionLock(directory)
         lock.acquire()
         try:
-            seen, runs, open_run = _read_history(directory)
+            history = _read_history(directory)
             writer = otlp_ingest.AppendWriter(
                 directory / LOG_FILE_NAME,
                 buffer_bytes=_BUFFER_BYTES,
@@ -246,11 +264,12 @@ class SessionSink:
             lock.release()
             raise
         state = otlp_ingest.OtlpSession()
-        state.add_seen(seen)
-        session = _OpenSession(session_id, lock, writer, state, runs)
+        state.add_seen(history.seen)
+        state.add_parents(history.parents)
+        session = _OpenSession(session_id, lock, writer, state, history.runs)
         # A run still open (collect was killed) goes on; otherwise the first span
         # written starts one, so a retry of spans already written adds no run.
-        session.started = open_run
+        session.started = history.open_run
         return session
 
     def _open_bounded(self, session_id: str) -> _OpenSession:
