@@ -795,6 +795,10 @@ impl SessionState {
             }
             let mut tokens = e.tokens;
             let mut aggregate = false;
+            // A span reporting usage makes its parent an aggregate of it: the
+            // parent's ID goes into the event, so a session reopened from its log
+            // (idle, evicted, collect restarted) knows it again (`add_parents`).
+            let mut child_of = None;
             if e.usage.is_some() && !e.exported {
                 if tokens != 0 && self.parents.contains(&key) {
                     // Its children reported this usage already (sink's module doc).
@@ -803,6 +807,7 @@ impl SessionState {
                 }
                 if let Some(parent) = e.parent_key() {
                     self.remember_parent(parent);
+                    child_of = Some(e.parent_span_id.as_str());
                 }
             }
             meta.clear();
@@ -815,6 +820,10 @@ impl SessionState {
             ids.clear();
             ids.extend_from_slice(&meta);
             ids.push(b'}');
+            if let Some(parent) = child_of {
+                meta.push(b',');
+                push_key_str(&mut meta, "parent_span_id", parent);
+            }
             if !aggregate {
                 if let Some(n) = e.input {
                     meta.push(b',');
@@ -1457,6 +1466,17 @@ impl PyOtlpSession {
         Ok(())
     }
 
+    /// Mark spans (trace ID + span ID, hex) as parents whose children reported
+    /// usage already (rebuilt from the log's `parent_span_id`): such a parent
+    /// reporting usage is written as an aggregate, with no tokens.
+    fn add_parents(&self, keys: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut st = crate::lock(&self.state);
+        for key in keys.try_iter()? {
+            st.remember_parent(key?.extract::<String>()?);
+        }
+        Ok(())
+    }
+
     /// How many spans are marked written.
     fn __len__(&self) -> usize {
         crate::lock(&self.state).seen.len()
@@ -1754,8 +1774,10 @@ mod tests {
         assert_eq!(
             out.0[1],
             format!(
-                "step_complete chat chat m 15 {{{ids},\"input_tokens\":10,\"output_tokens\":5,\
-                 \"model\":\"m\",\"operation\":\"chat\",\"latency_ms\":2.5,\"cost_usd\":0.5}}"
+                "step_complete chat chat m 15 {{{ids},\"parent_span_id\":\"{}\",\
+                 \"input_tokens\":10,\"output_tokens\":5,\
+                 \"model\":\"m\",\"operation\":\"chat\",\"latency_ms\":2.5,\"cost_usd\":0.5}}",
+                "03".repeat(8)
             )
         );
         assert!(
@@ -1775,6 +1797,41 @@ mod tests {
             }
         );
         assert!(!st.has_new(&batch.groups[0].1));
+    }
+
+    #[test]
+    fn a_parent_known_from_the_log_is_an_aggregate_after_a_reopen() {
+        // the children written by an earlier state (a session since closed)
+        let children = decode_protobuf(&body(vec![chat(2, 4, 10), chat(3, 4, 20)]), 10).unwrap();
+        let mut first = SessionState::default();
+        let mut out = Lines(Vec::new());
+        first
+            .write(&map_spans(&children).groups[0].1, &[], &mut out)
+            .unwrap();
+        let parent_id = format!("\"parent_span_id\":\"{}\"", "04".repeat(8));
+        assert!(out.0[1].contains(&parent_id), "{}", out.0[1]);
+        assert!(out.0[3].contains(&parent_id), "{}", out.0[3]);
+        // the parent (span 4, no parent of its own) arrives at a new state
+        let parent = decode_protobuf(&body(vec![chat(4, 0, 30)]), 10).unwrap();
+        let parent = map_spans(&parent);
+        let mut forgetful = SessionState::default();
+        let mut lines = Lines(Vec::new());
+        forgetful
+            .write(&parent.groups[0].1, &[], &mut lines)
+            .unwrap();
+        assert!(lines.0[1].starts_with("step_complete chat chat m 35 "));
+        assert!(!lines.0[1].contains("parent_span_id"));
+        // rebuilt from the log, it is counted once
+        let mut rebuilt = SessionState::default();
+        rebuilt.remember_parent(format!("{}{}", "01".repeat(16), "04".repeat(8)));
+        let mut lines = Lines(Vec::new());
+        rebuilt.write(&parent.groups[0].1, &[], &mut lines).unwrap();
+        assert!(
+            lines.0[1].starts_with("step_complete chat chat m 0 "),
+            "{}",
+            lines.0[1]
+        );
+        assert!(lines.0[1].ends_with("\"aggregate\":true}"));
     }
 
     #[test]

@@ -1101,6 +1101,14 @@ def _reference_log(spans: list[SpanData], log_path: Path) -> None:
                 event.tokens = 0
             if event.parent_key:
                 known.add(event.parent_key)
+                # the child names its parent (so a reopened session knows it)
+                parent = event.parent_key[len(meta["trace_id"]) :]
+                head = ("source", "trace_id", "span_id")
+                meta = {
+                    **{k: meta[k] for k in head},
+                    "parent_span_id": parent,
+                    **{k: v for k, v in meta.items() if k not in head},
+                }
         model, inp, out = meta.get("model"), meta.get("input_tokens"), meta.get("output_tokens")
         if isinstance(model, str) and (inp is not None or out is not None):
             meta.update(pricer.cost_meta(pricer.price(model, inp or 0, out or 0)))

@@ -13,7 +13,15 @@ gzip-compressed, as the OTLP/HTTP specification has it. Answers:
   it has more than ``decode.MAX_SPANS`` spans;
 * 415 for another content type or encoding;
 * 503 with ``Retry-After`` when another writer holds a session's lock: the
-  exporter retries, and the spans already written are not written again.
+  exporter retries, and the spans already written are not written again;
+  503 too when a session's log cannot be opened or written (those spans are
+  counted as refused: collect then exits 1).
+
+**Descriptors.** The sink bounds its open sessions (``sink.max_open_for``).
+A listener out of descriptors anyway (many connections at once) waits and
+retries each second, as asyncio does; collect says so in one line per
+minute at most, not a traceback per attempt, and a retry that fires after
+the listener closed at shutdown is ignored.
 
 Requests are handled one at a time on the event loop: writing is a hand-off
 to the native writer (it never waits for the disk), and one thread owning the
@@ -24,11 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +73,19 @@ class CollectorStats:
     ignored: int = 0
     busy: int = 0
     archived: int = 0
+    #: spans refused because their session's log could not be opened or written
+    unwritten: int = 0
+    #: events the writers dropped (full or failing disk)
+    dropped: int = 0
+    #: sessions closed early to bound the open ones
+    evicted: int = 0
+    #: what went wrong otherwise (closing the sessions, the event loop), one line each
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        """Whether spans were lost or refused for a fault of this side (the exit status)."""
+        return bool(self.unwritten or self.dropped or self.errors)
 
     def add(self, result: IngestResult) -> None:
         self.spans += result.spans
@@ -72,6 +94,7 @@ class CollectorStats:
         self.ignored += result.ignored
         self.busy += result.busy
         self.archived += result.archived
+        self.dropped += result.dropped
 
 
 def _varint(n: int) -> bytes:
@@ -187,6 +210,7 @@ def build_app(
         except OSError as exc:
             # The log cannot be opened (permissions, a hostile path): the exporter
             # retries, and what was written before is deduplicated.
+            stats.unwritten += batch.spans
             return error(ctype, 503, _UNAVAILABLE, f"cannot write the session log: {exc}")
         stats.add(result)
         if result.busy:
@@ -218,10 +242,60 @@ def build_app(
     return app
 
 
-async def _close_idle(sink: SessionSink, period: float) -> None:
+async def _close_idle(sink: SessionSink, period: float, stats: CollectorStats) -> None:
     while True:
         await asyncio.sleep(period)
-        sink.close_idle()
+        try:
+            sink.close_idle()
+        except OSError as exc:  # a failing disk: said once per close, the loop goes on
+            _say(stats, f"closing an idle session failed: {exc}")
+
+
+#: errnos of a listener out of a resource (asyncio backs off and retries)
+_OUT_OF_RESOURCE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: seconds between two "out of descriptors" lines
+_RESOURCE_NOTICE_SECONDS = 60.0
+
+
+def _say(stats: CollectorStats, message: str) -> None:
+    stats.errors.append(message)
+    print(f"sigil collect: {message}", file=sys.stderr, flush=True)
+
+
+class _LoopErrors:
+    """The event loop's exception handler: one line per problem, no tracebacks.
+
+    A listener out of descriptors is said once a minute at most (asyncio retries
+    it each second); the retry that fires after the listener closed at shutdown
+    is ignored; anything else is one line and fails the exit status."""
+
+    def __init__(self, stats: CollectorStats) -> None:
+        self.stats = stats
+        self.stopping = False
+        self.backoffs = 0
+        self._noticed = -_RESOURCE_NOTICE_SECONDS
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        message = str(context.get("message") or "event loop error")
+        if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCE:
+            self.backoffs += 1
+            now = loop.time()
+            if now - self._noticed >= _RESOURCE_NOTICE_SECONDS:
+                self._noticed = now
+                print(
+                    f"sigil collect: {exc.strerror or exc} accepting connections:"
+                    " new connections wait, retried each second (raise `ulimit -n`"
+                    " or send from fewer connections)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return
+        if self.stopping and isinstance(exc, ValueError | OSError):
+            # asyncio's accept retry, scheduled before the listener closed
+            return
+        detail = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+        _say(self.stats, f"{message}{detail}".replace("\n", " "))
 
 
 async def serve(
@@ -235,11 +309,13 @@ async def serve(
     stop: asyncio.Event | None = None,
     pricer: Pricer | None = None,
     token: str | None = None,
+    max_open: int | None = None,
 ) -> CollectorStats:
-    """Serve until SIGINT/SIGTERM (or ``stop``), then end every open session's run."""
+    """Serve until SIGINT/SIGTERM (or ``stop``), then end every open session's run.
+    ``max_open``: sessions open at once (default: ``sink.max_open_for()``)."""
     from aiohttp import web
 
-    sink = SessionSink(log_path, idle_seconds=idle_seconds, pricer=pricer)
+    sink = SessionSink(log_path, idle_seconds=idle_seconds, pricer=pricer, max_open=max_open)
     # Load the price table while the server starts, not on the first span's path.
     sink.pricer.warm()
     stats = CollectorStats()
@@ -249,6 +325,8 @@ async def serve(
     await runner.setup()
     stop = stop if stop is not None else asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop_errors = _LoopErrors(stats)
+    loop.set_exception_handler(loop_errors)
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
@@ -263,14 +341,17 @@ async def serve(
             bound = sockets[0].getsockname()[1]
         if on_ready is not None:
             on_ready(host, bound)
-        closer = asyncio.create_task(_close_idle(sink, max(0.05, min(idle_seconds / 2, 5.0))))
+        period = max(0.05, min(idle_seconds / 2, 5.0))
+        closer = asyncio.create_task(_close_idle(sink, period, stats))
         await stop.wait()
     finally:
+        loop_errors.stopping = True
         if closer is not None:
             closer.cancel()
         await runner.cleanup()
         try:
             sink.close()
         except OSError as exc:  # pragma: no cover - a failing disk at exit
-            print(f"sigil collect: closing the sessions failed: {exc}", file=sys.stderr)
+            _say(stats, f"closing the sessions failed: {exc}")
+        stats.evicted = sink.evicted
     return stats

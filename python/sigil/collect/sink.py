@@ -20,9 +20,22 @@ restart of collect keeps it. Only ``step_complete``/``step_error``/
 **Aggregates.** Some instrumentations put the usage of an agent's model calls
 on the agent's span as well (a parent of those calls). A span reporting usage
 whose children already reported theirs is written with no tokens (its
-reported counts kept as ``reported_*``), so nothing counts twice. Children end,
-and so are exported, before their parent; a parent that arrives first is
-counted and its children then count again -- a known limit of this rule.
+reported counts kept as ``reported_*``), so nothing counts twice. A child's
+event names its parent (``metadata.parent_span_id``), and the parents are
+rebuilt from the log with the spans written, so this holds when the parent
+arrives after its session was closed (idle, evicted) or collect restarted.
+Children end, and so are exported, before their parent; a parent that arrives
+first is counted and its children then count again -- a known limit of this rule.
+
+**Open sessions.** At most ``max_open`` sessions are open at once
+(:data:`DEFAULT_MAX_OPEN`, and never more than :func:`max_open_for` allows
+under the process's descriptor limit): each holds two descriptors (its lock
+and its log) and a writer thread, and traces without a conversation ID are a
+session each, so a burst of them would exhaust the descriptors. Opening one
+more closes the least recently used one first, as an idle close does (its run
+ends with ``session_complete``, reason ``evicted``); a span arriving for it
+later reopens it from its log (spans written, parents known, runs), so nothing
+is counted twice and it starts a new run.
 
 **Secrets.** Every text a span brings (its name or status message, the
 component, model, provider, operation and error type) is scrubbed with the
@@ -46,7 +59,10 @@ tokens and so no cost.
 
 from __future__ import annotations
 
+import errno
+import resource
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +78,7 @@ from sigil.telemetry import otlp_ingest
 from sigil.telemetry.log_parser import last_seq
 from sigil.telemetry.pricing import Pricer, cost_number
 
-__all__ = ["COMPONENT", "IngestResult", "SessionSink"]
+__all__ = ["COMPONENT", "DEFAULT_MAX_OPEN", "IngestResult", "SessionSink", "max_open_for"]
 
 #: The component of the run events collect writes itself.
 COMPONENT = "collect"
@@ -71,6 +87,24 @@ _DONE_EVENTS = frozenset({"step_complete", "step_error", "token_consumption"})
 #: flush interval bounds the delay otherwise).
 _BUFFER_BYTES = 64 << 10
 _MAX_BUFFER_BYTES = 8 << 20
+#: Sessions open at once by default (each: 2 descriptors and a writer thread).
+DEFAULT_MAX_OPEN = 256
+#: Descriptors left for everything else (connections, the interpreter, reading a
+#: session's history) when bounding the open sessions by the descriptor limit.
+_RESERVED_FDS = 96
+#: Descriptors one open session may hold (its lock and log, and a margin for
+#: the writer rotating its segments).
+_FDS_PER_SESSION = 4
+
+
+def max_open_for(fd_limit: int | None = None) -> int:
+    """The open sessions the descriptor limit (``RLIMIT_NOFILE``'s soft limit
+    by default) allows: a quarter of what is left after a reserve, at least 4,
+    at most :data:`DEFAULT_MAX_OPEN`."""
+    if fd_limit is None:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fd_limit = soft if soft != resource.RLIM_INFINITY else 1 << 20
+    return max(4, min(DEFAULT_MAX_OPEN, (fd_limit - _RESERVED_FDS) // _FDS_PER_SESSION))
 
 
 @dataclass(slots=True)
@@ -123,29 +157,44 @@ class _OpenSession:
             self.lock.release()
 
 
-def _read_history(directory: Path) -> tuple[set[str], int, bool]:
-    """From a session's log: the spans already written, its run count and
-    whether its last run is still open (no final event after its start)."""
-    seen: set[str] = set()
-    runs = 0
-    open_run = False
+@dataclass(slots=True)
+class _History:
+    """What a session's log says collect wrote before."""
+
+    #: spans written (trace ID + span ID)
+    seen: set[str] = field(default_factory=set)
+    #: parents whose children reported usage (trace ID + ``parent_span_id``)
+    parents: list[str] = field(default_factory=list)
+    runs: int = 0
+    #: its last run is still open (no final event after its start)
+    open_run: bool = False
+
+
+def _read_history(directory: Path) -> _History:
+    """From a session's log: the spans already written, the parents of those
+    that reported usage, its run count and whether its last run is open."""
+    history = _History()
     if not directory.is_dir():
-        return seen, runs, open_run
+        return history
     from sigil.telemetry.otlp.reader import iter_session_entries
 
+    seen, parents = history.seen, history.parents
     for entry in iter_session_entries(directory):
         kind = entry.event_type
         if kind == "session_start":
-            runs += 1
-            open_run = True
+            history.runs += 1
+            history.open_run = True
         elif kind in ("session_complete", "session_error"):
-            open_run = False
+            history.open_run = False
         elif kind in _DONE_EVENTS:
             meta = entry.metadata
             trace_id, span_id = meta.get("trace_id"), meta.get("span_id")
             if isinstance(trace_id, str) and isinstance(span_id, str):
                 seen.add(trace_id + span_id)
-    return seen, runs, open_run
+                parent = meta.get("parent_span_id")
+                if isinstance(parent, str) and parent:
+                    parents.append(trace_id + parent)
+    return history
 
 
 def _next_seq(directory: Path) -> int:
@@ -171,15 +220,21 @@ class SessionSink:
         idle_seconds: float = 60.0,
         fsync: str = "interval",
         pricer: Pricer | None = None,
+        max_open: int | None = None,
     ) -> None:
         self.log_path = resolve_log_path(log_path)
+        #: sessions open at once (the least recently used is closed for a new one)
+        self.max_open = max_open_for() if max_open is None else max(1, max_open)
         #: prices each model call (config's overrides, then the table)
         self.pricer = pricer if pricer is not None else Pricer()
         self.idle_seconds = idle_seconds
         if fsync not in ("always", "interval", "never"):
             raise ValueError(f"fsync must be 'always', 'interval' or 'never', not {fsync!r}")
         self.fsync = fsync
-        self._sessions: dict[str, _OpenSession] = {}
+        #: open sessions, least recently used first
+        self._sessions: OrderedDict[str, _OpenSession] = OrderedDict()
+        #: sessions closed early to make room (their runs ended as "evicted")
+        self.evicted = 0
         #: raw session IDs (conversation, session, trace) to valid ones
         self._session_ids: dict[str, str] = {}
 
@@ -194,7 +249,7 @@ class SessionSink:
         lock = SessionLock(directory)
         lock.acquire()
         try:
-            seen, runs, open_run = _read_history(directory)
+            history = _read_history(directory)
             writer = otlp_ingest.AppendWriter(
                 directory / LOG_FILE_NAME,
                 buffer_bytes=_BUFFER_BYTES,
@@ -209,12 +264,33 @@ class SessionSink:
             lock.release()
             raise
         state = otlp_ingest.OtlpSession()
-        state.add_seen(seen)
-        session = _OpenSession(session_id, lock, writer, state, runs)
+        state.add_seen(history.seen)
+        state.add_parents(history.parents)
+        session = _OpenSession(session_id, lock, writer, state, history.runs)
         # A run still open (collect was killed) goes on; otherwise the first span
         # written starts one, so a retry of spans already written adds no run.
-        session.started = open_run
+        session.started = history.open_run
         return session
+
+    def _open_bounded(self, session_id: str) -> _OpenSession:
+        """Open a session, first closing the least recently used ones past
+        ``max_open``; out of descriptors anyway (other files, many
+        connections), close a quarter of them and try once more."""
+        while len(self._sessions) >= self.max_open:
+            self._evict()
+        try:
+            return self._open(session_id)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._sessions:
+                raise
+        for _ in range(max(1, len(self._sessions) // 4)):
+            self._evict()
+        return self._open(session_id)
+
+    def _evict(self) -> None:
+        sid = next(iter(self._sessions))
+        self.evicted += 1
+        self._close(sid, f"evicted: at most {self.max_open} sessions are open at once")
 
     def _session_id(self, raw: str) -> str:
         sid = self._session_ids.get(raw)
@@ -257,7 +333,7 @@ class SessionSink:
                     result.archived += size
                     continue
                 try:
-                    session = self._open(sid)
+                    session = self._open_bounded(sid)
                 except SessionArchived:
                     archived.add(sid)
                     result.archived += size
@@ -267,6 +343,8 @@ class SessionSink:
                     result.busy += size
                     continue
                 sessions[sid] = session
+            else:
+                sessions.move_to_end(sid)
             session.last_used = now
             if not session.started:
                 if not session.state.has_new(batch, index):

@@ -2,7 +2,8 @@
 
 Thin on purpose (STYLE.md): check the flags, then serve
 (:mod:`sigil.collect.server`). Exit codes: 0 stopped by SIGINT/SIGTERM, 1 the
-port could not be bound or the extra is missing, 2 bad usage.
+port could not be bound, the extra is missing, or spans were refused or lost
+because a session's log could not be written (said in the last line), 2 bad usage.
 """
 
 from __future__ import annotations
@@ -127,6 +128,16 @@ def collect(
         f"sigil collect: {stats.spans} spans received, {stats.written} written,"
         f" {stats.duplicates} duplicates, {stats.ignored} not GenAI"
         + (f", {stats.archived} rejected (archived sessions)" if stats.archived else "")
+        + (f", {stats.unwritten} refused (a log could not be written)" if stats.unwritten else "")
+        + (f", {stats.dropped} events dropped by the writers" if stats.dropped else "")
         + " (tokens: sigil monitor or sigil sessions, from each session's model)"
     )
+    if stats.failed:
+        problems = len(stats.errors)
+        click.echo(
+            "Error: sigil collect did not write everything it received"
+            + (f" ({problems} error(s) above)" if problems else ""),
+            err=True,
+        )
+        return ExitCode.FAILED
     return ExitCode.OK
