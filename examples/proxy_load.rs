@@ -11,14 +11,16 @@
 //!   the call (body read to answer), so a client can subtract it.
 //!
 //! `proxy_load load --url ROOT [--url ROOT2 ...] --concurrency N --calls C
-//!                 [--warmup W] [--rounds R] [--timeout-s T]`
+//!                 [--warmup W] [--rounds R] [--together 0|1] [--timeout-s T]`
 //!   opens N keep-alive connections to each target (one per worker, each its
 //!   own HTTP/1.1 connection, kept from round to round) and sends non-streamed
 //!   chat completions, N at a time, each worker sending its next call as soon
 //!   as its last one is answered. The C calls of each target are split over R
 //!   rounds, and the rounds alternate between the targets (A, B, A, B, ...), so
 //!   that whatever else loads the machine loads them alike; each round first
-//!   sends W calls that are not recorded. Prints one JSON object: per target
+//!   sends W calls that are not recorded. With `--together 1` the targets'
+//!   rounds run at the same time instead (N workers on each), so that the
+//!   machine's other load falls on both at the same moments. Prints one JSON object: per target
 //!   `calls`, `errors`, `sent` (warmup included), `wall_s` (recorded calls),
 //!   `p50_ms`/`p99_ms`/`max_ms` (latency, nearest rank) and
 //!   `p50_excess_ms`/`p99_excess_ms` (latency minus the upstream's held time:
@@ -71,7 +73,7 @@ fn main() -> ExitCode {
 fn usage() -> String {
     "usage: proxy_load serve [--latency-ms MS|LO..HI] [--seed S]\n       \
      proxy_load load --url ROOT [--url ROOT ...] --concurrency N --calls C \
-     [--warmup W] [--rounds R] [--timeout-s T]"
+     [--warmup W] [--rounds R] [--together 0|1] [--timeout-s T]"
         .to_string()
 }
 
@@ -338,6 +340,7 @@ fn load_main(args: &[String]) -> Result<(), String> {
     let mut urls = Vec::new();
     let (mut concurrency, mut calls, mut warmup, mut rounds, mut timeout_s) =
         (0usize, 0usize, 0usize, 1usize, 60.0f64);
+    let mut together = false;
     for (name, value) in options(args)? {
         match name.as_str() {
             "url" => urls.push(value),
@@ -346,6 +349,7 @@ fn load_main(args: &[String]) -> Result<(), String> {
             "warmup" => warmup = number(&name, &value)?,
             "rounds" => rounds = number(&name, &value)?,
             "timeout-s" => timeout_s = number(&name, &value)?,
+            "together" => together = number::<u8>(&name, &value)? != 0,
             _ => return Err(format!("unknown option --{name}\n{}", usage())),
         }
     }
@@ -379,35 +383,52 @@ fn load_main(args: &[String]) -> Result<(), String> {
             .map(|_| (0..concurrency).map(|_| None).collect())
             .collect();
         let mut tallies: Vec<Tally> = targets.iter().map(|_| Tally::default()).collect();
+        // The targets measured at the same time (`--together`: all of them), or one by one.
+        let groups: Vec<Vec<usize>> = if together {
+            vec![(0..targets.len()).collect()]
+        } else {
+            (0..targets.len()).map(|i| vec![i]).collect()
+        };
         for round in 0..rounds {
             // The calls split evenly over the rounds (the first rounds take the rest).
             let share = calls / rounds + usize::from(round < calls % rounds);
-            for ((t, pool), tally) in targets.iter().zip(&mut pools).zip(&mut tallies) {
-                let phase = Arc::new(Phase {
-                    target: Arc::clone(t),
-                    warmup,
-                    calls: share,
-                    timeout,
-                    next: AtomicUsize::new(0),
-                    started: Mutex::new(None),
-                });
-                let workers: Vec<_> = pool
-                    .iter_mut()
-                    .map(|conn| tokio::spawn(worker(Arc::clone(&phase), conn.take())))
-                    .collect();
-                for (w, slot) in workers.into_iter().zip(pool.iter_mut()) {
-                    match w.await {
-                        Ok((conn, s, e, n)) => {
-                            *slot = conn;
-                            tally.samples.extend(s);
-                            tally.errors += e;
-                            tally.sent += n;
+            for group in &groups {
+                let mut running = Vec::with_capacity(group.len());
+                for &i in group {
+                    let phase = Arc::new(Phase {
+                        target: Arc::clone(&targets[i]),
+                        warmup,
+                        calls: share,
+                        timeout,
+                        next: AtomicUsize::new(0),
+                        started: Mutex::new(None),
+                    });
+                    let workers: Vec<_> = pools[i]
+                        .iter_mut()
+                        .map(|conn| tokio::spawn(worker(Arc::clone(&phase), conn.take())))
+                        .collect();
+                    running.push((i, phase, workers));
+                }
+                for (i, phase, workers) in running {
+                    let tally = &mut tallies[i];
+                    let mut ended: Option<Instant> = None;
+                    for (w, slot) in workers.into_iter().zip(pools[i].iter_mut()) {
+                        match w.await {
+                            Ok((conn, s, e, n, end)) => {
+                                *slot = conn;
+                                tally.samples.extend(s);
+                                tally.errors += e;
+                                tally.sent += n;
+                                ended = ended.max(Some(end));
+                            }
+                            Err(_) => tally.errors += 1,
                         }
-                        Err(_) => tally.errors += 1,
+                    }
+                    let started = phase.started.lock().ok().and_then(|s| *s);
+                    if let (Some(s), Some(e)) = (started, ended) {
+                        tally.wall += e.saturating_duration_since(s).as_secs_f64();
                     }
                 }
-                let started = phase.started.lock().ok().and_then(|s| *s);
-                tally.wall += started.map_or(0.0, |s| s.elapsed().as_secs_f64());
             }
         }
         tallies
@@ -439,6 +460,7 @@ fn load_main(args: &[String]) -> Result<(), String> {
     let report = serde_json::json!({
         "concurrency": concurrency,
         "rounds": rounds,
+        "together": together,
         "targets": out,
         "client_cpu_s": cpu_seconds() - cpu_before,
     });
@@ -482,11 +504,11 @@ async fn connect(addr: SocketAddr) -> Result<Sender, String> {
 }
 
 /// One connection's calls in a phase: (its connection, recorded samples,
-/// recorded errors, calls sent).
+/// recorded errors, calls sent, when its last call ended).
 async fn worker(
     phase: Arc<Phase>,
     mut sender: Option<Sender>,
-) -> (Option<Sender>, Vec<Sample>, usize, usize) {
+) -> (Option<Sender>, Vec<Sample>, usize, usize, Instant) {
     let mut samples = Vec::new();
     let (mut errors, mut sent) = (0usize, 0usize);
     loop {
@@ -517,7 +539,7 @@ async fn worker(
             }
         }
     }
-    (sender, samples, errors, sent)
+    (sender, samples, errors, sent, Instant::now())
 }
 
 /// One chat completion on the worker's connection (opened when there is
