@@ -1034,6 +1034,89 @@ pub struct RunTotals {
     pub steps: StepHashes,
     /// The metadata of the run's `session_start` (task, thresholds, ...), as JSON.
     pub start_metadata: Option<String>,
+    /// The proxy's calls started and not closed yet (see [`OpenCalls`]).
+    pub calls: OpenCalls,
+}
+
+/// The most calls a run keeps open, and closes of calls a part of a split
+/// fold did not see start: bounded whatever the log holds.
+pub const MAX_OPEN_CALLS: usize = 4096;
+
+/// A call the proxy started (a `step_start` with `metadata.call`) that no
+/// `step_complete`/`step_error` of its run closed yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenCall {
+    pub call: u64,
+    pub component: String,
+    /// `metadata.model` of its start, when a string.
+    pub model: Option<String>,
+    /// `metadata.prompt_tokens_reserved` + `metadata.max_tokens`: what the
+    /// call holds of the budget until it settles.
+    pub reserved: u64,
+}
+
+/// A run's calls in flight (review 14, finding 2). While the run is live they
+/// are in flight; once it is dead (it ended, a later run started, or its
+/// writer is gone) a call with a reservation that never ended is a call of
+/// unknown usage holding its reservation, as the proxy counts one itself
+/// ([`FoldState::settled`]): the upstream may have spent it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenCalls {
+    /// Oldest start first.
+    pub open: Vec<OpenCall>,
+    /// Closes of calls this fold did not see start (an earlier part of the
+    /// file did): a merge closes them there.
+    closed: Vec<u64>,
+}
+
+impl OpenCalls {
+    fn start(&mut self, c: OpenCall) {
+        if self.open.len() < MAX_OPEN_CALLS {
+            self.open.push(c);
+        }
+    }
+
+    fn close(&mut self, call: u64) {
+        if let Some(i) = self.open.iter().rposition(|c| c.call == call) {
+            self.open.remove(i);
+        } else if self.closed.len() < MAX_OPEN_CALLS {
+            self.closed.push(call);
+        }
+    }
+
+    /// Continue with `o`, the calls of what directly follows in the same run.
+    fn absorb(&mut self, o: &OpenCalls) {
+        for &call in &o.closed {
+            self.close(call);
+        }
+        for c in &o.open {
+            self.start(c.clone());
+        }
+    }
+
+    /// The calls holding a reservation.
+    pub fn holding(&self) -> impl Iterator<Item = &OpenCall> {
+        self.open.iter().filter(|c| c.reserved > 0)
+    }
+}
+
+/// Count a dead run's open calls with a reservation as calls of unknown usage
+/// holding it: in the run's components and models and in `session`.
+fn settle_calls(r: &mut RunTotals, session: &mut Names<ComponentTotals>) {
+    for c in std::mem::take(&mut r.calls.open) {
+        if c.reserved == 0 {
+            continue;
+        }
+        for t in [r.components.slot(&c.component), session.slot(&c.component)] {
+            t.unknown_usage = t.unknown_usage.saturating_add(1);
+            t.tokens_held = t.tokens_held.saturating_add(c.reserved);
+        }
+        if let Some(m) = &c.model {
+            let t = r.models.slot(&model_key(&c.component, m));
+            t.unknown_usage = t.unknown_usage.saturating_add(1);
+            t.tokens_held = t.tokens_held.saturating_add(c.reserved);
+        }
+    }
 }
 
 impl Default for RunTotals {
@@ -1055,6 +1138,7 @@ impl Default for RunTotals {
             models: Names::default(),
             steps: StepHashes::default(),
             start_metadata: None,
+            calls: OpenCalls::default(),
         }
     }
 }
@@ -1077,6 +1161,7 @@ impl RunTotals {
             self.models.slot(k).add(m);
         }
         self.steps.absorb(&o.steps);
+        self.calls.absorb(&o.calls);
         if o.ended_at.is_some() {
             self.ended_at.clone_from(&o.ended_at);
             self.status.clone_from(&o.status);
@@ -1385,6 +1470,12 @@ struct MetaKeys<'a> {
     input_sha256: Option<&'a RawValue>,
     #[serde(borrow, default)]
     output_sha256: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    call: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt_tokens_reserved: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    max_tokens: Option<&'a RawValue>,
 }
 
 /// The metadata values the fold uses, read leniently: a value of the wrong
@@ -1415,6 +1506,10 @@ struct FoldMeta<'a> {
     /// A step's `input_sha256` / `output_sha256` (strings).
     input_sha256: Option<Cow<'a, str>>,
     output_sha256: Option<Cow<'a, str>>,
+    /// The proxy's call number in its run, and what its start reserved.
+    call: Option<u64>,
+    prompt_tokens_reserved: Option<u64>,
+    max_tokens: Option<u64>,
 }
 
 impl<'a> FoldMeta<'a> {
@@ -1439,6 +1534,9 @@ impl<'a> FoldMeta<'a> {
             tokens_held: num(k.tokens_held),
             input_sha256: text(k.input_sha256),
             output_sha256: text(k.output_sha256),
+            call: num(k.call),
+            prompt_tokens_reserved: num(k.prompt_tokens_reserved),
+            max_tokens: num(k.max_tokens),
         }
     }
 
@@ -1470,13 +1568,16 @@ impl<'a> FoldMeta<'a> {
             tokens_held: get(m, "tokens_held"),
             input_sha256: get::<String>(m, "input_sha256").map(Cow::Owned),
             output_sha256: get::<String>(m, "output_sha256").map(Cow::Owned),
+            call: get(m, "call"),
+            prompt_tokens_reserved: get(m, "prompt_tokens_reserved"),
+            max_tokens: get(m, "max_tokens"),
         }
     }
 }
 
 /// The metadata keys the fold reads, picked by the parser's fast path
 /// (the fields of [`MetaKeys`], in this order).
-const META_KEYS: [&str; 19] = [
+const META_KEYS: [&str; 22] = [
     "latency_ms",
     "budget",
     "status",
@@ -1496,10 +1597,13 @@ const META_KEYS: [&str; 19] = [
     "input_sha256",
     "output_sha256",
     "tokens_held",
+    "call",
+    "prompt_tokens_reserved",
+    "max_tokens",
 ];
 
 /// [`META_KEYS`] indexed for the parser's fast path.
-const FOLD_KEYS: KeySet<'static, 19> = KeySet::new(&META_KEYS);
+const FOLD_KEYS: KeySet<'static, 22> = KeySet::new(&META_KEYS);
 
 /// The metadata values the fold uses (the parser has validated the metadata),
 /// set in `m` (a default one: filled in place, not moved per line).
@@ -1507,7 +1611,7 @@ const FOLD_KEYS: KeySet<'static, 19> = KeySet::new(&META_KEYS);
 fn fold_meta<'a>(
     m: &mut FoldMeta<'a>,
     event: &RawEvent<'a>,
-    picks: Option<Picks<'a, 19>>,
+    picks: Option<Picks<'a, 22>>,
     kind: Kind,
 ) {
     match (event.metadata, picks) {
@@ -1535,7 +1639,10 @@ fn fold_meta<'a>(
                     15 => m.usage_unknown = v == "\"unknown\"",
                     16 => m.input_sha256 = plain_str(v),
                     17 => m.output_sha256 = plain_str(v),
-                    _ => m.tokens_held = p.u64_at(i),
+                    18 => m.tokens_held = p.u64_at(i),
+                    19 => m.call = p.u64_at(i),
+                    20 => m.prompt_tokens_reserved = p.u64_at(i),
+                    _ => m.max_tokens = p.u64_at(i),
                 }
             }
         }
@@ -1993,6 +2100,37 @@ impl FoldState {
         out
     }
 
+    /// The fold with the calls of dead runs settled: a call the proxy started
+    /// with a reservation and never ended, in a run that ended, that a later
+    /// run followed, or (`writer_gone`: nobody holds the session's lock, or
+    /// the caller holds it before its run starts) whose writer is gone, counts
+    /// as a call of unknown usage holding its reservation (review 14, finding
+    /// 2). The live run's calls stay in flight. Borrowed when nothing changes.
+    pub fn settled(&self, writer_gone: bool) -> Cow<'_, FoldState> {
+        let last = self.run_list.len();
+        let dead = |i: usize, r: &RunTotals| i < last || r.ended_at.is_some() || writer_gone;
+        let runs = std::iter::once(&self.head).chain(self.run_list.iter());
+        if !runs
+            .enumerate()
+            .any(|(i, r)| dead(i, r) && r.calls.holding().next().is_some())
+        {
+            return Cow::Borrowed(self);
+        }
+        let mut st = self.clone();
+        let FoldState {
+            head,
+            run_list,
+            components,
+            ..
+        } = &mut st;
+        for (i, r) in std::iter::once(head).chain(run_list.iter_mut()).enumerate() {
+            if dead(i, r) {
+                settle_calls(r, components);
+            }
+        }
+        Cow::Owned(st)
+    }
+
     /// The current run (the latest; before any `session_start`, run 0).
     pub fn run(&self) -> &RunTotals {
         self.run_list.back().unwrap_or(&self.head)
@@ -2041,7 +2179,7 @@ impl FoldState {
         if let (Some(ix), Some(start)) = (ix, in_block) {
             // sigil's own layout, folded as it is read (the usual line).
             if let Some(l) = layout_block_line(block, ix, start, line.len()) {
-                if self.feed_layout(&l, block, start) {
+                if self.feed_layout(&l, block, start, line.len()) {
                     self.pend_line(offset, start, line.len());
                     return;
                 }
@@ -2094,7 +2232,7 @@ impl FoldState {
     /// with nothing changed, for the others ([`FoldState::feed_event`]
     /// folds them). The update is [`FoldState::feed_event`]'s for these kinds.
     #[inline(always)]
-    fn feed_layout(&mut self, l: &Layout<'_>, block: &[u8], start: usize) -> bool {
+    fn feed_layout(&mut self, l: &Layout<'_>, block: &[u8], start: usize, len: usize) -> bool {
         let (kind, kind_slot) = match Kind::of_bytes(l.event_type.as_bytes()) {
             Kind::Other => self.kind_of(l.event_type),
             kind => {
@@ -2106,6 +2244,12 @@ impl FoldState {
             }
         };
         let uses_meta = match kind {
+            // A proxy call's end closes its call (`metadata.call`): the general path reads it.
+            Kind::StepComplete
+                if memchr::memmem::find(&block[start..start + len], b"\"call\":").is_some() =>
+            {
+                return false
+            }
             Kind::StepComplete | Kind::TokenConsumption => true,
             Kind::Other => false,
             _ => return false,
@@ -2342,7 +2486,9 @@ impl FoldState {
     fn push_run(&mut self, run: RunTotals) {
         self.new_current_run();
         if self.run_list.len() >= MAX_RUNS {
-            if let Some(old) = self.run_list.pop_front() {
+            if let Some(mut old) = self.run_list.pop_front() {
+                // A later run started: its calls never ended are held.
+                settle_calls(&mut old, &mut self.components);
                 for (k, m) in old.models.iter() {
                     self.dropped_models.slot(k).add(m);
                 }
@@ -2472,6 +2618,25 @@ impl FoldState {
         let run = self.run_list.back_mut().unwrap_or(&mut self.head);
         let (name, c) = run.components.entry_mut(run_slot);
         step.update_run(c, name, &mut run.models);
+        if let Some(call) = meta.call {
+            match kind {
+                Kind::StepStart => run.calls.start(OpenCall {
+                    call,
+                    component: name.to_string(),
+                    model: meta
+                        .model
+                        .as_deref()
+                        .and_then(decode_str)
+                        .map(|m| bounded(&m)),
+                    reserved: meta
+                        .prompt_tokens_reserved
+                        .unwrap_or(0)
+                        .saturating_add(meta.max_tokens.unwrap_or(0)),
+                }),
+                Kind::StepComplete | Kind::StepError => run.calls.close(call),
+                _ => {}
+            }
+        }
         match (kind, &meta.input_sha256, &meta.output_sha256) {
             (Kind::StepStart, Some(h), _) => run.steps.start(&e.component, h, e.seq),
             (Kind::StepComplete, _, Some(h)) => run.steps.output(&e.component, h),
@@ -3315,6 +3480,90 @@ mod tests {
             }
         }
         whole
+    }
+
+    /// Review 14, finding 2: a proxy run killed with calls in flight.
+    fn killed_proxy_session() -> String {
+        let start = |seq, call, reserved: &str| {
+            line(
+                "step_start",
+                "m",
+                0,
+                seq,
+                &format!(r#"{{"run":1,"call":{call},"model":"m",{reserved}}}"#),
+            )
+        };
+        [
+            line(
+                "session_start",
+                "orchestrator",
+                0,
+                0,
+                r#"{"run":1,"budget":1000}"#,
+            ),
+            start(1, 1, r#""max_tokens":50,"prompt_tokens_reserved":10"#),
+            start(2, 2, r#""max_tokens":40"#),
+            start(3, 3, r#""prompt_tokens_reserved":0"#), // a refusal's start: nothing reserved
+            line("step_error", "m", 0, 4, r#"{"run":1,"call":3,"model":"m"}"#),
+            line(
+                "step_complete",
+                "m",
+                30,
+                5,
+                r#"{"run":1,"call":1,"model":"m","input_tokens":10,"output_tokens":20}"#,
+            ),
+            start(6, 4, r#""max_tokens":7,"prompt_tokens_reserved":3"#),
+            // killed here: calls 2 and 4 never end
+        ]
+        .join("\n")
+            + "\n"
+    }
+
+    #[test]
+    fn calls_a_dead_run_left_unended_hold_their_reservations() {
+        let data = killed_proxy_session();
+        let whole = assert_every_split_equals_one_fold(&data, 0);
+        assert_eq!(
+            whole
+                .run()
+                .calls
+                .holding()
+                .map(|c| c.call)
+                .collect::<Vec<_>>(),
+            [2, 4]
+        );
+        // Live: in flight, not held.
+        let live = whole.settled(false);
+        assert!(matches!(live, Cow::Borrowed(_)));
+        assert_eq!(live.components["m"].tokens_held, 0);
+        // The writer is gone: held, unknown usage, per component, model and run.
+        let gone = whole.settled(true);
+        let c = &gone.components["m"];
+        assert_eq!((c.unknown_usage, c.tokens_held, c.tokens), (2, 50, 30));
+        let r = gone.run();
+        assert_eq!(r.components["m"].tokens_held, 50);
+        assert!(r.calls.open.is_empty());
+        let m = &gone.models()[&model_key("m", "m")];
+        assert_eq!((m.unknown_usage, m.tokens_held), (2, 50));
+        // A later run started (or the run ended): dead whatever the lock says.
+        for tail in [
+            line("session_start", "orchestrator", 0, 7, r#"{"run":2}"#),
+            line(
+                "session_error",
+                "orchestrator",
+                0,
+                7,
+                r#"{"status":"error"}"#,
+            ),
+        ] {
+            let next = format!("{data}{tail}\n");
+            let f = assert_every_split_equals_one_fold(&next, 0);
+            let s = f.settled(false);
+            let c = &s.components["m"];
+            assert_eq!((c.unknown_usage, c.tokens_held), (2, 50));
+            let first = s.run_list.iter().find(|r| r.number == 1).unwrap();
+            assert_eq!(first.components["m"].unknown_usage, 2);
+        }
     }
 
     /// Issue 12: steps opened, restarted, retried and closed across runs.

@@ -434,6 +434,16 @@ pub fn alone(ledger: &Ledger) -> History {
         c.cost.add(cost);
         c.tokens_held = c.tokens_held.saturating_add(*held);
     }
+    // The component totals carry no count of calls of unknown usage: it is
+    // the runs' (every run is in the ledger), as a fold of the log counts it.
+    for r in &ledger.runs {
+        for (name, rc) in &r.components {
+            if rc.unknown_usage > 0 {
+                let c = components.slot(name);
+                c.unknown_usage = c.unknown_usage.saturating_add(rc.unknown_usage);
+            }
+        }
+    }
     let mut models: Names<ModelTotals> = Names::default();
     add_models(
         &mut models,
@@ -704,6 +714,14 @@ mod tests {
         assert_eq!(h.components.get("planning").unwrap().operations, 1);
         let m1 = h.models.get(&model_key("planning", "m1")).unwrap();
         assert_eq!((m1.tokens, m1.calls, m1.cost_nanousd), (10, 1, 7));
+        // Review 14, finding 8: the calls of unknown usage are the runs'.
+        assert_eq!(h.components.get("planning").unwrap().unknown_usage, 0);
+        let unknown = LEDGER.replace(
+            "\"errors\": 0, \"retries\": 0,",
+            "\"errors\": 0, \"retries\": 0, \"unknown_usage_calls\": 2, \"tokens_held\": 9,",
+        );
+        let u = alone(&parse("t.json", unknown.as_bytes()).unwrap());
+        assert_eq!(u.components.get("planning").unwrap().unknown_usage, 2);
         // A ledger without per-model totals does not stand for the log alone.
         let old = LEDGER.replace("\"model_totals\"", "\"old_model_totals\"");
         let old = parse("t.json", old.as_bytes()).unwrap();

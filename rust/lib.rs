@@ -327,13 +327,18 @@ impl PyFold {
     /// one per frame). With the session's `ledger`, the whole history's
     /// tokens, components and runs: the runs only the ledger knows (their
     /// events rotated or deleted by an external tool) count too.
-    #[pyo3(signature = (ledger = None))]
+    ///
+    /// `writer_gone`: the session's writer is gone (nobody holds its lock),
+    /// so the calls its last run left unended are held (`FoldState::settled`).
+    #[pyo3(signature = (ledger = None, writer_gone = false))]
     fn snapshot(
         &self,
         py: Python<'_>,
         ledger: Option<&PyLedger>,
+        writer_gone: bool,
     ) -> PyResult<snapshot::PySessionSnapshot> {
         let st = self.copy(py)?;
+        let st = st.settled(writer_gone);
         snapshot::session_joined(py, &st, ledger.and_then(|l| l.doc.as_ref()))
     }
 
@@ -403,13 +408,17 @@ impl PyFold {
 
     /// The whole session's history: this fold of the log joined with the
     /// session's ledger (`tokens.json`), if one was read and is usable.
-    #[pyo3(signature = (ledger = None))]
+    /// `writer_gone` as for `snapshot` (a writer that holds the lock and has
+    /// not started its run: the last run's writer is gone).
+    #[pyo3(signature = (ledger = None, writer_gone = false))]
     fn history(
         &self,
         py: Python<'_>,
         ledger: Option<&PyLedger>,
+        writer_gone: bool,
     ) -> PyResult<snapshot::PySessionHistory> {
         let st = self.copy(py)?;
+        let st = st.settled(writer_gone);
         let (doc, problem) = ledger.map_or((None, None), |l| (l.doc.as_ref(), l.problem.clone()));
         snapshot::history(py, Some(&st), doc, problem)
     }

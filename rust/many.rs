@@ -10,6 +10,7 @@
 //! A session that cannot be read gives a one-line reason that names the file
 //! instead of a fold, and the others are still folded.
 
+use std::fs::File;
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,7 +43,10 @@ pub fn fold_sessions<P: AsRef<Path> + Sync>(
     in_pool(
         logs,
         threads,
-        |log, threads, limit| fold_session_with(log, max_line, last_n, threads, limit),
+        |log, threads, limit| {
+            fold_session_with(log, max_line, last_n, threads, limit)
+                .map(|o| o.map(|st| settle(st, log)))
+        },
         |log| Err(internal(log)),
     )
 }
@@ -105,6 +109,38 @@ pub fn log_files(log: &Path) -> Vec<LogFile> {
         .collect()
 }
 
+/// The fold with its dead runs' calls settled (`FoldState::settled`), the
+/// writer gone when nobody holds the session's lock (beside the log).
+fn settle(st: FoldState, log: &Path) -> FoldState {
+    let gone = !locked(&log.parent().unwrap_or(Path::new(".")).join(LOCK_FILE));
+    match st.settled(gone) {
+        std::borrow::Cow::Borrowed(_) => st,
+        std::borrow::Cow::Owned(s) => s,
+    }
+}
+
+/// The name of a session's lock file (python/sigil/core/paths.py).
+pub const LOCK_FILE: &str = ".lock";
+
+/// Whether some process holds the lock at `path` (as
+/// `sigil.core.locks.is_session_locked`: a shared, non-blocking `flock`
+/// tried and released at once; a missing file is not locked).
+pub fn locked(path: &Path) -> bool {
+    use std::os::unix::io::AsRawFd;
+    let Ok(f) = File::open(path) else {
+        return false;
+    };
+    let fd = f.as_raw_fd();
+    // SAFETY: `fd` is open for the call (owned by `f`).
+    let r = unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) };
+    if r != 0 {
+        return io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK);
+    }
+    // SAFETY: as above.
+    unsafe { libc::flock(fd, libc::LOCK_UN) };
+    false
+}
+
 fn read_history_with(
     log: &Path,
     max_line: usize,
@@ -130,7 +166,7 @@ fn read_history_with(
         }
         let folded = fold_session_with(log, max_line, last_n, threads, limit)?;
         Some(folded.map(|st| SessionRead {
-            fold: Some(st),
+            fold: Some(settle(st, log)),
             ledger,
             problem,
         }))

@@ -1107,6 +1107,10 @@ pub struct PySessionSnapshot {
     /// Tokens of the budget held for those calls, over the components.
     #[pyo3(get)]
     pub tokens_held: u64,
+    /// What is left of the budget: budget - tokens - tokens_held, never below
+    /// 0 (None without a budget). Held tokens count as spent (review 14).
+    #[pyo3(get)]
+    pub tokens_remaining: Option<u64>,
     /// The loops of the runs kept, oldest run first.
     #[pyo3(get)]
     pub loops: Vec<PyStepLoop>,
@@ -1255,6 +1259,7 @@ impl PySessionSnapshot {
         models_items(&d, &self.mods)?;
         d.set_item("unknown_usage_calls", self.unknown_usage_calls)?;
         d.set_item("tokens_held", self.tokens_held)?;
+        d.set_item("tokens_remaining", self.tokens_remaining)?;
         d.set_item("loops", loops_list(py, &self.loops)?)?;
         d.set_item("event_counts", self.event_counts(py)?)?;
         d.set_item("first_timestamp", &self.first_timestamp)?;
@@ -1314,6 +1319,7 @@ pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
         .map(|(k, v)| (k.to_string(), *v))
         .collect();
     counts.sort();
+    let held = tokens_held(st.components.iter().map(|(_, c)| c));
     Ok(PySessionSnapshot {
         lines: st.lines,
         entries: st.entries,
@@ -1353,7 +1359,8 @@ pub fn session(py: Python<'_>, st: &FoldState) -> PyResult<PySessionSnapshot> {
         window_seconds: fold::WINDOW_SECONDS,
         latency_bounds_ms: LATENCY_BOUNDS_MS.to_vec(),
         unknown_usage_calls: unknown_usage(st.components.iter().map(|(_, c)| c)),
-        tokens_held: tokens_held(st.components.iter().map(|(_, c)| c)),
+        tokens_held: held,
+        tokens_remaining: remaining(st.budget, st.tokens, held),
         loops: std::iter::once(&st.head)
             .chain(st.run_list.iter())
             .flat_map(|r| loops(r.number, &r.steps))
@@ -1432,7 +1439,14 @@ pub fn session_joined(
         s.status.clone_from(status);
         s.budget = last.budget;
     }
+    s.tokens_remaining = remaining(s.budget, s.tokens, s.tokens_held);
     Ok(s)
+}
+
+/// What is left of `budget` once `tokens` are used and `held` are held for
+/// calls of unknown usage (never below 0; None without a budget).
+pub fn remaining(budget: Option<u64>, tokens: u64, held: u64) -> Option<u64> {
+    budget.map(|b| b.saturating_sub(tokens).saturating_sub(held))
 }
 
 // ---------------------------------------------------------------------------

@@ -332,10 +332,17 @@ class SessionModel:
     def update(self) -> SessionSnapshot:
         """Fold what arrived, then snapshot (both without holding the GIL while waiting)."""
         self.tailer.fold_into(self.fold)
-        return self.fold.snapshot(self._current_ledger())
+        return self.fold.snapshot(self._current_ledger(), writer_gone=self._writer_gone())
 
     def snapshot(self) -> SessionSnapshot:
-        return self.fold.snapshot(self._ledger)
+        return self.fold.snapshot(self._ledger, writer_gone=self._writer_gone())
+
+    def _writer_gone(self) -> bool:
+        """Nobody holds the session's lock: the calls its last run left
+        unended hold their reservations (the model's rule, contract 12)."""
+        from sigil.core.locks import is_session_locked
+
+        return not is_session_locked(self.tailer.session_dir)
 
     def _current_ledger(self) -> Ledger | None:
         """The session's ledger, read again only when the file changed (a run's
@@ -417,10 +424,21 @@ class HistoryModel:
     Blocking: call it in a thread.
     """
 
-    def __init__(self, session_dir: Path, *, last_n: int = 0, use_ledger: bool = True) -> None:
+    def __init__(
+        self,
+        session_dir: Path,
+        *,
+        last_n: int = 0,
+        use_ledger: bool = True,
+        writer_gone: bool | None = None,
+    ) -> None:
         self.session_dir = session_dir
         self.last_n = last_n
         self.use_ledger = use_ledger
+        #: the last run's writer is gone (True: the caller holds the lock and
+        #: has not started its run; None: nobody holds the lock); then the
+        #: calls it left unended hold their reservations (the model's rule)
+        self.writer_gone = writer_gone
         self._fold: _native.Fold | None = None
         #: the tailer's model, when a segment is compressed (it follows the log itself)
         self._model: SessionModel | None = None
@@ -487,10 +505,15 @@ class HistoryModel:
         return self._history(self.ledger())
 
     def _history(self, ledger: Ledger) -> HistorySnapshot:
+        gone = self.writer_gone
+        if gone is None:
+            from sigil.core.locks import is_session_locked
+
+            gone = not is_session_locked(self.session_dir)
         if self._model is not None:
-            return self._model.fold.history(ledger)
+            return self._model.fold.history(ledger, writer_gone=gone)
         assert self._fold is not None
-        return self._fold.history(ledger)
+        return self._fold.history(ledger, writer_gone=gone)
 
     def at_run_end(self) -> HistorySnapshot | None:
         """The history once a run has appended its events to the live file:

@@ -472,8 +472,13 @@ class SessionState:
 
     @property
     def tokens_remaining(self) -> int:
-        """Tokens left in the session budget."""
-        return max(0, self.total_budget - self.tokens_used)
+        """Tokens left in the session budget: the model's (budget - used - held
+        for calls of unknown usage, never below 0); against the configured
+        default budget when the session declares none."""
+        remaining = self.snap.tokens_remaining
+        if remaining is not None:
+            return int(remaining)
+        return max(0, self.total_budget - self.tokens_used - self.snap.tokens_held)
 
     @property
     def budget_percentage(self) -> float:

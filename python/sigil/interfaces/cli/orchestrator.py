@@ -495,13 +495,18 @@ def read_session_history(session_dir: Path, *, use_ledger: bool = True) -> Sessi
     """
     from sigil.telemetry.log_parser import HistoryModel
 
-    source = HistoryModel(session_dir, last_n=_RESUME_EVENTS, use_ledger=use_ledger)
+    # The caller holds the session's lock: the last run's writer is gone.
+    source = HistoryModel(
+        session_dir, last_n=_RESUME_EVENTS, use_ledger=use_ledger, writer_gone=True
+    )
     model = source.read()
     log_runs = [r for r in model.runs if r.source == "log"]
     if log_runs and log_runs[-1].status in _RESUMABLE and log_runs[-1].events > _RESUME_EVENTS:
         # A run --resume may continue, longer than the events kept: fold again
         # with room for all of its events (a finished run's are never read back).
-        source = HistoryModel(session_dir, last_n=log_runs[-1].events + 1, use_ledger=use_ledger)
+        source = HistoryModel(
+            session_dir, last_n=log_runs[-1].events + 1, use_ledger=use_ledger, writer_gone=True
+        )
         model = source.read()
     history = SessionHistory.of(model, source)
     from_log = [r for r in history.runs if r.source == "log"]

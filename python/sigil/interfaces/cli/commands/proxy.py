@@ -381,7 +381,7 @@ class MeteredSession:
             "total_tokens": total,
             "run_tokens": total - self._tokens_before,
             "budget": prep.budget,
-            "budget_remaining": max(0, prep.budget - total),
+            "budget_remaining": max(0, prep.budget - total - meter.holding),
             "wall_time_ms": round((time.perf_counter() - self._started) * 1000, 3),
             "calls": meter.calls,
             "calls_failed": meter.failed,
