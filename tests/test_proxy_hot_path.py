@@ -69,3 +69,47 @@ def test_each_level_is_still_announced_once_in_order(spends: list[int], restored
     reached = [lv for lv, th in zip(order, (0.5, 0.8, 0.95), strict=True) if util >= th]
     before = [lv for lv, th in zip(order, (0.5, 0.8, 0.95), strict=True) if restored / 100 >= th]
     assert seen == [lv for lv in reached if lv not in before]
+
+
+_chunk = st.fixed_dictionaries(
+    {
+        "model": st.sampled_from(["m", "gpt-x"]),
+        "choices": st.lists(
+            st.fixed_dictionaries(
+                {"index": st.just(0), "delta": st.fixed_dictionaries({"content": _text})}
+            ),
+            max_size=2,
+        ),
+    }
+)
+
+
+@given(st.lists(_chunk, max_size=5), st.sampled_from(["\n", "\r\n", "\r"]), st.booleans())
+def test_a_stream_reads_alike_whatever_its_line_ends(
+    chunks: list[dict[str, Any]], end: str, spaced: bool
+) -> None:
+    """An event of one ``data:`` line (read without splitting it into lines)
+    reads as the same event with its line ends and field spacing varied, or
+    split over two ``data:`` lines of a multi-line event."""
+    import orjson
+
+    from sigil.proxy.usage import CHAT, StreamFollower
+
+    usage = {"prompt_tokens": 3, "completion_tokens": 4}
+    payloads = [orjson.dumps(c) for c in chunks] + [orjson.dumps({"choices": [], "usage": usage})]
+    sep = b"data: " if spaced else b"data:"
+
+    def read(stream: bytes) -> tuple[Any, ...]:
+        f = StreamFollower(CHAT)
+        out = f.feed(stream) + f.flush()
+        return f.usage, f.model, f.text, f.done, f.events, out.count(b"data:")
+
+    one_line = b"".join(sep + p + (end * 2).encode() for p in payloads) + b"data: [DONE]\n\n"
+    # a JSON object split after its first byte over two data lines is the same object
+    two_lines = (
+        b"".join(b"data: " + p[:1] + b"\ndata: " + p[1:] + b"\n\n" for p in payloads)
+        + b"data: [DONE]\n\n"
+    )
+    a, b = read(one_line), read(two_lines)
+    assert a[:5] == b[:5]
+    assert a[0] is not None and a[0].total == 7 and a[3]

@@ -96,7 +96,11 @@ class OutputPlan:
         if not self.caps:
             return {default_field: per}
         per = min(per, self.requested or 0)  # never above what the client asked
-        return {name: per for name, value in self.caps if value > per}
+        caps: dict[str, int] = {}
+        for name, value in self.caps:
+            if value > per:
+                caps[name] = per
+        return caps
 
 
 def plan_output(endpoint: Endpoint, body: Mapping[str, Any]) -> OutputPlan:

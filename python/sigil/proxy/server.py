@@ -511,7 +511,11 @@ class _Flight:
             follower = self.follower = StreamFollower(
                 self.endpoint, drop_usage_only=not self.asked_usage
             )
-        data = self._guarded(lambda: follower.feed(chunk))
+        try:
+            data = follower.feed(chunk)
+        except BaseException as exc:
+            self.crashed(exc)
+            raise
         if follower.pending > _MAX_EVENT_BYTES:
             return None
         if data and self.first_ms is None:

@@ -385,15 +385,23 @@ class StreamFollower:
     def _read_event(self, event: bytes) -> bool:
         """Read one event; returns whether to forward it."""
         self.events += 1
-        data = bytearray()
-        for line in event.splitlines():
-            if line.startswith(b"data:"):
-                piece = line[5:]
-                if piece.startswith(b" "):
-                    piece = piece[1:]
-                if data:
-                    data += b"\n"
-                data += piece
+        data: bytes | bytearray
+        if b"\n" not in event and b"\r" not in event:
+            # One line (the common case: each event one ``data:`` line)
+            if event.startswith(b"data:"):
+                data = event[6:] if event.startswith(b"data: ") else event[5:]
+            else:
+                data = b""
+        else:
+            data = bytearray()
+            for line in event.splitlines():
+                if line.startswith(b"data:"):
+                    piece = line[5:]
+                    if piece.startswith(b" "):
+                        piece = piece[1:]
+                    if data:
+                        data += b"\n"
+                    data += piece
         if not data:
             return True
         if data.strip() == b"[DONE]":
