@@ -23,8 +23,9 @@
 //!   `stream_end(outcome, detail)` (the bytes to send last).
 //!
 //! Every buffer is bounded (request and response bodies, error bodies, the
-//! stream's channel); no panic crosses into Python (tokio catches a task's,
-//! the pymethods are guarded).
+//! stream's channel), and the bodies of all calls in flight together
+//! (`max_in_flight_bytes`, see `Memory`); no panic crosses into Python (tokio
+//! catches a task's, the pymethods are guarded).
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -52,7 +53,8 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyBytes;
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify, Semaphore};
+use tokio::time::Instant;
 
 use crate::errors::os_error;
 
@@ -104,6 +106,14 @@ const MAX_ERROR_BODY: usize = 64 * 1024;
 const STREAM_QUEUE: usize = 64;
 /// After the grace period, how long calls get to record that they were cut.
 const ABORT_WAIT: Duration = Duration::from_secs(5);
+/// How long a call waits for memory (`Memory`) before it is refused with 503:
+/// long enough for a burst to pass, short beside a model call.
+const MEMORY_WAIT: Duration = Duration::from_secs(2);
+/// A request body is held twice for its call's life: by the transport (as
+/// read, then as forwarded; the read copy is dropped once the call is
+/// admitted) and by the policy, which keeps the parsed body to count a stream
+/// that breaks (sigil.proxy.server `_Flight`).
+const REQUEST_COPIES: usize = 2;
 
 type Out = Response<ProxyBody>;
 type Upstream = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -147,6 +157,7 @@ struct Settings {
     timeout: Duration,
     max_body: usize,
     max_response: usize,
+    max_in_flight: usize,
     token: Option<String>,
     api_key: Option<String>,
     grace: Duration,
@@ -156,6 +167,7 @@ struct Shared {
     settings: Settings,
     policy: Py<PyAny>,
     client: Upstream,
+    memory: Memory,
     /// Woken whenever a call settles (or the policy says so): admits waiting retry.
     settled: Notify,
     /// true once stop() begins: stop accepting, close idle connections
@@ -181,6 +193,78 @@ impl Drop for Active {
     fn drop(&mut self) {
         if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
             self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// The bytes all calls in flight may hold at once (`max_in_flight_bytes`):
+/// their request bodies (REQUEST_COPIES times) and the answers read whole (a
+/// non-streamed 2xx, an error's first 64 KiB, `GET /v1/models`). Each body is
+/// bounded on its own (413, `max_response_bytes`); this bounds them together,
+/// where 200 calls of 32 MiB would otherwise hold 12 GiB. A stream's chunks
+/// are not held here: its channel is bounded (STREAM_QUEUE).
+///
+/// A call takes its bytes as they arrive (a body whose length is given, all
+/// at once: calls waiting for memory then never hold part of what they need),
+/// from a fair semaphore; it waits for them up to MEMORY_WAIT for its request
+/// (then 503, see `overloaded`) and up to its deadline for its answer.
+struct Memory {
+    free: Arc<Semaphore>,
+    limit: usize,
+}
+
+impl Memory {
+    fn new(limit: usize) -> Self {
+        Memory {
+            free: Arc::new(Semaphore::new(limit)),
+            limit,
+        }
+    }
+
+    /// The bytes calls hold now.
+    fn held(&self) -> usize {
+        self.limit.saturating_sub(self.free.available_permits())
+    }
+}
+
+/// What one call holds of `Memory`: given back when it is dropped.
+struct Held {
+    free: Arc<Semaphore>,
+    bytes: usize,
+}
+
+impl Held {
+    fn new(memory: &Memory) -> Self {
+        Held {
+            free: memory.free.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// Take `n` more bytes, waiting for them until `until`; false when they
+    /// were not free in time (or are more than the limit).
+    async fn take(&mut self, n: usize, until: Instant) -> bool {
+        if n == 0 {
+            return true;
+        }
+        let Ok(count) = u32::try_from(n) else {
+            return false;
+        };
+        match tokio::time::timeout_at(until, self.free.acquire_many(count)).await {
+            Ok(Ok(permit)) => {
+                permit.forget();
+                self.bytes += n;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.free.add_permits(self.bytes);
         }
     }
 }
@@ -259,6 +343,26 @@ fn from_policy(r: PyResponse) -> Out {
     whole(status, Bytes::copy_from_slice(&body), headers)
 }
 
+/// The answer to a call refused because the calls in flight hold all the
+/// memory they may (`Memory`): nothing was forwarded or recorded. 503, not
+/// 429: a 429 from sigil means the budget is spent (`insufficient_quota`, not
+/// to be retried), and an overloaded server is what 503 says (OpenAI's own
+/// overloaded answer). The official SDKs retry it (twice by default, after
+/// `retry-after`; `x-should-retry` says so explicitly), so a burst is absorbed
+/// and only an overload that lasts reaches the caller, as `InternalServerError`.
+fn overloaded(memory: &Memory) -> Out {
+    let text = format!(
+        "sigil proxy: the calls in flight hold all the memory the proxy gives them ({} bytes \
+         of request and response bodies); nothing was forwarded, retry shortly",
+        commas(memory.limit)
+    );
+    let mut out = openai_error(503, &text, "server_error", Some("server_overloaded"));
+    let headers = out.headers_mut();
+    headers.insert("retry-after", HeaderValue::from_static("1"));
+    headers.insert("x-should-retry", HeaderValue::from_static("true"));
+    out
+}
+
 fn proxy_failure() -> Out {
     openai_error(
         500,
@@ -286,25 +390,74 @@ fn with_policy<T>(f: impl FnOnce(Python<'_>) -> PyResult<T>) -> Option<T> {
 enum ReadError {
     TooLarge,
     Broken(String),
+    /// Memory did not free in time (`Memory`).
+    Overloaded,
 }
 
-/// The body, at most `limit` bytes (past it: cut when `truncate`, else TooLarge).
-async fn read_bounded<B>(mut body: B, limit: usize, truncate: bool) -> Result<Bytes, ReadError>
+/// What reading a body takes of `Memory`: `copies` bytes for each byte read,
+/// waited for until `until`.
+struct Charge<'a> {
+    held: &'a mut Held,
+    copies: usize,
+    until: Instant,
+}
+
+impl Charge<'_> {
+    /// Hold `total` bytes read in all (`paid`: those held already).
+    async fn cover(&mut self, total: usize, paid: &mut usize) -> Result<(), ReadError> {
+        if total > *paid {
+            let more = (total - *paid).saturating_mul(self.copies);
+            if !self.held.take(more, self.until).await {
+                return Err(ReadError::Overloaded);
+            }
+            *paid = total;
+        }
+        Ok(())
+    }
+}
+
+/// The body, at most `limit` bytes (past it: cut when `truncate`, else
+/// TooLarge), holding what it reads of `Memory` through `charge`.
+async fn read_bounded<B>(
+    mut body: B,
+    limit: usize,
+    truncate: bool,
+    mut charge: Option<Charge<'_>>,
+) -> Result<Bytes, ReadError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::error::Error + 'static,
 {
+    let mut paid = 0;
+    if let Some(c) = charge.as_mut() {
+        // A length given up front is held at once, before a byte is read.
+        let given = body
+            .size_hint()
+            .exact()
+            .and_then(|n| usize::try_from(n).ok());
+        if let Some(n) = given.map(|n| if truncate { n.min(limit) } else { n }) {
+            if n <= limit {
+                c.cover(n, &mut paid).await?;
+            }
+        }
+    }
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ReadError::Broken(chain(&e)))?;
-        if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > limit {
-                if truncate {
-                    let room = limit - buf.len();
-                    buf.extend_from_slice(&data[..room]);
-                    return Ok(buf.freeze());
+        if let Ok(mut data) = frame.into_data() {
+            let over = buf.len() + data.len() > limit;
+            if over {
+                if !truncate {
+                    return Err(ReadError::TooLarge);
                 }
-                return Err(ReadError::TooLarge);
+                data.truncate(limit - buf.len());
+            }
+            if let Some(c) = charge.as_mut() {
+                c.cover(buf.len() + data.len(), &mut paid).await?;
+            }
+            if over {
+                buf.extend_from_slice(&data);
+                return Ok(buf.freeze());
             }
             if buf.is_empty() && body.is_end_stream() {
                 return Ok(data);
@@ -526,6 +679,12 @@ async fn models(shared: &Shared, req: Request<Incoming>) -> Out {
         .body(Full::new(Bytes::new()))
         .unwrap_or_default();
     *up.headers_mut() = headers;
+    let mut held = Held::new(&shared.memory);
+    let charge = Charge {
+        held: &mut held,
+        copies: 1,
+        until: Instant::now() + shared.settings.timeout,
+    };
     let work = async {
         let resp = shared
             .client
@@ -533,7 +692,7 @@ async fn models(shared: &Shared, req: Request<Incoming>) -> Out {
             .await
             .map_err(|e| ("unreachable", chain(&e)))?;
         let (parts, body) = resp.into_parts();
-        let raw = read_bounded(body, shared.settings.max_response, false)
+        let raw = read_bounded(body, shared.settings.max_response, false, Some(charge))
             .await
             .map_err(|e| match e {
                 ReadError::TooLarge => (
@@ -544,6 +703,7 @@ async fn models(shared: &Shared, req: Request<Incoming>) -> Out {
                     ),
                 ),
                 ReadError::Broken(t) => ("unreachable", t),
+                ReadError::Overloaded => ("overloaded", String::new()),
             })?;
         Ok::<Out, (&str, String)>(whole(
             parts.status.as_u16(),
@@ -553,6 +713,7 @@ async fn models(shared: &Shared, req: Request<Incoming>) -> Out {
     };
     match tokio::time::timeout(shared.settings.timeout, work).await {
         Ok(Ok(out)) => out,
+        Ok(Err(("overloaded", _))) => overloaded(&shared.memory),
         Ok(Err((kind, detail))) => fail(kind, detail),
         Err(_) => fail("timeout", String::new()),
     }
@@ -608,11 +769,23 @@ async fn metered(
                 .filter_map(move |v| v.to_str().ok().map(|s| (*name, s.to_owned())))
         })
         .collect();
+    // What the call holds of Memory, for its life (its answer's bytes too).
+    let mut held = Held::new(&shared.memory);
+    let charge = Charge {
+        held: &mut held,
+        copies: REQUEST_COPIES,
+        until: Instant::now() + MEMORY_WAIT.min(shared.settings.timeout),
+    };
     // The body must arrive within the timeout: a client that stops sending
     // would otherwise hold its call (a task and its buffer) indefinitely.
     let read = tokio::time::timeout(
         shared.settings.timeout,
-        read_bounded(req.into_body(), shared.settings.max_body, false),
+        read_bounded(
+            req.into_body(),
+            shared.settings.max_body,
+            false,
+            Some(charge),
+        ),
     )
     .await;
     let Ok(read) = read else {
@@ -641,6 +814,10 @@ async fn metered(
                 "invalid_request_error",
                 Some("request_too_large"),
             ));
+            return;
+        }
+        Err(ReadError::Overloaded) => {
+            let _ = reply.send(overloaded(&shared.memory));
             return;
         }
         Err(ReadError::Broken(_)) => return, // the client left while sending
@@ -694,6 +871,8 @@ async fn metered(
             }
         }
     };
+    // Admitted: the body as read gives way to the body forwarded (held alike).
+    drop(raw);
     let flight = Flight {
         shared: shared.clone(),
         call: flight,
@@ -703,7 +882,7 @@ async fn metered(
     let mut reply = Some(reply);
     tokio::select! {
         biased;
-        done = forward(&flight, endpoint, headers, body, stream, &mut reply) => {
+        done = forward(&flight, endpoint, headers, body, stream, &mut reply, &mut held) => {
             if let Some((tx, rx, status)) = done {
                 relay(&flight, tx, rx, status).await;
             }
@@ -746,6 +925,7 @@ async fn forward(
     body: Bytes,
     stream: bool,
     reply: &mut Option<oneshot::Sender<Out>>,
+    held: &mut Held,
 ) -> Option<(mpsc::Sender<Bytes>, Incoming, u16)> {
     let shared = &flight.shared;
     let timeout = shared.settings.timeout;
@@ -771,8 +951,16 @@ async fn forward(
     let (parts, body) = resp.into_parts();
     let status = parts.status.as_u16();
     let headers = back_headers(&parts.headers);
+    // An answer read whole is held in Memory, waited for until the deadline:
+    // the upstream has answered (and billed) by now, so it is not refused.
+    let charge = Charge {
+        held,
+        copies: 1,
+        until: deadline,
+    };
     if status >= 300 {
-        let raw = tokio::time::timeout_at(deadline, read_bounded(body, MAX_ERROR_BODY, true))
+        let read = read_bounded(body, MAX_ERROR_BODY, true, Some(charge));
+        let raw = tokio::time::timeout_at(deadline, read)
             .await
             .ok()
             .and_then(Result::ok)
@@ -803,7 +991,7 @@ async fn forward(
     }
     let raw = match tokio::time::timeout_at(
         deadline,
-        read_bounded(body, shared.settings.max_response, false),
+        read_bounded(body, shared.settings.max_response, false, Some(charge)),
     )
     .await
     {
@@ -816,6 +1004,14 @@ async fn forward(
             return answer(reply, flight.failed("read", text));
         }
         Ok(Err(ReadError::Broken(t))) => return answer(reply, flight.failed("read", t)),
+        Ok(Err(ReadError::Overloaded)) => {
+            let text = format!(
+                "the calls in flight held all the memory the proxy gives them ({} bytes) \
+                 until the timeout; the answer could not be read",
+                commas(shared.memory.limit)
+            );
+            return answer(reply, flight.failed("read", text));
+        }
         Ok(Ok(raw)) => raw,
     };
     let replaced = Python::attach(|py| -> Result<Option<PyResponse>, ()> {
@@ -1001,6 +1197,31 @@ pub struct PyProxyTransport {
     running: Mutex<Option<Running>>,
 }
 
+/// The memory bound must let one call alone hold its largest body (twice) and
+/// its largest answer, or that call could never be served; a semaphore takes
+/// at most `u32::MAX` at once.
+fn check_memory(max_body: usize, max_response: usize, limit: usize) -> Result<(), String> {
+    let one_call = max_body
+        .saturating_mul(REQUEST_COPIES)
+        .saturating_add(max_response);
+    if limit > u32::MAX as usize {
+        return Err(format!(
+            "max_in_flight_bytes must be at most {}, got {}",
+            commas(u32::MAX as usize),
+            commas(limit)
+        ));
+    }
+    if limit < one_call {
+        return Err(format!(
+            "max_in_flight_bytes ({}) must hold one call: its body twice and its answer, {} \
+             bytes",
+            commas(limit),
+            commas(one_call)
+        ));
+    }
+    Ok(())
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -1008,7 +1229,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[pymethods]
 impl PyProxyTransport {
     #[new]
-    #[pyo3(signature = (policy, upstream, host, port, *, timeout, max_body_bytes, max_response_bytes, token=None, api_key=None, grace=5.0))]
+    #[pyo3(signature = (policy, upstream, host, port, *, timeout, max_body_bytes, max_response_bytes, max_in_flight_bytes, token=None, api_key=None, grace=5.0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         policy: Py<PyAny>,
@@ -1018,6 +1239,7 @@ impl PyProxyTransport {
         timeout: f64,
         max_body_bytes: usize,
         max_response_bytes: usize,
+        max_in_flight_bytes: usize,
         token: Option<String>,
         api_key: Option<String>,
         grace: f64,
@@ -1026,12 +1248,15 @@ impl PyProxyTransport {
             Duration::try_from_secs_f64(s)
                 .map_err(|_| crate::errors::value_error(format!("{what} must be >= 0, got {s}")))
         };
+        check_memory(max_body_bytes, max_response_bytes, max_in_flight_bytes)
+            .map_err(crate::errors::value_error)?;
         Ok(PyProxyTransport {
             settings: Mutex::new(Some(Settings {
                 upstream: upstream.trim_end_matches('/').to_string(),
                 timeout: secs(timeout, "timeout")?,
                 max_body: max_body_bytes,
                 max_response: max_response_bytes,
+                max_in_flight: max_in_flight_bytes,
                 token,
                 api_key,
                 grace: secs(grace, "grace")?,
@@ -1076,6 +1301,7 @@ impl PyProxyTransport {
                     .pool_idle_timeout(Duration::from_secs(60))
                     .build(connector);
                 let shared = Arc::new(Shared {
+                    memory: Memory::new(settings.max_in_flight),
                     settings,
                     policy,
                     client,
@@ -1119,6 +1345,15 @@ impl PyProxyTransport {
         let _ = running.shared.shutdown.send(true);
         let joined = py.detach(move || running.thread.join());
         joined.map_err(|_| PyRuntimeError::new_err("internal error in sigil._native (proxy)"))
+    }
+
+    /// Bytes of request and response bodies the calls in flight hold now (of
+    /// `max_in_flight_bytes`).
+    #[getter]
+    fn held_bytes(&self) -> usize {
+        lock(&self.running)
+            .as_ref()
+            .map_or(0, |r| r.shared.memory.held())
     }
 
     /// Calls being served now.
@@ -1258,16 +1493,112 @@ mod tests {
     async fn bodies_are_read_to_their_bound() {
         let body = Full::new(Bytes::from_static(b"0123456789"));
         assert_eq!(
-            read_bounded(body.clone(), 10, false).await.ok(),
+            read_bounded(body.clone(), 10, false, None).await.ok(),
             Some(Bytes::from_static(b"0123456789"))
         );
         assert!(matches!(
-            read_bounded(body.clone(), 9, false).await,
+            read_bounded(body.clone(), 9, false, None).await,
             Err(ReadError::TooLarge)
         ));
         assert_eq!(
-            read_bounded(body, 4, true).await.ok(),
+            read_bounded(body, 4, true, None).await.ok(),
             Some(Bytes::from_static(b"0123"))
         );
+    }
+
+    /// A body of unknown length, in frames.
+    struct Frames(std::collections::VecDeque<Bytes>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            Poll::Ready(self.get_mut().0.pop_front().map(|b| Ok(Frame::data(b))))
+        }
+    }
+
+    fn frames(parts: &[&'static [u8]]) -> Frames {
+        Frames(parts.iter().map(|p| Bytes::from_static(p)).collect())
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn calls_hold_memory_while_they_run_and_wait_for_it_briefly() {
+        let memory = Memory::new(25);
+        let soon = || Instant::now() + Duration::from_millis(20);
+        // A body of known length is held at once, REQUEST_COPIES times over.
+        let mut first = Held::new(&memory);
+        let charge = Charge {
+            held: &mut first,
+            copies: 2,
+            until: soon(),
+        };
+        let body = Full::new(Bytes::from_static(b"0123456789"));
+        assert!(read_bounded(body, 100, false, Some(charge)).await.is_ok());
+        assert_eq!((first.bytes, memory.held()), (20, 20));
+        // What does not fit waits, then gives up; nothing stays held.
+        let mut second = Held::new(&memory);
+        let charge = Charge {
+            held: &mut second,
+            copies: 1,
+            until: soon(),
+        };
+        let body = Full::new(Bytes::from_static(b"0123456789"));
+        assert!(matches!(
+            read_bounded(body, 100, false, Some(charge)).await,
+            Err(ReadError::Overloaded)
+        ));
+        drop(second);
+        assert_eq!(memory.held(), 20);
+        // A body of unknown length takes its bytes frame by frame.
+        let mut third = Held::new(&memory);
+        let charge = Charge {
+            held: &mut third,
+            copies: 1,
+            until: soon(),
+        };
+        let body = frames(&[b"01", b"23", b"4567"]);
+        assert!(matches!(
+            read_bounded(body, 100, false, Some(charge)).await,
+            Err(ReadError::Overloaded)
+        ));
+        assert_eq!(third.bytes, 4);
+        drop(third);
+        // Given back when the call ends; then it fits.
+        drop(first);
+        assert_eq!(memory.held(), 0);
+        let mut fourth = Held::new(&memory);
+        let charge = Charge {
+            held: &mut fourth,
+            copies: 1,
+            until: soon(),
+        };
+        let body = frames(&[b"01", b"23", b"4567"]);
+        let read = read_bounded(body, 100, false, Some(charge)).await;
+        assert_eq!(read.ok(), Some(Bytes::from_static(b"01234567")));
+        assert_eq!(memory.held(), 8);
+        // A cut body holds only what it keeps.
+        let mut fifth = Held::new(&memory);
+        let charge = Charge {
+            held: &mut fifth,
+            copies: 1,
+            until: soon(),
+        };
+        let body = Full::new(Bytes::from_static(b"0123456789"));
+        assert_eq!(
+            read_bounded(body, 4, true, Some(charge)).await.ok(),
+            Some(Bytes::from_static(b"0123"))
+        );
+        assert_eq!(fifth.bytes, 4);
+    }
+
+    #[test]
+    fn the_memory_bound_holds_one_call() {
+        assert!(check_memory(32 << 20, 256 << 20, 512 << 20).is_ok());
+        assert!(check_memory(32 << 20, 256 << 20, 319 << 20).is_err());
+        assert!(check_memory(1, 1, u32::MAX as usize + 1).is_err());
     }
 }

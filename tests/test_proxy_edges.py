@@ -151,3 +151,103 @@ def test_the_endpoint_and_key_header_tables_are_the_transports() -> None:
             "Bearer sk-secret-value",
             "sk-secret-value",
         ), name
+
+
+MIB = 1 << 20
+
+
+def _big_body(model: str) -> dict[str, Any]:
+    """A chat call whose body is just under 1 MiB."""
+    return {"model": model, "messages": [{"role": "user", "content": "x" * (MIB - 256)}]}
+
+
+def _memory_bound_server(upstream: Upstream) -> tuple[Recorder, ProxyServer]:
+    """A server whose calls may hold 3 MiB in all: one body of 1 MiB (held
+    twice: as read or forwarded, and as the policy parsed it) fits, two do not."""
+    log, meter = _meter(100_000_000)  # far from the end: prompts are bounded by length
+    config = ProxyConfig(
+        upstream=upstream.url, max_body_bytes=MIB, max_response_bytes=MIB,
+        max_in_flight_bytes=3 * MIB,
+    )  # fmt: skip
+    return log, ProxyServer(meter, config)
+
+
+async def _until_requests(upstream: Upstream, count: int) -> None:
+    for _ in range(1000):
+        if len(upstream.requests) >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the upstream saw {len(upstream.requests)} calls, not {count}")
+
+
+def test_calls_past_the_memory_limit_wait_briefly_then_get_503(upstream: Upstream) -> None:
+    """Each body is bounded (413), but 200 calls of 32 MiB held 6+ GiB together
+    (review). The bodies and answers of the calls in flight share a bound
+    (``max_in_flight_bytes``): a call past it waits briefly for memory to free,
+    then is answered 503 ``server_overloaded`` with ``retry-after``, forwarded
+    nowhere and recorded nowhere; smaller calls that fit go on."""
+    import time
+
+    upstream.slow_seconds = 6.0
+    log, server = _memory_bound_server(upstream)
+
+    async def work(url: str) -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            post = f"{url}/chat/completions"
+            holding = asyncio.ensure_future(client.post(post, json=_big_body("slow")))
+            await _until_requests(upstream, 1)
+            assert server._transport is not None
+            assert server._transport.held_bytes >= 2 * (MIB - 256)
+            started = time.monotonic()
+            refused = await client.post(post, json=_big_body("m"))
+            waited = time.monotonic() - started
+            assert refused.status_code == 503, refused.text
+            error = refused.json()["error"]
+            assert error["type"] == "server_error" and error["code"] == "server_overloaded"
+            assert "3,145,728 bytes" in error["message"]
+            # The official SDKs retry a 503, after retry-after, as x-should-retry says.
+            assert refused.headers["retry-after"] == "1"
+            assert refused.headers["x-should-retry"] == "true"
+            assert 1.5 <= waited < 5.0, waited  # it waited for memory, briefly
+            assert len(upstream.requests) == 1  # never forwarded
+            # A small call fits beside the big one.
+            small = await client.post(post, json={"model": "m", "messages": MSGS})
+            assert small.status_code == 200, small.text
+            assert not holding.done()
+            assert (await holding).status_code == 200
+            assert server._transport.held_bytes == 0
+
+    serving(server, work)
+    assert len(upstream.requests) == 2
+    assert [e[0] for e in log.events].count("step_start") == 2  # the refused call: nothing
+
+
+def test_the_sdk_retries_a_call_refused_for_memory_and_gets_its_answer(
+    upstream: Upstream,
+) -> None:
+    """What the official SDK sees: with its default retries, a call refused for
+    memory is retried once the big call ahead of it ends, and answered; with
+    retries off it raises ``InternalServerError`` (503, ``server_overloaded``)."""
+    import openai
+
+    # Long enough that the SDK's first try gives up waiting (2 s) and it retries.
+    upstream.slow_seconds = 5.0
+    _, server = _memory_bound_server(upstream)
+
+    async def work(url: str) -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            holding = asyncio.ensure_future(
+                client.post(f"{url}/chat/completions", json=_big_body("slow"))
+            )
+            await _until_requests(upstream, 1)
+            plain = openai.AsyncOpenAI(base_url=url, api_key="sk-test", max_retries=0)
+            with pytest.raises(openai.InternalServerError) as refused:
+                await plain.chat.completions.create(**_big_body("m"))
+            assert refused.value.status_code == 503 and refused.value.code == "server_overloaded"
+            sdk = openai.AsyncOpenAI(base_url=url, api_key="sk-test")  # 2 retries
+            answer = await sdk.chat.completions.create(**_big_body("m"))
+            assert answer.usage is not None and answer.usage.prompt_tokens > 0
+            assert (await holding).status_code == 200
+
+    serving(server, work)
+    assert len(upstream.requests) == 2

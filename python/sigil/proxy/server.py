@@ -22,7 +22,10 @@ What the client sees is what the upstream sent, byte for byte, except:
   (``stream_options.include_usage``); the usage-only event is dropped again for
   a client that did not ask for it;
 * the proxy's own failures are OpenAI-shaped errors: 413 for a body over the
-  limit, 502 for an upstream that is down or sends a body that is not JSON,
+  limit, 503 ``server_overloaded`` (``retry-after: 1``, retried by the SDKs) for
+  a call that found the memory of the calls in flight full
+  (``max_in_flight_bytes``) for 2 s, nothing forwarded or recorded, 502 for an
+  upstream that is down or sends a body that is not JSON,
   504 for one that is too slow, and, once the budget is spent, 429
   ``insufficient_quota`` with ``x-should-retry: false``, which the official SDKs
   raise at once instead of retrying (they retry 408, 409, 429 and 5xx unless
@@ -123,6 +126,11 @@ class ProxyConfig:
     timeout: float = 60.0
     max_body_bytes: int = 32 << 20
     max_response_bytes: int = 256 << 20
+    #: the bytes the calls in flight may hold together (request bodies twice,
+    #: answers read whole): past it a call waits 2 s for memory, then is
+    #: answered 503 ``server_overloaded`` (rust/proxy.rs ``Memory``); at least
+    #: ``2 * max_body_bytes + max_response_bytes``, at most 4 GiB
+    max_in_flight_bytes: int = 512 << 20
     #: the output cap of a call whose client set none
     call_cap: int = 4096
     #: the chat field set when the client set none: max_tokens (what every
@@ -211,7 +219,8 @@ class ProxyServer:
         transport = ProxyTransport(
             self, self._upstream, cfg.host, cfg.port, timeout=cfg.timeout,
             max_body_bytes=cfg.max_body_bytes, max_response_bytes=cfg.max_response_bytes,
-            token=cfg.token, api_key=cfg.api_key, grace=_GRACE_SECONDS,
+            max_in_flight_bytes=cfg.max_in_flight_bytes, token=cfg.token, api_key=cfg.api_key,
+            grace=_GRACE_SECONDS,
         )  # fmt: skip
         host, port = transport.start()
         self._transport = transport
