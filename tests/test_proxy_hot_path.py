@@ -8,11 +8,15 @@ tracker's one-step reads.
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sigil.proxy.policy import secrets_of
 from sigil.telemetry.tokens import BudgetWarningLevel, TokenTracker
+
+_text = st.text(max_size=20)
 
 
 @given(
