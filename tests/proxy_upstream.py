@@ -76,6 +76,9 @@ class Upstream:
     ssl_context: Any = None
     #: seconds a stream stays open after its ``[DONE]`` (as LiteLLM's does)
     linger: float = 0.0
+    #: pieces the ``runaway`` model streamed (it ignores every cap and streams
+    #: until its client leaves)
+    runaway_pieces: int = 0
 
     # -- life ----------------------------------------------------------------------
 
@@ -227,6 +230,8 @@ class Upstream:
             return self._ncount(request, body, legacy)
         inp = self._prompt_tokens(body)
         out = min(self.pieces, self._cap(body, "max_tokens", "max_completion_tokens"))
+        if model == "runaway":
+            out = 10**9
         turn = self._agent_turn(body) if model == "agent" and not legacy else None
         if body.get("stream"):
             return await self._chat_stream(request, body, model, inp, out, legacy, turn)
@@ -336,7 +341,14 @@ class Upstream:
         if turn is not None:
             await self._agent_stream(resp, chunk, turn)
         for i in range(out if turn is None else 0):
-            await resp.write(chunk({"content": "word "}))
+            try:
+                await resp.write(chunk({"content": "word "}))
+            except ConnectionResetError:  # the runaway's client left
+                return resp
+            if model == "runaway":
+                self.runaway_pieces += 1
+                if i % 64 == 0:
+                    await asyncio.sleep(0)  # lets the loop see the client leave
             if model == "broken" and i == out // 2:
                 await asyncio.sleep(0.05)
                 assert request.transport is not None

@@ -78,6 +78,9 @@ __all__ = ["ProxyConfig", "ProxyServer", "UpstreamLoop"]
 
 #: One SSE event larger than this is not a model's output: the stream is cut.
 _MAX_EVENT_BYTES = 16 << 20
+#: Tokens a stream may run past twice its grant before it is cut (an upstream
+#: that ignores the cap it was sent; see _Flight.output_limit).
+_OUTPUT_MARGIN = 256
 _COMPONENT = re.compile(r"^[\w.:/@+-]{1,128}$")
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
@@ -421,7 +424,10 @@ class _Admission:
 class _Flight:
     """One admitted call: the transport reports its outcome here, and it is recorded."""
 
-    __slots__ = ("asked_usage", "body", "call", "endpoint", "first_ms", "follower", "server")
+    __slots__ = (
+        "asked_usage", "body", "call", "endpoint", "first_ms", "follower", "output_limit",
+        "past_grant", "server",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -438,6 +444,11 @@ class _Flight:
         self.asked_usage = asked_usage
         self.follower: StreamFollower | None = None
         self.first_ms: float | None = None
+        #: the stream's text past which it is cut: twice the grant (a model
+        #: whose tokenizer is not cl100k_base may count its grant as more), and
+        #: a margin for a small one
+        self.output_limit = 2 * call.granted + _OUTPUT_MARGIN
+        self.past_grant = False
 
     def crashed(self, exc: BaseException) -> None:
         """Record the call as failed by a bug of the proxy's (then re-raised)."""
@@ -527,6 +538,9 @@ class _Flight:
             raise
         if follower.pending > _MAX_EVENT_BYTES:
             return None
+        if follower.output_past(self.output_limit):
+            self.past_grant = True
+            return None
         if data and self.first_ms is None:
             self.first_ms = self.call.elapsed_ms()
         return data
@@ -558,6 +572,11 @@ class _Flight:
             broke = f"upstream stream stalled: no data for {server.config.timeout:g}s"
         elif outcome == "error":
             broke = f"upstream stream broke: {detail}"
+        elif outcome == "oversize" and self.past_grant:
+            broke = (
+                f"upstream streamed past the {call.granted:,} output tokens granted"
+                f" (cut at {follower.output_tokens():,})"
+            )
         elif outcome == "oversize":
             broke = f"upstream sent an event over {_MAX_EVENT_BYTES:,} bytes"
         extra: dict[str, Any] = {"events": follower.events}

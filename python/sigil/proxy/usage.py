@@ -336,6 +336,18 @@ class StreamFollower:
             self._text.clear()
             self._pending = 0
 
+    def output_past(self, limit: int) -> bool:
+        """Whether the text that arrived is past ``limit`` tokens. Free while it
+        cannot be (a token is at least one UTF-8 byte and a character at most
+        four); otherwise what is held is counted now and let go."""
+        if self._counted + 4 * self._pending <= limit:
+            return False
+        if self._text:
+            self._counted += count_tokens("".join(self._text))
+            self._text.clear()
+            self._pending = 0
+        return self._counted > limit
+
     def output_tokens(self) -> int:
         """The tokens of the text that arrived (``cl100k_base``; an estimate for
         a stream that ended before its usage)."""
