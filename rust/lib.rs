@@ -990,9 +990,10 @@ impl PyAppendWriter {
     }
 
     /// Wait, with the GIL released, until the event `seq` (None: every event
-    /// queued so far) has been handed to the OS; the writer's thread writes
-    /// at once for it, one write for every event queued by then (fsync stays
-    /// on the policy's schedule). Raises `TimeoutError` (ETIMEDOUT) after
+    /// queued so far) has been handed to the OS; it is written at once (by
+    /// the caller when the writer is idle, else by the write under way or the
+    /// writer's thread), one write for every event queued by then (fsync
+    /// stays on the policy's schedule). Raises `TimeoutError` (ETIMEDOUT) after
     /// `timeout` seconds, `OSError` with the disk's errno when the write failed
     /// or the event was dropped, at once while flushes are failing.
     #[pyo3(signature = (seq = None, timeout = 5.0))]

@@ -750,11 +750,13 @@ impl AppendWriter {
 
     /// Wait until the event `seq` (None: every event queued so far) has been
     /// handed to the OS (its `write(2)` done; fsync stays on the policy's
-    /// schedule), at most `timeout`. The background thread writes at once
-    /// for a waiter instead of at its next interval, and one write covers
-    /// every event queued by then, so concurrent waiters share it (group
-    /// commit). Never does I/O itself: a disk that hangs costs a waiter its
-    /// timeout, no more.
+    /// schedule), at most `timeout`. The batch is written at once, not at the
+    /// next interval: by the waiter itself when the writer is idle (no
+    /// hand-off to the background thread), else by the write under way or
+    /// the background thread, woken for it. One write covers every event
+    /// queued by then, so concurrent waiters share it (group commit). A
+    /// waiter never waits on a busy writer (a write or fsync under way, a
+    /// hung disk) beyond its timeout.
     ///
     /// Fails at once (without waiting) while flushes are failing, and as soon
     /// as the flush that was to write the event fails; fails if the event was
@@ -780,11 +782,6 @@ impl AppendWriter {
             }
             let failures = st.failures;
             let deadline = Instant::now() + timeout;
-            st.flush_requested = true;
-            if st.flusher_waiting {
-                shared.wake.notify_one();
-            }
-            st.waiters += 1;
             let outcome = loop {
                 if st.written_upto >= target {
                     break Ok(());
@@ -799,13 +796,34 @@ impl AppendWriter {
                 if now >= deadline {
                     break Err(Some(WaitError::TimedOut(timeout)));
                 }
+                // The writer is idle and sound: write the batch here, at once.
+                // Handing it to the writer's thread costs two wake-ups, each a
+                // scheduler slice on a busy machine; a writer busy (a write or
+                // an fsync under way: maybe a hung disk) or failing is waited
+                // for, within the timeout.
+                if st.retry_at.is_none() && !shared.closed.load(Relaxed) {
+                    if let Ok(io) = shared.io.try_lock() {
+                        if io.failed.is_none() {
+                            drop(st);
+                            // A failure is recorded (and counted in `failures`) by the flush.
+                            let _ = flush_locked(shared, io, Sync::No);
+                            st = lock(&shared.state);
+                            continue;
+                        }
+                    }
+                }
+                st.flush_requested = true;
+                if st.flusher_waiting {
+                    shared.wake.notify_one();
+                }
+                st.waiters += 1;
                 st = shared
                     .written
                     .wait_timeout(st, deadline - now)
                     .unwrap_or_else(|p| p.into_inner())
                     .0;
+                st.waiters -= 1;
             };
-            st.waiters -= 1;
             match outcome {
                 Ok(()) => {}
                 Err(Some(e)) => return Err(e),
@@ -1068,7 +1086,11 @@ fn background(shared: Arc<Shared>) {
 }
 
 fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
-    let mut io = lock(&shared.io);
+    flush_locked(shared, lock(&shared.io), sync)
+}
+
+/// `flush_once` with the file side already locked (by a waiter that found it free).
+fn flush_locked(shared: &Shared, mut io: MutexGuard<'_, Io>, sync: Sync) -> io::Result<()> {
     // Every event below this seq is in the batch taken here (or was written or dropped before).
     let upto;
     let (mut data, dropped, dropped_tokens, head_partial) = {

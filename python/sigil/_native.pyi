@@ -610,8 +610,9 @@ class AppendWriter:
         ``dropped_events`` past it, the seq comes back as ``-1 - seq``."""
     def wait_written(self, seq: int | None = None, timeout: float = 5.0) -> None:
         """Wait, with the GIL released, until the event ``seq`` (None: every
-        event queued so far) has been handed to the OS; the writer's thread
-        writes at once for it, one write for all events queued by then (fsync
+        event queued so far) has been handed to the OS; it is written at once
+        (by the caller when the writer is idle, else by the write under way or
+        the writer's thread), one write for all events queued by then (fsync
         stays on the policy's schedule). ``TimeoutError`` after ``timeout``
         seconds; ``OSError`` with the disk's errno when the write failed or the
         event was dropped (at once while flushes are failing); ``ValueError``

@@ -627,9 +627,11 @@ class ExecutionLogger:
         process no longer loses it; fsync stays on the ``fsync`` policy's
         schedule). Blocks with the GIL released, at most ``timeout`` seconds.
 
-        The writer's thread writes at once for a waiter, not at its next
-        interval, and one write covers every event queued by then: threads
-        waiting together share it (group commit). Raises ``TimeoutError`` when
+        The events are written at once, not at the writer's next interval:
+        by the waiting thread itself when the writer is idle (no hand-off),
+        else by the write under way or the writer's thread; one write covers
+        every event queued by then, so threads waiting together share it
+        (group commit). Raises ``TimeoutError`` when
         the write did not complete in time (a hung disk), ``OSError`` with the
         disk's errno when it failed or the event was dropped (at once while
         the writer's writes are failing). Returns at once when nothing was

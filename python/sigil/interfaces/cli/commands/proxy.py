@@ -276,11 +276,12 @@ class MeteredSession:
     def _written(self) -> None:
         """Each call is answered once its record has reached the OS (the
         writer's ``write(2)`` done, so a ``kill -9`` of the proxy loses no
-        answered call): the meter calls this as each call settles. The writer
-        writes at once for it, calls settling together share the write, and
-        the GIL is released meanwhile. A write that fails, or does not finish
-        within :data:`WRITE_WAIT_SECONDS`, is the log failing: the call is
-        answered, and later ones are refused as unrecorded."""
+        answered call): the meter calls this as each call settles. The record
+        is written at once (see ``ExecutionLogger.wait_written``), calls
+        settling together share the write, and the GIL is released meanwhile.
+        A write that fails, or does not finish within
+        :data:`WRITE_WAIT_SECONDS`, is the log failing: the call is answered,
+        and later ones are refused as unrecorded."""
         if self._unrecorded_error is not None:
             return
         try:
