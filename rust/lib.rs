@@ -1026,6 +1026,42 @@ impl PyAppendWriter {
         })
     }
 
+    /// Wait, with the GIL released, until the event `seq` (None: every event
+    /// queued so far) has been handed to the OS; it is written at once (by
+    /// the caller when the writer is idle, else by the write under way or the
+    /// writer's thread), one write for every event queued by then (fsync
+    /// stays on the policy's schedule). Raises `TimeoutError` (ETIMEDOUT) after
+    /// `timeout` seconds, `OSError` with the disk's errno when the write failed
+    /// or the event was dropped, at once while flushes are failing.
+    #[pyo3(signature = (seq = None, timeout = 5.0))]
+    fn wait_written(&self, py: Python<'_>, seq: Option<u64>, timeout: f64) -> PyResult<()> {
+        if !(timeout.is_finite() && (0.0..=86_400.0).contains(&timeout)) {
+            return Err(value_error("timeout must be between 0 and 86400 seconds"));
+        }
+        let wait = Duration::from_secs_f64(timeout);
+        let inner = &self.inner;
+        let out = py.detach(|| guard_io(|| Ok(inner.wait_written(seq, wait))));
+        let path = self.path.display().to_string();
+        match out {
+            Err(detail) => Err(panic_err("AppendWriter.wait_written", detail)),
+            Ok(Err(e)) => Err(os_error(&e, Some(&self.path))),
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => {
+                let text = e.to_string();
+                Err(match e {
+                    writer::WaitError::TimedOut(_) => {
+                        pyo3::exceptions::PyTimeoutError::new_err((libc::ETIMEDOUT, text, path))
+                    }
+                    writer::WaitError::Failed(errno, _) | writer::WaitError::Dropped(errno, _) => {
+                        pyo3::exceptions::PyOSError::new_err((errno, text, path))
+                    }
+                    writer::WaitError::Closed => value_error(text),
+                    writer::WaitError::Forked(_) => PyRuntimeError::new_err(text),
+                })
+            }
+        }
+    }
+
     /// Write everything queued now (and fsync unless the policy is `never`).
     /// After a failed fsync, raises until what it covered is written again and synced.
     fn flush(&self, py: Python<'_>) -> PyResult<()> {

@@ -195,6 +195,19 @@ struct State {
     next_seq: u64,
     /// Writers waiting on `room` for the flusher to take the buffer.
     room_waiters: usize,
+    /// Every event with a smaller seq is in the file (handed to the OS by a
+    /// completed `write(2)`) or was dropped (`drop_range` says which).
+    written_upto: u64,
+    /// The seqs between which events were dropped (inclusive; conservative:
+    /// an event in between may have been written): a waiter for one of them
+    /// is told its event is not in the log.
+    drop_range: Option<(u64, u64)>,
+    /// Bumped by every failed flush (waiters then stop waiting, with its error).
+    failures: u64,
+    /// Callers of `wait_written` waiting now (the flusher notifies only then).
+    waiters: u32,
+    /// `close()` has made its last flush: nothing more will be written.
+    final_flush_done: bool,
 }
 
 /// Counters read by `stats()` without any lock that I/O can hold.
@@ -269,6 +282,8 @@ struct Shared {
     /// flusher takes the buffer): the next writes wait for room first, off
     /// the caller's interpreter lock (`wait_for_room`).
     full: AtomicBool,
+    /// Signalled (with `state`) when a flush has written or failed.
+    written: Condvar,
     io: Mutex<Io>,
     counters: Counters,
     last_error: Mutex<Option<(i32, String)>>,
@@ -488,10 +503,16 @@ impl AppendWriter {
                 retry_at: None,
                 next_seq: start_seq,
                 room_waiters: 0,
+                written_upto: start_seq,
+                drop_range: None,
+                failures: 0,
+                waiters: 0,
+                final_flush_done: false,
             }),
             wake: Condvar::new(),
             room: Condvar::new(),
             full: AtomicBool::new(false),
+            written: Condvar::new(),
             io: Mutex::new(Io {
                 file: Some(opened.file),
                 ident: opened.ident,
@@ -555,6 +576,7 @@ impl AppendWriter {
         }
         self.push_locked(
             &mut st,
+            None,
             |buf| buf.extend_from_slice(line),
             line.len(),
             || line_tokens(line),
@@ -675,6 +697,7 @@ impl AppendWriter {
         st.next_seq = seq.checked_add(1).ok_or(WriteError::SeqExhausted)?;
         self.push_locked(
             &mut st,
+            Some(seq),
             |out| {
                 out.extend_from_slice(b"{\"timestamp\":");
                 push_json_str(out, ts);
@@ -756,6 +779,7 @@ impl AppendWriter {
     fn push_locked(
         &self,
         st: &mut State,
+        seq: Option<u64>,
         fill: impl FnOnce(&mut Vec<u8>),
         estimate: usize,
         tokens: impl FnOnce() -> u64,
@@ -785,6 +809,9 @@ impl AppendWriter {
             st.buf.truncate(before);
         }
         let tokens = tokens();
+        if let Some(seq) = seq {
+            mark_dropped(st, seq, seq);
+        }
         st.dropping = true;
         st.dropped_pending += 1;
         st.dropped_tokens_pending = st.dropped_tokens_pending.saturating_add(tokens);
@@ -794,6 +821,111 @@ impl AppendWriter {
 
     pub fn next_seq(&self) -> u64 {
         lock(&self.shared.state).next_seq
+    }
+
+    /// Wait until the event `seq` (None: every event queued so far) has been
+    /// handed to the OS (its `write(2)` done; fsync stays on the policy's
+    /// schedule), at most `timeout`. The batch is written at once, not at the
+    /// next interval: by the waiter itself when the writer is idle (no
+    /// hand-off to the background thread), else by the write under way or
+    /// the background thread, woken for it. One write covers every event
+    /// queued by then, so concurrent waiters share it (group commit). A
+    /// waiter never waits on a busy writer (a write or fsync under way, a
+    /// hung disk) beyond its timeout.
+    ///
+    /// Fails at once (without waiting) while flushes are failing, and as soon
+    /// as the flush that was to write the event fails; fails if the event was
+    /// dropped (a full disk or buffer), or the writer closed without writing it.
+    pub fn wait_written(&self, seq: Option<u64>, timeout: Duration) -> Result<(), WaitError> {
+        if let Some(owner) = self.forked_from() {
+            return Err(WaitError::Forked(owner));
+        }
+        let shared = &self.shared;
+        let mut st = lock(&shared.state);
+        let (from, target) = match seq {
+            Some(s) => (s, s.saturating_add(1).min(st.next_seq)),
+            None => (st.written_upto, st.next_seq),
+        };
+        if st.written_upto < target {
+            if st.retry_at.is_some() {
+                // The last flush failed and the writer waits before retrying.
+                return Err(self.failure());
+            }
+            if st.final_flush_done {
+                // Closed, and what close() could not write stays unwritten.
+                return Err(WaitError::Closed);
+            }
+            let failures = st.failures;
+            let deadline = Instant::now() + timeout;
+            let outcome = loop {
+                if st.written_upto >= target {
+                    break Ok(());
+                }
+                if st.failures != failures {
+                    break Err(None);
+                }
+                if st.final_flush_done {
+                    break Err(Some(WaitError::Closed));
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    break Err(Some(WaitError::TimedOut(timeout)));
+                }
+                // The writer is idle and sound: write the batch here, at once.
+                // Handing it to the writer's thread costs two wake-ups, each a
+                // scheduler slice on a busy machine; a writer busy (a write or
+                // an fsync under way: maybe a hung disk) or failing is waited
+                // for, within the timeout.
+                if st.retry_at.is_none() && !shared.closed.load(Relaxed) {
+                    if let Ok(io) = shared.io.try_lock() {
+                        if io.failed.is_none() {
+                            drop(st);
+                            // A failure is recorded (and counted in `failures`) by the flush.
+                            let _ = flush_locked(shared, io, Sync::No);
+                            st = lock(&shared.state);
+                            continue;
+                        }
+                    }
+                }
+                st.flush_requested = true;
+                if st.flusher_waiting {
+                    shared.wake.notify_one();
+                }
+                st.waiters += 1;
+                st = shared
+                    .written
+                    .wait_timeout(st, deadline - now)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+                st.waiters -= 1;
+            };
+            match outcome {
+                Ok(()) => {}
+                Err(Some(e)) => return Err(e),
+                Err(None) => {
+                    drop(st);
+                    return Err(self.failure());
+                }
+            }
+        }
+        if let Some((lo, hi)) = st.drop_range {
+            if lo < target && hi >= from {
+                drop(st);
+                let (errno, text) = lock(&shared.last_error)
+                    .clone()
+                    .unwrap_or((libc::ENOBUFS, "the write buffer is full".to_string()));
+                return Err(WaitError::Dropped(errno, text));
+            }
+        }
+        Ok(())
+    }
+
+    /// The last write error, as a wait's failure.
+    fn failure(&self) -> WaitError {
+        let (errno, text) = lock(&self.shared.last_error)
+            .clone()
+            .unwrap_or((libc::EIO, "the log could not be written".to_string()));
+        WaitError::Failed(errno, text)
     }
 
     /// Write everything queued; fsync unless the policy is `never` (or `force_fsync`).
@@ -827,6 +959,12 @@ impl AppendWriter {
         if result.is_ok() {
             lock(&self.shared.io).file = None;
         }
+        let mut st = lock(&self.shared.state);
+        st.final_flush_done = true;
+        if st.waiters > 0 {
+            self.shared.written.notify_all();
+        }
+        drop(st);
         result
     }
 
@@ -900,6 +1038,45 @@ impl std::fmt::Display for WriteError {
                 "this AppendWriter belongs to process {owner}; a forked child (process {}) \
                  cannot use it: open a new writer in the child",
                 std::process::id()
+            ),
+        }
+    }
+}
+
+/// Why `wait_written` returned without the event in the file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WaitError {
+    /// Not written within the timeout (a slow or hung disk).
+    TimedOut(Duration),
+    /// The flush that was to write it failed: errno and message.
+    Failed(i32, String),
+    /// The event was dropped (full disk or buffer): errno and message.
+    Dropped(i32, String),
+    /// The writer closed without writing it.
+    Closed,
+    /// Used in a forked child; the owner's pid.
+    Forked(u32),
+}
+
+impl std::fmt::Display for WaitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WaitError::TimedOut(t) => write!(
+                f,
+                "the log's write did not complete within {:.3}s",
+                t.as_secs_f64()
+            ),
+            WaitError::Failed(_, text) => f.write_str(text),
+            WaitError::Dropped(_, text) => {
+                write!(
+                    f,
+                    "the event was dropped, the log could not take it: {text}"
+                )
+            }
+            WaitError::Closed => f.write_str("the writer closed before the event was written"),
+            WaitError::Forked(owner) => write!(
+                f,
+                "this AppendWriter belongs to process {owner}; a forked child cannot use it"
             ),
         }
     }
@@ -985,7 +1162,13 @@ fn background(shared: Arc<Shared>) {
 }
 
 fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
-    let mut io = lock(&shared.io);
+    flush_locked(shared, lock(&shared.io), sync)
+}
+
+/// `flush_once` with the file side already locked (by a waiter that found it free).
+fn flush_locked(shared: &Shared, mut io: MutexGuard<'_, Io>, sync: Sync) -> io::Result<()> {
+    // Every event below this seq is in the batch taken here (or was written or dropped before).
+    let upto;
     let (mut data, dropped, dropped_tokens, head_partial) = {
         let mut st = lock(&shared.state);
         let mut fresh = Vec::new();
@@ -998,6 +1181,7 @@ fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
         if st.room_waiters > 0 {
             shared.room.notify_all();
         }
+        upto = st.next_seq;
         (data, st.dropped_pending, st.dropped_tokens_pending, partial)
     };
     let interval = shared.cfg.flush_interval;
@@ -1013,7 +1197,15 @@ fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
     };
     match result {
         Ok(()) => {
-            lock(&shared.state).retry_at = None;
+            {
+                // Written: waiters for these events go on now, before any fsync.
+                let mut st = lock(&shared.state);
+                st.retry_at = None;
+                st.written_upto = st.written_upto.max(upto);
+                if st.waiters > 0 {
+                    shared.written.notify_all();
+                }
+            }
             let due = io.force_sync
                 || match sync {
                     Sync::Now => io.dirty || !io.dirs_to_sync.is_empty(),
@@ -1029,6 +1221,10 @@ fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
             record_error(shared, &e);
             let mut st = lock(&shared.state);
             st.retry_at = Some(Instant::now() + interval);
+            st.failures += 1;
+            if st.waiters > 0 {
+                shared.written.notify_all();
+            }
             let mut lost_lines = Vec::new();
             if !rest.is_empty() {
                 // Lines queued while the write failed go after what it kept back;
@@ -1039,6 +1235,9 @@ fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
                 lost_lines = newer.split_off(keep);
                 let lost = memchr::memchr_iter(b'\n', &lost_lines).count() as u64;
                 if lost > 0 {
+                    // The newest lines: which events they are is not known here.
+                    let (lo, hi) = (st.written_upto, st.next_seq.saturating_sub(1));
+                    mark_dropped(&mut st, lo, hi);
                     st.dropping = true;
                     st.dropped_pending += lost;
                     bump(&shared.counters.dropped_lines, lost);
@@ -1070,6 +1269,14 @@ fn flush_once(shared: &Shared, sync: Sync) -> io::Result<()> {
             Err(e)
         }
     }
+}
+
+/// Events `lo..=hi` (or some of them) were dropped.
+fn mark_dropped(st: &mut State, lo: u64, hi: u64) {
+    st.drop_range = Some(match st.drop_range {
+        Some((a, b)) => (a.min(lo), b.max(hi)),
+        None => (lo, hi),
+    });
 }
 
 /// Make new directory entries durable, then the file's data. A failed file
@@ -1577,6 +1784,142 @@ mod tests {
         assert_eq!(w.write_line(b"x"), Err(WriteError::Closed));
         let s = w.stats();
         assert_eq!((s.lines_written, s.fsyncs >= 1), (2, true));
+    }
+
+    fn slow_cfg() -> WriterConfig {
+        // No interval flush and no size flush during a test: only waiters write.
+        WriterConfig {
+            flush_interval: Duration::from_secs(3600),
+            buffer_bytes: 1 << 20,
+            ..cfg()
+        }
+    }
+
+    #[test]
+    fn a_waiter_has_its_event_written_at_once_not_at_the_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let w = AppendWriter::open(&path, slow_cfg(), 0).unwrap();
+        let started = Instant::now();
+        for i in 0..20u64 {
+            let seq = w.write_event("s", "e", "c", "m", i, None, None).unwrap();
+            w.wait_written(Some(seq), Duration::from_secs(30)).unwrap();
+            assert_eq!(read(&path).lines().count() as u64, i + 1);
+        }
+        assert!(started.elapsed() < Duration::from_secs(20));
+        // Nothing queued: returns at once; a seq never assigned waits for nothing.
+        w.wait_written(None, Duration::ZERO).unwrap();
+        w.wait_written(Some(1 << 40), Duration::ZERO).unwrap();
+        assert_eq!(w.stats().fsyncs, 0, "fsync stays on the policy's schedule");
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn concurrent_waiters_share_one_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let w = Arc::new(AppendWriter::open(&path, slow_cfg(), 0).unwrap());
+        let io = lock(&w.shared.io); // the writer is busy: waiters pile up
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let w = Arc::clone(&w);
+                std::thread::spawn(move || {
+                    let seq = w.write_event("s", "e", "c", "m", 1, None, None).unwrap();
+                    w.wait_written(Some(seq), Duration::from_secs(60))
+                })
+            })
+            .collect();
+        let start = Instant::now();
+        while lock(&w.shared.state).waiters < 8 {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "waiters never waited"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(io);
+        for t in threads {
+            t.join().unwrap().unwrap();
+        }
+        assert_eq!(read(&path).lines().count(), 8);
+        assert_eq!(w.stats().flushes, 1, "one write for all eight");
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn a_wait_is_bounded_when_the_disk_hangs() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = AppendWriter::open(dir.path().join("f"), slow_cfg(), 0).unwrap();
+        let io = lock(&w.shared.io); // a write that never returns
+        let seq = w.write_event("s", "e", "c", "m", 1, None, None).unwrap();
+        let started = Instant::now();
+        let got = w.wait_written(Some(seq), Duration::from_millis(50));
+        assert_eq!(got, Err(WaitError::TimedOut(Duration::from_millis(50))));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        assert!(started.elapsed() < Duration::from_secs(10));
+        drop(io);
+        w.wait_written(Some(seq), Duration::from_secs(30)).unwrap();
+        w.close().unwrap();
+    }
+
+    #[test]
+    fn a_failed_write_fails_its_waiter_at_once_and_later_ones_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let w = AppendWriter::open(&path, slow_cfg(), 0).unwrap();
+        // The descriptor cannot write (EBADF), as a disk that refuses every write.
+        lock(&w.shared.io).file = Some(File::open(&path).unwrap());
+        let seq = w.write_event("s", "e", "c", "m", 1, None, None).unwrap();
+        let started = Instant::now();
+        let got = w.wait_written(Some(seq), Duration::from_secs(60));
+        assert!(
+            matches!(got, Err(WaitError::Failed(e, _)) if e == libc::EBADF),
+            "{got:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+        let seq = w.write_event("s", "e", "c", "m", 1, None, None).unwrap();
+        let got = w.wait_written(Some(seq), Duration::from_secs(60));
+        assert!(matches!(got, Err(WaitError::Failed(..))), "{got:?}");
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_dropped_event_fails_its_waiter_and_a_written_one_does_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = WriterConfig {
+            max_buffer_bytes: 400,
+            ..slow_cfg()
+        };
+        let path = dir.path().join("f");
+        let w = AppendWriter::open(
+            &path,
+            WriterConfig {
+                buffer_bytes: 400,
+                ..c
+            },
+            0,
+        )
+        .unwrap();
+        // Events are dropped only while the disk fails (a healthy one makes a
+        // burst wait for room instead).
+        fail_disk(&w, &path);
+        let seqs: Vec<u64> = (0..10)
+            .map(|_| w.write_event("s", "e", "c", "m", 1, None, None).unwrap())
+            .collect();
+        assert!(w.dropped_events() > 0);
+        heal_disk(&w, &path);
+        w.flush(false).unwrap();
+        let fresh = w.write_event("s", "e", "c", "m", 1, None, None).unwrap();
+        w.wait_written(Some(fresh), Duration::from_secs(30))
+            .unwrap();
+        let last = w.wait_written(Some(seqs[9]), Duration::from_secs(30));
+        assert!(matches!(last, Err(WaitError::Dropped(..))), "{last:?}");
+        w.close().unwrap();
+        assert_eq!(
+            w.wait_written(Some(w.next_seq()), Duration::ZERO),
+            Ok(()),
+            "nothing to wait for"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ the request itself), and the small upstream of tests/proxy_upstream.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -284,6 +285,12 @@ def test_a_log_that_cannot_be_written_refuses_calls_and_fails_the_run(
     assert f"refused {answers.count('refused')} calls it could not record" in last, err
     log = home / "logs" / "sessions" / "full" / "execution.jsonl"
     assert log.stat().st_size <= 40_000
+    # Detected at once (issue 14 review, finding 2): each call's record is
+    # written before it is answered, so the one call whose write failed is the
+    # only one served that the log lacks (the 100 ms flush let ~19 through).
+    recorded = [json.loads(line) for line in log.read_bytes().splitlines() if line.endswith(b"}")]
+    completed = [e for e in recorded if e["event_type"] == "step_complete"]
+    assert answers.count("ok") == len(completed) + 1, (answers.count("ok"), len(completed))
     # No summary claims what the log lacks.
     assert not (log.parent / "tokens.json").exists()
 

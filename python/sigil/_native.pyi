@@ -621,6 +621,15 @@ class AppendWriter:
         scrubbed when the writer scrubs; its seq, or None (nothing done) when
         the Python path must handle it. With ``reported_drops`` given and
         ``dropped_events`` past it, the seq comes back as ``-1 - seq``."""
+    def wait_written(self, seq: int | None = None, timeout: float = 5.0) -> None:
+        """Wait, with the GIL released, until the event ``seq`` (None: every
+        event queued so far) has been handed to the OS; it is written at once
+        (by the caller when the writer is idle, else by the write under way or
+        the writer's thread), one write for all events queued by then (fsync
+        stays on the policy's schedule). ``TimeoutError`` after ``timeout``
+        seconds; ``OSError`` with the disk's errno when the write failed or the
+        event was dropped (at once while flushes are failing); ``ValueError``
+        when the writer closed without writing it."""
     def flush(self) -> None: ...
     def close(self) -> None: ...
     @property

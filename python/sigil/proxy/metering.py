@@ -161,6 +161,8 @@ class Meter:
         self.unrecorded: Callable[[], OSError | None] = _recorded
         #: calls refused because the log could not be written (none of them logged)
         self.unrecorded_refused = 0
+        #: waits until the settled call's record has reached the OS (set by the session)
+        self.written: Callable[[], None] = _written
 
     @property
     def exhausted(self) -> bool:
@@ -251,6 +253,8 @@ class Meter:
                 self.tracker.release(reserved)
         if hold and self.exhausted:
             self.announce_held("tokens held for calls of unknown usage")
+        # The call is answered once its record is written (issue 14 review, finding 2).
+        self.written()
 
     def announce_held(self, reason: str) -> None:
         """Log ``budget_exceeded`` once when the held tokens run the budget out
@@ -520,3 +524,7 @@ class Meter:
 def _recorded() -> OSError | None:
     """A log that never fails (a meter without a session: tests)."""
     return None
+
+
+def _written() -> None:
+    """Nothing to wait for (a meter without a session: tests)."""

@@ -630,6 +630,26 @@ class ExecutionLogger:
 
     # -- flushing and closing ---------------------------------------------
 
+    def wait_written(self, seq: int | None = None, timeout: float = 5.0) -> None:
+        """Wait until the event ``seq`` (None: every event logged so far) has
+        reached the OS (the writer's ``write(2)`` done: a ``kill -9`` of this
+        process no longer loses it; fsync stays on the ``fsync`` policy's
+        schedule). Blocks with the GIL released, at most ``timeout`` seconds.
+
+        The events are written at once, not at the writer's next interval:
+        by the waiting thread itself when the writer is idle (no hand-off),
+        else by the write under way or the writer's thread; one write covers
+        every event queued by then, so threads waiting together share it
+        (group commit). Raises ``TimeoutError`` when
+        the write did not complete in time (a hung disk), ``OSError`` with the
+        disk's errno when it failed or the event was dropped (at once while
+        the writer's writes are failing). Returns at once when nothing was
+        logged or everything is written.
+        """
+        writer = self._writer
+        if writer is not None:
+            writer.wait_written(seq, timeout)
+
     def flush_sync(self) -> None:
         """Write and fsync what is queued; raises ``OSError`` if the disk fails."""
         if self._writer is not None and not self._writer.closed:

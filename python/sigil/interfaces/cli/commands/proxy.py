@@ -15,6 +15,7 @@ native transport) happen inside the command: ``sigil --help`` stays fast.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sys
 import time
@@ -39,6 +40,10 @@ TOKEN_ENV = "SIGIL_PROXY_TOKEN"
 #: How often (seconds, at most) the proxy reads its log writer's counters to
 #: refuse calls it could not record (a few microseconds each).
 RECORDING_CHECK_SECONDS = 0.005
+#: How long (seconds) a call's answer waits for its record to reach the OS;
+#: past it the call is answered and the log counts as failed (a hung disk
+#: must not hold the transport, which waits with every call, for ever).
+WRITE_WAIT_SECONDS = 2.0
 
 _EPILOG = """\b
 Exit status:
@@ -234,6 +239,8 @@ class MeteredSession:
         self._started = 0.0
         self._tokens_before = 0
         self._unrecorded_error: OSError | None = None
+        #: why a call's record did not reach the OS in time (None: each one did)
+        self._wait_error: OSError | None = None
         self._next_check = 0.0
 
     @property
@@ -283,7 +290,27 @@ class MeteredSession:
             held_before=history.tokens_held,
         )
         self.meter.unrecorded = self._unrecorded
+        self.meter.written = self._written
         return self.meter
+
+    def _written(self) -> None:
+        """Each call is answered once its record has reached the OS (the
+        writer's ``write(2)`` done, so a ``kill -9`` of the proxy loses no
+        answered call): the meter calls this as each call settles. The record
+        is written at once (see ``ExecutionLogger.wait_written``), calls
+        settling together share the write, and the GIL is released meanwhile.
+        A write that fails, or does not finish within
+        :data:`WRITE_WAIT_SECONDS`, is the log failing: the call is answered,
+        and later ones are refused as unrecorded."""
+        if self._unrecorded_error is not None:
+            return
+        try:
+            self.orchestrator.execution_logger.wait_written(None, WRITE_WAIT_SECONDS)
+        except (OSError, ValueError) as exc:
+            self._wait_error = self.unrecorded_now() or (
+                exc if isinstance(exc, OSError) else OSError(errno.EBADF, str(exc))
+            )
+            self._unrecorded_error = self._wait_error
 
     def _unrecorded(self) -> OSError | None:
         """Why the session's log cannot be written (None: it can), as the meter
@@ -303,7 +330,8 @@ class MeteredSession:
         """Why the session's log cannot be written, from the writer's counters now."""
         from sigil.proxy.policy import recording_failure
 
-        return recording_failure(self._log.dropped, self.orchestrator.execution_logger.stats())
+        stats = self.orchestrator.execution_logger.stats()
+        return recording_failure(self._log.dropped, stats) or self._wait_error
 
     @property
     def recording_error(self) -> OSError | None:
