@@ -114,6 +114,10 @@ const MEMORY_WAIT: Duration = Duration::from_secs(2);
 /// admitted) and by the policy, which keeps the parsed body to count a stream
 /// that breaks (sigil.proxy.server `_Flight`).
 const REQUEST_COPIES: usize = 2;
+/// At most this much of a refused call's unread body is read and dropped
+/// (`drain`) before its answer, or the call's own limit when larger; a client
+/// that sends more has its connection closed.
+const MAX_DRAIN: usize = 64 << 20;
 
 type Out = Response<ProxyBody>;
 type Upstream = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -764,6 +768,8 @@ async fn metered(
                 "sigil proxy: request body over {} bytes",
                 commas(shared.settings.max_body)
             );
+            let limit = MAX_DRAIN.max(shared.settings.max_body);
+            let _ = tokio::time::timeout(shared.settings.timeout, drain(&mut body, limit)).await;
             let _ = reply.send(openai_error(
                 413,
                 &text,
@@ -774,7 +780,7 @@ async fn metered(
         }
         Err(ReadError::Overloaded) => {
             // What it sends meanwhile is dropped as it comes: it holds nothing.
-            let limit = shared.settings.max_body;
+            let limit = MAX_DRAIN.max(shared.settings.max_body);
             let _ = tokio::time::timeout(shared.settings.timeout, drain(&mut body, limit)).await;
             let _ = reply.send(overloaded(&shared.memory));
             return;

@@ -259,3 +259,22 @@ def test_the_sdk_retries_a_call_refused_for_memory_and_gets_its_answer(
 
     serving(server, work)
     assert len(upstream.requests) == 2
+
+
+def test_a_body_far_over_the_limit_gets_its_413_not_a_reset(upstream: Upstream) -> None:
+    """A call refused before its body was read whole (413) left the rest of
+    the body unread, and hyper then closes the connection: a client still
+    sending more than a socket buffers got a reset instead of the answer. The
+    rest is read and dropped (holding nothing) before the answer."""
+    _, meter = _meter(100_000_000_000)
+    server = ProxyServer(meter, ProxyConfig(upstream=upstream.url, max_body_bytes=MIB))
+
+    async def work(url: str) -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            r = await client.post(f"{url}/chat/completions", json=_big_body("m"))
+            assert r.status_code == 413, r.text
+            assert r.json()["error"]["code"] == "request_too_large"
+            assert server._transport is not None and server._transport.held_bytes == 0
+
+    serving(server, work)
+    assert upstream.requests == []
