@@ -114,6 +114,10 @@ const MEMORY_WAIT: Duration = Duration::from_secs(2);
 /// admitted) and by the policy, which keeps the parsed body to count a stream
 /// that breaks (sigil.proxy.server `_Flight`).
 const REQUEST_COPIES: usize = 2;
+/// At most this much of a refused call's unread body is read and dropped
+/// (`drain`) before its answer, or the call's own limit when larger; a client
+/// that sends more has its connection closed.
+const MAX_DRAIN: usize = 64 << 20;
 
 type Out = Response<ProxyBody>;
 type Upstream = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -468,6 +472,25 @@ where
     Ok(buf.freeze())
 }
 
+/// Read and drop the rest of a body, at most `limit` bytes: a client whose
+/// call is refused before its body was read then gets the answer, not a reset
+/// while it is still sending (hyper closes a connection whose request body is
+/// left unread, and the unread bytes reset it).
+async fn drain<B>(mut body: B, limit: usize)
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut seen = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            seen += data.len();
+            if seen > limit {
+                return;
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Serving
 
@@ -778,14 +801,10 @@ async fn metered(
     };
     // The body must arrive within the timeout: a client that stops sending
     // would otherwise hold its call (a task and its buffer) indefinitely.
+    let mut body = req.into_body();
     let read = tokio::time::timeout(
         shared.settings.timeout,
-        read_bounded(
-            req.into_body(),
-            shared.settings.max_body,
-            false,
-            Some(charge),
-        ),
+        read_bounded(&mut body, shared.settings.max_body, false, Some(charge)),
     )
     .await;
     let Ok(read) = read else {
@@ -808,6 +827,8 @@ async fn metered(
                 "sigil proxy: request body over {} bytes",
                 commas(shared.settings.max_body)
             );
+            let limit = MAX_DRAIN.max(shared.settings.max_body);
+            let _ = tokio::time::timeout(shared.settings.timeout, drain(&mut body, limit)).await;
             let _ = reply.send(openai_error(
                 413,
                 &text,
@@ -817,6 +838,9 @@ async fn metered(
             return;
         }
         Err(ReadError::Overloaded) => {
+            // What it sends meanwhile is dropped as it comes: it holds nothing.
+            let limit = MAX_DRAIN.max(shared.settings.max_body);
+            let _ = tokio::time::timeout(shared.settings.timeout, drain(&mut body, limit)).await;
             let _ = reply.send(overloaded(&shared.memory));
             return;
         }
@@ -1546,11 +1570,13 @@ mod tests {
             copies: 1,
             until: soon(),
         };
-        let body = Full::new(Bytes::from_static(b"0123456789"));
+        let mut body = Full::new(Bytes::from_static(b"0123456789"));
         assert!(matches!(
-            read_bounded(body, 100, false, Some(charge)).await,
+            read_bounded(&mut body, 100, false, Some(charge)).await,
             Err(ReadError::Overloaded)
         ));
+        drain(&mut body, 100).await;
+        assert!(body.is_end_stream());
         drop(second);
         assert_eq!(memory.held(), 20);
         // A body of unknown length takes its bytes frame by frame.

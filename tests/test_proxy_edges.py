@@ -156,18 +156,24 @@ def test_the_endpoint_and_key_header_tables_are_the_transports() -> None:
 MIB = 1 << 20
 
 
+#: Larger than what a loopback socket buffers: a client still sends the body
+#: of a call refused before it was read.
+BIG = 8 * MIB
+
+
 def _big_body(model: str) -> dict[str, Any]:
-    """A chat call whose body is just under 1 MiB."""
-    return {"model": model, "messages": [{"role": "user", "content": "x" * (MIB - 256)}]}
+    """A chat call whose body is just under 8 MiB."""
+    return {"model": model, "messages": [{"role": "user", "content": "x" * (BIG - 256)}]}
 
 
 def _memory_bound_server(upstream: Upstream) -> tuple[Recorder, ProxyServer]:
-    """A server whose calls may hold 3 MiB in all: one body of 1 MiB (held
-    twice: as read or forwarded, and as the policy parsed it) fits, two do not."""
-    log, meter = _meter(100_000_000)  # far from the end: prompts are bounded by length
+    """A server whose calls may hold 17 MiB in all: one call with a body of 8
+    MiB (held twice: as read or forwarded, and as the policy parsed it) and an
+    answer of 1 MiB fits, two such calls do not."""
+    log, meter = _meter(100_000_000_000)  # far from the end: prompts bounded by length
     config = ProxyConfig(
-        upstream=upstream.url, max_body_bytes=MIB, max_response_bytes=MIB,
-        max_in_flight_bytes=3 * MIB,
+        upstream=upstream.url, max_body_bytes=BIG, max_response_bytes=MIB,
+        max_in_flight_bytes=2 * BIG + MIB,
     )  # fmt: skip
     return log, ProxyServer(meter, config)
 
@@ -197,18 +203,20 @@ def test_calls_past_the_memory_limit_wait_briefly_then_get_503(upstream: Upstrea
             holding = asyncio.ensure_future(client.post(post, json=_big_body("slow")))
             await _until_requests(upstream, 1)
             assert server._transport is not None
-            assert server._transport.held_bytes >= 2 * (MIB - 256)
+            assert server._transport.held_bytes >= 2 * (BIG - 256)
             started = time.monotonic()
             refused = await client.post(post, json=_big_body("m"))
             waited = time.monotonic() - started
             assert refused.status_code == 503, refused.text
             error = refused.json()["error"]
             assert error["type"] == "server_error" and error["code"] == "server_overloaded"
-            assert "3,145,728 bytes" in error["message"]
+            assert "17,825,792 bytes" in error["message"]
             # The official SDKs retry a 503, after retry-after, as x-should-retry says.
             assert refused.headers["retry-after"] == "1"
             assert refused.headers["x-should-retry"] == "true"
             assert 1.5 <= waited < 5.0, waited  # it waited for memory, briefly
+            # The body it was still sending was read (and dropped): the client
+            # gets the answer, not a connection reset mid-send.
             assert len(upstream.requests) == 1  # never forwarded
             # A small call fits beside the big one.
             small = await client.post(post, json={"model": "m", "messages": MSGS})
@@ -251,3 +259,22 @@ def test_the_sdk_retries_a_call_refused_for_memory_and_gets_its_answer(
 
     serving(server, work)
     assert len(upstream.requests) == 2
+
+
+def test_a_body_far_over_the_limit_gets_its_413_not_a_reset(upstream: Upstream) -> None:
+    """A call refused before its body was read whole (413) left the rest of
+    the body unread, and hyper then closes the connection: a client still
+    sending more than a socket buffers got a reset instead of the answer. The
+    rest is read and dropped (holding nothing) before the answer."""
+    _, meter = _meter(100_000_000_000)
+    server = ProxyServer(meter, ProxyConfig(upstream=upstream.url, max_body_bytes=MIB))
+
+    async def work(url: str) -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            r = await client.post(f"{url}/chat/completions", json=_big_body("m"))
+            assert r.status_code == 413, r.text
+            assert r.json()["error"]["code"] == "request_too_large"
+            assert server._transport is not None and server._transport.held_bytes == 0
+
+    serving(server, work)
+    assert upstream.requests == []
