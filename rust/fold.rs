@@ -1112,7 +1112,12 @@ fn settle_calls(r: &mut RunTotals, session: &mut Names<ComponentTotals>) {
             t.tokens_held = t.tokens_held.saturating_add(c.reserved);
         }
         if let Some(m) = &c.model {
-            let t = r.models.slot(&model_key(&c.component, m));
+            // Keyed as the call's events are: by the run's name of the component.
+            let name = match r.components.get(&c.component) {
+                Some(_) => c.component.as_str(),
+                None => OTHER,
+            };
+            let t = r.models.slot(&model_key(name, m));
             t.unknown_usage = t.unknown_usage.saturating_add(1);
             t.tokens_held = t.tokens_held.saturating_add(c.reserved);
         }
@@ -2622,7 +2627,7 @@ impl FoldState {
             match kind {
                 Kind::StepStart => run.calls.start(OpenCall {
                     call,
-                    component: name.to_string(),
+                    component: e.component.to_string(),
                     model: meta
                         .model
                         .as_deref()

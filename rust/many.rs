@@ -551,6 +551,21 @@ mod tests {
     }
 
     #[test]
+    fn a_lock_is_held_only_while_a_process_holds_it() {
+        use std::os::unix::io::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOCK_FILE);
+        assert!(!locked(&path)); // no lock file: nobody
+        let f = File::create(&path).unwrap();
+        assert!(!locked(&path));
+        // SAFETY: `f` is open.
+        assert_eq!(unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) }, 0);
+        assert!(locked(&path));
+        drop(f);
+        assert!(!locked(&path)); // the holder is gone
+    }
+
+    #[test]
     fn a_reason_has_no_os_error_suffix() {
         let e = io::Error::from_raw_os_error(libc::EACCES);
         let r = reason(Path::new("/x/execution.jsonl"), &e);

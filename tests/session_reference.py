@@ -314,6 +314,8 @@ class Run:
     #: (component, input hash) -> [starts, first seqs]; outputs in order
     inputs: dict[tuple[str, str], list[Any]] = field(default_factory=dict)
     outputs: list[tuple[str, str]] = field(default_factory=list)
+    #: the proxy's calls started and not ended: (call, component, model, reserved)
+    open_calls: list[tuple[int, str, str | None, int]] = field(default_factory=list)
 
     def loops(self) -> list[dict[str, Any]]:
         return [
@@ -350,8 +352,39 @@ class Run:
         }
 
 
-def fold_reference(data: bytes) -> dict[str, Any]:
-    """Fold ``data`` (newline-separated lines; an unterminated last line is torn)."""
+def settle_calls(run: Run, components: dict[str, Component], models: dict[str, Model]) -> None:
+    """Review 14, finding 2: a dead run's calls started with a reservation and
+    never ended are calls of unknown usage holding it (in the run's components
+    and models, and the session's components)."""
+    for _call, component, model, reserved in run.open_calls:
+        if not reserved:
+            continue
+        for table in (run.components, components):
+            c: Component = slot(table, component, Component)
+            c.unknown_usage_calls += 1
+            c.tokens_held = min(U64_MAX, c.tokens_held + reserved)
+        if model is not None:
+            for table, mtable in ((components, models), (run.components, run.models)):
+                name = component if component in table else OTHER
+                m: Model = slot(mtable, name + SEP + model, Model)
+                m.unknown_usage_calls += 1
+                m.tokens_held = min(U64_MAX, m.tokens_held + reserved)
+    run.open_calls = []
+
+
+CALL_KINDS = ("step_complete", "step_error")
+
+
+def remaining(budget: int | None, tokens: int, held: int) -> int | None:
+    """What is left of the budget: budget - used - held, never below 0."""
+    return None if budget is None else max(0, budget - tokens - held)
+
+
+def fold_reference(data: bytes, writer_gone: bool = False) -> dict[str, Any]:
+    """Fold ``data`` (newline-separated lines; an unterminated last line is torn).
+
+    ``writer_gone``: nobody holds the session's lock, so the last run is dead
+    too (a run that ended, or that a later run followed, is dead anyway)."""
     chunks = data.split(b"\n")
     torn = chunks[-1] != b""
     complete = chunks[:-1]
@@ -445,7 +478,7 @@ def fold_reference(data: bytes) -> dict[str, Any]:
                 )
             )
             if len(runs) > MAX_RUNS:
-                runs.pop(0)
+                settle_calls(runs.pop(0), components, models)
         run = runs[-1] if runs else head
         if kind in ("session_complete", "session_error"):
             declared_status = meta.get("status")
@@ -484,6 +517,25 @@ def fold_reference(data: bytes) -> dict[str, Any]:
         unknown = meta.get("usage") == "unknown"
         call = kind in ("step_complete", "step_error")
         held = (u64(meta.get("tokens_held")) or 0) if call else 0
+        call_id = u64(e.metadata.get("call")) if kind in ("step_start", *CALL_KINDS) else None
+        if call_id is not None and kind == "step_start":
+            model_named = text(e.metadata.get("model"))
+            reserved = (u64(e.metadata.get("prompt_tokens_reserved")) or 0) + (
+                u64(e.metadata.get("max_tokens")) or 0
+            )
+            run.open_calls.append(
+                (
+                    call_id,
+                    e.component,
+                    bounded(model_named) if model_named is not None else None,
+                    min(U64_MAX, reserved),
+                )
+            )
+        elif call_id is not None:
+            for i in range(len(run.open_calls) - 1, -1, -1):
+                if run.open_calls[i][0] == call_id:
+                    del run.open_calls[i]
+                    break
         if kind == "step_start":
             # Only its input hash counts (no other key of its metadata).
             digest = text(e.metadata.get("input_sha256"))
@@ -536,6 +588,9 @@ def fold_reference(data: bytes) -> dict[str, Any]:
                 run.first_seq = e.seq
             run.last_seq = e.seq
 
+    for i, r in enumerate([head, *runs]):
+        if i < len(runs) or r.ended_at is not None or writer_gone:
+            settle_calls(r, components, models)
     current = runs[-1] if runs else head
     duration = seconds_between(state["first_timestamp"], state["last_timestamp"])
     buckets: dict[int, int] = {}
@@ -556,6 +611,11 @@ def fold_reference(data: bytes) -> dict[str, Any]:
         **models_items(models),
         "unknown_usage_calls": sum(c["unknown_usage_calls"] for c in session_components.values()),
         "tokens_held": min(U64_MAX, sum(c["tokens_held"] for c in session_components.values())),
+        "tokens_remaining": remaining(
+            state["budget"],
+            state["tokens"],
+            min(U64_MAX, sum(c["tokens_held"] for c in session_components.values())),
+        ),
         "loops": [loop for r in [head, *runs] for loop in r.loops()],
         "event_counts": dict(sorted(counts.items())),
         "duration_seconds": duration,

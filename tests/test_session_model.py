@@ -334,6 +334,10 @@ _meta_values: dict[str, st.SearchStrategy[Any]] = {
     "tokens_held": st.one_of(
         st.integers(0, 5000), st.sampled_from([2**64 - 1, -1, 1.5, "9", None, True])
     ),
+    # Review 14, finding 2: the proxy's call numbers and what their starts reserved.
+    "call": st.one_of(st.integers(0, 3), st.sampled_from([-1, "1", 1.5])),
+    "prompt_tokens_reserved": st.one_of(st.integers(0, 500), st.sampled_from([-1, "9", 1.5])),
+    "max_tokens": st.one_of(st.integers(0, 500), st.sampled_from([2**64 - 1, "9", None])),
     "input_sha256": st.sampled_from(["a1", "b2", 7]),
     "output_sha256": st.sampled_from(["o1", "o2", None]),
     # Issue 12 (Cost): a price's shortest text, odd numbers and wrong types.
@@ -421,6 +425,9 @@ def test_native_model_equals_the_reference(
     snap = fold.snapshot()
     got = snap.to_dict()
     assert _comparable(got) == _comparable(expected)
+    # Review 14: with the writer gone, the last run's calls never ended are held too.
+    gone = fold.snapshot(writer_gone=True).to_dict()
+    assert _comparable(gone) == _comparable(fold_reference(data, writer_gone=True))
     # Issue 12: the step in flight over every event (this fold keeps none).
     flight = in_flight_reference(data)
     shown = snap.in_flight
