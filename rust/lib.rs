@@ -755,11 +755,13 @@ fn size_arg(name: &str, v: Option<&Bound<'_, PyAny>>, default: u64) -> PyResult<
 }
 
 impl PyAppendWriter {
-    /// While the buffer is full on a healthy disk, wait for room with the GIL
-    /// released (the write itself then waits only if a burst refilled it).
+    /// While the buffer is (nearly) full on a healthy disk, wait for room with
+    /// the GIL released: the write itself, GIL held, then waits only if other
+    /// threads refilled the buffer meanwhile or its line is larger than `need`
+    /// by more than a quarter of the buffer's bound.
     fn room(&self, py: Python<'_>, need: usize) {
-        if self.inner.backpressured() {
-            py.detach(|| self.inner.wait_for_room(need));
+        if self.inner.may_wait(need) {
+            py.detach(|| self.inner.wait_for_room_with_margin(need));
         }
     }
 

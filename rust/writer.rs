@@ -761,10 +761,29 @@ impl AppendWriter {
         st
     }
 
-    /// Whether writes wait for room now (a cheap check before a caller that
-    /// holds an interpreter lock releases it to [`Self::wait_for_room`]).
-    pub fn backpressured(&self) -> bool {
-        self.shared.full.load(Relaxed)
+    /// Whether a write of `need` bytes may wait for room now: a writer is
+    /// already waiting, or the buffer (read under the queue lock, which no
+    /// I/O holds) lacks room for `need` plus a quarter of its bound, the
+    /// margin for what the caller's estimate of its line leaves out. A caller
+    /// holding an interpreter lock checks this, then releases it to
+    /// [`Self::wait_for_room`], so that its write itself does not wait.
+    pub fn may_wait(&self, need: usize) -> bool {
+        if self.shared.full.load(Relaxed) {
+            return true;
+        }
+        let max = self.shared.cfg.max_buffer_bytes;
+        let need = need.saturating_add(max / 4).min(max.saturating_sub(1));
+        let st = lock(&self.shared.state);
+        st.buf.len() + need >= max
+            && !st.dropping
+            && st.retry_at.is_none()
+            && !self.shared.closed.load(Relaxed)
+    }
+
+    /// [`Self::wait_for_room`] with the margin of [`Self::may_wait`].
+    pub fn wait_for_room_with_margin(&self, need: usize) {
+        let max = self.shared.cfg.max_buffer_bytes;
+        self.wait_for_room(need.saturating_add(max / 4).min(max.saturating_sub(1)));
     }
 
     /// Wait until the buffer has room for a line of `need` bytes (as a write
@@ -881,7 +900,14 @@ impl AppendWriter {
                         if io.failed.is_none() {
                             drop(st);
                             // A failure is recorded (and counted in `failures`) by the flush.
-                            let _ = flush_locked(shared, io, Sync::No);
+                            // Under `always` each flush is fsynced (contract 4); the
+                            // interval's fsync stays on the writer's thread.
+                            let sync = if shared.cfg.fsync == FsyncPolicy::Always {
+                                Sync::Now
+                            } else {
+                                Sync::No
+                            };
+                            let _ = flush_locked(shared, io, sync);
                             st = lock(&shared.state);
                             continue;
                         }
