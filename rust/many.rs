@@ -124,17 +124,21 @@ pub const LOCK_FILE: &str = ".lock";
 
 /// Whether some process holds the lock at `path` (as
 /// `sigil.core.locks.is_session_locked`: a shared, non-blocking `flock`
-/// tried and released at once; a missing file is not locked).
+/// tried and released at once; a missing file is not locked). A lock that
+/// cannot be tried (unreadable, out of descriptors, no locks on this file
+/// system) counts as held: a live run is never shown as dead; a dead one is
+/// shown as live until a later run starts.
 pub fn locked(path: &Path) -> bool {
     use std::os::unix::io::AsRawFd;
-    let Ok(f) = File::open(path) else {
-        return false;
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) => return e.kind() != io::ErrorKind::NotFound,
     };
     let fd = f.as_raw_fd();
     // SAFETY: `fd` is open for the call (owned by `f`).
     let r = unsafe { libc::flock(fd, libc::LOCK_SH | libc::LOCK_NB) };
     if r != 0 {
-        return io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK);
+        return true;
     }
     // SAFETY: as above.
     unsafe { libc::flock(fd, libc::LOCK_UN) };
@@ -563,6 +567,8 @@ mod tests {
         assert!(locked(&path));
         drop(f);
         assert!(!locked(&path)); // the holder is gone
+                                 // A lock that cannot be tried counts as held (never a live run shown dead).
+        assert!(locked(&path.join("under-a-file")));
     }
 
     #[test]
