@@ -109,6 +109,8 @@ const ABORT_WAIT: Duration = Duration::from_secs(5);
 /// How long a call waits for memory (`Memory`) before it is refused with 503:
 /// long enough for a burst to pass, short beside a model call.
 const MEMORY_WAIT: Duration = Duration::from_secs(2);
+/// How often a request waiting for memory looks again (`Held::take`).
+const BEHIND_POLL: Duration = Duration::from_millis(5);
 /// A request body is held twice for its call's life: by the transport (as
 /// read, then as forwarded; the read copy is dropped once the call is
 /// admitted) and by the policy, which keeps the parsed body to count a stream
@@ -246,14 +248,30 @@ impl Held {
     }
 
     /// Take `n` more bytes, waiting for them until `until`; false when they
-    /// were not free in time (or are more than the limit).
-    async fn take(&mut self, n: usize, until: Instant) -> bool {
+    /// were not free in time (or are more than the limit). `behind` (a new
+    /// call's request) never queues: it takes what is free once the queued
+    /// takers (answers the upstream has already billed) are served, so that
+    /// an answer never waits behind a request.
+    async fn take(&mut self, n: usize, until: Instant, behind: bool) -> bool {
         if n == 0 {
             return true;
         }
         let Ok(count) = u32::try_from(n) else {
             return false;
         };
+        if behind {
+            loop {
+                if let Ok(permit) = self.free.try_acquire_many(count) {
+                    permit.forget();
+                    self.bytes += n;
+                    return true;
+                }
+                if Instant::now() >= until {
+                    return false;
+                }
+                tokio::time::sleep_until(until.min(Instant::now() + BEHIND_POLL)).await;
+            }
+        }
         match tokio::time::timeout_at(until, self.free.acquire_many(count)).await {
             Ok(Ok(permit)) => {
                 permit.forget();
@@ -404,6 +422,8 @@ struct Charge<'a> {
     held: &'a mut Held,
     copies: usize,
     until: Instant,
+    /// A new call's request: it yields to the answers waiting (`Held::take`).
+    behind: bool,
 }
 
 impl Charge<'_> {
@@ -411,7 +431,7 @@ impl Charge<'_> {
     async fn cover(&mut self, total: usize, paid: &mut usize) -> Result<(), ReadError> {
         if total > *paid {
             let more = (total - *paid).saturating_mul(self.copies);
-            if !self.held.take(more, self.until).await {
+            if !self.held.take(more, self.until, self.behind).await {
                 return Err(ReadError::Overloaded);
             }
             *paid = total;
@@ -707,6 +727,7 @@ async fn models(shared: &Shared, req: Request<Incoming>) -> Out {
         held: &mut held,
         copies: 1,
         until: Instant::now() + shared.settings.timeout,
+        behind: false,
     };
     let work = async {
         let resp = shared
@@ -798,6 +819,7 @@ async fn metered(
         held: &mut held,
         copies: REQUEST_COPIES,
         until: Instant::now() + MEMORY_WAIT.min(shared.settings.timeout),
+        behind: true,
     };
     // The body must arrive within the timeout: a client that stops sending
     // would otherwise hold its call (a task and its buffer) indefinitely.
@@ -981,6 +1003,7 @@ async fn forward(
         held,
         copies: 1,
         until: deadline,
+        behind: false,
     };
     if status >= 300 {
         let read = read_bounded(body, MAX_ERROR_BODY, true, Some(charge));
@@ -1559,6 +1582,7 @@ mod tests {
             held: &mut first,
             copies: 2,
             until: soon(),
+            behind: false,
         };
         let body = Full::new(Bytes::from_static(b"0123456789"));
         assert!(read_bounded(body, 100, false, Some(charge)).await.is_ok());
@@ -1569,6 +1593,7 @@ mod tests {
             held: &mut second,
             copies: 1,
             until: soon(),
+            behind: false,
         };
         let mut body = Full::new(Bytes::from_static(b"0123456789"));
         assert!(matches!(
@@ -1585,6 +1610,7 @@ mod tests {
             held: &mut third,
             copies: 1,
             until: soon(),
+            behind: false,
         };
         let body = frames(&[b"01", b"23", b"4567"]);
         assert!(matches!(
@@ -1601,6 +1627,7 @@ mod tests {
             held: &mut fourth,
             copies: 1,
             until: soon(),
+            behind: false,
         };
         let body = frames(&[b"01", b"23", b"4567"]);
         let read = read_bounded(body, 100, false, Some(charge)).await;
@@ -1612,6 +1639,7 @@ mod tests {
             held: &mut fifth,
             copies: 1,
             until: soon(),
+            behind: false,
         };
         let body = Full::new(Bytes::from_static(b"0123456789"));
         assert_eq!(
@@ -1619,6 +1647,32 @@ mod tests {
             Some(Bytes::from_static(b"0123"))
         );
         assert_eq!(fifth.bytes, 4);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_answer_never_waits_behind_a_request() {
+        let memory = Memory::new(100);
+        let later = Instant::now() + Duration::from_secs(30);
+        let mut first = Held::new(&memory);
+        assert!(first.take(100, later, false).await);
+        // A request waits for 50 bytes first; then an answer for all 100.
+        let mut request = Held::new(&memory);
+        let asked = tokio::spawn(async move { (request.take(50, later, true).await, request) });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut answer = Held::new(&memory);
+        let answered = tokio::spawn(async move { (answer.take(100, later, false).await, answer) });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(first);
+        // The freed bytes go to the answer, though the request came first.
+        let (ok, answer) = answered.await.unwrap();
+        assert!(ok);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!asked.is_finished());
+        assert_eq!(memory.held(), 100);
+        drop(answer);
+        let (ok, _request) = asked.await.unwrap();
+        assert!(ok);
+        assert_eq!(memory.held(), 50);
     }
 
     #[test]
