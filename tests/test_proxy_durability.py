@@ -145,3 +145,30 @@ def test_the_loggers_wait_writes_at_once_and_shares_one_write(tmp_path: Path) ->
     assert stats["flushes"] <= 401 and stats["fsyncs"] == 0
     logger.close_sync()
     logger.wait_written(seq, timeout=0)  # closed, all written: nothing to wait for
+
+
+def test_a_slow_write_is_not_taken_for_a_failing_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wait for the write that times out (a slow disk: an fsync under way)
+    is not the log failing (review): taking it for one refused every later call
+    of the run as unrecorded, on a healthy disk. The event stays queued and the
+    writer writes it; a real failure shows in the writer's counters."""
+    from types import SimpleNamespace
+
+    from sigil.interfaces.cli.commands import proxy as command
+    from sigil.telemetry.execution_logger import ExecutionLogger
+
+    logger = ExecutionLogger("w2", tmp_path, buffer_size=1 << 20, flush_interval=3600)
+    session = object.__new__(command.MeteredSession)
+    session.orchestrator = SimpleNamespace(execution_logger=logger)  # type: ignore[assignment]
+    session._log = SimpleNamespace(dropped=0)  # type: ignore[assignment]
+    session._unrecorded_error = None
+    session._wait_error = None
+    monkeypatch.setattr(command, "WRITE_WAIT_SECONDS", 0.0)  # every wait times out
+    logger.log_event_sync("step_complete", "c", "m", 3)
+    session._written()
+    assert session._unrecorded_error is None
+    assert session.unrecorded_now() is None
+    logger.close_sync()
+    assert len(logger.log_file.read_bytes().splitlines()) == 1
