@@ -24,8 +24,9 @@ minute at most, not a traceback per attempt, and a retry that fires after
 the listener closed at shutdown is ignored.
 
 Requests are handled one at a time on the event loop: writing is a hand-off
-to the native writer (it never waits for the disk), and one thread owning the
-sessions keeps each session's events in order.
+to the native writer (it waits for the disk only while a burst has filled its
+bounded buffer), and one thread owning the sessions keeps each session's
+events in order.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import hmac
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,8 +80,10 @@ class CollectorStats:
     dropped: int = 0
     #: sessions closed early to bound the open ones
     evicted: int = 0
-    #: what went wrong otherwise (closing the sessions, the event loop), one line each
-    errors: list[str] = field(default_factory=list)
+    #: what went wrong otherwise (closing the sessions, the event loop): each
+    #: said in one line on stderr as it happens, counted here (a long-running
+    #: collector keeps no list of them)
+    errors: int = 0
 
     @property
     def failed(self) -> bool:
@@ -258,7 +261,7 @@ _RESOURCE_NOTICE_SECONDS = 60.0
 
 
 def _say(stats: CollectorStats, message: str) -> None:
-    stats.errors.append(message)
+    stats.errors += 1
     print(f"sigil collect: {message}", file=sys.stderr, flush=True)
 
 

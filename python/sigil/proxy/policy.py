@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sigil.proxy.usage import COMPLETIONS, Endpoint
+from sigil.telemetry.proxy_transport import KEY_HEADERS
 
 __all__ = [
     "MAX_OUTPUTS",
@@ -152,7 +153,8 @@ def _prompts(prompt: object) -> int:
 
 
 #: Request headers that carry a key (OpenAI, Azure, Anthropic-style, Google-style).
-_KEY_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key")
+#: The request headers that carry a key: the transport's own table.
+_KEY_HEADERS = KEY_HEADERS
 #: Shorter values are not redacted (they would cut ordinary words out of messages).
 _MIN_SECRET = 4
 #: A text that ends with this much of a key (cut short by a length limit) is redacted too.

@@ -4,8 +4,10 @@
 ``<log_path>/sessions/<id>/execution.jsonl`` through the native
 :class:`~sigil._native.AppendWriter`: ``log_event`` formats the line and hands
 it to an in-memory buffer, and a background thread writes and fsyncs it, so
-logging never waits for the disk (the spec's sample awaited ``aiofiles`` writes
-on the event loop and never fsynced). Each event gets a ``seq`` that rises by
+logging waits for the disk only when a burst fills the bounded buffer while the
+disk takes writes (backpressure, the GIL released; a failing disk drops and
+counts instead). The spec's sample awaited ``aiofiles`` writes on the event
+loop and never fsynced. Each event gets a ``seq`` that rises by
 one across restarts of the writer, so a reader can tell a gap from a quiet
 period.
 
@@ -343,8 +345,9 @@ def _is_builtin(sanitizer: Sanitizer | None) -> bool:
 class ExecutionLogger:
     """Asynchronous (and synchronous) logger for pipeline execution events.
 
-    ``log_event`` is non-blocking: it formats the event and queues it; the
-    native writer flushes every ``flush_interval`` seconds or when
+    ``log_event`` formats the event and queues it (it waits, the GIL released,
+    only while a burst has filled the bounded buffer on a disk that takes
+    writes); the native writer flushes every ``flush_interval`` seconds or when
     ``buffer_size`` bytes are queued, and fsyncs per the ``fsync`` policy
     (``always`` | ``interval`` | ``never``). ``close()`` flushes and fsyncs.
 

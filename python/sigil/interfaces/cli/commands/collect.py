@@ -133,7 +133,7 @@ def collect(
         + " (tokens: sigil monitor or sigil sessions, from each session's model)"
     )
     if stats.failed:
-        problems = len(stats.errors)
+        problems = stats.errors
         click.echo(
             "Error: sigil collect did not write everything it received"
             + (f" ({problems} error(s) above)" if problems else ""),
