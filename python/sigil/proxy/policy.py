@@ -153,8 +153,6 @@ def _prompts(prompt: object) -> int:
 
 
 #: Request headers that carry a key (OpenAI, Azure, Anthropic-style, Google-style).
-#: The request headers that carry a key: the transport's own table.
-_KEY_HEADERS = KEY_HEADERS
 #: Shorter values are not redacted (they would cut ordinary words out of messages).
 _MIN_SECRET = 4
 #: A text that ends with this much of a key (cut short by a length limit) is redacted too.
@@ -198,7 +196,7 @@ def _secrets_of(
     found: set[str] = set()
     pairs = headers.items() if isinstance(headers, Mapping) else headers
     for name, value in pairs:
-        if name.lower() not in _KEY_HEADERS or not value:
+        if name.lower() not in KEY_HEADERS or not value:
             continue
         found.add(value.strip())
         scheme, _, rest = value.strip().partition(" ")
