@@ -152,7 +152,8 @@ class Meter:
             tracker.reserve(held_before)
         #: ``budget_exceeded`` logged for held tokens (once)
         self._held_announced = False
-        #: a call was refused because its prompt could not fit in what was left
+        #: the last call asked for was refused because its prompt could not fit
+        #: in what was left (a call admitted after it clears this)
         self.starved = False
         #: calls admitted with a reservation and not settled yet
         self._inflight = 0
@@ -234,6 +235,7 @@ class Meter:
             granted = tracker.reserve(prompt + out) if prompt + out else 0
             if granted:
                 self._inflight += 1
+            self.starved = False  # a refusal followed by calls that fit is that call's
             return max(0, granted - prompt)
         return None
 

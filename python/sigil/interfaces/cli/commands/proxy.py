@@ -553,11 +553,14 @@ async def serve(
             status, error = "error", f"the session's log cannot be written: {unrecorded}"
         elif meter.exhausted:
             status, error = "budget_exceeded", "token budget exhausted"
-        elif meter.starved and not can_admit_a_call(meter):
+        elif meter.starved:
+            # The run's last call was refused: its prompt did not fit in what
+            # is left (a refused prompt followed by calls that fit does not
+            # end the run: issue 14 review, finding 9).
             status, error = (
                 "budget_exceeded",
-                "a call's prompt did not fit in the token budget left, and what is "
-                "left cannot admit any call",
+                "a call's prompt did not fit in the token budget left"
+                + ("" if can_admit_a_call(meter) else ", and what is left cannot admit any call"),
             )
         await session.end(status, error)
     return session, status
@@ -566,10 +569,9 @@ async def serve(
 def can_admit_a_call(meter: Meter) -> bool:
     """Whether what is left of the budget admits the least call the proxy
     forwards: a prompt of no text (its format tokens only) and one token of
-    output. A call refused because its own prompt did not fit ends the run as
-    ``budget_exceeded`` only when this is False: one oversized prompt refused
-    while the budget can still serve calls is that call's refusal, not the
-    budget running out (issue 14 review, finding 9)."""
+    output (said in the reason a run ends out of budget: a run whose last call
+    was refused for its prompt ends as ``budget_exceeded``; one whose refused
+    prompt was followed by calls that fit does not, finding 9)."""
     from sigil.proxy.usage import prompt_overhead
 
     left = meter.tracker.remaining - meter.holding
