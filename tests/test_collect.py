@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,13 @@ FAST_RETRIES = "errors:\n  max_retries: 3\n  backoff_base: 0.001\n  backoff_max:
 
 
 class Collector:
-    def __init__(self, home: Path, log_path: Path, *args: str) -> None:
+    def __init__(
+        self,
+        home: Path,
+        log_path: Path,
+        *args: str,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.log_path = log_path
         self.proc = subprocess.Popen(
             [*SIGIL, "collect", "--port", "0", "--log-path", str(log_path), *args],
@@ -42,6 +48,7 @@ class Collector:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=preexec_fn,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()

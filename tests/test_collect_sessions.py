@@ -18,7 +18,6 @@ import os
 import resource
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,9 +25,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import SIGIL, isolated_env, wait_for
+from conftest import wait_for
 from sigil.telemetry.log_parser import session_history
-from test_collect import _json_request, _json_span, steps
+from test_collect import Collector, _json_request, _json_span, steps
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -42,24 +41,11 @@ def _limit(fds: int) -> Callable[[], None]:
     return apply
 
 
-class LimitedCollector:
+class LimitedCollector(Collector):
     """``sigil collect`` with at most ``fds`` open descriptors."""
 
     def __init__(self, home: Path, log_path: Path, fds: int, *args: str) -> None:
-        self.log_path = log_path
-        self.proc = subprocess.Popen(
-            [*SIGIL, "collect", "--port", "0", "--log-path", str(log_path), *args],
-            env=isolated_env(home),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=_limit(fds),
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert "listening on http://" in line, line + self.proc.stderr.read()  # type: ignore[union-attr]
-        self.base = line.split("listening on ", 1)[1].strip().removesuffix("/v1/traces")
-        self.url = self.base + "/v1/traces"
+        super().__init__(home, log_path, *args, preexec_fn=_limit(fds))
         self.port = int(self.base.rsplit(":", 1)[1])
 
     def fds(self) -> int:

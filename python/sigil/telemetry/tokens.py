@@ -647,15 +647,13 @@ class TokenTracker:
         ok, notices, totals = self._consume(component, tokens)
         logger = self.logger
         if logger is not None:
-            # _event_args inline (this is the proxy's per-call path)
-            meta = dict(metadata) if metadata else {}
-            if operation is not None:
-                meta.setdefault("operation", operation)
-            meta.update(totals)
-            text = message or operation or f"Consumed {tokens} tokens"
-            logger.log_event_sync(event_type, component, text, tokens, meta)
+            logger.log_event_sync(
+                *self._event_args(
+                    component, tokens, operation, event_type, message, metadata, totals
+                )
+            )
             for notice in notices:
-                self.logger.log_event_sync(
+                logger.log_event_sync(
                     notice.event_type, self.budget_component, notice.message, 0, notice.metadata()
                 )
         return ok
