@@ -7,7 +7,10 @@ tests/proxy_upstream.py, called by real clients (httpx, the official SDK).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -280,3 +283,59 @@ def test_a_body_far_over_the_limit_gets_its_413_not_a_reset(upstream: Upstream) 
 
     serving(server, work)
     assert upstream.requests == []
+
+
+def _blocked_writing_stdout(pid: int) -> bool:
+    """Whether process ``pid``'s main thread is in write(2) on its stdout
+    (x86-64 and aarch64 syscall numbers of write)."""
+    try:
+        fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    except OSError:
+        return False
+    return len(fields) > 1 and fields[0] in ("1", "64") and int(fields[1], 16) == 1
+
+
+def test_a_sigint_as_soon_as_the_url_is_out_stops_the_proxy_cleanly(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """A client may stop the proxy the moment it reads the URL. The URL was
+    printed before SIGINT and SIGTERM were the proxy's own, so a signal in
+    between cancelled the run: "Aborted.", exit 130 (CI saw it once under load).
+    The window is held open here: stdout is a full pipe, so the proxy blocks
+    writing its announcement, and the signal arrives then."""
+    import fcntl
+    import signal
+    import subprocess
+
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    os.set_blocking(write_end, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(write_end, b"#" * 4096)
+    os.set_blocking(write_end, True)
+    proc = subprocess.Popen(
+        [*test_proxy.SIGIL, "proxy", "--session", "p1", "--port", "0", "--upstream", upstream.url],
+        env=test_proxy.env_of(tmp_path / "home"),
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(write_end)
+    try:
+        for _ in range(6000):  # up to a minute for the proxy to start
+            if _blocked_writing_stdout(proc.pid) or proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        assert _blocked_writing_stdout(proc.pid), "the proxy never wrote its announcement"
+        proc.send_signal(signal.SIGINT)
+        with os.fdopen(read_end, "rb") as out:
+            printed = out.read().lstrip(b"#").decode()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Proxy: http://127.0.0.1:" in printed
+    assert proc.returncode == 0, err
+    assert "Aborted" not in err

@@ -514,11 +514,14 @@ async def serve(
     task: str,
     main: Callable[[str, Meter], Awaitable[tuple[str, str | None]]],
     *,
-    announce: Callable[[str], None],
     extra: dict[str, Any] | None = None,
 ) -> tuple[MeteredSession, str]:
     """Run a proxied session: lock it, serve, ``main(url, meter)`` until it returns
-    ``(status, error)``, then end the run. Returns the session and its final status."""
+    ``(status, error)``, then end the run. Returns the session and its final status.
+
+    ``main`` announces the URL itself, once SIGINT and SIGTERM are its own: a
+    client may stop the proxy the moment it reads the URL, and a signal before
+    the handlers cancelled the run ("Aborted.", exit 130)."""
     from sigil.proxy import ProxyServer
 
     session = MeteredSession(options)
@@ -542,7 +545,6 @@ async def serve(
         import gc
 
         gc.freeze()
-        announce(url)
         status, error = await main(url, meter)
     finally:
         await server.stop()
@@ -658,14 +660,12 @@ def proxy(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        announce(url)
         await stop.wait()
         return "complete", None
 
     async def main() -> tuple[MeteredSession, str]:
-        return await serve(
-            options, f"proxy to {_safe_url(options.config.upstream)}", until_stopped,
-            announce=announce,
-        )  # fmt: skip
+        return await serve(options, f"proxy to {_safe_url(options.config.upstream)}", until_stopped)
 
     session, status = run_async(main)
     click.echo(session.summary(), err=True)

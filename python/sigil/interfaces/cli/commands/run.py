@@ -135,6 +135,7 @@ def run(
         # sigil alone and leave the child running, holding the session's pipes.
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, forward, signum)
+        announce(url)
         try:
             proc = await asyncio.create_subprocess_exec(*command, env=env)
         except OSError as exc:
@@ -168,9 +169,7 @@ def run(
         return "error", f"command exited with status {code}"
 
     async def main() -> object:
-        return await serve(
-            options, task, child, announce=announce, extra={"command": list(command)}
-        )
+        return await serve(options, task, child, extra={"command": list(command)})
 
     session, status = run_async(main)
     if spawn_error is not None:
