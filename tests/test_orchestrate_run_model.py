@@ -11,9 +11,11 @@ whatever happened to its log meanwhile: real processes, real files.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +112,68 @@ def test_logrotate_during_a_run_loses_nothing_from_the_budget(
     tokens = json.loads((_dir(sigil_home, sid) / "tokens.json").read_text())
     assert tokens["total_used"] == two["total_tokens"]
     assert _sessions_row(sigil_home, sid)["tokens_used"] == two["total_tokens"]
+
+
+# -- a full disk -------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (root only: CI runs as root)."""
+    if os.geteuid() != 0:
+        pytest.fail("the disk-full tests mount a tmpfs: run them as root (CI does)")
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(fs)],
+                   check=True)  # fmt: skip
+    yield fs
+    subprocess.run(["umount", str(fs)], check=False)
+
+
+def _fill(fs: Path) -> Path:
+    filler = fs / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    return filler
+
+
+def _full_disk_run(home: Path, fs: Path) -> tuple[dict[str, Any], int, Path]:
+    """Run 1 with room; the disk filled; run 2 (``--json``): its result, run 1's
+    total and the filler."""
+    home.mkdir(parents=True, exist_ok=True)
+    args = ["--task", TASK, "--session", "full", "--log-path", str(fs), "--json"]
+    proc = run_cli(home, "orchestrate", *args)
+    assert proc.returncode == 0, proc.stderr
+    first = json.loads(proc.stdout)["total_tokens"]
+    filler = _fill(fs)
+    proc = run_cli(home, "orchestrate", *args)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "disk full" in proc.stderr and "Traceback" not in proc.stderr
+    return json.loads(proc.stdout), first, filler
+
+
+def _views(home: Path, fs: Path) -> tuple[int, int]:
+    proc = run_cli(home, "monitor", "-s", "full", "--log-path", str(fs), "--mode", "json", "--once")
+    assert proc.returncode == 0, proc.stderr
+    monitor = json.loads(proc.stdout.splitlines()[0])["tokens_used"]
+    proc = run_cli(home, "sessions", "--log-path", str(fs), "--json")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    rows = rows["sessions"] if isinstance(rows, dict) else rows
+    return monitor, next(r for r in rows if r["session_id"] == "full")["tokens_used"]
+
+
+def test_on_a_full_disk_the_result_is_what_every_view_says(sigil_home: Path, tiny_fs: Path) -> None:
+    result, first, _ = _full_disk_run(sigil_home, tiny_fs)
+    assert result["status"] == "interrupted" and result["run"] == 2
+    # Everything the run spent is either counted or named as not recorded.
+    spent = sum(s["tokens_used"] for s in result["steps"])
+    assert result["total_tokens"] + result["unrecorded_tokens"] == first + spent
+    # The total is the session model's: what monitor and sessions show.
+    monitor, sessions = _views(sigil_home, tiny_fs)
+    assert monitor == sessions == result["total_tokens"]
+    assert result["run_tokens"] == result["total_tokens"] - first

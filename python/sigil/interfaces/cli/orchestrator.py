@@ -214,6 +214,9 @@ class PipelineResult:
     #: events of the session that neither its log nor its ledger hold any more
     #: (a hole in ``seq``): ``total_tokens`` is then a lower bound
     missing_events: int = 0
+    #: tokens this run spent that its log could not record (a full or failing
+    #: disk): not in ``total_tokens``, which is what the log and every view say
+    unrecorded_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -1598,6 +1601,13 @@ class Orchestrator:
             # it, so the summaries are rebuilt from the log once there is room.
         if self.recording_error is not None and error is None:
             error = describe_write_error(self.recording_error, self.session_dir)
+        run_tokens, unrecorded = total - tokens_before_run, 0
+        if self.recording_error is not None:
+            # The log lacks events: the result says what the session model of
+            # the log says (every view's number), and names what it lacks.
+            numbers = await asyncio.to_thread(self._unrecorded_end, prep)
+            if numbers is not None:
+                total, run_tokens, unrecorded = numbers
         return PipelineResult(
             session_id=self.session_id,
             task=prep.task,
@@ -1610,13 +1620,34 @@ class Orchestrator:
             recommended_action=action,
             status=status,
             run=record.run,
-            run_tokens=total - tokens_before_run,
+            run_tokens=run_tokens,
             budget=prep.budget,
             error=error,
             resumed=prep.resumed,
             log_file=str(self.log_file),
             missing_events=prep.history.missing_events,
+            unrecorded_tokens=unrecorded,
         )
+
+    def _unrecorded_end(self, prep: _Prepared) -> tuple[int, int, int] | None:
+        """A run whose log lacks events (a full or failing disk): the session's
+        tokens and the run's as the session model of the log says them (as
+        every view reads it), and the tokens the run spent that the log does not
+        hold: the model continued with the run's own events, less the model of
+        the log. None when either cannot be had (the caller keeps its counts)."""
+        source = prep.history.source
+        own = prep.log.fed_events(self._sanitizer) if prep.log is not None else None
+        try:
+            kept = source.continued_with(own) if source is not None and own is not None else None
+            model = read_session_history(self.session_dir).model
+        except (OSError, ValueError):
+            return None
+        if model is None:
+            return None
+        runs = [r for r in model.runs if r.number == prep.run.run]
+        run_tokens = runs[-1].tokens if runs else 0
+        unrecorded = max(0, kept.tokens - model.tokens) if kept is not None else 0
+        return model.tokens, run_tokens, unrecorded
 
     # -- summary files ------------------------------------------------------------------
 
