@@ -46,7 +46,7 @@ def _sessions_row(home: Path, sid: str) -> dict[str, Any]:
 
 def _monitor(home: Path, sid: str) -> dict[str, Any]:
     proc = run_cli(home, "monitor", "-s", sid, "--mode", "json", "--once")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout, proc.stderr  # exit 1 for an incomplete session
     return json.loads(proc.stdout.splitlines()[0])
 
 
@@ -177,3 +177,62 @@ def test_on_a_full_disk_the_result_is_what_every_view_says(sigil_home: Path, tin
     monitor, sessions = _views(sigil_home, tiny_fs)
     assert monitor == sessions == result["total_tokens"]
     assert result["run_tokens"] == result["total_tokens"] - first
+
+
+# -- a model call in flight at kill -9 ---------------------------------------------
+
+
+def test_a_model_call_in_flight_at_kill_9_holds_its_reservation(sigil_home: Path) -> None:
+    """As through ``sigil proxy``: the call's start names it and what it reserves
+    (its prompt and output cap: what was left of the budget); once its writer is
+    dead it is a call of unknown usage holding that, in every view."""
+    from proxy_upstream import Upstream
+
+    sigil_home.mkdir(parents=True)
+    log = _dir(sigil_home, "k9") / "execution.jsonl"
+    with Upstream(slow_seconds=60) as upstream:
+        env = isolated_env(
+            sigil_home, SIGIL_BASE_URL=upstream.url, OPENAI_API_KEY="k", SIGIL_MODEL="slow"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sigil", "orchestrate", "--task", TASK, "--session", "k9",
+             "--provider", "openai", "--budget", "50000"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        wait_for("the model call", lambda: upstream.requests or proc.poll() is not None, 30)
+        proc.kill()
+        proc.wait()
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    start = next(
+        e for e in events if e["event_type"] == "step_start" and e["component"] == "reasoning"
+    )
+    meta = start["metadata"]
+    spent = sum(e["tokens"] for e in events)
+    reserved = meta["prompt_tokens_reserved"] + meta["max_tokens"]
+    assert isinstance(meta["call"], int) and meta["model"] == "slow"
+    assert reserved == 50000 - spent  # what was left when the call started
+
+    view = _monitor(sigil_home, "k9")
+    assert (view["unknown_usage_calls"], view["tokens_held"]) == (1, reserved)
+    assert view["tokens_used"] == spent
+    row = _sessions_row(sigil_home, "k9")
+    assert row["unknown_usage_calls"] == 1 and row["tokens_used"] == spent
+
+
+def test_a_model_call_that_ended_holds_nothing(sigil_home: Path) -> None:
+    """The call's step_complete closes it: a finished run holds nothing."""
+    from proxy_upstream import Upstream
+
+    sigil_home.mkdir(parents=True)
+    with Upstream() as upstream:
+        proc = run_cli(
+            sigil_home, "orchestrate", "--task", TASK, "--session", "ok", "--provider", "openai",
+            "--json", SIGIL_BASE_URL=upstream.url, OPENAI_API_KEY="k", SIGIL_MODEL="m",
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    total = json.loads(proc.stdout)["total_tokens"]
+    view = _monitor(sigil_home, "ok")
+    assert (view["unknown_usage_calls"], view["tokens_held"], view["tokens_used"]) == (0, 0, total)
+    events = [json.loads(x) for x in (_dir(sigil_home, "ok") / "execution.jsonl").open()]
+    calls = [e["metadata"].get("call") for e in events if e["component"] == "reasoning"]
+    assert calls[0] is not None and set(calls) == {calls[0]}  # started and closed

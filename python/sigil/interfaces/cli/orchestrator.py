@@ -1374,9 +1374,13 @@ class Orchestrator:
         # The step's input and output hashes (issue 13): a step started again
         # with the same input is a loop; a changed output hash a changed step.
         input_hash = _sha256_of({"task": task, "context": context, "outputs": outputs})
-        await log.log_event(
-            "step_start", slot, f"{title} started", 0, {"run": run, "input_sha256": input_hash}
-        )
+        start_meta: dict[str, Any] = {"run": run, "input_sha256": input_hash}
+        call = self._model_call(slot, step, task, context, outputs, tokenizer, run, tracker)
+        if call is not None:
+            start_meta.update(call)
+        await log.log_event("step_start", slot, f"{title} started", 0, start_meta)
+        # The step's step_complete or step_error closes its model call.
+        closes = {"call": call["call"]} if call is not None else {}
         step_started = time.perf_counter()
         # The step's tokens, failed attempts included, are what the tracker
         # recorded for its component meanwhile (no running sum kept here).
@@ -1431,6 +1435,7 @@ class Orchestrator:
                             "run": run,
                             "latency_ms": round((now - step_started) * 1000, 3),
                             "attempt_latency_ms": round((now - attempt_started) * 1000, 3),
+                            **closes,
                         },
                     ),
                     retry_count=attempt - 1,
@@ -1471,6 +1476,7 @@ class Orchestrator:
             )
             meta: dict[str, Any] = {
                 "run": run,
+                **closes,
                 "attempt": attempt,
                 "latency_ms": round(latency_ms, 3),
                 "attempt_latency_ms": round((now - attempt_started) * 1000, 3),
@@ -1510,6 +1516,53 @@ class Orchestrator:
                 ),
                 None,
             )
+
+    def _model_call(
+        self,
+        slot: str,
+        step: Step,
+        task: str,
+        context: dict[str, Any],
+        outputs: dict[str, Any],
+        tokenizer: Any,
+        run: int,
+        tracker: TokenTracker,
+    ) -> dict[str, Any] | None:
+        """The model call a step's ``step_start`` announces, as the proxy's call
+        starts do (rust/fold.rs reads them): ``call`` (the ``seq`` of that
+        ``step_start``: unique in the session), ``model`` and what the call
+        reserves, its prompt (``prompt_tokens_reserved``, when the step shows
+        it) and its output cap (``max_tokens``): together what is left of the
+        budget, the cap the step's call is given. The step's ``step_complete``
+        or ``step_error`` names the same call and closes it; a call its run
+        never closed (the process was killed, the run interrupted in it) is a
+        call of unknown usage holding that reservation in every view, as
+        through ``sigil proxy``. None for a step that calls no model."""
+        if self.provider is None or not _calls_model(step):
+            return None
+        remaining = tracker.remaining
+        prompt = 0
+        show = getattr(step, "prompt", None)
+        if callable(show):
+            ctx = StepContext(
+                task=task, session_id=self.session_id, step=slot, attempt=1, context=context,
+                outputs=dict(outputs), tokenizer=tokenizer, provider=self.provider,
+                home=self.home, run=run, settings=self.settings, tokens_remaining=remaining,
+            )  # fmt: skip
+            try:
+                messages = show(ctx)
+                text = "\n".join(str(m.get("content") or "") for m in messages)
+                prompt = min(remaining, tokenizer.count(text))
+            except Exception:
+                prompt = 0  # the step's own prompt() failed: its run() will say why
+        call: dict[str, Any] = {
+            "call": self.execution_logger.next_seq,
+            "model": str(getattr(self.provider, "model", "unknown")),
+            "max_tokens": remaining - prompt,
+        }
+        if prompt:
+            call["prompt_tokens_reserved"] = prompt
+        return call
 
     async def _finish(
         self,
@@ -1866,6 +1919,25 @@ def write_summaries(
         "last_seq": history.last_seq,
     }
     _atomic_write(session_dir / "metrics.json", _json_bytes(metrics_doc))
+
+
+def _calls_model(step: Step) -> bool:
+    """Whether a step may call the run's model: its own ``calls_model`` when it
+    says so; else every step but the built-in ones that never do."""
+    declared = getattr(step, "calls_model", None)
+    if isinstance(declared, bool):
+        return declared
+    from sigil.pipeline.offline import (
+        ContractsStep,
+        MemoryStep,
+        PlanningStep,
+        RoutingStep,
+        ValidationStep,
+    )
+
+    return not isinstance(
+        step, RoutingStep | MemoryStep | PlanningStep | ContractsStep | ValidationStep
+    )
 
 
 def _holds_the_same(model: HistorySnapshot | None, kept: HistorySnapshot) -> bool:
