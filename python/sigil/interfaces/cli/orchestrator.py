@@ -38,6 +38,7 @@ itself only queues bytes for the native writer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -1057,6 +1058,10 @@ class Orchestrator:
             )
         self._lock.acquire(record_pid=False)
         try:
+            # Tokens an earlier run spent that a full disk kept from the log:
+            # logged now (there may be room again), before the history is read.
+            log_unrecorded(self.session_dir, self.session_id)
+            keep_reserve(self.session_dir)
             history = read_session_history(self.session_dir)
             if history.summaries_stale:
                 # The log is the truth: a writer died between its final event and
@@ -1659,6 +1664,8 @@ class Orchestrator:
             # The log lacks events: the result says what the session model of
             # the log says (every view's number), and names what it lacks.
             numbers = await asyncio.to_thread(self._unrecorded_end, prep)
+            if numbers is not None and numbers[2]:
+                numbers = await self._rescue(prep, numbers)
             if numbers is not None:
                 total, run_tokens, unrecorded = numbers
         return PipelineResult(
@@ -1681,6 +1688,26 @@ class Orchestrator:
             missing_events=prep.history.missing_events,
             unrecorded_tokens=unrecorded,
         )
+
+    async def _rescue(
+        self, prep: _Prepared, numbers: tuple[int, int, int]
+    ) -> tuple[int, int, int] | None:
+        """The log lacks tokens the run spent (``numbers[2]``) on a full disk:
+        record them in the session's reserve (in place: no new space needed),
+        free the rest of the reserve and let the writer write what it still
+        holds. What the log then still lacks stays recorded; the session's
+        next run logs it (:func:`log_unrecorded`). The numbers after."""
+        session_dir, run = self.session_dir, prep.run.run
+        recorded = await asyncio.to_thread(record_unrecorded, session_dir, run, numbers[2])
+        await asyncio.to_thread(free_reserve, session_dir, recorded)
+        with contextlib.suppress(OSError):
+            await self.execution_logger.close()  # writes what it holds, if it fits now
+        after = await asyncio.to_thread(self._unrecorded_end, prep)
+        if after is None:
+            return numbers
+        if recorded:
+            await asyncio.to_thread(record_unrecorded, session_dir, run, after[2])
+        return after
 
     def _unrecorded_end(self, prep: _Prepared) -> tuple[int, int, int] | None:
         """A run whose log lacks events (a full or failing disk): the session's
@@ -1919,6 +1946,138 @@ def write_summaries(
         "last_seq": history.last_seq,
     }
     _atomic_write(session_dir / "metrics.json", _json_bytes(metrics_doc))
+
+
+# -- the session's reserve: room for the end of a run on a full disk ------------------
+
+#: A small file kept in every session's directory, made when there is room: on
+#: a full disk the end of a run records in it what its log lacks (in place:
+#: no new space needed), then frees the rest of it for the writer.
+RESERVE_FILE_NAME = ".reserve"
+_RESERVE_BYTES = 16 << 10
+_RECORD_BYTES = 4096
+
+
+def _reserve_bytes() -> int:
+    """16 KiB; ``SIGIL_TEST_RESERVE_BYTES`` (tests) sets another size."""
+    text = os.environ.get("SIGIL_TEST_RESERVE_BYTES", "")
+    return max(_RECORD_BYTES, int(text)) if text.isdigit() else _RESERVE_BYTES
+
+
+def keep_reserve(session_dir: Path) -> None:
+    """Make the session's reserve if it is missing or short (best effort: on a
+    full disk there is none, and the run goes on without)."""
+    path = session_dir / RESERVE_FILE_NAME
+    size = _reserve_bytes()
+    try:
+        st = path.lstat()
+        if st.st_size >= size or pending_unrecorded(session_dir) is not None:
+            return  # made already, or holding a record the disk kept from the log
+        start = st.st_size
+    except FileNotFoundError:
+        start = 0
+    except OSError:
+        return
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError:
+        return
+    try:
+        os.pwrite(fd, b"\0" * (size - start), start)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, start)  # what part of it was made is given back
+    finally:
+        os.close(fd)
+
+
+def record_unrecorded(session_dir: Path, run: int, tokens: int) -> bool:
+    """Write in the reserve's first page that run ``run`` spent ``tokens`` the
+    log lacks (0: nothing; the record is cleared). In place: it needs no new
+    space. False when there is no reserve to hold it."""
+    path = session_dir / RESERVE_FILE_NAME
+    line = b"\0" * _RECORD_BYTES
+    if tokens:
+        body = json.dumps({"run": run, "unrecorded_tokens": tokens}).encode() + b"\n"
+        line = body + b"\0" * (_RECORD_BYTES - len(body))
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size < _RECORD_BYTES:
+            return False
+        os.pwrite(fd, line, 0)
+        os.fsync(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def free_reserve(session_dir: Path, keep_record: bool) -> None:
+    """Give the reserve's space to the writer (its record's page kept)."""
+    with contextlib.suppress(OSError):
+        os.truncate(session_dir / RESERVE_FILE_NAME, _RECORD_BYTES if keep_record else 0)
+
+
+def pending_unrecorded(session_dir: Path) -> dict[str, int] | None:
+    """The reserve's record of tokens a run spent that its log lacks, if any."""
+    try:
+        with open(session_dir / RESERVE_FILE_NAME, "rb") as f:
+            head = f.read(_RECORD_BYTES)
+    except OSError:
+        return None
+    line, _, _ = head.partition(b"\n")
+    if not line.startswith(b"{"):
+        return None
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    tokens, run = record.get("unrecorded_tokens"), record.get("run")
+    if not _is_count(tokens) or not tokens or not _is_count(run):
+        return None
+    return {"run": int(run), "unrecorded_tokens": int(tokens)}
+
+
+def log_unrecorded(session_dir: Path, session_id: str) -> None:
+    """Log the tokens the reserve records as spent and not in the log: one
+    ``events_dropped`` line carrying them in ``tokens`` (as the writer's own,
+    so that every reader counts them, in the run they were spent in: the last
+    one of the log), then clear the record. While the disk is still full the
+    record stays. The caller holds the session's lock."""
+    from sigil import _native
+
+    record = pending_unrecorded(session_dir)
+    if record is None:
+        return
+    tokens, run = record["unrecorded_tokens"], record["run"]
+    line = {
+        "timestamp": _now(),
+        "session_id": session_id,
+        "event_type": "events_dropped",
+        "component": "logger",
+        "message": (
+            f"{tokens} tokens run {run} spent could not be written to the log "
+            "(the disk was full); counted now"
+        ),
+        "tokens": tokens,
+        "metadata": {"dropped": 0, "dropped_tokens": tokens, "run": run, "unrecorded": True},
+    }
+    try:
+        writer = _native.AppendWriter(
+            session_dir / LOG_FILE_NAME, session_id=session_id, fsync="always"
+        )
+        try:
+            writer.write(json.dumps(line, separators=(",", ":")).encode())
+        finally:
+            writer.close()
+    except OSError:
+        return  # still no room: the record stays for the next run
+    record_unrecorded(session_dir, run, 0)
 
 
 def _calls_model(step: Step) -> bool:
