@@ -1999,8 +1999,8 @@ def record_unrecorded(session_dir: Path, run: int, tokens: int) -> bool:
     path = session_dir / RESERVE_FILE_NAME
     line = b"\0" * _RECORD_BYTES
     if tokens:
-        body = json.dumps({"run": run, "unrecorded_tokens": tokens}).encode() + b"\n"
-        line = body + b"\0" * (_RECORD_BYTES - len(body))
+        record = json.dumps({"run": run, "unrecorded_tokens": tokens}).encode()
+        line = b"".join((record, b"\n")).ljust(_RECORD_BYTES, b"\0")
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
