@@ -14,6 +14,7 @@ over HTTP; totals read through ``sigil monitor`` and the native model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -87,6 +88,40 @@ def test_the_fd_bound_leaves_room_to_park_sessions() -> None:
     # (1024) parks more sessions than it keeps open
     assert (max_open_for(128), max_parked_for(128)) == (4, 16)
     assert max_parked_for(1024) >= max_open_for(1024) >= 100
+
+
+def _soft_fd_limit(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no open files limit")
+
+
+def test_collect_raises_its_soft_descriptor_limit_within_the_hard_one(
+    home: Path, tmp_path: Path
+) -> None:
+    """A soft limit below the hard one (the usual 1024 under a high hard
+    limit) is raised to 4096, not past the hard limit: room for 256 open and
+    1024 parked sessions."""
+    import resource
+    import signal
+
+    from test_collect import Collector
+
+    def limits(soft: int, hard: int) -> Callable[[], None]:
+        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for soft, ceiling, expected in ((128, 4096, 4096), (128, 1000, 1000), (512, 512, 512)):
+        if hard != resource.RLIM_INFINITY and ceiling > hard:
+            continue
+        collector = Collector(home, tmp_path / "collected", preexec_fn=limits(soft, ceiling))
+        try:
+            assert _soft_fd_limit(collector.proc.pid) == expected
+        finally:
+            collector.proc.send_signal(signal.SIGTERM)
+            collector.proc.communicate(timeout=60)
+        assert collector.proc.returncode == 0
 
 
 def test_sessions_pushed_out_of_the_open_bound_keep_their_run(home: Path, tmp_path: Path) -> None:
