@@ -25,7 +25,10 @@ event names its parent (``metadata.parent_span_id``), and the parents are
 rebuilt from the log with the spans written, so this holds when the parent
 arrives after its session was closed (idle, evicted) or collect restarted.
 Children end, and so are exported, before their parent; a parent that arrives
-first is counted and its children then count again -- a known limit of this rule.
+first is counted and its children then count again -- a known limit of this rule
+(tests/test_collect_aggregates.py holds those orders as expected failures: the
+log is append-only and the fold adds every event's tokens, so the rule in
+``rust/otlp.rs`` has to hold such a parent's tokens back until it knows).
 
 **Open sessions.** At most ``max_open`` sessions are open at once
 (:data:`DEFAULT_MAX_OPEN`, and never more than :func:`max_open_for` allows
