@@ -160,8 +160,10 @@ def test_sessions_pushed_out_of_the_open_bound_keep_their_run(home: Path, tmp_pa
 
 
 def test_parked_sessions_end_their_run_when_idle(home: Path, tmp_path: Path) -> None:
+    """Idle for ``--idle`` seconds (longer than the spans take to send, on a
+    busy machine too), parked sessions end their run and release their lock."""
     log_path = tmp_path / "collected"
-    collector = LimitedCollector(home, log_path, 128, "--idle", "0.5")
+    collector = LimitedCollector(home, log_path, 128, "--idle", "5")
     try:
         _round_robin(collector)
         for session in range(SESSIONS):
@@ -172,6 +174,7 @@ def test_parked_sessions_end_their_run_when_idle(home: Path, tmp_path: Path) -> 
                     not is_session_locked(d)
                     and [r.status for r in session_history(d).runs] == ["complete"]
                 ),
+                timeout=60,
             )
         code, _, err = collector.stop()
     finally:
