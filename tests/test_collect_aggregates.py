@@ -43,9 +43,21 @@ LEAVES = (100 + 10) + (200 + 20)
 
 #: Parent-first arrival double-counts today: the aggregate rule (which span is
 #: an aggregate of others, rust/otlp.rs ``SessionState::write``) knows a
-#: parent only from children already written, and the fold counts every
-#: event's tokens. The fix is in collect's native write (rust/otlp.rs), outside
-#: python/sigil/collect: see the report of branch ``otlpin``.
+#: parent only from children already written, and the fold adds every event's
+#: tokens (the log is append-only: nothing can take them back). The fix is in
+#: collect's native write (rust/otlp.rs), not in python/sigil/collect:
+#:
+#: * the mapping marks a span that can group model calls (GenAI
+#:   ``invoke_agent``/``create_agent``/``execute_tool``, OpenInference kinds
+#:   other than ``LLM``/``EMBEDDING``);
+#: * such a span reporting usage with no child known is written at once with
+#:   0 tokens (``reported_*`` and ``pending: true`` in its metadata) and held
+#:   as pending; a child reporting usage makes it an aggregate (nothing more);
+#: * a pending span still without children when the grace passes (the idle
+#:   tick) or its run ends is settled: one ``token_consumption`` with its
+#:   tokens (and cost); a child arriving after that counts 0 (covered), and
+#:   so do its own children;
+#: * the sink rebuilds pending and settled spans from the log on reopen.
 PARENT_FIRST = pytest.mark.xfail(
     strict=True,
     reason="a parent reporting its children's usage before they arrive is counted twice"
