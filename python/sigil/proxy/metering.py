@@ -284,7 +284,9 @@ class Meter:
         count: taken from the output, it would cut the call's answer short).
         So only a call that fits just barely, alone of its kind, can pass the
         budget, by what its prompt was underestimated; its answer calibrates
-        the calls behind it, which then go on together. What stays open: a
+        the calls behind it, which then go on together. (An upstream that
+        reports no usage never calibrates: its calls near the end stay one
+        at a time.) What stays open: a
         prompt the upstream bills at more than the model's largest ratio seen
         so far (text unlike the prompts before it) is underestimated by that
         difference, and an upstream billing more than the prompt's length
