@@ -531,6 +531,8 @@ def test_far_from_the_end_the_first_prompts_are_counted_to_learn_the_ratio() -> 
     transport = Transport(meter)
     body = _body(400)
     counted, length = _count(body), _length(body)
+    # A long prompt is not counted to learn from (each count costs the transport's thread).
+    assert meter.prompt(_body(14_000)).counted == 0
     sampled = [meter.prompt(body) for _ in range(SAMPLES + 2)]
     assert [p.counted for p in sampled] == [counted] * SAMPLES + [0, 0]
     assert all(p.reserve == length and not p.uncertain for p in sampled)

@@ -64,8 +64,10 @@ AMPLE = 4
 #: the reservation of every long prompt.
 LEARN_FROM = 128
 #: Calls of a model far from the end of the budget whose prompts are counted
-#: (once each) while its ratio is not known yet, to learn it before the end.
+#: (once each) while its ratio is not known yet, to learn it before the end...
 SAMPLES = 8
+#: ...when their text is no longer than this (~6 ms a count at most).
+SAMPLE_BYTES = 64 * 1024
 #: Models whose ratio is kept; the calls of any other stay uncalibrated
 #: (reserved at their length, or one at a time near the end).
 MAX_MODELS = 1024
@@ -275,7 +277,8 @@ class Meter:
         bounds it anyway. Only prompts of :data:`LEARN_FROM` tokens or more are
         learnt from (a small one's ratio is the chat template's tokens). The
         first :data:`SAMPLES` prompts of a model far from the end are counted
-        to learn it early, so that calls reaching the end find it known.
+        to learn it early (those of :data:`SAMPLE_BYTES` at most), so that
+        calls reaching the end find it known.
 
         Before a model's first such answer, near the end its count is not known
         to be a bound (:attr:`Prompt.uncertain`): those calls are admitted one
@@ -303,7 +306,7 @@ class Meter:
             if ratio is not None:
                 return Prompt(bound, 0, False, bound, key)
             sampled = self._sampled.get(key, 0)
-            if sampled >= SAMPLES or len(self._sampled) >= MAX_MODELS:
+            if sampled >= SAMPLES or size > SAMPLE_BYTES or len(self._sampled) >= MAX_MODELS:
                 return Prompt(bound, 0, False, bound, key)
             self._sampled[key] = sampled + 1
             return Prompt(bound, count_tokens(text, size) + overhead, False, bound, key)
