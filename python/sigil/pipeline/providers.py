@@ -24,14 +24,22 @@ through the ``category`` attribute of the exceptions:
   return an HTML error page with 200); if the body still reported ``usage``, those
   tokens travel on the exception so they are counted. A ``usage`` whose counts are
   not integers in ``0..=2**53`` is such an invalid body (its tokens are unknown).
+
+The API key never leaves the provider in a text: servers echo it in their errors
+(``Incorrect API key provided: <key>``, whole or masked), so every exception
+message and every answer's content goes through :func:`redact_key` first (the
+proxy's :func:`~sigil.proxy.policy.redact` with the key and the parts of it the
+text holds).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import json
 import os
+import re
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -55,6 +63,7 @@ __all__ = [
     "ProviderResponseError",
     "ProviderTransientError",
     "parse_retry_after",
+    "redact_key",
 ]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -245,13 +254,26 @@ class OpenAIChatProvider:
         body = json.dumps(payload).encode()
         started = time.perf_counter()
         try:
-            # One deadline for the whole call; httpx's own timeouts are per phase.
-            async with asyncio.timeout(self.timeout):
-                status, headers, raw = await self._post(body)
-        except TimeoutError:
-            raise self._timed_out() from None
-        latency_ms = (time.perf_counter() - started) * 1000
-        return self._parse(status, headers, raw, messages, latency_ms)
+            try:
+                # One deadline for the whole call; httpx's own timeouts are per phase.
+                async with asyncio.timeout(self.timeout):
+                    status, headers, raw = await self._post(body)
+            except TimeoutError:
+                raise self._timed_out() from None
+            latency_ms = (time.perf_counter() - started) * 1000
+            completion = self._parse(status, headers, raw, messages, latency_ms)
+        except ProviderError as exc:
+            # A server may echo the key in its error: cut it before anyone logs it.
+            if self._api_key:
+                exc.args = tuple(
+                    redact_key(a, self._api_key) if isinstance(a, str) else a for a in exc.args
+                )
+            raise
+        if self._api_key:
+            content = redact_key(completion.content, self._api_key, whole_only=True)
+            if content is not completion.content:
+                completion = dataclasses.replace(completion, content=content)
+        return completion
 
     # -- transport -----------------------------------------------------------------------
 
@@ -461,6 +483,83 @@ def _error_detail(raw: bytes) -> str:
 
 def _snippet(raw: bytes) -> str:
     return raw[:_SNIPPET].decode("utf-8", "replace").strip()
+
+
+# -- the key in texts ---------------------------------------------------------------------
+
+#: A run of this many characters of the key, or more, is cut wherever a text
+#: holds it: a key cut short, the start a masked form shows, a key split by the
+#: server. Shorter runs are left (4 characters of a key is what providers show
+#: themselves; cutting them would cut ordinary words).
+KEY_RUN = 8
+#: A key shorter than this is not cut at all (it would cut letters out of words):
+#: the proxy's rule (:func:`~sigil.proxy.policy.secrets_of`).
+_KEY_MIN = 4
+#: What masks the middle of a key in a masked form (``gsk_Z2a9…T2u9``,
+#: ``sk-proj-****T2u9``): an ellipsis, bullets, stars, dots or x's.
+_MASK = re.compile(r"[*\u2022\u00b7\u2026]+|\.{3,}|[xX#]{4,}")
+
+
+def redact_key(text: str, key: str, *, whole_only: bool = False) -> str:
+    """``text`` without ``key``: the key itself (and the ``Bearer`` header whole),
+    any run of :data:`KEY_RUN` or more of its characters (its JSON- and
+    bytes-escaped forms too), and a masked form of it -- a start of the key (3+
+    characters) or a run already cut, a mask (:data:`_MASK`), then an end of the
+    key (2+ characters; 4+ with no start) -- each become ``[REDACTED]``; a text
+    ending with the key's first 6+ characters too (a message cut short).
+
+    The cutting is the proxy's :func:`~sigil.proxy.policy.redact` (one
+    implementation); this finds what to cut. ``whole_only``: return ``text``
+    itself (no import of the proxy) when it holds no run of the key, for a
+    model's answer, which is never cut short."""
+    pieces = _key_pieces(text, key)
+    if whole_only and not pieces:
+        return text
+    from sigil.proxy.policy import redact, secrets_of  # lazy: error paths mostly
+
+    exact = secrets_of({"authorization": f"Bearer {key}"})
+    return redact(text, sorted({*exact, *pieces}, key=len, reverse=True))
+
+
+def _key_pieces(text: str, key: str) -> list[str]:
+    """The parts of ``text`` that are made of the key (see :func:`redact_key`)."""
+    if len(key) < _KEY_MIN:
+        return []
+    spans: list[tuple[int, int]] = []
+    forms = {key, json.dumps(key)[1:-1], repr(key.encode("utf-8", "replace"))[2:-1]}
+    for form in forms:
+        size = min(KEY_RUN, len(form))
+        for start in range(len(form) - size + 1):
+            gram = form[start : start + size]
+            at = text.find(gram)
+            while at != -1:
+                spans.append((at, at + size))
+                at = text.find(gram, at + 1)
+    for mask in _MASK.finditer(text):
+        begin, end = mask.span()
+        head = next(
+            (
+                n
+                for n in range(min(begin, len(key) - 1), 2, -1)
+                if text[begin - n : begin] == key[:n]
+            ),
+            0,
+        )
+        cut_before = any(b < begin <= e for b, e in spans)
+        tail = next(
+            (n for n in range(min(len(text) - end, len(key) - 1), 1, -1)
+             if text[end : end + n] == key[-n:]),
+            0,
+        )  # fmt: skip
+        if tail and (head or cut_before or tail >= 4):
+            spans.append((begin - head, end + tail))
+    merged: list[list[int]] = []
+    for begin, end in sorted(spans):  # overlapping runs are one piece
+        if merged and begin <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    return [text[begin:end] for begin, end in merged]
 
 
 def _default_counter() -> Any:
