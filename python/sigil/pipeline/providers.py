@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sigil.pipeline.base import StepError, TokenUsage
+from sigil.pipeline.base import StepBudgetError, StepError, TokenUsage
 
 if TYPE_CHECKING:  # pragma: no cover
     from sigil.core.config import Settings
@@ -62,6 +62,7 @@ __all__ = [
     "ProviderRequestError",
     "ProviderResponseError",
     "ProviderTransientError",
+    "output_cap",
     "parse_retry_after",
     "redact_key",
 ]
@@ -248,7 +249,7 @@ class OpenAIChatProvider:
             "temperature": temperature,
         }
         if max_tokens is not None:
-            payload["max_tokens"] = max_tokens
+            payload[self._cap_field()] = max_tokens
         if json_mode:
             payload["response_format"] = {"type": "json_object"}
         body = json.dumps(payload).encode()
@@ -274,6 +275,14 @@ class OpenAIChatProvider:
             if content is not completion.content:
                 completion = dataclasses.replace(completion, content=content)
         return completion
+
+    def _cap_field(self) -> str:
+        """The field an output cap goes in: the proxy's rule (``max_completion_tokens``
+        for OpenAI's and Azure's hosts, whose reasoning models refuse ``max_tokens``;
+        ``max_tokens``, which every OpenAI-compatible server knows, elsewhere)."""
+        from sigil.proxy.server import ProxyConfig  # lazy: only capped calls
+
+        return ProxyConfig(upstream=self.base_url).chat_cap_field()
 
     # -- transport -----------------------------------------------------------------------
 
@@ -483,6 +492,34 @@ def _error_detail(raw: bytes) -> str:
 
 def _snippet(raw: bytes) -> str:
     return raw[:_SNIPPET].decode("utf-8", "replace").strip()
+
+
+# -- the budget of a call ---------------------------------------------------------------
+
+
+def output_cap(
+    messages: Sequence[Mapping[str, str]], tokens_remaining: int, *, json_mode: bool = False
+) -> int:
+    """The ``max_tokens`` of a chat call made with ``tokens_remaining`` of the budget
+    left: what is left once the prompt is counted, as the proxy counts it
+    (:mod:`sigil.proxy.usage`: the text with ``cl100k_base`` and the chat format's
+    tokens per message), at most the proxy's cap of a call that sets none (a model
+    refuses a ``max_tokens`` above its own limit). Raises :class:`StepBudgetError`
+    when the prompt leaves nothing: the call is not sent."""
+    from sigil.proxy.server import ProxyConfig
+    from sigil.proxy.usage import count_tokens, prompt_estimate_text, prompt_overhead
+
+    body: dict[str, Any] = {"messages": [dict(m) for m in messages]}
+    if json_mode:
+        body["response_format"] = {"type": "json_object"}
+    prompt = count_tokens(prompt_estimate_text(body)) + prompt_overhead(body)
+    left = tokens_remaining - prompt
+    if left <= 0:
+        raise StepBudgetError(
+            f"token budget: {max(0, tokens_remaining):,} tokens left and the prompt alone "
+            f"takes {prompt:,}: the model call was not sent"
+        )
+    return min(left, ProxyConfig(upstream="").call_cap)  # its default cap
 
 
 # -- the key in texts ---------------------------------------------------------------------
