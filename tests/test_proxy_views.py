@@ -216,6 +216,16 @@ def test_calls_in_flight_when_the_proxy_is_killed_stay_held_in_every_view_and_th
     assert (mon["unknown_usage_calls"], mon["tokens_held"]) == (5, reserved), mon
     assert mon["tokens_remaining"] == budget - reserved
     assert sessions(home, "k9")["unknown_usage_calls"] == 5
+    # The replay's end is the end of the log: its writer is gone there too.
+    played = sigil(home, "replay", "k9", "--mode", "json", "--speed", "max")
+    assert played.returncode == 0, played.stderr
+    end = json.loads(played.stdout.splitlines()[-1])
+    assert end["type"] == "final" and end["status"] == mon["status"] == "incomplete"
+    assert (end["unknown_usage_calls"], end["tokens_held"], end["tokens_remaining"]) == (
+        5,
+        reserved,
+        mon["tokens_remaining"],
+    ), end
 
     # The next run starts holding them, and every view agrees after it.
     with Upstream() as up:
