@@ -1836,19 +1836,20 @@ def end_numbers(
     own_unknown: tuple[int, int] = (0, 0),
 ) -> EndNumbers:
     """A run's end numbers from the session model just before its final event
-    (:meth:`Orchestrator._model_before_end`): the session's tokens and held
-    tokens, run ``run``'s tokens and calls of unknown usage, what is left of
-    ``budget`` by the model's rule (budget - used - held, never below 0, as
-    ``SessionSnapshot.tokens_remaining``). Without the model (the log lacks
-    events or could not be read), the writer's ``own`` ``(session tokens, run
-    tokens, tokens held)`` and ``own_unknown`` ``(calls, tokens held)`` of the run."""
+    (:meth:`Orchestrator._model_before_end`): the session's tokens, run
+    ``run``'s tokens and calls of unknown usage, and what the model leaves of
+    the session's budget (``HistorySnapshot.tokens_remaining``: budget - used
+    - held, as the monitor shows it). Without the model (the log lacks events
+    or could not be read; the run's budget not in it), what is left of
+    ``budget`` by the writer's ``own`` ``(session tokens, run tokens, tokens
+    held)``, and ``own_unknown`` ``(calls, tokens held)`` of the run."""
     runs = [] if model is None else [r for r in model.runs if r.number == run]
-    if model is not None and runs:
+    if model is not None and runs and model.tokens_remaining is not None:
         r = runs[-1]
         return EndNumbers(
             total=model.tokens,
             run_tokens=r.tokens,
-            budget_remaining=max(0, budget - model.tokens - model.tokens_held),
+            budget_remaining=model.tokens_remaining,
             unknown_calls=r.unknown_usage_calls,
             tokens_held=r.tokens_held,
             from_model=True,
