@@ -5,6 +5,7 @@ and the small upstream of tests/proxy_upstream.py, and on the estimate itself.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -163,7 +164,6 @@ def test_a_long_stream_is_counted_as_it_comes_and_not_held() -> None:
 def _waves(proxy: Proxy, calls: int, waves: int, **kw: Any) -> list[bool]:
     """``waves`` rounds of ``calls`` concurrent chat calls (each waits for the
     round before); whether each was answered (False: refused by the budget)."""
-    import asyncio
 
     async def one(client: openai.AsyncOpenAI) -> bool:
         try:

@@ -484,8 +484,8 @@ class Meter:
         if isinstance(prompt, Prompt):
             call = Call(
                 next(self._ids), component, endpoint, model, stream, granted, requested,
-                time.perf_counter(), prompt.reserve, secrets=secrets, counted=prompt.counted,
-                uncertain=prompt.uncertain,
+                time.perf_counter(), prompt.reserve, False, secrets, prompt.counted,
+                prompt.uncertain,
             )  # fmt: skip
             prompt = prompt.reserve
         else:
