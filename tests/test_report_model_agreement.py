@@ -115,6 +115,26 @@ def test_a_log_holding_only_a_run_without_its_start_is_reported(
     assert text.returncode == 0 and "OR1" in text.stdout and "350" in text.stdout
 
 
+def test_their_components_count_as_the_model_counts_them(sigil_home: Path, log_path: Path) -> None:
+    """By component and by model, the events outside any started run count in
+    their components, as the fold's session totals count them: the rows add
+    up to the total, and to the monitor's components."""
+    _orphan(log_path, "OR1", with_run_2=True)
+    proc = run_cli(sigil_home, "monitor", "-s", "OR1", "--mode", "json", "--once")
+    monitor = json.loads(proc.stdout.splitlines()[0])
+    expected = {"reasoning": 111, "contracts": 239, "routing": 22}
+    for group in ("component", "model"):
+        doc = json.loads(run_cli(sigil_home, "report", group, "--json").stdout)
+        assert doc["total"]["tokens"] == monitor["tokens_used"] == 372
+        assert sum(r["tokens"] for r in doc["rows"]) == 372, group
+    doc = json.loads(run_cli(sigil_home, "report", "component", "--json").stdout)
+    assert {r["component"]: r["tokens"] for r in doc["rows"] if r["tokens"]} == expected
+    # operations too: three steps completed, one of them in run 2
+    assert sum(r["operations"] for r in doc["rows"]) == doc["total"]["operations"] == 3
+    doc = json.loads(run_cli(sigil_home, "report", "daily", "--breakdown", "--json").stdout)
+    assert sum(r["tokens"] for r in doc["rows"]) == 372
+
+
 def test_the_index_refreshed_by_logs_maintain_counts_them_too(
     sigil_home: Path, log_path: Path
 ) -> None:
