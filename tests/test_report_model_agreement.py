@@ -283,3 +283,50 @@ def test_report_marks_missing_events(sigil_home: Path, log_path: Path) -> None:
     assert "incomplete: session M1: 4 events missing" in text.stdout
     daily = json.loads(run_cli(sigil_home, "report", "daily", "--json").stdout)
     assert daily["total"]["missing_events"] == 4
+
+
+@pytest.mark.parametrize("with_run_2", [True, False])
+def test_an_archived_log_without_its_first_start_counts_once_and_whole(
+    sigil_home: Path, log_path: Path, with_run_2: bool
+) -> None:
+    """Archived (by a maintenance run that died before removing the directory,
+    then after it): the events outside any run count once, as the model counts
+    them, in report, sessions and diff."""
+    import shutil
+    import tarfile
+
+    _orphan(log_path, "OR1", with_run_2=with_run_2)
+    expected = (372, 1) if with_run_2 else (350, 0)
+    day_dir = log_path / "archive" / "2026-11-29"
+    day_dir.mkdir(parents=True)
+    with tarfile.open(day_dir / "OR1.tar.gz", "w:gz") as tar:
+        tar.add(log_path / "sessions" / "OR1", arcname="OR1")
+    for _ in range(2):
+        doc = json.loads(run_cli(sigil_home, "report", "session", "--json").stdout)
+        assert [(r["session"], r["tokens"], r["runs"]) for r in doc["rows"]] == [("OR1", *expected)]
+        assert (doc["total"]["tokens"], doc["total"]["runs"]) == expected
+        shutil.rmtree(log_path / "sessions" / "OR1", ignore_errors=True)
+    (row,) = json.loads(run_cli(sigil_home, "sessions", "--json").stdout)
+    assert row["archived"] and (row["tokens_used"], row["runs"], row["status"]) == (
+        *expected,
+        "complete",
+    )
+    side = json.loads(run_cli(sigil_home, "diff", "OR1", "OR1", "--json").stdout)["a"]
+    assert (side["tokens"], side["runs"], side["status"]) == (*expected, "complete")
+
+
+def test_an_archived_log_with_a_hole_in_seq_is_marked(sigil_home: Path, log_path: Path) -> None:
+    import shutil
+    import tarfile
+
+    _with_gap(log_path, "M1")
+    day_dir = log_path / "archive" / "2026-11-29"
+    day_dir.mkdir(parents=True)
+    with tarfile.open(day_dir / "M1.tar.gz", "w:gz") as tar:
+        tar.add(log_path / "sessions" / "M1", arcname="M1")
+    shutil.rmtree(log_path / "sessions" / "M1")
+    (row,) = json.loads(run_cli(sigil_home, "sessions", "--json").stdout)
+    assert row["archived"] and row["missing_events"] == 4
+    doc = json.loads(run_cli(sigil_home, "report", "session", "--json").stdout)
+    assert doc["incomplete"] == [{"session": "M1", "missing_events": 4}]
+    assert doc["rows"][0]["tokens"] == 3940
