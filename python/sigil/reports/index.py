@@ -14,7 +14,18 @@ after ``sigil logs maintain`` (archived sessions then read from their archives,
 counted once), so the next report has little or nothing to refold.
 
 Rows come from the native model only (contract 12); reports aggregate them in
-SQL.
+SQL. A source's runs are the runs the model lists; what the model counts in
+the session outside them (events before the log's first ``session_start``: a
+run whose start was rotated away or lost with the head of the log) is one more
+row (``counted = 0``: its tokens, components and models count, it is no run),
+so a session's tokens in a report are the model's total, as every other view
+shows it. That row also holds the source's missing events (holes in ``seq``).
+
+Numbers past SQLite's 64-bit integers (a session of 1,025 events at the
+largest tokens an event may carry, 2**53, passes 2**63) are stored as
+``INT64_MAX`` with the run's ``overflow`` set: a lower bound, marked in the
+report, never an ``OverflowError`` for every session. Sums that pass it are
+read again by ``TOTAL`` (:mod:`sigil.reports.query`).
 """
 
 from __future__ import annotations
