@@ -330,3 +330,32 @@ def test_an_archived_log_with_a_hole_in_seq_is_marked(sigil_home: Path, log_path
     doc = json.loads(run_cli(sigil_home, "report", "session", "--json").stdout)
     assert doc["incomplete"] == [{"session": "M1", "missing_events": 4}]
     assert doc["rows"][0]["tokens"] == 3940
+
+
+def test_a_damaged_archive_of_events_outside_any_run_counts_no_run(
+    sigil_home: Path, log_path: Path
+) -> None:
+    """``unreadable``'s ``runs_counted`` counts runs, not the row of the events
+    outside them."""
+    import random
+    import shutil
+    import tarfile
+
+    rng = random.Random(7)
+    events = [
+        _event("D1", i, "step_complete", "c", 10, {"pad": f"{rng.getrandbits(128):x}"}, 10 + i)
+        for i in range(600)
+    ]
+    _write(log_path, "D1", events)
+    day_dir = log_path / "archive" / "2026-11-29"
+    day_dir.mkdir(parents=True)
+    archive = day_dir / "D1.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(log_path / "sessions" / "D1", arcname="D1")
+    shutil.rmtree(log_path / "sessions" / "D1")
+    os.truncate(archive, archive.stat().st_size // 2)
+    doc = json.loads(run_cli(sigil_home, "report", "session", "--json").stdout)
+    (damaged,) = doc["unreadable"]
+    assert damaged["session"] == "D1" and damaged["runs_counted"] == 0
+    (row,) = doc["rows"]
+    assert row["runs"] == 0 and 0 < row["tokens"] < 6000

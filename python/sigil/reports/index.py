@@ -538,7 +538,7 @@ def refresh(
 def _unreadable(conn: sqlite3.Connection, state: Refresh) -> None:
     rows = conn.execute(
         "SELECT s.session_id, s.source, s.error,"
-        " (SELECT count(*) FROM runs r WHERE r.source = s.source)"
+        " (SELECT count(*) FROM runs r WHERE r.source = s.source AND r.counted)"
         " FROM sources s WHERE s.error IS NOT NULL ORDER BY s.source"
     ).fetchall()
     state.unreadable = {session: error for session, _, error, _ in rows}
