@@ -115,6 +115,26 @@ def test_a_log_holding_only_a_run_without_its_start_is_reported(
     assert text.returncode == 0 and "OR1" in text.stdout and "350" in text.stdout
 
 
+def test_their_components_count_as_the_model_counts_them(sigil_home: Path, log_path: Path) -> None:
+    """By component and by model, the events outside any started run count in
+    their components, as the fold's session totals count them: the rows add
+    up to the total, and to the monitor's components."""
+    _orphan(log_path, "OR1", with_run_2=True)
+    proc = run_cli(sigil_home, "monitor", "-s", "OR1", "--mode", "json", "--once")
+    monitor = json.loads(proc.stdout.splitlines()[0])
+    expected = {"reasoning": 111, "contracts": 239, "routing": 22}
+    for group in ("component", "model"):
+        doc = json.loads(run_cli(sigil_home, "report", group, "--json").stdout)
+        assert doc["total"]["tokens"] == monitor["tokens_used"] == 372
+        assert sum(r["tokens"] for r in doc["rows"]) == 372, group
+    doc = json.loads(run_cli(sigil_home, "report", "component", "--json").stdout)
+    assert {r["component"]: r["tokens"] for r in doc["rows"] if r["tokens"]} == expected
+    # operations too: three steps completed, one of them in run 2
+    assert sum(r["operations"] for r in doc["rows"]) == doc["total"]["operations"] == 3
+    doc = json.loads(run_cli(sigil_home, "report", "daily", "--breakdown", "--json").stdout)
+    assert sum(r["tokens"] for r in doc["rows"]) == 372
+
+
 def test_the_index_refreshed_by_logs_maintain_counts_them_too(
     sigil_home: Path, log_path: Path
 ) -> None:
@@ -263,3 +283,79 @@ def test_report_marks_missing_events(sigil_home: Path, log_path: Path) -> None:
     assert "incomplete: session M1: 4 events missing" in text.stdout
     daily = json.loads(run_cli(sigil_home, "report", "daily", "--json").stdout)
     assert daily["total"]["missing_events"] == 4
+
+
+@pytest.mark.parametrize("with_run_2", [True, False])
+def test_an_archived_log_without_its_first_start_counts_once_and_whole(
+    sigil_home: Path, log_path: Path, with_run_2: bool
+) -> None:
+    """Archived (by a maintenance run that died before removing the directory,
+    then after it): the events outside any run count once, as the model counts
+    them, in report, sessions and diff."""
+    import shutil
+    import tarfile
+
+    _orphan(log_path, "OR1", with_run_2=with_run_2)
+    expected = (372, 1) if with_run_2 else (350, 0)
+    day_dir = log_path / "archive" / "2026-11-29"
+    day_dir.mkdir(parents=True)
+    with tarfile.open(day_dir / "OR1.tar.gz", "w:gz") as tar:
+        tar.add(log_path / "sessions" / "OR1", arcname="OR1")
+    for _ in range(2):
+        doc = json.loads(run_cli(sigil_home, "report", "session", "--json").stdout)
+        assert [(r["session"], r["tokens"], r["runs"]) for r in doc["rows"]] == [("OR1", *expected)]
+        assert (doc["total"]["tokens"], doc["total"]["runs"]) == expected
+        shutil.rmtree(log_path / "sessions" / "OR1", ignore_errors=True)
+    (row,) = json.loads(run_cli(sigil_home, "sessions", "--json").stdout)
+    assert row["archived"] and (row["tokens_used"], row["runs"], row["status"]) == (
+        *expected,
+        "complete",
+    )
+    side = json.loads(run_cli(sigil_home, "diff", "OR1", "OR1", "--json").stdout)["a"]
+    assert (side["tokens"], side["runs"], side["status"]) == (*expected, "complete")
+
+
+def test_an_archived_log_with_a_hole_in_seq_is_marked(sigil_home: Path, log_path: Path) -> None:
+    import shutil
+    import tarfile
+
+    _with_gap(log_path, "M1")
+    day_dir = log_path / "archive" / "2026-11-29"
+    day_dir.mkdir(parents=True)
+    with tarfile.open(day_dir / "M1.tar.gz", "w:gz") as tar:
+        tar.add(log_path / "sessions" / "M1", arcname="M1")
+    shutil.rmtree(log_path / "sessions" / "M1")
+    (row,) = json.loads(run_cli(sigil_home, "sessions", "--json").stdout)
+    assert row["archived"] and row["missing_events"] == 4
+    doc = json.loads(run_cli(sigil_home, "report", "session", "--json").stdout)
+    assert doc["incomplete"] == [{"session": "M1", "missing_events": 4}]
+    assert doc["rows"][0]["tokens"] == 3940
+
+
+def test_a_damaged_archive_of_events_outside_any_run_counts_no_run(
+    sigil_home: Path, log_path: Path
+) -> None:
+    """``unreadable``'s ``runs_counted`` counts runs, not the row of the events
+    outside them."""
+    import random
+    import shutil
+    import tarfile
+
+    rng = random.Random(7)
+    events = [
+        _event("D1", i, "step_complete", "c", 10, {"pad": f"{rng.getrandbits(128):x}"}, 10 + i)
+        for i in range(600)
+    ]
+    _write(log_path, "D1", events)
+    day_dir = log_path / "archive" / "2026-11-29"
+    day_dir.mkdir(parents=True)
+    archive = day_dir / "D1.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(log_path / "sessions" / "D1", arcname="D1")
+    shutil.rmtree(log_path / "sessions" / "D1")
+    os.truncate(archive, archive.stat().st_size // 2)
+    doc = json.loads(run_cli(sigil_home, "report", "session", "--json").stdout)
+    (damaged,) = doc["unreadable"]
+    assert damaged["session"] == "D1" and damaged["runs_counted"] == 0
+    (row,) = doc["rows"]
+    assert row["runs"] == 0 and 0 < row["tokens"] < 6000

@@ -14,7 +14,18 @@ after ``sigil logs maintain`` (archived sessions then read from their archives,
 counted once), so the next report has little or nothing to refold.
 
 Rows come from the native model only (contract 12); reports aggregate them in
-SQL.
+SQL. A source's runs are the runs the model lists; what the model counts in
+the session outside them (events before the log's first ``session_start``: a
+run whose start was rotated away or lost with the head of the log) is one more
+row (``counted = 0``: its tokens, components and models count, it is no run),
+so a session's tokens in a report are the model's total, as every other view
+shows it. That row also holds the source's missing events (holes in ``seq``).
+
+Numbers past SQLite's 64-bit integers (a session of 1,025 events at the
+largest tokens an event may carry, 2**53, passes 2**63) are stored as
+``INT64_MAX`` with the run's ``overflow`` set: a lower bound, marked in the
+report, never an ``OverflowError`` for every session. Sums that pass it are
+read again by ``TOTAL`` (:mod:`sigil.reports.query`).
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from typing import Any, TypeVar
 from sigil.reports.sources import Source, archive_read, discover, fold_live, whole_history
 from sigil.telemetry.log_parser import (
     ComponentSnapshot,
+    HistorySnapshot,
     ModelSnapshot,
     RunSnapshot,
     SessionSnapshot,
@@ -500,7 +512,12 @@ def refresh(
             else:
                 # The archive's model: its holes in seq are those of its log.
                 by_key[s.key] = _Read(
-                    list(snapshot.runs), snapshot, snapshot.tokens, snapshot.seq_missing, problem
+                    list(snapshot.runs),
+                    snapshot,
+                    snapshot.tokens,
+                    snapshot.seq_missing,
+                    problem,
+                    snapshot,
                 )
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -521,7 +538,7 @@ def refresh(
 def _unreadable(conn: sqlite3.Connection, state: Refresh) -> None:
     rows = conn.execute(
         "SELECT s.session_id, s.source, s.error,"
-        " (SELECT count(*) FROM runs r WHERE r.source = s.source)"
+        " (SELECT count(*) FROM runs r WHERE r.source = s.source AND r.counted)"
         " FROM sources s WHERE s.error IS NOT NULL ORDER BY s.source"
     ).fetchall()
     state.unreadable = {session: error for session, _, error, _ in rows}
@@ -542,6 +559,9 @@ class _Read:
     tokens: int
     missing_events: int
     error: str | None = None
+    #: the session's whole model (its events, components and models over the
+    #: whole history), read only when something lies outside its runs
+    whole: HistorySnapshot | SessionSnapshot | None = None
 
     @classmethod
     def unreadable(cls, error: str) -> _Read:
@@ -556,7 +576,16 @@ def _live_runs(directories: list[str]) -> list[_Read]:
     out: list[_Read] = []
     for directory, folded in zip(directories, fold_live(directories), strict=True):
         if not isinstance(folded, str):
-            out.append(_Read(folded.runs, folded.snapshot, folded.tokens, folded.missing_events))
+            out.append(
+                _Read(
+                    folded.runs,
+                    folded.snapshot,
+                    folded.tokens,
+                    folded.missing_events,
+                    None,
+                    folded.history or folded.snapshot,
+                )
+            )
             continue
         try:
             history = whole_history(Path(directory))
@@ -572,6 +601,7 @@ def _live_runs(directories: list[str]) -> list[_Read]:
                     history.tokens,
                     history.missing_events,
                     folded,
+                    history,
                 )
             )
     return out
@@ -798,7 +828,7 @@ def _insert_outside(
     cursor = conn.execute(
         "INSERT INTO runs(source, session_id, run, archived, status, finished, started_at,"
         " started_ts, tokens, events, steps_completed, steps_failed, counted, missing_events)"
-        " VALUES (?, ?, 0, ?, 'outside', 0, ?, ?, ?, 0, 0, 0, 0, ?)",
+        " VALUES (?, ?, 0, ?, 'outside', 0, ?, ?, ?, ?, 0, 0, 0, ?)",
         (
             source.key,
             source.session_id,
@@ -806,26 +836,128 @@ def _insert_outside(
             first,
             _epoch(first),
             clamp(read.tokens),
+            clamp(_events(read.whole)),
             clamp(read.missing_events),
         ),
     )
     row_id = cursor.lastrowid
+    assert row_id is not None
+    conn.execute("SAVEPOINT outside")
     try:
         if clamp.hit:
             raise OverflowError
+        # The session's tokens and events less its runs': what lies outside them.
         conn.execute(
-            "UPDATE runs SET tokens = MAX(0, tokens - (SELECT COALESCE(SUM(b.tokens), 0)"
-            " FROM runs b WHERE b.source = ? AND b.counted = 1)) WHERE id = ?",
+            "UPDATE runs SET (tokens, events) = (SELECT MAX(0, runs.tokens"
+            " - COALESCE(SUM(b.tokens), 0)), MAX(0, runs.events - COALESCE(SUM(b.events), 0))"
+            " FROM runs b WHERE b.source = ? AND b.counted = 1) WHERE id = ?",
             (source.key, row_id),
         )
-    except (OverflowError, sqlite3.OperationalError):
-        # The runs' tokens pass SQLite's integers: they are marked, and what
-        # lies outside them is not known in SQL.
-        conn.execute("UPDATE runs SET tokens = 0, overflow = 1 WHERE id = ?", (row_id,))
+        tokens, events = conn.execute(
+            "SELECT tokens, events FROM runs WHERE id = ?", (row_id,)
+        ).fetchone()
+        if (tokens or events) and read.whole is not None:
+            # Their components and models, as the model's session totals less
+            # the runs'.
+            _insert_components(conn, row_id, read.whole.components.values(), clamp)
+            _insert_models(conn, row_id, read.whole.component_models, clamp)
+            if clamp.hit:
+                raise OverflowError
+            _less_the_runs(conn, source.key, row_id)
+        conn.execute("RELEASE outside")
+    except (OverflowError, sqlite3.OperationalError) as exc:
+        if isinstance(exc, sqlite3.OperationalError) and "overflow" not in str(exc):
+            raise
+        conn.execute("ROLLBACK TO outside")
+        conn.execute("RELEASE outside")
+        # Numbers past SQLite's integers: what lies outside the runs is not
+        # known in SQL; the row is marked, with nothing in it.
+        _delete_parts(conn, row_id)
+        conn.execute("UPDATE runs SET tokens = 0, events = 0, overflow = 1 WHERE id = ?", (row_id,))
     conn.execute(
-        "DELETE FROM runs WHERE id = ? AND tokens = 0 AND missing_events = 0 AND overflow = 0",
+        "DELETE FROM runs WHERE id = ? AND tokens = 0 AND missing_events = 0 AND overflow = 0"
+        " AND NOT EXISTS (SELECT 1 FROM components c WHERE c.run_id = runs.id)",
         (row_id,),
     )
+
+
+def _events(whole: HistorySnapshot | SessionSnapshot | None) -> int:
+    """The events the model counted in the session (a history's: its
+    ledger-only runs' too)."""
+    if whole is None:
+        return 0
+    return whole.events if isinstance(whole, HistorySnapshot) else whole.entries
+
+
+#: the numbers of a component (and of a component's model) the runs add up to
+_COMPONENT_SUMS = (
+    "tokens", "input_tokens", "output_tokens", "operations", "errors", "retries", "timed",
+    "latency_ms",
+)  # fmt: skip
+_MODEL_SUMS = (
+    "tokens", "input_tokens", "output_tokens", "calls", "errors", "retries", "cost_nanousd",
+    "priced_events", "unpriced_tokens", "unpriced_calls", "unknown_usage_calls", "tokens_held",
+)  # fmt: skip
+
+
+def _less_the_runs(conn: sqlite3.Connection, source: str, row_id: int) -> None:
+    """The outside row ``row_id``'s components made what the model counts
+    beyond the source's listed runs: the session's components, their latency
+    buckets and models (as inserted) less the runs' (SQL over the native
+    numbers, as :func:`_roll_up`), parts left at zero removed."""
+    runs = "SELECT id FROM runs WHERE source = ? AND counted = 1"
+    sets = ", ".join(
+        f"{f} = MAX(0, {f} - (SELECT COALESCE(SUM(x.{f}), 0) FROM components x"
+        f" WHERE x.run_id IN ({runs}) AND x.component = components.component))"
+        for f in _COMPONENT_SUMS
+    )
+    conn.execute(
+        f"UPDATE components SET {sets}, max_latency_ms = NULL, heaviest = '', retry_seqs = ''"
+        " WHERE run_id = ?",
+        [source] * len(_COMPONENT_SUMS) + [row_id],
+    )
+    conn.execute(
+        "UPDATE latency SET count = MAX(0, count - (SELECT COALESCE(SUM(h.count), 0)"
+        " FROM latency h JOIN components x ON h.component_id = x.id"
+        f" WHERE x.run_id IN ({runs}) AND h.bucket = latency.bucket AND x.component ="
+        " (SELECT c.component FROM components c WHERE c.id = latency.component_id)))"
+        " WHERE component_id IN (SELECT id FROM components WHERE run_id = ?)",
+        (source, row_id),
+    )
+    sets = ", ".join(
+        f"{f} = MAX(0, {f} - (SELECT COALESCE(SUM(x.{f}), 0) FROM models x"
+        f" WHERE x.run_id IN ({runs}) AND x.component = models.component"
+        " AND x.model IS models.model))"
+        for f in _MODEL_SUMS
+    )
+    conn.execute(
+        f"UPDATE models SET {sets} WHERE run_id = ?", [source] * len(_MODEL_SUMS) + [row_id]
+    )
+    conn.execute(
+        "DELETE FROM latency WHERE count = 0"
+        " AND component_id IN (SELECT id FROM components WHERE run_id = ?)",
+        (row_id,),
+    )
+    nothing = " AND ".join(f"{f} = 0" for f in _MODEL_SUMS)
+    conn.execute(f"DELETE FROM models WHERE run_id = ? AND {nothing}", (row_id,))
+    nothing = " AND ".join(f"{f} = 0" for f in _COMPONENT_SUMS)
+    conn.execute(
+        f"DELETE FROM components WHERE run_id = ? AND {nothing}"
+        " AND NOT EXISTS (SELECT 1 FROM latency h WHERE h.component_id = components.id)"
+        " AND NOT EXISTS (SELECT 1 FROM models m WHERE m.run_id = components.run_id"
+        " AND m.component = components.component)",
+        (row_id,),
+    )
+
+
+def _delete_parts(conn: sqlite3.Connection, row_id: int) -> None:
+    """The components, latency buckets and models of the row ``row_id``."""
+    conn.execute(
+        "DELETE FROM latency WHERE component_id IN (SELECT id FROM components WHERE run_id = ?)",
+        (row_id,),
+    )
+    conn.execute("DELETE FROM components WHERE run_id = ?", (row_id,))
+    conn.execute("DELETE FROM models WHERE run_id = ?", (row_id,))
 
 
 def _insert_components(

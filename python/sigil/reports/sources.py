@@ -191,6 +191,9 @@ class Folded:
     #: runs'), and the events both its log and its ledger lack (holes in seq)
     tokens: int = 0
     missing_events: int = 0
+    #: the whole history (its components and models over the session, as the
+    #: model counts them: events outside any run included)
+    history: HistorySnapshot | None = None
 
 
 def fold_live(directories: list[str]) -> list[Folded | str]:
@@ -224,5 +227,14 @@ def fold_live(directories: list[str]) -> list[Folded | str]:
         extra = [r for r in history.runs if r.number not in folded]
         if extra:
             runs = sorted([*runs, *extra], key=lambda r: r.number)
-        out.append(Folded(fold, runs, bool(extra), history.tokens, history.missing_events))
+        out.append(
+            Folded(
+                fold,
+                runs,
+                bool(extra),
+                history.tokens,
+                history.missing_events,
+                history,
+            )
+        )
     return out

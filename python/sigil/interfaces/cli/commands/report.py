@@ -63,6 +63,12 @@ def report(
     it: loops, retry storms, runs out of budget, and token jumps (a
     component's tokens per call in a run above 2x the p99 of its last 20 runs'
     and at least 100 above it; 5 runs of history needed).
+
+    Events logged outside any started run (a run whose session_start was
+    rotated away) count in TOKENS as the session model counts them, not in
+    RUNS. A session whose log lacks events (holes in seq) is named on an
+    "incomplete:" line (its numbers are a lower bound); one with numbers past
+    2**63-1 on an "overflow:" line, those numbers shown as 2**63-1 marked +.
     """
     from pathlib import Path
 
