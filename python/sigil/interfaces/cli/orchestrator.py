@@ -1584,7 +1584,14 @@ class Orchestrator:
         """Final event, close the log, write the summary files; build the result."""
         record = prep.run
         run_latency = sum(s.latency_ms for s in steps if not s.metadata.get("resumed"))
-        total = tracker.used
+        # The session model's numbers (contract 12), else the tracker's.
+        end = end_numbers(
+            await self._model_before_end(prep, log),
+            record.run,
+            prep.budget,
+            (tracker.used, tracker.used - tokens_before_run, prep.history.tokens_held),
+        )
+        total = end.total
         validation = next((s for s in steps if str(s.step) == "validation" and s.success), None)
         reasoning = next((s for s in steps if str(s.step) == "reasoning" and s.success), None)
         quality = validation.metadata.get("quality_score") if validation else None
@@ -1599,9 +1606,9 @@ class Orchestrator:
             "status": status,
             "run": record.run,
             "total_tokens": total,
-            "run_tokens": total - tokens_before_run,
+            "run_tokens": end.run_tokens,
             "budget": prep.budget,
-            "budget_remaining": max(0, prep.budget - total),
+            "budget_remaining": end.budget_remaining,
             "total_latency_ms": round(run_latency, 3),
             "wall_time_ms": round((time.perf_counter() - started) * 1000, 3),
             "steps_completed": sum(1 for s in steps if s.success),
@@ -1659,7 +1666,7 @@ class Orchestrator:
             # it, so the summaries are rebuilt from the log once there is room.
         if self.recording_error is not None and error is None:
             error = describe_write_error(self.recording_error, self.session_dir)
-        run_tokens, unrecorded = total - tokens_before_run, 0
+        run_tokens, unrecorded = end.run_tokens, 0
         if self.recording_error is not None:
             # The log lacks events: the result says what the session model of
             # the log says (every view's number), and names what it lacks.
@@ -1772,23 +1779,77 @@ class Orchestrator:
         that left it (``rotate 0`` deletes them), and their tokens would leave
         the budget. Only without a fold at rest, or with more events than were
         kept, is the log read anew."""
-        source = prep.history.source
-        model = kept = None
-        if source is not None:
-            own = prep.log.fed_events(self._sanitizer) if prep.log is not None else None
-            try:
-                # Before at_run_end, which moves a compressed log's model on.
-                kept = source.continued_with(own) if own is not None else None
-                model = source.at_run_end()
-            except OSError:
-                model = None
-            if kept is not None and not _holds_the_same(model, kept):
-                # The live file is not the one the run's events went to (a
-                # rotator recreated it; it may even have the same inode).
-                model = kept
+        model = self._continued_model(prep)
         if model is None:
             return read_session_history(self.session_dir)
         return SessionHistory.of(model)
+
+    def _continued_model(self, prep: _Prepared) -> HistorySnapshot | None:
+        """The fold of the log at rest continued to the run's last event logged
+        so far: from the live file, or, when the live file is not the one the
+        run's events went to (a rotator renamed, deleted or recreated it; it may
+        even have the same inode), with the events the run kept as it logged
+        them. None without a fold at rest, or when the run's events are neither
+        in the live file nor all kept: the caller reads the log anew."""
+        source = prep.history.source
+        if source is None:
+            return None
+        own = prep.log.fed_events(self._sanitizer) if prep.log is not None else None
+        try:
+            # Before at_run_end, which moves a compressed log's model on.
+            kept = source.continued_with(own) if own is not None else None
+            model = source.at_run_end()
+        except OSError:
+            kept = model = None
+        if kept is not None and not _holds_the_same(model, kept):
+            model = kept
+        return model
+
+    async def _model_before_end(
+        self, prep: _Prepared, log: _RecordingLogger
+    ) -> HistorySnapshot | None:
+        """The session model just before the run's final event (contract 12):
+        what the final event and the end's summary say of the tokens and of
+        what is left of the budget, as every view shows the run once it ended.
+
+        The run's events are written out first, then the fold of the log at
+        rest (the one the end continues, :meth:`_history_at_end`) goes on with
+        them. The history reads the run's writer as gone (``writer_gone``):
+        the calls the run leaves open (a proxy's, not recorded by the end of
+        its abort wait) hold their reservations as calls of unknown usage, as
+        once its final event is written; the final event adds no tokens. None
+        when the log lacks events or cannot be read or written in time: the
+        caller says its own counts then."""
+        if self.recording_error is not None or log.dropped is not None:
+            return None
+        try:
+            await asyncio.to_thread(self.execution_logger.wait_written, None, _END_WAIT_SECONDS)
+        except (OSError, ValueError):
+            return None  # TimeoutError too: a slow disk, the events still queued
+        if prep.resting is not None:
+            resting, prep.resting = prep.resting, None
+            try:
+                await resting
+            except Exception:
+                prep.history.source = None
+            except asyncio.CancelledError:
+                if not resting.cancelled():
+                    raise
+                prep.history.source = None
+        if prep.history.source is None:
+            from sigil.telemetry.log_parser import HistoryModel
+
+            # The end then continues this fold (no second fold of the log).
+            prep.history.source = HistoryModel(
+                self.session_dir, last_n=_RESUME_EVENTS, writer_gone=True
+            )
+        try:
+            model = await asyncio.to_thread(self._continued_model, prep)
+            if model is None:  # neither in the live file nor kept: the log read anew
+                model = (await asyncio.to_thread(read_session_history, self.session_dir)).model
+        except Exception:
+            return None
+        return model
 
     def _rebuild_summaries(self, history: SessionHistory) -> None:
         """tokens.json and metrics.json from the history alone (no run in progress)."""
@@ -2113,6 +2174,64 @@ def _holds_the_same(model: HistorySnapshot | None, kept: HistorySnapshot) -> boo
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
+
+
+#: How long the end of a run waits for its events to reach the log before it
+#: folds them (a slow disk: the final event then says the writer's own counts).
+_END_WAIT_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class EndNumbers:
+    """What a run's final event and its end line say of the tokens."""
+
+    #: tokens used by the whole session
+    total: int
+    #: tokens used by this run
+    run_tokens: int
+    #: the budget less the tokens used and those held for calls of unknown usage
+    budget_remaining: int
+    #: this run's calls of unknown usage and the tokens held for them
+    unknown_calls: int = 0
+    tokens_held: int = 0
+    #: from the session model (False: the writer's own counts)
+    from_model: bool = False
+
+
+def end_numbers(
+    model: HistorySnapshot | None,
+    run: int,
+    budget: int,
+    own: tuple[int, int, int],
+    own_unknown: tuple[int, int] = (0, 0),
+) -> EndNumbers:
+    """A run's end numbers from the session model just before its final event
+    (:meth:`Orchestrator._model_before_end`): the session's tokens, run
+    ``run``'s tokens and calls of unknown usage, and what the model leaves of
+    the session's budget (``HistorySnapshot.tokens_remaining``: budget - used
+    - held, as the monitor shows it). Without the model (the log lacks events
+    or could not be read; the run's budget not in it), what is left of
+    ``budget`` by the writer's ``own`` ``(session tokens, run tokens, tokens
+    held)``, and ``own_unknown`` ``(calls, tokens held)`` of the run."""
+    runs = [] if model is None else [r for r in model.runs if r.number == run]
+    if model is not None and runs and model.tokens_remaining is not None:
+        r = runs[-1]
+        return EndNumbers(
+            total=model.tokens,
+            run_tokens=r.tokens,
+            budget_remaining=model.tokens_remaining,
+            unknown_calls=r.unknown_usage_calls,
+            tokens_held=r.tokens_held,
+            from_model=True,
+        )
+    total, run_tokens, held = own
+    return EndNumbers(
+        total=total,
+        run_tokens=run_tokens,
+        budget_remaining=max(0, budget - total - held),
+        unknown_calls=own_unknown[0],
+        tokens_held=own_unknown[1],
+    )
 
 
 async def _to_the_end(aw: Any, *, absorb: bool = False) -> Any:
