@@ -448,6 +448,9 @@ class HistoryModel:
         self._segments: list[str] = []
         #: the fold covers the log from its oldest segment
         self._folded = False
+        #: a copy of the fold as it was at rest, before any run end moved it on
+        #: (what :meth:`continued_with` continues)
+        self._rest: _native.Fold | None = None
 
     def ledger(self) -> Ledger:
         if not self.use_ledger:
@@ -495,6 +498,8 @@ class HistoryModel:
                 except FileNotFoundError:
                     self._live = None
             self._fold = fold
+        base = self._model.fold if self._model is not None else self._fold
+        self._rest = base.copy() if base is not None else None
         self._folded = True
 
     def folded(self) -> HistorySnapshot:
@@ -545,10 +550,11 @@ class HistoryModel:
         events its writer kept, whatever an external rotator did to the file
         meanwhile (renamed it away, deleted it). The events the fold at rest
         already holds (it may have read the run's first lines: it is done
-        beside the run) are skipped by ``seq``. Call it before
-        :meth:`at_run_end`, which moves a compressed log's model on."""
+        beside the run) are skipped by ``seq``. The fold at rest is the one
+        :meth:`at_run_end` has not moved on (it may have followed a file a
+        rotator recreated)."""
         self.fold_at_rest()
-        base = self._model.fold if self._model is not None else self._fold
+        base = self._rest
         assert base is not None
         held = base.summary().get("max_seq")
         fold = base.copy()
