@@ -186,8 +186,8 @@ def test_on_a_full_disk_the_result_is_what_every_view_says(sigil_home: Path, tin
 
 def test_a_model_call_in_flight_at_kill_9_holds_its_reservation(sigil_home: Path) -> None:
     """As through ``sigil proxy``: the call's start names it and what it reserves
-    (its prompt and output cap: what was left of the budget); once its writer is
-    dead it is a call of unknown usage holding that, in every view."""
+    (its prompt and the output cap it is sent with); once its writer is dead it
+    is a call of unknown usage holding that, in every view."""
     from proxy_upstream import Upstream
 
     sigil_home.mkdir(parents=True)
@@ -212,7 +212,11 @@ def test_a_model_call_in_flight_at_kill_9_holds_its_reservation(sigil_home: Path
     spent = sum(e["tokens"] for e in events)
     reserved = meta["prompt_tokens_reserved"] + meta["max_tokens"]
     assert isinstance(meta["call"], int) and meta["model"] == "slow"
-    assert reserved == 50000 - spent  # what was left when the call started
+    # The cap the call was sent with: what was left once its prompt is counted,
+    # at most the proxy's cap of a call that sets none.
+    sent = upstream.requests[0]
+    assert meta["max_tokens"] == sent.get("max_tokens", sent.get("max_completion_tokens"))
+    assert meta["max_tokens"] == min(50000 - spent - meta["prompt_tokens_reserved"], 4096)
 
     view = _monitor(sigil_home, "k9")
     assert (view["unknown_usage_calls"], view["tokens_held"]) == (1, reserved)

@@ -30,6 +30,7 @@ __all__ = [
     "prompt_estimate_text",
     "prompt_overhead",
     "prompt_text",
+    "prompt_tokens",
     "usage_of",
     "utf8_size",
 ]
@@ -273,6 +274,12 @@ def prompt_overhead(body: Mapping[str, Any]) -> int:
         if isinstance(value, list):
             items += len(value)
     return 4 * items + 3 + _token_ids(body.get("prompt")) + _token_ids(body.get("input"))
+
+
+def prompt_tokens(body: Mapping[str, Any]) -> int:
+    """The proxy's count of a request's prompt: its text (:func:`prompt_estimate_text`)
+    and the chat format's tokens (:func:`prompt_overhead`)."""
+    return count_tokens(prompt_estimate_text(body)) + prompt_overhead(body)
 
 
 def _token_ids(value: object) -> int:

@@ -1536,17 +1536,24 @@ class Orchestrator:
         """The model call a step's ``step_start`` announces, as the proxy's call
         starts do (rust/fold.rs reads them): ``call`` (the ``seq`` of that
         ``step_start``: unique in the session), ``model`` and what the call
-        reserves, its prompt (``prompt_tokens_reserved``, when the step shows
-        it) and its output cap (``max_tokens``): together what is left of the
-        budget, the cap the step's call is given. The step's ``step_complete``
-        or ``step_error`` names the same call and closes it; a call its run
-        never closed (the process was killed, the run interrupted in it) is a
-        call of unknown usage holding that reservation in every view, as
-        through ``sigil proxy``. None for a step that calls no model."""
+        reserves: its prompt as the proxy counts it (``prompt_tokens_reserved``,
+        when the step shows its prompt) and the output cap it is sent with
+        (``max_tokens``: what the budget has left once the prompt is counted, at
+        most the proxy's cap of a call that sets none). The step's
+        ``step_complete`` or ``step_error`` names the same call and closes it; a
+        call its run never closed (the process was killed, the run interrupted
+        in it) is a call of unknown usage holding that reservation in every
+        view, as through ``sigil proxy``. None for a step that calls no model,
+        or whose call would not be sent (its prompt alone takes what is left)."""
         if self.provider is None or not _calls_model(step):
             return None
+        from sigil.pipeline.base import StepBudgetError
+        from sigil.pipeline.providers import output_cap
+        from sigil.proxy.server import ProxyConfig
+        from sigil.proxy.usage import prompt_tokens
+
         remaining = tracker.remaining
-        prompt = 0
+        prompt, cap = 0, min(remaining, ProxyConfig(upstream="").call_cap)
         show = getattr(step, "prompt", None)
         if callable(show):
             ctx = StepContext(
@@ -1556,14 +1563,17 @@ class Orchestrator:
             )  # fmt: skip
             try:
                 messages = show(ctx)
-                text = "\n".join(str(m.get("content") or "") for m in messages)
-                prompt = min(remaining, tokenizer.count(text))
+                body: dict[str, Any] = {"messages": [dict(m) for m in messages]}
+                prompt = prompt_tokens(body)
+                cap = output_cap(messages, remaining)  # the step's call's own cap
+            except StepBudgetError:
+                return None  # the call will not be sent
             except Exception:
                 prompt = 0  # the step's own prompt() failed: its run() will say why
         call: dict[str, Any] = {
             "call": self.execution_logger.next_seq,
             "model": str(getattr(self.provider, "model", "unknown")),
-            "max_tokens": remaining - prompt,
+            "max_tokens": cap,
         }
         if prompt:
             call["prompt_tokens_reserved"] = prompt
