@@ -1704,23 +1704,31 @@ class Orchestrator:
             return read_session_history(self.session_dir)
         return SessionHistory.of(model)
 
-    def _continued_model(self, prep: _Prepared) -> HistorySnapshot | None:
+    def _continued_model(self, prep: _Prepared, *, closed: bool = True) -> HistorySnapshot | None:
         """The fold of the log at rest continued to the run's last event logged
         so far: from the live file, or, when the live file is not the one the
         run's events went to (a rotator renamed, deleted or recreated it; it may
         even have the same inode), with the events the run kept as it logged
         them. None without a fold at rest, or when the run's events are neither
-        in the live file nor all kept: the caller reads the log anew."""
+        in the live file nor all kept: the caller reads the log anew.
+
+        Before the run has closed its log (``closed`` False: the final event's
+        numbers) the events kept are the answer when there are: the fold at
+        rest moves on with the live file once, at the end; moved on earlier, it
+        would have taken a recreated live file's lines for the run's."""
         source = prep.history.source
         if source is None:
             return None
         own = prep.log.fed_events(self._sanitizer) if prep.log is not None else None
+        kept = model = None
         try:
             # Before at_run_end, which moves a compressed log's model on.
             kept = source.continued_with(own) if own is not None else None
+            if kept is not None and not closed:
+                return kept
             model = source.at_run_end()
         except OSError:
-            kept = model = None
+            model = None
         if kept is not None and not _holds_the_same(model, kept):
             model = kept
         return model
@@ -1764,7 +1772,7 @@ class Orchestrator:
                 self.session_dir, last_n=_RESUME_EVENTS, writer_gone=True
             )
         try:
-            model = await asyncio.to_thread(self._continued_model, prep)
+            model = await asyncio.to_thread(self._continued_model, prep, closed=False)
             if model is None:  # neither in the live file nor kept: the log read anew
                 model = (await asyncio.to_thread(read_session_history, self.session_dir)).model
         except Exception:
