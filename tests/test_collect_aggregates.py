@@ -346,6 +346,11 @@ def test_a_pending_parent_settles_after_the_grace_while_its_run_goes_on(
         assert settled["metadata"]["settled"] is True
         assert settled["metadata"]["input_tokens"] == 300
         assert "cost_usd" in settled["metadata"]
+        # the fold counts it once, as the agent's component, priced
+        history = session_history(sdir)
+        assert history.component_tokens()[settled["component"]] == 330
+        assert settled["component"] == ("planner" if tree == "genai" else "agent")
+        assert history.cost_nanousd > 0 and history.unpriced_tokens == 0
         # the sub-agent and the calls arrive late: covered by the settled count
         _ingest(sink, parents[1])
         _ingest(sink, *leaves)

@@ -72,8 +72,9 @@ opening a session (its lock, its history), the run events and pricing (once
 per distinct model and token counts of a request).
 
 **Cost.** A span's input and output tokens are priced by its model as the event
-is written (``cost_usd``, see sigil.telemetry.pricing); an aggregate carries no
-tokens and so no cost.
+is written (``cost_usd``, see sigil.telemetry.pricing); an aggregate (or a
+covered span) carries no tokens and so no cost; a pending span's cost is kept
+(``reported_cost_usd``) for its settle event.
 """
 
 from __future__ import annotations
