@@ -1284,7 +1284,13 @@ def test_native_and_python_decoding_agree_on_generated_spans() -> None:
         st.booleans(),
         st.integers(min_value=-(2**63), max_value=2**64 - 1),
         st.floats(allow_nan=False, allow_infinity=False),
-        st.sampled_from(["", "7", "-3", "+4", " 5", "1_0", "x", "LLM", "invoke_workflow", "chat"]),
+        st.sampled_from(
+            [
+                *["", "7", "-3", "+4", " 5", "1_0", "x", "LLM", "invoke_workflow", "chat"],
+                # the spans that group model calls (SpanEvent.groups)
+                *["invoke_agent", "create_agent", "execute_tool", "AGENT", "CHAIN", "EMBEDDING"],
+            ]
+        ),
     )
     any_value = st.dictionaries(
         st.sampled_from(["stringValue", "intValue", "doubleValue", "boolValue", "arrayValue"]),
