@@ -12,8 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 SIGIL = [sys.executable, "-m", "sigil"]
+
+# Property tests check what is generated, never how fast: on a loaded machine
+# (CI's two cores) generation and examples are slow, and a deadline or the
+# too-slow health check would fail a correct test. Each test's own settings
+# (max_examples, ...) build on this profile.
+settings.register_profile("sigil", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("sigil")
 
 
 @pytest.fixture

@@ -33,6 +33,7 @@ __all__ = [
     "OPTIONAL_STEPS",
     "STEP_ORDER",
     "Step",
+    "StepBudgetError",
     "StepConfigError",
     "StepContext",
     "StepError",
@@ -128,7 +129,9 @@ class StepContext:
     settings: Any = None
     #: Session budget left when this attempt started (None outside the orchestrator).
     #: The budget is enforced between steps, so a step that can bound its own cost
-    #: (e.g. ``max_tokens`` of a model call) may use this to stay within it.
+    #: stays within it: the reasoning step's model call gets ``max_tokens`` of what
+    #: is left once its prompt is counted, or is refused (:class:`StepBudgetError`)
+    #: when nothing is (:func:`sigil.pipeline.providers.output_cap`).
     tokens_remaining: int | None = None
 
     def count(self, text: str) -> int:
@@ -161,6 +164,17 @@ class StepError(Exception):
         if category is not None:
             self.category = category
         self.retry_after = retry_after
+
+
+class StepBudgetError(StepError):
+    """A step refused work that cannot fit in what is left of the budget (a model
+    call whose prompt alone takes it): nothing was sent, nothing spent.
+
+    Not retried (``logic``: the budget does not grow); ``budget_exhausted`` tells
+    the orchestrator the run ran out of budget rather than failed."""
+
+    category = "logic"
+    budget_exhausted = True
 
 
 class StepConfigError(ValueError):

@@ -300,6 +300,9 @@ class ReasoningStep:
 
     With ``ctx.provider`` set, the same prompt goes to the model and its answer
     (JSON expected) becomes the analysis; tokens come from the provider's usage.
+    Within the orchestrator the call's ``max_tokens`` is what the budget has left
+    once the prompt is counted (:func:`~sigil.pipeline.providers.output_cap`); a
+    prompt that leaves nothing is refused (:class:`~sigil.pipeline.base.StepBudgetError`).
     """
 
     name = "reasoning"
@@ -321,7 +324,13 @@ class ReasoningStep:
         messages = self.prompt(ctx)
         prompt_text = "\n".join(m["content"] for m in messages)
         if ctx.provider is not None:
-            completion = await ctx.provider.complete(messages, temperature=0.0)
+            cap = None
+            if ctx.tokens_remaining is not None:
+                from sigil.pipeline.providers import output_cap
+
+                # The call's answer fits what the budget has left, or it is not sent.
+                cap = output_cap(messages, ctx.tokens_remaining)
+            completion = await ctx.provider.complete(messages, temperature=0.0, max_tokens=cap)
             analysis = _parse_analysis(completion.content, _intent(ctx))
             return StepOutput(
                 output=analysis,

@@ -24,14 +24,22 @@ through the ``category`` attribute of the exceptions:
   return an HTML error page with 200); if the body still reported ``usage``, those
   tokens travel on the exception so they are counted. A ``usage`` whose counts are
   not integers in ``0..=2**53`` is such an invalid body (its tokens are unknown).
+
+The API key never leaves the provider in a text: servers echo it in their errors
+(``Incorrect API key provided: <key>``, whole or masked), so every exception
+message and every answer's content goes through :func:`redact_key` first (the
+proxy's :func:`~sigil.proxy.policy.redact` with the key and the parts of it the
+text holds).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import json
 import os
+import re
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -39,7 +47,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sigil.pipeline.base import StepError, TokenUsage
+from sigil.pipeline.base import StepBudgetError, StepError, TokenUsage
 
 if TYPE_CHECKING:  # pragma: no cover
     from sigil.core.config import Settings
@@ -54,7 +62,9 @@ __all__ = [
     "ProviderRequestError",
     "ProviderResponseError",
     "ProviderTransientError",
+    "output_cap",
     "parse_retry_after",
+    "redact_key",
 ]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -239,19 +249,40 @@ class OpenAIChatProvider:
             "temperature": temperature,
         }
         if max_tokens is not None:
-            payload["max_tokens"] = max_tokens
+            payload[self._cap_field()] = max_tokens
         if json_mode:
             payload["response_format"] = {"type": "json_object"}
         body = json.dumps(payload).encode()
         started = time.perf_counter()
         try:
-            # One deadline for the whole call; httpx's own timeouts are per phase.
-            async with asyncio.timeout(self.timeout):
-                status, headers, raw = await self._post(body)
-        except TimeoutError:
-            raise self._timed_out() from None
-        latency_ms = (time.perf_counter() - started) * 1000
-        return self._parse(status, headers, raw, messages, latency_ms)
+            try:
+                # One deadline for the whole call; httpx's own timeouts are per phase.
+                async with asyncio.timeout(self.timeout):
+                    status, headers, raw = await self._post(body)
+            except TimeoutError:
+                raise self._timed_out() from None
+            latency_ms = (time.perf_counter() - started) * 1000
+            completion = self._parse(status, headers, raw, messages, latency_ms)
+        except ProviderError as exc:
+            # A server may echo the key in its error: cut it before anyone logs it.
+            if self._api_key:
+                exc.args = tuple(
+                    redact_key(a, self._api_key) if isinstance(a, str) else a for a in exc.args
+                )
+            raise
+        if self._api_key:
+            content = redact_key(completion.content, self._api_key, whole_only=True)
+            if content is not completion.content:
+                completion = dataclasses.replace(completion, content=content)
+        return completion
+
+    def _cap_field(self) -> str:
+        """The field an output cap goes in: the proxy's rule (``max_completion_tokens``
+        for OpenAI's and Azure's hosts, whose reasoning models refuse ``max_tokens``;
+        ``max_tokens``, which every OpenAI-compatible server knows, elsewhere)."""
+        from sigil.proxy.server import ProxyConfig  # lazy: only capped calls
+
+        return ProxyConfig(upstream=self.base_url).chat_cap_field()
 
     # -- transport -----------------------------------------------------------------------
 
@@ -461,6 +492,111 @@ def _error_detail(raw: bytes) -> str:
 
 def _snippet(raw: bytes) -> str:
     return raw[:_SNIPPET].decode("utf-8", "replace").strip()
+
+
+# -- the budget of a call ---------------------------------------------------------------
+
+
+def output_cap(
+    messages: Sequence[Mapping[str, str]], tokens_remaining: int, *, json_mode: bool = False
+) -> int:
+    """The ``max_tokens`` of a chat call made with ``tokens_remaining`` of the budget
+    left: what is left once the prompt is counted, as the proxy counts it
+    (:mod:`sigil.proxy.usage`: the text with ``cl100k_base`` and the chat format's
+    tokens per message), at most the proxy's cap of a call that sets none (a model
+    refuses a ``max_tokens`` above its own limit). Raises :class:`StepBudgetError`
+    when the prompt leaves nothing: the call is not sent."""
+    from sigil.proxy.server import ProxyConfig
+    from sigil.proxy.usage import count_tokens, prompt_estimate_text, prompt_overhead
+
+    body: dict[str, Any] = {"messages": [dict(m) for m in messages]}
+    if json_mode:
+        body["response_format"] = {"type": "json_object"}
+    prompt = count_tokens(prompt_estimate_text(body)) + prompt_overhead(body)
+    left = tokens_remaining - prompt
+    if left <= 0:
+        raise StepBudgetError(
+            f"token budget: {max(0, tokens_remaining):,} tokens left and the prompt alone "
+            f"takes {prompt:,}: the model call was not sent"
+        )
+    return min(left, ProxyConfig(upstream="").call_cap)  # its default cap
+
+
+# -- the key in texts ---------------------------------------------------------------------
+
+#: A run of this many characters of the key, or more, is cut wherever a text
+#: holds it: a key cut short, the start a masked form shows, a key split by the
+#: server. Shorter runs are left (4 characters of a key is what providers show
+#: themselves; cutting them would cut ordinary words).
+KEY_RUN = 8
+#: A key shorter than this is not cut at all (it would cut letters out of words):
+#: the proxy's rule (:func:`~sigil.proxy.policy.secrets_of`).
+_KEY_MIN = 4
+#: What masks the middle of a key in a masked form (``gsk_Z2a9…T2u9``,
+#: ``sk-proj-****T2u9``): an ellipsis, bullets, stars, dots or x's.
+_MASK = re.compile(r"[*\u2022\u00b7\u2026]+|\.{3,}|[xX#]{4,}")
+
+
+def redact_key(text: str, key: str, *, whole_only: bool = False) -> str:
+    """``text`` without ``key``: the key itself (and the ``Bearer`` header whole),
+    any run of :data:`KEY_RUN` or more of its characters (its JSON- and
+    bytes-escaped forms too), and a masked form of it -- a start of the key (3+
+    characters) or a run already cut, a mask (:data:`_MASK`), then an end of the
+    key (2+ characters; 4+ with no start) -- each become ``[REDACTED]``; a text
+    ending with the key's first 6+ characters too (a message cut short).
+
+    The cutting is the proxy's :func:`~sigil.proxy.policy.redact` (one
+    implementation); this finds what to cut. ``whole_only``: return ``text``
+    itself (no import of the proxy) when it holds no run of the key, for a
+    model's answer, which is never cut short."""
+    pieces = _key_pieces(text, key)
+    if whole_only and not pieces:
+        return text
+    from sigil.proxy.policy import redact, secrets_of  # lazy: error paths mostly
+
+    exact = secrets_of({"authorization": f"Bearer {key}"})
+    return redact(text, sorted({*exact, *pieces}, key=len, reverse=True))
+
+
+def _key_pieces(text: str, key: str) -> list[str]:
+    """The parts of ``text`` that are made of the key (see :func:`redact_key`)."""
+    if len(key) < _KEY_MIN:
+        return []
+    spans: list[tuple[int, int]] = []
+    forms = {key, json.dumps(key)[1:-1], repr(key.encode("utf-8", "replace"))[2:-1]}
+    for form in forms:
+        size = min(KEY_RUN, len(form))
+        for start in range(len(form) - size + 1):
+            gram = form[start : start + size]
+            at = text.find(gram)
+            while at != -1:
+                spans.append((at, at + size))
+                at = text.find(gram, at + 1)
+    for mask in _MASK.finditer(text):
+        begin, end = mask.span()
+        head = next(
+            (
+                n
+                for n in range(min(begin, len(key) - 1), 2, -1)
+                if text[begin - n : begin] == key[:n]
+            ),
+            0,
+        )
+        cut_before = any(b < begin <= e for b, e in spans)
+        tail = next(
+            (n for n in range(min(len(text) - end, len(key) - 1), 1, -1)
+             if text[end : end + n] == key[-n:]),
+            0,
+        )  # fmt: skip
+        if tail and (head or cut_before or tail >= 4):
+            spans.append((begin - head, end + tail))
+    merged: list[list[int]] = []
+    for begin, end in sorted(spans):  # overlapping runs are one piece
+        if merged and begin <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([begin, end])
+    return [text[begin:end] for begin, end in merged]
 
 
 def _default_counter() -> Any:
