@@ -2184,7 +2184,7 @@ impl FoldState {
         if let (Some(ix), Some(start)) = (ix, in_block) {
             // sigil's own layout, folded as it is read (the usual line).
             if let Some(l) = layout_block_line(block, ix, start, line.len()) {
-                if self.feed_layout(&l, block, start, line.len()) {
+                if self.feed_layout(&l, block, start) {
                     self.pend_line(offset, start, line.len());
                     return;
                 }
@@ -2237,7 +2237,7 @@ impl FoldState {
     /// with nothing changed, for the others ([`FoldState::feed_event`]
     /// folds them). The update is [`FoldState::feed_event`]'s for these kinds.
     #[inline(always)]
-    fn feed_layout(&mut self, l: &Layout<'_>, block: &[u8], start: usize, len: usize) -> bool {
+    fn feed_layout(&mut self, l: &Layout<'_>, block: &[u8], start: usize) -> bool {
         let (kind, kind_slot) = match Kind::of_bytes(l.event_type.as_bytes()) {
             Kind::Other => self.kind_of(l.event_type),
             kind => {
@@ -2249,12 +2249,6 @@ impl FoldState {
             }
         };
         let uses_meta = match kind {
-            // A proxy call's end closes its call (`metadata.call`): the general path reads it.
-            Kind::StepComplete
-                if memchr::memmem::find(&block[start..start + len], b"\"call\":").is_some() =>
-            {
-                return false
-            }
             Kind::StepComplete | Kind::TokenConsumption => true,
             Kind::Other => false,
             _ => return false,
@@ -2322,8 +2316,12 @@ impl FoldState {
         let run = self.run_list.back_mut().unwrap_or(&mut self.head);
         let (name, c) = run.components.entry_mut(run_slot);
         step.update_run(c, name, &mut run.models);
-        if let Some(h) = l.output_sha256 {
-            if kind == Kind::StepComplete {
+        if kind == Kind::StepComplete {
+            // A proxy call's end closes its call (`metadata.call`).
+            if let Some(call) = l.call {
+                run.calls.close(call);
+            }
+            if let Some(h) = l.output_sha256 {
                 run.steps.output(l.component, h);
             }
         }
@@ -3568,6 +3566,61 @@ mod tests {
             assert_eq!((c.unknown_usage, c.tokens_held), (2, 50));
             let first = s.run_list.iter().find(|r| r.number == 1).unwrap();
             assert_eq!(first.components["m"].unknown_usage, 2);
+        }
+    }
+
+    /// A proxy's `step_complete` (it carries `metadata.call`) is folded by the
+    /// layout reader, as the orchestrator's are, and closes its call there
+    /// exactly as the general path closes it.
+    #[test]
+    fn a_proxy_step_complete_takes_the_layout_path_and_closes_its_call() {
+        let ends = [
+            r#"{"run":1,"call":7,"endpoint":"/v1/chat/completions","model":"gpt-4o-mini","stream":false,"latency_ms":812.347,"status":200,"max_tokens":1024,"input_tokens":301,"output_tokens":21,"cost_usd":0.00005775}"#,
+            r#"{"run":1,"call":7,"model":"m","latency_ms":3.5,"status":200,"usage":"unknown","tokens_held":1374}"#,
+            r#"{"call":"7","call":7}"#,
+            r#"{"call":7,"call":"7"}"#,
+            r#"{"call":-7}"#,
+            r#"{"call":7.0,"model":"m"}"#,
+            r#"{"call":18446744073709551615}"#,
+            r#"{"call":18446744073709551616}"#,
+            r#"{"call":null}"#,
+            r#"{"call":[7]}"#,
+        ];
+        for meta in ends {
+            let end = line("step_complete", "m", 322, 2, meta);
+            // The fold's own path: the line inside an indexed block.
+            let block = format!("{end}\n");
+            let mut ix = BlockIndex::new();
+            ix.index(block.as_bytes());
+            let l = layout_block_line(block.as_bytes(), &ix, 0, end.len())
+                .unwrap_or_else(|| panic!("not a layout line: {end}"));
+            let mut fold = FoldState::new(0);
+            assert!(fold.feed_layout(&l, block.as_bytes(), 0), "{end}");
+
+            // The same call started, then ended: by block and line by line.
+            let data = [
+                line("session_start", "orchestrator", 0, 0, r#"{"run":1}"#),
+                line(
+                    "step_start",
+                    "m",
+                    0,
+                    1,
+                    r#"{"run":1,"call":7,"model":"m","max_tokens":50}"#,
+                ),
+                end.clone(),
+            ]
+            .join("\n")
+                + "\n";
+            let whole = assert_every_split_equals_one_fold(&data, 0);
+            let mut by_line = FoldState::new(0);
+            let mut offset = 0;
+            for l in data.lines() {
+                by_line.feed_line(l.as_bytes(), offset);
+                offset += l.len() as u64 + 1;
+            }
+            assert!(whole == by_line, "{end}");
+            let closed = serde_json::from_str::<serde_json::Value>(meta).unwrap()["call"] == 7;
+            assert_eq!(whole.run().calls.open.is_empty(), closed, "{end}");
         }
     }
 

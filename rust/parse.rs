@@ -728,6 +728,8 @@ pub struct Layout<'a> {
     pub tokens_held: Option<u64>,
     /// The text of `metadata.output_sha256` when it is a string.
     pub output_sha256: Option<&'a str>,
+    /// `metadata.call` (the proxy's call id) read as [`json_u64`] reads it.
+    pub call: Option<u64>,
 }
 
 /// Where the timestamp's text starts in a line of the layout (just after
@@ -745,6 +747,7 @@ struct LayoutMeta {
     usage_unknown: bool,
     tokens_held: Option<u64>,
     output_sha256: Option<(usize, usize)>,
+    call: Option<u64>,
 }
 
 /// The line at `start..start + len` of `block` in sigil's own layout, read
@@ -833,6 +836,7 @@ pub fn layout_line<'a, Q: Quotes>(line: &'a [u8], ix: Q) -> Option<Layout<'a>> {
         usage_unknown: m.usage_unknown,
         tokens_held: m.tokens_held,
         output_sha256: m.output_sha256.map(s),
+        call: m.call,
     })
 }
 
@@ -850,6 +854,7 @@ enum LayoutKey {
     Usage,
     Held,
     OutputHash,
+    Call,
     Other,
 }
 
@@ -864,6 +869,7 @@ fn layout_key(key: &[u8]) -> LayoutKey {
         13 if same_bytes(key, b"output_sha256") => LayoutKey::OutputHash,
         8 if same_bytes(key, b"cost_usd") => LayoutKey::Cost,
         11 if same_bytes(key, b"tokens_held") => LayoutKey::Held,
+        4 if same_bytes(key, b"call") => LayoutKey::Call,
         _ => LayoutKey::Other,
     }
 }
@@ -1136,7 +1142,10 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                         end
                     }
                 },
-                (LayoutKey::Input | LayoutKey::Output | LayoutKey::Held, b'-' | b'0'..=b'9') => {
+                (
+                    LayoutKey::Input | LayoutKey::Output | LayoutKey::Held | LayoutKey::Call,
+                    b'-' | b'0'..=b'9',
+                ) => {
                     let (v, end) = match self.short_number(start) {
                         Some((v, frac, neg, end)) => ((frac == 0 && !neg).then_some(v), end),
                         None => {
@@ -1147,7 +1156,8 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                     match key {
                         LayoutKey::Input => m.input_tokens = v,
                         LayoutKey::Output => m.output_tokens = v,
-                        _ => m.tokens_held = v,
+                        LayoutKey::Held => m.tokens_held = v,
+                        _ => m.call = v,
                     }
                     end
                 }
@@ -1174,6 +1184,7 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                 LayoutKey::Output if first > b'9' || first == b'"' => m.output_tokens = None,
                 LayoutKey::Cost if first > b'9' || first == b'"' => m.cost_nanousd = None,
                 LayoutKey::Held if first > b'9' || first == b'"' => m.tokens_held = None,
+                LayoutKey::Call if first > b'9' || first == b'"' => m.call = None,
                 LayoutKey::Model => m.model = Some((start, end)),
                 LayoutKey::Usage => m.usage_unknown = &self.line[start..end] == b"\"unknown\"",
                 LayoutKey::OutputHash => {
@@ -2052,6 +2063,10 @@ pub(crate) mod tests {
             );
             assert_eq!(l.input_tokens, u("input_tokens"), "{show}");
             assert_eq!(l.output_tokens, u("output_tokens"), "{show}");
+            assert_eq!(l.tokens_held, u("tokens_held"), "{show}");
+            assert_eq!(l.call, u("call"), "{show}");
+            let usage = meta.get("usage").and_then(serde_json::Value::as_str);
+            assert_eq!(l.usage_unknown, usage == Some("unknown"), "{show}");
             let model = |json: &str| serde_json::from_str::<serde_json::Value>(json).unwrap();
             assert_eq!(l.model.map(model), meta.get("model").cloned(), "{show}");
             // cost_usd: as cost.rs reads the number (the corpus' are exact doubles).
@@ -2216,6 +2231,22 @@ pub(crate) mod tests {
         r#"{"cost_usd":"0.5","model":"m"}"#,
         r#"{"cost_usd":3,"cost_usd":{"a":1}}"#,
         r#"{ "cost_usd" : 0.30000000000000004 , "model" : "x" }"#,
+        // The proxy's events (python/sigil/proxy/metering.py): a call's start,
+        // its end with usage or with unknown usage, a failure, a refusal.
+        r#"{"run":1,"call":1,"endpoint":"/v1/chat/completions","model":"gpt-4o-mini","stream":false,"max_tokens":1024,"requested_max_tokens":2048,"prompt_tokens_reserved":350}"#,
+        r#"{"run":1,"call":1,"endpoint":"/v1/chat/completions","model":"gpt-4o-mini","stream":true,"latency_ms":812.347,"status":200,"max_tokens":1024,"input_tokens":301,"output_tokens":21,"cached_input_tokens":128,"cost_usd":0.00005775}"#,
+        r#"{"run":1,"call":3,"endpoint":"/v1/messages","model":"m","stream":false,"latency_ms":4.5,"status":200,"usage":"unknown","tokens_held":1374}"#,
+        r#"{"run":2,"call":4,"endpoint":"/v1/responses","model":"m","stream":false,"latency_ms":30000.125,"status":502,"usage":"none","error":"upstream: bad gateway","category":"upstream"}"#,
+        r#"{"run":1,"call":5,"endpoint":"/v1/chat/completions","model":"m","status":429,"error":"budget exceeded","category":"budget","latency_ms":0.012}"#,
+        r#"{"run":1,"call":6,"model":"m","input_tokens":10,"output_tokens":2,"outcome":"failed_call","usage":"unknown","tokens_held":0}"#,
+        r#"{"call":7,"call":"7","tokens_held":5,"tokens_held":null,"usage":"unknown","usage":"none"}"#,
+        r#"{"call":"8","call":8,"tokens_held":"9","tokens_held":9,"usage":1,"usage":"unknown"}"#,
+        r#"{"call":-1,"tokens_held":1.5,"usage":"Unknown"}"#,
+        r#"{"call":9.0,"tokens_held":-0,"usage":["unknown"]}"#,
+        r#"{"call":18446744073709551615,"tokens_held":18446744073709551616}"#,
+        r#"{"call":1e2,"prompt_tokens_reserved":"x","max_tokens":-3}"#,
+        r#"{ "call" : 12 , "tokens_held" : 34 , "usage" : "unknown" }"#,
+        r#"{"call":{"id":1},"tokens_held":[1],"usage":{"x":"unknown"}}"#,
     ];
     /// Strings the fast path takes (no backslash).
     const PLAIN: &[&str] = &[
@@ -2224,6 +2255,7 @@ pub(crate) mod tests {
         r#""token_consumption""#,
         r#""session_start""#,
         r#""step_error""#,
+        r#""step_start""#,
         r#""2026-01-11T10:15:33.234567+00:00""#,
         "\"mémoire ✓ 🚀\"",
         r#""""#,

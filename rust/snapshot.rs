@@ -901,6 +901,11 @@ pub struct PySessionHistory {
     /// Tokens of the budget held for those calls, over the whole session.
     #[pyo3(get)]
     pub tokens_held: u64,
+    /// What is left of the session's budget over the whole history: budget -
+    /// tokens - tokens_held, never below 0 (None without a budget), as the
+    /// monitor's joined snapshot says it (`history_remaining`).
+    #[pyo3(get)]
+    pub tokens_remaining: Option<u64>,
     /// Components over the whole session (see `ledger.rs` for what the ledger adds).
     comps: Components,
     cost: Cost,
@@ -1017,6 +1022,7 @@ pub fn history(
         .iter()
         .filter(|(r, _)| matches!(r, RunRef::Ledger(_)))
         .count() as u64;
+    let tokens_remaining = history_remaining(&h, st, ledger);
     Ok(PySessionHistory {
         snapshot,
         runs,
@@ -1031,6 +1037,7 @@ pub fn history(
         ledger_problem: problem,
         unknown_usage_calls: unknown_usage(h.components.iter().map(|(_, c)| c)),
         tokens_held: tokens_held(h.components.iter().map(|(_, c)| c)),
+        tokens_remaining,
         comps: components(py, &h.components)?,
         cost: cost_total(h.components.iter().map(|(k, c)| (k, &c.cost))),
         mods: models(h.models.iter()),
@@ -1443,6 +1450,31 @@ pub fn session_joined(
     Ok(s)
 }
 
+/// The session's budget in a history: its last run's when only the ledger
+/// knows that run (the log cut or deleted after it), else the latest the
+/// fold read, as [`session_joined`] says it.
+pub fn history_budget(
+    h: &ledger::History,
+    st: Option<&FoldState>,
+    ledger: Option<&Ledger>,
+) -> Option<u64> {
+    match (h.runs.last(), ledger) {
+        (Some((RunRef::Ledger(i), _)), Some(l)) => l.runs.get(*i).and_then(|r| r.budget),
+        _ => st.and_then(|s| s.budget),
+    }
+}
+
+/// What is left of the history's budget ([`history_budget`]) once its
+/// tokens are used and its held tokens held.
+pub fn history_remaining(
+    h: &ledger::History,
+    st: Option<&FoldState>,
+    ledger: Option<&Ledger>,
+) -> Option<u64> {
+    let held = tokens_held(h.components.iter().map(|(_, c)| c));
+    remaining(history_budget(h, st, ledger), h.tokens, held)
+}
+
 /// What is left of `budget` once `tokens` are used and `held` are held for
 /// calls of unknown usage (never below 0; None without a budget).
 pub fn remaining(budget: Option<u64>, tokens: u64, held: u64) -> Option<u64> {
@@ -1594,6 +1626,85 @@ mod tests {
             ev("session_error", "orchestrator", "t2", "{}"),
         ];
         assert_eq!(step_in_flight(&events), None);
+    }
+
+    fn fold_of(lines: &[String]) -> FoldState {
+        let mut st = FoldState::new(0);
+        let text = lines.concat();
+        let mut r = text.as_bytes();
+        fold::fold_reader(&mut st, &mut r, 0, 1 << 20).unwrap();
+        st
+    }
+
+    fn line(kind: &str, comp: &str, tokens: u64, seq: u64, meta: &str) -> String {
+        format!(
+            "{{\"timestamp\":\"2026-01-01T00:00:{seq:02}+00:00\",\"session_id\":\"s\",\"event_type\":\"{kind}\",\"component\":\"{comp}\",\"message\":\"m\",\"tokens\":{tokens},\"metadata\":{meta},\"seq\":{seq}}}\n"
+        )
+    }
+
+    const LEDGER: &str = r#"{"ledger_version": 1, "last_seq": 3, "total_used": 10, "events": 4,
+        "missing_events": 0, "component_totals": {"planning": {"tokens": 10, "operations": 1}},
+        "runs": [{"run": 1, "status": "complete", "tokens_used": 10, "events": 4,
+                  "first_seq": 0, "last_seq": 3, "budget": 60,
+                  "component_stats": {"planning": {"tokens": 10, "operations": 1,
+                      "errors": 0, "retries": 0, "latency_ms": 2.5}}}]}"#;
+
+    #[test]
+    fn what_is_left_of_a_historys_budget_counts_its_held_tokens_and_ledger_runs() {
+        let l = ledger::parse("t.json", LEDGER.as_bytes()).unwrap();
+        // Run 1 is the ledger's alone (its events rotated away); the log holds
+        // run 2: 7 tokens used, a proxy call left open holding 3 + 5.
+        let st = fold_of(&[
+            line(
+                "session_start",
+                "orchestrator",
+                0,
+                4,
+                r#"{"run":2,"budget":100}"#,
+            ),
+            line("step_complete", "m", 7, 5, r#"{"run":2}"#),
+            line(
+                "step_start",
+                "m",
+                0,
+                6,
+                r#"{"run":2,"call":1,"prompt_tokens_reserved":3,"max_tokens":5}"#,
+            ),
+        ]);
+        // The run live: its open call is in flight, nothing held.
+        let h = ledger::join(&st, Some(&l));
+        assert_eq!(history_budget(&h, Some(&st), Some(&l)), Some(100));
+        assert_eq!(
+            history_remaining(&h, Some(&st), Some(&l)),
+            Some(100 - 10 - 7)
+        );
+        // Its writer gone: the call holds its reservation.
+        let settled = st.settled(true);
+        let h = ledger::join(&settled, Some(&l));
+        assert_eq!(
+            history_remaining(&h, Some(&settled), Some(&l)),
+            Some(100 - 10 - 7 - 8)
+        );
+        // The ledger alone: its last run's budget.
+        let h = ledger::alone(&l);
+        assert_eq!(history_remaining(&h, None, Some(&l)), Some(60 - 10));
+        // No budget anywhere: nothing to be left of.
+        let st = fold_of(&[line("step_complete", "m", 7, 0, "{}")]);
+        let h = ledger::join(&st, None);
+        assert_eq!(history_remaining(&h, Some(&st), None), None);
+        // Never below 0.
+        let st = fold_of(&[
+            line(
+                "session_start",
+                "orchestrator",
+                0,
+                0,
+                r#"{"run":1,"budget":5}"#,
+            ),
+            line("step_complete", "m", 7, 1, r#"{"run":1}"#),
+        ]);
+        let h = ledger::join(&st, None);
+        assert_eq!(history_remaining(&h, Some(&st), None), Some(0));
     }
 
     #[test]

@@ -19,6 +19,10 @@ said. The model name picks a misbehaviour:
   event (no usage), then ``[DONE]``;
 * ``crsep``: a stream whose lines and events end with a bare CR (``\r``).
 
+``bytes_per_token`` bills every prompt at one token per that many bytes of
+the request's body (a tokenizer that is not ``cl100k_base``: at 4, about 10%
+more tokens than it for JSON and English).
+
 And one model plays an agent's model:
 
 * ``agent``: while the request offers ``tools`` and holds no tool result yet,
@@ -79,6 +83,9 @@ class Upstream:
     #: pieces the ``runaway`` model streamed (it ignores every cap and streams
     #: until its client leaves)
     runaway_pieces: int = 0
+    #: bill each prompt at one token per this many bytes of the request's body
+    #: (0: the default count)
+    bytes_per_token: int = 0
 
     # -- life ----------------------------------------------------------------------
 
@@ -156,6 +163,12 @@ class Upstream:
         with self._lock:
             return sum(r.input_tokens + r.output_tokens for r in self.reported)
 
+    async def _billed(self, request: web.Request, body: dict[str, Any]) -> int:
+        """The prompt tokens of a request: :attr:`bytes_per_token`'s count when set."""
+        if self.bytes_per_token:
+            return len(await request.read()) // self.bytes_per_token
+        return self._prompt_tokens(body)
+
     @staticmethod
     def _prompt_tokens(body: dict[str, Any]) -> int:
         text = orjson.dumps(body.get("messages") or body.get("input") or body.get("prompt"))
@@ -228,7 +241,7 @@ class Upstream:
             return web.json_response({"error": err}, status=401)
         if model == "ncount":
             return self._ncount(request, body, legacy)
-        inp = self._prompt_tokens(body)
+        inp = await self._billed(request, body)
         out = min(self.pieces, self._cap(body, "max_tokens", "max_completion_tokens"))
         if model == "runaway":
             out = 10**9
@@ -433,7 +446,7 @@ class Upstream:
         body = await request.json()
         self._note(request, body)
         model = body.get("model", "m")
-        inp = self._prompt_tokens(body)
+        inp = await self._billed(request, body)
         out = min(self.pieces, self._cap(body, "max_output_tokens"))
         usage = {"input_tokens": inp, "output_tokens": out, "total_tokens": inp + out,
                  **self._details("input_tokens_details", inp)}  # fmt: skip

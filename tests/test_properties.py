@@ -262,6 +262,12 @@ metadata = st.fixed_dictionaries(
         "usage": st.sampled_from(["unknown", "known", 1]),
         # Issue 14: the budget held for a call of unknown usage.
         "tokens_held": st.integers(0, 5000) | st.sampled_from([2**64 - 1, -1, 2.0, "7"]),
+        # The proxy's call number (metering.py): a call's start and its end,
+        # which the fold's layout reader pairs as the general path does. No
+        # reservation here (max_tokens), so no call is ever held.
+        "call": st.integers(0, 3) | st.sampled_from([2**64 - 1, -1, 1.5, "1", None]),
+        "endpoint": st.sampled_from(["/v1/chat/completions", "/v1/messages"]),
+        "stream": st.booleans(),
         "other": json_values | st.integers(62, 66).map(deep),
     },
 )
@@ -270,7 +276,7 @@ plain_events = st.fixed_dictionaries(
         "timestamp": text,
         "session_id": text,
         "event_type": st.sampled_from(
-            ["step_complete", "step_error", "session_start", "session_complete", "x"]
+            ["step_complete", "step_error", "step_start", "session_start", "session_complete", "x"]
         )
         | text,
         "component": names,
@@ -290,7 +296,9 @@ def writer_layout_lines(draw: st.DrawFn) -> bytes:
     """The writer's key order and plain strings (the fast path's input), with
     keys between ``metadata`` and ``seq`` sometimes (issue 9 defect 2)."""
     d: dict[str, Any] = {k: draw(plain) for k in REQUIRED}
-    d["event_type"] = draw(st.sampled_from(["step_complete", "session_start", "x"]))
+    d["event_type"] = draw(
+        st.sampled_from(["step_complete", "step_start", "step_error", "session_start", "x"])
+    )
     d["tokens"] = draw(st.integers(0, 10**6))
     d["metadata"] = draw(metadata)
     d.update(draw(st.dictionaries(st.sampled_from(["extra", "level"]), json_values, max_size=2)))

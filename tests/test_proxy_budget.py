@@ -9,15 +9,25 @@ any order.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sigil.proxy.metering import BudgetExhausted, Call, Meter, PromptTooLarge
+from sigil.proxy.metering import (
+    AMPLE,
+    LEARN_FROM,
+    SAMPLES,
+    BudgetExhausted,
+    Call,
+    Meter,
+    Prompt,
+    PromptTooLarge,
+)
 from sigil.proxy.usage import CHAT, EMBEDDINGS, RESPONSES, StreamFollower, Usage, usage_of
 from sigil.telemetry.tokens import TokenTracker
 
@@ -39,7 +49,7 @@ class Recorder:
 class Pending:
     """One call being admitted: what :meth:`Meter.try_admit` answered last."""
 
-    def __init__(self, meter: Meter, wanted: int | None, prompt: int, least: int) -> None:
+    def __init__(self, meter: Meter, wanted: int | None, prompt: int | Prompt, least: int) -> None:
         self.meter, self.wanted, self.prompt, self.least = meter, wanted, prompt, least
         self.granted: int | None = None
         self.error: BaseException | None = None
@@ -71,7 +81,7 @@ class Transport:
         self.rnd = rnd
         self.waiting: list[Pending] = []
 
-    def admit(self, wanted: int | None, prompt: int = 0, least: int = 1) -> Pending:
+    def admit(self, wanted: int | None, prompt: int | Prompt = 0, least: int = 1) -> Pending:
         pending = Pending(self.meter, wanted, prompt, least)
         pending.ask()
         if not pending.done:
@@ -90,9 +100,11 @@ class Transport:
         return [p for p in woken if p.done]
 
     def start(self, pending: Pending) -> Call:
+        prompt = pending.prompt
+        model = prompt.model if isinstance(prompt, Prompt) else "m"
         return self.meter.start(
-            component="m", endpoint="/v1/chat/completions", model="m", stream=False,
-            granted=pending.result(), requested=pending.wanted, prompt=pending.prompt,
+            component="m", endpoint="/v1/chat/completions", model=model, stream=False,
+            granted=pending.result(), requested=pending.wanted, prompt=prompt,
         )  # fmt: skip
 
     def complete(self, call: Call, usage: Usage | None) -> list[Pending]:
@@ -253,7 +265,7 @@ def _meter(total: int) -> tuple[TokenTracker, Recorder, Meter]:
     return tracker, log, Meter(tracker, log, run=1)
 
 
-def _started(transport: Transport, wanted: int | None, prompt: int) -> Call:
+def _started(transport: Transport, wanted: int | None, prompt: int | Prompt) -> Call:
     """A call admitted at once and started."""
     return transport.start(transport.admit(wanted, prompt))
 
@@ -390,7 +402,7 @@ def test_a_prompt_is_reserved_at_its_length_while_the_budget_is_ample_else_count
     def reserved(total: int) -> int:
         _, _, meter = _meter(total)
         server = ProxyServer(meter, ProxyConfig(upstream="http://127.0.0.1:9/v1"))
-        return server._count_prompt(body)
+        return server._count_prompt(body).reserve
 
     # Far from the end of the budget: the UTF-8 length, an upper bound that costs nothing.
     assert reserved(1_000_000) == len(text) + overhead
@@ -415,3 +427,186 @@ def test_a_call_is_recorded_once_however_often_it_is_settled() -> None:
     meter.complete(call, Usage(100, 20))
     assert (len(log.events), tracker.used, meter.held, meter.failed) == (events, used, held, failed)
     assert [e[0] for e in log.events].count("step_error") == 1
+
+
+# -- what a prompt is reserved at, as the upstream bills it ---------------------------
+
+
+def _body(words: int, model: str = "m") -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "word " * words}]}
+
+
+def _count(body: dict[str, Any]) -> int:
+    """The prompt's cl100k_base count with the chat format's tokens."""
+    from sigil.pipeline.tokenizer import get_tokenizer
+    from sigil.proxy.usage import prompt_estimate_text, prompt_overhead
+
+    return get_tokenizer().count(prompt_estimate_text(body)) + prompt_overhead(body)
+
+
+def _length(body: dict[str, Any]) -> int:
+    from sigil.proxy.usage import prompt_estimate_text, prompt_overhead, utf8_size
+
+    return utf8_size(prompt_estimate_text(body)) + prompt_overhead(body)
+
+
+def test_near_the_end_a_count_is_reserved_as_the_upstream_was_seen_to_bill_it() -> None:
+    """The hostile repro's upstream billed ~10% more than cl100k_base: every
+    count reserved near the end was short of what it billed. Once a call was
+    answered, the model's counts are reserved at the ratio it billed, never
+    above the prompt's length; another model is not calibrated by it."""
+    _, _, meter = _meter(2_000)
+    transport = Transport(meter)
+    body = _body(400)
+    counted, length = _count(body), _length(body)
+    assert counted >= LEARN_FROM and length * AMPLE > 2_000  # near the end: counted
+    first = meter.prompt(body)
+    assert (first.counted, first.uncertain) == (counted, True)
+    call = _started(transport, 100, first)
+    billed = math.ceil(counted * 1.1)
+    transport.complete(call, Usage(billed, 100))
+    assert meter.ratios == {"m": (billed, counted)}
+    again = meter.prompt(body)
+    assert not again.uncertain and again.reserve == billed
+    # A ratio past the length: the length bounds the reservation.
+    meter.ratios["m"] = (50, 1)
+    assert meter.prompt(body).reserve == length
+    # Billed less than counted: the count is still reserved (the ratio is never below 1).
+    other = meter.prompt(_body(400, "other"))
+    call = _started(transport, 10, other)
+    transport.complete(call, Usage(counted // 2, 10))
+    assert meter.ratios["other"] == (1, 1) and meter.prompt(_body(400, "other")).reserve == counted
+
+
+def test_uncalibrated_counts_near_the_end_are_admitted_one_at_a_time() -> None:
+    """Before a model's first answer its counts are not known to be a bound:
+    one call at a time, reserved at its length as far as what is free beyond
+    its cap allows; the calls behind it are calibrated by its answer, then
+    go on together."""
+    tracker, _, meter = _meter(2_500)
+    transport = Transport(meter)
+    body = _body(400)
+    counted, length = _count(body), _length(body)
+    prompts = [meter.prompt(body) for _ in range(3)]
+    assert all(p.uncertain and p.reserve == counted for p in prompts)
+    first = transport.admit(100, prompts[0])
+    # Reserved at its length (what is free allows it) with its whole cap.
+    assert first.result() == 100 and prompts[0].reserve == length
+    call = transport.start(first)
+    assert call.prompt == length and tracker.budget.reserved == length + 100
+    behind = [transport.admit(100, p) for p in prompts[1:]]
+    assert not any(p.done for p in behind)  # they fit, but wait for its answer
+    billed = math.ceil(counted * 1.2)
+    assert transport.complete(call, Usage(billed, 100)) == behind
+    # Calibrated while they waited: reserved at what the upstream billed, together.
+    assert all(p.result() == 100 for p in behind)
+    assert [p.reserve for p in prompts[1:]] == [billed, billed]
+    assert not any(p.uncertain for p in prompts[1:])
+    assert tracker.budget.reserved == 2 * (billed + 100)
+
+
+def test_an_uncalibrated_count_that_fits_just_barely_is_reserved_at_the_count() -> None:
+    """What is free beyond the call's cap is less than its length: the
+    reservation takes what there is, and no output is taken for it."""
+    body = _body(400)
+    counted = _count(body)
+    _, _, meter = _meter(counted + 100 + 30)
+    prompt = meter.prompt(body)
+    assert prompt.uncertain
+    assert meter.try_admit(100, prompt) == 100 and prompt.reserve == counted + 30
+    # A count that fits with its least output is admitted, whatever its length;
+    # one that does not is refused.
+    _, _, meter = _meter(counted + 10)
+    assert meter.try_admit(100, meter.prompt(body)) == 10
+    _, _, meter = _meter(counted)
+    with pytest.raises(PromptTooLarge):
+        meter.try_admit(100, meter.prompt(body))
+
+
+def test_far_from_the_end_the_first_prompts_are_counted_to_learn_the_ratio() -> None:
+    """Far from the end a prompt is reserved at its length and not counted
+    (counting costs the transport's thread); the first SAMPLES of a model are
+    counted all the same, so that the calls reaching the end find it known."""
+    _, _, meter = _meter(1_000_000)
+    transport = Transport(meter)
+    body = _body(400)
+    counted, length = _count(body), _length(body)
+    # A long prompt is not counted to learn from (each count costs the transport's thread).
+    assert meter.prompt(_body(14_000)).counted == 0
+    sampled = [meter.prompt(body) for _ in range(SAMPLES + 2)]
+    assert [p.counted for p in sampled] == [counted] * SAMPLES + [0, 0]
+    assert all(p.reserve == length and not p.uncertain for p in sampled)
+    call = _started(transport, 100, sampled[0])
+    transport.complete(call, Usage(math.ceil(counted * 1.15), 50))
+    assert meter.ratios["m"] == (math.ceil(counted * 1.15), counted)
+    # Calibrated: no more counting far from the end.
+    assert meter.prompt(body).counted == 0
+    # Small prompts teach nothing: the chat template's tokens would pass for a ratio.
+    small = _body(3, "tiny")
+    assert _count(small) < LEARN_FROM
+    call = _started(transport, 100, meter.prompt(small))
+    transport.complete(call, Usage(5 * _count(small), 50))
+    assert "tiny" not in meter.ratios
+
+
+@given(
+    total=st.integers(500, 12_000),
+    calls=st.lists(
+        st.tuples(st.integers(0, 600), st.integers(1, 400), st.integers(0, 1)),
+        min_size=1,
+        max_size=25,
+    ),
+    ratios=st.tuples(st.floats(1.0, 1.6), st.floats(1.0, 1.6)),
+    parallel=st.integers(1, 8),
+    rnd=st.randoms(use_true_random=False),
+)
+@settings(deadline=None)
+def test_calls_billed_above_their_count_pass_the_budget_by_one_underestimate_at_most(
+    total: int,
+    calls: list[tuple[int, int, int]],
+    ratios: tuple[float, float],
+    parallel: int,
+    rnd: random.Random,
+) -> None:
+    """An upstream bills each model's prompts at a fixed multiple of their
+    cl100k_base count (never above their length) and every call spends its
+    whole cap. Whatever the interleaving, the session passes its budget by no
+    more than one prompt's underestimate (an uncalibrated call that fit just
+    barely, alone of its kind), where counts alone passed it by one per call
+    in flight."""
+    tracker, _, meter = _meter(total)
+    transport = Transport(meter, rnd)
+    queue = list(calls)
+    flying: list[tuple[Call, int]] = []
+    bills: dict[Pending, int] = {}
+    worst = 0
+
+    def decided(pending: Pending) -> None:
+        billed = bills.pop(pending)
+        try:
+            pending.result()
+        except BudgetExhausted:
+            return
+        flying.append((transport.start(pending), billed))
+
+    while queue or flying or transport.waiting:
+        assert flying or not transport.waiting
+        if (
+            queue
+            and len(flying) + len(transport.waiting) < parallel
+            and (not flying or rnd.random() < 0.5)
+        ):
+            words, wanted, which = queue.pop()
+            body = _body(words, f"m{which}")
+            billed = min(_length(body), math.ceil(_count(body) * ratios[which]))
+            worst = max(worst, billed - _count(body))
+            pending = transport.admit(wanted, meter.prompt(body))
+            bills[pending] = billed
+            if pending.done:
+                decided(pending)
+            continue
+        call, billed = flying.pop(rnd.randrange(len(flying)))
+        for pending in transport.complete(call, Usage(billed, call.granted)):
+            decided(pending)
+    assert tracker.budget.reserved == 0
+    assert tracker.used <= total + worst

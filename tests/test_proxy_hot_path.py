@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sigil.proxy.policy import secrets_of
@@ -117,3 +117,43 @@ def test_a_stream_reads_alike_whatever_its_line_ends(
     a, b = read(one_line), read(two_lines)
     assert a[:5] == b[:5]
     assert a[0] is not None and a[0].total == 7 and a[3]
+
+
+@given(
+    st.text(alphabet=st.sampled_from('ab cd,é{}"\n語'), max_size=800),
+    st.integers(0, 12_000),
+    st.one_of(st.none(), st.tuples(st.integers(1, 5_000), st.integers(1, 5_000))),
+)
+@settings(deadline=None)  # the first example builds the tokenizer
+def test_a_prompt_is_reserved_as_the_plain_rule_says(
+    text: str, total: int, ratio: tuple[int, int] | None
+) -> None:
+    """Meter.prompt, against the rule it implements computed plainly (exact
+    fractions, the tokenizer's count): the length while AMPLE times it is
+    free; else the count times the model's ratio (at least 1), rounded up, at
+    most the length; a count with no ratio is uncertain."""
+    import math
+    from fractions import Fraction
+
+    from sigil.pipeline.tokenizer import get_tokenizer
+    from sigil.proxy.metering import AMPLE, Meter
+    from sigil.proxy.usage import prompt_estimate_text, prompt_overhead
+
+    body = {"model": "m", "messages": [{"role": "user", "content": text}]}
+    tracker = TokenTracker(total_budget=max(total, 1), allocations={})
+    meter = Meter(tracker, tracker.logger, run=1)
+    meter._sampled["m"] = 10**6  # far from the end, no sampling: the plain rule
+    if ratio is not None:
+        meter.ratios["m"] = ratio if ratio[0] > ratio[1] else (1, 1)
+    estimate = prompt_estimate_text(body)
+    length = len(estimate.encode()) + prompt_overhead(body)
+    count = get_tokenizer().count(estimate) + prompt_overhead(body)
+    got = meter.prompt(body)
+    assert (got.bound, got.model) == (length, "m")
+    if length * AMPLE <= meter.free:
+        assert (got.reserve, got.counted, got.uncertain) == (length, 0, False)
+    elif ratio is None:
+        assert (got.reserve, got.counted, got.uncertain) == (count, count, True)
+    else:
+        scaled = math.ceil(count * max(Fraction(*ratio), Fraction(1)))
+        assert (got.reserve, got.counted, got.uncertain) == (min(length, scaled), count, False)

@@ -158,3 +158,57 @@ def test_a_long_stream_is_counted_as_it_comes_and_not_held() -> None:
     exact = get_tokenizer().count(piece * pieces)
     # Counted in pieces: a token may end where a piece is cut (~25 pieces here).
     assert exact <= follower.output_tokens() <= exact + 100
+
+
+def _waves(proxy: Proxy, calls: int, waves: int, **kw: Any) -> list[bool]:
+    """``waves`` rounds of ``calls`` concurrent chat calls (each waits for the
+    round before); whether each was answered (False: refused by the budget)."""
+    import asyncio
+
+    async def one(client: openai.AsyncOpenAI) -> bool:
+        try:
+            await client.chat.completions.create(model="m", messages=MSGS, **kw)
+        except openai.RateLimitError:
+            return False
+        return True
+
+    async def main() -> list[bool]:
+        client = proxy.async_client(max_retries=0)
+        answered: list[bool] = []
+        for _ in range(waves):
+            answered += await asyncio.gather(*(one(client) for _ in range(calls)))
+        await client.close()
+        return answered
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first-calls-near-the-end", "calibrated"])
+def test_an_upstream_counting_more_than_cl100k_overshoots_by_one_cap_at_most(
+    start_proxy: Callable[..., Proxy], warm: bool
+) -> None:
+    """The hostile repro (issue 14): an upstream that bills one token per 4 bytes
+    of the request (~10% more than cl100k_base for this schema) and 10 calls at
+    a time, each with a ~2,700-token schema and a cap of 100, against a budget
+    of 20,000. Near the end the prompts were reserved at their cl100k_base
+    count, which this upstream exceeds on every call: 20,150 were spent. The
+    session may pass its budget by one call's cap at most, whether the calls
+    near the end come first (``first-calls-near-the-end``) or after calls far
+    from it that the upstream answered (``calibrated``)."""
+    budget, cap = 20_000, 100
+    rf: Any = {"type": "json_schema", "json_schema": {"name": "out", "schema": SCHEMA}}
+    with Upstream(bytes_per_token=4, pieces=cap) as up:
+        if warm:
+            budget += 200_000
+        proxy = start_proxy("--budget", str(budget), "--call-cap", str(cap), "--upstream", up.url)
+        answered = _waves(proxy, 10, 12 if warm else 4, response_format=rf)
+        assert proxy.stop()[0] == 3
+        billed = [r.input_tokens for r in up.reported]
+        # The upstream does bill more than the count the proxy reserved near the end.
+        assert min(billed) > _schema_tokens() * 1.05
+        spent = up.totals()
+    assert sum(answered) == len(billed) and not all(answered)
+    assert spent <= budget + cap, f"{spent:,} spent of a budget of {budget:,}"
+    # The budget was used, not refused early: calls stop once 95% is spent
+    # (the tracker's ``exceeded``) or what is left holds no more prompt.
+    assert spent > min(0.95 * budget, budget - 3_500)

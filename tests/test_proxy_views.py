@@ -216,6 +216,16 @@ def test_calls_in_flight_when_the_proxy_is_killed_stay_held_in_every_view_and_th
     assert (mon["unknown_usage_calls"], mon["tokens_held"]) == (5, reserved), mon
     assert mon["tokens_remaining"] == budget - reserved
     assert sessions(home, "k9")["unknown_usage_calls"] == 5
+    # The replay's end is the end of the log: its writer is gone there too.
+    played = sigil(home, "replay", "k9", "--mode", "json", "--speed", "max")
+    assert played.returncode == 0, played.stderr
+    end = json.loads(played.stdout.splitlines()[-1])
+    assert end["type"] == "final" and end["status"] == mon["status"] == "incomplete"
+    assert (end["unknown_usage_calls"], end["tokens_held"], end["tokens_remaining"]) == (
+        5,
+        reserved,
+        mon["tokens_remaining"],
+    ), end
 
     # The next run starts holding them, and every view agrees after it.
     with Upstream() as up:
@@ -246,3 +256,85 @@ def test_calls_in_flight_when_the_proxy_is_killed_stay_held_in_every_view_and_th
     ledger = json.loads((home / "logs" / "sessions" / "k9" / "tokens.json").read_text())
     held = sum(c.get("tokens_held", 0) for c in ledger["component_totals"].values())
     assert held == reserved
+
+
+def test_the_end_line_counts_a_call_still_open_at_the_end_as_every_view_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call the transport could not record by the end of its abort wait is
+    left with its ``step_start`` only, its reservation taken. The run's end
+    settles it as every view does (contract 12: a run that ended holds the
+    reservations of the calls it left open, unknown usage): the end event's
+    ``budget_remaining`` and the end line are the session model's, what
+    ``monitor --once`` shows, not the meter's (which holds no open call)."""
+    import asyncio
+
+    from sigil.interfaces.cli.commands.proxy import MeteredSession, check_options
+    from sigil.proxy.usage import Usage
+
+    home = tmp_path / "home"
+    for name in [k for k in os.environ if k.startswith(("SIGIL_", "OPENAI_"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SIGIL_HOME", str(home))
+    budget = 100_000
+    options = check_options(
+        session_id="open1", budget=str(budget), upstream="http://127.0.0.1:9/v1", port=0,
+        host=None, token=None, log_path=None, call_cap=None,
+    )  # fmt: skip
+    session = MeteredSession(options)
+
+    async def run() -> None:
+        meter = await session.prepare("calls left open")
+        await session.begin("calls left open", "http://127.0.0.1:1/v1")
+        granted = meter.try_admit(50, prompt=10)
+        assert granted == 50
+        done = meter.start(component="m", endpoint="chat.completions", model="m", stream=False,
+                           granted=granted, requested=50, prompt=10)  # fmt: skip
+        meter.complete(done, Usage(10, 20))
+        granted = meter.try_admit(100, prompt=20)
+        assert granted == 100
+        # Never settled: the state a call the abort wait could not record leaves.
+        meter.start(component="m", endpoint="chat.completions", model="m", stream=False,
+                    granted=granted, requested=100, prompt=20)  # fmt: skip
+        await session.end("complete", None)
+
+    asyncio.run(run())
+    held = 20 + 100
+    final = events(home, "open1")[-1]
+    assert final["event_type"] == "session_complete"
+    mon = monitor(home, "open1")
+    assert (mon["tokens_used"], mon["unknown_usage_calls"], mon["tokens_held"]) == (30, 1, held)
+    assert mon["tokens_remaining"] == budget - 30 - held
+    assert final["metadata"]["budget_remaining"] == mon["tokens_remaining"], final["metadata"]
+    assert final["metadata"]["calls_usage_unknown"] == mon["unknown_usage_calls"]
+    assert final["metadata"]["tokens_held_unknown"] == mon["tokens_held"]
+    line = session.summary()
+    assert "1 with usage unknown" in line and f"({held:,} tokens of the budget held" in line, line
+    assert sessions(home, "open1")["unknown_usage_calls"] == 1
+
+
+def test_a_pipeline_run_after_a_killed_proxy_run_ends_on_the_models_budget_left(
+    tmp_path: Path,
+) -> None:
+    """The killed proxy run's open calls hold their reservations in every view;
+    a pipeline run on the same session then ends with what the model leaves of
+    the budget (budget - used - held), as ``monitor --once`` shows it, not the
+    budget less the tokens alone."""
+    from test_replay_modes import KILLED_HELD, write_killed_proxy_session
+
+    home = tmp_path / "home"
+    write_killed_proxy_session(home / "logs", "ko1")
+    proc = sigil(home, "orchestrate", "--session", "ko1", "--task", "Analyze Acme Corp",
+                 "--provider", "offline")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    final = events(home, "ko1")[-1]
+    assert final["event_type"] == "session_complete" and final["metadata"]["run"] == 2
+    mon = monitor(home, "ko1")
+    assert (mon["unknown_usage_calls"], mon["tokens_held"]) == (2, KILLED_HELD), mon
+    assert mon["tokens_remaining"] == 50_000 - mon["tokens_used"] - KILLED_HELD
+    meta = final["metadata"]
+    assert meta["budget_remaining"] == mon["tokens_remaining"], meta
+    assert (meta["total_tokens"], meta["run_tokens"]) == (
+        mon["tokens_used"],
+        mon["run"]["tokens_used"],
+    )

@@ -428,3 +428,40 @@ def test_pacing_divides_each_gap_by_the_speed_and_caps_it() -> None:
     player.resume()
     assert player.next_due == pytest.approx(now[0] + 0.05)
     assert "step_complete 2" in out.getvalue()
+
+
+def test_calls_open_mid_log_are_in_flight_and_held_only_at_the_end() -> None:
+    """A killed proxy run's log played event by event: while its calls are open
+    mid-log they are in flight (the run was live then: nothing held, the
+    history as it was); at the end of the log the writer is gone, so they hold
+    their reservations as calls of unknown usage, as every view counts them."""
+    import io
+    import tempfile
+
+    from sigil.interfaces.cli.display import DisplayOptions, StreamRenderer
+    from sigil.interfaces.cli.replay import Player, Timeline
+    from sigil.telemetry.log_parser import snapshot_session
+    from test_replay_modes import KILLED_HELD, write_killed_proxy_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = write_killed_proxy_session(Path(tmp), "kp-steps")
+        data = (directory / "execution.jsonl").read_bytes()
+        # The monitor's model: nobody holds the session's lock.
+        live = snapshot_session("kp-steps", tmp)
+    timeline = Timeline("kp-steps", [("execution.jsonl", data)])
+    renderer = StreamRenderer(io.StringIO(), io.StringIO(), DisplayOptions())
+    player = Player(timeline, renderer, speed=1.0, clock=lambda: 0.0)
+    for _ in range(timeline.count - 1):
+        player.step()
+        assert not player.finished
+        assert (player.state.snap.tokens_held, player.state.unknown_usage_calls) == (0, 0)
+    # Two calls open, in flight (the run live as far as this moment knows).
+    assert player.state.status == "running"
+    assert player.fold.snapshot().tokens_held == 0
+    player.step()
+    assert player.finished
+    assert player.state.display_status == "incomplete"
+    assert (player.state.unknown_usage_calls, player.state.snap.tokens_held) == (2, KILLED_HELD)
+    assert player.state.tokens_remaining == 50_000 - 30 - KILLED_HELD
+    assert (live.unknown_usage_calls, live.tokens_held) == (2, KILLED_HELD)
+    assert live.tokens_remaining == player.state.tokens_remaining

@@ -120,6 +120,96 @@ def test_json_run_n_ends_on_that_runs_numbers(sigil_home: Path, log_path: Path) 
     assert final["tokens_used"] == 406 + 806
 
 
+def write_killed_proxy_session(log_path: Path, session: str, *, later_run: bool = False) -> Path:
+    """A proxy run killed (``kill -9``) with two calls in flight: its log ends
+    on their ``step_start``s (each reserving its prompt and output cap), no
+    final event, nobody holding the session's lock. ``later_run``: a second
+    run (one call, complete) followed it."""
+    from test_replay import _event
+
+    directory = log_path / "sessions" / session
+    directory.mkdir(parents=True, mode=0o700)
+    meta = {"model": "m", "run": 1}
+    lines = [
+        _event(session, 0, 0.0, "session_start", "orchestrator", 0, run=1, budget=50_000,
+               provider="proxy"),
+        _event(session, 1, 1.0, "step_start", "m", 0, call=1, prompt_tokens_reserved=10,
+               max_tokens=50, **meta),
+        _event(session, 2, 2.0, "step_complete", "m", 30, call=1, input_tokens=10,
+               output_tokens=20, latency_ms=900, **meta),
+        _event(session, 3, 3.0, "step_start", "m", 0, call=2, prompt_tokens_reserved=20,
+               max_tokens=100, **meta),
+        _event(session, 4, 4.0, "step_start", "m", 0, call=3, prompt_tokens_reserved=5,
+               max_tokens=40, **meta),
+    ]  # fmt: skip
+    if later_run:
+        meta = {"model": "m", "run": 2}
+        lines += [
+            _event(session, 5, 10.0, "session_start", "orchestrator", 0, run=2, budget=50_000,
+                   provider="proxy", tokens_held_before_run=165),
+            _event(session, 6, 11.0, "step_start", "m", 0, call=1, prompt_tokens_reserved=10,
+                   max_tokens=50, **meta),
+            _event(session, 7, 12.0, "step_complete", "m", 40, call=1, input_tokens=10,
+                   output_tokens=30, latency_ms=900, **meta),
+            _event(session, 8, 13.0, "session_complete", "orchestrator", 0, status="complete"),
+        ]  # fmt: skip
+    (directory / "execution.jsonl").write_bytes(b"".join(lines))
+    return directory
+
+
+#: What the killed run's two calls in flight reserve: (20 + 100) + (5 + 40).
+KILLED_HELD = 165
+
+
+@pytest.mark.parametrize("speed", ["max", "1000x"])
+def test_a_killed_proxy_runs_calls_in_flight_end_held_as_the_monitor_shows_them(
+    sigil_home: Path, log_path: Path, speed: str
+) -> None:
+    """The writer of the replayed log is gone (a session still locked is not
+    replayed): at the end of the log the calls its last run left open hold
+    their reservations (unknown usage), as ``monitor --once`` shows them, not
+    "in flight" as they were while the run was live."""
+    write_killed_proxy_session(log_path, "kp-1")
+    monitor = _run(sigil_home, "monitor", "-s", "kp-1", "--mode", "json", "--once")
+    # Exit 1: the run is incomplete (its writer stopped without a final event).
+    assert monitor.returncode == 1, monitor.stderr
+    expected = _objects(monitor.stdout)[-1]
+    assert (expected["unknown_usage_calls"], expected["tokens_held"]) == (2, KILLED_HELD)
+    assert expected["tokens_remaining"] == 50_000 - 30 - KILLED_HELD
+    replay = _run(sigil_home, "replay", "kp-1", "--mode", "json", "--speed", speed)
+    assert replay.returncode == 0, replay.stderr
+    objects = _objects(replay.stdout)
+    final = objects[-1]
+    assert final["type"] == "final"
+    # The clock-bound fields are the replay's moment, the monitor's now; the
+    # exit code each command's (the replay played: 0; the monitor found the
+    # run incomplete: 1).
+    own = ("elapsed_seconds", "stalled_seconds", "tokens_per_second", "seconds_to_budget_end",
+           "exit_code")  # fmt: skip
+    assert {k: v for k, v in final.items() if k not in own} == {
+        k: v for k, v in expected.items() if k not in own
+    }
+    # The frames before the end are history: the run was live, nothing held.
+    for obj in objects:
+        if obj["status"] != "incomplete":
+            assert obj["tokens_held"] == 0 and obj["unknown_usage_calls"] == 0, obj
+
+
+def test_run_n_of_a_killed_run_ends_with_its_calls_held(sigil_home: Path, log_path: Path) -> None:
+    """``--run 1`` of a session whose killed run 1 was followed by run 2: run 1's
+    writer is gone, so the end of its replay holds its open calls, as every
+    view counts run 1 (and run 2 started holding them)."""
+    write_killed_proxy_session(log_path, "kp-2", later_run=True)
+    monitor = _objects(_run(sigil_home, "monitor", "-s", "kp-2", "--mode", "json", "--once").stdout)
+    assert monitor[-1]["tokens_held"] == KILLED_HELD
+    replay = _run(sigil_home, "replay", "kp-2", "--mode", "json", "--speed", "max", "--run", "1")
+    assert replay.returncode == 0, replay.stderr
+    final = _objects(replay.stdout)[-1]
+    assert final["run"]["number"] == 1 and final["run"]["status"] == "incomplete"
+    assert (final["unknown_usage_calls"], final["tokens_held"]) == (2, KILLED_HELD)
+    assert final["tokens_remaining"] == 50_000 - 30 - KILLED_HELD
+
+
 # -- minimal ------------------------------------------------------------------------------
 
 

@@ -17,7 +17,9 @@ gzip-compressed, as the OTLP/HTTP specification has it. Answers:
   503 too when a session's log cannot be opened or written (those spans are
   counted as refused: collect then exits 1).
 
-**Descriptors.** The sink bounds its open sessions (``sink.max_open_for``).
+**Descriptors.** collect raises its soft descriptor limit to
+``sink.WANTED_FDS`` when the hard limit allows, and the sink bounds its open
+and parked sessions by it (``sink.max_open_for``, ``sink.max_parked_for``).
 A listener out of descriptors anyway (many connections at once) waits and
 retries each second, as asyncio does; collect says so in one line per
 minute at most, not a traceback per attempt, and a retry that fires after
@@ -45,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from sigil.collect.decode import MalformedPayload, PayloadTooLarge, decode_request, gunzip
-from sigil.collect.sink import IngestResult, SessionSink
+from sigil.collect.sink import IngestResult, SessionSink, raise_fd_limit
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -318,6 +320,8 @@ async def serve(
     ``max_open``: sessions open at once (default: ``sink.max_open_for()``)."""
     from aiohttp import web
 
+    # Room for the sessions' descriptors (the open and parked bounds follow it).
+    raise_fd_limit()
     sink = SessionSink(log_path, idle_seconds=idle_seconds, pricer=pricer, max_open=max_open)
     # Load the price table while the server starts, not on the first span's path.
     sink.pricer.warm()

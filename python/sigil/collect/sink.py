@@ -25,17 +25,27 @@ event names its parent (``metadata.parent_span_id``), and the parents are
 rebuilt from the log with the spans written, so this holds when the parent
 arrives after its session was closed (idle, evicted) or collect restarted.
 Children end, and so are exported, before their parent; a parent that arrives
-first is counted and its children then count again -- a known limit of this rule.
+first is counted and its children then count again -- a known limit of this rule
+(tests/test_collect_aggregates.py holds those orders as expected failures: the
+log is append-only and the fold adds every event's tokens, so the rule in
+``rust/otlp.rs`` has to hold such a parent's tokens back until it knows).
 
 **Open sessions.** At most ``max_open`` sessions are open at once
 (:data:`DEFAULT_MAX_OPEN`, and never more than :func:`max_open_for` allows
 under the process's descriptor limit): each holds two descriptors (its lock
 and its log) and a writer thread, and traces without a conversation ID are a
 session each, so a burst of them would exhaust the descriptors. Opening one
-more closes the least recently used one first, as an idle close does (its run
-ends with ``session_complete``, reason ``evicted``); a span arriving for it
-later reopens it from its log (spans written, parents known, runs), so nothing
-is counted twice and it starts a new run.
+more *parks* the least recently used one: its writer closes (its log and its
+thread), its lock stays held and its run goes on -- so it reads as live
+(contract 7), and a span arriving for it later reopens its log after the
+last event and continues the same run, with no ``session_complete`` and
+``session_start`` per eviction. A parked session's run ends as an open one's
+does: idle for ``idle_seconds``, or collect stops. At most ``max_parked``
+sessions are parked (:func:`max_parked_for`, a descriptor each); past that the
+least recently used one's run ends (``session_complete``, reason
+``evicted``) and its lock is released; a span arriving for it later reopens
+it from its log (spans written, parents known, runs), so nothing is counted
+twice and it starts a new run.
 
 **Secrets.** Every text a span brings (its name or status message, the
 component, model, provider, operation and error type) is scrubbed with the
@@ -78,7 +88,15 @@ from sigil.telemetry import otlp_ingest
 from sigil.telemetry.log_parser import last_seq
 from sigil.telemetry.pricing import Pricer, cost_number
 
-__all__ = ["COMPONENT", "DEFAULT_MAX_OPEN", "IngestResult", "SessionSink", "max_open_for"]
+__all__ = [
+    "COMPONENT",
+    "DEFAULT_MAX_OPEN",
+    "IngestResult",
+    "SessionSink",
+    "max_open_for",
+    "max_parked_for",
+    "raise_fd_limit",
+]
 
 #: The component of the run events collect writes itself.
 COMPONENT = "collect"
@@ -95,16 +113,57 @@ _RESERVED_FDS = 96
 #: Descriptors one open session may hold (its lock and log, and a margin for
 #: the writer rotating its segments).
 _FDS_PER_SESSION = 4
+#: Sessions parked at most, whatever the descriptor limit: each keeps its
+#: lock's descriptor and its dedupe state in memory, and ending its run opens
+#: a writer again (about 3 ms with its fsync: a second for 300 at shutdown).
+MAX_PARKED = 1024
+
+
+#: The soft descriptor limit collect raises itself to, within the hard limit:
+#: room for :data:`DEFAULT_MAX_OPEN` open and :data:`MAX_PARKED` parked
+#: sessions, and connections.
+WANTED_FDS = 4096
+
+
+def raise_fd_limit(wanted: int = WANTED_FDS) -> int:
+    """Raise ``RLIMIT_NOFILE``'s soft limit to ``wanted`` when it is lower
+    (never past the hard limit, never lower it); the soft limit after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):  # a platform's own ceiling (macOS: OPEN_MAX)
+            return soft
+        return target
+    return soft
+
+
+def _fd_budget(fd_limit: int | None) -> int:
+    """The descriptors sessions may hold: the limit (``RLIMIT_NOFILE``'s soft
+    limit by default) less a reserve."""
+    if fd_limit is None:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        fd_limit = soft if soft != resource.RLIM_INFINITY else 1 << 20
+    return fd_limit - _RESERVED_FDS
 
 
 def max_open_for(fd_limit: int | None = None) -> int:
     """The open sessions the descriptor limit (``RLIMIT_NOFILE``'s soft limit
-    by default) allows: a quarter of what is left after a reserve, at least 4,
-    at most :data:`DEFAULT_MAX_OPEN`."""
-    if fd_limit is None:
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        fd_limit = soft if soft != resource.RLIM_INFINITY else 1 << 20
-    return max(4, min(DEFAULT_MAX_OPEN, (fd_limit - _RESERVED_FDS) // _FDS_PER_SESSION))
+    by default) allows: an eighth of what is left after a reserve (half of it
+    at :data:`_FDS_PER_SESSION` each; the other half is for parked sessions),
+    at least 4, at most :data:`DEFAULT_MAX_OPEN`."""
+    budget = _fd_budget(fd_limit)
+    return max(4, min(DEFAULT_MAX_OPEN, budget // (2 * _FDS_PER_SESSION)))
+
+
+def max_parked_for(fd_limit: int | None = None, max_open: int | None = None) -> int:
+    """The parked sessions (a descriptor each, their lock) the descriptor limit
+    allows beside ``max_open`` open ones (default :func:`max_open_for`): what
+    is left of the budget, at most :data:`MAX_PARKED`."""
+    budget = _fd_budget(fd_limit)
+    opened = max_open_for(fd_limit) if max_open is None else max_open
+    return max(0, min(MAX_PARKED, budget - opened * _FDS_PER_SESSION))
 
 
 @dataclass(slots=True)
@@ -126,17 +185,31 @@ class IngestResult:
 
 
 class _OpenSession:
-    __slots__ = ("last_used", "lock", "run", "session_id", "started", "state", "writer")
+    """A session collect holds (its lock): open (its writer too) or parked
+    (its writer closed, to be reopened after its last event)."""
+
+    __slots__ = (
+        "directory",
+        "last_used",
+        "lock",
+        "run",
+        "session_id",
+        "started",
+        "state",
+        "writer",
+    )
 
     def __init__(
         self,
         session_id: str,
+        directory: Path,
         lock: SessionLock,
         writer: otlp_ingest.AppendWriter,
         state: otlp_ingest.OtlpSession,
         run: int,
     ) -> None:
         self.session_id = session_id
+        self.directory = directory
         self.lock = lock
         self.writer = writer
         self.state = state
@@ -151,7 +224,8 @@ class _OpenSession:
 
     def close(self) -> None:
         try:
-            self.writer.close()
+            if not self.writer.closed:
+                self.writer.close()
         finally:
             # Released even when the last flush failed (as ExecutionLogger does).
             self.lock.release()
@@ -221,10 +295,15 @@ class SessionSink:
         fsync: str = "interval",
         pricer: Pricer | None = None,
         max_open: int | None = None,
+        max_parked: int | None = None,
     ) -> None:
         self.log_path = resolve_log_path(log_path)
-        #: sessions open at once (the least recently used is closed for a new one)
+        #: sessions open at once (the least recently used is parked for a new one)
         self.max_open = max_open_for() if max_open is None else max(1, max_open)
+        #: sessions parked at once (past it, the least recently used one's run ends)
+        self.max_parked = (
+            max_parked_for(max_open=self.max_open) if max_parked is None else max(0, max_parked)
+        )
         #: prices each model call (config's overrides, then the table)
         self.pricer = pricer if pricer is not None else Pricer()
         self.idle_seconds = idle_seconds
@@ -233,7 +312,9 @@ class SessionSink:
         self.fsync = fsync
         #: open sessions, least recently used first
         self._sessions: OrderedDict[str, _OpenSession] = OrderedDict()
-        #: sessions closed early to make room (their runs ended as "evicted")
+        #: parked sessions (lock held, writer closed), least recently used first
+        self._parked: OrderedDict[str, _OpenSession] = OrderedDict()
+        #: sessions whose run was ended early to make room (reason "evicted")
         self.evicted = 0
         #: raw session IDs (conversation, session, trace) to valid ones
         self._session_ids: dict[str, str] = {}
@@ -241,6 +322,22 @@ class SessionSink:
     @property
     def open_sessions(self) -> list[str]:
         return sorted(self._sessions)
+
+    @property
+    def parked_sessions(self) -> list[str]:
+        return sorted(self._parked)
+
+    def _writer(self, directory: Path, session_id: str, start_seq: int) -> otlp_ingest.AppendWriter:
+        return otlp_ingest.AppendWriter(
+            directory / LOG_FILE_NAME,
+            buffer_bytes=_BUFFER_BYTES,
+            flush_interval=0.1,
+            fsync=self.fsync,  # type: ignore[arg-type]
+            max_buffer_bytes=_MAX_BUFFER_BYTES,
+            session_id=session_id,
+            start_seq=start_seq,
+            sanitize=False,
+        )
 
     def _open(self, session_id: str) -> _OpenSession:
         directory = session_dir(session_id, self.log_path)
@@ -250,47 +347,79 @@ class SessionSink:
         lock.acquire()
         try:
             history = _read_history(directory)
-            writer = otlp_ingest.AppendWriter(
-                directory / LOG_FILE_NAME,
-                buffer_bytes=_BUFFER_BYTES,
-                flush_interval=0.1,
-                fsync=self.fsync,  # type: ignore[arg-type]
-                max_buffer_bytes=_MAX_BUFFER_BYTES,
-                session_id=session_id,
-                start_seq=_next_seq(directory),
-                sanitize=False,
-            )
+            writer = self._writer(directory, session_id, _next_seq(directory))
         except BaseException:
             lock.release()
             raise
         state = otlp_ingest.OtlpSession()
         state.add_seen(history.seen)
         state.add_parents(history.parents)
-        session = _OpenSession(session_id, lock, writer, state, history.runs)
+        session = _OpenSession(session_id, directory, lock, writer, state, history.runs)
         # A run still open (collect was killed) goes on; otherwise the first span
         # written starts one, so a retry of spans already written adds no run.
         session.started = history.open_run
         return session
 
+    def _reopen(self, session: _OpenSession) -> _OpenSession:
+        """A parked session open again: a writer after its last event (its lock
+        was held meanwhile, so nobody wrote after it)."""
+        writer = session.writer
+        session.writer = self._writer(session.directory, session.session_id, writer.next_seq)
+        return session
+
     def _open_bounded(self, session_id: str) -> _OpenSession:
-        """Open a session, first closing the least recently used ones past
-        ``max_open``; out of descriptors anyway (other files, many
-        connections), close a quarter of them and try once more."""
-        while len(self._sessions) >= self.max_open:
-            self._evict()
+        """Open a session (or reopen it if parked), first parking the least
+        recently used ones past ``max_open``; out of descriptors anyway (other
+        files, many connections), end a quarter of the sessions held and try
+        once more."""
+        # A parked session to reopen is set aside, so that parking others does
+        # not pick it to end.
+        parked = self._parked.pop(session_id, None)
         try:
-            return self._open(session_id)
-        except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE) or not self._sessions:
-                raise
-        for _ in range(max(1, len(self._sessions) // 4)):
-            self._evict()
-        return self._open(session_id)
+            while len(self._sessions) >= self.max_open:
+                self._evict()
+            try:
+                return self._open(session_id) if parked is None else self._reopen(parked)
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                if not self._sessions and not self._parked:
+                    raise
+            reason = "evicted: out of descriptors"
+            for _ in range(max(1, (len(self._sessions) + len(self._parked)) // 4)):
+                # the open ones first: their writers are open (a parked one needs
+                # a descriptor to write its run's end)
+                held = self._sessions or self._parked
+                if held:
+                    self.evicted += 1
+                    self._close(next(iter(held)), reason)
+            return self._open(session_id) if parked is None else self._reopen(parked)
+        except BaseException:
+            if parked is not None:
+                self._parked[session_id] = parked  # still parked (its writer closed)
+            raise
 
     def _evict(self) -> None:
-        sid = next(iter(self._sessions))
-        self.evicted += 1
-        self._close(sid, f"evicted: at most {self.max_open} sessions are open at once")
+        """Park the least recently used open session; past ``max_parked``, end
+        the least recently used parked one's run."""
+        sid, session = next(iter(self._sessions.items()))
+        if self.max_parked == 0:
+            self.evicted += 1
+            self._close(sid, f"evicted: more than {self.max_open} sessions active")
+            return
+        del self._sessions[sid]
+        try:
+            session.writer.close()
+        except BaseException:
+            # its events may not all be on disk: the run is left as it is (the
+            # lock released, it reads as incomplete) and the error goes up
+            session.lock.release()
+            raise
+        self._parked[sid] = session
+        while len(self._parked) > self.max_parked:
+            self.evicted += 1
+            limit = self.max_open + self.max_parked
+            self._close(next(iter(self._parked)), f"evicted: more than {limit} sessions active")
 
     def _session_id(self, raw: str) -> str:
         sid = self._session_ids.get(raw)
@@ -326,6 +455,13 @@ class SessionSink:
             sid = self._session_id(raw)
             session = sessions.get(sid)
             if session is None:
+                parked = self._parked.get(sid)
+                if parked is not None and not parked.state.has_new(batch, index):
+                    # spans written already (a retry): no need to reopen its log
+                    parked.last_used = now
+                    self._parked.move_to_end(sid)
+                    result.duplicates += size
+                    continue
                 if sid in busy:
                     result.busy += size
                     continue
@@ -368,17 +504,23 @@ class SessionSink:
         return result
 
     def close_idle(self, now: float | None = None) -> list[str]:
-        """Close the sessions that received nothing for ``idle_seconds``."""
+        """End the runs of the sessions (open or parked) that received nothing
+        for ``idle_seconds``, and release them."""
         now = time.monotonic() if now is None else now
-        idle = [sid for sid, s in self._sessions.items() if now - s.last_used >= self.idle_seconds]
+        idle = [
+            sid
+            for held in (self._sessions, self._parked)
+            for sid, s in held.items()
+            if now - s.last_used >= self.idle_seconds
+        ]
         for sid in idle:
             self._close(sid, "idle")
         return idle
 
     def close(self) -> None:
-        """End every open session's run and release its lock."""
+        """End every held session's run and release its lock."""
         errors: list[BaseException] = []
-        for sid in list(self._sessions):
+        for sid in [*self._sessions, *self._parked]:
             try:
                 self._close(sid, "collector stopped")
             except OSError as exc:
@@ -391,9 +533,14 @@ class SessionSink:
             session.writer.flush()
 
     def _close(self, session_id: str, reason: str) -> None:
-        session = self._sessions.pop(session_id)
+        """End the run of a held session (open or parked) and release it."""
+        session = self._sessions.pop(session_id, None) or self._parked.pop(session_id)
         try:
             if session.started:
+                if session.writer.closed:  # parked: a writer after its last event
+                    session.writer = self._writer(
+                        session.directory, session_id, session.writer.next_seq
+                    )
                 meta: dict[str, Any] = {"status": "complete", "run": session.run, "reason": reason}
                 session.log("session_complete", f"collect closed the run ({reason})", meta)
         finally:

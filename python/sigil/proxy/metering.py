@@ -25,23 +25,69 @@ what runs the budget out, ``budget_exceeded`` is logged as when counted ones do.
 
 Each call that reports usage is priced as it is recorded (``cost_usd``, from the
 model the upstream answered with; see sigil.telemetry.pricing).
+
+What a prompt is reserved at (:meth:`Meter.prompt`) is its UTF-8 length while
+that is small beside what is free, else its ``cl100k_base`` count, raised by
+what the upstream was seen to bill beyond that count (the calibration below),
+so that near the end of the budget the reservations of calls in flight are a
+bound of what the upstream bills them, and not only for OpenAI's tokenizers.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sigil.core.events import EventLogger
 from sigil.proxy.policy import redact, usage_unknown
-from sigil.proxy.usage import Usage
+from sigil.proxy.usage import (
+    Usage,
+    count_tokens,
+    prompt_estimate_text,
+    prompt_overhead,
+    utf8_size,
+)
 from sigil.telemetry.pricing import Pricer
 from sigil.telemetry.tokens import TokenTracker
 
-__all__ = ["BudgetExhausted", "Call", "Meter", "RecordingFailed"]
+__all__ = ["BudgetExhausted", "Call", "Meter", "Prompt", "RecordingFailed"]
+
+#: A prompt is reserved at its UTF-8 length while this many times that fits in
+#: what is free of the budget (it costs nothing to read); nearer the end, where
+#: the reservation decides what is admitted, at its calibrated count.
+AMPLE = 4
+#: Calls whose counted prompt is smaller are not learnt from: the tokens an
+#: upstream's chat template adds to each call would pass for a ratio and raise
+#: the reservation of every long prompt.
+LEARN_FROM = 128
+#: Calls of a model far from the end of the budget whose prompts are counted
+#: (once each) while its ratio is not known yet, to learn it before the end...
+SAMPLES = 8
+#: ...when their text is no longer than this (~6 ms a count at most).
+SAMPLE_BYTES = 64 * 1024
+#: Models whose ratio is kept; the calls of any other stay uncalibrated
+#: (reserved at their length, or one at a time near the end).
+MAX_MODELS = 1024
+
+
+@dataclass(slots=True)
+class Prompt:
+    """What a call's prompt is reserved at (:meth:`Meter.prompt`)."""
+
+    #: tokens reserved for the prompt
+    reserve: int
+    #: its ``cl100k_base`` count with the chat format's tokens (0: not counted)
+    counted: int = 0
+    #: ``reserve`` may be below what the upstream bills: a count not calibrated
+    #: yet, near the end of the budget (such calls are admitted one at a time)
+    uncertain: bool = False
+    #: the prompt's UTF-8 length with the chat format's tokens: a bound of its tokens
+    bound: int = 0
+    #: the model asked for (whose ratio calibrates the count)
+    model: str = ""
 
 
 class BudgetExhausted(Exception):
@@ -106,6 +152,10 @@ class Call:
     settled: bool = False
     #: the keys the call carried: cut out of any text logged about it
     secrets: tuple[str, ...] = ()
+    #: the prompt's ``cl100k_base`` count (0: not counted), learnt from once answered
+    counted: int = 0
+    #: admitted with an uncalibrated count near the end (:attr:`Prompt.uncertain`)
+    uncertain: bool = False
 
     @property
     def reserved(self) -> int:
@@ -157,6 +207,13 @@ class Meter:
         self.starved = False
         #: calls admitted with a reservation and not settled yet
         self._inflight = 0
+        #: of them, those admitted with an uncalibrated count (at most one)
+        self._uncertain = 0
+        #: per model asked for: the most the upstream billed a prompt, as a
+        #: multiple of its count (``(billed, counted)``, at least 1; :meth:`prompt`)
+        self.ratios: dict[str, tuple[int, int]] = {}
+        #: per model not calibrated yet: prompts counted far from the end
+        self._sampled: dict[str, int] = {}
         self._ids = itertools.count(1)
         #: why the session's log cannot be written now (None: it can); set by the session
         self.unrecorded: Callable[[], OSError | None] = _recorded
@@ -194,11 +251,92 @@ class Meter:
         while calls that spent more than they reserved are being recorded)."""
         return self.tracker.remaining - self.tracker.budget.reserved
 
+    def prompt(self, body: Mapping[str, Any]) -> Prompt:
+        """What to reserve for the prompt of a request (``body``, parsed), with
+        the chat format's own tokens (:func:`~sigil.proxy.usage.prompt_overhead`).
+
+        * Far from the end of the budget (:data:`AMPLE` times the prompt's UTF-8
+          length is free): that length. It is a bound of the prompt's tokens
+          under any byte-level BPE (a token covers at least one byte) and costs
+          nothing, where counting costs ~0.1 us a character on the transport's
+          one thread, which every call shares. Its excess is given back when
+          the call settles.
+        * Nearer the end, where the reservation decides what is admitted: its
+          ``cl100k_base`` count (:func:`~sigil.proxy.usage.count_tokens`, exact
+          up to ``EXACT_CHARS`` characters, the length past them) times the
+          model's ratio, never above the length.
+
+        The ratio: the count is exact only for OpenAI's tokenizers; another
+        upstream bills more for the same text (one billing a token per 4 bytes
+        bills ~10% more JSON than cl100k_base, and 10 calls at a time near the
+        end, each reserved at the count, passed a budget of 20,000 by 150 to
+        370 with a cap of 100). Each answered call whose prompt was counted compares what the
+        upstream billed (its ``prompt_tokens``) with that count; the model's
+        ratio is the most it was (never below 1.0), so the reservation is the
+        count as the upstream was seen to bill, and at most the length, which
+        bounds it anyway. Only prompts of :data:`LEARN_FROM` tokens or more are
+        learnt from (a small one's ratio is the chat template's tokens). The
+        first :data:`SAMPLES` prompts of a model far from the end are counted
+        to learn it early (those of :data:`SAMPLE_BYTES` at most), so that
+        calls reaching the end find it known.
+
+        Before a model's first such answer, near the end its count is not known
+        to be a bound (:attr:`Prompt.uncertain`): those calls are admitted one
+        at a time (:meth:`try_admit`), each reserved at its length as far as
+        what is free beyond its whole output cap allows (the length is ~4x the
+        count: taken from the output, it would cut the call's answer short).
+        So only a call that fits just barely, alone of its kind, can pass the
+        budget, by what its prompt was underestimated; its answer calibrates
+        the calls behind it, which then go on together. (An upstream that
+        reports no usage never calibrates: its calls near the end stay one
+        at a time.) What stays open: a
+        prompt the upstream bills at more than the model's largest ratio seen
+        so far (text unlike the prompts before it) is underestimated by that
+        difference, and an upstream billing more than the prompt's length
+        (not a byte-level BPE, or tokens of its own added) is bounded by nothing
+        the proxy can read."""
+        text = prompt_estimate_text(body)
+        overhead = prompt_overhead(body)
+        size = utf8_size(text)
+        bound = size + overhead
+        model = body.get("model")
+        key = model if isinstance(model, str) else "unknown"
+        ratio = self.ratios.get(key)
+        if bound * AMPLE <= self.free:
+            if ratio is not None:
+                return Prompt(bound, 0, False, bound, key)
+            sampled = self._sampled.get(key, 0)
+            if sampled >= SAMPLES or size > SAMPLE_BYTES or len(self._sampled) >= MAX_MODELS:
+                return Prompt(bound, 0, False, bound, key)
+            self._sampled[key] = sampled + 1
+            return Prompt(bound, count_tokens(text, size) + overhead, False, bound, key)
+        counted = count_tokens(text, size) + overhead
+        if ratio is None:
+            return Prompt(counted, counted, True, bound, key)
+        return Prompt(_scaled(counted, ratio, bound), counted, False, bound, key)
+
+    def _learn(self, call: Call, usage: Usage) -> None:
+        """Raise the call's model's ratio to what the upstream billed its
+        counted prompt (:meth:`prompt`)."""
+        counted = call.counted
+        if counted < LEARN_FROM or usage.estimated:
+            return
+        billed = usage.input_tokens
+        ratios = self.ratios
+        known = ratios.get(call.model)
+        if known is None:
+            if len(ratios) >= MAX_MODELS:
+                return
+            ratios[call.model] = (billed, counted) if billed > counted else (1, 1)
+            self._sampled.pop(call.model, None)
+        elif billed * known[1] > known[0] * counted:
+            ratios[call.model] = (billed, counted)
+
     def _refusal(self) -> BudgetExhausted:
         return BudgetExhausted(self.tracker.used + self.holding, self.tracker.total)
 
-    def try_admit(self, wanted: int | None, prompt: int = 0, least: int = 1) -> int | None:
-        """Reserve ``prompt`` tokens (the prompt's estimate) and an output cap
+    def try_admit(self, wanted: int | None, prompt: int | Prompt = 0, least: int = 1) -> int | None:
+        """Reserve ``prompt`` tokens (the prompt's estimate: :meth:`prompt`) and an output cap
         of ``wanted`` tokens at most (None: a call without output); returns the
         output cap granted (0 for a call without output), or None when the
         call must wait for one in flight to settle (ask again once one has).
@@ -208,7 +346,25 @@ class Meter:
         free. Raises :class:`PromptTooLarge` when the prompt cannot fit even
         once the calls in flight settle, and :class:`BudgetExhausted` once the
         budget has run out; :class:`RecordingFailed` while the log cannot be
-        written."""
+        written.
+
+        A :class:`Prompt` reserved at a count not calibrated yet
+        (:attr:`Prompt.uncertain`) is calibrated here if its model's ratio was
+        learnt while it waited; otherwise it waits while another such call is
+        in flight, and its reservation takes, up to the prompt's length (a
+        bound), what is free beyond its whole output cap: only a call that
+        fits just barely is reserved at the count alone."""
+        estimate: Prompt | None = None
+        if isinstance(prompt, Prompt):
+            estimate = prompt
+            if estimate.uncertain:
+                ratio = self.ratios.get(estimate.model)
+                if ratio is not None:  # calibrated while it waited
+                    estimate.reserve = _scaled(estimate.counted, ratio, estimate.bound)
+                    estimate.uncertain = False
+                else:
+                    estimate.reserve = estimate.counted
+            prompt = estimate.reserve
         failure = self.unrecorded()
         if failure is not None:
             self.unrecorded_refused += 1
@@ -232,9 +388,20 @@ class Meter:
             self.starved = True
             raise PromptTooLarge(prompt, max(0, left), used, total, need - prompt)
         if need <= free and free > 0:
+            uncertain = estimate is not None and estimate.uncertain
+            if uncertain:
+                assert estimate is not None
+                if self._uncertain:
+                    return None  # one at a time: the one in flight calibrates this one
+                spare = min(free - prompt - out, estimate.bound - prompt)
+                if spare > 0:
+                    prompt += spare
+                    estimate.reserve = prompt
             granted = tracker.reserve(prompt + out) if prompt + out else 0
             if granted:
                 self._inflight += 1
+                if uncertain:
+                    self._uncertain += 1
             self.starved = False  # a refusal followed by calls that fit is that call's
             return max(0, granted - prompt)
         return None
@@ -249,6 +416,8 @@ class Meter:
         reserved = call.prompt + call.granted
         if reserved:
             self._inflight -= 1
+            if call.uncertain:
+                self._uncertain -= 1
             if hold:
                 self.held += reserved
             else:
@@ -289,11 +458,12 @@ class Meter:
         stream: bool,
         granted: int,
         requested: int | None,
-        prompt: int = 0,
+        prompt: int | Prompt = 0,
         secrets: tuple[str, ...] = (),
     ) -> Call:
         """Log the call's ``step_start`` (it has been admitted with ``prompt`` and
-        ``granted`` reserved); ``secrets`` are the keys it carries, never logged."""
+        ``granted`` reserved: the :class:`Prompt` :meth:`try_admit` was given);
+        ``secrets`` are the keys it carries, never logged."""
         call, event = self._started(
             component, endpoint, model, stream, granted, requested, prompt, secrets
         )
@@ -308,13 +478,21 @@ class Meter:
         stream: bool,
         granted: int,
         requested: int | None,
-        prompt: int,
+        prompt: int | Prompt,
         secrets: tuple[str, ...] = (),
     ) -> tuple[Call, tuple[str, str, str, int, dict[str, Any]]]:
-        call = Call(
-            next(self._ids), component, endpoint, model, stream, granted, requested,
-            time.perf_counter(), prompt, secrets=secrets,
-        )  # fmt: skip
+        if isinstance(prompt, Prompt):
+            call = Call(
+                next(self._ids), component, endpoint, model, stream, granted, requested,
+                time.perf_counter(), prompt.reserve, secrets=secrets, counted=prompt.counted,
+                uncertain=prompt.uncertain,
+            )  # fmt: skip
+            prompt = prompt.reserve
+        else:
+            call = Call(
+                next(self._ids), component, endpoint, model, stream, granted, requested,
+                time.perf_counter(), prompt, secrets=secrets,
+            )  # fmt: skip
         self.calls += 1
         meta: dict[str, Any] = {
             "run": self.run,
@@ -351,6 +529,8 @@ class Meter:
                 meta.update(extra)
             if usage is not None:
                 self._price(meta, usage)
+                if call.counted:
+                    self._learn(call, usage)
             tokens, message = self._completed(call, usage, meta)
             self.tracker.track_sync(
                 call.component, tokens, event_type="step_complete", message=message, metadata=meta
@@ -396,6 +576,8 @@ class Meter:
         error, unknown = self._failure(call, error, category, status, usage)
         try:
             meta = self._fail_meta(call, usage, model, status, unknown)
+            if usage is not None and call.counted:
+                self._learn(call, usage)
             if usage is not None and usage.total:
                 self._price(meta, usage)
                 self.tracker.track_sync(
@@ -521,6 +703,12 @@ class Meter:
             if usage.estimated:
                 meta["usage_estimated"] = True
         return meta
+
+
+def _scaled(counted: int, ratio: tuple[int, int], bound: int) -> int:
+    """``counted`` times ``ratio`` (``(billed, counted)``), rounded up, at most ``bound``."""
+    scaled = -(-counted * ratio[0] // ratio[1])
+    return scaled if scaled < bound else bound
 
 
 def _recorded() -> OSError | None:

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from sigil.proxy.metering import BudgetExhausted, Call, Meter, RecordingFailed
+from sigil.proxy.metering import BudgetExhausted, Call, Meter, Prompt, RecordingFailed
 from sigil.proxy.policy import OutputPlan, Refusal, plan_output, secrets_of
 from sigil.proxy.usage import (
     CHAT,
@@ -66,9 +66,7 @@ from sigil.proxy.usage import (
     Usage,
     count_tokens,
     prompt_estimate_text,
-    prompt_overhead,
     usage_of,
-    utf8_size,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -306,26 +304,10 @@ class ProxyServer:
         admission = _Admission(self, endpoint, body, component_header, plan, prompt, secrets)
         return admission()
 
-    def _count_prompt(self, body: dict[str, Any]) -> int:
-        """The prompt's tokens to reserve: its UTF-8 length while that is small
-        beside what is free of the budget, else its cl100k_base count (bounded:
-        :func:`~sigil.proxy.usage.count_tokens`); with the chat format's own
-        tokens either way.
-
-        The length is an upper bound (a byte-level BPE token is at least one
-        byte) that costs nothing, where counting costs ~0.1 us a character on
-        the transport's one thread, which every call shares: milliseconds per
-        call for an agent's long conversation. Its excess is given back when the
-        call settles; near the end of the budget, where the reservation decides
-        what is admitted, the count is exact up to ``EXACT_CHARS`` characters
-        of prompt, and the length past them, so that no prompt (a body may hold
-        32 MB) stalls the other calls for more than ~25 ms."""
-        text = prompt_estimate_text(body)
-        overhead = prompt_overhead(body)
-        size = utf8_size(text)
-        if (size + overhead) * 4 <= self.meter.free:
-            return size + overhead
-        return count_tokens(text, size) + overhead
+    def _count_prompt(self, body: dict[str, Any]) -> Prompt:
+        """The prompt's tokens to reserve: :meth:`Meter.prompt` (its UTF-8
+        length while the budget is ample, else its count as the upstream bills it)."""
+        return self.meter.prompt(body)
 
     # -- errors ----------------------------------------------------------------------
 
@@ -361,7 +343,7 @@ class _Admission:
         body: dict[str, Any],
         component_header: str | None,
         plan: OutputPlan,
-        prompt: int,
+        prompt: Prompt,
         secrets: tuple[str, ...],
     ) -> None:
         self.server = server

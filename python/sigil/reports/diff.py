@@ -167,8 +167,8 @@ def _side(
             session_id,
             None,
             source.archived,
-            status(last) if runs else "waiting",
-            len(runs),
+            status(last) if runs else _status_without_runs(history, writer_there),
+            history.run_count,
             history.tokens,
             dict(history.components),
             list(runs[-1].step_outputs) if runs else [],
@@ -194,6 +194,17 @@ def _side(
             )
     numbers = ", ".join(str(r.number) for r in runs) or "none"
     raise DiffError(f"session {session_id!r} has no run {number} (its runs: {numbers})")
+
+
+def _status_without_runs(history: HistorySnapshot | SessionSnapshot, writer_there: bool) -> str:
+    """The status of a session whose log holds no started run, as the model
+    gives it (the monitor's and ``sigil sessions``' rule): its events outside
+    any run (a run whose ``session_start`` was rotated away) are the fold's
+    current run; ``waiting`` when there are none."""
+    snap = history if isinstance(history, SessionSnapshot) else history.snapshot
+    if snap is None or not snap.entries:
+        return "waiting"
+    return run_status(snap.run, writer_gone=not writer_there)
 
 
 def _numbers(c: ComponentSnapshot | None) -> dict[str, Any] | None:

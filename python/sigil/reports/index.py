@@ -33,6 +33,7 @@ from sigil.telemetry.log_parser import (
     ComponentSnapshot,
     ModelSnapshot,
     RunSnapshot,
+    SessionSnapshot,
     run_status,
 )
 
@@ -52,7 +53,12 @@ __all__ = [
 INDEX_FILE_NAME = "report_index.sqlite3"
 #: 9: an archive cut short is indexed by its readable part (an index of 8
 #: holds it as 0 runs, and its fingerprint does not change: rebuilt)
-SCHEMA_VERSION = 9
+#: 10: each source's events outside any started run, its missing events and
+#: numbers past SQLite's integers (``counted``, ``missing_events``, ``overflow``)
+SCHEMA_VERSION = 10
+#: SQLite's largest integer: a number of the model past it is stored as this,
+#: with its run's ``overflow`` set (a lower bound, never a traceback)
+INT64_MAX = 2**63 - 1
 #: how long a report waits for another one writing the index before it does
 #: its own work in memory
 BUSY_TIMEOUT_S = 10.0
@@ -98,7 +104,20 @@ CREATE TABLE IF NOT EXISTS runs(
     -- the run's budget and the seq of its latest event (a run out of budget:
     -- the final event that said so)
     budget INTEGER,
-    last_seq INTEGER
+    last_seq INTEGER,
+    -- 1: a run the model lists (RUNS counts it); 0: the source's events the
+    -- model counts outside its listed runs (before the log's first
+    -- session_start: a run whose start was rotated away; runs dropped past
+    -- the fold's cap): their tokens, so a session's tokens are the model's
+    -- total, and the source's missing events (one such row per source, when
+    -- it has any of either, or no run at all)
+    counted INTEGER NOT NULL DEFAULT 1,
+    -- events the log and the ledger both lack (holes in seq): the model's
+    -- missing_events of the source, on its counted = 0 row
+    missing_events INTEGER NOT NULL DEFAULT 0,
+    -- 1: a number of this run (or of its components or models) is past
+    -- SQLite's integers and is stored as INT64_MAX (a lower bound)
+    overflow INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_source ON runs(source);
 CREATE INDEX IF NOT EXISTS runs_started ON runs(started_ts);
@@ -468,7 +487,7 @@ def refresh(
     if not stale and not gone:
         return state
     live = [s for s in stale if not s.archived]
-    by_key: dict[str, list[RunSnapshot] | _Partial | str] = dict(
+    by_key: dict[str, _Read] = dict(
         zip((s.key for s in live), _live_runs([s.key for s in live]), strict=True)
     )
     for s in stale:
@@ -477,11 +496,12 @@ def refresh(
             # session's damaged segment does, and is named in ``damaged``.
             snapshot, problem = archive_read(Path(s.key))
             if snapshot is None:
-                by_key[s.key] = problem or f"cannot read {s.key}"
-            elif problem is not None:
-                by_key[s.key] = (list(snapshot.runs), problem)
+                by_key[s.key] = _Read.unreadable(problem or f"cannot read {s.key}")
             else:
-                by_key[s.key] = list(snapshot.runs)
+                # The archive's model: its holes in seq are those of its log.
+                by_key[s.key] = _Read(
+                    list(snapshot.runs), snapshot, snapshot.tokens, snapshot.seq_missing, problem
+                )
     conn.execute("BEGIN IMMEDIATE")
     try:
         _delete(conn, [*gone, *(s.key for s in stale)])
@@ -510,25 +530,50 @@ def _unreadable(conn: sqlite3.Connection, state: Refresh) -> None:
     ]
 
 
-#: a source partly read: the runs of its readable part, and why the rest is not
-_Partial = tuple[list[RunSnapshot], str]
+@dataclass(slots=True)
+class _Read:
+    """A source as the native model read it: its runs, the fold's snapshot
+    (its first event, its events outside any started run), the session's
+    tokens and missing events as the model counts them, and why part or all of
+    it cannot be read (None: read whole)."""
+
+    runs: list[RunSnapshot]
+    snapshot: SessionSnapshot | None
+    tokens: int
+    missing_events: int
+    error: str | None = None
+
+    @classmethod
+    def unreadable(cls, error: str) -> _Read:
+        return cls([], None, 0, 0, error)
 
 
-def _live_runs(directories: list[str]) -> list[list[RunSnapshot] | _Partial | str]:
+def _live_runs(directories: list[str]) -> list[_Read]:
     """Each live session's runs; where its log cannot be folded whole (a rotated
     segment cut short), the runs of the part that can be read, as the monitor
     reads it (``whole_history``: the segments in order, a damaged one up to
     where it breaks), with the reason; the reason alone when nothing can."""
-    out: list[list[RunSnapshot] | _Partial | str] = []
+    out: list[_Read] = []
     for directory, folded in zip(directories, fold_live(directories), strict=True):
         if not isinstance(folded, str):
-            out.append(folded.runs)
+            out.append(_Read(folded.runs, folded.snapshot, folded.tokens, folded.missing_events))
             continue
         try:
-            runs = list(whole_history(Path(directory)).runs)
+            history = whole_history(Path(directory))
         except Exception:  # the reason already says what is wrong
-            runs = []
-        out.append((runs, folded) if runs else folded)
+            history = None
+        if history is None or not history.runs:
+            out.append(_Read.unreadable(folded))
+        else:
+            out.append(
+                _Read(
+                    list(history.runs),
+                    history.snapshot,
+                    history.tokens,
+                    history.missing_events,
+                    folded,
+                )
+            )
     return out
 
 
@@ -565,39 +610,65 @@ def _delete(conn: sqlite3.Connection, keys: Sequence[str]) -> None:
 def _roll_up(conn: sqlite3.Connection) -> None:
     """Each new run's components summed into its row, and their latency
     histograms merged into the run's, in SQL (the runs of the sources just
-    refolded: those named in ``doomed``)."""
+    refolded: those named in ``doomed``). Sums past SQLite's integers (a run
+    whose components each fit and add up past them) are taken again clamped
+    to ``INT64_MAX``, and those runs marked ``overflow``."""
+    try:
+        conn.execute("SAVEPOINT roll_up")
+        _roll_up_with(conn, lambda x: f"SUM({x})")
+        conn.execute("RELEASE roll_up")
+    except sqlite3.OperationalError as exc:
+        if "overflow" not in str(exc):
+            raise
+        conn.execute("ROLLBACK TO roll_up")
+        conn.execute("RELEASE roll_up")
+        _roll_up_with(conn, lambda x: f"MIN(TOTAL({x}), {INT64_MAX})")
+        conn.execute(
+            "UPDATE runs SET overflow = 1 WHERE source IN (SELECT source FROM doomed) AND"
+            " (SELECT MAX(TOTAL(c.tokens), TOTAL(c.input_tokens), TOTAL(c.output_tokens),"
+            " TOTAL(c.operations), TOTAL(c.errors), TOTAL(c.retries))"
+            f" FROM components c WHERE c.run_id = runs.id) >= {float(INT64_MAX)!r}"
+        )
+
+
+def _roll_up_with(conn: sqlite3.Connection, total: Callable[[str], str]) -> None:
     fresh = "SELECT id FROM runs WHERE source IN (SELECT source FROM doomed)"
     conn.execute(
         "UPDATE runs SET (input_tokens, output_tokens, operations, errors, retries,"
-        " max_latency_ms) = (SELECT COALESCE(SUM(c.input_tokens), 0),"
-        " COALESCE(SUM(c.output_tokens), 0), COALESCE(SUM(c.operations), 0),"
-        " COALESCE(SUM(c.errors), 0), COALESCE(SUM(c.retries), 0), MAX(c.max_latency_ms)"
+        f" max_latency_ms) = (SELECT COALESCE({total('c.input_tokens')}, 0),"
+        f" COALESCE({total('c.output_tokens')}, 0), COALESCE({total('c.operations')}, 0),"
+        f" COALESCE({total('c.errors')}, 0), COALESCE({total('c.retries')}, 0),"
+        " MAX(c.max_latency_ms)"
         f" FROM components c WHERE c.run_id = runs.id) WHERE id IN ({fresh})"
     )
     conn.execute(
-        "INSERT INTO run_latency SELECT c.run_id, h.bucket, SUM(h.count) FROM latency h"
+        f"INSERT INTO run_latency SELECT c.run_id, h.bucket, {total('h.count')} FROM latency h"
         f" JOIN components c ON h.component_id = c.id WHERE c.run_id IN ({fresh})"
         " GROUP BY c.run_id, h.bucket"
     )
     # What each component's events without a model add up to: its totals less
     # its models' (retries are no calls: all of them here). Computed by SQL from
     # the native numbers, as the run roll-up above.
+    m = {
+        f: f"COALESCE({total('m.' + f)}, 0)"
+        for f in ("tokens", "input_tokens", "output_tokens", "calls", "errors")
+    }
     conn.execute(
         "INSERT INTO models(run_id, component, model, tokens, input_tokens, output_tokens,"
         " calls, errors, retries, cost_nanousd, priced_events, unpriced_tokens, unpriced_calls,"
         " unknown_usage_calls)"
-        " SELECT c.run_id, c.component, NULL, MAX(0, c.tokens - COALESCE(SUM(m.tokens), 0)),"
-        " MAX(0, c.input_tokens - COALESCE(SUM(m.input_tokens), 0)),"
-        " MAX(0, c.output_tokens - COALESCE(SUM(m.output_tokens), 0)),"
-        " MAX(0, c.operations + c.errors - COALESCE(SUM(m.calls), 0)),"
-        " MAX(0, c.errors - COALESCE(SUM(m.errors), 0)), c.retries, 0, 0, 0, 0, 0"
+        f" SELECT c.run_id, c.component, NULL, MAX(0, c.tokens - {m['tokens']}),"
+        f" MAX(0, c.input_tokens - {m['input_tokens']}),"
+        f" MAX(0, c.output_tokens - {m['output_tokens']}),"
+        f" MAX(0, c.operations + c.errors - {m['calls']}),"
+        f" MAX(0, c.errors - {m['errors']}), c.retries, 0, 0, 0, 0, 0"
         " FROM components c LEFT JOIN models m ON m.run_id = c.run_id"
         " AND m.component = c.component AND m.model IS NOT NULL"
         f" WHERE c.run_id IN ({fresh}) GROUP BY c.id"
         # A component all of whose events named a model has no such row.
         " HAVING COUNT(m.run_id) = 0 OR c.retries > 0"
-        " OR c.tokens > COALESCE(SUM(m.tokens), 0)"
-        " OR c.operations + c.errors > COALESCE(SUM(m.calls), 0)"
+        f" OR c.tokens > {m['tokens']}"
+        f" OR c.operations + c.errors > {m['calls']}"
     )
 
 
@@ -616,66 +687,152 @@ def _mark_duplicates(conn: sqlite3.Connection) -> None:
     )
 
 
-def _insert(
-    conn: sqlite3.Connection, source: Source, folded: list[RunSnapshot] | _Partial | str
-) -> None:
-    runs: list[RunSnapshot]
-    error: str | None = None
-    if isinstance(folded, str):
-        runs, error = [], folded
-    elif isinstance(folded, tuple):
-        runs, error = folded
-    else:
-        runs = folded
+class _Clamp:
+    """Integers as SQLite holds them: one past ``INT64_MAX`` is stored as it,
+    and :attr:`hit` says one was (the run's ``overflow``)."""
+
+    __slots__ = ("hit",)
+
+    def __init__(self) -> None:
+        self.hit = False
+
+    def __call__(self, value: int | None) -> int | None:
+        if value is not None and value > INT64_MAX:
+            self.hit = True
+            return INT64_MAX
+        return value
+
+
+def _insert(conn: sqlite3.Connection, source: Source, read: _Read) -> None:
     conn.execute(
         "INSERT INTO sources VALUES (?, ?, ?, ?, ?)",
-        (source.key, source.session_id, source.archived, source.fingerprint, error),
+        (source.key, source.session_id, source.archived, source.fingerprint, read.error),
     )
+    runs = read.runs
     last = len(runs) - 1
     writer_there = source.locked and not source.archived
     for i, run in enumerate(runs):
-        started = run.started_at or run.ended_at or run.last_at
-        cursor = conn.execute(
-            "INSERT INTO runs(source, session_id, run, archived, status, finished, started_at,"
-            " ended_at, started_ts, tokens, events, steps_completed, steps_failed, budget,"
-            " last_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                source.key,
-                source.session_id,
-                run.number,
-                source.archived,
-                run_status(run, writer_gone=not writer_there or i < last),
-                run.ended_at is not None,
-                run.started_at,
-                run.ended_at,
-                _epoch(started),
-                run.tokens,
-                run.events,
-                run.steps_completed,
-                run.steps_failed,
-                run.budget,
-                run.last_seq,
-            ),
+        _insert_run(conn, source, run, run_status(run, writer_gone=not writer_there or i < last))
+    _insert_outside(conn, source, read, writer_there)
+
+
+def _insert_run(
+    conn: sqlite3.Connection,
+    source: Source,
+    run: RunSnapshot,
+    status: str,
+    *,
+    counted: bool = True,
+    started_at: str | None = None,
+    missing_events: int = 0,
+) -> int:
+    clamp = _Clamp()
+    start = started_at or run.started_at
+    started = start or run.ended_at or run.last_at
+    cursor = conn.execute(
+        "INSERT INTO runs(source, session_id, run, archived, status, finished, started_at,"
+        " ended_at, started_ts, tokens, events, steps_completed, steps_failed, budget,"
+        " last_seq, counted, missing_events) VALUES"
+        " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            source.key,
+            source.session_id,
+            clamp(run.number),
+            source.archived,
+            status,
+            run.ended_at is not None,
+            start,
+            run.ended_at,
+            _epoch(started),
+            clamp(run.tokens),
+            clamp(run.events),
+            clamp(run.steps_completed),
+            clamp(run.steps_failed),
+            clamp(run.budget),
+            clamp(run.last_seq),
+            counted,
+            clamp(missing_events),
+        ),
+    )
+    run_id = cursor.lastrowid
+    assert run_id is not None
+    _insert_components(conn, run_id, run.components.values(), clamp)
+    _insert_models(conn, run_id, run.component_models, clamp)
+    conn.executemany(
+        "INSERT INTO loops VALUES (?, ?, ?, ?, ?)",
+        [
+            (run_id, lp.component, lp.input_sha256, clamp(lp.starts), ",".join(map(str, lp.seqs)))
+            for lp in run.loops
+        ],
+    )
+    if clamp.hit:
+        conn.execute("UPDATE runs SET overflow = 1 WHERE id = ?", (run_id,))
+    return run_id
+
+
+def _insert_outside(
+    conn: sqlite3.Connection, source: Source, read: _Read, writer_there: bool
+) -> None:
+    """The source's row of what the model counts outside its listed runs
+    (``counted = 0``): with no run listed, the fold's current run (the events
+    of a run whose ``session_start`` was rotated away, with their components,
+    as the monitor shows them); else the session's tokens beyond its runs'
+    (the model's total less its runs', in SQL). It holds the source's missing
+    events too, and is left out when it holds nothing."""
+    snap = read.snapshot
+    first = snap.first_timestamp if snap is not None else None
+    if not read.runs and snap is not None and snap.entries:
+        _insert_run(
+            conn,
+            source,
+            snap.run,
+            run_status(snap.run, writer_gone=not writer_there),
+            counted=False,
+            started_at=first,
+            missing_events=read.missing_events,
         )
-        _insert_components(conn, cursor.lastrowid, run.components.values())
-        _insert_models(conn, cursor.lastrowid, run.component_models)
-        conn.executemany(
-            "INSERT INTO loops VALUES (?, ?, ?, ?, ?)",
-            [
-                (
-                    cursor.lastrowid,
-                    lp.component,
-                    lp.input_sha256,
-                    lp.starts,
-                    ",".join(map(str, lp.seqs)),
-                )
-                for lp in run.loops
-            ],
+        return
+    if not read.runs and not read.missing_events:
+        return
+    clamp = _Clamp()
+    cursor = conn.execute(
+        "INSERT INTO runs(source, session_id, run, archived, status, finished, started_at,"
+        " started_ts, tokens, events, steps_completed, steps_failed, counted, missing_events)"
+        " VALUES (?, ?, 0, ?, 'outside', 0, ?, ?, ?, 0, 0, 0, 0, ?)",
+        (
+            source.key,
+            source.session_id,
+            source.archived,
+            first,
+            _epoch(first),
+            clamp(read.tokens),
+            clamp(read.missing_events),
+        ),
+    )
+    row_id = cursor.lastrowid
+    try:
+        if clamp.hit:
+            raise OverflowError
+        conn.execute(
+            "UPDATE runs SET tokens = MAX(0, tokens - (SELECT COALESCE(SUM(b.tokens), 0)"
+            " FROM runs b WHERE b.source = ? AND b.counted = 1)) WHERE id = ?",
+            (source.key, row_id),
         )
+    except (OverflowError, sqlite3.OperationalError):
+        # The runs' tokens pass SQLite's integers: they are marked, and what
+        # lies outside them is not known in SQL.
+        conn.execute("UPDATE runs SET tokens = 0, overflow = 1 WHERE id = ?", (row_id,))
+    conn.execute(
+        "DELETE FROM runs WHERE id = ? AND tokens = 0 AND missing_events = 0 AND overflow = 0",
+        (row_id,),
+    )
 
 
 def _insert_components(
-    conn: sqlite3.Connection, run_id: int | None, components: Iterable[ComponentSnapshot]
+    conn: sqlite3.Connection,
+    run_id: int,
+    components: Iterable[ComponentSnapshot],
+    clamp: _Clamp,
 ) -> None:
     for c in components:
         cursor = conn.execute(
@@ -686,13 +843,13 @@ def _insert_components(
                 run_id,
                 c.name,
                 c.model,
-                c.tokens,
-                c.input_tokens,
-                c.output_tokens,
-                c.operations,
-                c.errors,
-                c.retries,
-                c.timed_operations,
+                clamp(c.tokens),
+                clamp(c.input_tokens),
+                clamp(c.output_tokens),
+                clamp(c.operations),
+                clamp(c.errors),
+                clamp(c.retries),
+                clamp(c.timed_operations),
                 c.latency_ms,
                 c.max_latency_ms,
                 encode_calls(c.heaviest_calls),
@@ -700,15 +857,16 @@ def _insert_components(
             ),
         )
         component_id = cursor.lastrowid
-        buckets = [(component_id, i, n) for i, n in enumerate(c.latency_histogram) if n]
+        buckets = [(component_id, i, clamp(n)) for i, n in enumerate(c.latency_histogram) if n]
         if buckets:
             conn.executemany("INSERT INTO latency VALUES (?, ?, ?)", buckets)
 
 
 def _insert_models(
     conn: sqlite3.Connection,
-    run_id: int | None,
+    run_id: int,
     pairs: Mapping[str, Mapping[str, ModelSnapshot]],
+    clamp: _Clamp,
 ) -> None:
     conn.executemany(
         "INSERT INTO models(run_id, component, model, tokens, input_tokens, output_tokens,"
@@ -719,17 +877,17 @@ def _insert_models(
                 run_id,
                 component,
                 name,
-                m.tokens,
-                m.input_tokens,
-                m.output_tokens,
-                m.calls,
-                m.errors,
-                m.cost_nanousd,
-                m.priced_events,
-                m.unpriced_tokens,
-                m.unpriced_calls,
-                m.unknown_usage_calls,
-                m.tokens_held,
+                clamp(m.tokens),
+                clamp(m.input_tokens),
+                clamp(m.output_tokens),
+                clamp(m.calls),
+                clamp(m.errors),
+                clamp(m.cost_nanousd),
+                clamp(m.priced_events),
+                clamp(m.unpriced_tokens),
+                clamp(m.unpriced_calls),
+                clamp(m.unknown_usage_calls),
+                clamp(m.tokens_held),
             )
             for component, models in pairs.items()
             for name, m in models.items()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sigil.reports.live import RETRY_STORM as _RETRY_STORM
@@ -45,6 +45,13 @@ GROUPS = ("daily", "weekly", "monthly", "session", "component", "model")
 #: before one (``incomplete``)
 FAILED_STATUSES = ("error", "budget_exceeded", "interrupted", "incomplete")
 _FAILED = "r.status IN ('error', 'budget_exceeded', 'interrupted', 'incomplete')"
+#: a run the model lists (the index's row of a source's events outside its
+#: runs is not one: its tokens count, it is no run)
+_RUN_ID = "CASE WHEN r.counted THEN r.id END"
+#: SQLite's largest integer (:data:`sigil.reports.index.INT64_MAX`), and the
+#: largest integer a sum read back as a float is exact to
+INT64_MAX = 2**63 - 1
+_EXACT = 2**53
 
 #: the group's key, as SQL over ``runs r`` and ``components c``
 _KEY_SQL = {
@@ -135,6 +142,11 @@ class Report:
     #: token jumps and runs out of budget of the runs reported, each with the
     #: events (seqs) that show it
     anomalies: dict[str, list[dict[str, Any]]] | None = None
+    #: sessions whose logs lack events (holes in seq the model counted as
+    #: ``missing_events``): their numbers are a lower bound
+    incomplete: list[dict[str, Any]] = field(default_factory=list)
+    #: sessions with a number past SQLite's integers, shown as ``INT64_MAX``
+    overflow: list[str] = field(default_factory=list)
 
 
 def parse_moment(text: str, *, end: bool = False) -> float:
@@ -208,7 +220,56 @@ def run_report(
         shaped,
         next(iter(total.values()), empty),
         anomalies(conn, filters),
+        *_incomplete(conn, filters),
     )
+
+
+def _incomplete(
+    conn: sqlite3.Connection, filters: Filters
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The sessions reported whose logs lack events (the model's missing
+    events), and those with numbers past SQLite's integers."""
+    where, params = filters.where()
+    rows, approximate = _fetch(
+        conn,
+        "SELECT r.session_id, SUM(r.missing_events) FROM runs r"
+        f" WHERE {where} GROUP BY r.session_id HAVING SUM(r.missing_events) > 0"
+        " ORDER BY r.session_id",
+        params,
+    )
+    missing = [
+        {"session": session, "missing_events": _whole(n, approximate)[0]} for session, n in rows
+    ]
+    over = [
+        row[0]
+        for row in conn.execute(
+            f"SELECT DISTINCT r.session_id FROM runs r WHERE {where} AND r.overflow"
+            " ORDER BY r.session_id",
+            params,
+        )
+    ]
+    return missing, over
+
+
+def _fetch(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> tuple[list[Any], bool]:
+    """The rows of ``sql``, and whether its sums were read as floats: SQLite's
+    ``SUM`` raises past its 64-bit integers, so such a query is asked again
+    with ``TOTAL`` (never raises; exact below 2**53), its numbers then read by
+    :func:`_whole` and marked."""
+    try:
+        return conn.execute(sql, params).fetchall(), False
+    except sqlite3.OperationalError as exc:
+        if "integer overflow" not in str(exc):
+            raise
+    return conn.execute(sql.replace("SUM(", "TOTAL("), params).fetchall(), True
+
+
+def _whole(value: Any, approximate: bool) -> tuple[Any, bool]:
+    """A sum as the report shows it, and whether it is past what SQLite holds
+    exactly (then at most ``INT64_MAX``, a lower bound)."""
+    if not approximate or not isinstance(value, float):
+        return value, False
+    return min(int(value), INT64_MAX), value >= _EXACT
 
 
 def anomalies(conn: sqlite3.Connection, filters: Filters) -> dict[str, list[dict[str, Any]]]:
@@ -347,7 +408,8 @@ _TOTAL_COLUMNS = (
 
 
 def _empty() -> dict[str, Any]:
-    values: dict[str, Any] = dict.fromkeys(
+    values: dict[str, Any] = {"missing_events": 0, "overflow": False}
+    values |= dict.fromkeys(
         (
             "sessions",
             "runs",
@@ -374,19 +436,27 @@ def _model_rows(
     group_by = ", ".join(f"k{i}" for i in range(len(keys)))
     n = len(keys)
     sql = (
-        f"SELECT {select_keys}, COUNT(DISTINCT r.session_id), COUNT(DISTINCT r.id),"
-        f" COUNT(DISTINCT CASE WHEN {_FAILED} THEN r.id END), SUM(m.tokens),"
+        f"SELECT {select_keys}, COUNT(DISTINCT r.session_id), COUNT(DISTINCT {_RUN_ID}),"
+        f" COUNT(DISTINCT CASE WHEN r.counted AND {_FAILED} THEN r.id END), SUM(m.tokens),"
         " SUM(m.input_tokens), SUM(m.output_tokens), SUM(m.calls - m.errors), SUM(m.errors),"
         " SUM(m.retries), SUM(m.calls), SUM(m.cost_nanousd), SUM(m.priced_events),"
         " SUM(m.unpriced_tokens), SUM(m.unpriced_calls), SUM(m.unknown_usage_calls),"
-        " SUM(m.tokens_held)"
+        " SUM(m.tokens_held), MAX(r.overflow)"
         f" FROM models m JOIN runs r ON m.run_id = r.id WHERE {where} GROUP BY {group_by}"
     )
     out: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for row in conn.execute(sql, params):
+    rows, approximate = _fetch(conn, sql, params)
+    for row in rows:
         values = out[tuple(row[:n])] = _empty()
-        values.update(zip(_TOTAL_COLUMNS, row[n : n + 9], strict=True))
-        values.update(zip(MODEL_COLUMNS, row[n + 9 :], strict=True))
+        over = bool(row[-1])
+        numbers = []
+        for value in row[n:-1]:
+            number, past = _whole(value, approximate)
+            numbers.append(number)
+            over = over or past
+        values.update(zip(_TOTAL_COLUMNS, numbers[:9], strict=True))
+        values.update(zip(MODEL_COLUMNS, numbers[9:], strict=True))
+        values["overflow"], values["missing_events"] = over, None
     return out
 
 
@@ -408,9 +478,11 @@ def _rows(
         # Whole runs, one row each: a run's tokens are the model's total for the
         # run, its other numbers its components' rolled up at indexing.
         sql = (
-            f"SELECT {select_keys}, COUNT(DISTINCT r.session_id), COUNT(*), SUM({_FAILED}),"
+            f"SELECT {select_keys}, COUNT(DISTINCT r.session_id), SUM(r.counted),"
+            f" SUM(r.counted AND {_FAILED}),"
             " SUM(r.tokens), SUM(r.input_tokens), SUM(r.output_tokens), SUM(r.operations),"
-            " SUM(r.errors), SUM(r.retries), MAX(r.max_latency_ms)"
+            " SUM(r.errors), SUM(r.retries), MAX(r.max_latency_ms), MAX(r.overflow),"
+            " SUM(r.missing_events)"
             f" FROM runs r WHERE {where} GROUP BY {group_by}"
         )
         histograms = (
@@ -419,10 +491,10 @@ def _rows(
         )
     else:
         sql = (
-            f"SELECT {select_keys}, COUNT(DISTINCT r.session_id), COUNT(DISTINCT r.id),"
-            f" COUNT(DISTINCT CASE WHEN {_FAILED} THEN r.id END), SUM(c.tokens),"
+            f"SELECT {select_keys}, COUNT(DISTINCT r.session_id), COUNT(DISTINCT {_RUN_ID}),"
+            f" COUNT(DISTINCT CASE WHEN r.counted AND {_FAILED} THEN r.id END), SUM(c.tokens),"
             " SUM(c.input_tokens), SUM(c.output_tokens), SUM(c.operations), SUM(c.errors),"
-            " SUM(c.retries), MAX(c.max_latency_ms)"
+            " SUM(c.retries), MAX(c.max_latency_ms), MAX(r.overflow), NULL"
             f" FROM components c JOIN runs r ON c.run_id = r.id WHERE {where}"
             f" GROUP BY {group_by}"
         )
@@ -431,14 +503,24 @@ def _rows(
             " JOIN components c ON h.component_id = c.id JOIN runs r ON c.run_id = r.id"
             f" WHERE {where} GROUP BY {group_by}, h.bucket"
         )
-    for row in conn.execute(sql, params):
+    rows, approximate = _fetch(conn, sql, params)
+    for row in rows:
         key = tuple(row[:n])
         values = out[key] = _empty()
-        values.update(zip(_TOTAL_COLUMNS, row[n : n + 9], strict=True))
+        over = bool(row[n + 10])
+        numbers = []
+        for value in row[n : n + 9]:
+            number, past = _whole(value, approximate)
+            numbers.append(number)
+            over = over or past
+        values.update(zip(_TOTAL_COLUMNS, numbers, strict=True))
         maxima[key] = row[n + 9]
+        missing = row[n + 11]
+        values["overflow"] = over
+        values["missing_events"] = None if missing is None else _whole(missing, approximate)[0]
     # The runs' histograms merged bucket by bucket in SQL.
     merged: dict[tuple[Any, ...], dict[int, int]] = {}
-    for row in conn.execute(histograms, params):
+    for row in _fetch(conn, histograms, params)[0]:
         merged.setdefault(tuple(row[:n]), {})[row[n]] = row[n + 1]
     for key, buckets in merged.items():
         target = out.get(key)

@@ -186,31 +186,43 @@ class Folded:
     runs: list[RunSnapshot]
     #: some runs are known only to the ledger: the snapshot's totals miss them
     ledger_only_runs: bool
+    #: the session's tokens as the model counts them (its history's: the
+    #: log's, events outside any started run included, and the ledger-only
+    #: runs'), and the events both its log and its ledger lack (holes in seq)
+    tokens: int = 0
+    missing_events: int = 0
 
 
 def fold_live(directories: list[str]) -> list[Folded | str]:
-    """Every session's log folded in one native call across a small thread pool;
-    the ledgers (where there is one) joined by a second native call, which reads
-    only the small ledger when it stands for the log. The ledger alone is not
-    enough even then: it keeps no latency histogram. A one-line reason for a
-    session whose log cannot be read."""
+    """Every session's history (its ledger joined natively with the fold of
+    its log) in one native call across a small thread pool; the log folded by
+    a second native call only where the history skipped the fold (its ledger
+    stands for the log): the ledger keeps no latency histogram. A one-line
+    reason for a session whose log cannot be read."""
     if not directories:
         return []
-    folds = snapshot_many(directories)
-    with_ledger = [d for d in directories if os.path.isfile(os.path.join(d, _LEDGER))]
-    histories = dict(zip(with_ledger, history_many(with_ledger), strict=True))
+    histories = history_many(directories)
+    unfolded = [
+        d
+        for d, h in zip(directories, histories, strict=True)
+        if not isinstance(h, str) and h.snapshot is None
+    ]
+    folds: dict[str, SessionSnapshot | str] = dict(
+        zip(unfolded, snapshot_many(unfolded), strict=True)
+    )
     out: list[Folded | str] = []
-    for directory, fold in zip(directories, folds, strict=True):
+    for directory, history in zip(directories, histories, strict=True):
+        if isinstance(history, str):
+            out.append(history)
+            continue
+        fold = history.snapshot if history.snapshot is not None else folds[directory]
         if isinstance(fold, str):
             out.append(fold)
             continue
         runs = list(fold.runs)
-        history = histories.get(directory)
-        extra: list[RunSnapshot] = []
-        if history is not None and not isinstance(history, str):
-            folded = {r.number for r in runs}
-            extra = [r for r in history.runs if r.number not in folded]
-            if extra:
-                runs = sorted([*runs, *extra], key=lambda r: r.number)
-        out.append(Folded(fold, runs, bool(extra)))
+        folded = {r.number for r in runs}
+        extra = [r for r in history.runs if r.number not in folded]
+        if extra:
+            runs = sorted([*runs, *extra], key=lambda r: r.number)
+        out.append(Folded(fold, runs, bool(extra), history.tokens, history.missing_events))
     return out

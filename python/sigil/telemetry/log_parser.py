@@ -13,7 +13,7 @@ less, and are re-exported here.)
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -537,6 +537,37 @@ class HistoryModel:
             return None
         self._live = moved
         return self._history(self.ledger())
+
+    def continued_with(self, events: Iterable[FedEvent]) -> HistorySnapshot:
+        """The fold at rest (done first if it was not), copied and continued with
+        ``events`` (each ``Fold.feed_event``'s arguments, oldest first) instead of
+        the live file, joined with the ledger: the history of a run from the
+        events its writer kept, whatever an external rotator did to the file
+        meanwhile (renamed it away, deleted it). The events the fold at rest
+        already holds (it may have read the run's first lines: it is done
+        beside the run) are skipped by ``seq``. Call it before
+        :meth:`at_run_end`, which moves a compressed log's model on."""
+        self.fold_at_rest()
+        base = self._model.fold if self._model is not None else self._fold
+        assert base is not None
+        held = base.summary().get("max_seq")
+        fold = base.copy()
+        for args in events:
+            seq = args[4]
+            if held is not None and seq is not None and seq <= held:
+                continue
+            fold.feed_event(*args)
+        gone = self.writer_gone
+        if gone is None:
+            from sigil.core.locks import is_session_locked
+
+            gone = not is_session_locked(self.session_dir)
+        return fold.history(self.ledger(), writer_gone=gone)
+
+
+#: ``Fold.feed_event``'s arguments: timestamp, event_type, component, tokens,
+#: seq, metadata_json, message
+FedEvent = tuple[str, str, str, int, int | None, str, str]
 
 
 def session_history(

@@ -79,6 +79,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from sigil.core.config import Settings
     from sigil.pipeline.providers import ChatProvider
     from sigil.telemetry.log_parser import (
+        FedEvent,
         HistoryModel,
         HistorySnapshot,
         RunSnapshot,
@@ -213,6 +214,9 @@ class PipelineResult:
     #: events of the session that neither its log nor its ledger hold any more
     #: (a hole in ``seq``): ``total_tokens`` is then a lower bound
     missing_events: int = 0
+    #: tokens this run spent that its log could not record (a full or failing
+    #: disk): not in ``total_tokens``, which is what the log and every view say
+    unrecorded_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -577,7 +581,10 @@ class _RecordingLogger:
 
     The tracker, the error handler and the orchestrator all log through it. It
     adds nothing up: the summaries are built from the session model of the log
-    once the run has closed it (contract 12).
+    once the run has closed it (contract 12). It keeps the run's events as it
+    logged them (:attr:`written`): the session model continues with them when
+    the log can no longer give them back (an external rotator deleted the file
+    they went to, a full disk refused them).
     """
 
     def __init__(self, logger: ExecutionLogger) -> None:
@@ -588,7 +595,28 @@ class _RecordingLogger:
         self.events = 0
         #: the logger's first report of dropped events (a full or failing disk)
         self.dropped: OSError | None = None
+        #: the run's events as logged, oldest first (None past _KEPT_EVENTS)
+        self.written: list[_Logged] | None = []
         self._kill_after = _kill_after_event()
+
+    def _keep(
+        self,
+        stamp: str,
+        event_type: str,
+        component: str,
+        message: str,
+        tokens: int,
+        metadata: dict[str, Any] | None,
+        seq: int,
+    ) -> None:
+        written = self.written
+        if written is None:
+            return
+        if len(written) >= _KEPT_EVENTS:
+            self.written = None  # a run this long: the end reads the log anew
+            return
+        meta = dict(metadata) if metadata else None
+        written.append(_Logged(stamp, event_type, component, message, tokens, meta, seq))
 
     def _after(self, seq: int) -> None:
         self.last_seq = seq
@@ -617,10 +645,12 @@ class _RecordingLogger:
         tokens: int = 0,
         metadata: dict[str, Any] | None = None,
     ) -> int:
+        stamp = _now()
         try:
             seq = await self._logger.log_event(event_type, component, message, tokens, metadata)
         except OSError as exc:
             seq = self._accepted_despite(exc)
+        self._keep(stamp, event_type, component, message, tokens, metadata, seq)
         self._after(seq)
         return seq
 
@@ -632,12 +662,59 @@ class _RecordingLogger:
         tokens: int = 0,
         metadata: dict[str, Any] | None = None,
     ) -> int:
+        stamp = _now()
         try:
             seq = self._logger.log_event_sync(event_type, component, message, tokens, metadata)
         except OSError as exc:
             seq = self._accepted_despite(exc)
+        self._keep(stamp, event_type, component, message, tokens, metadata, seq)
         self._after(seq)
         return seq
+
+    def fed_events(self, sanitizer: Any) -> list[FedEvent] | None:
+        """The run's events as the session model is fed them (``Fold.feed_event``'s
+        arguments), scrubbed as the log's lines are; None when not all were kept."""
+        from sigil.telemetry.execution_logger import dumps
+
+        if self.written is None:
+            return None
+        out: list[FedEvent] = []
+        for e in self.written:
+            message, meta = e.message, e.metadata or {}
+            if sanitizer is not None:
+                message = sanitizer.sanitize_string(message)
+                meta = sanitizer.sanitize_dict(dict(meta)) if meta else meta
+            try:
+                meta_json = dumps(meta).decode() if meta else "{}"
+            except (TypeError, ValueError):
+                meta_json = "{}"
+            out.append(
+                (e.timestamp, e.event_type, e.component, e.tokens, e.seq, meta_json, message)
+            )
+        return out
+
+
+#: The most events of a run its end keeps in memory (a pipeline run has a few
+#: dozen; a longer one is read back from the log).
+_KEPT_EVENTS = 10_000
+
+
+@dataclass(slots=True)
+class _Logged:
+    """One event of the run, as :class:`_RecordingLogger` logged it."""
+
+    timestamp: str
+    event_type: str
+    component: str
+    message: str
+    tokens: int
+    metadata: dict[str, Any] | None
+    seq: int
+
+
+def _now() -> str:
+    """The timestamp as the writer writes it (microseconds, ``+00:00``)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 @dataclass
@@ -652,6 +729,8 @@ class _Prepared:
     #: the fold of the log at rest, done in a thread while the run goes on when
     #: the ledger spared it at the start (its end continues it, see _history_at_end)
     resting: asyncio.Future[None] | None = None
+    #: what the run logged through (its events, kept for its end)
+    log: _RecordingLogger | None = None
 
 
 class Orchestrator:
@@ -1076,6 +1155,7 @@ class Orchestrator:
         comp_tokens, comp_ops = history.component_totals()
         tracker.restore(history.tokens_used, comp_tokens, comp_ops)
         log = _RecordingLogger(self.execution_logger)
+        prep.log = log
         tracker.logger = log
         self.token_tracker = tracker
         handler = self.error_handler
@@ -1446,7 +1526,14 @@ class Orchestrator:
         """Final event, close the log, write the summary files; build the result."""
         record = prep.run
         run_latency = sum(s.latency_ms for s in steps if not s.metadata.get("resumed"))
-        total = tracker.used
+        # The session model's numbers (contract 12), else the tracker's.
+        end = end_numbers(
+            await self._model_before_end(prep, log),
+            record.run,
+            prep.budget,
+            (tracker.used, tracker.used - tokens_before_run, prep.history.tokens_held),
+        )
+        total = end.total
         validation = next((s for s in steps if str(s.step) == "validation" and s.success), None)
         reasoning = next((s for s in steps if str(s.step) == "reasoning" and s.success), None)
         quality = validation.metadata.get("quality_score") if validation else None
@@ -1461,9 +1548,9 @@ class Orchestrator:
             "status": status,
             "run": record.run,
             "total_tokens": total,
-            "run_tokens": total - tokens_before_run,
+            "run_tokens": end.run_tokens,
             "budget": prep.budget,
-            "budget_remaining": max(0, prep.budget - total),
+            "budget_remaining": end.budget_remaining,
             "total_latency_ms": round(run_latency, 3),
             "wall_time_ms": round((time.perf_counter() - started) * 1000, 3),
             "steps_completed": sum(1 for s in steps if s.success),
@@ -1521,6 +1608,13 @@ class Orchestrator:
             # it, so the summaries are rebuilt from the log once there is room.
         if self.recording_error is not None and error is None:
             error = describe_write_error(self.recording_error, self.session_dir)
+        run_tokens, unrecorded = end.run_tokens, 0
+        if self.recording_error is not None:
+            # The log lacks events: the result says what the session model of
+            # the log says (every view's number), and names what it lacks.
+            numbers = await asyncio.to_thread(self._unrecorded_end, prep)
+            if numbers is not None:
+                total, run_tokens, unrecorded = numbers
         return PipelineResult(
             session_id=self.session_id,
             task=prep.task,
@@ -1533,13 +1627,34 @@ class Orchestrator:
             recommended_action=action,
             status=status,
             run=record.run,
-            run_tokens=total - tokens_before_run,
+            run_tokens=run_tokens,
             budget=prep.budget,
             error=error,
             resumed=prep.resumed,
             log_file=str(self.log_file),
             missing_events=prep.history.missing_events,
+            unrecorded_tokens=unrecorded,
         )
+
+    def _unrecorded_end(self, prep: _Prepared) -> tuple[int, int, int] | None:
+        """A run whose log lacks events (a full or failing disk): the session's
+        tokens and the run's as the session model of the log says them (as
+        every view reads it), and the tokens the run spent that the log does not
+        hold: the model continued with the run's own events, less the model of
+        the log. None when either cannot be had (the caller keeps its counts)."""
+        source = prep.history.source
+        own = prep.log.fed_events(self._sanitizer) if prep.log is not None else None
+        try:
+            kept = source.continued_with(own) if source is not None and own is not None else None
+            model = read_session_history(self.session_dir).model
+        except (OSError, ValueError):
+            return None
+        if model is None:
+            return None
+        runs = [r for r in model.runs if r.number == prep.run.run]
+        run_tokens = runs[-1].tokens if runs else 0
+        unrecorded = max(0, kept.tokens - model.tokens) if kept is not None else 0
+        return model.tokens, run_tokens, unrecorded
 
     # -- summary files ------------------------------------------------------------------
 
@@ -1579,17 +1694,82 @@ class Orchestrator:
         log at rest continued with the run's own events (no refold of a log that
         may hold millions of events), joined with the ledger, as any later
         reader would read it. If an external rotator moved the live file during
-        the run, the log is read anew."""
-        source = prep.history.source
-        model = None
-        if source is not None:
-            try:
-                model = source.at_run_end()
-            except OSError:
-                model = None
+        the run, the fold goes on with the events the run kept as it logged
+        them: a refold of what the log still holds would lose the run's events
+        that left it (``rotate 0`` deletes them), and their tokens would leave
+        the budget. Only without a fold at rest, or with more events than were
+        kept, is the log read anew."""
+        model = self._continued_model(prep)
         if model is None:
             return read_session_history(self.session_dir)
         return SessionHistory.of(model)
+
+    def _continued_model(self, prep: _Prepared) -> HistorySnapshot | None:
+        """The fold of the log at rest continued to the run's last event logged
+        so far: from the live file, or, when the live file is not the one the
+        run's events went to (a rotator renamed, deleted or recreated it; it may
+        even have the same inode), with the events the run kept as it logged
+        them. None without a fold at rest, or when the run's events are neither
+        in the live file nor all kept: the caller reads the log anew."""
+        source = prep.history.source
+        if source is None:
+            return None
+        own = prep.log.fed_events(self._sanitizer) if prep.log is not None else None
+        try:
+            # Before at_run_end, which moves a compressed log's model on.
+            kept = source.continued_with(own) if own is not None else None
+            model = source.at_run_end()
+        except OSError:
+            kept = model = None
+        if kept is not None and not _holds_the_same(model, kept):
+            model = kept
+        return model
+
+    async def _model_before_end(
+        self, prep: _Prepared, log: _RecordingLogger
+    ) -> HistorySnapshot | None:
+        """The session model just before the run's final event (contract 12):
+        what the final event and the end's summary say of the tokens and of
+        what is left of the budget, as every view shows the run once it ended.
+
+        The run's events are written out first, then the fold of the log at
+        rest (the one the end continues, :meth:`_history_at_end`) goes on with
+        them. The history reads the run's writer as gone (``writer_gone``):
+        the calls the run leaves open (a proxy's, not recorded by the end of
+        its abort wait) hold their reservations as calls of unknown usage, as
+        once its final event is written; the final event adds no tokens. None
+        when the log lacks events or cannot be read or written in time: the
+        caller says its own counts then."""
+        if self.recording_error is not None or log.dropped is not None:
+            return None
+        try:
+            await asyncio.to_thread(self.execution_logger.wait_written, None, _END_WAIT_SECONDS)
+        except (OSError, ValueError):
+            return None  # TimeoutError too: a slow disk, the events still queued
+        if prep.resting is not None:
+            resting, prep.resting = prep.resting, None
+            try:
+                await resting
+            except Exception:
+                prep.history.source = None
+            except asyncio.CancelledError:
+                if not resting.cancelled():
+                    raise
+                prep.history.source = None
+        if prep.history.source is None:
+            from sigil.telemetry.log_parser import HistoryModel
+
+            # The end then continues this fold (no second fold of the log).
+            prep.history.source = HistoryModel(
+                self.session_dir, last_n=_RESUME_EVENTS, writer_gone=True
+            )
+        try:
+            model = await asyncio.to_thread(self._continued_model, prep)
+            if model is None:  # neither in the live file nor kept: the log read anew
+                model = (await asyncio.to_thread(read_session_history, self.session_dir)).model
+        except Exception:
+            return None
+        return model
 
     def _rebuild_summaries(self, history: SessionHistory) -> None:
         """tokens.json and metrics.json from the history alone (no run in progress)."""
@@ -1749,8 +1929,78 @@ def write_summaries(
     _atomic_write(session_dir / "metrics.json", _json_bytes(metrics_doc))
 
 
+def _holds_the_same(model: HistorySnapshot | None, kept: HistorySnapshot) -> bool:
+    """Whether the model read from the log holds every event the run kept (the
+    same events, last ``seq`` and tokens as the model continued with them)."""
+    return (
+        model is not None
+        and model.events == kept.events
+        and model.last_seq == kept.last_seq
+        and model.tokens == kept.tokens
+        and model.missing_events == kept.missing_events
+    )
+
+
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
+
+
+#: How long the end of a run waits for its events to reach the log before it
+#: folds them (a slow disk: the final event then says the writer's own counts).
+_END_WAIT_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class EndNumbers:
+    """What a run's final event and its end line say of the tokens."""
+
+    #: tokens used by the whole session
+    total: int
+    #: tokens used by this run
+    run_tokens: int
+    #: the budget less the tokens used and those held for calls of unknown usage
+    budget_remaining: int
+    #: this run's calls of unknown usage and the tokens held for them
+    unknown_calls: int = 0
+    tokens_held: int = 0
+    #: from the session model (False: the writer's own counts)
+    from_model: bool = False
+
+
+def end_numbers(
+    model: HistorySnapshot | None,
+    run: int,
+    budget: int,
+    own: tuple[int, int, int],
+    own_unknown: tuple[int, int] = (0, 0),
+) -> EndNumbers:
+    """A run's end numbers from the session model just before its final event
+    (:meth:`Orchestrator._model_before_end`): the session's tokens, run
+    ``run``'s tokens and calls of unknown usage, and what the model leaves of
+    the session's budget (``HistorySnapshot.tokens_remaining``: budget - used
+    - held, as the monitor shows it). Without the model (the log lacks events
+    or could not be read; the run's budget not in it), what is left of
+    ``budget`` by the writer's ``own`` ``(session tokens, run tokens, tokens
+    held)``, and ``own_unknown`` ``(calls, tokens held)`` of the run."""
+    runs = [] if model is None else [r for r in model.runs if r.number == run]
+    if model is not None and runs and model.tokens_remaining is not None:
+        r = runs[-1]
+        return EndNumbers(
+            total=model.tokens,
+            run_tokens=r.tokens,
+            budget_remaining=model.tokens_remaining,
+            unknown_calls=r.unknown_usage_calls,
+            tokens_held=r.tokens_held,
+            from_model=True,
+        )
+    total, run_tokens, held = own
+    return EndNumbers(
+        total=total,
+        run_tokens=run_tokens,
+        budget_remaining=max(0, budget - total - held),
+        unknown_calls=own_unknown[0],
+        tokens_held=own_unknown[1],
+    )
 
 
 async def _to_the_end(aw: Any, *, absorb: bool = False) -> Any:

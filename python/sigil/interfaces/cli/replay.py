@@ -945,10 +945,11 @@ class Player:
             # Every event fed, even a burst larger than the model's recent ring.
             self.renderer.on_events(self.state, entries_of(lines))
 
-    def _sync(self) -> None:
-        """The state takes the fold's snapshot."""
+    def _sync(self, *, writer_gone: bool = False) -> None:
+        """The state takes the fold's snapshot (``writer_gone``: the calls the
+        last run left open hold their reservations, see :meth:`_end`)."""
         state = self.state
-        state.update(self.fold.snapshot())
+        state.update(self.fold.snapshot(writer_gone=writer_gone))
         if self.renderer.lists_events:
             state.unlisted = 0  # every event was listed as it was fed
         state.rotations = self._file
@@ -1002,17 +1003,25 @@ class Player:
             self.dashboard.view.paused = False
 
     def _end(self) -> None:
-        """The last line is in: the writer is gone, as a live monitor would find."""
+        """The last line is in: the writer is gone, as a live monitor would find.
+
+        So the end's snapshot is taken with ``writer_gone`` (the model's rule,
+        contract 12): the proxy calls the played run left open (a ``kill -9``
+        leaves their ``step_start`` only) hold their reservations as calls of
+        unknown usage, as ``monitor``, ``sessions`` and ``report`` count them.
+        The writer is gone whatever was played: a session still locked is not
+        replayed, and the run ``--run N`` plays ended, was followed by a later
+        one, or its writer is gone too. A snapshot before the end is history:
+        the calls open then were in flight then, and are shown so."""
         self.finished = True
         self._frozen_at = None
-        if self._stale:
-            self._sync()
+        self._sync(writer_gone=True)
         state = self.state
         joined: SessionSnapshot | None = self.final
         if joined is None and self.ledger is not None and self.ledger.present:
-            joined = self.fold.snapshot(self.ledger)
+            joined = self.fold.snapshot(self.ledger, writer_gone=True)
         if joined is not None:
-            played = self.fold.snapshot()
+            played = self.fold.snapshot(writer_gone=True)
             self.ledger_only_runs = max(0, joined.run_count - played.run_count)
             if self.ledger_only_runs or self.final is not None:
                 state.update(joined)

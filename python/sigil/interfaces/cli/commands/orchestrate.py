@@ -551,6 +551,11 @@ def _print_result(result: PipelineResult, snap: SessionSnapshot | None = None) -
         f"Tokens: {result.run_tokens:,} this run · {result.total_tokens:,} of "
         f"{result.budget:,} used by the session ({pct:.1f}%) · {result.total_latency_ms:.1f} ms"
     )
+    if result.unrecorded_tokens:
+        echo(
+            f"Not recorded: {result.unrecorded_tokens:,} more tokens this run spent could not "
+            "be written to the log (not in the session's total above)"
+        )
     if costs and run is not None and snap is not None:
         echo(_cost_summary(run, snap))
     if result.quality_score is not None:

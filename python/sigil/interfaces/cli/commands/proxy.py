@@ -403,28 +403,39 @@ class MeteredSession:
         await _to_the_end(self._end(status, error, ORCHESTRATOR), absorb=True)
 
     async def _end(self, status: str, error: str | None, component: str) -> None:
+        from sigil.interfaces.cli.orchestrator import end_numbers
         from sigil.proxy.policy import recording_failure
 
         orch, prep, log = self.orchestrator, self._prep, self._log
         tracker, meter = orch.token_tracker, self.meter
         assert meter is not None
-        total = tracker.used
+        # The session model's numbers (contract 12): a call still open after
+        # the transport's abort wait holds its reservation there, as in every
+        # view once the run has ended; the meter's own counts without it.
+        wall_ms = round((time.perf_counter() - self._started) * 1000, 3)
+        end = end_numbers(
+            await orch._model_before_end(prep, log),
+            prep.run.run,
+            prep.budget,
+            (tracker.used, tracker.used - self._tokens_before, meter.holding),
+            (meter.unknown, meter.held),
+        )
         meta: dict[str, Any] = {
             "status": status,
             "run": prep.run.run,
-            "total_tokens": total,
-            "run_tokens": total - self._tokens_before,
+            "total_tokens": end.total,
+            "run_tokens": end.run_tokens,
             "budget": prep.budget,
-            "budget_remaining": max(0, prep.budget - total - meter.holding),
-            "wall_time_ms": round((time.perf_counter() - self._started) * 1000, 3),
+            "budget_remaining": end.budget_remaining,
+            "wall_time_ms": wall_ms,
             "calls": meter.calls,
             "calls_failed": meter.failed,
             "calls_refused": meter.refused,
         }
-        if meter.unknown:
+        if end.unknown_calls:
             # Their tokens are not in total_tokens: shown as unknown, never as 0.
-            meta["calls_usage_unknown"] = meter.unknown
-            meta["tokens_held_unknown"] = meter.held
+            meta["calls_usage_unknown"] = end.unknown_calls
+            meta["tokens_held_unknown"] = end.tokens_held
         if error:
             meta["error"] = error
         try:

@@ -129,12 +129,26 @@ def report(
             "rows": result.rows,
             "total": result.total,
             "anomalies": result.anomalies,
+            # sessions whose logs lack events (holes in seq): lower bounds
+            "incomplete": result.incomplete,
+            # sessions with a number past SQLite's integers (shown as 2**63 - 1)
+            "overflow": result.overflow,
             # the sources left out: not counted above (issue 13 review)
             "unreadable": state.damaged,
         }
         click.echo(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode())
         return
     _print_table(result)
+    for session in result.incomplete:
+        click.echo(
+            f"incomplete: session {session['session']}: {session['missing_events']:,} events"
+            " missing from its log (holes in seq): its numbers are a lower bound"
+        )
+    for session_id in result.overflow:
+        click.echo(
+            f"overflow: session {session_id}: numbers past {INT64_MAX:,} (SQLite's largest"
+            " integer) are shown as that, marked +; sigil sessions shows its total whole"
+        )
     for source in state.damaged:
         runs = source["runs_counted"]
         counted = f"{runs} run{'s' if runs != 1 else ''} of its readable part counted"
@@ -157,12 +171,15 @@ def _print_table(result: object) -> None:
     table = Table(title=f"sigil report: {result.group}", show_footer=True)
     for i, key in enumerate(keys):
         table.add_column(key.upper(), footer="TOTAL" if i == 0 else "")
+    total = result.total
     for name, header in _COLUMNS:
-        table.add_column(header, justify="right", footer=_cell(result.total.get(name)))
+        table.add_column(
+            header, justify="right", footer=_cell(total.get(name), total.get("overflow"))
+        )
     for row in result.rows:
         table.add_row(
             *(_name(row[k]) for k in keys),
-            *(_cell(row.get(name)) for name, _ in _COLUMNS),
+            *(_cell(row.get(name), row.get("overflow")) for name, _ in _COLUMNS),
         )
     _console().print(table)
     found = result.anomalies or {}
@@ -227,11 +244,18 @@ def _console() -> Any:
     return Console() if sys.stdout.isatty() else Console(width=240)
 
 
-def _cell(value: object) -> str:
+#: SQLite's largest integer: a row's number at or near it is a lower bound
+INT64_MAX = 2**63 - 1
+
+
+def _cell(value: object, overflow: object = False) -> str:
+    """A number as a cell; in a row with a number past SQLite's integers, one
+    that may be clamped (at least 2**53, where sums stop being exact) is
+    marked ``+``: at least this."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.2f}"
     if isinstance(value, int):
-        return f"{value:,}"
+        return f"{value:,}" + ("+" if overflow and value >= 2**53 else "")
     return str(value)

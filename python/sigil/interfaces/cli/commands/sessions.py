@@ -75,6 +75,11 @@ class SessionRow:
     #: run): run, component, input_sha256, starts, seqs. Runs known only from
     #: the ledger carry none.
     loops: list[dict[str, Any]] = field(default_factory=list)
+    #: events the session's log (and its ledger) lack, the model's count of the
+    #: holes in seq (a rotation that lost lines): its numbers are then a lower
+    #: bound, and its status is marked ``+missing``. An archive counts the
+    #: holes of its log. None: not known (summaries from before the ledger)
+    missing_events: int | None = None
 
 
 @click.command("sessions", context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,6 +100,8 @@ def sessions(ctx: click.Context, log_path: str | None, as_json: bool, watch: boo
     Status is running (its lock is held), complete, error, budget_exceeded,
     interrupted, incomplete (its writer stopped before the end), waiting (no run
     yet) or unreadable (its log cannot be read: one line on stderr says why).
+    +missing: events are missing from its log (holes in seq, e.g. a rotation
+    that lost lines): its numbers are a lower bound (one line on stderr).
     """
     if watch:
         from sigil.interfaces.cli.commands.top import top
@@ -122,6 +129,12 @@ def sessions(ctx: click.Context, log_path: str | None, as_json: bool, watch: boo
         elif row.error is not None:
             click.echo(
                 f"sigil: warning: session {row.session_id} is unreadable: {shown(row.error)}",
+                err=True,
+            )
+        if row.missing_events:
+            click.echo(
+                f"sigil: warning: session {row.session_id}: {row.missing_events:,} events"
+                " missing from its log (holes in seq): its numbers are a lower bound",
                 err=True,
             )
     if as_json:
@@ -417,11 +430,14 @@ def _apply_history(
     """A row's numbers from the session model: a live session's history (its
     ledger joined with its log's fold), or an archive's snapshot (the archive's
     fold joined with its ledger). ``snap`` is the fold's own snapshot."""
-    from sigil.telemetry.log_parser import run_status
+    from sigil.telemetry.log_parser import HistorySnapshot, run_status
     from sigil.telemetry.pricing import usd
 
     runs = history.runs
     row.tokens_used = history.tokens
+    row.missing_events = (
+        history.missing_events if isinstance(history, HistorySnapshot) else history.seq_missing
+    )
     row.cost_usd = usd(history.cost_nanousd) if history.priced_events else None
     row.unpriced_tokens = history.unpriced_tokens
     row.unknown_usage_calls = history.unknown_usage_calls
@@ -503,7 +519,10 @@ def _cells(row: SessionRow) -> tuple[str, ...]:
     archived = Path(row.path).parent.name if row.archived else "-"
     return (
         row.session_id,
-        row.status + ("+loop" if row.loops else "") + ("+damaged" if row.damaged else ""),
+        row.status
+        + ("+loop" if row.loops else "")
+        + ("+damaged" if row.damaged else "")
+        + ("+missing" if row.missing_events else ""),
         shown_start,
         format_duration(row.duration_seconds),
         tokens,
