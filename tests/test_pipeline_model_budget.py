@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from sigil.proxy.usage import count_tokens, prompt_estimate_text, prompt_overhead
+from sigil.pipeline.calls import count_tokens, prompt_estimate_text, prompt_overhead
 
 ANALYSIS = {
     "intent": "lead_analysis",
