@@ -508,6 +508,11 @@ pub struct Mapped {
     pub error_type: Option<String>,
     /// index into the batch's price requests
     pub price: Option<usize>,
+    /// a span that can group model calls and report their usage again (GenAI
+    /// `invoke_agent`/`create_agent`/`execute_tool`, an OpenInference kind
+    /// other than `LLM`/`EMBEDDING`): held back when it reports usage before
+    /// any of its children (`SessionState::write`)
+    pub groups: bool,
 }
 
 impl Mapped {
@@ -570,7 +575,12 @@ fn map_span(span: &SpanIn, scrub: &mut Scrubber) -> Option<(String, Mapped)> {
         invalid = bad_total;
         total
     };
-    let llm_kind = matches!(text(&a[OI_KIND]), Some("LLM" | "EMBEDDING"));
+    let oi_kind = text(&a[OI_KIND]);
+    let llm_kind = matches!(oi_kind, Some("LLM" | "EMBEDDING"));
+    let groups = match operation {
+        Some(op) => matches!(op, "invoke_agent" | "create_agent" | "execute_tool"),
+        None => oi_kind.is_some() && !llm_kind,
+    };
     let tokens_only = if operation == Some("invoke_workflow") {
         if sigil_tokens.unwrap_or(0) == 0 {
             return None;
@@ -650,6 +660,7 @@ fn map_span(span: &SpanIn, scrub: &mut Scrubber) -> Option<(String, Mapped)> {
             latency_ms,
             error_type: error_type.map(|e| scrub.scrub(e)),
             price: None,
+            groups,
         },
     ))
 }
@@ -704,15 +715,76 @@ pub fn map_spans(spans: &[SpanIn]) -> Batch {
 
 // ---------------------------------------------------------------------------
 // Per-session state and writing (sink.SessionSink._write)
+//
+// Every token is counted once. A span reporting usage whose children reported
+// theirs already is an *aggregate*: written with no tokens (`reported_*` and
+// `aggregate: true` in its metadata). A span that can group model calls
+// (`Mapped::groups`) reporting usage before any child is known is *pending*:
+// written at once with no tokens (`reported_*`, `pending: true`) and held. A
+// child reporting usage makes it an aggregate (nothing more is written for
+// it); still without one when the grace passes or its run ends, it is
+// *settled*: one `token_consumption` of its component with its tokens and cost
+// (`settled: true`). A span whose parent is settled is *covered*: its usage is
+// in that count, so it is written with no tokens (`covered: true`), and so
+// are its own children. Each of these marks is in the log, so a session
+// reopened from it (`add_parents`, `add_covered`, `add_pending`) keeps them.
 
-/// Parent keys remembered per session (the oldest half forgotten when full).
+/// Keys remembered per session in each set (the oldest half forgotten when full).
 const MAX_PARENTS: usize = 65536;
+/// Spans held pending per session at most: past it the oldest is settled.
+const MAX_PENDING: usize = 4096;
+
+/// A set of keys (trace ID + span ID) that forgets its oldest half when full.
+#[derive(Default)]
+struct Bounded {
+    set: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Bounded {
+    fn contains(&self, key: &str) -> bool {
+        self.set.contains(key)
+    }
+
+    fn insert(&mut self, key: String) {
+        if self.set.contains(&key) {
+            return;
+        }
+        if self.set.len() >= MAX_PARENTS {
+            for _ in 0..MAX_PARENTS / 2 {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+        self.set.insert(key.clone());
+        self.order.push_back(key);
+    }
+}
+
+/// A grouping span written with no tokens, waiting for a child or its settling.
+struct Pending {
+    /// when it was held (the caller's clock, seconds)
+    held_at: f64,
+    /// its place in `SessionState::pending_order`
+    serial: u64,
+    component: String,
+    message: String,
+    /// the metadata of its pending event (`reported_*`)
+    meta: Vec<u8>,
+}
 
 #[derive(Default)]
 pub struct SessionState {
     seen: HashSet<String>,
-    parents: HashSet<String>,
-    parent_order: VecDeque<String>,
+    /// spans whose children reported usage (a span reporting usage after is an aggregate)
+    parents: Bounded,
+    /// spans whose descendants' usage is counted already (settled or covered)
+    covered: Bounded,
+    pending: HashMap<String, Pending>,
+    /// pending keys in the order they were held (stale entries skipped)
+    pending_order: VecDeque<(u64, String)>,
+    serial: u64,
 }
 
 fn push_key_str(out: &mut Vec<u8>, key: &str, value: &str) {
@@ -756,32 +828,184 @@ pub trait Sink {
     ) -> Result<(), String>;
 }
 
+/// How a span reporting usage is counted.
+#[derive(Clone, Copy, PartialEq)]
+enum Count {
+    /// its tokens
+    Own,
+    /// none: its children reported them
+    Aggregate,
+    /// none for now: held until a child reports or it is settled
+    Pending,
+    /// none: an ancestor settled with them
+    Covered,
+}
+
+/// The settle event of a pending span: its tokens and metadata, from the
+/// metadata of its pending event (None when that is not one).
+fn settle_event(pending_meta: &[u8]) -> Option<(u64, Vec<u8>)> {
+    use serde_json::{Map, Value};
+    let meta: Map<String, Value> = serde_json::from_slice(pending_meta).ok()?;
+    let tokens = meta.get("reported_tokens")?.as_u64()?;
+    let mut out = Map::new();
+    for (from, to) in [
+        ("source", "source"),
+        ("trace_id", "trace_id"),
+        ("span_id", "span_id"),
+        ("reported_input_tokens", "input_tokens"),
+        ("reported_output_tokens", "output_tokens"),
+        ("model", "model"),
+        ("provider", "provider"),
+        ("operation", "operation"),
+        ("reported_cost_usd", "cost_usd"),
+    ] {
+        if let Some(v) = meta.get(from) {
+            out.insert(to.to_string(), v.clone());
+        }
+    }
+    out.insert("settled".to_string(), Value::Bool(true));
+    Some((tokens, serde_json::to_vec(&out).ok()?))
+}
+
+/// The key (trace ID + span ID) in an event's metadata.
+fn meta_key(meta: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Ids<'a> {
+        #[serde(borrow)]
+        trace_id: Cow<'a, str>,
+        #[serde(borrow)]
+        span_id: Cow<'a, str>,
+    }
+    let ids: Ids<'_> = serde_json::from_slice(meta).ok()?;
+    Some(format!("{}{}", ids.trace_id, ids.span_id))
+}
+
 impl SessionState {
     pub fn has_new(&self, events: &[Mapped]) -> bool {
         events.iter().any(|e| !self.seen.contains(&e.key()))
     }
 
     fn remember_parent(&mut self, key: String) {
-        if self.parents.contains(&key) {
-            return;
+        self.parents.insert(key);
+    }
+
+    /// Mark a span settled or covered (rebuilt from the log): its children count 0.
+    fn remember_covered(&mut self, key: String) {
+        self.covered.insert(key);
+    }
+
+    /// Hold a span pending (rebuilt from the log: `component`, `message` and
+    /// the metadata of its pending event), unless a child made it an
+    /// aggregate or it was settled. False when it is not held.
+    fn hold(&mut self, component: &str, message: &str, meta: &[u8], now: f64) -> bool {
+        let Some(key) = meta_key(meta) else {
+            return false;
+        };
+        if settle_event(meta).is_none()
+            || self.parents.contains(&key)
+            || self.covered.contains(&key)
+            || self.pending.contains_key(&key)
+        {
+            return false;
         }
-        if self.parents.len() >= MAX_PARENTS {
-            for _ in 0..MAX_PARENTS / 2 {
-                if let Some(old) = self.parent_order.pop_front() {
-                    self.parents.remove(&old);
-                }
+        self.push_pending(
+            key,
+            component.to_string(),
+            message.to_string(),
+            meta.to_vec(),
+            now,
+        );
+        true
+    }
+
+    fn push_pending(
+        &mut self,
+        key: String,
+        component: String,
+        message: String,
+        meta: Vec<u8>,
+        now: f64,
+    ) {
+        self.serial += 1;
+        if self.pending_order.len() >= 4 * MAX_PENDING {
+            // drop the entries of spans no longer pending
+            let pending = &self.pending;
+            self.pending_order
+                .retain(|(serial, k)| pending.get(k).is_some_and(|p| p.serial == *serial));
+        }
+        self.pending_order.push_back((self.serial, key.clone()));
+        self.pending.insert(
+            key,
+            Pending {
+                held_at: now,
+                serial: self.serial,
+                component,
+                message,
+                meta,
+            },
+        );
+    }
+
+    /// How many spans are pending, held at or before `before` (None: all).
+    pub fn pending_count(&self, before: Option<f64>) -> usize {
+        match before {
+            None => self.pending.len(),
+            Some(b) => self.pending.values().filter(|p| p.held_at <= b).count(),
+        }
+    }
+
+    /// Settle the pending spans held at or before `before` (None: all), the
+    /// oldest first: each one `token_consumption` with its tokens. Returns
+    /// how many were settled.
+    pub fn settle(&mut self, before: Option<f64>, sink: &mut dyn Sink) -> Result<u64, String> {
+        self.settle_some(before, usize::MAX, sink)
+    }
+
+    /// `settle`, at most `most` spans.
+    fn settle_some(
+        &mut self,
+        before: Option<f64>,
+        most: usize,
+        sink: &mut dyn Sink,
+    ) -> Result<u64, String> {
+        let mut done = 0;
+        let mut settled = 0;
+        while settled < most {
+            let Some((serial, key)) = self.pending_order.pop_front() else {
+                break;
+            };
+            let Some(p) = self.pending.get(&key).filter(|p| p.serial == serial) else {
+                continue; // made an aggregate (or held again) since
+            };
+            if before.is_some_and(|b| p.held_at > b) {
+                self.pending_order.push_front((serial, key));
+                break;
             }
+            if let Some((tokens, meta)) = settle_event(&p.meta) {
+                let mut component = Cow::Borrowed(p.component.as_str());
+                bound_name("token_consumption", &mut component);
+                let sent = sink.event("token_consumption", &component, &p.message, tokens, &meta);
+                if let Err(e) = sent {
+                    self.pending_order.push_front((serial, key));
+                    return Err(e);
+                }
+                done += 1;
+            }
+            settled += 1;
+            self.pending.remove(&key);
+            self.covered.insert(key);
         }
-        self.parents.insert(key.clone());
-        self.parent_order.push_back(key);
+        Ok(done)
     }
 
     /// Write `events` (of one session) to `sink`; `costs[i]` is the cost of
-    /// the batch's i-th price request (None: unpriced).
+    /// the batch's i-th price request (None: unpriced); `now` is when (the
+    /// caller's clock, seconds: what `settle` compares).
     pub fn write(
         &mut self,
         events: &[Mapped],
         costs: &[Option<f64>],
+        now: f64,
         sink: &mut dyn Sink,
     ) -> Result<Written, String> {
         let mut done = Written::default();
@@ -794,18 +1018,34 @@ impl SessionState {
                 continue;
             }
             let mut tokens = e.tokens;
-            let mut aggregate = false;
+            let mut count = Count::Own;
+            let parent_key = if e.exported { None } else { e.parent_key() };
+            // A descendant of a settled span: its usage is in that span's count.
+            let covered = parent_key
+                .as_ref()
+                .is_some_and(|p| self.covered.contains(p));
             // A span reporting usage makes its parent an aggregate of it: the
             // parent's ID goes into the event, so a session reopened from its log
             // (idle, evicted, collect restarted) knows it again (`add_parents`).
             let mut child_of = None;
             if e.usage.is_some() && !e.exported {
-                if tokens != 0 && self.parents.contains(&key) {
-                    // Its children reported this usage already (sink's module doc).
-                    aggregate = true;
+                if tokens != 0 {
+                    if covered {
+                        count = Count::Covered;
+                    } else if self.parents.contains(&key) {
+                        // Its children reported this usage already (sink's module doc).
+                        count = Count::Aggregate;
+                    } else if e.groups {
+                        // Its children may come: held until one does or it is settled.
+                        count = Count::Pending;
+                    }
+                }
+                if count != Count::Own {
                     tokens = 0;
                 }
-                if let Some(parent) = e.parent_key() {
+                if let Some(parent) = parent_key {
+                    // A pending parent is an aggregate of this one now.
+                    self.pending.remove(&parent);
                     self.remember_parent(parent);
                     child_of = Some(e.parent_span_id.as_str());
                 }
@@ -824,7 +1064,7 @@ impl SessionState {
                 meta.push(b',');
                 push_key_str(&mut meta, "parent_span_id", parent);
             }
-            if !aggregate {
+            if count == Count::Own {
                 if let Some(n) = e.input {
                     meta.push(b',');
                     push_key_u64(&mut meta, "input_tokens", n);
@@ -856,7 +1096,13 @@ impl SessionState {
                 meta.push(b',');
                 push_key_str(&mut meta, "error_type", t);
             }
-            if aggregate {
+            let cost = e.price.and_then(|i| costs.get(i).copied().flatten());
+            if count == Count::Own {
+                if let Some(cost) = cost {
+                    meta.push(b',');
+                    push_key_f64(&mut meta, "cost_usd", cost);
+                }
+            } else {
                 if let Some(n) = e.input {
                     meta.push(b',');
                     push_key_u64(&mut meta, "reported_input_tokens", n);
@@ -865,10 +1111,24 @@ impl SessionState {
                     meta.push(b',');
                     push_key_u64(&mut meta, "reported_output_tokens", n);
                 }
-                meta.extend_from_slice(b",\"aggregate\":true");
-            } else if let Some(Some(cost)) = e.price.and_then(|i| costs.get(i)) {
-                meta.push(b',');
-                push_key_f64(&mut meta, "cost_usd", *cost);
+                meta.extend_from_slice(match count {
+                    Count::Aggregate => b",\"aggregate\":true".as_slice(),
+                    Count::Covered => b",\"covered\":true",
+                    _ => b"",
+                });
+                if count == Count::Pending {
+                    meta.push(b',');
+                    push_key_u64(&mut meta, "reported_tokens", e.tokens);
+                    if let Some(cost) = cost {
+                        meta.push(b',');
+                        push_key_f64(&mut meta, "reported_cost_usd", cost);
+                    }
+                    meta.extend_from_slice(b",\"pending\":true");
+                }
+            }
+            if covered && count != Count::Covered && !e.exported {
+                // no usage of its own, but its children are covered too
+                meta.extend_from_slice(b",\"covered\":true");
             }
             meta.push(b'}');
             let mut component = Cow::Borrowed(e.component.as_str());
@@ -888,8 +1148,23 @@ impl SessionState {
                 sink.event("step_start", &start_component, &e.message, 0, &ids)?;
                 sink.event(end, &component, &e.message, tokens, &meta)?;
             }
+            if covered {
+                self.covered.insert(key.clone());
+            }
+            if count == Count::Pending {
+                self.push_pending(
+                    key.clone(),
+                    e.component.clone(),
+                    e.message.clone(),
+                    meta.clone(),
+                    now,
+                );
+            }
             self.seen.insert(key);
             done.written += 1;
+            if self.pending.len() > MAX_PENDING {
+                self.settle_some(None, 1, sink)?;
+            }
         }
         Ok(done)
     }
@@ -1322,6 +1597,7 @@ impl PyOtlpBatch {
                 d.set_item("operation", &e.operation)?;
                 d.set_item("latency_ms", e.latency_ms)?;
                 d.set_item("error_type", &e.error_type)?;
+                d.set_item("groups", e.groups)?;
                 out.append(d)?;
             }
         }
@@ -1477,6 +1753,59 @@ impl PyOtlpSession {
         Ok(())
     }
 
+    /// Mark spans (trace ID + span ID, hex) as settled or covered (rebuilt
+    /// from the log's `settled`/`covered` events): their children count 0.
+    fn add_covered(&self, keys: &Bound<'_, PyAny>) -> PyResult<()> {
+        let mut st = crate::lock(&self.state);
+        for key in keys.try_iter()? {
+            st.remember_covered(key?.extract::<String>()?);
+        }
+        Ok(())
+    }
+
+    /// Hold spans pending (rebuilt from the log: the component, message and
+    /// metadata JSON of each `pending` event), held at `now`; after
+    /// `add_parents` and `add_covered`, so that those made aggregates or
+    /// settled are not. Returns how many are held.
+    fn add_pending(&self, entries: &Bound<'_, PyAny>, now: f64) -> PyResult<usize> {
+        let mut st = crate::lock(&self.state);
+        let mut held = 0;
+        for entry in entries.try_iter()? {
+            let (component, message, meta): (String, String, Vec<u8>) = entry?.extract()?;
+            held += usize::from(st.hold(&component, &message, &meta, now));
+        }
+        Ok(held)
+    }
+
+    /// How many spans are pending, held at or before `before` (None: all).
+    #[pyo3(signature = (before = None))]
+    fn pending(&self, before: Option<f64>) -> usize {
+        crate::lock(&self.state).pending_count(before)
+    }
+
+    /// Settle the pending spans held at or before `before` (None: all) to
+    /// `writer`: each one `token_consumption` with its tokens and cost, the
+    /// GIL released. Returns (settled, dropped).
+    #[pyo3(signature = (writer, before = None))]
+    fn settle(
+        &self,
+        py: Python<'_>,
+        writer: PyRef<'_, crate::PyAppendWriter>,
+        before: Option<f64>,
+    ) -> PyResult<(u64, u64)> {
+        let w = &writer.inner;
+        guard("OtlpSession.settle", || {
+            let result = py.detach(|| {
+                let before_dropped = w.dropped_events();
+                let mut st = crate::lock(&self.state);
+                let mut sink = WriterSink { writer: w };
+                st.settle(before, &mut sink)
+                    .map(|n| (n, w.dropped_events() - before_dropped))
+            });
+            result.map_err(PyValueError::new_err)
+        })
+    }
+
     /// How many spans are marked written.
     fn __len__(&self) -> usize {
         crate::lock(&self.state).seen.len()
@@ -1490,7 +1819,9 @@ impl PyOtlpSession {
 
     /// Append group `index` of `batch` to `writer` (its events, in order, in
     /// one call, the GIL released); `costs` are the prices of the batch's
-    /// `price_requests()` (None: unpriced). Returns (written, duplicates, dropped).
+    /// `price_requests()` (None: unpriced); `now` is the clock `settle`
+    /// compares (seconds, e.g. `time.monotonic()`). Returns (written,
+    /// duplicates, dropped).
     fn write(
         &self,
         py: Python<'_>,
@@ -1498,6 +1829,7 @@ impl PyOtlpSession {
         index: usize,
         writer: PyRef<'_, crate::PyAppendWriter>,
         costs: Vec<Option<f64>>,
+        now: f64,
     ) -> PyResult<(u64, u64, u64)> {
         let events = group(batch, index)?;
         let w = &writer.inner;
@@ -1506,7 +1838,7 @@ impl PyOtlpSession {
                 let before = w.dropped_events();
                 let mut st = crate::lock(&self.state);
                 let mut sink = WriterSink { writer: w };
-                st.write(events, &costs, &mut sink)
+                st.write(events, &costs, now, &mut sink)
                     .map(|d| (d.written, d.duplicates, w.dropped_events() - before))
             });
             result.map_err(PyValueError::new_err)
@@ -1756,7 +2088,7 @@ mod tests {
         let mut st = SessionState::default();
         let mut out = Lines(Vec::new());
         let done = st
-            .write(&batch.groups[0].1, &[Some(0.5)], &mut out)
+            .write(&batch.groups[0].1, &[Some(0.5)], 0.0, &mut out)
             .unwrap();
         assert_eq!(
             done,
@@ -1788,7 +2120,9 @@ mod tests {
         assert!(out.0[3].ends_with(
             "\"reported_input_tokens\":10,\"reported_output_tokens\":5,\"aggregate\":true}"
         ));
-        let again = st.write(&batch.groups[0].1, &[None], &mut out).unwrap();
+        let again = st
+            .write(&batch.groups[0].1, &[None], 0.0, &mut out)
+            .unwrap();
         assert_eq!(
             again,
             Written {
@@ -1806,7 +2140,7 @@ mod tests {
         let mut first = SessionState::default();
         let mut out = Lines(Vec::new());
         first
-            .write(&map_spans(&children).groups[0].1, &[], &mut out)
+            .write(&map_spans(&children).groups[0].1, &[], 0.0, &mut out)
             .unwrap();
         let parent_id = format!("\"parent_span_id\":\"{}\"", "04".repeat(8));
         assert!(out.0[1].contains(&parent_id), "{}", out.0[1]);
@@ -1817,7 +2151,7 @@ mod tests {
         let mut forgetful = SessionState::default();
         let mut lines = Lines(Vec::new());
         forgetful
-            .write(&parent.groups[0].1, &[], &mut lines)
+            .write(&parent.groups[0].1, &[], 0.0, &mut lines)
             .unwrap();
         assert!(lines.0[1].starts_with("step_complete chat chat m 35 "));
         assert!(!lines.0[1].contains("parent_span_id"));
@@ -1825,13 +2159,196 @@ mod tests {
         let mut rebuilt = SessionState::default();
         rebuilt.remember_parent(format!("{}{}", "01".repeat(16), "04".repeat(8)));
         let mut lines = Lines(Vec::new());
-        rebuilt.write(&parent.groups[0].1, &[], &mut lines).unwrap();
+        rebuilt
+            .write(&parent.groups[0].1, &[], 0.0, &mut lines)
+            .unwrap();
         assert!(
             lines.0[1].starts_with("step_complete chat chat m 0 "),
             "{}",
             lines.0[1]
         );
         assert!(lines.0[1].ends_with("\"aggregate\":true}"));
+    }
+
+    fn agent(span: u8, parent: u8, input: i64) -> enc::Span {
+        let mut s = chat(span, parent, input);
+        s.name = "invoke_agent planner".into();
+        s.attributes[0] = kv(
+            "gen_ai.operation.name",
+            pb::Value::StringValue("invoke_agent".into()),
+        );
+        s
+    }
+
+    /// Events as (type, component, tokens, metadata).
+    #[derive(Default)]
+    struct Events(Vec<(String, String, u64, serde_json::Value)>);
+    impl Sink for Events {
+        fn event(
+            &mut self,
+            t: &str,
+            c: &str,
+            _m: &str,
+            tokens: u64,
+            meta: &[u8],
+        ) -> Result<(), String> {
+            let meta = serde_json::from_slice(meta).map_err(|e| e.to_string())?;
+            self.0.push((t.into(), c.into(), tokens, meta));
+            Ok(())
+        }
+    }
+    impl Events {
+        fn tokens(&self) -> u64 {
+            self.0.iter().map(|e| e.2).sum()
+        }
+        fn done(&self) -> Vec<&(String, String, u64, serde_json::Value)> {
+            self.0.iter().filter(|e| e.0 != "step_start").collect()
+        }
+    }
+
+    fn events(spans: Vec<enc::Span>) -> Vec<Mapped> {
+        let spans = decode_protobuf(&body(spans), 10).unwrap();
+        map_spans(&spans).groups.remove(0).1
+    }
+
+    #[test]
+    fn grouping_spans_are_marked() {
+        let e = events(vec![agent(4, 0, 30), chat(2, 4, 10)]);
+        assert_eq!((e[0].groups, e[1].groups), (true, false));
+    }
+
+    #[test]
+    fn a_parent_first_is_pending_until_a_child_makes_it_an_aggregate() {
+        let mut st = SessionState::default();
+        let mut out = Events::default();
+        st.write(&events(vec![agent(4, 0, 30)]), &[Some(0.25)], 1.0, &mut out)
+            .unwrap();
+        let (_, _, tokens, meta) = out.done()[0].clone();
+        assert_eq!(tokens, 0);
+        assert_eq!(meta["pending"], true);
+        assert_eq!(meta["reported_tokens"], 35);
+        assert_eq!(meta["reported_input_tokens"], 30);
+        assert_eq!(meta["reported_cost_usd"], 0.25);
+        assert!(meta.get("input_tokens").is_none() && meta.get("cost_usd").is_none());
+        assert_eq!(st.pending_count(None), 1);
+        // a sub-agent: it makes the agent an aggregate, and is pending itself
+        st.write(&events(vec![agent(5, 4, 30)]), &[None], 2.0, &mut out)
+            .unwrap();
+        assert_eq!(st.pending_count(None), 1);
+        assert_eq!(st.pending_count(Some(1.5)), 0);
+        st.write(
+            &events(vec![chat(2, 5, 10), chat(3, 5, 20)]),
+            &[None, None],
+            3.0,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(st.pending_count(None), 0);
+        assert_eq!(st.settle(None, &mut out), Ok(0));
+        assert_eq!(out.tokens(), 15 + 25);
+    }
+
+    #[test]
+    fn a_pending_span_without_children_is_settled_once_and_covers_later_ones() {
+        let mut st = SessionState::default();
+        let mut out = Events::default();
+        st.write(&events(vec![agent(4, 0, 30)]), &[Some(0.25)], 1.0, &mut out)
+            .unwrap();
+        assert_eq!(st.settle(Some(0.5), &mut out), Ok(0));
+        assert_eq!(st.settle(Some(1.0), &mut out), Ok(1));
+        assert_eq!(st.settle(None, &mut out), Ok(0));
+        let (kind, component, tokens, meta) = out.done()[1].clone();
+        assert_eq!(
+            (kind.as_str(), component.as_str(), tokens),
+            ("token_consumption", "invoke_agent", 35,)
+        );
+        assert_eq!(
+            meta,
+            serde_json::json!({"source": "otlp", "trace_id": "01".repeat(16),
+                "span_id": "04".repeat(8), "input_tokens": 30, "output_tokens": 5,
+                "model": "m", "operation": "invoke_agent", "cost_usd": 0.25, "settled": true})
+        );
+        // a child arriving late, and its own child: covered by the settled count
+        st.write(
+            &events(vec![agent(5, 4, 30), chat(2, 5, 10)]),
+            &[None],
+            2.0,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out.tokens(), 35);
+        for e in &out.done()[2..] {
+            assert_eq!(
+                (e.2, &e.3["covered"]),
+                (0, &serde_json::json!(true)),
+                "{e:?}"
+            );
+            assert!(e.3.get("reported_input_tokens").is_some());
+        }
+        assert_eq!(st.pending_count(None), 0);
+    }
+
+    #[test]
+    fn pending_spans_are_rebuilt_from_their_events() {
+        let mut first = SessionState::default();
+        let mut out = Lines(Vec::new());
+        let spans = events(vec![agent(4, 0, 30), agent(6, 0, 7)]);
+        first
+            .write(&spans, &[Some(0.25), None], 1.0, &mut out)
+            .unwrap();
+        let mut settled = Events::default();
+        first.settle(None, &mut settled).unwrap();
+        // the pending events, as a reopened session reads them from the log
+        let pending: Vec<(String, String, String)> = out
+            .0
+            .iter()
+            .filter(|l| l.contains("\"pending\":true"))
+            .map(|l| {
+                let meta = &l[l.find('{').unwrap()..];
+                (
+                    "invoke_agent".into(),
+                    "invoke_agent planner".into(),
+                    meta.into(),
+                )
+            })
+            .collect();
+        assert_eq!(pending.len(), 2);
+        let mut rebuilt = SessionState::default();
+        // span 6 was made an aggregate by a child the log has
+        rebuilt.remember_parent(format!("{}{}", "01".repeat(16), "06".repeat(8)));
+        for (c, m, meta) in &pending {
+            rebuilt.hold(c, m, meta.as_bytes(), 5.0);
+        }
+        assert_eq!(rebuilt.pending_count(None), 1);
+        let mut again = Events::default();
+        assert_eq!(rebuilt.settle(Some(5.0), &mut again), Ok(1));
+        assert_eq!(again.0[0], settled.0[0]);
+        // a settled one is not held again
+        let mut later = SessionState::default();
+        later.remember_covered(format!("{}{}", "01".repeat(16), "04".repeat(8)));
+        assert!(!later.hold("c", "m", pending[0].2.as_bytes(), 0.0));
+        assert!(!later.hold("c", "m", b"{\"trace_id\":\"a\",\"span_id\":\"b\"}", 0.0));
+    }
+
+    #[test]
+    fn past_max_pending_the_oldest_is_settled() {
+        let mut st = SessionState::default();
+        let mut out = Events::default();
+        let mut spans = Vec::new();
+        for i in 0..=MAX_PENDING {
+            let mut e = events(vec![agent(4, 0, 1)]).remove(0);
+            e.span_id = format!("{i:016x}");
+            spans.push(e);
+        }
+        st.write(&spans, &[], 1.0, &mut out).unwrap();
+        assert_eq!(st.pending_count(None), MAX_PENDING);
+        let settled: Vec<_> = out
+            .0
+            .iter()
+            .filter(|e| e.0 == "token_consumption")
+            .collect();
+        assert_eq!(settled.len(), 1);
+        assert_eq!(settled[0].3["span_id"], format!("{:016x}", 0));
     }
 
     #[test]

@@ -837,6 +837,7 @@ def _reference(spans: list[SpanData]) -> list[dict[str, Any]]:
                 "operation": scrub(meta["operation"]) if "operation" in meta else None,
                 "latency_ms": meta.get("latency_ms"),
                 "error_type": scrub(meta["error_type"]) if "error_type" in meta else None,
+                "groups": event.groups,
             }
         )
     return [e for group in groups.values() for e in group]
@@ -1078,6 +1079,9 @@ def _reference_log(spans: list[SpanData], log_path: Path) -> None:
     loggers: dict[str, ExecutionLogger] = {}
     seen: set[str] = set()
     parents: dict[str, set[str]] = {}
+    covered: dict[str, set[str]] = {}
+    #: per session, key -> (component, message, pending metadata), in order held
+    pending: dict[str, dict[str, tuple[str, str, dict[str, Any]]]] = {}
     for span in spans:
         event = map_span(span)
         if event is None:
@@ -1099,14 +1103,32 @@ def _reference_log(spans: list[SpanData], log_path: Path) -> None:
             if meta.get(name) is not None:
                 meta[name] = scrub(meta[name])
         known = parents.setdefault(event.session_id, set())
+        done = covered.setdefault(event.session_id, set())
+        held = pending.setdefault(event.session_id, {})
+        is_covered = not event.exported and event.parent_key in done
+        count = "own"
+        reported_tokens, cost_meta = event.tokens, {}
         if event.usage is not None and not event.exported:
-            if event.key in known and event.tokens:
+            if event.tokens:
+                if is_covered:
+                    count = "covered"
+                elif event.key in known:
+                    count = "aggregate"
+                elif event.groups:
+                    count = "pending"
+            if count != "own":
+                model, inp = meta.get("model"), meta.get("input_tokens")
+                out = meta.get("output_tokens")
+                if isinstance(model, str) and (inp is not None or out is not None):
+                    cost_meta = pricer.cost_meta(pricer.price(model, inp or 0, out or 0))
                 for name in ("input_tokens", "output_tokens"):
                     if name in meta:
                         meta[f"reported_{name}"] = meta.pop(name)
-                meta["aggregate"] = True
+                if count != "pending":
+                    meta[count] = True
                 event.tokens = 0
             if event.parent_key:
+                held.pop(event.parent_key, None)
                 known.add(event.parent_key)
                 # the child names its parent (so a reopened session knows it)
                 parent = event.parent_key[len(meta["trace_id"]) :]
@@ -1119,6 +1141,15 @@ def _reference_log(spans: list[SpanData], log_path: Path) -> None:
         model, inp, out = meta.get("model"), meta.get("input_tokens"), meta.get("output_tokens")
         if isinstance(model, str) and (inp is not None or out is not None):
             meta.update(pricer.cost_meta(pricer.price(model, inp or 0, out or 0)))
+        if count == "pending":
+            meta["reported_tokens"] = reported_tokens
+            if "cost_usd" in cost_meta:
+                meta["reported_cost_usd"] = cost_meta["cost_usd"]
+            meta["pending"] = True
+            held[event.key] = (component, message, dict(meta))
+        if is_covered:
+            meta["covered"] = True
+            done.add(event.key)
         if event.kind == "tokens":
             logger.log_event_sync("token_consumption", component, message, event.tokens, meta)
         else:
@@ -1127,7 +1158,23 @@ def _reference_log(spans: list[SpanData], log_path: Path) -> None:
             kind = "step_error" if event.error else "step_complete"
             logger.log_event_sync(kind, component, message, event.tokens, meta)
         seen.add(event.key)
-    for logger in loggers.values():
+    for sid, logger in loggers.items():
+        # the run's end settles what is still pending
+        for component, message, meta in pending.get(sid, {}).values():
+            names = [
+                ("source", "source"),
+                ("trace_id", "trace_id"),
+                ("span_id", "span_id"),
+                ("reported_input_tokens", "input_tokens"),
+                ("reported_output_tokens", "output_tokens"),
+                ("model", "model"),
+                ("provider", "provider"),
+                ("operation", "operation"),
+                ("reported_cost_usd", "cost_usd"),
+            ]
+            settled = {to: meta[name] for name, to in names if name in meta} | {"settled": True}
+            tokens = meta["reported_tokens"]
+            logger.log_event_sync("token_consumption", component, message, tokens, settled)
         logger.close_sync()
 
 
@@ -1152,6 +1199,10 @@ def test_the_native_sink_writes_the_lines_the_python_path_wrote(tmp_path: Path) 
         {"span": "00000000000000c1", "parent": "00000000000000aa", "attrs": child},
         {"span": "00000000000000c2", "parent": "00000000000000aa", "attrs": child},
         {"span": "00000000000000aa", "attrs": parent},
+        # an agent before its call (pending, then an aggregate), one alone (settled)
+        {"span": "00000000000000d1", "attrs": parent},
+        {"span": "00000000000000c3", "parent": "00000000000000d1", "attrs": child},
+        {"span": "00000000000000d2", "attrs": parent},
     ]
     spans = decode_protobuf(_pb_request(CRAFTED + aggregates))
     _reference_log(spans, tmp_path / "python")
@@ -1160,8 +1211,8 @@ def test_the_native_sink_writes_the_lines_the_python_path_wrote(tmp_path: Path) 
     from sigil.collect.decode import decode_request
 
     body = _pb_request(CRAFTED + aggregates)
-    assert sink.ingest(decode_request(body, True)).written == 13
-    assert sink.ingest(decode_request(body, True)).duplicates == 14
+    assert sink.ingest(decode_request(body, True)).written == 16
+    assert sink.ingest(decode_request(body, True)).duplicates == 17
     sink.close()
     native, python = (
         _lines_without_time(tmp_path / "native"),
@@ -1175,6 +1226,8 @@ def test_the_native_sink_writes_the_lines_the_python_path_wrote(tmp_path: Path) 
         )
         assert lines[:-1] == python[sid], sid
     assert any(b'"aggregate":true' in line for line in native["agg"])
+    assert sum(b'"pending":true' in line for line in native["agg"]) == 2
+    assert sum(b'"settled":true' in line for line in native["agg"]) == 1
     assert any(b'"cost_usd":' in line for lines in native.values() for line in lines)
 
 
@@ -1231,7 +1284,13 @@ def test_native_and_python_decoding_agree_on_generated_spans() -> None:
         st.booleans(),
         st.integers(min_value=-(2**63), max_value=2**64 - 1),
         st.floats(allow_nan=False, allow_infinity=False),
-        st.sampled_from(["", "7", "-3", "+4", " 5", "1_0", "x", "LLM", "invoke_workflow", "chat"]),
+        st.sampled_from(
+            [
+                *["", "7", "-3", "+4", " 5", "1_0", "x", "LLM", "invoke_workflow", "chat"],
+                # the spans that group model calls (SpanEvent.groups)
+                *["invoke_agent", "create_agent", "execute_tool", "AGENT", "CHAIN", "EMBEDDING"],
+            ]
+        ),
     )
     any_value = st.dictionaries(
         st.sampled_from(["stringValue", "intValue", "doubleValue", "boolValue", "arrayValue"]),

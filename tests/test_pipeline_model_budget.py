@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from sigil.proxy.usage import count_tokens, prompt_estimate_text, prompt_overhead
+from sigil.pipeline.calls import count_tokens, prompt_estimate_text, prompt_overhead
 
 ANALYSIS = {
     "intent": "lead_analysis",
@@ -180,3 +180,16 @@ def test_the_offline_pipeline_is_unchanged(run_sigil: Any) -> None:
     before = sum(full[:3])
     tight = steps("off-tight", "--budget", str(before + 100))  # 100 left: less than its prompt
     assert tight[:4] == full[:4]
+
+
+def test_the_cap_goes_in_the_field_the_proxy_uses() -> None:
+    """OpenAI's reasoning models refuse ``max_tokens``: on OpenAI's and Azure's hosts
+    the cap is ``max_completion_tokens``, as the proxy sends it."""
+    from sigil.pipeline.providers import OpenAIChatProvider
+
+    def field(url: str) -> str:
+        return OpenAIChatProvider(base_url=url)._cap_field()
+
+    assert field("https://api.openai.com/v1") == "max_completion_tokens"
+    assert field("https://acme.openai.azure.com/openai/v1") == "max_completion_tokens"
+    assert field("http://127.0.0.1:11434/v1") == "max_tokens"

@@ -25,6 +25,12 @@ it becomes ``step_start`` + ``step_complete`` (``step_error`` when its status
 is an error). A workflow root from ``sigil export`` that carries tokens of its
 own (budget or final events) becomes one ``token_consumption`` event, so the
 totals survive the round trip. Other spans (HTTP, database...) are ignored.
+
+A span *groups* model calls (``SpanEvent.groups``) when its operation is
+``invoke_agent``, ``create_agent`` or ``execute_tool``, or, with no operation,
+when it has an OpenInference kind other than ``LLM``/``EMBEDDING``: such a span
+may report its calls' usage again, so the sink holds its tokens back when it
+arrives before its children (sigil.collect.sink, "Aggregates").
 """
 
 from __future__ import annotations
@@ -44,6 +50,8 @@ _INVALID_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
 #: Operations that group other spans rather than call a model (GenAI semconv).
 _GROUPING_OPERATIONS = frozenset({"invoke_workflow"})
+#: Operations whose span can group model calls and report their usage again.
+_GROUPING_CALLS = frozenset({"invoke_agent", "create_agent", "execute_tool"})
 _LLM_KINDS = frozenset({"LLM", "EMBEDDING"})
 _MAX_COUNT = MAX_TOKENS // 2
 
@@ -79,6 +87,11 @@ class SpanEvent:
     #: the dedupe key: trace ID and span ID
     key: str
     parent_key: str
+    #: the span can group model calls and report their usage again (GenAI
+    #: ``invoke_agent``/``create_agent``/``execute_tool``, an OpenInference
+    #: kind other than ``LLM``/``EMBEDDING``): the sink holds it back when it
+    #: reports usage before any of its children
+    groups: bool = False
 
 
 def _count(value: object) -> int | None:
@@ -145,6 +158,11 @@ def map_span(span: SpanData) -> SpanEvent | None:
         usage, invalid = _reported(get, "llm.token_count.total")
 
     llm_kind = get("openinference.span.kind") in _LLM_KINDS
+    if operation is not None:
+        groups = operation in _GROUPING_CALLS
+    else:
+        oi_kind = _text(get("openinference.span.kind"))
+        groups = oi_kind is not None and oi_kind not in _LLM_KINDS
     if operation in _GROUPING_OPERATIONS:
         if not sigil_tokens:
             return None
@@ -211,4 +229,5 @@ def map_span(span: SpanData) -> SpanEvent | None:
         exported=sigil_tokens is not None,
         key=span.trace_id + span.span_id,
         parent_key=span.trace_id + span.parent_span_id if span.parent_span_id else "",
+        groups=groups,
     )

@@ -24,11 +24,20 @@ reported counts kept as ``reported_*``), so nothing counts twice. A child's
 event names its parent (``metadata.parent_span_id``), and the parents are
 rebuilt from the log with the spans written, so this holds when the parent
 arrives after its session was closed (idle, evicted) or collect restarted.
-Children end, and so are exported, before their parent; a parent that arrives
-first is counted and its children then count again -- a known limit of this rule
-(tests/test_collect_aggregates.py holds those orders as expected failures: the
-log is append-only and the fold adds every event's tokens, so the rule in
-``rust/otlp.rs`` has to hold such a parent's tokens back until it knows).
+Children end, and so are exported, before their parent; but a parent can
+arrive first (an earlier export batch, first in a batch). A span that can
+group model calls (an agent's or a tool's: ``SpanEvent.groups``) reporting
+usage before any child is known is *pending*: written at once with no tokens
+(``reported_*`` and ``pending: true``) and held; a child reporting usage makes
+it an aggregate (nothing more is written for it). Still without one after
+``settle_seconds`` (checked by :meth:`SessionSink.close_idle`) or when its run
+ends, it is *settled*: one ``token_consumption`` of its component with its
+tokens and cost (``settled: true``) -- the only report of those tokens. A
+child arriving after that is *covered* (its usage is in that count): written
+with no tokens (``covered: true``), and so are its own children. The log is
+append-only and the fold adds every event's tokens, so each token is in
+exactly one event. Pending, settled and covered spans are rebuilt from the log
+with the parents, so this holds across a reopen too.
 
 **Open sessions.** At most ``max_open`` sessions are open at once
 (:data:`DEFAULT_MAX_OPEN`, and never more than :func:`max_open_for` allows
@@ -63,8 +72,9 @@ opening a session (its lock, its history), the run events and pricing (once
 per distinct model and token counts of a request).
 
 **Cost.** A span's input and output tokens are priced by its model as the event
-is written (``cost_usd``, see sigil.telemetry.pricing); an aggregate carries no
-tokens and so no cost.
+is written (``cost_usd``, see sigil.telemetry.pricing); an aggregate (or a
+covered span) carries no tokens and so no cost; a pending span's cost is kept
+(``reported_cost_usd``) for its settle event.
 """
 
 from __future__ import annotations
@@ -239,6 +249,10 @@ class _History:
     seen: set[str] = field(default_factory=set)
     #: parents whose children reported usage (trace ID + ``parent_span_id``)
     parents: list[str] = field(default_factory=list)
+    #: spans settled or covered: their children count 0
+    covered: list[str] = field(default_factory=list)
+    #: (component, message, metadata JSON) of each pending event
+    pending: list[tuple[str, str, bytes]] = field(default_factory=list)
     runs: int = 0
     #: its last run is still open (no final event after its start)
     open_run: bool = False
@@ -252,7 +266,7 @@ def _read_history(directory: Path) -> _History:
         return history
     from sigil.telemetry.otlp.reader import iter_session_entries
 
-    seen, parents = history.seen, history.parents
+    seen, parents, covered = history.seen, history.parents, history.covered
     for entry in iter_session_entries(directory):
         kind = entry.event_type
         if kind == "session_start":
@@ -268,6 +282,10 @@ def _read_history(directory: Path) -> _History:
                 parent = meta.get("parent_span_id")
                 if isinstance(parent, str) and parent:
                     parents.append(trace_id + parent)
+                if meta.get("settled") is True or meta.get("covered") is True:
+                    covered.append(trace_id + span_id)
+                elif meta.get("pending") is True:
+                    history.pending.append((entry.component, entry.message, orjson.dumps(meta)))
     return history
 
 
@@ -296,6 +314,7 @@ class SessionSink:
         pricer: Pricer | None = None,
         max_open: int | None = None,
         max_parked: int | None = None,
+        settle_seconds: float | None = None,
     ) -> None:
         self.log_path = resolve_log_path(log_path)
         #: sessions open at once (the least recently used is parked for a new one)
@@ -307,6 +326,9 @@ class SessionSink:
         #: prices each model call (config's overrides, then the table)
         self.pricer = pricer if pricer is not None else Pricer()
         self.idle_seconds = idle_seconds
+        #: how long a pending span (a parent reporting usage before any child)
+        #: waits for a child before its own tokens count (default: idle_seconds)
+        self.settle_seconds = idle_seconds if settle_seconds is None else settle_seconds
         if fsync not in ("always", "interval", "never"):
             raise ValueError(f"fsync must be 'always', 'interval' or 'never', not {fsync!r}")
         self.fsync = fsync
@@ -354,6 +376,9 @@ class SessionSink:
         state = otlp_ingest.OtlpSession()
         state.add_seen(history.seen)
         state.add_parents(history.parents)
+        state.add_covered(history.covered)
+        # after the parents and the settled: those are pending no more
+        state.add_pending(history.pending, time.monotonic())
         session = _OpenSession(session_id, directory, lock, writer, state, history.runs)
         # A run still open (collect was killed) goes on; otherwise the first span
         # written starts one, so a retry of spans already written adds no run.
@@ -495,7 +520,9 @@ class SessionSink:
                 )
             if costs is None:
                 costs = self._costs(batch)
-            written, duplicates, dropped = session.state.write(batch, index, session.writer, costs)
+            written, duplicates, dropped = session.state.write(
+                batch, index, session.writer, costs, now
+            )
             result.written += written
             result.duplicates += duplicates
             result.dropped += dropped
@@ -504,9 +531,11 @@ class SessionSink:
         return result
 
     def close_idle(self, now: float | None = None) -> list[str]:
-        """End the runs of the sessions (open or parked) that received nothing
-        for ``idle_seconds``, and release them."""
+        """Settle the pending spans held for ``settle_seconds``; end the runs
+        of the sessions (open or parked) that received nothing for
+        ``idle_seconds``, and release them."""
         now = time.monotonic() if now is None else now
+        self.settle(now - self.settle_seconds)
         idle = [
             sid
             for held in (self._sessions, self._parked)
@@ -528,6 +557,28 @@ class SessionSink:
         if errors:
             raise errors[0]
 
+    def settle(self, before: float | None = None) -> int:
+        """Settle the pending spans held at or before ``before`` (a
+        ``time.monotonic()``; None: all) of the sessions whose run is going
+        on; how many were settled."""
+        settled = 0
+        for held in (self._sessions, self._parked):
+            for sid, session in held.items():
+                if session.started and session.state.pending(before):
+                    settled += self._settle(sid, session, before)
+        return settled
+
+    def _settle(self, session_id: str, session: _OpenSession, before: float | None) -> int:
+        if not session.writer.closed:
+            return session.state.settle(session.writer, before)[0]
+        # parked: a writer after its last event, for these events only
+        writer = self._writer(session.directory, session_id, session.writer.next_seq)
+        try:
+            return session.state.settle(writer, before)[0]
+        finally:
+            writer.close()
+            session.writer = writer
+
     def flush(self) -> None:
         for session in self._sessions.values():
             session.writer.flush()
@@ -541,6 +592,8 @@ class SessionSink:
                     session.writer = self._writer(
                         session.directory, session_id, session.writer.next_seq
                     )
+                # the pending spans' tokens count: no child came in this run
+                session.state.settle(session.writer)
                 meta: dict[str, Any] = {"status": "complete", "run": session.run, "reason": reason}
                 session.log("session_complete", f"collect closed the run ({reason})", meta)
         finally:

@@ -343,7 +343,14 @@ def _path(value: Any) -> str:
 
 def _url(value: Any) -> str:
     text = _text(value)
-    parsed = urllib.parse.urlsplit(text)
+    try:  # urllib raises on what it cannot split: ``http://[::1``, ``http://[zz]:80``
+        parsed = urllib.parse.urlsplit(text)
+    except ValueError as exc:
+        raise _Invalid(f"expected an http:// or https:// URL, got {text!r} ({exc})") from None
+    try:  # and on a port out of range only when asked for it
+        parsed.port  # noqa: B018
+    except ValueError as exc:
+        raise _Invalid(f"bad port in {text!r} ({exc})") from None
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise _Invalid(f"expected an http:// or https:// URL, got {text!r}")
     return text
@@ -768,6 +775,10 @@ def _config_items(config_path: Path, text: str | None) -> list[tuple[str, Any]]:
         position = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{config_path}{position}: invalid YAML: {problem}") from None
+    except RecursionError:
+        # The YAML reader recurses once per level: a file nested ~1,000 deep
+        # exhausts the stack before it is read.
+        raise ConfigError(f"{config_path}: invalid YAML: nested too deeply to read") from None
     if document is None:
         return []
     if not isinstance(document, dict):
@@ -813,7 +824,7 @@ def _key_line(text: str, section: str, name: str) -> int | None:
 
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return None
     node: Any = root
     for wanted in (section, name):

@@ -28,8 +28,8 @@ through the ``category`` attribute of the exceptions:
 The API key never leaves the provider in a text: servers echo it in their errors
 (``Incorrect API key provided: <key>``, whole or masked), so every exception
 message and every answer's content goes through :func:`redact_key` first (the
-proxy's :func:`~sigil.proxy.policy.redact` with the key and the parts of it the
-text holds).
+one :func:`~sigil.pipeline.calls.redact` the proxy uses too, with the key and
+the parts of it the text holds).
 """
 
 from __future__ import annotations
@@ -48,6 +48,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sigil.pipeline.base import StepBudgetError, StepError, TokenUsage
+from sigil.pipeline.calls import (
+    DEFAULT_CALL_CAP,
+    chat_cap_field,
+    count_tokens,
+    prompt_estimate_text,
+    prompt_overhead,
+    redact,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from sigil.core.config import Settings
@@ -277,12 +285,10 @@ class OpenAIChatProvider:
         return completion
 
     def _cap_field(self) -> str:
-        """The field an output cap goes in: the proxy's rule (``max_completion_tokens``
+        """The field an output cap goes in, as the proxy picks it (``max_completion_tokens``
         for OpenAI's and Azure's hosts, whose reasoning models refuse ``max_tokens``;
         ``max_tokens``, which every OpenAI-compatible server knows, elsewhere)."""
-        from sigil.proxy.server import ProxyConfig  # lazy: only capped calls
-
-        return ProxyConfig(upstream=self.base_url).chat_cap_field()
+        return chat_cap_field(self.base_url)
 
     # -- transport -----------------------------------------------------------------------
 
@@ -502,13 +508,10 @@ def output_cap(
 ) -> int:
     """The ``max_tokens`` of a chat call made with ``tokens_remaining`` of the budget
     left: what is left once the prompt is counted, as the proxy counts it
-    (:mod:`sigil.proxy.usage`: the text with ``cl100k_base`` and the chat format's
+    (:mod:`sigil.pipeline.calls`: the text with ``cl100k_base`` and the chat format's
     tokens per message), at most the proxy's cap of a call that sets none (a model
     refuses a ``max_tokens`` above its own limit). Raises :class:`StepBudgetError`
     when the prompt leaves nothing: the call is not sent."""
-    from sigil.proxy.server import ProxyConfig
-    from sigil.proxy.usage import count_tokens, prompt_estimate_text, prompt_overhead
-
     body: dict[str, Any] = {"messages": [dict(m) for m in messages]}
     if json_mode:
         body["response_format"] = {"type": "json_object"}
@@ -519,7 +522,7 @@ def output_cap(
             f"token budget: {max(0, tokens_remaining):,} tokens left and the prompt alone "
             f"takes {prompt:,}: the model call was not sent"
         )
-    return min(left, ProxyConfig(upstream="").call_cap)  # its default cap
+    return min(left, DEFAULT_CALL_CAP)
 
 
 # -- the key in texts ---------------------------------------------------------------------
@@ -530,7 +533,7 @@ def output_cap(
 #: themselves; cutting them would cut ordinary words).
 KEY_RUN = 8
 #: A key shorter than this is not cut at all (it would cut letters out of words):
-#: the proxy's rule (:func:`~sigil.proxy.policy.secrets_of`).
+#: the proxy's rule (``sigil.proxy.policy.secrets_of``).
 _KEY_MIN = 4
 #: What masks the middle of a key in a masked form (``gsk_Z2a9…T2u9``,
 #: ``sk-proj-****T2u9``): an ellipsis, bullets, stars, dots or x's.
@@ -545,16 +548,14 @@ def redact_key(text: str, key: str, *, whole_only: bool = False) -> str:
     key (2+ characters; 4+ with no start) -- each become ``[REDACTED]``; a text
     ending with the key's first 6+ characters too (a message cut short).
 
-    The cutting is the proxy's :func:`~sigil.proxy.policy.redact` (one
+    The cutting is :func:`~sigil.pipeline.calls.redact`, the proxy's too (one
     implementation); this finds what to cut. ``whole_only``: return ``text``
-    itself (no import of the proxy) when it holds no run of the key, for a
-    model's answer, which is never cut short."""
+    itself when it holds no run of the key (a model's answer, never cut short,
+    is not searched for a cut-off start)."""
     pieces = _key_pieces(text, key)
     if whole_only and not pieces:
         return text
-    from sigil.proxy.policy import redact, secrets_of  # lazy: error paths mostly
-
-    exact = secrets_of({"authorization": f"Bearer {key}"})
+    exact = (f"Bearer {key}", key) if len(key) >= _KEY_MIN else ()
     return redact(text, sorted({*exact, *pieces}, key=len, reverse=True))
 
 

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sigil.pipeline.calls import redact
 from sigil.proxy.usage import COMPLETIONS, Endpoint
 from sigil.telemetry.proxy_transport import KEY_HEADERS
 
@@ -155,9 +156,6 @@ def _prompts(prompt: object) -> int:
 #: Request headers that carry a key (OpenAI, Azure, Anthropic-style, Google-style).
 #: Shorter values are not redacted (they would cut ordinary words out of messages).
 _MIN_SECRET = 4
-#: A text that ends with this much of a key (cut short by a length limit) is redacted too.
-_MIN_PREFIX = 6
-_REDACTED = "[REDACTED]"
 
 
 #: secrets_of's answers for the headers and extras it was given last (a client
@@ -204,20 +202,6 @@ def _secrets_of(
             found.add(rest.strip())
     found.update(v for v in extra if v)
     return tuple(sorted((s for s in found if len(s) >= _MIN_SECRET), key=len, reverse=True))
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every occurrence of each secret replaced, and a tail that is
-    the start of one (a message cut short mid-key) too."""
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, _REDACTED)
-        # The longest end of the text that begins the secret.
-        for size in range(min(len(secret) - 1, len(text)), _MIN_PREFIX - 1, -1):
-            if text.endswith(secret[:size]):
-                text = text[:-size] + _REDACTED
-                break
-    return text
 
 
 def recording_failure(dropped: OSError | None, stats: Mapping[str, Any]) -> OSError | None:

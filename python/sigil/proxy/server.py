@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from sigil.pipeline.calls import DEFAULT_CALL_CAP, chat_cap_field
 from sigil.proxy.metering import BudgetExhausted, Call, Meter, Prompt, RecordingFailed
 from sigil.proxy.policy import OutputPlan, Refusal, plan_output, secrets_of
 from sigil.proxy.usage import (
@@ -133,7 +134,7 @@ class ProxyConfig:
     #: ``2 * max_body_bytes + max_response_bytes``, at most 4 GiB
     max_in_flight_bytes: int = 512 << 20
     #: the output cap of a call whose client set none
-    call_cap: int = 4096
+    call_cap: int = DEFAULT_CALL_CAP
     #: the chat field set when the client set none: max_tokens (what every
     #: OpenAI-compatible server knows) or max_completion_tokens (what OpenAI's
     #: reasoning models require); None picks by the upstream's host
@@ -142,9 +143,7 @@ class ProxyConfig:
     def chat_cap_field(self) -> str:
         if self.cap_field is not None:
             return self.cap_field
-        host = urllib.parse.urlsplit(self.upstream).hostname or ""
-        official = host.endswith(("openai.com", "openai.azure.com"))
-        return "max_completion_tokens" if official else "max_tokens"
+        return chat_cap_field(self.upstream)
 
 
 def openai_error(

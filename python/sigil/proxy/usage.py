@@ -21,8 +21,17 @@ from typing import Any
 import orjson
 
 from sigil.core.limits import MAX_TOKENS
+from sigil.pipeline.calls import (
+    EXACT_CHARS,
+    count_tokens,
+    prompt_estimate_text,
+    prompt_overhead,
+    prompt_text,
+    utf8_size,
+)
 
 __all__ = [
+    "EXACT_CHARS",
     "Endpoint",
     "StreamFollower",
     "Usage",
@@ -34,6 +43,12 @@ __all__ = [
     "usage_of",
     "utf8_size",
 ]
+
+
+def prompt_tokens(body: Mapping[str, Any]) -> int:
+    """The proxy's count of a request's prompt: its text (:func:`prompt_estimate_text`)
+    and the chat format's tokens (:func:`prompt_overhead`)."""
+    return count_tokens(prompt_estimate_text(body)) + prompt_overhead(body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,177 +137,6 @@ def _cached(usage: Mapping[str, Any], inp: int) -> int:
             if cached is not None and cached <= inp:
                 return cached
     return 0
-
-
-#: Keys whose values are not text the tokenizer would see (image data and URLs).
-_NOT_TEXT = frozenset({"image_url", "url", "file_data", "b64_json"})
-
-
-def _strings(value: Any, out: list[str], depth: int = 0) -> None:
-    """Append every string inside ``value`` (the text a prompt is made of) to
-    ``out``, in order (a plain recursion: generators cost twice as much per
-    message, on every call the proxy forwards; past a depth no message reaches,
-    an explicit stack, so no nesting hides a string)."""
-    if isinstance(value, str):
-        out.append(value)
-    elif depth >= 16:
-        _walk(value, out, keys=False)
-    elif isinstance(value, Mapping):
-        for key, item in value.items():
-            if key in _NOT_TEXT:
-                continue
-            if type(item) is str or isinstance(item, str):
-                out.append(item)
-            elif item is not None and type(item) is not int:
-                _strings(item, out, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _strings(item, out, depth + 1)
-
-
-def _walk(value: Any, out: list[str], *, keys: bool) -> None:
-    """:func:`_strings` without recursion, for any depth (``keys``: the mapping
-    keys too, and numbers and booleans as written)."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            out.append(item)
-        elif isinstance(item, Mapping):
-            for key, inner in reversed(list(item.items())):
-                if key in _NOT_TEXT and not keys:
-                    continue
-                stack.append(inner)
-                if keys:
-                    stack.append(str(key))
-        elif isinstance(item, list):
-            stack.extend(reversed(item))
-        elif keys and item is not None:
-            out.append(str(item))
-
-
-#: The fields of a request whose text is the prompt itself (the messages, the
-#: Responses API's input and instructions, legacy completions' and embeddings' prompt).
-_PROMPT_FIELDS = ("messages", "input", "prompt", "instructions")
-
-#: Request fields known not to reach the model as text: which model, who calls,
-#: how to sample, how much to write, whether to stream or store, where to keep
-#: state. Every other field is counted whole (:func:`prompt_estimate_text`), so
-#: a field the API gains later is reserved for rather than ignored.
-_NOT_PROMPT = frozenset(
-    {
-        # every endpoint
-        "model", "user", "metadata", "store", "stream", "stream_options", "service_tier",
-        "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
-        # sampling and output caps
-        "temperature", "top_p", "n", "best_of", "seed", "stop", "logit_bias", "logprobs",
-        "top_logprobs", "presence_penalty", "frequency_penalty", "max_tokens",
-        "max_completion_tokens", "max_output_tokens", "echo", "parallel_tool_calls",
-        "reasoning_effort", "reasoning", "verbosity", "modalities", "audio",
-        # the Responses API's state and delivery
-        "background", "include", "truncation", "max_tool_calls", "previous_response_id",
-        "conversation",
-        # embeddings' output shape
-        "encoding_format", "dimensions",
-    }
-)  # fmt: skip
-
-
-def prompt_text(body: Mapping[str, Any]) -> str:
-    """The text of a request's prompt: messages, input, prompt and instructions."""
-    parts: list[str] = []
-    for key in _PROMPT_FIELDS:
-        value = body.get(key)
-        if value is not None:
-            _strings(value, parts)
-    return "\n".join(parts)
-
-
-def prompt_estimate_text(body: Mapping[str, Any]) -> str:
-    """The text a request's prompt tokens are estimated from: :func:`prompt_text`,
-    and every other field but those known not to reach the model (:data:`_NOT_PROMPT`),
-    whole, as JSON: tools and functions, ``tool_choice``, a ``response_format``
-    or the Responses API's ``text.format`` schema, legacy completions' ``suffix``,
-    and any field not known yet. Reading too much costs reserving a little more
-    until the call settles; reading too little lets calls overshoot the budget."""
-    parts: list[str] = []
-    for key, value in body.items():
-        if key in _NOT_PROMPT:
-            continue
-        if key in _PROMPT_FIELDS:
-            if value is not None:
-                _strings(value, parts)
-        elif isinstance(value, str):
-            parts.append(value)
-        elif isinstance(value, (dict, list)):
-            try:
-                parts.append(orjson.dumps(value).decode())
-            except orjson.JSONEncodeError:  # nested deeper than orjson writes
-                _walk(value, parts, keys=True)
-    return "\n".join(parts)
-
-
-#: Characters of a text counted with the tokenizer; past them, each UTF-8 byte
-#: counts as a token. Counting costs ~0.1 us a character on the transport's
-#: thread, which every call shares: 256 Ki characters is ~25 ms, while a 32 MB
-#: body would be seconds.
-EXACT_CHARS = 256 * 1024
-
-
-def utf8_size(text: str) -> int:
-    """The UTF-8 length of ``text``: an upper bound of its tokens under any
-    byte-level BPE (a token covers at least one byte)."""
-    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
-
-
-def count_tokens(text: str, size: int | None = None) -> int:
-    """The ``cl100k_base`` tokens of ``text`` at a bounded cost: counted for its
-    first :data:`EXACT_CHARS` characters, bounded by its UTF-8 length beyond
-    (``size``: that length of the whole text, when known). Exact for the text a
-    call usually carries; for a larger one an upper bound, ~4x its count past
-    that point: a prompt of more than ~65,000 tokens is then reserved at more
-    than it costs, and refused where it would have fit only within ~4x of what
-    is left of the budget."""
-    from sigil.pipeline.tokenizer import get_tokenizer
-
-    if len(text) <= EXACT_CHARS:
-        return get_tokenizer().count(text)
-    head = text[:EXACT_CHARS]
-    if size is None:
-        size = utf8_size(text)
-    return get_tokenizer().count(head) + size - utf8_size(head)
-
-
-def prompt_overhead(body: Mapping[str, Any]) -> int:
-    """Tokens a prompt costs beyond its text: the chat format's few per message
-    (OpenAI's own count is 3 per message and 3 to prime the reply; 4 allows for
-    names and other servers' templates), and the prompts given as token IDs
-    (legacy completions' and embeddings' token arrays: no text, one token each)."""
-    items = 0
-    for key in ("messages", "input"):
-        value = body.get(key)
-        if isinstance(value, list):
-            items += len(value)
-    return 4 * items + 3 + _token_ids(body.get("prompt")) + _token_ids(body.get("input"))
-
-
-def prompt_tokens(body: Mapping[str, Any]) -> int:
-    """The proxy's count of a request's prompt: its text (:func:`prompt_estimate_text`)
-    and the chat format's tokens (:func:`prompt_overhead`)."""
-    return count_tokens(prompt_estimate_text(body)) + prompt_overhead(body)
-
-
-def _token_ids(value: object) -> int:
-    """The token IDs of a prompt given as a token array or a list of them."""
-    if not isinstance(value, list):
-        return 0
-    count = 0
-    for item in value:
-        if isinstance(item, int):
-            count += 1
-        elif isinstance(item, list):
-            count += sum(1 for t in item if isinstance(t, int))
-    return count
 
 
 #: Characters of a stream's text kept before they are counted (~6 ms a count).

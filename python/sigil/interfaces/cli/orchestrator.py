@@ -1060,7 +1060,7 @@ class Orchestrator:
         try:
             # Tokens an earlier run spent that a full disk kept from the log:
             # logged now (there may be room again), before the history is read.
-            log_unrecorded(self.session_dir, self.session_id)
+            log_unrecorded(self.log_path, self.session_id, self._lock)
             keep_reserve(self.session_dir)
             history = read_session_history(self.session_dir)
             if history.summaries_stale:
@@ -1548,12 +1548,12 @@ class Orchestrator:
         if self.provider is None or not _calls_model(step):
             return None
         from sigil.pipeline.base import StepBudgetError
+        from sigil.pipeline.calls import DEFAULT_CALL_CAP
         from sigil.pipeline.providers import output_cap
-        from sigil.proxy.server import ProxyConfig
         from sigil.proxy.usage import prompt_tokens
 
         remaining = tracker.remaining
-        prompt, cap = 0, min(remaining, ProxyConfig(upstream="").call_cap)
+        prompt, cap = 0, min(remaining, DEFAULT_CALL_CAP)
         show = getattr(step, "prompt", None)
         if callable(show):
             ctx = StepContext(
@@ -1794,23 +1794,31 @@ class Orchestrator:
             return read_session_history(self.session_dir)
         return SessionHistory.of(model)
 
-    def _continued_model(self, prep: _Prepared) -> HistorySnapshot | None:
+    def _continued_model(self, prep: _Prepared, *, closed: bool = True) -> HistorySnapshot | None:
         """The fold of the log at rest continued to the run's last event logged
         so far: from the live file, or, when the live file is not the one the
         run's events went to (a rotator renamed, deleted or recreated it; it may
         even have the same inode), with the events the run kept as it logged
         them. None without a fold at rest, or when the run's events are neither
-        in the live file nor all kept: the caller reads the log anew."""
+        in the live file nor all kept: the caller reads the log anew.
+
+        Before the run has closed its log (``closed`` False: the final event's
+        numbers) the events kept are the answer when there are: the fold at
+        rest moves on with the live file once, at the end; moved on earlier, it
+        would have taken a recreated live file's lines for the run's."""
         source = prep.history.source
         if source is None:
             return None
         own = prep.log.fed_events(self._sanitizer) if prep.log is not None else None
+        kept = model = None
         try:
             # Before at_run_end, which moves a compressed log's model on.
             kept = source.continued_with(own) if own is not None else None
+            if kept is not None and not closed:
+                return kept
             model = source.at_run_end()
         except OSError:
-            kept = model = None
+            model = None
         if kept is not None and not _holds_the_same(model, kept):
             model = kept
         return model
@@ -1854,7 +1862,7 @@ class Orchestrator:
                 self.session_dir, last_n=_RESUME_EVENTS, writer_gone=True
             )
         try:
-            model = await asyncio.to_thread(self._continued_model, prep)
+            model = await asyncio.to_thread(self._continued_model, prep, closed=False)
             if model is None:  # neither in the live file nor kept: the log read anew
                 model = (await asyncio.to_thread(read_session_history, self.session_dir)).model
         except Exception:
@@ -2114,39 +2122,31 @@ def pending_unrecorded(session_dir: Path) -> dict[str, int] | None:
     return {"run": int(run), "unrecorded_tokens": int(tokens)}
 
 
-def log_unrecorded(session_dir: Path, session_id: str) -> None:
+def log_unrecorded(log_path: Path, session_id: str, lock: SessionLock) -> None:
     """Log the tokens the reserve records as spent and not in the log: one
-    ``events_dropped`` line carrying them in ``tokens`` (as the writer's own,
-    so that every reader counts them, in the run they were spent in: the last
-    one of the log), then clear the record. While the disk is still full the
-    record stays. The caller holds the session's lock."""
-    from sigil import _native
-
+    ``events_dropped`` event carrying them in ``tokens`` (as the writer's own
+    line does, so that every reader counts them, in the run they were spent
+    in: the last one of the log), then clear the record. While the disk is
+    still full the record stays. The caller holds the session's ``lock``."""
+    session_dir = log_path / "sessions" / session_id
     record = pending_unrecorded(session_dir)
     if record is None:
         return
     tokens, run = record["unrecorded_tokens"], record["run"]
-    line = {
-        "timestamp": _now(),
-        "session_id": session_id,
-        "event_type": "events_dropped",
-        "component": "logger",
-        "message": (
-            f"{tokens} tokens run {run} spent could not be written to the log "
-            "(the disk was full); counted now"
-        ),
-        "tokens": tokens,
-        "metadata": {"dropped": 0, "dropped_tokens": tokens, "run": run, "unrecorded": True},
-    }
+    logger = ExecutionLogger(session_id, log_path, fsync="always", lock=lock)
     try:
-        writer = _native.AppendWriter(
-            session_dir / LOG_FILE_NAME, session_id=session_id, fsync="always"
+        logger.log_event_sync(
+            "events_dropped",
+            "logger",
+            f"{tokens} tokens run {run} spent could not be written to the log "
+            "(the disk was full); counted now",
+            tokens,
+            {"dropped": 0, "dropped_tokens": tokens, "run": run, "unrecorded": True},
         )
-        try:
-            writer.write(json.dumps(line, separators=(",", ":")).encode())
-        finally:
-            writer.close()
+        logger.close_sync()
     except OSError:
+        with contextlib.suppress(OSError):
+            logger.close_sync()
         return  # still no room: the record stays for the next run
     record_unrecorded(session_dir, run, 0)
 

@@ -14,6 +14,12 @@ Two halves, as in the monitor:
   dashboard, the stream, the minimal line, json). Every number shown is the
   fold's (contract 12); this module only decides *when* a line is fed.
 
+The writer: every frame before the end is history, drawn as a live monitor
+drew it then (the run's writer there, its open proxy calls in flight); the end
+of the log is drawn with the writer gone (the model's ``writer_gone``), as
+``monitor``, ``sessions`` and ``report`` read a session nobody holds: those
+calls then hold their reservations, unknown usage (see :meth:`Player._end`).
+
 Pacing: the gap between two events' timestamps divided by the speed, each gap
 capped (``max_gap``, 2 s by default) so that a long idle stretch does not stall
 a demo; ``speed=None`` is ``--speed max``. The views' clock (elapsed time,

@@ -70,7 +70,10 @@ def traces_endpoint(endpoint: str, protocol: str = DEFAULT_PROTOCOL) -> str:
     one-line message for anything that is not an http(s) URL with a host.
     """
     text = endpoint.strip()
-    parts = urllib.parse.urlsplit(text)
+    try:
+        parts = urllib.parse.urlsplit(text)
+    except ValueError as exc:  # what urllib cannot split: ``http://[::1``, ``http://[zz]``
+        raise ValueError(f"invalid OTLP endpoint {endpoint!r}: {exc}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(
             f"invalid OTLP endpoint {endpoint!r}: expected http://HOST:PORT or https://HOST:PORT"
