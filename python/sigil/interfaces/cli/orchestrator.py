@@ -216,7 +216,9 @@ class PipelineResult:
     #: (a hole in ``seq``): ``total_tokens`` is then a lower bound
     missing_events: int = 0
     #: tokens this run spent that its log could not record (a full or failing
-    #: disk): not in ``total_tokens``, which is what the log and every view say
+    #: disk, even after the session's reserve was freed for it): not in
+    #: ``total_tokens``, which is what the log and every view say; recorded in
+    #: the reserve, and logged by the session's next run once there is room
     unrecorded_tokens: int = 0
 
     def to_dict(self) -> dict[str, Any]:

@@ -554,8 +554,8 @@ def _print_result(result: PipelineResult, snap: SessionSnapshot | None = None) -
     if result.unrecorded_tokens:
         echo(
             f"Not recorded: {result.unrecorded_tokens:,} more tokens this run spent could not "
-            "be written to the log (not in the total above); the session's next run counts "
-            "them once there is room"
+            "be written to the log (not in the total above); recorded in the session's "
+            "reserve (.reserve), its next run counts them once there is room"
         )
     if costs and run is not None and snap is not None:
         echo(_cost_summary(run, snap))
