@@ -2059,6 +2059,24 @@ pub(crate) mod tests {
         }
     }
 
+    /// The fuzz target's seeds (fuzz/seeds: the writer's layout, the proxy's
+    /// calls, escapes, odd key orders) pass what the fuzz target checks.
+    #[test]
+    fn the_fuzz_seeds_agree_with_plain_json() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/compare_to_serde");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            for line in data.split(|b| *b == b'\n') {
+                reference::check_line(line);
+            }
+            reference::check_fold(&data);
+            seen += 1;
+        }
+        assert!(seen >= 7, "{seen} seeds in {}", dir.display());
+    }
+
     /// The layout reader takes only lines the general parser reads the same
     /// way, and reads the metadata values the fold uses as plain JSON does.
     #[test]
