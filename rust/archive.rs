@@ -64,6 +64,7 @@ type Order = (u8, Option<SegmentKey>, usize);
 /// Fold the archived session at `path`. `Err` is one line naming the file,
 /// when nothing of the session could be read; an archive that breaks after
 /// some of it was read is its readable part, with the reason in `problem`.
+/// The calls a killed run left open are settled, the writer gone ([`settle`]).
 pub fn fold_archive(path: &Path, last_n: usize, max_line: usize) -> Result<ArchiveFold, String> {
     let shown = path.display().to_string();
     let fail = |e: io::Error| {
@@ -116,6 +117,7 @@ pub fn fold_archive(path: &Path, last_n: usize, max_line: usize) -> Result<Archi
         }
         st.merge(part);
     }
+    let st = settle(st);
     let (ledger, ledger_problem) = match ledger_raw {
         None => (None, None),
         Some(raw) if raw.len() as u64 > ledger::MAX_LEDGER_BYTES => (
@@ -136,6 +138,19 @@ pub fn fold_archive(path: &Path, last_n: usize, max_line: usize) -> Result<Archi
         ledger_problem,
         problem,
     })
+}
+
+/// The merged fold with its dead runs' calls settled (`FoldState::settled`),
+/// the writer gone: an archive is of a session nobody writes (the archiver
+/// holds the session's lock while it writes it, `LogRotator._archive_locked`,
+/// and a writer refuses an archived ID), so a call a killed run left open
+/// counts as a call of unknown usage holding its reservation, as it did in
+/// every view of the live session before it was archived (contract 12).
+fn settle(st: FoldState) -> FoldState {
+    match st.settled(true) {
+        std::borrow::Cow::Borrowed(_) => st,
+        std::borrow::Cow::Owned(s) => s,
+    }
 }
 
 /// Fold the member at `index` (in the archive's order) into `st`.
@@ -597,6 +612,92 @@ mod tests {
         assert!(got.fold.torn_tail && want.torn_tail);
         assert_eq!(got.fold.last_seq, Some(5));
         assert!(got.ledger.is_none() && got.ledger_problem.is_none());
+    }
+
+    #[test]
+    fn calls_a_killed_run_left_open_hold_their_reservations_once_archived() {
+        // `sigil proxy` killed with -9 while two calls were in flight: their
+        // starts and no end, one in a rotated segment, one in the live file.
+        let event = |kind: &str, tokens: u64, seq: u64, meta: &str| {
+            format!(
+                "{{\"timestamp\":\"2026-01-11T10:00:{seq:02}+00:00\",\"session_id\":\"s\",\"event_type\":\"{kind}\",\"component\":\"m\",\"message\":\"m\",\"tokens\":{tokens},\"metadata\":{meta},\"seq\":{seq}}}\n"
+            )
+        };
+        let segment = format!(
+            "{}{}{}",
+            event("session_start", 0, 0, r#"{"run":1,"budget":1000}"#),
+            event(
+                "step_start",
+                0,
+                1,
+                r#"{"run":1,"call":1,"model":"m","max_tokens":50,"prompt_tokens_reserved":10}"#
+            ),
+            event(
+                "step_start",
+                0,
+                2,
+                r#"{"run":1,"call":2,"model":"m","max_tokens":40,"prompt_tokens_reserved":5}"#
+            ),
+        );
+        let live = format!(
+            "{}{}",
+            event(
+                "step_complete",
+                30,
+                3,
+                r#"{"run":1,"call":1,"model":"m","input_tokens":10,"output_tokens":20}"#
+            ),
+            event(
+                "step_start",
+                0,
+                4,
+                r#"{"run":1,"call":3,"model":"m","max_tokens":7,"prompt_tokens_reserved":3}"#
+            ),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.tar.gz");
+        std::fs::write(
+            &path,
+            tar_gz(&[
+                ("s/execution.jsonl", live.as_bytes(), b'0'),
+                ("s/execution.jsonl.1", segment.as_bytes(), b'0'),
+            ]),
+        )
+        .unwrap();
+        let got = fold_archive(&path, 10, fold::DEFAULT_MAX_LINE).unwrap();
+        // The live session's model with its writer gone, as every view of it
+        // showed before it was archived.
+        let whole = sequential(&[segment.as_bytes(), live.as_bytes()]);
+        let want = whole.settled(true);
+        let c = &got.fold.components["m"];
+        assert_eq!((c.unknown_usage, c.tokens_held, c.tokens), (2, 55, 30));
+        assert_eq!(
+            (c.unknown_usage, c.tokens_held),
+            (
+                want.components["m"].unknown_usage,
+                want.components["m"].tokens_held
+            )
+        );
+        let run = got.fold.run();
+        assert!(run.calls.open.is_empty());
+        assert_eq!(run.components["m"].tokens_held, 55);
+        let m = &got.fold.models()[&fold::model_key("m", "m")];
+        assert_eq!((m.unknown_usage, m.tokens_held), (2, 55));
+        assert_eq!(got.fold.tokens, want.tokens);
+        // A session whose calls all ended is the fold as it is.
+        let ended = format!(
+            "{segment}{}{}",
+            event("step_error", 0, 3, r#"{"run":1,"call":1,"model":"m"}"#),
+            event("step_error", 0, 4, r#"{"run":1,"call":2,"model":"m"}"#),
+        );
+        std::fs::write(
+            &path,
+            tar_gz(&[("s/execution.jsonl", ended.as_bytes(), b'0')]),
+        )
+        .unwrap();
+        let got = fold_archive(&path, 10, fold::DEFAULT_MAX_LINE).unwrap();
+        let c = &got.fold.components["m"];
+        assert_eq!((c.unknown_usage, c.tokens_held), (0, 0));
     }
 
     #[test]

@@ -1889,7 +1889,14 @@ impl OpenSteps {
     }
 
     /// `step_start` of the component in `slot`.
-    fn start(&mut self, slot: u32, e: &RawEvent<'_>, explicit: Option<u64>) {
+    fn start(
+        &mut self,
+        slot: u32,
+        timestamp: &str,
+        message: &str,
+        seq: Option<u64>,
+        explicit: Option<u64>,
+    ) {
         if let Some(i) = self.find(slot) {
             // A retry's new start: the same step, its next attempt.
             let mut s = self.open.remove(i);
@@ -1899,7 +1906,7 @@ impl OpenSteps {
                     *floor = (*floor).max(a);
                 }
             }
-            s.message = bounded(&e.message);
+            s.message = bounded(message);
             self.open.push(s);
             return;
         }
@@ -1919,10 +1926,10 @@ impl OpenSteps {
         };
         self.open.push(OpenStep {
             slot,
-            started_at: bounded(&e.timestamp),
-            seq: e.seq,
+            started_at: bounded(timestamp),
+            seq,
             attempt: explicit.unwrap_or(1).max(1),
-            message: bounded(&e.message),
+            message: bounded(message),
             carry: carry.map(|(add, floor)| (add, floor.max(explicit.unwrap_or(0)))),
         });
     }
@@ -2232,8 +2239,8 @@ impl FoldState {
 
     /// Fold a line of sigil's own layout that lies in `block`, read by
     /// [`layout_block_line`], when its event type is one whose update needs
-    /// only what [`Layout`] carries (successful steps, token counts and the
-    /// event types the fold does not treat apart: almost every line). False,
+    /// only what [`Layout`] carries (steps started and completed, token counts
+    /// and the event types the fold does not treat apart: almost every line). False,
     /// with nothing changed, for the others ([`FoldState::feed_event`]
     /// folds them). The update is [`FoldState::feed_event`]'s for these kinds.
     #[inline(always)]
@@ -2250,7 +2257,8 @@ impl FoldState {
         };
         let uses_meta = match kind {
             Kind::StepComplete | Kind::TokenConsumption => true,
-            Kind::Other => false,
+            // A start's metadata counts only for its step, call and input hash.
+            Kind::StepStart | Kind::Other => false,
             _ => return false,
         };
         // The timestamp's text starts at a fixed place in the layout.
@@ -2310,20 +2318,46 @@ impl FoldState {
         };
         let (slot, run_slot) = self.component_slots(l.component);
         step.update(self.components.at_mut(slot));
-        if kind == Kind::StepComplete && self.tracked(slot, l.component) {
-            self.steps.close(slot as u32);
+        if matches!(kind, Kind::StepComplete | Kind::StepStart) && self.tracked(slot, l.component) {
+            let slot = slot as u32;
+            match kind {
+                Kind::StepStart => {
+                    self.steps
+                        .start(slot, l.timestamp, l.message, Some(l.seq), l.attempt);
+                }
+                _ => self.steps.close(slot),
+            }
         }
         let run = self.run_list.back_mut().unwrap_or(&mut self.head);
         let (name, c) = run.components.entry_mut(run_slot);
         step.update_run(c, name, &mut run.models);
-        if kind == Kind::StepComplete {
-            // A proxy call's end closes its call (`metadata.call`).
-            if let Some(call) = l.call {
-                run.calls.close(call);
+        match kind {
+            Kind::StepComplete => {
+                // A proxy call's end closes its call (`metadata.call`).
+                if let Some(call) = l.call {
+                    run.calls.close(call);
+                }
+                if let Some(h) = l.output_sha256 {
+                    run.steps.output(l.component, h);
+                }
             }
-            if let Some(h) = l.output_sha256 {
-                run.steps.output(l.component, h);
+            Kind::StepStart => {
+                if let Some(call) = l.call {
+                    run.calls.start(OpenCall {
+                        call,
+                        component: l.component.to_string(),
+                        model: l.model.and_then(decode_str).map(|m| bounded(&m)),
+                        reserved: l
+                            .prompt_tokens_reserved
+                            .unwrap_or(0)
+                            .saturating_add(l.max_tokens.unwrap_or(0)),
+                    });
+                }
+                if let Some(h) = l.input_sha256 {
+                    run.steps.start(l.component, h, Some(l.seq));
+                }
             }
+            _ => {}
         }
         run.tokens = run.tokens.saturating_add(l.tokens);
         run.events = run.events.saturating_add(1);
@@ -2611,7 +2645,10 @@ impl FoldState {
             {
                 let slot = slot as u32;
                 match kind {
-                    Kind::StepStart => self.steps.start(slot, e, meta.attempt),
+                    Kind::StepStart => {
+                        self.steps
+                            .start(slot, &e.timestamp, &e.message, e.seq, meta.attempt);
+                    }
                     Kind::RetryAttempt => self.steps.retry(slot),
                     _ => self.steps.close(slot),
                 }
@@ -3566,6 +3603,68 @@ mod tests {
             assert_eq!((c.unknown_usage, c.tokens_held), (2, 50));
             let first = s.run_list.iter().find(|r| r.number == 1).unwrap();
             assert_eq!(first.components["m"].unknown_usage, 2);
+        }
+    }
+
+    /// Step starts (the proxy's, with a call and its reservation, and the
+    /// orchestrator's, with an input hash and an attempt) are folded by the
+    /// layout reader, and open their step and call as the general path does.
+    #[test]
+    fn a_step_start_takes_the_layout_path_and_opens_its_step_and_call() {
+        let starts = [
+            r#"{"run":1,"call":7,"endpoint":"/v1/chat/completions","model":"gpt-4o-mini","stream":false,"max_tokens":1024,"prompt_tokens_reserved":350}"#,
+            r#"{"run":1,"input_sha256":"0f3a9c5e"}"#,
+            r#"{"attempt":3,"input_sha256":"ab","call":7,"model":5,"max_tokens":"9"}"#,
+            r#"{"attempt":"2","input_sha256":7,"call":"7","prompt_tokens_reserved":-1}"#,
+            r#"{"call":7,"max_tokens":18446744073709551615,"prompt_tokens_reserved":5}"#,
+            r#"{}"#,
+        ];
+        for meta in starts {
+            let start = line("step_start", "m", 0, 1, meta);
+            let block = format!("{start}\n");
+            let mut ix = BlockIndex::new();
+            ix.index(block.as_bytes());
+            let l = layout_block_line(block.as_bytes(), &ix, 0, start.len())
+                .unwrap_or_else(|| panic!("not a layout line: {start}"));
+            let mut fold = FoldState::new(0);
+            assert!(fold.feed_layout(&l, block.as_bytes(), 0), "{start}");
+            // Started twice (a retry's new start), then completed: by block and
+            // line by line.
+            let data = [
+                line("session_start", "orchestrator", 0, 0, r#"{"run":1}"#),
+                start.clone(),
+                line("retry_attempt", "m", 0, 2, "{}"),
+                line("step_start", "m", 0, 3, meta),
+                line(
+                    "step_complete",
+                    "m",
+                    5,
+                    4,
+                    r#"{"call":7,"output_sha256":"cd"}"#,
+                ),
+                start.clone(),
+            ]
+            .join("\n")
+                + "\n";
+            let whole = assert_every_split_equals_one_fold(&data, 0);
+            let mut by_line = FoldState::new(0);
+            let mut offset = 0;
+            for l in data.lines() {
+                by_line.feed_line(l.as_bytes(), offset);
+                offset += l.len() as u64 + 1;
+            }
+            assert!(whole == by_line, "{start}");
+            let opened = serde_json::from_str::<serde_json::Value>(meta).unwrap()["call"] == 7;
+            // Two starts open it twice, the completion closes the latest.
+            assert_eq!(
+                whole.run().calls.open.len(),
+                2 * usize::from(opened),
+                "{start}"
+            );
+            assert_eq!(
+                whole.in_flight().map(|(c, s)| (c, s.seq)),
+                Some(("m", Some(1)))
+            );
         }
     }
 

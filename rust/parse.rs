@@ -711,6 +711,7 @@ pub struct Layout<'a> {
     pub timestamp: &'a str,
     pub event_type: &'a str,
     pub component: &'a str,
+    pub message: &'a str,
     pub tokens: u64,
     pub seq: u64,
     /// `metadata.latency_ms` read as [`json_f64`] reads it.
@@ -730,6 +731,13 @@ pub struct Layout<'a> {
     pub output_sha256: Option<&'a str>,
     /// `metadata.call` (the proxy's call id) read as [`json_u64`] reads it.
     pub call: Option<u64>,
+    /// A step's start: `metadata.attempt`, `prompt_tokens_reserved` and
+    /// `max_tokens` read as [`json_u64`] reads them, and the text of
+    /// `input_sha256` when it is a string.
+    pub attempt: Option<u64>,
+    pub prompt_tokens_reserved: Option<u64>,
+    pub max_tokens: Option<u64>,
+    pub input_sha256: Option<&'a str>,
 }
 
 /// Where the timestamp's text starts in a line of the layout (just after
@@ -748,6 +756,10 @@ struct LayoutMeta {
     tokens_held: Option<u64>,
     output_sha256: Option<(usize, usize)>,
     call: Option<u64>,
+    attempt: Option<u64>,
+    prompt_tokens_reserved: Option<u64>,
+    max_tokens: Option<u64>,
+    input_sha256: Option<(usize, usize)>,
 }
 
 /// The line at `start..start + len` of `block` in sigil's own layout, read
@@ -790,7 +802,7 @@ pub fn layout_line<'a, Q: Quotes>(line: &'a [u8], ix: Q) -> Option<Layout<'a>> {
     let p = f.lit(p, b"\",\"component\":\"")?;
     let (comp, p) = f.string_body(p)?;
     let p = f.lit(p, b"\",\"message\":\"")?;
-    let (_, p) = f.string_body(p)?;
+    let (msg, p) = f.string_body(p)?;
     let p = f.lit(p, b"\",\"tokens\":")?;
     let (tokens, p) = f.uint(p)?;
     if tokens > MAX_TOKENS {
@@ -826,6 +838,7 @@ pub fn layout_line<'a, Q: Quotes>(line: &'a [u8], ix: Q) -> Option<Layout<'a>> {
         timestamp: s(ts),
         event_type: s(kind),
         component: s(comp),
+        message: s(msg),
         tokens,
         seq,
         latency_ms: m.latency_ms,
@@ -837,6 +850,10 @@ pub fn layout_line<'a, Q: Quotes>(line: &'a [u8], ix: Q) -> Option<Layout<'a>> {
         tokens_held: m.tokens_held,
         output_sha256: m.output_sha256.map(s),
         call: m.call,
+        attempt: m.attempt,
+        prompt_tokens_reserved: m.prompt_tokens_reserved,
+        max_tokens: m.max_tokens,
+        input_sha256: m.input_sha256.map(s),
     })
 }
 
@@ -855,6 +872,10 @@ enum LayoutKey {
     Held,
     OutputHash,
     Call,
+    Attempt,
+    Reserved,
+    MaxTokens,
+    InputHash,
     Other,
 }
 
@@ -862,6 +883,7 @@ enum LayoutKey {
 fn layout_key(key: &[u8]) -> LayoutKey {
     match key.len() {
         10 if same_bytes(key, b"latency_ms") => LayoutKey::Latency,
+        10 if same_bytes(key, b"max_tokens") => LayoutKey::MaxTokens,
         5 if same_bytes(key, b"model") => LayoutKey::Model,
         5 if same_bytes(key, b"usage") => LayoutKey::Usage,
         12 if same_bytes(key, b"input_tokens") => LayoutKey::Input,
@@ -870,6 +892,9 @@ fn layout_key(key: &[u8]) -> LayoutKey {
         8 if same_bytes(key, b"cost_usd") => LayoutKey::Cost,
         11 if same_bytes(key, b"tokens_held") => LayoutKey::Held,
         4 if same_bytes(key, b"call") => LayoutKey::Call,
+        7 if same_bytes(key, b"attempt") => LayoutKey::Attempt,
+        12 if same_bytes(key, b"input_sha256") => LayoutKey::InputHash,
+        22 if same_bytes(key, b"prompt_tokens_reserved") => LayoutKey::Reserved,
         _ => LayoutKey::Other,
     }
 }
@@ -1143,7 +1168,13 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                     }
                 },
                 (
-                    LayoutKey::Input | LayoutKey::Output | LayoutKey::Held | LayoutKey::Call,
+                    LayoutKey::Input
+                    | LayoutKey::Output
+                    | LayoutKey::Held
+                    | LayoutKey::Call
+                    | LayoutKey::Attempt
+                    | LayoutKey::Reserved
+                    | LayoutKey::MaxTokens,
                     b'-' | b'0'..=b'9',
                 ) => {
                     let (v, end) = match self.short_number(start) {
@@ -1157,7 +1188,10 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                         LayoutKey::Input => m.input_tokens = v,
                         LayoutKey::Output => m.output_tokens = v,
                         LayoutKey::Held => m.tokens_held = v,
-                        _ => m.call = v,
+                        LayoutKey::Call => m.call = v,
+                        LayoutKey::Attempt => m.attempt = v,
+                        LayoutKey::Reserved => m.prompt_tokens_reserved = v,
+                        _ => m.max_tokens = v,
                     }
                     end
                 }
@@ -1185,6 +1219,14 @@ impl<Q: Quotes, const N: usize> Fast<'_, '_, '_, Q, N> {
                 LayoutKey::Cost if first > b'9' || first == b'"' => m.cost_nanousd = None,
                 LayoutKey::Held if first > b'9' || first == b'"' => m.tokens_held = None,
                 LayoutKey::Call if first > b'9' || first == b'"' => m.call = None,
+                LayoutKey::Attempt if first > b'9' || first == b'"' => m.attempt = None,
+                LayoutKey::Reserved if first > b'9' || first == b'"' => {
+                    m.prompt_tokens_reserved = None;
+                }
+                LayoutKey::MaxTokens if first > b'9' || first == b'"' => m.max_tokens = None,
+                LayoutKey::InputHash => {
+                    m.input_sha256 = (first == b'"').then(|| (start + 1, end - 1));
+                }
                 LayoutKey::Model => m.model = Some((start, end)),
                 LayoutKey::Usage => m.usage_unknown = &self.line[start..end] == b"\"unknown\"",
                 LayoutKey::OutputHash => {
@@ -2017,6 +2059,24 @@ pub(crate) mod tests {
         }
     }
 
+    /// The fuzz target's seeds (fuzz/seeds: the writer's layout, the proxy's
+    /// calls, escapes, odd key orders) pass what the fuzz target checks.
+    #[test]
+    fn the_fuzz_seeds_agree_with_plain_json() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/compare_to_serde");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            for line in data.split(|b| *b == b'\n') {
+                reference::check_line(line);
+            }
+            reference::check_fold(&data);
+            seen += 1;
+        }
+        assert!(seen >= 7, "{seen} seeds in {}", dir.display());
+    }
+
     /// The layout reader takes only lines the general parser reads the same
     /// way, and reads the metadata values the fold uses as plain JSON does.
     #[test]
@@ -2065,6 +2125,12 @@ pub(crate) mod tests {
             assert_eq!(l.output_tokens, u("output_tokens"), "{show}");
             assert_eq!(l.tokens_held, u("tokens_held"), "{show}");
             assert_eq!(l.call, u("call"), "{show}");
+            assert_eq!(l.attempt, u("attempt"), "{show}");
+            assert_eq!(l.prompt_tokens_reserved, u("prompt_tokens_reserved"));
+            assert_eq!(l.max_tokens, u("max_tokens"), "{show}");
+            let text = |k: &str| meta.get(k).and_then(serde_json::Value::as_str);
+            assert_eq!(l.input_sha256, text("input_sha256"), "{show}");
+            assert_eq!(l.message, &*e.message, "{show}");
             let usage = meta.get("usage").and_then(serde_json::Value::as_str);
             assert_eq!(l.usage_unknown, usage == Some("unknown"), "{show}");
             let model = |json: &str| serde_json::from_str::<serde_json::Value>(json).unwrap();
@@ -2247,6 +2313,12 @@ pub(crate) mod tests {
         r#"{"call":1e2,"prompt_tokens_reserved":"x","max_tokens":-3}"#,
         r#"{ "call" : 12 , "tokens_held" : 34 , "usage" : "unknown" }"#,
         r#"{"call":{"id":1},"tokens_held":[1],"usage":{"x":"unknown"}}"#,
+        // The orchestrator's step starts, and odd values of a start's keys.
+        r#"{"run":1,"input_sha256":"0f3a9c5e"}"#,
+        r#"{"attempt":2,"input_sha256":7,"attempt":"3","input_sha256":"ab"}"#,
+        r#"{"attempt":-1,"max_tokens":18446744073709551615,"prompt_tokens_reserved":5}"#,
+        r#"{"attempt":1.0,"max_tokens":"9","prompt_tokens_reserved":-0,"input_sha256":null}"#,
+        r#"{"prompt_tokens_reserved":18446744073709551616,"max_tokens":[1],"attempt":null}"#,
     ];
     /// Strings the fast path takes (no backslash).
     const PLAIN: &[&str] = &[

@@ -322,9 +322,10 @@ def test_the_orchestrators_run_end_does_not_fold_the_log_again(
     monkeypatch.setattr(HistoryModel, "at_run_end", end)
     results = [asyncio.run(module.Orchestrator("twice").execute("Analyze lead")) for _ in range(2)]
     assert [r.status for r in results] == ["complete", "complete"]
-    # Each run's end continues that fold twice: up to the final event (its
-    # numbers are the model's) and with it (the summaries); never a refold.
-    assert len(reads) == 2 and ends == [True] * 4
+    # Each run's end continues that fold with the live file once, with the
+    # final event (the summaries); the final event's numbers are the model's
+    # too, continued with the events the run kept. Never a refold.
+    assert len(reads) == 2 and ends == [True] * 2
     session = sigil_home / "logs" / "sessions" / "twice"
     tokens = json.loads((session / "tokens.json").read_text())
     fresh = session_history(session, use_ledger=False)

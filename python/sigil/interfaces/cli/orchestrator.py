@@ -1447,7 +1447,10 @@ class Orchestrator:
                     ),
                     retry_count=attempt - 1,
                 )
-                stopped_by_budget = False
+                # A step that refused its own call for the budget (the model
+                # call's prompt leaves no token for the answer) ends the run as
+                # out of budget, as the proxy's refusal does.
+                stopped_by_budget = bool(getattr(exc, "budget_exhausted", False))
                 if handled.should_retry and not tracker.can_continue():
                     # No new attempt once the budget has run out (spec 9.3).
                     handled.should_retry = False
