@@ -1088,9 +1088,17 @@ fn bounded_at(text: &str, start: usize, end: usize, trail: bool) -> bool {
     starts_word(text, start) && (!trail || ends_word(text, end))
 }
 
+/// The provider-token rules' start (`(?<![^\W_])` in the reference): Python's
+/// `\b`, or a '_' before the token, which is glued to a snake_case name there
+/// ("comp_sk-proj-...", "MY_TOKEN_ghp_...").
+fn starts_token(text: &str, at: usize) -> bool {
+    !char_before(text, at).is_some_and(|c| c != '_' && is_word(c))
+}
+
+/// A provider token's rule (`starts_token`; `trail`: Python's `\b` after it).
 fn replace_with(text: &str, re: &Re, trail: bool, mark: &'static str) -> Option<String> {
     substitute_match(text, re, |start, end| {
-        if bounded_at(text, start, end, trail) {
+        if starts_token(text, start) && (!trail || ends_word(text, end)) {
             Verdict::mark(mark)
         } else {
             Verdict::Reject
@@ -1336,15 +1344,30 @@ impl Pass<'_> {
 /// (Bearer's credential, 12; a JWT, 13; every provider token, 15 or more).
 const MAX_CLEAN_RUN: usize = 11;
 
+/// The same for a run of word characters only (`[A-Za-z0-9_]`) in a string
+/// without blanks: then no Bearer credential can follow a "bearer", and every
+/// provider token made of word characters alone is 20 or longer (AWS; the
+/// others 24 or more; the rest hold '-', '.', '~' or ':'). Identifiers such as
+/// "step_complete" or "output_tokens" (event types, components, metadata
+/// keys, all scrubbed per event) stay on the one-pass path.
+const MAX_CLEAN_WORD_RUN: usize = 19;
+
 /// Whether no rule's regex can match `value`, by necessary conditions read in
 /// one pass over its bytes (no automaton): ASCII only (a case-insensitive rule
 /// also folds some non-ASCII letters), no ':' or '=' (URLs, Azure, key-value
 /// pairs, name=value entropy), no "--" (PEM blocks, command-line flags), fewer
 /// than 13 digits (card numbers) and no run of token characters longer than
-/// `MAX_CLEAN_RUN` (the provider tokens, JWTs, Entra secrets, Bearer values).
+/// `MAX_CLEAN_RUN` (the provider tokens, JWTs, Entra secrets, Bearer values),
+/// or `MAX_CLEAN_WORD_RUN` for a run of word characters in a string without blanks.
 /// Most log text passes and skips the `RegexSet` pass.
 fn surely_clean(value: &str) -> bool {
     let mut run = 0usize;
+    // The current run holds word characters only.
+    let mut word_run = true;
+    // A run of word characters only, longer than `MAX_CLEAN_RUN`, was seen.
+    let mut long_word_run = false;
+    // A blank (Python's `\s` on ASCII) was seen.
+    let mut blank = false;
     let mut digits = 0usize;
     let mut dash = false;
     for &b in value.as_bytes() {
@@ -1367,14 +1390,20 @@ fn surely_clean(value: &str) -> bool {
         }
         if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'~' | b'+' | b'/' | b'-') {
             run += 1;
+            word_run &= b.is_ascii_alphanumeric() || b == b'_';
             if run > MAX_CLEAN_RUN {
-                return false;
+                if !word_run || run > MAX_CLEAN_WORD_RUN {
+                    return false;
+                }
+                long_word_run = true;
             }
         } else {
             run = 0;
+            word_run = true;
+            blank |= ascii_space(b);
         }
     }
-    true
+    !(long_word_run && blank)
 }
 
 /// `candidates`' byte classes: a byte some literal starts with (or '-', ':',
@@ -2256,6 +2285,11 @@ mod tests {
             "Q~",
             "github_pat_",
             "3Q~",
+            "step_complete",
+            "AKIAIOSFODNN7EXAMPL",
+            "bcdefghijklmnopqrs",
+            "\x1c",
+            "\n",
         ];
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = || {
@@ -2280,6 +2314,9 @@ mod tests {
             "Reasoning completed",
             "gpt-4o-mini",
             "Acme Corp is a mid-size vendor",
+            "step_complete",
+            "output_tokens",
+            "abcdefghij012345678",
         ] {
             assert!(surely_clean(s), "{s}");
         }
@@ -2289,7 +2326,10 @@ mod tests {
             "x=y",
             "--token",
             "4111111111111",
-            "abcdefghijkl",
+            "abcdefghijkl x",
+            "x\u{1c}abcdefghijkl",
+            "abcdefghij0123456789",
+            "abcdefghijk.",
             "caf\u{e9}",
         ] {
             assert!(!surely_clean(s), "{s}");
@@ -3140,6 +3180,20 @@ mod tests {
             sanitize("SharedAccessKey=00000000000000000000("),
             "SharedAccessKey=***REDACTED***("
         );
+    }
+
+    #[test]
+    fn a_token_glued_after_an_underscore_is_found() {
+        let key = "sk-proj-AAAABBBBCCCCDDDDEEEEFFFFGGGGHHHHIIIIJJJJ1234";
+        assert_eq!(sanitize(&format!("comp_{key}")), "comp_***API_KEY***");
+        assert_eq!(
+            sanitize("MY_TOKEN_ghp_a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6q7R8"),
+            "MY_TOKEN_***GITHUB_TOKEN***"
+        );
+        assert_eq!(sanitize("x_AKIAIOSFODNN7EXAMPLE"), "x_***AWS_ACCESS_KEY***");
+        // A letter or digit before the token still keeps it out ("task-...", "disk-...").
+        assert_eq!(sanitize(&format!("comp{key}")), format!("comp{key}"));
+        assert_eq!(sanitize(&format!("é{key}")), format!("é{key}"));
     }
 
     #[test]

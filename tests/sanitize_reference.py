@@ -231,6 +231,10 @@ def _rules(*pairs: tuple[str, _Replacement], flags: int = 0) -> _Rules:
     return tuple((re.compile(pattern, flags), replacement) for pattern, replacement in pairs)
 
 
+# The provider tokens' start: Python's ``\b``, or a "_" before the token, which is
+# then glued to a snake_case name ("comp_sk-proj-...", "MY_TOKEN_ghp_...").
+_LEAD = r"(?<![^\W_])"
+
 # Families in the order they are applied: specific shapes first, so that
 # "api_key=sk-proj-..." reads "api_key=***API_KEY***" rather than a generic mark.
 _FAMILIES: tuple[tuple[str, _Rules], ...] = (
@@ -245,18 +249,26 @@ _FAMILIES: tuple[tuple[str, _Rules], ...] = (
             flags=re.DOTALL,
         ),
     ),
-    ("jwt", _rules((r"\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*", "***JWT***"))),
-    ("aws", _rules((r"\bA(?:KIA|SIA|BIA|CCA)[A-Z0-9]{16}\b", "***AWS_ACCESS_KEY***"))),
+    (
+        "jwt",
+        _rules((_LEAD + r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*", "***JWT***")),
+    ),
+    ("aws", _rules((_LEAD + r"A(?:KIA|SIA|BIA|CCA)[A-Z0-9]{16}\b", "***AWS_ACCESS_KEY***"))),
     (
         "github",
         _rules(
-            (r"\bgh[pousr]_[A-Za-z0-9]{30,251}\b", "***GITHUB_TOKEN***"),
-            (r"\bgithub_pat_[A-Za-z0-9_]{22,255}", "***GITHUB_TOKEN***"),
+            (_LEAD + r"gh[pousr]_[A-Za-z0-9]{30,251}\b", "***GITHUB_TOKEN***"),
+            (_LEAD + r"github_pat_[A-Za-z0-9_]{22,255}", "***GITHUB_TOKEN***"),
         ),
     ),
     (
         "gitlab",
-        _rules((r"\bgl(?:pat|ptt|dt|rt|soat|cbt|ft|imt)-[A-Za-z0-9_-]{20,}", "***GITLAB_TOKEN***")),
+        _rules(
+            (
+                _LEAD + r"gl(?:pat|ptt|dt|rt|soat|cbt|ft|imt)-[A-Za-z0-9_-]{20,}",
+                "***GITLAB_TOKEN***",
+            )
+        ),
     ),
     (
         "slack",
@@ -265,22 +277,22 @@ _FAMILIES: tuple[tuple[str, _Rules], ...] = (
                 r"https?://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/-]+",
                 "***SLACK_WEBHOOK***",
             ),
-            (r"\bxox[abeprs]-[A-Za-z0-9-]{10,}", "***SLACK_TOKEN***"),
-            (r"\bxapp-\d-[A-Za-z0-9-]{10,}", "***SLACK_TOKEN***"),
+            (_LEAD + r"xox[abeprs]-[A-Za-z0-9-]{10,}", "***SLACK_TOKEN***"),
+            (_LEAD + r"xapp-\d-[A-Za-z0-9-]{10,}", "***SLACK_TOKEN***"),
         ),
     ),
     (
         "apikey",
         _rules(
-            (r"\bsk-ant-[A-Za-z0-9_-]{20,}", "***API_KEY***"),
-            (r"\bsk-(?:proj|svcacct|admin|None)-[A-Za-z0-9_-]{20,}", "***API_KEY***"),
+            (_LEAD + r"sk-ant-[A-Za-z0-9_-]{20,}", "***API_KEY***"),
+            (_LEAD + r"sk-(?:proj|svcacct|admin|None)-[A-Za-z0-9_-]{20,}", "***API_KEY***"),
             # Legacy OpenAI keys and most OpenAI-compatible providers: no dashes in the
             # body, which keeps kebab-case names such as "sk-learn-..." out.
-            (r"\bsk-[A-Za-z0-9]{20,}\b", "***API_KEY***"),
-            (r"\b[rs]k_(?:live|test)_[A-Za-z0-9]{16,}", "***API_KEY***"),
-            (r"\bAIza[0-9A-Za-z_-]{35}", "***API_KEY***"),
-            (r"\bhf_[A-Za-z0-9]{30,}", "***API_KEY***"),
-            (r"\bwhsec_[A-Za-z0-9+/=]{24,}", "***API_KEY***"),
+            (_LEAD + r"sk-[A-Za-z0-9]{20,}\b", "***API_KEY***"),
+            (_LEAD + r"[rs]k_(?:live|test)_[A-Za-z0-9]{16,}", "***API_KEY***"),
+            (_LEAD + r"AIza[0-9A-Za-z_-]{35}", "***API_KEY***"),
+            (_LEAD + r"hf_[A-Za-z0-9]{30,}", "***API_KEY***"),
+            (_LEAD + r"whsec_[A-Za-z0-9+/=]{24,}", "***API_KEY***"),
         ),
     ),
     (

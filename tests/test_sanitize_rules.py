@@ -282,6 +282,25 @@ def test_no_secret_in_names_or_keys_reaches_the_log(
     assert events[-1]["metadata"] == {"***API_KEY***": 1, "***API_KEY***#2": 2}
 
 
+def test_a_token_glued_to_a_snake_case_name_is_redacted(tmp_path: Path) -> None:
+    """The hostile review's names: "comp_" + key, "custom_" + key (no ``\\b``
+    between "_" and the key, so the rules once let them through)."""
+    from sigil.telemetry.execution_logger import ExecutionLogger
+
+    assert _native.sanitize_string("comp_" + OPENAI_KEY) == "comp_***API_KEY***"
+    assert _native.sanitize_string("x_" + GITHUB_DOCS_PAT) == "x_***GITHUB_TOKEN***"
+    assert _native.sanitize_string("comp" + OPENAI_KEY) == "comp" + OPENAI_KEY
+    with ExecutionLogger("S1", log_path=tmp_path) as logger:
+        logger.log_event_sync("step_complete", "comp_" + OPENAI_KEY, "msg", 1, {})
+        logger.log_event_sync("custom_" + OPENAI_KEY, "c", "msg", 1, {"n_" + GITHUB_KEY: 1})
+    text = (tmp_path / "sessions" / "S1" / "execution.jsonl").read_text()
+    assert OPENAI_KEY[8:] not in text and GITHUB_KEY[4:] not in text
+    events = [orjson.loads(line) for line in text.splitlines()]
+    assert events[0]["component"] == "comp_***API_KEY***"
+    assert events[1]["event_type"] == "custom_***API_KEY***"
+    assert events[1]["metadata"] == {"n_***GITHUB_TOKEN***": 1}
+
+
 _PIECES = [OPENAI_KEY, OPENAI_KEY_2, GITHUB_KEY, GITHUB_DOCS_PAT, "***API_KEY***", "#2", "x", " "]
 _KEYS = st.one_of(
     st.lists(st.sampled_from(_PIECES), min_size=1, max_size=3).map("".join),

@@ -7,7 +7,8 @@ redacted ordinary data (microsecond timestamps, addresses that are not
 secrets). Here each secret has its own rule, tight enough to leave numbers,
 UUIDs, timestamps, token counts and hashes alone:
 
-* provider tokens by their fixed prefixes (AWS ``AKIA``/``ASIA``, GitHub
+* provider tokens by their fixed prefixes, standing alone or after a ``_``
+  (``comp_sk-proj-...``) but not glued to a letter or digit (AWS ``AKIA``/``ASIA``, GitHub
   ``ghp_``/``github_pat_``..., GitLab ``glpat-``, Slack ``xox?-`` and webhook
   URLs, OpenAI ``sk-``/``sk-proj-``, Anthropic ``sk-ant-``, Stripe keys and
   ``whsec_`` webhook secrets, Google, Hugging Face), JWTs and PEM private key blocks;
@@ -34,7 +35,8 @@ multi-pattern automaton over the rules' literal prefixes decides which rule
 families a string can trigger at all; most strings trigger none and cost no
 regex work. Before it, one pass over the bytes lets through ASCII text that no
 rule can match (no ``:``, ``=`` or ``--``, fewer than 13 digits, no run of 12
-token characters) without running the automaton. Rules are linear in the
+token characters, or of 20 word characters where the text has no blank) without
+running the automaton. Rules are linear in the
 input (Rust's ``regex`` has no backtracking), so a large blob cannot stall the
 logger.
 """
