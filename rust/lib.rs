@@ -809,11 +809,19 @@ fn log_prepared(
         return None;
     }
     let sanitize = w.sanitizes();
-    let message = if sanitize {
-        sanitize::sanitize(message)
-    } else {
-        std::borrow::Cow::Borrowed(message)
-    };
+    fn scrub(on: bool, text: &str) -> std::borrow::Cow<'_, str> {
+        if on {
+            sanitize::sanitize(text)
+        } else {
+            std::borrow::Cow::Borrowed(text)
+        }
+    }
+    let (event_type, component, message) = (
+        scrub(sanitize, event_type),
+        scrub(sanitize, component),
+        scrub(sanitize, message),
+    );
+    let (event_type, component): (&str, &str) = (&event_type, &component);
     let dict = if metadata.is_none() {
         None
     } else {

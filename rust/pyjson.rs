@@ -6,10 +6,11 @@
 //! property test against orjson): strings escaped as orjson escapes them (`"`,
 //! `\`, and control characters; everything else raw UTF-8), integers in 64
 //! bits, floats shortest round-trip (`1e+16`, `0.00001`), NaN and infinities
-//! `null`. With the writer's sanitizer on, every string value is scrubbed in
-//! the same walk, as `sanitize::sanitize_json` scrubs orjson's output: a
-//! non-empty string under a credential-named key becomes `***REDACTED***`,
-//! keys are kept.
+//! `null`. With the writer's sanitizer on, every string value and key is
+//! scrubbed in the same walk, as `sanitize::sanitize_json` scrubs orjson's
+//! output: a non-empty string under a credential-named key becomes
+//! `***REDACTED***`, a scrubbed key that would repeat a key of its dict is
+//! renamed (`sanitize::unique_key`).
 //!
 //! Only the plain types are written here: exact `dict` with `str` keys,
 //! `list`, `tuple`, `str`, `int` (in 64 bits), `float`, `bool` and `None`,
@@ -78,6 +79,8 @@ impl<'a> Encoder<'a> {
         }
         self.out.push(b'{');
         let mut first = true;
+        // The names given to scrubbed keys (`sanitize::unique_key`).
+        let mut given: Vec<String> = Vec::new();
         for (k, v) in d.iter() {
             if k.get_type_ptr() != self.types.str_ {
                 return false;
@@ -89,7 +92,18 @@ impl<'a> Encoder<'a> {
                 self.out.push(b',');
             }
             first = false;
-            push_str(self.out, key);
+            match self.sanitize.then(|| sanitize::sanitize(key)) {
+                Some(std::borrow::Cow::Owned(scrubbed)) => {
+                    let name = sanitize::unique_key(
+                        scrubbed,
+                        &mut |n| d.contains(n).unwrap_or(false),
+                        &given,
+                    );
+                    push_str(self.out, &name);
+                    given.push(name);
+                }
+                _ => push_str(self.out, key),
+            }
             self.out.push(b':');
             if !self.value(&v, level, Some(key)) {
                 return false;

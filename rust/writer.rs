@@ -612,18 +612,25 @@ impl AppendWriter {
             }
         }
         // Scrubbed before the buffer lock: other writing threads never wait on it.
-        let (message, metadata) = if self.shared.cfg.sanitize {
+        let (event_type, component, message, metadata) = if self.shared.cfg.sanitize {
             (
+                crate::sanitize::sanitize(event_type),
+                crate::sanitize::sanitize(component),
                 crate::sanitize::sanitize(message),
                 metadata.map(crate::sanitize::sanitize_json),
             )
         } else {
-            (Cow::Borrowed(message), metadata.map(Cow::Borrowed))
+            (
+                Cow::Borrowed(event_type),
+                Cow::Borrowed(component),
+                Cow::Borrowed(message),
+                metadata.map(Cow::Borrowed),
+            )
         };
         self.push_event(
             session_id,
-            event_type,
-            component,
+            &event_type,
+            &component,
             &message,
             tokens,
             metadata.as_deref(),
@@ -641,8 +648,8 @@ impl AppendWriter {
         &self.shared.cfg.session_id
     }
 
-    /// Queue one event whose parts are ready: `message` already scrubbed when
-    /// the writer scrubs, `metadata` one JSON object on one line (written by
+    /// Queue one event whose parts are ready: `event_type`, `component` and
+    /// `message` already scrubbed when the writer scrubs, `metadata` one JSON object on one line (written by
     /// the caller's own encoder, so neither checked nor scrubbed again).
     pub fn write_prepared(
         &self,

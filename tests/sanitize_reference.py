@@ -82,7 +82,8 @@ def _families(value: str) -> list[str]:
         found.append("jwt")
     if "A" in value and _AWS_GATE.search(value) is not None:
         found.append("aws")
-    if "gh" in value and "_" in value:
+    # Each rule's own literal: "github_pat_" holds no "gh".
+    if ("gh" in value or "github_pat_" in value) and "_" in value:
         found.append("github")
     if "gl" in value and "-" in value:
         found.append("gitlab")
@@ -90,7 +91,12 @@ def _families(value: str) -> list[str]:
         found.append("slack")
     if "sk-" in value or "k_" in value or "AIza" in value or "hf_" in value or "whsec_" in value:
         found.append("apikey")
-    if "Q~" in value or "accountkey" in lowered or "sig=" in lowered:
+    if (
+        "Q~" in value
+        or "accountkey" in lowered
+        or "sharedaccesskey" in lowered  # holds no "accountkey"
+        or "sig=" in lowered
+    ):
         found.append("azure")
     if "://" in value and "@" in value:
         found.append("url")
@@ -225,6 +231,10 @@ def _rules(*pairs: tuple[str, _Replacement], flags: int = 0) -> _Rules:
     return tuple((re.compile(pattern, flags), replacement) for pattern, replacement in pairs)
 
 
+# The provider tokens' start: Python's ``\b``, or a "_" before the token, which is
+# then glued to a snake_case name ("comp_sk-proj-...", "MY_TOKEN_ghp_...").
+_LEAD = r"(?<![^\W_])"
+
 # Families in the order they are applied: specific shapes first, so that
 # "api_key=sk-proj-..." reads "api_key=***API_KEY***" rather than a generic mark.
 _FAMILIES: tuple[tuple[str, _Rules], ...] = (
@@ -239,18 +249,26 @@ _FAMILIES: tuple[tuple[str, _Rules], ...] = (
             flags=re.DOTALL,
         ),
     ),
-    ("jwt", _rules((r"\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*", "***JWT***"))),
-    ("aws", _rules((r"\bA(?:KIA|SIA|BIA|CCA)[A-Z0-9]{16}\b", "***AWS_ACCESS_KEY***"))),
+    (
+        "jwt",
+        _rules((_LEAD + r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*", "***JWT***")),
+    ),
+    ("aws", _rules((_LEAD + r"A(?:KIA|SIA|BIA|CCA)[A-Z0-9]{16}\b", "***AWS_ACCESS_KEY***"))),
     (
         "github",
         _rules(
-            (r"\bgh[pousr]_[A-Za-z0-9]{30,251}\b", "***GITHUB_TOKEN***"),
-            (r"\bgithub_pat_[A-Za-z0-9_]{22,255}", "***GITHUB_TOKEN***"),
+            (_LEAD + r"gh[pousr]_[A-Za-z0-9]{30,251}\b", "***GITHUB_TOKEN***"),
+            (_LEAD + r"github_pat_[A-Za-z0-9_]{22,255}", "***GITHUB_TOKEN***"),
         ),
     ),
     (
         "gitlab",
-        _rules((r"\bgl(?:pat|ptt|dt|rt|soat|cbt|ft|imt)-[A-Za-z0-9_-]{20,}", "***GITLAB_TOKEN***")),
+        _rules(
+            (
+                _LEAD + r"gl(?:pat|ptt|dt|rt|soat|cbt|ft|imt)-[A-Za-z0-9_-]{20,}",
+                "***GITLAB_TOKEN***",
+            )
+        ),
     ),
     (
         "slack",
@@ -259,22 +277,22 @@ _FAMILIES: tuple[tuple[str, _Rules], ...] = (
                 r"https?://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9_/-]+",
                 "***SLACK_WEBHOOK***",
             ),
-            (r"\bxox[abeprs]-[A-Za-z0-9-]{10,}", "***SLACK_TOKEN***"),
-            (r"\bxapp-\d-[A-Za-z0-9-]{10,}", "***SLACK_TOKEN***"),
+            (_LEAD + r"xox[abeprs]-[A-Za-z0-9-]{10,}", "***SLACK_TOKEN***"),
+            (_LEAD + r"xapp-\d-[A-Za-z0-9-]{10,}", "***SLACK_TOKEN***"),
         ),
     ),
     (
         "apikey",
         _rules(
-            (r"\bsk-ant-[A-Za-z0-9_-]{20,}", "***API_KEY***"),
-            (r"\bsk-(?:proj|svcacct|admin|None)-[A-Za-z0-9_-]{20,}", "***API_KEY***"),
+            (_LEAD + r"sk-ant-[A-Za-z0-9_-]{20,}", "***API_KEY***"),
+            (_LEAD + r"sk-(?:proj|svcacct|admin|None)-[A-Za-z0-9_-]{20,}", "***API_KEY***"),
             # Legacy OpenAI keys and most OpenAI-compatible providers: no dashes in the
             # body, which keeps kebab-case names such as "sk-learn-..." out.
-            (r"\bsk-[A-Za-z0-9]{20,}\b", "***API_KEY***"),
-            (r"\b[rs]k_(?:live|test)_[A-Za-z0-9]{16,}", "***API_KEY***"),
-            (r"\bAIza[0-9A-Za-z_-]{35}", "***API_KEY***"),
-            (r"\bhf_[A-Za-z0-9]{30,}", "***API_KEY***"),
-            (r"\bwhsec_[A-Za-z0-9+/=]{24,}", "***API_KEY***"),
+            (_LEAD + r"sk-[A-Za-z0-9]{20,}\b", "***API_KEY***"),
+            (_LEAD + r"[rs]k_(?:live|test)_[A-Za-z0-9]{16,}", "***API_KEY***"),
+            (_LEAD + r"AIza[0-9A-Za-z_-]{35}", "***API_KEY***"),
+            (_LEAD + r"hf_[A-Za-z0-9]{30,}", "***API_KEY***"),
+            (_LEAD + r"whsec_[A-Za-z0-9+/=]{24,}", "***API_KEY***"),
         ),
     ),
     (
@@ -363,6 +381,17 @@ _FAMILIES: tuple[tuple[str, _Rules], ...] = (
     ),
 )
 
+
+def sanitize_ungated(value: str) -> str:
+    """The plain rule table: every rule of every family applied in order, with no
+    gate (what the gates may only speed up, never change)."""
+    result = value
+    for _, rules in _FAMILIES:
+        for pattern, replacement in rules:
+            result = pattern.sub(replacement, result)
+    return result
+
+
 # Credential-named keys: their string values are redacted whatever they contain.
 # Plain "token" is not one: in LLM pipelines it is usually a text token.
 _SENSITIVE_KEY = re.compile(
@@ -377,6 +406,16 @@ _SENSITIVE_KEY = re.compile(
 # found clean are remembered. Only clean strings: a secret is never kept.
 _CACHE_LIMIT = 4096
 _CLEAN_CACHE_MAX_LEN = 256
+
+
+def _unique_key(name: str, keys: dict[Any, Any], given: list[str]) -> str:
+    """``name``, or the first ``name#2``, ``name#3``, ... that is neither a key of
+    the dict (``keys``) nor already given to a scrubbed key (``given``)."""
+    candidate, n = name, 1
+    while candidate in keys or candidate in given:
+        n += 1
+        candidate = f"{name}#{n}"
+    return candidate
 
 
 class LogSanitizer:
@@ -420,25 +459,48 @@ class LogSanitizer:
         return result
 
     def sanitize_dict(self, data: dict[str, Any]) -> dict[str, Any]:
-        """Sanitise a dict recursively (nested dicts, lists and tuples)."""
+        """Sanitise a dict recursively (nested dicts, lists and tuples), its string
+        keys as its values.
+
+        A value under a credential-named key is judged by the key as written. A
+        scrubbed key never replaces another entry: keys that needed no scrubbing
+        keep their names, and a scrubbed key that would repeat one of them or an
+        earlier scrubbed key takes the first free ``#2``, ``#3``, ... suffix
+        (``{"sk-proj-A...": 1, "sk-proj-B...": 2}`` becomes
+        ``{"***API_KEY***": 1, "***API_KEY***#2": 2}``).
+        """
         copy: dict[str, Any] | None = None
+        given: list[str] = []
         for index, (key, value) in enumerate(data.items()):
             if isinstance(value, str) and value and self._is_sensitive_key(key):
                 cleaned: Any = REDACTED
             else:
                 cleaned = self._sanitize_value(value)
-            if copy is None and cleaned is not value:
+            name = key
+            if isinstance(key, str):
+                scrubbed = self.sanitize_string(key)
+                if scrubbed != key:
+                    name = _unique_key(scrubbed, data, given)
+                    given.append(name)
+            if copy is None and (cleaned is not value or name is not key):
                 copy = dict(list(data.items())[:index])
             if copy is not None:
-                copy[key] = cleaned
+                copy[name] = cleaned
         return data if copy is None else copy
 
     def sanitize_entry(self, entry: _Entry) -> _Entry:
-        """A copy of a log entry dataclass with its message and metadata sanitised."""
+        """A copy of a log entry dataclass with its message, metadata and (where it
+        has them) ``event_type`` and ``component`` sanitised."""
+        names: dict[str, str] = {}
+        for field in ("event_type", "component"):
+            text = getattr(entry, field, None)
+            if isinstance(text, str):
+                names[field] = self.sanitize_string(text)
         return dataclasses.replace(
             entry,  # type: ignore[type-var]  # any LogEntry-like dataclass
             message=self.sanitize_string(entry.message),
             metadata=self.sanitize_dict(entry.metadata),
+            **names,
         )
 
     def _sanitize_value(self, value: Any) -> Any:

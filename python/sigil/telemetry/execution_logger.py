@@ -540,6 +540,8 @@ class ExecutionLogger:
         sanitizer = self._sanitizer
         meta: bytes | None = None
         if sanitizer is not None:
+            event_type = sanitizer.sanitize_string(event_type)
+            component = sanitizer.sanitize_string(component)
             message = sanitizer.sanitize_string(message)
             if metadata:
                 try:
@@ -570,6 +572,8 @@ class ExecutionLogger:
             scrubber = self._scrubber
             if self._native_sanitize and scrubber is not None:
                 # Cutting to size may cut a secret short of its rule: scrub first.
+                event_type = scrubber.sanitize_string(event_type)
+                component = scrubber.sanitize_string(component)
                 message = scrubber.sanitize_string(message)
                 if metadata:
                     metadata, meta = _encode_metadata(scrubber.sanitize_dict(dict(metadata)))

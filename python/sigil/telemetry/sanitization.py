@@ -7,7 +7,8 @@ redacted ordinary data (microsecond timestamps, addresses that are not
 secrets). Here each secret has its own rule, tight enough to leave numbers,
 UUIDs, timestamps, token counts and hashes alone:
 
-* provider tokens by their fixed prefixes (AWS ``AKIA``/``ASIA``, GitHub
+* provider tokens by their fixed prefixes, standing alone or after a ``_``
+  (``comp_sk-proj-...``) but not glued to a letter or digit (AWS ``AKIA``/``ASIA``, GitHub
   ``ghp_``/``github_pat_``..., GitLab ``glpat-``, Slack ``xox?-`` and webhook
   URLs, OpenAI ``sk-``/``sk-proj-``, Anthropic ``sk-ant-``, Stripe keys and
   ``whsec_`` webhook secrets, Google, Hugging Face), JWTs and PEM private key blocks;
@@ -24,13 +25,18 @@ UUIDs, timestamps, token counts and hashes alone:
 * in dicts, string values under credential-named keys (``password``, ``api_key``,
   ``client_secret``, ...), whatever they look like.
 
+Every string of an event is read: its message, ``event_type`` and ``component``,
+and in its metadata the values and the keys (a scrubbed key that would repeat
+another key of its dict takes a ``#2``, ``#3``, ... suffix: no value is lost).
+
 The rules live in ``rust/sanitize.rs`` (one pattern set: this class, the native
 writer's ``sanitize=True`` and every other file sigil writes use it): a
 multi-pattern automaton over the rules' literal prefixes decides which rule
 families a string can trigger at all; most strings trigger none and cost no
 regex work. Before it, one pass over the bytes lets through ASCII text that no
 rule can match (no ``:``, ``=`` or ``--``, fewer than 13 digits, no run of 12
-token characters) without running the automaton. Rules are linear in the
+token characters, or of 20 word characters where the text has no blank) without
+running the automaton. Rules are linear in the
 input (Rust's ``regex`` has no backtracking), so a large blob cannot stall the
 logger.
 """
@@ -64,6 +70,16 @@ _Entry = TypeVar("_Entry", bound=_EntryLike)
 # found clean are remembered. Only clean strings: a secret is never kept.
 _CACHE_LIMIT = 4096
 _CLEAN_CACHE_MAX_LEN = 256
+
+
+def _unique_key(name: str, keys: dict[Any, Any], given: list[str]) -> str:
+    """``name``, or the first ``name#2``, ``name#3``, ... that is neither a key of
+    the dict (``keys``) nor already given to a scrubbed key (``given``)."""
+    candidate, n = name, 1
+    while candidate in keys or candidate in given:
+        n += 1
+        candidate = f"{name}#{n}"
+    return candidate
 
 
 class LogSanitizer:
@@ -107,25 +123,48 @@ class LogSanitizer:
         return result
 
     def sanitize_dict(self, data: dict[str, Any]) -> dict[str, Any]:
-        """Sanitise a dict recursively (nested dicts, lists and tuples)."""
+        """Sanitise a dict recursively (nested dicts, lists and tuples), its string
+        keys as its values.
+
+        A value under a credential-named key is judged by the key as written. A
+        scrubbed key never replaces another entry: keys that needed no scrubbing
+        keep their names, and a scrubbed key that would repeat one of them or an
+        earlier scrubbed key takes the first free ``#2``, ``#3``, ... suffix
+        (``{"sk-proj-A...": 1, "sk-proj-B...": 2}`` becomes
+        ``{"***API_KEY***": 1, "***API_KEY***#2": 2}``).
+        """
         copy: dict[str, Any] | None = None
+        given: list[str] = []
         for index, (key, value) in enumerate(data.items()):
             if isinstance(value, str) and value and self._is_sensitive_key(key):
                 cleaned: Any = REDACTED
             else:
                 cleaned = self._sanitize_value(value)
-            if copy is None and cleaned is not value:
+            name = key
+            if isinstance(key, str):
+                scrubbed = self.sanitize_string(key)
+                if scrubbed != key:
+                    name = _unique_key(scrubbed, data, given)
+                    given.append(name)
+            if copy is None and (cleaned is not value or name is not key):
                 copy = dict(list(data.items())[:index])
             if copy is not None:
-                copy[key] = cleaned
+                copy[name] = cleaned
         return data if copy is None else copy
 
     def sanitize_entry(self, entry: _Entry) -> _Entry:
-        """A copy of a log entry dataclass with its message and metadata sanitised."""
+        """A copy of a log entry dataclass with its message, metadata and (where it
+        has them) ``event_type`` and ``component`` sanitised."""
+        names: dict[str, str] = {}
+        for field in ("event_type", "component"):
+            text = getattr(entry, field, None)
+            if isinstance(text, str):
+                names[field] = self.sanitize_string(text)
         return dataclasses.replace(
             entry,  # type: ignore[type-var]  # any LogEntry-like dataclass
             message=self.sanitize_string(entry.message),
             metadata=self.sanitize_dict(entry.metadata),
+            **names,
         )
 
     def _sanitize_value(self, value: Any) -> Any:
