@@ -282,6 +282,33 @@ def test_no_secret_in_names_or_keys_reaches_the_log(
     assert events[-1]["metadata"] == {"***API_KEY***": 1, "***API_KEY***#2": 2}
 
 
+@pytest.mark.parametrize("make", [lambda: None, lambda: LogSanitizer([("zzz", "y")])],
+                         ids=["native", "python"])  # fmt: skip
+def test_secrets_inside_values_json_cannot_hold_are_scrubbed(
+    tmp_path: Path, make: Callable[[], Any]
+) -> None:
+    """A set, bytes, an exception or a path is written as its text: with a
+    Python sanitizer (extra patterns) that text was made after the scrub, and
+    the secret inside it reached the log."""
+    from sigil.telemetry.execution_logger import ExecutionLogger
+
+    metadata = {
+        "set": {1, OPENAI_KEY},
+        "bytes": b"key=" + OPENAI_KEY.encode(),
+        "error": ValueError(f"refused {OPENAI_KEY}"),
+        "path": Path(f"/x/{OPENAI_KEY}"),
+        "nested": {"more": [frozenset({GITHUB_KEY})]},
+    }
+    kwargs = {} if make() is None else {"sanitizer": make()}
+    with ExecutionLogger("S1", log_path=tmp_path, **kwargs) as logger:
+        logger.log_event_sync("step_complete", "c", "m", 1, metadata)
+    text = (tmp_path / "sessions" / "S1" / "execution.jsonl").read_text()
+    for secret in (OPENAI_KEY, GITHUB_KEY):
+        assert secret[8:40] not in text, text
+    [event] = [orjson.loads(line) for line in text.splitlines()]
+    assert sorted(event["metadata"]) == ["bytes", "error", "nested", "path", "set"]
+
+
 def test_a_token_glued_to_a_snake_case_name_is_redacted(tmp_path: Path) -> None:
     """The hostile review's names: "comp_" + key, "custom_" + key (no ``\\b``
     between "_" and the key, so the rules once let them through)."""

@@ -544,12 +544,11 @@ class ExecutionLogger:
             component = sanitizer.sanitize_string(component)
             message = sanitizer.sanitize_string(message)
             if metadata:
-                try:
-                    metadata = sanitizer.sanitize_dict(dict(metadata))
-                except RecursionError:
-                    # Circular or very deep: cut those parts, keep and scrub the rest.
-                    safe = _json_safe(metadata, 1, set())
-                    metadata = sanitizer.sanitize_dict(safe)
+                # As plain JSON data first, so what is scrubbed is what is
+                # written: a value JSON cannot hold (a set, bytes, an exception,
+                # a path) is written as its text, and a secret in that text was
+                # made after the scrub. Circular or very deep parts are cut.
+                metadata = sanitizer.sanitize_dict(_json_safe(metadata, 1, set()))
         if metadata:
             # _encode_metadata's common case inline (the hot path): orjson took
             # it, and it is too short or has too few openers to nest too deep.
