@@ -164,6 +164,33 @@ def test_a_prompt_that_does_not_fit_is_not_sent(
     assert sum(e["tokens"] for e in reasoning) == 0
 
 
+def test_tokens_held_by_a_killed_run_are_not_given_to_the_call(
+    sigil_home: Path, upstream: Upstream
+) -> None:
+    """An earlier proxy run killed with calls in flight holds their reservations
+    (every view says budget - used - held is left): the next run's model call
+    is capped at that, not at budget - used (review: the call went out and the
+    run ended over its budget)."""
+    from test_replay_modes import KILLED_HELD, write_killed_proxy_session
+
+    first = orchestrate(sigil_home, upstream, "probe")
+    assert first.returncode == 0, first.stderr
+    prompt = prompt_count(upstream.requests[0]["messages"])
+    before = used_before_reasoning(sigil_home, "probe")
+    upstream.requests.clear()
+    logs = next(sigil_home.rglob("probe/execution.jsonl")).parents[2]
+    write_killed_proxy_session(logs, "ko")
+    killed_used = 30
+    # budget - used leaves 50 tokens for the answer; the held tokens leave none.
+    assert KILLED_HELD > 50
+    run = orchestrate(
+        sigil_home, upstream, "ko", "--budget", str(killed_used + before + prompt + 50)
+    )
+    assert upstream.requests == [], "the call went out on tokens held for the killed calls"
+    result = json.loads(run.stdout)
+    assert result["status"] == "budget_exceeded", result
+
+
 def test_the_offline_pipeline_is_unchanged(run_sigil: Any) -> None:
     """No model call, no cap: the offline reasoning step runs with less of the budget
     left than its prompt, and every step's count is what it is with a large budget."""

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import test_logrotate_e2e
 from proxy_upstream import Upstream
 
 SIGIL = [sys.executable, "-m", "sigil"]
@@ -253,3 +254,51 @@ def test_held_tokens_that_end_the_budget_end_the_session_as_budget_exceeded(
     assert len([e for e in log if e["event_type"] == "budget_exceeded"]) == 2
     assert log[-1]["metadata"]["status"] == "budget_exceeded"
     assert upstream.requests[-1]["model"] == "nousage"  # nothing forwarded since
+
+
+ROTATING_AGENT = textwrap.dedent(
+    """
+    import subprocess, sys, openai
+    client = openai.OpenAI()
+    def call(text):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": text}])
+    for i in range(3):
+        call(f"step {i}")
+    subprocess.run([sys.argv[1], "-f", "-s", sys.argv[3], sys.argv[2]], check=True)
+    for i in range(2):
+        call(f"after {i}")
+    """
+)
+
+
+# Debian's logrotate (installed if missing), the fixture of the rotation tests.
+logrotate = test_logrotate_e2e.logrotate
+
+
+def test_logrotate_during_a_proxied_run_loses_nothing(
+    upstream: Upstream, tmp_path: Path, logrotate: str
+) -> None:
+    """Debian's logrotate (``rotate 0``: the old lines deleted) between a
+    ``sigil run``'s calls: the run's end continues the model with the events
+    it kept, as orchestrate's does. Before, the proxy kept none: the end read
+    what was left of the log, and tokens.json was not written (the run's
+    session_start was gone) while every view lost the first calls' tokens."""
+    home = tmp_path / "home"
+    log = home / "logs" / "sessions" / "rot" / "execution.jsonl"
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text(f"{log} {{\n    missingok\n    rotate 0\n    create 0600\n}}\n")
+    conf.chmod(0o644)
+    script = tmp_path / "agent.py"
+    script.write_text(ROTATING_AGENT)
+    proc = run(
+        home, "run", "--session", "rot", "--budget", "50000", "--upstream", upstream.url,
+        "--", sys.executable, str(script), logrotate, str(conf), str(tmp_path / "state"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    spent = upstream.totals()
+    assert spent > 0 and len(upstream.requests) == 5
+    tokens = json.loads((log.parent / "tokens.json").read_text())
+    final = events(home, "rot")[-1]
+    assert final["event_type"] == "session_complete"
+    assert tokens["total_used"] == final["metadata"]["total_tokens"] == spent
+    assert monitor(home, "rot")["tokens_used"] == spent

@@ -831,6 +831,8 @@ class Orchestrator:
             sanitizer=sanitizer if sanitizer is not None else False,
             lock=self._lock,
         )
+        #: tokens earlier runs hold for calls of unknown usage (set by a run)
+        self._held_before = 0
         self.token_tracker = TokenTracker.from_settings(
             settings, total_budget=self.token_budget, logger=self.execution_logger
         )
@@ -1161,6 +1163,9 @@ class Orchestrator:
         tracker = TokenTracker.from_settings(self.settings, total_budget=prep.budget)
         comp_tokens, comp_ops = history.component_totals()
         tracker.restore(history.tokens_used, comp_tokens, comp_ops)
+        # Tokens earlier runs hold for calls of unknown usage (the model's): not
+        # the model calls' to take (what every view says is left excludes them).
+        self._held_before = history.tokens_held
         log = _RecordingLogger(self.execution_logger)
         prep.log = log
         tracker.logger = log
@@ -1363,6 +1368,12 @@ class Orchestrator:
             return str(getattr(self.provider, "model", "unknown"))
         return f"offline ({tokenizer_name})"
 
+    def _left(self, tracker: TokenTracker) -> int:
+        """What is left of the budget for the run's model calls: the tracker's
+        remaining less the tokens earlier runs hold for calls of unknown usage
+        (budget - used - held, as the monitor and the end line say it)."""
+        return max(0, tracker.remaining - self._held_before)
+
     async def _execute_step(
         self,
         slot: str,
@@ -1407,7 +1418,7 @@ class Orchestrator:
                 home=self.home,
                 run=run,
                 settings=self.settings,
-                tokens_remaining=tracker.remaining,
+                tokens_remaining=self._left(tracker),
             )
             attempt_started = time.perf_counter()
             try:
@@ -1557,7 +1568,7 @@ class Orchestrator:
         from sigil.pipeline.providers import output_cap
         from sigil.proxy.usage import prompt_tokens
 
-        remaining = tracker.remaining
+        remaining = self._left(tracker)
         prompt, cap = 0, min(remaining, DEFAULT_CALL_CAP)
         show = getattr(step, "prompt", None)
         if callable(show):

@@ -279,6 +279,9 @@ class MeteredSession:
         comp_tokens, comp_ops = history.component_totals()
         tracker.restore(history.tokens_used, comp_tokens, comp_ops)
         self._log = _RecordingLogger(orch.execution_logger)
+        # The run's end continues the model with the events it kept when an
+        # external rotator took them from the live file (as orchestrate's does).
+        prep.log = self._log
         tracker.logger = self._log
         orch.token_tracker = tracker
         self._tokens_before = history.tokens_used
