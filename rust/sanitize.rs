@@ -3235,41 +3235,6 @@ mod tests {
         assert_eq!(sanitize(&format!("é{key}")), format!("é{key}"));
     }
 
-    /// What scrubbing an event's names and keys costs (the benches' clean
-    /// step_complete event: its event type, component and 8 metadata keys).
-    /// `cargo test --release --lib sanitize_cost -- --ignored --nocapture`
-    #[test]
-    #[ignore = "timing, in release mode only"]
-    fn sanitize_cost_of_names_and_keys() {
-        let names = [
-            "step_complete",
-            "reasoning",
-            "input_tokens",
-            "output_tokens",
-            "latency_ms",
-            "model",
-            "attempt",
-            "output",
-            "analysis",
-            "confidence",
-        ];
-        let mut total = 0.0;
-        for name in names {
-            let best = (0..20)
-                .map(|_| {
-                    let t = std::time::Instant::now();
-                    for _ in 0..100_000 {
-                        std::hint::black_box(sanitize(std::hint::black_box(name)));
-                    }
-                    t.elapsed().as_nanos() as f64 / 100_000.0
-                })
-                .fold(f64::MAX, f64::min);
-            total += best;
-            println!("{name:>14}: {best:5.1} ns");
-        }
-        println!("{:>14}: {total:5.1} ns per event", "sum");
-    }
-
     #[test]
     fn sensitive_keys() {
         assert!(is_sensitive_key("client_secret"));
