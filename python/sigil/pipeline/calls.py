@@ -254,10 +254,10 @@ class _Key:
     #: the first of them in a text but those inside the key's public prefix (one
     #: C-level scan; None: no gram)
     find: re.Pattern[str] | None
-    #: a masked form's start and end: the lengths n of key[:n] by its last
-    #: character, of key[-n:] by its first, longest first
-    heads: dict[str, tuple[int, ...]]
-    tails: dict[str, tuple[int, ...]]
+    #: a masked form's start and end: each key[:n] by its last character, each
+    #: key[-n:] by its first, longest first
+    heads: dict[str, tuple[str, ...]]
+    tails: dict[str, tuple[str, ...]]
 
 
 @functools.lru_cache(maxsize=64)
@@ -271,12 +271,12 @@ def _key(key: str) -> _Key:
     )
     secret = sorted(gram for gram in grams if gram not in public)
     find = re.compile("|".join(map(re.escape, secret))) if secret else None
-    heads: dict[str, list[int]] = {}
-    tails: dict[str, list[int]] = {}
+    heads: dict[str, list[str]] = {}
+    tails: dict[str, list[str]] = {}
     for n in range(len(key) - 1, 1, -1):
         if n >= 3:
-            heads.setdefault(key[n - 1], []).append(n)
-        tails.setdefault(key[-n], []).append(n)
+            heads.setdefault(key[n - 1], []).append(key[:n])
+        tails.setdefault(key[-n], []).append(key[-n:])
     return _Key(
         key, forms, grams, find,
         {c: tuple(ns) for c, ns in heads.items()}, {c: tuple(ns) for c, ns in tails.items()},
@@ -334,18 +334,20 @@ def _masked(text: str, k: _Key, runs: list[tuple[int, int]], spans: list[tuple[i
     """Append the key's masked forms in ``text``: a start of the key (3+
     characters) or a run already cut, a mask, then an end of the key (2+
     characters; 4+ with neither)."""
-    key, heads, tails, size = k.key, k.heads, k.tails, len(text)
+    heads, tails, size = k.heads, k.tails, len(text)
     starts = [begin for begin, _ in runs]
     for mask in _MASK.finditer(text):
         begin, end = mask.span()
         if end >= size or (ns := tails.get(text[end])) is None:
             continue  # the usual case (markdown's stars, an ellipsis): a quick reject
-        tail = next((n for n in ns if text.startswith(key[-n:], end)), 0)
+        tail = next((len(s) for s in ns if text.startswith(s, end)), 0)
         if not tail:
             continue
         head = 0
         if begin and (ns := heads.get(text[begin - 1])) is not None:
-            head = next((n for n in ns if n <= begin and text.startswith(key[:n], begin - n)), 0)
+            head = next(
+                (len(s) for s in ns if len(s) <= begin and text.startswith(s, begin - len(s))), 0
+            )
         at = bisect.bisect_left(starts, begin) - 1  # the last run starting before the mask
         cut_before = at >= 0 and begin <= runs[at][1]
         if head or cut_before or tail >= 4:
