@@ -254,6 +254,9 @@ class _Key:
     #: the first of them in a text but those inside the key's public prefix (one
     #: C-level scan; None: no gram)
     find: re.Pattern[str] | None
+    #: the stretches of a text that may hold a gram: KEY_RUN or more of the forms'
+    #: characters (a cheaper scan; the grams are looked for in these only)
+    windows: re.Pattern[str]
     #: a masked form's start and end: each key[:n] by its last character, each
     #: key[-n:] by its first, longest first
     heads: dict[str, tuple[str, ...]]
@@ -271,6 +274,8 @@ def _key(key: str) -> _Key:
     )
     secret = sorted(gram for gram in grams if gram not in public)
     find = re.compile("|".join(map(re.escape, secret))) if secret else None
+    chars = "".join(re.escape(c) for c in sorted(set("".join(forms))))
+    windows = re.compile(f"[{chars}]{{{KEY_RUN},}}")
     heads: dict[str, list[str]] = {}
     tails: dict[str, list[str]] = {}
     for n in range(len(key) - 1, 1, -1):
@@ -278,7 +283,7 @@ def _key(key: str) -> _Key:
             heads.setdefault(key[n - 1], []).append(key[:n])
         tails.setdefault(key[-n], []).append(key[-n:])
     return _Key(
-        key, forms, grams, find,
+        key, forms, grams, find, windows,
         {c: tuple(ns) for c, ns in heads.items()}, {c: tuple(ns) for c, ns in tails.items()},
     )  # fmt: skip
 
@@ -315,7 +320,20 @@ def _runs(text: str, k: _Key, spans: list[tuple[int, int]]) -> None:
             _find_all(text, form, spans)
         return
     grams, search, last = k.grams, k.find.search, len(text) - KEY_RUN
-    found = search(text)
+    for window in k.windows.finditer(text):
+        _window_runs(text, grams, search, window.start(), window.end(), last, spans)
+
+
+def _window_runs(
+    text: str,
+    grams: frozenset[str],
+    search: Any,
+    pos: int,
+    stop: int,
+    last: int,
+    spans: list[tuple[int, int]],
+) -> None:
+    found = search(text, pos, stop)
     while found is not None:
         begin = found.start()
         end = begin + KEY_RUN
@@ -327,7 +345,7 @@ def _runs(text: str, k: _Key, spans: list[tuple[int, int]]) -> None:
                 end = at + KEY_RUN
             at += 1
         spans.append((begin, end))
-        found = search(text, end + 1)
+        found = search(text, end + 1, stop)
 
 
 def _masked(text: str, k: _Key, runs: list[tuple[int, int]], spans: list[tuple[int, int]]) -> None:
