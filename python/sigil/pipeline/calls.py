@@ -350,10 +350,11 @@ def _window_runs(
 
 def _masked(text: str, k: _Key, runs: list[tuple[int, int]], spans: list[tuple[int, int]]) -> None:
     """Append the key's masked forms in ``text``: a start of the key (3+
-    characters) or a run already cut, a mask, then an end of the key (2+
-    characters; 4+ with neither)."""
+    characters) or a run or masked form already cut, a mask, then an end of the
+    key (2+ characters; 4+ with neither)."""
     heads, tails, size = k.heads, k.tails, len(text)
     starts = [begin for begin, _ in runs]
+    masked_to = -1  # where the masked forms found so far end (they are found in order)
     for mask in _MASK.finditer(text):
         begin, end = mask.span()
         if end >= size or (ns := tails.get(text[end])) is None:
@@ -367,9 +368,10 @@ def _masked(text: str, k: _Key, runs: list[tuple[int, int]], spans: list[tuple[i
                 (len(s) for s in ns if len(s) <= begin and text.startswith(s, begin - len(s))), 0
             )
         at = bisect.bisect_left(starts, begin) - 1  # the last run starting before the mask
-        cut_before = at >= 0 and begin <= runs[at][1]
+        cut_before = (at >= 0 and begin <= runs[at][1]) or begin <= masked_to
         if head or cut_before or tail >= 4:
             spans.append((begin - head, end + tail))
+            masked_to = max(masked_to, end + tail)
 
 
 def redact(text: str, secrets: Iterable[str], *, cut_off: bool = True) -> str:
@@ -378,9 +380,10 @@ def redact(text: str, secrets: Iterable[str], *, cut_off: bool = True) -> str:
     itself (and ``Bearer <key>`` whole), any run of :data:`KEY_RUN` or more of a
     key's characters (its JSON- and bytes-escaped forms too) but one lying inside
     the key's public prefix (``sk-proj-``, :data:`_PUBLIC_PREFIXES`), and a masked
-    form of a key (:func:`_masked`) each become ``[REDACTED]``; ``cut_off``: a
-    text ending with a secret's first 6+ characters too (a message cut short; a
-    model's answer is not).
+    form of a key (:func:`_masked`) each become ``[REDACTED]``, and a text ending
+    with a secret's first 6+ characters too (a message cut short); with
+    ``cut_off`` False (a model's answer, never cut short) that end only when the
+    text holds another piece of a key.
 
     Near-linear in the text: one C-level scan for the runs and one for the masks,
     and per mask a dictionary lookup. ``text`` itself comes back when nothing is cut."""
@@ -394,7 +397,7 @@ def redact(text: str, secrets: Iterable[str], *, cut_off: bool = True) -> str:
         spans += runs
     for piece in exact:
         _find_all(text, piece, spans)
-    if cut_off:
+    if cut_off or spans:
         for secret in (*exact, *keys):
             # The longest end of the text that begins the secret.
             for size in range(min(len(secret) - 1, len(text)), _MIN_PREFIX - 1, -1):
