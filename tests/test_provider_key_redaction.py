@@ -278,3 +278,78 @@ def test_an_echoed_key_reaches_no_file_terminal_or_span(
         assert leaks(out.stdout + out.stderr, key) == []
     finally:
         receiver.close()
+
+
+# -- one rule, near-linear, no public prefix cut (review: redaction speed) -----------------
+
+PROJ = "sk-proj-Q7aZb3Xc9Vd2Ne5Mf8Lg1Kh4Ji7Hk0Gl3Fm6Dn9Sp2Aq5Wr8Et1Yu4Io7Pz0F0g"
+
+
+def test_a_public_key_prefix_in_an_answer_is_left(echo: Callable[..., EchoServer]) -> None:
+    """``sk-proj-`` is how every OpenAI project key starts: a model writing it (or
+    another project key) is not quoting this key, and its answer comes back as written."""
+    answer = (
+        "Project keys look like `sk-proj-...`; set OPENAI_API_KEY=sk-proj-XXXX, "
+        "never sk-proj-Abc123Def456Ghi789 in code. Legacy keys are sk-... ones."
+    )
+
+    def reply(key: str) -> tuple[int, str, bytes]:
+        body = {
+            "model": "m",
+            "choices": [{"message": {"content": answer}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+        }
+        return 200, "application/json", json.dumps(body).encode()
+
+    server = echo(reply)
+    provider = OpenAIChatProvider(base_url=server.base_url, model="m", api_key=PROJ, timeout=10)
+    got = asyncio.run(provider.complete([{"role": "user", "content": "hi"}]))
+    assert got.content == answer
+    # ... while the key itself, a run of it past the prefix and its masked form are cut.
+    from sigil.pipeline.providers import redact_key
+
+    assert redact_key(f"a {PROJ} b", PROJ, whole_only=True) == "a [REDACTED] b"
+    assert redact_key(f"a {PROJ[:12]} b", PROJ, whole_only=True) == "a [REDACTED] b"
+    assert redact_key(f"a {PROJ[:8]}…{PROJ[-4:]} b", PROJ) == "a [REDACTED] b"
+
+
+def test_a_large_answer_is_redacted_whole() -> None:
+    """A 2 MB answer (markdown full of stars, ellipses and x's) with the key, runs
+    of it and masked forms scattered in it: each is cut, the rest is as written."""
+    from sigil.pipeline.providers import redact_key
+
+    filler = "## Notes\n* **bold** item ... see `sk-proj-` docs; xxxx ### **\u2026** 0x3f2a\n"
+    pieces = [PROJ, PROJ[5:20], f"{PROJ[:10]}****{PROJ[-3:]}", f"Bearer {PROJ}", PROJ[-9:]]
+    parts: list[str] = []
+    expected: list[str] = []
+    size = 0
+    at = 0
+    while size < 2 * 1024 * 1024:
+        chunk = filler * 40
+        piece = pieces[at % len(pieces)]
+        parts += (chunk, " ", piece, ".\n")
+        expected += (chunk, " ", "[REDACTED]", ".\n")
+        size += len(chunk) + len(piece) + 3
+        at += 1
+    text = "".join(parts)
+    assert len(text) >= 2 * 1024 * 1024
+    assert redact_key(text, PROJ, whole_only=True) == "".join(expected)
+    assert redact_key("".join(expected), PROJ, whole_only=True) == "".join(expected)
+
+
+def test_the_proxy_cuts_a_masked_key_as_the_provider_does() -> None:
+    """The proxy's failed-call error (``Meter._failure``, with the call's secrets as
+    ``secrets_of`` reads them) is cut by the provider's rule: a masked form goes too."""
+    from sigil.pipeline.providers import redact_key
+    from sigil.proxy.metering import Call, Meter
+    from sigil.proxy.policy import secrets_of
+
+    error = f"Incorrect API key provided: {PROJ[:12]}****\u2026{PROJ[-3:]}. Try again."
+    secrets = secrets_of({"Authorization": f"Bearer {PROJ}"}, "proxy-own-key-1")
+    call = Call(1, "c", "/v1/chat/completions", "m", False, 16, None, 0.0, secrets=secrets)
+    cut, _ = Meter._failure(call, error, "auth", 401, None)
+    assert cut == "Incorrect API key provided: [REDACTED]. Try again."
+    assert cut == redact_key(error, PROJ)
+    # a run of 8+ of the key, as the provider cuts it
+    cut, _ = Meter._failure(call, f"key {PROJ[3:15]} refused", "auth", 401, None)
+    assert cut == "key [REDACTED] refused"

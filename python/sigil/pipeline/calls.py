@@ -11,8 +11,13 @@ and re-exports these from :mod:`sigil.proxy.usage` and :mod:`sigil.proxy.policy`
 
 from __future__ import annotations
 
+import bisect
+import functools
+import json
+import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -20,6 +25,8 @@ import orjson
 __all__ = [
     "DEFAULT_CALL_CAP",
     "EXACT_CHARS",
+    "KEY_RUN",
+    "MIN_SECRET",
     "chat_cap_field",
     "count_tokens",
     "prompt_estimate_text",
@@ -210,20 +217,204 @@ def _token_ids(value: object) -> int:
 
 # -- keys in texts ------------------------------------------------------------------------
 
+#: A secret shorter than this is not cut at all (it would cut letters out of words).
+MIN_SECRET = 4
+#: A run of this many characters of a key, or more, is cut wherever a text
+#: holds it: a key cut short, the start a masked form shows, a key split by the
+#: server. Shorter runs are left (4 characters of a key is what providers show
+#: themselves; cutting them would cut ordinary words).
+KEY_RUN = 8
 #: A text that ends with this much of a key (cut short by a length limit) is redacted too.
 _MIN_PREFIX = 6
 _REDACTED = "[REDACTED]"
+#: What masks the middle of a key in a masked form (``gsk_Z2a9…T2u9``,
+#: ``sk-proj-****T2u9``): an ellipsis, bullets, stars, dots or x's.
+_MASK = re.compile(r"[*\u2022\u00b7\u2026]+|\.{3,}|[xX#]{4,}")
+#: The public starts of the key families' keys (OpenAI's project, service-account
+#: and admin keys, Anthropic's, OpenRouter's, Groq's, xAI's, Google's): a run of a
+#: key lying inside one is no secret (every such key starts so; a model writing
+#: ``sk-proj-`` is not quoting the key). Longest first.
+_PUBLIC_PREFIXES = (
+    "sk-ant-admin01-", "sk-ant-api03-", "sk-svcacct-", "sk-or-v1-", "sk-admin-",
+    "sk-proj-", "sk-ant-", "xai-", "gsk_", "AIza", "sk-",
+)  # fmt: skip
+#: Header schemes whose token is the key (``Bearer <key>``).
+_SCHEMES = ("bearer", "basic", "token")
 
 
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every occurrence of each secret replaced, and a tail that is
-    the start of one (a message cut short mid-key) too."""
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """What finds one key's pieces in a text (built once per key)."""
+
+    key: str
+    #: the key's forms as a text holds them: itself, JSON- and bytes-escaped
+    forms: tuple[str, ...]
+    #: every run of KEY_RUN characters of a form (what extends a run)
+    grams: frozenset[str]
+    #: the first of them in a text but those inside the key's public prefix (one
+    #: C-level scan; None: no gram)
+    find: re.Pattern[str] | None
+    #: the stretches of a text that may hold a gram: KEY_RUN or more of the forms'
+    #: characters (a cheaper scan; the grams are looked for in these only)
+    windows: re.Pattern[str]
+    #: a masked form's start and end: each key[:n] by its last character, each
+    #: key[-n:] by its first, longest first
+    heads: dict[str, tuple[str, ...]]
+    tails: dict[str, tuple[str, ...]]
+
+
+@functools.lru_cache(maxsize=64)
+def _key(key: str) -> _Key:
+    forms = tuple(
+        dict.fromkeys((key, json.dumps(key)[1:-1], repr(key.encode("utf-8", "replace"))[2:-1]))
+    )
+    public = next((p for p in _PUBLIC_PREFIXES if key.startswith(p)), "")
+    grams = frozenset(
+        form[at : at + KEY_RUN] for form in forms for at in range(len(form) - KEY_RUN + 1)
+    )
+    secret = sorted(gram for gram in grams if gram not in public)
+    find = re.compile("|".join(map(re.escape, secret))) if secret else None
+    chars = "".join(re.escape(c) for c in sorted(set("".join(forms))))
+    windows = re.compile(f"[{chars}]{{{KEY_RUN},}}")
+    heads: dict[str, list[str]] = {}
+    tails: dict[str, list[str]] = {}
+    for n in range(len(key) - 1, 1, -1):
+        if n >= 3:
+            heads.setdefault(key[n - 1], []).append(key[:n])
+        tails.setdefault(key[-n], []).append(key[-n:])
+    return _Key(
+        key, forms, grams, find, windows,
+        {c: tuple(ns) for c, ns in heads.items()}, {c: tuple(ns) for c, ns in tails.items()},
+    )  # fmt: skip
+
+
+def _keys_of(secrets: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The exact texts to cut (each secret, and ``Bearer <key>``) and the keys
+    whose runs and masked forms are cut (a header's token, not its scheme)."""
+    exact: dict[str, None] = {}
+    keys: dict[str, None] = {}
     for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, _REDACTED)
-        # The longest end of the text that begins the secret.
-        for size in range(min(len(secret) - 1, len(text)), _MIN_PREFIX - 1, -1):
-            if text.endswith(secret[:size]):
-                text = text[:-size] + _REDACTED
-                break
-    return text
+        if len(secret) < MIN_SECRET:
+            continue
+        exact[secret] = None
+        scheme, _, rest = secret.partition(" ")
+        key = rest.strip() if rest and scheme.lower() in _SCHEMES else secret
+        if len(key) >= MIN_SECRET:
+            keys[key] = None
+            exact[f"Bearer {key}"] = None
+    return list(exact), list(keys)
+
+
+def _find_all(text: str, piece: str, spans: list[tuple[int, int]]) -> None:
+    at = text.find(piece)
+    while at != -1:
+        spans.append((at, at + len(piece)))
+        at = text.find(piece, at + 1)
+
+
+def _runs(text: str, k: _Key, spans: list[tuple[int, int]]) -> None:
+    """Append the maximal runs of ``text`` made of the key's KEY_RUN-grams
+    (overlapping or touching occurrences are one run), in order."""
+    if k.find is None:  # a key shorter than a run: its forms whole
+        for form in k.forms:
+            _find_all(text, form, spans)
+        return
+    grams, search, last = k.grams, k.find.search, len(text) - KEY_RUN
+    for window in k.windows.finditer(text):
+        _window_runs(text, grams, search, window.start(), window.end(), last, spans)
+
+
+def _window_runs(
+    text: str,
+    grams: frozenset[str],
+    search: Any,
+    pos: int,
+    stop: int,
+    last: int,
+    spans: list[tuple[int, int]],
+) -> None:
+    found = search(text, pos, stop)
+    while found is not None:
+        begin = found.start()
+        end = begin + KEY_RUN
+        while begin and text[begin - 1 : begin - 1 + KEY_RUN] in grams:
+            begin -= 1  # back over the public prefix before it (``sk-proj-`` + secret)
+        at = begin + 1
+        while at <= end and at <= last:  # extend over the grams it overlaps or touches
+            if text[at : at + KEY_RUN] in grams:
+                end = at + KEY_RUN
+            at += 1
+        spans.append((begin, end))
+        found = search(text, end + 1, stop)
+
+
+def _masked(text: str, k: _Key, runs: list[tuple[int, int]], spans: list[tuple[int, int]]) -> None:
+    """Append the key's masked forms in ``text``: a start of the key (3+
+    characters) or a run or masked form already cut, a mask, then an end of the
+    key (2+ characters; 4+ with neither)."""
+    heads, tails, size = k.heads, k.tails, len(text)
+    starts = [begin for begin, _ in runs]
+    masked_to = -1  # where the masked forms found so far end (they are found in order)
+    for mask in _MASK.finditer(text):
+        begin, end = mask.span()
+        if end >= size or (ns := tails.get(text[end])) is None:
+            continue  # the usual case (markdown's stars, an ellipsis): a quick reject
+        tail = next((len(s) for s in ns if text.startswith(s, end)), 0)
+        if not tail:
+            continue
+        head = 0
+        if begin and (ns := heads.get(text[begin - 1])) is not None:
+            head = next(
+                (len(s) for s in ns if len(s) <= begin and text.startswith(s, begin - len(s))), 0
+            )
+        at = bisect.bisect_left(starts, begin) - 1  # the last run starting before the mask
+        cut_before = (at >= 0 and begin <= runs[at][1]) or begin <= masked_to
+        if head or cut_before or tail >= 4:
+            spans.append((begin - head, end + tail))
+            masked_to = max(masked_to, end + tail)
+
+
+def redact(text: str, secrets: Iterable[str], *, cut_off: bool = True) -> str:
+    """``text`` without the keys in ``secrets`` (the proxy's: a call's key
+    headers' values; the provider's: its API key), one rule for both: each secret
+    itself (and ``Bearer <key>`` whole), any run of :data:`KEY_RUN` or more of a
+    key's characters (its JSON- and bytes-escaped forms too) but one lying inside
+    the key's public prefix (``sk-proj-``, :data:`_PUBLIC_PREFIXES`), and a masked
+    form of a key (:func:`_masked`) each become ``[REDACTED]``, and a text ending
+    with a secret's first 6+ characters too (a message cut short); with
+    ``cut_off`` False (a model's answer, never cut short) that end only when the
+    text holds another piece of a key.
+
+    Near-linear in the text: one C-level scan for the runs and one for the masks,
+    and per mask a dictionary lookup. ``text`` itself comes back when nothing is cut."""
+    exact, keys = _keys_of(secrets)
+    spans: list[tuple[int, int]] = []
+    for key in keys:
+        k = _key(key)
+        runs: list[tuple[int, int]] = []
+        _runs(text, k, runs)
+        _masked(text, k, runs, spans)
+        spans += runs
+    for piece in exact:
+        _find_all(text, piece, spans)
+    if cut_off or spans:
+        for secret in (*exact, *keys):
+            # The longest end of the text that begins the secret.
+            for size in range(min(len(secret) - 1, len(text)), _MIN_PREFIX - 1, -1):
+                if text.endswith(secret[:size]):
+                    spans.append((len(text) - size, len(text)))
+                    break
+    if not spans:
+        return text
+    spans.sort()
+    out: list[str] = []
+    done = 0
+    begin, end = spans[0]
+    for b, e in spans[1:]:  # overlapping or touching pieces are one
+        if b <= end:
+            end = max(end, e)
+            continue
+        out += (text[done:begin], _REDACTED)
+        done, begin, end = end, b, e
+    out += (text[done:begin], _REDACTED, text[end:])
+    return "".join(out)

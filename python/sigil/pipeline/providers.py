@@ -39,7 +39,6 @@ import dataclasses
 import email.utils
 import json
 import os
-import re
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -527,77 +526,15 @@ def output_cap(
 
 # -- the key in texts ---------------------------------------------------------------------
 
-#: A run of this many characters of the key, or more, is cut wherever a text
-#: holds it: a key cut short, the start a masked form shows, a key split by the
-#: server. Shorter runs are left (4 characters of a key is what providers show
-#: themselves; cutting them would cut ordinary words).
-KEY_RUN = 8
-#: A key shorter than this is not cut at all (it would cut letters out of words):
-#: the proxy's rule (``sigil.proxy.policy.secrets_of``).
-_KEY_MIN = 4
-#: What masks the middle of a key in a masked form (``gsk_Z2a9…T2u9``,
-#: ``sk-proj-****T2u9``): an ellipsis, bullets, stars, dots or x's.
-_MASK = re.compile(r"[*\u2022\u00b7\u2026]+|\.{3,}|[xX#]{4,}")
-
 
 def redact_key(text: str, key: str, *, whole_only: bool = False) -> str:
-    """``text`` without ``key``: the key itself (and the ``Bearer`` header whole),
-    any run of :data:`KEY_RUN` or more of its characters (its JSON- and
-    bytes-escaped forms too), and a masked form of it -- a start of the key (3+
-    characters) or a run already cut, a mask (:data:`_MASK`), then an end of the
-    key (2+ characters; 4+ with no start) -- each become ``[REDACTED]``; a text
-    ending with the key's first 6+ characters too (a message cut short).
-
-    The cutting is :func:`~sigil.pipeline.calls.redact`, the proxy's too (one
-    implementation); this finds what to cut. ``whole_only``: return ``text``
-    itself when it holds no run of the key (a model's answer, never cut short,
-    is not searched for a cut-off start)."""
-    pieces = _key_pieces(text, key)
-    if whole_only and not pieces:
-        return text
-    exact = (f"Bearer {key}", key) if len(key) >= _KEY_MIN else ()
-    return redact(text, sorted({*exact, *pieces}, key=len, reverse=True))
-
-
-def _key_pieces(text: str, key: str) -> list[str]:
-    """The parts of ``text`` that are made of the key (see :func:`redact_key`)."""
-    if len(key) < _KEY_MIN:
-        return []
-    spans: list[tuple[int, int]] = []
-    forms = {key, json.dumps(key)[1:-1], repr(key.encode("utf-8", "replace"))[2:-1]}
-    for form in forms:
-        size = min(KEY_RUN, len(form))
-        for start in range(len(form) - size + 1):
-            gram = form[start : start + size]
-            at = text.find(gram)
-            while at != -1:
-                spans.append((at, at + size))
-                at = text.find(gram, at + 1)
-    for mask in _MASK.finditer(text):
-        begin, end = mask.span()
-        head = next(
-            (
-                n
-                for n in range(min(begin, len(key) - 1), 2, -1)
-                if text[begin - n : begin] == key[:n]
-            ),
-            0,
-        )
-        cut_before = any(b < begin <= e for b, e in spans)
-        tail = next(
-            (n for n in range(min(len(text) - end, len(key) - 1), 1, -1)
-             if text[end : end + n] == key[-n:]),
-            0,
-        )  # fmt: skip
-        if tail and (head or cut_before or tail >= 4):
-            spans.append((begin - head, end + tail))
-    merged: list[list[int]] = []
-    for begin, end in sorted(spans):  # overlapping runs are one piece
-        if merged and begin <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([begin, end])
-    return [text[begin:end] for begin, end in merged]
+    """``text`` without ``key``: :func:`~sigil.pipeline.calls.redact`, the proxy's
+    rule too (the key, the ``Bearer`` header whole, any run of
+    :data:`~sigil.pipeline.calls.KEY_RUN` or more of its characters, a masked form
+    of it, and a text ending with its first 6+ characters). ``whole_only``: a
+    model's answer, never cut short, is not searched for a cut-off start; it comes
+    back itself when it holds no piece of the key."""
+    return redact(text, (key,), cut_off=not whole_only)
 
 
 def _default_counter() -> Any:

@@ -12,7 +12,9 @@ of the call) and returns a decision, so any transport applies them alike.
   grant per completion (not only the smallest), so the upstream cannot use the
   larger one.
 * :func:`secrets_of` and :func:`redact`: the exact keys a call carried, and any
-  text about the call with them cut out before it is logged.
+  text about the call with them cut out before it is logged (the pipeline's one
+  rule, :func:`sigil.pipeline.calls.redact`: the keys, runs of them and their
+  masked forms).
 * :func:`recording_failure`: whether the session's log can still hold what the
   proxy records (a call it could not record is refused, never served unmetered).
 * :func:`usage_unknown`: whether a failed call may have spent tokens nobody
@@ -27,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sigil.pipeline.calls import redact
+from sigil.pipeline.calls import MIN_SECRET, redact
 from sigil.proxy.usage import COMPLETIONS, Endpoint
 from sigil.telemetry.proxy_transport import KEY_HEADERS
 
@@ -153,11 +155,6 @@ def _prompts(prompt: object) -> int:
     return 1
 
 
-#: Request headers that carry a key (OpenAI, Azure, Anthropic-style, Google-style).
-#: Shorter values are not redacted (they would cut ordinary words out of messages).
-_MIN_SECRET = 4
-
-
 #: secrets_of's answers for the headers and extras it was given last (a client
 #: sends the same key on every call): bounded, cleared when full.
 _SECRETS_SEEN: dict[tuple[Any, ...], tuple[str, ...]] = {}
@@ -201,7 +198,7 @@ def _secrets_of(
         if rest and scheme.lower() in ("bearer", "basic", "token"):
             found.add(rest.strip())
     found.update(v for v in extra if v)
-    return tuple(sorted((s for s in found if len(s) >= _MIN_SECRET), key=len, reverse=True))
+    return tuple(sorted((s for s in found if len(s) >= MIN_SECRET), key=len, reverse=True))
 
 
 def recording_failure(dropped: OSError | None, stats: Mapping[str, Any]) -> OSError | None:
